@@ -1,0 +1,1 @@
+//! Benchmarks live in `benches/` (criterion); shared helpers for them live here.

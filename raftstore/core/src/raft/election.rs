@@ -1,0 +1,132 @@
+//! Elections: pre-vote, campaigns, answering vote requests and counting votes (Raft §5.2, §5.4.1; thesis §9.6).
+
+use bytes::Bytes;
+
+use super::{Raft, StateRole};
+use crate::error::Result;
+use crate::message::{Message, MessageType, CAMPAIGN_TRANSFER_CONTEXT};
+use crate::quorum::VoteResult;
+use crate::storage::Storage;
+
+impl<S: Storage> Raft<S> {
+    /// Starts an election if this replica may: with a pre-vote first unless `transfer` (a TimeoutNow from the
+    /// leader, which must not wait).
+    pub fn hup(&mut self, transfer: bool) {
+        if self.role == StateRole::Leader || !self.promotable() {
+            return;
+        }
+        if self.has_unapplied_conf_changes() {
+            // Our configuration may be out of date until those are applied; someone else will campaign.
+            return;
+        }
+        if self.config.pre_vote && !transfer {
+            self.campaign_pre_vote();
+        } else {
+            self.campaign(transfer);
+        }
+    }
+
+    fn has_unapplied_conf_changes(&self) -> bool {
+        let mut low = self.raft_log.applied + 1;
+        let high = self.raft_log.committed + 1;
+        while low < high {
+            let Ok(entries) = self.raft_log.slice(low, high, 1 << 20) else { return false };
+            if entries.iter().any(|e| e.is_conf_change()) {
+                return true;
+            }
+            low += entries.len() as u64;
+        }
+        false
+    }
+
+    fn campaign_pre_vote(&mut self) {
+        self.become_pre_candidate();
+        self.tracker.record_vote(self.id, true);
+        if self.tracker.tally_votes() == VoteResult::Won {
+            self.campaign(false);
+            return;
+        }
+        self.send_vote_requests(MessageType::RequestPreVote, self.term + 1, Bytes::new());
+    }
+
+    fn campaign(&mut self, transfer: bool) {
+        self.become_candidate();
+        // Our own vote counts only once it is persisted: it is a response to ourselves, held like any other.
+        let mut own_vote = self.message(MessageType::RequestVoteResponse, self.id);
+        own_vote.from = self.id;
+        self.msgs_after_persist.push(own_vote);
+        let context = if transfer { Bytes::from_static(CAMPAIGN_TRANSFER_CONTEXT) } else { Bytes::new() };
+        self.send_vote_requests(MessageType::RequestVote, self.term, context);
+    }
+
+    fn send_vote_requests(&mut self, kind: MessageType, term: u64, context: Bytes) {
+        let (last_index, last_term) = (self.raft_log.last_index(), self.raft_log.last_term());
+        let voters: Vec<u64> = self.tracker.config.voters.ids().into_iter().filter(|&id| id != self.id).collect();
+        for id in voters {
+            let mut request = self.message(kind, id);
+            request.term = term;
+            request.index = last_index;
+            request.log_term = last_term;
+            request.context = context.clone();
+            self.msgs.push(request);
+        }
+    }
+
+    /// Grants a vote to a candidate whose log is at least as up to date as ours, at most once per term.
+    pub(super) fn handle_vote_request(&mut self, m: Message, kind: MessageType) {
+        let pre_vote = kind == MessageType::RequestPreVote;
+        let can_vote = self.vote == m.from
+            || (self.vote == 0 && self.leader_id == 0)
+            || (pre_vote && m.term > self.term);
+        let response_kind =
+            if pre_vote { MessageType::RequestPreVoteResponse } else { MessageType::RequestVoteResponse };
+        let mut response = self.message(response_kind, m.from);
+        if can_vote && self.raft_log.is_up_to_date(m.index, m.log_term) {
+            // The response carries the request's term: a pre-vote is for a term we have not entered.
+            response.term = m.term;
+            if !pre_vote {
+                self.election_elapsed = 0;
+                self.vote = m.from;
+            }
+        } else {
+            response.reject = true;
+        }
+        self.send(response);
+    }
+
+    pub(super) fn step_candidate(&mut self, m: Message, kind: MessageType) -> Result<()> {
+        let own_response = match self.role {
+            StateRole::PreCandidate => MessageType::RequestPreVoteResponse,
+            _ => MessageType::RequestVoteResponse,
+        };
+        match kind {
+            MessageType::Append => {
+                self.become_follower(m.term, m.from);
+                self.handle_append(m)?;
+            }
+            MessageType::Heartbeat => {
+                self.become_follower(m.term, m.from);
+                self.handle_heartbeat(m);
+            }
+            MessageType::Snapshot => {
+                self.become_follower(m.term, m.from);
+                self.handle_snapshot(m)?;
+            }
+            k if k == own_response => {
+                self.tracker.record_vote(m.from, !m.reject);
+                match self.tracker.tally_votes() {
+                    VoteResult::Won if self.role == StateRole::PreCandidate => self.campaign(false),
+                    VoteResult::Won => {
+                        self.become_leader();
+                        self.broadcast_append();
+                    }
+                    VoteResult::Lost => self.become_follower(self.term, 0),
+                    VoteResult::Pending => {}
+                }
+            }
+            // No leader to forward to; the asker retries.
+            _ => {}
+        }
+        Ok(())
+    }
+}

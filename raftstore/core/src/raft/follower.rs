@@ -1,0 +1,97 @@
+//! A follower's side of replication: accepting appends (§5.3), heartbeats and snapshots (§7). Every response
+//! that claims something about the log is held until that log is persisted (see `Raft::send`).
+
+use super::Raft;
+use crate::error::{Error, Result};
+use crate::message::{Message, MessageType};
+use crate::storage::Storage;
+use crate::tracker::Configuration;
+
+impl<S: Storage> Raft<S> {
+    pub(super) fn handle_append(&mut self, m: Message) -> Result<()> {
+        validate_append(&m)?;
+        let mut response = self.message(MessageType::AppendResponse, m.from);
+        response.lease_tick = m.lease_tick;
+        if m.index < self.raft_log.committed {
+            // Everything up to our commit index matches the leader's log already.
+            response.index = self.raft_log.committed;
+            self.send(response);
+            return Ok(());
+        }
+        match self.raft_log.maybe_append(m.index, m.log_term, m.commit, &m.entries) {
+            Some(last_new_index) => response.index = last_new_index,
+            None => {
+                // Fast backtracking: tell the leader the last index where our log could match its log, i.e. the
+                // largest index at or below the probed one whose term is at most the probed entry's term.
+                let hint = m.index.min(self.raft_log.last_index());
+                let (hint_index, hint_term) = self.raft_log.find_conflict_by_term(hint, m.log_term);
+                response.index = m.index;
+                response.reject = true;
+                response.reject_hint = hint_index;
+                response.log_term = hint_term;
+            }
+        }
+        self.send(response);
+        Ok(())
+    }
+
+    pub(super) fn handle_heartbeat(&mut self, m: Message) {
+        // The leader never sends a commit beyond what it knows we hold; ignore one that is anyway.
+        if m.commit <= self.raft_log.last_index() {
+            self.raft_log.commit_to(m.commit);
+        }
+        let mut response = self.message(MessageType::HeartbeatResponse, m.from);
+        response.context = m.context;
+        response.lease_tick = m.lease_tick;
+        self.send(response);
+    }
+
+    pub(super) fn handle_snapshot(&mut self, m: Message) -> Result<()> {
+        let snapshot = m.snapshot.ok_or(Error::InvalidMessage("snapshot message without a snapshot"))?;
+        let mut response = self.message(MessageType::AppendResponse, m.from);
+        response.lease_tick = m.lease_tick;
+        response.index =
+            if self.restore(snapshot) { self.raft_log.last_index() } else { self.raft_log.committed };
+        self.send(response);
+        Ok(())
+    }
+
+    /// Installs `snapshot` if it is newer than what we have committed. Returns false if it was not needed (or
+    /// does not include us).
+    fn restore(&mut self, snapshot: crate::message::Snapshot) -> bool {
+        let (index, term) = (snapshot.index(), snapshot.term());
+        if index <= self.raft_log.committed {
+            return false;
+        }
+        let conf_state = snapshot.conf_state();
+        let configuration = Configuration::from_conf_state(&conf_state);
+        if !configuration.member_ids().contains(&self.id) {
+            // A snapshot of a configuration without us: a stale or misrouted message.
+            return false;
+        }
+        if self.raft_log.match_term(index, term) {
+            // We already have the entries; the snapshot only tells us they are committed.
+            self.raft_log.commit_to(index);
+            return false;
+        }
+        self.raft_log.restore(snapshot);
+        let next_index = self.raft_log.last_index() + 1;
+        self.tracker.apply_configuration(configuration, next_index);
+        true
+    }
+}
+
+/// Rejects appends whose entries do not follow `index` contiguously with non-decreasing terms up to the
+/// message's term: such a message can only come from a bug or corruption, and accepting it would break the log.
+fn validate_append(m: &Message) -> Result<()> {
+    let mut expected_index = m.index + 1;
+    let mut previous_term = m.log_term;
+    for entry in &m.entries {
+        if entry.index != expected_index || entry.term < previous_term || entry.term > m.term {
+            return Err(Error::InvalidMessage("append entries not contiguous or with impossible terms"));
+        }
+        expected_index += 1;
+        previous_term = entry.term;
+    }
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! [`RawNode`]: the interface of one replica to its caller, built around numbered [`Ready`]s.
+//!
+//! See the crate docs for the contract. In short: call `ready()` when `has_ready()`; persist its hard state,
+//! snapshot and entries (in that order, after everything of earlier `Ready`s); send its messages at once; then
+//! report `on_persisted(number)` when the write is durable (at once if `must_sync` is false and nothing earlier
+//! is outstanding); apply its committed entries and report `on_applied`.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::message::{ConfChangeV2, ConfState, Entry, HardState, Message, Snapshot};
+use crate::raft::{Raft, ReadState, StateRole};
+use crate::storage::Storage;
+
+/// Volatile state worth telling the caller about when it changes (it need not be persisted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftState {
+    pub leader_id: u64,
+    pub role: StateRole,
+}
+
+/// Everything the caller must do for the replica, numbered so that persistence can complete asynchronously.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// 1, 2, 3, … per `RawNode`; `on_persisted(n)` declares every `Ready` numbered `<= n` durable.
+    pub number: u64,
+    pub soft_state: Option<SoftState>,
+    /// To persist if present (term, vote and commit).
+    pub hard_state: Option<HardState>,
+    /// A snapshot from the leader: install it (replacing the state machine and the log) before anything else.
+    pub snapshot: Option<Snapshot>,
+    /// Entries to append to the log, replacing any conflicting suffix.
+    pub entries: Vec<Entry>,
+    /// Messages that may be sent now, before this `Ready` is persisted.
+    pub messages: Vec<Message>,
+    /// Committed entries to apply, in order; all are already persisted locally.
+    pub committed_entries: Vec<Entry>,
+    /// Reads confirmed since the last `Ready`.
+    pub read_states: Vec<ReadState>,
+    /// Whether the persisted part must be durable (synced) before `on_persisted`: true when term, vote, entries or
+    /// a snapshot changed. A change of the commit index alone may be written lazily.
+    pub must_sync: bool,
+}
+
+/// What a `Ready` asked to persist, and the responses that wait for it.
+struct PendingPersist {
+    number: u64,
+    last_entry: Option<(u64, u64)>,
+    snapshot_index: Option<u64>,
+    messages: Vec<Message>,
+    must_sync: bool,
+    persisted: bool,
+}
+
+pub struct RawNode<S: Storage> {
+    pub raft: Raft<S>,
+    previous_soft_state: SoftState,
+    previous_hard_state: HardState,
+    last_ready_number: u64,
+    pending: VecDeque<PendingPersist>,
+}
+
+impl<S: Storage> RawNode<S> {
+    pub fn new(config: Config, storage: S) -> Result<RawNode<S>> {
+        let raft = Raft::new(config, storage)?;
+        let previous_hard_state = raft.hard_state();
+        let previous_soft_state = raft.soft_state();
+        Ok(RawNode { raft, previous_soft_state, previous_hard_state, last_ready_number: 0, pending: VecDeque::new() })
+    }
+
+    pub fn tick(&mut self) {
+        self.raft.tick();
+    }
+
+    /// Starts an election now (if this replica may).
+    pub fn campaign(&mut self) {
+        self.raft.hup(false);
+    }
+
+    pub fn step(&mut self, message: Message) -> Result<()> {
+        let result = self.raft.step(message);
+        #[cfg(debug_assertions)]
+        self.raft.validate();
+        result
+    }
+
+    /// Proposes one command.
+    pub fn propose(&mut self, data: Bytes) -> Result<()> {
+        self.raft.propose(vec![Entry::normal(data)])
+    }
+
+    /// Proposes several commands at once (one append to the log, one round of messages).
+    pub fn propose_batch(&mut self, data: impl IntoIterator<Item = Bytes>) -> Result<()> {
+        self.raft.propose(data.into_iter().map(Entry::normal).collect())
+    }
+
+    pub fn propose_conf_change(&mut self, change: &ConfChangeV2) -> Result<()> {
+        self.raft.propose_conf_change(change)
+    }
+
+    pub fn apply_conf_change(&mut self, change: &ConfChangeV2) -> Result<ConfState> {
+        self.raft.apply_conf_change(change)
+    }
+
+    pub fn read_index(&mut self, context: Bytes) -> Result<()> {
+        self.raft.read_index(context)
+    }
+
+    pub fn transfer_leader(&mut self, target: u64) {
+        self.raft.transfer_leader(target);
+    }
+
+    pub fn report_unreachable(&mut self, id: u64) {
+        self.raft.report_unreachable(id);
+    }
+
+    pub fn report_snapshot(&mut self, id: u64, success: bool) {
+        self.raft.report_snapshot(id, success);
+    }
+
+    pub fn has_ready(&self) -> bool {
+        let raft = &self.raft;
+        raft.soft_state() != self.previous_soft_state
+            || raft.hard_state() != self.previous_hard_state
+            || !raft.msgs.is_empty()
+            || !raft.msgs_after_persist.is_empty()
+            || !raft.read_states.is_empty()
+            || raft.raft_log.unstable.has_next_entries()
+            || raft.raft_log.unstable.next_snapshot().is_some()
+            || raft.raft_log.has_next_committed_entries()
+    }
+
+    /// Takes out everything the caller must do now. Call only when `has_ready()`; an empty `Ready` is harmless.
+    pub fn ready(&mut self) -> Ready {
+        self.last_ready_number += 1;
+        let number = self.last_ready_number;
+        let raft = &mut self.raft;
+        let soft_state = raft.soft_state();
+        let hard_state = raft.hard_state();
+        let term_or_vote_changed =
+            hard_state.term != self.previous_hard_state.term || hard_state.vote != self.previous_hard_state.vote;
+        let committed_bytes_max = raft.config().committed_bytes_max_per_ready;
+        let log = &mut raft.raft_log;
+        let snapshot = log.unstable.next_snapshot().cloned();
+        let entries = log.unstable.next_entries().to_vec();
+        log.unstable.accept_in_progress();
+        let committed_entries = log.next_committed_entries(committed_bytes_max);
+        if let Some(last) = committed_entries.last() {
+            raft.raft_log.applying_to(last.index);
+        }
+        raft.reduce_uncommitted_bytes(&committed_entries);
+        let must_sync = term_or_vote_changed || snapshot.is_some() || !entries.is_empty();
+        let record = PendingPersist {
+            number,
+            last_entry: entries.last().map(|e| (e.index, e.term)),
+            snapshot_index: snapshot.as_ref().map(Snapshot::index),
+            messages: std::mem::take(&mut raft.msgs_after_persist),
+            must_sync,
+            persisted: false,
+        };
+        let mut ready = Ready {
+            number,
+            soft_state: (soft_state != self.previous_soft_state).then_some(soft_state),
+            hard_state: (hard_state != self.previous_hard_state).then_some(hard_state),
+            snapshot,
+            entries,
+            messages: std::mem::take(&mut raft.msgs),
+            committed_entries,
+            read_states: std::mem::take(&mut raft.read_states),
+            must_sync,
+        };
+        if !must_sync && self.pending.is_empty() {
+            // Nothing new to make durable and nothing earlier outstanding: the held responses are already true.
+            for message in record.messages {
+                assert_ne!(message.to, self.raft.id, "a message to itself without anything to persist");
+                ready.messages.push(message);
+            }
+        } else {
+            self.pending.push_back(record);
+        }
+        self.previous_soft_state = soft_state;
+        self.previous_hard_state = hard_state;
+        ready
+    }
+
+    /// Declares every `Ready` numbered `<= number` persisted (durable if it had `must_sync`). Releases the
+    /// responses that waited for it (to be sent with the next `Ready`) and lets a leader count its own entries.
+    pub fn on_persisted(&mut self, number: u64) {
+        for record in self.pending.iter_mut() {
+            if record.number <= number {
+                record.persisted = true;
+            }
+        }
+        while self.pending.front().is_some_and(|r| r.persisted || !r.must_sync) {
+            let record = self.pending.pop_front().expect("checked non-empty");
+            if let Some(index) = record.snapshot_index {
+                self.raft.raft_log.stable_snapshot_to(index);
+            }
+            if let Some((index, term)) = record.last_entry {
+                self.raft.raft_log.stable_to(index, term);
+            }
+            for message in record.messages {
+                if message.to == self.raft.id {
+                    // Our own vote: it counts now that it is durable. A stale one is ignored by the term check.
+                    let _ = self.raft.step(message);
+                } else {
+                    self.raft.msgs.push(message);
+                }
+            }
+        }
+        self.raft.on_entries_persisted();
+        #[cfg(debug_assertions)]
+        self.raft.validate();
+    }
+
+    /// The caller applied committed entries up to `index`.
+    pub fn on_applied(&mut self, index: u64) {
+        self.raft.on_applied(index);
+    }
+
+    /// Whether `Ready`s handed out are still waiting for `on_persisted`.
+    pub fn has_unpersisted_ready(&self) -> bool {
+        self.pending.iter().any(|r| r.must_sync)
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            id: self.raft.id,
+            hard_state: self.raft.hard_state(),
+            soft_state: self.raft.soft_state(),
+            applied: self.raft.raft_log.applied,
+            last_index: self.raft.raft_log.last_index(),
+        }
+    }
+}
+
+/// A summary of a replica's state, for operators and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub id: u64,
+    pub hard_state: HardState,
+    pub soft_state: SoftState,
+    pub applied: u64,
+    pub last_index: u64,
+}
+
+impl<S: Storage> Raft<S> {
+    pub fn hard_state(&self) -> HardState {
+        HardState { term: self.term, vote: self.vote, commit: self.raft_log.committed }
+    }
+
+    pub fn soft_state(&self) -> SoftState {
+        SoftState { leader_id: self.leader_id, role: self.role }
+    }
+}
