@@ -1,1 +1,15 @@
+//! Test infrastructure for Flotilla.
+//!
+//! - [`sim_node`]: one simulated replica (RawNode + MemStorage + state machine + an unsynced-write queue with
+//!   crash semantics).
+//! - [`network`]: a simulated network (reordering, loss, duplication, partitions incl. one-way).
+//! - [`invariants`]: Raft's safety properties, checked after every step.
+//! - [`cluster`]: a deterministic cluster for scenario tests with readable message traces.
+//! - [`raft_sim`]: the seeded, replayable randomized simulation of the core (`raft-sim` binary).
 
+pub mod cluster;
+pub mod invariants;
+pub mod network;
+pub mod raft_sim;
+pub mod sim_node;
+pub mod sim_rng;

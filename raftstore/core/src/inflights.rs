@@ -36,6 +36,15 @@ impl Inflights {
         }
     }
 
+    /// Frees the oldest message: used when a follower answers a heartbeat while the window is full, so that
+    /// messages lost in the network cannot stall replication forever (the next append either succeeds or is
+    /// rejected and turns the follower back to probing).
+    pub fn free_first_one(&mut self) {
+        if let Some((_, bytes)) = self.slots.pop_front() {
+            self.bytes -= bytes;
+        }
+    }
+
     pub fn full(&self) -> bool {
         self.slots.len() >= self.count_max || self.bytes >= self.bytes_max
     }

@@ -26,13 +26,11 @@ impl<S: Storage> RaftLog<S> {
     pub fn new(storage: S, applied_index: u64) -> StorageResult<RaftLog<S>> {
         let first = storage.first_index()?;
         let last = storage.last_index()?;
-        let committed = storage.initial_state()?.hard_state.commit.max(first - 1);
-        assert!(
-            applied_index == 0 || (first - 1 <= applied_index && applied_index <= committed),
-            "applied index {applied_index} outside [{}, {committed}]",
-            first - 1
-        );
+        // The commit index in the hard state may be written lazily; whatever the state machine applied (or the
+        // snapshot covers) was committed, and nothing beyond the persisted log can be known committed.
         let applied = applied_index.max(first - 1);
+        assert!(applied <= last, "applied index {applied} beyond the persisted log's last index {last}");
+        let committed = storage.initial_state()?.hard_state.commit.max(applied).min(last);
         Ok(RaftLog {
             storage,
             unstable: Unstable::new(last + 1),

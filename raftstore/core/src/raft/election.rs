@@ -90,8 +90,34 @@ impl<S: Storage> Raft<S> {
             }
         } else {
             response.reject = true;
+            // Tell the candidate what we know to be committed: with configurations taking effect at apply time,
+            // it may hold a committed configuration change it does not know is committed, and be unable to win
+            // until it applies it (etcd #12359).
+            response.commit = self.raft_log.committed;
+            response.commit_term = self.raft_log.term(response.commit).unwrap_or(0);
         }
         self.send(response);
+    }
+
+    /// A rejected vote told us an index is committed. If we hold that very entry (same index and term), log
+    /// matching makes our whole prefix up to it committed. If that commits a configuration change, stop
+    /// campaigning until it is applied: the election was run under an outdated configuration.
+    pub(super) fn maybe_commit_by_vote(&mut self, m: &Message) {
+        if m.commit <= self.raft_log.committed || self.leader_id != 0 || self.role == StateRole::Leader {
+            return;
+        }
+        if m.commit_term == 0 || !self.raft_log.match_term(m.commit, m.commit_term) {
+            return;
+        }
+        let previous = self.raft_log.committed;
+        self.raft_log.commit_to(m.commit);
+        let revealed_conf_change = self
+            .raft_log
+            .slice(previous + 1, m.commit + 1, u64::MAX)
+            .is_ok_and(|entries| entries.iter().any(|e| e.is_conf_change()));
+        if revealed_conf_change && self.role != StateRole::Follower {
+            self.become_follower(self.term, 0);
+        }
     }
 
     pub(super) fn step_candidate(&mut self, m: Message, kind: MessageType) -> Result<()> {

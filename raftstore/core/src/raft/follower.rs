@@ -56,8 +56,9 @@ impl<S: Storage> Raft<S> {
         Ok(())
     }
 
-    /// Installs `snapshot` if it is newer than what we have committed. Returns false if it was not needed (or
-    /// does not include us).
+    /// Installs `snapshot` if it is newer than what we have committed. Returns false if it was not needed.
+    /// A snapshot whose configuration does not include us is installed too: it predates the change that added
+    /// us, which follows in the log (we are not promotable until we apply it).
     fn restore(&mut self, snapshot: crate::message::Snapshot) -> bool {
         let (index, term) = (snapshot.index(), snapshot.term());
         if index <= self.raft_log.committed {
@@ -65,10 +66,6 @@ impl<S: Storage> Raft<S> {
         }
         let conf_state = snapshot.conf_state();
         let configuration = Configuration::from_conf_state(&conf_state);
-        if !configuration.member_ids().contains(&self.id) {
-            // A snapshot of a configuration without us: a stale or misrouted message.
-            return false;
-        }
         if self.raft_log.match_term(index, term) {
             // We already have the entries; the snapshot only tells us they are committed.
             self.raft_log.commit_to(index);

@@ -51,26 +51,10 @@ impl<S: Storage> Raft<S> {
         if self.role != StateRole::Leader {
             return;
         }
-        if !self.tracker.is_voter(self.id) {
-            // Removed or demoted: hand over to the most up-to-date voter at once rather than leave the group
-            // waiting an election timeout, then step down.
-            let last_index = self.raft_log.last_index();
-            let successor = self
-                .tracker
-                .progress
-                .iter()
-                .filter(|(id, p)| **id != self.id && !p.is_learner && p.matched == last_index)
-                .map(|(id, _)| *id)
-                .next();
-            if let Some(successor) = successor {
-                self.send_timeout_now(successor);
-            }
-            self.become_follower(self.term, 0);
-            return;
-        }
         if self.lead_transferee != 0 && !self.tracker.is_voter(self.lead_transferee) {
             self.abort_leader_transfer();
         }
+        self.hand_over_if_removed();
         if self.maybe_commit() {
             self.broadcast_append();
         } else {
@@ -78,6 +62,27 @@ impl<S: Storage> Raft<S> {
             for id in peers {
                 self.maybe_send_append(id, false);
             }
+        }
+    }
+
+    /// A leader that is no longer a voter (removed or demoted) keeps leading — committing by the new
+    /// configuration's quorum, refusing proposals — and transfers leadership to the most up-to-date voter. It must
+    /// not simply step down: the remaining voters may not yet know that the change removing it is committed, still
+    /// count it as a voter, and fail to elect anyone while it (with the longest log) refuses them its vote. Called
+    /// again when a transfer times out.
+    pub(super) fn hand_over_if_removed(&mut self) {
+        if self.role != StateRole::Leader || self.tracker.is_voter(self.id) || self.lead_transferee != 0 {
+            return;
+        }
+        let successor = self
+            .tracker
+            .progress
+            .iter()
+            .filter(|(id, _)| **id != self.id && self.tracker.is_voter(**id))
+            .max_by_key(|(id, p)| (p.matched, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id);
+        if let Some(successor) = successor {
+            self.handle_transfer_leader(successor);
         }
     }
 

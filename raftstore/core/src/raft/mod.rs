@@ -60,8 +60,8 @@ pub struct Raft<S: Storage> {
     randomized_election_timeout: u64,
     /// Ticks since this replica started; the time base of leases. Starts at 1 (0 means "never").
     tick_count: u64,
-    /// Right after a (re)start a replica behaves as if in a leader's lease for one election timeout: it may have
-    /// promised a leader, before crashing, not to vote for anyone else for that long.
+    /// With leases, right after a (re)start a replica behaves as if in a leader's lease for one election timeout:
+    /// before crashing it may have promised a leader not to vote for anyone else for that long.
     boot_quiet: bool,
     /// Set once a leader sends TimeoutNow: the target may win an election inside the lease, so no lease reads
     /// until the term changes.
@@ -96,7 +96,7 @@ impl<S: Storage> Raft<S> {
             heartbeat_elapsed: 0,
             randomized_election_timeout: config.election_timeout_ticks,
             tick_count: 1,
-            boot_quiet: true,
+            boot_quiet: false,
             lease_revoked: false,
             pending_conf_index: 0,
             uncommitted_bytes: 0,
@@ -106,12 +106,9 @@ impl<S: Storage> Raft<S> {
         let last_index = raft.raft_log.last_index();
         raft.tracker.apply_configuration(Configuration::from_conf_state(&initial.conf_state), last_index + 1);
         let hard_state = initial.hard_state;
-        // A commit beyond the persisted log can only come from a lazily written hard state; knowledge of commits
-        // is relearned from the leader, so clamping is safe (nothing beyond the persisted log was applied).
-        raft.raft_log.commit_to(hard_state.commit.min(last_index));
         raft.become_follower(hard_state.term, 0);
         raft.vote = hard_state.vote;
-        raft.boot_quiet = true;
+        raft.boot_quiet = raft.config.read_mode == ReadMode::LeaseBased;
         Ok(raft)
     }
 
@@ -253,6 +250,7 @@ impl<S: Storage> Raft<S> {
                 return;
             }
             self.abort_leader_transfer();
+            self.hand_over_if_removed();
         }
         if self.heartbeat_elapsed >= self.config.heartbeat_interval_ticks {
             self.heartbeat_elapsed = 0;
@@ -301,9 +299,14 @@ impl<S: Storage> Raft<S> {
             } else if kind == MessageType::RequestPreVote {
                 let mut reply = self.message(MessageType::RequestPreVoteResponse, m.from);
                 reply.reject = true;
+                reply.commit = self.raft_log.committed;
+                reply.commit_term = self.raft_log.term(reply.commit).unwrap_or(0);
                 self.msgs.push(reply);
             }
             return Ok(());
+        }
+        if m.reject && matches!(kind, MessageType::RequestVoteResponse | MessageType::RequestPreVoteResponse) {
+            self.maybe_commit_by_vote(&m);
         }
         match kind {
             MessageType::RequestVote | MessageType::RequestPreVote => {

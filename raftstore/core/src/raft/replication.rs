@@ -225,6 +225,9 @@ impl<S: Storage> Raft<S> {
         progress.recent_active = true;
         progress.lease_ack_tick = progress.lease_ack_tick.max(m.lease_tick);
         progress.probe_sent = false;
+        if progress.state == ProgressState::Replicate && progress.inflights.full() {
+            progress.inflights.free_first_one();
+        }
         if progress.matched < last_index || progress.state == ProgressState::Probe {
             self.maybe_send_append(m.from, true);
         }
@@ -247,7 +250,8 @@ impl<S: Storage> Raft<S> {
         }
     }
 
-    /// The caller finished (or failed) sending the snapshot the core asked for to `id`.
+    /// The caller finished (or failed) sending the snapshot the core asked for to `id`. Must be called once for
+    /// every snapshot message, whatever its fate: until then the leader sends `id` nothing else.
     pub fn report_snapshot(&mut self, id: u64, success: bool) {
         if self.role != StateRole::Leader {
             return;
