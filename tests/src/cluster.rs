@@ -67,6 +67,27 @@ impl Cluster {
         }
     }
 
+    /// A cluster of `voters` whose replicas start with the given logs: `logs[i] = (id, terms)` gives the term of
+    /// each entry from index 1 on; each replica's term is its last entry's term (or `term_floor`, if larger).
+    pub fn from_logs(voters: &[u64], logs: &[(u64, Vec<u64>)], term_floor: u64, configure: impl Fn(&mut Config)) -> Cluster {
+        let mut cluster = Cluster::new(&[], &[], |_| {});
+        for (id, terms) in logs {
+            let mut storage = MemStorage::new_with_voters(voters);
+            let entries: Vec<Entry> = terms
+                .iter()
+                .enumerate()
+                .map(|(i, &term)| Entry { index: i as u64 + 1, term, data: Bytes::from(format!("{i}@{term}")), ..Default::default() })
+                .collect();
+            storage.append(&entries).expect("fresh storage");
+            let term = terms.last().copied().unwrap_or(0).max(term_floor);
+            storage.set_hard_state(HardState { term, vote: 0, commit: 0 });
+            let mut config = Config::new(*id);
+            configure(&mut config);
+            cluster.nodes.insert(*id, SimNode::new(config, storage).expect("valid test config"));
+        }
+        cluster
+    }
+
     /// Adds a replica that is not (yet) in the configuration, bootstrapped from the same initial configuration.
     pub fn add_node(&mut self, id: u64, initial_voters: &[u64], configure: impl Fn(&mut Config)) {
         let storage = MemStorage::new_with_voters(initial_voters);
@@ -195,6 +216,13 @@ impl Cluster {
         assert_eq!(self.raft(id).role, StateRole::Leader, "node {id} did not win the election");
     }
 
+    /// The terms of `id`'s whole log (from its first index), for comparing logs.
+    pub fn log_terms(&self, id: u64) -> Vec<u64> {
+        let log = &self.raft(id).raft_log;
+        let entries = log.slice(log.first_index(), log.last_index() + 1, u64::MAX).expect("log readable");
+        entries.iter().map(|e| e.term).collect()
+    }
+
     pub fn leader(&self) -> Option<u64> {
         let mut leaders: Vec<(u64, u64)> = self
             .nodes
@@ -206,7 +234,7 @@ impl Cluster {
         leaders.last().map(|&(_, id)| id)
     }
 
-    /// The data of every normal entry `id` has applied so far in this life, in order.
+    /// The index `id`'s state machine has applied.
     pub fn applied_index(&self, id: u64) -> u64 {
         self.nodes[&id].machine.applied_index
     }

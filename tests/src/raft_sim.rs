@@ -66,6 +66,8 @@ struct Simulation {
     nodes: BTreeMap<u64, SimNode>,
     /// Per-replica clock rate in per-mille of the global tick and the fractional tick accumulated.
     clocks: BTreeMap<u64, (u64, u64)>,
+    /// Per-replica chance (per mille) that a chance to persist is skipped: a slow disk.
+    disk_slowness: BTreeMap<u64, u32>,
     network: SimNetwork,
     invariants: Invariants,
     /// Outstanding reads: context → the highest index committed anywhere when the read began.
@@ -104,7 +106,9 @@ impl Simulation {
         let check_quorum = lease || !pre_vote || rng.chance_per_mille(600);
         let mut nodes = BTreeMap::new();
         let mut clocks = BTreeMap::new();
+        let mut disk_slowness = BTreeMap::new();
         for id in 1..=pool {
+            disk_slowness.insert(id, if rng.chance_per_mille(300) { rng.range(700, 950) as u32 } else { 0 });
             let config = Config {
                 id,
                 random_seed: rng.next_u64(),
@@ -135,6 +139,7 @@ impl Simulation {
             rng,
             nodes,
             clocks,
+            disk_slowness,
             network,
             invariants: Invariants::default(),
             reads: BTreeMap::new(),
@@ -194,8 +199,9 @@ impl Simulation {
             600..=719 => self.propose()?,
             720..=769 => self.read()?,
             770..=789 => self.crash()?,
-            790..=819 => self.change_partitions(),
-            820..=849 => self.change_membership()?,
+            // Rare enough that a partition typically outlives an election (tens of ticks).
+            790..=796 => self.change_partitions(),
+            797..=849 => self.change_membership()?,
             850..=869 => self.transfer()?,
             870..=909 => self.compact()?,
             910..=919 => {
@@ -240,6 +246,9 @@ impl Simulation {
     fn persist_some(&mut self) -> Result<(), String> {
         let pending: Vec<u64> = self.nodes.values().filter(|n| n.has_unpersisted()).map(|n| n.id).collect();
         let Some(&id) = self.rng.pick(&pending) else { return Ok(()) };
+        if self.rng.chance_per_mille(self.disk_slowness[&id]) {
+            return Ok(());
+        }
         let node = self.nodes.get_mut(&id).expect("exists");
         let writes = self.rng.range(1, 3);
         for _ in 0..writes {
@@ -286,7 +295,13 @@ impl Simulation {
     }
 
     fn read(&mut self) -> Result<(), String> {
-        let id = self.random_node();
+        // Reads at a replica that believes it leads are the interesting ones, most of all at a stale leader.
+        let mut leaders: Vec<(u64, u64)> = self.leaders().into_iter().map(|id| (self.nodes[&id].term(), id)).collect();
+        leaders.sort();
+        let id = match leaders.first() {
+            Some(&(_, stale_most)) if self.rng.chance_per_mille(600) => stale_most,
+            _ => self.random_node(),
+        };
         self.next_value += 1;
         let context = Bytes::from(format!("read-{}", self.next_value));
         let committed_now = self.invariants.max_committed();
@@ -318,7 +333,18 @@ impl Simulation {
     fn change_partitions(&mut self) {
         let ids = self.ids();
         match self.rng.below(4) {
-            0 | 1 => self.network.heal(),
+            0 => self.network.heal(),
+            1 => {
+                // Isolate the replica that believes it leads (with the highest term): the lease's test.
+                let mut leaders: Vec<(u64, u64)> =
+                    self.leaders().into_iter().map(|id| (self.nodes[&id].term(), id)).collect();
+                leaders.sort();
+                if let Some(&(_, leader)) = leaders.last() {
+                    self.network.heal();
+                    let others: Vec<u64> = ids.iter().copied().filter(|&id| id != leader).collect();
+                    self.network.partition(&[leader], &others);
+                }
+            }
             2 => {
                 let mut side_a = Vec::new();
                 let mut side_b = Vec::new();

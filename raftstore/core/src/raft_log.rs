@@ -218,7 +218,7 @@ impl<S: Storage> RaftLog<S> {
 
     pub fn stable_snapshot_to(&mut self, index: u64) {
         self.unstable.stable_snapshot_to(index);
-        if self.unstable.snapshot.is_none() && self.first_index() - 1 >= index {
+        if self.unstable.snapshot.is_none() && self.first_index() > index {
             self.persisted = self.persisted.max(index);
         }
     }

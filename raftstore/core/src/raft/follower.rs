@@ -81,13 +81,11 @@ impl<S: Storage> Raft<S> {
 /// Rejects appends whose entries do not follow `index` contiguously with non-decreasing terms up to the
 /// message's term: such a message can only come from a bug or corruption, and accepting it would break the log.
 fn validate_append(m: &Message) -> Result<()> {
-    let mut expected_index = m.index + 1;
     let mut previous_term = m.log_term;
-    for entry in &m.entries {
+    for (expected_index, entry) in (m.index + 1..).zip(&m.entries) {
         if entry.index != expected_index || entry.term < previous_term || entry.term > m.term {
             return Err(Error::InvalidMessage("append entries not contiguous or with impossible terms"));
         }
-        expected_index += 1;
         previous_term = entry.term;
     }
     Ok(())

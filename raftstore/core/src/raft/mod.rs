@@ -350,19 +350,13 @@ impl<S: Storage> Raft<S> {
                 self.leader_id = m.from;
                 self.handle_snapshot(m)?;
             }
-            MessageType::TransferLeader | MessageType::ReadIndex => {
-                // Forwarded to the leader; dropped if none is known (the asker retries).
-                if self.leader_id != 0 {
-                    let mut forwarded = m;
-                    forwarded.to = self.leader_id;
-                    self.msgs.push(forwarded);
-                }
+            // Forwarded to the leader; dropped if none is known (the asker retries).
+            MessageType::TransferLeader | MessageType::ReadIndex if self.leader_id != 0 => {
+                let mut forwarded = m;
+                forwarded.to = self.leader_id;
+                self.msgs.push(forwarded);
             }
-            MessageType::TimeoutNow => {
-                if self.promotable() {
-                    self.hup(true);
-                }
-            }
+            MessageType::TimeoutNow if self.promotable() => self.hup(true),
             MessageType::ReadIndexResponse => {
                 self.read_states.push(ReadState { index: m.index, context: m.context });
             }

@@ -1,0 +1,260 @@
+//! Log replication: Raft §5.3 and §5.4.2 (Figures 7 and 8), §7 (snapshots), flow control, backpressure and the
+//! numbered-persistence contract; design-note scenarios (d), (f), (g).
+
+use bytes::Bytes;
+use flotilla_raft::prelude::*;
+use flotilla_raft::{DropReason, Error};
+use flotilla_tests::cluster::Cluster;
+
+const FIGURE_7_LEADER: [u64; 10] = [1, 1, 1, 4, 4, 5, 5, 6, 6, 6];
+
+#[test]
+fn figure_7_every_follower_log_converges_to_the_leaders() {
+    let cases: [&[u64]; 6] = [
+        &[1, 1, 1, 4, 4, 5, 5, 6, 6],
+        &[1, 1, 1, 4],
+        &[1, 1, 1, 4, 4, 5, 5, 6, 6, 6, 6],
+        &[1, 1, 1, 4, 4, 5, 5, 6, 6, 6, 7, 7],
+        &[1, 1, 1, 4, 4, 4, 4],
+        &[1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3],
+    ];
+    for (case, follower) in cases.iter().enumerate() {
+        let logs = [(1, FIGURE_7_LEADER.to_vec()), (2, follower.to_vec()), (3, FIGURE_7_LEADER.to_vec())];
+        let mut c = Cluster::from_logs(&[1, 2, 3], &logs, 7, |_| {});
+        c.elect(1);
+        assert_eq!(c.raft(1).term, 8, "case {case}");
+        let mut expected = FIGURE_7_LEADER.to_vec();
+        expected.push(8);
+        assert_eq!(c.log_terms(2), expected, "case ({}) did not converge", (b'a' + case as u8) as char);
+        assert_eq!(c.raft(2).raft_log.committed, 11);
+    }
+}
+
+#[test]
+fn fast_backtracking_skips_a_whole_term_per_round_trip() {
+    // The follower holds 100 entries of terms 2 and 3 that the leader (terms 1 and 5) never had: walking back one
+    // index per rejection would take ~100 round trips; the term hints take at most a few.
+    let mut follower = vec![1, 1, 1];
+    follower.extend(std::iter::repeat(2).take(50));
+    follower.extend(std::iter::repeat(3).take(50));
+    let mut leader = vec![1, 1, 1];
+    leader.extend(std::iter::repeat(5).take(60));
+    let logs = [(1, leader.clone()), (2, follower), (3, leader.clone())];
+    let mut c = Cluster::from_logs(&[1, 2, 3], &logs, 5, |_| {});
+    c.elect(1);
+    let rejections = c.take_trace().iter().filter(|line| line.starts_with("2->1 AppendResponse") && line.contains("reject")).count();
+    assert!(rejections <= 3, "{rejections} rejections: backtracking is not by term");
+    leader.push(6);
+    assert_eq!(c.log_terms(2), leader);
+}
+
+#[test]
+fn figure_8_and_scenario_f_earlier_term_entries_commit_only_through_a_current_term_entry() {
+    // S1 holds 2@2, also on S2; S1 becomes leader of a later term.
+    let logs = [(1, vec![1, 2]), (2, vec![1, 2]), (3, vec![1]), (4, vec![1]), (5, vec![1, 3])];
+    let mut c = Cluster::from_logs(&[1, 2, 3, 4, 5], &logs, 4, |_| {});
+    c.dropped_types.insert(MessageType::Append); // the new leader's appends are lost
+    c.elect(1);
+    c.dropped_types.clear();
+    let term = c.raft(1).term;
+    // S2 and S3 acknowledge 2@2: it is now on a majority (S1, S2, S3) but of an earlier term.
+    let ack = |from: u64, index: u64| {
+        let mut m = Message::new(MessageType::AppendResponse, from, 1, term);
+        m.index = index;
+        m
+    };
+    c.deliver(vec![ack(2, 2), ack(3, 2)]);
+    assert_eq!(c.raft(1).raft_log.committed, 0, "2@2 must not commit by counting replicas (Figure 8)");
+    // Once the leader's own no-op (3@term) is on a majority, both commit.
+    c.deliver(vec![ack(2, 3), ack(3, 3)]);
+    assert_eq!(c.raft(1).raft_log.committed, 3);
+}
+
+#[test]
+fn scenario_d_commits_with_all_or_a_majority_never_with_a_minority() {
+    for (answering, commits) in [(4, true), (2, true), (1, false), (0, false)] {
+        let mut c = Cluster::new(&[1, 2, 3, 4, 5], &[], |_| {});
+        c.elect(1);
+        for silent in (2 + answering)..=5 {
+            c.isolate(silent);
+        }
+        c.propose(1, "x").unwrap();
+        c.stabilize();
+        let committed = c.raft(1).raft_log.committed == 2;
+        assert_eq!(committed, commits, "{answering} of 4 followers answering");
+    }
+}
+
+#[test]
+fn follower_acknowledges_an_append_only_after_persisting_it() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    c.elect(1);
+    c.propose(1, "x").unwrap();
+    let appends: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 2).collect();
+    let node = c.node_mut(2);
+    for append in appends {
+        node.raw.step(append).unwrap();
+    }
+    node.process_ready(false);
+    assert!(node.take_outbox().is_empty(), "no AppendResponse before the entry is durable");
+    node.persist_all();
+    let responses = node.take_outbox();
+    assert_eq!(responses.len(), 1);
+    assert_eq!((responses[0].kind(), responses[0].index), (Some(MessageType::AppendResponse), 2));
+}
+
+#[test]
+fn leader_sends_before_persisting_but_counts_itself_only_after() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    c.elect(1);
+    c.isolate(3);
+    let leader = c.node_mut(1);
+    leader.raw.propose(Bytes::from_static(b"x")).unwrap();
+    leader.process_ready(false);
+    let appends = leader.take_outbox();
+    assert!(appends.iter().any(|m| m.to == 2 && !m.entries.is_empty()), "sent before its own write is durable");
+    c.deliver(appends);
+    c.stabilize();
+    assert_eq!(c.raft(1).raft_log.committed, 1, "follower 2 alone is no majority: the leader must count itself");
+    c.node_mut(1).persist_all();
+    assert_eq!(c.raft(1).raft_log.committed, 2, "counted once persisted");
+}
+
+#[test]
+fn a_new_leader_counts_only_the_entries_it_has_persisted() {
+    // Node 1 appended 2@1 as a follower and has not persisted it when it campaigns and wins on the other two
+    // votes alone: it leads, but its own match is what is durable, not its last index.
+    let mut c = Cluster::new(&[1, 2, 3], &[], |config| {
+        config.pre_vote = false;
+        config.check_quorum = false;
+    });
+    c.elect(2);
+    c.propose(2, "x").unwrap();
+    let appends: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 1).collect();
+    let node = c.node_mut(1);
+    for append in appends {
+        node.raw.step(append).unwrap();
+    }
+    node.process_ready(false);
+    node.raw.campaign();
+    node.process_ready(false);
+    let requests = node.take_outbox();
+    c.deliver(requests);
+    let votes = c.take_messages();
+    assert_eq!(votes.iter().filter(|m| !m.reject).count(), 2);
+    let node = c.node_mut(1);
+    for vote in votes {
+        node.raw.step(vote).unwrap();
+    }
+    node.process_ready(false);
+    assert_eq!(node.role(), StateRole::Leader, "two other voters are a majority of three");
+    assert_eq!(node.raw.raft.raft_log.last_index(), 3, "1@1, 2@1 and its no-op");
+    assert_eq!(node.raw.raft.tracker.progress[&1].matched, 1, "2@1 and the no-op are not durable yet");
+    node.persist_all();
+    assert_eq!(node.raw.raft.tracker.progress[&1].matched, 3);
+}
+
+#[test]
+fn replicate_state_pipelines_within_the_inflight_window() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |config| {
+        config.inflight_messages_max = 2;
+        config.append_message_bytes_max = 1;
+    });
+    c.elect(1);
+    for i in 0..10 {
+        c.propose(1, &format!("entry {i}")).unwrap();
+    }
+    let messages = c.take_messages();
+    let to_2 = messages.iter().filter(|m| m.to == 2 && m.kind() == Some(MessageType::Append)).count();
+    assert_eq!(to_2, 2, "at most inflight_messages_max appends in flight");
+    c.deliver(messages);
+    c.stabilize();
+    assert_eq!(c.raft(2).raft_log.last_index(), 11, "the window refills as acks arrive");
+}
+
+#[test]
+fn uncommitted_bytes_bound_turns_into_backpressure() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |config| config.uncommitted_bytes_max = 100);
+    c.elect(1);
+    c.isolate(2);
+    c.isolate(3);
+    let big = "x".repeat(60);
+    assert!(c.propose(1, &big).is_ok(), "one proposal is always accepted when nothing is uncommitted");
+    assert_eq!(c.propose(1, &big), Err(Error::ProposalDropped(DropReason::UncommittedBytesFull)));
+    c.heal();
+    c.stabilize();
+    assert_eq!(c.raft(1).raft_log.committed, 2);
+    assert!(c.propose(1, &big).is_ok(), "room again once committed");
+    assert_eq!(c.propose(2, "x"), Err(Error::ProposalDropped(DropReason::NotLeader { leader_id: 1 })));
+}
+
+#[test]
+fn scenario_g_a_follower_behind_compaction_catches_up_by_snapshot() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    c.elect(1);
+    c.isolate(3);
+    for i in 0..20 {
+        c.propose(1, &format!("v{i}")).unwrap();
+        c.stabilize();
+    }
+    let applied = c.applied_index(1);
+    c.node_mut(1).snapshot_and_compact(applied);
+    assert_eq!(c.raft(1).raft_log.first_index(), applied + 1);
+    c.heal();
+    c.take_trace();
+    c.tick_all(3);
+    c.stabilize();
+    let snapshots: Vec<String> = c.take_trace().into_iter().filter(|l| l.contains("Snapshot")).collect();
+    assert_eq!(snapshots, [format!("1->3 Snapshot t1 snap={applied}@1")]);
+    c.node_mut(1).raw.report_snapshot(3, true);
+    c.tick_all(3);
+    c.stabilize();
+    c.propose(1, "after").unwrap();
+    c.stabilize();
+    assert_eq!(c.applied_index(3), applied + 1);
+    assert_eq!(c.node(3).machine.hash, c.node(1).machine.hash, "same state after snapshot and replay");
+}
+
+#[test]
+fn installing_a_snapshot_discards_a_conflicting_log() {
+    let logs = [(1, vec![1, 1, 1]), (2, vec![1, 1, 1]), (3, vec![1, 2, 2, 2, 2])];
+    let mut c = Cluster::from_logs(&[1, 2, 3], &logs, 2, |_| {});
+    c.isolate(3);
+    c.elect(1);
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}")).unwrap();
+    }
+    c.stabilize();
+    let applied = c.applied_index(1);
+    c.node_mut(1).snapshot_and_compact(applied);
+    c.heal();
+    c.tick_all(3);
+    c.stabilize();
+    let log = &c.raft(3).raft_log;
+    assert_eq!((log.first_index(), log.last_index()), (applied + 1, applied), "only the snapshot remains");
+    assert_eq!(c.node(3).machine.hash, c.node(1).machine.hash);
+}
+
+#[test]
+fn persisting_out_of_order_is_impossible_by_contract_and_numbers_release_in_order() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    c.elect(1);
+    let node = c.node_mut(2);
+    let mut append = Message::new(MessageType::Append, 1, 2, 1);
+    append.index = 1;
+    append.log_term = 1;
+    append.entries = vec![Entry { index: 2, term: 1, data: Bytes::from_static(b"a"), ..Default::default() }];
+    node.raw.step(append.clone()).unwrap();
+    let first = node.raw.ready();
+    append.index = 2;
+    append.entries = vec![Entry { index: 3, term: 1, data: Bytes::from_static(b"b"), ..Default::default() }];
+    node.raw.step(append).unwrap();
+    let second = node.raw.ready();
+    assert_eq!(second.number, first.number + 1);
+    assert!(first.must_sync && second.must_sync);
+    node.raw.raft.raft_log.storage.append(&first.entries).unwrap();
+    node.raw.on_persisted(first.number);
+    let released = node.raw.ready().messages;
+    assert_eq!(released.len(), 1, "only the first response is released");
+    assert_eq!(released[0].index, 2);
+}
