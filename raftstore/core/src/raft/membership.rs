@@ -58,9 +58,10 @@ impl<S: Storage> Raft<S> {
         if self.maybe_commit() {
             self.broadcast_append();
         } else {
+            // Probe new members at once rather than at the next heartbeat.
             let peers: Vec<u64> = self.tracker.progress.keys().copied().filter(|&id| id != self.id).collect();
             for id in peers {
-                self.maybe_send_append(id, false);
+                self.maybe_send_append(id, true);
             }
         }
     }
