@@ -65,11 +65,13 @@ fn main() -> ExitCode {
                 }
             }
             Err(failure) => {
+                let passed = seed - seeds[0];
                 eprintln!("FAILED seed {} at step {}: {}", failure.seed, failure.step, failure.reason);
                 eprintln!(
                     "replay: cargo run --release --bin raft-sim -- --seed {} --steps {} --verbose",
                     failure.seed, args.steps
                 );
+                println!("raft-sim: {passed} passed, 1 failed");
                 return ExitCode::FAILURE;
             }
         }
@@ -83,5 +85,6 @@ fn main() -> ExitCode {
         totals.2,
         totals.3
     );
+    println!("raft-sim: {} passed, 0 failed", seeds.len());
     ExitCode::SUCCESS
 }
