@@ -18,6 +18,21 @@ use crate::network::{Delivery, FaultRates, SimNetwork};
 use crate::sim_node::SimNode;
 use crate::sim_rng::SimRng;
 
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    Deliver,
+    Persist,
+    Tick,
+    Propose,
+    Read,
+    Crash,
+    Partition,
+    Membership,
+    Transfer,
+    Compact,
+    Unreachable,
+}
+
 /// Knobs of one run; everything else derives from the seed.
 #[derive(Clone, Debug)]
 pub struct SimOptions {
@@ -61,7 +76,19 @@ pub struct SimFailure {
     pub reason: String,
 }
 
+/// How hard each kind of fault hits in a run. Most seeds get the general mix; "lease duel" seeds (one in five
+/// with leases) keep leadership stable, then cut the leader off and read from it while the majority elects and
+/// commits: the window in which a too-long lease would serve a stale read.
+#[derive(Clone, Copy, Debug)]
+struct Flavor {
+    crash_per_mille: u64,
+    partition_per_mille: u64,
+    read_per_mille: u64,
+    lease_duel: bool,
+}
+
 struct Simulation {
+    flavor: Flavor,
     rng: SimRng,
     nodes: BTreeMap<u64, SimNode>,
     /// Per-replica clock rate in per-mille of the global tick and the fractional tick accumulated.
@@ -102,6 +129,12 @@ impl Simulation {
         let pool = rng.range(3, 7);
         let initial_voters: Vec<u64> = (1..=rng.range(1, pool.min(5)).max(3.min(pool))).collect();
         let lease = rng.chance_per_mille(400);
+        let lease_duel = lease && rng.chance_per_mille(500);
+        let flavor = if lease_duel {
+            Flavor { crash_per_mille: 2, partition_per_mille: 3, read_per_mille: 100, lease_duel }
+        } else {
+            Flavor { crash_per_mille: 8, partition_per_mille: 4, read_per_mille: 40, lease_duel }
+        };
         let pre_vote = lease || rng.chance_per_mille(800);
         let check_quorum = lease || !pre_vote || rng.chance_per_mille(600);
         let mut nodes = BTreeMap::new();
@@ -132,10 +165,11 @@ impl Simulation {
             clocks.insert(id, (rng.range(960, 1040), rng.below(1000)));
         }
         let network = SimNetwork::new(FaultRates {
-            drop_per_mille: rng.range(0, 150) as u32,
+            drop_per_mille: if lease_duel { rng.range(0, 10) } else { rng.range(0, 150) } as u32,
             duplicate_per_mille: rng.range(0, 50) as u32,
         });
         Simulation {
+            flavor,
             rng,
             nodes,
             clocks,
@@ -191,27 +225,54 @@ impl Simulation {
     }
 
     fn fault_step(&mut self) -> Result<(), String> {
-        let roll = self.rng.below(1000);
-        match roll {
-            0..=249 => self.deliver(false)?,
-            250..=449 => self.persist_some()?,
-            450..=599 => self.tick_all()?,
-            600..=719 => self.propose()?,
-            720..=769 => self.read()?,
-            770..=789 => self.crash()?,
-            // Rare enough that a partition typically outlives an election (tens of ticks).
-            790..=796 => self.change_partitions(),
-            797..=849 => self.change_membership()?,
-            850..=869 => self.transfer()?,
-            870..=909 => self.compact()?,
-            910..=919 => {
+        let flavor = self.flavor;
+        let mut roll = self.rng.below(1000);
+        // Fixed shares first, then the flavor's fault shares; what is left delivers messages.
+        for (share, action) in [
+            // Enough deliveries and disk writes per tick that a healthy group keeps its leader: a starved
+            // network only churns elections and hides everything else.
+            (450, Action::Deliver),
+            (200, Action::Persist),
+            (60, Action::Tick),
+            (90, Action::Propose),
+            (flavor.read_per_mille, Action::Read),
+            (flavor.crash_per_mille, Action::Crash),
+            (flavor.partition_per_mille, Action::Partition),
+            (20, Action::Membership),
+            (10, Action::Transfer),
+            (25, Action::Compact),
+            (5, Action::Unreachable),
+        ] {
+            if roll < share {
+                return self.act(action);
+            }
+            roll -= share;
+        }
+        self.act(Action::Deliver)
+    }
+
+    fn act(&mut self, action: Action) -> Result<(), String> {
+        match action {
+            Action::Deliver => self.deliver(false),
+            Action::Persist => self.persist_some(),
+            Action::Tick => self.tick_all(),
+            Action::Propose => self.propose(),
+            Action::Read => self.read(),
+            Action::Crash => self.crash(),
+            Action::Partition => {
+                self.change_partitions();
+                Ok(())
+            }
+            Action::Membership if !self.flavor.lease_duel => self.change_membership(),
+            Action::Membership => Ok(()),
+            Action::Transfer => self.transfer(),
+            Action::Compact => self.compact(),
+            Action::Unreachable => {
                 let (id, to) = (self.random_node(), self.random_node());
                 self.nodes.get_mut(&id).expect("exists").raw.report_unreachable(to);
-                self.settle(id)?;
+                self.settle(id)
             }
-            _ => self.deliver(false)?,
         }
-        Ok(())
     }
 
     fn deliver(&mut self, oldest: bool) -> Result<(), String> {
@@ -259,6 +320,10 @@ impl Simulation {
 
     /// One global tick: each replica's clock advances by its own rate.
     fn tick_all(&mut self) -> Result<(), String> {
+        if self.flavor.lease_duel && std::env::var("DUEL").is_ok() {
+            let roles: Vec<String> = self.nodes.values().map(|n| format!("{}:{:?}{}c{}{}", n.id, n.role(), n.term(), n.committed(), if n.raw.raft.lease_valid() {"L"} else {""})).collect();
+            eprintln!("tick step {} part={} {}", self.step, self.network.is_partitioned(), roles.join(" "));
+        }
         for id in self.ids() {
             let (rate, accumulated) = self.clocks[&id];
             let mut accumulated = accumulated + rate;
@@ -332,7 +397,8 @@ impl Simulation {
 
     fn change_partitions(&mut self) {
         let ids = self.ids();
-        match self.rng.below(4) {
+        let choice = self.rng.below(4);
+        match choice {
             0 => self.network.heal(),
             1 => {
                 // Isolate the replica that believes it leads (with the highest term): the lease's test.
