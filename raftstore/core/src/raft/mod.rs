@@ -296,8 +296,16 @@ impl<S: Storage> Raft<S> {
                 // with pre-vote and check-quorum it might otherwise never hear of it.
                 let reply = self.message(MessageType::AppendResponse, m.from);
                 self.msgs.push(reply);
-            } else if kind == MessageType::RequestPreVote {
-                let mut reply = self.message(MessageType::RequestPreVoteResponse, m.from);
+            } else if matches!(kind, MessageType::RequestPreVote | MessageType::RequestVote) {
+                // Reject with our term (Raft §5.1): a candidate that never learns the newer term can livelock
+                // against a replica whose campaigns never reach it (raft-sim seed 8778: an out-of-date replica
+                // campaigning only to its old configuration kept its term ahead of the one viable candidate).
+                let response_kind = if kind == MessageType::RequestPreVote {
+                    MessageType::RequestPreVoteResponse
+                } else {
+                    MessageType::RequestVoteResponse
+                };
+                let mut reply = self.message(response_kind, m.from);
                 reply.reject = true;
                 reply.commit = self.raft_log.committed;
                 reply.commit_term = self.raft_log.term(reply.commit).unwrap_or(0);
