@@ -19,14 +19,19 @@ pub struct Cluster {
     pub dropped_types: BTreeSet<MessageType>,
     /// Every message delivered (or dropped, marked so) since the last `take_trace`.
     trace: Vec<String>,
+    /// The voters the cluster was bootstrapped with (new replicas start from the same configuration).
+    pub initial_voters: Vec<u64>,
 }
 
 /// One line per message: `1->2 Append t2 idx=3 logt=1 ents=[4@2] commit=3`, fields shown only when set.
 pub fn describe(m: &Message) -> String {
     let kind = m.kind().map_or_else(|| format!("Unknown({})", m.msg_type), |k| format!("{k:?}"));
     let mut line = format!("{}->{} {kind} t{}", m.from, m.to, m.term);
-    if m.index != 0 || m.log_term != 0 {
-        line += &format!(" idx={} logt={}", m.index, m.log_term);
+    if m.index != 0 {
+        line += &format!(" idx={}", m.index);
+    }
+    if m.log_term != 0 {
+        line += &format!(" logt={}", m.log_term);
     }
     if !m.entries.is_empty() {
         let entries: Vec<String> = m.entries.iter().map(|e| format!("{}@{}", e.index, e.term)).collect();
@@ -64,6 +69,7 @@ impl Cluster {
             blocked: BTreeSet::new(),
             dropped_types: BTreeSet::new(),
             trace: Vec::new(),
+            initial_voters: voters.to_vec(),
         }
     }
 
@@ -71,6 +77,7 @@ impl Cluster {
     /// each entry from index 1 on; each replica's term is its last entry's term (or `term_floor`, if larger).
     pub fn from_logs(voters: &[u64], logs: &[(u64, Vec<u64>)], term_floor: u64, configure: impl Fn(&mut Config)) -> Cluster {
         let mut cluster = Cluster::new(&[], &[], |_| {});
+        cluster.initial_voters = voters.to_vec();
         for (id, terms) in logs {
             let mut storage = MemStorage::new_with_voters(voters);
             let entries: Vec<Entry> = terms

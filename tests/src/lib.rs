@@ -5,11 +5,13 @@
 //! - [`network`]: a simulated network (reordering, loss, duplication, partitions incl. one-way).
 //! - [`invariants`]: Raft's safety properties, checked after every step.
 //! - [`cluster`]: a deterministic cluster for scenario tests with readable message traces.
+//! - [`script`]: datadriven scenario scripts (`testdata/raft/*.txt`, `REWRITE=1` to regenerate).
 //! - [`raft_sim`]: the seeded, replayable randomized simulation of the core (`raft-sim` binary).
 
 pub mod cluster;
 pub mod invariants;
 pub mod network;
 pub mod raft_sim;
+pub mod script;
 pub mod sim_node;
 pub mod sim_rng;

@@ -27,12 +27,12 @@ fn election_exchanges_exactly_pre_vote_vote_and_first_append() {
             // The no-op of the new term (§8), then the commit that it carries.
             "1->2 Append t1 ents=[1@1]",
             "1->3 Append t1 ents=[1@1]",
-            "2->1 AppendResponse t1 idx=1 logt=0",
-            "3->1 AppendResponse t1 idx=1 logt=0",
+            "2->1 AppendResponse t1 idx=1",
+            "3->1 AppendResponse t1 idx=1",
             "1->2 Append t1 idx=1 logt=1 commit=1",
             "1->3 Append t1 idx=1 logt=1 commit=1",
-            "2->1 AppendResponse t1 idx=1 logt=0",
-            "3->1 AppendResponse t1 idx=1 logt=0",
+            "2->1 AppendResponse t1 idx=1",
+            "3->1 AppendResponse t1 idx=1",
         ]
     );
     for id in [1, 2, 3] {

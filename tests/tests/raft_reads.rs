@@ -69,7 +69,7 @@ fn a_follower_reads_through_the_leaders_read_index() {
     c.stabilize();
     let trace = c.take_trace();
     assert_eq!(trace.first().map(String::as_str), Some("3->1 ReadIndex t1 ctx=f"));
-    assert_eq!(trace.last().map(String::as_str), Some("1->3 ReadIndexResponse t1 idx=2 logt=0 ctx=f"));
+    assert_eq!(trace.last().map(String::as_str), Some("1->3 ReadIndexResponse t1 idx=2 ctx=f"));
     assert_eq!(take_reads(&mut c, 3), [ReadState { index: 2, context: Bytes::from_static(b"f") }]);
     assert_eq!(
         c.with_node(2, |raw| {

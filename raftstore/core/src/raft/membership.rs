@@ -12,6 +12,7 @@ use prost::Message as _;
 use super::{Raft, StateRole};
 use crate::conf_change::next_configuration;
 use crate::error::{DropReason, Error, Result};
+use crate::progress::ProgressState;
 use crate::message::{ConfChangeV2, ConfState, Entry, EntryType, MessageType};
 use crate::storage::Storage;
 use crate::tracker::Configuration;
@@ -58,10 +59,16 @@ impl<S: Storage> Raft<S> {
         if self.maybe_commit() {
             self.broadcast_append();
         } else {
-            // Probe new members at once rather than at the next heartbeat.
-            let peers: Vec<u64> = self.tracker.progress.keys().copied().filter(|&id| id != self.id).collect();
-            for id in peers {
-                self.maybe_send_append(id, true);
+            // Probe new members (still in Probe, never heard from) at once rather than at the next heartbeat.
+            let peers: Vec<(u64, bool)> = self
+                .tracker
+                .progress
+                .iter()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, p)| (*id, p.state == ProgressState::Probe && p.matched == 0))
+                .collect();
+            for (id, is_new) in peers {
+                self.maybe_send_append(id, is_new);
             }
         }
     }
