@@ -150,8 +150,8 @@ fn leadership_transfer_to_an_up_to_date_follower_is_exactly_timeout_now_then_a_f
         &trace[..5],
         [
             "1->3 TimeoutNow t1",
-            "3->1 RequestVote t2 idx=1 logt=1 ctx=transfer",
-            "3->2 RequestVote t2 idx=1 logt=1 ctx=transfer",
+            "3->1 RequestVote t2 idx=1 logt=1 commit=1 ctx=transfer",
+            "3->2 RequestVote t2 idx=1 logt=1 commit=1 ctx=transfer",
             "1->3 RequestVoteResponse t2",
             "2->3 RequestVoteResponse t2",
         ]
@@ -190,4 +190,26 @@ fn transfer_aborts_after_an_election_timeout() {
     assert_eq!(c.raft(1).role, StateRole::Leader);
     assert_eq!(c.raft(1).lead_transferee, 0);
     assert!(c.propose(1, "x").is_ok(), "proposals resume once the transfer is aborted");
+}
+
+#[test]
+fn a_vote_request_tells_a_leaderless_voter_what_is_committed() {
+    // raft-sim seed 322: the voter with the longest log had not learned that the joint configuration making it a
+    // voter was committed, so it never campaigned. The candidate's request carries its commit index and term.
+    let logs = [(1, vec![1, 1, 1]), (2, vec![1, 1, 1, 1]), (3, vec![1])];
+    let mut c = Cluster::from_logs(&[1, 2, 3], &logs, 1, |config| config.pre_vote = false);
+    assert_eq!(c.raft(2).raft_log.committed, 0);
+    let mut request = Message::new(MessageType::RequestVote, 1, 2, 2);
+    request.index = 3;
+    request.log_term = 1;
+    request.commit = 3;
+    request.commit_term = 1;
+    c.deliver(vec![request.clone()]);
+    assert_eq!(c.raft(2).raft_log.committed, 3, "2 holds 3@1, so it knows 1..=3 are committed");
+    assert!(c.take_messages()[0].reject, "and still refuses the less up-to-date candidate");
+    request.commit_term = 7;
+    request.commit = 4;
+    request.term = 3;
+    c.deliver(vec![request]);
+    assert_eq!(c.raft(2).raft_log.committed, 3, "an entry we do not hold with that term teaches nothing");
 }

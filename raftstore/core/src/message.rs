@@ -237,8 +237,8 @@ pub struct Message {
     /// The leader's tick counter when it sent this heartbeat or append; echoed in responses to extend its lease.
     #[prost(uint64, tag = "13")]
     pub lease_tick: u64,
-    /// Rejected vote responses: the term of the entry at `commit`, so a leaderless candidate holding that entry
-    /// may learn that it is committed (see `Raft::maybe_commit_by_vote`).
+    /// Vote requests and rejected vote responses: the term of the entry at `commit`, so that a leaderless replica
+    /// holding that entry may learn that it is committed (see `Raft::maybe_commit_by_vote`).
     #[prost(uint64, tag = "14")]
     pub commit_term: u64,
 }

@@ -62,12 +62,16 @@ impl<S: Storage> Raft<S> {
     fn send_vote_requests(&mut self, kind: MessageType, term: u64, context: Bytes) {
         let (last_index, last_term) = (self.raft_log.last_index(), self.raft_log.last_term());
         let voters: Vec<u64> = self.tracker.config.voters.ids().into_iter().filter(|&id| id != self.id).collect();
+        let (commit, commit_term) = self.commit_info();
         for id in voters {
             let mut request = self.message(kind, id);
             request.term = term;
             request.index = last_index;
             request.log_term = last_term;
             request.context = context.clone();
+            // What we know to be committed travels with the request too (see `maybe_commit_by_vote`).
+            request.commit = commit;
+            request.commit_term = commit_term;
             self.msgs.push(request);
         }
     }
@@ -93,15 +97,24 @@ impl<S: Storage> Raft<S> {
             // Tell the candidate what we know to be committed: with configurations taking effect at apply time,
             // it may hold a committed configuration change it does not know is committed, and be unable to win
             // until it applies it (etcd #12359).
-            response.commit = self.raft_log.committed;
-            response.commit_term = self.raft_log.term(response.commit).unwrap_or(0);
+            (response.commit, response.commit_term) = self.commit_info();
         }
         self.send(response);
     }
 
-    /// A rejected vote told us an index is committed. If we hold that very entry (same index and term), log
-    /// matching makes our whole prefix up to it committed. If that commits a configuration change, stop
-    /// campaigning until it is applied: the election was run under an outdated configuration.
+    /// Our commit index and the term of the entry there, as carried by vote requests and rejections.
+    pub(super) fn commit_info(&self) -> (u64, u64) {
+        let commit = self.raft_log.committed;
+        (commit, self.raft_log.term(commit).unwrap_or(0))
+    }
+
+    /// A vote request or a rejected vote told us an index is committed. If we hold that very entry (same index
+    /// and term), log matching makes our whole prefix up to it committed. Configurations take effect when
+    /// applied, so without this a replica can be stuck on an outdated configuration that only a commit it does
+    /// not know about would move on (etcd #12359): a candidate unable to win, or a replica with the longest log
+    /// that believes it is a learner and never campaigns (raft-sim seed 322). Only while no leader is known. If a
+    /// candidate learns of a configuration change this way it steps down: its election ran under an outdated
+    /// configuration.
     pub(super) fn maybe_commit_by_vote(&mut self, m: &Message) {
         if m.commit <= self.raft_log.committed || self.leader_id != 0 || self.role == StateRole::Leader {
             return;

@@ -307,13 +307,17 @@ impl<S: Storage> Raft<S> {
                 };
                 let mut reply = self.message(response_kind, m.from);
                 reply.reject = true;
-                reply.commit = self.raft_log.committed;
-                reply.commit_term = self.raft_log.term(reply.commit).unwrap_or(0);
+                (reply.commit, reply.commit_term) = self.commit_info();
                 self.msgs.push(reply);
             }
             return Ok(());
         }
-        if m.reject && matches!(kind, MessageType::RequestVoteResponse | MessageType::RequestPreVoteResponse) {
+        let informs_commit = match kind {
+            MessageType::RequestVoteResponse | MessageType::RequestPreVoteResponse => m.reject,
+            MessageType::RequestVote | MessageType::RequestPreVote => true,
+            _ => false,
+        };
+        if informs_commit {
             self.maybe_commit_by_vote(&m);
         }
         match kind {
