@@ -179,6 +179,16 @@ impl Cluster {
         }
     }
 
+    /// Steps `messages` into replica `to` and handles its Readies *without* persisting anything: what it sends
+    /// stays in its outbox and what it must write stays pending until `persist_all`.
+    pub fn deliver_unpersisted(&mut self, to: u64, messages: Vec<Message>) {
+        let node = self.node_mut(to);
+        for message in messages {
+            node.raw.step(message).expect("valid message");
+        }
+        node.process_ready(false);
+    }
+
     /// Delivers messages until none are left; returns how many rounds it took.
     pub fn stabilize(&mut self) -> usize {
         let mut rounds = 0;

@@ -320,10 +320,6 @@ impl Simulation {
 
     /// One global tick: each replica's clock advances by its own rate.
     fn tick_all(&mut self) -> Result<(), String> {
-        if self.flavor.lease_duel && std::env::var("DUEL").is_ok() {
-            let roles: Vec<String> = self.nodes.values().map(|n| format!("{}:{:?}{}c{}{}", n.id, n.role(), n.term(), n.committed(), if n.raw.raft.lease_valid() {"L"} else {""})).collect();
-            eprintln!("tick step {} part={} {}", self.step, self.network.is_partitioned(), roles.join(" "));
-        }
         for id in self.ids() {
             let (rate, accumulated) = self.clocks[&id];
             let mut accumulated = accumulated + rate;

@@ -1,21 +1,21 @@
-//! The simulators' seeded generator (SplitMix64): one seed determines a whole run.
+//! The simulators' seeded generator: the core's own SplitMix64 ([`SeededRng`]) with the draws the simulators
+//! need. One seed determines a whole run.
+
+use flotilla_raft::SeededRng;
 
 #[derive(Clone, Debug)]
 pub struct SimRng {
-    state: u64,
+    inner: SeededRng,
 }
 
 impl SimRng {
     pub fn new(seed: u64) -> SimRng {
-        SimRng { state: seed ^ 0x5DEE_CE66_D1CE_4E5B }
+        // Decorrelated from the replicas' own election-timeout generators, which are seeded from small numbers.
+        SimRng { inner: SeededRng::new(seed ^ 0x5DEE_CE66_D1CE_4E5B) }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.inner.next_u64()
     }
 
     /// A value in `[0, bound)`; 0 if `bound` is 0.

@@ -91,11 +91,8 @@ fn follower_acknowledges_an_append_only_after_persisting_it() {
     c.elect(1);
     c.propose(1, "x").unwrap();
     let appends: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 2).collect();
+    c.deliver_unpersisted(2, appends);
     let node = c.node_mut(2);
-    for append in appends {
-        node.raw.step(append).unwrap();
-    }
-    node.process_ready(false);
     assert!(node.take_outbox().is_empty(), "no AppendResponse before the entry is durable");
     node.persist_all();
     let responses = node.take_outbox();
@@ -131,22 +128,16 @@ fn a_new_leader_counts_only_the_entries_it_has_persisted() {
     c.elect(2);
     c.propose(2, "x").unwrap();
     let appends: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 1).collect();
+    c.deliver_unpersisted(1, appends);
     let node = c.node_mut(1);
-    for append in appends {
-        node.raw.step(append).unwrap();
-    }
-    node.process_ready(false);
     node.raw.campaign();
     node.process_ready(false);
     let requests = node.take_outbox();
     c.deliver(requests);
     let votes = c.take_messages();
     assert_eq!(votes.iter().filter(|m| !m.reject).count(), 2);
+    c.deliver_unpersisted(1, votes);
     let node = c.node_mut(1);
-    for vote in votes {
-        node.raw.step(vote).unwrap();
-    }
-    node.process_ready(false);
     assert_eq!(node.role(), StateRole::Leader, "two other voters are a majority of three");
     assert_eq!(node.raw.raft.raft_log.last_index(), 3, "1@1, 2@1 and its no-op");
     assert_eq!(node.raw.raft.tracker.progress[&1].matched, 1, "2@1 and the no-op are not durable yet");

@@ -77,6 +77,7 @@ pub use progress::{Progress, ProgressState};
 pub use raft::{Raft, ReadState, StateRole};
 pub use raft_log::RaftLog;
 pub use raw_node::{RawNode, Ready, SoftState, Status};
+pub use rng::SeededRng;
 pub use storage::{InitialState, MemStorage, Storage, StorageResult};
 pub use tracker::{Configuration, ProgressTracker};
 
