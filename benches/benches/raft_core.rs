@@ -19,7 +19,7 @@ fn commit_throughput(c: &mut Criterion) {
             b.iter(|| {
                 cluster.propose_and_commit(batch, &payload);
                 steps += 1;
-                if steps % 1024 == 0 {
+                if steps.is_multiple_of(1024) {
                     cluster.compact();
                 }
             });

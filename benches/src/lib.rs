@@ -68,7 +68,7 @@ impl CoreCluster {
 
     /// Proposes `batch` entries of `payload` on the leader and runs until they are committed everywhere.
     pub fn propose_and_commit(&mut self, batch: usize, payload: &Bytes) {
-        self.nodes[0].propose_batch(std::iter::repeat(payload.clone()).take(batch)).expect("leader accepts");
+        self.nodes[0].propose_batch(std::iter::repeat_n(payload.clone(), batch)).expect("leader accepts");
         self.run_until_quiet();
     }
 

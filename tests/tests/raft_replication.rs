@@ -35,10 +35,10 @@ fn fast_backtracking_skips_a_whole_term_per_round_trip() {
     // The follower holds 100 entries of terms 2 and 3 that the leader (terms 1 and 5) never had: walking back one
     // index per rejection would take ~100 round trips; the term hints take at most a few.
     let mut follower = vec![1, 1, 1];
-    follower.extend(std::iter::repeat(2).take(50));
-    follower.extend(std::iter::repeat(3).take(50));
+    follower.extend(std::iter::repeat_n(2, 50));
+    follower.extend(std::iter::repeat_n(3, 50));
     let mut leader = vec![1, 1, 1];
-    leader.extend(std::iter::repeat(5).take(60));
+    leader.extend(std::iter::repeat_n(5, 60));
     let logs = [(1, leader.clone()), (2, follower), (3, leader.clone())];
     let mut c = Cluster::from_logs(&[1, 2, 3], &logs, 5, |_| {});
     c.elect(1);
