@@ -1,0 +1,429 @@
+//! The node's shared write-ahead log: every group replica's entries and hard state in one sequence of segment
+//! files, so that one write and one `fdatasync` can make many groups' Readies durable at once.
+//!
+//! - `record.rs`: the record format and codec; `docs/wal-format.md` has the bytes.
+//! - `group_log.rs`: one group's log as the WAL knows it (entry locations, hard state, compaction point).
+//! - this file: [`Wal`]: segments, batch writes, reads, and recovery.
+//!
+//! Recovery replays every segment in order and verifies every checksum. Damage at the very end of the newest
+//! segment is a torn write (the process died before the write was synced): it is truncated and reported in the
+//! [`RecoveryReport`]. Damage anywhere else is corruption: [`Wal::open`] fails with [`WalError::Corruption`]
+//! naming the file and offset, and `repair_truncate` (the `flotilla wal-repair` command, later) can cut there.
+
+pub mod group_log;
+pub mod record;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flotilla_raft::{Entry, HardState};
+use parking_lot::Mutex;
+
+use crate::disk::{Disk, DiskFile};
+use group_log::{EntryLocation, GroupLog};
+use record::{decode, encode, split_append, DecodeError, LogOp, RECORD_HEADER_BYTES};
+
+/// First bytes of every segment: magic and format version, then the segment id (u64 LE).
+pub const SEGMENT_MAGIC: &[u8; 8] = b"FLOTWAL1";
+pub const SEGMENT_HEADER_BYTES: u64 = 16;
+
+/// WAL settings.
+#[derive(Clone, Debug)]
+pub struct WalOptions {
+    /// A new segment is started once the active one reaches this size. Default 64 MiB.
+    pub segment_bytes_max: u64,
+    /// Appends are split into records of at most about this many bytes. Default 4 MiB.
+    pub record_batch_bytes_max: usize,
+    /// **Benchmarks only.** With `false`, writes are never synced: acknowledged writes are lost on power failure
+    /// or kernel crash. Opening a WAL this way prints a warning. Default `true`.
+    pub sync: bool,
+}
+
+impl Default for WalOptions {
+    fn default() -> WalOptions {
+        WalOptions { segment_bytes_max: 64 << 20, record_batch_bytes_max: 4 << 20, sync: true }
+    }
+}
+
+#[derive(Debug)]
+pub enum WalError {
+    /// The disk failed (a broken environment: the node must stop).
+    Io { context: String, source: io::Error },
+    /// A checksum or structure check failed away from the tail: the node must stop; see `repair_truncate`.
+    Corruption { path: PathBuf, offset: u64, reason: String },
+    /// The caller asked for something impossible (an append leaving a gap, …): a bug above the WAL.
+    Invalid(String),
+}
+
+impl std::fmt::Display for WalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WalError::Io { context, source } => write!(f, "WAL I/O error while {context}: {source}"),
+            WalError::Corruption { path, offset, reason } => write!(
+                f,
+                "WAL corruption in {} at offset {offset}: {reason} (the node cannot start; `repair_truncate` can cut the WAL there, losing what follows)",
+                path.display()
+            ),
+            WalError::Invalid(what) => write!(f, "invalid WAL operation: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for WalError {}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> WalError {
+    let context = context.into();
+    move |source| WalError::Io { context, source }
+}
+
+/// What recovery found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub records: u64,
+    pub bytes: u64,
+    /// A torn write at the tail that was truncated: (segment path, offset cut at, bytes dropped).
+    pub torn_tail: Option<(PathBuf, u64, u64)>,
+}
+
+struct ActiveSegment {
+    id: u64,
+    file: Box<dyn DiskFile>,
+    len: u64,
+}
+
+pub struct Wal {
+    dir: PathBuf,
+    disk: Arc<dyn Disk>,
+    options: WalOptions,
+    segments: BTreeMap<u64, PathBuf>,
+    active: ActiveSegment,
+    /// Open handles of older segments, for reads.
+    readers: Mutex<HashMap<u64, Box<dyn DiskFile>>>,
+    groups: HashMap<u64, GroupLog>,
+}
+
+pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.wal"))
+}
+
+fn segment_id(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".wal")?;
+    (stem.len() == 20).then(|| stem.parse().ok()).flatten()
+}
+
+fn read_all(file: &dyn DiskFile, path: &Path) -> Result<Vec<u8>, WalError> {
+    let len = file.len_bytes().map_err(io_error(format!("sizing {}", path.display())))?;
+    let mut bytes = vec![0; len as usize];
+    file.read_exact_at(0, &mut bytes).map_err(io_error(format!("reading {}", path.display())))?;
+    Ok(bytes)
+}
+
+impl Wal {
+    /// Opens (recovering) or creates the WAL in `dir`.
+    pub fn open(dir: &Path, disk: Arc<dyn Disk>, options: WalOptions) -> Result<(Wal, RecoveryReport), WalError> {
+        if !options.sync {
+            eprintln!(
+                "WARNING: the WAL in {} runs with sync disabled (benchmarks only): acknowledged writes will be lost on power failure",
+                dir.display()
+            );
+        }
+        disk.create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+        let mut ids: Vec<u64> =
+            disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))?.iter().filter_map(|p| segment_id(p)).collect();
+        ids.sort_unstable();
+        let mut report = RecoveryReport::default();
+        let mut groups: HashMap<u64, GroupLog> = HashMap::new();
+        let mut segments = BTreeMap::new();
+        for (position, &id) in ids.iter().enumerate() {
+            let is_last = position + 1 == ids.len();
+            let path = segment_path(dir, id);
+            let mut file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
+            let bytes = read_all(file.as_ref(), &path)?;
+            let header_ok = bytes.len() as u64 >= SEGMENT_HEADER_BYTES
+                && &bytes[..8] == SEGMENT_MAGIC
+                && bytes[8..16] == id.to_le_bytes();
+            if !header_ok {
+                if is_last && (bytes.len() as u64) < SEGMENT_HEADER_BYTES {
+                    // Created, then the process died before its header was durable: nothing in it.
+                    disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
+                    report.torn_tail = Some((path, 0, bytes.len() as u64));
+                    continue;
+                }
+                return Err(WalError::Corruption { path, offset: 0, reason: "bad segment header".to_string() });
+            }
+            let mut offset = SEGMENT_HEADER_BYTES as usize;
+            while offset < bytes.len() {
+                match decode(&bytes[offset..]) {
+                    Ok(record) => {
+                        apply_record(&mut groups, id, offset as u64, &record.op, record.group_id, record.len)
+                            .map_err(|reason| WalError::Corruption { path: path.clone(), offset: offset as u64, reason })?;
+                        offset += record.len;
+                        report.records += 1;
+                    }
+                    Err(error) if is_last && is_torn_tail(&error, &bytes[offset..]) => {
+                        let dropped = (bytes.len() - offset) as u64;
+                        file.truncate(offset as u64).map_err(io_error(format!("truncating {}", path.display())))?;
+                        file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
+                        report.torn_tail = Some((path.clone(), offset as u64, dropped));
+                        break;
+                    }
+                    Err(error) => {
+                        return Err(WalError::Corruption { path, offset: offset as u64, reason: error.to_string() });
+                    }
+                }
+            }
+            report.segments += 1;
+            report.bytes += offset as u64;
+            segments.insert(id, path);
+        }
+        let active = match segments.iter().next_back() {
+            Some((&id, path)) => {
+                let file = disk.open(path, false).map_err(io_error(format!("opening {}", path.display())))?;
+                let len = file.len_bytes().map_err(io_error(format!("sizing {}", path.display())))?;
+                ActiveSegment { id, file, len }
+            }
+            None => {
+                let active = create_segment(disk.as_ref(), dir, 1)?;
+                segments.insert(1, segment_path(dir, 1));
+                active
+            }
+        };
+        let wal = Wal { dir: dir.to_path_buf(), disk, options, segments, active, readers: Mutex::new(HashMap::new()), groups };
+        Ok((wal, report))
+    }
+
+    /// Writes every operation (in order, many groups at once) and makes them durable with one sync. Returns only
+    /// once they are durable. An `Err` of kind `Io` means the disk failed: what was written may or may not be
+    /// durable, and the node must stop (a failed fsync cannot be retried safely).
+    pub fn write(&mut self, operations: &[(u64, LogOp)]) -> Result<(), WalError> {
+        self.validate(operations)?;
+        if self.active.len >= self.options.segment_bytes_max {
+            self.rotate()?;
+        }
+        let mut buffer = Vec::new();
+        let mut placed = Vec::with_capacity(operations.len());
+        for (group_id, op) in operations {
+            let ops: Vec<LogOp> = match op {
+                LogOp::Append(entries) => {
+                    split_append(entries, self.options.record_batch_bytes_max).into_iter().map(LogOp::Append).collect()
+                }
+                other => vec![other.clone()],
+            };
+            for op in ops {
+                let offset = self.active.len + buffer.len() as u64;
+                let len = encode(*group_id, &op, &mut buffer);
+                placed.push((*group_id, op, offset, len));
+            }
+        }
+        self.active.file.append(&buffer).map_err(io_error("appending to the active segment"))?;
+        self.active.len += buffer.len() as u64;
+        if self.options.sync {
+            self.active.file.sync_data().map_err(io_error("syncing the active segment"))?;
+        }
+        for (group_id, op, offset, len) in placed {
+            apply_record(&mut self.groups, self.active.id, offset, &op, group_id, len)
+                .expect("operations were validated before writing");
+        }
+        Ok(())
+    }
+
+    /// Rejects operations that replay could not apply, before anything is written.
+    fn validate(&self, operations: &[(u64, LogOp)]) -> Result<(), WalError> {
+        let mut bounds: HashMap<u64, (u64, u64)> = HashMap::new();
+        for (group_id, op) in operations {
+            let (first, last) = *bounds.entry(*group_id).or_insert_with(|| {
+                self.groups.get(group_id).map_or((1, 0), |g| (g.first_index, g.last_index()))
+            });
+            let next = match op {
+                LogOp::Append(entries) => {
+                    let Some(head) = entries.first() else { continue };
+                    if head.index < first || head.index > last + 1 {
+                        return Err(WalError::Invalid(format!(
+                            "group {group_id}: append at {} outside [{first}, {}]",
+                            head.index,
+                            last + 1
+                        )));
+                    }
+                    let contiguous = entries.windows(2).all(|w| w[1].index == w[0].index + 1);
+                    if !contiguous {
+                        return Err(WalError::Invalid(format!("group {group_id}: append of non-contiguous entries")));
+                    }
+                    (first, head.index + entries.len() as u64 - 1)
+                }
+                LogOp::Truncate { from_index } => (first, last.min(from_index.saturating_sub(1)).max(first - 1)),
+                LogOp::Compact { first_kept_index } => {
+                    if *first_kept_index > last + 1 {
+                        return Err(WalError::Invalid(format!(
+                            "group {group_id}: compaction to {first_kept_index} beyond the last index {last}"
+                        )));
+                    }
+                    (first.max(*first_kept_index), last)
+                }
+                LogOp::Snapshot { index, .. } => (index + 1, *index),
+                LogOp::HardState(_) => (first, last),
+            };
+            bounds.insert(*group_id, next);
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), WalError> {
+        if self.options.sync {
+            self.active.file.sync_data().map_err(io_error("syncing the segment being closed"))?;
+        }
+        let id = self.active.id + 1;
+        let new_active = create_segment(self.disk.as_ref(), &self.dir, id)?;
+        self.segments.insert(id, segment_path(&self.dir, id));
+        self.active = new_active;
+        Ok(())
+    }
+
+    pub fn group(&self, group_id: u64) -> Option<&GroupLog> {
+        self.groups.get(&group_id)
+    }
+
+    pub fn group_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.groups.keys().copied()
+    }
+
+    pub fn hard_state(&self, group_id: u64) -> HardState {
+        self.groups.get(&group_id).map(|g| g.hard_state).unwrap_or_default()
+    }
+
+    pub fn segment_ids(&self) -> Vec<u64> {
+        self.segments.keys().copied().collect()
+    }
+
+    /// Entries `[low, high)` of a group, cut after `max_bytes` (at least one).
+    pub fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
+        let group = self.groups.get(&group_id).ok_or_else(|| WalError::Invalid(format!("unknown group {group_id}")))?;
+        let mut entries = Vec::new();
+        let mut bytes = 0u64;
+        let mut index = low;
+        while index < high {
+            let location = *group
+                .location(index)
+                .ok_or_else(|| WalError::Invalid(format!("group {group_id} holds no entry {index}")))?;
+            let batch = self.read_batch(&location)?;
+            for entry in batch.into_iter().skip(location.position as usize) {
+                if index >= high {
+                    break;
+                }
+                if entry.index != index {
+                    return Err(WalError::Corruption {
+                        path: segment_path(&self.dir, location.segment_id),
+                        offset: location.record_offset,
+                        reason: format!("expected entry {index}, found {}", entry.index),
+                    });
+                }
+                bytes += entry.size_bytes();
+                if !entries.is_empty() && bytes > max_bytes {
+                    return Ok(entries);
+                }
+                entries.push(entry);
+                index += 1;
+                // The next entry may live in a later record (after a rewrite of this one's suffix).
+                if group.location(index).is_some_and(|l| l.record_offset != location.record_offset || l.segment_id != location.segment_id) {
+                    break;
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    fn read_batch(&self, location: &EntryLocation) -> Result<Vec<Entry>, WalError> {
+        let path = segment_path(&self.dir, location.segment_id);
+        let mut bytes = vec![0; location.record_len as usize];
+        if location.segment_id == self.active.id {
+            self.active.file.read_exact_at(location.record_offset, &mut bytes)
+        } else {
+            let mut readers = self.readers.lock();
+            let reader = match readers.entry(location.segment_id) {
+                std::collections::hash_map::Entry::Occupied(open) => open.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(self.disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?)
+                }
+            };
+            reader.read_exact_at(location.record_offset, &mut bytes)
+        }
+        .map_err(io_error(format!("reading {}", path.display())))?;
+        match decode(&bytes) {
+            Ok(record) => match record.op {
+                LogOp::Append(entries) => Ok(entries),
+                _ => Err(WalError::Corruption { path, offset: location.record_offset, reason: "not an append record".into() }),
+            },
+            Err(error) => Err(WalError::Corruption { path, offset: location.record_offset, reason: error.to_string() }),
+        }
+    }
+}
+
+fn create_segment(disk: &dyn Disk, dir: &Path, id: u64) -> Result<ActiveSegment, WalError> {
+    let path = segment_path(dir, id);
+    let mut file = disk.open(&path, true).map_err(io_error(format!("creating {}", path.display())))?;
+    let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES as usize);
+    header.extend_from_slice(SEGMENT_MAGIC);
+    header.extend_from_slice(&id.to_le_bytes());
+    file.append(&header).map_err(io_error(format!("writing the header of {}", path.display())))?;
+    file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
+    disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
+    Ok(ActiveSegment { id, file, len: SEGMENT_HEADER_BYTES })
+}
+
+/// A decode failure at the end of the newest segment that can only be a write cut short: the record is
+/// incomplete, or its declared extent reaches the end of the file (garbage in the last, torn sector).
+fn is_torn_tail(error: &DecodeError, rest: &[u8]) -> bool {
+    match error {
+        DecodeError::Incomplete => true,
+        DecodeError::BadChecksum | DecodeError::BadLength(_) | DecodeError::UnknownKind(_) => {
+            let declared = u32::from_le_bytes(rest[0..4].try_into().expect("header present")) as usize;
+            RECORD_HEADER_BYTES + declared >= rest.len()
+        }
+        DecodeError::BadPayload(_) => false,
+    }
+}
+
+fn apply_record(
+    groups: &mut HashMap<u64, GroupLog>,
+    segment_id: u64,
+    offset: u64,
+    op: &LogOp,
+    group_id: u64,
+    record_len: usize,
+) -> Result<(), String> {
+    let group = groups.entry(group_id).or_default();
+    let locations = match op {
+        LogOp::Append(entries) => entries
+            .iter()
+            .enumerate()
+            .map(|(position, entry)| EntryLocation {
+                term: entry.term,
+                segment_id,
+                record_offset: offset,
+                record_len: record_len as u32,
+                position: position as u32,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    group.apply(op, locations.into_iter()).map_err(|e| format!("group {group_id}: {e}"))
+}
+
+/// Cuts the WAL at `offset` of segment `segment_id` and deletes every later segment: the documented repair for
+/// a corruption report. Everything after the cut is lost; run it only when the replicas of the affected groups on
+/// other nodes can restore what is lost.
+pub fn repair_truncate(dir: &Path, disk: &dyn Disk, segment_id: u64, offset: u64) -> Result<(), WalError> {
+    let path = segment_path(dir, segment_id);
+    let mut file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
+    file.truncate(offset.max(SEGMENT_HEADER_BYTES)).map_err(io_error(format!("truncating {}", path.display())))?;
+    file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
+    for later in disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))? {
+        if self::segment_id(&later).is_some_and(|id| id > segment_id) {
+            disk.remove(&later).map_err(io_error(format!("removing {}", later.display())))?;
+        }
+    }
+    disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))
+}

@@ -1,0 +1,307 @@
+//! The WAL against a model: random operations over many groups with reopens, crashes that lose unsynced bytes
+//! or keep a torn prefix, failed fsyncs, and bit flips. Everything reported durable must come back exactly;
+//! nothing else may come back except a prefix of the write that was in flight; damage is never accepted silently.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flotilla_engine::disk::{Disk, SimDisk, StdDisk};
+use flotilla_engine::wal::record::LogOp;
+use flotilla_engine::wal::{repair_truncate, segment_path, Wal, WalError, WalOptions};
+use flotilla_raft::{Entry, HardState};
+use proptest::prelude::*;
+
+/// What one group's log must look like.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct ModelGroup {
+    hard_state: HardState,
+    base: (u64, u64),
+    entries: Vec<Entry>,
+}
+
+impl ModelGroup {
+    fn first_index(&self) -> u64 {
+        self.base.0 + 1
+    }
+    fn last_index(&self) -> u64 {
+        self.base.0 + self.entries.len() as u64
+    }
+    fn apply(&mut self, op: &LogOp) {
+        match op {
+            LogOp::Append(entries) => {
+                let first = entries[0].index;
+                self.entries.truncate((first - self.first_index()) as usize);
+                self.entries.extend(entries.iter().cloned());
+            }
+            LogOp::HardState(hard_state) => self.hard_state = *hard_state,
+            LogOp::Truncate { from_index } => {
+                self.entries.truncate(from_index.saturating_sub(self.first_index()) as usize)
+            }
+            LogOp::Compact { first_kept_index } => {
+                if *first_kept_index > self.first_index() {
+                    let drop = (first_kept_index - self.first_index()) as usize;
+                    let base_term = if drop == 0 { self.base.1 } else { self.entries[drop - 1].term };
+                    self.entries.drain(..drop);
+                    self.base = (first_kept_index - 1, base_term);
+                }
+            }
+            LogOp::Snapshot { index, term } => {
+                self.entries.clear();
+                self.base = (*index, *term);
+                self.hard_state.commit = self.hard_state.commit.max(*index);
+            }
+        }
+    }
+}
+
+type Model = BTreeMap<u64, ModelGroup>;
+
+fn apply_all(model: &mut Model, ops: &[(u64, LogOp)]) {
+    for (group, op) in ops {
+        model.entry(*group).or_default().apply(op);
+    }
+}
+
+fn assert_matches(wal: &Wal, model: &Model) {
+    for (group_id, expected) in model {
+        let group = wal.group(*group_id).unwrap_or_else(|| panic!("group {group_id} lost"));
+        assert_eq!(group.hard_state, expected.hard_state, "group {group_id} hard state");
+        assert_eq!((group.base_index, group.base_term), expected.base, "group {group_id} base");
+        assert_eq!((group.first_index, group.last_index()), (expected.first_index(), expected.last_index()));
+        if expected.last_index() >= expected.first_index() {
+            let entries = wal.entries(*group_id, expected.first_index(), expected.last_index() + 1, u64::MAX).unwrap();
+            assert_eq!(entries, expected.entries, "group {group_id} entries");
+        }
+    }
+    assert_eq!(wal.group_ids().count(), model.len(), "groups that should not exist");
+}
+
+/// A random but valid operation for `group` given the model.
+fn random_op(rng: &mut u64, group: &ModelGroup, term: u64) -> LogOp {
+    let mut next = |bound: u64| {
+        *rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (*rng >> 33) % bound.max(1)
+    };
+    let (first, last) = (group.first_index(), group.last_index());
+    match next(10) {
+        0..=5 => {
+            // Append, sometimes overwriting a suffix.
+            let start = if last >= first && next(3) == 0 { first + next(last - first + 1) } else { last + 1 };
+            let count = 1 + next(5);
+            let size = next(200) as usize;
+            LogOp::Append(
+                (start..start + count)
+                    .map(|index| Entry { index, term, data: Bytes::from(vec![index as u8; size]), ..Default::default() })
+                    .collect(),
+            )
+        }
+        6 => LogOp::HardState(HardState { term, vote: next(4), commit: last }),
+        7 if last >= first => LogOp::Truncate { from_index: first + next(last - first + 1) },
+        8 if last >= first => LogOp::Compact { first_kept_index: first + next(last - first + 2) },
+        9 => LogOp::Snapshot { index: last + next(5), term },
+        _ => LogOp::HardState(HardState { term, vote: 0, commit: 0 }),
+    }
+}
+
+fn options(segment_bytes_max: u64) -> WalOptions {
+    WalOptions { segment_bytes_max, record_batch_bytes_max: 1 << 30, sync: true }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn recovered_state_equals_the_model(seed in any::<u64>(), groups in 1u64..12, writes in 1usize..60, segment_kib in 1u64..16) {
+        let disk = SimDisk::new();
+        let dir = Path::new("/node/wal");
+        let mut rng = seed | 1;
+        let mut model = Model::new();
+        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(segment_kib << 10)).unwrap();
+        for write in 0..writes {
+            let mut ops = Vec::new();
+            let mut staged = model.clone();
+            for _ in 0..1 + (rng % 4) {
+                rng = rng.rotate_left(7) ^ 0x9E37_79B9;
+                let group = rng % groups + 1;
+                let op = random_op(&mut rng, staged.entry(group).or_default(), write as u64 + 1);
+                staged.entry(group).or_default().apply(&op);
+                ops.push((group, op));
+            }
+            wal.write(&ops).unwrap();
+            apply_all(&mut model, &ops);
+            if rng % 7 == 0 {
+                drop(wal);
+                let (reopened, report) = Wal::open(dir, Arc::new(disk.clone()), options(segment_kib << 10)).unwrap();
+                prop_assert_eq!(report.torn_tail, None);
+                wal = reopened;
+                assert_matches(&wal, &model);
+            }
+        }
+        assert_matches(&wal, &model);
+        drop(wal);
+        let (wal, _) = Wal::open(dir, Arc::new(disk), options(segment_kib << 10)).unwrap();
+        assert_matches(&wal, &model);
+    }
+
+    #[test]
+    fn a_crash_keeps_every_acknowledged_write_and_at_most_a_prefix_of_the_one_in_flight(
+        seed in any::<u64>(), writes in 1usize..40, kept_per_mille in 0usize..1000,
+    ) {
+        let disk = SimDisk::new();
+        let dir = Path::new("/node/wal");
+        let mut rng = seed | 1;
+        let mut model = Model::new();
+        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(4 << 10)).unwrap();
+        for write in 0..writes {
+            rng = rng.rotate_left(9) ^ 0x5851_F42D;
+            let group = rng % 5 + 1;
+            let current = model.get(&group).cloned().unwrap_or_default();
+            let op = random_op(&mut rng, &current, write as u64 + 1);
+            wal.write(&[(group, op.clone())]).unwrap();
+            apply_all(&mut model, &[(group, op)]);
+        }
+        // The write in flight: its fsync fails, then the power goes.
+        let mut in_flight = Vec::new();
+        let mut staged = model.clone();
+        for _ in 0..3 {
+            rng = rng.rotate_left(9) ^ 0x5851_F42D;
+            let group = rng % 5 + 1;
+            let op = random_op(&mut rng, staged.entry(group).or_default(), 1000);
+            staged.entry(group).or_default().apply(&op);
+            in_flight.push((group, op));
+        }
+        disk.fail_next_syncs(1);
+        let failed = matches!(wal.write(&in_flight), Err(WalError::Io { .. }));
+        prop_assert!(failed, "the injected fsync failure surfaces as an I/O error");
+        drop(wal);
+        disk.crash(|_, unsynced| unsynced * kept_per_mille / 1000);
+        let (wal, _report) = Wal::open(dir, Arc::new(disk.clone()), options(4 << 10)).unwrap();
+        let mut candidates = vec![model.clone()];
+        let mut partial = model.clone();
+        for op in &in_flight {
+            apply_all(&mut partial, std::slice::from_ref(op));
+            candidates.push(partial.clone());
+        }
+        let recovered_matches = candidates.iter().any(|candidate| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| assert_matches(&wal, candidate))).is_ok()
+        });
+        prop_assert!(recovered_matches, "recovered state is not acknowledged state plus a prefix of the in-flight write");
+    }
+}
+
+fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
+    range.map(|index| Entry { index, term, data: Bytes::from(format!("entry {index}")), ..Default::default() }).collect()
+}
+
+#[test]
+fn a_torn_tail_is_truncated_and_reported() {
+    let disk = SimDisk::new();
+    let dir = Path::new("/node/wal");
+    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
+    wal.write(&[(1, LogOp::Append(entries(1..=3, 1)))]).unwrap();
+    let path = segment_path(dir, 1);
+    let durable_len = disk.file_len(&path).unwrap();
+    disk.fail_next_syncs(1);
+    assert!(wal.write(&[(1, LogOp::Append(entries(4..=9, 1)))]).is_err());
+    drop(wal);
+    disk.crash(|_, unsynced| unsynced / 2);
+    let (wal, report) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
+    let (torn_path, offset, dropped) = report.torn_tail.expect("the torn write is reported");
+    assert_eq!((torn_path, offset as usize), (path.clone(), durable_len));
+    assert!(dropped > 0);
+    assert_eq!(wal.group(1).unwrap().last_index(), 3);
+    assert_eq!(disk.file_len(&path), Some(durable_len), "the torn bytes are gone from the file");
+}
+
+#[test]
+fn a_flipped_bit_before_the_tail_is_corruption_naming_file_and_offset_and_repair_cuts_there() {
+    let disk = SimDisk::new();
+    let dir = Path::new("/node/wal");
+    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 150, ..WalOptions::default() }).unwrap();
+    for term in 1..=9 {
+        let first = (term - 1) * 3 + 1;
+        wal.write(&[(7, LogOp::Append(entries(first..=first + 2, term)))]).unwrap();
+    }
+    let segments = wal.segment_ids();
+    assert!(segments.len() >= 3, "small segments rotate: {segments:?}");
+    drop(wal);
+    let victim = segment_path(dir, segments[1]);
+    disk.flip_bit(&victim, 40, 3);
+    let error = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).err().expect("corruption is refused");
+    let WalError::Corruption { path, offset, reason } = &error else { panic!("{error}") };
+    assert_eq!((path, *offset), (&victim, 16));
+    assert!(reason.contains("checksum"), "{reason}");
+    assert!(error.to_string().contains("repair_truncate"), "the message points at the repair");
+    repair_truncate(dir, &disk, segments[1], *offset).unwrap();
+    let (wal, report) = Wal::open(dir, Arc::new(disk), WalOptions::default()).unwrap();
+    assert_eq!(report.torn_tail, None);
+    assert_eq!(wal.segment_ids(), segments[..2].to_vec(), "later segments removed");
+    assert!(wal.group(7).unwrap().last_index() < 27, "what followed the cut is gone");
+}
+
+#[test]
+fn corruption_in_the_middle_of_the_newest_segment_is_not_mistaken_for_a_torn_tail() {
+    let disk = SimDisk::new();
+    let dir = Path::new("/node/wal");
+    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
+    wal.write(&[(1, LogOp::Append(entries(1..=2, 1)))]).unwrap();
+    wal.write(&[(1, LogOp::Append(entries(3..=4, 1)))]).unwrap();
+    drop(wal);
+    disk.flip_bit(&segment_path(dir, 1), 30, 0);
+    assert!(matches!(Wal::open(dir, Arc::new(disk), WalOptions::default()), Err(WalError::Corruption { .. })));
+}
+
+#[test]
+fn invalid_operations_are_refused_before_anything_is_written() {
+    let disk = SimDisk::new();
+    let (mut wal, _) = Wal::open(Path::new("/w"), Arc::new(disk), WalOptions::default()).unwrap();
+    wal.write(&[(1, LogOp::Append(entries(1..=3, 1)))]).unwrap();
+    assert!(matches!(wal.write(&[(1, LogOp::Append(entries(6..=7, 1)))]), Err(WalError::Invalid(_))));
+    assert!(matches!(wal.write(&[(1, LogOp::Compact { first_kept_index: 9 })]), Err(WalError::Invalid(_))));
+    assert_eq!(wal.group(1).unwrap().last_index(), 3);
+}
+
+#[test]
+fn the_real_disk_round_trips_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk: Arc<dyn Disk> = Arc::new(StdDisk);
+    let (mut wal, _) = Wal::open(dir.path(), Arc::clone(&disk), WalOptions { segment_bytes_max: 1024, ..WalOptions::default() }).unwrap();
+    for group in 1..=20u64 {
+        wal.write(&[
+            (group, LogOp::Append(entries(1..=10, 2))),
+            (group, LogOp::HardState(HardState { term: 2, vote: group, commit: 8 })),
+        ])
+        .unwrap();
+    }
+    drop(wal);
+    let (wal, report) = Wal::open(dir.path(), disk, WalOptions::default()).unwrap();
+    assert!(report.segments > 1);
+    for group in 1..=20u64 {
+        assert_eq!(wal.hard_state(group), HardState { term: 2, vote: group, commit: 8 });
+        let read = wal.entries(group, 1, 11, u64::MAX).unwrap();
+        assert_eq!(read, entries(1..=10, 2));
+    }
+    let limited = wal.entries(3, 1, 11, 60).unwrap();
+    assert!(!limited.is_empty() && limited.len() < 10, "max_bytes limits a read");
+}
+
+#[test]
+fn damage_to_the_last_record_of_an_older_segment_is_corruption_not_a_torn_tail() {
+    // Only the newest segment can end in a torn write: older ones were synced before the WAL moved on.
+    let disk = SimDisk::new();
+    let dir = Path::new("/node/wal");
+    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 150, ..WalOptions::default() }).unwrap();
+    for term in 1..=6 {
+        let first = (term - 1) * 3 + 1;
+        wal.write(&[(7, LogOp::Append(entries(first..=first + 2, term)))]).unwrap();
+    }
+    assert!(wal.segment_ids().len() >= 2);
+    drop(wal);
+    let older = segment_path(dir, 1);
+    let last_byte = disk.file_len(&older).unwrap() - 1;
+    disk.flip_bit(&older, last_byte, 5);
+    let error = Wal::open(dir, Arc::new(disk), WalOptions::default()).err().expect("refused");
+    assert!(matches!(&error, WalError::Corruption { path, .. } if path == &older), "{error}");
+}
