@@ -305,3 +305,76 @@ fn damage_to_the_last_record_of_an_older_segment_is_corruption_not_a_torn_tail()
     let error = Wal::open(dir, Arc::new(disk), WalOptions::default()).err().expect("refused");
     assert!(matches!(&error, WalError::Corruption { path, .. } if path == &older), "{error}");
 }
+
+mod group_commit {
+    use super::*;
+    use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, Persisted, WriteRequest};
+
+    #[test]
+    fn many_groups_share_syncs_and_every_request_is_answered_once_durable() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/node/wal");
+        let (wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
+        let committer = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
+        let (reply, persisted) = crossbeam_channel::unbounded();
+        let groups = 64u64;
+        let rounds = 20u64;
+        std::thread::scope(|scope| {
+            for producer in 0..4u64 {
+                let committer = Arc::clone(&committer);
+                let reply = reply.clone();
+                scope.spawn(move || {
+                    for round in 1..=rounds {
+                        for group in (1..=groups).filter(|g| g % 4 == producer) {
+                            let first = (round - 1) * 2 + 1;
+                            let request = WriteRequest {
+                                group_id: group,
+                                ready_number: round,
+                                ops: vec![LogOp::Append(entries(first..=first + 1, 1))],
+                                reply: reply.clone(),
+                            };
+                            committer.submit(request).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        let mut answered: Vec<Persisted> = persisted.try_iter().collect();
+        while answered.len() < (groups * rounds) as usize {
+            answered.push(persisted.recv_timeout(std::time::Duration::from_secs(10)).expect("every request answered"));
+        }
+        answered.sort_by_key(|p| (p.group_id, p.ready_number));
+        answered.dedup();
+        assert_eq!(answered.len(), (groups * rounds) as usize, "each request answered exactly once");
+        let syncs = committer.stats().syncs.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(syncs < groups * rounds, "{syncs} syncs for {} requests: no group commit", groups * rounds);
+        assert_eq!(disk.unsynced_bytes(), 0, "answered means durable");
+        let state = committer.state();
+        for group in 1..=groups {
+            assert_eq!(state.group(group).unwrap().last_index(), rounds * 2);
+        }
+    }
+
+    #[test]
+    fn a_failed_sync_stops_the_writer_and_fails_later_submits() {
+        let disk = SimDisk::new();
+        let (wal, _) = Wal::open(Path::new("/w"), Arc::new(disk.clone()), WalOptions::default()).unwrap();
+        let committer = GroupCommitWal::start(wal, GroupCommitOptions::default());
+        let (reply, persisted) = crossbeam_channel::unbounded();
+        disk.fail_next_syncs(1);
+        let request = |n: u64| WriteRequest {
+            group_id: 1,
+            ready_number: n,
+            ops: vec![LogOp::Append(entries(n..=n, 1))],
+            reply: reply.clone(),
+        };
+        committer.submit(request(1)).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while committer.failure().is_none() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(committer.failure().unwrap().contains("injected fsync failure"));
+        assert!(persisted.try_recv().is_err(), "a failed write is never reported persisted");
+        assert!(committer.submit(request(2)).is_err());
+    }
+}

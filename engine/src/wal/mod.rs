@@ -10,6 +10,7 @@
 //! [`RecoveryReport`]. Damage anywhere else is corruption: [`Wal::open`] fails with [`WalError::Corruption`]
 //! naming the file and offset, and `repair_truncate` (the `flotilla wal-repair` command, later) can cut there.
 
+pub mod group_commit;
 pub mod group_log;
 pub mod record;
 
@@ -94,15 +95,38 @@ struct ActiveSegment {
     len: u64,
 }
 
-pub struct Wal {
+/// The part of the WAL that readers share: the segment list, every group's index, read handles. Writers change
+/// it only briefly, after their bytes are durable, so reads never wait for an fsync.
+pub struct WalState {
+    dir: PathBuf,
+    disk: Arc<dyn Disk>,
+    segments: BTreeMap<u64, PathBuf>,
+    /// Open handles for reads, one per segment (the active one included: a separate handle from the writer's).
+    readers: Mutex<HashMap<u64, Box<dyn DiskFile>>>,
+    groups: HashMap<u64, GroupLog>,
+}
+
+/// The part of the WAL that writes: the active segment. Owned by one writer (the caller of [`Wal::write`], or
+/// the group-commit thread).
+pub struct SegmentWriter {
     dir: PathBuf,
     disk: Arc<dyn Disk>,
     options: WalOptions,
-    segments: BTreeMap<u64, PathBuf>,
     active: ActiveSegment,
-    /// Open handles of older segments, for reads.
-    readers: Mutex<HashMap<u64, Box<dyn DiskFile>>>,
-    groups: HashMap<u64, GroupLog>,
+}
+
+/// Records encoded for one write, with where each will land.
+pub struct PreparedWrite {
+    buffer: Vec<u8>,
+    /// (group, operation, offset in the active segment, record length)
+    placed: Vec<(u64, LogOp, u64, usize)>,
+    segment_id: u64,
+}
+
+/// The WAL for a single writer: shared state and segment writer together.
+pub struct Wal {
+    state: WalState,
+    writer: SegmentWriter,
 }
 
 pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -192,18 +216,71 @@ impl Wal {
                 active
             }
         };
-        let wal = Wal { dir: dir.to_path_buf(), disk, options, segments, active, readers: Mutex::new(HashMap::new()), groups };
-        Ok((wal, report))
+        let state = WalState { dir: dir.to_path_buf(), disk: Arc::clone(&disk), segments, readers: Mutex::new(HashMap::new()), groups };
+        let writer = SegmentWriter { dir: dir.to_path_buf(), disk, options, active };
+        Ok((Wal { state, writer }, report))
     }
 
     /// Writes every operation (in order, many groups at once) and makes them durable with one sync. Returns only
     /// once they are durable. An `Err` of kind `Io` means the disk failed: what was written may or may not be
     /// durable, and the node must stop (a failed fsync cannot be retried safely).
     pub fn write(&mut self, operations: &[(u64, LogOp)]) -> Result<(), WalError> {
-        self.validate(operations)?;
-        if self.active.len >= self.options.segment_bytes_max {
-            self.rotate()?;
+        self.state.validate(operations)?;
+        if let Some(new_segment) = self.writer.rotate_if_full()? {
+            self.state.add_segment(new_segment);
         }
+        let prepared = self.writer.prepare(operations);
+        self.writer.append_and_sync(&prepared)?;
+        self.state.apply(prepared);
+        Ok(())
+    }
+
+    /// Splits the WAL into the shared state and the writer (for the group-commit thread).
+    pub fn into_parts(self) -> (WalState, SegmentWriter) {
+        (self.state, self.writer)
+    }
+
+    pub fn state(&self) -> &WalState {
+        &self.state
+    }
+
+    pub fn group(&self, group_id: u64) -> Option<&GroupLog> {
+        self.state.group(group_id)
+    }
+
+    pub fn group_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.state.groups.keys().copied()
+    }
+
+    pub fn hard_state(&self, group_id: u64) -> HardState {
+        self.state.hard_state(group_id)
+    }
+
+    pub fn segment_ids(&self) -> Vec<u64> {
+        self.state.segment_ids()
+    }
+
+    pub fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
+        self.state.entries(group_id, low, high, max_bytes)
+    }
+}
+
+impl SegmentWriter {
+    /// Starts a new segment if the active one is full; returns the new segment's id.
+    pub fn rotate_if_full(&mut self) -> Result<Option<u64>, WalError> {
+        if self.active.len < self.options.segment_bytes_max {
+            return Ok(None);
+        }
+        if self.options.sync {
+            self.active.file.sync_data().map_err(io_error("syncing the segment being closed"))?;
+        }
+        let id = self.active.id + 1;
+        self.active = create_segment(self.disk.as_ref(), &self.dir, id)?;
+        Ok(Some(id))
+    }
+
+    /// Encodes `operations` as records placed after what the active segment holds.
+    pub fn prepare(&self, operations: &[(u64, LogOp)]) -> PreparedWrite {
         let mut buffer = Vec::new();
         let mut placed = Vec::with_capacity(operations.len());
         for (group_id, op) in operations {
@@ -219,20 +296,28 @@ impl Wal {
                 placed.push((*group_id, op, offset, len));
             }
         }
-        self.active.file.append(&buffer).map_err(io_error("appending to the active segment"))?;
-        self.active.len += buffer.len() as u64;
+        PreparedWrite { buffer, placed, segment_id: self.active.id }
+    }
+
+    /// Appends the prepared records and syncs once.
+    pub fn append_and_sync(&mut self, prepared: &PreparedWrite) -> Result<(), WalError> {
+        assert_eq!(prepared.segment_id, self.active.id, "prepared for another segment");
+        self.active.file.append(&prepared.buffer).map_err(io_error("appending to the active segment"))?;
+        self.active.len += prepared.buffer.len() as u64;
         if self.options.sync {
             self.active.file.sync_data().map_err(io_error("syncing the active segment"))?;
-        }
-        for (group_id, op, offset, len) in placed {
-            apply_record(&mut self.groups, self.active.id, offset, &op, group_id, len)
-                .expect("operations were validated before writing");
         }
         Ok(())
     }
 
+    pub fn options(&self) -> &WalOptions {
+        &self.options
+    }
+}
+
+impl WalState {
     /// Rejects operations that replay could not apply, before anything is written.
-    fn validate(&self, operations: &[(u64, LogOp)]) -> Result<(), WalError> {
+    pub fn validate(&self, operations: &[(u64, LogOp)]) -> Result<(), WalError> {
         let mut bounds: HashMap<u64, (u64, u64)> = HashMap::new();
         for (group_id, op) in operations {
             let (first, last) = *bounds.entry(*group_id).or_insert_with(|| {
@@ -271,23 +356,20 @@ impl Wal {
         Ok(())
     }
 
-    fn rotate(&mut self) -> Result<(), WalError> {
-        if self.options.sync {
-            self.active.file.sync_data().map_err(io_error("syncing the segment being closed"))?;
-        }
-        let id = self.active.id + 1;
-        let new_active = create_segment(self.disk.as_ref(), &self.dir, id)?;
+    pub fn add_segment(&mut self, id: u64) {
         self.segments.insert(id, segment_path(&self.dir, id));
-        self.active = new_active;
-        Ok(())
+    }
+
+    /// Updates the index with a write that is now durable.
+    pub fn apply(&mut self, prepared: PreparedWrite) {
+        for (group_id, op, offset, len) in prepared.placed {
+            apply_record(&mut self.groups, prepared.segment_id, offset, &op, group_id, len)
+                .expect("operations were validated before writing");
+        }
     }
 
     pub fn group(&self, group_id: u64) -> Option<&GroupLog> {
         self.groups.get(&group_id)
-    }
-
-    pub fn group_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.groups.keys().copied()
     }
 
     pub fn hard_state(&self, group_id: u64) -> HardState {
@@ -326,8 +408,11 @@ impl Wal {
                 }
                 entries.push(entry);
                 index += 1;
-                // The next entry may live in a later record (after a rewrite of this one's suffix).
-                if group.location(index).is_some_and(|l| l.record_offset != location.record_offset || l.segment_id != location.segment_id) {
+                // The next entry may live in another record (after its suffix was rewritten).
+                let same_record = |l: &EntryLocation| {
+                    l.record_offset == location.record_offset && l.segment_id == location.segment_id
+                };
+                if group.location(index).is_some_and(|l| !same_record(l)) {
                     break;
                 }
             }
@@ -338,19 +423,15 @@ impl Wal {
     fn read_batch(&self, location: &EntryLocation) -> Result<Vec<Entry>, WalError> {
         let path = segment_path(&self.dir, location.segment_id);
         let mut bytes = vec![0; location.record_len as usize];
-        if location.segment_id == self.active.id {
-            self.active.file.read_exact_at(location.record_offset, &mut bytes)
-        } else {
-            let mut readers = self.readers.lock();
-            let reader = match readers.entry(location.segment_id) {
-                std::collections::hash_map::Entry::Occupied(open) => open.into_mut(),
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(self.disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?)
-                }
-            };
-            reader.read_exact_at(location.record_offset, &mut bytes)
-        }
-        .map_err(io_error(format!("reading {}", path.display())))?;
+        let mut readers = self.readers.lock();
+        let reader = match readers.entry(location.segment_id) {
+            std::collections::hash_map::Entry::Occupied(open) => open.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(self.disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?)
+            }
+        };
+        reader.read_exact_at(location.record_offset, &mut bytes).map_err(io_error(format!("reading {}", path.display())))?;
+        drop(readers);
         match decode(&bytes) {
             Ok(record) => match record.op {
                 LogOp::Append(entries) => Ok(entries),
