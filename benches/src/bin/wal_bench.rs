@@ -1,0 +1,179 @@
+//! `wal-bench`: durable WAL appends through group commit, next to the raw limit of the disk, and recovery time.
+//!
+//! ```text
+//! cargo run --release -p flotilla-benches --bin wal-bench                  # the full matrix (~1 minute)
+//! cargo run --release -p flotilla-benches --bin wal-bench -- --quick       # a smoke run
+//! ```
+//! Each run keeps every simulated group with one Ready in flight (like a Raft group waiting for its write);
+//! a Ready carries `--entries-per-ready` entries. Throughput counts entries whose Ready was reported durable.
+//! The raw limit is a plain `write` + `fdatasync` loop with the batch size the WAL run achieved.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use flotilla_engine::disk::StdDisk;
+use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, WriteRequest};
+use flotilla_engine::wal::record::LogOp;
+use flotilla_engine::wal::{Wal, WalOptions};
+use flotilla_raft::Entry;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    #[arg(long, default_value_t = 16)]
+    entries_per_ready: u64,
+    /// Directory for the WAL files (on the disk to measure).
+    #[arg(long, default_value = "target/wal-bench")]
+    dir: String,
+    /// Size of the WAL replayed by the recovery measurement, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    recovery_mib: u64,
+    /// A short run: fewer cases, one second each, 64 MiB recovery.
+    #[arg(long)]
+    quick: bool,
+}
+
+struct Outcome {
+    entries_per_second: f64,
+    mib_per_second: f64,
+    syncs_per_second: f64,
+    bytes_per_sync: u64,
+}
+
+fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, entries_per_ready: u64, seconds: f64) -> Outcome {
+    let _ = std::fs::remove_dir_all(dir);
+    let (wal, _) = Wal::open(dir, Arc::new(StdDisk), WalOptions::default()).expect("open WAL");
+    let committer = GroupCommitWal::start(wal, GroupCommitOptions { queue_capacity: (groups as usize).max(16), ..Default::default() });
+    let payload = Bytes::from(vec![b'x'; entry_bytes]);
+    let (reply, persisted) = crossbeam_channel::unbounded();
+    let mut next_index = vec![1u64; groups as usize + 1];
+    let mut ready_number = vec![0u64; groups as usize + 1];
+    let mut submit = |group: u64| {
+        let first = next_index[group as usize];
+        let entries: Vec<Entry> = (first..first + entries_per_ready)
+            .map(|index| Entry { index, term: 1, data: payload.clone(), ..Default::default() })
+            .collect();
+        next_index[group as usize] += entries_per_ready;
+        ready_number[group as usize] += 1;
+        committer
+            .submit(WriteRequest { group_id: group, ready_number: ready_number[group as usize], ops: vec![LogOp::Append(entries)], reply: reply.clone() })
+            .expect("submit");
+    };
+    let started = Instant::now();
+    for group in 1..=groups {
+        submit(group);
+    }
+    let mut durable_entries = 0u64;
+    let deadline = started + Duration::from_secs_f64(seconds);
+    while Instant::now() < deadline {
+        let done = persisted.recv_timeout(Duration::from_secs(10)).expect("the writer answers");
+        durable_entries += entries_per_ready;
+        submit(done.group_id);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let stats = committer.stats();
+    let syncs = stats.syncs.load(Ordering::Relaxed).max(1);
+    let bytes = stats.bytes.load(Ordering::Relaxed);
+    drop(committer);
+    let _ = std::fs::remove_dir_all(dir);
+    Outcome {
+        entries_per_second: durable_entries as f64 / elapsed,
+        mib_per_second: durable_entries as f64 * entry_bytes as f64 / elapsed / (1 << 20) as f64,
+        syncs_per_second: syncs as f64 / elapsed,
+        bytes_per_sync: bytes / syncs,
+    }
+}
+
+/// A plain write + fdatasync loop writing `bytes_per_sync` per sync: the most the disk gives at that batch size.
+fn run_raw(dir: &Path, bytes_per_sync: u64, seconds: f64) -> (f64, f64) {
+    std::fs::create_dir_all(dir).expect("bench dir");
+    let path = dir.join("raw.bin");
+    let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path).expect("raw file");
+    let buffer = vec![b'y'; bytes_per_sync.max(1) as usize];
+    let started = Instant::now();
+    let (mut syncs, mut offset) = (0u64, 0u64);
+    while started.elapsed().as_secs_f64() < seconds {
+        file.write_all_at(&buffer, offset).expect("raw write");
+        offset += buffer.len() as u64;
+        file.sync_data().expect("raw fdatasync");
+        syncs += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = file.flush();
+    let _ = std::fs::remove_file(&path);
+    (offset as f64 / elapsed / (1 << 20) as f64, syncs as f64 / elapsed)
+}
+
+fn run_recovery(dir: &Path, mib: u64) -> (u64, f64, u64) {
+    let _ = std::fs::remove_dir_all(dir);
+    let (mut wal, _) = Wal::open(dir, Arc::new(StdDisk), WalOptions::default()).expect("open WAL");
+    let payload = Bytes::from(vec![b'r'; 1024]);
+    let groups = 256u64;
+    let mut next_index = vec![1u64; groups as usize + 1];
+    let mut written = 0u64;
+    while written < mib << 20 {
+        let mut ops = Vec::new();
+        for group in 1..=groups {
+            let first = next_index[group as usize];
+            let entries: Vec<Entry> =
+                (first..first + 16).map(|index| Entry { index, term: 1, data: payload.clone(), ..Default::default() }).collect();
+            next_index[group as usize] += 16;
+            written += 16 * 1024;
+            ops.push((group, LogOp::Append(entries)));
+        }
+        wal.write(&ops).expect("write");
+    }
+    drop(wal);
+    let started = Instant::now();
+    let (wal, report) = Wal::open(dir, Arc::new(StdDisk), WalOptions::default()).expect("recover");
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(wal.group(1).expect("group 1").last_index(), next_index[1] - 1, "recovered everything");
+    let _ = std::fs::remove_dir_all(dir);
+    (report.bytes, elapsed, report.records)
+}
+
+fn main() {
+    let args = Args::parse();
+    let dir = Path::new(&args.dir);
+    let (seconds, group_counts, sizes, recovery_mib): (f64, Vec<u64>, Vec<usize>, u64) = if args.quick {
+        (1.0, vec![1, 16], vec![128], 64)
+    } else {
+        (args.seconds, vec![1, 16, 256, 4096], vec![16, 128, 4096], args.recovery_mib)
+    };
+    println!("WAL group commit: each group keeps one Ready of {} entries in flight; durable = fdatasync'd", args.entries_per_ready);
+    println!(
+        "{:>6} {:>7} {:>14} {:>9} {:>9} {:>12} {:>11} {:>9}",
+        "groups", "entry", "entries/s", "MiB/s", "syncs/s", "bytes/sync", "raw MiB/s", "of raw"
+    );
+    for &groups in &group_counts {
+        for &entry_bytes in &sizes {
+            let outcome = run_wal(dir, groups, entry_bytes, args.entries_per_ready, seconds);
+            let (raw_mib, _raw_syncs) = run_raw(dir, outcome.bytes_per_sync, seconds.min(2.0));
+            println!(
+                "{:>6} {:>6}B {:>14.0} {:>9.1} {:>9.0} {:>12} {:>11.1} {:>8.0}%",
+                groups,
+                entry_bytes,
+                outcome.entries_per_second,
+                outcome.mib_per_second,
+                outcome.syncs_per_second,
+                outcome.bytes_per_sync,
+                raw_mib,
+                100.0 * outcome.mib_per_second / raw_mib
+            );
+        }
+    }
+    let (bytes, elapsed, records) = run_recovery(dir, recovery_mib);
+    println!(
+        "recovery: replayed {:.0} MiB ({records} records) in {elapsed:.2} s ({:.0} MiB/s)",
+        bytes as f64 / (1 << 20) as f64,
+        bytes as f64 / (1 << 20) as f64 / elapsed
+    );
+}
