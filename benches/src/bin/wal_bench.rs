@@ -46,6 +46,8 @@ struct Outcome {
     mib_per_second: f64,
     syncs_per_second: f64,
     bytes_per_sync: u64,
+    /// Share of the run the writer spent writing (encode, write, fdatasync, index update) rather than waiting.
+    writer_busy: f64,
 }
 
 fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, entries_per_ready: u64, seconds: f64) -> Outcome {
@@ -82,6 +84,7 @@ fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, entries_per_ready: u64, 
     let stats = committer.stats();
     let syncs = stats.syncs.load(Ordering::Relaxed).max(1);
     let bytes = stats.bytes.load(Ordering::Relaxed);
+    let writer_busy = stats.sync_nanos.load(Ordering::Relaxed) as f64 / 1e9 / elapsed;
     drop(committer);
     let _ = std::fs::remove_dir_all(dir);
     Outcome {
@@ -89,6 +92,7 @@ fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, entries_per_ready: u64, 
         mib_per_second: durable_entries as f64 * entry_bytes as f64 / elapsed / (1 << 20) as f64,
         syncs_per_second: syncs as f64 / elapsed,
         bytes_per_sync: bytes / syncs,
+        writer_busy,
     }
 }
 
@@ -150,15 +154,15 @@ fn main() {
     };
     println!("WAL group commit: each group keeps one Ready of {} entries in flight; durable = fdatasync'd", args.entries_per_ready);
     println!(
-        "{:>6} {:>7} {:>14} {:>9} {:>9} {:>12} {:>11} {:>9}",
-        "groups", "entry", "entries/s", "MiB/s", "syncs/s", "bytes/sync", "raw MiB/s", "of raw"
+        "{:>6} {:>7} {:>14} {:>9} {:>9} {:>12} {:>11} {:>7} {:>7}",
+        "groups", "entry", "entries/s", "MiB/s", "syncs/s", "bytes/sync", "raw MiB/s", "of raw", "busy"
     );
     for &groups in &group_counts {
         for &entry_bytes in &sizes {
             let outcome = run_wal(dir, groups, entry_bytes, args.entries_per_ready, seconds);
             let (raw_mib, _raw_syncs) = run_raw(dir, outcome.bytes_per_sync, seconds.min(2.0));
             println!(
-                "{:>6} {:>6}B {:>14.0} {:>9.1} {:>9.0} {:>12} {:>11.1} {:>8.0}%",
+                "{:>6} {:>6}B {:>14.0} {:>9.1} {:>9.0} {:>12} {:>11.1} {:>6.0}% {:>6.0}%",
                 groups,
                 entry_bytes,
                 outcome.entries_per_second,
@@ -166,7 +170,8 @@ fn main() {
                 outcome.syncs_per_second,
                 outcome.bytes_per_sync,
                 raw_mib,
-                100.0 * outcome.mib_per_second / raw_mib
+                100.0 * outcome.mib_per_second / raw_mib,
+                100.0 * outcome.writer_busy
             );
         }
     }

@@ -156,10 +156,8 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        let operations: Vec<(u64, LogOp)> =
-            batch.iter().flat_map(|r| r.ops.iter().map(move |op| (r.group_id, op.clone()))).collect();
         let started = Instant::now();
-        let result = write_batch(&mut writer, &state, &operations);
+        let result = write_batch(&mut writer, &state, &batch);
         stats.sync_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Err(error) = result {
             *failure.lock() = Some(error.to_string());
@@ -176,12 +174,13 @@ fn run_writer(
     }
 }
 
-fn write_batch(writer: &mut SegmentWriter, state: &RwLock<WalState>, operations: &[(u64, LogOp)]) -> Result<(), WalError> {
-    state.read().validate(operations)?;
+fn write_batch(writer: &mut SegmentWriter, state: &RwLock<WalState>, batch: &[WriteRequest]) -> Result<(), WalError> {
+    let operations = || batch.iter().flat_map(|r| r.ops.iter().map(move |op| (r.group_id, op)));
+    state.read().validate(operations())?;
     if let Some(new_segment) = writer.rotate_if_full()? {
         state.write().add_segment(new_segment);
     }
-    let prepared = writer.prepare(operations);
+    let prepared = writer.prepare(operations());
     writer.append_and_sync(&prepared)?;
     state.write().apply(prepared);
     Ok(())

@@ -64,19 +64,25 @@ impl GroupLog {
         self.locations.front().map(|l| l.segment_id)
     }
 
+    /// Appends entries starting at `first_index` (replacing any suffix from there), at `locations`.
+    pub fn apply_append(&mut self, first_index: u64, locations: impl Iterator<Item = EntryLocation>) -> Result<(), ApplyError> {
+        if first_index < self.first_index {
+            return Err(format!("append at {first_index} before the first index {}", self.first_index));
+        }
+        if first_index > self.last_index() + 1 {
+            return Err(format!("append at {first_index} leaves a gap after {}", self.last_index()));
+        }
+        self.locations.truncate((first_index - self.first_index) as usize);
+        self.locations.extend(locations);
+        Ok(())
+    }
+
     /// Applies one operation; `locations` gives the place of each appended entry (same length as the entries).
     pub fn apply(&mut self, op: &LogOp, locations: impl Iterator<Item = EntryLocation>) -> Result<(), ApplyError> {
         match op {
             LogOp::Append(entries) => {
                 let Some(first) = entries.first() else { return Ok(()) };
-                if first.index < self.first_index {
-                    return Err(format!("append at {} before the first index {}", first.index, self.first_index));
-                }
-                if first.index > self.last_index() + 1 {
-                    return Err(format!("append at {} leaves a gap after {}", first.index, self.last_index()));
-                }
-                self.locations.truncate((first.index - self.first_index) as usize);
-                self.locations.extend(locations);
+                self.apply_append(first.index, locations)?;
             }
             LogOp::HardState(hard_state) => self.hard_state = *hard_state,
             LogOp::Truncate { from_index } => {

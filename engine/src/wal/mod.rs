@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 
 use crate::disk::{Disk, DiskFile};
 use group_log::{EntryLocation, GroupLog};
-use record::{decode, encode, split_append, DecodeError, LogOp, RECORD_HEADER_BYTES};
+use record::{append_runs, decode, encode, encode_append, DecodeError, LogOp, RECORD_HEADER_BYTES};
 
 /// First bytes of every segment: magic and format version, then the segment id (u64 LE).
 pub const SEGMENT_MAGIC: &[u8; 8] = b"FLOTWAL1";
@@ -113,14 +113,28 @@ pub struct SegmentWriter {
     disk: Arc<dyn Disk>,
     options: WalOptions,
     active: ActiveSegment,
+    /// The encode buffer, reused across writes (a fresh multi-megabyte buffer per write costs page faults).
+    scratch: Vec<u8>,
 }
 
-/// Records encoded for one write, with where each will land.
+/// Records encoded for one write (in the writer's scratch buffer), with where each will land.
 pub struct PreparedWrite {
-    buffer: Vec<u8>,
-    /// (group, operation, offset in the active segment, record length)
-    placed: Vec<(u64, LogOp, u64, usize)>,
+    placed: Vec<PlacedRecord>,
     segment_id: u64,
+}
+
+/// One encoded record and what it does to its group's index.
+struct PlacedRecord {
+    group_id: u64,
+    offset: u64,
+    len: usize,
+    change: IndexChange,
+}
+
+/// What a record changes in the index: appends need only their first index and terms (no copy of the entries).
+enum IndexChange {
+    Append { first_index: u64, terms: Vec<u64> },
+    Other(LogOp),
 }
 
 /// The WAL for a single writer: shared state and segment writer together.
@@ -217,7 +231,7 @@ impl Wal {
             }
         };
         let state = WalState { dir: dir.to_path_buf(), disk: Arc::clone(&disk), segments, readers: Mutex::new(HashMap::new()), groups };
-        let writer = SegmentWriter { dir: dir.to_path_buf(), disk, options, active };
+        let writer = SegmentWriter { dir: dir.to_path_buf(), disk, options, active, scratch: Vec::new() };
         Ok((Wal { state, writer }, report))
     }
 
@@ -225,11 +239,11 @@ impl Wal {
     /// once they are durable. An `Err` of kind `Io` means the disk failed: what was written may or may not be
     /// durable, and the node must stop (a failed fsync cannot be retried safely).
     pub fn write(&mut self, operations: &[(u64, LogOp)]) -> Result<(), WalError> {
-        self.state.validate(operations)?;
+        self.state.validate(operations.iter().map(|(group, op)| (*group, op)))?;
         if let Some(new_segment) = self.writer.rotate_if_full()? {
             self.state.add_segment(new_segment);
         }
-        let prepared = self.writer.prepare(operations);
+        let prepared = self.writer.prepare(operations.iter().map(|(group, op)| (*group, op)));
         self.writer.append_and_sync(&prepared)?;
         self.state.apply(prepared);
         Ok(())
@@ -280,30 +294,43 @@ impl SegmentWriter {
     }
 
     /// Encodes `operations` as records placed after what the active segment holds.
-    pub fn prepare(&self, operations: &[(u64, LogOp)]) -> PreparedWrite {
-        let mut buffer = Vec::new();
-        let mut placed = Vec::with_capacity(operations.len());
+    pub fn prepare<'a>(&mut self, operations: impl IntoIterator<Item = (u64, &'a LogOp)>) -> PreparedWrite {
+        let mut buffer = std::mem::take(&mut self.scratch);
+        buffer.clear();
+        let mut placed = Vec::new();
         for (group_id, op) in operations {
-            let ops: Vec<LogOp> = match op {
+            match op {
                 LogOp::Append(entries) => {
-                    split_append(entries, self.options.record_batch_bytes_max).into_iter().map(LogOp::Append).collect()
+                    for run in append_runs(entries, self.options.record_batch_bytes_max) {
+                        let offset = self.active.len + buffer.len() as u64;
+                        let len = encode_append(group_id, &entries[run.clone()], &mut buffer);
+                        let change = IndexChange::Append {
+                            first_index: entries[run.start].index,
+                            terms: entries[run].iter().map(|e| e.term).collect(),
+                        };
+                        placed.push(PlacedRecord { group_id, offset, len, change });
+                    }
                 }
-                other => vec![other.clone()],
-            };
-            for op in ops {
-                let offset = self.active.len + buffer.len() as u64;
-                let len = encode(*group_id, &op, &mut buffer);
-                placed.push((*group_id, op, offset, len));
+                other => {
+                    let offset = self.active.len + buffer.len() as u64;
+                    let len = encode(group_id, other, &mut buffer);
+                    placed.push(PlacedRecord { group_id, offset, len, change: IndexChange::Other(other.clone()) });
+                }
             }
         }
-        PreparedWrite { buffer, placed, segment_id: self.active.id }
+        self.scratch = buffer;
+        PreparedWrite { placed, segment_id: self.active.id }
     }
 
     /// Appends the prepared records and syncs once.
     pub fn append_and_sync(&mut self, prepared: &PreparedWrite) -> Result<(), WalError> {
         assert_eq!(prepared.segment_id, self.active.id, "prepared for another segment");
-        self.active.file.append(&prepared.buffer).map_err(io_error("appending to the active segment"))?;
-        self.active.len += prepared.buffer.len() as u64;
+        self.active.file.append(&self.scratch).map_err(io_error("appending to the active segment"))?;
+        self.active.len += self.scratch.len() as u64;
+        // Keep the buffer for the next write, but do not hold on to an exceptional one.
+        if self.scratch.capacity() > 4 * self.options.record_batch_bytes_max.max(1 << 20) * 8 {
+            self.scratch = Vec::new();
+        }
         if self.options.sync {
             self.active.file.sync_data().map_err(io_error("syncing the active segment"))?;
         }
@@ -317,9 +344,10 @@ impl SegmentWriter {
 
 impl WalState {
     /// Rejects operations that replay could not apply, before anything is written.
-    pub fn validate(&self, operations: &[(u64, LogOp)]) -> Result<(), WalError> {
+    pub fn validate<'a>(&self, operations: impl IntoIterator<Item = (u64, &'a LogOp)>) -> Result<(), WalError> {
         let mut bounds: HashMap<u64, (u64, u64)> = HashMap::new();
         for (group_id, op) in operations {
+            let group_id = &group_id;
             let (first, last) = *bounds.entry(*group_id).or_insert_with(|| {
                 self.groups.get(group_id).map_or((1, 0), |g| (g.first_index, g.last_index()))
             });
@@ -362,9 +390,23 @@ impl WalState {
 
     /// Updates the index with a write that is now durable.
     pub fn apply(&mut self, prepared: PreparedWrite) {
-        for (group_id, op, offset, len) in prepared.placed {
-            apply_record(&mut self.groups, prepared.segment_id, offset, &op, group_id, len)
-                .expect("operations were validated before writing");
+        let segment_id = prepared.segment_id;
+        for record in prepared.placed {
+            let group = self.groups.entry(record.group_id).or_default();
+            let applied = match record.change {
+                IndexChange::Append { first_index, terms } => {
+                    let locations = terms.into_iter().enumerate().map(|(position, term)| EntryLocation {
+                        term,
+                        segment_id,
+                        record_offset: record.offset,
+                        record_len: record.len as u32,
+                        position: position as u32,
+                    });
+                    group.apply_append(first_index, locations)
+                }
+                IndexChange::Other(op) => group.apply(&op, std::iter::empty()),
+            };
+            applied.expect("operations were validated before writing");
         }
     }
 

@@ -90,33 +90,41 @@ fn checksum(header: &[u8], payload: &[u8]) -> u32 {
 }
 
 /// Appends the encoding of `op` for `group_id` to `out`; returns the record's length. Panics if the payload is
-/// over [`RECORD_PAYLOAD_BYTES_MAX`] (callers split appends; see `split_append`).
+/// over [`RECORD_PAYLOAD_BYTES_MAX`] (callers split appends; see [`append_runs`]).
 pub fn encode(group_id: u64, op: &LogOp, out: &mut Vec<u8>) -> usize {
-    let start = out.len();
-    out.resize(start + RECORD_HEADER_BYTES, 0);
-    let kind = match op {
-        LogOp::Append(entries) => {
-            EntryBatch { entries: entries.clone() }.encode(out).expect("Vec grows");
-            RecordKind::Append
-        }
-        LogOp::HardState(hard_state) => {
+    match op {
+        LogOp::Append(entries) => encode_append(group_id, entries, out),
+        LogOp::HardState(hard_state) => encode_with(group_id, RecordKind::HardState, out, |out| {
             hard_state.encode(out).expect("Vec grows");
-            RecordKind::HardState
-        }
+        }),
         LogOp::Truncate { from_index } => {
-            out.extend_from_slice(&from_index.to_le_bytes());
-            RecordKind::Truncate
+            encode_with(group_id, RecordKind::Truncate, out, |out| out.extend_from_slice(&from_index.to_le_bytes()))
         }
-        LogOp::Compact { first_kept_index } => {
-            out.extend_from_slice(&first_kept_index.to_le_bytes());
-            RecordKind::Compact
-        }
-        LogOp::Snapshot { index, term } => {
+        LogOp::Compact { first_kept_index } => encode_with(group_id, RecordKind::Compact, out, |out| {
+            out.extend_from_slice(&first_kept_index.to_le_bytes())
+        }),
+        LogOp::Snapshot { index, term } => encode_with(group_id, RecordKind::Snapshot, out, |out| {
             out.extend_from_slice(&index.to_le_bytes());
             out.extend_from_slice(&term.to_le_bytes());
-            RecordKind::Snapshot
+        }),
+    }
+}
+
+/// Encodes an Append record straight from a slice of entries (the same bytes as an `EntryBatch`, no copy of
+/// the entries themselves).
+pub fn encode_append(group_id: u64, entries: &[Entry], out: &mut Vec<u8>) -> usize {
+    out.reserve(RECORD_HEADER_BYTES + prost::encoding::message::encoded_len_repeated(1, entries));
+    encode_with(group_id, RecordKind::Append, out, |out| {
+        for entry in entries {
+            prost::encoding::message::encode(1, entry, out);
         }
-    };
+    })
+}
+
+fn encode_with(group_id: u64, kind: RecordKind, out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) -> usize {
+    let start = out.len();
+    out.resize(start + RECORD_HEADER_BYTES, 0);
+    payload(out);
     let payload_len = out.len() - start - RECORD_HEADER_BYTES;
     assert!(payload_len <= RECORD_PAYLOAD_BYTES_MAX, "record payload of {payload_len} bytes; split appends first");
     let (header, payload) = out[start..].split_at_mut(RECORD_HEADER_BYTES);
@@ -192,22 +200,22 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     Ok(Record { group_id, op, len })
 }
 
-/// Splits `entries` into runs whose encoded batches stay well under the payload bound.
-pub fn split_append(entries: &[Entry], batch_bytes_max: usize) -> Vec<Vec<Entry>> {
+/// Splits `entries` into runs (as index ranges into the slice) whose encoded batches stay under
+/// `batch_bytes_max` (a single larger entry gets a run of its own).
+pub fn append_runs(entries: &[Entry], batch_bytes_max: usize) -> Vec<std::ops::Range<usize>> {
     let mut runs = Vec::new();
-    let mut current = Vec::new();
-    let mut bytes = 0usize;
-    for entry in entries {
+    let (mut start, mut bytes) = (0usize, 0usize);
+    for (position, entry) in entries.iter().enumerate() {
         let size = entry.encoded_len() + 8;
-        if !current.is_empty() && bytes + size > batch_bytes_max {
-            runs.push(std::mem::take(&mut current));
+        if position > start && bytes + size > batch_bytes_max {
+            runs.push(start..position);
+            start = position;
             bytes = 0;
         }
         bytes += size;
-        current.push(entry.clone());
     }
-    if !current.is_empty() {
-        runs.push(current);
+    if start < entries.len() {
+        runs.push(start..entries.len());
     }
     runs
 }
@@ -271,11 +279,23 @@ mod tests {
     }
 
     #[test]
-    fn split_append_keeps_order_and_bounds() {
+    fn append_runs_cover_the_entries_in_order_within_the_bound() {
         let entries: Vec<Entry> = (1..=100).map(|i| entry(i, 1, b"0123456789")).collect();
-        let runs = split_append(&entries, 100);
+        let runs = append_runs(&entries, 100);
         assert!(runs.len() > 1);
-        let rejoined: Vec<Entry> = runs.concat();
+        let rejoined: Vec<Entry> = runs.iter().flat_map(|run| entries[run.clone()].iter().cloned()).collect();
         assert_eq!(rejoined, entries);
+        assert_eq!(append_runs(&entries[..0], 100), Vec::<std::ops::Range<usize>>::new());
+    }
+
+    #[test]
+    fn encode_append_matches_the_entry_batch_encoding() {
+        let entries = vec![entry(1, 1, b"a"), entry(2, 1, b"bb")];
+        let mut direct = Vec::new();
+        encode_append(3, &entries, &mut direct);
+        let mut via_op = Vec::new();
+        encode(3, &LogOp::Append(entries.clone()), &mut via_op);
+        assert_eq!(direct, via_op);
+        assert_eq!(decode(&direct).unwrap().op, LogOp::Append(entries));
     }
 }
