@@ -3,9 +3,11 @@
 //!
 //! - [`disk`]: the file-system seam, with [`disk::SimDisk`] injecting crashes, torn writes, fsync errors and bit
 //!   flips for tests;
-//! - [`wal`]: segments, records, the per-group index, batch writes and recovery.
+//! - [`wal`]: segments, records, the per-group index, batch writes, recovery and group commit;
+//! - [`log_engine`]: the trait the raftstore sees ([`log_engine::LogEngine`]) and an in-memory implementation.
 
 pub mod disk;
+pub mod log_engine;
 pub mod wal;
 
 pub use flotilla_raft::prelude::{Entry, HardState};

@@ -1,0 +1,190 @@
+//! What the raftstore sees of a node's log storage: the [`LogEngine`] trait. Writes are submitted per group
+//! `Ready` and completed asynchronously with `Persisted`; reads answer the Raft core's `Storage` questions for one
+//! group. Two implementations: the real WAL behind group commit ([`GroupCommitWal`]) and [`MemLogEngine`] for the
+//! simulator and tests where the disk is not what is being tested. `tests/log_engine_conformance.rs` runs one
+//! suite against both.
+
+use std::collections::HashMap;
+
+use flotilla_raft::{Entry, HardState};
+use parking_lot::RwLock;
+
+use crate::wal::group_commit::{GroupCommitWal, Persisted, WriteRequest};
+use crate::wal::group_log::GroupLog;
+use crate::wal::record::LogOp;
+use crate::wal::WalError;
+
+pub trait LogEngine: Send + Sync {
+    /// Queues a group's writes; `Persisted` arrives on the request's reply channel once they are durable.
+    fn submit(&self, request: WriteRequest) -> Result<(), WalError>;
+    fn hard_state(&self, group_id: u64) -> HardState;
+    /// The first index still held (1 for a new group).
+    fn first_index(&self, group_id: u64) -> u64;
+    /// The last index held (`first_index - 1` when empty).
+    fn last_index(&self, group_id: u64) -> u64;
+    /// The term of `index`, from `first_index - 1` (the compaction point) to `last_index`.
+    fn term(&self, group_id: u64, index: u64) -> Option<u64>;
+    /// Entries `[low, high)`, cut after `max_bytes` (at least one).
+    fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError>;
+}
+
+fn with_group<T>(group: Option<&GroupLog>, default: T, read: impl FnOnce(&GroupLog) -> T) -> T {
+    group.map_or(default, read)
+}
+
+impl LogEngine for GroupCommitWal {
+    fn submit(&self, request: WriteRequest) -> Result<(), WalError> {
+        GroupCommitWal::submit(self, request)
+    }
+
+    fn hard_state(&self, group_id: u64) -> HardState {
+        self.state().hard_state(group_id)
+    }
+
+    fn first_index(&self, group_id: u64) -> u64 {
+        with_group(self.state().group(group_id), 1, |g| g.first_index)
+    }
+
+    fn last_index(&self, group_id: u64) -> u64 {
+        with_group(self.state().group(group_id), 0, |g| g.last_index())
+    }
+
+    fn term(&self, group_id: u64, index: u64) -> Option<u64> {
+        let state = self.state();
+        match state.group(group_id) {
+            Some(group) => group.term(index),
+            None => (index == 0).then_some(0),
+        }
+    }
+
+    fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
+        self.state().entries(group_id, low, high, max_bytes)
+    }
+}
+
+/// One group's log held in memory.
+#[derive(Clone, Debug, Default)]
+struct MemGroup {
+    hard_state: HardState,
+    base_index: u64,
+    base_term: u64,
+    entries: Vec<Entry>,
+}
+
+impl MemGroup {
+    fn first_index(&self) -> u64 {
+        self.base_index + 1
+    }
+
+    fn last_index(&self) -> u64 {
+        self.base_index + self.entries.len() as u64
+    }
+
+    fn apply(&mut self, op: &LogOp) -> Result<(), WalError> {
+        let invalid = |what: String| Err(WalError::Invalid(what));
+        match op {
+            LogOp::Append(entries) => {
+                let Some(first) = entries.first() else { return Ok(()) };
+                if first.index < self.first_index() || first.index > self.last_index() + 1 {
+                    return invalid(format!("append at {} outside [{}, {}]", first.index, self.first_index(), self.last_index() + 1));
+                }
+                self.entries.truncate((first.index - self.first_index()) as usize);
+                self.entries.extend(entries.iter().cloned());
+            }
+            LogOp::HardState(hard_state) => self.hard_state = *hard_state,
+            LogOp::Truncate { from_index } => {
+                let keep = from_index.saturating_sub(self.first_index()) as usize;
+                self.entries.truncate(keep);
+            }
+            LogOp::Compact { first_kept_index } => {
+                if *first_kept_index <= self.first_index() {
+                    return Ok(());
+                }
+                if *first_kept_index > self.last_index() + 1 {
+                    return invalid(format!("compaction to {first_kept_index} beyond {}", self.last_index()));
+                }
+                let drop = (first_kept_index - self.first_index()) as usize;
+                self.base_term = self.entries[drop - 1].term;
+                self.entries.drain(..drop);
+                self.base_index = first_kept_index - 1;
+            }
+            LogOp::Snapshot { index, term } => {
+                self.entries.clear();
+                self.base_index = *index;
+                self.base_term = *term;
+                self.hard_state.commit = self.hard_state.commit.max(*index);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory [`LogEngine`]: writes are "durable" at once (for tests and simulations that model the disk
+/// elsewhere, or not at all).
+#[derive(Default)]
+pub struct MemLogEngine {
+    groups: RwLock<HashMap<u64, MemGroup>>,
+}
+
+impl MemLogEngine {
+    pub fn new() -> MemLogEngine {
+        MemLogEngine::default()
+    }
+}
+
+impl LogEngine for MemLogEngine {
+    fn submit(&self, request: WriteRequest) -> Result<(), WalError> {
+        {
+            let mut groups = self.groups.write();
+            let mut staged = groups.get(&request.group_id).cloned().unwrap_or_default();
+            for op in &request.ops {
+                staged.apply(op)?;
+            }
+            groups.insert(request.group_id, staged);
+        }
+        let _ = request.reply.send(Persisted { group_id: request.group_id, ready_number: request.ready_number });
+        Ok(())
+    }
+
+    fn hard_state(&self, group_id: u64) -> HardState {
+        self.groups.read().get(&group_id).map(|g| g.hard_state).unwrap_or_default()
+    }
+
+    fn first_index(&self, group_id: u64) -> u64 {
+        self.groups.read().get(&group_id).map_or(1, MemGroup::first_index)
+    }
+
+    fn last_index(&self, group_id: u64) -> u64 {
+        self.groups.read().get(&group_id).map_or(0, MemGroup::last_index)
+    }
+
+    fn term(&self, group_id: u64, index: u64) -> Option<u64> {
+        let groups = self.groups.read();
+        let Some(group) = groups.get(&group_id) else { return (index == 0).then_some(0) };
+        if index == group.base_index {
+            return Some(group.base_term);
+        }
+        if index < group.first_index() || index > group.last_index() {
+            return None;
+        }
+        Some(group.entries[(index - group.first_index()) as usize].term)
+    }
+
+    fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
+        let groups = self.groups.read();
+        let group = groups.get(&group_id).ok_or_else(|| WalError::Invalid(format!("unknown group {group_id}")))?;
+        if low < group.first_index() || high > group.last_index() + 1 || low > high {
+            return Err(WalError::Invalid(format!("entries {low}..{high} outside [{}, {}]", group.first_index(), group.last_index())));
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for entry in &group.entries[(low - group.first_index()) as usize..(high - group.first_index()) as usize] {
+            bytes += entry.size_bytes();
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(entry.clone());
+        }
+        Ok(out)
+    }
+}
