@@ -96,7 +96,7 @@ impl MemGroup {
                 let keep = from_index.saturating_sub(self.first_index()) as usize;
                 self.entries.truncate(keep);
             }
-            LogOp::Compact { first_kept_index } => {
+            LogOp::Compact { first_kept_index, base_term } => {
                 if *first_kept_index <= self.first_index() {
                     return Ok(());
                 }
@@ -104,9 +104,12 @@ impl MemGroup {
                     return invalid(format!("compaction to {first_kept_index} beyond {}", self.last_index()));
                 }
                 let drop = (first_kept_index - self.first_index()) as usize;
-                self.base_term = self.entries[drop - 1].term;
+                if self.entries[drop - 1].term != *base_term {
+                    return invalid(format!("compaction base term {base_term} disagrees with the log"));
+                }
                 self.entries.drain(..drop);
                 self.base_index = first_kept_index - 1;
+                self.base_term = *base_term;
             }
             LogOp::Snapshot { index, term } => {
                 self.entries.clear();

@@ -65,7 +65,7 @@ fn conformance(engine: &dyn LogEngine) {
     assert_eq!((engine.last_index(1), engine.hard_state(1)), (5, HardState { term: 2, vote: 3, commit: 4 }));
 
     // Compaction keeps the term of the compaction point answerable.
-    h.write(1, vec![LogOp::Compact { first_kept_index: 3 }]);
+    h.write(1, vec![LogOp::Compact { first_kept_index: 3, base_term: 1 }]);
     assert_eq!((engine.first_index(1), engine.term(1, 2), engine.term(1, 1)), (3, Some(1), None));
     assert_eq!(h.terms(1), vec![1, 2, 2]);
 

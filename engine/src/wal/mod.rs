@@ -79,6 +79,14 @@ fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> WalError {
     move |source| WalError::Io { context, source }
 }
 
+/// What a purge did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    pub segments_removed: u64,
+    pub groups_rewritten: u64,
+    pub entries_rewritten: u64,
+}
+
 /// What recovery found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -100,7 +108,8 @@ struct ActiveSegment {
 pub struct WalState {
     dir: PathBuf,
     disk: Arc<dyn Disk>,
-    segments: BTreeMap<u64, PathBuf>,
+    /// Every live segment: its path and length (the active one's as of the last write).
+    segments: BTreeMap<u64, (PathBuf, u64)>,
     /// Open handles for reads, one per segment (the active one included: a separate handle from the writer's).
     readers: Mutex<HashMap<u64, Box<dyn DiskFile>>>,
     groups: HashMap<u64, GroupLog>,
@@ -216,17 +225,25 @@ impl Wal {
             }
             report.segments += 1;
             report.bytes += offset as u64;
-            segments.insert(id, path);
+            segments.insert(id, (path, offset as u64));
+        }
+        if let Some((group_id, missing)) = groups.iter().find_map(|(id, g)| g.first_missing().map(|m| (*id, m))) {
+            let path = segments.values().next().map(|(p, _)| p.clone()).unwrap_or_else(|| dir.to_path_buf());
+            return Err(WalError::Corruption {
+                path,
+                offset: 0,
+                reason: format!("group {group_id} holds entry {missing} but the record with it is missing"),
+            });
         }
         let active = match segments.iter().next_back() {
-            Some((&id, path)) => {
+            Some((&id, (path, _))) => {
                 let file = disk.open(path, false).map_err(io_error(format!("opening {}", path.display())))?;
                 let len = file.len_bytes().map_err(io_error(format!("sizing {}", path.display())))?;
                 ActiveSegment { id, file, len }
             }
             None => {
                 let active = create_segment(disk.as_ref(), dir, 1)?;
-                segments.insert(1, segment_path(dir, 1));
+                segments.insert(1, (segment_path(dir, 1), SEGMENT_HEADER_BYTES));
                 active
             }
         };
@@ -247,6 +264,62 @@ impl Wal {
         self.writer.append_and_sync(&prepared)?;
         self.state.apply(prepared);
         Ok(())
+    }
+
+    /// Deletes every segment below `horizon` (never the active one). Groups that still need any of them — for
+    /// live entries (a laggard) or for their latest hard state or compaction point — are first rewritten into the
+    /// active segment (entries only if they lie below the horizon, then a `Compact` stating where the log starts,
+    /// then the hard state), in one durable write. So one lagging group costs a rewrite of its own live entries, never the whole WAL.
+    pub fn purge(&mut self, horizon: u64) -> Result<PurgeReport, WalError> {
+        let horizon = horizon.min(self.writer.active.id);
+        let doomed: Vec<u64> = self.state.segments.range(..horizon).map(|(id, _)| *id).collect();
+        if doomed.is_empty() {
+            return Ok(PurgeReport::default());
+        }
+        let mut rewrite = Vec::new();
+        let mut report = PurgeReport::default();
+        for (&group_id, group) in &self.state.groups {
+            if group.pinned_segment().is_none_or(|oldest| oldest >= horizon) {
+                continue;
+            }
+            report.groups_rewritten += 1;
+            if group.oldest_entry_segment().is_some_and(|oldest| oldest < horizon) {
+                let live = self.state.entries(group_id, group.first_index, group.last_index() + 1, u64::MAX)?;
+                report.entries_rewritten += live.len() as u64;
+                rewrite.push((group_id, LogOp::Append(live)));
+            }
+            rewrite.push((group_id, LogOp::Compact { first_kept_index: group.first_index, base_term: group.base_term }));
+            rewrite.push((group_id, LogOp::HardState(group.hard_state)));
+        }
+        if !rewrite.is_empty() {
+            self.write(&rewrite)?;
+        }
+        for id in doomed {
+            let (path, _) = self.state.segments.remove(&id).expect("listed above");
+            self.state.readers.lock().remove(&id);
+            self.state.disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
+            report.segments_removed += 1;
+        }
+        self.state.disk.sync_dir(&self.state.dir).map_err(io_error("syncing the WAL directory after a purge"))?;
+        Ok(report)
+    }
+
+    /// The horizon that frees every segment no group needs for live entries, and beyond that as many segments
+    /// as it takes to bring the WAL under `bytes_max` (rewriting the laggards that pin them).
+    pub fn suggest_horizon(&self, bytes_max: u64) -> u64 {
+        let active = self.writer.active.id;
+        let needed_for_entries =
+            self.state.groups.values().filter_map(GroupLog::oldest_entry_segment).min().unwrap_or(active);
+        let mut horizon = needed_for_entries.min(active);
+        let mut total: u64 = self.state.segments.range(horizon..).map(|(_, (_, len))| len).sum();
+        for (&id, (_, len)) in self.state.segments.range(horizon..) {
+            if total <= bytes_max || id >= active {
+                break;
+            }
+            total -= len;
+            horizon = id + 1;
+        }
+        horizon
     }
 
     /// Splits the WAL into the shared state and the writer (for the group-commit thread).
@@ -346,7 +419,9 @@ impl WalState {
     /// Rejects operations that replay could not apply, before anything is written.
     pub fn validate<'a>(&self, operations: impl IntoIterator<Item = (u64, &'a LogOp)>) -> Result<(), WalError> {
         let mut bounds: HashMap<u64, (u64, u64)> = HashMap::new();
+        let mut touched = std::collections::HashSet::new();
         for (group_id, op) in operations {
+            let untouched = touched.insert(group_id);
             let group_id = &group_id;
             let (first, last) = *bounds.entry(*group_id).or_insert_with(|| {
                 self.groups.get(group_id).map_or((1, 0), |g| (g.first_index, g.last_index()))
@@ -368,15 +443,28 @@ impl WalState {
                     (first, head.index + entries.len() as u64 - 1)
                 }
                 LogOp::Truncate { from_index } => (first, last.min(from_index.saturating_sub(1)).max(first - 1)),
-                LogOp::Compact { first_kept_index } => {
+                LogOp::Compact { first_kept_index, base_term } => {
                     if *first_kept_index > last + 1 {
                         return Err(WalError::Invalid(format!(
                             "group {group_id}: compaction to {first_kept_index} beyond the last index {last}"
                         )));
                     }
+                    let known_term = self.groups.get(group_id).and_then(|g| g.term(first_kept_index - 1));
+                    // (Only against the log before this write: an earlier operation of the batch may rewrite it.)
+                    if untouched && *first_kept_index > first && known_term.is_some_and(|t| t != *base_term) {
+                        return Err(WalError::Invalid(format!(
+                            "group {group_id}: compaction says entry {} has term {base_term}, the log says {known_term:?}",
+                            first_kept_index - 1
+                        )));
+                    }
                     (first.max(*first_kept_index), last)
                 }
-                LogOp::Snapshot { index, .. } => (index + 1, *index),
+                LogOp::Snapshot { index, .. } => {
+                    if *index == 0 {
+                        return Err(WalError::Invalid(format!("group {group_id}: a snapshot at index 0")));
+                    }
+                    (index + 1, *index)
+                }
                 LogOp::HardState(_) => (first, last),
             };
             bounds.insert(*group_id, next);
@@ -385,12 +473,25 @@ impl WalState {
     }
 
     pub fn add_segment(&mut self, id: u64) {
-        self.segments.insert(id, segment_path(&self.dir, id));
+        self.segments.insert(id, (segment_path(&self.dir, id), SEGMENT_HEADER_BYTES));
+    }
+
+    /// Bytes of WAL that `group_id` keeps from being purged: every segment from the oldest it needs on.
+    pub fn pinned_bytes(&self, group_id: u64) -> u64 {
+        let Some(oldest) = self.groups.get(&group_id).and_then(GroupLog::pinned_segment) else { return 0 };
+        self.segments.range(oldest..).map(|(_, (_, len))| len).sum()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.segments.values().map(|(_, len)| len).sum()
     }
 
     /// Updates the index with a write that is now durable.
     pub fn apply(&mut self, prepared: PreparedWrite) {
         let segment_id = prepared.segment_id;
+        if let (Some(last), Some((_, len))) = (prepared.placed.last(), self.segments.get_mut(&segment_id)) {
+            *len = (*len).max(last.offset + last.len as u64);
+        }
         for record in prepared.placed {
             let group = self.groups.entry(record.group_id).or_default();
             let applied = match record.change {
@@ -402,9 +503,9 @@ impl WalState {
                         record_len: record.len as u32,
                         position: position as u32,
                     });
-                    group.apply_append(first_index, locations)
+                    group.apply_append(first_index, locations, false)
                 }
-                IndexChange::Other(op) => group.apply(&op, std::iter::empty()),
+                IndexChange::Other(op) => group.apply(&op, segment_id, std::iter::empty(), false),
             };
             applied.expect("operations were validated before writing");
         }
@@ -420,6 +521,10 @@ impl WalState {
 
     pub fn segment_ids(&self) -> Vec<u64> {
         self.segments.keys().copied().collect()
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = (u64, &GroupLog)> {
+        self.groups.iter().map(|(id, group)| (*id, group))
     }
 
     /// Entries `[low, high)` of a group, cut after `max_bytes` (at least one).
@@ -509,6 +614,7 @@ fn is_torn_tail(error: &DecodeError, rest: &[u8]) -> bool {
     }
 }
 
+/// Replays one record found during recovery.
 fn apply_record(
     groups: &mut HashMap<u64, GroupLog>,
     segment_id: u64,
@@ -532,7 +638,7 @@ fn apply_record(
             .collect(),
         _ => Vec::new(),
     };
-    group.apply(op, locations.into_iter()).map_err(|e| format!("group {group_id}: {e}"))
+    group.apply(op, segment_id, locations.into_iter(), true).map_err(|e| format!("group {group_id}: {e}"))
 }
 
 /// Cuts the WAL at `offset` of segment `segment_id` and deletes every later segment: the documented repair for

@@ -22,8 +22,10 @@ pub enum LogOp {
     HardState(HardState),
     /// Removes every entry at or after `from_index` (a conflicting suffix; also implied by `Append`).
     Truncate { from_index: u64 },
-    /// Entries before `first_kept_index` are no longer needed (the state machine has them durably).
-    Compact { first_kept_index: u64 },
+    /// Entries before `first_kept_index` are no longer needed (the state machine has them durably); the entry
+    /// at `first_kept_index - 1` had `base_term`. Self-sufficient: it states where the log starts even when every
+    /// earlier record is gone (purge rewrites a group's start with one).
+    Compact { first_kept_index: u64, base_term: u64 },
     /// A snapshot at `index` of `term` was installed: the log restarts after it.
     Snapshot { index: u64, term: u64 },
 }
@@ -100,8 +102,9 @@ pub fn encode(group_id: u64, op: &LogOp, out: &mut Vec<u8>) -> usize {
         LogOp::Truncate { from_index } => {
             encode_with(group_id, RecordKind::Truncate, out, |out| out.extend_from_slice(&from_index.to_le_bytes()))
         }
-        LogOp::Compact { first_kept_index } => encode_with(group_id, RecordKind::Compact, out, |out| {
-            out.extend_from_slice(&first_kept_index.to_le_bytes())
+        LogOp::Compact { first_kept_index, base_term } => encode_with(group_id, RecordKind::Compact, out, |out| {
+            out.extend_from_slice(&first_kept_index.to_le_bytes());
+            out.extend_from_slice(&base_term.to_le_bytes());
         }),
         LogOp::Snapshot { index, term } => encode_with(group_id, RecordKind::Snapshot, out, |out| {
             out.extend_from_slice(&index.to_le_bytes());
@@ -189,8 +192,11 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             LogOp::Truncate { from_index: u64_at(payload, 0).expect("checked size") }
         }
         RecordKind::Compact => {
-            fixed(8)?;
-            LogOp::Compact { first_kept_index: u64_at(payload, 0).expect("checked size") }
+            fixed(16)?;
+            LogOp::Compact {
+                first_kept_index: u64_at(payload, 0).expect("checked size"),
+                base_term: u64_at(payload, 8).expect("checked size"),
+            }
         }
         RecordKind::Snapshot => {
             fixed(16)?;
@@ -234,7 +240,7 @@ mod tests {
             LogOp::Append(vec![entry(5, 2, b"five"), entry(6, 2, b""), entry(7, 3, b"seven")]),
             LogOp::HardState(HardState { term: 3, vote: 2, commit: 6 }),
             LogOp::Truncate { from_index: 6 },
-            LogOp::Compact { first_kept_index: 4 },
+            LogOp::Compact { first_kept_index: 4, base_term: 2 },
             LogOp::Snapshot { index: 100, term: 9 },
         ]
     }
