@@ -440,7 +440,7 @@ fn model_run(seed: u64, groups: u64, writes: usize, segment_kib: u64, trace: boo
         }
         wal.write(&ops).unwrap();
         apply_all(&mut model, &ops);
-        if rng % 5 == 0 {
+        if rng.is_multiple_of(5) {
             // Purge below a random horizon: laggards and metadata are rewritten, the logical state is unchanged.
             let segments = wal.segment_ids();
             let horizon = segments[(rng as usize / 3) % segments.len()];
@@ -450,7 +450,7 @@ fn model_run(seed: u64, groups: u64, writes: usize, segment_kib: u64, trace: boo
             }
             assert_matches(&wal, &model);
         }
-        if rng % 7 == 0 {
+        if rng.is_multiple_of(7) {
             drop(wal);
             let (reopened, report) = Wal::open(dir, Arc::new(disk.clone()), options(segment_kib << 10)).unwrap();
             assert_eq!(report.torn_tail, None);
