@@ -8,6 +8,8 @@
 
 pub mod disk;
 pub mod log_engine;
+pub mod redb_sim;
+pub mod state_machine;
 pub mod wal;
 
 pub use flotilla_raft::prelude::{Entry, HardState};
