@@ -68,13 +68,17 @@ fn storage(error: impl std::fmt::Display) -> StateMachineError {
 /// Settings of the state machine.
 #[derive(Clone, Debug)]
 pub struct StateMachineOptions {
-    /// The memtable is flushed once it holds this many bytes of keys and values. Default 64 MiB.
+    /// The memtable is flushed once it holds this many bytes of keys and values. Larger means fewer, cheaper
+    /// per key flushes (with random keys a flush rewrites most of the tree's leaves whatever its size) and more
+    /// memory (about twice this) and longer WAL replay after a crash. Default 64 MiB.
     pub memtable_bytes_max: u64,
+    /// redb's page cache. Default 1 GiB (redb's own default).
+    pub cache_bytes: usize,
 }
 
 impl Default for StateMachineOptions {
     fn default() -> StateMachineOptions {
-        StateMachineOptions { memtable_bytes_max: 64 << 20 }
+        StateMachineOptions { memtable_bytes_max: 64 << 20, cache_bytes: 1 << 30 }
     }
 }
 
@@ -136,7 +140,8 @@ fn decode_applied(bytes: [u8; 16]) -> AppliedState {
 impl StateMachine {
     /// Opens (or creates) the database file at `path`.
     pub fn open(path: &Path, options: StateMachineOptions) -> Result<StateMachine, StateMachineError> {
-        StateMachine::from_database(Database::builder().create(path).map_err(storage)?, options)
+        let db = Database::builder().set_cache_size(options.cache_bytes).create(path).map_err(storage)?;
+        StateMachine::from_database(db, options)
     }
 
     /// Opens a database on another storage backend (crash tests use [`crate::redb_sim::SimRedbBackend`]).
@@ -144,7 +149,8 @@ impl StateMachine {
         backend: impl redb::StorageBackend,
         options: StateMachineOptions,
     ) -> Result<StateMachine, StateMachineError> {
-        StateMachine::from_database(Database::builder().create_with_backend(backend).map_err(storage)?, options)
+        let db = Database::builder().set_cache_size(options.cache_bytes).create_with_backend(backend).map_err(storage)?;
+        StateMachine::from_database(db, options)
     }
 
     fn from_database(db: Database, options: StateMachineOptions) -> Result<StateMachine, StateMachineError> {

@@ -52,7 +52,7 @@ proptest! {
     #[test]
     fn crash_recovery_from_the_checkpoint_plus_replay_equals_the_model(seed in any::<u64>(), steps in 1usize..120, memtable_bytes in 64u64..4096) {
         let disk = SimRedbBackend::new();
-        let options = StateMachineOptions { memtable_bytes_max: memtable_bytes };
+        let options = StateMachineOptions { memtable_bytes_max: memtable_bytes, ..StateMachineOptions::default() };
         let mut machine = StateMachine::open_with_backend(disk.clone(), options.clone()).unwrap();
         let mut rng = seed | 1;
         let mut model = Data::new();
