@@ -1,12 +1,88 @@
-//! The `flotilla` command. Subcommands arrive with the issues that build what they drive.
+//! The `flotilla` command. Subcommands arrive with the issues that build what they drive; today: WAL tools.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use flotilla_engine::disk::StdDisk;
+use flotilla_engine::wal::{repair_truncate, Wal, WalError, WalOptions};
 
 #[derive(Parser)]
 #[command(name = "flotilla", version, about = "Flotilla: a multi-raft sharded storage engine")]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    println!("flotilla {}: the embedded store and the server arrive with later issues.", env!("CARGO_PKG_VERSION"));
+#[derive(Subcommand)]
+enum Command {
+    /// Recover a node's WAL read-only style (a torn tail is truncated, as at startup) and report what it holds;
+    /// on corruption, print where and the repair command.
+    WalCheck {
+        /// The WAL directory (`<data dir>/wal`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Cut the WAL at a corrupt record and delete every later segment. What follows the cut is lost from this
+    /// node; its groups' other replicas must still hold it. Run only what `wal-check` printed.
+    WalRepair {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The segment id (the number in the file name).
+        #[arg(long)]
+        segment: u64,
+        /// The byte offset of the first bad record in that segment.
+        #[arg(long)]
+        offset: u64,
+    },
+}
+
+fn segment_of(path: &std::path::Path) -> Option<u64> {
+    path.file_name()?.to_str()?.strip_suffix(".wal")?.parse().ok()
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::WalCheck { dir } => match Wal::open(&dir, Arc::new(StdDisk), WalOptions::default()) {
+            Ok((wal, report)) => {
+                let groups = wal.group_ids().count();
+                println!(
+                    "WAL {} is healthy: {} segments, {} records, {} bytes, {groups} groups",
+                    dir.display(),
+                    report.segments,
+                    report.records,
+                    report.bytes
+                );
+                if let Some((path, offset, dropped)) = report.torn_tail {
+                    println!("a torn write at the tail was truncated: {} at offset {offset} ({dropped} bytes)", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(WalError::Corruption { path, offset, reason }) => {
+                eprintln!("WAL corruption in {} at offset {offset}: {reason}", path.display());
+                if let Some(segment) = segment_of(&path) {
+                    eprintln!(
+                        "to cut the WAL there (losing what follows on this node): flotilla wal-repair --dir {} --segment {segment} --offset {offset}",
+                        dir.display()
+                    );
+                }
+                ExitCode::from(2)
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::WalRepair { dir, segment, offset } => match repair_truncate(&dir, &StdDisk, segment, offset) {
+            Ok(()) => {
+                println!("cut segment {segment} at offset {offset} and removed every later segment");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                ExitCode::FAILURE
+            }
+        },
+    }
 }

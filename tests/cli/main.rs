@@ -1,0 +1,3 @@
+//! Tests of the `flotilla` command (they belong to the root package, which owns the binary).
+
+mod wal;
