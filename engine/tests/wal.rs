@@ -117,7 +117,11 @@ fn random_op(rng: &mut u64, group: &ModelGroup, term: u64) -> LogOp {
 }
 
 fn options(segment_bytes_max: u64) -> WalOptions {
-    WalOptions { segment_bytes_max, record_batch_bytes_max: 1 << 30, sync: true }
+    options_with_cache(segment_bytes_max, 0)
+}
+
+fn options_with_cache(segment_bytes_max: u64, entry_cache_bytes_max: u64) -> WalOptions {
+    WalOptions { segment_bytes_max, record_batch_bytes_max: 1 << 30, sync: true, entry_cache_bytes_max }
 }
 
 proptest! {
@@ -125,8 +129,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48), .. ProptestConfig::default() })]
 
     #[test]
-    fn recovered_state_equals_the_model(seed in any::<u64>(), groups in 1u64..12, writes in 1usize..60, segment_kib in 1u64..16) {
-        model_run(seed, groups, writes, segment_kib, false);
+    fn recovered_state_equals_the_model(
+        seed in any::<u64>(), groups in 1u64..12, writes in 1usize..60, segment_kib in 1u64..16, cache in 0usize..3,
+    ) {
+        // The entry cache off, tiny (constant eviction) and large: every read path is compared with the model.
+        model_run(seed, groups, writes, segment_kib, [0, 600, 1 << 20][cache], false);
     }
 
     #[test]
@@ -413,12 +420,12 @@ fn a_group_whose_early_records_vanished_without_a_rewrite_is_corruption() {
 }
 
 /// Random operations over `groups` groups with purges and reopens; after each, the WAL must equal the model.
-fn model_run(seed: u64, groups: u64, writes: usize, segment_kib: u64, trace: bool) {
+fn model_run(seed: u64, groups: u64, writes: usize, segment_kib: u64, cache_bytes: u64, trace: bool) {
     let disk = SimDisk::new();
     let dir = Path::new("/node/wal");
     let mut rng = seed | 1;
     let mut model = Model::new();
-    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(segment_kib << 10)).unwrap();
+    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options_with_cache(segment_kib << 10, cache_bytes)).unwrap();
     for write in 0..writes {
         let mut ops = Vec::new();
         let mut staged = model.clone();
@@ -452,7 +459,8 @@ fn model_run(seed: u64, groups: u64, writes: usize, segment_kib: u64, trace: boo
         }
         if rng.is_multiple_of(7) {
             drop(wal);
-            let (reopened, report) = Wal::open(dir, Arc::new(disk.clone()), options(segment_kib << 10)).unwrap();
+            let (reopened, report) =
+                Wal::open(dir, Arc::new(disk.clone()), options_with_cache(segment_kib << 10, cache_bytes)).unwrap();
             assert_eq!(report.torn_tail, None);
             wal = reopened;
             assert_matches(&wal, &model);
@@ -468,5 +476,17 @@ fn model_run(seed: u64, groups: u64, writes: usize, segment_kib: u64, trace: boo
 #[ignore = "debugging aid: replay one case with a trace"]
 fn model_run_trace() {
     let seed = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    model_run(seed, 5, 40, 2, true);
+    model_run(seed, 5, 40, 2, 600, true);
+}
+
+#[test]
+fn reads_outside_the_log_are_refused_even_when_the_cache_held_those_entries() {
+    let (mut wal, _) = Wal::open(Path::new("/w"), Arc::new(SimDisk::new()), options_with_cache(1 << 20, 1 << 20)).unwrap();
+    wal.write(&[(1, LogOp::Append(entries(1..=5, 1)))]).unwrap();
+    wal.write(&[(1, LogOp::Truncate { from_index: 4 })]).unwrap();
+    assert!(matches!(wal.entries(1, 3, 6, u64::MAX), Err(WalError::Invalid(_))));
+    assert_eq!(wal.entries(1, 1, 4, u64::MAX).unwrap(), entries(1..=3, 1));
+    wal.write(&[(1, LogOp::Compact { first_kept_index: 3, base_term: 1 })]).unwrap();
+    assert!(matches!(wal.entries(1, 2, 4, u64::MAX), Err(WalError::Invalid(_))));
+    assert!(wal.state().entry_cache_bytes() > 0);
 }

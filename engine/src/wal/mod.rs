@@ -10,6 +10,7 @@
 //! [`RecoveryReport`]. Damage anywhere else is corruption: [`Wal::open`] fails with [`WalError::Corruption`]
 //! naming the file and offset, and `repair_truncate` (the `flotilla wal-repair` command, later) can cut there.
 
+pub mod entry_cache;
 pub mod group_commit;
 pub mod group_log;
 pub mod record;
@@ -23,6 +24,7 @@ use flotilla_raft::{Entry, HardState};
 use parking_lot::Mutex;
 
 use crate::disk::{Disk, DiskFile};
+use entry_cache::EntryCache;
 use group_log::{EntryLocation, GroupLog};
 use record::{append_runs, decode, encode, encode_append, DecodeError, LogOp, RECORD_HEADER_BYTES};
 
@@ -40,11 +42,13 @@ pub struct WalOptions {
     /// **Benchmarks only.** With `false`, writes are never synced: acknowledged writes are lost on power failure
     /// or kernel crash. Opening a WAL this way prints a warning. Default `true`.
     pub sync: bool,
+    /// Recent entries of all groups kept in memory for reads (0 disables the cache). Default 64 MiB.
+    pub entry_cache_bytes_max: u64,
 }
 
 impl Default for WalOptions {
     fn default() -> WalOptions {
-        WalOptions { segment_bytes_max: 64 << 20, record_batch_bytes_max: 4 << 20, sync: true }
+        WalOptions { segment_bytes_max: 64 << 20, record_batch_bytes_max: 4 << 20, sync: true, entry_cache_bytes_max: 64 << 20 }
     }
 }
 
@@ -113,6 +117,7 @@ pub struct WalState {
     /// Open handles for reads, one per segment (the active one included: a separate handle from the writer's).
     readers: Mutex<HashMap<u64, Box<dyn DiskFile>>>,
     groups: HashMap<u64, GroupLog>,
+    cache: EntryCache,
 }
 
 /// The part of the WAL that writes: the active segment. Owned by one writer (the caller of [`Wal::write`], or
@@ -140,9 +145,9 @@ struct PlacedRecord {
     change: IndexChange,
 }
 
-/// What a record changes in the index: appends need only their first index and terms (no copy of the entries).
+/// What a record changes in the index (and the entry cache).
 enum IndexChange {
-    Append { first_index: u64, terms: Vec<u64> },
+    Append(Vec<Entry>),
     Other(LogOp),
 }
 
@@ -247,7 +252,14 @@ impl Wal {
                 active
             }
         };
-        let state = WalState { dir: dir.to_path_buf(), disk: Arc::clone(&disk), segments, readers: Mutex::new(HashMap::new()), groups };
+        let state = WalState {
+            dir: dir.to_path_buf(),
+            disk: Arc::clone(&disk),
+            segments,
+            readers: Mutex::new(HashMap::new()),
+            groups,
+            cache: EntryCache::new(options.entry_cache_bytes_max),
+        };
         let writer = SegmentWriter { dir: dir.to_path_buf(), disk, options, active, scratch: Vec::new() };
         Ok((Wal { state, writer }, report))
     }
@@ -377,10 +389,7 @@ impl SegmentWriter {
                     for run in append_runs(entries, self.options.record_batch_bytes_max) {
                         let offset = self.active.len + buffer.len() as u64;
                         let len = encode_append(group_id, &entries[run.clone()], &mut buffer);
-                        let change = IndexChange::Append {
-                            first_index: entries[run.start].index,
-                            terms: entries[run].iter().map(|e| e.term).collect(),
-                        };
+                        let change = IndexChange::Append(entries[run].to_vec());
                         placed.push(PlacedRecord { group_id, offset, len, change });
                     }
                 }
@@ -482,6 +491,10 @@ impl WalState {
         self.segments.range(oldest..).map(|(_, (_, len))| len).sum()
     }
 
+    pub fn entry_cache_bytes(&self) -> u64 {
+        self.cache.bytes()
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.segments.values().map(|(_, len)| len).sum()
     }
@@ -494,20 +507,29 @@ impl WalState {
         }
         for record in prepared.placed {
             let group = self.groups.entry(record.group_id).or_default();
-            let applied = match record.change {
-                IndexChange::Append { first_index, terms } => {
-                    let locations = terms.into_iter().enumerate().map(|(position, term)| EntryLocation {
-                        term,
+            let applied = match &record.change {
+                IndexChange::Append(entries) => {
+                    let locations = entries.iter().enumerate().map(|(position, entry)| EntryLocation {
+                        term: entry.term,
                         segment_id,
                         record_offset: record.offset,
                         record_len: record.len as u32,
                         position: position as u32,
                     });
-                    group.apply_append(first_index, locations, false)
+                    group.apply_append(entries[0].index, locations, false)
                 }
-                IndexChange::Other(op) => group.apply(&op, segment_id, std::iter::empty(), false),
+                IndexChange::Other(op) => group.apply(op, segment_id, std::iter::empty(), false),
             };
             applied.expect("operations were validated before writing");
+            match record.change {
+                IndexChange::Append(entries) => self.cache.append(record.group_id, &entries),
+                IndexChange::Other(LogOp::Truncate { from_index }) => self.cache.truncate_from(record.group_id, from_index),
+                IndexChange::Other(LogOp::Compact { first_kept_index, .. }) => {
+                    self.cache.compact_to(record.group_id, first_kept_index)
+                }
+                IndexChange::Other(LogOp::Snapshot { .. }) => self.cache.clear_group(record.group_id),
+                IndexChange::Other(LogOp::HardState(_)) | IndexChange::Other(LogOp::Append(_)) => {}
+            }
         }
     }
 
@@ -530,6 +552,16 @@ impl WalState {
     /// Entries `[low, high)` of a group, cut after `max_bytes` (at least one).
     pub fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
         let group = self.groups.get(&group_id).ok_or_else(|| WalError::Invalid(format!("unknown group {group_id}")))?;
+        if low < group.first_index || high > group.last_index() + 1 || low > high {
+            return Err(WalError::Invalid(format!(
+                "group {group_id}: entries {low}..{high} outside [{}, {}]",
+                group.first_index,
+                group.last_index()
+            )));
+        }
+        if let Some(cached) = self.cache.get(group_id, low, high, max_bytes) {
+            return Ok(cached);
+        }
         let mut entries = Vec::new();
         let mut bytes = 0u64;
         let mut index = low;
