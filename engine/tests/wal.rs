@@ -349,6 +349,53 @@ mod group_commit {
     }
 
     #[test]
+    fn purging_through_the_writer_bounds_the_wal_while_writes_continue() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/node/wal");
+        let (wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 4096, ..WalOptions::default() }).unwrap();
+        let committer = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
+        let (reply, persisted) = crossbeam_channel::unbounded();
+        // A laggard that never compacts.
+        committer.submit(WriteRequest { group_id: 99, ready_number: 1, ops: vec![LogOp::Append(entries(1..=3, 1))], reply: reply.clone() }).unwrap();
+        persisted.recv_timeout(std::time::Duration::from_secs(10)).expect("the laggard's write answered");
+        let writer = {
+            let committer = Arc::clone(&committer);
+            std::thread::spawn(move || {
+                // Like a Raft group: the next Ready goes once the previous one is durable.
+                let (reply, persisted) = crossbeam_channel::unbounded();
+                for round in 1..=200u64 {
+                    let first = (round - 1) * 4 + 1;
+                    let ops = vec![
+                        LogOp::Append(entries(first..=first + 3, 1)),
+                        LogOp::Compact { first_kept_index: first + 3, base_term: 1 },
+                    ];
+                    committer.submit(WriteRequest { group_id: 1, ready_number: round, ops, reply: reply.clone() }).unwrap();
+                    persisted.recv_timeout(std::time::Duration::from_secs(10)).expect("answered");
+                }
+            })
+        };
+        let mut purges = 0;
+        while !writer.is_finished() {
+            committer.purge(3 * 4096).unwrap();
+            purges += 1;
+        }
+        writer.join().unwrap();
+        let report = committer.purge(3 * 4096).unwrap();
+        assert!(purges > 1, "purges ran while writes went on");
+        let _ = report;
+        {
+            let state = committer.state();
+            assert!(state.total_bytes() <= 4 * 4096, "bounded: {} bytes after {purges} purges", state.total_bytes());
+            assert_eq!(state.entries(99, 1, 4, u64::MAX).unwrap(), entries(1..=3, 1), "the laggard's entries survive");
+            assert_eq!(state.group(1).unwrap().first_index, 800);
+        }
+        drop(committer);
+        let (wal, _) = Wal::open(dir, Arc::new(disk), WalOptions::default()).unwrap();
+        assert_eq!(wal.entries(99, 1, 4, u64::MAX).unwrap(), entries(1..=3, 1));
+        assert_eq!((wal.group(1).unwrap().first_index, wal.group(1).unwrap().last_index()), (800, 800));
+    }
+
+    #[test]
     fn a_failed_sync_stops_the_writer_and_fails_later_submits() {
         let disk = SimDisk::new();
         let (wal, _) = Wal::open(Path::new("/w"), Arc::new(disk.clone()), WalOptions::default()).unwrap();

@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use parking_lot::{Mutex, RwLock};
 
 use super::record::LogOp;
-use super::{SegmentWriter, Wal, WalError, WalState};
+use super::{PurgeReport, SegmentWriter, Wal, WalError, WalState};
 
 /// A group's `Ready` is durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +32,13 @@ pub struct WriteRequest {
     pub ready_number: u64,
     pub ops: Vec<LogOp>,
     pub reply: Sender<Persisted>,
+}
+
+/// What the writer thread is asked to do.
+enum Command {
+    Write(WriteRequest),
+    /// Purge down to `bytes_max` of WAL (see `WalState::suggest_horizon`), replying with what it did.
+    Purge { bytes_max: u64, reply: Sender<Result<PurgeReport, String>> },
 }
 
 /// Settings of the writer thread.
@@ -60,7 +67,7 @@ pub struct GroupCommitStats {
 
 pub struct GroupCommitWal {
     state: Arc<RwLock<WalState>>,
-    sender: Option<Sender<WriteRequest>>,
+    sender: Option<Sender<Command>>,
     thread: Option<JoinHandle<()>>,
     failure: Arc<Mutex<Option<String>>>,
     stats: Arc<GroupCommitStats>,
@@ -70,7 +77,7 @@ impl GroupCommitWal {
     pub fn start(wal: Wal, options: GroupCommitOptions) -> GroupCommitWal {
         let (state, writer) = wal.into_parts();
         let state = Arc::new(RwLock::new(state));
-        let (sender, receiver) = crossbeam_channel::bounded(options.queue_capacity);
+        let (sender, receiver) = crossbeam_channel::bounded::<Command>(options.queue_capacity);
         let failure = Arc::new(Mutex::new(None));
         let stats = Arc::new(GroupCommitStats::default());
         let thread = {
@@ -89,11 +96,20 @@ impl GroupCommitWal {
             return Err(WalError::Invalid(format!("the WAL writer has stopped: {reason}")));
         }
         let sender = self.sender.as_ref().expect("sender lives until drop");
-        match sender.try_send(request) {
+        match sender.try_send(Command::Write(request)) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(request)) => sender.send(request).map_err(|_| self.stopped_error()),
+            Err(TrySendError::Full(command)) => sender.send(command).map_err(|_| self.stopped_error()),
             Err(TrySendError::Disconnected(_)) => Err(self.stopped_error()),
         }
+    }
+
+    /// Asks the writer to purge the WAL down to `bytes_max` (rewriting laggards as needed) between two writes,
+    /// and waits for the outcome. Run it periodically, e.g. after the state machine's durable checkpoints.
+    pub fn purge(&self, bytes_max: u64) -> Result<PurgeReport, WalError> {
+        let (reply, outcome) = crossbeam_channel::bounded(1);
+        let sender = self.sender.as_ref().expect("sender lives until drop");
+        sender.send(Command::Purge { bytes_max, reply }).map_err(|_| self.stopped_error())?;
+        outcome.recv().map_err(|_| self.stopped_error())?.map_err(|reason| WalError::Invalid(format!("purge failed: {reason}")))
     }
 
     fn stopped_error(&self) -> WalError {
@@ -139,25 +155,53 @@ fn ops_bytes(request: &WriteRequest) -> u64 {
 fn run_writer(
     mut writer: SegmentWriter,
     state: Arc<RwLock<WalState>>,
-    receiver: Receiver<WriteRequest>,
+    receiver: Receiver<Command>,
     options: GroupCommitOptions,
     failure: Arc<Mutex<Option<String>>>,
     stats: Arc<GroupCommitStats>,
 ) {
-    while let Ok(first) = receiver.recv() {
+    let mut deferred: Option<Command> = None;
+    loop {
+        let first = match deferred.take() {
+            Some(command) => command,
+            None => match receiver.recv() {
+                Ok(command) => command,
+                Err(_) => return,
+            },
+        };
+        let first = match first {
+            Command::Purge { bytes_max, reply } => {
+                let outcome = purge(&mut writer, &state, bytes_max);
+                let fatal = outcome.as_ref().err().map(ToString::to_string);
+                let _ = reply.send(outcome.map_err(|e| e.to_string()));
+                if let Some(reason) = fatal {
+                    *failure.lock() = Some(reason);
+                    return;
+                }
+                continue;
+            }
+            Command::Write(request) => request,
+        };
         let mut bytes = ops_bytes(&first);
         let mut batch = vec![first];
         while bytes < options.batch_bytes_max {
             match receiver.try_recv() {
-                Ok(request) => {
+                Ok(Command::Write(request)) => {
                     bytes += ops_bytes(&request);
                     batch.push(request);
+                }
+                Ok(purge_command) => {
+                    // Runs right after this batch.
+                    deferred = Some(purge_command);
+                    break;
                 }
                 Err(_) => break,
             }
         }
         let started = Instant::now();
-        let result = write_batch(&mut writer, &state, &batch);
+        let result = write_operations(&mut writer, &state, || {
+            batch.iter().flat_map(|r| r.ops.iter().map(move |op| (r.group_id, op)))
+        });
         stats.sync_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Err(error) = result {
             *failure.lock() = Some(error.to_string());
@@ -174,8 +218,10 @@ fn run_writer(
     }
 }
 
-fn write_batch(writer: &mut SegmentWriter, state: &RwLock<WalState>, batch: &[WriteRequest]) -> Result<(), WalError> {
-    let operations = || batch.iter().flat_map(|r| r.ops.iter().map(move |op| (r.group_id, op)));
+fn write_operations<'a, I>(writer: &mut SegmentWriter, state: &RwLock<WalState>, operations: impl Fn() -> I) -> Result<(), WalError>
+where
+    I: Iterator<Item = (u64, &'a LogOp)>,
+{
     state.read().validate(operations())?;
     if let Some(new_segment) = writer.rotate_if_full()? {
         state.write().add_segment(new_segment);
@@ -184,4 +230,21 @@ fn write_batch(writer: &mut SegmentWriter, state: &RwLock<WalState>, batch: &[Wr
     writer.append_and_sync(&prepared)?;
     state.write().apply(prepared);
     Ok(())
+}
+
+fn purge(writer: &mut SegmentWriter, state: &RwLock<WalState>, bytes_max: u64) -> Result<PurgeReport, WalError> {
+    let plan = {
+        let state = state.read();
+        let horizon = state.suggest_horizon(bytes_max, writer.active_id());
+        state.purge_plan(horizon, writer.active_id())?
+    };
+    if !plan.rewrite.is_empty() {
+        write_operations(writer, state, || plan.rewrite.iter().map(|(group, op)| (*group, op)))?;
+    }
+    state.write().remove_segments(&plan.doomed)?;
+    let (pinned, group) = state.read().max_pinned_bytes();
+    metrics::gauge!("flotilla_wal_pinned_bytes_max").set(pinned as f64);
+    metrics::gauge!("flotilla_wal_pinned_bytes_max_group").set(group as f64);
+    metrics::gauge!("flotilla_wal_bytes").set(state.read().total_bytes() as f64);
+    Ok(plan.report)
 }

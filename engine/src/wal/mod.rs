@@ -281,57 +281,20 @@ impl Wal {
     /// Deletes every segment below `horizon` (never the active one). Groups that still need any of them — for
     /// live entries (a laggard) or for their latest hard state or compaction point — are first rewritten into the
     /// active segment (entries only if they lie below the horizon, then a `Compact` stating where the log starts,
-    /// then the hard state), in one durable write. So one lagging group costs a rewrite of its own live entries, never the whole WAL.
+    /// then the hard state), in one durable write. So one lagging group costs a rewrite of its own live entries,
+    /// never the whole WAL.
     pub fn purge(&mut self, horizon: u64) -> Result<PurgeReport, WalError> {
-        let horizon = horizon.min(self.writer.active.id);
-        let doomed: Vec<u64> = self.state.segments.range(..horizon).map(|(id, _)| *id).collect();
-        if doomed.is_empty() {
-            return Ok(PurgeReport::default());
+        let plan = self.state.purge_plan(horizon, self.writer.active_id())?;
+        if !plan.rewrite.is_empty() {
+            self.write(&plan.rewrite)?;
         }
-        let mut rewrite = Vec::new();
-        let mut report = PurgeReport::default();
-        for (&group_id, group) in &self.state.groups {
-            if group.pinned_segment().is_none_or(|oldest| oldest >= horizon) {
-                continue;
-            }
-            report.groups_rewritten += 1;
-            if group.oldest_entry_segment().is_some_and(|oldest| oldest < horizon) {
-                let live = self.state.entries(group_id, group.first_index, group.last_index() + 1, u64::MAX)?;
-                report.entries_rewritten += live.len() as u64;
-                rewrite.push((group_id, LogOp::Append(live)));
-            }
-            rewrite.push((group_id, LogOp::Compact { first_kept_index: group.first_index, base_term: group.base_term }));
-            rewrite.push((group_id, LogOp::HardState(group.hard_state)));
-        }
-        if !rewrite.is_empty() {
-            self.write(&rewrite)?;
-        }
-        for id in doomed {
-            let (path, _) = self.state.segments.remove(&id).expect("listed above");
-            self.state.readers.lock().remove(&id);
-            self.state.disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
-            report.segments_removed += 1;
-        }
-        self.state.disk.sync_dir(&self.state.dir).map_err(io_error("syncing the WAL directory after a purge"))?;
-        Ok(report)
+        self.state.remove_segments(&plan.doomed)?;
+        Ok(plan.report)
     }
 
-    /// The horizon that frees every segment no group needs for live entries, and beyond that as many segments
-    /// as it takes to bring the WAL under `bytes_max` (rewriting the laggards that pin them).
+    /// See [`WalState::suggest_horizon`].
     pub fn suggest_horizon(&self, bytes_max: u64) -> u64 {
-        let active = self.writer.active.id;
-        let needed_for_entries =
-            self.state.groups.values().filter_map(GroupLog::oldest_entry_segment).min().unwrap_or(active);
-        let mut horizon = needed_for_entries.min(active);
-        let mut total: u64 = self.state.segments.range(horizon..).map(|(_, (_, len))| len).sum();
-        for (&id, (_, len)) in self.state.segments.range(horizon..) {
-            if total <= bytes_max || id >= active {
-                break;
-            }
-            total -= len;
-            horizon = id + 1;
-        }
-        horizon
+        self.state.suggest_horizon(bytes_max, self.writer.active_id())
     }
 
     /// Splits the WAL into the shared state and the writer (for the group-commit thread).
@@ -364,7 +327,18 @@ impl Wal {
     }
 }
 
+/// What a purge will do: the rewrite to write first, the segments to delete after.
+pub struct PurgePlan {
+    pub rewrite: Vec<(u64, LogOp)>,
+    pub doomed: Vec<u64>,
+    pub report: PurgeReport,
+}
+
 impl SegmentWriter {
+    pub fn active_id(&self) -> u64 {
+        self.active.id
+    }
+
     /// Starts a new segment if the active one is full; returns the new segment's id.
     pub fn rotate_if_full(&mut self) -> Result<Option<u64>, WalError> {
         if self.active.len < self.options.segment_bytes_max {
@@ -479,6 +453,67 @@ impl WalState {
             bounds.insert(*group_id, next);
         }
         Ok(())
+    }
+
+    /// Plans a purge below `horizon` (capped at the active segment): which groups to rewrite and how, and which
+    /// segments then go.
+    pub fn purge_plan(&self, horizon: u64, active_id: u64) -> Result<PurgePlan, WalError> {
+        let horizon = horizon.min(active_id);
+        let doomed: Vec<u64> = self.segments.range(..horizon).map(|(id, _)| *id).collect();
+        let mut rewrite = Vec::new();
+        let mut report = PurgeReport { segments_removed: doomed.len() as u64, ..Default::default() };
+        if doomed.is_empty() {
+            return Ok(PurgePlan { rewrite, doomed, report });
+        }
+        for (&group_id, group) in &self.groups {
+            if group.pinned_segment().is_none_or(|oldest| oldest >= horizon) {
+                continue;
+            }
+            report.groups_rewritten += 1;
+            if group.oldest_entry_segment().is_some_and(|oldest| oldest < horizon) {
+                let live = self.entries(group_id, group.first_index, group.last_index() + 1, u64::MAX)?;
+                report.entries_rewritten += live.len() as u64;
+                rewrite.push((group_id, LogOp::Append(live)));
+            }
+            rewrite.push((group_id, LogOp::Compact { first_kept_index: group.first_index, base_term: group.base_term }));
+            rewrite.push((group_id, LogOp::HardState(group.hard_state)));
+        }
+        Ok(PurgePlan { rewrite, doomed, report })
+    }
+
+    /// Deletes segments (after the purge's rewrite is durable) and makes that durable.
+    pub fn remove_segments(&mut self, doomed: &[u64]) -> Result<(), WalError> {
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        for id in doomed {
+            if let Some((path, _)) = self.segments.remove(id) {
+                self.readers.lock().remove(id);
+                self.disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
+            }
+        }
+        self.disk.sync_dir(&self.dir).map_err(io_error("syncing the WAL directory after a purge"))
+    }
+
+    /// The horizon that frees every segment no group needs for live entries, and beyond that as many segments
+    /// as it takes to bring the WAL under `bytes_max` (rewriting the laggards that pin them).
+    pub fn suggest_horizon(&self, bytes_max: u64, active_id: u64) -> u64 {
+        let needed_for_entries = self.groups.values().filter_map(GroupLog::oldest_entry_segment).min().unwrap_or(active_id);
+        let mut horizon = needed_for_entries.min(active_id);
+        let mut total: u64 = self.segments.range(horizon..).map(|(_, (_, len))| len).sum();
+        for (&id, (_, len)) in self.segments.range(horizon..) {
+            if total <= bytes_max || id >= active_id {
+                break;
+            }
+            total -= len;
+            horizon = id + 1;
+        }
+        horizon
+    }
+
+    /// The largest number of WAL bytes any one group keeps from being purged, and that group.
+    pub fn max_pinned_bytes(&self) -> (u64, u64) {
+        self.groups.keys().map(|&g| (self.pinned_bytes(g), g)).max().unwrap_or((0, 0))
     }
 
     pub fn add_segment(&mut self, id: u64) {
