@@ -39,6 +39,12 @@ struct Args {
     /// A short run: fewer cases, one second each, 64 MiB recovery.
     #[arg(long)]
     quick: bool,
+    /// Segment size, MiB (the WAL's default is 256).
+    #[arg(long, default_value_t = 256)]
+    segment_mib: u64,
+    /// Only this entry size (bytes), e.g. 4096.
+    #[arg(long)]
+    only_entry_bytes: Option<usize>,
 }
 
 struct Outcome {
@@ -50,9 +56,10 @@ struct Outcome {
     writer_busy: f64,
 }
 
-fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, entries_per_ready: u64, seconds: f64) -> Outcome {
+fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, entries_per_ready: u64, seconds: f64, segment_mib: u64) -> Outcome {
     let _ = std::fs::remove_dir_all(dir);
-    let (wal, _) = Wal::open(dir, Arc::new(StdDisk), WalOptions::default()).expect("open WAL");
+    let options = WalOptions { segment_bytes_max: segment_mib << 20, ..WalOptions::default() };
+    let (wal, _) = Wal::open(dir, Arc::new(StdDisk), options).expect("open WAL");
     let committer = GroupCommitWal::start(wal, GroupCommitOptions { queue_capacity: (groups as usize).max(16), ..Default::default() });
     let payload = Bytes::from(vec![b'x'; entry_bytes]);
     let (reply, persisted) = crossbeam_channel::unbounded();
@@ -159,7 +166,10 @@ fn main() {
     );
     for &groups in &group_counts {
         for &entry_bytes in &sizes {
-            let outcome = run_wal(dir, groups, entry_bytes, args.entries_per_ready, seconds);
+            if args.only_entry_bytes.is_some_and(|only| only != entry_bytes) {
+                continue;
+            }
+            let outcome = run_wal(dir, groups, entry_bytes, args.entries_per_ready, seconds, args.segment_mib);
             let (raw_mib, _raw_syncs) = run_raw(dir, outcome.bytes_per_sync, seconds.min(2.0));
             println!(
                 "{:>6} {:>6}B {:>14.0} {:>9.1} {:>9.0} {:>12} {:>11.1} {:>6.0}% {:>6.0}%",
