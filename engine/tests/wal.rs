@@ -186,6 +186,18 @@ fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
     range.map(|index| Entry { index, term, data: Bytes::from(format!("entry {index}")), ..Default::default() }).collect()
 }
 
+/// A WAL on `disk` with small segments, holding `rounds` appends of `per_round` entries (of terms 1, 2, …) for
+/// `group`.
+fn wal_with_rounds(disk: &SimDisk, segment_bytes_max: u64, group: u64, rounds: u64, per_round: u64) -> Wal {
+    let dir = Path::new("/node/wal");
+    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max, ..WalOptions::default() }).unwrap();
+    for term in 1..=rounds {
+        let first = (term - 1) * per_round + 1;
+        wal.write(&[(group, LogOp::Append(entries(first..=first + per_round - 1, term)))]).unwrap();
+    }
+    wal
+}
+
 #[test]
 fn a_torn_tail_is_truncated_and_reported() {
     let disk = SimDisk::new();
@@ -210,11 +222,7 @@ fn a_torn_tail_is_truncated_and_reported() {
 fn a_flipped_bit_before_the_tail_is_corruption_naming_file_and_offset_and_repair_cuts_there() {
     let disk = SimDisk::new();
     let dir = Path::new("/node/wal");
-    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 150, ..WalOptions::default() }).unwrap();
-    for term in 1..=9 {
-        let first = (term - 1) * 3 + 1;
-        wal.write(&[(7, LogOp::Append(entries(first..=first + 2, term)))]).unwrap();
-    }
+    let wal = wal_with_rounds(&disk, 150, 7, 9, 3);
     let segments = wal.segment_ids();
     assert!(segments.len() >= 3, "small segments rotate: {segments:?}");
     drop(wal);
@@ -285,11 +293,7 @@ fn damage_to_the_last_record_of_an_older_segment_is_corruption_not_a_torn_tail()
     // Only the newest segment can end in a torn write: older ones were synced before the WAL moved on.
     let disk = SimDisk::new();
     let dir = Path::new("/node/wal");
-    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 150, ..WalOptions::default() }).unwrap();
-    for term in 1..=6 {
-        let first = (term - 1) * 3 + 1;
-        wal.write(&[(7, LogOp::Append(entries(first..=first + 2, term)))]).unwrap();
-    }
+    let wal = wal_with_rounds(&disk, 150, 7, 6, 3);
     assert!(wal.segment_ids().len() >= 2);
     drop(wal);
     let older = segment_path(dir, 1);
@@ -455,12 +459,7 @@ fn one_lagging_group_does_not_pin_the_wal_and_costs_only_its_own_rewrite() {
 fn a_group_whose_early_records_vanished_without_a_rewrite_is_corruption() {
     let disk = SimDisk::new();
     let dir = Path::new("/node/wal");
-    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 100, ..WalOptions::default() }).unwrap();
-    for term in 1..=4 {
-        let first = (term - 1) * 2 + 1;
-        wal.write(&[(5, LogOp::Append(entries(first..=first + 1, term)))]).unwrap();
-    }
-    drop(wal);
+    drop(wal_with_rounds(&disk, 100, 5, 4, 2));
     disk.remove(&segment_path(dir, 1)).unwrap();
     let error = Wal::open(dir, Arc::new(disk), WalOptions::default()).err().expect("refused");
     assert!(error.to_string().contains("but the record with it is missing"), "{error}");

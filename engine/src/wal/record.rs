@@ -5,7 +5,6 @@
 //! crc32c covers payload_len, kind, group_id and payload (every byte of the record but the checksum itself)
 //! ```
 
-use bytes::Bytes;
 use flotilla_raft::{Entry, HardState};
 use prost::Message as _;
 
@@ -226,14 +225,15 @@ pub fn append_runs(entries: &[Entry], batch_bytes_max: usize) -> Vec<std::ops::R
     runs
 }
 
-/// An entry's payload as stored (used by tests and tools).
-pub fn entry(index: u64, term: u64, data: &'static [u8]) -> Entry {
-    Entry { index, term, data: Bytes::from_static(data), ..Default::default() }
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    fn entry(index: u64, term: u64, data: &'static [u8]) -> Entry {
+        Entry { index, term, data: Bytes::from_static(data), ..Default::default() }
+    }
 
     fn ops() -> Vec<LogOp> {
         vec![
