@@ -116,6 +116,8 @@ struct SimDiskState {
     directories: std::collections::BTreeSet<PathBuf>,
     /// The next this-many `sync_data` calls fail.
     failing_syncs: u32,
+    /// After a power cut: writes vanish and syncs fail, until `crash` (which models the reboot).
+    powered_off: bool,
 }
 
 /// An in-memory disk with fault injection. Clones share the same disk.
@@ -143,6 +145,7 @@ impl SimDisk {
     /// directory sync disappear.
     pub fn crash(&self, mut keep_unsynced: impl FnMut(&Path, usize) -> usize) {
         let mut state = self.state.lock();
+        state.powered_off = false;
         let durable_names = state.durable_names.clone();
         state.files.retain(|path, _| durable_names.contains(path));
         for (path, file) in state.files.iter_mut() {
@@ -151,6 +154,12 @@ impl SimDisk {
             file.data.truncate(file.synced_len + kept);
             file.synced_len = file.data.len();
         }
+    }
+
+    /// Cuts the power: from now on writes are lost and syncs fail (so nothing more can be reported durable), until
+    /// `crash` reboots the disk.
+    pub fn power_off(&self) {
+        self.state.lock().powered_off = true;
     }
 
     /// Makes the next `count` `sync_data` calls fail.
@@ -242,11 +251,17 @@ impl DiskFile for SimFile {
     }
 
     fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.state.lock().powered_off {
+            return Ok(());
+        }
         self.with_file(|f| f.data.extend_from_slice(data))
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
         let mut state = self.state.lock();
+        if state.powered_off {
+            return Err(io::Error::other("power lost"));
+        }
         if state.failing_syncs > 0 {
             state.failing_syncs -= 1;
             return Err(io::Error::other("injected fsync failure"));

@@ -400,6 +400,56 @@ mod group_commit {
     }
 
     #[test]
+    fn power_loss_under_concurrent_group_commit_keeps_every_persisted_reply_true() {
+        for seed in 0..20u64 {
+            let disk = SimDisk::new();
+            let dir = Path::new("/node/wal");
+            let (wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 8192, ..WalOptions::default() }).unwrap();
+            let committer = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
+            let (reply, persisted) = crossbeam_channel::unbounded();
+            let producers: Vec<_> = (1..=4u64)
+                .map(|group| {
+                    let committer = Arc::clone(&committer);
+                    let reply = reply.clone();
+                    std::thread::spawn(move || {
+                        for round in 1..=400u64 {
+                            let first = (round - 1) * 2 + 1;
+                            let request = WriteRequest {
+                                group_id: group,
+                                ready_number: round,
+                                ops: vec![LogOp::Append(entries(first..=first + 1, 1))],
+                                reply: reply.clone(),
+                            };
+                            if committer.submit(request).is_err() {
+                                return; // the writer stopped after the power cut
+                            }
+                        }
+                    })
+                })
+                .collect();
+            // Cut the power at a moment that depends on the seed, while the producers are busy.
+            std::thread::sleep(std::time::Duration::from_micros(200 + seed * 150));
+            disk.power_off();
+            for producer in producers {
+                producer.join().unwrap();
+            }
+            drop(committer);
+            let answered: Vec<Persisted> = persisted.try_iter().collect();
+            disk.crash(|_, unsynced| unsynced * (seed as usize % 5) / 4);
+            let (wal, _) = Wal::open(dir, Arc::new(disk), WalOptions::default()).unwrap();
+            for group in 1..=4u64 {
+                let last_answered = answered.iter().filter(|p| p.group_id == group).map(|p| p.ready_number).max().unwrap_or(0);
+                let last = wal.group(group).map_or(0, |g| g.last_index());
+                assert!(last >= last_answered * 2, "seed {seed}: group {group} answered ready {last_answered} but holds only {last}");
+                assert!(last <= 800, "never more than was written");
+                if last > 0 {
+                    assert_eq!(wal.entries(group, 1, last + 1, u64::MAX).unwrap(), entries(1..=last, 1), "seed {seed}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_failed_sync_stops_the_writer_and_fails_later_submits() {
         let disk = SimDisk::new();
         let (wal, _) = Wal::open(Path::new("/w"), Arc::new(disk.clone()), WalOptions::default()).unwrap();
