@@ -7,6 +7,10 @@
 //!
 //! A disk error is fatal: the writer stops, every waiting and later request fails with the stored reason, and
 //! the node must stop (what was written may or may not be durable).
+//!
+//! Metrics: `flotilla_wal_write_seconds` (encode + write + fdatasync + index update per batch),
+//! `flotilla_wal_batch_requests`, `flotilla_wal_batch_bytes` (histograms); after each purge the gauges
+//! `flotilla_wal_bytes`, `flotilla_wal_pinned_bytes_max` and `flotilla_wal_pinned_bytes_max_group`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -211,6 +215,9 @@ fn run_writer(
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+        metrics::histogram!("flotilla_wal_write_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("flotilla_wal_batch_requests").record(batch.len() as f64);
+        metrics::histogram!("flotilla_wal_batch_bytes").record(bytes as f64);
         for request in batch {
             // A requester that went away no longer needs the answer.
             let _ = request.reply.send(Persisted { group_id: request.group_id, ready_number: request.ready_number });
