@@ -249,3 +249,60 @@ fn persisting_out_of_order_is_impossible_by_contract_and_numbers_release_in_orde
     assert_eq!(released.len(), 1, "only the first response is released");
     assert_eq!(released[0].index, 2);
 }
+
+#[test]
+fn a_leader_elected_before_persisting_its_snapshot_sends_that_snapshot() {
+    // raft-sim seed 91853: replica 4 installs a snapshot, wins an election on other voters' votes before the
+    // install is durable, and must then snapshot a lagging follower from that not-yet-persisted snapshot.
+    let mut c = Cluster::new(&[1, 2, 3, 4, 5], &[], |config| {
+        config.pre_vote = false;
+        config.check_quorum = false;
+    });
+    c.elect(1);
+    c.isolate(4);
+    c.isolate(5);
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}")).unwrap();
+    }
+    c.stabilize();
+    let applied = c.applied_index(1);
+    c.node_mut(1).snapshot_and_compact(applied);
+    c.heal();
+    c.isolate(5);
+    c.tick(1, 2);
+    // Deliver to 4 without persisting until the leader sends it the snapshot.
+    for _ in 0..10 {
+        let messages = c.take_messages();
+        let (to_4, rest): (Vec<Message>, Vec<Message>) = messages.into_iter().partition(|m| m.to == 4);
+        c.deliver(rest);
+        c.deliver_unpersisted(4, to_4);
+        if c.raft(4).raft_log.unstable.snapshot.is_some() {
+            break;
+        }
+    }
+    assert!(c.raft(4).raft_log.unstable.snapshot.is_some(), "4 holds an unpersisted snapshot");
+    c.node_mut(1).raw.report_snapshot(4, true);
+    let node = c.node_mut(4);
+    node.raw.campaign();
+    node.process_ready(false);
+    let requests = node.take_outbox();
+    c.heal();
+    c.deliver(requests);
+    let votes: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 4).collect();
+    c.deliver_unpersisted(4, votes);
+    assert_eq!(c.raft(4).role, StateRole::Leader, "three other votes are a majority of five");
+    // Lagging 5 needs entries before 4's first index: it gets 4's snapshot.
+    for _ in 0..20 {
+        let messages = c.take_messages();
+        if let Some(snapshot) = messages.iter().find(|m| m.kind() == Some(MessageType::Snapshot) && m.from == 4) {
+            assert_eq!(snapshot.snapshot.as_ref().unwrap().index(), applied);
+            return;
+        }
+        let (to_4, rest): (Vec<Message>, Vec<Message>) = messages.into_iter().partition(|m| m.to == 4);
+        c.deliver(rest);
+        c.deliver_unpersisted(4, to_4);
+        c.node_mut(4).raw.tick();
+        c.node_mut(4).process_ready(false);
+    }
+    panic!("4 never sent 5 a snapshot");
+}

@@ -223,6 +223,15 @@ impl<S: Storage> RaftLog<S> {
         }
     }
 
+    /// The snapshot a lagging follower should get: one not yet persisted here (a replica can win an election
+    /// before its own snapshot install is durable) or else the storage's.
+    pub fn snapshot(&self, request_index: u64) -> StorageResult<Snapshot> {
+        match &self.unstable.snapshot {
+            Some(snapshot) => Ok(snapshot.clone()),
+            None => self.storage.snapshot(request_index),
+        }
+    }
+
     /// Replaces the log with a snapshot received from the leader.
     pub fn restore(&mut self, snapshot: Snapshot) {
         let index = snapshot.index();

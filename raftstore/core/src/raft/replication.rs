@@ -131,7 +131,7 @@ impl<S: Storage> Raft<S> {
             // Do not push a snapshot at a replica that may be down; wait until it answers again.
             return false;
         }
-        let snapshot = match self.raft_log.storage.snapshot(self.raft_log.first_index() - 1) {
+        let snapshot = match self.raft_log.snapshot(self.raft_log.first_index() - 1) {
             Ok(snapshot) => snapshot,
             Err(StorageError::SnapshotTemporarilyUnavailable) => return false,
             Err(e) => self.storage_fatal("getting a snapshot", e),
