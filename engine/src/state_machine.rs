@@ -11,7 +11,8 @@
 //! Reads merge the memtable over redb. Keys are the users' keys: a group's range is one contiguous key range.
 //!
 //! Tables: `data` (key → value), `apply_state` (group → applied index and term, 16 bytes), `ranges` (group →
-//! encoded range descriptor, written by the raftstore).
+//! encoded range descriptor, written by the raftstore), `snapshot_staging_{group}` while a snapshot is installed.
+//! Snapshot streaming and installation live in `snapshot.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -20,18 +21,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::snapshot::{decode_chunk, encode_chunk, in_range, ChunkError, SnapshotChunkBody};
-
-const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
-const APPLY_STATE: TableDefinition<u64, [u8; 16]> = TableDefinition::new("apply_state");
+pub(crate) const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
+pub(crate) const APPLY_STATE: TableDefinition<u64, [u8; 16]> = TableDefinition::new("apply_state");
 const RANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("ranges");
 
-fn staging_table_name(group_id: u64) -> String {
-    format!("snapshot_staging_{group_id}")
-}
 
 /// One change to the data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,7 +63,7 @@ impl std::fmt::Display for StateMachineError {
 
 impl std::error::Error for StateMachineError {}
 
-fn storage(error: impl std::fmt::Display) -> StateMachineError {
+pub(crate) fn storage(error: impl std::fmt::Display) -> StateMachineError {
     StateMachineError::Storage(error.to_string())
 }
 
@@ -96,19 +91,19 @@ pub type AppliedState = (u64, u64);
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
 #[derive(Default)]
-struct Memtable {
+pub(crate) struct Memtable {
     /// `None` is a deletion not yet flushed.
-    data: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    applied: HashMap<u64, AppliedState>,
-    bytes: u64,
+    pub(crate) data: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pub(crate) applied: HashMap<u64, AppliedState>,
+    pub(crate) bytes: u64,
 }
 
 /// The memtable taking applies, and the one being flushed (if a flush is under way). Reads see active, then
 /// flushing, then redb.
 #[derive(Default)]
-struct Memtables {
-    active: Memtable,
-    flushing: Option<Arc<Memtable>>,
+pub(crate) struct Memtables {
+    pub(crate) active: Memtable,
+    pub(crate) flushing: Option<Arc<Memtable>>,
 }
 
 impl Memtables {
@@ -122,23 +117,23 @@ impl Memtables {
 }
 
 pub struct StateMachine {
-    db: Database,
+    pub(crate) db: Database,
     options: StateMachineOptions,
-    memtables: RwLock<Memtables>,
-    /// One flush at a time.
-    flush_lock: Mutex<()>,
+    pub(crate) memtables: RwLock<Memtables>,
+    /// One flush at a time (a snapshot install holds it too).
+    pub(crate) flush_lock: Mutex<()>,
     /// What the last flush made durable.
-    durable: RwLock<HashMap<u64, AppliedState>>,
+    pub(crate) durable: RwLock<HashMap<u64, AppliedState>>,
 }
 
-fn encode_applied((index, term): AppliedState) -> [u8; 16] {
+pub(crate) fn encode_applied((index, term): AppliedState) -> [u8; 16] {
     let mut bytes = [0; 16];
     bytes[..8].copy_from_slice(&index.to_le_bytes());
     bytes[8..].copy_from_slice(&term.to_le_bytes());
     bytes
 }
 
-fn decode_applied(bytes: [u8; 16]) -> AppliedState {
+pub(crate) fn decode_applied(bytes: [u8; 16]) -> AppliedState {
     let index = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     let term = u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes"));
     (index, term)
@@ -340,191 +335,5 @@ impl StateMachine {
             out.push((group.value(), descriptor.value().to_vec()));
         }
         Ok(out)
-    }
-}
-
-/// Streams a snapshot of one group's range (see `snapshot.rs`).
-pub struct SnapshotReader {
-    read: redb::ReadTransaction,
-    group_id: u64,
-    end: Vec<u8>,
-    /// The next key to read (inclusive); `None` once the range is exhausted.
-    next_key: Option<Vec<u8>>,
-    sequence: u64,
-    total_pairs: u64,
-    applied: AppliedState,
-    chunk_bytes_max: usize,
-}
-
-impl SnapshotReader {
-    /// The applied state the snapshot is taken at.
-    pub fn applied(&self) -> AppliedState {
-        self.applied
-    }
-
-    /// Whether every chunk has been handed out.
-    pub fn is_exhausted(&self) -> bool {
-        self.next_key.is_none()
-    }
-
-    /// The next encoded chunk, or `None` after the last one.
-    pub fn next_chunk(&mut self) -> Result<Option<Bytes>, StateMachineError> {
-        let Some(start) = self.next_key.take() else { return Ok(None) };
-        let table = self.read.open_table(DATA).map_err(storage)?;
-        let upper = if self.end.is_empty() { Bound::Unbounded } else { Bound::Excluded(self.end.as_slice()) };
-        let mut body = SnapshotChunkBody { group_id: self.group_id, sequence: self.sequence, ..Default::default() };
-        let mut bytes = 0usize;
-        for row in table.range::<&[u8]>((Bound::Included(start.as_slice()), upper)).map_err(storage)? {
-            let (key, value) = row.map_err(storage)?;
-            if !body.keys.is_empty() && bytes + key.value().len() + value.value().len() > self.chunk_bytes_max {
-                self.next_key = Some(key.value().to_vec());
-                break;
-            }
-            bytes += key.value().len() + value.value().len();
-            body.keys.push(key.value().to_vec());
-            body.values.push(value.value().to_vec());
-        }
-        self.total_pairs += body.keys.len() as u64;
-        self.sequence += 1;
-        if self.next_key.is_none() {
-            body.last = true;
-            body.total_pairs = self.total_pairs;
-            (body.applied_index, body.applied_term) = self.applied;
-        }
-        Ok(Some(encode_chunk(&body)))
-    }
-}
-
-/// Receives a snapshot of one group's range and installs it atomically (see `snapshot.rs`).
-pub struct SnapshotInstaller<'a> {
-    machine: &'a StateMachine,
-    group_id: u64,
-    start: Vec<u8>,
-    end: Vec<u8>,
-    expected_sequence: u64,
-    received_pairs: u64,
-    finished: Option<AppliedState>,
-}
-
-impl SnapshotInstaller<'_> {
-    /// Verifies a chunk and stages it. Returns true once the last chunk has arrived.
-    pub fn receive(&mut self, encoded: &[u8]) -> Result<bool, StateMachineError> {
-        let chunk = decode_chunk(encoded).map_err(|e| StateMachineError::Invalid(e.to_string()))?;
-        let invalid = |e: ChunkError| Err(StateMachineError::Invalid(e.to_string()));
-        if chunk.group_id != self.group_id {
-            return invalid(ChunkError::WrongGroup(chunk.group_id));
-        }
-        if chunk.sequence != self.expected_sequence || self.finished.is_some() {
-            return invalid(ChunkError::OutOfOrder { expected: self.expected_sequence, found: chunk.sequence });
-        }
-        if chunk.keys.iter().any(|k| !in_range(k, &self.start, &self.end)) {
-            return invalid(ChunkError::OutsideRange);
-        }
-        let mut write = self.machine.db.begin_write().map_err(storage)?;
-        write.set_durability(Durability::None).map_err(storage)?;
-        {
-            let name = staging_table_name(self.group_id);
-            let definition: TableDefinition<&[u8], &[u8]> = TableDefinition::new(&name);
-            let mut staging = write.open_table(definition).map_err(storage)?;
-            for (key, value) in chunk.keys.iter().zip(&chunk.values) {
-                staging.insert(key.as_slice(), value.as_slice()).map_err(storage)?;
-            }
-        }
-        write.commit().map_err(storage)?;
-        self.received_pairs += chunk.keys.len() as u64;
-        self.expected_sequence += 1;
-        if chunk.last {
-            if chunk.total_pairs != self.received_pairs {
-                return invalid(ChunkError::CountMismatch { expected: chunk.total_pairs, received: self.received_pairs });
-            }
-            self.finished = Some((chunk.applied_index, chunk.applied_term));
-        }
-        Ok(chunk.last)
-    }
-
-    /// Replaces the group's range and applied state with the snapshot, in one durable transaction.
-    pub fn finish(self) -> Result<AppliedState, StateMachineError> {
-        let applied = self.finished.ok_or_else(|| StateMachineError::Invalid("the snapshot's last chunk has not arrived".into()))?;
-        let machine = self.machine;
-        // No read may see the range half replaced, and no flush may write older data over it.
-        let _no_flush = machine.flush_lock.lock();
-        let mut memtables = machine.memtables.write();
-        let mut write = machine.db.begin_write().map_err(storage)?;
-        write.set_durability(Durability::Immediate).map_err(storage)?;
-        write.set_quick_repair(true);
-        let staging_name = staging_table_name(self.group_id);
-        {
-            let upper = if self.end.is_empty() { Bound::Unbounded } else { Bound::Excluded(self.end.as_slice()) };
-            let mut data = write.open_table(DATA).map_err(storage)?;
-            data.retain_in::<&[u8], _>((Bound::Included(self.start.as_slice()), upper), |_, _| false).map_err(storage)?;
-            let definition: TableDefinition<&[u8], &[u8]> = TableDefinition::new(&staging_name);
-            let staging = write.open_table(definition).map_err(storage)?;
-            for row in staging.iter().map_err(storage)? {
-                let (key, value) = row.map_err(storage)?;
-                data.insert(key.value(), value.value()).map_err(storage)?;
-            }
-            drop(staging);
-            write.open_table(APPLY_STATE).map_err(storage)?.insert(self.group_id, encode_applied(applied)).map_err(storage)?;
-        }
-        let definition: TableDefinition<&[u8], &[u8]> = TableDefinition::new(&staging_name);
-        write.delete_table(definition).map_err(storage)?;
-        write.commit().map_err(storage)?;
-        let range = |key: &Vec<u8>| in_range(key, &self.start, &self.end);
-        memtables.active.data.retain(|key, _| !range(key));
-        memtables.active.applied.remove(&self.group_id);
-        memtables.active.bytes = memtables.active.data.iter().map(|(k, v)| k.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64)).sum();
-        machine.durable.write().insert(self.group_id, applied);
-        Ok(applied)
-    }
-}
-
-impl StateMachine {
-    /// Starts streaming a snapshot of `group_id`'s range `[start, end)` (`end` empty: unbounded), in chunks of at
-    /// most `chunk_bytes_max` bytes of keys and values (at least one pair each).
-    pub fn snapshot_reader(
-        &self,
-        group_id: u64,
-        start: &[u8],
-        end: &[u8],
-        chunk_bytes_max: usize,
-    ) -> Result<SnapshotReader, StateMachineError> {
-        self.flush()?;
-        let _no_flush = self.flush_lock.lock();
-        let read = self.db.begin_read().map_err(storage)?;
-        let applied = read
-            .open_table(APPLY_STATE)
-            .map_err(storage)?
-            .get(group_id)
-            .map_err(storage)?
-            .map(|state| decode_applied(state.value()))
-            .unwrap_or((0, 0));
-        Ok(SnapshotReader {
-            read,
-            group_id,
-            end: end.to_vec(),
-            next_key: Some(start.to_vec()),
-            sequence: 0,
-            total_pairs: 0,
-            applied,
-            chunk_bytes_max,
-        })
-    }
-
-    /// Starts receiving a snapshot for `group_id`'s range `[start, end)`; any earlier unfinished one is discarded.
-    pub fn snapshot_installer(&self, group_id: u64, start: &[u8], end: &[u8]) -> Result<SnapshotInstaller<'_>, StateMachineError> {
-        let write = self.db.begin_write().map_err(storage)?;
-        let name = staging_table_name(group_id);
-        let definition: TableDefinition<&[u8], &[u8]> = TableDefinition::new(&name);
-        write.delete_table(definition).map_err(storage)?;
-        write.commit().map_err(storage)?;
-        Ok(SnapshotInstaller {
-            machine: self,
-            group_id,
-            start: start.to_vec(),
-            end: end.to_vec(),
-            expected_sequence: 0,
-            received_pairs: 0,
-            finished: None,
-        })
     }
 }

@@ -35,19 +35,10 @@ fn stream(source: &StateMachine, target: &StateMachine, group: u64, start: &str,
     while let Some(chunk) = reader.next_chunk().unwrap() {
         chunks += 1;
         let last = installer.receive(&chunk).unwrap();
-        assert_eq!(last, reader.next_chunk_is_done(), "the last chunk is marked last");
+        assert_eq!(last, reader.is_exhausted(), "the last chunk is marked last");
     }
     let applied = installer.finish().unwrap();
     (chunks, applied.0)
-}
-
-trait Done {
-    fn next_chunk_is_done(&self) -> bool;
-}
-impl Done for flotilla_engine::state_machine::SnapshotReader {
-    fn next_chunk_is_done(&self) -> bool {
-        self.is_exhausted()
-    }
 }
 
 #[test]
