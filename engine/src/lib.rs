@@ -7,6 +7,7 @@
 //! - [`log_engine`]: the trait the raftstore sees ([`log_engine::LogEngine`]) and an in-memory implementation.
 
 pub mod disk;
+pub mod flusher;
 pub mod log_engine;
 pub mod redb_sim;
 pub mod snapshot;

@@ -314,6 +314,11 @@ impl StateMachine {
         self.durable.read().get(&group_id).copied().unwrap_or((0, 0))
     }
 
+    pub fn memtable_bytes_max(&self) -> u64 {
+        self.options.memtable_bytes_max
+    }
+
+    /// Bytes of keys and values in the memtable taking applies.
     pub fn memtable_bytes(&self) -> u64 {
         self.memtables.read().active.bytes
     }
