@@ -18,8 +18,8 @@ use crate::sim_node::SimNode;
 #[derive(Default)]
 pub struct Invariants {
     leaders: BTreeMap<u64, u64>,
-    /// (index, term) → prefix chain.
-    chains: HashMap<(u64, u64), u64>,
+    /// (index, term) → (prefix chain, the replica that first held it, the base index its chain started from).
+    chains: HashMap<(u64, u64), (u64, u64, u64)>,
     /// index → (term, chain) of committed entries.
     committed: BTreeMap<u64, (u64, u64)>,
     /// Term of the observer → highest index it saw committed: an index is known committed at a term below T if
@@ -77,15 +77,19 @@ impl Invariants {
         for entry in &entries {
             chain = entry_chain(chain, entry);
             match self.chains.get(&(entry.index, entry.term)) {
-                Some(&known) if known != chain => {
+                Some(&(known, first_holder, first_base)) if known != chain => {
+                    let terms: Vec<String> = entries.iter().map(|e| format!("{}@{}", e.index, e.term)).collect();
                     return Err(format!(
-                        "log matching: node {id} holds ({}, term {}) with a different prefix",
-                        entry.index, entry.term
-                    ))
+                        "log matching: node {id} holds ({}, term {}) with a different prefix than node {first_holder} \
+                         had (from base {first_base}); node {id}'s log from {first} (base {base_index}): {}",
+                        entry.index,
+                        entry.term,
+                        terms.join(" ")
+                    ));
                 }
                 Some(_) => {}
                 None => {
-                    self.chains.insert((entry.index, entry.term), chain);
+                    self.chains.insert((entry.index, entry.term), (chain, id, base_index));
                 }
             }
             if entry.index <= committed_index {

@@ -118,9 +118,10 @@ fn leader_sends_before_persisting_but_counts_itself_only_after() {
 }
 
 #[test]
-fn a_new_leader_counts_only_the_entries_it_has_persisted() {
-    // Node 1 appended 2@1 as a follower and has not persisted it when it campaigns and wins on the other two
-    // votes alone: it leads, but its own match is what is durable, not its last index.
+fn a_candidate_leads_only_once_its_own_vote_and_term_are_durable() {
+    // raft-sim seed 219192: a candidate that led on the other voters' votes before its own term was durable could
+    // crash back into the previous term, be elected again in the same term by the same voters, and lead one term
+    // twice with two different logs.
     let mut c = Cluster::new(&[1, 2, 3], &[], |config| {
         config.pre_vote = false;
         config.check_quorum = false;
@@ -137,12 +138,23 @@ fn a_new_leader_counts_only_the_entries_it_has_persisted() {
     let votes = c.take_messages();
     assert_eq!(votes.iter().filter(|m| !m.reject).count(), 2);
     c.deliver_unpersisted(1, votes);
+    assert_eq!(c.raft(1).role, StateRole::Candidate, "won on others' votes, but its own vote is not durable yet");
+    // Crash now: nothing of term 2 was durable, and 1 never led it.
+    c.node_mut(1).crash_and_restart(0).unwrap();
+    assert_eq!((c.raft(1).term, c.raft(1).role), (1, StateRole::Follower));
+    // Again, and this time the write lands: 1 leads with everything before its vote durable.
     let node = c.node_mut(1);
-    assert_eq!(node.role(), StateRole::Leader, "two other voters are a majority of three");
-    assert_eq!(node.raw.raft.raft_log.last_index(), 3, "1@1, 2@1 and its no-op");
-    assert_eq!(node.raw.raft.tracker.progress[&1].matched, 1, "2@1 and the no-op are not durable yet");
-    node.persist_all();
-    assert_eq!(node.raw.raft.tracker.progress[&1].matched, 3);
+    node.raw.campaign();
+    node.process_ready(false);
+    let requests = node.take_outbox();
+    c.deliver(requests);
+    let votes = c.take_messages();
+    c.deliver_unpersisted(1, votes);
+    assert_eq!(c.raft(1).role, StateRole::Candidate);
+    c.node_mut(1).persist_all();
+    assert_eq!(c.raft(1).role, StateRole::Leader);
+    let raft = c.raft(1);
+    assert_eq!(raft.tracker.progress[&1].matched, raft.raft_log.persisted, "it counts only what is durable");
 }
 
 #[test]
@@ -251,9 +263,10 @@ fn persisting_out_of_order_is_impossible_by_contract_and_numbers_release_in_orde
 }
 
 #[test]
-fn a_leader_elected_before_persisting_its_snapshot_sends_that_snapshot() {
-    // raft-sim seed 91853: replica 4 installs a snapshot, wins an election on other voters' votes before the
-    // install is durable, and must then snapshot a lagging follower from that not-yet-persisted snapshot.
+fn a_candidate_holding_an_unpersisted_snapshot_leads_once_durable_and_snapshots_lagging_followers() {
+    // raft-sim seed 91853: replica 4 installs a snapshot and wins an election on other voters' votes before the
+    // install is durable. It leads only once its vote (and, before it, the snapshot) is durable, then snapshots a
+    // lagging follower.
     let mut c = Cluster::new(&[1, 2, 3, 4, 5], &[], |config| {
         config.pre_vote = false;
         config.check_quorum = false;
@@ -290,7 +303,10 @@ fn a_leader_elected_before_persisting_its_snapshot_sends_that_snapshot() {
     c.deliver(requests);
     let votes: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 4).collect();
     c.deliver_unpersisted(4, votes);
-    assert_eq!(c.raft(4).role, StateRole::Leader, "three other votes are a majority of five");
+    assert_eq!(c.raft(4).role, StateRole::Candidate, "three other votes are a majority, but its own is not durable");
+    c.node_mut(4).persist_all();
+    assert_eq!(c.raft(4).role, StateRole::Leader);
+    assert!(c.raft(4).raft_log.unstable.snapshot.is_none(), "the snapshot became durable before the vote did");
     // Lagging 5 needs entries before 4's first index: it gets 4's snapshot.
     for _ in 0..20 {
         let messages = c.take_messages();

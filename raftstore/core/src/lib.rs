@@ -20,8 +20,10 @@
 //! 3. When the write is durable, call [`RawNode::on_persisted`]`(n)`; this declares every `Ready` `<= n` durable.
 //!    Only now does the core (a) count the leader's own entries toward the commit quorum, (b) release the
 //!    responses that claim something about durable state — append responses, vote responses, and a candidate's
-//!    vote for itself — into the next `Ready`. So a follower acknowledges an append only after persisting it, and
-//!    a vote is persisted before it is answered. A `Ready` with `must_sync == false` (only a commit-index change)
+//!    vote for itself — into the next `Ready`. So a follower acknowledges an append only after persisting it, a
+//!    vote is persisted before it is answered, and a candidate becomes leader only once its own vote (hence its
+//!    term) is durable, even when the other voters already make a majority: otherwise a crash could put it back
+//!    in the previous term and let it lead the same term twice, with two different logs. A `Ready` with `must_sync == false` (only a commit-index change)
 //!    may be acknowledged without syncing.
 //! 4. **Apply** `committed_entries` (already persisted locally, so a restarted replica never finds its state
 //!    machine ahead of its log), calling [`RawNode::apply_conf_change`] for membership entries, then

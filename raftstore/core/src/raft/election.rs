@@ -155,6 +155,11 @@ impl<S: Storage> Raft<S> {
                 self.tracker.record_vote(m.from, !m.reject);
                 match self.tracker.tally_votes() {
                     VoteResult::Won if self.role == StateRole::PreCandidate => self.campaign(false),
+                    // Lead only once our own vote — and with it our term — is durable. Otherwise a crash could
+                    // restart us in the previous term, the same voters could elect us again in this one, and we
+                    // would lead one term twice with two different logs (raft-sim seed 219192: two different
+                    // entries at one index and term). Our vote arrives when `on_persisted` releases it.
+                    VoteResult::Won if self.tracker.votes.get(&self.id) != Some(&true) => {}
                     VoteResult::Won => {
                         self.become_leader();
                         self.broadcast_append();
