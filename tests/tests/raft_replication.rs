@@ -6,6 +6,27 @@ use flotilla_raft::prelude::*;
 use flotilla_raft::{DropReason, Error};
 use flotilla_tests::cluster::Cluster;
 
+/// Proposes `count` values at `leader`, delivers everything, then snapshots and compacts the leader's log at its
+/// applied index, which it returns.
+fn propose_and_compact(c: &mut Cluster, leader: u64, count: usize) -> u64 {
+    for i in 0..count {
+        c.propose(leader, &format!("v{i}")).unwrap();
+    }
+    c.stabilize();
+    let applied = c.applied_index(leader);
+    c.node_mut(leader).snapshot_and_compact(applied);
+    applied
+}
+
+/// Delivers every waiting message; those to `held` are stepped there without persisting anything.
+fn deliver_holding_back(c: &mut Cluster, held: u64) -> Vec<Message> {
+    let messages = c.take_messages();
+    let (to_held, rest): (Vec<Message>, Vec<Message>) = messages.iter().cloned().partition(|m| m.to == held);
+    c.deliver(rest);
+    c.deliver_unpersisted(held, to_held);
+    messages
+}
+
 const FIGURE_7_LEADER: [u64; 10] = [1, 1, 1, 4, 4, 5, 5, 6, 6, 6];
 
 #[test]
@@ -196,12 +217,7 @@ fn scenario_g_a_follower_behind_compaction_catches_up_by_snapshot() {
     let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
     c.elect(1);
     c.isolate(3);
-    for i in 0..20 {
-        c.propose(1, &format!("v{i}")).unwrap();
-        c.stabilize();
-    }
-    let applied = c.applied_index(1);
-    c.node_mut(1).snapshot_and_compact(applied);
+    let applied = propose_and_compact(&mut c, 1, 20);
     assert_eq!(c.raft(1).raft_log.first_index(), applied + 1);
     c.heal();
     c.take_trace();
@@ -224,12 +240,7 @@ fn installing_a_snapshot_discards_a_conflicting_log() {
     let mut c = Cluster::from_logs(&[1, 2, 3], &logs, 2, |_| {});
     c.isolate(3);
     c.elect(1);
-    for i in 0..5 {
-        c.propose(1, &format!("v{i}")).unwrap();
-    }
-    c.stabilize();
-    let applied = c.applied_index(1);
-    c.node_mut(1).snapshot_and_compact(applied);
+    let applied = propose_and_compact(&mut c, 1, 5);
     c.heal();
     c.tick_all(3);
     c.stabilize();
@@ -274,21 +285,13 @@ fn a_candidate_holding_an_unpersisted_snapshot_leads_once_durable_and_snapshots_
     c.elect(1);
     c.isolate(4);
     c.isolate(5);
-    for i in 0..5 {
-        c.propose(1, &format!("v{i}")).unwrap();
-    }
-    c.stabilize();
-    let applied = c.applied_index(1);
-    c.node_mut(1).snapshot_and_compact(applied);
+    let applied = propose_and_compact(&mut c, 1, 5);
     c.heal();
     c.isolate(5);
     c.tick(1, 2);
     // Deliver to 4 without persisting until the leader sends it the snapshot.
     for _ in 0..10 {
-        let messages = c.take_messages();
-        let (to_4, rest): (Vec<Message>, Vec<Message>) = messages.into_iter().partition(|m| m.to == 4);
-        c.deliver(rest);
-        c.deliver_unpersisted(4, to_4);
+        deliver_holding_back(&mut c, 4);
         if c.raft(4).raft_log.unstable.snapshot.is_some() {
             break;
         }
@@ -309,14 +312,11 @@ fn a_candidate_holding_an_unpersisted_snapshot_leads_once_durable_and_snapshots_
     assert!(c.raft(4).raft_log.unstable.snapshot.is_none(), "the snapshot became durable before the vote did");
     // Lagging 5 needs entries before 4's first index: it gets 4's snapshot.
     for _ in 0..20 {
-        let messages = c.take_messages();
-        if let Some(snapshot) = messages.iter().find(|m| m.kind() == Some(MessageType::Snapshot) && m.from == 4) {
+        let delivered = deliver_holding_back(&mut c, 4);
+        if let Some(snapshot) = delivered.iter().find(|m| m.kind() == Some(MessageType::Snapshot) && m.from == 4) {
             assert_eq!(snapshot.snapshot.as_ref().unwrap().index(), applied);
             return;
         }
-        let (to_4, rest): (Vec<Message>, Vec<Message>) = messages.into_iter().partition(|m| m.to == 4);
-        c.deliver(rest);
-        c.deliver_unpersisted(4, to_4);
         c.node_mut(4).raw.tick();
         c.node_mut(4).process_ready(false);
     }
