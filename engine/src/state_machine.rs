@@ -181,7 +181,7 @@ impl StateMachine {
 
     /// Applies many groups' committed entries. Returns whether the memtable is now over its budget (the caller
     /// should `flush`, off the apply path if it likes).
-    pub fn apply(&self, batch: &[GroupApply]) -> Result<bool, StateMachineError> {
+    pub fn apply(&self, batch: Vec<GroupApply>) -> Result<bool, StateMachineError> {
         let mut memtables = self.memtables.write();
         for group in batch {
             let current = memtables
@@ -195,14 +195,16 @@ impl StateMachine {
                 )));
             }
             let memtable = &mut memtables.active;
-            for op in &group.ops {
+            // The ops are moved in: applying copies no key or value.
+            for op in group.ops {
                 let (key, value) = match op {
-                    KvOp::Put { key, value } => (key, Some(value.clone())),
+                    KvOp::Put { key, value } => (key, Some(value)),
                     KvOp::Delete { key } => (key, None),
                 };
-                let size = |value: &Option<Vec<u8>>| key.len() as u64 + value.as_ref().map_or(0, |v| v.len() as u64);
-                let added = size(&value);
-                let removed = memtable.data.insert(key.clone(), value).map_or(0, |previous| size(&previous));
+                let size = |key: &[u8], value: &Option<Vec<u8>>| key.len() as u64 + value.as_ref().map_or(0, |v| v.len() as u64);
+                let added = size(&key, &value);
+                let key_len = key.len();
+                let removed = memtable.data.insert(key, value).map_or(0, |previous| key_len as u64 + previous.map_or(0, |v| v.len() as u64));
                 memtable.bytes = (memtable.bytes + added).saturating_sub(removed);
             }
             memtable.applied.insert(group.group_id, (group.applied_index, group.applied_term));

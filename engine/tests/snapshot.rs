@@ -13,14 +13,14 @@ fn fill(machine: &StateMachine, tag: &str, flush_between: bool) {
     for group in 1..=3u64 {
         let prefix = (b'a' + group as u8 - 1) as char;
         let ops = (0..200).map(|i| put(format!("{prefix}{i:04}"), format!("{tag}-{group}-{i}"))).collect();
-        machine.apply(&[GroupApply { group_id: group, ops, applied_index: 10, applied_term: 2 }]).unwrap();
+        machine.apply(vec![GroupApply { group_id: group, ops, applied_index: 10, applied_term: 2 }]).unwrap();
         if flush_between && group == 2 {
             machine.flush().unwrap();
         }
     }
     // Some changes only in the memtable, including a deletion.
     machine
-        .apply(&[GroupApply { group_id: 2, ops: vec![put("b0001".into(), format!("{tag}-late")), KvOp::Delete { key: b"b0002".to_vec() }], applied_index: 11, applied_term: 2 }])
+        .apply(vec![GroupApply { group_id: 2, ops: vec![put("b0001".into(), format!("{tag}-late")), KvOp::Delete { key: b"b0002".to_vec() }], applied_index: 11, applied_term: 2 }])
         .unwrap();
 }
 
@@ -49,7 +49,7 @@ fn a_streamed_snapshot_replaces_exactly_the_range_and_its_applied_state() {
     fill(&source, "new", true);
     fill(&target, "old", false);
     // The target also holds a stray key inside the range that the source does not have.
-    target.apply(&[GroupApply { group_id: 2, ops: vec![put("b9999".into(), "stray".into())], applied_index: 12, applied_term: 2 }]).unwrap();
+    target.apply(vec![GroupApply { group_id: 2, ops: vec![put("b9999".into(), "stray".into())], applied_index: 12, applied_term: 2 }]).unwrap();
     let (chunks, applied) = stream(&source, &target, 2, "b", "c", 300);
     assert!(chunks >= 10, "small chunks: {chunks}");
     assert_eq!(applied, 11);

@@ -72,7 +72,7 @@ proptest! {
                             random_apply(&mut rng, group, *index)
                         })
                         .collect();
-                    let over_budget = machine.apply(&batch).unwrap();
+                    let over_budget = machine.apply(batch.clone()).unwrap();
                     for apply in &batch {
                         apply_to_model(&mut model, apply);
                         history.push(apply.clone());
@@ -109,7 +109,7 @@ proptest! {
                         .cloned()
                         .collect();
                     for apply in &replay {
-                        machine.apply(std::slice::from_ref(apply)).unwrap();
+                        machine.apply(vec![apply.clone()]).unwrap();
                     }
                 }
             }
@@ -131,11 +131,11 @@ fn scans_merge_the_memtable_over_redb_with_bounds_limits_and_deletions() {
     let machine = StateMachine::open(&dir.path().join("s.redb"), StateMachineOptions::default()).unwrap();
     let put = |key: &str, value: &str| KvOp::Put { key: key.into(), value: value.into() };
     machine
-        .apply(&[GroupApply { group_id: 1, ops: vec![put("a", "1"), put("b", "1"), put("c", "1"), put("d", "1")], applied_index: 1, applied_term: 1 }])
+        .apply(vec![GroupApply { group_id: 1, ops: vec![put("a", "1"), put("b", "1"), put("c", "1"), put("d", "1")], applied_index: 1, applied_term: 1 }])
         .unwrap();
     machine.flush().unwrap();
     machine
-        .apply(&[GroupApply { group_id: 1, ops: vec![put("b", "2"), KvOp::Delete { key: "c".into() }, put("bb", "2")], applied_index: 2, applied_term: 1 }])
+        .apply(vec![GroupApply { group_id: 1, ops: vec![put("b", "2"), KvOp::Delete { key: "c".into() }, put("bb", "2")], applied_index: 2, applied_term: 1 }])
         .unwrap();
     let scan = |start: &str, end: &str, limit: usize| -> Vec<(String, String)> {
         machine
@@ -157,8 +157,8 @@ fn scans_merge_the_memtable_over_redb_with_bounds_limits_and_deletions() {
 fn applying_backwards_is_refused_and_ranges_are_stored() {
     let dir = tempfile::tempdir().unwrap();
     let machine = StateMachine::open(&dir.path().join("s.redb"), StateMachineOptions::default()).unwrap();
-    machine.apply(&[GroupApply { group_id: 3, ops: vec![], applied_index: 10, applied_term: 2 }]).unwrap();
-    let backwards = machine.apply(&[GroupApply { group_id: 3, ops: vec![], applied_index: 9, applied_term: 2 }]);
+    machine.apply(vec![GroupApply { group_id: 3, ops: vec![], applied_index: 10, applied_term: 2 }]).unwrap();
+    let backwards = machine.apply(vec![GroupApply { group_id: 3, ops: vec![], applied_index: 9, applied_term: 2 }]);
     assert!(matches!(backwards, Err(StateMachineError::Invalid(_))));
     machine.put_range(3, b"descriptor").unwrap();
     assert_eq!(machine.ranges().unwrap(), vec![(3, b"descriptor".to_vec())]);
@@ -181,7 +181,7 @@ fn the_background_flusher_keeps_data_exact_and_memory_bounded() {
     for _ in 0..2000 {
         index += 1;
         let apply = random_apply(&mut rng, 1 + index % 5, index);
-        let over_budget = machine.apply(std::slice::from_ref(&apply)).unwrap();
+        let over_budget = machine.apply(vec![apply.clone()]).unwrap();
         apply_to_model(&mut model, &apply);
         flusher.after_apply(over_budget).unwrap();
         assert!(machine.memtable_bytes() <= 2 * budget + 1024, "bounded: {} bytes", machine.memtable_bytes());

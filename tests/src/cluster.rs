@@ -189,6 +189,19 @@ impl Cluster {
         node.process_ready(false);
     }
 
+    /// `id` campaigns without persisting anything: its vote requests are delivered (the voters persist as usual)
+    /// and the responses are stepped into `id`, still unpersisted. Returns those responses.
+    pub fn campaign_unpersisted(&mut self, id: u64) -> Vec<Message> {
+        let node = self.node_mut(id);
+        node.raw.campaign();
+        node.process_ready(false);
+        let requests = node.take_outbox();
+        self.deliver(requests);
+        let votes: Vec<Message> = self.take_messages().into_iter().filter(|m| m.to == id).collect();
+        self.deliver_unpersisted(id, votes.clone());
+        votes
+    }
+
     /// Delivers messages until none are left; returns how many rounds it took.
     pub fn stabilize(&mut self) -> usize {
         let mut rounds = 0;

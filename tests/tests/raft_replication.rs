@@ -151,26 +151,14 @@ fn a_candidate_leads_only_once_its_own_vote_and_term_are_durable() {
     c.propose(2, "x").unwrap();
     let appends: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 1).collect();
     c.deliver_unpersisted(1, appends);
-    let node = c.node_mut(1);
-    node.raw.campaign();
-    node.process_ready(false);
-    let requests = node.take_outbox();
-    c.deliver(requests);
-    let votes = c.take_messages();
+    let votes = c.campaign_unpersisted(1);
     assert_eq!(votes.iter().filter(|m| !m.reject).count(), 2);
-    c.deliver_unpersisted(1, votes);
     assert_eq!(c.raft(1).role, StateRole::Candidate, "won on others' votes, but its own vote is not durable yet");
     // Crash now: nothing of term 2 was durable, and 1 never led it.
     c.node_mut(1).crash_and_restart(0).unwrap();
     assert_eq!((c.raft(1).term, c.raft(1).role), (1, StateRole::Follower));
     // Again, and this time the write lands: 1 leads with everything before its vote durable.
-    let node = c.node_mut(1);
-    node.raw.campaign();
-    node.process_ready(false);
-    let requests = node.take_outbox();
-    c.deliver(requests);
-    let votes = c.take_messages();
-    c.deliver_unpersisted(1, votes);
+    c.campaign_unpersisted(1);
     assert_eq!(c.raft(1).role, StateRole::Candidate);
     c.node_mut(1).persist_all();
     assert_eq!(c.raft(1).role, StateRole::Leader);
@@ -298,14 +286,8 @@ fn a_candidate_holding_an_unpersisted_snapshot_leads_once_durable_and_snapshots_
     }
     assert!(c.raft(4).raft_log.unstable.snapshot.is_some(), "4 holds an unpersisted snapshot");
     c.node_mut(1).raw.report_snapshot(4, true);
-    let node = c.node_mut(4);
-    node.raw.campaign();
-    node.process_ready(false);
-    let requests = node.take_outbox();
     c.heal();
-    c.deliver(requests);
-    let votes: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 4).collect();
-    c.deliver_unpersisted(4, votes);
+    c.campaign_unpersisted(4);
     assert_eq!(c.raft(4).role, StateRole::Candidate, "three other votes are a majority, but its own is not durable");
     c.node_mut(4).persist_all();
     assert_eq!(c.raft(4).role, StateRole::Leader);

@@ -72,7 +72,7 @@ fn main() {
             })
             .collect();
         written += args.groups * args.puts_per_group;
-        let over_budget = machine.apply(&batch).expect("apply");
+        let over_budget = machine.apply(batch).expect("apply");
         match &flusher {
             Some(flusher) => flusher.after_apply(over_budget).expect("background flush"),
             None if over_budget => {
