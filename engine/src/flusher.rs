@@ -1,11 +1,15 @@
-//! [`BackgroundFlusher`]: flushes the state machine's memtable on its own thread, so applying never waits for
-//! redb unless memory would grow past its bound.
+//! [`BackgroundFlusher`]: flushes the state machine's memtable and compacts its runs on two threads of its own, so
+//! applying never waits for redb unless memory would grow past its bound.
 //!
 //! The applier calls [`BackgroundFlusher::after_apply`] with what `StateMachine::apply` returned. Over budget, it
 //! asks the flusher thread to flush and goes on applying (into a fresh memtable once the flush has swapped the
 //! full one out). Only if the memtable being filled reaches twice its budget while a flush is still under way does
-//! the applier wait for it: memory stays under about three times `memtable_bytes_max`. A flush error is fatal: it
-//! is kept and returned to the applier.
+//! the applier wait for it: memory stays under about three times `memtable_bytes_max`.
+//!
+//! After each flush the compactor thread is woken and compacts until the policy is satisfied. If runs pile up past
+//! `runs_max` (compaction slower than flushing), the flusher waits for the compactor before flushing again, and
+//! the applier in turn waits at twice the memtable budget: backpressure, never unbounded runs. A flush or
+//! compaction error is fatal: it is kept and returned to the applier.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -21,25 +25,32 @@ struct Shared {
     failure: Option<String>,
 }
 
+type SharedState = Arc<(Mutex<Shared>, Condvar)>;
+
 pub struct BackgroundFlusher {
     machine: Arc<StateMachine>,
     requests: Option<Sender<()>>,
-    shared: Arc<(Mutex<Shared>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
+    shared: SharedState,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl BackgroundFlusher {
     pub fn start(machine: Arc<StateMachine>) -> BackgroundFlusher {
         let (requests, receiver) = crossbeam_channel::bounded(1);
-        let shared = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
-        let thread = {
-            let (machine, shared) = (Arc::clone(&machine), Arc::clone(&shared));
-            std::thread::Builder::new()
-                .name("state-machine-flusher".into())
-                .spawn(move || run(machine, receiver, shared))
-                .expect("spawning the flusher thread")
+        let (compaction_requests, compaction_receiver) = crossbeam_channel::bounded(1);
+        let shared: SharedState = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
+        let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.into()).spawn(body).expect("spawning a state machine thread")
         };
-        BackgroundFlusher { machine, requests: Some(requests), shared, thread: Some(thread) }
+        let flusher = {
+            let (machine, shared) = (Arc::clone(&machine), Arc::clone(&shared));
+            spawn("state-machine-flusher", Box::new(move || flush_loop(machine, receiver, compaction_requests, shared)))
+        };
+        let compactor = {
+            let (machine, shared) = (Arc::clone(&machine), Arc::clone(&shared));
+            spawn("state-machine-compactor", Box::new(move || compaction_loop(machine, compaction_receiver, shared)))
+        };
+        BackgroundFlusher { machine, requests: Some(requests), shared, threads: vec![flusher, compactor] }
     }
 
     /// Call after every `apply` with its result (`true`: the memtable is over budget).
@@ -84,15 +95,31 @@ impl BackgroundFlusher {
 
 impl Drop for BackgroundFlusher {
     fn drop(&mut self) {
-        self.requests = None;
-        if let Some(thread) = self.thread.take() {
+        self.requests = None; // the flusher stops, dropping the compactor's channel: it stops too
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
 }
 
-fn run(machine: Arc<StateMachine>, requests: Receiver<()>, shared: Arc<(Mutex<Shared>, Condvar)>) {
+fn fail(shared: &SharedState, error: StateMachineError) {
+    let (lock, condvar) = &**shared;
+    lock.lock().failure = Some(error.to_string());
+    condvar.notify_all();
+}
+
+fn flush_loop(machine: Arc<StateMachine>, requests: Receiver<()>, compaction: Sender<()>, shared: SharedState) {
+    let runs_max = machine.options().runs_max;
     while requests.recv().is_ok() {
+        // Backpressure: wait while compaction is behind.
+        {
+            let (lock, condvar) = &*shared;
+            let mut state = lock.lock();
+            while machine.run_count() > runs_max && state.failure.is_none() {
+                let _ = compaction.try_send(());
+                condvar.wait(&mut state);
+            }
+        }
         let outcome = machine.flush();
         let (lock, condvar) = &*shared;
         let mut state = lock.lock();
@@ -104,5 +131,18 @@ fn run(machine: Arc<StateMachine>, requests: Receiver<()>, shared: Arc<(Mutex<Sh
         if state.failure.is_some() {
             return;
         }
+        let _ = compaction.try_send(());
+    }
+}
+
+fn compaction_loop(machine: Arc<StateMachine>, requests: Receiver<()>, shared: SharedState) {
+    while requests.recv().is_ok() {
+        if let Err(error) = machine.compact_fully() {
+            return fail(&shared, error);
+        }
+        // Wake a flusher waiting for compaction to catch up.
+        let (lock, condvar) = &*shared;
+        let _state = lock.lock();
+        condvar.notify_all();
     }
 }

@@ -9,6 +9,7 @@
 pub mod disk;
 pub mod flusher;
 pub mod log_engine;
+pub mod lsm;
 pub mod redb_sim;
 pub mod snapshot;
 pub mod state_machine;

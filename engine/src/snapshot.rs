@@ -1,30 +1,29 @@
 //! Snapshots of one group's key range, streamed in bounded chunks.
 //!
-//! **Generating** ([`StateMachine::snapshot_reader`]): the memtable is flushed, then one redb read transaction —
-//! consistent at the group's durable applied index while it lives — is walked in key order, at most
-//! `chunk_bytes_max` of keys and values per chunk. Only one chunk is in memory at a time.
+//! **Generating** ([`StateMachine::snapshot_reader`]): the memtable is flushed, then one version of the runs and
+//! one redb read transaction — consistent at the group's durable applied index while they live — are merged in key
+//! order, at most `chunk_bytes_max` of keys and values per chunk. Only one chunk (and one block per run) is in
+//! memory at a time.
 //!
-//! **Installing** ([`StateMachine::snapshot_installer`]): each chunk is verified (checksum, sequence, range) and
-//! written to a staging table of the group in its own transaction, so memory stays bounded whatever the range's
-//! size. `finish` then replaces the range in **one** transaction: the range's old data is deleted, the staged rows
-//! move in, the staging table is dropped and the group's applied state is set — readers see the old range or the
-//! new one, never a mix.
+//! **Installing** ([`StateMachine::snapshot_installer`]): each chunk is verified (checksum, sequence, range, key
+//! order) and its pairs become blocks of a new run, written in the chunk's own transaction, so memory stays
+//! bounded whatever the range's size. The run has no record yet: a crash leaves garbage that the next open
+//! deletes. `finish` then, in **one** durable transaction, records a range deletion over the group's range (hiding
+//! every older run's entries there), records the new run just above it and sets the group's applied state —
+//! readers see the old range or the new one, never a mix. Nothing old is rewritten: compaction drops the hidden
+//! entries later. Installed runs have no Bloom filter (the pair count is unknown until the end); compaction gives
+//! the merged run one.
 //!
 //! Chunk format: `body (protobuf SnapshotChunkBody) | crc32c(body): u32 LE`.
 
-use std::ops::Bound;
-
 use bytes::Bytes;
 use prost::Message as _;
-use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::Durability;
 
-use crate::state_machine::{
-    decode_applied, encode_applied, storage, AppliedState, StateMachine, StateMachineError, APPLY_STATE, DATA,
-};
-
-fn staging_table_name(group_id: u64) -> String {
-    format!("snapshot_staging_{group_id}")
-}
+use crate::lsm::merge::Merge;
+use crate::lsm::run::{RunWriter, RUNS, RUN_BLOCKS};
+use crate::lsm::version::{RangeTombstone, RANGE_TOMBSTONES};
+use crate::state_machine::{decode_applied, encode_applied, storage, AppliedState, StateMachine, StateMachineError, APPLY_STATE};
 
 /// One chunk's content.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -105,15 +104,14 @@ pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
 
 /// Streams a snapshot of one group's range (see `snapshot.rs`).
 pub struct SnapshotReader {
-    read: redb::ReadTransaction,
+    /// Holds the runs' blocks for as long as the reader lives.
+    merge: Merge<'static>,
     group_id: u64,
-    end: Vec<u8>,
-    /// The next key to read (inclusive); `None` once the range is exhausted.
-    next_key: Option<Vec<u8>>,
     sequence: u64,
     total_pairs: u64,
     applied: AppliedState,
     chunk_bytes_max: usize,
+    exhausted: bool,
 }
 
 impl SnapshotReader {
@@ -124,29 +122,30 @@ impl SnapshotReader {
 
     /// Whether every chunk has been handed out.
     pub fn is_exhausted(&self) -> bool {
-        self.next_key.is_none()
+        self.exhausted
     }
 
     /// The next encoded chunk, or `None` after the last one.
     pub fn next_chunk(&mut self) -> Result<Option<Bytes>, StateMachineError> {
-        let Some(start) = self.next_key.take() else { return Ok(None) };
-        let table = self.read.open_table(DATA).map_err(storage)?;
-        let upper = if self.end.is_empty() { Bound::Unbounded } else { Bound::Excluded(self.end.as_slice()) };
+        if self.exhausted {
+            return Ok(None);
+        }
         let mut body = SnapshotChunkBody { group_id: self.group_id, sequence: self.sequence, ..Default::default() };
         let mut bytes = 0usize;
-        for row in table.range::<&[u8]>((Bound::Included(start.as_slice()), upper)).map_err(storage)? {
-            let (key, value) = row.map_err(storage)?;
-            if !body.keys.is_empty() && bytes + key.value().len() + value.value().len() > self.chunk_bytes_max {
-                self.next_key = Some(key.value().to_vec());
+        while let Some((key, value)) = self.merge.current() {
+            let value = value.expect("a merge without deletions");
+            if !body.keys.is_empty() && bytes + key.len() + value.len() > self.chunk_bytes_max {
                 break;
             }
-            bytes += key.value().len() + value.value().len();
-            body.keys.push(key.value().to_vec());
-            body.values.push(value.value().to_vec());
+            bytes += key.len() + value.len();
+            body.keys.push(key.to_vec());
+            body.values.push(value.to_vec());
+            self.merge.advance()?;
         }
         self.total_pairs += body.keys.len() as u64;
         self.sequence += 1;
-        if self.next_key.is_none() {
+        if self.merge.current().is_none() {
+            self.exhausted = true;
             body.last = true;
             body.total_pairs = self.total_pairs;
             (body.applied_index, body.applied_term) = self.applied;
@@ -161,13 +160,16 @@ pub struct SnapshotInstaller<'a> {
     group_id: u64,
     start: Vec<u8>,
     end: Vec<u8>,
+    /// Writes the received pairs as a run; `None` once finished.
+    writer: Option<RunWriter>,
+    run_id: u64,
     expected_sequence: u64,
     received_pairs: u64,
     finished: Option<AppliedState>,
 }
 
 impl SnapshotInstaller<'_> {
-    /// Verifies a chunk and stages it. Returns true once the last chunk has arrived.
+    /// Verifies a chunk and writes its pairs. Returns true once the last chunk has arrived.
     pub fn receive(&mut self, encoded: &[u8]) -> Result<bool, StateMachineError> {
         let chunk = decode_chunk(encoded).map_err(|e| StateMachineError::Invalid(e.to_string()))?;
         let invalid = |e: ChunkError| Err(StateMachineError::Invalid(e.to_string()));
@@ -180,15 +182,22 @@ impl SnapshotInstaller<'_> {
         if chunk.keys.iter().any(|k| !in_range(k, &self.start, &self.end)) {
             return invalid(ChunkError::OutsideRange);
         }
+        let writer = self.writer.as_mut().expect("present until finish");
+        let mut previous: Option<&Vec<u8>> = None;
+        for key in &chunk.keys {
+            if !writer.accepts(key) || previous.is_some_and(|p| p >= key) {
+                return invalid(ChunkError::Malformed("keys out of order"));
+            }
+            previous = Some(key);
+        }
         let mut write = self.machine.db.begin_write().map_err(storage)?;
         write.set_durability(Durability::None).map_err(storage)?;
         {
-            let name = staging_table_name(self.group_id);
-            let definition: TableDefinition<&[u8], &[u8]> = TableDefinition::new(&name);
-            let mut staging = write.open_table(definition).map_err(storage)?;
+            let mut blocks = write.open_table(RUN_BLOCKS).map_err(storage)?;
             for (key, value) in chunk.keys.iter().zip(&chunk.values) {
-                staging.insert(key.as_slice(), value.as_slice()).map_err(storage)?;
+                writer.add(key, Some(value));
             }
+            writer.write_ready(&mut blocks)?;
         }
         write.commit().map_err(storage)?;
         self.received_pairs += chunk.keys.len() as u64;
@@ -203,38 +212,52 @@ impl SnapshotInstaller<'_> {
     }
 
     /// Replaces the group's range and applied state with the snapshot, in one durable transaction.
-    pub fn finish(self) -> Result<AppliedState, StateMachineError> {
+    pub fn finish(mut self) -> Result<AppliedState, StateMachineError> {
         let applied = self.finished.ok_or_else(|| StateMachineError::Invalid("the snapshot's last chunk has not arrived".into()))?;
         let machine = self.machine;
         // No read may see the range half replaced, and no flush may write older data over it.
         let _no_flush = machine.flush_lock.lock();
         let mut memtables = machine.memtables.write();
+        let tombstone = RangeTombstone { seq: machine.allocate_number(), start: self.start.clone(), end: self.end.clone() };
+        let run_seq = machine.allocate_number();
         let mut write = machine.db.begin_write().map_err(storage)?;
         write.set_durability(Durability::Immediate).map_err(storage)?;
         write.set_quick_repair(true);
-        let staging_name = staging_table_name(self.group_id);
-        {
-            let upper = if self.end.is_empty() { Bound::Unbounded } else { Bound::Excluded(self.end.as_slice()) };
-            let mut data = write.open_table(DATA).map_err(storage)?;
-            data.retain_in::<&[u8], _>((Bound::Included(self.start.as_slice()), upper), |_, _| false).map_err(storage)?;
-            let definition: TableDefinition<&[u8], &[u8]> = TableDefinition::new(&staging_name);
-            let staging = write.open_table(definition).map_err(storage)?;
-            for row in staging.iter().map_err(storage)? {
-                let (key, value) = row.map_err(storage)?;
-                data.insert(key.value(), value.value()).map_err(storage)?;
+        let run = {
+            let mut blocks = write.open_table(RUN_BLOCKS).map_err(storage)?;
+            let run = self.writer.take().expect("present until finish").finish(&mut blocks, run_seq)?;
+            drop(blocks);
+            if let Some(run) = &run {
+                write.open_table(RUNS).map_err(storage)?.insert(run.id, run.encode().as_slice()).map_err(storage)?;
             }
-            drop(staging);
+            write.open_table(RANGE_TOMBSTONES).map_err(storage)?.insert(tombstone.seq, tombstone.encode().as_slice()).map_err(storage)?;
             write.open_table(APPLY_STATE).map_err(storage)?.insert(self.group_id, encode_applied(applied)).map_err(storage)?;
-        }
-        let definition: TableDefinition<&[u8], &[u8]> = TableDefinition::new(&staging_name);
-        write.delete_table(definition).map_err(storage)?;
+            run
+        };
         write.commit().map_err(storage)?;
+        machine.publish(|current| {
+            let mut next = current.clone();
+            next.tombstones.push(tombstone);
+            match run {
+                Some(run) => next.with_run(std::sync::Arc::new(run)),
+                None => next,
+            }
+        });
         let range = |key: &Vec<u8>| in_range(key, &self.start, &self.end);
         memtables.active.data.retain(|key, _| !range(key));
         memtables.active.applied.remove(&self.group_id);
         memtables.active.bytes = memtables.active.data.iter().map(|(k, v)| k.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64)).sum();
         machine.durable.write().insert(self.group_id, applied);
         Ok(applied)
+    }
+}
+
+impl Drop for SnapshotInstaller<'_> {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            // Abandoned: whatever blocks it wrote are garbage.
+            self.machine.garbage.lock().abandoned.push(self.run_id);
+        }
     }
 }
 
@@ -250,7 +273,7 @@ impl StateMachine {
     ) -> Result<SnapshotReader, StateMachineError> {
         self.flush()?;
         let _no_flush = self.flush_lock.lock();
-        let read = self.db.begin_read().map_err(storage)?;
+        let (version, read) = self.read_view()?;
         let applied = read
             .open_table(APPLY_STATE)
             .map_err(storage)?
@@ -258,30 +281,20 @@ impl StateMachine {
             .map_err(storage)?
             .map(|state| decode_applied(state.value()))
             .unwrap_or((0, 0));
-        Ok(SnapshotReader {
-            read,
-            group_id,
-            end: end.to_vec(),
-            next_key: Some(start.to_vec()),
-            sequence: 0,
-            total_pairs: 0,
-            applied,
-            chunk_bytes_max,
-        })
+        let merge = self.merge_view(Vec::new(), &version, &read, start, end)?;
+        Ok(SnapshotReader { merge, group_id, sequence: 0, total_pairs: 0, applied, chunk_bytes_max, exhausted: false })
     }
 
-    /// Starts receiving a snapshot for `group_id`'s range `[start, end)`; any earlier unfinished one is discarded.
+    /// Starts receiving a snapshot for `group_id`'s range `[start, end)` (`end` empty: unbounded).
     pub fn snapshot_installer(&self, group_id: u64, start: &[u8], end: &[u8]) -> Result<SnapshotInstaller<'_>, StateMachineError> {
-        let write = self.db.begin_write().map_err(storage)?;
-        let name = staging_table_name(group_id);
-        let definition: TableDefinition<&[u8], &[u8]> = TableDefinition::new(&name);
-        write.delete_table(definition).map_err(storage)?;
-        write.commit().map_err(storage)?;
+        let run_id = self.allocate_number();
         Ok(SnapshotInstaller {
             machine: self,
             group_id,
             start: start.to_vec(),
             end: end.to_vec(),
+            writer: Some(RunWriter::new(run_id, self.options().block_bytes_max, None)),
+            run_id,
             expected_sequence: 0,
             received_pairs: 0,
             finished: None,

@@ -1,32 +1,35 @@
 //! The node's state machine: every group's applied data in one redb database.
 //!
-//! redb is fast only for large sorted transactions (measured here: ~100K random 128 B inserts/s in 256-key
-//! transactions, ~320K/s in sorted 32K-key ones), so applies do not go to redb one by one. They land in a
-//! **memtable** — the last write of every key, plus each group's applied index — and a **flush** writes the whole
-//! memtable in one sorted transaction with `Durability::Immediate`, together with the applied index of every
-//! group it covers. A flush is therefore the durable checkpoint: what it wrote survives a crash, what the memtable
-//! held does not. The WAL stays the source of truth: it may be compacted only below each group's
-//! [`StateMachine::durable_applied`] index, and after a crash the raftstore replays the WAL from there.
+//! redb is fast only for large sorted writes (measured here: ~100K random 128 B inserts/s in 256-key transactions,
+//! ~280K/s at best in sorted ones), so applies do not go to redb one by one. They land in a **memtable** — the
+//! last write of every key, plus each group's applied index — and a **flush** writes the whole memtable as one new
+//! sorted run of blocks (see [`crate::lsm`]) in one transaction with `Durability::Immediate`, together with the
+//! applied index of every group it covers. A flush is therefore the durable checkpoint: what it wrote survives a
+//! crash, what the memtable held does not. The WAL stays the source of truth: it may be compacted only below each
+//! group's [`StateMachine::durable_applied`] index, and after a crash the raftstore replays the WAL from there.
 //!
-//! Reads merge the memtable over redb. Keys are the users' keys: a group's range is one contiguous key range.
+//! Reads merge the memtable over the runs. Keys are the users' keys: a group's range is one contiguous key range.
 //!
-//! Tables: `data` (key → value), `apply_state` (group → applied index and term, 16 bytes), `ranges` (group →
-//! encoded range descriptor, written by the raftstore), `snapshot_staging_{group}` while a snapshot is installed.
-//! Snapshot streaming and installation live in `snapshot.rs`.
+//! Tables: `run_blocks` and `runs` (the data, see `lsm/run.rs`), `range_tombstones` (range deletions left by
+//! snapshot installs), `apply_state` (group → applied index and term, 16 bytes), `ranges` (group → encoded range
+//! descriptor, written by the raftstore). Compaction lives in `lsm/compaction.rs`, snapshot streaming and
+//! installation in `snapshot.rs`, the background flusher and compactor in `flusher.rs`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::Path;
-
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 
-pub(crate) const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
+use crate::lsm::merge::{Input, MemSource, Merge};
+use crate::lsm::run::{block_key, delete_blocks, run_of_block_key, Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
+use crate::lsm::version::{RangeTombstone, Version, RANGE_TOMBSTONES};
+
 pub(crate) const APPLY_STATE: TableDefinition<u64, [u8; 16]> = TableDefinition::new("apply_state");
 const RANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("ranges");
-
 
 /// One change to the data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,17 +73,44 @@ pub(crate) fn storage(error: impl std::fmt::Display) -> StateMachineError {
 /// Settings of the state machine.
 #[derive(Clone, Debug)]
 pub struct StateMachineOptions {
-    /// The memtable is flushed once it holds this many bytes of keys and values. Larger means fewer, cheaper
-    /// per key flushes (with random keys a flush rewrites most of the tree's leaves whatever its size) and more
-    /// memory (about twice this) and longer WAL replay after a crash. Default 64 MiB.
+    /// The memtable is flushed (as one new run) once it holds this many bytes of keys and values. Larger means
+    /// fewer runs and compactions, more memory (about three times this, see `flusher.rs`) and a longer WAL replay
+    /// after a crash. Default 64 MiB.
     pub memtable_bytes_max: u64,
     /// redb's page cache. Default 1 GiB (redb's own default).
     pub cache_bytes: usize,
+    /// Target size of a block of a run: the unit a point read fetches and checks. Default 16 KiB.
+    pub block_bytes_max: usize,
+    /// Runs of one size class merged at once (at least 2): higher means fewer rewrites of each byte and more runs
+    /// for reads to consult. Default 4.
+    pub compaction_fanout: usize,
+    /// Runs beyond which compaction merges the smallest neighbours whatever their class, and the background
+    /// flusher waits for compaction before flushing again (so reads never consult more). Default 24.
+    pub runs_max: usize,
 }
 
 impl Default for StateMachineOptions {
     fn default() -> StateMachineOptions {
-        StateMachineOptions { memtable_bytes_max: 64 << 20, cache_bytes: 1 << 30 }
+        StateMachineOptions {
+            memtable_bytes_max: 64 << 20,
+            cache_bytes: 1 << 30,
+            block_bytes_max: 16 << 10,
+            compaction_fanout: 4,
+            runs_max: 24,
+        }
+    }
+}
+
+impl StateMachineOptions {
+    fn validate(&self) -> Result<(), StateMachineError> {
+        let invalid = |what: &str| Err(StateMachineError::Invalid(format!("state machine options: {what}")));
+        if self.memtable_bytes_max == 0 || self.block_bytes_max == 0 {
+            return invalid("memtable_bytes_max and block_bytes_max must be positive");
+        }
+        if self.compaction_fanout < 2 || self.runs_max < self.compaction_fanout {
+            return invalid("compaction_fanout must be at least 2 and runs_max at least compaction_fanout");
+        }
+        Ok(())
     }
 }
 
@@ -99,7 +129,7 @@ pub(crate) struct Memtable {
 }
 
 /// The memtable taking applies, and the one being flushed (if a flush is under way). Reads see active, then
-/// flushing, then redb.
+/// flushing, then the runs.
 #[derive(Default)]
 pub(crate) struct Memtables {
     pub(crate) active: Memtable,
@@ -114,6 +144,51 @@ impl Memtables {
     fn applied(&self, group_id: u64) -> Option<AppliedState> {
         self.active.applied.get(&group_id).or_else(|| self.flushing.as_ref().and_then(|f| f.applied.get(&group_id))).copied()
     }
+
+    /// Merge inputs over `[start, end)`, newest first.
+    pub(crate) fn sources<'a>(&'a self, start: &[u8], end: &[u8]) -> Vec<Input<'a>> {
+        let upper = if end.is_empty() { Bound::Unbounded } else { Bound::Excluded(end) };
+        let bounds = (Bound::Included(start), upper);
+        let mut inputs = vec![Input { seq: u64::MAX, source: Box::new(MemSource::new(self.active.data.range::<[u8], _>(bounds))) }];
+        if let Some(flushing) = &self.flushing {
+            inputs.push(Input { seq: u64::MAX, source: Box::new(MemSource::new(flushing.data.range::<[u8], _>(bounds))) });
+        }
+        inputs
+    }
+}
+
+/// Runs waiting to be deleted (see `lsm/version.rs`).
+#[derive(Default)]
+pub(crate) struct Garbage {
+    /// Replaced by a compaction; deleted once no version refers to them.
+    pub(crate) runs: Vec<Arc<Run>>,
+    /// Blocks of snapshot installs that were abandoned (no version ever referred to them).
+    pub(crate) abandoned: Vec<u64>,
+}
+
+/// The ids of the runs that have blocks in `run_blocks` (visiting each once, jumping over its blocks).
+fn stored_run_ids(blocks: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<Vec<u64>, StateMachineError> {
+    let mut ids = Vec::new();
+    let mut from = Vec::new();
+    while let Some(row) = blocks.range::<&[u8]>(from.as_slice()..).map_err(storage)?.next() {
+        let id = run_of_block_key(row.map_err(storage)?.0.value());
+        ids.push(id);
+        from = block_key(id + 1, b"");
+    }
+    Ok(ids)
+}
+
+/// What the state machine holds, for operators and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateMachineStats {
+    /// Runs that reads consult.
+    pub runs: usize,
+    /// Runs with blocks in the database: `runs` plus those waiting to be deleted.
+    pub stored_runs: usize,
+    pub range_deletions: usize,
+    /// Bytes of keys and values in the runs (overwritten and deleted entries included until compacted away).
+    pub run_bytes: u64,
+    pub memtable_bytes: u64,
 }
 
 pub struct StateMachine {
@@ -122,8 +197,15 @@ pub struct StateMachine {
     pub(crate) memtables: RwLock<Memtables>,
     /// One flush at a time (a snapshot install holds it too).
     pub(crate) flush_lock: Mutex<()>,
+    /// One compaction at a time.
+    pub(crate) compaction_lock: Mutex<()>,
     /// What the last flush made durable.
     pub(crate) durable: RwLock<HashMap<u64, AppliedState>>,
+    /// The live runs and range deletions.
+    version: RwLock<Arc<Version>>,
+    /// Run ids and `seq`s (one counter for both).
+    next_number: AtomicU64,
+    pub(crate) garbage: Mutex<Garbage>,
 }
 
 pub(crate) fn encode_applied((index, term): AppliedState) -> [u8; 16] {
@@ -142,6 +224,7 @@ pub(crate) fn decode_applied(bytes: [u8; 16]) -> AppliedState {
 impl StateMachine {
     /// Opens (or creates) the database file at `path`.
     pub fn open(path: &Path, options: StateMachineOptions) -> Result<StateMachine, StateMachineError> {
+        options.validate()?;
         let db = Database::builder().set_cache_size(options.cache_bytes).create(path).map_err(storage)?;
         StateMachine::from_database(db, options)
     }
@@ -151,31 +234,108 @@ impl StateMachine {
         backend: impl redb::StorageBackend,
         options: StateMachineOptions,
     ) -> Result<StateMachine, StateMachineError> {
+        options.validate()?;
         let db = Database::builder().set_cache_size(options.cache_bytes).create_with_backend(backend).map_err(storage)?;
         StateMachine::from_database(db, options)
     }
 
+    /// Loads the runs, range deletions and applied states, and deletes garbage runs (unfinished compactions and
+    /// snapshot installs).
     fn from_database(db: Database, options: StateMachineOptions) -> Result<StateMachine, StateMachineError> {
         let mut durable = HashMap::new();
+        let mut version = Version::default();
+        let mut highest_number = 0;
         {
             let write = db.begin_write().map_err(storage)?;
-            // Create the tables if this is a new database.
-            write.open_table(DATA).map_err(storage)?;
             write.open_table(RANGES).map_err(storage)?;
-            let table = write.open_table(APPLY_STATE).map_err(storage)?;
-            for row in table.iter().map_err(storage)? {
+            for row in write.open_table(APPLY_STATE).map_err(storage)?.iter().map_err(storage)? {
                 let (group, state) = row.map_err(storage)?;
                 durable.insert(group.value(), decode_applied(state.value()));
             }
-            drop(table);
+            for row in write.open_table(RUNS).map_err(storage)?.iter().map_err(storage)? {
+                let (id, record) = row.map_err(storage)?;
+                version.runs.push(Arc::new(Run::decode(id.value(), record.value())?));
+            }
+            for row in write.open_table(RANGE_TOMBSTONES).map_err(storage)?.iter().map_err(storage)? {
+                let (seq, record) = row.map_err(storage)?;
+                version.tombstones.push(RangeTombstone::decode(seq.value(), record.value())?);
+            }
+            version.runs.sort_by_key(|run| std::cmp::Reverse(run.seq));
+            let live: HashSet<u64> = version.runs.iter().map(|run| run.id).collect();
+            let mut blocks = write.open_table(RUN_BLOCKS).map_err(storage)?;
+            for id in stored_run_ids(&blocks)? {
+                highest_number = highest_number.max(id);
+                if !live.contains(&id) {
+                    delete_blocks(&mut blocks, id)?;
+                }
+            }
+            drop(blocks);
             write.commit().map_err(storage)?;
+        }
+        for run in &version.runs {
+            highest_number = highest_number.max(run.id).max(run.seq);
+        }
+        for tombstone in &version.tombstones {
+            highest_number = highest_number.max(tombstone.seq);
         }
         Ok(StateMachine {
             db,
             options,
             memtables: RwLock::new(Memtables::default()),
             flush_lock: Mutex::new(()),
+            compaction_lock: Mutex::new(()),
             durable: RwLock::new(durable),
+            version: RwLock::new(Arc::new(version)),
+            next_number: AtomicU64::new(highest_number + 1),
+            garbage: Mutex::new(Garbage::default()),
+        })
+    }
+
+    pub fn options(&self) -> &StateMachineOptions {
+        &self.options
+    }
+
+    /// A fresh run id or `seq`.
+    pub(crate) fn allocate_number(&self) -> u64 {
+        self.next_number.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn current_version(&self) -> Arc<Version> {
+        Arc::clone(&self.version.read())
+    }
+
+    /// Replaces the current version with `change(current)`; call after the change is committed to redb.
+    pub(crate) fn publish(&self, change: impl FnOnce(&Version) -> Version) {
+        let mut version = self.version.write();
+        *version = Arc::new(change(&version));
+        metrics::gauge!("flotilla_state_machine_runs").set(version.runs.len() as f64);
+        metrics::gauge!("flotilla_state_machine_run_bytes").set(version.run_bytes() as f64);
+        metrics::gauge!("flotilla_state_machine_filter_bytes").set(version.runs.iter().map(|r| r.filter_bytes()).sum::<usize>() as f64);
+    }
+
+    /// The current version and a read transaction that holds every run in it.
+    pub(crate) fn read_view(&self) -> Result<(Arc<Version>, ReadTransaction), StateMachineError> {
+        // The version first: runs leave redb only once no version refers to them, so the transaction begun after
+        // still holds all of this version's runs (and possibly newer ones, which the version does not consult).
+        let version = self.current_version();
+        let read = self.db.begin_read().map_err(storage)?;
+        Ok((version, read))
+    }
+
+    /// How many runs reads may consult now.
+    pub fn run_count(&self) -> usize {
+        self.version.read().runs.len()
+    }
+
+    pub fn stats(&self) -> Result<StateMachineStats, StateMachineError> {
+        let (version, read) = self.read_view()?;
+        let stored_runs = stored_run_ids(&read.open_table(RUN_BLOCKS).map_err(storage)?)?.len();
+        Ok(StateMachineStats {
+            runs: version.runs.len(),
+            stored_runs,
+            range_deletions: version.tombstones.len(),
+            run_bytes: version.run_bytes(),
+            memtable_bytes: self.memtable_bytes(),
         })
     }
 
@@ -212,7 +372,7 @@ impl StateMachine {
         Ok(memtables.active.bytes >= self.options.memtable_bytes_max)
     }
 
-    /// Writes the memtable to redb in one sorted, durable transaction together with the applied state of every
+    /// Writes the memtable as one new run, in one durable transaction together with the applied state of every
     /// group it covers: the durable checkpoint. Applies and reads go on meanwhile (against a fresh memtable).
     pub fn flush(&self) -> Result<(), StateMachineError> {
         let _one_at_a_time = self.flush_lock.lock();
@@ -225,29 +385,36 @@ impl StateMachine {
             memtables.flushing = Some(Arc::clone(&flushing));
             flushing
         };
+        let number = self.allocate_number();
+        let mut writer = RunWriter::new(number, self.options.block_bytes_max, Some(flushing.data.len()));
         let mut write = self.db.begin_write().map_err(storage)?;
         write.set_durability(Durability::Immediate).map_err(storage)?;
         write.set_quick_repair(true);
-        {
-            let mut table = write.open_table(DATA).map_err(storage)?;
+        let run = {
+            let mut blocks = write.open_table(RUN_BLOCKS).map_err(storage)?;
             for (key, value) in &flushing.data {
-                match value {
-                    Some(value) => {
-                        table.insert(key.as_slice(), value.as_slice()).map_err(storage)?;
-                    }
-                    None => {
-                        table.remove(key.as_slice()).map_err(storage)?;
-                    }
+                writer.add(key, value.as_deref());
+                if writer.ready_bytes() >= 1 << 20 {
+                    writer.write_ready(&mut blocks)?;
                 }
+            }
+            let run = writer.finish(&mut blocks, number)?;
+            if let Some(run) = &run {
+                write.open_table(RUNS).map_err(storage)?.insert(run.id, run.encode().as_slice()).map_err(storage)?;
             }
             let mut states = write.open_table(APPLY_STATE).map_err(storage)?;
             for (group, state) in &flushing.applied {
                 states.insert(*group, encode_applied(*state)).map_err(storage)?;
             }
-        }
+            run
+        };
         write.commit().map_err(storage)?;
+        if let Some(run) = run {
+            self.publish(|current| current.with_run(Arc::new(run)));
+        }
         self.durable.write().extend(flushing.applied.iter().map(|(g, s)| (*g, *s)));
         self.memtables.write().flushing = None;
+        metrics::counter!("flotilla_state_machine_flushes_total").increment(1);
         Ok(())
     }
 
@@ -255,54 +422,48 @@ impl StateMachine {
         if let Some(value) = self.memtables.read().get(key) {
             return Ok(value.clone());
         }
-        let read = self.db.begin_read().map_err(storage)?;
-        let table = read.open_table(DATA).map_err(storage)?;
-        Ok(table.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
+        let (version, read) = self.read_view()?;
+        let hidden_below = version.hidden_below(key);
+        let blocks = read.open_table(RUN_BLOCKS).map_err(storage)?;
+        for run in &version.runs {
+            if run.seq < hidden_below {
+                return Ok(None);
+            }
+            if let Some(value) = run.get(&blocks, key)? {
+                return Ok(value);
+            }
+        }
+        Ok(None)
     }
 
     /// Up to `limit` key-value pairs with `start <= key < end` (`end` empty: no upper bound), in key order.
     pub fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StateMachineError> {
-        let upper = if end.is_empty() { Bound::Unbounded } else { Bound::Excluded(end) };
         let memtables = self.memtables.read();
-        // The memtables' view of the range (active over flushing); bounded by the memtable budget.
-        let mut merged: BTreeMap<&Vec<u8>, &Option<Vec<u8>>> = BTreeMap::new();
-        if let Some(flushing) = &memtables.flushing {
-            merged.extend(flushing.data.range::<[u8], _>((Bound::Included(start), upper)));
-        }
-        merged.extend(memtables.active.data.range::<[u8], _>((Bound::Included(start), upper)));
-        let overlay: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = merged.into_iter().collect();
-        let read = self.db.begin_read().map_err(storage)?;
-        let table = read.open_table(DATA).map_err(storage)?;
-        let stored = table.range::<&[u8]>((Bound::Included(start), upper)).map_err(storage)?;
+        let (version, read) = self.read_view()?;
+        let mut merge = self.merge_view(memtables.sources(start, end), &version, &read, start, end)?;
         let mut out = Vec::new();
-        let mut overlay = overlay.into_iter().peekable();
-        let mut stored = stored.peekable();
         while out.len() < limit {
-            let next_stored = match stored.peek() {
-                Some(Ok((key, _))) => Some(key.value().to_vec()),
-                Some(Err(_)) => return Err(storage(stored.next().expect("peeked").err().expect("an error"))),
-                None => None,
-            };
-            let take_overlay = match (overlay.peek(), &next_stored) {
-                (Some((key, _)), Some(stored_key)) => key.as_slice() <= stored_key.as_slice(),
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (None, None) => break,
-            };
-            if take_overlay {
-                let (key, value) = overlay.next().expect("peeked");
-                if next_stored.as_deref() == Some(key.as_slice()) {
-                    stored.next(); // shadowed by the memtable
-                }
-                if let Some(value) = value {
-                    out.push((key.clone(), value.clone()));
-                }
-            } else {
-                let (key, value) = stored.next().expect("peeked").map_err(storage)?;
-                out.push((key.value().to_vec(), value.value().to_vec()));
-            }
+            let Some((key, value)) = merge.current() else { break };
+            out.push((key.to_vec(), value.expect("a merge without deletions").to_vec()));
+            merge.advance()?;
         }
         Ok(out)
+    }
+
+    /// A merge of `inputs` (memtables, newest first) over `version`'s runs in `[start, end)`, without deletions.
+    pub(crate) fn merge_view<'a>(
+        &self,
+        mut inputs: Vec<Input<'a>>,
+        version: &Version,
+        read: &ReadTransaction,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<Merge<'a>, StateMachineError> {
+        let blocks = read.open_table(RUN_BLOCKS).map_err(storage)?;
+        for run in version.runs.iter().filter(|run| run.overlaps(start, end)) {
+            inputs.push(Input { seq: run.seq, source: Box::new(RunCursor::open(&blocks, run.id, start, end)?) });
+        }
+        Merge::new(inputs, version.tombstones.clone(), false)
     }
 
     /// The latest applied state of a group (in memory or durable).

@@ -14,7 +14,7 @@ fn resident_bytes() -> u64 {
 #[ignore = "heavy (1 M keys): scripts/test runs it in release mode with --ignored"]
 fn a_one_million_key_snapshot_round_trip_stays_under_a_memory_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let options = StateMachineOptions { memtable_bytes_max: 8 << 20, cache_bytes: 16 << 20 };
+    let options = StateMachineOptions { memtable_bytes_max: 8 << 20, cache_bytes: 16 << 20, ..StateMachineOptions::default() };
     let source = StateMachine::open(&dir.path().join("source.redb"), options.clone()).unwrap();
     let target = StateMachine::open(&dir.path().join("target.redb"), options).unwrap();
     let value = vec![b'x'; 100];
