@@ -189,6 +189,10 @@ pub struct StateMachineStats {
     /// Bytes of keys and values in the runs (overwritten and deleted entries included until compacted away).
     pub run_bytes: u64,
     pub memtable_bytes: u64,
+    /// Bytes of pages redb has allocated (live data and its own metadata); the file may be larger (free space).
+    pub allocated_bytes: u64,
+    /// Of those, bytes lost to fragmentation inside pages.
+    pub fragmented_bytes: u64,
 }
 
 pub struct StateMachine {
@@ -330,7 +334,12 @@ impl StateMachine {
     pub fn stats(&self) -> Result<StateMachineStats, StateMachineError> {
         let (version, read) = self.read_view()?;
         let stored_runs = stored_run_ids(&read.open_table(RUN_BLOCKS).map_err(storage)?)?.len();
+        let write = self.db.begin_write().map_err(storage)?;
+        let redb_stats = write.stats().map_err(storage)?;
+        write.abort().map_err(storage)?;
         Ok(StateMachineStats {
+            allocated_bytes: redb_stats.allocated_pages() * redb_stats.page_size() as u64,
+            fragmented_bytes: redb_stats.fragmented_bytes(),
             runs: version.runs.len(),
             stored_runs,
             range_deletions: version.tombstones.len(),

@@ -229,8 +229,12 @@ fn the_background_flusher_keeps_data_exact_and_memory_bounded() {
     let disk = SimRedbBackend::new();
     let budget = 4096;
     let machine = Arc::new(
-        StateMachine::open_with_backend(disk.clone(), StateMachineOptions { memtable_bytes_max: budget, ..StateMachineOptions::default() })
-            .unwrap(),
+        StateMachine::open_with_backend(
+            disk.clone(),
+            // Tiny blocks and a low fanout: compactions run on their thread while flushes and applies go on.
+            StateMachineOptions { memtable_bytes_max: budget, block_bytes_max: 256, compaction_fanout: 2, runs_max: 4, ..StateMachineOptions::default() },
+        )
+        .unwrap(),
     );
     let flusher = BackgroundFlusher::start(Arc::clone(&machine));
     let mut model = Data::new();
@@ -243,6 +247,7 @@ fn the_background_flusher_keeps_data_exact_and_memory_bounded() {
         apply_to_model(&mut model, &apply);
         flusher.after_apply(over_budget).unwrap();
         assert!(machine.memtable_bytes() <= 2 * budget + 1024, "bounded: {} bytes", machine.memtable_bytes());
+        assert!(machine.run_count() <= 4 + 1, "runs bounded: {}", machine.run_count());
     }
     assert_eq!(all(&machine), model, "reads during background flushes see every apply");
     flusher.flush_now().unwrap();

@@ -31,11 +31,25 @@ struct Args {
     /// redb's page cache.
     #[arg(long, default_value_t = 1024)]
     cache_mib: usize,
+    /// Point reads of written keys after the load.
+    #[arg(long, default_value_t = 200_000)]
+    reads: u64,
+    /// Target size of a run's block.
+    #[arg(long, default_value_t = 16)]
+    block_kib: usize,
     /// Flush on the applying thread instead of the background flusher.
     #[arg(long)]
     inline_flush: bool,
     #[arg(long, default_value = "target/apply-bench")]
     dir: String,
+}
+
+/// The next random key of `group`: group g owns keys "g{g:02}/...", random within the range.
+fn next_key(rng: &mut u64, group: u64) -> Vec<u8> {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    format!("g{group:02}/{:016x}", *rng).into_bytes()
 }
 
 fn main() {
@@ -44,12 +58,13 @@ fn main() {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("bench dir");
     let machine = Arc::new(
-        StateMachine::open(&dir.join("state.redb"), StateMachineOptions { memtable_bytes_max: args.memtable_mib << 20, cache_bytes: args.cache_mib << 20, ..StateMachineOptions::default() })
+        StateMachine::open(&dir.join("state.redb"), StateMachineOptions { memtable_bytes_max: args.memtable_mib << 20, cache_bytes: args.cache_mib << 20, block_bytes_max: args.block_kib << 10, ..StateMachineOptions::default() })
             .expect("open state machine"),
     );
     let flusher = (!args.inline_flush).then(|| BackgroundFlusher::start(Arc::clone(&machine)));
     let value = vec![b'v'; args.value_bytes];
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    const SEED: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut rng = SEED;
     let mut applied = vec![0u64; args.groups as usize];
     let started = Instant::now();
     let (mut written, mut flushes, mut flush_seconds) = (0u64, 0u64, 0f64);
@@ -58,14 +73,7 @@ fn main() {
         let batch: Vec<GroupApply> = (0..args.groups)
             .map(|group| {
                 let ops = (0..args.puts_per_group)
-                    .map(|_| {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        // Group g owns keys "g{g:02}/..."; keys are random within the range.
-                        let key = format!("g{group:02}/{:016x}", rng).into_bytes();
-                        KvOp::Put { key, value: value.clone() }
-                    })
+                    .map(|_| KvOp::Put { key: next_key(&mut rng, group), value: value.clone() })
                     .collect();
                 applied[group as usize] += 1;
                 GroupApply { group_id: group + 1, ops, applied_index: applied[group as usize], applied_term: 1 }
@@ -115,13 +123,26 @@ fn main() {
     let after = machine.stats().expect("stats");
     let file_mib = std::fs::metadata(dir.join("state.redb")).map(|m| m.len()).unwrap_or(0) as f64 / (1 << 20) as f64;
     println!(
-        "runs at the end: {} ({} MiB of entries); compaction then settled in {:.1} s to {} runs ({} MiB); redb file {file_mib:.0} MiB",
+        "runs at the end: {} ({} MiB of entries); compaction then settled in {:.1} s to {} runs ({} MiB); redb file {file_mib:.0} MiB, \
+         {} MiB allocated ({} MiB fragmented)",
         before.runs,
         before.run_bytes >> 20,
         settle_started.elapsed().as_secs_f64(),
         after.runs,
-        after.run_bytes >> 20
+        after.run_bytes >> 20,
+        after.allocated_bytes >> 20,
+        after.fragmented_bytes >> 20
     );
+    // Point reads of written keys (replaying the key sequence), from redb's cache: the cost of consulting the runs.
+    let mut rng = SEED;
+    let reads_started = Instant::now();
+    let reads = args.reads.min(written);
+    for i in 0..reads {
+        let key = next_key(&mut rng, (i / args.puts_per_group) % args.groups);
+        assert!(machine.get(&key).expect("get").is_some(), "a written key must be found");
+    }
+    let read_seconds = reads_started.elapsed().as_secs_f64();
+    println!("point reads: {reads} written keys in {read_seconds:.2} s = {:.0} gets/s (one thread)", reads as f64 / read_seconds);
     drop(machine);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -165,8 +165,8 @@ impl StateMachine {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut write = self.db.begin_write().map_err(storage)?;
-        write.set_durability(Durability::None).map_err(storage)?;
+        // Durable: redb reuses the pages a transaction frees only once a durable commit has followed.
+        let write = self.db.begin_write().map_err(storage)?;
         {
             let mut blocks = write.open_table(RUN_BLOCKS).map_err(storage)?;
             for id in ids {

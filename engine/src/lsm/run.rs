@@ -13,6 +13,11 @@ use super::bloom::{Bloom, BloomBuilder};
 use super::merge::Source;
 use crate::state_machine::{storage, StateMachineError};
 
+/// Room left in a block's budget for redb's leaf header and the block's key (besides the last key itself).
+const REDB_PAGE_OVERHEAD_BYTES: usize = 128;
+/// A block's bytes per entry besides the key and value (header and offset).
+const BLOCK_ENTRY_OVERHEAD_BYTES: usize = 12;
+
 pub(crate) const RUN_BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("run_blocks");
 pub(crate) const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
 
@@ -169,11 +174,15 @@ impl RunWriter {
             filter.add(key);
         }
         self.entries += 1;
-        self.bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
-        self.builder.add(key, value);
-        if self.builder.len_bytes() >= self.block_bytes_max {
+        let entry_bytes = key.len() + value.map_or(0, <[u8]>::len);
+        self.bytes += entry_bytes as u64;
+        // Seal before the block would outgrow its budget (less room for redb's page header and the block's key), so
+        // that a block fills one redb page of that size rather than spilling into one twice as large.
+        let budget = self.block_bytes_max.saturating_sub(REDB_PAGE_OVERHEAD_BYTES + key.len());
+        if !self.builder.is_empty() && self.builder.len_bytes() + BLOCK_ENTRY_OVERHEAD_BYTES + entry_bytes > budget {
             self.seal_block();
         }
+        self.builder.add(key, value);
     }
 
     fn seal_block(&mut self) {
