@@ -8,6 +8,7 @@
 
 pub mod disk;
 pub mod flusher;
+pub mod kv_engine;
 pub mod log_engine;
 pub mod lsm;
 pub mod redb_sim;

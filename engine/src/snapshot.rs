@@ -5,10 +5,11 @@
 //! order, at most `chunk_bytes_max` of keys and values per chunk. Only one chunk (and one block per run) is in
 //! memory at a time.
 //!
-//! **Installing** ([`StateMachine::snapshot_installer`]): each chunk is verified (checksum, sequence, range, key
-//! order) and its pairs become blocks of a new run, written in the chunk's own transaction, so memory stays
-//! bounded whatever the range's size. The run has no record yet: a crash leaves garbage that the next open
-//! deletes. `finish` then, in **one** durable transaction, records a range deletion over the group's range (hiding
+//! **Installing** ([`StateMachine::begin_snapshot_install`], then `receive_snapshot_chunk` per chunk, then
+//! `finish_snapshot_install`; the state machine keeps the install between calls, so an actor need not): each chunk
+//! is verified (checksum, sequence, range, key order) and its pairs become blocks of a new run, written in the
+//! chunk's own transaction, so memory stays bounded whatever the range's size. The run has no record yet: a crash
+//! or an abort leaves garbage that is deleted later. Finishing then, in **one** durable transaction, records a range deletion over the group's range (hiding
 //! every older run's entries there), records the new run just above it and sets the group's applied state —
 //! readers see the old range or the new one, never a mix. Nothing old is rewritten: compaction drops the hidden
 //! entries later. Installed runs have no Bloom filter (the pair count is unknown until the end); compaction gives
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use redb::Durability;
 
-use crate::lsm::merge::Merge;
+use crate::lsm::merge::Source;
 use crate::lsm::run::{RunWriter, RUNS, RUN_BLOCKS};
 use crate::lsm::version::{RangeTombstone, RANGE_TOMBSTONES};
 use crate::state_machine::{decode_applied, encode_applied, storage, AppliedState, StateMachine, StateMachineError, APPLY_STATE};
@@ -104,8 +105,9 @@ pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
 
 /// Streams a snapshot of one group's range (see `snapshot.rs`).
 pub struct SnapshotReader {
-    /// Holds the runs' blocks for as long as the reader lives.
-    merge: Merge<'static>,
+    /// The range's pairs in key order, without deletions (for the state machine: a merge that holds the runs'
+    /// blocks for as long as the reader lives).
+    pairs: Box<dyn Source + Send>,
     group_id: u64,
     sequence: u64,
     total_pairs: u64,
@@ -115,6 +117,10 @@ pub struct SnapshotReader {
 }
 
 impl SnapshotReader {
+    pub(crate) fn new(pairs: Box<dyn Source + Send>, group_id: u64, applied: AppliedState, chunk_bytes_max: usize) -> SnapshotReader {
+        SnapshotReader { pairs, group_id, sequence: 0, total_pairs: 0, applied, chunk_bytes_max, exhausted: false }
+    }
+
     /// The applied state the snapshot is taken at.
     pub fn applied(&self) -> AppliedState {
         self.applied
@@ -132,19 +138,19 @@ impl SnapshotReader {
         }
         let mut body = SnapshotChunkBody { group_id: self.group_id, sequence: self.sequence, ..Default::default() };
         let mut bytes = 0usize;
-        while let Some((key, value)) = self.merge.current() {
-            let value = value.expect("a merge without deletions");
+        while let Some((key, value)) = self.pairs.current() {
+            let value = value.expect("snapshot sources hold no deletions");
             if !body.keys.is_empty() && bytes + key.len() + value.len() > self.chunk_bytes_max {
                 break;
             }
             bytes += key.len() + value.len();
             body.keys.push(key.to_vec());
             body.values.push(value.to_vec());
-            self.merge.advance()?;
+            self.pairs.advance()?;
         }
         self.total_pairs += body.keys.len() as u64;
         self.sequence += 1;
-        if self.merge.current().is_none() {
+        if self.pairs.current().is_none() {
             self.exhausted = true;
             body.last = true;
             body.total_pairs = self.total_pairs;
@@ -154,23 +160,39 @@ impl SnapshotReader {
     }
 }
 
-/// Receives a snapshot of one group's range and installs it atomically (see `snapshot.rs`).
-pub struct SnapshotInstaller<'a> {
-    machine: &'a StateMachine,
+/// Checks the chunks of one incoming snapshot: checksum, group, sequence, range, key order, and the final count.
+/// Shared by every engine, so all refuse the same chunks.
+#[derive(Debug)]
+pub(crate) struct ChunkVerifier {
     group_id: u64,
     start: Vec<u8>,
     end: Vec<u8>,
-    /// Writes the received pairs as a run; `None` once finished.
-    writer: Option<RunWriter>,
-    run_id: u64,
     expected_sequence: u64,
     received_pairs: u64,
-    finished: Option<AppliedState>,
+    last_key: Option<Vec<u8>>,
+    /// The applied state, once the last chunk has arrived.
+    pub(crate) finished: Option<AppliedState>,
 }
 
-impl SnapshotInstaller<'_> {
-    /// Verifies a chunk and writes its pairs. Returns true once the last chunk has arrived.
-    pub fn receive(&mut self, encoded: &[u8]) -> Result<bool, StateMachineError> {
+impl ChunkVerifier {
+    pub(crate) fn new(group_id: u64, start: &[u8], end: &[u8]) -> ChunkVerifier {
+        ChunkVerifier {
+            group_id,
+            start: start.to_vec(),
+            end: end.to_vec(),
+            expected_sequence: 0,
+            received_pairs: 0,
+            last_key: None,
+            finished: None,
+        }
+    }
+
+    pub(crate) fn range(&self) -> (&[u8], &[u8]) {
+        (&self.start, &self.end)
+    }
+
+    /// Decodes and checks the next chunk; on success it counts as received.
+    pub(crate) fn verify(&mut self, encoded: &[u8]) -> Result<SnapshotChunkBody, StateMachineError> {
         let chunk = decode_chunk(encoded).map_err(|e| StateMachineError::Invalid(e.to_string()))?;
         let invalid = |e: ChunkError| Err(StateMachineError::Invalid(e.to_string()));
         if chunk.group_id != self.group_id {
@@ -182,56 +204,74 @@ impl SnapshotInstaller<'_> {
         if chunk.keys.iter().any(|k| !in_range(k, &self.start, &self.end)) {
             return invalid(ChunkError::OutsideRange);
         }
-        let writer = self.writer.as_mut().expect("present until finish");
-        let mut previous: Option<&Vec<u8>> = None;
+        let mut previous = self.last_key.as_ref();
         for key in &chunk.keys {
-            if !writer.accepts(key) || previous.is_some_and(|p| p >= key) {
+            if previous.is_some_and(|p| p >= key) {
                 return invalid(ChunkError::Malformed("keys out of order"));
             }
             previous = Some(key);
         }
-        let mut write = self.machine.db.begin_write().map_err(storage)?;
+        let received = self.received_pairs + chunk.keys.len() as u64;
+        if chunk.last && chunk.total_pairs != received {
+            return invalid(ChunkError::CountMismatch { expected: chunk.total_pairs, received });
+        }
+        self.received_pairs = received;
+        self.expected_sequence += 1;
+        if let Some(key) = chunk.keys.last() {
+            self.last_key = Some(key.clone());
+        }
+        if chunk.last {
+            self.finished = Some((chunk.applied_index, chunk.applied_term));
+        }
+        Ok(chunk)
+    }
+}
+
+/// A snapshot being received for one group (see `snapshot.rs`); kept by the state machine between chunks.
+pub(crate) struct Install {
+    verifier: ChunkVerifier,
+    /// Writes the received pairs as a run (its blocks have no record until `finish`).
+    writer: RunWriter,
+    run_id: u64,
+}
+
+impl Install {
+    /// Verifies a chunk and writes its pairs. Returns true once the last chunk has arrived.
+    fn receive(&mut self, machine: &StateMachine, encoded: &[u8]) -> Result<bool, StateMachineError> {
+        let chunk = self.verifier.verify(encoded)?;
+        let mut write = machine.db.begin_write().map_err(storage)?;
         write.set_durability(Durability::None).map_err(storage)?;
         {
             let mut blocks = write.open_table(RUN_BLOCKS).map_err(storage)?;
             for (key, value) in chunk.keys.iter().zip(&chunk.values) {
-                writer.add(key, Some(value));
+                self.writer.add(key, Some(value));
             }
-            writer.write_ready(&mut blocks)?;
+            self.writer.write_ready(&mut blocks)?;
         }
         write.commit().map_err(storage)?;
-        self.received_pairs += chunk.keys.len() as u64;
-        self.expected_sequence += 1;
-        if chunk.last {
-            if chunk.total_pairs != self.received_pairs {
-                return invalid(ChunkError::CountMismatch { expected: chunk.total_pairs, received: self.received_pairs });
-            }
-            self.finished = Some((chunk.applied_index, chunk.applied_term));
-        }
         Ok(chunk.last)
     }
 
     /// Replaces the group's range and applied state with the snapshot, in one durable transaction.
-    pub fn finish(mut self) -> Result<AppliedState, StateMachineError> {
-        let applied = self.finished.ok_or_else(|| StateMachineError::Invalid("the snapshot's last chunk has not arrived".into()))?;
-        let machine = self.machine;
+    fn finish(self, machine: &StateMachine, group_id: u64, applied: AppliedState) -> Result<AppliedState, StateMachineError> {
         // No read may see the range half replaced, and no flush may write older data over it.
         let _no_flush = machine.flush_lock.lock();
         let mut memtables = machine.memtables.write();
-        let tombstone = RangeTombstone { seq: machine.allocate_number(), start: self.start.clone(), end: self.end.clone() };
+        let (start, end) = self.verifier.range();
+        let tombstone = RangeTombstone { seq: machine.allocate_number(), start: start.to_vec(), end: end.to_vec() };
         let run_seq = machine.allocate_number();
         let mut write = machine.db.begin_write().map_err(storage)?;
         write.set_durability(Durability::Immediate).map_err(storage)?;
         write.set_quick_repair(true);
         let run = {
             let mut blocks = write.open_table(RUN_BLOCKS).map_err(storage)?;
-            let run = self.writer.take().expect("present until finish").finish(&mut blocks, run_seq)?;
+            let run = self.writer.finish(&mut blocks, run_seq)?;
             drop(blocks);
             if let Some(run) = &run {
                 write.open_table(RUNS).map_err(storage)?.insert(run.id, run.encode().as_slice()).map_err(storage)?;
             }
             write.open_table(RANGE_TOMBSTONES).map_err(storage)?.insert(tombstone.seq, tombstone.encode().as_slice()).map_err(storage)?;
-            write.open_table(APPLY_STATE).map_err(storage)?.insert(self.group_id, encode_applied(applied)).map_err(storage)?;
+            write.open_table(APPLY_STATE).map_err(storage)?.insert(group_id, encode_applied(applied)).map_err(storage)?;
             run
         };
         write.commit().map_err(storage)?;
@@ -243,21 +283,11 @@ impl SnapshotInstaller<'_> {
                 None => next,
             }
         });
-        let range = |key: &Vec<u8>| in_range(key, &self.start, &self.end);
-        memtables.active.data.retain(|key, _| !range(key));
-        memtables.active.applied.remove(&self.group_id);
+        memtables.active.data.retain(|key, _| !in_range(key, start, end));
+        memtables.active.applied.remove(&group_id);
         memtables.active.bytes = memtables.active.data.iter().map(|(k, v)| k.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64)).sum();
-        machine.durable.write().insert(self.group_id, applied);
+        machine.durable.write().insert(group_id, applied);
         Ok(applied)
-    }
-}
-
-impl Drop for SnapshotInstaller<'_> {
-    fn drop(&mut self) {
-        if self.writer.is_some() {
-            // Abandoned: whatever blocks it wrote are garbage.
-            self.machine.garbage.lock().abandoned.push(self.run_id);
-        }
     }
 }
 
@@ -282,22 +312,56 @@ impl StateMachine {
             .map(|state| decode_applied(state.value()))
             .unwrap_or((0, 0));
         let merge = self.merge_view(Vec::new(), &version, &read, start, end)?;
-        Ok(SnapshotReader { merge, group_id, sequence: 0, total_pairs: 0, applied, chunk_bytes_max, exhausted: false })
+        Ok(SnapshotReader::new(Box::new(merge), group_id, applied, chunk_bytes_max))
     }
 
-    /// Starts receiving a snapshot for `group_id`'s range `[start, end)` (`end` empty: unbounded).
-    pub fn snapshot_installer(&self, group_id: u64, start: &[u8], end: &[u8]) -> Result<SnapshotInstaller<'_>, StateMachineError> {
+    /// Starts receiving a snapshot for `group_id`'s range `[start, end)` (`end` empty: unbounded). An unfinished
+    /// earlier install of the group is abandoned.
+    pub fn begin_snapshot_install(&self, group_id: u64, start: &[u8], end: &[u8]) -> Result<(), StateMachineError> {
         let run_id = self.allocate_number();
-        Ok(SnapshotInstaller {
-            machine: self,
-            group_id,
-            start: start.to_vec(),
-            end: end.to_vec(),
-            writer: Some(RunWriter::new(run_id, self.options().block_bytes_max, None)),
+        let install = Install {
+            verifier: ChunkVerifier::new(group_id, start, end),
+            writer: RunWriter::new(run_id, self.options().block_bytes_max, None),
             run_id,
-            expected_sequence: 0,
-            received_pairs: 0,
-            finished: None,
-        })
+        };
+        if let Some(abandoned) = self.installs.lock().insert(group_id, install) {
+            self.garbage.lock().abandoned.push(abandoned.run_id);
+        }
+        Ok(())
     }
+
+    /// Verifies one chunk of the group's install and writes it. Returns true once the last chunk has arrived. A
+    /// refused chunk leaves the install as it was (the sender may resend the right one, or abort).
+    pub fn receive_snapshot_chunk(&self, group_id: u64, chunk: &[u8]) -> Result<bool, StateMachineError> {
+        let mut installs = self.installs.lock();
+        let install = installs.get_mut(&group_id).ok_or_else(|| no_install(group_id))?;
+        install.receive(self, chunk)
+    }
+
+    /// Makes the received snapshot the group's data and applied state, in one durable step.
+    pub fn finish_snapshot_install(&self, group_id: u64) -> Result<AppliedState, StateMachineError> {
+        let install = {
+            let mut installs = self.installs.lock();
+            let install = installs.get(&group_id).ok_or_else(|| no_install(group_id))?;
+            let applied = install.verifier.finished.ok_or_else(|| unfinished_install(group_id))?;
+            (installs.remove(&group_id).expect("present"), applied)
+        };
+        let (install, applied) = install;
+        install.finish(self, group_id, applied)
+    }
+
+    /// Abandons the group's install, if any (its blocks become garbage).
+    pub fn abort_snapshot_install(&self, group_id: u64) {
+        if let Some(abandoned) = self.installs.lock().remove(&group_id) {
+            self.garbage.lock().abandoned.push(abandoned.run_id);
+        }
+    }
+}
+
+pub(crate) fn no_install(group_id: u64) -> StateMachineError {
+    StateMachineError::Invalid(format!("group {group_id} has no snapshot install under way"))
+}
+
+pub(crate) fn unfinished_install(group_id: u64) -> StateMachineError {
+    StateMachineError::Invalid(format!("group {group_id}: the snapshot's last chunk has not arrived"))
 }

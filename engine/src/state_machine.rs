@@ -27,6 +27,7 @@ use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTabl
 use crate::lsm::merge::{Input, MemSource, Merge};
 use crate::lsm::run::{block_key, delete_blocks, run_of_block_key, Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
 use crate::lsm::version::{RangeTombstone, Version, RANGE_TOMBSTONES};
+use crate::snapshot::Install;
 
 pub(crate) const APPLY_STATE: TableDefinition<u64, [u8; 16]> = TableDefinition::new("apply_state");
 const RANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("ranges");
@@ -210,6 +211,8 @@ pub struct StateMachine {
     /// Run ids and `seq`s (one counter for both).
     next_number: AtomicU64,
     pub(crate) garbage: Mutex<Garbage>,
+    /// Snapshot installs under way, by group (`snapshot.rs`).
+    pub(crate) installs: Mutex<HashMap<u64, Install>>,
 }
 
 pub(crate) fn encode_applied((index, term): AppliedState) -> [u8; 16] {
@@ -292,6 +295,7 @@ impl StateMachine {
             version: RwLock::new(Arc::new(version)),
             next_number: AtomicU64::new(highest_number + 1),
             garbage: Mutex::new(Garbage::default()),
+            installs: Mutex::new(HashMap::new()),
         })
     }
 

@@ -30,14 +30,14 @@ fn range(machine: &StateMachine, start: &str, end: &str) -> Vec<(Vec<u8>, Vec<u8
 
 fn stream(source: &StateMachine, target: &StateMachine, group: u64, start: &str, end: &str, chunk_bytes: usize) -> (u64, u64) {
     let mut reader = source.snapshot_reader(group, start.as_bytes(), end.as_bytes(), chunk_bytes).unwrap();
-    let mut installer = target.snapshot_installer(group, start.as_bytes(), end.as_bytes()).unwrap();
+    target.begin_snapshot_install(group, start.as_bytes(), end.as_bytes()).unwrap();
     let mut chunks = 0;
     while let Some(chunk) = reader.next_chunk().unwrap() {
         chunks += 1;
-        let last = installer.receive(&chunk).unwrap();
+        let last = target.receive_snapshot_chunk(group, &chunk).unwrap();
         assert_eq!(last, reader.is_exhausted(), "the last chunk is marked last");
     }
-    let applied = installer.finish().unwrap();
+    let applied = target.finish_snapshot_install(group).unwrap();
     (chunks, applied.0)
 }
 
@@ -80,18 +80,20 @@ fn a_crash_before_finish_leaves_the_old_range_and_damaged_or_misordered_chunks_a
     let mut reader = source.snapshot_reader(2, b"b", b"c", 300).unwrap();
     let first = reader.next_chunk().unwrap().unwrap();
     let second = reader.next_chunk().unwrap().unwrap();
-    let mut installer = target.snapshot_installer(2, b"b", b"c").unwrap();
+    target.begin_snapshot_install(2, b"b", b"c").unwrap();
     let mut damaged = first.to_vec();
     damaged[10] ^= 4;
-    assert!(matches!(installer.receive(&damaged), Err(StateMachineError::Invalid(e)) if e.contains("checksum")));
-    assert!(matches!(installer.receive(&second), Err(StateMachineError::Invalid(e)) if e.contains("expected 0")));
-    let mut wrong_range = target.snapshot_installer(2, b"c", b"d").unwrap();
-    assert!(matches!(wrong_range.receive(&first), Err(StateMachineError::Invalid(e)) if e.contains("outside")));
-    drop((installer, wrong_range)); // abandoned installs leave only garbage
-    let mut installer = target.snapshot_installer(2, b"b", b"c").unwrap();
-    installer.receive(&first).unwrap();
-    installer.receive(&second).unwrap();
-    assert!(installer.finish().is_err(), "finishing before the last chunk is refused");
+    let refused = |result: Result<bool, StateMachineError>, what: &str| matches!(result, Err(StateMachineError::Invalid(e)) if e.contains(what));
+    assert!(refused(target.receive_snapshot_chunk(2, &damaged), "checksum"));
+    assert!(refused(target.receive_snapshot_chunk(2, &second), "expected 0"));
+    assert!(refused(target.receive_snapshot_chunk(3, &first), "no snapshot install"));
+    target.begin_snapshot_install(2, b"c", b"d").unwrap(); // abandons the first install
+    assert!(refused(target.receive_snapshot_chunk(2, &first), "outside"));
+    target.begin_snapshot_install(2, b"b", b"c").unwrap();
+    target.receive_snapshot_chunk(2, &first).unwrap();
+    target.receive_snapshot_chunk(2, &second).unwrap();
+    assert!(target.finish_snapshot_install(2).is_err(), "finishing before the last chunk is refused");
+    assert_eq!(range(&target, "b", "c"), before, "an unfinished install is invisible");
     // Power cut in the middle of an install: the old range is intact.
     disk.power_off();
     drop(target);

@@ -31,14 +31,14 @@ fn a_one_million_key_snapshot_round_trip_stays_under_a_memory_bound() {
     let baseline = resident_bytes();
     let mut peak = baseline;
     let mut reader = source.snapshot_reader(1, b"", b"", 1 << 20).unwrap();
-    let mut installer = target.snapshot_installer(1, b"", b"").unwrap();
+    target.begin_snapshot_install(1, b"", b"").unwrap();
     let mut chunks = 0;
     while let Some(chunk) = reader.next_chunk().unwrap() {
-        installer.receive(&chunk).unwrap();
+        target.receive_snapshot_chunk(1, &chunk).unwrap();
         chunks += 1;
         peak = peak.max(resident_bytes());
     }
-    installer.finish().unwrap();
+    target.finish_snapshot_install(1).unwrap();
     peak = peak.max(resident_bytes());
     let growth_mib = (peak - baseline) as f64 / (1 << 20) as f64;
     println!("{chunks} chunks; resident memory grew by {growth_mib:.1} MiB over {:.1} MiB", baseline as f64 / (1 << 20) as f64);

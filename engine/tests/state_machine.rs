@@ -1,12 +1,10 @@
-//! The state machine against a model: applies of many groups, flushes (durable checkpoints) and crashes that lose
-//! the memtable. After a crash the data is exactly the last checkpoint's; replaying what the WAL holds after each
-//! group's durable applied index brings back exactly the model.
+//! redb state machine specifics: merged scans, refused applies, range descriptors, and the background flusher
+//! and compactor under load and power loss. The behaviour every engine shares is in `kv_engine_conformance.rs`.
 
 use std::collections::BTreeMap;
 
 use flotilla_engine::redb_sim::SimRedbBackend;
 use flotilla_engine::state_machine::{GroupApply, KvOp, StateMachine, StateMachineError, StateMachineOptions};
-use proptest::prelude::*;
 
 type Data = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -44,143 +42,6 @@ fn random_apply(rng: &mut u64, group: u64, index: u64) -> GroupApply {
         })
         .collect();
     GroupApply { group_id: group, ops, applied_index: index, applied_term: 1 + index / 10 }
-}
-
-/// Installs into `machine` a snapshot of `group`'s range made on another machine from random applies, and updates
-/// the model (the range is replaced; the install is durable at once).
-fn install_random_snapshot(machine: &StateMachine, rng: &mut u64, group: u64, index: u64, models: [&mut Data; 2]) {
-    let source = StateMachine::open_with_backend(SimRedbBackend::new(), StateMachineOptions::default()).unwrap();
-    for i in 0..3 {
-        source.apply(vec![random_apply(rng, group, index - 2 + i)]).unwrap();
-    }
-    let (start, end) = (format!("g{group:02}/"), format!("g{group:02}0"));
-    let mut reader = source.snapshot_reader(group, start.as_bytes(), end.as_bytes(), 64).unwrap();
-    let mut installer = machine.snapshot_installer(group, start.as_bytes(), end.as_bytes()).unwrap();
-    while let Some(chunk) = reader.next_chunk().unwrap() {
-        installer.receive(&chunk).unwrap();
-    }
-    assert_eq!(installer.finish().unwrap().0, index);
-    let installed = source.scan(start.as_bytes(), end.as_bytes(), usize::MAX).unwrap();
-    for model in models {
-        model.retain(|key, _| !(key.as_slice() >= start.as_bytes() && key.as_slice() < end.as_bytes()));
-        model.extend(installed.iter().cloned());
-    }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24), .. ProptestConfig::default() })]
-
-    /// Applies, flushes, compactions (tiny blocks and memtables, so runs, merges and range deletions abound),
-    /// snapshot installs and crashes against a model.
-    #[test]
-    fn crash_recovery_from_the_checkpoint_plus_replay_equals_the_model(
-        seed in any::<u64>(),
-        steps in 1usize..150,
-        memtable_bytes in 64u64..4096,
-        block_bytes in 32usize..512,
-        fanout in 2usize..5,
-        extra_runs in 0usize..6,
-    ) {
-        let disk = SimRedbBackend::new();
-        let options = StateMachineOptions {
-            memtable_bytes_max: memtable_bytes,
-            block_bytes_max: block_bytes,
-            compaction_fanout: fanout,
-            runs_max: fanout + extra_runs,
-            ..StateMachineOptions::default()
-        };
-        let mut machine = StateMachine::open_with_backend(disk.clone(), options.clone()).unwrap();
-        let mut rng = seed | 1;
-        let mut model = Data::new();
-        let mut history: Vec<GroupApply> = Vec::new();
-        let mut next_index = BTreeMap::new();
-        let mut checkpoint = Data::new();
-        let mut checkpoint_applied: BTreeMap<u64, u64> = BTreeMap::new();
-        for _ in 0..steps {
-            rng = rng.rotate_left(11) ^ 0xA076_1D64_78BD_642F;
-            match rng % 12 {
-                0..=5 => {
-                    let batch: Vec<GroupApply> = (0..1 + rng % 3)
-                        .map(|i| {
-                            let group = (rng >> (8 * i)) % 5 + 1;
-                            let index = next_index.entry(group).or_insert(0);
-                            *index += 1 + (rng >> 40) % 3;
-                            random_apply(&mut rng, group, *index)
-                        })
-                        .collect();
-                    let over_budget = machine.apply(batch.clone()).unwrap();
-                    for apply in &batch {
-                        apply_to_model(&mut model, apply);
-                        history.push(apply.clone());
-                    }
-                    if over_budget {
-                        machine.flush().unwrap();
-                        checkpoint = model.clone();
-                        checkpoint_applied = next_index.clone();
-                    }
-                }
-                6 => {
-                    machine.flush().unwrap();
-                    checkpoint = model.clone();
-                    checkpoint_applied = next_index.clone();
-                }
-                7 | 8 => {
-                    if rng % 2 == 0 {
-                        machine.compact_fully().unwrap();
-                        prop_assert!(machine.run_count() <= options.runs_max, "{} runs", machine.run_count());
-                    } else {
-                        machine.compact().unwrap();
-                    }
-                }
-                9 => {
-                    let group = (rng >> 20) % 5 + 1;
-                    let index = next_index.entry(group).or_insert(0);
-                    *index += 5;
-                    let index = *index;
-                    install_random_snapshot(&machine, &mut rng, group, index, [&mut model, &mut checkpoint]);
-                    checkpoint_applied.insert(group, index);
-                }
-                _ => {
-                    // Power loss: the memtable and everything redb did not sync are gone.
-                    disk.power_off();
-                    drop(machine);
-                    disk.crash();
-                    disk.power_on();
-                    machine = StateMachine::open_with_backend(disk.clone(), options.clone()).unwrap();
-                    let stats = machine.stats().unwrap();
-                    prop_assert_eq!(stats.stored_runs, stats.runs, "garbage runs are deleted at open");
-                    prop_assert_eq!(&all(&machine), &checkpoint, "after a crash the data is the last checkpoint");
-                    for group in next_index.keys() {
-                        // Exactly: the WAL below it may be compacted away, so an index too low would lose data.
-                        let expected = checkpoint_applied.get(group).copied().unwrap_or(0);
-                        prop_assert_eq!(machine.durable_applied(*group).0, expected, "durable applied index of group {}", group);
-                    }
-                    // The raftstore replays the WAL after each group's durable applied index.
-                    let replay: Vec<GroupApply> = history
-                        .iter()
-                        .filter(|a| a.applied_index > machine.durable_applied(a.group_id).0)
-                        .cloned()
-                        .collect();
-                    for apply in &replay {
-                        machine.apply(vec![apply.clone()]).unwrap();
-                    }
-                }
-            }
-            prop_assert_eq!(&all(&machine), &model);
-            for (key, value) in model.iter().take(5) {
-                let stored = machine.get(key).unwrap();
-                prop_assert_eq!(stored.as_ref(), Some(value));
-            }
-            for probe in 0..5u64 {
-                let key = format!("g{:02}/k{:03}", probe % 5 + 1, (rng >> (probe * 6)) % 40).into_bytes();
-                let stored = machine.get(&key).unwrap();
-                prop_assert_eq!(stored.as_ref(), model.get(&key), "point read of {:?}", String::from_utf8_lossy(&key));
-            }
-        }
-        for (group, index) in &next_index {
-            prop_assert_eq!(machine.applied(*group).0, *index);
-        }
-    }
 }
 
 #[test]

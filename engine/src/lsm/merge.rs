@@ -117,6 +117,39 @@ impl<'a> Merge<'a> {
     }
 }
 
+impl Source for Merge<'_> {
+    fn current(&self) -> Option<(&[u8], Option<&[u8]>)> {
+        Merge::current(self)
+    }
+
+    fn advance(&mut self) -> Result<(), StateMachineError> {
+        Merge::advance(self)
+    }
+}
+
+/// Owned pairs in key order (the in-memory engine's snapshots).
+pub(crate) struct VecSource {
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    position: usize,
+}
+
+impl VecSource {
+    pub(crate) fn new(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> VecSource {
+        VecSource { pairs, position: 0 }
+    }
+}
+
+impl Source for VecSource {
+    fn current(&self) -> Option<(&[u8], Option<&[u8]>)> {
+        self.pairs.get(self.position).map(|(key, value)| (key.as_slice(), Some(value.as_slice())))
+    }
+
+    fn advance(&mut self) -> Result<(), StateMachineError> {
+        self.position += 1;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
