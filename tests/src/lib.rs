@@ -6,10 +6,12 @@
 //! - [`invariants`]: Raft's safety properties, checked after every step.
 //! - [`cluster`]: a deterministic cluster for scenario tests with readable message traces.
 //! - [`script`]: datadriven scenario scripts (`testdata/raft/*.txt`, `REWRITE=1` to regenerate).
+//! - [`linearizability`]: the per-key linearizability checker (Wing–Gong–Lowe) for client histories.
 //! - [`raft_sim`]: the seeded, replayable randomized simulation of the core (`raft-sim` binary).
 
 pub mod cluster;
 pub mod invariants;
+pub mod linearizability;
 pub mod network;
 pub mod raft_sim;
 pub mod script;
