@@ -1,48 +1,13 @@
 //! redb state machine specifics: merged scans, refused applies, range descriptors, and the background flusher
 //! and compactor under load and power loss. The behaviour every engine shares is in `kv_engine_conformance.rs`.
 
-use std::collections::BTreeMap;
 
 use flotilla_engine::redb_sim::SimRedbBackend;
 use flotilla_engine::state_machine::{GroupApply, KvOp, StateMachine, StateMachineError, StateMachineOptions};
 
-type Data = BTreeMap<Vec<u8>, Vec<u8>>;
+mod common;
 
-fn apply_to_model(model: &mut Data, apply: &GroupApply) {
-    for op in &apply.ops {
-        match op {
-            KvOp::Put { key, value } => {
-                model.insert(key.clone(), value.clone());
-            }
-            KvOp::Delete { key } => {
-                model.remove(key);
-            }
-        }
-    }
-}
-
-fn all(machine: &StateMachine) -> Data {
-    machine.scan(b"", b"", usize::MAX).unwrap().into_iter().collect()
-}
-
-fn random_apply(rng: &mut u64, group: u64, index: u64) -> GroupApply {
-    let mut next = |bound: u64| {
-        *rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (*rng >> 33) % bound
-    };
-    let ops = (0..1 + next(6))
-        .map(|_| {
-            // Each group owns the keys with its prefix: ranges are disjoint, as in the store.
-            let key = format!("g{group:02}/k{:03}", next(40)).into_bytes();
-            if next(4) == 0 {
-                KvOp::Delete { key }
-            } else {
-                KvOp::Put { key, value: format!("v{index}-{}", next(1000)).into_bytes() }
-            }
-        })
-        .collect();
-    GroupApply { group_id: group, ops, applied_index: index, applied_term: 1 + index / 10 }
-}
+use common::{all, apply_to_model, random_apply, Data};
 
 #[test]
 fn scans_merge_the_memtable_over_redb_with_bounds_limits_and_deletions() {
@@ -110,7 +75,7 @@ fn the_background_flusher_keeps_data_exact_and_memory_bounded() {
         assert!(machine.memtable_bytes() <= 2 * budget + 1024, "bounded: {} bytes", machine.memtable_bytes());
         assert!(machine.run_count() <= 4 + 1, "runs bounded: {}", machine.run_count());
     }
-    assert_eq!(all(&machine), model, "reads during background flushes see every apply");
+    assert_eq!(all(machine.as_ref()), model, "reads during background flushes see every apply");
     flusher.flush_now().unwrap();
     drop(flusher);
     for group in 1..=5 {
