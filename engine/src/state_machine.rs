@@ -270,11 +270,16 @@ impl StateMachine {
             version.runs.sort_by_key(|run| std::cmp::Reverse(run.seq));
             let live: HashSet<u64> = version.runs.iter().map(|run| run.id).collect();
             let mut blocks = write.open_table(RUN_BLOCKS).map_err(storage)?;
-            for id in stored_run_ids(&blocks)? {
+            let stored = stored_run_ids(&blocks)?;
+            for &id in &stored {
                 highest_number = highest_number.max(id);
                 if !live.contains(&id) {
                     delete_blocks(&mut blocks, id)?;
                 }
+            }
+            // A recorded run without blocks would read as "no such key": corruption, not an empty run.
+            if let Some(run) = version.runs.iter().find(|run| !stored.contains(&run.id)) {
+                return Err(storage(format!("corrupt state machine: run {} ({} entries) has a record but no blocks", run.id, run.entries)));
             }
             drop(blocks);
             write.commit().map_err(storage)?;

@@ -88,3 +88,23 @@ fn the_background_flusher_keeps_data_exact_and_memory_bounded() {
     let machine = StateMachine::open_with_backend(disk, StateMachineOptions::default()).unwrap();
     assert_eq!(all(&machine), model);
 }
+
+#[test]
+fn a_run_recorded_without_its_blocks_is_corruption_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let machine = StateMachine::open(&path, StateMachineOptions::default()).unwrap();
+    machine.apply(vec![GroupApply { group_id: 1, ops: vec![KvOp::Put { key: b"k".to_vec(), value: b"v".to_vec() }], applied_index: 1, applied_term: 1 }]).unwrap();
+    machine.flush().unwrap();
+    drop(machine);
+    // Lose the blocks behind the state machine's back.
+    let db = redb::Database::open(&path).unwrap();
+    let write = db.begin_write().unwrap();
+    write.delete_table(redb::TableDefinition::<&[u8], &[u8]>::new("run_blocks")).unwrap();
+    write.commit().unwrap();
+    drop(db);
+    match StateMachine::open(&path, StateMachineOptions::default()) {
+        Err(StateMachineError::Storage(reason)) => assert!(reason.contains("no blocks"), "{reason}"),
+        other => panic!("expected corruption, got {:?}", other.map(|_| "an open state machine")),
+    }
+}
