@@ -1,8 +1,14 @@
 //! Hosting of many Raft group replicas on one node.
 //!
-//! Each group replica will be an actor that owns its peer state and drives the pure Raft core
-//! ([`flotilla_raft`]); the node's shared WAL and state machine come from [`flotilla_engine`]. This crate is filled
-//! by the raftstore issue; today it fixes the dependency direction: raftstore → raft core, raftstore → engine.
+//! Each group replica is an FSM that owns its peer state and drives the pure Raft core ([`flotilla_raft`]); the
+//! node's shared WAL and state machine come from [`flotilla_engine`].
+//!
+//! - [`batch`]: the batch system — FSMs with bounded mailboxes polled by a small fixed pool in rounds
+//!   (begin / handle / end), the shape every group replica runs in.
+//!
+//! Peers, apply, reads and the embedded store come next (the raftstore issue).
 
 pub use flotilla_engine as engine;
 pub use flotilla_raft as raft;
+
+pub mod batch;

@@ -1,0 +1,88 @@
+//! [`Router`]: FSM ids to mailboxes. Cheap to clone; every clone reaches the same FSMs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use parking_lot::RwLock;
+
+use super::mailbox::{Delivery, Fsm, Mailbox, Scheduled};
+use super::pool::Task;
+
+/// Why a message was not queued; the message comes back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendError<M> {
+    /// No FSM has this id (never registered, or unregistered).
+    NotFound(M),
+    /// The mailbox is at capacity: the sender should back off (the bound that keeps memory finite).
+    Full(M),
+}
+
+pub struct Router<F: Fsm> {
+    mailboxes: Arc<RwLock<HashMap<u64, Arc<Mailbox<F>>>>>,
+    run_queue: Sender<Task<F>>,
+    mailbox_capacity: usize,
+}
+
+impl<F: Fsm> Clone for Router<F> {
+    fn clone(&self) -> Router<F> {
+        Router { mailboxes: Arc::clone(&self.mailboxes), run_queue: self.run_queue.clone(), mailbox_capacity: self.mailbox_capacity }
+    }
+}
+
+impl<F: Fsm> Router<F> {
+    pub(crate) fn new(run_queue: Sender<Task<F>>, mailbox_capacity: usize) -> Router<F> {
+        Router { mailboxes: Arc::default(), run_queue, mailbox_capacity }
+    }
+
+    /// Adds an FSM under `id`. Refused (and the FSM handed back) if the id is taken.
+    pub fn register(&self, id: u64, fsm: Box<F>) -> Result<(), Box<F>> {
+        let mut mailboxes = self.mailboxes.write();
+        if mailboxes.contains_key(&id) {
+            return Err(fsm);
+        }
+        mailboxes.insert(id, Arc::new(Mailbox::new(fsm, self.mailbox_capacity)));
+        Ok(())
+    }
+
+    /// Removes an FSM: later sends get `NotFound`; it is dropped now if idle, else after its current turn.
+    pub fn unregister(&self, id: u64) -> bool {
+        let removed = self.mailboxes.write().remove(&id);
+        if let Some(mailbox) = &removed {
+            mailbox.close();
+        }
+        removed.is_some()
+    }
+
+    pub fn send(&self, id: u64, message: F::Message) -> Result<(), SendError<F::Message>> {
+        let Some(mailbox) = self.mailboxes.read().get(&id).cloned() else { return Err(SendError::NotFound(message)) };
+        let (delivery, to_schedule) = mailbox.deliver(message);
+        if let Some(scheduled) = to_schedule {
+            self.schedule(scheduled);
+        }
+        match delivery {
+            Delivery::Delivered => Ok(()),
+            Delivery::Full(message) => Err(SendError::Full(message)),
+            Delivery::Closed(message) => Err(SendError::NotFound(message)),
+        }
+    }
+
+    /// Sends one message to every FSM (e.g. a node-level event); returns how many mailboxes were full.
+    pub fn broadcast(&self, message: impl Fn() -> F::Message) -> usize {
+        let ids: Vec<u64> = self.mailboxes.read().keys().copied().collect();
+        ids.into_iter().filter(|&id| matches!(self.send(id, message()), Err(SendError::Full(_)))).count()
+    }
+
+    pub fn len(&self) -> usize {
+        self.mailboxes.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn schedule(&self, scheduled: Scheduled<F>) {
+        // The pool is gone only at shutdown: the FSM is dropped with its message.
+        let _ = self.run_queue.send(Task::Run(scheduled));
+    }
+}
