@@ -441,6 +441,11 @@ impl StateMachine {
             return Ok(value.clone());
         }
         let (version, read) = self.read_view()?;
+        self.get_in(&version, &read, key)
+    }
+
+    /// A point read in the runs of `version` through `read` (memtables not consulted).
+    pub(crate) fn get_in(&self, version: &Version, read: &ReadTransaction, key: &[u8]) -> Result<Option<Vec<u8>>, StateMachineError> {
         let hidden_below = version.hidden_below(key);
         let blocks = read.open_table(RUN_BLOCKS).map_err(storage)?;
         for run in &version.runs {

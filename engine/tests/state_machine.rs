@@ -108,3 +108,60 @@ fn a_run_recorded_without_its_blocks_is_corruption_at_open() {
         other => panic!("expected corruption, got {:?}", other.map(|_| "an open state machine")),
     }
 }
+
+#[test]
+fn reads_racing_flushes_compactions_and_garbage_collection_never_lose_a_key() {
+    use flotilla_engine::flusher::BackgroundFlusher;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const KEYS: u64 = 300;
+    let key = |i: u64| format!("k{i:04}").into_bytes();
+    let version_of = |value: &[u8]| -> u64 { String::from_utf8_lossy(value).rsplit('-').next().unwrap().parse().unwrap() };
+    let dir = tempfile::tempdir().unwrap();
+    // Tiny memtables and blocks, fanout 2: flushes, compactions and garbage deletions every few milliseconds.
+    let options = StateMachineOptions { memtable_bytes_max: 2048, block_bytes_max: 128, compaction_fanout: 2, runs_max: 4, ..StateMachineOptions::default() };
+    let machine = Arc::new(StateMachine::open(&dir.path().join("s.redb"), options).unwrap());
+    let flusher = BackgroundFlusher::start(Arc::clone(&machine));
+    let put_all = |round: u64, index: u64| {
+        let ops = (0..KEYS).map(|i| KvOp::Put { key: key(i), value: format!("v-{round}").into_bytes() }).collect();
+        let over = machine.apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1 }]).unwrap();
+        flusher.after_apply(over).unwrap();
+    };
+    put_all(0, 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2u64)
+        .map(|reader| {
+            let (machine, stop) = (Arc::clone(&machine), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut seen = vec![0u64; KEYS as usize];
+                let (mut reads, mut rng) = (0u64, reader + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let i = (rng >> 33) % KEYS;
+                    let value = machine.get(&key(i)).unwrap().unwrap_or_else(|| panic!("key {i} vanished"));
+                    let version = version_of(&value);
+                    assert!(version >= seen[i as usize], "key {i} went back from version {} to {version}", seen[i as usize]);
+                    seen[i as usize] = version;
+                    if reads % 50 == 0 {
+                        let all = machine.scan(b"", b"", usize::MAX).unwrap();
+                        assert_eq!(all.len() as u64, KEYS, "a scan lost keys");
+                    }
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for round in 1..=300 {
+        put_all(round, round + 1);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reads: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    flusher.flush_now().unwrap();
+    drop(flusher);
+    let stats = machine.stats().unwrap();
+    assert!(reads > 100, "the readers ran ({reads} reads)");
+    assert!(stats.runs <= 4 + 1, "compaction kept up: {stats:?}");
+    assert!(machine.scan(b"", b"", usize::MAX).unwrap().iter().all(|(_, v)| version_of(v) == 300));
+    println!("{reads} reads during 300 rounds; {stats:?}");
+}

@@ -180,6 +180,34 @@ impl StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redb_sim::SimRedbBackend;
+    use crate::state_machine::{GroupApply, KvOp, StateMachineOptions};
+
+    #[test]
+    fn runs_a_reader_pinned_outlive_their_compaction_until_it_lets_go() {
+        let options = StateMachineOptions { memtable_bytes_max: 1 << 20, compaction_fanout: 2, runs_max: 2, ..StateMachineOptions::default() };
+        let machine = StateMachine::open_with_backend(SimRedbBackend::new(), options).unwrap();
+        for index in 1..=2u64 {
+            let ops = (0..50).map(|i| KvOp::Put { key: format!("k{i:03}").into_bytes(), value: format!("v{index}").into_bytes() }).collect();
+            machine.apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1 }]).unwrap();
+            machine.flush().unwrap();
+        }
+        // A reader takes the version (two runs)...
+        let pinned = machine.current_version();
+        assert_eq!(pinned.runs.len(), 2);
+        // ...compaction replaces both runs and collects garbage before the reader opens its transaction...
+        assert!(machine.compact().unwrap());
+        machine.collect_garbage().unwrap();
+        assert_eq!(machine.run_count(), 1);
+        // ...and the reader still finds every key through its version.
+        let read = machine.db.begin_read().unwrap();
+        assert_eq!(machine.get_in(&pinned, &read, b"k007").unwrap(), Some(b"v2".to_vec()));
+        drop(read);
+        assert_eq!(machine.stats().unwrap().stored_runs, 3, "the replaced runs wait while pinned");
+        drop(pinned);
+        machine.collect_garbage().unwrap();
+        assert_eq!(machine.stats().unwrap().stored_runs, 1, "and go once nothing pins them");
+    }
 
     #[test]
     fn classes_grow_by_the_fanout_with_slack_for_merged_runs_that_shrank() {
