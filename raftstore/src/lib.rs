@@ -5,6 +5,8 @@
 //!
 //! - [`batch`]: the batch system — FSMs with bounded mailboxes polled by a small fixed pool in rounds
 //!   (begin / handle / end), the shape every group replica runs in.
+//! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,
+//!   and the initial layout of an embedded store.
 //!
 //! Peers, apply, reads and the embedded store come next (the raftstore issue).
 
@@ -12,3 +14,4 @@ pub use flotilla_engine as engine;
 pub use flotilla_raft as raft;
 
 pub mod batch;
+pub mod range;

@@ -1,0 +1,164 @@
+//! Key ranges: which keys a group serves, and the epoch that says how current that knowledge is.
+//!
+//! A [`RangeDescriptor`] names a group, its half-open key range `[start, end)` (an empty `end` means "to the end of
+//! the key space") and its replicas, with a [`RangeEpoch`]: `version` goes up with every split or merge (the range
+//! changed), `conf_version` with every membership change (the replicas changed). Clients route with the descriptor
+//! they have and send its epoch; a replica whose descriptor says otherwise answers with a typed [`RangeError`]
+//! carrying its current descriptor — never with a wrong answer for a key it no longer serves.
+//!
+//! Descriptors are stored per group in the state machine (`KvEngine::put_range`) in their protobuf encoding.
+
+use prost::Message as _;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, prost::Message)]
+pub struct RangeEpoch {
+    /// Bumped by every split or merge.
+    #[prost(uint64, tag = "1")]
+    pub version: u64,
+    /// Bumped by every membership change.
+    #[prost(uint64, tag = "2")]
+    pub conf_version: u64,
+}
+
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Replica {
+    #[prost(uint64, tag = "1")]
+    pub node_id: u64,
+    /// The Raft id of this replica within its group.
+    #[prost(uint64, tag = "2")]
+    pub replica_id: u64,
+    #[prost(bool, tag = "3")]
+    pub learner: bool,
+}
+
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct RangeDescriptor {
+    #[prost(uint64, tag = "1")]
+    pub group_id: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub start: Vec<u8>,
+    /// Exclusive; empty: unbounded.
+    #[prost(bytes = "vec", tag = "3")]
+    pub end: Vec<u8>,
+    #[prost(message, optional, tag = "4")]
+    pub epoch: Option<RangeEpoch>,
+    #[prost(message, repeated, tag = "5")]
+    pub replicas: Vec<Replica>,
+}
+
+/// Why a replica refuses a request for its range (expected conditions: the client re-routes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RangeError {
+    /// The key is not in this group's range (any more): `current` says what the group serves now.
+    KeyNotInRange { key: Vec<u8>, current: Box<RangeDescriptor> },
+    /// The request was routed with an epoch the range has moved past (or, after a restart, not yet reached).
+    StaleEpoch { sent: RangeEpoch, current: Box<RangeDescriptor> },
+    /// The keys of one atomic batch belong to more than one range.
+    BatchSpansRanges { first_outside: Vec<u8>, current: Box<RangeDescriptor> },
+}
+
+impl std::fmt::Display for RangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let describe = |d: &RangeDescriptor| format!("group {} serves [{:?}, {:?})", d.group_id, String::from_utf8_lossy(&d.start), String::from_utf8_lossy(&d.end));
+        match self {
+            RangeError::KeyNotInRange { key, current } => write!(f, "key {:?} is not in this range: {}", String::from_utf8_lossy(key), describe(current)),
+            RangeError::StaleEpoch { sent, current } => {
+                write!(f, "request routed with epoch {sent:?}, the range is at {:?}: {}", current.epoch.unwrap_or_default(), describe(current))
+            }
+            RangeError::BatchSpansRanges { first_outside, current } => write!(
+                f,
+                "an atomic batch must stay in one range; key {:?} is outside: {}",
+                String::from_utf8_lossy(first_outside),
+                describe(current)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RangeError {}
+
+impl RangeDescriptor {
+    pub fn epoch(&self) -> RangeEpoch {
+        self.epoch.unwrap_or_default()
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
+    }
+
+    /// Whether a request for `keys` routed with `sent` may be served here.
+    pub fn check(&self, keys: &[&[u8]], sent: Option<RangeEpoch>) -> Result<(), RangeError> {
+        if let Some(sent) = sent.filter(|sent| *sent != self.epoch()) {
+            return Err(RangeError::StaleEpoch { sent, current: Box::new(self.clone()) });
+        }
+        match keys.iter().position(|key| !self.contains(key)) {
+            None => Ok(()),
+            Some(0) => Err(RangeError::KeyNotInRange { key: keys[0].to_vec(), current: Box::new(self.clone()) }),
+            Some(at) => Err(RangeError::BatchSpansRanges { first_outside: keys[at].to_vec(), current: Box::new(self.clone()) }),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+
+    pub fn decode_stored(bytes: &[u8]) -> Result<RangeDescriptor, prost::DecodeError> {
+        RangeDescriptor::decode(bytes)
+    }
+}
+
+/// `groups` ranges covering the whole key space, split evenly by the first two bytes of the key (an embedded store's
+/// starting layout: with random or hashed keys, load spreads evenly). Groups are numbered from `first_group_id`.
+pub fn initial_ranges(groups: u64, first_group_id: u64, replicas: &[Replica]) -> Vec<RangeDescriptor> {
+    assert!((1..=65_536).contains(&groups), "between 1 and 65,536 initial groups");
+    let boundary = |i: u64| -> Vec<u8> {
+        if i == 0 || i == groups {
+            return Vec::new();
+        }
+        let prefix = (i * 65_536 / groups) as u16;
+        prefix.to_be_bytes().to_vec()
+    };
+    (0..groups)
+        .map(|i| RangeDescriptor {
+            group_id: first_group_id + i,
+            start: boundary(i),
+            end: boundary(i + 1),
+            epoch: Some(RangeEpoch { version: 1, conf_version: 1 }),
+            replicas: replicas.to_vec(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_ranges_cover_the_key_space_once() {
+        for groups in [1u64, 3, 16, 1000] {
+            let ranges = initial_ranges(groups, 1, &[]);
+            assert_eq!(ranges.len() as u64, groups);
+            assert!(ranges[0].start.is_empty() && ranges.last().unwrap().end.is_empty());
+            for pair in ranges.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start, "adjacent, no gap or overlap");
+                assert!(pair[0].start < pair[1].start || pair[0].start.is_empty());
+            }
+            for key in [&b""[..], b"\x00", b"a", b"zzz", b"\xff\xff\xff", b"\x80\x00"] {
+                assert_eq!(ranges.iter().filter(|r| r.contains(key)).count(), 1, "{groups} groups, key {key:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn requests_outside_the_range_or_with_another_epoch_get_typed_errors() {
+        let range = RangeDescriptor { group_id: 7, start: b"b".to_vec(), end: b"d".to_vec(), epoch: Some(RangeEpoch { version: 3, conf_version: 2 }), replicas: vec![] };
+        assert_eq!(range.check(&[b"b", b"c"], Some(range.epoch())), Ok(()));
+        assert_eq!(range.check(&[b"c"], None), Ok(()), "no epoch sent: the key check alone");
+        assert!(matches!(range.check(&[b"d"], None), Err(RangeError::KeyNotInRange { key, current }) if key == b"d" && *current == range));
+        assert!(matches!(range.check(&[b"c", b"a"], None), Err(RangeError::BatchSpansRanges { first_outside, .. }) if first_outside == b"a"));
+        let stale = RangeEpoch { version: 2, conf_version: 2 };
+        assert!(matches!(range.check(&[b"c"], Some(stale)), Err(RangeError::StaleEpoch { sent, .. }) if sent == stale));
+        assert_eq!(RangeDescriptor::decode_stored(&range.encode()).unwrap(), range);
+        assert!(range.check(&[b"d"], None).unwrap_err().to_string().contains("group 7 serves"));
+    }
+}
