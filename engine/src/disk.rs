@@ -20,15 +20,22 @@ pub trait Disk: Send + Sync + 'static {
     /// Opens a file for reading and appending, creating it if `create`.
     fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>>;
     fn remove(&self, path: &Path) -> io::Result<()>;
-    /// Makes creations and removals in `dir` durable.
+    /// Renames a file (replacing `to` if it exists); durable once its directory is synced.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Makes creations, renames and removals in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 }
 
-/// An open file: positional reads, appends at the end, sync, truncate.
+/// An open file: positional reads and writes, appends at the end, sync, truncate.
 pub trait DiskFile: Send {
     fn len_bytes(&self) -> io::Result<u64>;
     fn read_exact_at(&self, offset: u64, buffer: &mut [u8]) -> io::Result<()>;
-    fn append(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Writes at `offset`, overwriting what is there and growing the file if it reaches past the end.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        let end = self.len_bytes()?;
+        self.write_at(end, data)
+    }
     /// Makes every appended byte durable (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
     fn truncate(&mut self, len: u64) -> io::Result<()>;
@@ -69,6 +76,10 @@ impl Disk for StdDisk {
         std::fs::remove_file(path)
     }
 
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
     }
@@ -83,9 +94,9 @@ impl DiskFile for StdFile {
         self.file.read_exact_at(buffer, offset)
     }
 
-    fn append(&mut self, data: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(data, self.len)?;
-        self.len += data.len() as u64;
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)?;
+        self.len = self.len.max(offset + data.len() as u64);
         Ok(())
     }
 
@@ -101,23 +112,68 @@ impl DiskFile for StdFile {
     }
 }
 
-/// One simulated file: its bytes and how many of them are durable.
+/// One simulated file's content: what reads see, what survives a crash, and the writes in between.
 #[derive(Clone, Debug, Default)]
 struct SimFileState {
     data: Vec<u8>,
-    synced_len: usize,
+    durable: Vec<u8>,
+    /// Writes since the last sync, in order: a crash keeps the durable image plus a prefix of these bytes.
+    unsynced: Vec<(usize, Vec<u8>)>,
+}
+
+impl SimFileState {
+    fn write_at(&mut self, offset: usize, bytes: &[u8]) {
+        write_into(&mut self.data, offset, bytes);
+        self.unsynced.push((offset, bytes.to_vec()));
+    }
+
+    fn unsynced_len(&self) -> usize {
+        self.unsynced.iter().map(|(_, bytes)| bytes.len()).sum()
+    }
+
+    /// After a crash: the durable image, then the first `kept` unsynced bytes in write order (a torn write).
+    fn crash(&mut self, mut kept: usize) {
+        let mut image = std::mem::take(&mut self.durable);
+        for (offset, bytes) in std::mem::take(&mut self.unsynced) {
+            let take = kept.min(bytes.len());
+            write_into(&mut image, offset, &bytes[..take]);
+            kept -= take;
+            if kept == 0 {
+                break;
+            }
+        }
+        self.data = image.clone();
+        self.durable = image;
+    }
+}
+
+fn write_into(image: &mut Vec<u8>, offset: usize, bytes: &[u8]) {
+    if image.len() < offset + bytes.len() {
+        image.resize(offset + bytes.len(), 0);
+    }
+    image[offset..offset + bytes.len()].copy_from_slice(bytes);
 }
 
 #[derive(Debug, Default)]
 struct SimDiskState {
-    files: BTreeMap<PathBuf, SimFileState>,
-    /// Files whose directory entry is durable.
-    durable_names: std::collections::BTreeSet<PathBuf>,
+    /// Names (as the live directory has them) to file ids.
+    names: BTreeMap<PathBuf, u64>,
+    /// Names as the last directory sync left them: what a crash goes back to.
+    durable_names: BTreeMap<PathBuf, u64>,
+    contents: BTreeMap<u64, SimFileState>,
+    next_file_id: u64,
     directories: std::collections::BTreeSet<PathBuf>,
     /// The next this-many `sync_data` calls fail.
     failing_syncs: u32,
     /// After a power cut: writes vanish and syncs fail, until `crash` (which models the reboot).
     powered_off: bool,
+}
+
+impl SimDiskState {
+    fn file(&mut self, path: &Path) -> io::Result<&mut SimFileState> {
+        let id = *self.names.get(path).ok_or_else(|| not_found(path))?;
+        Ok(self.contents.get_mut(&id).expect("named files have content"))
+    }
 }
 
 /// An in-memory disk with fault injection. Clones share the same disk.
@@ -126,7 +182,9 @@ pub struct SimDisk {
     state: Arc<Mutex<SimDiskState>>,
 }
 
+/// An open file. Like a file descriptor, it follows the file across renames (it holds the file's id).
 struct SimFile {
+    id: u64,
     path: PathBuf,
     state: Arc<Mutex<SimDiskState>>,
 }
@@ -140,19 +198,18 @@ impl SimDisk {
         SimDisk::default()
     }
 
-    /// Power loss. Every file keeps its synced bytes plus, for a torn write, the first
-    /// `keep_unsynced(path, unsynced_len)` of its unsynced ones; files whose creation was never made durable by a
-    /// directory sync disappear.
+    /// Power loss. Directory entries go back to the last directory sync (unsynced creations, renames and removals
+    /// are undone); every file keeps its durable bytes plus, for a torn write, the first
+    /// `keep_unsynced(path, unsynced_len)` bytes of its unsynced writes, in the order they were made.
     pub fn crash(&self, mut keep_unsynced: impl FnMut(&Path, usize) -> usize) {
         let mut state = self.state.lock();
         state.powered_off = false;
-        let durable_names = state.durable_names.clone();
-        state.files.retain(|path, _| durable_names.contains(path));
-        for (path, file) in state.files.iter_mut() {
-            let unsynced = file.data.len() - file.synced_len;
-            let kept = keep_unsynced(path, unsynced).min(unsynced);
-            file.data.truncate(file.synced_len + kept);
-            file.synced_len = file.data.len();
+        state.names = state.durable_names.clone();
+        let live: BTreeMap<u64, PathBuf> = state.names.iter().map(|(path, id)| (*id, path.clone())).collect();
+        state.contents.retain(|id, _| live.contains_key(id));
+        for (id, file) in state.contents.iter_mut() {
+            let unsynced = file.unsynced_len();
+            file.crash(keep_unsynced(&live[id], unsynced).min(unsynced));
         }
     }
 
@@ -167,19 +224,22 @@ impl SimDisk {
         self.state.lock().failing_syncs = count;
     }
 
-    /// Flips one bit of a file's (durable) content.
+    /// Flips one bit of a file's content (durable and live alike: damage on the medium).
     pub fn flip_bit(&self, path: &Path, offset: usize, bit: u8) {
         let mut state = self.state.lock();
-        let file = state.files.get_mut(path).expect("flip_bit on a missing file");
+        let file = state.file(path).expect("flip_bit on a missing file");
         file.data[offset] ^= 1 << (bit % 8);
+        if offset < file.durable.len() {
+            file.durable[offset] ^= 1 << (bit % 8);
+        }
     }
 
     pub fn file_len(&self, path: &Path) -> Option<usize> {
-        self.state.lock().files.get(path).map(|f| f.data.len())
+        self.state.lock().file(path).ok().map(|f| f.data.len())
     }
 
     pub fn unsynced_bytes(&self) -> usize {
-        self.state.lock().files.values().map(|f| f.data.len() - f.synced_len).sum()
+        self.state.lock().contents.values().map(SimFileState::unsynced_len).sum()
     }
 }
 
@@ -194,33 +254,44 @@ impl Disk for SimDisk {
         if !state.directories.contains(dir) {
             return Err(not_found(dir));
         }
-        Ok(state.files.keys().filter(|p| p.parent() == Some(dir)).cloned().collect())
+        Ok(state.names.keys().filter(|p| p.parent() == Some(dir)).cloned().collect())
     }
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>> {
         let mut state = self.state.lock();
-        if !state.files.contains_key(path) {
-            if !create {
-                return Err(not_found(path));
+        let id = match state.names.get(path) {
+            Some(id) => *id,
+            None if create => {
+                let id = state.next_file_id;
+                state.next_file_id += 1;
+                state.names.insert(path.to_path_buf(), id);
+                state.contents.insert(id, SimFileState::default());
+                id
             }
-            state.files.insert(path.to_path_buf(), SimFileState::default());
-        }
-        Ok(Box::new(SimFile { path: path.to_path_buf(), state: Arc::clone(&self.state) }))
+            None => return Err(not_found(path)),
+        };
+        Ok(Box::new(SimFile { id, path: path.to_path_buf(), state: Arc::clone(&self.state) }))
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state.lock();
-        state.files.remove(path).ok_or_else(|| not_found(path))?;
-        // A removal that is not yet durable may be undone by a crash; modelled conservatively as durable at
-        // once, which only makes the WAL's job easier on the "file reappears" side (not modelled).
-        state.durable_names.remove(path);
+        state.names.remove(path).ok_or_else(|| not_found(path))?;
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = self.state.lock();
+        let id = state.names.remove(from).ok_or_else(|| not_found(from))?;
+        state.names.insert(to.to_path_buf(), id);
         Ok(())
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut state = self.state.lock();
-        let names: Vec<PathBuf> = state.files.keys().filter(|p| p.parent() == Some(dir)).cloned().collect();
-        state.durable_names.extend(names);
+        let in_dir = |path: &PathBuf| path.parent() == Some(dir);
+        state.durable_names.retain(|path, _| !in_dir(path));
+        let live: Vec<(PathBuf, u64)> = state.names.iter().filter(|(path, _)| in_dir(path)).map(|(p, id)| (p.clone(), *id)).collect();
+        state.durable_names.extend(live);
         Ok(())
     }
 }
@@ -228,7 +299,7 @@ impl Disk for SimDisk {
 impl SimFile {
     fn with_file<T>(&self, action: impl FnOnce(&mut SimFileState) -> T) -> io::Result<T> {
         let mut state = self.state.lock();
-        let file = state.files.get_mut(&self.path).ok_or_else(|| not_found(&self.path))?;
+        let file = state.contents.get_mut(&self.id).ok_or_else(|| not_found(&self.path))?;
         Ok(action(file))
     }
 }
@@ -250,11 +321,11 @@ impl DiskFile for SimFile {
         })?
     }
 
-    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         if self.state.lock().powered_off {
             return Ok(());
         }
-        self.with_file(|f| f.data.extend_from_slice(data))
+        self.with_file(|f| f.write_at(offset as usize, data))
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
@@ -266,15 +337,23 @@ impl DiskFile for SimFile {
             state.failing_syncs -= 1;
             return Err(io::Error::other("injected fsync failure"));
         }
-        let file = state.files.get_mut(&self.path).ok_or_else(|| not_found(&self.path))?;
-        file.synced_len = file.data.len();
+        let file = state.contents.get_mut(&self.id).ok_or_else(|| not_found(&self.path))?;
+        for (offset, bytes) in std::mem::take(&mut file.unsynced) {
+            write_into(&mut file.durable, offset, &bytes);
+        }
+        file.durable.truncate(file.data.len());
         Ok(())
     }
 
     fn truncate(&mut self, len: u64) -> io::Result<()> {
+        // Modelled as durable at once (the WAL syncs right after truncating).
         self.with_file(|f| {
-            f.data.truncate(len as usize);
-            f.synced_len = f.synced_len.min(f.data.len());
+            let len = len as usize;
+            f.data.truncate(len);
+            f.durable.truncate(len);
+            for (offset, bytes) in &mut f.unsynced {
+                bytes.truncate(len.saturating_sub(*offset));
+            }
         })
     }
 }
@@ -318,6 +397,67 @@ mod tests {
         assert!(disk.list(dir).unwrap().is_empty());
     }
 
+    fn read(disk: &SimDisk, path: &Path) -> Vec<u8> {
+        let file = disk.open(path, false).unwrap();
+        let mut content = vec![0; file.len_bytes().unwrap() as usize];
+        file.read_exact_at(0, &mut content).unwrap();
+        content
+    }
+
+    #[test]
+    fn unsynced_overwrites_revert_or_tear_on_a_crash_in_write_order() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/wal");
+        disk.create_dir_all(dir).unwrap();
+        let path = dir.join("a");
+        let mut file = disk.open(&path, true).unwrap();
+        disk.sync_dir(dir).unwrap();
+        file.write_at(0, b"aaaaaaaa").unwrap();
+        file.sync_data().unwrap();
+        file.write_at(2, b"BB").unwrap();
+        file.sync_data().unwrap();
+        file.write_at(4, b"CC").unwrap(); // unsynced overwrite
+        file.write_at(10, b"DD").unwrap(); // unsynced, past the end (a gap of zeros)
+        assert_eq!(read(&disk, &path), b"aaBBCCaa\0\0DD");
+        disk.crash(|_, unsynced| {
+            assert_eq!(unsynced, 4);
+            3 // the first write whole, one byte of the second
+        });
+        assert_eq!(read(&disk, &path), b"aaBBCCaa\0\0D");
+        drop(file);
+        let mut file = disk.open(&path, false).unwrap();
+        file.write_at(0, b"zz").unwrap();
+        disk.crash(|_, _| 0);
+        assert_eq!(read(&disk, &path), b"aaBBCCaa\0\0D", "an unsynced overwrite is undone");
+    }
+
+    #[test]
+    fn renames_and_removals_are_undone_by_a_crash_until_the_directory_is_synced() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/wal");
+        disk.create_dir_all(dir).unwrap();
+        let (old, new, gone) = (dir.join("old"), dir.join("new"), dir.join("gone"));
+        for path in [&old, &gone] {
+            let mut file = disk.open(path, true).unwrap();
+            file.append(b"content").unwrap();
+            file.sync_data().unwrap();
+        }
+        disk.sync_dir(dir).unwrap();
+        disk.rename(&old, &new).unwrap();
+        disk.remove(&gone).unwrap();
+        assert_eq!(disk.list(dir).unwrap(), vec![new.clone()]);
+        disk.crash(|_, _| 0);
+        let mut names = disk.list(dir).unwrap();
+        names.sort();
+        assert_eq!(names, vec![gone.clone(), old.clone()], "neither the rename nor the removal was durable");
+        disk.rename(&old, &new).unwrap();
+        disk.remove(&gone).unwrap();
+        disk.sync_dir(dir).unwrap();
+        disk.crash(|_, _| 0);
+        assert_eq!(disk.list(dir).unwrap(), vec![new.clone()]);
+        assert_eq!(read(&disk, &new), b"content", "the content follows the name");
+    }
+
     #[test]
     fn std_disk_appends_reads_and_truncates() {
         let dir = tempfile::tempdir().unwrap();
@@ -327,10 +467,11 @@ mod tests {
         file.sync_data().unwrap();
         file.truncate(5).unwrap();
         file.append(b"!").unwrap();
+        file.write_at(0, b"J").unwrap();
         let reopened = StdDisk.open(&path, false).unwrap();
         let mut content = vec![0; reopened.len_bytes().unwrap() as usize];
         reopened.read_exact_at(0, &mut content).unwrap();
-        assert_eq!(content, b"hello!");
+        assert_eq!(content, b"Jello!");
         StdDisk.sync_dir(dir.path()).unwrap();
         assert_eq!(StdDisk.list(dir.path()).unwrap(), vec![path]);
     }
