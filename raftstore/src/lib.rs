@@ -5,6 +5,8 @@
 //!
 //! - [`batch`]: the batch system — FSMs with bounded mailboxes polled by a small fixed pool in rounds
 //!   (begin / handle / end), the shape every group replica runs in.
+//! - [`command`]: the commands a group's log carries (puts, deletes, compare-and-sets, atomic per command) and
+//!   applying committed entries into one state machine batch plus one outcome per waiting client.
 //! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,
 //!   and the initial layout of an embedded store.
 //!
@@ -14,4 +16,5 @@ pub use flotilla_engine as engine;
 pub use flotilla_raft as raft;
 
 pub mod batch;
+pub mod command;
 pub mod range;

@@ -1,0 +1,252 @@
+//! What a group's log carries, and what applying it does.
+//!
+//! A client write becomes one [`Command`] (one Raft entry): a request id, the range epoch the client routed with,
+//! and its operations — puts, deletes and compare-and-sets on keys of the group's range. A command is atomic: its
+//! compare-and-sets are preconditions checked at apply time against the applied state, and if any fails the
+//! command changes nothing (the client learns which failed). The epoch and the keys are checked again at apply,
+//! because a split or membership change may have committed between proposal and apply: a command that no longer
+//! fits is refused with a typed error, never applied to the wrong range.
+//!
+//! [`apply_entries`] turns a run of committed entries into one [`GroupApply`] for the state machine (so many groups'
+//! entries can share one write) and one [`Applied`] per command for the waiting clients. Empty entries (a new
+//! leader's no-op) and membership entries only move the applied index here.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use flotilla_engine::kv_engine::KvEngine;
+use flotilla_engine::state_machine::{GroupApply, KvOp, StateMachineError};
+use flotilla_raft::Entry;
+use prost::Message as _;
+
+use crate::range::{RangeDescriptor, RangeEpoch, RangeError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum OpKind {
+    Put = 0,
+    Delete = 1,
+    /// Sets `value` if the key's current value is `expected` (or the key is absent, with `expect_absent`).
+    CompareAndSet = 2,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Op {
+    #[prost(enumeration = "OpKind", tag = "1")]
+    pub kind: i32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub value: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub expected: Vec<u8>,
+    #[prost(bool, tag = "5")]
+    pub expect_absent: bool,
+}
+
+impl Op {
+    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Op {
+        Op { kind: OpKind::Put as i32, key: key.into(), value: value.into(), ..Default::default() }
+    }
+
+    pub fn delete(key: impl Into<Vec<u8>>) -> Op {
+        Op { kind: OpKind::Delete as i32, key: key.into(), ..Default::default() }
+    }
+
+    /// Sets `value` if the current value is `expected` (`None`: the key must be absent).
+    pub fn compare_and_set(key: impl Into<Vec<u8>>, expected: Option<Vec<u8>>, value: impl Into<Vec<u8>>) -> Op {
+        let expect_absent = expected.is_none();
+        Op { kind: OpKind::CompareAndSet as i32, key: key.into(), value: value.into(), expected: expected.unwrap_or_default(), expect_absent }
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Command {
+    /// Chosen by the proposer to find its waiting client (unique per proposer while it waits).
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub epoch: Option<RangeEpoch>,
+    #[prost(message, repeated, tag = "3")]
+    pub ops: Vec<Op>,
+}
+
+impl Command {
+    pub fn encode_entry(&self) -> Bytes {
+        Bytes::from(self.encode_to_vec())
+    }
+}
+
+/// What applying one command did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every operation took effect.
+    Done,
+    /// A compare-and-set's precondition failed (the position of the first that did): nothing took effect.
+    PreconditionFailed { op: usize, current: Option<Vec<u8>> },
+    /// The command no longer fits the range (a split or membership change came first): nothing took effect.
+    Refused(RangeError),
+}
+
+/// One applied command, for its waiting client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub request_id: u64,
+    pub index: u64,
+    pub term: u64,
+    pub outcome: Outcome,
+}
+
+/// Why entries cannot be applied: the log holds something this code did not write (a bug or corruption: the
+/// replica must stop), or the state machine failed.
+#[derive(Debug)]
+pub enum ApplyError {
+    Undecodable { index: u64, reason: String },
+    Engine(StateMachineError),
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Undecodable { index, reason } => write!(f, "committed entry {index} is not a command: {reason}"),
+            ApplyError::Engine(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+impl std::error::Error for ApplyError {}
+
+/// Applies the group's committed `entries` (in order): returns the state machine batch and each command's outcome.
+/// Reads for compare-and-set see the engine's applied state overlaid with the writes of earlier entries here, so
+/// call it only once the group's previous batch is in the engine (apply is sequential per group; many groups'
+/// batches may still share one `KvEngine::apply`).
+pub fn apply_entries(
+    engine: &dyn KvEngine,
+    descriptor: &RangeDescriptor,
+    entries: &[Entry],
+) -> Result<(GroupApply, Vec<Applied>), ApplyError> {
+    let mut batch = GroupApply { group_id: descriptor.group_id, ..Default::default() };
+    let mut results = Vec::new();
+    // This batch's writes so far (`None`: deleted), for reads of later entries.
+    let mut overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    for entry in entries {
+        (batch.applied_index, batch.applied_term) = (entry.index, entry.term);
+        if entry.is_conf_change() || entry.data.is_empty() {
+            continue;
+        }
+        let command = Command::decode(entry.data.as_ref())
+            .map_err(|e| ApplyError::Undecodable { index: entry.index, reason: e.to_string() })?;
+        let outcome = apply_command(engine, descriptor, &command, &mut overlay, &mut batch.ops)?;
+        results.push(Applied { request_id: command.request_id, index: entry.index, term: entry.term, outcome });
+    }
+    Ok((batch, results))
+}
+
+fn apply_command(
+    engine: &dyn KvEngine,
+    descriptor: &RangeDescriptor,
+    command: &Command,
+    overlay: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    ops: &mut Vec<KvOp>,
+) -> Result<Outcome, ApplyError> {
+    let keys: Vec<&[u8]> = command.ops.iter().map(|op| op.key.as_slice()).collect();
+    if let Err(refusal) = descriptor.check(&keys, command.epoch) {
+        return Ok(Outcome::Refused(refusal));
+    }
+    // Preconditions first, all of them, against the state before this command.
+    for (position, op) in command.ops.iter().enumerate() {
+        if op.kind == OpKind::CompareAndSet as i32 {
+            let current = match overlay.get(&op.key) {
+                Some(value) => value.clone(),
+                None => engine.get(&op.key).map_err(ApplyError::Engine)?,
+            };
+            let holds = if op.expect_absent { current.is_none() } else { current.as_deref() == Some(op.expected.as_slice()) };
+            if !holds {
+                return Ok(Outcome::PreconditionFailed { op: position, current });
+            }
+        }
+    }
+    for op in &command.ops {
+        let value = (op.kind != OpKind::Delete as i32).then(|| op.value.clone());
+        overlay.insert(op.key.clone(), value.clone());
+        ops.push(match value {
+            Some(value) => KvOp::Put { key: op.key.clone(), value },
+            None => KvOp::Delete { key: op.key.clone() },
+        });
+    }
+    Ok(Outcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_engine::kv_engine::MemKvEngine;
+
+    use super::*;
+
+    fn range() -> RangeDescriptor {
+        RangeDescriptor { group_id: 4, start: b"a".to_vec(), end: b"m".to_vec(), epoch: Some(RangeEpoch { version: 2, conf_version: 1 }), replicas: vec![] }
+    }
+
+    fn entry(index: u64, command: &Command) -> Entry {
+        Entry { index, term: 3, data: command.encode_entry(), ..Default::default() }
+    }
+
+    fn command(request_id: u64, ops: Vec<Op>) -> Command {
+        Command { request_id, epoch: Some(range().epoch()), ops }
+    }
+
+    fn apply(engine: &MemKvEngine, entries: &[Entry]) -> Vec<Outcome> {
+        let (batch, applied) = apply_entries(engine, &range(), entries).unwrap();
+        engine.apply(vec![batch]).unwrap();
+        applied.into_iter().map(|a| a.outcome).collect()
+    }
+
+    #[test]
+    fn puts_deletes_and_the_applied_index_including_empty_entries() {
+        let engine = MemKvEngine::new(u64::MAX);
+        let entries = [
+            entry(5, &command(1, vec![Op::put("b", "1"), Op::put("c", "1")])),
+            Entry { index: 6, term: 3, ..Default::default() }, // a leader's no-op
+            entry(7, &command(2, vec![Op::delete("b")])),
+        ];
+        assert_eq!(apply(&engine, &entries), vec![Outcome::Done, Outcome::Done]);
+        assert_eq!((engine.get(b"b").unwrap(), engine.get(b"c").unwrap()), (None, Some(b"1".to_vec())));
+        assert_eq!(engine.applied(4), (7, 3));
+    }
+
+    #[test]
+    fn a_failed_precondition_makes_the_whole_command_a_no_op_and_later_entries_see_earlier_writes() {
+        let engine = MemKvEngine::new(u64::MAX);
+        let entries = [
+            entry(1, &command(1, vec![Op::compare_and_set("b", None, "1")])),
+            // Sees entry 1's write (same batch): the key is no longer absent.
+            entry(2, &command(2, vec![Op::put("c", "x"), Op::compare_and_set("b", None, "2")])),
+            entry(3, &command(3, vec![Op::compare_and_set("b", Some(b"1".to_vec()), "3"), Op::put("d", "y")])),
+        ];
+        let outcomes = apply(&engine, &entries);
+        assert_eq!(outcomes[0], Outcome::Done);
+        assert_eq!(outcomes[1], Outcome::PreconditionFailed { op: 1, current: Some(b"1".to_vec()) });
+        assert_eq!(outcomes[2], Outcome::Done);
+        assert_eq!(engine.get(b"c").unwrap(), None, "the failed command's put did not happen");
+        assert_eq!((engine.get(b"b").unwrap(), engine.get(b"d").unwrap()), (Some(b"3".to_vec()), Some(b"y".to_vec())));
+    }
+
+    #[test]
+    fn commands_that_no_longer_fit_the_range_are_refused_at_apply() {
+        let engine = MemKvEngine::new(u64::MAX);
+        let stale = Command { request_id: 1, epoch: Some(RangeEpoch { version: 1, conf_version: 1 }), ops: vec![Op::put("b", "1")] };
+        let outside = command(2, vec![Op::put("z", "1")]);
+        let outcomes = apply(&engine, &[entry(1, &stale), entry(2, &outside)]);
+        assert!(matches!(&outcomes[0], Outcome::Refused(RangeError::StaleEpoch { .. })));
+        assert!(matches!(&outcomes[1], Outcome::Refused(RangeError::KeyNotInRange { .. })));
+        assert_eq!(engine.scan(b"", b"", 10).unwrap(), vec![], "nothing applied");
+        assert_eq!(engine.applied(4).0, 2, "but the index moved");
+    }
+
+    #[test]
+    fn an_entry_that_is_not_a_command_is_an_error_not_a_guess() {
+        let engine = MemKvEngine::new(u64::MAX);
+        let garbage = Entry { index: 9, term: 1, data: Bytes::from_static(b"\xff\xff\xff"), ..Default::default() };
+        assert!(matches!(apply_entries(&engine, &range(), &[garbage]), Err(ApplyError::Undecodable { index: 9, .. })));
+    }
+}
