@@ -9,7 +9,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use flotilla_engine::disk::{Disk, SimDisk, StdDisk};
 use flotilla_engine::wal::record::LogOp;
-use flotilla_engine::wal::{repair_truncate, segment_path, Wal, WalError, WalOptions};
+use flotilla_engine::wal::record::FRAME_BYTES;
+use flotilla_engine::wal::{repair_truncate, segment_path, Wal, WalError, WalOptions, SEGMENT_HEADER_BYTES};
 use flotilla_raft::{Entry, HardState};
 use proptest::prelude::*;
 
@@ -121,7 +122,7 @@ fn options(segment_bytes_max: u64) -> WalOptions {
 }
 
 fn options_with_cache(segment_bytes_max: u64, entry_cache_bytes_max: u64) -> WalOptions {
-    WalOptions { segment_bytes_max, record_batch_bytes_max: 1 << 30, sync: true, entry_cache_bytes_max }
+    WalOptions { segment_bytes_max, record_batch_bytes_max: 1 << 30, sync: true, entry_cache_bytes_max, ..WalOptions::default() }
 }
 
 proptest! {
@@ -138,13 +139,13 @@ proptest! {
 
     #[test]
     fn a_crash_keeps_every_acknowledged_write_and_at_most_a_prefix_of_the_one_in_flight(
-        seed in any::<u64>(), writes in 1usize..40, kept_per_mille in 0usize..1000,
+        seed in any::<u64>(), writes in 1usize..40, kept_per_mille in 0usize..1000, segment_kib in 4u64..24,
     ) {
         let disk = SimDisk::new();
         let dir = Path::new("/node/wal");
         let mut rng = seed | 1;
         let mut model = Model::new();
-        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(4 << 10)).unwrap();
+        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(segment_kib << 10)).unwrap();
         for write in 0..writes {
             rng = rng.rotate_left(9) ^ 0x5851_F42D;
             let group = rng % 5 + 1;
@@ -152,6 +153,11 @@ proptest! {
             let op = random_op(&mut rng, &current, write as u64 + 1);
             wal.write(&[(group, op.clone())]).unwrap();
             apply_all(&mut model, &[(group, op)]);
+            if rng % 4 == 0 {
+                // Purges fill the recycle pool, so the crash may hit a recycled segment full of stale records.
+                let segments = wal.segment_ids();
+                wal.purge(segments[(rng as usize / 5) % segments.len()]).unwrap();
+            }
         }
         // The write in flight: its fsync fails, then the power goes.
         let mut in_flight = Vec::new();
@@ -168,7 +174,7 @@ proptest! {
         prop_assert!(failed, "the injected fsync failure surfaces as an I/O error");
         drop(wal);
         disk.crash(|_, unsynced| unsynced * kept_per_mille / 1000);
-        let (wal, _report) = Wal::open(dir, Arc::new(disk.clone()), options(4 << 10)).unwrap();
+        let (wal, _report) = Wal::open(dir, Arc::new(disk.clone()), options(segment_kib << 10)).unwrap();
         let mut candidates = vec![model.clone()];
         let mut partial = model.clone();
         for op in &in_flight {
@@ -199,7 +205,7 @@ fn wal_with_rounds(disk: &SimDisk, segment_bytes_max: u64, group: u64, rounds: u
 }
 
 #[test]
-fn a_torn_tail_is_truncated_and_reported() {
+fn a_torn_tail_is_reported_and_overwritten_by_the_next_write() {
     let disk = SimDisk::new();
     let dir = Path::new("/node/wal");
     let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
@@ -210,12 +216,17 @@ fn a_torn_tail_is_truncated_and_reported() {
     assert!(wal.write(&[(1, LogOp::Append(entries(4..=9, 1)))]).is_err());
     drop(wal);
     disk.crash(|_, unsynced| unsynced / 2);
-    let (wal, report) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
+    let (mut wal, report) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
     let (torn_path, offset, dropped) = report.torn_tail.expect("the torn write is reported");
     assert_eq!((torn_path, offset as usize), (path.clone(), durable_len));
     assert!(dropped > 0);
     assert_eq!(wal.group(1).unwrap().last_index(), 3);
-    assert_eq!(disk.file_len(&path), Some(durable_len), "the torn bytes are gone from the file");
+    // The next write goes where the torn one began; the torn bytes never come back.
+    wal.write(&[(1, LogOp::Append(entries(4..=4, 2)))]).unwrap();
+    drop(wal);
+    let (wal, report) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
+    assert_eq!(wal.entries(1, 1, 5, u64::MAX).unwrap(), [entries(1..=3, 1), entries(4..=4, 2)].concat());
+    assert!(report.torn_tail.is_none() || report.torn_tail.as_ref().is_some_and(|(_, at, _)| *at as usize > durable_len));
 }
 
 #[test]
@@ -227,10 +238,10 @@ fn a_flipped_bit_before_the_tail_is_corruption_naming_file_and_offset_and_repair
     assert!(segments.len() >= 3, "small segments rotate: {segments:?}");
     drop(wal);
     let victim = segment_path(dir, segments[1]);
-    disk.flip_bit(&victim, 40, 3);
+    disk.flip_bit(&victim, SEGMENT_HEADER_BYTES as usize + 40, 3);
     let error = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).err().expect("corruption is refused");
     let WalError::Corruption { path, offset, reason } = &error else { panic!("{error}") };
-    assert_eq!((path, *offset), (&victim, 16));
+    assert_eq!((path, *offset), (&victim, SEGMENT_HEADER_BYTES), "the frame holding the damaged record");
     assert!(reason.contains("checksum"), "{reason}");
     assert!(error.to_string().contains("repair_truncate"), "the message points at the repair");
     repair_truncate(dir, &disk, segments[1], *offset).unwrap();
@@ -248,7 +259,8 @@ fn corruption_in_the_middle_of_the_newest_segment_is_not_mistaken_for_a_torn_tai
     wal.write(&[(1, LogOp::Append(entries(1..=2, 1)))]).unwrap();
     wal.write(&[(1, LogOp::Append(entries(3..=4, 1)))]).unwrap();
     drop(wal);
-    disk.flip_bit(&segment_path(dir, 1), 30, 0);
+    // In the first write, with a second one after it: not the tail.
+    disk.flip_bit(&segment_path(dir, 1), SEGMENT_HEADER_BYTES as usize + 40, 0);
     assert!(matches!(Wal::open(dir, Arc::new(disk), WalOptions::default()), Err(WalError::Corruption { .. })));
 }
 
@@ -297,8 +309,9 @@ fn damage_to_the_last_record_of_an_older_segment_is_corruption_not_a_torn_tail()
     assert!(wal.segment_ids().len() >= 2);
     drop(wal);
     let older = segment_path(dir, 1);
-    let last_byte = disk.file_len(&older).unwrap() - 1;
-    disk.flip_bit(&older, last_byte, 5);
+    // Its last record: the seal, in the segment's last 4 KiB frame.
+    let seal = disk.file_len(&older).unwrap() - 4096 + FRAME_BYTES + 5;
+    disk.flip_bit(&older, seal, 5);
     let error = Wal::open(dir, Arc::new(disk), WalOptions::default()).err().expect("refused");
     assert!(matches!(&error, WalError::Corruption { path, .. } if path == &older), "{error}");
 }
@@ -477,7 +490,9 @@ mod group_commit {
 fn one_lagging_group_does_not_pin_the_wal_and_costs_only_its_own_rewrite() {
     let disk = SimDisk::new();
     let dir = Path::new("/node/wal");
-    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 2048, ..WalOptions::default() }).unwrap();
+    // Segments of about four frames (a frame is at least 4 KiB).
+    const SEGMENT: u64 = 16 << 10;
+    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: SEGMENT, ..WalOptions::default() }).unwrap();
     // The laggard writes a little early on and then never compacts.
     wal.write(&[(99, LogOp::Append(entries(1..=3, 1))), (99, LogOp::HardState(HardState { term: 1, vote: 1, commit: 3 }))]).unwrap();
     // Busy groups write a lot and compact as they go.
@@ -489,14 +504,16 @@ fn one_lagging_group_does_not_pin_the_wal_and_costs_only_its_own_rewrite() {
         }
     }
     let state = wal.state();
-    assert!(state.pinned_bytes(99) >= state.total_bytes() - 2048, "the laggard pins (almost) the whole WAL");
-    assert!(state.pinned_bytes(1) < 3 * 2048, "a busy group pins only its recent segments");
+    // A segment holds its header, up to SEGMENT of frames and one more, and its seal.
+    let segment_bytes_max = SEGMENT + 2 * 4096;
+    assert!(state.pinned_bytes(99) >= state.total_bytes() - segment_bytes_max, "the laggard pins (almost) the whole WAL");
+    assert!(state.pinned_bytes(1) < 3 * segment_bytes_max, "a busy group pins only its recent segments");
     let before = wal.segment_ids().len();
-    let horizon = wal.suggest_horizon(4 * 2048);
+    let horizon = wal.suggest_horizon(4 * segment_bytes_max);
     let report = wal.purge(horizon).unwrap();
-    assert!(report.segments_removed as usize >= before - 6, "{report:?} of {before} segments");
+    assert!(report.segments_removed as usize >= before - 10, "{report:?} of {before} segments");
     assert_eq!(report.entries_rewritten, 3, "only the laggard's live entries were copied");
-    assert!(wal.state().total_bytes() <= 6 * 2048);
+    assert!(wal.state().total_bytes() <= 10 * segment_bytes_max);
     drop(wal);
     let (wal, _) = Wal::open(dir, Arc::new(disk), WalOptions::default()).unwrap();
     assert_eq!(wal.entries(99, 1, 4, u64::MAX).unwrap(), entries(1..=3, 1));
@@ -585,4 +602,76 @@ fn reads_outside_the_log_are_refused_even_when_the_cache_held_those_entries() {
     wal.write(&[(1, LogOp::Compact { first_kept_index: 3, base_term: 1 })]).unwrap();
     assert!(matches!(wal.entries(1, 2, 4, u64::MAX), Err(WalError::Invalid(_))));
     assert!(wal.state().entry_cache_bytes() > 0);
+}
+
+mod recycling {
+    use super::*;
+
+    fn recycled_files(disk: &SimDisk, dir: &Path) -> usize {
+        disk.list(dir).unwrap().iter().filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("recycle-")).count()
+    }
+
+    /// Group 1 writes `rounds` appends and compacts behind itself, so purges can free old segments.
+    fn churn(wal: &mut Wal, from_round: u64, rounds: u64) {
+        for round in from_round..from_round + rounds {
+            let first = (round - 1) * 2 + 1;
+            wal.write(&[(1, LogOp::Append(entries(first..=first + 1, 1)))]).unwrap();
+            wal.write(&[(1, LogOp::Compact { first_kept_index: first + 1, base_term: 1 })]).unwrap();
+        }
+    }
+
+    #[test]
+    fn purged_segments_are_reused_and_their_stale_records_never_count() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/node/wal");
+        let options = WalOptions { segment_bytes_max: 12 << 10, recycled_segments_max: 2, ..WalOptions::default() };
+        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options.clone()).unwrap();
+        churn(&mut wal, 1, 20);
+        let before = wal.segment_ids();
+        let horizon = wal.suggest_horizon(0);
+        wal.purge(horizon).unwrap();
+        assert_eq!(recycled_files(&disk, dir), 2, "two kept for reuse, the rest deleted");
+        assert!(disk.list(dir).unwrap().len() < before.len());
+        // Rotation takes from the pool: write until it does.
+        let mut round = 21;
+        while recycled_files(&disk, dir) == 2 {
+            churn(&mut wal, round, 1);
+            round += 1;
+        }
+        let newest = *wal.segment_ids().last().unwrap();
+        let written = SEGMENT_HEADER_BYTES as usize + 2 * 4096;
+        assert!(disk.file_len(&segment_path(dir, newest)).unwrap() > written, "a reused file keeps its earlier bytes");
+        // Reopen: the recycled newest segment ends in stale bytes of its earlier life — neither corruption nor torn.
+        drop(wal);
+        let (mut wal, report) = Wal::open(dir, Arc::new(disk.clone()), options.clone()).unwrap();
+        assert_eq!(report.torn_tail, None, "{report:?}");
+        let last = (round - 1) * 2;
+        assert_eq!(wal.group(1).unwrap().last_index(), last);
+        assert_eq!(wal.entries(1, last, last + 1, u64::MAX).unwrap(), entries(last..=last, 1));
+        churn(&mut wal, round, 2);
+        drop(wal);
+        let (wal, _) = Wal::open(dir, Arc::new(disk), options).unwrap();
+        assert_eq!(wal.group(1).unwrap().last_index(), last + 4);
+    }
+
+    #[test]
+    fn damage_followed_by_a_valid_frame_in_a_recycled_segment_is_corruption() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/node/wal");
+        let options = WalOptions { segment_bytes_max: 64 << 10, recycled_segments_max: 2, ..WalOptions::default() };
+        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options.clone()).unwrap();
+        churn(&mut wal, 1, 30);
+        let horizon = wal.suggest_horizon(0);
+        wal.purge(horizon).unwrap();
+        assert!(recycled_files(&disk, dir) > 0);
+        churn(&mut wal, 31, 12); // rotates into a recycled file and writes several frames there
+        let newest = *wal.segment_ids().last().unwrap();
+        drop(wal);
+        assert_eq!(recycled_files(&disk, dir), 0, "both recycled files are in use: the newest segment is one");
+        // Damage the newest segment's first frame: later frames of this segment still verify.
+        disk.flip_bit(&segment_path(dir, newest), SEGMENT_HEADER_BYTES as usize + 40, 1);
+        let error = Wal::open(dir, Arc::new(disk), options).err().expect("refused");
+        assert!(matches!(&error, WalError::Corruption { offset, .. } if *offset == SEGMENT_HEADER_BYTES), "{error}");
+        assert!(error.to_string().contains("a valid frame follows"), "{error}");
+    }
 }

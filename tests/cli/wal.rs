@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use flotilla_engine::disk::StdDisk;
 use flotilla_engine::wal::record::LogOp;
-use flotilla_engine::wal::{segment_path, Wal, WalOptions};
+use flotilla_engine::wal::{segment_path, Wal, WalOptions, SEGMENT_HEADER_BYTES};
 use flotilla_raft::Entry;
 
 fn flotilla(args: &[&str]) -> (i32, String) {
@@ -30,10 +30,10 @@ fn wal_check_reports_corruption_with_the_repair_command_and_repair_makes_it_heal
     let (code, text) = flotilla(&["wal-check", "--dir", dir_arg]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("healthy") && text.contains("5 records"), "{text}");
-    // Flip a bit inside the second record.
+    // Flip a bit inside the second record (the second write's frame follows the header and the first frame).
     let path = segment_path(&wal_dir, 1);
     let mut bytes = std::fs::read(&path).unwrap();
-    bytes[16 + 40] ^= 1;
+    bytes[SEGMENT_HEADER_BYTES as usize + 4096 + 40] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
     let (code, text) = flotilla(&["wal-check", "--dir", dir_arg]);
     assert_eq!(code, 2, "{text}");

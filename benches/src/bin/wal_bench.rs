@@ -47,6 +47,12 @@ struct Args {
     /// Only this entry size (bytes), e.g. 4096.
     #[arg(long)]
     only_entry_bytes: Option<usize>,
+    /// Never compact nor purge: the WAL only grows and every segment is a new file (no recycling).
+    #[arg(long)]
+    no_purge: bool,
+    /// Seconds of writing before the clock starts (in steady state this fills the recycle pool).
+    #[arg(long, default_value_t = 1.0)]
+    warmup_seconds: f64,
 }
 
 struct Outcome {
@@ -58,7 +64,8 @@ struct Outcome {
     writer_busy: f64,
 }
 
-fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, entries_per_ready: u64, seconds: f64, segment_mib: u64) -> Outcome {
+fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, args: &Args, seconds: f64) -> Outcome {
+    let (entries_per_ready, segment_mib, purge) = (args.entries_per_ready, args.segment_mib, !args.no_purge);
     let _ = std::fs::remove_dir_all(dir);
     let options = WalOptions { segment_bytes_max: segment_mib << 20, ..WalOptions::default() };
     let (wal, _) = Wal::open(dir, Arc::new(StdDisk), options).expect("open WAL");
@@ -74,26 +81,47 @@ fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, entries_per_ready: u64, 
             .collect();
         next_index[group as usize] += entries_per_ready;
         ready_number[group as usize] += 1;
-        committer
-            .submit(WriteRequest { group_id: group, ready_number: ready_number[group as usize], ops: vec![LogOp::Append(entries)], reply: reply.clone() })
-            .expect("submit");
+        let mut ops = vec![LogOp::Append(entries)];
+        if purge && first > 1 {
+            // Steady state: the state machine has checkpointed what came before this Ready.
+            ops.push(LogOp::Compact { first_kept_index: first, base_term: 1 });
+        }
+        committer.submit(WriteRequest { group_id: group, ready_number: ready_number[group as usize], ops, reply: reply.clone() }).expect("submit");
     };
-    let started = Instant::now();
     for group in 1..=groups {
         submit(group);
     }
-    let mut durable_entries = 0u64;
-    let deadline = started + Duration::from_secs_f64(seconds);
-    while Instant::now() < deadline {
+    let warmup_end = Instant::now() + Duration::from_secs_f64(args.warmup_seconds);
+    let mut next_purge = Instant::now();
+    let (mut durable_entries, mut started, mut measuring) = (0u64, Instant::now(), false);
+    let (mut syncs_at_start, mut bytes_at_start, mut busy_at_start) = (0, 0, 0);
+    loop {
+        let now = Instant::now();
+        if !measuring && now >= warmup_end {
+            let stats = committer.stats();
+            (syncs_at_start, bytes_at_start, busy_at_start) =
+                (stats.syncs.load(Ordering::Relaxed), stats.bytes.load(Ordering::Relaxed), stats.sync_nanos.load(Ordering::Relaxed));
+            (started, measuring) = (now, true);
+        }
+        if measuring && now >= started + Duration::from_secs_f64(seconds) {
+            break;
+        }
+        if purge && now >= next_purge {
+            // Keep about two segments: purged files go to the recycle pool and rotation reuses them.
+            committer.purge(2 * (segment_mib << 20)).expect("purge");
+            next_purge = now + Duration::from_millis(100);
+        }
         let done = persisted.recv_timeout(Duration::from_secs(10)).expect("the writer answers");
-        durable_entries += entries_per_ready;
+        if measuring {
+            durable_entries += entries_per_ready;
+        }
         submit(done.group_id);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let stats = committer.stats();
-    let syncs = stats.syncs.load(Ordering::Relaxed).max(1);
-    let bytes = stats.bytes.load(Ordering::Relaxed);
-    let writer_busy = stats.sync_nanos.load(Ordering::Relaxed) as f64 / 1e9 / elapsed;
+    let syncs = (stats.syncs.load(Ordering::Relaxed) - syncs_at_start).max(1);
+    let bytes = stats.bytes.load(Ordering::Relaxed) - bytes_at_start;
+    let writer_busy = (stats.sync_nanos.load(Ordering::Relaxed) - busy_at_start) as f64 / 1e9 / elapsed;
     drop(committer);
     let _ = std::fs::remove_dir_all(dir);
     Outcome {
@@ -173,7 +201,11 @@ fn main() {
     } else {
         (args.seconds, vec![1, 16, 256, 4096], vec![16, 128, 4096], args.recovery_mib)
     };
-    println!("WAL group commit: each group keeps one Ready of {} entries in flight; durable = fdatasync'd", args.entries_per_ready);
+    println!(
+        "WAL group commit: each group keeps one Ready of {} entries in flight; durable = fdatasync'd; {}",
+        args.entries_per_ready,
+        if args.no_purge { "no purge (every segment a new file)" } else { "steady state (compact + purge, segments recycled)" }
+    );
     println!(
         "{:>6} {:>7} {:>14} {:>9} {:>9} {:>12} {:>11} {:>7} {:>7} {:>15} {:>7}",
         "groups", "entry", "entries/s", "MiB/s", "syncs/s", "bytes/sync", "raw MiB/s", "of raw", "busy", "prealloc MiB/s", "of it"
@@ -183,7 +215,7 @@ fn main() {
             if args.only_entry_bytes.is_some_and(|only| only != entry_bytes) {
                 continue;
             }
-            let outcome = run_wal(dir, groups, entry_bytes, args.entries_per_ready, seconds, args.segment_mib);
+            let outcome = run_wal(dir, groups, entry_bytes, &args, seconds);
             let raw_mib = run_raw(dir, outcome.bytes_per_sync, seconds.min(2.0), false);
             let preallocated_mib = run_raw(dir, outcome.bytes_per_sync, seconds.min(2.0), true);
             println!(

@@ -9,10 +9,13 @@
 //! - `group_commit.rs`: the writer thread (one fdatasync for many groups) and purging through it.
 //! - this file: options, errors, reports, [`Wal`] (state and writer together, for one writer) and recovery.
 //!
-//! Recovery replays every segment in order and verifies every checksum. Damage at the very end of the newest
-//! segment is a torn write (the process died before the write was synced): it is truncated and reported in the
-//! [`RecoveryReport`]. Damage anywhere else is corruption: [`Wal::open`] fails with [`WalError::Corruption`]
-//! naming the file and offset, and `repair_truncate` (the `flotilla wal-repair` command) can cut there.
+//! Recovery replays every segment frame by frame and verifies every checksum; a frame's records count only once
+//! the whole frame verifies. Every segment but the newest must end with a seal. In the newest, the log ends at the
+//! first frame that does not verify: that is a torn write (the process died before the write was synced; reported
+//! in the [`RecoveryReport`] and overwritten by the next write) or the stale bytes of a recycled file — unless a
+//! valid frame follows at a later aligned offset, which means acknowledged data lies beyond the damage:
+//! corruption. Corruption makes [`Wal::open`] fail with [`WalError::Corruption`] naming the file and offset, and
+//! `repair_truncate` (the `flotilla wal-repair` command) can cut there.
 
 pub mod entry_cache;
 pub mod group_commit;
@@ -35,20 +38,21 @@ use parking_lot::Mutex;
 use crate::disk::{Disk, DiskFile};
 use entry_cache::EntryCache;
 use group_log::{EntryLocation, GroupLog};
-use record::{decode, DecodeError, LogOp, RECORD_HEADER_BYTES};
-use segment_writer::{create_segment, ActiveSegment};
+use record::{decode, frame_at, segment_salt, Body, LogOp, Record, FRAME_BYTES};
+use segment_writer::{open_next_segment, ActiveSegment, BATCH_ALIGN_BYTES};
 
-/// First bytes of every segment: magic and format version, then the segment id (u64 LE).
-pub const SEGMENT_MAGIC: &[u8; 8] = b"FLOTWAL1";
-pub const SEGMENT_HEADER_BYTES: u64 = 16;
+/// First bytes of every segment: magic and format version, the segment id (u64 LE), the id the file had before
+/// it was recycled (u64 LE, 0 for a new file), zeros up to [`SEGMENT_HEADER_BYTES`].
+pub const SEGMENT_MAGIC: &[u8; 8] = b"FLOTWAL2";
+pub const SEGMENT_HEADER_BYTES: u64 = 4096;
 
 /// WAL settings.
 #[derive(Clone, Debug)]
 pub struct WalOptions {
     /// A new segment is started once the active one reaches this size. Default 256 MiB: starting a segment costs
-    /// a file creation, an fdatasync and a directory fsync, which at 64 MiB segments kept 4 KiB appends at ~65 %
-    /// of the disk's bandwidth and at 256 MiB lets them reach ~80 % (docs/benchmarks.md). The price: the active
-    /// segment cannot be purged, so up to this much WAL stays on disk whatever the purge budget.
+    /// a seal, a rename or file creation, two fsyncs and a directory fsync, so fewer is cheaper (docs/benchmarks.md).
+    /// The price: the active segment cannot be purged, so up to this much WAL stays on disk whatever the purge
+    /// budget (plus the recycle pool, `recycled_segments_max` segments).
     pub segment_bytes_max: u64,
     /// Appends are split into records of at most about this many bytes. Default 4 MiB.
     pub record_batch_bytes_max: usize,
@@ -57,11 +61,21 @@ pub struct WalOptions {
     pub sync: bool,
     /// Recent entries of all groups kept in memory for reads (0 disables the cache). Default 64 MiB.
     pub entry_cache_bytes_max: u64,
+    /// Purged segment files kept for reuse instead of deleted: writing over a file's allocated blocks is much
+    /// faster than appending to a new one (docs/benchmarks.md). Costs up to this many segments of disk space.
+    /// Default 2.
+    pub recycled_segments_max: usize,
 }
 
 impl Default for WalOptions {
     fn default() -> WalOptions {
-        WalOptions { segment_bytes_max: 256 << 20, record_batch_bytes_max: 4 << 20, sync: true, entry_cache_bytes_max: 64 << 20 }
+        WalOptions {
+            segment_bytes_max: 256 << 20,
+            record_batch_bytes_max: 4 << 20,
+            sync: true,
+            entry_cache_bytes_max: 64 << 20,
+            recycled_segments_max: 2,
+        }
     }
 }
 
@@ -130,6 +144,78 @@ fn segment_id(path: &Path) -> Option<u64> {
     (stem.len() == 20).then(|| stem.parse().ok()).flatten()
 }
 
+/// Where a purged segment waits to be reused.
+pub fn recycle_path(dir: &Path, previous_id: u64) -> PathBuf {
+    dir.join(format!("recycle-{previous_id:020}.wal"))
+}
+
+/// The previous segment id of a file in the recycle pool.
+pub(crate) fn recycle_id(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    segment_id(Path::new(name.strip_prefix("recycle-")?))
+}
+
+/// What one segment's replay found.
+struct SegmentScan {
+    /// Where its valid frames end: the next write goes here (for the newest segment).
+    end: u64,
+    sealed: bool,
+    /// The first damage seen (offset, reason), if any.
+    damage: Option<(u64, String)>,
+}
+
+/// Replays one segment's frames into `groups` (a frame's records only once the whole frame verifies).
+fn scan_segment(bytes: &[u8], id: u64, groups: &mut HashMap<u64, GroupLog>, report: &mut RecoveryReport) -> Result<SegmentScan, String> {
+    let salt = segment_salt(id);
+    let mut offset = SEGMENT_HEADER_BYTES as usize;
+    let mut records: Vec<(usize, Record)> = Vec::new();
+    while offset < bytes.len() {
+        let Some((batch_bytes, records_bytes)) = frame_at(&bytes[offset..], salt) else {
+            return Ok(SegmentScan { end: offset as u64, sealed: false, damage: Some((offset as u64, "no valid frame".into())) });
+        };
+        let (batch, records_end) = (batch_bytes as usize, FRAME_BYTES + records_bytes as usize);
+        if batch % BATCH_ALIGN_BYTES as usize != 0 || records_end > batch || offset + batch > bytes.len() {
+            return Ok(SegmentScan { end: offset as u64, sealed: false, damage: Some((offset as u64, "frame cut short or malformed".into())) });
+        }
+        records.clear();
+        let mut at = offset + FRAME_BYTES;
+        while at < offset + records_end {
+            match decode(&bytes[at..offset + records_end], salt) {
+                Ok(record) => {
+                    let len = record.len;
+                    records.push((at, record));
+                    at += len;
+                }
+                Err(error) => {
+                    let reason = format!("{error} in the record at offset {at} of the frame starting here");
+                    return Ok(SegmentScan { end: offset as u64, sealed: false, damage: Some((offset as u64, reason)) });
+                }
+            }
+        }
+        let mut sealed = false;
+        for (at, record) in records.drain(..) {
+            match record.body {
+                Body::Op(op) => apply_record(groups, id, at as u64, &op, record.group_id, record.len)
+                    .map_err(|reason| format!("at offset {at}: {reason}"))?,
+                Body::Seal => sealed = true,
+                Body::Frame { .. } => return Err(format!("at offset {at}: a frame inside a frame")),
+            }
+            report.records += 1;
+        }
+        offset += batch;
+        if sealed {
+            return Ok(SegmentScan { end: offset as u64, sealed: true, damage: None });
+        }
+    }
+    Ok(SegmentScan { end: offset as u64, sealed: false, damage: None })
+}
+
+/// The first aligned offset after `from` holding a valid frame of this segment: acknowledged data beyond damage.
+fn later_frame(bytes: &[u8], salt: u32, from: u64) -> Option<u64> {
+    let start = (from / BATCH_ALIGN_BYTES + 1) * BATCH_ALIGN_BYTES;
+    (start..bytes.len() as u64).step_by(BATCH_ALIGN_BYTES as usize).find(|&at| frame_at(&bytes[at as usize..], salt).is_some())
+}
+
 fn read_all(file: &dyn DiskFile, path: &Path) -> Result<Vec<u8>, WalError> {
     let len = file.len_bytes().map_err(io_error(format!("sizing {}", path.display())))?;
     let mut bytes = vec![0; len as usize];
@@ -153,47 +239,53 @@ impl Wal {
         let mut report = RecoveryReport::default();
         let mut groups: HashMap<u64, GroupLog> = HashMap::new();
         let mut segments = BTreeMap::new();
+        let mut last_sealed = false;
         for (position, &id) in ids.iter().enumerate() {
             let is_last = position + 1 == ids.len();
             let path = segment_path(dir, id);
-            let mut file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
+            let file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
             let bytes = read_all(file.as_ref(), &path)?;
-            let header_ok = bytes.len() as u64 >= SEGMENT_HEADER_BYTES
-                && &bytes[..8] == SEGMENT_MAGIC
-                && bytes[8..16] == id.to_le_bytes();
-            if !header_ok {
-                if is_last && (bytes.len() as u64) < SEGMENT_HEADER_BYTES {
-                    // Created, then the process died before its header was durable: nothing in it.
+            let magic_ok = bytes.len() as u64 >= SEGMENT_HEADER_BYTES && &bytes[..8] == SEGMENT_MAGIC;
+            if !(magic_ok && bytes[8..16] == id.to_le_bytes()) {
+                // In the newest segment, a header that is not (yet) this segment's is a rotation the crash cut
+                // short — a new file whose header never became durable, or a recycled one still carrying its old
+                // id — provided nothing of this segment was written into it. It goes.
+                let interrupted = is_last && ((bytes.len() as u64) < SEGMENT_HEADER_BYTES || magic_ok) && later_frame(&bytes, segment_salt(id), 0).is_none();
+                if interrupted {
                     disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
-                    report.torn_tail = Some((path, 0, bytes.len() as u64));
+                    if (bytes.len() as u64) < SEGMENT_HEADER_BYTES {
+                        report.torn_tail = Some((path, 0, bytes.len() as u64));
+                    }
                     continue;
                 }
                 return Err(WalError::Corruption { path, offset: 0, reason: "bad segment header".to_string() });
             }
-            let mut offset = SEGMENT_HEADER_BYTES as usize;
-            while offset < bytes.len() {
-                match decode(&bytes[offset..]) {
-                    Ok(record) => {
-                        apply_record(&mut groups, id, offset as u64, &record.op, record.group_id, record.len)
-                            .map_err(|reason| WalError::Corruption { path: path.clone(), offset: offset as u64, reason })?;
-                        offset += record.len;
-                        report.records += 1;
-                    }
-                    Err(error) if is_last && is_torn_tail(&error, &bytes[offset..]) => {
-                        let dropped = (bytes.len() - offset) as u64;
-                        file.truncate(offset as u64).map_err(io_error(format!("truncating {}", path.display())))?;
-                        file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
-                        report.torn_tail = Some((path.clone(), offset as u64, dropped));
-                        break;
-                    }
-                    Err(error) => {
-                        return Err(WalError::Corruption { path, offset: offset as u64, reason: error.to_string() });
-                    }
+            let previous_id = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+            let scan = scan_segment(&bytes, id, &mut groups, &mut report)
+                .map_err(|reason| WalError::Corruption { path: path.clone(), offset: 0, reason })?;
+            if let Some((damage_at, reason)) = &scan.damage {
+                let later = later_frame(&bytes, segment_salt(id), scan.end);
+                if !is_last || later.is_some() {
+                    let reason = match later {
+                        Some(at) => format!("{reason}, yet a valid frame follows at offset {at}"),
+                        None => format!("{reason} in a segment that is not the newest (it must end with a seal)"),
+                    };
+                    return Err(WalError::Corruption { path, offset: *damage_at, reason });
                 }
+                // The newest segment ends here. A frame of its own that does not verify whole is a torn write, and
+                // so is anything after the end of a new file; after the end of a recycled file lie its stale bytes.
+                let own_frame = frame_at(&bytes[scan.end as usize..], segment_salt(id));
+                if own_frame.is_some() || previous_id == 0 {
+                    let rest = bytes.len() as u64 - scan.end;
+                    report.torn_tail = Some((path.clone(), scan.end, own_frame.map_or(rest, |(batch_bytes, _)| batch_bytes.min(rest))));
+                }
+            } else if !scan.sealed && !is_last {
+                return Err(WalError::Corruption { path, offset: scan.end, reason: "a segment that is not the newest ends without a seal".into() });
             }
             report.segments += 1;
-            report.bytes += offset as u64;
-            segments.insert(id, (path, offset as u64));
+            report.bytes += scan.end;
+            last_sealed = scan.sealed;
+            segments.insert(id, (path, scan.end));
         }
         if let Some((group_id, missing)) = groups.iter().find_map(|(id, g)| g.first_missing().map(|m| (*id, m))) {
             let path = segments.values().next().map(|(p, _)| p.clone()).unwrap_or_else(|| dir.to_path_buf());
@@ -204,14 +296,15 @@ impl Wal {
             });
         }
         let active = match segments.iter().next_back() {
-            Some((&id, (path, _))) => {
+            Some((&id, (path, end))) if !last_sealed => {
                 let file = disk.open(path, false).map_err(io_error(format!("opening {}", path.display())))?;
-                let len = file.len_bytes().map_err(io_error(format!("sizing {}", path.display())))?;
-                ActiveSegment { id, file, len }
+                ActiveSegment { id, file, len: *end }
             }
-            None => {
-                let active = create_segment(disk.as_ref(), dir, 1)?;
-                segments.insert(1, (segment_path(dir, 1), SEGMENT_HEADER_BYTES));
+            newest => {
+                // A new WAL, or the newest segment was sealed just before a crash: the next one starts now.
+                let id = newest.map_or(1, |(&id, _)| id + 1);
+                let active = open_next_segment(disk.as_ref(), dir, id)?;
+                segments.insert(id, (segment_path(dir, id), SEGMENT_HEADER_BYTES));
                 active
             }
         };
@@ -222,6 +315,7 @@ impl Wal {
             readers: Mutex::new(HashMap::new()),
             groups,
             cache: EntryCache::new(options.entry_cache_bytes_max),
+            recycled_segments_max: options.recycled_segments_max,
         };
         let writer = SegmentWriter { dir: dir.to_path_buf(), disk, options, active, scratch: Vec::new() };
         Ok((Wal { state, writer }, report))
@@ -287,19 +381,6 @@ impl Wal {
 
     pub fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
         self.state.entries(group_id, low, high, max_bytes)
-    }
-}
-
-/// A decode failure at the end of the newest segment that can only be a write cut short: the record is
-/// incomplete, or its declared extent reaches the end of the file (garbage in the last, torn sector).
-fn is_torn_tail(error: &DecodeError, rest: &[u8]) -> bool {
-    match error {
-        DecodeError::Incomplete => true,
-        DecodeError::BadChecksum | DecodeError::BadLength(_) | DecodeError::UnknownKind(_) => {
-            let declared = u32::from_le_bytes(rest[0..4].try_into().expect("header present")) as usize;
-            RECORD_HEADER_BYTES + declared >= rest.len()
-        }
-        DecodeError::BadPayload(_) => false,
     }
 }
 

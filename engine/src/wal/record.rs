@@ -2,8 +2,13 @@
 //!
 //! ```text
 //! record = payload_len: u32 LE | crc32c: u32 LE | kind: u8 | group_id: u64 LE | payload: [u8; payload_len]
-//! crc32c covers payload_len, kind, group_id and payload (every byte of the record but the checksum itself)
+//! crc32c covers payload_len, kind, group_id and payload (every byte of the record but the checksum itself),
+//! seeded with the segment's salt (crc32c of its id): a record copied into, or left over in, another segment
+//! never verifies there — which is what lets segment files be recycled.
 //! ```
+//!
+//! Besides the log operations, two kinds structure a segment: a `Frame` opens every write (its length, and how
+//! many bytes of records it holds), a `Seal` ends a full segment.
 
 use flotilla_raft::{Entry, HardState};
 use prost::Message as _;
@@ -37,6 +42,8 @@ pub enum RecordKind {
     Truncate = 3,
     Compact = 4,
     Snapshot = 5,
+    Frame = 6,
+    Seal = 7,
 }
 
 impl RecordKind {
@@ -47,6 +54,8 @@ impl RecordKind {
             3 => RecordKind::Truncate,
             4 => RecordKind::Compact,
             5 => RecordKind::Snapshot,
+            6 => RecordKind::Frame,
+            7 => RecordKind::Seal,
             _ => return None,
         })
     }
@@ -84,46 +93,82 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-fn checksum(header: &[u8], payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&header[0..4]);
+/// The checksum seed of a segment's records.
+pub fn segment_salt(segment_id: u64) -> u32 {
+    crc32c::crc32c(&segment_id.to_le_bytes())
+}
+
+/// Bytes of a `Frame` record.
+pub const FRAME_BYTES: usize = RECORD_HEADER_BYTES + 16;
+
+fn checksum(salt: u32, header: &[u8], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c_append(salt, &header[0..4]);
     let crc = crc32c::crc32c_append(crc, &header[8..RECORD_HEADER_BYTES]);
     crc32c::crc32c_append(crc, payload)
 }
 
 /// Appends the encoding of `op` for `group_id` to `out`; returns the record's length. Panics if the payload is
 /// over [`RECORD_PAYLOAD_BYTES_MAX`] (callers split appends; see [`append_runs`]).
-pub fn encode(group_id: u64, op: &LogOp, out: &mut Vec<u8>) -> usize {
+pub fn encode(salt: u32, group_id: u64, op: &LogOp, out: &mut Vec<u8>) -> usize {
     match op {
-        LogOp::Append(entries) => encode_append(group_id, entries, out),
-        LogOp::HardState(hard_state) => encode_with(group_id, RecordKind::HardState, out, |out| {
+        LogOp::Append(entries) => encode_append(salt, group_id, entries, out),
+        LogOp::HardState(hard_state) => encode_with(salt, group_id, RecordKind::HardState, out, |out| {
             hard_state.encode(out).expect("Vec grows");
         }),
         LogOp::Truncate { from_index } => {
-            encode_with(group_id, RecordKind::Truncate, out, |out| out.extend_from_slice(&from_index.to_le_bytes()))
+            encode_with(salt, group_id, RecordKind::Truncate, out, |out| out.extend_from_slice(&from_index.to_le_bytes()))
         }
-        LogOp::Compact { first_kept_index, base_term } => encode_with(group_id, RecordKind::Compact, out, |out| {
+        LogOp::Compact { first_kept_index, base_term } => encode_with(salt, group_id, RecordKind::Compact, out, |out| {
             out.extend_from_slice(&first_kept_index.to_le_bytes());
             out.extend_from_slice(&base_term.to_le_bytes());
         }),
-        LogOp::Snapshot { index, term } => encode_with(group_id, RecordKind::Snapshot, out, |out| {
+        LogOp::Snapshot { index, term } => encode_with(salt, group_id, RecordKind::Snapshot, out, |out| {
             out.extend_from_slice(&index.to_le_bytes());
             out.extend_from_slice(&term.to_le_bytes());
         }),
     }
 }
 
+/// Writes a `Frame` over the first [`FRAME_BYTES`] of `out`: a write of `batch_bytes` (a multiple of the alignment,
+/// zero-filled at the end) whose records take the `records_bytes` after the frame.
+pub fn encode_frame(salt: u32, batch_bytes: u64, records_bytes: u64, out: &mut [u8]) {
+    let mut frame = Vec::with_capacity(FRAME_BYTES);
+    encode_with(salt, 0, RecordKind::Frame, &mut frame, |out| {
+        out.extend_from_slice(&batch_bytes.to_le_bytes());
+        out.extend_from_slice(&records_bytes.to_le_bytes());
+    });
+    out[..FRAME_BYTES].copy_from_slice(&frame);
+}
+
+/// Appends a `Seal`: the segment ends here.
+pub fn encode_seal(salt: u32, out: &mut Vec<u8>) -> usize {
+    encode_with(salt, 0, RecordKind::Seal, out, |_| {})
+}
+
+/// The `(batch_bytes, records_bytes)` of a valid `Frame` at the start of `bytes`. Cheap on anything else (the
+/// checksum is computed only when the fixed fields fit), so recovery can probe every aligned offset.
+pub fn frame_at(bytes: &[u8], salt: u32) -> Option<(u64, u64)> {
+    if bytes.len() < FRAME_BYTES || bytes[0..4] != 16u32.to_le_bytes() || bytes[8] != RecordKind::Frame as u8 {
+        return None;
+    }
+    match decode(&bytes[..FRAME_BYTES], salt) {
+        Ok(Record { body: Body::Frame { batch_bytes, records_bytes }, .. }) => Some((batch_bytes, records_bytes)),
+        _ => None,
+    }
+}
+
 /// Encodes an Append record straight from a slice of entries (the same bytes as an `EntryBatch`, no copy of
 /// the entries themselves).
-pub fn encode_append(group_id: u64, entries: &[Entry], out: &mut Vec<u8>) -> usize {
+pub fn encode_append(salt: u32, group_id: u64, entries: &[Entry], out: &mut Vec<u8>) -> usize {
     out.reserve(RECORD_HEADER_BYTES + prost::encoding::message::encoded_len_repeated(1, entries));
-    encode_with(group_id, RecordKind::Append, out, |out| {
+    encode_with(salt, group_id, RecordKind::Append, out, |out| {
         for entry in entries {
             prost::encoding::message::encode(1, entry, out);
         }
     })
 }
 
-fn encode_with(group_id: u64, kind: RecordKind, out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) -> usize {
+fn encode_with(salt: u32, group_id: u64, kind: RecordKind, out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) -> usize {
     let start = out.len();
     out.resize(start + RECORD_HEADER_BYTES, 0);
     payload(out);
@@ -133,16 +178,24 @@ fn encode_with(group_id: u64, kind: RecordKind, out: &mut Vec<u8>, payload: impl
     header[0..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
     header[8] = kind as u8;
     header[9..17].copy_from_slice(&group_id.to_le_bytes());
-    let crc = checksum(header, payload);
+    let crc = checksum(salt, header, payload);
     header[4..8].copy_from_slice(&crc.to_le_bytes());
     out.len() - start
+}
+
+/// What a decoded record holds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Body {
+    Op(LogOp),
+    Frame { batch_bytes: u64, records_bytes: u64 },
+    Seal,
 }
 
 /// A decoded record.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
     pub group_id: u64,
-    pub op: LogOp,
+    pub body: Body,
     /// Bytes the record occupies.
     pub len: usize,
 }
@@ -151,8 +204,9 @@ fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
 }
 
-/// Decodes the record at the start of `bytes`. Never panics, whatever the bytes.
-pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+/// Decodes the record at the start of `bytes`, written in the segment with this `salt`. Never panics, whatever
+/// the bytes.
+pub fn decode(bytes: &[u8], salt: u32) -> Result<Record, DecodeError> {
     if bytes.len() < RECORD_HEADER_BYTES {
         return Err(DecodeError::Incomplete);
     }
@@ -166,7 +220,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     }
     let (header, payload) = bytes[..len].split_at(RECORD_HEADER_BYTES);
     let stored = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-    if checksum(header, payload) != stored {
+    if checksum(salt, header, payload) != stored {
         return Err(DecodeError::BadChecksum);
     }
     let group_id = u64::from_le_bytes(header[9..17].try_into().expect("8 bytes"));
@@ -178,31 +232,39 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             Err(DecodeError::BadPayload("wrong fixed payload size"))
         }
     };
-    let op = match kind {
+    let body = match kind {
         RecordKind::Append => {
             let batch = EntryBatch::decode(payload).map_err(|_| DecodeError::BadPayload("entry batch"))?;
-            LogOp::Append(batch.entries)
+            Body::Op(LogOp::Append(batch.entries))
         }
         RecordKind::HardState => {
-            LogOp::HardState(HardState::decode(payload).map_err(|_| DecodeError::BadPayload("hard state"))?)
+            Body::Op(LogOp::HardState(HardState::decode(payload).map_err(|_| DecodeError::BadPayload("hard state"))?))
         }
         RecordKind::Truncate => {
             fixed(8)?;
-            LogOp::Truncate { from_index: u64_at(payload, 0).expect("checked size") }
+            Body::Op(LogOp::Truncate { from_index: u64_at(payload, 0).expect("checked size") })
         }
         RecordKind::Compact => {
             fixed(16)?;
-            LogOp::Compact {
+            Body::Op(LogOp::Compact {
                 first_kept_index: u64_at(payload, 0).expect("checked size"),
                 base_term: u64_at(payload, 8).expect("checked size"),
-            }
+            })
         }
         RecordKind::Snapshot => {
             fixed(16)?;
-            LogOp::Snapshot { index: u64_at(payload, 0).expect("checked size"), term: u64_at(payload, 8).expect("checked size") }
+            Body::Op(LogOp::Snapshot { index: u64_at(payload, 0).expect("checked size"), term: u64_at(payload, 8).expect("checked size") })
+        }
+        RecordKind::Frame => {
+            fixed(16)?;
+            Body::Frame { batch_bytes: u64_at(payload, 0).expect("checked size"), records_bytes: u64_at(payload, 8).expect("checked size") }
+        }
+        RecordKind::Seal => {
+            fixed(0)?;
+            Body::Seal
         }
     };
-    Ok(Record { group_id, op, len })
+    Ok(Record { group_id, body, len })
 }
 
 /// Splits `entries` into runs (as index ranges into the slice) whose encoded batches stay under
@@ -247,30 +309,49 @@ mod tests {
 
     #[test]
     fn every_kind_round_trips() {
+        let salt = segment_salt(3);
         for (group, op) in ops().into_iter().enumerate() {
             let mut out = Vec::new();
-            let len = encode(group as u64 + 7, &op, &mut out);
+            let len = encode(salt, group as u64 + 7, &op, &mut out);
             assert_eq!(len, out.len());
-            let record = decode(&out).unwrap();
-            assert_eq!((record.group_id, &record.op, record.len), (group as u64 + 7, &op, len));
+            let record = decode(&out, salt).unwrap();
+            assert_eq!((record.group_id, &record.body, record.len), (group as u64 + 7, &Body::Op(op), len));
         }
+        let mut frame = vec![0; FRAME_BYTES];
+        encode_frame(salt, 8192, 100, &mut frame);
+        assert_eq!(frame_at(&frame, salt), Some((8192, 100)));
+        let mut seal = Vec::new();
+        encode_seal(salt, &mut seal);
+        assert_eq!(decode(&seal, salt).unwrap().body, Body::Seal);
+    }
+
+    #[test]
+    fn a_record_never_verifies_in_another_segment() {
+        let mut out = Vec::new();
+        encode(segment_salt(1), 1, &ops()[0], &mut out);
+        assert!(decode(&out, segment_salt(1)).is_ok());
+        assert_eq!(decode(&out, segment_salt(2)), Err(DecodeError::BadChecksum), "stale bytes of a recycled file");
+        let mut frame = vec![0; FRAME_BYTES];
+        encode_frame(segment_salt(1), 4096, 0, &mut frame);
+        assert_eq!(frame_at(&frame, segment_salt(2)), None);
     }
 
     #[test]
     fn any_damage_is_detected_and_never_panics() {
+        let salt = segment_salt(1);
         let mut out = Vec::new();
         for op in ops() {
-            encode(1, &op, &mut out);
+            encode(salt, 1, &op, &mut out);
         }
-        let first_len = decode(&out).unwrap().len;
+        let first_len = decode(&out, salt).unwrap().len;
         for cut in 0..first_len {
-            assert_eq!(decode(&out[..cut]), Err(DecodeError::Incomplete), "cut at {cut}");
+            assert_eq!(decode(&out[..cut], salt), Err(DecodeError::Incomplete), "cut at {cut}");
         }
         for byte in 0..first_len {
             for bit in 0..8 {
                 let mut damaged = out.clone();
                 damaged[byte] ^= 1 << bit;
-                let decoded = decode(&damaged);
+                let decoded = decode(&damaged, salt);
                 assert!(decoded.is_err(), "flip of bit {bit} in byte {byte} went unnoticed");
             }
         }
@@ -280,7 +361,8 @@ mod tests {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let len = (state >> 58) as usize * 4;
             let bytes: Vec<u8> = (0..len).map(|i| (state >> (i % 56)) as u8).collect();
-            let _ = decode(&bytes);
+            let _ = decode(&bytes, salt);
+            let _ = frame_at(&bytes, salt);
         }
     }
 
@@ -297,11 +379,12 @@ mod tests {
     #[test]
     fn encode_append_matches_the_entry_batch_encoding() {
         let entries = vec![entry(1, 1, b"a"), entry(2, 1, b"bb")];
+        let salt = segment_salt(9);
         let mut direct = Vec::new();
-        encode_append(3, &entries, &mut direct);
+        encode_append(salt, 3, &entries, &mut direct);
         let mut via_op = Vec::new();
-        encode(3, &LogOp::Append(entries.clone()), &mut via_op);
+        encode(salt, 3, &LogOp::Append(entries.clone()), &mut via_op);
         assert_eq!(direct, via_op);
-        assert_eq!(decode(&direct).unwrap().op, LogOp::Append(entries));
+        assert_eq!(decode(&direct, salt).unwrap().body, Body::Op(LogOp::Append(entries)));
     }
 }

@@ -1,13 +1,22 @@
 //! [`SegmentWriter`]: the part of the WAL that writes — the active segment, the encode buffer, rotation — owned by
 //! one writer (the caller of `Wal::write`, or the group-commit thread).
+//!
+//! Every write is one **frame**: a `Frame` record at an offset aligned to [`BATCH_ALIGN_BYTES`], the records, and
+//! zeros up to the next aligned offset. Aligned, whole-page writes never make the kernel read a page before
+//! writing it — which matters once segment files are **recycled**: purge renames unneeded segments into a small
+//! pool (`recycle-*.wal`) and rotation reuses one, overwriting blocks already allocated, which on ext4 is 2–4×
+//! faster than appending (docs/benchmarks.md). A full segment ends with a frame holding a `Seal`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flotilla_raft::Entry;
 
-use super::record::{append_runs, encode, encode_append, LogOp};
-use super::{io_error, segment_path, WalError, WalOptions, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC};
+use super::record::{append_runs, encode, encode_append, encode_frame, encode_seal, segment_salt, LogOp, FRAME_BYTES};
+use super::{io_error, recycle_id, segment_path, WalError, WalOptions, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC};
+
+/// Writes start at multiples of this (and are zero-filled up to one).
+pub const BATCH_ALIGN_BYTES: u64 = 4096;
 use crate::disk::{Disk, DiskFile};
 
 pub(super) struct ActiveSegment {
@@ -52,49 +61,64 @@ impl SegmentWriter {
         self.active.id
     }
 
-    /// Starts a new segment if the active one is full; returns the new segment's id.
+    /// Starts a new segment if the active one is full (sealing it first); returns the new segment's id.
     pub fn rotate_if_full(&mut self) -> Result<Option<u64>, WalError> {
-        if self.active.len < self.options.segment_bytes_max {
+        // A segment takes at least one frame, however small the configured size.
+        if self.active.len < self.options.segment_bytes_max || self.active.len == SEGMENT_HEADER_BYTES {
             return Ok(None);
         }
+        let salt = segment_salt(self.active.id);
+        let mut seal = vec![0; FRAME_BYTES];
+        encode_seal(salt, &mut seal);
+        let records_bytes = (seal.len() - FRAME_BYTES) as u64;
+        seal.resize(BATCH_ALIGN_BYTES as usize, 0);
+        encode_frame(salt, BATCH_ALIGN_BYTES, records_bytes, &mut seal);
+        self.active.file.write_at(self.active.len, &seal).map_err(io_error("sealing the full segment"))?;
         if self.options.sync {
             self.active.file.sync_data().map_err(io_error("syncing the segment being closed"))?;
         }
         let id = self.active.id + 1;
-        self.active = create_segment(self.disk.as_ref(), &self.dir, id)?;
+        self.active = open_next_segment(self.disk.as_ref(), &self.dir, id)?;
         Ok(Some(id))
     }
 
-    /// Encodes `operations` as records placed after what the active segment holds.
+    /// Encodes `operations` as one frame placed after what the active segment holds.
     pub fn prepare<'a>(&mut self, operations: impl IntoIterator<Item = (u64, &'a LogOp)>) -> PreparedWrite {
+        let salt = segment_salt(self.active.id);
         let mut buffer = std::mem::take(&mut self.scratch);
         buffer.clear();
+        buffer.resize(FRAME_BYTES, 0);
         let mut placed = Vec::new();
         for (group_id, op) in operations {
             match op {
                 LogOp::Append(entries) => {
                     for run in append_runs(entries, self.options.record_batch_bytes_max) {
                         let offset = self.active.len + buffer.len() as u64;
-                        let len = encode_append(group_id, &entries[run.clone()], &mut buffer);
+                        let len = encode_append(salt, group_id, &entries[run.clone()], &mut buffer);
                         let change = IndexChange::Append(entries[run].to_vec());
                         placed.push(PlacedRecord { group_id, offset, len, change });
                     }
                 }
                 other => {
                     let offset = self.active.len + buffer.len() as u64;
-                    let len = encode(group_id, other, &mut buffer);
+                    let len = encode(salt, group_id, other, &mut buffer);
                     placed.push(PlacedRecord { group_id, offset, len, change: IndexChange::Other(other.clone()) });
                 }
             }
         }
+        let records_bytes = (buffer.len() - FRAME_BYTES) as u64;
+        let batch_bytes = (buffer.len() as u64).div_ceil(BATCH_ALIGN_BYTES) * BATCH_ALIGN_BYTES;
+        buffer.resize(batch_bytes as usize, 0);
+        encode_frame(salt, batch_bytes, records_bytes, &mut buffer);
         self.scratch = buffer;
         PreparedWrite { placed, segment_id: self.active.id }
     }
 
-    /// Appends the prepared records and syncs once.
+    /// Writes the prepared frame and syncs once.
     pub fn append_and_sync(&mut self, prepared: &PreparedWrite) -> Result<(), WalError> {
         assert_eq!(prepared.segment_id, self.active.id, "prepared for another segment");
-        self.active.file.append(&self.scratch).map_err(io_error("appending to the active segment"))?;
+        debug_assert_eq!(self.active.len % BATCH_ALIGN_BYTES, 0, "frames start aligned");
+        self.active.file.write_at(self.active.len, &self.scratch).map_err(io_error("writing to the active segment"))?;
         self.active.len += self.scratch.len() as u64;
         // Keep the buffer for the next write, but do not hold on to an exceptional one.
         if self.scratch.capacity() > 4 * self.options.record_batch_bytes_max.max(1 << 20) * 8 {
@@ -111,15 +135,42 @@ impl SegmentWriter {
     }
 }
 
-pub(super) fn create_segment(disk: &dyn Disk, dir: &Path, id: u64) -> Result<ActiveSegment, WalError> {
-    let path = segment_path(dir, id);
-    let mut file = disk.open(&path, true).map_err(io_error(format!("creating {}", path.display())))?;
+/// The header of segment `id`: magic, id, the id the file had before it was recycled (0: a new file), zeros.
+fn segment_header(id: u64, previous_id: u64) -> Vec<u8> {
     let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES as usize);
     header.extend_from_slice(SEGMENT_MAGIC);
     header.extend_from_slice(&id.to_le_bytes());
-    file.append(&header).map_err(io_error(format!("writing the header of {}", path.display())))?;
+    header.extend_from_slice(&previous_id.to_le_bytes());
+    header.resize(SEGMENT_HEADER_BYTES as usize, 0);
+    header
+}
+
+/// Starts segment `id` in a recycled file if the pool has one, else in a new file.
+pub(super) fn open_next_segment(disk: &dyn Disk, dir: &Path, id: u64) -> Result<ActiveSegment, WalError> {
+    let listed = disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))?;
+    // Only a file whose every earlier life had a lower id may be reused: its stale bytes then carry other salts.
+    let pool: Vec<(u64, PathBuf)> = listed.into_iter().filter_map(|p| recycle_id(&p).map(|r| (r, p))).collect();
+    for (_, unusable) in pool.iter().filter(|(previous_id, _)| *previous_id >= id) {
+        disk.remove(unusable).map_err(io_error(format!("removing {}", unusable.display())))?;
+    }
+    let Some((previous_id, recycled)) = pool.into_iter().filter(|(previous_id, _)| *previous_id < id).min() else {
+        return create_segment(disk, dir, id);
+    };
+    let path = segment_path(dir, id);
+    disk.rename(&recycled, &path).map_err(io_error(format!("recycling {} as {}", recycled.display(), path.display())))?;
+    let mut file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
+    file.write_at(0, &segment_header(id, previous_id)).map_err(io_error(format!("writing the header of {}", path.display())))?;
+    file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
+    disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
+    metrics::counter!("flotilla_wal_segments_recycled_total").increment(1);
+    Ok(ActiveSegment { id, file, len: SEGMENT_HEADER_BYTES })
+}
+
+pub(super) fn create_segment(disk: &dyn Disk, dir: &Path, id: u64) -> Result<ActiveSegment, WalError> {
+    let path = segment_path(dir, id);
+    let mut file = disk.open(&path, true).map_err(io_error(format!("creating {}", path.display())))?;
+    file.write_at(0, &segment_header(id, 0)).map_err(io_error(format!("writing the header of {}", path.display())))?;
     file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
     disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
     Ok(ActiveSegment { id, file, len: SEGMENT_HEADER_BYTES })
 }
-

@@ -10,9 +10,9 @@ use parking_lot::Mutex;
 
 use super::entry_cache::EntryCache;
 use super::group_log::{EntryLocation, GroupLog};
-use super::record::{decode, LogOp};
+use super::record::{decode, segment_salt, Body, LogOp};
 use super::segment_writer::{IndexChange, PreparedWrite};
-use super::{io_error, segment_path, PurgeReport, WalError, SEGMENT_HEADER_BYTES};
+use super::{io_error, recycle_id, recycle_path, segment_path, PurgeReport, WalError, SEGMENT_HEADER_BYTES};
 use crate::disk::{Disk, DiskFile};
 
 /// The part of the WAL that readers share: the segment list, every group's index, read handles. Writers change
@@ -26,6 +26,8 @@ pub struct WalState {
     pub(super) readers: Mutex<HashMap<u64, Box<dyn DiskFile>>>,
     pub(super) groups: HashMap<u64, GroupLog>,
     pub(super) cache: EntryCache,
+    /// Purged segments kept for reuse (see `WalOptions::recycled_segments_max`).
+    pub(super) recycled_segments_max: usize,
 }
 
 /// What a purge will do: the rewrite to write first, the segments to delete after.
@@ -123,10 +125,19 @@ impl WalState {
         if doomed.is_empty() {
             return Ok(());
         }
+        let listed = self.disk.list(&self.dir).map_err(io_error(format!("listing {}", self.dir.display())))?;
+        let mut pool = listed.iter().filter(|path| recycle_id(path).is_some()).count();
         for id in doomed {
             if let Some((path, _)) = self.segments.remove(id) {
                 self.readers.lock().remove(id);
-                self.disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
+                if pool < self.recycled_segments_max {
+                    // Kept for the writer to reuse (its stale records never verify under another segment's salt).
+                    let recycled = recycle_path(&self.dir, *id);
+                    self.disk.rename(&path, &recycled).map_err(io_error(format!("recycling {}", path.display())))?;
+                    pool += 1;
+                } else {
+                    self.disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
+                }
             }
         }
         self.disk.sync_dir(&self.dir).map_err(io_error("syncing the WAL directory after a purge"))
@@ -283,9 +294,9 @@ impl WalState {
         };
         reader.read_exact_at(location.record_offset, &mut bytes).map_err(io_error(format!("reading {}", path.display())))?;
         drop(readers);
-        match decode(&bytes) {
-            Ok(record) => match record.op {
-                LogOp::Append(entries) => Ok(entries),
+        match decode(&bytes, segment_salt(location.segment_id)) {
+            Ok(record) => match record.body {
+                Body::Op(LogOp::Append(entries)) => Ok(entries),
                 _ => Err(WalError::Corruption { path, offset: location.record_offset, reason: "not an append record".into() }),
             },
             Err(error) => Err(WalError::Corruption { path, offset: location.record_offset, reason: error.to_string() }),
