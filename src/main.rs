@@ -17,8 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Recover a node's WAL read-only style (a torn tail is truncated, as at startup) and report what it holds;
-    /// on corruption, print where and the repair command.
+    /// Recover a node's WAL as at startup (a torn tail is dropped, to be overwritten by the next write) and report
+    /// what it holds; on corruption, print where and the repair command.
     WalCheck {
         /// The WAL directory (`<data dir>/wal`).
         #[arg(long)]
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
                     report.bytes
                 );
                 if let Some((path, offset, dropped)) = report.torn_tail {
-                    println!("a torn write at the tail was truncated: {} at offset {offset} ({dropped} bytes)", path.display());
+                    println!("a torn write at the tail was dropped: {} at offset {offset} ({dropped} bytes)", path.display());
                 }
                 ExitCode::SUCCESS
             }

@@ -508,6 +508,9 @@ fn one_lagging_group_does_not_pin_the_wal_and_costs_only_its_own_rewrite() {
     let segment_bytes_max = SEGMENT + 2 * 4096;
     assert!(state.pinned_bytes(99) >= state.total_bytes() - segment_bytes_max, "the laggard pins (almost) the whole WAL");
     assert!(state.pinned_bytes(1) < 3 * segment_bytes_max, "a busy group pins only its recent segments");
+    let most = state.most_pinned(3);
+    assert_eq!((most.len(), most[0]), (3, (99, state.pinned_bytes(99))), "the laggard heads the exported list");
+    assert_eq!(state.max_pinned_bytes(), (state.pinned_bytes(99), 99));
     let before = wal.segment_ids().len();
     let horizon = wal.suggest_horizon(4 * segment_bytes_max);
     let report = wal.purge(horizon).unwrap();

@@ -10,7 +10,9 @@
 //!
 //! Metrics: `flotilla_wal_write_seconds` (encode + write + fdatasync + index update per batch),
 //! `flotilla_wal_batch_requests`, `flotilla_wal_batch_bytes` (histograms); after each purge the gauges
-//! `flotilla_wal_bytes`, `flotilla_wal_pinned_bytes_max` and `flotilla_wal_pinned_bytes_max_group`.
+//! `flotilla_wal_bytes`, `flotilla_wal_pinned_bytes_max`, `flotilla_wal_pinned_bytes_max_group`, and
+//! `flotilla_wal_pinned_bytes{group}` for the [`PINNED_GROUPS_EXPORTED`] groups pinning the most (a gauge per group
+//! for all of a node's groups would be up to 100K series; a group leaving that list is set back to 0).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -165,6 +167,7 @@ fn run_writer(
     stats: Arc<GroupCommitStats>,
 ) {
     let mut deferred: Option<Command> = None;
+    let mut exported_pinned_groups = Vec::new();
     loop {
         let first = match deferred.take() {
             Some(command) => command,
@@ -175,7 +178,7 @@ fn run_writer(
         };
         let first = match first {
             Command::Purge { bytes_max, reply } => {
-                let outcome = purge(&mut writer, &state, bytes_max);
+                let outcome = purge(&mut writer, &state, bytes_max, &mut exported_pinned_groups);
                 let fatal = outcome.as_ref().err().map(ToString::to_string);
                 let _ = reply.send(outcome.map_err(|e| e.to_string()));
                 if let Some(reason) = fatal {
@@ -239,7 +242,10 @@ where
     Ok(())
 }
 
-fn purge(writer: &mut SegmentWriter, state: &RwLock<WalState>, bytes_max: u64) -> Result<PurgeReport, WalError> {
+/// How many of the groups pinning the most WAL get their own `flotilla_wal_pinned_bytes` gauge.
+pub const PINNED_GROUPS_EXPORTED: usize = 8;
+
+fn purge(writer: &mut SegmentWriter, state: &RwLock<WalState>, bytes_max: u64, exported: &mut Vec<u64>) -> Result<PurgeReport, WalError> {
     let plan = {
         let state = state.read();
         let horizon = state.suggest_horizon(bytes_max, writer.active_id());
@@ -249,9 +255,17 @@ fn purge(writer: &mut SegmentWriter, state: &RwLock<WalState>, bytes_max: u64) -
         write_operations(writer, state, || plan.rewrite.iter().map(|(group, op)| (*group, op)))?;
     }
     state.write().remove_segments(&plan.doomed)?;
-    let (pinned, group) = state.read().max_pinned_bytes();
+    let most_pinned = state.read().most_pinned(PINNED_GROUPS_EXPORTED);
+    let (group, pinned) = most_pinned.first().copied().unwrap_or((0, 0));
     metrics::gauge!("flotilla_wal_pinned_bytes_max").set(pinned as f64);
     metrics::gauge!("flotilla_wal_pinned_bytes_max_group").set(group as f64);
+    for gone in exported.iter().filter(|g| !most_pinned.iter().any(|(group, _)| group == *g)) {
+        metrics::gauge!("flotilla_wal_pinned_bytes", "group" => gone.to_string()).set(0.0);
+    }
+    for (group, bytes) in &most_pinned {
+        metrics::gauge!("flotilla_wal_pinned_bytes", "group" => group.to_string()).set(*bytes as f64);
+    }
+    *exported = most_pinned.iter().map(|(group, _)| *group).collect();
     metrics::gauge!("flotilla_wal_bytes").set(state.read().total_bytes() as f64);
     Ok(plan.report)
 }

@@ -308,6 +308,12 @@ impl Wal {
                 active
             }
         };
+        if let Some((path, offset, dropped)) = &report.torn_tail {
+            eprintln!(
+                "WAL recovery: a torn write at the tail of {} (offset {offset}, {dropped} bytes) was dropped; it had not been acknowledged",
+                path.display()
+            );
+        }
         let state = WalState {
             dir: dir.to_path_buf(),
             disk: Arc::clone(&disk),

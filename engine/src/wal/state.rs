@@ -161,7 +161,15 @@ impl WalState {
 
     /// The largest number of WAL bytes any one group keeps from being purged, and that group.
     pub fn max_pinned_bytes(&self) -> (u64, u64) {
-        self.groups.keys().map(|&g| (self.pinned_bytes(g), g)).max().unwrap_or((0, 0))
+        self.most_pinned(1).first().map(|&(group, bytes)| (bytes, group)).unwrap_or((0, 0))
+    }
+
+    /// The `count` groups that keep the most WAL from being purged, most first: (group, pinned bytes).
+    pub fn most_pinned(&self, count: usize) -> Vec<(u64, u64)> {
+        let mut pinned: Vec<(u64, u64)> = self.groups.keys().map(|&g| (g, self.pinned_bytes(g))).filter(|(_, bytes)| *bytes > 0).collect();
+        pinned.sort_unstable_by_key(|&(group, bytes)| (std::cmp::Reverse(bytes), group));
+        pinned.truncate(count);
+        pinned
     }
 
     pub fn add_segment(&mut self, id: u64) {
