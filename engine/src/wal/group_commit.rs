@@ -233,8 +233,8 @@ where
     I: Iterator<Item = (u64, &'a LogOp)>,
 {
     state.read().validate(operations())?;
-    if let Some(new_segment) = writer.rotate_if_full()? {
-        state.write().add_segment(new_segment);
+    if let Some((new_segment, salt)) = writer.rotate_if_full()? {
+        state.write().add_segment(new_segment, salt);
     }
     let prepared = writer.prepare(operations());
     writer.append_and_sync(&prepared)?;

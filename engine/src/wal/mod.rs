@@ -26,6 +26,7 @@ pub mod state;
 
 pub use segment_writer::{PreparedWrite, SegmentWriter};
 pub use state::{PurgePlan, WalState};
+use state::Segment;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -42,7 +43,8 @@ use record::{decode, frame_at, segment_salt, Body, LogOp, Record, FRAME_BYTES};
 use segment_writer::{open_next_segment, ActiveSegment, BATCH_ALIGN_BYTES};
 
 /// First bytes of every segment: magic and format version, the segment id (u64 LE), the id the file had before
-/// it was recycled (u64 LE, 0 for a new file), zeros up to [`SEGMENT_HEADER_BYTES`].
+/// it was recycled (u64 LE, 0 for a new file), the random nonce of its records' salt (u64 LE), zeros up to
+/// [`SEGMENT_HEADER_BYTES`].
 pub const SEGMENT_MAGIC: &[u8; 8] = b"FLOTWAL2";
 pub const SEGMENT_HEADER_BYTES: u64 = 4096;
 
@@ -165,8 +167,7 @@ struct SegmentScan {
 }
 
 /// Replays one segment's frames into `groups` (a frame's records only once the whole frame verifies).
-fn scan_segment(bytes: &[u8], id: u64, groups: &mut HashMap<u64, GroupLog>, report: &mut RecoveryReport) -> Result<SegmentScan, String> {
-    let salt = segment_salt(id);
+fn scan_segment(bytes: &[u8], id: u64, salt: u32, groups: &mut HashMap<u64, GroupLog>, report: &mut RecoveryReport) -> Result<SegmentScan, String> {
     let mut offset = SEGMENT_HEADER_BYTES as usize;
     let mut records: Vec<(usize, Record)> = Vec::new();
     while offset < bytes.len() {
@@ -246,11 +247,14 @@ impl Wal {
             let file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
             let bytes = read_all(file.as_ref(), &path)?;
             let magic_ok = bytes.len() as u64 >= SEGMENT_HEADER_BYTES && &bytes[..8] == SEGMENT_MAGIC;
+            let header_u64 = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+            // The salt this segment's records have if the header's nonce is its own.
+            let salt = if magic_ok { segment_salt(id, header_u64(24)) } else { 0 };
             if !(magic_ok && bytes[8..16] == id.to_le_bytes()) {
                 // In the newest segment, a header that is not (yet) this segment's is a rotation the crash cut
                 // short — a new file whose header never became durable, or a recycled one still carrying its old
                 // id — provided nothing of this segment was written into it. It goes.
-                let interrupted = is_last && ((bytes.len() as u64) < SEGMENT_HEADER_BYTES || magic_ok) && later_frame(&bytes, segment_salt(id), 0).is_none();
+                let interrupted = is_last && ((bytes.len() as u64) < SEGMENT_HEADER_BYTES || magic_ok) && later_frame(&bytes, salt, 0).is_none();
                 if interrupted {
                     disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
                     if (bytes.len() as u64) < SEGMENT_HEADER_BYTES {
@@ -260,11 +264,11 @@ impl Wal {
                 }
                 return Err(WalError::Corruption { path, offset: 0, reason: "bad segment header".to_string() });
             }
-            let previous_id = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
-            let scan = scan_segment(&bytes, id, &mut groups, &mut report)
+            let previous_id = header_u64(16);
+            let scan = scan_segment(&bytes, id, salt, &mut groups, &mut report)
                 .map_err(|reason| WalError::Corruption { path: path.clone(), offset: 0, reason })?;
             if let Some((damage_at, reason)) = &scan.damage {
-                let later = later_frame(&bytes, segment_salt(id), scan.end);
+                let later = later_frame(&bytes, salt, scan.end);
                 if !is_last || later.is_some() {
                     let reason = match later {
                         Some(at) => format!("{reason}, yet a valid frame follows at offset {at}"),
@@ -274,7 +278,7 @@ impl Wal {
                 }
                 // The newest segment ends here. A frame of its own that does not verify whole is a torn write, and
                 // so is anything after the end of a new file; after the end of a recycled file lie its stale bytes.
-                let own_frame = frame_at(&bytes[scan.end as usize..], segment_salt(id));
+                let own_frame = frame_at(&bytes[scan.end as usize..], salt);
                 if own_frame.is_some() || previous_id == 0 {
                     let rest = bytes.len() as u64 - scan.end;
                     report.torn_tail = Some((path.clone(), scan.end, own_frame.map_or(rest, |(batch_bytes, _)| batch_bytes.min(rest))));
@@ -285,10 +289,10 @@ impl Wal {
             report.segments += 1;
             report.bytes += scan.end;
             last_sealed = scan.sealed;
-            segments.insert(id, (path, scan.end));
+            segments.insert(id, Segment { path, len: scan.end, salt });
         }
         if let Some((group_id, missing)) = groups.iter().find_map(|(id, g)| g.first_missing().map(|m| (*id, m))) {
-            let path = segments.values().next().map(|(p, _)| p.clone()).unwrap_or_else(|| dir.to_path_buf());
+            let path = segments.values().next().map(|segment| segment.path.clone()).unwrap_or_else(|| dir.to_path_buf());
             return Err(WalError::Corruption {
                 path,
                 offset: 0,
@@ -296,15 +300,15 @@ impl Wal {
             });
         }
         let active = match segments.iter().next_back() {
-            Some((&id, (path, end))) if !last_sealed => {
-                let file = disk.open(path, false).map_err(io_error(format!("opening {}", path.display())))?;
-                ActiveSegment { id, file, len: *end }
+            Some((&id, segment)) if !last_sealed => {
+                let file = disk.open(&segment.path, false).map_err(io_error(format!("opening {}", segment.path.display())))?;
+                ActiveSegment { id, salt: segment.salt, file, len: segment.len }
             }
             newest => {
                 // A new WAL, or the newest segment was sealed just before a crash: the next one starts now.
                 let id = newest.map_or(1, |(&id, _)| id + 1);
                 let active = open_next_segment(disk.as_ref(), dir, id)?;
-                segments.insert(id, (segment_path(dir, id), SEGMENT_HEADER_BYTES));
+                segments.insert(id, Segment { path: segment_path(dir, id), len: SEGMENT_HEADER_BYTES, salt: active.salt });
                 active
             }
         };
@@ -332,8 +336,8 @@ impl Wal {
     /// durable, and the node must stop (a failed fsync cannot be retried safely).
     pub fn write(&mut self, operations: &[(u64, LogOp)]) -> Result<(), WalError> {
         self.state.validate(operations.iter().map(|(group, op)| (*group, op)))?;
-        if let Some(new_segment) = self.writer.rotate_if_full()? {
-            self.state.add_segment(new_segment);
+        if let Some((new_segment, salt)) = self.writer.rotate_if_full()? {
+            self.state.add_segment(new_segment, salt);
         }
         let prepared = self.writer.prepare(operations.iter().map(|(group, op)| (*group, op)));
         self.writer.append_and_sync(&prepared)?;

@@ -3,8 +3,8 @@
 //! ```text
 //! record = payload_len: u32 LE | crc32c: u32 LE | kind: u8 | group_id: u64 LE | payload: [u8; payload_len]
 //! crc32c covers payload_len, kind, group_id and payload (every byte of the record but the checksum itself),
-//! seeded with the segment's salt (crc32c of its id): a record copied into, or left over in, another segment
-//! never verifies there — which is what lets segment files be recycled.
+//! seeded with the segment's salt (from its id and a random nonce): a record copied into, or left over in, another
+//! segment never verifies there — which is what lets segment files be recycled.
 //! ```
 //!
 //! Besides the log operations, two kinds structure a segment: a `Frame` opens every write (its length, and how
@@ -93,9 +93,10 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-/// The checksum seed of a segment's records.
-pub fn segment_salt(segment_id: u64) -> u32 {
-    crc32c::crc32c(&segment_id.to_le_bytes())
+/// The checksum seed of a segment's records: from its id and the random nonce in its header, so no other
+/// segment — nor a client crafting values — can produce records that verify in it.
+pub fn segment_salt(segment_id: u64, nonce: u64) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&segment_id.to_le_bytes()), &nonce.to_le_bytes())
 }
 
 /// Bytes of a `Frame` record.
@@ -309,7 +310,7 @@ mod tests {
 
     #[test]
     fn every_kind_round_trips() {
-        let salt = segment_salt(3);
+        let salt = segment_salt(3, 77);
         for (group, op) in ops().into_iter().enumerate() {
             let mut out = Vec::new();
             let len = encode(salt, group as u64 + 7, &op, &mut out);
@@ -328,17 +329,18 @@ mod tests {
     #[test]
     fn a_record_never_verifies_in_another_segment() {
         let mut out = Vec::new();
-        encode(segment_salt(1), 1, &ops()[0], &mut out);
-        assert!(decode(&out, segment_salt(1)).is_ok());
-        assert_eq!(decode(&out, segment_salt(2)), Err(DecodeError::BadChecksum), "stale bytes of a recycled file");
+        encode(segment_salt(1, 77), 1, &ops()[0], &mut out);
+        assert!(decode(&out, segment_salt(1, 77)).is_ok());
+        assert_eq!(decode(&out, segment_salt(2, 77)), Err(DecodeError::BadChecksum), "stale bytes of a recycled file");
+        assert_eq!(decode(&out, segment_salt(1, 78)), Err(DecodeError::BadChecksum), "the same id with another nonce");
         let mut frame = vec![0; FRAME_BYTES];
-        encode_frame(segment_salt(1), 4096, 0, &mut frame);
-        assert_eq!(frame_at(&frame, segment_salt(2)), None);
+        encode_frame(segment_salt(1, 77), 4096, 0, &mut frame);
+        assert_eq!(frame_at(&frame, segment_salt(2, 77)), None);
     }
 
     #[test]
     fn any_damage_is_detected_and_never_panics() {
-        let salt = segment_salt(1);
+        let salt = segment_salt(1, 77);
         let mut out = Vec::new();
         for op in ops() {
             encode(salt, 1, &op, &mut out);
@@ -379,7 +381,7 @@ mod tests {
     #[test]
     fn encode_append_matches_the_entry_batch_encoding() {
         let entries = vec![entry(1, 1, b"a"), entry(2, 1, b"bb")];
-        let salt = segment_salt(9);
+        let salt = segment_salt(9, 77);
         let mut direct = Vec::new();
         encode_append(salt, 3, &entries, &mut direct);
         let mut via_op = Vec::new();

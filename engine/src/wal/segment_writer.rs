@@ -21,6 +21,8 @@ use crate::disk::{Disk, DiskFile};
 
 pub(super) struct ActiveSegment {
     pub(super) id: u64,
+    /// The checksum seed of its records (see `record::segment_salt`).
+    pub(super) salt: u32,
     pub(super) file: Box<dyn DiskFile>,
     pub(super) len: u64,
 }
@@ -40,6 +42,8 @@ pub struct SegmentWriter {
 pub struct PreparedWrite {
     pub(super) placed: Vec<PlacedRecord>,
     pub(super) segment_id: u64,
+    /// Where the frame ends in the segment.
+    pub(super) end: u64,
 }
 
 /// One encoded record and what it does to its group's index.
@@ -61,13 +65,13 @@ impl SegmentWriter {
         self.active.id
     }
 
-    /// Starts a new segment if the active one is full (sealing it first); returns the new segment's id.
-    pub fn rotate_if_full(&mut self) -> Result<Option<u64>, WalError> {
+    /// Starts a new segment if the active one is full (sealing it first); returns the new segment's id and salt.
+    pub fn rotate_if_full(&mut self) -> Result<Option<(u64, u32)>, WalError> {
         // A segment takes at least one frame, however small the configured size.
         if self.active.len < self.options.segment_bytes_max || self.active.len == SEGMENT_HEADER_BYTES {
             return Ok(None);
         }
-        let salt = segment_salt(self.active.id);
+        let salt = self.active.salt;
         let mut seal = vec![0; FRAME_BYTES];
         encode_seal(salt, &mut seal);
         let records_bytes = (seal.len() - FRAME_BYTES) as u64;
@@ -79,12 +83,12 @@ impl SegmentWriter {
         }
         let id = self.active.id + 1;
         self.active = open_next_segment(self.disk.as_ref(), &self.dir, id)?;
-        Ok(Some(id))
+        Ok(Some((id, self.active.salt)))
     }
 
     /// Encodes `operations` as one frame placed after what the active segment holds.
     pub fn prepare<'a>(&mut self, operations: impl IntoIterator<Item = (u64, &'a LogOp)>) -> PreparedWrite {
-        let salt = segment_salt(self.active.id);
+        let salt = self.active.salt;
         let mut buffer = std::mem::take(&mut self.scratch);
         buffer.clear();
         buffer.resize(FRAME_BYTES, 0);
@@ -111,7 +115,7 @@ impl SegmentWriter {
         buffer.resize(batch_bytes as usize, 0);
         encode_frame(salt, batch_bytes, records_bytes, &mut buffer);
         self.scratch = buffer;
-        PreparedWrite { placed, segment_id: self.active.id }
+        PreparedWrite { placed, segment_id: self.active.id, end: self.active.len + batch_bytes }
     }
 
     /// Writes the prepared frame and syncs once.
@@ -135,14 +139,23 @@ impl SegmentWriter {
     }
 }
 
-/// The header of segment `id`: magic, id, the id the file had before it was recycled (0: a new file), zeros.
-fn segment_header(id: u64, previous_id: u64) -> Vec<u8> {
+/// The header of segment `id`: magic, id, the id the file had before it was recycled (0: a new file), the salt's
+/// nonce, zeros.
+fn segment_header(id: u64, previous_id: u64, nonce: u64) -> Vec<u8> {
     let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES as usize);
     header.extend_from_slice(SEGMENT_MAGIC);
     header.extend_from_slice(&id.to_le_bytes());
     header.extend_from_slice(&previous_id.to_le_bytes());
+    header.extend_from_slice(&nonce.to_le_bytes());
     header.resize(SEGMENT_HEADER_BYTES as usize, 0);
     header
+}
+
+/// A random nonce for a new segment's salt (from the standard library's randomly seeded hasher: no clock, no
+/// extra dependency).
+fn fresh_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
 }
 
 /// Starts segment `id` in a recycled file if the pool has one, else in a new file.
@@ -159,18 +172,20 @@ pub(super) fn open_next_segment(disk: &dyn Disk, dir: &Path, id: u64) -> Result<
     let path = segment_path(dir, id);
     disk.rename(&recycled, &path).map_err(io_error(format!("recycling {} as {}", recycled.display(), path.display())))?;
     let mut file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
-    file.write_at(0, &segment_header(id, previous_id)).map_err(io_error(format!("writing the header of {}", path.display())))?;
+    let nonce = fresh_nonce();
+    file.write_at(0, &segment_header(id, previous_id, nonce)).map_err(io_error(format!("writing the header of {}", path.display())))?;
     file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
     disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
     metrics::counter!("flotilla_wal_segments_recycled_total").increment(1);
-    Ok(ActiveSegment { id, file, len: SEGMENT_HEADER_BYTES })
+    Ok(ActiveSegment { id, salt: segment_salt(id, nonce), file, len: SEGMENT_HEADER_BYTES })
 }
 
 pub(super) fn create_segment(disk: &dyn Disk, dir: &Path, id: u64) -> Result<ActiveSegment, WalError> {
     let path = segment_path(dir, id);
     let mut file = disk.open(&path, true).map_err(io_error(format!("creating {}", path.display())))?;
-    file.write_at(0, &segment_header(id, 0)).map_err(io_error(format!("writing the header of {}", path.display())))?;
+    let nonce = fresh_nonce();
+    file.write_at(0, &segment_header(id, 0, nonce)).map_err(io_error(format!("writing the header of {}", path.display())))?;
     file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
     disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
-    Ok(ActiveSegment { id, file, len: SEGMENT_HEADER_BYTES })
+    Ok(ActiveSegment { id, salt: segment_salt(id, nonce), file, len: SEGMENT_HEADER_BYTES })
 }

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::entry_cache::EntryCache;
 use super::group_log::{EntryLocation, GroupLog};
-use super::record::{decode, segment_salt, Body, LogOp};
+use super::record::{decode, Body, LogOp};
 use super::segment_writer::{IndexChange, PreparedWrite};
 use super::{io_error, recycle_id, recycle_path, segment_path, PurgeReport, WalError, SEGMENT_HEADER_BYTES};
 use crate::disk::{Disk, DiskFile};
@@ -20,14 +20,23 @@ use crate::disk::{Disk, DiskFile};
 pub struct WalState {
     pub(super) dir: PathBuf,
     pub(super) disk: Arc<dyn Disk>,
-    /// Every live segment: its path and length (the active one's as of the last write).
-    pub(super) segments: BTreeMap<u64, (PathBuf, u64)>,
+    /// Every live segment (the active one's length as of the last write).
+    pub(super) segments: BTreeMap<u64, Segment>,
     /// Open handles for reads, one per segment (the active one included: a separate handle from the writer's).
     pub(super) readers: Mutex<HashMap<u64, Box<dyn DiskFile>>>,
     pub(super) groups: HashMap<u64, GroupLog>,
     pub(super) cache: EntryCache,
     /// Purged segments kept for reuse (see `WalOptions::recycled_segments_max`).
     pub(super) recycled_segments_max: usize,
+}
+
+/// A live segment as readers see it.
+pub(crate) struct Segment {
+    pub(crate) path: PathBuf,
+    /// Where its frames end.
+    pub(crate) len: u64,
+    /// The checksum seed of its records.
+    pub(crate) salt: u32,
 }
 
 /// What a purge will do: the rewrite to write first, the segments to delete after.
@@ -128,7 +137,7 @@ impl WalState {
         let listed = self.disk.list(&self.dir).map_err(io_error(format!("listing {}", self.dir.display())))?;
         let mut pool = listed.iter().filter(|path| recycle_id(path).is_some()).count();
         for id in doomed {
-            if let Some((path, _)) = self.segments.remove(id) {
+            if let Some(Segment { path, .. }) = self.segments.remove(id) {
                 self.readers.lock().remove(id);
                 if pool < self.recycled_segments_max {
                     // Kept for the writer to reuse (its stale records never verify under another segment's salt).
@@ -148,12 +157,12 @@ impl WalState {
     pub fn suggest_horizon(&self, bytes_max: u64, active_id: u64) -> u64 {
         let needed_for_entries = self.groups.values().filter_map(GroupLog::oldest_entry_segment).min().unwrap_or(active_id);
         let mut horizon = needed_for_entries.min(active_id);
-        let mut total: u64 = self.segments.range(horizon..).map(|(_, (_, len))| len).sum();
-        for (&id, (_, len)) in self.segments.range(horizon..) {
+        let mut total: u64 = self.segments.range(horizon..).map(|(_, segment)| segment.len).sum();
+        for (&id, segment) in self.segments.range(horizon..) {
             if total <= bytes_max || id >= active_id {
                 break;
             }
-            total -= len;
+            total -= segment.len;
             horizon = id + 1;
         }
         horizon
@@ -172,14 +181,14 @@ impl WalState {
         pinned
     }
 
-    pub fn add_segment(&mut self, id: u64) {
-        self.segments.insert(id, (segment_path(&self.dir, id), SEGMENT_HEADER_BYTES));
+    pub fn add_segment(&mut self, id: u64, salt: u32) {
+        self.segments.insert(id, Segment { path: segment_path(&self.dir, id), len: SEGMENT_HEADER_BYTES, salt });
     }
 
     /// Bytes of WAL that `group_id` keeps from being purged: every segment from the oldest it needs on.
     pub fn pinned_bytes(&self, group_id: u64) -> u64 {
         let Some(oldest) = self.groups.get(&group_id).and_then(GroupLog::pinned_segment) else { return 0 };
-        self.segments.range(oldest..).map(|(_, (_, len))| len).sum()
+        self.segments.range(oldest..).map(|(_, segment)| segment.len).sum()
     }
 
     pub fn entry_cache_bytes(&self) -> u64 {
@@ -187,14 +196,14 @@ impl WalState {
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.segments.values().map(|(_, len)| len).sum()
+        self.segments.values().map(|segment| segment.len).sum()
     }
 
     /// Updates the index with a write that is now durable.
     pub fn apply(&mut self, prepared: PreparedWrite) {
         let segment_id = prepared.segment_id;
-        if let (Some(last), Some((_, len))) = (prepared.placed.last(), self.segments.get_mut(&segment_id)) {
-            *len = (*len).max(last.offset + last.len as u64);
+        if let Some(segment) = self.segments.get_mut(&segment_id) {
+            segment.len = segment.len.max(prepared.end);
         }
         for record in prepared.placed {
             let group = self.groups.entry(record.group_id).or_default();
@@ -302,7 +311,8 @@ impl WalState {
         };
         reader.read_exact_at(location.record_offset, &mut bytes).map_err(io_error(format!("reading {}", path.display())))?;
         drop(readers);
-        match decode(&bytes, segment_salt(location.segment_id)) {
+        let salt = self.segments.get(&location.segment_id).map_or(0, |segment| segment.salt);
+        match decode(&bytes, salt) {
             Ok(record) => match record.body {
                 Body::Op(LogOp::Append(entries)) => Ok(entries),
                 _ => Err(WalError::Corruption { path, offset: location.record_offset, reason: "not an append record".into() }),
