@@ -362,14 +362,27 @@ impl DiskFile for SimFile {
 mod tests {
     use super::*;
 
-    #[test]
-    fn crash_keeps_synced_bytes_and_a_chosen_prefix_of_the_rest() {
+    /// A disk with the directory `/wal` holding an empty file `a` whose name is durable.
+    fn disk_with_file() -> (SimDisk, &'static Path, PathBuf, Box<dyn DiskFile>) {
         let disk = SimDisk::new();
         let dir = Path::new("/wal");
         disk.create_dir_all(dir).unwrap();
         let path = dir.join("a");
-        let mut file = disk.open(&path, true).unwrap();
+        let file = disk.open(&path, true).unwrap();
         disk.sync_dir(dir).unwrap();
+        (disk, dir, path, file)
+    }
+
+    fn read(disk: &SimDisk, path: &Path) -> Vec<u8> {
+        let file = disk.open(path, false).unwrap();
+        let mut content = vec![0; file.len_bytes().unwrap() as usize];
+        file.read_exact_at(0, &mut content).unwrap();
+        content
+    }
+
+    #[test]
+    fn crash_keeps_synced_bytes_and_a_chosen_prefix_of_the_rest() {
+        let (disk, _, path, mut file) = disk_with_file();
         file.append(b"durable").unwrap();
         file.sync_data().unwrap();
         file.append(b"-torn-tail").unwrap();
@@ -377,10 +390,7 @@ mod tests {
             assert_eq!(unsynced, 10);
             3
         });
-        let file = disk.open(&path, false).unwrap();
-        let mut content = vec![0; file.len_bytes().unwrap() as usize];
-        file.read_exact_at(0, &mut content).unwrap();
-        assert_eq!(content, b"durable-to");
+        assert_eq!(read(&disk, &path), b"durable-to");
     }
 
     #[test]
@@ -397,21 +407,9 @@ mod tests {
         assert!(disk.list(dir).unwrap().is_empty());
     }
 
-    fn read(disk: &SimDisk, path: &Path) -> Vec<u8> {
-        let file = disk.open(path, false).unwrap();
-        let mut content = vec![0; file.len_bytes().unwrap() as usize];
-        file.read_exact_at(0, &mut content).unwrap();
-        content
-    }
-
     #[test]
     fn unsynced_overwrites_revert_or_tear_on_a_crash_in_write_order() {
-        let disk = SimDisk::new();
-        let dir = Path::new("/wal");
-        disk.create_dir_all(dir).unwrap();
-        let path = dir.join("a");
-        let mut file = disk.open(&path, true).unwrap();
-        disk.sync_dir(dir).unwrap();
+        let (disk, _, path, mut file) = disk_with_file();
         file.write_at(0, b"aaaaaaaa").unwrap();
         file.sync_data().unwrap();
         file.write_at(2, b"BB").unwrap();
