@@ -1,0 +1,146 @@
+//! [`PeerStorage`]: the Raft core's read-only [`Storage`] for one group, answered by the node's shared log
+//! ([`LogEngine`]) plus what the peer knows of its configuration and of the latest snapshot it can serve.
+//!
+//! The core never writes through it: the peer submits a Ready's writes to the log engine and reports them with
+//! `on_persisted`. Snapshot *data* never goes through the core either: `snapshot()` returns the metadata (index,
+//! term, configuration) of what the state machine can stream, and the peer streams the range itself, in chunks.
+
+use std::sync::Arc;
+
+use flotilla_engine::log_engine::LogEngine;
+use flotilla_raft::{InitialState, Storage, StorageResult};
+use flotilla_raft::{ConfState, Entry, Snapshot, SnapshotMetadata, StorageError};
+
+pub struct PeerStorage {
+    group_id: u64,
+    log: Arc<dyn LogEngine>,
+    /// The configuration as of the applied index the replica restarts from (config takes effect on apply).
+    conf_state: ConfState,
+    /// The latest snapshot the state machine can serve (its durable applied state).
+    snapshot: SnapshotMetadata,
+}
+
+impl PeerStorage {
+    pub fn new(group_id: u64, log: Arc<dyn LogEngine>, conf_state: ConfState) -> PeerStorage {
+        PeerStorage { group_id, log, conf_state, snapshot: SnapshotMetadata::default() }
+    }
+
+    pub fn set_conf_state(&mut self, conf_state: ConfState) {
+        self.conf_state = conf_state;
+    }
+
+    /// Records what the state machine can now stream as a snapshot (it must be at or after the log's start).
+    pub fn set_snapshot(&mut self, metadata: SnapshotMetadata) {
+        self.snapshot = metadata;
+    }
+
+    pub fn group_id(&self) -> u64 {
+        self.group_id
+    }
+}
+
+impl Storage for PeerStorage {
+    fn initial_state(&self) -> StorageResult<InitialState> {
+        Ok(InitialState { hard_state: self.log.hard_state(self.group_id), conf_state: self.conf_state.clone() })
+    }
+
+    fn entries(&self, low: u64, high: u64, max_bytes: u64) -> StorageResult<Vec<Entry>> {
+        let (first, last) = (self.log.first_index(self.group_id), self.log.last_index(self.group_id));
+        if low < first {
+            return Err(StorageError::Compacted);
+        }
+        if high > last + 1 || low > high {
+            return Err(StorageError::Unavailable);
+        }
+        if low == high {
+            return Ok(Vec::new());
+        }
+        // A failure to read what the index says is there is the disk's (a broken environment).
+        self.log.entries(self.group_id, low, high, max_bytes).map_err(|e| StorageError::Other(e.to_string()))
+    }
+
+    fn term(&self, index: u64) -> StorageResult<u64> {
+        match self.log.term(self.group_id, index) {
+            Some(term) => Ok(term),
+            None if index + 1 < self.log.first_index(self.group_id) => Err(StorageError::Compacted),
+            None => Err(StorageError::Unavailable),
+        }
+    }
+
+    fn first_index(&self) -> StorageResult<u64> {
+        Ok(self.log.first_index(self.group_id))
+    }
+
+    fn last_index(&self) -> StorageResult<u64> {
+        Ok(self.log.last_index(self.group_id))
+    }
+
+    fn snapshot(&self, request_index: u64) -> StorageResult<Snapshot> {
+        if self.snapshot.index < request_index || self.snapshot.index == 0 {
+            return Err(StorageError::SnapshotTemporarilyUnavailable);
+        }
+        Ok(Snapshot { metadata: Some(self.snapshot.clone()), data: Default::default() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use crossbeam_channel::unbounded;
+    use flotilla_engine::log_engine::MemLogEngine;
+    use flotilla_engine::wal::group_commit::WriteRequest;
+    use flotilla_engine::wal::record::LogOp;
+    use flotilla_raft::MemStorage;
+    use flotilla_raft::HardState;
+
+    use super::*;
+
+    fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
+        range.map(|index| Entry { index, term, data: Bytes::from(vec![b'x'; 10]), ..Default::default() }).collect()
+    }
+
+    /// The same history through the log engine and through `MemStorage`: every question gets the same answer.
+    #[test]
+    fn answers_like_mem_storage_for_the_same_history() {
+        let log: Arc<dyn LogEngine> = Arc::new(MemLogEngine::new());
+        let voters = ConfState { voters: vec![1, 2, 3], ..Default::default() };
+        let storage = PeerStorage::new(7, Arc::clone(&log), voters.clone());
+        let mut model = MemStorage::new_with_voters(&[1, 2, 3]);
+        let (reply, _persisted) = unbounded();
+        let write = |ops: Vec<LogOp>| log.submit(WriteRequest { group_id: 7, ready_number: 1, ops, reply: reply.clone() }).unwrap();
+        write(vec![LogOp::Append(entries(1..=8, 1)), LogOp::HardState(HardState { term: 2, vote: 1, commit: 5 })]);
+        model.append(&entries(1..=8, 1)).unwrap();
+        model.set_hard_state(HardState { term: 2, vote: 1, commit: 5 });
+        // A conflicting suffix replaced, then a compaction.
+        write(vec![LogOp::Append(entries(6..=9, 2))]);
+        model.append(&entries(6..=9, 2)).unwrap();
+        write(vec![LogOp::Compact { first_kept_index: 4, base_term: 1 }]);
+        model.compact(3).unwrap();
+        assert_eq!(storage.initial_state().unwrap(), model.initial_state().unwrap());
+        assert_eq!((storage.first_index(), storage.last_index()), (model.first_index(), model.last_index()));
+        for index in 0..=11 {
+            assert_eq!(storage.term(index), model.term(index), "term({index})");
+        }
+        for low in 1..=10 {
+            for high in low..=11 {
+                for max_bytes in [0, 40, u64::MAX] {
+                    let (ours, theirs) = (storage.entries(low, high, max_bytes), model.entries(low, high, max_bytes));
+                    match (&ours, &theirs) {
+                        (Ok(a), Ok(b)) => assert_eq!(a, b, "entries({low}, {high}, {max_bytes})"),
+                        _ => assert_eq!(ours.is_err(), theirs.is_err(), "entries({low}, {high}, {max_bytes}): {ours:?} vs {theirs:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn snapshots_are_metadata_of_what_the_state_machine_can_stream() {
+        let mut storage = PeerStorage::new(1, Arc::new(MemLogEngine::new()), ConfState::default());
+        assert_eq!(storage.snapshot(0), Err(StorageError::SnapshotTemporarilyUnavailable), "nothing to stream yet");
+        let metadata = SnapshotMetadata { index: 10, term: 3, conf_state: Some(ConfState { voters: vec![1], ..Default::default() }) };
+        storage.set_snapshot(metadata.clone());
+        assert_eq!(storage.snapshot(8).unwrap().metadata, Some(metadata));
+        assert_eq!(storage.snapshot(11), Err(StorageError::SnapshotTemporarilyUnavailable));
+    }
+}
