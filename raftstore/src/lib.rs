@@ -7,7 +7,8 @@
 //!   (begin / handle / end), the shape every group replica runs in.
 //! - [`command`]: the commands a group's log carries (puts, deletes, compare-and-sets, atomic per command) and
 //!   applying committed entries into one state machine batch plus one outcome per waiting client.
-//! - [`peer`]: one group replica's logic, sans I/O (begun: the core's storage over the shared log).
+//! - [`peer`]: one group replica's logic, sans I/O: writes, ReadIndex reads, Readys, apply results (membership,
+//!   snapshots, transfer and hibernation next).
 //! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,
 //!   and the initial layout of an embedded store.
 //!

@@ -1,8 +1,166 @@
-//! One group replica's logic, sans I/O (design in `docs/architecture.md`, "peers and rounds"). Built up file by
-//! file:
+//! One group replica's logic, sans I/O (design in `docs/architecture.md`, "peers and rounds"): no clock, thread,
+//! socket or file. The caller — the batch system's poll handler in production, the store simulator in tests —
+//! feeds it events and carries out what [`Peer::take_output`] asks: persist a Ready's writes (then report
+//! [`Peer::on_persisted`]), send messages, apply committed entries with [`crate::command::apply_entries`] (then
+//! report [`Peer::on_applied`]), and hand responses to the waiting clients.
 //!
-//! - [`storage`]: the core's `Storage` over the node's shared log.
+//! - [`storage`]: the core's `Storage` over the node's shared log;
+//! - `propose.rs`: client writes (range and leadership checked, tracked until applied);
+//! - `read.rs`: linearizable reads (ReadIndex), answered once the state machine has caught up;
+//! - `ready.rs`: turning the core's Ready into output, and applied results into responses.
+//!
+//! Not yet here (next slices of the raftstore issue): membership changes, snapshot send/install, leadership
+//! transfer, hibernation.
 
+mod propose;
+mod read;
+mod ready;
 pub mod storage;
 
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use flotilla_engine::kv_engine::KvEngine;
+use flotilla_engine::log_engine::LogEngine;
+use flotilla_engine::wal::record::LogOp;
+use flotilla_raft::{ConfState, Config, DropReason, Entry, Message, RawNode, StateRole};
+
 pub use storage::PeerStorage;
+
+use crate::command::Outcome;
+use crate::range::{RangeDescriptor, RangeError};
+
+/// The caller's name for a waiting client request (unique per peer while it waits).
+pub type Token = u64;
+
+/// Why a request was not carried out (expected conditions: the client retries or re-routes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerError {
+    /// Only the leader takes writes and linearizable reads; `leader` is the replica id believed to lead (0: none
+    /// known).
+    NotLeader { leader: u64 },
+    /// The group is at a bound (uncommitted bytes, pending reads) or mid-transfer: retry later.
+    Busy(DropReason),
+    /// The request does not fit this group's range or epoch.
+    Range(RangeError),
+    /// The write's entry was replaced by another leader's: it did not take effect.
+    Dropped,
+}
+
+/// What a waiting client is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// The write was applied, with this outcome.
+    Written(Outcome),
+    /// A linearizable read may now be served from the state machine.
+    ReadReady,
+    Failed(PeerError),
+}
+
+/// One Ready's writes, to submit to the log engine; report [`Peer::on_persisted`] with `ready_number` once
+/// durable (`must_sync` false: a commit-index-only change that may be written lazily).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogWrite {
+    pub ready_number: u64,
+    pub ops: Vec<LogOp>,
+    pub must_sync: bool,
+}
+
+/// What the caller must do for the peer.
+#[derive(Debug, Default)]
+pub struct PeerOutput {
+    pub write: Option<LogWrite>,
+    /// May be sent at once (they never depend on the unpersisted part of `write`).
+    pub messages: Vec<Message>,
+    /// Committed entries to apply, in order.
+    pub committed: Vec<Entry>,
+    pub responses: Vec<(Token, Response)>,
+}
+
+impl PeerOutput {
+    pub fn is_empty(&self) -> bool {
+        self.write.is_none() && self.messages.is_empty() && self.committed.is_empty() && self.responses.is_empty()
+    }
+}
+
+/// A write waiting for its entry to apply.
+struct PendingWrite {
+    index: u64,
+    term: u64,
+    token: Token,
+}
+
+/// A read waiting for its read index, then for the state machine to reach it.
+struct PendingRead {
+    token: Token,
+    /// `None` until the core confirms the read.
+    index: Option<u64>,
+}
+
+pub struct Peer {
+    raw: RawNode<PeerStorage>,
+    descriptor: RangeDescriptor,
+    writes: VecDeque<PendingWrite>,
+    reads: VecDeque<PendingRead>,
+    responses: Vec<(Token, Response)>,
+    applied_index: u64,
+    role: StateRole,
+}
+
+impl Peer {
+    /// Opens replica `config.id` of the group `descriptor` names, restarting from what the engines hold: the
+    /// log's hard state and entries, and the state machine's applied index (the core hands out again every
+    /// committed entry after it). `conf_state` is the configuration as of that applied index.
+    pub fn open(
+        mut config: Config,
+        descriptor: RangeDescriptor,
+        conf_state: ConfState,
+        log: Arc<dyn LogEngine>,
+        kv: &dyn KvEngine,
+    ) -> Result<Peer, flotilla_raft::Error> {
+        let applied_index = kv.applied(descriptor.group_id).0;
+        config.applied_index = applied_index;
+        let storage = PeerStorage::new(descriptor.group_id, log, conf_state);
+        let raw = RawNode::new(config, storage)?;
+        let role = raw.raft.role;
+        Ok(Peer { raw, descriptor, writes: VecDeque::new(), reads: VecDeque::new(), responses: Vec::new(), applied_index, role })
+    }
+
+    pub fn group_id(&self) -> u64 {
+        self.descriptor.group_id
+    }
+
+    pub fn descriptor(&self) -> &RangeDescriptor {
+        &self.descriptor
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.role == StateRole::Leader
+    }
+
+    pub fn leader(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    pub fn on_tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// Starts an election now (tests and leadership placement).
+    pub fn campaign(&mut self) {
+        self.raw.campaign();
+    }
+
+    /// A message from another replica of the group. Invalid ones are refused with the core's error.
+    pub fn on_message(&mut self, message: Message) -> Result<(), flotilla_raft::Error> {
+        self.raw.step(message)
+    }
+
+    fn not_leader(&self) -> PeerError {
+        PeerError::NotLeader { leader: self.raw.raft.leader_id }
+    }
+}

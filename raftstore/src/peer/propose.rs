@@ -1,0 +1,30 @@
+//! Client writes: checked against the range and leadership, proposed as one entry each, tracked until applied.
+
+use flotilla_raft::Error as RaftError;
+
+use super::{Peer, PeerError, PendingWrite, Response, Token};
+use crate::command::Command;
+
+impl Peer {
+    /// Proposes `command` for the client `token`; the outcome arrives as a response once the entry applies (or
+    /// at once, if it cannot be proposed here).
+    pub fn propose(&mut self, token: Token, mut command: Command) {
+        let keys: Vec<&[u8]> = command.ops.iter().map(|op| op.key.as_slice()).collect();
+        if let Err(refusal) = self.descriptor.check(&keys, command.epoch) {
+            return self.responses.push((token, Response::Failed(PeerError::Range(refusal))));
+        }
+        if !self.is_leader() {
+            let refusal = self.not_leader();
+            return self.responses.push((token, Response::Failed(refusal)));
+        }
+        command.request_id = token;
+        match self.raw.propose(command.encode_entry()) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                self.writes.push_back(PendingWrite { index, term: self.raw.raft.term, token });
+            }
+            Err(RaftError::ProposalDropped(reason)) => self.responses.push((token, Response::Failed(PeerError::Busy(reason)))),
+            Err(other) => unreachable!("a proposal on a leader fails only by being dropped, not with {other:?}"),
+        }
+    }
+}

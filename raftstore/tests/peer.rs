@@ -1,0 +1,221 @@
+//! Peers of one group wired together in memory (log and state machine engines in memory, messages delivered by
+//! the test): writes are applied on every replica and answered on the proposer; refusals are typed; reads wait
+//! for the state machine; a restarted replica recovers from its engines and catches up.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use flotilla_engine::kv_engine::{KvEngine, MemKvEngine};
+use flotilla_engine::log_engine::{LogEngine, MemLogEngine};
+use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
+use flotilla_raft::{ConfState, Config, Message};
+use flotilla_raftstore::command::{apply_entries, Command, Op, Outcome};
+use flotilla_raftstore::peer::{Peer, PeerError, Response, Token};
+use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica};
+
+struct Node {
+    log: Arc<MemLogEngine>,
+    kv: MemKvEngine,
+    peer: Peer,
+    reply: Sender<Persisted>,
+    persisted: Receiver<Persisted>,
+}
+
+struct Group {
+    descriptor: RangeDescriptor,
+    nodes: Vec<Node>,
+    network: VecDeque<Message>,
+    responses: Vec<(u64, Token, Response)>,
+    /// Messages from or to this replica are lost (0: none).
+    isolated: u64,
+}
+
+fn descriptor() -> RangeDescriptor {
+    let replicas = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    RangeDescriptor { group_id: 5, start: b"a".to_vec(), end: b"n".to_vec(), epoch: Some(RangeEpoch { version: 1, conf_version: 1 }), replicas }
+}
+
+fn open_peer(id: u64, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
+    let config = Config::new(id);
+    let log: Arc<dyn LogEngine> = Arc::clone(log) as Arc<dyn LogEngine>;
+    Peer::open(config, descriptor(), ConfState { voters: vec![1, 2, 3], ..Default::default() }, log, kv).unwrap()
+}
+
+impl Group {
+    fn new() -> Group {
+        let nodes = (1..=3)
+            .map(|id| {
+                let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
+                let peer = open_peer(id, &log, &kv);
+                let (reply, persisted) = crossbeam_channel::unbounded();
+                Node { log, kv, peer, reply, persisted }
+            })
+            .collect();
+        Group { descriptor: descriptor(), nodes, network: VecDeque::new(), responses: Vec::new(), isolated: 0 }
+    }
+
+    fn node(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    /// Carries out every output and delivers every message until nothing moves.
+    fn settle(&mut self) {
+        loop {
+            let mut moved = false;
+            for (position, node) in self.nodes.iter_mut().enumerate() {
+                let output = node.peer.take_output();
+                if output.is_empty() {
+                    continue;
+                }
+                moved = true;
+                if let Some(write) = output.write {
+                    let request = WriteRequest { group_id: 5, ready_number: write.ready_number, ops: write.ops, reply: node.reply.clone() };
+                    node.log.submit(request).unwrap();
+                    for done in node.persisted.try_iter() {
+                        node.peer.on_persisted(done.ready_number);
+                    }
+                }
+                self.network.extend(output.messages);
+                if let Some(last) = output.committed.last().map(|e| e.index) {
+                    let (batch, outcomes) = apply_entries(&node.kv, &self.descriptor, &output.committed).unwrap();
+                    node.kv.apply(vec![batch]).unwrap();
+                    node.peer.on_applied(last, outcomes);
+                }
+                self.responses.extend(output.responses.into_iter().map(|(token, r)| (position as u64 + 1, token, r)));
+            }
+            while let Some(message) = self.network.pop_front() {
+                moved = true;
+                if self.isolated != 0 && (message.to == self.isolated || message.from == self.isolated) {
+                    continue;
+                }
+                let to = message.to;
+                self.node(to).peer.on_message(message).unwrap();
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn response(&mut self, token: Token) -> Response {
+        self.settle();
+        let at = self.responses.iter().position(|(_, t, _)| *t == token).unwrap_or_else(|| panic!("no response for {token}"));
+        self.responses.remove(at).2
+    }
+
+    fn put(&mut self, on: u64, token: Token, key: &str, value: &str) -> Response {
+        let command = Command { request_id: 0, epoch: Some(self.descriptor.epoch()), ops: vec![Op::put(key, value)] };
+        self.node(on).peer.propose(token, command);
+        self.response(token)
+    }
+}
+
+#[test]
+fn writes_apply_everywhere_and_are_answered_once_applied() {
+    let mut group = Group::new();
+    group.node(1).peer.campaign();
+    group.settle();
+    assert!(group.node(1).peer.is_leader());
+    assert_eq!(group.put(1, 10, "b", "1"), Response::Written(Outcome::Done));
+    assert_eq!(group.put(1, 11, "c", "2"), Response::Written(Outcome::Done));
+    for id in 1..=3 {
+        let node = group.node(id);
+        assert_eq!((node.kv.get(b"b").unwrap(), node.kv.get(b"c").unwrap()), (Some(b"1".to_vec()), Some(b"2".to_vec())), "replica {id}");
+    }
+    // A failed compare-and-set is answered as such, and changes nothing.
+    let cas = Command { request_id: 0, epoch: None, ops: vec![Op::compare_and_set("b", Some(b"9".to_vec()), "x")] };
+    group.node(1).peer.propose(12, cas);
+    assert_eq!(group.response(12), Response::Written(Outcome::PreconditionFailed { op: 0, current: Some(b"1".to_vec()) }));
+}
+
+#[test]
+fn refusals_are_typed_not_silent() {
+    let mut group = Group::new();
+    group.node(1).peer.campaign();
+    group.settle();
+    assert_eq!(group.put(2, 20, "b", "1"), Response::Failed(PeerError::NotLeader { leader: 1 }), "a follower names the leader");
+    assert!(matches!(group.put(1, 21, "z", "1"), Response::Failed(PeerError::Range(RangeError::KeyNotInRange { .. }))));
+    let stale = Command { request_id: 0, epoch: Some(RangeEpoch { version: 0, conf_version: 1 }), ops: vec![Op::put("b", "1")] };
+    group.node(1).peer.propose(22, stale);
+    assert!(matches!(group.response(22), Response::Failed(PeerError::Range(RangeError::StaleEpoch { .. }))));
+    group.node(3).peer.read(23);
+    assert_eq!(group.response(23), Response::Failed(PeerError::NotLeader { leader: 1 }));
+}
+
+#[test]
+fn a_read_is_ready_only_once_the_leader_has_applied_what_it_confirmed() {
+    let mut group = Group::new();
+    group.node(1).peer.campaign();
+    group.settle();
+    group.put(1, 30, "b", "1");
+    group.node(1).peer.read(31);
+    assert_eq!(group.response(31), Response::ReadReady);
+    assert_eq!(group.node(1).kv.get(b"b").unwrap(), Some(b"1".to_vec()), "the read sees the write acknowledged before it");
+}
+
+#[test]
+fn a_restarted_replica_recovers_from_its_engines_and_catches_up() {
+    let mut group = Group::new();
+    group.node(1).peer.campaign();
+    group.settle();
+    for i in 0..5u64 {
+        group.put(1, 40 + i, &format!("k{i}"), "v");
+    }
+    // Replica 3 crashes: its state machine loses everything not checkpointed (here: all); its log survives.
+    let node = group.node(3);
+    node.kv.crash();
+    assert_eq!(node.kv.applied(5).0, 0);
+    node.peer = open_peer(3, &node.log, &node.kv);
+    group.settle();
+    assert_eq!(group.put(1, 50, "m", "late"), Response::Written(Outcome::Done));
+    let replica = group.node(3);
+    for i in 0..5u64 {
+        assert_eq!(replica.kv.get(format!("k{i}").as_bytes()).unwrap(), Some(b"v".to_vec()), "replayed from the log");
+    }
+    assert_eq!(replica.kv.get(b"m").unwrap(), Some(b"late".to_vec()), "and caught up");
+    assert_eq!(replica.peer.applied_index(), group.node(1).peer.applied_index());
+}
+
+#[test]
+fn a_write_whose_entry_another_leader_replaced_is_answered_dropped_never_written() {
+    let mut group = Group::new();
+    group.node(1).peer.campaign();
+    group.settle();
+    group.put(1, 60, "b", "1");
+    // Leader 1 is cut off and proposes twice: its entries reach nobody. (The new leader's no-op will take the
+    // first one's index, its first write the second's: an applied command at the index of ours, not ours.)
+    group.isolated = 1;
+    for token in [61, 64] {
+        let command = Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "lost")] };
+        group.node(1).peer.propose(token, command);
+    }
+    group.settle();
+    // Time passes: the majority elects a new leader, which writes at the same index.
+    let mut leader = 0;
+    for _ in 0..100 {
+        for id in 1..=3 {
+            group.node(id).peer.on_tick();
+        }
+        group.settle();
+        if let Some(id) = (2..=3).find(|&id| group.node(id).peer.is_leader()) {
+            leader = id;
+            break;
+        }
+    }
+    assert_ne!(leader, 0, "the majority elected a leader");
+    assert_eq!(group.put(leader, 62, "b", "2"), Response::Written(Outcome::Done));
+    // Healed: replica 1 learns the new log; its own proposal did not take effect.
+    group.isolated = 0;
+    for _ in 0..30 {
+        for id in 1..=3 {
+            group.node(id).peer.on_tick();
+        }
+        group.settle();
+    }
+    let leader = (1..=3).find(|&id| group.node(id).peer.is_leader()).expect("a leader");
+    assert_eq!(group.put(leader, 63, "c", "3"), Response::Written(Outcome::Done));
+    assert_eq!(group.response(61), Response::Failed(PeerError::Dropped));
+    assert_eq!(group.response(64), Response::Failed(PeerError::Dropped));
+    assert_eq!(group.node(1).kv.get(b"b").unwrap(), Some(b"2".to_vec()));
+}
