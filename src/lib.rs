@@ -1,7 +1,11 @@
 //! Flotilla: a multi-raft sharded storage engine.
 //!
-//! The embedded `Db` arrives with the raftstore issue; today this crate re-exports the layers so that the
-//! dependency direction (public package → router → raftstore → raft core, and → engine) holds from day one.
+//! Embed it with [`Db::open`] (see [`db`]); the layers are re-exported below, keeping the dependency direction
+//! (public package → router → raftstore → raft core, and → engine).
+
+pub mod db;
+
+pub use db::{Config, Db, DbError, WriteBatch};
 
 pub use flotilla_engine as engine;
 pub use flotilla_raft as raft;

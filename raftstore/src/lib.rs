@@ -9,6 +9,7 @@
 //!   applying committed entries into one state machine batch plus one outcome per waiting client.
 //! - [`peer`]: one group replica's logic, sans I/O: writes, ReadIndex reads, Readys, apply results (membership,
 //!   snapshots, transfer and hibernation next).
+//! - [`store`]: a node's group replicas in the batch system over the shared log and state machine.
 //! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,
 //!   and the initial layout of an embedded store.
 //!
@@ -21,3 +22,4 @@ pub mod batch;
 pub mod command;
 pub mod peer;
 pub mod range;
+pub mod store;

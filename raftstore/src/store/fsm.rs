@@ -1,0 +1,126 @@
+//! [`PeerFsm`]: a [`Peer`] in the batch system, with the clients waiting on it. Thin: it matches a message and
+//! calls the peer; the logic lives in `peer/`.
+
+use std::collections::HashMap;
+
+use crossbeam_channel::Sender;
+use flotilla_engine::kv_engine::KvEngine;
+use flotilla_engine::state_machine::KeyValue;
+use flotilla_raft::{Entry, Message};
+
+use crate::batch::Fsm;
+use crate::command::{Command, Outcome};
+use crate::peer::{Peer, PeerError, Response, Token};
+
+/// A read served once the group confirms it is current.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadRequest {
+    Get(Vec<u8>),
+    /// Pairs with `start <= key < end` (`end` empty: to the range's end), at most `limit`.
+    Scan { start: Vec<u8>, end: Vec<u8>, limit: usize },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadResult {
+    Value(Option<Vec<u8>>),
+    Pairs(Vec<KeyValue>),
+}
+
+pub type WriteReply = Sender<Result<Outcome, PeerError>>;
+pub type ReadReply = Sender<Result<ReadResult, PeerError>>;
+
+/// Everything that reaches a group replica.
+pub enum PeerMsg {
+    /// Boxed: a Raft message is several times larger than every other variant, and mailboxes hold many.
+    Raft(Box<Message>),
+    Write { command: Command, reply: WriteReply },
+    Read { request: ReadRequest, reply: ReadReply },
+    /// The log engine made the Ready numbered so durable.
+    Persisted(u64),
+    Tick,
+    Campaign,
+}
+
+pub struct PeerFsm {
+    pub(crate) peer: Peer,
+    next_token: Token,
+    writes: HashMap<Token, WriteReply>,
+    reads: HashMap<Token, (ReadRequest, ReadReply)>,
+    /// Committed entries taken from the peer this round, applied at the round's end.
+    pub(crate) to_apply: Vec<Entry>,
+}
+
+impl Fsm for PeerFsm {
+    type Message = PeerMsg;
+}
+
+impl PeerFsm {
+    pub fn new(peer: Peer) -> PeerFsm {
+        PeerFsm { peer, next_token: 1, writes: HashMap::new(), reads: HashMap::new(), to_apply: Vec::new() }
+    }
+
+    fn token(&mut self) -> Token {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    /// Feeds one message to the peer.
+    pub(crate) fn on_message(&mut self, message: PeerMsg) {
+        match message {
+            PeerMsg::Raft(message) => {
+                // An invalid message (a bug or a stray from another incarnation) is dropped; the core said why.
+                let _ = self.peer.on_message(*message);
+            }
+            PeerMsg::Write { command, reply } => {
+                let token = self.token();
+                self.writes.insert(token, reply);
+                self.peer.propose(token, command);
+            }
+            PeerMsg::Read { request, reply } => {
+                let token = self.token();
+                self.reads.insert(token, (request, reply));
+                self.peer.read(token);
+            }
+            PeerMsg::Persisted(number) => self.peer.on_persisted(number),
+            PeerMsg::Tick => self.peer.on_tick(),
+            PeerMsg::Campaign => self.peer.campaign(),
+        }
+    }
+
+    /// Answers the clients the peer has responses for; reads are served from `kv`, clipped to the range.
+    pub(crate) fn answer(&mut self, responses: Vec<(Token, Response)>, kv: &dyn KvEngine) {
+        for (token, response) in responses {
+            if let Some(reply) = self.writes.remove(&token) {
+                let _ = reply.send(match response {
+                    Response::Written(outcome) => Ok(outcome),
+                    Response::Failed(error) => Err(error),
+                    Response::ReadReady => unreachable!("a write answered as a read"),
+                });
+            } else if let Some((request, reply)) = self.reads.remove(&token) {
+                let _ = reply.send(match response {
+                    Response::ReadReady => Ok(self.serve(&request, kv)),
+                    Response::Failed(error) => Err(error),
+                    Response::Written(_) => unreachable!("a read answered as a write"),
+                });
+            }
+        }
+    }
+
+    fn serve(&self, request: &ReadRequest, kv: &dyn KvEngine) -> ReadResult {
+        let range = self.peer.descriptor();
+        // A state machine failure is fatal for the node (the flusher reports it); a read sees it as absent data
+        // only if the engine itself returned an error, which it does not for reads of applied state.
+        match request {
+            ReadRequest::Get(key) => ReadResult::Value(kv.get(key).expect("reading applied state")),
+            ReadRequest::Scan { start, end, limit } => {
+                let start = start.max(&range.start).clone();
+                let end = match (end.is_empty(), range.end.is_empty()) {
+                    (true, _) => range.end.clone(),
+                    (false, true) => end.clone(),
+                    (false, false) => end.min(&range.end).clone(),
+                };
+                ReadResult::Pairs(kv.scan(&start, &end, *limit).expect("reading applied state"))
+            }
+        }
+    }
+}

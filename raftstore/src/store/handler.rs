@@ -1,0 +1,101 @@
+//! The poll handler: one round of the batch system for many group replicas. `handle` feeds each FSM its
+//! messages and collects what its peer asks; `end` submits every Ready's writes to the group-commit log (they
+//! share fsyncs), applies every group's committed entries in **one** state machine call, and answers clients.
+
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use flotilla_engine::flusher::BackgroundFlusher;
+use flotilla_engine::log_engine::LogEngine;
+use flotilla_engine::state_machine::StateMachine;
+use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
+use flotilla_raft::Message;
+
+use super::fsm::{PeerFsm, PeerMsg};
+use crate::batch::PollHandler;
+use crate::command::apply_entries;
+use crate::peer::PeerOutput;
+
+/// Where a group's Raft messages go (another node, or another store in this process).
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, group_id: u64, message: Message);
+}
+
+/// For a node whose groups have one replica each: nothing ever leaves it.
+pub struct NoTransport;
+
+impl Transport for NoTransport {
+    fn send(&self, group_id: u64, message: Message) {
+        debug_assert!(false, "group {group_id} has a message for replica {} but this node has no transport", message.to);
+    }
+}
+
+pub struct StoreHandler {
+    pub(crate) log: Arc<dyn LogEngine>,
+    pub(crate) kv: Arc<StateMachine>,
+    pub(crate) flusher: Arc<BackgroundFlusher>,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) persisted: Sender<Persisted>,
+}
+
+impl StoreHandler {
+    fn carry_out(&self, fsm: &mut PeerFsm, output: PeerOutput) {
+        let group_id = fsm.peer.group_id();
+        if let Some(write) = output.write {
+            let request = WriteRequest { group_id, ready_number: write.ready_number, ops: write.ops, reply: self.persisted.clone() };
+            // A failed log is fatal for the node: later writes fail too, and the failure is reported by the WAL.
+            let _ = self.log.submit(request);
+        }
+        for message in output.messages {
+            self.transport.send(group_id, message);
+        }
+        fsm.to_apply.extend(output.committed);
+        fsm.answer(output.responses, self.kv.as_ref());
+    }
+}
+
+impl PollHandler<PeerFsm> for StoreHandler {
+    fn handle(&mut self, fsm: &mut PeerFsm, messages: &mut Vec<PeerMsg>) {
+        for message in messages.drain(..) {
+            fsm.on_message(message);
+        }
+        let output = fsm.peer.take_output();
+        self.carry_out(fsm, output);
+    }
+
+    fn end(&mut self, fsms: &mut [&mut PeerFsm]) {
+        // Applying can commit more (a leader's own persisted entries): apply until nothing is left.
+        while fsms.iter().any(|fsm| !fsm.to_apply.is_empty()) {
+            self.apply_round(fsms);
+        }
+    }
+}
+
+impl StoreHandler {
+    /// Applies every group's committed entries in one state machine batch, then answers their clients.
+    fn apply_round(&mut self, fsms: &mut [&mut PeerFsm]) {
+        let mut batches = Vec::new();
+        let mut applied = Vec::new();
+        for (position, fsm) in fsms.iter_mut().enumerate() {
+            if fsm.to_apply.is_empty() {
+                continue;
+            }
+            let entries = std::mem::take(&mut fsm.to_apply);
+            let last = entries.last().expect("non-empty").index;
+            let (batch, outcomes) = apply_entries(self.kv.as_ref(), fsm.peer.descriptor(), &entries).expect("applying committed entries");
+            batches.push(batch);
+            applied.push((position, last, outcomes));
+        }
+        if batches.is_empty() {
+            return;
+        }
+        let over_budget = self.kv.apply(batches).expect("applying to the state machine");
+        self.flusher.after_apply(over_budget).expect("the state machine flusher stopped");
+        for (position, last, outcomes) in applied {
+            let fsm = &mut fsms[position];
+            fsm.peer.on_applied(last, outcomes);
+            let output = fsm.peer.take_output();
+            self.carry_out(fsm, output);
+        }
+    }
+}

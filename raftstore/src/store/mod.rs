@@ -1,0 +1,140 @@
+//! A store: one node's group replicas hosted in the batch system over the node's shared log (group commit) and
+//! state machine (redb), with a ticker and the path that brings `Persisted` back to each group.
+//!
+//! - [`fsm`]: the FSM around a peer, its messages, and the waiting clients;
+//! - [`handler`]: the poll round (writes of all groups to the log, one state machine apply per round);
+//! - this file: [`Store`], which opens the engines and groups, and routes requests.
+
+pub mod fsm;
+pub mod handler;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use flotilla_engine::flusher::BackgroundFlusher;
+use flotilla_engine::log_engine::LogEngine;
+use flotilla_engine::state_machine::StateMachine;
+use flotilla_engine::wal::group_commit::Persisted;
+use flotilla_raft::{ConfState, Config};
+
+pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
+pub use handler::{NoTransport, StoreHandler, Transport};
+
+use crate::batch::{BatchOptions, BatchSystem, Router, SendError};
+use crate::peer::Peer;
+use crate::range::RangeDescriptor;
+
+/// Settings of a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub batch: BatchOptions,
+    /// How often every group ticks. Default 100 ms (an election timeout of 10 ticks is then 1–2 s).
+    pub tick_interval: Duration,
+    /// This node's id (replica ids of its groups are taken from the descriptors).
+    pub node_id: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions { batch: BatchOptions::default(), tick_interval: Duration::from_millis(100), node_id: 1 }
+    }
+}
+
+/// A node's groups, running. Dropping it stops its threads (the engines are flushed by their owners).
+pub struct Store {
+    system: Option<BatchSystem<PeerFsm>>,
+    router: Router<PeerFsm>,
+    stop: crossbeam_channel::Sender<()>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Delivers `message` even to a full mailbox, by waiting (for internal messages that must not be lost).
+fn deliver(router: &Router<PeerFsm>, group_id: u64, mut message: PeerMsg) {
+    loop {
+        match router.send(group_id, message) {
+            Ok(()) | Err(SendError::NotFound(_)) => return,
+            Err(SendError::Full(back)) => {
+                message = back;
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Starts the groups in `ranges` (this node's replica of each) over the given engines. Each replica restarts
+    /// from what the engines hold.
+    pub fn start(
+        options: StoreOptions,
+        ranges: &[RangeDescriptor],
+        log: Arc<dyn LogEngine>,
+        kv: Arc<StateMachine>,
+        flusher: Arc<BackgroundFlusher>,
+        transport: Arc<dyn Transport>,
+        persisted: (crossbeam_channel::Sender<Persisted>, Receiver<Persisted>),
+    ) -> Result<Store, flotilla_raft::Error> {
+        let (persisted_sender, persisted_receiver) = persisted;
+        let handler_parts = (Arc::clone(&log), Arc::clone(&kv), flusher, transport, persisted_sender);
+        let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| StoreHandler {
+            log: Arc::clone(&handler_parts.0),
+            kv: Arc::clone(&handler_parts.1),
+            flusher: Arc::clone(&handler_parts.2),
+            transport: Arc::clone(&handler_parts.3),
+            persisted: handler_parts.4.clone(),
+        });
+        let router = system.router().clone();
+        for range in ranges {
+            let replica = range.replicas.iter().find(|r| r.node_id == options.node_id).map_or(options.node_id, |r| r.replica_id);
+            let voters = range.replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
+            let learners = range.replicas.iter().filter(|r| r.learner).map(|r| r.replica_id).collect();
+            let conf_state = ConfState { voters, learners, ..Default::default() };
+            let config = Config { random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica, ..Config::new(replica) };
+            let peer = Peer::open(config, range.clone(), conf_state, Arc::clone(&log), kv.as_ref())?;
+            assert!(router.register(range.group_id, Box::new(PeerFsm::new(peer))).is_ok(), "group {} twice", range.group_id);
+        }
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let mut threads = Vec::new();
+        {
+            // `Persisted` from the log's writer thread back to each group's mailbox.
+            let router = router.clone();
+            threads.push(std::thread::Builder::new().name("flotilla-persisted".into()).spawn(move || {
+                for done in persisted_receiver {
+                    deliver(&router, done.group_id, PeerMsg::Persisted(done.ready_number));
+                }
+            }).expect("spawning the persisted forwarder"));
+        }
+        {
+            let (router, interval) = (router.clone(), options.tick_interval);
+            threads.push(std::thread::Builder::new().name("flotilla-ticker".into()).spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                    router.broadcast(|| PeerMsg::Tick);
+                }
+            }).expect("spawning the ticker"));
+        }
+        Ok(Store { system: Some(system), router, stop, threads })
+    }
+
+    pub fn router(&self) -> &Router<PeerFsm> {
+        &self.router
+    }
+
+    /// Asks every group to elect itself (a single-replica store's groups lead at once).
+    pub fn campaign_all(&self, group_ids: impl IntoIterator<Item = u64>) {
+        for group_id in group_ids {
+            deliver(&self.router, group_id, PeerMsg::Campaign);
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.stop.send(()); // the ticker takes it and stops
+        drop(self.system.take());
+        // The persisted forwarder ends when the log's writer drops its last sender (the log's owner closes it).
+        if let Some(ticker) = self.threads.pop() {
+            let _ = ticker.join();
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The embedded `Db`: operations across groups, atomic batches within one group's range, typed refusals, and
+//! durability across close, drop and reopen.
+
+use std::sync::Arc;
+
+use flotilla::{Config, Db, DbError, WriteBatch};
+
+fn small_config() -> Config {
+    let mut config = Config::default();
+    // Small budgets so flushes, compactions and purges happen in a short test.
+    config.state_machine.memtable_bytes_max = 64 << 10;
+    config.wal.segment_bytes_max = 256 << 10;
+    config.maintenance_interval = std::time::Duration::from_millis(50);
+    config
+}
+
+#[test]
+fn puts_gets_deletes_and_scans_across_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(dir.path(), small_config()).unwrap();
+    assert_eq!(db.groups(), 16);
+    // Keys whose first bytes spread over every group.
+    let keys: Vec<Vec<u8>> = (0..=255u8).step_by(5).map(|b| vec![b, b'k']).collect();
+    for key in &keys {
+        db.put(key, b"v1").unwrap();
+    }
+    for key in &keys {
+        assert_eq!(db.get(key).unwrap(), Some(b"v1".to_vec()));
+    }
+    db.delete(&keys[3]).unwrap();
+    assert_eq!(db.get(&keys[3]).unwrap(), None);
+    assert_eq!(db.get(b"never written").unwrap(), None);
+    let all = db.scan(b"", b"", usize::MAX).unwrap();
+    assert_eq!(all.len(), keys.len() - 1);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "in key order across groups");
+    let limited = db.scan(&keys[10], &keys[20], 4).unwrap();
+    assert_eq!(limited.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), keys[10..14].to_vec());
+    db.close().unwrap();
+}
+
+#[test]
+fn batches_are_atomic_within_a_range_and_refused_across_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(dir.path(), small_config()).unwrap();
+    let mut batch = WriteBatch::new();
+    batch.put(&b"\x10a"[..], &b"1"[..]).put(&b"\x10b"[..], &b"2"[..]).delete(&b"\x10c"[..]);
+    db.write_batch(batch).unwrap();
+    assert_eq!(db.get(b"\x10b").unwrap(), Some(b"2".to_vec()));
+    let mut spanning = WriteBatch::new();
+    spanning.put(&b"\x10z"[..], &b"1"[..]).put(&b"\xf0z"[..], &b"2"[..]);
+    assert_eq!(db.write_batch(spanning), Err(DbError::BatchSpansRanges { first_outside: b"\xf0z".to_vec() }));
+    assert_eq!(db.get(b"\x10z").unwrap(), None, "nothing of a refused batch happened");
+    assert!(matches!(db.write_batch(WriteBatch::new()), Err(DbError::InvalidArgument(_))));
+    assert!(matches!(db.put(&vec![b'k'; 5000], b"v"), Err(DbError::InvalidArgument(_))));
+    assert!(matches!(db.scan(b"b", b"a", 10), Err(DbError::InvalidArgument(_))));
+}
+
+#[test]
+fn acknowledged_writes_survive_close_and_drop_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Db::open_with(dir.path(), small_config()).unwrap();
+        for i in 0..500u32 {
+            db.put(&i.to_be_bytes(), format!("value {i}").as_bytes()).unwrap();
+        }
+        db.close().unwrap();
+    }
+    {
+        let db = Db::open_with(dir.path(), small_config()).unwrap();
+        for i in 0..500u32 {
+            assert_eq!(db.get(&i.to_be_bytes()).unwrap(), Some(format!("value {i}").into_bytes()), "key {i} after close");
+        }
+        db.close().unwrap();
+    }
+    // A child process writes more and exits abruptly (no close, no flush): what it was told is durable must be.
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_writes_then_exits_abruptly", "--test-threads=1"])
+        .env("FLOTILLA_TEST_CHILD_DIR", dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let db = Db::open_with(dir.path(), small_config()).unwrap();
+    for i in 0..800u32 {
+        let expected = if i < 500 { format!("value {i}").into_bytes() } else { b"late".to_vec() };
+        assert_eq!(db.get(&i.to_be_bytes()).unwrap(), Some(expected), "key {i} after an unclean stop");
+    }
+}
+
+#[test]
+fn many_threads_write_and_read_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(Db::open_with(dir.path(), small_config()).unwrap());
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let db = Arc::clone(&db);
+            std::thread::spawn(move || {
+                for i in 0..200u32 {
+                    let key = [&[t.wrapping_mul(61)], &i.to_be_bytes()[..]].concat();
+                    db.put(&key, &[t]).unwrap();
+                    assert_eq!(db.get(&key).unwrap(), Some(vec![t]));
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(db.scan(b"", b"", usize::MAX).unwrap().len(), 800);
+}
+
+/// Run only as the child of the test above: acknowledged writes, then an abrupt exit.
+#[test]
+fn child_writes_then_exits_abruptly() {
+    let Ok(dir) = std::env::var("FLOTILLA_TEST_CHILD_DIR") else { return };
+    let db = Db::open_with(dir, small_config()).unwrap();
+    for i in 500..800u32 {
+        db.put(&i.to_be_bytes(), b"late").unwrap();
+    }
+    std::process::exit(0);
+}
