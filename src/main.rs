@@ -1,4 +1,7 @@
-//! The `flotilla` command. Subcommands arrive with the issues that build what they drive; today: WAL tools.
+//! The `flotilla` command: `demo` (the embedded store at work) and the WAL tools. More subcommands arrive with
+//! the issues that build what they drive.
+
+mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +20,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Open the embedded store (the default configuration) in a directory, load keys from many client threads,
+    /// read them all back, scan, close, reopen and check — printing what it did.
+    Demo {
+        /// Where the store lives (kept afterwards; run again to reuse it).
+        #[arg(long, default_value = "flotilla-demo")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        #[arg(long, default_value_t = 100)]
+        value_bytes: usize,
+        /// Client threads (each waits for its write to be durable before the next).
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+    },
     /// Recover a node's WAL as at startup (a torn tail is dropped, to be overwritten by the next write) and report
     /// what it holds; on corruption, print where and the repair command.
     WalCheck {
@@ -44,6 +61,14 @@ fn segment_of(path: &std::path::Path) -> Option<u64> {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Demo { dir, keys, value_bytes, clients } => match demo::run(&dir, keys, value_bytes, clients) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(error) => {
+                eprintln!("demo failed: {error}");
+                ExitCode::from(2)
+            }
+        },
         Command::WalCheck { dir } => match Wal::open(&dir, Arc::new(StdDisk), WalOptions::default()) {
             Ok((wal, report)) => {
                 let groups = wal.group_ids().count();

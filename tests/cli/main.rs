@@ -1,3 +1,4 @@
 //! Tests of the `flotilla` command (they belong to the root package, which owns the binary).
 
+mod demo;
 mod wal;
