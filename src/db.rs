@@ -1,6 +1,10 @@
-//! The embedded database: [`Db`]. A single node whose key space is split into groups (16 by default), each a
-//! Raft group of one replica, over one shared WAL and one redb state machine in a directory. Every acknowledged
-//! write is durable (it went through the WAL's fsync) and survives closing, crashing and reopening.
+//! The embedded database: [`Db`]. By default a single node whose key space is split into groups (16), each a Raft
+//! group of one replica, over one shared WAL and one redb state machine in a directory. Every acknowledged write
+//! is durable (it went through the WAL's fsync) and survives closing, crashing and reopening.
+//!
+//! With `Config::nodes` above 1, that many nodes run in the process (each in `dir/node-N` with its own WAL and
+//! state machine) over an in-process transport, and every group has a replica on each: real replication, for
+//! tests and benchmarks. Requests go to each group's leader, following `NotLeader` hints.
 //!
 //! ```no_run
 //! let db = flotilla::Db::open("/tmp/flotilla-example")?;
@@ -11,6 +15,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,7 +31,7 @@ use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeError, Replica};
-use flotilla_raftstore::store::{NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions};
+use flotilla_raftstore::store::{InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions, Transport};
 
 /// Settings of an embedded database. `Config::default()` is what [`Db::open`] uses.
 #[derive(Clone, Debug)]
@@ -34,6 +39,9 @@ pub struct Config {
     /// Groups the key space is split into when the database is created (later opens keep what was created).
     /// Default 16.
     pub groups: u64,
+    /// Nodes run in this process, each holding a replica of every group (1 to 7). Default 1: a plain embedded
+    /// store. More: replication over an in-process transport, for tests and benchmarks.
+    pub nodes: u64,
     /// How long a request may wait (for a leader, for the log, for apply) before it fails with
     /// [`DbError::Timeout`] — whose write may or may not have happened. Default 10 s.
     pub request_timeout: Duration,
@@ -55,6 +63,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             groups: 16,
+            nodes: 1,
             request_timeout: Duration::from_secs(10),
             key_bytes_max: 4 << 10,
             value_bytes_max: 8 << 20,
@@ -132,16 +141,47 @@ impl WriteBatch {
     }
 }
 
+/// One in-process node: its engines and its running store.
+struct Node {
+    id: u64,
+    store: Option<Store>,
+    log: Arc<GroupCommitWal>,
+    kv: Arc<StateMachine>,
+    flusher: Arc<BackgroundFlusher>,
+}
+
+impl Node {
+    fn open(id: u64, dir: &Path, config: &Config, transport: Arc<dyn Transport>) -> Result<(Node, Vec<RangeDescriptor>), DbError> {
+        std::fs::create_dir_all(dir).map_err(storage)?;
+        let (wal, _report) = Wal::open(&dir.join("wal"), Arc::new(StdDisk), config.wal.clone()).map_err(storage)?;
+        let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
+        let kv = Arc::new(StateMachine::open(&dir.join("state.redb"), config.state_machine.clone()).map_err(storage)?);
+        let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
+        let ranges = Db::load_or_create_ranges(&kv, config)?;
+        let options = StoreOptions { node_id: id, ..config.store.clone() };
+        let store = Store::start(
+            options,
+            &ranges,
+            Arc::clone(&log) as Arc<dyn LogEngine>,
+            Arc::clone(&kv),
+            Arc::clone(&flusher),
+            transport,
+            crossbeam_channel::unbounded(),
+        )
+        .map_err(storage)?;
+        Ok((Node { id, store: Some(store), log, kv, flusher }, ranges))
+    }
+}
+
 /// The embedded database (see the module docs).
 pub struct Db {
     config: Config,
     dir: PathBuf,
     /// Sorted by start key; they cover the key space.
     ranges: Vec<RangeDescriptor>,
-    store: Option<Store>,
-    log: Arc<GroupCommitWal>,
-    kv: Arc<StateMachine>,
-    flusher: Arc<BackgroundFlusher>,
+    nodes: Vec<Node>,
+    /// Per range (same positions): the node believed to hold its leader.
+    leaders: Vec<AtomicU64>,
     maintenance: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
 }
 
@@ -156,33 +196,35 @@ impl Db {
         if config.groups == 0 || config.groups > 65_536 {
             return Err(DbError::InvalidArgument(format!("groups must be 1..=65536, not {}", config.groups)));
         }
-        std::fs::create_dir_all(&dir).map_err(storage)?;
-        let (wal, _report) = Wal::open(&dir.join("wal"), Arc::new(StdDisk), config.wal.clone()).map_err(storage)?;
-        let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
-        let kv = Arc::new(StateMachine::open(&dir.join("state.redb"), config.state_machine.clone()).map_err(storage)?);
-        let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
-        let ranges = Db::load_or_create_ranges(&kv, &config)?;
-        let persisted = crossbeam_channel::unbounded();
-        let store = Store::start(
-            config.store.clone(),
-            &ranges,
-            Arc::clone(&log) as Arc<dyn LogEngine>,
-            Arc::clone(&kv),
-            Arc::clone(&flusher),
-            Arc::new(NoTransport),
-            persisted,
-        )
-        .map_err(storage)?;
-        store.campaign_all(ranges.iter().map(|r| r.group_id));
-        let maintenance = Db::start_maintenance(&config, &ranges, &log, &kv);
-        Ok(Db { config, dir, ranges, store: Some(store), log, kv, flusher, maintenance: Some(maintenance) })
+        if !(1..=7).contains(&config.nodes) {
+            return Err(DbError::InvalidArgument(format!("nodes must be 1..=7, not {}", config.nodes)));
+        }
+        let in_process = Arc::new(InProcessTransport::new());
+        let transport: Arc<dyn Transport> = if config.nodes == 1 { Arc::new(NoTransport) } else { Arc::clone(&in_process) as Arc<dyn Transport> };
+        let mut nodes = Vec::new();
+        let mut ranges = Vec::new();
+        for id in 1..=config.nodes {
+            let node_dir = if config.nodes == 1 { dir.clone() } else { dir.join(format!("node-{id}")) };
+            let (node, node_ranges) = Node::open(id, &node_dir, &config, Arc::clone(&transport))?;
+            in_process.add_node(id, node.store.as_ref().expect("just started").router().clone());
+            nodes.push(node);
+            ranges = node_ranges;
+        }
+        // Leaders spread over the nodes: group at position i campaigns on node i mod n.
+        let leaders: Vec<AtomicU64> = (0..ranges.len()).map(|i| AtomicU64::new(i as u64 % config.nodes + 1)).collect();
+        for (range, leader) in ranges.iter().zip(&leaders) {
+            let node = &nodes[leader.load(Ordering::Relaxed) as usize - 1];
+            node.store.as_ref().expect("running").campaign_all([range.group_id]);
+        }
+        let maintenance = Db::start_maintenance(&config, &ranges, &nodes);
+        Ok(Db { config, dir, ranges, nodes, leaders, maintenance: Some(maintenance) })
     }
 
     fn load_or_create_ranges(kv: &StateMachine, config: &Config) -> Result<Vec<RangeDescriptor>, DbError> {
         let stored = kv.ranges().map_err(storage)?;
         let mut ranges: Vec<RangeDescriptor> = if stored.is_empty() {
-            let replica = Replica { node_id: config.store.node_id, replica_id: 1, learner: false };
-            let ranges = initial_ranges(config.groups, 1, &[replica]);
+            let replicas: Vec<Replica> = (1..=config.nodes).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+            let ranges = initial_ranges(config.groups, 1, &replicas);
             for range in &ranges {
                 kv.put_range(range.group_id, &range.encode()).map_err(storage)?;
             }
@@ -198,10 +240,12 @@ impl Db {
         Ok(ranges)
     }
 
-    /// Compacts each group's log below what the state machine has made durable, then purges the WAL.
-    fn start_maintenance(config: &Config, ranges: &[RangeDescriptor], log: &Arc<GroupCommitWal>, kv: &Arc<StateMachine>) -> (crossbeam_channel::Sender<()>, JoinHandle<()>) {
+    /// Compacts each group's log, on every node, below what every replica's state machine has made durable (so
+    /// no replica ever needs entries another has dropped), then purges the WALs.
+    fn start_maintenance(config: &Config, ranges: &[RangeDescriptor], nodes: &[Node]) -> (crossbeam_channel::Sender<()>, JoinHandle<()>) {
         let (stop, stopped) = bounded::<()>(0);
-        let (log, kv, interval) = (Arc::clone(log), Arc::clone(kv), config.maintenance_interval);
+        let engines: Vec<(Arc<GroupCommitWal>, Arc<StateMachine>)> = nodes.iter().map(|n| (Arc::clone(&n.log), Arc::clone(&n.kv))).collect();
+        let interval = config.maintenance_interval;
         let groups: Vec<u64> = ranges.iter().map(|r| r.group_id).collect();
         let purge_bytes_max = 2 * config.wal.segment_bytes_max;
         let thread = std::thread::Builder::new()
@@ -210,29 +254,32 @@ impl Db {
                 let (reply, done) = crossbeam_channel::unbounded();
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
                     for &group_id in &groups {
-                        let (durable, _) = kv.durable_applied(group_id);
-                        // Entries before `durable` go; the one at it stays as a margin (replay starts after it).
-                        if durable <= log.first_index(group_id) {
-                            continue;
-                        }
-                        let Some(base_term) = log.term(group_id, durable - 1) else { continue };
-                        let ops = vec![LogOp::Compact { first_kept_index: durable, base_term }];
-                        if log.submit(WriteRequest { group_id, ready_number: 0, ops, reply: reply.clone() }).is_err() {
-                            return; // the log failed; the store reports it
+                        let durable = engines.iter().map(|(_, kv)| kv.durable_applied(group_id).0).min().unwrap_or(0);
+                        for (log, _) in &engines {
+                            // Entries before `durable` go; the one at it stays as a margin (replay starts after it).
+                            if durable <= log.first_index(group_id) {
+                                continue;
+                            }
+                            let Some(base_term) = log.term(group_id, durable - 1) else { continue };
+                            let ops = vec![LogOp::Compact { first_kept_index: durable, base_term }];
+                            if log.submit(WriteRequest { group_id, ready_number: 0, ops, reply: reply.clone() }).is_err() {
+                                return; // the log failed; requests report it
+                            }
                         }
                     }
                     done.try_iter().for_each(drop);
-                    let _ = log.purge(purge_bytes_max);
+                    for (log, _) in &engines {
+                        let _ = log.purge(purge_bytes_max);
+                    }
                 }
             })
             .expect("spawning the maintenance thread");
         (stop, thread)
     }
 
-    /// The group whose range holds `key`.
-    fn range_of(&self, key: &[u8]) -> &RangeDescriptor {
-        let at = self.ranges.partition_point(|range| range.start.as_slice() <= key);
-        &self.ranges[at.saturating_sub(1)]
+    /// The position of the range holding `key`.
+    fn range_of(&self, key: &[u8]) -> usize {
+        self.ranges.partition_point(|range| range.start.as_slice() <= key).saturating_sub(1)
     }
 
     fn check_sizes(&self, ops: &[Op]) -> Result<(), DbError> {
@@ -253,16 +300,16 @@ impl Db {
         Ok(())
     }
 
-    fn store(&self) -> &Store {
-        self.store.as_ref().expect("open until closed")
-    }
-
-    /// Sends a request to `group_id` and waits for its answer, retrying while the group has no leader yet.
-    fn call<T>(&self, group_id: u64, mut make: impl FnMut(crossbeam_channel::Sender<Result<T, PeerError>>) -> PeerMsg) -> Result<T, DbError> {
+    /// Sends a request to the leader of the range at `position` and waits for its answer, following leader hints
+    /// and retrying while the group has no leader.
+    fn call<T>(&self, position: usize, mut make: impl FnMut(crossbeam_channel::Sender<Result<T, PeerError>>) -> PeerMsg) -> Result<T, DbError> {
+        let group_id = self.ranges[position].group_id;
         let deadline = Instant::now() + self.config.request_timeout;
         loop {
             let (reply, answer) = bounded(1);
-            if self.store().router().send(group_id, make(reply)).is_err() {
+            let node = self.leaders[position].load(Ordering::Relaxed);
+            let store = self.nodes[node as usize - 1].store.as_ref().expect("open until closed");
+            if store.router().send(group_id, make(reply)).is_err() {
                 // A full mailbox: back off, the group is busy.
                 if Instant::now() >= deadline {
                     return Err(DbError::Busy(format!("group {group_id}'s mailbox is full")));
@@ -273,10 +320,15 @@ impl Db {
             let remaining = deadline.saturating_duration_since(Instant::now());
             match answer.recv_timeout(remaining) {
                 Ok(Ok(value)) => return Ok(value),
-                Ok(Err(PeerError::NotLeader { .. })) | Ok(Err(PeerError::Dropped)) if Instant::now() < deadline => {
-                    // No leader yet (just opened, or an election): nothing happened; try again shortly.
-                    std::thread::sleep(Duration::from_millis(2));
+                Ok(Err(PeerError::NotLeader { leader })) if Instant::now() < deadline => {
+                    // Nothing happened: go where the hint points, or try the next node while there is no leader.
+                    let next = if leader != 0 { leader } else { node % self.nodes.len() as u64 + 1 };
+                    self.leaders[position].store(next, Ordering::Relaxed);
+                    if leader == 0 || leader == node {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
                 }
+                Ok(Err(PeerError::Dropped)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
                 Ok(Err(PeerError::Busy(reason))) => return Err(DbError::Busy(format!("{reason:?}"))),
                 Ok(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
                     return Err(DbError::BatchSpansRanges { first_outside })
@@ -290,12 +342,13 @@ impl Db {
     /// Applies `batch` atomically. Its keys must lie in one group's range ([`DbError::BatchSpansRanges`]).
     pub fn write_batch(&self, batch: WriteBatch) -> Result<(), DbError> {
         self.check_sizes(&batch.ops)?;
-        let range = self.range_of(&batch.ops[0].key);
+        let position = self.range_of(&batch.ops[0].key);
+        let range = &self.ranges[position];
         if let Some(outside) = batch.ops.iter().find(|op| !range.contains(&op.key)) {
             return Err(DbError::BatchSpansRanges { first_outside: outside.key.clone() });
         }
         let command = Command { request_id: 0, epoch: Some(range.epoch()), ops: batch.ops };
-        match self.call(range.group_id, |reply| PeerMsg::Write { command: command.clone(), reply })? {
+        match self.call(position, |reply| PeerMsg::Write { command: command.clone(), reply })? {
             Outcome::Done => Ok(()),
             other => Err(DbError::Storage(format!("unexpected outcome {other:?}"))),
         }
@@ -318,8 +371,7 @@ impl Db {
         if key.len() > self.config.key_bytes_max {
             return Err(DbError::InvalidArgument(format!("key of {} bytes over the limit {}", key.len(), self.config.key_bytes_max)));
         }
-        let group_id = self.range_of(key).group_id;
-        match self.call(group_id, |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply })? {
+        match self.call(self.range_of(key), |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply })? {
             ReadResult::Value(value) => Ok(value),
             ReadResult::Pairs(_) => unreachable!("a get answered with pairs"),
         }
@@ -332,18 +384,22 @@ impl Db {
             return Err(DbError::InvalidArgument("scan end before start".into()));
         }
         let mut out = Vec::new();
-        let first = self.ranges.partition_point(|range| range.start.as_slice() <= start).saturating_sub(1);
-        for range in &self.ranges[first..] {
-            if out.len() >= limit || (!end.is_empty() && range.start.as_slice() >= end) {
+        for position in self.range_of(start)..self.ranges.len() {
+            if out.len() >= limit || (!end.is_empty() && self.ranges[position].start.as_slice() >= end) {
                 break;
             }
             let request = ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit: limit - out.len() };
-            match self.call(range.group_id, |reply| PeerMsg::Read { request: request.clone(), reply })? {
+            match self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply })? {
                 ReadResult::Pairs(pairs) => out.extend(pairs),
                 ReadResult::Value(_) => unreachable!("a scan answered with a value"),
             }
         }
         Ok(out)
+    }
+
+    /// Each node's applied index of each group (`[node][range position]`): replicas converge on the same values.
+    pub fn applied_indexes(&self) -> Vec<Vec<u64>> {
+        self.nodes.iter().map(|node| self.ranges.iter().map(|range| node.kv.applied(range.group_id).0).collect()).collect()
     }
 
     /// The directory the database lives in.
@@ -367,12 +423,15 @@ impl Db {
             let _ = stop.send(());
             let _ = thread.join();
         }
-        drop(self.store.take());
-        self.flusher.flush_now().map_err(storage)?;
-        if let Some(failure) = self.log.failure() {
-            return Err(DbError::Storage(failure));
+        for node in &mut self.nodes {
+            drop(node.store.take());
         }
-        let _ = &self.kv;
+        for node in &self.nodes {
+            node.flusher.flush_now().map_err(storage)?;
+            if let Some(failure) = node.log.failure() {
+                return Err(DbError::Storage(format!("node {}: {failure}", node.id)));
+            }
+        }
         Ok(())
     }
 }

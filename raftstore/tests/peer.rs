@@ -29,6 +29,8 @@ struct Group {
     responses: Vec<(u64, Token, Response)>,
     /// Messages from or to this replica are lost (0: none).
     isolated: u64,
+    /// When set, log writes wait here (slow disks) until `persist_deferred`.
+    deferred: Option<Vec<(usize, WriteRequest)>>,
 }
 
 fn descriptor() -> RangeDescriptor {
@@ -52,7 +54,7 @@ impl Group {
                 Node { log, kv, peer, reply, persisted }
             })
             .collect();
-        Group { descriptor: descriptor(), nodes, network: VecDeque::new(), responses: Vec::new(), isolated: 0 }
+        Group { descriptor: descriptor(), nodes, network: VecDeque::new(), responses: Vec::new(), isolated: 0, deferred: None }
     }
 
     fn node(&mut self, id: u64) -> &mut Node {
@@ -71,9 +73,14 @@ impl Group {
                 moved = true;
                 if let Some(write) = output.write {
                     let request = WriteRequest { group_id: 5, ready_number: write.ready_number, ops: write.ops, reply: node.reply.clone() };
-                    node.log.submit(request).unwrap();
-                    for done in node.persisted.try_iter() {
-                        node.peer.on_persisted(done.ready_number);
+                    match &mut self.deferred {
+                        Some(waiting) => waiting.push((position, request)),
+                        None => {
+                            node.log.submit(request).unwrap();
+                            for done in node.persisted.try_iter() {
+                                node.peer.on_persisted(done.ready_number);
+                            }
+                        }
                     }
                 }
                 self.network.extend(output.messages);
@@ -96,6 +103,18 @@ impl Group {
                 return;
             }
         }
+    }
+
+    /// Ends the slow-disk phase: completes the writes held back, in order, and persists at once from then on.
+    fn persist_deferred(&mut self) {
+        for (position, request) in self.deferred.take().unwrap_or_default() {
+            let node = &mut self.nodes[position];
+            node.log.submit(request).unwrap();
+            for done in node.persisted.try_iter() {
+                node.peer.on_persisted(done.ready_number);
+            }
+        }
+        self.settle();
     }
 
     fn response(&mut self, token: Token) -> Response {
@@ -218,4 +237,26 @@ fn a_write_whose_entry_another_leader_replaced_is_answered_dropped_never_written
     assert_eq!(group.response(61), Response::Failed(PeerError::Dropped));
     assert_eq!(group.response(64), Response::Failed(PeerError::Dropped));
     assert_eq!(group.node(1).kv.get(b"b").unwrap(), Some(b"2".to_vec()));
+}
+
+#[test]
+fn a_ready_with_nothing_to_persist_does_not_acknowledge_an_earlier_write_still_under_way() {
+    let mut group = Group::new();
+    group.node(1).peer.campaign();
+    group.settle();
+    group.put(1, 70, "b", "1");
+    // Slow disks: the leader's next entry is handed to the log but not yet durable...
+    group.deferred = Some(Vec::new());
+    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "2")] };
+    group.node(1).peer.propose(71, command);
+    group.settle();
+    // ...when heartbeats make Readys with nothing to persist. They must not declare the entry durable: the
+    // core would count its own copy and commit beyond what its log holds (its invariant check stops that).
+    for _ in 0..4 {
+        group.node(1).peer.on_tick();
+        group.settle();
+    }
+    assert!(group.responses.iter().all(|(_, token, _)| *token != 71), "not answered before it is durable");
+    group.persist_deferred();
+    assert_eq!(group.response(71), Response::Written(Outcome::Done));
 }

@@ -21,8 +21,12 @@ impl Peer {
                 ops.push(LogOp::HardState(hard_state));
             }
             if ops.is_empty() {
-                // Nothing to persist: the Ready counts as persisted at once.
-                self.raw.on_persisted(ready.number);
+                // Nothing to persist. It may be acknowledged at once only if no earlier Ready is still being
+                // written: `on_persisted(n)` declares every Ready up to `n` durable. Otherwise the core releases it
+                // (and whatever responses it holds) behind the earlier one.
+                if !self.raw.has_unpersisted_ready() {
+                    self.raw.on_persisted(ready.number);
+                }
             } else {
                 output.write = Some(LogWrite { ready_number: ready.number, ops, must_sync: ready.must_sync });
             }

@@ -3,10 +3,12 @@
 //!
 //! - [`fsm`]: the FSM around a peer, its messages, and the waiting clients;
 //! - [`handler`]: the poll round (writes of all groups to the log, one state machine apply per round);
+//! - [`transport`]: stores in one process reaching each other;
 //! - this file: [`Store`], which opens the engines and groups, and routes requests.
 
 pub mod fsm;
 pub mod handler;
+pub mod transport;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -21,6 +23,7 @@ use flotilla_raft::{ConfState, Config};
 
 pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
 pub use handler::{NoTransport, StoreHandler, Transport};
+pub use transport::InProcessTransport;
 
 use crate::batch::{BatchOptions, BatchSystem, Router, SendError};
 use crate::peer::Peer;
