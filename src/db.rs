@@ -191,8 +191,13 @@ impl Db {
         Db::open_with(dir, Config::default())
     }
 
-    pub fn open_with(dir: impl AsRef<Path>, config: Config) -> Result<Db, DbError> {
+    pub fn open_with(dir: impl AsRef<Path>, mut config: Config) -> Result<Db, DbError> {
         let dir = dir.as_ref().to_path_buf();
+        if config.nodes == 1 {
+            // With one replica a ReadIndex needs no round trip, and a lease would only hold back the first reads
+            // and elections after a restart (the core's quiet period): reads by ReadIndex.
+            config.store.raft.read_mode = flotilla_raft::ReadMode::Safe;
+        }
         if config.groups == 0 || config.groups > 65_536 {
             return Err(DbError::InvalidArgument(format!("groups must be 1..=65536, not {}", config.groups)));
         }
@@ -302,11 +307,11 @@ impl Db {
 
     /// Sends a request to the leader of the range at `position` and waits for its answer, following leader hints
     /// and retrying while the group has no leader.
-    fn call<T>(&self, position: usize, mut make: impl FnMut(crossbeam_channel::Sender<Result<T, PeerError>>) -> PeerMsg) -> Result<T, DbError> {
+    fn call<T>(&self, position: usize, mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg) -> Result<T, DbError> {
         let group_id = self.ranges[position].group_id;
         let deadline = Instant::now() + self.config.request_timeout;
         loop {
-            let (reply, answer) = bounded(1);
+            let (reply, answer) = oneshot::channel();
             let node = self.leaders[position].load(Ordering::Relaxed);
             let store = self.nodes[node as usize - 1].store.as_ref().expect("open until closed");
             if store.router().send(group_id, make(reply)).is_err() {

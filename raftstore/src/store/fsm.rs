@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use crossbeam_channel::Sender;
 use flotilla_engine::kv_engine::KvEngine;
 use flotilla_engine::state_machine::KeyValue;
 use flotilla_raft::{Entry, Message};
@@ -26,8 +25,9 @@ pub enum ReadResult {
     Pairs(Vec<KeyValue>),
 }
 
-pub type WriteReply = Sender<Result<Outcome, PeerError>>;
-pub type ReadReply = Sender<Result<ReadResult, PeerError>>;
+/// Where a client waits (a oneshot parks its thread, or its task, at once: no spinning while waiting).
+pub type WriteReply = oneshot::Sender<Result<Outcome, PeerError>>;
+pub type ReadReply = oneshot::Sender<Result<ReadResult, PeerError>>;
 
 /// Everything that reaches a group replica.
 pub enum PeerMsg {

@@ -19,7 +19,7 @@ use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
 use flotilla_engine::wal::group_commit::Persisted;
-use flotilla_raft::{ConfState, Config};
+use flotilla_raft::{ConfState, Config, ReadMode};
 
 pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
 pub use handler::{NoTransport, StoreHandler, Transport};
@@ -33,6 +33,10 @@ use crate::range::RangeDescriptor;
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     pub batch: BatchOptions,
+    /// The Raft settings of every replica (its `id` and `random_seed` are set per replica). Default: the core's
+    /// defaults with lease reads (`ReadMode::LeaseBased`): a leader holding a valid lease answers linearizable
+    /// reads without a round trip, else by ReadIndex — safe within the clock-drift bound in the core's docs.
+    pub raft: Config,
     /// How often every group ticks. Default 100 ms (an election timeout of 10 ticks is then 1–2 s).
     pub tick_interval: Duration,
     /// This node's id (replica ids of its groups are taken from the descriptors).
@@ -41,7 +45,12 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> StoreOptions {
-        StoreOptions { batch: BatchOptions::default(), tick_interval: Duration::from_millis(100), node_id: 1 }
+        StoreOptions {
+            batch: BatchOptions::default(),
+            raft: Config { read_mode: ReadMode::LeaseBased, ..Config::default() },
+            tick_interval: Duration::from_millis(100),
+            node_id: 1,
+        }
     }
 }
 
@@ -93,7 +102,7 @@ impl Store {
             let voters = range.replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
             let learners = range.replicas.iter().filter(|r| r.learner).map(|r| r.replica_id).collect();
             let conf_state = ConfState { voters, learners, ..Default::default() };
-            let config = Config { random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica, ..Config::new(replica) };
+            let config = Config { id: replica, random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica, ..options.raft.clone() };
             let peer = Peer::open(config, range.clone(), conf_state, Arc::clone(&log), kv.as_ref())?;
             assert!(router.register(range.group_id, Box::new(PeerFsm::new(peer))).is_ok(), "group {} twice", range.group_id);
         }

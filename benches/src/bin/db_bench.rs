@@ -1,0 +1,120 @@
+//! `db-bench`: the embedded `Db` under load — by default 3 in-process replicas per group, 64 groups, 100 B values,
+//! every write durable on a majority before it is acknowledged. Client threads issue one request at a time each;
+//! writes/s and linearizable reads/s are reported with latency percentiles.
+//!
+//! ```text
+//! cargo run --release -p flotilla-benches --bin db-bench                              # 3 nodes, 64 groups
+//! cargo run --release -p flotilla-benches --bin db-bench -- --nodes 1 --groups 16     # the embedded default
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flotilla::{Config, Db};
+use hdrhistogram::Histogram;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    #[arg(long, default_value_t = 64)]
+    groups: u64,
+    #[arg(long, default_value_t = 200_000)]
+    keys: u64,
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Client threads, each with one request in flight.
+    #[arg(long, default_value_t = 256)]
+    clients: usize,
+    #[arg(long, default_value = "target/db-bench")]
+    dir: String,
+    /// Poller threads per node.
+    #[arg(long, default_value_t = 2)]
+    pollers: usize,
+    /// Confirm every read with a heartbeat round (ReadIndex) instead of the leader's lease.
+    #[arg(long)]
+    read_index: bool,
+}
+
+fn key(i: u64) -> [u8; 8] {
+    i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes()
+}
+
+/// Runs `op(i)` for `i < count` on `clients` threads; returns (seconds, latency histogram in µs).
+fn run(count: u64, clients: usize, op: impl Fn(u64) + Sync) -> (f64, Histogram<u64>) {
+    let next = AtomicU64::new(0);
+    let started = Instant::now();
+    let histograms: Vec<Histogram<u64>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count {
+                            return histogram;
+                        }
+                        let began = Instant::now();
+                        op(i);
+                        histogram.saturating_record(began.elapsed().as_micros() as u64);
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("a client panicked")).collect()
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    for histogram in histograms {
+        merged.add(histogram).expect("same bounds");
+    }
+    (seconds, merged)
+}
+
+fn report(what: &str, count: u64, seconds: f64, latency: &Histogram<u64>) {
+    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{what}: {count} in {seconds:.2} s = {:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        count as f64 / seconds,
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        latency.max() as f64 / 1000.0
+    );
+}
+
+fn main() {
+    let args = Args::parse();
+    let _ = std::fs::remove_dir_all(&args.dir);
+    let mut config = Config { nodes: args.nodes, groups: args.groups, ..Config::default() };
+    config.store.batch.pollers = args.pollers;
+    if args.read_index {
+        config.store.raft.read_mode = flotilla::raft::ReadMode::Safe;
+    }
+    let db = Db::open_with(&args.dir, config).expect("open");
+    println!(
+        "db-bench: {} node(s) in process, {} groups ({} replica(s) each), {} B values, {} clients, {} poller(s) per node, {} reads",
+        args.nodes,
+        args.groups,
+        args.nodes,
+        args.value_bytes,
+        args.clients,
+        args.pollers,
+        if args.read_index || args.nodes == 1 { "ReadIndex" } else { "lease" }
+    );
+    // Warm-up: every group has elected its leader and served a request.
+    for i in 0..args.groups * 4 {
+        db.put(&key(u64::MAX - i), b"warm-up").expect("warm-up write");
+    }
+    let value = vec![b'v'; args.value_bytes];
+    let (seconds, latency) = run(args.keys, args.clients, |i| db.put(&key(i), &value).expect("write"));
+    report("writes (durable)", args.keys, seconds, &latency);
+    let (seconds, latency) = run(args.keys, args.clients, |i| {
+        assert_eq!(db.get(&key(i)).expect("read").as_deref(), Some(value.as_slice()), "read back key {i}");
+    });
+    report("reads (linearizable)", args.keys, seconds, &latency);
+    db.close().expect("close");
+    std::thread::sleep(Duration::from_millis(10));
+    let _ = std::fs::remove_dir_all(&args.dir);
+}
