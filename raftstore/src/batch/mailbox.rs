@@ -24,6 +24,8 @@ pub(crate) struct Scheduled<F: Fsm> {
 }
 
 pub(crate) struct Mailbox<F: Fsm> {
+    /// Messages queued at most (concurrent senders may overshoot it by one message each).
+    capacity: usize,
     sender: Sender<F::Message>,
     receiver: Receiver<F::Message>,
     notified: AtomicBool,
@@ -41,14 +43,19 @@ pub(crate) enum Delivery<M> {
 
 impl<F: Fsm> Mailbox<F> {
     pub(crate) fn new(fsm: Box<F>, capacity: usize) -> Mailbox<F> {
-        let (sender, receiver) = crossbeam_channel::bounded(capacity);
-        Mailbox { sender, receiver, notified: AtomicBool::new(false), parked: Mutex::new(Some(fsm)), closed: AtomicBool::new(false) }
+        // Not `bounded(capacity)`: that preallocates every slot (hundreds of KiB per FSM, tens of GiB for 100K
+        // groups). A list channel grows in small blocks; the capacity is enforced on its length.
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        Mailbox { capacity, sender, receiver, notified: AtomicBool::new(false), parked: Mutex::new(Some(fsm)), closed: AtomicBool::new(false) }
     }
 
     /// Queues a message; if the FSM was idle, returns it to be scheduled.
     pub(crate) fn deliver(self: &Arc<Self>, message: F::Message) -> (Delivery<F::Message>, Option<Scheduled<F>>) {
         if self.closed.load(Ordering::SeqCst) {
             return (Delivery::Closed(message), None);
+        }
+        if self.sender.len() >= self.capacity {
+            return (Delivery::Full(message), None);
         }
         match self.sender.try_send(message) {
             Ok(()) => (Delivery::Delivered, self.wake()),
