@@ -30,14 +30,14 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
-use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeError, Replica};
+use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeError, Replica, INITIAL_GROUPS_MAX};
 use flotilla_raftstore::store::{InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions, Transport};
 
 /// Settings of an embedded database. `Config::default()` is what [`Db::open`] uses.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Groups the key space is split into when the database is created (later opens keep what was created).
-    /// Default 16.
+    /// Groups the key space is split into when the database is created (later opens keep what was created), up
+    /// to 2^20. Default 16.
     pub groups: u64,
     /// Nodes run in this process, each holding a replica of every group (1 to 7). Default 1: a plain embedded
     /// store. More: replication over an in-process transport, for tests and benchmarks.
@@ -198,8 +198,8 @@ impl Db {
             // and elections after a restart (the core's quiet period): reads by ReadIndex.
             config.store.raft.read_mode = flotilla_raft::ReadMode::Safe;
         }
-        if config.groups == 0 || config.groups > 65_536 {
-            return Err(DbError::InvalidArgument(format!("groups must be 1..=65536, not {}", config.groups)));
+        if config.groups == 0 || config.groups > INITIAL_GROUPS_MAX {
+            return Err(DbError::InvalidArgument(format!("groups must be 1..={INITIAL_GROUPS_MAX}, not {}", config.groups)));
         }
         if !(1..=7).contains(&config.nodes) {
             return Err(DbError::InvalidArgument(format!("nodes must be 1..=7, not {}", config.nodes)));
@@ -230,9 +230,8 @@ impl Db {
         let mut ranges: Vec<RangeDescriptor> = if stored.is_empty() {
             let replicas: Vec<Replica> = (1..=config.nodes).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
             let ranges = initial_ranges(config.groups, 1, &replicas);
-            for range in &ranges {
-                kv.put_range(range.group_id, &range.encode()).map_err(storage)?;
-            }
+            let encoded: Vec<(u64, Vec<u8>)> = ranges.iter().map(|range| (range.group_id, range.encode())).collect();
+            kv.put_ranges(&encoded).map_err(storage)?;
             ranges
         } else {
             let mut decoded = Vec::with_capacity(stored.len());

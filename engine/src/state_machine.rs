@@ -511,9 +511,19 @@ impl StateMachine {
 
     /// Stores a group's range descriptor, durably (range changes are rare).
     pub fn put_range(&self, group_id: u64, descriptor: &[u8]) -> Result<(), StateMachineError> {
+        self.put_ranges(&[(group_id, descriptor.to_vec())])
+    }
+
+    /// Stores many groups' range descriptors in one durable transaction (a new store's initial layout).
+    pub fn put_ranges(&self, ranges: &[(u64, Vec<u8>)]) -> Result<(), StateMachineError> {
         let mut write = self.db.begin_write().map_err(storage)?;
         write.set_durability(Durability::Immediate).map_err(storage)?;
-        write.open_table(RANGES).map_err(storage)?.insert(group_id, descriptor).map_err(storage)?;
+        {
+            let mut table = write.open_table(RANGES).map_err(storage)?;
+            for (group_id, descriptor) in ranges {
+                table.insert(*group_id, descriptor.as_slice()).map_err(storage)?;
+            }
+        }
         write.commit().map_err(storage)
     }
 

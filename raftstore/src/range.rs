@@ -107,16 +107,17 @@ impl RangeDescriptor {
     }
 }
 
-/// `groups` ranges covering the whole key space, split evenly by the first two bytes of the key (an embedded store's
-/// starting layout: with random or hashed keys, load spreads evenly). Groups are numbered from `first_group_id`.
+/// `groups` ranges covering the whole key space, split evenly by the first four bytes of the key (an embedded
+/// store's starting layout: with random or hashed keys, load spreads evenly). Groups are numbered from
+/// `first_group_id`.
 pub fn initial_ranges(groups: u64, first_group_id: u64, replicas: &[Replica]) -> Vec<RangeDescriptor> {
-    assert!((1..=65_536).contains(&groups), "between 1 and 65,536 initial groups");
+    assert!((1..=INITIAL_GROUPS_MAX).contains(&groups), "between 1 and {INITIAL_GROUPS_MAX} initial groups");
     let boundary = |i: u64| -> Vec<u8> {
         if i == 0 || i == groups {
             return Vec::new();
         }
-        let prefix = (i * 65_536 / groups) as u16;
-        prefix.to_be_bytes().to_vec()
+        let prefix = ((i as u128) << 32) / groups as u128;
+        (prefix as u32).to_be_bytes().to_vec()
     };
     (0..groups)
         .map(|i| RangeDescriptor {
@@ -129,13 +130,16 @@ pub fn initial_ranges(groups: u64, first_group_id: u64, replicas: &[Replica]) ->
         .collect()
 }
 
+/// The most groups [`initial_ranges`] makes (each gets a distinct 4-byte boundary).
+pub const INITIAL_GROUPS_MAX: u64 = 1 << 20;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn initial_ranges_cover_the_key_space_once() {
-        for groups in [1u64, 3, 16, 1000] {
+        for groups in [1u64, 3, 16, 1000, 100_000] {
             let ranges = initial_ranges(groups, 1, &[]);
             assert_eq!(ranges.len() as u64, groups);
             assert!(ranges[0].start.is_empty() && ranges.last().unwrap().end.is_empty());

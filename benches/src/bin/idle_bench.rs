@@ -1,0 +1,71 @@
+//! `idle-bench`: what many idle groups cost a node — resident memory, and CPU while nothing happens. Opens an
+//! embedded `Db` with `--groups` single-replica groups, writes one key to each group (so each has elected and
+//! committed), then samples the process's CPU time (`/proc/self/stat`) over `--seconds` of idleness.
+//!
+//! ```text
+//! cargo run --release -p flotilla-benches --bin idle-bench                       # 100,000 groups
+//! cargo run --release -p flotilla-benches --bin idle-bench -- --groups 10000
+//! ```
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flotilla::{Config, Db};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 100_000)]
+    groups: u64,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    #[arg(long, default_value = "target/idle-bench")]
+    dir: String,
+}
+
+/// (CPU seconds used by this process so far, resident bytes).
+fn usage() -> (f64, u64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("Linux /proc");
+    let after_name = &stat[stat.rfind(')').expect("comm field") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the file: 12 and 13 after the command name's closing parenthesis.
+    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux /proc");
+    let pages: u64 = statm.split_whitespace().nth(1).expect("resident").parse().expect("a number");
+    (ticks / 100.0, pages * 4096)
+}
+
+fn main() {
+    let args = Args::parse();
+    let _ = std::fs::remove_dir_all(&args.dir);
+    let started = Instant::now();
+    let db = Db::open_with(&args.dir, Config { groups: args.groups, ..Config::default() }).expect("open");
+    println!("opened {} groups in {:.1} s", db.groups(), started.elapsed().as_secs_f64());
+    let step = (u64::from(u32::MAX) + 1) / args.groups;
+    let writers = 32u64;
+    std::thread::scope(|scope| {
+        for writer in 0..writers {
+            let db = &db;
+            scope.spawn(move || {
+                for group in (writer..args.groups).step_by(writers as usize) {
+                    db.put(&((group * step) as u32).to_be_bytes(), b"x").expect("write");
+                }
+            });
+        }
+    });
+    println!("one write to each group done after {:.1} s", started.elapsed().as_secs_f64());
+    std::thread::sleep(Duration::from_secs(2)); // let the last flushes and compactions settle
+    let (cpu_before, _) = usage();
+    let measured = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(args.seconds));
+    let (cpu_after, resident) = usage();
+    let wall = measured.elapsed().as_secs_f64();
+    println!(
+        "idle {} groups: {:.1} % of one core over {wall:.1} s; resident memory {:.0} MiB ({:.1} KiB per group)",
+        args.groups,
+        100.0 * (cpu_after - cpu_before) / wall,
+        resident as f64 / (1 << 20) as f64,
+        resident as f64 / 1024.0 / args.groups as f64
+    );
+    drop(db);
+    let _ = std::fs::remove_dir_all(&args.dir);
+}
