@@ -260,3 +260,41 @@ fn a_ready_with_nothing_to_persist_does_not_acknowledge_an_earlier_write_still_u
     group.persist_deferred();
     assert_eq!(group.response(71), Response::Written(Outcome::Done));
 }
+
+#[test]
+fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() {
+    // A single-replica group: once it leads and has nothing waiting, time cannot matter to it.
+    let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
+    let single = RangeDescriptor { replicas: vec![Replica { node_id: 1, replica_id: 1, learner: false }], ..descriptor() };
+    let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
+    let mut peer = Peer::open(Config::new(1), single.clone(), ConfState { voters: vec![1], ..Default::default() }, log_engine, &kv).unwrap();
+    assert!(peer.needs_ticks(), "not leading yet");
+    let (reply, persisted) = crossbeam_channel::unbounded();
+    let drive = |peer: &mut Peer| {
+        for _ in 0..10 {
+            let output = peer.take_output();
+            if let Some(write) = output.write {
+                log.submit(WriteRequest { group_id: 5, ready_number: write.ready_number, ops: write.ops, reply: reply.clone() }).unwrap();
+                persisted.try_iter().for_each(|done: Persisted| peer.on_persisted(done.ready_number));
+            }
+            if let Some(last) = output.committed.last().map(|e| e.index) {
+                let (batch, outcomes) = apply_entries(&kv, &single, &output.committed).unwrap();
+                kv.apply(vec![batch]).unwrap();
+                peer.on_applied(last, outcomes);
+            }
+        }
+    };
+    peer.campaign();
+    drive(&mut peer);
+    assert!(peer.is_leader());
+    assert!(!peer.needs_ticks(), "leading alone with nothing waiting");
+    peer.propose(1, Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "1")] });
+    assert!(peer.needs_ticks(), "a write waiting");
+    drive(&mut peer);
+    assert!(!peer.needs_ticks());
+    // In a replicated group even an idle leader needs ticks (heartbeats, check-quorum) until hibernation exists.
+    let mut group = Group::new();
+    group.node(1).peer.campaign();
+    group.settle();
+    assert!(group.node(1).peer.needs_ticks() && group.node(2).peer.needs_ticks());
+}

@@ -150,6 +150,16 @@ impl Peer {
         self.raw.tick();
     }
 
+    /// Whether time must reach this replica. A group whose only member is this replica, once it leads and has
+    /// nothing waiting, has nothing that can time out (no election to start, no follower to keep, no lease to
+    /// confirm): the node stops ticking it until it needs ticks again. Replicated groups tick until hibernation
+    /// (the raftstore issue) lets idle ones stop too.
+    pub fn needs_ticks(&self) -> bool {
+        let raft = &self.raw.raft;
+        let alone = raft.tracker.config.member_ids().into_iter().eq([raft.id]);
+        !(alone && self.is_leader() && self.reads.is_empty() && self.writes.is_empty())
+    }
+
     /// Starts an election now (tests and leadership placement).
     pub fn campaign(&mut self) {
         self.raw.campaign();

@@ -48,6 +48,8 @@ pub struct PeerFsm {
     reads: HashMap<Token, (ReadRequest, ReadReply)>,
     /// Committed entries taken from the peer this round, applied at the round's end.
     pub(crate) to_apply: Vec<Entry>,
+    /// Whether the node's ticker visits this group (see `Peer::needs_ticks`).
+    pub(crate) ticking: bool,
 }
 
 impl Fsm for PeerFsm {
@@ -56,7 +58,7 @@ impl Fsm for PeerFsm {
 
 impl PeerFsm {
     pub fn new(peer: Peer) -> PeerFsm {
-        PeerFsm { peer, next_token: 1, writes: HashMap::new(), reads: HashMap::new(), to_apply: Vec::new() }
+        PeerFsm { peer, next_token: 1, writes: HashMap::new(), reads: HashMap::new(), to_apply: Vec::new(), ticking: true }
     }
 
     fn token(&mut self) -> Token {

@@ -30,7 +30,11 @@ impl Transport for NoTransport {
     }
 }
 
+/// The groups the ticker visits.
+pub type TickingGroups = Arc<parking_lot::Mutex<std::collections::HashSet<u64>>>;
+
 pub struct StoreHandler {
+    pub(crate) ticking: TickingGroups,
     pub(crate) log: Arc<dyn LogEngine>,
     pub(crate) kv: Arc<StateMachine>,
     pub(crate) flusher: Arc<BackgroundFlusher>,
@@ -51,6 +55,17 @@ impl StoreHandler {
         }
         fsm.to_apply.extend(output.committed);
         fsm.answer(output.responses, self.kv.as_ref());
+        let wants_ticks = fsm.peer.needs_ticks();
+        if wants_ticks != fsm.ticking {
+            let mut ticking = self.ticking.lock();
+            if wants_ticks {
+                ticking.insert(group_id);
+            } else {
+                ticking.remove(&group_id);
+            }
+            metrics::gauge!("flotilla_groups_ticking").set(ticking.len() as f64);
+            fsm.ticking = wants_ticks;
+        }
     }
 }
 

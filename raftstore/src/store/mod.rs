@@ -88,8 +88,10 @@ impl Store {
         persisted: (crossbeam_channel::Sender<Persisted>, Receiver<Persisted>),
     ) -> Result<Store, flotilla_raft::Error> {
         let (persisted_sender, persisted_receiver) = persisted;
+        let ticking: handler::TickingGroups = Arc::new(parking_lot::Mutex::new(ranges.iter().map(|r| r.group_id).collect()));
         let handler_parts = (Arc::clone(&log), Arc::clone(&kv), flusher, transport, persisted_sender);
         let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| StoreHandler {
+            ticking: Arc::clone(&ticking),
             log: Arc::clone(&handler_parts.0),
             kv: Arc::clone(&handler_parts.1),
             flusher: Arc::clone(&handler_parts.2),
@@ -118,10 +120,14 @@ impl Store {
             }).expect("spawning the persisted forwarder"));
         }
         {
+            // Ticks only the groups that need time (see `Peer::needs_ticks`): idle single-replica groups cost nothing.
             let (router, interval) = (router.clone(), options.tick_interval);
             threads.push(std::thread::Builder::new().name("flotilla-ticker".into()).spawn(move || {
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                    router.broadcast(|| PeerMsg::Tick);
+                    let groups: Vec<u64> = ticking.lock().iter().copied().collect();
+                    for group_id in groups {
+                        let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox has work: a tick can wait
+                    }
                 }
             }).expect("spawning the ticker"));
         }
