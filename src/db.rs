@@ -111,6 +111,37 @@ fn storage(error: impl std::fmt::Display) -> DbError {
     DbError::Storage(error.to_string())
 }
 
+/// Where the answer to one attempt of a request comes.
+pub(crate) type Answer<T> = oneshot::Receiver<Result<T, PeerError>>;
+
+/// What to do after one attempt of a request.
+pub(crate) enum Attempt<T> {
+    Done(T),
+    Retry(Duration),
+    Fail(DbError),
+}
+
+pub(crate) fn written(outcome: Outcome) -> Result<(), DbError> {
+    match outcome {
+        Outcome::Done => Ok(()),
+        other => Err(DbError::Storage(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+pub(crate) fn value(result: ReadResult) -> Result<Option<Vec<u8>>, DbError> {
+    match result {
+        ReadResult::Value(value) => Ok(value),
+        ReadResult::Pairs(_) => Err(DbError::Storage("a get answered with pairs".into())),
+    }
+}
+
+pub(crate) fn pairs(result: ReadResult) -> Result<Vec<KeyValue>, DbError> {
+    match result {
+        ReadResult::Pairs(pairs) => Ok(pairs),
+        ReadResult::Value(_) => Err(DbError::Storage("a scan answered with a value".into())),
+    }
+}
+
 /// Puts and deletes applied atomically (all or none); their keys must lie in one group's range.
 #[derive(Clone, Debug, Default)]
 pub struct WriteBatch {
@@ -304,58 +335,100 @@ impl Db {
         Ok(())
     }
 
-    /// Sends a request to the leader of the range at `position` and waits for its answer, following leader hints
-    /// and retrying while the group has no leader.
-    fn call<T>(&self, position: usize, mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg) -> Result<T, DbError> {
-        let group_id = self.ranges[position].group_id;
-        let deadline = Instant::now() + self.config.request_timeout;
-        loop {
-            let (reply, answer) = oneshot::channel();
-            let node = self.leaders[position].load(Ordering::Relaxed);
-            let store = self.nodes[node as usize - 1].store.as_ref().expect("open until closed");
-            if store.router().send(group_id, make(reply)).is_err() {
-                // A full mailbox: back off, the group is busy.
-                if Instant::now() >= deadline {
-                    return Err(DbError::Busy(format!("group {group_id}'s mailbox is full")));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match answer.recv_timeout(remaining) {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(PeerError::NotLeader { leader })) if Instant::now() < deadline => {
-                    // Nothing happened: go where the hint points, or try the next node while there is no leader.
-                    let next = if leader != 0 { leader } else { node % self.nodes.len() as u64 + 1 };
-                    self.leaders[position].store(next, Ordering::Relaxed);
-                    if leader == 0 || leader == node {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                }
-                Ok(Err(PeerError::Dropped)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
-                Ok(Err(PeerError::Busy(reason))) => return Err(DbError::Busy(format!("{reason:?}"))),
-                Ok(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
-                    return Err(DbError::BatchSpansRanges { first_outside })
-                }
-                Ok(Err(other)) if Instant::now() < deadline => return Err(DbError::Storage(format!("unexpected refusal: {other:?}"))),
-                Ok(Err(_)) | Err(_) => return Err(DbError::Timeout),
-            }
+    /// Sends one attempt of a request to the node believed to lead the range at `position`: the node and where
+    /// its answer will come, or how long to wait before trying again (a full mailbox).
+    pub(crate) fn send_attempt<T>(
+        &self,
+        position: usize,
+        make: &mut impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg,
+    ) -> Result<(u64, Answer<T>), Duration> {
+        let (reply, answer) = oneshot::channel();
+        let node = self.leaders[position].load(Ordering::Relaxed);
+        let store = self.nodes[node as usize - 1].store.as_ref().expect("open until closed");
+        match store.router().send(self.ranges[position].group_id, make(reply)) {
+            Ok(()) => Ok((node, answer)),
+            Err(_) => Err(Duration::from_millis(1)), // the group is busy: back off
         }
     }
 
-    /// Applies `batch` atomically. Its keys must lie in one group's range ([`DbError::BatchSpansRanges`]).
-    pub fn write_batch(&self, batch: WriteBatch) -> Result<(), DbError> {
+    /// What to do with the answer of an attempt sent to `node` (`None`: none came in time).
+    pub(crate) fn judge<T>(&self, position: usize, node: u64, answer: Option<Result<T, PeerError>>, deadline: Instant) -> Attempt<T> {
+        let in_time = Instant::now() < deadline;
+        match answer {
+            Some(Ok(value)) => Attempt::Done(value),
+            Some(Err(PeerError::NotLeader { leader })) if in_time => {
+                // Nothing happened: go where the hint points, or try the next node while there is no leader.
+                let next = if leader != 0 { leader } else { node % self.nodes.len() as u64 + 1 };
+                self.leaders[position].store(next, Ordering::Relaxed);
+                Attempt::Retry(if leader == 0 || leader == node { Duration::from_millis(2) } else { Duration::ZERO })
+            }
+            Some(Err(PeerError::Dropped)) if in_time => Attempt::Retry(Duration::from_millis(1)),
+            Some(Err(PeerError::Busy(reason))) => Attempt::Fail(DbError::Busy(format!("{reason:?}"))),
+            Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
+                Attempt::Fail(DbError::BatchSpansRanges { first_outside })
+            }
+            Some(Err(other)) if in_time => Attempt::Fail(DbError::Storage(format!("unexpected refusal: {other:?}"))),
+            Some(Err(_)) | None => Attempt::Fail(DbError::Timeout),
+        }
+    }
+
+    /// Sends a request to the leader of the range at `position` and waits for its answer, following leader hints
+    /// and retrying while the group has no leader.
+    fn call<T>(&self, position: usize, mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg) -> Result<T, DbError> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            let pause = match self.send_attempt(position, &mut make) {
+                Ok((node, answer)) => {
+                    let got = answer.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok();
+                    match self.judge(position, node, got, deadline) {
+                        Attempt::Done(value) => return Ok(value),
+                        Attempt::Fail(error) => return Err(error),
+                        Attempt::Retry(pause) => pause,
+                    }
+                }
+                Err(_) if Instant::now() >= deadline => return Err(DbError::Busy("the group's mailbox stayed full".into())),
+                Err(pause) => pause,
+            };
+            std::thread::sleep(pause);
+        }
+    }
+
+    pub(crate) fn deadline(&self) -> Instant {
+        Instant::now() + self.config.request_timeout
+    }
+
+    /// The range position and command of a write batch, after its checks.
+    pub(crate) fn write_request(&self, batch: WriteBatch) -> Result<(usize, Command), DbError> {
         self.check_sizes(&batch.ops)?;
         let position = self.range_of(&batch.ops[0].key);
         let range = &self.ranges[position];
         if let Some(outside) = batch.ops.iter().find(|op| !range.contains(&op.key)) {
             return Err(DbError::BatchSpansRanges { first_outside: outside.key.clone() });
         }
-        let command = Command { request_id: 0, epoch: Some(range.epoch()), ops: batch.ops };
-        match self.call(position, |reply| PeerMsg::Write { command: command.clone(), reply })? {
-            Outcome::Done => Ok(()),
-            other => Err(DbError::Storage(format!("unexpected outcome {other:?}"))),
+        Ok((position, Command { request_id: 0, epoch: Some(range.epoch()), ops: batch.ops }))
+    }
+
+    /// The range position of a get, after its checks.
+    pub(crate) fn get_request(&self, key: &[u8]) -> Result<usize, DbError> {
+        if key.len() > self.config.key_bytes_max {
+            return Err(DbError::InvalidArgument(format!("key of {} bytes over the limit {}", key.len(), self.config.key_bytes_max)));
         }
+        Ok(self.range_of(key))
+    }
+
+    /// The range positions a scan visits, in order, after its checks.
+    pub(crate) fn scan_positions(&self, start: &[u8], end: &[u8]) -> Result<std::ops::Range<usize>, DbError> {
+        if !end.is_empty() && end < start {
+            return Err(DbError::InvalidArgument("scan end before start".into()));
+        }
+        let last = if end.is_empty() { self.ranges.len() } else { self.ranges.partition_point(|range| range.start.as_slice() < end) };
+        Ok(self.range_of(start)..last.max(self.range_of(start) + 1))
+    }
+
+    /// Applies `batch` atomically. Its keys must lie in one group's range ([`DbError::BatchSpansRanges`]).
+    pub fn write_batch(&self, batch: WriteBatch) -> Result<(), DbError> {
+        let (position, command) = self.write_request(batch)?;
+        written(self.call(position, |reply| PeerMsg::Write { command: command.clone(), reply })?)
     }
 
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), DbError> {
@@ -372,31 +445,20 @@ impl Db {
 
     /// The value of `key`, linearizable: it reflects every write acknowledged before the call.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        if key.len() > self.config.key_bytes_max {
-            return Err(DbError::InvalidArgument(format!("key of {} bytes over the limit {}", key.len(), self.config.key_bytes_max)));
-        }
-        match self.call(self.range_of(key), |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply })? {
-            ReadResult::Value(value) => Ok(value),
-            ReadResult::Pairs(_) => unreachable!("a get answered with pairs"),
-        }
+        let position = self.get_request(key)?;
+        value(self.call(position, |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply })?)
     }
 
     /// Up to `limit` pairs with `start <= key < end` (`end` empty: to the end of the key space), in key order.
     /// Each group's part is linearizable on its own; the scan as a whole is not a single snapshot.
     pub fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
-        if !end.is_empty() && end < start {
-            return Err(DbError::InvalidArgument("scan end before start".into()));
-        }
         let mut out = Vec::new();
-        for position in self.range_of(start)..self.ranges.len() {
-            if out.len() >= limit || (!end.is_empty() && self.ranges[position].start.as_slice() >= end) {
+        for position in self.scan_positions(start, end)? {
+            if out.len() >= limit {
                 break;
             }
             let request = ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit: limit - out.len() };
-            match self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply })? {
-                ReadResult::Pairs(pairs) => out.extend(pairs),
-                ReadResult::Value(_) => unreachable!("a scan answered with a value"),
-            }
+            out.extend(pairs(self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply })?)?);
         }
         Ok(out)
     }

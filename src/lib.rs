@@ -1,10 +1,12 @@
 //! Flotilla: a multi-raft sharded storage engine.
 //!
-//! Embed it with [`Db::open`] (see [`db`]); the layers are re-exported below, keeping the dependency direction
+//! Embed it with [`Db::open`] (see [`db`]; [`AsyncDb`] for async code on tokio); the layers are re-exported below, keeping the dependency direction
 //! (public package → router → raftstore → raft core, and → engine).
 
+pub mod async_db;
 pub mod db;
 
+pub use async_db::AsyncDb;
 pub use db::{Config, Db, DbError, WriteBatch};
 
 pub use flotilla_engine as engine;

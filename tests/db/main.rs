@@ -153,3 +153,31 @@ fn three_in_process_replicas_per_group_replicate_and_survive_a_reopen() {
     assert_eq!(db.scan(b"", b"", usize::MAX).unwrap().len(), 302);
     assert_eq!(db.get(b"\x01b").unwrap(), Some(b"2".to_vec()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_async_api_does_the_same_from_many_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = flotilla::AsyncDb::new(Db::open_with(dir.path(), small_config()).unwrap());
+    let tasks: Vec<_> = (0..32u32)
+        .map(|t| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                for i in 0..20u32 {
+                    let key = [t.to_be_bytes(), i.to_be_bytes()].concat();
+                    db.put(&key, b"v").await.unwrap();
+                    assert_eq!(db.get(&key).await.unwrap(), Some(b"v".to_vec()));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(db.scan(b"", b"", usize::MAX).await.unwrap().len(), 640);
+    db.delete(&[0, 0, 0, 0, 0, 0, 0, 0]).await.unwrap();
+    assert_eq!(db.blocking().get(&[0, 0, 0, 0, 0, 0, 0, 0]).unwrap(), None, "one database, two APIs");
+    let mut spanning = WriteBatch::new();
+    spanning.put(&b"\x00"[..], &b"1"[..]).put(&b"\xff"[..], &b"2"[..]);
+    assert!(matches!(db.write_batch(spanning).await, Err(DbError::BatchSpansRanges { .. })));
+    db.close().unwrap();
+}
