@@ -463,6 +463,27 @@ impl Db {
         Ok(out)
     }
 
+    /// **Stale read**, the cheaper option: the value of `key` in the applied state of one replica (on `node`,
+    /// 1-based; any node holds every group), with no round trip to a leader and no lease. It never shows data
+    /// that is not committed, but it may miss writes acknowledged shortly before (a follower applies a little
+    /// after the leader), and successive stale reads on different nodes may go back in time. Use [`Db::get`]
+    /// when a read must reflect every acknowledged write.
+    pub fn get_stale(&self, node: u64, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        self.get_request(key)?;
+        self.node(node)?.kv.get(key).map_err(storage)
+    }
+
+    /// **Stale scan** (see [`Db::get_stale`]): up to `limit` pairs of `[start, end)` from one node's applied
+    /// state, as one consistent snapshot of that replica.
+    pub fn scan_stale(&self, node: u64, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
+        self.scan_positions(start, end)?;
+        self.node(node)?.kv.scan(start, end, limit).map_err(storage)
+    }
+
+    fn node(&self, id: u64) -> Result<&Node, DbError> {
+        self.nodes.get((id as usize).wrapping_sub(1)).ok_or_else(|| DbError::InvalidArgument(format!("no node {id} (1..={})", self.nodes.len())))
+    }
+
     /// Each node's applied index of each group (`[node][range position]`): replicas converge on the same values.
     pub fn applied_indexes(&self) -> Vec<Vec<u64>> {
         self.nodes.iter().map(|node| self.ranges.iter().map(|range| node.kv.applied(range.group_id).0).collect()).collect()

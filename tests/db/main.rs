@@ -181,3 +181,22 @@ async fn the_async_api_does_the_same_from_many_tasks() {
     assert!(matches!(db.write_batch(spanning).await, Err(DbError::BatchSpansRanges { .. })));
     db.close().unwrap();
 }
+
+#[test]
+fn stale_reads_see_applied_state_without_a_leader_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(dir.path(), Config { nodes: 3, groups: 4, ..small_config() }).unwrap();
+    db.put(b"\x40key", b"v1").unwrap();
+    // The leader applied it before answering; followers soon after. No stale read shows what was never written.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for node in 1..=3 {
+        while db.get_stale(node, b"\x40key").unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "node {node} never applied the write");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(db.get_stale(node, b"\x40key").unwrap(), Some(b"v1".to_vec()));
+        assert_eq!(db.scan_stale(node, b"", b"", 10).unwrap(), vec![(b"\x40key".to_vec(), b"v1".to_vec())]);
+    }
+    assert_eq!(db.get_stale(1, b"\x40other").unwrap(), None);
+    assert!(matches!(db.get_stale(4, b"k"), Err(DbError::InvalidArgument(_))));
+}
