@@ -57,6 +57,14 @@ impl Group {
         Group { descriptor: descriptor(), nodes, network: VecDeque::new(), responses: Vec::new(), isolated: 0, deferred: None }
     }
 
+    /// A group whose replica `leader` has been elected.
+    fn led_by(leader: u64) -> Group {
+        let mut group = Group::new();
+        group.node(leader).peer.campaign();
+        group.settle();
+        group
+    }
+
     fn node(&mut self, id: u64) -> &mut Node {
         &mut self.nodes[id as usize - 1]
     }
@@ -132,9 +140,7 @@ impl Group {
 
 #[test]
 fn writes_apply_everywhere_and_are_answered_once_applied() {
-    let mut group = Group::new();
-    group.node(1).peer.campaign();
-    group.settle();
+    let mut group = Group::led_by(1);
     assert!(group.node(1).peer.is_leader());
     assert_eq!(group.put(1, 10, "b", "1"), Response::Written(Outcome::Done));
     assert_eq!(group.put(1, 11, "c", "2"), Response::Written(Outcome::Done));
@@ -150,9 +156,7 @@ fn writes_apply_everywhere_and_are_answered_once_applied() {
 
 #[test]
 fn refusals_are_typed_not_silent() {
-    let mut group = Group::new();
-    group.node(1).peer.campaign();
-    group.settle();
+    let mut group = Group::led_by(1);
     assert_eq!(group.put(2, 20, "b", "1"), Response::Failed(PeerError::NotLeader { leader: 1 }), "a follower names the leader");
     assert!(matches!(group.put(1, 21, "z", "1"), Response::Failed(PeerError::Range(RangeError::KeyNotInRange { .. }))));
     let stale = Command { request_id: 0, epoch: Some(RangeEpoch { version: 0, conf_version: 1 }), ops: vec![Op::put("b", "1")] };
@@ -164,9 +168,7 @@ fn refusals_are_typed_not_silent() {
 
 #[test]
 fn a_read_is_ready_only_once_the_leader_has_applied_what_it_confirmed() {
-    let mut group = Group::new();
-    group.node(1).peer.campaign();
-    group.settle();
+    let mut group = Group::led_by(1);
     group.put(1, 30, "b", "1");
     group.node(1).peer.read(31);
     assert_eq!(group.response(31), Response::ReadReady);
@@ -175,9 +177,7 @@ fn a_read_is_ready_only_once_the_leader_has_applied_what_it_confirmed() {
 
 #[test]
 fn a_restarted_replica_recovers_from_its_engines_and_catches_up() {
-    let mut group = Group::new();
-    group.node(1).peer.campaign();
-    group.settle();
+    let mut group = Group::led_by(1);
     for i in 0..5u64 {
         group.put(1, 40 + i, &format!("k{i}"), "v");
     }
@@ -198,9 +198,7 @@ fn a_restarted_replica_recovers_from_its_engines_and_catches_up() {
 
 #[test]
 fn a_write_whose_entry_another_leader_replaced_is_answered_dropped_never_written() {
-    let mut group = Group::new();
-    group.node(1).peer.campaign();
-    group.settle();
+    let mut group = Group::led_by(1);
     group.put(1, 60, "b", "1");
     // Leader 1 is cut off and proposes twice: its entries reach nobody. (The new leader's no-op will take the
     // first one's index, its first write the second's: an applied command at the index of ours, not ours.)
@@ -241,9 +239,7 @@ fn a_write_whose_entry_another_leader_replaced_is_answered_dropped_never_written
 
 #[test]
 fn a_ready_with_nothing_to_persist_does_not_acknowledge_an_earlier_write_still_under_way() {
-    let mut group = Group::new();
-    group.node(1).peer.campaign();
-    group.settle();
+    let mut group = Group::led_by(1);
     group.put(1, 70, "b", "1");
     // Slow disks: the leader's next entry is handed to the log but not yet durable...
     group.deferred = Some(Vec::new());
@@ -293,8 +289,6 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
     drive(&mut peer);
     assert!(!peer.needs_ticks());
     // In a replicated group even an idle leader needs ticks (heartbeats, check-quorum) until hibernation exists.
-    let mut group = Group::new();
-    group.node(1).peer.campaign();
-    group.settle();
+    let mut group = Group::led_by(1);
     assert!(group.node(1).peer.needs_ticks() && group.node(2).peer.needs_ticks());
 }
