@@ -1,7 +1,8 @@
 //! What the raftstore sees of a node's log storage: the [`LogEngine`] trait. Writes are submitted per group
 //! `Ready` and completed asynchronously with `Persisted`; reads answer the Raft core's `Storage` questions for one
-//! group. Two implementations: the real WAL behind group commit ([`GroupCommitWal`]) and [`MemLogEngine`] for the
-//! simulator and tests where the disk is not what is being tested. `tests/log_engine_conformance.rs` runs one
+//! group. Implementations: the real WAL behind group commit ([`GroupCommitWal`]), the real WAL written on the
+//! caller's thread ([`SyncWal`], for deterministic simulation) and [`MemLogEngine`] for tests where the disk is
+//! not what is being tested. `tests/log_engine_conformance.rs` runs one
 //! suite against both.
 
 use std::collections::HashMap;
@@ -12,7 +13,7 @@ use parking_lot::RwLock;
 use crate::wal::group_commit::{GroupCommitWal, Persisted, WriteRequest};
 use crate::wal::group_log::GroupLog;
 use crate::wal::record::LogOp;
-use crate::wal::WalError;
+use crate::wal::{Wal, WalError, WalState};
 
 pub trait LogEngine: Send + Sync {
     /// Queues a group's writes; `Persisted` arrives on the request's reply channel once they are durable.
@@ -28,8 +29,40 @@ pub trait LogEngine: Send + Sync {
     fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError>;
 }
 
-fn with_group<T>(group: Option<&GroupLog>, default: T, read: impl FnOnce(&GroupLog) -> T) -> T {
-    group.map_or(default, read)
+/// The read side of the WAL's log engines: answered from its shared state.
+trait WalReads {
+    fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T;
+}
+
+impl WalReads for GroupCommitWal {
+    fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T {
+        read(&self.state())
+    }
+}
+
+impl WalReads for SyncWal {
+    fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T {
+        read(self.wal.lock().state())
+    }
+}
+
+fn hard_state_in(state: &WalState, group_id: u64) -> HardState {
+    state.hard_state(group_id)
+}
+
+fn first_index_in(state: &WalState, group_id: u64) -> u64 {
+    state.group(group_id).map_or(1, |g| g.first_index)
+}
+
+fn last_index_in(state: &WalState, group_id: u64) -> u64 {
+    state.group(group_id).map_or(0, GroupLog::last_index)
+}
+
+fn term_in(state: &WalState, group_id: u64, index: u64) -> Option<u64> {
+    match state.group(group_id) {
+        Some(group) => group.term(index),
+        None => (index == 0).then_some(0),
+    }
 }
 
 impl LogEngine for GroupCommitWal {
@@ -38,27 +71,65 @@ impl LogEngine for GroupCommitWal {
     }
 
     fn hard_state(&self, group_id: u64) -> HardState {
-        self.state().hard_state(group_id)
+        self.with_state(|s| hard_state_in(s, group_id))
     }
 
     fn first_index(&self, group_id: u64) -> u64 {
-        with_group(self.state().group(group_id), 1, |g| g.first_index)
+        self.with_state(|s| first_index_in(s, group_id))
     }
 
     fn last_index(&self, group_id: u64) -> u64 {
-        with_group(self.state().group(group_id), 0, |g| g.last_index())
+        self.with_state(|s| last_index_in(s, group_id))
     }
 
     fn term(&self, group_id: u64, index: u64) -> Option<u64> {
-        let state = self.state();
-        match state.group(group_id) {
-            Some(group) => group.term(index),
-            None => (index == 0).then_some(0),
-        }
+        self.with_state(|s| term_in(s, group_id, index))
     }
 
     fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
-        self.state().entries(group_id, low, high, max_bytes)
+        self.with_state(|s| s.entries(group_id, low, high, max_bytes))
+    }
+}
+
+/// The WAL without a writer thread: each `submit` writes and syncs on the caller's thread, then replies. For
+/// single-threaded, deterministic simulation of the real WAL (the store simulator); production uses
+/// [`GroupCommitWal`].
+pub struct SyncWal {
+    wal: parking_lot::Mutex<Wal>,
+}
+
+impl SyncWal {
+    pub fn new(wal: Wal) -> SyncWal {
+        SyncWal { wal: parking_lot::Mutex::new(wal) }
+    }
+}
+
+impl LogEngine for SyncWal {
+    fn submit(&self, request: WriteRequest) -> Result<(), WalError> {
+        let operations: Vec<(u64, LogOp)> = request.ops.into_iter().map(|op| (request.group_id, op)).collect();
+        self.wal.lock().write(&operations)?;
+        let _ = request.reply.send(Persisted { group_id: request.group_id, ready_number: request.ready_number });
+        Ok(())
+    }
+
+    fn hard_state(&self, group_id: u64) -> HardState {
+        self.with_state(|s| hard_state_in(s, group_id))
+    }
+
+    fn first_index(&self, group_id: u64) -> u64 {
+        self.with_state(|s| first_index_in(s, group_id))
+    }
+
+    fn last_index(&self, group_id: u64) -> u64 {
+        self.with_state(|s| last_index_in(s, group_id))
+    }
+
+    fn term(&self, group_id: u64, index: u64) -> Option<u64> {
+        self.with_state(|s| term_in(s, group_id, index))
+    }
+
+    fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
+        self.with_state(|s| s.entries(group_id, low, high, max_bytes))
     }
 }
 

@@ -107,3 +107,9 @@ fn the_wal_on_the_real_disk_conforms() {
     let (wal, _) = Wal::open(dir.path(), Arc::new(StdDisk), WalOptions::default()).unwrap();
     conformance(&GroupCommitWal::start(wal, GroupCommitOptions::default()));
 }
+
+#[test]
+fn the_wal_written_on_the_callers_thread_conforms() {
+    let (wal, _) = Wal::open(Path::new("/node/wal"), Arc::new(SimDisk::new()), WalOptions { segment_bytes_max: 512, ..WalOptions::default() }).unwrap();
+    conformance(&flotilla_engine::log_engine::SyncWal::new(wal));
+}
