@@ -7,6 +7,8 @@
 //! - [`cluster`]: a deterministic cluster for scenario tests with readable message traces.
 //! - [`script`]: datadriven scenario scripts (`testdata/raft/*.txt`, `REWRITE=1` to regenerate).
 //! - [`linearizability`]: the per-key linearizability checker (Wing–Gong–Lowe) for client histories.
+//! - [`store_sim`]: the whole-store simulator (production peers, apply, WAL and state machine under faults, with
+//!   the linearizability checker; `store-sim` binary).
 //! - [`raft_sim`]: the seeded, replayable randomized simulation of the core (`raft-sim` binary).
 
 pub mod cluster;
@@ -17,3 +19,4 @@ pub mod raft_sim;
 pub mod script;
 pub mod sim_node;
 pub mod sim_rng;
+pub mod store_sim;

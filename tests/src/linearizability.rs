@@ -114,13 +114,14 @@ struct Event {
 
 /// WGL with memoisation on one key. `None`: out of steps.
 fn check_key(operations: &[Operation], steps_max: u64) -> Option<bool> {
-    // Events in time order, a return before a call at the same time (times should be unique anyway).
+    // Events in time order; at equal times calls come first, so operations meeting at an instant count as
+    // concurrent (never a false violation; an operation answered in the instant it was called stays valid).
     let mut order: Vec<(u64, bool, usize)> = Vec::with_capacity(2 * operations.len());
     for (i, operation) in operations.iter().enumerate() {
         order.push((operation.call_time, true, i));
         order.push((return_time(operation), false, i));
     }
-    order.sort_by_key(|&(time, is_call, i)| (time, is_call, i));
+    order.sort_by_key(|&(time, is_call, i)| (time, !is_call, i));
     // Slot 0 is the list's head sentinel; events live at 1..=2n.
     let head = 0;
     let mut events = vec![Event { operation: usize::MAX, is_call: false, matching: 0, previous: 0, next: 1 }];
@@ -262,10 +263,10 @@ fn explore(operations: &[&Operation], used: &mut [bool], order: &mut Vec<usize>)
     }
     for candidate in 0..operations.len() {
         // Next may be any unplaced operation that no other unplaced operation finished before.
-        // (A return at the very time of a call precedes it, as in `check`.)
+        // (An operation precedes another only if it returned strictly before the other was called, as in `check`.)
         let minimal = !used[candidate]
             && (0..operations.len())
-                .all(|other| other == candidate || used[other] || return_time(operations[other]) > operations[candidate].call_time);
+                .all(|other| other == candidate || used[other] || return_time(operations[other]) >= operations[candidate].call_time);
         if minimal {
             used[candidate] = true;
             order.push(candidate);
@@ -301,6 +302,16 @@ mod tests {
         assert!(verdict(&[write.clone(), op(2, Call::Get, 20, Some((Outcome::Got(Some(1)), 30)))]));
         assert!(!verdict(&[write.clone(), op(2, Call::Get, 20, Some((Outcome::Got(None), 30)))]), "stale read after the write returned");
         assert!(verdict(&[write, op(2, Call::Get, 5, Some((Outcome::Got(None), 30)))]), "concurrent: may see either");
+    }
+
+    #[test]
+    fn an_operation_answered_in_the_instant_it_was_called_is_fine() {
+        let history = [
+            op(1, Call::Delete, 5, Some((Outcome::Done, 151))),
+            op(2, Call::Get, 387, Some((Outcome::Got(None), 387))),
+        ];
+        assert!(verdict(&history));
+        assert!(!verdict(&[op(1, Call::Put(3), 0, Some((Outcome::Done, 10))), op(2, Call::Get, 20, Some((Outcome::Got(None), 20)))]));
     }
 
     #[test]

@@ -142,6 +142,29 @@ impl Peer {
         self.raw.raft.leader_id
     }
 
+    /// A one-line summary of the replica's Raft state (role, term, vote, commit, last entry, applied), for logs
+    /// and failure reports.
+    pub fn debug_state(&self) -> String {
+        let raft = &self.raw.raft;
+        let last = raft.raft_log.last_index();
+        format!(
+            "{:?} term={} vote={} leader={} commit={} last={}@{} applied={}",
+            raft.role,
+            raft.term,
+            raft.vote,
+            raft.leader_id,
+            raft.raft_log.committed,
+            last,
+            raft.raft_log.term(last).unwrap_or(0),
+            self.applied_index
+        )
+    }
+
+    /// The replica's current term.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
     pub fn applied_index(&self) -> u64 {
         self.applied_index
     }

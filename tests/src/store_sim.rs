@@ -1,0 +1,744 @@
+//! The whole-store simulator: several nodes, each hosting a replica of several groups, run in one thread with the
+//! **production** per-group logic — the sans-IO `Peer`, `command::apply_entries`, the real WAL (`SyncWal` on a
+//! fault-injecting `SimDisk`) and the real redb state machine (on a backend that loses unsynced writes) — over a
+//! simulated network and clock. One seed fixes everything; a failing seed replays exactly.
+//!
+//! **Fault phase**: message loss, duplication and reordering, one-way partitions, slow disks (a Ready's write
+//! waits before it is durable), node crashes (sometimes in the middle of a write, tearing it) and restarts,
+//! clock-rate differences of a few percent, state machine checkpoints at random. **Calm phase**: the network
+//! heals, every node runs, clients finish; then every group must elect a leader, serve a write, and all its
+//! replicas must converge on the same data.
+//!
+//! Clients issue puts and deletes of unique values, gets and compare-and-sets on a few keys per group. A client
+//! retries only after a definite "nothing happened" (not leader, dropped, busy); an operation without an answer
+//! by its deadline is recorded as **unknown**, never as failed. The history is checked by the linearizability
+//! checker; Raft invariants (one leader per term and group; every replica applies the same entry at an index) are
+//! checked after every step.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use flotilla_engine::disk::SimDisk;
+use flotilla_engine::log_engine::{LogEngine, SyncWal};
+use flotilla_engine::redb_sim::SimRedbBackend;
+use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
+use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
+use flotilla_engine::wal::{Wal, WalOptions};
+use flotilla_raft::{ConfState, Config, Message, ReadMode};
+use flotilla_raftstore::command::{apply_entries, Command, Op, Outcome as Applied};
+use flotilla_raftstore::peer::{LogWrite, Peer, PeerError, Response, Token};
+use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
+
+use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
+use crate::sim_rng::SimRng;
+
+/// Knobs of one run; everything else derives from the seed.
+#[derive(Clone, Debug)]
+pub struct StoreSimOptions {
+    pub seed: u64,
+    pub fault_steps: u64,
+    pub calm_steps: u64,
+    /// Print every message delivered (for replaying one seed).
+    pub trace: bool,
+}
+
+impl StoreSimOptions {
+    pub fn new(seed: u64) -> StoreSimOptions {
+        StoreSimOptions { seed, fault_steps: 4000, calm_steps: 6000, trace: false }
+    }
+}
+
+/// What a clean run did.
+#[derive(Clone, Debug, Default)]
+pub struct StoreSimReport {
+    pub nodes: usize,
+    pub groups: usize,
+    pub operations: usize,
+    pub unknown: usize,
+    pub crashes: u64,
+    pub torn_writes: u64,
+    pub messages: u64,
+}
+
+#[derive(Debug)]
+pub struct StoreSimFailure {
+    pub seed: u64,
+    pub step: u64,
+    pub reason: String,
+}
+
+type SimResult<T> = Result<T, String>;
+
+/// A node's running state (gone while it is down).
+struct Running {
+    log: Arc<SyncWal>,
+    kv: StateMachine,
+    peers: BTreeMap<u64, Peer>,
+    /// Ready writes waiting for the (slow) disk, in order.
+    disk_queue: VecDeque<(u64, LogWrite)>,
+    /// Committed entries waiting to be applied (apply lags commit, as in a busy store), in order.
+    apply_queue: VecDeque<(u64, Vec<flotilla_raft::Entry>)>,
+    reply: Sender<Persisted>,
+    persisted: Receiver<Persisted>,
+}
+
+struct Node {
+    id: u64,
+    disk: SimDisk,
+    redb: SimRedbBackend,
+    running: Option<Running>,
+    /// Clock rate in per mille of nominal, and the tick accumulator.
+    rate_per_mille: u64,
+    clock: u64,
+}
+
+/// One client operation of the history, with what the simulation needs to drive it.
+struct ClientOp {
+    operation: Operation,
+    group: usize,
+    /// For writes: the command (resent as is on retries).
+    command: Option<Command>,
+    deadline: u64,
+    /// When to send the next attempt (`None`: one is out).
+    retry_at: Option<u64>,
+    done: bool,
+}
+
+struct Sim {
+    rng: SimRng,
+    step: u64,
+    nodes: Vec<Node>,
+    ranges: Vec<RangeDescriptor>,
+    keys: Vec<Vec<Vec<u8>>>,
+    /// Messages in flight: (due step, group, message).
+    network: Vec<(u64, u64, Message)>,
+    /// One-way cuts: (from node, to node).
+    cuts: BTreeSet<(u64, u64)>,
+    ops: Vec<ClientOp>,
+    /// Attempt token → operation.
+    attempts: HashMap<Token, usize>,
+    next_token: Token,
+    next_value: u64,
+    clients: Vec<Option<usize>>,
+    /// Per (client, group): the node believed to lead.
+    hints: HashMap<(usize, usize), u64>,
+    /// Invariants: the leader of each (group, term); the entry applied at each (group, index).
+    leaders: HashMap<(u64, u64), u64>,
+    applied: HashMap<(u64, u64), (u64, u64)>,
+    read_mode: ReadMode,
+    report: StoreSimReport,
+    faults: bool,
+    trace: bool,
+    /// Strictly increasing timestamps for the history's calls and returns (steps would tie).
+    now: u64,
+}
+
+fn wal_options() -> WalOptions {
+    WalOptions { segment_bytes_max: 16 << 10, ..WalOptions::default() }
+}
+
+fn machine_options() -> StateMachineOptions {
+    StateMachineOptions { memtable_bytes_max: 4 << 10, block_bytes_max: 512, compaction_fanout: 2, runs_max: 4, cache_bytes: 1 << 20 }
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+impl Sim {
+    fn new(options: &StoreSimOptions) -> SimResult<Sim> {
+        let mut rng = SimRng::new(options.seed);
+        let node_count = if rng.chance_per_mille(700) { 3 } else { 5 };
+        let group_count = rng.range(1, 4) as usize;
+        let replicas: Vec<Replica> = (1..=node_count).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        let ranges = initial_ranges(group_count as u64, 1, &replicas);
+        let keys = ranges
+            .iter()
+            .map(|range| (0..3u8).map(|k| [if range.start.is_empty() { vec![0] } else { range.start.clone() }, vec![b'k', k]].concat()).collect())
+            .collect();
+        let read_mode = if rng.chance_per_mille(500) { ReadMode::LeaseBased } else { ReadMode::Safe };
+        let nodes = (1..=node_count)
+            .map(|id| Node { id, disk: SimDisk::new(), redb: SimRedbBackend::new(), running: None, rate_per_mille: 0, clock: 0 })
+            .collect();
+        let clients = vec![None; rng.range(2, 5) as usize];
+        let mut sim = Sim {
+            rng,
+            step: 0,
+            nodes,
+            ranges,
+            keys,
+            network: Vec::new(),
+            cuts: BTreeSet::new(),
+            ops: Vec::new(),
+            attempts: HashMap::new(),
+            next_token: 1,
+            next_value: 1,
+            clients,
+            hints: HashMap::new(),
+            leaders: HashMap::new(),
+            applied: HashMap::new(),
+            read_mode,
+            report: StoreSimReport { nodes: node_count as usize, groups: group_count, ..Default::default() },
+            faults: true,
+            trace: options.trace,
+            now: 0,
+        };
+        for position in 0..sim.nodes.len() {
+            // Within the lease's drift bound (the core documents ±4 %).
+            sim.nodes[position].rate_per_mille = sim.rng.range(970, 1030);
+            sim.start(position)?;
+        }
+        Ok(sim)
+    }
+
+    /// Opens a node from what its disks hold (a first start or a restart after a crash).
+    fn start(&mut self, position: usize) -> SimResult<()> {
+        let node = &mut self.nodes[position];
+        let (wal, _report) = Wal::open(Path::new("/wal"), Arc::new(node.disk.clone()), wal_options()).map_err(|e| format!("node {}: {e}", node.id))?;
+        let log = Arc::new(SyncWal::new(wal));
+        let kv = StateMachine::open_with_backend(node.redb.clone(), machine_options()).map_err(|e| format!("node {}: {e}", node.id))?;
+        let voters: Vec<u64> = self.ranges[0].replicas.iter().map(|r| r.replica_id).collect();
+        let mut peers = BTreeMap::new();
+        for range in &self.ranges {
+            let config = Config {
+                id: node.id,
+                random_seed: self.rng.next_u64(),
+                read_mode: self.read_mode,
+                ..Config::default()
+            };
+            let conf_state = ConfState { voters: voters.clone(), ..Default::default() };
+            let peer = Peer::open(config, range.clone(), conf_state, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
+            peers.insert(range.group_id, peer);
+        }
+        let (reply, persisted) = unbounded();
+        node.running = Some(Running { log, kv, peers, disk_queue: VecDeque::new(), apply_queue: VecDeque::new(), reply, persisted });
+        Ok(())
+    }
+
+    fn crash(&mut self, position: usize) {
+        let torn = self.rng.chance_per_mille(500);
+        let keep_seed = self.rng.next_u64();
+        let node = &mut self.nodes[position];
+        let Some(mut running) = node.running.take() else { return };
+        if torn {
+            // The power goes in the middle of the next write: it fails, and a prefix of it may reach the disk.
+            if let Some((group, write)) = running.disk_queue.pop_front() {
+                node.disk.power_off();
+                let request = WriteRequest { group_id: group, ready_number: write.ready_number, ops: write.ops, reply: running.reply.clone() };
+                let _ = running.log.submit(request);
+                self.report.torn_writes += 1;
+            }
+        }
+        node.disk.power_off();
+        node.redb.power_off();
+        drop(running);
+        let mut keep = SimRng::new(keep_seed);
+        node.disk.crash(|_, unsynced| keep.below(unsynced as u64 + 1) as usize);
+        node.redb.crash();
+        node.redb.power_on();
+        self.report.crashes += 1;
+    }
+
+    /// Carries out everything the node's peers ask, until they are quiet.
+    fn drive(&mut self, position: usize) -> SimResult<()> {
+        // Slow disks only while faults last: after them every write completes at once.
+        let slow_disk = self.faults && self.rng.chance_per_mille(300);
+        loop {
+            let mut moved = false;
+            let groups: Vec<u64> = match &self.nodes[position].running {
+                Some(running) => running.peers.keys().copied().collect(),
+                None => return Ok(()),
+            };
+            for group in groups {
+                let output = {
+                    let running = self.nodes[position].running.as_mut().expect("running");
+                    running.peers.get_mut(&group).expect("peer").take_output()
+                };
+                if output.is_empty() {
+                    continue;
+                }
+                moved = true;
+                if let Some(write) = output.write {
+                    self.nodes[position].running.as_mut().expect("running").disk_queue.push_back((group, write));
+                    if !slow_disk {
+                        self.persist_one(position)?;
+                    }
+                }
+                for message in output.messages {
+                    self.send(group, message);
+                }
+                if !output.committed.is_empty() {
+                    self.nodes[position].running.as_mut().expect("running").apply_queue.push_back((group, output.committed));
+                    if !(self.faults && self.rng.chance_per_mille(300)) {
+                        self.apply_queued(position)?;
+                    }
+                }
+                for (token, response) in output.responses {
+                    self.on_response(position, token, response);
+                }
+            }
+            if !moved {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Applies every committed batch waiting on the node, in order.
+    fn apply_queued(&mut self, position: usize) -> SimResult<()> {
+        let node_id = self.nodes[position].id;
+        loop {
+            let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
+            let Some((group, entries)) = running.apply_queue.pop_front() else { return Ok(()) };
+            for entry in &entries {
+                let seen = (entry.term, hash(&entry.data));
+                if let Some(previous) = self.applied.insert((group, entry.index), seen) {
+                    if previous != seen {
+                        return Err(format!("group {group}: node {node_id} applied a different entry at index {}", entry.index));
+                    }
+                }
+            }
+            let last = entries.last().expect("non-empty").index;
+            let running = self.nodes[position].running.as_mut().expect("running");
+            let peer = running.peers.get_mut(&group).expect("peer");
+            let (batch, outcomes) = apply_entries(&running.kv, peer.descriptor(), &entries).map_err(|e| e.to_string())?;
+            running.kv.apply(vec![batch]).map_err(|e| e.to_string())?;
+            peer.on_applied(last, outcomes);
+        }
+    }
+
+    /// The node's disk completes its oldest waiting write.
+    fn persist_one(&mut self, position: usize) -> SimResult<()> {
+        let node_id = self.nodes[position].id;
+        let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
+        let Some((group, write)) = running.disk_queue.pop_front() else { return Ok(()) };
+        let request = WriteRequest { group_id: group, ready_number: write.ready_number, ops: write.ops, reply: running.reply.clone() };
+        running.log.submit(request).map_err(|e| format!("node {node_id}: {e}"))?;
+        let done: Vec<Persisted> = running.persisted.try_iter().collect();
+        for persisted in done {
+            running.peers.get_mut(&persisted.group_id).expect("peer").on_persisted(persisted.ready_number);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, group: u64, message: Message) {
+        if self.trace {
+            println!("step {} group {group}: sent {:?} {}->{} term={}", self.step, message.msg_type(), message.from, message.to, message.term);
+        }
+        if self.faults && self.rng.chance_per_mille(30) {
+            return; // lost
+        }
+        // A delay of a few steps (ticks come every few steps): reordering comes from differing delays; during
+        // faults some messages take much longer.
+        let delay = |rng: &mut SimRng, faults: bool| if faults && rng.chance_per_mille(50) { rng.range(10, 80) } else { rng.range(1, 6) };
+        if self.faults && self.rng.chance_per_mille(20) {
+            let due = self.step + delay(&mut self.rng, self.faults);
+            self.network.push((due, group, message.clone()));
+        }
+        let due = self.step + delay(&mut self.rng, self.faults);
+        self.network.push((due, group, message));
+    }
+
+    /// Delivers every message due by now, in random order.
+    fn deliver_due(&mut self) -> SimResult<()> {
+        let mut due = Vec::new();
+        let mut at = 0;
+        while at < self.network.len() {
+            if self.network[at].0 <= self.step {
+                due.push(self.network.swap_remove(at));
+            } else {
+                at += 1;
+            }
+        }
+        while !due.is_empty() {
+            let (_, group, message) = due.swap_remove(self.rng.below(due.len() as u64) as usize);
+            self.deliver(group, message)?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, group: u64, message: Message) -> SimResult<()> {
+        if self.cuts.contains(&(message.from, message.to)) {
+            return Ok(());
+        }
+        let position = (message.to - 1) as usize;
+        if self.trace {
+            let up = self.nodes[position].running.is_some();
+            println!(
+                "step {} group {group}: {:?} {}->{} term={} index={} log_term={} commit={} reject={}{}",
+                self.step,
+                message.msg_type(),
+                message.from,
+                message.to,
+                message.term,
+                message.index,
+                message.log_term,
+                message.commit,
+                message.reject,
+                if up { "" } else { " (to a down node)" }
+            );
+        }
+        let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
+        self.report.messages += 1;
+        // An invalid message (e.g. from before a restart) is refused by the core; nothing to do.
+        let _ = running.peers.get_mut(&group).expect("peer").on_message(message);
+        self.drive(position)
+    }
+
+    fn tick(&mut self) -> SimResult<()> {
+        for position in 0..self.nodes.len() {
+            let node = &mut self.nodes[position];
+            node.clock += node.rate_per_mille;
+            while node.clock >= 1000 {
+                node.clock -= 1000;
+                if let Some(running) = node.running.as_mut() {
+                    running.peers.values_mut().for_each(Peer::on_tick);
+                }
+            }
+            self.drive(position)?;
+        }
+        Ok(())
+    }
+
+    // ---- clients ----
+
+    fn timestamp(&mut self) -> u64 {
+        self.now += 1;
+        self.now
+    }
+
+    fn issue(&mut self, client: usize) {
+        let group = self.rng.below(self.ranges.len() as u64) as usize;
+        let key = self.keys[group][self.rng.below(self.keys[group].len() as u64) as usize].clone();
+        let value = self.next_value;
+        self.next_value += 1;
+        let (call, command_op) = match self.rng.below(10) {
+            0..=3 => (Call::Get, None),
+            4..=6 => (Call::Put(value), Some(Op::put(key.clone(), value.to_le_bytes().to_vec()))),
+            7 => (Call::Delete, Some(Op::delete(key.clone()))),
+            _ => {
+                // Compare against a value recently written (or absence), so both outcomes happen.
+                let expected = (self.rng.below(3) > 0 && value > 1).then(|| value - 1 - self.rng.below(value.min(4) - 1));
+                let op = Op::compare_and_set(key.clone(), expected.map(|v| v.to_le_bytes().to_vec()), value.to_le_bytes().to_vec());
+                (Call::CompareAndSet { expected, new: Some(value) }, Some(op))
+            }
+        };
+        let command = command_op.map(|op| Command { request_id: 0, epoch: None, ops: vec![op] });
+        let operation = Operation { client: client as u64, key, call, call_time: self.timestamp(), result: None };
+        self.ops.push(ClientOp { operation, group, command, deadline: self.step + 600, retry_at: Some(self.step), done: false });
+        self.clients[client] = Some(self.ops.len() - 1);
+    }
+
+    /// Sends a new attempt of operation `index` to the node its client believes leads the group.
+    fn attempt(&mut self, index: usize) -> SimResult<()> {
+        let (client, group) = (self.ops[index].operation.client as usize, self.ops[index].group);
+        let node = match self.hints.get(&(client, group)) {
+            Some(node) => *node,
+            None => self.rng.range(1, self.nodes.len() as u64),
+        };
+        self.ops[index].retry_at = None;
+        let position = (node - 1) as usize;
+        let Some(running) = self.nodes[position].running.as_mut() else {
+            // Down: try another node a little later.
+            self.hints.insert((client, group), self.rng.range(1, self.nodes.len() as u64));
+            self.ops[index].retry_at = Some(self.step + 5);
+            return Ok(());
+        };
+        let token = self.next_token;
+        self.next_token += 1;
+        self.attempts.insert(token, index);
+        let peer = running.peers.get_mut(&self.ranges[group].group_id).expect("peer");
+        match &self.ops[index].command {
+            Some(command) => peer.propose(token, command.clone()),
+            None => peer.read(token),
+        }
+        self.drive(position)
+    }
+
+    fn on_response(&mut self, position: usize, token: Token, response: Response) {
+        let Some(index) = self.attempts.remove(&token) else { return };
+        if self.ops[index].done {
+            return;
+        }
+        let call = self.ops[index].operation.call.clone();
+        let outcome = match (&call, response) {
+            (Call::Get, Response::ReadReady) => {
+                let key = &self.ops[index].operation.key;
+                let running = self.nodes[position].running.as_ref().expect("answered by a running node");
+                let value = running.kv.get(key).expect("reading applied state");
+                Some(Outcome::Got(value.map(|v| u64::from_le_bytes(v.as_slice().try_into().expect("8-byte values")))))
+            }
+            (Call::CompareAndSet { .. }, Response::Written(Applied::Done)) => Some(Outcome::Swapped(true)),
+            (Call::CompareAndSet { .. }, Response::Written(Applied::PreconditionFailed { .. })) => Some(Outcome::Swapped(false)),
+            (_, Response::Written(Applied::Done)) => Some(Outcome::Done),
+            (_, Response::Failed(PeerError::NotLeader { leader })) => {
+                let client = self.ops[index].operation.client as usize;
+                let next = if leader != 0 { leader } else { self.rng.range(1, self.nodes.len() as u64) };
+                self.hints.insert((client, self.ops[index].group), next);
+                None
+            }
+            // Definitely did not take effect (dropped, busy, refused): try again.
+            _ => None,
+        };
+        match outcome {
+            Some(outcome) => {
+                let at = self.timestamp();
+                self.ops[index].operation.result = Some((outcome, at));
+                self.finish(index);
+            }
+            None => self.ops[index].retry_at = Some(self.step + self.rng.range(1, 10)),
+        }
+    }
+
+    fn finish(&mut self, index: usize) {
+        self.ops[index].done = true;
+        let client = self.ops[index].operation.client as usize;
+        if self.clients[client] == Some(index) {
+            self.clients[client] = None;
+        }
+    }
+
+    /// Retries due attempts; times out operations past their deadline (their outcome stays unknown).
+    fn clients_step(&mut self, issue_new: bool) -> SimResult<()> {
+        for client in 0..self.clients.len() {
+            match self.clients[client] {
+                Some(index) if self.step >= self.ops[index].deadline => {
+                    self.finish(index); // no answer in time: unknown
+                }
+                Some(index) if self.ops[index].retry_at.is_some_and(|at| self.step >= at) => self.attempt(index)?,
+                None if issue_new && self.rng.chance_per_mille(100) => {
+                    self.issue(client);
+                    let index = self.clients[client].expect("just issued");
+                    self.attempt(index)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Each node's view of a group, for failure messages.
+    fn describe(&self, group: u64) -> String {
+        self.nodes
+            .iter()
+            .map(|node| match &node.running {
+                None => format!("node {} down", node.id),
+                Some(running) => {
+                    let peer = &running.peers[&group];
+                    format!("node {}: {} disk queue={}", node.id, peer.debug_state(), running.disk_queue.len())
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    // ---- invariants ----
+
+    fn check_leaders(&mut self) -> SimResult<()> {
+        for node in &self.nodes {
+            let Some(running) = &node.running else { continue };
+            for (group, peer) in &running.peers {
+                if peer.is_leader() {
+                    if let Some(other) = self.leaders.insert((*group, peer.term()), node.id) {
+                        if other != node.id {
+                            return Err(format!("group {group}: nodes {other} and {} both led term {}", node.id, peer.term()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fault_step(&mut self) -> SimResult<()> {
+        self.deliver_due()?;
+        match self.rng.below(1000) {
+            0..=449 => {}
+            450..=599 => self.tick()?,
+            600..=749 => {
+                let position = self.rng.below(self.nodes.len() as u64) as usize;
+                if self.nodes[position].running.is_some() {
+                    self.persist_one(position)?;
+                    self.drive(position)?;
+                }
+            }
+            750..=769 => {
+                let position = self.rng.below(self.nodes.len() as u64) as usize;
+                if let Some(running) = &self.nodes[position].running {
+                    running.kv.flush().map_err(|e| e.to_string())?; // a checkpoint
+                }
+            }
+            810..=899 => {
+                let position = self.rng.below(self.nodes.len() as u64) as usize;
+                self.apply_queued(position)?;
+                self.drive(position)?;
+            }
+            770..=776 => {
+                let position = self.rng.below(self.nodes.len() as u64) as usize;
+                let down = self.nodes.iter().filter(|n| n.running.is_none()).count();
+                // Keep a majority up most of the time, but not always.
+                if self.nodes[position].running.is_some() && (down + 1 < self.nodes.len().div_ceil(2) || self.rng.chance_per_mille(100)) {
+                    self.crash(position);
+                }
+            }
+            777..=795 => {
+                let position = self.rng.below(self.nodes.len() as u64) as usize;
+                if self.nodes[position].running.is_none() {
+                    self.start(position)?;
+                    self.drive(position)?;
+                }
+            }
+            796..=805 => {
+                // Cut or heal a one-way link.
+                let from = self.rng.range(1, self.nodes.len() as u64);
+                let to = self.rng.range(1, self.nodes.len() as u64);
+                if !self.cuts.remove(&(from, to)) && from != to {
+                    self.cuts.insert((from, to));
+                }
+            }
+            806..=809 => self.cuts.clear(),
+            _ => {}
+        }
+        self.clients_step(true)
+    }
+
+    fn calm_step(&mut self, issue_new: bool) -> SimResult<()> {
+        self.deliver_due()?;
+        if self.rng.below(100) < 20 {
+            self.tick()?;
+        }
+        for position in 0..self.nodes.len() {
+            while self.nodes[position].running.as_ref().is_some_and(|r| !r.disk_queue.is_empty()) {
+                self.persist_one(position)?;
+            }
+            self.apply_queued(position)?;
+            self.drive(position)?;
+        }
+        self.clients_step(issue_new)
+    }
+
+    /// After the faults: every group leads, serves a write, and every replica holds the same data.
+    fn converge(&mut self, steps: u64) -> SimResult<()> {
+        self.faults = false;
+        self.cuts.clear();
+        for position in 0..self.nodes.len() {
+            if self.nodes[position].running.is_none() {
+                self.start(position)?;
+            }
+            while self.nodes[position].running.as_ref().is_some_and(|r| !r.disk_queue.is_empty()) {
+                self.persist_one(position)?;
+            }
+            self.drive(position)?;
+        }
+        for _ in 0..steps {
+            self.step += 1;
+            self.calm_step(self.step.is_multiple_of(2))?;
+            self.check_leaders()?;
+        }
+        // Let every client finish, then one more write per group must succeed.
+        for _ in 0..steps {
+            if self.clients.iter().all(Option::is_none) {
+                break;
+            }
+            self.step += 1;
+            self.calm_step(false)?;
+        }
+        for (group, keys) in self.keys.clone().iter().enumerate() {
+            let client = 0;
+            let value = self.next_value;
+            self.next_value += 1;
+            let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(keys[0].clone(), value.to_le_bytes().to_vec())] };
+            let operation = Operation { client: client as u64, key: keys[0].clone(), call: Call::Put(value), call_time: self.timestamp(), result: None };
+            self.ops.push(ClientOp { operation, group, command: Some(command), deadline: self.step + steps, retry_at: Some(self.step), done: false });
+            let index = self.ops.len() - 1;
+            self.clients[client] = Some(index);
+            while !self.ops[index].done {
+                self.step += 1;
+                self.calm_step(false)?;
+            }
+            if self.ops[index].operation.result.is_none() {
+                return Err(format!(
+                    "group {} did not serve a write after the faults stopped; replicas: {}",
+                    self.ranges[group].group_id,
+                    self.describe(self.ranges[group].group_id)
+                ));
+            }
+        }
+        // Quiet: every write durable, every message delivered, a few rounds of heartbeats.
+        for _ in 0..400 {
+            self.step += 1;
+            self.calm_step(false)?;
+        }
+        for range in self.ranges.clone() {
+            let mut views = Vec::new();
+            for node in &self.nodes {
+                let running = node.running.as_ref().expect("all running");
+                let pairs = running.kv.scan(&range.start, &range.end, usize::MAX).map_err(|e| e.to_string())?;
+                views.push((node.id, running.kv.applied(range.group_id).0, hash(&format!("{pairs:?}").into_bytes())));
+            }
+            if views.windows(2).any(|w| (w[0].1, w[0].2) != (w[1].1, w[1].2)) {
+                return Err(format!(
+                    "group {}: replicas did not converge (node, applied, data hash): {views:?}; {}",
+                    range.group_id,
+                    self.describe(range.group_id)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one seed.
+pub fn run(options: &StoreSimOptions) -> Result<StoreSimReport, StoreSimFailure> {
+    let fail = |sim: &Sim, reason: String| StoreSimFailure { seed: options.seed, step: sim.step, reason };
+    let mut sim = Sim::new(options).map_err(|reason| StoreSimFailure { seed: options.seed, step: 0, reason })?;
+    while sim.step < options.fault_steps {
+        sim.step += 1;
+        if let Err(reason) = sim.fault_step().and_then(|()| sim.check_leaders()) {
+            return Err(fail(&sim, reason));
+        }
+    }
+    if let Err(reason) = sim.converge(options.calm_steps) {
+        return Err(fail(&sim, reason));
+    }
+    let history: Vec<Operation> = sim.ops.iter().map(|op| op.operation.clone()).collect();
+    match check(&history, 5_000_000) {
+        Verdict::Linearizable => {}
+        Verdict::Violation { key, mut operations } => {
+            // Report the shortest failing prefix (by call time): its last operation is where it went wrong.
+            operations.sort_by_key(|op| op.call_time);
+            let (mut low, mut high) = (1, operations.len());
+            while low < high {
+                let middle = (low + high) / 2;
+                if check(&operations[..middle], 5_000_000) == Verdict::Linearizable {
+                    low = middle + 1;
+                } else {
+                    high = middle;
+                }
+            }
+            let shown = &operations[low.saturating_sub(12)..low];
+            let lines: Vec<String> = shown
+                .iter()
+                .map(|op| {
+                    let result = match &op.result {
+                        Some((outcome, at)) => format!("{outcome:?} at {at}"),
+                        None => "unknown".to_string(),
+                    };
+                    format!("  client {} {:?} called at {} -> {result}", op.client, op.call, op.call_time)
+                })
+                .collect();
+            return Err(fail(
+                &sim,
+                format!("not linearizable on key {key:?}; the first {low} operations already are not; the last of them:\n{}", lines.join("\n")),
+            ));
+        }
+        Verdict::Inconclusive { key, operations } => {
+            return Err(fail(&sim, format!("the checker ran out of steps on key {key:?} ({operations} operations)")));
+        }
+    }
+    sim.report.operations = history.len();
+    sim.report.unknown = history.iter().filter(|op| op.result.is_none()).count();
+    Ok(sim.report)
+}
