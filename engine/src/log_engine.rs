@@ -29,65 +29,20 @@ pub trait LogEngine: Send + Sync {
     fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError>;
 }
 
-/// The read side of the WAL's log engines: answered from its shared state.
-trait WalReads {
+/// A log engine backed by the WAL: how it writes, and how its shared state is read. Every such engine is a
+/// [`LogEngine`] through the one implementation below.
+trait WalBacked: Send + Sync {
+    fn write(&self, request: WriteRequest) -> Result<(), WalError>;
     fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T;
 }
 
-impl WalReads for GroupCommitWal {
-    fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T {
-        read(&self.state())
-    }
-}
-
-impl WalReads for SyncWal {
-    fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T {
-        read(self.wal.lock().state())
-    }
-}
-
-fn hard_state_in(state: &WalState, group_id: u64) -> HardState {
-    state.hard_state(group_id)
-}
-
-fn first_index_in(state: &WalState, group_id: u64) -> u64 {
-    state.group(group_id).map_or(1, |g| g.first_index)
-}
-
-fn last_index_in(state: &WalState, group_id: u64) -> u64 {
-    state.group(group_id).map_or(0, GroupLog::last_index)
-}
-
-fn term_in(state: &WalState, group_id: u64, index: u64) -> Option<u64> {
-    match state.group(group_id) {
-        Some(group) => group.term(index),
-        None => (index == 0).then_some(0),
-    }
-}
-
-impl LogEngine for GroupCommitWal {
-    fn submit(&self, request: WriteRequest) -> Result<(), WalError> {
+impl WalBacked for GroupCommitWal {
+    fn write(&self, request: WriteRequest) -> Result<(), WalError> {
         GroupCommitWal::submit(self, request)
     }
 
-    fn hard_state(&self, group_id: u64) -> HardState {
-        self.with_state(|s| hard_state_in(s, group_id))
-    }
-
-    fn first_index(&self, group_id: u64) -> u64 {
-        self.with_state(|s| first_index_in(s, group_id))
-    }
-
-    fn last_index(&self, group_id: u64) -> u64 {
-        self.with_state(|s| last_index_in(s, group_id))
-    }
-
-    fn term(&self, group_id: u64, index: u64) -> Option<u64> {
-        self.with_state(|s| term_in(s, group_id, index))
-    }
-
-    fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
-        self.with_state(|s| s.entries(group_id, low, high, max_bytes))
+    fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T {
+        read(&self.state())
     }
 }
 
@@ -104,28 +59,41 @@ impl SyncWal {
     }
 }
 
-impl LogEngine for SyncWal {
-    fn submit(&self, request: WriteRequest) -> Result<(), WalError> {
+impl WalBacked for SyncWal {
+    fn write(&self, request: WriteRequest) -> Result<(), WalError> {
         let operations: Vec<(u64, LogOp)> = request.ops.into_iter().map(|op| (request.group_id, op)).collect();
         self.wal.lock().write(&operations)?;
         let _ = request.reply.send(Persisted { group_id: request.group_id, ready_number: request.ready_number });
         Ok(())
     }
 
+    fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T {
+        read(self.wal.lock().state())
+    }
+}
+
+impl<W: WalBacked> LogEngine for W {
+    fn submit(&self, request: WriteRequest) -> Result<(), WalError> {
+        self.write(request)
+    }
+
     fn hard_state(&self, group_id: u64) -> HardState {
-        self.with_state(|s| hard_state_in(s, group_id))
+        self.with_state(|s| s.hard_state(group_id))
     }
 
     fn first_index(&self, group_id: u64) -> u64 {
-        self.with_state(|s| first_index_in(s, group_id))
+        self.with_state(|s| s.group(group_id).map_or(1, |g| g.first_index))
     }
 
     fn last_index(&self, group_id: u64) -> u64 {
-        self.with_state(|s| last_index_in(s, group_id))
+        self.with_state(|s| s.group(group_id).map_or(0, GroupLog::last_index))
     }
 
     fn term(&self, group_id: u64, index: u64) -> Option<u64> {
-        self.with_state(|s| term_in(s, group_id, index))
+        self.with_state(|s| match s.group(group_id) {
+            Some(group) => group.term(index),
+            None => (index == 0).then_some(0),
+        })
     }
 
     fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {

@@ -18,5 +18,6 @@ pub mod network;
 pub mod raft_sim;
 pub mod script;
 pub mod sim_node;
+pub mod seed_runs;
 pub mod sim_rng;
 pub mod store_sim;

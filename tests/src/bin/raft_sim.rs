@@ -12,47 +12,28 @@ use std::time::Instant;
 
 use clap::Parser;
 use flotilla_tests::raft_sim::{run, SimOptions};
+use flotilla_tests::seed_runs::{panic_reason, SeedArgs};
 
 #[derive(Parser)]
 #[command(about = "Randomized deterministic simulation of Flotilla's Raft core")]
 struct Args {
-    /// Run this many seeds, starting at --first.
-    #[arg(long, default_value_t = 100)]
-    seeds: u64,
-    /// The first seed of a --seeds run.
-    #[arg(long, default_value_t = 1)]
-    first: u64,
-    /// Replay exactly this seed.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Steps of the fault phase per seed.
-    #[arg(long, default_value_t = 3000)]
-    steps: u64,
-    /// Print a report line per seed.
-    #[arg(long)]
-    verbose: bool,
-    /// Print every message delivery (use with --seed).
-    #[arg(long)]
-    trace: bool,
+    #[command(flatten)]
+    run: SeedArgs,
 }
 
+/// Fault-phase steps per seed unless `--steps` says otherwise.
+const STEPS: u64 = 3000;
+
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let seeds: Vec<u64> = match args.seed {
-        Some(seed) => vec![seed],
-        None => (args.first..args.first + args.seeds).collect(),
-    };
+    let args = Args::parse().run;
+    let steps = args.steps.unwrap_or(STEPS);
+    let seeds = args.list();
     let started = Instant::now();
     let mut totals = (0u64, 0u64, 0u64, 0u64);
     for &seed in &seeds {
-        let options = SimOptions { fault_steps: args.steps, trace: args.trace, ..SimOptions::new(seed) };
+        let options = SimOptions { fault_steps: steps, trace: args.trace, ..SimOptions::new(seed) };
         let outcome = std::panic::catch_unwind(|| run(&options)).unwrap_or_else(|panic| {
-            let reason = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".to_string());
-            Err(flotilla_tests::raft_sim::SimFailure { seed, step: 0, reason: format!("panicked: {reason}") })
+            Err(flotilla_tests::raft_sim::SimFailure { seed, step: 0, reason: format!("panicked: {}", panic_reason(panic)) })
         });
         match outcome {
             Ok(report) => {
@@ -69,7 +50,7 @@ fn main() -> ExitCode {
                 eprintln!("FAILED seed {} at step {}: {}", failure.seed, failure.step, failure.reason);
                 eprintln!(
                     "replay: cargo run --release --bin raft-sim -- --seed {} --steps {} --verbose",
-                    failure.seed, args.steps
+                    failure.seed, steps
                 );
                 println!("raft-sim: {passed} passed, 1 failed");
                 return ExitCode::FAILURE;

@@ -11,49 +11,26 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use flotilla_tests::seed_runs::{panic_reason, SeedArgs};
 use flotilla_tests::store_sim::{run, StoreSimFailure, StoreSimOptions};
 
 #[derive(Parser)]
 #[command(about = "Deterministic simulation of Flotilla's multi-group store, checked for linearizability")]
 struct Args {
-    /// Run this many seeds, starting at --first.
-    #[arg(long, default_value_t = 100)]
-    seeds: u64,
-    /// The first seed of a --seeds run.
-    #[arg(long, default_value_t = 1)]
-    first: u64,
-    /// Replay exactly this seed.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Steps of the fault phase per seed.
-    #[arg(long, default_value_t = 4000)]
-    steps: u64,
-    /// Print a report line per seed.
-    #[arg(long)]
-    verbose: bool,
-    /// Print every message delivered (use with --seed).
-    #[arg(long)]
-    trace: bool,
+    #[command(flatten)]
+    run: SeedArgs,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let seeds: Vec<u64> = match args.seed {
-        Some(seed) => vec![seed],
-        None => (args.first..args.first + args.seeds).collect(),
-    };
+    let args = Args::parse().run;
+    let steps = args.steps.unwrap_or(StoreSimOptions::new(0).fault_steps);
+    let seeds = args.list();
     let started = Instant::now();
     let (mut operations, mut unknown, mut crashes, mut torn) = (0, 0, 0, 0);
     for &seed in &seeds {
-        let options = StoreSimOptions { fault_steps: args.steps, trace: args.trace, ..StoreSimOptions::new(seed) };
-        let outcome = std::panic::catch_unwind(|| run(&options)).unwrap_or_else(|panic| {
-            let reason = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".to_string());
-            Err(StoreSimFailure { seed, step: 0, reason: format!("panicked: {reason}") })
-        });
+        let options = StoreSimOptions { fault_steps: steps, trace: args.trace, ..StoreSimOptions::new(seed) };
+        let outcome = std::panic::catch_unwind(|| run(&options))
+            .unwrap_or_else(|panic| Err(StoreSimFailure { seed, step: 0, reason: format!("panicked: {}", panic_reason(panic)) }));
         match outcome {
             Ok(report) => {
                 operations += report.operations;
@@ -66,7 +43,7 @@ fn main() -> ExitCode {
             }
             Err(failure) => {
                 eprintln!("FAILED seed {} at step {}: {}", failure.seed, failure.step, failure.reason);
-                eprintln!("replay: cargo run --release --bin store-sim -- --seed {} --steps {} --verbose", failure.seed, args.steps);
+                eprintln!("replay: cargo run --release --bin store-sim -- --seed {} --steps {steps} --verbose", failure.seed);
                 println!("store-sim: {} passed, 1 failed", seed - seeds[0]);
                 return ExitCode::FAILURE;
             }
