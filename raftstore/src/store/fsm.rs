@@ -74,11 +74,13 @@ impl PeerFsm {
                 let _ = self.peer.on_message(*message);
             }
             PeerMsg::Write { command, reply } => {
+                metrics::counter!("flotilla_proposals_total").increment(1);
                 let token = self.token();
                 self.writes.insert(token, reply);
                 self.peer.propose(token, command);
             }
             PeerMsg::Read { request, reply } => {
+                metrics::counter!("flotilla_reads_total").increment(1);
                 let token = self.token();
                 self.reads.insert(token, (request, reply));
                 self.peer.read(token);

@@ -1,6 +1,12 @@
 //! The poll handler: one round of the batch system for many group replicas. `handle` feeds each FSM its
 //! messages and collects what its peer asks; `end` submits every Ready's writes to the group-commit log (they
 //! share fsyncs), applies every group's committed entries in **one** state machine call, and answers clients.
+//!
+//! Metrics (with those of the batch system, WAL and state machine): `flotilla_proposals_total`,
+//! `flotilla_reads_total`, `flotilla_log_writes_total`, `flotilla_commands_applied_total`,
+//! `flotilla_apply_batch_groups` (histogram: groups per state machine apply), `flotilla_elections_total` (vote
+//! rounds started),
+//! `flotilla_groups_ticking` (gauge: groups the ticker visits).
 
 use std::sync::Arc;
 
@@ -45,7 +51,11 @@ pub struct StoreHandler {
 impl StoreHandler {
     fn carry_out(&self, fsm: &mut PeerFsm, output: PeerOutput) {
         let group_id = fsm.peer.group_id();
+        if output.messages.iter().any(|m| m.msg_type() == flotilla_raft::MessageType::RequestVote) {
+            metrics::counter!("flotilla_elections_total").increment(1);
+        }
         if let Some(write) = output.write {
+            metrics::counter!("flotilla_log_writes_total").increment(1);
             let request = WriteRequest { group_id, ready_number: write.ready_number, ops: write.ops, reply: self.persisted.clone() };
             // A failed log is fatal for the node: later writes fail too, and the failure is reported by the WAL.
             let _ = self.log.submit(request);
@@ -104,6 +114,8 @@ impl StoreHandler {
         if batches.is_empty() {
             return;
         }
+        metrics::histogram!("flotilla_apply_batch_groups").record(batches.len() as f64);
+        metrics::counter!("flotilla_commands_applied_total").increment(applied.iter().map(|(_, _, outcomes)| outcomes.len() as u64).sum());
         let over_budget = self.kv.apply(batches).expect("applying to the state machine");
         self.flusher.after_apply(over_budget).expect("the state machine flusher stopped");
         for (position, last, outcomes) in applied {
