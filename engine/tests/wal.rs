@@ -623,16 +623,23 @@ mod recycling {
         }
     }
 
-    #[test]
-    fn purged_segments_are_reused_and_their_stale_records_never_count() {
+    /// A WAL of `segment_bytes_max` segments on a fresh disk, churned for `rounds` and then purged as far as it
+    /// goes (filling the recycle pool of 2).
+    fn churned_and_purged(segment_bytes_max: u64, rounds: u64) -> (SimDisk, WalOptions, Wal, Vec<u64>) {
         let disk = SimDisk::new();
-        let dir = Path::new("/node/wal");
-        let options = WalOptions { segment_bytes_max: 12 << 10, recycled_segments_max: 2, ..WalOptions::default() };
-        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options.clone()).unwrap();
-        churn(&mut wal, 1, 20);
+        let options = WalOptions { segment_bytes_max, recycled_segments_max: 2, ..WalOptions::default() };
+        let (mut wal, _) = Wal::open(Path::new("/node/wal"), Arc::new(disk.clone()), options.clone()).unwrap();
+        churn(&mut wal, 1, rounds);
         let before = wal.segment_ids();
         let horizon = wal.suggest_horizon(0);
         wal.purge(horizon).unwrap();
+        (disk, options, wal, before)
+    }
+
+    #[test]
+    fn purged_segments_are_reused_and_their_stale_records_never_count() {
+        let dir = Path::new("/node/wal");
+        let (disk, options, mut wal, before) = churned_and_purged(12 << 10, 20);
         assert_eq!(recycled_files(&disk, dir), 2, "two kept for reuse, the rest deleted");
         assert!(disk.list(dir).unwrap().len() < before.len());
         // Rotation takes from the pool: write until it does.
@@ -659,13 +666,8 @@ mod recycling {
 
     #[test]
     fn damage_followed_by_a_valid_frame_in_a_recycled_segment_is_corruption() {
-        let disk = SimDisk::new();
         let dir = Path::new("/node/wal");
-        let options = WalOptions { segment_bytes_max: 64 << 10, recycled_segments_max: 2, ..WalOptions::default() };
-        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options.clone()).unwrap();
-        churn(&mut wal, 1, 30);
-        let horizon = wal.suggest_horizon(0);
-        wal.purge(horizon).unwrap();
+        let (disk, options, mut wal, _) = churned_and_purged(64 << 10, 30);
         assert!(recycled_files(&disk, dir) > 0);
         churn(&mut wal, 31, 12); // rotates into a recycled file and writes several frames there
         let newest = *wal.segment_ids().last().unwrap();
