@@ -363,6 +363,8 @@ impl Db {
                 Attempt::Retry(if leader == 0 || leader == node { Duration::from_millis(2) } else { Duration::ZERO })
             }
             Some(Err(PeerError::Dropped)) if in_time => Attempt::Retry(Duration::from_millis(1)),
+            // A leadership transfer refuses proposals for at most about an election timeout: wait it out.
+            Some(Err(PeerError::Busy(flotilla_raft::DropReason::Transferring))) if in_time => Attempt::Retry(Duration::from_millis(5)),
             Some(Err(PeerError::Busy(reason))) => Attempt::Fail(DbError::Busy(format!("{reason:?}"))),
             Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
                 Attempt::Fail(DbError::BatchSpansRanges { first_outside })
@@ -482,6 +484,22 @@ impl Db {
 
     fn node(&self, id: u64) -> Result<&Node, DbError> {
         self.nodes.get((id as usize).wrapping_sub(1)).ok_or_else(|| DbError::InvalidArgument(format!("no node {id} (1..={})", self.nodes.len())))
+    }
+
+    /// Asks the group holding `key` to move its leadership to `node` (for spreading leaders over nodes). Returns at
+    /// once; the move completes within about an election timeout (requests meanwhile follow the new leader).
+    pub fn transfer_leader(&self, key: &[u8], node: u64) -> Result<(), DbError> {
+        self.node(node)?;
+        let position = self.get_request(key)?;
+        let leader = self.leaders[position].load(Ordering::Relaxed);
+        let store = self.nodes[leader as usize - 1].store.as_ref().expect("open until closed");
+        let _ = store.router().send(self.ranges[position].group_id, PeerMsg::TransferLeader(node));
+        Ok(())
+    }
+
+    /// The node each group's leader is believed to be on (by range position), as clients last learned it.
+    pub fn leader_nodes(&self) -> Vec<u64> {
+        self.leaders.iter().map(|leader| leader.load(Ordering::Relaxed)).collect()
     }
 
     /// Each node's applied index of each group (`[node][range position]`): replicas converge on the same values.

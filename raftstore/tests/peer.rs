@@ -292,3 +292,17 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
     let mut group = Group::led_by(1);
     assert!(group.node(1).peer.needs_ticks() && group.node(2).peer.needs_ticks());
 }
+
+#[test]
+fn leadership_moves_where_it_is_asked_and_writes_follow() {
+    let mut group = Group::led_by(1);
+    group.put(1, 80, "b", "1");
+    group.node(1).peer.transfer_leader(3);
+    group.settle();
+    assert!(group.node(3).peer.is_leader() && !group.node(1).peer.is_leader(), "replica 3 leads now");
+    assert_eq!(group.put(1, 81, "c", "2"), Response::Failed(PeerError::NotLeader { leader: 3 }));
+    assert_eq!(group.put(3, 82, "c", "2"), Response::Written(Outcome::Done));
+    group.node(2).peer.transfer_leader(1); // only a leader can hand over: ignored
+    group.settle();
+    assert!(group.node(3).peer.is_leader());
+}

@@ -200,3 +200,22 @@ fn stale_reads_see_applied_state_without_a_leader_round() {
     assert_eq!(db.get_stale(1, b"\x40other").unwrap(), None);
     assert!(matches!(db.get_stale(4, b"k"), Err(DbError::InvalidArgument(_))));
 }
+
+#[test]
+fn a_groups_leadership_can_be_moved_to_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(dir.path(), Config { nodes: 3, groups: 1, ..small_config() }).unwrap();
+    db.put(b"k", b"1").unwrap();
+    let before = db.leader_nodes()[0];
+    let target = before % 3 + 1;
+    db.transfer_leader(b"k", target).unwrap();
+    // Requests follow the new leader once the move is done.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while db.leader_nodes()[0] != target {
+        assert!(std::time::Instant::now() < deadline, "leadership did not move to node {target}");
+        db.put(b"k", b"2").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(db.get(b"k").unwrap(), Some(b"2".to_vec()));
+    assert!(matches!(db.transfer_leader(b"k", 9), Err(DbError::InvalidArgument(_))));
+}

@@ -188,6 +188,14 @@ impl Peer {
         self.raw.campaign();
     }
 
+    /// Hands leadership to replica `target` (the core catches it up, then tells it to campaign at once; while the
+    /// transfer runs, proposals are refused as busy). Ignored unless this replica leads.
+    pub fn transfer_leader(&mut self, target: u64) {
+        if self.is_leader() && target != self.raw.raft.id {
+            self.raw.transfer_leader(target);
+        }
+    }
+
     /// A message from another replica of the group. Invalid ones are refused with the core's error.
     pub fn on_message(&mut self, message: Message) -> Result<(), flotilla_raft::Error> {
         self.raw.step(message)

@@ -39,6 +39,8 @@ pub enum PeerMsg {
     Persisted(u64),
     Tick,
     Campaign,
+    /// Hand the group's leadership to this replica id (if this replica leads).
+    TransferLeader(u64),
 }
 
 pub struct PeerFsm {
@@ -88,6 +90,7 @@ impl PeerFsm {
             PeerMsg::Persisted(number) => self.peer.on_persisted(number),
             PeerMsg::Tick => self.peer.on_tick(),
             PeerMsg::Campaign => self.peer.campaign(),
+            PeerMsg::TransferLeader(target) => self.peer.transfer_leader(target),
         }
     }
 
