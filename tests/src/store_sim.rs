@@ -5,7 +5,7 @@
 //!
 //! **Fault phase**: message loss, duplication and reordering, one-way partitions, slow disks (a Ready's write
 //! waits before it is durable), node crashes (sometimes in the middle of a write, tearing it) and restarts,
-//! clock-rate differences of a few percent, state machine checkpoints at random. **Calm phase**: the network
+//! clock-rate differences of a few percent, state machine checkpoints at random, leadership transfers. **Calm phase**: the network
 //! heals, every node runs, clients finish; then every group must elect a leader, serve a write, and all its
 //! replicas must converge on the same data.
 //!
@@ -60,6 +60,7 @@ pub struct StoreSimReport {
     pub unknown: usize,
     pub crashes: u64,
     pub torn_writes: u64,
+    pub transfers: u64,
     pub messages: u64,
 }
 
@@ -599,6 +600,17 @@ impl Sim {
                 }
             }
             806..=809 => self.cuts.clear(),
+            900..=904 => {
+                // A leadership transfer, wherever a leader is found (during faults it may not complete).
+                let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
+                let target = self.rng.range(1, self.nodes.len() as u64);
+                let leader = self.nodes.iter().position(|node| node.running.as_ref().is_some_and(|r| r.peers[&group].is_leader()));
+                if let Some(position) = leader {
+                    self.nodes[position].running.as_mut().expect("running").peers.get_mut(&group).expect("peer").transfer_leader(target);
+                    self.report.transfers += 1;
+                    self.drive(position)?;
+                }
+            }
             _ => {}
         }
         self.clients_step(true)

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     let steps = args.steps.unwrap_or(StoreSimOptions::new(0).fault_steps);
     let seeds = args.list();
     let started = Instant::now();
-    let (mut operations, mut unknown, mut crashes, mut torn) = (0, 0, 0, 0);
+    let (mut operations, mut unknown, mut crashes, mut torn, mut transfers) = (0, 0, 0, 0, 0);
     for &seed in &seeds {
         let options = StoreSimOptions { fault_steps: steps, trace: args.trace, ..StoreSimOptions::new(seed) };
         let outcome = std::panic::catch_unwind(|| run(&options))
@@ -37,6 +37,7 @@ fn main() -> ExitCode {
                 unknown += report.unknown;
                 crashes += report.crashes;
                 torn += report.torn_writes;
+                transfers += report.transfers;
                 if args.verbose {
                     println!("seed {seed}: {report:?}");
                 }
@@ -50,7 +51,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "store-sim: {} seeds clean in {:.1}s ({operations} client operations checked for linearizability, {unknown} with unknown outcome, {crashes} node crashes, {torn} torn writes)",
+        "store-sim: {} seeds clean in {:.1}s ({operations} client operations checked for linearizability, {unknown} with unknown outcome, {crashes} node crashes, {torn} torn writes, {transfers} leadership transfers)",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );
