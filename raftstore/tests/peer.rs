@@ -306,3 +306,56 @@ fn leadership_moves_where_it_is_asked_and_writes_follow() {
     group.settle();
     assert!(group.node(3).peer.is_leader());
 }
+
+#[test]
+fn a_write_at_the_index_of_an_earlier_lost_one_is_answered_written() {
+    // Replica 1 leads, is cut off and proposes three writes that reach nobody (indexes X, X+1, X+2).
+    let mut group = Group::led_by(1);
+    group.put(1, 90, "b", "1");
+    group.isolated = 1;
+    for token in [91, 92, 93] {
+        group.node(1).peer.propose(token, Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "lost")] });
+    }
+    group.settle();
+    // Replica 2 leads meanwhile (its no-op takes X); healed, leadership comes back to replica 1 (its no-op takes
+    // X+1), which then writes at X+2 — the index of its third lost write.
+    let mut leader = 0;
+    for _ in 0..100 {
+        for id in 1..=3 {
+            group.node(id).peer.on_tick();
+        }
+        group.settle();
+        if let Some(id) = (2..=3).find(|&id| group.node(id).peer.is_leader()) {
+            leader = id;
+            break;
+        }
+    }
+    assert_ne!(leader, 0);
+    let new_term = group.node(leader).peer.term();
+    group.isolated = 0;
+    // Replica 1 (a stale leader of the old term) learns the new term, then leadership is handed to it.
+    for _ in 0..100 {
+        if group.node(1).peer.term() >= new_term {
+            break;
+        }
+        for id in 1..=3 {
+            group.node(id).peer.on_tick();
+        }
+        group.settle();
+    }
+    group.node(leader).peer.transfer_leader(1);
+    for _ in 0..100 {
+        if group.node(1).peer.is_leader() && group.node(1).peer.term() > new_term {
+            break;
+        }
+        for id in 1..=3 {
+            group.node(id).peer.on_tick();
+        }
+        group.settle();
+    }
+    assert!(group.node(1).peer.is_leader() && group.node(1).peer.term() > new_term, "leadership came back: {}", group.node(1).peer.debug_state());
+    assert_eq!(group.put(1, 94, "c", "new"), Response::Written(Outcome::Done), "the write that happened is answered written");
+    for token in [91, 92, 93] {
+        assert_eq!(group.response(token), Response::Failed(PeerError::Dropped));
+    }
+}

@@ -305,6 +305,11 @@ impl Sim {
             let running = self.nodes[position].running.as_mut().expect("running");
             let peer = running.peers.get_mut(&group).expect("peer");
             let (batch, outcomes) = apply_entries(&running.kv, peer.descriptor(), &entries).map_err(|e| e.to_string())?;
+            if self.trace {
+                for applied in &outcomes {
+                    println!("step {} group {group}: node {node_id} applied {} term {} token {} -> {:?}", self.step, applied.index, applied.term, applied.request_id, applied.outcome);
+                }
+            }
             running.kv.apply(vec![batch]).map_err(|e| e.to_string())?;
             peer.on_applied(last, outcomes);
         }
@@ -450,6 +455,9 @@ impl Sim {
         let token = self.next_token;
         self.next_token += 1;
         self.attempts.insert(token, index);
+        if self.trace {
+            println!("step {} client {client}: op {index} {:?} on key {:?} -> node {node} as token {token}", self.step, self.ops[index].operation.call, self.ops[index].operation.key);
+        }
         let peer = running.peers.get_mut(&self.ranges[group].group_id).expect("peer");
         match &self.ops[index].command {
             Some(command) => peer.propose(token, command.clone()),
@@ -459,6 +467,9 @@ impl Sim {
     }
 
     fn on_response(&mut self, position: usize, token: Token, response: Response) {
+        if self.trace {
+            println!("step {} node {}: response to token {token}: {response:?}", self.step, self.nodes[position].id);
+        }
         let Some(index) = self.attempts.remove(&token) else { return };
         if self.ops[index].done {
             return;

@@ -17,7 +17,7 @@ mod read;
 mod ready;
 pub mod storage;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use flotilla_engine::kv_engine::KvEngine;
@@ -83,9 +83,8 @@ impl PeerOutput {
     }
 }
 
-/// A write waiting for its entry to apply.
+/// A write waiting for its entry to apply (kept by index: see `Peer::writes`).
 struct PendingWrite {
-    index: u64,
     term: u64,
     token: Token,
 }
@@ -100,7 +99,10 @@ struct PendingRead {
 pub struct Peer {
     raw: RawNode<PeerStorage>,
     descriptor: RangeDescriptor,
-    writes: VecDeque<PendingWrite>,
+    /// Writes waiting for their entries to apply, by log index. Not a queue in proposal order: a replica that led,
+    /// lost leadership and leads again may have older proposals at higher indexes than newer ones, and several
+    /// proposals at one index (each judged by its own term and token when that index applies).
+    writes: BTreeMap<u64, Vec<PendingWrite>>,
     reads: VecDeque<PendingRead>,
     responses: Vec<(Token, Response)>,
     applied_index: u64,
@@ -123,7 +125,7 @@ impl Peer {
         let storage = PeerStorage::new(descriptor.group_id, log, conf_state);
         let raw = RawNode::new(config, storage)?;
         let role = raw.raft.role;
-        Ok(Peer { raw, descriptor, writes: VecDeque::new(), reads: VecDeque::new(), responses: Vec::new(), applied_index, role })
+        Ok(Peer { raw, descriptor, writes: BTreeMap::new(), reads: VecDeque::new(), responses: Vec::new(), applied_index, role })
     }
 
     pub fn group_id(&self) -> u64 {

@@ -21,7 +21,7 @@ impl Peer {
         match self.raw.propose(command.encode_entry()) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
-                self.writes.push_back(PendingWrite { index, term: self.raw.raft.term, token });
+                self.writes.entry(index).or_default().push(PendingWrite { term: self.raw.raft.term, token });
             }
             Err(RaftError::ProposalDropped(reason)) => self.responses.push((token, Response::Failed(PeerError::Busy(reason)))),
             Err(other) => unreachable!("a proposal on a leader fails only by being dropped, not with {other:?}"),

@@ -3,6 +3,8 @@
 use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::StateRole;
 
+use std::collections::BTreeMap;
+
 use super::{LogWrite, Peer, PeerError, PeerOutput, Response};
 use crate::command::Applied;
 
@@ -54,27 +56,19 @@ impl Peer {
     pub fn on_applied(&mut self, index: u64, outcomes: Vec<Applied>) {
         self.raw.on_applied(index);
         self.applied_index = index;
-        for applied in outcomes {
-            // Writes proposed here whose index has passed without their entry: replaced by another leader's.
-            while self.writes.front().is_some_and(|write| write.index < applied.index) {
-                let write = self.writes.pop_front().expect("checked");
-                self.responses.push((write.token, Response::Failed(PeerError::Dropped)));
-            }
-            if let Some(write) = self.writes.front().filter(|write| write.index == applied.index) {
-                let response = if write.term == applied.term && write.token == applied.request_id {
-                    Response::Written(applied.outcome)
-                } else {
-                    Response::Failed(PeerError::Dropped)
+        let mut outcomes: BTreeMap<u64, Applied> = outcomes.into_iter().map(|applied| (applied.index, applied)).collect();
+        // Every write waiting at an index now applied is answered: written if the entry there is its own (same
+        // term and token), else dropped (another leader's entry took the index; the write did not happen).
+        while let Some(entry) = self.writes.first_entry().filter(|entry| *entry.key() <= index) {
+            let (at, waiting) = entry.remove_entry();
+            let applied = outcomes.remove(&at);
+            for write in waiting {
+                let response = match &applied {
+                    Some(applied) if applied.term == write.term && applied.request_id == write.token => Response::Written(applied.outcome.clone()),
+                    _ => Response::Failed(PeerError::Dropped),
                 };
-                let token = write.token;
-                self.writes.pop_front();
-                self.responses.push((token, response));
+                self.responses.push((write.token, response));
             }
-        }
-        while self.writes.front().is_some_and(|write| write.index <= index) {
-            // Applied without a command outcome (the entry was another leader's no-op or a refused command).
-            let write = self.writes.pop_front().expect("checked");
-            self.responses.push((write.token, Response::Failed(PeerError::Dropped)));
         }
         self.answer_ready_reads();
     }
