@@ -197,7 +197,6 @@ impl Node {
             Arc::clone(&kv),
             Arc::clone(&flusher),
             transport,
-            crossbeam_channel::unbounded(),
         )
         .map_err(storage)?;
         Ok((Node { id, store: Some(store), log, kv, flusher }, ranges))
@@ -377,7 +376,7 @@ impl Db {
     /// Sends a request to the leader of the range at `position` and waits for its answer, following leader hints
     /// and retrying while the group has no leader.
     fn call<T>(&self, position: usize, mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg) -> Result<T, DbError> {
-        let deadline = Instant::now() + self.config.request_timeout;
+        let deadline = self.deadline();
         loop {
             let pause = match self.send_attempt(position, &mut make) {
                 Ok((node, answer)) => {

@@ -320,6 +320,12 @@ mod group_commit {
     use super::*;
     use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, Persisted, WriteRequest};
 
+    /// Round `round` of a group: entries `2 * round - 1` and `2 * round`, as the Ready numbered `round`.
+    fn round_append(group: u64, round: u64, reply: &crossbeam_channel::Sender<Persisted>) -> WriteRequest {
+        let first = (round - 1) * 2 + 1;
+        WriteRequest { group_id: group, ready_number: round, ops: vec![LogOp::Append(entries(first..=first + 1, 1))], reply: reply.clone() }
+    }
+
     #[test]
     fn many_groups_share_syncs_and_every_request_is_answered_once_durable() {
         let disk = SimDisk::new();
@@ -336,13 +342,7 @@ mod group_commit {
                 scope.spawn(move || {
                     for round in 1..=rounds {
                         for group in (1..=groups).filter(|g| g % 4 == producer) {
-                            let first = (round - 1) * 2 + 1;
-                            let request = WriteRequest {
-                                group_id: group,
-                                ready_number: round,
-                                ops: vec![LogOp::Append(entries(first..=first + 1, 1))],
-                                reply: reply.clone(),
-                            };
+                            let request = round_append(group, round, &reply);
                             committer.submit(request).unwrap();
                         }
                     }
@@ -426,13 +426,7 @@ mod group_commit {
                     let reply = reply.clone();
                     std::thread::spawn(move || {
                         for round in 1..=400u64 {
-                            let first = (round - 1) * 2 + 1;
-                            let request = WriteRequest {
-                                group_id: group,
-                                ready_number: round,
-                                ops: vec![LogOp::Append(entries(first..=first + 1, 1))],
-                                reply: reply.clone(),
-                            };
+                            let request = round_append(group, round, &reply);
                             if committer.submit(request).is_err() {
                                 return; // the writer stopped after the power cut
                             }

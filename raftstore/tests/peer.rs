@@ -113,6 +113,26 @@ impl Group {
         }
     }
 
+    /// Lets time pass (every replica ticks, then everything settles) until `done` holds, for at most `ticks_max`
+    /// ticks; returns whether it held.
+    fn tick_until(&mut self, ticks_max: usize, mut done: impl FnMut(&mut Group) -> bool) -> bool {
+        for _ in 0..ticks_max {
+            if done(self) {
+                return true;
+            }
+            for id in 1..=3 {
+                self.node(id).peer.on_tick();
+            }
+            self.settle();
+        }
+        done(self)
+    }
+
+    /// The leader among replicas 2 and 3, if one leads.
+    fn leader_among_2_and_3(&mut self) -> Option<u64> {
+        (2..=3).find(|&id| self.node(id).peer.is_leader())
+    }
+
     /// Ends the slow-disk phase: completes the writes held back, in order, and persists at once from then on.
     fn persist_deferred(&mut self) {
         for (position, request) in self.deferred.take().unwrap_or_default() {
@@ -209,27 +229,12 @@ fn a_write_whose_entry_another_leader_replaced_is_answered_dropped_never_written
     }
     group.settle();
     // Time passes: the majority elects a new leader, which writes at the same index.
-    let mut leader = 0;
-    for _ in 0..100 {
-        for id in 1..=3 {
-            group.node(id).peer.on_tick();
-        }
-        group.settle();
-        if let Some(id) = (2..=3).find(|&id| group.node(id).peer.is_leader()) {
-            leader = id;
-            break;
-        }
-    }
-    assert_ne!(leader, 0, "the majority elected a leader");
+    assert!(group.tick_until(100, |g| g.leader_among_2_and_3().is_some()), "the majority elected a leader");
+    let leader = group.leader_among_2_and_3().expect("checked");
     assert_eq!(group.put(leader, 62, "b", "2"), Response::Written(Outcome::Done));
     // Healed: replica 1 learns the new log; its own proposal did not take effect.
     group.isolated = 0;
-    for _ in 0..30 {
-        for id in 1..=3 {
-            group.node(id).peer.on_tick();
-        }
-        group.settle();
-    }
+    group.tick_until(30, |_| false);
     let leader = (1..=3).find(|&id| group.node(id).peer.is_leader()).expect("a leader");
     assert_eq!(group.put(leader, 63, "c", "3"), Response::Written(Outcome::Done));
     assert_eq!(group.response(61), Response::Failed(PeerError::Dropped));
@@ -319,40 +324,14 @@ fn a_write_at_the_index_of_an_earlier_lost_one_is_answered_written() {
     group.settle();
     // Replica 2 leads meanwhile (its no-op takes X); healed, leadership comes back to replica 1 (its no-op takes
     // X+1), which then writes at X+2 — the index of its third lost write.
-    let mut leader = 0;
-    for _ in 0..100 {
-        for id in 1..=3 {
-            group.node(id).peer.on_tick();
-        }
-        group.settle();
-        if let Some(id) = (2..=3).find(|&id| group.node(id).peer.is_leader()) {
-            leader = id;
-            break;
-        }
-    }
-    assert_ne!(leader, 0);
+    assert!(group.tick_until(100, |g| g.leader_among_2_and_3().is_some()));
+    let leader = group.leader_among_2_and_3().expect("checked");
     let new_term = group.node(leader).peer.term();
     group.isolated = 0;
     // Replica 1 (a stale leader of the old term) learns the new term, then leadership is handed to it.
-    for _ in 0..100 {
-        if group.node(1).peer.term() >= new_term {
-            break;
-        }
-        for id in 1..=3 {
-            group.node(id).peer.on_tick();
-        }
-        group.settle();
-    }
+    group.tick_until(100, |g| g.node(1).peer.term() >= new_term);
     group.node(leader).peer.transfer_leader(1);
-    for _ in 0..100 {
-        if group.node(1).peer.is_leader() && group.node(1).peer.term() > new_term {
-            break;
-        }
-        for id in 1..=3 {
-            group.node(id).peer.on_tick();
-        }
-        group.settle();
-    }
+    group.tick_until(100, |g| g.node(1).peer.is_leader() && g.node(1).peer.term() > new_term);
     assert!(group.node(1).peer.is_leader() && group.node(1).peer.term() > new_term, "leadership came back: {}", group.node(1).peer.debug_state());
     assert_eq!(group.put(1, 94, "c", "new"), Response::Written(Outcome::Done), "the write that happened is answered written");
     for token in [91, 92, 93] {

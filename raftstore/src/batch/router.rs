@@ -67,12 +67,6 @@ impl<F: Fsm> Router<F> {
         }
     }
 
-    /// Sends one message to every FSM (e.g. a node-level event); returns how many mailboxes were full.
-    pub fn broadcast(&self, message: impl Fn() -> F::Message) -> usize {
-        let ids: Vec<u64> = self.mailboxes.read().keys().copied().collect();
-        ids.into_iter().filter(|&id| matches!(self.send(id, message()), Err(SendError::Full(_)))).count()
-    }
-
     pub fn len(&self) -> usize {
         self.mailboxes.read().len()
     }

@@ -39,6 +39,8 @@ impl Transport for NoTransport {
 /// The groups the ticker visits.
 pub type TickingGroups = Arc<parking_lot::Mutex<std::collections::HashSet<u64>>>;
 
+/// One per poller thread (cloned from one template: every field is shared).
+#[derive(Clone)]
 pub struct StoreHandler {
     pub(crate) ticking: TickingGroups,
     pub(crate) log: Arc<dyn LogEngine>,

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::Receiver;
 use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
@@ -85,19 +84,11 @@ impl Store {
         kv: Arc<StateMachine>,
         flusher: Arc<BackgroundFlusher>,
         transport: Arc<dyn Transport>,
-        persisted: (crossbeam_channel::Sender<Persisted>, Receiver<Persisted>),
     ) -> Result<Store, flotilla_raft::Error> {
-        let (persisted_sender, persisted_receiver) = persisted;
+        let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<Persisted>();
         let ticking: handler::TickingGroups = Arc::new(parking_lot::Mutex::new(ranges.iter().map(|r| r.group_id).collect()));
-        let handler_parts = (Arc::clone(&log), Arc::clone(&kv), flusher, transport, persisted_sender);
-        let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| StoreHandler {
-            ticking: Arc::clone(&ticking),
-            log: Arc::clone(&handler_parts.0),
-            kv: Arc::clone(&handler_parts.1),
-            flusher: Arc::clone(&handler_parts.2),
-            transport: Arc::clone(&handler_parts.3),
-            persisted: handler_parts.4.clone(),
-        });
+        let handler = StoreHandler { ticking: Arc::clone(&ticking), log: Arc::clone(&log), kv: Arc::clone(&kv), flusher, transport, persisted };
+        let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| handler.clone());
         let router = system.router().clone();
         for range in ranges {
             let replica = range.replicas.iter().find(|r| r.node_id == options.node_id).map_or(options.node_id, |r| r.replica_id);
