@@ -54,6 +54,9 @@ pub struct Config {
     /// How often each group's log is compacted below what the state machine has made durable, and the WAL
     /// purged. Default 1 s.
     pub maintenance_interval: Duration,
+    /// How far (in entries) a replica may fall behind the others' durable state before they compact their logs
+    /// past it anyway; it then catches up by a snapshot stream instead of the log. Default 10,000.
+    pub log_lag_entries_max: u64,
     pub wal: WalOptions,
     pub state_machine: StateMachineOptions,
     pub store: StoreOptions,
@@ -69,6 +72,7 @@ impl Default for Config {
             value_bytes_max: 8 << 20,
             batch_ops_max: 10_000,
             maintenance_interval: Duration::from_secs(1),
+            log_lag_entries_max: 10_000,
             wal: WalOptions::default(),
             state_machine: StateMachineOptions::default(),
             store: StoreOptions::default(),
@@ -87,6 +91,9 @@ pub enum DbError {
     Busy(String),
     /// No answer in time: a write may or may not have taken effect.
     Timeout,
+    /// The replica that took the write lost track of it (a newer leader's snapshot replaced its log before the
+    /// write applied there): it may or may not have taken effect.
+    OutcomeUnknown,
     /// The storage failed (disk, corruption): the database must be reopened after the cause is fixed.
     Storage(String),
 }
@@ -100,6 +107,7 @@ impl std::fmt::Display for DbError {
             }
             DbError::Busy(why) => write!(f, "busy, retry later: {why}"),
             DbError::Timeout => write!(f, "no answer in time (a write may or may not have taken effect)"),
+            DbError::OutcomeUnknown => write!(f, "the write's outcome was lost with a change of leader (it may or may not have taken effect)"),
             DbError::Storage(what) => write!(f, "storage failure: {what}"),
         }
     }
@@ -275,11 +283,12 @@ impl Db {
     }
 
     /// Compacts each group's log, on every node, below what every replica's state machine has made durable (so
-    /// no replica ever needs entries another has dropped), then purges the WALs.
+    /// no replica needs entries another has dropped) — but never keeping more than `log_lag_entries_max` entries
+    /// below the node's own durable state: a replica further behind catches up by snapshot. Then purges the WALs.
     fn start_maintenance(config: &Config, ranges: &[RangeDescriptor], nodes: &[Node]) -> (crossbeam_channel::Sender<()>, JoinHandle<()>) {
         let (stop, stopped) = bounded::<()>(0);
         let engines: Vec<(Arc<GroupCommitWal>, Arc<StateMachine>)> = nodes.iter().map(|n| (Arc::clone(&n.log), Arc::clone(&n.kv))).collect();
-        let interval = config.maintenance_interval;
+        let (interval, lag_max) = (config.maintenance_interval, config.log_lag_entries_max);
         let groups: Vec<u64> = ranges.iter().map(|r| r.group_id).collect();
         let purge_bytes_max = 2 * config.wal.segment_bytes_max;
         let thread = std::thread::Builder::new()
@@ -288,14 +297,17 @@ impl Db {
                 let (reply, done) = crossbeam_channel::unbounded();
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
                     for &group_id in &groups {
-                        let durable = engines.iter().map(|(_, kv)| kv.durable_applied(group_id).0).min().unwrap_or(0);
-                        for (log, _) in &engines {
-                            // Entries before `durable` go; the one at it stays as a margin (replay starts after it).
-                            if durable <= log.first_index(group_id) {
+                        let lowest = engines.iter().map(|(_, kv)| kv.durable_applied(group_id).0).min().unwrap_or(0);
+                        for (log, kv) in &engines {
+                            let durable = kv.durable_applied(group_id).0;
+                            let keep_from = lowest.max(durable.saturating_sub(lag_max));
+                            // Entries before `keep_from` go; the one at it stays as a margin (replay starts after it).
+                            if keep_from <= log.first_index(group_id) {
                                 continue;
                             }
-                            let Some(base_term) = log.term(group_id, durable - 1) else { continue };
-                            let ops = vec![LogOp::Compact { first_kept_index: durable, base_term }];
+                            // (None: a snapshot's log record is still on its way; next time.)
+                            let Some(base_term) = log.term(group_id, keep_from - 1) else { continue };
+                            let ops = vec![LogOp::Compact { first_kept_index: keep_from, base_term }];
                             if log.submit(WriteRequest { group_id, ready_number: 0, ops, reply: reply.clone() }).is_err() {
                                 return; // the log failed; requests report it
                             }
@@ -365,6 +377,7 @@ impl Db {
             // A leadership transfer refuses proposals for at most about an election timeout: wait it out.
             Some(Err(PeerError::Busy(flotilla_raft::DropReason::Transferring))) if in_time => Attempt::Retry(Duration::from_millis(5)),
             Some(Err(PeerError::Busy(reason))) => Attempt::Fail(DbError::Busy(format!("{reason:?}"))),
+            Some(Err(PeerError::OutcomeUnknown)) => Attempt::Fail(DbError::OutcomeUnknown),
             Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
                 Attempt::Fail(DbError::BatchSpansRanges { first_outside })
             }

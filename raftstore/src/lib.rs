@@ -7,19 +7,19 @@
 //!   (begin / handle / end), the shape every group replica runs in.
 //! - [`command`]: the commands a group's log carries (puts, deletes, compare-and-sets, atomic per command) and
 //!   applying committed entries into one state machine batch plus one outcome per waiting client.
-//! - [`peer`]: one group replica's logic, sans I/O: writes, ReadIndex reads, Readys, apply results (membership,
-//!   snapshots, transfer and hibernation next).
+//! - [`peer`]: one group replica's logic, sans I/O: writes, ReadIndex and lease reads, Readys, apply results,
+//!   snapshot streams, leadership transfer (membership and hibernation next).
+//! - [`message`]: what replicas of a group send each other (Raft messages, snapshot chunks and their acks).
 //! - [`store`]: a node's group replicas in the batch system over the shared log and state machine.
 //! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,
 //!   and the initial layout of an embedded store.
-//!
-//! Peers, apply, reads and the embedded store come next (the raftstore issue).
 
 pub use flotilla_engine as engine;
 pub use flotilla_raft as raft;
 
 pub mod batch;
 pub mod command;
+pub mod message;
 pub mod peer;
 pub mod range;
 pub mod store;

@@ -9,9 +9,11 @@ use crossbeam_channel::{Receiver, Sender};
 use flotilla_engine::kv_engine::{KvEngine, MemKvEngine};
 use flotilla_engine::log_engine::{LogEngine, MemLogEngine};
 use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
-use flotilla_raft::{ConfState, Config, Message};
+use flotilla_engine::wal::record::LogOp;
+use flotilla_raft::{ConfState, Config};
 use flotilla_raftstore::command::{apply_entries, Command, Op, Outcome};
-use flotilla_raftstore::peer::{Peer, PeerError, Response, Token};
+use flotilla_raftstore::message::ReplicaMessage;
+use flotilla_raftstore::peer::{Peer, PeerError, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica};
 
 struct Node {
@@ -25,10 +27,13 @@ struct Node {
 struct Group {
     descriptor: RangeDescriptor,
     nodes: Vec<Node>,
-    network: VecDeque<Message>,
+    network: VecDeque<ReplicaMessage>,
     responses: Vec<(u64, Token, Response)>,
     /// Messages from or to this replica are lost (0: none).
     isolated: u64,
+    /// When set to n, every n-th snapshot chunk sent is lost.
+    chunk_loss_every: Option<u64>,
+    chunks_sent: u64,
     /// When set, log writes wait here (slow disks) until `persist_deferred`.
     deferred: Option<Vec<(usize, WriteRequest)>>,
 }
@@ -38,10 +43,15 @@ fn descriptor() -> RangeDescriptor {
     RangeDescriptor { group_id: 5, start: b"a".to_vec(), end: b"n".to_vec(), epoch: Some(RangeEpoch { version: 1, conf_version: 1 }), replicas }
 }
 
+/// Tiny chunks: a snapshot of a few keys is a stream of many chunks.
+fn snapshot_options() -> SnapshotOptions {
+    SnapshotOptions { chunk_bytes_max: 8, chunks_inflight_max: 3, resend_ticks: 2, timeout_ticks: 12 }
+}
+
 fn open_peer(id: u64, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
     let config = Config::new(id);
     let log: Arc<dyn LogEngine> = Arc::clone(log) as Arc<dyn LogEngine>;
-    Peer::open(config, descriptor(), ConfState { voters: vec![1, 2, 3], ..Default::default() }, log, kv).unwrap()
+    Peer::open(config, snapshot_options(), descriptor(), ConfState { voters: vec![1, 2, 3], ..Default::default() }, log, kv).unwrap()
 }
 
 impl Group {
@@ -54,7 +64,16 @@ impl Group {
                 Node { log, kv, peer, reply, persisted }
             })
             .collect();
-        Group { descriptor: descriptor(), nodes, network: VecDeque::new(), responses: Vec::new(), isolated: 0, deferred: None }
+        Group {
+            descriptor: descriptor(),
+            nodes,
+            network: VecDeque::new(),
+            responses: Vec::new(),
+            isolated: 0,
+            chunk_loss_every: None,
+            chunks_sent: 0,
+            deferred: None,
+        }
     }
 
     /// A group whose replica `leader` has been elected.
@@ -74,7 +93,7 @@ impl Group {
         loop {
             let mut moved = false;
             for (position, node) in self.nodes.iter_mut().enumerate() {
-                let output = node.peer.take_output();
+                let output = node.peer.take_output(&node.kv);
                 if output.is_empty() {
                     continue;
                 }
@@ -101,11 +120,17 @@ impl Group {
             }
             while let Some(message) = self.network.pop_front() {
                 moved = true;
-                if self.isolated != 0 && (message.to == self.isolated || message.from == self.isolated) {
+                if self.isolated != 0 && (message.to() == self.isolated || message.from() == self.isolated) {
                     continue;
                 }
-                let to = message.to;
-                self.node(to).peer.on_message(message).unwrap();
+                if let (ReplicaMessage::Chunk(_), Some(every)) = (&message, self.chunk_loss_every) {
+                    self.chunks_sent += 1;
+                    if self.chunks_sent.is_multiple_of(every) {
+                        continue;
+                    }
+                }
+                let node = self.node(message.to());
+                node.peer.on_message(message, &node.kv).unwrap();
             }
             if !moved {
                 return;
@@ -143,6 +168,18 @@ impl Group {
             }
         }
         self.settle();
+    }
+
+    /// Checkpoints replica `id`'s state machine and drops its whole log up to what that made durable.
+    fn compact(&mut self, id: u64) {
+        let node = self.node(id);
+        node.kv.flush().unwrap();
+        let durable = node.kv.durable_applied(5).0;
+        let base_term = node.log.term(5, durable).unwrap();
+        let ops = vec![LogOp::Compact { first_kept_index: durable + 1, base_term }];
+        node.log.submit(WriteRequest { group_id: 5, ready_number: 0, ops, reply: node.reply.clone() }).unwrap();
+        node.persisted.try_iter().for_each(drop);
+        assert_eq!(node.log.first_index(5), durable + 1);
     }
 
     fn response(&mut self, token: Token) -> Response {
@@ -268,12 +305,12 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
     let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
     let single = RangeDescriptor { replicas: vec![Replica { node_id: 1, replica_id: 1, learner: false }], ..descriptor() };
     let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
-    let mut peer = Peer::open(Config::new(1), single.clone(), ConfState { voters: vec![1], ..Default::default() }, log_engine, &kv).unwrap();
+    let mut peer = Peer::open(Config::new(1), snapshot_options(), single.clone(), ConfState { voters: vec![1], ..Default::default() }, log_engine, &kv).unwrap();
     assert!(peer.needs_ticks(), "not leading yet");
     let (reply, persisted) = crossbeam_channel::unbounded();
     let drive = |peer: &mut Peer| {
         for _ in 0..10 {
-            let output = peer.take_output();
+            let output = peer.take_output(&kv);
             if let Some(write) = output.write {
                 log.submit(WriteRequest { group_id: 5, ready_number: write.ready_number, ops: write.ops, reply: reply.clone() }).unwrap();
                 persisted.try_iter().for_each(|done: Persisted| peer.on_persisted(done.ready_number));
@@ -337,4 +374,87 @@ fn a_write_at_the_index_of_an_earlier_lost_one_is_answered_written() {
     for token in [91, 92, 93] {
         assert_eq!(group.response(token), Response::Failed(PeerError::Dropped));
     }
+}
+
+/// Writes `count` keys `k0…` through replica `leader`, each answered written.
+fn write_keys(group: &mut Group, leader: u64, count: u64, value: &str) {
+    for i in 0..count {
+        assert_eq!(group.put(leader, 1000 + i, &format!("k{i:02}"), value), Response::Written(Outcome::Done));
+    }
+}
+
+fn assert_has_keys(group: &mut Group, id: u64, count: u64, value: &str) {
+    for i in 0..count {
+        let key = format!("k{i:02}");
+        assert_eq!(group.node(id).kv.get(key.as_bytes()).unwrap(), Some(value.as_bytes().to_vec()), "replica {id}, {key}");
+    }
+}
+
+#[test]
+fn a_replica_behind_the_compacted_log_catches_up_by_a_snapshot_stream_despite_lost_chunks() {
+    let mut group = Group::led_by(1);
+    group.isolated = 3;
+    write_keys(&mut group, 1, 20, "v");
+    group.compact(1);
+    group.compact(2);
+    // Replica 3 needs entries nobody holds any more: the leader streams its state machine in 8-byte chunks, three
+    // unacknowledged at most, and every fifth chunk is lost on the way (resends carry the stream on).
+    group.isolated = 0;
+    group.chunk_loss_every = Some(5);
+    let leader_applied = group.node(1).peer.applied_index();
+    assert!(group.tick_until(200, |g| g.node(3).peer.applied_index() >= leader_applied), "replica 3 caught up: {}", group.node(3).peer.debug_state());
+    assert!(group.chunks_sent >= 10, "the snapshot went in many chunks ({})", group.chunks_sent);
+    assert_has_keys(&mut group, 3, 20, "v");
+    assert!(group.node(3).log.first_index(5) > 1, "replica 3's log restarts after the snapshot");
+    // And it goes on replicating normally from there.
+    group.chunk_loss_every = None;
+    assert_eq!(group.put(1, 99, "b", "after"), Response::Written(Outcome::Done));
+    assert_eq!(group.node(3).kv.get(b"b").unwrap(), Some(b"after".to_vec()));
+}
+
+#[test]
+fn a_crash_between_the_state_machine_install_and_its_log_record_is_repaired_at_open() {
+    let mut group = Group::led_by(1);
+    group.isolated = 3;
+    write_keys(&mut group, 1, 10, "v");
+    group.compact(1);
+    group.compact(2);
+    // Slow disks: replica 3 installs the snapshot in its state machine (durably), but the log record that
+    // restarts its log never reaches the disk before it crashes.
+    group.deferred = Some(Vec::new());
+    group.isolated = 0;
+    let leader_applied = group.node(1).peer.applied_index();
+    assert!(group.tick_until(200, |g| g.node(3).kv.durable_applied(5).0 >= leader_applied), "replica 3 installed the snapshot");
+    group.deferred = None; // the waiting writes are lost with the crash
+    let node = group.node(3);
+    node.kv.crash();
+    assert!(node.log.last_index(5) < leader_applied, "the log knows nothing of the snapshot");
+    node.peer = open_peer(3, &node.log, &node.kv);
+    assert_eq!(node.log.first_index(5), leader_applied + 1, "open restarted the log at the installed snapshot");
+    assert_eq!(node.peer.applied_index(), leader_applied);
+    assert_has_keys(&mut group, 3, 10, "v");
+    assert_eq!(group.put(1, 99, "b", "after"), Response::Written(Outcome::Done));
+    // (The leader hears from replica 3 again at the next heartbeat: its answer to the snapshot died with it.)
+    assert!(group.tick_until(20, |g| g.node(3).kv.get(b"b").unwrap().is_some()), "replicating again");
+}
+
+#[test]
+fn a_write_waiting_on_a_replica_whose_log_a_snapshot_replaces_is_answered_unknown() {
+    let mut group = Group::led_by(1);
+    group.put(1, 60, "b", "1");
+    // Leader 1 is cut off with a write in its log; the majority moves on and compacts past it.
+    group.isolated = 1;
+    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "lost")] };
+    group.node(1).peer.propose(61, command);
+    group.settle();
+    assert!(group.tick_until(100, |g| g.leader_among_2_and_3().is_some()));
+    let leader = group.leader_among_2_and_3().expect("checked");
+    write_keys(&mut group, leader, 5, "v");
+    group.compact(2);
+    group.compact(3);
+    // Healed: replica 1 can only catch up by snapshot, which cannot tell whether its write is in it.
+    group.isolated = 0;
+    assert!(group.tick_until(200, |g| g.responses.iter().any(|(_, token, _)| *token == 61)));
+    assert_eq!(group.response(61), Response::Failed(PeerError::OutcomeUnknown));
+    assert_has_keys(&mut group, 1, 5, "v");
 }

@@ -5,7 +5,9 @@
 //!
 //! **Fault phase**: message loss, duplication and reordering, one-way partitions, slow disks (a Ready's write
 //! waits before it is durable), node crashes (sometimes in the middle of a write, tearing it) and restarts,
-//! clock-rate differences of a few percent, state machine checkpoints at random, leadership transfers. **Calm phase**: the network
+//! clock-rate differences of a few percent, state machine checkpoints at random, leadership transfers, log
+//! compactions that leave lagging replicas to catch up by snapshot streams (small chunks, so that streams lose,
+//! duplicate and reorder chunks too). **Calm phase**: the network
 //! heals, every node runs, clients finish; then every group must elect a leader, serve a write, and all its
 //! replicas must converge on the same data.
 //!
@@ -27,9 +29,11 @@ use flotilla_engine::redb_sim::SimRedbBackend;
 use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
 use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 use flotilla_engine::wal::{Wal, WalOptions};
-use flotilla_raft::{ConfState, Config, Message, ReadMode};
+use flotilla_engine::wal::record::LogOp;
+use flotilla_raft::{ConfState, Config, ReadMode};
 use flotilla_raftstore::command::{apply_entries, Command, Op, Outcome as Applied};
-use flotilla_raftstore::peer::{LogWrite, Peer, PeerError, Response, Token};
+use flotilla_raftstore::message::ReplicaMessage;
+use flotilla_raftstore::peer::{LogWrite, Peer, PeerError, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 
 use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
@@ -62,6 +66,23 @@ pub struct StoreSimReport {
     pub torn_writes: u64,
     pub transfers: u64,
     pub messages: u64,
+    pub compactions: u64,
+    /// Snapshots installed (streams that ended in a replica taking the snapshot).
+    pub snapshot_installs: u64,
+}
+
+impl StoreSimReport {
+    /// Adds another run's counts (for totals over many seeds).
+    pub fn add(&mut self, other: &StoreSimReport) {
+        self.operations += other.operations;
+        self.unknown += other.unknown;
+        self.crashes += other.crashes;
+        self.torn_writes += other.torn_writes;
+        self.transfers += other.transfers;
+        self.messages += other.messages;
+        self.compactions += other.compactions;
+        self.snapshot_installs += other.snapshot_installs;
+    }
 }
 
 #[derive(Debug)]
@@ -115,7 +136,7 @@ struct Sim {
     ranges: Vec<RangeDescriptor>,
     keys: Vec<Vec<Vec<u8>>>,
     /// Messages in flight: (due step, group, message).
-    network: Vec<(u64, u64, Message)>,
+    network: Vec<(u64, u64, ReplicaMessage)>,
     /// One-way cuts: (from node, to node).
     cuts: BTreeSet<(u64, u64)>,
     ops: Vec<ClientOp>,
@@ -143,6 +164,11 @@ fn wal_options() -> WalOptions {
 
 fn machine_options() -> StateMachineOptions {
     StateMachineOptions { memtable_bytes_max: 4 << 10, block_bytes_max: 512, compaction_fanout: 2, runs_max: 4, cache_bytes: 1 << 20 }
+}
+
+/// Chunks of a few pairs: streams of many chunks, so that the window, resends and timeouts all run.
+fn snapshot_options() -> SnapshotOptions {
+    SnapshotOptions { chunk_bytes_max: 256, chunks_inflight_max: 2, resend_ticks: 3, timeout_ticks: 20 }
 }
 
 fn hash(bytes: &[u8]) -> u64 {
@@ -211,7 +237,7 @@ impl Sim {
                 ..Config::default()
             };
             let conf_state = ConfState { voters: voters.clone(), ..Default::default() };
-            let peer = Peer::open(config, range.clone(), conf_state, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
+            let peer = Peer::open(config, snapshot_options(), range.clone(), conf_state, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
             peers.insert(range.group_id, peer);
         }
         let (reply, persisted) = unbounded();
@@ -256,13 +282,16 @@ impl Sim {
             for group in groups {
                 let output = {
                     let running = self.nodes[position].running.as_mut().expect("running");
-                    running.peers.get_mut(&group).expect("peer").take_output()
+                    running.peers.get_mut(&group).expect("peer").take_output(&running.kv)
                 };
                 if output.is_empty() {
                     continue;
                 }
                 moved = true;
                 if let Some(write) = output.write {
+                    if write.ops.iter().any(|op| matches!(op, LogOp::Snapshot { .. })) {
+                        self.report.snapshot_installs += 1;
+                    }
                     self.nodes[position].running.as_mut().expect("running").disk_queue.push_back((group, write));
                     if !slow_disk {
                         self.persist_one(position)?;
@@ -329,9 +358,9 @@ impl Sim {
         Ok(())
     }
 
-    fn send(&mut self, group: u64, message: Message) {
+    fn send(&mut self, group: u64, message: ReplicaMessage) {
         if self.trace {
-            println!("step {} group {group}: sent {:?} {}->{} term={}", self.step, message.msg_type(), message.from, message.to, message.term);
+            println!("step {} group {group}: sent {}", self.step, describe_message(&message));
         }
         if self.faults && self.rng.chance_per_mille(30) {
             return; // lost
@@ -365,32 +394,38 @@ impl Sim {
         Ok(())
     }
 
-    fn deliver(&mut self, group: u64, message: Message) -> SimResult<()> {
-        if self.cuts.contains(&(message.from, message.to)) {
+    fn deliver(&mut self, group: u64, message: ReplicaMessage) -> SimResult<()> {
+        if self.cuts.contains(&(message.from(), message.to())) {
             return Ok(());
         }
-        let position = (message.to - 1) as usize;
+        let position = (message.to() - 1) as usize;
         if self.trace {
             let up = self.nodes[position].running.is_some();
-            println!(
-                "step {} group {group}: {:?} {}->{} term={} index={} log_term={} commit={} reject={}{}",
-                self.step,
-                message.msg_type(),
-                message.from,
-                message.to,
-                message.term,
-                message.index,
-                message.log_term,
-                message.commit,
-                message.reject,
-                if up { "" } else { " (to a down node)" }
-            );
+            println!("step {} group {group}: {}{}", self.step, describe_message(&message), if up { "" } else { " (to a down node)" });
         }
         let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
         self.report.messages += 1;
         // An invalid message (e.g. from before a restart) is refused by the core; nothing to do.
-        let _ = running.peers.get_mut(&group).expect("peer").on_message(message);
+        let _ = running.peers.get_mut(&group).expect("peer").on_message(message, &running.kv);
         self.drive(position)
+    }
+
+    /// Compacts one group's log on a node below what its state machine holds durably, keeping a few entries or
+    /// none: replicas further behind can then only catch up by snapshot.
+    fn compact_log(&mut self, position: usize) {
+        let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
+        let keep = self.rng.below(16);
+        let Some(running) = self.nodes[position].running.as_mut() else { return };
+        let last_dropped = running.kv.durable_applied(group).0.saturating_sub(keep);
+        if last_dropped < running.log.first_index(group) {
+            return;
+        }
+        // (Nothing to do while an installed snapshot's log record is still on its way to the disk.)
+        let Some(base_term) = running.log.term(group, last_dropped) else { return };
+        let ops = vec![LogOp::Compact { first_kept_index: last_dropped + 1, base_term }];
+        // A failed write (the disk is off mid-crash) leaves the log as it was.
+        let _ = running.log.submit(WriteRequest { group_id: group, ready_number: 0, ops, reply: unbounded().0 });
+        self.report.compactions += 1;
     }
 
     fn tick(&mut self) -> SimResult<()> {
@@ -485,6 +520,10 @@ impl Sim {
             (Call::CompareAndSet { .. }, Response::Written(Applied::Done)) => Some(Outcome::Swapped(true)),
             (Call::CompareAndSet { .. }, Response::Written(Applied::PreconditionFailed { .. })) => Some(Outcome::Swapped(false)),
             (_, Response::Written(Applied::Done)) => Some(Outcome::Done),
+            (_, Response::Failed(PeerError::OutcomeUnknown)) => {
+                self.finish(index); // may or may not have happened: the history keeps it unknown
+                return;
+            }
             (_, Response::Failed(PeerError::NotLeader { leader })) => {
                 let client = self.ops[index].operation.client as usize;
                 let next = if leader != 0 { leader } else { self.rng.range(1, self.nodes.len() as u64) };
@@ -611,6 +650,10 @@ impl Sim {
                 }
             }
             806..=809 => self.cuts.clear(),
+            905..=934 => {
+                let position = self.rng.below(self.nodes.len() as u64) as usize;
+                self.compact_log(position);
+            }
             900..=904 => {
                 // A leadership transfer, wherever a leader is found (during faults it may not complete).
                 let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
@@ -710,6 +753,33 @@ impl Sim {
             }
         }
         Ok(())
+    }
+}
+
+fn describe_message(message: &ReplicaMessage) -> String {
+    match message {
+        ReplicaMessage::Raft(m) => format!(
+            "{:?} {}->{} term={} index={} log_term={} commit={} reject={}",
+            m.msg_type(),
+            m.from,
+            m.to,
+            m.term,
+            m.index,
+            m.log_term,
+            m.commit,
+            m.reject
+        ),
+        ReplicaMessage::Chunk(c) => format!(
+            "SnapshotChunk {}->{} term={} stream={} seq={} bytes={}{}",
+            c.from,
+            c.to,
+            c.term,
+            c.stream_id,
+            c.sequence,
+            c.data.len(),
+            c.message.as_ref().map_or(String::new(), |m| format!(" last (index {})", m.snapshot.as_ref().map_or(0, |s| s.index())))
+        ),
+        ReplicaMessage::Ack(a) => format!("SnapshotAck {}->{} term={} stream={} received={} rejected={}", a.from, a.to, a.term, a.stream_id, a.received, a.rejected),
     }
 }
 

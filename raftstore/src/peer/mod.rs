@@ -7,14 +7,18 @@
 //! - [`storage`]: the core's `Storage` over the node's shared log;
 //! - `propose.rs`: client writes (range and leadership checked, tracked until applied);
 //! - `read.rs`: linearizable reads (ReadIndex), answered once the state machine has caught up;
-//! - `ready.rs`: turning the core's Ready into output, and applied results into responses.
+//! - `ready.rs`: turning the core's Ready into output, and applied results into responses;
+//! - `snapshot.rs`: snapshot streams to and from other replicas, installs, and their crash repair.
 //!
-//! Not yet here (next slices of the raftstore issue): membership changes, snapshot send/install, leadership
-//! transfer, hibernation.
+//! Operations that read or write the state machine take it as an argument (`&dyn KvEngine`): the peer owns no
+//! engine, so the simulator hands it the same engines production does.
+//!
+//! Not yet here (next slices of the raftstore issue): membership changes, hibernation.
 
 mod propose;
 mod read;
 mod ready;
+mod snapshot;
 pub mod storage;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -23,11 +27,13 @@ use std::sync::Arc;
 use flotilla_engine::kv_engine::KvEngine;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::wal::record::LogOp;
-use flotilla_raft::{ConfState, Config, DropReason, Entry, Message, RawNode, StateRole};
+use flotilla_raft::{ConfState, Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
+pub use snapshot::SnapshotOptions;
 pub use storage::PeerStorage;
 
 use crate::command::Outcome;
+use crate::message::ReplicaMessage;
 use crate::range::{RangeDescriptor, RangeError};
 
 /// The caller's name for a waiting client request (unique per peer while it waits).
@@ -45,6 +51,9 @@ pub enum PeerError {
     Range(RangeError),
     /// The write's entry was replaced by another leader's: it did not take effect.
     Dropped,
+    /// The replica's log was replaced by a snapshot before the write's entry applied here: it may or may not have
+    /// taken effect.
+    OutcomeUnknown,
 }
 
 /// What a waiting client is told.
@@ -71,7 +80,7 @@ pub struct LogWrite {
 pub struct PeerOutput {
     pub write: Option<LogWrite>,
     /// May be sent at once (they never depend on the unpersisted part of `write`).
-    pub messages: Vec<Message>,
+    pub messages: Vec<ReplicaMessage>,
     /// Committed entries to apply, in order.
     pub committed: Vec<Entry>,
     pub responses: Vec<(Token, Response)>,
@@ -107,25 +116,41 @@ pub struct Peer {
     responses: Vec<(Token, Response)>,
     applied_index: u64,
     role: StateRole,
+    streams: snapshot::Streams,
+    /// Messages produced outside `take_output` (snapshot chunks and acknowledgements), sent with the next output.
+    outbox: Vec<ReplicaMessage>,
 }
 
 impl Peer {
     /// Opens replica `config.id` of the group `descriptor` names, restarting from what the engines hold: the
     /// log's hard state and entries, and the state machine's applied index (the core hands out again every
-    /// committed entry after it). `conf_state` is the configuration as of that applied index.
+    /// committed entry after it). `conf_state` is the configuration as of that applied index. A snapshot install
+    /// that a crash interrupted between the state machine and the log is completed first (see `snapshot.rs`).
     pub fn open(
         mut config: Config,
+        snapshot_options: SnapshotOptions,
         descriptor: RangeDescriptor,
         conf_state: ConfState,
         log: Arc<dyn LogEngine>,
         kv: &dyn KvEngine,
     ) -> Result<Peer, flotilla_raft::Error> {
+        snapshot::repair_interrupted_install(descriptor.group_id, log.as_ref(), kv)?;
         let applied_index = kv.applied(descriptor.group_id).0;
         config.applied_index = applied_index;
         let storage = PeerStorage::new(descriptor.group_id, log, conf_state);
         let raw = RawNode::new(config, storage)?;
         let role = raw.raft.role;
-        Ok(Peer { raw, descriptor, writes: BTreeMap::new(), reads: VecDeque::new(), responses: Vec::new(), applied_index, role })
+        Ok(Peer {
+            raw,
+            descriptor,
+            writes: BTreeMap::new(),
+            reads: VecDeque::new(),
+            responses: Vec::new(),
+            applied_index,
+            role,
+            streams: snapshot::Streams::new(snapshot_options),
+            outbox: Vec::new(),
+        })
     }
 
     pub fn group_id(&self) -> u64 {
@@ -173,6 +198,7 @@ impl Peer {
 
     pub fn on_tick(&mut self) {
         self.raw.tick();
+        self.tick_snapshot_streams();
     }
 
     /// Whether time must reach this replica. A group whose only member is this replica, once it leads and has
@@ -182,7 +208,7 @@ impl Peer {
     pub fn needs_ticks(&self) -> bool {
         let raft = &self.raw.raft;
         let alone = raft.tracker.config.member_ids().into_iter().eq([raft.id]);
-        !(alone && self.is_leader() && self.reads.is_empty() && self.writes.is_empty())
+        !(alone && self.is_leader() && self.reads.is_empty() && self.writes.is_empty() && self.streams.is_idle())
     }
 
     /// Starts an election now (tests and leadership placement).
@@ -198,9 +224,24 @@ impl Peer {
         }
     }
 
-    /// A message from another replica of the group. Invalid ones are refused with the core's error.
-    pub fn on_message(&mut self, message: Message) -> Result<(), flotilla_raft::Error> {
-        self.raw.step(message)
+    /// A message from another replica of the group. Invalid ones are refused with the core's error. Snapshot
+    /// chunks are written to `kv` as they arrive.
+    pub fn on_message(&mut self, message: ReplicaMessage, kv: &dyn KvEngine) -> Result<(), flotilla_raft::Error> {
+        match message {
+            // A snapshot's metadata alone is not a snapshot: it only comes as the last chunk of a stream.
+            ReplicaMessage::Raft(message) if message.msg_type() == MessageType::Snapshot => {
+                Err(flotilla_raft::Error::InvalidMessage("a snapshot message outside a snapshot stream"))
+            }
+            ReplicaMessage::Raft(message) => self.raw.step(message),
+            ReplicaMessage::Chunk(chunk) => {
+                self.on_snapshot_chunk(chunk, kv);
+                Ok(())
+            }
+            ReplicaMessage::Ack(ack) => {
+                self.on_snapshot_ack(ack);
+                Ok(())
+            }
+        }
     }
 
     fn not_leader(&self) -> PeerError {

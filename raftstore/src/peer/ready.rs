@@ -1,21 +1,27 @@
 //! The core's Ready turned into [`PeerOutput`], and applied results turned into client responses.
 
+use flotilla_engine::kv_engine::KvEngine;
 use flotilla_engine::wal::record::LogOp;
-use flotilla_raft::StateRole;
+use flotilla_raft::{MessageType, StateRole};
 
 use std::collections::BTreeMap;
 
 use super::{LogWrite, Peer, PeerError, PeerOutput, Response};
 use crate::command::Applied;
+use crate::message::ReplicaMessage;
 
 impl Peer {
-    /// Everything the caller must do now (empty if nothing).
-    pub fn take_output(&mut self) -> PeerOutput {
+    /// Everything the caller must do now (empty if nothing). `kv` is the node's state machine: a snapshot the
+    /// core took is installed into it (durably, before the returned log write), and snapshot streams read it.
+    pub fn take_output(&mut self, kv: &dyn KvEngine) -> PeerOutput {
         let mut output = PeerOutput::default();
+        self.abort_dropped_install(kv);
         if self.raw.has_ready() {
             let ready = self.raw.ready();
-            assert!(ready.snapshot.is_none(), "snapshot install is not supported yet (the next slice of the peer)");
             let mut ops = Vec::new();
+            if let Some(snapshot) = &ready.snapshot {
+                ops.push(self.finish_snapshot_install(snapshot, kv));
+            }
             if !ready.entries.is_empty() {
                 ops.push(LogOp::Append(ready.entries));
             }
@@ -32,16 +38,25 @@ impl Peer {
             } else {
                 output.write = Some(LogWrite { ready_number: ready.number, ops, must_sync: ready.must_sync });
             }
-            output.messages = ready.messages;
+            for message in ready.messages {
+                if message.msg_type() == MessageType::Snapshot {
+                    self.start_snapshot_stream(message, kv);
+                } else {
+                    output.messages.push(ReplicaMessage::Raft(message));
+                }
+            }
             output.committed = ready.committed_entries;
             self.on_read_states(ready.read_states);
             if let Some(soft_state) = ready.soft_state {
                 if self.role == StateRole::Leader && soft_state.role != StateRole::Leader {
                     self.fail_unconfirmed_reads();
+                    self.drop_snapshot_streams();
                 }
                 self.role = soft_state.role;
             }
         }
+        self.pump_snapshot_streams();
+        output.messages.append(&mut self.outbox);
         output.responses = std::mem::take(&mut self.responses);
         output
     }

@@ -2,8 +2,10 @@
 //! ([`LogEngine`]) plus what the peer knows of its configuration and of the latest snapshot it can serve.
 //!
 //! The core never writes through it: the peer submits a Ready's writes to the log engine and reports them with
-//! `on_persisted`. Snapshot *data* never goes through the core either: `snapshot()` returns the metadata (index,
-//! term, configuration) of what the state machine can stream, and the peer streams the range itself, in chunks.
+//! `on_persisted`. Snapshot *data* never goes through the core either: `snapshot()` answers metadata only — the
+//! log's compaction point, which the state machine holds durably — and the peer streams the range itself, in
+//! chunks, from the state machine's view at or after that point, with that view's index and term
+//! (`peer/snapshot.rs`).
 
 use std::sync::Arc;
 
@@ -16,22 +18,15 @@ pub struct PeerStorage {
     log: Arc<dyn LogEngine>,
     /// The configuration as of the applied index the replica restarts from (config takes effect on apply).
     conf_state: ConfState,
-    /// The latest snapshot the state machine can serve (its durable applied state).
-    snapshot: SnapshotMetadata,
 }
 
 impl PeerStorage {
     pub fn new(group_id: u64, log: Arc<dyn LogEngine>, conf_state: ConfState) -> PeerStorage {
-        PeerStorage { group_id, log, conf_state, snapshot: SnapshotMetadata::default() }
+        PeerStorage { group_id, log, conf_state }
     }
 
     pub fn set_conf_state(&mut self, conf_state: ConfState) {
         self.conf_state = conf_state;
-    }
-
-    /// Records what the state machine can now stream as a snapshot (it must be at or after the log's start).
-    pub fn set_snapshot(&mut self, metadata: SnapshotMetadata) {
-        self.snapshot = metadata;
     }
 
     pub fn group_id(&self) -> u64 {
@@ -75,11 +70,16 @@ impl Storage for PeerStorage {
         Ok(self.log.last_index(self.group_id))
     }
 
+    /// The compaction point: the state machine holds everything up to it durably (the log is compacted only
+    /// below that), so a snapshot at or after it can always be streamed.
     fn snapshot(&self, request_index: u64) -> StorageResult<Snapshot> {
-        if self.snapshot.index < request_index || self.snapshot.index == 0 {
+        let index = self.log.first_index(self.group_id) - 1;
+        if index == 0 || index < request_index {
             return Err(StorageError::SnapshotTemporarilyUnavailable);
         }
-        Ok(Snapshot { metadata: Some(self.snapshot.clone()), data: Default::default() })
+        let term = self.term(index)?;
+        let metadata = SnapshotMetadata { index, term, conf_state: Some(self.conf_state.clone()) };
+        Ok(Snapshot { metadata: Some(metadata), data: Default::default() })
     }
 }
 
@@ -135,11 +135,16 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_are_metadata_of_what_the_state_machine_can_stream() {
-        let mut storage = PeerStorage::new(1, Arc::new(MemLogEngine::new()), ConfState::default());
-        assert_eq!(storage.snapshot(0), Err(StorageError::SnapshotTemporarilyUnavailable), "nothing to stream yet");
-        let metadata = SnapshotMetadata { index: 10, term: 3, conf_state: Some(ConfState { voters: vec![1], ..Default::default() }) };
-        storage.set_snapshot(metadata.clone());
+    fn snapshots_are_metadata_at_the_compaction_point() {
+        let log: Arc<dyn LogEngine> = Arc::new(MemLogEngine::new());
+        let voters = ConfState { voters: vec![1], ..Default::default() };
+        let storage = PeerStorage::new(1, Arc::clone(&log), voters.clone());
+        assert_eq!(storage.snapshot(0), Err(StorageError::SnapshotTemporarilyUnavailable), "nothing compacted yet");
+        let (reply, _persisted) = unbounded();
+        let write = |ops: Vec<LogOp>| log.submit(WriteRequest { group_id: 1, ready_number: 1, ops, reply: reply.clone() }).unwrap();
+        write(vec![LogOp::Append(entries(1..=12, 3))]);
+        write(vec![LogOp::Compact { first_kept_index: 11, base_term: 3 }]);
+        let metadata = SnapshotMetadata { index: 10, term: 3, conf_state: Some(voters) };
         assert_eq!(storage.snapshot(8).unwrap().metadata, Some(metadata));
         assert_eq!(storage.snapshot(11), Err(StorageError::SnapshotTemporarilyUnavailable));
     }

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 
 use flotilla_engine::kv_engine::KvEngine;
 use flotilla_engine::state_machine::KeyValue;
-use flotilla_raft::{Entry, Message};
+use flotilla_raft::Entry;
 
 use crate::batch::Fsm;
 use crate::command::{Command, Outcome};
+use crate::message::ReplicaMessage;
 use crate::peer::{Peer, PeerError, Response, Token};
 
 /// A read served once the group confirms it is current.
@@ -31,8 +32,9 @@ pub type ReadReply = oneshot::Sender<Result<ReadResult, PeerError>>;
 
 /// Everything that reaches a group replica.
 pub enum PeerMsg {
-    /// Boxed: a Raft message is several times larger than every other variant, and mailboxes hold many.
-    Raft(Box<Message>),
+    /// From another replica of the group. Boxed: it is several times larger than every other variant, and
+    /// mailboxes hold many.
+    Replica(Box<ReplicaMessage>),
     Write { command: Command, reply: WriteReply },
     Read { request: ReadRequest, reply: ReadReply },
     /// The log engine made the Ready numbered so durable.
@@ -68,12 +70,12 @@ impl PeerFsm {
         self.next_token
     }
 
-    /// Feeds one message to the peer.
-    pub(crate) fn on_message(&mut self, message: PeerMsg) {
+    /// Feeds one message to the peer (snapshot chunks are written to `kv`).
+    pub(crate) fn on_message(&mut self, message: PeerMsg, kv: &dyn KvEngine) {
         match message {
-            PeerMsg::Raft(message) => {
+            PeerMsg::Replica(message) => {
                 // An invalid message (a bug or a stray from another incarnation) is dropped; the core said why.
-                let _ = self.peer.on_message(*message);
+                let _ = self.peer.on_message(*message, kv);
             }
             PeerMsg::Write { command, reply } => {
                 metrics::counter!("flotilla_proposals_total").increment(1);

@@ -15,24 +15,24 @@ use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
 use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
-use flotilla_raft::Message;
 
 use super::fsm::{PeerFsm, PeerMsg};
 use crate::batch::PollHandler;
 use crate::command::apply_entries;
+use crate::message::ReplicaMessage;
 use crate::peer::PeerOutput;
 
 /// Where a group's Raft messages go (another node, or another store in this process).
 pub trait Transport: Send + Sync + 'static {
-    fn send(&self, group_id: u64, message: Message);
+    fn send(&self, group_id: u64, message: ReplicaMessage);
 }
 
 /// For a node whose groups have one replica each: nothing ever leaves it.
 pub struct NoTransport;
 
 impl Transport for NoTransport {
-    fn send(&self, group_id: u64, message: Message) {
-        debug_assert!(false, "group {group_id} has a message for replica {} but this node has no transport", message.to);
+    fn send(&self, group_id: u64, message: ReplicaMessage) {
+        debug_assert!(false, "group {group_id} has a message for replica {} but this node has no transport", message.to());
     }
 }
 
@@ -53,7 +53,8 @@ pub struct StoreHandler {
 impl StoreHandler {
     fn carry_out(&self, fsm: &mut PeerFsm, output: PeerOutput) {
         let group_id = fsm.peer.group_id();
-        if output.messages.iter().any(|m| m.msg_type() == flotilla_raft::MessageType::RequestVote) {
+        let is_vote = |m: &ReplicaMessage| matches!(m, ReplicaMessage::Raft(m) if m.msg_type() == flotilla_raft::MessageType::RequestVote);
+        if output.messages.iter().any(is_vote) {
             metrics::counter!("flotilla_elections_total").increment(1);
         }
         if let Some(write) = output.write {
@@ -84,9 +85,9 @@ impl StoreHandler {
 impl PollHandler<PeerFsm> for StoreHandler {
     fn handle(&mut self, fsm: &mut PeerFsm, messages: &mut Vec<PeerMsg>) {
         for message in messages.drain(..) {
-            fsm.on_message(message);
+            fsm.on_message(message, self.kv.as_ref());
         }
-        let output = fsm.peer.take_output();
+        let output = fsm.peer.take_output(self.kv.as_ref());
         self.carry_out(fsm, output);
     }
 
@@ -123,7 +124,7 @@ impl StoreHandler {
         for (position, last, outcomes) in applied {
             let fsm = &mut fsms[position];
             fsm.peer.on_applied(last, outcomes);
-            let output = fsm.peer.take_output();
+            let output = fsm.peer.take_output(self.kv.as_ref());
             self.carry_out(fsm, output);
         }
     }

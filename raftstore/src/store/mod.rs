@@ -25,7 +25,7 @@ pub use handler::{NoTransport, StoreHandler, Transport};
 pub use transport::InProcessTransport;
 
 use crate::batch::{BatchOptions, BatchSystem, Router, SendError};
-use crate::peer::Peer;
+use crate::peer::{Peer, SnapshotOptions};
 use crate::range::RangeDescriptor;
 
 /// Settings of a store.
@@ -40,6 +40,8 @@ pub struct StoreOptions {
     pub tick_interval: Duration,
     /// This node's id (replica ids of its groups are taken from the descriptors).
     pub node_id: u64,
+    /// Snapshot streams to and from lagging replicas (chunk size, window, timeouts).
+    pub snapshot: SnapshotOptions,
 }
 
 impl Default for StoreOptions {
@@ -49,6 +51,7 @@ impl Default for StoreOptions {
             raft: Config { read_mode: ReadMode::LeaseBased, ..Config::default() },
             tick_interval: Duration::from_millis(100),
             node_id: 1,
+            snapshot: SnapshotOptions::default(),
         }
     }
 }
@@ -96,7 +99,7 @@ impl Store {
             let learners = range.replicas.iter().filter(|r| r.learner).map(|r| r.replica_id).collect();
             let conf_state = ConfState { voters, learners, ..Default::default() };
             let config = Config { id: replica, random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica, ..options.raft.clone() };
-            let peer = Peer::open(config, range.clone(), conf_state, Arc::clone(&log), kv.as_ref())?;
+            let peer = Peer::open(config, options.snapshot.clone(), range.clone(), conf_state, Arc::clone(&log), kv.as_ref())?;
             assert!(router.register(range.group_id, Box::new(PeerFsm::new(peer))).is_ok(), "group {} twice", range.group_id);
         }
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);

@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 
-use flotilla_raft::Message;
 use parking_lot::RwLock;
 
 use super::fsm::{PeerFsm, PeerMsg};
 use super::handler::Transport;
 use crate::batch::Router;
+use crate::message::ReplicaMessage;
 
 #[derive(Default)]
 pub struct InProcessTransport {
@@ -35,9 +35,9 @@ impl InProcessTransport {
 }
 
 impl Transport for InProcessTransport {
-    fn send(&self, group_id: u64, message: Message) {
-        let router = self.nodes.read().get(&message.to).cloned();
-        let delivered = router.is_some_and(|router| router.send(group_id, PeerMsg::Raft(Box::new(message))).is_ok());
+    fn send(&self, group_id: u64, message: ReplicaMessage) {
+        let router = self.nodes.read().get(&message.to()).cloned();
+        let delivered = router.is_some_and(|router| router.send(group_id, PeerMsg::Replica(Box::new(message))).is_ok());
         if !delivered {
             metrics::counter!("flotilla_transport_dropped_total").increment(1);
         }

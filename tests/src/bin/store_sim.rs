@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use flotilla_tests::seed_runs::{panic_reason, SeedArgs};
-use flotilla_tests::store_sim::{run, StoreSimFailure, StoreSimOptions};
+use flotilla_tests::store_sim::{run, StoreSimFailure, StoreSimOptions, StoreSimReport};
 
 #[derive(Parser)]
 #[command(about = "Deterministic simulation of Flotilla's multi-group store, checked for linearizability")]
@@ -26,18 +26,14 @@ fn main() -> ExitCode {
     let steps = args.steps.unwrap_or(StoreSimOptions::new(0).fault_steps);
     let seeds = args.list();
     let started = Instant::now();
-    let (mut operations, mut unknown, mut crashes, mut torn, mut transfers) = (0, 0, 0, 0, 0);
+    let mut total = StoreSimReport::default();
     for &seed in &seeds {
         let options = StoreSimOptions { fault_steps: steps, trace: args.trace, ..StoreSimOptions::new(seed) };
         let outcome = std::panic::catch_unwind(|| run(&options))
             .unwrap_or_else(|panic| Err(StoreSimFailure { seed, step: 0, reason: format!("panicked: {}", panic_reason(panic)) }));
         match outcome {
             Ok(report) => {
-                operations += report.operations;
-                unknown += report.unknown;
-                crashes += report.crashes;
-                torn += report.torn_writes;
-                transfers += report.transfers;
+                total.add(&report);
                 if args.verbose {
                     println!("seed {seed}: {report:?}");
                 }
@@ -51,9 +47,16 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "store-sim: {} seeds clean in {:.1}s ({operations} client operations checked for linearizability, {unknown} with unknown outcome, {crashes} node crashes, {torn} torn writes, {transfers} leadership transfers)",
+        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability, {} with unknown outcome, {} node crashes, {} torn writes, {} leadership transfers, {} log compactions, {} snapshots installed)",
         seeds.len(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        total.operations,
+        total.unknown,
+        total.crashes,
+        total.torn_writes,
+        total.transfers,
+        total.compactions,
+        total.snapshot_installs
     );
     println!("store-sim: {} passed, 0 failed", seeds.len());
     ExitCode::SUCCESS

@@ -1,0 +1,76 @@
+//! What one replica of a group sends another: the Raft core's messages, and the snapshot streams that run beside
+//! the core (snapshot *data* never goes through it; see `peer/snapshot.rs`). Prost messages, so that the node
+//! router can put them on the wire as they are.
+
+use bytes::Bytes;
+use flotilla_raft::Message;
+
+/// One chunk of a snapshot stream, from the leader's replica to a lagging one.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotChunk {
+    #[prost(uint64, tag = "1")]
+    pub from: u64,
+    #[prost(uint64, tag = "2")]
+    pub to: u64,
+    /// The sender's term: a stream of a deposed leader is refused.
+    #[prost(uint64, tag = "3")]
+    pub term: u64,
+    /// Names one stream of the sender within its term (a new stream replaces an unfinished one).
+    #[prost(uint64, tag = "4")]
+    pub stream_id: u64,
+    /// 0, 1, 2, … within the stream.
+    #[prost(uint64, tag = "5")]
+    pub sequence: u64,
+    /// The state machine's encoded chunk (checksummed; `flotilla_engine::snapshot`).
+    #[prost(bytes = "bytes", tag = "6")]
+    pub data: Bytes,
+    /// On the last chunk only: the core's snapshot message (index, term, configuration), stepped once every chunk
+    /// is in.
+    #[prost(message, optional, tag = "7")]
+    pub message: Option<Message>,
+}
+
+/// The receiver's answer to a snapshot stream (flow control and completion).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotAck {
+    #[prost(uint64, tag = "1")]
+    pub from: u64,
+    #[prost(uint64, tag = "2")]
+    pub to: u64,
+    #[prost(uint64, tag = "3")]
+    pub term: u64,
+    #[prost(uint64, tag = "4")]
+    pub stream_id: u64,
+    /// How many chunks of the stream arrived in order (all of them: the stream is done).
+    #[prost(uint64, tag = "5")]
+    pub received: u64,
+    /// The receiver gave the stream up (stale, damaged, or it cannot install now): the sender stops.
+    #[prost(bool, tag = "6")]
+    pub rejected: bool,
+}
+
+/// Everything that travels between two replicas of one group.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReplicaMessage {
+    Raft(Message),
+    Chunk(SnapshotChunk),
+    Ack(SnapshotAck),
+}
+
+impl ReplicaMessage {
+    pub fn from(&self) -> u64 {
+        match self {
+            ReplicaMessage::Raft(message) => message.from,
+            ReplicaMessage::Chunk(chunk) => chunk.from,
+            ReplicaMessage::Ack(ack) => ack.from,
+        }
+    }
+
+    pub fn to(&self) -> u64 {
+        match self {
+            ReplicaMessage::Raft(message) => message.to,
+            ReplicaMessage::Chunk(chunk) => chunk.to,
+            ReplicaMessage::Ack(ack) => ack.to,
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Snapshots between replicas, streamed beside the Raft core.
+//!
+//! **Sending** (leader). When a follower needs entries the log no longer holds, the core emits a snapshot message
+//! carrying only metadata. The peer keeps that message back and opens a stream instead: a reader over the state
+//! machine's durable view of the range (`KvEngine::snapshot_reader`, which flushes first, so the view is at the
+//! replica's applied index). Chunks of at most `chunk_bytes_max` go out with at most `chunks_inflight_max`
+//! unacknowledged (flow control). The last chunk carries the core's message, its index and term replaced by the
+//! view's — at or after the compaction point the core asked for — and the configuration as of that index.
+//! Unacknowledged chunks are sent again after `resend_ticks` without progress (go-back-N). A stream without
+//! progress for `timeout_ticks` is given up and reported failed to the core, which retries later. The stream
+//! ends with the receiver's final acknowledgement (reported to the core as sent) or its rejection.
+//!
+//! **Receiving** (follower). Chunk 0 of a stream begins an install in the state machine, which verifies and
+//! writes each chunk as it comes (bounded memory, whatever the range's size); chunks out of order are ignored and
+//! re-acknowledged. Once the last chunk is in, the core's message is stepped. If the core takes the snapshot
+//! (it is newer than what this replica has committed), the next output finishes the install — one durable state
+//! machine transaction that replaces the range and sets the applied index — and then writes
+//! `LogOp::Snapshot` to the log. Otherwise the install is dropped. A replica with committed entries still out
+//! for applying refuses to step a snapshot (the entries would apply on top of it); the leader retries.
+//!
+//! **Crash between the two writes**: the state machine holds the snapshot, the log does not. `Peer::open` finds
+//! the log without the applied index's entry and restarts the log there (`repair_interrupted_install`).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use flotilla_engine::kv_engine::KvEngine;
+use flotilla_engine::log_engine::LogEngine;
+use flotilla_engine::snapshot::SnapshotReader;
+use flotilla_engine::state_machine::StateMachineError;
+use flotilla_engine::wal::group_commit::WriteRequest;
+use flotilla_engine::wal::record::LogOp;
+use flotilla_raft::{HardState, Message, MessageType, Snapshot};
+
+use super::{Peer, PeerError, Response};
+use crate::message::{ReplicaMessage, SnapshotAck, SnapshotChunk};
+
+/// Bounds and timing of snapshot streams.
+#[derive(Clone, Debug)]
+pub struct SnapshotOptions {
+    /// Keys and values per chunk (a chunk holds at least one pair). Default 1 MiB.
+    pub chunk_bytes_max: usize,
+    /// Chunks sent and not yet acknowledged, per stream. Default 4 (so about 4 MiB in flight per stream).
+    pub chunks_inflight_max: usize,
+    /// Unacknowledged chunks are sent again after this many ticks without progress. Default 5.
+    pub resend_ticks: u32,
+    /// A stream without progress for this many ticks is given up, at either end. Default 50.
+    pub timeout_ticks: u32,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> SnapshotOptions {
+        SnapshotOptions { chunk_bytes_max: 1 << 20, chunks_inflight_max: 4, resend_ticks: 5, timeout_ticks: 50 }
+    }
+}
+
+/// A stream this replica sends.
+struct Outgoing {
+    stream_id: u64,
+    reader: SnapshotReader,
+    /// The core's message with the view's metadata, sent on the last chunk.
+    message: Message,
+    next_sequence: u64,
+    /// Sent, not yet acknowledged, in order.
+    unacked: VecDeque<SnapshotChunk>,
+    idle_ticks: u32,
+}
+
+/// The stream this replica receives (one at a time: a newer stream replaces it).
+struct Incoming {
+    from: u64,
+    term: u64,
+    stream_id: u64,
+    /// Chunks received in order so far.
+    received: u64,
+    idle_ticks: u32,
+}
+
+/// A replica's snapshot streams.
+#[derive(Default)]
+pub(super) struct Streams {
+    pub(super) options: SnapshotOptions,
+    /// By receiving replica id.
+    outgoing: BTreeMap<u64, Outgoing>,
+    incoming: Option<Incoming>,
+    next_stream_id: u64,
+    /// Whether the state machine holds an install this replica gave up on (dropped at the next output).
+    abort_install: bool,
+}
+
+impl Streams {
+    pub(super) fn new(options: SnapshotOptions) -> Streams {
+        Streams { options, ..Streams::default() }
+    }
+
+    pub(super) fn is_idle(&self) -> bool {
+        self.outgoing.is_empty() && self.incoming.is_none()
+    }
+}
+
+fn fatal(what: &str, error: StateMachineError) -> ! {
+    panic!("state machine failure while {what}: {error}")
+}
+
+impl Peer {
+    /// Opens a stream for the core's snapshot message `message` (to a follower that needs it).
+    pub(super) fn start_snapshot_stream(&mut self, mut message: Message, kv: &dyn KvEngine) {
+        let range = &self.descriptor;
+        let reader = kv
+            .snapshot_reader(range.group_id, &range.start, &range.end, self.streams.options.chunk_bytes_max)
+            .unwrap_or_else(|e| fatal("opening a snapshot reader", e));
+        let (index, term) = reader.applied();
+        assert_eq!(index, self.applied_index, "group {}: the state machine's view is not at the replica's applied index", range.group_id);
+        let metadata = message.snapshot.get_or_insert_with(Snapshot::default).metadata.get_or_insert_with(Default::default);
+        assert!(index >= metadata.index, "a snapshot view at {index} behind the compaction point {}", metadata.index);
+        metadata.index = index;
+        metadata.term = term;
+        metadata.conf_state = Some(self.raw.raft.tracker.config.to_conf_state());
+        self.streams.next_stream_id += 1;
+        let outgoing = Outgoing {
+            stream_id: self.streams.next_stream_id,
+            reader,
+            message,
+            next_sequence: 0,
+            unacked: VecDeque::new(),
+            idle_ticks: 0,
+        };
+        metrics::counter!("flotilla_snapshots_sent_total").increment(1);
+        self.streams.outgoing.insert(outgoing.message.to, outgoing);
+    }
+
+    /// Sends each stream's next chunks, up to its window.
+    pub(super) fn pump_snapshot_streams(&mut self) {
+        let (id, term, window) = (self.raw.raft.id, self.raw.raft.term, self.streams.options.chunks_inflight_max);
+        for (&to, outgoing) in &mut self.streams.outgoing {
+            while outgoing.unacked.len() < window && !outgoing.reader.is_exhausted() {
+                let Some(data) = outgoing.reader.next_chunk().unwrap_or_else(|e| fatal("reading a snapshot chunk", e)) else { break };
+                let message = outgoing.reader.is_exhausted().then(|| outgoing.message.clone());
+                let chunk = SnapshotChunk { from: id, to, term, stream_id: outgoing.stream_id, sequence: outgoing.next_sequence, data, message };
+                outgoing.next_sequence += 1;
+                outgoing.unacked.push_back(chunk.clone());
+                self.outbox.push(ReplicaMessage::Chunk(chunk));
+            }
+        }
+    }
+
+    /// Time for the streams: resends, and gives up on streams that stopped moving.
+    pub(super) fn tick_snapshot_streams(&mut self) {
+        let options = self.streams.options.clone();
+        let mut failed = Vec::new();
+        for (&to, outgoing) in &mut self.streams.outgoing {
+            outgoing.idle_ticks += 1;
+            if outgoing.idle_ticks >= options.timeout_ticks {
+                failed.push(to);
+            } else if outgoing.idle_ticks % options.resend_ticks == 0 {
+                self.outbox.extend(outgoing.unacked.iter().cloned().map(ReplicaMessage::Chunk));
+            }
+        }
+        for to in failed {
+            self.streams.outgoing.remove(&to);
+            self.raw.report_snapshot(to, false);
+        }
+        if let Some(incoming) = &mut self.streams.incoming {
+            incoming.idle_ticks += 1;
+            if incoming.idle_ticks >= options.timeout_ticks {
+                self.streams.incoming = None;
+                self.streams.abort_install = true;
+            }
+        }
+    }
+
+    /// On losing leadership: streams of the old term are pointless (their receivers refuse them).
+    pub(super) fn drop_snapshot_streams(&mut self) {
+        self.streams.outgoing.clear();
+    }
+
+    pub(super) fn on_snapshot_ack(&mut self, ack: SnapshotAck) {
+        let Some(outgoing) = self.streams.outgoing.get_mut(&ack.from).filter(|o| o.stream_id == ack.stream_id && ack.term == self.raw.raft.term) else {
+            return; // an old stream's
+        };
+        if ack.rejected {
+            self.streams.outgoing.remove(&ack.from);
+            self.raw.report_snapshot(ack.from, false);
+            return;
+        }
+        while outgoing.unacked.front().is_some_and(|chunk| chunk.sequence < ack.received) {
+            outgoing.unacked.pop_front();
+            outgoing.idle_ticks = 0;
+        }
+        if outgoing.reader.is_exhausted() && outgoing.unacked.is_empty() {
+            self.streams.outgoing.remove(&ack.from);
+            self.raw.report_snapshot(ack.from, true);
+        }
+    }
+
+    pub(super) fn on_snapshot_chunk(&mut self, chunk: SnapshotChunk, kv: &dyn KvEngine) {
+        let group_id = self.descriptor.group_id;
+        let mut ack = SnapshotAck { from: chunk.to, to: chunk.from, term: chunk.term, stream_id: chunk.stream_id, received: 0, rejected: false };
+        if chunk.term < self.raw.raft.term {
+            ack.rejected = true;
+            return self.outbox.push(ReplicaMessage::Ack(ack));
+        }
+        let current = |incoming: &Incoming| (incoming.from, incoming.term, incoming.stream_id) == (chunk.from, chunk.term, chunk.stream_id);
+        if chunk.sequence == 0 && !self.streams.incoming.as_ref().is_some_and(current) {
+            // A new stream: it replaces any unfinished one (the state machine drops that install).
+            kv.begin_snapshot_install(group_id, &self.descriptor.start, &self.descriptor.end).unwrap_or_else(|e| fatal("beginning a snapshot install", e));
+            self.streams.abort_install = false;
+            self.streams.incoming = Some(Incoming { from: chunk.from, term: chunk.term, stream_id: chunk.stream_id, received: 0, idle_ticks: 0 });
+        }
+        let Some(incoming) = self.streams.incoming.as_mut().filter(|incoming| current(incoming)) else {
+            ack.rejected = true; // a stream this replica is not receiving (gave up on, or finished)
+            return self.outbox.push(ReplicaMessage::Ack(ack));
+        };
+        if chunk.sequence != incoming.received {
+            // A duplicate, or a gap after a lost chunk: say where the stream stands; the sender resends from there.
+            ack.received = incoming.received;
+            return self.outbox.push(ReplicaMessage::Ack(ack));
+        }
+        let last = match kv.receive_snapshot_chunk(group_id, &chunk.data) {
+            Ok(last) => last,
+            Err(StateMachineError::Invalid(_)) => {
+                // Damaged or not of this range: give the stream up; the leader starts over.
+                self.streams.incoming = None;
+                self.streams.abort_install = true;
+                ack.rejected = true;
+                return self.outbox.push(ReplicaMessage::Ack(ack));
+            }
+            Err(error) => fatal("writing a snapshot chunk", error),
+        };
+        incoming.received += 1;
+        incoming.idle_ticks = 0;
+        ack.received = incoming.received;
+        if last {
+            self.streams.incoming = None;
+            ack.rejected = !self.step_received_snapshot(chunk.message);
+        } else if chunk.message.is_some() {
+            // The state machine says more chunks follow, the sender says this was the last: damaged.
+            self.streams.incoming = None;
+            self.streams.abort_install = true;
+            ack.rejected = true;
+        }
+        self.outbox.push(ReplicaMessage::Ack(ack));
+    }
+
+    /// Steps the snapshot message of a fully received stream; keeps the install if the core takes the snapshot.
+    /// Returns false if the stream must be reported failed.
+    fn step_received_snapshot(&mut self, message: Option<Message>) -> bool {
+        let snapshot_index = message.as_ref().and_then(|m| m.snapshot.as_ref()).map(Snapshot::index);
+        let log = &self.raw.raft.raft_log;
+        let busy_applying = log.applying != log.applied;
+        let (Some(message), Some(index), false) = (message, snapshot_index, busy_applying) else {
+            self.streams.abort_install = true;
+            return false;
+        };
+        if message.msg_type() != MessageType::Snapshot || self.raw.step(message).is_err() {
+            self.streams.abort_install = true;
+            return false;
+        }
+        let taken = self.raw.raft.raft_log.unstable.snapshot.as_ref().is_some_and(|s| s.index() == index);
+        self.streams.abort_install = !taken;
+        true
+    }
+
+    /// Finishes the install of the snapshot the core took (durably, in the state machine) and returns the log
+    /// record that restarts the log after it. Writes that waited at indexes the snapshot covers cannot learn
+    /// their fate here: they are answered `OutcomeUnknown`.
+    pub(super) fn finish_snapshot_install(&mut self, snapshot: &Snapshot, kv: &dyn KvEngine) -> LogOp {
+        let (index, term) = (snapshot.index(), snapshot.term());
+        let installed = kv.finish_snapshot_install(self.descriptor.group_id).unwrap_or_else(|e| fatal("finishing a snapshot install", e));
+        assert_eq!(installed, (index, term), "group {}: the installed data is not the snapshot the core took", self.descriptor.group_id);
+        self.applied_index = index;
+        if let Some(conf_state) = snapshot.metadata.as_ref().and_then(|m| m.conf_state.clone()) {
+            self.raw.raft.raft_log.storage.set_conf_state(conf_state);
+        }
+        while let Some(entry) = self.writes.first_entry().filter(|entry| *entry.key() <= index) {
+            let unknown = entry.remove().into_iter().map(|write| (write.token, Response::Failed(PeerError::OutcomeUnknown)));
+            self.responses.extend(unknown);
+        }
+        self.answer_ready_reads();
+        metrics::counter!("flotilla_snapshots_installed_total").increment(1);
+        LogOp::Snapshot { index, term }
+    }
+
+    /// Drops an install given up on (see [`Streams`]).
+    pub(super) fn abort_dropped_install(&mut self, kv: &dyn KvEngine) {
+        if std::mem::take(&mut self.streams.abort_install) {
+            kv.abort_snapshot_install(self.descriptor.group_id);
+        }
+    }
+}
+
+/// At open: if the state machine holds a snapshot whose log record a crash lost (the log lacks the applied
+/// index's entry of the applied term), restarts the group's log at the applied index, durably.
+pub(super) fn repair_interrupted_install(group_id: u64, log: &dyn LogEngine, kv: &dyn KvEngine) -> Result<(), flotilla_raft::Error> {
+    let (index, term) = kv.applied(group_id);
+    if index == 0 || log.term(group_id, index) == Some(term) {
+        return Ok(());
+    }
+    let hard_state = log.hard_state(group_id);
+    let ops = vec![LogOp::Snapshot { index, term }, LogOp::HardState(HardState { commit: hard_state.commit.max(index), ..hard_state })];
+    let (reply, done) = crossbeam_channel::bounded(1);
+    let storage = |e: &dyn std::fmt::Display| flotilla_raft::Error::Storage(flotilla_raft::StorageError::Other(format!("repairing group {group_id}'s log: {e}")));
+    log.submit(WriteRequest { group_id, ready_number: 0, ops, reply }).map_err(|e| storage(&e))?;
+    done.recv().map_err(|e| storage(&e))?;
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! Stores of one process over the in-process transport, with the production poll handler, group-commit WAL and
+//! redb state machines on disk: a replica cut off while the others compacted their logs catches up by a
+//! snapshot stream that crosses mailboxes and poller threads.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_engine::disk::StdDisk;
+use flotilla_engine::flusher::BackgroundFlusher;
+use flotilla_engine::log_engine::LogEngine;
+use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
+use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, WriteRequest};
+use flotilla_engine::wal::record::LogOp;
+use flotilla_engine::wal::{Wal, WalOptions};
+use flotilla_raftstore::command::{Command, Op, Outcome};
+use flotilla_raftstore::peer::SnapshotOptions;
+use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
+use flotilla_raftstore::store::{InProcessTransport, PeerMsg, Store, StoreOptions};
+
+struct Node {
+    store: Store,
+    log: Arc<GroupCommitWal>,
+    kv: Arc<StateMachine>,
+}
+
+fn start_node(id: u64, dir: &std::path::Path, range: &RangeDescriptor, transport: &Arc<InProcessTransport>) -> Node {
+    let (wal, _) = Wal::open(&dir.join(format!("wal-{id}")), Arc::new(StdDisk), WalOptions::default()).unwrap();
+    let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
+    let kv = Arc::new(StateMachine::open(&dir.join(format!("state-{id}.redb")), StateMachineOptions::default()).unwrap());
+    let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
+    let options = StoreOptions {
+        node_id: id,
+        tick_interval: Duration::from_millis(10),
+        // Small chunks: the stream runs through many mailbox deliveries and poll rounds.
+        snapshot: SnapshotOptions { chunk_bytes_max: 512, ..SnapshotOptions::default() },
+        ..StoreOptions::default()
+    };
+    let store = Store::start(options, std::slice::from_ref(range), Arc::clone(&log) as Arc<dyn LogEngine>, Arc::clone(&kv), flusher, Arc::clone(transport) as _).unwrap();
+    transport.add_node(id, store.router().clone());
+    Node { store, log, kv }
+}
+
+/// Writes through whichever node leads, following refusals until `deadline`.
+fn put(nodes: &[Node], group_id: u64, key: &[u8], value: &[u8], deadline: Instant) {
+    loop {
+        for node in nodes {
+            let (reply, answer) = oneshot::channel();
+            let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key.to_vec(), value.to_vec())] };
+            node.store.router().send(group_id, PeerMsg::Write { command, reply }).ok().expect("mailbox has room");
+            if let Ok(Ok(Outcome::Done)) = answer.recv_timeout(Duration::from_secs(5)) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "no node took the write of {key:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Checkpoints the node's state machine and drops its log up to what that made durable.
+fn compact(node: &Node, group_id: u64) -> u64 {
+    node.kv.flush().unwrap();
+    let durable = node.kv.durable_applied(group_id).0;
+    let base_term = node.log.term(group_id, durable).unwrap();
+    let (reply, done) = crossbeam_channel::bounded(1);
+    let ops = vec![LogOp::Compact { first_kept_index: durable + 1, base_term }];
+    node.log.submit(WriteRequest { group_id, ready_number: 0, ops, reply }).unwrap();
+    done.recv().unwrap();
+    durable
+}
+
+#[test]
+fn a_replica_cut_off_while_the_others_compacted_catches_up_by_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    let range = initial_ranges(1, 1, &replicas).remove(0);
+    let group_id = range.group_id;
+    let transport = Arc::new(InProcessTransport::new());
+    let nodes: Vec<Node> = (1..=3).map(|id| start_node(id, dir.path(), &range, &transport)).collect();
+    nodes[0].store.campaign_all([group_id]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    put(&nodes, group_id, b"first", b"1", deadline);
+    // Node 3 is cut off; 300 writes later the others have compacted their logs past everything it has.
+    transport.remove_node(3);
+    let value = vec![b'v'; 100];
+    for i in 0..300u32 {
+        put(&nodes[..2], group_id, format!("key-{i:04}").as_bytes(), &value, deadline);
+    }
+    let compacted = nodes[..2].iter().map(|node| compact(node, group_id)).min().unwrap();
+    assert!(compacted > 300, "both logs compacted past the cut-off writes (to {compacted})");
+    transport.add_node(3, nodes[2].store.router().clone());
+    let node = &nodes[2];
+    while node.kv.get(b"key-0299").unwrap().is_none() {
+        assert!(Instant::now() < deadline, "node 3 did not catch up; applied {:?}", node.kv.applied(group_id));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(node.log.first_index(group_id) > 300, "node 3's log restarts after a snapshot, not replayed entries");
+    let pairs = node.kv.scan(b"key-", b"key.", usize::MAX).unwrap();
+    assert_eq!(pairs.len(), 300);
+    assert!(pairs.iter().all(|pair| pair.1 == value));
+    // And it replicates from there.
+    put(&nodes, group_id, b"last", b"2", deadline);
+    while node.kv.get(b"last").unwrap().is_none() {
+        assert!(Instant::now() < deadline, "node 3 did not replicate after the snapshot");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
