@@ -1,5 +1,6 @@
-//! What one replica of a group sends another: the Raft core's messages, and the snapshot streams that run beside
-//! the core (snapshot *data* never goes through it; see `peer/snapshot.rs`). Prost messages, so that the node
+//! What one replica of a group sends another: the Raft core's messages, the snapshot streams that run beside the
+//! core (snapshot *data* never goes through it; see `peer/snapshot.rs`), and hibernation requests
+//! (`peer/hibernate.rs`). Prost messages, so that the node
 //! router can put them on the wire as they are.
 
 use bytes::Bytes;
@@ -49,12 +50,32 @@ pub struct SnapshotAck {
     pub rejected: bool,
 }
 
+/// A leader with nothing to do asks its followers to stop ticking with it (see `peer/hibernate.rs`). A follower
+/// agrees only if its log ends exactly where the leader's does and it knows the same commit index.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HibernateRequest {
+    #[prost(uint64, tag = "1")]
+    pub from: u64,
+    #[prost(uint64, tag = "2")]
+    pub to: u64,
+    #[prost(uint64, tag = "3")]
+    pub term: u64,
+    /// The leader's last index and that entry's term.
+    #[prost(uint64, tag = "4")]
+    pub index: u64,
+    #[prost(uint64, tag = "5")]
+    pub log_term: u64,
+    #[prost(uint64, tag = "6")]
+    pub commit: u64,
+}
+
 /// Everything that travels between two replicas of one group.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ReplicaMessage {
     Raft(Message),
     Chunk(SnapshotChunk),
     Ack(SnapshotAck),
+    Hibernate(HibernateRequest),
 }
 
 impl ReplicaMessage {
@@ -63,6 +84,7 @@ impl ReplicaMessage {
             ReplicaMessage::Raft(message) => message.from,
             ReplicaMessage::Chunk(chunk) => chunk.from,
             ReplicaMessage::Ack(ack) => ack.from,
+            ReplicaMessage::Hibernate(request) => request.from,
         }
     }
 
@@ -71,6 +93,7 @@ impl ReplicaMessage {
             ReplicaMessage::Raft(message) => message.to,
             ReplicaMessage::Chunk(chunk) => chunk.to,
             ReplicaMessage::Ack(ack) => ack.to,
+            ReplicaMessage::Hibernate(request) => request.to,
         }
     }
 }

@@ -10,10 +10,10 @@ use flotilla_engine::kv_engine::{KvEngine, MemKvEngine};
 use flotilla_engine::log_engine::{LogEngine, MemLogEngine};
 use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 use flotilla_engine::wal::record::LogOp;
-use flotilla_raft::{ConfState, Config};
+use flotilla_raft::{ConfState, Config, ReadMode};
 use flotilla_raftstore::command::{apply_entries, Command, Op, Outcome};
 use flotilla_raftstore::message::ReplicaMessage;
-use flotilla_raftstore::peer::{Peer, PeerError, Response, SnapshotOptions, Token};
+use flotilla_raftstore::peer::{Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica};
 
 struct Node {
@@ -33,6 +33,8 @@ struct Group {
     isolated: u64,
     /// When set to n, every n-th snapshot chunk sent is lost.
     chunk_loss_every: Option<u64>,
+    /// Hibernate requests to this replica are lost (0: none).
+    hibernate_lost_to: u64,
     chunks_sent: u64,
     /// When set, log writes wait here (slow disks) until `persist_deferred`.
     deferred: Option<Vec<(usize, WriteRequest)>>,
@@ -43,23 +45,30 @@ fn descriptor() -> RangeDescriptor {
     RangeDescriptor { group_id: 5, start: b"a".to_vec(), end: b"n".to_vec(), epoch: Some(RangeEpoch { version: 1, conf_version: 1 }), replicas }
 }
 
-/// Tiny chunks: a snapshot of a few keys is a stream of many chunks.
-fn snapshot_options() -> SnapshotOptions {
-    SnapshotOptions { chunk_bytes_max: 8, chunks_inflight_max: 3, resend_ticks: 2, timeout_ticks: 12 }
+/// Tiny chunks (a snapshot of a few keys is a stream of many chunks); hibernation after 5 idle ticks.
+fn peer_options() -> PeerOptions {
+    PeerOptions { snapshot: SnapshotOptions { chunk_bytes_max: 8, chunks_inflight_max: 3, resend_ticks: 2, timeout_ticks: 12 }, hibernate_idle_ticks: 5 }
 }
 
 fn open_peer(id: u64, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
-    let config = Config::new(id);
+    open_peer_with(Config::new(id), log, kv)
+}
+
+fn open_peer_with(config: Config, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
     let log: Arc<dyn LogEngine> = Arc::clone(log) as Arc<dyn LogEngine>;
-    Peer::open(config, snapshot_options(), descriptor(), ConfState { voters: vec![1, 2, 3], ..Default::default() }, log, kv).unwrap()
+    Peer::open(config, peer_options(), descriptor(), ConfState { voters: vec![1, 2, 3], ..Default::default() }, log, kv).unwrap()
 }
 
 impl Group {
     fn new() -> Group {
+        Group::with_read_mode(ReadMode::Safe)
+    }
+
+    fn with_read_mode(read_mode: ReadMode) -> Group {
         let nodes = (1..=3)
             .map(|id| {
                 let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
-                let peer = open_peer(id, &log, &kv);
+                let peer = open_peer_with(Config { read_mode, ..Config::new(id) }, &log, &kv);
                 let (reply, persisted) = crossbeam_channel::unbounded();
                 Node { log, kv, peer, reply, persisted }
             })
@@ -71,6 +80,7 @@ impl Group {
             responses: Vec::new(),
             isolated: 0,
             chunk_loss_every: None,
+            hibernate_lost_to: 0,
             chunks_sent: 0,
             deferred: None,
         }
@@ -121,6 +131,9 @@ impl Group {
             while let Some(message) = self.network.pop_front() {
                 moved = true;
                 if self.isolated != 0 && (message.to() == self.isolated || message.from() == self.isolated) {
+                    continue;
+                }
+                if matches!(&message, ReplicaMessage::Hibernate(h) if h.to == self.hibernate_lost_to) {
                     continue;
                 }
                 if let (ReplicaMessage::Chunk(_), Some(every)) = (&message, self.chunk_loss_every) {
@@ -305,7 +318,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
     let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
     let single = RangeDescriptor { replicas: vec![Replica { node_id: 1, replica_id: 1, learner: false }], ..descriptor() };
     let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
-    let mut peer = Peer::open(Config::new(1), snapshot_options(), single.clone(), ConfState { voters: vec![1], ..Default::default() }, log_engine, &kv).unwrap();
+    let mut peer = Peer::open(Config::new(1), peer_options(), single.clone(), ConfState { voters: vec![1], ..Default::default() }, log_engine, &kv).unwrap();
     assert!(peer.needs_ticks(), "not leading yet");
     let (reply, persisted) = crossbeam_channel::unbounded();
     let drive = |peer: &mut Peer| {
@@ -330,7 +343,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
     assert!(peer.needs_ticks(), "a write waiting");
     drive(&mut peer);
     assert!(!peer.needs_ticks());
-    // In a replicated group even an idle leader needs ticks (heartbeats, check-quorum) until hibernation exists.
+    // In a replicated group even an idle leader needs ticks (heartbeats, check-quorum) until it hibernates.
     let mut group = Group::led_by(1);
     assert!(group.node(1).peer.needs_ticks() && group.node(2).peer.needs_ticks());
 }
@@ -457,4 +470,108 @@ fn a_write_waiting_on_a_replica_whose_log_a_snapshot_replaces_is_answered_unknow
     assert!(group.tick_until(200, |g| g.responses.iter().any(|(_, token, _)| *token == 61)));
     assert_eq!(group.response(61), Response::Failed(PeerError::OutcomeUnknown));
     assert_has_keys(&mut group, 1, 5, "v");
+}
+
+fn all_hibernating(group: &mut Group) -> bool {
+    (1..=3).all(|id| group.node(id).peer.is_hibernating() && !group.node(id).peer.needs_ticks())
+}
+
+#[test]
+fn an_idle_group_hibernates_silently_and_any_request_wakes_it() {
+    let mut group = Group::led_by(1);
+    group.put(1, 80, "b", "1");
+    assert!(group.tick_until(20, all_hibernating), "the whole group hibernates after 5 idle ticks");
+    // Asleep: ticks change nothing and send nothing (no heartbeats).
+    for (id, node) in group.nodes.iter_mut().enumerate() {
+        node.peer.on_tick();
+        assert!(node.peer.take_output(&node.kv).is_empty(), "replica {} is silent", id + 1);
+    }
+    // A write wakes the leader, whose append wakes the followers.
+    assert_eq!(group.put(1, 81, "b", "2"), Response::Written(Outcome::Done));
+    assert!((1..=3).all(|id| !group.nodes[id - 1].peer.is_hibernating()));
+    assert_eq!(group.node(3).kv.get(b"b").unwrap(), Some(b"2".to_vec()));
+    // A read wakes the leader, whose heartbeat round the sleeping followers answer without waking (a leader's
+    // heartbeat is no reason for them to tick).
+    assert!(group.tick_until(20, all_hibernating));
+    group.node(1).peer.read(82);
+    assert_eq!(group.response(82), Response::ReadReady);
+    assert!(!group.node(1).peer.is_hibernating());
+    assert!(group.node(2).peer.is_hibernating() && group.node(3).peer.is_hibernating());
+}
+
+#[test]
+fn a_hibernating_follower_campaigns_only_once_the_leaders_node_is_down() {
+    let mut group = Group::led_by(1);
+    group.put(1, 90, "b", "1");
+    assert!(group.tick_until(20, all_hibernating));
+    // The leader's node dies. Silence alone is what hibernation looks like: no election, however long.
+    group.isolated = 1;
+    for _ in 0..100 {
+        for id in 2..=3 {
+            group.node(id).peer.on_tick();
+        }
+        group.settle();
+    }
+    assert_eq!(group.leader_among_2_and_3(), None, "no election while node 1 is believed alive");
+    assert!(group.node(2).peer.is_hibernating() && group.node(3).peer.is_hibernating());
+    // Node liveness declares node 1 down: the followers wake and elect a leader, which serves.
+    for id in 2..=3 {
+        group.node(id).peer.on_node_down(1);
+        group.node(id).peer.on_node_down(3); // a verdict on a node that is not the leader's changes nothing
+    }
+    assert!(group.tick_until(100, |g| g.leader_among_2_and_3().is_some()), "elected once node 1 is known down");
+    let leader = group.leader_among_2_and_3().expect("checked");
+    assert_eq!(group.put(leader, 91, "b", "2"), Response::Written(Outcome::Done));
+}
+
+#[test]
+fn a_follower_that_missed_the_hibernate_request_wakes_the_leader_instead_of_deposing_it() {
+    let mut group = Group::led_by(1);
+    group.put(1, 95, "b", "1");
+    group.hibernate_lost_to = 3;
+    assert!(group.tick_until(20, |g| g.node(1).peer.is_hibernating() && g.node(2).peer.is_hibernating()));
+    assert!(!group.node(3).peer.is_hibernating(), "replica 3 never heard the request");
+    let term = group.node(1).peer.term();
+    // Replica 3 keeps ticking and, hearing nothing, campaigns: its pre-vote wakes the leader, whose heartbeats
+    // then reach it. Nobody is deposed.
+    assert!(group.tick_until(100, |g| !g.node(1).peer.is_hibernating()), "the leader woke");
+    group.hibernate_lost_to = 0;
+    group.tick_until(30, |_| false);
+    assert!(group.node(1).peer.is_leader(), "still the leader");
+    assert_eq!(group.node(1).peer.term(), term, "in the same term");
+    assert!(group.tick_until(30, all_hibernating), "and the whole group sleeps at the next try");
+}
+
+#[test]
+fn a_leader_woken_after_others_elected_a_new_one_serves_no_read_from_its_old_lease() {
+    let mut group = Group::with_read_mode(ReadMode::LeaseBased);
+    // (Lease mode: every replica starts quiet for an election timeout.)
+    assert!(group.tick_until(40, |g| (1..=3).any(|id| g.node(id).peer.is_leader())));
+    let old = (1..=3).find(|&id| group.node(id).peer.is_leader()).expect("a leader");
+    group.put(old, 100, "b", "1");
+    assert!(group.tick_until(20, all_hibernating));
+    // The old leader's node is cut off while asleep, its lease frozen. The others learn its node is down, elect a
+    // new leader and overwrite the key.
+    group.isolated = old;
+    let others: Vec<u64> = (1..=3).filter(|&id| id != old).collect();
+    for &id in &others {
+        group.node(id).peer.on_node_down(old);
+    }
+    let others_lead = |g: &mut Group| others.iter().any(|&id| g.node(id).peer.is_leader());
+    for _ in 0..100 {
+        if others_lead(&mut group) {
+            break;
+        }
+        for &id in &others {
+            group.node(id).peer.on_tick();
+        }
+        group.settle();
+    }
+    let new = others.iter().copied().find(|&id| group.node(id).peer.is_leader()).expect("a new leader");
+    assert_eq!(group.put(new, 101, "b", "2"), Response::Written(Outcome::Done));
+    // A client that still believes in the old leader reads there: time it slept went uncounted, so it may not
+    // answer from its lease (which would return the overwritten value); it needs a round it cannot complete.
+    group.node(old).peer.read(102);
+    group.settle();
+    assert!(group.responses.iter().all(|(_, token, _)| *token != 102), "no read answered from a lease held before the sleep");
 }

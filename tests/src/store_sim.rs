@@ -3,7 +3,7 @@
 //! fault-injecting `SimDisk`) and the real redb state machine (on a backend that loses unsynced writes) — over a
 //! simulated network and clock. One seed fixes everything; a failing seed replays exactly.
 //!
-//! **Fault phase**: message loss, duplication and reordering, one-way partitions, slow disks (a Ready's write
+//! **Fault phase**: message loss, duplication and reordering, one-way partitions and isolated nodes, slow disks (a Ready's write
 //! waits before it is durable), node crashes (sometimes in the middle of a write, tearing it) and restarts,
 //! clock-rate differences of a few percent, state machine checkpoints at random, leadership transfers, log
 //! compactions that leave lagging replicas to catch up by snapshot streams (small chunks, so that streams lose,
@@ -33,7 +33,7 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, ReadMode};
 use flotilla_raftstore::command::{apply_entries, Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::ReplicaMessage;
-use flotilla_raftstore::peer::{LogWrite, Peer, PeerError, Response, SnapshotOptions, Token};
+use flotilla_raftstore::peer::{LogWrite, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 
 use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
@@ -67,6 +67,8 @@ pub struct StoreSimReport {
     pub transfers: u64,
     pub messages: u64,
     pub compactions: u64,
+    /// Ticks replicas slept through (hibernating).
+    pub ticks_slept: u64,
     /// Snapshots installed (streams that ended in a replica taking the snapshot).
     pub snapshot_installs: u64,
 }
@@ -81,6 +83,7 @@ impl StoreSimReport {
         self.transfers += other.transfers;
         self.messages += other.messages;
         self.compactions += other.compactions;
+        self.ticks_slept += other.ticks_slept;
         self.snapshot_installs += other.snapshot_installs;
     }
 }
@@ -135,8 +138,10 @@ struct Sim {
     nodes: Vec<Node>,
     ranges: Vec<RangeDescriptor>,
     keys: Vec<Vec<Vec<u8>>>,
-    /// Messages in flight: (due step, group, message).
-    network: Vec<(u64, u64, ReplicaMessage)>,
+    /// Packets in flight, with the step they are due.
+    network: Vec<(u64, Packet)>,
+    /// Node liveness: when node `.0` last heard anything from node `.1` (a node heartbeat or any message).
+    heard: HashMap<(u64, u64), u64>,
     /// One-way cuts: (from node, to node).
     cuts: BTreeSet<(u64, u64)>,
     ops: Vec<ClientOp>,
@@ -166,9 +171,33 @@ fn machine_options() -> StateMachineOptions {
     StateMachineOptions { memtable_bytes_max: 4 << 10, block_bytes_max: 512, compaction_fanout: 2, runs_max: 4, cache_bytes: 1 << 20 }
 }
 
-/// Chunks of a few pairs: streams of many chunks, so that the window, resends and timeouts all run.
-fn snapshot_options() -> SnapshotOptions {
-    SnapshotOptions { chunk_bytes_max: 256, chunks_inflight_max: 2, resend_ticks: 3, timeout_ticks: 20 }
+/// Chunks of a few pairs: streams of many chunks, so that the window, resends and timeouts all run. Groups
+/// hibernate after a few idle ticks (or never, in some runs), so that they sleep and wake all through the faults.
+fn peer_options(rng: &mut SimRng) -> PeerOptions {
+    let snapshot = SnapshotOptions { chunk_bytes_max: 256, chunks_inflight_max: 2, resend_ticks: 3, timeout_ticks: 20 };
+    let hibernate_idle_ticks = if rng.chance_per_mille(100) { 0 } else { rng.range(3, 15) as u32 };
+    PeerOptions { snapshot, hibernate_idle_ticks }
+}
+
+/// A node not heard from for this many steps (about five ticks) is declared down by the others.
+const NODE_DOWN_STEPS: u64 = 35;
+
+/// What travels between simulated nodes.
+#[derive(Clone)]
+enum Packet {
+    /// A message between replicas of a group (boxed: far larger than a node heartbeat).
+    Replica(u64, Box<ReplicaMessage>),
+    /// Node liveness: one per node pair and tick, whatever the number of groups.
+    NodeHeartbeat { from: u64, to: u64 },
+}
+
+impl Packet {
+    fn ends(&self) -> (u64, u64) {
+        match self {
+            Packet::Replica(_, message) => (message.from(), message.to()),
+            Packet::NodeHeartbeat { from, to } => (*from, *to),
+        }
+    }
 }
 
 fn hash(bytes: &[u8]) -> u64 {
@@ -198,6 +227,7 @@ impl Sim {
             ranges,
             keys,
             network: Vec::new(),
+            heard: HashMap::new(),
             cuts: BTreeSet::new(),
             ops: Vec::new(),
             attempts: HashMap::new(),
@@ -237,11 +267,16 @@ impl Sim {
                 ..Config::default()
             };
             let conf_state = ConfState { voters: voters.clone(), ..Default::default() };
-            let peer = Peer::open(config, snapshot_options(), range.clone(), conf_state, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
+            let peer = Peer::open(config, peer_options(&mut self.rng), range.clone(), conf_state, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
             peers.insert(range.group_id, peer);
         }
         let (reply, persisted) = unbounded();
         node.running = Some(Running { log, kv, peers, disk_queue: VecDeque::new(), apply_queue: VecDeque::new(), reply, persisted });
+        // A fresh start has heard from nobody yet: it gives every node time before judging it down.
+        let id = node.id;
+        for other in 1..=self.nodes.len() as u64 {
+            self.heard.insert((id, other), self.step);
+        }
         Ok(())
     }
 
@@ -362,6 +397,10 @@ impl Sim {
         if self.trace {
             println!("step {} group {group}: sent {}", self.step, describe_message(&message));
         }
+        self.transmit(Packet::Replica(group, Box::new(message)));
+    }
+
+    fn transmit(&mut self, packet: Packet) {
         if self.faults && self.rng.chance_per_mille(30) {
             return; // lost
         }
@@ -370,10 +409,10 @@ impl Sim {
         let delay = |rng: &mut SimRng, faults: bool| if faults && rng.chance_per_mille(50) { rng.range(10, 80) } else { rng.range(1, 6) };
         if self.faults && self.rng.chance_per_mille(20) {
             let due = self.step + delay(&mut self.rng, self.faults);
-            self.network.push((due, group, message.clone()));
+            self.network.push((due, packet.clone()));
         }
         let due = self.step + delay(&mut self.rng, self.faults);
-        self.network.push((due, group, message));
+        self.network.push((due, packet));
     }
 
     /// Delivers every message due by now, in random order.
@@ -388,16 +427,24 @@ impl Sim {
             }
         }
         while !due.is_empty() {
-            let (_, group, message) = due.swap_remove(self.rng.below(due.len() as u64) as usize);
-            self.deliver(group, message)?;
+            let (_, packet) = due.swap_remove(self.rng.below(due.len() as u64) as usize);
+            self.deliver(packet)?;
         }
         Ok(())
     }
 
-    fn deliver(&mut self, group: u64, message: ReplicaMessage) -> SimResult<()> {
-        if self.cuts.contains(&(message.from(), message.to())) {
+    fn deliver(&mut self, packet: Packet) -> SimResult<()> {
+        let (from, to) = packet.ends();
+        if self.cuts.contains(&(from, to)) {
             return Ok(());
         }
+        if self.nodes[(to - 1) as usize].running.is_some() {
+            self.heard.insert((to, from), self.step);
+        }
+        let (group, message) = match packet {
+            Packet::Replica(group, message) => (group, *message),
+            Packet::NodeHeartbeat { .. } => return Ok(()),
+        };
         let position = (message.to() - 1) as usize;
         if self.trace {
             let up = self.nodes[position].running.is_some();
@@ -430,17 +477,41 @@ impl Sim {
 
     fn tick(&mut self) -> SimResult<()> {
         for position in 0..self.nodes.len() {
+            let mut ticked = false;
             let node = &mut self.nodes[position];
             node.clock += node.rate_per_mille;
             while node.clock >= 1000 {
                 node.clock -= 1000;
                 if let Some(running) = node.running.as_mut() {
+                    self.report.ticks_slept += running.peers.values().filter(|peer| peer.is_hibernating()).count() as u64;
                     running.peers.values_mut().for_each(Peer::on_tick);
+                    ticked = true;
                 }
+            }
+            if ticked {
+                self.node_liveness(position);
             }
             self.drive(position)?;
         }
         Ok(())
+    }
+
+    /// On a node's tick: a heartbeat to every other node (one per node pair, for all groups), and the verdict on
+    /// each node it has not heard from lately — down — passed to its replicas (hibernating followers under a
+    /// leader there wake).
+    fn node_liveness(&mut self, position: usize) {
+        let id = self.nodes[position].id;
+        let others: Vec<u64> = self.nodes.iter().map(|n| n.id).filter(|&other| other != id).collect();
+        for &other in &others {
+            self.transmit(Packet::NodeHeartbeat { from: id, to: other });
+        }
+        let step = self.step;
+        let down: Vec<u64> = others.into_iter().filter(|&other| step.saturating_sub(*self.heard.get(&(id, other)).unwrap_or(&0)) > NODE_DOWN_STEPS).collect();
+        let Some(running) = self.nodes[position].running.as_mut() else { return };
+        for other in down {
+            // Replica ids are node ids here.
+            running.peers.values_mut().for_each(|peer| peer.on_node_down(other));
+        }
     }
 
     // ---- clients ----
@@ -641,12 +712,21 @@ impl Sim {
                     self.drive(position)?;
                 }
             }
-            796..=805 => {
+            796..=802 => {
                 // Cut or heal a one-way link.
                 let from = self.rng.range(1, self.nodes.len() as u64);
                 let to = self.rng.range(1, self.nodes.len() as u64);
                 if !self.cuts.remove(&(from, to)) && from != to {
                     self.cuts.insert((from, to));
+                }
+            }
+            803..=805 => {
+                // Isolate a node: every link to and from it cut (a leader so cut off may be asleep, its lease
+                // frozen, while the others elect a new one).
+                let isolated = self.rng.range(1, self.nodes.len() as u64);
+                for other in (1..=self.nodes.len() as u64).filter(|&other| other != isolated) {
+                    self.cuts.insert((isolated, other));
+                    self.cuts.insert((other, isolated));
                 }
             }
             806..=809 => self.cuts.clear(),
@@ -732,12 +812,26 @@ impl Sim {
                 ));
             }
         }
-        // Quiet: every write durable, every message delivered, a few rounds of heartbeats.
-        for _ in 0..400 {
-            self.step += 1;
-            self.calm_step(false)?;
+        // Quiet: every write durable, every message delivered, a few rounds of heartbeats — then every replica of
+        // a group must hold the same applied index and data. (An election may be under way when a round ends:
+        // convergence is checked again after more calm, a bounded number of times.)
+        let mut divergence = None;
+        for _ in 0..10 {
+            for _ in 0..400 {
+                self.step += 1;
+                self.calm_step(false)?;
+            }
+            divergence = self.divergence()?;
+            if divergence.is_none() {
+                return Ok(());
+            }
         }
-        for range in self.ranges.clone() {
+        Err(divergence.expect("diverged"))
+    }
+
+    /// The first group whose replicas differ in applied index or data, described.
+    fn divergence(&self) -> SimResult<Option<String>> {
+        for range in &self.ranges {
             let mut views = Vec::new();
             for node in &self.nodes {
                 let running = node.running.as_ref().expect("all running");
@@ -745,14 +839,14 @@ impl Sim {
                 views.push((node.id, running.kv.applied(range.group_id).0, hash(&format!("{pairs:?}").into_bytes())));
             }
             if views.windows(2).any(|w| (w[0].1, w[0].2) != (w[1].1, w[1].2)) {
-                return Err(format!(
+                return Ok(Some(format!(
                     "group {}: replicas did not converge (node, applied, data hash): {views:?}; {}",
                     range.group_id,
                     self.describe(range.group_id)
-                ));
+                )));
             }
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -780,6 +874,7 @@ fn describe_message(message: &ReplicaMessage) -> String {
             c.message.as_ref().map_or(String::new(), |m| format!(" last (index {})", m.snapshot.as_ref().map_or(0, |s| s.index())))
         ),
         ReplicaMessage::Ack(a) => format!("SnapshotAck {}->{} term={} stream={} received={} rejected={}", a.from, a.to, a.term, a.stream_id, a.received, a.rejected),
+        ReplicaMessage::Hibernate(h) => format!("Hibernate {}->{} term={} index={} log_term={} commit={}", h.from, h.to, h.term, h.index, h.log_term, h.commit),
     }
 }
 

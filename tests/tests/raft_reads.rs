@@ -110,6 +110,27 @@ fn lease_read_needs_no_round_trip_and_expires_exactly_at_election_timeout_minus_
 }
 
 #[test]
+fn a_leader_resuming_after_a_pause_holds_no_lease_from_before_it() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], lease_config);
+    c.tick(2, 10);
+    c.tick(3, 10);
+    c.elect(1);
+    assert!(c.raft(1).lease_valid());
+    // Hibernation: no ticks for a while of unknown length. The followers may have timed out meanwhile.
+    c.with_node(1, |raw| raw.resume_after_pause());
+    assert!(!c.raft(1).lease_valid(), "time went uncounted: the old lease may have expired");
+    c.isolate(1);
+    read(&mut c, 1, "after");
+    c.stabilize();
+    assert!(take_reads(&mut c, 1).is_empty(), "a ReadIndex round it cannot complete alone, not a lease read");
+    c.heal();
+    c.tick(1, 2);
+    c.stabilize();
+    assert_eq!(take_reads(&mut c, 1).len(), 1, "confirmed by a fresh heartbeat round");
+    assert!(c.raft(1).lease_valid(), "which gives it a new lease");
+}
+
+#[test]
 fn sending_timeout_now_revokes_the_lease_for_the_rest_of_the_term() {
     let mut c = Cluster::new(&[1, 2, 3], &[], lease_config);
     c.tick(2, 10);

@@ -113,6 +113,11 @@ impl<S: Storage> RawNode<S> {
         self.raft.transfer_leader(target);
     }
 
+    /// See [`Raft::resume_after_pause`].
+    pub fn resume_after_pause(&mut self) {
+        self.raft.resume_after_pause();
+    }
+
     pub fn report_unreachable(&mut self, id: u64) {
         self.raft.report_unreachable(id);
     }

@@ -67,6 +67,11 @@ impl<F: Fsm> Router<F> {
         }
     }
 
+    /// The ids of every registered FSM (a snapshot: registrations may change right after).
+    pub fn ids(&self) -> Vec<u64> {
+        self.mailboxes.read().keys().copied().collect()
+    }
+
     pub fn len(&self) -> usize {
         self.mailboxes.read().len()
     }

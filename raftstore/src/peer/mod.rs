@@ -8,13 +8,15 @@
 //! - `propose.rs`: client writes (range and leadership checked, tracked until applied);
 //! - `read.rs`: linearizable reads (ReadIndex), answered once the state machine has caught up;
 //! - `ready.rs`: turning the core's Ready into output, and applied results into responses;
-//! - `snapshot.rs`: snapshot streams to and from other replicas, installs, and their crash repair.
+//! - `snapshot.rs`: snapshot streams to and from other replicas, installs, and their crash repair;
+//! - `hibernate.rs`: idle groups stop ticking and heartbeating, and what wakes them.
 //!
 //! Operations that read or write the state machine take it as an argument (`&dyn KvEngine`): the peer owns no
 //! engine, so the simulator hands it the same engines production does.
 //!
-//! Not yet here (next slices of the raftstore issue): membership changes, hibernation.
+//! Not yet here (the next slice of the raftstore issue): membership changes.
 
+mod hibernate;
 mod propose;
 mod read;
 mod ready;
@@ -30,6 +32,21 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
 pub use snapshot::SnapshotOptions;
+
+/// Settings of a replica beyond the Raft core's.
+#[derive(Clone, Debug)]
+pub struct PeerOptions {
+    pub snapshot: SnapshotOptions,
+    /// Ticks without a client request after which a settled leader hibernates its group (see `hibernate.rs`); 0
+    /// turns hibernation off. Default 20 (2 s at the store's default 100 ms tick).
+    pub hibernate_idle_ticks: u32,
+}
+
+impl Default for PeerOptions {
+    fn default() -> PeerOptions {
+        PeerOptions { snapshot: SnapshotOptions::default(), hibernate_idle_ticks: 20 }
+    }
+}
 pub use storage::PeerStorage;
 
 use crate::command::Outcome;
@@ -117,6 +134,7 @@ pub struct Peer {
     applied_index: u64,
     role: StateRole,
     streams: snapshot::Streams,
+    hibernation: hibernate::Hibernation,
     /// Messages produced outside `take_output` (snapshot chunks and acknowledgements), sent with the next output.
     outbox: Vec<ReplicaMessage>,
 }
@@ -128,7 +146,7 @@ impl Peer {
     /// that a crash interrupted between the state machine and the log is completed first (see `snapshot.rs`).
     pub fn open(
         mut config: Config,
-        snapshot_options: SnapshotOptions,
+        options: PeerOptions,
         descriptor: RangeDescriptor,
         conf_state: ConfState,
         log: Arc<dyn LogEngine>,
@@ -148,7 +166,8 @@ impl Peer {
             responses: Vec::new(),
             applied_index,
             role,
-            streams: snapshot::Streams::new(snapshot_options),
+            streams: snapshot::Streams::new(options.snapshot),
+            hibernation: hibernate::Hibernation::new(options.hibernate_idle_ticks),
             outbox: Vec::new(),
         })
     }
@@ -196,23 +215,29 @@ impl Peer {
         self.applied_index
     }
 
+    /// Time passes (ignored while hibernating: the replica needs no ticks then).
     pub fn on_tick(&mut self) {
+        if self.is_hibernating() {
+            return;
+        }
         self.raw.tick();
         self.tick_snapshot_streams();
+        self.maybe_hibernate();
     }
 
-    /// Whether time must reach this replica. A group whose only member is this replica, once it leads and has
-    /// nothing waiting, has nothing that can time out (no election to start, no follower to keep, no lease to
-    /// confirm): the node stops ticking it until it needs ticks again. Replicated groups tick until hibernation
-    /// (the raftstore issue) lets idle ones stop too.
+    /// Whether time must reach this replica. Not while it hibernates; nor when its group's only member is this
+    /// replica and it leads with nothing waiting: nothing can time out then (no election to start, no follower
+    /// to keep, no lease to confirm). The node ticks only the replicas that need it.
     pub fn needs_ticks(&self) -> bool {
         let raft = &self.raw.raft;
         let alone = raft.tracker.config.member_ids().into_iter().eq([raft.id]);
-        !(alone && self.is_leader() && self.reads.is_empty() && self.writes.is_empty() && self.streams.is_idle())
+        let idle_alone = alone && self.is_leader() && self.reads.is_empty() && self.writes.is_empty() && self.streams.is_idle();
+        !(idle_alone || self.is_hibernating())
     }
 
     /// Starts an election now (tests and leadership placement).
     pub fn campaign(&mut self) {
+        self.wake();
         self.raw.campaign();
     }
 
@@ -220,6 +245,7 @@ impl Peer {
     /// transfer runs, proposals are refused as busy). Ignored unless this replica leads.
     pub fn transfer_leader(&mut self, target: u64) {
         if self.is_leader() && target != self.raw.raft.id {
+            self.on_request();
             self.raw.transfer_leader(target);
         }
     }
@@ -227,6 +253,9 @@ impl Peer {
     /// A message from another replica of the group. Invalid ones are refused with the core's error. Snapshot
     /// chunks are written to `kv` as they arrive.
     pub fn on_message(&mut self, message: ReplicaMessage, kv: &dyn KvEngine) -> Result<(), flotilla_raft::Error> {
+        if self.wakes(&message) {
+            self.wake();
+        }
         match message {
             // A snapshot's metadata alone is not a snapshot: it only comes as the last chunk of a stream.
             ReplicaMessage::Raft(message) if message.msg_type() == MessageType::Snapshot => {
@@ -239,6 +268,10 @@ impl Peer {
             }
             ReplicaMessage::Ack(ack) => {
                 self.on_snapshot_ack(ack);
+                Ok(())
+            }
+            ReplicaMessage::Hibernate(request) => {
+                self.on_hibernate_request(request);
                 Ok(())
             }
         }

@@ -9,6 +9,7 @@ impl Peer {
     /// Proposes `command` for the client `token`; the outcome arrives as a response once the entry applies (or
     /// at once, if it cannot be proposed here).
     pub fn propose(&mut self, token: Token, mut command: Command) {
+        self.on_request();
         let keys: Vec<&[u8]> = command.ops.iter().map(|op| op.key.as_slice()).collect();
         if let Err(refusal) = self.descriptor.check(&keys, command.epoch) {
             return self.responses.push((token, Response::Failed(PeerError::Range(refusal))));

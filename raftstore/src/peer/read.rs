@@ -10,6 +10,7 @@ use super::{Peer, PeerError, PendingRead, Response, Token};
 impl Peer {
     /// Asks for a linearizable read for `token`: `Response::ReadReady` once it may be served.
     pub fn read(&mut self, token: Token) {
+        self.on_request();
         if !self.is_leader() {
             let refusal = self.not_leader();
             return self.responses.push((token, Response::Failed(refusal)));

@@ -43,6 +43,8 @@ pub enum PeerMsg {
     Campaign,
     /// Hand the group's leadership to this replica id (if this replica leads).
     TransferLeader(u64),
+    /// The node with this id is down (node liveness): a follower hibernating under a leader there wakes.
+    NodeDown(u64),
 }
 
 pub struct PeerFsm {
@@ -93,6 +95,11 @@ impl PeerFsm {
             PeerMsg::Tick => self.peer.on_tick(),
             PeerMsg::Campaign => self.peer.campaign(),
             PeerMsg::TransferLeader(target) => self.peer.transfer_leader(target),
+            PeerMsg::NodeDown(node_id) => {
+                if let Some(replica) = self.peer.descriptor().replicas.iter().find(|r| r.node_id == node_id) {
+                    self.peer.on_node_down(replica.replica_id);
+                }
+            }
         }
     }
 

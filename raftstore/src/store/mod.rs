@@ -25,7 +25,7 @@ pub use handler::{NoTransport, StoreHandler, Transport};
 pub use transport::InProcessTransport;
 
 use crate::batch::{BatchOptions, BatchSystem, Router, SendError};
-use crate::peer::{Peer, SnapshotOptions};
+use crate::peer::{Peer, PeerOptions};
 use crate::range::RangeDescriptor;
 
 /// Settings of a store.
@@ -40,8 +40,8 @@ pub struct StoreOptions {
     pub tick_interval: Duration,
     /// This node's id (replica ids of its groups are taken from the descriptors).
     pub node_id: u64,
-    /// Snapshot streams to and from lagging replicas (chunk size, window, timeouts).
-    pub snapshot: SnapshotOptions,
+    /// Every replica's snapshot streams (chunk size, window, timeouts) and hibernation.
+    pub peer: PeerOptions,
 }
 
 impl Default for StoreOptions {
@@ -51,7 +51,7 @@ impl Default for StoreOptions {
             raft: Config { read_mode: ReadMode::LeaseBased, ..Config::default() },
             tick_interval: Duration::from_millis(100),
             node_id: 1,
-            snapshot: SnapshotOptions::default(),
+            peer: PeerOptions::default(),
         }
     }
 }
@@ -60,6 +60,7 @@ impl Default for StoreOptions {
 pub struct Store {
     system: Option<BatchSystem<PeerFsm>>,
     router: Router<PeerFsm>,
+    ticking: handler::TickingGroups,
     stop: crossbeam_channel::Sender<()>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -99,7 +100,7 @@ impl Store {
             let learners = range.replicas.iter().filter(|r| r.learner).map(|r| r.replica_id).collect();
             let conf_state = ConfState { voters, learners, ..Default::default() };
             let config = Config { id: replica, random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica, ..options.raft.clone() };
-            let peer = Peer::open(config, options.snapshot.clone(), range.clone(), conf_state, Arc::clone(&log), kv.as_ref())?;
+            let peer = Peer::open(config, options.peer.clone(), range.clone(), conf_state, Arc::clone(&log), kv.as_ref())?;
             assert!(router.register(range.group_id, Box::new(PeerFsm::new(peer))).is_ok(), "group {} twice", range.group_id);
         }
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
@@ -115,7 +116,7 @@ impl Store {
         }
         {
             // Ticks only the groups that need time (see `Peer::needs_ticks`): idle single-replica groups cost nothing.
-            let (router, interval) = (router.clone(), options.tick_interval);
+            let (router, interval, ticking) = (router.clone(), options.tick_interval, Arc::clone(&ticking));
             threads.push(std::thread::Builder::new().name("flotilla-ticker".into()).spawn(move || {
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
                     let groups: Vec<u64> = ticking.lock().iter().copied().collect();
@@ -125,11 +126,25 @@ impl Store {
                 }
             }).expect("spawning the ticker"));
         }
-        Ok(Store { system: Some(system), router, stop, threads })
+        Ok(Store { system: Some(system), router, ticking, stop, threads })
     }
 
     pub fn router(&self) -> &Router<PeerFsm> {
         &self.router
+    }
+
+    /// How many of the node's replicas the ticker visits now (the others hibernate, or lead alone and idle).
+    pub fn ticking_groups(&self) -> usize {
+        self.ticking.lock().len()
+    }
+
+    /// Node liveness: node `node_id` is down. Every replica here hears it; those hibernating under a leader on
+    /// that node wake, to elect another leader. (The in-process transport's nodes fail only when a test removes
+    /// them; the network router of a later issue calls this from its node-to-node heartbeats.)
+    pub fn node_down(&self, node_id: u64) {
+        for group_id in self.router.ids() {
+            deliver(&self.router, group_id, PeerMsg::NodeDown(node_id));
+        }
     }
 
     /// Asks every group to elect itself (a single-replica store's groups lead at once).

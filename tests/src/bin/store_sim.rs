@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability, {} with unknown outcome, {} node crashes, {} torn writes, {} leadership transfers, {} log compactions, {} snapshots installed)",
+        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability, {} with unknown outcome, {} node crashes, {} torn writes, {} leadership transfers, {} log compactions, {} snapshots installed, {} replica ticks slept through)",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.operations,
@@ -56,7 +56,8 @@ fn main() -> ExitCode {
         total.torn_writes,
         total.transfers,
         total.compactions,
-        total.snapshot_installs
+        total.snapshot_installs,
+        total.ticks_slept
     );
     println!("store-sim: {} passed, 0 failed", seeds.len());
     ExitCode::SUCCESS

@@ -228,6 +228,16 @@ impl<S: Storage> Raft<S> {
         }
     }
 
+    /// Resumes after a pause in which time went uncounted (a hibernated group stops ticking). Any lease confirmed
+    /// before the pause may have run out meanwhile: the lease's time base moves a whole election timeout on, past
+    /// every such lease. The election and heartbeat clocks restart, so check-quorum gives the other replicas a
+    /// full election timeout to answer again, and a follower waits a full timeout before it campaigns.
+    pub fn resume_after_pause(&mut self) {
+        self.tick_count += self.config.election_timeout_ticks;
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+    }
+
     fn tick_election(&mut self) {
         self.election_elapsed += 1;
         if self.election_elapsed >= self.config.election_timeout_ticks {

@@ -1,0 +1,156 @@
+//! Hibernation: a replicated group with nothing to do stops ticking and heartbeating, so idle groups cost a node
+//! memory only.
+//!
+//! **Falling asleep.** A leader hibernates once `hibernate_idle_ticks` ticks have passed without a client request
+//! while nothing is pending (writes, reads, snapshot streams, a transfer), every entry is committed and applied,
+//! its last entry is of its own term, and every other replica's log matches its own. It sends each of them a
+//! [`HibernateRequest`] (its term, last index and term, commit) and stops ticking. A follower whose log ends at
+//! exactly that entry, that knows that commit and has nothing out for applying, stops ticking too. One that
+//! differs (or never gets the request) keeps ticking and in time campaigns: its vote request wakes the leader,
+//! which heartbeats again. A lost request costs a wake-up, never safety: hibernation only withholds ticks, and
+//! Raft's safety never depends on time.
+//!
+//! **Waking.** Anything but a hibernate request wakes a replica: any message (except, for a sleeping leader,
+//! answers to its last heartbeats), a client request, a transfer, a campaign. Time went uncounted while it slept, so it resumes with `RawNode::resume_after_pause`: no lease from
+//! before holds (a woken leader confirms reads by a heartbeat round, which also wakes its followers), and
+//! check-quorum and elections start a fresh timeout.
+//!
+//! **Silence is expected.** A hibernating follower hears nothing from its leader by design, so silence is no
+//! reason to campaign; the leader's *node* being down is. The node layer watches node liveness (one heartbeat
+//! per node pair, not one per group) and calls [`Peer::on_node_down`] with the replica on a down node; a follower
+//! whose leader is that replica wakes, and campaigns after a full election timeout without word from it.
+
+use flotilla_raft::{MessageType, StateRole};
+
+use super::Peer;
+use crate::message::{HibernateRequest, ReplicaMessage};
+
+/// Whether a replica is asleep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum Sleep {
+    #[default]
+    Awake,
+    /// Asleep since it sent its followers hibernate requests.
+    Leader,
+    /// Asleep since it agreed to its leader's request.
+    Follower,
+}
+
+#[derive(Default)]
+pub(super) struct Hibernation {
+    /// Ticks without a client request before a leader hibernates (0: never).
+    pub(super) idle_ticks_max: u32,
+    pub(super) sleep: Sleep,
+    /// Ticks since the last client request.
+    idle_ticks: u32,
+}
+
+impl Hibernation {
+    pub(super) fn new(idle_ticks_max: u32) -> Hibernation {
+        Hibernation { idle_ticks_max, ..Hibernation::default() }
+    }
+}
+
+impl Peer {
+    /// Whether the replica is hibernating (it needs no ticks until something wakes it).
+    pub fn is_hibernating(&self) -> bool {
+        self.hibernation.sleep != Sleep::Awake
+    }
+
+    /// The node holding replica `replica_id` of this group is down (the node layer's liveness verdict). A follower
+    /// asleep under that replica's leadership wakes, to elect another leader in time.
+    pub fn on_node_down(&mut self, replica_id: u64) {
+        if self.hibernation.sleep == Sleep::Follower && self.raw.raft.leader_id == replica_id {
+            self.wake();
+        }
+    }
+
+    /// Whether `message` wakes this replica. Anything does except a hibernate request and the heartbeat traffic
+    /// of the current term between a sleeping replica and its leader or followers: a heartbeat sent before the
+    /// request may arrive after it, and a woken follower whose leader sleeps would campaign for nothing; a woken
+    /// leader's heartbeats (a read's round) are answered without waking anyone. Such messages are still stepped.
+    pub(super) fn wakes(&self, message: &ReplicaMessage) -> bool {
+        let raft = &self.raw.raft;
+        match (message, self.hibernation.sleep) {
+            (ReplicaMessage::Hibernate(_), _) => false,
+            (ReplicaMessage::Raft(m), Sleep::Leader) => !(m.msg_type() == MessageType::HeartbeatResponse && m.term == raft.term),
+            (ReplicaMessage::Raft(m), Sleep::Follower) => {
+                !(m.msg_type() == MessageType::Heartbeat && m.term == raft.term && m.from == raft.leader_id)
+            }
+            _ => true,
+        }
+    }
+
+    /// A client request: the replica wakes and its idle count restarts.
+    pub(super) fn on_request(&mut self) {
+        self.hibernation.idle_ticks = 0;
+        self.wake();
+    }
+
+    /// Something happened: a sleeping replica wakes (and stays awake at least `idle_ticks_max` ticks: long enough
+    /// for its heartbeats to bring back a replica that campaigned meanwhile).
+    pub(super) fn wake(&mut self) {
+        if self.hibernation.sleep != Sleep::Awake {
+            self.hibernation.sleep = Sleep::Awake;
+            self.hibernation.idle_ticks = 0;
+            self.raw.resume_after_pause();
+            metrics::counter!("flotilla_wakeups_total").increment(1);
+        }
+    }
+
+    /// On a leader's tick: hibernates if it has been idle long enough and the group is settled.
+    pub(super) fn maybe_hibernate(&mut self) {
+        if self.hibernation.idle_ticks_max == 0 || !self.is_leader() {
+            return;
+        }
+        self.hibernation.idle_ticks = self.hibernation.idle_ticks.saturating_add(1);
+        if self.hibernation.idle_ticks < self.hibernation.idle_ticks_max || !self.is_settled_leader() {
+            return;
+        }
+        let raft = &self.raw.raft;
+        let index = raft.raft_log.last_index();
+        let log_term = raft.raft_log.term(index).expect("the last entry's term is known");
+        for &to in raft.tracker.progress.keys().filter(|&&id| id != raft.id) {
+            let request = HibernateRequest { from: raft.id, to, term: raft.term, index, log_term, commit: raft.raft_log.committed };
+            self.outbox.push(ReplicaMessage::Hibernate(request));
+        }
+        self.hibernation.sleep = Sleep::Leader;
+        metrics::counter!("flotilla_hibernations_total").increment(1);
+    }
+
+    /// A leader with nothing pending whose followers all hold its whole, committed, applied log.
+    fn is_settled_leader(&self) -> bool {
+        let raft = &self.raw.raft;
+        let log = &raft.raft_log;
+        let last = log.last_index();
+        self.writes.is_empty()
+            && self.reads.is_empty()
+            && self.streams.is_idle()
+            && raft.lead_transferee == 0
+            && log.committed == last
+            && log.applied == last
+            && self.applied_index == last
+            && log.term(last).ok() == Some(raft.term)
+            && raft.tracker.progress.iter().all(|(&id, progress)| id == raft.id || progress.matched == last)
+    }
+
+    /// A leader's hibernate request: sleep too if this replica is exactly where the leader is.
+    pub(super) fn on_hibernate_request(&mut self, request: HibernateRequest) {
+        let raft = &self.raw.raft;
+        let log = &raft.raft_log;
+        let in_step = raft.role == StateRole::Follower
+            && request.term == raft.term
+            && request.from == raft.leader_id
+            && log.last_index() == request.index
+            && log.term(request.index).ok() == Some(request.log_term)
+            && log.committed == request.commit
+            && log.applied == request.commit
+            && self.applied_index == request.commit
+            && self.writes.is_empty()
+            && self.reads.is_empty()
+            && self.streams.is_idle();
+        if in_step && self.hibernation.idle_ticks_max != 0 {
+            self.hibernation.sleep = Sleep::Follower;
+        }
+    }
+}
