@@ -14,6 +14,7 @@
 //! # Ok::<(), flotilla::DbError>(())
 //! ```
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -295,22 +296,35 @@ impl Db {
             .name("flotilla-maintenance".into())
             .spawn(move || {
                 let (reply, done) = crossbeam_channel::unbounded();
+                // Each group's durable indexes at the last pass: a group whose state machines made nothing new
+                // durable since (an idle one) is skipped, so that 100K idle groups cost little.
+                let mut seen: HashMap<u64, Vec<u64>> = HashMap::new();
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
                     for &group_id in &groups {
-                        let lowest = engines.iter().map(|(_, kv)| kv.durable_applied(group_id).0).min().unwrap_or(0);
-                        for (log, kv) in &engines {
-                            let durable = kv.durable_applied(group_id).0;
+                        let durables: Vec<u64> = engines.iter().map(|(_, kv)| kv.durable_applied(group_id).0).collect();
+                        if seen.get(&group_id) == Some(&durables) {
+                            continue;
+                        }
+                        let lowest = durables.iter().copied().min().unwrap_or(0);
+                        let mut finished = true;
+                        for ((log, _), &durable) in engines.iter().zip(&durables) {
                             let keep_from = lowest.max(durable.saturating_sub(lag_max));
                             // Entries before `keep_from` go; the one at it stays as a margin (replay starts after it).
                             if keep_from <= log.first_index(group_id) {
                                 continue;
                             }
                             // (None: a snapshot's log record is still on its way; next time.)
-                            let Some(base_term) = log.term(group_id, keep_from - 1) else { continue };
+                            let Some(base_term) = log.term(group_id, keep_from - 1) else {
+                                finished = false;
+                                continue;
+                            };
                             let ops = vec![LogOp::Compact { first_kept_index: keep_from, base_term }];
                             if log.submit(WriteRequest { group_id, ready_number: 0, ops, reply: reply.clone() }).is_err() {
                                 return; // the log failed; requests report it
                             }
+                        }
+                        if finished {
+                            seen.insert(group_id, durables);
                         }
                     }
                     done.try_iter().for_each(drop);

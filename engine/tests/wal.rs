@@ -505,6 +505,10 @@ fn one_lagging_group_does_not_pin_the_wal_and_costs_only_its_own_rewrite() {
     let most = state.most_pinned(3);
     assert_eq!((most.len(), most[0]), (3, (99, state.pinned_bytes(99))), "the laggard heads the exported list");
     assert_eq!(state.max_pinned_bytes(), (state.pinned_bytes(99), 99));
+    let mut every: Vec<(u64, u64)> = [1, 2, 3, 4, 99].map(|g| (g, state.pinned_bytes(g))).into_iter().filter(|(_, b)| *b > 0).collect();
+    every.sort_by_key(|&(group, bytes)| (std::cmp::Reverse(bytes), group));
+    assert_eq!(state.most_pinned(10), every, "the one-lookup-per-group ranking agrees with each group's own sum");
+    assert_eq!(state.most_pinned(2), every[..2]);
     let before = wal.segment_ids().len();
     let horizon = wal.suggest_horizon(4 * segment_bytes_max);
     let report = wal.purge(horizon).unwrap();

@@ -319,7 +319,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
     let single = RangeDescriptor { replicas: vec![Replica { node_id: 1, replica_id: 1, learner: false }], ..descriptor() };
     let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
     let mut peer = Peer::open(Config::new(1), peer_options(), single.clone(), ConfState { voters: vec![1], ..Default::default() }, log_engine, &kv).unwrap();
-    assert!(peer.needs_ticks(), "not leading yet");
+    assert!(!peer.needs_ticks() && peer.is_hibernating(), "replicas open asleep");
     let (reply, persisted) = crossbeam_channel::unbounded();
     let drive = |peer: &mut Peer| {
         for _ in 0..10 {
@@ -336,6 +336,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
         }
     };
     peer.campaign();
+    assert!(peer.needs_ticks(), "awake, not leading yet");
     drive(&mut peer);
     assert!(peer.is_leader());
     assert!(!peer.needs_ticks(), "leading alone with nothing waiting");
@@ -545,8 +546,9 @@ fn a_follower_that_missed_the_hibernate_request_wakes_the_leader_instead_of_depo
 #[test]
 fn a_leader_woken_after_others_elected_a_new_one_serves_no_read_from_its_old_lease() {
     let mut group = Group::with_read_mode(ReadMode::LeaseBased);
-    // (Lease mode: every replica starts quiet for an election timeout.)
-    assert!(group.tick_until(40, |g| (1..=3).any(|id| g.node(id).peer.is_leader())));
+    // (Lease mode: every replica starts quiet for an election timeout; replica 1's campaign wakes them all.)
+    group.node(1).peer.campaign();
+    assert!(group.tick_until(60, |g| (1..=3).any(|id| g.node(id).peer.is_leader())));
     let old = (1..=3).find(|&id| group.node(id).peer.is_leader()).expect("a leader");
     group.put(old, 100, "b", "1");
     assert!(group.tick_until(20, all_hibernating));

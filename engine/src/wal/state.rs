@@ -174,9 +174,28 @@ impl WalState {
     }
 
     /// The `count` groups that keep the most WAL from being purged, most first: (group, pinned bytes).
+    /// Linear in the groups (one lookup each, a partial sort): it runs on every purge, over 100K groups.
     pub fn most_pinned(&self, count: usize) -> Vec<(u64, u64)> {
-        let mut pinned: Vec<(u64, u64)> = self.groups.keys().map(|&g| (g, self.pinned_bytes(g))).filter(|(_, bytes)| *bytes > 0).collect();
-        pinned.sort_unstable_by_key(|&(group, bytes)| (std::cmp::Reverse(bytes), group));
+        // Bytes from each segment to the newest, so that each group's pin is one lookup.
+        let mut from_segment = BTreeMap::new();
+        let mut total = 0;
+        for (&id, segment) in self.segments.iter().rev() {
+            total += segment.len;
+            from_segment.insert(id, total);
+        }
+        let pinned_bytes = |oldest: u64| from_segment.range(oldest..).next().map_or(0, |(_, bytes)| *bytes);
+        let mut pinned: Vec<(u64, u64)> = self
+            .groups
+            .iter()
+            .filter_map(|(&group_id, group)| group.pinned_segment().map(|oldest| (group_id, pinned_bytes(oldest))))
+            .filter(|(_, bytes)| *bytes > 0)
+            .collect();
+        let order = |&(group, bytes): &(u64, u64)| (std::cmp::Reverse(bytes), group);
+        if pinned.len() > count && count > 0 {
+            pinned.select_nth_unstable_by_key(count - 1, order);
+            pinned.truncate(count);
+        }
+        pinned.sort_unstable_by_key(order);
         pinned.truncate(count);
         pinned
     }

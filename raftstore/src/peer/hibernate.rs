@@ -15,6 +15,9 @@
 //! before holds (a woken leader confirms reads by a heartbeat round, which also wakes its followers), and
 //! check-quorum and elections start a fresh timeout.
 //!
+//! **Opening.** A replica opens asleep: starting many groups must not start as many elections. Whatever reaches
+//! it first wakes it.
+//!
 //! **Silence is expected.** A hibernating follower hears nothing from its leader by design, so silence is no
 //! reason to campaign; the leader's *node* being down is. The node layer watches node liveness (one heartbeat
 //! per node pair, not one per group) and calls [`Peer::on_node_down`] with the replica on a down node; a follower
@@ -46,8 +49,12 @@ pub(super) struct Hibernation {
 }
 
 impl Hibernation {
+    /// A replica opens asleep (when hibernation is on): a node starting 100K groups must not tick them all and
+    /// hold 100K elections at once. The first message or request wakes it; a group with no leader elects one
+    /// when a request or a campaign first reaches one of its replicas.
     pub(super) fn new(idle_ticks_max: u32) -> Hibernation {
-        Hibernation { idle_ticks_max, ..Hibernation::default() }
+        let sleep = if idle_ticks_max == 0 { Sleep::Awake } else { Sleep::Follower };
+        Hibernation { idle_ticks_max, sleep, idle_ticks: 0 }
     }
 }
 

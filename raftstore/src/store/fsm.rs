@@ -64,7 +64,8 @@ impl Fsm for PeerFsm {
 
 impl PeerFsm {
     pub fn new(peer: Peer) -> PeerFsm {
-        PeerFsm { peer, next_token: 1, writes: HashMap::new(), reads: HashMap::new(), to_apply: Vec::new(), ticking: true }
+        let ticking = peer.needs_ticks();
+        PeerFsm { peer, next_token: 1, writes: HashMap::new(), reads: HashMap::new(), to_apply: Vec::new(), ticking }
     }
 
     fn token(&mut self) -> Token {

@@ -90,7 +90,7 @@ impl Store {
         transport: Arc<dyn Transport>,
     ) -> Result<Store, flotilla_raft::Error> {
         let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<Persisted>();
-        let ticking: handler::TickingGroups = Arc::new(parking_lot::Mutex::new(ranges.iter().map(|r| r.group_id).collect()));
+        let ticking: handler::TickingGroups = Arc::default();
         let handler = StoreHandler { ticking: Arc::clone(&ticking), log: Arc::clone(&log), kv: Arc::clone(&kv), flusher, transport, persisted };
         let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| handler.clone());
         let router = system.router().clone();
@@ -101,6 +101,9 @@ impl Store {
             let conf_state = ConfState { voters, learners, ..Default::default() };
             let config = Config { id: replica, random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica, ..options.raft.clone() };
             let peer = Peer::open(config, options.peer.clone(), range.clone(), conf_state, Arc::clone(&log), kv.as_ref())?;
+            if peer.needs_ticks() {
+                ticking.lock().insert(range.group_id);
+            }
             assert!(router.register(range.group_id, Box::new(PeerFsm::new(peer))).is_ok(), "group {} twice", range.group_id);
         }
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
