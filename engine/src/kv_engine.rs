@@ -32,13 +32,17 @@ pub trait KvEngine: Send + Sync {
     fn durable_applied(&self, group_id: u64) -> AppliedState;
     /// Stores a group's range descriptor, durably.
     fn put_range(&self, group_id: u64, descriptor: &[u8]) -> Result<(), StateMachineError>;
+    /// Every group's descriptor, including those changed by applies not yet checkpointed (`GroupApply::range`,
+    /// durable with the applied index).
     fn ranges(&self) -> Result<Vec<(u64, Vec<u8>)>, StateMachineError>;
     /// A snapshot of the group's range at its durable applied state, in chunks of about `chunk_bytes_max`.
     fn snapshot_reader(&self, group_id: u64, start: &[u8], end: &[u8], chunk_bytes_max: usize) -> Result<SnapshotReader, StateMachineError>;
     fn begin_snapshot_install(&self, group_id: u64, start: &[u8], end: &[u8]) -> Result<(), StateMachineError>;
     /// Returns true once the last chunk has arrived.
     fn receive_snapshot_chunk(&self, group_id: u64, chunk: &[u8]) -> Result<bool, StateMachineError>;
-    fn finish_snapshot_install(&self, group_id: u64) -> Result<AppliedState, StateMachineError>;
+    /// Replaces the group's range data and applied state with the snapshot — and its descriptor with `range`, if
+    /// given — in one durable step.
+    fn finish_snapshot_install(&self, group_id: u64, range: Option<&[u8]>) -> Result<AppliedState, StateMachineError>;
     fn abort_snapshot_install(&self, group_id: u64);
 }
 
@@ -76,8 +80,8 @@ impl KvEngine for StateMachine {
     fn receive_snapshot_chunk(&self, group_id: u64, chunk: &[u8]) -> Result<bool, StateMachineError> {
         StateMachine::receive_snapshot_chunk(self, group_id, chunk)
     }
-    fn finish_snapshot_install(&self, group_id: u64) -> Result<AppliedState, StateMachineError> {
-        StateMachine::finish_snapshot_install(self, group_id)
+    fn finish_snapshot_install(&self, group_id: u64, range: Option<&[u8]>) -> Result<AppliedState, StateMachineError> {
+        StateMachine::finish_snapshot_install(self, group_id, range)
     }
     fn abort_snapshot_install(&self, group_id: u64) {
         StateMachine::abort_snapshot_install(self, group_id)
@@ -91,6 +95,7 @@ struct MemState {
     /// Applied since the last flush (`None`: a deletion).
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pending_applied: HashMap<u64, AppliedState>,
+    pending_ranges: BTreeMap<u64, Vec<u8>>,
     pending_bytes: u64,
     ranges: BTreeMap<u64, Vec<u8>>,
     installs: HashMap<u64, (ChunkVerifier, Vec<KeyValue>)>,
@@ -113,6 +118,7 @@ impl MemKvEngine {
         let mut state = self.state.lock();
         state.pending.clear();
         state.pending_applied.clear();
+        state.pending_ranges.clear();
         state.pending_bytes = 0;
         state.installs.clear();
     }
@@ -135,6 +141,9 @@ impl KvEngine for MemKvEngine {
                 state.pending.insert(key, value);
             }
             state.pending_applied.insert(group.group_id, (group.applied_index, group.applied_term));
+            if let Some(range) = group.range {
+                state.pending_ranges.insert(group.group_id, range);
+            }
         }
         Ok(state.pending_bytes >= self.pending_bytes_max)
     }
@@ -149,6 +158,8 @@ impl KvEngine for MemKvEngine {
             };
         }
         state.durable_applied.extend(state.pending_applied.drain());
+        let changed = std::mem::take(&mut state.pending_ranges);
+        state.ranges.extend(changed);
         state.pending_bytes = 0;
         Ok(())
     }
@@ -184,7 +195,10 @@ impl KvEngine for MemKvEngine {
     }
 
     fn ranges(&self) -> Result<Vec<(u64, Vec<u8>)>, StateMachineError> {
-        Ok(self.state.lock().ranges.iter().map(|(g, d)| (*g, d.clone())).collect())
+        let state = self.state.lock();
+        let mut ranges = state.ranges.clone();
+        ranges.extend(state.pending_ranges.iter().map(|(g, d)| (*g, d.clone())));
+        Ok(ranges.into_iter().collect())
     }
 
     fn snapshot_reader(&self, group_id: u64, start: &[u8], end: &[u8], chunk_bytes_max: usize) -> Result<SnapshotReader, StateMachineError> {
@@ -208,7 +222,7 @@ impl KvEngine for MemKvEngine {
         Ok(chunk.last)
     }
 
-    fn finish_snapshot_install(&self, group_id: u64) -> Result<AppliedState, StateMachineError> {
+    fn finish_snapshot_install(&self, group_id: u64, range: Option<&[u8]>) -> Result<AppliedState, StateMachineError> {
         let mut state = self.state.lock();
         let (verifier, _) = state.installs.get(&group_id).ok_or_else(|| no_install(group_id))?;
         let applied = verifier.finished.ok_or_else(|| unfinished_install(group_id))?;
@@ -219,6 +233,10 @@ impl KvEngine for MemKvEngine {
         state.durable.extend(pairs);
         state.pending_applied.remove(&group_id);
         state.durable_applied.insert(group_id, applied);
+        state.pending_ranges.remove(&group_id);
+        if let Some(range) = range {
+            state.ranges.insert(group_id, range.to_vec());
+        }
         Ok(applied)
     }
 

@@ -24,7 +24,7 @@ use redb::Durability;
 use crate::lsm::merge::Source;
 use crate::lsm::run::{RunWriter, RUNS, RUN_BLOCKS};
 use crate::lsm::version::{RangeTombstone, RANGE_TOMBSTONES};
-use crate::state_machine::{decode_applied, encode_applied, storage, AppliedState, StateMachine, StateMachineError, APPLY_STATE};
+use crate::state_machine::{decode_applied, encode_applied, storage, AppliedState, StateMachine, StateMachineError, APPLY_STATE, RANGES};
 
 /// One chunk's content.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -253,7 +253,7 @@ impl Install {
     }
 
     /// Replaces the group's range and applied state with the snapshot, in one durable transaction.
-    fn finish(self, machine: &StateMachine, group_id: u64, applied: AppliedState) -> Result<AppliedState, StateMachineError> {
+    fn finish(self, machine: &StateMachine, group_id: u64, applied: AppliedState, range: Option<&[u8]>) -> Result<AppliedState, StateMachineError> {
         // No read may see the range half replaced, and no flush may write older data over it.
         let _no_flush = machine.flush_lock.lock();
         let mut memtables = machine.memtables.write();
@@ -272,6 +272,9 @@ impl Install {
             }
             write.open_table(RANGE_TOMBSTONES).map_err(storage)?.insert(tombstone.seq, tombstone.encode().as_slice()).map_err(storage)?;
             write.open_table(APPLY_STATE).map_err(storage)?.insert(group_id, encode_applied(applied)).map_err(storage)?;
+            if let Some(range) = range {
+                write.open_table(RANGES).map_err(storage)?.insert(group_id, range).map_err(storage)?;
+            }
             run
         };
         write.commit().map_err(storage)?;
@@ -285,6 +288,7 @@ impl Install {
         });
         memtables.active.data.retain(|key, _| !in_range(key, start, end));
         memtables.active.applied.remove(&group_id);
+        memtables.active.ranges.remove(&group_id);
         memtables.active.bytes = memtables.active.data.iter().map(|(k, v)| k.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64)).sum();
         machine.durable.write().insert(group_id, applied);
         Ok(applied)
@@ -338,8 +342,9 @@ impl StateMachine {
         install.receive(self, chunk)
     }
 
-    /// Makes the received snapshot the group's data and applied state, in one durable step.
-    pub fn finish_snapshot_install(&self, group_id: u64) -> Result<AppliedState, StateMachineError> {
+    /// Makes the received snapshot the group's data and applied state — and `range` its descriptor, if given —
+    /// in one durable step.
+    pub fn finish_snapshot_install(&self, group_id: u64, range: Option<&[u8]>) -> Result<AppliedState, StateMachineError> {
         let install = {
             let mut installs = self.installs.lock();
             let install = installs.get(&group_id).ok_or_else(|| no_install(group_id))?;
@@ -347,7 +352,7 @@ impl StateMachine {
             (installs.remove(&group_id).expect("present"), applied)
         };
         let (install, applied) = install;
-        install.finish(self, group_id, applied)
+        install.finish(self, group_id, applied, range)
     }
 
     /// Abandons the group's install, if any (its blocks become garbage).

@@ -30,7 +30,7 @@ use crate::lsm::version::{RangeTombstone, Version, RANGE_TOMBSTONES};
 use crate::snapshot::Install;
 
 pub(crate) const APPLY_STATE: TableDefinition<u64, [u8; 16]> = TableDefinition::new("apply_state");
-const RANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("ranges");
+pub(crate) const RANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("ranges");
 
 /// One change to the data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +46,9 @@ pub struct GroupApply {
     pub ops: Vec<KvOp>,
     pub applied_index: u64,
     pub applied_term: u64,
+    /// The group's new range descriptor, if an entry of this batch changed it (a membership change): made
+    /// durable by the same checkpoint as the applied index, so that after a crash the two always agree.
+    pub range: Option<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -126,6 +129,8 @@ pub(crate) struct Memtable {
     /// `None` is a deletion not yet flushed.
     pub(crate) data: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pub(crate) applied: HashMap<u64, AppliedState>,
+    /// Range descriptors changed by applies since the last flush.
+    pub(crate) ranges: HashMap<u64, Vec<u8>>,
     pub(crate) bytes: u64,
 }
 
@@ -386,6 +391,9 @@ impl StateMachine {
                 memtable.bytes = (memtable.bytes + added).saturating_sub(removed);
             }
             memtable.applied.insert(group.group_id, (group.applied_index, group.applied_term));
+            if let Some(range) = group.range {
+                memtable.ranges.insert(group.group_id, range);
+            }
         }
         Ok(memtables.active.bytes >= self.options.memtable_bytes_max)
     }
@@ -423,6 +431,10 @@ impl StateMachine {
             let mut states = write.open_table(APPLY_STATE).map_err(storage)?;
             for (group, state) in &flushing.applied {
                 states.insert(*group, encode_applied(*state)).map_err(storage)?;
+            }
+            let mut ranges = write.open_table(RANGES).map_err(storage)?;
+            for (group, range) in &flushing.ranges {
+                ranges.insert(*group, range.as_slice()).map_err(storage)?;
             }
             run
         };
@@ -527,14 +539,20 @@ impl StateMachine {
         write.commit().map_err(storage)
     }
 
+    /// Every group's range descriptor: the stored ones, overlaid with those applies changed since (by group).
     pub fn ranges(&self) -> Result<Vec<(u64, Vec<u8>)>, StateMachineError> {
+        let memtables = self.memtables.read();
         let read = self.db.begin_read().map_err(storage)?;
         let table = read.open_table(RANGES).map_err(storage)?;
-        let mut out = Vec::new();
+        let mut out = BTreeMap::new();
         for row in table.iter().map_err(storage)? {
             let (group, descriptor) = row.map_err(storage)?;
-            out.push((group.value(), descriptor.value().to_vec()));
+            out.insert(group.value(), descriptor.value().to_vec());
         }
-        Ok(out)
+        let changed = memtables.flushing.iter().map(|f| &f.ranges).chain([&memtables.active.ranges]);
+        for ranges in changed {
+            out.extend(ranges.iter().map(|(group, range)| (*group, range.clone())));
+        }
+        Ok(out.into_iter().collect())
     }
 }

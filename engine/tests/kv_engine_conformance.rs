@@ -83,7 +83,10 @@ impl Subject for MemKvEngine {
 
 /// Installs into `machine` a snapshot of `group`'s range made on another engine from random applies, and updates
 /// the model (the range is replaced; the install is durable at once).
-fn install_random_snapshot(machine: &dyn KvEngine, rng: &mut u64, group: u64, index: u64, models: [&mut Data; 2]) {
+/// Descriptors by group, as the model expects `KvEngine::ranges` to report them.
+type Ranges = BTreeMap<u64, Vec<u8>>;
+
+fn install_random_snapshot(machine: &dyn KvEngine, rng: &mut u64, group: u64, index: u64, models: [&mut Data; 2], ranges: [&mut Ranges; 2]) {
     // From the other kind of engine than most subjects: chunks must mean the same to every engine.
     let source = MemKvEngine::new(u64::MAX);
     for i in 0..3 {
@@ -95,7 +98,11 @@ fn install_random_snapshot(machine: &dyn KvEngine, rng: &mut u64, group: u64, in
     while let Some(chunk) = reader.next_chunk().unwrap() {
         machine.receive_snapshot_chunk(group, &chunk).unwrap();
     }
-    assert_eq!(machine.finish_snapshot_install(group).unwrap().0, index);
+    let range = format!("range of g{group} from the snapshot at {index}").into_bytes();
+    assert_eq!(machine.finish_snapshot_install(group, Some(&range)).unwrap().0, index);
+    for model in ranges {
+        model.insert(group, range.clone());
+    }
     let installed = source.scan(start.as_bytes(), end.as_bytes(), usize::MAX).unwrap();
     for model in models {
         model.retain(|key, _| !(key.as_slice() >= start.as_bytes() && key.as_slice() < end.as_bytes()));
@@ -110,6 +117,7 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
     let mut next_index = BTreeMap::new();
     let mut checkpoint = Data::new();
     let mut checkpoint_applied: BTreeMap<u64, u64> = BTreeMap::new();
+    let (mut ranges, mut checkpoint_ranges) = (Ranges::new(), Ranges::new());
     for _ in 0..steps {
         rng = rng.rotate_left(11) ^ 0xA076_1D64_78BD_642F;
         match rng % 12 {
@@ -125,18 +133,21 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
                 let over_budget = subject.engine().apply(batch.clone()).unwrap();
                 for apply in &batch {
                     apply_to_model(&mut model, apply);
+                    ranges.extend(apply.range.clone().map(|range| (apply.group_id, range)));
                     history.push(apply.clone());
                 }
                 if over_budget {
                     subject.engine().flush().unwrap();
                     checkpoint = model.clone();
                     checkpoint_applied = next_index.clone();
+                    checkpoint_ranges = ranges.clone();
                 }
             }
             6 => {
                 subject.engine().flush().unwrap();
                 checkpoint = model.clone();
                 checkpoint_applied = next_index.clone();
+                checkpoint_ranges = ranges.clone();
             }
             7 | 8 => subject.maintain(rng >> 30)?,
             9 => {
@@ -144,12 +155,14 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
                 let index = next_index.entry(group).or_insert(0);
                 *index += 5;
                 let index = *index;
-                install_random_snapshot(subject.engine(), &mut rng, group, index, [&mut model, &mut checkpoint]);
+                install_random_snapshot(subject.engine(), &mut rng, group, index, [&mut model, &mut checkpoint], [&mut ranges, &mut checkpoint_ranges]);
                 checkpoint_applied.insert(group, index);
             }
             _ => {
                 subject.crash_and_reopen()?;
                 prop_assert_eq!(&all(subject.engine()), &checkpoint, "after a crash the data is the last checkpoint");
+                let stored: Ranges = subject.engine().ranges().unwrap().into_iter().collect();
+                prop_assert_eq!(&stored, &checkpoint_ranges, "and so are the descriptors");
                 for group in next_index.keys() {
                     // Exactly: the WAL below it may be compacted away, so an index too low would lose data.
                     let expected = checkpoint_applied.get(group).copied().unwrap_or(0);
@@ -164,9 +177,16 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
                 for apply in &replay {
                     subject.engine().apply(vec![apply.clone()]).unwrap();
                 }
+                // (Replaying restores the descriptors the lost applies had changed.)
+                ranges = checkpoint_ranges.clone();
+                for apply in &replay {
+                    ranges.extend(apply.range.clone().map(|range| (apply.group_id, range)));
+                }
             }
         }
         prop_assert_eq!(&all(subject.engine()), &model);
+        let reported: Ranges = subject.engine().ranges().unwrap().into_iter().collect();
+        prop_assert_eq!(&reported, &ranges, "descriptors as applied");
         for (key, value) in model.iter().take(5) {
             let stored = subject.engine().get(key).unwrap();
             prop_assert_eq!(stored.as_ref(), Some(value));

@@ -13,14 +13,14 @@ fn fill(machine: &StateMachine, tag: &str, flush_between: bool) {
     for group in 1..=3u64 {
         let prefix = (b'a' + group as u8 - 1) as char;
         let ops = (0..200).map(|i| put(format!("{prefix}{i:04}"), format!("{tag}-{group}-{i}"))).collect();
-        machine.apply(vec![GroupApply { group_id: group, ops, applied_index: 10, applied_term: 2 }]).unwrap();
+        machine.apply(vec![GroupApply { group_id: group, ops, applied_index: 10, applied_term: 2, range: None }]).unwrap();
         if flush_between && group == 2 {
             machine.flush().unwrap();
         }
     }
     // Some changes only in the memtable, including a deletion.
     machine
-        .apply(vec![GroupApply { group_id: 2, ops: vec![put("b0001".into(), format!("{tag}-late")), KvOp::Delete { key: b"b0002".to_vec() }], applied_index: 11, applied_term: 2 }])
+        .apply(vec![GroupApply { group_id: 2, ops: vec![put("b0001".into(), format!("{tag}-late")), KvOp::Delete { key: b"b0002".to_vec() }], applied_index: 11, applied_term: 2, range: None }])
         .unwrap();
 }
 
@@ -37,7 +37,7 @@ fn stream(source: &StateMachine, target: &StateMachine, group: u64, start: &str,
         let last = target.receive_snapshot_chunk(group, &chunk).unwrap();
         assert_eq!(last, reader.is_exhausted(), "the last chunk is marked last");
     }
-    let applied = target.finish_snapshot_install(group).unwrap();
+    let applied = target.finish_snapshot_install(group, None).unwrap();
     (chunks, applied.0)
 }
 
@@ -49,7 +49,7 @@ fn a_streamed_snapshot_replaces_exactly_the_range_and_its_applied_state() {
     fill(&source, "new", true);
     fill(&target, "old", false);
     // The target also holds a stray key inside the range that the source does not have.
-    target.apply(vec![GroupApply { group_id: 2, ops: vec![put("b9999".into(), "stray".into())], applied_index: 12, applied_term: 2 }]).unwrap();
+    target.apply(vec![GroupApply { group_id: 2, ops: vec![put("b9999".into(), "stray".into())], applied_index: 12, applied_term: 2, range: None }]).unwrap();
     let (chunks, applied) = stream(&source, &target, 2, "b", "c", 300);
     assert!(chunks >= 10, "small chunks: {chunks}");
     assert_eq!(applied, 11);
@@ -92,7 +92,7 @@ fn a_crash_before_finish_leaves_the_old_range_and_damaged_or_misordered_chunks_a
     target.begin_snapshot_install(2, b"b", b"c").unwrap();
     target.receive_snapshot_chunk(2, &first).unwrap();
     target.receive_snapshot_chunk(2, &second).unwrap();
-    assert!(target.finish_snapshot_install(2).is_err(), "finishing before the last chunk is refused");
+    assert!(target.finish_snapshot_install(2, None).is_err(), "finishing before the last chunk is refused");
     assert_eq!(range(&target, "b", "c"), before, "an unfinished install is invisible");
     // Power cut in the middle of an install: the old range is intact.
     disk.power_off();

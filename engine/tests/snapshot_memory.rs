@@ -23,7 +23,7 @@ fn a_one_million_key_snapshot_round_trip_stays_under_a_memory_bound() {
         let ops = (batch * 10_000..(batch + 1) * 10_000)
             .map(|i| KvOp::Put { key: format!("k{:015}", i * 7919 % keys).into_bytes(), value: value.clone() })
             .collect();
-        if source.apply(vec![GroupApply { group_id: 1, ops, applied_index: batch + 1, applied_term: 1 }]).unwrap() {
+        if source.apply(vec![GroupApply { group_id: 1, ops, applied_index: batch + 1, applied_term: 1, range: None }]).unwrap() {
             source.flush().unwrap();
         }
     }
@@ -38,7 +38,7 @@ fn a_one_million_key_snapshot_round_trip_stays_under_a_memory_bound() {
         chunks += 1;
         peak = peak.max(resident_bytes());
     }
-    target.finish_snapshot_install(1).unwrap();
+    target.finish_snapshot_install(1, None).unwrap();
     peak = peak.max(resident_bytes());
     let growth_mib = (peak - baseline) as f64 / (1 << 20) as f64;
     println!("{chunks} chunks; resident memory grew by {growth_mib:.1} MiB over {:.1} MiB", baseline as f64 / (1 << 20) as f64);

@@ -15,11 +15,11 @@ fn scans_merge_the_memtable_over_redb_with_bounds_limits_and_deletions() {
     let machine = StateMachine::open(&dir.path().join("s.redb"), StateMachineOptions::default()).unwrap();
     let put = |key: &str, value: &str| KvOp::Put { key: key.into(), value: value.into() };
     machine
-        .apply(vec![GroupApply { group_id: 1, ops: vec![put("a", "1"), put("b", "1"), put("c", "1"), put("d", "1")], applied_index: 1, applied_term: 1 }])
+        .apply(vec![GroupApply { group_id: 1, ops: vec![put("a", "1"), put("b", "1"), put("c", "1"), put("d", "1")], applied_index: 1, applied_term: 1, range: None }])
         .unwrap();
     machine.flush().unwrap();
     machine
-        .apply(vec![GroupApply { group_id: 1, ops: vec![put("b", "2"), KvOp::Delete { key: "c".into() }, put("bb", "2")], applied_index: 2, applied_term: 1 }])
+        .apply(vec![GroupApply { group_id: 1, ops: vec![put("b", "2"), KvOp::Delete { key: "c".into() }, put("bb", "2")], applied_index: 2, applied_term: 1, range: None }])
         .unwrap();
     let scan = |start: &str, end: &str, limit: usize| -> Vec<(String, String)> {
         machine
@@ -41,8 +41,8 @@ fn scans_merge_the_memtable_over_redb_with_bounds_limits_and_deletions() {
 fn applying_backwards_is_refused_and_ranges_are_stored() {
     let dir = tempfile::tempdir().unwrap();
     let machine = StateMachine::open(&dir.path().join("s.redb"), StateMachineOptions::default()).unwrap();
-    machine.apply(vec![GroupApply { group_id: 3, ops: vec![], applied_index: 10, applied_term: 2 }]).unwrap();
-    let backwards = machine.apply(vec![GroupApply { group_id: 3, ops: vec![], applied_index: 9, applied_term: 2 }]);
+    machine.apply(vec![GroupApply { group_id: 3, ops: vec![], applied_index: 10, applied_term: 2, range: None }]).unwrap();
+    let backwards = machine.apply(vec![GroupApply { group_id: 3, ops: vec![], applied_index: 9, applied_term: 2, range: None }]);
     assert!(matches!(backwards, Err(StateMachineError::Invalid(_))));
     machine.put_range(3, b"descriptor").unwrap();
     assert_eq!(machine.ranges().unwrap(), vec![(3, b"descriptor".to_vec())]);
@@ -94,7 +94,7 @@ fn a_run_recorded_without_its_blocks_is_corruption_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
     let machine = StateMachine::open(&path, StateMachineOptions::default()).unwrap();
-    machine.apply(vec![GroupApply { group_id: 1, ops: vec![KvOp::Put { key: b"k".to_vec(), value: b"v".to_vec() }], applied_index: 1, applied_term: 1 }]).unwrap();
+    machine.apply(vec![GroupApply { group_id: 1, ops: vec![KvOp::Put { key: b"k".to_vec(), value: b"v".to_vec() }], applied_index: 1, applied_term: 1, range: None }]).unwrap();
     machine.flush().unwrap();
     drop(machine);
     // Lose the blocks behind the state machine's back.
@@ -124,7 +124,7 @@ fn reads_racing_flushes_compactions_and_garbage_collection_never_lose_a_key() {
     let flusher = BackgroundFlusher::start(Arc::clone(&machine));
     let put_all = |round: u64, index: u64| {
         let ops = (0..KEYS).map(|i| KvOp::Put { key: key(i), value: format!("v-{round}").into_bytes() }).collect();
-        let over = machine.apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1 }]).unwrap();
+        let over = machine.apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1, range: None }]).unwrap();
         flusher.after_apply(over).unwrap();
     };
     put_all(0, 1);

@@ -76,7 +76,7 @@ fn main() {
                     .map(|_| KvOp::Put { key: next_key(&mut rng, group), value: value.clone() })
                     .collect();
                 applied[group as usize] += 1;
-                GroupApply { group_id: group + 1, ops, applied_index: applied[group as usize], applied_term: 1 }
+                GroupApply { group_id: group + 1, ops, applied_index: applied[group as usize], applied_term: 1, range: None }
             })
             .collect();
         written += args.groups * args.puts_per_group;

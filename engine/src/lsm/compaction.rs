@@ -189,7 +189,7 @@ mod tests {
         let machine = StateMachine::open_with_backend(SimRedbBackend::new(), options).unwrap();
         for index in 1..=2u64 {
             let ops = (0..50).map(|i| KvOp::Put { key: format!("k{i:03}").into_bytes(), value: format!("v{index}").into_bytes() }).collect();
-            machine.apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1 }]).unwrap();
+            machine.apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1, range: None }]).unwrap();
             machine.flush().unwrap();
         }
         // A reader takes the version (two runs)...

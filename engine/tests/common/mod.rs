@@ -41,5 +41,7 @@ pub fn random_apply(rng: &mut u64, group: u64, index: u64) -> GroupApply {
             }
         })
         .collect();
-    GroupApply { group_id: group, ops, applied_index: index, applied_term: 1 + index / 10 }
+    // Now and then a membership change that rewrites the group's descriptor.
+    let range = (next(5) == 0).then(|| format!("range of g{group} at {index}").into_bytes());
+    GroupApply { group_id: group, ops, applied_index: index, applied_term: 1 + index / 10, range }
 }

@@ -265,7 +265,7 @@ impl Peer {
     /// their fate here: they are answered `OutcomeUnknown`.
     pub(super) fn finish_snapshot_install(&mut self, snapshot: &Snapshot, kv: &dyn KvEngine) -> LogOp {
         let (index, term) = (snapshot.index(), snapshot.term());
-        let installed = kv.finish_snapshot_install(self.descriptor.group_id).unwrap_or_else(|e| fatal("finishing a snapshot install", e));
+        let installed = kv.finish_snapshot_install(self.descriptor.group_id, None).unwrap_or_else(|e| fatal("finishing a snapshot install", e));
         assert_eq!(installed, (index, term), "group {}: the installed data is not the snapshot the core took", self.descriptor.group_id);
         self.applied_index = index;
         if let Some(conf_state) = snapshot.metadata.as_ref().and_then(|m| m.conf_state.clone()) {
