@@ -13,7 +13,7 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, ReadMode};
 use flotilla_raftstore::command::{apply_entries, Command, Op, Outcome};
 use flotilla_raftstore::message::ReplicaMessage;
-use flotilla_raftstore::peer::{Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
+use flotilla_raftstore::peer::{prepare_groups, Peer, BOOTSTRAP_INDEX, PeerError, PeerOptions, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica};
 
 struct Node {
@@ -55,6 +55,7 @@ fn open_peer(id: u64, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
 }
 
 fn open_peer_with(config: Config, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
+    prepare_groups(log.as_ref(), kv, &[descriptor()]).unwrap();
     let log: Arc<dyn LogEngine> = Arc::clone(log) as Arc<dyn LogEngine>;
     Peer::open(config, peer_options(), descriptor(), ConfState { voters: vec![1, 2, 3], ..Default::default() }, log, kv).unwrap()
 }
@@ -251,10 +252,11 @@ fn a_restarted_replica_recovers_from_its_engines_and_catches_up() {
     for i in 0..5u64 {
         group.put(1, 40 + i, &format!("k{i}"), "v");
     }
-    // Replica 3 crashes: its state machine loses everything not checkpointed (here: all); its log survives.
+    // Replica 3 crashes: its state machine loses everything not checkpointed (here: all but the bootstrap); its
+    // log survives.
     let node = group.node(3);
     node.kv.crash();
-    assert_eq!(node.kv.applied(5).0, 0);
+    assert_eq!(node.kv.applied(5).0, BOOTSTRAP_INDEX);
     node.peer = open_peer(3, &node.log, &node.kv);
     group.settle();
     assert_eq!(group.put(1, 50, "m", "late"), Response::Written(Outcome::Done));
@@ -318,6 +320,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
     let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
     let single = RangeDescriptor { replicas: vec![Replica { node_id: 1, replica_id: 1, learner: false }], ..descriptor() };
     let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
+    prepare_groups(log.as_ref(), &kv, std::slice::from_ref(&single)).unwrap();
     let mut peer = Peer::open(Config::new(1), peer_options(), single.clone(), ConfState { voters: vec![1], ..Default::default() }, log_engine, &kv).unwrap();
     assert!(!peer.needs_ticks() && peer.is_hibernating(), "replicas open asleep");
     let (reply, persisted) = crossbeam_channel::unbounded();

@@ -33,7 +33,7 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, ReadMode};
 use flotilla_raftstore::command::{apply_entries, Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::ReplicaMessage;
-use flotilla_raftstore::peer::{LogWrite, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
+use flotilla_raftstore::peer::{prepare_groups, LogWrite, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 
 use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
@@ -258,6 +258,7 @@ impl Sim {
         let log = Arc::new(SyncWal::new(wal));
         let kv = StateMachine::open_with_backend(node.redb.clone(), machine_options()).map_err(|e| format!("node {}: {e}", node.id))?;
         let voters: Vec<u64> = self.ranges[0].replicas.iter().map(|r| r.replica_id).collect();
+        prepare_groups(log.as_ref(), &kv, &self.ranges).map_err(|e| format!("node {}: {e:?}", node.id))?;
         let mut peers = BTreeMap::new();
         for range in &self.ranges {
             let config = Config {

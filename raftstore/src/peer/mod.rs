@@ -9,13 +9,16 @@
 //! - `read.rs`: linearizable reads (ReadIndex), answered once the state machine has caught up;
 //! - `ready.rs`: turning the core's Ready into output, and applied results into responses;
 //! - `snapshot.rs`: snapshot streams to and from other replicas, installs, and their crash repair;
-//! - `hibernate.rs`: idle groups stop ticking and heartbeating, and what wakes them.
+//! - `hibernate.rs`: idle groups stop ticking and heartbeating, and what wakes them;
+//! - `bootstrap.rs`: where fresh groups' logs start, and the repair of a log a crash left behind its state
+//!   machine ([`prepare_groups`], run before opening replicas).
 //!
 //! Operations that read or write the state machine take it as an argument (`&dyn KvEngine`): the peer owns no
 //! engine, so the simulator hands it the same engines production does.
 //!
 //! Not yet here (the next slice of the raftstore issue): membership changes.
 
+mod bootstrap;
 mod hibernate;
 mod propose;
 mod read;
@@ -31,6 +34,7 @@ use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
+pub use bootstrap::{prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 pub use snapshot::SnapshotOptions;
 
 /// Settings of a replica beyond the Raft core's.
@@ -142,8 +146,8 @@ pub struct Peer {
 impl Peer {
     /// Opens replica `config.id` of the group `descriptor` names, restarting from what the engines hold: the
     /// log's hard state and entries, and the state machine's applied index (the core hands out again every
-    /// committed entry after it). `conf_state` is the configuration as of that applied index. A snapshot install
-    /// that a crash interrupted between the state machine and the log is completed first (see `snapshot.rs`).
+    /// committed entry after it). `conf_state` is the configuration as of that applied index. Run
+    /// [`prepare_groups`] first: the log must hold the state machine's applied entry.
     pub fn open(
         mut config: Config,
         options: PeerOptions,
@@ -152,8 +156,12 @@ impl Peer {
         log: Arc<dyn LogEngine>,
         kv: &dyn KvEngine,
     ) -> Result<Peer, flotilla_raft::Error> {
-        snapshot::repair_interrupted_install(descriptor.group_id, log.as_ref(), kv)?;
-        let applied_index = kv.applied(descriptor.group_id).0;
+        let (applied_index, applied_term) = kv.applied(descriptor.group_id);
+        assert!(
+            applied_index == 0 || log.term(descriptor.group_id, applied_index) == Some(applied_term),
+            "group {}: the log lacks the applied entry {applied_index}; prepare_groups must run before opening",
+            descriptor.group_id
+        );
         config.applied_index = applied_index;
         let storage = PeerStorage::new(descriptor.group_id, log, conf_state);
         let raw = RawNode::new(config, storage)?;

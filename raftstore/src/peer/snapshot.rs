@@ -19,17 +19,15 @@
 //! for applying refuses to step a snapshot (the entries would apply on top of it); the leader retries.
 //!
 //! **Crash between the two writes**: the state machine holds the snapshot, the log does not. `Peer::open` finds
-//! the log without the applied index's entry and restarts the log there (`repair_interrupted_install`).
+//! the log without the applied index's entry and restarts the log there (`bootstrap.rs`).
 
 use std::collections::{BTreeMap, VecDeque};
 
 use flotilla_engine::kv_engine::KvEngine;
-use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::snapshot::SnapshotReader;
 use flotilla_engine::state_machine::StateMachineError;
-use flotilla_engine::wal::group_commit::WriteRequest;
 use flotilla_engine::wal::record::LogOp;
-use flotilla_raft::{HardState, Message, MessageType, Snapshot};
+use flotilla_raft::{Message, MessageType, Snapshot};
 
 use super::{Peer, PeerError, Response};
 use crate::message::{ReplicaMessage, SnapshotAck, SnapshotChunk};
@@ -286,20 +284,4 @@ impl Peer {
             kv.abort_snapshot_install(self.descriptor.group_id);
         }
     }
-}
-
-/// At open: if the state machine holds a snapshot whose log record a crash lost (the log lacks the applied
-/// index's entry of the applied term), restarts the group's log at the applied index, durably.
-pub(super) fn repair_interrupted_install(group_id: u64, log: &dyn LogEngine, kv: &dyn KvEngine) -> Result<(), flotilla_raft::Error> {
-    let (index, term) = kv.applied(group_id);
-    if index == 0 || log.term(group_id, index) == Some(term) {
-        return Ok(());
-    }
-    let hard_state = log.hard_state(group_id);
-    let ops = vec![LogOp::Snapshot { index, term }, LogOp::HardState(HardState { commit: hard_state.commit.max(index), ..hard_state })];
-    let (reply, done) = crossbeam_channel::bounded(1);
-    let storage = |e: &dyn std::fmt::Display| flotilla_raft::Error::Storage(flotilla_raft::StorageError::Other(format!("repairing group {group_id}'s log: {e}")));
-    log.submit(WriteRequest { group_id, ready_number: 0, ops, reply }).map_err(|e| storage(&e))?;
-    done.recv().map_err(|e| storage(&e))?;
-    Ok(())
 }

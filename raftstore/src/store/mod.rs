@@ -94,6 +94,7 @@ impl Store {
         let handler = StoreHandler { ticking: Arc::clone(&ticking), log: Arc::clone(&log), kv: Arc::clone(&kv), flusher, transport, persisted };
         let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| handler.clone());
         let router = system.router().clone();
+        crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), ranges)?;
         for range in ranges {
             let replica = range.replicas.iter().find(|r| r.node_id == options.node_id).map_or(options.node_id, |r| r.replica_id);
             let voters = range.replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();

@@ -1,0 +1,113 @@
+//! Readying the engines before a node opens its replicas ([`prepare_groups`]).
+//!
+//! **Bootstrap.** A fresh group does not start from an empty log: its replicas start from a snapshot at
+//! [`BOOTSTRAP_INDEX`] of [`BOOTSTRAP_TERM`] holding its initial configuration (the range descriptor), as TiKV
+//! does. A replica created later for a membership change starts empty, so no append from the start of a log can
+//! ever match its log — replaying membership changes onto an empty configuration would build the wrong one — and
+//! the leader catches it up by snapshot instead.
+//!
+//! **Repair.** The state machine is written before the log, both when bootstrapping and when installing a
+//! snapshot (`snapshot.rs`). A crash between the two leaves a log without the entry at the state machine's
+//! applied index; the log then restarts at that index, with a hard state whose term and commit cover it.
+//!
+//! Both are batched over all groups of a node: one state machine checkpoint, log writes submitted together and
+//! waited for once.
+
+use flotilla_engine::kv_engine::KvEngine;
+use flotilla_engine::log_engine::LogEngine;
+use flotilla_engine::state_machine::GroupApply;
+use flotilla_engine::wal::group_commit::WriteRequest;
+use flotilla_engine::wal::record::LogOp;
+use flotilla_raft::{Error, HardState, StorageError};
+
+use crate::range::RangeDescriptor;
+
+/// The index and term of the snapshot every fresh group starts from.
+pub const BOOTSTRAP_INDEX: u64 = 5;
+pub const BOOTSTRAP_TERM: u64 = 5;
+
+fn storage_error(what: String) -> Error {
+    Error::Storage(StorageError::Other(what))
+}
+
+/// Bootstraps the fresh groups among `ranges` (initialized descriptors the state machine has never applied) and
+/// repairs every log that lacks its state machine's applied entry. Run before opening the groups' replicas.
+pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDescriptor]) -> Result<(), Error> {
+    let fresh: Vec<GroupApply> = ranges
+        .iter()
+        .filter(|range| !range.replicas.is_empty() && kv.applied(range.group_id) == (0, 0) && log.last_index(range.group_id) == 0)
+        .map(|range| GroupApply {
+            group_id: range.group_id,
+            ops: Vec::new(),
+            applied_index: BOOTSTRAP_INDEX,
+            applied_term: BOOTSTRAP_TERM,
+            range: Some(range.encode()),
+        })
+        .collect();
+    if !fresh.is_empty() {
+        kv.apply(fresh).map_err(|e| storage_error(format!("bootstrapping groups: {e}")))?;
+        kv.flush().map_err(|e| storage_error(format!("bootstrapping groups: {e}")))?;
+    }
+    let (reply, done) = crossbeam_channel::unbounded();
+    let mut waiting = 0;
+    for range in ranges {
+        let group_id = range.group_id;
+        let (index, term) = kv.applied(group_id);
+        if index == 0 || log.term(group_id, index) == Some(term) {
+            continue;
+        }
+        let hard_state = log.hard_state(group_id);
+        let hard_state = if hard_state.term >= term {
+            HardState { commit: hard_state.commit.max(index), ..hard_state }
+        } else {
+            HardState { term, vote: 0, commit: hard_state.commit.max(index) }
+        };
+        let ops = vec![LogOp::Snapshot { index, term }, LogOp::HardState(hard_state)];
+        log.submit(WriteRequest { group_id, ready_number: 0, ops, reply: reply.clone() })
+            .map_err(|e| storage_error(format!("restarting group {group_id}'s log at {index}: {e}")))?;
+        waiting += 1;
+    }
+    for _ in 0..waiting {
+        done.recv().map_err(|e| storage_error(format!("restarting logs: {e}")))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_engine::kv_engine::MemKvEngine;
+    use flotilla_engine::log_engine::MemLogEngine;
+
+    use super::*;
+    use crate::range::{initial_ranges, Replica};
+
+    fn ranges() -> Vec<RangeDescriptor> {
+        let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        initial_ranges(2, 1, &replicas)
+    }
+
+    fn assert_starts_at_bootstrap(log: &MemLogEngine, group_id: u64) {
+        assert_eq!((log.first_index(group_id), log.term(group_id, BOOTSTRAP_INDEX)), (BOOTSTRAP_INDEX + 1, Some(BOOTSTRAP_TERM)));
+        assert_eq!(log.hard_state(group_id), HardState { term: BOOTSTRAP_TERM, vote: 0, commit: BOOTSTRAP_INDEX });
+    }
+
+    #[test]
+    fn fresh_groups_start_from_the_bootstrap_snapshot_and_an_interrupted_bootstrap_is_finished() {
+        let (log, kv) = (MemLogEngine::new(), MemKvEngine::new(u64::MAX));
+        prepare_groups(&log, &kv, &ranges()).unwrap();
+        for range in ranges() {
+            assert_eq!(kv.durable_applied(range.group_id), (BOOTSTRAP_INDEX, BOOTSTRAP_TERM));
+            assert_starts_at_bootstrap(&log, range.group_id);
+        }
+        let stored: Vec<u64> = kv.ranges().unwrap().into_iter().map(|(group, _)| group).collect();
+        assert_eq!(stored, ranges().iter().map(|r| r.group_id).collect::<Vec<_>>(), "descriptors stored with the bootstrap");
+        // A crash after the state machine's bootstrap, before the log's: the log is restarted at the next open.
+        let empty_log = MemLogEngine::new();
+        prepare_groups(&empty_log, &kv, &ranges()).unwrap();
+        assert_starts_at_bootstrap(&empty_log, ranges()[0].group_id);
+        // An uninitialized replica (no replicas known yet: it waits for a snapshot) is left alone.
+        let uninitialized = RangeDescriptor { group_id: 77, ..RangeDescriptor::default() };
+        prepare_groups(&log, &kv, &[uninitialized]).unwrap();
+        assert_eq!((kv.applied(77), log.last_index(77)), ((0, 0), 0));
+    }
+}
