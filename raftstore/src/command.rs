@@ -84,8 +84,10 @@ pub enum Outcome {
     Done,
     /// A compare-and-set's precondition failed (the position of the first that did): nothing took effect.
     PreconditionFailed { op: usize, current: Option<Vec<u8>> },
-    /// The command no longer fits the range (a split or membership change came first): nothing took effect.
+    /// The command no longer fits the range (a split came first): nothing took effect.
     Refused(RangeError),
+    /// A membership change that no longer fit the configuration when it applied: skipped on every replica.
+    InvalidMembership,
 }
 
 /// One applied command, for its waiting client.
@@ -119,27 +121,49 @@ impl std::error::Error for ApplyError {}
 /// Applies the group's committed `entries` (in order): returns the state machine batch and each command's outcome.
 /// Reads for compare-and-set see the engine's applied state overlaid with the writes of earlier entries here, so
 /// call it only once the group's previous batch is in the engine (apply is sequential per group; many groups'
-/// batches may still share one `KvEngine::apply`).
+/// batches may still share one `KvEngine::apply`). Membership changes are skipped: a replica applies those with
+/// `Peer::apply_committed`, which uses [`ApplyBatch`] around them.
 pub fn apply_entries(
     engine: &dyn KvEngine,
     descriptor: &RangeDescriptor,
     entries: &[Entry],
 ) -> Result<(GroupApply, Vec<Applied>), ApplyError> {
-    let mut batch = GroupApply { group_id: descriptor.group_id, ..Default::default() };
-    let mut results = Vec::new();
-    // This batch's writes so far (`None`: deleted), for reads of later entries.
-    let mut overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-    for entry in entries {
-        (batch.applied_index, batch.applied_term) = (entry.index, entry.term);
-        if entry.is_conf_change() || entry.data.is_empty() {
-            continue;
-        }
-        let command = Command::decode(entry.data.as_ref())
-            .map_err(|e| ApplyError::Undecodable { index: entry.index, reason: e.to_string() })?;
-        let outcome = apply_command(engine, descriptor, &command, &mut overlay, &mut batch.ops)?;
-        results.push(Applied { request_id: command.request_id, index: entry.index, term: entry.term, outcome });
+    let mut batch = ApplyBatch::new(descriptor.group_id);
+    batch.apply(engine, descriptor, entries)?;
+    Ok(batch.finish())
+}
+
+/// One group's committed entries being applied, possibly in several steps (around membership changes).
+pub struct ApplyBatch {
+    pub group: GroupApply,
+    pub applied: Vec<Applied>,
+    /// This batch's writes so far (`None`: deleted), for reads of later entries.
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl ApplyBatch {
+    pub fn new(group_id: u64) -> ApplyBatch {
+        ApplyBatch { group: GroupApply { group_id, ..Default::default() }, applied: Vec::new(), overlay: BTreeMap::new() }
     }
-    Ok((batch, results))
+
+    /// Applies the commands among `entries` (no-ops and membership changes only advance the applied index).
+    pub fn apply(&mut self, engine: &dyn KvEngine, descriptor: &RangeDescriptor, entries: &[Entry]) -> Result<(), ApplyError> {
+        for entry in entries {
+            (self.group.applied_index, self.group.applied_term) = (entry.index, entry.term);
+            if entry.is_conf_change() || entry.data.is_empty() {
+                continue;
+            }
+            let command = Command::decode(entry.data.as_ref())
+                .map_err(|e| ApplyError::Undecodable { index: entry.index, reason: e.to_string() })?;
+            let outcome = apply_command(engine, descriptor, &command, &mut self.overlay, &mut self.group.ops)?;
+            self.applied.push(Applied { request_id: command.request_id, index: entry.index, term: entry.term, outcome });
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> (GroupApply, Vec<Applied>) {
+        (self.group, self.applied)
+    }
 }
 
 fn apply_command(

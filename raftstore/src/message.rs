@@ -6,6 +6,8 @@
 use bytes::Bytes;
 use flotilla_raft::Message;
 
+use crate::range::RangeDescriptor;
+
 /// One chunk of a snapshot stream, from the leader's replica to a lagging one.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct SnapshotChunk {
@@ -29,6 +31,10 @@ pub struct SnapshotChunk {
     /// is in.
     #[prost(message, optional, tag = "7")]
     pub message: Option<Message>,
+    /// On chunk 0 only: the group's range descriptor as of the snapshot (a replica created empty learns its
+    /// range and members from it).
+    #[prost(message, optional, tag = "8")]
+    pub descriptor: Option<RangeDescriptor>,
 }
 
 /// The receiver's answer to a snapshot stream (flow control and completion).

@@ -86,9 +86,11 @@ impl RangeDescriptor {
         key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
     }
 
-    /// Whether a request for `keys` routed with `sent` may be served here.
+    /// Whether a data command with `keys`, sent with epoch `sent`, fits this range. Only the epoch's `version`
+    /// (which changes with the keys a group holds) is compared: a membership change (`conf_version`) leaves the
+    /// range as it was.
     pub fn check(&self, keys: &[&[u8]], sent: Option<RangeEpoch>) -> Result<(), RangeError> {
-        if let Some(sent) = sent.filter(|sent| *sent != self.epoch()) {
+        if let Some(sent) = sent.filter(|sent| sent.version != self.epoch().version) {
             return Err(RangeError::StaleEpoch { sent, current: Box::new(self.clone()) });
         }
         match keys.iter().position(|key| !self.contains(key)) {
@@ -162,6 +164,8 @@ mod tests {
         assert!(matches!(range.check(&[b"c", b"a"], None), Err(RangeError::BatchSpansRanges { first_outside, .. }) if first_outside == b"a"));
         let stale = RangeEpoch { version: 2, conf_version: 2 };
         assert!(matches!(range.check(&[b"c"], Some(stale)), Err(RangeError::StaleEpoch { sent, .. }) if sent == stale));
+        let other_members = RangeEpoch { version: 3, conf_version: 1 };
+        assert_eq!(range.check(&[b"c"], Some(other_members)), Ok(()), "a membership change leaves the range's keys where they were");
         assert_eq!(RangeDescriptor::decode_stored(&range.encode()).unwrap(), range);
         assert!(range.check(&[b"d"], None).unwrap_err().to_string().contains("group 7 serves"));
     }

@@ -11,9 +11,9 @@ use flotilla_engine::log_engine::{LogEngine, MemLogEngine};
 use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, ReadMode};
-use flotilla_raftstore::command::{apply_entries, Command, Op, Outcome};
+use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::message::ReplicaMessage;
-use flotilla_raftstore::peer::{prepare_groups, Peer, BOOTSTRAP_INDEX, PeerError, PeerOptions, Response, SnapshotOptions, Token};
+use flotilla_raftstore::peer::{prepare_groups, MembershipChange, Peer, BOOTSTRAP_INDEX, PeerError, PeerOptions, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica};
 
 struct Node {
@@ -123,7 +123,7 @@ impl Group {
                 }
                 self.network.extend(output.messages);
                 if let Some(last) = output.committed.last().map(|e| e.index) {
-                    let (batch, outcomes) = apply_entries(&node.kv, &self.descriptor, &output.committed).unwrap();
+                    let (batch, outcomes) = node.peer.apply_committed(&node.kv, &output.committed).unwrap();
                     node.kv.apply(vec![batch]).unwrap();
                     node.peer.on_applied(last, outcomes);
                 }
@@ -159,8 +159,8 @@ impl Group {
             if done(self) {
                 return true;
             }
-            for id in 1..=3 {
-                self.node(id).peer.on_tick();
+            for node in &mut self.nodes {
+                node.peer.on_tick();
             }
             self.settle();
         }
@@ -332,7 +332,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
                 persisted.try_iter().for_each(|done: Persisted| peer.on_persisted(done.ready_number));
             }
             if let Some(last) = output.committed.last().map(|e| e.index) {
-                let (batch, outcomes) = apply_entries(&kv, &single, &output.committed).unwrap();
+                let (batch, outcomes) = peer.apply_committed(&kv, &output.committed).unwrap();
                 kv.apply(vec![batch]).unwrap();
                 peer.on_applied(last, outcomes);
             }
@@ -579,4 +579,62 @@ fn a_leader_woken_after_others_elected_a_new_one_serves_no_read_from_its_old_lea
     group.node(old).peer.read(102);
     group.settle();
     assert!(group.responses.iter().all(|(_, token, _)| *token != 102), "no read answered from a lease held before the sleep");
+}
+
+impl Group {
+    /// A fourth node whose replica `id` of the group is created empty (no range, no members), as a node does when
+    /// a membership change first sends it a message.
+    fn add_empty_node(&mut self, id: u64) {
+        let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
+        let empty = RangeDescriptor { group_id: 5, ..RangeDescriptor::default() };
+        prepare_groups(log.as_ref(), &kv, std::slice::from_ref(&empty)).unwrap();
+        let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
+        let peer = Peer::open(Config::new(id), peer_options(), empty, ConfState::default(), log_engine, &kv).unwrap();
+        let (reply, persisted) = crossbeam_channel::unbounded();
+        self.nodes.push(Node { log, kv, peer, reply, persisted });
+        assert_eq!(self.nodes.len() as u64, id);
+    }
+
+    fn change(&mut self, leader: u64, token: Token, change: MembershipChange) -> Response {
+        self.node(leader).peer.propose_membership(token, change);
+        self.response(token)
+    }
+}
+
+#[test]
+fn a_replica_is_added_as_a_learner_caught_up_by_snapshot_promoted_and_another_removed() {
+    let mut group = Group::led_by(1);
+    write_keys(&mut group, 1, 10, "v");
+    group.add_empty_node(4);
+    // Node 4's replica starts empty: it can only learn the group from a snapshot.
+    assert_eq!(group.change(1, 200, MembershipChange::AddLearner { node_id: 4, replica_id: 4 }), Response::Written(Outcome::Done));
+    let leader_applied = group.node(1).peer.applied_index();
+    assert!(group.tick_until(100, |g| g.node(4).peer.applied_index() >= leader_applied), "the learner caught up: {}", group.node(4).peer.debug_state());
+    assert_has_keys(&mut group, 4, 10, "v");
+    let learner = group.node(4).peer.descriptor().clone();
+    assert_eq!((learner.start.as_slice(), learner.end.as_slice()), (b"a".as_slice(), b"n".as_slice()), "its range came with the snapshot");
+    assert!(learner.replicas.iter().any(|r| r.replica_id == 4 && r.node_id == 4 && r.learner));
+    assert_eq!(group.node(4).kv.ranges().unwrap(), vec![(5, learner.encode())], "and is stored with the install");
+    // A node already holding a replica cannot take another; then the learner becomes a voter.
+    assert!(matches!(group.change(1, 201, MembershipChange::AddLearner { node_id: 4, replica_id: 9 }), Response::Failed(PeerError::Membership(_))));
+    assert_eq!(group.change(1, 202, MembershipChange::Promote { replica_id: 4 }), Response::Written(Outcome::Done));
+    // Replica 3 leaves: it applies its own removal, and the group goes on without it (its node would destroy it).
+    assert_eq!(group.change(1, 203, MembershipChange::Remove { replica_id: 3 }), Response::Written(Outcome::Done));
+    assert!(group.node(3).peer.is_removed() && !group.node(2).peer.is_removed());
+    let members = group.node(1).peer.descriptor().clone();
+    assert_eq!(members.replicas.iter().map(|r| (r.replica_id, r.learner)).collect::<Vec<_>>(), vec![(1, false), (2, false), (4, false)]);
+    assert_eq!(members.epoch().conf_version, descriptor().epoch().conf_version + 3, "one version per change");
+    group.isolated = 3;
+    assert_eq!(group.put(1, 204, "b", "after"), Response::Written(Outcome::Done));
+    for id in [1, 2, 4] {
+        assert_eq!(group.node(id).kv.get(b"b").unwrap(), Some(b"after".to_vec()), "replica {id}");
+        assert_eq!(group.node(id).kv.ranges().unwrap(), vec![(5, members.encode())], "replica {id} stored the members with its applies");
+    }
+    // Replicas 2 and 4 alone are a majority of the new configuration: they elect a leader without 1 (once its
+    // node is known down: they may be asleep).
+    group.isolated = 1;
+    for id in [2, 4] {
+        group.node(id).peer.on_node_down(1);
+    }
+    assert!(group.tick_until(100, |g| g.node(2).peer.is_leader() || g.node(4).peer.is_leader()));
 }

@@ -1,5 +1,5 @@
 //! The whole-store simulator: several nodes, each hosting a replica of several groups, run in one thread with the
-//! **production** per-group logic — the sans-IO `Peer`, `command::apply_entries`, the real WAL (`SyncWal` on a
+//! **production** per-group logic — the sans-IO `Peer` (apply included), the real WAL (`SyncWal` on a
 //! fault-injecting `SimDisk`) and the real redb state machine (on a backend that loses unsynced writes) — over a
 //! simulated network and clock. One seed fixes everything; a failing seed replays exactly.
 //!
@@ -31,7 +31,7 @@ use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, ReadMode};
-use flotilla_raftstore::command::{apply_entries, Command, Op, Outcome as Applied};
+use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::ReplicaMessage;
 use flotilla_raftstore::peer::{prepare_groups, LogWrite, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
@@ -369,7 +369,7 @@ impl Sim {
             let last = entries.last().expect("non-empty").index;
             let running = self.nodes[position].running.as_mut().expect("running");
             let peer = running.peers.get_mut(&group).expect("peer");
-            let (batch, outcomes) = apply_entries(&running.kv, peer.descriptor(), &entries).map_err(|e| e.to_string())?;
+            let (batch, outcomes) = peer.apply_committed(&running.kv, &entries).map_err(|e| e.to_string())?;
             if self.trace {
                 for applied in &outcomes {
                     println!("step {} group {group}: node {node_id} applied {} term {} token {} -> {:?}", self.step, applied.index, applied.term, applied.request_id, applied.outcome);

@@ -1,7 +1,7 @@
 //! One group replica's logic, sans I/O (design in `docs/architecture.md`, "peers and rounds"): no clock, thread,
 //! socket or file. The caller — the batch system's poll handler in production, the store simulator in tests —
 //! feeds it events and carries out what [`Peer::take_output`] asks: persist a Ready's writes (then report
-//! [`Peer::on_persisted`]), send messages, apply committed entries with [`crate::command::apply_entries`] (then
+//! [`Peer::on_persisted`]), send messages, apply committed entries with [`Peer::apply_committed`] (then
 //! report [`Peer::on_applied`]), and hand responses to the waiting clients.
 //!
 //! - [`storage`]: the core's `Storage` over the node's shared log;
@@ -9,6 +9,7 @@
 //! - `read.rs`: linearizable reads (ReadIndex), answered once the state machine has caught up;
 //! - `ready.rs`: turning the core's Ready into output, and applied results into responses;
 //! - `snapshot.rs`: snapshot streams to and from other replicas, installs, and their crash repair;
+//! - `conf_change.rs`: membership changes, proposed and applied (with the commands around them);
 //! - `hibernate.rs`: idle groups stop ticking and heartbeating, and what wakes them;
 //! - `bootstrap.rs`: where fresh groups' logs start, and the repair of a log a crash left behind its state
 //!   machine ([`prepare_groups`], run before opening replicas).
@@ -16,9 +17,8 @@
 //! Operations that read or write the state machine take it as an argument (`&dyn KvEngine`): the peer owns no
 //! engine, so the simulator hands it the same engines production does.
 //!
-//! Not yet here (the next slice of the raftstore issue): membership changes.
-
 mod bootstrap;
+mod conf_change;
 mod hibernate;
 mod propose;
 mod read;
@@ -35,6 +35,7 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
 pub use bootstrap::{prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
+pub use conf_change::MembershipChange;
 pub use snapshot::SnapshotOptions;
 
 /// Settings of a replica beyond the Raft core's.
@@ -75,6 +76,8 @@ pub enum PeerError {
     /// The replica's log was replaced by a snapshot before the write's entry applied here: it may or may not have
     /// taken effect.
     OutcomeUnknown,
+    /// A membership change that does not fit the group's members (already there, not a learner, …).
+    Membership(String),
 }
 
 /// What a waiting client is told.
@@ -139,6 +142,8 @@ pub struct Peer {
     role: StateRole,
     streams: snapshot::Streams,
     hibernation: hibernate::Hibernation,
+    /// This replica applied its own removal (see `conf_change.rs`).
+    removed: bool,
     /// Messages produced outside `take_output` (snapshot chunks and acknowledgements), sent with the next output.
     outbox: Vec<ReplicaMessage>,
 }
@@ -177,6 +182,7 @@ impl Peer {
             streams: snapshot::Streams::new(options.snapshot),
             hibernation: hibernate::Hibernation::new(options.hibernate_idle_ticks),
             outbox: Vec::new(),
+            removed: false,
         })
     }
 

@@ -67,7 +67,7 @@ impl Peer {
     }
 
     /// The committed entries up to `index` are applied, with these command outcomes (from
-    /// [`crate::command::apply_entries`]): their clients are answered.
+    /// [`Peer::apply_committed`]): their clients are answered.
     pub fn on_applied(&mut self, index: u64, outcomes: Vec<Applied>) {
         self.raw.on_applied(index);
         self.applied_index = index;

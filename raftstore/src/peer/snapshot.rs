@@ -31,6 +31,7 @@ use flotilla_raft::{Message, MessageType, Snapshot};
 
 use super::{Peer, PeerError, Response};
 use crate::message::{ReplicaMessage, SnapshotAck, SnapshotChunk};
+use crate::range::RangeDescriptor;
 
 /// Bounds and timing of snapshot streams.
 #[derive(Clone, Debug)]
@@ -55,6 +56,8 @@ impl Default for SnapshotOptions {
 struct Outgoing {
     stream_id: u64,
     reader: SnapshotReader,
+    /// The descriptor as of the view (sent on chunk 0).
+    descriptor: RangeDescriptor,
     /// The core's message with the view's metadata, sent on the last chunk.
     message: Message,
     next_sequence: u64,
@@ -83,6 +86,11 @@ pub(super) struct Streams {
     next_stream_id: u64,
     /// Whether the state machine holds an install this replica gave up on (dropped at the next output).
     abort_install: bool,
+    /// The descriptor of the stream being received.
+    incoming_descriptor: Option<RangeDescriptor>,
+    /// The descriptor of the snapshot the core took, until the next output installs it (no other stream may
+    /// begin meanwhile: it would replace the install in the state machine).
+    taken: Option<RangeDescriptor>,
 }
 
 impl Streams {
@@ -117,6 +125,7 @@ impl Peer {
         let outgoing = Outgoing {
             stream_id: self.streams.next_stream_id,
             reader,
+            descriptor: self.descriptor.clone(),
             message,
             next_sequence: 0,
             unacked: VecDeque::new(),
@@ -133,7 +142,9 @@ impl Peer {
             while outgoing.unacked.len() < window && !outgoing.reader.is_exhausted() {
                 let Some(data) = outgoing.reader.next_chunk().unwrap_or_else(|e| fatal("reading a snapshot chunk", e)) else { break };
                 let message = outgoing.reader.is_exhausted().then(|| outgoing.message.clone());
-                let chunk = SnapshotChunk { from: id, to, term, stream_id: outgoing.stream_id, sequence: outgoing.next_sequence, data, message };
+                let descriptor = (outgoing.next_sequence == 0).then(|| outgoing.descriptor.clone());
+                let sequence = outgoing.next_sequence;
+                let chunk = SnapshotChunk { from: id, to, term, stream_id: outgoing.stream_id, sequence, data, message, descriptor };
                 outgoing.next_sequence += 1;
                 outgoing.unacked.push_back(chunk.clone());
                 self.outbox.push(ReplicaMessage::Chunk(chunk));
@@ -193,16 +204,21 @@ impl Peer {
     pub(super) fn on_snapshot_chunk(&mut self, chunk: SnapshotChunk, kv: &dyn KvEngine) {
         let group_id = self.descriptor.group_id;
         let mut ack = SnapshotAck { from: chunk.to, to: chunk.from, term: chunk.term, stream_id: chunk.stream_id, received: 0, rejected: false };
-        if chunk.term < self.raw.raft.term {
+        if chunk.term < self.raw.raft.term || self.streams.taken.is_some() {
             ack.rejected = true;
             return self.outbox.push(ReplicaMessage::Ack(ack));
         }
         let current = |incoming: &Incoming| (incoming.from, incoming.term, incoming.stream_id) == (chunk.from, chunk.term, chunk.stream_id);
         if chunk.sequence == 0 && !self.streams.incoming.as_ref().is_some_and(current) {
             // A new stream: it replaces any unfinished one (the state machine drops that install).
-            kv.begin_snapshot_install(group_id, &self.descriptor.start, &self.descriptor.end).unwrap_or_else(|e| fatal("beginning a snapshot install", e));
+            let Some(range) = chunk.descriptor.clone().filter(|range| range.group_id == group_id) else {
+                ack.rejected = true; // a first chunk without this group's descriptor: damaged
+                return self.outbox.push(ReplicaMessage::Ack(ack));
+            };
+            kv.begin_snapshot_install(group_id, &range.start, &range.end).unwrap_or_else(|e| fatal("beginning a snapshot install", e));
             self.streams.abort_install = false;
             self.streams.incoming = Some(Incoming { from: chunk.from, term: chunk.term, stream_id: chunk.stream_id, received: 0, idle_ticks: 0 });
+            self.streams.incoming_descriptor = Some(range);
         }
         let Some(incoming) = self.streams.incoming.as_mut().filter(|incoming| current(incoming)) else {
             ack.rejected = true; // a stream this replica is not receiving (gave up on, or finished)
@@ -255,6 +271,10 @@ impl Peer {
         }
         let taken = self.raw.raft.raft_log.unstable.snapshot.as_ref().is_some_and(|s| s.index() == index);
         self.streams.abort_install = !taken;
+        let descriptor = self.streams.incoming_descriptor.take();
+        if taken {
+            self.streams.taken = descriptor;
+        }
         true
     }
 
@@ -263,7 +283,11 @@ impl Peer {
     /// their fate here: they are answered `OutcomeUnknown`.
     pub(super) fn finish_snapshot_install(&mut self, snapshot: &Snapshot, kv: &dyn KvEngine) -> LogOp {
         let (index, term) = (snapshot.index(), snapshot.term());
-        let installed = kv.finish_snapshot_install(self.descriptor.group_id, None).unwrap_or_else(|e| fatal("finishing a snapshot install", e));
+        let descriptor = self.streams.taken.take().expect("a snapshot the core took came with its stream's descriptor");
+        let installed = kv
+            .finish_snapshot_install(self.descriptor.group_id, Some(&descriptor.encode()))
+            .unwrap_or_else(|e| fatal("finishing a snapshot install", e));
+        self.descriptor = descriptor;
         assert_eq!(installed, (index, term), "group {}: the installed data is not the snapshot the core took", self.descriptor.group_id);
         self.applied_index = index;
         if let Some(conf_state) = snapshot.metadata.as_ref().and_then(|m| m.conf_state.clone()) {

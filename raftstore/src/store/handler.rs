@@ -18,7 +18,6 @@ use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 
 use super::fsm::{PeerFsm, PeerMsg};
 use crate::batch::PollHandler;
-use crate::command::apply_entries;
 use crate::message::ReplicaMessage;
 use crate::peer::PeerOutput;
 
@@ -110,7 +109,7 @@ impl StoreHandler {
             }
             let entries = std::mem::take(&mut fsm.to_apply);
             let last = entries.last().expect("non-empty").index;
-            let (batch, outcomes) = apply_entries(self.kv.as_ref(), fsm.peer.descriptor(), &entries).expect("applying committed entries");
+            let (batch, outcomes) = fsm.peer.apply_committed(self.kv.as_ref(), &entries).expect("applying committed entries");
             batches.push(batch);
             applied.push((position, last, outcomes));
         }

@@ -1,0 +1,161 @@
+//! Membership changes: a leader proposes one [`MembershipChange`] at a time (the core then applies it directly,
+//! without a joint configuration); every replica applies it in log order with the commands around it
+//! ([`Peer::apply_committed`]).
+//!
+//! Applying a change updates the core's configuration, `PeerStorage`'s (for restarts) and the range descriptor —
+//! replicas and their nodes, `conf_version` + 1 — which goes into the same state machine batch as the entry, so
+//! the descriptor on disk always matches the durable applied index. The proposal carries what the descriptor
+//! needs beyond the core's ids: the new replica's node, and the proposer's token (to answer it).
+//!
+//! A new replica is added as a learner on its node, where it is created empty (no range, no configuration):
+//! since groups start from a bootstrap snapshot (`bootstrap.rs`), no append can match its log, and the leader
+//! catches it up by snapshot, which carries the descriptor. Once caught up it may be promoted to voter. A replica
+//! that applies its own removal stops ([`Peer::is_removed`]); its node then destroys it.
+
+use bytes::Bytes;
+use flotilla_engine::kv_engine::KvEngine;
+use flotilla_engine::state_machine::GroupApply;
+use flotilla_raft::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, Error as RaftError};
+use prost::Message as _;
+
+use super::{Peer, PeerError, PendingWrite, Response, Token};
+use crate::command::{ApplyBatch, ApplyError, Applied, Outcome};
+use crate::range::{RangeDescriptor, RangeEpoch, Replica};
+
+/// One change of a group's membership.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// A new replica on node `node_id`, following without a vote (caught up by snapshot first).
+    AddLearner { node_id: u64, replica_id: u64 },
+    /// A learner becomes a voter.
+    Promote { replica_id: u64 },
+    Remove { replica_id: u64 },
+}
+
+/// What a membership change entry carries beyond the core's `ConfChangeV2`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ChangeContext {
+    /// The proposer's token for its client.
+    #[prost(uint64, tag = "1")]
+    request_id: u64,
+    /// For an added replica: its node.
+    #[prost(uint64, tag = "2")]
+    node_id: u64,
+}
+
+impl MembershipChange {
+    fn to_conf_change(&self, request_id: u64) -> ConfChangeV2 {
+        let (single, node_id) = match *self {
+            MembershipChange::AddLearner { node_id, replica_id } => (ConfChangeSingle::new(ConfChangeType::AddLearnerNode, replica_id), node_id),
+            MembershipChange::Promote { replica_id } => (ConfChangeSingle::new(ConfChangeType::AddNode, replica_id), 0),
+            MembershipChange::Remove { replica_id } => (ConfChangeSingle::new(ConfChangeType::RemoveNode, replica_id), 0),
+        };
+        let mut change = ConfChangeV2::new(vec![single]);
+        change.context = Bytes::from(ChangeContext { request_id, node_id }.encode_to_vec());
+        change
+    }
+}
+
+/// The descriptor after a change: replicas as the new configuration has them, each on its node (known, or the
+/// one the change names), and the membership version moved on.
+fn next_descriptor(current: &RangeDescriptor, conf_state: &ConfState, added_node_id: u64) -> RangeDescriptor {
+    let node_of = |replica_id: u64| current.replicas.iter().find(|r| r.replica_id == replica_id).map_or(added_node_id, |r| r.node_id);
+    let voters = conf_state.voters.iter().map(|&id| Replica { node_id: node_of(id), replica_id: id, learner: false });
+    let learners = conf_state.learners.iter().map(|&id| Replica { node_id: node_of(id), replica_id: id, learner: true });
+    let mut replicas: Vec<Replica> = voters.chain(learners).collect();
+    replicas.sort_by_key(|r| r.replica_id);
+    let epoch = current.epoch();
+    RangeDescriptor { replicas, epoch: Some(RangeEpoch { conf_version: epoch.conf_version + 1, ..epoch }), ..current.clone() }
+}
+
+impl Peer {
+    /// Proposes a membership change for the client `token`: answered `Written(Done)` once applied, or refused now
+    /// (not the leader; a change still pending; a change that makes no sense for the current members).
+    pub fn propose_membership(&mut self, token: Token, change: MembershipChange) {
+        self.on_request();
+        if !self.is_leader() {
+            let refusal = self.not_leader();
+            return self.responses.push((token, Response::Failed(refusal)));
+        }
+        if let MembershipChange::AddLearner { node_id, .. } = change {
+            if self.descriptor.replicas.iter().any(|r| r.node_id == node_id) {
+                let refusal = PeerError::Membership(format!("node {node_id} already holds a replica of group {}", self.group_id()));
+                return self.responses.push((token, Response::Failed(refusal)));
+            }
+        }
+        match self.raw.propose_conf_change(&change.to_conf_change(token)) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                self.writes.entry(index).or_default().push(PendingWrite { term: self.raw.raft.term, token });
+            }
+            Err(RaftError::ProposalDropped(flotilla_raft::DropReason::InvalidConfChange)) => {
+                let refusal = PeerError::Membership(format!("{change:?} does not fit the members {:?}", self.descriptor.replicas));
+                self.responses.push((token, Response::Failed(refusal)));
+            }
+            Err(RaftError::ProposalDropped(reason)) => self.responses.push((token, Response::Failed(PeerError::Busy(reason)))),
+            Err(other) => unreachable!("a membership proposal on a leader fails only by being dropped, not with {other:?}"),
+        }
+    }
+
+    /// Applies committed `entries` (from this peer's output, in order): commands into one state machine batch,
+    /// membership changes to the core and the descriptor as they come. Hand the batch to `KvEngine::apply`, then
+    /// report [`Peer::on_applied`] with the outcomes.
+    pub fn apply_committed(&mut self, kv: &dyn KvEngine, entries: &[Entry]) -> Result<(GroupApply, Vec<Applied>), ApplyError> {
+        let mut batch = ApplyBatch::new(self.group_id());
+        let mut start = 0;
+        for (position, entry) in entries.iter().enumerate().filter(|(_, entry)| entry.is_conf_change()) {
+            batch.apply(kv, &self.descriptor, &entries[start..position])?;
+            batch.apply(kv, &self.descriptor, std::slice::from_ref(entry))?; // moves the applied index
+            let applied = self.apply_membership_entry(entry)?;
+            batch.applied.push(applied);
+            batch.group.range = Some(self.descriptor.encode());
+            start = position + 1;
+        }
+        batch.apply(kv, &self.descriptor, &entries[start..])?;
+        Ok(batch.finish())
+    }
+
+    fn apply_membership_entry(&mut self, entry: &Entry) -> Result<Applied, ApplyError> {
+        let undecodable = |e: prost::DecodeError| ApplyError::Undecodable { index: entry.index, reason: e.to_string() };
+        let change = ConfChangeV2::decode(entry.data.as_ref()).map_err(undecodable)?;
+        let context = ChangeContext::decode(change.context.as_ref()).map_err(undecodable)?;
+        let outcome = match self.raw.apply_conf_change(&change) {
+            Ok(conf_state) => {
+                self.descriptor = next_descriptor(&self.descriptor, &conf_state, context.node_id);
+                self.raw.raft.raft_log.storage.set_conf_state(conf_state);
+                if !self.descriptor.replicas.iter().any(|r| r.replica_id == self.raw.raft.id) {
+                    self.removed = true;
+                }
+                metrics::counter!("flotilla_membership_changes_total").increment(1);
+                Outcome::Done
+            }
+            // Skipped the same way on every replica (the configuration it applies to is the same everywhere).
+            Err(_) => Outcome::InvalidMembership,
+        };
+        Ok(Applied { request_id: context.request_id, index: entry.index, term: entry.term, outcome })
+    }
+
+    /// Whether this replica applied its own removal: it takes part in nothing any more, and its node destroys it.
+    pub fn is_removed(&self) -> bool {
+        self.removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_descriptor_follows_the_configuration_with_each_replica_on_its_node() {
+        let replicas = vec![Replica { node_id: 10, replica_id: 1, learner: false }, Replica { node_id: 20, replica_id: 2, learner: false }];
+        let current = RangeDescriptor { group_id: 3, epoch: Some(RangeEpoch { version: 4, conf_version: 7 }), replicas, ..Default::default() };
+        let added = next_descriptor(&current, &ConfState { voters: vec![1, 2], learners: vec![9], ..Default::default() }, 30);
+        assert_eq!(added.replicas[2], Replica { node_id: 30, replica_id: 9, learner: true });
+        assert_eq!(added.epoch(), RangeEpoch { version: 4, conf_version: 8 });
+        let promoted = next_descriptor(&added, &ConfState { voters: vec![1, 2, 9], ..Default::default() }, 0);
+        assert_eq!(promoted.replicas[2], Replica { node_id: 30, replica_id: 9, learner: false });
+        let removed = next_descriptor(&promoted, &ConfState { voters: vec![2, 9], ..Default::default() }, 0);
+        assert_eq!(removed.replicas.iter().map(|r| (r.replica_id, r.node_id)).collect::<Vec<_>>(), vec![(2, 20), (9, 30)]);
+        assert_eq!(removed.epoch().conf_version, 10);
+    }
+}
