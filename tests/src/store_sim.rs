@@ -33,7 +33,7 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::ReplicaMessage;
-use flotilla_raftstore::peer::{prepare_groups, LogWrite, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
+use flotilla_raftstore::peer::{prepare_groups, LogWrite, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 
 use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
@@ -67,6 +67,9 @@ pub struct StoreSimReport {
     pub transfers: u64,
     pub messages: u64,
     pub compactions: u64,
+    /// Membership changes proposed (during faults some do not complete), and those that applied.
+    pub membership_changes: u64,
+    pub membership_changes_applied: u64,
     /// Ticks replicas slept through (hibernating).
     pub ticks_slept: u64,
     /// Snapshots installed (streams that ended in a replica taking the snapshot).
@@ -83,6 +86,8 @@ impl StoreSimReport {
         self.transfers += other.transfers;
         self.messages += other.messages;
         self.compactions += other.compactions;
+        self.membership_changes += other.membership_changes;
+        self.membership_changes_applied += other.membership_changes_applied;
         self.ticks_slept += other.ticks_slept;
         self.snapshot_installs += other.snapshot_installs;
     }
@@ -142,6 +147,12 @@ struct Sim {
     network: Vec<(u64, Packet)>,
     /// Node liveness: when node `.0` last heard anything from node `.1` (a node heartbeat or any message).
     heard: HashMap<(u64, u64), u64>,
+    /// Where each replica lives: (group, replica id) → node (the directory a real cluster keeps).
+    replica_nodes: HashMap<(u64, u64), u64>,
+    /// Replica ids for added replicas (above every node id).
+    next_replica_id: u64,
+    /// Tokens of membership proposals (their answers are counted, not checked).
+    membership_tokens: BTreeSet<Token>,
     /// One-way cuts: (from node, to node).
     cuts: BTreeSet<(u64, u64)>,
     ops: Vec<ClientOp>,
@@ -179,14 +190,20 @@ fn peer_options(rng: &mut SimRng) -> PeerOptions {
     PeerOptions { snapshot, hibernate_idle_ticks }
 }
 
+/// The configuration a descriptor describes (groups here change one replica at a time: never joint).
+fn conf_state_of(range: &RangeDescriptor) -> ConfState {
+    let ids = |learner: bool| range.replicas.iter().filter(|r| r.learner == learner).map(|r| r.replica_id).collect();
+    ConfState { voters: ids(false), learners: ids(true), ..Default::default() }
+}
+
 /// A node not heard from for this many steps (about five ticks) is declared down by the others.
 const NODE_DOWN_STEPS: u64 = 35;
 
 /// What travels between simulated nodes.
 #[derive(Clone)]
 enum Packet {
-    /// A message between replicas of a group (boxed: far larger than a node heartbeat).
-    Replica(u64, Box<ReplicaMessage>),
+    /// A message between replicas of a group, between their nodes (boxed: far larger than a node heartbeat).
+    Replica { group: u64, from_node: u64, to_node: u64, message: Box<ReplicaMessage> },
     /// Node liveness: one per node pair and tick, whatever the number of groups.
     NodeHeartbeat { from: u64, to: u64 },
 }
@@ -194,7 +211,7 @@ enum Packet {
 impl Packet {
     fn ends(&self) -> (u64, u64) {
         match self {
-            Packet::Replica(_, message) => (message.from(), message.to()),
+            Packet::Replica { from_node, to_node, .. } => (*from_node, *to_node),
             Packet::NodeHeartbeat { from, to } => (*from, *to),
         }
     }
@@ -209,8 +226,10 @@ impl Sim {
         let mut rng = SimRng::new(options.seed);
         let node_count = if rng.chance_per_mille(700) { 3 } else { 5 };
         let group_count = rng.range(1, 4) as usize;
-        let replicas: Vec<Replica> = (1..=node_count).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        // Five-node runs start every group on nodes 1-3: membership changes move them onto 4 and 5.
+        let replicas: Vec<Replica> = (1..=node_count.min(3)).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
         let ranges = initial_ranges(group_count as u64, 1, &replicas);
+        let replica_nodes = ranges.iter().flat_map(|r| r.replicas.iter().map(|replica| ((r.group_id, replica.replica_id), replica.node_id))).collect();
         let keys = ranges
             .iter()
             .map(|range| (0..3u8).map(|k| [if range.start.is_empty() { vec![0] } else { range.start.clone() }, vec![b'k', k]].concat()).collect())
@@ -228,6 +247,9 @@ impl Sim {
             keys,
             network: Vec::new(),
             heard: HashMap::new(),
+            replica_nodes,
+            next_replica_id: 100,
+            membership_tokens: BTreeSet::new(),
             cuts: BTreeSet::new(),
             ops: Vec::new(),
             attempts: HashMap::new(),
@@ -257,19 +279,28 @@ impl Sim {
         let (wal, _report) = Wal::open(Path::new("/wal"), Arc::new(node.disk.clone()), wal_options()).map_err(|e| format!("node {}: {e}", node.id))?;
         let log = Arc::new(SyncWal::new(wal));
         let kv = StateMachine::open_with_backend(node.redb.clone(), machine_options()).map_err(|e| format!("node {}: {e}", node.id))?;
-        let voters: Vec<u64> = self.ranges[0].replicas.iter().map(|r| r.replica_id).collect();
-        prepare_groups(log.as_ref(), &kv, &self.ranges).map_err(|e| format!("node {}: {e:?}", node.id))?;
+        // What it holds: the descriptors it stored (the initial layout at a first start). A replica it holds no
+        // more (removed) stays closed; one created empty and never caught up is created again by the next message.
+        let stored = kv.ranges().map_err(|e| e.to_string())?;
+        let held: Vec<RangeDescriptor> = if stored.is_empty() {
+            self.ranges.iter().filter(|r| r.replicas.iter().any(|replica| replica.node_id == node.id)).cloned().collect()
+        } else {
+            stored.iter().map(|(_, bytes)| RangeDescriptor::decode_stored(bytes).expect("stored descriptors decode")).collect()
+        };
+        prepare_groups(log.as_ref(), &kv, &held).map_err(|e| format!("node {}: {e:?}", node.id))?;
         let mut peers = BTreeMap::new();
-        for range in &self.ranges {
+        for range in held {
+            let Some(replica) = range.replicas.iter().find(|replica| replica.node_id == node.id) else { continue };
             let config = Config {
-                id: node.id,
+                id: replica.replica_id,
                 random_seed: self.rng.next_u64(),
                 read_mode: self.read_mode,
                 ..Config::default()
             };
-            let conf_state = ConfState { voters: voters.clone(), ..Default::default() };
-            let peer = Peer::open(config, peer_options(&mut self.rng), range.clone(), conf_state, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
-            peers.insert(range.group_id, peer);
+            let conf_state = conf_state_of(&range);
+            let group_id = range.group_id;
+            let peer = Peer::open(config, peer_options(&mut self.rng), range, conf_state, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
+            peers.insert(group_id, peer);
         }
         let (reply, persisted) = unbounded();
         node.running = Some(Running { log, kv, peers, disk_queue: VecDeque::new(), apply_queue: VecDeque::new(), reply, persisted });
@@ -398,7 +429,9 @@ impl Sim {
         if self.trace {
             println!("step {} group {group}: sent {}", self.step, describe_message(&message));
         }
-        self.transmit(Packet::Replica(group, Box::new(message)));
+        let Some(&to_node) = self.replica_nodes.get(&(group, message.to())) else { return };
+        let from_node = self.replica_nodes[&(group, message.from())];
+        self.transmit(Packet::Replica { group, from_node, to_node, message: Box::new(message) });
     }
 
     fn transmit(&mut self, packet: Packet) {
@@ -443,18 +476,34 @@ impl Sim {
             self.heard.insert((to, from), self.step);
         }
         let (group, message) = match packet {
-            Packet::Replica(group, message) => (group, *message),
+            Packet::Replica { group, message, .. } => (group, *message),
             Packet::NodeHeartbeat { .. } => return Ok(()),
         };
-        let position = (message.to() - 1) as usize;
+        let position = (to - 1) as usize;
         if self.trace {
             let up = self.nodes[position].running.is_some();
             println!("step {} group {group}: {}{}", self.step, describe_message(&message), if up { "" } else { " (to a down node)" });
         }
         let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
         self.report.messages += 1;
+        if !running.peers.contains_key(&group) {
+            // A replica this node does not hold yet: create it empty (a snapshot will bring the range) — unless
+            // the node held one of this group before (removed replicas are never re-added here).
+            if running.kv.ranges().map_err(|e| e.to_string())?.iter().any(|(g, _)| *g == group) {
+                return Ok(());
+            }
+            let empty = RangeDescriptor { group_id: group, ..RangeDescriptor::default() };
+            let config = Config { id: message.to(), random_seed: self.rng.next_u64(), read_mode: self.read_mode, ..Config::default() };
+            let peer = Peer::open(config, peer_options(&mut self.rng), empty, ConfState::default(), Arc::clone(&running.log) as Arc<dyn LogEngine>, &running.kv)
+                .map_err(|e| e.to_string())?;
+            running.peers.insert(group, peer);
+        }
+        let peer = running.peers.get_mut(&group).expect("held");
+        if peer.is_removed() || peer.replica_id() != message.to() {
+            return Ok(()); // for a removed replica, or another incarnation's
+        }
         // An invalid message (e.g. from before a restart) is refused by the core; nothing to do.
-        let _ = running.peers.get_mut(&group).expect("peer").on_message(message, &running.kv);
+        let _ = peer.on_message(message, &running.kv);
         self.drive(position)
     }
 
@@ -485,7 +534,7 @@ impl Sim {
                 node.clock -= 1000;
                 if let Some(running) = node.running.as_mut() {
                     self.report.ticks_slept += running.peers.values().filter(|peer| peer.is_hibernating()).count() as u64;
-                    running.peers.values_mut().for_each(Peer::on_tick);
+                    running.peers.values_mut().filter(|peer| !peer.is_removed()).for_each(Peer::on_tick);
                     ticked = true;
                 }
             }
@@ -510,8 +559,11 @@ impl Sim {
         let down: Vec<u64> = others.into_iter().filter(|&other| step.saturating_sub(*self.heard.get(&(id, other)).unwrap_or(&0)) > NODE_DOWN_STEPS).collect();
         let Some(running) = self.nodes[position].running.as_mut() else { return };
         for other in down {
-            // Replica ids are node ids here.
-            running.peers.values_mut().for_each(|peer| peer.on_node_down(other));
+            for peer in running.peers.values_mut() {
+                if let Some(replica) = peer.descriptor().replicas.iter().find(|r| r.node_id == other).map(|r| r.replica_id) {
+                    peer.on_node_down(replica);
+                }
+            }
         }
     }
 
@@ -565,7 +617,13 @@ impl Sim {
         if self.trace {
             println!("step {} client {client}: op {index} {:?} on key {:?} -> node {node} as token {token}", self.step, self.ops[index].operation.call, self.ops[index].operation.key);
         }
-        let peer = running.peers.get_mut(&self.ranges[group].group_id).expect("peer");
+        let Some(peer) = running.peers.get_mut(&self.ranges[group].group_id).filter(|peer| !peer.is_removed()) else {
+            // This node holds no replica of the group: try another.
+            self.attempts.remove(&token);
+            self.hints.insert((client, group), self.rng.range(1, self.nodes.len() as u64));
+            self.ops[index].retry_at = Some(self.step + 2);
+            return Ok(());
+        };
         match &self.ops[index].command {
             Some(command) => peer.propose(token, command.clone()),
             None => peer.read(token),
@@ -576,6 +634,9 @@ impl Sim {
     fn on_response(&mut self, position: usize, token: Token, response: Response) {
         if self.trace {
             println!("step {} node {}: response to token {token}: {response:?}", self.step, self.nodes[position].id);
+        }
+        if self.membership_tokens.remove(&token) && response == Response::Written(Applied::Done) {
+            self.report.membership_changes_applied += 1;
         }
         let Some(index) = self.attempts.remove(&token) else { return };
         if self.ops[index].done {
@@ -597,9 +658,10 @@ impl Sim {
                 return;
             }
             (_, Response::Failed(PeerError::NotLeader { leader })) => {
-                let client = self.ops[index].operation.client as usize;
-                let next = if leader != 0 { leader } else { self.rng.range(1, self.nodes.len() as u64) };
-                self.hints.insert((client, self.ops[index].group), next);
+                let (client, group) = (self.ops[index].operation.client as usize, self.ops[index].group);
+                let leader_node = self.replica_nodes.get(&(self.ranges[group].group_id, leader)).copied();
+                let next = leader_node.unwrap_or_else(|| self.rng.range(1, self.nodes.len() as u64));
+                self.hints.insert((client, group), next);
                 None
             }
             // Definitely did not take effect (dropped, busy, refused): try again.
@@ -648,10 +710,17 @@ impl Sim {
             .iter()
             .map(|node| match &node.running {
                 None => format!("node {} down", node.id),
-                Some(running) => {
-                    let peer = &running.peers[&group];
-                    format!("node {}: {} disk queue={}", node.id, peer.debug_state(), running.disk_queue.len())
-                }
+                Some(running) => match running.peers.get(&group) {
+                    Some(peer) => format!(
+                        "node {} (replica {}{}): {} disk queue={}",
+                        node.id,
+                        peer.replica_id(),
+                        if peer.is_removed() { ", removed" } else { "" },
+                        peer.debug_state(),
+                        running.disk_queue.len()
+                    ),
+                    None => format!("node {}: no replica", node.id),
+                },
             })
             .collect::<Vec<_>>()
             .join("; ")
@@ -739,16 +808,57 @@ impl Sim {
                 // A leadership transfer, wherever a leader is found (during faults it may not complete).
                 let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
                 let target = self.rng.range(1, self.nodes.len() as u64);
-                let leader = self.nodes.iter().position(|node| node.running.as_ref().is_some_and(|r| r.peers[&group].is_leader()));
+                let leader = self.leader_position(group);
                 if let Some(position) = leader {
-                    self.nodes[position].running.as_mut().expect("running").peers.get_mut(&group).expect("peer").transfer_leader(target);
+                    let peer = self.nodes[position].running.as_mut().expect("running").peers.get_mut(&group).expect("peer");
+                    let voters: Vec<u64> = peer.descriptor().replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
+                    let target = voters[target as usize % voters.len()];
+                    peer.transfer_leader(target);
                     self.report.transfers += 1;
                     self.drive(position)?;
                 }
             }
+            935..=944 => self.change_membership(),
             _ => {}
         }
         self.clients_step(true)
+    }
+
+    /// The position of a node whose replica of `group` leads (in some term), if any is up.
+    fn leader_position(&self, group: u64) -> Option<usize> {
+        self.nodes.iter().position(|node| node.running.as_ref().and_then(|r| r.peers.get(&group)).is_some_and(|peer| peer.is_leader() && !peer.is_removed()))
+    }
+
+    /// A membership change proposed on a leader: a learner onto a node that never held the group, a learner
+    /// promoted, or a replica removed (keeping three voters). During faults it may not complete.
+    fn change_membership(&mut self) {
+        let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
+        let Some(position) = self.leader_position(group) else { return };
+        let descriptor = self.nodes[position].running.as_ref().expect("running").peers[&group].descriptor().clone();
+        let voters: Vec<u64> = descriptor.replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
+        let learner = descriptor.replicas.iter().find(|r| r.learner).map(|r| r.replica_id);
+        // Nodes that never held the group (removed replicas are not re-added: their nodes keep them closed).
+        let fresh: Vec<u64> = self.nodes.iter().map(|n| n.id).filter(|&node| !self.replica_nodes.iter().any(|((g, _), n)| *g == group && *n == node)).collect();
+        let change = match (learner, fresh.is_empty()) {
+            (Some(replica_id), _) => MembershipChange::Promote { replica_id },
+            (None, false) if self.rng.chance_per_mille(600) || voters.len() <= 3 => {
+                let node_id = fresh[self.rng.below(fresh.len() as u64) as usize];
+                let replica_id = self.next_replica_id;
+                self.next_replica_id += 1;
+                self.replica_nodes.insert((group, replica_id), node_id);
+                MembershipChange::AddLearner { node_id, replica_id }
+            }
+            (None, _) if voters.len() > 3 => MembershipChange::Remove { replica_id: voters[self.rng.below(voters.len() as u64) as usize] },
+            _ => return,
+        };
+        if self.trace {
+            println!("step {} group {group}: node {} proposes {change:?}", self.step, self.nodes[position].id);
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        self.membership_tokens.insert(token);
+        self.nodes[position].running.as_mut().expect("running").peers.get_mut(&group).expect("peer").propose_membership(token, change);
+        self.report.membership_changes += 1;
     }
 
     fn calm_step(&mut self, issue_new: bool) -> SimResult<()> {
@@ -833,17 +943,26 @@ impl Sim {
     /// The first group whose replicas differ in applied index or data, described.
     fn divergence(&self) -> SimResult<Option<String>> {
         for range in &self.ranges {
+            let group = range.group_id;
+            // The members: as the replica with the newest configuration knows them.
+            let newest = self
+                .nodes
+                .iter()
+                .filter_map(|node| node.running.as_ref().and_then(|r| r.peers.get(&group)))
+                .map(|peer| peer.descriptor().clone())
+                .max_by_key(|descriptor| descriptor.epoch().conf_version)
+                .expect("some replica of every group");
             let mut views = Vec::new();
-            for node in &self.nodes {
-                let running = node.running.as_ref().expect("all running");
+            for member in &newest.replicas {
+                let running = self.nodes[(member.node_id - 1) as usize].running.as_ref().expect("all running");
+                let held = running.peers.get(&group).is_some_and(|peer| peer.replica_id() == member.replica_id);
                 let pairs = running.kv.scan(&range.start, &range.end, usize::MAX).map_err(|e| e.to_string())?;
-                views.push((node.id, running.kv.applied(range.group_id).0, hash(&format!("{pairs:?}").into_bytes())));
+                views.push((member.node_id, held, running.kv.applied(group).0, hash(&format!("{pairs:?}").into_bytes())));
             }
-            if views.windows(2).any(|w| (w[0].1, w[0].2) != (w[1].1, w[1].2)) {
+            if views.iter().any(|view| !view.1) || views.windows(2).any(|w| (w[0].2, w[0].3) != (w[1].2, w[1].3)) {
                 return Ok(Some(format!(
-                    "group {}: replicas did not converge (node, applied, data hash): {views:?}; {}",
-                    range.group_id,
-                    self.describe(range.group_id)
+                    "group {group}: replicas did not converge (node, replica held, applied, data hash): {views:?}; {}",
+                    self.describe(group)
                 )));
             }
         }

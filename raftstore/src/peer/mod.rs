@@ -194,6 +194,11 @@ impl Peer {
         &self.descriptor
     }
 
+    /// This replica's Raft id within its group.
+    pub fn replica_id(&self) -> u64 {
+        self.raw.raft.id
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raw.raft.role == StateRole::Leader
     }
