@@ -250,7 +250,7 @@ impl Db {
         for id in 1..=config.nodes {
             let node_dir = if config.nodes == 1 { dir.clone() } else { dir.join(format!("node-{id}")) };
             let (node, node_ranges) = Node::open(id, &node_dir, &config, Arc::clone(&transport))?;
-            in_process.add_node(id, node.store.as_ref().expect("just started").router().clone());
+            in_process.add_node(id, node.store.as_ref().expect("just started").inbox());
             nodes.push(node);
             ranges = node_ranges;
         }

@@ -103,3 +103,13 @@ impl ReplicaMessage {
         }
     }
 }
+
+/// A replica message on its way between nodes: the transport routes by node, the receiving node by group (and
+/// learns from `from_node` where the sending replica lives, for replicas its descriptor does not list yet).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Envelope {
+    pub group_id: u64,
+    pub from_node: u64,
+    pub to_node: u64,
+    pub message: ReplicaMessage,
+}

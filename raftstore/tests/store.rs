@@ -14,7 +14,7 @@ use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, Wri
 use flotilla_engine::wal::record::LogOp;
 use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
-use flotilla_raftstore::peer::{PeerError, PeerOptions, SnapshotOptions};
+use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 use flotilla_raftstore::store::{InProcessTransport, PeerMsg, Store, StoreOptions};
 
@@ -38,7 +38,7 @@ fn start_node(id: u64, dir: &std::path::Path, ranges: &[RangeDescriptor], transp
         ..StoreOptions::default()
     };
     let store = Store::start(options, ranges, Arc::clone(&log) as Arc<dyn LogEngine>, Arc::clone(&kv), flusher, Arc::clone(transport) as _).unwrap();
-    transport.add_node(id, store.router().clone());
+    transport.add_node(id, store.inbox());
     Node { id, store, log, kv }
 }
 
@@ -48,7 +48,9 @@ fn put(nodes: &[Node], group_id: u64, key: &[u8], value: &[u8], deadline: Instan
         for node in nodes {
             let (reply, answer) = oneshot::channel();
             let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key.to_vec(), value.to_vec())] };
-            node.store.router().send(group_id, PeerMsg::Write { command, reply }).ok().expect("mailbox has room");
+            if node.store.router().send(group_id, PeerMsg::Write { command, reply }).is_err() {
+                continue; // the node holds no replica of the group
+            }
             if let Ok(Ok(Outcome::Done)) = answer.recv_timeout(Duration::from_secs(5)) {
                 return node.id;
             }
@@ -89,7 +91,7 @@ fn a_replica_cut_off_while_the_others_compacted_catches_up_by_snapshot() {
     }
     let compacted = nodes[..2].iter().map(|node| compact(node, group_id)).min().unwrap();
     assert!(compacted > 300, "both logs compacted past the cut-off writes (to {compacted})");
-    transport.add_node(3, nodes[2].store.router().clone());
+    transport.add_node(3, nodes[2].store.inbox());
     let node = &nodes[2];
     // Caught up by a snapshot, not replayed entries: the data is there, and its log restarts after the snapshot
     // (a moment later: the install is durable in the state machine before its log record is written).
@@ -146,4 +148,53 @@ fn idle_groups_hibernate_wake_on_requests_and_elect_anew_once_the_leaders_node_i
     for range in &ranges {
         put(&nodes, range.group_id, &range.start, b"4", deadline);
     }
+}
+
+/// Proposes a membership change wherever the group leads, following refusals until `deadline`.
+fn change(nodes: &[Node], group_id: u64, change: MembershipChange, deadline: Instant) {
+    loop {
+        for node in nodes {
+            let (reply, answer) = oneshot::channel();
+            if node.store.router().send(group_id, PeerMsg::ChangeMembership { change: change.clone(), reply }).is_err() {
+                continue;
+            }
+            match answer.recv_timeout(Duration::from_secs(5)) {
+                Ok(Ok(Outcome::Done)) => return,
+                Ok(Err(PeerError::Membership(why))) => panic!("refused: {why}"),
+                _ => {}
+            }
+        }
+        assert!(Instant::now() < deadline, "no node took {change:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_new_node_gets_a_replica_by_membership_change_and_a_removed_one_is_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    let range = initial_ranges(1, 1, &replicas).remove(0);
+    let group_id = range.group_id;
+    let transport = Arc::new(InProcessTransport::new());
+    // Node 4 starts holding nothing.
+    let nodes: Vec<Node> = (1..=4).map(|id| start_node(id, dir.path(), std::slice::from_ref(&range), &transport)).collect();
+    assert!(nodes[3].store.router().is_empty());
+    nodes[0].store.campaign_all([group_id]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 0..50u32 {
+        put(&nodes, group_id, format!("key-{i:03}").as_bytes(), b"v", deadline);
+    }
+    // Replica 7 on node 4: created there by the leader's first message, caught up by snapshot, then a voter.
+    change(&nodes, group_id, MembershipChange::AddLearner { node_id: 4, replica_id: 7 }, deadline);
+    wait_until(deadline, "node 4 caught up", || nodes[3].kv.get(b"key-049").unwrap().is_some());
+    assert_eq!(nodes[3].store.router().len(), 1, "node 4 holds the group now");
+    change(&nodes, group_id, MembershipChange::Promote { replica_id: 7 }, deadline);
+    // Replica 3 leaves: node 3 destroys it (unregisters it) once it applies its removal.
+    change(&nodes, group_id, MembershipChange::Remove { replica_id: 3 }, deadline);
+    wait_until(deadline, "node 3 destroyed its replica", || nodes[2].store.router().is_empty());
+    put(&nodes, group_id, b"after", b"1", deadline);
+    wait_until(deadline, "node 4 replicates", || nodes[3].kv.get(b"after").unwrap().is_some());
+    let stored = RangeDescriptor::decode_stored(&nodes[3].kv.ranges().unwrap()[0].1).unwrap();
+    let members: Vec<(u64, u64)> = stored.replicas.iter().map(|r| (r.node_id, r.replica_id)).collect();
+    assert!(members.contains(&(4, 7)) && !members.contains(&(3, 3)), "node 4 stored the members: {members:?}");
 }

@@ -9,8 +9,8 @@ use flotilla_raft::Entry;
 
 use crate::batch::Fsm;
 use crate::command::{Command, Outcome};
-use crate::message::ReplicaMessage;
-use crate::peer::{Peer, PeerError, Response, Token};
+use crate::message::Envelope;
+use crate::peer::{MembershipChange, Peer, PeerError, Response, Token};
 
 /// A read served once the group confirms it is current.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,8 +34,10 @@ pub type ReadReply = oneshot::Sender<Result<ReadResult, PeerError>>;
 pub enum PeerMsg {
     /// From another replica of the group. Boxed: it is several times larger than every other variant, and
     /// mailboxes hold many.
-    Replica(Box<ReplicaMessage>),
+    Replica(Box<Envelope>),
     Write { command: Command, reply: WriteReply },
+    /// A membership change, answered like a write once applied.
+    ChangeMembership { change: MembershipChange, reply: WriteReply },
     Read { request: ReadRequest, reply: ReadReply },
     /// The log engine made the Ready numbered so durable.
     Persisted(u64),
@@ -56,6 +58,9 @@ pub struct PeerFsm {
     pub(crate) to_apply: Vec<Entry>,
     /// Whether the node's ticker visits this group (see `Peer::needs_ticks`).
     pub(crate) ticking: bool,
+    /// Where replicas the descriptor does not list live, as their messages said (a new learner before this
+    /// replica applies its addition, or this replica before a snapshot brought it the members).
+    pub(crate) nodes_heard: HashMap<u64, u64>,
 }
 
 impl Fsm for PeerFsm {
@@ -65,7 +70,13 @@ impl Fsm for PeerFsm {
 impl PeerFsm {
     pub fn new(peer: Peer) -> PeerFsm {
         let ticking = peer.needs_ticks();
-        PeerFsm { peer, next_token: 1, writes: HashMap::new(), reads: HashMap::new(), to_apply: Vec::new(), ticking }
+        PeerFsm { peer, next_token: 1, writes: HashMap::new(), reads: HashMap::new(), to_apply: Vec::new(), ticking, nodes_heard: HashMap::new() }
+    }
+
+    /// The node of replica `replica_id`: from the descriptor, else from its messages.
+    pub(crate) fn node_of(&self, replica_id: u64) -> Option<u64> {
+        let listed = self.peer.descriptor().replicas.iter().find(|r| r.replica_id == replica_id).map(|r| r.node_id);
+        listed.or_else(|| self.nodes_heard.get(&replica_id).copied())
     }
 
     fn token(&mut self) -> Token {
@@ -76,15 +87,27 @@ impl PeerFsm {
     /// Feeds one message to the peer (snapshot chunks are written to `kv`).
     pub(crate) fn on_message(&mut self, message: PeerMsg, kv: &dyn KvEngine) {
         match message {
-            PeerMsg::Replica(message) => {
+            PeerMsg::Replica(envelope) => {
+                let Envelope { from_node, message, .. } = *envelope;
+                if self.peer.is_removed() || message.to() != self.peer.replica_id() {
+                    return; // for a removed replica, or another incarnation
+                }
+                if self.nodes_heard.len() < 64 || self.nodes_heard.contains_key(&message.from()) {
+                    self.nodes_heard.insert(message.from(), from_node);
+                }
                 // An invalid message (a bug or a stray from another incarnation) is dropped; the core said why.
-                let _ = self.peer.on_message(*message, kv);
+                let _ = self.peer.on_message(message, kv);
             }
             PeerMsg::Write { command, reply } => {
                 metrics::counter!("flotilla_proposals_total").increment(1);
                 let token = self.token();
                 self.writes.insert(token, reply);
                 self.peer.propose(token, command);
+            }
+            PeerMsg::ChangeMembership { change, reply } => {
+                let token = self.token();
+                self.writes.insert(token, reply);
+                self.peer.propose_membership(token, change);
             }
             PeerMsg::Read { request, reply } => {
                 metrics::counter!("flotilla_reads_total").increment(1);

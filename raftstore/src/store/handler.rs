@@ -18,20 +18,21 @@ use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 
 use super::fsm::{PeerFsm, PeerMsg};
 use crate::batch::PollHandler;
-use crate::message::ReplicaMessage;
+use crate::message::{Envelope, ReplicaMessage};
+use super::replicas::ReplicaTask;
 use crate::peer::PeerOutput;
 
 /// Where a group's Raft messages go (another node, or another store in this process).
 pub trait Transport: Send + Sync + 'static {
-    fn send(&self, group_id: u64, message: ReplicaMessage);
+    fn send(&self, envelope: Envelope);
 }
 
 /// For a node whose groups have one replica each: nothing ever leaves it.
 pub struct NoTransport;
 
 impl Transport for NoTransport {
-    fn send(&self, group_id: u64, message: ReplicaMessage) {
-        debug_assert!(false, "group {group_id} has a message for replica {} but this node has no transport", message.to());
+    fn send(&self, envelope: Envelope) {
+        debug_assert!(false, "group {} has a message for node {} but this node has no transport", envelope.group_id, envelope.to_node);
     }
 }
 
@@ -41,12 +42,14 @@ pub type TickingGroups = Arc<parking_lot::Mutex<std::collections::HashSet<u64>>>
 /// One per poller thread (cloned from one template: every field is shared).
 #[derive(Clone)]
 pub struct StoreHandler {
+    pub(crate) node_id: u64,
     pub(crate) ticking: TickingGroups,
     pub(crate) log: Arc<dyn LogEngine>,
     pub(crate) kv: Arc<StateMachine>,
     pub(crate) flusher: Arc<BackgroundFlusher>,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) persisted: Sender<Persisted>,
+    pub(crate) tasks: Sender<ReplicaTask>,
 }
 
 impl StoreHandler {
@@ -63,10 +66,20 @@ impl StoreHandler {
             let _ = self.log.submit(request);
         }
         for message in output.messages {
-            self.transport.send(group_id, message);
+            match fsm.node_of(message.to()) {
+                Some(to_node) => self.transport.send(Envelope { group_id, from_node: self.node_id, to_node, message }),
+                None => metrics::counter!("flotilla_transport_dropped_total").increment(1), // nowhere known
+            }
         }
         fsm.to_apply.extend(output.committed);
         fsm.answer(output.responses, self.kv.as_ref());
+        if fsm.peer.is_removed() && fsm.ticking {
+            // Removed: the replicas thread unregisters it (once, as it stops ticking here).
+            let _ = self.tasks.send(ReplicaTask::Destroy(group_id));
+            self.ticking.lock().remove(&group_id);
+            fsm.ticking = false;
+            return;
+        }
         let wants_ticks = fsm.peer.needs_ticks();
         if wants_ticks != fsm.ticking {
             let mut ticking = self.ticking.lock();

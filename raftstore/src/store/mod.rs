@@ -3,11 +3,14 @@
 //!
 //! - [`fsm`]: the FSM around a peer, its messages, and the waiting clients;
 //! - [`handler`]: the poll round (writes of all groups to the log, one state machine apply per round);
+//! - [`replicas`]: replicas created (on a message for a group the node does not hold) and destroyed (once
+//!   removed) while the node runs;
 //! - [`transport`]: stores in one process reaching each other;
 //! - this file: [`Store`], which opens the engines and groups, and routes requests.
 
 pub mod fsm;
 pub mod handler;
+pub mod replicas;
 pub mod transport;
 
 use std::sync::Arc;
@@ -18,14 +21,16 @@ use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
 use flotilla_engine::wal::group_commit::Persisted;
-use flotilla_raft::{ConfState, Config, ReadMode};
+use flotilla_raft::{Config, ReadMode};
 
 pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
 pub use handler::{NoTransport, StoreHandler, Transport};
+pub use replicas::StoreInbox;
 pub use transport::InProcessTransport;
 
 use crate::batch::{BatchOptions, BatchSystem, Router, SendError};
-use crate::peer::{Peer, PeerOptions};
+use crate::peer::PeerOptions;
+use replicas::{ReplicaTask, Replicas};
 use crate::range::RangeDescriptor;
 
 /// Settings of a store.
@@ -61,7 +66,11 @@ pub struct Store {
     system: Option<BatchSystem<PeerFsm>>,
     router: Router<PeerFsm>,
     ticking: handler::TickingGroups,
-    stop: crossbeam_channel::Sender<()>,
+    tasks: crossbeam_channel::Sender<ReplicaTask>,
+    /// Dropped to stop the ticker and the replicas thread.
+    stop: Option<crossbeam_channel::Sender<()>>,
+    /// The replicas thread and the ticker, joined on drop. (The persisted forwarder is not: it ends when the
+    /// log's writer drops its last sender, which the log's owner does after the store.)
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -90,18 +99,26 @@ impl Store {
         transport: Arc<dyn Transport>,
     ) -> Result<Store, flotilla_raft::Error> {
         let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<Persisted>();
+        let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
         let ticking: handler::TickingGroups = Arc::default();
-        let handler = StoreHandler { ticking: Arc::clone(&ticking), log: Arc::clone(&log), kv: Arc::clone(&kv), flusher, transport, persisted };
+        let handler = StoreHandler {
+            node_id: options.node_id,
+            ticking: Arc::clone(&ticking),
+            log: Arc::clone(&log),
+            kv: Arc::clone(&kv),
+            flusher,
+            transport,
+            persisted,
+            tasks: tasks.clone(),
+        };
         let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| handler.clone());
         let router = system.router().clone();
-        crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), ranges)?;
-        for range in ranges {
-            let replica = range.replicas.iter().find(|r| r.node_id == options.node_id).map_or(options.node_id, |r| r.replica_id);
-            let voters = range.replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
-            let learners = range.replicas.iter().filter(|r| r.learner).map(|r| r.replica_id).collect();
-            let conf_state = ConfState { voters, learners, ..Default::default() };
-            let config = Config { id: replica, random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica, ..options.raft.clone() };
-            let peer = Peer::open(config, options.peer.clone(), range.clone(), conf_state, Arc::clone(&log), kv.as_ref())?;
+        // The groups this node holds (a descriptor that no longer lists it: its replica was removed).
+        let held: Vec<&RangeDescriptor> = ranges.iter().filter(|range| range.replicas.iter().any(|r| r.node_id == options.node_id)).collect();
+        let held_ranges: Vec<RangeDescriptor> = held.iter().map(|range| (*range).clone()).collect();
+        crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held_ranges)?;
+        for range in held {
+            let peer = replicas::open_replica(&options, range, &log, &kv)?;
             if peer.needs_ticks() {
                 ticking.lock().insert(range.group_id);
             }
@@ -110,13 +127,26 @@ impl Store {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let mut threads = Vec::new();
         {
+            let replicas = Replicas {
+                options: options.clone(),
+                log: Arc::clone(&log),
+                kv: Arc::clone(&kv),
+                router: router.clone(),
+                ticking: Arc::clone(&ticking),
+                // Held now or before: every group whose descriptor this node's state machine stores.
+                held: kv.ranges().map_err(|e| flotilla_raft::Error::Storage(flotilla_raft::StorageError::Other(e.to_string())))?.into_iter().map(|(group, _)| group).collect(),
+            };
+            let stopped = stopped.clone();
+            threads.push(std::thread::Builder::new().name("flotilla-replicas".into()).spawn(move || replicas.run(task_receiver, stopped)).expect("spawning the replicas thread"));
+        }
+        {
             // `Persisted` from the log's writer thread back to each group's mailbox.
             let router = router.clone();
-            threads.push(std::thread::Builder::new().name("flotilla-persisted".into()).spawn(move || {
+            std::thread::Builder::new().name("flotilla-persisted".into()).spawn(move || {
                 for done in persisted_receiver {
                     deliver(&router, done.group_id, PeerMsg::Persisted(done.ready_number));
                 }
-            }).expect("spawning the persisted forwarder"));
+            }).expect("spawning the persisted forwarder");
         }
         {
             // Ticks only the groups that need time (see `Peer::needs_ticks`): idle single-replica groups cost nothing.
@@ -130,11 +160,16 @@ impl Store {
                 }
             }).expect("spawning the ticker"));
         }
-        Ok(Store { system: Some(system), router, ticking, stop, threads })
+        Ok(Store { system: Some(system), router, ticking, tasks, stop: Some(stop), threads })
     }
 
     pub fn router(&self) -> &Router<PeerFsm> {
         &self.router
+    }
+
+    /// Where a transport delivers this node's replica messages (including those for groups it does not hold).
+    pub fn inbox(&self) -> StoreInbox {
+        StoreInbox { router: self.router.clone(), tasks: self.tasks.clone() }
     }
 
     /// How many of the node's replicas the ticker visits now (the others hibernate, or lead alone and idle).
@@ -161,11 +196,10 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        let _ = self.stop.send(()); // the ticker takes it and stops
+        drop(self.stop.take()); // the ticker and the replicas thread see it closed and stop
         drop(self.system.take());
-        // The persisted forwarder ends when the log's writer drops its last sender (the log's owner closes it).
-        if let Some(ticker) = self.threads.pop() {
-            let _ = ticker.join();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
         }
     }
 }

@@ -1,5 +1,6 @@
-//! [`InProcessTransport`]: several stores in one process (tests, benchmarks, the embedded multi-node `Db`). A
-//! group's replica ids are its nodes' ids, so a message goes to the router of the node named by its `to`.
+//! [`InProcessTransport`]: several stores in one process (tests, benchmarks, the embedded multi-node `Db`). An
+//! envelope goes to the inbox of the node it names (its router, or its replicas thread for a group it does not
+//! hold yet).
 //!
 //! A full mailbox drops the message rather than blocking the sending poller (two stores' pollers waiting on
 //! each other would deadlock); Raft treats it as a lost message and retries.
@@ -8,14 +9,13 @@ use std::collections::HashMap;
 
 use parking_lot::RwLock;
 
-use super::fsm::{PeerFsm, PeerMsg};
 use super::handler::Transport;
-use crate::batch::Router;
-use crate::message::ReplicaMessage;
+use super::replicas::StoreInbox;
+use crate::message::Envelope;
 
 #[derive(Default)]
 pub struct InProcessTransport {
-    nodes: RwLock<HashMap<u64, Router<PeerFsm>>>,
+    nodes: RwLock<HashMap<u64, StoreInbox>>,
 }
 
 impl InProcessTransport {
@@ -24,8 +24,8 @@ impl InProcessTransport {
     }
 
     /// Makes node `node_id`'s groups reachable (call once its store has started).
-    pub fn add_node(&self, node_id: u64, router: Router<PeerFsm>) {
-        self.nodes.write().insert(node_id, router);
+    pub fn add_node(&self, node_id: u64, inbox: StoreInbox) {
+        self.nodes.write().insert(node_id, inbox);
     }
 
     /// Makes a node unreachable (it stopped).
@@ -35,9 +35,9 @@ impl InProcessTransport {
 }
 
 impl Transport for InProcessTransport {
-    fn send(&self, group_id: u64, message: ReplicaMessage) {
-        let router = self.nodes.read().get(&message.to()).cloned();
-        let delivered = router.is_some_and(|router| router.send(group_id, PeerMsg::Replica(Box::new(message))).is_ok());
+    fn send(&self, envelope: Envelope) {
+        let inbox = self.nodes.read().get(&envelope.to_node).cloned();
+        let delivered = inbox.is_some_and(|inbox| inbox.deliver(envelope));
         if !delivered {
             metrics::counter!("flotilla_transport_dropped_total").increment(1);
         }

@@ -1,0 +1,129 @@
+//! Replicas created and destroyed while a node runs (membership changes), on the node's `flotilla-replicas`
+//! thread, off the pollers.
+//!
+//! **Created** when a message arrives for a group the node does not hold: the replica opens empty (no range, no
+//! members) under the message's replica id and is registered; the leader then catches it up by snapshot, which
+//! brings the range. A group the node held before is not created again: a replica id is never reused, and a
+//! removed replica's data stays until destroying data lands (noted in `docs/architecture.md`).
+//!
+//! **Destroyed** once it applies its own removal (`Peer::is_removed`): unregistered (no more messages, ticks or
+//! requests reach it) and forgotten by the ticker.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use flotilla_engine::log_engine::LogEngine;
+use flotilla_engine::state_machine::StateMachine;
+use flotilla_raft::{ConfState, Config};
+
+use super::fsm::{PeerFsm, PeerMsg};
+use super::handler::TickingGroups;
+use super::StoreOptions;
+use crate::batch::{Router, SendError};
+use crate::message::Envelope;
+use crate::peer::Peer;
+use crate::range::RangeDescriptor;
+
+/// Work for the replicas thread.
+pub(crate) enum ReplicaTask {
+    /// A message for a group this node does not hold.
+    Create(Box<Envelope>),
+    /// The group's replica here applied its own removal.
+    Destroy(u64),
+}
+
+/// How many tasks may wait; beyond, messages for unknown groups are dropped (Raft resends).
+pub(crate) const TASKS_MAX: usize = 1024;
+
+/// Where a node receives replica messages: its router, and the replicas thread for groups it does not hold.
+#[derive(Clone)]
+pub struct StoreInbox {
+    pub(crate) router: Router<PeerFsm>,
+    pub(crate) tasks: Sender<ReplicaTask>,
+}
+
+impl StoreInbox {
+    /// Delivers without waiting; returns false if the message was dropped (a full mailbox or task queue).
+    pub fn deliver(&self, envelope: Envelope) -> bool {
+        match self.router.send(envelope.group_id, PeerMsg::Replica(Box::new(envelope))) {
+            Ok(()) => true,
+            Err(SendError::Full(_)) => false,
+            Err(SendError::NotFound(PeerMsg::Replica(envelope))) => self.tasks.try_send(ReplicaTask::Create(envelope)).is_ok(),
+            Err(SendError::NotFound(_)) => unreachable!("the message sent comes back"),
+        }
+    }
+}
+
+/// Opens the replica of `range` held by node `options.node_id` (its configuration is the descriptor's).
+pub(crate) fn open_replica(options: &StoreOptions, range: &RangeDescriptor, log: &Arc<dyn LogEngine>, kv: &StateMachine) -> Result<Peer, flotilla_raft::Error> {
+    let replica = range.replicas.iter().find(|r| r.node_id == options.node_id).map_or(options.node_id, |r| r.replica_id);
+    let voters = range.replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
+    let learners = range.replicas.iter().filter(|r| r.learner).map(|r| r.replica_id).collect();
+    let conf_state = ConfState { voters, learners, ..Default::default() };
+    open_with_id(options, replica, range.clone(), conf_state, log, kv)
+}
+
+fn open_with_id(
+    options: &StoreOptions,
+    replica: u64,
+    range: RangeDescriptor,
+    conf_state: ConfState,
+    log: &Arc<dyn LogEngine>,
+    kv: &StateMachine,
+) -> Result<Peer, flotilla_raft::Error> {
+    let config = Config { id: replica, random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica, ..options.raft.clone() };
+    Peer::open(config, options.peer.clone(), range, conf_state, Arc::clone(log), kv)
+}
+
+pub(crate) struct Replicas {
+    pub(crate) options: StoreOptions,
+    pub(crate) log: Arc<dyn LogEngine>,
+    pub(crate) kv: Arc<StateMachine>,
+    pub(crate) router: Router<PeerFsm>,
+    pub(crate) ticking: TickingGroups,
+    /// Every group this node has held (opened at start, or created since).
+    pub(crate) held: HashSet<u64>,
+}
+
+impl Replicas {
+    pub(crate) fn run(mut self, tasks: Receiver<ReplicaTask>, stopped: Receiver<()>) {
+        loop {
+            crossbeam_channel::select! {
+                recv(tasks) -> task => match task {
+                    Ok(ReplicaTask::Create(envelope)) => self.create(*envelope),
+                    Ok(ReplicaTask::Destroy(group_id)) => {
+                        self.router.unregister(group_id);
+                        self.ticking.lock().remove(&group_id);
+                        metrics::counter!("flotilla_replicas_destroyed_total").increment(1);
+                    }
+                    Err(_) => return,
+                },
+                recv(stopped) -> _ => return,
+            }
+        }
+    }
+
+    fn create(&mut self, envelope: Envelope) {
+        let group_id = envelope.group_id;
+        if self.held.contains(&group_id) {
+            // Held now (created by an earlier message) or before (removed): deliver, or drop.
+            let _ = self.router.send(group_id, PeerMsg::Replica(Box::new(envelope)));
+            return;
+        }
+        let empty = RangeDescriptor { group_id, ..RangeDescriptor::default() };
+        let peer = match open_with_id(&self.options, envelope.message.to(), empty, ConfState::default(), &self.log, &self.kv) {
+            Ok(peer) => peer,
+            Err(error) => panic!("opening an empty replica of group {group_id}: {error:?} (the engines failed)"),
+        };
+        let ticking = peer.needs_ticks();
+        if self.router.register(group_id, Box::new(PeerFsm::new(peer))).is_ok() {
+            self.held.insert(group_id);
+            if ticking {
+                self.ticking.lock().insert(group_id);
+            }
+            metrics::counter!("flotilla_replicas_created_total").increment(1);
+            let _ = self.router.send(group_id, PeerMsg::Replica(Box::new(envelope)));
+        }
+    }
+}
