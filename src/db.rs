@@ -392,6 +392,7 @@ impl Db {
             Some(Err(PeerError::Busy(flotilla_raft::DropReason::Transferring))) if in_time => Attempt::Retry(Duration::from_millis(5)),
             Some(Err(PeerError::Busy(reason))) => Attempt::Fail(DbError::Busy(format!("{reason:?}"))),
             Some(Err(PeerError::OutcomeUnknown)) => Attempt::Fail(DbError::OutcomeUnknown),
+            Some(Err(PeerError::Stopped(reason))) => Attempt::Fail(DbError::Storage(reason)),
             Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
                 Attempt::Fail(DbError::BatchSpansRanges { first_outside })
             }

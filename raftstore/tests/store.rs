@@ -1,7 +1,8 @@
 //! Stores of one process over the in-process transport, with the production poll handler, group-commit WAL and
 //! redb state machines on disk: a replica cut off while the others compacted their logs catches up by a
 //! snapshot stream that crosses mailboxes and poller threads; idle groups hibernate (the ticker visits none), a
-//! request wakes them, and followers elect a new leader once node liveness says the leader's node is down.
+//! request wakes them, and followers elect a new leader once node liveness says the leader's node is down; replicas
+//! join and leave by membership change; a failed log stops the node with the reason.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -197,4 +198,42 @@ fn a_new_node_gets_a_replica_by_membership_change_and_a_removed_one_is_destroyed
     let stored = RangeDescriptor::decode_stored(&nodes[3].kv.ranges().unwrap()[0].1).unwrap();
     let members: Vec<(u64, u64)> = stored.replicas.iter().map(|r| (r.node_id, r.replica_id)).collect();
     assert!(members.contains(&(4, 7)) && !members.contains(&(3, 3)), "node 4 stored the members: {members:?}");
+}
+
+#[test]
+fn a_failed_log_stops_the_node_and_requests_are_refused_with_the_reason() {
+    use flotilla_engine::disk::SimDisk;
+    use flotilla_raftstore::store::NoTransport;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimDisk::new();
+    let (wal, _) = Wal::open(std::path::Path::new("/wal"), Arc::new(disk.clone()), WalOptions::default()).unwrap();
+    let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
+    let kv = Arc::new(StateMachine::open(&dir.path().join("state.redb"), StateMachineOptions::default()).unwrap());
+    let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
+    let range = initial_ranges(1, 1, &[Replica { node_id: 1, replica_id: 1, learner: false }]).remove(0);
+    let options = StoreOptions { node_id: 1, tick_interval: Duration::from_millis(10), ..StoreOptions::default() };
+    let store = Store::start(options, std::slice::from_ref(&range), Arc::clone(&log) as Arc<dyn LogEngine>, kv, flusher, Arc::new(NoTransport)).unwrap();
+    store.campaign_all([range.group_id]);
+    let write = |key: &[u8]| {
+        let (reply, answer) = oneshot::channel();
+        let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key.to_vec(), b"v".to_vec())] };
+        store.router().send(range.group_id, PeerMsg::Write { command, reply }).ok().expect("room");
+        answer.recv_timeout(Duration::from_secs(2))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_until(deadline, "the first write", || matches!(write(b"a"), Ok(Ok(Outcome::Done))));
+    assert_eq!(store.failure(), None);
+    // The disk goes away: the WAL's next sync fails. Writes under way then have no answer (their fate is unknown);
+    // once the node knows, every request is refused with the reason, and nothing more is attempted.
+    disk.power_off();
+    let mut refused = None;
+    for attempt in 0..20 {
+        if let Ok(Err(PeerError::Stopped(reason))) = write(format!("k{attempt}").as_bytes()) {
+            refused = Some(reason);
+            break;
+        }
+    }
+    let reason = refused.expect("requests refused once the log failed");
+    assert!(reason.contains("the log failed"), "{reason}");
+    assert_eq!(store.failure(), Some(reason));
 }

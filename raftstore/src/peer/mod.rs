@@ -78,6 +78,8 @@ pub enum PeerError {
     OutcomeUnknown,
     /// A membership change that does not fit the group's members (already there, not a learner, …).
     Membership(String),
+    /// The node stopped because an engine failed (disk gone, corruption): the reason. Nothing was done.
+    Stopped(String),
 }
 
 /// What a waiting client is told.

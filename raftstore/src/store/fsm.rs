@@ -127,6 +127,22 @@ impl PeerFsm {
         }
     }
 
+    /// The node stopped (`reason`): requests among `messages` are refused with it, the rest dropped.
+    pub(crate) fn refuse_all(&mut self, messages: impl Iterator<Item = PeerMsg>, reason: &str) {
+        let refusal = || PeerError::Stopped(reason.to_string());
+        for message in messages {
+            match message {
+                PeerMsg::Write { reply, .. } | PeerMsg::ChangeMembership { reply, .. } => {
+                    let _ = reply.send(Err(refusal()));
+                }
+                PeerMsg::Read { reply, .. } => {
+                    let _ = reply.send(Err(refusal()));
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Answers the clients the peer has responses for; reads are served from `kv`, clipped to the range.
     pub(crate) fn answer(&mut self, responses: Vec<(Token, Response)>, kv: &dyn KvEngine) {
         for (token, response) in responses {

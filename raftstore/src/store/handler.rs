@@ -3,6 +3,9 @@
 //! share fsyncs), applies every group's committed entries in **one** state machine call, and answers clients.
 //!
 //! Metrics (with those of the batch system, WAL and state machine): `flotilla_proposals_total`,
+//! A failed engine (log submit, apply, flusher) stops the node with the reason ([`NodeFailure`]): later rounds
+//! refuse every request with it and write nothing.
+//!
 //! `flotilla_reads_total`, `flotilla_log_writes_total`, `flotilla_commands_applied_total`,
 //! `flotilla_apply_batch_groups` (histogram: groups per state machine apply), `flotilla_elections_total` (vote
 //! rounds started),
@@ -39,6 +42,10 @@ impl Transport for NoTransport {
 /// The groups the ticker visits.
 pub type TickingGroups = Arc<parking_lot::Mutex<std::collections::HashSet<u64>>>;
 
+/// Why the node stopped, once its engines failed (a broken environment: disk gone, corruption). From then on
+/// every request is refused with the reason; nothing more is written.
+pub type NodeFailure = Arc<parking_lot::Mutex<Option<String>>>;
+
 /// One per poller thread (cloned from one template: every field is shared).
 #[derive(Clone)]
 pub struct StoreHandler {
@@ -50,9 +57,24 @@ pub struct StoreHandler {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) persisted: Sender<Persisted>,
     pub(crate) tasks: Sender<ReplicaTask>,
+    pub(crate) failure: NodeFailure,
 }
 
 impl StoreHandler {
+    /// Stops the node for a failed engine: the first reason sticks, and is reported once.
+    fn fail(&self, reason: String) {
+        let mut failure = self.failure.lock();
+        if failure.is_none() {
+            eprintln!("flotilla: node {} stopped: {reason}", self.node_id);
+            metrics::counter!("flotilla_node_failures_total").increment(1);
+            *failure = Some(reason);
+        }
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.failure.lock().clone()
+    }
+
     fn carry_out(&self, fsm: &mut PeerFsm, output: PeerOutput) {
         let group_id = fsm.peer.group_id();
         let is_vote = |m: &ReplicaMessage| matches!(m, ReplicaMessage::Raft(m) if m.msg_type() == flotilla_raft::MessageType::RequestVote);
@@ -62,8 +84,9 @@ impl StoreHandler {
         if let Some(write) = output.write {
             metrics::counter!("flotilla_log_writes_total").increment(1);
             let request = WriteRequest { group_id, ready_number: write.ready_number, ops: write.ops, reply: self.persisted.clone() };
-            // A failed log is fatal for the node: later writes fail too, and the failure is reported by the WAL.
-            let _ = self.log.submit(request);
+            if let Err(error) = self.log.submit(request) {
+                return self.fail(format!("the log failed: {error}"));
+            }
         }
         for message in output.messages {
             match fsm.node_of(message.to()) {
@@ -96,6 +119,9 @@ impl StoreHandler {
 
 impl PollHandler<PeerFsm> for StoreHandler {
     fn handle(&mut self, fsm: &mut PeerFsm, messages: &mut Vec<PeerMsg>) {
+        if let Some(reason) = self.failed() {
+            return fsm.refuse_all(messages.drain(..), &reason);
+        }
         for message in messages.drain(..) {
             fsm.on_message(message, self.kv.as_ref());
         }
@@ -105,15 +131,17 @@ impl PollHandler<PeerFsm> for StoreHandler {
 
     fn end(&mut self, fsms: &mut [&mut PeerFsm]) {
         // Applying can commit more (a leader's own persisted entries): apply until nothing is left.
-        while fsms.iter().any(|fsm| !fsm.to_apply.is_empty()) {
-            self.apply_round(fsms);
+        while self.failed().is_none() && fsms.iter().any(|fsm| !fsm.to_apply.is_empty()) {
+            if let Err(reason) = self.apply_round(fsms) {
+                self.fail(reason);
+            }
         }
     }
 }
 
 impl StoreHandler {
     /// Applies every group's committed entries in one state machine batch, then answers their clients.
-    fn apply_round(&mut self, fsms: &mut [&mut PeerFsm]) {
+    fn apply_round(&mut self, fsms: &mut [&mut PeerFsm]) -> Result<(), String> {
         let mut batches = Vec::new();
         let mut applied = Vec::new();
         for (position, fsm) in fsms.iter_mut().enumerate() {
@@ -122,22 +150,23 @@ impl StoreHandler {
             }
             let entries = std::mem::take(&mut fsm.to_apply);
             let last = entries.last().expect("non-empty").index;
-            let (batch, outcomes) = fsm.peer.apply_committed(self.kv.as_ref(), &entries).expect("applying committed entries");
+            let (batch, outcomes) = fsm.peer.apply_committed(self.kv.as_ref(), &entries).map_err(|e| format!("applying group {}: {e}", fsm.peer.group_id()))?;
             batches.push(batch);
             applied.push((position, last, outcomes));
         }
         if batches.is_empty() {
-            return;
+            return Ok(());
         }
         metrics::histogram!("flotilla_apply_batch_groups").record(batches.len() as f64);
         metrics::counter!("flotilla_commands_applied_total").increment(applied.iter().map(|(_, _, outcomes)| outcomes.len() as u64).sum());
-        let over_budget = self.kv.apply(batches).expect("applying to the state machine");
-        self.flusher.after_apply(over_budget).expect("the state machine flusher stopped");
+        let over_budget = self.kv.apply(batches).map_err(|e| format!("the state machine failed: {e}"))?;
+        self.flusher.after_apply(over_budget).map_err(|e| format!("the state machine flusher stopped: {e}"))?;
         for (position, last, outcomes) in applied {
             let fsm = &mut fsms[position];
             fsm.peer.on_applied(last, outcomes);
             let output = fsm.peer.take_output(self.kv.as_ref());
             self.carry_out(fsm, output);
         }
+        Ok(())
     }
 }

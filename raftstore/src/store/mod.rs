@@ -66,6 +66,7 @@ pub struct Store {
     system: Option<BatchSystem<PeerFsm>>,
     router: Router<PeerFsm>,
     ticking: handler::TickingGroups,
+    failure: handler::NodeFailure,
     tasks: crossbeam_channel::Sender<ReplicaTask>,
     /// Dropped to stop the ticker and the replicas thread.
     stop: Option<crossbeam_channel::Sender<()>>,
@@ -101,6 +102,7 @@ impl Store {
         let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<Persisted>();
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
         let ticking: handler::TickingGroups = Arc::default();
+        let failure: handler::NodeFailure = Arc::default();
         let handler = StoreHandler {
             node_id: options.node_id,
             ticking: Arc::clone(&ticking),
@@ -110,6 +112,7 @@ impl Store {
             transport,
             persisted,
             tasks: tasks.clone(),
+            failure: Arc::clone(&failure),
         };
         let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| handler.clone());
         let router = system.router().clone();
@@ -160,7 +163,7 @@ impl Store {
                 }
             }).expect("spawning the ticker"));
         }
-        Ok(Store { system: Some(system), router, ticking, tasks, stop: Some(stop), threads })
+        Ok(Store { system: Some(system), router, ticking, failure, tasks, stop: Some(stop), threads })
     }
 
     pub fn router(&self) -> &Router<PeerFsm> {
@@ -170,6 +173,11 @@ impl Store {
     /// Where a transport delivers this node's replica messages (including those for groups it does not hold).
     pub fn inbox(&self) -> StoreInbox {
         StoreInbox { router: self.router.clone(), tasks: self.tasks.clone() }
+    }
+
+    /// Why the node stopped, if an engine failed (it then refuses every request with this reason).
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().clone()
     }
 
     /// How many of the node's replicas the ticker visits now (the others hibernate, or lead alone and idle).
