@@ -393,6 +393,19 @@ fn a_write_at_the_index_of_an_earlier_lost_one_is_answered_written() {
     }
 }
 
+impl Group {
+    /// Led by replica 1; replica 3 was cut off while `keys` keys were written (value "v") and replicas 1 and 2
+    /// compacted their logs past them. Replica 3 is still cut off.
+    fn with_replica_3_behind_the_compacted_logs(keys: u64) -> Group {
+        let mut group = Group::led_by(1);
+        group.isolated = 3;
+        write_keys(&mut group, 1, keys, "v");
+        group.compact(1);
+        group.compact(2);
+        group
+    }
+}
+
 /// Writes `count` keys `k0…` through replica `leader`, each answered written.
 fn write_keys(group: &mut Group, leader: u64, count: u64, value: &str) {
     for i in 0..count {
@@ -409,11 +422,7 @@ fn assert_has_keys(group: &mut Group, id: u64, count: u64, value: &str) {
 
 #[test]
 fn a_replica_behind_the_compacted_log_catches_up_by_a_snapshot_stream_despite_lost_chunks() {
-    let mut group = Group::led_by(1);
-    group.isolated = 3;
-    write_keys(&mut group, 1, 20, "v");
-    group.compact(1);
-    group.compact(2);
+    let mut group = Group::with_replica_3_behind_the_compacted_logs(20);
     // Replica 3 needs entries nobody holds any more: the leader streams its state machine in 8-byte chunks, three
     // unacknowledged at most, and every fifth chunk is lost on the way (resends carry the stream on).
     group.isolated = 0;
@@ -431,11 +440,7 @@ fn a_replica_behind_the_compacted_log_catches_up_by_a_snapshot_stream_despite_lo
 
 #[test]
 fn a_crash_between_the_state_machine_install_and_its_log_record_is_repaired_at_open() {
-    let mut group = Group::led_by(1);
-    group.isolated = 3;
-    write_keys(&mut group, 1, 10, "v");
-    group.compact(1);
-    group.compact(2);
+    let mut group = Group::with_replica_3_behind_the_compacted_logs(10);
     // Slow disks: replica 3 installs the snapshot in its state machine (durably), but the log record that
     // restarts its log never reaches the disk before it crashes.
     group.deferred = Some(Vec::new());

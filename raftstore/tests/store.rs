@@ -17,6 +17,7 @@ use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
+use flotilla_raftstore::store::fsm::WriteReply;
 use flotilla_raftstore::store::{InProcessTransport, PeerMsg, Store, StoreOptions};
 
 struct Node {
@@ -43,22 +44,32 @@ fn start_node(id: u64, dir: &std::path::Path, ranges: &[RangeDescriptor], transp
     Node { id, store, log, kv }
 }
 
-/// Writes through whichever node leads, following refusals until `deadline`; returns the node that took it.
-fn put(nodes: &[Node], group_id: u64, key: &[u8], value: &[u8], deadline: Instant) -> u64 {
+/// Sends the request `make` builds to each node in turn until one answers `Done` (following refusals until
+/// `deadline`); returns the node that did. A refused membership change fails the test.
+fn until_done(nodes: &[Node], group_id: u64, deadline: Instant, what: &str, make: impl Fn(WriteReply) -> PeerMsg) -> u64 {
     loop {
         for node in nodes {
             let (reply, answer) = oneshot::channel();
-            let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key.to_vec(), value.to_vec())] };
-            if node.store.router().send(group_id, PeerMsg::Write { command, reply }).is_err() {
+            if node.store.router().send(group_id, make(reply)).is_err() {
                 continue; // the node holds no replica of the group
             }
-            if let Ok(Ok(Outcome::Done)) = answer.recv_timeout(Duration::from_secs(5)) {
-                return node.id;
+            match answer.recv_timeout(Duration::from_secs(5)) {
+                Ok(Ok(Outcome::Done)) => return node.id,
+                Ok(Err(PeerError::Membership(why))) => panic!("{what} refused: {why}"),
+                _ => {}
             }
         }
-        assert!(Instant::now() < deadline, "no node took the write of {key:?}");
+        assert!(Instant::now() < deadline, "no node took {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Writes through whichever node leads; returns the node that took it.
+fn put(nodes: &[Node], group_id: u64, key: &[u8], value: &[u8], deadline: Instant) -> u64 {
+    until_done(nodes, group_id, deadline, &format!("the write of {key:?}"), |reply| {
+        let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key.to_vec(), value.to_vec())] };
+        PeerMsg::Write { command, reply }
+    })
 }
 
 /// Checkpoints the node's state machine and drops its log up to what that made durable.
@@ -151,23 +162,9 @@ fn idle_groups_hibernate_wake_on_requests_and_elect_anew_once_the_leaders_node_i
     }
 }
 
-/// Proposes a membership change wherever the group leads, following refusals until `deadline`.
+/// Proposes a membership change wherever the group leads.
 fn change(nodes: &[Node], group_id: u64, change: MembershipChange, deadline: Instant) {
-    loop {
-        for node in nodes {
-            let (reply, answer) = oneshot::channel();
-            if node.store.router().send(group_id, PeerMsg::ChangeMembership { change: change.clone(), reply }).is_err() {
-                continue;
-            }
-            match answer.recv_timeout(Duration::from_secs(5)) {
-                Ok(Ok(Outcome::Done)) => return,
-                Ok(Err(PeerError::Membership(why))) => panic!("refused: {why}"),
-                _ => {}
-            }
-        }
-        assert!(Instant::now() < deadline, "no node took {change:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until_done(nodes, group_id, deadline, &format!("{change:?}"), |reply| PeerMsg::ChangeMembership { change: change.clone(), reply });
 }
 
 #[test]

@@ -84,6 +84,16 @@ fn lease_config(config: &mut Config) {
     config.read_mode = ReadMode::LeaseBased;
 }
 
+/// Three replicas in lease mode, past the quiet period of their start, led by replica 1 with a valid lease.
+fn lease_cluster_led_by_1() -> Cluster {
+    let mut c = Cluster::new(&[1, 2, 3], &[], lease_config);
+    c.tick(2, 10);
+    c.tick(3, 10);
+    c.elect(1);
+    assert!(c.raft(1).lease_valid());
+    c
+}
+
 #[test]
 fn lease_read_needs_no_round_trip_and_expires_exactly_at_election_timeout_minus_margin() {
     let mut c = Cluster::new(&[1, 2, 3], &[], lease_config);
@@ -111,11 +121,7 @@ fn lease_read_needs_no_round_trip_and_expires_exactly_at_election_timeout_minus_
 
 #[test]
 fn a_leader_resuming_after_a_pause_holds_no_lease_from_before_it() {
-    let mut c = Cluster::new(&[1, 2, 3], &[], lease_config);
-    c.tick(2, 10);
-    c.tick(3, 10);
-    c.elect(1);
-    assert!(c.raft(1).lease_valid());
+    let mut c = lease_cluster_led_by_1();
     // Hibernation: no ticks for a while of unknown length. The followers may have timed out meanwhile.
     c.with_node(1, |raw| raw.resume_after_pause());
     assert!(!c.raft(1).lease_valid(), "time went uncounted: the old lease may have expired");
@@ -132,11 +138,7 @@ fn a_leader_resuming_after_a_pause_holds_no_lease_from_before_it() {
 
 #[test]
 fn sending_timeout_now_revokes_the_lease_for_the_rest_of_the_term() {
-    let mut c = Cluster::new(&[1, 2, 3], &[], lease_config);
-    c.tick(2, 10);
-    c.tick(3, 10);
-    c.elect(1);
-    assert!(c.raft(1).lease_valid());
+    let mut c = lease_cluster_led_by_1();
     c.dropped_types.insert(MessageType::TimeoutNow);
     c.with_node(1, |raw| raw.transfer_leader(2));
     c.stabilize();

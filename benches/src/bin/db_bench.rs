@@ -47,6 +47,19 @@ fn key(i: u64) -> [u8; 8] {
     i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes()
 }
 
+/// Request latencies in µs, up to a minute.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+fn merge(histograms: Vec<Histogram<u64>>) -> Histogram<u64> {
+    let mut merged = new_histogram();
+    for histogram in histograms {
+        merged.add(histogram).expect("same bounds");
+    }
+    merged
+}
+
 /// Runs `op(i)` for `i < count` on `clients` threads; returns (seconds, latency histogram in µs).
 fn run(count: u64, clients: usize, op: impl Fn(u64) + Sync) -> (f64, Histogram<u64>) {
     let next = AtomicU64::new(0);
@@ -55,7 +68,7 @@ fn run(count: u64, clients: usize, op: impl Fn(u64) + Sync) -> (f64, Histogram<u
         let workers: Vec<_> = (0..clients)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                    let mut histogram = new_histogram();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= count {
@@ -70,12 +83,7 @@ fn run(count: u64, clients: usize, op: impl Fn(u64) + Sync) -> (f64, Histogram<u
             .collect();
         workers.into_iter().map(|w| w.join().expect("a client panicked")).collect()
     });
-    let seconds = started.elapsed().as_secs_f64();
-    let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    for histogram in histograms {
-        merged.add(histogram).expect("same bounds");
-    }
-    (seconds, merged)
+    (started.elapsed().as_secs_f64(), merge(histograms))
 }
 
 /// As [`run`], with the clients as tasks on a single-threaded tokio runtime.
@@ -92,7 +100,7 @@ where
         for _ in 0..clients {
             let (op, next) = (op.clone(), std::sync::Arc::clone(&next));
             tasks.spawn(async move {
-                let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                let mut histogram = new_histogram();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= count {
@@ -106,12 +114,7 @@ where
         }
         tasks.join_all().await
     });
-    let seconds = started.elapsed().as_secs_f64();
-    let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    for histogram in histograms {
-        merged.add(histogram).expect("same bounds");
-    }
-    (seconds, merged)
+    (started.elapsed().as_secs_f64(), merge(histograms))
 }
 
 fn report(what: &str, count: u64, seconds: f64, latency: &Histogram<u64>) {
