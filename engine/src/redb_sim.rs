@@ -3,7 +3,8 @@
 //! redb owns another.
 //!
 //! To crash a live database: `power_off()` (every later write and sync is discarded, including what redb does
-//! while closing), drop the `Database`, `crash()`, `power_on()`, and open a new `Database` on a clone.
+//! while closing), drop the `Database`, `crash()`, `power_on()`, and open a new `Database` on a clone. To break
+//! it instead (a disk that fails): `fail()`, after which every write and sync returns an I/O error.
 
 use std::io;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ struct Image {
     live: Vec<u8>,
     synced: Vec<u8>,
     powered_off: bool,
+    failing: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -34,6 +36,11 @@ impl SimRedbBackend {
 
     pub fn power_on(&self) {
         self.image.lock().powered_off = false;
+    }
+
+    /// Every later write and sync fails with an I/O error (a disk that went away).
+    pub fn fail(&self) {
+        self.image.lock().failing = true;
     }
 
     /// Loses everything written since the last sync.
@@ -69,6 +76,9 @@ impl StorageBackend for SimRedbBackend {
 
     fn sync_data(&self) -> Result<(), io::Error> {
         let mut image = self.image.lock();
+        if image.failing {
+            return Err(io::Error::other("the simulated disk failed"));
+        }
         if !image.powered_off {
             image.synced = image.live.clone();
         }
@@ -77,6 +87,9 @@ impl StorageBackend for SimRedbBackend {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
         let mut image = self.image.lock();
+        if image.failing {
+            return Err(io::Error::other("the simulated disk failed"));
+        }
         if image.powered_off {
             return Ok(());
         }

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_engine::disk::StdDisk;
+use flotilla_engine::disk::{SimDisk, StdDisk};
+use flotilla_engine::redb_sim::SimRedbBackend;
 use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
@@ -18,7 +19,7 @@ use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 use flotilla_raftstore::store::fsm::WriteReply;
-use flotilla_raftstore::store::{InProcessTransport, PeerMsg, Store, StoreOptions};
+use flotilla_raftstore::store::{InProcessTransport, NoTransport, PeerMsg, Store, StoreOptions};
 
 struct Node {
     id: u64,
@@ -197,40 +198,62 @@ fn a_new_node_gets_a_replica_by_membership_change_and_a_removed_one_is_destroyed
     assert!(members.contains(&(4, 7)) && !members.contains(&(3, 3)), "node 4 stored the members: {members:?}");
 }
 
-#[test]
-fn a_failed_log_stops_the_node_and_requests_are_refused_with_the_reason() {
-    use flotilla_engine::disk::SimDisk;
-    use flotilla_raftstore::store::NoTransport;
-    let dir = tempfile::tempdir().unwrap();
+/// A single-node store whose WAL and state machine live on simulated disks that a test can switch off.
+fn store_on_sim_disks() -> (Store, u64, SimDisk, SimRedbBackend) {
     let disk = SimDisk::new();
     let (wal, _) = Wal::open(std::path::Path::new("/wal"), Arc::new(disk.clone()), WalOptions::default()).unwrap();
     let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
-    let kv = Arc::new(StateMachine::open(&dir.path().join("state.redb"), StateMachineOptions::default()).unwrap());
+    let redb = SimRedbBackend::new();
+    let kv = Arc::new(StateMachine::open_with_backend(redb.clone(), StateMachineOptions { memtable_bytes_max: 4 << 10, ..StateMachineOptions::default() }).unwrap());
     let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
     let range = initial_ranges(1, 1, &[Replica { node_id: 1, replica_id: 1, learner: false }]).remove(0);
     let options = StoreOptions { node_id: 1, tick_interval: Duration::from_millis(10), ..StoreOptions::default() };
-    let store = Store::start(options, std::slice::from_ref(&range), Arc::clone(&log) as Arc<dyn LogEngine>, kv, flusher, Arc::new(NoTransport)).unwrap();
+    let store = Store::start(options, std::slice::from_ref(&range), log as Arc<dyn LogEngine>, kv, flusher, Arc::new(NoTransport)).unwrap();
     store.campaign_all([range.group_id]);
-    let write = |key: &[u8]| {
+    (store, range.group_id, disk, redb)
+}
+
+/// Writes until one is refused as stopped (writes under way when the failure happened have no answer: their
+/// fate is unknown); returns the reason.
+fn refusal_after_failure(store: &Store, group_id: u64) -> String {
+    let write = |key: Vec<u8>| {
         let (reply, answer) = oneshot::channel();
-        let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key.to_vec(), b"v".to_vec())] };
-        store.router().send(range.group_id, PeerMsg::Write { command, reply }).ok().expect("room");
+        let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key, vec![b'v'; 1000])] };
+        store.router().send(group_id, PeerMsg::Write { command, reply }).ok().expect("room");
         answer.recv_timeout(Duration::from_secs(2))
     };
+    (0..50).find_map(|attempt| match write(format!("k{attempt}").into_bytes()) {
+        Ok(Err(PeerError::Stopped(reason))) => Some(reason),
+        _ => None,
+    })
+    .expect("requests refused once the node stopped")
+}
+
+#[test]
+fn a_failed_log_stops_the_node_and_requests_are_refused_with_the_reason() {
+    let (store, group_id, disk, _) = store_on_sim_disks();
+    let first = refusal_after_first_write(&store, group_id, || disk.power_off());
+    assert!(first.contains("the log failed"), "{first}");
+    assert_eq!(store.failure(), Some(first));
+}
+
+#[test]
+fn a_failed_state_machine_stops_the_node_too() {
+    let (store, group_id, _, redb) = store_on_sim_disks();
+    let reason = refusal_after_first_write(&store, group_id, || redb.fail());
+    assert!(reason.contains("state machine"), "{reason}");
+}
+
+/// A first write succeeds; then `break_it` breaks an engine, and writes go on until one is refused.
+fn refusal_after_first_write(store: &Store, group_id: u64, break_it: impl Fn()) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
-    wait_until(deadline, "the first write", || matches!(write(b"a"), Ok(Ok(Outcome::Done))));
+    wait_until(deadline, "a first write", || {
+        let (reply, answer) = oneshot::channel();
+        let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(b"a".to_vec(), b"v".to_vec())] };
+        store.router().send(group_id, PeerMsg::Write { command, reply }).ok().expect("room");
+        matches!(answer.recv_timeout(Duration::from_secs(2)), Ok(Ok(Outcome::Done)))
+    });
     assert_eq!(store.failure(), None);
-    // The disk goes away: the WAL's next sync fails. Writes under way then have no answer (their fate is unknown);
-    // once the node knows, every request is refused with the reason, and nothing more is attempted.
-    disk.power_off();
-    let mut refused = None;
-    for attempt in 0..20 {
-        if let Ok(Err(PeerError::Stopped(reason))) = write(format!("k{attempt}").as_bytes()) {
-            refused = Some(reason);
-            break;
-        }
-    }
-    let reason = refused.expect("requests refused once the log failed");
-    assert!(reason.contains("the log failed"), "{reason}");
-    assert_eq!(store.failure(), Some(reason));
+    break_it();
+    refusal_after_failure(store, group_id)
 }

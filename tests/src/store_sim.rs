@@ -351,6 +351,9 @@ impl Sim {
                     let running = self.nodes[position].running.as_mut().expect("running");
                     running.peers.get_mut(&group).expect("peer").take_output(&running.kv)
                 };
+                if let Some(reason) = self.nodes[position].running.as_ref().and_then(|r| r.peers[&group].storage_failure().map(str::to_string)) {
+                    return Err(format!("node {} group {group}: {reason}", self.nodes[position].id));
+                }
                 if output.is_empty() {
                     continue;
                 }

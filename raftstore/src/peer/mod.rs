@@ -146,6 +146,8 @@ pub struct Peer {
     hibernation: hibernate::Hibernation,
     /// This replica applied its own removal (see `conf_change.rs`).
     removed: bool,
+    /// The state machine failed under this replica (a broken environment): the node must stop.
+    storage_failure: Option<String>,
     /// Messages produced outside `take_output` (snapshot chunks and acknowledgements), sent with the next output.
     outbox: Vec<ReplicaMessage>,
 }
@@ -185,6 +187,7 @@ impl Peer {
             hibernation: hibernate::Hibernation::new(options.hibernate_idle_ticks),
             outbox: Vec::new(),
             removed: false,
+            storage_failure: None,
         })
     }
 
@@ -194,6 +197,12 @@ impl Peer {
 
     pub fn descriptor(&self) -> &RangeDescriptor {
         &self.descriptor
+    }
+
+    /// Why the state machine failed under this replica, if it did (reading or installing a snapshot): a broken
+    /// environment, for the node to stop on. The replica's output is not to be carried out any more.
+    pub fn storage_failure(&self) -> Option<&str> {
+        self.storage_failure.as_deref()
     }
 
     /// This replica's Raft id within its group.

@@ -20,7 +20,10 @@ impl Peer {
             let ready = self.raw.ready();
             let mut ops = Vec::new();
             if let Some(snapshot) = &ready.snapshot {
-                ops.push(self.finish_snapshot_install(snapshot, kv));
+                match self.finish_snapshot_install(snapshot, kv) {
+                    Some(op) => ops.push(op),
+                    None => return output, // the state machine failed: the node stops (storage_failure)
+                }
             }
             if !ready.entries.is_empty() {
                 ops.push(LogOp::Append(ready.entries));

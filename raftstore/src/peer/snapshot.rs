@@ -103,19 +103,24 @@ impl Streams {
     }
 }
 
-fn fatal(what: &str, error: StateMachineError) -> ! {
-    panic!("state machine failure while {what}: {error}")
-}
-
 impl Peer {
+    /// The state machine failed (a broken environment): recorded for the node to stop on
+    /// ([`Peer::storage_failure`]); the replica does nothing more with snapshots.
+    fn storage_failed(&mut self, what: &str, error: StateMachineError) {
+        self.storage_failure.get_or_insert_with(|| format!("state machine failure while {what}: {error}"));
+        self.streams.outgoing.clear();
+        self.streams.incoming = None;
+    }
+
     /// Opens a stream for the core's snapshot message `message` (to a follower that needs it).
     pub(super) fn start_snapshot_stream(&mut self, mut message: Message, kv: &dyn KvEngine) {
         let range = &self.descriptor;
-        let reader = kv
-            .snapshot_reader(range.group_id, &range.start, &range.end, self.streams.options.chunk_bytes_max)
-            .unwrap_or_else(|e| fatal("opening a snapshot reader", e));
+        let reader = match kv.snapshot_reader(range.group_id, &range.start, &range.end, self.streams.options.chunk_bytes_max) {
+            Ok(reader) => reader,
+            Err(error) => return self.storage_failed("opening a snapshot reader", error),
+        };
         let (index, term) = reader.applied();
-        assert_eq!(index, self.applied_index, "group {}: the state machine's view is not at the replica's applied index", range.group_id);
+        assert_eq!(index, self.applied_index, "group {}: the state machine's view is not at the replica's applied index", self.descriptor.group_id);
         let metadata = message.snapshot.get_or_insert_with(Snapshot::default).metadata.get_or_insert_with(Default::default);
         assert!(index >= metadata.index, "a snapshot view at {index} behind the compaction point {}", metadata.index);
         metadata.index = index;
@@ -138,9 +143,17 @@ impl Peer {
     /// Sends each stream's next chunks, up to its window.
     pub(super) fn pump_snapshot_streams(&mut self) {
         let (id, term, window) = (self.raw.raft.id, self.raw.raft.term, self.streams.options.chunks_inflight_max);
+        let mut failure = None;
         for (&to, outgoing) in &mut self.streams.outgoing {
             while outgoing.unacked.len() < window && !outgoing.reader.is_exhausted() {
-                let Some(data) = outgoing.reader.next_chunk().unwrap_or_else(|e| fatal("reading a snapshot chunk", e)) else { break };
+                let data = match outgoing.reader.next_chunk() {
+                    Ok(Some(data)) => data,
+                    Ok(None) => break,
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                };
                 let message = outgoing.reader.is_exhausted().then(|| outgoing.message.clone());
                 let descriptor = (outgoing.next_sequence == 0).then(|| outgoing.descriptor.clone());
                 let sequence = outgoing.next_sequence;
@@ -149,6 +162,9 @@ impl Peer {
                 outgoing.unacked.push_back(chunk.clone());
                 self.outbox.push(ReplicaMessage::Chunk(chunk));
             }
+        }
+        if let Some(error) = failure {
+            self.storage_failed("reading a snapshot chunk", error);
         }
     }
 
@@ -215,7 +231,9 @@ impl Peer {
                 ack.rejected = true; // a first chunk without this group's descriptor: damaged
                 return self.outbox.push(ReplicaMessage::Ack(ack));
             };
-            kv.begin_snapshot_install(group_id, &range.start, &range.end).unwrap_or_else(|e| fatal("beginning a snapshot install", e));
+            if let Err(error) = kv.begin_snapshot_install(group_id, &range.start, &range.end) {
+                return self.storage_failed("beginning a snapshot install", error);
+            }
             self.streams.abort_install = false;
             self.streams.incoming = Some(Incoming { from: chunk.from, term: chunk.term, stream_id: chunk.stream_id, received: 0, idle_ticks: 0 });
             self.streams.incoming_descriptor = Some(range);
@@ -238,7 +256,7 @@ impl Peer {
                 ack.rejected = true;
                 return self.outbox.push(ReplicaMessage::Ack(ack));
             }
-            Err(error) => fatal("writing a snapshot chunk", error),
+            Err(error) => return self.storage_failed("writing a snapshot chunk", error),
         };
         incoming.received += 1;
         incoming.idle_ticks = 0;
@@ -281,12 +299,17 @@ impl Peer {
     /// Finishes the install of the snapshot the core took (durably, in the state machine) and returns the log
     /// record that restarts the log after it. Writes that waited at indexes the snapshot covers cannot learn
     /// their fate here: they are answered `OutcomeUnknown`.
-    pub(super) fn finish_snapshot_install(&mut self, snapshot: &Snapshot, kv: &dyn KvEngine) -> LogOp {
+    /// `None` if the state machine failed (the node must stop: [`Peer::storage_failure`]).
+    pub(super) fn finish_snapshot_install(&mut self, snapshot: &Snapshot, kv: &dyn KvEngine) -> Option<LogOp> {
         let (index, term) = (snapshot.index(), snapshot.term());
         let descriptor = self.streams.taken.take().expect("a snapshot the core took came with its stream's descriptor");
-        let installed = kv
-            .finish_snapshot_install(self.descriptor.group_id, Some(&descriptor.encode()))
-            .unwrap_or_else(|e| fatal("finishing a snapshot install", e));
+        let installed = match kv.finish_snapshot_install(self.descriptor.group_id, Some(&descriptor.encode())) {
+            Ok(installed) => installed,
+            Err(error) => {
+                self.storage_failed("finishing a snapshot install", error);
+                return None;
+            }
+        };
         self.descriptor = descriptor;
         assert_eq!(installed, (index, term), "group {}: the installed data is not the snapshot the core took", self.descriptor.group_id);
         self.applied_index = index;
@@ -299,7 +322,7 @@ impl Peer {
         }
         self.answer_ready_reads();
         metrics::counter!("flotilla_snapshots_installed_total").increment(1);
-        LogOp::Snapshot { index, term }
+        Some(LogOp::Snapshot { index, term })
     }
 
     /// Drops an install given up on (see [`Streams`]).

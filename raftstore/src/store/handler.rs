@@ -3,7 +3,7 @@
 //! share fsyncs), applies every group's committed entries in **one** state machine call, and answers clients.
 //!
 //! Metrics (with those of the batch system, WAL and state machine): `flotilla_proposals_total`,
-//! A failed engine (log submit, apply, flusher) stops the node with the reason ([`NodeFailure`]): later rounds
+//! A failed engine (log submit, apply, flusher, a replica's snapshot I/O) stops the node with the reason ([`NodeFailure`]): later rounds
 //! refuse every request with it and write nothing.
 //!
 //! `flotilla_reads_total`, `flotilla_log_writes_total`, `flotilla_commands_applied_total`,
@@ -76,6 +76,9 @@ impl StoreHandler {
     }
 
     fn carry_out(&self, fsm: &mut PeerFsm, output: PeerOutput) {
+        if let Some(reason) = fsm.peer.storage_failure() {
+            return self.fail(reason.to_string());
+        }
         let group_id = fsm.peer.group_id();
         let is_vote = |m: &ReplicaMessage| matches!(m, ReplicaMessage::Raft(m) if m.msg_type() == flotilla_raft::MessageType::RequestVote);
         if output.messages.iter().any(is_vote) {
