@@ -224,6 +224,14 @@ pub struct Db {
     maintenance: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
 }
 
+/// Where a node's log of a group may start: at the lowest durable applied index over the group's replicas (so
+/// no replica needs entries another dropped), but no more than `lag_max` entries below the node's own durable
+/// index `own` (a replica further behind is caught up by snapshot). The entry at the returned index stays, as a
+/// margin: replay after a restart starts after it.
+fn first_kept_index(lowest: u64, own: u64, lag_max: u64) -> u64 {
+    lowest.max(own.saturating_sub(lag_max)).min(own)
+}
+
 impl Db {
     /// Opens (creating if needed) the database in `dir` with the default [`Config`].
     pub fn open(dir: impl AsRef<Path>) -> Result<Db, DbError> {
@@ -308,7 +316,7 @@ impl Db {
                         let lowest = durables.iter().copied().min().unwrap_or(0);
                         let mut finished = true;
                         for ((log, _), &durable) in engines.iter().zip(&durables) {
-                            let keep_from = lowest.max(durable.saturating_sub(lag_max));
+                            let keep_from = first_kept_index(lowest, durable, lag_max);
                             // Entries before `keep_from` go; the one at it stays as a margin (replay starts after it).
                             if keep_from <= log.first_index(group_id) {
                                 continue;
@@ -571,5 +579,18 @@ impl Db {
 impl Drop for Db {
     fn drop(&mut self) {
         let _ = self.shut_down();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_kept_index;
+
+    #[test]
+    fn logs_are_kept_for_laggards_only_up_to_the_lag_bound() {
+        assert_eq!(first_kept_index(900, 1_000, 10_000), 900, "a replica 100 behind: keep what it needs");
+        assert_eq!(first_kept_index(5, 50_000, 10_000), 40_000, "one 49,995 behind: compact past it, it gets a snapshot");
+        assert_eq!(first_kept_index(1_000, 1_000, 0), 1_000, "all caught up");
+        assert_eq!(first_kept_index(7, 3, 10), 3, "never past the node's own durable state");
     }
 }
