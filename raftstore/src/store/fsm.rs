@@ -61,6 +61,8 @@ pub struct PeerFsm {
     /// Where replicas the descriptor does not list live, as their messages said (a new learner before this
     /// replica applies its addition, or this replica before a snapshot brought it the members).
     pub(crate) nodes_heard: HashMap<u64, u64>,
+    /// A removed replica asked the replicas thread to unregister it.
+    pub(crate) destroy_requested: bool,
 }
 
 impl Fsm for PeerFsm {
@@ -70,7 +72,7 @@ impl Fsm for PeerFsm {
 impl PeerFsm {
     pub fn new(peer: Peer) -> PeerFsm {
         let ticking = peer.needs_ticks();
-        PeerFsm { peer, next_token: 1, writes: HashMap::new(), reads: HashMap::new(), to_apply: Vec::new(), ticking, nodes_heard: HashMap::new() }
+        PeerFsm { peer, next_token: 1, writes: HashMap::new(), reads: HashMap::new(), to_apply: Vec::new(), ticking, nodes_heard: HashMap::new(), destroy_requested: false }
     }
 
     /// The node of replica `replica_id`: from the descriptor, else from its messages.
@@ -127,9 +129,10 @@ impl PeerFsm {
         }
     }
 
-    /// The node stopped (`reason`): requests among `messages` are refused with it, the rest dropped.
-    pub(crate) fn refuse_all(&mut self, messages: impl Iterator<Item = PeerMsg>, reason: &str) {
-        let refusal = || PeerError::Stopped(reason.to_string());
+    /// Requests among `messages` are refused with `refusal` (the node stopped, or the replica was removed); the
+    /// rest is dropped.
+    pub(crate) fn refuse_all(&mut self, messages: impl Iterator<Item = PeerMsg>, refusal: PeerError) {
+        let refusal = || refusal.clone();
         for message in messages {
             match message {
                 PeerMsg::Write { reply, .. } | PeerMsg::ChangeMembership { reply, .. } => {

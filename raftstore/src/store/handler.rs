@@ -22,6 +22,7 @@ use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 use super::fsm::{PeerFsm, PeerMsg};
 use crate::batch::PollHandler;
 use crate::message::{Envelope, ReplicaMessage};
+use crate::peer::PeerError;
 use super::replicas::ReplicaTask;
 use crate::peer::PeerOutput;
 
@@ -80,6 +81,18 @@ impl StoreHandler {
             return self.fail(reason.to_string());
         }
         let group_id = fsm.peer.group_id();
+        if fsm.peer.is_removed() {
+            // Removed: it answers the clients its last apply decided, and does nothing more. The replicas thread
+            // unregisters it (asked once).
+            fsm.answer(output.responses, self.kv.as_ref());
+            if !fsm.destroy_requested {
+                fsm.destroy_requested = true;
+                let _ = self.tasks.send(ReplicaTask::Destroy(group_id));
+                self.ticking.lock().remove(&group_id);
+                fsm.ticking = false;
+            }
+            return;
+        }
         let is_vote = |m: &ReplicaMessage| matches!(m, ReplicaMessage::Raft(m) if m.msg_type() == flotilla_raft::MessageType::RequestVote);
         if output.messages.iter().any(is_vote) {
             metrics::counter!("flotilla_elections_total").increment(1);
@@ -99,13 +112,6 @@ impl StoreHandler {
         }
         fsm.to_apply.extend(output.committed);
         fsm.answer(output.responses, self.kv.as_ref());
-        if fsm.peer.is_removed() && fsm.ticking {
-            // Removed: the replicas thread unregisters it (once, as it stops ticking here).
-            let _ = self.tasks.send(ReplicaTask::Destroy(group_id));
-            self.ticking.lock().remove(&group_id);
-            fsm.ticking = false;
-            return;
-        }
         let wants_ticks = fsm.peer.needs_ticks();
         if wants_ticks != fsm.ticking {
             let mut ticking = self.ticking.lock();
@@ -123,7 +129,11 @@ impl StoreHandler {
 impl PollHandler<PeerFsm> for StoreHandler {
     fn handle(&mut self, fsm: &mut PeerFsm, messages: &mut Vec<PeerMsg>) {
         if let Some(reason) = self.failed() {
-            return fsm.refuse_all(messages.drain(..), &reason);
+            return fsm.refuse_all(messages.drain(..), PeerError::Stopped(reason));
+        }
+        if fsm.peer.is_removed() {
+            // No longer a member here: requests go elsewhere; the rest is dropped.
+            return fsm.refuse_all(messages.drain(..), PeerError::NotLeader { leader: 0 });
         }
         for message in messages.drain(..) {
             fsm.on_message(message, self.kv.as_ref());
@@ -148,7 +158,8 @@ impl StoreHandler {
         let mut batches = Vec::new();
         let mut applied = Vec::new();
         for (position, fsm) in fsms.iter_mut().enumerate() {
-            if fsm.to_apply.is_empty() {
+            if fsm.to_apply.is_empty() || fsm.peer.is_removed() {
+                fsm.to_apply.clear();
                 continue;
             }
             let entries = std::mem::take(&mut fsm.to_apply);
