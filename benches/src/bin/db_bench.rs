@@ -41,6 +41,9 @@ struct Args {
     /// Clients as tasks on one tokio thread (through `AsyncDb`) instead of one thread each.
     #[arg(long)]
     async_clients: bool,
+    /// The store's tick interval in milliseconds (elections and heartbeats are counted in ticks).
+    #[arg(long, default_value_t = 100)]
+    tick_ms: u64,
 }
 
 fn key(i: u64) -> [u8; 8] {
@@ -134,6 +137,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&args.dir);
     let mut config = Config { nodes: args.nodes, groups: args.groups, ..Config::default() };
     config.store.batch.pollers = args.pollers;
+    config.store.tick_interval = Duration::from_millis(args.tick_ms);
     if args.read_index {
         config.store.raft.read_mode = flotilla::raft::ReadMode::Safe;
     }
