@@ -165,6 +165,7 @@ impl Peer {
         log: Arc<dyn LogEngine>,
         kv: &dyn KvEngine,
     ) -> Result<Peer, flotilla_raft::Error> {
+        options.snapshot.validate().map_err(flotilla_raft::Error::Config)?;
         let (applied_index, applied_term) = kv.applied(descriptor.group_id);
         assert!(
             applied_index == 0 || log.term(descriptor.group_id, applied_index) == Some(applied_term),

@@ -46,6 +46,20 @@ pub struct SnapshotOptions {
     pub timeout_ticks: u32,
 }
 
+impl SnapshotOptions {
+    /// Refuses settings that could never work (a zero window, chunk size or resend period; a timeout that
+    /// comes before the first resend).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.chunk_bytes_max == 0 || self.chunks_inflight_max == 0 || self.resend_ticks == 0 {
+            return Err(format!("snapshot options must be positive: {self:?}"));
+        }
+        if self.timeout_ticks <= self.resend_ticks {
+            return Err(format!("snapshot timeout_ticks ({}) must exceed resend_ticks ({})", self.timeout_ticks, self.resend_ticks));
+        }
+        Ok(())
+    }
+}
+
 impl Default for SnapshotOptions {
     fn default() -> SnapshotOptions {
         SnapshotOptions { chunk_bytes_max: 1 << 20, chunks_inflight_max: 4, resend_ticks: 5, timeout_ticks: 50 }
@@ -329,6 +343,24 @@ impl Peer {
     pub(super) fn abort_dropped_install(&mut self, kv: &dyn KvEngine) {
         if std::mem::take(&mut self.streams.abort_install) {
             kv.abort_snapshot_install(self.descriptor.group_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SnapshotOptions;
+
+    #[test]
+    fn settings_that_could_never_work_are_refused() {
+        assert_eq!(SnapshotOptions::default().validate(), Ok(()));
+        for broken in [
+            SnapshotOptions { chunk_bytes_max: 0, ..SnapshotOptions::default() },
+            SnapshotOptions { chunks_inflight_max: 0, ..SnapshotOptions::default() },
+            SnapshotOptions { resend_ticks: 0, ..SnapshotOptions::default() },
+            SnapshotOptions { timeout_ticks: 5, resend_ticks: 5, ..SnapshotOptions::default() },
+        ] {
+            assert!(broken.validate().is_err(), "{broken:?}");
         }
     }
 }
