@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use parking_lot::Mutex;
 
 use crate::lsm::merge::VecSource;
-use crate::snapshot::{in_range, no_install, unfinished_install, ChunkVerifier, SnapshotReader};
+use crate::snapshot::{encode_chunk, in_range, no_install, unfinished_install, ChunkVerifier, SnapshotChunkBody, SnapshotReader};
 use crate::state_machine::{AppliedState, GroupApply, KeyValue, KvOp, StateMachine, StateMachineError};
 
 pub trait KvEngine: Send + Sync {
@@ -44,6 +44,17 @@ pub trait KvEngine: Send + Sync {
     /// given — in one durable step.
     fn finish_snapshot_install(&self, group_id: u64, range: Option<&[u8]>) -> Result<AppliedState, StateMachineError>;
     fn abort_snapshot_install(&self, group_id: u64);
+}
+
+/// Drops a group's data: its range `[start, end)` is replaced by nothing, in one durable step, and `range` is
+/// stored as its descriptor (the record that the node held the group); the applied state stays. How a node
+/// destroys a replica that was removed — an empty snapshot install, through the same checked path.
+pub fn clear_group(kv: &dyn KvEngine, group_id: u64, start: &[u8], end: &[u8], range: &[u8]) -> Result<(), StateMachineError> {
+    let (applied_index, applied_term) = kv.applied(group_id);
+    kv.begin_snapshot_install(group_id, start, end)?;
+    let body = SnapshotChunkBody { group_id, sequence: 0, last: true, total_pairs: 0, applied_index, applied_term, ..Default::default() };
+    kv.receive_snapshot_chunk(group_id, &encode_chunk(&body))?;
+    kv.finish_snapshot_install(group_id, Some(range)).map(|_| ())
 }
 
 impl KvEngine for StateMachine {

@@ -102,3 +102,23 @@ fn a_crash_before_finish_leaves_the_old_range_and_damaged_or_misordered_chunks_a
     let target = StateMachine::open_with_backend(disk, StateMachineOptions::default()).unwrap();
     assert_eq!(range(&target, "b", "c"), before);
 }
+
+#[test]
+fn clearing_a_group_drops_its_range_durably_and_keeps_its_descriptor() {
+    let disk = SimRedbBackend::new();
+    let machine = StateMachine::open_with_backend(disk.clone(), StateMachineOptions::default()).unwrap();
+    fill(&machine, "v", true);
+    flotilla_engine::kv_engine::clear_group(&machine, 2, b"b", b"c", b"descriptor without this node").unwrap();
+    assert_eq!(range(&machine, "b", "c"), vec![], "the range is empty, memtable and runs alike");
+    assert_eq!(range(&machine, "a", "b").len(), 200, "other groups untouched");
+    assert_eq!(machine.applied(2), (11, 2), "the applied state stays");
+    // Durable at once: a power cut right after keeps it cleared.
+    disk.power_off();
+    drop(machine);
+    disk.crash();
+    disk.power_on();
+    let machine = StateMachine::open_with_backend(disk, StateMachineOptions::default()).unwrap();
+    assert_eq!(range(&machine, "b", "c"), vec![]);
+    assert_eq!(range(&machine, "a", "b").len(), 200, "group 1's checkpointed data survives");
+    assert!(machine.ranges().unwrap().contains(&(2, b"descriptor without this node".to_vec())));
+}

@@ -191,6 +191,12 @@ fn a_new_node_gets_a_replica_by_membership_change_and_a_removed_one_is_destroyed
     // Replica 3 leaves: node 3 destroys it (unregisters it) once it applies its removal.
     change(&nodes, group_id, MembershipChange::Remove { replica_id: 3 }, deadline);
     wait_until(deadline, "node 3 destroyed its replica", || nodes[2].store.router().is_empty());
+    // Destroyed: its data and its log entries are gone; its last descriptor (without it) stays as the record.
+    wait_until(deadline, "node 3 dropped the data and the log", || {
+        nodes[2].kv.scan(b"key-", b"key.", 1).unwrap().is_empty() && nodes[2].log.first_index(group_id) > nodes[2].log.last_index(group_id)
+    });
+    let kept = RangeDescriptor::decode_stored(&nodes[2].kv.ranges().unwrap()[0].1).unwrap();
+    assert!(!kept.replicas.iter().any(|r| r.node_id == 3));
     put(&nodes, group_id, b"after", b"1", deadline);
     wait_until(deadline, "node 4 replicates", || nodes[3].kv.get(b"after").unwrap().is_some());
     let stored = RangeDescriptor::decode_stored(&nodes[3].kv.ranges().unwrap()[0].1).unwrap();

@@ -33,7 +33,7 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::ReplicaMessage;
-use flotilla_raftstore::peer::{prepare_groups, LogWrite, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
+use flotilla_raftstore::peer::{destroy_replica, prepare_groups, LogWrite, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 
 use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
@@ -70,6 +70,8 @@ pub struct StoreSimReport {
     /// Membership changes proposed (during faults some do not complete), and those that applied.
     pub membership_changes: u64,
     pub membership_changes_applied: u64,
+    /// Removed replicas whose nodes destroyed them (data and log dropped).
+    pub replicas_destroyed: u64,
     /// Ticks replicas slept through (hibernating).
     pub ticks_slept: u64,
     /// Snapshots installed (streams that ended in a replica taking the snapshot).
@@ -88,6 +90,7 @@ impl StoreSimReport {
         self.compactions += other.compactions;
         self.membership_changes += other.membership_changes;
         self.membership_changes_applied += other.membership_changes_applied;
+        self.replicas_destroyed += other.replicas_destroyed;
         self.ticks_slept += other.ticks_slept;
         self.snapshot_installs += other.snapshot_installs;
     }
@@ -111,6 +114,8 @@ struct Running {
     disk_queue: VecDeque<(u64, LogWrite)>,
     /// Committed entries waiting to be applied (apply lags commit, as in a busy store), in order.
     apply_queue: VecDeque<(u64, Vec<flotilla_raft::Entry>)>,
+    /// Groups whose removed replica this node destroyed.
+    destroyed: BTreeSet<u64>,
     reply: Sender<Persisted>,
     persisted: Receiver<Persisted>,
 }
@@ -303,7 +308,7 @@ impl Sim {
             peers.insert(group_id, peer);
         }
         let (reply, persisted) = unbounded();
-        node.running = Some(Running { log, kv, peers, disk_queue: VecDeque::new(), apply_queue: VecDeque::new(), reply, persisted });
+        node.running = Some(Running { log, kv, peers, disk_queue: VecDeque::new(), apply_queue: VecDeque::new(), destroyed: BTreeSet::new(), reply, persisted });
         // A fresh start has heard from nobody yet: it gives every node time before judging it down.
         let id = node.id;
         for other in 1..=self.nodes.len() as u64 {
@@ -354,6 +359,14 @@ impl Sim {
                 if let Some(reason) = self.nodes[position].running.as_ref().and_then(|r| r.peers[&group].storage_failure().map(str::to_string)) {
                     return Err(format!("node {} group {group}: {reason}", self.nodes[position].id));
                 }
+                if self.nodes[position].running.as_ref().is_some_and(|r| r.peers[&group].is_removed()) {
+                    // Removed: its last answers go out, and its node destroys it (once); nothing else.
+                    for (token, response) in output.responses {
+                        self.on_response(position, token, response);
+                    }
+                    self.destroy(position, group)?;
+                    continue;
+                }
                 if output.is_empty() {
                     continue;
                 }
@@ -386,12 +399,27 @@ impl Sim {
         }
     }
 
+    /// Drops the data and log of the node's removed replica of `group`, once.
+    fn destroy(&mut self, position: usize, group: u64) -> SimResult<()> {
+        let running = self.nodes[position].running.as_mut().expect("running");
+        if !running.destroyed.insert(group) {
+            return Ok(());
+        }
+        let descriptor = running.peers[&group].descriptor().clone();
+        destroy_replica(running.log.as_ref(), &running.kv, &descriptor).map_err(|e| format!("node {}: {e:?}", self.nodes[position].id))?;
+        self.report.replicas_destroyed += 1;
+        Ok(())
+    }
+
     /// Applies every committed batch waiting on the node, in order.
     fn apply_queued(&mut self, position: usize) -> SimResult<()> {
         let node_id = self.nodes[position].id;
         loop {
             let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
             let Some((group, entries)) = running.apply_queue.pop_front() else { return Ok(()) };
+            if running.peers[&group].is_removed() {
+                continue; // it takes part in nothing any more (and its data may be gone)
+            }
             for entry in &entries {
                 let seen = (entry.term, hash(&entry.data));
                 if let Some(previous) = self.applied.insert((group, entry.index), seen) {

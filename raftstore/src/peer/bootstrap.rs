@@ -12,6 +12,10 @@
 //!
 //! Both are batched over all groups of a node: one state machine checkpoint, log writes submitted together and
 //! waited for once.
+//!
+//! **Destroy** ([`destroy_replica`]), the other end of a replica's life: once it applied its own removal, its
+//! range's data is dropped (durably, keeping its descriptor — which no longer lists the node — as the record that
+//! the node held the group) and its log entries are compacted away.
 
 use flotilla_engine::kv_engine::KvEngine;
 use flotilla_engine::log_engine::LogEngine;
@@ -70,6 +74,21 @@ pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDes
     for _ in 0..waiting {
         done.recv().map_err(|e| storage_error(format!("restarting logs: {e}")))?;
     }
+    Ok(())
+}
+
+/// Drops the data and the log entries of a replica removed from `descriptor`'s group (which it no longer
+/// lists). The replica must be stopped first.
+pub fn destroy_replica(log: &dyn LogEngine, kv: &dyn KvEngine, descriptor: &RangeDescriptor) -> Result<(), Error> {
+    let group_id = descriptor.group_id;
+    flotilla_engine::kv_engine::clear_group(kv, group_id, &descriptor.start, &descriptor.end, &descriptor.encode())
+        .map_err(|e| storage_error(format!("clearing group {group_id}'s data: {e}")))?;
+    let last = log.last_index(group_id);
+    let Some(base_term) = log.term(group_id, last).filter(|_| last >= log.first_index(group_id)) else { return Ok(()) };
+    let (reply, done) = crossbeam_channel::bounded(1);
+    let ops = vec![LogOp::Compact { first_kept_index: last + 1, base_term }];
+    log.submit(WriteRequest { group_id, ready_number: 0, ops, reply }).map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
+    done.recv().map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
     Ok(())
 }
 

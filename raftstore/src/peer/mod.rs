@@ -11,8 +11,8 @@
 //! - `snapshot.rs`: snapshot streams to and from other replicas, installs, and their crash repair;
 //! - `conf_change.rs`: membership changes, proposed and applied (with the commands around them);
 //! - `hibernate.rs`: idle groups stop ticking and heartbeating, and what wakes them;
-//! - `bootstrap.rs`: where fresh groups' logs start, and the repair of a log a crash left behind its state
-//!   machine ([`prepare_groups`], run before opening replicas).
+//! - `bootstrap.rs`: where fresh groups' logs start, the repair of a log a crash left behind its state machine
+//!   ([`prepare_groups`], run before opening replicas), and destroying a removed replica ([`destroy_replica`]).
 //!
 //! Operations that read or write the state machine take it as an argument (`&dyn KvEngine`): the peer owns no
 //! engine, so the simulator hands it the same engines production does.
@@ -34,7 +34,7 @@ use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{ConfState, Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
-pub use bootstrap::{prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
+pub use bootstrap::{destroy_replica, prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 pub use conf_change::MembershipChange;
 pub use snapshot::SnapshotOptions;
 

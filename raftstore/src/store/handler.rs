@@ -87,7 +87,7 @@ impl StoreHandler {
             fsm.answer(output.responses, self.kv.as_ref());
             if !fsm.destroy_requested {
                 fsm.destroy_requested = true;
-                let _ = self.tasks.send(ReplicaTask::Destroy(group_id));
+                let _ = self.tasks.send(ReplicaTask::Destroy(Box::new(fsm.peer.descriptor().clone())));
                 self.ticking.lock().remove(&group_id);
                 fsm.ticking = false;
             }

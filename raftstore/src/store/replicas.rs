@@ -3,11 +3,12 @@
 //!
 //! **Created** when a message arrives for a group the node does not hold: the replica opens empty (no range, no
 //! members) under the message's replica id and is registered; the leader then catches it up by snapshot, which
-//! brings the range. A group the node held before is not created again: a replica id is never reused, and a
-//! removed replica's data stays until destroying data lands (noted in `docs/architecture.md`).
+//! brings the range. A group the node held before is not created again: a replica id is never reused, and the
+//! node keeps the group's last descriptor as the record that it held it.
 //!
 //! **Destroyed** once it applies its own removal (`Peer::is_removed`): unregistered (no more messages, ticks or
-//! requests reach it) and forgotten by the ticker.
+//! requests reach it), forgotten by the ticker, its range's data dropped and its log compacted away
+//! (`peer::destroy_replica`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -29,8 +30,8 @@ use crate::range::RangeDescriptor;
 pub(crate) enum ReplicaTask {
     /// A message for a group this node does not hold.
     Create(Box<Envelope>),
-    /// The group's replica here applied its own removal.
-    Destroy(u64),
+    /// The group's replica here applied its own removal (the descriptor it applied: without this node).
+    Destroy(Box<RangeDescriptor>),
 }
 
 /// How many tasks may wait; beyond, messages for unknown groups are dropped (Raft resends).
@@ -92,16 +93,23 @@ impl Replicas {
             crossbeam_channel::select! {
                 recv(tasks) -> task => match task {
                     Ok(ReplicaTask::Create(envelope)) => self.create(*envelope),
-                    Ok(ReplicaTask::Destroy(group_id)) => {
-                        self.router.unregister(group_id);
-                        self.ticking.lock().remove(&group_id);
-                        metrics::counter!("flotilla_replicas_destroyed_total").increment(1);
-                    }
+                    Ok(ReplicaTask::Destroy(descriptor)) => self.destroy(&descriptor),
                     Err(_) => return,
                 },
                 recv(stopped) -> _ => return,
             }
         }
+    }
+
+    fn destroy(&mut self, descriptor: &RangeDescriptor) {
+        self.router.unregister(descriptor.group_id);
+        self.ticking.lock().remove(&descriptor.group_id);
+        // A failure here is the engines' (the node's pollers meet it too); the data stays until a later try.
+        if let Err(error) = crate::peer::destroy_replica(self.log.as_ref(), self.kv.as_ref(), descriptor) {
+            eprintln!("flotilla: destroying the replica of group {} failed: {error:?}", descriptor.group_id);
+            return;
+        }
+        metrics::counter!("flotilla_replicas_destroyed_total").increment(1);
     }
 
     fn create(&mut self, envelope: Envelope) {
