@@ -7,12 +7,12 @@
 //! atomic, crash-safe transactions (a flush's blocks, its run record and every covered group's applied index
 //! commit together), MVCC read views, and free-space management.
 //!
-//! - [`block`]: the block format (sorted entries, offsets, CRC-32C);
-//! - [`bloom`]: a Bloom filter per run for point reads;
-//! - [`run`]: writing runs, point reads in a run, cursors over a run;
-//! - [`merge`]: merging memtables and runs (newest wins; deletions and range deletions hide);
-//! - [`version`]: the set of live runs and range deletions, published after each change;
-//! - [`compaction`]: the size-tiered policy and the merge that writes its output.
+//! - `block.rs`: the block format (sorted entries, offsets, CRC-32C);
+//! - `bloom.rs`: a Bloom filter per run for point reads;
+//! - `run.rs`: writing runs, point reads in a run, cursors over a run;
+//! - `merge.rs`: merging memtables and runs (newest wins; deletions and range deletions hide);
+//! - `version.rs`: the set of live runs and range deletions, published after each change;
+//! - `compaction.rs`: the size-tiered policy and the merge that writes its output.
 //!
 //! The byte layout is in `docs/state-machine-format.md`.
 

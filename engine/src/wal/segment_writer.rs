@@ -27,7 +27,7 @@ pub(super) struct ActiveSegment {
     pub(super) len: u64,
 }
 
-/// The part of the WAL that writes: the active segment. Owned by one writer (the caller of [`Wal::write`], or
+/// The part of the WAL that writes: the active segment. Owned by one writer (the caller of [`Wal::write`](super::Wal::write), or
 /// the group-commit thread).
 pub struct SegmentWriter {
     pub(super) dir: PathBuf,
