@@ -554,7 +554,7 @@ fn a_follower_that_missed_the_hibernate_request_wakes_the_leader_instead_of_depo
 #[test]
 fn a_leader_woken_after_others_elected_a_new_one_serves_no_read_from_its_old_lease() {
     let mut group = Group::with_read_mode(ReadMode::LeaseBased);
-    // (Lease mode: every replica starts quiet for an election timeout; replica 1's campaign wakes them all.)
+    // (Replica 1's campaign wakes them all: replicas open asleep.)
     group.node(1).peer.campaign();
     assert!(group.tick_until(60, |g| (1..=3).any(|id| g.node(id).peer.is_leader())));
     let old = (1..=3).find(|&id| group.node(id).peer.is_leader()).expect("a leader");

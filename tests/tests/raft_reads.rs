@@ -168,6 +168,40 @@ fn a_restarted_replica_in_lease_mode_ignores_votes_for_an_election_timeout() {
 }
 
 #[test]
+fn a_fresh_replica_that_made_no_promise_may_skip_the_quiet_period() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |config| {
+        config.read_mode = ReadMode::LeaseBased;
+        config.pre_vote = false;
+        config.quiet_on_start = false;
+    });
+    let mut vote = Message::new(MessageType::RequestVote, 1, 2, 1);
+    vote.context = Bytes::new();
+    c.deliver(vec![vote]);
+    assert_eq!((c.raft(2).term, c.raft(2).vote), (1, 1), "granted at once");
+}
+
+#[test]
+fn a_heartbeat_is_acknowledged_only_in_a_durable_term() {
+    // An acknowledgement feeds the leader's lease. A replica that acknowledged in a term not yet durable could
+    // restart without remembering the term, and (were it allowed to skip the quiet period) vote inside the lease.
+    let mut c = lease_cluster_led_by_1();
+    let (term, commit) = (c.raft(1).term, c.raft(2).raft_log.committed);
+    let heartbeat = |term: u64| {
+        let mut heartbeat = Message::new(MessageType::Heartbeat, 1, 2, term);
+        heartbeat.commit = commit;
+        heartbeat
+    };
+    c.deliver_unpersisted(2, vec![heartbeat(term)]);
+    let answers = c.node_mut(2).take_outbox();
+    assert_eq!(answers.iter().map(|m| m.kind()).collect::<Vec<_>>(), vec![Some(MessageType::HeartbeatResponse)], "its term is durable: at once");
+    c.deliver_unpersisted(2, vec![heartbeat(term + 1)]);
+    assert!(c.node_mut(2).take_outbox().is_empty(), "not before term {} is durable", term + 1);
+    c.node_mut(2).persist_all();
+    let answers = c.node_mut(2).take_outbox();
+    assert_eq!(answers.iter().map(|m| (m.kind(), m.term)).collect::<Vec<_>>(), vec![(Some(MessageType::HeartbeatResponse), term + 1)]);
+}
+
+#[test]
 fn lease_reads_require_check_quorum() {
     let config = Config { read_mode: ReadMode::LeaseBased, check_quorum: false, ..Config::new(1) };
     assert!(config.validate().is_err());

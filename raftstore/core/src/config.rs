@@ -52,6 +52,12 @@ pub struct Config {
     /// Default 2 (of 10): safe while tick rates differ by less than about 10 %. Must be below
     /// `election_timeout_ticks`.
     pub lease_margin_ticks: u64,
+    /// With leases: whether the replica sits out votes for an election timeout after it starts, as if in a
+    /// leader's lease (before stopping it may have acknowledged a leader that still counts on it). Default true.
+    /// Set it false only for a replica whose durable term has never had a leader it could have acknowledged
+    /// (a fresh one): acknowledgements are sent only once their term is durable, so such a replica made no
+    /// promise.
+    pub quiet_on_start: bool,
     /// Seed of the generator that randomizes election timeouts. Give each replica a different one.
     pub random_seed: u64,
 }
@@ -73,6 +79,7 @@ impl Default for Config {
             pre_vote: true,
             read_mode: ReadMode::Safe,
             lease_margin_ticks: 2,
+            quiet_on_start: true,
             random_seed: 0,
         }
     }

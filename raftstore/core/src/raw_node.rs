@@ -53,6 +53,8 @@ struct PendingPersist {
     messages: Vec<Message>,
     must_sync: bool,
     persisted: bool,
+    /// The term of the hard state this Ready carried.
+    term: u64,
 }
 
 pub struct RawNode<S: Storage> {
@@ -165,6 +167,7 @@ impl<S: Storage> RawNode<S> {
             messages: std::mem::take(&mut raft.msgs_after_persist),
             must_sync,
             persisted: false,
+            term: hard_state.term,
         };
         let mut ready = Ready {
             number,
@@ -201,6 +204,7 @@ impl<S: Storage> RawNode<S> {
         }
         while self.pending.front().is_some_and(|r| r.persisted || !r.must_sync) {
             let record = self.pending.pop_front().expect("checked non-empty");
+            self.raft.durable_term = self.raft.durable_term.max(record.term);
             if let Some(index) = record.snapshot_index {
                 self.raft.raft_log.stable_snapshot_to(index);
             }

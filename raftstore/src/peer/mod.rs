@@ -173,6 +173,13 @@ impl Peer {
             descriptor.group_id
         );
         config.applied_index = applied_index;
+        // A replica whose durable term is at most the bootstrap's, with no vote, never acknowledged a leader (no
+        // leader has the bootstrap term, and acknowledgements wait for their term to be durable): it made no lease
+        // promise to sit out. This lets a node that opens many fresh groups elect them at once.
+        let hard_state = log.hard_state(descriptor.group_id);
+        if hard_state.term <= BOOTSTRAP_TERM && hard_state.vote == 0 {
+            config.quiet_on_start = false;
+        }
         let storage = PeerStorage::new(descriptor.group_id, log, conf_state);
         let raw = RawNode::new(config, storage)?;
         let role = raw.raft.role;

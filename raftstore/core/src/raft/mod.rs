@@ -63,6 +63,10 @@ pub struct Raft<S: Storage> {
     /// With leases, right after a (re)start a replica behaves as if in a leader's lease for one election timeout:
     /// before crashing it may have promised a leader not to vote for anyone else for that long.
     boot_quiet: bool,
+    /// The highest term known durable (the caller persisted a Ready carrying it). A heartbeat is acknowledged
+    /// only in a durable term: an acknowledgement feeds the leader's lease, and a replica that restarts without
+    /// remembering its term must not have promised anything in it (see `Config::quiet_on_start`).
+    pub(crate) durable_term: u64,
     /// Set once a leader sends TimeoutNow: the target may win an election inside the lease, so no lease reads
     /// until the term changes.
     lease_revoked: bool,
@@ -97,6 +101,7 @@ impl<S: Storage> Raft<S> {
             randomized_election_timeout: config.election_timeout_ticks,
             tick_count: 1,
             boot_quiet: false,
+            durable_term: 0,
             lease_revoked: false,
             pending_conf_index: 0,
             uncommitted_bytes: 0,
@@ -108,7 +113,8 @@ impl<S: Storage> Raft<S> {
         let hard_state = initial.hard_state;
         raft.become_follower(hard_state.term, 0);
         raft.vote = hard_state.vote;
-        raft.boot_quiet = raft.config.read_mode == ReadMode::LeaseBased;
+        raft.durable_term = hard_state.term;
+        raft.boot_quiet = raft.config.read_mode == ReadMode::LeaseBased && raft.config.quiet_on_start;
         Ok(raft)
     }
 
@@ -143,6 +149,7 @@ impl<S: Storage> Raft<S> {
             Some(MessageType::AppendResponse | MessageType::RequestVoteResponse | MessageType::RequestPreVoteResponse) => {
                 self.msgs_after_persist.push(message)
             }
+            Some(MessageType::HeartbeatResponse) if self.term > self.durable_term => self.msgs_after_persist.push(message),
             _ => self.msgs.push(message),
         }
     }
