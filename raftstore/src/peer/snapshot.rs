@@ -301,7 +301,11 @@ impl Peer {
             self.streams.abort_install = true;
             return false;
         }
-        let taken = self.raw.raft.raft_log.unstable.snapshot.as_ref().is_some_and(|s| s.index() == index);
+        // Taken only if the core now holds it waiting to be handed out. A snapshot of the same index already handed
+        // out (an earlier stream's, its log record still being written) is not this one: the core refused this
+        // one as not newer, and this install must be dropped — else it would wait forever for a Ready (seed 832).
+        let log = &self.raw.raft.raft_log;
+        let taken = log.unstable.next_snapshot().is_some_and(|s| s.index() == index);
         self.streams.abort_install = !taken;
         let descriptor = self.streams.incoming_descriptor.take();
         if taken {
