@@ -82,6 +82,12 @@ impl RangeDescriptor {
         self.epoch.unwrap_or_default()
     }
 
+    /// The Raft configuration the replicas describe (groups change one replica at a time: never joint).
+    pub fn conf_state(&self) -> flotilla_raft::ConfState {
+        let ids = |learner: bool| self.replicas.iter().filter(|r| r.learner == learner).map(|r| r.replica_id).collect();
+        flotilla_raft::ConfState { voters: ids(false), learners: ids(true), ..Default::default() }
+    }
+
     pub fn contains(&self, key: &[u8]) -> bool {
         key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
     }

@@ -10,7 +10,7 @@ use flotilla_engine::kv_engine::{KvEngine, MemKvEngine};
 use flotilla_engine::log_engine::{LogEngine, MemLogEngine};
 use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 use flotilla_engine::wal::record::LogOp;
-use flotilla_raft::{ConfState, Config, ReadMode};
+use flotilla_raft::{Config, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::message::ReplicaMessage;
 use flotilla_raftstore::peer::{prepare_groups, MembershipChange, Peer, BOOTSTRAP_INDEX, PeerError, PeerOptions, Response, SnapshotOptions, Token};
@@ -57,7 +57,7 @@ fn open_peer(id: u64, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
 fn open_peer_with(config: Config, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
     prepare_groups(log.as_ref(), kv, &[descriptor()]).unwrap();
     let log: Arc<dyn LogEngine> = Arc::clone(log) as Arc<dyn LogEngine>;
-    Peer::open(config, peer_options(), descriptor(), ConfState { voters: vec![1, 2, 3], ..Default::default() }, log, kv).unwrap()
+    Peer::open(config, peer_options(), descriptor(), log, kv).unwrap()
 }
 
 impl Group {
@@ -321,7 +321,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
     let single = RangeDescriptor { replicas: vec![Replica { node_id: 1, replica_id: 1, learner: false }], ..descriptor() };
     let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
     prepare_groups(log.as_ref(), &kv, std::slice::from_ref(&single)).unwrap();
-    let mut peer = Peer::open(Config::new(1), peer_options(), single.clone(), ConfState { voters: vec![1], ..Default::default() }, log_engine, &kv).unwrap();
+    let mut peer = Peer::open(Config::new(1), peer_options(), single.clone(), log_engine, &kv).unwrap();
     assert!(!peer.needs_ticks() && peer.is_hibernating(), "replicas open asleep");
     let (reply, persisted) = crossbeam_channel::unbounded();
     let drive = |peer: &mut Peer| {
@@ -594,7 +594,7 @@ impl Group {
         let empty = RangeDescriptor { group_id: 5, ..RangeDescriptor::default() };
         prepare_groups(log.as_ref(), &kv, std::slice::from_ref(&empty)).unwrap();
         let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
-        let peer = Peer::open(Config::new(id), peer_options(), empty, ConfState::default(), log_engine, &kv).unwrap();
+        let peer = Peer::open(Config::new(id), peer_options(), empty, log_engine, &kv).unwrap();
         let (reply, persisted) = crossbeam_channel::unbounded();
         self.nodes.push(Node { log, kv, peer, reply, persisted });
         assert_eq!(self.nodes.len() as u64, id);

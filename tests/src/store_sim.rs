@@ -30,7 +30,7 @@ use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
 use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_engine::wal::record::LogOp;
-use flotilla_raft::{ConfState, Config, ReadMode};
+use flotilla_raft::{Config, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::ReplicaMessage;
 use flotilla_raftstore::peer::{destroy_replica, prepare_groups, LogWrite, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
@@ -195,12 +195,6 @@ fn peer_options(rng: &mut SimRng) -> PeerOptions {
     PeerOptions { snapshot, hibernate_idle_ticks }
 }
 
-/// The configuration a descriptor describes (groups here change one replica at a time: never joint).
-fn conf_state_of(range: &RangeDescriptor) -> ConfState {
-    let ids = |learner: bool| range.replicas.iter().filter(|r| r.learner == learner).map(|r| r.replica_id).collect();
-    ConfState { voters: ids(false), learners: ids(true), ..Default::default() }
-}
-
 /// A node not heard from for this many steps (about five ticks) is declared down by the others.
 const NODE_DOWN_STEPS: u64 = 35;
 
@@ -302,9 +296,8 @@ impl Sim {
                 read_mode: self.read_mode,
                 ..Config::default()
             };
-            let conf_state = conf_state_of(&range);
             let group_id = range.group_id;
-            let peer = Peer::open(config, peer_options(&mut self.rng), range, conf_state, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
+            let peer = Peer::open(config, peer_options(&mut self.rng), range, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
             peers.insert(group_id, peer);
         }
         let (reply, persisted) = unbounded();
@@ -525,7 +518,7 @@ impl Sim {
             }
             let empty = RangeDescriptor { group_id: group, ..RangeDescriptor::default() };
             let config = Config { id: message.to(), random_seed: self.rng.next_u64(), read_mode: self.read_mode, ..Config::default() };
-            let peer = Peer::open(config, peer_options(&mut self.rng), empty, ConfState::default(), Arc::clone(&running.log) as Arc<dyn LogEngine>, &running.kv)
+            let peer = Peer::open(config, peer_options(&mut self.rng), empty, Arc::clone(&running.log) as Arc<dyn LogEngine>, &running.kv)
                 .map_err(|e| e.to_string())?;
             running.peers.insert(group, peer);
         }

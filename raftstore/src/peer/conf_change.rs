@@ -2,7 +2,7 @@
 //! without a joint configuration); every replica applies it in log order with the commands around it
 //! ([`Peer::apply_committed`]).
 //!
-//! Applying a change updates the core's configuration, `PeerStorage`'s (for restarts) and the range descriptor —
+//! Applying a change updates the core's configuration and the range descriptor (which restarts read) —
 //! replicas and their nodes, `conf_version` + 1 — which goes into the same state machine batch as the entry, so
 //! the descriptor on disk always matches the durable applied index. The proposal carries what the descriptor
 //! needs beyond the core's ids: the new replica's node, and the proposer's token (to answer it).
@@ -122,7 +122,6 @@ impl Peer {
         let outcome = match self.raw.apply_conf_change(&change) {
             Ok(conf_state) => {
                 self.descriptor = next_descriptor(&self.descriptor, &conf_state, context.node_id);
-                self.raw.raft.raft_log.storage.set_conf_state(conf_state);
                 if !self.descriptor.replicas.iter().any(|r| r.replica_id == self.raw.raft.id) {
                     self.removed = true;
                 }

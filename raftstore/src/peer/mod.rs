@@ -32,7 +32,7 @@ use std::sync::Arc;
 use flotilla_engine::kv_engine::KvEngine;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::wal::record::LogOp;
-use flotilla_raft::{ConfState, Config, DropReason, Entry, MessageType, RawNode, StateRole};
+use flotilla_raft::{Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
 pub use bootstrap::{destroy_replica, prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 pub use conf_change::MembershipChange;
@@ -155,13 +155,13 @@ pub struct Peer {
 impl Peer {
     /// Opens replica `config.id` of the group `descriptor` names, restarting from what the engines hold: the
     /// log's hard state and entries, and the state machine's applied index (the core hands out again every
-    /// committed entry after it). `conf_state` is the configuration as of that applied index. Run
+    /// committed entry after it). The configuration is the descriptor's, as of that applied index (an empty
+    /// descriptor: a replica created empty, which learns its members from a snapshot). Run
     /// [`prepare_groups`] first: the log must hold the state machine's applied entry.
     pub fn open(
         mut config: Config,
         options: PeerOptions,
         descriptor: RangeDescriptor,
-        conf_state: ConfState,
         log: Arc<dyn LogEngine>,
         kv: &dyn KvEngine,
     ) -> Result<Peer, flotilla_raft::Error> {
@@ -180,7 +180,7 @@ impl Peer {
         if hard_state.term <= BOOTSTRAP_TERM && hard_state.vote == 0 {
             config.quiet_on_start = false;
         }
-        let storage = PeerStorage::new(descriptor.group_id, log, conf_state);
+        let storage = PeerStorage::new(descriptor.group_id, log, descriptor.conf_state());
         let raw = RawNode::new(config, storage)?;
         let role = raw.raft.role;
         Ok(Peer {

@@ -331,9 +331,6 @@ impl Peer {
         self.descriptor = descriptor;
         assert_eq!(installed, (index, term), "group {}: the installed data is not the snapshot the core took", self.descriptor.group_id);
         self.applied_index = index;
-        if let Some(conf_state) = snapshot.metadata.as_ref().and_then(|m| m.conf_state.clone()) {
-            self.raw.raft.raft_log.storage.set_conf_state(conf_state);
-        }
         while let Some(entry) = self.writes.first_entry().filter(|entry| *entry.key() <= index) {
             let unknown = entry.remove().into_iter().map(|write| (write.token, Response::Failed(PeerError::OutcomeUnknown)));
             self.responses.extend(unknown);

@@ -16,17 +16,14 @@ use flotilla_raft::{ConfState, Entry, Snapshot, SnapshotMetadata, StorageError};
 pub struct PeerStorage {
     group_id: u64,
     log: Arc<dyn LogEngine>,
-    /// The configuration as of the applied index the replica restarts from (config takes effect on apply).
+    /// The configuration as of the applied index the replica opened at (the core reads it once, at start; later
+    /// changes live in the core and in the stored descriptor, which the next open reads).
     conf_state: ConfState,
 }
 
 impl PeerStorage {
     pub fn new(group_id: u64, log: Arc<dyn LogEngine>, conf_state: ConfState) -> PeerStorage {
         PeerStorage { group_id, log, conf_state }
-    }
-
-    pub fn set_conf_state(&mut self, conf_state: ConfState) {
-        self.conf_state = conf_state;
     }
 
     pub fn group_id(&self) -> u64 {

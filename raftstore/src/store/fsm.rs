@@ -94,7 +94,9 @@ impl PeerFsm {
                 if self.peer.is_removed() || message.to() != self.peer.replica_id() {
                     return; // for a removed replica, or another incarnation
                 }
-                if self.nodes_heard.len() < 64 || self.nodes_heard.contains_key(&message.from()) {
+                // Only senders the descriptor does not list are remembered (nothing to do on the common path).
+                let listed = self.peer.descriptor().replicas.iter().any(|r| r.replica_id == message.from());
+                if !listed && (self.nodes_heard.len() < 64 || self.nodes_heard.contains_key(&message.from())) {
                     self.nodes_heard.insert(message.from(), from_node);
                 }
                 // An invalid message (a bug or a stray from another incarnation) is dropped; the core said why.

@@ -117,10 +117,9 @@ impl Store {
         let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| handler.clone());
         let router = system.router().clone();
         // The groups this node holds (a descriptor that no longer lists it: its replica was removed).
-        let held: Vec<&RangeDescriptor> = ranges.iter().filter(|range| range.replicas.iter().any(|r| r.node_id == options.node_id)).collect();
-        let held_ranges: Vec<RangeDescriptor> = held.iter().map(|range| (*range).clone()).collect();
-        crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held_ranges)?;
-        for range in held {
+        let held: Vec<RangeDescriptor> = ranges.iter().filter(|range| range.replicas.iter().any(|r| r.node_id == options.node_id)).cloned().collect();
+        crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
+        for range in &held {
             let peer = replicas::open_replica(&options, range, &log, &kv)?;
             if peer.needs_ticks() {
                 ticking.lock().insert(range.group_id);

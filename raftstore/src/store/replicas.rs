@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
-use flotilla_raft::{ConfState, Config};
+use flotilla_raft::Config;
 
 use super::fsm::{PeerFsm, PeerMsg};
 use super::handler::TickingGroups;
@@ -59,22 +59,12 @@ impl StoreInbox {
 /// Opens the replica of `range` held by node `options.node_id` (its configuration is the descriptor's).
 pub(crate) fn open_replica(options: &StoreOptions, range: &RangeDescriptor, log: &Arc<dyn LogEngine>, kv: &StateMachine) -> Result<Peer, flotilla_raft::Error> {
     let replica = range.replicas.iter().find(|r| r.node_id == options.node_id).map_or(options.node_id, |r| r.replica_id);
-    let voters = range.replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
-    let learners = range.replicas.iter().filter(|r| r.learner).map(|r| r.replica_id).collect();
-    let conf_state = ConfState { voters, learners, ..Default::default() };
-    open_with_id(options, replica, range.clone(), conf_state, log, kv)
+    open_with_id(options, replica, range.clone(), log, kv)
 }
 
-fn open_with_id(
-    options: &StoreOptions,
-    replica: u64,
-    range: RangeDescriptor,
-    conf_state: ConfState,
-    log: &Arc<dyn LogEngine>,
-    kv: &StateMachine,
-) -> Result<Peer, flotilla_raft::Error> {
+fn open_with_id(options: &StoreOptions, replica: u64, range: RangeDescriptor, log: &Arc<dyn LogEngine>, kv: &StateMachine) -> Result<Peer, flotilla_raft::Error> {
     let config = Config { id: replica, random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica, ..options.raft.clone() };
-    Peer::open(config, options.peer.clone(), range, conf_state, Arc::clone(log), kv)
+    Peer::open(config, options.peer.clone(), range, Arc::clone(log), kv)
 }
 
 pub(crate) struct Replicas {
@@ -120,7 +110,7 @@ impl Replicas {
             return;
         }
         let empty = RangeDescriptor { group_id, ..RangeDescriptor::default() };
-        let peer = match open_with_id(&self.options, envelope.message.to(), empty, ConfState::default(), &self.log, &self.kv) {
+        let peer = match open_with_id(&self.options, envelope.message.to(), empty, &self.log, &self.kv) {
             Ok(peer) => peer,
             Err(error) => panic!("opening an empty replica of group {group_id}: {error:?} (the engines failed)"),
         };
