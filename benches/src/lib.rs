@@ -4,6 +4,8 @@
 //! into [`MemStorage`] and direct message delivery: nothing but the core's own work (and the minimum of storage
 //! and message plumbing) is measured. It deliberately does no invariant checking; `tests/` does that.
 
+pub mod metric_summary;
+
 use bytes::Bytes;
 use flotilla_raft::prelude::*;
 

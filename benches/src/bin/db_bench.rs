@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flotilla::{AsyncDb, Config, Db};
+use flotilla_benches::metric_summary::MetricSummary;
 use hdrhistogram::Histogram;
 
 #[derive(Parser)]
@@ -44,6 +45,9 @@ struct Args {
     /// The store's tick interval in milliseconds (elections and heartbeats are counted in ticks).
     #[arg(long, default_value_t = 100)]
     tick_ms: u64,
+    /// Print the store's metrics after each phase (counters per operation, histograms' means).
+    #[arg(long)]
+    metrics: bool,
 }
 
 fn key(i: u64) -> [u8; 8] {
@@ -63,9 +67,28 @@ fn merge(histograms: Vec<Histogram<u64>>) -> Histogram<u64> {
     merged
 }
 
-/// Runs `op(i)` for `i < count` on `clients` threads; returns (seconds, latency histogram in µs).
-fn run(count: u64, clients: usize, op: impl Fn(u64) + Sync) -> (f64, Histogram<u64>) {
+/// The CPU time this process has used (user and system, all threads), from `/proc/self/stat`; `None` where
+/// that is not readable.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    const CLOCK_TICKS_PER_SECOND: f64 = 100.0; // USER_HZ, 100 on every Linux this runs on
+    Some((ticks(11)? + ticks(12)?) as f64 / CLOCK_TICKS_PER_SECOND)
+}
+
+/// A finished phase: wall seconds, CPU seconds of the whole process (if known), request latencies in µs.
+struct Phase {
+    seconds: f64,
+    cpu_seconds: Option<f64>,
+    latency: Histogram<u64>,
+}
+
+/// Runs `op(i)` for `i < count` on `clients` threads.
+fn run(count: u64, clients: usize, op: impl Fn(u64) + Sync) -> Phase {
     let next = AtomicU64::new(0);
+    let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     let histograms: Vec<Histogram<u64>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..clients)
@@ -86,17 +109,24 @@ fn run(count: u64, clients: usize, op: impl Fn(u64) + Sync) -> (f64, Histogram<u
             .collect();
         workers.into_iter().map(|w| w.join().expect("a client panicked")).collect()
     });
-    (started.elapsed().as_secs_f64(), merge(histograms))
+    finish(started, cpu_before, histograms)
+}
+
+fn finish(started: Instant, cpu_before: Option<f64>, histograms: Vec<Histogram<u64>>) -> Phase {
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_before.zip(process_cpu_seconds()).map(|(before, after)| after - before);
+    Phase { seconds, cpu_seconds, latency: merge(histograms) }
 }
 
 /// As [`run`], with the clients as tasks on a single-threaded tokio runtime.
-fn run_async<F, Fut>(count: u64, clients: usize, op: F) -> (f64, Histogram<u64>)
+fn run_async<F, Fut>(count: u64, clients: usize, op: F) -> Phase
 where
     F: Fn(u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a tokio runtime");
     let next = std::sync::Arc::new(AtomicU64::new(0));
+    let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     let histograms = runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
@@ -117,23 +147,33 @@ where
         }
         tasks.join_all().await
     });
-    (started.elapsed().as_secs_f64(), merge(histograms))
+    finish(started, cpu_before, histograms)
 }
 
-fn report(what: &str, count: u64, seconds: f64, latency: &Histogram<u64>) {
-    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+fn report(what: &str, count: u64, phase: &Phase) {
+    let ms = |q: f64| phase.latency.value_at_quantile(q) as f64 / 1000.0;
+    let cpu = phase.cpu_seconds.map_or(String::new(), |cpu| {
+        format!("; CPU {:.1} µs per operation ({:.2} cores busy)", cpu * 1e6 / count as f64, cpu / phase.seconds)
+    });
     println!(
-        "{what}: {count} in {seconds:.2} s = {:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
-        count as f64 / seconds,
+        "{what}: {count} in {:.2} s = {:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms{cpu}",
+        phase.seconds,
+        count as f64 / phase.seconds,
         ms(0.5),
         ms(0.99),
         ms(0.999),
-        latency.max() as f64 / 1000.0
+        phase.latency.max() as f64 / 1000.0
     );
 }
 
 fn main() {
     let args = Args::parse();
+    let metrics = args.metrics.then(|| MetricSummary::install().expect("metrics recorder"));
+    let print_metrics = |phase: &str| {
+        if let Some(metrics) = &metrics {
+            metrics.print(phase, args.keys);
+        }
+    };
     let _ = std::fs::remove_dir_all(&args.dir);
     let mut config = Config { nodes: args.nodes, groups: args.groups, ..Config::default() };
     config.store.batch.pollers = args.pollers;
@@ -156,29 +196,36 @@ fn main() {
     for i in 0..args.groups * 4 {
         db.put(&key(u64::MAX - i), b"warm-up").expect("warm-up write");
     }
+    if let Some(metrics) = &metrics {
+        metrics.print("open and warm-up", args.groups * 4);
+    }
     let value = vec![b'v'; args.value_bytes];
     if args.async_clients {
         let db = AsyncDb::new(db);
         let (writer, value_written) = (db.clone(), value.clone());
-        let (seconds, latency) = run_async(args.keys, args.clients, move |i| {
+        let phase = run_async(args.keys, args.clients, move |i| {
             let (db, value) = (writer.clone(), value_written.clone());
             async move { db.put(&key(i), &value).await.expect("write") }
         });
-        report("writes (durable)", args.keys, seconds, &latency);
+        report("writes (durable)", args.keys, &phase);
+        print_metrics("writes");
         let reader = db.clone();
-        let (seconds, latency) = run_async(args.keys, args.clients, move |i| {
+        let phase = run_async(args.keys, args.clients, move |i| {
             let (db, value) = (reader.clone(), value.clone());
             async move { assert_eq!(db.get(&key(i)).await.expect("read"), Some(value), "read back key {i}") }
         });
-        report("reads (linearizable)", args.keys, seconds, &latency);
+        report("reads (linearizable)", args.keys, &phase);
+        print_metrics("reads");
         db.close().expect("close");
     } else {
-        let (seconds, latency) = run(args.keys, args.clients, |i| db.put(&key(i), &value).expect("write"));
-        report("writes (durable)", args.keys, seconds, &latency);
-        let (seconds, latency) = run(args.keys, args.clients, |i| {
+        let phase = run(args.keys, args.clients, |i| db.put(&key(i), &value).expect("write"));
+        report("writes (durable)", args.keys, &phase);
+        print_metrics("writes");
+        let phase = run(args.keys, args.clients, |i| {
             assert_eq!(db.get(&key(i)).expect("read").as_deref(), Some(value.as_slice()), "read back key {i}");
         });
-        report("reads (linearizable)", args.keys, seconds, &latency);
+        report("reads (linearizable)", args.keys, &phase);
+        print_metrics("reads");
         db.close().expect("close");
     }
     std::thread::sleep(Duration::from_millis(10));

@@ -8,7 +8,7 @@
 use std::collections::btree_map;
 
 use super::version::RangeTombstone;
-use crate::state_machine::StateMachineError;
+use crate::state_machine::{MemKey, StateMachineError};
 
 /// A sorted stream of entries (`None` value: a deletion).
 pub(crate) trait Source {
@@ -18,12 +18,12 @@ pub(crate) trait Source {
 
 /// A memtable's entries in a key range.
 pub(crate) struct MemSource<'a> {
-    entries: btree_map::Range<'a, Vec<u8>, Option<Vec<u8>>>,
-    current: Option<(&'a Vec<u8>, &'a Option<Vec<u8>>)>,
+    entries: btree_map::Range<'a, MemKey, Option<Vec<u8>>>,
+    current: Option<(&'a MemKey, &'a Option<Vec<u8>>)>,
 }
 
 impl<'a> MemSource<'a> {
-    pub(crate) fn new(mut entries: btree_map::Range<'a, Vec<u8>, Option<Vec<u8>>>) -> MemSource<'a> {
+    pub(crate) fn new(mut entries: btree_map::Range<'a, MemKey, Option<Vec<u8>>>) -> MemSource<'a> {
         let current = entries.next();
         MemSource { entries, current }
     }
@@ -156,8 +156,8 @@ mod tests {
 
     use super::*;
 
-    fn memtable(entries: &[(&str, Option<&str>)]) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
-        entries.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))).collect()
+    fn memtable(entries: &[(&str, Option<&str>)]) -> BTreeMap<MemKey, Option<Vec<u8>>> {
+        entries.iter().map(|(k, v)| (MemKey::from_slice(k.as_bytes()), v.map(|v| v.as_bytes().to_vec()))).collect()
     }
 
     fn collect(mut merge: Merge<'_>) -> Vec<(String, Option<String>)> {
@@ -175,8 +175,8 @@ mod tests {
         let oldest = memtable(&[("a", Some("1")), ("b", Some("1")), ("c", Some("1")), ("d", Some("1")), ("f", Some("1"))]);
         let inputs = |keep| {
             let inputs = vec![
-                Input { seq: 9, source: Box::new(MemSource::new(newest.range::<Vec<u8>, _>(..))) as Box<dyn Source + Send> },
-                Input { seq: 3, source: Box::new(MemSource::new(oldest.range::<Vec<u8>, _>(..))) },
+                Input { seq: 9, source: Box::new(MemSource::new(newest.range::<MemKey, _>(..))) as Box<dyn Source + Send> },
+                Input { seq: 3, source: Box::new(MemSource::new(oldest.range::<MemKey, _>(..))) },
             ];
             // Deletes [d, f) in runs older than 5: hides the old "d" but not the newer "e".
             Merge::new(inputs, vec![RangeTombstone { seq: 5, start: b"d".to_vec(), end: b"f".to_vec() }], keep).unwrap()
