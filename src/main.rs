@@ -8,6 +8,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+
+/// Writes cost about a quarter less CPU than with glibc's allocator (`docs/benchmarks.md`).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use flotilla_engine::disk::StdDisk;
 use flotilla_engine::wal::{repair_truncate, Wal, WalError, WalOptions};
 

@@ -14,6 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+
+/// The allocator of the `flotilla` command, so that the figures are the ones it gets (`docs/benchmarks.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use flotilla::{AsyncDb, Config, Db};
 use flotilla_benches::metric_summary::MetricSummary;
 use hdrhistogram::Histogram;
