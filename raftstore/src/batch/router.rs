@@ -1,10 +1,10 @@
 //! [`Router`]: FSM ids to mailboxes. Cheap to clone; every clone reaches the same FSMs.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 use parking_lot::RwLock;
+use rustc_hash::FxHashMap;
 
 use super::mailbox::{Delivery, Fsm, Mailbox, Scheduled};
 use super::pool::Task;
@@ -19,7 +19,7 @@ pub enum SendError<M> {
 }
 
 pub struct Router<F: Fsm> {
-    mailboxes: Arc<RwLock<HashMap<u64, Arc<Mailbox<F>>>>>,
+    mailboxes: Arc<RwLock<FxHashMap<u64, Arc<Mailbox<F>>>>>,
     run_queue: Sender<Task<F>>,
     mailbox_capacity: usize,
 }
@@ -55,8 +55,11 @@ impl<F: Fsm> Router<F> {
     }
 
     pub fn send(&self, id: u64, message: F::Message) -> Result<(), SendError<F::Message>> {
-        let Some(mailbox) = self.mailboxes.read().get(&id).cloned() else { return Err(SendError::NotFound(message)) };
+        // Delivering never blocks, so it runs under the read lock (no reference count traffic per message).
+        let mailboxes = self.mailboxes.read();
+        let Some(mailbox) = mailboxes.get(&id) else { return Err(SendError::NotFound(message)) };
         let (delivery, to_schedule) = mailbox.deliver(message);
+        drop(mailboxes);
         if let Some(scheduled) = to_schedule {
             self.schedule(scheduled);
         }

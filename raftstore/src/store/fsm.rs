@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use rustc_hash::FxHashMap;
+
 use flotilla_engine::kv_engine::KvEngine;
 use flotilla_engine::state_machine::KeyValue;
 use flotilla_raft::Entry;
@@ -52,8 +54,8 @@ pub enum PeerMsg {
 pub struct PeerFsm {
     pub(crate) peer: Peer,
     next_token: Token,
-    writes: HashMap<Token, WriteReply>,
-    reads: HashMap<Token, (ReadRequest, ReadReply)>,
+    writes: FxHashMap<Token, WriteReply>,
+    reads: FxHashMap<Token, (ReadRequest, ReadReply)>,
     /// Committed entries taken from the peer this round, applied at the round's end.
     pub(crate) to_apply: Vec<Entry>,
     /// Whether the node's ticker visits this group (see `Peer::needs_ticks`).
@@ -72,7 +74,7 @@ impl Fsm for PeerFsm {
 impl PeerFsm {
     pub fn new(peer: Peer) -> PeerFsm {
         let ticking = peer.needs_ticks();
-        PeerFsm { peer, next_token: 1, writes: HashMap::new(), reads: HashMap::new(), to_apply: Vec::new(), ticking, nodes_heard: HashMap::new(), destroy_requested: false }
+        PeerFsm { peer, next_token: 1, writes: FxHashMap::default(), reads: FxHashMap::default(), to_apply: Vec::new(), ticking, nodes_heard: HashMap::new(), destroy_requested: false }
     }
 
     /// The node of replica `replica_id`: from the descriptor, else from its messages.
