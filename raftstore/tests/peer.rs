@@ -38,6 +38,8 @@ struct Group {
     chunks_sent: u64,
     /// When set, log writes wait here (slow disks) until `persist_deferred`.
     deferred: Option<Vec<(usize, WriteRequest)>>,
+    /// Log writes each replica submitted.
+    log_writes: [u64; 3],
 }
 
 fn descriptor() -> RangeDescriptor {
@@ -84,6 +86,7 @@ impl Group {
             hibernate_lost_to: 0,
             chunks_sent: 0,
             deferred: None,
+            log_writes: [0; 3],
         }
     }
 
@@ -110,6 +113,7 @@ impl Group {
                 }
                 moved = true;
                 if let Some(write) = output.write {
+                    self.log_writes[position] += 1;
                     let request = WriteRequest { group_id: 5, ready_number: write.ready_number, ops: write.ops, reply: node.reply.clone() };
                     match &mut self.deferred {
                         Some(waiting) => waiting.push((position, request)),
@@ -292,6 +296,28 @@ fn a_write_whose_entry_another_leader_replaced_is_answered_dropped_never_written
     assert_eq!(group.response(61), Response::Failed(PeerError::Dropped));
     assert_eq!(group.response(64), Response::Failed(PeerError::Dropped));
     assert_eq!(group.node(1).kv.get(b"b").unwrap(), Some(b"2".to_vec()));
+}
+
+#[test]
+fn a_commit_index_change_alone_is_not_written_and_a_replica_restarted_with_it_behind_catches_up() {
+    let mut group = Group::led_by(1);
+    group.put(1, 80, "b", "1");
+    // One write: every replica writes the entry once. Learning that it committed (the leader from the
+    // acknowledgements, the followers from the leader's next message) writes nothing more.
+    let before = group.log_writes;
+    assert_eq!(group.put(1, 81, "c", "2"), Response::Written(Outcome::Done));
+    assert!(group.tick_until(10, |g| (1..=3).all(|id| g.node(id).kv.get(b"c").unwrap().is_some())), "applied everywhere");
+    let written: Vec<u64> = group.log_writes.iter().zip(before).map(|(after, before)| after - before).collect();
+    assert_eq!(written, [1, 1, 1], "one log write per replica for one command");
+    // So a replica's stored commit index trails what it applied. Restarted, it starts from what it applied and
+    // goes on with the group.
+    let node = group.node(3);
+    assert!(node.log.hard_state(5).commit < node.kv.applied(5).0, "the stored commit index trails");
+    node.peer = open_peer(3, &node.log, &node.kv);
+    group.settle();
+    assert_eq!(group.put(1, 82, "d", "3"), Response::Written(Outcome::Done));
+    assert!(group.tick_until(10, |g| g.node(3).kv.get(b"d").unwrap() == Some(b"3".to_vec())), "the restarted replica applies on");
+    assert_eq!(group.node(3).peer.applied_index(), group.node(1).peer.applied_index());
 }
 
 #[test]

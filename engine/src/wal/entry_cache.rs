@@ -26,13 +26,15 @@ pub struct EntryCache {
     groups: HashMap<u64, GroupCache>,
     /// Insertion order, for eviction: (group, index). Stale pairs (already dropped) are skipped.
     order: VecDeque<(u64, u64)>,
+    /// Entries cached over all groups (to tell when `order` holds too many stale pairs without counting).
+    entries: usize,
     bytes: u64,
     bytes_max: u64,
 }
 
 impl EntryCache {
     pub fn new(bytes_max: u64) -> EntryCache {
-        EntryCache { groups: HashMap::new(), order: VecDeque::new(), bytes: 0, bytes_max }
+        EntryCache { groups: HashMap::new(), order: VecDeque::new(), entries: 0, bytes: 0, bytes_max }
     }
 
     pub fn bytes(&self) -> u64 {
@@ -50,12 +52,14 @@ impl EntryCache {
         let contiguous = cache.entries.back().is_none_or(|last| last.index + 1 == first.index);
         if !contiguous {
             // The cached run no longer adjoins the log's tail: start a new run here.
+            self.entries -= cache.entries.len();
             let dropped: u64 = cache.entries.drain(..).map(|e| e.size_bytes()).sum();
             self.bytes -= dropped;
         }
         let cache = self.groups.entry(group_id).or_default();
         for entry in entries {
             self.bytes += entry.size_bytes();
+            self.entries += 1;
             cache.entries.push_back(entry.clone());
             self.order.push_back((group_id, entry.index));
         }
@@ -68,6 +72,7 @@ impl EntryCache {
         while cache.entries.back().is_some_and(|e| e.index >= index) {
             let entry = cache.entries.pop_back().expect("checked");
             self.bytes -= entry.size_bytes();
+            self.entries -= 1;
         }
     }
 
@@ -77,11 +82,13 @@ impl EntryCache {
         while cache.entries.front().is_some_and(|e| e.index < index) {
             let entry = cache.entries.pop_front().expect("checked");
             self.bytes -= entry.size_bytes();
+            self.entries -= 1;
         }
     }
 
     pub fn clear_group(&mut self, group_id: u64) {
         if let Some(cache) = self.groups.remove(&group_id) {
+            self.entries -= cache.entries.len();
             self.bytes -= cache.entries.iter().map(Entry::size_bytes).sum::<u64>();
         }
     }
@@ -115,9 +122,11 @@ impl EntryCache {
             if cache.first_index() == Some(index) {
                 let entry = cache.entries.pop_front().expect("checked");
                 self.bytes -= entry.size_bytes();
+                self.entries -= 1;
             }
         }
-        if self.order.len() > 4 * (self.groups.values().map(|c| c.entries.len()).sum::<usize>() + 1024) {
+        debug_assert_eq!(self.entries, self.groups.values().map(|c| c.entries.len()).sum::<usize>());
+        if self.order.len() > 4 * (self.entries + 1024) {
             // Too many stale pairs: rebuild the order from what is cached (oldest index first per group).
             let mut rebuilt: Vec<(u64, u64)> =
                 self.groups.iter().flat_map(|(g, c)| c.entries.iter().map(move |e| (*g, e.index))).collect();

@@ -93,12 +93,11 @@ pub enum Response {
 }
 
 /// One Ready's writes, to submit to the log engine; report [`Peer::on_persisted`] with `ready_number` once
-/// durable (`must_sync` false: a commit-index-only change that may be written lazily).
+/// durable.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogWrite {
     pub ready_number: u64,
     pub ops: Vec<LogOp>,
-    pub must_sync: bool,
 }
 
 /// What the caller must do for the peer.
@@ -268,7 +267,7 @@ impl Peer {
     /// to keep, no lease to confirm). The node ticks only the replicas that need it.
     pub fn needs_ticks(&self) -> bool {
         let raft = &self.raw.raft;
-        let alone = raft.tracker.config.member_ids().into_iter().eq([raft.id]);
+        let alone = raft.tracker.config.is_only_member(raft.id);
         let idle_alone = alone && self.is_leader() && self.reads.is_empty() && self.writes.is_empty() && self.streams.is_idle();
         !(idle_alone || self.is_hibernating())
     }

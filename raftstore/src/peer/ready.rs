@@ -28,7 +28,12 @@ impl Peer {
             if !ready.entries.is_empty() {
                 ops.push(LogOp::Append(ready.entries));
             }
-            if let Some(hard_state) = ready.hard_state {
+            // A Ready that changed nothing but the commit index (`must_sync` false) writes nothing: the commit
+            // index may be stored lazily (a restarted replica takes the larger of it and its applied index, and
+            // learns the rest from its leader). It rides along with the next write that changes anything else.
+            // With one write per group in flight (thousands of groups), the leader's commit and every follower's
+            // learning of it would otherwise cost a log write, a sync and a `Persisted` round trip each.
+            if let Some(hard_state) = ready.hard_state.filter(|_| ready.must_sync) {
                 ops.push(LogOp::HardState(hard_state));
             }
             if ops.is_empty() {
@@ -39,7 +44,7 @@ impl Peer {
                     self.raw.on_persisted(ready.number);
                 }
             } else {
-                output.write = Some(LogWrite { ready_number: ready.number, ops, must_sync: ready.must_sync });
+                output.write = Some(LogWrite { ready_number: ready.number, ops });
             }
             for message in ready.messages {
                 if message.msg_type() == MessageType::Snapshot {
