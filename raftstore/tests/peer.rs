@@ -22,6 +22,8 @@ struct Node {
     peer: Peer,
     reply: Sender<Persisted>,
     persisted: Receiver<Persisted>,
+    /// Log writes this replica submitted.
+    log_writes: u64,
 }
 
 struct Group {
@@ -38,8 +40,6 @@ struct Group {
     chunks_sent: u64,
     /// When set, log writes wait here (slow disks) until `persist_deferred`.
     deferred: Option<Vec<(usize, WriteRequest)>>,
-    /// Log writes each replica submitted.
-    log_writes: [u64; 3],
 }
 
 fn descriptor() -> RangeDescriptor {
@@ -73,7 +73,7 @@ impl Group {
                 let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
                 let peer = open_peer_with(Config { read_mode, ..Config::new(id) }, &log, &kv);
                 let (reply, persisted) = crossbeam_channel::unbounded();
-                Node { log, kv, peer, reply, persisted }
+                Node { log, kv, peer, reply, persisted, log_writes: 0 }
             })
             .collect();
         Group {
@@ -86,7 +86,6 @@ impl Group {
             hibernate_lost_to: 0,
             chunks_sent: 0,
             deferred: None,
-            log_writes: [0; 3],
         }
     }
 
@@ -113,7 +112,7 @@ impl Group {
                 }
                 moved = true;
                 if let Some(write) = output.write {
-                    self.log_writes[position] += 1;
+                    node.log_writes += 1;
                     let request = WriteRequest { group_id: 5, ready_number: write.ready_number, ops: write.ops, reply: node.reply.clone() };
                     match &mut self.deferred {
                         Some(waiting) => waiting.push((position, request)),
@@ -304,10 +303,11 @@ fn a_commit_index_change_alone_is_not_written_and_a_replica_restarted_with_it_be
     group.put(1, 80, "b", "1");
     // One write: every replica writes the entry once. Learning that it committed (the leader from the
     // acknowledgements, the followers from the leader's next message) writes nothing more.
-    let before = group.log_writes;
+    let log_writes = |group: &Group| group.nodes.iter().map(|node| node.log_writes).collect::<Vec<u64>>();
+    let before = log_writes(&group);
     assert_eq!(group.put(1, 81, "c", "2"), Response::Written(Outcome::Done));
     assert!(group.tick_until(10, |g| (1..=3).all(|id| g.node(id).kv.get(b"c").unwrap().is_some())), "applied everywhere");
-    let written: Vec<u64> = group.log_writes.iter().zip(before).map(|(after, before)| after - before).collect();
+    let written: Vec<u64> = log_writes(&group).iter().zip(before).map(|(after, before)| after - before).collect();
     assert_eq!(written, [1, 1, 1], "one log write per replica for one command");
     // So a replica's stored commit index trails what it applied. Restarted, it starts from what it applied and
     // goes on with the group.
@@ -622,7 +622,7 @@ impl Group {
         let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
         let peer = Peer::open(Config::new(id), peer_options(), empty, log_engine, &kv).unwrap();
         let (reply, persisted) = crossbeam_channel::unbounded();
-        self.nodes.push(Node { log, kv, peer, reply, persisted });
+        self.nodes.push(Node { log, kv, peer, reply, persisted, log_writes: 0 });
         assert_eq!(self.nodes.len() as u64, id);
     }
 
