@@ -9,6 +9,7 @@ use flotilla_engine::kv_engine::KvEngine;
 use flotilla_engine::state_machine::KeyValue;
 use flotilla_raft::Entry;
 
+use super::ticks::TicksSeen;
 use crate::batch::Fsm;
 use crate::command::{Command, Outcome};
 use crate::message::Envelope;
@@ -60,6 +61,8 @@ pub struct PeerFsm {
     pub(crate) to_apply: Vec<Entry>,
     /// Whether the node's ticker visits this group (see `Peer::needs_ticks`).
     pub(crate) ticking: bool,
+    /// The node's tick count this replica has taken its ticks up to (`ticks.rs`).
+    pub(crate) ticks_seen: TicksSeen,
     /// Where replicas the descriptor does not list live, as their messages said (a new learner before this
     /// replica applies its addition, or this replica before a snapshot brought it the members).
     pub(crate) nodes_heard: HashMap<u64, u64>,
@@ -74,7 +77,7 @@ impl Fsm for PeerFsm {
 impl PeerFsm {
     pub fn new(peer: Peer) -> PeerFsm {
         let ticking = peer.needs_ticks();
-        PeerFsm { peer, next_token: 1, writes: FxHashMap::default(), reads: FxHashMap::default(), to_apply: Vec::new(), ticking, nodes_heard: HashMap::new(), destroy_requested: false }
+        PeerFsm { peer, next_token: 1, writes: FxHashMap::default(), reads: FxHashMap::default(), to_apply: Vec::new(), ticking, ticks_seen: TicksSeen::default(), nodes_heard: HashMap::new(), destroy_requested: false }
     }
 
     /// The node of replica `replica_id`: from the descriptor, else from its messages.
@@ -122,7 +125,7 @@ impl PeerFsm {
                 self.peer.read(token);
             }
             PeerMsg::Persisted(number) => self.peer.on_persisted(number),
-            PeerMsg::Tick => self.peer.on_tick(),
+            PeerMsg::Tick => {} // a wake-up: the handler gave the replica the ticks it owed before its messages
             PeerMsg::Campaign => self.peer.campaign(),
             PeerMsg::TransferLeader(target) => self.peer.transfer_leader(target),
             PeerMsg::NodeDown(node_id) => {

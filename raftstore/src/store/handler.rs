@@ -24,6 +24,7 @@ use crate::batch::PollHandler;
 use crate::message::{Envelope, ReplicaMessage};
 use crate::peer::PeerError;
 use super::replicas::ReplicaTask;
+use super::ticks::Ticking;
 use crate::peer::PeerOutput;
 
 /// Where a group's Raft messages go (another node, or another store in this process).
@@ -40,8 +41,6 @@ impl Transport for NoTransport {
     }
 }
 
-/// The groups the ticker visits.
-pub type TickingGroups = Arc<parking_lot::Mutex<std::collections::HashSet<u64>>>;
 
 /// Why the node stopped, once its engines failed (a broken environment: disk gone, corruption). From then on
 /// every request is refused with the reason; nothing more is written.
@@ -51,7 +50,7 @@ pub type NodeFailure = Arc<parking_lot::Mutex<Option<String>>>;
 #[derive(Clone)]
 pub struct StoreHandler {
     pub(crate) node_id: u64,
-    pub(crate) ticking: TickingGroups,
+    pub(crate) ticking: Arc<Ticking>,
     pub(crate) log: Arc<dyn LogEngine>,
     pub(crate) kv: Arc<StateMachine>,
     pub(crate) flusher: Arc<BackgroundFlusher>,
@@ -88,7 +87,7 @@ impl StoreHandler {
             if !fsm.destroy_requested {
                 fsm.destroy_requested = true;
                 let _ = self.tasks.send(ReplicaTask::Destroy(Box::new(fsm.peer.descriptor().clone())));
-                self.ticking.lock().remove(&group_id);
+                self.ticking.stop(group_id);
                 fsm.ticking = false;
             }
             return;
@@ -114,13 +113,12 @@ impl StoreHandler {
         fsm.answer(output.responses, self.kv.as_ref());
         let wants_ticks = fsm.peer.needs_ticks();
         if wants_ticks != fsm.ticking {
-            let mut ticking = self.ticking.lock();
             if wants_ticks {
-                ticking.insert(group_id);
+                self.ticking.start(group_id, &fsm.ticks_seen);
             } else {
-                ticking.remove(&group_id);
+                self.ticking.stop(group_id);
             }
-            metrics::gauge!("flotilla_groups_ticking").set(ticking.len() as f64);
+            metrics::gauge!("flotilla_groups_ticking").set(self.ticking.len() as f64);
             fsm.ticking = wants_ticks;
         }
     }
@@ -134,6 +132,12 @@ impl PollHandler<PeerFsm> for StoreHandler {
         if fsm.peer.is_removed() {
             // No longer a member here: requests go elsewhere; the rest is dropped.
             return fsm.refuse_all(messages.drain(..), PeerError::NotLeader { leader: 0 });
+        }
+        if fsm.ticking {
+            // The ticks it owes first (see `ticks.rs`): whatever it handles next sees the node's time.
+            for _ in 0..self.ticking.take_owed(&fsm.ticks_seen) {
+                fsm.peer.on_tick();
+            }
         }
         for message in messages.drain(..) {
             fsm.on_message(message, self.kv.as_ref());

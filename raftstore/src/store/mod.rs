@@ -5,12 +5,14 @@
 //! - [`handler`]: the poll round (writes of all groups to the log, one state machine apply per round);
 //! - [`replicas`]: replicas created (on a message for a group the node does not hold) and destroyed (once
 //!   removed) while the node runs;
+//! - [`ticks`]: the node's tick count, and which replicas need ticks (busy ones take theirs inline);
 //! - [`transport`]: stores in one process reaching each other;
 //! - this file: [`Store`], which opens the engines and groups, and routes requests.
 
 pub mod fsm;
 pub mod handler;
 pub mod replicas;
+pub mod ticks;
 pub mod transport;
 
 use std::sync::Arc;
@@ -31,6 +33,7 @@ pub use transport::InProcessTransport;
 use crate::batch::{BatchOptions, BatchSystem, Router, SendError};
 use crate::peer::PeerOptions;
 use replicas::{ReplicaTask, Replicas};
+use ticks::Ticking;
 use crate::range::RangeDescriptor;
 
 /// Settings of a store.
@@ -65,7 +68,7 @@ impl Default for StoreOptions {
 pub struct Store {
     system: Option<BatchSystem<PeerFsm>>,
     router: Router<PeerFsm>,
-    ticking: handler::TickingGroups,
+    ticking: Arc<Ticking>,
     failure: handler::NodeFailure,
     tasks: crossbeam_channel::Sender<ReplicaTask>,
     /// Dropped to stop the ticker and the replicas thread.
@@ -101,7 +104,7 @@ impl Store {
     ) -> Result<Store, flotilla_raft::Error> {
         let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<Persisted>();
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
-        let ticking: handler::TickingGroups = Arc::default();
+        let ticking: Arc<Ticking> = Arc::default();
         let failure: handler::NodeFailure = Arc::default();
         let handler = StoreHandler {
             node_id: options.node_id,
@@ -120,11 +123,11 @@ impl Store {
         let held: Vec<RangeDescriptor> = ranges.iter().filter(|range| range.replicas.iter().any(|r| r.node_id == options.node_id)).cloned().collect();
         crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
         for range in &held {
-            let peer = replicas::open_replica(&options, range, &log, &kv)?;
-            if peer.needs_ticks() {
-                ticking.lock().insert(range.group_id);
+            let fsm = PeerFsm::new(replicas::open_replica(&options, range, &log, &kv)?);
+            if fsm.ticking {
+                ticking.start(range.group_id, &fsm.ticks_seen);
             }
-            assert!(router.register(range.group_id, Box::new(PeerFsm::new(peer))).is_ok(), "group {} twice", range.group_id);
+            assert!(router.register(range.group_id, Box::new(fsm)).is_ok(), "group {} twice", range.group_id);
         }
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let mut threads = Vec::new();
@@ -151,12 +154,14 @@ impl Store {
             }).expect("spawning the persisted forwarder");
         }
         {
-            // Ticks only the groups that need time (see `Peer::needs_ticks`): idle single-replica groups cost nothing.
+            // Ticks only the groups that need time (see `Peer::needs_ticks`): idle single-replica groups cost nothing;
+            // and sends a `Tick` only to those no poller handled during the last interval (`ticks.rs`).
             let (router, interval, ticking) = (router.clone(), options.tick_interval, Arc::clone(&ticking));
             threads.push(std::thread::Builder::new().name("flotilla-ticker".into()).spawn(move || {
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                    let groups: Vec<u64> = ticking.lock().iter().copied().collect();
-                    for group_id in groups {
+                    let behind = ticking.advance();
+                    metrics::counter!("flotilla_tick_messages_total").increment(behind.len() as u64);
+                    for group_id in behind {
                         let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox has work: a tick can wait
                     }
                 }
@@ -181,7 +186,7 @@ impl Store {
 
     /// How many of the node's replicas the ticker visits now (the others hibernate, or lead alone and idle).
     pub fn ticking_groups(&self) -> usize {
-        self.ticking.lock().len()
+        self.ticking.len()
     }
 
     /// Node liveness: node `node_id` is down. Every replica here hears it; those hibernating under a leader on

@@ -19,7 +19,7 @@ use flotilla_engine::state_machine::StateMachine;
 use flotilla_raft::Config;
 
 use super::fsm::{PeerFsm, PeerMsg};
-use super::handler::TickingGroups;
+use super::ticks::Ticking;
 use super::StoreOptions;
 use crate::batch::{Router, SendError};
 use crate::message::Envelope;
@@ -72,7 +72,7 @@ pub(crate) struct Replicas {
     pub(crate) log: Arc<dyn LogEngine>,
     pub(crate) kv: Arc<StateMachine>,
     pub(crate) router: Router<PeerFsm>,
-    pub(crate) ticking: TickingGroups,
+    pub(crate) ticking: Arc<Ticking>,
     /// Every group this node has held (opened at start, or created since).
     pub(crate) held: HashSet<u64>,
 }
@@ -93,7 +93,7 @@ impl Replicas {
 
     fn destroy(&mut self, descriptor: &RangeDescriptor) {
         self.router.unregister(descriptor.group_id);
-        self.ticking.lock().remove(&descriptor.group_id);
+        self.ticking.stop(descriptor.group_id);
         // A failure here is the engines' (the node's pollers meet it too); the data stays until a later try.
         if let Err(error) = crate::peer::destroy_replica(self.log.as_ref(), self.kv.as_ref(), descriptor) {
             eprintln!("flotilla: destroying the replica of group {} failed: {error:?}", descriptor.group_id);
@@ -114,11 +114,12 @@ impl Replicas {
             Ok(peer) => peer,
             Err(error) => panic!("opening an empty replica of group {group_id}: {error:?} (the engines failed)"),
         };
-        let ticking = peer.needs_ticks();
-        if self.router.register(group_id, Box::new(PeerFsm::new(peer))).is_ok() {
+        let fsm = PeerFsm::new(peer);
+        let (ticking, seen) = (fsm.ticking, Arc::clone(&fsm.ticks_seen));
+        if self.router.register(group_id, Box::new(fsm)).is_ok() {
             self.held.insert(group_id);
             if ticking {
-                self.ticking.lock().insert(group_id);
+                self.ticking.start(group_id, &seen);
             }
             metrics::counter!("flotilla_replicas_created_total").increment(1);
             let _ = self.router.send(group_id, PeerMsg::Replica(Box::new(envelope)));
