@@ -26,7 +26,7 @@ use flotilla_engine::disk::StdDisk;
 use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::{KeyValue, StateMachine, StateMachineOptions};
-use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, WriteRequest};
+use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, Persisted, WriteRequest};
 use flotilla_engine::wal::record::LogOp;
 use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
@@ -224,6 +224,29 @@ pub struct Db {
     maintenance: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
 }
 
+/// Compacts group `group_id`'s log on every node below what every replica made durable (`durables`, one per
+/// node), keeping at most `lag_max` entries below a node's own durable state. `Some(false)`: a node's snapshot
+/// record is still on its way (try again later); `None`: a log failed.
+fn compact_group(engines: &[(Arc<GroupCommitWal>, Arc<StateMachine>)], group_id: u64, durables: &[u64], lag_max: u64, reply: &crossbeam_channel::Sender<Persisted>) -> Option<bool> {
+    let lowest = durables.iter().copied().min().unwrap_or(0);
+    let mut finished = true;
+    for ((log, _), &durable) in engines.iter().zip(durables) {
+        let keep_from = first_kept_index(lowest, durable, lag_max);
+        // Entries before `keep_from` go; the one at it stays as a margin (replay starts after it).
+        if keep_from <= log.first_index(group_id) {
+            continue;
+        }
+        // (None: a snapshot's log record is still on its way; next time.)
+        let Some(base_term) = log.term(group_id, keep_from - 1) else {
+            finished = false;
+            continue;
+        };
+        let ops = vec![LogOp::Compact { first_kept_index: keep_from, base_term }];
+        log.submit(WriteRequest { group_id, ready_number: 0, ops, reply: reply.clone() }).ok()?;
+    }
+    Some(finished)
+}
+
 /// Where a node's log of a group may start: at the lowest durable applied index over the group's replicas (so
 /// no replica needs entries another dropped), but no more than `lag_max` entries below the node's own durable
 /// index `own` (a replica further behind is caught up by snapshot). The entry at the returned index stays, as a
@@ -305,39 +328,39 @@ impl Db {
             .spawn(move || {
                 let (reply, done) = crossbeam_channel::unbounded();
                 // Each group's durable indexes at the last pass: a group whose state machines made nothing new
-                // durable since (an idle one) is skipped, so that 100K idle groups cost little.
+                // durable since (an idle one) is skipped, so that 100K idle groups cost little. And a pass that
+                // every group finished is not repeated until some state machine makes something new durable
+                // (`durable_generation`), nor a WAL purged again until it took new writes.
                 let mut seen: HashMap<u64, Vec<u64>> = HashMap::new();
+                let mut finished_at: Option<Vec<u64>> = None;
+                let mut purged_at: Vec<Option<u64>> = vec![None; engines.len()];
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                    for &group_id in &groups {
-                        let durables: Vec<u64> = engines.iter().map(|(_, kv)| kv.durable_applied(group_id).0).collect();
-                        if seen.get(&group_id) == Some(&durables) {
-                            continue;
-                        }
-                        let lowest = durables.iter().copied().min().unwrap_or(0);
-                        let mut finished = true;
-                        for ((log, _), &durable) in engines.iter().zip(&durables) {
-                            let keep_from = first_kept_index(lowest, durable, lag_max);
-                            // Entries before `keep_from` go; the one at it stays as a margin (replay starts after it).
-                            if keep_from <= log.first_index(group_id) {
+                    // Read before the durable states: a flush in between shows as a new generation next time.
+                    let generations: Vec<u64> = engines.iter().map(|(_, kv)| kv.durable_generation()).collect();
+                    if finished_at.as_ref() != Some(&generations) {
+                        let mut all_finished = true;
+                        for &group_id in &groups {
+                            let durables: Vec<u64> = engines.iter().map(|(_, kv)| kv.durable_applied(group_id).0).collect();
+                            if seen.get(&group_id) == Some(&durables) {
                                 continue;
                             }
-                            // (None: a snapshot's log record is still on its way; next time.)
-                            let Some(base_term) = log.term(group_id, keep_from - 1) else {
-                                finished = false;
-                                continue;
-                            };
-                            let ops = vec![LogOp::Compact { first_kept_index: keep_from, base_term }];
-                            if log.submit(WriteRequest { group_id, ready_number: 0, ops, reply: reply.clone() }).is_err() {
-                                return; // the log failed; requests report it
+                            match compact_group(&engines, group_id, &durables, lag_max, &reply) {
+                                Some(true) => {
+                                    seen.insert(group_id, durables);
+                                }
+                                Some(false) => all_finished = false,
+                                None => return, // the log failed; requests report it
                             }
                         }
-                        if finished {
-                            seen.insert(group_id, durables);
-                        }
+                        finished_at = all_finished.then_some(generations);
                     }
                     done.try_iter().for_each(drop);
-                    for (log, _) in &engines {
-                        let _ = log.purge(purge_bytes_max);
+                    for ((log, _), purged) in engines.iter().zip(&mut purged_at) {
+                        let requests = log.stats().requests.load(Ordering::SeqCst);
+                        if *purged != Some(requests) {
+                            let _ = log.purge(purge_bytes_max);
+                            *purged = Some(requests);
+                        }
                     }
                 }
             })
@@ -584,7 +607,34 @@ impl Drop for Db {
 
 #[cfg(test)]
 mod tests {
-    use super::first_kept_index;
+    use super::{first_kept_index, Config, Db};
+    use flotilla_engine::log_engine::LogEngine;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn maintenance_compacts_every_log_and_purges_the_wal_as_the_state_machine_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config { groups: 4, ..Config::default() };
+        config.state_machine.memtable_bytes_max = 64 << 10;
+        config.wal.segment_bytes_max = 256 << 10;
+        config.maintenance_interval = Duration::from_millis(20);
+        let db = Db::open_with(dir.path(), config).unwrap();
+        let value = vec![b'v'; 1024];
+        for i in 0..4_000u32 {
+            db.put(&i.wrapping_mul(0x9E37_79B9).to_be_bytes(), &value).unwrap(); // spread over the groups
+        }
+        let log = &db.nodes[0].log;
+        let groups: Vec<u64> = db.ranges.iter().map(|r| r.group_id).collect();
+        // 4 MB written: the memtable checkpointed many times; every group's log is compacted behind it and the
+        // WAL purged down to about two segments (the active one cannot go).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let compacted = |group: &u64| log.first_index(*group) > 100;
+        while !(groups.iter().all(compacted) && log.state().total_bytes() <= 4 * (256 << 10)) {
+            assert!(Instant::now() < deadline, "not compacted and purged: first indexes {:?}, WAL {} bytes", groups.iter().map(|g| log.first_index(*g)).collect::<Vec<_>>(), log.state().total_bytes());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        db.close().unwrap();
+    }
 
     #[test]
     fn logs_are_kept_for_laggards_only_up_to_the_lag_bound() {

@@ -290,7 +290,7 @@ impl Install {
         memtables.active.applied.remove(&group_id);
         memtables.active.ranges.remove(&group_id);
         memtables.active.bytes = memtables.active.data.iter().map(|(k, v)| k.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64)).sum();
-        machine.durable.write().insert(group_id, applied);
+        machine.make_durable([(group_id, applied)]);
         Ok(applied)
     }
 }

@@ -214,8 +214,10 @@ pub struct StateMachine {
     pub(crate) flush_lock: Mutex<()>,
     /// One compaction at a time.
     pub(crate) compaction_lock: Mutex<()>,
-    /// What the last flush made durable.
-    pub(crate) durable: RwLock<HashMap<u64, AppliedState>>,
+    /// What the last flush made durable. Change it only through `make_durable`.
+    durable: RwLock<HashMap<u64, AppliedState>>,
+    /// Bumped after every change of `durable` (see `durable_generation`).
+    durable_generation: AtomicU64,
     /// The live runs and range deletions.
     version: RwLock<Arc<Version>>,
     /// Run ids and `seq`s (one counter for both).
@@ -307,6 +309,7 @@ impl StateMachine {
             flush_lock: Mutex::new(()),
             compaction_lock: Mutex::new(()),
             durable: RwLock::new(durable),
+            durable_generation: AtomicU64::new(0),
             version: RwLock::new(Arc::new(version)),
             next_number: AtomicU64::new(highest_number + 1),
             garbage: Mutex::new(Garbage::default()),
@@ -447,7 +450,7 @@ impl StateMachine {
         if let Some(run) = run {
             self.publish(|current| current.with_run(Arc::new(run)));
         }
-        self.durable.write().extend(flushing.applied.iter().map(|(g, s)| (*g, *s)));
+        self.make_durable(flushing.applied.iter().map(|(g, s)| (*g, *s)));
         self.memtables.write().flushing = None;
         metrics::counter!("flotilla_state_machine_flushes_total").increment(1);
         Ok(())
@@ -513,6 +516,19 @@ impl StateMachine {
 
     /// The applied state the last flush made durable: after a crash the group restarts here and the WAL must hold
     /// everything after it.
+    /// Records groups' applied states as durable, then bumps the generation (in that order: a reader that sees
+    /// the new generation sees the new states).
+    pub(crate) fn make_durable(&self, states: impl IntoIterator<Item = (u64, AppliedState)>) {
+        self.durable.write().extend(states);
+        self.durable_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Changes whenever any group's durable applied state changes: a caller that read it, then the states it
+    /// wanted, need not read them again until it changes (the `Db`'s maintenance pass skips idle nodes so).
+    pub fn durable_generation(&self) -> u64 {
+        self.durable_generation.load(Ordering::SeqCst)
+    }
+
     pub fn durable_applied(&self, group_id: u64) -> AppliedState {
         self.durable.read().get(&group_id).copied().unwrap_or((0, 0))
     }
