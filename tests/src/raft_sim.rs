@@ -137,6 +137,7 @@ impl Simulation {
         };
         let pre_vote = lease || rng.chance_per_mille(800);
         let check_quorum = lease || !pre_vote || rng.chance_per_mille(600);
+        let commit_broadcast = rng.chance_per_mille(500);
         let mut nodes = BTreeMap::new();
         let mut clocks = BTreeMap::new();
         let mut disk_slowness = BTreeMap::new();
@@ -157,6 +158,7 @@ impl Simulation {
                 uncommitted_bytes_max: rng.range(200, 5000),
                 committed_bytes_max_per_ready: rng.range(40, 1000),
                 pending_reads_max: 16,
+                commit_broadcast,
                 ..Config::default()
             };
             let storage = MemStorage::new_with_voters(&initial_voters);

@@ -172,6 +172,8 @@ struct Sim {
     leaders: HashMap<(u64, u64), u64>,
     applied: HashMap<(u64, u64), (u64, u64)>,
     read_mode: ReadMode,
+    /// `Config::commit_broadcast` of every replica (the raftstore's default is false; both are checked).
+    commit_broadcast: bool,
     report: StoreSimReport,
     faults: bool,
     trace: bool,
@@ -234,6 +236,7 @@ impl Sim {
             .map(|range| (0..3u8).map(|k| [if range.start.is_empty() { vec![0] } else { range.start.clone() }, vec![b'k', k]].concat()).collect())
             .collect();
         let read_mode = if rng.chance_per_mille(500) { ReadMode::LeaseBased } else { ReadMode::Safe };
+        let commit_broadcast = rng.chance_per_mille(300);
         let nodes = (1..=node_count)
             .map(|id| Node { id, disk: SimDisk::new(), redb: SimRedbBackend::new(), running: None, rate_per_mille: 0, clock: 0 })
             .collect();
@@ -259,6 +262,7 @@ impl Sim {
             leaders: HashMap::new(),
             applied: HashMap::new(),
             read_mode,
+            commit_broadcast,
             report: StoreSimReport { nodes: node_count as usize, groups: group_count, ..Default::default() },
             faults: true,
             trace: options.trace,
@@ -294,6 +298,7 @@ impl Sim {
                 id: replica.replica_id,
                 random_seed: self.rng.next_u64(),
                 read_mode: self.read_mode,
+                commit_broadcast: self.commit_broadcast,
                 ..Config::default()
             };
             let group_id = range.group_id;
@@ -517,7 +522,7 @@ impl Sim {
                 return Ok(());
             }
             let empty = RangeDescriptor { group_id: group, ..RangeDescriptor::default() };
-            let config = Config { id: message.to(), random_seed: self.rng.next_u64(), read_mode: self.read_mode, ..Config::default() };
+            let config = Config { id: message.to(), random_seed: self.rng.next_u64(), read_mode: self.read_mode, commit_broadcast: self.commit_broadcast, ..Config::default() };
             let peer = Peer::open(config, peer_options(&mut self.rng), empty, Arc::clone(&running.log) as Arc<dyn LogEngine>, &running.kv)
                 .map_err(|e| e.to_string())?;
             running.peers.insert(group, peer);

@@ -213,3 +213,16 @@ fn a_vote_request_tells_a_leaderless_voter_what_is_committed() {
     c.deliver(vec![request]);
     assert_eq!(c.raft(2).raft_log.committed, 3, "an entry we do not hold with that term teaches nothing");
 }
+
+#[test]
+fn without_commit_broadcast_a_removed_voter_still_hears_that_its_removal_committed() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |config| config.commit_broadcast = false);
+    c.elect(1);
+    let remove = ConfChangeV2::new(vec![change(ConfChangeType::RemoveNode, 3)]);
+    c.with_node(1, |raw| raw.propose_conf_change(&remove)).unwrap();
+    c.stabilize();
+    // No heartbeat will reach replica 3 again (the leader applied its removal): the commit went out at once.
+    assert_eq!(c.node(1).machine.conf_state.voters, vec![1, 2]);
+    assert_eq!(c.raft(3).raft_log.committed, c.raft(1).raft_log.committed, "replica 3 learned the commit");
+    assert_eq!(c.node(3).machine.conf_state.voters, vec![1, 2], "and applied its own removal");
+}

@@ -304,3 +304,32 @@ fn a_candidate_holding_an_unpersisted_snapshot_leads_once_durable_and_snapshots_
     }
     panic!("4 never sent 5 a snapshot");
 }
+
+#[test]
+fn without_commit_broadcast_followers_learn_the_commit_index_from_the_next_heartbeat_not_an_empty_append() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |config| config.commit_broadcast = false);
+    c.elect(1);
+    c.tick(1, 2); // a heartbeat round: everyone learns the no-op's commit
+    c.stabilize();
+    c.take_trace();
+    c.propose(1, "x").unwrap();
+    c.stabilize();
+    // One append and one answer per follower; the commit it causes sends nothing by itself.
+    assert_eq!(
+        c.take_trace(),
+        ["1->2 Append t1 idx=1 logt=1 ents=[2@1] commit=1", "1->3 Append t1 idx=1 logt=1 ents=[2@1] commit=1", "2->1 AppendResponse t1 idx=2", "3->1 AppendResponse t1 idx=2"]
+    );
+    assert_eq!(c.raft(1).raft_log.committed, 2);
+    assert_eq!([c.raft(2).raft_log.committed, c.raft(3).raft_log.committed], [1, 1], "not told yet");
+    // The next heartbeat carries it.
+    c.tick(1, 2);
+    c.stabilize();
+    assert_eq!([c.raft(2).raft_log.committed, c.raft(3).raft_log.committed], [2, 2]);
+    // A second write's append carries the first one's commit as well.
+    c.propose(1, "y").unwrap();
+    c.stabilize();
+    assert_eq!([c.raft(2).raft_log.committed, c.raft(3).raft_log.committed], [2, 2]);
+    c.propose(1, "z").unwrap();
+    c.stabilize();
+    assert_eq!([c.raft(2).raft_log.committed, c.raft(3).raft_log.committed], [3, 3], "learned from the append of z");
+}

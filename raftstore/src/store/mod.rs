@@ -42,7 +42,8 @@ pub struct StoreOptions {
     pub batch: BatchOptions,
     /// The Raft settings of every replica (its `id` and `random_seed` are set per replica). Default: the core's
     /// defaults with lease reads (`ReadMode::LeaseBased`): a leader holding a valid lease answers linearizable
-    /// reads without a round trip, else by ReadIndex — safe within the clock-drift bound in the core's docs.
+    /// reads without a round trip, else by ReadIndex — safe within the clock-drift bound in the core's docs; and
+    /// without `commit_broadcast` (followers learn the commit index with the next append or heartbeat).
     pub raft: Config,
     /// How often every group ticks. Default 100 ms (an election timeout of 10 ticks is then 1–2 s).
     pub tick_interval: Duration,
@@ -56,7 +57,7 @@ impl Default for StoreOptions {
     fn default() -> StoreOptions {
         StoreOptions {
             batch: BatchOptions::default(),
-            raft: Config { read_mode: ReadMode::LeaseBased, ..Config::default() },
+            raft: Config { read_mode: ReadMode::LeaseBased, commit_broadcast: false, ..Config::default() },
             tick_interval: Duration::from_millis(100),
             node_id: 1,
             peer: PeerOptions::default(),

@@ -62,8 +62,9 @@ impl<S: Storage> Raft<S> {
         }
         let persisted = self.raft_log.persisted;
         let updated = self.tracker.progress.get_mut(&self.id).is_some_and(|p| p.maybe_update(persisted));
+        let before = self.raft_log.committed;
         if updated && self.maybe_commit() {
-            self.broadcast_append();
+            self.after_commit(before);
         }
     }
 
@@ -86,10 +87,25 @@ impl<S: Storage> Raft<S> {
     }
 
     pub(super) fn broadcast_append(&mut self) {
+        self.send_appends(true);
+    }
+
+    /// Every follower gets the entries it needs next (with `send_if_empty`, an append even if there are none).
+    fn send_appends(&mut self, send_if_empty: bool) {
         let peers: Vec<u64> = self.tracker.progress.keys().copied().filter(|&id| id != self.id).collect();
         for id in peers {
-            self.maybe_send_append(id, true);
+            self.maybe_send_append(id, send_if_empty);
         }
+    }
+
+    /// After the commit index moved from `before`: with `commit_broadcast`, every follower gets an append
+    /// (carrying the new commit index) at once; without, only the followers with new entries to receive do, and
+    /// the others learn the commit index from their next append or heartbeat (see `Config::commit_broadcast`).
+    /// Except when a membership change just committed: everyone hears at once then, because a replica it
+    /// removes gets no heartbeat once the leader applies it, and would otherwise never learn of its removal.
+    fn after_commit(&mut self, before: u64) {
+        let membership_committed = (before + 1..=self.raft_log.committed).contains(&self.pending_conf_index);
+        self.send_appends(self.config.commit_broadcast || membership_committed);
     }
 
     /// Sends `to` the entries it needs next, or a snapshot if they were compacted away. With `send_if_empty`
@@ -207,9 +223,11 @@ impl<S: Storage> Raft<S> {
             ProgressState::Replicate => progress.inflights.free_to(m.index),
         }
         let matched = progress.matched;
+        let before = self.raft_log.committed;
         if self.maybe_commit() {
-            self.broadcast_append();
-        } else if was_paused {
+            self.after_commit(before);
+        } else if was_paused && self.config.commit_broadcast {
+            // It may lack the commit index (it was paused): tell it now.
             self.maybe_send_append(m.from, true);
         }
         // Keep the pipeline full.
