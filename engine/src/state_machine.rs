@@ -514,8 +514,6 @@ impl StateMachine {
         self.memtables.read().applied(group_id).unwrap_or_else(|| self.durable_applied(group_id))
     }
 
-    /// The applied state the last flush made durable: after a crash the group restarts here and the WAL must hold
-    /// everything after it.
     /// Records groups' applied states as durable, then bumps the generation (in that order: a reader that sees
     /// the new generation sees the new states).
     pub(crate) fn make_durable(&self, states: impl IntoIterator<Item = (u64, AppliedState)>) {
@@ -529,6 +527,8 @@ impl StateMachine {
         self.durable_generation.load(Ordering::SeqCst)
     }
 
+    /// The applied state the last flush made durable: after a crash the group restarts here and the WAL must hold
+    /// everything after it.
     pub fn durable_applied(&self, group_id: u64) -> AppliedState {
         self.durable.read().get(&group_id).copied().unwrap_or((0, 0))
     }

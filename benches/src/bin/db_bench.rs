@@ -9,19 +9,21 @@
 //! cargo run --release -p flotilla-benches --bin db-bench -- --async-clients           # clients as tokio tasks
 //! cargo run --release -p flotilla-benches --bin db-bench -- --nodes 1 --groups 16     # the embedded default
 //! ```
+//!
+//! Each phase also reports the process's CPU time per operation; `--metrics` prints the store's counters per
+//! operation and its histograms after each phase.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use flotilla::{AsyncDb, Config, Db};
+use flotilla_benches::metric_summary::MetricSummary;
+use hdrhistogram::Histogram;
 
 /// The allocator of the `flotilla` command, so that the figures are the ones it gets (`docs/benchmarks.md`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use flotilla::{AsyncDb, Config, Db};
-use flotilla_benches::metric_summary::MetricSummary;
-use hdrhistogram::Histogram;
 
 #[derive(Parser)]
 struct Args {

@@ -13,11 +13,11 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use flotilla::{Config, Db};
 
 /// The allocator of the `flotilla` command, so that the figures are the ones it gets (`docs/benchmarks.md`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use flotilla::{Config, Db};
 
 #[derive(Parser)]
 struct Args {

@@ -42,7 +42,6 @@ impl Configuration {
         }
     }
 
-    /// Every member: voters of both halves and learners (current and next).
     /// Whether `id` is the only member (voter or learner), without building the member set.
     pub fn is_only_member(&self, id: u64) -> bool {
         let only = |set: &BTreeSet<u64>| set.len() == 1 && set.contains(&id);
@@ -52,6 +51,7 @@ impl Configuration {
             && self.learners_next.is_empty()
     }
 
+    /// Every member: voters of both halves and learners (current and next).
     pub fn member_ids(&self) -> BTreeSet<u64> {
         let mut ids = self.voters.ids();
         ids.extend(&self.learners);

@@ -30,9 +30,10 @@ impl Peer {
             }
             // A Ready that changed nothing but the commit index (`must_sync` false) writes nothing: the commit
             // index may be stored lazily (a restarted replica takes the larger of it and its applied index, and
-            // learns the rest from its leader). It rides along with the next write that changes anything else.
-            // With one write per group in flight (thousands of groups), the leader's commit and every follower's
-            // learning of it would otherwise cost a log write, a sync and a `Persisted` round trip each.
+            // learns the rest from its leader). The stored one catches up whenever a Ready that must be synced
+            // carries a changed hard state. With one write per group in flight (thousands of groups), the
+            // leader's commit and every follower's learning of it would otherwise cost a log write, a sync and a
+            // `Persisted` round trip each.
             if let Some(hard_state) = ready.hard_state.filter(|_| ready.must_sync) {
                 ops.push(LogOp::HardState(hard_state));
             }

@@ -115,6 +115,8 @@ impl Replicas {
             Err(error) => panic!("opening an empty replica of group {group_id}: {error:?} (the engines failed)"),
         };
         let fsm = PeerFsm::new(peer);
+        // Settled before a poller can see it: a fresh replica owes no ticks for the time before it existed.
+        self.ticking.settle(&fsm.ticks_seen);
         let (ticking, seen) = (fsm.ticking, Arc::clone(&fsm.ticks_seen));
         if self.router.register(group_id, Box::new(fsm)).is_ok() {
             self.held.insert(group_id);

@@ -32,9 +32,14 @@ pub struct Ticking {
 }
 
 impl Ticking {
+    /// Nothing is owed for the time before now (a replica about to be handled for the first time).
+    pub(crate) fn settle(&self, seen: &AtomicU64) {
+        seen.store(self.now.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
     /// Group `group_id` needs ticks from now on (none owed for the time before).
     pub(crate) fn start(&self, group_id: u64, seen: &TicksSeen) {
-        seen.store(self.now.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.settle(seen);
         self.groups.lock().insert(group_id, Arc::clone(seen));
     }
 
