@@ -76,12 +76,26 @@ pub struct HibernateRequest {
 }
 
 /// Everything that travels between two replicas of one group.
+/// From a member of a group to a replica that messaged it but that its configuration does not list: the
+/// sender's descriptor, from which the receiver can tell whether it was removed meanwhile (a replica that missed
+/// the news of its own removal would otherwise live on). See `Peer::on_removal_notice`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemovalNotice {
+    #[prost(uint64, tag = "1")]
+    pub from: u64,
+    #[prost(uint64, tag = "2")]
+    pub to: u64,
+    #[prost(message, optional, tag = "3")]
+    pub descriptor: Option<RangeDescriptor>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum ReplicaMessage {
     Raft(Message),
     Chunk(SnapshotChunk),
     Ack(SnapshotAck),
     Hibernate(HibernateRequest),
+    Removed(RemovalNotice),
 }
 
 impl ReplicaMessage {
@@ -91,6 +105,7 @@ impl ReplicaMessage {
             ReplicaMessage::Chunk(chunk) => chunk.from,
             ReplicaMessage::Ack(ack) => ack.from,
             ReplicaMessage::Hibernate(request) => request.from,
+            ReplicaMessage::Removed(notice) => notice.from,
         }
     }
 
@@ -100,6 +115,7 @@ impl ReplicaMessage {
             ReplicaMessage::Chunk(chunk) => chunk.to,
             ReplicaMessage::Ack(ack) => ack.to,
             ReplicaMessage::Hibernate(request) => request.to,
+            ReplicaMessage::Removed(notice) => notice.to,
         }
     }
 }

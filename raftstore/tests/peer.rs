@@ -12,7 +12,7 @@ use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{Config, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome};
-use flotilla_raftstore::message::ReplicaMessage;
+use flotilla_raftstore::message::{RemovalNotice, ReplicaMessage};
 use flotilla_raftstore::peer::{prepare_groups, MembershipChange, Peer, BOOTSTRAP_INDEX, PeerError, PeerOptions, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica};
 
@@ -668,4 +668,28 @@ fn a_replica_is_added_as_a_learner_caught_up_by_snapshot_promoted_and_another_re
         group.node(id).peer.on_node_down(1);
     }
     assert!(group.tick_until(100, |g| g.node(2).peer.is_leader() || g.node(4).peer.is_leader()));
+}
+
+#[test]
+fn a_replica_cut_off_while_it_was_removed_learns_it_from_a_member_it_messages_and_stops() {
+    let mut group = Group::led_by(1);
+    write_keys(&mut group, 1, 3, "v");
+    group.isolated = 3;
+    assert_eq!(group.change(1, 300, MembershipChange::Remove { replica_id: 3 }), Response::Written(Outcome::Done));
+    assert!(!group.node(3).peer.is_removed(), "cut off, it missed its removal");
+    // Notices it must ignore: one from a configuration no newer than its own, and one that still lists it.
+    let members = group.node(1).peer.descriptor().clone();
+    let old = RangeDescriptor { replicas: members.replicas.clone(), ..descriptor() };
+    let still_listed = RangeDescriptor { epoch: Some(RangeEpoch { version: 1, conf_version: 9 }), ..descriptor() };
+    for stale in [old, still_listed] {
+        let notice = RemovalNotice { from: 1, to: 3, descriptor: Some(stale) };
+        group.node(3).peer.on_removal_notice(notice);
+        assert!(!group.node(3).peer.is_removed());
+    }
+    // Healed: no heartbeat reaches it any more, so it campaigns; the members it asks answer with their descriptor.
+    group.isolated = 0;
+    assert!(group.tick_until(100, |g| g.node(3).peer.is_removed()), "replica 3 learned of its removal");
+    assert_eq!(*group.node(3).peer.descriptor(), members, "the record its node will store when destroying it");
+    assert!(group.node(1).peer.is_leader(), "the group was not disturbed");
+    assert_eq!(group.put(1, 301, "c", "1"), Response::Written(Outcome::Done));
 }

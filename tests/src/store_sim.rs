@@ -1024,6 +1024,9 @@ fn describe_message(message: &ReplicaMessage) -> String {
         ),
         ReplicaMessage::Ack(a) => format!("SnapshotAck {}->{} term={} stream={} received={} rejected={}", a.from, a.to, a.term, a.stream_id, a.received, a.rejected),
         ReplicaMessage::Hibernate(h) => format!("Hibernate {}->{} term={} index={} log_term={} commit={}", h.from, h.to, h.term, h.index, h.log_term, h.commit),
+        ReplicaMessage::Removed(n) => {
+            format!("RemovalNotice {}->{} conf_version={}", n.from, n.to, n.descriptor.as_ref().map_or(0, |d| d.epoch().conf_version))
+        }
     }
 }
 

@@ -10,7 +10,9 @@
 //! A new replica is added as a learner on its node, where it is created empty (no range, no configuration):
 //! since groups start from a bootstrap snapshot (`bootstrap.rs`), no append can match its log, and the leader
 //! catches it up by snapshot, which carries the descriptor. Once caught up it may be promoted to voter. A replica
-//! that applies its own removal stops ([`Peer::is_removed`]); its node then destroys it.
+//! that applies its own removal stops ([`Peer::is_removed`]); its node then destroys it. One that missed the news
+//! (cut off at the time) learns it from a member it messages later: members answer unlisted senders with a
+//! removal notice ([`Peer::on_removal_notice`]).
 
 use bytes::Bytes;
 use flotilla_engine::kv_engine::KvEngine;
@@ -20,6 +22,7 @@ use prost::Message as _;
 
 use super::{Peer, PeerError, PendingWrite, Response, Token};
 use crate::command::{ApplyBatch, ApplyError, Applied, Outcome};
+use crate::message::{RemovalNotice, ReplicaMessage};
 use crate::range::{RangeDescriptor, RangeEpoch, Replica};
 
 /// One change of a group's membership.
@@ -134,9 +137,43 @@ impl Peer {
         Ok(Applied { request_id: context.request_id, index: entry.index, term: entry.term, outcome })
     }
 
-    /// Whether this replica applied its own removal: it takes part in nothing any more, and its node destroys it.
+    /// Whether this replica applied its own removal (or learned of it, [`Peer::on_removal_notice`]): it takes
+    /// part in nothing any more, and its node destroys it.
     pub fn is_removed(&self) -> bool {
         self.removed
+    }
+
+    /// A Raft message from a replica this member's configuration does not list: answered with a removal notice
+    /// carrying this replica's descriptor. Usually the sender was removed and missed the news (it campaigns once
+    /// its leader's heartbeats stop); if instead it is newer than this replica's configuration (a learner this
+    /// replica has not applied the addition of yet), the receiver sees a configuration older than its own and
+    /// ignores the notice.
+    pub(super) fn notice_if_unlisted(&mut self, message: &ReplicaMessage) {
+        let ReplicaMessage::Raft(message) = message else { return };
+        let listed = |id: u64| self.descriptor.replicas.iter().any(|r| r.replica_id == id);
+        if self.removed || !listed(self.raw.raft.id) || listed(message.from) {
+            return;
+        }
+        let notice = RemovalNotice { from: self.raw.raft.id, to: message.from, descriptor: Some(self.descriptor.clone()) };
+        self.outbox.push(ReplicaMessage::Removed(notice));
+    }
+
+    /// A member's descriptor, sent because this replica messaged it unlisted. This replica was removed if the
+    /// notice's configuration is newer than its own and does not list it: configurations follow one history, and
+    /// a replica id once removed never returns. Then it stops and its node destroys it, storing the notice's
+    /// descriptor as the record. Ignored by a replica whose own descriptor does not list it (an empty replica
+    /// not yet caught up: whoever sent the notice may simply not know of it yet).
+    pub fn on_removal_notice(&mut self, notice: RemovalNotice) {
+        let Some(descriptor) = notice.descriptor else { return };
+        let me = self.raw.raft.id;
+        let listed_in = |d: &RangeDescriptor| d.replicas.iter().any(|r| r.replica_id == me);
+        let newer = descriptor.epoch().conf_version > self.descriptor.epoch().conf_version;
+        if self.removed || descriptor.group_id != self.descriptor.group_id || !listed_in(&self.descriptor) || !newer || listed_in(&descriptor) {
+            return;
+        }
+        self.descriptor = descriptor;
+        self.removed = true;
+        metrics::counter!("flotilla_removal_notices_taken_total").increment(1);
     }
 }
 

@@ -293,6 +293,7 @@ impl Peer {
         if self.wakes(&message) {
             self.wake();
         }
+        self.notice_if_unlisted(&message);
         match message {
             // A snapshot's metadata alone is not a snapshot: it only comes as the last chunk of a stream.
             ReplicaMessage::Raft(message) if message.msg_type() == MessageType::Snapshot => {
@@ -309,6 +310,10 @@ impl Peer {
             }
             ReplicaMessage::Hibernate(request) => {
                 self.on_hibernate_request(request);
+                Ok(())
+            }
+            ReplicaMessage::Removed(notice) => {
+                self.on_removal_notice(notice);
                 Ok(())
             }
         }
