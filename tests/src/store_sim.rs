@@ -33,7 +33,7 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{Config, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::ReplicaMessage;
-use flotilla_raftstore::peer::{destroy_replica, prepare_groups, LogWrite, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
+use flotilla_raftstore::peer::{destroy_replica, finish_interrupted_destroys, prepare_groups, LogWrite, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 
 use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
@@ -72,6 +72,8 @@ pub struct StoreSimReport {
     pub membership_changes_applied: u64,
     /// Removed replicas whose nodes destroyed them (data and log dropped).
     pub replicas_destroyed: u64,
+    /// Destroys a crash interrupted, finished when the node reopened.
+    pub interrupted_destroys_finished: u64,
     /// Ticks replicas slept through (hibernating).
     pub ticks_slept: u64,
     /// Snapshots installed (streams that ended in a replica taking the snapshot).
@@ -91,6 +93,7 @@ impl StoreSimReport {
         self.membership_changes += other.membership_changes;
         self.membership_changes_applied += other.membership_changes_applied;
         self.replicas_destroyed += other.replicas_destroyed;
+        self.interrupted_destroys_finished += other.interrupted_destroys_finished;
         self.ticks_slept += other.ticks_slept;
         self.snapshot_installs += other.snapshot_installs;
     }
@@ -284,6 +287,9 @@ impl Sim {
         let kv = StateMachine::open_with_backend(node.redb.clone(), machine_options()).map_err(|e| format!("node {}: {e}", node.id))?;
         // What it holds: the descriptors it stored (the initial layout at a first start). A replica it holds no
         // more (removed) stays closed; one created empty and never caught up is created again by the next message.
+        // A destroy a crash interrupted (between the removal's apply and the end of the destroy) is finished.
+        let finished = finish_interrupted_destroys(node.id, log.as_ref(), &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
+        self.report.interrupted_destroys_finished += finished as u64;
         let stored = kv.ranges().map_err(|e| e.to_string())?;
         let held: Vec<RangeDescriptor> = if stored.is_empty() {
             self.ranges.iter().filter(|r| r.replicas.iter().any(|replica| replica.node_id == node.id)).cloned().collect()

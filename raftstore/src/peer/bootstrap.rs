@@ -15,7 +15,10 @@
 //!
 //! **Destroy** ([`destroy_replica`]), the other end of a replica's life: once it applied its own removal, its
 //! range's data is dropped (durably, keeping its descriptor — which no longer lists the node — as the record that
-//! the node held the group) and its log entries are compacted away.
+//! the node held the group) and its log entries are compacted away. A crash between the removal's apply and the
+//! end of the destroy is finished at the next open ([`finish_interrupted_destroys`]): a completed destroy leaves
+//! no log entries, so a group whose stored descriptor does not list the node but whose log still holds entries
+//! is one whose destroy did not finish.
 
 use flotilla_engine::kv_engine::KvEngine;
 use flotilla_engine::log_engine::LogEngine;
@@ -92,10 +95,26 @@ pub fn destroy_replica(log: &dyn LogEngine, kv: &dyn KvEngine, descriptor: &Rang
     Ok(())
 }
 
+/// Finishes the destroys a crash interrupted on node `node_id` (see the module docs); returns how many. Run it
+/// before opening the node's replicas.
+pub fn finish_interrupted_destroys(node_id: u64, log: &dyn LogEngine, kv: &dyn KvEngine) -> Result<usize, Error> {
+    let mut finished = 0;
+    for (group_id, bytes) in kv.ranges().map_err(|e| storage_error(format!("reading the stored ranges: {e}")))? {
+        let descriptor = RangeDescriptor::decode_stored(&bytes).map_err(|e| storage_error(format!("group {group_id}'s stored range: {e}")))?;
+        let left = !descriptor.replicas.is_empty() && !descriptor.replicas.iter().any(|r| r.node_id == node_id);
+        if left && log.last_index(group_id) >= log.first_index(group_id) {
+            destroy_replica(log, kv, &descriptor)?;
+            finished += 1;
+        }
+    }
+    Ok(finished)
+}
+
 #[cfg(test)]
 mod tests {
     use flotilla_engine::kv_engine::MemKvEngine;
     use flotilla_engine::log_engine::MemLogEngine;
+    use flotilla_engine::state_machine::KvOp;
 
     use super::*;
     use crate::range::{initial_ranges, Replica};
@@ -128,5 +147,29 @@ mod tests {
         let uninitialized = RangeDescriptor { group_id: 77, ..RangeDescriptor::default() };
         prepare_groups(&log, &kv, &[uninitialized]).unwrap();
         assert_eq!((kv.applied(77), log.last_index(77)), ((0, 0), 0));
+    }
+
+    #[test]
+    fn a_destroy_a_crash_interrupted_is_finished_at_open_and_a_finished_one_is_left_alone() {
+        let (log, kv) = (MemLogEngine::new(), MemKvEngine::new(u64::MAX));
+        let [kept, left] = <[RangeDescriptor; 2]>::try_from(ranges()).unwrap();
+        prepare_groups(&log, &kv, &[kept.clone(), left.clone()]).unwrap();
+        // Node 3 applied its removal from `left` (the new descriptor is durable with a key of the range) and
+        // crashed before destroying the replica: the data and the log entries are still there.
+        let without_3 = RangeDescriptor { replicas: left.replicas.iter().filter(|r| r.node_id != 3).cloned().collect(), ..left.clone() };
+        let key = [left.start.clone(), b"k".to_vec()].concat();
+        let ops = vec![KvOp::Put { key: key.clone(), value: b"v".to_vec() }];
+        kv.apply(vec![GroupApply { group_id: left.group_id, ops, applied_index: BOOTSTRAP_INDEX, applied_term: BOOTSTRAP_TERM, range: Some(without_3.encode()) }]).unwrap();
+        kv.flush().unwrap();
+        let entries = (BOOTSTRAP_INDEX + 1..=BOOTSTRAP_INDEX + 3).map(|index| flotilla_raft::Entry { index, term: BOOTSTRAP_TERM + 1, ..Default::default() }).collect();
+        let (reply, done) = crossbeam_channel::bounded(1);
+        log.submit(WriteRequest { group_id: left.group_id, ready_number: 1, ops: vec![LogOp::Append(entries)], reply }).unwrap();
+        done.recv().unwrap();
+        assert_eq!(finish_interrupted_destroys(3, &log, &kv).unwrap(), 1, "the interrupted destroy is finished");
+        assert_eq!(kv.get(&key).unwrap(), None, "its data is gone");
+        assert!(log.first_index(left.group_id) > log.last_index(left.group_id), "and its log");
+        assert_eq!(log.last_index(kept.group_id), BOOTSTRAP_INDEX, "the group node 3 still holds is untouched");
+        assert_eq!(finish_interrupted_destroys(3, &log, &kv).unwrap(), 0, "a finished destroy is left alone");
+        assert_eq!(finish_interrupted_destroys(1, &log, &kv).unwrap(), 0, "nodes the descriptors list keep their groups");
     }
 }

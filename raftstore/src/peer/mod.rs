@@ -34,7 +34,7 @@ use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
-pub use bootstrap::{destroy_replica, prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
+pub use bootstrap::{destroy_replica, finish_interrupted_destroys, prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 pub use conf_change::MembershipChange;
 pub use snapshot::SnapshotOptions;
 
