@@ -138,6 +138,7 @@ impl Simulation {
         let pre_vote = lease || rng.chance_per_mille(800);
         let check_quorum = lease || !pre_vote || rng.chance_per_mille(600);
         let commit_broadcast = rng.chance_per_mille(500);
+        let heartbeats_skip_after_append = rng.chance_per_mille(500);
         let mut nodes = BTreeMap::new();
         let mut clocks = BTreeMap::new();
         let mut disk_slowness = BTreeMap::new();
@@ -159,6 +160,7 @@ impl Simulation {
                 committed_bytes_max_per_ready: rng.range(40, 1000),
                 pending_reads_max: 16,
                 commit_broadcast,
+                heartbeats_skip_after_append,
                 ..Config::default()
             };
             let storage = MemStorage::new_with_voters(&initial_voters);

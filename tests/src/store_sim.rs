@@ -177,6 +177,8 @@ struct Sim {
     read_mode: ReadMode,
     /// `Config::commit_broadcast` of every replica (the raftstore's default is false; both are checked).
     commit_broadcast: bool,
+    /// `Config::heartbeats_skip_after_append` of every replica (the raftstore's default is true; both are checked).
+    heartbeats_skip_after_append: bool,
     report: StoreSimReport,
     faults: bool,
     trace: bool,
@@ -240,6 +242,7 @@ impl Sim {
             .collect();
         let read_mode = if rng.chance_per_mille(500) { ReadMode::LeaseBased } else { ReadMode::Safe };
         let commit_broadcast = rng.chance_per_mille(300);
+        let heartbeats_skip_after_append = rng.chance_per_mille(700);
         let nodes = (1..=node_count)
             .map(|id| Node { id, disk: SimDisk::new(), redb: SimRedbBackend::new(), running: None, rate_per_mille: 0, clock: 0 })
             .collect();
@@ -266,6 +269,7 @@ impl Sim {
             applied: HashMap::new(),
             read_mode,
             commit_broadcast,
+            heartbeats_skip_after_append,
             report: StoreSimReport { nodes: node_count as usize, groups: group_count, ..Default::default() },
             faults: true,
             trace: options.trace,
@@ -305,6 +309,7 @@ impl Sim {
                 random_seed: self.rng.next_u64(),
                 read_mode: self.read_mode,
                 commit_broadcast: self.commit_broadcast,
+                heartbeats_skip_after_append: self.heartbeats_skip_after_append,
                 ..Config::default()
             };
             let group_id = range.group_id;
@@ -528,7 +533,7 @@ impl Sim {
                 return Ok(());
             }
             let empty = RangeDescriptor { group_id: group, ..RangeDescriptor::default() };
-            let config = Config { id: message.to(), random_seed: self.rng.next_u64(), read_mode: self.read_mode, commit_broadcast: self.commit_broadcast, ..Config::default() };
+            let config = Config { id: message.to(), random_seed: self.rng.next_u64(), read_mode: self.read_mode, commit_broadcast: self.commit_broadcast, heartbeats_skip_after_append: self.heartbeats_skip_after_append, ..Config::default() };
             let peer = Peer::open(config, peer_options(&mut self.rng), empty, Arc::clone(&running.log) as Arc<dyn LogEngine>, &running.kv)
                 .map_err(|e| e.to_string())?;
             running.peers.insert(group, peer);

@@ -333,3 +333,32 @@ fn without_commit_broadcast_followers_learn_the_commit_index_from_the_next_heart
     c.stabilize();
     assert_eq!([c.raft(2).raft_log.committed, c.raft(3).raft_log.committed], [3, 3], "learned from the append of z");
 }
+
+#[test]
+fn with_heartbeats_skipped_after_appends_a_follower_that_just_got_one_gets_no_heartbeat() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |config| config.heartbeats_skip_after_append = true);
+    c.elect(1);
+    c.tick(1, 2);
+    c.stabilize();
+    c.take_trace();
+    // An append to both followers, then the heartbeat tick comes: the append did its work.
+    c.propose(1, "x").unwrap();
+    c.stabilize();
+    c.take_trace();
+    c.tick(1, 1);
+    c.stabilize();
+    assert_eq!(c.take_trace(), Vec::<String>::new(), "no heartbeat right after an append");
+    // A whole interval without appends: heartbeats go out again (carrying the commit index).
+    c.tick(1, 2);
+    c.stabilize();
+    let trace = c.take_trace();
+    assert!(trace.contains(&"1->2 Heartbeat t1 commit=2".to_string()) && trace.contains(&"1->3 Heartbeat t1 commit=2".to_string()), "{trace:?}");
+    // A read waiting for confirmation is never left without its heartbeat round.
+    c.propose(1, "y").unwrap();
+    c.stabilize();
+    c.take_trace();
+    c.with_node(1, |raw| raw.read_index(bytes::Bytes::from_static(b"r1"))).unwrap();
+    c.stabilize();
+    let trace = c.take_trace();
+    assert!(trace.iter().any(|m| m.starts_with("1->2 Heartbeat")), "{trace:?}");
+}

@@ -27,6 +27,8 @@ pub struct Progress {
     pub recent_active: bool,
     /// The newest leader tick this follower has echoed back (see leases in the crate docs).
     pub lease_ack_tick: u64,
+    /// The leader tick at which it last sent this follower an append (see `Config::heartbeats_skip_after_append`).
+    pub append_sent_tick: u64,
     pub is_learner: bool,
     pub inflights: Inflights,
 }
@@ -41,6 +43,7 @@ impl Progress {
             pending_snapshot: 0,
             recent_active: false,
             lease_ack_tick: 0,
+            append_sent_tick: 0,
             is_learner: false,
             inflights: Inflights::new(inflight_messages_max, inflight_bytes_max),
         }

@@ -43,7 +43,8 @@ pub struct StoreOptions {
     /// The Raft settings of every replica (its `id` and `random_seed` are set per replica). Default: the core's
     /// defaults with lease reads (`ReadMode::LeaseBased`): a leader holding a valid lease answers linearizable
     /// reads without a round trip, else by ReadIndex — safe within the clock-drift bound in the core's docs; and
-    /// without `commit_broadcast` (followers learn the commit index with the next append or heartbeat).
+    /// without `commit_broadcast` (followers learn the commit index with the next append or heartbeat), and
+    /// with `heartbeats_skip_after_append` (no heartbeat to a follower that just got an append).
     pub raft: Config,
     /// How often every group ticks. Default 100 ms (an election timeout of 10 ticks is then 1–2 s).
     pub tick_interval: Duration,
@@ -57,7 +58,7 @@ impl Default for StoreOptions {
     fn default() -> StoreOptions {
         StoreOptions {
             batch: BatchOptions::default(),
-            raft: Config { read_mode: ReadMode::LeaseBased, commit_broadcast: false, ..Config::default() },
+            raft: Config { read_mode: ReadMode::LeaseBased, commit_broadcast: false, heartbeats_skip_after_append: true, ..Config::default() },
             tick_interval: Duration::from_millis(100),
             node_id: 1,
             peer: PeerOptions::default(),

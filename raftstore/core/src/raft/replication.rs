@@ -138,6 +138,7 @@ impl<S: Storage> Raft<S> {
         self.msgs.push(message);
         if let Some(progress) = self.tracker.progress.get_mut(&to) {
             progress.on_append_sent(count, last_index, bytes);
+            progress.append_sent_tick = self.tick_count;
         }
         true
     }
@@ -164,18 +165,27 @@ impl<S: Storage> Raft<S> {
         true
     }
 
-    /// Heartbeats to every member, carrying the newest pending ReadIndex context so one round confirms reads.
-    pub(super) fn broadcast_heartbeat(&mut self) {
+    /// The periodic heartbeat to every member, carrying the newest pending ReadIndex context so one round
+    /// confirms reads. With `heartbeats_skip_after_append` and no read waiting, a follower sent an append within
+    /// the last heartbeat interval is skipped.
+    pub(super) fn tick_heartbeats(&mut self) {
         let context = self.read_only_last_context();
-        self.broadcast_heartbeat_with_context(context);
+        let recent = self.tick_count.saturating_sub(self.config.heartbeat_interval_ticks);
+        let skip_after = (self.config.heartbeats_skip_after_append && context.is_empty()).then_some(recent);
+        self.send_heartbeats(context, skip_after);
     }
 
     pub(super) fn broadcast_heartbeat_with_context(&mut self, context: Bytes) {
+        self.send_heartbeats(context, None);
+    }
+
+    /// Heartbeats to every member but those sent an append after leader tick `skip_after` (if given).
+    fn send_heartbeats(&mut self, context: Bytes, skip_after: Option<u64>) {
         let peers: Vec<(u64, u64)> = self
             .tracker
             .progress
             .iter()
-            .filter(|(id, _)| **id != self.id)
+            .filter(|(id, p)| **id != self.id && skip_after.is_none_or(|after| p.append_sent_tick <= after))
             .map(|(id, p)| (*id, p.matched))
             .collect();
         for (id, matched) in peers {
