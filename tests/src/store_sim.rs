@@ -410,10 +410,16 @@ impl Sim {
 
     /// Drops the data and log of the node's removed replica of `group`, once.
     fn destroy(&mut self, position: usize, group: u64) -> SimResult<()> {
-        let running = self.nodes[position].running.as_mut().expect("running");
-        if !running.destroyed.insert(group) {
+        if self.nodes[position].running.as_ref().expect("running").destroyed.contains(&group) {
             return Ok(());
         }
+        // As a node's log takes requests in order, the writes queued before the destroy's go first (a replica
+        // told of its removal may still have some under way).
+        while self.nodes[position].running.as_ref().expect("running").disk_queue.iter().any(|(g, _)| *g == group) {
+            self.persist_one(position)?;
+        }
+        let running = self.nodes[position].running.as_mut().expect("running");
+        running.destroyed.insert(group);
         let descriptor = running.peers[&group].descriptor().clone();
         destroy_replica(running.log.as_ref(), &running.kv, &descriptor).map_err(|e| format!("node {}: {e:?}", self.nodes[position].id))?;
         self.report.replicas_destroyed += 1;
@@ -460,7 +466,11 @@ impl Sim {
         running.log.submit(request).map_err(|e| format!("node {node_id}: {e}"))?;
         let done: Vec<Persisted> = running.persisted.try_iter().collect();
         for persisted in done {
-            running.peers.get_mut(&persisted.group_id).expect("peer").on_persisted(persisted.ready_number);
+            // A removed replica takes nothing more (as its node's handler drops its messages).
+            let peer = running.peers.get_mut(&persisted.group_id).expect("peer");
+            if !peer.is_removed() {
+                peer.on_persisted(persisted.ready_number);
+            }
         }
         Ok(())
     }

@@ -86,12 +86,17 @@ pub fn destroy_replica(log: &dyn LogEngine, kv: &dyn KvEngine, descriptor: &Rang
     let group_id = descriptor.group_id;
     flotilla_engine::kv_engine::clear_group(kv, group_id, &descriptor.start, &descriptor.end, &descriptor.encode())
         .map_err(|e| storage_error(format!("clearing group {group_id}'s data: {e}")))?;
-    let last = log.last_index(group_id);
-    let Some(base_term) = log.term(group_id, last).filter(|_| last >= log.first_index(group_id)) else { return Ok(()) };
-    let (reply, done) = crossbeam_channel::bounded(1);
-    let ops = vec![LogOp::Compact { first_kept_index: last + 1, base_term }];
-    log.submit(WriteRequest { group_id, ready_number: 0, ops, reply }).map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
-    done.recv().map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
+    // Writes the replica submitted before it stopped may still be queued in the log, ahead of this compaction
+    // (the log takes requests in order): once it is done they are too, and a second round drops what they added.
+    // (Bounded: a destroy left unfinished is finished at the next open, `finish_interrupted_destroys`.)
+    for _round in 0..3 {
+        let last = log.last_index(group_id);
+        let Some(base_term) = log.term(group_id, last).filter(|_| last >= log.first_index(group_id)) else { return Ok(()) };
+        let (reply, done) = crossbeam_channel::bounded(1);
+        let ops = vec![LogOp::Compact { first_kept_index: last + 1, base_term }];
+        log.submit(WriteRequest { group_id, ready_number: 0, ops, reply }).map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
+        done.recv().map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
+    }
     Ok(())
 }
 
