@@ -1,15 +1,18 @@
 //! The poll handler: one round of the batch system for many group replicas. `handle` feeds each FSM its
-//! messages and collects what its peer asks; `end` submits every Ready's writes to the group-commit log (they
-//! share fsyncs), applies every group's committed entries in **one** state machine call, and answers clients.
+//! messages (after the ticks it owes, `ticks.rs`) and collects what its peer asks; `end` submits every Ready's
+//! writes to the group-commit log (they share fsyncs), applies every group's committed entries in **one** state
+//! machine call, and answers clients.
+//!
+//! A failed engine (log submit, apply, flusher, a replica's snapshot I/O) stops the node with the reason
+//! ([`NodeFailure`]): later rounds refuse every request with it and write nothing.
 //!
 //! Metrics (with those of the batch system, WAL and state machine): `flotilla_proposals_total`,
-//! A failed engine (log submit, apply, flusher, a replica's snapshot I/O) stops the node with the reason ([`NodeFailure`]): later rounds
-//! refuse every request with it and write nothing.
-//!
 //! `flotilla_reads_total`, `flotilla_log_writes_total`, `flotilla_commands_applied_total`,
 //! `flotilla_apply_batch_groups` (histogram: groups per state machine apply), `flotilla_elections_total` (vote
-//! rounds started),
-//! `flotilla_groups_ticking` (gauge: groups the ticker visits).
+//! rounds started), `flotilla_groups_ticking` (gauge: groups the ticker visits), `flotilla_tick_messages_total`
+//! (`Tick` messages the ticker sent: to replicas no poller handled for a whole interval),
+//! `flotilla_removal_notices_taken_total` (replicas that learned of their removal from a member),
+//! `flotilla_replicas_destroyed_total`.
 
 use std::sync::Arc;
 
