@@ -1,8 +1,8 @@
 //! Time for the replicas that need it, without a message per replica per tick while they are busy.
 //!
-//! The ticker thread advances a node-wide tick count every `tick_interval` ([`Ticking::advance`]). A replica that
+//! The ticker thread advances a node-wide tick count every `tick_interval` (`Ticking::advance`). A replica that
 //! needs ticks owes the difference between that count and the count it has seen. Whenever a poller handles it,
-//! for whatever reason, it first takes the ticks it owes ([`Ticking::take_owed`]): a busy replica's ticks ride
+//! for whatever reason, it first takes the ticks it owes (`Ticking::take_owed`): a busy replica's ticks ride
 //! along with its other messages. The ticker sends a `Tick` message only to the replicas that were not handled
 //! during the whole last interval, so that time still reaches idle ones.
 //!
