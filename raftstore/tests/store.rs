@@ -2,7 +2,8 @@
 //! redb state machines on disk: a replica cut off while the others compacted their logs catches up by a
 //! snapshot stream that crosses mailboxes and poller threads; idle groups hibernate (the ticker visits none), a
 //! request wakes them, and followers elect a new leader once node liveness says the leader's node is down; replicas
-//! join and leave by membership change; a failed log stops the node with the reason.
+//! join and leave by membership change (one cut off while it was removed learns it from a member's removal
+//! notice); a failed log stops the node with the reason.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -202,6 +203,33 @@ fn a_new_node_gets_a_replica_by_membership_change_and_a_removed_one_is_destroyed
     let stored = RangeDescriptor::decode_stored(&nodes[3].kv.ranges().unwrap()[0].1).unwrap();
     let members: Vec<(u64, u64)> = stored.replicas.iter().map(|r| (r.node_id, r.replica_id)).collect();
     assert!(members.contains(&(4, 7)) && !members.contains(&(3, 3)), "node 4 stored the members: {members:?}");
+}
+
+#[test]
+fn a_replica_cut_off_while_it_was_removed_is_told_by_a_member_once_reachable_and_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    let range = initial_ranges(1, 1, &replicas).remove(0);
+    let group_id = range.group_id;
+    let transport = Arc::new(InProcessTransport::new());
+    let nodes: Vec<Node> = (1..=3).map(|id| start_node(id, dir.path(), std::slice::from_ref(&range), &transport)).collect();
+    nodes[0].store.campaign_all([group_id]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    put(&nodes, group_id, b"first", b"1", deadline);
+    wait_until(deadline, "node 3 has the first write", || nodes[2].kv.get(b"first").unwrap().is_some());
+    // Node 3 is unreachable while replica 3 is removed: it never hears of it.
+    transport.remove_node(3);
+    change(&nodes[..2], group_id, MembershipChange::Remove { replica_id: 3 }, deadline);
+    put(&nodes[..2], group_id, b"second", b"2", deadline);
+    assert_eq!(nodes[2].store.router().len(), 1, "node 3 still runs its replica");
+    // Reachable again: its replica, hearing from no leader, campaigns; a member answers with a removal notice,
+    // and node 3 destroys the replica.
+    transport.add_node(3, nodes[2].store.inbox());
+    wait_until(deadline, "node 3 destroyed its replica", || nodes[2].store.router().is_empty());
+    wait_until(deadline, "node 3 dropped the data", || nodes[2].kv.scan(b"", b"", 1).unwrap().is_empty());
+    let kept = RangeDescriptor::decode_stored(&nodes[2].kv.ranges().unwrap()[0].1).unwrap();
+    assert!(!kept.replicas.iter().any(|r| r.node_id == 3), "the members' descriptor kept as the record");
+    put(&nodes[..2], group_id, b"third", b"3", deadline);
 }
 
 /// A single-node store whose WAL and state machine live on simulated disks that a test can switch off.
