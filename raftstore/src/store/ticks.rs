@@ -21,8 +21,10 @@ use rustc_hash::FxHashMap;
 /// The tick count a replica has seen; shared between its FSM and the ticker's list.
 pub(crate) type TicksSeen = Arc<AtomicU64>;
 
-/// Owed ticks taken at once at most (a replica not handled for this long has timed out whatever it waited for).
-const TICKS_OWED_MAX: u64 = 1_000;
+/// Owed ticks taken at once at most. Normally a replica owes one or two (the ticker wakes those not handled for
+/// a whole interval); more only after its poller stalled, and then each owed tick may send a leader's heartbeats
+/// again. Twice the default election timeout still lets every timer fire; a longer one fires a turn later.
+const TICKS_OWED_MAX: u64 = 24;
 
 /// The node's tick count and the replicas that need ticks.
 #[derive(Default)]
@@ -94,5 +96,10 @@ mod tests {
         assert!(ticking.advance().is_empty(), "both handled within the last interval");
         ticking.stop(2);
         assert_eq!(ticking.len(), 1);
+        // After a long stall, at most `TICKS_OWED_MAX` at once.
+        for _ in 0..100 {
+            ticking.advance();
+        }
+        assert_eq!(ticking.take_owed(&busy), TICKS_OWED_MAX);
     }
 }
