@@ -86,8 +86,17 @@ fn compact(node: &Node, group_id: u64) -> u64 {
     durable
 }
 
-#[test]
-fn a_replica_cut_off_while_the_others_compacted_catches_up_by_snapshot() {
+/// Three nodes holding one group, its leader elected and a first write (`first` = `1`) done.
+struct OneGroup {
+    _dir: tempfile::TempDir,
+    transport: Arc<InProcessTransport>,
+    nodes: Vec<Node>,
+    group_id: u64,
+    /// The test's deadline for everything it waits on.
+    deadline: Instant,
+}
+
+fn one_group_on_three_nodes() -> OneGroup {
     let dir = tempfile::tempdir().unwrap();
     let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
     let range = initial_ranges(1, 1, &replicas).remove(0);
@@ -97,6 +106,12 @@ fn a_replica_cut_off_while_the_others_compacted_catches_up_by_snapshot() {
     nodes[0].store.campaign_all([group_id]);
     let deadline = Instant::now() + Duration::from_secs(60);
     put(&nodes, group_id, b"first", b"1", deadline);
+    OneGroup { _dir: dir, transport, nodes, group_id, deadline }
+}
+
+#[test]
+fn a_replica_cut_off_while_the_others_compacted_catches_up_by_snapshot() {
+    let OneGroup { _dir, transport, nodes, group_id, deadline } = one_group_on_three_nodes();
     // Node 3 is cut off; 300 writes later the others have compacted their logs past everything it has.
     transport.remove_node(3);
     let value = vec![b'v'; 100];
@@ -207,15 +222,7 @@ fn a_new_node_gets_a_replica_by_membership_change_and_a_removed_one_is_destroyed
 
 #[test]
 fn a_replica_cut_off_while_it_was_removed_is_told_by_a_member_once_reachable_and_destroyed() {
-    let dir = tempfile::tempdir().unwrap();
-    let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
-    let range = initial_ranges(1, 1, &replicas).remove(0);
-    let group_id = range.group_id;
-    let transport = Arc::new(InProcessTransport::new());
-    let nodes: Vec<Node> = (1..=3).map(|id| start_node(id, dir.path(), std::slice::from_ref(&range), &transport)).collect();
-    nodes[0].store.campaign_all([group_id]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    put(&nodes, group_id, b"first", b"1", deadline);
+    let OneGroup { _dir, transport, nodes, group_id, deadline } = one_group_on_three_nodes();
     wait_until(deadline, "node 3 has the first write", || nodes[2].kv.get(b"first").unwrap().is_some());
     // Node 3 is unreachable while replica 3 is removed: it never hears of it.
     transport.remove_node(3);
