@@ -78,6 +78,16 @@ impl std::fmt::Display for RangeError {
 impl std::error::Error for RangeError {}
 
 impl RangeDescriptor {
+    /// Whether replica `replica_id` is a member (voter or learner).
+    pub fn lists_replica(&self, replica_id: u64) -> bool {
+        self.replicas.iter().any(|r| r.replica_id == replica_id)
+    }
+
+    /// Whether node `node_id` holds a replica of the group.
+    pub fn lists_node(&self, node_id: u64) -> bool {
+        self.replicas.iter().any(|r| r.node_id == node_id)
+    }
+
     pub fn epoch(&self) -> RangeEpoch {
         self.epoch.unwrap_or_default()
     }

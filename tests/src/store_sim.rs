@@ -296,7 +296,7 @@ impl Sim {
         self.report.interrupted_destroys_finished += finished as u64;
         let stored = kv.ranges().map_err(|e| e.to_string())?;
         let held: Vec<RangeDescriptor> = if stored.is_empty() {
-            self.ranges.iter().filter(|r| r.replicas.iter().any(|replica| replica.node_id == node.id)).cloned().collect()
+            self.ranges.iter().filter(|r| r.lists_node(node.id)).cloned().collect()
         } else {
             stored.iter().map(|(_, bytes)| RangeDescriptor::decode_stored(bytes).expect("stored descriptors decode")).collect()
         };

@@ -106,7 +106,7 @@ pub fn finish_interrupted_destroys(node_id: u64, log: &dyn LogEngine, kv: &dyn K
     let mut finished = 0;
     for (group_id, bytes) in kv.ranges().map_err(|e| storage_error(format!("reading the stored ranges: {e}")))? {
         let descriptor = RangeDescriptor::decode_stored(&bytes).map_err(|e| storage_error(format!("group {group_id}'s stored range: {e}")))?;
-        let left = !descriptor.replicas.is_empty() && !descriptor.replicas.iter().any(|r| r.node_id == node_id);
+        let left = !descriptor.replicas.is_empty() && !descriptor.lists_node(node_id);
         if left && log.last_index(group_id) >= log.first_index(group_id) {
             destroy_replica(log, kv, &descriptor)?;
             finished += 1;

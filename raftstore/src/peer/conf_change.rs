@@ -81,7 +81,7 @@ impl Peer {
             return self.responses.push((token, Response::Failed(refusal)));
         }
         if let MembershipChange::AddLearner { node_id, .. } = change {
-            if self.descriptor.replicas.iter().any(|r| r.node_id == node_id) {
+            if self.descriptor.lists_node(node_id) {
                 let refusal = PeerError::Membership(format!("node {node_id} already holds a replica of group {}", self.group_id()));
                 return self.responses.push((token, Response::Failed(refusal)));
             }
@@ -125,7 +125,7 @@ impl Peer {
         let outcome = match self.raw.apply_conf_change(&change) {
             Ok(conf_state) => {
                 self.descriptor = next_descriptor(&self.descriptor, &conf_state, context.node_id);
-                if !self.descriptor.replicas.iter().any(|r| r.replica_id == self.raw.raft.id) {
+                if !self.descriptor.lists_replica(self.raw.raft.id) {
                     self.removed = true;
                 }
                 metrics::counter!("flotilla_membership_changes_total").increment(1);
@@ -150,8 +150,7 @@ impl Peer {
     /// ignores the notice.
     pub(super) fn notice_if_unlisted(&mut self, message: &ReplicaMessage) {
         let ReplicaMessage::Raft(message) = message else { return };
-        let listed = |id: u64| self.descriptor.replicas.iter().any(|r| r.replica_id == id);
-        if self.removed || !listed(self.raw.raft.id) || listed(message.from) {
+        if self.removed || !self.descriptor.lists_replica(self.raw.raft.id) || self.descriptor.lists_replica(message.from) {
             return;
         }
         let notice = RemovalNotice { from: self.raw.raft.id, to: message.from, descriptor: Some(self.descriptor.clone()) };
@@ -166,9 +165,8 @@ impl Peer {
     pub fn on_removal_notice(&mut self, notice: RemovalNotice) {
         let Some(descriptor) = notice.descriptor else { return };
         let me = self.raw.raft.id;
-        let listed_in = |d: &RangeDescriptor| d.replicas.iter().any(|r| r.replica_id == me);
         let newer = descriptor.epoch().conf_version > self.descriptor.epoch().conf_version;
-        if self.removed || descriptor.group_id != self.descriptor.group_id || !listed_in(&self.descriptor) || !newer || listed_in(&descriptor) {
+        if self.removed || descriptor.group_id != self.descriptor.group_id || !self.descriptor.lists_replica(me) || !newer || descriptor.lists_replica(me) {
             return;
         }
         self.descriptor = descriptor;

@@ -100,7 +100,7 @@ impl PeerFsm {
                     return; // for a removed replica, or another incarnation
                 }
                 // Only senders the descriptor does not list are remembered (nothing to do on the common path).
-                let listed = self.peer.descriptor().replicas.iter().any(|r| r.replica_id == message.from());
+                let listed = self.peer.descriptor().lists_replica(message.from());
                 if !listed && (self.nodes_heard.len() < 64 || self.nodes_heard.contains_key(&message.from())) {
                     self.nodes_heard.insert(message.from(), from_node);
                 }

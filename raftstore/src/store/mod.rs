@@ -122,7 +122,7 @@ impl Store {
         let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| handler.clone());
         let router = system.router().clone();
         // The groups this node holds (a descriptor that no longer lists it: its replica was removed).
-        let held: Vec<RangeDescriptor> = ranges.iter().filter(|range| range.replicas.iter().any(|r| r.node_id == options.node_id)).cloned().collect();
+        let held: Vec<RangeDescriptor> = ranges.iter().filter(|range| range.lists_node(options.node_id)).cloned().collect();
         let finished = crate::peer::finish_interrupted_destroys(options.node_id, log.as_ref(), kv.as_ref())?;
         metrics::counter!("flotilla_replicas_destroyed_total").increment(finished as u64);
         crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
