@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use rustc_hash::FxHashMap;
 
 use crate::lsm::merge::{Input, MemSource, Merge};
 use crate::lsm::run::{block_key, delete_blocks, run_of_block_key, Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
@@ -133,9 +134,9 @@ pub(crate) type MemKey = smallvec::SmallVec<[u8; 24]>;
 pub(crate) struct Memtable {
     /// `None` is a deletion not yet flushed.
     pub(crate) data: BTreeMap<MemKey, Option<Vec<u8>>>,
-    pub(crate) applied: HashMap<u64, AppliedState>,
+    pub(crate) applied: FxHashMap<u64, AppliedState>,
     /// Range descriptors changed by applies since the last flush.
-    pub(crate) ranges: HashMap<u64, Vec<u8>>,
+    pub(crate) ranges: FxHashMap<u64, Vec<u8>>,
     pub(crate) bytes: u64,
 }
 

@@ -6,7 +6,9 @@
 //! of the log — a conflicting append or a truncation drops the replaced suffix, a compaction or snapshot the
 //! prefix — so a cached entry is always the one the segments hold.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 
 use flotilla_raft::Entry;
 
@@ -23,7 +25,7 @@ impl GroupCache {
 }
 
 pub struct EntryCache {
-    groups: HashMap<u64, GroupCache>,
+    groups: FxHashMap<u64, GroupCache>,
     /// Insertion order, for eviction: (group, index). Stale pairs (already dropped) are skipped.
     order: VecDeque<(u64, u64)>,
     /// Entries cached over all groups (to tell when `order` holds too many stale pairs without counting).
@@ -34,7 +36,7 @@ pub struct EntryCache {
 
 impl EntryCache {
     pub fn new(bytes_max: u64) -> EntryCache {
-        EntryCache { groups: HashMap::new(), order: VecDeque::new(), entries: 0, bytes: 0, bytes_max }
+        EntryCache { groups: FxHashMap::default(), order: VecDeque::new(), entries: 0, bytes: 0, bytes_max }
     }
 
     pub fn bytes(&self) -> u64 {

@@ -29,6 +29,8 @@ pub use state::{PurgePlan, WalState};
 use state::Segment;
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -167,7 +169,7 @@ struct SegmentScan {
 }
 
 /// Replays one segment's frames into `groups` (a frame's records only once the whole frame verifies).
-fn scan_segment(bytes: &[u8], id: u64, salt: u32, groups: &mut HashMap<u64, GroupLog>, report: &mut RecoveryReport) -> Result<SegmentScan, String> {
+fn scan_segment(bytes: &[u8], id: u64, salt: u32, groups: &mut FxHashMap<u64, GroupLog>, report: &mut RecoveryReport) -> Result<SegmentScan, String> {
     let mut offset = SEGMENT_HEADER_BYTES as usize;
     let mut records: Vec<(usize, Record)> = Vec::new();
     while offset < bytes.len() {
@@ -238,7 +240,7 @@ impl Wal {
             disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))?.iter().filter_map(|p| segment_id(p)).collect();
         ids.sort_unstable();
         let mut report = RecoveryReport::default();
-        let mut groups: HashMap<u64, GroupLog> = HashMap::new();
+        let mut groups: FxHashMap<u64, GroupLog> = FxHashMap::default();
         let mut segments = BTreeMap::new();
         let mut last_sealed = false;
         for (position, &id) in ids.iter().enumerate() {
@@ -396,7 +398,7 @@ impl Wal {
 
 /// Replays one record found during recovery.
 fn apply_record(
-    groups: &mut HashMap<u64, GroupLog>,
+    groups: &mut FxHashMap<u64, GroupLog>,
     segment_id: u64,
     offset: u64,
     op: &LogOp,

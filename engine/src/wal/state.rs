@@ -2,6 +2,8 @@
 //! and read handles — and the planning of purges. Writers change it only briefly, after their bytes are durable.
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -24,7 +26,7 @@ pub struct WalState {
     pub(super) segments: BTreeMap<u64, Segment>,
     /// Open handles for reads, one per segment (the active one included: a separate handle from the writer's).
     pub(super) readers: Mutex<HashMap<u64, Box<dyn DiskFile>>>,
-    pub(super) groups: HashMap<u64, GroupLog>,
+    pub(super) groups: FxHashMap<u64, GroupLog>,
     pub(super) cache: EntryCache,
     /// Purged segments kept for reuse (see `WalOptions::recycled_segments_max`).
     pub(super) recycled_segments_max: usize,

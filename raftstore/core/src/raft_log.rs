@@ -54,16 +54,21 @@ impl<S: Storage> RaftLog<S> {
     }
 
     /// The term of the entry at `index`; `Ok(0)` beyond the log, `Compacted` below the first index - 1.
+    ///
+    /// One storage call at most (it is asked on every append and response): whatever the unstable part does not
+    /// answer is either beyond the log or the storage's to answer, whose `term` tells compacted indexes apart.
     pub fn term(&self, index: u64) -> StorageResult<u64> {
-        let dummy = self.first_index() - 1;
-        if index < dummy {
-            return Err(StorageError::Compacted);
-        }
-        if index > self.last_index() {
-            return Ok(0);
-        }
         if let Some(term) = self.unstable.maybe_term(index) {
             return Ok(term);
+        }
+        if let Some(snapshot) = &self.unstable.snapshot {
+            // A snapshot not yet persisted replaces the stored log: nothing below it, nothing of it but its index.
+            return if index < snapshot.index() { Err(StorageError::Compacted) } else { Ok(0) };
+        }
+        if index >= self.unstable.offset {
+            // Unstable entries start at `offset` and come after every stored one; this is beyond them.
+            debug_assert!(index > self.last_index(), "index {index} is in the log but not answered");
+            return Ok(0);
         }
         match self.storage.term(index) {
             Ok(term) => Ok(term),
@@ -262,5 +267,64 @@ impl<S: Storage> RaftLog<S> {
         if let Some(first_unstable) = unstable.entries.first() {
             assert_eq!(first_unstable.index, unstable.offset);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::SnapshotMetadata;
+    use crate::storage::MemStorage;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry { index, term, ..Default::default() }
+    }
+
+    /// `term` written out from its definition: bounds from the first and last index, then the unstable part,
+    /// then the storage.
+    fn term_by_definition(log: &RaftLog<MemStorage>, index: u64) -> StorageResult<u64> {
+        if index < log.first_index() - 1 {
+            return Err(StorageError::Compacted);
+        }
+        if index > log.last_index() {
+            return Ok(0);
+        }
+        match log.unstable.maybe_term(index) {
+            Some(term) => Ok(term),
+            None => log.storage.term(index),
+        }
+    }
+
+    fn assert_terms_match_definition(log: &RaftLog<MemStorage>, what: &str) {
+        for index in 0..30 {
+            assert_eq!(log.term(index), term_by_definition(log, index), "{what}: term of {index}");
+        }
+    }
+
+    #[test]
+    fn term_answers_as_defined_across_storage_unstable_entries_and_snapshots() {
+        let mut storage = MemStorage::default();
+        storage.append(&[entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2), entry(5, 2)]).unwrap();
+        storage.compact(2).unwrap();
+        let mut log = RaftLog::new(storage, 2).unwrap();
+        assert_terms_match_definition(&log, "stored entries only, compacted to 2");
+        assert_eq!(log.term(2), Ok(1), "the compaction point keeps its term");
+        assert_eq!(log.term(1), Err(StorageError::Compacted));
+
+        log.append(&[entry(6, 3), entry(7, 3)]);
+        assert_terms_match_definition(&log, "unstable entries after the stored ones");
+        assert_eq!((log.term(7), log.term(8)), (Ok(3), Ok(0)));
+
+        log.append(&[entry(4, 4)]);
+        assert_terms_match_definition(&log, "an unstable suffix replacing stored entries");
+        assert_eq!((log.term(4), log.term(5)), (Ok(4), Ok(0)), "the stored 4 and 5 are superseded");
+
+        let metadata = SnapshotMetadata { index: 20, term: 5, ..Default::default() };
+        log.restore(Snapshot { metadata: Some(metadata), ..Default::default() });
+        assert_terms_match_definition(&log, "an unstable snapshot over a stale storage");
+        assert_eq!((log.term(19), log.term(20), log.term(21)), (Err(StorageError::Compacted), Ok(5), Ok(0)));
+
+        log.append(&[entry(21, 5)]);
+        assert_terms_match_definition(&log, "entries after an unstable snapshot");
     }
 }

@@ -21,6 +21,7 @@ pub trait Storage {
     fn initial_state(&self) -> StorageResult<InitialState>;
     /// Entries `[low, high)`, cut after `max_bytes` (by [`Entry::size_bytes`]) but always at least one.
     fn entries(&self, low: u64, high: u64, max_bytes: u64) -> StorageResult<Vec<Entry>>;
+    /// The term of `index`: `Compacted` below `first_index() - 1`, `Unavailable` beyond `last_index()`.
     fn term(&self, index: u64) -> StorageResult<u64>;
     fn first_index(&self) -> StorageResult<u64>;
     fn last_index(&self) -> StorageResult<u64>;
