@@ -139,6 +139,7 @@ impl Simulation {
         let check_quorum = lease || !pre_vote || rng.chance_per_mille(600);
         let commit_broadcast = rng.chance_per_mille(500);
         let heartbeats_skip_after_append = rng.chance_per_mille(500);
+        let persisted_messages_in_ready = rng.chance_per_mille(500);
         let mut nodes = BTreeMap::new();
         let mut clocks = BTreeMap::new();
         let mut disk_slowness = BTreeMap::new();
@@ -161,6 +162,7 @@ impl Simulation {
                 pending_reads_max: 16,
                 commit_broadcast,
                 heartbeats_skip_after_append,
+                persisted_messages_in_ready,
                 ..Config::default()
             };
             let storage = MemStorage::new_with_voters(&initial_voters);

@@ -56,6 +56,8 @@ struct PendingWrite {
     snapshot: Option<Snapshot>,
     entries: Vec<Entry>,
     hard_state: Option<HardState>,
+    /// Sent once the write is durable (`Config::persisted_messages_in_ready`).
+    messages_after_persist: Vec<Message>,
 }
 
 pub struct SimNode {
@@ -110,13 +112,17 @@ impl SimNode {
             let ready = self.raw.ready();
             self.outbox.extend(ready.messages);
             self.read_states.extend(ready.read_states);
-            let must_write = ready.snapshot.is_some() || !ready.entries.is_empty() || ready.hard_state.is_some();
+            let must_write = ready.snapshot.is_some()
+                || !ready.entries.is_empty()
+                || ready.hard_state.is_some()
+                || !ready.messages_after_persist.is_empty();
             if must_write || !self.unpersisted.is_empty() {
                 self.unpersisted.push_back(PendingWrite {
                     number: ready.number,
                     snapshot: ready.snapshot,
                     entries: ready.entries,
                     hard_state: ready.hard_state,
+                    messages_after_persist: ready.messages_after_persist,
                 });
             } else {
                 self.raw.on_persisted(ready.number);
@@ -152,9 +158,11 @@ impl SimNode {
 
     /// Makes the oldest pending write durable and reports it.
     pub fn persist_one(&mut self) {
-        let Some(write) = self.unpersisted.pop_front() else { return };
+        let Some(mut write) = self.unpersisted.pop_front() else { return };
         let number = write.number;
+        let messages = std::mem::take(&mut write.messages_after_persist);
         self.write_records(write, usize::MAX);
+        self.outbox.extend(messages); // durable now: what acknowledges it may go
         self.raw.on_persisted(number);
     }
 

@@ -108,17 +108,43 @@ fn scenario_d_commits_with_all_or_a_majority_never_with_a_minority() {
 
 #[test]
 fn follower_acknowledges_an_append_only_after_persisting_it() {
-    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    for in_ready in [false, true] {
+        let mut c = Cluster::new(&[1, 2, 3], &[], |config| config.persisted_messages_in_ready = in_ready);
+        c.elect(1);
+        c.propose(1, "x").unwrap();
+        let appends: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 2).collect();
+        c.deliver_unpersisted(2, appends);
+        let node = c.node_mut(2);
+        assert!(node.take_outbox().is_empty(), "no AppendResponse before the entry is durable (in Ready: {in_ready})");
+        node.persist_all();
+        let responses = node.take_outbox();
+        assert_eq!(responses.len(), 1, "in Ready: {in_ready}");
+        assert_eq!((responses[0].kind(), responses[0].index), (Some(MessageType::AppendResponse), 2));
+    }
+}
+
+#[test]
+fn with_persisted_messages_in_ready_a_response_comes_with_the_write_it_acknowledges_and_only_there() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |config| config.persisted_messages_in_ready = true);
     c.elect(1);
     c.propose(1, "x").unwrap();
-    let appends: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 2).collect();
-    c.deliver_unpersisted(2, appends);
-    let node = c.node_mut(2);
-    assert!(node.take_outbox().is_empty(), "no AppendResponse before the entry is durable");
-    node.persist_all();
-    let responses = node.take_outbox();
-    assert_eq!(responses.len(), 1);
-    assert_eq!((responses[0].kind(), responses[0].index), (Some(MessageType::AppendResponse), 2));
+    let append: Vec<Message> = c.take_messages().into_iter().filter(|m| m.to == 2).collect();
+    let follower = &mut c.node_mut(2).raw;
+    follower.step(append[0].clone()).unwrap();
+    let first = follower.ready();
+    assert_eq!(first.entries.len(), 1);
+    assert!(first.messages.is_empty(), "nothing may go before the entry is durable");
+    assert_eq!(first.messages_after_persist.len(), 1);
+    assert_eq!((first.messages_after_persist[0].kind(), first.messages_after_persist[0].index), (Some(MessageType::AppendResponse), 2));
+    // The same append again, while the first write is still under way: nothing new to persist, but its answer
+    // claims what that write makes durable, so it too waits for it.
+    follower.step(append[0].clone()).unwrap();
+    let second = follower.ready();
+    assert!(!second.must_sync && second.entries.is_empty() && second.messages.is_empty());
+    assert_eq!(second.messages_after_persist.len(), 1, "held for the earlier write");
+    follower.on_persisted(second.number);
+    assert!(!follower.has_ready() || follower.ready().messages.is_empty(), "handed out once: never released again");
+    assert!(!follower.needs_prompt_persisted(), "a follower with nothing waiting to apply");
 }
 
 #[test]
@@ -143,9 +169,16 @@ fn a_candidate_leads_only_once_its_own_vote_and_term_are_durable() {
     // raft-sim seed 219192: a candidate that led on the other voters' votes before its own term was durable could
     // crash back into the previous term, be elected again in the same term by the same voters, and lead one term
     // twice with two different logs.
+    for in_ready in [false, true] {
+        candidate_leads_only_once_durable(in_ready);
+    }
+}
+
+fn candidate_leads_only_once_durable(persisted_messages_in_ready: bool) {
     let mut c = Cluster::new(&[1, 2, 3], &[], |config| {
         config.pre_vote = false;
         config.check_quorum = false;
+        config.persisted_messages_in_ready = persisted_messages_in_ready;
     });
     c.elect(2);
     c.propose(2, "x").unwrap();
@@ -154,6 +187,7 @@ fn a_candidate_leads_only_once_its_own_vote_and_term_are_durable() {
     let votes = c.campaign_unpersisted(1);
     assert_eq!(votes.iter().filter(|m| !m.reject).count(), 2);
     assert_eq!(c.raft(1).role, StateRole::Candidate, "won on others' votes, but its own vote is not durable yet");
+    assert!(c.node(1).raw.needs_prompt_persisted(), "a candidate must learn at once that its vote is durable");
     // Crash now: nothing of term 2 was durable, and 1 never led it.
     c.node_mut(1).crash_and_restart(0).unwrap();
     assert_eq!((c.raft(1).term, c.raft(1).role), (1, StateRole::Follower));

@@ -70,6 +70,12 @@ pub struct Config {
     /// for a heartbeat round to confirm them. Default false. With every group busy, heartbeats and their answers
     /// were a fifth of the messages; the raftstore sets it true.
     pub heartbeats_skip_after_append: bool,
+    /// Responses that may be sent only once a `Ready` is persisted (append and vote responses) are handed out in
+    /// that Ready's `messages_after_persist`, for the caller to send when its write is durable, instead of being
+    /// held by the core until `on_persisted` and released in a later Ready. Default false. With true, the thread
+    /// that completes the write can send them at once, and a follower need not be scheduled just to release
+    /// its answer (see `RawNode::needs_prompt_persisted`); the raftstore sets it true.
+    pub persisted_messages_in_ready: bool,
     /// Seed of the generator that randomizes election timeouts. Give each replica a different one.
     pub random_seed: u64,
 }
@@ -94,6 +100,7 @@ impl Default for Config {
             quiet_on_start: true,
             commit_broadcast: true,
             heartbeats_skip_after_append: false,
+            persisted_messages_in_ready: false,
             random_seed: 0,
         }
     }

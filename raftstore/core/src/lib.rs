@@ -24,7 +24,10 @@
 //!    vote is persisted before it is answered, and a candidate becomes leader only once its own vote (hence its
 //!    term) is durable, even when the other voters already make a majority: otherwise a crash could put it back
 //!    in the previous term and let it lead the same term twice, with two different logs. A `Ready` with `must_sync == false` (only a commit-index change)
-//!    may be acknowledged without syncing.
+//!    may be acknowledged without syncing. With `Config::persisted_messages_in_ready` those responses (all but a
+//!    candidate's vote for itself) come in #n's `messages_after_persist` instead, and the caller sends them once #n
+//!    and every earlier `Ready` are durable — from whatever thread completes the write — while `on_persisted` may
+//!    then wait for the replica's next turn unless [`RawNode::needs_prompt_persisted`].
 //! 4. **Apply** `committed_entries` (already persisted locally, so a restarted replica never finds its state
 //!    machine ahead of its log), calling [`RawNode::apply_conf_change`] for membership entries, then
 //!    [`RawNode::on_applied`]. Apply may lag behind; the core never hands out an entry twice.

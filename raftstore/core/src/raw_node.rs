@@ -36,6 +36,10 @@ pub struct Ready {
     pub entries: Vec<Entry>,
     /// Messages that may be sent now, before this `Ready` is persisted.
     pub messages: Vec<Message>,
+    /// Messages to send only once this `Ready` and every earlier one are persisted (the responses that
+    /// acknowledge what they persist). Always empty unless `Config::persisted_messages_in_ready`; otherwise the
+    /// core holds them and releases them in a later Ready's `messages` after `on_persisted`.
+    pub messages_after_persist: Vec<Message>,
     /// Committed entries to apply, in order; all are already persisted locally.
     pub committed_entries: Vec<Entry>,
     /// Reads confirmed since the last `Ready`.
@@ -160,7 +164,7 @@ impl<S: Storage> RawNode<S> {
         }
         raft.reduce_uncommitted_bytes(&committed_entries);
         let must_sync = term_or_vote_changed || snapshot.is_some() || !entries.is_empty();
-        let record = PendingPersist {
+        let mut record = PendingPersist {
             number,
             last_entry: entries.last().map(|e| (e.index, e.term)),
             snapshot_index: snapshot.as_ref().map(Snapshot::index),
@@ -179,8 +183,17 @@ impl<S: Storage> RawNode<S> {
             committed_entries,
             read_states: std::mem::take(&mut raft.read_states),
             must_sync,
+            messages_after_persist: Vec::new(),
         };
-        if !must_sync && self.pending.is_empty() {
+        let held_until_persisted = must_sync || !self.pending.is_empty();
+        if held_until_persisted && self.raft.config().persisted_messages_in_ready {
+            // The caller sends them once this Ready is durable; only our own vote stays, to be counted then.
+            let own_id = self.raft.id;
+            let (own, others) = std::mem::take(&mut record.messages).into_iter().partition(|m| m.to == own_id);
+            record.messages = own;
+            ready.messages_after_persist = others;
+        }
+        if !held_until_persisted {
             // Nothing new to make durable and nothing earlier outstanding: the held responses are already true.
             for message in record.messages {
                 assert_ne!(message.to, self.raft.id, "a message to itself without anything to persist");
@@ -228,6 +241,15 @@ impl<S: Storage> RawNode<S> {
     /// The caller applied committed entries up to `index`.
     pub fn on_applied(&mut self, index: u64) {
         self.raft.on_applied(index);
+    }
+
+    /// Whether this replica must learn promptly that its Readys are persisted: a leader (its own entries count
+    /// toward the commit), a candidate (its own vote counts once durable), or a replica with committed entries
+    /// that wait for local persistence before they can be applied. Otherwise (a follower whose responses are in
+    /// `messages_after_persist`) `on_persisted` may wait until the replica next handles anything.
+    pub fn needs_prompt_persisted(&self) -> bool {
+        let raft = &self.raft;
+        raft.role != StateRole::Follower || raft.raft_log.committed > raft.raft_log.applying
     }
 
     /// Whether `Ready`s handed out are still waiting for `on_persisted`.
