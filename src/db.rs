@@ -242,7 +242,7 @@ fn compact_group(engines: &[(Arc<GroupCommitWal>, Arc<StateMachine>)], group_id:
             continue;
         };
         let ops = vec![LogOp::Compact { first_kept_index: keep_from, base_term }];
-        log.submit(WriteRequest { group_id, ready_number: 0, ops, reply: reply.clone() }).ok()?;
+        log.submit(WriteRequest::new(group_id, 0, ops, reply.clone())).ok()?;
     }
     Some(finished)
 }

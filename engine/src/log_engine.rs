@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use flotilla_raft::{Entry, HardState};
 use parking_lot::RwLock;
 
-use crate::wal::group_commit::{GroupCommitWal, Persisted, WriteRequest};
+use crate::wal::group_commit::{GroupCommitWal, WriteRequest};
 use crate::wal::group_log::GroupLog;
 use crate::wal::record::LogOp;
 use crate::wal::{Wal, WalError, WalState};
@@ -60,10 +60,10 @@ impl SyncWal {
 }
 
 impl WalBacked for SyncWal {
-    fn write(&self, request: WriteRequest) -> Result<(), WalError> {
-        let operations: Vec<(u64, LogOp)> = request.ops.into_iter().map(|op| (request.group_id, op)).collect();
+    fn write(&self, mut request: WriteRequest) -> Result<(), WalError> {
+        let operations: Vec<(u64, LogOp)> = std::mem::take(&mut request.ops).into_iter().map(|op| (request.group_id, op)).collect();
         self.wal.lock().write(&operations)?;
-        let _ = request.reply.send(Persisted { group_id: request.group_id, ready_number: request.ready_number });
+        request.complete();
         Ok(())
     }
 
@@ -184,7 +184,7 @@ impl LogEngine for MemLogEngine {
             }
             groups.insert(request.group_id, staged);
         }
-        let _ = request.reply.send(Persisted { group_id: request.group_id, ready_number: request.ready_number });
+        request.complete();
         Ok(())
     }
 

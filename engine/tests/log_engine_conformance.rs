@@ -29,10 +29,10 @@ impl Harness<'_> {
     /// Submits and waits until durable, checking the reply names the right group and Ready.
     fn write(&mut self, group_id: u64, ops: Vec<LogOp>) {
         self.ready_number += 1;
-        let request = WriteRequest { group_id, ready_number: self.ready_number, ops, reply: self.reply.clone() };
+        let request = WriteRequest::new(group_id, self.ready_number, ops, self.reply.clone());
         self.engine.submit(request).expect("submit");
         let done = self.persisted.recv_timeout(Duration::from_secs(10)).expect("persisted");
-        assert_eq!(done, Persisted { group_id, ready_number: self.ready_number });
+        assert_eq!((done.group_id, done.ready_number), (group_id, self.ready_number));
     }
 
     fn terms(&self, group_id: u64) -> Vec<u64> {

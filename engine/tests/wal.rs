@@ -323,7 +323,7 @@ mod group_commit {
     /// Round `round` of a group: entries `2 * round - 1` and `2 * round`, as the Ready numbered `round`.
     fn round_append(group: u64, round: u64, reply: &crossbeam_channel::Sender<Persisted>) -> WriteRequest {
         let first = (round - 1) * 2 + 1;
-        WriteRequest { group_id: group, ready_number: round, ops: vec![LogOp::Append(entries(first..=first + 1, 1))], reply: reply.clone() }
+        WriteRequest::new(group, round, vec![LogOp::Append(entries(first..=first + 1, 1))], reply.clone())
     }
 
     #[test]
@@ -349,11 +349,12 @@ mod group_commit {
                 });
             }
         });
-        let mut answered: Vec<Persisted> = persisted.try_iter().collect();
+        let mut answered: Vec<(u64, u64)> = persisted.try_iter().map(|p| (p.group_id, p.ready_number)).collect();
         while answered.len() < (groups * rounds) as usize {
-            answered.push(persisted.recv_timeout(std::time::Duration::from_secs(10)).expect("every request answered"));
+            let done = persisted.recv_timeout(std::time::Duration::from_secs(10)).expect("every request answered");
+            answered.push((done.group_id, done.ready_number));
         }
-        answered.sort_by_key(|p| (p.group_id, p.ready_number));
+        answered.sort();
         answered.dedup();
         assert_eq!(answered.len(), (groups * rounds) as usize, "each request answered exactly once");
         let syncs = committer.stats().syncs.load(std::sync::atomic::Ordering::Relaxed);
@@ -366,6 +367,37 @@ mod group_commit {
     }
 
     #[test]
+    fn a_request_without_operations_writes_nothing_and_returns_its_attachment_in_order() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/node/wal");
+        let (wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
+        let committer = GroupCommitWal::start(wal, GroupCommitOptions::default());
+        let (reply, persisted) = crossbeam_channel::unbounded();
+        let wait = || persisted.recv_timeout(std::time::Duration::from_secs(10)).expect("answered");
+        let with_attachment = |group_id: u64, ready_number: u64, text: &str| {
+            let mut request = WriteRequest::new(group_id, ready_number, Vec::new(), reply.clone());
+            request.attachment = Some(Box::new(text.to_string()));
+            request
+        };
+        let text_of = |done: flotilla_engine::wal::group_commit::Persisted| *done.attachment.expect("returned").downcast::<String>().expect("untouched");
+        committer.submit(WriteRequest::new(1, 1, vec![LogOp::Append(entries(1..=2, 1))], reply.clone())).unwrap();
+        assert!(wait().attachment.is_none());
+        let segment = dir.join("00000000000000000001.wal");
+        let written = disk.file_len(&segment);
+        committer.submit(with_attachment(1, 2, "alone")).unwrap();
+        assert_eq!(text_of(wait()), "alone");
+        assert_eq!(disk.file_len(&segment), written, "nothing written for it");
+        // Behind a write under way, it is answered after it.
+        committer.submit(WriteRequest::new(2, 1, vec![LogOp::Append(entries(1..=1, 1))], reply.clone())).unwrap();
+        committer.submit(with_attachment(1, 3, "behind")).unwrap();
+        let (before, after) = (wait(), wait());
+        assert_eq!((before.group_id, before.ready_number, after.ready_number), (2, 1, 3), "in order");
+        assert_eq!(text_of(after), "behind");
+        assert_eq!(committer.state().group(1).unwrap().last_index(), 2, "the empty requests changed nothing");
+        assert_eq!(disk.unsynced_bytes(), 0);
+    }
+
+    #[test]
     fn purging_through_the_writer_bounds_the_wal_while_writes_continue() {
         let disk = SimDisk::new();
         let dir = Path::new("/node/wal");
@@ -373,7 +405,7 @@ mod group_commit {
         let committer = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
         let (reply, persisted) = crossbeam_channel::unbounded();
         // A laggard that never compacts.
-        committer.submit(WriteRequest { group_id: 99, ready_number: 1, ops: vec![LogOp::Append(entries(1..=3, 1))], reply: reply.clone() }).unwrap();
+        committer.submit(WriteRequest::new(99, 1, vec![LogOp::Append(entries(1..=3, 1))], reply.clone())).unwrap();
         persisted.recv_timeout(std::time::Duration::from_secs(10)).expect("the laggard's write answered");
         let writer = {
             let committer = Arc::clone(&committer);
@@ -386,7 +418,7 @@ mod group_commit {
                         LogOp::Append(entries(first..=first + 3, 1)),
                         LogOp::Compact { first_kept_index: first + 3, base_term: 1 },
                     ];
-                    committer.submit(WriteRequest { group_id: 1, ready_number: round, ops, reply: reply.clone() }).unwrap();
+                    committer.submit(WriteRequest::new(1, round, ops, reply.clone())).unwrap();
                     persisted.recv_timeout(std::time::Duration::from_secs(10)).expect("answered");
                 }
             })
@@ -463,12 +495,7 @@ mod group_commit {
         let committer = GroupCommitWal::start(wal, GroupCommitOptions::default());
         let (reply, persisted) = crossbeam_channel::unbounded();
         disk.fail_next_syncs(1);
-        let request = |n: u64| WriteRequest {
-            group_id: 1,
-            ready_number: n,
-            ops: vec![LogOp::Append(entries(n..=n, 1))],
-            reply: reply.clone(),
-        };
+        let request = |n: u64| WriteRequest::new(1, n, vec![LogOp::Append(entries(n..=n, 1))], reply.clone());
         committer.submit(request(1)).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while committer.failure().is_none() && std::time::Instant::now() < deadline {

@@ -42,6 +42,22 @@ struct Group {
     deferred: Option<Vec<(usize, WriteRequest)>>,
 }
 
+impl Node {
+    /// As the store's persisted forwarder does for each durable write: sends the answers that waited for it,
+    /// then tells the replica — at once if it asked to be told promptly, else by its note.
+    fn complete_writes(&mut self, network: &mut VecDeque<ReplicaMessage>) {
+        for done in self.persisted.try_iter() {
+            let (messages, prompt) = *done.attachment.expect("attached").downcast::<(Vec<ReplicaMessage>, bool)>().expect("ours");
+            network.extend(messages);
+            if prompt {
+                self.peer.on_persisted(done.ready_number);
+            } else {
+                self.peer.persisted_note().note(done.ready_number);
+            }
+        }
+    }
+}
+
 fn descriptor() -> RangeDescriptor {
     let replicas = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
     RangeDescriptor { group_id: 5, start: b"a".to_vec(), end: b"n".to_vec(), epoch: Some(RangeEpoch { version: 1, conf_version: 1 }), replicas }
@@ -64,14 +80,20 @@ fn open_peer_with(config: Config, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> 
 
 impl Group {
     fn new() -> Group {
-        Group::with_read_mode(ReadMode::Safe)
+        Group::with_config(|_| {})
     }
 
     fn with_read_mode(read_mode: ReadMode) -> Group {
+        Group::with_config(|config| config.read_mode = read_mode)
+    }
+
+    fn with_config(configure: impl Fn(&mut Config)) -> Group {
         let nodes = (1..=3)
             .map(|id| {
                 let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
-                let peer = open_peer_with(Config { read_mode, ..Config::new(id) }, &log, &kv);
+                let mut config = Config::new(id);
+                configure(&mut config);
+                let peer = open_peer_with(config, &log, &kv);
                 let (reply, persisted) = crossbeam_channel::unbounded();
                 Node { log, kv, peer, reply, persisted, log_writes: 0 }
             })
@@ -112,15 +134,14 @@ impl Group {
                 }
                 moved = true;
                 if let Some(write) = output.write {
-                    node.log_writes += 1;
-                    let request = WriteRequest { group_id: 5, ready_number: write.ready_number, ops: write.ops, reply: node.reply.clone() };
+                    node.log_writes += u64::from(!write.ops.is_empty());
+                    let mut request = WriteRequest::new(5, write.ready_number, write.ops, node.reply.clone());
+                    request.attachment = Some(Box::new((write.messages, write.prompt)));
                     match &mut self.deferred {
                         Some(waiting) => waiting.push((position, request)),
                         None => {
                             node.log.submit(request).unwrap();
-                            for done in node.persisted.try_iter() {
-                                node.peer.on_persisted(done.ready_number);
-                            }
+                            node.complete_writes(&mut self.network);
                         }
                     }
                 }
@@ -180,9 +201,7 @@ impl Group {
         for (position, request) in self.deferred.take().unwrap_or_default() {
             let node = &mut self.nodes[position];
             node.log.submit(request).unwrap();
-            for done in node.persisted.try_iter() {
-                node.peer.on_persisted(done.ready_number);
-            }
+            node.complete_writes(&mut self.network);
         }
         self.settle();
     }
@@ -194,7 +213,7 @@ impl Group {
         let durable = node.kv.durable_applied(5).0;
         let base_term = node.log.term(5, durable).unwrap();
         let ops = vec![LogOp::Compact { first_kept_index: durable + 1, base_term }];
-        node.log.submit(WriteRequest { group_id: 5, ready_number: 0, ops, reply: node.reply.clone() }).unwrap();
+        node.log.submit(WriteRequest::new(5, 0, ops, node.reply.clone())).unwrap();
         node.persisted.try_iter().for_each(drop);
         assert_eq!(node.log.first_index(5), durable + 1);
     }
@@ -341,6 +360,45 @@ fn a_ready_with_nothing_to_persist_does_not_acknowledge_an_earlier_write_still_u
 }
 
 #[test]
+fn a_followers_answer_goes_with_its_write_and_the_follower_takes_up_the_noted_durability_when_it_next_handles_anything() {
+    // As the raftstore runs: without commit broadcasts, so that no later write of the followers tells them.
+    let mut group = Group::with_config(|config| {
+        config.persisted_messages_in_ready = true;
+        config.commit_broadcast = false;
+    });
+    group.node(1).peer.campaign();
+    group.settle();
+    group.put(1, 90, "b", "1");
+    // Slow disks, to look at the writes of one command.
+    group.deferred = Some(Vec::new());
+    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put("c", "2")] };
+    group.node(1).peer.propose(91, command);
+    group.settle();
+    let writes: Vec<(usize, bool, Vec<String>)> = group
+        .deferred
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|(position, request)| {
+            let (messages, prompt) = request.attachment.as_ref().unwrap().downcast_ref::<(Vec<ReplicaMessage>, bool)>().unwrap();
+            let kinds = messages.iter().map(|m| match m {
+                ReplicaMessage::Raft(m) => format!("{:?}", m.msg_type()),
+                other => format!("{other:?}"),
+            });
+            (*position, *prompt, kinds.collect())
+        })
+        .collect();
+    let answer = vec!["AppendResponse".to_string()];
+    assert_eq!(writes, vec![(0, true, vec![]), (1, false, answer.clone()), (2, false, answer)], "the leader is told at once; each follower's answer waits with its write");
+    assert!(group.responses.iter().all(|(_, token, _)| *token != 91), "nothing acknowledged before it is durable");
+    group.persist_deferred();
+    assert_eq!(group.response(91), Response::Written(Outcome::Done));
+    // The followers were told by their notes only: they take them up when they next handle anything (the
+    // leader's next heartbeat, with the commit index), and apply.
+    assert!(group.tick_until(10, |g| (2..=3).all(|id| g.node(id).kv.get(b"c").unwrap().is_some())), "applied everywhere");
+}
+
+#[test]
 fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() {
     // A single-replica group: once it leads and has nothing waiting, time cannot matter to it.
     let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
@@ -354,7 +412,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
         for _ in 0..10 {
             let output = peer.take_output(&kv);
             if let Some(write) = output.write {
-                log.submit(WriteRequest { group_id: 5, ready_number: write.ready_number, ops: write.ops, reply: reply.clone() }).unwrap();
+                log.submit(WriteRequest::new(5, write.ready_number, write.ops, reply.clone())).unwrap();
                 persisted.try_iter().for_each(|done: Persisted| peer.on_persisted(done.ready_number));
             }
             if let Some(last) = output.committed.last().map(|e| e.index) {

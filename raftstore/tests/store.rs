@@ -81,7 +81,7 @@ fn compact(node: &Node, group_id: u64) -> u64 {
     let base_term = node.log.term(group_id, durable).unwrap();
     let (reply, done) = crossbeam_channel::bounded(1);
     let ops = vec![LogOp::Compact { first_kept_index: durable + 1, base_term }];
-    node.log.submit(WriteRequest { group_id, ready_number: 0, ops, reply }).unwrap();
+    node.log.submit(WriteRequest::new(group_id, 0, ops, reply)).unwrap();
     done.recv().unwrap();
     durable
 }

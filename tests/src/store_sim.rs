@@ -174,11 +174,10 @@ struct Sim {
     /// Invariants: the leader of each (group, term); the entry applied at each (group, index).
     leaders: HashMap<(u64, u64), u64>,
     applied: HashMap<(u64, u64), (u64, u64)>,
-    read_mode: ReadMode,
-    /// `Config::commit_broadcast` of every replica (the raftstore's default is false; both are checked).
-    commit_broadcast: bool,
-    /// `Config::heartbeats_skip_after_append` of every replica (the raftstore's default is true; both are checked).
-    heartbeats_skip_after_append: bool,
+    /// Every replica's Raft settings but its id and seed, drawn per seed: the read mode, and each of
+    /// `commit_broadcast`, `heartbeats_skip_after_append` and `persisted_messages_in_ready` (the raftstore's
+    /// defaults are false, true and true; both values of each are checked).
+    raft: Config,
     report: StoreSimReport,
     faults: bool,
     trace: bool,
@@ -240,9 +239,13 @@ impl Sim {
             .iter()
             .map(|range| (0..3u8).map(|k| [if range.start.is_empty() { vec![0] } else { range.start.clone() }, vec![b'k', k]].concat()).collect())
             .collect();
-        let read_mode = if rng.chance_per_mille(500) { ReadMode::LeaseBased } else { ReadMode::Safe };
-        let commit_broadcast = rng.chance_per_mille(300);
-        let heartbeats_skip_after_append = rng.chance_per_mille(700);
+        let raft = Config {
+            read_mode: if rng.chance_per_mille(500) { ReadMode::LeaseBased } else { ReadMode::Safe },
+            commit_broadcast: rng.chance_per_mille(300),
+            heartbeats_skip_after_append: rng.chance_per_mille(700),
+            persisted_messages_in_ready: rng.chance_per_mille(700),
+            ..Config::default()
+        };
         let nodes = (1..=node_count)
             .map(|id| Node { id, disk: SimDisk::new(), redb: SimRedbBackend::new(), running: None, rate_per_mille: 0, clock: 0 })
             .collect();
@@ -267,9 +270,7 @@ impl Sim {
             hints: HashMap::new(),
             leaders: HashMap::new(),
             applied: HashMap::new(),
-            read_mode,
-            commit_broadcast,
-            heartbeats_skip_after_append,
+            raft,
             report: StoreSimReport { nodes: node_count as usize, groups: group_count, ..Default::default() },
             faults: true,
             trace: options.trace,
@@ -304,14 +305,7 @@ impl Sim {
         let mut peers = BTreeMap::new();
         for range in held {
             let Some(replica) = range.replicas.iter().find(|replica| replica.node_id == node.id) else { continue };
-            let config = Config {
-                id: replica.replica_id,
-                random_seed: self.rng.next_u64(),
-                read_mode: self.read_mode,
-                commit_broadcast: self.commit_broadcast,
-                heartbeats_skip_after_append: self.heartbeats_skip_after_append,
-                ..Config::default()
-            };
+            let config = Config { id: replica.replica_id, random_seed: self.rng.next_u64(), ..self.raft.clone() };
             let group_id = range.group_id;
             let peer = Peer::open(config, peer_options(&mut self.rng), range, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
             peers.insert(group_id, peer);
@@ -335,7 +329,7 @@ impl Sim {
             // The power goes in the middle of the next write: it fails, and a prefix of it may reach the disk.
             if let Some((group, write)) = running.disk_queue.pop_front() {
                 node.disk.power_off();
-                let request = WriteRequest { group_id: group, ready_number: write.ready_number, ops: write.ops, reply: running.reply.clone() };
+                let request = WriteRequest::new(group, write.ready_number, write.ops, running.reply.clone());
                 let _ = running.log.submit(request);
                 self.report.torn_writes += 1;
             }
@@ -462,15 +456,26 @@ impl Sim {
         let node_id = self.nodes[position].id;
         let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
         let Some((group, write)) = running.disk_queue.pop_front() else { return Ok(()) };
-        let request = WriteRequest { group_id: group, ready_number: write.ready_number, ops: write.ops, reply: running.reply.clone() };
+        let request = WriteRequest::new(group, write.ready_number, write.ops, running.reply.clone());
         running.log.submit(request).map_err(|e| format!("node {node_id}: {e}"))?;
         let done: Vec<Persisted> = running.persisted.try_iter().collect();
         for persisted in done {
             // A removed replica takes nothing more (as its node's handler drops its messages).
             let peer = running.peers.get_mut(&persisted.group_id).expect("peer");
-            if !peer.is_removed() {
-                peer.on_persisted(persisted.ready_number);
+            if peer.is_removed() {
+                continue;
             }
+            // As the store's persisted forwarder does: a replica that need not hear it at once has it noted,
+            // and takes it up when it next handles anything.
+            if write.prompt {
+                peer.on_persisted(persisted.ready_number);
+            } else {
+                peer.persisted_note().note(persisted.ready_number);
+            }
+        }
+        // Durable: the answers that waited for it go.
+        for message in write.messages {
+            self.send(group, message);
         }
         Ok(())
     }
@@ -543,7 +548,7 @@ impl Sim {
                 return Ok(());
             }
             let empty = RangeDescriptor { group_id: group, ..RangeDescriptor::default() };
-            let config = Config { id: message.to(), random_seed: self.rng.next_u64(), read_mode: self.read_mode, commit_broadcast: self.commit_broadcast, heartbeats_skip_after_append: self.heartbeats_skip_after_append, ..Config::default() };
+            let config = Config { id: message.to(), random_seed: self.rng.next_u64(), ..self.raft.clone() };
             let peer = Peer::open(config, peer_options(&mut self.rng), empty, Arc::clone(&running.log) as Arc<dyn LogEngine>, &running.kv)
                 .map_err(|e| e.to_string())?;
             running.peers.insert(group, peer);
@@ -571,7 +576,7 @@ impl Sim {
         let Some(base_term) = running.log.term(group, last_dropped) else { return };
         let ops = vec![LogOp::Compact { first_kept_index: last_dropped + 1, base_term }];
         // A failed write (the disk is off mid-crash) leaves the log as it was.
-        let _ = running.log.submit(WriteRequest { group_id: group, ready_number: 0, ops, reply: unbounded().0 });
+        let _ = running.log.submit(WriteRequest::new(group, 0, ops, unbounded().0));
         self.report.compactions += 1;
     }
 

@@ -86,7 +86,7 @@ fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, args: &Args, seconds: f6
             // Steady state: the state machine has checkpointed what came before this Ready.
             ops.push(LogOp::Compact { first_kept_index: first, base_term: 1 });
         }
-        committer.submit(WriteRequest { group_id: group, ready_number: ready_number[group as usize], ops, reply: reply.clone() }).expect("submit");
+        committer.submit(WriteRequest::new(group, ready_number[group as usize], ops, reply.clone())).expect("submit");
     };
     for group in 1..=groups {
         submit(group);

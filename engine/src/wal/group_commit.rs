@@ -3,7 +3,9 @@
 //! Requests (one per group `Ready`) wait in a bounded queue. The writer takes one, then everything else already
 //! waiting — up to `batch_bytes_max` — and writes it all in one go: batching comes from what queued up during the
 //! previous sync, never from sleeping. After the sync it updates the shared index and completes each request by
-//! sending `Persisted { group_id, ready_number }` on the request's reply channel.
+//! sending `Persisted { group_id, ready_number, attachment }` on the request's reply channel. A request with no
+//! operations writes nothing and completes once everything queued before it is durable (its attachment — say,
+//! messages that may go only then — comes back in order).
 //!
 //! A disk error is fatal: the writer stops, every waiting and later request fails with the stored reason, and
 //! the node must stop (what was written may or may not be durable).
@@ -14,6 +16,7 @@
 //! `flotilla_wal_pinned_bytes{group}` for the [`PINNED_GROUPS_EXPORTED`] groups pinning the most (a gauge per group
 //! for all of a node's groups would be up to 100K series; a group leaving that list is set back to 0).
 
+use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -25,11 +28,16 @@ use parking_lot::{Mutex, RwLock};
 use super::record::LogOp;
 use super::{PurgeReport, SegmentWriter, Wal, WalError, WalState};
 
+/// Whatever the submitter wants back with [`Persisted`], untouched (the raftstore: the messages that may be sent
+/// only once the write is durable).
+pub type Attachment = Box<dyn Any + Send>;
+
 /// A group's `Ready` is durable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Persisted {
     pub group_id: u64,
     pub ready_number: u64,
+    pub attachment: Option<Attachment>,
 }
 
 /// What one group's `Ready` asks the WAL to persist.
@@ -38,6 +46,18 @@ pub struct WriteRequest {
     pub ready_number: u64,
     pub ops: Vec<LogOp>,
     pub reply: Sender<Persisted>,
+    pub attachment: Option<Attachment>,
+}
+
+impl WriteRequest {
+    pub fn new(group_id: u64, ready_number: u64, ops: Vec<LogOp>, reply: Sender<Persisted>) -> WriteRequest {
+        WriteRequest { group_id, ready_number, ops, reply, attachment: None }
+    }
+
+    /// Answers the requester: its writes are durable. (A requester that went away no longer needs the answer.)
+    pub fn complete(self) {
+        let _ = self.reply.send(Persisted { group_id: self.group_id, ready_number: self.ready_number, attachment: self.attachment });
+    }
 }
 
 /// What the writer thread is asked to do.
@@ -222,8 +242,7 @@ fn run_writer(
         metrics::histogram!("flotilla_wal_batch_requests").record(batch.len() as f64);
         metrics::histogram!("flotilla_wal_batch_bytes").record(bytes as f64);
         for request in batch {
-            // A requester that went away no longer needs the answer.
-            let _ = request.reply.send(Persisted { group_id: request.group_id, ready_number: request.ready_number });
+            request.complete();
         }
     }
 }
@@ -232,6 +251,9 @@ fn write_operations<'a, I>(writer: &mut SegmentWriter, state: &RwLock<WalState>,
 where
     I: Iterator<Item = (u64, &'a LogOp)>,
 {
+    if operations().next().is_none() {
+        return Ok(()); // requests with nothing to write: every earlier batch is durable already
+    }
     state.read().validate(operations())?;
     if let Some((new_segment, salt)) = writer.rotate_if_full()? {
         state.write().add_segment(new_segment, salt);

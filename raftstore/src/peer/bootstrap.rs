@@ -70,7 +70,7 @@ pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDes
             HardState { term, vote: 0, commit: hard_state.commit.max(index) }
         };
         let ops = vec![LogOp::Snapshot { index, term }, LogOp::HardState(hard_state)];
-        log.submit(WriteRequest { group_id, ready_number: 0, ops, reply: reply.clone() })
+        log.submit(WriteRequest::new(group_id, 0, ops, reply.clone()))
             .map_err(|e| storage_error(format!("restarting group {group_id}'s log at {index}: {e}")))?;
         waiting += 1;
     }
@@ -94,7 +94,7 @@ pub fn destroy_replica(log: &dyn LogEngine, kv: &dyn KvEngine, descriptor: &Rang
         let Some(base_term) = log.term(group_id, last).filter(|_| last >= log.first_index(group_id)) else { return Ok(()) };
         let (reply, done) = crossbeam_channel::bounded(1);
         let ops = vec![LogOp::Compact { first_kept_index: last + 1, base_term }];
-        log.submit(WriteRequest { group_id, ready_number: 0, ops, reply }).map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
+        log.submit(WriteRequest::new(group_id, 0, ops, reply)).map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
         done.recv().map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
     }
     Ok(())
@@ -168,7 +168,7 @@ mod tests {
         kv.flush().unwrap();
         let entries = (BOOTSTRAP_INDEX + 1..=BOOTSTRAP_INDEX + 3).map(|index| flotilla_raft::Entry { index, term: BOOTSTRAP_TERM + 1, ..Default::default() }).collect();
         let (reply, done) = crossbeam_channel::bounded(1);
-        log.submit(WriteRequest { group_id: left.group_id, ready_number: 1, ops: vec![LogOp::Append(entries)], reply }).unwrap();
+        log.submit(WriteRequest::new(left.group_id, 1, vec![LogOp::Append(entries)], reply)).unwrap();
         done.recv().unwrap();
         assert_eq!(finish_interrupted_destroys(3, &log, &kv).unwrap(), 1, "the interrupted destroy is finished");
         assert_eq!(kv.get(&key).unwrap(), None, "its data is gone");

@@ -36,6 +36,7 @@ use flotilla_raft::{Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
 pub use bootstrap::{destroy_replica, finish_interrupted_destroys, prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 pub use conf_change::MembershipChange;
+pub use ready::PersistedNote;
 pub use snapshot::SnapshotOptions;
 
 /// Settings of a replica beyond the Raft core's.
@@ -92,12 +93,18 @@ pub enum Response {
     Failed(PeerError),
 }
 
-/// One Ready's writes, to submit to the log engine; report [`Peer::on_persisted`] with `ready_number` once
-/// durable.
+/// One Ready's writes, to submit to the log engine. Once they (and every earlier write) are durable: send
+/// `messages`, then report [`Peer::on_persisted`] with `ready_number` — as a message to the replica if `prompt`,
+/// else by [`PersistedNote::note`], which the replica takes up when it next handles anything (a follower whose
+/// answer is in `messages` need not be scheduled just for that).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogWrite {
     pub ready_number: u64,
+    /// May be empty: a write that only waits for the earlier ones, for its `messages`.
     pub ops: Vec<LogOp>,
+    /// Responses that acknowledge what this write (and the earlier ones) persist.
+    pub messages: Vec<ReplicaMessage>,
+    pub prompt: bool,
 }
 
 /// What the caller must do for the peer.
@@ -149,6 +156,10 @@ pub struct Peer {
     storage_failure: Option<String>,
     /// Messages produced outside `take_output` (snapshot chunks and acknowledgements), sent with the next output.
     outbox: Vec<ReplicaMessage>,
+    /// Ready numbers made durable, noted by the thread that completed their writes (see [`LogWrite::prompt`]),
+    /// and the highest one taken up.
+    persisted_note: PersistedNote,
+    persisted_taken: u64,
 }
 
 impl Peer {
@@ -195,6 +206,8 @@ impl Peer {
             outbox: Vec::new(),
             removed: false,
             storage_failure: None,
+            persisted_note: PersistedNote::default(),
+            persisted_taken: 0,
         })
     }
 
@@ -254,6 +267,7 @@ impl Peer {
 
     /// Time passes (ignored while hibernating: the replica needs no ticks then).
     pub fn on_tick(&mut self) {
+        self.take_noted_persisted();
         if self.is_hibernating() {
             return;
         }
@@ -290,6 +304,7 @@ impl Peer {
     /// A message from another replica of the group. Invalid ones are refused with the core's error. Snapshot
     /// chunks are written to `kv` as they arrive.
     pub fn on_message(&mut self, message: ReplicaMessage, kv: &dyn KvEngine) -> Result<(), flotilla_raft::Error> {
+        self.take_noted_persisted();
         if self.wakes(&message) {
             self.wake();
         }

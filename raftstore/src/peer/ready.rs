@@ -5,6 +5,8 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{MessageType, StateRole};
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::{LogWrite, Peer, PeerError, PeerOutput, Response};
 use crate::command::Applied;
@@ -14,10 +16,15 @@ impl Peer {
     /// Everything the caller must do now (empty if nothing). `kv` is the node's state machine: a snapshot the
     /// core took is installed into it (durably, before the returned log write), and snapshot streams read it.
     pub fn take_output(&mut self, kv: &dyn KvEngine) -> PeerOutput {
+        self.take_noted_persisted();
         let mut output = PeerOutput::default();
         self.abort_dropped_install(kv);
         if self.raw.has_ready() {
-            let ready = self.raw.ready();
+            let mut ready = self.raw.ready();
+            // Learning of this write's durability at once matters for a leader, a candidate, a replica with
+            // committed entries waiting for it, or an installed snapshot; a follower's answer goes with the write.
+            let prompt = ready.snapshot.is_some() || self.raw.needs_prompt_persisted();
+            let after_persist: Vec<ReplicaMessage> = std::mem::take(&mut ready.messages_after_persist).into_iter().map(ReplicaMessage::Raft).collect();
             let mut ops = Vec::new();
             if let Some(snapshot) = &ready.snapshot {
                 match self.finish_snapshot_install(snapshot, kv) {
@@ -37,15 +44,16 @@ impl Peer {
             if let Some(hard_state) = ready.hard_state.filter(|_| ready.must_sync) {
                 ops.push(LogOp::HardState(hard_state));
             }
-            if ops.is_empty() {
+            if ops.is_empty() && after_persist.is_empty() {
                 // Nothing to persist. It may be acknowledged at once only if no earlier Ready is still being
                 // written: `on_persisted(n)` declares every Ready up to `n` durable. Otherwise the core releases it
-                // (and whatever responses it holds) behind the earlier one.
+                // behind the earlier one.
                 if !self.raw.has_unpersisted_ready() {
                     self.raw.on_persisted(ready.number);
                 }
             } else {
-                output.write = Some(LogWrite { ready_number: ready.number, ops });
+                // With responses and nothing to persist, the write is empty: it completes after the earlier ones.
+                output.write = Some(LogWrite { ready_number: ready.number, ops, messages: after_persist, prompt });
             }
             for message in ready.messages {
                 if message.msg_type() == MessageType::Snapshot {
@@ -75,6 +83,21 @@ impl Peer {
         self.raw.on_persisted(ready_number);
     }
 
+    /// Where another thread notes this replica's writes durable without scheduling it (see [`LogWrite::prompt`]).
+    pub fn persisted_note(&self) -> PersistedNote {
+        self.persisted_note.clone()
+    }
+
+    /// Takes up what was noted durable since the last handling: first thing in every handling, so nothing the
+    /// replica does is judged on staler durability than the note holds.
+    pub(super) fn take_noted_persisted(&mut self) {
+        let noted = self.persisted_note.0.load(Ordering::Acquire);
+        if noted > self.persisted_taken {
+            self.persisted_taken = noted;
+            self.raw.on_persisted(noted);
+        }
+    }
+
     /// The committed entries up to `index` are applied, with these command outcomes (from
     /// [`Peer::apply_committed`]): their clients are answered.
     pub fn on_applied(&mut self, index: u64, outcomes: Vec<Applied>) {
@@ -95,5 +118,17 @@ impl Peer {
             }
         }
         self.answer_ready_reads();
+    }
+}
+
+/// A replica's durable Ready numbers, noted from the thread that completed its writes. Cheap to clone; every
+/// clone notes for the same replica (a replica opened again gets a new one, so a stale note reaches nobody).
+#[derive(Clone, Debug, Default)]
+pub struct PersistedNote(Arc<AtomicU64>);
+
+impl PersistedNote {
+    /// The Ready numbered `ready_number`, and every earlier one, is durable.
+    pub fn note(&self, ready_number: u64) {
+        self.0.fetch_max(ready_number, Ordering::Release);
     }
 }

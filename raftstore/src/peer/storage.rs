@@ -104,7 +104,7 @@ mod tests {
         let storage = PeerStorage::new(7, Arc::clone(&log), voters.clone());
         let mut model = MemStorage::new_with_voters(&[1, 2, 3]);
         let (reply, _persisted) = unbounded();
-        let write = |ops: Vec<LogOp>| log.submit(WriteRequest { group_id: 7, ready_number: 1, ops, reply: reply.clone() }).unwrap();
+        let write = |ops: Vec<LogOp>| log.submit(WriteRequest::new(7, 1, ops, reply.clone())).unwrap();
         write(vec![LogOp::Append(entries(1..=8, 1)), LogOp::HardState(HardState { term: 2, vote: 1, commit: 5 })]);
         model.append(&entries(1..=8, 1)).unwrap();
         model.set_hard_state(HardState { term: 2, vote: 1, commit: 5 });
@@ -138,7 +138,7 @@ mod tests {
         let storage = PeerStorage::new(1, Arc::clone(&log), voters.clone());
         assert_eq!(storage.snapshot(0), Err(StorageError::SnapshotTemporarilyUnavailable), "nothing compacted yet");
         let (reply, _persisted) = unbounded();
-        let write = |ops: Vec<LogOp>| log.submit(WriteRequest { group_id: 1, ready_number: 1, ops, reply: reply.clone() }).unwrap();
+        let write = |ops: Vec<LogOp>| log.submit(WriteRequest::new(1, 1, ops, reply.clone())).unwrap();
         write(vec![LogOp::Append(entries(1..=12, 3))]);
         write(vec![LogOp::Compact { first_kept_index: 11, base_term: 3 }]);
         let metadata = SnapshotMetadata { index: 10, term: 3, conf_state: Some(voters) };

@@ -16,16 +16,16 @@
 
 use std::sync::Arc;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
 use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 
 use super::fsm::{PeerFsm, PeerMsg};
-use crate::batch::PollHandler;
+use crate::batch::{PollHandler, Router};
 use crate::message::{Envelope, ReplicaMessage};
-use crate::peer::PeerError;
+use crate::peer::{PeerError, PersistedNote};
 use super::replicas::ReplicaTask;
 use super::ticks::Ticking;
 use crate::peer::PeerOutput;
@@ -63,7 +63,48 @@ pub struct StoreHandler {
     pub(crate) failure: NodeFailure,
 }
 
+/// What goes back to the persisted forwarder with a write: the responses to send once it is durable, and, for a
+/// replica that need not be scheduled for it, where to note it durable instead of sending `Persisted`.
+pub(crate) struct AfterPersist {
+    envelopes: Vec<Envelope>,
+    note: Option<PersistedNote>,
+}
+
+/// The persisted forwarder's loop (a thread of its own): for each write made durable, sends the responses that
+/// waited for it, then tells the replica — by a `Persisted` message, or by its note (see `LogWrite::prompt`).
+pub(crate) fn forward_persisted(done: Receiver<Persisted>, router: Router<PeerFsm>, transport: Arc<dyn Transport>) {
+    for persisted in done {
+        let prompt = match persisted.attachment.map(|attachment| attachment.downcast::<AfterPersist>()) {
+            Some(Ok(after)) => {
+                for envelope in after.envelopes {
+                    transport.send(envelope);
+                }
+                match after.note {
+                    Some(note) => {
+                        note.note(persisted.ready_number);
+                        false
+                    }
+                    None => true,
+                }
+            }
+            _ => true,
+        };
+        if prompt {
+            super::deliver(&router, persisted.group_id, PeerMsg::Persisted(persisted.ready_number));
+        }
+    }
+}
+
 impl StoreHandler {
+    /// Where `message` goes: the node of the replica it is for, if known (else it is dropped, and counted).
+    fn envelope(&self, fsm: &PeerFsm, message: ReplicaMessage) -> Option<Envelope> {
+        let Some(to_node) = fsm.node_of(message.to()) else {
+            metrics::counter!("flotilla_transport_dropped_total").increment(1);
+            return None;
+        };
+        Some(Envelope { group_id: fsm.peer.group_id(), from_node: self.node_id, to_node, message })
+    }
+
     /// Stops the node for a failed engine: the first reason sticks, and is reported once.
     fn fail(&self, reason: String) {
         let mut failure = self.failure.lock();
@@ -100,16 +141,22 @@ impl StoreHandler {
             metrics::counter!("flotilla_elections_total").increment(1);
         }
         if let Some(write) = output.write {
-            metrics::counter!("flotilla_log_writes_total").increment(1);
-            let request = WriteRequest { group_id, ready_number: write.ready_number, ops: write.ops, reply: self.persisted.clone() };
+            if !write.ops.is_empty() {
+                metrics::counter!("flotilla_log_writes_total").increment(1);
+            }
+            let envelopes: Vec<Envelope> = write.messages.into_iter().filter_map(|message| self.envelope(fsm, message)).collect();
+            let note = (!write.prompt).then(|| fsm.peer.persisted_note());
+            let mut request = WriteRequest::new(group_id, write.ready_number, write.ops, self.persisted.clone());
+            if !envelopes.is_empty() || note.is_some() {
+                request.attachment = Some(Box::new(AfterPersist { envelopes, note }));
+            }
             if let Err(error) = self.log.submit(request) {
                 return self.fail(format!("the log failed: {error}"));
             }
         }
         for message in output.messages {
-            match fsm.node_of(message.to()) {
-                Some(to_node) => self.transport.send(Envelope { group_id, from_node: self.node_id, to_node, message }),
-                None => metrics::counter!("flotilla_transport_dropped_total").increment(1), // nowhere known
+            if let Some(envelope) = self.envelope(fsm, message) {
+                self.transport.send(envelope);
             }
         }
         fsm.to_apply.extend(output.committed);

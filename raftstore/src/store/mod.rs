@@ -44,7 +44,9 @@ pub struct StoreOptions {
     /// defaults with lease reads (`ReadMode::LeaseBased`): a leader holding a valid lease answers linearizable
     /// reads without a round trip, else by ReadIndex — safe within the clock-drift bound in the core's docs; and
     /// without `commit_broadcast` (followers learn the commit index with the next append or heartbeat), and
-    /// with `heartbeats_skip_after_append` (no heartbeat to a follower that just got an append).
+    /// with `heartbeats_skip_after_append` (no heartbeat to a follower that just got an append), and with
+    /// `persisted_messages_in_ready` (a follower's answers go out from the thread that completes its write, and it
+    /// is not scheduled just for that).
     pub raft: Config,
     /// How often every group ticks. Default 100 ms (an election timeout of 10 ticks is then 1–2 s).
     pub tick_interval: Duration,
@@ -58,7 +60,13 @@ impl Default for StoreOptions {
     fn default() -> StoreOptions {
         StoreOptions {
             batch: BatchOptions::default(),
-            raft: Config { read_mode: ReadMode::LeaseBased, commit_broadcast: false, heartbeats_skip_after_append: true, ..Config::default() },
+            raft: Config {
+                read_mode: ReadMode::LeaseBased,
+                commit_broadcast: false,
+                heartbeats_skip_after_append: true,
+                persisted_messages_in_ready: true,
+                ..Config::default()
+            },
             tick_interval: Duration::from_millis(100),
             node_id: 1,
             peer: PeerOptions::default(),
@@ -149,13 +157,13 @@ impl Store {
             threads.push(std::thread::Builder::new().name("flotilla-replicas".into()).spawn(move || replicas.run(task_receiver, stopped)).expect("spawning the replicas thread"));
         }
         {
-            // `Persisted` from the log's writer thread back to each group's mailbox.
-            let router = router.clone();
-            std::thread::Builder::new().name("flotilla-persisted".into()).spawn(move || {
-                for done in persisted_receiver {
-                    deliver(&router, done.group_id, PeerMsg::Persisted(done.ready_number));
-                }
-            }).expect("spawning the persisted forwarder");
+            // From the log's writer thread: the responses that waited for each write, and `Persisted` back to
+            // the groups that need it.
+            let (router, transport) = (router.clone(), Arc::clone(&handler.transport));
+            std::thread::Builder::new()
+                .name("flotilla-persisted".into())
+                .spawn(move || handler::forward_persisted(persisted_receiver, router, transport))
+                .expect("spawning the persisted forwarder");
         }
         {
             // Ticks only the groups that need time (see `Peer::needs_ticks`): idle single-replica groups cost nothing;
