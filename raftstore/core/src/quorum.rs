@@ -80,6 +80,12 @@ impl JointConfig {
         self.incoming.voters.contains(&id) || self.outgoing.voters.contains(&id)
     }
 
+    /// Whether `id` is the only voter (of both halves, if joint), without building the voter set.
+    pub fn is_only_voter(&self, id: u64) -> bool {
+        let only = |set: &BTreeSet<u64>| set.len() == 1 && set.contains(&id);
+        only(&self.incoming.voters) && (self.outgoing.voters.is_empty() || only(&self.outgoing.voters))
+    }
+
     pub fn ids(&self) -> BTreeSet<u64> {
         self.incoming.voters.union(&self.outgoing.voters).copied().collect()
     }

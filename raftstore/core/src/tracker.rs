@@ -44,9 +44,7 @@ impl Configuration {
 
     /// Whether `id` is the only member (voter or learner), without building the member set.
     pub fn is_only_member(&self, id: u64) -> bool {
-        let only = |set: &BTreeSet<u64>| set.len() == 1 && set.contains(&id);
-        only(&self.voters.incoming.voters)
-            && (self.voters.outgoing.voters.is_empty() || only(&self.voters.outgoing.voters))
+        self.voters.is_only_voter(id)
             && self.learners.is_empty()
             && self.learners_next.is_empty()
     }

@@ -5,8 +5,9 @@
 //! while nothing is pending (writes, reads, snapshot streams, a transfer), every entry is committed and applied,
 //! its last entry is of its own term, and every other replica's log matches its own. It sends each of them a
 //! [`HibernateRequest`] (its term, last index and term, commit) and stops ticking. A follower whose log ends at
-//! exactly that entry, that knows that commit and has nothing out for applying, stops ticking too. One that
-//! differs (or never gets the request) keeps ticking and in time campaigns: its vote request wakes the leader,
+//! exactly that entry stops ticking too, once it knows that commit (taken from the request if it had not heard
+//! it yet) and has no request or snapshot stream pending; applying what that commit hands out needs no ticks. One
+//! that differs (or never gets the request) keeps ticking and in time campaigns: its vote request wakes the leader,
 //! which heartbeats again. A lost request costs a wake-up, never safety: hibernation only withholds ticks, and
 //! Raft's safety never depends on time.
 //!
@@ -23,7 +24,7 @@
 //! per node pair, not one per group) and calls [`Peer::on_node_down`] with the replica on a down node; a follower
 //! whose leader is that replica wakes, and campaigns after a full election timeout without word from it.
 
-use flotilla_raft::{MessageType, StateRole};
+use flotilla_raft::{Message, MessageType, StateRole};
 
 use super::Peer;
 use crate::message::{HibernateRequest, ReplicaMessage};
@@ -142,17 +143,29 @@ impl Peer {
     }
 
     /// A leader's hibernate request: sleep too if this replica is exactly where the leader is.
+    ///
+    /// A follower whose log is the leader's (same last index and term) but that has not heard the latest commit
+    /// index learns it from the request, as from a heartbeat: without commit broadcasts, the commit of a group's
+    /// last write travels only with the next heartbeat or append, and the leader may fall asleep first (all
+    /// followers hold its log). A learner, which never campaigns, would then never learn it (`store-sim` seed
+    /// 752); a voter would wake the group with an election. Entries it then has to apply need no ticks: it sleeps
+    /// with them handed out.
     pub(super) fn on_hibernate_request(&mut self, request: HibernateRequest) {
         let raft = &self.raw.raft;
         let log = &raft.raft_log;
-        let in_step = raft.role == StateRole::Follower
+        let log_is_leaders = raft.role == StateRole::Follower
             && request.term == raft.term
             && request.from == raft.leader_id
             && log.last_index() == request.index
-            && log.term(request.index).ok() == Some(request.log_term)
-            && log.committed == request.commit
-            && log.applied == request.commit
-            && self.applied_index == request.commit
+            && log.term(request.index).ok() == Some(request.log_term);
+        if log_is_leaders && log.committed < request.commit {
+            let mut heartbeat = Message::new(MessageType::Heartbeat, request.from, raft.id, request.term);
+            heartbeat.commit = request.commit;
+            let _ = self.raw.step(heartbeat); // its answer does not wake the sleeping leader
+        }
+        let raft = &self.raw.raft;
+        let in_step = log_is_leaders
+            && raft.raft_log.committed == request.commit
             && self.writes.is_empty()
             && self.reads.is_empty()
             && self.streams.is_idle();

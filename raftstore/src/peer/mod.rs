@@ -244,7 +244,7 @@ impl Peer {
         let raft = &self.raw.raft;
         let last = raft.raft_log.last_index();
         format!(
-            "{:?} term={} vote={} leader={} commit={} last={}@{} applied={}",
+            "{:?} term={} vote={} leader={} commit={} last={}@{} persisted={} applied={} sleep={:?}",
             raft.role,
             raft.term,
             raft.vote,
@@ -252,7 +252,9 @@ impl Peer {
             raft.raft_log.committed,
             last,
             raft.raft_log.term(last).unwrap_or(0),
-            self.applied_index
+            raft.raft_log.persisted,
+            self.applied_index,
+            self.hibernation.sleep
         )
     }
 

@@ -91,6 +91,9 @@ impl Peer {
     /// Takes up what was noted durable since the last handling: first thing in every handling, so nothing the
     /// replica does is judged on staler durability than the note holds.
     pub(super) fn take_noted_persisted(&mut self) {
+        if !self.raw.has_unpersisted_ready() {
+            return; // nothing written is waiting (and the note's cache line stays cold)
+        }
         let noted = self.persisted_note.0.load(Ordering::Acquire);
         if noted > self.persisted_taken {
             self.persisted_taken = noted;

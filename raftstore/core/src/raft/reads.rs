@@ -37,7 +37,7 @@ impl<S: Storage> Raft<S> {
     }
 
     pub(super) fn handle_read_index(&mut self, m: Message) -> Result<()> {
-        if self.tracker.config.voters.ids().len() == 1 && self.tracker.is_voter(self.id) {
+        if self.tracker.config.voters.is_only_voter(self.id) {
             let committed = self.raft_log.committed;
             if self.committed_entry_in_current_term() {
                 self.answer_read(m.from, committed, m.context);
