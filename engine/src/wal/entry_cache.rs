@@ -22,6 +22,16 @@ impl GroupCache {
     fn first_index(&self) -> Option<u64> {
         self.entries.front().map(|e| e.index)
     }
+
+    /// Drops the entries at and after `index`; returns how many and their bytes.
+    fn drop_from(&mut self, index: u64) -> (usize, u64) {
+        let (mut count, mut bytes) = (0, 0);
+        while self.entries.back().is_some_and(|e| e.index >= index) {
+            bytes += self.entries.pop_back().expect("checked").size_bytes();
+            count += 1;
+        }
+        (count, bytes)
+    }
 }
 
 pub struct EntryCache {
@@ -49,8 +59,11 @@ impl EntryCache {
             return;
         }
         let Some(first) = entries.first() else { return };
-        self.truncate_from(group_id, first.index);
+        // One lookup of the group (this runs for every group of every WAL write).
         let cache = self.groups.entry(group_id).or_default();
+        let (count, bytes) = cache.drop_from(first.index);
+        self.entries -= count;
+        self.bytes -= bytes;
         let contiguous = cache.entries.back().is_none_or(|last| last.index + 1 == first.index);
         if !contiguous {
             // The cached run no longer adjoins the log's tail: start a new run here.
@@ -58,7 +71,6 @@ impl EntryCache {
             let dropped: u64 = cache.entries.drain(..).map(|e| e.size_bytes()).sum();
             self.bytes -= dropped;
         }
-        let cache = self.groups.entry(group_id).or_default();
         for entry in entries {
             self.bytes += entry.size_bytes();
             self.entries += 1;
@@ -71,11 +83,9 @@ impl EntryCache {
     /// Drops cached entries at and after `index`.
     pub fn truncate_from(&mut self, group_id: u64, index: u64) {
         let Some(cache) = self.groups.get_mut(&group_id) else { return };
-        while cache.entries.back().is_some_and(|e| e.index >= index) {
-            let entry = cache.entries.pop_back().expect("checked");
-            self.bytes -= entry.size_bytes();
-            self.entries -= 1;
-        }
+        let (count, bytes) = cache.drop_from(index);
+        self.entries -= count;
+        self.bytes -= bytes;
     }
 
     /// Drops cached entries before `index`.

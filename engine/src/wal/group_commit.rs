@@ -188,6 +188,7 @@ fn run_writer(
 ) {
     let mut deferred: Option<Command> = None;
     let mut exported_pinned_groups = Vec::new();
+    let mut batch = Vec::new(); // reused: a batch may hold thousands of requests
     loop {
         let first = match deferred.take() {
             Some(command) => command,
@@ -210,7 +211,7 @@ fn run_writer(
             Command::Write(request) => request,
         };
         let mut bytes = ops_bytes(&first);
-        let mut batch = vec![first];
+        batch.push(first);
         while bytes < options.batch_bytes_max {
             match receiver.try_recv() {
                 Ok(Command::Write(request)) => {
@@ -241,7 +242,7 @@ fn run_writer(
         metrics::histogram!("flotilla_wal_write_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("flotilla_wal_batch_requests").record(batch.len() as f64);
         metrics::histogram!("flotilla_wal_batch_bytes").record(bytes as f64);
-        for request in batch {
+        for request in batch.drain(..) {
             request.complete();
         }
     }

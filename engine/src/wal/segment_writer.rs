@@ -92,7 +92,8 @@ impl SegmentWriter {
         let mut buffer = std::mem::take(&mut self.scratch);
         buffer.clear();
         buffer.resize(FRAME_BYTES, 0);
-        let mut placed = Vec::new();
+        let operations = operations.into_iter();
+        let mut placed = Vec::with_capacity(operations.size_hint().0);
         for (group_id, op) in operations {
             match op {
                 LogOp::Append(entries) => {

@@ -51,10 +51,10 @@ pub struct PurgePlan {
 impl WalState {
     /// Rejects operations that replay could not apply, before anything is written.
     pub fn validate<'a>(&self, operations: impl IntoIterator<Item = (u64, &'a LogOp)>) -> Result<(), WalError> {
-        let mut bounds: HashMap<u64, (u64, u64)> = HashMap::new();
-        let mut touched = std::collections::HashSet::new();
+        // Each group's (first, last) index as the batch's operations so far leave it.
+        let mut bounds: FxHashMap<u64, (u64, u64)> = FxHashMap::default();
         for (group_id, op) in operations {
-            let untouched = touched.insert(group_id);
+            let untouched = !bounds.contains_key(&group_id);
             let group_id = &group_id;
             let (first, last) = *bounds.entry(*group_id).or_insert_with(|| {
                 self.groups.get(group_id).map_or((1, 0), |g| (g.first_index, g.last_index()))
