@@ -29,14 +29,13 @@ pub use state::{PurgePlan, WalState};
 use state::Segment;
 
 use std::collections::{BTreeMap, HashMap};
-
-use rustc_hash::FxHashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flotilla_raft::{Entry, HardState};
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 
 use crate::disk::{Disk, DiskFile};
 use entry_cache::EntryCache;

@@ -2,13 +2,12 @@
 //! and read handles — and the planning of purges. Writers change it only briefly, after their bytes are durable.
 
 use std::collections::{BTreeMap, HashMap};
-
-use rustc_hash::FxHashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use flotilla_raft::{Entry, HardState};
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 
 use super::entry_cache::EntryCache;
 use super::group_log::{EntryLocation, GroupLog};
