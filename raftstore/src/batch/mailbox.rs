@@ -10,7 +10,7 @@
 //! first choice and cost more: it allocates (and zeroes) a block of 31 slots as its queue grows and keeps one per
 //! mailbox that ever had mail, so with thousands of groups, each seeing a message or two per write, the blocks
 //! themselves were a tenth of the pollers' time. A drained queue keeps a small buffer
-//! ([`RETAINED_SLOTS_MAX`]) so that a busy FSM does not allocate per message, and an idle one holds little.
+//! (`RETAINED_SLOTS_MAX`) so that a busy FSM does not allocate per message, and an idle one holds little.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

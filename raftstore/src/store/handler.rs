@@ -1,7 +1,7 @@
 //! The poll handler: one round of the batch system for many group replicas. `handle` feeds each FSM its
 //! messages (after the ticks it owes, `ticks.rs`) and collects what its peer asks; `end` submits every Ready's
 //! writes to the group-commit log (they share fsyncs), applies every group's committed entries in **one** state
-//! machine call, and answers clients. [`forward_persisted`] is the other end of those writes: on its own thread
+//! machine call, and answers clients. `forward_persisted` is the other end of those writes: on its own thread
 //! it sends the answers that waited for each write to be durable, then tells the replica (a `Persisted` message,
 //! or its `PersistedNote` when it need not be scheduled for it).
 //!
