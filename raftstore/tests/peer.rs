@@ -51,11 +51,7 @@ impl Node {
         for done in self.persisted.try_iter() {
             let (messages, prompt) = *done.attachment.expect("attached").downcast::<(Vec<ReplicaMessage>, bool)>().expect("ours");
             network.extend(messages);
-            if prompt {
-                self.peer.on_persisted(done.ready_number);
-            } else {
-                self.peer.persisted_note().note(done.ready_number);
-            }
+            self.peer.on_write_durable(done.ready_number, prompt);
         }
     }
 }

@@ -465,13 +465,7 @@ impl Sim {
             if peer.is_removed() {
                 continue;
             }
-            // As the store's persisted forwarder does: a replica that need not hear it at once has it noted,
-            // and takes it up when it next handles anything.
-            if write.prompt {
-                peer.on_persisted(persisted.ready_number);
-            } else {
-                peer.persisted_note().note(persisted.ready_number);
-            }
+            peer.on_write_durable(persisted.ready_number, write.prompt);
         }
         // Durable: the answers that waited for it go.
         for message in write.messages {

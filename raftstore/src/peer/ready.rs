@@ -83,6 +83,17 @@ impl Peer {
         self.raw.on_persisted(ready_number);
     }
 
+    /// A write this replica asked for ([`LogWrite`]) is durable, told by a caller on the replica's own thread:
+    /// at once if the write was `prompt`, else through the note, taken up at the next handling — what the store's
+    /// persisted forwarder does across threads (a `Persisted` message, or the note).
+    pub fn on_write_durable(&mut self, ready_number: u64, prompt: bool) {
+        if prompt {
+            self.on_persisted(ready_number);
+        } else {
+            self.persisted_note.note(ready_number);
+        }
+    }
+
     /// Where another thread notes this replica's writes durable without scheduling it (see [`LogWrite::prompt`]).
     pub fn persisted_note(&self) -> PersistedNote {
         self.persisted_note.clone()
