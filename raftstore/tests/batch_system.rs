@@ -36,7 +36,8 @@ struct Shared {
     round_sizes: Arc<Mutex<Vec<usize>>>,
     /// Violations seen by pollers (recorded, not asserted: a panicking poller would only show up as a timeout).
     failures: Arc<Mutex<Vec<String>>>,
-    /// If set, the first round of each poller waits here before handling: a backlog builds up behind it.
+    /// If set, the first round of each poller meets the test here twice before handling: once to say the round
+    /// is gathered, once to be let go. A backlog sent in between builds up behind that round.
     gate: Option<Arc<Barrier>>,
 }
 
@@ -48,6 +49,7 @@ struct Handler {
 impl PollHandler<Counter> for Handler {
     fn begin(&mut self) {
         if let Some(gate) = self.shared.gate.as_ref().filter(|_| !std::mem::replace(&mut self.gated, true)) {
+            gate.wait();
             gate.wait();
         }
     }
@@ -149,16 +151,17 @@ fn a_round_gathers_every_fsm_that_has_mail() {
     let shared = Shared { gate: Some(Arc::clone(&gate)), ..Shared::default() };
     let system = start(BatchOptions { pollers: 1, fsms_per_round_max: 64, ..BatchOptions::default() }, &shared);
     register(&system, 0..100, 1, &drops);
-    // FSM 0's round starts and waits at the gate; meanwhile 99 more FSMs get mail.
+    // FSM 0's round is gathered and waits at the gate; only then do 99 more FSMs get mail.
     system.router().send(0, (0, 0)).unwrap();
+    gate.wait();
     for id in 1..100 {
         system.router().send(id, (0, 0)).unwrap();
     }
     gate.wait();
-    wait_until("all handled", || shared.handled.load(Ordering::SeqCst) == 100);
+    // Rounds are recorded at their end, after their messages are counted as handled.
+    wait_until("every round has ended", || shared.round_sizes.lock().iter().sum::<usize>() == 100);
     let rounds = shared.round_sizes.lock().clone();
-    assert_eq!(rounds.iter().sum::<usize>(), 100);
-    assert!(rounds.contains(&64), "the backlog is taken 64 FSMs at a time: {rounds:?}");
+    assert_eq!(rounds, vec![1, 64, 35], "the backlog is taken 64 FSMs at a time");
     assert_eq!(shared.failures.lock().clone(), Vec::<String>::new());
 }
 
@@ -176,6 +179,7 @@ fn mailboxes_are_bounded_and_unknown_or_unregistered_ids_are_refused() {
     assert_eq!(system.router().send(0, (0, 4)), Err(SendError::Full((0, 4))));
     assert_eq!(system.router().send(7, (0, 0)), Err(SendError::NotFound((0, 0))));
     assert!(system.router().register(1, Box::new(Counter { id: 1, next_expected: vec![0], busy: AtomicBool::new(false), drops: Arc::clone(&drops) })).is_err());
+    gate.wait();
     gate.wait();
     wait_until("the backlog is handled", || shared.handled.load(Ordering::SeqCst) == 4);
     // Unregistering an idle FSM drops it at once (the refused duplicate above was dropped too).
