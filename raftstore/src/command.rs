@@ -137,13 +137,38 @@ pub fn apply_entries(
 pub struct ApplyBatch {
     pub group: GroupApply,
     pub applied: Vec<Applied>,
-    /// This batch's writes so far (`None`: deleted), for reads of later entries.
-    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// This batch's writes so far, for the compare-and-sets of later entries.
+    overlay: Overlay,
+}
+
+/// Where each key written so far in a batch was last written (its position among the batch's operations). Built
+/// only when a compare-and-set asks: a batch of plain puts and deletes never pays for it.
+#[derive(Default)]
+struct Overlay {
+    last_write: BTreeMap<Vec<u8>, usize>,
+    /// How many of the batch's operations are indexed.
+    indexed: usize,
+}
+
+impl Overlay {
+    /// What `ops` (the batch's operations so far) leave at `key`: `None` if they do not write it, `Some(None)` if
+    /// they delete it.
+    fn get<'a>(&mut self, ops: &'a [KvOp], key: &[u8]) -> Option<Option<&'a [u8]>> {
+        for (position, op) in ops.iter().enumerate().skip(self.indexed) {
+            let (KvOp::Put { key, .. } | KvOp::Delete { key }) = op;
+            self.last_write.insert(key.clone(), position);
+        }
+        self.indexed = ops.len();
+        self.last_write.get(key).map(|&position| match &ops[position] {
+            KvOp::Put { value, .. } => Some(value.as_slice()),
+            KvOp::Delete { .. } => None,
+        })
+    }
 }
 
 impl ApplyBatch {
     pub fn new(group_id: u64) -> ApplyBatch {
-        ApplyBatch { group: GroupApply { group_id, ..Default::default() }, applied: Vec::new(), overlay: BTreeMap::new() }
+        ApplyBatch { group: GroupApply { group_id, ..Default::default() }, applied: Vec::new(), overlay: Overlay::default() }
     }
 
     /// Applies the commands among `entries` (no-ops and membership changes only advance the applied index).
@@ -155,8 +180,9 @@ impl ApplyBatch {
             }
             let command = Command::decode(entry.data.as_ref())
                 .map_err(|e| ApplyError::Undecodable { index: entry.index, reason: e.to_string() })?;
-            let outcome = apply_command(engine, descriptor, &command, &mut self.overlay, &mut self.group.ops)?;
-            self.applied.push(Applied { request_id: command.request_id, index: entry.index, term: entry.term, outcome });
+            let request_id = command.request_id;
+            let outcome = apply_command(engine, descriptor, command, &mut self.overlay, &mut self.group.ops)?;
+            self.applied.push(Applied { request_id, index: entry.index, term: entry.term, outcome });
         }
         Ok(())
     }
@@ -166,13 +192,7 @@ impl ApplyBatch {
     }
 }
 
-fn apply_command(
-    engine: &dyn KvEngine,
-    descriptor: &RangeDescriptor,
-    command: &Command,
-    overlay: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    ops: &mut Vec<KvOp>,
-) -> Result<Outcome, ApplyError> {
+fn apply_command(engine: &dyn KvEngine, descriptor: &RangeDescriptor, command: Command, overlay: &mut Overlay, ops: &mut Vec<KvOp>) -> Result<Outcome, ApplyError> {
     let keys: Vec<&[u8]> = command.ops.iter().map(|op| op.key.as_slice()).collect();
     if let Err(refusal) = descriptor.check(&keys, command.epoch) {
         return Ok(Outcome::Refused(refusal));
@@ -180,8 +200,8 @@ fn apply_command(
     // Preconditions first, all of them, against the state before this command.
     for (position, op) in command.ops.iter().enumerate() {
         if op.kind == OpKind::CompareAndSet as i32 {
-            let current = match overlay.get(&op.key) {
-                Some(value) => value.clone(),
+            let current = match overlay.get(ops, &op.key) {
+                Some(value) => value.map(<[u8]>::to_vec),
                 None => engine.get(&op.key).map_err(ApplyError::Engine)?,
             };
             let holds = if op.expect_absent { current.is_none() } else { current.as_deref() == Some(op.expected.as_slice()) };
@@ -190,14 +210,11 @@ fn apply_command(
             }
         }
     }
-    for op in &command.ops {
-        let value = (op.kind != OpKind::Delete as i32).then(|| op.value.clone());
-        overlay.insert(op.key.clone(), value.clone());
-        ops.push(match value {
-            Some(value) => KvOp::Put { key: op.key.clone(), value },
-            None => KvOp::Delete { key: op.key.clone() },
-        });
-    }
+    // The decoded command is ours: its keys and values move into the batch.
+    ops.extend(command.ops.into_iter().map(|op| match op.kind == OpKind::Delete as i32 {
+        true => KvOp::Delete { key: op.key },
+        false => KvOp::Put { key: op.key, value: op.value },
+    }));
     Ok(Outcome::Done)
 }
 
@@ -253,6 +270,25 @@ mod tests {
         assert_eq!(outcomes[2], Outcome::Done);
         assert_eq!(engine.get(b"c").unwrap(), None, "the failed command's put did not happen");
         assert_eq!((engine.get(b"b").unwrap(), engine.get(b"d").unwrap()), (Some(b"3".to_vec()), Some(b"y".to_vec())));
+    }
+
+    #[test]
+    fn compare_and_set_sees_the_last_write_of_earlier_entries_in_the_batch_including_deletes() {
+        let engine = MemKvEngine::new(u64::MAX);
+        apply(&engine, &[entry(1, &command(1, vec![Op::put("b", "0")]))]);
+        let entries = [
+            entry(2, &command(2, vec![Op::put("b", "1")])),
+            entry(3, &command(3, vec![Op::compare_and_set("b", Some(b"1".to_vec()), "2")])),
+            // Written after the batch's first compare-and-set looked: later ones must still see it.
+            entry(4, &command(4, vec![Op::delete("b")])),
+            entry(5, &command(5, vec![Op::compare_and_set("b", None, "4")])),
+            entry(6, &command(6, vec![Op::compare_and_set("b", Some(b"4".to_vec()), "5")])),
+            entry(7, &command(7, vec![Op::compare_and_set("b", Some(b"4".to_vec()), "6")])),
+        ];
+        let outcomes = apply(&engine, &entries);
+        assert_eq!(outcomes[..5], [Outcome::Done, Outcome::Done, Outcome::Done, Outcome::Done, Outcome::Done]);
+        assert_eq!(outcomes[5], Outcome::PreconditionFailed { op: 0, current: Some(b"5".to_vec()) });
+        assert_eq!(engine.get(b"b").unwrap(), Some(b"5".to_vec()));
     }
 
     #[test]

@@ -54,7 +54,7 @@ impl EntryCache {
     }
 
     /// Durable entries appended to a group's log (replacing any suffix from the first one on).
-    pub fn append(&mut self, group_id: u64, entries: &[Entry]) {
+    pub fn append(&mut self, group_id: u64, entries: Vec<Entry>) {
         if self.bytes_max == 0 {
             return;
         }
@@ -74,8 +74,8 @@ impl EntryCache {
         for entry in entries {
             self.bytes += entry.size_bytes();
             self.entries += 1;
-            cache.entries.push_back(entry.clone());
             self.order.push_back((group_id, entry.index));
+            cache.entries.push_back(entry);
         }
         self.evict();
     }
@@ -160,9 +160,9 @@ mod tests {
     #[test]
     fn follows_appends_conflicts_truncations_and_compactions() {
         let mut cache = EntryCache::new(1 << 20);
-        cache.append(1, &entries(1..=10, 1));
+        cache.append(1, entries(1..=10, 1));
         assert_eq!(cache.get(1, 3, 6, u64::MAX).unwrap(), entries(3..=5, 1));
-        cache.append(1, &entries(8..=12, 2));
+        cache.append(1, entries(8..=12, 2));
         assert_eq!(cache.get(1, 7, 10, u64::MAX).unwrap(), [entries(7..=7, 1), entries(8..=9, 2)].concat());
         cache.truncate_from(1, 11);
         assert!(cache.get(1, 10, 12, u64::MAX).is_none(), "11 is gone");
@@ -176,8 +176,8 @@ mod tests {
     #[test]
     fn the_byte_budget_evicts_the_oldest_written_first() {
         let mut cache = EntryCache::new(10 * 100);
-        cache.append(1, &entries(1..=6, 1));
-        cache.append(2, &entries(1..=6, 1));
+        cache.append(1, entries(1..=6, 1));
+        cache.append(2, entries(1..=6, 1));
         assert!(cache.bytes() <= 1000);
         assert!(cache.get(1, 1, 3, u64::MAX).is_none(), "group 1's oldest were evicted first");
         assert!(cache.get(2, 1, 7, u64::MAX).is_some(), "the newest run is whole");

@@ -269,23 +269,28 @@ pub fn decode(bytes: &[u8], salt: u32) -> Result<Record, DecodeError> {
 }
 
 /// Splits `entries` into runs (as index ranges into the slice) whose encoded batches stay under
-/// `batch_bytes_max` (a single larger entry gets a run of its own).
-pub fn append_runs(entries: &[Entry], batch_bytes_max: usize) -> Vec<std::ops::Range<usize>> {
-    let mut runs = Vec::new();
-    let (mut start, mut bytes) = (0usize, 0usize);
-    for (position, entry) in entries.iter().enumerate() {
-        let size = entry.encoded_len() + 8;
-        if position > start && bytes + size > batch_bytes_max {
-            runs.push(start..position);
-            start = position;
-            bytes = 0;
+/// `batch_bytes_max` (a single larger entry gets a run of its own). An iterator: the WAL writer splits every
+/// append of every write, almost always into one run, and allocates nothing for it.
+pub fn append_runs(entries: &[Entry], batch_bytes_max: usize) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start == entries.len() {
+            return None;
         }
-        bytes += size;
-    }
-    if start < entries.len() {
-        runs.push(start..entries.len());
-    }
-    runs
+        let mut end = start;
+        let mut bytes = 0;
+        while let Some(entry) = entries.get(end) {
+            let size = entry.encoded_len() + 8;
+            if end > start && bytes + size > batch_bytes_max {
+                break;
+            }
+            bytes += size;
+            end += 1;
+        }
+        let run = start..end;
+        start = end;
+        Some(run)
+    })
 }
 
 
@@ -371,11 +376,17 @@ mod tests {
     #[test]
     fn append_runs_cover_the_entries_in_order_within_the_bound() {
         let entries: Vec<Entry> = (1..=100).map(|i| entry(i, 1, b"0123456789")).collect();
-        let runs = append_runs(&entries, 100);
+        let runs: Vec<_> = append_runs(&entries, 100).collect();
         assert!(runs.len() > 1);
+        for run in &runs {
+            let bytes: usize = entries[run.clone()].iter().map(|e| e.encoded_len() + 8).sum();
+            assert!(bytes <= 100 || run.len() == 1, "run {run:?} holds {bytes} bytes");
+        }
         let rejoined: Vec<Entry> = runs.iter().flat_map(|run| entries[run.clone()].iter().cloned()).collect();
         assert_eq!(rejoined, entries);
-        assert_eq!(append_runs(&entries[..0], 100), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(append_runs(&entries[..0], 100).count(), 0);
+        let large = vec![entry(1, 1, b"0123456789"); 3];
+        assert_eq!(append_runs(&large, 1).collect::<Vec<_>>(), vec![0..1, 1..2, 2..3], "an entry over the bound runs alone");
     }
 
     #[test]

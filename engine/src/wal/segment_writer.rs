@@ -36,6 +36,9 @@ pub struct SegmentWriter {
     pub(super) active: ActiveSegment,
     /// The encode buffer, reused across writes (a fresh multi-megabyte buffer per write costs page faults).
     pub(super) scratch: Vec<u8>,
+    /// Records placed by the previous write: the next one's list starts with room for as many (the operations
+    /// arrive as an iterator that cannot tell its length, and a batch may hold thousands).
+    pub(super) placed_last: usize,
 }
 
 /// Records encoded for one write (in the writer's scratch buffer), with where each will land.
@@ -93,7 +96,7 @@ impl SegmentWriter {
         buffer.clear();
         buffer.resize(FRAME_BYTES, 0);
         let operations = operations.into_iter();
-        let mut placed = Vec::with_capacity(operations.size_hint().0);
+        let mut placed = Vec::with_capacity(operations.size_hint().0.max(self.placed_last));
         for (group_id, op) in operations {
             match op {
                 LogOp::Append(entries) => {
@@ -116,6 +119,7 @@ impl SegmentWriter {
         buffer.resize(batch_bytes as usize, 0);
         encode_frame(salt, batch_bytes, records_bytes, &mut buffer);
         self.scratch = buffer;
+        self.placed_last = placed.len();
         PreparedWrite { placed, segment_id: self.active.id, end: self.active.len + batch_bytes }
     }
 

@@ -242,7 +242,7 @@ impl WalState {
             };
             applied.expect("operations were validated before writing");
             match record.change {
-                IndexChange::Append(entries) => self.cache.append(record.group_id, &entries),
+                IndexChange::Append(entries) => self.cache.append(record.group_id, entries),
                 IndexChange::Other(LogOp::Truncate { from_index }) => self.cache.truncate_from(record.group_id, from_index),
                 IndexChange::Other(LogOp::Compact { first_kept_index, .. }) => {
                     self.cache.compact_to(record.group_id, first_kept_index)
