@@ -16,6 +16,7 @@
 //! `flotilla_removal_notices_taken_total` (replicas that learned of their removal from a member),
 //! `flotilla_replicas_destroyed_total`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -48,8 +49,34 @@ impl Transport for NoTransport {
 
 
 /// Why the node stopped, once its engines failed (a broken environment: disk gone, corruption). From then on
-/// every request is refused with the reason; nothing more is written.
-pub type NodeFailure = Arc<parking_lot::Mutex<Option<String>>>;
+/// every request is refused with the reason; nothing more is written. Every FSM turn asks, so asking is one
+/// load of a flag that is written once; the reason's lock is taken only after a failure.
+#[derive(Default)]
+pub struct NodeFailure {
+    stopped: AtomicBool,
+    reason: parking_lot::Mutex<Option<String>>,
+}
+
+impl NodeFailure {
+    /// The reason the node stopped, if it did.
+    pub fn reason(&self) -> Option<String> {
+        if !self.stopped.load(Ordering::Acquire) {
+            return None;
+        }
+        self.reason.lock().clone()
+    }
+
+    /// Records why the node stops; only the first reason sticks. Returns whether this was the first.
+    fn stop(&self, reason: String) -> bool {
+        let mut stored = self.reason.lock();
+        if stored.is_some() {
+            return false;
+        }
+        *stored = Some(reason);
+        self.stopped.store(true, Ordering::Release);
+        true
+    }
+}
 
 /// One per poller thread (cloned from one template: every field is shared).
 #[derive(Clone)]
@@ -62,7 +89,7 @@ pub struct StoreHandler {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) persisted: Sender<Persisted>,
     pub(crate) tasks: Sender<ReplicaTask>,
-    pub(crate) failure: NodeFailure,
+    pub(crate) failure: Arc<NodeFailure>,
 }
 
 /// What goes back to the persisted forwarder with a write: the responses to send once it is durable, and, for a
@@ -109,16 +136,15 @@ impl StoreHandler {
 
     /// Stops the node for a failed engine: the first reason sticks, and is reported once.
     fn fail(&self, reason: String) {
-        let mut failure = self.failure.lock();
-        if failure.is_none() {
-            eprintln!("flotilla: node {} stopped: {reason}", self.node_id);
+        let message = format!("flotilla: node {} stopped: {reason}", self.node_id);
+        if self.failure.stop(reason) {
+            eprintln!("{message}");
             metrics::counter!("flotilla_node_failures_total").increment(1);
-            *failure = Some(reason);
         }
     }
 
     fn failed(&self) -> Option<String> {
-        self.failure.lock().clone()
+        self.failure.reason()
     }
 
     fn carry_out(&self, fsm: &mut PeerFsm, output: PeerOutput) {

@@ -79,7 +79,7 @@ pub struct Store {
     system: Option<BatchSystem<PeerFsm>>,
     router: Router<PeerFsm>,
     ticking: Arc<Ticking>,
-    failure: handler::NodeFailure,
+    failure: Arc<handler::NodeFailure>,
     tasks: crossbeam_channel::Sender<ReplicaTask>,
     /// Dropped to stop the ticker and the replicas thread.
     stop: Option<crossbeam_channel::Sender<()>>,
@@ -115,7 +115,7 @@ impl Store {
         let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<Persisted>();
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
         let ticking: Arc<Ticking> = Arc::default();
-        let failure: handler::NodeFailure = Arc::default();
+        let failure: Arc<handler::NodeFailure> = Arc::default();
         let handler = StoreHandler {
             node_id: options.node_id,
             ticking: Arc::clone(&ticking),
@@ -193,7 +193,7 @@ impl Store {
 
     /// Why the node stopped, if an engine failed (it then refuses every request with this reason).
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().clone()
+        self.failure.reason()
     }
 
     /// How many of the node's replicas the ticker visits now (the others hibernate, or lead alone and idle).
