@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, RecvTimeoutError};
-use flotilla_engine::disk::StdDisk;
+use flotilla_engine::disk::{Disk, StdDisk};
 use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::{KeyValue, StateMachine, StateMachineOptions};
@@ -32,6 +32,7 @@ use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeError, Replica, INITIAL_GROUPS_MAX};
+use crate::layout::{self, DirLock, Found, Layout};
 use flotilla_raftstore::store::{InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions, Transport};
 
 /// Settings of an embedded database. `Config::default()` is what [`Db::open`] uses.
@@ -97,6 +98,8 @@ pub enum DbError {
     OutcomeUnknown,
     /// The storage failed (disk, corruption): the database must be reopened after the cause is fixed.
     Storage(String),
+    /// The directory is held by another open database (another process, or this one): nothing was touched.
+    AlreadyOpen(String),
 }
 
 impl std::fmt::Display for DbError {
@@ -110,6 +113,7 @@ impl std::fmt::Display for DbError {
             DbError::Timeout => write!(f, "no answer in time (a write may or may not have taken effect)"),
             DbError::OutcomeUnknown => write!(f, "the write's outcome was lost with a change of leader (it may or may not have taken effect)"),
             DbError::Storage(what) => write!(f, "storage failure: {what}"),
+            DbError::AlreadyOpen(what) => write!(f, "already open: {what}"),
         }
     }
 }
@@ -191,11 +195,14 @@ struct Node {
 }
 
 impl Node {
-    fn open(id: u64, dir: &Path, config: &Config, transport: Arc<dyn Transport>) -> Result<(Node, Vec<RangeDescriptor>), DbError> {
-        std::fs::create_dir_all(dir).map_err(storage)?;
-        let (wal, _report) = Wal::open(&dir.join("wal"), Arc::new(StdDisk), config.wal.clone()).map_err(storage)?;
+    fn open(id: u64, disk: &Arc<dyn Disk>, dir: &Path, config: &Config, transport: Arc<dyn Transport>) -> Result<(Node, Vec<RangeDescriptor>), DbError> {
+        // Every directory entry is made durable before anything is acknowledged: the directories as they are
+        // created, the WAL's segments by the WAL, the state file here.
+        disk.create_dir_all(dir).map_err(storage)?;
+        let (wal, _report) = Wal::open(&dir.join("wal"), Arc::clone(disk), config.wal.clone()).map_err(storage)?;
         let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
-        let kv = Arc::new(StateMachine::open(&dir.join("state.redb"), config.state_machine.clone()).map_err(storage)?);
+        let kv = Arc::new(StateMachine::open_on(disk.as_ref(), &dir.join("state.redb"), config.state_machine.clone()).map_err(storage)?);
+        disk.sync_dir(dir).map_err(|e| storage(format!("syncing {}: {e}", dir.display())))?;
         let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
         let ranges = Db::load_or_create_ranges(&kv, config)?;
         let options = StoreOptions { node_id: id, ..config.store.clone() };
@@ -222,6 +229,8 @@ pub struct Db {
     /// Per range (same positions): the node believed to hold its leader.
     leaders: Vec<AtomicU64>,
     maintenance: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
+    /// The directory's lock, held until everything above has stopped (fields drop in order).
+    _lock: DirLock,
 }
 
 /// Compacts group `group_id`'s log on every node below what every replica made durable (`durables`, one per
@@ -261,7 +270,15 @@ impl Db {
         Db::open_with(dir, Config::default())
     }
 
-    pub fn open_with(dir: impl AsRef<Path>, mut config: Config) -> Result<Db, DbError> {
+    /// Opens (creating if needed) the database in `dir` with `config`. A database keeps the node count and groups
+    /// it was created with: an open with others is refused, saying which (see `layout.rs`).
+    pub fn open_with(dir: impl AsRef<Path>, config: Config) -> Result<Db, DbError> {
+        Db::open_on(Arc::new(StdDisk), dir, config)
+    }
+
+    /// [`Db::open_with`] on a given [`Disk`]: the real file system ([`StdDisk`]), or a simulated one
+    /// ([`flotilla_engine::disk::SimDisk`]) for tests of crashes and power cuts.
+    pub fn open_on(disk: Arc<dyn Disk>, dir: impl AsRef<Path>, mut config: Config) -> Result<Db, DbError> {
         let dir = dir.as_ref().to_path_buf();
         if config.nodes == 1 {
             // With one replica a ReadIndex needs no round trip, and a lease would only hold back the first reads
@@ -274,16 +291,25 @@ impl Db {
         if !(1..=7).contains(&config.nodes) {
             return Err(DbError::InvalidArgument(format!("nodes must be 1..=7, not {}", config.nodes)));
         }
+        // Nothing in the directory is read or written before its lock is held.
+        let lock = layout::lock(disk.as_ref(), &dir)?;
+        let found = layout::open(disk.as_ref(), &dir, &config)?;
         let in_process = Arc::new(InProcessTransport::new());
         let transport: Arc<dyn Transport> = if config.nodes == 1 { Arc::new(NoTransport) } else { Arc::clone(&in_process) as Arc<dyn Transport> };
         let mut nodes = Vec::new();
         let mut ranges = Vec::new();
         for id in 1..=config.nodes {
-            let node_dir = if config.nodes == 1 { dir.clone() } else { dir.join(format!("node-{id}")) };
-            let (node, node_ranges) = Node::open(id, &node_dir, &config, Arc::clone(&transport))?;
+            let node_dir = if config.nodes == 1 { dir.clone() } else { layout::node_dir(&dir, id) };
+            let (node, node_ranges) = Node::open(id, &disk, &node_dir, &config, Arc::clone(&transport))?;
             in_process.add_node(id, node.store.as_ref().expect("just started").inbox());
             nodes.push(node);
             ranges = node_ranges;
+        }
+        if let Found::Unrecorded { nodes } = found {
+            // Created before layouts were recorded: the groups it was created with are those it holds.
+            let layout = Layout { format_version: layout::FORMAT_VERSION, nodes, groups: ranges.len() as u64 };
+            layout.check(&config, &dir)?;
+            layout.record(disk.as_ref(), &dir)?;
         }
         // Leaders spread over the nodes: group at position i campaigns on node i mod n.
         let leaders: Vec<AtomicU64> = (0..ranges.len()).map(|i| AtomicU64::new(i as u64 % config.nodes + 1)).collect();
@@ -292,7 +318,7 @@ impl Db {
             node.store.as_ref().expect("running").campaign_all([range.group_id]);
         }
         let maintenance = Db::start_maintenance(&config, &ranges, &nodes);
-        Ok(Db { config, dir, ranges, nodes, leaders, maintenance: Some(maintenance) })
+        Ok(Db { config, dir, ranges, nodes, leaders, maintenance: Some(maintenance), _lock: lock })
     }
 
     fn load_or_create_ranges(kv: &StateMachine, config: &Config) -> Result<Vec<RangeDescriptor>, DbError> {

@@ -5,6 +5,7 @@
 
 pub mod async_db;
 pub mod db;
+pub mod layout;
 
 pub use async_db::AsyncDb;
 pub use db::{Config, Db, DbError, WriteBatch};

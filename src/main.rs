@@ -65,7 +65,19 @@ fn segment_of(path: &std::path::Path) -> Option<u64> {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    // The WAL tools work on a database's files: never while it is open (recovery and repair rewrite them).
+    let _lock = match &command {
+        Command::WalCheck { dir } | Command::WalRepair { dir, .. } => match flotilla::layout::lock_database_of(&StdDisk, dir) {
+            Ok(lock) => lock,
+            Err(error) => {
+                eprintln!("{error}");
+                return ExitCode::from(2);
+            }
+        },
+        Command::Demo { .. } => None,
+    };
+    match command {
         Command::Demo { dir, keys, value_bytes, clients } => match demo::run(&dir, keys, value_bytes, clients) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,

@@ -1,9 +1,14 @@
-//! The disk seam: everything the WAL does to files goes through [`Disk`] and [`DiskFile`], so tests can swap the
-//! real file system ([`StdDisk`]) for [`SimDisk`], which injects the faults real disks have: a crash loses what
-//! was not synced (or keeps a torn prefix of it), files created since the last directory sync vanish, `fsync`
-//! can fail, bits can flip.
+//! The disk seam: everything a node does to files — the WAL's segments, the state machine's redb file (through
+//! [`Disk::open_redb`]), the database's lock and layout files — goes through [`Disk`] and [`DiskFile`], so tests
+//! can swap the real file system ([`StdDisk`]) for [`SimDisk`], which injects the faults real disks have: a crash
+//! loses what was not synced (or keeps a torn prefix of it), files and directories created since the last sync of
+//! the directory holding them vanish (with everything in them), `fsync` can fail, bits can flip.
+//!
+//! A directory entry is durable only once the directory holding it is synced (POSIX; what crash-consistency
+//! studies of LevelDB and SQLite assume). [`Disk::create_dir_all`] therefore syncs the parent of every directory
+//! it creates before it returns; whoever creates a file syncs its directory before relying on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -14,7 +19,26 @@ use parking_lot::Mutex;
 
 /// File-system operations the WAL needs.
 pub trait Disk: Send + Sync + 'static {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Creates one directory; `Ok(false)` if it already exists, `NotFound` if its parent does not. Not durable
+    /// until its parent is synced: use [`Disk::create_dir_all`].
+    fn create_dir(&self, dir: &Path) -> io::Result<bool>;
+    /// Creates `dir` and its missing ancestors, each made durable (its parent synced) before this returns.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        // The directory holding `dir` (`.` for a relative path of one component; none for a root).
+        let parent = dir.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+        let created = match (self.create_dir(dir), parent) {
+            (Err(error), Some(parent)) if error.kind() == io::ErrorKind::NotFound && parent != Path::new(".") => {
+                self.create_dir_all(parent)?;
+                self.create_dir(dir)?
+            }
+            (other, _) => other?,
+        };
+        match parent {
+            Some(parent) if created => self.sync_dir(parent),
+            _ => Ok(()),
+        }
+    }
+
     /// Paths of the files directly in `dir`, in no particular order.
     fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
     /// Opens a file for reading and appending, creating it if `create`.
@@ -24,6 +48,20 @@ pub trait Disk: Send + Sync + 'static {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes creations, renames and removals in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes the exclusive lock of the file at `path` (creating it), held until the returned guard is dropped;
+    /// `WouldBlock` if anyone holds it — another process, or this one through another open.
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn Send + Sync>>;
+    /// Opens the redb file at `path` (creating it) as a redb storage backend. Like any file's, its name is durable
+    /// once its directory is synced.
+    fn open_redb(&self, path: &Path) -> io::Result<RedbFile>;
+}
+
+/// A redb file on one of the disks (a concrete type: redb takes its backend by value, and the real file's
+/// backend keeps redb's own file locks).
+#[derive(Debug)]
+pub enum RedbFile {
+    Std(redb::backends::FileBackend),
+    Sim(SimRedbFile),
 }
 
 /// An open file: positional reads and writes, appends at the end, sync, truncate.
@@ -51,8 +89,12 @@ struct StdFile {
 }
 
 impl Disk for StdDisk {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+    fn create_dir(&self, dir: &Path) -> io::Result<bool> {
+        match std::fs::create_dir(dir) {
+            Ok(()) => Ok(true),
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -82,6 +124,22 @@ impl Disk for StdDisk {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn Send + Sync>> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        // flock(2): per open file description, so a second open in this process is refused as well.
+        file.try_lock().map_err(|error| match error {
+            std::fs::TryLockError::WouldBlock => io::Error::new(io::ErrorKind::WouldBlock, "locked"),
+            std::fs::TryLockError::Error(error) => error,
+        })?;
+        Ok(Box::new(file))
+    }
+
+    fn open_redb(&self, path: &Path) -> io::Result<RedbFile> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let backend = redb::backends::FileBackend::new(file).map_err(|error| io::Error::other(error.to_string()))?;
+        Ok(RedbFile::Std(backend))
     }
 }
 
@@ -162,7 +220,12 @@ struct SimDiskState {
     durable_names: BTreeMap<PathBuf, u64>,
     contents: BTreeMap<u64, SimFileState>,
     next_file_id: u64,
-    directories: std::collections::BTreeSet<PathBuf>,
+    directories: BTreeSet<PathBuf>,
+    /// Directories whose own entry was made durable by a sync of their parent (a top-level one, without a
+    /// parent, always is): a crash removes every other directory and everything in it.
+    durable_directories: BTreeSet<PathBuf>,
+    /// Paths whose lock is held (see [`Disk::lock`]).
+    locks: BTreeSet<PathBuf>,
     /// The next this-many `sync_data` calls fail.
     failing_syncs: u32,
     /// After a power cut: writes vanish and syncs fail, until `crash` (which models the reboot).
@@ -170,6 +233,14 @@ struct SimDiskState {
 }
 
 impl SimDiskState {
+    /// Whether `dir` survives a crash: it and every ancestor below the top are durable entries.
+    fn survives(&self, dir: &Path) -> bool {
+        match dir.parent() {
+            None => true,
+            Some(parent) => self.durable_directories.contains(dir) && self.survives(parent),
+        }
+    }
+
     fn file(&mut self, path: &Path) -> io::Result<&mut SimFileState> {
         let id = *self.names.get(path).ok_or_else(|| not_found(path))?;
         Ok(self.contents.get_mut(&id).expect("named files have content"))
@@ -204,7 +275,13 @@ impl SimDisk {
     pub fn crash(&self, mut keep_unsynced: impl FnMut(&Path, usize) -> usize) {
         let mut state = self.state.lock();
         state.powered_off = false;
-        state.names = state.durable_names.clone();
+        let directories: BTreeSet<PathBuf> = state.directories.iter().filter(|dir| state.survives(dir)).cloned().collect();
+        state.directories = directories;
+        let names: BTreeMap<PathBuf, u64> =
+            state.durable_names.iter().filter(|(path, _)| path.parent().is_some_and(|dir| state.directories.contains(dir))).map(|(p, id)| (p.clone(), *id)).collect();
+        state.names = names.clone();
+        state.durable_names = names;
+        state.locks.clear(); // the processes that held them are gone
         let live: BTreeMap<u64, PathBuf> = state.names.iter().map(|(path, id)| (*id, path.clone())).collect();
         state.contents.retain(|id, _| live.contains_key(id));
         for (id, file) in state.contents.iter_mut() {
@@ -244,9 +321,14 @@ impl SimDisk {
 }
 
 impl Disk for SimDisk {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        self.state.lock().directories.insert(dir.to_path_buf());
-        Ok(())
+    fn create_dir(&self, dir: &Path) -> io::Result<bool> {
+        let mut state = self.state.lock();
+        if let Some(parent) = dir.parent().filter(|p| p.parent().is_some()) {
+            if !state.directories.contains(parent) {
+                return Err(not_found(parent));
+            }
+        }
+        Ok(state.directories.insert(dir.to_path_buf()))
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -288,11 +370,85 @@ impl Disk for SimDisk {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut state = self.state.lock();
+        if !state.directories.contains(dir) && dir.parent().is_some() {
+            return Err(not_found(dir));
+        }
         let in_dir = |path: &PathBuf| path.parent() == Some(dir);
         state.durable_names.retain(|path, _| !in_dir(path));
         let live: Vec<(PathBuf, u64)> = state.names.iter().filter(|(path, _)| in_dir(path)).map(|(p, id)| (p.clone(), *id)).collect();
         state.durable_names.extend(live);
+        let children: Vec<PathBuf> = state.directories.iter().filter(|path| in_dir(path)).cloned().collect();
+        state.durable_directories.extend(children);
         Ok(())
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn Send + Sync>> {
+        drop(self.open(path, true)?);
+        if !self.state.lock().locks.insert(path.to_path_buf()) {
+            return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("{} is locked", path.display())));
+        }
+        Ok(Box::new(SimLock { path: path.to_path_buf(), state: Arc::clone(&self.state) }))
+    }
+
+    fn open_redb(&self, path: &Path) -> io::Result<RedbFile> {
+        drop(self.open(path, true)?);
+        let id = *self.state.lock().names.get(path).ok_or_else(|| not_found(path))?;
+        Ok(RedbFile::Sim(SimRedbFile { id, path: path.to_path_buf(), state: Arc::clone(&self.state) }))
+    }
+}
+
+/// A held [`SimDisk`] lock: released when dropped (or by a crash).
+struct SimLock {
+    path: PathBuf,
+    state: Arc<Mutex<SimDiskState>>,
+}
+
+impl Drop for SimLock {
+    fn drop(&mut self) {
+        self.state.lock().locks.remove(&self.path);
+    }
+}
+
+/// A [`SimDisk`] file as redb's storage: writes are unsynced until `sync_data`, so a crash loses or tears them
+/// like any other file's.
+#[derive(Debug)]
+pub struct SimRedbFile {
+    id: u64,
+    path: PathBuf,
+    state: Arc<Mutex<SimDiskState>>,
+}
+
+impl SimRedbFile {
+    fn file(&self) -> SimFile {
+        SimFile { id: self.id, path: self.path.clone(), state: Arc::clone(&self.state) }
+    }
+}
+
+impl redb::StorageBackend for SimRedbFile {
+    fn len(&self) -> io::Result<u64> {
+        self.file().len_bytes()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.file().read_exact_at(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut file = self.file();
+        let current = file.len_bytes()?;
+        if len <= current {
+            return file.truncate(len);
+        }
+        // Growing writes zeros, unsynced like any write.
+        file.write_at(current, &vec![0; (len - current) as usize])
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file().sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file().write_at(offset, data)
     }
 }
 
@@ -454,6 +610,65 @@ mod tests {
         disk.crash(|_, _| 0);
         assert_eq!(disk.list(dir).unwrap(), vec![new.clone()]);
         assert_eq!(read(&disk, &new), b"content", "the content follows the name");
+    }
+
+    #[test]
+    fn directories_are_durable_only_once_their_parent_is_synced() {
+        let disk = SimDisk::new();
+        let (top, nested) = (Path::new("/db"), Path::new("/db/wal"));
+        disk.create_dir(top).unwrap();
+        disk.create_dir(nested).unwrap();
+        assert!(matches!(disk.create_dir(Path::new("/none/x")), Err(e) if e.kind() == io::ErrorKind::NotFound));
+        let mut file = disk.open(&nested.join("a"), true).unwrap();
+        file.append(b"data").unwrap();
+        file.sync_data().unwrap();
+        disk.sync_dir(nested).unwrap();
+        // The file and its name are durable, but not the directories holding it: a crash takes all of it.
+        disk.crash(|_, _| 0);
+        assert!(disk.list(top).is_err() && disk.list(nested).is_err());
+        assert!(disk.open(&nested.join("a"), false).is_err());
+        // `create_dir_all` syncs each parent it adds an entry to.
+        disk.create_dir_all(nested).unwrap();
+        let mut file = disk.open(&nested.join("a"), true).unwrap();
+        file.append(b"data").unwrap();
+        file.sync_data().unwrap();
+        disk.sync_dir(nested).unwrap();
+        disk.crash(|_, _| 0);
+        assert_eq!(disk.list(nested).unwrap(), vec![nested.join("a")]);
+        assert_eq!(disk.file_len(&nested.join("a")), Some(4));
+    }
+
+    #[test]
+    fn a_lock_is_exclusive_until_dropped_or_a_crash() {
+        let disk = SimDisk::new();
+        disk.create_dir_all(Path::new("/db")).unwrap();
+        let path = Path::new("/db/LOCK");
+        let held = disk.lock(path).unwrap();
+        assert_eq!(disk.lock(path).err().map(|e| e.kind()), Some(io::ErrorKind::WouldBlock));
+        drop(held);
+        let _held = disk.lock(path).unwrap();
+        disk.crash(|_, _| 0);
+        disk.lock(path).unwrap();
+    }
+
+    #[test]
+    fn a_redb_file_on_the_sim_disk_loses_unsynced_writes_in_a_crash() {
+        use redb::StorageBackend;
+        let disk = SimDisk::new();
+        disk.create_dir_all(Path::new("/db")).unwrap();
+        let path = Path::new("/db/state.redb");
+        let RedbFile::Sim(file) = disk.open_redb(path).unwrap() else { panic!("a simulated file") };
+        disk.sync_dir(Path::new("/db")).unwrap();
+        file.write(0, b"synced").unwrap();
+        file.sync_data().unwrap();
+        file.set_len(64).unwrap();
+        file.write(6, b" not synced").unwrap();
+        disk.crash(|_, _| 0);
+        let RedbFile::Sim(file) = disk.open_redb(path).unwrap() else { panic!("a simulated file") };
+        assert_eq!(file.len().unwrap(), 6);
+        let mut read = [0; 6];
+        file.read(0, &mut read).unwrap();
+        assert_eq!(&read, b"synced");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use parking_lot::{Mutex, RwLock};
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use rustc_hash::FxHashMap;
 
+use crate::disk::{Disk, RedbFile};
 use crate::lsm::merge::{Input, MemSource, Merge};
 use crate::lsm::run::{block_key, delete_blocks, run_of_block_key, Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
 use crate::lsm::version::{RangeTombstone, Version, RANGE_TOMBSTONES};
@@ -247,6 +248,15 @@ impl StateMachine {
         options.validate()?;
         let db = Database::builder().set_cache_size(options.cache_bytes).create(path).map_err(storage)?;
         StateMachine::from_database(db, options)
+    }
+
+    /// Opens (or creates) the database file at `path` on `disk` (the real file system, or a simulated one for
+    /// crash tests).
+    pub fn open_on(disk: &dyn Disk, path: &Path, options: StateMachineOptions) -> Result<StateMachine, StateMachineError> {
+        match disk.open_redb(path).map_err(|e| storage(format!("opening {}: {e}", path.display())))? {
+            RedbFile::Std(file) => StateMachine::open_with_backend(file, options),
+            RedbFile::Sim(file) => StateMachine::open_with_backend(file, options),
+        }
     }
 
     /// Opens a database on another storage backend (crash tests use [`crate::redb_sim::SimRedbBackend`]).

@@ -46,3 +46,19 @@ fn wal_check_reports_corruption_with_the_repair_command_and_repair_makes_it_heal
     assert!(text.contains("1 records"), "only the record before the damage remains: {text}");
     assert!(Path::new(&path).exists());
 }
+
+#[test]
+fn the_wal_tools_refuse_a_database_that_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = flotilla::Db::open(dir.path()).unwrap();
+    db.put(b"k", b"v").unwrap();
+    let wal_dir = dir.path().join("wal");
+    let (code, text) = flotilla(&["wal-check", "--dir", wal_dir.to_str().unwrap()]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("already open"), "{text}");
+    let (code, text) = flotilla(&["wal-repair", "--dir", wal_dir.to_str().unwrap(), "--segment", "1", "--offset", "4096"]);
+    assert_eq!(code, 2, "{text}");
+    db.close().unwrap();
+    let (code, text) = flotilla(&["wal-check", "--dir", wal_dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+}

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use flotilla::{Config, Db, DbError, WriteBatch};
 
+mod misuse;
+
 fn small_config() -> Config {
     let mut config = Config::default();
     // Small budgets so flushes, compactions and purges happen in a short test.

@@ -1,0 +1,245 @@
+//! What a database directory is, fixed when it is created, and who may use it.
+//!
+//! - `LOCK`: an exclusive lock ([`Disk::lock`], `flock(2)` on the real file system) taken before anything else in
+//!   the directory is read or written, and held for the life of the `Db`. A second open — another process, or
+//!   this one again — is refused with [`DbError::AlreadyOpen`] before it touches a file: two writers of one WAL
+//!   overwrite each other's segments and lose acknowledged writes.
+//! - `LAYOUT`: the format version, the node count and the groups the database was created with, in text with a
+//!   CRC-32C of its lines. It is written (durably: a temporary file synced, renamed, the directory synced) before
+//!   any data, and every later open is checked against it, so a database created with `nodes = 3` is never opened
+//!   as an empty one with `nodes = 1` — nor the reverse.
+//!
+//! A directory holding data but no `LAYOUT` was created before layouts were recorded: its node count is read off
+//! its files (`state.redb` at the top: one node; `node-N/` directories: N), its groups off its stored ranges,
+//! and the layout is recorded at that open.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use flotilla_engine::disk::Disk;
+
+use crate::db::{Config, DbError};
+
+/// The version of the directory's format that this code writes and reads.
+pub const FORMAT_VERSION: u64 = 1;
+/// The lock file's name.
+pub const LOCK_FILE: &str = "LOCK";
+/// The layout file's name.
+pub const LAYOUT_FILE: &str = "LAYOUT";
+const HEADER: &str = "flotilla database layout";
+
+/// A database's layout, as created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub format_version: u64,
+    pub nodes: u64,
+    pub groups: u64,
+}
+
+/// What an open found in the directory.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// A recorded layout that the configuration matches.
+    Recorded(Layout),
+    /// Nothing yet: a new database, whose layout is now recorded.
+    Created(Layout),
+    /// Data from before layouts were recorded, with this many nodes: record the layout once the groups are known.
+    Unrecorded { nodes: u64 },
+}
+
+/// The held directory lock (released when dropped).
+pub struct DirLock {
+    _guard: Box<dyn Send + Sync>,
+}
+
+fn storage(context: String) -> impl FnOnce(io::Error) -> DbError {
+    move |error| DbError::Storage(format!("{context}: {error}"))
+}
+
+/// Creates `dir` (durably) and takes its lock.
+pub fn lock(disk: &dyn Disk, dir: &Path) -> Result<DirLock, DbError> {
+    disk.create_dir_all(dir).map_err(storage(format!("creating {}", dir.display())))?;
+    let path = dir.join(LOCK_FILE);
+    match disk.lock(&path) {
+        Ok(guard) => Ok(DirLock { _guard: guard }),
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Err(DbError::AlreadyOpen(format!(
+            "{} is in use by another open database (this process or another holds {})",
+            dir.display(),
+            path.display()
+        ))),
+        Err(error) => Err(DbError::Storage(format!("locking {}: {error}", path.display()))),
+    }
+}
+
+/// Takes the lock of the database holding `path` (a WAL directory: `DATA/wal`, or `DATA/node-N/wal`), for tools
+/// that work on its files: the nearest ancestor with a `LAYOUT` or `LOCK` file. `None`: no database holds it.
+pub fn lock_database_of(disk: &dyn Disk, path: &Path) -> Result<Option<DirLock>, DbError> {
+    for dir in path.ancestors().skip(1).take(2) {
+        let files = disk.list(dir).unwrap_or_default();
+        if files.iter().any(|p| p.file_name().is_some_and(|n| n == LAYOUT_FILE || n == LOCK_FILE)) {
+            return lock(disk, dir).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+impl Layout {
+    pub fn of(config: &Config) -> Layout {
+        Layout { format_version: FORMAT_VERSION, nodes: config.nodes, groups: config.groups }
+    }
+
+    fn lines(&self) -> String {
+        format!("{HEADER}\nformat {}\nnodes {}\ngroups {}\n", self.format_version, self.nodes, self.groups)
+    }
+
+    /// The file's bytes: the lines, then a line with their checksum.
+    pub fn encode(&self) -> Vec<u8> {
+        let lines = self.lines();
+        format!("{lines}crc32c {:08x}\n", crc32c::crc32c(lines.as_bytes())).into_bytes()
+    }
+
+    /// Parses the file's bytes; `Err` says what is wrong (damage, or a format this code does not know).
+    pub fn decode(bytes: &[u8]) -> Result<Layout, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "not text".to_string())?;
+        let (lines, checksum_line) = text.trim_end_matches('\n').rsplit_once('\n').ok_or("too short")?;
+        let lines = format!("{lines}\n");
+        let stored = checksum_line.strip_prefix("crc32c ").and_then(|hex| u32::from_str_radix(hex, 16).ok()).ok_or("no checksum line")?;
+        if crc32c::crc32c(lines.as_bytes()) != stored {
+            return Err("checksum mismatch".into());
+        }
+        let mut fields = lines.lines();
+        if fields.next() != Some(HEADER) {
+            return Err("not a layout file".into());
+        }
+        let mut field = |name: &str| -> Result<u64, String> {
+            let line = fields.next().ok_or(format!("no {name} line"))?;
+            line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|n| n.parse().ok()).ok_or(format!("bad {name} line {line:?}"))
+        };
+        let layout = Layout { format_version: field("format")?, nodes: field("nodes")?, groups: field("groups")? };
+        Ok(layout)
+    }
+
+    /// Refuses a configuration that does not match this layout, saying what was expected.
+    pub fn check(&self, config: &Config, dir: &Path) -> Result<(), DbError> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(DbError::Storage(format!(
+                "{} has format version {}; this build reads version {FORMAT_VERSION}",
+                dir.display(),
+                self.format_version
+            )));
+        }
+        if (self.nodes, self.groups) != (config.nodes, config.groups) {
+            return Err(DbError::InvalidArgument(format!(
+                "{} was created with nodes = {} and groups = {}, but is opened with nodes = {} and groups = {}: open it with \
+                 the values it was created with",
+                dir.display(),
+                self.nodes,
+                self.groups,
+                config.nodes,
+                config.groups
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records this layout in `dir`, durably (written to a temporary file, synced, renamed, directory synced).
+    pub fn record(&self, disk: &dyn Disk, dir: &Path) -> Result<(), DbError> {
+        let (temporary, path) = (dir.join(format!("{LAYOUT_FILE}.tmp")), dir.join(LAYOUT_FILE));
+        let context = format!("recording the layout in {}", path.display());
+        let mut file = disk.open(&temporary, true).map_err(storage(context.clone()))?;
+        file.truncate(0).map_err(storage(context.clone()))?;
+        file.write_at(0, &self.encode()).map_err(storage(context.clone()))?;
+        file.sync_data().map_err(storage(context.clone()))?;
+        drop(file);
+        disk.rename(&temporary, &path).map_err(storage(context.clone()))?;
+        disk.sync_dir(dir).map_err(storage(context))
+    }
+}
+
+/// Reads `dir`'s layout and checks `config` against it; in a new database, records the configuration's.
+pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Found, DbError> {
+    let files = disk.list(dir).map_err(storage(format!("listing {}", dir.display())))?;
+    let has = |name: &str| files.iter().any(|path| path.file_name().is_some_and(|n| n == name));
+    if has(LAYOUT_FILE) {
+        let path = dir.join(LAYOUT_FILE);
+        let bytes = read_file(disk, &path)?;
+        let layout = Layout::decode(&bytes).map_err(|why| DbError::Storage(format!("{} is damaged: {why}", path.display())))?;
+        layout.check(config, dir)?;
+        return Ok(Found::Recorded(layout));
+    }
+    let nodes = if has("state.redb") { 1 } else { (1..).take_while(|n| node_has_state(disk, &node_dir(dir, *n))).count() as u64 };
+    if nodes == 0 {
+        let layout = Layout::of(config);
+        layout.record(disk, dir)?;
+        return Ok(Found::Created(layout));
+    }
+    if nodes != config.nodes {
+        return Err(DbError::InvalidArgument(format!(
+            "{} holds a database of {nodes} node(s), but is opened with nodes = {}: open it with nodes = {nodes}",
+            dir.display(),
+            config.nodes
+        )));
+    }
+    Ok(Found::Unrecorded { nodes })
+}
+
+/// Where node `id` of a database of more than one node lives.
+pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("node-{id}"))
+}
+
+fn node_has_state(disk: &dyn Disk, dir: &Path) -> bool {
+    disk.list(dir).is_ok_and(|files| files.iter().any(|path| path.file_name().is_some_and(|n| n == "state.redb")))
+}
+
+fn read_file(disk: &dyn Disk, path: &Path) -> Result<Vec<u8>, DbError> {
+    let context = format!("reading {}", path.display());
+    let file = disk.open(path, false).map_err(storage(context.clone()))?;
+    let len = file.len_bytes().map_err(storage(context.clone()))?;
+    if len > 4096 {
+        return Err(DbError::Storage(format!("{} is damaged: {len} bytes", path.display())));
+    }
+    let mut bytes = vec![0; len as usize];
+    file.read_exact_at(0, &mut bytes).map_err(storage(context))?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_engine::disk::SimDisk;
+
+    #[test]
+    fn a_layout_round_trips_and_damage_is_refused() {
+        let layout = Layout { format_version: FORMAT_VERSION, nodes: 3, groups: 64 };
+        let bytes = layout.encode();
+        assert_eq!(Layout::decode(&bytes), Ok(layout));
+        for at in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x04;
+            assert!(Layout::decode(&damaged).is_err(), "a flipped bit at {at} went unnoticed");
+        }
+        assert!(Layout::decode(&bytes[..bytes.len() / 2]).is_err());
+        assert!(Layout::decode(b"").is_err());
+    }
+
+    #[test]
+    fn a_second_lock_is_refused_until_the_first_is_dropped() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/db");
+        let held = lock(&disk, dir).unwrap();
+        assert!(matches!(lock(&disk, dir), Err(DbError::AlreadyOpen(_))));
+        drop(held);
+        lock(&disk, dir).unwrap();
+    }
+
+    #[test]
+    fn std_disk_locks_are_exclusive_within_a_process_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = flotilla_engine::disk::StdDisk;
+        let held = lock(&disk, dir.path()).unwrap();
+        assert!(matches!(lock(&disk, dir.path()), Err(DbError::AlreadyOpen(_))));
+        drop(held);
+        lock(&disk, dir.path()).unwrap();
+    }
+}
