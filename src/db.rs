@@ -27,7 +27,7 @@ use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::{KeyValue, StateMachine, StateMachineOptions};
 use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, Persisted, WriteRequest};
-use flotilla_engine::wal::record::LogOp;
+use flotilla_engine::wal::record::{LogOp, ENTRY_DATA_BYTES_MAX};
 use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
@@ -53,6 +53,9 @@ pub struct Config {
     pub value_bytes_max: usize,
     /// Most operations in one [`WriteBatch`]. Default 10,000.
     pub batch_ops_max: usize,
+    /// Most bytes of keys and values in one [`WriteBatch`] (a batch is one log entry, and one log record holds
+    /// it: see [`Config::validate`]). Default 32 MiB.
+    pub batch_bytes_max: usize,
     /// How often each group's log is compacted below what the state machine has made durable, and the WAL
     /// purged. Default 1 s.
     pub maintenance_interval: Duration,
@@ -73,12 +76,50 @@ impl Default for Config {
             key_bytes_max: 4 << 10,
             value_bytes_max: 8 << 20,
             batch_ops_max: 10_000,
+            batch_bytes_max: 32 << 20,
             maintenance_interval: Duration::from_secs(1),
             log_lag_entries_max: 10_000,
             wal: WalOptions::default(),
             state_machine: StateMachineOptions::default(),
             store: StoreOptions::default(),
         }
+    }
+}
+
+/// Bytes a batch's encoding adds per operation at most (field tags and length prefixes), and per command.
+const OP_OVERHEAD_BYTES_MAX: usize = 32;
+const COMMAND_OVERHEAD_BYTES_MAX: usize = 64;
+
+impl Config {
+    /// Refuses limits that cannot hold together: a key and a value at their limits must fit a batch, and a
+    /// batch at its limits must fit one log entry ([`ENTRY_DATA_BYTES_MAX`], a WAL record's payload less its
+    /// framing). Checked by every open.
+    pub fn validate(&self) -> Result<(), DbError> {
+        let invalid = |what: String| Err(DbError::InvalidArgument(what));
+        if self.groups == 0 || self.groups > INITIAL_GROUPS_MAX {
+            return invalid(format!("groups must be 1..={INITIAL_GROUPS_MAX}, not {}", self.groups));
+        }
+        if !(1..=7).contains(&self.nodes) {
+            return invalid(format!("nodes must be 1..=7, not {}", self.nodes));
+        }
+        if self.key_bytes_max == 0 || self.batch_ops_max == 0 {
+            return invalid("key_bytes_max and batch_ops_max must be at least 1".into());
+        }
+        if self.key_bytes_max.saturating_add(self.value_bytes_max) > self.batch_bytes_max {
+            return invalid(format!(
+                "a key of key_bytes_max ({}) and a value of value_bytes_max ({}) must fit in batch_bytes_max ({})",
+                self.key_bytes_max, self.value_bytes_max, self.batch_bytes_max
+            ));
+        }
+        let entry_max = self.batch_bytes_max.saturating_add(self.batch_ops_max.saturating_mul(OP_OVERHEAD_BYTES_MAX)).saturating_add(COMMAND_OVERHEAD_BYTES_MAX);
+        if entry_max > ENTRY_DATA_BYTES_MAX {
+            return invalid(format!(
+                "a batch of batch_bytes_max ({}) in batch_ops_max ({}) operations encodes to up to {entry_max} bytes, over the \
+                 {ENTRY_DATA_BYTES_MAX} one log record holds: lower batch_bytes_max",
+                self.batch_bytes_max, self.batch_ops_max
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -96,7 +137,8 @@ pub enum DbError {
     /// The replica that took the write lost track of it (a newer leader's snapshot replaced its log before the
     /// write applied there): it may or may not have taken effect.
     OutcomeUnknown,
-    /// The storage failed (disk, corruption): the database must be reopened after the cause is fixed.
+    /// The storage failed (disk, corruption): the node stopped, and the database must be reopened after the cause
+    /// is fixed. A write answered with it may or may not have taken effect.
     Storage(String),
     /// The directory is held by another open database (another process, or this one): nothing was touched.
     AlreadyOpen(String),
@@ -285,12 +327,7 @@ impl Db {
             // and elections after a restart (the core's quiet period): reads by ReadIndex.
             config.store.raft.read_mode = flotilla_raft::ReadMode::Safe;
         }
-        if config.groups == 0 || config.groups > INITIAL_GROUPS_MAX {
-            return Err(DbError::InvalidArgument(format!("groups must be 1..={INITIAL_GROUPS_MAX}, not {}", config.groups)));
-        }
-        if !(1..=7).contains(&config.nodes) {
-            return Err(DbError::InvalidArgument(format!("nodes must be 1..=7, not {}", config.nodes)));
-        }
+        config.validate()?;
         // Nothing in the directory is read or written before its lock is held.
         let lock = layout::lock(disk.as_ref(), &dir)?;
         let found = layout::open(disk.as_ref(), &dir, &config)?;
@@ -403,6 +440,13 @@ impl Db {
         if ops.is_empty() || ops.len() > self.config.batch_ops_max {
             return Err(DbError::InvalidArgument(format!("a batch holds 1..={} operations, not {}", self.config.batch_ops_max, ops.len())));
         }
+        let bytes: usize = ops.iter().map(|op| op.key.len() + op.value.len() + op.expected.len()).sum();
+        if bytes > self.config.batch_bytes_max {
+            return Err(DbError::InvalidArgument(format!(
+                "a batch of {bytes} bytes of keys and values is over batch_bytes_max ({}): split it",
+                self.config.batch_bytes_max
+            )));
+        }
         for op in ops {
             if op.key.len() > self.config.key_bytes_max || op.value.len() > self.config.value_bytes_max {
                 return Err(DbError::InvalidArgument(format!(
@@ -427,6 +471,11 @@ impl Db {
         let (reply, answer) = oneshot::channel();
         let node = self.leaders[position].load(Ordering::Relaxed);
         let store = self.nodes[node as usize - 1].store.as_ref().expect("open until closed");
+        if let Some(reason) = store.failure() {
+            // The node stopped: answered at once, never sent.
+            let _ = reply.send(Err(PeerError::Stopped(reason)));
+            return Ok((node, answer));
+        }
         match store.router().send(self.ranges[position].group_id, make(reply)) {
             Ok(()) => Ok((node, answer)),
             Err(_) => Err(Duration::from_millis(1)), // the group is busy: back off
@@ -450,6 +499,9 @@ impl Db {
             Some(Err(PeerError::Busy(reason))) => Attempt::Fail(DbError::Busy(format!("{reason:?}"))),
             Some(Err(PeerError::OutcomeUnknown)) => Attempt::Fail(DbError::OutcomeUnknown),
             Some(Err(PeerError::Stopped(reason))) => Attempt::Fail(DbError::Storage(reason)),
+            Some(Err(PeerError::TooLarge { bytes, max })) => {
+                Attempt::Fail(DbError::InvalidArgument(format!("the batch encodes to {bytes} bytes, over the {max} one log entry holds")))
+            }
             Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
                 Attempt::Fail(DbError::BatchSpansRanges { first_outside })
             }
@@ -612,16 +664,21 @@ impl Db {
             let _ = stop.send(());
             let _ = thread.join();
         }
+        let mut failure = None;
         for node in &mut self.nodes {
-            drop(node.store.take());
-        }
-        for node in &self.nodes {
-            node.flusher.flush_now().map_err(storage)?;
-            if let Some(failure) = node.log.failure() {
-                return Err(DbError::Storage(format!("node {}: {failure}", node.id)));
+            if let Some(reason) = node.store.take().and_then(|store| store.failure()) {
+                failure.get_or_insert(DbError::Storage(format!("node {} stopped: {reason}", node.id)));
             }
         }
-        Ok(())
+        for node in &self.nodes {
+            if let Some(reason) = node.log.failure() {
+                failure.get_or_insert(DbError::Storage(format!("node {}: {reason}", node.id)));
+            }
+            if failure.is_none() {
+                node.flusher.flush_now().map_err(storage)?;
+            }
+        }
+        failure.map_or(Ok(()), Err)
     }
 }
 

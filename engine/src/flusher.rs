@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
-use crate::state_machine::{StateMachine, StateMachineError};
+use crate::state_machine::{guard, StateMachine, StateMachineError};
 
 #[derive(Default)]
 struct Shared {
@@ -120,7 +120,7 @@ fn flush_loop(machine: Arc<StateMachine>, requests: Receiver<()>, compaction: Se
                 condvar.wait(&mut state);
             }
         }
-        let outcome = machine.flush();
+        let outcome = guard("a flush", || machine.flush());
         let (lock, condvar) = &*shared;
         let mut state = lock.lock();
         state.flushing = false;
@@ -137,7 +137,7 @@ fn flush_loop(machine: Arc<StateMachine>, requests: Receiver<()>, compaction: Se
 
 fn compaction_loop(machine: Arc<StateMachine>, requests: Receiver<()>, shared: SharedState) {
     while requests.recv().is_ok() {
-        if let Err(error) = machine.compact_fully() {
+        if let Err(error) = guard("a compaction", || machine.compact_fully()) {
             return fail(&shared, error);
         }
         // Wake a flusher waiting for compaction to catch up.

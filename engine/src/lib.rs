@@ -11,6 +11,7 @@ pub mod flusher;
 pub mod kv_engine;
 pub mod log_engine;
 pub mod lsm;
+pub mod panics;
 pub mod redb_sim;
 pub mod snapshot;
 pub mod state_machine;

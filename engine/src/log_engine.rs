@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use flotilla_raft::{Entry, HardState};
 use parking_lot::RwLock;
 
-use crate::wal::group_commit::{GroupCommitWal, WriteRequest};
+use crate::wal::group_commit::{FailureListener, GroupCommitWal, WriteRequest};
 use crate::wal::group_log::GroupLog;
 use crate::wal::record::LogOp;
 use crate::wal::{Wal, WalError, WalState};
@@ -27,6 +27,10 @@ pub trait LogEngine: Send + Sync {
     fn term(&self, group_id: u64, index: u64) -> Option<u64>;
     /// Entries `[low, high)`, cut after `max_bytes` (at least one).
     fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError>;
+    /// Calls `listener` with the reason if the engine stops on a failure of its own, away from any `submit`
+    /// (a writer thread's disk error or panic), so that the node stops at once. Engines that fail only inside
+    /// `submit` never call it.
+    fn on_failure(&self, _listener: FailureListener) {}
 }
 
 /// A log engine backed by the WAL: how it writes, and how its shared state is read. Every such engine is a
@@ -34,6 +38,7 @@ pub trait LogEngine: Send + Sync {
 trait WalBacked: Send + Sync {
     fn write(&self, request: WriteRequest) -> Result<(), WalError>;
     fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T;
+    fn on_failure(&self, _listener: FailureListener) {}
 }
 
 impl WalBacked for GroupCommitWal {
@@ -43,6 +48,10 @@ impl WalBacked for GroupCommitWal {
 
     fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T {
         read(&self.state())
+    }
+
+    fn on_failure(&self, listener: FailureListener) {
+        GroupCommitWal::on_failure(self, listener);
     }
 }
 
@@ -98,6 +107,10 @@ impl<W: WalBacked> LogEngine for W {
 
     fn entries(&self, group_id: u64, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
         self.with_state(|s| s.entries(group_id, low, high, max_bytes))
+    }
+
+    fn on_failure(&self, listener: FailureListener) {
+        WalBacked::on_failure(self, listener);
     }
 }
 

@@ -72,6 +72,12 @@ impl std::fmt::Display for StateMachineError {
 
 impl std::error::Error for StateMachineError {}
 
+/// Runs work that reads or writes the redb file: a panic inside it (damage redb did not detect, which it may
+/// trust and trip over) becomes a storage error, so the node stops with the reason instead of losing a thread.
+pub(crate) fn guard<T>(what: &str, work: impl FnOnce() -> Result<T, StateMachineError>) -> Result<T, StateMachineError> {
+    crate::panics::catch(what, work).map_err(|reason| storage(format!("{reason} (the state file is damaged)")))?
+}
+
 pub(crate) fn storage(error: impl std::fmt::Display) -> StateMachineError {
     StateMachineError::Storage(error.to_string())
 }
@@ -265,8 +271,10 @@ impl StateMachine {
         options: StateMachineOptions,
     ) -> Result<StateMachine, StateMachineError> {
         options.validate()?;
-        let db = Database::builder().set_cache_size(options.cache_bytes).create_with_backend(backend).map_err(storage)?;
-        StateMachine::from_database(db, options)
+        guard("opening the state file", || {
+            let db = Database::builder().set_cache_size(options.cache_bytes).create_with_backend(backend).map_err(storage)?;
+            StateMachine::from_database(db, options)
+        })
     }
 
     /// Loads the runs, range deletions and applied states, and deletes garbage runs (unfinished compactions and
@@ -471,8 +479,10 @@ impl StateMachine {
         if let Some(value) = self.memtables.read().get(key) {
             return Ok(value.clone());
         }
-        let (version, read) = self.read_view()?;
-        self.get_in(&version, &read, key)
+        guard("a read of the state file", || {
+            let (version, read) = self.read_view()?;
+            self.get_in(&version, &read, key)
+        })
     }
 
     /// A point read in the runs of `version` through `read` (memtables not consulted).
@@ -492,6 +502,10 @@ impl StateMachine {
 
     /// Up to `limit` key-value pairs with `start <= key < end` (`end` empty: no upper bound), in key order.
     pub fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StateMachineError> {
+        guard("a scan of the state file", || self.scan_unguarded(start, end, limit))
+    }
+
+    fn scan_unguarded(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StateMachineError> {
         let memtables = self.memtables.read();
         let (version, read) = self.read_view()?;
         let mut merge = self.merge_view(memtables.sources(start, end), &version, &read, start, end)?;

@@ -505,6 +505,27 @@ mod group_commit {
         assert!(persisted.try_recv().is_err(), "a failed write is never reported persisted");
         assert!(committer.submit(request(2)).is_err());
     }
+
+    #[test]
+    fn an_entry_over_the_record_limit_stops_the_writer_with_its_reason_and_tells_the_listener() {
+        let disk = SimDisk::new();
+        let (wal, _) = Wal::open(Path::new("/w"), Arc::new(disk), WalOptions::default()).unwrap();
+        let committer = GroupCommitWal::start(wal, GroupCommitOptions::default());
+        let (told, heard) = crossbeam_channel::unbounded();
+        committer.on_failure(Box::new(move |reason| told.send(reason.to_string()).unwrap()));
+        let (reply, persisted) = crossbeam_channel::unbounded();
+        let data = Bytes::from(vec![0u8; flotilla_engine::wal::record::ENTRY_DATA_BYTES_MAX + 1]);
+        let huge = Entry { index: 1, term: 1, data, ..Default::default() };
+        committer.submit(WriteRequest::new(1, 1, vec![LogOp::Append(vec![huge])], reply)).unwrap();
+        let reason = heard.recv_timeout(std::time::Duration::from_secs(10)).expect("the listener is told");
+        assert!(reason.contains("over the") && reason.contains("Append record"), "{reason}");
+        assert_eq!(committer.failure(), Some(reason));
+        assert!(persisted.try_recv().is_err());
+        // A listener registered after the failure hears it at once.
+        let (told, heard) = crossbeam_channel::unbounded();
+        committer.on_failure(Box::new(move |reason| told.send(reason.to_string()).unwrap()));
+        assert!(heard.try_recv().is_ok());
+    }
 }
 
 #[test]

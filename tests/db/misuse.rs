@@ -179,3 +179,134 @@ fn a_power_cut_soon_after_creation_loses_nothing_acknowledged() {
 fn a_power_cut_soon_after_creation_loses_nothing_acknowledged_on_three_nodes() {
     power_cut_soon_after_creation_keeps_acknowledged_writes(Config { nodes: 3, groups: 2, ..small_config() });
 }
+
+#[test]
+fn a_batch_over_its_byte_bound_is_refused_at_once_and_the_database_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config { request_timeout: std::time::Duration::from_secs(30), ..small_config() };
+    let db = Db::open_with(dir.path(), config.clone()).unwrap();
+    // Eight values within the per-value limit, 64 MiB together: more than one log record holds.
+    let value = vec![7u8; config.value_bytes_max];
+    let mut batch = flotilla::WriteBatch::new();
+    for i in 0..8u8 {
+        batch.put(vec![0x10, i], value.clone());
+    }
+    let started = std::time::Instant::now();
+    match db.write_batch(batch) {
+        Err(DbError::InvalidArgument(message)) => assert!(message.contains("batch_bytes_max"), "{message}"),
+        other => panic!("an oversized batch: {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "refused before anything was proposed");
+    db.put(b"\x10after", &value).unwrap();
+    assert_eq!(db.get(b"\x10after").unwrap(), Some(value));
+    db.close().unwrap();
+}
+
+#[test]
+fn limits_that_cannot_hold_together_are_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |config: Config| match Db::open_with(dir.path(), config) {
+        Err(DbError::InvalidArgument(message)) => message,
+        other => panic!("{:?}", other.map(|_| "opened")),
+    };
+    // A value over what one log record holds, even with the batch bound raised to match.
+    let message = open(Config { value_bytes_max: 65 << 20, batch_bytes_max: 66 << 20, ..small_config() });
+    assert!(message.contains("lower batch_bytes_max"), "{message}");
+    // A value that could never be written alone.
+    let message = open(Config { value_bytes_max: 40 << 20, ..small_config() });
+    assert!(message.contains("must fit in batch_bytes_max"), "{message}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "a refused configuration created files");
+}
+
+/// A value whose bytes are easy to find in the state file.
+fn marked_value(i: u32) -> Vec<u8> {
+    format!("MARKED-VALUE-{i:06}-").repeat(20).into_bytes()
+}
+
+/// Writes keys with marked values and closes (checkpointing them into `state.redb`); returns the keys.
+fn database_with_marked_values(dir: &Path) -> Vec<Vec<u8>> {
+    let db = Db::open_with(dir, small_config()).unwrap();
+    let keys: Vec<Vec<u8>> = (0..200u32).map(|i| [&[0x20], &i.to_be_bytes()[..]].concat()).collect();
+    for (i, key) in keys.iter().enumerate() {
+        db.put(key, &marked_value(i as u32)).unwrap();
+    }
+    db.close().unwrap();
+    keys
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|window| window == needle)
+}
+
+#[test]
+fn a_damaged_value_block_is_reported_as_storage_failure_promptly_and_the_node_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = database_with_marked_values(dir.path());
+    let path = dir.path().join("state.redb");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = find(&bytes, &marked_value(100)).expect("the value is in the state file");
+    bytes[at + 5] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let db = Db::open_with(dir.path(), Config { request_timeout: std::time::Duration::from_secs(30), ..small_config() }).unwrap();
+    let started = std::time::Instant::now();
+    match db.get(&keys[100]) {
+        Err(DbError::Storage(message)) => assert!(message.contains("checksum") || message.contains("corrupt"), "{message}"),
+        other => panic!("a read of a damaged block: {other:?}"),
+    }
+    // The node stopped with the reason: every later request is refused at once, never left to time out.
+    for key in &keys[..20] {
+        assert!(matches!(db.get(key), Err(DbError::Storage(_))));
+        assert!(matches!(db.put(key, b"v"), Err(DbError::Storage(_))));
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(matches!(db.close(), Err(DbError::Storage(_))), "close reports the failure");
+}
+
+/// Every key reads back its value or the read fails with a storage error; a scan returns everything or fails.
+/// Never a wrong answer, never a panic, never a wait for the timeout.
+fn reads_are_right_or_refused(db: &Db, keys: &[Vec<u8>]) -> usize {
+    let mut refused = 0;
+    for (i, key) in keys.iter().enumerate() {
+        match db.get(key) {
+            Ok(value) => assert_eq!(value, Some(marked_value(i as u32)), "key {i}: a wrong answer"),
+            Err(DbError::Storage(_)) => refused += 1,
+            Err(other) => panic!("key {i}: {other:?}"),
+        }
+    }
+    match db.scan(b"", b"", usize::MAX) {
+        Ok(pairs) => assert_eq!(pairs.len(), keys.len(), "a scan with missing pairs"),
+        Err(DbError::Storage(_)) => refused += 1,
+        Err(other) => panic!("scan: {other:?}"),
+    }
+    refused
+}
+
+#[test]
+fn a_zeroed_region_of_the_state_file_is_reported_never_a_panic_or_a_wrong_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = database_with_marked_values(dir.path());
+    let path = dir.path().join("state.redb");
+    let original = std::fs::read(&path).unwrap();
+    let mut outcomes = Vec::new();
+    // Each 64 KiB region of the file in turn (the header, B-tree pages, data blocks, free space).
+    for start in (0..original.len()).step_by(64 << 10) {
+        let mut bytes = original.clone();
+        let end = (start + (64 << 10)).min(bytes.len());
+        bytes[start..end].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        let config = Config { request_timeout: std::time::Duration::from_secs(30), ..small_config() };
+        let outcome = match Db::open_with(dir.path(), config) {
+            Err(DbError::Storage(message)) => format!("open refused: {message}"),
+            Err(other) => panic!("region at {start}: {other:?}"),
+            Ok(db) => {
+                let refused = reads_are_right_or_refused(&db, &keys);
+                let _ = db.close();
+                format!("{refused} reads refused")
+            }
+        };
+        outcomes.push((start, outcome));
+    }
+    eprintln!("{outcomes:#?}");
+    let refused = outcomes.iter().filter(|(_, outcome)| outcome.starts_with("open refused") || !outcome.starts_with("0 ")).count();
+    assert!(refused * 2 >= outcomes.len(), "most regions hold something a read needs: {outcomes:?}");
+}

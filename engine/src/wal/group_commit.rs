@@ -8,7 +8,8 @@
 //! messages that may go only then — comes back in order).
 //!
 //! A disk error is fatal: the writer stops, every waiting and later request fails with the stored reason, and
-//! the node must stop (what was written may or may not be durable).
+//! the node must stop (what was written may or may not be durable). So is anything else that stops the writer —
+//! a request the WAL refuses (a bug above it), a panic: [`GroupCommitWal::on_failure`] tells the node at once.
 //!
 //! Metrics: `flotilla_wal_write_seconds` (encode + write + fdatasync + index update per batch),
 //! `flotilla_wal_batch_requests`, `flotilla_wal_batch_bytes` (histograms); after each purge the gauges
@@ -91,11 +92,49 @@ pub struct GroupCommitStats {
     pub sync_nanos: AtomicU64,
 }
 
+/// Called once with the reason when the writer stops on a failure.
+pub type FailureListener = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Why the writer stopped, and who is told.
+#[derive(Default)]
+struct Failure {
+    reason: Mutex<Option<String>>,
+    listeners: Mutex<Vec<FailureListener>>,
+}
+
+impl Failure {
+    fn get(&self) -> Option<String> {
+        self.reason.lock().clone()
+    }
+
+    /// Records the first reason and tells the listeners.
+    fn set(&self, reason: String) {
+        {
+            let mut stored = self.reason.lock();
+            if stored.is_some() {
+                return;
+            }
+            *stored = Some(reason.clone());
+        }
+        for listener in self.listeners.lock().iter() {
+            listener(&reason);
+        }
+    }
+
+    fn listen(&self, listener: FailureListener) {
+        let mut listeners = self.listeners.lock();
+        match self.get() {
+            Some(reason) => listener(&reason),
+            None => listeners.push(listener),
+        }
+    }
+}
+
 pub struct GroupCommitWal {
     state: Arc<RwLock<WalState>>,
     sender: Option<Sender<Command>>,
     thread: Option<JoinHandle<()>>,
-    failure: Arc<Mutex<Option<String>>>,
+    failure: Arc<Failure>,
     stats: Arc<GroupCommitStats>,
 }
 
@@ -104,13 +143,19 @@ impl GroupCommitWal {
         let (state, writer) = wal.into_parts();
         let state = Arc::new(RwLock::new(state));
         let (sender, receiver) = crossbeam_channel::bounded::<Command>(options.queue_capacity);
-        let failure = Arc::new(Mutex::new(None));
+        let failure: Arc<Failure> = Arc::default();
         let stats = Arc::new(GroupCommitStats::default());
         let thread = {
             let (state, failure, stats) = (Arc::clone(&state), Arc::clone(&failure), Arc::clone(&stats));
             std::thread::Builder::new()
                 .name("wal-writer".into())
-                .spawn(move || run_writer(writer, state, receiver, options, failure, stats))
+                .spawn(move || {
+                    // A panic (a bug) stops the writer like a disk error: with its reason, never silently.
+                    let writer_failure = Arc::clone(&failure);
+                    if let Err(reason) = crate::panics::catch("the WAL writer", move || run_writer(writer, state, receiver, options, writer_failure, stats)) {
+                        failure.set(reason);
+                    }
+                })
                 .expect("spawning the WAL writer thread")
         };
         GroupCommitWal { state, sender: Some(sender), thread: Some(thread), failure, stats }
@@ -118,7 +163,7 @@ impl GroupCommitWal {
 
     /// Queues a request; blocks while the queue is full. Fails once the writer has stopped on a disk error.
     pub fn submit(&self, request: WriteRequest) -> Result<(), WalError> {
-        if let Some(reason) = self.failure.lock().clone() {
+        if let Some(reason) = self.failure.get() {
             return Err(WalError::Invalid(format!("the WAL writer has stopped: {reason}")));
         }
         let sender = self.sender.as_ref().expect("sender lives until drop");
@@ -139,7 +184,7 @@ impl GroupCommitWal {
     }
 
     fn stopped_error(&self) -> WalError {
-        let reason = self.failure.lock().clone().unwrap_or_else(|| "stopped".to_string());
+        let reason = self.failure.get().unwrap_or_else(|| "stopped".to_string());
         WalError::Invalid(format!("the WAL writer has stopped: {reason}"))
     }
 
@@ -154,7 +199,12 @@ impl GroupCommitWal {
 
     /// The writer's fatal error, if it stopped on one.
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().clone()
+        self.failure.get()
+    }
+
+    /// Calls `listener` with the reason once the writer stops on a failure (at once if it has).
+    pub fn on_failure(&self, listener: FailureListener) {
+        self.failure.listen(listener);
     }
 }
 
@@ -183,7 +233,7 @@ fn run_writer(
     state: Arc<RwLock<WalState>>,
     receiver: Receiver<Command>,
     options: GroupCommitOptions,
-    failure: Arc<Mutex<Option<String>>>,
+    failure: Arc<Failure>,
     stats: Arc<GroupCommitStats>,
 ) {
     let mut deferred: Option<Command> = None;
@@ -203,7 +253,7 @@ fn run_writer(
                 let fatal = outcome.as_ref().err().map(ToString::to_string);
                 let _ = reply.send(outcome.map_err(|e| e.to_string()));
                 if let Some(reason) = fatal {
-                    *failure.lock() = Some(reason);
+                    failure.set(reason);
                     return;
                 }
                 continue;
@@ -232,7 +282,7 @@ fn run_writer(
         });
         stats.sync_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Err(error) = result {
-            *failure.lock() = Some(error.to_string());
+            failure.set(error.to_string());
             // Dropping the receiver fails every waiting and later submit.
             return;
         }

@@ -16,6 +16,9 @@ use prost::Message as _;
 pub const RECORD_HEADER_BYTES: usize = 17;
 /// Larger payloads are refused when writing and taken for garbage when reading.
 pub const RECORD_PAYLOAD_BYTES_MAX: usize = 64 << 20;
+/// The largest entry data an Append record holds (an entry's own fields and its framing in the record take at
+/// most 40 bytes more). Whoever proposes entries must refuse larger ones: the WAL refuses them as a bug.
+pub const ENTRY_DATA_BYTES_MAX: usize = RECORD_PAYLOAD_BYTES_MAX - 64;
 
 /// What a record does to one group's log. Replaying them in order rebuilds the group's persisted state.
 #[derive(Clone, Debug, PartialEq)]

@@ -68,6 +68,14 @@ impl WalState {
                             last + 1
                         )));
                     }
+                    if let Some(large) = entries.iter().find(|e| e.data.len() > super::record::ENTRY_DATA_BYTES_MAX) {
+                        return Err(WalError::Invalid(format!(
+                            "group {group_id}: entry {} holds {} bytes, over the {} an Append record can hold",
+                            large.index,
+                            large.data.len(),
+                            super::record::ENTRY_DATA_BYTES_MAX
+                        )));
+                    }
                     let contiguous = entries.windows(2).all(|w| w[1].index == w[0].index + 1);
                     if !contiguous {
                         return Err(WalError::Invalid(format!("group {group_id}: append of non-contiguous entries")));

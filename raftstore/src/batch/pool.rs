@@ -3,6 +3,7 @@
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
+use flotilla_engine::panics::catch;
 
 use super::mailbox::{Fsm, Scheduled};
 use super::router::Router;
@@ -18,6 +19,12 @@ pub trait PollHandler<F: Fsm>: Send + 'static {
     /// The round ends; every FSM it handled is still held, in the order handled. Work done once per round for
     /// all of them belongs here.
     fn end(&mut self, _fsms: &mut [&mut F]) {}
+    /// `handle` or `end` panicked (a bug, or a dependency's): the FSMs stay, and the poller goes on. The
+    /// handler must make the failure known (the store stops its node). By default the panic goes on: the
+    /// poller thread ends.
+    fn on_panic(&mut self, reason: String) {
+        panic!("{reason}");
+    }
 }
 
 /// Settings of a batch system.
@@ -111,11 +118,15 @@ fn poll<F: Fsm, H: PollHandler<F>>(tasks: Receiver<Task<F>>, router: Router<F>, 
         handler.begin();
         for scheduled in round.iter_mut() {
             scheduled.mailbox.drain(&mut messages, options.messages_per_turn_max);
-            handler.handle(&mut scheduled.fsm, &mut messages);
+            if let Err(reason) = catch("a poller handling an FSM", || handler.handle(&mut scheduled.fsm, &mut messages)) {
+                handler.on_panic(reason);
+            }
             messages.clear();
         }
         let mut fsms: Vec<&mut F> = round.iter_mut().map(|scheduled| &mut *scheduled.fsm).collect();
-        handler.end(&mut fsms);
+        if let Err(reason) = catch("a poller ending its round", || handler.end(&mut fsms)) {
+            handler.on_panic(reason);
+        }
         drop(fsms);
         for Scheduled { fsm, mailbox } in round.drain(..) {
             if let Some(again) = mailbox.release(fsm) {

@@ -79,8 +79,11 @@ pub enum PeerError {
     OutcomeUnknown,
     /// A membership change that does not fit the group's members (already there, not a learner, …).
     Membership(String),
-    /// The node stopped because an engine failed (disk gone, corruption): the reason. Nothing was done.
+    /// The node stopped because an engine failed (disk gone, corruption): the reason. A request waiting when it
+    /// stopped may or may not have taken effect; later ones were not tried.
     Stopped(String),
+    /// The command encodes to `bytes`, over the `max` one log entry holds: nothing was done.
+    TooLarge { bytes: usize, max: usize },
 }
 
 /// What a waiting client is told.

@@ -1,6 +1,8 @@
 //! Client writes: checked against the range and leadership, proposed as one entry each, tracked until applied.
 
+use flotilla_engine::wal::record::ENTRY_DATA_BYTES_MAX;
 use flotilla_raft::Error as RaftError;
+use prost::Message as _;
 
 use super::{Peer, PeerError, PendingWrite, Response, Token};
 use crate::command::Command;
@@ -19,6 +21,10 @@ impl Peer {
             return self.responses.push((token, Response::Failed(refusal)));
         }
         command.request_id = token;
+        let bytes = command.encoded_len();
+        if bytes > ENTRY_DATA_BYTES_MAX {
+            return self.responses.push((token, Response::Failed(PeerError::TooLarge { bytes, max: ENTRY_DATA_BYTES_MAX })));
+        }
         match self.raw.propose(command.encode_entry()) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use rustc_hash::FxHashMap;
 
 use flotilla_engine::kv_engine::KvEngine;
-use flotilla_engine::state_machine::KeyValue;
+use flotilla_engine::state_machine::{KeyValue, StateMachineError};
 use flotilla_raft::Entry;
 
 use super::ticks::TicksSeen;
@@ -153,8 +153,21 @@ impl PeerFsm {
         }
     }
 
-    /// Answers the clients the peer has responses for; reads are served from `kv`, clipped to the range.
-    pub(crate) fn answer(&mut self, responses: Vec<(Token, Response)>, kv: &dyn KvEngine) {
+    /// Refuses every client still waiting on this replica (the node stopped: their requests may or may not have
+    /// taken effect, and nothing here will tell).
+    pub(crate) fn refuse_waiting(&mut self, refusal: PeerError) {
+        for (_, reply) in self.writes.drain() {
+            let _ = reply.send(Err(refusal.clone()));
+        }
+        for (_, (_, reply)) in self.reads.drain() {
+            let _ = reply.send(Err(refusal.clone()));
+        }
+    }
+
+    /// Answers the clients the peer has responses for; reads are served from `kv`, clipped to the range. A read
+    /// the state machine fails is refused with the failure, which is returned (the node must stop).
+    pub(crate) fn answer(&mut self, responses: Vec<(Token, Response)>, kv: &dyn KvEngine) -> Result<(), String> {
+        let mut failure = Ok(());
         for (token, response) in responses {
             if let Some(reply) = self.writes.remove(&token) {
                 let _ = reply.send(match response {
@@ -164,20 +177,25 @@ impl PeerFsm {
                 });
             } else if let Some((request, reply)) = self.reads.remove(&token) {
                 let _ = reply.send(match response {
-                    Response::ReadReady => Ok(self.serve(&request, kv)),
+                    Response::ReadReady => self.serve(&request, kv).map_err(|error| {
+                        let reason = format!("reading group {}'s applied state: {error}", self.peer.group_id());
+                        if failure.is_ok() {
+                            failure = Err(reason.clone());
+                        }
+                        PeerError::Stopped(reason)
+                    }),
                     Response::Failed(error) => Err(error),
                     Response::Written(_) => unreachable!("a read answered as a write"),
                 });
             }
         }
+        failure
     }
 
-    fn serve(&self, request: &ReadRequest, kv: &dyn KvEngine) -> ReadResult {
+    fn serve(&self, request: &ReadRequest, kv: &dyn KvEngine) -> Result<ReadResult, StateMachineError> {
         let range = self.peer.descriptor();
-        // A state machine failure is fatal for the node (the flusher reports it); a read sees it as absent data
-        // only if the engine itself returned an error, which it does not for reads of applied state.
         match request {
-            ReadRequest::Get(key) => ReadResult::Value(kv.get(key).expect("reading applied state")),
+            ReadRequest::Get(key) => Ok(ReadResult::Value(kv.get(key)?)),
             ReadRequest::Scan { start, end, limit } => {
                 let start = start.max(&range.start).clone();
                 let end = match (end.is_empty(), range.end.is_empty()) {
@@ -185,7 +203,7 @@ impl PeerFsm {
                     (false, true) => end.clone(),
                     (false, false) => end.min(&range.end).clone(),
                 };
-                ReadResult::Pairs(kv.scan(&start, &end, *limit).expect("reading applied state"))
+                Ok(ReadResult::Pairs(kv.scan(&start, &end, *limit)?))
             }
         }
     }

@@ -55,6 +55,8 @@ impl Transport for NoTransport {
 pub struct NodeFailure {
     stopped: AtomicBool,
     reason: parking_lot::Mutex<Option<String>>,
+    /// The node's replicas, woken when it stops so that each refuses the clients waiting on it at once.
+    router: std::sync::OnceLock<Router<PeerFsm>>,
 }
 
 impl NodeFailure {
@@ -66,14 +68,30 @@ impl NodeFailure {
         self.reason.lock().clone()
     }
 
-    /// Records why the node stops; only the first reason sticks. Returns whether this was the first.
-    fn stop(&self, reason: String) -> bool {
-        let mut stored = self.reason.lock();
-        if stored.is_some() {
-            return false;
+    /// Where to wake the replicas from when the node stops (set once, when they run).
+    pub(crate) fn wake_on_stop(&self, router: Router<PeerFsm>) {
+        let _ = self.router.set(router);
+    }
+
+    /// Stops node `node_id` for a failed engine: the first reason sticks, is reported once, and every replica is
+    /// woken to refuse its waiting clients with it. Returns whether this was the first.
+    pub(crate) fn fail(&self, node_id: u64, reason: String) -> bool {
+        let message = format!("flotilla: node {node_id} stopped: {reason}");
+        {
+            let mut stored = self.reason.lock();
+            if stored.is_some() {
+                return false;
+            }
+            *stored = Some(reason);
+            self.stopped.store(true, Ordering::Release);
         }
-        *stored = Some(reason);
-        self.stopped.store(true, Ordering::Release);
+        eprintln!("{message}");
+        metrics::counter!("flotilla_node_failures_total").increment(1);
+        if let Some(router) = self.router.get() {
+            for group_id in router.ids() {
+                let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox is handled anyway
+            }
+        }
         true
     }
 }
@@ -134,12 +152,15 @@ impl StoreHandler {
         Some(Envelope { group_id: fsm.peer.group_id(), from_node: self.node_id, to_node, message })
     }
 
-    /// Stops the node for a failed engine: the first reason sticks, and is reported once.
+    /// Stops the node for a failed engine (see [`NodeFailure::fail`]).
     fn fail(&self, reason: String) {
-        let message = format!("flotilla: node {} stopped: {reason}", self.node_id);
-        if self.failure.stop(reason) {
-            eprintln!("{message}");
-            metrics::counter!("flotilla_node_failures_total").increment(1);
+        self.failure.fail(self.node_id, reason);
+    }
+
+    /// Answers the clients the peer has responses for; a read the state machine cannot serve stops the node.
+    fn answer(&self, fsm: &mut PeerFsm, responses: Vec<(crate::peer::Token, crate::peer::Response)>) {
+        if let Err(reason) = fsm.answer(responses, self.kv.as_ref()) {
+            self.fail(reason);
         }
     }
 
@@ -155,7 +176,7 @@ impl StoreHandler {
         if fsm.peer.is_removed() {
             // Removed: it answers the clients its last apply decided, and does nothing more. The replicas thread
             // unregisters it (asked once).
-            fsm.answer(output.responses, self.kv.as_ref());
+            self.answer(fsm, output.responses);
             if !fsm.destroy_requested {
                 fsm.destroy_requested = true;
                 let _ = self.tasks.send(ReplicaTask::Destroy(Box::new(fsm.peer.descriptor().clone())));
@@ -188,7 +209,7 @@ impl StoreHandler {
             }
         }
         fsm.to_apply.extend(output.committed);
-        fsm.answer(output.responses, self.kv.as_ref());
+        self.answer(fsm, output.responses);
         let wants_ticks = fsm.peer.needs_ticks();
         if wants_ticks != fsm.ticking {
             if wants_ticks {
@@ -205,6 +226,7 @@ impl StoreHandler {
 impl PollHandler<PeerFsm> for StoreHandler {
     fn handle(&mut self, fsm: &mut PeerFsm, messages: &mut Vec<PeerMsg>) {
         if let Some(reason) = self.failed() {
+            fsm.refuse_waiting(PeerError::Stopped(reason.clone()));
             return fsm.refuse_all(messages.drain(..), PeerError::Stopped(reason));
         }
         if fsm.peer.is_removed() {
@@ -222,6 +244,10 @@ impl PollHandler<PeerFsm> for StoreHandler {
         }
         let output = fsm.peer.take_output(self.kv.as_ref());
         self.carry_out(fsm, output);
+    }
+
+    fn on_panic(&mut self, reason: String) {
+        self.fail(reason);
     }
 
     fn end(&mut self, fsms: &mut [&mut PeerFsm]) {

@@ -129,6 +129,17 @@ impl Store {
         };
         let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| handler.clone());
         let router = system.router().clone();
+        failure.wake_on_stop(router.clone());
+        {
+            // The log's writer failing on its own (a disk error, a panic) stops the node at once. (Weak: the log
+            // outlives the store, and the failure holds the router, which holds the replicas, which hold the log.)
+            let (failure, node_id) = (Arc::downgrade(&failure), options.node_id);
+            log.on_failure(Box::new(move |reason| {
+                if let Some(failure) = failure.upgrade() {
+                    failure.fail(node_id, format!("the log failed: {reason}"));
+                }
+            }));
+        }
         // The groups this node holds (a descriptor that no longer lists it: its replica was removed).
         let held: Vec<RangeDescriptor> = ranges.iter().filter(|range| range.lists_node(options.node_id)).cloned().collect();
         let finished = crate::peer::finish_interrupted_destroys(options.node_id, log.as_ref(), kv.as_ref())?;
@@ -152,6 +163,7 @@ impl Store {
                 ticking: Arc::clone(&ticking),
                 // Held now or before: every group whose descriptor this node's state machine stores.
                 held: kv.ranges().map_err(|e| flotilla_raft::Error::Storage(flotilla_raft::StorageError::Other(e.to_string())))?.into_iter().map(|(group, _)| group).collect(),
+                failure: Arc::clone(&failure),
             };
             let stopped = stopped.clone();
             threads.push(std::thread::Builder::new().name("flotilla-replicas".into()).spawn(move || replicas.run(task_receiver, stopped)).expect("spawning the replicas thread"));

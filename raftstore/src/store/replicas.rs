@@ -75,17 +75,23 @@ pub(crate) struct Replicas {
     pub(crate) ticking: Arc<Ticking>,
     /// Every group this node has held (opened at start, or created since).
     pub(crate) held: HashSet<u64>,
+    pub(crate) failure: Arc<super::handler::NodeFailure>,
 }
 
 impl Replicas {
     pub(crate) fn run(mut self, tasks: Receiver<ReplicaTask>, stopped: Receiver<()>) {
         loop {
             crossbeam_channel::select! {
-                recv(tasks) -> task => match task {
-                    Ok(ReplicaTask::Create(envelope)) => self.create(*envelope),
-                    Ok(ReplicaTask::Destroy(descriptor)) => self.destroy(&descriptor),
-                    Err(_) => return,
-                },
+                recv(tasks) -> task => {
+                    let done = match task {
+                        Ok(ReplicaTask::Create(envelope)) => flotilla_engine::panics::catch("creating a replica", || self.create(*envelope)),
+                        Ok(ReplicaTask::Destroy(descriptor)) => flotilla_engine::panics::catch("destroying a replica", || self.destroy(&descriptor)),
+                        Err(_) => return,
+                    };
+                    if let Err(reason) = done {
+                        self.failure.fail(self.options.node_id, reason);
+                    }
+                }
                 recv(stopped) -> _ => return,
             }
         }
@@ -104,6 +110,9 @@ impl Replicas {
 
     fn create(&mut self, envelope: Envelope) {
         let group_id = envelope.group_id;
+        if self.failure.reason().is_some() {
+            return; // the node stopped
+        }
         if self.held.contains(&group_id) {
             // Held now (created by an earlier message) or before (removed): deliver, or drop.
             let _ = self.router.send(group_id, PeerMsg::Replica(Box::new(envelope)));
@@ -112,7 +121,10 @@ impl Replicas {
         let empty = RangeDescriptor { group_id, ..RangeDescriptor::default() };
         let peer = match open_with_id(&self.options, envelope.message.to(), empty, &self.log, &self.kv) {
             Ok(peer) => peer,
-            Err(error) => panic!("opening an empty replica of group {group_id}: {error:?} (the engines failed)"),
+            Err(error) => {
+                self.failure.fail(self.options.node_id, format!("opening an empty replica of group {group_id}: {error:?}"));
+                return;
+            }
         };
         let fsm = PeerFsm::new(peer);
         // Settled before a poller can see it: a fresh replica owes no ticks for the time before it existed.
