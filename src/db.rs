@@ -32,7 +32,7 @@ use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeError, Replica, INITIAL_GROUPS_MAX};
-use crate::layout::{self, DirLock, Found, Layout};
+use crate::layout::{self, DirLock};
 use flotilla_raftstore::store::{InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions, Transport};
 
 /// Settings of an embedded database. `Config::default()` is what [`Db::open`] uses.
@@ -330,7 +330,7 @@ impl Db {
         config.validate()?;
         // Nothing in the directory is read or written before its lock is held.
         let lock = layout::lock(disk.as_ref(), &dir)?;
-        let found = layout::open(disk.as_ref(), &dir, &config)?;
+        layout::open(disk.as_ref(), &dir, &config)?;
         let in_process = Arc::new(InProcessTransport::new());
         let transport: Arc<dyn Transport> = if config.nodes == 1 { Arc::new(NoTransport) } else { Arc::clone(&in_process) as Arc<dyn Transport> };
         let mut nodes = Vec::new();
@@ -341,12 +341,6 @@ impl Db {
             in_process.add_node(id, node.store.as_ref().expect("just started").inbox());
             nodes.push(node);
             ranges = node_ranges;
-        }
-        if let Found::Unrecorded { nodes } = found {
-            // Created before layouts were recorded: the groups it was created with are those it holds.
-            let layout = Layout { format_version: layout::FORMAT_VERSION, nodes, groups: ranges.len() as u64 };
-            layout.check(&config, &dir)?;
-            layout.record(disk.as_ref(), &dir)?;
         }
         // Leaders spread over the nodes: group at position i campaigns on node i mod n.
         let leaders: Vec<AtomicU64> = (0..ranges.len()).map(|i| AtomicU64::new(i as u64 % config.nodes + 1)).collect();

@@ -9,9 +9,8 @@
 //!   any data, and every later open is checked against it, so a database created with `nodes = 3` is never opened
 //!   as an empty one with `nodes = 1` — nor the reverse.
 //!
-//! A directory holding data but no `LAYOUT` was created before layouts were recorded: its node count is read off
-//! its files (`state.redb` at the top: one node; `node-N/` directories: N), its groups off its stored ranges,
-//! and the layout is recorded at that open.
+//! A directory holding data but no `LAYOUT` was made by a development build before format 1 (whose state file
+//! had no checksums on its run records, applied states and descriptors): it is refused, never read as empty.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -43,8 +42,6 @@ pub enum Found {
     Recorded(Layout),
     /// Nothing yet: a new database, whose layout is now recorded.
     Created(Layout),
-    /// Data from before layouts were recorded, with this many nodes: record the layout once the groups are known.
-    Unrecorded { nodes: u64 },
 }
 
 /// The held directory lock (released when dropped).
@@ -167,29 +164,22 @@ pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Found, DbErr
         layout.check(config, dir)?;
         return Ok(Found::Recorded(layout));
     }
-    let nodes = if has("state.redb") { 1 } else { (1..).take_while(|n| node_has_state(disk, &node_dir(dir, *n))).count() as u64 };
-    if nodes == 0 {
-        let layout = Layout::of(config);
-        layout.record(disk, dir)?;
-        return Ok(Found::Created(layout));
-    }
-    if nodes != config.nodes {
-        return Err(DbError::InvalidArgument(format!(
-            "{} holds a database of {nodes} node(s), but is opened with nodes = {}: open it with nodes = {nodes}",
-            dir.display(),
-            config.nodes
+    let data = has("state.redb") || disk.list(&dir.join("wal")).is_ok() || disk.list(&node_dir(dir, 1)).is_ok();
+    if data {
+        return Err(DbError::Storage(format!(
+            "{} holds a database without a {LAYOUT_FILE} file, made by a development build before format \
+             {FORMAT_VERSION}: this build cannot read it (move it away, or delete it)",
+            dir.display()
         )));
     }
-    Ok(Found::Unrecorded { nodes })
+    let layout = Layout::of(config);
+    layout.record(disk, dir)?;
+    Ok(Found::Created(layout))
 }
 
 /// Where node `id` of a database of more than one node lives.
 pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node-{id}"))
-}
-
-fn node_has_state(disk: &dyn Disk, dir: &Path) -> bool {
-    disk.list(dir).is_ok_and(|files| files.iter().any(|path| path.file_name().is_some_and(|n| n == "state.redb")))
 }
 
 fn read_file(disk: &dyn Disk, path: &Path) -> Result<Vec<u8>, DbError> {

@@ -24,7 +24,7 @@ use redb::Durability;
 use crate::lsm::merge::Source;
 use crate::lsm::run::{RunWriter, RUNS, RUN_BLOCKS};
 use crate::lsm::version::{RangeTombstone, RANGE_TOMBSTONES};
-use crate::state_machine::{decode_applied, encode_applied, storage, AppliedState, StateMachine, StateMachineError, APPLY_STATE, RANGES};
+use crate::state_machine::{decode_applied, encode_applied, seal_range, storage, AppliedState, StateMachine, StateMachineError, APPLY_STATE, RANGES};
 
 /// One chunk's content.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -271,9 +271,9 @@ impl Install {
                 write.open_table(RUNS).map_err(storage)?.insert(run.id, run.encode().as_slice()).map_err(storage)?;
             }
             write.open_table(RANGE_TOMBSTONES).map_err(storage)?.insert(tombstone.seq, tombstone.encode().as_slice()).map_err(storage)?;
-            write.open_table(APPLY_STATE).map_err(storage)?.insert(group_id, encode_applied(applied)).map_err(storage)?;
+            write.open_table(APPLY_STATE).map_err(storage)?.insert(group_id, encode_applied(group_id, applied)).map_err(storage)?;
             if let Some(range) = range {
-                write.open_table(RANGES).map_err(storage)?.insert(group_id, range).map_err(storage)?;
+                write.open_table(RANGES).map_err(storage)?.insert(group_id, seal_range(group_id, range).as_slice()).map_err(storage)?;
             }
             run
         };
@@ -313,7 +313,8 @@ impl StateMachine {
             .map_err(storage)?
             .get(group_id)
             .map_err(storage)?
-            .map(|state| decode_applied(state.value()))
+            .map(|state| decode_applied(group_id, state.value()))
+            .transpose()?
             .unwrap_or((0, 0));
         let merge = self.merge_view(Vec::new(), &version, &read, start, end)?;
         Ok(SnapshotReader::new(Box::new(merge), group_id, applied, chunk_bytes_max))

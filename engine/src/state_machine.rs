@@ -27,12 +27,17 @@ use rustc_hash::FxHashMap;
 
 use crate::disk::{Disk, RedbFile};
 use crate::lsm::merge::{Input, MemSource, Merge};
+use crate::lsm::sealed::{seal, unseal};
 use crate::lsm::run::{block_key, delete_blocks, run_of_block_key, Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
 use crate::lsm::version::{RangeTombstone, Version, RANGE_TOMBSTONES};
 use crate::snapshot::Install;
 
-pub(crate) const APPLY_STATE: TableDefinition<u64, [u8; 16]> = TableDefinition::new("apply_state");
-pub(crate) const RANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("ranges");
+/// Applied index (u64 LE), term (u64 LE), checksum (`lsm/sealed.rs`).
+pub(crate) const APPLY_STATE: TableDefinition<u64, [u8; 20]> = TableDefinition::new(APPLY_STATE_TABLE);
+const APPLY_STATE_TABLE: &str = "apply_state";
+/// A range descriptor, sealed (`lsm/sealed.rs`).
+pub(crate) const RANGES: TableDefinition<u64, &[u8]> = TableDefinition::new(RANGES_TABLE);
+const RANGES_TABLE: &str = "ranges";
 
 /// One change to the data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,7 +195,7 @@ fn stored_run_ids(blocks: &impl ReadableTable<&'static [u8], &'static [u8]>) -> 
     let mut ids = Vec::new();
     let mut from = Vec::new();
     while let Some(row) = blocks.range::<&[u8]>(from.as_slice()..).map_err(storage)?.next() {
-        let id = run_of_block_key(row.map_err(storage)?.0.value());
+        let id = run_of_block_key(row.map_err(storage)?.0.value())?;
         ids.push(id);
         from = block_key(id + 1, b"");
     }
@@ -235,17 +240,22 @@ pub struct StateMachine {
     pub(crate) installs: Mutex<HashMap<u64, Install>>,
 }
 
-pub(crate) fn encode_applied((index, term): AppliedState) -> [u8; 16] {
-    let mut bytes = [0; 16];
-    bytes[..8].copy_from_slice(&index.to_le_bytes());
-    bytes[8..].copy_from_slice(&term.to_le_bytes());
-    bytes
+pub(crate) fn encode_applied(group_id: u64, (index, term): AppliedState) -> [u8; 20] {
+    let mut bytes = index.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&term.to_le_bytes());
+    let sealed = seal(APPLY_STATE_TABLE, group_id, bytes);
+    sealed.try_into().expect("16 bytes and a checksum")
 }
 
-pub(crate) fn decode_applied(bytes: [u8; 16]) -> AppliedState {
-    let index = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    let term = u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes"));
-    (index, term)
+pub(crate) fn decode_applied(group_id: u64, sealed: [u8; 20]) -> Result<AppliedState, StateMachineError> {
+    let bytes = unseal(APPLY_STATE_TABLE, group_id, &sealed)?;
+    let (index, term) = bytes.split_at(8);
+    Ok((u64::from_le_bytes(index.try_into().expect("8 bytes")), u64::from_le_bytes(term.try_into().expect("8 bytes"))))
+}
+
+/// A range descriptor as stored in row `group_id` of `ranges`.
+pub(crate) fn seal_range(group_id: u64, descriptor: &[u8]) -> Vec<u8> {
+    seal(RANGES_TABLE, group_id, descriptor.to_vec())
 }
 
 impl StateMachine {
@@ -288,7 +298,7 @@ impl StateMachine {
             write.open_table(RANGES).map_err(storage)?;
             for row in write.open_table(APPLY_STATE).map_err(storage)?.iter().map_err(storage)? {
                 let (group, state) = row.map_err(storage)?;
-                durable.insert(group.value(), decode_applied(state.value()));
+                durable.insert(group.value(), decode_applied(group.value(), state.value())?);
             }
             for row in write.open_table(RUNS).map_err(storage)?.iter().map_err(storage)? {
                 let (id, record) = row.map_err(storage)?;
@@ -457,11 +467,11 @@ impl StateMachine {
             }
             let mut states = write.open_table(APPLY_STATE).map_err(storage)?;
             for (group, state) in &flushing.applied {
-                states.insert(*group, encode_applied(*state)).map_err(storage)?;
+                states.insert(*group, encode_applied(*group, *state)).map_err(storage)?;
             }
             let mut ranges = write.open_table(RANGES).map_err(storage)?;
             for (group, range) in &flushing.ranges {
-                ranges.insert(*group, range.as_slice()).map_err(storage)?;
+                ranges.insert(*group, seal_range(*group, range).as_slice()).map_err(storage)?;
             }
             run
         };
@@ -579,7 +589,7 @@ impl StateMachine {
         {
             let mut table = write.open_table(RANGES).map_err(storage)?;
             for (group_id, descriptor) in ranges {
-                table.insert(*group_id, descriptor.as_slice()).map_err(storage)?;
+                table.insert(*group_id, seal_range(*group_id, descriptor).as_slice()).map_err(storage)?;
             }
         }
         write.commit().map_err(storage)
@@ -593,7 +603,7 @@ impl StateMachine {
         let mut out = BTreeMap::new();
         for row in table.iter().map_err(storage)? {
             let (group, descriptor) = row.map_err(storage)?;
-            out.insert(group.value(), descriptor.value().to_vec());
+            out.insert(group.value(), unseal(RANGES_TABLE, group.value(), descriptor.value())?.to_vec());
         }
         let changed = memtables.flushing.iter().map(|f| &f.ranges).chain([&memtables.active.ranges]);
         for ranges in changed {

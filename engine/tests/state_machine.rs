@@ -165,3 +165,78 @@ fn reads_racing_flushes_compactions_and_garbage_collection_never_lose_a_key() {
     assert!(machine.scan(b"", b"", usize::MAX).unwrap().iter().all(|(_, v)| version_of(v) == 300));
     println!("{reads} reads during 300 rounds; {stats:?}");
 }
+
+/// Rewrites one row of one of the state machine's tables through redb itself (so redb's own checks pass), with
+/// one bit of its value flipped `from_end` bytes before the end.
+fn tamper(path: &std::path::Path, table: &str, from_end: usize) -> u64 {
+    use redb::{ReadableTable, TableDefinition};
+    let db = redb::Database::create(path).unwrap();
+    let write = db.begin_write().unwrap();
+    let row = {
+        let definition: TableDefinition<u64, &[u8]> = TableDefinition::new(table);
+        let mut rows = write.open_table(definition).unwrap();
+        let (key, mut value) = {
+            let (key, value) = rows.first().unwrap().expect("a row to damage");
+            (key.value(), value.value().to_vec())
+        };
+        let at = value.len() - 1 - from_end;
+        value[at] ^= 0x10;
+        rows.insert(key, value.as_slice()).unwrap();
+        key
+    };
+    write.commit().unwrap();
+    row
+}
+
+#[test]
+fn damaged_run_records_filters_range_deletions_and_descriptors_are_reported_never_believed() {
+    let keys: Vec<Vec<u8>> = (0..2_000u32).map(|i| format!("key-{i:05}").into_bytes()).collect();
+    let build = |path: &std::path::Path| {
+        let machine = StateMachine::open(path, StateMachineOptions::default()).unwrap();
+        let ops = keys.iter().map(|key| KvOp::Put { key: key.clone(), value: b"value".to_vec() }).collect();
+        machine.apply(vec![GroupApply { group_id: 1, ops, applied_index: 7, applied_term: 1, range: Some(b"descriptor".to_vec()) }]).unwrap();
+        machine.flush().unwrap();
+        machine.put_range(2, b"another descriptor").unwrap();
+        flotilla_engine::kv_engine::clear_group(&machine, 3, b"x", b"y", b"cleared").unwrap();
+    };
+    let refused = |path: &std::path::Path| -> String {
+        match StateMachine::open(path, StateMachineOptions::default()).and_then(|machine| {
+            machine.ranges()?;
+            keys.iter().try_for_each(|key| machine.get(key).map(|value| assert_eq!(value.as_deref(), Some(&b"value"[..]), "a wrong answer")))
+        }) {
+            Err(StateMachineError::Storage(message)) => message,
+            other => panic!("damage went unnoticed: {other:?}"),
+        }
+    };
+    // The Bloom filter is the record's last field: bytes just before the checksum are filter bits. A flipped
+    // filter bit made point reads miss keys that scans return.
+    for (table, from_end) in [("runs", 4 + 40), ("runs", 4), ("range_tombstones", 5), ("ranges", 6)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        build(&path);
+        let row = tamper(&path, table, from_end);
+        let message = refused(&path);
+        assert!(message.contains(&format!("table {table}, row {row}")), "{table}: {message}");
+    }
+    // The applied state is a fixed-size value of its own table type.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    build(&path);
+    {
+        use redb::{ReadableTable, TableDefinition};
+        let db = redb::Database::create(&path).unwrap();
+        let write = db.begin_write().unwrap();
+        {
+            let mut rows = write.open_table(TableDefinition::<u64, [u8; 20]>::new("apply_state")).unwrap();
+            let (key, mut value) = {
+                let (key, value) = rows.first().unwrap().unwrap();
+                (key.value(), value.value())
+            };
+            value[3] ^= 1;
+            rows.insert(key, value).unwrap();
+        }
+        write.commit().unwrap();
+    }
+    let message = refused(&path);
+    assert!(message.contains("table apply_state, row 1"), "{message}");
+}

@@ -12,7 +12,8 @@
 //! - `run.rs`: writing runs, point reads in a run, cursors over a run;
 //! - `merge.rs`: merging memtables and runs (newest wins; deletions and range deletions hide);
 //! - `version.rs`: the set of live runs and range deletions, published after each change;
-//! - `compaction.rs`: the size-tiered policy and the merge that writes its output.
+//! - `compaction.rs`: the size-tiered policy and the merge that writes its output;
+//! - `sealed.rs`: the checksums of run records, range deletions, applied states and range descriptors.
 //!
 //! The byte layout is in `docs/state-machine-format.md`.
 
@@ -21,4 +22,5 @@ pub(crate) mod bloom;
 pub(crate) mod compaction;
 pub(crate) mod merge;
 pub(crate) mod run;
+pub(crate) mod sealed;
 pub(crate) mod version;

@@ -19,7 +19,8 @@ const REDB_PAGE_OVERHEAD_BYTES: usize = 128;
 const BLOCK_ENTRY_OVERHEAD_BYTES: usize = 12;
 
 pub(crate) const RUN_BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("run_blocks");
-pub(crate) const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
+pub(crate) const RUNS_TABLE: &str = "runs";
+pub(crate) const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new(RUNS_TABLE);
 
 /// The stored form of a [`Run`] (the row of `runs`).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -53,6 +54,15 @@ pub(crate) struct Run {
     filter: Bloom,
 }
 
+/// Parses the block stored under `row_key` (`block_key`); damage is reported with the run and block it is in.
+fn parse_located<'a>(row_key: &[u8], bytes: &'a [u8]) -> Result<Block<'a>, StateMachineError> {
+    Block::parse(bytes).map_err(|error| {
+        let run = run_of_block_key(row_key).map_or_else(|_| "?".to_string(), |id| id.to_string());
+        let last_key = String::from_utf8_lossy(row_key.get(8..).unwrap_or_default());
+        storage(format!("{error} (run {run}, the block ending at key {last_key:?}, table run_blocks)"))
+    })
+}
+
 pub(crate) fn block_key(run_id: u64, last_key: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(8 + last_key.len());
     key.extend_from_slice(&run_id.to_be_bytes());
@@ -61,8 +71,11 @@ pub(crate) fn block_key(run_id: u64, last_key: &[u8]) -> Vec<u8> {
 }
 
 /// The run id a `run_blocks` key belongs to.
-pub(crate) fn run_of_block_key(key: &[u8]) -> u64 {
-    u64::from_be_bytes(key[..8].try_into().expect("block keys start with the run id"))
+pub(crate) fn run_of_block_key(key: &[u8]) -> Result<u64, StateMachineError> {
+    match key.get(..8) {
+        Some(id) => Ok(u64::from_be_bytes(id.try_into().expect("8 bytes"))),
+        None => Err(storage(format!("corrupt state machine: a run_blocks key of {} bytes (at least 8)", key.len()))),
+    }
 }
 
 /// Deletes every block of a run.
@@ -73,18 +86,19 @@ pub(crate) fn delete_blocks(blocks: &mut Table<&[u8], &[u8]>, run_id: u64) -> Re
 
 impl Run {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        RunRecord {
+        let record = RunRecord {
             seq: self.seq,
             entries: self.entries,
             bytes: self.bytes,
             min_key: self.min_key.clone(),
             max_key: self.max_key.clone(),
             filter: self.filter.encode(),
-        }
-        .encode_to_vec()
+        };
+        super::sealed::seal(RUNS_TABLE, self.id, record.encode_to_vec())
     }
 
-    pub(crate) fn decode(id: u64, bytes: &[u8]) -> Result<Run, StateMachineError> {
+    pub(crate) fn decode(id: u64, sealed: &[u8]) -> Result<Run, StateMachineError> {
+        let bytes = super::sealed::unseal(RUNS_TABLE, id, sealed)?;
         let record = RunRecord::decode(bytes).map_err(|e| storage(format!("run {id}'s record is undecodable: {e}")))?;
         Ok(Run {
             id,
@@ -120,8 +134,8 @@ impl Run {
         let Some(row) = blocks.range::<&[u8]>(from.as_slice()..to.as_slice()).map_err(storage)?.next() else {
             return Ok(None);
         };
-        let (_, block) = row.map_err(storage)?;
-        let block = Block::parse(block.value())?;
+        let (row_key, block) = row.map_err(storage)?;
+        let block = parse_located(row_key.value(), block.value())?;
         Ok(block.get(key).map(|value| value.map(<[u8]>::to_vec)))
     }
 }
@@ -255,8 +269,8 @@ impl RunCursor {
         self.position = 0;
         match self.blocks.next() {
             Some(row) => {
-                let (_, block) = row.map_err(storage)?;
-                self.count = Block::parse(block.value())?.len();
+                let (row_key, block) = row.map_err(storage)?;
+                self.count = parse_located(row_key.value(), block.value())?.len();
                 self.block.clear();
                 self.block.extend_from_slice(block.value());
             }

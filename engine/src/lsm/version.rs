@@ -14,7 +14,8 @@ use super::run::Run;
 use crate::snapshot::in_range;
 use crate::state_machine::{storage, StateMachineError};
 
-pub(crate) const RANGE_TOMBSTONES: TableDefinition<u64, &[u8]> = TableDefinition::new("range_tombstones");
+const RANGE_TOMBSTONES_TABLE: &str = "range_tombstones";
+pub(crate) const RANGE_TOMBSTONES: TableDefinition<u64, &[u8]> = TableDefinition::new(RANGE_TOMBSTONES_TABLE);
 
 /// A deletion of the key range `[start, end)` (`end` empty: unbounded) in every run with a lower `seq`: how a
 /// snapshot install replaces a range without rewriting the runs that overlap it.
@@ -40,10 +41,12 @@ impl RangeTombstone {
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        RangeTombstoneRecord { start: self.start.clone(), end: self.end.clone() }.encode_to_vec()
+        let record = RangeTombstoneRecord { start: self.start.clone(), end: self.end.clone() };
+        super::sealed::seal(RANGE_TOMBSTONES_TABLE, self.seq, record.encode_to_vec())
     }
 
-    pub(crate) fn decode(seq: u64, bytes: &[u8]) -> Result<RangeTombstone, StateMachineError> {
+    pub(crate) fn decode(seq: u64, sealed: &[u8]) -> Result<RangeTombstone, StateMachineError> {
+        let bytes = super::sealed::unseal(RANGE_TOMBSTONES_TABLE, seq, sealed)?;
         let record = RangeTombstoneRecord::decode(bytes).map_err(|e| storage(format!("range deletion {seq} is undecodable: {e}")))?;
         Ok(RangeTombstone { seq, start: record.start, end: record.end })
     }
