@@ -241,10 +241,22 @@ impl Node {
         // Every directory entry is made durable before anything is acknowledged: the directories as they are
         // created, the WAL's segments by the WAL, the state file here.
         disk.create_dir_all(dir).map_err(storage)?;
-        let (wal, _report) = Wal::open(&dir.join("wal"), Arc::clone(disk), config.wal.clone()).map_err(storage)?;
-        let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
         let kv = Arc::new(StateMachine::open_on(disk.as_ref(), &dir.join("state.redb"), config.state_machine.clone()).map_err(storage)?);
         disk.sync_dir(dir).map_err(|e| storage(format!("syncing {}: {e}", dir.display())))?;
+        let wal_dir = dir.join("wal");
+        // The WAL's first segment is durable before the groups are recorded in the state file: groups without a
+        // WAL mean the WAL was lost, with every write after the last checkpoint.
+        let has_segments = disk.list(&wal_dir).is_ok_and(|files| files.iter().any(|f| f.extension().is_some_and(|e| e == "wal")));
+        if !has_segments && !kv.ranges().map_err(storage)?.is_empty() {
+            return Err(DbError::Storage(format!(
+                "{} holds no WAL segment, but {} lists groups: the WAL was lost, and with it the writes after the state \
+                 file's last checkpoint",
+                wal_dir.display(),
+                dir.join("state.redb").display()
+            )));
+        }
+        let (wal, _report) = Wal::open(&wal_dir, Arc::clone(disk), config.wal.clone()).map_err(storage)?;
+        let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
         let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
         let ranges = Db::load_or_create_ranges(&kv, config)?;
         let options = StoreOptions { node_id: id, ..config.store.clone() };

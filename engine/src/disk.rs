@@ -76,6 +76,7 @@ pub trait DiskFile: Send {
     }
     /// Makes every appended byte durable (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
+    /// Sets the file's length: cuts it, or extends it with zeros (sparse).
     fn truncate(&mut self, len: u64) -> io::Result<()>;
 }
 
@@ -177,9 +178,16 @@ struct SimFileState {
     durable: Vec<u8>,
     /// Writes since the last sync, in order: a crash keeps the durable image plus a prefix of these bytes.
     unsynced: Vec<(usize, Vec<u8>)>,
+    /// The length last set by `truncate` (durable at once): past `data`, up to here, the file reads as zeros
+    /// (sparse, as a real file extended by `set_len`).
+    len_set: usize,
 }
 
 impl SimFileState {
+    fn len(&self) -> usize {
+        self.data.len().max(self.len_set)
+    }
+
     fn write_at(&mut self, offset: usize, bytes: &[u8]) {
         write_into(&mut self.data, offset, bytes);
         self.unsynced.push((offset, bytes.to_vec()));
@@ -228,6 +236,8 @@ struct SimDiskState {
     locks: BTreeSet<PathBuf>,
     /// The next this-many `sync_data` calls fail.
     failing_syncs: u32,
+    /// After this many more successful `sync_data` calls, the next one fails.
+    syncs_before_failure: Option<u32>,
     /// After a power cut: writes vanish and syncs fail, until `crash` (which models the reboot).
     powered_off: bool,
 }
@@ -301,10 +311,18 @@ impl SimDisk {
         self.state.lock().failing_syncs = count;
     }
 
+    /// Lets `succeeding` more `sync_data` calls succeed, then makes the next one fail.
+    pub fn fail_sync_after(&self, succeeding: u32) {
+        self.state.lock().syncs_before_failure = Some(succeeding);
+    }
+
     /// Flips one bit of a file's content (durable and live alike: damage on the medium).
     pub fn flip_bit(&self, path: &Path, offset: usize, bit: u8) {
         let mut state = self.state.lock();
         let file = state.file(path).expect("flip_bit on a missing file");
+        if offset >= file.data.len() {
+            file.data.resize(offset + 1, 0); // a sparse part: its zeros are made real
+        }
         file.data[offset] ^= 1 << (bit % 8);
         if offset < file.durable.len() {
             file.durable[offset] ^= 1 << (bit % 8);
@@ -312,7 +330,7 @@ impl SimDisk {
     }
 
     pub fn file_len(&self, path: &Path) -> Option<usize> {
-        self.state.lock().file(path).ok().map(|f| f.data.len())
+        self.state.lock().file(path).ok().map(|f| f.len())
     }
 
     pub fn unsynced_bytes(&self) -> usize {
@@ -462,17 +480,19 @@ impl SimFile {
 
 impl DiskFile for SimFile {
     fn len_bytes(&self) -> io::Result<u64> {
-        self.with_file(|f| f.data.len() as u64)
+        self.with_file(|f| f.len() as u64)
     }
 
     fn read_exact_at(&self, offset: u64, buffer: &mut [u8]) -> io::Result<()> {
         self.with_file(|f| {
             let start = offset as usize;
             let end = start + buffer.len();
-            if end > f.data.len() {
+            if end > f.len() {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read beyond the end of the file"));
             }
-            buffer.copy_from_slice(&f.data[start..end]);
+            let written = end.min(f.data.len()).max(start);
+            buffer[..written - start].copy_from_slice(&f.data[start..written]);
+            buffer[written - start..].fill(0);
             Ok(())
         })?
     }
@@ -493,6 +513,14 @@ impl DiskFile for SimFile {
             state.failing_syncs -= 1;
             return Err(io::Error::other("injected fsync failure"));
         }
+        match state.syncs_before_failure {
+            Some(0) => {
+                state.syncs_before_failure = None;
+                return Err(io::Error::other("injected fsync failure"));
+            }
+            Some(left) => state.syncs_before_failure = Some(left - 1),
+            None => {}
+        }
         let file = state.contents.get_mut(&self.id).ok_or_else(|| not_found(&self.path))?;
         for (offset, bytes) in std::mem::take(&mut file.unsynced) {
             write_into(&mut file.durable, offset, &bytes);
@@ -502,9 +530,10 @@ impl DiskFile for SimFile {
     }
 
     fn truncate(&mut self, len: u64) -> io::Result<()> {
-        // Modelled as durable at once (the WAL syncs right after truncating).
+        // Modelled as durable at once (the WAL syncs right after setting a length). Extending is sparse.
         self.with_file(|f| {
             let len = len as usize;
+            f.len_set = len;
             f.data.truncate(len);
             f.durable.truncate(len);
             for (offset, bytes) in &mut f.unsynced {

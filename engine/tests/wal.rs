@@ -3,7 +3,7 @@
 //! nothing else may come back except a prefix of the write that was in flight; damage is never accepted silently.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -211,11 +211,12 @@ fn a_torn_tail_is_reported_and_overwritten_by_the_next_write() {
     let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
     wal.write(&[(1, LogOp::Append(entries(1..=3, 1)))]).unwrap();
     let path = segment_path(dir, 1);
-    let durable_len = disk.file_len(&path).unwrap();
+    // The header, then the first write's frame (the file itself is longer: sized when the segment started).
+    let durable_len = SEGMENT_HEADER_BYTES as usize + 4096;
     disk.fail_next_syncs(1);
     assert!(wal.write(&[(1, LogOp::Append(entries(4..=9, 1)))]).is_err());
     drop(wal);
-    disk.crash(|_, unsynced| unsynced / 2);
+    disk.crash(|_, _| FRAME_BYTES + 10); // the frame's opening record and a piece of the first record after it
     let (mut wal, report) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
     let (torn_path, offset, dropped) = report.torn_tail.expect("the torn write is reported");
     assert_eq!((torn_path, offset as usize), (path.clone(), durable_len));
@@ -724,5 +725,121 @@ mod recycling {
         let error = Wal::open(dir, Arc::new(disk), options).err().expect("refused");
         assert!(matches!(&error, WalError::Corruption { offset, .. } if *offset == SEGMENT_HEADER_BYTES), "{error}");
         assert!(error.to_string().contains("a valid frame follows"), "{error}");
+    }
+}
+
+/// Lost or cut segments: a lost acknowledged suffix is told apart from a torn final write wherever the WAL holds
+/// what it takes (issue 11, case 7), and `repair_truncate` at the reported place makes the WAL usable again.
+mod lost_suffix {
+    use super::*;
+
+    const SEGMENT_BYTES: u64 = 16 << 10;
+
+    /// A WAL of several segments (one group, one entry per write); returns the last index written.
+    fn wal_of_segments(disk: &SimDisk, dir: &Path, segments: usize) -> u64 {
+        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(SEGMENT_BYTES)).unwrap();
+        let mut index = 0;
+        while wal.segment_ids().len() < segments {
+            index += 1;
+            wal.write(&[(1, LogOp::Append(entries(index..=index, 1)))]).unwrap();
+        }
+        // And a few writes into the newest.
+        for _ in 0..2 {
+            index += 1;
+            wal.write(&[(1, LogOp::Append(entries(index..=index, 1)))]).unwrap();
+        }
+        index
+    }
+
+    fn corruption(disk: &SimDisk, dir: &Path) -> (PathBuf, u64, String) {
+        match Wal::open(dir, Arc::new(disk.clone()), options(SEGMENT_BYTES)) {
+            Err(WalError::Corruption { path, offset, reason }) => (path, offset, reason),
+            Err(other) => panic!("{other}"),
+            Ok((wal, report)) => panic!("a lost suffix went unnoticed: {report:?}, last index {}", wal.group(1).unwrap().last_index()),
+        }
+    }
+
+    fn repair_and_open(disk: &SimDisk, dir: &Path, path: &Path, offset: u64) -> Wal {
+        let id: u64 = path.file_name().unwrap().to_str().unwrap().strip_suffix(".wal").unwrap().parse().unwrap();
+        repair_truncate(dir, disk, id, offset).unwrap();
+        let (wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(SEGMENT_BYTES)).expect("usable after the repair");
+        wal
+    }
+
+    #[test]
+    fn a_deleted_newest_segment_is_corruption_not_an_empty_tail() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/node/wal");
+        wal_of_segments(&disk, dir, 4);
+        disk.remove(&segment_path(dir, 4)).unwrap();
+        let (path, offset, reason) = corruption(&disk, dir);
+        assert!(reason.contains("segment 4 is missing"), "{reason}");
+        assert_eq!(path, segment_path(dir, 3));
+        let mut wal = repair_and_open(&disk, dir, &path, offset);
+        let last = wal.group(1).unwrap().last_index();
+        wal.write(&[(1, LogOp::Append(entries(last + 1..=last + 1, 2)))]).unwrap();
+    }
+
+    #[test]
+    fn a_segment_missing_in_the_middle_is_corruption() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/node/wal");
+        wal_of_segments(&disk, dir, 5);
+        disk.remove(&segment_path(dir, 3)).unwrap();
+        let (path, _, reason) = corruption(&disk, dir);
+        assert!(reason.contains("segment 3 is missing"), "{reason}");
+        assert_eq!(path, segment_path(dir, 2));
+    }
+
+    #[test]
+    fn a_newest_segment_cut_short_is_corruption_and_the_repair_keeps_its_prefix() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/node/wal");
+        let last = wal_of_segments(&disk, dir, 3);
+        // Cut to 60 % of what was written in it (the write that rotated into it, then two more, a frame each):
+        // acknowledged frames are gone.
+        let path = segment_path(dir, 3);
+        let written = SEGMENT_HEADER_BYTES + 3 * 4096;
+        let mut file = disk.open(&path, false).unwrap();
+        file.truncate(written * 6 / 10).unwrap();
+        drop(file);
+        let (reported, offset, reason) = corruption(&disk, dir);
+        assert!(reason.contains("shorter than") && reason.contains("acknowledged"), "{reason}");
+        assert_eq!(reported, path);
+        let wal = repair_and_open(&disk, dir, &reported, offset);
+        let whole_frames_kept = (written * 6 / 10 - SEGMENT_HEADER_BYTES) / 4096;
+        assert_eq!(wal.group(1).unwrap().last_index(), last - 3 + whole_frames_kept, "the frames before the cut stay");
+    }
+
+    #[test]
+    fn a_crash_at_any_step_of_a_rotation_loses_nothing_acknowledged_and_opens() {
+        // Syncs of a write that rotates: the successor's header (0), the seal (1), the write itself (2).
+        for succeeding in 0..3 {
+            for kept_per_mille in [0, 500, 1000] {
+                let disk = SimDisk::new();
+                let dir = Path::new("/node/wal");
+                let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(SEGMENT_BYTES)).unwrap();
+                let mut index = 0;
+                // Fill the first segment to the brim: the next write rotates.
+                while wal.state().total_bytes() < SEGMENT_BYTES {
+                    index += 1;
+                    wal.write(&[(1, LogOp::Append(entries(index..=index, 1)))]).unwrap();
+                }
+                assert_eq!(wal.segment_ids(), vec![1], "full, not yet rotated");
+                disk.fail_sync_after(succeeding);
+                assert!(wal.write(&[(1, LogOp::Append(entries(index + 1..=index + 1, 1)))]).is_err());
+                drop(wal);
+                disk.crash(|_, unsynced| unsynced * kept_per_mille / 1000);
+                let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(SEGMENT_BYTES))
+                    .unwrap_or_else(|e| panic!("sync {succeeding} failed, {kept_per_mille} ‰ kept: {e}"));
+                let recovered = wal.group(1).unwrap().last_index();
+                assert!(recovered == index || recovered == index + 1, "sync {succeeding}, {kept_per_mille} ‰: {recovered} of {index}");
+                // And it goes on: the next writes land and survive a reopen.
+                wal.write(&[(1, LogOp::Append(entries(recovered + 1..=recovered + 3, 2)))]).unwrap();
+                drop(wal);
+                let (wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(SEGMENT_BYTES)).unwrap();
+                assert_eq!(wal.group(1).unwrap().last_index(), recovered + 3);
+            }
+        }
     }
 }

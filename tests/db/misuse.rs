@@ -309,3 +309,58 @@ fn a_zeroed_region_of_the_state_file_is_reported_never_a_panic_or_a_wrong_answer
     let refused = outcomes.iter().filter(|(_, outcome)| outcome.starts_with("open refused") || !outcome.starts_with("0 ")).count();
     assert!(refused * 2 >= outcomes.len(), "most regions hold something a read needs: {outcomes:?}");
 }
+
+/// A database on a simulated disk with acknowledged writes only in the WAL (no checkpoint since), the power cut.
+fn acknowledged_in_the_wal_only(keys: u32) -> (SimDisk, &'static Path, Config) {
+    let disk = SimDisk::new();
+    let dir = Path::new("/db");
+    let config = Config { groups: 2, wal: flotilla::engine::wal::WalOptions { segment_bytes_max: 64 << 10, ..Default::default() }, ..small_config() };
+    let config = Config { state_machine: flotilla::engine::state_machine::StateMachineOptions { memtable_bytes_max: 64 << 20, ..config.state_machine.clone() }, ..config };
+    let db = Db::open_on(Arc::new(disk.clone()), dir, config.clone()).unwrap();
+    for i in 0..keys {
+        db.put(&i.to_be_bytes(), &[b'v'; 100]).unwrap();
+    }
+    disk.power_off();
+    drop(db);
+    disk.crash(|_, _| 0);
+    (disk, dir, config)
+}
+
+fn newest_segment(disk: &SimDisk, dir: &Path) -> PathBuf {
+    let mut segments: Vec<PathBuf> = disk.list(&dir.join("wal")).unwrap().into_iter().filter(|p| p.extension().is_some_and(|e| e == "wal") && !p.to_string_lossy().contains("recycle")).collect();
+    segments.sort();
+    segments.pop().unwrap()
+}
+
+#[test]
+fn a_wal_that_lost_its_newest_segment_or_its_end_is_refused_as_corruption() {
+    // The newest segment cut to 60 %.
+    let (disk, dir, config) = acknowledged_in_the_wal_only(2_000);
+    let newest = newest_segment(&disk, dir);
+    let mut file = disk.open(&newest, false).unwrap();
+    let len = file.len_bytes().unwrap();
+    file.truncate(len * 6 / 10).unwrap();
+    drop(file);
+    match Db::open_on(Arc::new(disk.clone()), dir, config.clone()) {
+        Err(DbError::Storage(message)) => assert!(message.contains("corruption") && message.contains("shorter than"), "{message}"),
+        result => panic!("a cut WAL opened: {:?}", result.map(|_| "opened")),
+    }
+    // The newest segment deleted.
+    let (disk, dir, config) = acknowledged_in_the_wal_only(2_000);
+    disk.remove(&newest_segment(&disk, dir)).unwrap();
+    match Db::open_on(Arc::new(disk.clone()), dir, config.clone()) {
+        Err(DbError::Storage(message)) => assert!(message.contains("is missing"), "{message}"),
+        result => panic!("a WAL without its newest segment opened: {:?}", result.map(|_| "opened")),
+    }
+    // Every segment deleted.
+    let (disk, dir, config) = acknowledged_in_the_wal_only(200);
+    for file in disk.list(&dir.join("wal")).unwrap() {
+        disk.remove(&file).unwrap();
+    }
+    for _ in 0..2 {
+        match Db::open_on(Arc::new(disk.clone()), dir, config.clone()) {
+            Err(DbError::Storage(message)) => assert!(message.contains("the WAL was lost"), "{message}"),
+            result => panic!("a database without its WAL opened: {:?}", result.map(|_| "opened")),
+        }
+    }
+}

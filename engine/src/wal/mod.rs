@@ -44,9 +44,9 @@ use record::{decode, frame_at, segment_salt, Body, LogOp, Record, FRAME_BYTES};
 use segment_writer::{open_next_segment, ActiveSegment, BATCH_ALIGN_BYTES};
 
 /// First bytes of every segment: magic and format version, the segment id (u64 LE), the id the file had before
-/// it was recycled (u64 LE, 0 for a new file), the random nonce of its records' salt (u64 LE), zeros up to
-/// [`SEGMENT_HEADER_BYTES`].
-pub const SEGMENT_MAGIC: &[u8; 8] = b"FLOTWAL2";
+/// it was recycled (u64 LE, 0 for a new file), the random nonce of its records' salt (u64 LE), the length the file
+/// was given when the segment started (u64 LE), zeros up to [`SEGMENT_HEADER_BYTES`].
+pub const SEGMENT_MAGIC: &[u8; 8] = b"FLOTWAL3";
 pub const SEGMENT_HEADER_BYTES: u64 = 4096;
 
 /// WAL settings.
@@ -218,6 +218,39 @@ fn later_frame(bytes: &[u8], salt: u32, from: u64) -> Option<u64> {
     (start..bytes.len() as u64).step_by(BATCH_ALIGN_BYTES as usize).find(|&at| frame_at(&bytes[at as usize..], salt).is_some())
 }
 
+/// A segment's header, as recovery reads it.
+struct SegmentHeader {
+    /// The checksum seed of the segment's own records.
+    salt: u32,
+    /// The length the file was given when the segment started.
+    preallocated_bytes: u64,
+}
+
+impl SegmentHeader {
+    /// The header of segment `id` at the start of `bytes`, if it is this segment's.
+    fn parse(bytes: &[u8], id: u64) -> Option<SegmentHeader> {
+        let field = |at: usize| bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        if (bytes.len() as u64) < SEGMENT_HEADER_BYTES || &bytes[..8] != SEGMENT_MAGIC || field(8)? != id {
+            return None;
+        }
+        Some(SegmentHeader { salt: segment_salt(id, field(24)?), preallocated_bytes: field(32)? })
+    }
+}
+
+/// Segment `id` is sealed but `id + 1` is missing: a seal is written only once the successor is durable.
+fn missing_successor(dir: &Path, id: u64, scan: &SegmentScan) -> WalError {
+    WalError::Corruption {
+        path: segment_path(dir, id),
+        // The seal's frame: cutting there makes this segment the newest again.
+        offset: scan.end.saturating_sub(BATCH_ALIGN_BYTES),
+        reason: format!(
+            "segment {} is missing: this segment is sealed, which happens only once its successor exists, so the WAL lost \
+             it and the acknowledged writes it held",
+            id + 1
+        ),
+    }
+}
+
 fn read_all(file: &dyn DiskFile, path: &Path) -> Result<Vec<u8>, WalError> {
     let len = file.len_bytes().map_err(io_error(format!("sizing {}", path.display())))?;
     let mut bytes = vec![0; len as usize];
@@ -235,62 +268,109 @@ impl Wal {
             );
         }
         disk.create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
-        let mut ids: Vec<u64> =
-            disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))?.iter().filter_map(|p| segment_id(p)).collect();
-        ids.sort_unstable();
+        let ids: Vec<u64> = {
+            let mut ids: Vec<u64> = disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))?.iter().filter_map(|p| segment_id(p)).collect();
+            ids.sort_unstable();
+            ids
+        };
         let mut report = RecoveryReport::default();
         let mut groups: FxHashMap<u64, GroupLog> = FxHashMap::default();
         let mut segments = BTreeMap::new();
-        let mut last_sealed = false;
+        // A newest segment without a frame of its own may be a rotation or creation the crash cut short (its
+        // predecessor, if any, not yet sealed): see `recover_newest`.
+        let newest_empty = match ids.last() {
+            Some(&id) => {
+                let path = segment_path(dir, id);
+                let bytes = read_all(disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?.as_ref(), &path)?;
+                SegmentHeader::parse(&bytes, id).is_none_or(|header| later_frame(&bytes, header.salt, 0).is_none())
+            }
+            None => false,
+        };
+        let mut previous: Option<(u64, SegmentScan)> = None;
         for (position, &id) in ids.iter().enumerate() {
             let is_last = position + 1 == ids.len();
+            // The one before the newest may end unsealed (even torn) if the newest is an interrupted rotation.
+            let may_end_unsealed = is_last || (position + 2 == ids.len() && newest_empty);
+            if let Some((previous_id, scan)) = &previous {
+                if *previous_id + 1 != id {
+                    return Err(missing_successor(dir, *previous_id, scan));
+                }
+                if !scan.sealed {
+                    // Only the newest may follow an unsealed segment, and only as an interrupted rotation.
+                    if !(is_last && newest_empty) {
+                        let path = segment_path(dir, *previous_id);
+                        return Err(WalError::Corruption { path, offset: scan.end, reason: "a segment that is not the newest ends without a seal".into() });
+                    }
+                    let path = segment_path(dir, id);
+                    disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
+                    disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
+                    break;
+                }
+            }
             let path = segment_path(dir, id);
             let file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
             let bytes = read_all(file.as_ref(), &path)?;
-            let magic_ok = bytes.len() as u64 >= SEGMENT_HEADER_BYTES && &bytes[..8] == SEGMENT_MAGIC;
-            let header_u64 = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-            // The salt this segment's records have if the header's nonce is its own.
-            let salt = if magic_ok { segment_salt(id, header_u64(24)) } else { 0 };
-            if !(magic_ok && bytes[8..16] == id.to_le_bytes()) {
-                // In the newest segment, a header that is not (yet) this segment's is a rotation the crash cut
-                // short — a new file whose header never became durable, or a recycled one still carrying its old
-                // id — provided nothing of this segment was written into it. It goes.
-                let interrupted = is_last && ((bytes.len() as u64) < SEGMENT_HEADER_BYTES || magic_ok) && later_frame(&bytes, salt, 0).is_none();
-                if interrupted {
+            let Some(header) = SegmentHeader::parse(&bytes, id) else {
+                // A newest segment whose header is not (yet) its own, without a sealed predecessor, is a creation
+                // the crash cut short: nothing was written into it. It goes. Anything else is damage.
+                // (A predecessor is sealed here: an unsealed one ended the loop above.)
+                if is_last && newest_empty && previous.is_none() {
                     disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
-                    if (bytes.len() as u64) < SEGMENT_HEADER_BYTES {
-                        report.torn_tail = Some((path, 0, bytes.len() as u64));
-                    }
-                    continue;
+                    disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
+                    break;
                 }
                 return Err(WalError::Corruption { path, offset: 0, reason: "bad segment header".to_string() });
+            };
+            if is_last && newest_empty && previous.is_none() && (bytes.len() as u64) < header.preallocated_bytes {
+                // The only segment, started but not yet sized when the crash came, and empty: it goes too.
+                disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
+                disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
+                break;
             }
-            let previous_id = header_u64(16);
-            let scan = scan_segment(&bytes, id, salt, &mut groups, &mut report)
+            let scan = scan_segment(&bytes, id, header.salt, &mut groups, &mut report)
                 .map_err(|reason| WalError::Corruption { path: path.clone(), offset: 0, reason })?;
             if let Some((damage_at, reason)) = &scan.damage {
-                let later = later_frame(&bytes, salt, scan.end);
-                if !is_last || later.is_some() {
+                let later = later_frame(&bytes, header.salt, scan.end);
+                if !may_end_unsealed || later.is_some() {
                     let reason = match later {
                         Some(at) => format!("{reason}, yet a valid frame follows at offset {at}"),
                         None => format!("{reason} in a segment that is not the newest (it must end with a seal)"),
                     };
                     return Err(WalError::Corruption { path, offset: *damage_at, reason });
                 }
-                // The newest segment ends here. A frame of its own that does not verify whole is a torn write, and
-                // so is anything after the end of a new file; after the end of a recycled file lie its stale bytes.
-                let own_frame = frame_at(&bytes[scan.end as usize..], salt);
-                if own_frame.is_some() || previous_id == 0 {
-                    let rest = bytes.len() as u64 - scan.end;
-                    report.torn_tail = Some((path.clone(), scan.end, own_frame.map_or(rest, |(batch_bytes, _)| batch_bytes.min(rest))));
+                // The log ends here. A frame of its own that does not verify whole is a torn write (reported);
+                // otherwise what follows was never written: zeros where the file was sized, or the stale bytes of a
+                // recycled file's earlier life.
+                if let Some((batch_bytes, _)) = frame_at(&bytes[scan.end as usize..], header.salt) {
+                    let dropped = batch_bytes.min(bytes.len() as u64 - scan.end);
+                    report.torn_tail = Some((path.clone(), scan.end, dropped));
                 }
-            } else if !scan.sealed && !is_last {
-                return Err(WalError::Corruption { path, offset: scan.end, reason: "a segment that is not the newest ends without a seal".into() });
+            }
+            if (bytes.len() as u64) < header.preallocated_bytes {
+                // Every segment keeps at least the length it started with: it was cut, and acknowledged writes
+                // may have been in what is gone.
+                return Err(WalError::Corruption {
+                    path,
+                    offset: scan.end,
+                    reason: format!(
+                        "the file is {} bytes, shorter than the {} it had from its start: it was cut, and acknowledged \
+                         writes after offset {} may be lost",
+                        bytes.len(),
+                        header.preallocated_bytes,
+                        scan.end
+                    ),
+                });
             }
             report.segments += 1;
             report.bytes += scan.end;
-            last_sealed = scan.sealed;
-            segments.insert(id, Segment { path, len: scan.end, salt });
+            segments.insert(id, Segment { path, len: scan.end, salt: header.salt });
+            previous = Some((id, scan));
+        }
+        if let Some((id, scan)) = &previous {
+            if scan.sealed {
+                // A segment is sealed only once its successor is durable: the successor is lost.
+                return Err(missing_successor(dir, *id, scan));
+            }
         }
         if let Some((group_id, missing)) = groups.iter().find_map(|(id, g)| g.first_missing().map(|m| (*id, m))) {
             let path = segments.values().next().map(|segment| segment.path.clone()).unwrap_or_else(|| dir.to_path_buf());
@@ -301,21 +381,23 @@ impl Wal {
             });
         }
         let active = match segments.iter().next_back() {
-            Some((&id, segment)) if !last_sealed => {
+            Some((&id, segment)) => {
                 let file = disk.open(&segment.path, false).map_err(io_error(format!("opening {}", segment.path.display())))?;
                 ActiveSegment { id, salt: segment.salt, file, len: segment.len }
             }
-            newest => {
-                // A new WAL, or the newest segment was sealed just before a crash: the next one starts now.
-                let id = newest.map_or(1, |(&id, _)| id + 1);
-                let active = open_next_segment(disk.as_ref(), dir, id)?;
+            None => {
+                // A new WAL (or one whose only segment was a creation cut short): the next id starts it.
+                let id = ids.last().map_or(1, |id| id + 1);
+                let active = open_next_segment(disk.as_ref(), dir, id, options.segment_bytes_max)?;
                 segments.insert(id, Segment { path: segment_path(dir, id), len: SEGMENT_HEADER_BYTES, salt: active.salt });
                 active
             }
         };
         if let Some((path, offset, dropped)) = &report.torn_tail {
             eprintln!(
-                "WAL recovery: a torn write at the tail of {} (offset {offset}, {dropped} bytes) was dropped; it had not been acknowledged",
+                "WAL recovery: the write at the tail of {} (offset {offset}, {dropped} bytes) did not verify and was dropped: a \
+                 write the crash cut short, never acknowledged — unless the medium damaged the last acknowledged write, \
+                 which cannot be told apart (docs/wal-format.md)",
                 path.display()
             );
         }
@@ -431,7 +513,15 @@ fn apply_record(
 pub fn repair_truncate(dir: &Path, disk: &dyn Disk, segment_id: u64, offset: u64) -> Result<(), WalError> {
     let path = segment_path(dir, segment_id);
     let mut file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
+    let mut header = vec![0; SEGMENT_HEADER_BYTES as usize];
+    file.read_exact_at(0, &mut header).map_err(io_error(format!("reading the header of {}", path.display())))?;
     file.truncate(offset.max(SEGMENT_HEADER_BYTES)).map_err(io_error(format!("truncating {}", path.display())))?;
+    // Back to the length it started with (zeros after the cut), which recovery checks it still has.
+    if let Some(header) = SegmentHeader::parse(&header, segment_id) {
+        if header.preallocated_bytes > offset {
+            file.truncate(header.preallocated_bytes).map_err(io_error(format!("sizing {}", path.display())))?;
+        }
+    }
     file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
     for later in disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))? {
         if self::segment_id(&later).is_some_and(|id| id > segment_id) {

@@ -74,6 +74,11 @@ impl SegmentWriter {
         if self.active.len < self.options.segment_bytes_max || self.active.len == SEGMENT_HEADER_BYTES {
             return Ok(None);
         }
+        // The successor first, durably: a sealed segment then always has one, so a sealed newest segment is a
+        // lost one (recovery reports it), and a crash before the seal leaves a successor without frames, which
+        // recovery removes.
+        let id = self.active.id + 1;
+        let next = open_next_segment(self.disk.as_ref(), &self.dir, id, self.options.segment_bytes_max)?;
         let salt = self.active.salt;
         let mut seal = vec![0; FRAME_BYTES];
         encode_seal(salt, &mut seal);
@@ -84,8 +89,7 @@ impl SegmentWriter {
         if self.options.sync {
             self.active.file.sync_data().map_err(io_error("syncing the segment being closed"))?;
         }
-        let id = self.active.id + 1;
-        self.active = open_next_segment(self.disk.as_ref(), &self.dir, id)?;
+        self.active = next;
         Ok(Some((id, self.active.salt)))
     }
 
@@ -145,13 +149,14 @@ impl SegmentWriter {
 }
 
 /// The header of segment `id`: magic, id, the id the file had before it was recycled (0: a new file), the salt's
-/// nonce, zeros.
-fn segment_header(id: u64, previous_id: u64, nonce: u64) -> Vec<u8> {
+/// nonce, the length the file was given when the segment started (it is never shorter after that), zeros.
+fn segment_header(id: u64, previous_id: u64, nonce: u64, preallocated_bytes: u64) -> Vec<u8> {
     let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES as usize);
     header.extend_from_slice(SEGMENT_MAGIC);
     header.extend_from_slice(&id.to_le_bytes());
     header.extend_from_slice(&previous_id.to_le_bytes());
     header.extend_from_slice(&nonce.to_le_bytes());
+    header.extend_from_slice(&preallocated_bytes.to_le_bytes());
     header.resize(SEGMENT_HEADER_BYTES as usize, 0);
     header
 }
@@ -163,33 +168,45 @@ fn fresh_nonce() -> u64 {
     std::collections::hash_map::RandomState::new().build_hasher().finish()
 }
 
-/// Starts segment `id` in a recycled file if the pool has one, else in a new file.
-pub(super) fn open_next_segment(disk: &dyn Disk, dir: &Path, id: u64) -> Result<ActiveSegment, WalError> {
+/// Starts segment `id` in a recycled file if the pool has one, else in a new file, given at least
+/// `preallocated_bytes` (sparse where new), all durable before it returns.
+pub(super) fn open_next_segment(disk: &dyn Disk, dir: &Path, id: u64, preallocated_bytes: u64) -> Result<ActiveSegment, WalError> {
     let listed = disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))?;
     // Only a file whose every earlier life had a lower id may be reused: its stale bytes then carry other salts.
     let pool: Vec<(u64, PathBuf)> = listed.into_iter().filter_map(|p| recycle_id(&p).map(|r| (r, p))).collect();
     for (_, unusable) in pool.iter().filter(|(previous_id, _)| *previous_id >= id) {
         disk.remove(unusable).map_err(io_error(format!("removing {}", unusable.display())))?;
     }
-    let Some((previous_id, recycled)) = pool.into_iter().filter(|(previous_id, _)| *previous_id < id).min() else {
-        return create_segment(disk, dir, id);
-    };
     let path = segment_path(dir, id);
-    disk.rename(&recycled, &path).map_err(io_error(format!("recycling {} as {}", recycled.display(), path.display())))?;
-    let mut file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
-    let nonce = fresh_nonce();
-    file.write_at(0, &segment_header(id, previous_id, nonce)).map_err(io_error(format!("writing the header of {}", path.display())))?;
-    file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
-    disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
-    metrics::counter!("flotilla_wal_segments_recycled_total").increment(1);
-    Ok(ActiveSegment { id, salt: segment_salt(id, nonce), file, len: SEGMENT_HEADER_BYTES })
+    let (file, previous_id) = match pool.into_iter().filter(|(previous_id, _)| *previous_id < id).min() {
+        Some((previous_id, recycled)) => {
+            disk.rename(&recycled, &path).map_err(io_error(format!("recycling {} as {}", recycled.display(), path.display())))?;
+            metrics::counter!("flotilla_wal_segments_recycled_total").increment(1);
+            (disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?, previous_id)
+        }
+        None => (disk.open(&path, true).map_err(io_error(format!("creating {}", path.display())))?, 0),
+    };
+    start_segment(disk, dir, &path, file, id, previous_id, preallocated_bytes)
 }
 
-pub(super) fn create_segment(disk: &dyn Disk, dir: &Path, id: u64) -> Result<ActiveSegment, WalError> {
-    let path = segment_path(dir, id);
-    let mut file = disk.open(&path, true).map_err(io_error(format!("creating {}", path.display())))?;
+/// Writes segment `id`'s header into `file`, gives the file its length (never shortening a recycled one) and
+/// makes both and its name durable.
+fn start_segment(
+    disk: &dyn Disk,
+    dir: &Path,
+    path: &Path,
+    mut file: Box<dyn DiskFile>,
+    id: u64,
+    previous_id: u64,
+    preallocated_bytes: u64,
+) -> Result<ActiveSegment, WalError> {
+    let len = file.len_bytes().map_err(io_error(format!("sizing {}", path.display())))?;
+    let preallocated_bytes = preallocated_bytes.max(len).max(SEGMENT_HEADER_BYTES);
     let nonce = fresh_nonce();
-    file.write_at(0, &segment_header(id, 0, nonce)).map_err(io_error(format!("writing the header of {}", path.display())))?;
+    file.write_at(0, &segment_header(id, previous_id, nonce, preallocated_bytes)).map_err(io_error(format!("writing the header of {}", path.display())))?;
+    if len < preallocated_bytes {
+        file.truncate(preallocated_bytes).map_err(io_error(format!("sizing {}", path.display())))?;
+    }
     file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
     disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
     Ok(ActiveSegment { id, salt: segment_salt(id, nonce), file, len: SEGMENT_HEADER_BYTES })
