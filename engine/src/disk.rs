@@ -490,9 +490,12 @@ impl DiskFile for SimFile {
             if end > f.len() {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read beyond the end of the file"));
             }
-            let written = end.min(f.data.len()).max(start);
-            buffer[..written - start].copy_from_slice(&f.data[start..written]);
-            buffer[written - start..].fill(0);
+            // What was written, then the zeros of the sparse rest.
+            let written = f.data.len().clamp(start, end) - start;
+            if written > 0 {
+                buffer[..written].copy_from_slice(&f.data[start..start + written]);
+            }
+            buffer[written..].fill(0);
             Ok(())
         })?
     }

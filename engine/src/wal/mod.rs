@@ -21,27 +21,26 @@ pub mod entry_cache;
 pub mod group_commit;
 pub mod group_log;
 pub mod record;
+mod recovery;
 pub mod segment_writer;
 pub mod state;
 
 pub use segment_writer::{PreparedWrite, SegmentWriter};
 pub use state::{PurgePlan, WalState};
-use state::Segment;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flotilla_raft::{Entry, HardState};
 use parking_lot::Mutex;
-use rustc_hash::FxHashMap;
 
-use crate::disk::{Disk, DiskFile};
+use crate::disk::Disk;
 use entry_cache::EntryCache;
-use group_log::{EntryLocation, GroupLog};
-use record::{decode, frame_at, segment_salt, Body, LogOp, Record, FRAME_BYTES};
-use segment_writer::{open_next_segment, ActiveSegment, BATCH_ALIGN_BYTES};
+use group_log::GroupLog;
+use record::LogOp;
+use recovery::Recovered;
 
 /// First bytes of every segment: magic and format version, the segment id (u64 LE), the id the file had before
 /// it was recycled (u64 LE, 0 for a new file), the random nonce of its records' salt (u64 LE), the length the file
@@ -158,108 +157,8 @@ pub(crate) fn recycle_id(path: &Path) -> Option<u64> {
     segment_id(Path::new(name.strip_prefix("recycle-")?))
 }
 
-/// What one segment's replay found.
-struct SegmentScan {
-    /// Where its valid frames end: the next write goes here (for the newest segment).
-    end: u64,
-    sealed: bool,
-    /// The first damage seen (offset, reason), if any.
-    damage: Option<(u64, String)>,
-}
-
-/// Replays one segment's frames into `groups` (a frame's records only once the whole frame verifies).
-fn scan_segment(bytes: &[u8], id: u64, salt: u32, groups: &mut FxHashMap<u64, GroupLog>, report: &mut RecoveryReport) -> Result<SegmentScan, String> {
-    let mut offset = SEGMENT_HEADER_BYTES as usize;
-    let mut records: Vec<(usize, Record)> = Vec::new();
-    while offset < bytes.len() {
-        let Some((batch_bytes, records_bytes)) = frame_at(&bytes[offset..], salt) else {
-            return Ok(SegmentScan { end: offset as u64, sealed: false, damage: Some((offset as u64, "no valid frame".into())) });
-        };
-        let (batch, records_end) = (batch_bytes as usize, FRAME_BYTES + records_bytes as usize);
-        if batch % BATCH_ALIGN_BYTES as usize != 0 || records_end > batch || offset + batch > bytes.len() {
-            return Ok(SegmentScan { end: offset as u64, sealed: false, damage: Some((offset as u64, "frame cut short or malformed".into())) });
-        }
-        records.clear();
-        let mut at = offset + FRAME_BYTES;
-        while at < offset + records_end {
-            match decode(&bytes[at..offset + records_end], salt) {
-                Ok(record) => {
-                    let len = record.len;
-                    records.push((at, record));
-                    at += len;
-                }
-                Err(error) => {
-                    let reason = format!("{error} in the record at offset {at} of the frame starting here");
-                    return Ok(SegmentScan { end: offset as u64, sealed: false, damage: Some((offset as u64, reason)) });
-                }
-            }
-        }
-        let mut sealed = false;
-        for (at, record) in records.drain(..) {
-            match record.body {
-                Body::Op(op) => apply_record(groups, id, at as u64, &op, record.group_id, record.len)
-                    .map_err(|reason| format!("at offset {at}: {reason}"))?,
-                Body::Seal => sealed = true,
-                Body::Frame { .. } => return Err(format!("at offset {at}: a frame inside a frame")),
-            }
-            report.records += 1;
-        }
-        offset += batch;
-        if sealed {
-            return Ok(SegmentScan { end: offset as u64, sealed: true, damage: None });
-        }
-    }
-    Ok(SegmentScan { end: offset as u64, sealed: false, damage: None })
-}
-
-/// The first aligned offset after `from` holding a valid frame of this segment: acknowledged data beyond damage.
-fn later_frame(bytes: &[u8], salt: u32, from: u64) -> Option<u64> {
-    let start = (from / BATCH_ALIGN_BYTES + 1) * BATCH_ALIGN_BYTES;
-    (start..bytes.len() as u64).step_by(BATCH_ALIGN_BYTES as usize).find(|&at| frame_at(&bytes[at as usize..], salt).is_some())
-}
-
-/// A segment's header, as recovery reads it.
-struct SegmentHeader {
-    /// The checksum seed of the segment's own records.
-    salt: u32,
-    /// The length the file was given when the segment started.
-    preallocated_bytes: u64,
-}
-
-impl SegmentHeader {
-    /// The header of segment `id` at the start of `bytes`, if it is this segment's.
-    fn parse(bytes: &[u8], id: u64) -> Option<SegmentHeader> {
-        let field = |at: usize| bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-        if (bytes.len() as u64) < SEGMENT_HEADER_BYTES || &bytes[..8] != SEGMENT_MAGIC || field(8)? != id {
-            return None;
-        }
-        Some(SegmentHeader { salt: segment_salt(id, field(24)?), preallocated_bytes: field(32)? })
-    }
-}
-
-/// Segment `id` is sealed but `id + 1` is missing: a seal is written only once the successor is durable.
-fn missing_successor(dir: &Path, id: u64, scan: &SegmentScan) -> WalError {
-    WalError::Corruption {
-        path: segment_path(dir, id),
-        // The seal's frame: cutting there makes this segment the newest again.
-        offset: scan.end.saturating_sub(BATCH_ALIGN_BYTES),
-        reason: format!(
-            "segment {} is missing: this segment is sealed, which happens only once its successor exists, so the WAL lost \
-             it and the acknowledged writes it held",
-            id + 1
-        ),
-    }
-}
-
-fn read_all(file: &dyn DiskFile, path: &Path) -> Result<Vec<u8>, WalError> {
-    let len = file.len_bytes().map_err(io_error(format!("sizing {}", path.display())))?;
-    let mut bytes = vec![0; len as usize];
-    file.read_exact_at(0, &mut bytes).map_err(io_error(format!("reading {}", path.display())))?;
-    Ok(bytes)
-}
-
 impl Wal {
-    /// Opens (recovering) or creates the WAL in `dir`.
+    /// Opens (recovering) or creates the WAL in `dir` (see `recovery.rs`).
     pub fn open(dir: &Path, disk: Arc<dyn Disk>, options: WalOptions) -> Result<(Wal, RecoveryReport), WalError> {
         if !options.sync {
             eprintln!(
@@ -267,140 +166,7 @@ impl Wal {
                 dir.display()
             );
         }
-        disk.create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
-        let ids: Vec<u64> = {
-            let mut ids: Vec<u64> = disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))?.iter().filter_map(|p| segment_id(p)).collect();
-            ids.sort_unstable();
-            ids
-        };
-        let mut report = RecoveryReport::default();
-        let mut groups: FxHashMap<u64, GroupLog> = FxHashMap::default();
-        let mut segments = BTreeMap::new();
-        // A newest segment without a frame of its own may be a rotation or creation the crash cut short (its
-        // predecessor, if any, not yet sealed): see `recover_newest`.
-        let newest_empty = match ids.last() {
-            Some(&id) => {
-                let path = segment_path(dir, id);
-                let bytes = read_all(disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?.as_ref(), &path)?;
-                SegmentHeader::parse(&bytes, id).is_none_or(|header| later_frame(&bytes, header.salt, 0).is_none())
-            }
-            None => false,
-        };
-        let mut previous: Option<(u64, SegmentScan)> = None;
-        for (position, &id) in ids.iter().enumerate() {
-            let is_last = position + 1 == ids.len();
-            // The one before the newest may end unsealed (even torn) if the newest is an interrupted rotation.
-            let may_end_unsealed = is_last || (position + 2 == ids.len() && newest_empty);
-            if let Some((previous_id, scan)) = &previous {
-                if *previous_id + 1 != id {
-                    return Err(missing_successor(dir, *previous_id, scan));
-                }
-                if !scan.sealed {
-                    // Only the newest may follow an unsealed segment, and only as an interrupted rotation.
-                    if !(is_last && newest_empty) {
-                        let path = segment_path(dir, *previous_id);
-                        return Err(WalError::Corruption { path, offset: scan.end, reason: "a segment that is not the newest ends without a seal".into() });
-                    }
-                    let path = segment_path(dir, id);
-                    disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
-                    disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
-                    break;
-                }
-            }
-            let path = segment_path(dir, id);
-            let file = disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?;
-            let bytes = read_all(file.as_ref(), &path)?;
-            let Some(header) = SegmentHeader::parse(&bytes, id) else {
-                // A newest segment whose header is not (yet) its own, without a sealed predecessor, is a creation
-                // the crash cut short: nothing was written into it. It goes. Anything else is damage.
-                // (A predecessor is sealed here: an unsealed one ended the loop above.)
-                if is_last && newest_empty && previous.is_none() {
-                    disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
-                    disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
-                    break;
-                }
-                return Err(WalError::Corruption { path, offset: 0, reason: "bad segment header".to_string() });
-            };
-            if is_last && newest_empty && previous.is_none() && (bytes.len() as u64) < header.preallocated_bytes {
-                // The only segment, started but not yet sized when the crash came, and empty: it goes too.
-                disk.remove(&path).map_err(io_error(format!("removing {}", path.display())))?;
-                disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
-                break;
-            }
-            let scan = scan_segment(&bytes, id, header.salt, &mut groups, &mut report)
-                .map_err(|reason| WalError::Corruption { path: path.clone(), offset: 0, reason })?;
-            if let Some((damage_at, reason)) = &scan.damage {
-                let later = later_frame(&bytes, header.salt, scan.end);
-                if !may_end_unsealed || later.is_some() {
-                    let reason = match later {
-                        Some(at) => format!("{reason}, yet a valid frame follows at offset {at}"),
-                        None => format!("{reason} in a segment that is not the newest (it must end with a seal)"),
-                    };
-                    return Err(WalError::Corruption { path, offset: *damage_at, reason });
-                }
-                // The log ends here. A frame of its own that does not verify whole is a torn write (reported);
-                // otherwise what follows was never written: zeros where the file was sized, or the stale bytes of a
-                // recycled file's earlier life.
-                if let Some((batch_bytes, _)) = frame_at(&bytes[scan.end as usize..], header.salt) {
-                    let dropped = batch_bytes.min(bytes.len() as u64 - scan.end);
-                    report.torn_tail = Some((path.clone(), scan.end, dropped));
-                }
-            }
-            if (bytes.len() as u64) < header.preallocated_bytes {
-                // Every segment keeps at least the length it started with: it was cut, and acknowledged writes
-                // may have been in what is gone.
-                return Err(WalError::Corruption {
-                    path,
-                    offset: scan.end,
-                    reason: format!(
-                        "the file is {} bytes, shorter than the {} it had from its start: it was cut, and acknowledged \
-                         writes after offset {} may be lost",
-                        bytes.len(),
-                        header.preallocated_bytes,
-                        scan.end
-                    ),
-                });
-            }
-            report.segments += 1;
-            report.bytes += scan.end;
-            segments.insert(id, Segment { path, len: scan.end, salt: header.salt });
-            previous = Some((id, scan));
-        }
-        if let Some((id, scan)) = &previous {
-            if scan.sealed {
-                // A segment is sealed only once its successor is durable: the successor is lost.
-                return Err(missing_successor(dir, *id, scan));
-            }
-        }
-        if let Some((group_id, missing)) = groups.iter().find_map(|(id, g)| g.first_missing().map(|m| (*id, m))) {
-            let path = segments.values().next().map(|segment| segment.path.clone()).unwrap_or_else(|| dir.to_path_buf());
-            return Err(WalError::Corruption {
-                path,
-                offset: 0,
-                reason: format!("group {group_id} holds entry {missing} but the record with it is missing"),
-            });
-        }
-        let active = match segments.iter().next_back() {
-            Some((&id, segment)) => {
-                let file = disk.open(&segment.path, false).map_err(io_error(format!("opening {}", segment.path.display())))?;
-                ActiveSegment { id, salt: segment.salt, file, len: segment.len }
-            }
-            None => {
-                // A new WAL (or one whose only segment was a creation cut short): the next id starts it.
-                let id = ids.last().map_or(1, |id| id + 1);
-                let active = open_next_segment(disk.as_ref(), dir, id, options.segment_bytes_max)?;
-                segments.insert(id, Segment { path: segment_path(dir, id), len: SEGMENT_HEADER_BYTES, salt: active.salt });
-                active
-            }
-        };
-        if let Some((path, offset, dropped)) = &report.torn_tail {
-            eprintln!(
-                "WAL recovery: the write at the tail of {} (offset {offset}, {dropped} bytes) did not verify and was dropped: a \
-                 write the crash cut short, never acknowledged — unless the medium damaged the last acknowledged write, \
-                 which cannot be told apart (docs/wal-format.md)",
-                path.display()
-            );
-        }
+        let Recovered { segments, groups, active, report } = recovery::recover(dir, disk.as_ref(), &options)?;
         let state = WalState {
             dir: dir.to_path_buf(),
             disk: Arc::clone(&disk),
@@ -480,33 +246,6 @@ impl Wal {
     }
 }
 
-/// Replays one record found during recovery.
-fn apply_record(
-    groups: &mut FxHashMap<u64, GroupLog>,
-    segment_id: u64,
-    offset: u64,
-    op: &LogOp,
-    group_id: u64,
-    record_len: usize,
-) -> Result<(), String> {
-    let group = groups.entry(group_id).or_default();
-    let locations = match op {
-        LogOp::Append(entries) => entries
-            .iter()
-            .enumerate()
-            .map(|(position, entry)| EntryLocation {
-                term: entry.term,
-                segment_id,
-                record_offset: offset,
-                record_len: record_len as u32,
-                position: position as u32,
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    group.apply(op, segment_id, locations.into_iter(), true).map_err(|e| format!("group {group_id}: {e}"))
-}
-
 /// Cuts the WAL at `offset` of segment `segment_id` and deletes every later segment: the documented repair for
 /// a corruption report. Everything after the cut is lost; run it only when the replicas of the affected groups on
 /// other nodes can restore what is lost.
@@ -517,9 +256,9 @@ pub fn repair_truncate(dir: &Path, disk: &dyn Disk, segment_id: u64, offset: u64
     file.read_exact_at(0, &mut header).map_err(io_error(format!("reading the header of {}", path.display())))?;
     file.truncate(offset.max(SEGMENT_HEADER_BYTES)).map_err(io_error(format!("truncating {}", path.display())))?;
     // Back to the length it started with (zeros after the cut), which recovery checks it still has.
-    if let Some(header) = SegmentHeader::parse(&header, segment_id) {
-        if header.preallocated_bytes > offset {
-            file.truncate(header.preallocated_bytes).map_err(io_error(format!("sizing {}", path.display())))?;
+    if let Some(preallocated) = recovery::preallocated_bytes(&header, segment_id) {
+        if preallocated > offset {
+            file.truncate(preallocated).map_err(io_error(format!("sizing {}", path.display())))?;
         }
     }
     file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
