@@ -4,8 +4,10 @@
 //! - [`disk`]: the file-system seam, with [`disk::SimDisk`] injecting crashes, torn writes, fsync errors and bit
 //!   flips for tests;
 //! - [`wal`]: segments, records, the per-group index, batch writes, recovery and group commit;
-//! - [`log_engine`]: the trait the raftstore sees ([`log_engine::LogEngine`]) and an in-memory implementation.
+//! - [`log_engine`]: the trait the raftstore sees ([`log_engine::LogEngine`]) and an in-memory implementation;
+//! - [`decoders`]: every decoder of bytes read back from disk behind one entry point each, for fuzzing.
 
+pub mod decoders;
 pub mod disk;
 pub mod flusher;
 pub mod kv_engine;

@@ -185,4 +185,26 @@ mod tests {
         assert_eq!(RangeDescriptor::decode_stored(&range.encode()).unwrap(), range);
         assert!(range.check(&[b"d"], None).unwrap_err().to_string().contains("group 7 serves"));
     }
+
+    #[test]
+    fn any_stored_bytes_decode_or_fail_without_panicking() {
+        // A real descriptor's bytes, mutated, and random bytes (the cargo-fuzz target `range_and_layout` runs the
+        // same for longer).
+        let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: id == 3 }).collect();
+        let real = initial_ranges(4, 1, &replicas)[1].encode();
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        for round in 0..2_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let mut bytes = if round % 2 == 0 { real.clone() } else { rng.to_le_bytes().repeat((rng % 9) as usize) };
+            if let Some(at) = (!bytes.is_empty()).then(|| (rng >> 8) as usize % bytes.len()) {
+                bytes[at] ^= (rng >> 16) as u8;
+            }
+            if let Ok(range) = RangeDescriptor::decode_stored(&bytes) {
+                let _ = range.contains(&bytes);
+                let _ = range.check(&[&bytes], None);
+            }
+        }
+    }
 }

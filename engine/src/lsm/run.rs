@@ -111,6 +111,11 @@ impl Run {
         })
     }
 
+    /// Whether the run may hold `key` (its filter and key bounds).
+    pub(crate) fn may_contain(&self, key: &[u8]) -> bool {
+        key >= self.min_key.as_slice() && key <= self.max_key.as_slice() && self.filter.may_contain(key)
+    }
+
     /// Whether the run's keys span any of `[start, end)` (`end` empty: unbounded).
     pub(crate) fn overlaps(&self, start: &[u8], end: &[u8]) -> bool {
         self.max_key.as_slice() >= start && (end.is_empty() || self.min_key.as_slice() < end)
@@ -127,7 +132,7 @@ impl Run {
         blocks: &impl ReadableTable<&'static [u8], &'static [u8]>,
         key: &[u8],
     ) -> Result<Option<Option<Vec<u8>>>, StateMachineError> {
-        if key < self.min_key.as_slice() || key > self.max_key.as_slice() || !self.filter.may_contain(key) {
+        if !self.may_contain(key) {
             return Ok(None);
         }
         let (from, to) = (block_key(self.id, key), block_key(self.id + 1, b""));

@@ -173,6 +173,16 @@ pub fn encode_append(salt: u32, group_id: u64, entries: &[Entry], out: &mut Vec<
 }
 
 fn encode_with(salt: u32, group_id: u64, kind: RecordKind, out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) -> usize {
+    encode_kind_byte(salt, group_id, kind as u8, out, payload)
+}
+
+/// A record of any kind byte with any payload and a valid checksum: what the fuzz targets feed recovery, so that
+/// it reaches the payload decoders and the replay behind the checksum (`crate::decoders`).
+pub(crate) fn encode_raw(salt: u32, group_id: u64, kind: u8, payload: &[u8], out: &mut Vec<u8>) -> usize {
+    encode_kind_byte(salt, group_id, kind, out, |out| out.extend_from_slice(payload))
+}
+
+fn encode_kind_byte(salt: u32, group_id: u64, kind: u8, out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) -> usize {
     let start = out.len();
     out.resize(start + RECORD_HEADER_BYTES, 0);
     payload(out);
@@ -180,7 +190,7 @@ fn encode_with(salt: u32, group_id: u64, kind: RecordKind, out: &mut Vec<u8>, pa
     assert!(payload_len <= RECORD_PAYLOAD_BYTES_MAX, "record payload of {payload_len} bytes; split appends first");
     let (header, payload) = out[start..].split_at_mut(RECORD_HEADER_BYTES);
     header[0..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
-    header[8] = kind as u8;
+    header[8] = kind;
     header[9..17].copy_from_slice(&group_id.to_le_bytes());
     let crc = checksum(salt, header, payload);
     header[4..8].copy_from_slice(&crc.to_le_bytes());

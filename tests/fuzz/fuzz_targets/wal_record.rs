@@ -1,0 +1,3 @@
+#![no_main]
+//! `flotilla_engine::decoders::wal_record` on arbitrary bytes: never a panic, never an unbounded allocation.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| flotilla_engine::decoders::wal_record(data));
