@@ -147,13 +147,13 @@ pub fn run_record(input: &[u8]) {
     }
 }
 
-/// A range deletion record and a stored range descriptor's seal; an applied state's 20 bytes.
+/// A range deletion record and a stored range descriptor's seal; an applied state's 21 bytes.
 pub fn state_values(input: &[u8]) {
     let _ = RangeTombstone::decode(3, input);
     let _ = RangeTombstone::decode(3, &seal("range_tombstones", 3, input.to_vec()));
     let _ = unseal("ranges", 5, input);
-    let mut applied = [0u8; 20];
-    let n = input.len().min(20);
+    let mut applied = [0u8; 21];
+    let n = input.len().min(21);
     applied[..n].copy_from_slice(&input[..n]);
     let _ = decode_applied(7, applied);
 }

@@ -30,6 +30,9 @@ pub trait KvEngine: Send + Sync {
     fn applied(&self, group_id: u64) -> AppliedState;
     /// The applied state the last checkpoint made durable.
     fn durable_applied(&self, group_id: u64) -> AppliedState;
+    /// Whether a snapshot install (or a group's clearing) set the durable applied state, rather than applying the
+    /// log: only then may a log after a crash end below it (see `peer::prepare_groups`).
+    fn durable_by_install(&self, group_id: u64) -> bool;
     /// Stores a group's range descriptor, durably.
     fn put_range(&self, group_id: u64, descriptor: &[u8]) -> Result<(), StateMachineError>;
     /// Every group's descriptor, including those changed by applies not yet checkpointed (`GroupApply::range`,
@@ -76,6 +79,10 @@ impl KvEngine for StateMachine {
     fn durable_applied(&self, group_id: u64) -> AppliedState {
         StateMachine::durable_applied(self, group_id)
     }
+
+    fn durable_by_install(&self, group_id: u64) -> bool {
+        StateMachine::durable_by_install(self, group_id)
+    }
     fn put_range(&self, group_id: u64, descriptor: &[u8]) -> Result<(), StateMachineError> {
         StateMachine::put_range(self, group_id, descriptor)
     }
@@ -103,6 +110,8 @@ impl KvEngine for StateMachine {
 struct MemState {
     durable: BTreeMap<Vec<u8>, Vec<u8>>,
     durable_applied: HashMap<u64, AppliedState>,
+    /// Groups whose durable applied state a snapshot install set.
+    durable_by_install: std::collections::HashSet<u64>,
     /// Applied since the last flush (`None`: a deletion).
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pending_applied: HashMap<u64, AppliedState>,
@@ -168,7 +177,11 @@ impl KvEngine for MemKvEngine {
                 None => state.durable.remove(&key),
             };
         }
-        state.durable_applied.extend(state.pending_applied.drain());
+        let flushed: Vec<(u64, AppliedState)> = state.pending_applied.drain().collect();
+        for (group, _) in &flushed {
+            state.durable_by_install.remove(group);
+        }
+        state.durable_applied.extend(flushed);
         let changed = std::mem::take(&mut state.pending_ranges);
         state.ranges.extend(changed);
         state.pending_bytes = 0;
@@ -198,6 +211,10 @@ impl KvEngine for MemKvEngine {
 
     fn durable_applied(&self, group_id: u64) -> AppliedState {
         self.state.lock().durable_applied.get(&group_id).copied().unwrap_or((0, 0))
+    }
+
+    fn durable_by_install(&self, group_id: u64) -> bool {
+        self.state.lock().durable_by_install.contains(&group_id)
     }
 
     fn put_range(&self, group_id: u64, descriptor: &[u8]) -> Result<(), StateMachineError> {
@@ -244,6 +261,7 @@ impl KvEngine for MemKvEngine {
         state.durable.extend(pairs);
         state.pending_applied.remove(&group_id);
         state.durable_applied.insert(group_id, applied);
+        state.durable_by_install.insert(group_id);
         state.pending_ranges.remove(&group_id);
         if let Some(range) = range {
             state.ranges.insert(group_id, range.to_vec());

@@ -271,7 +271,7 @@ impl Install {
                 write.open_table(RUNS).map_err(storage)?.insert(run.id, run.encode().as_slice()).map_err(storage)?;
             }
             write.open_table(RANGE_TOMBSTONES).map_err(storage)?.insert(tombstone.seq, tombstone.encode().as_slice()).map_err(storage)?;
-            write.open_table(APPLY_STATE).map_err(storage)?.insert(group_id, encode_applied(group_id, applied)).map_err(storage)?;
+            write.open_table(APPLY_STATE).map_err(storage)?.insert(group_id, encode_applied(group_id, applied, true)).map_err(storage)?;
             if let Some(range) = range {
                 write.open_table(RANGES).map_err(storage)?.insert(group_id, seal_range(group_id, range).as_slice()).map_err(storage)?;
             }
@@ -290,7 +290,7 @@ impl Install {
         memtables.active.applied.remove(&group_id);
         memtables.active.ranges.remove(&group_id);
         memtables.active.bytes = memtables.active.data.iter().map(|(k, v)| k.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64)).sum();
-        machine.make_durable([(group_id, applied)]);
+        machine.make_durable([(group_id, applied)], true);
         Ok(applied)
     }
 }
@@ -313,7 +313,7 @@ impl StateMachine {
             .map_err(storage)?
             .get(group_id)
             .map_err(storage)?
-            .map(|state| decode_applied(group_id, state.value()))
+            .map(|state| decode_applied(group_id, state.value()).map(|(applied, _)| applied))
             .transpose()?
             .unwrap_or((0, 0));
         let merge = self.merge_view(Vec::new(), &version, &read, start, end)?;

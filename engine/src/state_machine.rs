@@ -32,8 +32,9 @@ use crate::lsm::run::{block_key, delete_blocks, run_of_block_key, Run, RunCursor
 use crate::lsm::version::{RangeTombstone, Version, RANGE_TOMBSTONES};
 use crate::snapshot::Install;
 
-/// Applied index (u64 LE), term (u64 LE), checksum (`lsm/sealed.rs`).
-pub(crate) const APPLY_STATE: TableDefinition<u64, [u8; 20]> = TableDefinition::new(APPLY_STATE_TABLE);
+/// Applied index (u64 LE), term (u64 LE), how it was set (1 byte: 0 by applying the log, 1 by a snapshot install),
+/// checksum (`lsm/sealed.rs`).
+pub(crate) const APPLY_STATE: TableDefinition<u64, [u8; 21]> = TableDefinition::new(APPLY_STATE_TABLE);
 const APPLY_STATE_TABLE: &str = "apply_state";
 /// A range descriptor, sealed (`lsm/sealed.rs`).
 pub(crate) const RANGES: TableDefinition<u64, &[u8]> = TableDefinition::new(RANGES_TABLE);
@@ -229,6 +230,8 @@ pub struct StateMachine {
     pub(crate) compaction_lock: Mutex<()>,
     /// What the last flush made durable. Change it only through `make_durable`.
     durable: RwLock<HashMap<u64, AppliedState>>,
+    /// The groups whose durable applied state a snapshot install set (see `durable_by_install`).
+    durable_by_install: RwLock<HashSet<u64>>,
     /// Bumped after every change of `durable` (see `durable_generation`).
     durable_generation: AtomicU64,
     /// The live runs and range deletions.
@@ -240,17 +243,22 @@ pub struct StateMachine {
     pub(crate) installs: Mutex<HashMap<u64, Install>>,
 }
 
-pub(crate) fn encode_applied(group_id: u64, (index, term): AppliedState) -> [u8; 20] {
+pub(crate) fn encode_applied(group_id: u64, (index, term): AppliedState, by_install: bool) -> [u8; 21] {
     let mut bytes = index.to_le_bytes().to_vec();
     bytes.extend_from_slice(&term.to_le_bytes());
+    bytes.push(u8::from(by_install));
     let sealed = seal(APPLY_STATE_TABLE, group_id, bytes);
-    sealed.try_into().expect("16 bytes and a checksum")
+    sealed.try_into().expect("17 bytes and a checksum")
 }
 
-pub(crate) fn decode_applied(group_id: u64, sealed: [u8; 20]) -> Result<AppliedState, StateMachineError> {
+/// A stored applied state, and whether a snapshot install set it (rather than applying the log).
+pub(crate) fn decode_applied(group_id: u64, sealed: [u8; 21]) -> Result<(AppliedState, bool), StateMachineError> {
     let bytes = unseal(APPLY_STATE_TABLE, group_id, &sealed)?;
-    let (index, term) = bytes.split_at(8);
-    Ok((u64::from_le_bytes(index.try_into().expect("8 bytes")), u64::from_le_bytes(term.try_into().expect("8 bytes"))))
+    let (Some((index, rest)), Some(&by_install)) = (bytes.split_first_chunk::<8>(), bytes.last()) else {
+        return Err(storage(format!("corrupt state machine: table {APPLY_STATE_TABLE}, row {group_id}: too short")));
+    };
+    let term = rest.first_chunk::<8>().map_or(0, |term| u64::from_le_bytes(*term));
+    Ok(((u64::from_le_bytes(*index), term), by_install == 1))
 }
 
 /// A range descriptor as stored in row `group_id` of `ranges`.
@@ -291,6 +299,7 @@ impl StateMachine {
     /// snapshot installs).
     fn from_database(db: Database, options: StateMachineOptions) -> Result<StateMachine, StateMachineError> {
         let mut durable = HashMap::new();
+        let mut durable_by_install = HashSet::new();
         let mut version = Version::default();
         let mut highest_number = 0;
         {
@@ -298,7 +307,11 @@ impl StateMachine {
             write.open_table(RANGES).map_err(storage)?;
             for row in write.open_table(APPLY_STATE).map_err(storage)?.iter().map_err(storage)? {
                 let (group, state) = row.map_err(storage)?;
-                durable.insert(group.value(), decode_applied(group.value(), state.value())?);
+                let (applied, by_install) = decode_applied(group.value(), state.value())?;
+                durable.insert(group.value(), applied);
+                if by_install {
+                    durable_by_install.insert(group.value());
+                }
             }
             for row in write.open_table(RUNS).map_err(storage)?.iter().map_err(storage)? {
                 let (id, record) = row.map_err(storage)?;
@@ -338,6 +351,7 @@ impl StateMachine {
             flush_lock: Mutex::new(()),
             compaction_lock: Mutex::new(()),
             durable: RwLock::new(durable),
+            durable_by_install: RwLock::new(durable_by_install),
             durable_generation: AtomicU64::new(0),
             version: RwLock::new(Arc::new(version)),
             next_number: AtomicU64::new(highest_number + 1),
@@ -467,7 +481,7 @@ impl StateMachine {
             }
             let mut states = write.open_table(APPLY_STATE).map_err(storage)?;
             for (group, state) in &flushing.applied {
-                states.insert(*group, encode_applied(*group, *state)).map_err(storage)?;
+                states.insert(*group, encode_applied(*group, *state, false)).map_err(storage)?;
             }
             let mut ranges = write.open_table(RANGES).map_err(storage)?;
             for (group, range) in &flushing.ranges {
@@ -479,7 +493,7 @@ impl StateMachine {
         if let Some(run) = run {
             self.publish(|current| current.with_run(Arc::new(run)));
         }
-        self.make_durable(flushing.applied.iter().map(|(g, s)| (*g, *s)));
+        self.make_durable(flushing.applied.iter().map(|(g, s)| (*g, *s)), false);
         self.memtables.write().flushing = None;
         metrics::counter!("flotilla_state_machine_flushes_total").increment(1);
         Ok(())
@@ -551,9 +565,26 @@ impl StateMachine {
 
     /// Records groups' applied states as durable, then bumps the generation (in that order: a reader that sees
     /// the new generation sees the new states).
-    pub(crate) fn make_durable(&self, states: impl IntoIterator<Item = (u64, AppliedState)>) {
-        self.durable.write().extend(states);
+    pub(crate) fn make_durable(&self, states: impl IntoIterator<Item = (u64, AppliedState)>, by_install: bool) {
+        {
+            let (mut durable, mut installs) = (self.durable.write(), self.durable_by_install.write());
+            for (group, state) in states {
+                durable.insert(group, state);
+                if by_install {
+                    installs.insert(group);
+                } else {
+                    installs.remove(&group);
+                }
+            }
+        }
         self.durable_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether a snapshot install set the group's durable applied state (rather than applying its log): then,
+    /// after a crash, the log may end below it (the install came first, the log's record of it was lost with the
+    /// crash). Otherwise the log holds the applied entry, or lost it.
+    pub fn durable_by_install(&self, group_id: u64) -> bool {
+        self.durable_by_install.read().contains(&group_id)
     }
 
     /// Changes whenever any group's durable applied state changes: a caller that read it, then the states it

@@ -4,7 +4,7 @@
 //! a crash the data is exactly the last checkpoint's (plus finished installs); replaying what the WAL holds after
 //! each group's durable applied index brings back exactly the model.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_engine::kv_engine::{KvEngine, MemKvEngine};
 use flotilla_engine::redb_sim::SimRedbBackend;
@@ -118,6 +118,13 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
     let mut checkpoint = Data::new();
     let mut checkpoint_applied: BTreeMap<u64, u64> = BTreeMap::new();
     let (mut ranges, mut checkpoint_ranges) = (Ranges::new(), Ranges::new());
+    // Groups whose durable applied state an install set, and groups applied since the last checkpoint.
+    let (mut by_install, mut applied_since) = (BTreeSet::new(), BTreeSet::new());
+    let checkpointed = |by_install: &mut BTreeSet<u64>, applied_since: &mut BTreeSet<u64>| {
+        for group in std::mem::take(applied_since) {
+            by_install.remove(&group);
+        }
+    };
     for _ in 0..steps {
         rng = rng.rotate_left(11) ^ 0xA076_1D64_78BD_642F;
         match rng % 12 {
@@ -132,12 +139,14 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
                     .collect();
                 let over_budget = subject.engine().apply(batch.clone()).unwrap();
                 for apply in &batch {
+                    applied_since.insert(apply.group_id);
                     apply_to_model(&mut model, apply);
                     ranges.extend(apply.range.clone().map(|range| (apply.group_id, range)));
                     history.push(apply.clone());
                 }
                 if over_budget {
                     subject.engine().flush().unwrap();
+                    checkpointed(&mut by_install, &mut applied_since);
                     checkpoint = model.clone();
                     checkpoint_applied = next_index.clone();
                     checkpoint_ranges = ranges.clone();
@@ -145,6 +154,7 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
             }
             6 => {
                 subject.engine().flush().unwrap();
+                checkpointed(&mut by_install, &mut applied_since);
                 checkpoint = model.clone();
                 checkpoint_applied = next_index.clone();
                 checkpoint_ranges = ranges.clone();
@@ -157,6 +167,8 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
                 let index = *index;
                 install_random_snapshot(subject.engine(), &mut rng, group, index, [&mut model, &mut checkpoint], [&mut ranges, &mut checkpoint_ranges]);
                 checkpoint_applied.insert(group, index);
+                by_install.insert(group);
+                applied_since.remove(&group);
             }
             _ => {
                 subject.crash_and_reopen()?;
@@ -167,7 +179,9 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
                     // Exactly: the WAL below it may be compacted away, so an index too low would lose data.
                     let expected = checkpoint_applied.get(group).copied().unwrap_or(0);
                     prop_assert_eq!(subject.engine().durable_applied(*group).0, expected, "durable applied index of group {}", group);
+                    prop_assert_eq!(subject.engine().durable_by_install(*group), by_install.contains(group), "how group {}'s was set", group);
                 }
+                applied_since.clear();
                 // The raftstore replays the WAL after each group's durable applied index.
                 let replay: Vec<GroupApply> = history
                     .iter()
@@ -176,6 +190,7 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
                     .collect();
                 for apply in &replay {
                     subject.engine().apply(vec![apply.clone()]).unwrap();
+                    applied_since.insert(apply.group_id);
                 }
                 // (Replaying restores the descriptors the lost applies had changed.)
                 ranges = checkpoint_ranges.clone();

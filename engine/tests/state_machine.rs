@@ -227,7 +227,7 @@ fn damaged_run_records_filters_range_deletions_and_descriptors_are_reported_neve
         let db = redb::Database::create(&path).unwrap();
         let write = db.begin_write().unwrap();
         {
-            let mut rows = write.open_table(TableDefinition::<u64, [u8; 20]>::new("apply_state")).unwrap();
+            let mut rows = write.open_table(TableDefinition::<u64, [u8; 21]>::new("apply_state")).unwrap();
             let (key, mut value) = {
                 let (key, value) = rows.first().unwrap().unwrap();
                 (key.value(), value.value())

@@ -63,6 +63,18 @@ pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDes
         if index == 0 || log.term(group_id, index) == Some(term) {
             continue;
         }
+        // The log does not hold the applied entry. Fine after a snapshot install (the state machine's finished
+        // first, the log's record of it was lost with the crash) or a bootstrap the crash cut short (an empty log
+        // at the bootstrap index). Otherwise the log once held it — entries are applied only once durable in the
+        // log, and compaction keeps the entry at the applied index — so the WAL lost acknowledged entries.
+        let interrupted_bootstrap = index == BOOTSTRAP_INDEX && log.last_index(group_id) == 0;
+        if !kv.durable_by_install(group_id) && !interrupted_bootstrap {
+            return Err(storage_error(format!(
+                "corruption: group {group_id}'s state machine has applied entry {index} (term {term}), but its log ends at \
+                 {} without it: the WAL lost acknowledged entries (docs/wal-format.md)",
+                log.last_index(group_id)
+            )));
+        }
         let hard_state = log.hard_state(group_id);
         let hard_state = if hard_state.term >= term {
             HardState { commit: hard_state.commit.max(index), ..hard_state }
@@ -152,6 +164,30 @@ mod tests {
         let uninitialized = RangeDescriptor { group_id: 77, ..RangeDescriptor::default() };
         prepare_groups(&log, &kv, &[uninitialized]).unwrap();
         assert_eq!((kv.applied(77), log.last_index(77)), ((0, 0), 0));
+    }
+
+    #[test]
+    fn a_log_that_ends_below_the_applied_entry_is_corruption_unless_an_install_or_bootstrap_explains_it() {
+        let (log, kv) = (MemLogEngine::new(), MemKvEngine::new(u64::MAX));
+        let group = ranges()[0].clone();
+        prepare_groups(&log, &kv, std::slice::from_ref(&group)).unwrap();
+        // Entries 6..=8 applied and checkpointed; then the WAL loses them (a fresh log engine: every record gone).
+        let entries: Vec<flotilla_raft::Entry> = (6..=8).map(|index| flotilla_raft::Entry { index, term: 6, ..Default::default() }).collect();
+        let (reply, done) = crossbeam_channel::bounded(1);
+        log.submit(WriteRequest::new(group.group_id, 1, vec![LogOp::Append(entries)], reply)).unwrap();
+        done.recv().unwrap();
+        kv.apply(vec![GroupApply { group_id: group.group_id, ops: vec![], applied_index: 8, applied_term: 6, range: None }]).unwrap();
+        kv.flush().unwrap();
+        let lost = MemLogEngine::new();
+        let error = prepare_groups(&lost, &kv, std::slice::from_ref(&group)).unwrap_err();
+        assert!(format!("{error:?}").contains("the WAL lost acknowledged entries"), "{error:?}");
+        // The same gap after a snapshot install (state machine first, log record lost with the crash): restarted.
+        kv.begin_snapshot_install(group.group_id, &group.start, &group.end).unwrap();
+        let body = flotilla_engine::snapshot::SnapshotChunkBody { group_id: group.group_id, last: true, applied_index: 20, applied_term: 7, ..Default::default() };
+        kv.receive_snapshot_chunk(group.group_id, &flotilla_engine::snapshot::encode_chunk(&body)).unwrap();
+        kv.finish_snapshot_install(group.group_id, None).unwrap();
+        prepare_groups(&lost, &kv, std::slice::from_ref(&group)).unwrap();
+        assert_eq!(lost.term(group.group_id, 20), Some(7), "the log restarts at the install");
     }
 
     #[test]
