@@ -227,6 +227,9 @@ impl WriteBatch {
     }
 }
 
+/// In a node's directory while its state file must be verified at the next open (the node stopped on a failure).
+const CHECK_FILE: &str = "CHECK-STATE";
+
 /// One in-process node: its engines and its running store.
 struct Node {
     id: u64,
@@ -237,11 +240,26 @@ struct Node {
 }
 
 impl Node {
+    /// Stops the node for an engine failure met outside its replicas; the error to answer with.
+    fn fail(&self, reason: String) -> DbError {
+        if let Some(store) = &self.store {
+            store.fail(reason.clone());
+        }
+        DbError::Storage(format!("node {} stopped: {reason}", self.id))
+    }
+
     fn open(id: u64, disk: &Arc<dyn Disk>, dir: &Path, config: &Config, transport: Arc<dyn Transport>) -> Result<(Node, Vec<RangeDescriptor>), DbError> {
         // Every directory entry is made durable before anything is acknowledged: the directories as they are
         // created, the WAL's segments by the WAL, the state file here.
         disk.create_dir_all(dir).map_err(storage)?;
-        let kv = Arc::new(StateMachine::open_on(disk.as_ref(), &dir.join("state.redb"), config.state_machine.clone()).map_err(storage)?);
+        // After the node stopped on a failure, the whole state file is verified before it is trusted again.
+        let check_marker = dir.join(CHECK_FILE);
+        let check = disk.list(dir).map_err(storage)?.contains(&check_marker);
+        let options = StateMachineOptions { check_integrity_on_open: check || config.state_machine.check_integrity_on_open, ..config.state_machine.clone() };
+        let kv = Arc::new(StateMachine::open_on(disk.as_ref(), &dir.join("state.redb"), options).map_err(storage)?);
+        if check {
+            disk.remove(&check_marker).map_err(storage)?;
+        }
         disk.sync_dir(dir).map_err(|e| storage(format!("syncing {}: {e}", dir.display())))?;
         let wal_dir = dir.join("wal");
         // The WAL's first segment is durable before the groups are recorded in the state file: groups without a
@@ -269,6 +287,16 @@ impl Node {
             transport,
         )
         .map_err(storage)?;
+        {
+            // A failure leaves a mark, so that the next open verifies the state file first (best effort: the disk
+            // may be what failed).
+            let (disk, dir) = (Arc::clone(disk), dir.to_path_buf());
+            store.on_failure(Box::new(move |_| {
+                if let Ok(mut file) = disk.open(&dir.join(CHECK_FILE), true) {
+                    let _ = file.sync_data().and_then(|()| disk.sync_dir(&dir));
+                }
+            }));
+        }
         Ok((Node { id, store: Some(store), log, kv, flusher }, ranges))
     }
 }
@@ -614,14 +642,16 @@ impl Db {
     /// when a read must reflect every acknowledged write.
     pub fn get_stale(&self, node: u64, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
         self.get_request(key)?;
-        self.node(node)?.kv.get(key).map_err(storage)
+        let node = self.node(node)?;
+        node.kv.get(key).map_err(|error| node.fail(format!("a stale read: {error}")))
     }
 
     /// **Stale scan** (see [`Db::get_stale`]): up to `limit` pairs of `[start, end)` from one node's applied
     /// state, as one consistent snapshot of that replica.
     pub fn scan_stale(&self, node: u64, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
         self.scan_positions(start, end)?;
-        self.node(node)?.kv.scan(start, end, limit).map_err(storage)
+        let node = self.node(node)?;
+        node.kv.scan(start, end, limit).map_err(|error| node.fail(format!("a stale scan: {error}")))
     }
 
     fn node(&self, id: u64) -> Result<&Node, DbError> {

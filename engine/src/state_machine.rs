@@ -105,6 +105,11 @@ pub struct StateMachineOptions {
     /// Runs beyond which compaction merges the smallest neighbours whatever their class, and the background
     /// flusher waits for compaction before flushing again (so reads never consult more). Default 24.
     pub runs_max: usize,
+    /// Verify the whole file at open: redb's own integrity check (damage it would otherwise trust, and might trip
+    /// over, is reported as corruption) and every block's checksum. Costs a read of the whole file. redb checks by
+    /// itself after an unclean shutdown; the `Db` turns this on for the open after its node stopped on a failure.
+    /// Default false.
+    pub check_integrity_on_open: bool,
 }
 
 impl Default for StateMachineOptions {
@@ -115,6 +120,7 @@ impl Default for StateMachineOptions {
             block_bytes_max: 16 << 10,
             compaction_fanout: 4,
             runs_max: 24,
+            check_integrity_on_open: false,
         }
     }
 }
@@ -290,8 +296,13 @@ impl StateMachine {
     ) -> Result<StateMachine, StateMachineError> {
         options.validate()?;
         guard("opening the state file", || {
-            let db = Database::builder().set_cache_size(options.cache_bytes).create_with_backend(backend).map_err(storage)?;
-            StateMachine::from_database(db, options)
+            let check = options.check_integrity_on_open;
+            let db = Database::builder().set_cache_size(options.cache_bytes).set_check_integrity_on_open(check).create_with_backend(backend).map_err(storage)?;
+            let machine = StateMachine::from_database(db, options)?;
+            if check {
+                machine.verify_blocks()?;
+            }
+            Ok(machine)
         })
     }
 
@@ -358,6 +369,17 @@ impl StateMachine {
             garbage: Mutex::new(Garbage::default()),
             installs: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Reads every block of every stored run and verifies its checksum and layout.
+    fn verify_blocks(&self) -> Result<(), StateMachineError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let blocks = read.open_table(RUN_BLOCKS).map_err(storage)?;
+        for row in blocks.iter().map_err(storage)? {
+            let (key, block) = row.map_err(storage)?;
+            crate::lsm::run::parse_located(key.value(), block.value())?;
+        }
+        Ok(())
     }
 
     pub fn options(&self) -> &StateMachineOptions {

@@ -259,6 +259,12 @@ fn a_damaged_value_block_is_reported_as_storage_failure_promptly_and_the_node_st
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
     assert!(matches!(db.close(), Err(DbError::Storage(_))), "close reports the failure");
+    // The failure left a mark: the next open verifies the whole state file first, and finds the damage there.
+    assert!(dir.path().join("CHECK-STATE").exists());
+    match Db::open_with(dir.path(), small_config()) {
+        Err(DbError::Storage(message)) => assert!(message.to_lowercase().contains("corrupt"), "{message}"),
+        result => panic!("a damaged state file opened after a failure: {:?}", result.map(|_| "opened")),
+    }
 }
 
 /// Every key reads back its value or the read fails with a storage error; a scan returns everything or fails.

@@ -190,7 +190,7 @@ fn wal_options() -> WalOptions {
 }
 
 fn machine_options() -> StateMachineOptions {
-    StateMachineOptions { memtable_bytes_max: 4 << 10, block_bytes_max: 512, compaction_fanout: 2, runs_max: 4, cache_bytes: 1 << 20 }
+    StateMachineOptions { memtable_bytes_max: 4 << 10, block_bytes_max: 512, compaction_fanout: 2, runs_max: 4, cache_bytes: 1 << 20, ..Default::default() }
 }
 
 /// Chunks of a few pairs: streams of many chunks, so that the window, resends and timeouts all run. Groups

@@ -55,7 +55,7 @@ pub(crate) struct Run {
 }
 
 /// Parses the block stored under `row_key` (`block_key`); damage is reported with the run and block it is in.
-fn parse_located<'a>(row_key: &[u8], bytes: &'a [u8]) -> Result<Block<'a>, StateMachineError> {
+pub(crate) fn parse_located<'a>(row_key: &[u8], bytes: &'a [u8]) -> Result<Block<'a>, StateMachineError> {
     Block::parse(bytes).map_err(|error| {
         let run = run_of_block_key(row_key).map_or_else(|_| "?".to_string(), |id| id.to_string());
         let last_key = String::from_utf8_lossy(row_key.get(8..).unwrap_or_default());

@@ -23,7 +23,7 @@ use crossbeam_channel::{Receiver, Sender};
 use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
-use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
+use flotilla_engine::wal::group_commit::{FailureListener, Persisted, WriteRequest};
 
 use super::fsm::{PeerFsm, PeerMsg};
 use crate::batch::{PollHandler, Router};
@@ -57,6 +57,8 @@ pub struct NodeFailure {
     reason: parking_lot::Mutex<Option<String>>,
     /// The node's replicas, woken when it stops so that each refuses the clients waiting on it at once.
     router: std::sync::OnceLock<Router<PeerFsm>>,
+    /// Told the reason once the node stops (see `Store::on_failure`).
+    listeners: parking_lot::Mutex<Vec<FailureListener>>,
 }
 
 impl NodeFailure {
@@ -66,6 +68,15 @@ impl NodeFailure {
             return None;
         }
         self.reason.lock().clone()
+    }
+
+    /// Calls `listener` with the reason once the node stops (at once if it has).
+    pub(crate) fn listen(&self, listener: FailureListener) {
+        let mut listeners = self.listeners.lock();
+        match self.reason() {
+            Some(reason) => listener(&reason),
+            None => listeners.push(listener),
+        }
     }
 
     /// Where to wake the replicas from when the node stops (set once, when they run).
@@ -87,6 +98,11 @@ impl NodeFailure {
         }
         eprintln!("{message}");
         metrics::counter!("flotilla_node_failures_total").increment(1);
+        if let Some(reason) = self.reason() {
+            for listener in self.listeners.lock().iter() {
+                listener(&reason);
+            }
+        }
         if let Some(router) = self.router.get() {
             for group_id in router.ids() {
                 let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox is handled anyway

@@ -76,6 +76,7 @@ impl Default for StoreOptions {
 
 /// A node's groups, running. Dropping it stops its threads (the engines are flushed by their owners).
 pub struct Store {
+    node_id: u64,
     system: Option<BatchSystem<PeerFsm>>,
     router: Router<PeerFsm>,
     ticking: Arc<Ticking>,
@@ -191,7 +192,7 @@ impl Store {
                 }
             }).expect("spawning the ticker"));
         }
-        Ok(Store { system: Some(system), router, ticking, failure, tasks, stop: Some(stop), threads })
+        Ok(Store { node_id: options.node_id, system: Some(system), router, ticking, failure, tasks, stop: Some(stop), threads })
     }
 
     pub fn router(&self) -> &Router<PeerFsm> {
@@ -206,6 +207,17 @@ impl Store {
     /// Why the node stopped, if an engine failed (it then refuses every request with this reason).
     pub fn failure(&self) -> Option<String> {
         self.failure.reason()
+    }
+
+    /// Calls `listener` with the reason once the node stops on a failure (at once if it has). It runs on the
+    /// thread that met the failure: it must be quick and must not wait for the node.
+    pub fn on_failure(&self, listener: flotilla_engine::wal::group_commit::FailureListener) {
+        self.failure.listen(listener);
+    }
+
+    /// Stops the node for a failure met outside it (an engine error on a read that bypasses the replicas).
+    pub fn fail(&self, reason: String) {
+        self.failure.fail(self.node_id, reason);
     }
 
     /// How many of the node's replicas the ticker visits now (the others hibernate, or lead alone and idle).
