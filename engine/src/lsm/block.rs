@@ -71,8 +71,10 @@ fn corrupt(what: &str) -> StateMachineError {
     StateMachineError::Storage(format!("corrupt state machine block: {what}"))
 }
 
+/// The u32 (LE) at `at`: every caller reads where `Block::parse` checked that four bytes lie.
 fn read_u32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+    let word = bytes.get(at..).and_then(<[u8]>::first_chunk::<4>);
+    u32::from_le_bytes(*word.unwrap_or_else(|| panic!("a block read at {at} of {} bytes, past what parse checked", bytes.len())))
 }
 
 impl<'a> Block<'a> {

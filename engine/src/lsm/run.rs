@@ -72,8 +72,8 @@ pub(crate) fn block_key(run_id: u64, last_key: &[u8]) -> Vec<u8> {
 
 /// The run id a `run_blocks` key belongs to.
 pub(crate) fn run_of_block_key(key: &[u8]) -> Result<u64, StateMachineError> {
-    match key.get(..8) {
-        Some(id) => Ok(u64::from_be_bytes(id.try_into().expect("8 bytes"))),
+    match key.first_chunk::<8>() {
+        Some(id) => Ok(u64::from_be_bytes(*id)),
         None => Err(storage(format!("corrupt state machine: a run_blocks key of {} bytes (at least 8)", key.len()))),
     }
 }

@@ -214,8 +214,13 @@ pub struct Record {
     pub len: usize,
 }
 
-fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
-    bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+/// The u64 (LE) at `at`; a payload too short for it is malformed.
+fn u64_at(bytes: &[u8], at: usize) -> Result<u64, DecodeError> {
+    bytes.get(at..).and_then(<[u8]>::first_chunk::<8>).map(|b| u64::from_le_bytes(*b)).ok_or(DecodeError::BadPayload("wrong fixed payload size"))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Result<u32, DecodeError> {
+    bytes.get(at..).and_then(<[u8]>::first_chunk::<4>).map(|b| u32::from_le_bytes(*b)).ok_or(DecodeError::Incomplete)
 }
 
 /// Decodes the record at the start of `bytes`, written in the segment with this `salt`. Never panics, whatever
@@ -224,7 +229,7 @@ pub fn decode(bytes: &[u8], salt: u32) -> Result<Record, DecodeError> {
     if bytes.len() < RECORD_HEADER_BYTES {
         return Err(DecodeError::Incomplete);
     }
-    let payload_len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
+    let payload_len = u32_at(bytes, 0)?;
     if payload_len as usize > RECORD_PAYLOAD_BYTES_MAX {
         return Err(DecodeError::BadLength(payload_len));
     }
@@ -233,11 +238,10 @@ pub fn decode(bytes: &[u8], salt: u32) -> Result<Record, DecodeError> {
         return Err(DecodeError::Incomplete);
     }
     let (header, payload) = bytes[..len].split_at(RECORD_HEADER_BYTES);
-    let stored = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-    if checksum(salt, header, payload) != stored {
+    if checksum(salt, header, payload) != u32_at(header, 4)? {
         return Err(DecodeError::BadChecksum);
     }
-    let group_id = u64::from_le_bytes(header[9..17].try_into().expect("8 bytes"));
+    let group_id = u64_at(header, 9)?;
     let kind = RecordKind::from_byte(header[8]).ok_or(DecodeError::UnknownKind(header[8]))?;
     let fixed = |expected: usize| -> Result<(), DecodeError> {
         if payload.len() == expected {
@@ -256,22 +260,19 @@ pub fn decode(bytes: &[u8], salt: u32) -> Result<Record, DecodeError> {
         }
         RecordKind::Truncate => {
             fixed(8)?;
-            Body::Op(LogOp::Truncate { from_index: u64_at(payload, 0).expect("checked size") })
+            Body::Op(LogOp::Truncate { from_index: u64_at(payload, 0)? })
         }
         RecordKind::Compact => {
             fixed(16)?;
-            Body::Op(LogOp::Compact {
-                first_kept_index: u64_at(payload, 0).expect("checked size"),
-                base_term: u64_at(payload, 8).expect("checked size"),
-            })
+            Body::Op(LogOp::Compact { first_kept_index: u64_at(payload, 0)?, base_term: u64_at(payload, 8)? })
         }
         RecordKind::Snapshot => {
             fixed(16)?;
-            Body::Op(LogOp::Snapshot { index: u64_at(payload, 0).expect("checked size"), term: u64_at(payload, 8).expect("checked size") })
+            Body::Op(LogOp::Snapshot { index: u64_at(payload, 0)?, term: u64_at(payload, 8)? })
         }
         RecordKind::Frame => {
             fixed(16)?;
-            Body::Frame { batch_bytes: u64_at(payload, 0).expect("checked size"), records_bytes: u64_at(payload, 8).expect("checked size") }
+            Body::Frame { batch_bytes: u64_at(payload, 0)?, records_bytes: u64_at(payload, 8)? }
         }
         RecordKind::Seal => {
             fixed(0)?;

@@ -91,8 +91,8 @@ struct SegmentHeader {
 impl SegmentHeader {
     /// The header of segment `id` at the start of `bytes`, if it is this segment's.
     fn parse(bytes: &[u8], id: u64) -> Option<SegmentHeader> {
-        let field = |at: usize| bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-        if (bytes.len() as u64) < SEGMENT_HEADER_BYTES || &bytes[..8] != SEGMENT_MAGIC || field(8)? != id {
+        let field = |at: usize| bytes.get(at..).and_then(<[u8]>::first_chunk::<8>).map(|b| u64::from_le_bytes(*b));
+        if (bytes.len() as u64) < SEGMENT_HEADER_BYTES || bytes.first_chunk::<8>() != Some(SEGMENT_MAGIC) || field(8)? != id {
             return None;
         }
         Some(SegmentHeader { salt: segment_salt(id, field(24)?), preallocated_bytes: field(32)? })
