@@ -27,18 +27,32 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+/// Asserts that an open was refused with an error of `kind` whose text holds `needle`.
+fn assert_refused(opened: Result<Db, DbError>, kind: fn(String) -> DbError, needle: &str) {
+    match opened {
+        Ok(_) => panic!("opened; expected a refusal saying {needle:?}"),
+        Err(error) => {
+            assert_eq!(std::mem::discriminant(&error), std::mem::discriminant(&kind(String::new())), "{error:?}");
+            assert!(error.to_string().contains(needle), "{error}");
+        }
+    }
+}
+
+/// A database in `dir` with keys 0..100 written, `value` each.
+fn open_with_keys(dir: &Path, value: &[u8]) -> Db {
+    let db = Db::open_with(dir, small_config()).unwrap();
+    for i in 0..100u32 {
+        db.put(&i.to_be_bytes(), value).unwrap();
+    }
+    db
+}
+
 #[test]
 fn a_second_open_in_this_process_is_refused_before_it_touches_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    let db = Db::open_with(dir.path(), small_config()).unwrap();
-    for i in 0..100u32 {
-        db.put(&i.to_be_bytes(), b"first").unwrap();
-    }
+    let db = open_with_keys(dir.path(), b"first");
     let before = files(dir.path());
-    match Db::open_with(dir.path(), small_config()) {
-        Err(DbError::AlreadyOpen(message)) => assert!(message.contains("LOCK"), "{message}"),
-        other => panic!("a second open of a directory in use: {:?}", other.map(|_| "opened")),
-    }
+    assert_refused(Db::open_with(dir.path(), small_config()), DbError::AlreadyOpen, "LOCK");
     assert_eq!(files(dir.path()), before, "the refused open changed files");
     for i in 100..200u32 {
         db.put(&i.to_be_bytes(), b"first").unwrap();
@@ -52,10 +66,7 @@ fn a_second_open_in_this_process_is_refused_before_it_touches_a_file() {
 #[test]
 fn a_second_open_from_another_process_is_refused_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let db = Db::open_with(dir.path(), small_config()).unwrap();
-    for i in 0..100u32 {
-        db.put(&i.to_be_bytes(), b"parent").unwrap();
-    }
+    let db = open_with_keys(dir.path(), b"parent");
     let before = files(dir.path());
     let output = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "misuse::child_opens_and_reports", "--test-threads=1", "--nocapture"])
@@ -99,10 +110,7 @@ fn a_database_opens_only_with_the_node_count_and_groups_it_was_created_with() {
         db.put(b"k", b"v").unwrap();
         db.close().unwrap();
     }
-    let refused = |config: Config, expected: &str| match Db::open_with(dir.path(), config) {
-        Err(DbError::InvalidArgument(message)) => assert!(message.contains(expected), "{message}"),
-        other => panic!("an open with another layout: {:?}", other.map(|_| "opened")),
-    };
+    let refused = |config: Config, expected: &str| assert_refused(Db::open_with(dir.path(), config), DbError::InvalidArgument, expected);
     refused(one.clone(), "created with nodes = 3 and groups = 4");
     refused(Config { groups: 16, ..three.clone() }, "created with nodes = 3 and groups = 4");
     let db = Db::open_with(dir.path(), three.clone()).unwrap();
@@ -112,18 +120,12 @@ fn a_database_opens_only_with_the_node_count_and_groups_it_was_created_with() {
     // The reverse: created with one node, opened with three.
     let other = tempfile::tempdir().unwrap();
     Db::open_with(other.path(), one.clone()).unwrap().put(b"k", b"v").unwrap();
-    match Db::open_with(other.path(), three.clone()) {
-        Err(DbError::InvalidArgument(message)) => assert!(message.contains("nodes = 1"), "{message}"),
-        result => panic!("{:?}", result.map(|_| "opened")),
-    }
+    assert_refused(Db::open_with(other.path(), three.clone()), DbError::InvalidArgument, "nodes = 1");
 
     // A database from before layouts were recorded (format 0, without checksums) is refused, not read as empty.
     std::fs::remove_file(dir.path().join("LAYOUT")).unwrap();
     for config in [one, three] {
-        match Db::open_with(dir.path(), config) {
-            Err(DbError::Storage(message)) => assert!(message.contains("before format 1"), "{message}"),
-            result => panic!("{:?}", result.map(|_| "opened")),
-        }
+        assert_refused(Db::open_with(dir.path(), config), DbError::Storage, "before format 1");
     }
     assert!(!dir.path().join("LAYOUT").exists());
 }
@@ -136,10 +138,7 @@ fn a_damaged_layout_is_reported_not_ignored() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[30] ^= 1;
     std::fs::write(&path, bytes).unwrap();
-    match Db::open_with(dir.path(), small_config()) {
-        Err(DbError::Storage(message)) => assert!(message.contains("LAYOUT is damaged"), "{message}"),
-        result => panic!("{:?}", result.map(|_| "opened")),
-    }
+    assert_refused(Db::open_with(dir.path(), small_config()), DbError::Storage, "LAYOUT is damaged");
 }
 
 /// A power cut soon after creation keeps every acknowledged write: every directory entry the database created
@@ -347,26 +346,17 @@ fn a_wal_that_lost_its_newest_segment_or_its_end_is_refused_as_corruption() {
     let len = file.len_bytes().unwrap();
     file.truncate(len * 6 / 10).unwrap();
     drop(file);
-    match Db::open_on(Arc::new(disk.clone()), dir, config.clone()) {
-        Err(DbError::Storage(message)) => assert!(message.contains("corruption") && message.contains("shorter than"), "{message}"),
-        result => panic!("a cut WAL opened: {:?}", result.map(|_| "opened")),
-    }
+    assert_refused(Db::open_on(Arc::new(disk.clone()), dir, config.clone()), DbError::Storage, "shorter than");
     // The newest segment deleted.
     let (disk, dir, config) = acknowledged_in_the_wal_only(2_000);
     disk.remove(&newest_segment(&disk, dir)).unwrap();
-    match Db::open_on(Arc::new(disk.clone()), dir, config.clone()) {
-        Err(DbError::Storage(message)) => assert!(message.contains("is missing"), "{message}"),
-        result => panic!("a WAL without its newest segment opened: {:?}", result.map(|_| "opened")),
-    }
+    assert_refused(Db::open_on(Arc::new(disk.clone()), dir, config.clone()), DbError::Storage, "is missing");
     // Every segment deleted.
     let (disk, dir, config) = acknowledged_in_the_wal_only(200);
     for file in disk.list(&dir.join("wal")).unwrap() {
         disk.remove(&file).unwrap();
     }
     for _ in 0..2 {
-        match Db::open_on(Arc::new(disk.clone()), dir, config.clone()) {
-            Err(DbError::Storage(message)) => assert!(message.contains("the WAL was lost"), "{message}"),
-            result => panic!("a database without its WAL opened: {:?}", result.map(|_| "opened")),
-        }
+        assert_refused(Db::open_on(Arc::new(disk.clone()), dir, config.clone()), DbError::Storage, "the WAL was lost");
     }
 }
