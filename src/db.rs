@@ -32,8 +32,9 @@ use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeError, Replica, INITIAL_GROUPS_MAX};
-use crate::layout::{self, DirLock};
 use flotilla_raftstore::store::{InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions, Transport};
+
+use crate::layout::{self, DirLock};
 
 /// Settings of an embedded database. `Config::default()` is what [`Db::open`] uses.
 #[derive(Clone, Debug)]

@@ -35,15 +35,6 @@ pub struct Layout {
     pub groups: u64,
 }
 
-/// What an open found in the directory.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Found {
-    /// A recorded layout that the configuration matches.
-    Recorded(Layout),
-    /// Nothing yet: a new database, whose layout is now recorded.
-    Created(Layout),
-}
-
 /// The held directory lock (released when dropped).
 pub struct DirLock {
     _guard: Box<dyn Send + Sync>,
@@ -154,7 +145,7 @@ impl Layout {
 }
 
 /// Reads `dir`'s layout and checks `config` against it; in a new database, records the configuration's.
-pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Found, DbError> {
+pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Layout, DbError> {
     let files = disk.list(dir).map_err(storage(format!("listing {}", dir.display())))?;
     let has = |name: &str| files.iter().any(|path| path.file_name().is_some_and(|n| n == name));
     if has(LAYOUT_FILE) {
@@ -162,7 +153,7 @@ pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Found, DbErr
         let bytes = read_file(disk, &path)?;
         let layout = Layout::decode(&bytes).map_err(|why| DbError::Storage(format!("{} is damaged: {why}", path.display())))?;
         layout.check(config, dir)?;
-        return Ok(Found::Recorded(layout));
+        return Ok(layout);
     }
     let data = has("state.redb") || disk.list(&dir.join("wal")).is_ok() || disk.list(&node_dir(dir, 1)).is_ok();
     if data {
@@ -174,7 +165,7 @@ pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Found, DbErr
     }
     let layout = Layout::of(config);
     layout.record(disk, dir)?;
-    Ok(Found::Created(layout))
+    Ok(layout)
 }
 
 /// Where node `id` of a database of more than one node lives.

@@ -279,14 +279,30 @@ fn a_failed_log_stops_the_node_and_requests_are_refused_with_the_reason() {
 }
 
 #[test]
+fn a_write_waiting_when_the_log_fails_is_answered_at_once_not_left_to_time_out() {
+    let (store, group_id, disk, _) = store_on_sim_disks();
+    first_write(&store, group_id);
+    disk.power_off();
+    // The very write whose log write fails: the writer thread stops the node, which wakes the replica, which
+    // refuses the client waiting on it.
+    let (reply, answer) = oneshot::channel();
+    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(b"b".to_vec(), b"v".to_vec())] };
+    store.router().send(group_id, PeerMsg::Write { command, reply }).ok().expect("room");
+    match answer.recv_timeout(Duration::from_secs(5)) {
+        Ok(Err(PeerError::Stopped(reason))) => assert!(reason.contains("the log failed"), "{reason}"),
+        other => panic!("the waiting write: {other:?}"),
+    }
+}
+
+#[test]
 fn a_failed_state_machine_stops_the_node_too() {
     let (store, group_id, _, redb) = store_on_sim_disks();
     let reason = refusal_after_first_write(&store, group_id, || redb.fail());
     assert!(reason.contains("state machine"), "{reason}");
 }
 
-/// A first write succeeds; then `break_it` breaks an engine, and writes go on until one is refused.
-fn refusal_after_first_write(store: &Store, group_id: u64, break_it: impl Fn()) -> String {
+/// Waits until a first write succeeds (the group has elected its leader).
+fn first_write(store: &Store, group_id: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     wait_until(deadline, "a first write", || {
         let (reply, answer) = oneshot::channel();
@@ -295,6 +311,11 @@ fn refusal_after_first_write(store: &Store, group_id: u64, break_it: impl Fn()) 
         matches!(answer.recv_timeout(Duration::from_secs(2)), Ok(Ok(Outcome::Done)))
     });
     assert_eq!(store.failure(), None);
+}
+
+/// A first write succeeds; then `break_it` breaks an engine, and writes go on until one is refused.
+fn refusal_after_first_write(store: &Store, group_id: u64, break_it: impl Fn()) -> String {
+    first_write(store, group_id);
     break_it();
     refusal_after_failure(store, group_id)
 }

@@ -84,31 +84,27 @@ impl NodeFailure {
         let _ = self.router.set(router);
     }
 
-    /// Stops node `node_id` for a failed engine: the first reason sticks, is reported once, and every replica is
-    /// woken to refuse its waiting clients with it. Returns whether this was the first.
-    pub(crate) fn fail(&self, node_id: u64, reason: String) -> bool {
-        let message = format!("flotilla: node {node_id} stopped: {reason}");
+    /// Stops node `node_id` for a failed engine: the first reason sticks, is reported once (printed, counted,
+    /// told to the listeners), and every replica is woken to refuse its waiting clients with it.
+    pub(crate) fn fail(&self, node_id: u64, reason: String) {
         {
             let mut stored = self.reason.lock();
             if stored.is_some() {
-                return false;
+                return;
             }
-            *stored = Some(reason);
+            *stored = Some(reason.clone());
             self.stopped.store(true, Ordering::Release);
         }
-        eprintln!("{message}");
+        eprintln!("flotilla: node {node_id} stopped: {reason}");
         metrics::counter!("flotilla_node_failures_total").increment(1);
-        if let Some(reason) = self.reason() {
-            for listener in self.listeners.lock().iter() {
-                listener(&reason);
-            }
+        for listener in self.listeners.lock().iter() {
+            listener(&reason);
         }
         if let Some(router) = self.router.get() {
             for group_id in router.ids() {
                 let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox is handled anyway
             }
         }
-        true
     }
 }
 
