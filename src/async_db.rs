@@ -36,7 +36,11 @@ impl AsyncDb {
     }
 
     /// As [`Db::call`], awaiting instead of blocking.
-    async fn call<T>(&self, position: usize, mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg) -> Result<T, DbError> {
+    async fn call<T>(
+        &self,
+        position: usize,
+        mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg,
+    ) -> Result<T, DbError> {
         let deadline = self.db.deadline();
         loop {
             let pause = match self.db.send_attempt(position, &mut make) {
@@ -49,7 +53,9 @@ impl AsyncDb {
                         Attempt::Retry(pause) => pause,
                     }
                 }
-                Err(_) if std::time::Instant::now() >= deadline => return Err(DbError::Busy("the group's mailbox stayed full".into())),
+                Err(_) if std::time::Instant::now() >= deadline => {
+                    return Err(DbError::Busy("the group's mailbox stayed full".into()))
+                }
                 Err(pause) => pause,
             };
             tokio::time::sleep(pause).await;

@@ -32,7 +32,9 @@ use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeError, Replica, INITIAL_GROUPS_MAX};
-use flotilla_raftstore::store::{InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions, Transport};
+use flotilla_raftstore::store::{
+    InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions, Transport,
+};
 
 use crate::layout::{self, DirLock};
 
@@ -112,7 +114,10 @@ impl Config {
                 self.key_bytes_max, self.value_bytes_max, self.batch_bytes_max
             ));
         }
-        let entry_max = self.batch_bytes_max.saturating_add(self.batch_ops_max.saturating_mul(OP_OVERHEAD_BYTES_MAX)).saturating_add(COMMAND_OVERHEAD_BYTES_MAX);
+        let entry_max = self
+            .batch_bytes_max
+            .saturating_add(self.batch_ops_max.saturating_mul(OP_OVERHEAD_BYTES_MAX))
+            .saturating_add(COMMAND_OVERHEAD_BYTES_MAX);
         if entry_max > ENTRY_DATA_BYTES_MAX {
             return invalid(format!(
                 "a batch of batch_bytes_max ({}) in batch_ops_max ({}) operations encodes to up to {entry_max} bytes, over the \
@@ -150,11 +155,17 @@ impl std::fmt::Display for DbError {
         match self {
             DbError::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
             DbError::BatchSpansRanges { first_outside } => {
-                write!(f, "an atomic batch must stay in one group's range; key {:?} is in another", String::from_utf8_lossy(first_outside))
+                write!(
+                    f,
+                    "an atomic batch must stay in one group's range; key {:?} is in another",
+                    String::from_utf8_lossy(first_outside)
+                )
             }
             DbError::Busy(why) => write!(f, "busy, retry later: {why}"),
             DbError::Timeout => write!(f, "no answer in time (a write may or may not have taken effect)"),
-            DbError::OutcomeUnknown => write!(f, "the write's outcome was lost with a change of leader (it may or may not have taken effect)"),
+            DbError::OutcomeUnknown => {
+                write!(f, "the write's outcome was lost with a change of leader (it may or may not have taken effect)")
+            }
             DbError::Storage(what) => write!(f, "storage failure: {what}"),
             DbError::AlreadyOpen(what) => write!(f, "already open: {what}"),
         }
@@ -249,14 +260,23 @@ impl Node {
         DbError::Storage(format!("node {} stopped: {reason}", self.id))
     }
 
-    fn open(id: u64, disk: &Arc<dyn Disk>, dir: &Path, config: &Config, transport: Arc<dyn Transport>) -> Result<(Node, Vec<RangeDescriptor>), DbError> {
+    fn open(
+        id: u64,
+        disk: &Arc<dyn Disk>,
+        dir: &Path,
+        config: &Config,
+        transport: Arc<dyn Transport>,
+    ) -> Result<(Node, Vec<RangeDescriptor>), DbError> {
         // Every directory entry is made durable before anything is acknowledged: the directories as they are
         // created, the WAL's segments by the WAL, the state file here.
         disk.create_dir_all(dir).map_err(storage)?;
         // After the node stopped on a failure, the whole state file is verified before it is trusted again.
         let check_marker = dir.join(CHECK_FILE);
         let check = disk.list(dir).map_err(storage)?.contains(&check_marker);
-        let options = StateMachineOptions { check_integrity_on_open: check || config.state_machine.check_integrity_on_open, ..config.state_machine.clone() };
+        let options = StateMachineOptions {
+            check_integrity_on_open: check || config.state_machine.check_integrity_on_open,
+            ..config.state_machine.clone()
+        };
         let kv = Arc::new(StateMachine::open_on(disk.as_ref(), &dir.join("state.redb"), options).map_err(storage)?);
         if check {
             disk.remove(&check_marker).map_err(storage)?;
@@ -265,7 +285,8 @@ impl Node {
         let wal_dir = dir.join("wal");
         // The WAL's first segment is durable before the groups are recorded in the state file: groups without a
         // WAL mean the WAL was lost, with every write after the last checkpoint.
-        let has_segments = disk.list(&wal_dir).is_ok_and(|files| files.iter().any(|f| f.extension().is_some_and(|e| e == "wal")));
+        let has_segments =
+            disk.list(&wal_dir).is_ok_and(|files| files.iter().any(|f| f.extension().is_some_and(|e| e == "wal")));
         if !has_segments && !kv.ranges().map_err(storage)?.is_empty() {
             return Err(DbError::Storage(format!(
                 "{} holds no WAL segment, but {} lists groups: the WAL was lost, and with it the writes after the state \
@@ -319,7 +340,13 @@ pub struct Db {
 /// Compacts group `group_id`'s log on every node below what every replica made durable (`durables`, one per
 /// node), keeping at most `lag_max` entries below a node's own durable state. `Some(false)`: a node's snapshot
 /// record is still on its way (try again later); `None`: a log failed.
-fn compact_group(engines: &[(Arc<GroupCommitWal>, Arc<StateMachine>)], group_id: u64, durables: &[u64], lag_max: u64, reply: &crossbeam_channel::Sender<Persisted>) -> Option<bool> {
+fn compact_group(
+    engines: &[(Arc<GroupCommitWal>, Arc<StateMachine>)],
+    group_id: u64,
+    durables: &[u64],
+    lag_max: u64,
+    reply: &crossbeam_channel::Sender<Persisted>,
+) -> Option<bool> {
     let lowest = durables.iter().copied().min().unwrap_or(0);
     let mut finished = true;
     for ((log, _), &durable) in engines.iter().zip(durables) {
@@ -373,7 +400,8 @@ impl Db {
         let lock = layout::lock(disk.as_ref(), &dir)?;
         layout::open(disk.as_ref(), &dir, &config)?;
         let in_process = Arc::new(InProcessTransport::new());
-        let transport: Arc<dyn Transport> = if config.nodes == 1 { Arc::new(NoTransport) } else { Arc::clone(&in_process) as Arc<dyn Transport> };
+        let transport: Arc<dyn Transport> =
+            if config.nodes == 1 { Arc::new(NoTransport) } else { Arc::clone(&in_process) as Arc<dyn Transport> };
         let mut nodes = Vec::new();
         let mut ranges = Vec::new();
         for id in 1..=config.nodes {
@@ -396,7 +424,8 @@ impl Db {
     fn load_or_create_ranges(kv: &StateMachine, config: &Config) -> Result<Vec<RangeDescriptor>, DbError> {
         let stored = kv.ranges().map_err(storage)?;
         let mut ranges: Vec<RangeDescriptor> = if stored.is_empty() {
-            let replicas: Vec<Replica> = (1..=config.nodes).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+            let replicas: Vec<Replica> =
+                (1..=config.nodes).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
             let ranges = initial_ranges(config.groups, 1, &replicas);
             let encoded: Vec<(u64, Vec<u8>)> = ranges.iter().map(|range| (range.group_id, range.encode())).collect();
             kv.put_ranges(&encoded).map_err(storage)?;
@@ -404,7 +433,10 @@ impl Db {
         } else {
             let mut decoded = Vec::with_capacity(stored.len());
             for (group_id, bytes) in stored {
-                decoded.push(RangeDescriptor::decode_stored(&bytes).map_err(|e| storage(format!("range of group {group_id}: {e}")))?);
+                decoded.push(
+                    RangeDescriptor::decode_stored(&bytes)
+                        .map_err(|e| storage(format!("range of group {group_id}: {e}")))?,
+                );
             }
             decoded
         };
@@ -415,9 +447,14 @@ impl Db {
     /// Compacts each group's log, on every node, below what every replica's state machine has made durable (so
     /// no replica needs entries another has dropped) — but never keeping more than `log_lag_entries_max` entries
     /// below the node's own durable state: a replica further behind catches up by snapshot. Then purges the WALs.
-    fn start_maintenance(config: &Config, ranges: &[RangeDescriptor], nodes: &[Node]) -> (crossbeam_channel::Sender<()>, JoinHandle<()>) {
+    fn start_maintenance(
+        config: &Config,
+        ranges: &[RangeDescriptor],
+        nodes: &[Node],
+    ) -> (crossbeam_channel::Sender<()>, JoinHandle<()>) {
         let (stop, stopped) = bounded::<()>(0);
-        let engines: Vec<(Arc<GroupCommitWal>, Arc<StateMachine>)> = nodes.iter().map(|n| (Arc::clone(&n.log), Arc::clone(&n.kv))).collect();
+        let engines: Vec<(Arc<GroupCommitWal>, Arc<StateMachine>)> =
+            nodes.iter().map(|n| (Arc::clone(&n.log), Arc::clone(&n.kv))).collect();
         let (interval, lag_max) = (config.maintenance_interval, config.log_lag_entries_max);
         let groups: Vec<u64> = ranges.iter().map(|r| r.group_id).collect();
         let purge_bytes_max = 2 * config.wal.segment_bytes_max;
@@ -438,7 +475,8 @@ impl Db {
                     if finished_at.as_ref() != Some(&generations) {
                         let mut all_finished = true;
                         for &group_id in &groups {
-                            let durables: Vec<u64> = engines.iter().map(|(_, kv)| kv.durable_applied(group_id).0).collect();
+                            let durables: Vec<u64> =
+                                engines.iter().map(|(_, kv)| kv.durable_applied(group_id).0).collect();
                             if seen.get(&group_id) == Some(&durables) {
                                 continue;
                             }
@@ -473,7 +511,11 @@ impl Db {
 
     fn check_sizes(&self, ops: &[Op]) -> Result<(), DbError> {
         if ops.is_empty() || ops.len() > self.config.batch_ops_max {
-            return Err(DbError::InvalidArgument(format!("a batch holds 1..={} operations, not {}", self.config.batch_ops_max, ops.len())));
+            return Err(DbError::InvalidArgument(format!(
+                "a batch holds 1..={} operations, not {}",
+                self.config.batch_ops_max,
+                ops.len()
+            )));
         }
         let bytes: usize = ops.iter().map(|op| op.key.len() + op.value.len() + op.expected.len()).sum();
         if bytes > self.config.batch_bytes_max {
@@ -518,7 +560,13 @@ impl Db {
     }
 
     /// What to do with the answer of an attempt sent to `node` (`None`: none came in time).
-    pub(crate) fn judge<T>(&self, position: usize, node: u64, answer: Option<Result<T, PeerError>>, deadline: Instant) -> Attempt<T> {
+    pub(crate) fn judge<T>(
+        &self,
+        position: usize,
+        node: u64,
+        answer: Option<Result<T, PeerError>>,
+        deadline: Instant,
+    ) -> Attempt<T> {
         let in_time = Instant::now() < deadline;
         match answer {
             Some(Ok(value)) => Attempt::Done(value),
@@ -530,13 +578,15 @@ impl Db {
             }
             Some(Err(PeerError::Dropped)) if in_time => Attempt::Retry(Duration::from_millis(1)),
             // A leadership transfer refuses proposals for at most about an election timeout: wait it out.
-            Some(Err(PeerError::Busy(flotilla_raft::DropReason::Transferring))) if in_time => Attempt::Retry(Duration::from_millis(5)),
+            Some(Err(PeerError::Busy(flotilla_raft::DropReason::Transferring))) if in_time => {
+                Attempt::Retry(Duration::from_millis(5))
+            }
             Some(Err(PeerError::Busy(reason))) => Attempt::Fail(DbError::Busy(format!("{reason:?}"))),
             Some(Err(PeerError::OutcomeUnknown)) => Attempt::Fail(DbError::OutcomeUnknown),
             Some(Err(PeerError::Stopped(reason))) => Attempt::Fail(DbError::Storage(reason)),
-            Some(Err(PeerError::TooLarge { bytes, max })) => {
-                Attempt::Fail(DbError::InvalidArgument(format!("the batch encodes to {bytes} bytes, over the {max} one log entry holds")))
-            }
+            Some(Err(PeerError::TooLarge { bytes, max })) => Attempt::Fail(DbError::InvalidArgument(format!(
+                "the batch encodes to {bytes} bytes, over the {max} one log entry holds"
+            ))),
             Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
                 Attempt::Fail(DbError::BatchSpansRanges { first_outside })
             }
@@ -547,7 +597,11 @@ impl Db {
 
     /// Sends a request to the leader of the range at `position` and waits for its answer, following leader hints
     /// and retrying while the group has no leader.
-    fn call<T>(&self, position: usize, mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg) -> Result<T, DbError> {
+    fn call<T>(
+        &self,
+        position: usize,
+        mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg,
+    ) -> Result<T, DbError> {
         let deadline = self.deadline();
         loop {
             let pause = match self.send_attempt(position, &mut make) {
@@ -559,7 +613,9 @@ impl Db {
                         Attempt::Retry(pause) => pause,
                     }
                 }
-                Err(_) if Instant::now() >= deadline => return Err(DbError::Busy("the group's mailbox stayed full".into())),
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(DbError::Busy("the group's mailbox stayed full".into()))
+                }
                 Err(pause) => pause,
             };
             std::thread::sleep(pause);
@@ -584,7 +640,11 @@ impl Db {
     /// The range position of a get, after its checks.
     pub(crate) fn get_request(&self, key: &[u8]) -> Result<usize, DbError> {
         if key.len() > self.config.key_bytes_max {
-            return Err(DbError::InvalidArgument(format!("key of {} bytes over the limit {}", key.len(), self.config.key_bytes_max)));
+            return Err(DbError::InvalidArgument(format!(
+                "key of {} bytes over the limit {}",
+                key.len(),
+                self.config.key_bytes_max
+            )));
         }
         Ok(self.range_of(key))
     }
@@ -594,7 +654,11 @@ impl Db {
         if !end.is_empty() && end < start {
             return Err(DbError::InvalidArgument("scan end before start".into()));
         }
-        let last = if end.is_empty() { self.ranges.len() } else { self.ranges.partition_point(|range| range.start.as_slice() < end) };
+        let last = if end.is_empty() {
+            self.ranges.len()
+        } else {
+            self.ranges.partition_point(|range| range.start.as_slice() < end)
+        };
         Ok(self.range_of(start)..last.max(self.range_of(start) + 1))
     }
 
@@ -656,7 +720,9 @@ impl Db {
     }
 
     fn node(&self, id: u64) -> Result<&Node, DbError> {
-        self.nodes.get((id as usize).wrapping_sub(1)).ok_or_else(|| DbError::InvalidArgument(format!("no node {id} (1..={})", self.nodes.len())))
+        self.nodes
+            .get((id as usize).wrapping_sub(1))
+            .ok_or_else(|| DbError::InvalidArgument(format!("no node {id} (1..={})", self.nodes.len())))
     }
 
     /// Asks the group holding `key` to move its leadership to `node` (for spreading leaders over nodes). Returns at
@@ -677,7 +743,10 @@ impl Db {
 
     /// Each node's applied index of each group (`[node][range position]`): replicas converge on the same values.
     pub fn applied_indexes(&self) -> Vec<Vec<u64>> {
-        self.nodes.iter().map(|node| self.ranges.iter().map(|range| node.kv.applied(range.group_id).0).collect()).collect()
+        self.nodes
+            .iter()
+            .map(|node| self.ranges.iter().map(|range| node.kv.applied(range.group_id).0).collect())
+            .collect()
     }
 
     /// The directory the database lives in.
@@ -741,7 +810,8 @@ mod tests {
         let db = Db::open_with(dir.path(), config).unwrap();
         let value = vec![b'v'; 1024];
         for i in 0..4_000u32 {
-            db.put(&i.wrapping_mul(0x9E37_79B9).to_be_bytes(), &value).unwrap(); // spread over the groups
+            db.put(&i.wrapping_mul(0x9E37_79B9).to_be_bytes(), &value).unwrap();
+            // spread over the groups
         }
         let log = &db.nodes[0].log;
         let groups: Vec<u64> = db.ranges.iter().map(|r| r.group_id).collect();
@@ -750,7 +820,12 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(20);
         let compacted = |group: &u64| log.first_index(*group) > 100;
         while !(groups.iter().all(compacted) && log.state().total_bytes() <= 4 * (256 << 10)) {
-            assert!(Instant::now() < deadline, "not compacted and purged: first indexes {:?}, WAL {} bytes", groups.iter().map(|g| log.first_index(*g)).collect::<Vec<_>>(), log.state().total_bytes());
+            assert!(
+                Instant::now() < deadline,
+                "not compacted and purged: first indexes {:?}, WAL {} bytes",
+                groups.iter().map(|g| log.first_index(*g)).collect::<Vec<_>>(),
+                log.state().total_bytes()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         db.close().unwrap();
@@ -759,7 +834,11 @@ mod tests {
     #[test]
     fn logs_are_kept_for_laggards_only_up_to_the_lag_bound() {
         assert_eq!(first_kept_index(900, 1_000, 10_000), 900, "a replica 100 behind: keep what it needs");
-        assert_eq!(first_kept_index(5, 50_000, 10_000), 40_000, "one 49,995 behind: compact past it, it gets a snapshot");
+        assert_eq!(
+            first_kept_index(5, 50_000, 10_000),
+            40_000,
+            "one 49,995 behind: compact past it, it gets a snapshot"
+        );
         assert_eq!(first_kept_index(1_000, 1_000, 0), 1_000, "all caught up");
         assert_eq!(first_kept_index(7, 3, 10), 3, "never past the node's own durable state");
     }

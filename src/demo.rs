@@ -21,7 +21,12 @@ fn value(i: u64, bytes: usize) -> Vec<u8> {
 }
 
 /// Runs `work(i)` for every `i < count` on `threads` threads; prints progress once a second.
-fn in_parallel(what: &str, count: u64, threads: usize, work: impl Fn(u64) -> Result<bool, DbError> + Sync) -> Result<(f64, u64), DbError> {
+fn in_parallel(
+    what: &str,
+    count: u64,
+    threads: usize,
+    work: impl Fn(u64) -> Result<bool, DbError> + Sync,
+) -> Result<(f64, u64), DbError> {
     let (next, done, bad) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let started = Instant::now();
     std::thread::scope(|scope| -> Result<(), DbError> {
@@ -59,11 +64,21 @@ fn in_parallel(what: &str, count: u64, threads: usize, work: impl Fn(u64) -> Res
 pub fn run(dir: &Path, keys: u64, value_bytes: usize, clients: usize) -> Result<bool, DbError> {
     let opened = Instant::now();
     let db = Arc::new(Db::open(dir)?);
-    println!("opened the embedded store in {} ({} groups) in {:.2} s", dir.display(), db.groups(), opened.elapsed().as_secs_f64());
-    let (load_seconds, _) = in_parallel("loaded", keys, clients, |i| db.put(&key(i), &value(i, value_bytes)).map(|()| true))?;
+    println!(
+        "opened the embedded store in {} ({} groups) in {:.2} s",
+        dir.display(),
+        db.groups(),
+        opened.elapsed().as_secs_f64()
+    );
+    let (load_seconds, _) =
+        in_parallel("loaded", keys, clients, |i| db.put(&key(i), &value(i, value_bytes)).map(|()| true))?;
     println!("loaded {keys} keys of {value_bytes} B from {clients} client threads in {load_seconds:.2} s: {:.0} writes/s, each durable", keys as f64 / load_seconds);
-    let (read_seconds, wrong) = in_parallel("read back", keys, clients, |i| Ok(db.get(&key(i))? == Some(value(i, value_bytes))))?;
-    println!("read back {keys} keys in {read_seconds:.2} s: {:.0} linearizable reads/s; {wrong} wrong or missing", keys as f64 / read_seconds);
+    let (read_seconds, wrong) =
+        in_parallel("read back", keys, clients, |i| Ok(db.get(&key(i))? == Some(value(i, value_bytes))))?;
+    println!(
+        "read back {keys} keys in {read_seconds:.2} s: {:.0} linearizable reads/s; {wrong} wrong or missing",
+        keys as f64 / read_seconds
+    );
     let scanned = db.scan(b"", b"", usize::MAX)?.len() as u64;
     println!("a full scan sees {scanned} keys");
     Arc::into_inner(db).expect("the only handle").close()?;

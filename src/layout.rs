@@ -91,7 +91,10 @@ impl Layout {
         let text = std::str::from_utf8(bytes).map_err(|_| "not text".to_string())?;
         let (lines, checksum_line) = text.trim_end_matches('\n').rsplit_once('\n').ok_or("too short")?;
         let lines = format!("{lines}\n");
-        let stored = checksum_line.strip_prefix("crc32c ").and_then(|hex| u32::from_str_radix(hex, 16).ok()).ok_or("no checksum line")?;
+        let stored = checksum_line
+            .strip_prefix("crc32c ")
+            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+            .ok_or("no checksum line")?;
         if crc32c::crc32c(lines.as_bytes()) != stored {
             return Err("checksum mismatch".into());
         }
@@ -101,7 +104,10 @@ impl Layout {
         }
         let mut field = |name: &str| -> Result<u64, String> {
             let line = fields.next().ok_or(format!("no {name} line"))?;
-            line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|n| n.parse().ok()).ok_or(format!("bad {name} line {line:?}"))
+            line.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|n| n.parse().ok())
+                .ok_or(format!("bad {name} line {line:?}"))
         };
         let layout = Layout { format_version: field("format")?, nodes: field("nodes")?, groups: field("groups")? };
         Ok(layout)
@@ -151,7 +157,8 @@ pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Layout, DbEr
     if has(LAYOUT_FILE) {
         let path = dir.join(LAYOUT_FILE);
         let bytes = read_file(disk, &path)?;
-        let layout = Layout::decode(&bytes).map_err(|why| DbError::Storage(format!("{} is damaged: {why}", path.display())))?;
+        let layout =
+            Layout::decode(&bytes).map_err(|why| DbError::Storage(format!("{} is damaged: {why}", path.display())))?;
         layout.check(config, dir)?;
         return Ok(layout);
     }

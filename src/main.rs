@@ -68,13 +68,15 @@ fn main() -> ExitCode {
     let command = Cli::parse().command;
     // The WAL tools work on a database's files: never while it is open (recovery and repair rewrite them).
     let _lock = match &command {
-        Command::WalCheck { dir } | Command::WalRepair { dir, .. } => match flotilla::layout::lock_database_of(&StdDisk, dir) {
-            Ok(lock) => lock,
-            Err(error) => {
-                eprintln!("{error}");
-                return ExitCode::from(2);
+        Command::WalCheck { dir } | Command::WalRepair { dir, .. } => {
+            match flotilla::layout::lock_database_of(&StdDisk, dir) {
+                Ok(lock) => lock,
+                Err(error) => {
+                    eprintln!("{error}");
+                    return ExitCode::from(2);
+                }
             }
-        },
+        }
         Command::Demo { .. } => None,
     };
     match command {
@@ -97,7 +99,10 @@ fn main() -> ExitCode {
                     report.bytes
                 );
                 if let Some((path, offset, dropped)) = report.torn_tail {
-                    println!("a torn write at the tail was dropped: {} at offset {offset} ({dropped} bytes)", path.display());
+                    println!(
+                        "a torn write at the tail was dropped: {} at offset {offset} ({dropped} bytes)",
+                        path.display()
+                    );
                 }
                 ExitCode::SUCCESS
             }

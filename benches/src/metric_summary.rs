@@ -26,21 +26,28 @@ impl MetricSummary {
             .into_vec()
             .into_iter()
             .filter_map(|(key, _, _, value)| {
-                let labels: Vec<String> = key.key().labels().map(|label| format!("{}={}", label.key(), label.value())).collect();
+                let labels: Vec<String> =
+                    key.key().labels().map(|label| format!("{}={}", label.key(), label.value())).collect();
                 let mut name = key.key().name().trim_start_matches("flotilla_").to_string();
                 if !labels.is_empty() {
                     name = format!("{name}{{{}}}", labels.join(","));
                 }
                 match value {
                     DebugValue::Counter(0) => None,
-                    DebugValue::Counter(total) => Some(format!("  {name:<36} {total:>12} ({:.3} per operation)", total as f64 / operations.max(1) as f64)),
+                    DebugValue::Counter(total) => Some(format!(
+                        "  {name:<36} {total:>12} ({:.3} per operation)",
+                        total as f64 / operations.max(1) as f64
+                    )),
                     DebugValue::Gauge(_) => None, // this recorder zeroes gauges on every snapshot: not shown
                     DebugValue::Histogram(values) if values.is_empty() => None,
                     DebugValue::Histogram(mut values) => {
                         values.sort();
                         let mean = values.iter().map(|v| v.0).sum::<f64>() / values.len() as f64;
                         let (median, max) = (values[values.len() / 2].0, values[values.len() - 1].0);
-                        Some(format!("  {name:<36} {:>12} samples, mean {mean:.4}, median {median:.4}, max {max:.4}", values.len()))
+                        Some(format!(
+                            "  {name:<36} {:>12} samples, mean {mean:.4}, median {median:.4}, max {max:.4}",
+                            values.len()
+                        ))
                     }
                 }
             })

@@ -33,7 +33,9 @@ fn probe_keys(input: &[u8]) -> Vec<&[u8]> {
 pub fn wal_record(input: &[u8]) {
     let _ = decode(input, 0);
     let _ = frame_at(input, 0);
-    if let (Some(group), Some(&kind), Some(payload)) = (input.get(9..).and_then(<[u8]>::first_chunk::<8>), input.get(8), input.get(17..)) {
+    if let (Some(group), Some(&kind), Some(payload)) =
+        (input.get(9..).and_then(<[u8]>::first_chunk::<8>), input.get(8), input.get(17..))
+    {
         let mut fixed = Vec::new();
         encode_raw(0, u64::from_le_bytes(*group), kind, payload, &mut fixed);
         let _ = decode(&fixed, 0);

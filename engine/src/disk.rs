@@ -285,10 +285,15 @@ impl SimDisk {
     pub fn crash(&self, mut keep_unsynced: impl FnMut(&Path, usize) -> usize) {
         let mut state = self.state.lock();
         state.powered_off = false;
-        let directories: BTreeSet<PathBuf> = state.directories.iter().filter(|dir| state.survives(dir)).cloned().collect();
+        let directories: BTreeSet<PathBuf> =
+            state.directories.iter().filter(|dir| state.survives(dir)).cloned().collect();
         state.directories = directories;
-        let names: BTreeMap<PathBuf, u64> =
-            state.durable_names.iter().filter(|(path, _)| path.parent().is_some_and(|dir| state.directories.contains(dir))).map(|(p, id)| (p.clone(), *id)).collect();
+        let names: BTreeMap<PathBuf, u64> = state
+            .durable_names
+            .iter()
+            .filter(|(path, _)| path.parent().is_some_and(|dir| state.directories.contains(dir)))
+            .map(|(p, id)| (p.clone(), *id))
+            .collect();
         state.names = names.clone();
         state.durable_names = names;
         state.locks.clear(); // the processes that held them are gone
@@ -393,7 +398,8 @@ impl Disk for SimDisk {
         }
         let in_dir = |path: &PathBuf| path.parent() == Some(dir);
         state.durable_names.retain(|path, _| !in_dir(path));
-        let live: Vec<(PathBuf, u64)> = state.names.iter().filter(|(path, _)| in_dir(path)).map(|(p, id)| (p.clone(), *id)).collect();
+        let live: Vec<(PathBuf, u64)> =
+            state.names.iter().filter(|(path, _)| in_dir(path)).map(|(p, id)| (p.clone(), *id)).collect();
         state.durable_names.extend(live);
         let children: Vec<PathBuf> = state.directories.iter().filter(|path| in_dir(path)).cloned().collect();
         state.durable_directories.extend(children);

@@ -15,7 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use parking_lot::Mutex;
 
 use crate::lsm::merge::VecSource;
-use crate::snapshot::{encode_chunk, in_range, no_install, unfinished_install, ChunkVerifier, SnapshotChunkBody, SnapshotReader};
+use crate::snapshot::{
+    encode_chunk, in_range, no_install, unfinished_install, ChunkVerifier, SnapshotChunkBody, SnapshotReader,
+};
 use crate::state_machine::{AppliedState, GroupApply, KeyValue, KvOp, StateMachine, StateMachineError};
 
 pub trait KvEngine: Send + Sync {
@@ -39,7 +41,13 @@ pub trait KvEngine: Send + Sync {
     /// durable with the applied index).
     fn ranges(&self) -> Result<Vec<(u64, Vec<u8>)>, StateMachineError>;
     /// A snapshot of the group's range at its durable applied state, in chunks of about `chunk_bytes_max`.
-    fn snapshot_reader(&self, group_id: u64, start: &[u8], end: &[u8], chunk_bytes_max: usize) -> Result<SnapshotReader, StateMachineError>;
+    fn snapshot_reader(
+        &self,
+        group_id: u64,
+        start: &[u8],
+        end: &[u8],
+        chunk_bytes_max: usize,
+    ) -> Result<SnapshotReader, StateMachineError>;
     fn begin_snapshot_install(&self, group_id: u64, start: &[u8], end: &[u8]) -> Result<(), StateMachineError>;
     /// Returns true once the last chunk has arrived.
     fn receive_snapshot_chunk(&self, group_id: u64, chunk: &[u8]) -> Result<bool, StateMachineError>;
@@ -52,10 +60,24 @@ pub trait KvEngine: Send + Sync {
 /// Drops a group's data: its range `[start, end)` is replaced by nothing, in one durable step, and `range` is
 /// stored as its descriptor (the record that the node held the group); the applied state stays. How a node
 /// destroys a replica that was removed — an empty snapshot install, through the same checked path.
-pub fn clear_group(kv: &dyn KvEngine, group_id: u64, start: &[u8], end: &[u8], range: &[u8]) -> Result<(), StateMachineError> {
+pub fn clear_group(
+    kv: &dyn KvEngine,
+    group_id: u64,
+    start: &[u8],
+    end: &[u8],
+    range: &[u8],
+) -> Result<(), StateMachineError> {
     let (applied_index, applied_term) = kv.applied(group_id);
     kv.begin_snapshot_install(group_id, start, end)?;
-    let body = SnapshotChunkBody { group_id, sequence: 0, last: true, total_pairs: 0, applied_index, applied_term, ..Default::default() };
+    let body = SnapshotChunkBody {
+        group_id,
+        sequence: 0,
+        last: true,
+        total_pairs: 0,
+        applied_index,
+        applied_term,
+        ..Default::default()
+    };
     kv.receive_snapshot_chunk(group_id, &encode_chunk(&body))?;
     kv.finish_snapshot_install(group_id, Some(range)).map(|_| ())
 }
@@ -89,7 +111,13 @@ impl KvEngine for StateMachine {
     fn ranges(&self) -> Result<Vec<(u64, Vec<u8>)>, StateMachineError> {
         StateMachine::ranges(self)
     }
-    fn snapshot_reader(&self, group_id: u64, start: &[u8], end: &[u8], chunk_bytes_max: usize) -> Result<SnapshotReader, StateMachineError> {
+    fn snapshot_reader(
+        &self,
+        group_id: u64,
+        start: &[u8],
+        end: &[u8],
+        chunk_bytes_max: usize,
+    ) -> Result<SnapshotReader, StateMachineError> {
         StateMachine::snapshot_reader(self, group_id, start, end, chunk_bytes_max)
     }
     fn begin_snapshot_install(&self, group_id: u64, start: &[u8], end: &[u8]) -> Result<(), StateMachineError> {
@@ -148,9 +176,17 @@ impl KvEngine for MemKvEngine {
     fn apply(&self, batch: Vec<GroupApply>) -> Result<bool, StateMachineError> {
         let mut state = self.state.lock();
         for group in batch {
-            let current = state.pending_applied.get(&group.group_id).or(state.durable_applied.get(&group.group_id)).copied().unwrap_or((0, 0));
+            let current = state
+                .pending_applied
+                .get(&group.group_id)
+                .or(state.durable_applied.get(&group.group_id))
+                .copied()
+                .unwrap_or((0, 0));
             if group.applied_index < current.0 {
-                return Err(StateMachineError::Invalid(format!("group {} applied {} after {}", group.group_id, group.applied_index, current.0)));
+                return Err(StateMachineError::Invalid(format!(
+                    "group {} applied {} after {}",
+                    group.group_id, group.applied_index, current.0
+                )));
             }
             for op in group.ops {
                 let (key, value) = match op {
@@ -199,8 +235,12 @@ impl KvEngine for MemKvEngine {
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StateMachineError> {
         let state = self.state.lock();
         let mut merged: BTreeMap<&[u8], Option<&Vec<u8>>> = BTreeMap::new();
-        merged.extend(state.durable.iter().filter(|(k, _)| in_range(k, start, end)).map(|(k, v)| (k.as_slice(), Some(v))));
-        merged.extend(state.pending.iter().filter(|(k, _)| in_range(k, start, end)).map(|(k, v)| (k.as_slice(), v.as_ref())));
+        merged.extend(
+            state.durable.iter().filter(|(k, _)| in_range(k, start, end)).map(|(k, v)| (k.as_slice(), Some(v))),
+        );
+        merged.extend(
+            state.pending.iter().filter(|(k, _)| in_range(k, start, end)).map(|(k, v)| (k.as_slice(), v.as_ref())),
+        );
         Ok(merged.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_vec(), v.clone()))).take(limit).collect())
     }
 
@@ -229,10 +269,21 @@ impl KvEngine for MemKvEngine {
         Ok(ranges.into_iter().collect())
     }
 
-    fn snapshot_reader(&self, group_id: u64, start: &[u8], end: &[u8], chunk_bytes_max: usize) -> Result<SnapshotReader, StateMachineError> {
+    fn snapshot_reader(
+        &self,
+        group_id: u64,
+        start: &[u8],
+        end: &[u8],
+        chunk_bytes_max: usize,
+    ) -> Result<SnapshotReader, StateMachineError> {
         self.flush()?;
         let state = self.state.lock();
-        let pairs: Vec<KeyValue> = state.durable.iter().filter(|(k, _)| in_range(k, start, end)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let pairs: Vec<KeyValue> = state
+            .durable
+            .iter()
+            .filter(|(k, _)| in_range(k, start, end))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let applied = state.durable_applied.get(&group_id).copied().unwrap_or((0, 0));
         Ok(SnapshotReader::new(Box::new(VecSource::new(pairs)), group_id, applied, chunk_bytes_max))
     }

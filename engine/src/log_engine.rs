@@ -70,7 +70,8 @@ impl SyncWal {
 
 impl WalBacked for SyncWal {
     fn write(&self, mut request: WriteRequest) -> Result<(), WalError> {
-        let operations: Vec<(u64, LogOp)> = std::mem::take(&mut request.ops).into_iter().map(|op| (request.group_id, op)).collect();
+        let operations: Vec<(u64, LogOp)> =
+            std::mem::take(&mut request.ops).into_iter().map(|op| (request.group_id, op)).collect();
         self.wal.lock().write(&operations)?;
         request.complete();
         Ok(())
@@ -138,7 +139,12 @@ impl MemGroup {
             LogOp::Append(entries) => {
                 let Some(first) = entries.first() else { return Ok(()) };
                 if first.index < self.first_index() || first.index > self.last_index() + 1 {
-                    return invalid(format!("append at {} outside [{}, {}]", first.index, self.first_index(), self.last_index() + 1));
+                    return invalid(format!(
+                        "append at {} outside [{}, {}]",
+                        first.index,
+                        self.first_index(),
+                        self.last_index() + 1
+                    ));
                 }
                 self.entries.truncate((first.index - self.first_index()) as usize);
                 self.entries.extend(entries.iter().cloned());
@@ -229,7 +235,11 @@ impl LogEngine for MemLogEngine {
         let groups = self.groups.read();
         let group = groups.get(&group_id).ok_or_else(|| WalError::Invalid(format!("unknown group {group_id}")))?;
         if low < group.first_index() || high > group.last_index() + 1 || low > high {
-            return Err(WalError::Invalid(format!("entries {low}..{high} outside [{}, {}]", group.first_index(), group.last_index())));
+            return Err(WalError::Invalid(format!(
+                "entries {low}..{high} outside [{}, {}]",
+                group.first_index(),
+                group.last_index()
+            )));
         }
         let mut out = Vec::new();
         let mut bytes = 0;

@@ -26,7 +26,10 @@ mod tests {
     #[test]
     fn a_panic_becomes_its_message() {
         assert_eq!(super::catch("work", || 7), Ok(7));
-        assert_eq!(super::catch("work", || -> u8 { panic!("broken {}", 1) }), Err("work panicked: broken 1".to_string()));
+        assert_eq!(
+            super::catch("work", || -> u8 { panic!("broken {}", 1) }),
+            Err("work panicked: broken 1".to_string())
+        );
         assert_eq!(super::catch("work", || -> u8 { panic!("static") }), Err("work panicked: static".to_string()));
     }
 }

@@ -24,7 +24,10 @@ use redb::Durability;
 use crate::lsm::merge::Source;
 use crate::lsm::run::{RunWriter, RUNS, RUN_BLOCKS};
 use crate::lsm::version::{RangeTombstone, RANGE_TOMBSTONES};
-use crate::state_machine::{decode_applied, encode_applied, seal_range, storage, AppliedState, StateMachine, StateMachineError, APPLY_STATE, RANGES};
+use crate::state_machine::{
+    decode_applied, encode_applied, seal_range, storage, AppliedState, StateMachine, StateMachineError, APPLY_STATE,
+    RANGES,
+};
 
 /// One chunk's content.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -66,7 +69,9 @@ impl std::fmt::Display for ChunkError {
         match self {
             ChunkError::Checksum => write!(f, "snapshot chunk checksum mismatch"),
             ChunkError::Malformed(what) => write!(f, "malformed snapshot chunk: {what}"),
-            ChunkError::OutOfOrder { expected, found } => write!(f, "snapshot chunk {found} arrived, expected {expected}"),
+            ChunkError::OutOfOrder { expected, found } => {
+                write!(f, "snapshot chunk {found} arrived, expected {expected}")
+            }
             ChunkError::OutsideRange => write!(f, "snapshot chunk holds a key outside the group's range"),
             ChunkError::WrongGroup(group) => write!(f, "snapshot chunk of group {group}"),
             ChunkError::CountMismatch { expected, received } => {
@@ -117,7 +122,12 @@ pub struct SnapshotReader {
 }
 
 impl SnapshotReader {
-    pub(crate) fn new(pairs: Box<dyn Source + Send>, group_id: u64, applied: AppliedState, chunk_bytes_max: usize) -> SnapshotReader {
+    pub(crate) fn new(
+        pairs: Box<dyn Source + Send>,
+        group_id: u64,
+        applied: AppliedState,
+        chunk_bytes_max: usize,
+    ) -> SnapshotReader {
         SnapshotReader { pairs, group_id, sequence: 0, total_pairs: 0, applied, chunk_bytes_max, exhausted: false }
     }
 
@@ -253,7 +263,13 @@ impl Install {
     }
 
     /// Replaces the group's range and applied state with the snapshot, in one durable transaction.
-    fn finish(self, machine: &StateMachine, group_id: u64, applied: AppliedState, range: Option<&[u8]>) -> Result<AppliedState, StateMachineError> {
+    fn finish(
+        self,
+        machine: &StateMachine,
+        group_id: u64,
+        applied: AppliedState,
+        range: Option<&[u8]>,
+    ) -> Result<AppliedState, StateMachineError> {
         // No read may see the range half replaced, and no flush may write older data over it.
         let _no_flush = machine.flush_lock.lock();
         let mut memtables = machine.memtables.write();
@@ -270,10 +286,22 @@ impl Install {
             if let Some(run) = &run {
                 write.open_table(RUNS).map_err(storage)?.insert(run.id, run.encode().as_slice()).map_err(storage)?;
             }
-            write.open_table(RANGE_TOMBSTONES).map_err(storage)?.insert(tombstone.seq, tombstone.encode().as_slice()).map_err(storage)?;
-            write.open_table(APPLY_STATE).map_err(storage)?.insert(group_id, encode_applied(group_id, applied, true)).map_err(storage)?;
+            write
+                .open_table(RANGE_TOMBSTONES)
+                .map_err(storage)?
+                .insert(tombstone.seq, tombstone.encode().as_slice())
+                .map_err(storage)?;
+            write
+                .open_table(APPLY_STATE)
+                .map_err(storage)?
+                .insert(group_id, encode_applied(group_id, applied, true))
+                .map_err(storage)?;
             if let Some(range) = range {
-                write.open_table(RANGES).map_err(storage)?.insert(group_id, seal_range(group_id, range).as_slice()).map_err(storage)?;
+                write
+                    .open_table(RANGES)
+                    .map_err(storage)?
+                    .insert(group_id, seal_range(group_id, range).as_slice())
+                    .map_err(storage)?;
             }
             run
         };
@@ -289,7 +317,8 @@ impl Install {
         memtables.active.data.retain(|key, _| !in_range(key, start, end));
         memtables.active.applied.remove(&group_id);
         memtables.active.ranges.remove(&group_id);
-        memtables.active.bytes = memtables.active.data.iter().map(|(k, v)| k.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64)).sum();
+        memtables.active.bytes =
+            memtables.active.data.iter().map(|(k, v)| k.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64)).sum();
         machine.make_durable([(group_id, applied)], true);
         Ok(applied)
     }
@@ -345,7 +374,11 @@ impl StateMachine {
 
     /// Makes the received snapshot the group's data and applied state — and `range` its descriptor, if given —
     /// in one durable step.
-    pub fn finish_snapshot_install(&self, group_id: u64, range: Option<&[u8]>) -> Result<AppliedState, StateMachineError> {
+    pub fn finish_snapshot_install(
+        &self,
+        group_id: u64,
+        range: Option<&[u8]>,
+    ) -> Result<AppliedState, StateMachineError> {
         let install = {
             let mut installs = self.installs.lock();
             let install = installs.get(&group_id).ok_or_else(|| no_install(group_id))?;

@@ -27,8 +27,8 @@ use rustc_hash::FxHashMap;
 
 use crate::disk::{Disk, RedbFile};
 use crate::lsm::merge::{Input, MemSource, Merge};
-use crate::lsm::sealed::{seal, unseal};
 use crate::lsm::run::{block_key, delete_blocks, run_of_block_key, Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
+use crate::lsm::sealed::{seal, unseal};
 use crate::lsm::version::{RangeTombstone, Version, RANGE_TOMBSTONES};
 use crate::snapshot::Install;
 
@@ -80,7 +80,10 @@ impl std::error::Error for StateMachineError {}
 
 /// Runs work that reads or writes the redb file: a panic inside it (damage redb did not detect, which it may
 /// trust and trip over) becomes a storage error, so the node stops with the reason instead of losing a thread.
-pub(crate) fn guard<T>(what: &str, work: impl FnOnce() -> Result<T, StateMachineError>) -> Result<T, StateMachineError> {
+pub(crate) fn guard<T>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, StateMachineError>,
+) -> Result<T, StateMachineError> {
     crate::panics::catch(what, work).map_err(|reason| storage(format!("{reason} (the state file is damaged)")))?
 }
 
@@ -173,16 +176,24 @@ impl Memtables {
     }
 
     fn applied(&self, group_id: u64) -> Option<AppliedState> {
-        self.active.applied.get(&group_id).or_else(|| self.flushing.as_ref().and_then(|f| f.applied.get(&group_id))).copied()
+        self.active
+            .applied
+            .get(&group_id)
+            .or_else(|| self.flushing.as_ref().and_then(|f| f.applied.get(&group_id)))
+            .copied()
     }
 
     /// Merge inputs over `[start, end)`, newest first.
     pub(crate) fn sources<'a>(&'a self, start: &[u8], end: &[u8]) -> Vec<Input<'a>> {
         let upper = if end.is_empty() { Bound::Unbounded } else { Bound::Excluded(end) };
         let bounds = (Bound::Included(start), upper);
-        let mut inputs = vec![Input { seq: u64::MAX, source: Box::new(MemSource::new(self.active.data.range::<[u8], _>(bounds))) }];
+        let mut inputs =
+            vec![Input { seq: u64::MAX, source: Box::new(MemSource::new(self.active.data.range::<[u8], _>(bounds))) }];
         if let Some(flushing) = &self.flushing {
-            inputs.push(Input { seq: u64::MAX, source: Box::new(MemSource::new(flushing.data.range::<[u8], _>(bounds))) });
+            inputs.push(Input {
+                seq: u64::MAX,
+                source: Box::new(MemSource::new(flushing.data.range::<[u8], _>(bounds))),
+            });
         }
         inputs
     }
@@ -282,7 +293,11 @@ impl StateMachine {
 
     /// Opens (or creates) the database file at `path` on `disk` (the real file system, or a simulated one for
     /// crash tests).
-    pub fn open_on(disk: &dyn Disk, path: &Path, options: StateMachineOptions) -> Result<StateMachine, StateMachineError> {
+    pub fn open_on(
+        disk: &dyn Disk,
+        path: &Path,
+        options: StateMachineOptions,
+    ) -> Result<StateMachine, StateMachineError> {
         match disk.open_redb(path).map_err(|e| storage(format!("opening {}: {e}", path.display())))? {
             RedbFile::Std(file) => StateMachine::open_with_backend(file, options),
             RedbFile::Sim(file) => StateMachine::open_with_backend(file, options),
@@ -297,7 +312,11 @@ impl StateMachine {
         options.validate()?;
         guard("opening the state file", || {
             let check = options.check_integrity_on_open;
-            let db = Database::builder().set_cache_size(options.cache_bytes).set_check_integrity_on_open(check).create_with_backend(backend).map_err(storage)?;
+            let db = Database::builder()
+                .set_cache_size(options.cache_bytes)
+                .set_check_integrity_on_open(check)
+                .create_with_backend(backend)
+                .map_err(storage)?;
             let machine = StateMachine::from_database(db, options)?;
             if check {
                 machine.verify_blocks()?;
@@ -344,7 +363,10 @@ impl StateMachine {
             }
             // A recorded run without blocks would read as "no such key": corruption, not an empty run.
             if let Some(run) = version.runs.iter().find(|run| !stored.contains(&run.id)) {
-                return Err(storage(format!("corrupt state machine: run {} ({} entries) has a record but no blocks", run.id, run.entries)));
+                return Err(storage(format!(
+                    "corrupt state machine: run {} ({} entries) has a record but no blocks",
+                    run.id, run.entries
+                )));
             }
             drop(blocks);
             write.commit().map_err(storage)?;
@@ -401,7 +423,8 @@ impl StateMachine {
         *version = Arc::new(change(&version));
         metrics::gauge!("flotilla_state_machine_runs").set(version.runs.len() as f64);
         metrics::gauge!("flotilla_state_machine_run_bytes").set(version.run_bytes() as f64);
-        metrics::gauge!("flotilla_state_machine_filter_bytes").set(version.runs.iter().map(|r| r.filter_bytes()).sum::<usize>() as f64);
+        metrics::gauge!("flotilla_state_machine_filter_bytes")
+            .set(version.runs.iter().map(|r| r.filter_bytes()).sum::<usize>() as f64);
     }
 
     /// The current version and a read transaction that holds every run in it.
@@ -457,10 +480,15 @@ impl StateMachine {
                     KvOp::Put { key, value } => (key, Some(value)),
                     KvOp::Delete { key } => (key, None),
                 };
-                let size = |key: &[u8], value: &Option<Vec<u8>>| key.len() as u64 + value.as_ref().map_or(0, |v| v.len() as u64);
+                let size = |key: &[u8], value: &Option<Vec<u8>>| {
+                    key.len() as u64 + value.as_ref().map_or(0, |v| v.len() as u64)
+                };
                 let added = size(&key, &value);
                 let key_len = key.len();
-                let removed = memtable.data.insert(MemKey::from_vec(key), value).map_or(0, |previous| key_len as u64 + previous.map_or(0, |v| v.len() as u64));
+                let removed = memtable
+                    .data
+                    .insert(MemKey::from_vec(key), value)
+                    .map_or(0, |previous| key_len as u64 + previous.map_or(0, |v| v.len() as u64));
                 memtable.bytes = (memtable.bytes + added).saturating_sub(removed);
             }
             memtable.applied.insert(group.group_id, (group.applied_index, group.applied_term));
@@ -532,7 +560,12 @@ impl StateMachine {
     }
 
     /// A point read in the runs of `version` through `read` (memtables not consulted).
-    pub(crate) fn get_in(&self, version: &Version, read: &ReadTransaction, key: &[u8]) -> Result<Option<Vec<u8>>, StateMachineError> {
+    pub(crate) fn get_in(
+        &self,
+        version: &Version,
+        read: &ReadTransaction,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StateMachineError> {
         let hidden_below = version.hidden_below(key);
         let blocks = read.open_table(RUN_BLOCKS).map_err(storage)?;
         for run in &version.runs {

@@ -61,7 +61,11 @@ fn wal_segments_of_real_operations_in_any_order() {
         for _ in 0..next() % 12 {
             let index = [0u64, 1, 2, 5, 100, u64::MAX / 2, u64::MAX][(next() % 7) as usize].wrapping_add(next() % 3);
             let op = match next() % 5 {
-                0 => LogOp::Append((0..1 + next() % 3).map(|i| Entry { index: index.wrapping_add(i), term: next() % 4, ..Default::default() }).collect()),
+                0 => LogOp::Append(
+                    (0..1 + next() % 3)
+                        .map(|i| Entry { index: index.wrapping_add(i), term: next() % 4, ..Default::default() })
+                        .collect(),
+                ),
                 1 => LogOp::HardState(HardState { term: next() % 4, vote: next() % 3, commit: index }),
                 2 => LogOp::Truncate { from_index: index },
                 3 => LogOp::Compact { first_kept_index: index, base_term: next() % 4 },

@@ -86,7 +86,14 @@ impl Subject for MemKvEngine {
 /// Descriptors by group, as the model expects `KvEngine::ranges` to report them.
 type Ranges = BTreeMap<u64, Vec<u8>>;
 
-fn install_random_snapshot(machine: &dyn KvEngine, rng: &mut u64, group: u64, index: u64, models: [&mut Data; 2], ranges: [&mut Ranges; 2]) {
+fn install_random_snapshot(
+    machine: &dyn KvEngine,
+    rng: &mut u64,
+    group: u64,
+    index: u64,
+    models: [&mut Data; 2],
+    ranges: [&mut Ranges; 2],
+) {
     // From the other kind of engine than most subjects: chunks must mean the same to every engine.
     let source = MemKvEngine::new(u64::MAX);
     for i in 0..3 {
@@ -165,7 +172,14 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
                 let index = next_index.entry(group).or_insert(0);
                 *index += 5;
                 let index = *index;
-                install_random_snapshot(subject.engine(), &mut rng, group, index, [&mut model, &mut checkpoint], [&mut ranges, &mut checkpoint_ranges]);
+                install_random_snapshot(
+                    subject.engine(),
+                    &mut rng,
+                    group,
+                    index,
+                    [&mut model, &mut checkpoint],
+                    [&mut ranges, &mut checkpoint_ranges],
+                );
                 checkpoint_applied.insert(group, index);
                 by_install.insert(group);
                 applied_since.remove(&group);
@@ -178,8 +192,18 @@ fn run_model(subject: &mut dyn Subject, seed: u64, steps: usize) -> Result<(), T
                 for group in next_index.keys() {
                     // Exactly: the WAL below it may be compacted away, so an index too low would lose data.
                     let expected = checkpoint_applied.get(group).copied().unwrap_or(0);
-                    prop_assert_eq!(subject.engine().durable_applied(*group).0, expected, "durable applied index of group {}", group);
-                    prop_assert_eq!(subject.engine().durable_by_install(*group), by_install.contains(group), "how group {}'s was set", group);
+                    prop_assert_eq!(
+                        subject.engine().durable_applied(*group).0,
+                        expected,
+                        "durable applied index of group {}",
+                        group
+                    );
+                    prop_assert_eq!(
+                        subject.engine().durable_by_install(*group),
+                        by_install.contains(group),
+                        "how group {}'s was set",
+                        group
+                    );
                 }
                 applied_since.clear();
                 // The raftstore replays the WAL after each group's durable applied index.

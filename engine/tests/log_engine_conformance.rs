@@ -15,7 +15,9 @@ use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raft::{Entry, HardState};
 
 fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
-    range.map(|index| Entry { index, term, data: Bytes::from(format!("e{index}t{term}")), ..Default::default() }).collect()
+    range
+        .map(|index| Entry { index, term, data: Bytes::from(format!("e{index}t{term}")), ..Default::default() })
+        .collect()
 }
 
 struct Harness<'a> {
@@ -83,7 +85,10 @@ fn conformance(engine: &dyn LogEngine) {
 
     // Many groups in one go.
     for group in 10..40 {
-        h.write(group, vec![LogOp::Append(entries(1..=2, 1)), LogOp::HardState(HardState { term: 1, vote: group, commit: 2 })]);
+        h.write(
+            group,
+            vec![LogOp::Append(entries(1..=2, 1)), LogOp::HardState(HardState { term: 1, vote: group, commit: 2 })],
+        );
     }
     for group in 10..40 {
         assert_eq!((engine.last_index(group), engine.hard_state(group).vote), (2, group));
@@ -97,7 +102,12 @@ fn the_in_memory_engine_conforms() {
 
 #[test]
 fn the_wal_on_the_simulated_disk_conforms() {
-    let (wal, _) = Wal::open(Path::new("/node/wal"), Arc::new(SimDisk::new()), WalOptions { segment_bytes_max: 512, ..WalOptions::default() }).unwrap();
+    let (wal, _) = Wal::open(
+        Path::new("/node/wal"),
+        Arc::new(SimDisk::new()),
+        WalOptions { segment_bytes_max: 512, ..WalOptions::default() },
+    )
+    .unwrap();
     conformance(&GroupCommitWal::start(wal, GroupCommitOptions::default()));
 }
 
@@ -110,6 +120,11 @@ fn the_wal_on_the_real_disk_conforms() {
 
 #[test]
 fn the_wal_written_on_the_callers_thread_conforms() {
-    let (wal, _) = Wal::open(Path::new("/node/wal"), Arc::new(SimDisk::new()), WalOptions { segment_bytes_max: 512, ..WalOptions::default() }).unwrap();
+    let (wal, _) = Wal::open(
+        Path::new("/node/wal"),
+        Arc::new(SimDisk::new()),
+        WalOptions { segment_bytes_max: 512, ..WalOptions::default() },
+    )
+    .unwrap();
     conformance(&flotilla_engine::log_engine::SyncWal::new(wal));
 }

@@ -13,14 +13,22 @@ fn fill(machine: &StateMachine, tag: &str, flush_between: bool) {
     for group in 1..=3u64 {
         let prefix = (b'a' + group as u8 - 1) as char;
         let ops = (0..200).map(|i| put(format!("{prefix}{i:04}"), format!("{tag}-{group}-{i}"))).collect();
-        machine.apply(vec![GroupApply { group_id: group, ops, applied_index: 10, applied_term: 2, range: None }]).unwrap();
+        machine
+            .apply(vec![GroupApply { group_id: group, ops, applied_index: 10, applied_term: 2, range: None }])
+            .unwrap();
         if flush_between && group == 2 {
             machine.flush().unwrap();
         }
     }
     // Some changes only in the memtable, including a deletion.
     machine
-        .apply(vec![GroupApply { group_id: 2, ops: vec![put("b0001".into(), format!("{tag}-late")), KvOp::Delete { key: b"b0002".to_vec() }], applied_index: 11, applied_term: 2, range: None }])
+        .apply(vec![GroupApply {
+            group_id: 2,
+            ops: vec![put("b0001".into(), format!("{tag}-late")), KvOp::Delete { key: b"b0002".to_vec() }],
+            applied_index: 11,
+            applied_term: 2,
+            range: None,
+        }])
         .unwrap();
 }
 
@@ -28,7 +36,14 @@ fn range(machine: &StateMachine, start: &str, end: &str) -> Vec<(Vec<u8>, Vec<u8
     machine.scan(start.as_bytes(), end.as_bytes(), usize::MAX).unwrap()
 }
 
-fn stream(source: &StateMachine, target: &StateMachine, group: u64, start: &str, end: &str, chunk_bytes: usize) -> (u64, u64) {
+fn stream(
+    source: &StateMachine,
+    target: &StateMachine,
+    group: u64,
+    start: &str,
+    end: &str,
+    chunk_bytes: usize,
+) -> (u64, u64) {
     let mut reader = source.snapshot_reader(group, start.as_bytes(), end.as_bytes(), chunk_bytes).unwrap();
     target.begin_snapshot_install(group, start.as_bytes(), end.as_bytes()).unwrap();
     let mut chunks = 0;
@@ -49,7 +64,15 @@ fn a_streamed_snapshot_replaces_exactly_the_range_and_its_applied_state() {
     fill(&source, "new", true);
     fill(&target, "old", false);
     // The target also holds a stray key inside the range that the source does not have.
-    target.apply(vec![GroupApply { group_id: 2, ops: vec![put("b9999".into(), "stray".into())], applied_index: 12, applied_term: 2, range: None }]).unwrap();
+    target
+        .apply(vec![GroupApply {
+            group_id: 2,
+            ops: vec![put("b9999".into(), "stray".into())],
+            applied_index: 12,
+            applied_term: 2,
+            range: None,
+        }])
+        .unwrap();
     let (chunks, applied) = stream(&source, &target, 2, "b", "c", 300);
     assert!(chunks >= 10, "small chunks: {chunks}");
     assert_eq!(applied, 11);

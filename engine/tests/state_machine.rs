@@ -1,7 +1,6 @@
 //! redb state machine specifics: merged scans, refused applies, range descriptors, and the background flusher
 //! and compactor under load and power loss. The behaviour every engine shares is in `kv_engine_conformance.rs`.
 
-
 use flotilla_engine::redb_sim::SimRedbBackend;
 use flotilla_engine::state_machine::{GroupApply, KvOp, StateMachine, StateMachineError, StateMachineOptions};
 
@@ -15,11 +14,23 @@ fn scans_merge_the_memtable_over_redb_with_bounds_limits_and_deletions() {
     let machine = StateMachine::open(&dir.path().join("s.redb"), StateMachineOptions::default()).unwrap();
     let put = |key: &str, value: &str| KvOp::Put { key: key.into(), value: value.into() };
     machine
-        .apply(vec![GroupApply { group_id: 1, ops: vec![put("a", "1"), put("b", "1"), put("c", "1"), put("d", "1")], applied_index: 1, applied_term: 1, range: None }])
+        .apply(vec![GroupApply {
+            group_id: 1,
+            ops: vec![put("a", "1"), put("b", "1"), put("c", "1"), put("d", "1")],
+            applied_index: 1,
+            applied_term: 1,
+            range: None,
+        }])
         .unwrap();
     machine.flush().unwrap();
     machine
-        .apply(vec![GroupApply { group_id: 1, ops: vec![put("b", "2"), KvOp::Delete { key: "c".into() }, put("bb", "2")], applied_index: 2, applied_term: 1, range: None }])
+        .apply(vec![GroupApply {
+            group_id: 1,
+            ops: vec![put("b", "2"), KvOp::Delete { key: "c".into() }, put("bb", "2")],
+            applied_index: 2,
+            applied_term: 1,
+            range: None,
+        }])
         .unwrap();
     let scan = |start: &str, end: &str, limit: usize| -> Vec<(String, String)> {
         machine
@@ -41,8 +52,11 @@ fn scans_merge_the_memtable_over_redb_with_bounds_limits_and_deletions() {
 fn applying_backwards_is_refused_and_ranges_are_stored() {
     let dir = tempfile::tempdir().unwrap();
     let machine = StateMachine::open(&dir.path().join("s.redb"), StateMachineOptions::default()).unwrap();
-    machine.apply(vec![GroupApply { group_id: 3, ops: vec![], applied_index: 10, applied_term: 2, range: None }]).unwrap();
-    let backwards = machine.apply(vec![GroupApply { group_id: 3, ops: vec![], applied_index: 9, applied_term: 2, range: None }]);
+    machine
+        .apply(vec![GroupApply { group_id: 3, ops: vec![], applied_index: 10, applied_term: 2, range: None }])
+        .unwrap();
+    let backwards =
+        machine.apply(vec![GroupApply { group_id: 3, ops: vec![], applied_index: 9, applied_term: 2, range: None }]);
     assert!(matches!(backwards, Err(StateMachineError::Invalid(_))));
     machine.put_range(3, b"descriptor").unwrap();
     assert_eq!(machine.ranges().unwrap(), vec![(3, b"descriptor".to_vec())]);
@@ -58,7 +72,13 @@ fn the_background_flusher_keeps_data_exact_and_memory_bounded() {
         StateMachine::open_with_backend(
             disk.clone(),
             // Tiny blocks and a low fanout: compactions run on their thread while flushes and applies go on.
-            StateMachineOptions { memtable_bytes_max: budget, block_bytes_max: 256, compaction_fanout: 2, runs_max: 4, ..StateMachineOptions::default() },
+            StateMachineOptions {
+                memtable_bytes_max: budget,
+                block_bytes_max: 256,
+                compaction_fanout: 2,
+                runs_max: 4,
+                ..StateMachineOptions::default()
+            },
         )
         .unwrap(),
     );
@@ -94,7 +114,15 @@ fn a_run_recorded_without_its_blocks_is_corruption_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
     let machine = StateMachine::open(&path, StateMachineOptions::default()).unwrap();
-    machine.apply(vec![GroupApply { group_id: 1, ops: vec![KvOp::Put { key: b"k".to_vec(), value: b"v".to_vec() }], applied_index: 1, applied_term: 1, range: None }]).unwrap();
+    machine
+        .apply(vec![GroupApply {
+            group_id: 1,
+            ops: vec![KvOp::Put { key: b"k".to_vec(), value: b"v".to_vec() }],
+            applied_index: 1,
+            applied_term: 1,
+            range: None,
+        }])
+        .unwrap();
     machine.flush().unwrap();
     drop(machine);
     // Lose the blocks behind the state machine's back.
@@ -116,15 +144,24 @@ fn reads_racing_flushes_compactions_and_garbage_collection_never_lose_a_key() {
     use std::sync::Arc;
     const KEYS: u64 = 300;
     let key = |i: u64| format!("k{i:04}").into_bytes();
-    let version_of = |value: &[u8]| -> u64 { String::from_utf8_lossy(value).rsplit('-').next().unwrap().parse().unwrap() };
+    let version_of =
+        |value: &[u8]| -> u64 { String::from_utf8_lossy(value).rsplit('-').next().unwrap().parse().unwrap() };
     let dir = tempfile::tempdir().unwrap();
     // Tiny memtables and blocks, fanout 2: flushes, compactions and garbage deletions every few milliseconds.
-    let options = StateMachineOptions { memtable_bytes_max: 2048, block_bytes_max: 128, compaction_fanout: 2, runs_max: 4, ..StateMachineOptions::default() };
+    let options = StateMachineOptions {
+        memtable_bytes_max: 2048,
+        block_bytes_max: 128,
+        compaction_fanout: 2,
+        runs_max: 4,
+        ..StateMachineOptions::default()
+    };
     let machine = Arc::new(StateMachine::open(&dir.path().join("s.redb"), options).unwrap());
     let flusher = BackgroundFlusher::start(Arc::clone(&machine));
     let put_all = |round: u64, index: u64| {
         let ops = (0..KEYS).map(|i| KvOp::Put { key: key(i), value: format!("v-{round}").into_bytes() }).collect();
-        let over = machine.apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1, range: None }]).unwrap();
+        let over = machine
+            .apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1, range: None }])
+            .unwrap();
         flusher.after_apply(over).unwrap();
     };
     put_all(0, 1);
@@ -140,7 +177,11 @@ fn reads_racing_flushes_compactions_and_garbage_collection_never_lose_a_key() {
                     let i = (rng >> 33) % KEYS;
                     let value = machine.get(&key(i)).unwrap().unwrap_or_else(|| panic!("key {i} vanished"));
                     let version = version_of(&value);
-                    assert!(version >= seen[i as usize], "key {i} went back from version {} to {version}", seen[i as usize]);
+                    assert!(
+                        version >= seen[i as usize],
+                        "key {i} went back from version {} to {version}",
+                        seen[i as usize]
+                    );
                     seen[i as usize] = version;
                     if reads % 50 == 0 {
                         let all = machine.scan(b"", b"", usize::MAX).unwrap();
@@ -194,7 +235,15 @@ fn damaged_run_records_filters_range_deletions_and_descriptors_are_reported_neve
     let build = |path: &std::path::Path| {
         let machine = StateMachine::open(path, StateMachineOptions::default()).unwrap();
         let ops = keys.iter().map(|key| KvOp::Put { key: key.clone(), value: b"value".to_vec() }).collect();
-        machine.apply(vec![GroupApply { group_id: 1, ops, applied_index: 7, applied_term: 1, range: Some(b"descriptor".to_vec()) }]).unwrap();
+        machine
+            .apply(vec![GroupApply {
+                group_id: 1,
+                ops,
+                applied_index: 7,
+                applied_term: 1,
+                range: Some(b"descriptor".to_vec()),
+            }])
+            .unwrap();
         machine.flush().unwrap();
         machine.put_range(2, b"another descriptor").unwrap();
         flotilla_engine::kv_engine::clear_group(&machine, 3, b"x", b"y", b"cleared").unwrap();
@@ -202,7 +251,9 @@ fn damaged_run_records_filters_range_deletions_and_descriptors_are_reported_neve
     let refused = |path: &std::path::Path| -> String {
         match StateMachine::open(path, StateMachineOptions::default()).and_then(|machine| {
             machine.ranges()?;
-            keys.iter().try_for_each(|key| machine.get(key).map(|value| assert_eq!(value.as_deref(), Some(&b"value"[..]), "a wrong answer")))
+            keys.iter().try_for_each(|key| {
+                machine.get(key).map(|value| assert_eq!(value.as_deref(), Some(&b"value"[..]), "a wrong answer"))
+            })
         }) {
             Err(StateMachineError::Storage(message)) => message,
             other => panic!("damage went unnoticed: {other:?}"),

@@ -43,7 +43,11 @@ impl ModelGroup {
             LogOp::Compact { first_kept_index, base_term } => {
                 if *first_kept_index > self.first_index() {
                     let drop = (first_kept_index - self.first_index()) as usize;
-                    assert_eq!(self.entries[drop - 1].term, *base_term, "the model only generates truthful compactions");
+                    assert_eq!(
+                        self.entries[drop - 1].term,
+                        *base_term,
+                        "the model only generates truthful compactions"
+                    );
                     self.entries.drain(..drop);
                     self.base = (first_kept_index - 1, *base_term);
                 }
@@ -101,7 +105,12 @@ fn random_op(rng: &mut u64, group: &ModelGroup, term: u64) -> LogOp {
             let size = next(200) as usize;
             LogOp::Append(
                 (start..start + count)
-                    .map(|index| Entry { index, term, data: Bytes::from(vec![index as u8; size]), ..Default::default() })
+                    .map(|index| Entry {
+                        index,
+                        term,
+                        data: Bytes::from(vec![index as u8; size]),
+                        ..Default::default()
+                    })
                     .collect(),
             )
         }
@@ -109,7 +118,11 @@ fn random_op(rng: &mut u64, group: &ModelGroup, term: u64) -> LogOp {
         7 if last >= first => LogOp::Truncate { from_index: first + next(last - first + 1) },
         8 if last >= first => {
             let first_kept_index = first + next(last - first + 2);
-            let base_term = if first_kept_index == first { group.base.1 } else { group.entries[(first_kept_index - first - 1) as usize].term };
+            let base_term = if first_kept_index == first {
+                group.base.1
+            } else {
+                group.entries[(first_kept_index - first - 1) as usize].term
+            };
             LogOp::Compact { first_kept_index, base_term }
         }
         9 => LogOp::Snapshot { index: (last + next(5)).max(1), term },
@@ -122,7 +135,13 @@ fn options(segment_bytes_max: u64) -> WalOptions {
 }
 
 fn options_with_cache(segment_bytes_max: u64, entry_cache_bytes_max: u64) -> WalOptions {
-    WalOptions { segment_bytes_max, record_batch_bytes_max: 1 << 30, sync: true, entry_cache_bytes_max, ..WalOptions::default() }
+    WalOptions {
+        segment_bytes_max,
+        record_batch_bytes_max: 1 << 30,
+        sync: true,
+        entry_cache_bytes_max,
+        ..WalOptions::default()
+    }
 }
 
 proptest! {
@@ -189,14 +208,17 @@ proptest! {
 }
 
 fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
-    range.map(|index| Entry { index, term, data: Bytes::from(format!("entry {index}")), ..Default::default() }).collect()
+    range
+        .map(|index| Entry { index, term, data: Bytes::from(format!("entry {index}")), ..Default::default() })
+        .collect()
 }
 
 /// A WAL on `disk` with small segments, holding `rounds` appends of `per_round` entries (of terms 1, 2, …) for
 /// `group`.
 fn wal_with_rounds(disk: &SimDisk, segment_bytes_max: u64, group: u64, rounds: u64, per_round: u64) -> Wal {
     let dir = Path::new("/node/wal");
-    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max, ..WalOptions::default() }).unwrap();
+    let (mut wal, _) =
+        Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max, ..WalOptions::default() }).unwrap();
     for term in 1..=rounds {
         let first = (term - 1) * per_round + 1;
         wal.write(&[(group, LogOp::Append(entries(first..=first + per_round - 1, term)))]).unwrap();
@@ -227,7 +249,9 @@ fn a_torn_tail_is_reported_and_overwritten_by_the_next_write() {
     drop(wal);
     let (wal, report) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
     assert_eq!(wal.entries(1, 1, 5, u64::MAX).unwrap(), [entries(1..=3, 1), entries(4..=4, 2)].concat());
-    assert!(report.torn_tail.is_none() || report.torn_tail.as_ref().is_some_and(|(_, at, _)| *at as usize > durable_len));
+    assert!(
+        report.torn_tail.is_none() || report.torn_tail.as_ref().is_some_and(|(_, at, _)| *at as usize > durable_len)
+    );
 }
 
 #[test]
@@ -271,9 +295,15 @@ fn invalid_operations_are_refused_before_anything_is_written() {
     let (mut wal, _) = Wal::open(Path::new("/w"), Arc::new(disk), WalOptions::default()).unwrap();
     wal.write(&[(1, LogOp::Append(entries(1..=3, 1)))]).unwrap();
     assert!(matches!(wal.write(&[(1, LogOp::Append(entries(6..=7, 1)))]), Err(WalError::Invalid(_))));
-    assert!(matches!(wal.write(&[(1, LogOp::Compact { first_kept_index: 9, base_term: 1 })]), Err(WalError::Invalid(_))));
+    assert!(matches!(
+        wal.write(&[(1, LogOp::Compact { first_kept_index: 9, base_term: 1 })]),
+        Err(WalError::Invalid(_))
+    ));
     assert!(matches!(wal.write(&[(1, LogOp::Snapshot { index: 0, term: 1 })]), Err(WalError::Invalid(_))));
-    assert!(matches!(wal.write(&[(1, LogOp::Compact { first_kept_index: 3, base_term: 7 })]), Err(WalError::Invalid(_))), "a wrong base term");
+    assert!(
+        matches!(wal.write(&[(1, LogOp::Compact { first_kept_index: 3, base_term: 7 })]), Err(WalError::Invalid(_))),
+        "a wrong base term"
+    );
     assert_eq!(wal.group(1).unwrap().last_index(), 3);
 }
 
@@ -281,7 +311,9 @@ fn invalid_operations_are_refused_before_anything_is_written() {
 fn the_real_disk_round_trips_across_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let disk: Arc<dyn Disk> = Arc::new(StdDisk);
-    let (mut wal, _) = Wal::open(dir.path(), Arc::clone(&disk), WalOptions { segment_bytes_max: 1024, ..WalOptions::default() }).unwrap();
+    let (mut wal, _) =
+        Wal::open(dir.path(), Arc::clone(&disk), WalOptions { segment_bytes_max: 1024, ..WalOptions::default() })
+            .unwrap();
     for group in 1..=20u64 {
         wal.write(&[
             (group, LogOp::Append(entries(1..=10, 2))),
@@ -380,7 +412,9 @@ mod group_commit {
             request.attachment = Some(Box::new(text.to_string()));
             request
         };
-        let text_of = |done: flotilla_engine::wal::group_commit::Persisted| *done.attachment.expect("returned").downcast::<String>().expect("untouched");
+        let text_of = |done: flotilla_engine::wal::group_commit::Persisted| {
+            *done.attachment.expect("returned").downcast::<String>().expect("untouched")
+        };
         committer.submit(WriteRequest::new(1, 1, vec![LogOp::Append(entries(1..=2, 1))], reply.clone())).unwrap();
         assert!(wait().attachment.is_none());
         let segment = dir.join("00000000000000000001.wal");
@@ -402,7 +436,9 @@ mod group_commit {
     fn purging_through_the_writer_bounds_the_wal_while_writes_continue() {
         let disk = SimDisk::new();
         let dir = Path::new("/node/wal");
-        let (wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 4096, ..WalOptions::default() }).unwrap();
+        let (wal, _) =
+            Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 4096, ..WalOptions::default() })
+                .unwrap();
         let committer = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
         let (reply, persisted) = crossbeam_channel::unbounded();
         // A laggard that never compacts.
@@ -450,7 +486,9 @@ mod group_commit {
         for seed in 0..20u64 {
             let disk = SimDisk::new();
             let dir = Path::new("/node/wal");
-            let (wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 8192, ..WalOptions::default() }).unwrap();
+            let (wal, _) =
+                Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: 8192, ..WalOptions::default() })
+                    .unwrap();
             let committer = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
             let (reply, persisted) = crossbeam_channel::unbounded();
             let producers: Vec<_> = (1..=4u64)
@@ -478,9 +516,13 @@ mod group_commit {
             disk.crash(|_, unsynced| unsynced * (seed as usize % 5) / 4);
             let (wal, _) = Wal::open(dir, Arc::new(disk), WalOptions::default()).unwrap();
             for group in 1..=4u64 {
-                let last_answered = answered.iter().filter(|p| p.group_id == group).map(|p| p.ready_number).max().unwrap_or(0);
+                let last_answered =
+                    answered.iter().filter(|p| p.group_id == group).map(|p| p.ready_number).max().unwrap_or(0);
                 let last = wal.group(group).map_or(0, |g| g.last_index());
-                assert!(last >= last_answered * 2, "seed {seed}: group {group} answered ready {last_answered} but holds only {last}");
+                assert!(
+                    last >= last_answered * 2,
+                    "seed {seed}: group {group} answered ready {last_answered} but holds only {last}"
+                );
                 assert!(last <= 800, "never more than was written");
                 if last > 0 {
                     assert_eq!(wal.entries(group, 1, last + 1, u64::MAX).unwrap(), entries(1..=last, 1), "seed {seed}");
@@ -535,9 +577,15 @@ fn one_lagging_group_does_not_pin_the_wal_and_costs_only_its_own_rewrite() {
     let dir = Path::new("/node/wal");
     // Segments of about four frames (a frame is at least 4 KiB).
     const SEGMENT: u64 = 16 << 10;
-    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: SEGMENT, ..WalOptions::default() }).unwrap();
+    let (mut wal, _) =
+        Wal::open(dir, Arc::new(disk.clone()), WalOptions { segment_bytes_max: SEGMENT, ..WalOptions::default() })
+            .unwrap();
     // The laggard writes a little early on and then never compacts.
-    wal.write(&[(99, LogOp::Append(entries(1..=3, 1))), (99, LogOp::HardState(HardState { term: 1, vote: 1, commit: 3 }))]).unwrap();
+    wal.write(&[
+        (99, LogOp::Append(entries(1..=3, 1))),
+        (99, LogOp::HardState(HardState { term: 1, vote: 1, commit: 3 })),
+    ])
+    .unwrap();
     // Busy groups write a lot and compact as they go.
     for round in 1..=60u64 {
         for group in 1..=4u64 {
@@ -549,12 +597,16 @@ fn one_lagging_group_does_not_pin_the_wal_and_costs_only_its_own_rewrite() {
     let state = wal.state();
     // A segment holds its header, up to SEGMENT of frames and one more, and its seal.
     let segment_bytes_max = SEGMENT + 2 * 4096;
-    assert!(state.pinned_bytes(99) >= state.total_bytes() - segment_bytes_max, "the laggard pins (almost) the whole WAL");
+    assert!(
+        state.pinned_bytes(99) >= state.total_bytes() - segment_bytes_max,
+        "the laggard pins (almost) the whole WAL"
+    );
     assert!(state.pinned_bytes(1) < 3 * segment_bytes_max, "a busy group pins only its recent segments");
     let most = state.most_pinned(3);
     assert_eq!((most.len(), most[0]), (3, (99, state.pinned_bytes(99))), "the laggard heads the exported list");
     assert_eq!(state.max_pinned_bytes(), (state.pinned_bytes(99), 99));
-    let mut every: Vec<(u64, u64)> = [1, 2, 3, 4, 99].map(|g| (g, state.pinned_bytes(g))).into_iter().filter(|(_, b)| *b > 0).collect();
+    let mut every: Vec<(u64, u64)> =
+        [1, 2, 3, 4, 99].map(|g| (g, state.pinned_bytes(g))).into_iter().filter(|(_, b)| *b > 0).collect();
     every.sort_by_key(|&(group, bytes)| (std::cmp::Reverse(bytes), group));
     assert_eq!(state.most_pinned(10), every, "the one-lookup-per-group ranking agrees with each group's own sum");
     assert_eq!(state.most_pinned(2), every[..2]);
@@ -588,7 +640,8 @@ fn model_run(seed: u64, groups: u64, writes: usize, segment_kib: u64, cache_byte
     let dir = Path::new("/node/wal");
     let mut rng = seed | 1;
     let mut model = Model::new();
-    let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options_with_cache(segment_kib << 10, cache_bytes)).unwrap();
+    let (mut wal, _) =
+        Wal::open(dir, Arc::new(disk.clone()), options_with_cache(segment_kib << 10, cache_bytes)).unwrap();
     for write in 0..writes {
         let mut ops = Vec::new();
         let mut staged = model.clone();
@@ -644,7 +697,8 @@ fn model_run_trace() {
 
 #[test]
 fn reads_outside_the_log_are_refused_even_when_the_cache_held_those_entries() {
-    let (mut wal, _) = Wal::open(Path::new("/w"), Arc::new(SimDisk::new()), options_with_cache(1 << 20, 1 << 20)).unwrap();
+    let (mut wal, _) =
+        Wal::open(Path::new("/w"), Arc::new(SimDisk::new()), options_with_cache(1 << 20, 1 << 20)).unwrap();
     wal.write(&[(1, LogOp::Append(entries(1..=5, 1)))]).unwrap();
     wal.write(&[(1, LogOp::Truncate { from_index: 4 })]).unwrap();
     assert!(matches!(wal.entries(1, 3, 6, u64::MAX), Err(WalError::Invalid(_))));
@@ -658,7 +712,11 @@ mod recycling {
     use super::*;
 
     fn recycled_files(disk: &SimDisk, dir: &Path) -> usize {
-        disk.list(dir).unwrap().iter().filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("recycle-")).count()
+        disk.list(dir)
+            .unwrap()
+            .iter()
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("recycle-"))
+            .count()
     }
 
     /// Group 1 writes `rounds` appends and compacts behind itself, so purges can free old segments.
@@ -755,7 +813,9 @@ mod lost_suffix {
         match Wal::open(dir, Arc::new(disk.clone()), options(SEGMENT_BYTES)) {
             Err(WalError::Corruption { path, offset, reason }) => (path, offset, reason),
             Err(other) => panic!("{other}"),
-            Ok((wal, report)) => panic!("a lost suffix went unnoticed: {report:?}, last index {}", wal.group(1).unwrap().last_index()),
+            Ok((wal, report)) => {
+                panic!("a lost suffix went unnoticed: {report:?}, last index {}", wal.group(1).unwrap().last_index())
+            }
         }
     }
 
@@ -833,7 +893,10 @@ mod lost_suffix {
                 let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options(SEGMENT_BYTES))
                     .unwrap_or_else(|e| panic!("sync {succeeding} failed, {kept_per_mille} ‰ kept: {e}"));
                 let recovered = wal.group(1).unwrap().last_index();
-                assert!(recovered == index || recovered == index + 1, "sync {succeeding}, {kept_per_mille} ‰: {recovered} of {index}");
+                assert!(
+                    recovered == index || recovered == index + 1,
+                    "sync {succeeding}, {kept_per_mille} ‰: {recovered} of {index}"
+                );
                 // And it goes on: the next writes land and survive a reopen.
                 wal.write(&[(1, LogOp::Append(entries(recovered + 1..=recovered + 3, 2)))]).unwrap();
                 drop(wal);

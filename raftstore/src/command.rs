@@ -56,7 +56,13 @@ impl Op {
     /// Sets `value` if the current value is `expected` (`None`: the key must be absent).
     pub fn compare_and_set(key: impl Into<Vec<u8>>, expected: Option<Vec<u8>>, value: impl Into<Vec<u8>>) -> Op {
         let expect_absent = expected.is_none();
-        Op { kind: OpKind::CompareAndSet as i32, key: key.into(), value: value.into(), expected: expected.unwrap_or_default(), expect_absent }
+        Op {
+            kind: OpKind::CompareAndSet as i32,
+            key: key.into(),
+            value: value.into(),
+            expected: expected.unwrap_or_default(),
+            expect_absent,
+        }
     }
 }
 
@@ -110,7 +116,9 @@ pub enum ApplyError {
 impl std::fmt::Display for ApplyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ApplyError::Undecodable { index, reason } => write!(f, "committed entry {index} is not a command: {reason}"),
+            ApplyError::Undecodable { index, reason } => {
+                write!(f, "committed entry {index} is not a command: {reason}")
+            }
             ApplyError::Engine(error) => write!(f, "{error}"),
         }
     }
@@ -168,11 +176,20 @@ impl Overlay {
 
 impl ApplyBatch {
     pub fn new(group_id: u64) -> ApplyBatch {
-        ApplyBatch { group: GroupApply { group_id, ..Default::default() }, applied: Vec::new(), overlay: Overlay::default() }
+        ApplyBatch {
+            group: GroupApply { group_id, ..Default::default() },
+            applied: Vec::new(),
+            overlay: Overlay::default(),
+        }
     }
 
     /// Applies the commands among `entries` (no-ops and membership changes only advance the applied index).
-    pub fn apply(&mut self, engine: &dyn KvEngine, descriptor: &RangeDescriptor, entries: &[Entry]) -> Result<(), ApplyError> {
+    pub fn apply(
+        &mut self,
+        engine: &dyn KvEngine,
+        descriptor: &RangeDescriptor,
+        entries: &[Entry],
+    ) -> Result<(), ApplyError> {
         for entry in entries {
             (self.group.applied_index, self.group.applied_term) = (entry.index, entry.term);
             if entry.is_conf_change() || entry.data.is_empty() {
@@ -192,7 +209,13 @@ impl ApplyBatch {
     }
 }
 
-fn apply_command(engine: &dyn KvEngine, descriptor: &RangeDescriptor, command: Command, overlay: &mut Overlay, ops: &mut Vec<KvOp>) -> Result<Outcome, ApplyError> {
+fn apply_command(
+    engine: &dyn KvEngine,
+    descriptor: &RangeDescriptor,
+    command: Command,
+    overlay: &mut Overlay,
+    ops: &mut Vec<KvOp>,
+) -> Result<Outcome, ApplyError> {
     let keys: Vec<&[u8]> = command.ops.iter().map(|op| op.key.as_slice()).collect();
     if let Err(refusal) = descriptor.check(&keys, command.epoch) {
         return Ok(Outcome::Refused(refusal));
@@ -204,7 +227,8 @@ fn apply_command(engine: &dyn KvEngine, descriptor: &RangeDescriptor, command: C
                 Some(value) => value.map(<[u8]>::to_vec),
                 None => engine.get(&op.key).map_err(ApplyError::Engine)?,
             };
-            let holds = if op.expect_absent { current.is_none() } else { current.as_deref() == Some(op.expected.as_slice()) };
+            let holds =
+                if op.expect_absent { current.is_none() } else { current.as_deref() == Some(op.expected.as_slice()) };
             if !holds {
                 return Ok(Outcome::PreconditionFailed { op: position, current });
             }
@@ -225,7 +249,13 @@ mod tests {
     use super::*;
 
     fn range() -> RangeDescriptor {
-        RangeDescriptor { group_id: 4, start: b"a".to_vec(), end: b"m".to_vec(), epoch: Some(RangeEpoch { version: 2, conf_version: 1 }), replicas: vec![] }
+        RangeDescriptor {
+            group_id: 4,
+            start: b"a".to_vec(),
+            end: b"m".to_vec(),
+            epoch: Some(RangeEpoch { version: 2, conf_version: 1 }),
+            replicas: vec![],
+        }
     }
 
     fn entry(index: u64, command: &Command) -> Entry {
@@ -294,7 +324,11 @@ mod tests {
     #[test]
     fn commands_that_no_longer_fit_the_range_are_refused_at_apply() {
         let engine = MemKvEngine::new(u64::MAX);
-        let stale = Command { request_id: 1, epoch: Some(RangeEpoch { version: 1, conf_version: 1 }), ops: vec![Op::put("b", "1")] };
+        let stale = Command {
+            request_id: 1,
+            epoch: Some(RangeEpoch { version: 1, conf_version: 1 }),
+            ops: vec![Op::put("b", "1")],
+        };
         let outside = command(2, vec![Op::put("z", "1")]);
         let outcomes = apply(&engine, &[entry(1, &stale), entry(2, &outside)]);
         assert!(matches!(&outcomes[0], Outcome::Refused(RangeError::StaleEpoch { .. })));

@@ -59,11 +59,25 @@ pub enum RangeError {
 
 impl std::fmt::Display for RangeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let describe = |d: &RangeDescriptor| format!("group {} serves [{:?}, {:?})", d.group_id, String::from_utf8_lossy(&d.start), String::from_utf8_lossy(&d.end));
+        let describe = |d: &RangeDescriptor| {
+            format!(
+                "group {} serves [{:?}, {:?})",
+                d.group_id,
+                String::from_utf8_lossy(&d.start),
+                String::from_utf8_lossy(&d.end)
+            )
+        };
         match self {
-            RangeError::KeyNotInRange { key, current } => write!(f, "key {:?} is not in this range: {}", String::from_utf8_lossy(key), describe(current)),
+            RangeError::KeyNotInRange { key, current } => {
+                write!(f, "key {:?} is not in this range: {}", String::from_utf8_lossy(key), describe(current))
+            }
             RangeError::StaleEpoch { sent, current } => {
-                write!(f, "request routed with epoch {sent:?}, the range is at {:?}: {}", current.epoch.unwrap_or_default(), describe(current))
+                write!(
+                    f,
+                    "request routed with epoch {sent:?}, the range is at {:?}: {}",
+                    current.epoch.unwrap_or_default(),
+                    describe(current)
+                )
             }
             RangeError::BatchSpansRanges { first_outside, current } => write!(
                 f,
@@ -112,7 +126,9 @@ impl RangeDescriptor {
         match keys.iter().position(|key| !self.contains(key)) {
             None => Ok(()),
             Some(0) => Err(RangeError::KeyNotInRange { key: keys[0].to_vec(), current: Box::new(self.clone()) }),
-            Some(at) => Err(RangeError::BatchSpansRanges { first_outside: keys[at].to_vec(), current: Box::new(self.clone()) }),
+            Some(at) => {
+                Err(RangeError::BatchSpansRanges { first_outside: keys[at].to_vec(), current: Box::new(self.clone()) })
+            }
         }
     }
 
@@ -173,15 +189,29 @@ mod tests {
 
     #[test]
     fn requests_outside_the_range_or_with_another_epoch_get_typed_errors() {
-        let range = RangeDescriptor { group_id: 7, start: b"b".to_vec(), end: b"d".to_vec(), epoch: Some(RangeEpoch { version: 3, conf_version: 2 }), replicas: vec![] };
+        let range = RangeDescriptor {
+            group_id: 7,
+            start: b"b".to_vec(),
+            end: b"d".to_vec(),
+            epoch: Some(RangeEpoch { version: 3, conf_version: 2 }),
+            replicas: vec![],
+        };
         assert_eq!(range.check(&[b"b", b"c"], Some(range.epoch())), Ok(()));
         assert_eq!(range.check(&[b"c"], None), Ok(()), "no epoch sent: the key check alone");
-        assert!(matches!(range.check(&[b"d"], None), Err(RangeError::KeyNotInRange { key, current }) if key == b"d" && *current == range));
-        assert!(matches!(range.check(&[b"c", b"a"], None), Err(RangeError::BatchSpansRanges { first_outside, .. }) if first_outside == b"a"));
+        assert!(
+            matches!(range.check(&[b"d"], None), Err(RangeError::KeyNotInRange { key, current }) if key == b"d" && *current == range)
+        );
+        assert!(
+            matches!(range.check(&[b"c", b"a"], None), Err(RangeError::BatchSpansRanges { first_outside, .. }) if first_outside == b"a")
+        );
         let stale = RangeEpoch { version: 2, conf_version: 2 };
         assert!(matches!(range.check(&[b"c"], Some(stale)), Err(RangeError::StaleEpoch { sent, .. }) if sent == stale));
         let other_members = RangeEpoch { version: 3, conf_version: 1 };
-        assert_eq!(range.check(&[b"c"], Some(other_members)), Ok(()), "a membership change leaves the range's keys where they were");
+        assert_eq!(
+            range.check(&[b"c"], Some(other_members)),
+            Ok(()),
+            "a membership change leaves the range's keys where they were"
+        );
         assert_eq!(RangeDescriptor::decode_stored(&range.encode()).unwrap(), range);
         assert!(range.check(&[b"d"], None).unwrap_err().to_string().contains("group 7 serves"));
     }
@@ -190,7 +220,8 @@ mod tests {
     fn any_stored_bytes_decode_or_fail_without_panicking() {
         // A real descriptor's bytes, mutated, and random bytes (the cargo-fuzz target `range_and_layout` runs the
         // same for longer).
-        let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: id == 3 }).collect();
+        let replicas: Vec<Replica> =
+            (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: id == 3 }).collect();
         let real = initial_ranges(4, 1, &replicas)[1].encode();
         let mut rng = 0x2545_F491_4F6C_DD1Du64;
         for round in 0..2_000 {

@@ -60,7 +60,10 @@ impl PollHandler<Counter> for Handler {
         }
         for (sender, sequence) in messages.drain(..) {
             if sequence != fsm.next_expected[sender] {
-                self.shared.failures.lock().push(format!("FSM {}: sender {sender} sent {sequence}, expected {}", fsm.id, fsm.next_expected[sender]));
+                self.shared.failures.lock().push(format!(
+                    "FSM {}: sender {sender} sent {sequence}, expected {}",
+                    fsm.id, fsm.next_expected[sender]
+                ));
             }
             fsm.next_expected[sender] = sequence + 1;
             self.shared.handled.fetch_add(1, Ordering::SeqCst);
@@ -80,7 +83,12 @@ fn start(options: BatchOptions, shared: &Shared) -> BatchSystem<Counter> {
 
 fn register(system: &BatchSystem<Counter>, ids: std::ops::Range<u64>, senders: usize, drops: &Arc<AtomicUsize>) {
     for id in ids {
-        let fsm = Box::new(Counter { id, next_expected: vec![0; senders], busy: AtomicBool::new(false), drops: Arc::clone(drops) });
+        let fsm = Box::new(Counter {
+            id,
+            next_expected: vec![0; senders],
+            busy: AtomicBool::new(false),
+            drops: Arc::clone(drops),
+        });
         assert!(system.router().register(id, fsm).is_ok(), "id {id} taken");
     }
 }
@@ -101,7 +109,10 @@ fn every_message_is_handled_once_in_order_while_many_threads_send() {
     let drops = Arc::new(AtomicUsize::new(0));
     let shared = Shared::default();
     // Small bounds everywhere, so rounds, turns and full mailboxes all happen.
-    let system = start(BatchOptions { pollers: 3, fsms_per_round_max: 16, messages_per_turn_max: 7, mailbox_capacity: 8 }, &shared);
+    let system = start(
+        BatchOptions { pollers: 3, fsms_per_round_max: 16, messages_per_turn_max: 7, mailbox_capacity: 8 },
+        &shared,
+    );
     register(&system, 0..FSMS, SENDERS, &drops);
     let full = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..SENDERS)
@@ -117,7 +128,10 @@ fn every_message_is_handled_once_in_order_while_many_threads_send() {
                             match router.send(id, message) {
                                 Ok(()) => break,
                                 Err(SendError::Full(back)) => {
-                                    assert!(Instant::now() < deadline, "FSM {id}'s mailbox stays full: it is not being polled");
+                                    assert!(
+                                        Instant::now() < deadline,
+                                        "FSM {id}'s mailbox stays full: it is not being polled"
+                                    );
                                     full.fetch_add(1, Ordering::Relaxed);
                                     message = back;
                                     std::thread::yield_now();
@@ -138,7 +152,10 @@ fn every_message_is_handled_once_in_order_while_many_threads_send() {
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(shared.handled.load(Ordering::SeqCst), total, "each message exactly once");
     assert_eq!(shared.failures.lock().clone(), Vec::<String>::new());
-    assert!(shared.round_sizes.lock().iter().all(|&size| (1..=16).contains(&size)), "rounds stay within fsms_per_round_max");
+    assert!(
+        shared.round_sizes.lock().iter().all(|&size| (1..=16).contains(&size)),
+        "rounds stay within fsms_per_round_max"
+    );
     println!("{} sends found a full mailbox and retried", full.load(Ordering::Relaxed));
     drop(system);
     assert_eq!(drops.load(Ordering::SeqCst), FSMS as usize, "dropping the system drops every FSM");
@@ -178,7 +195,18 @@ fn mailboxes_are_bounded_and_unknown_or_unregistered_ids_are_refused() {
     }
     assert_eq!(system.router().send(0, (0, 4)), Err(SendError::Full((0, 4))));
     assert_eq!(system.router().send(7, (0, 0)), Err(SendError::NotFound((0, 0))));
-    assert!(system.router().register(1, Box::new(Counter { id: 1, next_expected: vec![0], busy: AtomicBool::new(false), drops: Arc::clone(&drops) })).is_err());
+    assert!(system
+        .router()
+        .register(
+            1,
+            Box::new(Counter {
+                id: 1,
+                next_expected: vec![0],
+                busy: AtomicBool::new(false),
+                drops: Arc::clone(&drops)
+            })
+        )
+        .is_err());
     gate.wait();
     gate.wait();
     wait_until("the backlog is handled", || shared.handled.load(Ordering::SeqCst) == 4);

@@ -13,7 +13,9 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{Config, MessageType, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::message::{RemovalNotice, ReplicaMessage};
-use flotilla_raftstore::peer::{prepare_groups, MembershipChange, Peer, BOOTSTRAP_INDEX, PeerError, PeerOptions, Response, SnapshotOptions, Token};
+use flotilla_raftstore::peer::{
+    prepare_groups, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token, BOOTSTRAP_INDEX,
+};
 use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica};
 
 struct Node {
@@ -49,7 +51,8 @@ impl Node {
     /// then tells the replica — at once if it asked to be told promptly, else by its note.
     fn complete_writes(&mut self, network: &mut VecDeque<ReplicaMessage>) {
         for done in self.persisted.try_iter() {
-            let (messages, prompt) = *done.attachment.expect("attached").downcast::<(Vec<ReplicaMessage>, bool)>().expect("ours");
+            let (messages, prompt) =
+                *done.attachment.expect("attached").downcast::<(Vec<ReplicaMessage>, bool)>().expect("ours");
             network.extend(messages);
             self.peer.on_write_durable(done.ready_number, prompt);
         }
@@ -58,12 +61,21 @@ impl Node {
 
 fn descriptor() -> RangeDescriptor {
     let replicas = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
-    RangeDescriptor { group_id: 5, start: b"a".to_vec(), end: b"n".to_vec(), epoch: Some(RangeEpoch { version: 1, conf_version: 1 }), replicas }
+    RangeDescriptor {
+        group_id: 5,
+        start: b"a".to_vec(),
+        end: b"n".to_vec(),
+        epoch: Some(RangeEpoch { version: 1, conf_version: 1 }),
+        replicas,
+    }
 }
 
 /// Tiny chunks (a snapshot of a few keys is a stream of many chunks); hibernation after 5 idle ticks.
 fn peer_options() -> PeerOptions {
-    PeerOptions { snapshot: SnapshotOptions { chunk_bytes_max: 8, chunks_inflight_max: 3, resend_ticks: 2, timeout_ticks: 12 }, hibernate_idle_ticks: 5 }
+    PeerOptions {
+        snapshot: SnapshotOptions { chunk_bytes_max: 8, chunks_inflight_max: 3, resend_ticks: 2, timeout_ticks: 12 },
+        hibernate_idle_ticks: 5,
+    }
 }
 
 fn open_peer(id: u64, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
@@ -160,7 +172,8 @@ impl Group {
                 if matches!(&message, ReplicaMessage::Hibernate(h) if h.to == self.hibernate_lost_to) {
                     continue;
                 }
-                if matches!(&message, ReplicaMessage::Raft(m) if m.msg_type() == MessageType::Heartbeat && m.to == self.heartbeats_lost_to) {
+                if matches!(&message, ReplicaMessage::Raft(m) if m.msg_type() == MessageType::Heartbeat && m.to == self.heartbeats_lost_to)
+                {
                     continue;
                 }
                 if let (ReplicaMessage::Chunk(_), Some(every)) = (&message, self.chunk_loss_every) {
@@ -222,7 +235,11 @@ impl Group {
 
     fn response(&mut self, token: Token) -> Response {
         self.settle();
-        let at = self.responses.iter().position(|(_, t, _)| *t == token).unwrap_or_else(|| panic!("no response for {token}"));
+        let at = self
+            .responses
+            .iter()
+            .position(|(_, t, _)| *t == token)
+            .unwrap_or_else(|| panic!("no response for {token}"));
         self.responses.remove(at).2
     }
 
@@ -241,20 +258,35 @@ fn writes_apply_everywhere_and_are_answered_once_applied() {
     assert_eq!(group.put(1, 11, "c", "2"), Response::Written(Outcome::Done));
     for id in 1..=3 {
         let node = group.node(id);
-        assert_eq!((node.kv.get(b"b").unwrap(), node.kv.get(b"c").unwrap()), (Some(b"1".to_vec()), Some(b"2".to_vec())), "replica {id}");
+        assert_eq!(
+            (node.kv.get(b"b").unwrap(), node.kv.get(b"c").unwrap()),
+            (Some(b"1".to_vec()), Some(b"2".to_vec())),
+            "replica {id}"
+        );
     }
     // A failed compare-and-set is answered as such, and changes nothing.
     let cas = Command { request_id: 0, epoch: None, ops: vec![Op::compare_and_set("b", Some(b"9".to_vec()), "x")] };
     group.node(1).peer.propose(12, cas);
-    assert_eq!(group.response(12), Response::Written(Outcome::PreconditionFailed { op: 0, current: Some(b"1".to_vec()) }));
+    assert_eq!(
+        group.response(12),
+        Response::Written(Outcome::PreconditionFailed { op: 0, current: Some(b"1".to_vec()) })
+    );
 }
 
 #[test]
 fn refusals_are_typed_not_silent() {
     let mut group = Group::led_by(1);
-    assert_eq!(group.put(2, 20, "b", "1"), Response::Failed(PeerError::NotLeader { leader: 1 }), "a follower names the leader");
+    assert_eq!(
+        group.put(2, 20, "b", "1"),
+        Response::Failed(PeerError::NotLeader { leader: 1 }),
+        "a follower names the leader"
+    );
     assert!(matches!(group.put(1, 21, "z", "1"), Response::Failed(PeerError::Range(RangeError::KeyNotInRange { .. }))));
-    let stale = Command { request_id: 0, epoch: Some(RangeEpoch { version: 0, conf_version: 1 }), ops: vec![Op::put("b", "1")] };
+    let stale = Command {
+        request_id: 0,
+        epoch: Some(RangeEpoch { version: 0, conf_version: 1 }),
+        ops: vec![Op::put("b", "1")],
+    };
     group.node(1).peer.propose(22, stale);
     assert!(matches!(group.response(22), Response::Failed(PeerError::Range(RangeError::StaleEpoch { .. }))));
     group.node(3).peer.read(23);
@@ -267,7 +299,11 @@ fn a_read_is_ready_only_once_the_leader_has_applied_what_it_confirmed() {
     group.put(1, 30, "b", "1");
     group.node(1).peer.read(31);
     assert_eq!(group.response(31), Response::ReadReady);
-    assert_eq!(group.node(1).kv.get(b"b").unwrap(), Some(b"1".to_vec()), "the read sees the write acknowledged before it");
+    assert_eq!(
+        group.node(1).kv.get(b"b").unwrap(),
+        Some(b"1".to_vec()),
+        "the read sees the write acknowledged before it"
+    );
 }
 
 #[test]
@@ -327,7 +363,10 @@ fn a_commit_index_change_alone_is_not_written_and_a_replica_restarted_with_it_be
     let log_writes = |group: &Group| group.nodes.iter().map(|node| node.log_writes).collect::<Vec<u64>>();
     let before = log_writes(&group);
     assert_eq!(group.put(1, 81, "c", "2"), Response::Written(Outcome::Done));
-    assert!(group.tick_until(10, |g| (1..=3).all(|id| g.node(id).kv.get(b"c").unwrap().is_some())), "applied everywhere");
+    assert!(
+        group.tick_until(10, |g| (1..=3).all(|id| g.node(id).kv.get(b"c").unwrap().is_some())),
+        "applied everywhere"
+    );
     let written: Vec<u64> = log_writes(&group).iter().zip(before).map(|(after, before)| after - before).collect();
     assert_eq!(written, [1, 1, 1], "one log write per replica for one command");
     // So a replica's stored commit index trails what it applied. Restarted, it starts from what it applied and
@@ -337,7 +376,10 @@ fn a_commit_index_change_alone_is_not_written_and_a_replica_restarted_with_it_be
     node.peer = open_peer(3, &node.log, &node.kv);
     group.settle();
     assert_eq!(group.put(1, 82, "d", "3"), Response::Written(Outcome::Done));
-    assert!(group.tick_until(10, |g| g.node(3).kv.get(b"d").unwrap() == Some(b"3".to_vec())), "the restarted replica applies on");
+    assert!(
+        group.tick_until(10, |g| g.node(3).kv.get(b"d").unwrap() == Some(b"3".to_vec())),
+        "the restarted replica applies on"
+    );
     assert_eq!(group.node(3).peer.applied_index(), group.node(1).peer.applied_index());
 }
 
@@ -362,7 +404,8 @@ fn a_ready_with_nothing_to_persist_does_not_acknowledge_an_earlier_write_still_u
 }
 
 #[test]
-fn a_followers_answer_goes_with_its_write_and_the_follower_takes_up_the_noted_durability_when_it_next_handles_anything() {
+fn a_followers_answer_goes_with_its_write_and_the_follower_takes_up_the_noted_durability_when_it_next_handles_anything()
+{
     // As the raftstore runs: without commit broadcasts, so that no later write of the followers tells them.
     let mut group = Group::with_config(|config| {
         config.persisted_messages_in_ready = true;
@@ -382,7 +425,8 @@ fn a_followers_answer_goes_with_its_write_and_the_follower_takes_up_the_noted_du
         .unwrap()
         .iter()
         .map(|(position, request)| {
-            let (messages, prompt) = request.attachment.as_ref().unwrap().downcast_ref::<(Vec<ReplicaMessage>, bool)>().unwrap();
+            let (messages, prompt) =
+                request.attachment.as_ref().unwrap().downcast_ref::<(Vec<ReplicaMessage>, bool)>().unwrap();
             let kinds = messages.iter().map(|m| match m {
                 ReplicaMessage::Raft(m) => format!("{:?}", m.msg_type()),
                 other => format!("{other:?}"),
@@ -391,20 +435,28 @@ fn a_followers_answer_goes_with_its_write_and_the_follower_takes_up_the_noted_du
         })
         .collect();
     let answer = vec!["AppendResponse".to_string()];
-    assert_eq!(writes, vec![(0, true, vec![]), (1, false, answer.clone()), (2, false, answer)], "the leader is told at once; each follower's answer waits with its write");
+    assert_eq!(
+        writes,
+        vec![(0, true, vec![]), (1, false, answer.clone()), (2, false, answer)],
+        "the leader is told at once; each follower's answer waits with its write"
+    );
     assert!(group.responses.iter().all(|(_, token, _)| *token != 91), "nothing acknowledged before it is durable");
     group.persist_deferred();
     assert_eq!(group.response(91), Response::Written(Outcome::Done));
     // The followers were told by their notes only: they take them up when they next handle anything (the
     // leader's next heartbeat, with the commit index), and apply.
-    assert!(group.tick_until(10, |g| (2..=3).all(|id| g.node(id).kv.get(b"c").unwrap().is_some())), "applied everywhere");
+    assert!(
+        group.tick_until(10, |g| (2..=3).all(|id| g.node(id).kv.get(b"c").unwrap().is_some())),
+        "applied everywhere"
+    );
 }
 
 #[test]
 fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() {
     // A single-replica group: once it leads and has nothing waiting, time cannot matter to it.
     let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
-    let single = RangeDescriptor { replicas: vec![Replica { node_id: 1, replica_id: 1, learner: false }], ..descriptor() };
+    let single =
+        RangeDescriptor { replicas: vec![Replica { node_id: 1, replica_id: 1, learner: false }], ..descriptor() };
     let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
     prepare_groups(log.as_ref(), &kv, std::slice::from_ref(&single)).unwrap();
     let mut peer = Peer::open(Config::new(1), peer_options(), single.clone(), log_engine, &kv).unwrap();
@@ -472,8 +524,16 @@ fn a_write_at_the_index_of_an_earlier_lost_one_is_answered_written() {
     group.tick_until(100, |g| g.node(1).peer.term() >= new_term);
     group.node(leader).peer.transfer_leader(1);
     group.tick_until(100, |g| g.node(1).peer.is_leader() && g.node(1).peer.term() > new_term);
-    assert!(group.node(1).peer.is_leader() && group.node(1).peer.term() > new_term, "leadership came back: {}", group.node(1).peer.debug_state());
-    assert_eq!(group.put(1, 94, "c", "new"), Response::Written(Outcome::Done), "the write that happened is answered written");
+    assert!(
+        group.node(1).peer.is_leader() && group.node(1).peer.term() > new_term,
+        "leadership came back: {}",
+        group.node(1).peer.debug_state()
+    );
+    assert_eq!(
+        group.put(1, 94, "c", "new"),
+        Response::Written(Outcome::Done),
+        "the write that happened is answered written"
+    );
     for token in [91, 92, 93] {
         assert_eq!(group.response(token), Response::Failed(PeerError::Dropped));
     }
@@ -502,7 +562,11 @@ fn write_keys(group: &mut Group, leader: u64, count: u64, value: &str) {
 fn assert_has_keys(group: &mut Group, id: u64, count: u64, value: &str) {
     for i in 0..count {
         let key = format!("k{i:02}");
-        assert_eq!(group.node(id).kv.get(key.as_bytes()).unwrap(), Some(value.as_bytes().to_vec()), "replica {id}, {key}");
+        assert_eq!(
+            group.node(id).kv.get(key.as_bytes()).unwrap(),
+            Some(value.as_bytes().to_vec()),
+            "replica {id}, {key}"
+        );
     }
 }
 
@@ -514,7 +578,11 @@ fn a_replica_behind_the_compacted_log_catches_up_by_a_snapshot_stream_despite_lo
     group.isolated = 0;
     group.chunk_loss_every = Some(5);
     let leader_applied = group.node(1).peer.applied_index();
-    assert!(group.tick_until(200, |g| g.node(3).peer.applied_index() >= leader_applied), "replica 3 caught up: {}", group.node(3).peer.debug_state());
+    assert!(
+        group.tick_until(200, |g| g.node(3).peer.applied_index() >= leader_applied),
+        "replica 3 caught up: {}",
+        group.node(3).peer.debug_state()
+    );
     assert!(group.chunks_sent >= 10, "the snapshot went in many chunks ({})", group.chunks_sent);
     assert_has_keys(&mut group, 3, 20, "v");
     assert!(group.node(3).log.first_index(5) > 1, "replica 3's log restarts after the snapshot");
@@ -532,7 +600,10 @@ fn a_crash_between_the_state_machine_install_and_its_log_record_is_repaired_at_o
     group.deferred = Some(Vec::new());
     group.isolated = 0;
     let leader_applied = group.node(1).peer.applied_index();
-    assert!(group.tick_until(200, |g| g.node(3).kv.durable_applied(5).0 >= leader_applied), "replica 3 installed the snapshot");
+    assert!(
+        group.tick_until(200, |g| g.node(3).kv.durable_applied(5).0 >= leader_applied),
+        "replica 3 installed the snapshot"
+    );
     group.deferred = None; // the waiting writes are lost with the crash
     let node = group.node(3);
     node.kv.crash();
@@ -684,7 +755,10 @@ fn a_leader_woken_after_others_elected_a_new_one_serves_no_read_from_its_old_lea
     // answer from its lease (which would return the overwritten value); it needs a round it cannot complete.
     group.node(old).peer.read(102);
     group.settle();
-    assert!(group.responses.iter().all(|(_, token, _)| *token != 102), "no read answered from a lease held before the sleep");
+    assert!(
+        group.responses.iter().all(|(_, token, _)| *token != 102),
+        "no read answered from a lease held before the sleep"
+    );
 }
 
 impl Group {
@@ -713,28 +787,49 @@ fn a_replica_is_added_as_a_learner_caught_up_by_snapshot_promoted_and_another_re
     write_keys(&mut group, 1, 10, "v");
     group.add_empty_node(4);
     // Node 4's replica starts empty: it can only learn the group from a snapshot.
-    assert_eq!(group.change(1, 200, MembershipChange::AddLearner { node_id: 4, replica_id: 4 }), Response::Written(Outcome::Done));
+    assert_eq!(
+        group.change(1, 200, MembershipChange::AddLearner { node_id: 4, replica_id: 4 }),
+        Response::Written(Outcome::Done)
+    );
     let leader_applied = group.node(1).peer.applied_index();
-    assert!(group.tick_until(100, |g| g.node(4).peer.applied_index() >= leader_applied), "the learner caught up: {}", group.node(4).peer.debug_state());
+    assert!(
+        group.tick_until(100, |g| g.node(4).peer.applied_index() >= leader_applied),
+        "the learner caught up: {}",
+        group.node(4).peer.debug_state()
+    );
     assert_has_keys(&mut group, 4, 10, "v");
     let learner = group.node(4).peer.descriptor().clone();
-    assert_eq!((learner.start.as_slice(), learner.end.as_slice()), (b"a".as_slice(), b"n".as_slice()), "its range came with the snapshot");
+    assert_eq!(
+        (learner.start.as_slice(), learner.end.as_slice()),
+        (b"a".as_slice(), b"n".as_slice()),
+        "its range came with the snapshot"
+    );
     assert!(learner.replicas.iter().any(|r| r.replica_id == 4 && r.node_id == 4 && r.learner));
     assert_eq!(group.node(4).kv.ranges().unwrap(), vec![(5, learner.encode())], "and is stored with the install");
     // A node already holding a replica cannot take another; then the learner becomes a voter.
-    assert!(matches!(group.change(1, 201, MembershipChange::AddLearner { node_id: 4, replica_id: 9 }), Response::Failed(PeerError::Membership(_))));
+    assert!(matches!(
+        group.change(1, 201, MembershipChange::AddLearner { node_id: 4, replica_id: 9 }),
+        Response::Failed(PeerError::Membership(_))
+    ));
     assert_eq!(group.change(1, 202, MembershipChange::Promote { replica_id: 4 }), Response::Written(Outcome::Done));
     // Replica 3 leaves: it applies its own removal, and the group goes on without it (its node would destroy it).
     assert_eq!(group.change(1, 203, MembershipChange::Remove { replica_id: 3 }), Response::Written(Outcome::Done));
     assert!(group.node(3).peer.is_removed() && !group.node(2).peer.is_removed());
     let members = group.node(1).peer.descriptor().clone();
-    assert_eq!(members.replicas.iter().map(|r| (r.replica_id, r.learner)).collect::<Vec<_>>(), vec![(1, false), (2, false), (4, false)]);
+    assert_eq!(
+        members.replicas.iter().map(|r| (r.replica_id, r.learner)).collect::<Vec<_>>(),
+        vec![(1, false), (2, false), (4, false)]
+    );
     assert_eq!(members.epoch().conf_version, descriptor().epoch().conf_version + 3, "one version per change");
     group.isolated = 3;
     assert_eq!(group.put(1, 204, "b", "after"), Response::Written(Outcome::Done));
     for id in [1, 2, 4] {
         assert_eq!(group.node(id).kv.get(b"b").unwrap(), Some(b"after".to_vec()), "replica {id}");
-        assert_eq!(group.node(id).kv.ranges().unwrap(), vec![(5, members.encode())], "replica {id} stored the members with its applies");
+        assert_eq!(
+            group.node(id).kv.ranges().unwrap(),
+            vec![(5, members.encode())],
+            "replica {id} stored the members with its applies"
+        );
     }
     // Replicas 2 and 4 alone are a majority of the new configuration: they elect a leader without 1 (once its
     // node is known down: they may be asleep).

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_engine::disk::{SimDisk, StdDisk};
-use flotilla_engine::redb_sim::SimRedbBackend;
 use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
+use flotilla_engine::redb_sim::SimRedbBackend;
 use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
 use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, WriteRequest};
 use flotilla_engine::wal::record::LogOp;
@@ -32,23 +32,41 @@ struct Node {
 fn start_node(id: u64, dir: &std::path::Path, ranges: &[RangeDescriptor], transport: &Arc<InProcessTransport>) -> Node {
     let (wal, _) = Wal::open(&dir.join(format!("wal-{id}")), Arc::new(StdDisk), WalOptions::default()).unwrap();
     let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
-    let kv = Arc::new(StateMachine::open(&dir.join(format!("state-{id}.redb")), StateMachineOptions::default()).unwrap());
+    let kv =
+        Arc::new(StateMachine::open(&dir.join(format!("state-{id}.redb")), StateMachineOptions::default()).unwrap());
     let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
     let options = StoreOptions {
         node_id: id,
         tick_interval: Duration::from_millis(10),
         // Small chunks: the stream runs through many mailbox deliveries and poll rounds.
-        peer: PeerOptions { snapshot: SnapshotOptions { chunk_bytes_max: 512, ..SnapshotOptions::default() }, ..PeerOptions::default() },
+        peer: PeerOptions {
+            snapshot: SnapshotOptions { chunk_bytes_max: 512, ..SnapshotOptions::default() },
+            ..PeerOptions::default()
+        },
         ..StoreOptions::default()
     };
-    let store = Store::start(options, ranges, Arc::clone(&log) as Arc<dyn LogEngine>, Arc::clone(&kv), flusher, Arc::clone(transport) as _).unwrap();
+    let store = Store::start(
+        options,
+        ranges,
+        Arc::clone(&log) as Arc<dyn LogEngine>,
+        Arc::clone(&kv),
+        flusher,
+        Arc::clone(transport) as _,
+    )
+    .unwrap();
     transport.add_node(id, store.inbox());
     Node { id, store, log, kv }
 }
 
 /// Sends the request `make` builds to each node in turn until one answers `Done` (following refusals until
 /// `deadline`); returns the node that did. A refused membership change fails the test.
-fn until_done(nodes: &[Node], group_id: u64, deadline: Instant, what: &str, make: impl Fn(WriteReply) -> PeerMsg) -> u64 {
+fn until_done(
+    nodes: &[Node],
+    group_id: u64,
+    deadline: Instant,
+    what: &str,
+    make: impl Fn(WriteReply) -> PeerMsg,
+) -> u64 {
     loop {
         for node in nodes {
             let (reply, answer) = oneshot::channel();
@@ -102,7 +120,8 @@ fn one_group_on_three_nodes() -> OneGroup {
     let range = initial_ranges(1, 1, &replicas).remove(0);
     let group_id = range.group_id;
     let transport = Arc::new(InProcessTransport::new());
-    let nodes: Vec<Node> = (1..=3).map(|id| start_node(id, dir.path(), std::slice::from_ref(&range), &transport)).collect();
+    let nodes: Vec<Node> =
+        (1..=3).map(|id| start_node(id, dir.path(), std::slice::from_ref(&range), &transport)).collect();
     nodes[0].store.campaign_all([group_id]);
     let deadline = Instant::now() + Duration::from_secs(60);
     put(&nodes, group_id, b"first", b"1", deadline);
@@ -124,7 +143,9 @@ fn a_replica_cut_off_while_the_others_compacted_catches_up_by_snapshot() {
     let node = &nodes[2];
     // Caught up by a snapshot, not replayed entries: the data is there, and its log restarts after the snapshot
     // (a moment later: the install is durable in the state machine before its log record is written).
-    wait_until(deadline, "node 3 caught up by snapshot", || node.kv.get(b"key-0299").unwrap().is_some() && node.log.first_index(group_id) > 300);
+    wait_until(deadline, "node 3 caught up by snapshot", || {
+        node.kv.get(b"key-0299").unwrap().is_some() && node.log.first_index(group_id) > 300
+    });
     let pairs = node.kv.scan(b"key-", b"key.", usize::MAX).unwrap();
     assert_eq!(pairs.len(), 300);
     assert!(pairs.iter().all(|pair| pair.1 == value));
@@ -153,7 +174,8 @@ fn idle_groups_hibernate_wake_on_requests_and_elect_anew_once_the_leaders_node_i
     let mut nodes: Vec<Node> = (1..=3).map(|id| start_node(id, dir.path(), &ranges, &transport)).collect();
     nodes[0].store.campaign_all(ranges.iter().map(|r| r.group_id));
     let deadline = Instant::now() + Duration::from_secs(60);
-    let leaders: Vec<u64> = ranges.iter().map(|range| put(&nodes, range.group_id, &range.start, b"1", deadline)).collect();
+    let leaders: Vec<u64> =
+        ranges.iter().map(|range| put(&nodes, range.group_id, &range.start, b"1", deadline)).collect();
     // 20 idle ticks of 10 ms later every replica sleeps: the ticker visits no group on any node.
     wait_until(deadline, "every group hibernates", || nodes.iter().all(|n| n.store.ticking_groups() == 0));
     // A write wakes its group (and only it), and is served.
@@ -181,7 +203,10 @@ fn idle_groups_hibernate_wake_on_requests_and_elect_anew_once_the_leaders_node_i
 
 /// Proposes a membership change wherever the group leads.
 fn change(nodes: &[Node], group_id: u64, change: MembershipChange, deadline: Instant) {
-    until_done(nodes, group_id, deadline, &format!("{change:?}"), |reply| PeerMsg::ChangeMembership { change: change.clone(), reply });
+    until_done(nodes, group_id, deadline, &format!("{change:?}"), |reply| PeerMsg::ChangeMembership {
+        change: change.clone(),
+        reply,
+    });
 }
 
 #[test]
@@ -192,7 +217,8 @@ fn a_new_node_gets_a_replica_by_membership_change_and_a_removed_one_is_destroyed
     let group_id = range.group_id;
     let transport = Arc::new(InProcessTransport::new());
     // Node 4 starts holding nothing.
-    let nodes: Vec<Node> = (1..=4).map(|id| start_node(id, dir.path(), std::slice::from_ref(&range), &transport)).collect();
+    let nodes: Vec<Node> =
+        (1..=4).map(|id| start_node(id, dir.path(), std::slice::from_ref(&range), &transport)).collect();
     assert!(nodes[3].store.router().is_empty());
     nodes[0].store.campaign_all([group_id]);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -209,7 +235,8 @@ fn a_new_node_gets_a_replica_by_membership_change_and_a_removed_one_is_destroyed
     wait_until(deadline, "node 3 destroyed its replica", || nodes[2].store.router().is_empty());
     // Destroyed: its data and its log entries are gone; its last descriptor (without it) stays as the record.
     wait_until(deadline, "node 3 dropped the data and the log", || {
-        nodes[2].kv.scan(b"key-", b"key.", 1).unwrap().is_empty() && nodes[2].log.first_index(group_id) > nodes[2].log.last_index(group_id)
+        nodes[2].kv.scan(b"key-", b"key.", 1).unwrap().is_empty()
+            && nodes[2].log.first_index(group_id) > nodes[2].log.last_index(group_id)
     });
     let kept = RangeDescriptor::decode_stored(&nodes[2].kv.ranges().unwrap()[0].1).unwrap();
     assert!(!kept.replicas.iter().any(|r| r.node_id == 3));
@@ -245,11 +272,25 @@ fn store_on_sim_disks() -> (Store, u64, SimDisk, SimRedbBackend) {
     let (wal, _) = Wal::open(std::path::Path::new("/wal"), Arc::new(disk.clone()), WalOptions::default()).unwrap();
     let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
     let redb = SimRedbBackend::new();
-    let kv = Arc::new(StateMachine::open_with_backend(redb.clone(), StateMachineOptions { memtable_bytes_max: 4 << 10, ..StateMachineOptions::default() }).unwrap());
+    let kv = Arc::new(
+        StateMachine::open_with_backend(
+            redb.clone(),
+            StateMachineOptions { memtable_bytes_max: 4 << 10, ..StateMachineOptions::default() },
+        )
+        .unwrap(),
+    );
     let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
     let range = initial_ranges(1, 1, &[Replica { node_id: 1, replica_id: 1, learner: false }]).remove(0);
     let options = StoreOptions { node_id: 1, tick_interval: Duration::from_millis(10), ..StoreOptions::default() };
-    let store = Store::start(options, std::slice::from_ref(&range), log as Arc<dyn LogEngine>, kv, flusher, Arc::new(NoTransport)).unwrap();
+    let store = Store::start(
+        options,
+        std::slice::from_ref(&range),
+        log as Arc<dyn LogEngine>,
+        kv,
+        flusher,
+        Arc::new(NoTransport),
+    )
+    .unwrap();
     store.campaign_all([range.group_id]);
     (store, range.group_id, disk, redb)
 }
@@ -263,11 +304,12 @@ fn refusal_after_failure(store: &Store, group_id: u64) -> String {
         store.router().send(group_id, PeerMsg::Write { command, reply }).ok().expect("room");
         answer.recv_timeout(Duration::from_secs(2))
     };
-    (0..50).find_map(|attempt| match write(format!("k{attempt}").into_bytes()) {
-        Ok(Err(PeerError::Stopped(reason))) => Some(reason),
-        _ => None,
-    })
-    .expect("requests refused once the node stopped")
+    (0..50)
+        .find_map(|attempt| match write(format!("k{attempt}").into_bytes()) {
+            Ok(Err(PeerError::Stopped(reason))) => Some(reason),
+            _ => None,
+        })
+        .expect("requests refused once the node stopped")
 }
 
 #[test]

@@ -37,7 +37,8 @@ fn wal_check_reports_corruption_with_the_repair_command_and_repair_makes_it_heal
     std::fs::write(&path, &bytes).unwrap();
     let (code, text) = flotilla(&["wal-check", "--dir", dir_arg]);
     assert_eq!(code, 2, "{text}");
-    let repair = text.lines().find_map(|l| l.split(": ").nth(1).filter(|c| c.starts_with("flotilla wal-repair"))).expect(&text);
+    let repair =
+        text.lines().find_map(|l| l.split(": ").nth(1).filter(|c| c.starts_with("flotilla wal-repair"))).expect(&text);
     let args: Vec<&str> = repair.split_whitespace().skip(1).collect();
     let (code, text) = flotilla(&args);
     assert_eq!(code, 0, "{text}");
@@ -56,7 +57,8 @@ fn the_wal_tools_refuse_a_database_that_is_open() {
     let (code, text) = flotilla(&["wal-check", "--dir", wal_dir.to_str().unwrap()]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("already open"), "{text}");
-    let (code, text) = flotilla(&["wal-repair", "--dir", wal_dir.to_str().unwrap(), "--segment", "1", "--offset", "4096"]);
+    let (code, text) =
+        flotilla(&["wal-repair", "--dir", wal_dir.to_str().unwrap(), "--segment", "1", "--offset", "4096"]);
     assert_eq!(code, 2, "{text}");
     db.close().unwrap();
     let (code, text) = flotilla(&["wal-check", "--dir", wal_dir.to_str().unwrap()]);

@@ -70,7 +70,11 @@ fn acknowledged_writes_survive_close_and_drop_and_reopen() {
     {
         let db = Db::open_with(dir.path(), small_config()).unwrap();
         for i in 0..500u32 {
-            assert_eq!(db.get(&i.to_be_bytes()).unwrap(), Some(format!("value {i}").into_bytes()), "key {i} after close");
+            assert_eq!(
+                db.get(&i.to_be_bytes()).unwrap(),
+                Some(format!("value {i}").into_bytes()),
+                "key {i} after close"
+            );
         }
         db.close().unwrap();
     }

@@ -110,7 +110,9 @@ fn a_database_opens_only_with_the_node_count_and_groups_it_was_created_with() {
         db.put(b"k", b"v").unwrap();
         db.close().unwrap();
     }
-    let refused = |config: Config, expected: &str| assert_refused(Db::open_with(dir.path(), config), DbError::InvalidArgument, expected);
+    let refused = |config: Config, expected: &str| {
+        assert_refused(Db::open_with(dir.path(), config), DbError::InvalidArgument, expected)
+    };
     refused(one.clone(), "created with nodes = 3 and groups = 4");
     refused(Config { groups: 16, ..three.clone() }, "created with nodes = 3 and groups = 4");
     let db = Db::open_with(dir.path(), three.clone()).unwrap();
@@ -245,10 +247,14 @@ fn a_damaged_value_block_is_reported_as_storage_failure_promptly_and_the_node_st
     let at = find(&bytes, &marked_value(100)).expect("the value is in the state file");
     bytes[at + 5] ^= 0x01;
     std::fs::write(&path, bytes).unwrap();
-    let db = Db::open_with(dir.path(), Config { request_timeout: std::time::Duration::from_secs(30), ..small_config() }).unwrap();
+    let db =
+        Db::open_with(dir.path(), Config { request_timeout: std::time::Duration::from_secs(30), ..small_config() })
+            .unwrap();
     let started = std::time::Instant::now();
     match db.get(&keys[100]) {
-        Err(DbError::Storage(message)) => assert!(message.contains("checksum") || message.contains("corrupt"), "{message}"),
+        Err(DbError::Storage(message)) => {
+            assert!(message.contains("checksum") || message.contains("corrupt"), "{message}")
+        }
         other => panic!("a read of a damaged block: {other:?}"),
     }
     // The node stopped with the reason: every later request is refused at once, never left to time out.
@@ -311,7 +317,10 @@ fn a_zeroed_region_of_the_state_file_is_reported_never_a_panic_or_a_wrong_answer
         outcomes.push((start, outcome));
     }
     eprintln!("{outcomes:#?}");
-    let refused = outcomes.iter().filter(|(_, outcome)| outcome.starts_with("open refused") || !outcome.starts_with("0 ")).count();
+    let refused = outcomes
+        .iter()
+        .filter(|(_, outcome)| outcome.starts_with("open refused") || !outcome.starts_with("0 "))
+        .count();
     assert!(refused * 2 >= outcomes.len(), "most regions hold something a read needs: {outcomes:?}");
 }
 
@@ -319,8 +328,18 @@ fn a_zeroed_region_of_the_state_file_is_reported_never_a_panic_or_a_wrong_answer
 fn acknowledged_in_the_wal_only(keys: u32) -> (SimDisk, &'static Path, Config) {
     let disk = SimDisk::new();
     let dir = Path::new("/db");
-    let config = Config { groups: 2, wal: flotilla::engine::wal::WalOptions { segment_bytes_max: 64 << 10, ..Default::default() }, ..small_config() };
-    let config = Config { state_machine: flotilla::engine::state_machine::StateMachineOptions { memtable_bytes_max: 64 << 20, ..config.state_machine.clone() }, ..config };
+    let config = Config {
+        groups: 2,
+        wal: flotilla::engine::wal::WalOptions { segment_bytes_max: 64 << 10, ..Default::default() },
+        ..small_config()
+    };
+    let config = Config {
+        state_machine: flotilla::engine::state_machine::StateMachineOptions {
+            memtable_bytes_max: 64 << 20,
+            ..config.state_machine.clone()
+        },
+        ..config
+    };
     let db = Db::open_on(Arc::new(disk.clone()), dir, config.clone()).unwrap();
     for i in 0..keys {
         db.put(&i.to_be_bytes(), &[b'v'; 100]).unwrap();
@@ -332,7 +351,12 @@ fn acknowledged_in_the_wal_only(keys: u32) -> (SimDisk, &'static Path, Config) {
 }
 
 fn newest_segment(disk: &SimDisk, dir: &Path) -> PathBuf {
-    let mut segments: Vec<PathBuf> = disk.list(&dir.join("wal")).unwrap().into_iter().filter(|p| p.extension().is_some_and(|e| e == "wal") && !p.to_string_lossy().contains("recycle")).collect();
+    let mut segments: Vec<PathBuf> = disk
+        .list(&dir.join("wal"))
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "wal") && !p.to_string_lossy().contains("recycle"))
+        .collect();
     segments.sort();
     segments.pop().unwrap()
 }

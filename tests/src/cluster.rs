@@ -58,7 +58,11 @@ impl Cluster {
         let mut nodes = BTreeMap::new();
         for &id in voters.iter().chain(learners) {
             let mut storage = MemStorage::new_with_voters(voters);
-            storage.set_conf_state(ConfState { voters: voters.to_vec(), learners: learners.to_vec(), ..Default::default() });
+            storage.set_conf_state(ConfState {
+                voters: voters.to_vec(),
+                learners: learners.to_vec(),
+                ..Default::default()
+            });
             let mut config = Config::new(id);
             configure(&mut config);
             nodes.insert(id, SimNode::new(config, storage).expect("valid test config"));
@@ -75,7 +79,12 @@ impl Cluster {
 
     /// A cluster of `voters` whose replicas start with the given logs: `logs[i] = (id, terms)` gives the term of
     /// each entry from index 1 on; each replica's term is its last entry's term (or `term_floor`, if larger).
-    pub fn from_logs(voters: &[u64], logs: &[(u64, Vec<u64>)], term_floor: u64, configure: impl Fn(&mut Config)) -> Cluster {
+    pub fn from_logs(
+        voters: &[u64],
+        logs: &[(u64, Vec<u64>)],
+        term_floor: u64,
+        configure: impl Fn(&mut Config),
+    ) -> Cluster {
         let mut cluster = Cluster::new(&[], &[], |_| {});
         cluster.initial_voters = voters.to_vec();
         for (id, terms) in logs {
@@ -83,7 +92,12 @@ impl Cluster {
             let entries: Vec<Entry> = terms
                 .iter()
                 .enumerate()
-                .map(|(i, &term)| Entry { index: i as u64 + 1, term, data: Bytes::from(format!("{i}@{term}")), ..Default::default() })
+                .map(|(i, &term)| Entry {
+                    index: i as u64 + 1,
+                    term,
+                    data: Bytes::from(format!("{i}@{term}")),
+                    ..Default::default()
+                })
                 .collect();
             storage.append(&entries).expect("fresh storage");
             let term = terms.last().copied().unwrap_or(0).max(term_floor);
@@ -254,12 +268,8 @@ impl Cluster {
     }
 
     pub fn leader(&self) -> Option<u64> {
-        let mut leaders: Vec<(u64, u64)> = self
-            .nodes
-            .values()
-            .filter(|n| n.role() == StateRole::Leader)
-            .map(|n| (n.term(), n.id))
-            .collect();
+        let mut leaders: Vec<(u64, u64)> =
+            self.nodes.values().filter(|n| n.role() == StateRole::Leader).map(|n| (n.term(), n.id)).collect();
         leaders.sort();
         leaders.last().map(|&(_, id)| id)
     }

@@ -52,7 +52,10 @@ impl Invariants {
             self.leaders.insert(raft.term, id);
         }
         if raft.raft_log.committed < node.max_committed {
-            return Err(format!("node {id}: commit moved back from {} to {}", node.max_committed, raft.raft_log.committed));
+            return Err(format!(
+                "node {id}: commit moved back from {} to {}",
+                node.max_committed, raft.raft_log.committed
+            ));
         }
         let log = &raft.raft_log;
         let first = log.first_index();
@@ -96,9 +99,9 @@ impl Invariants {
                 match self.committed.get(&entry.index) {
                     Some(&(term, known)) if (term, known) != (entry.term, chain) => {
                         return Err(format!(
-                            "committed entry changed: node {id} has ({}, term {}) where ({}, term {term}) was committed",
-                            entry.index, entry.term, entry.index
-                        ))
+                        "committed entry changed: node {id} has ({}, term {}) where ({}, term {term}) was committed",
+                        entry.index, entry.term, entry.index
+                    ))
                     }
                     Some(_) => {}
                     None => {

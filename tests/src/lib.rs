@@ -17,7 +17,7 @@ pub mod linearizability;
 pub mod network;
 pub mod raft_sim;
 pub mod script;
-pub mod sim_node;
 pub mod seed_runs;
+pub mod sim_node;
 pub mod sim_rng;
 pub mod store_sim;

@@ -29,7 +29,10 @@ pub enum Call {
     Put(Value),
     Delete,
     /// Sets `new` if the current value is `expected` (`None`: absent).
-    CompareAndSet { expected: Option<Value>, new: Option<Value> },
+    CompareAndSet {
+        expected: Option<Value>,
+        new: Option<Value>,
+    },
 }
 
 /// What the client was told.
@@ -57,9 +60,15 @@ pub struct Operation {
 pub enum Verdict {
     Linearizable,
     /// No order of this key's operations explains what the clients saw.
-    Violation { key: Vec<u8>, operations: Vec<Operation> },
+    Violation {
+        key: Vec<u8>,
+        operations: Vec<Operation>,
+    },
     /// The search ran out of its step budget on this key.
-    Inconclusive { key: Vec<u8>, operations: usize },
+    Inconclusive {
+        key: Vec<u8>,
+        operations: usize,
+    },
 }
 
 /// The register: `Some(next state)` if `operation` may take effect in `state`.
@@ -265,8 +274,9 @@ fn explore(operations: &[&Operation], used: &mut [bool], order: &mut Vec<usize>)
         // Next may be any unplaced operation that no other unplaced operation finished before.
         // (An operation precedes another only if it returned strictly before the other was called, as in `check`.)
         let minimal = !used[candidate]
-            && (0..operations.len())
-                .all(|other| other == candidate || used[other] || return_time(operations[other]) >= operations[candidate].call_time);
+            && (0..operations.len()).all(|other| {
+                other == candidate || used[other] || return_time(operations[other]) >= operations[candidate].call_time
+            });
         if minimal {
             used[candidate] = true;
             order.push(candidate);
@@ -300,7 +310,10 @@ mod tests {
     fn a_read_must_see_the_latest_completed_write() {
         let write = op(1, Call::Put(1), 0, Some((Outcome::Done, 10)));
         assert!(verdict(&[write.clone(), op(2, Call::Get, 20, Some((Outcome::Got(Some(1)), 30)))]));
-        assert!(!verdict(&[write.clone(), op(2, Call::Get, 20, Some((Outcome::Got(None), 30)))]), "stale read after the write returned");
+        assert!(
+            !verdict(&[write.clone(), op(2, Call::Get, 20, Some((Outcome::Got(None), 30)))]),
+            "stale read after the write returned"
+        );
         assert!(verdict(&[write, op(2, Call::Get, 5, Some((Outcome::Got(None), 30)))]), "concurrent: may see either");
     }
 
@@ -311,7 +324,10 @@ mod tests {
             op(2, Call::Get, 387, Some((Outcome::Got(None), 387))),
         ];
         assert!(verdict(&history));
-        assert!(!verdict(&[op(1, Call::Put(3), 0, Some((Outcome::Done, 10))), op(2, Call::Get, 20, Some((Outcome::Got(None), 20)))]));
+        assert!(!verdict(&[
+            op(1, Call::Put(3), 0, Some((Outcome::Done, 10))),
+            op(2, Call::Get, 20, Some((Outcome::Got(None), 20)))
+        ]));
     }
 
     #[test]
@@ -329,14 +345,21 @@ mod tests {
         let unknown = op(1, Call::Put(7), 10, None);
         assert!(verdict(&[unknown.clone(), op(2, Call::Get, 20, Some((Outcome::Got(Some(7)), 30)))]));
         assert!(verdict(&[unknown.clone(), op(2, Call::Get, 20, Some((Outcome::Got(None), 30)))]));
-        assert!(!verdict(&[unknown, op(2, Call::Get, 0, Some((Outcome::Got(Some(7)), 5)))]), "seen before it was called");
+        assert!(
+            !verdict(&[unknown, op(2, Call::Get, 0, Some((Outcome::Got(Some(7)), 5)))]),
+            "seen before it was called"
+        );
     }
 
     #[test]
     fn compare_and_set_outcomes_must_match_the_value_at_their_point() {
         let put = op(1, Call::Put(1), 0, Some((Outcome::Done, 10)));
         let cas = |result| op(2, Call::CompareAndSet { expected: Some(1), new: Some(2) }, 20, result);
-        assert!(verdict(&[put.clone(), cas(Some((Outcome::Swapped(true), 30))), op(3, Call::Get, 40, Some((Outcome::Got(Some(2)), 50)))]));
+        assert!(verdict(&[
+            put.clone(),
+            cas(Some((Outcome::Swapped(true), 30))),
+            op(3, Call::Get, 40, Some((Outcome::Got(Some(2)), 50)))
+        ]));
         assert!(!verdict(&[put.clone(), cas(Some((Outcome::Swapped(false), 30)))]), "the comparison held");
         // An unknown compare-and-set whose comparison held took effect if it happened at all.
         assert!(verdict(&[put.clone(), cas(None), op(3, Call::Get, 40, Some((Outcome::Got(Some(2)), 50)))]));
@@ -359,7 +382,10 @@ mod tests {
 
     #[test]
     fn running_out_of_steps_is_inconclusive_not_success() {
-        let history: Vec<Operation> = (0..12).map(|i| op(i, Call::Put(i), 0, None)).chain([op(99, Call::Get, 1, Some((Outcome::Got(Some(3)), 2)))]).collect();
+        let history: Vec<Operation> = (0..12)
+            .map(|i| op(i, Call::Put(i), 0, None))
+            .chain([op(99, Call::Get, 1, Some((Outcome::Got(Some(3)), 2)))])
+            .collect();
         assert!(matches!(check(&history, 5), Verdict::Inconclusive { .. }));
         assert_eq!(check(&history, 1_000_000), Verdict::Linearizable);
     }

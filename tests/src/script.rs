@@ -110,7 +110,8 @@ fn execute(cluster: &mut Option<Cluster>, command: &str) -> Result<Vec<String>, 
             let node = id()?;
             let text = words.collect::<Vec<_>>().join(" ");
             let bytes = bytes::Bytes::from(text);
-            let result = c.with_node(node, |raw| if verb == "propose" { raw.propose(bytes) } else { raw.read_index(bytes) });
+            let result =
+                c.with_node(node, |raw| if verb == "propose" { raw.propose(bytes) } else { raw.read_index(bytes) });
             vec![match result {
                 Ok(()) => "ok".to_string(),
                 Err(e) => format!("error: {e}"),

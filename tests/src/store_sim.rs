@@ -28,12 +28,15 @@ use flotilla_engine::log_engine::{LogEngine, SyncWal};
 use flotilla_engine::redb_sim::SimRedbBackend;
 use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
 use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
-use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_engine::wal::record::LogOp;
+use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raft::{Config, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::ReplicaMessage;
-use flotilla_raftstore::peer::{destroy_replica, finish_interrupted_destroys, prepare_groups, LogWrite, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token};
+use flotilla_raftstore::peer::{
+    destroy_replica, finish_interrupted_destroys, prepare_groups, LogWrite, MembershipChange, Peer, PeerError,
+    PeerOptions, Response, SnapshotOptions, Token,
+};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 
 use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
@@ -190,7 +193,14 @@ fn wal_options() -> WalOptions {
 }
 
 fn machine_options() -> StateMachineOptions {
-    StateMachineOptions { memtable_bytes_max: 4 << 10, block_bytes_max: 512, compaction_fanout: 2, runs_max: 4, cache_bytes: 1 << 20, ..Default::default() }
+    StateMachineOptions {
+        memtable_bytes_max: 4 << 10,
+        block_bytes_max: 512,
+        compaction_fanout: 2,
+        runs_max: 4,
+        cache_bytes: 1 << 20,
+        ..Default::default()
+    }
 }
 
 /// Chunks of a few pairs: streams of many chunks, so that the window, resends and timeouts all run. Groups
@@ -232,12 +242,22 @@ impl Sim {
         let node_count = if rng.chance_per_mille(700) { 3 } else { 5 };
         let group_count = rng.range(1, 4) as usize;
         // Five-node runs start every group on nodes 1-3: membership changes move them onto 4 and 5.
-        let replicas: Vec<Replica> = (1..=node_count.min(3)).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        let replicas: Vec<Replica> =
+            (1..=node_count.min(3)).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
         let ranges = initial_ranges(group_count as u64, 1, &replicas);
-        let replica_nodes = ranges.iter().flat_map(|r| r.replicas.iter().map(|replica| ((r.group_id, replica.replica_id), replica.node_id))).collect();
+        let replica_nodes = ranges
+            .iter()
+            .flat_map(|r| r.replicas.iter().map(|replica| ((r.group_id, replica.replica_id), replica.node_id)))
+            .collect();
         let keys = ranges
             .iter()
-            .map(|range| (0..3u8).map(|k| [if range.start.is_empty() { vec![0] } else { range.start.clone() }, vec![b'k', k]].concat()).collect())
+            .map(|range| {
+                (0..3u8)
+                    .map(|k| {
+                        [if range.start.is_empty() { vec![0] } else { range.start.clone() }, vec![b'k', k]].concat()
+                    })
+                    .collect()
+            })
             .collect();
         let raft = Config {
             read_mode: if rng.chance_per_mille(500) { ReadMode::LeaseBased } else { ReadMode::Safe },
@@ -247,7 +267,14 @@ impl Sim {
             ..Config::default()
         };
         let nodes = (1..=node_count)
-            .map(|id| Node { id, disk: SimDisk::new(), redb: SimRedbBackend::new(), running: None, rate_per_mille: 0, clock: 0 })
+            .map(|id| Node {
+                id,
+                disk: SimDisk::new(),
+                redb: SimRedbBackend::new(),
+                running: None,
+                rate_per_mille: 0,
+                clock: 0,
+            })
             .collect();
         let clients = vec![None; rng.range(2, 5) as usize];
         let mut sim = Sim {
@@ -287,19 +314,25 @@ impl Sim {
     /// Opens a node from what its disks hold (a first start or a restart after a crash).
     fn start(&mut self, position: usize) -> SimResult<()> {
         let node = &mut self.nodes[position];
-        let (wal, _report) = Wal::open(Path::new("/wal"), Arc::new(node.disk.clone()), wal_options()).map_err(|e| format!("node {}: {e}", node.id))?;
+        let (wal, _report) = Wal::open(Path::new("/wal"), Arc::new(node.disk.clone()), wal_options())
+            .map_err(|e| format!("node {}: {e}", node.id))?;
         let log = Arc::new(SyncWal::new(wal));
-        let kv = StateMachine::open_with_backend(node.redb.clone(), machine_options()).map_err(|e| format!("node {}: {e}", node.id))?;
+        let kv = StateMachine::open_with_backend(node.redb.clone(), machine_options())
+            .map_err(|e| format!("node {}: {e}", node.id))?;
         // What it holds: the descriptors it stored (the initial layout at a first start). A replica it holds no
         // more (removed) stays closed; one created empty and never caught up is created again by the next message.
         // A destroy a crash interrupted (between the removal's apply and the end of the destroy) is finished.
-        let finished = finish_interrupted_destroys(node.id, log.as_ref(), &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
+        let finished =
+            finish_interrupted_destroys(node.id, log.as_ref(), &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
         self.report.interrupted_destroys_finished += finished as u64;
         let stored = kv.ranges().map_err(|e| e.to_string())?;
         let held: Vec<RangeDescriptor> = if stored.is_empty() {
             self.ranges.iter().filter(|r| r.lists_node(node.id)).cloned().collect()
         } else {
-            stored.iter().map(|(_, bytes)| RangeDescriptor::decode_stored(bytes).expect("stored descriptors decode")).collect()
+            stored
+                .iter()
+                .map(|(_, bytes)| RangeDescriptor::decode_stored(bytes).expect("stored descriptors decode"))
+                .collect()
         };
         prepare_groups(log.as_ref(), &kv, &held).map_err(|e| format!("node {}: {e:?}", node.id))?;
         let mut peers = BTreeMap::new();
@@ -307,11 +340,22 @@ impl Sim {
             let Some(replica) = range.replicas.iter().find(|replica| replica.node_id == node.id) else { continue };
             let config = Config { id: replica.replica_id, random_seed: self.rng.next_u64(), ..self.raft.clone() };
             let group_id = range.group_id;
-            let peer = Peer::open(config, peer_options(&mut self.rng), range, Arc::clone(&log) as Arc<dyn LogEngine>, &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
+            let peer =
+                Peer::open(config, peer_options(&mut self.rng), range, Arc::clone(&log) as Arc<dyn LogEngine>, &kv)
+                    .map_err(|e| format!("node {}: {e:?}", node.id))?;
             peers.insert(group_id, peer);
         }
         let (reply, persisted) = unbounded();
-        node.running = Some(Running { log, kv, peers, disk_queue: VecDeque::new(), apply_queue: VecDeque::new(), destroyed: BTreeSet::new(), reply, persisted });
+        node.running = Some(Running {
+            log,
+            kv,
+            peers,
+            disk_queue: VecDeque::new(),
+            apply_queue: VecDeque::new(),
+            destroyed: BTreeSet::new(),
+            reply,
+            persisted,
+        });
         // A fresh start has heard from nobody yet: it gives every node time before judging it down.
         let id = node.id;
         for other in 1..=self.nodes.len() as u64 {
@@ -359,7 +403,11 @@ impl Sim {
                     let running = self.nodes[position].running.as_mut().expect("running");
                     running.peers.get_mut(&group).expect("peer").take_output(&running.kv)
                 };
-                if let Some(reason) = self.nodes[position].running.as_ref().and_then(|r| r.peers[&group].storage_failure().map(str::to_string)) {
+                if let Some(reason) = self.nodes[position]
+                    .running
+                    .as_ref()
+                    .and_then(|r| r.peers[&group].storage_failure().map(str::to_string))
+                {
                     return Err(format!("node {} group {group}: {reason}", self.nodes[position].id));
                 }
                 if self.nodes[position].running.as_ref().is_some_and(|r| r.peers[&group].is_removed()) {
@@ -387,7 +435,12 @@ impl Sim {
                     self.send(group, message);
                 }
                 if !output.committed.is_empty() {
-                    self.nodes[position].running.as_mut().expect("running").apply_queue.push_back((group, output.committed));
+                    self.nodes[position]
+                        .running
+                        .as_mut()
+                        .expect("running")
+                        .apply_queue
+                        .push_back((group, output.committed));
                     if !(self.faults && self.rng.chance_per_mille(300)) {
                         self.apply_queued(position)?;
                     }
@@ -415,7 +468,8 @@ impl Sim {
         let running = self.nodes[position].running.as_mut().expect("running");
         running.destroyed.insert(group);
         let descriptor = running.peers[&group].descriptor().clone();
-        destroy_replica(running.log.as_ref(), &running.kv, &descriptor).map_err(|e| format!("node {}: {e:?}", self.nodes[position].id))?;
+        destroy_replica(running.log.as_ref(), &running.kv, &descriptor)
+            .map_err(|e| format!("node {}: {e:?}", self.nodes[position].id))?;
         self.report.replicas_destroyed += 1;
         Ok(())
     }
@@ -433,7 +487,10 @@ impl Sim {
                 let seen = (entry.term, hash(&entry.data));
                 if let Some(previous) = self.applied.insert((group, entry.index), seen) {
                     if previous != seen {
-                        return Err(format!("group {group}: node {node_id} applied a different entry at index {}", entry.index));
+                        return Err(format!(
+                            "group {group}: node {node_id} applied a different entry at index {}",
+                            entry.index
+                        ));
                     }
                 }
             }
@@ -443,7 +500,10 @@ impl Sim {
             let (batch, outcomes) = peer.apply_committed(&running.kv, &entries).map_err(|e| e.to_string())?;
             if self.trace {
                 for applied in &outcomes {
-                    println!("step {} group {group}: node {node_id} applied {} term {} token {} -> {:?}", self.step, applied.index, applied.term, applied.request_id, applied.outcome);
+                    println!(
+                        "step {} group {group}: node {node_id} applied {} term {} token {} -> {:?}",
+                        self.step, applied.index, applied.term, applied.request_id, applied.outcome
+                    );
                 }
             }
             running.kv.apply(vec![batch]).map_err(|e| e.to_string())?;
@@ -489,7 +549,13 @@ impl Sim {
         }
         // A delay of a few steps (ticks come every few steps): reordering comes from differing delays; during
         // faults some messages take much longer.
-        let delay = |rng: &mut SimRng, faults: bool| if faults && rng.chance_per_mille(50) { rng.range(10, 80) } else { rng.range(1, 6) };
+        let delay = |rng: &mut SimRng, faults: bool| {
+            if faults && rng.chance_per_mille(50) {
+                rng.range(10, 80)
+            } else {
+                rng.range(1, 6)
+            }
+        };
         if self.faults && self.rng.chance_per_mille(20) {
             let due = self.step + delay(&mut self.rng, self.faults);
             self.network.push((due, packet.clone()));
@@ -531,7 +597,12 @@ impl Sim {
         let position = (to - 1) as usize;
         if self.trace {
             let up = self.nodes[position].running.is_some();
-            println!("step {} group {group}: {}{}", self.step, describe_message(&message), if up { "" } else { " (to a down node)" });
+            println!(
+                "step {} group {group}: {}{}",
+                self.step,
+                describe_message(&message),
+                if up { "" } else { " (to a down node)" }
+            );
         }
         let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
         self.report.messages += 1;
@@ -543,8 +614,14 @@ impl Sim {
             }
             let empty = RangeDescriptor { group_id: group, ..RangeDescriptor::default() };
             let config = Config { id: message.to(), random_seed: self.rng.next_u64(), ..self.raft.clone() };
-            let peer = Peer::open(config, peer_options(&mut self.rng), empty, Arc::clone(&running.log) as Arc<dyn LogEngine>, &running.kv)
-                .map_err(|e| e.to_string())?;
+            let peer = Peer::open(
+                config,
+                peer_options(&mut self.rng),
+                empty,
+                Arc::clone(&running.log) as Arc<dyn LogEngine>,
+                &running.kv,
+            )
+            .map_err(|e| e.to_string())?;
             running.peers.insert(group, peer);
         }
         let peer = running.peers.get_mut(&group).expect("held");
@@ -582,7 +659,8 @@ impl Sim {
             while node.clock >= 1000 {
                 node.clock -= 1000;
                 if let Some(running) = node.running.as_mut() {
-                    self.report.ticks_slept += running.peers.values().filter(|peer| peer.is_hibernating()).count() as u64;
+                    self.report.ticks_slept +=
+                        running.peers.values().filter(|peer| peer.is_hibernating()).count() as u64;
                     running.peers.values_mut().filter(|peer| !peer.is_removed()).for_each(Peer::on_tick);
                     ticked = true;
                 }
@@ -605,11 +683,16 @@ impl Sim {
             self.transmit(Packet::NodeHeartbeat { from: id, to: other });
         }
         let step = self.step;
-        let down: Vec<u64> = others.into_iter().filter(|&other| step.saturating_sub(*self.heard.get(&(id, other)).unwrap_or(&0)) > NODE_DOWN_STEPS).collect();
+        let down: Vec<u64> = others
+            .into_iter()
+            .filter(|&other| step.saturating_sub(*self.heard.get(&(id, other)).unwrap_or(&0)) > NODE_DOWN_STEPS)
+            .collect();
         let Some(running) = self.nodes[position].running.as_mut() else { return };
         for other in down {
             for peer in running.peers.values_mut() {
-                if let Some(replica) = peer.descriptor().replicas.iter().find(|r| r.node_id == other).map(|r| r.replica_id) {
+                if let Some(replica) =
+                    peer.descriptor().replicas.iter().find(|r| r.node_id == other).map(|r| r.replica_id)
+                {
                     peer.on_node_down(replica);
                 }
             }
@@ -634,14 +717,26 @@ impl Sim {
             7 => (Call::Delete, Some(Op::delete(key.clone()))),
             _ => {
                 // Compare against a value recently written (or absence), so both outcomes happen.
-                let expected = (self.rng.below(3) > 0 && value > 1).then(|| value - 1 - self.rng.below(value.min(4) - 1));
-                let op = Op::compare_and_set(key.clone(), expected.map(|v| v.to_le_bytes().to_vec()), value.to_le_bytes().to_vec());
+                let expected =
+                    (self.rng.below(3) > 0 && value > 1).then(|| value - 1 - self.rng.below(value.min(4) - 1));
+                let op = Op::compare_and_set(
+                    key.clone(),
+                    expected.map(|v| v.to_le_bytes().to_vec()),
+                    value.to_le_bytes().to_vec(),
+                );
                 (Call::CompareAndSet { expected, new: Some(value) }, Some(op))
             }
         };
         let command = command_op.map(|op| Command { request_id: 0, epoch: None, ops: vec![op] });
         let operation = Operation { client: client as u64, key, call, call_time: self.timestamp(), result: None };
-        self.ops.push(ClientOp { operation, group, command, deadline: self.step + 600, retry_at: Some(self.step), done: false });
+        self.ops.push(ClientOp {
+            operation,
+            group,
+            command,
+            deadline: self.step + 600,
+            retry_at: Some(self.step),
+            done: false,
+        });
         self.clients[client] = Some(self.ops.len() - 1);
     }
 
@@ -664,7 +759,10 @@ impl Sim {
         self.next_token += 1;
         self.attempts.insert(token, index);
         if self.trace {
-            println!("step {} client {client}: op {index} {:?} on key {:?} -> node {node} as token {token}", self.step, self.ops[index].operation.call, self.ops[index].operation.key);
+            println!(
+                "step {} client {client}: op {index} {:?} on key {:?} -> node {node} as token {token}",
+                self.step, self.ops[index].operation.call, self.ops[index].operation.key
+            );
         }
         let Some(peer) = running.peers.get_mut(&self.ranges[group].group_id).filter(|peer| !peer.is_removed()) else {
             // This node holds no replica of the group: try another.
@@ -700,7 +798,9 @@ impl Sim {
                 Some(Outcome::Got(value.map(|v| u64::from_le_bytes(v.as_slice().try_into().expect("8-byte values")))))
             }
             (Call::CompareAndSet { .. }, Response::Written(Applied::Done)) => Some(Outcome::Swapped(true)),
-            (Call::CompareAndSet { .. }, Response::Written(Applied::PreconditionFailed { .. })) => Some(Outcome::Swapped(false)),
+            (Call::CompareAndSet { .. }, Response::Written(Applied::PreconditionFailed { .. })) => {
+                Some(Outcome::Swapped(false))
+            }
             (_, Response::Written(Applied::Done)) => Some(Outcome::Done),
             (_, Response::Failed(PeerError::OutcomeUnknown)) => {
                 self.finish(index); // may or may not have happened: the history keeps it unknown
@@ -784,7 +884,11 @@ impl Sim {
                 if peer.is_leader() {
                     if let Some(other) = self.leaders.insert((*group, peer.term()), node.id) {
                         if other != node.id {
-                            return Err(format!("group {group}: nodes {other} and {} both led term {}", node.id, peer.term()));
+                            return Err(format!(
+                                "group {group}: nodes {other} and {} both led term {}",
+                                node.id,
+                                peer.term()
+                            ));
                         }
                     }
                 }
@@ -820,7 +924,9 @@ impl Sim {
                 let position = self.rng.below(self.nodes.len() as u64) as usize;
                 let down = self.nodes.iter().filter(|n| n.running.is_none()).count();
                 // Keep a majority up most of the time, but not always.
-                if self.nodes[position].running.is_some() && (down + 1 < self.nodes.len().div_ceil(2) || self.rng.chance_per_mille(100)) {
+                if self.nodes[position].running.is_some()
+                    && (down + 1 < self.nodes.len().div_ceil(2) || self.rng.chance_per_mille(100))
+                {
                     self.crash(position);
                 }
             }
@@ -859,8 +965,10 @@ impl Sim {
                 let target = self.rng.range(1, self.nodes.len() as u64);
                 let leader = self.leader_position(group);
                 if let Some(position) = leader {
-                    let peer = self.nodes[position].running.as_mut().expect("running").peers.get_mut(&group).expect("peer");
-                    let voters: Vec<u64> = peer.descriptor().replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
+                    let peer =
+                        self.nodes[position].running.as_mut().expect("running").peers.get_mut(&group).expect("peer");
+                    let voters: Vec<u64> =
+                        peer.descriptor().replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
                     let target = voters[target as usize % voters.len()];
                     peer.transfer_leader(target);
                     self.report.transfers += 1;
@@ -875,7 +983,12 @@ impl Sim {
 
     /// The position of a node whose replica of `group` leads (in some term), if any is up.
     fn leader_position(&self, group: u64) -> Option<usize> {
-        self.nodes.iter().position(|node| node.running.as_ref().and_then(|r| r.peers.get(&group)).is_some_and(|peer| peer.is_leader() && !peer.is_removed()))
+        self.nodes.iter().position(|node| {
+            node.running
+                .as_ref()
+                .and_then(|r| r.peers.get(&group))
+                .is_some_and(|peer| peer.is_leader() && !peer.is_removed())
+        })
     }
 
     /// A membership change proposed on a leader: a learner onto a node that never held the group, a learner
@@ -887,7 +1000,12 @@ impl Sim {
         let voters: Vec<u64> = descriptor.replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
         let learner = descriptor.replicas.iter().find(|r| r.learner).map(|r| r.replica_id);
         // Nodes that never held the group (removed replicas are not re-added: their nodes keep them closed).
-        let fresh: Vec<u64> = self.nodes.iter().map(|n| n.id).filter(|&node| !self.replica_nodes.iter().any(|((g, _), n)| *g == group && *n == node)).collect();
+        let fresh: Vec<u64> = self
+            .nodes
+            .iter()
+            .map(|n| n.id)
+            .filter(|&node| !self.replica_nodes.iter().any(|((g, _), n)| *g == group && *n == node))
+            .collect();
         let change = match (learner, fresh.is_empty()) {
             (Some(replica_id), _) => MembershipChange::Promote { replica_id },
             (None, false) if self.rng.chance_per_mille(600) || voters.len() <= 3 => {
@@ -897,7 +1015,9 @@ impl Sim {
                 self.replica_nodes.insert((group, replica_id), node_id);
                 MembershipChange::AddLearner { node_id, replica_id }
             }
-            (None, _) if voters.len() > 3 => MembershipChange::Remove { replica_id: voters[self.rng.below(voters.len() as u64) as usize] },
+            (None, _) if voters.len() > 3 => {
+                MembershipChange::Remove { replica_id: voters[self.rng.below(voters.len() as u64) as usize] }
+            }
             _ => return,
         };
         if self.trace {
@@ -906,7 +1026,14 @@ impl Sim {
         let token = self.next_token;
         self.next_token += 1;
         self.membership_tokens.insert(token);
-        self.nodes[position].running.as_mut().expect("running").peers.get_mut(&group).expect("peer").propose_membership(token, change);
+        self.nodes[position]
+            .running
+            .as_mut()
+            .expect("running")
+            .peers
+            .get_mut(&group)
+            .expect("peer")
+            .propose_membership(token, change);
         self.report.membership_changes += 1;
     }
 
@@ -955,9 +1082,26 @@ impl Sim {
             let client = 0;
             let value = self.next_value;
             self.next_value += 1;
-            let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(keys[0].clone(), value.to_le_bytes().to_vec())] };
-            let operation = Operation { client: client as u64, key: keys[0].clone(), call: Call::Put(value), call_time: self.timestamp(), result: None };
-            self.ops.push(ClientOp { operation, group, command: Some(command), deadline: self.step + steps, retry_at: Some(self.step), done: false });
+            let command = Command {
+                request_id: 0,
+                epoch: None,
+                ops: vec![Op::put(keys[0].clone(), value.to_le_bytes().to_vec())],
+            };
+            let operation = Operation {
+                client: client as u64,
+                key: keys[0].clone(),
+                call: Call::Put(value),
+                call_time: self.timestamp(),
+                result: None,
+            };
+            self.ops.push(ClientOp {
+                operation,
+                group,
+                command: Some(command),
+                deadline: self.step + steps,
+                retry_at: Some(self.step),
+                done: false,
+            });
             let index = self.ops.len() - 1;
             self.clients[client] = Some(index);
             while !self.ops[index].done {
@@ -1006,7 +1150,12 @@ impl Sim {
                 let running = self.nodes[(member.node_id - 1) as usize].running.as_ref().expect("all running");
                 let held = running.peers.get(&group).is_some_and(|peer| peer.replica_id() == member.replica_id);
                 let pairs = running.kv.scan(&range.start, &range.end, usize::MAX).map_err(|e| e.to_string())?;
-                views.push((member.node_id, held, running.kv.applied(group).0, hash(&format!("{pairs:?}").into_bytes())));
+                views.push((
+                    member.node_id,
+                    held,
+                    running.kv.applied(group).0,
+                    hash(&format!("{pairs:?}").into_bytes()),
+                ));
             }
             if views.iter().any(|view| !view.1) || views.windows(2).any(|w| (w[0].2, w[0].3) != (w[1].2, w[1].3)) {
                 return Ok(Some(format!(
@@ -1040,12 +1189,25 @@ fn describe_message(message: &ReplicaMessage) -> String {
             c.stream_id,
             c.sequence,
             c.data.len(),
-            c.message.as_ref().map_or(String::new(), |m| format!(" last (index {})", m.snapshot.as_ref().map_or(0, |s| s.index())))
+            c.message
+                .as_ref()
+                .map_or(String::new(), |m| format!(" last (index {})", m.snapshot.as_ref().map_or(0, |s| s.index())))
         ),
-        ReplicaMessage::Ack(a) => format!("SnapshotAck {}->{} term={} stream={} received={} rejected={}", a.from, a.to, a.term, a.stream_id, a.received, a.rejected),
-        ReplicaMessage::Hibernate(h) => format!("Hibernate {}->{} term={} index={} log_term={} commit={}", h.from, h.to, h.term, h.index, h.log_term, h.commit),
+        ReplicaMessage::Ack(a) => format!(
+            "SnapshotAck {}->{} term={} stream={} received={} rejected={}",
+            a.from, a.to, a.term, a.stream_id, a.received, a.rejected
+        ),
+        ReplicaMessage::Hibernate(h) => format!(
+            "Hibernate {}->{} term={} index={} log_term={} commit={}",
+            h.from, h.to, h.term, h.index, h.log_term, h.commit
+        ),
         ReplicaMessage::Removed(n) => {
-            format!("RemovalNotice {}->{} conf_version={}", n.from, n.to, n.descriptor.as_ref().map_or(0, |d| d.epoch().conf_version))
+            format!(
+                "RemovalNotice {}->{} conf_version={}",
+                n.from,
+                n.to,
+                n.descriptor.as_ref().map_or(0, |d| d.epoch().conf_version)
+            )
         }
     }
 }

@@ -41,15 +41,18 @@ fn history_of(seed: u64, count_max: u64, overlap: u64) -> (Vec<Operation>, bool)
             0 => Call::Get,
             1 => Call::Put(i as u64 + 1),
             2 => Call::Delete,
-            _ => Call::CompareAndSet {
-                expected: [None, Some(1), Some(2)][next(3) as usize],
-                new: Some(i as u64 + 1),
-            },
+            _ => Call::CompareAndSet { expected: [None, Some(1), Some(2)][next(3) as usize], new: Some(i as u64 + 1) },
         };
         let key = if next(3) == 0 { b"b".to_vec() } else { b"a".to_vec() };
         let unknown = next(5) == 0;
         let takes_effect = !unknown || next(2) == 0;
-        operations.push(Operation { client: i as u64, key, call, call_time: triple[0], result: if unknown { None } else { Some((Outcome::Done, triple[2])) } });
+        operations.push(Operation {
+            client: i as u64,
+            key,
+            call,
+            call_time: triple[0],
+            result: if unknown { None } else { Some((Outcome::Done, triple[2])) },
+        });
         points.push(takes_effect.then_some(triple[1]));
     }
     // Run the operations at their points against real registers to get truthful outcomes.
@@ -86,7 +89,9 @@ fn history_of(seed: u64, count_max: u64, overlap: u64) -> (Vec<Operation>, bool)
         let i = next(count as u64) as usize;
         if let Some((outcome, _)) = &mut operations[i].result {
             *outcome = match outcome {
-                Outcome::Got(seen) => Outcome::Got(if seen.is_some() && next(2) == 0 { None } else { Some(1 + next(count as u64)) }),
+                Outcome::Got(seen) => {
+                    Outcome::Got(if seen.is_some() && next(2) == 0 { None } else { Some(1 + next(count as u64)) })
+                }
                 Outcome::Swapped(swapped) => Outcome::Swapped(!*swapped),
                 Outcome::Done => Outcome::Done,
             };
@@ -113,8 +118,13 @@ proptest! {
 
 #[test]
 fn the_generator_produces_both_verdicts() {
-    let linearizable = (0..2000u64).filter(|seed| check_brute_force(&random_history(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).0)).count();
-    assert!((400..1900).contains(&linearizable), "{linearizable} of 2000 linearizable: the cross-check needs both kinds");
+    let linearizable = (0..2000u64)
+        .filter(|seed| check_brute_force(&random_history(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).0))
+        .count();
+    assert!(
+        (400..1900).contains(&linearizable),
+        "{linearizable} of 2000 linearizable: the cross-check needs both kinds"
+    );
 }
 
 #[test]
@@ -123,7 +133,11 @@ fn store_sized_histories_resolve_within_the_step_budget() {
     for seed in 1..40u64 {
         let (history, lied) = history_of(seed.wrapping_mul(0x2545_F491_4F6C_DD1D), 400, 6);
         let verdict = check(&history, 2_000_000);
-        assert!(!matches!(verdict, Verdict::Inconclusive { .. }), "seed {seed}: {} operations ran out of steps", history.len());
+        assert!(
+            !matches!(verdict, Verdict::Inconclusive { .. }),
+            "seed {seed}: {} operations ran out of steps",
+            history.len()
+        );
         if !lied {
             assert_eq!(verdict, Verdict::Linearizable, "seed {seed}");
         }

@@ -272,7 +272,10 @@ fn a_stale_vote_request_is_rejected_with_our_term_so_the_candidate_catches_up() 
     c.deliver(vec![stale]);
     let replies = c.take_messages();
     assert_eq!(replies.len(), 1);
-    assert_eq!((replies[0].kind(), replies[0].term, replies[0].reject), (Some(MessageType::RequestVoteResponse), 9, true));
+    assert_eq!(
+        (replies[0].kind(), replies[0].term, replies[0].reject),
+        (Some(MessageType::RequestVoteResponse), 9, true)
+    );
     c.deliver(replies);
     assert_eq!((c.raft(1).term, c.raft(1).role), (9, StateRole::Follower), "the candidate adopted the newer term");
 }

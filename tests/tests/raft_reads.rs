@@ -193,12 +193,19 @@ fn a_heartbeat_is_acknowledged_only_in_a_durable_term() {
     };
     c.deliver_unpersisted(2, vec![heartbeat(term)]);
     let answers = c.node_mut(2).take_outbox();
-    assert_eq!(answers.iter().map(|m| m.kind()).collect::<Vec<_>>(), vec![Some(MessageType::HeartbeatResponse)], "its term is durable: at once");
+    assert_eq!(
+        answers.iter().map(|m| m.kind()).collect::<Vec<_>>(),
+        vec![Some(MessageType::HeartbeatResponse)],
+        "its term is durable: at once"
+    );
     c.deliver_unpersisted(2, vec![heartbeat(term + 1)]);
     assert!(c.node_mut(2).take_outbox().is_empty(), "not before term {} is durable", term + 1);
     c.node_mut(2).persist_all();
     let answers = c.node_mut(2).take_outbox();
-    assert_eq!(answers.iter().map(|m| (m.kind(), m.term)).collect::<Vec<_>>(), vec![(Some(MessageType::HeartbeatResponse), term + 1)]);
+    assert_eq!(
+        answers.iter().map(|m| (m.kind(), m.term)).collect::<Vec<_>>(),
+        vec![(Some(MessageType::HeartbeatResponse), term + 1)]
+    );
 }
 
 #[test]

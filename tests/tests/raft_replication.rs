@@ -63,7 +63,8 @@ fn fast_backtracking_skips_a_whole_term_per_round_trip() {
     let logs = [(1, leader.clone()), (2, follower), (3, leader.clone())];
     let mut c = Cluster::from_logs(&[1, 2, 3], &logs, 5, |_| {});
     c.elect(1);
-    let rejections = c.take_trace().iter().filter(|line| line.starts_with("2->1 AppendResponse") && line.contains("reject")).count();
+    let rejections =
+        c.take_trace().iter().filter(|line| line.starts_with("2->1 AppendResponse") && line.contains("reject")).count();
     assert!(rejections <= 3, "{rejections} rejections: backtracking is not by term");
     leader.push(6);
     assert_eq!(c.log_terms(2), leader);
@@ -135,7 +136,10 @@ fn with_persisted_messages_in_ready_a_response_comes_with_the_write_it_acknowled
     assert_eq!(first.entries.len(), 1);
     assert!(first.messages.is_empty(), "nothing may go before the entry is durable");
     assert_eq!(first.messages_after_persist.len(), 1);
-    assert_eq!((first.messages_after_persist[0].kind(), first.messages_after_persist[0].index), (Some(MessageType::AppendResponse), 2));
+    assert_eq!(
+        (first.messages_after_persist[0].kind(), first.messages_after_persist[0].index),
+        (Some(MessageType::AppendResponse), 2)
+    );
     // The same append again, while the first write is still under way: nothing new to persist, but its answer
     // claims what that write makes durable, so it too waits for it.
     follower.step(append[0].clone()).unwrap();
@@ -351,7 +355,12 @@ fn without_commit_broadcast_followers_learn_the_commit_index_from_the_next_heart
     // One append and one answer per follower; the commit it causes sends nothing by itself.
     assert_eq!(
         c.take_trace(),
-        ["1->2 Append t1 idx=1 logt=1 ents=[2@1] commit=1", "1->3 Append t1 idx=1 logt=1 ents=[2@1] commit=1", "2->1 AppendResponse t1 idx=2", "3->1 AppendResponse t1 idx=2"]
+        [
+            "1->2 Append t1 idx=1 logt=1 ents=[2@1] commit=1",
+            "1->3 Append t1 idx=1 logt=1 ents=[2@1] commit=1",
+            "2->1 AppendResponse t1 idx=2",
+            "3->1 AppendResponse t1 idx=2"
+        ]
     );
     assert_eq!(c.raft(1).raft_log.committed, 2);
     assert_eq!([c.raft(2).raft_log.committed, c.raft(3).raft_log.committed], [1, 1], "not told yet");
@@ -386,7 +395,11 @@ fn with_heartbeats_skipped_after_appends_a_follower_that_just_got_one_gets_no_he
     c.tick(1, 2);
     c.stabilize();
     let trace = c.take_trace();
-    assert!(trace.contains(&"1->2 Heartbeat t1 commit=2".to_string()) && trace.contains(&"1->3 Heartbeat t1 commit=2".to_string()), "{trace:?}");
+    assert!(
+        trace.contains(&"1->2 Heartbeat t1 commit=2".to_string())
+            && trace.contains(&"1->3 Heartbeat t1 commit=2".to_string()),
+        "{trace:?}"
+    );
     // A read waiting for confirmation is never left without its heartbeat round.
     c.propose(1, "y").unwrap();
     c.stabilize();

@@ -7,13 +7,15 @@ use std::path::Path;
 fn raft_scenario_scripts() {
     let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/raft");
     let rewrite = std::env::var_os("REWRITE").is_some();
-    let mut files: Vec<_> = std::fs::read_dir(&directory).expect("testdata/raft exists").map(|e| e.expect("entry").path()).collect();
+    let mut files: Vec<_> =
+        std::fs::read_dir(&directory).expect("testdata/raft exists").map(|e| e.expect("entry").path()).collect();
     files.sort();
     assert!(!files.is_empty(), "no scripts in {}", directory.display());
     let mut failures = Vec::new();
     for path in files {
         let expected = std::fs::read_to_string(&path).expect("readable script");
-        let actual = flotilla_tests::script::run_script(&expected).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let actual =
+            flotilla_tests::script::run_script(&expected).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         if rewrite {
             std::fs::write(&path, &actual).expect("writable script");
         } else if actual != expected {

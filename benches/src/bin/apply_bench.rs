@@ -58,8 +58,16 @@ fn main() {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("bench dir");
     let machine = Arc::new(
-        StateMachine::open(&dir.join("state.redb"), StateMachineOptions { memtable_bytes_max: args.memtable_mib << 20, cache_bytes: args.cache_mib << 20, block_bytes_max: args.block_kib << 10, ..StateMachineOptions::default() })
-            .expect("open state machine"),
+        StateMachine::open(
+            &dir.join("state.redb"),
+            StateMachineOptions {
+                memtable_bytes_max: args.memtable_mib << 20,
+                cache_bytes: args.cache_mib << 20,
+                block_bytes_max: args.block_kib << 10,
+                ..StateMachineOptions::default()
+            },
+        )
+        .expect("open state machine"),
     );
     let flusher = (!args.inline_flush).then(|| BackgroundFlusher::start(Arc::clone(&machine)));
     let value = vec![b'v'; args.value_bytes];
@@ -76,7 +84,13 @@ fn main() {
                     .map(|_| KvOp::Put { key: next_key(&mut rng, group), value: value.clone() })
                     .collect();
                 applied[group as usize] += 1;
-                GroupApply { group_id: group + 1, ops, applied_index: applied[group as usize], applied_term: 1, range: None }
+                GroupApply {
+                    group_id: group + 1,
+                    ops,
+                    applied_index: applied[group as usize],
+                    applied_term: 1,
+                    range: None,
+                }
             })
             .collect();
         written += args.groups * args.puts_per_group;
@@ -142,7 +156,10 @@ fn main() {
         assert!(machine.get(&key).expect("get").is_some(), "a written key must be found");
     }
     let read_seconds = reads_started.elapsed().as_secs_f64();
-    println!("point reads: {reads} written keys in {read_seconds:.2} s = {:.0} gets/s (one thread)", reads as f64 / read_seconds);
+    println!(
+        "point reads: {reads} written keys in {read_seconds:.2} s = {:.0} gets/s (one thread)",
+        reads as f64 / read_seconds
+    );
     drop(machine);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -48,7 +48,12 @@ fn main() {
     let args = Args::parse();
     let _ = std::fs::remove_dir_all(&args.dir);
     let started = Instant::now();
-    let config = Config { groups: args.groups, nodes: args.nodes, request_timeout: Duration::from_secs(60), ..Config::default() };
+    let config = Config {
+        groups: args.groups,
+        nodes: args.nodes,
+        request_timeout: Duration::from_secs(60),
+        ..Config::default()
+    };
     let db = Db::open_with(&args.dir, config).expect("open");
     println!("opened {} groups in {:.1} s", db.groups(), started.elapsed().as_secs_f64());
     let step = (u64::from(u32::MAX) + 1) / args.groups;

@@ -69,7 +69,10 @@ fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, args: &Args, seconds: f6
     let _ = std::fs::remove_dir_all(dir);
     let options = WalOptions { segment_bytes_max: segment_mib << 20, ..WalOptions::default() };
     let (wal, _) = Wal::open(dir, Arc::new(StdDisk), options).expect("open WAL");
-    let committer = GroupCommitWal::start(wal, GroupCommitOptions { queue_capacity: (groups as usize).max(16), ..Default::default() });
+    let committer = GroupCommitWal::start(
+        wal,
+        GroupCommitOptions { queue_capacity: (groups as usize).max(16), ..Default::default() },
+    );
     let payload = Bytes::from(vec![b'x'; entry_bytes]);
     let (reply, persisted) = crossbeam_channel::unbounded();
     let mut next_index = vec![1u64; groups as usize + 1];
@@ -99,8 +102,11 @@ fn run_wal(dir: &Path, groups: u64, entry_bytes: usize, args: &Args, seconds: f6
         let now = Instant::now();
         if !measuring && now >= warmup_end {
             let stats = committer.stats();
-            (syncs_at_start, bytes_at_start, busy_at_start) =
-                (stats.syncs.load(Ordering::Relaxed), stats.bytes.load(Ordering::Relaxed), stats.sync_nanos.load(Ordering::Relaxed));
+            (syncs_at_start, bytes_at_start, busy_at_start) = (
+                stats.syncs.load(Ordering::Relaxed),
+                stats.bytes.load(Ordering::Relaxed),
+                stats.sync_nanos.load(Ordering::Relaxed),
+            );
             (started, measuring) = (now, true);
         }
         if measuring && now >= started + Duration::from_secs_f64(seconds) {
@@ -176,8 +182,9 @@ fn run_recovery(dir: &Path, mib: u64) -> (u64, f64, u64) {
         let mut ops = Vec::new();
         for group in 1..=groups {
             let first = next_index[group as usize];
-            let entries: Vec<Entry> =
-                (first..first + 16).map(|index| Entry { index, term: 1, data: payload.clone(), ..Default::default() }).collect();
+            let entries: Vec<Entry> = (first..first + 16)
+                .map(|index| Entry { index, term: 1, data: payload.clone(), ..Default::default() })
+                .collect();
             next_index[group as usize] += 16;
             written += 16 * 1024;
             ops.push((group, LogOp::Append(entries)));
@@ -204,11 +211,25 @@ fn main() {
     println!(
         "WAL group commit: each group keeps one Ready of {} entries in flight; durable = fdatasync'd; {}",
         args.entries_per_ready,
-        if args.no_purge { "no purge (every segment a new file)" } else { "steady state (compact + purge, segments recycled)" }
+        if args.no_purge {
+            "no purge (every segment a new file)"
+        } else {
+            "steady state (compact + purge, segments recycled)"
+        }
     );
     println!(
         "{:>6} {:>7} {:>14} {:>9} {:>9} {:>12} {:>11} {:>7} {:>7} {:>15} {:>7}",
-        "groups", "entry", "entries/s", "MiB/s", "syncs/s", "bytes/sync", "raw MiB/s", "of raw", "busy", "prealloc MiB/s", "of it"
+        "groups",
+        "entry",
+        "entries/s",
+        "MiB/s",
+        "syncs/s",
+        "bytes/sync",
+        "raw MiB/s",
+        "of raw",
+        "busy",
+        "prealloc MiB/s",
+        "of it"
     );
     for &groups in &group_counts {
         for &entry_bytes in &sizes {

@@ -74,7 +74,9 @@ fn corrupt(what: &str) -> StateMachineError {
 /// The u32 (LE) at `at`: every caller reads where `Block::parse` checked that four bytes lie.
 fn read_u32(bytes: &[u8], at: usize) -> u32 {
     let word = bytes.get(at..).and_then(<[u8]>::first_chunk::<4>);
-    u32::from_le_bytes(*word.unwrap_or_else(|| panic!("a block read at {at} of {} bytes, past what parse checked", bytes.len())))
+    u32::from_le_bytes(
+        *word.unwrap_or_else(|| panic!("a block read at {at} of {} bytes, past what parse checked", bytes.len())),
+    )
 }
 
 impl<'a> Block<'a> {
@@ -88,7 +90,8 @@ impl<'a> Block<'a> {
             return Err(corrupt("checksum mismatch"));
         }
         let count = read_u32(body, body.len() - 4) as usize;
-        let offsets_at = body.len() - 4 - count.checked_mul(4).filter(|n| *n <= body.len() - 4).ok_or_else(|| corrupt("count"))?;
+        let offsets_at =
+            body.len() - 4 - count.checked_mul(4).filter(|n| *n <= body.len() - 4).ok_or_else(|| corrupt("count"))?;
         let block = Block { entries: &body[..offsets_at], offsets: &body[offsets_at..body.len() - 4] };
         for i in 0..count {
             let at = read_u32(block.offsets, 4 * i) as usize;
@@ -124,7 +127,8 @@ impl<'a> Block<'a> {
         let value_len = read_u32(self.entries, at + 4);
         let key_at = at + ENTRY_HEADER_BYTES;
         let key = &self.entries[key_at..key_at + key_len];
-        let value = (value_len != DELETION).then(|| &self.entries[key_at + key_len..key_at + key_len + value_len as usize]);
+        let value =
+            (value_len != DELETION).then(|| &self.entries[key_at + key_len..key_at + key_len + value_len as usize]);
         (key, value)
     }
 

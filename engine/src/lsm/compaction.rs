@@ -61,7 +61,8 @@ pub(crate) fn pick(version: &Version, base_bytes: u64, fanout: usize, runs_max: 
         }
     }
     if runs.len() > runs_max.max(2) {
-        let smallest = (0..runs.len() - 1).min_by_key(|&i| runs[i].bytes + runs[i + 1].bytes).expect("at least two runs");
+        let smallest =
+            (0..runs.len() - 1).min_by_key(|&i| runs[i].bytes + runs[i + 1].bytes).expect("at least two runs");
         return Some(plan(smallest, smallest + 2));
     }
     None
@@ -116,8 +117,11 @@ impl StateMachine {
                 runs.remove(run.id).map_err(storage)?;
             }
             drop(runs);
-            let dropped: Vec<u64> =
-                if plan.bottom { version.tombstones.iter().filter(|t| t.seq <= output_seq).map(|t| t.seq).collect() } else { Vec::new() };
+            let dropped: Vec<u64> = if plan.bottom {
+                version.tombstones.iter().filter(|t| t.seq <= output_seq).map(|t| t.seq).collect()
+            } else {
+                Vec::new()
+            };
             let mut tombstones = write.open_table(RANGE_TOMBSTONES).map_err(storage)?;
             for seq in &dropped {
                 tombstones.remove(*seq).map_err(storage)?;
@@ -185,11 +189,20 @@ mod tests {
 
     #[test]
     fn runs_a_reader_pinned_outlive_their_compaction_until_it_lets_go() {
-        let options = StateMachineOptions { memtable_bytes_max: 1 << 20, compaction_fanout: 2, runs_max: 2, ..StateMachineOptions::default() };
+        let options = StateMachineOptions {
+            memtable_bytes_max: 1 << 20,
+            compaction_fanout: 2,
+            runs_max: 2,
+            ..StateMachineOptions::default()
+        };
         let machine = StateMachine::open_with_backend(SimRedbBackend::new(), options).unwrap();
         for index in 1..=2u64 {
-            let ops = (0..50).map(|i| KvOp::Put { key: format!("k{i:03}").into_bytes(), value: format!("v{index}").into_bytes() }).collect();
-            machine.apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1, range: None }]).unwrap();
+            let ops = (0..50)
+                .map(|i| KvOp::Put { key: format!("k{i:03}").into_bytes(), value: format!("v{index}").into_bytes() })
+                .collect();
+            machine
+                .apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1, range: None }])
+                .unwrap();
             machine.flush().unwrap();
         }
         // A reader takes the version (two runs)...

@@ -58,7 +58,11 @@ pub(crate) struct Merge<'a> {
 
 impl<'a> Merge<'a> {
     /// `inputs` newest first (their `seq`s decreasing).
-    pub(crate) fn new(inputs: Vec<Input<'a>>, tombstones: Vec<RangeTombstone>, keep_deletions: bool) -> Result<Merge<'a>, StateMachineError> {
+    pub(crate) fn new(
+        inputs: Vec<Input<'a>>,
+        tombstones: Vec<RangeTombstone>,
+        keep_deletions: bool,
+    ) -> Result<Merge<'a>, StateMachineError> {
         debug_assert!(inputs.windows(2).all(|w| w[0].seq >= w[1].seq), "merge inputs must be newest first");
         let mut merge = Merge { inputs, tombstones, keep_deletions, winner: None, key: Vec::new() };
         merge.settle()?;
@@ -172,10 +176,14 @@ mod tests {
     #[test]
     fn the_newest_source_wins_and_deletions_and_range_deletions_hide() {
         let newest = memtable(&[("b", Some("2")), ("c", None), ("e", Some("2"))]);
-        let oldest = memtable(&[("a", Some("1")), ("b", Some("1")), ("c", Some("1")), ("d", Some("1")), ("f", Some("1"))]);
+        let oldest =
+            memtable(&[("a", Some("1")), ("b", Some("1")), ("c", Some("1")), ("d", Some("1")), ("f", Some("1"))]);
         let inputs = |keep| {
             let inputs = vec![
-                Input { seq: 9, source: Box::new(MemSource::new(newest.range::<MemKey, _>(..))) as Box<dyn Source + Send> },
+                Input {
+                    seq: 9,
+                    source: Box::new(MemSource::new(newest.range::<MemKey, _>(..))) as Box<dyn Source + Send>,
+                },
                 Input { seq: 3, source: Box::new(MemSource::new(oldest.range::<MemKey, _>(..))) },
             ];
             // Deletes [d, f) in runs older than 5: hides the old "d" but not the newer "e".

@@ -224,7 +224,11 @@ impl RunWriter {
     }
 
     /// Writes what is left and describes the run (`None` if it has no entries: nothing was written).
-    pub(crate) fn finish(mut self, blocks: &mut Table<&[u8], &[u8]>, seq: u64) -> Result<Option<Run>, StateMachineError> {
+    pub(crate) fn finish(
+        mut self,
+        blocks: &mut Table<&[u8], &[u8]>,
+        seq: u64,
+    ) -> Result<Option<Run>, StateMachineError> {
         if !self.builder.is_empty() {
             self.seal_block();
         }

@@ -21,7 +21,10 @@ pub(crate) fn seal(table: &str, key: u64, mut bytes: Vec<u8>) -> Vec<u8> {
 /// The bytes of a sealed value read from row `key` of `table`, once its checksum verifies.
 pub(crate) fn unseal<'a>(table: &str, key: u64, sealed: &'a [u8]) -> Result<&'a [u8], StateMachineError> {
     let Some(split) = sealed.len().checked_sub(4) else {
-        return Err(storage(format!("corrupt state machine: table {table}, row {key}: {} bytes, too short for a checksum", sealed.len())));
+        return Err(storage(format!(
+            "corrupt state machine: table {table}, row {key}: {} bytes, too short for a checksum",
+            sealed.len()
+        )));
     };
     let (bytes, stored) = sealed.split_at(split);
     if checksum(table, key, bytes).to_le_bytes() != stored {

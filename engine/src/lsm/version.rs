@@ -47,7 +47,8 @@ impl RangeTombstone {
 
     pub(crate) fn decode(seq: u64, sealed: &[u8]) -> Result<RangeTombstone, StateMachineError> {
         let bytes = super::sealed::unseal(RANGE_TOMBSTONES_TABLE, seq, sealed)?;
-        let record = RangeTombstoneRecord::decode(bytes).map_err(|e| storage(format!("range deletion {seq} is undecodable: {e}")))?;
+        let record = RangeTombstoneRecord::decode(bytes)
+            .map_err(|e| storage(format!("range deletion {seq} is undecodable: {e}")))?;
         Ok(RangeTombstone { seq, start: record.start, end: record.end })
     }
 }

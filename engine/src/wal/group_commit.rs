@@ -57,7 +57,11 @@ impl WriteRequest {
 
     /// Answers the requester: its writes are durable. (A requester that went away no longer needs the answer.)
     pub fn complete(self) {
-        let _ = self.reply.send(Persisted { group_id: self.group_id, ready_number: self.ready_number, attachment: self.attachment });
+        let _ = self.reply.send(Persisted {
+            group_id: self.group_id,
+            ready_number: self.ready_number,
+            attachment: self.attachment,
+        });
     }
 }
 
@@ -65,7 +69,10 @@ impl WriteRequest {
 enum Command {
     Write(WriteRequest),
     /// Purge down to `bytes_max` of WAL (see `WalState::suggest_horizon`), replying with what it did.
-    Purge { bytes_max: u64, reply: Sender<Result<PurgeReport, String>> },
+    Purge {
+        bytes_max: u64,
+        reply: Sender<Result<PurgeReport, String>>,
+    },
 }
 
 /// Settings of the writer thread.
@@ -152,7 +159,9 @@ impl GroupCommitWal {
                 .spawn(move || {
                     // A panic (a bug) stops the writer like a disk error: with its reason, never silently.
                     let writer_failure = Arc::clone(&failure);
-                    if let Err(reason) = crate::panics::catch("the WAL writer", move || run_writer(writer, state, receiver, options, writer_failure, stats)) {
+                    if let Err(reason) = crate::panics::catch("the WAL writer", move || {
+                        run_writer(writer, state, receiver, options, writer_failure, stats)
+                    }) {
                         failure.set(reason);
                     }
                 })
@@ -180,7 +189,10 @@ impl GroupCommitWal {
         let (reply, outcome) = crossbeam_channel::bounded(1);
         let sender = self.sender.as_ref().expect("sender lives until drop");
         sender.send(Command::Purge { bytes_max, reply }).map_err(|_| self.stopped_error())?;
-        outcome.recv().map_err(|_| self.stopped_error())?.map_err(|reason| WalError::Invalid(format!("purge failed: {reason}")))
+        outcome
+            .recv()
+            .map_err(|_| self.stopped_error())?
+            .map_err(|reason| WalError::Invalid(format!("purge failed: {reason}")))
     }
 
     fn stopped_error(&self) -> WalError {
@@ -298,7 +310,11 @@ fn run_writer(
     }
 }
 
-fn write_operations<'a, I>(writer: &mut SegmentWriter, state: &RwLock<WalState>, operations: impl Fn() -> I) -> Result<(), WalError>
+fn write_operations<'a, I>(
+    writer: &mut SegmentWriter,
+    state: &RwLock<WalState>,
+    operations: impl Fn() -> I,
+) -> Result<(), WalError>
 where
     I: Iterator<Item = (u64, &'a LogOp)>,
 {
@@ -318,7 +334,12 @@ where
 /// How many of the groups pinning the most WAL get their own `flotilla_wal_pinned_bytes` gauge.
 pub const PINNED_GROUPS_EXPORTED: usize = 8;
 
-fn purge(writer: &mut SegmentWriter, state: &RwLock<WalState>, bytes_max: u64, exported: &mut Vec<u64>) -> Result<PurgeReport, WalError> {
+fn purge(
+    writer: &mut SegmentWriter,
+    state: &RwLock<WalState>,
+    bytes_max: u64,
+    exported: &mut Vec<u64>,
+) -> Result<PurgeReport, WalError> {
     let plan = {
         let state = state.read();
         let horizon = state.suggest_horizon(bytes_max, writer.active_id());

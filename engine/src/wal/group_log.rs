@@ -202,7 +202,10 @@ impl GroupLog {
                 }
                 if first_kept_index > self.last_index() + 1 {
                     if !recovering {
-                        return Err(format!("compaction to {first_kept_index} beyond the last index {}", self.last_index()));
+                        return Err(format!(
+                            "compaction to {first_kept_index} beyond the last index {}",
+                            self.last_index()
+                        ));
                     }
                     // Replay after a purge: the entries before were in purged segments; this record says where the
                     // log starts.
@@ -242,7 +245,8 @@ mod tests {
     }
 
     fn append(log: &mut GroupLog, first: u64, count: u64) -> Result<(), ApplyError> {
-        let entries: Vec<Entry> = (first..first + count).map(|index| Entry { index, term: 1, ..Default::default() }).collect();
+        let entries: Vec<Entry> =
+            (first..first + count).map(|index| Entry { index, term: 1, ..Default::default() }).collect();
         log.apply(&LogOp::Append(entries), 7, (0..count).map(|_| at(7)), true)
     }
 
@@ -256,9 +260,13 @@ mod tests {
         // A compaction into the range shrinks it; one up to the located entries resolves it.
         log.apply(&LogOp::Compact { first_kept_index: 500, base_term: 1 }, 8, std::iter::empty(), true).unwrap();
         assert_eq!(log.first_missing(), Some(500));
-        log.apply(&LogOp::Compact { first_kept_index: 1_000_000_000_001, base_term: 1 }, 8, std::iter::empty(), true).unwrap();
+        log.apply(&LogOp::Compact { first_kept_index: 1_000_000_000_001, base_term: 1 }, 8, std::iter::empty(), true)
+            .unwrap();
         assert_eq!(log.first_missing(), None);
-        assert_eq!((log.first_index, log.last_index(), log.base_index), (1_000_000_000_001, 1_000_000_000_002, 1_000_000_000_000));
+        assert_eq!(
+            (log.first_index, log.last_index(), log.base_index),
+            (1_000_000_000_001, 1_000_000_000_002, 1_000_000_000_000)
+        );
     }
 
     #[test]

@@ -176,7 +176,8 @@ impl Wal {
             cache: EntryCache::new(options.entry_cache_bytes_max),
             recycled_segments_max: options.recycled_segments_max,
         };
-        let writer = SegmentWriter { dir: dir.to_path_buf(), disk, options, active, scratch: Vec::new(), placed_last: 0 };
+        let writer =
+            SegmentWriter { dir: dir.to_path_buf(), disk, options, active, scratch: Vec::new(), placed_last: 0 };
         Ok((Wal { state, writer }, report))
     }
 

@@ -28,13 +28,21 @@ pub enum LogOp {
     Append(Vec<Entry>),
     HardState(HardState),
     /// Removes every entry at or after `from_index` (a conflicting suffix; also implied by `Append`).
-    Truncate { from_index: u64 },
+    Truncate {
+        from_index: u64,
+    },
     /// Entries before `first_kept_index` are no longer needed (the state machine has them durably); the entry
     /// at `first_kept_index - 1` had `base_term`. Self-sufficient: it states where the log starts even when every
     /// earlier record is gone (purge rewrites a group's start with one).
-    Compact { first_kept_index: u64, base_term: u64 },
+    Compact {
+        first_kept_index: u64,
+        base_term: u64,
+    },
     /// A snapshot at `index` of `term` was installed: the log restarts after it.
-    Snapshot { index: u64, term: u64 },
+    Snapshot {
+        index: u64,
+        term: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,13 +127,15 @@ pub fn encode(salt: u32, group_id: u64, op: &LogOp, out: &mut Vec<u8>) -> usize 
         LogOp::HardState(hard_state) => encode_with(salt, group_id, RecordKind::HardState, out, |out| {
             hard_state.encode(out).expect("Vec grows");
         }),
-        LogOp::Truncate { from_index } => {
-            encode_with(salt, group_id, RecordKind::Truncate, out, |out| out.extend_from_slice(&from_index.to_le_bytes()))
-        }
-        LogOp::Compact { first_kept_index, base_term } => encode_with(salt, group_id, RecordKind::Compact, out, |out| {
-            out.extend_from_slice(&first_kept_index.to_le_bytes());
-            out.extend_from_slice(&base_term.to_le_bytes());
+        LogOp::Truncate { from_index } => encode_with(salt, group_id, RecordKind::Truncate, out, |out| {
+            out.extend_from_slice(&from_index.to_le_bytes())
         }),
+        LogOp::Compact { first_kept_index, base_term } => {
+            encode_with(salt, group_id, RecordKind::Compact, out, |out| {
+                out.extend_from_slice(&first_kept_index.to_le_bytes());
+                out.extend_from_slice(&base_term.to_le_bytes());
+            })
+        }
         LogOp::Snapshot { index, term } => encode_with(salt, group_id, RecordKind::Snapshot, out, |out| {
             out.extend_from_slice(&index.to_le_bytes());
             out.extend_from_slice(&term.to_le_bytes());
@@ -172,7 +182,13 @@ pub fn encode_append(salt: u32, group_id: u64, entries: &[Entry], out: &mut Vec<
     })
 }
 
-fn encode_with(salt: u32, group_id: u64, kind: RecordKind, out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) -> usize {
+fn encode_with(
+    salt: u32,
+    group_id: u64,
+    kind: RecordKind,
+    out: &mut Vec<u8>,
+    payload: impl FnOnce(&mut Vec<u8>),
+) -> usize {
     encode_kind_byte(salt, group_id, kind as u8, out, payload)
 }
 
@@ -182,7 +198,13 @@ pub(crate) fn encode_raw(salt: u32, group_id: u64, kind: u8, payload: &[u8], out
     encode_kind_byte(salt, group_id, kind, out, |out| out.extend_from_slice(payload))
 }
 
-fn encode_kind_byte(salt: u32, group_id: u64, kind: u8, out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) -> usize {
+fn encode_kind_byte(
+    salt: u32,
+    group_id: u64,
+    kind: u8,
+    out: &mut Vec<u8>,
+    payload: impl FnOnce(&mut Vec<u8>),
+) -> usize {
     let start = out.len();
     out.resize(start + RECORD_HEADER_BYTES, 0);
     payload(out);
@@ -216,7 +238,11 @@ pub struct Record {
 
 /// The u64 (LE) at `at`; a payload too short for it is malformed.
 fn u64_at(bytes: &[u8], at: usize) -> Result<u64, DecodeError> {
-    bytes.get(at..).and_then(<[u8]>::first_chunk::<8>).map(|b| u64::from_le_bytes(*b)).ok_or(DecodeError::BadPayload("wrong fixed payload size"))
+    bytes
+        .get(at..)
+        .and_then(<[u8]>::first_chunk::<8>)
+        .map(|b| u64::from_le_bytes(*b))
+        .ok_or(DecodeError::BadPayload("wrong fixed payload size"))
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> Result<u32, DecodeError> {
@@ -306,7 +332,6 @@ pub fn append_runs(entries: &[Entry], batch_bytes_max: usize) -> impl Iterator<I
         Some(run)
     })
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -400,7 +425,11 @@ mod tests {
         assert_eq!(rejoined, entries);
         assert_eq!(append_runs(&entries[..0], 100).count(), 0);
         let large = vec![entry(1, 1, b"0123456789"); 3];
-        assert_eq!(append_runs(&large, 1).collect::<Vec<_>>(), vec![0..1, 1..2, 2..3], "an entry over the bound runs alone");
+        assert_eq!(
+            append_runs(&large, 1).collect::<Vec<_>>(),
+            vec![0..1, 1..2, 2..3],
+            "an entry over the bound runs alone"
+        );
     }
 
     #[test]

@@ -15,7 +15,9 @@ use super::group_log::{EntryLocation, GroupLog};
 use super::record::{decode, frame_at, segment_salt, Body, LogOp, Record, FRAME_BYTES};
 use super::segment_writer::{open_next_segment, ActiveSegment, BATCH_ALIGN_BYTES};
 use super::state::Segment;
-use super::{io_error, segment_id, segment_path, RecoveryReport, WalError, WalOptions, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC};
+use super::{
+    io_error, segment_id, segment_path, RecoveryReport, WalError, WalOptions, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC,
+};
 use crate::disk::{Disk, DiskFile};
 
 /// What recovery rebuilt: the segments, every group's log, where the next write goes.
@@ -62,7 +64,8 @@ impl SegmentFile {
         let mut chunk_start = (from / BATCH_ALIGN_BYTES + 1) * BATCH_ALIGN_BYTES;
         while chunk_start < self.len {
             let chunk = self.read(chunk_start, PROBE_CHUNK_BYTES)?;
-            let found = (0..chunk.len()).step_by(BATCH_ALIGN_BYTES as usize).find(|&at| frame_at(&chunk[at..], salt).is_some());
+            let found =
+                (0..chunk.len()).step_by(BATCH_ALIGN_BYTES as usize).find(|&at| frame_at(&chunk[at..], salt).is_some());
             if let Some(at) = found {
                 return Ok(Some(chunk_start + at as u64));
             }
@@ -92,7 +95,10 @@ impl SegmentHeader {
     /// The header of segment `id` at the start of `bytes`, if it is this segment's.
     fn parse(bytes: &[u8], id: u64) -> Option<SegmentHeader> {
         let field = |at: usize| bytes.get(at..).and_then(<[u8]>::first_chunk::<8>).map(|b| u64::from_le_bytes(*b));
-        if (bytes.len() as u64) < SEGMENT_HEADER_BYTES || bytes.first_chunk::<8>() != Some(SEGMENT_MAGIC) || field(8)? != id {
+        if (bytes.len() as u64) < SEGMENT_HEADER_BYTES
+            || bytes.first_chunk::<8>() != Some(SEGMENT_MAGIC)
+            || field(8)? != id
+        {
             return None;
         }
         Some(SegmentHeader { salt: segment_salt(id, field(24)?), preallocated_bytes: field(32)? })
@@ -118,7 +124,8 @@ fn scan_segment(
 ) -> Result<SegmentScan, WalError> {
     let mut offset = SEGMENT_HEADER_BYTES;
     let mut records: Vec<(u64, Record)> = Vec::new();
-    let damaged = |offset: u64, reason: String| Ok(SegmentScan { end: offset, sealed: false, damage: Some((offset, reason)) });
+    let damaged =
+        |offset: u64, reason: String| Ok(SegmentScan { end: offset, sealed: false, damage: Some((offset, reason)) });
     let corrupt = |at: u64, reason: String| WalError::Corruption { path: segment.path.clone(), offset: at, reason };
     while offset < segment.len {
         let Some((batch, records_bytes)) = segment.frame_at(offset, salt)? else {
@@ -139,7 +146,8 @@ fn scan_segment(
                     at += len;
                 }
                 Err(error) => {
-                    let reason = format!("{error} in the record at offset {} of the frame starting here", offset + at as u64);
+                    let reason =
+                        format!("{error} in the record at offset {} of the frame starting here", offset + at as u64);
                     return damaged(offset, reason);
                 }
             }
@@ -147,7 +155,8 @@ fn scan_segment(
         let mut sealed = false;
         for (at, record) in records.drain(..) {
             match record.body {
-                Body::Op(op) => apply_record(groups, id, at, &op, record.group_id, record.len).map_err(|reason| corrupt(at, reason))?,
+                Body::Op(op) => apply_record(groups, id, at, &op, record.group_id, record.len)
+                    .map_err(|reason| corrupt(at, reason))?,
                 Body::Seal => sealed = true,
                 Body::Frame { .. } => return Err(corrupt(at, "a frame inside a frame".into())),
             }
@@ -184,7 +193,12 @@ fn remove(disk: &dyn Disk, dir: &Path, path: &Path) -> Result<(), WalError> {
 /// Recovers (or creates) the WAL in `dir`.
 pub(super) fn recover(dir: &Path, disk: &dyn Disk, options: &WalOptions) -> Result<Recovered, WalError> {
     disk.create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
-    let mut ids: Vec<u64> = disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))?.iter().filter_map(|p| segment_id(p)).collect();
+    let mut ids: Vec<u64> = disk
+        .list(dir)
+        .map_err(io_error(format!("listing {}", dir.display())))?
+        .iter()
+        .filter_map(|p| segment_id(p))
+        .collect();
     ids.sort_unstable();
     let mut report = RecoveryReport::default();
     let mut groups: FxHashMap<u64, GroupLog> = FxHashMap::default();
@@ -208,7 +222,11 @@ pub(super) fn recover(dir: &Path, disk: &dyn Disk, options: &WalOptions) -> Resu
                 // Only an interrupted rotation may follow an unsealed segment: its successor, without frames, goes.
                 if !(is_last && newest_empty) {
                     let path = segment_path(dir, *previous_id);
-                    return Err(WalError::Corruption { path, offset: scan.end, reason: "a segment that is not the newest ends without a seal".into() });
+                    return Err(WalError::Corruption {
+                        path,
+                        offset: scan.end,
+                        reason: "a segment that is not the newest ends without a seal".into(),
+                    });
                 }
                 remove(disk, dir, &path)?;
                 break;
@@ -272,11 +290,16 @@ pub(super) fn recover(dir: &Path, disk: &dyn Disk, options: &WalOptions) -> Resu
     }
     if let Some((group_id, missing)) = groups.iter().find_map(|(id, g)| g.first_missing().map(|m| (*id, m))) {
         let path = segments.values().next().map(|segment| segment.path.clone()).unwrap_or_else(|| dir.to_path_buf());
-        return Err(WalError::Corruption { path, offset: 0, reason: format!("group {group_id} holds entry {missing} but the record with it is missing") });
+        return Err(WalError::Corruption {
+            path,
+            offset: 0,
+            reason: format!("group {group_id} holds entry {missing} but the record with it is missing"),
+        });
     }
     let active = match segments.iter().next_back() {
         Some((&id, segment)) => {
-            let file = disk.open(&segment.path, false).map_err(io_error(format!("opening {}", segment.path.display())))?;
+            let file =
+                disk.open(&segment.path, false).map_err(io_error(format!("opening {}", segment.path.display())))?;
             ActiveSegment { id, salt: segment.salt, file, len: segment.len }
         }
         None => {
@@ -299,7 +322,14 @@ pub(super) fn recover(dir: &Path, disk: &dyn Disk, options: &WalOptions) -> Resu
 }
 
 /// Replays one record found during recovery.
-fn apply_record(groups: &mut FxHashMap<u64, GroupLog>, segment_id: u64, offset: u64, op: &LogOp, group_id: u64, record_len: usize) -> Result<(), String> {
+fn apply_record(
+    groups: &mut FxHashMap<u64, GroupLog>,
+    segment_id: u64,
+    offset: u64,
+    op: &LogOp,
+    group_id: u64,
+    record_len: usize,
+) -> Result<(), String> {
     let group = groups.entry(group_id).or_default();
     let locations = match op {
         LogOp::Append(entries) => entries

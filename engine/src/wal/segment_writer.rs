@@ -170,7 +170,12 @@ fn fresh_nonce() -> u64 {
 
 /// Starts segment `id` in a recycled file if the pool has one, else in a new file, given at least
 /// `preallocated_bytes` (sparse where new), all durable before it returns.
-pub(super) fn open_next_segment(disk: &dyn Disk, dir: &Path, id: u64, preallocated_bytes: u64) -> Result<ActiveSegment, WalError> {
+pub(super) fn open_next_segment(
+    disk: &dyn Disk,
+    dir: &Path,
+    id: u64,
+    preallocated_bytes: u64,
+) -> Result<ActiveSegment, WalError> {
     let listed = disk.list(dir).map_err(io_error(format!("listing {}", dir.display())))?;
     // Only a file whose every earlier life had a lower id may be reused: its stale bytes then carry other salts.
     let pool: Vec<(u64, PathBuf)> = listed.into_iter().filter_map(|p| recycle_id(&p).map(|r| (r, p))).collect();
@@ -180,7 +185,11 @@ pub(super) fn open_next_segment(disk: &dyn Disk, dir: &Path, id: u64, preallocat
     let path = segment_path(dir, id);
     let (file, previous_id) = match pool.into_iter().filter(|(previous_id, _)| *previous_id < id).min() {
         Some((previous_id, recycled)) => {
-            disk.rename(&recycled, &path).map_err(io_error(format!("recycling {} as {}", recycled.display(), path.display())))?;
+            disk.rename(&recycled, &path).map_err(io_error(format!(
+                "recycling {} as {}",
+                recycled.display(),
+                path.display()
+            )))?;
             metrics::counter!("flotilla_wal_segments_recycled_total").increment(1);
             (disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?, previous_id)
         }
@@ -203,7 +212,8 @@ fn start_segment(
     let len = file.len_bytes().map_err(io_error(format!("sizing {}", path.display())))?;
     let preallocated_bytes = preallocated_bytes.max(len).max(SEGMENT_HEADER_BYTES);
     let nonce = fresh_nonce();
-    file.write_at(0, &segment_header(id, previous_id, nonce, preallocated_bytes)).map_err(io_error(format!("writing the header of {}", path.display())))?;
+    file.write_at(0, &segment_header(id, previous_id, nonce, preallocated_bytes))
+        .map_err(io_error(format!("writing the header of {}", path.display())))?;
     if len < preallocated_bytes {
         file.truncate(preallocated_bytes).map_err(io_error(format!("sizing {}", path.display())))?;
     }

@@ -55,9 +55,9 @@ impl WalState {
         for (group_id, op) in operations {
             let untouched = !bounds.contains_key(&group_id);
             let group_id = &group_id;
-            let (first, last) = *bounds.entry(*group_id).or_insert_with(|| {
-                self.groups.get(group_id).map_or((1, 0), |g| (g.first_index, g.last_index()))
-            });
+            let (first, last) = *bounds
+                .entry(*group_id)
+                .or_insert_with(|| self.groups.get(group_id).map_or((1, 0), |g| (g.first_index, g.last_index())));
             let next = match op {
                 LogOp::Append(entries) => {
                     let Some(head) = entries.first() else { continue };
@@ -132,7 +132,8 @@ impl WalState {
                 report.entries_rewritten += live.len() as u64;
                 rewrite.push((group_id, LogOp::Append(live)));
             }
-            rewrite.push((group_id, LogOp::Compact { first_kept_index: group.first_index, base_term: group.base_term }));
+            rewrite
+                .push((group_id, LogOp::Compact { first_kept_index: group.first_index, base_term: group.base_term }));
             rewrite.push((group_id, LogOp::HardState(group.hard_state)));
         }
         Ok(PurgePlan { rewrite, doomed, report })
@@ -164,7 +165,8 @@ impl WalState {
     /// The horizon that frees every segment no group needs for live entries, and beyond that as many segments
     /// as it takes to bring the WAL under `bytes_max` (rewriting the laggards that pin them).
     pub fn suggest_horizon(&self, bytes_max: u64, active_id: u64) -> u64 {
-        let needed_for_entries = self.groups.values().filter_map(GroupLog::oldest_entry_segment).min().unwrap_or(active_id);
+        let needed_for_entries =
+            self.groups.values().filter_map(GroupLog::oldest_entry_segment).min().unwrap_or(active_id);
         let mut horizon = needed_for_entries.min(active_id);
         let mut total: u64 = self.segments.range(horizon..).map(|(_, segment)| segment.len).sum();
         for (&id, segment) in self.segments.range(horizon..) {
@@ -251,7 +253,9 @@ impl WalState {
             applied.expect("operations were validated before writing");
             match record.change {
                 IndexChange::Append(entries) => self.cache.append(record.group_id, entries),
-                IndexChange::Other(LogOp::Truncate { from_index }) => self.cache.truncate_from(record.group_id, from_index),
+                IndexChange::Other(LogOp::Truncate { from_index }) => {
+                    self.cache.truncate_from(record.group_id, from_index)
+                }
                 IndexChange::Other(LogOp::Compact { first_kept_index, .. }) => {
                     self.cache.compact_to(record.group_id, first_kept_index)
                 }
@@ -337,16 +341,21 @@ impl WalState {
                 slot.insert(self.disk.open(&path, false).map_err(io_error(format!("opening {}", path.display())))?)
             }
         };
-        reader.read_exact_at(location.record_offset, &mut bytes).map_err(io_error(format!("reading {}", path.display())))?;
+        reader
+            .read_exact_at(location.record_offset, &mut bytes)
+            .map_err(io_error(format!("reading {}", path.display())))?;
         drop(readers);
         let salt = self.segments.get(&location.segment_id).map_or(0, |segment| segment.salt);
         match decode(&bytes, salt) {
             Ok(record) => match record.body {
                 Body::Op(LogOp::Append(entries)) => Ok(entries),
-                _ => Err(WalError::Corruption { path, offset: location.record_offset, reason: "not an append record".into() }),
+                _ => Err(WalError::Corruption {
+                    path,
+                    offset: location.record_offset,
+                    reason: "not an append record".into(),
+                }),
             },
             Err(error) => Err(WalError::Corruption { path, offset: location.record_offset, reason: error.to_string() }),
         }
     }
 }
-

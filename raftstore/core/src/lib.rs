@@ -90,7 +90,7 @@ pub use tracker::{Configuration, ProgressTracker};
 pub mod prelude {
     pub use crate::{
         ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Config, Entry, EntryType,
-        HardState, MemStorage, Message, MessageType, RawNode, ReadMode, Ready, Snapshot, SnapshotMetadata,
-        StateRole, Storage,
+        HardState, MemStorage, Message, MessageType, RawNode, ReadMode, Ready, Snapshot, SnapshotMetadata, StateRole,
+        Storage,
     };
 }

@@ -114,7 +114,11 @@ impl<S: Storage> RaftLog<S> {
         let last_new = index + entries.len() as u64;
         let conflict = self.find_conflict(entries);
         if conflict != 0 {
-            assert!(conflict > self.committed, "entry {conflict} conflicts with the committed prefix {}", self.committed);
+            assert!(
+                conflict > self.committed,
+                "entry {conflict} conflicts with the committed prefix {}",
+                self.committed
+            );
             let start = (conflict - (index + 1)) as usize;
             self.append(&entries[start..]);
         }
@@ -206,7 +210,8 @@ impl<S: Storage> RaftLog<S> {
         if self.applying >= high {
             return Vec::new();
         }
-        self.slice(self.applying + 1, high + 1, max_bytes).expect("committed entries are never compacted before being applied")
+        self.slice(self.applying + 1, high + 1, max_bytes)
+            .expect("committed entries are never compacted before being applied")
     }
 
     pub fn applying_to(&mut self, index: u64) {

@@ -89,12 +89,7 @@ impl MemStorage {
     /// Appends entries, replacing any conflicting suffix (what a `Ready`'s entries ask for).
     pub fn append(&mut self, entries: &[Entry]) -> StorageResult<()> {
         let Some(first) = entries.first() else { return Ok(()) };
-        assert!(
-            first.index > self.offset(),
-            "append at {} overwrites the snapshot at {}",
-            first.index,
-            self.offset()
-        );
+        assert!(first.index > self.offset(), "append at {} overwrites the snapshot at {}", first.index, self.offset());
         let last_existing = self.offset() + self.entries.len() as u64 - 1;
         assert!(first.index <= last_existing + 1, "append at {} leaves a gap after {last_existing}", first.index);
         self.entries.truncate((first.index - self.offset()) as usize);

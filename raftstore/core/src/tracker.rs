@@ -44,9 +44,7 @@ impl Configuration {
 
     /// Whether `id` is the only member (voter or learner), without building the member set.
     pub fn is_only_member(&self, id: u64) -> bool {
-        self.voters.is_only_voter(id)
-            && self.learners.is_empty()
-            && self.learners_next.is_empty()
+        self.voters.is_only_voter(id) && self.learners.is_empty() && self.learners_next.is_empty()
     }
 
     /// Every member: voters of both halves and learners (current and next).

@@ -51,7 +51,13 @@ pub(crate) enum Delivery<M> {
 
 impl<F: Fsm> Mailbox<F> {
     pub(crate) fn new(fsm: Box<F>, capacity: usize) -> Mailbox<F> {
-        Mailbox { capacity, queue: Mutex::new(VecDeque::new()), notified: AtomicBool::new(false), parked: Mutex::new(Some(fsm)), closed: AtomicBool::new(false) }
+        Mailbox {
+            capacity,
+            queue: Mutex::new(VecDeque::new()),
+            notified: AtomicBool::new(false),
+            parked: Mutex::new(Some(fsm)),
+            closed: AtomicBool::new(false),
+        }
     }
 
     /// Queues a message; if the FSM was idle, returns it to be scheduled.

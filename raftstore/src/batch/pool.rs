@@ -61,14 +61,22 @@ pub struct BatchSystem<F: Fsm> {
 
 impl<F: Fsm> BatchSystem<F> {
     /// Starts `options.pollers` threads, each with the handler `handler(poller_index)` makes.
-    pub fn start<H: PollHandler<F>>(name: &str, options: BatchOptions, mut handler: impl FnMut(usize) -> H) -> BatchSystem<F> {
-        assert!(options.pollers > 0 && options.fsms_per_round_max > 0 && options.messages_per_turn_max > 0, "batch options must be positive");
+    pub fn start<H: PollHandler<F>>(
+        name: &str,
+        options: BatchOptions,
+        mut handler: impl FnMut(usize) -> H,
+    ) -> BatchSystem<F> {
+        assert!(
+            options.pollers > 0 && options.fsms_per_round_max > 0 && options.messages_per_turn_max > 0,
+            "batch options must be positive"
+        );
         // Unbounded, yet bounded in fact: the notified flag keeps each FSM in it at most once.
         let (run_queue, tasks) = crossbeam_channel::unbounded();
         let router = Router::new(run_queue.clone(), options.mailbox_capacity);
         let threads = (0..options.pollers)
             .map(|index| {
-                let (tasks, router, options, handler) = (tasks.clone(), router.clone(), options.clone(), handler(index));
+                let (tasks, router, options, handler) =
+                    (tasks.clone(), router.clone(), options.clone(), handler(index));
                 std::thread::Builder::new()
                     .name(format!("{name}-{index}"))
                     .spawn(move || poll(tasks, router, options, handler))
@@ -118,7 +126,8 @@ fn poll<F: Fsm, H: PollHandler<F>>(tasks: Receiver<Task<F>>, router: Router<F>, 
         handler.begin();
         for scheduled in round.iter_mut() {
             scheduled.mailbox.drain(&mut messages, options.messages_per_turn_max);
-            if let Err(reason) = catch("a poller handling an FSM", || handler.handle(&mut scheduled.fsm, &mut messages)) {
+            if let Err(reason) = catch("a poller handling an FSM", || handler.handle(&mut scheduled.fsm, &mut messages))
+            {
                 handler.on_panic(reason);
             }
             messages.clear();

@@ -26,7 +26,11 @@ pub struct Router<F: Fsm> {
 
 impl<F: Fsm> Clone for Router<F> {
     fn clone(&self) -> Router<F> {
-        Router { mailboxes: Arc::clone(&self.mailboxes), run_queue: self.run_queue.clone(), mailbox_capacity: self.mailbox_capacity }
+        Router {
+            mailboxes: Arc::clone(&self.mailboxes),
+            run_queue: self.run_queue.clone(),
+            mailbox_capacity: self.mailbox_capacity,
+        }
     }
 }
 

@@ -42,7 +42,9 @@ fn storage_error(what: String) -> Error {
 pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDescriptor]) -> Result<(), Error> {
     let fresh: Vec<GroupApply> = ranges
         .iter()
-        .filter(|range| !range.replicas.is_empty() && kv.applied(range.group_id) == (0, 0) && log.last_index(range.group_id) == 0)
+        .filter(|range| {
+            !range.replicas.is_empty() && kv.applied(range.group_id) == (0, 0) && log.last_index(range.group_id) == 0
+        })
         .map(|range| GroupApply {
             group_id: range.group_id,
             ops: Vec::new(),
@@ -103,10 +105,13 @@ pub fn destroy_replica(log: &dyn LogEngine, kv: &dyn KvEngine, descriptor: &Rang
     // (Bounded: a destroy left unfinished is finished at the next open, `finish_interrupted_destroys`.)
     for _round in 0..3 {
         let last = log.last_index(group_id);
-        let Some(base_term) = log.term(group_id, last).filter(|_| last >= log.first_index(group_id)) else { return Ok(()) };
+        let Some(base_term) = log.term(group_id, last).filter(|_| last >= log.first_index(group_id)) else {
+            return Ok(());
+        };
         let (reply, done) = crossbeam_channel::bounded(1);
         let ops = vec![LogOp::Compact { first_kept_index: last + 1, base_term }];
-        log.submit(WriteRequest::new(group_id, 0, ops, reply)).map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
+        log.submit(WriteRequest::new(group_id, 0, ops, reply))
+            .map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
         done.recv().map_err(|e| storage_error(format!("dropping group {group_id}'s log: {e}")))?;
     }
     Ok(())
@@ -117,7 +122,8 @@ pub fn destroy_replica(log: &dyn LogEngine, kv: &dyn KvEngine, descriptor: &Rang
 pub fn finish_interrupted_destroys(node_id: u64, log: &dyn LogEngine, kv: &dyn KvEngine) -> Result<usize, Error> {
     let mut finished = 0;
     for (group_id, bytes) in kv.ranges().map_err(|e| storage_error(format!("reading the stored ranges: {e}")))? {
-        let descriptor = RangeDescriptor::decode_stored(&bytes).map_err(|e| storage_error(format!("group {group_id}'s stored range: {e}")))?;
+        let descriptor = RangeDescriptor::decode_stored(&bytes)
+            .map_err(|e| storage_error(format!("group {group_id}'s stored range: {e}")))?;
         let left = !descriptor.replicas.is_empty() && !descriptor.lists_node(node_id);
         if left && log.last_index(group_id) >= log.first_index(group_id) {
             destroy_replica(log, kv, &descriptor)?;
@@ -137,12 +143,16 @@ mod tests {
     use crate::range::{initial_ranges, Replica};
 
     fn ranges() -> Vec<RangeDescriptor> {
-        let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        let replicas: Vec<Replica> =
+            (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
         initial_ranges(2, 1, &replicas)
     }
 
     fn assert_starts_at_bootstrap(log: &MemLogEngine, group_id: u64) {
-        assert_eq!((log.first_index(group_id), log.term(group_id, BOOTSTRAP_INDEX)), (BOOTSTRAP_INDEX + 1, Some(BOOTSTRAP_TERM)));
+        assert_eq!(
+            (log.first_index(group_id), log.term(group_id, BOOTSTRAP_INDEX)),
+            (BOOTSTRAP_INDEX + 1, Some(BOOTSTRAP_TERM))
+        );
         assert_eq!(log.hard_state(group_id), HardState { term: BOOTSTRAP_TERM, vote: 0, commit: BOOTSTRAP_INDEX });
     }
 
@@ -155,7 +165,11 @@ mod tests {
             assert_starts_at_bootstrap(&log, range.group_id);
         }
         let stored: Vec<u64> = kv.ranges().unwrap().into_iter().map(|(group, _)| group).collect();
-        assert_eq!(stored, ranges().iter().map(|r| r.group_id).collect::<Vec<_>>(), "descriptors stored with the bootstrap");
+        assert_eq!(
+            stored,
+            ranges().iter().map(|r| r.group_id).collect::<Vec<_>>(),
+            "descriptors stored with the bootstrap"
+        );
         // A crash after the state machine's bootstrap, before the log's: the log is restarted at the next open.
         let empty_log = MemLogEngine::new();
         prepare_groups(&empty_log, &kv, &ranges()).unwrap();
@@ -172,18 +186,32 @@ mod tests {
         let group = ranges()[0].clone();
         prepare_groups(&log, &kv, std::slice::from_ref(&group)).unwrap();
         // Entries 6..=8 applied and checkpointed; then the WAL loses them (a fresh log engine: every record gone).
-        let entries: Vec<flotilla_raft::Entry> = (6..=8).map(|index| flotilla_raft::Entry { index, term: 6, ..Default::default() }).collect();
+        let entries: Vec<flotilla_raft::Entry> =
+            (6..=8).map(|index| flotilla_raft::Entry { index, term: 6, ..Default::default() }).collect();
         let (reply, done) = crossbeam_channel::bounded(1);
         log.submit(WriteRequest::new(group.group_id, 1, vec![LogOp::Append(entries)], reply)).unwrap();
         done.recv().unwrap();
-        kv.apply(vec![GroupApply { group_id: group.group_id, ops: vec![], applied_index: 8, applied_term: 6, range: None }]).unwrap();
+        kv.apply(vec![GroupApply {
+            group_id: group.group_id,
+            ops: vec![],
+            applied_index: 8,
+            applied_term: 6,
+            range: None,
+        }])
+        .unwrap();
         kv.flush().unwrap();
         let lost = MemLogEngine::new();
         let error = prepare_groups(&lost, &kv, std::slice::from_ref(&group)).unwrap_err();
         assert!(format!("{error:?}").contains("the WAL lost acknowledged entries"), "{error:?}");
         // The same gap after a snapshot install (state machine first, log record lost with the crash): restarted.
         kv.begin_snapshot_install(group.group_id, &group.start, &group.end).unwrap();
-        let body = flotilla_engine::snapshot::SnapshotChunkBody { group_id: group.group_id, last: true, applied_index: 20, applied_term: 7, ..Default::default() };
+        let body = flotilla_engine::snapshot::SnapshotChunkBody {
+            group_id: group.group_id,
+            last: true,
+            applied_index: 20,
+            applied_term: 7,
+            ..Default::default()
+        };
         kv.receive_snapshot_chunk(group.group_id, &flotilla_engine::snapshot::encode_chunk(&body)).unwrap();
         kv.finish_snapshot_install(group.group_id, None).unwrap();
         prepare_groups(&lost, &kv, std::slice::from_ref(&group)).unwrap();
@@ -197,12 +225,24 @@ mod tests {
         prepare_groups(&log, &kv, &[kept.clone(), left.clone()]).unwrap();
         // Node 3 applied its removal from `left` (the new descriptor is durable with a key of the range) and
         // crashed before destroying the replica: the data and the log entries are still there.
-        let without_3 = RangeDescriptor { replicas: left.replicas.iter().filter(|r| r.node_id != 3).cloned().collect(), ..left.clone() };
+        let without_3 = RangeDescriptor {
+            replicas: left.replicas.iter().filter(|r| r.node_id != 3).cloned().collect(),
+            ..left.clone()
+        };
         let key = [left.start.clone(), b"k".to_vec()].concat();
         let ops = vec![KvOp::Put { key: key.clone(), value: b"v".to_vec() }];
-        kv.apply(vec![GroupApply { group_id: left.group_id, ops, applied_index: BOOTSTRAP_INDEX, applied_term: BOOTSTRAP_TERM, range: Some(without_3.encode()) }]).unwrap();
+        kv.apply(vec![GroupApply {
+            group_id: left.group_id,
+            ops,
+            applied_index: BOOTSTRAP_INDEX,
+            applied_term: BOOTSTRAP_TERM,
+            range: Some(without_3.encode()),
+        }])
+        .unwrap();
         kv.flush().unwrap();
-        let entries = (BOOTSTRAP_INDEX + 1..=BOOTSTRAP_INDEX + 3).map(|index| flotilla_raft::Entry { index, term: BOOTSTRAP_TERM + 1, ..Default::default() }).collect();
+        let entries = (BOOTSTRAP_INDEX + 1..=BOOTSTRAP_INDEX + 3)
+            .map(|index| flotilla_raft::Entry { index, term: BOOTSTRAP_TERM + 1, ..Default::default() })
+            .collect();
         let (reply, done) = crossbeam_channel::bounded(1);
         log.submit(WriteRequest::new(left.group_id, 1, vec![LogOp::Append(entries)], reply)).unwrap();
         done.recv().unwrap();
@@ -211,6 +251,10 @@ mod tests {
         assert!(log.first_index(left.group_id) > log.last_index(left.group_id), "and its log");
         assert_eq!(log.last_index(kept.group_id), BOOTSTRAP_INDEX, "the group node 3 still holds is untouched");
         assert_eq!(finish_interrupted_destroys(3, &log, &kv).unwrap(), 0, "a finished destroy is left alone");
-        assert_eq!(finish_interrupted_destroys(1, &log, &kv).unwrap(), 0, "nodes the descriptors list keep their groups");
+        assert_eq!(
+            finish_interrupted_destroys(1, &log, &kv).unwrap(),
+            0,
+            "nodes the descriptors list keep their groups"
+        );
     }
 }

@@ -21,7 +21,7 @@ use flotilla_raft::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, E
 use prost::Message as _;
 
 use super::{Peer, PeerError, PendingWrite, Response, Token};
-use crate::command::{ApplyBatch, ApplyError, Applied, Outcome};
+use crate::command::{Applied, ApplyBatch, ApplyError, Outcome};
 use crate::message::{RemovalNotice, ReplicaMessage};
 use crate::range::{RangeDescriptor, RangeEpoch, Replica};
 
@@ -29,10 +29,17 @@ use crate::range::{RangeDescriptor, RangeEpoch, Replica};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MembershipChange {
     /// A new replica on node `node_id`, following without a vote (caught up by snapshot first).
-    AddLearner { node_id: u64, replica_id: u64 },
+    AddLearner {
+        node_id: u64,
+        replica_id: u64,
+    },
     /// A learner becomes a voter.
-    Promote { replica_id: u64 },
-    Remove { replica_id: u64 },
+    Promote {
+        replica_id: u64,
+    },
+    Remove {
+        replica_id: u64,
+    },
 }
 
 /// What a membership change entry carries beyond the core's `ConfChangeV2`.
@@ -49,9 +56,13 @@ struct ChangeContext {
 impl MembershipChange {
     fn to_conf_change(&self, request_id: u64) -> ConfChangeV2 {
         let (single, node_id) = match *self {
-            MembershipChange::AddLearner { node_id, replica_id } => (ConfChangeSingle::new(ConfChangeType::AddLearnerNode, replica_id), node_id),
+            MembershipChange::AddLearner { node_id, replica_id } => {
+                (ConfChangeSingle::new(ConfChangeType::AddLearnerNode, replica_id), node_id)
+            }
             MembershipChange::Promote { replica_id } => (ConfChangeSingle::new(ConfChangeType::AddNode, replica_id), 0),
-            MembershipChange::Remove { replica_id } => (ConfChangeSingle::new(ConfChangeType::RemoveNode, replica_id), 0),
+            MembershipChange::Remove { replica_id } => {
+                (ConfChangeSingle::new(ConfChangeType::RemoveNode, replica_id), 0)
+            }
         };
         let mut change = ConfChangeV2::new(vec![single]);
         change.context = Bytes::from(ChangeContext { request_id, node_id }.encode_to_vec());
@@ -62,13 +73,20 @@ impl MembershipChange {
 /// The descriptor after a change: replicas as the new configuration has them, each on its node (known, or the
 /// one the change names), and the membership version moved on.
 fn next_descriptor(current: &RangeDescriptor, conf_state: &ConfState, added_node_id: u64) -> RangeDescriptor {
-    let node_of = |replica_id: u64| current.replicas.iter().find(|r| r.replica_id == replica_id).map_or(added_node_id, |r| r.node_id);
+    let node_of = |replica_id: u64| {
+        current.replicas.iter().find(|r| r.replica_id == replica_id).map_or(added_node_id, |r| r.node_id)
+    };
     let voters = conf_state.voters.iter().map(|&id| Replica { node_id: node_of(id), replica_id: id, learner: false });
-    let learners = conf_state.learners.iter().map(|&id| Replica { node_id: node_of(id), replica_id: id, learner: true });
+    let learners =
+        conf_state.learners.iter().map(|&id| Replica { node_id: node_of(id), replica_id: id, learner: true });
     let mut replicas: Vec<Replica> = voters.chain(learners).collect();
     replicas.sort_by_key(|r| r.replica_id);
     let epoch = current.epoch();
-    RangeDescriptor { replicas, epoch: Some(RangeEpoch { conf_version: epoch.conf_version + 1, ..epoch }), ..current.clone() }
+    RangeDescriptor {
+        replicas,
+        epoch: Some(RangeEpoch { conf_version: epoch.conf_version + 1, ..epoch }),
+        ..current.clone()
+    }
 }
 
 impl Peer {
@@ -82,7 +100,10 @@ impl Peer {
         }
         if let MembershipChange::AddLearner { node_id, .. } = change {
             if self.descriptor.lists_node(node_id) {
-                let refusal = PeerError::Membership(format!("node {node_id} already holds a replica of group {}", self.group_id()));
+                let refusal = PeerError::Membership(format!(
+                    "node {node_id} already holds a replica of group {}",
+                    self.group_id()
+                ));
                 return self.responses.push((token, Response::Failed(refusal)));
             }
         }
@@ -92,18 +113,29 @@ impl Peer {
                 self.writes.entry(index).or_default().push(PendingWrite { term: self.raw.raft.term, token });
             }
             Err(RaftError::ProposalDropped(flotilla_raft::DropReason::InvalidConfChange)) => {
-                let refusal = PeerError::Membership(format!("{change:?} does not fit the members {:?}", self.descriptor.replicas));
+                let refusal = PeerError::Membership(format!(
+                    "{change:?} does not fit the members {:?}",
+                    self.descriptor.replicas
+                ));
                 self.responses.push((token, Response::Failed(refusal)));
             }
-            Err(RaftError::ProposalDropped(reason)) => self.responses.push((token, Response::Failed(PeerError::Busy(reason)))),
-            Err(other) => unreachable!("a membership proposal on a leader fails only by being dropped, not with {other:?}"),
+            Err(RaftError::ProposalDropped(reason)) => {
+                self.responses.push((token, Response::Failed(PeerError::Busy(reason))))
+            }
+            Err(other) => {
+                unreachable!("a membership proposal on a leader fails only by being dropped, not with {other:?}")
+            }
         }
     }
 
     /// Applies committed `entries` (from this peer's output, in order): commands into one state machine batch,
     /// membership changes to the core and the descriptor as they come. Hand the batch to `KvEngine::apply`, then
     /// report [`Peer::on_applied`] with the outcomes.
-    pub fn apply_committed(&mut self, kv: &dyn KvEngine, entries: &[Entry]) -> Result<(GroupApply, Vec<Applied>), ApplyError> {
+    pub fn apply_committed(
+        &mut self,
+        kv: &dyn KvEngine,
+        entries: &[Entry],
+    ) -> Result<(GroupApply, Vec<Applied>), ApplyError> {
         let mut batch = ApplyBatch::new(self.group_id());
         let mut start = 0;
         for (position, entry) in entries.iter().enumerate().filter(|(_, entry)| entry.is_conf_change()) {
@@ -150,10 +182,14 @@ impl Peer {
     /// ignores the notice.
     pub(super) fn notice_if_unlisted(&mut self, message: &ReplicaMessage) {
         let ReplicaMessage::Raft(message) = message else { return };
-        if self.removed || !self.descriptor.lists_replica(self.raw.raft.id) || self.descriptor.lists_replica(message.from) {
+        if self.removed
+            || !self.descriptor.lists_replica(self.raw.raft.id)
+            || self.descriptor.lists_replica(message.from)
+        {
             return;
         }
-        let notice = RemovalNotice { from: self.raw.raft.id, to: message.from, descriptor: Some(self.descriptor.clone()) };
+        let notice =
+            RemovalNotice { from: self.raw.raft.id, to: message.from, descriptor: Some(self.descriptor.clone()) };
         self.outbox.push(ReplicaMessage::Removed(notice));
     }
 
@@ -166,7 +202,12 @@ impl Peer {
         let Some(descriptor) = notice.descriptor else { return };
         let me = self.raw.raft.id;
         let newer = descriptor.epoch().conf_version > self.descriptor.epoch().conf_version;
-        if self.removed || descriptor.group_id != self.descriptor.group_id || !self.descriptor.lists_replica(me) || !newer || descriptor.lists_replica(me) {
+        if self.removed
+            || descriptor.group_id != self.descriptor.group_id
+            || !self.descriptor.lists_replica(me)
+            || !newer
+            || descriptor.lists_replica(me)
+        {
             return;
         }
         self.descriptor = descriptor;
@@ -181,15 +222,27 @@ mod tests {
 
     #[test]
     fn the_descriptor_follows_the_configuration_with_each_replica_on_its_node() {
-        let replicas = vec![Replica { node_id: 10, replica_id: 1, learner: false }, Replica { node_id: 20, replica_id: 2, learner: false }];
-        let current = RangeDescriptor { group_id: 3, epoch: Some(RangeEpoch { version: 4, conf_version: 7 }), replicas, ..Default::default() };
-        let added = next_descriptor(&current, &ConfState { voters: vec![1, 2], learners: vec![9], ..Default::default() }, 30);
+        let replicas = vec![
+            Replica { node_id: 10, replica_id: 1, learner: false },
+            Replica { node_id: 20, replica_id: 2, learner: false },
+        ];
+        let current = RangeDescriptor {
+            group_id: 3,
+            epoch: Some(RangeEpoch { version: 4, conf_version: 7 }),
+            replicas,
+            ..Default::default()
+        };
+        let added =
+            next_descriptor(&current, &ConfState { voters: vec![1, 2], learners: vec![9], ..Default::default() }, 30);
         assert_eq!(added.replicas[2], Replica { node_id: 30, replica_id: 9, learner: true });
         assert_eq!(added.epoch(), RangeEpoch { version: 4, conf_version: 8 });
         let promoted = next_descriptor(&added, &ConfState { voters: vec![1, 2, 9], ..Default::default() }, 0);
         assert_eq!(promoted.replicas[2], Replica { node_id: 30, replica_id: 9, learner: false });
         let removed = next_descriptor(&promoted, &ConfState { voters: vec![2, 9], ..Default::default() }, 0);
-        assert_eq!(removed.replicas.iter().map(|r| (r.replica_id, r.node_id)).collect::<Vec<_>>(), vec![(2, 20), (9, 30)]);
+        assert_eq!(
+            removed.replicas.iter().map(|r| (r.replica_id, r.node_id)).collect::<Vec<_>>(),
+            vec![(2, 20), (9, 30)]
+        );
         assert_eq!(removed.epoch().conf_version, 10);
     }
 }

@@ -81,7 +81,9 @@ impl Peer {
         let raft = &self.raw.raft;
         match (message, self.hibernation.sleep) {
             (ReplicaMessage::Hibernate(_), _) => false,
-            (ReplicaMessage::Raft(m), Sleep::Leader) => !(m.msg_type() == MessageType::HeartbeatResponse && m.term == raft.term),
+            (ReplicaMessage::Raft(m), Sleep::Leader) => {
+                !(m.msg_type() == MessageType::HeartbeatResponse && m.term == raft.term)
+            }
             (ReplicaMessage::Raft(m), Sleep::Follower) => {
                 !(m.msg_type() == MessageType::Heartbeat && m.term == raft.term && m.from == raft.leader_id)
             }
@@ -119,7 +121,14 @@ impl Peer {
         let index = raft.raft_log.last_index();
         let log_term = raft.raft_log.term(index).expect("the last entry's term is known");
         for &to in raft.tracker.progress.keys().filter(|&&id| id != raft.id) {
-            let request = HibernateRequest { from: raft.id, to, term: raft.term, index, log_term, commit: raft.raft_log.committed };
+            let request = HibernateRequest {
+                from: raft.id,
+                to,
+                term: raft.term,
+                index,
+                log_term,
+                commit: raft.raft_log.committed,
+            };
             self.outbox.push(ReplicaMessage::Hibernate(request));
         }
         self.hibernation.sleep = Sleep::Leader;

@@ -287,7 +287,8 @@ impl Peer {
     pub fn needs_ticks(&self) -> bool {
         let raft = &self.raw.raft;
         let alone = raft.tracker.config.is_only_member(raft.id);
-        let idle_alone = alone && self.is_leader() && self.reads.is_empty() && self.writes.is_empty() && self.streams.is_idle();
+        let idle_alone =
+            alone && self.is_leader() && self.reads.is_empty() && self.writes.is_empty() && self.streams.is_idle();
         !(idle_alone || self.is_hibernating())
     }
 

@@ -23,14 +23,18 @@ impl Peer {
         command.request_id = token;
         let bytes = command.encoded_len();
         if bytes > ENTRY_DATA_BYTES_MAX {
-            return self.responses.push((token, Response::Failed(PeerError::TooLarge { bytes, max: ENTRY_DATA_BYTES_MAX })));
+            return self
+                .responses
+                .push((token, Response::Failed(PeerError::TooLarge { bytes, max: ENTRY_DATA_BYTES_MAX })));
         }
         match self.raw.propose(command.encode_entry()) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
                 self.writes.entry(index).or_default().push(PendingWrite { term: self.raw.raft.term, token });
             }
-            Err(RaftError::ProposalDropped(reason)) => self.responses.push((token, Response::Failed(PeerError::Busy(reason)))),
+            Err(RaftError::ProposalDropped(reason)) => {
+                self.responses.push((token, Response::Failed(PeerError::Busy(reason))))
+            }
             Err(other) => unreachable!("a proposal on a leader fails only by being dropped, not with {other:?}"),
         }
     }

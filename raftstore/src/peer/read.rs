@@ -17,7 +17,9 @@ impl Peer {
         }
         match self.raw.read_index(Bytes::copy_from_slice(&token.to_le_bytes())) {
             Ok(()) => self.reads.push_back(PendingRead { token, index: None }),
-            Err(RaftError::ProposalDropped(reason)) => self.responses.push((token, Response::Failed(PeerError::Busy(reason)))),
+            Err(RaftError::ProposalDropped(reason)) => {
+                self.responses.push((token, Response::Failed(PeerError::Busy(reason))))
+            }
             Err(other) => unreachable!("a read on a leader fails only by being dropped, not with {other:?}"),
         }
     }
@@ -36,7 +38,8 @@ impl Peer {
     /// Answers the confirmed reads the state machine has caught up with.
     pub(super) fn answer_ready_reads(&mut self) {
         let applied = self.applied_index;
-        let (ready, waiting): (Vec<_>, Vec<_>) = self.reads.drain(..).partition(|read| read.index.is_some_and(|index| index <= applied));
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            self.reads.drain(..).partition(|read| read.index.is_some_and(|index| index <= applied));
         self.reads = waiting.into();
         self.responses.extend(ready.into_iter().map(|read| (read.token, Response::ReadReady)));
     }

@@ -24,7 +24,8 @@ impl Peer {
             // Learning of this write's durability at once matters for a leader, a candidate, a replica with
             // committed entries waiting for it, or an installed snapshot; a follower's answer goes with the write.
             let prompt = ready.snapshot.is_some() || self.raw.needs_prompt_persisted();
-            let after_persist: Vec<ReplicaMessage> = std::mem::take(&mut ready.messages_after_persist).into_iter().map(ReplicaMessage::Raft).collect();
+            let after_persist: Vec<ReplicaMessage> =
+                std::mem::take(&mut ready.messages_after_persist).into_iter().map(ReplicaMessage::Raft).collect();
             let mut ops = Vec::new();
             if let Some(snapshot) = &ready.snapshot {
                 match self.finish_snapshot_install(snapshot, kv) {
@@ -117,7 +118,8 @@ impl Peer {
     pub fn on_applied(&mut self, index: u64, outcomes: Vec<Applied>) {
         self.raw.on_applied(index);
         self.applied_index = index;
-        let mut outcomes: BTreeMap<u64, Applied> = outcomes.into_iter().map(|applied| (applied.index, applied)).collect();
+        let mut outcomes: BTreeMap<u64, Applied> =
+            outcomes.into_iter().map(|applied| (applied.index, applied)).collect();
         // Every write waiting at an index now applied is answered: written if the entry there is its own (same
         // term and token), else dropped (another leader's entry took the index; the write did not happen).
         while let Some(entry) = self.writes.first_entry().filter(|entry| *entry.key() <= index) {
@@ -125,7 +127,9 @@ impl Peer {
             let applied = outcomes.remove(&at);
             for write in waiting {
                 let response = match &applied {
-                    Some(applied) if applied.term == write.term && applied.request_id == write.token => Response::Written(applied.outcome.clone()),
+                    Some(applied) if applied.term == write.term && applied.request_id == write.token => {
+                        Response::Written(applied.outcome.clone())
+                    }
                     _ => Response::Failed(PeerError::Dropped),
                 };
                 self.responses.push((write.token, response));

@@ -54,7 +54,10 @@ impl SnapshotOptions {
             return Err(format!("snapshot options must be positive: {self:?}"));
         }
         if self.timeout_ticks <= self.resend_ticks {
-            return Err(format!("snapshot timeout_ticks ({}) must exceed resend_ticks ({})", self.timeout_ticks, self.resend_ticks));
+            return Err(format!(
+                "snapshot timeout_ticks ({}) must exceed resend_ticks ({})",
+                self.timeout_ticks, self.resend_ticks
+            ));
         }
         Ok(())
     }
@@ -129,13 +132,19 @@ impl Peer {
     /// Opens a stream for the core's snapshot message `message` (to a follower that needs it).
     pub(super) fn start_snapshot_stream(&mut self, mut message: Message, kv: &dyn KvEngine) {
         let range = &self.descriptor;
-        let reader = match kv.snapshot_reader(range.group_id, &range.start, &range.end, self.streams.options.chunk_bytes_max) {
-            Ok(reader) => reader,
-            Err(error) => return self.storage_failed("opening a snapshot reader", error),
-        };
+        let reader =
+            match kv.snapshot_reader(range.group_id, &range.start, &range.end, self.streams.options.chunk_bytes_max) {
+                Ok(reader) => reader,
+                Err(error) => return self.storage_failed("opening a snapshot reader", error),
+            };
         let (index, term) = reader.applied();
-        assert_eq!(index, self.applied_index, "group {}: the state machine's view is not at the replica's applied index", self.descriptor.group_id);
-        let metadata = message.snapshot.get_or_insert_with(Snapshot::default).metadata.get_or_insert_with(Default::default);
+        assert_eq!(
+            index, self.applied_index,
+            "group {}: the state machine's view is not at the replica's applied index",
+            self.descriptor.group_id
+        );
+        let metadata =
+            message.snapshot.get_or_insert_with(Snapshot::default).metadata.get_or_insert_with(Default::default);
         assert!(index >= metadata.index, "a snapshot view at {index} behind the compaction point {}", metadata.index);
         metadata.index = index;
         metadata.term = term;
@@ -171,7 +180,16 @@ impl Peer {
                 let message = outgoing.reader.is_exhausted().then(|| outgoing.message.clone());
                 let descriptor = (outgoing.next_sequence == 0).then(|| outgoing.descriptor.clone());
                 let sequence = outgoing.next_sequence;
-                let chunk = SnapshotChunk { from: id, to, term, stream_id: outgoing.stream_id, sequence, data, message, descriptor };
+                let chunk = SnapshotChunk {
+                    from: id,
+                    to,
+                    term,
+                    stream_id: outgoing.stream_id,
+                    sequence,
+                    data,
+                    message,
+                    descriptor,
+                };
                 outgoing.next_sequence += 1;
                 outgoing.unacked.push_back(chunk.clone());
                 self.outbox.push(ReplicaMessage::Chunk(chunk));
@@ -213,7 +231,12 @@ impl Peer {
     }
 
     pub(super) fn on_snapshot_ack(&mut self, ack: SnapshotAck) {
-        let Some(outgoing) = self.streams.outgoing.get_mut(&ack.from).filter(|o| o.stream_id == ack.stream_id && ack.term == self.raw.raft.term) else {
+        let Some(outgoing) = self
+            .streams
+            .outgoing
+            .get_mut(&ack.from)
+            .filter(|o| o.stream_id == ack.stream_id && ack.term == self.raw.raft.term)
+        else {
             return; // an old stream's
         };
         if ack.rejected {
@@ -233,12 +256,21 @@ impl Peer {
 
     pub(super) fn on_snapshot_chunk(&mut self, chunk: SnapshotChunk, kv: &dyn KvEngine) {
         let group_id = self.descriptor.group_id;
-        let mut ack = SnapshotAck { from: chunk.to, to: chunk.from, term: chunk.term, stream_id: chunk.stream_id, received: 0, rejected: false };
+        let mut ack = SnapshotAck {
+            from: chunk.to,
+            to: chunk.from,
+            term: chunk.term,
+            stream_id: chunk.stream_id,
+            received: 0,
+            rejected: false,
+        };
         if chunk.term < self.raw.raft.term || self.streams.taken.is_some() {
             ack.rejected = true;
             return self.outbox.push(ReplicaMessage::Ack(ack));
         }
-        let current = |incoming: &Incoming| (incoming.from, incoming.term, incoming.stream_id) == (chunk.from, chunk.term, chunk.stream_id);
+        let current = |incoming: &Incoming| {
+            (incoming.from, incoming.term, incoming.stream_id) == (chunk.from, chunk.term, chunk.stream_id)
+        };
         if chunk.sequence == 0 && !self.streams.incoming.as_ref().is_some_and(current) {
             // A new stream: it replaces any unfinished one (the state machine drops that install).
             let Some(range) = chunk.descriptor.clone().filter(|range| range.group_id == group_id) else {
@@ -249,7 +281,13 @@ impl Peer {
                 return self.storage_failed("beginning a snapshot install", error);
             }
             self.streams.abort_install = false;
-            self.streams.incoming = Some(Incoming { from: chunk.from, term: chunk.term, stream_id: chunk.stream_id, received: 0, idle_ticks: 0 });
+            self.streams.incoming = Some(Incoming {
+                from: chunk.from,
+                term: chunk.term,
+                stream_id: chunk.stream_id,
+                received: 0,
+                idle_ticks: 0,
+            });
             self.streams.incoming_descriptor = Some(range);
         }
         let Some(incoming) = self.streams.incoming.as_mut().filter(|incoming| current(incoming)) else {
@@ -329,10 +367,16 @@ impl Peer {
             }
         };
         self.descriptor = descriptor;
-        assert_eq!(installed, (index, term), "group {}: the installed data is not the snapshot the core took", self.descriptor.group_id);
+        assert_eq!(
+            installed,
+            (index, term),
+            "group {}: the installed data is not the snapshot the core took",
+            self.descriptor.group_id
+        );
         self.applied_index = index;
         while let Some(entry) = self.writes.first_entry().filter(|entry| *entry.key() <= index) {
-            let unknown = entry.remove().into_iter().map(|write| (write.token, Response::Failed(PeerError::OutcomeUnknown)));
+            let unknown =
+                entry.remove().into_iter().map(|write| (write.token, Response::Failed(PeerError::OutcomeUnknown)));
             self.responses.extend(unknown);
         }
         self.answer_ready_reads();

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use flotilla_engine::log_engine::LogEngine;
-use flotilla_raft::{InitialState, Storage, StorageResult};
 use flotilla_raft::{ConfState, Entry, Snapshot, SnapshotMetadata, StorageError};
+use flotilla_raft::{InitialState, Storage, StorageResult};
 
 pub struct PeerStorage {
     group_id: u64,
@@ -87,8 +87,8 @@ mod tests {
     use flotilla_engine::log_engine::MemLogEngine;
     use flotilla_engine::wal::group_commit::WriteRequest;
     use flotilla_engine::wal::record::LogOp;
-    use flotilla_raft::MemStorage;
     use flotilla_raft::HardState;
+    use flotilla_raft::MemStorage;
 
     use super::*;
 
@@ -124,7 +124,11 @@ mod tests {
                     let (ours, theirs) = (storage.entries(low, high, max_bytes), model.entries(low, high, max_bytes));
                     match (&ours, &theirs) {
                         (Ok(a), Ok(b)) => assert_eq!(a, b, "entries({low}, {high}, {max_bytes})"),
-                        _ => assert_eq!(ours.is_err(), theirs.is_err(), "entries({low}, {high}, {max_bytes}): {ours:?} vs {theirs:?}"),
+                        _ => assert_eq!(
+                            ours.is_err(),
+                            theirs.is_err(),
+                            "entries({low}, {high}, {max_bytes}): {ours:?} vs {theirs:?}"
+                        ),
                     }
                 }
             }

@@ -20,7 +20,11 @@ use crate::peer::{MembershipChange, Peer, PeerError, Response, Token};
 pub enum ReadRequest {
     Get(Vec<u8>),
     /// Pairs with `start <= key < end` (`end` empty: to the range's end), at most `limit`.
-    Scan { start: Vec<u8>, end: Vec<u8>, limit: usize },
+    Scan {
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,10 +42,19 @@ pub enum PeerMsg {
     /// From another replica of the group. Boxed: it is several times larger than every other variant, and
     /// mailboxes hold many.
     Replica(Box<Envelope>),
-    Write { command: Command, reply: WriteReply },
+    Write {
+        command: Command,
+        reply: WriteReply,
+    },
     /// A membership change, answered like a write once applied.
-    ChangeMembership { change: MembershipChange, reply: WriteReply },
-    Read { request: ReadRequest, reply: ReadReply },
+    ChangeMembership {
+        change: MembershipChange,
+        reply: WriteReply,
+    },
+    Read {
+        request: ReadRequest,
+        reply: ReadReply,
+    },
     /// The log engine made the Ready numbered so durable.
     Persisted(u64),
     Tick,
@@ -77,7 +90,17 @@ impl Fsm for PeerFsm {
 impl PeerFsm {
     pub fn new(peer: Peer) -> PeerFsm {
         let ticking = peer.needs_ticks();
-        PeerFsm { peer, next_token: 1, writes: FxHashMap::default(), reads: FxHashMap::default(), to_apply: Vec::new(), ticking, ticks_seen: TicksSeen::default(), nodes_heard: HashMap::new(), destroy_requested: false }
+        PeerFsm {
+            peer,
+            next_token: 1,
+            writes: FxHashMap::default(),
+            reads: FxHashMap::default(),
+            to_apply: Vec::new(),
+            ticking,
+            ticks_seen: TicksSeen::default(),
+            nodes_heard: HashMap::new(),
+            destroy_requested: false,
+        }
     }
 
     /// The node of replica `replica_id`: from the descriptor, else from its messages.

@@ -26,12 +26,12 @@ use flotilla_engine::state_machine::StateMachine;
 use flotilla_engine::wal::group_commit::{FailureListener, Persisted, WriteRequest};
 
 use super::fsm::{PeerFsm, PeerMsg};
-use crate::batch::{PollHandler, Router};
-use crate::message::{Envelope, ReplicaMessage};
-use crate::peer::{PeerError, PersistedNote};
 use super::replicas::ReplicaTask;
 use super::ticks::Ticking;
+use crate::batch::{PollHandler, Router};
+use crate::message::{Envelope, ReplicaMessage};
 use crate::peer::PeerOutput;
+use crate::peer::{PeerError, PersistedNote};
 
 /// Where a group's Raft messages go (another node, or another store in this process).
 pub trait Transport: Send + Sync + 'static {
@@ -43,10 +43,13 @@ pub struct NoTransport;
 
 impl Transport for NoTransport {
     fn send(&self, envelope: Envelope) {
-        debug_assert!(false, "group {} has a message for node {} but this node has no transport", envelope.group_id, envelope.to_node);
+        debug_assert!(
+            false,
+            "group {} has a message for node {} but this node has no transport",
+            envelope.group_id, envelope.to_node
+        );
     }
 }
-
 
 /// Why the node stopped, once its engines failed (a broken environment: disk gone, corruption). From then on
 /// every request is refused with the reason; nothing more is written. Every FSM turn asks, so asking is one
@@ -205,7 +208,8 @@ impl StoreHandler {
             if !write.ops.is_empty() {
                 metrics::counter!("flotilla_log_writes_total").increment(1);
             }
-            let envelopes: Vec<Envelope> = write.messages.into_iter().filter_map(|message| self.envelope(fsm, message)).collect();
+            let envelopes: Vec<Envelope> =
+                write.messages.into_iter().filter_map(|message| self.envelope(fsm, message)).collect();
             let note = (!write.prompt).then(|| fsm.peer.persisted_note());
             let mut request = WriteRequest::new(group_id, write.ready_number, write.ops, self.persisted.clone());
             if !envelopes.is_empty() || note.is_some() {
@@ -284,7 +288,10 @@ impl StoreHandler {
             }
             let entries = std::mem::take(&mut fsm.to_apply);
             let last = entries.last().expect("non-empty").index;
-            let (batch, outcomes) = fsm.peer.apply_committed(self.kv.as_ref(), &entries).map_err(|e| format!("applying group {}: {e}", fsm.peer.group_id()))?;
+            let (batch, outcomes) = fsm
+                .peer
+                .apply_committed(self.kv.as_ref(), &entries)
+                .map_err(|e| format!("applying group {}: {e}", fsm.peer.group_id()))?;
             batches.push(batch);
             applied.push((position, last, outcomes));
         }
@@ -292,7 +299,8 @@ impl StoreHandler {
             return Ok(());
         }
         metrics::histogram!("flotilla_apply_batch_groups").record(batches.len() as f64);
-        metrics::counter!("flotilla_commands_applied_total").increment(applied.iter().map(|(_, _, outcomes)| outcomes.len() as u64).sum());
+        metrics::counter!("flotilla_commands_applied_total")
+            .increment(applied.iter().map(|(_, _, outcomes)| outcomes.len() as u64).sum());
         let over_budget = self.kv.apply(batches).map_err(|e| format!("the state machine failed: {e}"))?;
         self.flusher.after_apply(over_budget).map_err(|e| format!("the state machine flusher stopped: {e}"))?;
         for (position, last, outcomes) in applied {

@@ -32,9 +32,9 @@ pub use transport::InProcessTransport;
 
 use crate::batch::{BatchOptions, BatchSystem, Router, SendError};
 use crate::peer::PeerOptions;
+use crate::range::RangeDescriptor;
 use replicas::{ReplicaTask, Replicas};
 use ticks::Ticking;
-use crate::range::RangeDescriptor;
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -142,7 +142,8 @@ impl Store {
             }));
         }
         // The groups this node holds (a descriptor that no longer lists it: its replica was removed).
-        let held: Vec<RangeDescriptor> = ranges.iter().filter(|range| range.lists_node(options.node_id)).cloned().collect();
+        let held: Vec<RangeDescriptor> =
+            ranges.iter().filter(|range| range.lists_node(options.node_id)).cloned().collect();
         let finished = crate::peer::finish_interrupted_destroys(options.node_id, log.as_ref(), kv.as_ref())?;
         metrics::counter!("flotilla_replicas_destroyed_total").increment(finished as u64);
         crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
@@ -163,11 +164,21 @@ impl Store {
                 router: router.clone(),
                 ticking: Arc::clone(&ticking),
                 // Held now or before: every group whose descriptor this node's state machine stores.
-                held: kv.ranges().map_err(|e| flotilla_raft::Error::Storage(flotilla_raft::StorageError::Other(e.to_string())))?.into_iter().map(|(group, _)| group).collect(),
+                held: kv
+                    .ranges()
+                    .map_err(|e| flotilla_raft::Error::Storage(flotilla_raft::StorageError::Other(e.to_string())))?
+                    .into_iter()
+                    .map(|(group, _)| group)
+                    .collect(),
                 failure: Arc::clone(&failure),
             };
             let stopped = stopped.clone();
-            threads.push(std::thread::Builder::new().name("flotilla-replicas".into()).spawn(move || replicas.run(task_receiver, stopped)).expect("spawning the replicas thread"));
+            threads.push(
+                std::thread::Builder::new()
+                    .name("flotilla-replicas".into())
+                    .spawn(move || replicas.run(task_receiver, stopped))
+                    .expect("spawning the replicas thread"),
+            );
         }
         {
             // From the log's writer thread: the responses that waited for each write, and `Persisted` back to
@@ -182,17 +193,31 @@ impl Store {
             // Ticks only the groups that need time (see `Peer::needs_ticks`): idle single-replica groups cost nothing;
             // and sends a `Tick` only to those no poller handled during the last interval (`ticks.rs`).
             let (router, interval, ticking) = (router.clone(), options.tick_interval, Arc::clone(&ticking));
-            threads.push(std::thread::Builder::new().name("flotilla-ticker".into()).spawn(move || {
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                    let behind = ticking.advance();
-                    metrics::counter!("flotilla_tick_messages_total").increment(behind.len() as u64);
-                    for group_id in behind {
-                        let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox has work: a tick can wait
-                    }
-                }
-            }).expect("spawning the ticker"));
+            threads.push(
+                std::thread::Builder::new()
+                    .name("flotilla-ticker".into())
+                    .spawn(move || {
+                        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                            let behind = ticking.advance();
+                            metrics::counter!("flotilla_tick_messages_total").increment(behind.len() as u64);
+                            for group_id in behind {
+                                let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox has work: a tick can wait
+                            }
+                        }
+                    })
+                    .expect("spawning the ticker"),
+            );
         }
-        Ok(Store { node_id: options.node_id, system: Some(system), router, ticking, failure, tasks, stop: Some(stop), threads })
+        Ok(Store {
+            node_id: options.node_id,
+            system: Some(system),
+            router,
+            ticking,
+            failure,
+            tasks,
+            stop: Some(stop),
+            threads,
+        })
     }
 
     pub fn router(&self) -> &Router<PeerFsm> {

@@ -50,20 +50,38 @@ impl StoreInbox {
         match self.router.send(envelope.group_id, PeerMsg::Replica(Box::new(envelope))) {
             Ok(()) => true,
             Err(SendError::Full(_)) => false,
-            Err(SendError::NotFound(PeerMsg::Replica(envelope))) => self.tasks.try_send(ReplicaTask::Create(envelope)).is_ok(),
+            Err(SendError::NotFound(PeerMsg::Replica(envelope))) => {
+                self.tasks.try_send(ReplicaTask::Create(envelope)).is_ok()
+            }
             Err(SendError::NotFound(_)) => unreachable!("the message sent comes back"),
         }
     }
 }
 
 /// Opens the replica of `range` held by node `options.node_id` (its configuration is the descriptor's).
-pub(crate) fn open_replica(options: &StoreOptions, range: &RangeDescriptor, log: &Arc<dyn LogEngine>, kv: &StateMachine) -> Result<Peer, flotilla_raft::Error> {
-    let replica = range.replicas.iter().find(|r| r.node_id == options.node_id).map_or(options.node_id, |r| r.replica_id);
+pub(crate) fn open_replica(
+    options: &StoreOptions,
+    range: &RangeDescriptor,
+    log: &Arc<dyn LogEngine>,
+    kv: &StateMachine,
+) -> Result<Peer, flotilla_raft::Error> {
+    let replica =
+        range.replicas.iter().find(|r| r.node_id == options.node_id).map_or(options.node_id, |r| r.replica_id);
     open_with_id(options, replica, range.clone(), log, kv)
 }
 
-fn open_with_id(options: &StoreOptions, replica: u64, range: RangeDescriptor, log: &Arc<dyn LogEngine>, kv: &StateMachine) -> Result<Peer, flotilla_raft::Error> {
-    let config = Config { id: replica, random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica, ..options.raft.clone() };
+fn open_with_id(
+    options: &StoreOptions,
+    replica: u64,
+    range: RangeDescriptor,
+    log: &Arc<dyn LogEngine>,
+    kv: &StateMachine,
+) -> Result<Peer, flotilla_raft::Error> {
+    let config = Config {
+        id: replica,
+        random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica,
+        ..options.raft.clone()
+    };
     Peer::open(config, options.peer.clone(), range, Arc::clone(log), kv)
 }
 
@@ -122,7 +140,8 @@ impl Replicas {
         let peer = match open_with_id(&self.options, envelope.message.to(), empty, &self.log, &self.kv) {
             Ok(peer) => peer,
             Err(error) => {
-                self.failure.fail(self.options.node_id, format!("opening an empty replica of group {group_id}: {error:?}"));
+                self.failure
+                    .fail(self.options.node_id, format!("opening an empty replica of group {group_id}: {error:?}"));
                 return;
             }
         };

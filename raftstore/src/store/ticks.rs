@@ -62,7 +62,12 @@ impl Ticking {
     /// than this one (no poller handled them during the whole last interval).
     pub(crate) fn advance(&self) -> Vec<u64> {
         let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-        self.groups.lock().iter().filter(|(_, seen)| seen.load(Ordering::SeqCst) + 1 < now).map(|(group, _)| *group).collect()
+        self.groups
+            .lock()
+            .iter()
+            .filter(|(_, seen)| seen.load(Ordering::SeqCst) + 1 < now)
+            .map(|(group, _)| *group)
+            .collect()
     }
 
     /// The ticks a replica owes, marking them taken.

@@ -33,7 +33,11 @@ fn main() -> ExitCode {
     for &seed in &seeds {
         let options = SimOptions { fault_steps: steps, trace: args.trace, ..SimOptions::new(seed) };
         let outcome = std::panic::catch_unwind(|| run(&options)).unwrap_or_else(|panic| {
-            Err(flotilla_tests::raft_sim::SimFailure { seed, step: 0, reason: format!("panicked: {}", panic_reason(panic)) })
+            Err(flotilla_tests::raft_sim::SimFailure {
+                seed,
+                step: 0,
+                reason: format!("panicked: {}", panic_reason(panic)),
+            })
         });
         match outcome {
             Ok(report) => {

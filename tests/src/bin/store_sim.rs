@@ -29,8 +29,9 @@ fn main() -> ExitCode {
     let mut total = StoreSimReport::default();
     for &seed in &seeds {
         let options = StoreSimOptions { fault_steps: steps, trace: args.trace, ..StoreSimOptions::new(seed) };
-        let outcome = std::panic::catch_unwind(|| run(&options))
-            .unwrap_or_else(|panic| Err(StoreSimFailure { seed, step: 0, reason: format!("panicked: {}", panic_reason(panic)) }));
+        let outcome = std::panic::catch_unwind(|| run(&options)).unwrap_or_else(|panic| {
+            Err(StoreSimFailure { seed, step: 0, reason: format!("panicked: {}", panic_reason(panic)) })
+        });
         match outcome {
             Ok(report) => {
                 total.add(&report);
@@ -40,7 +41,10 @@ fn main() -> ExitCode {
             }
             Err(failure) => {
                 eprintln!("FAILED seed {} at step {}: {}", failure.seed, failure.step, failure.reason);
-                eprintln!("replay: cargo run --release --bin store-sim -- --seed {} --steps {steps} --verbose", failure.seed);
+                eprintln!(
+                    "replay: cargo run --release --bin store-sim -- --seed {} --steps {steps} --verbose",
+                    failure.seed
+                );
                 println!("store-sim: {} passed, 1 failed", seed - seeds[0]);
                 return ExitCode::FAILURE;
             }

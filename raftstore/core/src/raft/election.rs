@@ -79,9 +79,8 @@ impl<S: Storage> Raft<S> {
     /// Grants a vote to a candidate whose log is at least as up to date as ours, at most once per term.
     pub(super) fn handle_vote_request(&mut self, m: Message, kind: MessageType) {
         let pre_vote = kind == MessageType::RequestPreVote;
-        let can_vote = self.vote == m.from
-            || (self.vote == 0 && self.leader_id == 0)
-            || (pre_vote && m.term > self.term);
+        let can_vote =
+            self.vote == m.from || (self.vote == 0 && self.leader_id == 0) || (pre_vote && m.term > self.term);
         let response_kind =
             if pre_vote { MessageType::RequestPreVoteResponse } else { MessageType::RequestVoteResponse };
         let mut response = self.message(response_kind, m.from);

@@ -50,8 +50,7 @@ impl<S: Storage> Raft<S> {
         let snapshot = m.snapshot.ok_or(Error::InvalidMessage("snapshot message without a snapshot"))?;
         let mut response = self.message(MessageType::AppendResponse, m.from);
         response.lease_tick = m.lease_tick;
-        response.index =
-            if self.restore(snapshot) { self.raft_log.last_index() } else { self.raft_log.committed };
+        response.index = if self.restore(snapshot) { self.raft_log.last_index() } else { self.raft_log.committed };
         self.send(response);
         Ok(())
     }

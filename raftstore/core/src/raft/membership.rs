@@ -12,8 +12,8 @@ use prost::Message as _;
 use super::{Raft, StateRole};
 use crate::conf_change::next_configuration;
 use crate::error::{DropReason, Error, Result};
-use crate::progress::ProgressState;
 use crate::message::{ConfChangeV2, ConfState, Entry, EntryType, MessageType};
+use crate::progress::ProgressState;
 use crate::storage::Storage;
 use crate::tracker::Configuration;
 

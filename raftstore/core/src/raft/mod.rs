@@ -146,10 +146,12 @@ impl<S: Storage> Raft<S> {
 
     fn send(&mut self, message: Message) {
         match message.kind() {
-            Some(MessageType::AppendResponse | MessageType::RequestVoteResponse | MessageType::RequestPreVoteResponse) => {
+            Some(
+                MessageType::AppendResponse | MessageType::RequestVoteResponse | MessageType::RequestPreVoteResponse,
+            ) => self.msgs_after_persist.push(message),
+            Some(MessageType::HeartbeatResponse) if self.term > self.durable_term => {
                 self.msgs_after_persist.push(message)
             }
-            Some(MessageType::HeartbeatResponse) if self.term > self.durable_term => self.msgs_after_persist.push(message),
             _ => self.msgs.push(message),
         }
     }

@@ -101,7 +101,10 @@ impl<S: Storage> Raft<S> {
     /// is still less than `election_timeout_ticks - lease_margin_ticks` ago. Until then none of those voters will
     /// vote for another candidate, so no other leader can exist.
     pub fn lease_valid(&self) -> bool {
-        if self.role != StateRole::Leader || !self.config.check_quorum || self.lease_revoked || self.lead_transferee != 0
+        if self.role != StateRole::Leader
+            || !self.config.check_quorum
+            || self.lease_revoked
+            || self.lead_transferee != 0
         {
             return false;
         }
