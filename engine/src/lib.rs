@@ -1,11 +1,17 @@
 //! The node's durable state: one shared write-ahead log for every group replica on the node (group commit: one
-//! fsync for many groups' writes) and, next, one redb database holding the applied data of every group.
+//! fsync for many groups' writes) and one redb database holding the applied data of every group (the state machine).
 //!
 //! - [`disk`]: the file-system seam, with [`disk::SimDisk`] injecting crashes, torn writes, fsync errors and bit
 //!   flips for tests;
 //! - [`wal`]: segments, records, the per-group index, batch writes, recovery and group commit;
-//! - [`log_engine`]: the trait the raftstore sees ([`log_engine::LogEngine`]) and an in-memory implementation;
-//! - [`decoders`]: every decoder of bytes read back from disk behind one entry point each, for fuzzing.
+//! - [`log_engine`]: the trait the raftstore sees of the log ([`log_engine::LogEngine`]) and an in-memory
+//!   implementation;
+//! - [`state_machine`]: applied data in redb, as a log-structured merge of checksummed runs ([`lsm`]); with
+//!   [`flusher`] (background flushes and compactions), [`snapshot`] (streamed out and installed) and
+//!   [`kv_engine`] (the trait the raftstore sees of applied data, and an in-memory implementation);
+//! - [`redb_sim`]: a redb backend that loses unsynced writes, for crash tests;
+//! - [`decoders`]: every decoder of bytes read back from disk behind one entry point each, for fuzzing;
+//! - [`panics`]: panics turned into errors where a thread or a dependency could panic.
 
 pub mod decoders;
 pub mod disk;

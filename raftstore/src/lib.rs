@@ -8,7 +8,7 @@
 //! - [`command`]: the commands a group's log carries (puts, deletes, compare-and-sets, atomic per command) and
 //!   applying committed entries into one state machine batch plus one outcome per waiting client.
 //! - [`peer`]: one group replica's logic, sans I/O: writes, ReadIndex and lease reads, Readys, apply results,
-//!   snapshot streams, leadership transfer (membership and hibernation next).
+//!   snapshot streams, leadership transfer, membership changes, hibernation; applying committed entries.
 //! - [`message`]: what replicas of a group send each other (Raft messages, snapshot chunks and their acks).
 //! - [`store`]: a node's group replicas in the batch system over the shared log and state machine.
 //! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,

@@ -1,6 +1,6 @@
 //! Membership changes: a leader proposes one [`MembershipChange`] at a time (the core then applies it directly,
 //! without a joint configuration); every replica applies it in log order with the commands around it
-//! ([`Peer::apply_committed`]).
+//! (`apply.rs`).
 //!
 //! Applying a change updates the core's configuration and the range descriptor (which restarts read) —
 //! replicas and their nodes, `conf_version` + 1 — which goes into the same state machine batch as the entry, so
@@ -15,13 +15,11 @@
 //! removal notice ([`Peer::on_removal_notice`]).
 
 use bytes::Bytes;
-use flotilla_engine::kv_engine::KvEngine;
-use flotilla_engine::state_machine::GroupApply;
 use flotilla_raft::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, Error as RaftError};
 use prost::Message as _;
 
 use super::{Peer, PeerError, PendingWrite, Response, Token};
-use crate::command::{Applied, ApplyBatch, ApplyError, Outcome};
+use crate::command::{Applied, ApplyError, Outcome};
 use crate::message::{RemovalNotice, ReplicaMessage};
 use crate::range::{RangeDescriptor, RangeEpoch, Replica};
 
@@ -128,29 +126,8 @@ impl Peer {
         }
     }
 
-    /// Applies committed `entries` (from this peer's output, in order): commands into one state machine batch,
-    /// membership changes to the core and the descriptor as they come. Hand the batch to `KvEngine::apply`, then
-    /// report [`Peer::on_applied`] with the outcomes.
-    pub fn apply_committed(
-        &mut self,
-        kv: &dyn KvEngine,
-        entries: &[Entry],
-    ) -> Result<(GroupApply, Vec<Applied>), ApplyError> {
-        let mut batch = ApplyBatch::new(self.group_id());
-        let mut start = 0;
-        for (position, entry) in entries.iter().enumerate().filter(|(_, entry)| entry.is_conf_change()) {
-            batch.apply(kv, &self.descriptor, &entries[start..position])?;
-            batch.apply(kv, &self.descriptor, std::slice::from_ref(entry))?; // moves the applied index
-            let applied = self.apply_membership_entry(entry)?;
-            batch.applied.push(applied);
-            batch.group.range = Some(self.descriptor.encode());
-            start = position + 1;
-        }
-        batch.apply(kv, &self.descriptor, &entries[start..])?;
-        Ok(batch.finish())
-    }
-
-    fn apply_membership_entry(&mut self, entry: &Entry) -> Result<Applied, ApplyError> {
+    /// Applies one committed membership change: to the core's configuration and to the range descriptor.
+    pub(super) fn apply_membership_entry(&mut self, entry: &Entry) -> Result<Applied, ApplyError> {
         let undecodable = |e: prost::DecodeError| ApplyError::Undecodable { index: entry.index, reason: e.to_string() };
         let change = ConfChangeV2::decode(entry.data.as_ref()).map_err(undecodable)?;
         let context = ChangeContext::decode(change.context.as_ref()).map_err(undecodable)?;

@@ -9,7 +9,9 @@
 //! - `read.rs`: linearizable reads (ReadIndex), answered once the state machine has caught up;
 //! - `ready.rs`: turning the core's Ready into output, and applied results into responses;
 //! - `snapshot.rs`: snapshot streams to and from other replicas, installs, and their crash repair;
-//! - `conf_change.rs`: membership changes, proposed and applied (with the commands around them);
+//! - `apply.rs`: committed entries applied in log order (commands in one state machine batch, membership changes
+//!   as they come);
+//! - `conf_change.rs`: membership changes, proposed, and applied to the core and the range descriptor;
 //! - `hibernate.rs`: idle groups stop ticking and heartbeating, and what wakes them;
 //! - `bootstrap.rs`: where fresh groups' logs start, the repair of a log a crash left behind its state machine
 //!   ([`prepare_groups`], run before opening replicas), and destroying a removed replica ([`destroy_replica`]).
@@ -17,6 +19,7 @@
 //! Operations that read or write the state machine take it as an argument (`&dyn KvEngine`): the peer owns no
 //! engine, so the simulator hands it the same engines production does.
 //!
+mod apply;
 mod bootstrap;
 mod conf_change;
 mod hibernate;

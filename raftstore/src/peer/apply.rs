@@ -1,0 +1,34 @@
+//! Applying committed entries, in log order: commands into one state machine batch (`command::ApplyBatch`, many
+//! entries and many groups per write), membership changes to the core and the range descriptor as they come
+//! (`conf_change.rs`), the descriptor riding in the same batch so that on disk it always matches the applied index.
+
+use flotilla_engine::kv_engine::KvEngine;
+use flotilla_engine::state_machine::GroupApply;
+use flotilla_raft::Entry;
+
+use super::Peer;
+use crate::command::{Applied, ApplyBatch, ApplyError};
+
+impl Peer {
+    /// Applies committed `entries` (from this peer's output, in order): commands into one state machine batch,
+    /// membership changes to the core and the descriptor as they come. Hand the batch to `KvEngine::apply`, then
+    /// report [`Peer::on_applied`] with the outcomes.
+    pub fn apply_committed(
+        &mut self,
+        kv: &dyn KvEngine,
+        entries: &[Entry],
+    ) -> Result<(GroupApply, Vec<Applied>), ApplyError> {
+        let mut batch = ApplyBatch::new(self.group_id());
+        let mut start = 0;
+        for (position, entry) in entries.iter().enumerate().filter(|(_, entry)| entry.is_conf_change()) {
+            batch.apply(kv, &self.descriptor, &entries[start..position])?;
+            batch.apply(kv, &self.descriptor, std::slice::from_ref(entry))?; // moves the applied index
+            let applied = self.apply_membership_entry(entry)?;
+            batch.applied.push(applied);
+            batch.group.range = Some(self.descriptor.encode());
+            start = position + 1;
+        }
+        batch.apply(kv, &self.descriptor, &entries[start..])?;
+        Ok(batch.finish())
+    }
+}
