@@ -17,7 +17,9 @@ use flotilla_engine::state_machine::KeyValue;
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::store::{PeerMsg, ReadRequest};
 
-use crate::db::{pairs, value, written, Attempt, Db, DbError, WriteBatch};
+use flotilla_router::route::Attempt;
+
+use crate::db::{pairs, value, written, Db, DbError, WriteBatch};
 
 /// A cheaply cloned async handle on a [`Db`].
 #[derive(Clone)]
@@ -47,9 +49,9 @@ impl AsyncDb {
                 Ok((node, answer)) => {
                     let remaining = deadline.saturating_duration_since(std::time::Instant::now());
                     let got = tokio::time::timeout(remaining, answer).await.ok().and_then(Result::ok);
-                    match self.db.judge(position, node, got, deadline) {
+                    match self.db.table().judge(position, node, got, deadline) {
                         Attempt::Done(value) => return Ok(value),
-                        Attempt::Fail(error) => return Err(error),
+                        Attempt::Fail(error) => return Err(error.into()),
                         Attempt::Retry(pause) => pause,
                     }
                 }

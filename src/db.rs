@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,10 +31,12 @@ use flotilla_engine::wal::record::{LogOp, ENTRY_DATA_BYTES_MAX};
 use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
-use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeError, Replica, INITIAL_GROUPS_MAX};
+use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica, INITIAL_GROUPS_MAX};
 use flotilla_raftstore::store::{
     InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions, Transport,
 };
+
+use flotilla_router::route::{Answer, Attempt, RangeTable, RouteError};
 
 use crate::layout::{self, DirLock};
 
@@ -178,14 +180,17 @@ fn storage(error: impl std::fmt::Display) -> DbError {
     DbError::Storage(error.to_string())
 }
 
-/// Where the answer to one attempt of a request comes.
-pub(crate) type Answer<T> = oneshot::Receiver<Result<T, PeerError>>;
-
-/// What to do after one attempt of a request.
-pub(crate) enum Attempt<T> {
-    Done(T),
-    Retry(Duration),
-    Fail(DbError),
+impl From<RouteError> for DbError {
+    fn from(error: RouteError) -> DbError {
+        match error {
+            RouteError::InvalidArgument(what) => DbError::InvalidArgument(what),
+            RouteError::BatchSpansRanges { first_outside } => DbError::BatchSpansRanges { first_outside },
+            RouteError::Busy(why) => DbError::Busy(why),
+            RouteError::Timeout => DbError::Timeout,
+            RouteError::OutcomeUnknown => DbError::OutcomeUnknown,
+            RouteError::Storage(what) => DbError::Storage(what),
+        }
+    }
 }
 
 pub(crate) fn written(outcome: Outcome) -> Result<(), DbError> {
@@ -327,11 +332,9 @@ impl Node {
 pub struct Db {
     config: Config,
     dir: PathBuf,
-    /// Sorted by start key; they cover the key space.
-    ranges: Vec<RangeDescriptor>,
+    /// The ranges (sorted, covering the key space) and the node believed to lead each (`router/src/route.rs`).
+    table: RangeTable,
     nodes: Vec<Node>,
-    /// Per range (same positions): the node believed to hold its leader.
-    leaders: Vec<AtomicU64>,
     maintenance: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
     /// The directory's lock, held until everything above has stopped (fields drop in order).
     _lock: DirLock,
@@ -411,14 +414,14 @@ impl Db {
             nodes.push(node);
             ranges = node_ranges;
         }
-        // Leaders spread over the nodes: group at position i campaigns on node i mod n.
-        let leaders: Vec<AtomicU64> = (0..ranges.len()).map(|i| AtomicU64::new(i as u64 % config.nodes + 1)).collect();
-        for (range, leader) in ranges.iter().zip(&leaders) {
-            let node = &nodes[leader.load(Ordering::Relaxed) as usize - 1];
+        // Leaders spread over the nodes: each group campaigns where the table first looks for its leader.
+        let table = RangeTable::new(ranges, config.nodes);
+        for (position, range) in table.ranges().iter().enumerate() {
+            let node = &nodes[table.leader(position) as usize - 1];
             node.store.as_ref().expect("running").campaign_all([range.group_id]);
         }
-        let maintenance = Db::start_maintenance(&config, &ranges, &nodes);
-        Ok(Db { config, dir, ranges, nodes, leaders, maintenance: Some(maintenance), _lock: lock })
+        let maintenance = Db::start_maintenance(&config, table.ranges(), &nodes);
+        Ok(Db { config, dir, table, nodes, maintenance: Some(maintenance), _lock: lock })
     }
 
     fn load_or_create_ranges(kv: &StateMachine, config: &Config) -> Result<Vec<RangeDescriptor>, DbError> {
@@ -504,11 +507,6 @@ impl Db {
         (stop, thread)
     }
 
-    /// The position of the range holding `key`.
-    fn range_of(&self, key: &[u8]) -> usize {
-        self.ranges.partition_point(|range| range.start.as_slice() <= key).saturating_sub(1)
-    }
-
     fn check_sizes(&self, ops: &[Op]) -> Result<(), DbError> {
         if ops.is_empty() || ops.len() > self.config.batch_ops_max {
             return Err(DbError::InvalidArgument(format!(
@@ -546,52 +544,16 @@ impl Db {
         make: &mut impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg,
     ) -> Result<(u64, Answer<T>), Duration> {
         let (reply, answer) = oneshot::channel();
-        let node = self.leaders[position].load(Ordering::Relaxed);
+        let node = self.table.leader(position);
         let store = self.nodes[node as usize - 1].store.as_ref().expect("open until closed");
         if let Some(reason) = store.failure() {
             // The node stopped: answered at once, never sent.
             let _ = reply.send(Err(PeerError::Stopped(reason)));
             return Ok((node, answer));
         }
-        match store.router().send(self.ranges[position].group_id, make(reply)) {
+        match store.router().send(self.table.range(position).group_id, make(reply)) {
             Ok(()) => Ok((node, answer)),
             Err(_) => Err(Duration::from_millis(1)), // the group is busy: back off
-        }
-    }
-
-    /// What to do with the answer of an attempt sent to `node` (`None`: none came in time).
-    pub(crate) fn judge<T>(
-        &self,
-        position: usize,
-        node: u64,
-        answer: Option<Result<T, PeerError>>,
-        deadline: Instant,
-    ) -> Attempt<T> {
-        let in_time = Instant::now() < deadline;
-        match answer {
-            Some(Ok(value)) => Attempt::Done(value),
-            Some(Err(PeerError::NotLeader { leader })) if in_time => {
-                // Nothing happened: go where the hint points, or try the next node while there is no leader.
-                let next = if leader != 0 { leader } else { node % self.nodes.len() as u64 + 1 };
-                self.leaders[position].store(next, Ordering::Relaxed);
-                Attempt::Retry(if leader == 0 || leader == node { Duration::from_millis(2) } else { Duration::ZERO })
-            }
-            Some(Err(PeerError::Dropped)) if in_time => Attempt::Retry(Duration::from_millis(1)),
-            // A leadership transfer refuses proposals for at most about an election timeout: wait it out.
-            Some(Err(PeerError::Busy(flotilla_raft::DropReason::Transferring))) if in_time => {
-                Attempt::Retry(Duration::from_millis(5))
-            }
-            Some(Err(PeerError::Busy(reason))) => Attempt::Fail(DbError::Busy(format!("{reason:?}"))),
-            Some(Err(PeerError::OutcomeUnknown)) => Attempt::Fail(DbError::OutcomeUnknown),
-            Some(Err(PeerError::Stopped(reason))) => Attempt::Fail(DbError::Storage(reason)),
-            Some(Err(PeerError::TooLarge { bytes, max })) => Attempt::Fail(DbError::InvalidArgument(format!(
-                "the batch encodes to {bytes} bytes, over the {max} one log entry holds"
-            ))),
-            Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
-                Attempt::Fail(DbError::BatchSpansRanges { first_outside })
-            }
-            Some(Err(other)) if in_time => Attempt::Fail(DbError::Storage(format!("unexpected refusal: {other:?}"))),
-            Some(Err(_)) | None => Attempt::Fail(DbError::Timeout),
         }
     }
 
@@ -607,9 +569,9 @@ impl Db {
             let pause = match self.send_attempt(position, &mut make) {
                 Ok((node, answer)) => {
                     let got = answer.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok();
-                    match self.judge(position, node, got, deadline) {
+                    match self.table.judge(position, node, got, deadline) {
                         Attempt::Done(value) => return Ok(value),
-                        Attempt::Fail(error) => return Err(error),
+                        Attempt::Fail(error) => return Err(error.into()),
                         Attempt::Retry(pause) => pause,
                     }
                 }
@@ -622,6 +584,11 @@ impl Db {
         }
     }
 
+    /// The range table (for the async API's retries).
+    pub(crate) fn table(&self) -> &RangeTable {
+        &self.table
+    }
+
     pub(crate) fn deadline(&self) -> Instant {
         Instant::now() + self.config.request_timeout
     }
@@ -629,8 +596,8 @@ impl Db {
     /// The range position and command of a write batch, after its checks.
     pub(crate) fn write_request(&self, batch: WriteBatch) -> Result<(usize, Command), DbError> {
         self.check_sizes(&batch.ops)?;
-        let position = self.range_of(&batch.ops[0].key);
-        let range = &self.ranges[position];
+        let position = self.table.position_of(&batch.ops[0].key);
+        let range = self.table.range(position);
         if let Some(outside) = batch.ops.iter().find(|op| !range.contains(&op.key)) {
             return Err(DbError::BatchSpansRanges { first_outside: outside.key.clone() });
         }
@@ -646,20 +613,12 @@ impl Db {
                 self.config.key_bytes_max
             )));
         }
-        Ok(self.range_of(key))
+        Ok(self.table.position_of(key))
     }
 
     /// The range positions a scan visits, in order, after its checks.
     pub(crate) fn scan_positions(&self, start: &[u8], end: &[u8]) -> Result<std::ops::Range<usize>, DbError> {
-        if !end.is_empty() && end < start {
-            return Err(DbError::InvalidArgument("scan end before start".into()));
-        }
-        let last = if end.is_empty() {
-            self.ranges.len()
-        } else {
-            self.ranges.partition_point(|range| range.start.as_slice() < end)
-        };
-        Ok(self.range_of(start)..last.max(self.range_of(start) + 1))
+        Ok(self.table.scan_positions(start, end)?)
     }
 
     /// Applies `batch` atomically. Its keys must lie in one group's range ([`DbError::BatchSpansRanges`]).
@@ -730,22 +689,22 @@ impl Db {
     pub fn transfer_leader(&self, key: &[u8], node: u64) -> Result<(), DbError> {
         self.node(node)?;
         let position = self.get_request(key)?;
-        let leader = self.leaders[position].load(Ordering::Relaxed);
+        let leader = self.table.leader(position);
         let store = self.nodes[leader as usize - 1].store.as_ref().expect("open until closed");
-        let _ = store.router().send(self.ranges[position].group_id, PeerMsg::TransferLeader(node));
+        let _ = store.router().send(self.table.range(position).group_id, PeerMsg::TransferLeader(node));
         Ok(())
     }
 
     /// The node each group's leader is believed to be on (by range position), as clients last learned it.
     pub fn leader_nodes(&self) -> Vec<u64> {
-        self.leaders.iter().map(|leader| leader.load(Ordering::Relaxed)).collect()
+        self.table.leaders()
     }
 
     /// Each node's applied index of each group (`[node][range position]`): replicas converge on the same values.
     pub fn applied_indexes(&self) -> Vec<Vec<u64>> {
         self.nodes
             .iter()
-            .map(|node| self.ranges.iter().map(|range| node.kv.applied(range.group_id).0).collect())
+            .map(|node| self.table.ranges().iter().map(|range| node.kv.applied(range.group_id).0).collect())
             .collect()
     }
 
@@ -756,7 +715,7 @@ impl Db {
 
     /// How many groups the key space is split into.
     pub fn groups(&self) -> usize {
-        self.ranges.len()
+        self.table.len()
     }
 
     /// Stops the groups and makes everything applied durable in the state machine (a reopen then replays
@@ -814,7 +773,7 @@ mod tests {
             // spread over the groups
         }
         let log = &db.nodes[0].log;
-        let groups: Vec<u64> = db.ranges.iter().map(|r| r.group_id).collect();
+        let groups: Vec<u64> = db.table.ranges().iter().map(|r| r.group_id).collect();
         // 4 MB written: the memtable checkpointed many times; every group's log is compacted behind it and the
         // WAL purged down to about two segments (the active one cannot go).
         let deadline = Instant::now() + Duration::from_secs(20);

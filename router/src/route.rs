@@ -1,0 +1,190 @@
+//! Routing a request to the replica that can serve it: the table of ranges with the node believed to lead each
+//! ([`RangeTable`]), and the policy for one attempt's answer ([`RangeTable::judge`]): done, fail with a typed
+//! [`RouteError`], or retry after a pause — following a not-leader hint, trying the next node while a group has
+//! no leader, waiting out a leadership transfer — all within the request's deadline.
+//!
+//! How an attempt travels is the caller's: the embedded `Db` hands it to an in-process store's mailbox (blocking
+//! or async); a network client and a server forwarding a request send it over a connection. They share this
+//! table and this policy, so a request is retried the same way wherever it comes from.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use flotilla_raftstore::peer::PeerError;
+use flotilla_raftstore::raft::DropReason;
+use flotilla_raftstore::range::{RangeDescriptor, RangeError};
+
+/// Why a routed request failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteError {
+    /// The request is not acceptable as it is (too large, …): nothing happened.
+    InvalidArgument(String),
+    /// An atomic batch touched keys of more than one group: nothing happened.
+    BatchSpansRanges { first_outside: Vec<u8> },
+    /// The group is at a bound (uncommitted bytes, pending reads, a full mailbox): nothing happened.
+    Busy(String),
+    /// No answer in time: a write may or may not have taken effect.
+    Timeout,
+    /// The replica that took the write lost track of it (a snapshot replaced its log before the write applied).
+    OutcomeUnknown,
+    /// The node stopped on a storage failure (the reason): a write may or may not have taken effect.
+    Storage(String),
+}
+
+/// What to do after one attempt of a request.
+pub enum Attempt<T> {
+    Done(T),
+    Retry(Duration),
+    Fail(RouteError),
+}
+
+/// Where the answer to one attempt comes.
+pub type Answer<T> = oneshot::Receiver<Result<T, PeerError>>;
+
+/// The ranges (sorted by start key, covering the key space) and, per range, the node believed to lead its group.
+pub struct RangeTable {
+    ranges: Vec<RangeDescriptor>,
+    leaders: Vec<AtomicU64>,
+    /// Nodes are numbered `1..=nodes`.
+    nodes: u64,
+}
+
+impl RangeTable {
+    /// A table of `ranges` over `nodes` nodes; the group at position `i` is first tried on node `i mod nodes + 1`
+    /// (where the embedded store has it campaign, spreading leaders over the nodes).
+    pub fn new(mut ranges: Vec<RangeDescriptor>, nodes: u64) -> RangeTable {
+        assert!(nodes >= 1 && !ranges.is_empty(), "a table of at least one range on at least one node");
+        ranges.sort_by(|a, b| a.start.cmp(&b.start));
+        let leaders = (0..ranges.len() as u64).map(|i| AtomicU64::new(i % nodes + 1)).collect();
+        RangeTable { ranges, leaders, nodes }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The range at `position`.
+    pub fn range(&self, position: usize) -> &RangeDescriptor {
+        &self.ranges[position]
+    }
+
+    pub fn ranges(&self) -> &[RangeDescriptor] {
+        &self.ranges
+    }
+
+    /// The position of the range holding `key`.
+    pub fn position_of(&self, key: &[u8]) -> usize {
+        self.ranges.partition_point(|range| range.start.as_slice() <= key).saturating_sub(1)
+    }
+
+    /// The positions of the ranges a scan of `[start, end)` visits, in order (`end` empty: to the end).
+    pub fn scan_positions(&self, start: &[u8], end: &[u8]) -> Result<Range<usize>, RouteError> {
+        if !end.is_empty() && end < start {
+            return Err(RouteError::InvalidArgument("scan end before start".into()));
+        }
+        let first = self.position_of(start);
+        let last =
+            if end.is_empty() { self.ranges.len() } else { self.ranges.partition_point(|r| r.start.as_slice() < end) };
+        Ok(first..last.max(first + 1))
+    }
+
+    /// The node believed to lead the group at `position`.
+    pub fn leader(&self, position: usize) -> u64 {
+        self.leaders[position].load(Ordering::Relaxed)
+    }
+
+    /// The node believed to lead each group, by position.
+    pub fn leaders(&self) -> Vec<u64> {
+        self.leaders.iter().map(|leader| leader.load(Ordering::Relaxed)).collect()
+    }
+
+    /// What to do with the answer of an attempt sent to `node` for the range at `position` (`None`: none came
+    /// in time). Learns where the leader is from not-leader answers.
+    pub fn judge<T>(
+        &self,
+        position: usize,
+        node: u64,
+        answer: Option<Result<T, PeerError>>,
+        deadline: Instant,
+    ) -> Attempt<T> {
+        let in_time = Instant::now() < deadline;
+        match answer {
+            Some(Ok(value)) => Attempt::Done(value),
+            Some(Err(PeerError::NotLeader { leader })) if in_time => {
+                // Nothing happened: go to the node of the replica the hint names, or try the next node while
+                // there is no leader (or the hint names no replica the table knows).
+                let hinted = self.ranges[position].replicas.iter().find(|r| r.replica_id == leader).map(|r| r.node_id);
+                let next = hinted.filter(|n| (1..=self.nodes).contains(n)).unwrap_or(node % self.nodes + 1);
+                self.leaders[position].store(next, Ordering::Relaxed);
+                Attempt::Retry(if hinted.is_none() || next == node { Duration::from_millis(2) } else { Duration::ZERO })
+            }
+            Some(Err(PeerError::Dropped)) if in_time => Attempt::Retry(Duration::from_millis(1)),
+            // A leadership transfer refuses proposals for at most about an election timeout: wait it out.
+            Some(Err(PeerError::Busy(DropReason::Transferring))) if in_time => Attempt::Retry(Duration::from_millis(5)),
+            Some(Err(PeerError::Busy(reason))) => Attempt::Fail(RouteError::Busy(format!("{reason:?}"))),
+            Some(Err(PeerError::OutcomeUnknown)) => Attempt::Fail(RouteError::OutcomeUnknown),
+            Some(Err(PeerError::Stopped(reason))) => Attempt::Fail(RouteError::Storage(reason)),
+            Some(Err(PeerError::TooLarge { bytes, max })) => Attempt::Fail(RouteError::InvalidArgument(format!(
+                "the batch encodes to {bytes} bytes, over the {max} one log entry holds"
+            ))),
+            Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
+                Attempt::Fail(RouteError::BatchSpansRanges { first_outside })
+            }
+            Some(Err(other)) if in_time => Attempt::Fail(RouteError::Storage(format!("unexpected refusal: {other:?}"))),
+            Some(Err(_)) | None => Attempt::Fail(RouteError::Timeout),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_raftstore::range::{initial_ranges, Replica};
+
+    fn table() -> RangeTable {
+        let replicas: Vec<Replica> =
+            (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        RangeTable::new(initial_ranges(4, 1, &replicas), 3)
+    }
+
+    #[test]
+    fn keys_and_scans_find_their_ranges() {
+        let table = table();
+        assert_eq!(table.position_of(b""), 0);
+        assert_eq!(table.position_of(&[0xff; 8]), 3);
+        for position in 0..4 {
+            assert_eq!(table.position_of(&table.range(position).start), position);
+        }
+        assert_eq!(table.scan_positions(b"", b"").unwrap(), 0..4);
+        assert_eq!(table.scan_positions(&[0x50], &[0x60]).unwrap(), 1..2);
+        assert!(matches!(table.scan_positions(b"b", b"a"), Err(RouteError::InvalidArgument(_))));
+        assert_eq!(table.leaders(), vec![1, 2, 3, 1], "leaders spread over the nodes at first");
+    }
+
+    #[test]
+    fn answers_are_judged_and_leader_hints_followed_within_the_deadline() {
+        let table = table();
+        let later = Instant::now() + Duration::from_secs(60);
+        assert!(matches!(table.judge(0, 1, Some(Ok(7)), later), Attempt::Done(7)));
+        let hinted: Attempt<()> = table.judge(0, 1, Some(Err(PeerError::NotLeader { leader: 3 })), later);
+        assert!(matches!(hinted, Attempt::Retry(pause) if pause.is_zero()));
+        assert_eq!(table.leader(0), 3);
+        let leaderless: Attempt<()> = table.judge(0, 3, Some(Err(PeerError::NotLeader { leader: 0 })), later);
+        assert!(matches!(leaderless, Attempt::Retry(_)));
+        assert_eq!(table.leader(0), 1, "the next node, wrapping");
+        let bogus: Attempt<()> = table.judge(0, 1, Some(Err(PeerError::NotLeader { leader: 99 })), later);
+        assert!(matches!(bogus, Attempt::Retry(_)));
+        assert_eq!(table.leader(0), 2, "a hint naming no replica of the group is not followed");
+        let stopped: Attempt<()> = table.judge(0, 2, Some(Err(PeerError::Stopped("disk".into()))), later);
+        assert!(matches!(stopped, Attempt::Fail(RouteError::Storage(reason)) if reason == "disk"));
+        let past = Instant::now() - Duration::from_millis(1);
+        let late: Attempt<()> = table.judge(0, 2, Some(Err(PeerError::NotLeader { leader: 1 })), past);
+        assert!(matches!(late, Attempt::Fail(RouteError::Timeout)));
+        assert!(matches!(table.judge::<()>(0, 2, None, later), Attempt::Fail(RouteError::Timeout)));
+    }
+}
