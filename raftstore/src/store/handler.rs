@@ -5,8 +5,8 @@
 //! it sends the answers that waited for each write to be durable, then tells the replica (a `Persisted` message,
 //! or its `PersistedNote` when it need not be scheduled for it).
 //!
-//! A failed engine (log submit, apply, flusher, a replica's snapshot I/O) stops the node with the reason
-//! ([`NodeFailure`]): later rounds refuse every request with it and write nothing.
+//! A failed engine (log submit, apply, flusher, a replica's snapshot I/O, a panic) stops the node with the reason
+//! (`failure.rs`): later rounds refuse every request with it and write nothing.
 //!
 //! Metrics (with those of the batch system, WAL and state machine): `flotilla_proposals_total`,
 //! `flotilla_reads_total`, `flotilla_log_writes_total`, `flotilla_commands_applied_total`,
@@ -16,100 +16,23 @@
 //! `flotilla_removal_notices_taken_total` (replicas that learned of their removal from a member),
 //! `flotilla_replicas_destroyed_total`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
-use flotilla_engine::wal::group_commit::{FailureListener, Persisted, WriteRequest};
+use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 
+use super::failure::NodeFailure;
 use super::fsm::{PeerFsm, PeerMsg};
 use super::replicas::ReplicaTask;
 use super::ticks::Ticking;
+use super::transport::Transport;
 use crate::batch::{PollHandler, Router};
 use crate::message::{Envelope, ReplicaMessage};
 use crate::peer::PeerOutput;
 use crate::peer::{PeerError, PersistedNote};
-
-/// Where a group's Raft messages go (another node, or another store in this process).
-pub trait Transport: Send + Sync + 'static {
-    fn send(&self, envelope: Envelope);
-}
-
-/// For a node whose groups have one replica each: nothing ever leaves it.
-pub struct NoTransport;
-
-impl Transport for NoTransport {
-    fn send(&self, envelope: Envelope) {
-        debug_assert!(
-            false,
-            "group {} has a message for node {} but this node has no transport",
-            envelope.group_id, envelope.to_node
-        );
-    }
-}
-
-/// Why the node stopped, once its engines failed (a broken environment: disk gone, corruption). From then on
-/// every request is refused with the reason; nothing more is written. Every FSM turn asks, so asking is one
-/// load of a flag that is written once; the reason's lock is taken only after a failure.
-#[derive(Default)]
-pub struct NodeFailure {
-    stopped: AtomicBool,
-    reason: parking_lot::Mutex<Option<String>>,
-    /// The node's replicas, woken when it stops so that each refuses the clients waiting on it at once.
-    router: std::sync::OnceLock<Router<PeerFsm>>,
-    /// Told the reason once the node stops (see `Store::on_failure`).
-    listeners: parking_lot::Mutex<Vec<FailureListener>>,
-}
-
-impl NodeFailure {
-    /// The reason the node stopped, if it did.
-    pub fn reason(&self) -> Option<String> {
-        if !self.stopped.load(Ordering::Acquire) {
-            return None;
-        }
-        self.reason.lock().clone()
-    }
-
-    /// Calls `listener` with the reason once the node stops (at once if it has).
-    pub(crate) fn listen(&self, listener: FailureListener) {
-        let mut listeners = self.listeners.lock();
-        match self.reason() {
-            Some(reason) => listener(&reason),
-            None => listeners.push(listener),
-        }
-    }
-
-    /// Where to wake the replicas from when the node stops (set once, when they run).
-    pub(crate) fn wake_on_stop(&self, router: Router<PeerFsm>) {
-        let _ = self.router.set(router);
-    }
-
-    /// Stops node `node_id` for a failed engine: the first reason sticks, is reported once (printed, counted,
-    /// told to the listeners), and every replica is woken to refuse its waiting clients with it.
-    pub(crate) fn fail(&self, node_id: u64, reason: String) {
-        {
-            let mut stored = self.reason.lock();
-            if stored.is_some() {
-                return;
-            }
-            *stored = Some(reason.clone());
-            self.stopped.store(true, Ordering::Release);
-        }
-        eprintln!("flotilla: node {node_id} stopped: {reason}");
-        metrics::counter!("flotilla_node_failures_total").increment(1);
-        for listener in self.listeners.lock().iter() {
-            listener(&reason);
-        }
-        if let Some(router) = self.router.get() {
-            for group_id in router.ids() {
-                let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox is handled anyway
-            }
-        }
-    }
-}
 
 /// One per poller thread (cloned from one template: every field is shared).
 #[derive(Clone)]
@@ -135,25 +58,35 @@ pub(crate) struct AfterPersist {
 /// The persisted forwarder's loop (a thread of its own): for each write made durable, sends the responses that
 /// waited for it, then tells the replica — by a `Persisted` message, or by its note (see `LogWrite::prompt`).
 pub(crate) fn forward_persisted(done: Receiver<Persisted>, router: Router<PeerFsm>, transport: Arc<dyn Transport>) {
-    for persisted in done {
-        let prompt = match persisted.attachment.map(|attachment| attachment.downcast::<AfterPersist>()) {
-            Some(Ok(after)) => {
-                for envelope in after.envelopes {
-                    transport.send(envelope);
-                }
-                match after.note {
-                    Some(note) => {
-                        note.note(persisted.ready_number);
-                        false
-                    }
-                    None => true,
-                }
-            }
-            _ => true,
-        };
-        if prompt {
-            super::deliver(&router, persisted.group_id, PeerMsg::Persisted(persisted.ready_number));
+    for persisted in &done {
+        forward_one(persisted, &router, transport.as_ref());
+        // What the writer completed together goes out together.
+        for persisted in done.try_iter() {
+            forward_one(persisted, &router, transport.as_ref());
         }
+        transport.flush();
+    }
+}
+
+/// One durable write: the answers that waited for it go out, then the replica is told.
+fn forward_one(persisted: Persisted, router: &Router<PeerFsm>, transport: &dyn Transport) {
+    let prompt = match persisted.attachment.map(|attachment| attachment.downcast::<AfterPersist>()) {
+        Some(Ok(after)) => {
+            for envelope in after.envelopes {
+                transport.send(envelope);
+            }
+            match after.note {
+                Some(note) => {
+                    note.note(persisted.ready_number);
+                    false
+                }
+                None => true,
+            }
+        }
+        _ => true,
+    };
+    if prompt {
+        super::deliver(router, persisted.group_id, PeerMsg::Persisted(persisted.ready_number));
     }
 }
 
@@ -273,6 +206,7 @@ impl PollHandler<PeerFsm> for StoreHandler {
                 self.fail(reason);
             }
         }
+        self.transport.flush();
     }
 }
 

@@ -6,9 +6,12 @@
 //! - [`replicas`]: replicas created (on a message for a group the node does not hold) and destroyed (once
 //!   removed) while the node runs;
 //! - [`ticks`]: the node's tick count, and which replicas need ticks (busy ones take theirs inline);
-//! - [`transport`]: stores in one process reaching each other;
+//! - [`transport`]: the transport seam — the outbound [`Transport`] (flushed once per round), the inbound
+//!   [`StoreInbox`], and stores in one process reaching each other;
+//! - `failure.rs`: why the node stopped, and what stopping does (waiting clients refused, listeners told);
 //! - this file: [`Store`], which opens the engines and groups, and routes requests.
 
+mod failure;
 pub mod fsm;
 pub mod handler;
 pub mod replicas;
@@ -26,9 +29,8 @@ use flotilla_engine::wal::group_commit::Persisted;
 use flotilla_raft::{Config, ReadMode};
 
 pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
-pub use handler::{NoTransport, StoreHandler, Transport};
-pub use replicas::StoreInbox;
-pub use transport::InProcessTransport;
+pub use handler::StoreHandler;
+pub use transport::{InProcessTransport, NoTransport, StoreInbox, Transport};
 
 use crate::batch::{BatchOptions, BatchSystem, Router, SendError};
 use crate::peer::PeerOptions;
@@ -80,7 +82,7 @@ pub struct Store {
     system: Option<BatchSystem<PeerFsm>>,
     router: Router<PeerFsm>,
     ticking: Arc<Ticking>,
-    failure: Arc<handler::NodeFailure>,
+    failure: Arc<failure::NodeFailure>,
     tasks: crossbeam_channel::Sender<ReplicaTask>,
     /// Dropped to stop the ticker and the replicas thread.
     stop: Option<crossbeam_channel::Sender<()>>,
@@ -116,7 +118,7 @@ impl Store {
         let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<Persisted>();
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
         let ticking: Arc<Ticking> = Arc::default();
-        let failure: Arc<handler::NodeFailure> = Arc::default();
+        let failure: Arc<failure::NodeFailure> = Arc::default();
         let handler = StoreHandler {
             node_id: options.node_id,
             ticking: Arc::clone(&ticking),

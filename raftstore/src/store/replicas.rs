@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
 use flotilla_raft::Config;
@@ -21,7 +21,7 @@ use flotilla_raft::Config;
 use super::fsm::{PeerFsm, PeerMsg};
 use super::ticks::Ticking;
 use super::StoreOptions;
-use crate::batch::{Router, SendError};
+use crate::batch::Router;
 use crate::message::Envelope;
 use crate::peer::Peer;
 use crate::range::RangeDescriptor;
@@ -36,27 +36,6 @@ pub(crate) enum ReplicaTask {
 
 /// How many tasks may wait; beyond, messages for unknown groups are dropped (Raft resends).
 pub(crate) const TASKS_MAX: usize = 1024;
-
-/// Where a node receives replica messages: its router, and the replicas thread for groups it does not hold.
-#[derive(Clone)]
-pub struct StoreInbox {
-    pub(crate) router: Router<PeerFsm>,
-    pub(crate) tasks: Sender<ReplicaTask>,
-}
-
-impl StoreInbox {
-    /// Delivers without waiting; returns false if the message was dropped (a full mailbox or task queue).
-    pub fn deliver(&self, envelope: Envelope) -> bool {
-        match self.router.send(envelope.group_id, PeerMsg::Replica(Box::new(envelope))) {
-            Ok(()) => true,
-            Err(SendError::Full(_)) => false,
-            Err(SendError::NotFound(PeerMsg::Replica(envelope))) => {
-                self.tasks.try_send(ReplicaTask::Create(envelope)).is_ok()
-            }
-            Err(SendError::NotFound(_)) => unreachable!("the message sent comes back"),
-        }
-    }
-}
 
 /// Opens the replica of `range` held by node `options.node_id` (its configuration is the descriptor's).
 pub(crate) fn open_replica(
@@ -93,7 +72,7 @@ pub(crate) struct Replicas {
     pub(crate) ticking: Arc<Ticking>,
     /// Every group this node has held (opened at start, or created since).
     pub(crate) held: HashSet<u64>,
-    pub(crate) failure: Arc<super::handler::NodeFailure>,
+    pub(crate) failure: Arc<super::failure::NodeFailure>,
 }
 
 impl Replicas {
