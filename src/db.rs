@@ -23,22 +23,22 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, RecvTimeoutError};
 use flotilla_engine::disk::{Disk, StdDisk};
-use flotilla_engine::flusher::BackgroundFlusher;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::{KeyValue, StateMachine, StateMachineOptions};
-use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, Persisted, WriteRequest};
+use flotilla_engine::wal::group_commit::{GroupCommitWal, Persisted, WriteRequest};
 use flotilla_engine::wal::record::{LogOp, ENTRY_DATA_BYTES_MAX};
-use flotilla_engine::wal::{Wal, WalOptions};
+use flotilla_engine::wal::WalOptions;
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
-use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica, INITIAL_GROUPS_MAX};
+use flotilla_raftstore::range::{RangeDescriptor, INITIAL_GROUPS_MAX};
 use flotilla_raftstore::store::{
-    InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions, Transport,
+    InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
 };
 
 use flotilla_router::route::{Answer, Attempt, RangeTable, RouteError};
 
 use crate::layout::{self, DirLock};
+use crate::node::Node;
 
 /// Settings of an embedded database. `Config::default()` is what [`Db::open`] uses.
 #[derive(Clone, Debug)]
@@ -176,7 +176,7 @@ impl std::fmt::Display for DbError {
 
 impl std::error::Error for DbError {}
 
-fn storage(error: impl std::fmt::Display) -> DbError {
+pub(crate) fn storage(error: impl std::fmt::Display) -> DbError {
     DbError::Storage(error.to_string())
 }
 
@@ -241,90 +241,6 @@ impl WriteBatch {
 
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
-    }
-}
-
-/// In a node's directory while its state file must be verified at the next open (the node stopped on a failure).
-const CHECK_FILE: &str = "CHECK-STATE";
-
-/// One in-process node: its engines and its running store.
-struct Node {
-    id: u64,
-    store: Option<Store>,
-    log: Arc<GroupCommitWal>,
-    kv: Arc<StateMachine>,
-    flusher: Arc<BackgroundFlusher>,
-}
-
-impl Node {
-    /// Stops the node for an engine failure met outside its replicas; the error to answer with.
-    fn fail(&self, reason: String) -> DbError {
-        if let Some(store) = &self.store {
-            store.fail(reason.clone());
-        }
-        DbError::Storage(format!("node {} stopped: {reason}", self.id))
-    }
-
-    fn open(
-        id: u64,
-        disk: &Arc<dyn Disk>,
-        dir: &Path,
-        config: &Config,
-        transport: Arc<dyn Transport>,
-    ) -> Result<(Node, Vec<RangeDescriptor>), DbError> {
-        // Every directory entry is made durable before anything is acknowledged: the directories as they are
-        // created, the WAL's segments by the WAL, the state file here.
-        disk.create_dir_all(dir).map_err(storage)?;
-        // After the node stopped on a failure, the whole state file is verified before it is trusted again.
-        let check_marker = dir.join(CHECK_FILE);
-        let check = disk.list(dir).map_err(storage)?.contains(&check_marker);
-        let options = StateMachineOptions {
-            check_integrity_on_open: check || config.state_machine.check_integrity_on_open,
-            ..config.state_machine.clone()
-        };
-        let kv = Arc::new(StateMachine::open_on(disk.as_ref(), &dir.join("state.redb"), options).map_err(storage)?);
-        if check {
-            disk.remove(&check_marker).map_err(storage)?;
-        }
-        disk.sync_dir(dir).map_err(|e| storage(format!("syncing {}: {e}", dir.display())))?;
-        let wal_dir = dir.join("wal");
-        // The WAL's first segment is durable before the groups are recorded in the state file: groups without a
-        // WAL mean the WAL was lost, with every write after the last checkpoint.
-        let has_segments =
-            disk.list(&wal_dir).is_ok_and(|files| files.iter().any(|f| f.extension().is_some_and(|e| e == "wal")));
-        if !has_segments && !kv.ranges().map_err(storage)?.is_empty() {
-            return Err(DbError::Storage(format!(
-                "{} holds no WAL segment, but {} lists groups: the WAL was lost, and with it the writes after the state \
-                 file's last checkpoint",
-                wal_dir.display(),
-                dir.join("state.redb").display()
-            )));
-        }
-        let (wal, _report) = Wal::open(&wal_dir, Arc::clone(disk), config.wal.clone()).map_err(storage)?;
-        let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
-        let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
-        let ranges = Db::load_or_create_ranges(&kv, config)?;
-        let options = StoreOptions { node_id: id, ..config.store.clone() };
-        let store = Store::start(
-            options,
-            &ranges,
-            Arc::clone(&log) as Arc<dyn LogEngine>,
-            Arc::clone(&kv),
-            Arc::clone(&flusher),
-            transport,
-        )
-        .map_err(storage)?;
-        {
-            // A failure leaves a mark, so that the next open verifies the state file first (best effort: the disk
-            // may be what failed).
-            let (disk, dir) = (Arc::clone(disk), dir.to_path_buf());
-            store.on_failure(Box::new(move |_| {
-                if let Ok(mut file) = disk.open(&dir.join(CHECK_FILE), true) {
-                    let _ = file.sync_data().and_then(|()| disk.sync_dir(&dir));
-                }
-            }));
-        }
-        Ok((Node { id, store: Some(store), log, kv, flusher }, ranges))
     }
 }
 
@@ -422,29 +338,6 @@ impl Db {
         }
         let maintenance = Db::start_maintenance(&config, table.ranges(), &nodes);
         Ok(Db { config, dir, table, nodes, maintenance: Some(maintenance), _lock: lock })
-    }
-
-    fn load_or_create_ranges(kv: &StateMachine, config: &Config) -> Result<Vec<RangeDescriptor>, DbError> {
-        let stored = kv.ranges().map_err(storage)?;
-        let mut ranges: Vec<RangeDescriptor> = if stored.is_empty() {
-            let replicas: Vec<Replica> =
-                (1..=config.nodes).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
-            let ranges = initial_ranges(config.groups, 1, &replicas);
-            let encoded: Vec<(u64, Vec<u8>)> = ranges.iter().map(|range| (range.group_id, range.encode())).collect();
-            kv.put_ranges(&encoded).map_err(storage)?;
-            ranges
-        } else {
-            let mut decoded = Vec::with_capacity(stored.len());
-            for (group_id, bytes) in stored {
-                decoded.push(
-                    RangeDescriptor::decode_stored(&bytes)
-                        .map_err(|e| storage(format!("range of group {group_id}: {e}")))?,
-                );
-            }
-            decoded
-        };
-        ranges.sort_by(|a, b| a.start.cmp(&b.start));
-        Ok(ranges)
     }
 
     /// Compacts each group's log, on every node, below what every replica's state machine has made durable (so
@@ -729,18 +622,16 @@ impl Db {
             let _ = stop.send(());
             let _ = thread.join();
         }
+        // Every node's replicas stop first (they talk to each other), then each node's engines finish.
         let mut failure = None;
         for node in &mut self.nodes {
-            if let Some(reason) = node.store.take().and_then(|store| store.failure()) {
-                failure.get_or_insert(DbError::Storage(format!("node {} stopped: {reason}", node.id)));
+            if let Err(error) = node.stop() {
+                failure.get_or_insert(error);
             }
         }
         for node in &self.nodes {
-            if let Some(reason) = node.log.failure() {
-                failure.get_or_insert(DbError::Storage(format!("node {}: {reason}", node.id)));
-            }
-            if failure.is_none() {
-                node.flusher.flush_now().map_err(storage)?;
+            if let Err(error) = node.finish(failure.is_none()) {
+                failure.get_or_insert(error);
             }
         }
         failure.map_or(Ok(()), Err)

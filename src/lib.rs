@@ -1,11 +1,18 @@
 //! Flotilla: a multi-raft sharded storage engine.
 //!
-//! Embed it with [`Db::open`] (see [`db`]; [`AsyncDb`] for async code on tokio); the layers are re-exported below, keeping the dependency direction
-//! (public package → router → raftstore → raft core, and → engine).
+//! Embed it with [`Db::open`] (see [`db`]; [`AsyncDb`] for async code on tokio). What lives where:
+//! - [`db`]: the configuration, the errors, the `Db` and its requests (routed through `router::route`);
+//! - `node.rs`: one node's engines and store, opened and stopped in one place;
+//! - [`layout`]: a database directory's lock and its recorded layout;
+//! - [`async_db`]: the same database for async code.
+//!
+//! The layers are re-exported below, keeping the dependency direction (public package → router → raftstore →
+//! raft core, and → engine).
 
 pub mod async_db;
 pub mod db;
 pub mod layout;
+mod node;
 
 pub use async_db::AsyncDb;
 pub use db::{Config, Db, DbError, WriteBatch};

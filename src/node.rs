@@ -1,0 +1,148 @@
+//! One in-process node of the embedded database: its engines (WAL, state machine, flusher) and its running store,
+//! opened and stopped in one place. What opening checks: a state file a failure marked is verified whole first
+//! (`CHECK-STATE`), a WAL that vanished under a state file listing groups is refused, and the groups are created
+//! at the first open (the initial layout, stored durably) and read back after.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use flotilla_engine::disk::Disk;
+use flotilla_engine::flusher::BackgroundFlusher;
+use flotilla_engine::log_engine::LogEngine;
+use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
+use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal};
+use flotilla_engine::wal::Wal;
+use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
+use flotilla_raftstore::store::{Store, StoreOptions, Transport};
+
+use crate::db::{storage, Config, DbError};
+
+/// In a node's directory while its state file must be verified at the next open (the node stopped on a failure).
+const CHECK_FILE: &str = "CHECK-STATE";
+
+/// One in-process node: its engines and its running store.
+pub(crate) struct Node {
+    pub(crate) id: u64,
+    pub(crate) store: Option<Store>,
+    pub(crate) log: Arc<GroupCommitWal>,
+    pub(crate) kv: Arc<StateMachine>,
+    pub(crate) flusher: Arc<BackgroundFlusher>,
+}
+
+impl Node {
+    /// Stops the node for an engine failure met outside its replicas; the error to answer with.
+    pub(crate) fn fail(&self, reason: String) -> DbError {
+        if let Some(store) = &self.store {
+            store.fail(reason.clone());
+        }
+        DbError::Storage(format!("node {} stopped: {reason}", self.id))
+    }
+
+    /// Opens node `id` in `dir`: its state file (verified first if a failure marked it), its WAL (refused if
+    /// lost), its groups (created at the first open) and its store; returns it with its ranges.
+    pub(crate) fn open(
+        id: u64,
+        disk: &Arc<dyn Disk>,
+        dir: &Path,
+        config: &Config,
+        transport: Arc<dyn Transport>,
+    ) -> Result<(Node, Vec<RangeDescriptor>), DbError> {
+        // Every directory entry is made durable before anything is acknowledged: the directories as they are
+        // created, the WAL's segments by the WAL, the state file here.
+        disk.create_dir_all(dir).map_err(storage)?;
+        // After the node stopped on a failure, the whole state file is verified before it is trusted again.
+        let check_marker = dir.join(CHECK_FILE);
+        let check = disk.list(dir).map_err(storage)?.contains(&check_marker);
+        let options = StateMachineOptions {
+            check_integrity_on_open: check || config.state_machine.check_integrity_on_open,
+            ..config.state_machine.clone()
+        };
+        let kv = Arc::new(StateMachine::open_on(disk.as_ref(), &dir.join("state.redb"), options).map_err(storage)?);
+        if check {
+            disk.remove(&check_marker).map_err(storage)?;
+        }
+        disk.sync_dir(dir).map_err(|e| storage(format!("syncing {}: {e}", dir.display())))?;
+        let wal_dir = dir.join("wal");
+        // The WAL's first segment is durable before the groups are recorded in the state file: groups without a
+        // WAL mean the WAL was lost, with every write after the last checkpoint.
+        let has_segments =
+            disk.list(&wal_dir).is_ok_and(|files| files.iter().any(|f| f.extension().is_some_and(|e| e == "wal")));
+        if !has_segments && !kv.ranges().map_err(storage)?.is_empty() {
+            return Err(DbError::Storage(format!(
+                "{} holds no WAL segment, but {} lists groups: the WAL was lost, and with it the writes after the state \
+                 file's last checkpoint",
+                wal_dir.display(),
+                dir.join("state.redb").display()
+            )));
+        }
+        let (wal, _report) = Wal::open(&wal_dir, Arc::clone(disk), config.wal.clone()).map_err(storage)?;
+        let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
+        let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
+        let ranges = load_or_create_ranges(&kv, config)?;
+        let options = StoreOptions { node_id: id, ..config.store.clone() };
+        let store = Store::start(
+            options,
+            &ranges,
+            Arc::clone(&log) as Arc<dyn LogEngine>,
+            Arc::clone(&kv),
+            Arc::clone(&flusher),
+            transport,
+        )
+        .map_err(storage)?;
+        {
+            // A failure leaves a mark, so that the next open verifies the state file first (best effort: the disk
+            // may be what failed).
+            let (disk, dir) = (Arc::clone(disk), dir.to_path_buf());
+            store.on_failure(Box::new(move |_| {
+                if let Ok(mut file) = disk.open(&dir.join(CHECK_FILE), true) {
+                    let _ = file.sync_data().and_then(|()| disk.sync_dir(&dir));
+                }
+            }));
+        }
+        Ok((Node { id, store: Some(store), log, kv, flusher }, ranges))
+    }
+
+    /// Stops the node's replicas; `Err` if the node had stopped on a failure.
+    pub(crate) fn stop(&mut self) -> Result<(), DbError> {
+        match self.store.take().and_then(|store| store.failure()) {
+            Some(reason) => Err(DbError::Storage(format!("node {} stopped: {reason}", self.id))),
+            None => Ok(()),
+        }
+    }
+
+    /// After `stop`: reports a failed log; makes everything applied durable if `flush` (nothing is written after a
+    /// failure).
+    pub(crate) fn finish(&self, flush: bool) -> Result<(), DbError> {
+        if let Some(reason) = self.log.failure() {
+            return Err(DbError::Storage(format!("node {}: {reason}", self.id)));
+        }
+        if flush {
+            self.flusher.flush_now().map_err(storage)?;
+        }
+        Ok(())
+    }
+}
+
+/// The node's ranges: those its state file stores, or, at the first open, the initial layout (stored durably).
+fn load_or_create_ranges(kv: &StateMachine, config: &Config) -> Result<Vec<RangeDescriptor>, DbError> {
+    let stored = kv.ranges().map_err(storage)?;
+    let mut ranges: Vec<RangeDescriptor> = if stored.is_empty() {
+        let replicas: Vec<Replica> =
+            (1..=config.nodes).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        let ranges = initial_ranges(config.groups, 1, &replicas);
+        let encoded: Vec<(u64, Vec<u8>)> = ranges.iter().map(|range| (range.group_id, range.encode())).collect();
+        kv.put_ranges(&encoded).map_err(storage)?;
+        ranges
+    } else {
+        let mut decoded = Vec::with_capacity(stored.len());
+        for (group_id, bytes) in stored {
+            decoded.push(
+                RangeDescriptor::decode_stored(&bytes)
+                    .map_err(|e| storage(format!("range of group {group_id}: {e}")))?,
+            );
+        }
+        decoded
+    };
+    ranges.sort_by(|a, b| a.start.cmp(&b.start));
+    Ok(ranges)
+}
