@@ -584,7 +584,12 @@ impl Db {
         let position = self.get_request(key)?;
         let leader = self.table.leader(position);
         let store = self.nodes[leader as usize - 1].store.as_ref().expect("open until closed");
-        let _ = store.router().send(self.table.range(position).group_id, PeerMsg::TransferLeader(node));
+        let range = self.table.range(position);
+        // The group's replica on that node (every node holds every group here).
+        let Some(replica_id) = range.replicas.iter().find(|r| r.node_id == node).map(|r| r.replica_id) else {
+            return Err(DbError::InvalidArgument(format!("group {} has no replica on node {node}", range.group_id)));
+        };
+        let _ = store.router().send(range.group_id, PeerMsg::TransferLeader { replica_id });
         Ok(())
     }
 

@@ -55,14 +55,20 @@ pub enum PeerMsg {
         request: ReadRequest,
         reply: ReadReply,
     },
-    /// The log engine made the Ready numbered so durable.
-    Persisted(u64),
+    /// The log engine made this Ready (by its number) durable.
+    Persisted {
+        ready_number: u64,
+    },
     Tick,
     Campaign,
-    /// Hand the group's leadership to this replica id (if this replica leads).
-    TransferLeader(u64),
-    /// The node with this id is down (node liveness): a follower hibernating under a leader there wakes.
-    NodeDown(u64),
+    /// Hand the group's leadership to this replica (if this replica leads).
+    TransferLeader {
+        replica_id: u64,
+    },
+    /// This node is down (node liveness): a follower hibernating under a leader there wakes.
+    NodeDown {
+        node_id: u64,
+    },
 }
 
 pub struct PeerFsm {
@@ -147,11 +153,11 @@ impl PeerFsm {
                 self.reads.insert(token, (request, reply));
                 self.peer.read(token);
             }
-            PeerMsg::Persisted(number) => self.peer.on_persisted(number),
+            PeerMsg::Persisted { ready_number } => self.peer.on_persisted(ready_number),
             PeerMsg::Tick => {} // a wake-up: the handler gave the replica the ticks it owed before its messages
             PeerMsg::Campaign => self.peer.campaign(),
-            PeerMsg::TransferLeader(target) => self.peer.transfer_leader(target),
-            PeerMsg::NodeDown(node_id) => {
+            PeerMsg::TransferLeader { replica_id } => self.peer.transfer_leader(replica_id),
+            PeerMsg::NodeDown { node_id } => {
                 if let Some(replica) = self.peer.descriptor().replicas.iter().find(|r| r.node_id == node_id) {
                     self.peer.on_node_down(replica.replica_id);
                 }

@@ -86,7 +86,7 @@ fn forward_one(persisted: Persisted, router: &Router<PeerFsm>, transport: &dyn T
         _ => true,
     };
     if prompt {
-        super::deliver(router, persisted.group_id, PeerMsg::Persisted(persisted.ready_number));
+        super::deliver(router, persisted.group_id, PeerMsg::Persisted { ready_number: persisted.ready_number });
     }
 }
 

@@ -257,7 +257,7 @@ impl Store {
     /// them; the network router of a later issue calls this from its node-to-node heartbeats.)
     pub fn node_down(&self, node_id: u64) {
         for group_id in self.router.ids() {
-            deliver(&self.router, group_id, PeerMsg::NodeDown(node_id));
+            deliver(&self.router, group_id, PeerMsg::NodeDown { node_id });
         }
     }
 
