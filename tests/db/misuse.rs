@@ -363,6 +363,19 @@ fn newest_segment(disk: &SimDisk, dir: &Path) -> PathBuf {
 
 #[test]
 fn a_wal_that_lost_its_newest_segment_or_its_end_is_refused_as_corruption() {
+    // Refused as `needle` says — or, when the power went in the middle of a rotation, the newest segment was the
+    // successor with nothing in it yet (recovery finishes such a rotation off): then nothing acknowledged is lost.
+    // (The engine's `lost_suffix` tests check each detection deterministically.)
+    let refused_or_whole = |disk: &SimDisk, dir: &Path, config: Config, needle: &str| {
+        match Db::open_on(Arc::new(disk.clone()), dir, config) {
+            Err(error) => assert_refused(Err(error), DbError::Storage, needle),
+            Ok(db) => {
+                for i in 0..2_000u32 {
+                    assert_eq!(db.get(&i.to_be_bytes()).unwrap(), Some(vec![b'v'; 100]), "key {i} lost silently");
+                }
+            }
+        }
+    };
     // The newest segment cut to 60 %.
     let (disk, dir, config) = acknowledged_in_the_wal_only(2_000);
     let newest = newest_segment(&disk, dir);
@@ -370,11 +383,11 @@ fn a_wal_that_lost_its_newest_segment_or_its_end_is_refused_as_corruption() {
     let len = file.len_bytes().unwrap();
     file.truncate(len * 6 / 10).unwrap();
     drop(file);
-    assert_refused(Db::open_on(Arc::new(disk.clone()), dir, config.clone()), DbError::Storage, "shorter than");
+    refused_or_whole(&disk, dir, config, "shorter than");
     // The newest segment deleted.
     let (disk, dir, config) = acknowledged_in_the_wal_only(2_000);
     disk.remove(&newest_segment(&disk, dir)).unwrap();
-    assert_refused(Db::open_on(Arc::new(disk.clone()), dir, config.clone()), DbError::Storage, "is missing");
+    refused_or_whole(&disk, dir, config, "is missing");
     // Every segment deleted.
     let (disk, dir, config) = acknowledged_in_the_wal_only(200);
     for file in disk.list(&dir.join("wal")).unwrap() {
