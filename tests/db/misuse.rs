@@ -361,21 +361,19 @@ fn newest_segment(disk: &SimDisk, dir: &Path) -> PathBuf {
     segments.pop().unwrap()
 }
 
+/// A reopen after a lost WAL suffix: refused as `needle` says — or, when the power went in the middle of a
+/// rotation, the newest segment was the successor with nothing in it yet (recovery finishes such a rotation off):
+/// then nothing acknowledged is lost. (The engine's `lost_suffix` tests check each detection deterministically.)
+fn refused_or_whole(disk: &SimDisk, dir: &Path, config: Config, needle: &str) {
+    let opened = Db::open_on(Arc::new(disk.clone()), dir, config);
+    let Ok(db) = opened else { return assert_refused(opened, DbError::Storage, needle) };
+    for i in 0..2_000u32 {
+        assert_eq!(db.get(&i.to_be_bytes()).unwrap(), Some(vec![b'v'; 100]), "key {i} lost silently");
+    }
+}
+
 #[test]
 fn a_wal_that_lost_its_newest_segment_or_its_end_is_refused_as_corruption() {
-    // Refused as `needle` says — or, when the power went in the middle of a rotation, the newest segment was the
-    // successor with nothing in it yet (recovery finishes such a rotation off): then nothing acknowledged is lost.
-    // (The engine's `lost_suffix` tests check each detection deterministically.)
-    let refused_or_whole = |disk: &SimDisk, dir: &Path, config: Config, needle: &str| {
-        match Db::open_on(Arc::new(disk.clone()), dir, config) {
-            Err(error) => assert_refused(Err(error), DbError::Storage, needle),
-            Ok(db) => {
-                for i in 0..2_000u32 {
-                    assert_eq!(db.get(&i.to_be_bytes()).unwrap(), Some(vec![b'v'; 100]), "key {i} lost silently");
-                }
-            }
-        }
-    };
     // The newest segment cut to 60 %.
     let (disk, dir, config) = acknowledged_in_the_wal_only(2_000);
     let newest = newest_segment(&disk, dir);
