@@ -83,7 +83,13 @@ impl AsyncDb {
 
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
         let position = self.db.get_request(key)?;
-        value(self.call(position, |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply }).await?)
+        if let Some(local) = self.db.local_get(position, key) {
+            return local;
+        }
+        let request = |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply };
+        let got = value(self.call(position, request).await?);
+        self.db.read_confirmed(position);
+        got
     }
 
     pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -250,6 +250,8 @@ pub struct Db {
     dir: PathBuf,
     /// The ranges (sorted, covering the key space) and the node believed to lead each (`router/src/route.rs`).
     table: RangeTable,
+    /// Per range (same positions): whether its reads may be served locally (see [`Db::local_get`]).
+    local_reads: Vec<AtomicBool>,
     nodes: Vec<Node>,
     maintenance: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
     /// The directory's lock, held until everything above has stopped (fields drop in order).
@@ -337,7 +339,8 @@ impl Db {
             node.store.as_ref().expect("running").campaign_all([range.group_id]);
         }
         let maintenance = Db::start_maintenance(&config, table.ranges(), &nodes);
-        Ok(Db { config, dir, table, nodes, maintenance: Some(maintenance), _lock: lock })
+        let local_reads = (0..table.len()).map(|_| AtomicBool::new(false)).collect();
+        Ok(Db { config, dir, table, local_reads, nodes, maintenance: Some(maintenance), _lock: lock })
     }
 
     /// Compacts each group's log, on every node, below what every replica's state machine has made durable (so
@@ -535,7 +538,37 @@ impl Db {
     /// The value of `key`, linearizable: it reflects every write acknowledged before the call.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
         let position = self.get_request(key)?;
-        value(self.call(position, |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply })?)
+        if let Some(local) = self.local_get(position, key) {
+            return local;
+        }
+        let got = value(self.call(position, |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply })?);
+        self.read_confirmed(position);
+        got
+    }
+
+    /// The **local read path** of a database of one node, where every group has one replica: once a read of a
+    /// group went through its replica (a ReadIndex: the replica leads, committed its term's first entry and
+    /// applied up to it — so every write acknowledged before the database was opened is applied), the group's
+    /// reads are served on the caller's thread from the state machine. Linearizable: a write is acknowledged only
+    /// once applied, the state machine never goes back, and a lone replica keeps its leadership while its node
+    /// runs. `None`: the read must go through the replica. With more nodes, every read goes through the leader.
+    pub(crate) fn local_get(&self, position: usize, key: &[u8]) -> Option<Result<Option<Vec<u8>>, DbError>> {
+        if !self.local_reads[position].load(Ordering::Acquire) {
+            return None;
+        }
+        let node = &self.nodes[0];
+        let store = node.store.as_ref().expect("open until closed");
+        if let Some(reason) = store.failure() {
+            return Some(Err(DbError::Storage(reason)));
+        }
+        Some(node.kv.get(key).map_err(|error| node.fail(format!("a read: {error}"))))
+    }
+
+    /// A read of the group at `position` went through its replica: on one node, later reads may be local.
+    pub(crate) fn read_confirmed(&self, position: usize) {
+        if self.nodes.len() == 1 {
+            self.local_reads[position].store(true, Ordering::Release);
+        }
     }
 
     /// Up to `limit` pairs with `start <= key < end` (`end` empty: to the end of the key space), in key order.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use flotilla::{Config, Db, DbError, WriteBatch};
 
+mod linearizable;
 mod misuse;
 
 fn small_config() -> Config {
