@@ -21,8 +21,9 @@ pub mod log_engine;
 pub mod lsm;
 pub mod panics;
 pub mod redb_sim;
-pub mod snapshot;
 pub mod state_machine;
+/// Snapshots streamed out of and installed into the state machine (`state_machine/snapshot.rs`).
+pub use state_machine::snapshot;
 pub mod wal;
 
 pub use flotilla_raft::prelude::{Entry, HardState};

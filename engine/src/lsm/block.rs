@@ -7,7 +7,7 @@
 //!
 //! Blocks are the unit stored in redb: one redb insert per block instead of per key is what makes a flush cheap.
 
-use crate::state_machine::StateMachineError;
+use crate::state_machine::error::StateMachineError;
 
 const DELETION: u32 = u32::MAX;
 const ENTRY_HEADER_BYTES: usize = 8;

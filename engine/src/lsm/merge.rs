@@ -8,7 +8,10 @@
 use std::collections::btree_map;
 
 use super::version::RangeTombstone;
-use crate::state_machine::{MemKey, StateMachineError};
+use crate::state_machine::error::StateMachineError;
+
+/// A memtable's key (most keys are short: no allocation up to 24 bytes).
+pub(crate) type MemKey = smallvec::SmallVec<[u8; 24]>;
 
 /// A sorted stream of entries (`None` value: a deletion).
 pub(crate) trait Source {

@@ -12,15 +12,18 @@
 //! - `run.rs`: writing runs, point reads in a run, cursors over a run;
 //! - `merge.rs`: merging memtables and runs (newest wins; deletions and range deletions hide);
 //! - `version.rs`: the set of live runs and range deletions, published after each change;
-//! - `compaction.rs`: the size-tiered policy and the merge that writes its output;
 //! - `sealed.rs`: the checksums of run records, range deletions, applied states and range descriptors.
 //!
 //! The byte layout is in `docs/state-machine-format.md`.
 
 pub(crate) mod block;
 pub(crate) mod bloom;
-pub(crate) mod compaction;
 pub(crate) mod merge;
 pub(crate) mod run;
 pub(crate) mod sealed;
 pub(crate) mod version;
+
+/// Whether `key` lies in `[start, end)` (`end` empty: no upper bound).
+pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+    key >= start && (end.is_empty() || key < end)
+}

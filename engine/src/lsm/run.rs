@@ -11,7 +11,7 @@ use redb::{ReadableTable, Table, TableDefinition};
 use super::block::{Block, BlockBuilder};
 use super::bloom::{Bloom, BloomBuilder};
 use super::merge::Source;
-use crate::state_machine::{storage, StateMachineError};
+use crate::state_machine::error::{storage, StateMachineError};
 
 /// Room left in a block's budget for redb's leaf header and the block's key (besides the last key itself).
 const REDB_PAGE_OVERHEAD_BYTES: usize = 128;

@@ -4,7 +4,7 @@
 //! landed under another key or in another table, is reported as corruption naming the table and row instead of
 //! being believed (a damaged filter would make a point read miss a key that a scan finds).
 
-use super::super::state_machine::{storage, StateMachineError};
+use crate::state_machine::error::{storage, StateMachineError};
 
 fn checksum(table: &str, key: u64, bytes: &[u8]) -> u32 {
     let seed = crc32c::crc32c_append(crc32c::crc32c(table.as_bytes()), &key.to_le_bytes());

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use prost::Message as _;
 use redb::TableDefinition;
 
+use super::in_range;
 use super::run::Run;
-use crate::snapshot::in_range;
-use crate::state_machine::{storage, StateMachineError};
+use crate::state_machine::error::{storage, StateMachineError};
 
 const RANGE_TOMBSTONES_TABLE: &str = "range_tombstones";
 pub(crate) const RANGE_TOMBSTONES: TableDefinition<u64, &[u8]> = TableDefinition::new(RANGE_TOMBSTONES_TABLE);

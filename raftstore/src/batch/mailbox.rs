@@ -32,6 +32,12 @@ pub(crate) struct Scheduled<F: Fsm> {
     pub(crate) mailbox: Arc<Mailbox<F>>,
 }
 
+/// What the pool's run queue carries: an FSM with mail, or the order to stop.
+pub(crate) enum Task<F: Fsm> {
+    Run(Scheduled<F>),
+    Stop,
+}
+
 pub(crate) struct Mailbox<F: Fsm> {
     /// Messages queued at most.
     capacity: usize,

@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use flotilla_engine::panics::catch;
 
-use super::mailbox::{Fsm, Scheduled};
+use super::mailbox::{Fsm, Scheduled, Task};
 use super::router::Router;
 
 /// What a poller does with the FSMs of a round. One handler per poller thread, so it may keep per-round
@@ -44,11 +44,6 @@ impl Default for BatchOptions {
     fn default() -> BatchOptions {
         BatchOptions { pollers: 2, fsms_per_round_max: 256, messages_per_turn_max: 256, mailbox_capacity: 4096 }
     }
-}
-
-pub(crate) enum Task<F: Fsm> {
-    Run(Scheduled<F>),
-    Stop,
 }
 
 /// A running batch system: its router and its poller threads. Dropping it stops the pollers (after the rounds

@@ -6,8 +6,7 @@ use crossbeam_channel::Sender;
 use parking_lot::RwLock;
 use rustc_hash::FxHashMap;
 
-use super::mailbox::{Delivery, Fsm, Mailbox, Scheduled};
-use super::pool::Task;
+use super::mailbox::{Delivery, Fsm, Mailbox, Scheduled, Task};
 
 /// Why a message was not queued; the message comes back.
 #[derive(Debug, PartialEq, Eq)]

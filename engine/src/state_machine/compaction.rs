@@ -19,10 +19,10 @@ use std::sync::Arc;
 
 use redb::{Durability, ReadableDatabase};
 
-use super::merge::{Input, Merge};
-use super::run::{Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
-use super::version::{Version, RANGE_TOMBSTONES};
-use crate::state_machine::{storage, StateMachine, StateMachineError};
+use super::{storage, StateMachine, StateMachineError};
+use crate::lsm::merge::{Input, Merge};
+use crate::lsm::run::{Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
+use crate::lsm::version::{Version, RANGE_TOMBSTONES};
 
 /// Bytes of output blocks per compaction write transaction.
 const COMPACTION_TXN_BYTES: usize = 8 << 20;
@@ -174,7 +174,7 @@ impl StateMachine {
         {
             let mut blocks = write.open_table(RUN_BLOCKS).map_err(storage)?;
             for id in ids {
-                super::run::delete_blocks(&mut blocks, id)?;
+                crate::lsm::run::delete_blocks(&mut blocks, id)?;
             }
         }
         write.commit().map_err(storage)

@@ -103,10 +103,7 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<SnapshotChunkBody, ChunkError> {
     Ok(chunk)
 }
 
-/// Whether `key` lies in `[start, end)` (`end` empty: unbounded).
-pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
-    key >= start && (end.is_empty() || key < end)
-}
+pub use crate::lsm::in_range;
 
 /// Streams a snapshot of one group's range (see `snapshot.rs`).
 pub struct SnapshotReader {

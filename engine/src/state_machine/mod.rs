@@ -11,9 +11,10 @@
 //! Reads merge the memtable over the runs. Keys are the users' keys: a group's range is one contiguous key range.
 //!
 //! Tables: `run_blocks` and `runs` (the data, see `lsm/run.rs`), `range_tombstones` (range deletions left by
-//! snapshot installs), `apply_state` (group → applied index and term, 16 bytes), `ranges` (group → encoded range
-//! descriptor, written by the raftstore). Compaction lives in `lsm/compaction.rs`, snapshot streaming and
-//! installation in `snapshot.rs`, the background flusher and compactor in `flusher.rs`.
+//! snapshot installs), `apply_state` (group → applied index, term and how it was set, sealed), `ranges` (group →
+//! encoded range descriptor, sealed, written by the raftstore). Beside this file: compaction (`compaction.rs`),
+//! snapshot streaming and installation (`snapshot.rs`), errors (`error.rs`); the background flusher and compactor
+//! are `../flusher.rs`, the run format `../lsm/`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
@@ -25,12 +26,19 @@ use parking_lot::{Mutex, RwLock};
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use rustc_hash::FxHashMap;
 
+mod compaction;
+pub(crate) mod error;
+pub mod snapshot;
+
+pub use error::StateMachineError;
+pub(crate) use error::{guard, storage};
+
 use crate::disk::{Disk, RedbFile};
 use crate::lsm::merge::{Input, MemSource, Merge};
 use crate::lsm::run::{block_key, delete_blocks, run_of_block_key, Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
 use crate::lsm::sealed::{seal, unseal};
 use crate::lsm::version::{RangeTombstone, Version, RANGE_TOMBSTONES};
-use crate::snapshot::Install;
+use snapshot::Install;
 
 /// Applied index (u64 LE), term (u64 LE), how it was set (1 byte: 0 by applying the log, 1 by a snapshot install),
 /// checksum (`lsm/sealed.rs`).
@@ -57,38 +65,6 @@ pub struct GroupApply {
     /// The group's new range descriptor, if an entry of this batch changed it (a membership change): made
     /// durable by the same checkpoint as the applied index, so that after a crash the two always agree.
     pub range: Option<Vec<u8>>,
-}
-
-#[derive(Debug)]
-pub enum StateMachineError {
-    /// redb failed (a broken environment: the node must stop).
-    Storage(String),
-    /// An apply that goes backwards: a bug above the state machine.
-    Invalid(String),
-}
-
-impl std::fmt::Display for StateMachineError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StateMachineError::Storage(what) => write!(f, "state machine storage error: {what}"),
-            StateMachineError::Invalid(what) => write!(f, "invalid state machine operation: {what}"),
-        }
-    }
-}
-
-impl std::error::Error for StateMachineError {}
-
-/// Runs work that reads or writes the redb file: a panic inside it (damage redb did not detect, which it may
-/// trust and trip over) becomes a storage error, so the node stops with the reason instead of losing a thread.
-pub(crate) fn guard<T>(
-    what: &str,
-    work: impl FnOnce() -> Result<T, StateMachineError>,
-) -> Result<T, StateMachineError> {
-    crate::panics::catch(what, work).map_err(|reason| storage(format!("{reason} (the state file is damaged)")))?
-}
-
-pub(crate) fn storage(error: impl std::fmt::Display) -> StateMachineError {
-    StateMachineError::Storage(error.to_string())
 }
 
 /// Settings of the state machine.
@@ -150,7 +126,7 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// A memtable key: keys up to 24 bytes live inside the B-tree's nodes, so a search compares them without
 /// following a pointer per key (inserting into a memtable of 200 K keys took 12 % of a 3-node write benchmark's CPU
 /// with heap-allocated keys).
-pub(crate) type MemKey = smallvec::SmallVec<[u8; 24]>;
+pub(crate) use crate::lsm::merge::MemKey;
 
 #[derive(Default)]
 pub(crate) struct Memtable {
