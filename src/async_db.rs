@@ -98,8 +98,13 @@ impl AsyncDb {
             if out.len() >= limit {
                 break;
             }
+            if let Some(local) = self.db.local_scan(position, start, end, limit - out.len()) {
+                out.extend(local?);
+                continue;
+            }
             let request = ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit: limit - out.len() };
             out.extend(pairs(self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply }).await?)?);
+            self.db.read_confirmed(position);
         }
         Ok(out)
     }

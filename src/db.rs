@@ -564,6 +564,26 @@ impl Db {
         Some(node.kv.get(key).map_err(|error| node.fail(format!("a read: {error}"))))
     }
 
+    /// The part of a scan in the group at `position`, served locally as [`Db::local_get`] is.
+    pub(crate) fn local_scan(
+        &self,
+        position: usize,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Option<Result<Vec<KeyValue>, DbError>> {
+        if !self.local_reads[position].load(Ordering::Acquire) {
+            return None;
+        }
+        let node = &self.nodes[0];
+        let store = node.store.as_ref().expect("open until closed");
+        if let Some(reason) = store.failure() {
+            return Some(Err(DbError::Storage(reason)));
+        }
+        let (start, end) = self.table.range(position).clip(start, end);
+        Some(node.kv.scan(&start, &end, limit).map_err(|error| node.fail(format!("a scan: {error}"))))
+    }
+
     /// A read of the group at `position` went through its replica: on one node, later reads may be local.
     pub(crate) fn read_confirmed(&self, position: usize) {
         if self.nodes.len() == 1 {
@@ -579,8 +599,13 @@ impl Db {
             if out.len() >= limit {
                 break;
             }
+            if let Some(local) = self.local_scan(position, start, end, limit - out.len()) {
+                out.extend(local?);
+                continue;
+            }
             let request = ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit: limit - out.len() };
             out.extend(pairs(self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply })?)?);
+            self.read_confirmed(position);
         }
         Ok(out)
     }

@@ -132,6 +132,17 @@ impl RangeDescriptor {
         }
     }
 
+    /// `[start, end)` (`end` empty: unbounded) clipped to this range: what a scan of it may return from here.
+    pub fn clip(&self, start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let start = start.max(&self.start).to_vec();
+        let end = match (end.is_empty(), self.end.is_empty()) {
+            (true, _) => self.end.clone(),
+            (false, true) => end.to_vec(),
+            (false, false) => end.min(&self.end).to_vec(),
+        };
+        (start, end)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         self.encode_to_vec()
     }

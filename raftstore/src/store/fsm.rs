@@ -226,12 +226,7 @@ impl PeerFsm {
         match request {
             ReadRequest::Get(key) => Ok(ReadResult::Value(kv.get(key)?)),
             ReadRequest::Scan { start, end, limit } => {
-                let start = start.max(&range.start).clone();
-                let end = match (end.is_empty(), range.end.is_empty()) {
-                    (true, _) => range.end.clone(),
-                    (false, true) => end.clone(),
-                    (false, false) => end.min(&range.end).clone(),
-                };
+                let (start, end) = range.clip(start, end);
                 Ok(ReadResult::Pairs(kv.scan(&start, &end, *limit)?))
             }
         }
