@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, RecvTimeoutError};
 use flotilla_engine::disk::{Disk, StdDisk};
 use flotilla_engine::log_engine::LogEngine;
-use flotilla_engine::state_machine::{KeyValue, StateMachine, StateMachineOptions};
+use flotilla_engine::state_machine::{KeyValue, StateMachine, StateMachineError, StateMachineOptions};
 use flotilla_engine::wal::group_commit::{GroupCommitWal, Persisted, WriteRequest};
 use flotilla_engine::wal::record::{LogOp, ENTRY_DATA_BYTES_MAX};
 use flotilla_engine::wal::WalOptions;
@@ -553,15 +553,7 @@ impl Db {
     /// once applied, the state machine never goes back, and a lone replica keeps its leadership while its node
     /// runs. `None`: the read must go through the replica. With more nodes, every read goes through the leader.
     pub(crate) fn local_get(&self, position: usize, key: &[u8]) -> Option<Result<Option<Vec<u8>>, DbError>> {
-        if !self.local_reads[position].load(Ordering::Acquire) {
-            return None;
-        }
-        let node = &self.nodes[0];
-        let store = node.store.as_ref().expect("open until closed");
-        if let Some(reason) = store.failure() {
-            return Some(Err(DbError::Storage(reason)));
-        }
-        Some(node.kv.get(key).map_err(|error| node.fail(format!("a read: {error}"))))
+        self.local_read(position, |kv| kv.get(key), "a read")
     }
 
     /// The part of a scan in the group at `position`, served locally as [`Db::local_get`] is.
@@ -572,16 +564,26 @@ impl Db {
         end: &[u8],
         limit: usize,
     ) -> Option<Result<Vec<KeyValue>, DbError>> {
+        let (start, end) = self.table.range(position).clip(start, end);
+        self.local_read(position, |kv| kv.scan(&start, &end, limit), "a scan")
+    }
+
+    /// Runs `read` on the node's state machine if the group at `position` may be read locally (`None`: it may
+    /// not); a stopped node refuses, and a failed read stops it.
+    fn local_read<T>(
+        &self,
+        position: usize,
+        read: impl FnOnce(&StateMachine) -> Result<T, StateMachineError>,
+        what: &str,
+    ) -> Option<Result<T, DbError>> {
         if !self.local_reads[position].load(Ordering::Acquire) {
             return None;
         }
         let node = &self.nodes[0];
-        let store = node.store.as_ref().expect("open until closed");
-        if let Some(reason) = store.failure() {
+        if let Some(reason) = node.store.as_ref().expect("open until closed").failure() {
             return Some(Err(DbError::Storage(reason)));
         }
-        let (start, end) = self.table.range(position).clip(start, end);
-        Some(node.kv.scan(&start, &end, limit).map_err(|error| node.fail(format!("a scan: {error}"))))
+        Some(read(&node.kv).map_err(|error| node.fail(format!("{what}: {error}"))))
     }
 
     /// A read of the group at `position` went through its replica: on one node, later reads may be local.

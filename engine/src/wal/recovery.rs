@@ -203,16 +203,19 @@ pub(super) fn recover(dir: &Path, disk: &dyn Disk, options: &WalOptions) -> Resu
     let mut report = RecoveryReport::default();
     let mut groups: FxHashMap<u64, GroupLog> = FxHashMap::default();
     let mut segments = BTreeMap::new();
-    // A newest segment without a frame of its own may be a rotation or creation the crash cut short.
-    let newest_empty = match ids.last() {
-        Some(&id) => SegmentFile::open(disk, segment_path(dir, id))?.holds_no_frame(id)?,
-        None => false,
+    // A newest segment without a frame of its own may be a rotation or creation the crash cut short. Asked only
+    // on the paths that need it (it probes the whole file), and once.
+    let mut newest_empty_answer = None;
+    let mut newest_empty = || -> Result<bool, WalError> {
+        let Some(&id) = ids.last() else { return Ok(false) };
+        if newest_empty_answer.is_none() {
+            newest_empty_answer = Some(SegmentFile::open(disk, segment_path(dir, id))?.holds_no_frame(id)?);
+        }
+        Ok(newest_empty_answer == Some(true))
     };
     let mut previous: Option<(u64, SegmentScan)> = None;
     for (position, &id) in ids.iter().enumerate() {
         let is_last = position + 1 == ids.len();
-        // The one before the newest may end unsealed (even torn) if the newest is an interrupted rotation.
-        let may_end_unsealed = is_last || (position + 2 == ids.len() && newest_empty);
         let path = segment_path(dir, id);
         if let Some((previous_id, scan)) = &previous {
             if *previous_id + 1 != id {
@@ -220,7 +223,7 @@ pub(super) fn recover(dir: &Path, disk: &dyn Disk, options: &WalOptions) -> Resu
             }
             if !scan.sealed {
                 // Only an interrupted rotation may follow an unsealed segment: its successor, without frames, goes.
-                if !(is_last && newest_empty) {
+                if !(is_last && newest_empty()?) {
                     let path = segment_path(dir, *previous_id);
                     return Err(WalError::Corruption {
                         path,
@@ -236,13 +239,13 @@ pub(super) fn recover(dir: &Path, disk: &dyn Disk, options: &WalOptions) -> Resu
         let Some(header) = SegmentHeader::parse(&segment.read(0, SEGMENT_HEADER_BYTES)?, id) else {
             // The only segment, its header not (yet) durable: a creation cut short, nothing written into it. (After
             // a sealed predecessor the header was durable: damage.)
-            if is_last && newest_empty && previous.is_none() {
+            if is_last && previous.is_none() && newest_empty()? {
                 remove(disk, dir, &path)?;
                 break;
             }
             return Err(WalError::Corruption { path, offset: 0, reason: "bad segment header".to_string() });
         };
-        if is_last && newest_empty && previous.is_none() && segment.len < header.preallocated_bytes {
+        if is_last && previous.is_none() && segment.len < header.preallocated_bytes && newest_empty()? {
             // The only segment, started but not yet sized when the crash came, and empty: it goes too.
             remove(disk, dir, &path)?;
             break;
@@ -250,7 +253,9 @@ pub(super) fn recover(dir: &Path, disk: &dyn Disk, options: &WalOptions) -> Resu
         let scan = scan_segment(&segment, id, header.salt, &mut groups, &mut report)?;
         if let Some((damage_at, reason)) = &scan.damage {
             let later = segment.later_frame(header.salt, scan.end)?;
-            if !may_end_unsealed || later.is_some() {
+            // Damage may end only the newest segment — or the one before it, if the newest is an interrupted
+            // rotation (the seal was torn) — and nothing valid may follow it.
+            if later.is_some() || !(is_last || (position + 2 == ids.len() && newest_empty()?)) {
                 let reason = match later {
                     Some(at) => format!("{reason}, yet a valid frame follows at offset {at}"),
                     None => format!("{reason} in a segment that is not the newest (it must end with a seal)"),
