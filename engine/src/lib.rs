@@ -15,6 +15,7 @@
 
 pub mod decoders;
 pub mod disk;
+pub mod failure;
 pub mod flusher;
 pub mod kv_engine;
 pub mod log_engine;

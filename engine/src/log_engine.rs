@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use flotilla_raft::{Entry, HardState};
 use parking_lot::RwLock;
 
-use crate::wal::group_commit::{FailureListener, GroupCommitWal, WriteRequest};
+use crate::failure::FailureListener;
+use crate::wal::group_commit::{GroupCommitWal, WriteRequest};
 use crate::wal::group_log::GroupLog;
 use crate::wal::record::LogOp;
 use crate::wal::{Wal, WalError, WalState};

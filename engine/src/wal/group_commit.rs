@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 
 use super::record::LogOp;
 use super::{PurgeReport, SegmentWriter, Wal, WalError, WalState};
@@ -99,43 +99,8 @@ pub struct GroupCommitStats {
     pub sync_nanos: AtomicU64,
 }
 
-/// Called once with the reason when the writer stops on a failure.
-pub type FailureListener = Box<dyn Fn(&str) + Send + Sync>;
-
-/// Why the writer stopped, and who is told.
-#[derive(Default)]
-struct Failure {
-    reason: Mutex<Option<String>>,
-    listeners: Mutex<Vec<FailureListener>>,
-}
-
-impl Failure {
-    fn get(&self) -> Option<String> {
-        self.reason.lock().clone()
-    }
-
-    /// Records the first reason and tells the listeners.
-    fn set(&self, reason: String) {
-        {
-            let mut stored = self.reason.lock();
-            if stored.is_some() {
-                return;
-            }
-            *stored = Some(reason.clone());
-        }
-        for listener in self.listeners.lock().iter() {
-            listener(&reason);
-        }
-    }
-
-    fn listen(&self, listener: FailureListener) {
-        let mut listeners = self.listeners.lock();
-        match self.get() {
-            Some(reason) => listener(&reason),
-            None => listeners.push(listener),
-        }
-    }
-}
+use crate::failure::Failure;
+pub use crate::failure::FailureListener;
 
 pub struct GroupCommitWal {
     state: Arc<RwLock<WalState>>,

@@ -2,42 +2,29 @@
 //! corruption), and everything that must happen then — the reason printed and counted once, listeners told, every
 //! replica woken to refuse the clients waiting on it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use flotilla_engine::wal::group_commit::FailureListener;
+use flotilla_engine::failure::{Failure, FailureListener};
 
 use super::fsm::{PeerFsm, PeerMsg};
 use crate::batch::Router;
 
 /// Why the node stopped, once its engines failed (a broken environment: disk gone, corruption). From then on
-/// every request is refused with the reason; nothing more is written. Every FSM turn asks, so asking is one
-/// load of a flag that is written once; the reason's lock is taken only after a failure.
+/// every request is refused with the reason; nothing more is written. Every FSM turn asks (one load of a flag).
 #[derive(Default)]
 pub struct NodeFailure {
-    stopped: AtomicBool,
-    reason: parking_lot::Mutex<Option<String>>,
+    failure: Failure,
     /// The node's replicas, woken when it stops so that each refuses the clients waiting on it at once.
     router: std::sync::OnceLock<Router<PeerFsm>>,
-    /// Told the reason once the node stops (see `Store::on_failure`).
-    listeners: parking_lot::Mutex<Vec<FailureListener>>,
 }
 
 impl NodeFailure {
     /// The reason the node stopped, if it did.
     pub fn reason(&self) -> Option<String> {
-        if !self.stopped.load(Ordering::Acquire) {
-            return None;
-        }
-        self.reason.lock().clone()
+        self.failure.get()
     }
 
     /// Calls `listener` with the reason once the node stops (at once if it has).
     pub(crate) fn listen(&self, listener: FailureListener) {
-        let mut listeners = self.listeners.lock();
-        match self.reason() {
-            Some(reason) => listener(&reason),
-            None => listeners.push(listener),
-        }
+        self.failure.listen(listener);
     }
 
     /// Where to wake the replicas from when the node stops (set once, when they run).
@@ -48,19 +35,11 @@ impl NodeFailure {
     /// Stops node `node_id` for a failed engine: the first reason sticks, is reported once (printed, counted,
     /// told to the listeners), and every replica is woken to refuse its waiting clients with it.
     pub(crate) fn fail(&self, node_id: u64, reason: String) {
-        {
-            let mut stored = self.reason.lock();
-            if stored.is_some() {
-                return;
-            }
-            *stored = Some(reason.clone());
-            self.stopped.store(true, Ordering::Release);
+        if !self.failure.set(reason.clone()) {
+            return;
         }
         eprintln!("flotilla: node {node_id} stopped: {reason}");
         metrics::counter!("flotilla_node_failures_total").increment(1);
-        for listener in self.listeners.lock().iter() {
-            listener(&reason);
-        }
         if let Some(router) = self.router.get() {
             for group_id in router.ids() {
                 let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox is handled anyway

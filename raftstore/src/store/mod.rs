@@ -238,7 +238,7 @@ impl Store {
 
     /// Calls `listener` with the reason once the node stops on a failure (at once if it has). It runs on the
     /// thread that met the failure: it must be quick and must not wait for the node.
-    pub fn on_failure(&self, listener: flotilla_engine::wal::group_commit::FailureListener) {
+    pub fn on_failure(&self, listener: flotilla_engine::failure::FailureListener) {
         self.failure.listen(listener);
     }
 
