@@ -14,23 +14,18 @@
 //! # Ok::<(), flotilla::DbError>(())
 //! ```
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, RecvTimeoutError};
 use flotilla_engine::disk::{Disk, StdDisk};
-use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::{KeyValue, StateMachine, StateMachineError, StateMachineOptions};
-use flotilla_engine::wal::group_commit::{GroupCommitWal, Persisted, WriteRequest};
-use flotilla_engine::wal::record::{LogOp, ENTRY_DATA_BYTES_MAX};
+use flotilla_engine::wal::record::ENTRY_DATA_BYTES_MAX;
 use flotilla_engine::wal::WalOptions;
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
-use flotilla_raftstore::range::{RangeDescriptor, INITIAL_GROUPS_MAX};
+use flotilla_raftstore::range::INITIAL_GROUPS_MAX;
 use flotilla_raftstore::store::{
     InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
 };
@@ -61,12 +56,6 @@ pub struct Config {
     /// Most bytes of keys and values in one [`WriteBatch`] (a batch is one log entry, and one log record holds
     /// it: see [`Config::validate`]). Default 32 MiB.
     pub batch_bytes_max: usize,
-    /// How often each group's log is compacted below what the state machine has made durable, and the WAL
-    /// purged. Default 1 s.
-    pub maintenance_interval: Duration,
-    /// How far (in entries) a replica may fall behind the others' durable state before they compact their logs
-    /// past it anyway; it then catches up by a snapshot stream instead of the log. Default 10,000.
-    pub log_lag_entries_max: u64,
     pub wal: WalOptions,
     pub state_machine: StateMachineOptions,
     pub store: StoreOptions,
@@ -82,8 +71,6 @@ impl Default for Config {
             value_bytes_max: 8 << 20,
             batch_ops_max: 10_000,
             batch_bytes_max: 32 << 20,
-            maintenance_interval: Duration::from_secs(1),
-            log_lag_entries_max: 10_000,
             wal: WalOptions::default(),
             state_machine: StateMachineOptions::default(),
             store: StoreOptions::default(),
@@ -253,46 +240,8 @@ pub struct Db {
     /// Per range (same positions): whether its reads may be served locally (see [`Db::local_get`]).
     local_reads: Vec<AtomicBool>,
     nodes: Vec<Node>,
-    maintenance: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
     /// The directory's lock, held until everything above has stopped (fields drop in order).
     _lock: DirLock,
-}
-
-/// Compacts group `group_id`'s log on every node below what every replica made durable (`durables`, one per
-/// node), keeping at most `lag_max` entries below a node's own durable state. `Some(false)`: a node's snapshot
-/// record is still on its way (try again later); `None`: a log failed.
-fn compact_group(
-    engines: &[(Arc<GroupCommitWal>, Arc<StateMachine>)],
-    group_id: u64,
-    durables: &[u64],
-    lag_max: u64,
-    reply: &crossbeam_channel::Sender<Persisted>,
-) -> Option<bool> {
-    let lowest = durables.iter().copied().min().unwrap_or(0);
-    let mut finished = true;
-    for ((log, _), &durable) in engines.iter().zip(durables) {
-        let keep_from = first_kept_index(lowest, durable, lag_max);
-        // Entries before `keep_from` go; the one at it stays as a margin (replay starts after it).
-        if keep_from <= log.first_index(group_id) {
-            continue;
-        }
-        // (None: a snapshot's log record is still on its way; next time.)
-        let Some(base_term) = log.term(group_id, keep_from - 1) else {
-            finished = false;
-            continue;
-        };
-        let ops = vec![LogOp::Compact { first_kept_index: keep_from, base_term }];
-        log.submit(WriteRequest::new(group_id, 0, ops, reply.clone())).ok()?;
-    }
-    Some(finished)
-}
-
-/// Where a node's log of a group may start: at the lowest durable applied index over the group's replicas (so
-/// no replica needs entries another dropped), but no more than `lag_max` entries below the node's own durable
-/// index `own` (a replica further behind is caught up by snapshot). The entry at the returned index stays, as a
-/// margin: replay after a restart starts after it.
-fn first_kept_index(lowest: u64, own: u64, lag_max: u64) -> u64 {
-    lowest.max(own.saturating_sub(lag_max)).min(own)
 }
 
 impl Db {
@@ -338,69 +287,8 @@ impl Db {
             let node = &nodes[table.leader(position) as usize - 1];
             node.store.as_ref().expect("running").campaign_all([range.group_id]);
         }
-        let maintenance = Db::start_maintenance(&config, table.ranges(), &nodes);
         let local_reads = (0..table.len()).map(|_| AtomicBool::new(false)).collect();
-        Ok(Db { config, dir, table, local_reads, nodes, maintenance: Some(maintenance), _lock: lock })
-    }
-
-    /// Compacts each group's log, on every node, below what every replica's state machine has made durable (so
-    /// no replica needs entries another has dropped) — but never keeping more than `log_lag_entries_max` entries
-    /// below the node's own durable state: a replica further behind catches up by snapshot. Then purges the WALs.
-    fn start_maintenance(
-        config: &Config,
-        ranges: &[RangeDescriptor],
-        nodes: &[Node],
-    ) -> (crossbeam_channel::Sender<()>, JoinHandle<()>) {
-        let (stop, stopped) = bounded::<()>(0);
-        let engines: Vec<(Arc<GroupCommitWal>, Arc<StateMachine>)> =
-            nodes.iter().map(|n| (Arc::clone(&n.log), Arc::clone(&n.kv))).collect();
-        let (interval, lag_max) = (config.maintenance_interval, config.log_lag_entries_max);
-        let groups: Vec<u64> = ranges.iter().map(|r| r.group_id).collect();
-        let purge_bytes_max = 2 * config.wal.segment_bytes_max;
-        let thread = std::thread::Builder::new()
-            .name("flotilla-maintenance".into())
-            .spawn(move || {
-                let (reply, done) = crossbeam_channel::unbounded();
-                // Each group's durable indexes at the last pass: a group whose state machines made nothing new
-                // durable since (an idle one) is skipped, so that 100K idle groups cost little. And a pass that
-                // every group finished is not repeated until some state machine makes something new durable
-                // (`durable_generation`), nor a WAL purged again until it took new writes.
-                let mut seen: HashMap<u64, Vec<u64>> = HashMap::new();
-                let mut finished_at: Option<Vec<u64>> = None;
-                let mut purged_at: Vec<Option<u64>> = vec![None; engines.len()];
-                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                    // Read before the durable states: a flush in between shows as a new generation next time.
-                    let generations: Vec<u64> = engines.iter().map(|(_, kv)| kv.durable_generation()).collect();
-                    if finished_at.as_ref() != Some(&generations) {
-                        let mut all_finished = true;
-                        for &group_id in &groups {
-                            let durables: Vec<u64> =
-                                engines.iter().map(|(_, kv)| kv.durable_applied(group_id).0).collect();
-                            if seen.get(&group_id) == Some(&durables) {
-                                continue;
-                            }
-                            match compact_group(&engines, group_id, &durables, lag_max, &reply) {
-                                Some(true) => {
-                                    seen.insert(group_id, durables);
-                                }
-                                Some(false) => all_finished = false,
-                                None => return, // the log failed; requests report it
-                            }
-                        }
-                        finished_at = all_finished.then_some(generations);
-                    }
-                    done.try_iter().for_each(drop);
-                    for ((log, _), purged) in engines.iter().zip(&mut purged_at) {
-                        let requests = log.stats().requests.load(Ordering::SeqCst);
-                        if *purged != Some(requests) {
-                            let _ = log.purge(purge_bytes_max);
-                            *purged = Some(requests);
-                        }
-                    }
-                }
-            })
-            .expect("spawning the maintenance thread");
-        (stop, thread)
+        Ok(Db { config, dir, table, local_reads, nodes, _lock: lock })
     }
 
     fn check_sizes(&self, ops: &[Op]) -> Result<(), DbError> {
@@ -683,10 +571,6 @@ impl Db {
     }
 
     fn shut_down(&mut self) -> Result<(), DbError> {
-        if let Some((stop, thread)) = self.maintenance.take() {
-            let _ = stop.send(());
-            let _ = thread.join();
-        }
         // Every node's replicas stop first (they talk to each other), then each node's engines finish.
         let mut failure = None;
         for node in &mut self.nodes {
@@ -711,17 +595,18 @@ impl Drop for Db {
 
 #[cfg(test)]
 mod tests {
-    use super::{first_kept_index, Config, Db};
+    use super::{Config, Db};
     use flotilla_engine::log_engine::LogEngine;
     use std::time::{Duration, Instant};
 
     #[test]
-    fn maintenance_compacts_every_log_and_purges_the_wal_as_the_state_machine_checkpoints() {
+    fn every_log_is_compacted_and_the_wal_purged_as_the_state_machine_checkpoints() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config { groups: 4, ..Config::default() };
         config.state_machine.memtable_bytes_max = 64 << 10;
         config.wal.segment_bytes_max = 256 << 10;
-        config.maintenance_interval = Duration::from_millis(20);
+        config.store.log_gc_interval = Duration::from_millis(20);
+        config.store.log_bytes_max = 2 * (256 << 10);
         let db = Db::open_with(dir.path(), config).unwrap();
         let value = vec![b'v'; 1024];
         for i in 0..4_000u32 {
@@ -744,17 +629,5 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         db.close().unwrap();
-    }
-
-    #[test]
-    fn logs_are_kept_for_laggards_only_up_to_the_lag_bound() {
-        assert_eq!(first_kept_index(900, 1_000, 10_000), 900, "a replica 100 behind: keep what it needs");
-        assert_eq!(
-            first_kept_index(5, 50_000, 10_000),
-            40_000,
-            "one 49,995 behind: compact past it, it gets a snapshot"
-        );
-        assert_eq!(first_kept_index(1_000, 1_000, 0), 1_000, "all caught up");
-        assert_eq!(first_kept_index(7, 3, 10), 3, "never past the node's own durable state");
     }
 }

@@ -32,6 +32,12 @@ pub trait LogEngine: Send + Sync {
     /// (a writer thread's disk error or panic), so that the node stops at once. Engines that fail only inside
     /// `submit` never call it.
     fn on_failure(&self, _listener: FailureListener) {}
+    /// Frees log storage down to about `bytes_max`, once compactions have made it unneeded (the WAL deletes whole
+    /// segments, first rewriting the few live entries of laggards that pin them). Engines without files do
+    /// nothing.
+    fn purge(&self, _bytes_max: u64) -> Result<(), WalError> {
+        Ok(())
+    }
 }
 
 /// A log engine backed by the WAL: how it writes, and how its shared state is read. Every such engine is a
@@ -40,6 +46,7 @@ trait WalBacked: Send + Sync {
     fn write(&self, request: WriteRequest) -> Result<(), WalError>;
     fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T;
     fn on_failure(&self, _listener: FailureListener) {}
+    fn purge(&self, bytes_max: u64) -> Result<(), WalError>;
 }
 
 impl WalBacked for GroupCommitWal {
@@ -53,6 +60,10 @@ impl WalBacked for GroupCommitWal {
 
     fn on_failure(&self, listener: FailureListener) {
         GroupCommitWal::on_failure(self, listener);
+    }
+
+    fn purge(&self, bytes_max: u64) -> Result<(), WalError> {
+        GroupCommitWal::purge(self, bytes_max).map(drop)
     }
 }
 
@@ -80,6 +91,12 @@ impl WalBacked for SyncWal {
 
     fn with_state<T>(&self, read: impl FnOnce(&WalState) -> T) -> T {
         read(self.wal.lock().state())
+    }
+
+    fn purge(&self, bytes_max: u64) -> Result<(), WalError> {
+        let mut wal = self.wal.lock();
+        let horizon = wal.suggest_horizon(bytes_max);
+        wal.purge(horizon).map(drop)
     }
 }
 
@@ -113,6 +130,10 @@ impl<W: WalBacked> LogEngine for W {
 
     fn on_failure(&self, listener: FailureListener) {
         WalBacked::on_failure(self, listener);
+    }
+
+    fn purge(&self, bytes_max: u64) -> Result<(), WalError> {
+        WalBacked::purge(self, bytes_max)
     }
 }
 

@@ -75,6 +75,7 @@ fn peer_options() -> PeerOptions {
     PeerOptions {
         snapshot: SnapshotOptions { chunk_bytes_max: 8, chunks_inflight_max: 3, resend_ticks: 2, timeout_ticks: 12 },
         hibernate_idle_ticks: 5,
+        ..PeerOptions::default()
     }
 }
 

@@ -13,7 +13,7 @@ fn small_config() -> Config {
     // Small budgets so flushes, compactions and purges happen in a short test.
     config.state_machine.memtable_bytes_max = 64 << 10;
     config.wal.segment_bytes_max = 256 << 10;
-    config.maintenance_interval = std::time::Duration::from_millis(50);
+    config.store.log_gc_interval = std::time::Duration::from_millis(50);
     config
 }
 

@@ -158,7 +158,7 @@ fn power_cut_soon_after_creation_keeps_acknowledged_writes(config: Config) {
         for i in 0..keys {
             db.put(&key(i), &value(i)).unwrap();
         }
-        std::thread::sleep(config.maintenance_interval * 6); // a few maintenance passes: compaction and purge
+        std::thread::sleep(config.store.log_gc_interval * 6); // a few maintenance passes: compaction and purge
         disk.power_off();
         drop(db);
     }

@@ -208,7 +208,8 @@ fn machine_options() -> StateMachineOptions {
 fn peer_options(rng: &mut SimRng) -> PeerOptions {
     let snapshot = SnapshotOptions { chunk_bytes_max: 256, chunks_inflight_max: 2, resend_ticks: 3, timeout_ticks: 20 };
     let hibernate_idle_ticks = if rng.chance_per_mille(100) { 0 } else { rng.range(3, 15) as u32 };
-    PeerOptions { snapshot, hibernate_idle_ticks }
+    // Logs kept for laggards up to a few entries (or none): replicas further behind catch up by snapshot.
+    PeerOptions { snapshot, hibernate_idle_ticks, log_lag_entries_max: rng.below(16) }
 }
 
 /// A node not heard from for this many steps (about five ticks) is declared down by the others.
@@ -633,22 +634,15 @@ impl Sim {
         self.drive(position)
     }
 
-    /// Compacts one group's log on a node below what its state machine holds durably, keeping a few entries or
-    /// none: replicas further behind can then only catch up by snapshot.
-    fn compact_log(&mut self, position: usize) {
+    /// Asks one group's replica on a node to compact its log (`Peer::compact_log`: below what its state machine
+    /// holds durably, keeping a few entries for laggards): replicas further behind then catch up by snapshot.
+    fn compact_log(&mut self, position: usize) -> SimResult<()> {
         let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
-        let keep = self.rng.below(16);
-        let Some(running) = self.nodes[position].running.as_mut() else { return };
-        let last_dropped = running.kv.durable_applied(group).0.saturating_sub(keep);
-        if last_dropped < running.log.first_index(group) {
-            return;
-        }
-        // (Nothing to do while an installed snapshot's log record is still on its way to the disk.)
-        let Some(base_term) = running.log.term(group, last_dropped) else { return };
-        let ops = vec![LogOp::Compact { first_kept_index: last_dropped + 1, base_term }];
-        // A failed write (the disk is off mid-crash) leaves the log as it was.
-        let _ = running.log.submit(WriteRequest::new(group, 0, ops, unbounded().0));
+        let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
+        let Some(peer) = running.peers.get_mut(&group) else { return Ok(()) };
+        peer.compact_log(&running.kv);
         self.report.compactions += 1;
+        self.drive(position)
     }
 
     fn tick(&mut self) -> SimResult<()> {
@@ -957,7 +951,7 @@ impl Sim {
             806..=809 => self.cuts.clear(),
             905..=934 => {
                 let position = self.rng.below(self.nodes.len() as u64) as usize;
-                self.compact_log(position);
+                self.compact_log(position)?;
             }
             900..=904 => {
                 // A leadership transfer, wherever a leader is found (during faults it may not complete).

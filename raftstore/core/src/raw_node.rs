@@ -252,6 +252,17 @@ impl<S: Storage> RawNode<S> {
         raft.role != StateRole::Follower || raft.raft_log.committed > raft.raft_log.applying
     }
 
+    /// For a leader: the lowest index every other replica (voter or learner) is known to hold, its own last index
+    /// if it has none — what its log must keep for no replica to need a snapshot. `None` for any other role.
+    pub fn matched_min(&self) -> Option<u64> {
+        let raft = &self.raft;
+        if raft.role != StateRole::Leader {
+            return None;
+        }
+        let others = raft.tracker.progress.iter().filter(|(id, _)| **id != raft.id).map(|(_, p)| p.matched);
+        Some(others.min().unwrap_or_else(|| raft.raft_log.last_index()))
+    }
+
     /// Whether `Ready`s handed out are still waiting for `on_persisted`.
     pub fn has_unpersisted_ready(&self) -> bool {
         self.pending.iter().any(|r| r.must_sync)

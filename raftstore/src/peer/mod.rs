@@ -11,6 +11,7 @@
 //! - `snapshot.rs`: snapshot streams to and from other replicas, installs, and their crash repair;
 //! - `apply.rs`: committed entries applied in log order (commands in one state machine batch, membership changes
 //!   as they come);
+//! - `compaction.rs`: log compaction, decided by the replica from what its state machine made durable;
 //! - `conf_change.rs`: membership changes, proposed, and applied to the core and the range descriptor;
 //! - `hibernate.rs`: idle groups stop ticking and heartbeating, and what wakes them;
 //! - `bootstrap.rs`: where fresh groups' logs start, the repair of a log a crash left behind its state machine
@@ -21,6 +22,7 @@
 //!
 mod apply;
 mod bootstrap;
+mod compaction;
 mod conf_change;
 mod hibernate;
 mod propose;
@@ -49,11 +51,14 @@ pub struct PeerOptions {
     /// Ticks without a client request after which a settled leader hibernates its group (see `hibernate.rs`); 0
     /// turns hibernation off. Default 20 (2 s at the store's default 100 ms tick).
     pub hibernate_idle_ticks: u32,
+    /// How many entries a leader keeps in its log, below its durable state, for a replica that lags (one further
+    /// behind catches up by a snapshot stream instead; see `compaction.rs`). Default 10,000.
+    pub log_lag_entries_max: u64,
 }
 
 impl Default for PeerOptions {
     fn default() -> PeerOptions {
-        PeerOptions { snapshot: SnapshotOptions::default(), hibernate_idle_ticks: 20 }
+        PeerOptions { snapshot: SnapshotOptions::default(), hibernate_idle_ticks: 20, log_lag_entries_max: 10_000 }
     }
 }
 pub use storage::PeerStorage;
@@ -105,6 +110,8 @@ pub enum Response {
 /// answer is in `messages` need not be scheduled just for that).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogWrite {
+    /// The Ready it persists; 0 for a log compaction alone (no Ready waits for it, and telling the replica of it
+    /// changes nothing).
     pub ready_number: u64,
     /// May be empty: a write that only waits for the earlier ones, for its `messages`.
     pub ops: Vec<LogOp>,
@@ -166,6 +173,10 @@ pub struct Peer {
     /// and the highest one taken up.
     persisted_note: PersistedNote,
     persisted_taken: u64,
+    /// See [`PeerOptions::log_lag_entries_max`].
+    log_lag_entries_max: u64,
+    /// A log compaction to write with the next output (`compaction.rs`).
+    compaction: Option<LogOp>,
 }
 
 impl Peer {
@@ -214,6 +225,8 @@ impl Peer {
             storage_failure: None,
             persisted_note: PersistedNote::default(),
             persisted_taken: 0,
+            log_lag_entries_max: options.log_lag_entries_max,
+            compaction: None,
         })
     }
 

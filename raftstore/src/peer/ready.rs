@@ -74,6 +74,7 @@ impl Peer {
             }
         }
         self.pump_snapshot_streams();
+        self.take_compaction(&mut output.write);
         output.messages.append(&mut self.outbox);
         output.responses = std::mem::take(&mut self.responses);
         output

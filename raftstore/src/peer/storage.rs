@@ -29,6 +29,11 @@ impl PeerStorage {
     pub fn group_id(&self) -> u64 {
         self.group_id
     }
+
+    /// The node's log this storage reads.
+    pub fn log(&self) -> &dyn LogEngine {
+        self.log.as_ref()
+    }
 }
 
 impl Storage for PeerStorage {

@@ -69,6 +69,8 @@ pub enum PeerMsg {
     NodeDown {
         node_id: u64,
     },
+    /// The state machine made more of this group durable: compact the log behind it (`peer/compaction.rs`).
+    CompactLog,
 }
 
 pub struct PeerFsm {
@@ -157,6 +159,7 @@ impl PeerFsm {
             PeerMsg::Tick => {} // a wake-up: the handler gave the replica the ticks it owed before its messages
             PeerMsg::Campaign => self.peer.campaign(),
             PeerMsg::TransferLeader { replica_id } => self.peer.transfer_leader(replica_id),
+            PeerMsg::CompactLog => self.peer.compact_log(kv),
             PeerMsg::NodeDown { node_id } => {
                 if let Some(replica) = self.peer.descriptor().replicas.iter().find(|r| r.node_id == node_id) {
                     self.peer.on_node_down(replica.replica_id);

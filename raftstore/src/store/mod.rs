@@ -6,6 +6,7 @@
 //! - [`replicas`]: replicas created (on a message for a group the node does not hold) and destroyed (once
 //!   removed) while the node runs;
 //! - [`ticks`]: the node's tick count, and which replicas need ticks (busy ones take theirs inline);
+//! - `log_gc.rs`: log compaction asked of the replicas as their state machine checkpoints, and the log purged;
 //! - [`transport`]: the transport seam — the outbound [`Transport`] (flushed once per round), the inbound
 //!   [`StoreInbox`], and stores in one process reaching each other;
 //! - `failure.rs`: why the node stopped, and what stopping does (waiting clients refused, listeners told);
@@ -14,6 +15,7 @@
 mod failure;
 pub mod fsm;
 pub mod handler;
+mod log_gc;
 pub mod replicas;
 pub mod ticks;
 pub mod transport;
@@ -54,8 +56,14 @@ pub struct StoreOptions {
     pub tick_interval: Duration,
     /// This node's id (replica ids of its groups are taken from the descriptors).
     pub node_id: u64,
-    /// Every replica's snapshot streams (chunk size, window, timeouts) and hibernation.
+    /// Every replica's snapshot streams (chunk size, window, timeouts), hibernation and log lag bound.
     pub peer: PeerOptions,
+    /// How often replicas whose state machine made something new durable are asked to compact their logs, and
+    /// the log purged (`log_gc.rs`). Default 1 s.
+    pub log_gc_interval: Duration,
+    /// What the log is purged down to, in bytes (the WAL keeps its active segment whatever this says, and
+    /// rewrites the live entries of laggards that pin older ones). Default 512 MiB (two default WAL segments).
+    pub log_bytes_max: u64,
 }
 
 impl Default for StoreOptions {
@@ -72,6 +80,8 @@ impl Default for StoreOptions {
             tick_interval: Duration::from_millis(100),
             node_id: 1,
             peer: PeerOptions::default(),
+            log_gc_interval: Duration::from_secs(1),
+            log_bytes_max: 512 << 20,
         }
     }
 }
@@ -190,6 +200,31 @@ impl Store {
                 .name("flotilla-persisted".into())
                 .spawn(move || handler::forward_persisted(persisted_receiver, router, transport))
                 .expect("spawning the persisted forwarder");
+        }
+        {
+            // Log compaction and purge (`log_gc.rs`).
+            let (router, kv, log, stopped) = (router.clone(), Arc::clone(&kv), Arc::clone(&log), stopped.clone());
+            let (interval, bytes_max) = (options.log_gc_interval, options.log_bytes_max);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("flotilla-log-gc".into())
+                    .spawn(move || {
+                        let mut gc = log_gc::LogGc::default();
+                        let mut asked = 1; // a first purge after a restart
+                        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                            // What the last pass asked for is written by now (or soon): purge behind it.
+                            if asked > 0 && log.purge(bytes_max).is_err() {
+                                return; // the log failed: the node stops through it
+                            }
+                            asked = gc.pass(
+                                &kv,
+                                || router.ids(),
+                                |group_id| router.send(group_id, PeerMsg::CompactLog).is_ok(),
+                            );
+                        }
+                    })
+                    .expect("spawning the log collector"),
+            );
         }
         {
             // Ticks only the groups that need time (see `Peer::needs_ticks`): idle single-replica groups cost nothing;
