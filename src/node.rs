@@ -85,7 +85,7 @@ impl Node {
             &ranges,
             Arc::clone(&log) as Arc<dyn LogEngine>,
             Arc::clone(&kv),
-            Arc::clone(&flusher),
+            Arc::clone(&flusher) as Arc<dyn flotilla_engine::flusher::Checkpointer>,
             transport,
         )
         .map_err(storage)?;

@@ -19,6 +19,20 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::state_machine::{guard, StateMachine, StateMachineError};
 
+/// What the applier tells after each state machine apply, so that memory stays bounded: the storage contract's
+/// checkpoint side. [`BackgroundFlusher`] in production; a simulator checkpoints at times of its own choosing.
+pub trait Checkpointer: Send + Sync {
+    /// Called after every `apply` with its result (`true`: the memtable is over budget). An error is fatal (the
+    /// flusher failed): the node must stop.
+    fn after_apply(&self, over_budget: bool) -> Result<(), StateMachineError>;
+}
+
+impl Checkpointer for BackgroundFlusher {
+    fn after_apply(&self, over_budget: bool) -> Result<(), StateMachineError> {
+        BackgroundFlusher::after_apply(self, over_budget)
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     flushing: bool,

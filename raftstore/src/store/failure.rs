@@ -4,8 +4,10 @@
 
 use flotilla_engine::failure::{Failure, FailureListener};
 
-use super::fsm::{PeerFsm, PeerMsg};
-use crate::batch::Router;
+use std::sync::Arc;
+
+use super::fsm::PeerMsg;
+use super::mailboxes::Mailboxes;
 
 /// Why the node stopped, once its engines failed (a broken environment: disk gone, corruption). From then on
 /// every request is refused with the reason; nothing more is written. Every FSM turn asks (one load of a flag).
@@ -13,7 +15,7 @@ use crate::batch::Router;
 pub struct NodeFailure {
     failure: Failure,
     /// The node's replicas, woken when it stops so that each refuses the clients waiting on it at once.
-    router: std::sync::OnceLock<Router<PeerFsm>>,
+    mailboxes: std::sync::OnceLock<Arc<dyn Mailboxes>>,
 }
 
 impl NodeFailure {
@@ -28,8 +30,8 @@ impl NodeFailure {
     }
 
     /// Where to wake the replicas from when the node stops (set once, when they run).
-    pub(crate) fn wake_on_stop(&self, router: Router<PeerFsm>) {
-        let _ = self.router.set(router);
+    pub(crate) fn wake_on_stop(&self, mailboxes: Arc<dyn Mailboxes>) {
+        let _ = self.mailboxes.set(mailboxes);
     }
 
     /// Stops node `node_id` for a failed engine: the first reason sticks, is reported once (printed, counted,
@@ -40,9 +42,9 @@ impl NodeFailure {
         }
         eprintln!("flotilla: node {node_id} stopped: {reason}");
         metrics::counter!("flotilla_node_failures_total").increment(1);
-        if let Some(router) = self.router.get() {
-            for group_id in router.ids() {
-                let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox is handled anyway
+        if let Some(mailboxes) = self.mailboxes.get() {
+            for group_id in mailboxes.ids() {
+                let _ = mailboxes.send(group_id, PeerMsg::Tick); // a full mailbox is handled anyway
             }
         }
     }

@@ -111,6 +111,16 @@ impl PeerFsm {
         }
     }
 
+    /// The replica's logic (for inspection: tests and simulators).
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// Committed entries taken from the peer, not applied yet (applied at a round's end).
+    pub fn pending_apply(&self) -> &[Entry] {
+        &self.to_apply
+    }
+
     /// The node of replica `replica_id`: from the descriptor, else from its messages.
     pub(crate) fn node_of(&self, replica_id: u64) -> Option<u64> {
         let listed = self.peer.descriptor().replicas.iter().find(|r| r.replica_id == replica_id).map(|r| r.node_id);

@@ -19,17 +19,18 @@
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use flotilla_engine::flusher::BackgroundFlusher;
+use flotilla_engine::flusher::Checkpointer;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
 use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
 
 use super::failure::NodeFailure;
 use super::fsm::{PeerFsm, PeerMsg};
+use super::mailboxes::{deliver, Mailboxes};
 use super::replicas::ReplicaTask;
 use super::ticks::Ticking;
 use super::transport::Transport;
-use crate::batch::{PollHandler, Router};
+use crate::batch::PollHandler;
 use crate::message::{Envelope, ReplicaMessage};
 use crate::peer::PeerOutput;
 use crate::peer::{PeerError, PersistedNote};
@@ -41,7 +42,7 @@ pub struct StoreHandler {
     pub(crate) ticking: Arc<Ticking>,
     pub(crate) log: Arc<dyn LogEngine>,
     pub(crate) kv: Arc<StateMachine>,
-    pub(crate) flusher: Arc<BackgroundFlusher>,
+    pub(crate) checkpointer: Arc<dyn Checkpointer>,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) persisted: Sender<Persisted>,
     pub(crate) tasks: Sender<ReplicaTask>,
@@ -57,19 +58,24 @@ pub(crate) struct AfterPersist {
 
 /// The persisted forwarder's loop (a thread of its own): for each write made durable, sends the responses that
 /// waited for it, then tells the replica — by a `Persisted` message, or by its note (see `LogWrite::prompt`).
-pub(crate) fn forward_persisted(done: Receiver<Persisted>, router: Router<PeerFsm>, transport: Arc<dyn Transport>) {
-    for persisted in &done {
-        forward_one(persisted, &router, transport.as_ref());
-        // What the writer completed together goes out together.
-        for persisted in done.try_iter() {
-            forward_one(persisted, &router, transport.as_ref());
-        }
-        transport.flush();
+pub(crate) fn forward_persisted(done: Receiver<Persisted>, mailboxes: Arc<dyn Mailboxes>, transport: Arc<dyn Transport>) {
+    while let Ok(persisted) = done.recv() {
+        forward_one(persisted, mailboxes.as_ref(), transport.as_ref());
+        forward_ready(&done, mailboxes.as_ref(), transport.as_ref());
     }
 }
 
+/// Forwards every durable write already reported, then flushes the transport: what the writer completed together
+/// goes out together. (The persisted forwarder's turn; a stepping caller's too.)
+pub fn forward_ready(done: &Receiver<Persisted>, mailboxes: &dyn Mailboxes, transport: &dyn Transport) {
+    for persisted in done.try_iter() {
+        forward_one(persisted, mailboxes, transport);
+    }
+    transport.flush();
+}
+
 /// One durable write: the answers that waited for it go out, then the replica is told.
-fn forward_one(persisted: Persisted, router: &Router<PeerFsm>, transport: &dyn Transport) {
+fn forward_one(persisted: Persisted, mailboxes: &dyn Mailboxes, transport: &dyn Transport) {
     let prompt = match persisted.attachment.map(|attachment| attachment.downcast::<AfterPersist>()) {
         Some(Ok(after)) => {
             for envelope in after.envelopes {
@@ -86,7 +92,7 @@ fn forward_one(persisted: Persisted, router: &Router<PeerFsm>, transport: &dyn T
         _ => true,
     };
     if prompt {
-        super::deliver(router, persisted.group_id, PeerMsg::Persisted { ready_number: persisted.ready_number });
+        deliver(mailboxes, persisted.group_id, PeerMsg::Persisted { ready_number: persisted.ready_number });
     }
 }
 
@@ -236,7 +242,7 @@ impl StoreHandler {
         metrics::counter!("flotilla_commands_applied_total")
             .increment(applied.iter().map(|(_, _, outcomes)| outcomes.len() as u64).sum());
         let over_budget = self.kv.apply(batches).map_err(|e| format!("the state machine failed: {e}"))?;
-        self.flusher.after_apply(over_budget).map_err(|e| format!("the state machine flusher stopped: {e}"))?;
+        self.checkpointer.after_apply(over_budget).map_err(|e| format!("the state machine flusher stopped: {e}"))?;
         for (position, last, outcomes) in applied {
             let fsm = &mut fsms[position];
             fsm.peer.on_applied(last, outcomes);

@@ -9,6 +9,9 @@
 //! - `log_gc.rs`: log compaction asked of the replicas as their state machine checkpoints, and the log purged;
 //! - [`transport`]: the transport seam — the outbound [`Transport`] (flushed once per round), the inbound
 //!   [`StoreInbox`], and stores in one process reaching each other;
+//! - [`mailboxes`]: where replicas receive messages, as the store's code sees it (the batch system's router, or
+//!   the stepped store's queues);
+//! - [`stepped`]: the same store run by hand on its caller's thread (the store simulator runs it);
 //! - `failure.rs`: why the node stopped, and what stopping does (waiting clients refused, listeners told);
 //! - this file: [`Store`], which opens the engines and groups, and routes requests.
 
@@ -16,7 +19,9 @@ mod failure;
 pub mod fsm;
 pub mod handler;
 mod log_gc;
+pub mod mailboxes;
 pub mod replicas;
+pub mod stepped;
 pub mod ticks;
 pub mod transport;
 
@@ -24,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use flotilla_engine::flusher::BackgroundFlusher;
+use flotilla_engine::flusher::Checkpointer;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
 use flotilla_engine::wal::group_commit::Persisted;
@@ -32,9 +37,10 @@ use flotilla_raft::{Config, ReadMode};
 
 pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
 pub use handler::StoreHandler;
+pub use mailboxes::Mailboxes;
 pub use transport::{InProcessTransport, NoTransport, StoreInbox, Transport};
 
-use crate::batch::{BatchOptions, BatchSystem, Router, SendError};
+use crate::batch::{BatchOptions, BatchSystem, Router};
 use crate::peer::PeerOptions;
 use crate::range::RangeDescriptor;
 use replicas::{ReplicaTask, Replicas};
@@ -91,62 +97,66 @@ pub struct Store {
     node_id: u64,
     system: Option<BatchSystem<PeerFsm>>,
     router: Router<PeerFsm>,
+    mailboxes: Arc<dyn Mailboxes>,
     ticking: Arc<Ticking>,
     failure: Arc<failure::NodeFailure>,
     tasks: crossbeam_channel::Sender<ReplicaTask>,
-    /// Dropped to stop the ticker and the replicas thread.
+    /// Dropped to stop the ticker, the log collector and the replicas thread.
     stop: Option<crossbeam_channel::Sender<()>>,
-    /// The replicas thread and the ticker, joined on drop. (The persisted forwarder is not: it ends when the
-    /// log's writer drops its last sender, which the log's owner does after the store.)
+    /// The replicas thread, the log collector and the ticker, joined on drop. (The persisted forwarder is not: it
+    /// ends when the log's writer drops its last sender, which the log's owner does after the store.)
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Delivers `message` even to a full mailbox, by waiting (for internal messages that must not be lost).
-fn deliver(router: &Router<PeerFsm>, group_id: u64, mut message: PeerMsg) {
-    loop {
-        match router.send(group_id, message) {
-            Ok(()) | Err(SendError::NotFound(_)) => return,
-            Err(SendError::Full(back)) => {
-                message = back;
-                std::thread::sleep(Duration::from_micros(100));
-            }
-        }
-    }
+/// Everything of a store but its threads: the host loop ([`StoreHandler`]) and the channels its threads drain.
+/// [`Store::start`] runs it on the batch system's pollers and threads of its own; [`stepped::SteppedStore`] runs
+/// the same parts by hand, on its caller's thread.
+pub(crate) struct StoreCore {
+    pub(crate) handler: StoreHandler,
+    /// Writes made durable, for the persisted forwarder.
+    pub(crate) persisted: crossbeam_channel::Receiver<Persisted>,
+    /// Replicas to create or destroy, for the replicas thread.
+    pub(crate) tasks: crossbeam_channel::Receiver<ReplicaTask>,
 }
 
-impl Store {
-    /// Starts the groups in `ranges` (this node's replica of each) over the given engines. Each replica restarts
-    /// from what the engines hold.
-    pub fn start(
-        options: StoreOptions,
-        ranges: &[RangeDescriptor],
+impl StoreCore {
+    pub(crate) fn new(
+        options: &StoreOptions,
         log: Arc<dyn LogEngine>,
         kv: Arc<StateMachine>,
-        flusher: Arc<BackgroundFlusher>,
+        checkpointer: Arc<dyn Checkpointer>,
         transport: Arc<dyn Transport>,
-    ) -> Result<Store, flotilla_raft::Error> {
+    ) -> StoreCore {
         let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<Persisted>();
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
-        let ticking: Arc<Ticking> = Arc::default();
-        let failure: Arc<failure::NodeFailure> = Arc::default();
         let handler = StoreHandler {
             node_id: options.node_id,
-            ticking: Arc::clone(&ticking),
-            log: Arc::clone(&log),
-            kv: Arc::clone(&kv),
-            flusher,
+            ticking: Arc::default(),
+            log,
+            kv,
+            checkpointer,
             transport,
             persisted,
-            tasks: tasks.clone(),
-            failure: Arc::clone(&failure),
+            tasks,
+            failure: Arc::default(),
         };
-        let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| handler.clone());
-        let router = system.router().clone();
-        failure.wake_on_stop(router.clone());
+        StoreCore { handler, persisted: persisted_receiver, tasks: task_receiver }
+    }
+
+    /// Opens the groups in `ranges` that this node holds (each replica restarts from what the engines hold) into
+    /// `mailboxes`, and returns the keeper of the replicas created and destroyed from now on.
+    pub(crate) fn open_groups(
+        &self,
+        options: &StoreOptions,
+        ranges: &[RangeDescriptor],
+        mailboxes: Arc<dyn Mailboxes>,
+    ) -> Result<Replicas, flotilla_raft::Error> {
+        let StoreHandler { log, kv, ticking, failure, .. } = &self.handler;
+        failure.wake_on_stop(Arc::clone(&mailboxes));
         {
             // The log's writer failing on its own (a disk error, a panic) stops the node at once. (Weak: the log
-            // outlives the store, and the failure holds the router, which holds the replicas, which hold the log.)
-            let (failure, node_id) = (Arc::downgrade(&failure), options.node_id);
+            // outlives the store, and the failure holds the mailboxes, which hold the replicas, which hold the log.)
+            let (failure, node_id) = (Arc::downgrade(failure), options.node_id);
             log.on_failure(Box::new(move |reason| {
                 if let Some(failure) = failure.upgrade() {
                     failure.fail(node_id, format!("the log failed: {reason}"));
@@ -160,98 +170,101 @@ impl Store {
         metrics::counter!("flotilla_replicas_destroyed_total").increment(finished as u64);
         crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
         for range in &held {
-            let fsm = PeerFsm::new(replicas::open_replica(&options, range, &log, &kv)?);
+            let fsm = PeerFsm::new(replicas::open_replica(options, range, log, kv)?);
             if fsm.ticking {
                 ticking.start(range.group_id, &fsm.ticks_seen);
             }
-            assert!(router.register(range.group_id, Box::new(fsm)).is_ok(), "group {} twice", range.group_id);
+            assert!(mailboxes.register(range.group_id, Box::new(fsm)).is_ok(), "group {} twice", range.group_id);
         }
+        Ok(Replicas {
+            options: options.clone(),
+            log: Arc::clone(log),
+            kv: Arc::clone(kv),
+            mailboxes,
+            ticking: Arc::clone(ticking),
+            // Held now or before: every group whose descriptor this node's state machine stores.
+            held: kv
+                .ranges()
+                .map_err(|e| flotilla_raft::Error::Storage(flotilla_raft::StorageError::Other(e.to_string())))?
+                .into_iter()
+                .map(|(group, _)| group)
+                .collect(),
+            failure: Arc::clone(failure),
+        })
+    }
+}
+
+impl Store {
+    /// Starts the groups in `ranges` (this node's replica of each) over the given engines. Each replica restarts
+    /// from what the engines hold.
+    pub fn start(
+        options: StoreOptions,
+        ranges: &[RangeDescriptor],
+        log: Arc<dyn LogEngine>,
+        kv: Arc<StateMachine>,
+        checkpointer: Arc<dyn Checkpointer>,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Store, flotilla_raft::Error> {
+        let core = StoreCore::new(&options, Arc::clone(&log), Arc::clone(&kv), checkpointer, transport);
+        let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| core.handler.clone());
+        let router = system.router().clone();
+        let mailboxes: Arc<dyn Mailboxes> = Arc::new(router.clone());
+        let replicas = core.open_groups(&options, ranges, Arc::clone(&mailboxes))?;
+        let StoreCore { handler, persisted, tasks } = core;
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let mut threads = Vec::new();
+        let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.into()).spawn(body).expect("spawning a store thread")
+        };
         {
-            let replicas = Replicas {
-                options: options.clone(),
-                log: Arc::clone(&log),
-                kv: Arc::clone(&kv),
-                router: router.clone(),
-                ticking: Arc::clone(&ticking),
-                // Held now or before: every group whose descriptor this node's state machine stores.
-                held: kv
-                    .ranges()
-                    .map_err(|e| flotilla_raft::Error::Storage(flotilla_raft::StorageError::Other(e.to_string())))?
-                    .into_iter()
-                    .map(|(group, _)| group)
-                    .collect(),
-                failure: Arc::clone(&failure),
-            };
             let stopped = stopped.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("flotilla-replicas".into())
-                    .spawn(move || replicas.run(task_receiver, stopped))
-                    .expect("spawning the replicas thread"),
-            );
+            threads.push(spawn("flotilla-replicas", Box::new(move || replicas.run(tasks, stopped))));
         }
         {
             // From the log's writer thread: the responses that waited for each write, and `Persisted` back to
             // the groups that need it.
-            let (router, transport) = (router.clone(), Arc::clone(&handler.transport));
-            std::thread::Builder::new()
-                .name("flotilla-persisted".into())
-                .spawn(move || handler::forward_persisted(persisted_receiver, router, transport))
-                .expect("spawning the persisted forwarder");
+            let (mailboxes, transport) = (Arc::clone(&mailboxes), Arc::clone(&handler.transport));
+            spawn("flotilla-persisted", Box::new(move || handler::forward_persisted(persisted, mailboxes, transport)));
         }
         {
             // Log compaction and purge (`log_gc.rs`).
-            let (router, kv, log, stopped) = (router.clone(), Arc::clone(&kv), Arc::clone(&log), stopped.clone());
+            let (mailboxes, kv, log, stopped) = (Arc::clone(&mailboxes), Arc::clone(&kv), log, stopped.clone());
             let (interval, bytes_max) = (options.log_gc_interval, options.log_bytes_max);
-            threads.push(
-                std::thread::Builder::new()
-                    .name("flotilla-log-gc".into())
-                    .spawn(move || {
-                        let mut gc = log_gc::LogGc::default();
-                        let mut asked = 1; // a first purge after a restart
-                        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                            // What the last pass asked for is written by now (or soon): purge behind it.
-                            if asked > 0 && log.purge(bytes_max).is_err() {
-                                return; // the log failed: the node stops through it
-                            }
-                            asked = gc.pass(
-                                &kv,
-                                || router.ids(),
-                                |group_id| router.send(group_id, PeerMsg::CompactLog).is_ok(),
-                            );
+            threads.push(spawn(
+                "flotilla-log-gc",
+                Box::new(move || {
+                    let mut gc = log_gc::LogGc::default();
+                    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                        if gc.pass(&kv, log.as_ref(), bytes_max, mailboxes.as_ref()).is_err() {
+                            return; // the log failed: the node stops through it
                         }
-                    })
-                    .expect("spawning the log collector"),
-            );
+                    }
+                }),
+            ));
         }
         {
-            // Ticks only the groups that need time (see `Peer::needs_ticks`): idle single-replica groups cost nothing;
-            // and sends a `Tick` only to those no poller handled during the last interval (`ticks.rs`).
-            let (router, interval, ticking) = (router.clone(), options.tick_interval, Arc::clone(&ticking));
-            threads.push(
-                std::thread::Builder::new()
-                    .name("flotilla-ticker".into())
-                    .spawn(move || {
-                        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                            let behind = ticking.advance();
-                            metrics::counter!("flotilla_tick_messages_total").increment(behind.len() as u64);
-                            for group_id in behind {
-                                let _ = router.send(group_id, PeerMsg::Tick); // a full mailbox has work: a tick can wait
-                            }
-                        }
-                    })
-                    .expect("spawning the ticker"),
-            );
+            // Ticks only the groups that need time (see `Peer::needs_ticks`): idle single-replica groups cost
+            // nothing; and sends a `Tick` only to those no poller handled during the last interval (`ticks.rs`).
+            let (mailboxes, ticking) = (Arc::clone(&mailboxes), Arc::clone(&handler.ticking));
+            let interval = options.tick_interval;
+            threads.push(spawn(
+                "flotilla-ticker",
+                Box::new(move || {
+                    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                        let sent = ticks::tick(&ticking, mailboxes.as_ref());
+                        metrics::counter!("flotilla_tick_messages_total").increment(sent as u64);
+                    }
+                }),
+            ));
         }
         Ok(Store {
             node_id: options.node_id,
             system: Some(system),
             router,
-            ticking,
-            failure,
-            tasks,
+            mailboxes,
+            ticking: handler.ticking,
+            failure: handler.failure,
+            tasks: handler.tasks,
             stop: Some(stop),
             threads,
         })
@@ -263,7 +276,7 @@ impl Store {
 
     /// Where a transport delivers this node's replica messages (including those for groups it does not hold).
     pub fn inbox(&self) -> StoreInbox {
-        StoreInbox { router: self.router.clone(), tasks: self.tasks.clone() }
+        StoreInbox { mailboxes: Arc::clone(&self.mailboxes), tasks: self.tasks.clone() }
     }
 
     /// Why the node stopped, if an engine failed (it then refuses every request with this reason).
@@ -291,15 +304,13 @@ impl Store {
     /// that node wake, to elect another leader. (The in-process transport's nodes fail only when a test removes
     /// them; the network router of a later issue calls this from its node-to-node heartbeats.)
     pub fn node_down(&self, node_id: u64) {
-        for group_id in self.router.ids() {
-            deliver(&self.router, group_id, PeerMsg::NodeDown { node_id });
-        }
+        mailboxes::node_down(self.mailboxes.as_ref(), node_id);
     }
 
     /// Asks every group to elect itself (a single-replica store's groups lead at once).
     pub fn campaign_all(&self, group_ids: impl IntoIterator<Item = u64>) {
         for group_id in group_ids {
-            deliver(&self.router, group_id, PeerMsg::Campaign);
+            mailboxes::deliver(self.mailboxes.as_ref(), group_id, PeerMsg::Campaign);
         }
     }
 }

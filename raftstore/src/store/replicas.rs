@@ -19,9 +19,9 @@ use flotilla_engine::state_machine::StateMachine;
 use flotilla_raft::Config;
 
 use super::fsm::{PeerFsm, PeerMsg};
+use super::mailboxes::Mailboxes;
 use super::ticks::Ticking;
 use super::StoreOptions;
-use crate::batch::Router;
 use crate::message::Envelope;
 use crate::peer::Peer;
 use crate::range::RangeDescriptor;
@@ -68,7 +68,7 @@ pub(crate) struct Replicas {
     pub(crate) options: StoreOptions,
     pub(crate) log: Arc<dyn LogEngine>,
     pub(crate) kv: Arc<StateMachine>,
-    pub(crate) router: Router<PeerFsm>,
+    pub(crate) mailboxes: Arc<dyn Mailboxes>,
     pub(crate) ticking: Arc<Ticking>,
     /// Every group this node has held (opened at start, or created since).
     pub(crate) held: HashSet<u64>,
@@ -76,26 +76,36 @@ pub(crate) struct Replicas {
 }
 
 impl Replicas {
+    /// The replicas thread's loop, until the store stops.
     pub(crate) fn run(mut self, tasks: Receiver<ReplicaTask>, stopped: Receiver<()>) {
         loop {
             crossbeam_channel::select! {
-                recv(tasks) -> task => {
-                    let done = match task {
-                        Ok(ReplicaTask::Create(envelope)) => flotilla_engine::panics::catch("creating a replica", || self.create(*envelope)),
-                        Ok(ReplicaTask::Destroy(descriptor)) => flotilla_engine::panics::catch("destroying a replica", || self.destroy(&descriptor)),
-                        Err(_) => return,
-                    };
-                    if let Err(reason) = done {
-                        self.failure.fail(self.options.node_id, reason);
-                    }
-                }
+                recv(tasks) -> task => match task {
+                    Ok(task) => self.handle(task),
+                    Err(_) => return,
+                },
                 recv(stopped) -> _ => return,
             }
         }
     }
 
+    /// Carries out one task; a panic in it stops the node.
+    pub(crate) fn handle(&mut self, task: ReplicaTask) {
+        let done = match task {
+            ReplicaTask::Create(envelope) => {
+                flotilla_engine::panics::catch("creating a replica", || self.create(*envelope))
+            }
+            ReplicaTask::Destroy(descriptor) => {
+                flotilla_engine::panics::catch("destroying a replica", || self.destroy(&descriptor))
+            }
+        };
+        if let Err(reason) = done {
+            self.failure.fail(self.options.node_id, reason);
+        }
+    }
+
     fn destroy(&mut self, descriptor: &RangeDescriptor) {
-        self.router.unregister(descriptor.group_id);
+        self.mailboxes.unregister(descriptor.group_id);
         self.ticking.stop(descriptor.group_id);
         // A failure here is the engines' (the node's pollers meet it too); the data stays until a later try.
         if let Err(error) = crate::peer::destroy_replica(self.log.as_ref(), self.kv.as_ref(), descriptor) {
@@ -112,7 +122,7 @@ impl Replicas {
         }
         if self.held.contains(&group_id) {
             // Held now (created by an earlier message) or before (removed): deliver, or drop.
-            let _ = self.router.send(group_id, PeerMsg::Replica(Box::new(envelope)));
+            let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
             return;
         }
         let empty = RangeDescriptor { group_id, ..RangeDescriptor::default() };
@@ -128,13 +138,13 @@ impl Replicas {
         // Settled before a poller can see it: a fresh replica owes no ticks for the time before it existed.
         self.ticking.settle(&fsm.ticks_seen);
         let (ticking, seen) = (fsm.ticking, Arc::clone(&fsm.ticks_seen));
-        if self.router.register(group_id, Box::new(fsm)).is_ok() {
+        if self.mailboxes.register(group_id, Box::new(fsm)).is_ok() {
             self.held.insert(group_id);
             if ticking {
                 self.ticking.start(group_id, &seen);
             }
             metrics::counter!("flotilla_replicas_created_total").increment(1);
-            let _ = self.router.send(group_id, PeerMsg::Replica(Box::new(envelope)));
+            let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
         }
     }
 }

@@ -18,6 +18,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
+use super::fsm::PeerMsg;
+use super::mailboxes::Mailboxes;
+
 /// The tick count a replica has seen; shared between its FSM and the ticker's list.
 pub(crate) type TicksSeen = Arc<AtomicU64>;
 
@@ -78,6 +81,16 @@ impl Ticking {
         }
         now.saturating_sub(seen.swap(now, Ordering::SeqCst)).min(TICKS_OWED_MAX)
     }
+}
+
+/// One interval has passed (the ticker's turn; a stepping caller's too): the tick is counted, and replicas no
+/// poller handled during the whole last interval are sent a `Tick`. Returns how many.
+pub fn tick(ticking: &Ticking, mailboxes: &dyn Mailboxes) -> usize {
+    let behind = ticking.advance();
+    for &group_id in &behind {
+        let _ = mailboxes.send(group_id, PeerMsg::Tick); // a full mailbox has work: a tick can wait
+    }
+    behind.len()
 }
 
 #[cfg(test)]

@@ -18,9 +18,12 @@ use parking_lot::RwLock;
 
 use crossbeam_channel::Sender;
 
-use super::fsm::{PeerFsm, PeerMsg};
+use std::sync::Arc;
+
+use super::fsm::PeerMsg;
+use super::mailboxes::Mailboxes;
 use super::replicas::ReplicaTask;
-use crate::batch::{Router, SendError};
+use crate::batch::SendError;
 use crate::message::Envelope;
 
 /// Where a group's Raft messages go (another node, or another store in this process).
@@ -46,14 +49,14 @@ impl Transport for NoTransport {
 /// Where a node receives replica messages: its router, and the replicas thread for groups it does not hold.
 #[derive(Clone)]
 pub struct StoreInbox {
-    pub(crate) router: Router<PeerFsm>,
+    pub(crate) mailboxes: Arc<dyn Mailboxes>,
     pub(crate) tasks: Sender<ReplicaTask>,
 }
 
 impl StoreInbox {
     /// Delivers without waiting; returns false if the message was dropped (a full mailbox or task queue).
     pub fn deliver(&self, envelope: Envelope) -> bool {
-        match self.router.send(envelope.group_id, PeerMsg::Replica(Box::new(envelope))) {
+        match self.mailboxes.send(envelope.group_id, PeerMsg::Replica(Box::new(envelope))) {
             Ok(()) => true,
             Err(SendError::Full(_)) => false,
             Err(SendError::NotFound(PeerMsg::Replica(envelope))) => {

@@ -1,0 +1,58 @@
+//! [`Mailboxes`]: where a node's replicas receive their messages, as the store's code sees it — the batch
+//! system's [`Router`] when threads poll them, [`super::stepped::SteppedMailboxes`] when a caller runs the rounds
+//! by hand (the store simulator). The host loop, the persisted forwarding, the replicas' lifecycle, ticks, node
+//! liveness and log collection all go through this trait, so both run the same code.
+
+use super::fsm::{PeerFsm, PeerMsg};
+use crate::batch::{Router, SendError};
+
+pub trait Mailboxes: Send + Sync + 'static {
+    /// Queues `message` for group `group_id` without waiting (`Full`: back off; `NotFound`: no such replica).
+    fn send(&self, group_id: u64, message: PeerMsg) -> Result<(), SendError<PeerMsg>>;
+    /// Adds a replica; refused (and handed back) if the group has one.
+    fn register(&self, group_id: u64, fsm: Box<PeerFsm>) -> Result<(), Box<PeerFsm>>;
+    /// Removes a replica: later sends get `NotFound`.
+    fn unregister(&self, group_id: u64);
+    /// The groups with a replica (a snapshot).
+    fn ids(&self) -> Vec<u64>;
+}
+
+impl Mailboxes for Router<PeerFsm> {
+    fn send(&self, group_id: u64, message: PeerMsg) -> Result<(), SendError<PeerMsg>> {
+        Router::send(self, group_id, message)
+    }
+
+    fn register(&self, group_id: u64, fsm: Box<PeerFsm>) -> Result<(), Box<PeerFsm>> {
+        Router::register(self, group_id, fsm)
+    }
+
+    fn unregister(&self, group_id: u64) {
+        Router::unregister(self, group_id);
+    }
+
+    fn ids(&self) -> Vec<u64> {
+        Router::ids(self)
+    }
+}
+
+/// Delivers `message` even to a full mailbox, by waiting (for internal messages that must not be lost); a group
+/// with no replica drops it.
+pub(crate) fn deliver(mailboxes: &dyn Mailboxes, group_id: u64, mut message: PeerMsg) {
+    loop {
+        match mailboxes.send(group_id, message) {
+            Ok(()) | Err(SendError::NotFound(_)) => return,
+            Err(SendError::Full(back)) => {
+                message = back;
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        }
+    }
+}
+
+/// Node liveness: node `node_id` is down. Every replica here hears it; those hibernating under a leader there
+/// wake, to elect another.
+pub fn node_down(mailboxes: &dyn Mailboxes, node_id: u64) {
+    for group_id in mailboxes.ids() {
+        deliver(mailboxes, group_id, PeerMsg::NodeDown { node_id });
+    }
+}
