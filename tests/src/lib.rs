@@ -18,6 +18,7 @@ pub mod network;
 pub mod raft_sim;
 pub mod script;
 pub mod seed_runs;
+pub mod sim_engines;
 pub mod sim_node;
 pub mod sim_rng;
 pub mod store_sim;

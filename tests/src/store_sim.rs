@@ -1,45 +1,49 @@
-//! The whole-store simulator: several nodes, each hosting a replica of several groups, run in one thread with the
-//! **production** per-group logic — the sans-IO `Peer` (apply included), the real WAL (`SyncWal` on a
-//! fault-injecting `SimDisk`) and the real redb state machine (on a backend that loses unsynced writes) — over a
-//! simulated network and clock. One seed fixes everything; a failing seed replays exactly.
+//! The whole-store simulator: several nodes, each running the **production** store by hand (`SteppedStore`: the
+//! poll rounds of `StoreHandler`, the persisted forwarding, replicas created and destroyed, ticks, node liveness
+//! and log collection — the node's code, not a copy) over the real WAL (`SyncWal` on a fault-injecting `SimDisk`,
+//! behind a queue that models a slow disk) and the real redb state machine (on a backend that loses unsynced
+//! writes), with a simulated network and clock. One thread; one seed fixes everything; a failing seed replays
+//! exactly. What it does not run: the batch system's threads and bounded mailboxes, the WAL's writer thread and
+//! the flusher's (the simulator completes writes and takes checkpoints itself), and real time.
 //!
-//! **Fault phase**: message loss, duplication and reordering, one-way partitions and isolated nodes, slow disks (a Ready's write
-//! waits before it is durable), node crashes (sometimes in the middle of a write, tearing it) and restarts,
-//! clock-rate differences of a few percent, state machine checkpoints at random, leadership transfers, log
-//! compactions that leave lagging replicas to catch up by snapshot streams (small chunks, so that streams lose,
-//! duplicate and reorder chunks too). **Calm phase**: the network
-//! heals, every node runs, clients finish; then every group must elect a leader, serve a write, and all its
-//! replicas must converge on the same data.
+//! **Fault phase**: message loss, duplication and reordering, one-way partitions and isolated nodes, slow disks (a
+//! Ready's write waits before it is durable), apply lagging commit (a round ends without applying), node crashes
+//! (sometimes in the middle of a write, tearing it) and restarts, **paused nodes** (their rounds and ticker stop
+//! while the others run on and messages pile up for them; sometimes cut off too, with clients sent to them), clock
+//! rates differing by a few percent, checkpoints at random, leadership transfers, log collection (compactions
+//! that leave lagging replicas to catch up by snapshot streams of small chunks, and WAL purges that rewrite
+//! laggards), membership changes. **Calm phase**: the network heals, every node runs, clients finish; then every
+//! group must elect a leader, serve a write, and all its replicas must converge on the same data.
 //!
-//! Clients issue puts and deletes of unique values, gets and compare-and-sets on a few keys per group. A client
-//! retries only after a definite "nothing happened" (not leader, dropped, busy); an operation without an answer
-//! by its deadline is recorded as **unknown**, never as failed. The history is checked by the linearizability
-//! checker; Raft invariants (one leader per term and group; every replica applies the same entry at an index) are
-//! checked after every step.
+//! Clients issue puts and deletes of unique values, gets and compare-and-sets on a few keys per group, as
+//! `PeerMsg` requests to a node's mailboxes, answered on their reply channels as the `Db`'s are. A client retries
+//! only after a definite "nothing happened" (not leader, dropped, busy); an operation without an answer by its
+//! deadline, or whose node went down, is recorded as **unknown**, never as failed. The history is checked by the
+//! linearizability checker; Raft invariants (one leader per term and group; every replica commits the same entry
+//! at an index) are checked after every step, and a node that stops on a failure fails the run.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
 use flotilla_engine::disk::SimDisk;
 use flotilla_engine::log_engine::{LogEngine, SyncWal};
 use flotilla_engine::redb_sim::SimRedbBackend;
 use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
-use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
-use flotilla_engine::wal::record::LogOp;
 use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raft::{Config, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
-use flotilla_raftstore::message::ReplicaMessage;
-use flotilla_raftstore::peer::{
-    destroy_replica, finish_interrupted_destroys, prepare_groups, LogWrite, MembershipChange, Peer, PeerError,
-    PeerOptions, Response, SnapshotOptions, Token,
-};
+use flotilla_raftstore::message::{Envelope, ReplicaMessage};
+use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
+use flotilla_raftstore::store::stepped::SteppedStore;
+use flotilla_raftstore::store::ticks::ManualClock;
+use flotilla_raftstore::store::{Mailboxes, PeerMsg, ReadRequest, ReadResult, StoreOptions};
 
 use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
+use crate::sim_engines::{SimCheckpoints, SimLog, SimOutbox};
 use crate::sim_rng::SimRng;
 
 /// Knobs of one run; everything else derives from the seed.
@@ -67,19 +71,19 @@ pub struct StoreSimReport {
     pub unknown: usize,
     pub crashes: u64,
     pub torn_writes: u64,
+    pub pauses: u64,
     pub transfers: u64,
     pub messages: u64,
+    /// Log compactions written (asked by log collection, or dropping a destroyed replica's log).
     pub compactions: u64,
     /// Membership changes proposed (during faults some do not complete), and those that applied.
     pub membership_changes: u64,
     pub membership_changes_applied: u64,
     /// Removed replicas whose nodes destroyed them (data and log dropped).
     pub replicas_destroyed: u64,
-    /// Destroys a crash interrupted, finished when the node reopened.
-    pub interrupted_destroys_finished: u64,
     /// Ticks replicas slept through (hibernating).
     pub ticks_slept: u64,
-    /// Snapshots installed (streams that ended in a replica taking the snapshot).
+    /// Snapshots installed (log records of installs written).
     pub snapshot_installs: u64,
 }
 
@@ -90,13 +94,13 @@ impl StoreSimReport {
         self.unknown += other.unknown;
         self.crashes += other.crashes;
         self.torn_writes += other.torn_writes;
+        self.pauses += other.pauses;
         self.transfers += other.transfers;
         self.messages += other.messages;
         self.compactions += other.compactions;
         self.membership_changes += other.membership_changes;
         self.membership_changes_applied += other.membership_changes_applied;
         self.replicas_destroyed += other.replicas_destroyed;
-        self.interrupted_destroys_finished += other.interrupted_destroys_finished;
         self.ticks_slept += other.ticks_slept;
         self.snapshot_installs += other.snapshot_installs;
     }
@@ -111,19 +115,13 @@ pub struct StoreSimFailure {
 
 type SimResult<T> = Result<T, String>;
 
-/// A node's running state (gone while it is down).
+/// A node's running process (gone while it is down).
 struct Running {
-    log: Arc<SyncWal>,
-    kv: StateMachine,
-    peers: BTreeMap<u64, Peer>,
-    /// Ready writes waiting for the (slow) disk, in order.
-    disk_queue: VecDeque<(u64, LogWrite)>,
-    /// Committed entries waiting to be applied (apply lags commit, as in a busy store), in order.
-    apply_queue: VecDeque<(u64, Vec<flotilla_raft::Entry>)>,
-    /// Groups whose removed replica this node destroyed.
-    destroyed: BTreeSet<u64>,
-    reply: Sender<Persisted>,
-    persisted: Receiver<Persisted>,
+    log: Arc<SimLog>,
+    kv: Arc<StateMachine>,
+    outbox: Arc<SimOutbox>,
+    clock: Arc<ManualClock>,
+    store: SteppedStore,
 }
 
 struct Node {
@@ -131,9 +129,26 @@ struct Node {
     disk: SimDisk,
     redb: SimRedbBackend,
     running: Option<Running>,
-    /// Clock rate in per mille of nominal, and the tick accumulator.
+    /// Clock rate in per mille of nominal, the tick accumulator, and the ticks counted since the process started.
     rate_per_mille: u64,
     clock: u64,
+    ticks: u64,
+    /// Paused until this step: its rounds, persisted forwarding and ticker stand still, its clock runs on, and
+    /// messages for it pile up.
+    paused_until: u64,
+}
+
+/// Where a client attempt's answer comes.
+enum Reply {
+    Write(oneshot::Receiver<Result<Applied, PeerError>>),
+    Read(oneshot::Receiver<Result<ReadResult, PeerError>>),
+}
+
+/// An attempt under way: which operation, at which node.
+struct Attempt {
+    op: usize,
+    node: u64,
+    reply: Reply,
 }
 
 /// One client operation of the history, with what the simulation needs to drive it.
@@ -158,25 +173,23 @@ struct Sim {
     network: Vec<(u64, Packet)>,
     /// Node liveness: when node `.0` last heard anything from node `.1` (a node heartbeat or any message).
     heard: HashMap<(u64, u64), u64>,
-    /// Where each replica lives: (group, replica id) → node (the directory a real cluster keeps).
+    /// Where each replica lives: (group, replica id) → node (what a client's range cache learns).
     replica_nodes: HashMap<(u64, u64), u64>,
     /// Replica ids for added replicas (above every node id).
     next_replica_id: u64,
-    /// Tokens of membership proposals (their answers are counted, not checked).
-    membership_tokens: BTreeSet<Token>,
+    /// Answers to membership proposals (counted, not checked).
+    membership_replies: Vec<oneshot::Receiver<Result<Applied, PeerError>>>,
     /// One-way cuts: (from node, to node).
     cuts: BTreeSet<(u64, u64)>,
     ops: Vec<ClientOp>,
-    /// Attempt token → operation.
-    attempts: HashMap<Token, usize>,
-    next_token: Token,
+    attempts: Vec<Attempt>,
     next_value: u64,
     clients: Vec<Option<usize>>,
     /// Per (client, group): the node believed to lead.
     hints: HashMap<(usize, usize), u64>,
-    /// Invariants: the leader of each (group, term); the entry applied at each (group, index).
+    /// Invariants: the leader of each (group, term); the entry committed at each (group, index).
     leaders: HashMap<(u64, u64), u64>,
-    applied: HashMap<(u64, u64), (u64, u64)>,
+    committed: HashMap<(u64, u64), (u64, u64)>,
     /// Every replica's Raft settings but its id and seed, drawn per seed: the read mode, and each of
     /// `commit_broadcast`, `heartbeats_skip_after_append` and `persisted_messages_in_ready` (the raftstore's
     /// defaults are false, true and true; both values of each are checked).
@@ -205,21 +218,24 @@ fn machine_options() -> StateMachineOptions {
 
 /// Chunks of a few pairs: streams of many chunks, so that the window, resends and timeouts all run. Groups
 /// hibernate after a few idle ticks (or never, in some runs), so that they sleep and wake all through the faults.
+/// Logs keep a few entries for laggards (or none): replicas further behind catch up by snapshot.
 fn peer_options(rng: &mut SimRng) -> PeerOptions {
     let snapshot = SnapshotOptions { chunk_bytes_max: 256, chunks_inflight_max: 2, resend_ticks: 3, timeout_ticks: 20 };
     let hibernate_idle_ticks = if rng.chance_per_mille(100) { 0 } else { rng.range(3, 15) as u32 };
-    // Logs kept for laggards up to a few entries (or none): replicas further behind catch up by snapshot.
     PeerOptions { snapshot, hibernate_idle_ticks, log_lag_entries_max: rng.below(16) }
 }
 
 /// A node not heard from for this many steps (about five ticks) is declared down by the others.
 const NODE_DOWN_STEPS: u64 = 35;
 
+/// Rounds a node may take to go quiet after one event before the run fails (a livelock in the host loop).
+const DRIVE_ROUNDS_MAX: usize = 10_000;
+
 /// What travels between simulated nodes.
 #[derive(Clone)]
 enum Packet {
     /// A message between replicas of a group, between their nodes (boxed: far larger than a node heartbeat).
-    Replica { group: u64, from_node: u64, to_node: u64, message: Box<ReplicaMessage> },
+    Replica(Box<Envelope>),
     /// Node liveness: one per node pair and tick, whatever the number of groups.
     NodeHeartbeat { from: u64, to: u64 },
 }
@@ -227,7 +243,7 @@ enum Packet {
 impl Packet {
     fn ends(&self) -> (u64, u64) {
         match self {
-            Packet::Replica { from_node, to_node, .. } => (*from_node, *to_node),
+            Packet::Replica(envelope) => (envelope.from_node, envelope.to_node),
             Packet::NodeHeartbeat { from, to } => (*from, *to),
         }
     }
@@ -275,6 +291,8 @@ impl Sim {
                 running: None,
                 rate_per_mille: 0,
                 clock: 0,
+                ticks: 0,
+                paused_until: 0,
             })
             .collect();
         let clients = vec![None; rng.range(2, 5) as usize];
@@ -288,16 +306,15 @@ impl Sim {
             heard: HashMap::new(),
             replica_nodes,
             next_replica_id: 100,
-            membership_tokens: BTreeSet::new(),
+            membership_replies: Vec::new(),
             cuts: BTreeSet::new(),
             ops: Vec::new(),
-            attempts: HashMap::new(),
-            next_token: 1,
+            attempts: Vec::new(),
             next_value: 1,
             clients,
             hints: HashMap::new(),
             leaders: HashMap::new(),
-            applied: HashMap::new(),
+            committed: HashMap::new(),
             raft,
             report: StoreSimReport { nodes: node_count as usize, groups: group_count, ..Default::default() },
             faults: true,
@@ -312,236 +329,182 @@ impl Sim {
         Ok(sim)
     }
 
-    /// Opens a node from what its disks hold (a first start or a restart after a crash).
+    /// Starts a node's process from what its disks hold (a first start or a restart after a crash): its engines,
+    /// then the production store over them.
     fn start(&mut self, position: usize) -> SimResult<()> {
+        let options = StoreOptions {
+            raft: Config { random_seed: self.rng.next_u64(), ..self.raft.clone() },
+            node_id: self.nodes[position].id,
+            peer: peer_options(&mut self.rng),
+            log_bytes_max: 2 * wal_options().segment_bytes_max,
+            ..StoreOptions::default()
+        };
         let node = &mut self.nodes[position];
-        let (wal, _report) = Wal::open(Path::new("/wal"), Arc::new(node.disk.clone()), wal_options())
-            .map_err(|e| format!("node {}: {e}", node.id))?;
-        let log = Arc::new(SyncWal::new(wal));
-        let kv = StateMachine::open_with_backend(node.redb.clone(), machine_options())
-            .map_err(|e| format!("node {}: {e}", node.id))?;
-        // What it holds: the descriptors it stored (the initial layout at a first start). A replica it holds no
-        // more (removed) stays closed; one created empty and never caught up is created again by the next message.
-        // A destroy a crash interrupted (between the removal's apply and the end of the destroy) is finished.
-        let finished =
-            finish_interrupted_destroys(node.id, log.as_ref(), &kv).map_err(|e| format!("node {}: {e:?}", node.id))?;
-        self.report.interrupted_destroys_finished += finished as u64;
-        let stored = kv.ranges().map_err(|e| e.to_string())?;
-        let held: Vec<RangeDescriptor> = if stored.is_empty() {
-            self.ranges.iter().filter(|r| r.lists_node(node.id)).cloned().collect()
+        let id = node.id;
+        let fail = |e: &dyn std::fmt::Debug| format!("node {id}: {e:?}");
+        let (wal, _report) =
+            Wal::open(Path::new("/wal"), Arc::new(node.disk.clone()), wal_options()).map_err(|e| fail(&e))?;
+        let log = Arc::new(SimLog::new(SyncWal::new(wal)));
+        let kv = Arc::new(StateMachine::open_with_backend(node.redb.clone(), machine_options()).map_err(|e| fail(&e))?);
+        // What it holds: the descriptors it stored (the initial layout at a first start). The store opens those
+        // that list it, finishes destroys a crash interrupted, and creates replicas for messages as they come.
+        let stored = kv.ranges().map_err(|e| fail(&e))?;
+        let ranges: Vec<RangeDescriptor> = if stored.is_empty() {
+            self.ranges.clone()
         } else {
             stored
                 .iter()
                 .map(|(_, bytes)| RangeDescriptor::decode_stored(bytes).expect("stored descriptors decode"))
                 .collect()
         };
-        prepare_groups(log.as_ref(), &kv, &held).map_err(|e| format!("node {}: {e:?}", node.id))?;
-        let mut peers = BTreeMap::new();
-        for range in held {
-            let Some(replica) = range.replicas.iter().find(|replica| replica.node_id == node.id) else { continue };
-            let config = Config { id: replica.replica_id, random_seed: self.rng.next_u64(), ..self.raft.clone() };
-            let group_id = range.group_id;
-            let peer =
-                Peer::open(config, peer_options(&mut self.rng), range, Arc::clone(&log) as Arc<dyn LogEngine>, &kv)
-                    .map_err(|e| format!("node {}: {e:?}", node.id))?;
-            peers.insert(group_id, peer);
-        }
-        let (reply, persisted) = unbounded();
-        node.running = Some(Running {
-            log,
-            kv,
-            peers,
-            disk_queue: VecDeque::new(),
-            apply_queue: VecDeque::new(),
-            destroyed: BTreeSet::new(),
-            reply,
-            persisted,
-        });
+        let outbox = Arc::new(SimOutbox::default());
+        let clock = Arc::new(ManualClock::default());
+        let store = SteppedStore::open(
+            &options,
+            &ranges,
+            Arc::clone(&log) as Arc<dyn LogEngine>,
+            Arc::clone(&kv),
+            Arc::new(SimCheckpoints),
+            Arc::clone(&outbox) as Arc<dyn flotilla_raftstore::store::Transport>,
+            Arc::clone(&clock) as Arc<dyn flotilla_raftstore::store::ticks::TickClock>,
+        )
+        .map_err(|e| fail(&e))?;
+        node.running = Some(Running { log, kv, outbox, clock, store });
+        node.ticks = 0;
+        node.paused_until = 0;
         // A fresh start has heard from nobody yet: it gives every node time before judging it down.
-        let id = node.id;
         for other in 1..=self.nodes.len() as u64 {
             self.heard.insert((id, other), self.step);
         }
-        Ok(())
+        self.drive(position)
     }
 
     fn crash(&mut self, position: usize) {
         let torn = self.rng.chance_per_mille(500);
         let keep_seed = self.rng.next_u64();
         let node = &mut self.nodes[position];
-        let Some(mut running) = node.running.take() else { return };
-        if torn {
-            // The power goes in the middle of the next write: it fails, and a prefix of it may reach the disk.
-            if let Some((group, write)) = running.disk_queue.pop_front() {
-                node.disk.power_off();
-                let request = WriteRequest::new(group, write.ready_number, write.ops, running.reply.clone());
-                let _ = running.log.submit(request);
-                self.report.torn_writes += 1;
-            }
+        let Some(running) = node.running.take() else { return };
+        // The power goes in the middle of the next write: it fails, and a prefix of it may reach the disk.
+        if torn && running.log.tear(&node.disk) {
+            self.report.torn_writes += 1;
         }
+        self.report.compactions += running.log.compactions.load(Ordering::Relaxed);
+        self.report.snapshot_installs += running.log.snapshots.load(Ordering::Relaxed);
         node.disk.power_off();
         node.redb.power_off();
-        drop(running);
+        drop(running); // its waiting clients' reply channels close: their outcome is unknown
         let mut keep = SimRng::new(keep_seed);
         node.disk.crash(|_, unsynced| keep.below(unsynced as u64 + 1) as usize);
         node.redb.crash();
         node.redb.power_on();
+        node.paused_until = 0;
         self.report.crashes += 1;
     }
 
-    /// Carries out everything the node's peers ask, until they are quiet.
-    fn drive(&mut self, position: usize) -> SimResult<()> {
-        // Slow disks only while faults last: after them every write completes at once.
-        let slow_disk = self.faults && self.rng.chance_per_mille(300);
-        loop {
-            let mut moved = false;
-            let groups: Vec<u64> = match &self.nodes[position].running {
-                Some(running) => running.peers.keys().copied().collect(),
-                None => return Ok(()),
-            };
-            for group in groups {
-                let output = {
-                    let running = self.nodes[position].running.as_mut().expect("running");
-                    running.peers.get_mut(&group).expect("peer").take_output(&running.kv)
-                };
-                if let Some(reason) = self.nodes[position]
-                    .running
-                    .as_ref()
-                    .and_then(|r| r.peers[&group].storage_failure().map(str::to_string))
-                {
-                    return Err(format!("node {} group {group}: {reason}", self.nodes[position].id));
-                }
-                if self.nodes[position].running.as_ref().is_some_and(|r| r.peers[&group].is_removed()) {
-                    // Removed: its last answers go out, and its node destroys it (once); nothing else.
-                    for (token, response) in output.responses {
-                        self.on_response(position, token, response);
-                    }
-                    self.destroy(position, group)?;
-                    continue;
-                }
-                if output.is_empty() {
-                    continue;
-                }
-                moved = true;
-                if let Some(write) = output.write {
-                    if write.ops.iter().any(|op| matches!(op, LogOp::Snapshot { .. })) {
-                        self.report.snapshot_installs += 1;
-                    }
-                    self.nodes[position].running.as_mut().expect("running").disk_queue.push_back((group, write));
-                    if !slow_disk {
-                        self.persist_one(position)?;
-                    }
-                }
-                for message in output.messages {
-                    self.send(group, message);
-                }
-                if !output.committed.is_empty() {
-                    self.nodes[position]
-                        .running
-                        .as_mut()
-                        .expect("running")
-                        .apply_queue
-                        .push_back((group, output.committed));
-                    if !(self.faults && self.rng.chance_per_mille(300)) {
-                        self.apply_queued(position)?;
-                    }
-                }
-                for (token, response) in output.responses {
-                    self.on_response(position, token, response);
-                }
-            }
-            if !moved {
-                return Ok(());
-            }
-        }
+    /// Whether the node's process runs (up, and not paused).
+    fn is_up(&self, position: usize) -> bool {
+        self.nodes[position].running.is_some() && self.nodes[position].paused_until <= self.step
     }
 
-    /// Drops the data and log of the node's removed replica of `group`, once.
-    fn destroy(&mut self, position: usize, group: u64) -> SimResult<()> {
-        if self.nodes[position].running.as_ref().expect("running").destroyed.contains(&group) {
+    fn running(&mut self, position: usize) -> &mut Running {
+        self.nodes[position].running.as_mut().expect("running")
+    }
+
+    /// Runs the node's store until it is quiet: durable writes forwarded, replica tasks done, and poll rounds over
+    /// every replica with messages waiting — in a random order, sometimes with a slow disk (writes wait) or with
+    /// apply lagging (rounds end without applying).
+    fn drive(&mut self, position: usize) -> SimResult<()> {
+        if !self.is_up(position) {
             return Ok(());
         }
-        // As a node's log takes requests in order, the writes queued before the destroy's go first (a replica
-        // told of its removal may still have some under way).
-        while self.nodes[position].running.as_ref().expect("running").disk_queue.iter().any(|(g, _)| *g == group) {
-            self.persist_one(position)?;
+        let slow_disk = self.faults && self.rng.chance_per_mille(300);
+        let lag_apply = self.faults && self.rng.chance_per_mille(200);
+        let mut rounds = 0;
+        loop {
+            let running = self.nodes[position].running.as_mut().expect("running");
+            // (The replicas thread's writes — a destroy's — wait for their own completion: they go to the disk
+            // behind the queued ones, as the log takes requests in order.)
+            running.log.hold(false);
+            running.store.forward_persisted();
+            let destroyed = running.store.run_tasks();
+            self.report.replicas_destroyed += destroyed as u64;
+            let running = self.nodes[position].running.as_mut().expect("running");
+            let mut waiting = running.store.waiting();
+            if waiting.is_empty() {
+                break;
+            }
+            rounds += 1;
+            if rounds > DRIVE_ROUNDS_MAX {
+                return Err(format!("node {} does not go quiet", self.nodes[position].id));
+            }
+            // A poller's batch: the waiting replicas in a random order.
+            for i in (1..waiting.len()).rev() {
+                waiting.swap(i, self.rng.below(i as u64 + 1) as usize);
+            }
+            self.running(position).log.hold(slow_disk);
+            self.round(position, &waiting, !lag_apply)?;
         }
-        let running = self.nodes[position].running.as_mut().expect("running");
-        running.destroyed.insert(group);
-        let descriptor = running.peers[&group].descriptor().clone();
-        destroy_replica(running.log.as_ref(), &running.kv, &descriptor)
-            .map_err(|e| format!("node {}: {e:?}", self.nodes[position].id))?;
-        self.report.replicas_destroyed += 1;
         Ok(())
     }
 
-    /// Applies every committed batch waiting on the node, in order.
-    fn apply_queued(&mut self, position: usize) -> SimResult<()> {
+    /// One poll round over `groups` on the node (ending with apply if `end`), then its messages into the network
+    /// and the invariants checked.
+    fn round(&mut self, position: usize, groups: &[u64], end: bool) -> SimResult<()> {
+        let mut seen = Vec::new();
+        let running = self.nodes[position].running.as_mut().expect("running");
+        running.store.round(groups, end, |fsm| {
+            let group = fsm.peer().group_id();
+            seen.extend(fsm.pending_apply().iter().map(|e| (group, e.index, e.term, hash(&e.data))));
+        });
         let node_id = self.nodes[position].id;
-        loop {
-            let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
-            let Some((group, entries)) = running.apply_queue.pop_front() else { return Ok(()) };
-            if running.peers[&group].is_removed() {
-                continue; // it takes part in nothing any more (and its data may be gone)
-            }
-            for entry in &entries {
-                let seen = (entry.term, hash(&entry.data));
-                if let Some(previous) = self.applied.insert((group, entry.index), seen) {
-                    if previous != seen {
-                        return Err(format!(
-                            "group {group}: node {node_id} applied a different entry at index {}",
-                            entry.index
-                        ));
-                    }
+        for (group, index, term, data) in seen {
+            if let Some(previous) = self.committed.insert((group, index), (term, data)) {
+                if previous != (term, data) {
+                    return Err(format!("group {group}: node {node_id} committed a different entry at index {index}"));
                 }
             }
-            let last = entries.last().expect("non-empty").index;
-            let running = self.nodes[position].running.as_mut().expect("running");
-            let peer = running.peers.get_mut(&group).expect("peer");
-            let (batch, outcomes) = peer.apply_committed(&running.kv, &entries).map_err(|e| e.to_string())?;
-            if self.trace {
-                for applied in &outcomes {
-                    println!(
-                        "step {} group {group}: node {node_id} applied {} term {} token {} -> {:?}",
-                        self.step, applied.index, applied.term, applied.request_id, applied.outcome
-                    );
-                }
-            }
-            running.kv.apply(vec![batch]).map_err(|e| e.to_string())?;
-            peer.on_applied(last, outcomes);
         }
+        self.flush_outbox(position);
+        match self.running(position).store.failure() {
+            Some(reason) => Err(format!("node {node_id} stopped: {reason}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies what the node's replicas committed but have not applied (a round's end for each of them).
+    fn apply_waiting(&mut self, position: usize) -> SimResult<()> {
+        if !self.is_up(position) {
+            return Ok(());
+        }
+        let applying = self.running(position).store.applying();
+        self.round(position, &applying, true)?;
+        self.drive(position)
     }
 
     /// The node's disk completes its oldest waiting write.
     fn persist_one(&mut self, position: usize) -> SimResult<()> {
+        if !self.is_up(position) {
+            return Ok(());
+        }
         let node_id = self.nodes[position].id;
-        let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
-        let Some((group, write)) = running.disk_queue.pop_front() else { return Ok(()) };
-        let request = WriteRequest::new(group, write.ready_number, write.ops, running.reply.clone());
-        running.log.submit(request).map_err(|e| format!("node {node_id}: {e}"))?;
-        let done: Vec<Persisted> = running.persisted.try_iter().collect();
-        for persisted in done {
-            // A removed replica takes nothing more (as its node's handler drops its messages).
-            let peer = running.peers.get_mut(&persisted.group_id).expect("peer");
-            if peer.is_removed() {
-                continue;
-            }
-            peer.on_write_durable(persisted.ready_number, write.prompt);
-        }
-        // Durable: the answers that waited for it go.
-        for message in write.messages {
-            self.send(group, message);
-        }
-        Ok(())
+        self.running(position).log.persist_one().map_err(|e| format!("node {node_id}: {e}"))?;
+        self.drive(position)
     }
 
-    fn send(&mut self, group: u64, message: ReplicaMessage) {
-        if self.trace {
-            println!("step {} group {group}: sent {}", self.step, describe_message(&message));
+    /// Everything the node's replicas sent goes into the network.
+    fn flush_outbox(&mut self, position: usize) {
+        let sent = self.running(position).outbox.take();
+        for envelope in sent {
+            if self.trace {
+                println!(
+                    "step {} group {}: sent {}",
+                    self.step,
+                    envelope.group_id,
+                    describe_message(&envelope.message)
+                );
+            }
+            self.transmit(Packet::Replica(Box::new(envelope)));
         }
-        let Some(&to_node) = self.replica_nodes.get(&(group, message.to())) else { return };
-        let from_node = self.replica_nodes[&(group, message.from())];
-        self.transmit(Packet::Replica { group, from_node, to_node, message: Box::new(message) });
     }
 
     fn transmit(&mut self, packet: Packet) {
@@ -583,85 +546,57 @@ impl Sim {
         Ok(())
     }
 
+    /// A packet reaches its node: a replica message goes to the node's inbox (a paused node's piles up there).
     fn deliver(&mut self, packet: Packet) -> SimResult<()> {
         let (from, to) = packet.ends();
         if self.cuts.contains(&(from, to)) {
             return Ok(());
         }
-        if self.nodes[(to - 1) as usize].running.is_some() {
+        let position = (to - 1) as usize;
+        if self.is_up(position) {
             self.heard.insert((to, from), self.step);
         }
-        let (group, message) = match packet {
-            Packet::Replica { group, message, .. } => (group, *message),
-            Packet::NodeHeartbeat { .. } => return Ok(()),
-        };
-        let position = (to - 1) as usize;
+        let Packet::Replica(envelope) = packet else { return Ok(()) };
         if self.trace {
-            let up = self.nodes[position].running.is_some();
-            println!(
-                "step {} group {group}: {}{}",
-                self.step,
-                describe_message(&message),
-                if up { "" } else { " (to a down node)" }
-            );
+            let state = if self.nodes[position].running.is_none() {
+                " (to a down node)"
+            } else if !self.is_up(position) {
+                " (to a paused node)"
+            } else {
+                ""
+            };
+            println!("step {} group {}: {}{state}", self.step, envelope.group_id, describe_message(&envelope.message));
         }
         let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
         self.report.messages += 1;
-        if !running.peers.contains_key(&group) {
-            // A replica this node does not hold yet: create it empty (a snapshot will bring the range) — unless
-            // the node held one of this group before (removed replicas are never re-added here).
-            if running.kv.ranges().map_err(|e| e.to_string())?.iter().any(|(g, _)| *g == group) {
-                return Ok(());
-            }
-            let empty = RangeDescriptor { group_id: group, ..RangeDescriptor::default() };
-            let config = Config { id: message.to(), random_seed: self.rng.next_u64(), ..self.raft.clone() };
-            let peer = Peer::open(
-                config,
-                peer_options(&mut self.rng),
-                empty,
-                Arc::clone(&running.log) as Arc<dyn LogEngine>,
-                &running.kv,
-            )
-            .map_err(|e| e.to_string())?;
-            running.peers.insert(group, peer);
-        }
-        let peer = running.peers.get_mut(&group).expect("held");
-        if peer.is_removed() || peer.replica_id() != message.to() {
-            return Ok(()); // for a removed replica, or another incarnation's
-        }
-        // An invalid message (e.g. from before a restart) is refused by the core; nothing to do.
-        let _ = peer.on_message(message, &running.kv);
+        running.store.inbox().deliver(*envelope);
         self.drive(position)
     }
 
-    /// Asks one group's replica on a node to compact its log (`Peer::compact_log`: below what its state machine
-    /// holds durably, keeping a few entries for laggards): replicas further behind then catch up by snapshot.
-    fn compact_log(&mut self, position: usize) -> SimResult<()> {
-        let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
-        let Some(running) = self.nodes[position].running.as_mut() else { return Ok(()) };
-        let Some(peer) = running.peers.get_mut(&group) else { return Ok(()) };
-        peer.compact_log(&running.kv);
-        self.report.compactions += 1;
-        self.drive(position)
-    }
-
+    /// Time passes on every node, at its own rate: its clock runs on even while paused; a running node's ticker
+    /// then takes its turn, and node liveness.
     fn tick(&mut self) -> SimResult<()> {
         for position in 0..self.nodes.len() {
-            let mut ticked = false;
             let node = &mut self.nodes[position];
             node.clock += node.rate_per_mille;
+            let mut ticked = false;
             while node.clock >= 1000 {
                 node.clock -= 1000;
-                if let Some(running) = node.running.as_mut() {
-                    self.report.ticks_slept +=
-                        running.peers.values().filter(|peer| peer.is_hibernating()).count() as u64;
-                    running.peers.values_mut().filter(|peer| !peer.is_removed()).for_each(Peer::on_tick);
-                    ticked = true;
-                }
+                node.ticks += 1;
+                ticked = true;
             }
-            if ticked {
-                self.node_liveness(position);
+            let ticks = node.ticks;
+            let Some(running) = node.running.as_mut() else { continue };
+            running.clock.set(ticks);
+            if !ticked || !self.is_up(position) {
+                continue;
             }
+            let running = self.running(position);
+            let mut sleeping = 0;
+            running.store.each_fsm(|_, fsm| sleeping += fsm.peer().is_hibernating() as u64);
+            running.store.tick();
+            self.report.ticks_slept += sleeping;
+            self.node_liveness(position);
             self.drive(position)?;
         }
         Ok(())
@@ -681,15 +616,43 @@ impl Sim {
             .into_iter()
             .filter(|&other| step.saturating_sub(*self.heard.get(&(id, other)).unwrap_or(&0)) > NODE_DOWN_STEPS)
             .collect();
-        let Some(running) = self.nodes[position].running.as_mut() else { return };
+        let running = self.running(position);
         for other in down {
-            for peer in running.peers.values_mut() {
-                if let Some(replica) =
-                    peer.descriptor().replicas.iter().find(|r| r.node_id == other).map(|r| r.replica_id)
-                {
-                    peer.on_node_down(replica);
+            running.store.node_down(other);
+        }
+    }
+
+    /// Pauses a node for a while (its process stands still: no rounds, no ticker, no forwarding; its clock runs
+    /// on and messages for it pile up). A leader's node, mostly — sometimes cut off as well, with clients sent to
+    /// it: a lease that outlived the pause would answer them from stale data once it resumes.
+    fn pause(&mut self) {
+        let leader = {
+            let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
+            self.leader_position(group)
+        };
+        let position = match leader {
+            Some(position) if self.rng.chance_per_mille(800) => position,
+            _ => self.rng.below(self.nodes.len() as u64) as usize,
+        };
+        if !self.is_up(position) {
+            return;
+        }
+        let id = self.nodes[position].id;
+        self.nodes[position].paused_until = self.step + self.rng.range(20, 300);
+        self.report.pauses += 1;
+        if self.rng.chance_per_mille(500) {
+            for other in (1..=self.nodes.len() as u64).filter(|&other| other != id) {
+                self.cuts.insert((id, other));
+                self.cuts.insert((other, id));
+            }
+            for client in 0..self.clients.len() {
+                for group in 0..self.ranges.len() {
+                    self.hints.insert((client, group), id);
                 }
             }
+        }
+        if self.trace {
+            println!("step {}: node {id} paused until step {}", self.step, self.nodes[position].paused_until);
         }
     }
 
@@ -734,7 +697,8 @@ impl Sim {
         self.clients[client] = Some(self.ops.len() - 1);
     }
 
-    /// Sends a new attempt of operation `index` to the node its client believes leads the group.
+    /// Sends a new attempt of operation `index` to the node its client believes leads the group: a request in
+    /// the replica's mailbox, as the `Db` sends it.
     fn attempt(&mut self, index: usize) -> SimResult<()> {
         let (client, group) = (self.ops[index].operation.client as usize, self.ops[index].group);
         let node = match self.hints.get(&(client, group)) {
@@ -743,64 +707,104 @@ impl Sim {
         };
         self.ops[index].retry_at = None;
         let position = (node - 1) as usize;
-        let Some(running) = self.nodes[position].running.as_mut() else {
-            // Down: try another node a little later.
-            self.hints.insert((client, group), self.rng.range(1, self.nodes.len() as u64));
-            self.ops[index].retry_at = Some(self.step + 5);
-            return Ok(());
-        };
-        let token = self.next_token;
-        self.next_token += 1;
-        self.attempts.insert(token, index);
+        let group_id = self.ranges[group].group_id;
         if self.trace {
             println!(
-                "step {} client {client}: op {index} {:?} on key {:?} -> node {node} as token {token}",
+                "step {} client {client}: op {index} {:?} on key {:?} -> node {node}",
                 self.step, self.ops[index].operation.call, self.ops[index].operation.key
             );
         }
-        let Some(peer) = running.peers.get_mut(&self.ranges[group].group_id).filter(|peer| !peer.is_removed()) else {
-            // This node holds no replica of the group: try another.
-            self.attempts.remove(&token);
-            self.hints.insert((client, group), self.rng.range(1, self.nodes.len() as u64));
-            self.ops[index].retry_at = Some(self.step + 2);
-            return Ok(());
+        let (message, reply) = match &self.ops[index].command {
+            Some(command) => {
+                let (reply, answer) = oneshot::channel();
+                (PeerMsg::Write { command: command.clone(), reply }, Reply::Write(answer))
+            }
+            None => {
+                let (reply, answer) = oneshot::channel();
+                let request = ReadRequest::Get(self.ops[index].operation.key.clone());
+                (PeerMsg::Read { request, reply }, Reply::Read(answer))
+            }
         };
-        match &self.ops[index].command {
-            Some(command) => peer.propose(token, command.clone()),
-            None => peer.read(token),
+        // Down, or no replica of the group there: try another node a little later.
+        let sent = self.nodes[position]
+            .running
+            .as_ref()
+            .is_some_and(|running| running.store.mailboxes().send(group_id, message).is_ok());
+        if !sent {
+            self.hints.insert((client, group), self.rng.range(1, self.nodes.len() as u64));
+            self.ops[index].retry_at = Some(self.step + self.rng.range(2, 5));
+            return Ok(());
         }
+        self.attempts.push(Attempt { op: index, node, reply });
         self.drive(position)
     }
 
-    fn on_response(&mut self, position: usize, token: Token, response: Response) {
+    /// Takes every answer that came: to client attempts (an attempt whose node went down, its reply channel
+    /// closed, has an unknown outcome) and to membership proposals.
+    fn take_replies(&mut self) {
+        let mut at = 0;
+        while at < self.attempts.len() {
+            let outcome = match &self.attempts[at].reply {
+                Reply::Write(answer) => match answer.try_recv() {
+                    Ok(result) => Some(Some(result.map(Answered::Written))),
+                    Err(oneshot::TryRecvError::Empty) => None,
+                    Err(oneshot::TryRecvError::Disconnected) => Some(None),
+                },
+                Reply::Read(answer) => match answer.try_recv() {
+                    Ok(result) => Some(Some(result.map(Answered::Read))),
+                    Err(oneshot::TryRecvError::Empty) => None,
+                    Err(oneshot::TryRecvError::Disconnected) => Some(None),
+                },
+            };
+            match outcome {
+                None => at += 1,
+                Some(answer) => {
+                    let attempt = self.attempts.swap_remove(at);
+                    self.on_answer(attempt.op, attempt.node, answer);
+                }
+            }
+        }
+        let before = self.membership_replies.len();
+        let mut applied = 0;
+        self.membership_replies.retain(|answer| match answer.try_recv() {
+            Ok(result) => {
+                applied += (result == Ok(Applied::Done)) as u64;
+                false
+            }
+            Err(oneshot::TryRecvError::Empty) => true,
+            Err(oneshot::TryRecvError::Disconnected) => false,
+        });
+        debug_assert!(self.membership_replies.len() <= before);
+        self.report.membership_changes_applied += applied;
+    }
+
+    /// An attempt's answer (`None`: its node went away without one).
+    fn on_answer(&mut self, index: usize, node: u64, answer: Option<Result<Answered, PeerError>>) {
         if self.trace {
-            println!("step {} node {}: response to token {token}: {response:?}", self.step, self.nodes[position].id);
+            println!("step {} node {node}: answer to op {index}: {answer:?}", self.step);
         }
-        if self.membership_tokens.remove(&token) && response == Response::Written(Applied::Done) {
-            self.report.membership_changes_applied += 1;
-        }
-        let Some(index) = self.attempts.remove(&token) else { return };
         if self.ops[index].done {
             return;
         }
+        let Some(answer) = answer else {
+            self.finish(index); // may or may not have happened: the history keeps it unknown
+            return;
+        };
         let call = self.ops[index].operation.call.clone();
-        let outcome = match (&call, response) {
-            (Call::Get, Response::ReadReady) => {
-                let key = &self.ops[index].operation.key;
-                let running = self.nodes[position].running.as_ref().expect("answered by a running node");
-                let value = running.kv.get(key).expect("reading applied state");
+        let outcome = match (&call, answer) {
+            (Call::Get, Ok(Answered::Read(ReadResult::Value(value)))) => {
                 Some(Outcome::Got(value.map(|v| u64::from_le_bytes(v.as_slice().try_into().expect("8-byte values")))))
             }
-            (Call::CompareAndSet { .. }, Response::Written(Applied::Done)) => Some(Outcome::Swapped(true)),
-            (Call::CompareAndSet { .. }, Response::Written(Applied::PreconditionFailed { .. })) => {
+            (Call::CompareAndSet { .. }, Ok(Answered::Written(Applied::Done))) => Some(Outcome::Swapped(true)),
+            (Call::CompareAndSet { .. }, Ok(Answered::Written(Applied::PreconditionFailed { .. }))) => {
                 Some(Outcome::Swapped(false))
             }
-            (_, Response::Written(Applied::Done)) => Some(Outcome::Done),
-            (_, Response::Failed(PeerError::OutcomeUnknown)) => {
+            (_, Ok(Answered::Written(Applied::Done))) => Some(Outcome::Done),
+            (_, Err(PeerError::OutcomeUnknown | PeerError::Stopped(_))) => {
                 self.finish(index); // may or may not have happened: the history keeps it unknown
                 return;
             }
-            (_, Response::Failed(PeerError::NotLeader { leader })) => {
+            (_, Err(PeerError::NotLeader { leader })) => {
                 let (client, group) = (self.ops[index].operation.client as usize, self.ops[index].group);
                 let leader_node = self.replica_nodes.get(&(self.ranges[group].group_id, leader)).copied();
                 let next = leader_node.unwrap_or_else(|| self.rng.range(1, self.nodes.len() as u64));
@@ -828,8 +832,10 @@ impl Sim {
         }
     }
 
-    /// Retries due attempts; times out operations past their deadline (their outcome stays unknown).
+    /// Takes the answers that came; retries due attempts; times out operations past their deadline (their
+    /// outcome stays unknown).
     fn clients_step(&mut self, issue_new: bool) -> SimResult<()> {
+        self.take_replies();
         for client in 0..self.clients.len() {
             match self.clients[client] {
                 Some(index) if self.step >= self.ops[index].deadline => {
@@ -844,6 +850,7 @@ impl Sim {
                 _ => {}
             }
         }
+        self.take_replies();
         Ok(())
     }
 
@@ -853,17 +860,21 @@ impl Sim {
             .iter()
             .map(|node| match &node.running {
                 None => format!("node {} down", node.id),
-                Some(running) => match running.peers.get(&group) {
-                    Some(peer) => format!(
-                        "node {} (replica {}{}): {} disk queue={}",
-                        node.id,
-                        peer.replica_id(),
-                        if peer.is_removed() { ", removed" } else { "" },
-                        peer.debug_state(),
-                        running.disk_queue.len()
-                    ),
-                    None => format!("node {}: no replica", node.id),
-                },
+                Some(running) => running
+                    .store
+                    .with_fsm(group, |fsm| {
+                        let peer = fsm.peer();
+                        format!(
+                            "node {} (replica {}{}): {} disk queue={}{}",
+                            node.id,
+                            peer.replica_id(),
+                            if peer.is_removed() { ", removed" } else { "" },
+                            peer.debug_state(),
+                            running.log.queued(),
+                            if node.paused_until > self.step { ", paused" } else { "" }
+                        )
+                    })
+                    .unwrap_or_else(|| format!("node {}: no replica", node.id)),
             })
             .collect::<Vec<_>>()
             .join("; ")
@@ -874,16 +885,16 @@ impl Sim {
     fn check_leaders(&mut self) -> SimResult<()> {
         for node in &self.nodes {
             let Some(running) = &node.running else { continue };
-            for (group, peer) in &running.peers {
-                if peer.is_leader() {
-                    if let Some(other) = self.leaders.insert((*group, peer.term()), node.id) {
-                        if other != node.id {
-                            return Err(format!(
-                                "group {group}: nodes {other} and {} both led term {}",
-                                node.id,
-                                peer.term()
-                            ));
-                        }
+            let mut leading = Vec::new();
+            running.store.each_fsm(|group, fsm| {
+                if fsm.peer().is_leader() {
+                    leading.push((group, fsm.peer().term()));
+                }
+            });
+            for (group, term) in leading {
+                if let Some(other) = self.leaders.insert((group, term), node.id) {
+                    if other != node.id {
+                        return Err(format!("group {group}: nodes {other} and {} both led term {term}", node.id));
                     }
                 }
             }
@@ -893,29 +904,22 @@ impl Sim {
 
     fn fault_step(&mut self) -> SimResult<()> {
         self.deliver_due()?;
+        for position in 0..self.nodes.len() {
+            if self.nodes[position].running.is_some() && self.nodes[position].paused_until == self.step {
+                self.drive(position)?; // resumed: what piled up is handled, on the time that passed
+            }
+        }
+        let position = self.rng.below(self.nodes.len() as u64) as usize;
         match self.rng.below(1000) {
             0..=449 => {}
             450..=599 => self.tick()?,
-            600..=749 => {
-                let position = self.rng.below(self.nodes.len() as u64) as usize;
-                if self.nodes[position].running.is_some() {
-                    self.persist_one(position)?;
-                    self.drive(position)?;
-                }
-            }
+            600..=749 => self.persist_one(position)?,
             750..=769 => {
-                let position = self.rng.below(self.nodes.len() as u64) as usize;
                 if let Some(running) = &self.nodes[position].running {
                     running.kv.flush().map_err(|e| e.to_string())?; // a checkpoint
                 }
             }
-            810..=899 => {
-                let position = self.rng.below(self.nodes.len() as u64) as usize;
-                self.apply_queued(position)?;
-                self.drive(position)?;
-            }
             770..=776 => {
-                let position = self.rng.below(self.nodes.len() as u64) as usize;
                 let down = self.nodes.iter().filter(|n| n.running.is_none()).count();
                 // Keep a majority up most of the time, but not always.
                 if self.nodes[position].running.is_some()
@@ -924,13 +928,7 @@ impl Sim {
                     self.crash(position);
                 }
             }
-            777..=795 => {
-                let position = self.rng.below(self.nodes.len() as u64) as usize;
-                if self.nodes[position].running.is_none() {
-                    self.start(position)?;
-                    self.drive(position)?;
-                }
-            }
+            777..=795 if self.nodes[position].running.is_none() => self.start(position)?,
             796..=802 => {
                 // Cut or heal a one-way link.
                 let from = self.rng.range(1, self.nodes.len() as u64);
@@ -949,27 +947,31 @@ impl Sim {
                 }
             }
             806..=809 => self.cuts.clear(),
-            905..=934 => {
-                let position = self.rng.below(self.nodes.len() as u64) as usize;
-                self.compact_log(position)?;
-            }
+            810..=899 => self.apply_waiting(position)?,
             900..=904 => {
                 // A leadership transfer, wherever a leader is found (during faults it may not complete).
                 let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
                 let target = self.rng.range(1, self.nodes.len() as u64);
-                let leader = self.leader_position(group);
-                if let Some(position) = leader {
-                    let peer =
-                        self.nodes[position].running.as_mut().expect("running").peers.get_mut(&group).expect("peer");
-                    let voters: Vec<u64> =
-                        peer.descriptor().replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
-                    let target = voters[target as usize % voters.len()];
-                    peer.transfer_leader(target);
+                if let Some(position) = self.leader_position(group) {
+                    let voters = self.running(position).store.with_fsm(group, |fsm| {
+                        let replicas = &fsm.peer().descriptor().replicas;
+                        replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect::<Vec<u64>>()
+                    });
+                    let replica_id = voters.map_or(0, |voters| voters[target as usize % voters.len()]);
+                    let _ =
+                        self.running(position).store.mailboxes().send(group, PeerMsg::TransferLeader { replica_id });
                     self.report.transfers += 1;
                     self.drive(position)?;
                 }
             }
-            935..=944 => self.change_membership(),
+            905..=934 if self.is_up(position) => {
+                // The node's log collection (compactions asked, the WAL purged).
+                let node_id = self.nodes[position].id;
+                self.running(position).store.collect_logs().map_err(|e| format!("node {node_id}: {e}"))?;
+                self.drive(position)?;
+            }
+            935..=944 => self.change_membership()?,
+            945..=949 => self.pause(),
             _ => {}
         }
         self.clients_step(true)
@@ -977,20 +979,24 @@ impl Sim {
 
     /// The position of a node whose replica of `group` leads (in some term), if any is up.
     fn leader_position(&self, group: u64) -> Option<usize> {
-        self.nodes.iter().position(|node| {
-            node.running
-                .as_ref()
-                .and_then(|r| r.peers.get(&group))
-                .is_some_and(|peer| peer.is_leader() && !peer.is_removed())
+        (0..self.nodes.len()).find(|&position| {
+            self.is_up(position)
+                && self.nodes[position].running.as_ref().is_some_and(|running| {
+                    running.store.with_fsm(group, |fsm| fsm.peer().is_leader() && !fsm.peer().is_removed())
+                        == Some(true)
+                })
         })
     }
 
     /// A membership change proposed on a leader: a learner onto a node that never held the group, a learner
     /// promoted, or a replica removed (keeping three voters). During faults it may not complete.
-    fn change_membership(&mut self) {
+    fn change_membership(&mut self) -> SimResult<()> {
         let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
-        let Some(position) = self.leader_position(group) else { return };
-        let descriptor = self.nodes[position].running.as_ref().expect("running").peers[&group].descriptor().clone();
+        let Some(position) = self.leader_position(group) else { return Ok(()) };
+        let Some(descriptor) = self.running(position).store.with_fsm(group, |fsm| fsm.peer().descriptor().clone())
+        else {
+            return Ok(());
+        };
         let voters: Vec<u64> = descriptor.replicas.iter().filter(|r| !r.learner).map(|r| r.replica_id).collect();
         let learner = descriptor.replicas.iter().find(|r| r.learner).map(|r| r.replica_id);
         // Nodes that never held the group (removed replicas are not re-added: their nodes keep them closed).
@@ -1012,23 +1018,17 @@ impl Sim {
             (None, _) if voters.len() > 3 => {
                 MembershipChange::Remove { replica_id: voters[self.rng.below(voters.len() as u64) as usize] }
             }
-            _ => return,
+            _ => return Ok(()),
         };
         if self.trace {
             println!("step {} group {group}: node {} proposes {change:?}", self.step, self.nodes[position].id);
         }
-        let token = self.next_token;
-        self.next_token += 1;
-        self.membership_tokens.insert(token);
-        self.nodes[position]
-            .running
-            .as_mut()
-            .expect("running")
-            .peers
-            .get_mut(&group)
-            .expect("peer")
-            .propose_membership(token, change);
-        self.report.membership_changes += 1;
+        let (reply, answer) = oneshot::channel();
+        if self.running(position).store.mailboxes().send(group, PeerMsg::ChangeMembership { change, reply }).is_ok() {
+            self.membership_replies.push(answer);
+            self.report.membership_changes += 1;
+        }
+        self.drive(position)
     }
 
     fn calm_step(&mut self, issue_new: bool) -> SimResult<()> {
@@ -1037,11 +1037,12 @@ impl Sim {
             self.tick()?;
         }
         for position in 0..self.nodes.len() {
-            while self.nodes[position].running.as_ref().is_some_and(|r| !r.disk_queue.is_empty()) {
-                self.persist_one(position)?;
+            if self.is_up(position) {
+                while self.running(position).log.queued() > 0 {
+                    self.persist_one(position)?;
+                }
+                self.apply_waiting(position)?;
             }
-            self.apply_queued(position)?;
-            self.drive(position)?;
         }
         self.clients_step(issue_new)
     }
@@ -1051,13 +1052,14 @@ impl Sim {
         self.faults = false;
         self.cuts.clear();
         for position in 0..self.nodes.len() {
+            self.nodes[position].paused_until = 0;
             if self.nodes[position].running.is_none() {
                 self.start(position)?;
             }
-            while self.nodes[position].running.as_ref().is_some_and(|r| !r.disk_queue.is_empty()) {
+            while self.running(position).log.queued() > 0 {
                 self.persist_one(position)?;
             }
-            self.drive(position)?;
+            self.apply_waiting(position)?;
         }
         for _ in 0..steps {
             self.step += 1;
@@ -1135,14 +1137,13 @@ impl Sim {
             let newest = self
                 .nodes
                 .iter()
-                .filter_map(|node| node.running.as_ref().and_then(|r| r.peers.get(&group)))
-                .map(|peer| peer.descriptor().clone())
+                .filter_map(|node| node.running.as_ref()?.store.with_fsm(group, |fsm| fsm.peer().descriptor().clone()))
                 .max_by_key(|descriptor| descriptor.epoch().conf_version)
                 .expect("some replica of every group");
             let mut views = Vec::new();
             for member in &newest.replicas {
                 let running = self.nodes[(member.node_id - 1) as usize].running.as_ref().expect("all running");
-                let held = running.peers.get(&group).is_some_and(|peer| peer.replica_id() == member.replica_id);
+                let held = running.store.with_fsm(group, |fsm| fsm.peer().replica_id()) == Some(member.replica_id);
                 let pairs = running.kv.scan(&range.start, &range.end, usize::MAX).map_err(|e| e.to_string())?;
                 views.push((
                     member.node_id,
@@ -1160,6 +1161,13 @@ impl Sim {
         }
         Ok(None)
     }
+}
+
+/// What an attempt was answered with.
+#[derive(Debug)]
+enum Answered {
+    Written(Applied),
+    Read(ReadResult),
 }
 
 fn describe_message(message: &ReplicaMessage) -> String {
@@ -1218,6 +1226,11 @@ pub fn run(options: &StoreSimOptions) -> Result<StoreSimReport, StoreSimFailure>
     }
     if let Err(reason) = sim.converge(options.calm_steps) {
         return Err(fail(&sim, reason));
+    }
+    for node in &sim.nodes {
+        let log = &node.running.as_ref().expect("all running after the calm").log;
+        sim.report.compactions += log.compactions.load(Ordering::Relaxed);
+        sim.report.snapshot_installs += log.snapshots.load(Ordering::Relaxed);
     }
     let history: Vec<Operation> = sim.ops.iter().map(|op| op.operation.clone()).collect();
     match check(&history, 5_000_000) {

@@ -58,7 +58,11 @@ pub(crate) struct AfterPersist {
 
 /// The persisted forwarder's loop (a thread of its own): for each write made durable, sends the responses that
 /// waited for it, then tells the replica — by a `Persisted` message, or by its note (see `LogWrite::prompt`).
-pub(crate) fn forward_persisted(done: Receiver<Persisted>, mailboxes: Arc<dyn Mailboxes>, transport: Arc<dyn Transport>) {
+pub(crate) fn forward_persisted(
+    done: Receiver<Persisted>,
+    mailboxes: Arc<dyn Mailboxes>,
+    transport: Arc<dyn Transport>,
+) {
     while let Ok(persisted) = done.recv() {
         forward_one(persisted, mailboxes.as_ref(), transport.as_ref());
         forward_ready(&done, mailboxes.as_ref(), transport.as_ref());
@@ -179,6 +183,11 @@ impl StoreHandler {
 }
 
 impl PollHandler<PeerFsm> for StoreHandler {
+    fn begin(&mut self) {
+        // The node's time, read before anything is handled (`ticks.rs`): a lease is judged on it.
+        self.ticking.sync();
+    }
+
     fn handle(&mut self, fsm: &mut PeerFsm, messages: &mut Vec<PeerMsg>) {
         if let Some(reason) = self.failed() {
             fsm.refuse_waiting(PeerError::Stopped(reason.clone()));

@@ -44,7 +44,7 @@ use crate::batch::{BatchOptions, BatchSystem, Router};
 use crate::peer::PeerOptions;
 use crate::range::RangeDescriptor;
 use replicas::{ReplicaTask, Replicas};
-use ticks::Ticking;
+use ticks::{TickClock, Ticking};
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -126,12 +126,13 @@ impl StoreCore {
         kv: Arc<StateMachine>,
         checkpointer: Arc<dyn Checkpointer>,
         transport: Arc<dyn Transport>,
+        clock: Arc<dyn TickClock>,
     ) -> StoreCore {
         let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<Persisted>();
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
         let handler = StoreHandler {
             node_id: options.node_id,
-            ticking: Arc::default(),
+            ticking: Arc::new(Ticking::new(clock)),
             log,
             kv,
             checkpointer,
@@ -205,7 +206,8 @@ impl Store {
         checkpointer: Arc<dyn Checkpointer>,
         transport: Arc<dyn Transport>,
     ) -> Result<Store, flotilla_raft::Error> {
-        let core = StoreCore::new(&options, Arc::clone(&log), Arc::clone(&kv), checkpointer, transport);
+        let clock = Arc::new(ticks::IntervalClock::new(options.tick_interval));
+        let core = StoreCore::new(&options, Arc::clone(&log), Arc::clone(&kv), checkpointer, transport, clock);
         let system = BatchSystem::start("flotilla-poller", options.batch.clone(), |_| core.handler.clone());
         let router = system.router().clone();
         let mailboxes: Arc<dyn Mailboxes> = Arc::new(router.clone());

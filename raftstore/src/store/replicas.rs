@@ -58,7 +58,8 @@ fn open_with_id(
 ) -> Result<Peer, flotilla_raft::Error> {
     let config = Config {
         id: replica,
-        random_seed: range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica,
+        // Per replica, varied by the configured seed (a simulator's runs differ so).
+        random_seed: options.raft.random_seed ^ range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica,
         ..options.raft.clone()
     };
     Peer::open(config, options.peer.clone(), range, Arc::clone(log), kv)

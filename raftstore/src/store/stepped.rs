@@ -25,8 +25,9 @@ use super::handler::{forward_ready, StoreHandler};
 use super::log_gc::LogGc;
 use super::mailboxes::{node_down, Mailboxes};
 use super::replicas::{ReplicaTask, Replicas};
+use super::ticks::{self, TickClock};
 use super::transport::{StoreInbox, Transport};
-use super::{ticks, StoreCore, StoreOptions};
+use super::{StoreCore, StoreOptions};
 use crate::batch::{PollHandler, SendError};
 use crate::range::RangeDescriptor;
 
@@ -90,8 +91,9 @@ impl SteppedStore {
         kv: Arc<StateMachine>,
         checkpointer: Arc<dyn Checkpointer>,
         transport: Arc<dyn Transport>,
+        clock: Arc<dyn TickClock>,
     ) -> Result<SteppedStore, flotilla_raft::Error> {
-        let core = StoreCore::new(options, log, kv, checkpointer, transport);
+        let core = StoreCore::new(options, log, kv, checkpointer, transport, clock);
         let mailboxes = Arc::new(SteppedMailboxes::default());
         let replicas = core.open_groups(options, ranges, Arc::clone(&mailboxes) as Arc<dyn Mailboxes>)?;
         let StoreCore { handler, persisted, tasks } = core;
@@ -143,6 +145,7 @@ impl SteppedStore {
                 taken.push((*group_id, fsm, slot.queue.drain(..).collect()));
             }
         }
+        self.handler.begin();
         for (_, fsm, messages) in &mut taken {
             self.handler.handle(fsm, messages);
             inspect(fsm);
@@ -168,14 +171,18 @@ impl SteppedStore {
     }
 
     /// What the replicas thread does with the tasks waiting (replicas created for messages, removed ones
-    /// destroyed).
-    pub fn run_tasks(&mut self) {
+    /// destroyed). Returns how many destroys it ran.
+    pub fn run_tasks(&mut self) -> usize {
+        let mut destroyed = 0;
         while let Ok(task) = self.tasks.try_recv() {
+            destroyed += matches!(task, ReplicaTask::Destroy(_)) as usize;
             self.replicas.handle(task);
         }
+        destroyed
     }
 
-    /// One tick interval passed (the ticker's turn).
+    /// The ticker's turn (`ticks::tick`): replicas not handled for a whole interval of the node's clock are sent a
+    /// `Tick`.
     pub fn tick(&self) {
         ticks::tick(&self.handler.ticking, self.mailboxes.as_ref());
     }

@@ -1,16 +1,22 @@
 //! Time for the replicas that need it, without a message per replica per tick while they are busy.
 //!
-//! The ticker thread advances a node-wide tick count every `tick_interval` (`Ticking::advance`). A replica that
-//! needs ticks owes the difference between that count and the count it has seen. Whenever a poller handles it,
-//! for whatever reason, it first takes the ticks it owes (`Ticking::take_owed`): a busy replica's ticks ride
-//! along with its other messages. The ticker sends a `Tick` message only to the replicas that were not handled
-//! during the whole last interval, so that time still reaches idle ones.
+//! The node's tick count is read from a clock ([`TickClock`]: in production the intervals elapsed since the node
+//! started, by the monotonic clock). A replica that needs ticks owes the difference between that count and the
+//! count it has seen. Each poll round reads the clock first (`StoreHandler::begin`, [`Ticking::sync`]), and
+//! whenever a poller handles a replica, for whatever reason, the replica first takes the ticks it owes
+//! ([`Ticking::take_owed`]): a busy replica's ticks ride along with its other messages. Every `tick_interval` the
+//! ticker sends a `Tick` message only to the replicas that were not handled during the whole last interval, so
+//! that time still reaches idle ones.
+//!
+//! The count follows the clock, not the number of times the ticker woke, and every round reads it before handling
+//! anything: after the process was paused (or the ticker starved), the first read a leader handles is judged on
+//! the time that passed meanwhile, not on time that stood still while the other nodes' ran on.
 //!
 //! What this changes for timers: a replica handled by no message for a while takes its ticks up to one interval
-//! late, two at a time. Late is the safe side for every timer: elections start and heartbeats go out a little
-//! later (heartbeats stay well inside the election timeout), and a leader's lease is never judged on stale time,
-//! because every handling — so every read — catches up first. With 4,096 busy groups on three in-process nodes
-//! the per-replica `Tick` messages were about a fifth of all the messages the pollers handled.
+//! late, two at a time. Late is the safe side for every timer but the lease: elections start and heartbeats go out
+//! a little later (heartbeats stay well inside the election timeout), and a leader's lease is never judged on stale
+//! time, because every handling — so every read — catches up first. With 4,096 busy groups on three in-process
+//! nodes the per-replica `Tick` messages were about a fifth of all the messages the pollers handled.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,14 +35,65 @@ pub(crate) type TicksSeen = Arc<AtomicU64>;
 /// again. Twice the default election timeout still lets every timer fire; a longer one fires a turn later.
 const TICKS_OWED_MAX: u64 = 24;
 
-/// The node's tick count and the replicas that need ticks.
+/// Where a node's tick count comes from.
+pub trait TickClock: Send + Sync {
+    /// Whole tick intervals elapsed since the node started; never goes back.
+    fn ticks(&self) -> u64;
+}
+
+/// The monotonic clock, in intervals of `interval` since it was made.
+pub struct IntervalClock {
+    started: std::time::Instant,
+    interval: std::time::Duration,
+}
+
+impl IntervalClock {
+    pub fn new(interval: std::time::Duration) -> IntervalClock {
+        IntervalClock { started: std::time::Instant::now(), interval }
+    }
+}
+
+impl TickClock for IntervalClock {
+    fn ticks(&self) -> u64 {
+        (self.started.elapsed().as_nanos() / self.interval.as_nanos().max(1)) as u64
+    }
+}
+
+/// A clock its owner sets (tests and simulators).
 #[derive(Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    /// The clock now says `ticks` (never less than it said).
+    pub fn set(&self, ticks: u64) {
+        self.0.fetch_max(ticks, Ordering::SeqCst);
+    }
+}
+
+impl TickClock for ManualClock {
+    fn ticks(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The node's tick count and the replicas that need ticks.
 pub struct Ticking {
+    clock: Arc<dyn TickClock>,
     now: AtomicU64,
     groups: Mutex<FxHashMap<u64, TicksSeen>>,
 }
 
 impl Ticking {
+    pub fn new(clock: Arc<dyn TickClock>) -> Ticking {
+        Ticking { clock, now: AtomicU64::new(0), groups: Mutex::default() }
+    }
+
+    /// Brings the node's tick count up to the clock (each poll round does, before handling anything); returns it.
+    pub(crate) fn sync(&self) -> u64 {
+        let ticks = self.clock.ticks();
+        self.now.fetch_max(ticks, Ordering::SeqCst).max(ticks)
+    }
+
     /// Nothing is owed for the time before now (a replica about to be handled for the first time).
     pub(crate) fn settle(&self, seen: &AtomicU64) {
         seen.store(self.now.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -52,6 +109,11 @@ impl Ticking {
         self.groups.lock().remove(&group_id);
     }
 
+    /// The node's tick count.
+    pub fn now(&self) -> u64 {
+        self.now.load(Ordering::SeqCst)
+    }
+
     /// How many replicas need ticks.
     pub fn len(&self) -> usize {
         self.groups.lock().len()
@@ -61,10 +123,10 @@ impl Ticking {
         self.len() == 0
     }
 
-    /// One interval has passed: counts a tick and returns the groups to send a `Tick` to — those that owe more
-    /// than this one (no poller handled them during the whole last interval).
-    pub(crate) fn advance(&self) -> Vec<u64> {
-        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+    /// The ticker's question, each interval: the count brought up to the clock, which groups to send a `Tick`
+    /// to — those that owe more than one tick (no poller handled them during the whole last interval).
+    pub(crate) fn behind(&self) -> Vec<u64> {
+        let now = self.sync();
         self.groups
             .lock()
             .iter()
@@ -83,10 +145,10 @@ impl Ticking {
     }
 }
 
-/// One interval has passed (the ticker's turn; a stepping caller's too): the tick is counted, and replicas no
-/// poller handled during the whole last interval are sent a `Tick`. Returns how many.
+/// The ticker's turn (a stepping caller's too): replicas no poller handled during the whole last interval are
+/// sent a `Tick`. Returns how many.
 pub fn tick(ticking: &Ticking, mailboxes: &dyn Mailboxes) -> usize {
-    let behind = ticking.advance();
+    let behind = ticking.behind();
     for &group_id in &behind {
         let _ = mailboxes.send(group_id, PeerMsg::Tick); // a full mailbox has work: a tick can wait
     }
@@ -97,30 +159,52 @@ pub fn tick(ticking: &Ticking, mailboxes: &dyn Mailboxes) -> usize {
 mod tests {
     use super::*;
 
+    /// A ticking whose clock the test moves, and a way to move it by one interval.
+    fn ticking() -> (Ticking, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::default());
+        (Ticking::new(Arc::clone(&clock) as Arc<dyn TickClock>), clock)
+    }
+
     #[test]
     fn busy_replicas_take_their_ticks_inline_and_only_idle_ones_are_sent_a_tick() {
-        let ticking = Ticking::default();
+        let (ticking, clock) = ticking();
+        let interval = |ticking: &Ticking| {
+            clock.set(clock.ticks() + 1);
+            ticking.behind()
+        };
         let (busy, idle) = (TicksSeen::default(), TicksSeen::default());
-        ticking.advance();
+        interval(&ticking);
         ticking.start(1, &busy);
         ticking.start(2, &idle);
         assert_eq!(ticking.take_owed(&busy), 0, "nothing owed for the time before it started");
-        assert!(ticking.advance().is_empty(), "both started within the last interval");
+        assert!(interval(&ticking).is_empty(), "both started within the last interval");
         assert_eq!(ticking.take_owed(&busy), 1, "handled: it takes the tick");
         for _ in 0..3 {
             // `idle` was not handled during the whole last interval: the ticker asks for it, every time.
-            assert_eq!(ticking.advance(), vec![2]);
+            assert_eq!(interval(&ticking), vec![2]);
             assert_eq!(ticking.take_owed(&busy), 1, "handled once per interval: one tick each time");
         }
         assert_eq!(ticking.take_owed(&idle), 4, "handled at last: every tick since it started");
         assert_eq!(ticking.take_owed(&idle), 0);
-        assert!(ticking.advance().is_empty(), "both handled within the last interval");
+        assert!(interval(&ticking).is_empty(), "both handled within the last interval");
         ticking.stop(2);
         assert_eq!(ticking.len(), 1);
         // After a long stall, at most `TICKS_OWED_MAX` at once.
         for _ in 0..100 {
-            ticking.advance();
+            interval(&ticking);
         }
         assert_eq!(ticking.take_owed(&busy), TICKS_OWED_MAX);
+    }
+
+    #[test]
+    fn after_a_pause_the_first_round_sees_the_time_that_passed_before_the_ticker_runs() {
+        let (ticking, clock) = ticking();
+        let leader = TicksSeen::default();
+        ticking.start(1, &leader);
+        // The process stood still for 30 intervals; the ticker has not run since.
+        clock.set(30);
+        assert_eq!(ticking.take_owed(&leader), 0, "no round has read the clock yet");
+        ticking.sync(); // a poll round begins
+        assert_eq!(ticking.take_owed(&leader), TICKS_OWED_MAX, "past any lease (at most the election timeout)");
     }
 }

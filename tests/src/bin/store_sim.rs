@@ -51,18 +51,18 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability, {} with unknown outcome, {} node crashes, {} torn writes, {} leadership transfers, {} membership changes proposed ({} applied, {} replicas destroyed, {} interrupted destroys finished at reopen), {} log compactions, {} snapshots installed, {} replica ticks slept through)",
+        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability, {} with unknown outcome, {} node crashes, {} torn writes, {} pauses, {} leadership transfers, {} membership changes proposed ({} applied, {} replicas destroyed), {} log compactions, {} snapshots installed, {} replica ticks slept through)",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.operations,
         total.unknown,
         total.crashes,
         total.torn_writes,
+        total.pauses,
         total.transfers,
         total.membership_changes,
         total.membership_changes_applied,
         total.replicas_destroyed,
-        total.interrupted_destroys_finished,
         total.compactions,
         total.snapshot_installs,
         total.ticks_slept
