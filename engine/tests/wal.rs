@@ -399,35 +399,40 @@ mod group_commit {
         }
     }
 
+    /// A completion of the submitter's own type: what it carries comes back typed, in order.
+    struct Labelled {
+        label: &'static str,
+        done: crossbeam_channel::Sender<(u64, u64, &'static str)>,
+    }
+
+    impl flotilla_engine::wal::group_commit::Completion for Labelled {
+        fn complete(self: Box<Self>, group_id: u64, ready_number: u64) {
+            let _ = self.done.send((group_id, ready_number, self.label));
+        }
+    }
+
     #[test]
-    fn a_request_without_operations_writes_nothing_and_returns_its_attachment_in_order() {
+    fn a_request_without_operations_writes_nothing_and_completes_in_order() {
         let disk = SimDisk::new();
         let dir = Path::new("/node/wal");
         let (wal, _) = Wal::open(dir, Arc::new(disk.clone()), WalOptions::default()).unwrap();
         let committer = GroupCommitWal::start(wal, GroupCommitOptions::default());
-        let (reply, persisted) = crossbeam_channel::unbounded();
-        let wait = || persisted.recv_timeout(std::time::Duration::from_secs(10)).expect("answered");
-        let with_attachment = |group_id: u64, ready_number: u64, text: &str| {
-            let mut request = WriteRequest::new(group_id, ready_number, Vec::new(), reply.clone());
-            request.attachment = Some(Box::new(text.to_string()));
-            request
+        let (done, completed) = crossbeam_channel::unbounded();
+        let wait = || completed.recv_timeout(std::time::Duration::from_secs(10)).expect("answered");
+        let request = |group_id: u64, ready_number: u64, ops: Vec<LogOp>, label: &'static str| {
+            WriteRequest::with_completion(group_id, ready_number, ops, Box::new(Labelled { label, done: done.clone() }))
         };
-        let text_of = |done: flotilla_engine::wal::group_commit::Persisted| {
-            *done.attachment.expect("returned").downcast::<String>().expect("untouched")
-        };
-        committer.submit(WriteRequest::new(1, 1, vec![LogOp::Append(entries(1..=2, 1))], reply.clone())).unwrap();
-        assert!(wait().attachment.is_none());
+        committer.submit(request(1, 1, vec![LogOp::Append(entries(1..=2, 1))], "first")).unwrap();
+        assert_eq!(wait(), (1, 1, "first"));
         let segment = dir.join("00000000000000000001.wal");
         let written = disk.file_len(&segment);
-        committer.submit(with_attachment(1, 2, "alone")).unwrap();
-        assert_eq!(text_of(wait()), "alone");
+        committer.submit(request(1, 2, Vec::new(), "alone")).unwrap();
+        assert_eq!(wait(), (1, 2, "alone"));
         assert_eq!(disk.file_len(&segment), written, "nothing written for it");
         // Behind a write under way, it is answered after it.
-        committer.submit(WriteRequest::new(2, 1, vec![LogOp::Append(entries(1..=1, 1))], reply.clone())).unwrap();
-        committer.submit(with_attachment(1, 3, "behind")).unwrap();
-        let (before, after) = (wait(), wait());
-        assert_eq!((before.group_id, before.ready_number, after.ready_number), (2, 1, 3), "in order");
-        assert_eq!(text_of(after), "behind");
+        committer.submit(request(2, 1, vec![LogOp::Append(entries(1..=1, 1))], "write")).unwrap();
+        committer.submit(request(1, 3, Vec::new(), "behind")).unwrap();
+        assert_eq!((wait(), wait()), ((2, 1, "write"), (1, 3, "behind")), "in order");
         assert_eq!(committer.state().group(1).unwrap().last_index(), 2, "the empty requests changed nothing");
         assert_eq!(disk.unsynced_bytes(), 0);
     }

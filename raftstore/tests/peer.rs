@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use flotilla_engine::kv_engine::{KvEngine, MemKvEngine};
 use flotilla_engine::log_engine::{LogEngine, MemLogEngine};
-use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
+use flotilla_engine::wal::group_commit::{Completion, Persisted, WriteRequest};
 use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{Config, MessageType, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome};
@@ -24,6 +24,8 @@ struct Node {
     peer: Peer,
     reply: Sender<Persisted>,
     persisted: Receiver<Persisted>,
+    /// Writes made durable, with what waited for them (see [`AfterWrite`]).
+    durable: (Sender<DurableWrite>, Receiver<DurableWrite>),
     /// Log writes this replica submitted.
     log_writes: u64,
 }
@@ -43,18 +45,38 @@ struct Group {
     heartbeats_lost_to: u64,
     chunks_sent: u64,
     /// When set, log writes wait here (slow disks) until `persist_deferred`.
-    deferred: Option<Vec<(usize, WriteRequest)>>,
+    deferred: Option<Vec<DeferredWrite>>,
+}
+
+/// A write made durable: its Ready number, and what waited for it.
+type DurableWrite = (u64, AfterWrite);
+
+/// A write held back by a slow disk: the replica's position, the request, whether the replica is told at once, and
+/// the kinds of the messages that wait for it.
+type DeferredWrite = (usize, WriteRequest, bool, Vec<String>);
+
+/// What waits for a replica's write to be durable: the messages that go then, and whether the replica is told
+/// at once (a typed completion, as the store's).
+struct AfterWrite {
+    messages: Vec<ReplicaMessage>,
+    prompt: bool,
+    durable: Sender<DurableWrite>,
+}
+
+impl Completion for AfterWrite {
+    fn complete(self: Box<Self>, _group_id: u64, ready_number: u64) {
+        let durable = self.durable.clone();
+        let _ = durable.send((ready_number, *self));
+    }
 }
 
 impl Node {
     /// As the store's persisted forwarder does for each durable write: sends the answers that waited for it,
     /// then tells the replica — at once if it asked to be told promptly, else by its note.
     fn complete_writes(&mut self, network: &mut VecDeque<ReplicaMessage>) {
-        for done in self.persisted.try_iter() {
-            let (messages, prompt) =
-                *done.attachment.expect("attached").downcast::<(Vec<ReplicaMessage>, bool)>().expect("ours");
-            network.extend(messages);
-            self.peer.on_write_durable(done.ready_number, prompt);
+        for (ready_number, after) in self.durable.1.try_iter() {
+            network.extend(after.messages);
+            self.peer.on_write_durable(ready_number, after.prompt);
         }
     }
 }
@@ -106,7 +128,7 @@ impl Group {
                 configure(&mut config);
                 let peer = open_peer_with(config, &log, &kv);
                 let (reply, persisted) = crossbeam_channel::unbounded();
-                Node { log, kv, peer, reply, persisted, log_writes: 0 }
+                Node { log, kv, peer, reply, persisted, durable: crossbeam_channel::unbounded(), log_writes: 0 }
             })
             .collect();
         Group {
@@ -147,10 +169,19 @@ impl Group {
                 moved = true;
                 if let Some(write) = output.write {
                     node.log_writes += u64::from(!write.ops.is_empty());
-                    let mut request = WriteRequest::new(5, write.ready_number, write.ops, node.reply.clone());
-                    request.attachment = Some(Box::new((write.messages, write.prompt)));
+                    let kinds = write
+                        .messages
+                        .iter()
+                        .map(|m| match m {
+                            ReplicaMessage::Raft(m) => format!("{:?}", m.msg_type()),
+                            other => format!("{other:?}"),
+                        })
+                        .collect();
+                    let prompt = write.prompt;
+                    let after = AfterWrite { messages: write.messages, prompt, durable: node.durable.0.clone() };
+                    let request = WriteRequest::with_completion(5, write.ready_number, write.ops, Box::new(after));
                     match &mut self.deferred {
-                        Some(waiting) => waiting.push((position, request)),
+                        Some(waiting) => waiting.push((position, request, prompt, kinds)),
                         None => {
                             node.log.submit(request).unwrap();
                             node.complete_writes(&mut self.network);
@@ -214,7 +245,7 @@ impl Group {
 
     /// Ends the slow-disk phase: completes the writes held back, in order, and persists at once from then on.
     fn persist_deferred(&mut self) {
-        for (position, request) in self.deferred.take().unwrap_or_default() {
+        for (position, request, _, _) in self.deferred.take().unwrap_or_default() {
             let node = &mut self.nodes[position];
             node.log.submit(request).unwrap();
             node.complete_writes(&mut self.network);
@@ -425,15 +456,7 @@ fn a_followers_answer_goes_with_its_write_and_the_follower_takes_up_the_noted_du
         .as_ref()
         .unwrap()
         .iter()
-        .map(|(position, request)| {
-            let (messages, prompt) =
-                request.attachment.as_ref().unwrap().downcast_ref::<(Vec<ReplicaMessage>, bool)>().unwrap();
-            let kinds = messages.iter().map(|m| match m {
-                ReplicaMessage::Raft(m) => format!("{:?}", m.msg_type()),
-                other => format!("{other:?}"),
-            });
-            (*position, *prompt, kinds.collect())
-        })
+        .map(|(position, _, prompt, kinds)| (*position, *prompt, kinds.clone()))
         .collect();
     let answer = vec!["AppendResponse".to_string()];
     assert_eq!(
@@ -772,7 +795,15 @@ impl Group {
         let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
         let peer = Peer::open(Config::new(id), peer_options(), empty, log_engine, &kv).unwrap();
         let (reply, persisted) = crossbeam_channel::unbounded();
-        self.nodes.push(Node { log, kv, peer, reply, persisted, log_writes: 0 });
+        self.nodes.push(Node {
+            log,
+            kv,
+            peer,
+            reply,
+            persisted,
+            durable: crossbeam_channel::unbounded(),
+            log_writes: 0,
+        });
         assert_eq!(self.nodes.len() as u64, id);
     }
 

@@ -3,9 +3,9 @@
 //! Requests (one per group `Ready`) wait in a bounded queue. The writer takes one, then everything else already
 //! waiting — up to `batch_bytes_max` — and writes it all in one go: batching comes from what queued up during the
 //! previous sync, never from sleeping. After the sync it updates the shared index and completes each request by
-//! sending `Persisted { group_id, ready_number, attachment }` on the request's reply channel. A request with no
-//! operations writes nothing and completes once everything queued before it is durable (its attachment — say,
-//! messages that may go only then — comes back in order).
+//! calling the request's [`Completion`] (the submitter's type: a channel of [`Persisted`], or what the raftstore
+//! carries back — the messages that may go only once the write is durable). A request with no operations writes
+//! nothing and completes once everything queued before it is durable, in order.
 //!
 //! A disk error is fatal: the writer stops, every waiting and later request fails with the stored reason, and
 //! the node must stop (what was written may or may not be durable). So is anything else that stops the writer —
@@ -17,7 +17,6 @@
 //! `flotilla_wal_pinned_bytes{group}` for the [`PINNED_GROUPS_EXPORTED`] groups pinning the most (a gauge per group
 //! for all of a node's groups would be up to 100K series; a group leaving that list is set back to 0).
 
-use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,16 +28,24 @@ use parking_lot::RwLock;
 use super::record::LogOp;
 use super::{PurgeReport, SegmentWriter, Wal, WalError, WalState};
 
-/// Whatever the submitter wants back with [`Persisted`], untouched (the raftstore: the messages that may be sent
-/// only once the write is durable).
-pub type Attachment = Box<dyn Any + Send>;
+/// Told once a write — and every write submitted before it — is durable. Called on the log's writer thread: it
+/// must be quick (hand the news on; do not work there). The submitter's own type: what it gets back is typed.
+pub trait Completion: Send {
+    fn complete(self: Box<Self>, group_id: u64, ready_number: u64);
+}
 
-/// A group's `Ready` is durable.
-#[derive(Debug)]
+/// A group's `Ready` is durable (what a channel completion sends).
+#[derive(Debug, PartialEq, Eq)]
 pub struct Persisted {
     pub group_id: u64,
     pub ready_number: u64,
-    pub attachment: Option<Attachment>,
+}
+
+/// The plain completion: [`Persisted`] sent on a channel (a requester that went away no longer needs it).
+impl Completion for Sender<Persisted> {
+    fn complete(self: Box<Self>, group_id: u64, ready_number: u64) {
+        let _ = self.send(Persisted { group_id, ready_number });
+    }
 }
 
 /// What one group's `Ready` asks the WAL to persist.
@@ -46,22 +53,27 @@ pub struct WriteRequest {
     pub group_id: u64,
     pub ready_number: u64,
     pub ops: Vec<LogOp>,
-    pub reply: Sender<Persisted>,
-    pub attachment: Option<Attachment>,
+    pub completion: Box<dyn Completion>,
 }
 
 impl WriteRequest {
+    /// A request completed by [`Persisted`] on `reply`.
     pub fn new(group_id: u64, ready_number: u64, ops: Vec<LogOp>, reply: Sender<Persisted>) -> WriteRequest {
-        WriteRequest { group_id, ready_number, ops, reply, attachment: None }
+        WriteRequest::with_completion(group_id, ready_number, ops, Box::new(reply))
     }
 
-    /// Answers the requester: its writes are durable. (A requester that went away no longer needs the answer.)
+    pub fn with_completion(
+        group_id: u64,
+        ready_number: u64,
+        ops: Vec<LogOp>,
+        completion: Box<dyn Completion>,
+    ) -> WriteRequest {
+        WriteRequest { group_id, ready_number, ops, completion }
+    }
+
+    /// Tells the requester its writes are durable.
     pub fn complete(self) {
-        let _ = self.reply.send(Persisted {
-            group_id: self.group_id,
-            ready_number: self.ready_number,
-            attachment: self.attachment,
-        });
+        self.completion.complete(self.group_id, self.ready_number);
     }
 }
 

@@ -22,7 +22,7 @@ use crossbeam_channel::{Receiver, Sender};
 use flotilla_engine::flusher::Checkpointer;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
-use flotilla_engine::wal::group_commit::{Persisted, WriteRequest};
+use flotilla_engine::wal::group_commit::{Completion, WriteRequest};
 
 use super::failure::NodeFailure;
 use super::fsm::{PeerFsm, PeerMsg};
@@ -44,25 +44,41 @@ pub struct StoreHandler {
     pub(crate) kv: Arc<StateMachine>,
     pub(crate) checkpointer: Arc<dyn Checkpointer>,
     pub(crate) transport: Arc<dyn Transport>,
-    pub(crate) persisted: Sender<Persisted>,
+    pub(crate) persisted: Sender<Durable>,
     pub(crate) tasks: Sender<ReplicaTask>,
     pub(crate) failure: Arc<NodeFailure>,
 }
 
-/// What goes back to the persisted forwarder with a write: the responses to send once it is durable, and, for a
-/// replica that need not be scheduled for it, where to note it durable instead of sending `Persisted`.
-pub(crate) struct AfterPersist {
+/// A write made durable, as the persisted forwarder gets it: the group's Ready, and what waited for it.
+pub struct Durable {
+    group_id: u64,
+    ready_number: u64,
+    after: AfterPersist,
+}
+
+/// What waits for a write to be durable: the responses to send then, and, for a replica that need not be
+/// scheduled for it, where to note it durable instead of sending `Persisted`.
+#[derive(Default)]
+struct AfterPersist {
     envelopes: Vec<Envelope>,
     note: Option<PersistedNote>,
 }
 
+/// A write's completion (on the log's writer thread): handed to the persisted forwarder with what waited for it.
+struct ToForwarder {
+    forwarder: Sender<Durable>,
+    after: AfterPersist,
+}
+
+impl Completion for ToForwarder {
+    fn complete(self: Box<Self>, group_id: u64, ready_number: u64) {
+        let _ = self.forwarder.send(Durable { group_id, ready_number, after: self.after });
+    }
+}
+
 /// The persisted forwarder's loop (a thread of its own): for each write made durable, sends the responses that
 /// waited for it, then tells the replica — by a `Persisted` message, or by its note (see `LogWrite::prompt`).
-pub(crate) fn forward_persisted(
-    done: Receiver<Persisted>,
-    mailboxes: Arc<dyn Mailboxes>,
-    transport: Arc<dyn Transport>,
-) {
+pub(crate) fn forward_persisted(done: Receiver<Durable>, mailboxes: Arc<dyn Mailboxes>, transport: Arc<dyn Transport>) {
     while let Ok(persisted) = done.recv() {
         forward_one(persisted, mailboxes.as_ref(), transport.as_ref());
         forward_ready(&done, mailboxes.as_ref(), transport.as_ref());
@@ -71,7 +87,7 @@ pub(crate) fn forward_persisted(
 
 /// Forwards every durable write already reported, then flushes the transport: what the writer completed together
 /// goes out together. (The persisted forwarder's turn; a stepping caller's too.)
-pub fn forward_ready(done: &Receiver<Persisted>, mailboxes: &dyn Mailboxes, transport: &dyn Transport) {
+pub fn forward_ready(done: &Receiver<Durable>, mailboxes: &dyn Mailboxes, transport: &dyn Transport) {
     for persisted in done.try_iter() {
         forward_one(persisted, mailboxes, transport);
     }
@@ -79,24 +95,14 @@ pub fn forward_ready(done: &Receiver<Persisted>, mailboxes: &dyn Mailboxes, tran
 }
 
 /// One durable write: the answers that waited for it go out, then the replica is told.
-fn forward_one(persisted: Persisted, mailboxes: &dyn Mailboxes, transport: &dyn Transport) {
-    let prompt = match persisted.attachment.map(|attachment| attachment.downcast::<AfterPersist>()) {
-        Some(Ok(after)) => {
-            for envelope in after.envelopes {
-                transport.send(envelope);
-            }
-            match after.note {
-                Some(note) => {
-                    note.note(persisted.ready_number);
-                    false
-                }
-                None => true,
-            }
-        }
-        _ => true,
-    };
-    if prompt {
-        deliver(mailboxes, persisted.group_id, PeerMsg::Persisted { ready_number: persisted.ready_number });
+fn forward_one(durable: Durable, mailboxes: &dyn Mailboxes, transport: &dyn Transport) {
+    let Durable { group_id, ready_number, after } = durable;
+    for envelope in after.envelopes {
+        transport.send(envelope);
+    }
+    match after.note {
+        Some(note) => note.note(ready_number),
+        None => deliver(mailboxes, group_id, PeerMsg::Persisted { ready_number }),
     }
 }
 
@@ -154,10 +160,9 @@ impl StoreHandler {
             let envelopes: Vec<Envelope> =
                 write.messages.into_iter().filter_map(|message| self.envelope(fsm, message)).collect();
             let note = (!write.prompt).then(|| fsm.peer.persisted_note());
-            let mut request = WriteRequest::new(group_id, write.ready_number, write.ops, self.persisted.clone());
-            if !envelopes.is_empty() || note.is_some() {
-                request.attachment = Some(Box::new(AfterPersist { envelopes, note }));
-            }
+            let after = AfterPersist { envelopes, note };
+            let completion = Box::new(ToForwarder { forwarder: self.persisted.clone(), after });
+            let request = WriteRequest::with_completion(group_id, write.ready_number, write.ops, completion);
             if let Err(error) = self.log.submit(request) {
                 return self.fail(format!("the log failed: {error}"));
             }

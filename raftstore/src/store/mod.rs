@@ -32,7 +32,6 @@ use std::time::Duration;
 use flotilla_engine::flusher::Checkpointer;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
-use flotilla_engine::wal::group_commit::Persisted;
 use flotilla_raft::{Config, ReadMode};
 
 pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
@@ -114,7 +113,7 @@ pub struct Store {
 pub(crate) struct StoreCore {
     pub(crate) handler: StoreHandler,
     /// Writes made durable, for the persisted forwarder.
-    pub(crate) persisted: crossbeam_channel::Receiver<Persisted>,
+    pub(crate) persisted: crossbeam_channel::Receiver<handler::Durable>,
     /// Replicas to create or destroy, for the replicas thread.
     pub(crate) tasks: crossbeam_channel::Receiver<ReplicaTask>,
 }
@@ -128,7 +127,7 @@ impl StoreCore {
         transport: Arc<dyn Transport>,
         clock: Arc<dyn TickClock>,
     ) -> StoreCore {
-        let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<Persisted>();
+        let (persisted, persisted_receiver) = crossbeam_channel::unbounded::<handler::Durable>();
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
         let handler = StoreHandler {
             node_id: options.node_id,

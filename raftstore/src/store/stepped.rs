@@ -17,7 +17,6 @@ use parking_lot::Mutex;
 use flotilla_engine::flusher::Checkpointer;
 use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::StateMachine;
-use flotilla_engine::wal::group_commit::Persisted;
 use flotilla_engine::wal::WalError;
 
 use super::fsm::{PeerFsm, PeerMsg};
@@ -75,7 +74,7 @@ impl Mailboxes for SteppedMailboxes {
 pub struct SteppedStore {
     handler: StoreHandler,
     replicas: Replicas,
-    persisted: Receiver<Persisted>,
+    persisted: Receiver<super::handler::Durable>,
     tasks: Receiver<ReplicaTask>,
     mailboxes: Arc<SteppedMailboxes>,
     log_gc: LogGc,
