@@ -84,7 +84,7 @@ impl Node {
             options,
             &ranges,
             Arc::clone(&log) as Arc<dyn LogEngine>,
-            Arc::clone(&kv),
+            Arc::clone(&kv) as Arc<dyn flotilla_engine::contract::KvEngine>,
             Arc::clone(&flusher) as Arc<dyn flotilla_engine::flusher::Checkpointer>,
             transport,
         )

@@ -32,6 +32,9 @@ pub trait KvEngine: Send + Sync {
     fn applied(&self, group_id: u64) -> AppliedState;
     /// The applied state the last checkpoint made durable.
     fn durable_applied(&self, group_id: u64) -> AppliedState;
+    /// Changes whenever any group's durable applied state changes (a caller that read it, then the states it
+    /// wanted, need not read them again until it changes).
+    fn durable_generation(&self) -> u64;
     /// Whether a snapshot install (or a group's clearing) set the durable applied state, rather than applying the
     /// log: only then may a log after a crash end below it (see `peer::prepare_groups`).
     fn durable_by_install(&self, group_id: u64) -> bool;
@@ -101,6 +104,9 @@ impl KvEngine for StateMachine {
     fn durable_applied(&self, group_id: u64) -> AppliedState {
         StateMachine::durable_applied(self, group_id)
     }
+    fn durable_generation(&self) -> u64 {
+        StateMachine::durable_generation(self)
+    }
 
     fn durable_by_install(&self, group_id: u64) -> bool {
         StateMachine::durable_by_install(self, group_id)
@@ -138,6 +144,8 @@ impl KvEngine for StateMachine {
 struct MemState {
     durable: BTreeMap<Vec<u8>, Vec<u8>>,
     durable_applied: HashMap<u64, AppliedState>,
+    /// Counts changes of `durable_applied`.
+    durable_generation: u64,
     /// Groups whose durable applied state a snapshot install set.
     durable_by_install: std::collections::HashSet<u64>,
     /// Applied since the last flush (`None`: a deletion).
@@ -218,6 +226,7 @@ impl KvEngine for MemKvEngine {
             state.durable_by_install.remove(group);
         }
         state.durable_applied.extend(flushed);
+        state.durable_generation += 1;
         let changed = std::mem::take(&mut state.pending_ranges);
         state.ranges.extend(changed);
         state.pending_bytes = 0;
@@ -251,6 +260,10 @@ impl KvEngine for MemKvEngine {
 
     fn durable_applied(&self, group_id: u64) -> AppliedState {
         self.state.lock().durable_applied.get(&group_id).copied().unwrap_or((0, 0))
+    }
+
+    fn durable_generation(&self) -> u64 {
+        self.state.lock().durable_generation
     }
 
     fn durable_by_install(&self, group_id: u64) -> bool {
@@ -312,6 +325,7 @@ impl KvEngine for MemKvEngine {
         state.durable.extend(pairs);
         state.pending_applied.remove(&group_id);
         state.durable_applied.insert(group_id, applied);
+        state.durable_generation += 1;
         state.durable_by_install.insert(group_id);
         state.pending_ranges.remove(&group_id);
         if let Some(range) = range {

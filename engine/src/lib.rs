@@ -1,6 +1,7 @@
 //! The node's durable state: one shared write-ahead log for every group replica on the node (group commit: one
 //! fsync for many groups' writes) and one redb database holding the applied data of every group (the state machine).
 //!
+//! - [`contract`]: the storage contract — every trait and type the raftstore sees of the engines;
 //! - [`disk`]: the file-system seam, with [`disk::SimDisk`] injecting crashes, torn writes, fsync errors and bit
 //!   flips for tests;
 //! - [`wal`]: segments, records, the per-group index, batch writes, recovery and group commit;
@@ -13,6 +14,7 @@
 //! - [`decoders`]: every decoder of bytes read back from disk behind one entry point each, for fuzzing;
 //! - [`panics`]: panics turned into errors where a thread or a dependency could panic.
 
+pub mod contract;
 pub mod decoders;
 pub mod disk;
 pub mod failure;

@@ -49,7 +49,7 @@ fn start_node(id: u64, dir: &std::path::Path, ranges: &[RangeDescriptor], transp
         options,
         ranges,
         Arc::clone(&log) as Arc<dyn LogEngine>,
-        Arc::clone(&kv),
+        Arc::clone(&kv) as _,
         flusher,
         Arc::clone(transport) as _,
     )

@@ -136,6 +136,8 @@ struct Node {
     /// Paused until this step: its rounds, persisted forwarding and ticker stand still, its clock runs on, and
     /// messages for it pile up.
     paused_until: u64,
+    /// Deaf until this step: every message to it is lost (its own still go out).
+    deaf_until: u64,
 }
 
 /// Where a client attempt's answer comes.
@@ -187,6 +189,10 @@ struct Sim {
     clients: Vec<Option<usize>>,
     /// Per (client, group): the node believed to lead.
     hints: HashMap<(usize, usize), u64>,
+    /// A group most new operations go to until a step (by position in `ranges`): where a fault is under way;
+    /// and meanwhile, per client, the node every attempt on that group goes to.
+    focus: Option<(usize, u64)>,
+    steered: Vec<Option<u64>>,
     /// Invariants: the leader of each (group, term); the entry committed at each (group, index).
     leaders: HashMap<(u64, u64), u64>,
     committed: HashMap<(u64, u64), (u64, u64)>,
@@ -293,6 +299,7 @@ impl Sim {
                 clock: 0,
                 ticks: 0,
                 paused_until: 0,
+                deaf_until: 0,
             })
             .collect();
         let clients = vec![None; rng.range(2, 5) as usize];
@@ -313,6 +320,8 @@ impl Sim {
             next_value: 1,
             clients,
             hints: HashMap::new(),
+            focus: None,
+            steered: Vec::new(),
             leaders: HashMap::new(),
             committed: HashMap::new(),
             raft,
@@ -363,7 +372,7 @@ impl Sim {
             &options,
             &ranges,
             Arc::clone(&log) as Arc<dyn LogEngine>,
-            Arc::clone(&kv),
+            Arc::clone(&kv) as Arc<dyn flotilla_engine::contract::KvEngine>,
             Arc::new(SimCheckpoints),
             Arc::clone(&outbox) as Arc<dyn flotilla_raftstore::store::Transport>,
             Arc::clone(&clock) as Arc<dyn flotilla_raftstore::store::ticks::TickClock>,
@@ -549,7 +558,7 @@ impl Sim {
     /// A packet reaches its node: a replica message goes to the node's inbox (a paused node's piles up there).
     fn deliver(&mut self, packet: Packet) -> SimResult<()> {
         let (from, to) = packet.ends();
-        if self.cuts.contains(&(from, to)) {
+        if self.cuts.contains(&(from, to)) || self.nodes[(to - 1) as usize].deaf_until > self.step {
             return Ok(());
         }
         let position = (to - 1) as usize;
@@ -626,10 +635,8 @@ impl Sim {
     /// on and messages for it pile up). A leader's node, mostly — sometimes cut off as well, with clients sent to
     /// it: a lease that outlived the pause would answer them from stale data once it resumes.
     fn pause(&mut self) {
-        let leader = {
-            let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
-            self.leader_position(group)
-        };
+        let group_position = self.rng.below(self.ranges.len() as u64) as usize;
+        let leader = self.leader_position(self.ranges[group_position].group_id);
         let position = match leader {
             Some(position) if self.rng.chance_per_mille(800) => position,
             _ => self.rng.below(self.nodes.len() as u64) as usize,
@@ -638,16 +645,21 @@ impl Sim {
             return;
         }
         let id = self.nodes[position].id;
-        self.nodes[position].paused_until = self.step + self.rng.range(20, 300);
+        // Mostly long enough for the others to declare it down and elect new leaders (about 100–200 steps).
+        self.nodes[position].paused_until = self.step + self.rng.range(20, 400);
         self.report.pauses += 1;
         if self.rng.chance_per_mille(500) {
             for other in (1..=self.nodes.len() as u64).filter(|&other| other != id) {
                 self.cuts.insert((id, other));
                 self.cuts.insert((other, id));
             }
+            // Until it resumes, some clients keep sending to it (their reads wait there, then meet its old lease);
+            // the others look for the new leader and write there meanwhile. Most new operations go to the group.
+            self.focus = Some((group_position, self.nodes[position].paused_until + 50));
+            self.steered = (0..self.clients.len()).map(|_| self.rng.chance_per_mille(500).then_some(id)).collect();
             for client in 0..self.clients.len() {
-                for group in 0..self.ranges.len() {
-                    self.hints.insert((client, group), id);
+                if self.hints.get(&(client, group_position)) == Some(&id) {
+                    self.hints.remove(&(client, group_position));
                 }
             }
         }
@@ -664,7 +676,10 @@ impl Sim {
     }
 
     fn issue(&mut self, client: usize) {
-        let group = self.rng.below(self.ranges.len() as u64) as usize;
+        let group = match self.focus {
+            Some((group, until)) if until > self.step && self.rng.chance_per_mille(800) => group,
+            _ => self.rng.below(self.ranges.len() as u64) as usize,
+        };
         let key = self.keys[group][self.rng.below(self.keys[group].len() as u64) as usize].clone();
         let value = self.next_value;
         self.next_value += 1;
@@ -701,8 +716,14 @@ impl Sim {
     /// the replica's mailbox, as the `Db` sends it.
     fn attempt(&mut self, index: usize) -> SimResult<()> {
         let (client, group) = (self.ops[index].operation.client as usize, self.ops[index].group);
-        let node = match self.hints.get(&(client, group)) {
-            Some(node) => *node,
+        let steered = match self.focus {
+            Some((focused, until)) if focused == group && until > self.step => {
+                self.steered.get(client).copied().flatten()
+            }
+            _ => None,
+        };
+        let node = match steered.or_else(|| self.hints.get(&(client, group)).copied()) {
+            Some(node) => node,
             None => self.rng.range(1, self.nodes.len() as u64),
         };
         self.ops[index].retry_at = None;
@@ -972,9 +993,55 @@ impl Sim {
             }
             935..=944 => self.change_membership()?,
             945..=949 => self.pause(),
+            950..=954 => self.transfer_from_cut_off_leader()?,
             _ => {}
         }
         self.clients_step(true)
+    }
+
+    /// A leadership transfer whose old leader then hears nothing for a while (its node deaf; its own messages,
+    /// the `TimeoutNow` among them, still go out): the target leads at once, in a new term, while the old
+    /// leader still believes it leads. Some clients keep sending to the old leader — a lease that held through the
+    /// transfer would answer them from stale data — and the others go to the new one.
+    fn transfer_from_cut_off_leader(&mut self) -> SimResult<()> {
+        let group_position = self.rng.below(self.ranges.len() as u64) as usize;
+        let group = self.ranges[group_position].group_id;
+        let Some(position) = self.leader_position(group) else { return Ok(()) };
+        let id = self.nodes[position].id;
+        let Some(target) = self.running(position).store.with_fsm(group, |fsm| {
+            let peer = fsm.peer();
+            let voters: Vec<u64> = peer
+                .descriptor()
+                .replicas
+                .iter()
+                .filter(|r| !r.learner && r.replica_id != peer.replica_id())
+                .map(|r| r.replica_id)
+                .collect();
+            voters.first().copied()
+        }) else {
+            return Ok(());
+        };
+        let Some(target) = target else { return Ok(()) };
+        let _ = self.running(position).store.mailboxes().send(group, PeerMsg::TransferLeader { replica_id: target });
+        self.report.transfers += 1;
+        self.drive(position)?;
+        // Deaf for a while (the link cuts that other faults heal at random do not touch this), and the clients'
+        // attention on the group meanwhile.
+        self.nodes[position].deaf_until = self.step + self.rng.range(50, 300);
+        self.focus = Some((group_position, self.nodes[position].deaf_until));
+        // While it is deaf, some clients keep sending to the old leader, the others to the new one (as if they
+        // learned of it first), whatever they are answered.
+        let target_node = self.replica_nodes.get(&(group, target)).copied().unwrap_or(id);
+        self.steered = (0..self.clients.len())
+            .map(|_| Some(if self.rng.chance_per_mille(500) { target_node } else { id }))
+            .collect();
+        if self.trace {
+            println!(
+                "step {}: group {group} transfers from node {id} to replica {target}, node {id} cut off",
+                self.step
+            );
+        }
+        Ok(())
     }
 
     /// The position of a node whose replica of `group` leads (in some term), if any is up.
@@ -1053,6 +1120,7 @@ impl Sim {
         self.cuts.clear();
         for position in 0..self.nodes.len() {
             self.nodes[position].paused_until = 0;
+            self.nodes[position].deaf_until = 0;
             if self.nodes[position].running.is_none() {
                 self.start(position)?;
             }

@@ -20,11 +20,11 @@
 //! no log entries, so a group whose stored descriptor does not list the node but whose log still holds entries
 //! is one whose destroy did not finish.
 
-use flotilla_engine::kv_engine::KvEngine;
-use flotilla_engine::log_engine::LogEngine;
-use flotilla_engine::state_machine::GroupApply;
-use flotilla_engine::wal::group_commit::WriteRequest;
-use flotilla_engine::wal::record::LogOp;
+use flotilla_engine::contract::GroupApply;
+use flotilla_engine::contract::KvEngine;
+use flotilla_engine::contract::LogEngine;
+use flotilla_engine::contract::LogOp;
+use flotilla_engine::contract::WriteRequest;
 use flotilla_raft::{Error, HardState, StorageError};
 
 use crate::range::RangeDescriptor;
@@ -98,7 +98,7 @@ pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDes
 /// lists). The replica must be stopped first.
 pub fn destroy_replica(log: &dyn LogEngine, kv: &dyn KvEngine, descriptor: &RangeDescriptor) -> Result<(), Error> {
     let group_id = descriptor.group_id;
-    flotilla_engine::kv_engine::clear_group(kv, group_id, &descriptor.start, &descriptor.end, &descriptor.encode())
+    flotilla_engine::contract::clear_group(kv, group_id, &descriptor.start, &descriptor.end, &descriptor.encode())
         .map_err(|e| storage_error(format!("clearing group {group_id}'s data: {e}")))?;
     // Writes the replica submitted before it stopped may still be queued in the log, ahead of this compaction
     // (the log takes requests in order): once it is done they are too, and a second round drops what they added.
@@ -135,9 +135,9 @@ pub fn finish_interrupted_destroys(node_id: u64, log: &dyn LogEngine, kv: &dyn K
 
 #[cfg(test)]
 mod tests {
+    use flotilla_engine::contract::KvOp;
     use flotilla_engine::kv_engine::MemKvEngine;
     use flotilla_engine::log_engine::MemLogEngine;
-    use flotilla_engine::state_machine::KvOp;
 
     use super::*;
     use crate::range::{initial_ranges, Replica};

@@ -1,6 +1,6 @@
 //! Client writes: checked against the range and leadership, proposed as one entry each, tracked until applied.
 
-use flotilla_engine::wal::record::ENTRY_DATA_BYTES_MAX;
+use flotilla_engine::contract::ENTRY_DATA_BYTES_MAX;
 use flotilla_raft::Error as RaftError;
 use prost::Message as _;
 

@@ -1,7 +1,7 @@
 //! The core's Ready turned into [`PeerOutput`], and applied results turned into client responses.
 
-use flotilla_engine::kv_engine::KvEngine;
-use flotilla_engine::wal::record::LogOp;
+use flotilla_engine::contract::KvEngine;
+use flotilla_engine::contract::LogOp;
 use flotilla_raft::{MessageType, StateRole};
 
 use std::collections::BTreeMap;

@@ -23,10 +23,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use flotilla_engine::kv_engine::KvEngine;
-use flotilla_engine::snapshot::SnapshotReader;
-use flotilla_engine::state_machine::StateMachineError;
-use flotilla_engine::wal::record::LogOp;
+use flotilla_engine::contract::KvEngine;
+use flotilla_engine::contract::LogOp;
+use flotilla_engine::contract::SnapshotReader;
+use flotilla_engine::contract::StateMachineError;
 use flotilla_raft::{Message, MessageType, Snapshot};
 
 use super::{Peer, PeerError, Response};

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use flotilla_engine::log_engine::LogEngine;
+use flotilla_engine::contract::LogEngine;
 use flotilla_raft::{ConfState, Entry, Snapshot, SnapshotMetadata, StorageError};
 use flotilla_raft::{InitialState, Storage, StorageResult};
 
@@ -89,9 +89,9 @@ impl Storage for PeerStorage {
 mod tests {
     use bytes::Bytes;
     use crossbeam_channel::unbounded;
+    use flotilla_engine::contract::LogOp;
+    use flotilla_engine::contract::WriteRequest;
     use flotilla_engine::log_engine::MemLogEngine;
-    use flotilla_engine::wal::group_commit::WriteRequest;
-    use flotilla_engine::wal::record::LogOp;
     use flotilla_raft::HardState;
     use flotilla_raft::MemStorage;
 

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use rustc_hash::FxHashMap;
 
-use flotilla_engine::kv_engine::KvEngine;
-use flotilla_engine::state_machine::{KeyValue, StateMachineError};
+use flotilla_engine::contract::KvEngine;
+use flotilla_engine::contract::{KeyValue, StateMachineError};
 use flotilla_raft::Entry;
 
 use super::ticks::TicksSeen;

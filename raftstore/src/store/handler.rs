@@ -19,10 +19,10 @@
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use flotilla_engine::flusher::Checkpointer;
-use flotilla_engine::log_engine::LogEngine;
-use flotilla_engine::state_machine::StateMachine;
-use flotilla_engine::wal::group_commit::{Completion, WriteRequest};
+use flotilla_engine::contract::Checkpointer;
+use flotilla_engine::contract::KvEngine;
+use flotilla_engine::contract::LogEngine;
+use flotilla_engine::contract::{Completion, WriteRequest};
 
 use super::failure::NodeFailure;
 use super::fsm::{PeerFsm, PeerMsg};
@@ -41,7 +41,7 @@ pub struct StoreHandler {
     pub(crate) node_id: u64,
     pub(crate) ticking: Arc<Ticking>,
     pub(crate) log: Arc<dyn LogEngine>,
-    pub(crate) kv: Arc<StateMachine>,
+    pub(crate) kv: Arc<dyn KvEngine>,
     pub(crate) checkpointer: Arc<dyn Checkpointer>,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) persisted: Sender<Durable>,

@@ -6,9 +6,9 @@
 
 use rustc_hash::FxHashMap;
 
-use flotilla_engine::log_engine::LogEngine;
-use flotilla_engine::state_machine::StateMachine;
-use flotilla_engine::wal::WalError;
+use flotilla_engine::contract::KvEngine;
+use flotilla_engine::contract::LogEngine;
+use flotilla_engine::contract::WalError;
 
 use super::fsm::PeerMsg;
 use super::mailboxes::Mailboxes;
@@ -36,7 +36,7 @@ impl LogGc {
     /// Returns how many were asked; `Err` if the log failed (the node stops through it).
     pub fn pass(
         &mut self,
-        kv: &StateMachine,
+        kv: &dyn KvEngine,
         log: &dyn LogEngine,
         bytes_max: u64,
         mailboxes: &dyn Mailboxes,

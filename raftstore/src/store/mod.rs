@@ -29,9 +29,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use flotilla_engine::flusher::Checkpointer;
-use flotilla_engine::log_engine::LogEngine;
-use flotilla_engine::state_machine::StateMachine;
+use flotilla_engine::contract::Checkpointer;
+use flotilla_engine::contract::KvEngine;
+use flotilla_engine::contract::LogEngine;
 use flotilla_raft::{Config, ReadMode};
 
 pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
@@ -122,7 +122,7 @@ impl StoreCore {
     pub(crate) fn new(
         options: &StoreOptions,
         log: Arc<dyn LogEngine>,
-        kv: Arc<StateMachine>,
+        kv: Arc<dyn KvEngine>,
         checkpointer: Arc<dyn Checkpointer>,
         transport: Arc<dyn Transport>,
         clock: Arc<dyn TickClock>,
@@ -170,7 +170,7 @@ impl StoreCore {
         metrics::counter!("flotilla_replicas_destroyed_total").increment(finished as u64);
         crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
         for range in &held {
-            let fsm = PeerFsm::new(replicas::open_replica(options, range, log, kv)?);
+            let fsm = PeerFsm::new(replicas::open_replica(options, range, log, kv.as_ref())?);
             if fsm.ticking {
                 ticking.start(range.group_id, &fsm.ticks_seen);
             }
@@ -201,7 +201,7 @@ impl Store {
         options: StoreOptions,
         ranges: &[RangeDescriptor],
         log: Arc<dyn LogEngine>,
-        kv: Arc<StateMachine>,
+        kv: Arc<dyn KvEngine>,
         checkpointer: Arc<dyn Checkpointer>,
         transport: Arc<dyn Transport>,
     ) -> Result<Store, flotilla_raft::Error> {
@@ -236,7 +236,7 @@ impl Store {
                 Box::new(move || {
                     let mut gc = log_gc::LogGc::default();
                     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                        if gc.pass(&kv, log.as_ref(), bytes_max, mailboxes.as_ref()).is_err() {
+                        if gc.pass(kv.as_ref(), log.as_ref(), bytes_max, mailboxes.as_ref()).is_err() {
                             return; // the log failed: the node stops through it
                         }
                     }
@@ -287,7 +287,7 @@ impl Store {
 
     /// Calls `listener` with the reason once the node stops on a failure (at once if it has). It runs on the
     /// thread that met the failure: it must be quick and must not wait for the node.
-    pub fn on_failure(&self, listener: flotilla_engine::failure::FailureListener) {
+    pub fn on_failure(&self, listener: flotilla_engine::contract::FailureListener) {
         self.failure.listen(listener);
     }
 

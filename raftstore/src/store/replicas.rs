@@ -14,8 +14,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
-use flotilla_engine::log_engine::LogEngine;
-use flotilla_engine::state_machine::StateMachine;
+use flotilla_engine::contract::KvEngine;
+use flotilla_engine::contract::LogEngine;
 use flotilla_raft::Config;
 
 use super::fsm::{PeerFsm, PeerMsg};
@@ -42,7 +42,7 @@ pub(crate) fn open_replica(
     options: &StoreOptions,
     range: &RangeDescriptor,
     log: &Arc<dyn LogEngine>,
-    kv: &StateMachine,
+    kv: &dyn KvEngine,
 ) -> Result<Peer, flotilla_raft::Error> {
     let replica =
         range.replicas.iter().find(|r| r.node_id == options.node_id).map_or(options.node_id, |r| r.replica_id);
@@ -54,7 +54,7 @@ fn open_with_id(
     replica: u64,
     range: RangeDescriptor,
     log: &Arc<dyn LogEngine>,
-    kv: &StateMachine,
+    kv: &dyn KvEngine,
 ) -> Result<Peer, flotilla_raft::Error> {
     let config = Config {
         id: replica,
@@ -68,7 +68,7 @@ fn open_with_id(
 pub(crate) struct Replicas {
     pub(crate) options: StoreOptions,
     pub(crate) log: Arc<dyn LogEngine>,
-    pub(crate) kv: Arc<StateMachine>,
+    pub(crate) kv: Arc<dyn KvEngine>,
     pub(crate) mailboxes: Arc<dyn Mailboxes>,
     pub(crate) ticking: Arc<Ticking>,
     /// Every group this node has held (opened at start, or created since).
@@ -127,7 +127,7 @@ impl Replicas {
             return;
         }
         let empty = RangeDescriptor { group_id, ..RangeDescriptor::default() };
-        let peer = match open_with_id(&self.options, envelope.message.to(), empty, &self.log, &self.kv) {
+        let peer = match open_with_id(&self.options, envelope.message.to(), empty, &self.log, self.kv.as_ref()) {
             Ok(peer) => peer,
             Err(error) => {
                 self.failure

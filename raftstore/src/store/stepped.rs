@@ -14,10 +14,10 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 
-use flotilla_engine::flusher::Checkpointer;
-use flotilla_engine::log_engine::LogEngine;
-use flotilla_engine::state_machine::StateMachine;
-use flotilla_engine::wal::WalError;
+use flotilla_engine::contract::Checkpointer;
+use flotilla_engine::contract::KvEngine;
+use flotilla_engine::contract::LogEngine;
+use flotilla_engine::contract::WalError;
 
 use super::fsm::{PeerFsm, PeerMsg};
 use super::handler::{forward_ready, StoreHandler};
@@ -87,7 +87,7 @@ impl SteppedStore {
         options: &StoreOptions,
         ranges: &[RangeDescriptor],
         log: Arc<dyn LogEngine>,
-        kv: Arc<StateMachine>,
+        kv: Arc<dyn KvEngine>,
         checkpointer: Arc<dyn Checkpointer>,
         transport: Arc<dyn Transport>,
         clock: Arc<dyn TickClock>,
@@ -194,7 +194,7 @@ impl SteppedStore {
     /// The log collector's pass (`log_gc.rs`): compactions asked, the log purged behind the last ones.
     pub fn collect_logs(&mut self) -> Result<usize, WalError> {
         let kv = Arc::clone(&self.handler.kv);
-        self.log_gc.pass(&kv, self.handler.log.as_ref(), self.log_bytes_max, self.mailboxes.as_ref())
+        self.log_gc.pass(kv.as_ref(), self.handler.log.as_ref(), self.log_bytes_max, self.mailboxes.as_ref())
     }
 
     /// Why the node stopped, if an engine failed.
