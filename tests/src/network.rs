@@ -1,12 +1,29 @@
-//! A simulated network between replicas: messages in flight are delivered in random order (reordering), may be
-//! dropped or duplicated, and partitions (also one-way) block chosen directions. Driven by the simulator's seeded
-//! generator, so every run of a seed is identical.
+//! The simulated network of both simulators (`raft-sim` between replicas, `store-sim` between nodes): packets in
+//! flight, delivered in random order (reordering), maybe lost or duplicated, and cut directions (partitions, also
+//! one-way) that lose what would cross them. Driven by the simulator's seeded generator, so every run of a seed
+//! is identical. Two ways to deliver: one packet at a time, picked at random or oldest first ([`take_one`], the
+//! Raft simulator's steps), or every packet due by a step, each sent with a delay ([`take_due`], the store
+//! simulator's).
+//!
+//! [`take_one`]: SimNetwork::take_one
+//! [`take_due`]: SimNetwork::take_due
 
 use std::collections::BTreeSet;
 
 use flotilla_raft::Message;
 
 use crate::sim_rng::SimRng;
+
+/// What the network needs of a packet: its two ends (replicas, or nodes).
+pub trait Routed: Clone {
+    fn ends(&self) -> (u64, u64);
+}
+
+impl Routed for Message {
+    fn ends(&self) -> (u64, u64) {
+        (self.from, self.to)
+    }
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct FaultRates {
@@ -17,16 +34,16 @@ pub struct FaultRates {
 }
 
 /// What happened to the message picked for delivery.
-pub enum Delivery {
-    Delivered(Message),
+pub enum Delivery<P> {
+    Delivered(P),
     /// Lost to a partition or to random loss; the sender's transport would notice for snapshots.
-    Lost(Message),
+    Lost(P),
     Empty,
 }
 
-#[derive(Default)]
-pub struct SimNetwork {
-    in_flight: Vec<Message>,
+pub struct SimNetwork<P> {
+    /// Packets in flight, with the step they are due (0: any time).
+    in_flight: Vec<(u64, P)>,
     /// Directions (from, to) that are cut.
     blocked: BTreeSet<(u64, u64)>,
     pub faults: FaultRates,
@@ -34,36 +51,67 @@ pub struct SimNetwork {
     pub dropped: u64,
 }
 
-impl SimNetwork {
-    pub fn new(faults: FaultRates) -> SimNetwork {
-        SimNetwork { faults, ..Default::default() }
+impl<P: Routed> SimNetwork<P> {
+    pub fn new(faults: FaultRates) -> SimNetwork<P> {
+        SimNetwork { in_flight: Vec::new(), blocked: BTreeSet::new(), faults, delivered: 0, dropped: 0 }
     }
 
-    /// Queues messages; cuts and loss apply at delivery time, where the loss is reported (`Delivery::Lost`).
-    pub fn send(&mut self, messages: Vec<Message>) {
-        self.in_flight.extend(messages);
+    /// Queues packets, deliverable at once; cuts and loss apply at delivery time, where the loss is reported
+    /// (`Delivery::Lost`).
+    pub fn send(&mut self, packets: Vec<P>) {
+        self.in_flight.extend(packets.into_iter().map(|packet| (0, packet)));
+    }
+
+    /// Queues a packet, deliverable from step `due` on (see [`SimNetwork::take_due`]).
+    pub fn send_at(&mut self, packet: P, due: u64) {
+        self.in_flight.push((due, packet));
     }
 
     pub fn in_flight_count(&self) -> usize {
         self.in_flight.len()
     }
 
-    /// Picks a message to deliver (`oldest` for FIFO, else any), applying loss and duplication.
-    pub fn take_one(&mut self, rng: &mut SimRng, oldest: bool) -> Delivery {
+    /// Picks a packet to deliver (`oldest` for FIFO, else any), applying cuts, loss and duplication.
+    pub fn take_one(&mut self, rng: &mut SimRng, oldest: bool) -> Delivery<P> {
         if self.in_flight.is_empty() {
             return Delivery::Empty;
         }
         let position = if oldest { 0 } else { rng.below(self.in_flight.len() as u64) as usize };
-        let message = if oldest { self.in_flight.remove(position) } else { self.in_flight.swap_remove(position) };
-        if self.blocked.contains(&(message.from, message.to)) || rng.chance_per_mille(self.faults.drop_per_mille) {
+        let (_, packet) = if oldest { self.in_flight.remove(position) } else { self.in_flight.swap_remove(position) };
+        if self.blocked.contains(&packet.ends()) || rng.chance_per_mille(self.faults.drop_per_mille) {
             self.dropped += 1;
-            return Delivery::Lost(message);
+            return Delivery::Lost(packet);
         }
         if rng.chance_per_mille(self.faults.duplicate_per_mille) {
-            self.in_flight.push(message.clone());
+            self.in_flight.push((0, packet.clone()));
         }
         self.delivered += 1;
-        Delivery::Delivered(message)
+        Delivery::Delivered(packet)
+    }
+
+    /// Every packet due by step `now`, in random order, less those a cut loses (counted as dropped). Random loss
+    /// and duplication are the sender's to apply with the delays it draws ([`SimNetwork::send_at`]).
+    pub fn take_due(&mut self, now: u64, rng: &mut SimRng) -> Vec<P> {
+        let mut due = Vec::new();
+        let mut at = 0;
+        while at < self.in_flight.len() {
+            if self.in_flight[at].0 <= now {
+                due.push(self.in_flight.swap_remove(at).1);
+            } else {
+                at += 1;
+            }
+        }
+        let mut delivered = Vec::with_capacity(due.len());
+        while !due.is_empty() {
+            let packet = due.swap_remove(rng.below(due.len() as u64) as usize);
+            if self.blocked.contains(&packet.ends()) {
+                self.dropped += 1;
+            } else {
+                self.delivered += 1;
+                delivered.push(packet);
+            }
+        }
+        delivered
     }
 
     /// Cuts both directions between the two sides.
@@ -81,6 +129,13 @@ impl SimNetwork {
         self.blocked.insert((from, to));
     }
 
+    /// Cuts `from → to` if it is open, else opens it.
+    pub fn toggle_one_way(&mut self, from: u64, to: u64) {
+        if !self.blocked.remove(&(from, to)) {
+            self.blocked.insert((from, to));
+        }
+    }
+
     pub fn heal(&mut self) {
         self.blocked.clear();
     }
@@ -89,13 +144,13 @@ impl SimNetwork {
         !self.blocked.is_empty()
     }
 
-    /// Drops every message to `id` (it crashed: its socket buffers are gone) and returns them, so that the
+    /// Drops every packet to `id` (it crashed: its socket buffers are gone) and returns them, so that the
     /// senders' transports can report failed snapshots.
-    pub fn drop_to(&mut self, id: u64) -> Vec<Message> {
-        let (lost, kept) = std::mem::take(&mut self.in_flight).into_iter().partition(|m| m.to == id);
+    pub fn drop_to(&mut self, id: u64) -> Vec<P> {
+        let (lost, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.in_flight).into_iter().partition(|(_, packet)| packet.ends().1 == id);
         self.in_flight = kept;
-        let lost: Vec<Message> = lost;
         self.dropped += lost.len() as u64;
-        lost
+        lost.into_iter().map(|(_, packet)| packet).collect()
     }
 }

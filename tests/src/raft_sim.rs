@@ -95,7 +95,7 @@ struct Simulation {
     clocks: BTreeMap<u64, (u64, u64)>,
     /// Per-replica chance (per mille) that a chance to persist is skipped: a slow disk.
     disk_slowness: BTreeMap<u64, u32>,
-    network: SimNetwork,
+    network: SimNetwork<Message>,
     invariants: Invariants,
     /// Outstanding reads: context → the highest index committed anywhere when the read began.
     reads: BTreeMap<Bytes, u64>,

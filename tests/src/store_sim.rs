@@ -22,7 +22,7 @@
 //! linearizability checker; Raft invariants (one leader per term and group; every replica commits the same entry
 //! at an index) are checked after every step, and a node that stops on a failure fails the run.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -43,6 +43,7 @@ use flotilla_raftstore::store::ticks::ManualClock;
 use flotilla_raftstore::store::{Mailboxes, PeerMsg, ReadRequest, ReadResult, StoreOptions};
 
 use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
+use crate::network::{FaultRates, Routed, SimNetwork};
 use crate::sim_engines::{SimCheckpoints, SimLog, SimOutbox};
 use crate::sim_rng::SimRng;
 
@@ -171,8 +172,8 @@ struct Sim {
     nodes: Vec<Node>,
     ranges: Vec<RangeDescriptor>,
     keys: Vec<Vec<Vec<u8>>>,
-    /// Packets in flight, with the step they are due.
-    network: Vec<(u64, Packet)>,
+    /// Packets in flight, with the step they are due, and the one-way cuts between nodes.
+    network: SimNetwork<Packet>,
     /// Node liveness: when node `.0` last heard anything from node `.1` (a node heartbeat or any message).
     heard: HashMap<(u64, u64), u64>,
     /// Where each replica lives: (group, replica id) → node (what a client's range cache learns).
@@ -181,8 +182,6 @@ struct Sim {
     next_replica_id: u64,
     /// Answers to membership proposals (counted, not checked).
     membership_replies: Vec<oneshot::Receiver<Result<Applied, PeerError>>>,
-    /// One-way cuts: (from node, to node).
-    cuts: BTreeSet<(u64, u64)>,
     ops: Vec<ClientOp>,
     attempts: Vec<Attempt>,
     next_value: u64,
@@ -246,7 +245,7 @@ enum Packet {
     NodeHeartbeat { from: u64, to: u64 },
 }
 
-impl Packet {
+impl Routed for Packet {
     fn ends(&self) -> (u64, u64) {
         match self {
             Packet::Replica(envelope) => (envelope.from_node, envelope.to_node),
@@ -309,12 +308,11 @@ impl Sim {
             nodes,
             ranges,
             keys,
-            network: Vec::new(),
+            network: SimNetwork::new(FaultRates::default()),
             heard: HashMap::new(),
             replica_nodes,
             next_replica_id: 100,
             membership_replies: Vec::new(),
-            cuts: BTreeSet::new(),
             ops: Vec::new(),
             attempts: Vec::new(),
             next_value: 1,
@@ -531,25 +529,15 @@ impl Sim {
         };
         if self.faults && self.rng.chance_per_mille(20) {
             let due = self.step + delay(&mut self.rng, self.faults);
-            self.network.push((due, packet.clone()));
+            self.network.send_at(packet.clone(), due);
         }
         let due = self.step + delay(&mut self.rng, self.faults);
-        self.network.push((due, packet));
+        self.network.send_at(packet, due);
     }
 
-    /// Delivers every message due by now, in random order.
+    /// Delivers every message due by now, in random order (those a cut loses are gone).
     fn deliver_due(&mut self) -> SimResult<()> {
-        let mut due = Vec::new();
-        let mut at = 0;
-        while at < self.network.len() {
-            if self.network[at].0 <= self.step {
-                due.push(self.network.swap_remove(at));
-            } else {
-                at += 1;
-            }
-        }
-        while !due.is_empty() {
-            let (_, packet) = due.swap_remove(self.rng.below(due.len() as u64) as usize);
+        for packet in self.network.take_due(self.step, &mut self.rng) {
             self.deliver(packet)?;
         }
         Ok(())
@@ -558,7 +546,7 @@ impl Sim {
     /// A packet reaches its node: a replica message goes to the node's inbox (a paused node's piles up there).
     fn deliver(&mut self, packet: Packet) -> SimResult<()> {
         let (from, to) = packet.ends();
-        if self.cuts.contains(&(from, to)) || self.nodes[(to - 1) as usize].deaf_until > self.step {
+        if self.nodes[(to - 1) as usize].deaf_until > self.step {
             return Ok(());
         }
         let position = (to - 1) as usize;
@@ -649,10 +637,8 @@ impl Sim {
         self.nodes[position].paused_until = self.step + self.rng.range(20, 400);
         self.report.pauses += 1;
         if self.rng.chance_per_mille(500) {
-            for other in (1..=self.nodes.len() as u64).filter(|&other| other != id) {
-                self.cuts.insert((id, other));
-                self.cuts.insert((other, id));
-            }
+            let others: Vec<u64> = (1..=self.nodes.len() as u64).filter(|&other| other != id).collect();
+            self.network.partition(&[id], &others);
             // Until it resumes, some clients keep sending to it (their reads wait there, then meet its old lease);
             // the others look for the new leader and write there meanwhile. Most new operations go to the group.
             self.focus = Some((group_position, self.nodes[position].paused_until + 50));
@@ -954,20 +940,18 @@ impl Sim {
                 // Cut or heal a one-way link.
                 let from = self.rng.range(1, self.nodes.len() as u64);
                 let to = self.rng.range(1, self.nodes.len() as u64);
-                if !self.cuts.remove(&(from, to)) && from != to {
-                    self.cuts.insert((from, to));
+                if from != to {
+                    self.network.toggle_one_way(from, to);
                 }
             }
             803..=805 => {
                 // Isolate a node: every link to and from it cut (a leader so cut off may be asleep, its lease
                 // frozen, while the others elect a new one).
                 let isolated = self.rng.range(1, self.nodes.len() as u64);
-                for other in (1..=self.nodes.len() as u64).filter(|&other| other != isolated) {
-                    self.cuts.insert((isolated, other));
-                    self.cuts.insert((other, isolated));
-                }
+                let others: Vec<u64> = (1..=self.nodes.len() as u64).filter(|&other| other != isolated).collect();
+                self.network.partition(&[isolated], &others);
             }
-            806..=809 => self.cuts.clear(),
+            806..=809 => self.network.heal(),
             810..=899 => self.apply_waiting(position)?,
             900..=904 => {
                 // A leadership transfer, wherever a leader is found (during faults it may not complete).
@@ -1117,7 +1101,7 @@ impl Sim {
     /// After the faults: every group leads, serves a write, and every replica holds the same data.
     fn converge(&mut self, steps: u64) -> SimResult<()> {
         self.faults = false;
-        self.cuts.clear();
+        self.network.heal();
         for position in 0..self.nodes.len() {
             self.nodes[position].paused_until = 0;
             self.nodes[position].deaf_until = 0;
