@@ -16,6 +16,7 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_engine::wal::WalError;
 use flotilla_raft::{Entry, HardState};
 use flotilla_raftstore::message::Envelope;
+use flotilla_raftstore::store::liveness::NodeMessage;
 use flotilla_raftstore::store::Transport;
 use parking_lot::Mutex;
 
@@ -128,21 +129,26 @@ impl LogEngine for SimLog {
     }
 }
 
-/// A node's transport: every envelope its replicas send waits here until the simulator takes it into its network.
+/// A node's transport: every envelope its replicas send, and every node message, waits here until the simulator
+/// takes it into its network.
 #[derive(Default)]
 pub struct SimOutbox {
-    sent: Mutex<Vec<Envelope>>,
+    sent: Mutex<(Vec<Envelope>, Vec<NodeMessage>)>,
 }
 
 impl SimOutbox {
-    pub fn take(&self) -> Vec<Envelope> {
+    pub fn take(&self) -> (Vec<Envelope>, Vec<NodeMessage>) {
         std::mem::take(&mut *self.sent.lock())
     }
 }
 
 impl Transport for SimOutbox {
     fn send(&self, envelope: Envelope) {
-        self.sent.lock().push(envelope);
+        self.sent.lock().0.push(envelope);
+    }
+
+    fn send_node(&self, message: NodeMessage) {
+        self.sent.lock().1.push(message);
     }
 }
 

@@ -38,8 +38,10 @@ use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::{Envelope, ReplicaMessage};
 use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
+use flotilla_raftstore::store::liveness::{Liveness, NodeMessage};
 use flotilla_raftstore::store::stepped::SteppedStore;
 use flotilla_raftstore::store::ticks::ManualClock;
+use flotilla_raftstore::store::Transport;
 use flotilla_raftstore::store::{Mailboxes, PeerMsg, ReadRequest, ReadResult, StoreOptions};
 
 use crate::linearizability::{check, Call, Operation, Outcome, Verdict};
@@ -122,6 +124,8 @@ struct Running {
     kv: Arc<StateMachine>,
     outbox: Arc<SimOutbox>,
     clock: Arc<ManualClock>,
+    /// Which other nodes it has heard from lately (a fresh start has heard from nobody: every node gets time).
+    liveness: Liveness,
     store: SteppedStore,
 }
 
@@ -174,8 +178,6 @@ struct Sim {
     keys: Vec<Vec<Vec<u8>>>,
     /// Packets in flight, with the step they are due, and the one-way cuts between nodes.
     network: SimNetwork<Packet>,
-    /// Node liveness: when node `.0` last heard anything from node `.1` (a node heartbeat or any message).
-    heard: HashMap<(u64, u64), u64>,
     /// Where each replica lives: (group, replica id) → node (what a client's range cache learns).
     replica_nodes: HashMap<(u64, u64), u64>,
     /// Replica ids for added replicas (above every node id).
@@ -230,8 +232,8 @@ fn peer_options(rng: &mut SimRng) -> PeerOptions {
     PeerOptions { snapshot, hibernate_idle_ticks, log_lag_entries_max: rng.below(16) }
 }
 
-/// A node not heard from for this many steps (about five ticks) is declared down by the others.
-const NODE_DOWN_STEPS: u64 = 35;
+/// A node not heard from for this many of its ticks is judged down by another (`store::liveness`).
+const NODE_DOWN_TICKS: u64 = 5;
 
 /// Rounds a node may take to go quiet after one event before the run fails (a livelock in the host loop).
 const DRIVE_ROUNDS_MAX: usize = 10_000;
@@ -241,15 +243,15 @@ const DRIVE_ROUNDS_MAX: usize = 10_000;
 enum Packet {
     /// A message between replicas of a group, between their nodes (boxed: far larger than a node heartbeat).
     Replica(Box<Envelope>),
-    /// Node liveness: one per node pair and tick, whatever the number of groups.
-    NodeHeartbeat { from: u64, to: u64 },
+    /// Node liveness: one heartbeat per node pair and tick, whatever the number of groups.
+    Node(NodeMessage),
 }
 
 impl Routed for Packet {
     fn ends(&self) -> (u64, u64) {
         match self {
             Packet::Replica(envelope) => (envelope.from_node, envelope.to_node),
-            Packet::NodeHeartbeat { from, to } => (*from, *to),
+            Packet::Node(message) => message.ends(),
         }
     }
 }
@@ -309,7 +311,6 @@ impl Sim {
             ranges,
             keys,
             network: SimNetwork::new(FaultRates::default()),
-            heard: HashMap::new(),
             replica_nodes,
             next_replica_id: 100,
             membership_replies: Vec::new(),
@@ -376,13 +377,10 @@ impl Sim {
             Arc::clone(&clock) as Arc<dyn flotilla_raftstore::store::ticks::TickClock>,
         )
         .map_err(|e| fail(&e))?;
-        node.running = Some(Running { log, kv, outbox, clock, store });
+        let liveness = Liveness::new(node.id, 1..=self.report.nodes as u64, NODE_DOWN_TICKS, 0);
+        node.running = Some(Running { log, kv, outbox, clock, liveness, store });
         node.ticks = 0;
         node.paused_until = 0;
-        // A fresh start has heard from nobody yet: it gives every node time before judging it down.
-        for other in 1..=self.nodes.len() as u64 {
-            self.heard.insert((id, other), self.step);
-        }
         self.drive(position)
     }
 
@@ -500,7 +498,10 @@ impl Sim {
 
     /// Everything the node's replicas sent goes into the network.
     fn flush_outbox(&mut self, position: usize) {
-        let sent = self.running(position).outbox.take();
+        let (sent, node_messages) = self.running(position).outbox.take();
+        for message in node_messages {
+            self.transmit(Packet::Node(message));
+        }
         for envelope in sent {
             if self.trace {
                 println!(
@@ -550,8 +551,11 @@ impl Sim {
             return Ok(());
         }
         let position = (to - 1) as usize;
-        if self.is_up(position) {
-            self.heard.insert((to, from), self.step);
+        // (A paused node reads what piled up in its sockets first thing when it resumes: heard now, as far as its
+        // liveness can tell.)
+        if self.nodes[position].running.is_some() {
+            let ticks = self.nodes[position].ticks;
+            self.running(position).liveness.heard(from, ticks);
         }
         let Packet::Replica(envelope) = packet else { return Ok(()) };
         if self.trace {
@@ -599,24 +603,20 @@ impl Sim {
         Ok(())
     }
 
-    /// On a node's tick: a heartbeat to every other node (one per node pair, for all groups), and the verdict on
-    /// each node it has not heard from lately — down — passed to its replicas (hibernating followers under a
-    /// leader there wake).
+    /// On a node's tick, its liveness turn (`store::liveness`): a heartbeat to every other node (one per node
+    /// pair, for all groups) through its transport, and each node it has not heard from lately judged down and
+    /// passed to its replicas (hibernating followers under a leader there wake).
     fn node_liveness(&mut self, position: usize) {
-        let id = self.nodes[position].id;
-        let others: Vec<u64> = self.nodes.iter().map(|n| n.id).filter(|&other| other != id).collect();
-        for &other in &others {
-            self.transmit(Packet::NodeHeartbeat { from: id, to: other });
-        }
-        let step = self.step;
-        let down: Vec<u64> = others
-            .into_iter()
-            .filter(|&other| step.saturating_sub(*self.heard.get(&(id, other)).unwrap_or(&0)) > NODE_DOWN_STEPS)
-            .collect();
+        let ticks = self.nodes[position].ticks;
         let running = self.running(position);
+        let (heartbeats, down) = running.liveness.tick(ticks);
+        for heartbeat in heartbeats {
+            running.outbox.send_node(heartbeat);
+        }
         for other in down {
             running.store.node_down(other);
         }
+        self.flush_outbox(position);
     }
 
     /// Pauses a node for a while (its process stands still: no rounds, no ticker, no forwarding; its clock runs

@@ -9,6 +9,7 @@
 //! - `log_gc.rs`: log compaction asked of the replicas as their state machine checkpoints, and the log purged;
 //! - [`transport`]: the transport seam — the outbound [`Transport`] (flushed once per round), the inbound
 //!   [`StoreInbox`], and stores in one process reaching each other;
+//! - [`liveness`]: node liveness (one heartbeat per node pair, verdicts passed to the replicas);
 //! - [`mailboxes`]: where replicas receive messages, as the store's code sees it (the batch system's router, or
 //!   the stepped store's queues);
 //! - [`stepped`]: the same store run by hand on its caller's thread (the store simulator runs it);
@@ -18,6 +19,7 @@
 mod failure;
 pub mod fsm;
 pub mod handler;
+pub mod liveness;
 mod log_gc;
 pub mod mailboxes;
 pub mod replicas;

@@ -9,8 +9,8 @@
 //!   names. A full mailbox drops the message rather than blocking the sending poller (two stores' pollers waiting
 //!   on each other would deadlock); Raft treats it as a lost message and retries.
 //!
-//! Node-level messages (liveness: `Store::node_down`; load figures later) travel beside the envelopes; the TCP
-//! transport of the next issue carries both over one connection per node pair.
+//! Node-level messages (`Transport::send_node`: liveness heartbeats, `liveness.rs`; load figures later) travel
+//! beside the envelopes; the TCP transport of the next issue carries both over one connection per node pair.
 
 use std::collections::HashMap;
 
@@ -29,6 +29,9 @@ use crate::message::Envelope;
 /// Where a group's Raft messages go (another node, or another store in this process).
 pub trait Transport: Send + Sync + 'static {
     fn send(&self, envelope: Envelope);
+    /// A node-level message (liveness), beside the replicas' envelopes. Transports within one process, where
+    /// nodes fail only when a test removes them, drop it.
+    fn send_node(&self, _message: super::liveness::NodeMessage) {}
     /// The round that sent the last envelopes is over: a transport that batches may put them on the wire now.
     fn flush(&self) {}
 }
