@@ -14,8 +14,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::{GroupApply, KvOp, StateMachineError};
+use flotilla_engine::contract::{GroupApply, KvEngine, KvOp, StateMachineError};
 use flotilla_raft::Entry;
 use prost::Message as _;
 

@@ -2,8 +2,7 @@
 //! entries and many groups per write), membership changes to the core and the range descriptor as they come
 //! (`conf_change.rs`), the descriptor riding in the same batch so that on disk it always matches the applied index.
 
-use flotilla_engine::contract::GroupApply;
-use flotilla_engine::contract::KvEngine;
+use flotilla_engine::contract::{GroupApply, KvEngine};
 use flotilla_raft::Entry;
 
 use super::Peer;

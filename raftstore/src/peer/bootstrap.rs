@@ -20,11 +20,7 @@
 //! no log entries, so a group whose stored descriptor does not list the node but whose log still holds entries
 //! is one whose destroy did not finish.
 
-use flotilla_engine::contract::GroupApply;
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::LogEngine;
-use flotilla_engine::contract::LogOp;
-use flotilla_engine::contract::WriteRequest;
+use flotilla_engine::contract::{GroupApply, KvEngine, LogEngine, LogOp, WriteRequest};
 use flotilla_raft::{Error, HardState, StorageError};
 
 use crate::range::RangeDescriptor;

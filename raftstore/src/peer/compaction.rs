@@ -9,8 +9,7 @@
 //! A follower knows nothing of the others' logs: it keeps only its own margin (below its durable state). Should it
 //! lead later, a replica needing entries it dropped gets a snapshot.
 
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::LogOp;
+use flotilla_engine::contract::{KvEngine, LogOp};
 
 use super::{LogWrite, Peer};
 

@@ -34,9 +34,7 @@ pub mod storage;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::LogEngine;
-use flotilla_engine::contract::LogOp;
+use flotilla_engine::contract::{KvEngine, LogEngine, LogOp};
 use flotilla_raft::{Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
 pub use bootstrap::{destroy_replica, finish_interrupted_destroys, prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};

@@ -1,7 +1,6 @@
 //! The core's Ready turned into [`PeerOutput`], and applied results turned into client responses.
 
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::LogOp;
+use flotilla_engine::contract::{KvEngine, LogOp};
 use flotilla_raft::{MessageType, StateRole};
 
 use std::collections::BTreeMap;

@@ -23,10 +23,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::LogOp;
-use flotilla_engine::contract::SnapshotReader;
-use flotilla_engine::contract::StateMachineError;
+use flotilla_engine::contract::{KvEngine, LogOp, SnapshotReader, StateMachineError};
 use flotilla_raft::{Message, MessageType, Snapshot};
 
 use super::{Peer, PeerError, Response};

@@ -89,8 +89,7 @@ impl Storage for PeerStorage {
 mod tests {
     use bytes::Bytes;
     use crossbeam_channel::unbounded;
-    use flotilla_engine::contract::LogOp;
-    use flotilla_engine::contract::WriteRequest;
+    use flotilla_engine::contract::{LogOp, WriteRequest};
     use flotilla_engine::log_engine::MemLogEngine;
     use flotilla_raft::HardState;
     use flotilla_raft::MemStorage;

@@ -5,8 +5,7 @@ use std::collections::HashMap;
 
 use rustc_hash::FxHashMap;
 
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::{KeyValue, StateMachineError};
+use flotilla_engine::contract::{KeyValue, KvEngine, StateMachineError};
 use flotilla_raft::Entry;
 
 use super::ticks::TicksSeen;

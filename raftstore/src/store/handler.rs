@@ -1,9 +1,11 @@
-//! The poll handler: one round of the batch system for many group replicas. `handle` feeds each FSM its
-//! messages (after the ticks it owes, `ticks.rs`) and collects what its peer asks; `end` submits every Ready's
-//! writes to the group-commit log (they share fsyncs), applies every group's committed entries in **one** state
-//! machine call, and answers clients. `forward_persisted` is the other end of those writes: on its own thread
-//! it sends the answers that waited for each write to be durable, then tells the replica (a `Persisted` message,
-//! or its `PersistedNote` when it need not be scheduled for it).
+//! The host loop — the one place a replica's output is carried out: one poll round for many group replicas.
+//! `begin` reads the node's clock; `handle` feeds each FSM its messages (after the ticks it owes, `ticks.rs`),
+//! submits its Ready's writes to the log (the round's writes share fsyncs), sends its messages and answers its
+//! clients; `end` applies every group's committed entries in **one** state machine call and answers those
+//! clients. `forward_persisted` is the other end of the writes: each write's completion hands it a [`Durable`],
+//! and it sends the answers that waited for it, then tells the replica (a `Persisted` message, or its
+//! `PersistedNote` when it need not be scheduled for it). The batch system's pollers run it (`Store::start`), and
+//! so does the store simulator, by hand (`stepped.rs`).
 //!
 //! A failed engine (log submit, apply, flusher, a replica's snapshot I/O, a panic) stops the node with the reason
 //! (`failure.rs`): later rounds refuse every request with it and write nothing.
@@ -19,10 +21,7 @@
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use flotilla_engine::contract::Checkpointer;
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::LogEngine;
-use flotilla_engine::contract::{Completion, WriteRequest};
+use flotilla_engine::contract::{Checkpointer, Completion, KvEngine, LogEngine, WriteRequest};
 
 use super::failure::NodeFailure;
 use super::fsm::{PeerFsm, PeerMsg};
@@ -58,7 +57,6 @@ pub struct Durable {
 
 /// What waits for a write to be durable: the responses to send then, and, for a replica that need not be
 /// scheduled for it, where to note it durable instead of sending `Persisted`.
-#[derive(Default)]
 struct AfterPersist {
     envelopes: Vec<Envelope>,
     note: Option<PersistedNote>,

@@ -6,9 +6,7 @@
 
 use rustc_hash::FxHashMap;
 
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::LogEngine;
-use flotilla_engine::contract::WalError;
+use flotilla_engine::contract::{KvEngine, LogEngine, WalError};
 
 use super::fsm::PeerMsg;
 use super::mailboxes::Mailboxes;

@@ -31,9 +31,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use flotilla_engine::contract::Checkpointer;
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::LogEngine;
+use flotilla_engine::contract::{Checkpointer, KvEngine, LogEngine};
 use flotilla_raft::{Config, ReadMode};
 
 pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult};

@@ -14,8 +14,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::LogEngine;
+use flotilla_engine::contract::{KvEngine, LogEngine};
 use flotilla_raft::Config;
 
 use super::fsm::{PeerFsm, PeerMsg};

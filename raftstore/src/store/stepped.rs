@@ -14,10 +14,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 
-use flotilla_engine::contract::Checkpointer;
-use flotilla_engine::contract::KvEngine;
-use flotilla_engine::contract::LogEngine;
-use flotilla_engine::contract::WalError;
+use flotilla_engine::contract::{Checkpointer, KvEngine, LogEngine, WalError};
 
 use super::fsm::{PeerFsm, PeerMsg};
 use super::handler::{forward_ready, StoreHandler};

@@ -2,9 +2,9 @@
 //!
 //! The node's tick count is read from a clock ([`TickClock`]: in production the intervals elapsed since the node
 //! started, by the monotonic clock). A replica that needs ticks owes the difference between that count and the
-//! count it has seen. Each poll round reads the clock first (`StoreHandler::begin`, [`Ticking::sync`]), and
+//! count it has seen. Each poll round reads the clock first (`StoreHandler::begin`, `Ticking::sync`), and
 //! whenever a poller handles a replica, for whatever reason, the replica first takes the ticks it owes
-//! ([`Ticking::take_owed`]): a busy replica's ticks ride along with its other messages. Every `tick_interval` the
+//! (`Ticking::take_owed`): a busy replica's ticks ride along with its other messages. Every `tick_interval` the
 //! ticker sends a `Tick` message only to the replicas that were not handled during the whole last interval, so
 //! that time still reaches idle ones.
 //!
