@@ -213,3 +213,53 @@ impl SteppedStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::PeerOptions;
+    use crate::range::{initial_ranges, Replica};
+    use crate::store::ticks::ManualClock;
+    use crate::store::NoTransport;
+    use flotilla_engine::contract::StateMachineError;
+    use flotilla_engine::kv_engine::MemKvEngine;
+    use flotilla_engine::log_engine::MemLogEngine;
+
+    struct NoCheckpoints;
+
+    impl Checkpointer for NoCheckpoints {
+        fn after_apply(&self, _over_budget: bool) -> Result<(), StateMachineError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_round_reads_the_clock_before_handling_anything() {
+        let options = StoreOptions {
+            peer: PeerOptions { hibernate_idle_ticks: 0, ..PeerOptions::default() },
+            ..StoreOptions::default()
+        };
+        let ranges = initial_ranges(1, 1, &[Replica { node_id: 1, replica_id: 1, learner: false }]);
+        let clock = Arc::new(ManualClock::default());
+        let mut store = SteppedStore::open(
+            &options,
+            &ranges,
+            Arc::new(MemLogEngine::new()),
+            Arc::new(MemKvEngine::new(u64::MAX)),
+            Arc::new(NoCheckpoints),
+            Arc::new(NoTransport),
+            Arc::clone(&clock) as Arc<dyn TickClock>,
+        )
+        .unwrap();
+        let seen =
+            |store: &SteppedStore| store.with_fsm(1, |fsm| fsm.ticks_seen.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(seen(&store), Some(0));
+        // The process stood still for 30 intervals; the ticker has not run since. The first message handled is
+        // handled on the time that passed (a leader's lease is judged on it).
+        clock.set(30);
+        assert!(store.mailboxes().send(1, PeerMsg::Campaign).is_ok());
+        store.round(&[1], true, |_| {});
+        assert_eq!(seen(&store), Some(30));
+        assert!(store.failure().is_none());
+    }
+}
