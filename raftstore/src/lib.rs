@@ -1,7 +1,8 @@
 //! Hosting of many Raft group replicas on one node.
 //!
 //! Each group replica is an FSM that owns its peer state and drives the pure Raft core ([`flotilla_raft`]); the
-//! node's shared WAL and state machine come from [`flotilla_engine`].
+//! node's log and state machine are seen through the storage contract (`flotilla_engine::contract`), and which
+//! engines run is the assembler's choice.
 //!
 //! - [`batch`]: the batch system — FSMs with bounded mailboxes polled by a small fixed pool in rounds
 //!   (begin / handle / end), the shape every group replica runs in.
@@ -10,7 +11,8 @@
 //! - [`peer`]: one group replica's logic, sans I/O: writes, ReadIndex and lease reads, Readys, apply results,
 //!   snapshot streams, leadership transfer, membership changes, hibernation; applying committed entries.
 //! - [`message`]: what replicas of a group send each other (Raft messages, snapshot chunks and their acks).
-//! - [`store`]: a node's group replicas in the batch system over the shared log and state machine.
+//! - [`store`]: a node's group replicas in the batch system over the shared log and state machine — or run by
+//!   hand, the same code, in the store simulator (`store::stepped`).
 //! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,
 //!   and the initial layout of an embedded store.
 

@@ -1,8 +1,10 @@
-//! A store: one node's group replicas hosted in the batch system over the node's shared log (group commit) and
-//! state machine (redb), with a ticker and the path that brings `Persisted` back to each group.
+//! A store: one node's group replicas hosted in the batch system over the node's log and state machine (seen
+//! through the storage contract, `flotilla_engine::contract`), with a ticker, a log collector, a replicas thread
+//! and the path that brings each durable write back to its group.
 //!
 //! - [`fsm`]: the FSM around a peer, its messages, and the waiting clients;
-//! - [`handler`]: the poll round (writes of all groups to the log, one state machine apply per round);
+//! - [`handler`]: the host loop — the poll round (writes of all groups to the log, one state machine apply per
+//!   round) and the persisted forwarding;
 //! - [`replicas`]: replicas created (on a message for a group the node does not hold) and destroyed (once
 //!   removed) while the node runs;
 //! - [`ticks`]: the node's tick count, and which replicas need ticks (busy ones take theirs inline);
@@ -14,7 +16,8 @@
 //!   the stepped store's queues);
 //! - [`stepped`]: the same store run by hand on its caller's thread (the store simulator runs it);
 //! - `failure.rs`: why the node stopped, and what stopping does (waiting clients refused, listeners told);
-//! - this file: [`Store`], which opens the engines and groups, and routes requests.
+//! - this file: `StoreCore` (a store without threads: the handler and the channels its threads drain) and
+//!   [`Store`], which runs it on pollers and threads of its own.
 
 mod failure;
 pub mod fsm;
