@@ -426,15 +426,14 @@ impl Sim {
         let lag_apply = self.faults && self.rng.chance_per_mille(200);
         let mut rounds = 0;
         loop {
-            let running = self.nodes[position].running.as_mut().expect("running");
+            let running = self.running(position);
             // (The replicas thread's writes — a destroy's — wait for their own completion: they go to the disk
             // behind the queued ones, as the log takes requests in order.)
             running.log.hold(false);
             running.store.forward_persisted();
             let destroyed = running.store.run_tasks();
-            self.report.replicas_destroyed += destroyed as u64;
-            let running = self.nodes[position].running.as_mut().expect("running");
             let mut waiting = running.store.waiting();
+            self.report.replicas_destroyed += destroyed as u64;
             if waiting.is_empty() {
                 break;
             }
@@ -456,8 +455,7 @@ impl Sim {
     /// and the invariants checked.
     fn round(&mut self, position: usize, groups: &[u64], end: bool) -> SimResult<()> {
         let mut seen = Vec::new();
-        let running = self.nodes[position].running.as_mut().expect("running");
-        running.store.round(groups, end, |fsm| {
+        self.running(position).store.round(groups, end, |fsm| {
             let group = fsm.peer().group_id();
             seen.extend(fsm.pending_apply().iter().map(|e| (group, e.index, e.term, hash(&e.data))));
         });

@@ -190,8 +190,12 @@ impl SteppedStore {
 
     /// The log collector's pass (`log_gc.rs`): compactions asked, the log purged behind the last ones.
     pub fn collect_logs(&mut self) -> Result<usize, WalError> {
-        let kv = Arc::clone(&self.handler.kv);
-        self.log_gc.pass(kv.as_ref(), self.handler.log.as_ref(), self.log_bytes_max, self.mailboxes.as_ref())
+        self.log_gc.pass(
+            self.handler.kv.as_ref(),
+            self.handler.log.as_ref(),
+            self.log_bytes_max,
+            self.mailboxes.as_ref(),
+        )
     }
 
     /// Why the node stopped, if an engine failed.
