@@ -87,9 +87,7 @@ impl AsyncDb {
             return local;
         }
         let request = |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply };
-        let got = value(self.call(position, request).await?);
-        self.db.read_confirmed(position);
-        got
+        value(self.call(position, request).await?)
     }
 
     pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
@@ -104,7 +102,6 @@ impl AsyncDb {
             }
             let request = ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit: limit - out.len() };
             out.extend(pairs(self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply }).await?)?);
-            self.db.read_confirmed(position);
         }
         Ok(out)
     }

@@ -15,7 +15,6 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,7 @@ use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::range::INITIAL_GROUPS_MAX;
 use flotilla_raftstore::store::{
-    InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
+    local_reader::ReadLease, InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
 };
 
 use flotilla_router::route::{Answer, Attempt, RangeTable, RouteError};
@@ -237,8 +236,9 @@ pub struct Db {
     dir: PathBuf,
     /// The ranges (sorted, covering the key space) and the node believed to lead each (`router/src/route.rs`).
     table: RangeTable,
-    /// Per range (same positions): whether its reads may be served locally (see [`Db::local_get`]).
-    local_reads: Vec<AtomicBool>,
+    /// Per range (same positions), per node (1-based id − 1): the group's published local-read grant there
+    /// (see [`Db::local_get`]).
+    read_leases: Vec<Vec<Arc<ReadLease>>>,
     nodes: Vec<Node>,
     /// The directory's lock, held until everything above has stopped (fields drop in order).
     _lock: DirLock,
@@ -277,7 +277,7 @@ impl Db {
         for id in 1..=config.nodes {
             let node_dir = if config.nodes == 1 { dir.clone() } else { layout::node_dir(&dir, id) };
             let (node, node_ranges) = Node::open(id, &disk, &node_dir, &config, Arc::clone(&transport))?;
-            in_process.add_node(id, node.store.as_ref().expect("just started").inbox());
+            in_process.add_node(id, node.store().inbox());
             nodes.push(node);
             ranges = node_ranges;
         }
@@ -285,10 +285,12 @@ impl Db {
         let table = RangeTable::new(ranges, config.nodes);
         for (position, range) in table.ranges().iter().enumerate() {
             let node = &nodes[table.leader(position) as usize - 1];
-            node.store.as_ref().expect("running").campaign_all([range.group_id]);
+            node.store().campaign_all([range.group_id]);
         }
-        let local_reads = (0..table.len()).map(|_| AtomicBool::new(false)).collect();
-        Ok(Db { config, dir, table, local_reads, nodes, _lock: lock })
+        let read_leases = (table.ranges().iter())
+            .map(|range| nodes.iter().map(|node| node.store().local_reader().lease(range.group_id)).collect())
+            .collect();
+        Ok(Db { config, dir, table, read_leases, nodes, _lock: lock })
     }
 
     fn check_sizes(&self, ops: &[Op]) -> Result<(), DbError> {
@@ -329,7 +331,7 @@ impl Db {
     ) -> Result<(u64, Answer<T>), Duration> {
         let (reply, answer) = oneshot::channel();
         let node = self.table.leader(position);
-        let store = self.nodes[node as usize - 1].store.as_ref().expect("open until closed");
+        let store = self.nodes[node as usize - 1].store();
         if let Some(reason) = store.failure() {
             // The node stopped: answered at once, never sent.
             let _ = reply.send(Err(PeerError::Stopped(reason)));
@@ -429,17 +431,14 @@ impl Db {
         if let Some(local) = self.local_get(position, key) {
             return local;
         }
-        let got = value(self.call(position, |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply })?);
-        self.read_confirmed(position);
-        got
+        value(self.call(position, |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply })?)
     }
 
-    /// The **local read path** of a database of one node, where every group has one replica: once a read of a
-    /// group went through its replica (a ReadIndex: the replica leads, committed its term's first entry and
-    /// applied up to it — so every write acknowledged before the database was opened is applied), the group's
-    /// reads are served on the caller's thread from the state machine. Linearizable: a write is acknowledged only
-    /// once applied, the state machine never goes back, and a lone replica keeps its leadership while its node
-    /// runs. `None`: the read must go through the replica. With more nodes, every read goes through the leader.
+    /// The **local read path**: served on the caller's thread from the state machine of the node believed to
+    /// lead the group at `position`, if that replica's published grant holds now — it leads, applied its term's
+    /// first entry, and is the group's only voter (one node) or holds a leader lease (see
+    /// `raftstore/src/store/local_reader.rs`). Linearizable as a read through the replica is. `None`: the read
+    /// must go through the replica (which also renews what it publishes).
     pub(crate) fn local_get(&self, position: usize, key: &[u8]) -> Option<Result<Option<Vec<u8>>, DbError>> {
         self.local_read(position, |kv| kv.get(key), "a read")
     }
@@ -456,29 +455,24 @@ impl Db {
         self.local_read(position, |kv| kv.scan(&start, &end, limit), "a scan")
     }
 
-    /// Runs `read` on the node's state machine if the group at `position` may be read locally (`None`: it may
-    /// not); a stopped node refuses, and a failed read stops it.
+    /// Runs `read` on the state machine of the node believed to lead the group at `position` if its grant holds
+    /// (`None`: it does not); a stopped node refuses, and a failed read stops it.
     fn local_read<T>(
         &self,
         position: usize,
         read: impl FnOnce(&StateMachine) -> Result<T, StateMachineError>,
         what: &str,
     ) -> Option<Result<T, DbError>> {
-        if !self.local_reads[position].load(Ordering::Acquire) {
+        let node_index = self.table.leader(position) as usize - 1;
+        let node = &self.nodes[node_index];
+        let store = node.store();
+        if !store.local_reader().holds(&self.read_leases[position][node_index]) {
             return None;
         }
-        let node = &self.nodes[0];
-        if let Some(reason) = node.store.as_ref().expect("open until closed").failure() {
+        if let Some(reason) = store.failure() {
             return Some(Err(DbError::Storage(reason)));
         }
         Some(read(&node.kv).map_err(|error| node.fail(format!("{what}: {error}"))))
-    }
-
-    /// A read of the group at `position` went through its replica: on one node, later reads may be local.
-    pub(crate) fn read_confirmed(&self, position: usize) {
-        if self.nodes.len() == 1 {
-            self.local_reads[position].store(true, Ordering::Release);
-        }
     }
 
     /// Up to `limit` pairs with `start <= key < end` (`end` empty: to the end of the key space), in key order.
@@ -495,7 +489,6 @@ impl Db {
             }
             let request = ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit: limit - out.len() };
             out.extend(pairs(self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply })?)?);
-            self.read_confirmed(position);
         }
         Ok(out)
     }
@@ -531,7 +524,7 @@ impl Db {
         self.node(node)?;
         let position = self.get_request(key)?;
         let leader = self.table.leader(position);
-        let store = self.nodes[leader as usize - 1].store.as_ref().expect("open until closed");
+        let store = self.nodes[leader as usize - 1].store();
         let range = self.table.range(position);
         // The group's replica on that node (every node holds every group here).
         let Some(replica_id) = range.replicas.iter().find(|r| r.node_id == node).map(|r| r.replica_id) else {

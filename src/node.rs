@@ -30,6 +30,11 @@ pub(crate) struct Node {
 }
 
 impl Node {
+    /// The running store (a node's store runs from open until close).
+    pub(crate) fn store(&self) -> &Store {
+        self.store.as_ref().expect("a node's store runs until the database closes")
+    }
+
     /// Stops the node for an engine failure met outside its replicas; the error to answer with.
     pub(crate) fn fail(&self, reason: String) -> DbError {
         if let Some(store) = &self.store {

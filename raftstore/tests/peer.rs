@@ -14,7 +14,8 @@ use flotilla_raft::{Config, MessageType, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::message::{RemovalNotice, ReplicaMessage};
 use flotilla_raftstore::peer::{
-    prepare_groups, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token, BOOTSTRAP_INDEX,
+    prepare_groups, LocalReadGrant, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token,
+    BOOTSTRAP_INDEX,
 };
 use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica};
 
@@ -476,7 +477,7 @@ fn a_followers_answer_goes_with_its_write_and_the_follower_takes_up_the_noted_du
 }
 
 #[test]
-fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() {
+fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks_and_it_reads_locally_once_led() {
     // A single-replica group: once it leads and has nothing waiting, time cannot matter to it.
     let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
     let single =
@@ -502,9 +503,11 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
     };
     peer.campaign();
     assert!(peer.needs_ticks(), "awake, not leading yet");
+    assert_eq!(peer.local_read_grant(), LocalReadGrant::No, "its term's first entry is not applied");
     drive(&mut peer);
     assert!(peer.is_leader());
     assert!(!peer.needs_ticks(), "leading alone with nothing waiting");
+    assert_eq!(peer.local_read_grant(), LocalReadGrant::UntilChanged, "the only voter: no other leader can arise");
     peer.propose(1, Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "1")] });
     assert!(peer.needs_ticks(), "a write waiting");
     drive(&mut peer);
@@ -512,6 +515,48 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks() 
     // In a replicated group even an idle leader needs ticks (heartbeats, check-quorum) until it hibernates.
     let mut group = Group::led_by(1);
     assert!(group.node(1).peer.needs_ticks() && group.node(2).peer.needs_ticks());
+}
+
+#[test]
+fn a_local_read_grant_lasts_the_leaders_lease_and_ends_with_skipped_time_and_at_a_transfer() {
+    let mut group = Group::with_read_mode(ReadMode::LeaseBased);
+    group.node(1).peer.campaign();
+    group.settle();
+    assert!(group.node(1).peer.is_leader());
+    assert_eq!(group.node(2).peer.local_read_grant(), LocalReadGrant::No, "a follower");
+    let lease_ticks = |group: &mut Group| match group.node(1).peer.local_read_grant() {
+        LocalReadGrant::Ticks(ticks) => ticks,
+        other => panic!("the leader holds no lease: {other:?}"),
+    };
+    let full = lease_ticks(&mut group);
+    assert_eq!(full, 8, "an election timeout (10) less the margin (2), confirmed this tick");
+    // Cut off, its lease runs down tick by tick, and then it may not read locally (its lease is what the core
+    // judges its own lease reads by: the same rule). Reads keep it from hibernating meanwhile.
+    group.isolated = 1;
+    for left in (1..full).rev() {
+        group.node(1).peer.read(100 + left);
+        group.node(1).peer.on_tick();
+        group.settle();
+        assert_eq!(lease_ticks(&mut group), left);
+    }
+    group.node(1).peer.on_tick();
+    assert_eq!(group.node(1).peer.local_read_grant(), LocalReadGrant::No, "the lease ran out");
+    // Reconnected, a heartbeat round renews it; time its poller missed ends it all the same.
+    group.isolated = 0;
+    assert!(group.tick_until(3, |group| group.node(1).peer.local_read_grant() == LocalReadGrant::Ticks(full)));
+    group.node(1).peer.skip_ticks(full);
+    assert_eq!(group.node(1).peer.local_read_grant(), LocalReadGrant::No, "skipped ticks count against it");
+    // Idle, the group hibernates: no heartbeats, so no lease; a request wakes it, and a heartbeat round renews it.
+    assert!(group.tick_until(10, |group| group.node(1).peer.is_hibernating()));
+    assert_eq!(group.node(1).peer.local_read_grant(), LocalReadGrant::No, "hibernating");
+    group.node(1).peer.read(200);
+    assert!(group.tick_until(3, |group| group.node(1).peer.local_read_grant() == LocalReadGrant::Ticks(full)));
+    // A transfer ends it as soon as it is asked for, before any message of it leaves.
+    group.node(1).peer.transfer_leader(3);
+    assert_eq!(group.node(1).peer.local_read_grant(), LocalReadGrant::No);
+    group.settle();
+    assert!(group.node(3).peer.is_leader());
+    assert_eq!(group.node(1).peer.local_read_grant(), LocalReadGrant::No);
 }
 
 #[test]

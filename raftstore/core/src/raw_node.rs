@@ -119,6 +119,11 @@ impl<S: Storage> RawNode<S> {
         self.raft.transfer_leader(target);
     }
 
+    /// See [`Raft::skip_ticks`].
+    pub fn skip_ticks(&mut self, ticks: u64) {
+        self.raft.skip_ticks(ticks);
+    }
+
     /// See [`Raft::resume_after_pause`].
     pub fn resume_after_pause(&mut self) {
         self.raft.resume_after_pause();

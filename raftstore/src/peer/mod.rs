@@ -39,6 +39,7 @@ use flotilla_raft::{Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
 pub use bootstrap::{destroy_replica, finish_interrupted_destroys, prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 pub use conf_change::MembershipChange;
+pub use read::LocalReadGrant;
 pub use ready::PersistedNote;
 pub use snapshot::SnapshotOptions;
 
@@ -175,6 +176,9 @@ pub struct Peer {
     log_lag_entries_max: u64,
     /// A log compaction to write with the next output (`compaction.rs`).
     compaction: Option<LogOp>,
+    /// The last term this replica was seen leading in, and an index at or after that term's first entry (see
+    /// [`Peer::local_read_grant`]).
+    lead_start: (u64, u64),
 }
 
 impl Peer {
@@ -225,6 +229,7 @@ impl Peer {
             persisted_taken: 0,
             log_lag_entries_max: options.log_lag_entries_max,
             compaction: None,
+            lead_start: (0, 0),
         })
     }
 
@@ -282,6 +287,12 @@ impl Peer {
 
     pub fn applied_index(&self) -> u64 {
         self.applied_index
+    }
+
+    /// Time passed that this replica's ticks did not see (its poller stalled past the ticks it catches up on at
+    /// once): no timer fires for it, but no lease outlives it.
+    pub fn skip_ticks(&mut self, ticks: u64) {
+        self.raw.skip_ticks(ticks);
     }
 
     /// Time passes (ignored while hibernating: the replica needs no ticks then).

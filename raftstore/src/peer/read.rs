@@ -1,11 +1,23 @@
 //! Linearizable reads by ReadIndex: the leader confirms it still leads (a heartbeat round, or its lease when
 //! the core runs in lease mode), which yields a read index; once the state machine has applied up to it, the
-//! read may be served from it.
+//! read may be served from it. And [`Peer::local_read_grant`]: for how long reads may be served without asking
+//! the replica at all (the store publishes it for the callers' threads, `store/local_reader.rs`).
 
 use bytes::Bytes;
 use flotilla_raft::Error as RaftError;
 
 use super::{Peer, PeerError, PendingRead, Response, Token};
+
+/// Whether, and for how long, reads of this replica's group may be served from the node's state machine without
+/// asking the replica (see [`Peer::local_read_grant`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalReadGrant {
+    No,
+    /// Until the replica is next handled: it is its group's only voter, leads, and applied its term's first entry.
+    UntilChanged,
+    /// For this many more of the replica's ticks (its lease), and until it is next handled.
+    Ticks(u64),
+}
 
 impl Peer {
     /// Asks for a linearizable read for `token`: `Response::ReadReady` once it may be served.
@@ -21,6 +33,36 @@ impl Peer {
                 self.responses.push((token, Response::Failed(PeerError::Busy(reason))))
             }
             Err(other) => unreachable!("a read on a leader fails only by being dropped, not with {other:?}"),
+        }
+    }
+
+    /// Whether reads may be served, now and until this replica is next handled, from the node's state machine
+    /// as it stands, without asking the replica: it leads, has applied the first entry of its term (so every write
+    /// an earlier leader acknowledged is applied here), and either is its group's only voter or holds a lease —
+    /// for the lease's remaining ticks. Every write this leader acknowledges is applied before it is answered, so
+    /// such a read reflects every write acknowledged before it began. The store publishes this after every
+    /// handling, before any of the handling's messages leave (a TimeoutNow ends the lease before its target can
+    /// campaign); see `store/local_reader.rs`.
+    pub fn local_read_grant(&mut self) -> LocalReadGrant {
+        if !self.is_leader() || self.removed || self.is_hibernating() || self.storage_failure.is_some() {
+            return LocalReadGrant::No;
+        }
+        let raft = &self.raw.raft;
+        if self.lead_start.0 != raft.term {
+            // First seen leading in this term: its first entry is at or before the log's end now.
+            self.lead_start = (raft.term, raft.raft_log.last_index());
+        }
+        if self.applied_index < self.lead_start.1 {
+            return LocalReadGrant::No;
+        }
+        if raft.tracker.config.voters.is_only_voter(raft.id) {
+            return LocalReadGrant::UntilChanged;
+        }
+        match raft.lease_end_tick() {
+            Some(end) if raft.read_mode() == flotilla_raft::ReadMode::LeaseBased => {
+                LocalReadGrant::Ticks(end - raft.tick_count())
+            }
+            _ => LocalReadGrant::No,
         }
     }
 

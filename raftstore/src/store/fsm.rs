@@ -2,12 +2,14 @@
 //! calls the peer; the logic lives in `peer/`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
 use flotilla_engine::contract::{KeyValue, KvEngine, StateMachineError};
 use flotilla_raft::Entry;
 
+use super::local_reader::ReadLease;
 use super::ticks::TicksSeen;
 use crate::batch::Fsm;
 use crate::command::{Command, Outcome};
@@ -88,6 +90,8 @@ pub struct PeerFsm {
     pub(crate) nodes_heard: HashMap<u64, u64>,
     /// A removed replica asked the replicas thread to unregister it.
     pub(crate) destroy_requested: bool,
+    /// Where the host loop publishes whether reads may be served without the replica (`local_reader.rs`).
+    pub(crate) read_lease: Arc<ReadLease>,
 }
 
 impl Fsm for PeerFsm {
@@ -95,7 +99,7 @@ impl Fsm for PeerFsm {
 }
 
 impl PeerFsm {
-    pub fn new(peer: Peer) -> PeerFsm {
+    pub fn new(peer: Peer, read_lease: Arc<ReadLease>) -> PeerFsm {
         let ticking = peer.needs_ticks();
         PeerFsm {
             peer,
@@ -107,6 +111,7 @@ impl PeerFsm {
             ticks_seen: TicksSeen::default(),
             nodes_heard: HashMap::new(),
             destroy_requested: false,
+            read_lease,
         }
     }
 
@@ -206,9 +211,9 @@ impl PeerFsm {
     }
 
     /// Answers the clients the peer has responses for; reads are served from `kv`, clipped to the range. A read
-    /// the state machine fails is refused with the failure, which is returned (the node must stop).
-    pub(crate) fn answer(&mut self, responses: Vec<(Token, Response)>, kv: &dyn KvEngine) -> Result<(), String> {
-        let mut failure = Ok(());
+    /// the state machine fails stops the node by `fail` first (so nobody who hears of it finds the node still
+    /// serving), then is refused with the failure.
+    pub(crate) fn answer(&mut self, responses: Vec<(Token, Response)>, kv: &dyn KvEngine, fail: &dyn Fn(String)) {
         for (token, response) in responses {
             if let Some(reply) = self.writes.remove(&token) {
                 let _ = reply.send(match response {
@@ -220,9 +225,7 @@ impl PeerFsm {
                 let _ = reply.send(match response {
                     Response::ReadReady => self.serve(&request, kv).map_err(|error| {
                         let reason = format!("reading group {}'s applied state: {error}", self.peer.group_id());
-                        if failure.is_ok() {
-                            failure = Err(reason.clone());
-                        }
+                        fail(reason.clone());
                         PeerError::Stopped(reason)
                     }),
                     Response::Failed(error) => Err(error),
@@ -230,7 +233,6 @@ impl PeerFsm {
                 });
             }
         }
-        failure
     }
 
     fn serve(&self, request: &ReadRequest, kv: &dyn KvEngine) -> Result<ReadResult, StateMachineError> {

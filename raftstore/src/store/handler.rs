@@ -25,6 +25,7 @@ use flotilla_engine::contract::{Checkpointer, Completion, KvEngine, LogEngine, W
 
 use super::failure::NodeFailure;
 use super::fsm::{PeerFsm, PeerMsg};
+use super::local_reader::LocalReader;
 use super::mailboxes::{deliver, Mailboxes};
 use super::replicas::ReplicaTask;
 use super::ticks::Ticking;
@@ -32,7 +33,7 @@ use super::transport::Transport;
 use crate::batch::PollHandler;
 use crate::message::{Envelope, ReplicaMessage};
 use crate::peer::PeerOutput;
-use crate::peer::{PeerError, PersistedNote};
+use crate::peer::{LocalReadGrant, PeerError, PersistedNote};
 
 /// One per poller thread (cloned from one template: every field is shared).
 #[derive(Clone)]
@@ -46,6 +47,7 @@ pub struct StoreHandler {
     pub(crate) persisted: Sender<Durable>,
     pub(crate) tasks: Sender<ReplicaTask>,
     pub(crate) failure: Arc<NodeFailure>,
+    pub(crate) local_reader: Arc<LocalReader>,
 }
 
 /// A write made durable, as the persisted forwarder gets it: the group's Ready, and what waited for it.
@@ -121,16 +123,26 @@ impl StoreHandler {
 
     /// Answers the clients the peer has responses for; a read the state machine cannot serve stops the node.
     fn answer(&self, fsm: &mut PeerFsm, responses: Vec<(crate::peer::Token, crate::peer::Response)>) {
-        if let Err(reason) = fsm.answer(responses, self.kv.as_ref()) {
-            self.fail(reason);
-        }
+        fsm.answer(responses, self.kv.as_ref(), &|reason| self.fail(reason));
     }
 
     fn failed(&self) -> Option<String> {
         self.failure.reason()
     }
 
+    /// Publishes whether, and until when, the replica's reads may be served on callers' threads
+    /// (`local_reader.rs`). First thing in `carry_out`: before any message of the handling leaves.
+    fn publish_read_grant(&self, fsm: &mut PeerFsm) {
+        let grant = match fsm.peer.local_read_grant() {
+            // Its tick count stands for a node tick only while it takes ticks.
+            LocalReadGrant::Ticks(_) if !fsm.ticking => LocalReadGrant::No,
+            grant => grant,
+        };
+        fsm.read_lease.publish(grant, fsm.ticks_seen.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
     fn carry_out(&self, fsm: &mut PeerFsm, output: PeerOutput) {
+        self.publish_read_grant(fsm);
         if let Some(reason) = fsm.peer.storage_failure() {
             return self.fail(reason.to_string());
         }
@@ -193,6 +205,7 @@ impl PollHandler<PeerFsm> for StoreHandler {
 
     fn handle(&mut self, fsm: &mut PeerFsm, messages: &mut Vec<PeerMsg>) {
         if let Some(reason) = self.failed() {
+            fsm.read_lease.withdraw();
             fsm.refuse_waiting(PeerError::Stopped(reason.clone()));
             return fsm.refuse_all(messages.drain(..), PeerError::Stopped(reason));
         }
@@ -202,9 +215,7 @@ impl PollHandler<PeerFsm> for StoreHandler {
         }
         if fsm.ticking {
             // The ticks it owes first (see `ticks.rs`): whatever it handles next sees the node's time.
-            for _ in 0..self.ticking.take_owed(&fsm.ticks_seen) {
-                fsm.peer.on_tick();
-            }
+            self.ticking.catch_up(&fsm.ticks_seen, &mut fsm.peer);
         }
         for message in messages.drain(..) {
             fsm.on_message(message, self.kv.as_ref());

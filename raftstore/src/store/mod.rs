@@ -11,6 +11,8 @@
 //! - `log_gc.rs`: log compaction asked of the replicas as their state machine checkpoints, and the log purged;
 //! - [`transport`]: the transport seam — the outbound [`Transport`] (flushed once per round), the inbound
 //!   [`StoreInbox`], and stores in one process reaching each other;
+//! - [`local_reader`]: linearizable reads on the caller's thread while a leader's lease holds (or it is its
+//!   group's only voter), from grants the host loop publishes;
 //! - [`liveness`]: node liveness (one heartbeat per node pair, verdicts passed to the replicas);
 //! - [`mailboxes`]: where replicas receive messages, as the store's code sees it (the batch system's router, or
 //!   the stepped store's queues);
@@ -23,6 +25,7 @@ mod failure;
 pub mod fsm;
 pub mod handler;
 pub mod liveness;
+pub mod local_reader;
 mod log_gc;
 pub mod mailboxes;
 pub mod replicas;
@@ -45,6 +48,7 @@ pub use transport::{InProcessTransport, NoTransport, StoreInbox, Transport};
 use crate::batch::{BatchOptions, BatchSystem, Router};
 use crate::peer::PeerOptions;
 use crate::range::RangeDescriptor;
+use local_reader::LocalReader;
 use replicas::{ReplicaTask, Replicas};
 use ticks::{TickClock, Ticking};
 
@@ -102,6 +106,7 @@ pub struct Store {
     mailboxes: Arc<dyn Mailboxes>,
     ticking: Arc<Ticking>,
     failure: Arc<failure::NodeFailure>,
+    local_reader: Arc<LocalReader>,
     tasks: crossbeam_channel::Sender<ReplicaTask>,
     /// Dropped to stop the ticker, the log collector and the replicas thread.
     stop: Option<crossbeam_channel::Sender<()>>,
@@ -134,6 +139,7 @@ impl StoreCore {
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
         let handler = StoreHandler {
             node_id: options.node_id,
+            local_reader: Arc::new(LocalReader::new(Arc::clone(&clock))),
             ticking: Arc::new(Ticking::new(clock)),
             log,
             kv,
@@ -154,7 +160,7 @@ impl StoreCore {
         ranges: &[RangeDescriptor],
         mailboxes: Arc<dyn Mailboxes>,
     ) -> Result<Replicas, flotilla_raft::Error> {
-        let StoreHandler { log, kv, ticking, failure, .. } = &self.handler;
+        let StoreHandler { log, kv, ticking, failure, local_reader, .. } = &self.handler;
         failure.wake_on_stop(Arc::clone(&mailboxes));
         {
             // The log's writer failing on its own (a disk error, a panic) stops the node at once. (Weak: the log
@@ -173,7 +179,8 @@ impl StoreCore {
         metrics::counter!("flotilla_replicas_destroyed_total").increment(finished as u64);
         crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
         for range in &held {
-            let fsm = PeerFsm::new(replicas::open_replica(options, range, log, kv.as_ref())?);
+            let peer = replicas::open_replica(options, range, log, kv.as_ref())?;
+            let fsm = PeerFsm::new(peer, local_reader.lease(range.group_id));
             if fsm.ticking {
                 ticking.start(range.group_id, &fsm.ticks_seen);
             }
@@ -193,6 +200,7 @@ impl StoreCore {
                 .map(|(group, _)| group)
                 .collect(),
             failure: Arc::clone(failure),
+            local_reader: Arc::clone(local_reader),
         })
     }
 }
@@ -268,6 +276,7 @@ impl Store {
             mailboxes,
             ticking: handler.ticking,
             failure: handler.failure,
+            local_reader: handler.local_reader,
             tasks: handler.tasks,
             stop: Some(stop),
             threads,
@@ -286,6 +295,11 @@ impl Store {
     /// Why the node stopped, if an engine failed (it then refuses every request with this reason).
     pub fn failure(&self) -> Option<String> {
         self.failure.reason()
+    }
+
+    /// Where callers learn whether a read may be served on their own thread (`local_reader.rs`).
+    pub fn local_reader(&self) -> &Arc<LocalReader> {
+        &self.local_reader
     }
 
     /// Calls `listener` with the reason once the node stops on a failure (at once if it has). It runs on the

@@ -73,6 +73,7 @@ pub(crate) struct Replicas {
     /// Every group this node has held (opened at start, or created since).
     pub(crate) held: HashSet<u64>,
     pub(crate) failure: Arc<super::failure::NodeFailure>,
+    pub(crate) local_reader: Arc<super::local_reader::LocalReader>,
 }
 
 impl Replicas {
@@ -106,6 +107,7 @@ impl Replicas {
 
     fn destroy(&mut self, descriptor: &RangeDescriptor) {
         self.mailboxes.unregister(descriptor.group_id);
+        self.local_reader.lease(descriptor.group_id).withdraw();
         self.ticking.stop(descriptor.group_id);
         // A failure here is the engines' (the node's pollers meet it too); the data stays until a later try.
         if let Err(error) = crate::peer::destroy_replica(self.log.as_ref(), self.kv.as_ref(), descriptor) {
@@ -134,7 +136,7 @@ impl Replicas {
                 return;
             }
         };
-        let fsm = PeerFsm::new(peer);
+        let fsm = PeerFsm::new(peer, self.local_reader.lease(group_id));
         // Settled before a poller can see it: a fresh replica owes no ticks for the time before it existed.
         self.ticking.settle(&fsm.ticks_seen);
         let (ticking, seen) = (fsm.ticking, Arc::clone(&fsm.ticks_seen));

@@ -109,6 +109,11 @@ impl SteppedStore {
         &self.mailboxes
     }
 
+    /// Where callers learn whether a read may be served on their own thread (`local_reader.rs`).
+    pub fn local_reader(&self) -> &Arc<super::local_reader::LocalReader> {
+        &self.handler.local_reader
+    }
+
     /// Where other nodes' messages for this node's replicas go.
     pub fn inbox(&self) -> StoreInbox {
         StoreInbox { mailboxes: Arc::clone(&self.mailboxes) as Arc<dyn Mailboxes>, tasks: self.handler.tasks.clone() }

@@ -26,14 +26,16 @@ use rustc_hash::FxHashMap;
 
 use super::fsm::PeerMsg;
 use super::mailboxes::Mailboxes;
+use crate::peer::Peer;
 
 /// The tick count a replica has seen; shared between its FSM and the ticker's list.
 pub(crate) type TicksSeen = Arc<AtomicU64>;
 
-/// Owed ticks taken at once at most. Normally a replica owes one or two (the ticker wakes those not handled for
+/// Owed ticks fired at once at most. Normally a replica owes one or two (the ticker wakes those not handled for
 /// a whole interval); more only after its poller stalled, and then each owed tick may send a leader's heartbeats
-/// again. Twice the default election timeout still lets every timer fire; a longer one fires a turn later.
-const TICKS_OWED_MAX: u64 = 24;
+/// again. Twice the default election timeout still lets every timer fire; a longer one fires a turn later. The
+/// ticks beyond it still count against leases (`Peer::skip_ticks`).
+pub(crate) const TICKS_OWED_MAX: u64 = 24;
 
 /// Where a node's tick count comes from.
 pub trait TickClock: Send + Sync {
@@ -141,7 +143,19 @@ impl Ticking {
         if seen.load(Ordering::SeqCst) >= now {
             return 0; // handled already this interval (most turns of a busy replica): no write to a shared line
         }
-        now.saturating_sub(seen.swap(now, Ordering::SeqCst)).min(TICKS_OWED_MAX)
+        now.saturating_sub(seen.swap(now, Ordering::SeqCst))
+    }
+
+    /// Gives `peer` the ticks it owes (those beyond [`TICKS_OWED_MAX`] as skipped time): afterwards its tick count
+    /// stands for the node tick `seen` holds, as far as its lease is concerned (`local_reader.rs`).
+    pub(crate) fn catch_up(&self, seen: &AtomicU64, peer: &mut Peer) {
+        let owed = self.take_owed(seen);
+        for _ in 0..owed.min(TICKS_OWED_MAX) {
+            peer.on_tick();
+        }
+        if owed > TICKS_OWED_MAX {
+            peer.skip_ticks(owed - TICKS_OWED_MAX);
+        }
     }
 }
 
@@ -189,11 +203,11 @@ mod tests {
         assert!(interval(&ticking).is_empty(), "both handled within the last interval");
         ticking.stop(2);
         assert_eq!(ticking.len(), 1);
-        // After a long stall, at most `TICKS_OWED_MAX` at once.
+        // After a long stall, all of it (the caller fires at most `TICKS_OWED_MAX` and skips the rest).
         for _ in 0..100 {
             interval(&ticking);
         }
-        assert_eq!(ticking.take_owed(&busy), TICKS_OWED_MAX);
+        assert_eq!(ticking.take_owed(&busy), 101, "the interval before the stall, and the 100 of it");
     }
 
     #[test]
@@ -205,6 +219,6 @@ mod tests {
         clock.set(30);
         assert_eq!(ticking.take_owed(&leader), 0, "no round has read the clock yet");
         ticking.sync(); // a poll round begins
-        assert_eq!(ticking.take_owed(&leader), TICKS_OWED_MAX, "past any lease (at most the election timeout)");
+        assert_eq!(ticking.take_owed(&leader), 30, "every interval that passed counts");
     }
 }

@@ -51,10 +51,11 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability, {} with unknown outcome, {} node crashes, {} torn writes, {} pauses, {} leadership transfers, {} membership changes proposed ({} applied, {} replicas destroyed), {} log compactions, {} snapshots installed, {} replica ticks slept through)",
+        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability ({} reads served locally), {} with unknown outcome, {} node crashes, {} torn writes, {} pauses, {} leadership transfers, {} membership changes proposed ({} applied, {} replicas destroyed), {} log compactions, {} snapshots installed, {} replica ticks slept through)",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.operations,
+        total.local_reads,
         total.unknown,
         total.crashes,
         total.torn_writes,

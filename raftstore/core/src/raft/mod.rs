@@ -247,6 +247,13 @@ impl<S: Storage> Raft<S> {
         self.heartbeat_elapsed = 0;
     }
 
+    /// Time passed that this replica's timers did not see (its host stalled for longer than it catches up on):
+    /// the lease's time base moves on by `ticks`, so no lease outlives the time that really passed. No timer
+    /// fires for them.
+    pub fn skip_ticks(&mut self, ticks: u64) {
+        self.tick_count += ticks;
+    }
+
     fn tick_election(&mut self) {
         self.election_elapsed += 1;
         if self.election_elapsed >= self.config.election_timeout_ticks {
@@ -424,7 +431,7 @@ impl<S: Storage> Raft<S> {
         panic!("replica {}: storage failed while {what}: {e}; the node must stop", self.id)
     }
 
-    fn read_mode(&self) -> ReadMode {
+    pub fn read_mode(&self) -> ReadMode {
         self.config.read_mode
     }
 }

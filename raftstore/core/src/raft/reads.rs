@@ -101,16 +101,22 @@ impl<S: Storage> Raft<S> {
     /// is still less than `election_timeout_ticks - lease_margin_ticks` ago. Until then none of those voters will
     /// vote for another candidate, so no other leader can exist.
     pub fn lease_valid(&self) -> bool {
+        self.lease_end_tick().is_some()
+    }
+
+    /// The tick at which this leader's lease runs out (it holds while [`Raft::tick_count`] is below it), or
+    /// `None` if it holds none now: not a leader, no check-quorum, or a transfer under way or done this term.
+    pub fn lease_end_tick(&self) -> Option<u64> {
         if self.role != StateRole::Leader
             || !self.config.check_quorum
             || self.lease_revoked
             || self.lead_transferee != 0
         {
-            return false;
+            return None;
         }
         let confirmed = self.tracker.lease_confirmed_tick(self.id, self.tick_count);
-        let lease_ticks = self.config.election_timeout_ticks - self.config.lease_margin_ticks;
-        confirmed != 0 && confirmed + lease_ticks > self.tick_count
+        let end = confirmed + self.config.election_timeout_ticks - self.config.lease_margin_ticks;
+        (confirmed != 0 && end > self.tick_count).then_some(end)
     }
 
     pub fn pending_read_count(&self) -> usize {
