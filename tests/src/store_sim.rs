@@ -9,14 +9,17 @@
 //! **Fault phase**: message loss, duplication and reordering, one-way partitions and isolated nodes, slow disks (a
 //! Ready's write waits before it is durable), apply lagging commit (a round ends without applying), node crashes
 //! (sometimes in the middle of a write, tearing it) and restarts, **paused nodes** (their rounds and ticker stop
-//! while the others run on and messages pile up for them; sometimes cut off too, with clients sent to them), clock
+//! while the others run on and messages pile up for them; half the time only the pollers stop and callers still
+//! read locally; sometimes cut off too, with clients sent to them), clock
 //! rates differing by a few percent, checkpoints at random, leadership transfers, log collection (compactions
 //! that leave lagging replicas to catch up by snapshot streams of small chunks, and WAL purges that rewrite
 //! laggards), membership changes. **Calm phase**: the network heals, every node runs, clients finish; then every
 //! group must elect a leader, serve a write, and all its replicas must converge on the same data.
 //!
 //! Clients issue puts and deletes of unique values, gets and compare-and-sets on a few keys per group, as
-//! `PeerMsg` requests to a node's mailboxes, answered on their reply channels as the `Db`'s are. A client retries
+//! `PeerMsg` requests to a node's mailboxes, answered on their reply channels as the `Db`'s are; most gets first
+//! try the node's local read path (`store/local_reader.rs`), served at once while the replica's grant holds on
+//! the node's clock. A client retries
 //! only after a definite "nothing happened" (not leader, dropped, busy); an operation without an answer by its
 //! deadline, or whose node went down, is recorded as **unknown**, never as failed. The history is checked by the
 //! linearizability checker; Raft invariants (one leader per term and group; every replica commits the same entry
@@ -144,6 +147,8 @@ struct Node {
     /// Paused until this step: its rounds, persisted forwarding and ticker stand still, its clock runs on, and
     /// messages for it pile up.
     paused_until: u64,
+    /// The pause stops only its poll rounds (a starved poll loop): its callers still serve local reads.
+    pollers_only: bool,
     /// Deaf until this step: every message to it is lost (its own still go out).
     deaf_until: u64,
 }
@@ -303,6 +308,7 @@ impl Sim {
                 clock: 0,
                 ticks: 0,
                 paused_until: 0,
+                pollers_only: false,
                 deaf_until: 0,
             })
             .collect();
@@ -636,6 +642,7 @@ impl Sim {
         let id = self.nodes[position].id;
         // Mostly long enough for the others to declare it down and elect new leaders (about 100–200 steps).
         self.nodes[position].paused_until = self.step + self.rng.range(20, 400);
+        self.nodes[position].pollers_only = self.rng.chance_per_mille(500);
         self.report.pauses += 1;
         if self.rng.chance_per_mille(500) {
             let others: Vec<u64> = (1..=self.nodes.len() as u64).filter(|&other| other != id).collect();
@@ -651,7 +658,8 @@ impl Sim {
             }
         }
         if self.trace {
-            println!("step {}: node {id} paused until step {}", self.step, self.nodes[position].paused_until);
+            let what = if self.nodes[position].pollers_only { "its pollers" } else { "the whole process" };
+            println!("step {}: node {id} paused until step {} ({what})", self.step, self.nodes[position].paused_until);
         }
     }
 
@@ -761,10 +769,11 @@ impl Sim {
     }
 
     /// A read of `key` served by node `position`'s local read path, if its grant for the group holds now (a
-    /// paused or stopped node serves nothing: its callers stand still too).
+    /// stopped node serves nothing, nor a paused one unless only its pollers stand still).
     fn local_read(&self, position: usize, group_id: u64, key: &[u8]) -> SimResult<Option<Option<Vec<u8>>>> {
         let node = &self.nodes[position];
-        let Some(running) = node.running.as_ref().filter(|_| node.paused_until <= self.step) else { return Ok(None) };
+        let callers_run = node.paused_until <= self.step || node.pollers_only;
+        let Some(running) = node.running.as_ref().filter(|_| callers_run) else { return Ok(None) };
         let reader = running.store.local_reader();
         if !reader.holds(&reader.lease(group_id)) || running.store.failure().is_some() {
             return Ok(None);
