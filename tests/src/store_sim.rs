@@ -91,8 +91,12 @@ pub struct StoreSimReport {
     pub ticks_slept: u64,
     /// Snapshots installed (log records of installs written).
     pub snapshot_installs: u64,
-    /// Reads served on the client's side from a leader's published grant (`store/local_reader.rs`).
+    /// Reads served on the client's side from a leader's published grant (`store/local_reader.rs`), and of
+    /// them those served while the node's pollers stood still.
     pub local_reads: u64,
+    pub local_reads_stalled: u64,
+    /// Calm phases with a stall duel (see `Sim::stall_duel`).
+    pub stall_duels: u64,
 }
 
 impl StoreSimReport {
@@ -112,6 +116,8 @@ impl StoreSimReport {
         self.ticks_slept += other.ticks_slept;
         self.snapshot_installs += other.snapshot_installs;
         self.local_reads += other.local_reads;
+        self.local_reads_stalled += other.local_reads_stalled;
+        self.stall_duels += other.stall_duels;
     }
 }
 
@@ -202,6 +208,9 @@ struct Sim {
     /// and meanwhile, per client, the node every attempt on that group goes to.
     focus: Option<(usize, u64)>,
     steered: Vec<Option<u64>>,
+    /// A pause to come at a step, of the leader of a group (by position) that gets traffic until then, and how
+    /// many times it was put off (its leader held no grant yet).
+    planned_pause: Option<(u64, usize, u32)>,
     /// Invariants: the leader of each (group, term); the entry committed at each (group, index).
     leaders: HashMap<(u64, u64), u64>,
     committed: HashMap<(u64, u64), (u64, u64)>,
@@ -330,6 +339,7 @@ impl Sim {
             hints: HashMap::new(),
             focus: None,
             steered: Vec::new(),
+            planned_pause: None,
             leaders: HashMap::new(),
             committed: HashMap::new(),
             raft,
@@ -626,11 +636,26 @@ impl Sim {
         self.flush_outbox(position);
     }
 
-    /// Pauses a node for a while (its process stands still: no rounds, no ticker, no forwarding; its clock runs
-    /// on and messages for it pile up). A leader's node, mostly — sometimes cut off as well, with clients sent to
-    /// it: a lease that outlived the pause would answer them from stale data once it resumes.
+    /// Pauses a node for a while, now or after some traffic to one group (its process stands still: no rounds, no ticker, no forwarding; its clock runs
+    /// on and messages for it pile up; or only its pollers stand still, and its callers go on reading locally).
+    /// A leader's node, mostly — sometimes cut off as well; clients are sent to it when it is cut off or only its
+    /// pollers stop: a lease that outlived the pause would answer them from stale data.
     fn pause(&mut self) {
         let group_position = self.rng.below(self.ranges.len() as u64) as usize;
+        if self.planned_pause.is_none() && self.rng.chance_per_mille(500) {
+            // Traffic first, the pause a little later: the group is awake and its leader holds its lease (it may
+            // serve reads locally) when the pause comes. An idle group's leader hibernates and holds none.
+            self.focus = Some((group_position, self.step + 100));
+            self.planned_pause = Some((self.step + self.rng.range(20, 60), group_position, 0));
+            return;
+        }
+        let pollers_only = self.rng.chance_per_mille(500);
+        self.pause_group(group_position, pollers_only);
+    }
+
+    /// Pauses the leader of the group at `group_position` (mostly; else any node): the whole process, or only
+    /// its pollers.
+    fn pause_group(&mut self, group_position: usize, pollers_only: bool) {
         let leader = self.leader_position(self.ranges[group_position].group_id);
         let position = match leader {
             Some(position) if self.rng.chance_per_mille(800) => position,
@@ -642,13 +667,17 @@ impl Sim {
         let id = self.nodes[position].id;
         // Mostly long enough for the others to declare it down and elect new leaders (about 100–200 steps).
         self.nodes[position].paused_until = self.step + self.rng.range(20, 400);
-        self.nodes[position].pollers_only = self.rng.chance_per_mille(500);
+        self.nodes[position].pollers_only = pollers_only;
         self.report.pauses += 1;
-        if self.rng.chance_per_mille(500) {
+        let cut_off = self.rng.chance_per_mille(500);
+        if cut_off {
             let others: Vec<u64> = (1..=self.nodes.len() as u64).filter(|&other| other != id).collect();
             self.network.partition(&[id], &others);
-            // Until it resumes, some clients keep sending to it (their reads wait there, then meet its old lease);
-            // the others look for the new leader and write there meanwhile. Most new operations go to the group.
+        }
+        if cut_off || self.nodes[position].pollers_only {
+            // Until it resumes, some clients keep sending to it (their reads wait there, then meet its old lease;
+            // or, while only its pollers stand still, are served locally on its grant); the others look for the
+            // new leader and write there meanwhile. Most new operations go to the group.
             self.focus = Some((group_position, self.nodes[position].paused_until + 50));
             self.steered = (0..self.clients.len()).map(|_| self.rng.chance_per_mille(500).then_some(id)).collect();
             for client in 0..self.clients.len() {
@@ -717,6 +746,12 @@ impl Sim {
             }
             _ => None,
         };
+        // To a node whose pollers alone stand still only reads are steered (served locally, or not at all):
+        // writes look for the new leader, so that there is something new for a stale read to miss.
+        let steered = steered.filter(|&node| {
+            let node = &self.nodes[node as usize - 1];
+            self.ops[index].command.is_none() || !(node.pollers_only && node.paused_until > self.step)
+        });
         let node = match steered.or_else(|| self.hints.get(&(client, group)).copied()) {
             Some(node) => node,
             None => self.rng.range(1, self.nodes.len() as u64),
@@ -736,6 +771,7 @@ impl Sim {
             let key = self.ops[index].operation.key.clone();
             if let Some(value) = self.local_read(position, group_id, &key)? {
                 self.report.local_reads += 1;
+                self.report.local_reads_stalled += u64::from(!self.is_up(position));
                 let value = value.map(|v| u64::from_le_bytes(v.as_slice().try_into().expect("8-byte values")));
                 let at = self.timestamp();
                 self.ops[index].operation.result = Some((Outcome::Got(value), at));
@@ -768,16 +804,23 @@ impl Sim {
         self.drive(position)
     }
 
+    /// Whether node `position`'s published grant for group `group_id` holds now (it runs, and has not failed).
+    fn grant_holds(&self, position: usize, group_id: u64) -> bool {
+        self.nodes[position].running.as_ref().is_some_and(|running| {
+            let reader = running.store.local_reader();
+            reader.holds(&reader.lease(group_id)) && running.store.failure().is_none()
+        })
+    }
+
     /// A read of `key` served by node `position`'s local read path, if its grant for the group holds now (a
     /// stopped node serves nothing, nor a paused one unless only its pollers stand still).
     fn local_read(&self, position: usize, group_id: u64, key: &[u8]) -> SimResult<Option<Option<Vec<u8>>>> {
         let node = &self.nodes[position];
         let callers_run = node.paused_until <= self.step || node.pollers_only;
-        let Some(running) = node.running.as_ref().filter(|_| callers_run) else { return Ok(None) };
-        let reader = running.store.local_reader();
-        if !reader.holds(&reader.lease(group_id)) || running.store.failure().is_some() {
+        if !callers_run || !self.grant_holds(position, group_id) {
             return Ok(None);
         }
+        let running = node.running.as_ref().expect("a grant holds only on a running node");
         running.kv.get(key).map(Some).map_err(|error| format!("node {}: a local read failed: {error}", node.id))
     }
 
@@ -944,6 +987,19 @@ impl Sim {
 
     fn fault_step(&mut self) -> SimResult<()> {
         self.deliver_due()?;
+        if let Some((_, group_position, waited)) = self.planned_pause.filter(|(at, _, _)| *at <= self.step) {
+            // Until its leader may serve reads locally (it may have none yet, or be asleep), for a while.
+            let group_id = self.ranges[group_position].group_id;
+            let granted = self.leader_position(group_id).is_some_and(|leader| self.grant_holds(leader, group_id));
+            if granted || waited >= 5 {
+                self.planned_pause = None;
+                let pollers_only = self.rng.chance_per_mille(500);
+                self.pause_group(group_position, pollers_only);
+            } else {
+                self.planned_pause = Some((self.step + 20, group_position, waited + 1));
+                self.focus = Some((group_position, self.step + 60));
+            }
+        }
         for position in 0..self.nodes.len() {
             if self.nodes[position].running.is_some() && self.nodes[position].paused_until == self.step {
                 self.drive(position)?; // resumed: what piled up is handled, on the time that passed
@@ -1115,6 +1171,32 @@ impl Sim {
         self.drive(position)
     }
 
+    /// The **stall duel**, once in the calm phase: leadership is stable and leases held, then the pollers of a
+    /// leader that may serve reads locally stand still long enough for the others to elect a new leader, while
+    /// its callers go on reading locally and the other clients write at the new leader. A grant that outlived
+    /// the lease (judged on anything but the node's clock) serves stale data here.
+    fn stall_duel(&mut self) {
+        let granted: Vec<usize> = (0..self.ranges.len())
+            .filter(|&group| {
+                let group_id = self.ranges[group].group_id;
+                self.leader_position(group_id).is_some_and(|leader| self.grant_holds(leader, group_id))
+            })
+            .collect();
+        if granted.is_empty() {
+            return; // no leases (ReadIndex runs), or none held now
+        }
+        let group_position = granted[self.rng.below(granted.len() as u64) as usize];
+        self.pause_group(group_position, true);
+        self.network.heal(); // not cut off: the others hear nothing from it only because its pollers stand still
+        let leader = self.leader_position(self.ranges[group_position].group_id);
+        if let Some(position) = leader.filter(|&position| self.nodes[position].paused_until > self.step) {
+            // Long enough for an election (calm ticks come about every five steps).
+            self.nodes[position].paused_until = self.step + self.rng.range(200, 400);
+            self.focus = Some((group_position, self.nodes[position].paused_until + 50));
+        }
+        self.report.stall_duels += 1;
+    }
+
     fn calm_step(&mut self, issue_new: bool) -> SimResult<()> {
         self.deliver_due()?;
         if self.rng.below(100) < 20 {
@@ -1146,8 +1228,12 @@ impl Sim {
             }
             self.apply_waiting(position)?;
         }
+        let duel_at = self.step + steps / 4;
         for _ in 0..steps {
             self.step += 1;
+            if self.step == duel_at {
+                self.stall_duel();
+            }
             self.calm_step(self.step.is_multiple_of(2))?;
             self.check_leaders()?;
         }

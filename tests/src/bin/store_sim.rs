@@ -51,15 +51,17 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability ({} reads served locally), {} with unknown outcome, {} node crashes, {} torn writes, {} pauses, {} leadership transfers, {} membership changes proposed ({} applied, {} replicas destroyed), {} log compactions, {} snapshots installed, {} replica ticks slept through)",
+        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability ({} reads served locally, {} of them while the node's pollers stood still), {} with unknown outcome, {} node crashes, {} torn writes, {} pauses, {} stall duels, {} leadership transfers, {} membership changes proposed ({} applied, {} replicas destroyed), {} log compactions, {} snapshots installed, {} replica ticks slept through)",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.operations,
         total.local_reads,
+        total.local_reads_stalled,
         total.unknown,
         total.crashes,
         total.torn_writes,
         total.pauses,
+        total.stall_duels,
         total.transfers,
         total.membership_changes,
         total.membership_changes_applied,
