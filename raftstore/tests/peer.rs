@@ -417,6 +417,19 @@ fn a_commit_index_change_alone_is_not_written_and_a_replica_restarted_with_it_be
 }
 
 #[test]
+fn a_synced_write_carries_the_commit_index_as_it_stands_even_when_only_commit_only_readies_moved_it() {
+    let mut group = Group::led_by(1);
+    group.put(1, 1, "a", "1");
+    let committed = group.node(1).peer.applied_index();
+    let stored = |group: &mut Group| group.node(1).log.hard_state(5).commit;
+    assert!(stored(&mut group) < committed, "the commit index alone is stored lazily");
+    // The next append is synced: it carries the commit index along. (A replica restarted with its log holding
+    // committed membership changes must know they are committed, or it campaigns under an older configuration.)
+    group.put(1, 2, "b", "2");
+    assert!(stored(&mut group) >= committed);
+}
+
+#[test]
 fn a_ready_with_nothing_to_persist_does_not_acknowledge_an_earlier_write_still_under_way() {
     let mut group = Group::led_by(1);
     group.put(1, 70, "b", "1");

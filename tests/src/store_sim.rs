@@ -400,6 +400,9 @@ impl Sim {
         node.running = Some(Running { log, kv, outbox, clock, liveness, store });
         node.ticks = 0;
         node.paused_until = 0;
+        if self.trace {
+            println!("step {}: node {} starts", self.step, position + 1);
+        }
         self.drive(position)
     }
 
@@ -423,6 +426,14 @@ impl Sim {
         node.redb.power_on();
         node.paused_until = 0;
         self.report.crashes += 1;
+        if self.trace {
+            println!(
+                "step {}: node {} crashes{}",
+                self.step,
+                position + 1,
+                if torn { " (tearing a write)" } else { "" }
+            );
+        }
     }
 
     /// Whether the node's process runs (up, and not paused).

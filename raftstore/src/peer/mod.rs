@@ -176,6 +176,8 @@ pub struct Peer {
     log_lag_entries_max: u64,
     /// A log compaction to write with the next output (`compaction.rs`).
     compaction: Option<LogOp>,
+    /// The hard state as this replica last wrote it to its log (see `take_output`).
+    hard_state_written: flotilla_raft::HardState,
     /// The last term this replica was seen leading in, and an index at or after that term's first entry (see
     /// [`Peer::local_read_grant`]).
     lead_start: (u64, u64),
@@ -230,6 +232,7 @@ impl Peer {
             log_lag_entries_max: options.log_lag_entries_max,
             compaction: None,
             lead_start: (0, 0),
+            hard_state_written: hard_state,
         })
     }
 

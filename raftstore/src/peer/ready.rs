@@ -41,8 +41,19 @@ impl Peer {
             // carries a changed hard state. With one write per group in flight (thousands of groups), the
             // leader's commit and every follower's learning of it would otherwise cost a log write, a sync and a
             // `Persisted` round trip each.
-            if let Some(hard_state) = ready.hard_state.filter(|_| ready.must_sync) {
-                ops.push(LogOp::HardState(hard_state));
+            //
+            // So a Ready that must be synced (entries, a term, a vote) carries the hard state as it stands, commit
+            // index included, whether or not this Ready changed it: a replica whose log durably holds an entry also
+            // durably knows the commit index its leader had when it got it. The core's rule that a replica with
+            // committed, unapplied membership changes does not campaign depends on this: a restarted leader that
+            // had proposed two membership changes, its commit index stored from before both, campaigned under the
+            // configuration two changes old and won a term another leader held (`store-sim` seed 793).
+            if ready.must_sync {
+                let hard_state = ready.hard_state.clone().unwrap_or_else(|| self.raw.raft.hard_state());
+                if hard_state != self.hard_state_written {
+                    self.hard_state_written = hard_state.clone();
+                    ops.push(LogOp::HardState(hard_state));
+                }
             }
             if ops.is_empty() && after_persist.is_empty() {
                 // Nothing to persist. It may be acknowledged at once only if no earlier Ready is still being
