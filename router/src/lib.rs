@@ -4,9 +4,13 @@
 //!   follow a leader hint, fail with a typed error, within a deadline), shared by everything that sends requests
 //!   to groups: the embedded `Db` today, the network client and the server's forwarding next.
 //!
-//! Placement (ranges that split, merge and move, a meta range) and the node-to-node transport come with later
-//! issues; the dependency direction is fixed: router → raftstore.
+//! - [`transport`]: the node-to-node TCP transport (one connection per node pair and direction for all groups,
+//!   frames of batches, a handshake, bounded queues, node liveness).
+//!
+//! Placement (ranges that split, merge and move, a meta range) comes with a later issue; the dependency direction
+//! is fixed: router → raftstore.
 
 pub use flotilla_raftstore as raftstore;
 
 pub mod route;
+pub mod transport;

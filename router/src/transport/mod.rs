@@ -1,0 +1,205 @@
+//! The node-to-node TCP transport: the messages of **all** groups between two nodes share one connection per
+//! direction (each node dials every other for what it sends, and reads what the others dialed it with), in
+//! length-prefixed, checksummed frames of prost batches (`docs/wire-format.md`). Runs on tokio.
+//!
+//! - `frame.rs`: the frame (length, CRC-32C, payload), its decoder's bounds;
+//! - `wire.rs`: the prost messages — the handshake's hello and reply, and the batches;
+//! - `link.rs`: one outbound link per other node — the bounded queue, and the writer task that dials (with
+//!   backoff), says hello and writes one frame per drain;
+//! - `inbound.rs`: the listener and the reader tasks — the handshake's checks, frames to the store's inbox;
+//! - this file: [`TcpTransport`] (the raftstore's [`Transport`]: a poll round's envelopes for a node are queued
+//!   together at its `flush` and travel as one frame) and node liveness (one heartbeat per node pair and
+//!   interval; a node silent for `down_after_heartbeats` intervals is reported down to the store).
+
+pub mod frame;
+mod inbound;
+mod link;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_raftstore::message::Envelope;
+use flotilla_raftstore::store::liveness::{Liveness, NodeMessage};
+use flotilla_raftstore::store::{StoreInbox, Transport};
+use parking_lot::Mutex;
+
+use link::Link;
+use wire::WireEnvelope;
+
+/// Settings of a node's transport.
+#[derive(Clone, Debug)]
+pub struct TcpTransportOptions {
+    /// Connections from another cluster are refused (and ours by theirs).
+    pub cluster_id: String,
+    pub node_id: u64,
+    /// Every node of the cluster, this one included: its id and the address it listens on for other nodes.
+    pub nodes: BTreeMap<u64, String>,
+    /// The largest frame accepted, in payload bytes; a larger one closes the connection. Default 64 MiB.
+    pub frame_bytes_max: usize,
+    /// Bytes of messages queued for one node at most (see `link.rs` for what is dropped). Default 32 MiB.
+    pub queue_bytes_max: usize,
+    /// Inbound connections at once at most (the cluster's nodes need one each). Default 256.
+    pub connections_max: usize,
+    /// The wait before dialing a node again, doubling per failure up to the max. Defaults 50 ms and 1 s.
+    pub reconnect_backoff_min: Duration,
+    pub reconnect_backoff_max: Duration,
+    /// How long a connect and its hello may take. Default 2 s.
+    pub handshake_timeout: Duration,
+    /// Node liveness: one heartbeat per node pair per interval (default 100 ms, the store's tick), and a node
+    /// not heard from for `down_after_heartbeats` intervals (default 10) is reported down to the store.
+    pub heartbeat_interval: Duration,
+    pub down_after_heartbeats: u64,
+}
+
+impl TcpTransportOptions {
+    /// The defaults, for node `node_id` of `cluster_id` made of `nodes`.
+    pub fn new(cluster_id: impl Into<String>, node_id: u64, nodes: BTreeMap<u64, String>) -> TcpTransportOptions {
+        TcpTransportOptions {
+            cluster_id: cluster_id.into(),
+            node_id,
+            nodes,
+            frame_bytes_max: 64 << 20,
+            queue_bytes_max: 32 << 20,
+            connections_max: 256,
+            reconnect_backoff_min: Duration::from_millis(50),
+            reconnect_backoff_max: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_millis(100),
+            down_after_heartbeats: 10,
+        }
+    }
+
+    /// Where this node listens.
+    pub fn listen_addr(&self) -> &str {
+        self.nodes.get(&self.node_id).map(String::as_str).unwrap_or_default()
+    }
+}
+
+/// A node's transport: outbound links to every other node, and (once started) the listener.
+pub struct TcpTransport {
+    options: Arc<TcpTransportOptions>,
+    links: HashMap<u64, Arc<Link>>,
+    /// Envelopes sent since the last flush, per node.
+    pending: Mutex<HashMap<u64, Vec<WireEnvelope>>>,
+    listener: Mutex<Option<std::net::TcpListener>>,
+    runtime: tokio::runtime::Handle,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl TcpTransport {
+    /// Binds this node's listening address (an error if it cannot: taken, or not this machine's) and makes the
+    /// links; nothing runs before [`TcpTransport::start`].
+    pub fn bind(options: TcpTransportOptions, runtime: tokio::runtime::Handle) -> std::io::Result<Arc<TcpTransport>> {
+        let addr = options.listen_addr().to_string();
+        if addr.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("node {} has no address in the cluster's list", options.node_id),
+            ));
+        }
+        let listener = std::net::TcpListener::bind(&addr)?;
+        TcpTransport::with_listener(options, listener, runtime)
+    }
+
+    /// [`TcpTransport::bind`] with a listener already bound (tests bind every node's port first, then list them).
+    pub fn with_listener(
+        options: TcpTransportOptions,
+        listener: std::net::TcpListener,
+        runtime: tokio::runtime::Handle,
+    ) -> std::io::Result<Arc<TcpTransport>> {
+        listener.set_nonblocking(true)?;
+        let links = (options.nodes.iter())
+            .filter(|(&id, _)| id != options.node_id)
+            .map(|(&id, addr)| (id, Arc::new(Link::new(id, addr.clone()))))
+            .collect();
+        Ok(Arc::new(TcpTransport {
+            options: Arc::new(options),
+            links,
+            pending: Mutex::default(),
+            listener: Mutex::new(Some(listener)),
+            runtime,
+            tasks: Mutex::default(),
+        }))
+    }
+
+    /// The address it listens on (with the port the system chose, if the list said port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.lock().as_ref().and_then(|listener| listener.local_addr().ok())
+    }
+
+    /// Starts the listener (messages go to `inbox`), the links' writers and node liveness: `on_node_down` hears
+    /// each node judged down (every interval while it stays silent; the store's `node_down`).
+    pub fn start(&self, inbox: StoreInbox, on_node_down: Box<dyn Fn(u64) + Send + Sync>) -> std::io::Result<()> {
+        let listener = self.listener.lock().take().expect("a transport starts once");
+        let _guard = self.runtime.enter();
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let options = &self.options;
+        let peers: Vec<u64> = self.links.keys().copied().collect();
+        let down_after = options.down_after_heartbeats;
+        let liveness = Arc::new(Mutex::new(Liveness::new(options.node_id, peers, down_after, 0)));
+        let heartbeats = Arc::new(AtomicU64::new(0));
+        let inbound =
+            Arc::new(inbound::Inbound::new(Arc::clone(options), inbox, Arc::clone(&liveness), Arc::clone(&heartbeats)));
+        let mut tasks = self.tasks.lock();
+        tasks.push(self.runtime.spawn(inbound.accept(listener)));
+        for link in self.links.values() {
+            tasks.push(self.runtime.spawn(Arc::clone(link).run(Arc::clone(options))));
+        }
+        let links = self.links.clone();
+        let interval = options.heartbeat_interval;
+        tasks.push(self.runtime.spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let now = heartbeats.fetch_add(1, Ordering::AcqRel) + 1;
+                let (messages, down) = liveness.lock().tick(now);
+                for NodeMessage::Heartbeat { to_node, .. } in messages {
+                    if let Some(link) = links.get(&to_node) {
+                        link.heartbeat();
+                    }
+                }
+                for node in down {
+                    on_node_down(node);
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// Whether the link to `node_id` is connected now (its hello accepted).
+    pub fn is_connected(&self, node_id: u64) -> bool {
+        self.links.get(&node_id).is_some_and(|link| link.is_connected())
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&self, envelope: Envelope) {
+        let to_node = envelope.to_node;
+        let wire = WireEnvelope::from_envelope(envelope);
+        self.pending.lock().entry(to_node).or_default().push(wire);
+    }
+
+    fn flush(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock());
+        for (to_node, envelopes) in pending {
+            match self.links.get(&to_node) {
+                Some(link) => link.push(envelopes, self.options.queue_bytes_max),
+                None => metrics::counter!("flotilla_transport_dropped_total", "reason" => "unknown_node")
+                    .increment(envelopes.len() as u64),
+            }
+        }
+    }
+}
