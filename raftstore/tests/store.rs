@@ -17,10 +17,12 @@ use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, Wri
 use flotilla_engine::wal::record::LogOp;
 use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
+use flotilla_raftstore::message::{Envelope, ReplicaMessage};
 use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 use flotilla_raftstore::store::fsm::WriteReply;
-use flotilla_raftstore::store::{InProcessTransport, NoTransport, PeerMsg, Store, StoreOptions};
+use flotilla_raftstore::store::local_reader::{LocalReader, ReadLease};
+use flotilla_raftstore::store::{InProcessTransport, NoTransport, PeerMsg, Store, StoreOptions, Transport};
 
 struct Node {
     id: u64,
@@ -30,6 +32,18 @@ struct Node {
 }
 
 fn start_node(id: u64, dir: &std::path::Path, ranges: &[RangeDescriptor], transport: &Arc<InProcessTransport>) -> Node {
+    start_node_sending(id, dir, ranges, Arc::clone(transport) as Arc<dyn Transport>, transport)
+}
+
+/// [`start_node`] with the node's outgoing messages going through `sending` (its incoming still come from
+/// `transport`).
+fn start_node_sending(
+    id: u64,
+    dir: &std::path::Path,
+    ranges: &[RangeDescriptor],
+    sending: Arc<dyn Transport>,
+    transport: &Arc<InProcessTransport>,
+) -> Node {
     let (wal, _) = Wal::open(&dir.join(format!("wal-{id}")), Arc::new(StdDisk), WalOptions::default()).unwrap();
     let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
     let kv =
@@ -45,15 +59,9 @@ fn start_node(id: u64, dir: &std::path::Path, ranges: &[RangeDescriptor], transp
         },
         ..StoreOptions::default()
     };
-    let store = Store::start(
-        options,
-        ranges,
-        Arc::clone(&log) as Arc<dyn LogEngine>,
-        Arc::clone(&kv) as _,
-        flusher,
-        Arc::clone(transport) as _,
-    )
-    .unwrap();
+    let store =
+        Store::start(options, ranges, Arc::clone(&log) as Arc<dyn LogEngine>, Arc::clone(&kv) as _, flusher, sending)
+            .unwrap();
     transport.add_node(id, store.inbox());
     Node { id, store, log, kv }
 }
@@ -155,6 +163,75 @@ fn a_replica_cut_off_while_the_others_compacted_catches_up_by_snapshot() {
         assert!(Instant::now() < deadline, "node 3 did not replicate after the snapshot");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Node 1's outgoing messages, watched: a `TimeoutNow` must never leave while node 1 still grants local reads
+/// (its target may win an election at once, inside the lease).
+struct GrantWatch {
+    inner: Arc<InProcessTransport>,
+    grant: std::sync::OnceLock<(Arc<LocalReader>, Arc<ReadLease>)>,
+    timeout_nows: std::sync::atomic::AtomicU64,
+    violations: std::sync::atomic::AtomicU64,
+}
+
+impl Transport for GrantWatch {
+    fn send(&self, envelope: Envelope) {
+        if matches!(&envelope.message, ReplicaMessage::Raft(m) if m.msg_type() == flotilla_raft::MessageType::TimeoutNow)
+        {
+            self.timeout_nows.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.grant.get().is_some_and(|(reader, lease)| reader.holds(lease)) {
+                self.violations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        self.inner.send(envelope);
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+#[test]
+fn a_leader_withdraws_its_local_read_grant_before_its_timeout_now_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    let range = initial_ranges(1, 1, &replicas).remove(0);
+    let group_id = range.group_id;
+    let transport = Arc::new(InProcessTransport::new());
+    let watch = Arc::new(GrantWatch {
+        inner: Arc::clone(&transport),
+        grant: std::sync::OnceLock::new(),
+        timeout_nows: Default::default(),
+        violations: Default::default(),
+    });
+    let ranges = std::slice::from_ref(&range);
+    let mut nodes = vec![start_node_sending(1, dir.path(), ranges, Arc::clone(&watch) as _, &transport)];
+    nodes.extend((2..=3).map(|id| start_node(id, dir.path(), ranges, &transport)));
+    let reader = Arc::clone(nodes[0].store.local_reader());
+    let lease = reader.lease(group_id);
+    let _ = watch.grant.set((Arc::clone(&reader), Arc::clone(&lease)));
+    nodes[0].store.campaign_all([group_id]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for round in 0..5 {
+        put(&nodes, group_id, b"k", format!("{round}").as_bytes(), deadline);
+        wait_until(deadline, "node 1 leads and grants local reads", || reader.holds(&lease));
+        nodes[0].store.router().send(group_id, PeerMsg::TransferLeader { replica_id: 2 }).ok().unwrap();
+        wait_until(deadline, "node 1 no longer grants", || !reader.holds(&lease));
+        // Back to node 1 for the next round.
+        wait_until(deadline, "node 2 leads", || put_on(&nodes[1], group_id, b"k", b"2"));
+        nodes[1].store.router().send(group_id, PeerMsg::TransferLeader { replica_id: 1 }).ok().unwrap();
+        wait_until(deadline, "node 1 leads again", || put_on(&nodes[0], group_id, b"k", b"1"));
+    }
+    assert!(watch.timeout_nows.load(std::sync::atomic::Ordering::SeqCst) >= 5, "the transfers ran");
+    assert_eq!(watch.violations.load(std::sync::atomic::Ordering::SeqCst), 0, "a TimeoutNow left under a grant");
+}
+
+/// One write on `node` only; whether it was done.
+fn put_on(node: &Node, group_id: u64, key: &[u8], value: &[u8]) -> bool {
+    let (reply, answer) = oneshot::channel();
+    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key.to_vec(), value.to_vec())] };
+    node.store.router().send(group_id, PeerMsg::Write { command, reply }).is_ok()
+        && matches!(answer.recv_timeout(Duration::from_secs(5)), Ok(Ok(Outcome::Done)))
 }
 
 /// Waits until `done` holds, failing after `deadline`.

@@ -102,6 +102,7 @@ impl Cluster {
                         store.node_down(node);
                     }
                 }),
+                None,
             )
             .unwrap();
         self.nodes.insert(id, Node { store, kv, _transport: transport, _log: log });

@@ -49,9 +49,9 @@ impl Peer {
             // had proposed two membership changes, its commit index stored from before both, campaigned under the
             // configuration two changes old and won a term another leader held (`store-sim` seed 793).
             if ready.must_sync {
-                let hard_state = ready.hard_state.clone().unwrap_or_else(|| self.raw.raft.hard_state());
+                let hard_state = ready.hard_state.unwrap_or_else(|| self.raw.raft.hard_state());
                 if hard_state != self.hard_state_written {
-                    self.hard_state_written = hard_state.clone();
+                    self.hard_state_written = hard_state;
                     ops.push(LogOp::HardState(hard_state));
                 }
             }

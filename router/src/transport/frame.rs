@@ -83,6 +83,25 @@ pub fn decode_message<M: prost::Message + Default>(payload: Bytes) -> Result<M, 
     M::decode(payload).map_err(|error| FrameError::Malformed(error.to_string()))
 }
 
+/// A connection's whole byte stream, decoded as the reader does (frames, then every message kind a frame may
+/// hold), with a small frame limit: the entry point of the fuzz target and the proptest. Returns the frames
+/// decoded before the stream ended or broke the rules. Never panics.
+pub fn decode_stream(bytes: &[u8]) -> usize {
+    let mut buffer = BytesMut::from(bytes);
+    let mut frames = 0;
+    while let Ok(Some(payload)) = decode_frame(&mut buffer, 1 << 16) {
+        frames += 1;
+        let _ = decode_message::<super::wire::Hello>(payload.clone());
+        let _ = decode_message::<super::wire::HelloReply>(payload.clone());
+        if let Ok(batch) = decode_message::<super::wire::Batch>(payload) {
+            for envelope in batch.envelopes {
+                let _ = envelope.into_envelope(1, 2);
+            }
+        }
+    }
+    frames
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

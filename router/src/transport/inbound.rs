@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::frame::{decode_frame, decode_message, encode_message, FrameError};
 use super::link::read_one;
 use super::wire::{Batch, Hello, HelloReply, PROTOCOL_VERSION};
-use super::TcpTransportOptions;
+use super::{ForwardHandler, TcpTransportOptions};
 
 /// What every reader task shares.
 pub(super) struct Inbound {
@@ -29,6 +29,8 @@ pub(super) struct Inbound {
     /// Node liveness, and the transport's heartbeat count (its clock).
     pub(super) liveness: Arc<Mutex<Liveness>>,
     pub(super) heartbeats: Arc<std::sync::atomic::AtomicU64>,
+    /// Where forwarded client requests and their answers go.
+    pub(super) forwarded: Option<Arc<dyn ForwardHandler>>,
     active: AtomicUsize,
 }
 
@@ -38,8 +40,9 @@ impl Inbound {
         inbox: StoreInbox,
         liveness: Arc<Mutex<Liveness>>,
         heartbeats: Arc<std::sync::atomic::AtomicU64>,
+        forwarded: Option<Arc<dyn ForwardHandler>>,
     ) -> Inbound {
-        Inbound { options, inbox, liveness, heartbeats, active: AtomicUsize::new(0) }
+        Inbound { options, inbox, liveness, heartbeats, forwarded, active: AtomicUsize::new(0) }
     }
 
     /// Accepts connections until the task is aborted (the transport dropped: its readers end with it, closing
@@ -155,6 +158,14 @@ impl Inbound {
     }
 
     fn deliver(&self, batch: Batch, from_node: u64) {
+        if let Some(forwarded) = &self.forwarded {
+            for request in batch.requests {
+                forwarded.on_request(from_node, request);
+            }
+            for reply in batch.replies {
+                forwarded.on_reply(from_node, reply);
+            }
+        }
         let mut dropped = 0;
         for envelope in batch.envelopes {
             let delivered = envelope

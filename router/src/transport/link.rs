@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::frame::{decode_frame, decode_message, encode_message, FrameError};
-use super::wire::{Batch, Body, Hello, HelloReply, WireEnvelope, PROTOCOL_VERSION};
+use super::wire::{Batch, Body, ForwardReply, ForwardRequest, Hello, HelloReply, WireEnvelope, PROTOCOL_VERSION};
 use super::TcpTransportOptions;
 
 /// What waits to go to one node.
@@ -30,6 +30,14 @@ struct Queue {
     envelopes: Vec<WireEnvelope>,
     bytes: usize,
     heartbeat: bool,
+    requests: Vec<ForwardRequest>,
+    replies: Vec<ForwardReply>,
+}
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.envelopes.is_empty() && !self.heartbeat && self.requests.is_empty() && self.replies.is_empty()
+    }
 }
 
 pub(super) struct Link {
@@ -81,6 +89,36 @@ impl Link {
         if chunks_dropped > 0 {
             metrics::counter!("flotilla_transport_chunks_dropped_total").increment(chunks_dropped);
         }
+        self.wake.notify_one();
+    }
+
+    /// Queues a forwarded client request; false if it cannot go now (the node is unreachable, or its queue is
+    /// full): the caller answers its client at once instead of waiting out a deadline.
+    pub(super) fn push_request(&self, request: ForwardRequest, queue_bytes_max: usize) -> bool {
+        let bytes = request.encoded_len();
+        let mut queue = self.queue.lock();
+        if !self.is_connected() || queue.bytes + bytes > queue_bytes_max {
+            return false;
+        }
+        queue.bytes += bytes;
+        queue.requests.push(request);
+        drop(queue);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Queues the answer to a request the node forwarded here (dropped if it cannot go: the node's request then
+    /// times out, as one whose connection broke would).
+    pub(super) fn push_reply(&self, reply: ForwardReply, queue_bytes_max: usize) {
+        let bytes = reply.encoded_len();
+        let mut queue = self.queue.lock();
+        if !self.is_connected() || queue.bytes + bytes > 2 * queue_bytes_max {
+            metrics::counter!("flotilla_transport_dropped_total", "reason" => "reply").increment(1);
+            return;
+        }
+        queue.bytes += bytes;
+        queue.replies.push(reply);
+        drop(queue);
         self.wake.notify_one();
     }
 
@@ -183,10 +221,10 @@ impl Link {
                 }
             }
             let queue = self.take();
-            if queue.envelopes.is_empty() && !queue.heartbeat {
+            if queue.is_empty() {
                 continue;
             }
-            let frames = encode_batches(queue.envelopes, queue.heartbeat, options.frame_bytes_max / 2, &mut out);
+            let frames = encode_batches(queue, options.frame_bytes_max / 2, &mut out);
             metrics::counter!("flotilla_transport_frames_sent_total").increment(frames);
             metrics::counter!("flotilla_transport_bytes_sent_total").increment(out.len() as u64);
             if let Err(error) = writer.write_all(&out).await {
@@ -197,11 +235,12 @@ impl Link {
     }
 }
 
-/// Encodes `envelopes` (and the heartbeat flag, on the first) as batches of at most about `batch_bytes_max`
-/// each — one frame unless a drain holds more — into `out`; returns the number of frames.
-fn encode_batches(envelopes: Vec<WireEnvelope>, heartbeat: bool, batch_bytes_max: usize, out: &mut BytesMut) -> u64 {
+/// Encodes a drained queue (its heartbeat flag, requests and replies in the first batch) as batches of at most
+/// about `batch_bytes_max` each — one frame unless a drain holds more — into `out`; returns the number of frames.
+fn encode_batches(queue: Queue, batch_bytes_max: usize, out: &mut BytesMut) -> u64 {
+    let Queue { envelopes, heartbeat, requests, replies, .. } = queue;
     let mut frames = 0;
-    let mut batch = Batch { envelopes: Vec::new(), heartbeat };
+    let mut batch = Batch { envelopes: Vec::new(), heartbeat, requests, replies };
     let mut bytes = 0;
     for envelope in envelopes {
         let size = envelope.encoded_len();
@@ -249,12 +288,13 @@ mod tests {
     fn a_drain_is_one_frame_unless_it_outgrows_the_batch_bound() {
         let envelope = |n: u64| WireEnvelope { group_id: n, body: None };
         let mut out = BytesMut::new();
-        assert_eq!(encode_batches((0..100).map(envelope).collect(), true, 1 << 20, &mut out), 1);
+        let queue = |heartbeat| Queue { envelopes: (0..100).map(envelope).collect(), heartbeat, ..Queue::default() };
+        assert_eq!(encode_batches(queue(true), 1 << 20, &mut out), 1);
         let batch: Batch = decode_message(decode_frame(&mut out, 1 << 20).unwrap().unwrap()).unwrap();
         assert_eq!(batch.envelopes.len(), 100);
         assert!(batch.heartbeat);
         assert!(out.is_empty());
-        let frames = encode_batches((0..100).map(envelope).collect(), false, 40, &mut out);
+        let frames = encode_batches(queue(false), 40, &mut out);
         assert!(frames > 1, "{frames} frames");
         let mut total = 0;
         while let Some(payload) = decode_frame(&mut out, 1 << 20).unwrap() {

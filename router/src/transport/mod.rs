@@ -79,6 +79,13 @@ impl TcpTransportOptions {
     }
 }
 
+/// Where a node takes the client requests other nodes forward to it, and the answers to those it forwarded
+/// (called on the transport's reader tasks: quick, never blocking).
+pub trait ForwardHandler: Send + Sync {
+    fn on_request(&self, from_node: u64, request: wire::ForwardRequest);
+    fn on_reply(&self, from_node: u64, reply: wire::ForwardReply);
+}
+
 /// A node's transport: outbound links to every other node, and (once started) the listener.
 pub struct TcpTransport {
     options: Arc<TcpTransportOptions>,
@@ -133,7 +140,12 @@ impl TcpTransport {
 
     /// Starts the listener (messages go to `inbox`), the links' writers and node liveness: `on_node_down` hears
     /// each node judged down (every interval while it stays silent; the store's `node_down`).
-    pub fn start(&self, inbox: StoreInbox, on_node_down: Box<dyn Fn(u64) + Send + Sync>) -> std::io::Result<()> {
+    pub fn start(
+        &self,
+        inbox: StoreInbox,
+        on_node_down: Box<dyn Fn(u64) + Send + Sync>,
+        forwarded: Option<Arc<dyn ForwardHandler>>,
+    ) -> std::io::Result<()> {
         let listener = self.listener.lock().take().expect("a transport starts once");
         let _guard = self.runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -142,8 +154,13 @@ impl TcpTransport {
         let down_after = options.down_after_heartbeats;
         let liveness = Arc::new(Mutex::new(Liveness::new(options.node_id, peers, down_after, 0)));
         let heartbeats = Arc::new(AtomicU64::new(0));
-        let inbound =
-            Arc::new(inbound::Inbound::new(Arc::clone(options), inbox, Arc::clone(&liveness), Arc::clone(&heartbeats)));
+        let inbound = Arc::new(inbound::Inbound::new(
+            Arc::clone(options),
+            inbox,
+            Arc::clone(&liveness),
+            Arc::clone(&heartbeats),
+            forwarded,
+        ));
         let mut tasks = self.tasks.lock();
         tasks.push(self.runtime.spawn(inbound.accept(listener)));
         for link in self.links.values() {
@@ -169,6 +186,24 @@ impl TcpTransport {
             }
         }));
         Ok(())
+    }
+
+    /// Sends a client request to `node_id` (see [`ForwardHandler`]); false if it cannot go now (unreachable, or
+    /// its queue full).
+    pub fn forward(&self, node_id: u64, request: wire::ForwardRequest) -> bool {
+        self.links.get(&node_id).is_some_and(|link| link.push_request(request, self.options.queue_bytes_max))
+    }
+
+    /// Sends the answer to a request `node_id` forwarded here.
+    pub fn reply(&self, node_id: u64, reply: wire::ForwardReply) {
+        if let Some(link) = self.links.get(&node_id) {
+            link.push_reply(reply, self.options.queue_bytes_max);
+        }
+    }
+
+    /// The runtime its tasks run on.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
     }
 
     /// Whether the link to `node_id` is connected now (its hello accepted).

@@ -5,6 +5,9 @@
 use flotilla_raftstore::message::{
     Envelope, HibernateRequest, RemovalNotice, ReplicaMessage, SnapshotAck, SnapshotChunk,
 };
+use flotilla_raftstore::peer::PeerError;
+use flotilla_raftstore::raft::DropReason;
+use flotilla_raftstore::range::RangeError;
 
 /// The protocol version this build speaks; a peer that speaks another is refused at the handshake.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -44,6 +47,11 @@ pub struct Batch {
     /// Node liveness: the sender is up (one per tick interval).
     #[prost(bool, tag = "2")]
     pub heartbeat: bool,
+    /// Client requests forwarded to this node, and answers to those it forwarded.
+    #[prost(message, repeated, tag = "3")]
+    pub requests: Vec<ForwardRequest>,
+    #[prost(message, repeated, tag = "4")]
+    pub replies: Vec<ForwardReply>,
 }
 
 /// An [`Envelope`] on the wire (the receiving node is the connection's other end).
@@ -91,5 +99,175 @@ impl WireEnvelope {
             Body::Removed(notice) => ReplicaMessage::Removed(notice),
         };
         Some(Envelope { group_id: self.group_id, from_node, to_node, message })
+    }
+}
+
+/// A client's request for a group the receiving node is believed to lead, forwarded by a node that does not lead
+/// it (a server's RESP or HTTP request); answered by a [`ForwardReply`] with the same `id`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ForwardRequest {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(uint64, tag = "2")]
+    pub group_id: u64,
+    #[prost(oneof = "ForwardOp", tags = "3, 4, 5")]
+    pub op: Option<ForwardOp>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum ForwardOp {
+    /// A write: the command as the group's log will hold it.
+    #[prost(message, tag = "3")]
+    Write(flotilla_raftstore::command::Command),
+    /// A linearizable read of one key.
+    #[prost(bytes = "vec", tag = "4")]
+    Get(Vec<u8>),
+    /// A linearizable scan of the group's part of `[start, end)`.
+    #[prost(message, tag = "5")]
+    Scan(ScanRange),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ScanRange {
+    #[prost(bytes = "vec", tag = "1")]
+    pub start: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub end: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    pub limit: u64,
+}
+
+/// The answer to a [`ForwardRequest`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ForwardReply {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(oneof = "ForwardResult", tags = "2, 3, 4, 5, 6")]
+    pub result: Option<ForwardResult>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum ForwardResult {
+    /// The write applied; every operation took effect.
+    #[prost(bool, tag = "2")]
+    Done(bool),
+    /// A compare-and-set's precondition failed at operation `op`; the current value.
+    #[prost(message, tag = "3")]
+    PreconditionFailed(PreconditionFailed),
+    #[prost(message, tag = "4")]
+    Value(OptionalValue),
+    #[prost(message, tag = "5")]
+    Pairs(Pairs),
+    /// Refused: the replica's typed error, as [`Refusal`].
+    #[prost(message, tag = "6")]
+    Refused(Refusal),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OptionalValue {
+    #[prost(bool, tag = "1")]
+    pub present: bool,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+impl OptionalValue {
+    pub fn new(value: Option<Vec<u8>>) -> OptionalValue {
+        OptionalValue { present: value.is_some(), value: value.unwrap_or_default() }
+    }
+
+    pub fn into_option(self) -> Option<Vec<u8>> {
+        self.present.then_some(self.value)
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PreconditionFailed {
+    #[prost(uint64, tag = "1")]
+    pub op: u64,
+    #[prost(message, optional, tag = "2")]
+    pub current: Option<OptionalValue>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Pairs {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub keys: Vec<Vec<u8>>,
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub values: Vec<Vec<u8>>,
+}
+
+/// A replica's refusal (`PeerError`) on the wire: the kinds the router's retry policy tells apart, and the rest
+/// as a reason.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Refusal {
+    #[prost(enumeration = "RefusalKind", tag = "1")]
+    pub kind: i32,
+    /// `NotLeader`: the replica id believed to lead (0: none known).
+    #[prost(uint64, tag = "2")]
+    pub leader: u64,
+    #[prost(string, tag = "3")]
+    pub reason: String,
+    /// `TooLarge`: the encoded size and the bound.
+    #[prost(uint64, tag = "4")]
+    pub bytes: u64,
+    #[prost(uint64, tag = "5")]
+    pub max: u64,
+    /// `BatchSpansRanges`: the first key outside the group's range.
+    #[prost(bytes = "vec", tag = "6")]
+    pub first_outside: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum RefusalKind {
+    NotLeader = 0,
+    Transferring = 1,
+    Busy = 2,
+    Dropped = 3,
+    OutcomeUnknown = 4,
+    Stopped = 5,
+    TooLarge = 6,
+    BatchSpansRanges = 7,
+    Other = 8,
+}
+
+impl Refusal {
+    pub fn from_peer_error(error: &PeerError) -> Refusal {
+        let refusal = |kind: RefusalKind| Refusal { kind: kind as i32, ..Refusal::default() };
+        match error {
+            PeerError::NotLeader { leader } => Refusal { leader: *leader, ..refusal(RefusalKind::NotLeader) },
+            PeerError::Busy(DropReason::Transferring) => refusal(RefusalKind::Transferring),
+            PeerError::Busy(reason) => Refusal { reason: format!("{reason:?}"), ..refusal(RefusalKind::Busy) },
+            PeerError::Dropped => refusal(RefusalKind::Dropped),
+            PeerError::OutcomeUnknown => refusal(RefusalKind::OutcomeUnknown),
+            PeerError::Stopped(reason) => Refusal { reason: reason.clone(), ..refusal(RefusalKind::Stopped) },
+            PeerError::TooLarge { bytes, max } => {
+                Refusal { bytes: *bytes as u64, max: *max as u64, ..refusal(RefusalKind::TooLarge) }
+            }
+            PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }) => {
+                Refusal { first_outside: first_outside.clone(), ..refusal(RefusalKind::BatchSpansRanges) }
+            }
+            other => Refusal { reason: format!("{other:?}"), ..refusal(RefusalKind::Other) },
+        }
+    }
+
+    /// The error as the router's retry policy judges it (kinds it does not tell apart come back as `Busy` with
+    /// the reason, failing the request with it).
+    pub fn into_peer_error(self) -> PeerError {
+        match RefusalKind::try_from(self.kind).unwrap_or(RefusalKind::Other) {
+            RefusalKind::NotLeader => PeerError::NotLeader { leader: self.leader },
+            RefusalKind::Transferring => PeerError::Busy(DropReason::Transferring),
+            RefusalKind::Busy => PeerError::Busy(DropReason::UncommittedBytesFull),
+            RefusalKind::Dropped => PeerError::Dropped,
+            RefusalKind::OutcomeUnknown => PeerError::OutcomeUnknown,
+            RefusalKind::Stopped => PeerError::Stopped(self.reason),
+            RefusalKind::TooLarge => PeerError::TooLarge { bytes: self.bytes as usize, max: self.max as usize },
+            RefusalKind::BatchSpansRanges => PeerError::Range(RangeError::BatchSpansRanges {
+                first_outside: self.first_outside,
+                current: Box::default(),
+            }),
+            RefusalKind::Other => PeerError::Membership(self.reason),
+        }
     }
 }
