@@ -4,7 +4,8 @@
 //! - [`db`]: the configuration, the errors, the `Db` and its requests (routed through `router::route`);
 //! - `node.rs`: one node's engines and store, opened and stopped in one place;
 //! - [`layout`]: a database directory's lock and its recorded layout;
-//! - [`async_db`]: the same database for async code.
+//! - [`async_db`]: the same database for async code;
+//! - [`server`]: `flotilla serve` — one node of a cluster in its own process (TCP transport, RESP).
 //!
 //! The layers are re-exported below, keeping the dependency direction (public package → router → raftstore →
 //! raft core, and → engine).
@@ -13,6 +14,7 @@ pub mod async_db;
 pub mod db;
 pub mod layout;
 mod node;
+pub mod server;
 
 pub use async_db::AsyncDb;
 pub use db::{Config, Db, DbError, WriteBatch};

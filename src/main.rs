@@ -1,8 +1,9 @@
-//! The `flotilla` command: `demo` (the embedded store at work) and the WAL tools. More subcommands arrive with
-//! the issues that build what they drive.
+//! The `flotilla` command: `serve` (one node of a cluster), `demo` (the embedded store at work) and the WAL
+//! tools.
 
 mod demo;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -39,6 +40,33 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         clients: usize,
     },
+    /// Run one node of a cluster: `flotilla serve --id 1 --cluster 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003
+    /// --resp-addr 127.0.0.1:6381 --data-dir data-1` (and the same for nodes 2 and 3). Restarting a node with the
+    /// same command picks up its data. SIGTERM or Ctrl-C stops it cleanly.
+    Serve {
+        /// This node's id (its entry in --cluster).
+        #[arg(long)]
+        id: u64,
+        /// Every node of the cluster as id=host:port (the address it listens on for the other nodes), numbered
+        /// 1..=n.
+        #[arg(long, value_parser = parse_cluster)]
+        cluster: BTreeMap<u64, String>,
+        /// Where this node keeps its data.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where this node serves Redis-protocol (RESP) clients.
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        resp_addr: String,
+        /// Nodes of another cluster id are refused.
+        #[arg(long, default_value = "flotilla")]
+        cluster_id: String,
+        /// Groups the key space is split into when the cluster is created.
+        #[arg(long, default_value_t = 64)]
+        groups: u64,
+        /// Clients must AUTH with this password.
+        #[arg(long)]
+        requirepass: Option<String>,
+    },
     /// Recover a node's WAL as at startup (a torn tail is dropped, to be overwritten by the next write) and report
     /// what it holds; on corruption, print where and the repair command.
     WalCheck {
@@ -60,6 +88,48 @@ enum Command {
     },
 }
 
+/// `1=127.0.0.1:7001,2=127.0.0.1:7002`: node ids and their addresses.
+fn parse_cluster(text: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut nodes = BTreeMap::new();
+    for entry in text.split(',').filter(|entry| !entry.is_empty()) {
+        let (id, addr) = entry.split_once('=').ok_or_else(|| format!("{entry:?} is not id=host:port"))?;
+        let id: u64 = id.trim().parse().map_err(|_| format!("{id:?} is not a node id"))?;
+        if nodes.insert(id, addr.trim().to_string()).is_some() {
+            return Err(format!("node {id} is listed twice"));
+        }
+    }
+    Ok(nodes)
+}
+
+/// Runs a server node until SIGTERM or SIGINT.
+fn serve(options: flotilla::server::ServeOptions) -> ExitCode {
+    let server = match flotilla::server::Server::start(options) {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("flotilla serve: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("flotilla: serving RESP on {}, other nodes on {}", server.resp_addr(), server.raft_addr());
+    let signals = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a signal runtime");
+    signals.block_on(async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    });
+    println!("flotilla: stopping");
+    match server.shutdown() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flotilla serve: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn segment_of(path: &std::path::Path) -> Option<u64> {
     path.file_name()?.to_str()?.strip_suffix(".wal")?.parse().ok()
 }
@@ -77,9 +147,16 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo { .. } => None,
+        Command::Demo { .. } | Command::Serve { .. } => None,
     };
     match command {
+        Command::Serve { id, cluster, data_dir, resp_addr, cluster_id, groups, requirepass } => {
+            let mut options = flotilla::server::ServeOptions::new(id, data_dir, cluster, resp_addr);
+            options.cluster_id = cluster_id;
+            options.groups = groups;
+            options.resp.password = requirepass;
+            serve(options)
+        }
         Command::Demo { dir, keys, value_bytes, clients } => match demo::run(&dir, keys, value_bytes, clients) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,

@@ -1,0 +1,212 @@
+//! `flotilla serve`: one node of a cluster in a process of its own — its engines and store (`node.rs`, as the
+//! embedded `Db` opens them), the TCP transport to the other nodes (`router/src/transport/`), and a RESP front end
+//! that serves any key on any node (requests for groups led elsewhere are forwarded, `requests.rs`).
+//!
+//! - `requests.rs`: routing a request to its group's leader — this node's store, or forwarded to another node;
+//! - `resp.rs`: the Redis protocol, parsed with bounds and encoded;
+//! - `resp_server.rs`: RESP connections and commands;
+//! - this file: [`ServeOptions`] and [`Server`] (start, addresses, shutdown).
+//!
+//! The cluster is fixed at bootstrap (`--cluster 1=addr,2=addr,3=addr`): nodes are numbered 1..=n, and each
+//! holds a replica of every group; group `i`'s first leader is node `i mod n + 1`. A node restarted with the same
+//! command reopens its data (its directory's `LAYOUT` must match the cluster's size and groups).
+
+pub mod requests;
+pub mod resp;
+mod resp_server;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_engine::disk::{Disk, StdDisk};
+use flotilla_raftstore::store::Transport;
+use flotilla_router::transport::{TcpTransport, TcpTransportOptions};
+
+pub use resp_server::RespOptions;
+
+use crate::db::{Config, DbError};
+use crate::layout::{self, DirLock};
+use crate::node::Node;
+use requests::{Forwarded, Requests};
+
+/// Settings of one server node.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// This node's id: a key of `cluster`.
+    pub node_id: u64,
+    /// Where the node keeps its data (created at the first start).
+    pub data_dir: PathBuf,
+    /// Nodes of another cluster are refused. Default `flotilla`.
+    pub cluster_id: String,
+    /// Every node of the cluster, numbered 1..=n, and the address it listens on for the other nodes.
+    pub cluster: BTreeMap<u64, String>,
+    /// Where this node serves RESP (Redis protocol) clients.
+    pub resp_addr: String,
+    /// Groups the key space is split into when the cluster is created. Default 64.
+    pub groups: u64,
+    /// How long a request may take (following leaders, waiting for a majority) before it fails. Default 10 s.
+    pub request_timeout: Duration,
+    pub resp: RespOptions,
+}
+
+impl ServeOptions {
+    /// The defaults for node `node_id` of `cluster`, keeping its data in `data_dir` and serving RESP at
+    /// `resp_addr`.
+    pub fn new(node_id: u64, data_dir: PathBuf, cluster: BTreeMap<u64, String>, resp_addr: String) -> ServeOptions {
+        ServeOptions {
+            node_id,
+            data_dir,
+            cluster_id: "flotilla".into(),
+            cluster,
+            resp_addr,
+            groups: 64,
+            request_timeout: Duration::from_secs(10),
+            resp: RespOptions::default(),
+        }
+    }
+
+    fn validate(&self) -> Result<u64, DbError> {
+        let nodes = self.cluster.len() as u64;
+        let numbered = self.cluster.keys().copied().eq(1..=nodes);
+        if nodes == 0 || !numbered {
+            return Err(DbError::InvalidArgument(format!(
+                "the cluster's nodes must be numbered 1..=n, not {:?}",
+                self.cluster.keys().collect::<Vec<_>>()
+            )));
+        }
+        if !self.cluster.contains_key(&self.node_id) {
+            return Err(DbError::InvalidArgument(format!("node {} is not in the cluster", self.node_id)));
+        }
+        Ok(nodes)
+    }
+}
+
+/// A running server node. [`Server::shutdown`] stops it cleanly; dropping it stops it too.
+pub struct Server {
+    node: Node,
+    requests: Arc<Requests>,
+    resp_addr: SocketAddr,
+    raft_addr: SocketAddr,
+    /// Dropped before the node: no connection is served once the node stops.
+    resp_task: tokio::task::JoinHandle<()>,
+    /// Its tasks end with the runtime.
+    _transport: Arc<TcpTransport>,
+    runtime: Option<tokio::runtime::Runtime>,
+    _lock: DirLock,
+}
+
+impl Server {
+    /// Opens the node's data (created at the first start), connects it to the cluster and serves RESP.
+    pub fn start(options: ServeOptions) -> Result<Server, DbError> {
+        let nodes = options.validate()?;
+        let mut config =
+            Config { nodes, groups: options.groups, request_timeout: options.request_timeout, ..Config::default() };
+        config.store.node_id = options.node_id;
+        config.validate()?;
+        let disk: Arc<dyn Disk> = Arc::new(StdDisk);
+        let dir = &options.data_dir;
+        let lock = layout::lock(disk.as_ref(), dir)?;
+        layout::open(disk.as_ref(), dir, &config)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("flotilla-net")
+            .enable_all()
+            .build()
+            .map_err(|e| DbError::Storage(format!("starting the network runtime: {e}")))?;
+        let transport_options =
+            TcpTransportOptions::new(options.cluster_id.clone(), options.node_id, options.cluster.clone());
+        let raft_addr = transport_options.listen_addr().to_string();
+        let transport = TcpTransport::bind(transport_options, runtime.handle().clone())
+            .map_err(|e| DbError::InvalidArgument(format!("listening for other nodes on {raft_addr}: {e}")))?;
+        let raft_addr = transport.local_addr().expect("bound");
+        let resp_listener = std::net::TcpListener::bind(&options.resp_addr).map_err(|e| {
+            DbError::InvalidArgument(format!("listening for RESP clients on {}: {e}", options.resp_addr))
+        })?;
+        let resp_addr = resp_listener.local_addr().map_err(|e| DbError::Storage(e.to_string()))?;
+        let (node, ranges) =
+            Node::open(options.node_id, &disk, dir, &config, Arc::clone(&transport) as Arc<dyn Transport>)?;
+        let store = node.store();
+        let requests = Arc::new(Requests::new(
+            options.node_id,
+            ranges,
+            nodes,
+            store.router().clone(),
+            Arc::clone(store.local_reader()),
+            Arc::clone(&node.kv),
+            Arc::clone(&transport),
+            options.request_timeout,
+        ));
+        let router = store.router().clone();
+        transport
+            .start(
+                store.inbox(),
+                Box::new(move |down| flotilla_raftstore::store::mailboxes::node_down(&router, down)),
+                Some(Arc::new(Forwarded(Arc::clone(&requests)))),
+            )
+            .map_err(|e| DbError::Storage(format!("starting the transport: {e}")))?;
+        // Leaders spread over the nodes: each group campaigns where routing first looks for its leader (a
+        // restarted node's campaign is refused while the group's leader holds its lease).
+        let table = requests.table();
+        let led_here = (0..table.len()).filter(|&position| table.leader(position) == options.node_id);
+        store.campaign_all(led_here.map(|position| table.range(position).group_id).collect::<Vec<_>>());
+        let resp_task = {
+            let _guard = runtime.enter();
+            resp_listener.set_nonblocking(true).map_err(|e| DbError::Storage(e.to_string()))?;
+            let listener =
+                tokio::net::TcpListener::from_std(resp_listener).map_err(|e| DbError::Storage(e.to_string()))?;
+            runtime.spawn(resp_server::serve(listener, Arc::clone(&requests), Arc::new(options.resp.clone())))
+        };
+        Ok(Server {
+            node,
+            requests,
+            resp_addr,
+            raft_addr,
+            resp_task,
+            _transport: transport,
+            runtime: Some(runtime),
+            _lock: lock,
+        })
+    }
+
+    /// Where it serves RESP clients (with the port the system chose, if the options said port 0).
+    pub fn resp_addr(&self) -> SocketAddr {
+        self.resp_addr
+    }
+
+    /// Where it listens for the other nodes.
+    pub fn raft_addr(&self) -> SocketAddr {
+        self.raft_addr
+    }
+
+    /// The node believed to lead each group, by range position.
+    pub fn leaders(&self) -> Vec<u64> {
+        self.requests.table().leaders()
+    }
+
+    /// Stops serving, stops the node's replicas and makes what they applied durable; `Err` if the node had
+    /// stopped on a failure.
+    pub fn shutdown(mut self) -> Result<(), DbError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), DbError> {
+        self.resp_task.abort();
+        let stopped = self.node.stop();
+        let finished = self.node.finish(stopped.is_ok());
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+        stopped.and(finished)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.runtime.is_some() {
+            let _ = self.stop();
+        }
+    }
+}

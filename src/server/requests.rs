@@ -1,0 +1,265 @@
+//! A server's requests, routed: each goes to the group's leader — this node's store if it leads (reads served on
+//! the caller's task while its grant holds, `store/local_reader.rs`), else forwarded over the transport to the
+//! node believed to lead, which runs it on its own store. Answers are judged by the router's policy
+//! (`router/src/route.rs`: follow not-leader hints, wait out transfers, fail typed), within the request timeout.
+//! A forwarded request is never forwarded again: a node that no longer leads answers "not leader" with its hint,
+//! and the node that forwarded it tries again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_engine::state_machine::{KeyValue, StateMachine};
+use flotilla_raftstore::batch::Router;
+use flotilla_raftstore::command::{Command, Op, Outcome};
+use flotilla_raftstore::peer::PeerError;
+use flotilla_raftstore::range::RangeDescriptor;
+use flotilla_raftstore::store::local_reader::{LocalReader, ReadLease};
+use flotilla_raftstore::store::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
+use flotilla_router::route::{Attempt, RangeTable, RouteError};
+use flotilla_router::transport::wire::{
+    ForwardOp, ForwardReply, ForwardRequest, ForwardResult, OptionalValue, Pairs, PreconditionFailed, Refusal,
+    ScanRange,
+};
+use flotilla_router::transport::{ForwardHandler, TcpTransport};
+use parking_lot::Mutex;
+
+/// What a group answered.
+#[derive(Debug)]
+pub enum Answered {
+    Written(Outcome),
+    Value(Option<Vec<u8>>),
+    Pairs(Vec<KeyValue>),
+}
+
+/// The node's request router (shared by its RESP and HTTP connections, and the transport's forwarded requests).
+pub struct Requests {
+    node_id: u64,
+    table: RangeTable,
+    router: Router<PeerFsm>,
+    reader: Arc<LocalReader>,
+    /// Per range position: the group's grant on this node.
+    leases: Vec<Arc<ReadLease>>,
+    kv: Arc<StateMachine>,
+    transport: Arc<TcpTransport>,
+    timeout: Duration,
+    next_id: AtomicU64,
+    /// Forwarded requests waiting for their answer, by id.
+    pending: Mutex<HashMap<u64, oneshot::Sender<ForwardReply>>>,
+}
+
+impl Requests {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node_id: u64,
+        ranges: Vec<RangeDescriptor>,
+        nodes: u64,
+        router: Router<PeerFsm>,
+        reader: Arc<LocalReader>,
+        kv: Arc<StateMachine>,
+        transport: Arc<TcpTransport>,
+        timeout: Duration,
+    ) -> Requests {
+        let table = RangeTable::new(ranges, nodes);
+        let leases = table.ranges().iter().map(|range| reader.lease(range.group_id)).collect();
+        Requests {
+            node_id,
+            table,
+            router,
+            reader,
+            leases,
+            kv,
+            transport,
+            timeout,
+            next_id: AtomicU64::new(1),
+            pending: Mutex::default(),
+        }
+    }
+
+    pub fn table(&self) -> &RangeTable {
+        &self.table
+    }
+
+    /// The value of `key`, linearizable.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RouteError> {
+        let position = self.table.position_of(key);
+        if self.table.leader(position) == self.node_id && self.reader.holds(&self.leases[position]) {
+            return self.kv.get(key).map_err(|error| RouteError::Storage(error.to_string()));
+        }
+        match self.route(position, ForwardOp::Get(key.to_vec())).await? {
+            Answered::Value(value) => Ok(value),
+            other => Err(RouteError::Storage(format!("a read answered {other:?}"))),
+        }
+    }
+
+    /// Applies `ops` atomically; their keys must lie in one group's range ([`RouteError::BatchSpansRanges`]).
+    pub async fn write(&self, ops: Vec<Op>) -> Result<Outcome, RouteError> {
+        let Some(first) = ops.first() else { return Err(RouteError::InvalidArgument("no operations".into())) };
+        let position = self.table.position_of(&first.key);
+        let range = self.table.range(position);
+        if let Some(outside) = ops.iter().find(|op| !range.contains(&op.key)) {
+            return Err(RouteError::BatchSpansRanges { first_outside: outside.key.clone() });
+        }
+        let command = Command { request_id: 0, epoch: None, ops };
+        match self.route(position, ForwardOp::Write(command)).await? {
+            Answered::Written(outcome) => Ok(outcome),
+            other => Err(RouteError::Storage(format!("a write answered {other:?}"))),
+        }
+    }
+
+    /// Up to `limit` pairs of `[start, end)` in key order; each group's part linearizable.
+    pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, RouteError> {
+        let mut out = Vec::new();
+        for position in self.table.scan_positions(start, end)? {
+            if out.len() >= limit {
+                break;
+            }
+            let scan = ScanRange { start: start.to_vec(), end: end.to_vec(), limit: (limit - out.len()) as u64 };
+            match self.route(position, ForwardOp::Scan(scan)).await? {
+                Answered::Pairs(pairs) => out.extend(pairs),
+                other => return Err(RouteError::Storage(format!("a scan answered {other:?}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Attempts `op` on the group at `position` until the router's policy says done or failed.
+    async fn route(&self, position: usize, op: ForwardOp) -> Result<Answered, RouteError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let node = self.table.leader(position);
+            let answer = if node == self.node_id {
+                self.local(self.table.range(position).group_id, op.clone(), deadline).await
+            } else {
+                self.forward(node, self.table.range(position).group_id, op.clone(), deadline).await
+            };
+            match self.table.judge(position, node, answer, deadline) {
+                Attempt::Done(answered) => return Ok(answered),
+                Attempt::Retry(pause) => tokio::time::sleep(pause).await,
+                Attempt::Fail(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Runs `op` on this node's replica of `group_id` (`None`: no answer by `deadline`).
+    async fn local(&self, group_id: u64, op: ForwardOp, deadline: Instant) -> Option<Result<Answered, PeerError>> {
+        let no_replica = || Some(Err(PeerError::NotLeader { leader: 0 }));
+        let within = |at: Instant| at.saturating_duration_since(Instant::now());
+        match op {
+            ForwardOp::Write(command) => {
+                let (reply, answer) = oneshot::channel();
+                if self.router.send(group_id, PeerMsg::Write { command, reply }).is_err() {
+                    return no_replica();
+                }
+                let answer = tokio::time::timeout(within(deadline), answer).await.ok()?.ok()?;
+                Some(answer.map(Answered::Written))
+            }
+            ForwardOp::Get(key) => self.read(group_id, ReadRequest::Get(key), within(deadline)).await,
+            ForwardOp::Scan(scan) => {
+                let request = ReadRequest::Scan { start: scan.start, end: scan.end, limit: scan.limit as usize };
+                self.read(group_id, request, within(deadline)).await
+            }
+        }
+    }
+
+    async fn read(&self, group_id: u64, request: ReadRequest, within: Duration) -> Option<Result<Answered, PeerError>> {
+        let (reply, answer) = oneshot::channel();
+        if self.router.send(group_id, PeerMsg::Read { request, reply }).is_err() {
+            return Some(Err(PeerError::NotLeader { leader: 0 }));
+        }
+        let answer = tokio::time::timeout(within, answer).await.ok()?.ok()?;
+        Some(answer.map(|result| match result {
+            ReadResult::Value(value) => Answered::Value(value),
+            ReadResult::Pairs(pairs) => Answered::Pairs(pairs),
+        }))
+    }
+
+    /// Sends `op` to `node` and waits for its answer (`None`: none by `deadline`).
+    async fn forward(
+        &self,
+        node: u64,
+        group_id: u64,
+        op: ForwardOp,
+        deadline: Instant,
+    ) -> Option<Result<Answered, PeerError>> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        self.pending.lock().insert(id, reply);
+        if !self.transport.forward(node, ForwardRequest { id, group_id, op: Some(op) }) {
+            self.pending.lock().remove(&id);
+            // Unreachable, or its queue is full: as if it did not lead (the policy tries the next node).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Some(Err(PeerError::NotLeader { leader: 0 }));
+        }
+        let within = deadline.saturating_duration_since(Instant::now());
+        let reply = match tokio::time::timeout(within, answer).await {
+            Ok(Ok(reply)) => reply,
+            _ => {
+                self.pending.lock().remove(&id);
+                return None;
+            }
+        };
+        Some(match reply.result {
+            Some(ForwardResult::Done(_)) => Ok(Answered::Written(Outcome::Done)),
+            Some(ForwardResult::PreconditionFailed(failed)) => Ok(Answered::Written(Outcome::PreconditionFailed {
+                op: failed.op as usize,
+                current: failed.current.and_then(OptionalValue::into_option),
+            })),
+            Some(ForwardResult::Value(value)) => Ok(Answered::Value(value.into_option())),
+            Some(ForwardResult::Pairs(pairs)) => {
+                Ok(Answered::Pairs(pairs.keys.into_iter().zip(pairs.values).collect()))
+            }
+            Some(ForwardResult::Refused(refusal)) => Err(refusal.into_peer_error()),
+            None => Err(PeerError::Stopped("an empty answer from another node".into())),
+        })
+    }
+
+    /// The answer to a request another node forwarded here, run on this node's replica only.
+    async fn serve_forwarded(&self, request: ForwardRequest) -> ForwardReply {
+        let deadline = Instant::now() + self.timeout;
+        let result = match request.op {
+            None => ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped("no operation".into()))),
+            Some(op) => match self.local(request.group_id, op, deadline).await {
+                None => ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped("timed out".into()))),
+                Some(Err(error)) => ForwardResult::Refused(Refusal::from_peer_error(&error)),
+                Some(Ok(Answered::Written(Outcome::Done))) => ForwardResult::Done(true),
+                Some(Ok(Answered::Written(Outcome::PreconditionFailed { op, current }))) => {
+                    ForwardResult::PreconditionFailed(PreconditionFailed {
+                        op: op as u64,
+                        current: Some(OptionalValue::new(current)),
+                    })
+                }
+                Some(Ok(Answered::Written(other))) => {
+                    ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Membership(format!("{other:?}"))))
+                }
+                Some(Ok(Answered::Value(value))) => ForwardResult::Value(OptionalValue::new(value)),
+                Some(Ok(Answered::Pairs(pairs))) => {
+                    let (keys, values) = pairs.into_iter().unzip();
+                    ForwardResult::Pairs(Pairs { keys, values })
+                }
+            },
+        };
+        ForwardReply { id: request.id, result: Some(result) }
+    }
+}
+
+/// The transport's side: requests other nodes forwarded here run on a task of their own; answers to this node's
+/// forwarded requests wake their waiters.
+pub struct Forwarded(pub Arc<Requests>);
+
+impl ForwardHandler for Forwarded {
+    fn on_request(&self, from_node: u64, request: ForwardRequest) {
+        let requests = Arc::clone(&self.0);
+        requests.transport.runtime().clone().spawn(async move {
+            let reply = requests.serve_forwarded(request).await;
+            requests.transport.reply(from_node, reply);
+        });
+    }
+
+    fn on_reply(&self, _from_node: u64, reply: ForwardReply) {
+        if let Some(waiter) = self.0.pending.lock().remove(&reply.id) {
+            let _ = waiter.send(reply);
+        }
+    }
+}

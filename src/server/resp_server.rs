@@ -1,0 +1,329 @@
+//! The RESP (Redis protocol) front end: connections, and what each command does (the commands and their
+//! semantics are listed in `docs/resp.md`).
+//!
+//! Every request read in one go is started at once (their writes reach the groups together, so one poll round
+//! proposes them together) and answered in order, all answers of the batch in one write. Bounded: connections
+//! (`resp_connections_max`), the bytes and arguments of a request (`resp.rs`), and requests in flight per
+//! connection (`resp_inflight_max`: reading waits while that many are unanswered). A bad request gets `-ERR …`
+//! and the server serves on; a request it cannot parse closes that connection after the error.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use flotilla_raftstore::command::{Op, Outcome};
+use flotilla_router::route::RouteError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::requests::Requests;
+use super::resp::{parse_request, Reply, RequestLimits};
+
+/// Settings of the RESP front end.
+#[derive(Clone, Debug)]
+pub struct RespOptions {
+    /// Connections at once at most; more are closed at once. Default 1,024.
+    pub connections_max: usize,
+    /// Requests read ahead of their answers per connection (pipelining). Default 1,024.
+    pub inflight_max: usize,
+    pub limits: RequestLimits,
+    /// If set, a connection must `AUTH` with it before anything but `PING`, `AUTH`, `QUIT`, `COMMAND`.
+    pub password: Option<String>,
+    /// Keys in one `RANGE` answer at most. Default 10,000.
+    pub scan_count_max: usize,
+}
+
+impl Default for RespOptions {
+    fn default() -> RespOptions {
+        RespOptions {
+            connections_max: 1024,
+            inflight_max: 1024,
+            limits: RequestLimits::default(),
+            password: None,
+            scan_count_max: 10_000,
+        }
+    }
+}
+
+/// Accepts RESP connections until the task is aborted.
+pub async fn serve(listener: TcpListener, requests: Arc<Requests>, options: Arc<RespOptions>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        if active.load(Ordering::Acquire) >= options.connections_max {
+            metrics::counter!("flotilla_resp_connections_refused_total").increment(1);
+            continue;
+        }
+        active.fetch_add(1, Ordering::AcqRel);
+        let (requests, options, active) = (Arc::clone(&requests), Arc::clone(&options), Arc::clone(&active));
+        connections.spawn(async move {
+            let _ = Connection { requests, options, authenticated: false }.run(stream).await;
+            active.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+struct Connection {
+    requests: Arc<Requests>,
+    options: Arc<RespOptions>,
+    authenticated: bool,
+}
+
+/// What to do after a request.
+enum Then {
+    Continue,
+    Close,
+}
+
+impl Connection {
+    async fn run(mut self, mut stream: TcpStream) -> std::io::Result<()> {
+        let _ = stream.set_nodelay(true);
+        let mut buffer = BytesMut::with_capacity(16 << 10);
+        let mut out = Vec::new();
+        loop {
+            if stream.read_buf(&mut buffer).await? == 0 {
+                return Ok(());
+            }
+            let mut batch = Vec::new();
+            let mut broken = None;
+            while batch.len() < self.options.inflight_max {
+                match parse_request(&mut buffer, &self.options.limits) {
+                    Ok(Some(request)) => batch.push(request),
+                    Ok(None) => break,
+                    Err(error) => {
+                        broken = Some(error.0);
+                        break;
+                    }
+                }
+            }
+            let mut then = Then::Continue;
+            // Started together, answered in order.
+            let mut started = Vec::with_capacity(batch.len());
+            for request in batch {
+                started.push(self.start(request));
+            }
+            for reply in started {
+                let (reply, after) = match reply {
+                    Started::Ready(reply, after) => (reply, after),
+                    Started::Running(task) => {
+                        (task.await.unwrap_or_else(|_| Reply::error("the request failed")), Then::Continue)
+                    }
+                };
+                reply.encode(&mut out);
+                if let Then::Close = after {
+                    then = Then::Close;
+                    break;
+                }
+            }
+            if let Some(error) = &broken {
+                Reply::error(format!("Protocol error: {error}")).encode(&mut out);
+            }
+            stream.write_all(&out).await?;
+            out.clear();
+            if broken.is_some() || matches!(then, Then::Close) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Starts one request: answered at once (connection commands, refusals) or on a task of its own.
+    fn start(&mut self, request: Vec<Vec<u8>>) -> Started {
+        let Some(name) = request.first() else { return Started::Ready(Reply::error("empty command"), Then::Continue) };
+        let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+        let args = &request[1..];
+        let ready = |reply| Started::Ready(reply, Then::Continue);
+        match name.as_str() {
+            "PING" => return ready(args.first().map_or(Reply::Simple("PONG"), |message| Reply::Bulk(message.clone()))),
+            "QUIT" => return Started::Ready(Reply::Simple("OK"), Then::Close),
+            "COMMAND" => return ready(Reply::Array(Vec::new())),
+            "AUTH" => {
+                let given = args.last().map(|password| String::from_utf8_lossy(password).into_owned());
+                return ready(match (&self.options.password, given) {
+                    (None, _) => Reply::error("AUTH called without any password configured for the default user"),
+                    (Some(expected), Some(given)) if *expected == given => {
+                        self.authenticated = true;
+                        Reply::Simple("OK")
+                    }
+                    _ => Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into()),
+                });
+            }
+            _ => {}
+        }
+        if self.options.password.is_some() && !self.authenticated {
+            return ready(Reply::Error("NOAUTH Authentication required.".into()));
+        }
+        let requests = Arc::clone(&self.requests);
+        let options = Arc::clone(&self.options);
+        Started::Running(tokio::spawn(async move { command(&requests, &options, &name, args_of(request)).await }))
+    }
+}
+
+enum Started {
+    Ready(Reply, Then),
+    Running(tokio::task::JoinHandle<Reply>),
+}
+
+fn args_of(mut request: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    request.remove(0);
+    request
+}
+
+fn arity(name: &str) -> Reply {
+    Reply::error(format!("wrong number of arguments for '{}' command", name.to_ascii_lowercase()))
+}
+
+fn failed(error: RouteError) -> Reply {
+    match error {
+        RouteError::BatchSpansRanges { .. } => Reply::Error(
+            "CROSSSLOT Keys in request don't hash to the same slot (they lie in more than one range)".into(),
+        ),
+        other => Reply::error(format!("{other:?}")),
+    }
+}
+
+/// One data command.
+async fn command(requests: &Requests, options: &RespOptions, name: &str, args: Vec<Vec<u8>>) -> Reply {
+    match (name, args.len()) {
+        ("ECHO", 1) => Reply::Bulk(args[0].clone()),
+        ("GET", 1) => match requests.get(&args[0]).await {
+            Ok(Some(value)) => Reply::Bulk(value),
+            Ok(None) => Reply::Null,
+            Err(error) => failed(error),
+        },
+        ("SET", n) if n >= 2 => set(requests, args).await,
+        ("DEL", n) if n >= 1 => {
+            let mut deleted = 0;
+            for key in args {
+                match delete_counted(requests, key).await {
+                    Ok(true) => deleted += 1,
+                    Ok(false) => {}
+                    Err(error) => return failed(error),
+                }
+            }
+            Reply::Integer(deleted)
+        }
+        ("EXISTS", n) if n >= 1 => {
+            let mut found = 0;
+            for key in &args {
+                match requests.get(key).await {
+                    Ok(Some(_)) => found += 1,
+                    Ok(None) => {}
+                    Err(error) => return failed(error),
+                }
+            }
+            Reply::Integer(found)
+        }
+        ("MGET", n) if n >= 1 => {
+            let mut values = Vec::with_capacity(n);
+            for key in &args {
+                match requests.get(key).await {
+                    Ok(value) => values.push(value.map_or(Reply::Null, Reply::Bulk)),
+                    Err(error) => return failed(error),
+                }
+            }
+            Reply::Array(values)
+        }
+        ("MSET", n) if n >= 2 && n % 2 == 0 => {
+            let ops = args.chunks(2).map(|pair| Op::put(pair[0].clone(), pair[1].clone())).collect();
+            match requests.write(ops).await {
+                Ok(_) => Reply::Simple("OK"),
+                Err(error) => failed(error),
+            }
+        }
+        ("INCR", 1) => incr(requests, &args[0]).await,
+        ("RANGE", 3) => {
+            let Some(count) = std::str::from_utf8(&args[2]).ok().and_then(|c| c.parse::<usize>().ok()) else {
+                return Reply::error("value is not an integer or out of range");
+            };
+            if count > options.scan_count_max {
+                return Reply::error(format!("count {count} is over the limit of {}", options.scan_count_max));
+            }
+            match requests.scan(&args[0], &args[1], count).await {
+                Ok(pairs) => Reply::Array(
+                    pairs.into_iter().flat_map(|(key, value)| [Reply::Bulk(key), Reply::Bulk(value)]).collect(),
+                ),
+                Err(error) => failed(error),
+            }
+        }
+        ("ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "MGET" | "MSET" | "INCR" | "RANGE", _) => arity(name),
+        _ => Reply::error(format!("unknown command '{}'", name.to_ascii_lowercase())),
+    }
+}
+
+/// Deletes `key`; whether it was there. A read, then one command that deletes the key only if it still holds
+/// what was read (a compare-and-set to the same value, then a delete: a failed precondition makes the whole
+/// command a no-op); retried if it changed in between, so the count is exact.
+async fn delete_counted(requests: &Requests, key: Vec<u8>) -> Result<bool, RouteError> {
+    loop {
+        let Some(current) = requests.get(&key).await? else { return Ok(false) };
+        let ops = vec![Op::compare_and_set(key.clone(), Some(current.clone()), current), Op::delete(key.clone())];
+        if let Outcome::Done = requests.write(ops).await? {
+            return Ok(true);
+        }
+    }
+}
+
+/// `SET key value [NX | XX]`: `NX` only if absent, `XX` only if present (`$-1` when not set). No expiry.
+async fn set(requests: &Requests, args: Vec<Vec<u8>>) -> Reply {
+    let mut args = args.into_iter();
+    let (key, value) = (args.next().expect("arity checked"), args.next().expect("arity checked"));
+    let mut condition = None;
+    for option in args {
+        match String::from_utf8_lossy(&option).to_ascii_uppercase().as_str() {
+            flag @ ("NX" | "XX") if condition.is_none() => condition = Some(flag == "NX"),
+            "EX" | "PX" | "EXAT" | "PXAT" | "KEEPTTL" => return Reply::error("expiry is not supported"),
+            _ => return Reply::error("syntax error"),
+        }
+    }
+    let outcome = match condition {
+        None => requests.write(vec![Op::put(key, value)]).await,
+        Some(true) => requests.write(vec![Op::compare_and_set(key, None, value)]).await,
+        Some(false) => loop {
+            let current = match requests.get(&key).await {
+                Ok(Some(current)) => current,
+                Ok(None) => return Reply::Null,
+                Err(error) => return failed(error),
+            };
+            match requests.write(vec![Op::compare_and_set(key.clone(), Some(current), value.clone())]).await {
+                Ok(Outcome::PreconditionFailed { .. }) => continue, // changed in between: look again
+                other => break other,
+            }
+        },
+    };
+    match outcome {
+        Ok(Outcome::Done) => Reply::Simple("OK"),
+        Ok(Outcome::PreconditionFailed { .. }) => Reply::Null,
+        Ok(other) => Reply::error(format!("{other:?}")),
+        Err(error) => failed(error),
+    }
+}
+
+/// `INCR key`: a read, then a compare-and-set of the incremented value (retried if the key changed between).
+async fn incr(requests: &Requests, key: &[u8]) -> Reply {
+    loop {
+        let current = match requests.get(key).await {
+            Ok(current) => current,
+            Err(error) => return failed(error),
+        };
+        let number = match &current {
+            None => 0i64,
+            Some(bytes) => match std::str::from_utf8(bytes).ok().and_then(|text| text.parse::<i64>().ok()) {
+                Some(number) => number,
+                None => return Reply::error("value is not an integer or out of range"),
+            },
+        };
+        let Some(next) = number.checked_add(1) else { return Reply::error("increment or decrement would overflow") };
+        let op = Op::compare_and_set(key.to_vec(), current, next.to_string().into_bytes());
+        match requests.write(vec![op]).await {
+            Ok(Outcome::Done) => return Reply::Integer(next),
+            Ok(Outcome::PreconditionFailed { .. }) => continue,
+            Ok(other) => return Reply::error(format!("{other:?}")),
+            Err(error) => return failed(error),
+        }
+    }
+}
