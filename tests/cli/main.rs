@@ -1,4 +1,5 @@
 //! Tests of the `flotilla` command (they belong to the root package, which owns the binary).
 
+mod cluster;
 mod demo;
 mod wal;
