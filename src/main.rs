@@ -57,6 +57,9 @@ enum Command {
         /// Where this node serves Redis-protocol (RESP) clients.
         #[arg(long, default_value = "127.0.0.1:6379")]
         resp_addr: String,
+        /// Where this node serves HTTP (the demo's /get and /set, a JSON API, /status, /metrics).
+        #[arg(long)]
+        http_addr: Option<String>,
         /// Nodes of another cluster id are refused.
         #[arg(long, default_value = "flotilla")]
         cluster_id: String,
@@ -110,7 +113,8 @@ fn serve(options: flotilla::server::ServeOptions) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    println!("flotilla: serving RESP on {}, other nodes on {}", server.resp_addr(), server.raft_addr());
+    let http = server.http_addr().map(|addr| format!(", HTTP on {addr}")).unwrap_or_default();
+    println!("flotilla: serving RESP on {}{http}, other nodes on {}", server.resp_addr(), server.raft_addr());
     let signals = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a signal runtime");
     signals.block_on(async {
         let mut terminate =
@@ -150,8 +154,9 @@ fn main() -> ExitCode {
         Command::Demo { .. } | Command::Serve { .. } => None,
     };
     match command {
-        Command::Serve { id, cluster, data_dir, resp_addr, cluster_id, groups, requirepass } => {
+        Command::Serve { id, cluster, data_dir, resp_addr, http_addr, cluster_id, groups, requirepass } => {
             let mut options = flotilla::server::ServeOptions::new(id, data_dir, cluster, resp_addr);
+            options.http_addr = http_addr;
             options.cluster_id = cluster_id;
             options.groups = groups;
             options.resp.password = requirepass;

@@ -5,12 +5,14 @@
 //! - `requests.rs`: routing a request to its group's leader — this node's store, or forwarded to another node;
 //! - `resp.rs`: the Redis protocol, parsed with bounds and encoded;
 //! - `resp_server.rs`: RESP connections and commands;
+//! - `http.rs`: the HTTP front end (the demo's `/get` and `/set`, a JSON API, `/status`, `/metrics`);
 //! - this file: [`ServeOptions`] and [`Server`] (start, addresses, shutdown).
 //!
 //! The cluster is fixed at bootstrap (`--cluster 1=addr,2=addr,3=addr`): nodes are numbered 1..=n, and each
 //! holds a replica of every group; group `i`'s first leader is node `i mod n + 1`. A node restarted with the same
 //! command reopens its data (its directory's `LAYOUT` must match the cluster's size and groups).
 
+mod http;
 pub mod requests;
 pub mod resp;
 mod resp_server;
@@ -45,6 +47,10 @@ pub struct ServeOptions {
     pub cluster: BTreeMap<u64, String>,
     /// Where this node serves RESP (Redis protocol) clients.
     pub resp_addr: String,
+    /// Where this node serves HTTP (none: no HTTP).
+    pub http_addr: Option<String>,
+    /// Largest HTTP request body accepted. Default 16 MiB.
+    pub http_body_bytes_max: usize,
     /// Groups the key space is split into when the cluster is created. Default 64.
     pub groups: u64,
     /// How long a request may take (following leaders, waiting for a majority) before it fails. Default 10 s.
@@ -62,6 +68,8 @@ impl ServeOptions {
             cluster_id: "flotilla".into(),
             cluster,
             resp_addr,
+            http_addr: None,
+            http_body_bytes_max: 16 << 20,
             groups: 64,
             request_timeout: Duration::from_secs(10),
             resp: RespOptions::default(),
@@ -84,6 +92,48 @@ impl ServeOptions {
     }
 }
 
+/// What `/status` reports: this node, the others (connected or not), and each group's range and the node
+/// believed to lead it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Status {
+    pub node_id: u64,
+    pub raft_addr: String,
+    pub resp_addr: String,
+    pub nodes: Vec<NodeStatus>,
+    pub groups: Vec<GroupStatus>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    pub addr: String,
+    /// This node's link to it is up (always true for this node itself).
+    pub connected: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GroupStatus {
+    pub group_id: u64,
+    /// The range's bounds, in hex (`end` empty: to the end of the key space).
+    pub start: String,
+    pub end: String,
+    /// The node believed to lead it (routing learns it from answers).
+    pub leader: u64,
+    /// Nodes holding a replica.
+    pub replicas: Vec<u64>,
+}
+
+/// The process's Prometheus recorder, installed by the first server (`None` if another recorder was installed).
+fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().ok()).clone()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 /// A running server node. [`Server::shutdown`] stops it cleanly; dropping it stops it too.
 pub struct Server {
     node: Node,
@@ -92,6 +142,7 @@ pub struct Server {
     raft_addr: SocketAddr,
     /// Dropped before the node: no connection is served once the node stops.
     resp_task: tokio::task::JoinHandle<()>,
+    http: Option<(actix_web::dev::ServerHandle, std::thread::JoinHandle<()>, SocketAddr)>,
     /// Its tasks end with the runtime.
     _transport: Arc<TcpTransport>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -159,12 +210,35 @@ impl Server {
                 tokio::net::TcpListener::from_std(resp_listener).map_err(|e| DbError::Storage(e.to_string()))?;
             runtime.spawn(resp_server::serve(listener, Arc::clone(&requests), Arc::new(options.resp.clone())))
         };
+        let http = match &options.http_addr {
+            None => None,
+            Some(addr) => {
+                let listener = std::net::TcpListener::bind(addr)
+                    .map_err(|e| DbError::InvalidArgument(format!("listening for HTTP on {addr}: {e}")))?;
+                let http_addr = listener.local_addr().map_err(|e| DbError::Storage(e.to_string()))?;
+                let status = {
+                    let (requests, transport) = (Arc::clone(&requests), Arc::clone(&transport));
+                    let (cluster, node_id) = (options.cluster.clone(), options.node_id);
+                    Box::new(move || status_of(node_id, &cluster, &requests, &transport, raft_addr, resp_addr))
+                };
+                let state = Arc::new(http::HttpState {
+                    requests: Arc::clone(&requests),
+                    status,
+                    metrics: prometheus(),
+                    scan_count_max: options.resp.scan_count_max,
+                });
+                let (handle, thread) = http::start(listener, state, options.http_body_bytes_max)
+                    .map_err(|e| DbError::Storage(format!("starting HTTP: {e}")))?;
+                Some((handle, thread, http_addr))
+            }
+        };
         Ok(Server {
             node,
             requests,
             resp_addr,
             raft_addr,
             resp_task,
+            http,
             _transport: transport,
             runtime: Some(runtime),
             _lock: lock,
@@ -181,6 +255,11 @@ impl Server {
         self.raft_addr
     }
 
+    /// Where it serves HTTP, if it does.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(_, _, addr)| *addr)
+    }
+
     /// The node believed to lead each group, by range position.
     pub fn leaders(&self) -> Vec<u64> {
         self.requests.table().leaders()
@@ -194,6 +273,12 @@ impl Server {
 
     fn stop(&mut self) -> Result<(), DbError> {
         self.resp_task.abort();
+        if let Some((handle, thread, _)) = self.http.take() {
+            if let Some(runtime) = &self.runtime {
+                runtime.block_on(handle.stop(true));
+            }
+            let _ = thread.join();
+        }
         let stopped = self.node.stop();
         let finished = self.node.finish(stopped.is_ok());
         if let Some(runtime) = self.runtime.take() {
@@ -209,4 +294,36 @@ impl Drop for Server {
             let _ = self.stop();
         }
     }
+}
+
+/// This node's view of the cluster, for `/status`.
+fn status_of(
+    node_id: u64,
+    cluster: &BTreeMap<u64, String>,
+    requests: &Requests,
+    transport: &TcpTransport,
+    raft_addr: SocketAddr,
+    resp_addr: SocketAddr,
+) -> Status {
+    let table = requests.table();
+    let nodes = (cluster.iter())
+        .map(|(&id, addr)| NodeStatus {
+            node_id: id,
+            addr: addr.clone(),
+            connected: id == node_id || transport.is_connected(id),
+        })
+        .collect();
+    let groups = (0..table.len())
+        .map(|position| {
+            let range = table.range(position);
+            GroupStatus {
+                group_id: range.group_id,
+                start: hex(&range.start),
+                end: hex(&range.end),
+                leader: table.leader(position),
+                replicas: range.replicas.iter().map(|replica| replica.node_id).collect(),
+            }
+        })
+        .collect();
+    Status { node_id, raft_addr: raft_addr.to_string(), resp_addr: resp_addr.to_string(), nodes, groups }
 }

@@ -13,6 +13,7 @@ struct Cluster {
     dir: tempfile::TempDir,
     cluster: String,
     resp: Vec<String>,
+    http: Vec<String>,
     children: Vec<Option<Child>>,
 }
 
@@ -26,7 +27,8 @@ impl Cluster {
         let cluster =
             raft.iter().enumerate().map(|(i, addr)| format!("{}={addr}", i + 1)).collect::<Vec<_>>().join(",");
         let resp = (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let mut cluster = Cluster { dir: tempfile::tempdir().unwrap(), cluster, resp, children: Vec::new() };
+        let http = (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut cluster = Cluster { dir: tempfile::tempdir().unwrap(), cluster, resp, http, children: Vec::new() };
         for node in 1..=nodes {
             let child = cluster.spawn(node);
             cluster.children.push(Some(child));
@@ -41,7 +43,7 @@ impl Cluster {
         let log = std::fs::File::create(self.dir.path().join(format!("node-{node}.log"))).unwrap();
         Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .args(["serve", "--id", &node.to_string(), "--cluster", &self.cluster, "--groups", "8"])
-            .args(["--resp-addr", &self.resp[node - 1]])
+            .args(["--resp-addr", &self.resp[node - 1], "--http-addr", &self.http[node - 1]])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("node-{node}")))
             .stdout(Stdio::null())
@@ -141,6 +143,18 @@ fn complete(reply: &[u8]) -> bool {
     }
 }
 
+/// `GET path` over HTTP/1.0; the status code and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    (code, body)
+}
+
 /// Keys spread over every group (the ranges split the key space by its first bytes).
 fn key(i: u32) -> Vec<u8> {
     let mut key = vec![(i * 37 % 256) as u8];
@@ -202,4 +216,24 @@ fn bad_requests_get_errors_and_the_server_serves_on() {
     assert_eq!(call(node, &[b"SET", b"k", b"v"]).unwrap(), b"+OK");
     assert_eq!(call(node, &[b"SET", b"k", b"w", b"NX"]).unwrap(), b"$-1");
     assert_eq!(call(node, &[b"GET", b"k"]).unwrap(), bulk(b"v"));
+}
+
+#[test]
+fn http_serves_the_demo_routes_the_json_api_status_and_metrics() {
+    let cluster = Cluster::start(3);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(&cluster.http[0], "/set?key=fruit&value=apple") != (200, "OK\n".to_string()) {
+        assert!(Instant::now() < deadline, "no leader took the write");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http_get(&cluster.http[2], "/get?key=fruit"), (200, "apple".to_string()));
+    assert_eq!(http_get(&cluster.http[1], "/v1/kv/fruit"), (200, r#"{"key":"fruit","value":"apple"}"#.to_string()));
+    assert_eq!(http_get(&cluster.http[1], "/v1/kv/none").0, 404);
+    assert_eq!(http_get(&cluster.http[1], "/get").0, 400, "no key");
+    let (code, status) = http_get(&cluster.http[0], "/status");
+    assert_eq!(code, 200);
+    assert!(status.contains(r#""node_id":1"#) && status.contains(r#""group_id":8"#), "{status}");
+    let (code, metrics) = http_get(&cluster.http[0], "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("flotilla_transport_frames_sent_total"), "{metrics}");
 }
