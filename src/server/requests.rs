@@ -25,6 +25,9 @@ use flotilla_router::transport::wire::{
 use flotilla_router::transport::{ForwardHandler, TcpTransport};
 use parking_lot::Mutex;
 
+/// How long a forwarded read waits before it is tried elsewhere (reads may be; writes wait for their answer).
+const READ_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What a group answered.
 #[derive(Debug)]
 pub enum Answered {
@@ -183,6 +186,14 @@ impl Requests {
         op: ForwardOp,
         deadline: Instant,
     ) -> Option<Result<Answered, PeerError>> {
+        if !self.transport.is_alive(node) {
+            // Silent lately (down, stopped, cut off): as if it did not lead — nothing was sent.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Some(Err(PeerError::NotLeader { leader: 0 }));
+        }
+        // A read may be tried again elsewhere if its node goes silent meanwhile; a write waits for its answer
+        // until the deadline (sent again elsewhere, it might take effect twice).
+        let is_read = !matches!(op, ForwardOp::Write(_));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         self.pending.lock().insert(id, reply);
@@ -193,10 +204,14 @@ impl Requests {
             return Some(Err(PeerError::NotLeader { leader: 0 }));
         }
         let within = deadline.saturating_duration_since(Instant::now());
-        let reply = match tokio::time::timeout(within, answer).await {
+        let attempt = if is_read { within.min(READ_ATTEMPT_TIMEOUT) } else { within };
+        let reply = match tokio::time::timeout(attempt, answer).await {
             Ok(Ok(reply)) => reply,
             _ => {
                 self.pending.lock().remove(&id);
+                if is_read && Instant::now() < deadline {
+                    return Some(Err(PeerError::NotLeader { leader: 0 }));
+                }
                 return None;
             }
         };

@@ -2,4 +2,6 @@
 
 mod cluster;
 mod demo;
+mod pause;
+mod processes;
 mod wal;

@@ -49,6 +49,12 @@ impl Liveness {
         }
     }
 
+    /// Whether `node` has been silent for more than `down_after_ticks` at tick `now` (unknown nodes are not
+    /// judged).
+    pub fn is_down(&self, node: u64, now: u64) -> bool {
+        self.heard.get(&node).is_some_and(|&at| now.saturating_sub(at) > self.down_after_ticks)
+    }
+
     /// The tick interval's turn: the heartbeats to send, and the nodes judged down now (silent for more than
     /// `down_after_ticks`; repeated every tick while they stay silent).
     pub fn tick(&self, now: u64) -> (Vec<NodeMessage>, Vec<u64>) {
@@ -72,6 +78,7 @@ mod tests {
         liveness.heard(2, 104);
         assert!(liveness.tick(105).1.is_empty(), "5 ticks of silence is the bound, not past it");
         assert_eq!(liveness.tick(106).1, vec![3], "node 3 silent since the start");
+        assert!(liveness.is_down(3, 106) && !liveness.is_down(2, 106) && !liveness.is_down(9, 106));
         assert_eq!(liveness.tick(110).1, vec![2, 3]);
         liveness.heard(3, 111);
         liveness.heard(3, 90); // a late report never moves it back

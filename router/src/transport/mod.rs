@@ -95,6 +95,8 @@ pub struct TcpTransport {
     listener: Mutex<Option<std::net::TcpListener>>,
     runtime: tokio::runtime::Handle,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Node liveness, and the heartbeat intervals counted (its clock); set by `start`.
+    liveness: std::sync::OnceLock<(Arc<Mutex<Liveness>>, Arc<AtomicU64>)>,
 }
 
 impl TcpTransport {
@@ -130,6 +132,7 @@ impl TcpTransport {
             listener: Mutex::new(Some(listener)),
             runtime,
             tasks: Mutex::default(),
+            liveness: std::sync::OnceLock::new(),
         }))
     }
 
@@ -154,6 +157,7 @@ impl TcpTransport {
         let down_after = options.down_after_heartbeats;
         let liveness = Arc::new(Mutex::new(Liveness::new(options.node_id, peers, down_after, 0)));
         let heartbeats = Arc::new(AtomicU64::new(0));
+        let _ = self.liveness.set((Arc::clone(&liveness), Arc::clone(&heartbeats)));
         let inbound = Arc::new(inbound::Inbound::new(
             Arc::clone(options),
             inbox,
@@ -204,6 +208,14 @@ impl TcpTransport {
     /// The runtime its tasks run on.
     pub fn runtime(&self) -> &tokio::runtime::Handle {
         &self.runtime
+    }
+
+    /// Whether `node_id` has been heard from lately (within `down_after_heartbeats` intervals): a node that is
+    /// down, stopped or cut off is not worth sending a request to.
+    pub fn is_alive(&self, node_id: u64) -> bool {
+        self.liveness
+            .get()
+            .is_none_or(|(liveness, heartbeats)| !liveness.lock().is_down(node_id, heartbeats.load(Ordering::Acquire)))
     }
 
     /// Whether the link to `node_id` is connected now (its hello accepted).

@@ -1,0 +1,166 @@
+//! Real `flotilla serve` processes for the tests: a cluster on loopback ports chosen free per test (so parallel
+//! runs do not collide), a minimal RESP and HTTP client, and every process ended by its id when the cluster is
+//! dropped — on failure too.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A cluster of server processes; dropping it kills every one still running.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    cluster: String,
+    pub resp: Vec<String>,
+    pub http: Vec<String>,
+    pub children: Vec<Option<Child>>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    pub fn start(nodes: usize) -> Cluster {
+        let raft: Vec<String> = (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let cluster =
+            raft.iter().enumerate().map(|(i, addr)| format!("{}={addr}", i + 1)).collect::<Vec<_>>().join(",");
+        let resp = (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let http = (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut cluster = Cluster { dir: tempfile::tempdir().unwrap(), cluster, resp, http, children: Vec::new() };
+        for node in 1..=nodes {
+            let child = cluster.spawn(node);
+            cluster.children.push(Some(child));
+        }
+        for node in 1..=nodes {
+            cluster.wait_ready(node);
+        }
+        cluster
+    }
+
+    pub fn spawn(&self, node: usize) -> Child {
+        let log = std::fs::File::create(self.dir.path().join(format!("node-{node}.log"))).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["serve", "--id", &node.to_string(), "--cluster", &self.cluster, "--groups", "8"])
+            .args(["--resp-addr", &self.resp[node - 1], "--http-addr", &self.http[node - 1]])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("node-{node}")))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("flotilla serve starts")
+    }
+
+    /// Waits until node `node` answers PING.
+    pub fn wait_ready(&self, node: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !call(&self.resp[node - 1], &[b"PING"]).is_ok_and(|reply| reply == b"+PONG") {
+            assert!(Instant::now() < deadline, "node {node} did not come up: {}", self.log(node));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self, node: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{node}.log"))).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self, node: usize, signal: &str) {
+        let mut child = self.children[node - 1].take().expect("running");
+        let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let exit = child.wait().unwrap();
+        if signal == "-TERM" {
+            assert!(exit.success(), "node {node} did not stop cleanly: {exit:?}\n{}", self.log(node));
+        }
+    }
+
+    pub fn restart(&mut self, node: usize) {
+        let child = self.spawn(node);
+        self.children[node - 1] = Some(child);
+        self.wait_ready(node);
+    }
+
+    /// `args` on node `node` until it succeeds (a node may be electing, or forwarding to one that is gone),
+    /// within 20 s; the reply.
+    pub fn call_until_ok(&self, node: usize, args: &[&[u8]]) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match call(&self.resp[node - 1], args) {
+                Ok(reply) if !reply.starts_with(b"-") => return reply,
+                other => assert!(Instant::now() < deadline, "{args:?} on node {node}: {other:?}\n{}", self.log(node)),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One request on a fresh connection; the reply without its final CRLF (a bulk string's header and data kept:
+/// `$3\r\nbar`).
+pub fn call(addr: &str, args: &[&[u8]]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let mut request = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        request.extend_from_slice(arg);
+        request.extend_from_slice(b"\r\n");
+    }
+    stream.write_all(&request)?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = stream.read(&mut chunk)?;
+        if read == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+        }
+        reply.extend_from_slice(&chunk[..read]);
+        if complete(&reply) {
+            reply.truncate(reply.len() - 2);
+            return Ok(reply);
+        }
+    }
+}
+
+/// Whether `reply` is one whole simple reply or bulk string.
+pub fn complete(reply: &[u8]) -> bool {
+    let Some(line_end) = reply.windows(2).position(|pair| pair == b"\r\n") else { return false };
+    if reply[0] != b'$' {
+        return true;
+    }
+    match std::str::from_utf8(&reply[1..line_end]).unwrap().parse::<i64>().unwrap() {
+        -1 => true,
+        length => reply.len() >= line_end + 2 + length as usize + 2,
+    }
+}
+
+/// `GET path` over HTTP/1.0; the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// Keys spread over every group (the ranges split the key space by its first bytes).
+pub fn key(i: u32) -> Vec<u8> {
+    let mut key = vec![(i * 37 % 256) as u8];
+    key.extend_from_slice(format!("-key-{i}").as_bytes());
+    key
+}
+
+pub fn bulk(value: &[u8]) -> Vec<u8> {
+    [format!("${}\r\n", value.len()).as_bytes(), value].concat()
+}
