@@ -48,7 +48,7 @@ fn client(id: u64, cluster: &Cluster, nodes: &[usize], keys: &[Vec<u8>], history
         let key = &keys[(n as usize * 7 + id as usize) % keys.len()];
         let node = nodes[(n as usize + id as usize) % nodes.len()];
         let addr = &cluster.resp[node - 1];
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             let call_time = history.now();
             let reply = call(addr, &[b"GET", key]);
             let result = reply.ok().and_then(|reply| got(&reply)).map(|value| (Outcome::Got(value), history.now()));
