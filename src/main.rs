@@ -54,9 +54,15 @@ enum Command {
         /// Where this node keeps its data.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Where this node listens for the other nodes, if not at its --cluster address (behind a proxy).
+        #[arg(long)]
+        raft_addr: Option<String>,
         /// Where this node serves Redis-protocol (RESP) clients.
         #[arg(long, default_value = "127.0.0.1:6379")]
         resp_addr: String,
+        /// How long a request may take (following leaders, waiting for a majority) before it fails, in ms.
+        #[arg(long, default_value_t = 10_000)]
+        request_timeout_ms: u64,
         /// Where this node serves HTTP (the demo's /get and /set, a JSON API, /status, /metrics).
         #[arg(long)]
         http_addr: Option<String>,
@@ -154,9 +160,22 @@ fn main() -> ExitCode {
         Command::Demo { .. } | Command::Serve { .. } => None,
     };
     match command {
-        Command::Serve { id, cluster, data_dir, resp_addr, http_addr, cluster_id, groups, requirepass } => {
+        Command::Serve {
+            id,
+            cluster,
+            data_dir,
+            raft_addr,
+            resp_addr,
+            request_timeout_ms,
+            http_addr,
+            cluster_id,
+            groups,
+            requirepass,
+        } => {
             let mut options = flotilla::server::ServeOptions::new(id, data_dir, cluster, resp_addr);
+            options.raft_addr = raft_addr;
             options.http_addr = http_addr;
+            options.request_timeout = std::time::Duration::from_millis(request_timeout_ms);
             options.cluster_id = cluster_id;
             options.groups = groups;
             options.resp.password = requirepass;

@@ -45,6 +45,9 @@ pub struct ServeOptions {
     pub cluster_id: String,
     /// Every node of the cluster, numbered 1..=n, and the address it listens on for the other nodes.
     pub cluster: BTreeMap<u64, String>,
+    /// Where this node listens for the other nodes, if not at its address in `cluster` (behind a proxy or a
+    /// NAT). Default none.
+    pub raft_addr: Option<String>,
     /// Where this node serves RESP (Redis protocol) clients.
     pub resp_addr: String,
     /// Where this node serves HTTP (none: no HTTP).
@@ -67,6 +70,7 @@ impl ServeOptions {
             data_dir,
             cluster_id: "flotilla".into(),
             cluster,
+            raft_addr: None,
             resp_addr,
             http_addr: None,
             http_body_bytes_max: 16 << 20,
@@ -167,9 +171,11 @@ impl Server {
             .enable_all()
             .build()
             .map_err(|e| DbError::Storage(format!("starting the network runtime: {e}")))?;
-        let transport_options =
-            TcpTransportOptions::new(options.cluster_id.clone(), options.node_id, options.cluster.clone());
-        let raft_addr = transport_options.listen_addr().to_string();
+        let transport_options = TcpTransportOptions {
+            bind_addr: options.raft_addr.clone(),
+            ..TcpTransportOptions::new(options.cluster_id.clone(), options.node_id, options.cluster.clone())
+        };
+        let raft_addr = transport_options.bind_addr.clone().unwrap_or_else(|| transport_options.listen_addr().into());
         let transport = TcpTransport::bind(transport_options, runtime.handle().clone())
             .map_err(|e| DbError::InvalidArgument(format!("listening for other nodes on {raft_addr}: {e}")))?;
         let raft_addr = transport.local_addr().expect("bound");

@@ -2,6 +2,8 @@
 
 mod cluster;
 mod demo;
+mod history;
+mod partition;
 mod pause;
 mod processes;
 mod wal;

@@ -2,9 +2,12 @@
 //! runs do not collide), a minimal RESP and HTTP client, and every process ended by its id when the cluster is
 //! dropped — on failure too.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A cluster of server processes; dropping it kills every one still running.
@@ -14,20 +17,48 @@ pub struct Cluster {
     pub resp: Vec<String>,
     pub http: Vec<String>,
     pub children: Vec<Option<Child>>,
+    /// With a partition proxy: where each node really listens for the others (`--raft-addr`), and the proxy.
+    bound: Option<Vec<String>>,
+    pub proxy: Option<Proxy>,
+    /// Extra arguments for every node.
+    args: Vec<String>,
 }
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+fn free_addrs(nodes: usize) -> Vec<String> {
+    (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect()
+}
+
 impl Cluster {
     pub fn start(nodes: usize) -> Cluster {
-        let raft: Vec<String> = (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        Cluster::start_with(nodes, false, &[])
+    }
+
+    /// With `proxied`, the nodes reach each other through a [`Proxy`] that can cut them apart.
+    pub fn start_with(nodes: usize, proxied: bool, args: &[&str]) -> Cluster {
+        let raft = free_addrs(nodes);
         let cluster =
             raft.iter().enumerate().map(|(i, addr)| format!("{}={addr}", i + 1)).collect::<Vec<_>>().join(",");
-        let resp = (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let http = (0..nodes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let mut cluster = Cluster { dir: tempfile::tempdir().unwrap(), cluster, resp, http, children: Vec::new() };
+        let (bound, proxy) = if proxied {
+            let bound = free_addrs(nodes);
+            let proxy = Proxy::start(&raft, &bound);
+            (Some(bound), Some(proxy))
+        } else {
+            (None, None)
+        };
+        let mut cluster = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            cluster,
+            resp: free_addrs(nodes),
+            http: free_addrs(nodes),
+            children: Vec::new(),
+            bound,
+            proxy,
+            args: args.iter().map(|arg| arg.to_string()).collect(),
+        };
         for node in 1..=nodes {
             let child = cluster.spawn(node);
             cluster.children.push(Some(child));
@@ -43,6 +74,8 @@ impl Cluster {
         Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .args(["serve", "--id", &node.to_string(), "--cluster", &self.cluster, "--groups", "8"])
             .args(["--resp-addr", &self.resp[node - 1], "--http-addr", &self.http[node - 1]])
+            .args(self.bound.iter().flat_map(|bound| ["--raft-addr".to_string(), bound[node - 1].clone()]))
+            .args(&self.args)
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("node-{node}")))
             .stdout(Stdio::null())
@@ -163,4 +196,121 @@ pub fn key(i: u32) -> Vec<u8> {
 
 pub fn bulk(value: &[u8]) -> Vec<u8> {
     [format!("${}\r\n", value.len()).as_bytes(), value].concat()
+}
+
+/// A proxy in front of every node's listener for the others: it learns who dials whom from each connection's
+/// hello, and cuts (and refuses) the connections between nodes a test has partitioned.
+pub struct Proxy {
+    blocked: Arc<Mutex<HashSet<(u64, u64)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// Listens at `listen[i]` for node `i + 1`, forwarding to `to[i]`.
+    fn start(listen: &[String], to: &[String]) -> Proxy {
+        let proxy = Proxy { blocked: Arc::default(), stop: Arc::default() };
+        for (i, (listen, to)) in listen.iter().zip(to).enumerate() {
+            let listener = std::net::TcpListener::bind(listen).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let (blocked, stop, to, node) =
+                (Arc::clone(&proxy.blocked), Arc::clone(&proxy.stop), to.clone(), i as u64 + 1);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let (blocked, stop, to) = (Arc::clone(&blocked), Arc::clone(&stop), to.clone());
+                            std::thread::spawn(move || relay(stream, &to, node, &blocked, &stop));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            });
+        }
+        proxy
+    }
+
+    /// Cuts `node` off from every other node (both ways), until [`Proxy::heal`].
+    pub fn isolate(&self, node: u64, nodes: u64) {
+        let mut blocked = self.blocked.lock().unwrap();
+        for other in (1..=nodes).filter(|&other| other != node) {
+            blocked.insert((node, other));
+            blocked.insert((other, node));
+        }
+    }
+
+    pub fn heal(&self) {
+        self.blocked.lock().unwrap().clear();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One proxied connection to node `to_node` (at `to`): its hello names the dialer; bytes flow both ways until
+/// the pair is blocked or either side closes.
+fn relay(mut from: TcpStream, to: &str, to_node: u64, blocked: &Mutex<HashSet<(u64, u64)>>, stop: &AtomicBool) {
+    use flotilla::router::transport::frame::{decode_frame, decode_message, HEADER_BYTES};
+    use flotilla::router::transport::wire::Hello;
+    from.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buffer = bytes::BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    let hello_bytes;
+    let from_node = loop {
+        let Ok(read) = from.read(&mut chunk) else { return };
+        if read == 0 {
+            return;
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+        let copy = buffer.clone();
+        if let Ok(Some(payload)) = decode_frame(&mut buffer, 1 << 16) {
+            let Ok(hello) = decode_message::<Hello>(payload.clone()) else { return };
+            hello_bytes = copy[..HEADER_BYTES + payload.len()].to_vec();
+            buffer = bytes::BytesMut::from(&copy[HEADER_BYTES + payload.len()..]);
+            break hello.from_node;
+        }
+    };
+    let is_blocked = || blocked.lock().unwrap().contains(&(from_node, to_node)) || stop.load(Ordering::SeqCst);
+    if is_blocked() {
+        return;
+    }
+    let Ok(mut upstream) = TcpStream::connect(to) else { return };
+    if upstream.write_all(&hello_bytes).and_then(|()| upstream.write_all(&buffer)).is_err() {
+        return;
+    }
+    let pump = |mut reader: TcpStream, mut writer: TcpStream| {
+        reader.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut chunk = [0u8; 16 << 10];
+        loop {
+            if is_blocked() {
+                let _ = reader.shutdown(std::net::Shutdown::Both);
+                let _ = writer.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            match reader.read(&mut chunk) {
+                Ok(0) => {
+                    let _ = writer.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                Ok(read) => {
+                    if writer.write_all(&chunk[..read]).is_err() {
+                        return;
+                    }
+                }
+                Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                }
+                Err(_) => {
+                    let _ = writer.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+        }
+    };
+    let (from_reader, up_writer) = (from.try_clone().unwrap(), upstream.try_clone().unwrap());
+    std::thread::scope(|scope| {
+        scope.spawn(|| pump(from_reader, up_writer));
+        scope.spawn(|| pump(upstream, from));
+    });
 }

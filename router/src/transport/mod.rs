@@ -36,8 +36,10 @@ pub struct TcpTransportOptions {
     /// Connections from another cluster are refused (and ours by theirs).
     pub cluster_id: String,
     pub node_id: u64,
-    /// Every node of the cluster, this one included: its id and the address it listens on for other nodes.
+    /// Every node of the cluster, this one included: its id and the address the others reach it at.
     pub nodes: BTreeMap<u64, String>,
+    /// Where this node listens, if not at its address in `nodes` (behind a proxy or a NAT). Default none.
+    pub bind_addr: Option<String>,
     /// The largest frame accepted, in payload bytes; a larger one closes the connection. Default 64 MiB.
     pub frame_bytes_max: usize,
     /// Bytes of messages queued for one node at most (see `link.rs` for what is dropped). Default 32 MiB.
@@ -62,6 +64,7 @@ impl TcpTransportOptions {
             cluster_id: cluster_id.into(),
             node_id,
             nodes,
+            bind_addr: None,
             frame_bytes_max: 64 << 20,
             queue_bytes_max: 32 << 20,
             connections_max: 256,
@@ -73,7 +76,7 @@ impl TcpTransportOptions {
         }
     }
 
-    /// Where this node listens.
+    /// Where the other nodes reach this node (its entry in `nodes`).
     pub fn listen_addr(&self) -> &str {
         self.nodes.get(&self.node_id).map(String::as_str).unwrap_or_default()
     }
@@ -103,7 +106,7 @@ impl TcpTransport {
     /// Binds this node's listening address (an error if it cannot: taken, or not this machine's) and makes the
     /// links; nothing runs before [`TcpTransport::start`].
     pub fn bind(options: TcpTransportOptions, runtime: tokio::runtime::Handle) -> std::io::Result<Arc<TcpTransport>> {
-        let addr = options.listen_addr().to_string();
+        let addr = options.bind_addr.clone().unwrap_or_else(|| options.listen_addr().to_string());
         if addr.is_empty() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
