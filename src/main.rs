@@ -76,6 +76,41 @@ enum Command {
         #[arg(long)]
         requirepass: Option<String>,
     },
+    /// Read a key from a running cluster (any node's RESP address).
+    Get {
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        addr: String,
+        key: String,
+    },
+    /// Write a key in a running cluster (durable on a majority when it returns).
+    Put {
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        addr: String,
+        key: String,
+        value: String,
+    },
+    /// Delete a key in a running cluster.
+    Del {
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        addr: String,
+        key: String,
+    },
+    /// List keys and values in key order, `start <= key < end` (end empty: to the end).
+    Scan {
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        addr: String,
+        #[arg(long, default_value = "")]
+        start: String,
+        #[arg(long, default_value = "")]
+        end: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Print the cluster's ranges, their groups and leaders, and where each leader serves clients.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        addr: String,
+    },
     /// Recover a node's WAL as at startup (a torn tail is dropped, to be overwritten by the next write) and report
     /// what it holds; on corruption, print where and the repair command.
     WalCheck {
@@ -140,6 +175,45 @@ fn serve(options: flotilla::server::ServeOptions) -> ExitCode {
     }
 }
 
+/// Runs `work` with a client of the cluster at `addr`; an error is printed and exits with 1.
+fn with_client(
+    addr: &str,
+    work: impl FnOnce(&flotilla::BlockingClient) -> Result<(), flotilla::client::ClientError>,
+) -> ExitCode {
+    match flotilla::BlockingClient::connect(addr).and_then(|client| work(&client)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flotilla: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The routes as a table: one line per range, and the nodes leading how many.
+fn status_table(routes: &[flotilla::client::Route]) -> String {
+    let shown =
+        |key: &[u8]| if key.is_empty() { "-".to_string() } else { key.iter().map(|b| format!("{b:02x}")).collect() };
+    let mut out = format!("{:>6}  {:<18} {:<18} {:>6}  {}\n", "group", "start", "end", "leader", "leader serves at");
+    for route in routes {
+        out += &format!(
+            "{:>6}  {:<18} {:<18} {:>6}  {}\n",
+            route.group_id,
+            shown(&route.start),
+            shown(&route.end),
+            route.leader,
+            route.leader_addr.as_deref().unwrap_or("?")
+        );
+    }
+    let mut leaders = std::collections::BTreeMap::<u64, usize>::new();
+    for route in routes {
+        *leaders.entry(route.leader).or_default() += 1;
+    }
+    for (node, count) in leaders {
+        out += &format!("node {node} leads {count} of {} groups\n", routes.len());
+    }
+    out
+}
+
 fn segment_of(path: &std::path::Path) -> Option<u64> {
     path.file_name()?.to_str()?.strip_suffix(".wal")?.parse().ok()
 }
@@ -157,7 +231,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo { .. } | Command::Serve { .. } => None,
+        _ => None,
     };
     match command {
         Command::Serve {
@@ -181,6 +255,32 @@ fn main() -> ExitCode {
             options.resp.password = requirepass;
             serve(options)
         }
+        Command::Get { addr, key } => with_client(&addr, |client| {
+            match client.get(key.as_bytes())? {
+                Some(value) => println!("{}", String::from_utf8_lossy(&value)),
+                None => println!("(not found)"),
+            }
+            Ok(())
+        }),
+        Command::Put { addr, key, value } => with_client(&addr, |client| {
+            client.put(key.as_bytes(), value.as_bytes())?;
+            println!("OK");
+            Ok(())
+        }),
+        Command::Del { addr, key } => with_client(&addr, |client| {
+            println!("{}", if client.delete(key.as_bytes())? { "deleted" } else { "(not found)" });
+            Ok(())
+        }),
+        Command::Scan { addr, start, end, limit } => with_client(&addr, |client| {
+            for (key, value) in client.scan(start.as_bytes(), end.as_bytes(), limit)? {
+                println!("{}\t{}", String::from_utf8_lossy(&key), String::from_utf8_lossy(&value));
+            }
+            Ok(())
+        }),
+        Command::Status { addr } => with_client(&addr, |client| {
+            print!("{}", status_table(&client.routes()));
+            Ok(())
+        }),
         Command::Demo { dir, keys, value_bytes, clients } => match demo::run(&dir, keys, value_bytes, clients) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,

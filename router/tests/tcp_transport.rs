@@ -195,6 +195,7 @@ fn strangers_are_refused_with_the_reason_and_bad_frames_close_only_their_connect
         to_node: 1,
         protocol_version: PROTOCOL_VERSION,
         listen_addr: cluster.addrs[&2].clone(),
+        client_addr: String::new(),
     };
     let refusals = [
         (Hello { cluster_id: "another".into(), ..good.clone() }, "cluster"),

@@ -3,7 +3,6 @@
 //! that serves any key on any node (requests for groups led elsewhere are forwarded, `requests.rs`).
 //!
 //! - `requests.rs`: routing a request to its group's leader — this node's store, or forwarded to another node;
-//! - `resp.rs`: the Redis protocol, parsed with bounds and encoded;
 //! - `resp_server.rs`: RESP connections and commands;
 //! - `http.rs`: the HTTP front end (the demo's `/get` and `/set`, a JSON API, `/status`, `/metrics`);
 //! - this file: [`ServeOptions`] and [`Server`] (start, addresses, shutdown).
@@ -14,7 +13,6 @@
 
 mod http;
 pub mod requests;
-pub mod resp;
 mod resp_server;
 
 use std::collections::BTreeMap;
@@ -111,6 +109,8 @@ pub struct Status {
 pub struct NodeStatus {
     pub node_id: u64,
     pub addr: String,
+    /// Where it serves RESP clients, once known (a node tells the others when it connects).
+    pub resp_addr: Option<String>,
     /// This node's link to it is up (always true for this node itself).
     pub connected: bool,
 }
@@ -171,18 +171,19 @@ impl Server {
             .enable_all()
             .build()
             .map_err(|e| DbError::Storage(format!("starting the network runtime: {e}")))?;
+        let resp_listener = std::net::TcpListener::bind(&options.resp_addr).map_err(|e| {
+            DbError::InvalidArgument(format!("listening for RESP clients on {}: {e}", options.resp_addr))
+        })?;
+        let resp_addr = resp_listener.local_addr().map_err(|e| DbError::Storage(e.to_string()))?;
         let transport_options = TcpTransportOptions {
             bind_addr: options.raft_addr.clone(),
+            client_addr: resp_addr.to_string(),
             ..TcpTransportOptions::new(options.cluster_id.clone(), options.node_id, options.cluster.clone())
         };
         let raft_addr = transport_options.bind_addr.clone().unwrap_or_else(|| transport_options.listen_addr().into());
         let transport = TcpTransport::bind(transport_options, runtime.handle().clone())
             .map_err(|e| DbError::InvalidArgument(format!("listening for other nodes on {raft_addr}: {e}")))?;
         let raft_addr = transport.local_addr().expect("bound");
-        let resp_listener = std::net::TcpListener::bind(&options.resp_addr).map_err(|e| {
-            DbError::InvalidArgument(format!("listening for RESP clients on {}: {e}", options.resp_addr))
-        })?;
-        let resp_addr = resp_listener.local_addr().map_err(|e| DbError::Storage(e.to_string()))?;
         let (node, ranges) =
             Node::open(options.node_id, &disk, dir, &config, Arc::clone(&transport) as Arc<dyn Transport>)?;
         let store = node.store();
@@ -316,6 +317,7 @@ fn status_of(
         .map(|(&id, addr)| NodeStatus {
             node_id: id,
             addr: addr.clone(),
+            resp_addr: transport.client_addr(id),
             connected: id == node_id || transport.is_connected(id),
         })
         .collect();

@@ -28,6 +28,16 @@ use parking_lot::Mutex;
 /// How long a forwarded read waits before it is tried elsewhere (reads may be; writes wait for their answer).
 const READ_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// One range as `ROUTES` reports it: its bounds, its group, the node believed to lead it and where that node
+/// serves clients (if known).
+pub struct Route {
+    pub start: Vec<u8>,
+    pub end: Vec<u8>,
+    pub group_id: u64,
+    pub leader: u64,
+    pub leader_addr: Option<String>,
+}
+
 /// What a group answered.
 #[derive(Debug)]
 pub enum Answered {
@@ -82,6 +92,23 @@ impl Requests {
 
     pub fn table(&self) -> &RangeTable {
         &self.table
+    }
+
+    /// Every range, in key order, with where its believed leader serves clients.
+    pub fn routes(&self) -> Vec<Route> {
+        (0..self.table.len())
+            .map(|position| {
+                let range = self.table.range(position);
+                let leader = self.table.leader(position);
+                Route {
+                    start: range.start.clone(),
+                    end: range.end.clone(),
+                    group_id: range.group_id,
+                    leader,
+                    leader_addr: self.transport.client_addr(leader),
+                }
+            })
+            .collect()
     }
 
     /// The value of `key`, linearizable.

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::requests::Requests;
-use super::resp::{parse_request, Reply, RequestLimits};
+use crate::resp::{parse_request, Reply, RequestLimits};
 
 /// Settings of the RESP front end.
 #[derive(Clone, Debug)]
@@ -138,8 +138,10 @@ impl Connection {
         let args = &request[1..];
         let ready = |reply| Started::Ready(reply, Then::Continue);
         match name.as_str() {
-            "PING" => return ready(args.first().map_or(Reply::Simple("PONG"), |message| Reply::Bulk(message.clone()))),
-            "QUIT" => return Started::Ready(Reply::Simple("OK"), Then::Close),
+            "PING" => {
+                return ready(args.first().map_or(Reply::Simple("PONG".into()), |message| Reply::Bulk(message.clone())))
+            }
+            "QUIT" => return Started::Ready(Reply::ok(), Then::Close),
             "COMMAND" => return ready(Reply::Array(Vec::new())),
             "AUTH" => {
                 let given = args.last().map(|password| String::from_utf8_lossy(password).into_owned());
@@ -147,7 +149,7 @@ impl Connection {
                     (None, _) => Reply::error("AUTH called without any password configured for the default user"),
                     (Some(expected), Some(given)) if *expected == given => {
                         self.authenticated = true;
-                        Reply::Simple("OK")
+                        Reply::ok()
                     }
                     _ => Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into()),
                 });
@@ -231,7 +233,7 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
         ("MSET", n) if n >= 2 && n % 2 == 0 => {
             let ops = args.chunks(2).map(|pair| Op::put(pair[0].clone(), pair[1].clone())).collect();
             match requests.write(ops).await {
-                Ok(_) => Reply::Simple("OK"),
+                Ok(_) => Reply::ok(),
                 Err(error) => failed(error),
             }
         }
@@ -250,7 +252,22 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
                 Err(error) => failed(error),
             }
         }
-        ("ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "MGET" | "MSET" | "INCR" | "RANGE", _) => arity(name),
+        ("ROUTES", 0) => Reply::Array(
+            requests
+                .routes()
+                .into_iter()
+                .map(|route| {
+                    Reply::Array(vec![
+                        Reply::Bulk(route.start),
+                        Reply::Bulk(route.end),
+                        Reply::Integer(route.group_id as i64),
+                        Reply::Integer(route.leader as i64),
+                        route.leader_addr.map_or(Reply::Null, |addr| Reply::Bulk(addr.into_bytes())),
+                    ])
+                })
+                .collect(),
+        ),
+        ("ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "MGET" | "MSET" | "INCR" | "RANGE" | "ROUTES", _) => arity(name),
         _ => Reply::error(format!("unknown command '{}'", name.to_ascii_lowercase())),
     }
 }
@@ -296,7 +313,7 @@ async fn set(requests: &Requests, args: Vec<Vec<u8>>) -> Reply {
         },
     };
     match outcome {
-        Ok(Outcome::Done) => Reply::Simple("OK"),
+        Ok(Outcome::Done) => Reply::ok(),
         Ok(Outcome::PreconditionFailed { .. }) => Reply::Null,
         Ok(other) => Reply::error(format!("{other:?}")),
         Err(error) => failed(error),

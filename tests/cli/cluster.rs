@@ -80,3 +80,45 @@ fn http_serves_the_demo_routes_the_json_api_status_and_metrics() {
     assert_eq!(code, 200);
     assert!(metrics.contains("flotilla_transport_frames_sent_total"), "{metrics}");
 }
+
+#[test]
+fn the_client_routes_to_leaders_and_the_command_line_reads_writes_and_shows_the_cluster() {
+    let cluster = Cluster::start(3);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Node 2 knows where each node serves clients once each has connected to it.
+    let client = loop {
+        let client = flotilla::BlockingClient::connect(&cluster.resp[1]).unwrap();
+        if client.routes().iter().all(|route| route.leader_addr.is_some()) {
+            break client;
+        }
+        assert!(Instant::now() < deadline, "routes without a leader address: {:?}", client.routes());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let routes = client.routes();
+    assert_eq!(routes.len(), 8);
+    assert!(routes
+        .iter()
+        .all(|route| route.leader_addr.as_deref() == Some(cluster.resp[route.leader as usize - 1].as_str())));
+    for i in 0..40u32 {
+        client.put(&key(i), format!("c{i}").as_bytes()).unwrap();
+    }
+    for i in 0..40u32 {
+        assert_eq!(client.get(&key(i)).unwrap(), Some(format!("c{i}").into_bytes()));
+    }
+    assert!(client.delete(&key(0)).unwrap());
+    assert!(!client.delete(&key(0)).unwrap());
+    assert_eq!(client.scan(b"", b"", 1000).unwrap().len(), 39);
+    // The command line, against another node.
+    let flotilla = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stdout).to_string())
+    };
+    let addr = cluster.resp[2].as_str();
+    assert_eq!(flotilla(&["put", "--addr", addr, "cli-key", "cli-value"]), (true, "OK\n".into()));
+    assert_eq!(flotilla(&["get", "--addr", addr, "cli-key"]), (true, "cli-value\n".into()));
+    assert_eq!(flotilla(&["del", "--addr", addr, "cli-key"]), (true, "deleted\n".into()));
+    assert_eq!(flotilla(&["get", "--addr", addr, "cli-key"]), (true, "(not found)\n".into()));
+    let (ok, status) = flotilla(&["status", "--addr", addr]);
+    assert!(ok && status.contains("leader serves at") && status.contains("node 1 leads 3 of 8 groups"), "{status}");
+    assert!(!flotilla(&["get", "--addr", "127.0.0.1:1", "k"]).0, "an unreachable node is an error");
+}

@@ -7,6 +7,7 @@
 //! damaged or undecodable closes the connection, with a log line and a metric: never a panic, and never more
 //! buffered than one frame's limit.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -31,6 +32,8 @@ pub(super) struct Inbound {
     pub(super) heartbeats: Arc<std::sync::atomic::AtomicU64>,
     /// Where forwarded client requests and their answers go.
     pub(super) forwarded: Option<Arc<dyn ForwardHandler>>,
+    /// Where each node that dialed here serves clients, as its hello said.
+    client_addrs: Arc<Mutex<HashMap<u64, String>>>,
     active: AtomicUsize,
 }
 
@@ -41,8 +44,9 @@ impl Inbound {
         liveness: Arc<Mutex<Liveness>>,
         heartbeats: Arc<std::sync::atomic::AtomicU64>,
         forwarded: Option<Arc<dyn ForwardHandler>>,
+        client_addrs: Arc<Mutex<HashMap<u64, String>>>,
     ) -> Inbound {
-        Inbound { options, inbox, liveness, heartbeats, forwarded, active: AtomicUsize::new(0) }
+        Inbound { options, inbox, liveness, heartbeats, forwarded, client_addrs, active: AtomicUsize::new(0) }
     }
 
     /// Accepts connections until the task is aborted (the transport dropped: its readers end with it, closing
@@ -94,6 +98,9 @@ impl Inbound {
             return refused(node_id, peer, &reason);
         }
         let from_node = hello.from_node;
+        if !hello.client_addr.is_empty() {
+            self.client_addrs.lock().insert(from_node, hello.client_addr.clone());
+        }
         self.heard(from_node);
         if let ReadEnd::Bad(error) = self.read_batches(&mut stream, from_node).await {
             metrics::counter!("flotilla_transport_bad_frames_total").increment(1);

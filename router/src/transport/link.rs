@@ -187,6 +187,7 @@ impl Link {
             to_node: self.to_node,
             protocol_version: PROTOCOL_VERSION,
             listen_addr: options.listen_addr().to_string(),
+            client_addr: options.client_addr.clone(),
         };
         let mut out = BytesMut::new();
         encode_message(&hello, &mut out);

@@ -40,6 +40,8 @@ pub struct TcpTransportOptions {
     pub nodes: BTreeMap<u64, String>,
     /// Where this node listens, if not at its address in `nodes` (behind a proxy or a NAT). Default none.
     pub bind_addr: Option<String>,
+    /// Where this node serves clients, told to the others in the hello (empty: nowhere). Default empty.
+    pub client_addr: String,
     /// The largest frame accepted, in payload bytes; a larger one closes the connection. Default 64 MiB.
     pub frame_bytes_max: usize,
     /// Bytes of messages queued for one node at most (see `link.rs` for what is dropped). Default 32 MiB.
@@ -65,6 +67,7 @@ impl TcpTransportOptions {
             node_id,
             nodes,
             bind_addr: None,
+            client_addr: String::new(),
             frame_bytes_max: 64 << 20,
             queue_bytes_max: 32 << 20,
             connections_max: 256,
@@ -98,6 +101,8 @@ pub struct TcpTransport {
     listener: Mutex<Option<std::net::TcpListener>>,
     runtime: tokio::runtime::Handle,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Where each other node serves clients, as its hello said.
+    client_addrs: Arc<Mutex<HashMap<u64, String>>>,
     /// Node liveness, and the heartbeat intervals counted (its clock); set by `start`.
     liveness: std::sync::OnceLock<(Arc<Mutex<Liveness>>, Arc<AtomicU64>)>,
 }
@@ -135,6 +140,7 @@ impl TcpTransport {
             listener: Mutex::new(Some(listener)),
             runtime,
             tasks: Mutex::default(),
+            client_addrs: Arc::default(),
             liveness: std::sync::OnceLock::new(),
         }))
     }
@@ -167,6 +173,7 @@ impl TcpTransport {
             Arc::clone(&liveness),
             Arc::clone(&heartbeats),
             forwarded,
+            Arc::clone(&self.client_addrs),
         ));
         let mut tasks = self.tasks.lock();
         tasks.push(self.runtime.spawn(inbound.accept(listener)));
@@ -211,6 +218,14 @@ impl TcpTransport {
     /// The runtime its tasks run on.
     pub fn runtime(&self) -> &tokio::runtime::Handle {
         &self.runtime
+    }
+
+    /// Where node `node_id` serves clients (this node's own from the options; another's once it dialed here).
+    pub fn client_addr(&self, node_id: u64) -> Option<String> {
+        if node_id == self.options.node_id {
+            return Some(self.options.client_addr.clone()).filter(|addr| !addr.is_empty());
+        }
+        self.client_addrs.lock().get(&node_id).cloned()
     }
 
     /// Whether `node_id` has been heard from lately (within `down_after_heartbeats` intervals): a node that is

@@ -28,6 +28,10 @@ pub struct Hello {
     /// node's id elsewhere is refused).
     #[prost(string, tag = "5")]
     pub listen_addr: String,
+    /// Where the dialer serves clients (its RESP address; empty if none), so that every node can tell clients
+    /// where each node is.
+    #[prost(string, tag = "6")]
+    pub client_addr: String,
 }
 
 /// The answer to a [`Hello`]: accepted, or refused with the reason (then the connection closes).

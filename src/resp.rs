@@ -1,4 +1,5 @@
-//! The Redis protocol (RESP2) as a server speaks it: requests parsed with bounds, replies encoded.
+//! The Redis protocol (RESP2): requests parsed with bounds and replies encoded (the server's side), and replies
+//! parsed and requests encoded (the client's side, [`parse_reply`], [`encode_request`]).
 //!
 //! A request is what Redis servers accept: an array of bulk strings (`*2\r\n$3\r\nGET\r\n$1\r\nk\r\n`), or an
 //! inline command (`PING\r\n`, words separated by spaces, as `redis-cli` in a terminal and `telnet` send). Nothing
@@ -114,7 +115,7 @@ fn parse_inline(buffer: &mut BytesMut, limits: &RequestLimits) -> Result<Option<
 /// A reply, encoded as RESP2.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
-    Simple(&'static str),
+    Simple(std::borrow::Cow<'static, str>),
     Error(String),
     Integer(i64),
     Bulk(Vec<u8>),
@@ -123,6 +124,10 @@ pub enum Reply {
 }
 
 impl Reply {
+    pub fn ok() -> Reply {
+        Reply::Simple("OK".into())
+    }
+
     pub fn error(message: impl std::fmt::Display) -> Reply {
         Reply::Error(format!("ERR {message}"))
     }
@@ -154,6 +159,97 @@ impl Reply {
         }
         out.extend_from_slice(b"\r\n");
     }
+}
+
+/// Encodes a request (an array of bulk strings) into `out`.
+pub fn encode_request(args: &[&[u8]], out: &mut Vec<u8>) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Arrays nest this deep at most in a reply a client accepts.
+const REPLY_DEPTH_MAX: usize = 4;
+
+/// Takes one whole reply off the front of `buffer`: `Ok(None)` until it is all there. Bulk strings are bounded
+/// by `bulk_bytes_max`, arrays by `REPLY_DEPTH_MAX` levels.
+pub fn parse_reply(buffer: &mut BytesMut, bulk_bytes_max: usize) -> Result<Option<Reply>, ProtocolError> {
+    let mut at = 0;
+    let Some(reply) = reply_at(buffer, &mut at, bulk_bytes_max, 0)? else { return Ok(None) };
+    buffer.advance(at);
+    Ok(Some(reply))
+}
+
+fn reply_at(
+    buffer: &[u8],
+    at: &mut usize,
+    bulk_bytes_max: usize,
+    depth: usize,
+) -> Result<Option<Reply>, ProtocolError> {
+    let rest = &buffer[*at..];
+    let Some(&kind) = rest.first() else { return Ok(None) };
+    let Some(end) = rest.windows(2).position(|pair| pair == b"\r\n") else {
+        return if rest.len() > bulk_bytes_max.max(1 << 16) {
+            Err(ProtocolError("a line too long".into()))
+        } else {
+            Ok(None)
+        };
+    };
+    let line = &rest[1..end];
+    let number = || -> Result<i64, ProtocolError> {
+        std::str::from_utf8(line)
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .ok_or_else(|| ProtocolError("not a number".into()))
+    };
+    let after_line = *at + end + 2;
+    let reply = match kind {
+        b'+' => Reply::Simple(String::from_utf8_lossy(line).into_owned().into()),
+        b'-' => Reply::Error(String::from_utf8_lossy(line).into_owned()),
+        b':' => Reply::Integer(number()?),
+        b'$' => {
+            let length = number()?;
+            if length < 0 {
+                *at = after_line;
+                return Ok(Some(Reply::Null));
+            }
+            let length = length as usize;
+            if length > bulk_bytes_max {
+                return Err(ProtocolError(format!("a bulk string of {length} bytes, over {bulk_bytes_max}")));
+            }
+            if buffer.len() < after_line + length + 2 {
+                return Ok(None);
+            }
+            *at = after_line + length + 2;
+            return Ok(Some(Reply::Bulk(buffer[after_line..after_line + length].to_vec())));
+        }
+        b'*' => {
+            let count = number()?;
+            if count < 0 {
+                *at = after_line;
+                return Ok(Some(Reply::Null));
+            }
+            if depth >= REPLY_DEPTH_MAX {
+                return Err(ProtocolError("arrays nested too deep".into()));
+            }
+            let mut items = Vec::new();
+            let mut cursor = after_line;
+            for _ in 0..count {
+                match reply_at(buffer, &mut cursor, bulk_bytes_max, depth + 1)? {
+                    Some(item) => items.push(item),
+                    None => return Ok(None),
+                }
+            }
+            *at = cursor;
+            return Ok(Some(Reply::Array(items)));
+        }
+        other => return Err(ProtocolError(format!("a reply starting with {:?}", other as char))),
+    };
+    *at = after_line;
+    Ok(Some(reply))
 }
 
 #[cfg(test)]
@@ -207,11 +303,41 @@ mod tests {
     }
 
     #[test]
+    fn replies_parse_back_from_any_split() {
+        let replies = vec![
+            Reply::ok(),
+            Reply::Error("ERR no".into()),
+            Reply::Integer(-3),
+            Reply::Bulk(b"v\r\nw".to_vec()),
+            Reply::Null,
+            Reply::Array(vec![Reply::Array(vec![Reply::Bulk(vec![]), Reply::Integer(1)]), Reply::Null]),
+        ];
+        let mut stream = Vec::new();
+        for reply in &replies {
+            reply.encode(&mut stream);
+        }
+        for split in 0..stream.len() {
+            let mut buffer = BytesMut::from(&stream[..split]);
+            let mut got = Vec::new();
+            while let Some(reply) = parse_reply(&mut buffer, 1 << 20).unwrap() {
+                got.push(reply);
+            }
+            buffer.extend_from_slice(&stream[split..]);
+            while let Some(reply) = parse_reply(&mut buffer, 1 << 20).unwrap() {
+                got.push(reply);
+            }
+            assert_eq!(got, replies, "split at {split}");
+        }
+        assert!(parse_reply(&mut BytesMut::from(&b"$100\r\n"[..]), 10).is_err(), "over the bulk bound");
+        assert!(parse_reply(&mut BytesMut::from(&b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n"[..]), 10).is_err(), "too deep");
+    }
+
+    #[test]
     fn replies_encode_as_resp2() {
         let mut out = Vec::new();
         Reply::Array(vec![Reply::Bulk(b"v".to_vec()), Reply::Null, Reply::Integer(3)]).encode(&mut out);
         Reply::error("bad\r\nthing").encode(&mut out);
-        Reply::Simple("OK").encode(&mut out);
+        Reply::ok().encode(&mut out);
         assert_eq!(out, b"*3\r\n$1\r\nv\r\n$-1\r\n:3\r\n-ERR bad  thing\r\n+OK\r\n".to_vec());
     }
 }

@@ -1,0 +1,280 @@
+//! [`Client`]: a Rust client of a Flotilla cluster (async, on tokio), and [`BlockingClient`] around it. It speaks
+//! RESP to the nodes, learns the ranges and where each range's leader serves clients (the `ROUTES` command), and
+//! sends each request straight to that node — any node would forward it, at the cost of a hop. Routes are
+//! learned again every few seconds and after a connection fails; a request whose node cannot be reached is
+//! tried once more on the node the client was given.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), flotilla::client::ClientError> {
+//! let client = flotilla::BlockingClient::connect("127.0.0.1:6381")?;
+//! client.put(b"hello", b"world")?;
+//! assert_eq!(client.get(b"hello")?, Some(b"world".to_vec()));
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::resp::{encode_request, parse_reply, Reply};
+
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientError {
+    /// No node could be reached (the reason).
+    Unreachable(String),
+    /// The server refused or failed the request (its error reply).
+    Server(String),
+    /// The server's reply was not what the command returns.
+    Protocol(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Unreachable(reason) => write!(f, "unreachable: {reason}"),
+            ClientError::Server(reply) => write!(f, "the server answered: {reply}"),
+            ClientError::Protocol(what) => write!(f, "an unexpected reply: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// One range, as `ROUTES` says.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub start: Vec<u8>,
+    pub end: Vec<u8>,
+    pub group_id: u64,
+    pub leader: u64,
+    /// Where the leader serves clients (unknown until that node has connected to the one asked).
+    pub leader_addr: Option<String>,
+}
+
+impl Route {
+    fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
+    }
+}
+
+/// How long routes are trusted before they are asked again.
+const ROUTES_TTL: Duration = Duration::from_secs(5);
+/// Idle connections kept per node.
+const IDLE_CONNECTIONS_MAX: usize = 16;
+/// Largest bulk string accepted in a reply.
+const REPLY_BULK_BYTES_MAX: usize = 64 << 20;
+
+/// A client of a cluster (cheap to share: every method takes `&self`).
+pub struct Client {
+    seed: String,
+    routes: Mutex<(Vec<Route>, Instant)>,
+    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Connects through the node at `addr` (its RESP address) and learns the routes.
+    pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+        let client = Client {
+            seed: addr.to_string(),
+            routes: Mutex::new((Vec::new(), Instant::now())),
+            idle: Mutex::default(),
+            timeout: Duration::from_secs(15),
+        };
+        client.refresh_routes().await?;
+        Ok(client)
+    }
+
+    /// The ranges, in key order, and their leaders, as last learned.
+    pub fn routes(&self) -> Vec<Route> {
+        self.routes.lock().0.clone()
+    }
+
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        match self.call_for(key, &[b"GET", key]).await? {
+            Reply::Bulk(value) => Ok(Some(value)),
+            Reply::Null => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Writes `value` at `key`, durably on a majority before it returns.
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        match self.call_for(key, &[b"SET", key, value]).await? {
+            Reply::Simple(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes `key`; whether it existed.
+    pub async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
+        match self.call_for(key, &[b"DEL", key]).await? {
+            Reply::Integer(count) => Ok(count > 0),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Up to `limit` pairs with `start <= key < end` (`end` empty: to the end), in key order.
+    pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, ClientError> {
+        let count = limit.to_string();
+        match self.call_for(start, &[b"RANGE", start, end, count.as_bytes()]).await? {
+            Reply::Array(items) => {
+                let mut items = items.into_iter();
+                let mut pairs = Vec::new();
+                while let (Some(Reply::Bulk(key)), Some(Reply::Bulk(value))) = (items.next(), items.next()) {
+                    pairs.push((key, value));
+                }
+                Ok(pairs)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks for the routes again (from the node first given).
+    pub async fn refresh_routes(&self) -> Result<(), ClientError> {
+        let reply = self.call(&self.seed.clone(), &[b"ROUTES"]).await?;
+        let Reply::Array(items) = reply else { return Err(unexpected(reply)) };
+        let mut routes = Vec::with_capacity(items.len());
+        for item in items {
+            let Reply::Array(fields) = item else {
+                return Err(ClientError::Protocol("a route that is not an array".into()));
+            };
+            let mut fields = fields.into_iter();
+            let (
+                Some(Reply::Bulk(start)),
+                Some(Reply::Bulk(end)),
+                Some(Reply::Integer(group)),
+                Some(Reply::Integer(leader)),
+            ) = (fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                return Err(ClientError::Protocol("a route without its fields".into()));
+            };
+            let leader_addr = match fields.next() {
+                Some(Reply::Bulk(addr)) => Some(String::from_utf8_lossy(&addr).into_owned()),
+                _ => None,
+            };
+            routes.push(Route { start, end, group_id: group as u64, leader: leader as u64, leader_addr });
+        }
+        *self.routes.lock() = (routes, Instant::now());
+        Ok(())
+    }
+
+    /// Sends `args` to the node that leads `key`'s range (or the seed), once more to the seed if that fails.
+    async fn call_for(&self, key: &[u8], args: &[&[u8]]) -> Result<Reply, ClientError> {
+        let stale = self.routes.lock().1.elapsed() > ROUTES_TTL;
+        if stale {
+            let _ = self.refresh_routes().await;
+        }
+        let addr = {
+            let routes = self.routes.lock();
+            routes.0.iter().find(|route| route.contains(key)).and_then(|route| route.leader_addr.clone())
+        };
+        let addr = addr.unwrap_or_else(|| self.seed.clone());
+        let reply = match self.call(&addr, args).await {
+            Err(ClientError::Unreachable(_)) if addr != self.seed => {
+                let _ = self.refresh_routes().await;
+                self.call(&self.seed.clone(), args).await?
+            }
+            other => other?,
+        };
+        match reply {
+            Reply::Error(text) => Err(ClientError::Server(text)),
+            reply => Ok(reply),
+        }
+    }
+
+    /// One request on a pooled connection to `addr`.
+    async fn call(&self, addr: &str, args: &[&[u8]]) -> Result<Reply, ClientError> {
+        let pooled = self.idle.lock().get_mut(addr).and_then(Vec::pop);
+        let mut stream = match pooled {
+            Some(stream) => stream,
+            None => {
+                let connect = tokio::time::timeout(self.timeout, TcpStream::connect(addr));
+                let stream = connect
+                    .await
+                    .map_err(|_| ClientError::Unreachable(format!("{addr}: connect timed out")))?
+                    .map_err(|e| ClientError::Unreachable(format!("{addr}: {e}")))?;
+                let _ = stream.set_nodelay(true);
+                stream
+            }
+        };
+        let mut request = Vec::new();
+        encode_request(args, &mut request);
+        let exchange = async {
+            stream.write_all(&request).await?;
+            let mut buffer = BytesMut::with_capacity(256);
+            loop {
+                if let Some(reply) = parse_reply(&mut buffer, REPLY_BULK_BYTES_MAX)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.0))?
+                {
+                    return Ok::<Reply, std::io::Error>(reply);
+                }
+                if stream.read_buf(&mut buffer).await? == 0 {
+                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+                }
+            }
+        };
+        let reply = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Unreachable(format!("{addr}: no answer in time")))?
+            .map_err(|e| ClientError::Unreachable(format!("{addr}: {e}")))?;
+        let mut idle = self.idle.lock();
+        let connections = idle.entry(addr.to_string()).or_default();
+        if connections.len() < IDLE_CONNECTIONS_MAX {
+            connections.push(stream);
+        }
+        Ok(reply)
+    }
+}
+
+fn unexpected(reply: Reply) -> ClientError {
+    match reply {
+        Reply::Error(text) => ClientError::Server(text),
+        other => ClientError::Protocol(format!("{other:?}")),
+    }
+}
+
+/// [`Client`] for code that does not run on tokio: each call blocks on a runtime of its own.
+pub struct BlockingClient {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+}
+
+impl BlockingClient {
+    pub fn connect(addr: &str) -> Result<BlockingClient, ClientError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Unreachable(format!("starting a runtime: {e}")))?;
+        let client = runtime.block_on(Client::connect(addr))?;
+        Ok(BlockingClient { runtime, client })
+    }
+
+    pub fn routes(&self) -> Vec<Route> {
+        self.client.routes()
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        self.runtime.block_on(self.client.get(key))
+    }
+
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        self.runtime.block_on(self.client.put(key, value))
+    }
+
+    pub fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
+        self.runtime.block_on(self.client.delete(key))
+    }
+
+    pub fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, ClientError> {
+        self.runtime.block_on(self.client.scan(start, end, limit))
+    }
+}
