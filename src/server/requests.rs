@@ -111,12 +111,20 @@ impl Requests {
             .collect()
     }
 
+    /// The value of `key` from this node's state machine, if this node leads its group and may serve reads
+    /// without asking (`store/local_reader.rs`); `None`: it must be routed.
+    pub fn get_local(&self, key: &[u8]) -> Option<Result<Option<Vec<u8>>, RouteError>> {
+        let position = self.table.position_of(key);
+        (self.table.leader(position) == self.node_id && self.reader.holds(&self.leases[position]))
+            .then(|| self.kv.get(key).map_err(|error| RouteError::Storage(error.to_string())))
+    }
+
     /// The value of `key`, linearizable.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RouteError> {
-        let position = self.table.position_of(key);
-        if self.table.leader(position) == self.node_id && self.reader.holds(&self.leases[position]) {
-            return self.kv.get(key).map_err(|error| RouteError::Storage(error.to_string()));
+        if let Some(local) = self.get_local(key) {
+            return local;
         }
+        let position = self.table.position_of(key);
         match self.route(position, ForwardOp::Get(key.to_vec())).await? {
             Answered::Value(value) => Ok(value),
             other => Err(RouteError::Storage(format!("a read answered {other:?}"))),

@@ -159,6 +159,15 @@ impl Connection {
         if self.options.password.is_some() && !self.authenticated {
             return ready(Reply::Error("NOAUTH Authentication required.".into()));
         }
+        if let ("GET", [key]) = (name.as_str(), args) {
+            // Served here and now while this node may read locally (most GETs on a leader): no task.
+            if let Some(local) = self.requests.get_local(key) {
+                return ready(match local {
+                    Ok(value) => value.map_or(Reply::Null, Reply::Bulk),
+                    Err(error) => failed(error),
+                });
+            }
+        }
         let requests = Arc::clone(&self.requests);
         let options = Arc::clone(&self.options);
         Started::Running(tokio::spawn(async move { command(&requests, &options, &name, args_of(request)).await }))
