@@ -90,6 +90,10 @@ impl Requests {
         }
     }
 
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
     pub fn table(&self) -> &RangeTable {
         &self.table
     }

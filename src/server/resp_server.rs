@@ -247,6 +247,11 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
             }
         }
         ("INCR", 1) => incr(requests, &args[0]).await,
+        ("DBSIZE", 0) => match count_keys(requests).await {
+            Ok(count) => Reply::Integer(count as i64),
+            Err(error) => failed(error),
+        },
+        ("INFO", _) => Reply::Bulk(info(requests).into_bytes()),
         ("RANGE", 3) => {
             let Some(count) = std::str::from_utf8(&args[2]).ok().and_then(|c| c.parse::<usize>().ok()) else {
                 return Reply::error("value is not an integer or out of range");
@@ -276,9 +281,38 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
                 })
                 .collect(),
         ),
-        ("ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "MGET" | "MSET" | "INCR" | "RANGE" | "ROUTES", _) => arity(name),
+        ("ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "MGET" | "MSET" | "INCR" | "RANGE" | "ROUTES" | "DBSIZE", _) => {
+            arity(name)
+        }
         _ => Reply::error(format!("unknown command '{}'", name.to_ascii_lowercase())),
     }
+}
+
+/// Keys in the whole key space: every range scanned in pages (linearizable per range; it reads every value too,
+/// so it costs as much as a full scan).
+async fn count_keys(requests: &Requests) -> Result<usize, RouteError> {
+    const PAGE: usize = 10_000;
+    let (mut count, mut start) = (0, Vec::new());
+    loop {
+        let page = requests.scan(&start, b"", PAGE).await?;
+        count += page.len();
+        match page.last() {
+            Some((last, _)) if page.len() == PAGE => start = [last.as_slice(), &[0]].concat(),
+            _ => return Ok(count),
+        }
+    }
+}
+
+/// `INFO`: what this node is, in Redis's `key:value` lines.
+fn info(requests: &Requests) -> String {
+    let routes = requests.routes();
+    let node_id = requests.node_id();
+    let led = routes.iter().filter(|route| route.leader == node_id).count();
+    format!(
+        "# Server\r\nflotilla_version:{}\r\nredis_version:7.0.0\r\nnode_id:{node_id}\r\n# Cluster\r\ngroups:{}\r\ngroups_led_here:{led}\r\n",
+        env!("CARGO_PKG_VERSION"),
+        routes.len()
+    )
 }
 
 /// Deletes `key`; whether it was there. A read, then one command that deletes the key only if it still holds

@@ -37,6 +37,7 @@ fn any_node_serves_any_key_and_a_killed_node_loses_nothing_and_catches_up() {
     cluster.kill(2, "-TERM");
     cluster.restart(2);
     assert_eq!(cluster.call_until_ok(2, &[b"GET", &key(7)]), bulk(b"w7"));
+    assert_eq!(cluster.call_until_ok(3, &[b"DBSIZE"]), b":60");
     assert_eq!(cluster.call_until_ok(3, &[b"INCR", b"counter"]), b":1");
     assert_eq!(cluster.call_until_ok(1, &[b"INCR", b"counter"]), b":2");
 }
@@ -59,6 +60,7 @@ fn bad_requests_get_errors_and_the_server_serves_on() {
     assert_eq!(call(node, &[b"SET", b"k", b"v"]).unwrap(), b"+OK");
     assert_eq!(call(node, &[b"SET", b"k", b"w", b"NX"]).unwrap(), b"$-1");
     assert_eq!(call(node, &[b"GET", b"k"]).unwrap(), bulk(b"v"));
+    assert!(call(node, &[b"INFO"]).unwrap().windows(9).any(|w| w == b"node_id:1"));
 }
 
 #[test]
