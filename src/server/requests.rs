@@ -264,6 +264,8 @@ impl Requests {
             Some(ForwardResult::Pairs(pairs)) => {
                 Ok(Answered::Pairs(pairs.keys.into_iter().zip(pairs.values).collect()))
             }
+            // The other node's replica gave no answer in time: as if none came here (a write may have happened).
+            Some(ForwardResult::Refused(refusal)) if refusal.is_timeout() => return None,
             Some(ForwardResult::Refused(refusal)) => Err(refusal.into_peer_error()),
             None => Err(PeerError::Stopped("an empty answer from another node".into())),
         })
@@ -275,7 +277,7 @@ impl Requests {
         let result = match request.op {
             None => ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped("no operation".into()))),
             Some(op) => match self.local(request.group_id, op, deadline).await {
-                None => ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped("timed out".into()))),
+                None => ForwardResult::Refused(Refusal::timed_out()),
                 Some(Err(error)) => ForwardResult::Refused(Refusal::from_peer_error(&error)),
                 Some(Ok(Answered::Written(Outcome::Done))) => ForwardResult::Done(true),
                 Some(Ok(Answered::Written(Outcome::PreconditionFailed { op, current }))) => {

@@ -234,9 +234,21 @@ pub enum RefusalKind {
     TooLarge = 6,
     BatchSpansRanges = 7,
     Other = 8,
+    /// The node the request was forwarded to got no answer from its replica in time (a write may or may not
+    /// have happened).
+    TimedOut = 9,
 }
 
 impl Refusal {
+    /// No answer in time.
+    pub fn timed_out() -> Refusal {
+        Refusal { kind: RefusalKind::TimedOut as i32, ..Refusal::default() }
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        self.kind == RefusalKind::TimedOut as i32
+    }
+
     pub fn from_peer_error(error: &PeerError) -> Refusal {
         let refusal = |kind: RefusalKind| Refusal { kind: kind as i32, ..Refusal::default() };
         match error {
@@ -271,7 +283,40 @@ impl Refusal {
                 first_outside: self.first_outside,
                 current: Box::default(),
             }),
-            RefusalKind::Other => PeerError::Membership(self.reason),
+            RefusalKind::Other | RefusalKind::TimedOut => PeerError::Membership(self.reason),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_the_retry_policy_tells_apart_survive_the_wire() {
+        let errors = [
+            PeerError::NotLeader { leader: 3 },
+            PeerError::Busy(DropReason::Transferring),
+            PeerError::Dropped,
+            PeerError::OutcomeUnknown,
+            PeerError::Stopped("disk gone".into()),
+            PeerError::TooLarge { bytes: 10, max: 5 },
+        ];
+        for error in errors {
+            let bytes = prost::Message::encode_to_vec(&Refusal::from_peer_error(&error));
+            let refusal: Result<Refusal, _> = prost::Message::decode(bytes.as_slice());
+            assert_eq!(refusal.unwrap().into_peer_error(), error);
+        }
+        let spans =
+            PeerError::Range(RangeError::BatchSpansRanges { first_outside: b"k".to_vec(), current: Box::default() });
+        assert!(matches!(
+            Refusal::from_peer_error(&spans).into_peer_error(),
+            PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }) if first_outside == b"k"
+        ));
+        assert!(matches!(
+            Refusal::from_peer_error(&PeerError::Busy(DropReason::PendingReadsFull)).into_peer_error(),
+            PeerError::Busy(reason) if reason != DropReason::Transferring
+        ));
+        assert!(Refusal::timed_out().is_timeout());
     }
 }
