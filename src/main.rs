@@ -3,7 +3,6 @@
 
 mod demo;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -41,41 +40,9 @@ enum Command {
         clients: usize,
     },
     /// Run one node of a cluster: `flotilla serve --id 1 --cluster 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003
-    /// --resp-addr 127.0.0.1:6381 --data-dir data-1` (and the same for nodes 2 and 3). Restarting a node with the
-    /// same command picks up its data. SIGTERM or Ctrl-C stops it cleanly.
-    Serve {
-        /// This node's id (its entry in --cluster).
-        #[arg(long)]
-        id: u64,
-        /// Every node of the cluster as id=host:port (the address it listens on for the other nodes), numbered
-        /// 1..=n.
-        #[arg(long, value_parser = parse_cluster)]
-        cluster: BTreeMap<u64, String>,
-        /// Where this node keeps its data.
-        #[arg(long)]
-        data_dir: PathBuf,
-        /// Where this node listens for the other nodes, if not at its --cluster address (behind a proxy).
-        #[arg(long)]
-        raft_addr: Option<String>,
-        /// Where this node serves Redis-protocol (RESP) clients.
-        #[arg(long, default_value = "127.0.0.1:6379")]
-        resp_addr: String,
-        /// How long a request may take (following leaders, waiting for a majority) before it fails, in ms.
-        #[arg(long, default_value_t = 10_000)]
-        request_timeout_ms: u64,
-        /// Where this node serves HTTP (the demo's /get and /set, a JSON API, /status, /metrics).
-        #[arg(long)]
-        http_addr: Option<String>,
-        /// Nodes of another cluster id are refused.
-        #[arg(long, default_value = "flotilla")]
-        cluster_id: String,
-        /// Groups the key space is split into when the cluster is created.
-        #[arg(long, default_value_t = 64)]
-        groups: u64,
-        /// Clients must AUTH with this password.
-        #[arg(long)]
-        requirepass: Option<String>,
-    },
+    /// --resp-addr 127.0.0.1:6381 --data-dir data-1` (and the same for nodes 2 and 3), or `--config node.toml`.
+    /// Restarting a node with the same command picks up its data. SIGTERM or Ctrl-C stops it cleanly.
+    Serve(flotilla::server::config::ServeSettings),
     /// Read a key from a running cluster (any node's RESP address).
     Get {
         #[arg(long, default_value = "127.0.0.1:6379")]
@@ -130,19 +97,6 @@ enum Command {
         #[arg(long)]
         offset: u64,
     },
-}
-
-/// `1=127.0.0.1:7001,2=127.0.0.1:7002`: node ids and their addresses.
-fn parse_cluster(text: &str) -> Result<BTreeMap<u64, String>, String> {
-    let mut nodes = BTreeMap::new();
-    for entry in text.split(',').filter(|entry| !entry.is_empty()) {
-        let (id, addr) = entry.split_once('=').ok_or_else(|| format!("{entry:?} is not id=host:port"))?;
-        let id: u64 = id.trim().parse().map_err(|_| format!("{id:?} is not a node id"))?;
-        if nodes.insert(id, addr.trim().to_string()).is_some() {
-            return Err(format!("node {id} is listed twice"));
-        }
-    }
-    Ok(nodes)
 }
 
 /// Runs a server node until SIGTERM or SIGINT.
@@ -234,27 +188,13 @@ fn main() -> ExitCode {
         _ => None,
     };
     match command {
-        Command::Serve {
-            id,
-            cluster,
-            data_dir,
-            raft_addr,
-            resp_addr,
-            request_timeout_ms,
-            http_addr,
-            cluster_id,
-            groups,
-            requirepass,
-        } => {
-            let mut options = flotilla::server::ServeOptions::new(id, data_dir, cluster, resp_addr);
-            options.raft_addr = raft_addr;
-            options.http_addr = http_addr;
-            options.request_timeout = std::time::Duration::from_millis(request_timeout_ms);
-            options.cluster_id = cluster_id;
-            options.groups = groups;
-            options.resp.password = requirepass;
-            serve(options)
-        }
+        Command::Serve(settings) => match settings.resolve() {
+            Ok(options) => serve(options),
+            Err(error) => {
+                eprintln!("flotilla serve: {error}");
+                ExitCode::from(2)
+            }
+        },
         Command::Get { addr, key } => with_client(&addr, |client| {
             match client.get(key.as_bytes())? {
                 Some(value) => println!("{}", String::from_utf8_lossy(&value)),

@@ -4,6 +4,7 @@
 //!
 //! - `requests.rs`: routing a request to its group's leader — this node's store, or forwarded to another node;
 //! - `resp_server.rs`: RESP connections and commands;
+//! - `config.rs`: `flotilla serve`'s flags and TOML file, resolved into [`ServeOptions`];
 //! - `http.rs`: the HTTP front end (the demo's `/get` and `/set`, a JSON API, `/status`, `/metrics`);
 //! - this file: [`ServeOptions`] and [`Server`] (start, addresses, shutdown).
 //!
@@ -11,6 +12,7 @@
 //! holds a replica of every group; group `i`'s first leader is node `i mod n + 1`. A node restarted with the same
 //! command reopens its data (its directory's `LAYOUT` must match the cluster's size and groups).
 
+pub mod config;
 mod http;
 pub mod requests;
 mod resp_server;

@@ -1,0 +1,127 @@
+//! The settings of `flotilla serve`, from flags and an optional TOML file (`--config node.toml`). Every key of the
+//! file is a flag's name with underscores, and takes what the flag takes; a flag given on the command line wins
+//! over the file. For example:
+//!
+//! ```toml
+//! id = 1
+//! cluster = "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003"
+//! data_dir = "data-1"
+//! resp_addr = "127.0.0.1:6381"
+//! http_addr = "127.0.0.1:8081"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::ServeOptions;
+
+/// `flotilla serve`'s flags (all optional here: a file may give them).
+#[derive(Clone, Debug, Default, clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSettings {
+    /// This node's id (its entry in --cluster). Required.
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Every node of the cluster as id=host:port,… (where the others reach it), numbered 1..=n. Required.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Where this node keeps its data. Required.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Where this node listens for the other nodes, if not at its --cluster address (behind a proxy).
+    #[arg(long)]
+    pub raft_addr: Option<String>,
+    /// Where this node serves Redis-protocol (RESP) clients. Default 127.0.0.1:6379.
+    #[arg(long)]
+    pub resp_addr: Option<String>,
+    /// Where this node serves HTTP (the demo's /get and /set, a JSON API, /status, /metrics). Default: no HTTP.
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    /// Nodes of another cluster id are refused. Default "flotilla".
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// Groups the key space is split into when the cluster is created. Default 64.
+    #[arg(long)]
+    pub groups: Option<u64>,
+    /// Clients must AUTH with this password. Default: none.
+    #[arg(long)]
+    pub requirepass: Option<String>,
+    /// How long a request may take (following leaders, waiting for a majority) before it fails, in ms.
+    /// Default 10000.
+    #[arg(long)]
+    pub request_timeout_ms: Option<u64>,
+    /// A TOML file with any of the above (flags win).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+}
+
+impl ServeSettings {
+    /// The server's options: these flags over the file's settings over the defaults; `Err` says what is wrong.
+    pub fn resolve(self) -> Result<ServeOptions, String> {
+        let file = match &self.config {
+            None => ServeSettings::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+        };
+        let id = self.id.or(file.id).ok_or("--id is required")?;
+        let cluster = parse_cluster(&self.cluster.or(file.cluster).ok_or("--cluster is required")?)?;
+        let data_dir = self.data_dir.or(file.data_dir).ok_or("--data-dir is required")?;
+        let resp_addr = self.resp_addr.or(file.resp_addr).unwrap_or_else(|| "127.0.0.1:6379".into());
+        let mut options = ServeOptions::new(id, data_dir, cluster, resp_addr);
+        options.raft_addr = self.raft_addr.or(file.raft_addr);
+        options.http_addr = self.http_addr.or(file.http_addr);
+        if let Some(cluster_id) = self.cluster_id.or(file.cluster_id) {
+            options.cluster_id = cluster_id;
+        }
+        if let Some(groups) = self.groups.or(file.groups) {
+            options.groups = groups;
+        }
+        options.resp.password = self.requirepass.or(file.requirepass);
+        if let Some(ms) = self.request_timeout_ms.or(file.request_timeout_ms) {
+            options.request_timeout = Duration::from_millis(ms);
+        }
+        Ok(options)
+    }
+}
+
+/// `1=127.0.0.1:7001,2=127.0.0.1:7002`: node ids and their addresses.
+pub fn parse_cluster(text: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut nodes = BTreeMap::new();
+    for entry in text.split(',').filter(|entry| !entry.trim().is_empty()) {
+        let (id, addr) = entry.split_once('=').ok_or_else(|| format!("{entry:?} is not id=host:port"))?;
+        let id: u64 = id.trim().parse().map_err(|_| format!("{id:?} is not a node id"))?;
+        if nodes.insert(id, addr.trim().to_string()).is_some() {
+            return Err(format!("node {id} is listed twice"));
+        }
+    }
+    Ok(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "id = 2\ncluster = \"1=a:1,2=b:2\"\ndata_dir = \"d\"\ngroups = 8\nresp_addr = \"r:1\"\n")
+            .unwrap();
+        let settings =
+            ServeSettings { config: Some(path.clone()), resp_addr: Some("flag:1".into()), ..Default::default() };
+        let options = settings.resolve().unwrap();
+        assert_eq!((options.node_id, options.groups, options.resp_addr.as_str()), (2, 8, "flag:1"));
+        assert_eq!(options.cluster.get(&1).map(String::as_str), Some("a:1"));
+        assert_eq!(options.cluster_id, "flotilla", "the default");
+        std::fs::write(&path, "id = 2\nport = 7\n").unwrap();
+        let unknown = ServeSettings { config: Some(path), ..Default::default() }.resolve().unwrap_err();
+        assert!(unknown.contains("port"), "{unknown}");
+        assert_eq!(ServeSettings::default().resolve().unwrap_err(), "--id is required");
+        assert!(parse_cluster("1=a,1=b").unwrap_err().contains("twice"));
+        assert!(parse_cluster("x=a").is_err());
+    }
+}
