@@ -51,6 +51,9 @@ pub struct ServeSettings {
     /// Default 10000.
     #[arg(long)]
     pub request_timeout_ms: Option<u64>,
+    /// The store's tick in ms: elections after 10–20 ticks without a leader, heartbeats every tick. Default 50.
+    #[arg(long)]
+    pub tick_ms: Option<u64>,
     /// A TOML file with any of the above (flags win).
     #[arg(long)]
     #[serde(skip)]
@@ -83,6 +86,9 @@ impl ServeSettings {
         options.resp.password = self.requirepass.or(file.requirepass);
         if let Some(ms) = self.request_timeout_ms.or(file.request_timeout_ms) {
             options.request_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.tick_ms.or(file.tick_ms) {
+            options.tick_interval = Duration::from_millis(ms.max(1));
         }
         Ok(options)
     }

@@ -58,6 +58,9 @@ pub struct ServeOptions {
     pub groups: u64,
     /// How long a request may take (following leaders, waiting for a majority) before it fails. Default 10 s.
     pub request_timeout: Duration,
+    /// The store's tick: elections come after 10–20 ticks without a leader, heartbeats every tick, leases last
+    /// 8. Default 50 ms: a failed leader is replaced in about 0.6 s (`failover-bench`, docs/benchmarks.md).
+    pub tick_interval: Duration,
     pub resp: RespOptions,
 }
 
@@ -76,6 +79,7 @@ impl ServeOptions {
             http_body_bytes_max: 16 << 20,
             groups: 64,
             request_timeout: Duration::from_secs(10),
+            tick_interval: Duration::from_millis(50),
             resp: RespOptions::default(),
         }
     }
@@ -162,6 +166,7 @@ impl Server {
         let mut config =
             Config { nodes, groups: options.groups, request_timeout: options.request_timeout, ..Config::default() };
         config.store.node_id = options.node_id;
+        config.store.tick_interval = options.tick_interval;
         config.validate()?;
         let disk: Arc<dyn Disk> = Arc::new(StdDisk);
         let dir = &options.data_dir;
@@ -180,6 +185,8 @@ impl Server {
         let transport_options = TcpTransportOptions {
             bind_addr: options.raft_addr.clone(),
             client_addr: resp_addr.to_string(),
+            // Node liveness in the store's ticks: a node is down after 10 silent ticks, an election timeout.
+            heartbeat_interval: options.tick_interval,
             ..TcpTransportOptions::new(options.cluster_id.clone(), options.node_id, options.cluster.clone())
         };
         let raft_addr = transport_options.bind_addr.clone().unwrap_or_else(|| transport_options.listen_addr().into());
