@@ -1,6 +1,6 @@
 //! Three stores in one process, connected by the TCP transport over loopback (production WAL, redb state
-//! machines, poll handler): writes replicate and reads are served; a node that stops and starts again is dialed
-//! again and catches up; a connection from another cluster, for another node or from a node at the wrong address
+//! machines, poll handler): writes replicate and reads are served; a node that stops is reported unreachable and
+//! then down, and when it starts again it is dialed again and catches up; a connection from another cluster, for another node or from a node at the wrong address
 //! is refused with the reason; damaged and oversized frames close their connection and the node serves on.
 
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
 use flotilla_raftstore::store::{PeerMsg, Store, StoreOptions};
 use flotilla_router::transport::frame::{decode_frame, decode_message, encode_frame, encode_message};
 use flotilla_router::transport::wire::{Hello, HelloReply, PROTOCOL_VERSION};
-use flotilla_router::transport::{TcpTransport, TcpTransportOptions};
+use flotilla_router::transport::{NodeEvent, TcpTransport, TcpTransportOptions};
 
 const CLUSTER: &str = "test-cluster";
 
@@ -39,6 +39,8 @@ struct Cluster {
     addrs: BTreeMap<u64, String>,
     ranges: Vec<RangeDescriptor>,
     nodes: BTreeMap<u64, Node>,
+    /// What each node's transport reported: (the node, the event).
+    events: Arc<std::sync::Mutex<Vec<(u64, NodeEvent)>>>,
 }
 
 impl Cluster {
@@ -52,7 +54,14 @@ impl Cluster {
         let replicas: Vec<Replica> =
             (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
         let ranges = initial_ranges(2, 1, &replicas);
-        let mut cluster = Cluster { dir: tempfile::tempdir().unwrap(), runtime, addrs, ranges, nodes: BTreeMap::new() };
+        let mut cluster = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            runtime,
+            addrs,
+            ranges,
+            nodes: BTreeMap::new(),
+            events: Arc::default(),
+        };
         for (id, listener) in (1..=3).zip(listeners) {
             cluster.start_node(id, Some(listener));
         }
@@ -94,11 +103,13 @@ impl Cluster {
             .unwrap(),
         );
         let weak = Arc::downgrade(&store);
+        let events = Arc::clone(&self.events);
         transport
             .start(
                 store.inbox(),
-                Box::new(move |node| {
-                    if let Some(store) = weak.upgrade() {
+                Box::new(move |event| {
+                    events.lock().unwrap().push((id, event));
+                    if let (Some(store), NodeEvent::Down(node)) = (weak.upgrade(), event) {
                         store.node_down(node);
                     }
                 }),
@@ -154,6 +165,16 @@ fn writes_replicate_over_tcp_and_a_restarted_node_is_dialed_again_and_catches_up
     // Node 3 stops; the others go on (a majority), and it is dialed again once it is back.
     cluster.nodes.remove(&3);
     cluster.put(first, &a, b"2", deadline());
+    // The others lost their connections to it, and then judged it down.
+    let saw = |event: NodeEvent| {
+        let deadline = deadline();
+        while !cluster.events.lock().unwrap().iter().any(|(node, seen)| *node != 3 && *seen == event) {
+            assert!(Instant::now() < deadline, "no {event:?} reported");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    saw(NodeEvent::Unreachable(3));
+    saw(NodeEvent::Down(3));
     cluster.start_node(3, None);
     cluster.put(second, &b, b"2", deadline());
     cluster.replicated(&a, b"2", deadline());

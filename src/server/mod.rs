@@ -24,8 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_engine::disk::{Disk, StdDisk};
+use flotilla_raftstore::store::mailboxes;
 use flotilla_raftstore::store::Transport;
-use flotilla_router::transport::{TcpTransport, TcpTransportOptions};
+use flotilla_router::transport::{NodeEvent, TcpTransport, TcpTransportOptions};
 
 pub use resp_server::RespOptions;
 
@@ -210,7 +211,10 @@ impl Server {
         transport
             .start(
                 store.inbox(),
-                Box::new(move |down| flotilla_raftstore::store::mailboxes::node_down(&router, down)),
+                Box::new(move |event| match event {
+                    NodeEvent::Down(node) => mailboxes::node_down(&router, node),
+                    NodeEvent::Unreachable(node) => mailboxes::node_unreachable(&router, node),
+                }),
                 Some(Arc::new(Forwarded(Arc::clone(&requests)))),
             )
             .map_err(|e| DbError::Storage(format!("starting the transport: {e}")))?;

@@ -320,6 +320,12 @@ impl Peer {
         !(idle_alone || self.is_hibernating())
     }
 
+    /// The transport cannot reach replica `replica_id`'s node: if this replica leads, it probes that replica
+    /// instead of streaming appends to it.
+    pub fn report_unreachable(&mut self, replica_id: u64) {
+        self.raw.report_unreachable(replica_id);
+    }
+
     /// Starts an election now (tests and leadership placement).
     pub fn campaign(&mut self) {
         self.wake();

@@ -72,6 +72,11 @@ pub enum PeerMsg {
     },
     /// The state machine made more of this group durable: compact the log behind it (`peer/compaction.rs`).
     CompactLog,
+    /// The transport lost its connection to this node: a leader stops streaming appends to its replica there and
+    /// probes instead, until it answers.
+    Unreachable {
+        node_id: u64,
+    },
 }
 
 pub struct PeerFsm {
@@ -174,6 +179,11 @@ impl PeerFsm {
             PeerMsg::Campaign => self.peer.campaign(),
             PeerMsg::TransferLeader { replica_id } => self.peer.transfer_leader(replica_id),
             PeerMsg::CompactLog => self.peer.compact_log(kv),
+            PeerMsg::Unreachable { node_id } => {
+                if let Some(replica) = self.peer.descriptor().replicas.iter().find(|r| r.node_id == node_id) {
+                    self.peer.report_unreachable(replica.replica_id);
+                }
+            }
             PeerMsg::NodeDown { node_id } => {
                 if let Some(replica) = self.peer.descriptor().replicas.iter().find(|r| r.node_id == node_id) {
                     self.peer.on_node_down(replica.replica_id);

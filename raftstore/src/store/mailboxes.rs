@@ -49,6 +49,14 @@ pub(crate) fn deliver(mailboxes: &dyn Mailboxes, group_id: u64, mut message: Pee
     }
 }
 
+/// The transport lost its connection to node `node_id`: every replica here hears it (a hint: a full mailbox
+/// drops it).
+pub fn node_unreachable(mailboxes: &dyn Mailboxes, node_id: u64) {
+    for group_id in mailboxes.ids() {
+        let _ = mailboxes.send(group_id, PeerMsg::Unreachable { node_id });
+    }
+}
+
 /// Node liveness: node `node_id` is down. Every replica here hears it; those hibernating under a leader there
 /// wake, to elect another.
 pub fn node_down(mailboxes: &dyn Mailboxes, node_id: u64) {

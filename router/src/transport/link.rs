@@ -135,7 +135,11 @@ impl Link {
     }
 
     /// The writer task: until the runtime stops, keeps a connection to the node and writes what is queued.
-    pub(super) async fn run(self: Arc<Link>, options: Arc<TcpTransportOptions>) {
+    pub(super) async fn run(
+        self: Arc<Link>,
+        options: Arc<TcpTransportOptions>,
+        on_event: Arc<dyn Fn(super::NodeEvent) + Send + Sync>,
+    ) {
         let mut backoff = options.reconnect_backoff_min;
         let mut last_error = String::new();
         loop {
@@ -154,6 +158,7 @@ impl Link {
                     let lost = self.take().envelopes.len() as u64;
                     metrics::counter!("flotilla_transport_dropped_total", "reason" => "unreachable").increment(lost);
                     eprintln!("flotilla: node {}: connection to node {} lost: {error}", options.node_id, self.to_node);
+                    on_event(super::NodeEvent::Unreachable(self.to_node));
                 }
                 Err(error) => {
                     // Logged when the reason changes, not at every retry of an unreachable node.

@@ -85,6 +85,15 @@ impl TcpTransportOptions {
     }
 }
 
+/// What the transport learns about another node, for the store (`Store::node_down`, `node_unreachable`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// Node liveness: silent for `down_after_heartbeats` intervals (repeated every interval while it stays so).
+    Down(u64),
+    /// The connection to it was lost (once per loss).
+    Unreachable(u64),
+}
+
 /// Where a node takes the client requests other nodes forward to it, and the answers to those it forwarded
 /// (called on the transport's reader tasks: quick, never blocking).
 pub trait ForwardHandler: Send + Sync {
@@ -150,14 +159,16 @@ impl TcpTransport {
         self.listener.lock().as_ref().and_then(|listener| listener.local_addr().ok())
     }
 
-    /// Starts the listener (messages go to `inbox`), the links' writers and node liveness: `on_node_down` hears
-    /// each node judged down (every interval while it stays silent; the store's `node_down`).
+    /// Starts the listener (messages go to `inbox`), the links' writers and node liveness: `on_event` hears each
+    /// node judged down and each lost connection (see [`NodeEvent`]; called on the transport's tasks: quick,
+    /// never blocking).
     pub fn start(
         &self,
         inbox: StoreInbox,
-        on_node_down: Box<dyn Fn(u64) + Send + Sync>,
+        on_event: Box<dyn Fn(NodeEvent) + Send + Sync>,
         forwarded: Option<Arc<dyn ForwardHandler>>,
     ) -> std::io::Result<()> {
+        let on_event: Arc<dyn Fn(NodeEvent) + Send + Sync> = Arc::from(on_event);
         let listener = self.listener.lock().take().expect("a transport starts once");
         let _guard = self.runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -178,7 +189,7 @@ impl TcpTransport {
         let mut tasks = self.tasks.lock();
         tasks.push(self.runtime.spawn(inbound.accept(listener)));
         for link in self.links.values() {
-            tasks.push(self.runtime.spawn(Arc::clone(link).run(Arc::clone(options))));
+            tasks.push(self.runtime.spawn(Arc::clone(link).run(Arc::clone(options), Arc::clone(&on_event))));
         }
         let links = self.links.clone();
         let interval = options.heartbeat_interval;
@@ -195,7 +206,7 @@ impl TcpTransport {
                     }
                 }
                 for node in down {
-                    on_node_down(node);
+                    on_event(NodeEvent::Down(node));
                 }
             }
         }));
