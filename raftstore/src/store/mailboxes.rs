@@ -58,9 +58,10 @@ pub fn node_unreachable(mailboxes: &dyn Mailboxes, node_id: u64) {
 }
 
 /// Node liveness: node `node_id` is down. Every replica here hears it; those hibernating under a leader there
-/// wake, to elect another.
+/// wake, to elect another. Never waits (the transport's tasks call it): a full mailbox drops it — that replica
+/// has work, so it is awake — and liveness repeats the verdict every interval while the node stays silent.
 pub fn node_down(mailboxes: &dyn Mailboxes, node_id: u64) {
     for group_id in mailboxes.ids() {
-        deliver(mailboxes, group_id, PeerMsg::NodeDown { node_id });
+        let _ = mailboxes.send(group_id, PeerMsg::NodeDown { node_id });
     }
 }
