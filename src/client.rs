@@ -48,7 +48,8 @@ impl std::fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
-/// One range, as `ROUTES` says.
+/// One range, as `ROUTES` says (and as the server builds its answer): its bounds, its group, the node believed
+/// to lead it, and where that node serves clients.
 #[derive(Clone, Debug)]
 pub struct Route {
     pub start: Vec<u8>,
@@ -60,7 +61,7 @@ pub struct Route {
 }
 
 impl Route {
-    fn contains(&self, key: &[u8]) -> bool {
+    pub fn contains(&self, key: &[u8]) -> bool {
         key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
     }
 }

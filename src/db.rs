@@ -77,6 +77,51 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Refuses a write batch over the limits (operations, bytes, key and value sizes); every front end checks
+    /// with it (the `Db`, the server).
+    pub(crate) fn check_batch(&self, ops: &[Op]) -> Result<(), DbError> {
+        if ops.is_empty() || ops.len() > self.batch_ops_max {
+            return Err(DbError::InvalidArgument(format!(
+                "a batch holds 1..={} operations, not {}",
+                self.batch_ops_max,
+                ops.len()
+            )));
+        }
+        let bytes: usize = ops.iter().map(|op| op.key.len() + op.value.len() + op.expected.len()).sum();
+        if bytes > self.batch_bytes_max {
+            return Err(DbError::InvalidArgument(format!(
+                "a batch of {bytes} bytes of keys and values is over batch_bytes_max ({}): split it",
+                self.batch_bytes_max
+            )));
+        }
+        for op in ops {
+            if op.key.len() > self.key_bytes_max || op.value.len() > self.value_bytes_max {
+                return Err(DbError::InvalidArgument(format!(
+                    "key of {} bytes or value of {} bytes over the limits ({} / {})",
+                    op.key.len(),
+                    op.value.len(),
+                    self.key_bytes_max,
+                    self.value_bytes_max
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a key over `key_bytes_max`.
+    pub(crate) fn check_key(&self, key: &[u8]) -> Result<(), DbError> {
+        if key.len() > self.key_bytes_max {
+            return Err(DbError::InvalidArgument(format!(
+                "key of {} bytes over the limit {}",
+                key.len(),
+                self.key_bytes_max
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Bytes a batch's encoding adds per operation at most (field tags and length prefixes), and per command.
 const OP_OVERHEAD_BYTES_MAX: usize = 32;
 const COMMAND_OVERHEAD_BYTES_MAX: usize = 64;
@@ -293,35 +338,6 @@ impl Db {
         Ok(Db { config, dir, table, read_leases, nodes, _lock: lock })
     }
 
-    fn check_sizes(&self, ops: &[Op]) -> Result<(), DbError> {
-        if ops.is_empty() || ops.len() > self.config.batch_ops_max {
-            return Err(DbError::InvalidArgument(format!(
-                "a batch holds 1..={} operations, not {}",
-                self.config.batch_ops_max,
-                ops.len()
-            )));
-        }
-        let bytes: usize = ops.iter().map(|op| op.key.len() + op.value.len() + op.expected.len()).sum();
-        if bytes > self.config.batch_bytes_max {
-            return Err(DbError::InvalidArgument(format!(
-                "a batch of {bytes} bytes of keys and values is over batch_bytes_max ({}): split it",
-                self.config.batch_bytes_max
-            )));
-        }
-        for op in ops {
-            if op.key.len() > self.config.key_bytes_max || op.value.len() > self.config.value_bytes_max {
-                return Err(DbError::InvalidArgument(format!(
-                    "key of {} bytes or value of {} bytes over the limits ({} / {})",
-                    op.key.len(),
-                    op.value.len(),
-                    self.config.key_bytes_max,
-                    self.config.value_bytes_max
-                )));
-            }
-        }
-        Ok(())
-    }
-
     /// Sends one attempt of a request to the node believed to lead the range at `position`: the node and where
     /// its answer will come, or how long to wait before trying again (a full mailbox).
     pub(crate) fn send_attempt<T>(
@@ -381,24 +397,14 @@ impl Db {
 
     /// The range position and command of a write batch, after its checks.
     pub(crate) fn write_request(&self, batch: WriteBatch) -> Result<(usize, Command), DbError> {
-        self.check_sizes(&batch.ops)?;
-        let position = self.table.position_of(&batch.ops[0].key);
-        let range = self.table.range(position);
-        if let Some(outside) = batch.ops.iter().find(|op| !range.contains(&op.key)) {
-            return Err(DbError::BatchSpansRanges { first_outside: outside.key.clone() });
-        }
-        Ok((position, Command { request_id: 0, epoch: Some(range.epoch()), ops: batch.ops }))
+        self.config.check_batch(&batch.ops)?;
+        let position = self.table.batch_position(batch.ops.iter().map(|op| op.key.as_slice()))?;
+        Ok((position, Command { request_id: 0, epoch: Some(self.table.range(position).epoch()), ops: batch.ops }))
     }
 
     /// The range position of a get, after its checks.
     pub(crate) fn get_request(&self, key: &[u8]) -> Result<usize, DbError> {
-        if key.len() > self.config.key_bytes_max {
-            return Err(DbError::InvalidArgument(format!(
-                "key of {} bytes over the limit {}",
-                key.len(),
-                self.config.key_bytes_max
-            )));
-        }
+        self.config.check_key(key)?;
         Ok(self.table.position_of(key))
     }
 

@@ -82,6 +82,17 @@ impl RangeTable {
         self.ranges.partition_point(|range| range.start.as_slice() <= key).saturating_sub(1)
     }
 
+    /// The position of the one range holding every key of an atomic batch ([`RouteError::BatchSpansRanges`] if
+    /// they lie in more than one; `InvalidArgument` if there are none).
+    pub fn batch_position<'a>(&self, mut keys: impl Iterator<Item = &'a [u8]>) -> Result<usize, RouteError> {
+        let first = keys.next().ok_or_else(|| RouteError::InvalidArgument("a batch of no operations".into()))?;
+        let position = self.position_of(first);
+        match keys.find(|key| !self.ranges[position].contains(key)) {
+            Some(outside) => Err(RouteError::BatchSpansRanges { first_outside: outside.to_vec() }),
+            None => Ok(position),
+        }
+    }
+
     /// The positions of the ranges a scan of `[start, end)` visits, in order (`end` empty: to the end).
     pub fn scan_positions(&self, start: &[u8], end: &[u8]) -> Result<Range<usize>, RouteError> {
         if !end.is_empty() && end < start {
@@ -163,6 +174,12 @@ mod tests {
         assert_eq!(table.scan_positions(b"", b"").unwrap(), 0..4);
         assert_eq!(table.scan_positions(&[0x50], &[0x60]).unwrap(), 1..2);
         assert!(matches!(table.scan_positions(b"b", b"a"), Err(RouteError::InvalidArgument(_))));
+        let (first, second) = (table.range(1).start.clone(), table.range(2).start.clone());
+        assert_eq!(table.batch_position([first.as_slice(), &[first[0], 1]].into_iter()).unwrap(), 1);
+        assert_eq!(
+            table.batch_position([first.as_slice(), second.as_slice()].into_iter()),
+            Err(RouteError::BatchSpansRanges { first_outside: second.clone() })
+        );
         assert_eq!(table.leaders(), vec![1, 2, 3, 1], "leaders spread over the nodes at first");
     }
 

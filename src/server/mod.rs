@@ -205,7 +205,7 @@ impl Server {
             Arc::clone(store.local_reader()),
             Arc::clone(&node.kv),
             Arc::clone(&transport),
-            options.request_timeout,
+            config.clone(),
         ));
         let router = store.router().clone();
         transport

@@ -25,18 +25,19 @@ use flotilla_router::transport::wire::{
 use flotilla_router::transport::{ForwardHandler, TcpTransport};
 use parking_lot::Mutex;
 
+use crate::client::Route;
+use crate::db::{Config, DbError};
+
+/// A request the checks refused.
+fn refused(error: DbError) -> RouteError {
+    match error {
+        DbError::InvalidArgument(what) => RouteError::InvalidArgument(what),
+        other => RouteError::InvalidArgument(other.to_string()),
+    }
+}
+
 /// How long a forwarded read waits before it is tried elsewhere (reads may be; writes wait for their answer).
 const READ_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// One range as `ROUTES` reports it: its bounds, its group, the node believed to lead it and where that node
-/// serves clients (if known).
-pub struct Route {
-    pub start: Vec<u8>,
-    pub end: Vec<u8>,
-    pub group_id: u64,
-    pub leader: u64,
-    pub leader_addr: Option<String>,
-}
 
 /// What a group answered.
 #[derive(Debug)]
@@ -56,7 +57,8 @@ pub struct Requests {
     leases: Vec<Arc<ReadLease>>,
     kv: Arc<StateMachine>,
     transport: Arc<TcpTransport>,
-    timeout: Duration,
+    /// The request checks and timeout, as the embedded `Db`'s (`Config::check_batch`, `check_key`).
+    limits: Config,
     next_id: AtomicU64,
     /// Forwarded requests waiting for their answer, by id.
     pending: Mutex<HashMap<u64, oneshot::Sender<ForwardReply>>>,
@@ -72,7 +74,7 @@ impl Requests {
         reader: Arc<LocalReader>,
         kv: Arc<StateMachine>,
         transport: Arc<TcpTransport>,
-        timeout: Duration,
+        limits: Config,
     ) -> Requests {
         let table = RangeTable::new(ranges, nodes);
         let leases = table.ranges().iter().map(|range| reader.lease(range.group_id)).collect();
@@ -84,7 +86,7 @@ impl Requests {
             leases,
             kv,
             transport,
-            timeout,
+            limits,
             next_id: AtomicU64::new(1),
             pending: Mutex::default(),
         }
@@ -118,6 +120,9 @@ impl Requests {
     /// The value of `key` from this node's state machine, if this node leads its group and may serve reads
     /// without asking (`store/local_reader.rs`); `None`: it must be routed.
     pub fn get_local(&self, key: &[u8]) -> Option<Result<Option<Vec<u8>>, RouteError>> {
+        if let Err(error) = self.limits.check_key(key) {
+            return Some(Err(refused(error)));
+        }
         let position = self.table.position_of(key);
         (self.table.leader(position) == self.node_id && self.reader.holds(&self.leases[position]))
             .then(|| self.kv.get(key).map_err(|error| RouteError::Storage(error.to_string())))
@@ -125,6 +130,7 @@ impl Requests {
 
     /// The value of `key`, linearizable.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RouteError> {
+        self.limits.check_key(key).map_err(refused)?;
         if let Some(local) = self.get_local(key) {
             return local;
         }
@@ -137,13 +143,9 @@ impl Requests {
 
     /// Applies `ops` atomically; their keys must lie in one group's range ([`RouteError::BatchSpansRanges`]).
     pub async fn write(&self, ops: Vec<Op>) -> Result<Outcome, RouteError> {
-        let Some(first) = ops.first() else { return Err(RouteError::InvalidArgument("no operations".into())) };
-        let position = self.table.position_of(&first.key);
-        let range = self.table.range(position);
-        if let Some(outside) = ops.iter().find(|op| !range.contains(&op.key)) {
-            return Err(RouteError::BatchSpansRanges { first_outside: outside.key.clone() });
-        }
-        let command = Command { request_id: 0, epoch: None, ops };
+        self.limits.check_batch(&ops).map_err(refused)?;
+        let position = self.table.batch_position(ops.iter().map(|op| op.key.as_slice()))?;
+        let command = Command { request_id: 0, epoch: Some(self.table.range(position).epoch()), ops };
         match self.route(position, ForwardOp::Write(command)).await? {
             Answered::Written(outcome) => Ok(outcome),
             other => Err(RouteError::Storage(format!("a write answered {other:?}"))),
@@ -168,7 +170,7 @@ impl Requests {
 
     /// Attempts `op` on the group at `position` until the router's policy says done or failed.
     async fn route(&self, position: usize, op: ForwardOp) -> Result<Answered, RouteError> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.limits.request_timeout;
         loop {
             let node = self.table.leader(position);
             let answer = if node == self.node_id {
@@ -273,7 +275,7 @@ impl Requests {
 
     /// The answer to a request another node forwarded here, run on this node's replica only.
     async fn serve_forwarded(&self, request: ForwardRequest) -> ForwardReply {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.limits.request_timeout;
         let result = match request.op {
             None => ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped("no operation".into()))),
             Some(op) => match self.local(request.group_id, op, deadline).await {

@@ -50,6 +50,10 @@ fn bad_requests_get_errors_and_the_server_serves_on() {
     assert!(call(node, &[b"GET"]).unwrap().starts_with(b"-ERR wrong number of arguments"));
     assert!(call(node, &[b"SET", b"k", b"v", b"EX", b"10"]).unwrap().starts_with(b"-ERR expiry is not supported"));
     assert!(call(node, &[b"MSET", &key(1), b"a", &key(2), b"b"]).unwrap().starts_with(b"-CROSSSLOT"));
+    // The embedded `Db`'s limits hold here too (a key of at most 4 KiB).
+    let long_key = vec![b'k'; 5000];
+    assert!(call(node, &[b"SET", &long_key, b"v"]).unwrap().starts_with(b"-ERR InvalidArgument"));
+    assert!(call(node, &[b"GET", &long_key]).unwrap().starts_with(b"-ERR InvalidArgument"));
     // Not RESP at all: an error, then that connection closes; others are served.
     let mut stream = TcpStream::connect(node).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -24,8 +24,19 @@ pub struct Cluster {
     args: Vec<String>,
 }
 
+/// A port for a server to listen on, below the system's ephemeral range (20000–31999): a port the system hands
+/// out for `bind(0)` may be taken by an outgoing connection before the server binds it (seen: "Address already
+/// in use" when many nodes start at once). Distinct within this process, spread by process id across processes,
+/// and free when chosen.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + ((std::process::id().wrapping_mul(97).wrapping_add(n)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn free_addrs(nodes: usize) -> Vec<String> {

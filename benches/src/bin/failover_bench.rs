@@ -90,22 +90,9 @@ impl Cluster {
 
     /// The node leading `key`'s group, as node `asked` believes after a write through it.
     fn leader_of(&self, key: &[u8], asked: usize) -> usize {
-        let reply = call(&self.resp[asked - 1], &[b"ROUTES"], Duration::from_secs(5)).unwrap();
-        let mut buffer = bytes::BytesMut::from(&reply[..]);
-        let Ok(Some(flotilla::resp::Reply::Array(routes))) = flotilla::resp::parse_reply(&mut buffer, 1 << 20) else {
-            panic!("no routes")
-        };
-        for route in routes {
-            let flotilla::resp::Reply::Array(fields) = route else { continue };
-            if let [flotilla::resp::Reply::Bulk(start), flotilla::resp::Reply::Bulk(end), _, flotilla::resp::Reply::Integer(leader), ..] =
-                &fields[..]
-            {
-                if key >= start.as_slice() && (end.is_empty() || key < end.as_slice()) {
-                    return *leader as usize;
-                }
-            }
-        }
-        panic!("no route for the key")
+        let client = flotilla::BlockingClient::connect(&self.resp[asked - 1]).expect("the node answers ROUTES");
+        let route = client.routes().into_iter().find(|route| route.contains(key)).expect("a route for the key");
+        route.leader as usize
     }
 }
 

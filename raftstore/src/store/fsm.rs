@@ -136,6 +136,11 @@ impl PeerFsm {
         listed.or_else(|| self.nodes_heard.get(&replica_id).copied())
     }
 
+    /// The group's replica on node `node_id`, as the descriptor lists it.
+    fn replica_on(&self, node_id: u64) -> Option<u64> {
+        self.peer.descriptor().replicas.iter().find(|r| r.node_id == node_id).map(|r| r.replica_id)
+    }
+
     fn token(&mut self) -> Token {
         self.next_token += 1;
         self.next_token
@@ -180,13 +185,13 @@ impl PeerFsm {
             PeerMsg::TransferLeader { replica_id } => self.peer.transfer_leader(replica_id),
             PeerMsg::CompactLog => self.peer.compact_log(kv),
             PeerMsg::Unreachable { node_id } => {
-                if let Some(replica) = self.peer.descriptor().replicas.iter().find(|r| r.node_id == node_id) {
-                    self.peer.report_unreachable(replica.replica_id);
+                if let Some(replica_id) = self.replica_on(node_id) {
+                    self.peer.report_unreachable(replica_id);
                 }
             }
             PeerMsg::NodeDown { node_id } => {
-                if let Some(replica) = self.peer.descriptor().replicas.iter().find(|r| r.node_id == node_id) {
-                    self.peer.on_node_down(replica.replica_id);
+                if let Some(replica_id) = self.replica_on(node_id) {
+                    self.peer.on_node_down(replica_id);
                 }
             }
         }

@@ -52,16 +52,19 @@ pub(crate) fn deliver(mailboxes: &dyn Mailboxes, group_id: u64, mut message: Pee
 /// The transport lost its connection to node `node_id`: every replica here hears it (a hint: a full mailbox
 /// drops it).
 pub fn node_unreachable(mailboxes: &dyn Mailboxes, node_id: u64) {
-    for group_id in mailboxes.ids() {
-        let _ = mailboxes.send(group_id, PeerMsg::Unreachable { node_id });
-    }
+    tell_every_replica(mailboxes, || PeerMsg::Unreachable { node_id });
 }
 
 /// Node liveness: node `node_id` is down. Every replica here hears it; those hibernating under a leader there
 /// wake, to elect another. Never waits (the transport's tasks call it): a full mailbox drops it — that replica
 /// has work, so it is awake — and liveness repeats the verdict every interval while the node stays silent.
 pub fn node_down(mailboxes: &dyn Mailboxes, node_id: u64) {
+    tell_every_replica(mailboxes, || PeerMsg::NodeDown { node_id });
+}
+
+/// Sends every replica a message `make` builds, without waiting: a full mailbox drops its copy.
+fn tell_every_replica(mailboxes: &dyn Mailboxes, make: impl Fn() -> PeerMsg) {
     for group_id in mailboxes.ids() {
-        let _ = mailboxes.send(group_id, PeerMsg::NodeDown { node_id });
+        let _ = mailboxes.send(group_id, make());
     }
 }
