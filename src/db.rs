@@ -220,6 +220,7 @@ impl From<RouteError> for DbError {
             RouteError::Timeout => DbError::Timeout,
             RouteError::OutcomeUnknown => DbError::OutcomeUnknown,
             RouteError::Storage(what) => DbError::Storage(what),
+            RouteError::Membership(why) => DbError::InvalidArgument(why),
         }
     }
 }
@@ -321,7 +322,7 @@ impl Db {
         let mut ranges = Vec::new();
         for id in 1..=config.nodes {
             let node_dir = if config.nodes == 1 { dir.clone() } else { layout::node_dir(&dir, id) };
-            let (node, node_ranges) = Node::open(id, &disk, &node_dir, &config, Arc::clone(&transport))?;
+            let (node, node_ranges) = Node::open(id, &disk, &node_dir, &config, Arc::clone(&transport), true)?;
             in_process.add_node(id, node.store().inbox());
             nodes.push(node);
             ranges = node_ranges;

@@ -136,18 +136,24 @@ impl Layout {
         Ok(())
     }
 
-    /// Records this layout in `dir`, durably (written to a temporary file, synced, renamed, directory synced).
+    /// Records this layout in `dir`, durably.
     pub fn record(&self, disk: &dyn Disk, dir: &Path) -> Result<(), DbError> {
-        let (temporary, path) = (dir.join(format!("{LAYOUT_FILE}.tmp")), dir.join(LAYOUT_FILE));
-        let context = format!("recording the layout in {}", path.display());
-        let mut file = disk.open(&temporary, true).map_err(storage(context.clone()))?;
-        file.truncate(0).map_err(storage(context.clone()))?;
-        file.write_at(0, &self.encode()).map_err(storage(context.clone()))?;
-        file.sync_data().map_err(storage(context.clone()))?;
-        drop(file);
-        disk.rename(&temporary, &path).map_err(storage(context.clone()))?;
-        disk.sync_dir(dir).map_err(storage(context))
+        write_durably(disk, dir, LAYOUT_FILE, &self.encode())
     }
+}
+
+/// Writes file `name` in `dir` whole or not at all, durably: a temporary file written and synced, renamed over
+/// the name, the directory synced.
+pub fn write_durably(disk: &dyn Disk, dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DbError> {
+    let (temporary, path) = (dir.join(format!("{name}.tmp")), dir.join(name));
+    let context = format!("writing {}", path.display());
+    let mut file = disk.open(&temporary, true).map_err(storage(context.clone()))?;
+    file.truncate(0).map_err(storage(context.clone()))?;
+    file.write_at(0, bytes).map_err(storage(context.clone()))?;
+    file.sync_data().map_err(storage(context.clone()))?;
+    drop(file);
+    disk.rename(&temporary, &path).map_err(storage(context.clone()))?;
+    disk.sync_dir(dir).map_err(storage(context))
 }
 
 /// Reads `dir`'s layout and checks `config` against it; in a new database, records the configuration's.
@@ -156,7 +162,7 @@ pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Layout, DbEr
     let has = |name: &str| files.iter().any(|path| path.file_name().is_some_and(|n| n == name));
     if has(LAYOUT_FILE) {
         let path = dir.join(LAYOUT_FILE);
-        let bytes = read_file(disk, &path)?;
+        let bytes = read_file(disk, &path, 4096)?;
         let layout =
             Layout::decode(&bytes).map_err(|why| DbError::Storage(format!("{} is damaged: {why}", path.display())))?;
         layout.check(config, dir)?;
@@ -175,16 +181,23 @@ pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Layout, DbEr
     Ok(layout)
 }
 
+/// Whether `dir` holds nothing but its lock (a new directory).
+pub fn is_empty(disk: &dyn Disk, dir: &Path) -> Result<bool, DbError> {
+    let files = disk.list(dir).map_err(storage(format!("listing {}", dir.display())))?;
+    Ok(files.iter().all(|path| path.file_name().is_some_and(|name| name == LOCK_FILE)))
+}
+
 /// Where node `id` of a database of more than one node lives.
 pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node-{id}"))
 }
 
-fn read_file(disk: &dyn Disk, path: &Path) -> Result<Vec<u8>, DbError> {
+/// A small file's bytes (more than `bytes_max`: damaged).
+pub fn read_file(disk: &dyn Disk, path: &Path, bytes_max: u64) -> Result<Vec<u8>, DbError> {
     let context = format!("reading {}", path.display());
     let file = disk.open(path, false).map_err(storage(context.clone()))?;
     let len = file.len_bytes().map_err(storage(context.clone()))?;
-    if len > 4096 {
+    if len > bytes_max {
         return Err(DbError::Storage(format!("{} is damaged: {len} bytes", path.display())));
     }
     let mut bytes = vec![0; len as usize];

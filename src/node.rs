@@ -44,13 +44,15 @@ impl Node {
     }
 
     /// Opens node `id` in `dir`: its state file (verified first if a failure marked it), its WAL (refused if
-    /// lost), its groups (created at the first open) and its store; returns it with its ranges.
+    /// lost), its groups (created at the first open if `bootstrap`; a node that joined a running cluster gets its
+    /// replicas from the others instead) and its store; returns it with the ranges it holds.
     pub(crate) fn open(
         id: u64,
         disk: &Arc<dyn Disk>,
         dir: &Path,
         config: &Config,
         transport: Arc<dyn Transport>,
+        bootstrap: bool,
     ) -> Result<(Node, Vec<RangeDescriptor>), DbError> {
         // Every directory entry is made durable before anything is acknowledged: the directories as they are
         // created, the WAL's segments by the WAL, the state file here.
@@ -83,7 +85,7 @@ impl Node {
         let (wal, _report) = Wal::open(&wal_dir, Arc::clone(disk), config.wal.clone()).map_err(storage)?;
         let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
         let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
-        let ranges = load_or_create_ranges(&kv, config)?;
+        let ranges = load_or_create_ranges(&kv, config, bootstrap)?;
         let options = StoreOptions { node_id: id, ..config.store.clone() };
         let store = Store::start(
             options,
@@ -128,12 +130,12 @@ impl Node {
     }
 }
 
-/// The node's ranges: those its state file stores, or, at the first open, the initial layout (stored durably).
-fn load_or_create_ranges(kv: &StateMachine, config: &Config) -> Result<Vec<RangeDescriptor>, DbError> {
+/// The node's ranges: those its state file stores, or, at the first open of a `bootstrap` node, the initial
+/// layout (stored durably).
+fn load_or_create_ranges(kv: &StateMachine, config: &Config, bootstrap: bool) -> Result<Vec<RangeDescriptor>, DbError> {
     let stored = kv.ranges().map_err(storage)?;
-    let mut ranges: Vec<RangeDescriptor> = if stored.is_empty() {
-        let replicas: Vec<Replica> =
-            (1..=config.nodes).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    let mut ranges: Vec<RangeDescriptor> = if stored.is_empty() && bootstrap {
+        let replicas: Vec<Replica> = (1..=config.nodes).map(|id| Replica::voter(id, id)).collect();
         let ranges = initial_ranges(config.groups, 1, &replicas);
         let encoded: Vec<(u64, Vec<u8>)> = ranges.iter().map(|range| (range.group_id, range.encode())).collect();
         kv.put_ranges(&encoded).map_err(storage)?;

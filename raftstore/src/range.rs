@@ -29,6 +29,19 @@ pub struct Replica {
     pub replica_id: u64,
     #[prost(bool, tag = "3")]
     pub learner: bool,
+    /// Where its node listens for the other nodes, for a node that joined the cluster after it was created
+    /// (`flotilla serve --join`): the descriptors are where the cluster keeps a joined node's address. Empty for
+    /// the nodes the cluster was created with (their addresses are in every node's `--cluster` list) and in the
+    /// embedded `Db`.
+    #[prost(string, tag = "4")]
+    pub addr: String,
+}
+
+impl Replica {
+    /// A voter on node `node_id`, of no listed address.
+    pub fn voter(node_id: u64, replica_id: u64) -> Replica {
+        Replica { node_id, replica_id, learner: false, addr: String::new() }
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, prost::Message)]
@@ -95,6 +108,11 @@ impl RangeDescriptor {
     /// Whether replica `replica_id` is a member (voter or learner).
     pub fn lists_replica(&self, replica_id: u64) -> bool {
         self.replicas.iter().any(|r| r.replica_id == replica_id)
+    }
+
+    /// The node holding replica `replica_id`, if the group lists it.
+    pub fn node_of(&self, replica_id: u64) -> Option<u64> {
+        self.replicas.iter().find(|r| r.replica_id == replica_id).map(|r| r.node_id)
     }
 
     /// Whether node `node_id` holds a replica of the group.
@@ -231,8 +249,7 @@ mod tests {
     fn any_stored_bytes_decode_or_fail_without_panicking() {
         // A real descriptor's bytes, mutated, and random bytes (the cargo-fuzz target `range_and_layout` runs the
         // same for longer).
-        let replicas: Vec<Replica> =
-            (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: id == 3 }).collect();
+        let replicas: Vec<Replica> = (1..=3).map(|id| Replica { learner: id == 3, ..Replica::voter(id, id) }).collect();
         let real = initial_ranges(4, 1, &replicas)[1].encode();
         let mut rng = 0x2545_F491_4F6C_DD1Du64;
         for round in 0..2_000 {

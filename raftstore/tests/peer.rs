@@ -83,7 +83,7 @@ impl Node {
 }
 
 fn descriptor() -> RangeDescriptor {
-    let replicas = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    let replicas = (1..=3).map(|id| Replica::voter(id, id)).collect();
     RangeDescriptor {
         group_id: 5,
         start: b"a".to_vec(),
@@ -493,8 +493,7 @@ fn a_followers_answer_goes_with_its_write_and_the_follower_takes_up_the_noted_du
 fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks_and_it_reads_locally_once_led() {
     // A single-replica group: once it leads and has nothing waiting, time cannot matter to it.
     let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
-    let single =
-        RangeDescriptor { replicas: vec![Replica { node_id: 1, replica_id: 1, learner: false }], ..descriptor() };
+    let single = RangeDescriptor { replicas: vec![Replica::voter(1, 1)], ..descriptor() };
     let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
     prepare_groups(log.as_ref(), &kv, std::slice::from_ref(&single)).unwrap();
     let mut peer = Peer::open(Config::new(1), peer_options(), single.clone(), log_engine, &kv).unwrap();
@@ -878,7 +877,7 @@ fn a_replica_is_added_as_a_learner_caught_up_by_snapshot_promoted_and_another_re
     group.add_empty_node(4);
     // Node 4's replica starts empty: it can only learn the group from a snapshot.
     assert_eq!(
-        group.change(1, 200, MembershipChange::AddLearner { node_id: 4, replica_id: 4 }),
+        group.change(1, 200, MembershipChange::AddLearner { node_id: 4, replica_id: 4, addr: String::new() }),
         Response::Written(Outcome::Done)
     );
     let leader_applied = group.node(1).peer.applied_index();
@@ -896,9 +895,15 @@ fn a_replica_is_added_as_a_learner_caught_up_by_snapshot_promoted_and_another_re
     );
     assert!(learner.replicas.iter().any(|r| r.replica_id == 4 && r.node_id == 4 && r.learner));
     assert_eq!(group.node(4).kv.ranges().unwrap(), vec![(5, learner.encode())], "and is stored with the install");
-    // A node already holding a replica cannot take another; then the learner becomes a voter.
+    // The same addition again (a retried join) is answered done, changing nothing; a node already holding a
+    // replica cannot take another; then the learner becomes a voter.
+    assert_eq!(
+        group.change(1, 204, MembershipChange::AddLearner { node_id: 4, replica_id: 4, addr: String::new() }),
+        Response::Written(Outcome::Done)
+    );
+    assert_eq!(group.node(1).peer.descriptor(), &learner, "nothing changed");
     assert!(matches!(
-        group.change(1, 201, MembershipChange::AddLearner { node_id: 4, replica_id: 9 }),
+        group.change(1, 201, MembershipChange::AddLearner { node_id: 4, replica_id: 9, addr: String::new() }),
         Response::Failed(PeerError::Membership(_))
     ));
     assert_eq!(group.change(1, 202, MembershipChange::Promote { replica_id: 4 }), Response::Written(Outcome::Done));

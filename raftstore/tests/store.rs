@@ -124,7 +124,7 @@ struct OneGroup {
 
 fn one_group_on_three_nodes() -> OneGroup {
     let dir = tempfile::tempdir().unwrap();
-    let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
     let range = initial_ranges(1, 1, &replicas).remove(0);
     let group_id = range.group_id;
     let transport = Arc::new(InProcessTransport::new());
@@ -194,7 +194,7 @@ impl Transport for GrantWatch {
 #[test]
 fn a_leader_withdraws_its_local_read_grant_before_its_timeout_now_leaves() {
     let dir = tempfile::tempdir().unwrap();
-    let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
     let range = initial_ranges(1, 1, &replicas).remove(0);
     let group_id = range.group_id;
     let transport = Arc::new(InProcessTransport::new());
@@ -245,7 +245,7 @@ fn wait_until(deadline: Instant, what: &str, mut done: impl FnMut() -> bool) {
 #[test]
 fn idle_groups_hibernate_wake_on_requests_and_elect_anew_once_the_leaders_node_is_down() {
     let dir = tempfile::tempdir().unwrap();
-    let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
     let ranges = initial_ranges(8, 1, &replicas);
     let transport = Arc::new(InProcessTransport::new());
     let mut nodes: Vec<Node> = (1..=3).map(|id| start_node(id, dir.path(), &ranges, &transport)).collect();
@@ -289,7 +289,7 @@ fn change(nodes: &[Node], group_id: u64, change: MembershipChange, deadline: Ins
 #[test]
 fn a_new_node_gets_a_replica_by_membership_change_and_a_removed_one_is_destroyed() {
     let dir = tempfile::tempdir().unwrap();
-    let replicas: Vec<Replica> = (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
     let range = initial_ranges(1, 1, &replicas).remove(0);
     let group_id = range.group_id;
     let transport = Arc::new(InProcessTransport::new());
@@ -303,7 +303,7 @@ fn a_new_node_gets_a_replica_by_membership_change_and_a_removed_one_is_destroyed
         put(&nodes, group_id, format!("key-{i:03}").as_bytes(), b"v", deadline);
     }
     // Replica 7 on node 4: created there by the leader's first message, caught up by snapshot, then a voter.
-    change(&nodes, group_id, MembershipChange::AddLearner { node_id: 4, replica_id: 7 }, deadline);
+    change(&nodes, group_id, MembershipChange::AddLearner { node_id: 4, replica_id: 7, addr: String::new() }, deadline);
     wait_until(deadline, "node 4 caught up", || nodes[3].kv.get(b"key-049").unwrap().is_some());
     assert_eq!(nodes[3].store.router().len(), 1, "node 4 holds the group now");
     change(&nodes, group_id, MembershipChange::Promote { replica_id: 7 }, deadline);
@@ -357,7 +357,7 @@ fn store_on_sim_disks() -> (Store, u64, SimDisk, SimRedbBackend) {
         .unwrap(),
     );
     let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
-    let range = initial_ranges(1, 1, &[Replica { node_id: 1, replica_id: 1, learner: false }]).remove(0);
+    let range = initial_ranges(1, 1, &[Replica::voter(1, 1)]).remove(0);
     let options = StoreOptions { node_id: 1, tick_interval: Duration::from_millis(10), ..StoreOptions::default() };
     let store = Store::start(
         options,

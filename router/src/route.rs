@@ -30,6 +30,8 @@ pub enum RouteError {
     OutcomeUnknown,
     /// The node stopped on a storage failure (the reason): a write may or may not have taken effect.
     Storage(String),
+    /// A membership change that does not fit the group's members (the reason): nothing happened.
+    Membership(String),
 }
 
 /// What to do after one attempt of a request.
@@ -62,6 +64,11 @@ impl RangeTable {
 
     pub fn len(&self) -> usize {
         self.ranges.len()
+    }
+
+    /// The nodes leaders are looked for on (`1..=nodes`).
+    pub fn nodes(&self) -> u64 {
+        self.nodes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -139,6 +146,7 @@ impl RangeTable {
             Some(Err(PeerError::Busy(DropReason::Transferring))) if in_time => Attempt::Retry(Duration::from_millis(5)),
             Some(Err(PeerError::Busy(reason))) => Attempt::Fail(RouteError::Busy(format!("{reason:?}"))),
             Some(Err(PeerError::OutcomeUnknown)) => Attempt::Fail(RouteError::OutcomeUnknown),
+            Some(Err(PeerError::Membership(reason))) => Attempt::Fail(RouteError::Membership(reason)),
             Some(Err(PeerError::Stopped(reason))) => Attempt::Fail(RouteError::Storage(reason)),
             Some(Err(PeerError::TooLarge { bytes, max })) => Attempt::Fail(RouteError::InvalidArgument(format!(
                 "the batch encodes to {bytes} bytes, over the {max} one log entry holds"
@@ -158,8 +166,7 @@ mod tests {
     use flotilla_raftstore::range::{initial_ranges, Replica};
 
     fn table() -> RangeTable {
-        let replicas: Vec<Replica> =
-            (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
         RangeTable::new(initial_ranges(4, 1, &replicas), 3)
     }
 

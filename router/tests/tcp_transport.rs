@@ -51,8 +51,7 @@ impl Cluster {
             (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: BTreeMap<u64, String> =
             (1..=3).zip(&listeners).map(|(id, l)| (id, l.local_addr().unwrap().to_string())).collect();
-        let replicas: Vec<Replica> =
-            (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
         let ranges = initial_ranges(2, 1, &replicas);
         let mut cluster = Cluster {
             dir: tempfile::tempdir().unwrap(),

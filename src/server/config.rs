@@ -20,16 +20,23 @@ use super::ServeOptions;
 #[derive(Clone, Debug, Default, clap::Args, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeSettings {
-    /// This node's id (its entry in --cluster). Required.
+    /// This node's id (its entry in --cluster). Required unless --join.
     #[arg(long)]
     pub id: Option<u64>,
-    /// Every node of the cluster as id=host:port,… (where the others reach it), numbered 1..=n. Required.
+    /// Every node the cluster is created with as id=host:port,… (where the others reach it), numbered 1..=n.
+    /// Required unless --join.
     #[arg(long)]
     pub cluster: Option<String>,
+    /// Join a running cluster through the node serving RESP at this address (with --raft-addr, where the others
+    /// reach this node): the node gets an id and a learner replica of every group, filled by snapshot. Only at
+    /// the first start; a restart reads who it is from --data-dir.
+    #[arg(long)]
+    pub join: Option<String>,
     /// Where this node keeps its data. Required.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Where this node listens for the other nodes, if not at its --cluster address (behind a proxy).
+    /// Where this node listens for the other nodes, if not at its --cluster address (behind a proxy); with
+    /// --join, where it listens and the others reach it.
     #[arg(long)]
     pub raft_addr: Option<String>,
     /// Where this node serves Redis-protocol (RESP) clients. Default 127.0.0.1:6379.
@@ -70,11 +77,18 @@ impl ServeSettings {
                 toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
             }
         };
-        let id = self.id.or(file.id).ok_or("--id is required")?;
-        let cluster = parse_cluster(&self.cluster.or(file.cluster).ok_or("--cluster is required")?)?;
+        let join = self.join.or(file.join);
+        let (id, cluster) = match (self.id.or(file.id), self.cluster.or(file.cluster), &join) {
+            (None, None, Some(_)) => (0, BTreeMap::new()),
+            (_, _, Some(_)) => return Err("--join takes neither --id nor --cluster (the cluster gives them)".into()),
+            (None, _, None) => return Err("--id is required (or --join)".into()),
+            (_, None, None) => return Err("--cluster is required (or --join)".into()),
+            (Some(id), Some(cluster), None) => (id, parse_cluster(&cluster)?),
+        };
         let data_dir = self.data_dir.or(file.data_dir).ok_or("--data-dir is required")?;
         let resp_addr = self.resp_addr.or(file.resp_addr).unwrap_or_else(|| "127.0.0.1:6379".into());
         let mut options = ServeOptions::new(id, data_dir, cluster, resp_addr);
+        options.join = join;
         options.raft_addr = self.raft_addr.or(file.raft_addr);
         options.http_addr = self.http_addr.or(file.http_addr);
         if let Some(cluster_id) = self.cluster_id.or(file.cluster_id) {
@@ -126,7 +140,12 @@ mod tests {
         std::fs::write(&path, "id = 2\nport = 7\n").unwrap();
         let unknown = ServeSettings { config: Some(path), ..Default::default() }.resolve().unwrap_err();
         assert!(unknown.contains("port"), "{unknown}");
-        assert_eq!(ServeSettings::default().resolve().unwrap_err(), "--id is required");
+        assert_eq!(ServeSettings::default().resolve().unwrap_err(), "--id is required (or --join)");
+        let joining =
+            ServeSettings { join: Some("127.0.0.1:6379".into()), data_dir: Some("d".into()), ..Default::default() };
+        assert_eq!(joining.clone().resolve().unwrap().join.as_deref(), Some("127.0.0.1:6379"));
+        let both = ServeSettings { id: Some(4), ..joining };
+        assert!(both.resolve().unwrap_err().contains("neither"));
         assert!(parse_cluster("1=a,1=b").unwrap_err().contains("twice"));
         assert!(parse_cluster("x=a").is_err());
     }

@@ -5,15 +5,19 @@
 //! - `requests.rs`: routing a request to its group's leader — this node's store, or forwarded to another node;
 //! - `resp_server.rs`: RESP connections and commands;
 //! - `config.rs`: `flotilla serve`'s flags and TOML file, resolved into [`ServeOptions`];
+//! - `join.rs`: a node joining a running cluster (`--join`), and the `JOIN` it asks a running node;
 //! - `http.rs`: the HTTP front end (the demo's `/get` and `/set`, a JSON API, `/status`, `/metrics`);
 //! - this file: [`ServeOptions`] and [`Server`] (start, addresses, shutdown).
 //!
-//! The cluster is fixed at bootstrap (`--cluster 1=addr,2=addr,3=addr`): nodes are numbered 1..=n, and each
-//! holds a replica of every group; group `i`'s first leader is node `i mod n + 1`. A node restarted with the same
-//! command reopens its data (its directory's `LAYOUT` must match the cluster's size and groups).
+//! The cluster is created by its first nodes (`--cluster 1=addr,2=addr,3=addr`): they are numbered 1..=n, and
+//! each holds a voting replica of every group; group `i`'s first leader is node `i mod n + 1`. More nodes join
+//! later (`--join`, `join.rs`) with a learner replica of every group. A node restarted with the same command
+//! reopens its data (its directory's `LAYOUT` must match the cluster's size and groups; a joined node's `JOINED`
+//! says who it is).
 
 pub mod config;
 mod http;
+pub mod join;
 pub mod requests;
 mod resp_server;
 
@@ -38,14 +42,18 @@ use requests::{Forwarded, Requests};
 /// Settings of one server node.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
-    /// This node's id: a key of `cluster`.
+    /// This node's id: a key of `cluster` (a joining node's comes from the cluster).
     pub node_id: u64,
     /// Where the node keeps its data (created at the first start).
     pub data_dir: PathBuf,
     /// Nodes of another cluster are refused. Default `flotilla`.
     pub cluster_id: String,
-    /// Every node of the cluster, numbered 1..=n, and the address it listens on for the other nodes.
+    /// Every node the cluster was created with, numbered 1..=n, and the address it listens on for the other
+    /// nodes (empty for a joining node).
     pub cluster: BTreeMap<u64, String>,
+    /// The RESP address of a running node of the cluster to join (then `raft_addr` is required, and `node_id` and
+    /// `cluster` come from the cluster). Ignored once the node has joined (its data directory says who it is).
+    pub join: Option<String>,
     /// Where this node listens for the other nodes, if not at its address in `cluster` (behind a proxy or a
     /// NAT). Default none.
     pub raft_addr: Option<String>,
@@ -74,6 +82,7 @@ impl ServeOptions {
             data_dir,
             cluster_id: "flotilla".into(),
             cluster,
+            join: None,
             raft_addr: None,
             resp_addr,
             http_addr: None,
@@ -161,17 +170,23 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the node's data (created at the first start), connects it to the cluster and serves RESP.
-    pub fn start(options: ServeOptions) -> Result<Server, DbError> {
-        let nodes = options.validate()?;
-        let mut config =
-            Config { nodes, groups: options.groups, request_timeout: options.request_timeout, ..Config::default() };
+    /// Opens the node's data (created at the first start; joining the cluster first with `--join`), connects it
+    /// to the cluster and serves RESP.
+    pub fn start(mut options: ServeOptions) -> Result<Server, DbError> {
+        let disk: Arc<dyn Disk> = Arc::new(StdDisk);
+        let dir = options.data_dir.clone();
+        let lock = layout::lock(disk.as_ref(), &dir)?;
+        let joined = joined(&mut options, disk.as_ref())?;
+        let nodes = match &joined {
+            Some(joined) => joined.bootstrap_nodes,
+            None => options.validate()?,
+        };
+        let groups = joined.as_ref().map_or(options.groups, |joined| joined.ranges.len() as u64);
+        let mut config = Config { nodes, groups, request_timeout: options.request_timeout, ..Config::default() };
         config.store.node_id = options.node_id;
         config.store.tick_interval = options.tick_interval;
         config.validate()?;
-        let disk: Arc<dyn Disk> = Arc::new(StdDisk);
-        let dir = &options.data_dir;
-        let lock = layout::lock(disk.as_ref(), dir)?;
+        let dir = &dir;
         layout::open(disk.as_ref(), dir, &config)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -194,11 +209,19 @@ impl Server {
         let transport = TcpTransport::bind(transport_options, runtime.handle().clone())
             .map_err(|e| DbError::InvalidArgument(format!("listening for other nodes on {raft_addr}: {e}")))?;
         let raft_addr = transport.local_addr().expect("bound");
-        let (node, ranges) =
-            Node::open(options.node_id, &disk, dir, &config, Arc::clone(&transport) as Arc<dyn Transport>)?;
+        let bootstrap = joined.is_none();
+        let (node, held) =
+            Node::open(options.node_id, &disk, dir, &config, Arc::clone(&transport) as Arc<dyn Transport>, bootstrap)?;
+        // Nodes that joined after this one's list was made, as its stored descriptors record them.
+        for replica in held.iter().flat_map(|range| &range.replicas).filter(|replica| !replica.addr.is_empty()) {
+            transport.add_node(replica.node_id, &replica.addr);
+        }
+        // A joined node holds no ranges until snapshots come: it routes with the ranges the cluster told it.
+        let ranges = joined.map_or(held, |joined| joined.ranges);
         let store = node.store();
         let requests = Arc::new(Requests::new(
             options.node_id,
+            options.cluster_id.clone(),
             ranges,
             nodes,
             store.router().clone(),
@@ -238,8 +261,8 @@ impl Server {
                 let http_addr = listener.local_addr().map_err(|e| DbError::Storage(e.to_string()))?;
                 let status = {
                     let (requests, transport) = (Arc::clone(&requests), Arc::clone(&transport));
-                    let (cluster, node_id) = (options.cluster.clone(), options.node_id);
-                    Box::new(move || status_of(node_id, &cluster, &requests, &transport, raft_addr, resp_addr))
+                    let node_id = options.node_id;
+                    Box::new(move || status_of(node_id, &requests, &transport, raft_addr, resp_addr))
                 };
                 let state = Arc::new(http::HttpState {
                     requests: Arc::clone(&requests),
@@ -316,20 +339,59 @@ impl Drop for Server {
     }
 }
 
+/// Who a node that joined the cluster is: what its directory says, or — at its first start with `--join` — what
+/// the cluster answers (stored before anything else is written); `None` for a node the cluster was created with.
+/// Sets the options' id and nodes to it.
+fn joined(options: &mut ServeOptions, disk: &dyn Disk) -> Result<Option<join::JoinedNode>, DbError> {
+    let dir = &options.data_dir;
+    let joined = match (join::stored(disk, dir)?, &options.join) {
+        (Some(joined), _) => joined,
+        (None, None) => return Ok(None),
+        (None, Some(addr)) => {
+            if !options.cluster.is_empty() {
+                return Err(DbError::InvalidArgument("--join and --cluster exclude each other".into()));
+            }
+            let raft_addr = options.raft_addr.clone().ok_or_else(|| {
+                DbError::InvalidArgument("--join needs --raft-addr: where the other nodes reach this one".into())
+            })?;
+            if !layout::is_empty(disk, dir)? {
+                return Err(DbError::InvalidArgument(format!(
+                    "{} holds data of another node: a joining node starts with an empty directory",
+                    dir.display()
+                )));
+            }
+            let password = options.resp.password.as_deref();
+            let joined = join::ask(addr, password, &options.cluster_id, &raft_addr, options.request_timeout)?;
+            join::store(disk, dir, &joined)?;
+            joined
+        }
+    };
+    if joined.cluster_id != options.cluster_id {
+        return Err(DbError::InvalidArgument(format!(
+            "{} joined cluster {:?}, not {:?}",
+            dir.display(),
+            joined.cluster_id,
+            options.cluster_id
+        )));
+    }
+    options.node_id = joined.node_id;
+    options.cluster = joined.node_map();
+    Ok(Some(joined))
+}
+
 /// This node's view of the cluster, for `/status`.
 fn status_of(
     node_id: u64,
-    cluster: &BTreeMap<u64, String>,
     requests: &Requests,
     transport: &TcpTransport,
     raft_addr: SocketAddr,
     resp_addr: SocketAddr,
 ) -> Status {
     let table = requests.table();
-    let nodes = (cluster.iter())
-        .map(|(&id, addr)| NodeStatus {
+    let nodes = (transport.nodes().into_iter())
+        .map(|(id, addr)| NodeStatus {
             node_id: id,
-            addr: addr.clone(),
+            addr,
             resp_addr: transport.client_addr(id),
             connected: id == node_id || transport.is_connected(id),
         })

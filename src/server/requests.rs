@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use flotilla_engine::state_machine::{KeyValue, StateMachine};
 use flotilla_raftstore::batch::Router;
 use flotilla_raftstore::command::{Command, Op, Outcome};
-use flotilla_raftstore::peer::PeerError;
+use flotilla_raftstore::peer::{MembershipChange, PeerError};
 use flotilla_raftstore::range::RangeDescriptor;
 use flotilla_raftstore::store::local_reader::{LocalReader, ReadLease};
-use flotilla_raftstore::store::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
+use flotilla_raftstore::store::{PeerFsm, PeerMsg, ReadRequest, ReadResult, WriteReply};
 use flotilla_router::route::{Attempt, RangeTable, RouteError};
 use flotilla_router::transport::wire::{
-    ForwardOp, ForwardReply, ForwardRequest, ForwardResult, OptionalValue, Pairs, PreconditionFailed, Refusal,
-    ScanRange,
+    AddLearner, ForwardOp, ForwardReply, ForwardRequest, ForwardResult, OptionalValue, Pairs, PreconditionFailed,
+    Refusal, ScanRange,
 };
 use flotilla_router::transport::{ForwardHandler, TcpTransport};
 use parking_lot::Mutex;
@@ -50,6 +50,7 @@ pub enum Answered {
 /// The node's request router (shared by its RESP and HTTP connections, and the transport's forwarded requests).
 pub struct Requests {
     node_id: u64,
+    cluster_id: String,
     table: RangeTable,
     router: Router<PeerFsm>,
     reader: Arc<LocalReader>,
@@ -68,6 +69,7 @@ impl Requests {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         node_id: u64,
+        cluster_id: String,
         ranges: Vec<RangeDescriptor>,
         nodes: u64,
         router: Router<PeerFsm>,
@@ -80,6 +82,7 @@ impl Requests {
         let leases = table.ranges().iter().map(|range| reader.lease(range.group_id)).collect();
         Requests {
             node_id,
+            cluster_id,
             table,
             router,
             reader,
@@ -98,6 +101,25 @@ impl Requests {
 
     pub fn table(&self) -> &RangeTable {
         &self.table
+    }
+
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// Every node of the cluster this node knows, and where it listens for the others.
+    pub fn nodes(&self) -> std::collections::BTreeMap<u64, String> {
+        self.transport.nodes()
+    }
+
+    /// Adds a learner on node `node_id`, listening at `addr`, to the group at `position` (`join.rs`); done once
+    /// applied, or if the group has exactly that replica already.
+    pub async fn add_learner(&self, position: usize, node_id: u64, addr: &str) -> Result<(), RouteError> {
+        let op = ForwardOp::AddLearner(AddLearner { node_id, replica_id: node_id, addr: addr.to_string() });
+        match self.route(position, op).await? {
+            Answered::Written(Outcome::Done) => Ok(()),
+            other => Err(RouteError::Membership(format!("adding a learner on node {node_id}: {other:?}"))),
+        }
     }
 
     /// Every range, in key order, with where its believed leader serves clients.
@@ -188,16 +210,14 @@ impl Requests {
 
     /// Runs `op` on this node's replica of `group_id` (`None`: no answer by `deadline`).
     async fn local(&self, group_id: u64, op: ForwardOp, deadline: Instant) -> Option<Result<Answered, PeerError>> {
-        let no_replica = || Some(Err(PeerError::NotLeader { leader: 0 }));
         let within = |at: Instant| at.saturating_duration_since(Instant::now());
         match op {
             ForwardOp::Write(command) => {
-                let (reply, answer) = oneshot::channel();
-                if self.router.send(group_id, PeerMsg::Write { command, reply }).is_err() {
-                    return no_replica();
-                }
-                let answer = tokio::time::timeout(within(deadline), answer).await.ok()?.ok()?;
-                Some(answer.map(Answered::Written))
+                self.propose(group_id, |reply| PeerMsg::Write { command, reply }, within(deadline)).await
+            }
+            ForwardOp::AddLearner(AddLearner { node_id, replica_id, addr }) => {
+                let change = MembershipChange::AddLearner { node_id, replica_id, addr };
+                self.propose(group_id, |reply| PeerMsg::ChangeMembership { change, reply }, within(deadline)).await
             }
             ForwardOp::Get(key) => self.read(group_id, ReadRequest::Get(key), within(deadline)).await,
             ForwardOp::Scan(scan) => {
@@ -205,6 +225,21 @@ impl Requests {
                 self.read(group_id, request, within(deadline)).await
             }
         }
+    }
+
+    /// Sends the proposal `message` makes to this node's replica and waits for its outcome.
+    async fn propose(
+        &self,
+        group_id: u64,
+        message: impl FnOnce(WriteReply) -> PeerMsg,
+        within: Duration,
+    ) -> Option<Result<Answered, PeerError>> {
+        let (reply, answer) = oneshot::channel();
+        if self.router.send(group_id, message(reply)).is_err() {
+            return Some(Err(PeerError::NotLeader { leader: 0 }));
+        }
+        let answer = tokio::time::timeout(within, answer).await.ok()?.ok()?;
+        Some(answer.map(Answered::Written))
     }
 
     async fn read(&self, group_id: u64, request: ReadRequest, within: Duration) -> Option<Result<Answered, PeerError>> {

@@ -31,6 +31,9 @@ pub struct RespOptions {
     pub password: Option<String>,
     /// Keys in one `RANGE` answer at most. Default 10,000.
     pub scan_count_max: usize,
+    /// How long a `JOIN` (a node joining the cluster, `join.rs`) may take before it is answered `TRYAGAIN`.
+    /// Default 30 s.
+    pub join_timeout: std::time::Duration,
 }
 
 impl Default for RespOptions {
@@ -41,6 +44,7 @@ impl Default for RespOptions {
             limits: RequestLimits::default(),
             password: None,
             scan_count_max: 10_000,
+            join_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -247,6 +251,21 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
             }
         }
         ("INCR", 1) => incr(requests, &args[0]).await,
+        ("JOIN", 2) => {
+            if args[0] != requests.cluster_id().as_bytes() {
+                let asked = String::from_utf8_lossy(&args[0]);
+                return Reply::error(format!("this is cluster {:?}, not {asked:?}", requests.cluster_id()));
+            }
+            let deadline = std::time::Instant::now() + options.join_timeout;
+            match super::join::join(requests, &String::from_utf8_lossy(&args[1]), deadline).await {
+                Ok(joined) => Reply::Bulk(prost::Message::encode_to_vec(&joined)),
+                // Nothing is lost by asking again (each step is idempotent): the joining node retries.
+                Err(error @ (RouteError::Busy(_) | RouteError::Timeout)) => {
+                    Reply::Error(format!("TRYAGAIN the join did not finish: {error:?}"))
+                }
+                Err(error) => failed(error),
+            }
+        }
         ("DBSIZE", 0) => match count_keys(requests).await {
             Ok(count) => Reply::Integer(count as i64),
             Err(error) => failed(error),
@@ -281,9 +300,11 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
                 })
                 .collect(),
         ),
-        ("ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "MGET" | "MSET" | "INCR" | "RANGE" | "ROUTES" | "DBSIZE", _) => {
-            arity(name)
-        }
+        (
+            "ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "MGET" | "MSET" | "INCR" | "RANGE" | "ROUTES" | "DBSIZE"
+            | "JOIN",
+            _,
+        ) => arity(name),
         _ => Reply::error(format!("unknown command '{}'", name.to_ascii_lowercase())),
     }
 }

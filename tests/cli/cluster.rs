@@ -1,5 +1,5 @@
-//! Real `flotilla serve` processes on loopback ports (chosen free per test, so parallel runs do not collide),
-//! driven over RESP: any node serves any key; a node killed with SIGKILL while clients write loses nothing
+//! Real `flotilla serve` processes (3 and 5) on loopback ports (chosen free per test, so parallel runs do not
+//! collide), driven over RESP: any node serves any key; a node killed with SIGKILL while clients write loses nothing
 //! acknowledged, the others go on, and it catches up when started again with the same command; SIGTERM stops
 //! a node cleanly. Every process is ended by its id when the test ends, on failure too.
 
@@ -40,6 +40,28 @@ fn any_node_serves_any_key_and_a_killed_node_loses_nothing_and_catches_up() {
     assert_eq!(cluster.call_until_ok(3, &[b"DBSIZE"]), b":60");
     assert_eq!(cluster.call_until_ok(3, &[b"INCR", b"counter"]), b":1");
     assert_eq!(cluster.call_until_ok(1, &[b"INCR", b"counter"]), b":2");
+}
+
+#[test]
+fn five_nodes_write_on_with_two_killed_and_the_two_catch_up() {
+    let mut cluster = Cluster::start(5);
+    for i in 0..50u32 {
+        let node = i as usize % 5 + 1;
+        assert_eq!(cluster.call_until_ok(node, &[b"SET", &key(i), b"a"]), b"+OK");
+    }
+    // Two of five down (the first leaders of two fifths of the groups): a majority of three remains.
+    cluster.kill(1, "-KILL");
+    cluster.kill(2, "-KILL");
+    for i in 0..50u32 {
+        let node = i as usize % 3 + 3;
+        assert_eq!(cluster.call_until_ok(node, &[b"SET", &key(i), b"b"]), b"+OK");
+    }
+    cluster.restart(1);
+    cluster.restart(2);
+    for i in 0..50u32 {
+        let node = i as usize % 2 + 1;
+        assert_eq!(cluster.call_until_ok(node, &[b"GET", &key(i)]), bulk(b"b"));
+    }
 }
 
 #[test]

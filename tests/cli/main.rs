@@ -3,6 +3,7 @@
 mod cluster;
 mod demo;
 mod history;
+mod join;
 mod partition;
 mod pause;
 mod processes;

@@ -22,6 +22,11 @@ pub struct Cluster {
     pub proxy: Option<Proxy>,
     /// Extra arguments for every node.
     args: Vec<String>,
+    /// Nodes that joined after the cluster was created (numbered on from its nodes): their `--join` and
+    /// `--raft-addr` arguments.
+    joined: Vec<(String, String)>,
+    /// The nodes the cluster was created with.
+    created: usize,
 }
 
 /// A port for a server to listen on, below the system's ephemeral range (20000–31999): a port the system hands
@@ -69,6 +74,8 @@ impl Cluster {
             bound,
             proxy,
             args: args.iter().map(|arg| arg.to_string()).collect(),
+            joined: Vec::new(),
+            created: nodes,
         };
         for node in 1..=nodes {
             let child = cluster.spawn(node);
@@ -80,10 +87,37 @@ impl Cluster {
         cluster
     }
 
+    /// Starts one more node, joining the cluster through node `through`; returns its number.
+    pub fn join(&mut self, through: usize) -> usize {
+        self.joined.push((self.resp[through - 1].clone(), format!("127.0.0.1:{}", free_port())));
+        self.resp.push(format!("127.0.0.1:{}", free_port()));
+        self.http.push(format!("127.0.0.1:{}", free_port()));
+        let node = self.resp.len();
+        let child = self.spawn(node);
+        self.children.push(Some(child));
+        self.wait_ready(node);
+        node
+    }
+
+    /// Where node `node` keeps its data.
+    pub fn data_dir(&self, node: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("node-{node}"))
+    }
+
     pub fn spawn(&self, node: usize) -> Child {
-        let log = std::fs::File::create(self.dir.path().join(format!("node-{node}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{node}.log")))
+            .unwrap();
+        let identity: Vec<String> = match node.checked_sub(self.created + 1).and_then(|at| self.joined.get(at)) {
+            Some((through, raft)) => vec!["--join".into(), through.clone(), "--raft-addr".into(), raft.clone()],
+            None => vec!["--id".into(), node.to_string(), "--cluster".into(), self.cluster.clone()],
+        };
         Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(["serve", "--id", &node.to_string(), "--cluster", &self.cluster, "--groups", "8"])
+            .arg("serve")
+            .args(identity)
+            .args(["--groups", "8"])
             .args(["--resp-addr", &self.resp[node - 1], "--http-addr", &self.http[node - 1]])
             .args(self.bound.iter().flat_map(|bound| ["--raft-addr".to_string(), bound[node - 1].clone()]))
             .args(&self.args)

@@ -139,8 +139,7 @@ mod tests {
     use crate::range::{initial_ranges, Replica};
 
     fn ranges() -> Vec<RangeDescriptor> {
-        let replicas: Vec<Replica> =
-            (1..=3).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
         initial_ranges(2, 1, &replicas)
     }
 

@@ -30,6 +30,9 @@ pub enum MembershipChange {
     AddLearner {
         node_id: u64,
         replica_id: u64,
+        /// Where its node listens for the other nodes, if the cluster's list does not say (a node that joined
+        /// later); recorded in the descriptor (`Replica::addr`). Empty otherwise.
+        addr: String,
     },
     /// A learner becomes a voter.
     Promote {
@@ -49,34 +52,40 @@ struct ChangeContext {
     /// For an added replica: its node.
     #[prost(uint64, tag = "2")]
     node_id: u64,
+    /// For an added replica: its node's address, if the change names one.
+    #[prost(string, tag = "3")]
+    addr: String,
 }
 
 impl MembershipChange {
     fn to_conf_change(&self, request_id: u64) -> ConfChangeV2 {
-        let (single, node_id) = match *self {
-            MembershipChange::AddLearner { node_id, replica_id } => {
-                (ConfChangeSingle::new(ConfChangeType::AddLearnerNode, replica_id), node_id)
+        let (single, node_id, addr) = match self {
+            MembershipChange::AddLearner { node_id, replica_id, addr } => {
+                (ConfChangeSingle::new(ConfChangeType::AddLearnerNode, *replica_id), *node_id, addr.clone())
             }
-            MembershipChange::Promote { replica_id } => (ConfChangeSingle::new(ConfChangeType::AddNode, replica_id), 0),
+            MembershipChange::Promote { replica_id } => {
+                (ConfChangeSingle::new(ConfChangeType::AddNode, *replica_id), 0, String::new())
+            }
             MembershipChange::Remove { replica_id } => {
-                (ConfChangeSingle::new(ConfChangeType::RemoveNode, replica_id), 0)
+                (ConfChangeSingle::new(ConfChangeType::RemoveNode, *replica_id), 0, String::new())
             }
         };
         let mut change = ConfChangeV2::new(vec![single]);
-        change.context = Bytes::from(ChangeContext { request_id, node_id }.encode_to_vec());
+        change.context = Bytes::from(ChangeContext { request_id, node_id, addr }.encode_to_vec());
         change
     }
 }
 
-/// The descriptor after a change: replicas as the new configuration has them, each on its node (known, or the
-/// one the change names), and the membership version moved on.
-fn next_descriptor(current: &RangeDescriptor, conf_state: &ConfState, added_node_id: u64) -> RangeDescriptor {
-    let node_of = |replica_id: u64| {
-        current.replicas.iter().find(|r| r.replica_id == replica_id).map_or(added_node_id, |r| r.node_id)
+/// The descriptor after a change: replicas as the new configuration has them, each on its node and at its address
+/// (known, or the ones the change names), and the membership version moved on.
+fn next_descriptor(current: &RangeDescriptor, conf_state: &ConfState, context: &ChangeContext) -> RangeDescriptor {
+    let replica = |replica_id: u64, learner: bool| {
+        let listed = current.replicas.iter().find(|r| r.replica_id == replica_id);
+        let (node_id, addr) = listed.map_or((context.node_id, &context.addr), |r| (r.node_id, &r.addr));
+        Replica { node_id, replica_id, learner, addr: addr.clone() }
     };
-    let voters = conf_state.voters.iter().map(|&id| Replica { node_id: node_of(id), replica_id: id, learner: false });
-    let learners =
-        conf_state.learners.iter().map(|&id| Replica { node_id: node_of(id), replica_id: id, learner: true });
+    let voters = conf_state.voters.iter().map(|&id| replica(id, false));
+    let learners = conf_state.learners.iter().map(|&id| replica(id, true));
     let mut replicas: Vec<Replica> = voters.chain(learners).collect();
     replicas.sort_by_key(|r| r.replica_id);
     let epoch = current.epoch();
@@ -96,7 +105,13 @@ impl Peer {
             let refusal = self.not_leader();
             return self.responses.push((token, Response::Failed(refusal)));
         }
-        if let MembershipChange::AddLearner { node_id, .. } = change {
+        if let MembershipChange::AddLearner { node_id, replica_id, addr } = &change {
+            let node_id = *node_id;
+            let same = |r: &Replica| r.replica_id == *replica_id && r.node_id == node_id && r.addr == *addr;
+            if self.descriptor.replicas.iter().any(same) {
+                // The same addition again (a retried join): it took effect already.
+                return self.responses.push((token, Response::Written(Outcome::Done)));
+            }
             if self.descriptor.lists_node(node_id) {
                 let refusal = PeerError::Membership(format!(
                     "node {node_id} already holds a replica of group {}",
@@ -133,7 +148,7 @@ impl Peer {
         let context = ChangeContext::decode(change.context.as_ref()).map_err(undecodable)?;
         let outcome = match self.raw.apply_conf_change(&change) {
             Ok(conf_state) => {
-                self.descriptor = next_descriptor(&self.descriptor, &conf_state, context.node_id);
+                self.descriptor = next_descriptor(&self.descriptor, &conf_state, &context);
                 if !self.descriptor.lists_replica(self.raw.raft.id) {
                     self.removed = true;
                 }
@@ -199,23 +214,26 @@ mod tests {
 
     #[test]
     fn the_descriptor_follows_the_configuration_with_each_replica_on_its_node() {
-        let replicas = vec![
-            Replica { node_id: 10, replica_id: 1, learner: false },
-            Replica { node_id: 20, replica_id: 2, learner: false },
-        ];
+        let replicas = vec![Replica::voter(10, 1), Replica::voter(20, 2)];
         let current = RangeDescriptor {
             group_id: 3,
             epoch: Some(RangeEpoch { version: 4, conf_version: 7 }),
             replicas,
             ..Default::default()
         };
-        let added =
-            next_descriptor(&current, &ConfState { voters: vec![1, 2], learners: vec![9], ..Default::default() }, 30);
-        assert_eq!(added.replicas[2], Replica { node_id: 30, replica_id: 9, learner: true });
+        let adding = ChangeContext { request_id: 1, node_id: 30, addr: "10.0.0.30:7000".into() };
+        let added = next_descriptor(
+            &current,
+            &ConfState { voters: vec![1, 2], learners: vec![9], ..Default::default() },
+            &adding,
+        );
+        let learner = Replica { learner: true, addr: "10.0.0.30:7000".into(), ..Replica::voter(30, 9) };
+        assert_eq!(added.replicas[2], learner);
         assert_eq!(added.epoch(), RangeEpoch { version: 4, conf_version: 8 });
-        let promoted = next_descriptor(&added, &ConfState { voters: vec![1, 2, 9], ..Default::default() }, 0);
-        assert_eq!(promoted.replicas[2], Replica { node_id: 30, replica_id: 9, learner: false });
-        let removed = next_descriptor(&promoted, &ConfState { voters: vec![2, 9], ..Default::default() }, 0);
+        let other = ChangeContext::default();
+        let promoted = next_descriptor(&added, &ConfState { voters: vec![1, 2, 9], ..Default::default() }, &other);
+        assert_eq!(promoted.replicas[2], Replica { learner: false, ..learner }, "its node and address kept");
+        let removed = next_descriptor(&promoted, &ConfState { voters: vec![2, 9], ..Default::default() }, &other);
         assert_eq!(
             removed.replicas.iter().map(|r| (r.replica_id, r.node_id)).collect::<Vec<_>>(),
             vec![(2, 20), (9, 30)]

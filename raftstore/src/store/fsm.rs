@@ -95,6 +95,9 @@ pub struct PeerFsm {
     pub(crate) nodes_heard: HashMap<u64, u64>,
     /// A removed replica asked the replicas thread to unregister it.
     pub(crate) destroy_requested: bool,
+    /// The descriptor's `conf_version` whose replicas' addresses the transport was last told
+    /// (`Transport::node_listed`); none yet at first.
+    pub(crate) addresses_told: Option<u64>,
     /// Where the host loop publishes whether reads may be served without the replica (`local_reader.rs`).
     pub(crate) read_lease: Arc<ReadLease>,
 }
@@ -116,6 +119,7 @@ impl PeerFsm {
             ticks_seen: TicksSeen::default(),
             nodes_heard: HashMap::new(),
             destroy_requested: false,
+            addresses_told: None,
             read_lease,
         }
     }
@@ -132,7 +136,7 @@ impl PeerFsm {
 
     /// The node of replica `replica_id`: from the descriptor, else from its messages.
     pub(crate) fn node_of(&self, replica_id: u64) -> Option<u64> {
-        let listed = self.peer.descriptor().replicas.iter().find(|r| r.replica_id == replica_id).map(|r| r.node_id);
+        let listed = self.peer.descriptor().node_of(replica_id);
         listed.or_else(|| self.nodes_heard.get(&replica_id).copied())
     }
 

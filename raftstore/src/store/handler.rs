@@ -116,6 +116,20 @@ impl StoreHandler {
         Some(Envelope { group_id: fsm.peer.group_id(), from_node: self.node_id, to_node, message })
     }
 
+    /// Tells the transport where the replicas' nodes listen, as the descriptor records it for nodes that joined
+    /// later (`Replica::addr`) — once per membership version: the descriptors are the cluster's record of them.
+    fn tell_addresses(&self, fsm: &mut PeerFsm) {
+        let descriptor = fsm.peer.descriptor();
+        let conf_version = descriptor.epoch().conf_version;
+        if fsm.addresses_told == Some(conf_version) {
+            return;
+        }
+        for replica in descriptor.replicas.iter().filter(|replica| !replica.addr.is_empty()) {
+            self.transport.node_listed(replica.node_id, &replica.addr);
+        }
+        fsm.addresses_told = Some(conf_version);
+    }
+
     /// Stops the node for a failed engine (see [`NodeFailure::fail`]).
     fn fail(&self, reason: String) {
         self.failure.fail(self.node_id, reason);
@@ -159,6 +173,7 @@ impl StoreHandler {
             }
             return;
         }
+        self.tell_addresses(fsm);
         let is_vote = |m: &ReplicaMessage| matches!(m, ReplicaMessage::Raft(m) if m.msg_type() == flotilla_raft::MessageType::RequestVote);
         if output.messages.iter().any(is_vote) {
             metrics::counter!("flotilla_elections_total").increment(1);

@@ -42,6 +42,14 @@ impl Liveness {
         Liveness { node_id, down_after_ticks, heard }
     }
 
+    /// A node that joined the cluster, first counted at tick `now` (it gets `down_after_ticks` before it is
+    /// judged); nothing changes for a node it knows already.
+    pub fn add_node(&mut self, node: u64, now: u64) {
+        if node != self.node_id {
+            self.heard.entry(node).or_insert(now);
+        }
+    }
+
     /// Something (a heartbeat, a replica's message) arrived from `node` at tick `now`.
     pub fn heard(&mut self, node: u64, now: u64) {
         if let Some(at) = self.heard.get_mut(&node) {

@@ -40,7 +40,7 @@ use std::time::Duration;
 use flotilla_engine::contract::{Checkpointer, KvEngine, LogEngine};
 use flotilla_raft::{Config, ReadMode};
 
-pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult};
+pub use fsm::{PeerFsm, PeerMsg, ReadRequest, ReadResult, WriteReply};
 pub use handler::StoreHandler;
 pub use mailboxes::Mailboxes;
 pub use transport::{InProcessTransport, NoTransport, StoreInbox, Transport};

@@ -248,7 +248,7 @@ mod tests {
             peer: PeerOptions { hibernate_idle_ticks: 0, ..PeerOptions::default() },
             ..StoreOptions::default()
         };
-        let ranges = initial_ranges(1, 1, &[Replica { node_id: 1, replica_id: 1, learner: false }]);
+        let ranges = initial_ranges(1, 1, &[Replica::voter(1, 1)]);
         let clock = Arc::new(ManualClock::default());
         let mut store = SteppedStore::open(
             &options,

@@ -32,6 +32,9 @@ pub trait Transport: Send + Sync + 'static {
     /// A node-level message (liveness), beside the replicas' envelopes. Transports within one process, where
     /// nodes fail only when a test removes them, drop it.
     fn send_node(&self, _message: super::liveness::NodeMessage) {}
+    /// A group's descriptor lists node `node_id` at `addr` (a node that joined the cluster after it was created:
+    /// `Replica::addr`). A network transport adds it to the nodes it connects to; the others ignore it.
+    fn node_listed(&self, _node_id: u64, _addr: &str) {}
     /// The round that sent the last envelopes is over: a transport that batches may put them on the wire now.
     fn flush(&self) {}
 }

@@ -7,14 +7,14 @@
 //! damaged or undecodable closes the connection, with a log line and a metric: never a panic, and never more
 //! buffered than one frame's limit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use flotilla_raftstore::store::liveness::Liveness;
 use flotilla_raftstore::store::StoreInbox;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -34,6 +34,8 @@ pub(super) struct Inbound {
     pub(super) forwarded: Option<Arc<dyn ForwardHandler>>,
     /// Where each node that dialed here serves clients, as its hello said.
     client_addrs: Arc<Mutex<HashMap<u64, String>>>,
+    /// The nodes of the cluster and where they listen (the transport's list, growing as nodes join).
+    addrs: Arc<RwLock<BTreeMap<u64, String>>>,
     active: AtomicUsize,
 }
 
@@ -45,8 +47,9 @@ impl Inbound {
         heartbeats: Arc<std::sync::atomic::AtomicU64>,
         forwarded: Option<Arc<dyn ForwardHandler>>,
         client_addrs: Arc<Mutex<HashMap<u64, String>>>,
+        addrs: Arc<RwLock<BTreeMap<u64, String>>>,
     ) -> Inbound {
-        Inbound { options, inbox, liveness, heartbeats, forwarded, client_addrs, active: AtomicUsize::new(0) }
+        Inbound { options, inbox, liveness, heartbeats, forwarded, client_addrs, addrs, active: AtomicUsize::new(0) }
     }
 
     /// Accepts connections until the task is aborted (the transport dropped: its readers end with it, closing
@@ -123,7 +126,7 @@ impl Inbound {
         if hello.from_node == options.node_id {
             return Err(format!("node {} is this node's own id", hello.from_node));
         }
-        match options.nodes.get(&hello.from_node) {
+        match self.addrs.read().get(&hello.from_node) {
             None => Err(format!("node {} is not in the cluster", hello.from_node)),
             Some(addr) if *addr != hello.listen_addr => Err(format!(
                 "node {} listens at {}, not at {} (another process with its id?)",

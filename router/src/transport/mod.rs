@@ -25,7 +25,7 @@ use std::time::Duration;
 use flotilla_raftstore::message::Envelope;
 use flotilla_raftstore::store::liveness::{Liveness, NodeMessage};
 use flotilla_raftstore::store::{StoreInbox, Transport};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use link::Link;
 use wire::WireEnvelope;
@@ -104,7 +104,10 @@ pub trait ForwardHandler: Send + Sync {
 /// A node's transport: outbound links to every other node, and (once started) the listener.
 pub struct TcpTransport {
     options: Arc<TcpTransportOptions>,
-    links: HashMap<u64, Arc<Link>>,
+    /// Every node it knows and where it listens: the options' list, and the nodes that joined later
+    /// ([`TcpTransport::add_node`]).
+    addrs: Arc<RwLock<BTreeMap<u64, String>>>,
+    links: Arc<RwLock<HashMap<u64, Arc<Link>>>>,
     /// Envelopes sent since the last flush, per node.
     pending: Mutex<HashMap<u64, Vec<WireEnvelope>>>,
     listener: Mutex<Option<std::net::TcpListener>>,
@@ -114,6 +117,8 @@ pub struct TcpTransport {
     client_addrs: Arc<Mutex<HashMap<u64, String>>>,
     /// Node liveness, and the heartbeat intervals counted (its clock); set by `start`.
     liveness: std::sync::OnceLock<(Arc<Mutex<Liveness>>, Arc<AtomicU64>)>,
+    /// Where links report their events; set by `start` (links added later need it).
+    on_event: std::sync::OnceLock<Arc<dyn Fn(NodeEvent) + Send + Sync>>,
 }
 
 impl TcpTransport {
@@ -143,14 +148,16 @@ impl TcpTransport {
             .map(|(&id, addr)| (id, Arc::new(Link::new(id, addr.clone()))))
             .collect();
         Ok(Arc::new(TcpTransport {
+            addrs: Arc::new(RwLock::new(options.nodes.clone())),
             options: Arc::new(options),
-            links,
+            links: Arc::new(RwLock::new(links)),
             pending: Mutex::default(),
             listener: Mutex::new(Some(listener)),
             runtime,
             tasks: Mutex::default(),
             client_addrs: Arc::default(),
             liveness: std::sync::OnceLock::new(),
+            on_event: std::sync::OnceLock::new(),
         }))
     }
 
@@ -173,7 +180,10 @@ impl TcpTransport {
         let _guard = self.runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let options = &self.options;
-        let peers: Vec<u64> = self.links.keys().copied().collect();
+        // Held until the links run: a node added meanwhile (`add_node`) gets its writer started once.
+        let mut tasks = self.tasks.lock();
+        let _ = self.on_event.set(Arc::clone(&on_event));
+        let peers: Vec<u64> = self.links.read().keys().copied().collect();
         let down_after = options.down_after_heartbeats;
         let liveness = Arc::new(Mutex::new(Liveness::new(options.node_id, peers, down_after, 0)));
         let heartbeats = Arc::new(AtomicU64::new(0));
@@ -185,13 +195,13 @@ impl TcpTransport {
             Arc::clone(&heartbeats),
             forwarded,
             Arc::clone(&self.client_addrs),
+            Arc::clone(&self.addrs),
         ));
-        let mut tasks = self.tasks.lock();
         tasks.push(self.runtime.spawn(inbound.accept(listener)));
-        for link in self.links.values() {
+        for link in self.links.read().values() {
             tasks.push(self.runtime.spawn(Arc::clone(link).run(Arc::clone(options), Arc::clone(&on_event))));
         }
-        let links = self.links.clone();
+        let links = Arc::clone(&self.links);
         let interval = options.heartbeat_interval;
         tasks.push(self.runtime.spawn(async move {
             let mut ticker = tokio::time::interval(interval);
@@ -200,11 +210,13 @@ impl TcpTransport {
                 ticker.tick().await;
                 let now = heartbeats.fetch_add(1, Ordering::AcqRel) + 1;
                 let (messages, down) = liveness.lock().tick(now);
+                let links = links.read();
                 for NodeMessage::Heartbeat { to_node, .. } in messages {
                     if let Some(link) = links.get(&to_node) {
                         link.heartbeat();
                     }
                 }
+                drop(links);
                 for node in down {
                     on_event(NodeEvent::Down(node));
                 }
@@ -216,12 +228,12 @@ impl TcpTransport {
     /// Sends a client request to `node_id` (see [`ForwardHandler`]); false if it cannot go now (unreachable, or
     /// its queue full).
     pub fn forward(&self, node_id: u64, request: wire::ForwardRequest) -> bool {
-        self.links.get(&node_id).is_some_and(|link| link.push_request(request, self.options.queue_bytes_max))
+        self.link(node_id).is_some_and(|link| link.push_request(request, self.options.queue_bytes_max))
     }
 
     /// Sends the answer to a request `node_id` forwarded here.
     pub fn reply(&self, node_id: u64, reply: wire::ForwardReply) {
-        if let Some(link) = self.links.get(&node_id) {
+        if let Some(link) = self.link(node_id) {
             link.push_reply(reply, self.options.queue_bytes_max);
         }
     }
@@ -249,7 +261,36 @@ impl TcpTransport {
 
     /// Whether the link to `node_id` is connected now (its hello accepted).
     pub fn is_connected(&self, node_id: u64) -> bool {
-        self.links.get(&node_id).is_some_and(|link| link.is_connected())
+        self.link(node_id).is_some_and(|link| link.is_connected())
+    }
+
+    fn link(&self, node_id: u64) -> Option<Arc<Link>> {
+        self.links.read().get(&node_id).cloned()
+    }
+
+    /// Every node it knows, this one included, and where each listens.
+    pub fn nodes(&self) -> BTreeMap<u64, String> {
+        self.addrs.read().clone()
+    }
+
+    /// Adds node `node_id`, listening at `addr`, to the nodes it connects to and accepts (a node that joined the
+    /// cluster after this one started): false, changing nothing, if it knows that node already.
+    pub fn add_node(&self, node_id: u64, addr: &str) -> bool {
+        let mut addrs = self.addrs.write();
+        if node_id == self.options.node_id || addrs.contains_key(&node_id) {
+            return false;
+        }
+        addrs.insert(node_id, addr.to_string());
+        let link = Arc::new(Link::new(node_id, addr.to_string()));
+        let mut tasks = self.tasks.lock();
+        self.links.write().insert(node_id, Arc::clone(&link));
+        // Before `start`, it starts the link with the others.
+        if let (Some((liveness, heartbeats)), Some(on_event)) = (self.liveness.get(), self.on_event.get()) {
+            liveness.lock().add_node(node_id, heartbeats.load(Ordering::Acquire));
+            tasks.push(self.runtime.spawn(link.run(Arc::clone(&self.options), Arc::clone(on_event))));
+        }
+        eprintln!("flotilla: node {}: node {node_id} joined the cluster, at {addr}", self.options.node_id);
+        true
     }
 }
 
@@ -268,10 +309,15 @@ impl Transport for TcpTransport {
         self.pending.lock().entry(to_node).or_default().push(wire);
     }
 
+    fn node_listed(&self, node_id: u64, addr: &str) {
+        self.add_node(node_id, addr);
+    }
+
     fn flush(&self) {
         let pending = std::mem::take(&mut *self.pending.lock());
+        let links = self.links.read();
         for (to_node, envelopes) in pending {
-            match self.links.get(&to_node) {
+            match links.get(&to_node) {
                 Some(link) => link.push(envelopes, self.options.queue_bytes_max),
                 None => metrics::counter!("flotilla_transport_dropped_total", "reason" => "unknown_node")
                     .increment(envelopes.len() as u64),

@@ -114,7 +114,7 @@ pub struct ForwardRequest {
     pub id: u64,
     #[prost(uint64, tag = "2")]
     pub group_id: u64,
-    #[prost(oneof = "ForwardOp", tags = "3, 4, 5")]
+    #[prost(oneof = "ForwardOp", tags = "3, 4, 5, 6")]
     pub op: Option<ForwardOp>,
 }
 
@@ -129,6 +129,21 @@ pub enum ForwardOp {
     /// A linearizable scan of the group's part of `[start, end)`.
     #[prost(message, tag = "5")]
     Scan(ScanRange),
+    /// A learner replica for a node joining the cluster (`flotilla serve --join`); answered done once applied,
+    /// also if the group has it already.
+    #[prost(message, tag = "6")]
+    AddLearner(AddLearner),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AddLearner {
+    #[prost(uint64, tag = "1")]
+    pub node_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub replica_id: u64,
+    /// Where the node listens for the other nodes.
+    #[prost(string, tag = "3")]
+    pub addr: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

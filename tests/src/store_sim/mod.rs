@@ -287,8 +287,7 @@ impl Sim {
         let node_count = if rng.chance_per_mille(700) { 3 } else { 5 };
         let group_count = rng.range(1, 4) as usize;
         // Five-node runs start every group on nodes 1-3: membership changes move them onto 4 and 5.
-        let replicas: Vec<Replica> =
-            (1..=node_count.min(3)).map(|id| Replica { node_id: id, replica_id: id, learner: false }).collect();
+        let replicas: Vec<Replica> = (1..=node_count.min(3)).map(|id| Replica::voter(id, id)).collect();
         let ranges = initial_ranges(group_count as u64, 1, &replicas);
         let replica_nodes = ranges
             .iter()
@@ -923,7 +922,7 @@ impl Sim {
                 let replica_id = self.next_replica_id;
                 self.next_replica_id += 1;
                 self.replica_nodes.insert((group, replica_id), node_id);
-                MembershipChange::AddLearner { node_id, replica_id }
+                MembershipChange::AddLearner { node_id, replica_id, addr: String::new() }
             }
             (None, _) if voters.len() > 3 => {
                 MembershipChange::Remove { replica_id: voters[self.rng.below(voters.len() as u64) as usize] }
