@@ -29,7 +29,7 @@ struct Node {
     store: Arc<Store>,
     kv: Arc<StateMachine>,
     // Dropped after the store (fields drop in order): its log outlives it.
-    _transport: Arc<TcpTransport>,
+    transport: Arc<TcpTransport>,
     _log: Arc<GroupCommitWal>,
 }
 
@@ -115,7 +115,7 @@ impl Cluster {
                 None,
             )
             .unwrap();
-        self.nodes.insert(id, Node { store, kv, _transport: transport, _log: log });
+        self.nodes.insert(id, Node { store, kv, transport, _log: log });
     }
 
     /// Writes `key` in `group_id` through whichever node leads it, within `deadline`.
@@ -230,6 +230,17 @@ fn strangers_are_refused_with_the_reason_and_bad_frames_close_only_their_connect
         assert!(!reply.accepted && reply.reason.contains(why), "{hello:?}: {reply:?}");
         assert!(closed(&mut stream));
     }
+    // A node that joined later is accepted once its address is known (`add_node`: a descriptor listing it told
+    // the transport), from that address only.
+    let joined = Hello { from_node: 9, listen_addr: "127.0.0.1:9".into(), ..good.clone() };
+    let transport = &cluster.nodes[&1].transport;
+    assert!(transport.add_node(9, "127.0.0.1:9"));
+    assert!(!transport.add_node(9, "127.0.0.1:10"), "known already: nothing changes");
+    assert_eq!(transport.nodes().get(&9).map(String::as_str), Some("127.0.0.1:9"));
+    let (reply, _) = say_hello(&node_1, &joined);
+    assert!(reply.accepted, "{reply:?}");
+    let (reply, _) = say_hello(&node_1, &Hello { listen_addr: "127.0.0.1:10".into(), ..joined });
+    assert!(!reply.accepted && reply.reason.contains("another process with its id"), "{reply:?}");
     // Accepted, then a frame whose checksum is wrong: that connection closes.
     let (reply, mut stream) = say_hello(&node_1, &good);
     assert!(reply.accepted, "{reply:?}");
