@@ -23,6 +23,7 @@ use flotilla_router::transport::wire::{
     Refusal, ScanRange,
 };
 use flotilla_router::transport::{ForwardHandler, TcpTransport};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use parking_lot::Mutex;
 
 use crate::client::Route;
@@ -337,16 +338,19 @@ impl Requests {
     }
 }
 
-/// The transport's side: requests other nodes forwarded here run on a task of their own; answers to this node's
-/// forwarded requests wake their waiters.
+/// The transport's side: the requests of one frame another node forwarded here run together on one task, each
+/// answered as soon as it is done; answers to this node's forwarded requests wake their waiters.
 pub struct Forwarded(pub Arc<Requests>);
 
 impl ForwardHandler for Forwarded {
-    fn on_request(&self, from_node: u64, request: ForwardRequest) {
+    fn on_requests(&self, from_node: u64, forwarded: Vec<ForwardRequest>) {
         let requests = Arc::clone(&self.0);
         requests.transport.runtime().clone().spawn(async move {
-            let reply = requests.serve_forwarded(request).await;
-            requests.transport.reply(from_node, reply);
+            let mut running: FuturesUnordered<_> =
+                forwarded.into_iter().map(|request| requests.serve_forwarded(request)).collect();
+            while let Some(reply) = running.next().await {
+                requests.transport.reply(from_node, reply);
+            }
         });
     }
 

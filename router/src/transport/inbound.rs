@@ -169,8 +169,8 @@ impl Inbound {
 
     fn deliver(&self, batch: Batch, from_node: u64) {
         if let Some(forwarded) = &self.forwarded {
-            for request in batch.requests {
-                forwarded.on_request(from_node, request);
+            if !batch.requests.is_empty() {
+                forwarded.on_requests(from_node, batch.requests);
             }
             for reply in batch.replies {
                 forwarded.on_reply(from_node, reply);

@@ -97,7 +97,8 @@ pub enum NodeEvent {
 /// Where a node takes the client requests other nodes forward to it, and the answers to those it forwarded
 /// (called on the transport's reader tasks: quick, never blocking).
 pub trait ForwardHandler: Send + Sync {
-    fn on_request(&self, from_node: u64, request: wire::ForwardRequest);
+    /// The requests of one frame, together (the handler may serve them on one task).
+    fn on_requests(&self, from_node: u64, requests: Vec<wire::ForwardRequest>);
     fn on_reply(&self, from_node: u64, reply: wire::ForwardReply);
 }
 
