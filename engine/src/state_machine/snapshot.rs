@@ -273,9 +273,7 @@ impl Install {
         let (start, end) = self.verifier.range();
         let tombstone = RangeTombstone { seq: machine.allocate_number(), start: start.to_vec(), end: end.to_vec() };
         let run_seq = machine.allocate_number();
-        let mut write = machine.db.begin_write().map_err(storage)?;
-        write.set_durability(Durability::Immediate).map_err(storage)?;
-        write.set_quick_repair(true);
+        let write = super::begin_durable(&machine.db)?;
         let run = {
             let mut blocks = write.open_table(RUN_BLOCKS).map_err(storage)?;
             let run = self.writer.finish(&mut blocks, run_seq)?;
