@@ -42,7 +42,7 @@ enum Command {
     /// Run one node of a cluster: `flotilla serve --id 1 --cluster 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003
     /// --resp-addr 127.0.0.1:6381 --data-dir data-1` (and the same for nodes 2 and 3), or `--config node.toml`.
     /// Restarting a node with the same command picks up its data. SIGTERM or Ctrl-C stops it cleanly.
-    Serve(flotilla::server::config::ServeSettings),
+    Serve(Box<flotilla::server::config::ServeSettings>),
     /// Read a key from a running cluster (any node's RESP address).
     Get {
         #[arg(long, default_value = "127.0.0.1:6379")]

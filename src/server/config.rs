@@ -61,6 +61,18 @@ pub struct ServeSettings {
     /// The store's tick in ms: elections after 10–20 ticks without a leader, heartbeats every tick. Default 50.
     #[arg(long)]
     pub tick_ms: Option<u64>,
+    /// Threads running the replicas. Default 2.
+    #[arg(long)]
+    pub pollers: Option<usize>,
+    /// Threads serving clients and the other nodes. Default 2.
+    #[arg(long)]
+    pub net_threads: Option<usize>,
+    /// RESP connections at once at most (more are closed at accept). Default 1024.
+    #[arg(long)]
+    pub resp_connections_max: Option<usize>,
+    /// Requests read ahead of their answers per RESP connection (pipelining). Default 1024.
+    #[arg(long)]
+    pub resp_inflight_max: Option<usize>,
     /// A TOML file with any of the above (flags win).
     #[arg(long)]
     #[serde(skip)]
@@ -98,6 +110,18 @@ impl ServeSettings {
             options.groups = groups;
         }
         options.resp.password = self.requirepass.or(file.requirepass);
+        if let Some(pollers) = self.pollers.or(file.pollers) {
+            options.pollers = pollers.max(1);
+        }
+        if let Some(threads) = self.net_threads.or(file.net_threads) {
+            options.net_threads = threads.max(1);
+        }
+        if let Some(max) = self.resp_connections_max.or(file.resp_connections_max) {
+            options.resp.connections_max = max.max(1);
+        }
+        if let Some(max) = self.resp_inflight_max.or(file.resp_inflight_max) {
+            options.resp.inflight_max = max.max(1);
+        }
         if let Some(ms) = self.request_timeout_ms.or(file.request_timeout_ms) {
             options.request_timeout = Duration::from_millis(ms);
         }
@@ -131,9 +155,14 @@ mod tests {
         let path = dir.path().join("node.toml");
         std::fs::write(&path, "id = 2\ncluster = \"1=a:1,2=b:2\"\ndata_dir = \"d\"\ngroups = 8\nresp_addr = \"r:1\"\n")
             .unwrap();
-        let settings =
-            ServeSettings { config: Some(path.clone()), resp_addr: Some("flag:1".into()), ..Default::default() };
+        let settings = ServeSettings {
+            config: Some(path.clone()),
+            resp_addr: Some("flag:1".into()),
+            resp_inflight_max: Some(16),
+            ..Default::default()
+        };
         let options = settings.resolve().unwrap();
+        assert_eq!((options.resp.inflight_max, options.resp.connections_max), (16, 1024));
         assert_eq!((options.node_id, options.groups, options.resp_addr.as_str()), (2, 8, "flag:1"));
         assert_eq!(options.cluster.get(&1).map(String::as_str), Some("a:1"));
         assert_eq!(options.cluster_id, "flotilla", "the default");

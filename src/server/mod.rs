@@ -70,6 +70,11 @@ pub struct ServeOptions {
     /// The store's tick: elections come after 10–20 ticks without a leader, heartbeats every tick, leases last
     /// 8. Default 50 ms: a failed leader is replaced in about 0.6 s (`failover-bench`, docs/benchmarks.md).
     pub tick_interval: Duration,
+    /// Threads running the replicas (the store's pollers). Default 2.
+    pub pollers: usize,
+    /// Threads serving the network: clients (RESP, forwarding) and the other nodes. Default 2. (HTTP has a thread
+    /// of its own.)
+    pub net_threads: usize,
     pub resp: RespOptions,
 }
 
@@ -90,6 +95,8 @@ impl ServeOptions {
             groups: 64,
             request_timeout: Duration::from_secs(10),
             tick_interval: Duration::from_millis(50),
+            pollers: 2,
+            net_threads: 2,
             resp: RespOptions::default(),
         }
     }
@@ -185,11 +192,12 @@ impl Server {
         let mut config = Config { nodes, groups, request_timeout: options.request_timeout, ..Config::default() };
         config.store.node_id = options.node_id;
         config.store.tick_interval = options.tick_interval;
+        config.store.batch.pollers = options.pollers.max(1);
         config.validate()?;
         let dir = &dir;
         layout::open(disk.as_ref(), dir, &config)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(options.net_threads.max(1))
             .thread_name("flotilla-net")
             .enable_all()
             .build()
