@@ -7,7 +7,7 @@ use flotilla_raftstore::message::{
 };
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::raft::DropReason;
-use flotilla_raftstore::range::RangeError;
+use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError};
 
 /// The protocol version this build speaks; a peer that speaks another is refused at the handshake.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -216,8 +216,7 @@ pub struct Pairs {
     pub values: Vec<Vec<u8>>,
 }
 
-/// A replica's refusal (`PeerError`) on the wire: the kinds the router's retry policy tells apart, and the rest
-/// as a reason.
+/// A replica's refusal (`PeerError`) on the wire, whole: its kind and what that kind carries.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Refusal {
     #[prost(enumeration = "RefusalKind", tag = "1")]
@@ -225,6 +224,7 @@ pub struct Refusal {
     /// `NotLeader`: the replica id believed to lead (0: none known).
     #[prost(uint64, tag = "2")]
     pub leader: u64,
+    /// `Stopped`, `Membership`: the reason.
     #[prost(string, tag = "3")]
     pub reason: String,
     /// `TooLarge`: the encoded size and the bound.
@@ -232,9 +232,18 @@ pub struct Refusal {
     pub bytes: u64,
     #[prost(uint64, tag = "5")]
     pub max: u64,
-    /// `BatchSpansRanges`: the first key outside the group's range.
+    /// `BatchSpansRanges`: the first key outside the group's range; `KeyNotInRange`: the key.
     #[prost(bytes = "vec", tag = "6")]
-    pub first_outside: Vec<u8>,
+    pub key: Vec<u8>,
+    /// `Busy`: which bound (see [`busy_code`]).
+    #[prost(uint32, tag = "7")]
+    pub busy: u32,
+    /// The range errors: the group's descriptor as the replica has it.
+    #[prost(message, optional, tag = "8")]
+    pub current: Option<RangeDescriptor>,
+    /// `StaleEpoch`: the epoch the request was routed with.
+    #[prost(message, optional, tag = "9")]
+    pub sent: Option<RangeEpoch>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
@@ -248,10 +257,38 @@ pub enum RefusalKind {
     Stopped = 5,
     TooLarge = 6,
     BatchSpansRanges = 7,
+    /// A kind this build does not know (a newer node's): failed with its reason.
     Other = 8,
     /// The node the request was forwarded to got no answer from its replica in time (a write may or may not
     /// have happened).
     TimedOut = 9,
+    Membership = 10,
+    KeyNotInRange = 11,
+    StaleEpoch = 12,
+}
+
+/// The code of a `Busy` refusal's bound (0: not known to this build).
+fn busy_code(reason: DropReason) -> u32 {
+    match reason {
+        DropReason::NotLeader { .. } => 1,
+        DropReason::Transferring => 2,
+        DropReason::UncommittedBytesFull => 3,
+        DropReason::PendingReadsFull => 4,
+        DropReason::ConfChangePending => 5,
+        DropReason::InvalidConfChange => 6,
+    }
+}
+
+fn busy_reason(code: u32) -> Option<DropReason> {
+    Some(match code {
+        1 => DropReason::NotLeader { leader_id: 0 },
+        2 => DropReason::Transferring,
+        3 => DropReason::UncommittedBytesFull,
+        4 => DropReason::PendingReadsFull,
+        5 => DropReason::ConfChangePending,
+        6 => DropReason::InvalidConfChange,
+        _ => return None,
+    })
 }
 
 impl Refusal {
@@ -269,36 +306,60 @@ impl Refusal {
         match error {
             PeerError::NotLeader { leader } => Refusal { leader: *leader, ..refusal(RefusalKind::NotLeader) },
             PeerError::Busy(DropReason::Transferring) => refusal(RefusalKind::Transferring),
-            PeerError::Busy(reason) => Refusal { reason: format!("{reason:?}"), ..refusal(RefusalKind::Busy) },
+            PeerError::Busy(reason) => Refusal { busy: busy_code(*reason), ..refusal(RefusalKind::Busy) },
             PeerError::Dropped => refusal(RefusalKind::Dropped),
             PeerError::OutcomeUnknown => refusal(RefusalKind::OutcomeUnknown),
             PeerError::Stopped(reason) => Refusal { reason: reason.clone(), ..refusal(RefusalKind::Stopped) },
+            PeerError::Membership(reason) => Refusal { reason: reason.clone(), ..refusal(RefusalKind::Membership) },
             PeerError::TooLarge { bytes, max } => {
                 Refusal { bytes: *bytes as u64, max: *max as u64, ..refusal(RefusalKind::TooLarge) }
             }
-            PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }) => {
-                Refusal { first_outside: first_outside.clone(), ..refusal(RefusalKind::BatchSpansRanges) }
-            }
-            other => Refusal { reason: format!("{other:?}"), ..refusal(RefusalKind::Other) },
+            PeerError::Range(RangeError::BatchSpansRanges { first_outside, current }) => Refusal {
+                key: first_outside.clone(),
+                current: Some(current.as_ref().clone()),
+                ..refusal(RefusalKind::BatchSpansRanges)
+            },
+            PeerError::Range(RangeError::KeyNotInRange { key, current }) => Refusal {
+                key: key.clone(),
+                current: Some(current.as_ref().clone()),
+                ..refusal(RefusalKind::KeyNotInRange)
+            },
+            PeerError::Range(RangeError::StaleEpoch { sent, current }) => Refusal {
+                sent: Some(*sent),
+                current: Some(current.as_ref().clone()),
+                ..refusal(RefusalKind::StaleEpoch)
+            },
         }
     }
 
-    /// The error as the router's retry policy judges it (kinds it does not tell apart come back as `Busy` with
-    /// the reason, failing the request with it).
+    /// The error as the replica gave it.
     pub fn into_peer_error(self) -> PeerError {
+        let current = Box::new(self.current.unwrap_or_default());
         match RefusalKind::try_from(self.kind).unwrap_or(RefusalKind::Other) {
             RefusalKind::NotLeader => PeerError::NotLeader { leader: self.leader },
             RefusalKind::Transferring => PeerError::Busy(DropReason::Transferring),
-            RefusalKind::Busy => PeerError::Busy(DropReason::UncommittedBytesFull),
+            RefusalKind::Busy => match busy_reason(self.busy) {
+                Some(reason) => PeerError::Busy(reason),
+                None => {
+                    PeerError::Stopped(format!("refused as busy for a reason this build does not know ({})", self.busy))
+                }
+            },
             RefusalKind::Dropped => PeerError::Dropped,
             RefusalKind::OutcomeUnknown => PeerError::OutcomeUnknown,
             RefusalKind::Stopped => PeerError::Stopped(self.reason),
+            RefusalKind::Membership => PeerError::Membership(self.reason),
             RefusalKind::TooLarge => PeerError::TooLarge { bytes: self.bytes as usize, max: self.max as usize },
-            RefusalKind::BatchSpansRanges => PeerError::Range(RangeError::BatchSpansRanges {
-                first_outside: self.first_outside,
-                current: Box::default(),
-            }),
-            RefusalKind::Other | RefusalKind::TimedOut => PeerError::Membership(self.reason),
+            RefusalKind::BatchSpansRanges => {
+                PeerError::Range(RangeError::BatchSpansRanges { first_outside: self.key, current })
+            }
+            RefusalKind::KeyNotInRange => PeerError::Range(RangeError::KeyNotInRange { key: self.key, current }),
+            RefusalKind::StaleEpoch => {
+                PeerError::Range(RangeError::StaleEpoch { sent: self.sent.unwrap_or_default(), current })
+            }
+            RefusalKind::Other | RefusalKind::TimedOut => PeerError::Stopped(format!(
+                "refused for a reason this build does not know ({}): {}",
+                self.kind, self.reason
+            )),
         }
     }
 }
@@ -308,30 +369,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refusals_the_retry_policy_tells_apart_survive_the_wire() {
-        let errors = [
+    fn every_refusal_survives_the_wire_whole() {
+        let current = Box::new(RangeDescriptor {
+            group_id: 7,
+            start: b"a".to_vec(),
+            end: b"m".to_vec(),
+            epoch: Some(RangeEpoch { version: 3, conf_version: 4 }),
+            replicas: Vec::new(),
+        });
+        let mut errors = vec![
             PeerError::NotLeader { leader: 3 },
-            PeerError::Busy(DropReason::Transferring),
             PeerError::Dropped,
             PeerError::OutcomeUnknown,
             PeerError::Stopped("disk gone".into()),
+            PeerError::Membership("node 4 already holds a replica".into()),
             PeerError::TooLarge { bytes: 10, max: 5 },
+            PeerError::Range(RangeError::BatchSpansRanges { first_outside: b"k".to_vec(), current: current.clone() }),
+            PeerError::Range(RangeError::KeyNotInRange { key: b"z".to_vec(), current: current.clone() }),
+            PeerError::Range(RangeError::StaleEpoch { sent: RangeEpoch { version: 2, conf_version: 4 }, current }),
         ];
+        let reasons = [
+            DropReason::NotLeader { leader_id: 0 },
+            DropReason::Transferring,
+            DropReason::UncommittedBytesFull,
+            DropReason::PendingReadsFull,
+            DropReason::ConfChangePending,
+            DropReason::InvalidConfChange,
+        ];
+        errors.extend(reasons.map(PeerError::Busy));
         for error in errors {
             let bytes = prost::Message::encode_to_vec(&Refusal::from_peer_error(&error));
-            let refusal: Result<Refusal, _> = prost::Message::decode(bytes.as_slice());
-            assert_eq!(refusal.unwrap().into_peer_error(), error);
+            let refusal: Refusal = prost::Message::decode(bytes.as_slice()).unwrap();
+            assert_eq!(refusal.into_peer_error(), error);
         }
-        let spans =
-            PeerError::Range(RangeError::BatchSpansRanges { first_outside: b"k".to_vec(), current: Box::default() });
-        assert!(matches!(
-            Refusal::from_peer_error(&spans).into_peer_error(),
-            PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }) if first_outside == b"k"
-        ));
-        assert!(matches!(
-            Refusal::from_peer_error(&PeerError::Busy(DropReason::PendingReadsFull)).into_peer_error(),
-            PeerError::Busy(reason) if reason != DropReason::Transferring
-        ));
         assert!(Refusal::timed_out().is_timeout());
+        let unknown = Refusal { kind: 99, reason: "new".into(), ..Refusal::default() };
+        assert!(matches!(unknown.into_peer_error(), PeerError::Stopped(reason) if reason.contains("new")));
     }
 }
