@@ -28,8 +28,9 @@ pub struct ServeSettings {
     #[arg(long)]
     pub cluster: Option<String>,
     /// Join a running cluster through the node serving RESP at this address (with --raft-addr, where the others
-    /// reach this node): the node gets an id and a learner replica of every group, filled by snapshot. Only at
-    /// the first start; a restart reads who it is from --data-dir.
+    /// reach this node): the node gets an id and a learner replica of every group, filled by snapshot (with
+    /// --requirepass, the cluster's password, which the join uses too). Only at the first start; a restart reads
+    /// who it is from --data-dir.
     #[arg(long)]
     pub join: Option<String>,
     /// Where this node keeps its data. Required.

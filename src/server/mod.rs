@@ -146,8 +146,10 @@ pub struct GroupStatus {
     pub end: String,
     /// The node believed to lead it (routing learns it from answers).
     pub leader: u64,
-    /// Nodes holding a replica.
+    /// Nodes holding a voting replica, and nodes holding a learner (a node that joined), as this node's replica
+    /// of the group last applied (the cluster's first layout where this node holds none yet).
     pub replicas: Vec<u64>,
+    pub learners: Vec<u64>,
 }
 
 /// The process's Prometheus recorder, installed by the first server (`None` if another recorder was installed).
@@ -404,15 +406,19 @@ fn status_of(
             connected: id == node_id || transport.is_connected(id),
         })
         .collect();
+    let held = requests.descriptors();
     let groups = (0..table.len())
         .map(|position| {
             let range = table.range(position);
+            let members = held.get(&range.group_id).map_or(&range.replicas, |held| &held.replicas);
+            let nodes = |learner: bool| members.iter().filter(|r| r.learner == learner).map(|r| r.node_id).collect();
             GroupStatus {
                 group_id: range.group_id,
                 start: hex(&range.start),
                 end: hex(&range.end),
                 leader: table.leader(position),
-                replicas: range.replicas.iter().map(|replica| replica.node_id).collect(),
+                replicas: nodes(false),
+                learners: nodes(true),
             }
         })
         .collect();

@@ -113,6 +113,16 @@ impl Requests {
         self.transport.nodes()
     }
 
+    /// The descriptors of the groups this node holds a replica of, as last applied here (unreadable ones left
+    /// out: status only).
+    pub fn descriptors(&self) -> HashMap<u64, RangeDescriptor> {
+        let stored = self.kv.ranges().unwrap_or_default();
+        let decoded = stored.into_iter().filter_map(|(group_id, bytes)| {
+            RangeDescriptor::decode_stored(&bytes).ok().map(|descriptor| (group_id, descriptor))
+        });
+        decoded.collect()
+    }
+
     /// Adds a learner on node `node_id`, listening at `addr`, to the group at `position` (`join.rs`); done once
     /// applied, or if the group has exactly that replica already.
     pub async fn add_learner(&self, position: usize, node_id: u64, addr: &str) -> Result<(), RouteError> {

@@ -23,10 +23,18 @@ fn a_joined_node_gets_an_id_and_every_groups_data_and_stays_itself_across_restar
         assert_eq!(cluster.call_until_ok(joined, &[b"SET", &key(i), b"after"]), b"+OK");
     }
     assert_eq!(cluster.call_until_ok(joined, &[b"GET", &key(3)]), bulk(b"before"));
-    // Every other node knows where it is.
+    // Every other node knows where it is, and that it holds a learner of every group (8).
     for node in 1..=3 {
-        let (_, status) = http_get(&cluster.http[node - 1], "/status");
-        assert!(status.contains(r#""node_id":4"#), "node {node}: {status}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, status) = http_get(&cluster.http[node - 1], "/status");
+            let learners = status.matches(r#""learners":[4]"#).count();
+            if status.contains(r#""node_id":4"#) && learners == 8 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {node} ({learners} groups list the learner): {status}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     // Its own replicas hold every key: stopped cleanly, its state file is read directly. Until its learners
     // have caught up it is started again with the same command, which must find it the same node.

@@ -27,8 +27,17 @@ struct Args {
     tick_ms: u64,
 }
 
+/// A free port below the system's ephemeral range (a `bind(0)` pick may be taken by an outgoing connection before
+/// the server binds it), distinct within this run.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let port = 20_000 + ((std::process::id().wrapping_mul(97).wrapping_add(n)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One RESP request; the raw reply (first line, or a whole bulk string) or an error.
