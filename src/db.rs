@@ -400,7 +400,7 @@ impl Db {
     pub(crate) fn write_request(&self, batch: WriteBatch) -> Result<(usize, Command), DbError> {
         self.config.check_batch(&batch.ops)?;
         let position = self.table.batch_position(batch.ops.iter().map(|op| op.key.as_slice()))?;
-        Ok((position, Command { request_id: 0, epoch: Some(self.table.range(position).epoch()), ops: batch.ops }))
+        Ok((position, Command::write(Some(self.table.range(position).epoch()), batch.ops)))
     }
 
     /// The range position of a get, after its checks.

@@ -18,7 +18,8 @@ use flotilla_engine::contract::{GroupApply, KvEngine, KvOp, StateMachineError};
 use flotilla_raft::Entry;
 use prost::Message as _;
 
-use crate::range::{RangeDescriptor, RangeEpoch, RangeError};
+use crate::peer::{BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
+use crate::range::{RangeDescriptor, RangeEpoch, RangeError, SplitRequest};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
 #[repr(i32)]
@@ -74,9 +75,24 @@ pub struct Command {
     pub epoch: Option<RangeEpoch>,
     #[prost(message, repeated, tag = "3")]
     pub ops: Vec<Op>,
+    /// An administrative command instead of operations: split the group's range (applied on every replica:
+    /// `RangeDescriptor::split`). Routed with the whole epoch: a split proposed under one membership must not
+    /// apply under another.
+    #[prost(message, optional, tag = "4")]
+    pub split: Option<SplitRequest>,
 }
 
 impl Command {
+    /// A write of `ops`, routed with `epoch` (`None`: unchecked).
+    pub fn write(epoch: Option<RangeEpoch>, ops: Vec<Op>) -> Command {
+        Command { request_id: 0, epoch, ops, split: None }
+    }
+
+    /// A split of the range, routed with its whole current epoch.
+    pub fn split(epoch: RangeEpoch, split: SplitRequest) -> Command {
+        Command { request_id: 0, epoch: Some(epoch), ops: Vec::new(), split: Some(split) }
+    }
+
     pub fn encode_entry(&self) -> Bytes {
         Bytes::from(self.encode_to_vec())
     }
@@ -93,6 +109,10 @@ pub enum Outcome {
     Refused(RangeError),
     /// A membership change that no longer fit the configuration when it applied: skipped on every replica.
     InvalidMembership,
+    /// The range was split; the new group took `right`.
+    Split { right: Box<RangeDescriptor> },
+    /// A split that did not fit the range when it applied (the reason): skipped on every replica.
+    InvalidSplit(String),
 }
 
 /// One applied command, for its waiting client.
@@ -136,14 +156,18 @@ pub fn apply_entries(
     entries: &[Entry],
 ) -> Result<(GroupApply, Vec<Applied>), ApplyError> {
     let mut batch = ApplyBatch::new(descriptor.group_id);
-    batch.apply(engine, descriptor, entries)?;
-    Ok(batch.finish())
+    batch.apply(engine, &mut descriptor.clone(), entries)?;
+    let (mut groups, applied) = batch.finish();
+    Ok((groups.remove(0), applied))
 }
 
 /// One group's committed entries being applied, possibly in several steps (around membership changes).
 pub struct ApplyBatch {
     pub group: GroupApply,
     pub applied: Vec<Applied>,
+    /// Groups its splits made: each one's first state (its descriptor, applied at the bootstrap index), to be
+    /// written with the group's batch (its data is already there: the range's keys).
+    pub created: Vec<GroupApply>,
     /// This batch's writes so far, for the compare-and-sets of later entries.
     overlay: Overlay,
 }
@@ -178,15 +202,17 @@ impl ApplyBatch {
         ApplyBatch {
             group: GroupApply { group_id, ..Default::default() },
             applied: Vec::new(),
+            created: Vec::new(),
             overlay: Overlay::default(),
         }
     }
 
-    /// Applies the commands among `entries` (no-ops and membership changes only advance the applied index).
+    /// Applies the commands among `entries` (no-ops and membership changes only advance the applied index); a
+    /// split changes `descriptor` (and the batch records it), so the commands after it see the shrunk range.
     pub fn apply(
         &mut self,
         engine: &dyn KvEngine,
-        descriptor: &RangeDescriptor,
+        descriptor: &mut RangeDescriptor,
         entries: &[Entry],
     ) -> Result<(), ApplyError> {
         for entry in entries {
@@ -197,14 +223,48 @@ impl ApplyBatch {
             let command = Command::decode(entry.data.as_ref())
                 .map_err(|e| ApplyError::Undecodable { index: entry.index, reason: e.to_string() })?;
             let request_id = command.request_id;
-            let outcome = apply_command(engine, descriptor, command, &mut self.overlay, &mut self.group.ops)?;
+            let outcome = match command.split {
+                Some(split) => self.apply_split(descriptor, command.epoch, &split),
+                None => apply_command(engine, descriptor, command, &mut self.overlay, &mut self.group.ops)?,
+            };
             self.applied.push(Applied { request_id, index: entry.index, term: entry.term, outcome });
         }
         Ok(())
     }
 
-    pub fn finish(self) -> (GroupApply, Vec<Applied>) {
-        (self.group, self.applied)
+    /// A split: the range shrinks to its left part here (recorded with the batch), and the right part's group
+    /// is created with the batch. Refused unless routed with the range's whole current epoch.
+    fn apply_split(
+        &mut self,
+        descriptor: &mut RangeDescriptor,
+        sent: Option<RangeEpoch>,
+        split: &SplitRequest,
+    ) -> Outcome {
+        if sent != Some(descriptor.epoch()) {
+            let sent = sent.unwrap_or_default();
+            return Outcome::Refused(RangeError::StaleEpoch { sent, current: Box::new(descriptor.clone()) });
+        }
+        let (left, right) = match descriptor.split(split) {
+            Ok(parts) => parts,
+            Err(reason) => return Outcome::InvalidSplit(reason),
+        };
+        *descriptor = left;
+        self.group.range = Some(descriptor.encode());
+        self.created.push(GroupApply {
+            group_id: right.group_id,
+            ops: Vec::new(),
+            applied_index: BOOTSTRAP_INDEX,
+            applied_term: BOOTSTRAP_TERM,
+            range: Some(right.encode()),
+        });
+        Outcome::Split { right: Box::new(right) }
+    }
+
+    /// The state machine batch — this group's, then the groups its splits made — and each command's outcome.
+    pub fn finish(self) -> (Vec<GroupApply>, Vec<Applied>) {
+        let mut groups = vec![self.group];
+        groups.extend(self.created);
+        (groups, self.applied)
     }
 }
 
@@ -262,7 +322,7 @@ mod tests {
     }
 
     fn command(request_id: u64, ops: Vec<Op>) -> Command {
-        Command { request_id, epoch: Some(range().epoch()), ops }
+        Command { request_id, ..Command::write(Some(range().epoch()), ops) }
     }
 
     fn apply(engine: &MemKvEngine, entries: &[Entry]) -> Vec<Outcome> {
@@ -325,8 +385,7 @@ mod tests {
         let engine = MemKvEngine::new(u64::MAX);
         let stale = Command {
             request_id: 1,
-            epoch: Some(RangeEpoch { version: 1, conf_version: 1 }),
-            ops: vec![Op::put("b", "1")],
+            ..Command::write(Some(RangeEpoch { version: 1, conf_version: 1 }), vec![Op::put("b", "1")])
         };
         let outside = command(2, vec![Op::put("z", "1")]);
         let outcomes = apply(&engine, &[entry(1, &stale), entry(2, &outside)]);

@@ -59,6 +59,20 @@ pub struct RangeDescriptor {
     pub replicas: Vec<Replica>,
 }
 
+/// A split of a group's range, carried by a command through the group's log ([`RangeDescriptor::split`] says
+/// what it makes).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct SplitRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub split_key: Vec<u8>,
+    /// The new group, which takes `[split_key, end)`.
+    #[prost(uint64, tag = "2")]
+    pub right_group_id: u64,
+    /// The new group's replica ids, one per replica of the group, in its descriptor's order.
+    #[prost(uint64, repeated, tag = "3")]
+    pub right_replica_ids: Vec<u64>,
+}
+
 /// Why a replica refuses a request for its range (expected conditions: the client re-routes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RangeError {
@@ -165,6 +179,39 @@ impl RangeDescriptor {
         self.encode_to_vec()
     }
 
+    /// The two ranges a split at `request.split_key` makes of this one: the left keeps the group, its replicas and
+    /// `[start, split_key)`; the right is group `right_group_id` over `[split_key, end)` on the same nodes (the same
+    /// learners, the same addresses) with the request's replica ids, in the order of this descriptor's replicas.
+    /// Both get the next `version`; the membership version stays. `Err` says why the request does not fit.
+    pub fn split(&self, request: &SplitRequest) -> Result<(RangeDescriptor, RangeDescriptor), String> {
+        let key = request.split_key.as_slice();
+        if key <= self.start.as_slice() || !self.contains(key) {
+            return Err(format!("split key {:?} is not inside the range", String::from_utf8_lossy(key)));
+        }
+        if request.right_group_id == 0 || request.right_group_id == self.group_id {
+            return Err(format!("the new group's id {} is not a new id", request.right_group_id));
+        }
+        let ids = &request.right_replica_ids;
+        let distinct = ids.iter().collect::<std::collections::BTreeSet<_>>().len() == ids.len();
+        if ids.len() != self.replicas.len() || !distinct || ids.contains(&0) {
+            return Err(format!("{} new replica ids for {} replicas: {ids:?}", ids.len(), self.replicas.len()));
+        }
+        let epoch = self.epoch();
+        let epoch = Some(RangeEpoch { version: epoch.version + 1, ..epoch });
+        let left = RangeDescriptor { end: key.to_vec(), epoch, ..self.clone() };
+        let replicas = (self.replicas.iter().zip(ids))
+            .map(|(replica, &replica_id)| Replica { replica_id, ..replica.clone() })
+            .collect();
+        let right = RangeDescriptor {
+            group_id: request.right_group_id,
+            start: key.to_vec(),
+            end: self.end.clone(),
+            epoch,
+            replicas,
+        };
+        Ok((left, right))
+    }
+
     pub fn decode_stored(bytes: &[u8]) -> Result<RangeDescriptor, prost::DecodeError> {
         RangeDescriptor::decode(bytes)
     }
@@ -214,6 +261,43 @@ mod tests {
                 assert_eq!(ranges.iter().filter(|r| r.contains(key)).count(), 1, "{groups} groups, key {key:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_split_makes_two_adjacent_ranges_of_the_next_version_on_the_same_nodes() {
+        let learner = Replica { learner: true, addr: "10.0.0.4:7000".into(), ..Replica::voter(4, 9) };
+        let range = RangeDescriptor {
+            group_id: 7,
+            start: b"b".to_vec(),
+            end: Vec::new(),
+            epoch: Some(RangeEpoch { version: 3, conf_version: 2 }),
+            replicas: vec![Replica::voter(1, 1), Replica::voter(2, 2), learner.clone()],
+        };
+        let request = SplitRequest { split_key: b"m".to_vec(), right_group_id: 8, right_replica_ids: vec![11, 12, 13] };
+        let (left, right) = range.split(&request).unwrap();
+        assert_eq!((left.group_id, left.start.as_slice(), left.end.as_slice()), (7, &b"b"[..], &b"m"[..]));
+        assert_eq!((right.group_id, right.start.as_slice(), right.end.as_slice()), (8, &b"m"[..], &b""[..]));
+        assert_eq!(left.replicas, range.replicas, "the left keeps its replicas");
+        assert_eq!(right.replicas[2], Replica { replica_id: 13, ..learner }, "same nodes, learners, addresses");
+        let next = RangeEpoch { version: 4, conf_version: 2 };
+        assert_eq!((left.epoch(), right.epoch()), (next, next));
+        for key in [&b"b"[..], b"c", b"l", b"m", b"z", b"\xff"] {
+            assert_eq!(range.contains(key), left.contains(key) ^ right.contains(key), "{key:?} in exactly one");
+        }
+        // What does not fit: a key at the start or outside, an id in use, the wrong number of replica ids.
+        let with = |change: fn(&mut SplitRequest)| {
+            let mut request = request.clone();
+            change(&mut request);
+            range.split(&request)
+        };
+        assert!(with(|r| r.split_key = b"b".to_vec()).is_err(), "at the start: an empty left");
+        assert!(with(|r| r.split_key = b"a".to_vec()).is_err(), "outside");
+        assert!(with(|r| r.right_group_id = 7).is_err());
+        assert!(with(|r| r.right_group_id = 0).is_err());
+        assert!(with(|r| r.right_replica_ids.pop().map(drop).unwrap_or(())).is_err());
+        assert!(with(|r| r.right_replica_ids[1] = 11).is_err(), "repeated");
+        let bounded = RangeDescriptor { end: b"m".to_vec(), ..range.clone() };
+        assert!(bounded.split(&request).is_err(), "at the end: an empty right");
     }
 
     #[test]

@@ -15,9 +15,9 @@ use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::message::{RemovalNotice, ReplicaMessage};
 use flotilla_raftstore::peer::{
     prepare_groups, LocalReadGrant, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token,
-    BOOTSTRAP_INDEX,
+    BOOTSTRAP_INDEX, BOOTSTRAP_TERM,
 };
-use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica};
+use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica, SplitRequest};
 
 struct Node {
     log: Arc<MemLogEngine>,
@@ -192,7 +192,7 @@ impl Group {
                 self.network.extend(output.messages);
                 if let Some(last) = output.committed.last().map(|e| e.index) {
                     let (batch, outcomes) = node.peer.apply_committed(&node.kv, &output.committed).unwrap();
-                    node.kv.apply(vec![batch]).unwrap();
+                    node.kv.apply(batch).unwrap();
                     node.peer.on_applied(last, outcomes);
                 }
                 self.responses.extend(output.responses.into_iter().map(|(token, r)| (position as u64 + 1, token, r)));
@@ -277,7 +277,7 @@ impl Group {
     }
 
     fn put(&mut self, on: u64, token: Token, key: &str, value: &str) -> Response {
-        let command = Command { request_id: 0, epoch: Some(self.descriptor.epoch()), ops: vec![Op::put(key, value)] };
+        let command = Command::write(Some(self.descriptor.epoch()), vec![Op::put(key, value)]);
         self.node(on).peer.propose(token, command);
         self.response(token)
     }
@@ -298,7 +298,7 @@ fn writes_apply_everywhere_and_are_answered_once_applied() {
         );
     }
     // A failed compare-and-set is answered as such, and changes nothing.
-    let cas = Command { request_id: 0, epoch: None, ops: vec![Op::compare_and_set("b", Some(b"9".to_vec()), "x")] };
+    let cas = Command::write(None, vec![Op::compare_and_set("b", Some(b"9".to_vec()), "x")]);
     group.node(1).peer.propose(12, cas);
     assert_eq!(
         group.response(12),
@@ -315,11 +315,7 @@ fn refusals_are_typed_not_silent() {
         "a follower names the leader"
     );
     assert!(matches!(group.put(1, 21, "z", "1"), Response::Failed(PeerError::Range(RangeError::KeyNotInRange { .. }))));
-    let stale = Command {
-        request_id: 0,
-        epoch: Some(RangeEpoch { version: 0, conf_version: 1 }),
-        ops: vec![Op::put("b", "1")],
-    };
+    let stale = Command::write(Some(RangeEpoch { version: 0, conf_version: 1 }), vec![Op::put("b", "1")]);
     group.node(1).peer.propose(22, stale);
     assert!(matches!(group.response(22), Response::Failed(PeerError::Range(RangeError::StaleEpoch { .. }))));
     group.node(3).peer.read(23);
@@ -369,7 +365,7 @@ fn a_write_whose_entry_another_leader_replaced_is_answered_dropped_never_written
     // first one's index, its first write the second's: an applied command at the index of ours, not ours.)
     group.isolated = 1;
     for token in [61, 64] {
-        let command = Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "lost")] };
+        let command = Command::write(None, vec![Op::put("b", "lost")]);
         group.node(1).peer.propose(token, command);
     }
     group.settle();
@@ -435,7 +431,7 @@ fn a_ready_with_nothing_to_persist_does_not_acknowledge_an_earlier_write_still_u
     group.put(1, 70, "b", "1");
     // Slow disks: the leader's next entry is handed to the log but not yet durable...
     group.deferred = Some(Vec::new());
-    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "2")] };
+    let command = Command::write(None, vec![Op::put("b", "2")]);
     group.node(1).peer.propose(71, command);
     group.settle();
     // ...when heartbeats make Readys with nothing to persist. They must not declare the entry durable: the
@@ -462,7 +458,7 @@ fn a_followers_answer_goes_with_its_write_and_the_follower_takes_up_the_noted_du
     group.put(1, 90, "b", "1");
     // Slow disks, to look at the writes of one command.
     group.deferred = Some(Vec::new());
-    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put("c", "2")] };
+    let command = Command::write(None, vec![Op::put("c", "2")]);
     group.node(1).peer.propose(91, command);
     group.settle();
     let writes: Vec<(usize, bool, Vec<String>)> = group
@@ -508,7 +504,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks_an
             }
             if let Some(last) = output.committed.last().map(|e| e.index) {
                 let (batch, outcomes) = peer.apply_committed(&kv, &output.committed).unwrap();
-                kv.apply(vec![batch]).unwrap();
+                kv.apply(batch).unwrap();
                 peer.on_applied(last, outcomes);
             }
         }
@@ -520,7 +516,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks_an
     assert!(peer.is_leader());
     assert!(!peer.needs_ticks(), "leading alone with nothing waiting");
     assert_eq!(peer.local_read_grant(), LocalReadGrant::UntilChanged, "the only voter: no other leader can arise");
-    peer.propose(1, Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "1")] });
+    peer.propose(1, Command::write(None, vec![Op::put("b", "1")]));
     assert!(peer.needs_ticks(), "a write waiting");
     drive(&mut peer);
     assert!(!peer.needs_ticks());
@@ -592,7 +588,7 @@ fn a_write_at_the_index_of_an_earlier_lost_one_is_answered_written() {
     group.put(1, 90, "b", "1");
     group.isolated = 1;
     for token in [91, 92, 93] {
-        group.node(1).peer.propose(token, Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "lost")] });
+        group.node(1).peer.propose(token, Command::write(None, vec![Op::put("b", "lost")]));
     }
     group.settle();
     // Replica 2 leads meanwhile (its no-op takes X); healed, leadership comes back to replica 1 (its no-op takes
@@ -704,7 +700,7 @@ fn a_write_waiting_on_a_replica_whose_log_a_snapshot_replaces_is_answered_unknow
     group.put(1, 60, "b", "1");
     // Leader 1 is cut off with a write in its log; the majority moves on and compacts past it.
     group.isolated = 1;
-    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put("b", "lost")] };
+    let command = Command::write(None, vec![Op::put("b", "lost")]);
     group.node(1).peer.propose(61, command);
     group.settle();
     assert!(group.tick_until(100, |g| g.leader_among_2_and_3().is_some()));
@@ -957,4 +953,70 @@ fn a_replica_cut_off_while_it_was_removed_learns_it_from_a_member_it_messages_an
     assert_eq!(*group.node(3).peer.descriptor(), members, "the record its node will store when destroying it");
     assert!(group.node(1).peer.is_leader(), "the group was not disturbed");
     assert_eq!(group.put(1, 301, "c", "1"), Response::Written(Outcome::Done));
+}
+
+impl Group {
+    fn split(&mut self, leader: u64, token: Token, split: SplitRequest) -> Response {
+        self.node(leader).peer.propose_split(token, split);
+        self.response(token)
+    }
+}
+
+#[test]
+fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a_new_group() {
+    let mut group = Group::led_by(1);
+    write_keys(&mut group, 1, 10, "v");
+    let split = SplitRequest { split_key: b"k05".to_vec(), right_group_id: 6, right_replica_ids: vec![11, 12, 13] };
+    let Response::Written(Outcome::Split { right }) = group.split(1, 300, split.clone()) else {
+        panic!("the split was not applied");
+    };
+    let next = RangeEpoch { version: 2, conf_version: 1 };
+    assert_eq!((right.group_id, right.start.as_slice(), right.end.as_slice()), (6, &b"k05"[..], &b"n"[..]));
+    assert_eq!(
+        right.replicas.iter().map(|r| (r.node_id, r.replica_id)).collect::<Vec<_>>(),
+        [(1, 11), (2, 12), (3, 13)]
+    );
+    assert_eq!(right.epoch(), next);
+    group.tick_until(10, |g| (1..=3).all(|id| g.node(id).peer.descriptor().end == b"k05"));
+    for id in 1..=3 {
+        let node = group.node(id);
+        let left = node.peer.descriptor().clone();
+        assert_eq!((left.start.as_slice(), left.end.as_slice(), left.epoch()), (&b"a"[..], &b"k05"[..], next));
+        assert_eq!(node.peer.take_split_off(), vec![(*right).clone()], "replica {id} hands the new range over once");
+        assert!(node.peer.take_split_off().is_empty());
+        // Both descriptors and the new group's first state are in the state machine, with the split's batch.
+        let ranges = node.kv.ranges().unwrap();
+        assert!(ranges.contains(&(5, left.encode())) && ranges.contains(&(6, right.encode())), "replica {id}");
+        assert_eq!(node.kv.applied(6), (BOOTSTRAP_INDEX, BOOTSTRAP_TERM));
+        // No data moved: the new range's keys are where they were.
+        assert_eq!(node.kv.get(b"k07").unwrap(), Some(b"v".to_vec()));
+    }
+    // Writes routed with the old epoch are refused as stale; with the new one, keys right of the split are not
+    // the left group's any more.
+    assert!(matches!(group.put(1, 301, "b", "x"), Response::Failed(PeerError::Range(RangeError::StaleEpoch { .. }))));
+    group.descriptor = group.node(1).peer.descriptor().clone();
+    assert!(matches!(
+        group.put(1, 302, "k07", "x"),
+        Response::Failed(PeerError::Range(RangeError::KeyNotInRange { .. }))
+    ));
+    assert_eq!(group.put(1, 303, "b", "x"), Response::Written(Outcome::Done));
+    // The same split again no longer fits (its key is the range's end now).
+    assert!(matches!(group.split(1, 304, split), Response::Failed(PeerError::InvalidSplit(_))));
+    // Two splits proposed before either applies: the second was routed with an epoch the first moved past, and is
+    // refused where it applies — on every replica alike.
+    let first = SplitRequest { split_key: b"k02".to_vec(), right_group_id: 7, right_replica_ids: vec![21, 22, 23] };
+    let second = SplitRequest { split_key: b"k03".to_vec(), right_group_id: 8, right_replica_ids: vec![31, 32, 33] };
+    group.node(1).peer.propose_split(305, first);
+    group.node(1).peer.propose_split(306, second);
+    assert!(matches!(group.response(305), Response::Written(Outcome::Split { .. })));
+    assert!(matches!(group.response(306), Response::Written(Outcome::Refused(RangeError::StaleEpoch { .. }))));
+    group.tick_until(10, |g| (1..=3).all(|id| g.node(id).peer.descriptor().end == b"k02"));
+    for id in 1..=3 {
+        let split_off = group.node(id).peer.take_split_off();
+        assert_eq!(split_off.iter().map(|r| r.group_id).collect::<Vec<_>>(), [7], "replica {id}");
+        assert_eq!(group.node(id).peer.descriptor().epoch().version, 3);
+    }
+    // A follower refuses to propose a split.
+    let on_follower = SplitRequest { split_key: b"c".to_vec(), right_group_id: 9, right_replica_ids: vec![41, 42, 43] };
+    assert!(matches!(group.split(2, 307, on_follower), Response::Failed(PeerError::NotLeader { .. })));
 }

@@ -95,7 +95,7 @@ fn until_done(
 /// Writes through whichever node leads; returns the node that took it.
 fn put(nodes: &[Node], group_id: u64, key: &[u8], value: &[u8], deadline: Instant) -> u64 {
     until_done(nodes, group_id, deadline, &format!("the write of {key:?}"), |reply| {
-        let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key.to_vec(), value.to_vec())] };
+        let command = Command::write(None, vec![Op::put(key.to_vec(), value.to_vec())]);
         PeerMsg::Write { command, reply }
     })
 }
@@ -229,7 +229,7 @@ fn a_leader_withdraws_its_local_read_grant_before_its_timeout_now_leaves() {
 /// One write on `node` only; whether it was done.
 fn put_on(node: &Node, group_id: u64, key: &[u8], value: &[u8]) -> bool {
     let (reply, answer) = oneshot::channel();
-    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key.to_vec(), value.to_vec())] };
+    let command = Command::write(None, vec![Op::put(key.to_vec(), value.to_vec())]);
     node.store.router().send(group_id, PeerMsg::Write { command, reply }).is_ok()
         && matches!(answer.recv_timeout(Duration::from_secs(5)), Ok(Ok(Outcome::Done)))
 }
@@ -266,7 +266,7 @@ fn idle_groups_hibernate_wake_on_requests_and_elect_anew_once_the_leaders_node_i
     nodes.retain(|node| node.id != victim);
     std::thread::sleep(Duration::from_millis(500));
     let (reply, answer) = oneshot::channel();
-    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(ranges[0].start.clone(), b"3".to_vec())] };
+    let command = Command::write(None, vec![Op::put(ranges[0].start.clone(), b"3".to_vec())]);
     nodes[0].store.router().send(ranges[0].group_id, PeerMsg::Write { command, reply }).ok().expect("room");
     assert_eq!(answer.recv().unwrap(), Err(PeerError::NotLeader { leader: victim }), "still following node {victim}");
     // Node liveness declares it down: the followers wake and elect new leaders among themselves.
@@ -377,7 +377,7 @@ fn store_on_sim_disks() -> (Store, u64, SimDisk, SimRedbBackend) {
 fn refusal_after_failure(store: &Store, group_id: u64) -> String {
     let write = |key: Vec<u8>| {
         let (reply, answer) = oneshot::channel();
-        let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key, vec![b'v'; 1000])] };
+        let command = Command::write(None, vec![Op::put(key, vec![b'v'; 1000])]);
         store.router().send(group_id, PeerMsg::Write { command, reply }).ok().expect("room");
         answer.recv_timeout(Duration::from_secs(2))
     };
@@ -405,7 +405,7 @@ fn a_write_waiting_when_the_log_fails_is_answered_at_once_not_left_to_time_out()
     // The very write whose log write fails: the writer thread stops the node, which wakes the replica, which
     // refuses the client waiting on it.
     let (reply, answer) = oneshot::channel();
-    let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(b"b".to_vec(), b"v".to_vec())] };
+    let command = Command::write(None, vec![Op::put(b"b".to_vec(), b"v".to_vec())]);
     store.router().send(group_id, PeerMsg::Write { command, reply }).ok().expect("room");
     match answer.recv_timeout(Duration::from_secs(5)) {
         Ok(Err(PeerError::Stopped(reason))) => assert!(reason.contains("the log failed"), "{reason}"),
@@ -425,7 +425,7 @@ fn first_write(store: &Store, group_id: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     wait_until(deadline, "a first write", || {
         let (reply, answer) = oneshot::channel();
-        let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(b"a".to_vec(), b"v".to_vec())] };
+        let command = Command::write(None, vec![Op::put(b"a".to_vec(), b"v".to_vec())]);
         store.router().send(group_id, PeerMsg::Write { command, reply }).ok().expect("room");
         matches!(answer.recv_timeout(Duration::from_secs(2)), Ok(Ok(Outcome::Done)))
     });

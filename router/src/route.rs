@@ -147,6 +147,7 @@ impl RangeTable {
             Some(Err(PeerError::Busy(reason))) => Attempt::Fail(RouteError::Busy(format!("{reason:?}"))),
             Some(Err(PeerError::OutcomeUnknown)) => Attempt::Fail(RouteError::OutcomeUnknown),
             Some(Err(PeerError::Membership(reason))) => Attempt::Fail(RouteError::Membership(reason)),
+            Some(Err(PeerError::InvalidSplit(reason))) => Attempt::Fail(RouteError::InvalidArgument(reason)),
             Some(Err(PeerError::Stopped(reason))) => Attempt::Fail(RouteError::Storage(reason)),
             Some(Err(PeerError::TooLarge { bytes, max })) => Attempt::Fail(RouteError::InvalidArgument(format!(
                 "the batch encodes to {bytes} bytes, over the {max} one log entry holds"

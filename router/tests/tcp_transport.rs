@@ -123,7 +123,7 @@ impl Cluster {
         loop {
             for node in self.nodes.values() {
                 let (reply, answer) = oneshot::channel();
-                let command = Command { request_id: 0, epoch: None, ops: vec![Op::put(key.to_vec(), value.to_vec())] };
+                let command = Command::write(None, vec![Op::put(key.to_vec(), value.to_vec())]);
                 if node.store.router().send(group_id, PeerMsg::Write { command, reply }).is_err() {
                     continue;
                 }

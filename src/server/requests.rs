@@ -178,7 +178,7 @@ impl Requests {
     pub async fn write(&self, ops: Vec<Op>) -> Result<Outcome, RouteError> {
         self.limits.check_batch(&ops).map_err(refused)?;
         let position = self.table.batch_position(ops.iter().map(|op| op.key.as_slice()))?;
-        let command = Command { request_id: 0, epoch: Some(self.table.range(position).epoch()), ops };
+        let command = Command::write(Some(self.table.range(position).epoch()), ops);
         match self.route(position, ForwardOp::Write(command)).await? {
             Answered::Written(outcome) => Ok(outcome),
             other => Err(RouteError::Storage(format!("a write answered {other:?}"))),

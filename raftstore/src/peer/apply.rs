@@ -10,24 +10,25 @@ use crate::command::{Applied, ApplyBatch, ApplyError};
 
 impl Peer {
     /// Applies committed `entries` (from this peer's output, in order): commands into one state machine batch,
-    /// membership changes to the core and the descriptor as they come. Hand the batch to `KvEngine::apply`, then
-    /// report [`Peer::on_applied`] with the outcomes.
+    /// membership changes to the core and the descriptor as they come, splits to the descriptor (the groups they
+    /// make follow this group's batch). Hand the batches to `KvEngine::apply` together, then report
+    /// [`Peer::on_applied`] with the outcomes.
     pub fn apply_committed(
         &mut self,
         kv: &dyn KvEngine,
         entries: &[Entry],
-    ) -> Result<(GroupApply, Vec<Applied>), ApplyError> {
+    ) -> Result<(Vec<GroupApply>, Vec<Applied>), ApplyError> {
         let mut batch = ApplyBatch::new(self.group_id());
         let mut start = 0;
         for (position, entry) in entries.iter().enumerate().filter(|(_, entry)| entry.is_conf_change()) {
-            batch.apply(kv, &self.descriptor, &entries[start..position])?;
-            batch.apply(kv, &self.descriptor, std::slice::from_ref(entry))?; // moves the applied index
+            batch.apply(kv, &mut self.descriptor, &entries[start..position])?;
+            batch.apply(kv, &mut self.descriptor, std::slice::from_ref(entry))?; // moves the applied index
             let applied = self.apply_membership_entry(entry)?;
             batch.applied.push(applied);
             batch.group.range = Some(self.descriptor.encode());
             start = position + 1;
         }
-        batch.apply(kv, &self.descriptor, &entries[start..])?;
+        batch.apply(kv, &mut self.descriptor, &entries[start..])?;
         Ok(batch.finish())
     }
 }

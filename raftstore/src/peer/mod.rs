@@ -86,6 +86,8 @@ pub enum PeerError {
     OutcomeUnknown,
     /// A membership change that does not fit the group's members (already there, not a learner, …).
     Membership(String),
+    /// A split that does not fit the range (the reason): nothing was done.
+    InvalidSplit(String),
     /// The node stopped because an engine failed (disk gone, corruption): the reason. A request waiting when it
     /// stopped may or may not have taken effect; later ones were not tried.
     Stopped(String),
@@ -164,6 +166,9 @@ pub struct Peer {
     hibernation: hibernate::Hibernation,
     /// This replica applied its own removal (see `conf_change.rs`).
     removed: bool,
+    /// The ranges splits applied here gave to new groups, for the node to open their replicas
+    /// ([`Peer::take_split_off`]).
+    split_off: Vec<RangeDescriptor>,
     /// The state machine failed under this replica (a broken environment): the node must stop.
     storage_failure: Option<String>,
     /// Messages produced outside `take_output` (snapshot chunks and acknowledgements), sent with the next output.
@@ -226,6 +231,7 @@ impl Peer {
             hibernation: hibernate::Hibernation::new(options.hibernate_idle_ticks),
             outbox: Vec::new(),
             removed: false,
+            split_off: Vec::new(),
             storage_failure: None,
             persisted_note: PersistedNote::default(),
             persisted_taken: 0,

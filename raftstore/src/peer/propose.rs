@@ -1,4 +1,5 @@
-//! Client writes: checked against the range and leadership, proposed as one entry each, tracked until applied.
+//! Client writes and range splits: checked against the range and leadership, proposed as one entry each, tracked
+//! until applied.
 
 use flotilla_engine::contract::ENTRY_DATA_BYTES_MAX;
 use flotilla_raft::Error as RaftError;
@@ -6,6 +7,7 @@ use prost::Message as _;
 
 use super::{Peer, PeerError, PendingWrite, Response, Token};
 use crate::command::Command;
+use crate::range::SplitRequest;
 
 impl Peer {
     /// Proposes `command` for the client `token`; the outcome arrives as a response once the entry applies (or
@@ -27,6 +29,34 @@ impl Peer {
                 .responses
                 .push((token, Response::Failed(PeerError::TooLarge { bytes, max: ENTRY_DATA_BYTES_MAX })));
         }
+        self.propose_entry(token, command);
+    }
+
+    /// Proposes a split of this group's range for the client `token` (`RangeDescriptor::split` says what it
+    /// makes): answered `Written(Split { right })` once applied, or refused now (not the leader; a request that
+    /// does not fit the range). Every replica applies it at the same point of the log.
+    pub fn propose_split(&mut self, token: Token, split: SplitRequest) {
+        self.on_request();
+        if !self.is_leader() {
+            let refusal = self.not_leader();
+            return self.responses.push((token, Response::Failed(refusal)));
+        }
+        if let Err(reason) = self.descriptor.split(&split) {
+            return self.responses.push((token, Response::Failed(PeerError::InvalidSplit(reason))));
+        }
+        let mut command = Command::split(self.descriptor.epoch(), split);
+        command.request_id = token;
+        self.propose_entry(token, command);
+    }
+
+    /// The ranges splits applied here gave to new groups since the last call, in log order: the node opens a
+    /// replica of each (its first state is in the state machine, written with the split's batch).
+    pub fn take_split_off(&mut self) -> Vec<crate::range::RangeDescriptor> {
+        std::mem::take(&mut self.split_off)
+    }
+
+    /// Proposes `command` as one entry and tracks it for `token`.
+    fn propose_entry(&mut self, token: Token, command: Command) {
         match self.raw.propose(command.encode_entry()) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();

@@ -266,11 +266,11 @@ impl StoreHandler {
             }
             let entries = std::mem::take(&mut fsm.to_apply);
             let last = entries.last().expect("non-empty").index;
-            let (batch, outcomes) = fsm
+            let (groups, outcomes) = fsm
                 .peer
                 .apply_committed(self.kv.as_ref(), &entries)
                 .map_err(|e| format!("applying group {}: {e}", fsm.peer.group_id()))?;
-            batches.push(batch);
+            batches.extend(groups);
             applied.push((position, last, outcomes));
         }
         if batches.is_empty() {

@@ -224,7 +224,7 @@ pub struct Refusal {
     /// `NotLeader`: the replica id believed to lead (0: none known).
     #[prost(uint64, tag = "2")]
     pub leader: u64,
-    /// `Stopped`, `Membership`: the reason.
+    /// `Stopped`, `Membership`, `InvalidSplit`: the reason.
     #[prost(string, tag = "3")]
     pub reason: String,
     /// `TooLarge`: the encoded size and the bound.
@@ -265,6 +265,7 @@ pub enum RefusalKind {
     Membership = 10,
     KeyNotInRange = 11,
     StaleEpoch = 12,
+    InvalidSplit = 13,
 }
 
 /// The code of a `Busy` refusal's bound (0: not known to this build).
@@ -311,6 +312,7 @@ impl Refusal {
             PeerError::OutcomeUnknown => refusal(RefusalKind::OutcomeUnknown),
             PeerError::Stopped(reason) => Refusal { reason: reason.clone(), ..refusal(RefusalKind::Stopped) },
             PeerError::Membership(reason) => Refusal { reason: reason.clone(), ..refusal(RefusalKind::Membership) },
+            PeerError::InvalidSplit(reason) => Refusal { reason: reason.clone(), ..refusal(RefusalKind::InvalidSplit) },
             PeerError::TooLarge { bytes, max } => {
                 Refusal { bytes: *bytes as u64, max: *max as u64, ..refusal(RefusalKind::TooLarge) }
             }
@@ -348,6 +350,7 @@ impl Refusal {
             RefusalKind::OutcomeUnknown => PeerError::OutcomeUnknown,
             RefusalKind::Stopped => PeerError::Stopped(self.reason),
             RefusalKind::Membership => PeerError::Membership(self.reason),
+            RefusalKind::InvalidSplit => PeerError::InvalidSplit(self.reason),
             RefusalKind::TooLarge => PeerError::TooLarge { bytes: self.bytes as usize, max: self.max as usize },
             RefusalKind::BatchSpansRanges => {
                 PeerError::Range(RangeError::BatchSpansRanges { first_outside: self.key, current })
@@ -383,6 +386,7 @@ mod tests {
             PeerError::OutcomeUnknown,
             PeerError::Stopped("disk gone".into()),
             PeerError::Membership("node 4 already holds a replica".into()),
+            PeerError::InvalidSplit("split key not inside the range".into()),
             PeerError::TooLarge { bytes: 10, max: 5 },
             PeerError::Range(RangeError::BatchSpansRanges { first_outside: b"k".to_vec(), current: current.clone() }),
             PeerError::Range(RangeError::KeyNotInRange { key: b"z".to_vec(), current: current.clone() }),

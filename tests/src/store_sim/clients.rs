@@ -39,7 +39,7 @@ impl Sim {
                 (Call::CompareAndSet { expected, new: Some(value) }, Some(op))
             }
         };
-        let command = command_op.map(|op| Command { request_id: 0, epoch: None, ops: vec![op] });
+        let command = command_op.map(|op| Command::write(None, vec![op]));
         let operation = Operation { client: client as u64, key, call, call_time: self.timestamp(), result: None };
         self.ops.push(ClientOp {
             operation,

@@ -1018,11 +1018,7 @@ impl Sim {
             let client = 0;
             let value = self.next_value;
             self.next_value += 1;
-            let command = Command {
-                request_id: 0,
-                epoch: None,
-                ops: vec![Op::put(keys[0].clone(), value.to_le_bytes().to_vec())],
-            };
+            let command = Command::write(None, vec![Op::put(keys[0].clone(), value.to_le_bytes().to_vec())]);
             let operation = Operation {
                 client: client as u64,
                 key: keys[0].clone(),
