@@ -168,6 +168,8 @@ pub struct ApplyBatch {
     /// Groups its splits made: each one's first state (its descriptor, applied at the bootstrap index), to be
     /// written with the group's batch (its data is already there: the range's keys).
     pub created: Vec<GroupApply>,
+    /// Their ranges, for the node to open their replicas.
+    pub split_off: Vec<RangeDescriptor>,
     /// This batch's writes so far, for the compare-and-sets of later entries.
     overlay: Overlay,
 }
@@ -203,6 +205,7 @@ impl ApplyBatch {
             group: GroupApply { group_id, ..Default::default() },
             applied: Vec::new(),
             created: Vec::new(),
+            split_off: Vec::new(),
             overlay: Overlay::default(),
         }
     }
@@ -224,7 +227,7 @@ impl ApplyBatch {
                 .map_err(|e| ApplyError::Undecodable { index: entry.index, reason: e.to_string() })?;
             let request_id = command.request_id;
             let outcome = match command.split {
-                Some(split) => self.apply_split(descriptor, command.epoch, &split),
+                Some(split) => self.apply_split(engine, descriptor, command.epoch, &split),
                 None => apply_command(engine, descriptor, command, &mut self.overlay, &mut self.group.ops)?,
             };
             self.applied.push(Applied { request_id, index: entry.index, term: entry.term, outcome });
@@ -233,9 +236,12 @@ impl ApplyBatch {
     }
 
     /// A split: the range shrinks to its left part here (recorded with the batch), and the right part's group
-    /// is created with the batch. Refused unless routed with the range's whole current epoch.
+    /// is created with the batch — unless this node's state machine has a state for that group already (a
+    /// snapshot of the new group reached this replica before the split did: it is newer). Refused unless routed
+    /// with the range's whole current epoch.
     fn apply_split(
         &mut self,
+        engine: &dyn KvEngine,
         descriptor: &mut RangeDescriptor,
         sent: Option<RangeEpoch>,
         split: &SplitRequest,
@@ -250,21 +256,29 @@ impl ApplyBatch {
         };
         *descriptor = left;
         self.group.range = Some(descriptor.encode());
-        self.created.push(GroupApply {
-            group_id: right.group_id,
-            ops: Vec::new(),
-            applied_index: BOOTSTRAP_INDEX,
-            applied_term: BOOTSTRAP_TERM,
-            range: Some(right.encode()),
-        });
+        if engine.applied(right.group_id) == (0, 0) {
+            self.created.push(GroupApply {
+                group_id: right.group_id,
+                ops: Vec::new(),
+                applied_index: BOOTSTRAP_INDEX,
+                applied_term: BOOTSTRAP_TERM,
+                range: Some(right.encode()),
+            });
+            self.split_off.push(right.clone());
+        }
         Outcome::Split { right: Box::new(right) }
     }
 
     /// The state machine batch — this group's, then the groups its splits made — and each command's outcome.
     pub fn finish(self) -> (Vec<GroupApply>, Vec<Applied>) {
+        self.finish_with_splits().0
+    }
+
+    /// [`ApplyBatch::finish`], and the ranges of the groups its splits made here.
+    pub fn finish_with_splits(self) -> ((Vec<GroupApply>, Vec<Applied>), Vec<RangeDescriptor>) {
         let mut groups = vec![self.group];
         groups.extend(self.created);
-        (groups, self.applied)
+        ((groups, self.applied), self.split_off)
     }
 }
 

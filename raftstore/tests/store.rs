@@ -3,7 +3,7 @@
 //! snapshot stream that crosses mailboxes and poller threads; idle groups hibernate (the ticker visits none), a
 //! request wakes them, and followers elect a new leader once node liveness says the leader's node is down; replicas
 //! join and leave by membership change (one cut off while it was removed learns it from a member's removal
-//! notice); a failed log stops the node with the reason.
+//! notice); a split opens the new group on every node; a failed log stops the node with the reason.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,10 +19,12 @@ use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::message::{Envelope, ReplicaMessage};
 use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
-use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
+use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeError, Replica, SplitRequest};
 use flotilla_raftstore::store::fsm::WriteReply;
 use flotilla_raftstore::store::local_reader::{LocalReader, ReadLease};
-use flotilla_raftstore::store::{InProcessTransport, NoTransport, PeerMsg, Store, StoreOptions, Transport};
+use flotilla_raftstore::store::{
+    InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, Store, StoreOptions, Transport,
+};
 
 struct Node {
     id: u64,
@@ -437,4 +439,70 @@ fn refusal_after_first_write(store: &Store, group_id: u64, break_it: impl Fn()) 
     first_write(store, group_id);
     break_it();
     refusal_after_failure(store, group_id)
+}
+
+/// Sends `make`'s request for `group_id` to each node until one answers with an outcome `accept` takes.
+fn until_outcome(
+    nodes: &[Node],
+    group_id: u64,
+    deadline: Instant,
+    make: impl Fn(WriteReply) -> PeerMsg,
+    accept: impl Fn(&Outcome) -> bool,
+) -> Outcome {
+    loop {
+        for node in nodes {
+            let (reply, answer) = oneshot::channel();
+            if node.store.router().send(group_id, make(reply)).is_ok() {
+                if let Ok(Ok(outcome)) = answer.recv_timeout(Duration::from_secs(5)) {
+                    if accept(&outcome) {
+                        return outcome;
+                    }
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no node of group {group_id} took the request");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_split_opens_the_new_group_on_every_node_and_it_serves_its_range() {
+    let cluster = one_group_on_three_nodes();
+    let (nodes, group_id, deadline) = (&cluster.nodes, cluster.group_id, cluster.deadline);
+    put(nodes, group_id, b"m1", b"before", deadline);
+    let split = SplitRequest { split_key: b"m".to_vec(), right_group_id: 2, right_replica_ids: vec![11, 12, 13] };
+    let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+    let outcome = until_outcome(nodes, group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
+    let Outcome::Split { right } = outcome else { unreachable!() };
+    assert_eq!((right.group_id, right.start.as_slice()), (2, &b"m"[..]));
+    // Every node opens the new group; one of its replicas is elected, and it takes writes for its range and
+    // serves what the range held before the split.
+    put(nodes, 2, b"m2", b"after", deadline);
+    for key in [&b"m1"[..], b"m2"] {
+        let read = |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply };
+        let value = loop {
+            let answers: Vec<_> = nodes
+                .iter()
+                .filter_map(|node| {
+                    let (reply, answer) = oneshot::channel();
+                    node.store.router().send(2, read(reply)).ok()?;
+                    answer.recv_timeout(Duration::from_secs(5)).ok()?.ok()
+                })
+                .collect();
+            if let Some(ReadResult::Value(value)) = answers.into_iter().next() {
+                break value;
+            }
+            assert!(Instant::now() < deadline, "no leader of group 2 served {key:?}");
+        };
+        assert_eq!(value.as_deref(), Some(if key == b"m1" { &b"before"[..] } else { &b"after"[..] }));
+    }
+    for node in nodes {
+        assert!(node.kv.ranges().unwrap().iter().any(|(id, _)| *id == 2), "node {} stores group 2", node.id);
+    }
+    // The left group refuses keys of the right range now, and still serves its own.
+    let (reply, answer) = oneshot::channel();
+    let write = Command::write(None, vec![Op::put(b"m3".to_vec(), b"x".to_vec())]);
+    let leader = put(nodes, group_id, b"a", b"left", deadline);
+    nodes[leader as usize - 1].store.router().send(group_id, PeerMsg::Write { command: write, reply }).ok().unwrap();
+    assert!(matches!(answer.recv().unwrap(), Err(PeerError::Range(RangeError::KeyNotInRange { .. }))));
 }

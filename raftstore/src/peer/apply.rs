@@ -29,6 +29,8 @@ impl Peer {
             start = position + 1;
         }
         batch.apply(kv, &mut self.descriptor, &entries[start..])?;
-        Ok(batch.finish())
+        let (applied, split_off) = batch.finish_with_splits();
+        self.split_off.extend(split_off);
+        Ok(applied)
     }
 }

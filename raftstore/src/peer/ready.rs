@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{LogWrite, Peer, PeerError, PeerOutput, Response};
-use crate::command::{Applied, Outcome};
+use crate::command::Applied;
 use crate::message::ReplicaMessage;
 
 impl Peer {
@@ -129,11 +129,6 @@ impl Peer {
     pub fn on_applied(&mut self, index: u64, outcomes: Vec<Applied>) {
         self.raw.on_applied(index);
         self.applied_index = index;
-        for applied in &outcomes {
-            if let Outcome::Split { right } = &applied.outcome {
-                self.split_off.push(right.as_ref().clone());
-            }
-        }
         let mut outcomes: BTreeMap<u64, Applied> =
             outcomes.into_iter().map(|applied| (applied.index, applied)).collect();
         // Every write waiting at an index now applied is answered: written if the entry there is its own (same

@@ -15,6 +15,7 @@ use crate::batch::Fsm;
 use crate::command::{Command, Outcome};
 use crate::message::Envelope;
 use crate::peer::{MembershipChange, Peer, PeerError, Response, Token};
+use crate::range::SplitRequest;
 
 /// A read served once the group confirms it is current.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +51,11 @@ pub enum PeerMsg {
     /// A membership change, answered like a write once applied.
     ChangeMembership {
         change: MembershipChange,
+        reply: WriteReply,
+    },
+    /// A split of the group's range (`Peer::propose_split`), answered like a write once applied.
+    Split {
+        split: SplitRequest,
         reply: WriteReply,
     },
     Read {
@@ -177,6 +183,11 @@ impl PeerFsm {
                 self.writes.insert(token, reply);
                 self.peer.propose_membership(token, change);
             }
+            PeerMsg::Split { split, reply } => {
+                let token = self.token();
+                self.writes.insert(token, reply);
+                self.peer.propose_split(token, split);
+            }
             PeerMsg::Read { request, reply } => {
                 metrics::counter!("flotilla_reads_total").increment(1);
                 let token = self.token();
@@ -207,7 +218,9 @@ impl PeerFsm {
         let refusal = || refusal.clone();
         for message in messages {
             match message {
-                PeerMsg::Write { reply, .. } | PeerMsg::ChangeMembership { reply, .. } => {
+                PeerMsg::Write { reply, .. }
+                | PeerMsg::ChangeMembership { reply, .. }
+                | PeerMsg::Split { reply, .. } => {
                     let _ = reply.send(Err(refusal()));
                 }
                 PeerMsg::Read { reply, .. } => {

@@ -284,6 +284,11 @@ impl StoreHandler {
         for (position, last, outcomes) in applied {
             let fsm = &mut fsms[position];
             fsm.peer.on_applied(last, outcomes);
+            // The groups its splits made here: their state is in the state machine now; the replicas thread opens
+            // them (rare: waiting for room in its queue is fine).
+            for range in fsm.peer.take_split_off() {
+                let _ = self.tasks.send(ReplicaTask::Split(Box::new(range)));
+            }
             let output = fsm.peer.take_output(self.kv.as_ref());
             self.carry_out(fsm, output);
         }

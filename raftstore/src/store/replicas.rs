@@ -31,6 +31,8 @@ pub(crate) enum ReplicaTask {
     Create(Box<Envelope>),
     /// The group's replica here applied its own removal (the descriptor it applied: without this node).
     Destroy(Box<RangeDescriptor>),
+    /// A split applied here made this group (its first state is in the state machine).
+    Split(Box<RangeDescriptor>),
 }
 
 /// How many tasks may wait; beyond, messages for unknown groups are dropped (Raft resends).
@@ -99,6 +101,9 @@ impl Replicas {
             ReplicaTask::Destroy(descriptor) => {
                 flotilla_engine::panics::catch("destroying a replica", || self.destroy(&descriptor))
             }
+            ReplicaTask::Split(range) => {
+                flotilla_engine::panics::catch("opening a split's new group", || self.open_split_off(&range))
+            }
         };
         if let Err(reason) = done {
             self.failure.fail(self.options.node_id, reason);
@@ -115,6 +120,53 @@ impl Replicas {
             return;
         }
         metrics::counter!("flotilla_replicas_destroyed_total").increment(1);
+    }
+
+    /// Opens this node's replica of the group a split made. An empty replica a message of that group created
+    /// before the split applied here (its leader elsewhere applied it first) is replaced: it never installed a
+    /// snapshot (the split would not have made the group then), and what it persisted — the vote it may have cast
+    /// — stays in the log, which restarts at the bootstrap index under it (`prepare_groups` keeps a hard state of
+    /// a later term).
+    fn open_split_off(&mut self, range: &RangeDescriptor) {
+        let group_id = range.group_id;
+        if self.failure.reason().is_some() {
+            return; // the node stopped
+        }
+        if self.held.contains(&group_id) {
+            self.mailboxes.unregister(group_id);
+            self.ticking.stop(group_id);
+            // Whatever it submitted to the log is written before the log restarts under it.
+            let (reply, done) = crossbeam_channel::bounded(1);
+            let barrier = flotilla_engine::contract::WriteRequest::new(group_id, 0, Vec::new(), reply);
+            if self.log.submit(barrier).is_err() || done.recv().is_err() {
+                return self.failure.fail(self.options.node_id, format!("the log failed under group {group_id}"));
+            }
+        }
+        let opened = crate::peer::prepare_groups(self.log.as_ref(), self.kv.as_ref(), std::slice::from_ref(range))
+            .and_then(|()| open_replica(&self.options, range, &self.log, self.kv.as_ref()));
+        let peer = match opened {
+            Ok(peer) => peer,
+            Err(error) => {
+                return self.failure.fail(self.options.node_id, format!("opening group {group_id}: {error:?}"));
+            }
+        };
+        self.register(group_id, PeerFsm::new(peer, self.local_reader.lease(group_id)));
+        metrics::counter!("flotilla_split_groups_opened_total").increment(1);
+    }
+
+    /// Registers a replica just opened, its ticks settled first: a fresh replica owes none for the time before it
+    /// existed. False if the router refused it.
+    fn register(&mut self, group_id: u64, fsm: PeerFsm) -> bool {
+        self.ticking.settle(&fsm.ticks_seen);
+        let (ticking, seen) = (fsm.ticking, Arc::clone(&fsm.ticks_seen));
+        if self.mailboxes.register(group_id, Box::new(fsm)).is_err() {
+            return false;
+        }
+        self.held.insert(group_id);
+        if ticking {
+            self.ticking.start(group_id, &seen);
+        }
+        true
     }
 
     fn create(&mut self, envelope: Envelope) {
@@ -136,15 +188,7 @@ impl Replicas {
                 return;
             }
         };
-        let fsm = PeerFsm::new(peer, self.local_reader.lease(group_id));
-        // Settled before a poller can see it: a fresh replica owes no ticks for the time before it existed.
-        self.ticking.settle(&fsm.ticks_seen);
-        let (ticking, seen) = (fsm.ticking, Arc::clone(&fsm.ticks_seen));
-        if self.mailboxes.register(group_id, Box::new(fsm)).is_ok() {
-            self.held.insert(group_id);
-            if ticking {
-                self.ticking.start(group_id, &seen);
-            }
+        if self.register(group_id, PeerFsm::new(peer, self.local_reader.lease(group_id))) {
             metrics::counter!("flotilla_replicas_created_total").increment(1);
             let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
         }
