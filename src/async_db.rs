@@ -100,7 +100,7 @@ impl AsyncDb {
                 out.extend(local?);
                 continue;
             }
-            let request = ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit: limit - out.len() };
+            let request = self.db.scan_request(position, start, end, limit - out.len());
             out.extend(pairs(self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply }).await?)?);
         }
         Ok(out)

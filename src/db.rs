@@ -414,6 +414,13 @@ impl Db {
         Ok(self.table.scan_positions(start, end)?)
     }
 
+    /// The replica's part of a scan of `[start, end)` at range `position`, routed with the range's epoch (refused
+    /// if the range changed since: its part would not be the one this table expects).
+    pub(crate) fn scan_request(&self, position: usize, start: &[u8], end: &[u8], limit: usize) -> ReadRequest {
+        let epoch = Some(self.table.range(position).epoch());
+        ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit, epoch }
+    }
+
     /// Applies `batch` atomically. Its keys must lie in one group's range ([`DbError::BatchSpansRanges`]).
     pub fn write_batch(&self, batch: WriteBatch) -> Result<(), DbError> {
         let (position, command) = self.write_request(batch)?;
@@ -473,7 +480,8 @@ impl Db {
         let node_index = self.table.leader(position) as usize - 1;
         let node = &self.nodes[node_index];
         let store = node.store();
-        if !store.local_reader().holds(&self.read_leases[position][node_index]) {
+        let range_version = self.table.range(position).epoch().version;
+        if !store.local_reader().holds(&self.read_leases[position][node_index], range_version) {
             return None;
         }
         if let Some(reason) = store.failure() {
@@ -494,7 +502,7 @@ impl Db {
                 out.extend(local?);
                 continue;
             }
-            let request = ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit: limit - out.len() };
+            let request = self.scan_request(position, start, end, limit - out.len());
             out.extend(pairs(self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply })?)?);
         }
         Ok(out)

@@ -19,7 +19,7 @@ use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::message::{Envelope, ReplicaMessage};
 use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
-use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeError, Replica, SplitRequest};
+use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeEpoch, RangeError, Replica, SplitRequest};
 use flotilla_raftstore::store::fsm::WriteReply;
 use flotilla_raftstore::store::local_reader::{LocalReader, ReadLease};
 use flotilla_raftstore::store::{
@@ -181,7 +181,7 @@ impl Transport for GrantWatch {
         if matches!(&envelope.message, ReplicaMessage::Raft(m) if m.msg_type() == flotilla_raft::MessageType::TimeoutNow)
         {
             self.timeout_nows.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if self.grant.get().is_some_and(|(reader, lease)| reader.holds(lease)) {
+            if self.grant.get().is_some_and(|(reader, lease)| reader.holds(lease, 1)) {
                 self.violations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         }
@@ -216,9 +216,9 @@ fn a_leader_withdraws_its_local_read_grant_before_its_timeout_now_leaves() {
     let deadline = Instant::now() + Duration::from_secs(60);
     for round in 0..5 {
         put(&nodes, group_id, b"k", format!("{round}").as_bytes(), deadline);
-        wait_until(deadline, "node 1 leads and grants local reads", || reader.holds(&lease));
+        wait_until(deadline, "node 1 leads and grants local reads", || reader.holds(&lease, 1));
         nodes[0].store.router().send(group_id, PeerMsg::TransferLeader { replica_id: 2 }).ok().unwrap();
-        wait_until(deadline, "node 1 no longer grants", || !reader.holds(&lease));
+        wait_until(deadline, "node 1 no longer grants", || !reader.holds(&lease, 1));
         // Back to node 1 for the next round.
         wait_until(deadline, "node 2 leads", || put_on(&nodes[1], group_id, b"k", b"2"));
         nodes[1].store.router().send(group_id, PeerMsg::TransferLeader { replica_id: 1 }).ok().unwrap();
@@ -499,10 +499,32 @@ fn a_split_opens_the_new_group_on_every_node_and_it_serves_its_range() {
     for node in nodes {
         assert!(node.kv.ranges().unwrap().iter().any(|(id, _)| *id == 2), "node {} stores group 2", node.id);
     }
-    // The left group refuses keys of the right range now, and still serves its own.
+    // The left group refuses keys of the right range now — writes, reads, and scans routed with the range as it
+    // was before the split — and still serves its own.
+    let leader = put(nodes, group_id, b"a", b"left", deadline);
+    let left = &nodes[leader as usize - 1].store;
     let (reply, answer) = oneshot::channel();
     let write = Command::write(None, vec![Op::put(b"m3".to_vec(), b"x".to_vec())]);
-    let leader = put(nodes, group_id, b"a", b"left", deadline);
-    nodes[leader as usize - 1].store.router().send(group_id, PeerMsg::Write { command: write, reply }).ok().unwrap();
+    left.router().send(group_id, PeerMsg::Write { command: write, reply }).ok().unwrap();
     assert!(matches!(answer.recv().unwrap(), Err(PeerError::Range(RangeError::KeyNotInRange { .. }))));
+    let (reply, answer) = oneshot::channel();
+    left.router().send(group_id, PeerMsg::Read { request: ReadRequest::Get(b"m1".to_vec()), reply }).ok().unwrap();
+    assert!(matches!(answer.recv().unwrap(), Err(PeerError::Range(RangeError::KeyNotInRange { .. }))));
+    let before = RangeEpoch { version: 1, conf_version: 1 };
+    let scan = |epoch| ReadRequest::Scan { start: Vec::new(), end: Vec::new(), limit: 10, epoch: Some(epoch) };
+    let (reply, answer) = oneshot::channel();
+    left.router().send(group_id, PeerMsg::Read { request: scan(before), reply }).ok().unwrap();
+    assert!(matches!(answer.recv().unwrap(), Err(PeerError::Range(RangeError::StaleEpoch { .. }))));
+    let (reply, answer) = oneshot::channel();
+    left.router()
+        .send(group_id, PeerMsg::Read { request: scan(RangeEpoch { version: 2, ..before }), reply })
+        .ok()
+        .unwrap();
+    let Ok(ReadResult::Pairs(pairs)) = answer.recv().unwrap() else { panic!("the left group's scan failed") };
+    let keys: Vec<&[u8]> = pairs.iter().map(|(key, _)| key.as_slice()).collect();
+    assert_eq!(keys, [&b"a"[..], b"first"], "only the left range's keys");
+    // The left leader's local read grant is for the range's new version only.
+    let lease = left.local_reader().lease(group_id);
+    wait_until(deadline, "the left leader grants local reads", || left.local_reader().holds(&lease, 2));
+    assert!(!left.local_reader().holds(&lease, 1), "a caller routing by the range before the split is sent on");
 }

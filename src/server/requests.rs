@@ -157,7 +157,8 @@ impl Requests {
             return Some(Err(refused(error)));
         }
         let position = self.table.position_of(key);
-        (self.table.leader(position) == self.node_id && self.reader.holds(&self.leases[position]))
+        let range_version = self.table.range(position).epoch().version;
+        (self.table.leader(position) == self.node_id && self.reader.holds(&self.leases[position], range_version))
             .then(|| self.kv.get(key).map_err(|error| RouteError::Storage(error.to_string())))
     }
 
@@ -192,7 +193,12 @@ impl Requests {
             if out.len() >= limit {
                 break;
             }
-            let scan = ScanRange { start: start.to_vec(), end: end.to_vec(), limit: (limit - out.len()) as u64 };
+            let scan = ScanRange {
+                start: start.to_vec(),
+                end: end.to_vec(),
+                limit: (limit - out.len()) as u64,
+                epoch: Some(self.table.range(position).epoch()),
+            };
             match self.route(position, ForwardOp::Scan(scan)).await? {
                 Answered::Pairs(pairs) => out.extend(pairs),
                 other => return Err(RouteError::Storage(format!("a scan answered {other:?}"))),
@@ -232,7 +238,12 @@ impl Requests {
             }
             ForwardOp::Get(key) => self.read(group_id, ReadRequest::Get(key), within(deadline)).await,
             ForwardOp::Scan(scan) => {
-                let request = ReadRequest::Scan { start: scan.start, end: scan.end, limit: scan.limit as usize };
+                let request = ReadRequest::Scan {
+                    start: scan.start,
+                    end: scan.end,
+                    limit: scan.limit as usize,
+                    epoch: scan.epoch,
+                };
                 self.read(group_id, request, within(deadline)).await
             }
         }

@@ -15,17 +15,21 @@ use crate::batch::Fsm;
 use crate::command::{Command, Outcome};
 use crate::message::Envelope;
 use crate::peer::{MembershipChange, Peer, PeerError, Response, Token};
-use crate::range::SplitRequest;
+use crate::range::{RangeEpoch, RangeError, SplitRequest};
 
 /// A read served once the group confirms it is current.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReadRequest {
     Get(Vec<u8>),
-    /// Pairs with `start <= key < end` (`end` empty: to the range's end), at most `limit`.
+    /// Pairs with `start <= key < end` (`end` empty: to the range's end), at most `limit`, from the group's
+    /// part of it — so the caller must know what that part is: routed with the range's `epoch`, the scan is refused
+    /// (`StaleEpoch`) if a split or merge changed the range since (`None`: unchecked, for callers that scan the
+    /// group's range whatever it is).
     Scan {
         start: Vec<u8>,
         end: Vec<u8>,
         limit: usize,
+        epoch: Option<RangeEpoch>,
     },
 }
 
@@ -255,11 +259,14 @@ impl PeerFsm {
                 });
             } else if let Some((request, reply)) = self.reads.remove(&token) {
                 let _ = reply.send(match response {
-                    Response::ReadReady => self.serve(&request, kv).map_err(|error| {
-                        let reason = format!("reading group {}'s applied state: {error}", self.peer.group_id());
-                        fail(reason.clone());
-                        PeerError::Stopped(reason)
-                    }),
+                    Response::ReadReady => match self.refusal(&request) {
+                        Some(refusal) => Err(refusal),
+                        None => self.serve(&request, kv).map_err(|error| {
+                            let reason = format!("reading group {}'s applied state: {error}", self.peer.group_id());
+                            fail(reason.clone());
+                            PeerError::Stopped(reason)
+                        }),
+                    },
                     Response::Failed(error) => Err(error),
                     Response::Written(_) => unreachable!("a read answered as a write"),
                 });
@@ -267,11 +274,27 @@ impl PeerFsm {
         }
     }
 
+    /// Why a read, now current, must not be served from this group's range as it is now (checked when it is
+    /// served, not when it arrived: a split may have applied in between).
+    fn refusal(&self, request: &ReadRequest) -> Option<PeerError> {
+        let range = self.peer.descriptor();
+        let current = || Box::new(range.clone());
+        match request {
+            ReadRequest::Get(key) if !range.contains(key) => {
+                Some(PeerError::Range(RangeError::KeyNotInRange { key: key.clone(), current: current() }))
+            }
+            ReadRequest::Scan { epoch: Some(sent), .. } if sent.version != range.epoch().version => {
+                Some(PeerError::Range(RangeError::StaleEpoch { sent: *sent, current: current() }))
+            }
+            _ => None,
+        }
+    }
+
     fn serve(&self, request: &ReadRequest, kv: &dyn KvEngine) -> Result<ReadResult, StateMachineError> {
         let range = self.peer.descriptor();
         match request {
             ReadRequest::Get(key) => Ok(ReadResult::Value(kv.get(key)?)),
-            ReadRequest::Scan { start, end, limit } => {
+            ReadRequest::Scan { start, end, limit, .. } => {
                 let (start, end) = range.clip(start, end);
                 Ok(ReadResult::Pairs(kv.scan(&start, &end, *limit)?))
             }

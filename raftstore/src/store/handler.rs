@@ -152,7 +152,8 @@ impl StoreHandler {
             LocalReadGrant::Ticks(_) if !fsm.ticking => LocalReadGrant::No,
             grant => grant,
         };
-        fsm.read_lease.publish(grant, fsm.ticks_seen.load(std::sync::atomic::Ordering::SeqCst));
+        let range_version = fsm.peer.descriptor().epoch().version;
+        fsm.read_lease.publish(grant, fsm.ticks_seen.load(std::sync::atomic::Ordering::SeqCst), range_version);
     }
 
     fn carry_out(&self, fsm: &mut PeerFsm, output: PeerOutput) {

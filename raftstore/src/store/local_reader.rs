@@ -27,33 +27,38 @@ use super::ticks::TickClock;
 use crate::peer::LocalReadGrant;
 
 /// One group's published grant on this node: the node tick before which reads may be served locally (0: none;
-/// `u64::MAX`: until the replica says otherwise). One per group per node, kept for the node's life, so a caller
-/// may hold on to it (a replica destroyed and created again publishes in the same one).
+/// `u64::MAX`: until the replica says otherwise), and the version of the range it covers (a split shrinks the
+/// range: a caller that routed with an older version may hold a key the group no longer serves). One per group
+/// per node, kept for the node's life, so a caller may hold on to it (a replica destroyed and created again
+/// publishes in the same one).
 #[derive(Debug, Default)]
-pub struct ReadLease(AtomicU64);
+pub struct ReadLease {
+    until: AtomicU64,
+    range_version: AtomicU64,
+}
 
 const NONE: u64 = 0;
 const UNTIL_CHANGED: u64 = u64::MAX;
 
 impl ReadLease {
-    /// Publishes `grant`, judged at node tick `now_tick` (the tick the replica's own tick count stands for).
-    pub(crate) fn publish(&self, grant: LocalReadGrant, now_tick: u64) {
+    /// Publishes `grant` for the range at `range_version`, judged at node tick `now_tick` (the tick the replica's
+    /// own tick count stands for).
+    pub(crate) fn publish(&self, grant: LocalReadGrant, now_tick: u64, range_version: u64) {
         let until = match grant {
             LocalReadGrant::No => NONE,
             LocalReadGrant::UntilChanged => UNTIL_CHANGED,
             LocalReadGrant::Ticks(ticks) => now_tick.saturating_add(ticks).min(UNTIL_CHANGED - 1),
         };
+        // The version first: a reader that sees this deadline sees this version or a later one. (One that sees
+        // the older deadline with the newer version reads under a grant for a range that held its key anyway.)
+        self.range_version.store(range_version, Ordering::Release);
         // Release: the state machine's applies before this handling happen before a reader that sees it.
-        self.0.store(until, Ordering::Release);
+        self.until.store(until, Ordering::Release);
     }
 
     /// Withdraws any grant (the replica stopped leading here, or is going away).
     pub(crate) fn withdraw(&self) {
-        self.0.store(NONE, Ordering::Release);
-    }
-
-    fn until(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+        self.until.store(NONE, Ordering::Release);
     }
 }
 
@@ -74,14 +79,17 @@ impl LocalReader {
         Arc::clone(self.leases.lock().entry(group_id).or_default())
     }
 
-    /// Whether a read of the group `lease` belongs to may be served now from the node's state machine: it
-    /// reflects every write acknowledged before this call. Read the state machine after this says yes.
-    pub fn holds(&self, lease: &ReadLease) -> bool {
-        match lease.until() {
+    /// Whether a read of the group `lease` belongs to, routed by its range at `range_version`, may be served now
+    /// from the node's state machine: it reflects every write acknowledged before this call. Read the state
+    /// machine after this says yes. A caller whose range is older or newer than the replica's is sent to the
+    /// replica, which checks the key against the range it has.
+    pub fn holds(&self, lease: &ReadLease, range_version: u64) -> bool {
+        let granted = match lease.until.load(Ordering::Acquire) {
             NONE => false,
             UNTIL_CHANGED => true,
             until => self.clock.ticks() < until,
-        }
+        };
+        granted && lease.range_version.load(Ordering::Acquire) == range_version
     }
 }
 
@@ -96,21 +104,26 @@ mod tests {
         let reader = LocalReader::new(Arc::clone(&clock) as Arc<dyn TickClock>);
         let lease = reader.lease(7);
         assert!(Arc::ptr_eq(&lease, &reader.lease(7)), "one per group");
-        assert!(!reader.holds(&lease), "nothing published yet");
+        assert!(!reader.holds(&lease, 1), "nothing published yet");
         clock.set(10);
-        lease.publish(LocalReadGrant::Ticks(3), 10);
-        assert!(reader.holds(&lease));
+        lease.publish(LocalReadGrant::Ticks(3), 10, 1);
+        assert!(reader.holds(&lease, 1));
         clock.set(12);
-        assert!(reader.holds(&lease));
+        assert!(reader.holds(&lease, 1));
         clock.set(13);
-        assert!(!reader.holds(&lease), "the deadline is on the clock, whether or not the replica ran since");
-        lease.publish(LocalReadGrant::UntilChanged, 13);
+        assert!(!reader.holds(&lease, 1), "the deadline is on the clock, whether or not the replica ran since");
+        lease.publish(LocalReadGrant::UntilChanged, 13, 1);
         clock.set(1_000_000);
-        assert!(reader.holds(&lease));
+        assert!(reader.holds(&lease, 1));
         lease.withdraw();
-        assert!(!reader.holds(&lease));
-        lease.publish(LocalReadGrant::Ticks(5), 1_000_000);
-        lease.publish(LocalReadGrant::No, 1_000_000);
-        assert!(!reader.holds(&lease));
+        assert!(!reader.holds(&lease, 1));
+        lease.publish(LocalReadGrant::Ticks(5), 1_000_000, 1);
+        lease.publish(LocalReadGrant::No, 1_000_000, 1);
+        assert!(!reader.holds(&lease, 1));
+        // A grant covers the range at the version it was published for: after a split, a caller that routed
+        // with the range as it was goes to the replica.
+        lease.publish(LocalReadGrant::UntilChanged, 1_000_000, 2);
+        assert!(reader.holds(&lease, 2));
+        assert!(!reader.holds(&lease, 1));
     }
 }

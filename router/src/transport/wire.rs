@@ -154,6 +154,9 @@ pub struct ScanRange {
     pub end: Vec<u8>,
     #[prost(uint64, tag = "3")]
     pub limit: u64,
+    /// The range's epoch as the forwarding node routed by (the scan is refused if the range changed since).
+    #[prost(message, optional, tag = "4")]
+    pub epoch: Option<RangeEpoch>,
 }
 
 /// The answer to a [`ForwardRequest`].

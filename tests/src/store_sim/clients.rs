@@ -124,7 +124,8 @@ impl Sim {
     pub(super) fn grant_holds(&self, position: usize, group_id: u64) -> bool {
         self.nodes[position].running.as_ref().is_some_and(|running| {
             let reader = running.store.local_reader();
-            reader.holds(&reader.lease(group_id)) && running.store.failure().is_none()
+            // The sim's ranges never split: every grant is for version 1 of its range.
+            reader.holds(&reader.lease(group_id), 1) && running.store.failure().is_none()
         })
     }
 
