@@ -14,7 +14,8 @@
 //! - [`store`]: a node's group replicas in the batch system over the shared log and state machine — or run by
 //!   hand, the same code, in the store simulator (`store::stepped`).
 //! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,
-//!   and the initial layout of an embedded store.
+//!   splits of a range, and the initial layout of an embedded store.
+//! - [`split_check`]: where a range over its size bound should split (a scan of its data).
 
 pub use flotilla_engine as engine;
 pub use flotilla_raft as raft;
@@ -24,4 +25,5 @@ pub mod command;
 pub mod message;
 pub mod peer;
 pub mod range;
+pub mod split_check;
 pub mod store;
