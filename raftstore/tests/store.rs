@@ -18,7 +18,7 @@ use flotilla_engine::wal::record::LogOp;
 use flotilla_engine::wal::{Wal, WalOptions};
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::message::{Envelope, ReplicaMessage};
-use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
+use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions, BOOTSTRAP_INDEX};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeEpoch, RangeError, Replica, SplitRequest};
 use flotilla_raftstore::store::fsm::WriteReply;
 use flotilla_raftstore::store::local_reader::{LocalReader, ReadLease};
@@ -527,4 +527,108 @@ fn a_split_opens_the_new_group_on_every_node_and_it_serves_its_range() {
     let lease = left.local_reader().lease(group_id);
     wait_until(deadline, "the left leader grants local reads", || left.local_reader().holds(&lease, 2));
     assert!(!left.local_reader().holds(&lease, 1), "a caller routing by the range before the split is sent on");
+}
+
+/// Nodes 1 and 2's outgoing messages, with those of one group to node 3 dropped while `held`, and another
+/// group's snapshot chunks to node 3 while `chunks_held` (Raft and the snapshot streams resend them once let
+/// through).
+struct HoldGroupToNode3 {
+    inner: Arc<InProcessTransport>,
+    group_id: u64,
+    held: std::sync::atomic::AtomicBool,
+    chunks_of: u64,
+    chunks_held: std::sync::atomic::AtomicBool,
+}
+
+impl Transport for HoldGroupToNode3 {
+    fn send(&self, envelope: Envelope) {
+        let is = |flag: &std::sync::atomic::AtomicBool| flag.load(std::sync::atomic::Ordering::SeqCst);
+        let to_3 = envelope.to_node == 3;
+        let group = to_3 && envelope.group_id == self.group_id && is(&self.held);
+        let chunk = matches!(envelope.message, ReplicaMessage::Chunk(_));
+        let chunks = to_3 && envelope.group_id == self.chunks_of && chunk && is(&self.chunks_held);
+        if !group && !chunks {
+            self.inner.send(envelope);
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+#[test]
+fn a_node_that_hears_from_the_new_group_before_it_applies_the_split_replaces_its_empty_replica() {
+    new_group_heard_before_the_split(false);
+}
+
+#[test]
+fn a_node_that_got_the_new_groups_snapshot_before_it_applies_the_split_keeps_it() {
+    new_group_heard_before_the_split(true);
+}
+
+/// Node 3 stops hearing from group 1 while nodes 1 and 2 apply a split; the new group's messages reach node 3,
+/// which creates an empty replica of it. With `snapshot_first`, that replica is caught up by the new group's
+/// snapshot before node 3 applies the split (which then leaves it be); without, the snapshots are held and the
+/// split replaces the empty replica. Either way node 3 ends a full member of the new group.
+fn new_group_heard_before_the_split(snapshot_first: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
+    let range = initial_ranges(1, 1, &replicas).remove(0);
+    let group_id = range.group_id;
+    let transport = Arc::new(InProcessTransport::new());
+    let hold = Arc::new(HoldGroupToNode3 {
+        inner: Arc::clone(&transport),
+        group_id,
+        held: Default::default(),
+        chunks_of: 2,
+        chunks_held: Default::default(),
+    });
+    let ranges = std::slice::from_ref(&range);
+    let mut nodes: Vec<Node> =
+        (1..=2).map(|id| start_node_sending(id, dir.path(), ranges, Arc::clone(&hold) as _, &transport)).collect();
+    nodes.push(start_node(3, dir.path(), ranges, &transport));
+    nodes[0].store.campaign_all([group_id]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    put(&nodes, group_id, b"m1", b"before", deadline);
+    hold.held.store(true, std::sync::atomic::Ordering::SeqCst);
+    hold.chunks_held.store(!snapshot_first, std::sync::atomic::Ordering::SeqCst);
+    let split = SplitRequest { split_key: b"m".to_vec(), right_group_id: 2, right_replica_ids: vec![11, 12, 13] };
+    let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+    until_outcome(&nodes[..1], group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
+    put(&nodes[..2], 2, b"m2", b"after", deadline);
+    let node_3 = &nodes[2];
+    wait_until(deadline, "node 3 holds a replica of group 2", || node_3.store.router().send(2, PeerMsg::Tick).is_ok());
+    let installed = if snapshot_first {
+        wait_until(deadline, "node 3 installs group 2's snapshot", || node_3.kv.get(b"m2").unwrap().is_some());
+        Some(node_3.kv.applied(2))
+    } else {
+        assert_eq!(node_3.kv.applied(2), (0, 0), "node 3 has neither applied the split nor installed a snapshot");
+        None
+    };
+    // Let group 1 through: node 3 applies the split. Without a snapshot installed, it replaces the empty replica
+    // — the one it opens has a log that starts at the bootstrap index (the empty one's could only start with a
+    // snapshot, still held) — and group 2 catches it up.
+    hold.held.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_until(deadline, "node 3 applies the split", || {
+        node_3.kv.ranges().unwrap().iter().any(|(id, bytes)| {
+            *id == group_id && RangeDescriptor::decode_stored(bytes).is_ok_and(|range| range.end == b"m")
+        })
+    });
+    match installed {
+        Some(state) => assert!(node_3.kv.applied(2) >= state, "the snapshot's state was kept, not reset by the split"),
+        None => {
+            wait_until(deadline, "node 3 opens group 2 from the split", || node_3.log.last_index(2) >= BOOTSTRAP_INDEX);
+            hold.chunks_held.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    wait_until(deadline, "node 3's group 2 has the write made before it applied the split", || {
+        node_3.kv.get(b"m2").unwrap().as_deref() == Some(&b"after"[..])
+    });
+    // It is a full member: with node 1 gone, group 2 takes writes through nodes 2 and 3.
+    transport.remove_node(1);
+    nodes[1].store.node_down(1);
+    node_3.store.node_down(1);
+    put(&nodes[1..], 2, b"m3", b"without node 1", deadline);
+    assert_eq!(node_3.kv.get(b"m1").unwrap().as_deref(), Some(&b"before"[..]));
 }
