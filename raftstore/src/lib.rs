@@ -15,13 +15,15 @@
 //!   hand, the same code, in the store simulator (`store::stepped`).
 //! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,
 //!   splits of a range, and the initial layout of an embedded store.
-//! - [`split_check`]: where a range over its size bound should split (a scan of its data).
+//! - [`split_check`]: where a range over its size bound should split (a scan of its data); [`load_split`]: where
+//!   a range whose load stays over a bound should split (sampled request keys).
 
 pub use flotilla_engine as engine;
 pub use flotilla_raft as raft;
 
 pub mod batch;
 pub mod command;
+pub mod load_split;
 pub mod message;
 pub mod peer;
 pub mod range;
