@@ -175,7 +175,8 @@ mod tests {
         };
         assert_eq!(hot_windows(&|sampler, _| sampler.record(&key(42))), None, "one key");
         // 90 % of the requests to one key: no key leaves a quarter of them on each side.
-        let mostly_one = |sampler: &mut LoadSampler, i: u64| sampler.record(&key(if i % 10 == 0 { i } else { 42 }));
+        let mostly_one =
+            |sampler: &mut LoadSampler, i: u64| sampler.record(&key(if i.is_multiple_of(10) { i } else { 42 }));
         assert_eq!(hot_windows(&mostly_one), None, "one key and a few others");
     }
 }
