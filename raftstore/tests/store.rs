@@ -475,9 +475,10 @@ fn a_split_opens_the_new_group_on_every_node_and_it_serves_its_range() {
     let outcome = until_outcome(nodes, group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
     let Outcome::Split { right } = outcome else { unreachable!() };
     assert_eq!((right.group_id, right.start.as_slice()), (2, &b"m"[..]));
-    // Every node opens the new group; one of its replicas is elected, and it takes writes for its range and
-    // serves what the range held before the split.
-    put(nodes, 2, b"m2", b"after", deadline);
+    // Every node opens the new group; the replica where the split was led campaigns at once and leads it, and it
+    // takes writes for its range and serves what the range held before the split.
+    let left_leader = put(nodes, group_id, b"a0", b"x", deadline);
+    assert_eq!(put(nodes, 2, b"m2", b"after", deadline), left_leader, "the new group is led where the split was");
     for key in [&b"m1"[..], b"m2"] {
         let read = |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply };
         let value = loop {
@@ -522,7 +523,7 @@ fn a_split_opens_the_new_group_on_every_node_and_it_serves_its_range() {
         .unwrap();
     let Ok(ReadResult::Pairs(pairs)) = answer.recv().unwrap() else { panic!("the left group's scan failed") };
     let keys: Vec<&[u8]> = pairs.iter().map(|(key, _)| key.as_slice()).collect();
-    assert_eq!(keys, [&b"a"[..], b"first"], "only the left range's keys");
+    assert_eq!(keys, [&b"a"[..], b"a0", b"first"], "only the left range's keys");
     // The left leader's local read grant is for the range's new version only.
     let lease = left.local_reader().lease(group_id);
     wait_until(deadline, "the left leader grants local reads", || left.local_reader().holds(&lease, 2));

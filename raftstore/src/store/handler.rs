@@ -286,9 +286,12 @@ impl StoreHandler {
             let fsm = &mut fsms[position];
             fsm.peer.on_applied(last, outcomes);
             // The groups its splits made here: their state is in the state machine now; the replicas thread opens
-            // them (rare: waiting for room in its queue is fine).
+            // them (rare: waiting for room in its queue is fine). Where the split's group is led, the new group
+            // campaigns at once rather than after an election timeout (its range takes no writes until it has a
+            // leader).
+            let campaign = fsm.peer.is_leader();
             for range in fsm.peer.take_split_off() {
-                let _ = self.tasks.send(ReplicaTask::Split(Box::new(range)));
+                let _ = self.tasks.send(ReplicaTask::Split { range: Box::new(range), campaign });
             }
             let output = fsm.peer.take_output(self.kv.as_ref());
             self.carry_out(fsm, output);

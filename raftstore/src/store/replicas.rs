@@ -31,8 +31,9 @@ pub(crate) enum ReplicaTask {
     Create(Box<Envelope>),
     /// The group's replica here applied its own removal (the descriptor it applied: without this node).
     Destroy(Box<RangeDescriptor>),
-    /// A split applied here made this group (its first state is in the state machine).
-    Split(Box<RangeDescriptor>),
+    /// A split applied here made this group (its first state is in the state machine); `campaign`: this node
+    /// led the group that split.
+    Split { range: Box<RangeDescriptor>, campaign: bool },
 }
 
 /// How many tasks may wait; beyond, messages for unknown groups are dropped (Raft resends).
@@ -101,8 +102,8 @@ impl Replicas {
             ReplicaTask::Destroy(descriptor) => {
                 flotilla_engine::panics::catch("destroying a replica", || self.destroy(&descriptor))
             }
-            ReplicaTask::Split(range) => {
-                flotilla_engine::panics::catch("opening a split's new group", || self.open_split_off(&range))
+            ReplicaTask::Split { range, campaign } => {
+                flotilla_engine::panics::catch("opening a split's new group", || self.open_split_off(&range, campaign))
             }
         };
         if let Err(reason) = done {
@@ -127,7 +128,7 @@ impl Replicas {
     /// snapshot (the split would not have made the group then), and what it persisted — the vote it may have cast
     /// — stays in the log, which restarts at the bootstrap index under it (`prepare_groups` keeps a hard state of
     /// a later term).
-    fn open_split_off(&mut self, range: &RangeDescriptor) {
+    fn open_split_off(&mut self, range: &RangeDescriptor, campaign: bool) {
         let group_id = range.group_id;
         if self.failure.reason().is_some() {
             return; // the node stopped
@@ -150,7 +151,9 @@ impl Replicas {
                 return self.failure.fail(self.options.node_id, format!("opening group {group_id}: {error:?}"));
             }
         };
-        self.register(group_id, PeerFsm::new(peer, self.local_reader.lease(group_id)));
+        if self.register(group_id, PeerFsm::new(peer, self.local_reader.lease(group_id))) && campaign {
+            let _ = self.mailboxes.send(group_id, PeerMsg::Campaign);
+        }
         metrics::counter!("flotilla_split_groups_opened_total").increment(1);
     }
 
