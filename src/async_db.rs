@@ -12,6 +12,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use flotilla_engine::state_machine::KeyValue;
 use flotilla_raftstore::peer::PeerError;
@@ -20,6 +21,7 @@ use flotilla_raftstore::store::{PeerMsg, ReadRequest};
 use flotilla_router::route::Attempt;
 
 use crate::db::{pairs, value, written, Db, DbError, WriteBatch};
+use crate::db_routes::DbRoutes;
 
 /// A cheaply cloned async handle on a [`Db`].
 #[derive(Clone)]
@@ -40,22 +42,24 @@ impl AsyncDb {
     /// As [`Db::call`], awaiting instead of blocking.
     async fn call<T>(
         &self,
+        routes: &DbRoutes,
         position: usize,
+        deadline: Instant,
         mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg,
-    ) -> Result<T, DbError> {
-        let deadline = self.db.deadline();
+    ) -> Result<Option<T>, DbError> {
         loop {
-            let pause = match self.db.send_attempt(position, &mut make) {
+            let pause = match self.db.send_attempt(routes, position, &mut make) {
                 Ok((node, answer)) => {
-                    let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+                    let remaining = deadline.saturating_duration_since(Instant::now());
                     let got = tokio::time::timeout(remaining, answer).await.ok().and_then(Result::ok);
-                    match self.db.table().judge(position, node, got, deadline) {
-                        Attempt::Done(value) => return Ok(value),
+                    match routes.table.judge(position, node, got, deadline) {
+                        Attempt::Done(value) => return Ok(Some(value)),
                         Attempt::Fail(error) => return Err(error.into()),
                         Attempt::Retry(pause) => pause,
+                        Attempt::Reroute => return Ok(None),
                     }
                 }
-                Err(_) if std::time::Instant::now() >= deadline => {
+                Err(_) if Instant::now() >= deadline => {
                     return Err(DbError::Busy("the group's mailbox stayed full".into()))
                 }
                 Err(pause) => pause,
@@ -65,8 +69,17 @@ impl AsyncDb {
     }
 
     pub async fn write_batch(&self, batch: WriteBatch) -> Result<(), DbError> {
-        let (position, command) = self.db.write_request(batch)?;
-        written(self.call(position, |reply| PeerMsg::Write { command: command.clone(), reply }).await?)
+        let mut command = self.db.write_command(batch)?;
+        let deadline = self.db.deadline();
+        loop {
+            let routes = self.db.routes();
+            let position = routes.route_write(&mut command)?;
+            let make = |reply| PeerMsg::Write { command: command.clone(), reply };
+            match self.call(&routes, position, deadline, make).await? {
+                Some(outcome) => return written(outcome),
+                None => tokio::time::sleep(self.db.rerouted(deadline)?).await,
+            }
+        }
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), DbError> {
@@ -82,28 +95,51 @@ impl AsyncDb {
     }
 
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        let position = self.db.get_request(key)?;
-        if let Some(local) = self.db.local_get(position, key) {
-            return local;
+        self.db.check_key(key)?;
+        let deadline = self.db.deadline();
+        loop {
+            let routes = self.db.routes();
+            let position = routes.table.position_of(key);
+            if let Some(local) = self.db.local_get(&routes, position, key) {
+                return local;
+            }
+            let make = |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply };
+            match self.call(&routes, position, deadline, make).await? {
+                Some(result) => return value(result),
+                None => tokio::time::sleep(self.db.rerouted(deadline)?).await,
+            }
         }
-        let request = |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply };
-        value(self.call(position, request).await?)
     }
 
     pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
+        let deadline = self.db.deadline();
         let mut out = Vec::new();
-        for position in self.db.scan_positions(start, end)? {
-            if out.len() >= limit {
-                break;
+        let mut from = start.to_vec();
+        'routes: loop {
+            let routes = self.db.routes();
+            for position in routes.table.scan_positions(&from, end)? {
+                if out.len() >= limit {
+                    break;
+                }
+                let part = match self.db.local_scan(&routes, position, &from, end, limit - out.len()) {
+                    Some(local) => local?,
+                    None => {
+                        let request = routes.scan_request(position, &from, end, limit - out.len());
+                        let make = |reply| PeerMsg::Read { request: request.clone(), reply };
+                        match self.call(&routes, position, deadline, make).await? {
+                            Some(result) => pairs(result)?,
+                            None => {
+                                tokio::time::sleep(self.db.rerouted(deadline)?).await;
+                                continue 'routes;
+                            }
+                        }
+                    }
+                };
+                out.extend(part);
+                from = routes.table.range(position).end.clone();
             }
-            if let Some(local) = self.db.local_scan(position, start, end, limit - out.len()) {
-                out.extend(local?);
-                continue;
-            }
-            let request = self.db.scan_request(position, start, end, limit - out.len());
-            out.extend(pairs(self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply }).await?)?);
+            return Ok(out);
         }
-        Ok(out)
     }
 
     /// Closes the database once this is the last handle (it blocks briefly: threads stop, the state machine

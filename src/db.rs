@@ -16,6 +16,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use flotilla_engine::disk::{Disk, StdDisk};
@@ -24,13 +26,14 @@ use flotilla_engine::wal::record::ENTRY_DATA_BYTES_MAX;
 use flotilla_engine::wal::WalOptions;
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
-use flotilla_raftstore::range::INITIAL_GROUPS_MAX;
+use flotilla_raftstore::range::{SplitRequest, INITIAL_GROUPS_MAX};
 use flotilla_raftstore::store::{
-    local_reader::ReadLease, InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
+    InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
 };
 
 use flotilla_router::route::{Answer, Attempt, RangeTable, RouteError};
 
+use crate::db_routes::DbRoutes;
 use crate::layout::{self, DirLock};
 use crate::node::Node;
 
@@ -280,11 +283,10 @@ impl WriteBatch {
 pub struct Db {
     config: Config,
     dir: PathBuf,
-    /// The ranges (sorted, covering the key space) and the node believed to lead each (`router/src/route.rs`).
-    table: RangeTable,
-    /// Per range (same positions), per node (1-based id − 1): the group's published local-read grant there
-    /// (see [`Db::local_get`]).
-    read_leases: Vec<Vec<Arc<ReadLease>>>,
+    /// The routing table as it stands (`db_routes.rs`): swapped whole after a split.
+    routes: RwLock<Arc<DbRoutes>>,
+    /// Splits one at a time (each takes the next unused group id).
+    splitting: Mutex<()>,
     nodes: Vec<Node>,
     /// The directory's lock, held until everything above has stopped (fields drop in order).
     _lock: DirLock,
@@ -333,49 +335,74 @@ impl Db {
             let node = &nodes[table.leader(position) as usize - 1];
             node.store().campaign_all([range.group_id]);
         }
-        let read_leases = (table.ranges().iter())
-            .map(|range| nodes.iter().map(|node| node.store().local_reader().lease(range.group_id)).collect())
-            .collect();
-        Ok(Db { config, dir, table, read_leases, nodes, _lock: lock })
+        let routes = RwLock::new(Arc::new(DbRoutes::new(table, &nodes)));
+        Ok(Db { config, dir, routes, splitting: Mutex::new(()), nodes, _lock: lock })
+    }
+
+    /// The routing table as it stands now (one per attempt of a request).
+    pub(crate) fn routes(&self) -> Arc<DbRoutes> {
+        Arc::clone(&self.routes.read())
+    }
+
+    /// A group refused a request as no longer holding its keys (a split moved them): the table is rebuilt from the
+    /// ranges the nodes store, and the request routed again after a moment (a node may not have applied the split
+    /// yet) — until `deadline`.
+    pub(crate) fn rerouted(&self, deadline: Instant) -> Result<Duration, DbError> {
+        if Instant::now() >= deadline {
+            return Err(DbError::Timeout);
+        }
+        self.refresh_routes()?;
+        Ok(Duration::from_millis(1))
+    }
+
+    /// Rebuilds the routing table from the ranges the nodes store.
+    fn refresh_routes(&self) -> Result<(), DbError> {
+        let mut routes = self.routes.write();
+        *routes = Arc::new(routes.rebuilt(&self.nodes, self.config.nodes)?);
+        Ok(())
     }
 
     /// Sends one attempt of a request to the node believed to lead the range at `position`: the node and where
     /// its answer will come, or how long to wait before trying again (a full mailbox).
     pub(crate) fn send_attempt<T>(
         &self,
+        routes: &DbRoutes,
         position: usize,
         make: &mut impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg,
     ) -> Result<(u64, Answer<T>), Duration> {
         let (reply, answer) = oneshot::channel();
-        let node = self.table.leader(position);
+        let node = routes.table.leader(position);
         let store = self.nodes[node as usize - 1].store();
         if let Some(reason) = store.failure() {
             // The node stopped: answered at once, never sent.
             let _ = reply.send(Err(PeerError::Stopped(reason)));
             return Ok((node, answer));
         }
-        match store.router().send(self.table.range(position).group_id, make(reply)) {
+        match store.router().send(routes.table.range(position).group_id, make(reply)) {
             Ok(()) => Ok((node, answer)),
             Err(_) => Err(Duration::from_millis(1)), // the group is busy: back off
         }
     }
 
     /// Sends a request to the leader of the range at `position` and waits for its answer, following leader hints
-    /// and retrying while the group has no leader.
+    /// and retrying while the group has no leader, until `deadline`. `None`: the group no longer holds the
+    /// request's keys as `routes` says — route it again ([`Db::rerouted`]).
     fn call<T>(
         &self,
+        routes: &DbRoutes,
         position: usize,
+        deadline: Instant,
         mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg,
-    ) -> Result<T, DbError> {
-        let deadline = self.deadline();
+    ) -> Result<Option<T>, DbError> {
         loop {
-            let pause = match self.send_attempt(position, &mut make) {
+            let pause = match self.send_attempt(routes, position, &mut make) {
                 Ok((node, answer)) => {
                     let got = answer.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok();
-                    match self.table.judge(position, node, got, deadline) {
-                        Attempt::Done(value) => return Ok(value),
+                    match routes.table.judge(position, node, got, deadline) {
+                        Attempt::Done(value) => return Ok(Some(value)),
                         Attempt::Fail(error) => return Err(error.into()),
                         Attempt::Retry(pause) => pause,
+                        Attempt::Reroute => return Ok(None),
                     }
                 }
                 Err(_) if Instant::now() >= deadline => {
@@ -387,44 +414,34 @@ impl Db {
         }
     }
 
-    /// The range table (for the async API's retries).
-    pub(crate) fn table(&self) -> &RangeTable {
-        &self.table
-    }
-
     pub(crate) fn deadline(&self) -> Instant {
         Instant::now() + self.config.request_timeout
     }
 
-    /// The range position and command of a write batch, after its checks.
-    pub(crate) fn write_request(&self, batch: WriteBatch) -> Result<(usize, Command), DbError> {
+    /// The command of a write batch, after its checks (routed per attempt: [`DbRoutes::route_write`]).
+    pub(crate) fn write_command(&self, batch: WriteBatch) -> Result<Command, DbError> {
         self.config.check_batch(&batch.ops)?;
-        let position = self.table.batch_position(batch.ops.iter().map(|op| op.key.as_slice()))?;
-        Ok((position, Command::write(Some(self.table.range(position).epoch()), batch.ops)))
+        Ok(Command::write(None, batch.ops))
     }
 
-    /// The range position of a get, after its checks.
-    pub(crate) fn get_request(&self, key: &[u8]) -> Result<usize, DbError> {
-        self.config.check_key(key)?;
-        Ok(self.table.position_of(key))
-    }
-
-    /// The range positions a scan visits, in order, after its checks.
-    pub(crate) fn scan_positions(&self, start: &[u8], end: &[u8]) -> Result<std::ops::Range<usize>, DbError> {
-        Ok(self.table.scan_positions(start, end)?)
-    }
-
-    /// The replica's part of a scan of `[start, end)` at range `position`, routed with the range's epoch (refused
-    /// if the range changed since: its part would not be the one this table expects).
-    pub(crate) fn scan_request(&self, position: usize, start: &[u8], end: &[u8], limit: usize) -> ReadRequest {
-        let epoch = Some(self.table.range(position).epoch());
-        ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit, epoch }
+    /// The key of a get, after its checks.
+    pub(crate) fn check_key(&self, key: &[u8]) -> Result<(), DbError> {
+        self.config.check_key(key)
     }
 
     /// Applies `batch` atomically. Its keys must lie in one group's range ([`DbError::BatchSpansRanges`]).
     pub fn write_batch(&self, batch: WriteBatch) -> Result<(), DbError> {
-        let (position, command) = self.write_request(batch)?;
-        written(self.call(position, |reply| PeerMsg::Write { command: command.clone(), reply })?)
+        let mut command = self.write_command(batch)?;
+        let deadline = self.deadline();
+        loop {
+            let routes = self.routes();
+            let position = routes.route_write(&mut command)?;
+            let make = |reply| PeerMsg::Write { command: command.clone(), reply };
+            match self.call(&routes, position, deadline, make)? {
+                Some(outcome) => return written(outcome),
+                None => std::thread::sleep(self.rerouted(deadline)?),
+            }
+        }
     }
 
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), DbError> {
@@ -441,11 +458,20 @@ impl Db {
 
     /// The value of `key`, linearizable: it reflects every write acknowledged before the call.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        let position = self.get_request(key)?;
-        if let Some(local) = self.local_get(position, key) {
-            return local;
+        self.check_key(key)?;
+        let deadline = self.deadline();
+        loop {
+            let routes = self.routes();
+            let position = routes.table.position_of(key);
+            if let Some(local) = self.local_get(&routes, position, key) {
+                return local;
+            }
+            let make = |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply };
+            match self.call(&routes, position, deadline, make)? {
+                Some(result) => return value(result),
+                None => std::thread::sleep(self.rerouted(deadline)?),
+            }
         }
-        value(self.call(position, |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply })?)
     }
 
     /// The **local read path**: served on the caller's thread from the state machine of the node believed to
@@ -453,35 +479,42 @@ impl Db {
     /// first entry, and is the group's only voter (one node) or holds a leader lease (see
     /// `raftstore/src/store/local_reader.rs`). Linearizable as a read through the replica is. `None`: the read
     /// must go through the replica (which also renews what it publishes).
-    pub(crate) fn local_get(&self, position: usize, key: &[u8]) -> Option<Result<Option<Vec<u8>>, DbError>> {
-        self.local_read(position, |kv| kv.get(key), "a read")
+    pub(crate) fn local_get(
+        &self,
+        routes: &DbRoutes,
+        position: usize,
+        key: &[u8],
+    ) -> Option<Result<Option<Vec<u8>>, DbError>> {
+        self.local_read(routes, position, |kv| kv.get(key), "a read")
     }
 
     /// The part of a scan in the group at `position`, served locally as [`Db::local_get`] is.
     pub(crate) fn local_scan(
         &self,
+        routes: &DbRoutes,
         position: usize,
         start: &[u8],
         end: &[u8],
         limit: usize,
     ) -> Option<Result<Vec<KeyValue>, DbError>> {
-        let (start, end) = self.table.range(position).clip(start, end);
-        self.local_read(position, |kv| kv.scan(&start, &end, limit), "a scan")
+        let (start, end) = routes.table.range(position).clip(start, end);
+        self.local_read(routes, position, |kv| kv.scan(&start, &end, limit), "a scan")
     }
 
     /// Runs `read` on the state machine of the node believed to lead the group at `position` if its grant holds
     /// (`None`: it does not); a stopped node refuses, and a failed read stops it.
     fn local_read<T>(
         &self,
+        routes: &DbRoutes,
         position: usize,
         read: impl FnOnce(&StateMachine) -> Result<T, StateMachineError>,
         what: &str,
     ) -> Option<Result<T, DbError>> {
-        let node_index = self.table.leader(position) as usize - 1;
-        let node = &self.nodes[node_index];
+        let leader = routes.table.leader(position);
+        let node = &self.nodes[leader as usize - 1];
         let store = node.store();
-        let range_version = self.table.range(position).epoch().version;
-        if !store.local_reader().holds(&self.read_leases[position][node_index], range_version) {
+        let range_version = routes.table.range(position).epoch().version;
+        if !store.local_reader().holds(routes.lease(position, leader), range_version) {
             return None;
         }
         if let Some(reason) = store.failure() {
@@ -493,19 +526,35 @@ impl Db {
     /// Up to `limit` pairs with `start <= key < end` (`end` empty: to the end of the key space), in key order.
     /// Each group's part is linearizable on its own; the scan as a whole is not a single snapshot.
     pub fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
+        let deadline = self.deadline();
         let mut out = Vec::new();
-        for position in self.scan_positions(start, end)? {
-            if out.len() >= limit {
-                break;
+        // Where the part still to read starts: the ranges before it are read whole (a reroute goes on from here).
+        let mut from = start.to_vec();
+        'routes: loop {
+            let routes = self.routes();
+            for position in routes.table.scan_positions(&from, end)? {
+                if out.len() >= limit {
+                    break;
+                }
+                let part = match self.local_scan(&routes, position, &from, end, limit - out.len()) {
+                    Some(local) => local?,
+                    None => {
+                        let request = routes.scan_request(position, &from, end, limit - out.len());
+                        let make = |reply| PeerMsg::Read { request: request.clone(), reply };
+                        match self.call(&routes, position, deadline, make)? {
+                            Some(result) => pairs(result)?,
+                            None => {
+                                std::thread::sleep(self.rerouted(deadline)?);
+                                continue 'routes;
+                            }
+                        }
+                    }
+                };
+                out.extend(part);
+                from = routes.table.range(position).end.clone();
             }
-            if let Some(local) = self.local_scan(position, start, end, limit - out.len()) {
-                out.extend(local?);
-                continue;
-            }
-            let request = self.scan_request(position, start, end, limit - out.len());
-            out.extend(pairs(self.call(position, |reply| PeerMsg::Read { request: request.clone(), reply })?)?);
+            return Ok(out);
         }
-        Ok(out)
     }
 
     /// **Stale read**, the cheaper option: the value of `key` in the applied state of one replica (on `node`,
@@ -514,7 +563,7 @@ impl Db {
     /// after the leader), and successive stale reads on different nodes may go back in time. Use [`Db::get`]
     /// when a read must reflect every acknowledged write.
     pub fn get_stale(&self, node: u64, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        self.get_request(key)?;
+        self.check_key(key)?;
         let node = self.node(node)?;
         node.kv.get(key).map_err(|error| node.fail(format!("a stale read: {error}")))
     }
@@ -522,7 +571,7 @@ impl Db {
     /// **Stale scan** (see [`Db::get_stale`]): up to `limit` pairs of `[start, end)` from one node's applied
     /// state, as one consistent snapshot of that replica.
     pub fn scan_stale(&self, node: u64, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
-        self.scan_positions(start, end)?;
+        self.routes().table.scan_positions(start, end)?;
         let node = self.node(node)?;
         node.kv.scan(start, end, limit).map_err(|error| node.fail(format!("a stale scan: {error}")))
     }
@@ -537,10 +586,12 @@ impl Db {
     /// once; the move completes within about an election timeout (requests meanwhile follow the new leader).
     pub fn transfer_leader(&self, key: &[u8], node: u64) -> Result<(), DbError> {
         self.node(node)?;
-        let position = self.get_request(key)?;
-        let leader = self.table.leader(position);
+        self.check_key(key)?;
+        let routes = self.routes();
+        let position = routes.table.position_of(key);
+        let leader = routes.table.leader(position);
         let store = self.nodes[leader as usize - 1].store();
-        let range = self.table.range(position);
+        let range = routes.table.range(position);
         // The group's replica on that node (every node holds every group here).
         let Some(replica_id) = range.replicas.iter().find(|r| r.node_id == node).map(|r| r.replica_id) else {
             return Err(DbError::InvalidArgument(format!("group {} has no replica on node {node}", range.group_id)));
@@ -549,16 +600,47 @@ impl Db {
         Ok(())
     }
 
+    /// Splits the range holding `key` so that `key` starts a range of its own, served by a new group on the same
+    /// nodes (no data moves; see `docs/architecture.md`, "Splits"). Done at once if `key` already starts a range.
+    /// Returns once the split is applied where the range's group leads; requests for the new range follow.
+    pub fn split_at(&self, key: &[u8]) -> Result<(), DbError> {
+        self.check_key(key)?;
+        if key.is_empty() {
+            return Ok(()); // the first range starts there
+        }
+        let _one_at_a_time = self.splitting.lock();
+        let deadline = self.deadline();
+        loop {
+            let routes = self.routes();
+            let position = routes.table.position_of(key);
+            let range = routes.table.range(position);
+            if range.start == key {
+                return Ok(());
+            }
+            let (group_id, replica_id) = crate::db_routes::next_ids(&self.nodes)?;
+            let right_replica_ids = (replica_id..).take(range.replicas.len()).collect();
+            let split = SplitRequest { split_key: key.to_vec(), right_group_id: group_id, right_replica_ids };
+            let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+            match self.call(&routes, position, deadline, make)? {
+                Some(Outcome::Split { .. }) => return self.refresh_routes(),
+                Some(Outcome::InvalidSplit(reason)) => return Err(DbError::InvalidArgument(reason)),
+                // The range changed between routing and applying (another split came first): again.
+                Some(Outcome::Refused(_)) | None => std::thread::sleep(self.rerouted(deadline)?),
+                Some(other) => return Err(DbError::Storage(format!("a split answered {other:?}"))),
+            }
+        }
+    }
+
     /// The node each group's leader is believed to be on (by range position), as clients last learned it.
     pub fn leader_nodes(&self) -> Vec<u64> {
-        self.table.leaders()
+        self.routes().table.leaders()
     }
 
     /// Each node's applied index of each group (`[node][range position]`): replicas converge on the same values.
     pub fn applied_indexes(&self) -> Vec<Vec<u64>> {
         self.nodes
             .iter()
-            .map(|node| self.table.ranges().iter().map(|range| node.kv.applied(range.group_id).0).collect())
+            .map(|node| self.routes().table.ranges().iter().map(|range| node.kv.applied(range.group_id).0).collect())
             .collect()
     }
 
@@ -569,7 +651,7 @@ impl Db {
 
     /// How many groups the key space is split into.
     pub fn groups(&self) -> usize {
-        self.table.len()
+        self.routes().table.len()
     }
 
     /// Stops the groups and makes everything applied durable in the state machine (a reopen then replays
@@ -603,9 +685,36 @@ impl Drop for Db {
 
 #[cfg(test)]
 mod tests {
-    use super::{Config, Db};
+    use super::{Config, Db, PeerMsg, SplitRequest};
     use flotilla_engine::log_engine::LogEngine;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn requests_routed_by_the_table_before_a_split_are_routed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_with(dir.path(), Config { groups: 1, nodes: 3, ..Config::default() }).unwrap();
+        for i in 0..40u32 {
+            db.put(format!("k{i:02}").as_bytes(), b"v").unwrap();
+        }
+        // Split behind the table's back: it still says one range, group 1 holds every key.
+        let routes = db.routes();
+        let split = SplitRequest { split_key: b"k20".to_vec(), right_group_id: 2, right_replica_ids: vec![11, 12, 13] };
+        let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+        assert!(db.call(&routes, 0, db.deadline(), make).unwrap().is_some());
+        assert_eq!(db.groups(), 1, "the table has not seen it");
+        // A write, a read and a scan of the split-off keys are refused by group 1, and routed again.
+        db.put(b"k30", b"w").unwrap();
+        assert_eq!(db.groups(), 2, "the table was rebuilt from the stored ranges");
+        assert_eq!(db.get(b"k30").unwrap().as_deref(), Some(&b"w"[..]));
+        let routes_now = db.routes();
+        assert_eq!(routes_now.table.range(1).group_id, 2);
+        drop(routes_now);
+        // A scan started with the old table (its epoch refused) goes on from where it was.
+        *db.routes.write() = routes;
+        assert_eq!(db.scan(b"", b"", usize::MAX).unwrap().len(), 40);
+        assert_eq!(db.groups(), 2);
+        db.close().unwrap();
+    }
 
     #[test]
     fn every_log_is_compacted_and_the_wal_purged_as_the_state_machine_checkpoints() {
@@ -622,7 +731,7 @@ mod tests {
             // spread over the groups
         }
         let log = &db.nodes[0].log;
-        let groups: Vec<u64> = db.table.ranges().iter().map(|r| r.group_id).collect();
+        let groups: Vec<u64> = db.routes().table.ranges().iter().map(|r| r.group_id).collect();
         // 4 MB written: the memtable checkpointed many times; every group's log is compacted behind it and the
         // WAL purged down to about two segments (the active one cannot go).
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -15,6 +15,7 @@
 pub mod async_db;
 pub mod client;
 pub mod db;
+mod db_routes;
 pub mod layout;
 mod node;
 pub mod resp;

@@ -39,6 +39,9 @@ pub enum Attempt<T> {
     Done(T),
     Retry(Duration),
     Fail(RouteError),
+    /// The group no longer holds the request's keys as this table says (a split moved them, or the request was
+    /// routed with an older epoch): nothing happened; route it again by a table as the groups have it now.
+    Reroute,
 }
 
 /// Where the answer to one attempt comes.
@@ -64,6 +67,17 @@ impl RangeTable {
 
     pub fn len(&self) -> usize {
         self.ranges.len()
+    }
+
+    /// This table with the leader hints of `older` for the groups both know (a table rebuilt after a split keeps
+    /// what requests learned).
+    pub fn with_hints_from(self, older: &RangeTable) -> RangeTable {
+        for (position, range) in self.ranges.iter().enumerate() {
+            if let Some(at) = older.ranges.iter().position(|old| old.group_id == range.group_id) {
+                self.leaders[position].store(older.leader(at), Ordering::Relaxed);
+            }
+        }
+        self
     }
 
     /// The nodes leaders are looked for on (`1..=nodes`).
@@ -154,6 +168,11 @@ impl RangeTable {
             ))),
             Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
                 Attempt::Fail(RouteError::BatchSpansRanges { first_outside })
+            }
+            Some(Err(PeerError::Range(RangeError::KeyNotInRange { .. } | RangeError::StaleEpoch { .. })))
+                if in_time =>
+            {
+                Attempt::Reroute
             }
             Some(Err(other)) if in_time => Attempt::Fail(RouteError::Storage(format!("unexpected refusal: {other:?}"))),
             Some(Err(_)) | None => Attempt::Fail(RouteError::Timeout),

@@ -220,6 +220,14 @@ impl Requests {
             match self.table.judge(position, node, answer, deadline) {
                 Attempt::Done(answered) => return Ok(answered),
                 Attempt::Retry(pause) => tokio::time::sleep(pause).await,
+                // Nothing proposes a split on a server yet (its table is the one it started with): a group that
+                // no longer holds the keys is an error here until routing follows splits on the server too.
+                Attempt::Reroute => {
+                    return Err(RouteError::Storage(format!(
+                        "group {} no longer holds the request's keys as this node's routing table says",
+                        self.table.range(position).group_id
+                    )))
+                }
                 Attempt::Fail(error) => return Err(error),
             }
         }

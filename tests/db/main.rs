@@ -7,6 +7,7 @@ use flotilla::{Config, Db, DbError, WriteBatch};
 
 mod linearizable;
 mod misuse;
+mod split;
 
 fn small_config() -> Config {
     let mut config = Config::default();

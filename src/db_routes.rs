@@ -1,0 +1,97 @@
+//! The embedded `Db`'s routing table as it stands ([`DbRoutes`]): the ranges with the node believed to lead each
+//! (`router/src/route.rs`), and each group's published local-read grant on every node. A request takes the whole
+//! table once per attempt (an `Arc`), so that the range, the group and the grants it routes by belong together;
+//! after a split the table is rebuilt from the ranges the nodes store and swapped in whole.
+
+use std::sync::Arc;
+
+use flotilla_raftstore::command::Command;
+use flotilla_raftstore::range::RangeDescriptor;
+use flotilla_raftstore::store::local_reader::ReadLease;
+use flotilla_raftstore::store::ReadRequest;
+use flotilla_router::route::RangeTable;
+
+use crate::db::{storage, DbError};
+use crate::node::Node;
+
+pub(crate) struct DbRoutes {
+    pub(crate) table: RangeTable,
+    /// Per range (the table's positions), per node (1-based id − 1): the group's grant there.
+    leases: Vec<Vec<Arc<ReadLease>>>,
+}
+
+impl DbRoutes {
+    pub(crate) fn new(table: RangeTable, nodes: &[Node]) -> DbRoutes {
+        let leases = (table.ranges().iter())
+            .map(|range| nodes.iter().map(|node| node.store().local_reader().lease(range.group_id)).collect())
+            .collect();
+        DbRoutes { table, leases }
+    }
+
+    /// The routes the nodes' stored ranges give now (a split applied since `self` was made), keeping the leader
+    /// hints of the groups `self` knows: the most split node's view — every node holds every group, and one that
+    /// has not applied a split yet still has the range whole, which routes correctly but for the split's keys.
+    pub(crate) fn rebuilt(&self, nodes: &[Node], node_count: u64) -> Result<DbRoutes, DbError> {
+        let mut best: Option<(u64, Vec<RangeDescriptor>)> = None;
+        for node in nodes {
+            let ranges = stored_ranges(node)?;
+            let versions = ranges.iter().map(|range| range.epoch().version).sum::<u64>();
+            if best.as_ref().is_none_or(|(most, _)| versions > *most) {
+                best = Some((versions, ranges));
+            }
+        }
+        let ranges = best.map(|(_, ranges)| ranges).unwrap_or_default();
+        if ranges.is_empty() {
+            return Err(DbError::Storage("no node stores a range".into()));
+        }
+        let table = RangeTable::new(ranges, node_count).with_hints_from(&self.table);
+        Ok(DbRoutes::new(table, nodes))
+    }
+
+    /// The grant of the group at `position` on node `node` (1-based).
+    pub(crate) fn lease(&self, position: usize, node: u64) -> &ReadLease {
+        &self.leases[position][node as usize - 1]
+    }
+
+    /// The range position of `command`'s keys, its epoch set to that range's.
+    pub(crate) fn route_write(&self, command: &mut Command) -> Result<usize, DbError> {
+        let position = self.table.batch_position(command.ops.iter().map(|op| op.key.as_slice()))?;
+        command.epoch = Some(self.table.range(position).epoch());
+        Ok(position)
+    }
+
+    /// The replica's part of a scan of `[start, end)` at range `position`, routed with the range's epoch (refused
+    /// if the range changed since: its part would not be the one this table expects).
+    pub(crate) fn scan_request(&self, position: usize, start: &[u8], end: &[u8], limit: usize) -> ReadRequest {
+        let epoch = Some(self.table.range(position).epoch());
+        ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit, epoch }
+    }
+}
+
+/// The ranges node `node` holds a replica of, as it last applied them.
+pub(crate) fn stored_ranges(node: &Node) -> Result<Vec<RangeDescriptor>, DbError> {
+    let mut ranges = Vec::new();
+    for (group_id, bytes) in node.kv.ranges().map_err(storage)? {
+        let range = RangeDescriptor::decode_stored(&bytes)
+            .map_err(|e| DbError::Storage(format!("the stored range of group {group_id}: {e}")))?;
+        if range.lists_node(node.id) {
+            ranges.push(range);
+        }
+    }
+    Ok(ranges)
+}
+
+/// The next unused group id and replica id among every range the nodes store (a node keeps the descriptor of a
+/// group it left, so ids once used stay counted).
+pub(crate) fn next_ids(nodes: &[Node]) -> Result<(u64, u64), DbError> {
+    let (mut group_id, mut replica_id) = (0, 0);
+    for node in nodes {
+        for (group, bytes) in node.kv.ranges().map_err(storage)? {
+            group_id = group_id.max(group);
+            if let Ok(range) = RangeDescriptor::decode_stored(&bytes) {
+                replica_id = range.replicas.iter().map(|r| r.replica_id).fold(replica_id, u64::max);
+            }
+        }
+    }
+    Ok((group_id + 1, replica_id + 1))
+}

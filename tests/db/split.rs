@@ -1,0 +1,79 @@
+//! Splitting a range by request (`Db::split_at`): the new range is served by a new group on the same nodes, every
+//! key stays readable and writable on both sides, scans cross the boundary in key order, a reopened database keeps
+//! its ranges, on one node and on three. (A table that learns of a split only from a group's refusal: `db.rs`'s
+//! unit tests.)
+
+use flotilla::{AsyncDb, Config, Db};
+
+fn key(i: u32) -> Vec<u8> {
+    format!("user:{i:06}").into_bytes()
+}
+
+fn check_all(db: &Db, count: u32, value: &str) {
+    for i in 0..count {
+        assert_eq!(db.get(&key(i)).unwrap().as_deref(), Some(value.as_bytes()), "key {i}");
+    }
+    let pairs = db.scan(b"user:", b"user;", usize::MAX).unwrap();
+    assert_eq!(pairs.len(), count as usize, "one scan across every range");
+    assert!(pairs.windows(2).all(|pair| pair[0].0 < pair[1].0), "in key order");
+}
+
+fn split_and_serve(config: Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(dir.path(), config.clone()).unwrap();
+    let groups = db.groups();
+    // All these keys share their first bytes: one range holds them all.
+    for i in 0..300 {
+        db.put(&key(i), b"before").unwrap();
+    }
+    db.split_at(&key(100)).unwrap();
+    db.split_at(&key(200)).unwrap();
+    assert_eq!(db.groups(), groups + 2);
+    db.split_at(&key(200)).unwrap(); // already a boundary: nothing to do
+    assert_eq!(db.groups(), groups + 2);
+    check_all(&db, 300, "before");
+    for i in 0..300 {
+        db.put(&key(i), b"after").unwrap();
+    }
+    check_all(&db, 300, "after");
+    // A write batch that crosses the new boundary is refused, saying where to cut.
+    let mut batch = flotilla::WriteBatch::new();
+    batch.put(key(99), b"x".to_vec());
+    batch.put(key(100), b"x".to_vec());
+    assert!(matches!(db.write_batch(batch), Err(flotilla::DbError::BatchSpansRanges { .. })));
+    db.close().unwrap();
+    // Reopened, the database keeps its ranges and data.
+    let db = Db::open_with(dir.path(), config).unwrap();
+    assert_eq!(db.groups(), groups + 2);
+    check_all(&db, 300, "after");
+    db.close().unwrap();
+}
+
+#[test]
+fn a_split_range_serves_both_sides_and_survives_a_reopen() {
+    split_and_serve(Config { groups: 2, ..Config::default() });
+}
+
+#[test]
+fn a_split_range_serves_both_sides_on_three_nodes() {
+    split_and_serve(Config { groups: 2, nodes: 3, ..Config::default() });
+}
+
+#[test]
+fn the_async_api_serves_both_sides_after_a_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = AsyncDb::new(Db::open_with(dir.path(), Config { groups: 1, ..Config::default() }).unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        for i in 0..50 {
+            db.put(&key(i), b"v").await.unwrap();
+        }
+        db.blocking().split_at(&key(25)).unwrap();
+        for i in 0..50 {
+            db.put(&key(i), b"w").await.unwrap();
+            assert_eq!(db.get(&key(i)).await.unwrap().as_deref(), Some(&b"w"[..]));
+        }
+        assert_eq!(db.scan(b"", b"", usize::MAX).await.unwrap().len(), 50);
+    });
+    db.close().unwrap();
+}
