@@ -26,7 +26,7 @@ use flotilla_engine::wal::record::ENTRY_DATA_BYTES_MAX;
 use flotilla_engine::wal::WalOptions;
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
-use flotilla_raftstore::range::{SplitRequest, INITIAL_GROUPS_MAX};
+use flotilla_raftstore::range::{RangeDescriptor, SplitRequest, INITIAL_GROUPS_MAX};
 use flotilla_raftstore::store::{
     InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
 };
@@ -287,6 +287,7 @@ pub struct Db {
     routes: RwLock<Arc<DbRoutes>>,
     /// Splits one at a time (each takes the next unused group id).
     splitting: Mutex<()>,
+    disk: Arc<dyn Disk>,
     nodes: Vec<Node>,
     /// The directory's lock, held until everything above has stopped (fields drop in order).
     _lock: DirLock,
@@ -327,7 +328,12 @@ impl Db {
             let (node, node_ranges) = Node::open(id, &disk, &node_dir, &config, Arc::clone(&transport), true)?;
             in_process.add_node(id, node.store().inbox());
             nodes.push(node);
-            ranges = node_ranges;
+            // The most split node's view (a node that had not applied a split when the database closed applies
+            // it again from its log; the table must not wait for that).
+            let versions = |ranges: &[RangeDescriptor]| ranges.iter().map(|r| r.epoch().version).sum::<u64>();
+            if ranges.is_empty() || versions(&node_ranges) > versions(&ranges) {
+                ranges = node_ranges;
+            }
         }
         // Leaders spread over the nodes: each group campaigns where the table first looks for its leader.
         let table = RangeTable::new(ranges, config.nodes);
@@ -336,7 +342,7 @@ impl Db {
             node.store().campaign_all([range.group_id]);
         }
         let routes = RwLock::new(Arc::new(DbRoutes::new(table, &nodes)));
-        Ok(Db { config, dir, routes, splitting: Mutex::new(()), nodes, _lock: lock })
+        Ok(Db { config, dir, routes, splitting: Mutex::new(()), disk, nodes, _lock: lock })
     }
 
     /// The routing table as it stands now (one per attempt of a request).
@@ -617,7 +623,8 @@ impl Db {
             if range.start == key {
                 return Ok(());
             }
-            let (group_id, replica_id) = crate::db_routes::next_ids(&self.nodes)?;
+            let (group_id, replica_id) =
+                crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.nodes, range.replicas.len())?;
             let right_replica_ids = (replica_id..).take(range.replicas.len()).collect();
             let split = SplitRequest { split_key: key.to_vec(), right_group_id: group_id, right_replica_ids };
             let make = |reply| PeerMsg::Split { split: split.clone(), reply };

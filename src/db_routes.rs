@@ -3,7 +3,10 @@
 //! table once per attempt (an `Arc`), so that the range, the group and the grants it routes by belong together;
 //! after a split the table is rebuilt from the ranges the nodes store and swapped in whole.
 
+use std::path::Path;
 use std::sync::Arc;
+
+use flotilla_engine::disk::Disk;
 
 use flotilla_raftstore::command::Command;
 use flotilla_raftstore::range::RangeDescriptor;
@@ -81,9 +84,36 @@ pub(crate) fn stored_ranges(node: &Node) -> Result<Vec<RangeDescriptor>, DbError
     Ok(ranges)
 }
 
+/// The file where the ids splits have taken are recorded, in the database's directory.
+pub(crate) const IDS_FILE: &str = "SPLIT-IDS";
+
+/// Takes a group id and `replicas` replica ids for a split, never one taken before: past the ids the nodes' stored
+/// ranges use and past those recorded in [`IDS_FILE`], which records these before the split is proposed. (A split
+/// whose state a crash lost before the state file's checkpoint is applied again from its group's log at the next
+/// open, under the ids it had: ids counted only from the stored ranges could be handed out again meanwhile.)
+pub(crate) fn take_ids(disk: &dyn Disk, dir: &Path, nodes: &[Node], replicas: usize) -> Result<(u64, u64), DbError> {
+    let (mut group_id, mut replica_id) = next_ids(nodes)?;
+    let path = dir.join(IDS_FILE);
+    if disk.list(dir).map_err(storage)?.contains(&path) {
+        let bytes = crate::layout::read_file(disk, &path, 64)?;
+        let damaged = || DbError::Storage(format!("{} is damaged", path.display()));
+        let (checksum, ids) = bytes.split_at_checked(4).ok_or_else(damaged)?;
+        if crc32c::crc32c(ids).to_le_bytes() != checksum || ids.len() != 16 {
+            return Err(damaged());
+        }
+        let recorded = |at: usize| u64::from_le_bytes(ids[at..at + 8].try_into().expect("8 bytes"));
+        group_id = group_id.max(recorded(0));
+        replica_id = replica_id.max(recorded(8));
+    }
+    let next = [(group_id + 1).to_le_bytes(), (replica_id + replicas as u64).to_le_bytes()].concat();
+    let file = [crc32c::crc32c(&next).to_le_bytes().as_slice(), &next].concat();
+    crate::layout::write_durably(disk, dir, IDS_FILE, &file)?;
+    Ok((group_id, replica_id))
+}
+
 /// The next unused group id and replica id among every range the nodes store (a node keeps the descriptor of a
 /// group it left, so ids once used stay counted).
-pub(crate) fn next_ids(nodes: &[Node]) -> Result<(u64, u64), DbError> {
+fn next_ids(nodes: &[Node]) -> Result<(u64, u64), DbError> {
     let (mut group_id, mut replica_id) = (0, 0);
     for node in nodes {
         for (group, bytes) in node.kv.ranges().map_err(storage)? {

@@ -4,7 +4,9 @@
 //! **Created** when a message arrives for a group the node does not hold: the replica opens empty (no range, no
 //! members) under the message's replica id and is registered; the leader then catches it up by snapshot, which
 //! brings the range. A group the node held before is not created again: a replica id is never reused, and the
-//! node keeps the group's last descriptor as the record that it held it.
+//! node keeps the group's last descriptor as the record that it held it. Nor one the state machine has a state
+//! for already: a split applied here made it, and its replica opens from that (`ReplicaTask::Split`, perhaps
+//! still queued behind the message's task).
 //!
 //! **Destroyed** once it applies its own removal (`Peer::is_removed`): unregistered (no more messages, ticks or
 //! requests reach it), forgotten by the ticker, its range's data dropped and its log compacted away
@@ -180,6 +182,11 @@ impl Replicas {
         if self.held.contains(&group_id) {
             // Held now (created by an earlier message) or before (removed): deliver, or drop.
             let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
+            return;
+        }
+        if self.kv.applied(group_id) != (0, 0) {
+            // A split applied here made the group, and the task to open it is behind this one in the queue: the
+            // message is dropped (Raft resends), the replica opens from the split's state.
             return;
         }
         let empty = RangeDescriptor { group_id, ..RangeDescriptor::default() };
