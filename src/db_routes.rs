@@ -125,3 +125,23 @@ fn next_ids(nodes: &[Node]) -> Result<(u64, u64), DbError> {
     }
     Ok((group_id + 1, replica_id + 1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_engine::disk::SimDisk;
+
+    #[test]
+    fn split_ids_are_recorded_before_use_and_never_handed_out_twice() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/db");
+        disk.create_dir_all(dir).unwrap();
+        assert_eq!(take_ids(&disk, dir, &[], 3).unwrap(), (1, 1));
+        assert_eq!(take_ids(&disk, dir, &[], 3).unwrap(), (2, 4), "past what the file records");
+        assert_eq!(take_ids(&disk, dir, &[], 1).unwrap(), (3, 7));
+        // Damage is refused, not read as "no ids taken".
+        let mut file = disk.open(&dir.join(IDS_FILE), false).unwrap();
+        file.write_at(5, &[0xff]).unwrap();
+        assert!(matches!(take_ids(&disk, dir, &[], 1), Err(DbError::Storage(_))));
+    }
+}
