@@ -16,9 +16,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 use flotilla_engine::disk::{Disk, StdDisk};
 use flotilla_engine::state_machine::{KeyValue, StateMachine, StateMachineError, StateMachineOptions};
@@ -26,7 +26,7 @@ use flotilla_engine::wal::record::ENTRY_DATA_BYTES_MAX;
 use flotilla_engine::wal::WalOptions;
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
-use flotilla_raftstore::range::{RangeDescriptor, SplitRequest, INITIAL_GROUPS_MAX};
+use flotilla_raftstore::range::{SplitRequest, INITIAL_GROUPS_MAX};
 use flotilla_raftstore::store::{
     InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
 };
@@ -322,19 +322,17 @@ impl Db {
         let transport: Arc<dyn Transport> =
             if config.nodes == 1 { Arc::new(NoTransport) } else { Arc::clone(&in_process) as Arc<dyn Transport> };
         let mut nodes = Vec::new();
-        let mut ranges = Vec::new();
+        let mut views = Vec::new();
         for id in 1..=config.nodes {
             let node_dir = if config.nodes == 1 { dir.clone() } else { layout::node_dir(&dir, id) };
             let (node, node_ranges) = Node::open(id, &disk, &node_dir, &config, Arc::clone(&transport), true)?;
             in_process.add_node(id, node.store().inbox());
             nodes.push(node);
-            // The most split node's view (a node that had not applied a split when the database closed applies
-            // it again from its log; the table must not wait for that).
-            let versions = |ranges: &[RangeDescriptor]| ranges.iter().map(|r| r.epoch().version).sum::<u64>();
-            if ranges.is_empty() || versions(&node_ranges) > versions(&ranges) {
-                ranges = node_ranges;
-            }
+            views.push(node_ranges);
         }
+        // A node that had not applied a split when the database closed applies it again from its log: the table
+        // does not wait for that.
+        let ranges = crate::db_routes::most_split(views);
         // Leaders spread over the nodes: each group campaigns where the table first looks for its leader.
         let table = RangeTable::new(ranges, config.nodes);
         for (position, range) in table.ranges().iter().enumerate() {

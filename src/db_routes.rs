@@ -31,19 +31,10 @@ impl DbRoutes {
         DbRoutes { table, leases }
     }
 
-    /// The routes the nodes' stored ranges give now (a split applied since `self` was made), keeping the leader
-    /// hints of the groups `self` knows: the most split node's view — every node holds every group, and one that
-    /// has not applied a split yet still has the range whole, which routes correctly but for the split's keys.
+    /// The routes the nodes' stored ranges give now (a split applied since `self` was made; the most split
+    /// node's view), keeping the leader hints of the groups `self` knows.
     pub(crate) fn rebuilt(&self, nodes: &[Node], node_count: u64) -> Result<DbRoutes, DbError> {
-        let mut best: Option<(u64, Vec<RangeDescriptor>)> = None;
-        for node in nodes {
-            let ranges = stored_ranges(node)?;
-            let versions = ranges.iter().map(|range| range.epoch().version).sum::<u64>();
-            if best.as_ref().is_none_or(|(most, _)| versions > *most) {
-                best = Some((versions, ranges));
-            }
-        }
-        let ranges = best.map(|(_, ranges)| ranges).unwrap_or_default();
+        let ranges = most_split(nodes.iter().map(stored_ranges).collect::<Result<Vec<_>, _>>()?);
         if ranges.is_empty() {
             return Err(DbError::Storage("no node stores a range".into()));
         }
@@ -69,6 +60,13 @@ impl DbRoutes {
         let epoch = Some(self.table.range(position).epoch());
         ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit, epoch }
     }
+}
+
+/// Of the nodes' views of the ranges, the one with the most splits applied (every node holds every group; one
+/// that has not applied a split yet still has the range whole, which routes correctly but for the split's keys).
+pub(crate) fn most_split(views: Vec<Vec<RangeDescriptor>>) -> Vec<RangeDescriptor> {
+    let versions = |ranges: &[RangeDescriptor]| ranges.iter().map(|range| range.epoch().version).sum::<u64>();
+    views.into_iter().max_by_key(|ranges| versions(ranges)).unwrap_or_default()
 }
 
 /// The ranges node `node` holds a replica of, as it last applied them.
