@@ -77,7 +77,7 @@ impl AsyncDb {
             let make = |reply| PeerMsg::Write { command: command.clone(), reply };
             match self.call(&routes, position, deadline, make).await? {
                 Some(outcome) => return written(outcome),
-                None => tokio::time::sleep(self.db.rerouted(deadline)?).await,
+                None => tokio::time::sleep(self.db.rerouted(&routes, deadline)?).await,
             }
         }
     }
@@ -106,7 +106,7 @@ impl AsyncDb {
             let make = |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply };
             match self.call(&routes, position, deadline, make).await? {
                 Some(result) => return value(result),
-                None => tokio::time::sleep(self.db.rerouted(deadline)?).await,
+                None => tokio::time::sleep(self.db.rerouted(&routes, deadline)?).await,
             }
         }
     }
@@ -129,7 +129,7 @@ impl AsyncDb {
                         match self.call(&routes, position, deadline, make).await? {
                             Some(result) => pairs(result)?,
                             None => {
-                                tokio::time::sleep(self.db.rerouted(deadline)?).await;
+                                tokio::time::sleep(self.db.rerouted(&routes, deadline)?).await;
                                 continue 'routes;
                             }
                         }

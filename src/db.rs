@@ -348,21 +348,23 @@ impl Db {
         Arc::clone(&self.routes.read())
     }
 
-    /// A group refused a request as no longer holding its keys (a split moved them): the table is rebuilt from the
-    /// ranges the nodes store, and the request routed again after a moment (a node may not have applied the split
-    /// yet) — until `deadline`.
-    pub(crate) fn rerouted(&self, deadline: Instant) -> Result<Duration, DbError> {
+    /// A group refused a request routed by `used` as no longer holding its keys (a split moved them): the table is
+    /// rebuilt from the ranges the nodes store — unless another request did since `used` was taken — and the
+    /// request routed again after a moment (a node may not have applied the split yet), until `deadline`.
+    pub(crate) fn rerouted(&self, used: &Arc<DbRoutes>, deadline: Instant) -> Result<Duration, DbError> {
         if Instant::now() >= deadline {
             return Err(DbError::Timeout);
         }
-        self.refresh_routes()?;
+        self.refresh_routes(used)?;
         Ok(Duration::from_millis(1))
     }
 
-    /// Rebuilds the routing table from the ranges the nodes store.
-    fn refresh_routes(&self) -> Result<(), DbError> {
+    /// Rebuilds the routing table from the ranges the nodes store, if it is still `used`.
+    fn refresh_routes(&self, used: &Arc<DbRoutes>) -> Result<(), DbError> {
         let mut routes = self.routes.write();
-        *routes = Arc::new(routes.rebuilt(&self.nodes, self.config.nodes)?);
+        if Arc::ptr_eq(&routes, used) {
+            *routes = Arc::new(routes.rebuilt(&self.nodes, self.config.nodes)?);
+        }
         Ok(())
     }
 
@@ -443,7 +445,7 @@ impl Db {
             let make = |reply| PeerMsg::Write { command: command.clone(), reply };
             match self.call(&routes, position, deadline, make)? {
                 Some(outcome) => return written(outcome),
-                None => std::thread::sleep(self.rerouted(deadline)?),
+                None => std::thread::sleep(self.rerouted(&routes, deadline)?),
             }
         }
     }
@@ -473,7 +475,7 @@ impl Db {
             let make = |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply };
             match self.call(&routes, position, deadline, make)? {
                 Some(result) => return value(result),
-                None => std::thread::sleep(self.rerouted(deadline)?),
+                None => std::thread::sleep(self.rerouted(&routes, deadline)?),
             }
         }
     }
@@ -548,7 +550,7 @@ impl Db {
                         match self.call(&routes, position, deadline, make)? {
                             Some(result) => pairs(result)?,
                             None => {
-                                std::thread::sleep(self.rerouted(deadline)?);
+                                std::thread::sleep(self.rerouted(&routes, deadline)?);
                                 continue 'routes;
                             }
                         }
@@ -627,10 +629,10 @@ impl Db {
             let split = SplitRequest { split_key: key.to_vec(), right_group_id: group_id, right_replica_ids };
             let make = |reply| PeerMsg::Split { split: split.clone(), reply };
             match self.call(&routes, position, deadline, make)? {
-                Some(Outcome::Split { .. }) => return self.refresh_routes(),
+                Some(Outcome::Split { .. }) => return self.refresh_routes(&routes),
                 Some(Outcome::InvalidSplit(reason)) => return Err(DbError::InvalidArgument(reason)),
                 // The range changed between routing and applying (another split came first): again.
-                Some(Outcome::Refused(_)) | None => std::thread::sleep(self.rerouted(deadline)?),
+                Some(Outcome::Refused(_)) | None => std::thread::sleep(self.rerouted(&routes, deadline)?),
                 Some(other) => return Err(DbError::Storage(format!("a split answered {other:?}"))),
             }
         }

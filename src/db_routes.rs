@@ -34,7 +34,7 @@ impl DbRoutes {
     /// The routes the nodes' stored ranges give now (a split applied since `self` was made; the most split
     /// node's view), keeping the leader hints of the groups `self` knows.
     pub(crate) fn rebuilt(&self, nodes: &[Node], node_count: u64) -> Result<DbRoutes, DbError> {
-        let ranges = most_split(nodes.iter().map(stored_ranges).collect::<Result<Vec<_>, _>>()?);
+        let ranges = most_split(nodes.iter().map(held_ranges).collect::<Result<Vec<_>, _>>()?);
         if ranges.is_empty() {
             return Err(DbError::Storage("no node stores a range".into()));
         }
@@ -70,15 +70,9 @@ pub(crate) fn most_split(views: Vec<Vec<RangeDescriptor>>) -> Vec<RangeDescripto
 }
 
 /// The ranges node `node` holds a replica of, as it last applied them.
-pub(crate) fn stored_ranges(node: &Node) -> Result<Vec<RangeDescriptor>, DbError> {
-    let mut ranges = Vec::new();
-    for (group_id, bytes) in node.kv.ranges().map_err(storage)? {
-        let range = RangeDescriptor::decode_stored(&bytes)
-            .map_err(|e| DbError::Storage(format!("the stored range of group {group_id}: {e}")))?;
-        if range.lists_node(node.id) {
-            ranges.push(range);
-        }
-    }
+fn held_ranges(node: &Node) -> Result<Vec<RangeDescriptor>, DbError> {
+    let mut ranges = crate::node::stored_ranges(&node.kv)?;
+    ranges.retain(|range| range.lists_node(node.id));
     Ok(ranges)
 }
 
@@ -114,11 +108,9 @@ pub(crate) fn take_ids(disk: &dyn Disk, dir: &Path, nodes: &[Node], replicas: us
 fn next_ids(nodes: &[Node]) -> Result<(u64, u64), DbError> {
     let (mut group_id, mut replica_id) = (0, 0);
     for node in nodes {
-        for (group, bytes) in node.kv.ranges().map_err(storage)? {
-            group_id = group_id.max(group);
-            if let Ok(range) = RangeDescriptor::decode_stored(&bytes) {
-                replica_id = range.replicas.iter().map(|r| r.replica_id).fold(replica_id, u64::max);
-            }
+        for range in crate::node::stored_ranges(&node.kv)? {
+            group_id = group_id.max(range.group_id);
+            replica_id = range.replicas.iter().map(|r| r.replica_id).fold(replica_id, u64::max);
         }
     }
     Ok((group_id + 1, replica_id + 1))

@@ -133,23 +133,22 @@ impl Node {
 /// The node's ranges: those its state file stores, or, at the first open of a `bootstrap` node, the initial
 /// layout (stored durably).
 fn load_or_create_ranges(kv: &StateMachine, config: &Config, bootstrap: bool) -> Result<Vec<RangeDescriptor>, DbError> {
-    let stored = kv.ranges().map_err(storage)?;
-    let mut ranges: Vec<RangeDescriptor> = if stored.is_empty() && bootstrap {
+    let mut ranges = stored_ranges(kv)?;
+    if ranges.is_empty() && bootstrap {
         let replicas: Vec<Replica> = (1..=config.nodes).map(|id| Replica::voter(id, id)).collect();
-        let ranges = initial_ranges(config.groups, 1, &replicas);
+        ranges = initial_ranges(config.groups, 1, &replicas);
         let encoded: Vec<(u64, Vec<u8>)> = ranges.iter().map(|range| (range.group_id, range.encode())).collect();
         kv.put_ranges(&encoded).map_err(storage)?;
-        ranges
-    } else {
-        let mut decoded = Vec::with_capacity(stored.len());
-        for (group_id, bytes) in stored {
-            decoded.push(
-                RangeDescriptor::decode_stored(&bytes)
-                    .map_err(|e| storage(format!("range of group {group_id}: {e}")))?,
-            );
-        }
-        decoded
-    };
+    }
     ranges.sort_by(|a, b| a.start.cmp(&b.start));
     Ok(ranges)
+}
+
+/// Every range descriptor the state file stores (the groups this node holds, and those it left), as last applied.
+pub(crate) fn stored_ranges(kv: &StateMachine) -> Result<Vec<RangeDescriptor>, DbError> {
+    let stored = kv.ranges().map_err(storage)?;
+    let decode = |(group_id, bytes): (u64, Vec<u8>)| {
+        RangeDescriptor::decode_stored(&bytes).map_err(|e| storage(format!("range of group {group_id}: {e}")))
+    };
+    stored.into_iter().map(decode).collect()
 }

@@ -165,10 +165,9 @@ pub fn apply_entries(
 pub struct ApplyBatch {
     pub group: GroupApply,
     pub applied: Vec<Applied>,
-    /// Groups its splits made: each one's first state (its descriptor, applied at the bootstrap index), to be
-    /// written with the group's batch (its data is already there: the range's keys).
-    pub created: Vec<GroupApply>,
-    /// Their ranges, for the node to open their replicas.
+    /// The ranges of the groups its splits made here: each one's first state (its descriptor, applied at the
+    /// bootstrap index) is written with the group's batch (its data is already there: the range's keys), and the
+    /// node opens their replicas.
     pub split_off: Vec<RangeDescriptor>,
     /// This batch's writes so far, for the compare-and-sets of later entries.
     overlay: Overlay,
@@ -204,7 +203,6 @@ impl ApplyBatch {
         ApplyBatch {
             group: GroupApply { group_id, ..Default::default() },
             applied: Vec::new(),
-            created: Vec::new(),
             split_off: Vec::new(),
             overlay: Overlay::default(),
         }
@@ -257,13 +255,6 @@ impl ApplyBatch {
         *descriptor = left;
         self.group.range = Some(descriptor.encode());
         if engine.applied(right.group_id) == (0, 0) {
-            self.created.push(GroupApply {
-                group_id: right.group_id,
-                ops: Vec::new(),
-                applied_index: BOOTSTRAP_INDEX,
-                applied_term: BOOTSTRAP_TERM,
-                range: Some(right.encode()),
-            });
             self.split_off.push(right.clone());
         }
         Outcome::Split { right: Box::new(right) }
@@ -276,8 +267,14 @@ impl ApplyBatch {
 
     /// [`ApplyBatch::finish`], and the ranges of the groups its splits made here.
     pub fn finish_with_splits(self) -> ((Vec<GroupApply>, Vec<Applied>), Vec<RangeDescriptor>) {
-        let mut groups = vec![self.group];
-        groups.extend(self.created);
+        let created = self.split_off.iter().map(|right| GroupApply {
+            group_id: right.group_id,
+            ops: Vec::new(),
+            applied_index: BOOTSTRAP_INDEX,
+            applied_term: BOOTSTRAP_TERM,
+            range: Some(right.encode()),
+        });
+        let groups = std::iter::once(self.group).chain(created).collect();
         ((groups, self.applied), self.split_off)
     }
 }

@@ -72,9 +72,11 @@ impl RangeTable {
     /// This table with the leader hints of `older` for the groups both know (a table rebuilt after a split keeps
     /// what requests learned).
     pub fn with_hints_from(self, older: &RangeTable) -> RangeTable {
+        let hints: std::collections::HashMap<u64, u64> =
+            (0..older.len()).map(|at| (older.ranges[at].group_id, older.leader(at))).collect();
         for (position, range) in self.ranges.iter().enumerate() {
-            if let Some(at) = older.ranges.iter().position(|old| old.group_id == range.group_id) {
-                self.leaders[position].store(older.leader(at), Ordering::Relaxed);
+            if let Some(&leader) = hints.get(&range.group_id) {
+                self.leaders[position].store(leader, Ordering::Relaxed);
             }
         }
         self

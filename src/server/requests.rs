@@ -113,14 +113,11 @@ impl Requests {
         self.transport.nodes()
     }
 
-    /// The descriptors of the groups this node holds a replica of, as last applied here (unreadable ones left
-    /// out: status only).
+    /// The descriptors of the groups this node holds a replica of, as last applied here (none if the state file
+    /// cannot say: status only).
     pub fn descriptors(&self) -> HashMap<u64, RangeDescriptor> {
-        let stored = self.kv.ranges().unwrap_or_default();
-        let decoded = stored.into_iter().filter_map(|(group_id, bytes)| {
-            RangeDescriptor::decode_stored(&bytes).ok().map(|descriptor| (group_id, descriptor))
-        });
-        decoded.collect()
+        let stored = crate::node::stored_ranges(&self.kv).unwrap_or_default();
+        stored.into_iter().map(|range| (range.group_id, range)).collect()
     }
 
     /// Adds a learner on node `node_id`, listening at `addr`, to the group at `position` (`join.rs`); done once

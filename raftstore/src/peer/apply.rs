@@ -33,4 +33,10 @@ impl Peer {
         self.split_off.extend(split_off);
         Ok(applied)
     }
+
+    /// The ranges splits applied here gave to new groups since the last call, in log order: the node opens a
+    /// replica of each (its first state is in the state machine, written with the split's batch).
+    pub fn take_split_off(&mut self) -> Vec<crate::range::RangeDescriptor> {
+        std::mem::take(&mut self.split_off)
+    }
 }

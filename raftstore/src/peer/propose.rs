@@ -49,12 +49,6 @@ impl Peer {
         self.propose_entry(token, command);
     }
 
-    /// The ranges splits applied here gave to new groups since the last call, in log order: the node opens a
-    /// replica of each (its first state is in the state machine, written with the split's batch).
-    pub fn take_split_off(&mut self) -> Vec<crate::range::RangeDescriptor> {
-        std::mem::take(&mut self.split_off)
-    }
-
     /// Proposes `command` as one entry and tracks it for `token`.
     fn propose_entry(&mut self, token: Token, command: Command) {
         match self.raw.propose(command.encode_entry()) {
