@@ -14,7 +14,8 @@
 //! - [`store`]: a node's group replicas in the batch system over the shared log and state machine — or run by
 //!   hand, the same code, in the store simulator (`store::stepped`).
 //! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,
-//!   splits of a range, and the initial layout of an embedded store.
+//!   splits of a range, and the initial layout of an embedded store; [`range_claims`]: which group holds which
+//!   keys on one node (splits and snapshot installs checked against each other).
 //! - [`split_check`]: where a range over its size bound should split (a scan of its data); [`load_split`]: where
 //!   a range whose load stays over a bound should split (sampled request keys).
 
@@ -27,5 +28,6 @@ pub mod load_split;
 pub mod message;
 pub mod peer;
 pub mod range;
+pub mod range_claims;
 pub mod split_check;
 pub mod store;

@@ -144,8 +144,19 @@ impl RangeDescriptor {
         flotilla_raft::ConfState { voters: ids(false), learners: ids(true), ..Default::default() }
     }
 
+    /// Whether the descriptor describes a group (a replica created empty has none until its first snapshot).
+    pub fn is_initialized(&self) -> bool {
+        !self.replicas.is_empty()
+    }
+
     pub fn contains(&self, key: &[u8]) -> bool {
         key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
+    }
+
+    /// Whether the two ranges share a key (an empty `end` is unbounded).
+    pub fn overlaps(&self, other: &RangeDescriptor) -> bool {
+        let before = |a: &RangeDescriptor, b: &RangeDescriptor| !a.end.is_empty() && a.end <= b.start;
+        !before(self, other) && !before(other, self)
     }
 
     /// Whether a data command with `keys`, sent with epoch `sent`, fits this range. Only the epoch's `version`
@@ -284,6 +295,10 @@ mod tests {
         for key in [&b"b"[..], b"c", b"l", b"m", b"z", b"\xff"] {
             assert_eq!(range.contains(key), left.contains(key) ^ right.contains(key), "{key:?} in exactly one");
         }
+        assert!(!left.overlaps(&right) && !right.overlaps(&left), "adjacent ranges share no key");
+        assert!(range.overlaps(&left) && right.overlaps(&range) && range.overlaps(&range));
+        let before = RangeDescriptor { start: Vec::new(), end: b"b".to_vec(), ..range.clone() };
+        assert!(!before.overlaps(&range) && before.overlaps(&RangeDescriptor { end: b"c".to_vec(), ..before.clone() }));
         // What does not fit: a key at the start or outside, an id in use, the wrong number of replica ids.
         let with = |change: fn(&mut SplitRequest)| {
             let mut request = request.clone();

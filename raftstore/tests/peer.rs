@@ -109,7 +109,7 @@ fn open_peer(id: u64, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
 fn open_peer_with(config: Config, log: &Arc<MemLogEngine>, kv: &MemKvEngine) -> Peer {
     prepare_groups(log.as_ref(), kv, &[descriptor()]).unwrap();
     let log: Arc<dyn LogEngine> = Arc::clone(log) as Arc<dyn LogEngine>;
-    Peer::open(config, peer_options(), descriptor(), log, kv).unwrap()
+    Peer::open(config, peer_options(), descriptor(), log, kv, Arc::default()).unwrap()
 }
 
 impl Group {
@@ -492,7 +492,7 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks_an
     let single = RangeDescriptor { replicas: vec![Replica::voter(1, 1)], ..descriptor() };
     let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
     prepare_groups(log.as_ref(), &kv, std::slice::from_ref(&single)).unwrap();
-    let mut peer = Peer::open(Config::new(1), peer_options(), single.clone(), log_engine, &kv).unwrap();
+    let mut peer = Peer::open(Config::new(1), peer_options(), single.clone(), log_engine, &kv, Arc::default()).unwrap();
     assert!(!peer.needs_ticks() && peer.is_hibernating(), "replicas open asleep");
     let (reply, persisted) = crossbeam_channel::unbounded();
     let drive = |peer: &mut Peer| {
@@ -846,7 +846,7 @@ impl Group {
         let empty = RangeDescriptor { group_id: 5, ..RangeDescriptor::default() };
         prepare_groups(log.as_ref(), &kv, std::slice::from_ref(&empty)).unwrap();
         let log_engine: Arc<dyn LogEngine> = Arc::clone(&log) as Arc<dyn LogEngine>;
-        let peer = Peer::open(Config::new(id), peer_options(), empty, log_engine, &kv).unwrap();
+        let peer = Peer::open(Config::new(id), peer_options(), empty, log_engine, &kv, Arc::default()).unwrap();
         let (reply, persisted) = crossbeam_channel::unbounded();
         self.nodes.push(Node {
             log,

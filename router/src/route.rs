@@ -82,6 +82,20 @@ impl RangeTable {
         self
     }
 
+    /// This table with what `ranges` say learned (descriptors as nodes applied them: a split's parts, a newer
+    /// membership), keeping the leader hints of the groups both know. A range replaces the parts of the ranges
+    /// it overlaps if it is newer than each of them (overlapping ranges are of one lineage: the higher version is
+    /// the newer; of one group, the later membership), else it is ignored; what it does not cover of a range it
+    /// replaces stays routed by that older range (refused there, and learned again), so the table always covers
+    /// the key space.
+    pub fn learned(&self, ranges: impl IntoIterator<Item = RangeDescriptor>) -> RangeTable {
+        let mut table = self.ranges.clone();
+        for range in ranges {
+            learn(&mut table, range);
+        }
+        RangeTable::new(table, self.nodes).with_hints_from(self)
+    }
+
     /// The nodes leaders are looked for on (`1..=nodes`).
     pub fn nodes(&self) -> u64 {
         self.nodes
@@ -182,6 +196,31 @@ impl RangeTable {
     }
 }
 
+/// Adds `range` to `table` (sorted, covering the key space) as [`RangeTable::learned`] says.
+fn learn(table: &mut Vec<RangeDescriptor>, range: RangeDescriptor) {
+    let newness = |r: &RangeDescriptor| (r.epoch().version, r.epoch().conf_version);
+    if table.iter().any(|known| known.overlaps(&range) && newness(known) >= newness(&range)) {
+        return;
+    }
+    let mut kept = Vec::with_capacity(table.len() + 2);
+    for known in table.drain(..) {
+        if !known.overlaps(&range) {
+            kept.push(known);
+            continue;
+        }
+        // What `range` does not cover of it: the part before, and the part after.
+        if known.start < range.start {
+            kept.push(RangeDescriptor { end: range.start.clone(), ..known.clone() });
+        }
+        if !range.end.is_empty() && (known.end.is_empty() || range.end < known.end) {
+            kept.push(RangeDescriptor { start: range.end.clone(), ..known });
+        }
+    }
+    kept.push(range);
+    kept.sort_by(|a, b| a.start.cmp(&b.start));
+    *table = kept;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +271,33 @@ mod tests {
         let late: Attempt<()> = table.judge(0, 2, Some(Err(PeerError::NotLeader { leader: 1 })), past);
         assert!(matches!(late, Attempt::Fail(RouteError::Timeout)));
         assert!(matches!(table.judge::<()>(0, 2, None, later), Attempt::Fail(RouteError::Timeout)));
+    }
+
+    #[test]
+    fn a_table_learns_splits_and_always_covers_the_key_space() {
+        let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
+        let whole = initial_ranges(1, 1, &replicas).remove(0);
+        let split = |range: &RangeDescriptor, key: &[u8], group: u64| {
+            let ids = vec![group * 10 + 1, group * 10 + 2, group * 10 + 3];
+            let request = flotilla_raftstore::range::SplitRequest {
+                split_key: key.to_vec(),
+                right_group_id: group,
+                right_replica_ids: ids,
+            };
+            range.split(&request).unwrap()
+        };
+        let (left, right) = split(&whole, b"m", 2);
+        let (left_left, left_right) = split(&left, b"f", 3);
+        let table = RangeTable::new(vec![whole.clone()], 3);
+        table.leaders[0].store(2, Ordering::Relaxed);
+        // Only the newest left part known: the rest is still routed by the range it came from.
+        let learned = table.learned([left_left.clone()]);
+        let bounds: Vec<_> = learned.ranges().iter().map(|r| (r.group_id, r.start.clone(), r.end.clone())).collect();
+        assert_eq!(bounds, vec![(1, vec![], b"f".to_vec()), (1, b"f".to_vec(), vec![])]);
+        assert_eq!(learned.leaders(), vec![2, 2], "hints kept by group");
+        // Older views change nothing; the rest completes it.
+        let learned = learned.learned([whole, left.clone(), right.clone(), left_right.clone()]);
+        assert_eq!(learned.ranges(), &[left_left, left_right, right][..]);
+        assert_eq!(learned.position_of(b"g"), 1);
     }
 }

@@ -409,3 +409,24 @@ fn with_heartbeats_skipped_after_appends_a_follower_that_just_got_one_gets_no_he
     let trace = c.take_trace();
     assert!(trace.iter().any(|m| m.starts_with("1->2 Heartbeat")), "{trace:?}");
 }
+
+#[test]
+fn a_replica_holding_apply_persists_and_acknowledges_entries_but_applies_none_until_let_go() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    c.elect(1);
+    let before = c.applied_index(3);
+    c.with_node(3, |node| node.hold_apply(true));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}")).unwrap();
+    }
+    c.isolate(2); // node 3's acknowledgements alone make the quorum
+    c.stabilize();
+    let committed = c.raft(1).raft_log.committed;
+    assert!(committed >= before + 5, "committed through node 3's acknowledgements");
+    assert_eq!(c.raft(3).raft_log.committed, committed, "node 3 learns the commit index");
+    assert_eq!(c.applied_index(3), before, "nothing handed out for applying");
+    c.with_node(3, |node| node.hold_apply(false));
+    c.tick_all(1);
+    c.stabilize();
+    assert_eq!(c.applied_index(3), committed, "let go: the held entries apply");
+}

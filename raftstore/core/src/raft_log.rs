@@ -20,6 +20,8 @@ pub struct RaftLog<S: Storage> {
     pub applied: u64,
     /// Highest index known durable and consistent with this log (entries up to it are persisted).
     pub persisted: u64,
+    /// Nothing more is handed out for applying while set (`RawNode::hold_apply`).
+    pub apply_held: bool,
 }
 
 impl<S: Storage> RaftLog<S> {
@@ -38,6 +40,7 @@ impl<S: Storage> RaftLog<S> {
             applying: applied,
             applied,
             persisted: last,
+            apply_held: false,
         })
     }
 
@@ -195,7 +198,7 @@ impl<S: Storage> RaftLog<S> {
     /// Highest index that may be handed out for applying: committed and already persisted locally (so that a
     /// restarted replica never finds its state machine ahead of its log).
     fn max_appliable_index(&self) -> u64 {
-        if self.unstable.snapshot.is_some() {
+        if self.unstable.snapshot.is_some() || self.apply_held {
             return self.applying;
         }
         self.committed.min(self.unstable.offset - 1)

@@ -137,6 +137,14 @@ impl<S: Storage> RawNode<S> {
         self.raft.report_snapshot(id, success);
     }
 
+    /// Holds back committed entries (none handed out for applying) while `held`, or lets them out again. For a
+    /// replica that cannot apply yet: one whose state machine lost its range (a crash took a split's state, while
+    /// the log the split started survived), which may persist and acknowledge entries but must wait for its
+    /// range — from the split applied again, or a snapshot — before applying any.
+    pub fn hold_apply(&mut self, held: bool) {
+        self.raft.raft_log.apply_held = held;
+    }
+
     pub fn has_ready(&self) -> bool {
         let raft = &self.raft;
         raft.soft_state() != self.previous_soft_state

@@ -68,11 +68,12 @@ impl<F: Fsm> Mailbox<F> {
 
     /// Queues a message; if the FSM was idle, returns it to be scheduled.
     pub(crate) fn deliver(self: &Arc<Self>, message: F::Message) -> (Delivery<F::Message>, Option<Scheduled<F>>) {
-        if self.closed.load(Ordering::SeqCst) {
-            return (Delivery::Closed(message), None);
-        }
         {
+            // (Checked under the queue's lock: `close` takes what is queued under it, so nothing is queued after.)
             let mut queue = self.queue.lock();
+            if self.closed.load(Ordering::SeqCst) {
+                return (Delivery::Closed(message), None);
+            }
             if queue.len() >= self.capacity {
                 return (Delivery::Full(message), None);
             }
@@ -114,9 +115,15 @@ impl<F: Fsm> Mailbox<F> {
     }
 
     /// Unregisters: later messages are refused; the FSM is dropped now if parked, else when its poller releases it.
-    pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+    /// Returns the messages still queued (never handled), for the caller to answer.
+    pub(crate) fn close(&self) -> Vec<F::Message> {
+        let queued = {
+            let mut queue = self.queue.lock();
+            self.closed.store(true, Ordering::SeqCst);
+            queue.drain(..).collect()
+        };
         drop(self.parked.lock().take());
+        queued
     }
 }
 
@@ -131,6 +138,17 @@ mod tests {
 
     fn buffer_slots(mailbox: &Mailbox<Idle>) -> usize {
         mailbox.queue.lock().capacity()
+    }
+
+    #[test]
+    fn closing_hands_back_what_was_queued_and_refuses_what_comes_after() {
+        let mailbox = Arc::new(Mailbox::new(Box::new(Idle), 8));
+        for message in [1, 2] {
+            assert!(matches!(mailbox.deliver(message).0, Delivery::Delivered));
+        }
+        assert_eq!(mailbox.close(), vec![1, 2], "never handled: the caller answers them");
+        assert!(matches!(mailbox.deliver(3).0, Delivery::Closed(3)));
+        assert_eq!(mailbox.close(), Vec::<u64>::new());
     }
 
     #[test]

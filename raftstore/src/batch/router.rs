@@ -49,12 +49,10 @@ impl<F: Fsm> Router<F> {
     }
 
     /// Removes an FSM: later sends get `NotFound`; it is dropped now if idle, else after its current turn.
-    pub fn unregister(&self, id: u64) -> bool {
+    /// Returns the messages queued for it and never handled, to be answered (`None`: it was not registered).
+    pub fn unregister(&self, id: u64) -> Option<Vec<F::Message>> {
         let removed = self.mailboxes.write().remove(&id);
-        if let Some(mailbox) = &removed {
-            mailbox.close();
-        }
-        removed.is_some()
+        removed.map(|mailbox| mailbox.close())
     }
 
     pub fn send(&self, id: u64, message: F::Message) -> Result<(), SendError<F::Message>> {

@@ -29,6 +29,12 @@ impl Peer {
             start = position + 1;
         }
         batch.apply(kv, &mut self.descriptor, &entries[start..])?;
+        if !batch.split_off.is_empty() {
+            // The new groups' parts are claimed here in one step with this group's shrinking; one whose group
+            // claimed them first (its snapshot came before the split) is not created again (`range_claims.rs`).
+            let mut claimed = self.claims.split(&self.descriptor, &batch.split_off).into_iter();
+            batch.split_off.retain(|_| claimed.next().expect("one answer per new group"));
+        }
         let (applied, split_off) = batch.finish_with_splits();
         self.split_off.extend(split_off);
         Ok(applied)

@@ -65,6 +65,7 @@ pub use storage::PeerStorage;
 use crate::command::Outcome;
 use crate::message::ReplicaMessage;
 use crate::range::{RangeDescriptor, RangeError};
+use crate::range_claims::RangeClaims;
 
 /// The caller's name for a waiting client request (unique per peer while it waits).
 pub type Token = u64;
@@ -186,6 +187,9 @@ pub struct Peer {
     /// The last term this replica was seen leading in, and an index at or after that term's first entry (see
     /// [`Peer::local_read_grant`]).
     lead_start: (u64, u64),
+    /// Which group holds which keys on this node (`range_claims.rs`): checked before a snapshot is taken and when
+    /// a split applies.
+    claims: Arc<RangeClaims>,
 }
 
 impl Peer {
@@ -193,13 +197,15 @@ impl Peer {
     /// log's hard state and entries, and the state machine's applied index (the core hands out again every
     /// committed entry after it). The configuration is the descriptor's, as of that applied index (an empty
     /// descriptor: a replica created empty, which learns its members from a snapshot). Run
-    /// [`prepare_groups`] first: the log must hold the state machine's applied entry.
+    /// [`prepare_groups`] first: the log must hold the state machine's applied entry. `claims` are the node's
+    /// (every replica on one node shares them); the replica's range, if it has one, is claimed in them.
     pub fn open(
         mut config: Config,
         options: PeerOptions,
         descriptor: RangeDescriptor,
         log: Arc<dyn LogEngine>,
         kv: &dyn KvEngine,
+        claims: Arc<RangeClaims>,
     ) -> Result<Peer, flotilla_raft::Error> {
         options.snapshot.validate().map_err(flotilla_raft::Error::Config)?;
         let (applied_index, applied_term) = kv.applied(descriptor.group_id);
@@ -217,8 +223,17 @@ impl Peer {
             config.quiet_on_start = false;
         }
         let storage = PeerStorage::new(descriptor.group_id, log, descriptor.conf_state());
-        let raw = RawNode::new(config, storage)?;
+        let mut raw = RawNode::new(config, storage)?;
         let role = raw.raft.role;
+        if descriptor.is_initialized() {
+            claims.hold(&descriptor);
+        } else {
+            // A replica without a range applies nothing until a snapshot brings one. Its log is empty but where a
+            // crash took the state a split wrote and left the log the split's replica started: those entries are
+            // the group's (kept: they may have been acknowledged), to apply once the split applies again here and
+            // its replica replaces this one — or a snapshot comes.
+            raw.hold_apply(true);
+        }
         Ok(Peer {
             raw,
             descriptor,
@@ -239,6 +254,7 @@ impl Peer {
             compaction: None,
             lead_start: (0, 0),
             hard_state_written: hard_state,
+            claims,
         })
     }
 

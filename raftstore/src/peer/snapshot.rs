@@ -323,16 +323,29 @@ impl Peer {
     }
 
     /// Steps the snapshot message of a fully received stream; keeps the install if the core takes the snapshot.
-    /// Returns false if the stream must be reported failed.
+    /// Returns false if the stream must be reported failed. The snapshot's range is claimed on this node first
+    /// (`range_claims.rs`): a snapshot of keys another group still holds here is refused (the leader retries).
     fn step_received_snapshot(&mut self, message: Option<Message>) -> bool {
         let snapshot_index = message.as_ref().and_then(|m| m.snapshot.as_ref()).map(Snapshot::index);
         let log = &self.raw.raft.raft_log;
         let busy_applying = log.applying != log.applied;
+        let descriptor = self.streams.incoming_descriptor.take().expect("a stream's first chunk brings its range");
         let (Some(message), Some(index), false) = (message, snapshot_index, busy_applying) else {
             self.streams.abort_install = true;
             return false;
         };
+        let previous = match self.claims.claim_for_install(&descriptor, self.descriptor.is_initialized()) {
+            Ok(previous) => previous,
+            Err(_holder) => {
+                // (Mostly a lagging replica here of the group that split: it holds the keys until it applies the
+                // split, and this group's replica is then made by the split.)
+                metrics::counter!("flotilla_snapshots_refused_overlap_total").increment(1);
+                self.streams.abort_install = true;
+                return false;
+            }
+        };
         if message.msg_type() != MessageType::Snapshot || self.raw.step(message).is_err() {
+            self.claims.restore(descriptor.group_id, previous);
             self.streams.abort_install = true;
             return false;
         }
@@ -342,9 +355,10 @@ impl Peer {
         let log = &self.raw.raft.raft_log;
         let taken = log.unstable.next_snapshot().is_some_and(|s| s.index() == index);
         self.streams.abort_install = !taken;
-        let descriptor = self.streams.incoming_descriptor.take();
         if taken {
-            self.streams.taken = descriptor;
+            self.streams.taken = Some(descriptor);
+        } else {
+            self.claims.restore(descriptor.group_id, previous);
         }
         true
     }
@@ -364,6 +378,7 @@ impl Peer {
             }
         };
         self.descriptor = descriptor;
+        self.raw.hold_apply(false); // a replica created empty has its range now
         assert_eq!(
             installed,
             (index, term),

@@ -216,25 +216,6 @@ impl PeerFsm {
         }
     }
 
-    /// Requests among `messages` are refused with `refusal` (the node stopped, or the replica was removed); the
-    /// rest is dropped.
-    pub(crate) fn refuse_all(&mut self, messages: impl Iterator<Item = PeerMsg>, refusal: PeerError) {
-        let refusal = || refusal.clone();
-        for message in messages {
-            match message {
-                PeerMsg::Write { reply, .. }
-                | PeerMsg::ChangeMembership { reply, .. }
-                | PeerMsg::Split { reply, .. } => {
-                    let _ = reply.send(Err(refusal()));
-                }
-                PeerMsg::Read { reply, .. } => {
-                    let _ = reply.send(Err(refusal()));
-                }
-                _ => {}
-            }
-        }
-    }
-
     /// Refuses every client still waiting on this replica (the node stopped: their requests may or may not have
     /// taken effect, and nothing here will tell).
     pub(crate) fn refuse_waiting(&mut self, refusal: PeerError) {
@@ -298,6 +279,23 @@ impl PeerFsm {
                 let (start, end) = range.clip(start, end);
                 Ok(ReadResult::Pairs(kv.scan(&start, &end, *limit)?))
             }
+        }
+    }
+}
+
+/// Requests among `messages` are refused with `refusal` (the node stopped, or the replica was removed or replaced
+/// before handling them); the rest is dropped.
+pub(crate) fn refuse_all(messages: impl Iterator<Item = PeerMsg>, refusal: PeerError) {
+    let refusal = || refusal.clone();
+    for message in messages {
+        match message {
+            PeerMsg::Write { reply, .. } | PeerMsg::ChangeMembership { reply, .. } | PeerMsg::Split { reply, .. } => {
+                let _ = reply.send(Err(refusal()));
+            }
+            PeerMsg::Read { reply, .. } => {
+                let _ = reply.send(Err(refusal()));
+            }
+            _ => {}
         }
     }
 }

@@ -24,7 +24,7 @@ use crossbeam_channel::{Receiver, Sender};
 use flotilla_engine::contract::{Checkpointer, Completion, KvEngine, LogEngine, WriteRequest};
 
 use super::failure::NodeFailure;
-use super::fsm::{PeerFsm, PeerMsg};
+use super::fsm::{refuse_all, PeerFsm, PeerMsg};
 use super::local_reader::LocalReader;
 use super::mailboxes::{deliver, Mailboxes};
 use super::replicas::ReplicaTask;
@@ -48,6 +48,8 @@ pub struct StoreHandler {
     pub(crate) tasks: Sender<ReplicaTask>,
     pub(crate) failure: Arc<NodeFailure>,
     pub(crate) local_reader: Arc<LocalReader>,
+    /// Which group holds which keys on this node (`range_claims.rs`), shared by its replicas.
+    pub(crate) claims: Arc<crate::range_claims::RangeClaims>,
 }
 
 /// A write made durable, as the persisted forwarder gets it: the group's Ready, and what waited for it.
@@ -223,11 +225,11 @@ impl PollHandler<PeerFsm> for StoreHandler {
         if let Some(reason) = self.failed() {
             fsm.read_lease.withdraw();
             fsm.refuse_waiting(PeerError::Stopped(reason.clone()));
-            return fsm.refuse_all(messages.drain(..), PeerError::Stopped(reason));
+            return refuse_all(messages.drain(..), PeerError::Stopped(reason));
         }
         if fsm.peer.is_removed() {
             // No longer a member here: requests go elsewhere; the rest is dropped.
-            return fsm.refuse_all(messages.drain(..), PeerError::NotLeader { leader: 0 });
+            return refuse_all(messages.drain(..), PeerError::NotLeader { leader: 0 });
         }
         if fsm.ticking {
             // The ticks it owes first (see `ticks.rs`): whatever it handles next sees the node's time.

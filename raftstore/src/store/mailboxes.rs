@@ -11,8 +11,8 @@ pub trait Mailboxes: Send + Sync + 'static {
     fn send(&self, group_id: u64, message: PeerMsg) -> Result<(), SendError<PeerMsg>>;
     /// Adds a replica; refused (and handed back) if the group has one.
     fn register(&self, group_id: u64, fsm: Box<PeerFsm>) -> Result<(), Box<PeerFsm>>;
-    /// Removes a replica: later sends get `NotFound`.
-    fn unregister(&self, group_id: u64);
+    /// Removes a replica: later sends get `NotFound`. Returns the messages queued for it and never handled.
+    fn unregister(&self, group_id: u64) -> Vec<PeerMsg>;
     /// The groups with a replica (a snapshot).
     fn ids(&self) -> Vec<u64>;
 }
@@ -26,8 +26,8 @@ impl Mailboxes for Router<PeerFsm> {
         Router::register(self, group_id, fsm)
     }
 
-    fn unregister(&self, group_id: u64) {
-        Router::unregister(self, group_id);
+    fn unregister(&self, group_id: u64) -> Vec<PeerMsg> {
+        Router::unregister(self, group_id).unwrap_or_default()
     }
 
     fn ids(&self) -> Vec<u64> {

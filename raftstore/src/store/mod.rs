@@ -140,6 +140,7 @@ impl StoreCore {
         let handler = StoreHandler {
             node_id: options.node_id,
             local_reader: Arc::new(LocalReader::new(Arc::clone(&clock))),
+            claims: Arc::default(),
             ticking: Arc::new(Ticking::new(clock)),
             log,
             kv,
@@ -160,7 +161,7 @@ impl StoreCore {
         ranges: &[RangeDescriptor],
         mailboxes: Arc<dyn Mailboxes>,
     ) -> Result<Replicas, flotilla_raft::Error> {
-        let StoreHandler { log, kv, ticking, failure, local_reader, .. } = &self.handler;
+        let StoreHandler { log, kv, ticking, failure, local_reader, claims, .. } = &self.handler;
         failure.wake_on_stop(Arc::clone(&mailboxes));
         {
             // The log's writer failing on its own (a disk error, a panic) stops the node at once. (Weak: the log
@@ -179,7 +180,7 @@ impl StoreCore {
         metrics::counter!("flotilla_replicas_destroyed_total").increment(finished as u64);
         crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
         for range in &held {
-            let peer = replicas::open_replica(options, range, log, kv.as_ref())?;
+            let peer = replicas::open_replica(options, range, log, kv.as_ref(), claims)?;
             let fsm = PeerFsm::new(peer, local_reader.lease(range.group_id));
             if fsm.ticking {
                 ticking.start(range.group_id, &fsm.ticks_seen);
@@ -201,6 +202,7 @@ impl StoreCore {
                 .collect(),
             failure: Arc::clone(failure),
             local_reader: Arc::clone(local_reader),
+            claims: Arc::clone(claims),
         })
     }
 }

@@ -19,13 +19,14 @@ use crossbeam_channel::Receiver;
 use flotilla_engine::contract::{KvEngine, LogEngine};
 use flotilla_raft::Config;
 
-use super::fsm::{PeerFsm, PeerMsg};
+use super::fsm::{refuse_all, PeerFsm, PeerMsg};
 use super::mailboxes::Mailboxes;
 use super::ticks::Ticking;
 use super::StoreOptions;
 use crate::message::Envelope;
 use crate::peer::Peer;
 use crate::range::RangeDescriptor;
+use crate::range_claims::RangeClaims;
 
 /// Work for the replicas thread.
 pub(crate) enum ReplicaTask {
@@ -47,10 +48,11 @@ pub(crate) fn open_replica(
     range: &RangeDescriptor,
     log: &Arc<dyn LogEngine>,
     kv: &dyn KvEngine,
+    claims: &Arc<RangeClaims>,
 ) -> Result<Peer, flotilla_raft::Error> {
     let replica =
         range.replicas.iter().find(|r| r.node_id == options.node_id).map_or(options.node_id, |r| r.replica_id);
-    open_with_id(options, replica, range.clone(), log, kv)
+    open_with_id(options, replica, range.clone(), log, kv, claims)
 }
 
 fn open_with_id(
@@ -59,6 +61,7 @@ fn open_with_id(
     range: RangeDescriptor,
     log: &Arc<dyn LogEngine>,
     kv: &dyn KvEngine,
+    claims: &Arc<RangeClaims>,
 ) -> Result<Peer, flotilla_raft::Error> {
     let config = Config {
         id: replica,
@@ -66,7 +69,7 @@ fn open_with_id(
         random_seed: options.raft.random_seed ^ range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica,
         ..options.raft.clone()
     };
-    Peer::open(config, options.peer.clone(), range, Arc::clone(log), kv)
+    Peer::open(config, options.peer.clone(), range, Arc::clone(log), kv, Arc::clone(claims))
 }
 
 pub(crate) struct Replicas {
@@ -79,6 +82,7 @@ pub(crate) struct Replicas {
     pub(crate) held: HashSet<u64>,
     pub(crate) failure: Arc<super::failure::NodeFailure>,
     pub(crate) local_reader: Arc<super::local_reader::LocalReader>,
+    pub(crate) claims: Arc<RangeClaims>,
 }
 
 impl Replicas {
@@ -113,8 +117,14 @@ impl Replicas {
         }
     }
 
+    /// Unregisters the group's replica; requests queued for it and never handled are refused as sent to a
+    /// replica that does not lead (nothing happened: the caller tries elsewhere, or again).
+    fn unregister(&self, group_id: u64) {
+        refuse_all(self.mailboxes.unregister(group_id).into_iter(), crate::peer::PeerError::NotLeader { leader: 0 });
+    }
+
     fn destroy(&mut self, descriptor: &RangeDescriptor) {
-        self.mailboxes.unregister(descriptor.group_id);
+        self.unregister(descriptor.group_id);
         self.local_reader.lease(descriptor.group_id).withdraw();
         self.ticking.stop(descriptor.group_id);
         // A failure here is the engines' (the node's pollers meet it too); the data stays until a later try.
@@ -122,21 +132,28 @@ impl Replicas {
             eprintln!("flotilla: destroying the replica of group {} failed: {error:?}", descriptor.group_id);
             return;
         }
+        self.claims.release(descriptor.group_id); // its data is gone: the keys are free here
         metrics::counter!("flotilla_replicas_destroyed_total").increment(1);
     }
 
-    /// Opens this node's replica of the group a split made. An empty replica a message of that group created
-    /// before the split applied here (its leader elsewhere applied it first) is replaced: it never installed a
-    /// snapshot (the split would not have made the group then), and what it persisted — the vote it may have cast
-    /// — stays in the log, which restarts at the bootstrap index under it (`prepare_groups` keeps a hard state of
-    /// a later term).
+    /// Opens this node's replica of the group a split made. The split's state is made durable first (a
+    /// checkpoint): the replica may install snapshots, which are durable at once, and a crash must not keep such
+    /// an install while losing the split that shrank the group it came from (the two would hold the same keys
+    /// here). An empty replica a message of that group created before the split applied here (its leader
+    /// elsewhere applied it first) is replaced: it never installed a snapshot (`range_claims.rs` refused them), and
+    /// what it persisted — the vote it may have cast — stays in the log, which restarts at the bootstrap index
+    /// under it (`prepare_groups` keeps a hard state of a later term).
     fn open_split_off(&mut self, range: &RangeDescriptor, campaign: bool) {
         let group_id = range.group_id;
         if self.failure.reason().is_some() {
             return; // the node stopped
         }
+        if let Err(error) = self.kv.flush() {
+            let reason = format!("making the split of group {group_id} durable: {error}");
+            return self.failure.fail(self.options.node_id, reason);
+        }
         if self.held.contains(&group_id) {
-            self.mailboxes.unregister(group_id);
+            self.unregister(group_id);
             self.ticking.stop(group_id);
             // Whatever it submitted to the log is written before the log restarts under it.
             let (reply, done) = crossbeam_channel::bounded(1);
@@ -146,7 +163,7 @@ impl Replicas {
             }
         }
         let opened = crate::peer::prepare_groups(self.log.as_ref(), self.kv.as_ref(), std::slice::from_ref(range))
-            .and_then(|()| open_replica(&self.options, range, &self.log, self.kv.as_ref()));
+            .and_then(|()| open_replica(&self.options, range, &self.log, self.kv.as_ref(), &self.claims));
         let peer = match opened {
             Ok(peer) => peer,
             Err(error) => {
@@ -190,7 +207,9 @@ impl Replicas {
             return;
         }
         let empty = RangeDescriptor { group_id, ..RangeDescriptor::default() };
-        let peer = match open_with_id(&self.options, envelope.message.to(), empty, &self.log, self.kv.as_ref()) {
+        let opened =
+            open_with_id(&self.options, envelope.message.to(), empty, &self.log, self.kv.as_ref(), &self.claims);
+        let peer = match opened {
             Ok(peer) => peer,
             Err(error) => {
                 self.failure

@@ -59,8 +59,8 @@ impl Mailboxes for SteppedMailboxes {
         Ok(())
     }
 
-    fn unregister(&self, group_id: u64) {
-        self.slots.lock().remove(&group_id);
+    fn unregister(&self, group_id: u64) -> Vec<PeerMsg> {
+        self.slots.lock().remove(&group_id).map(|slot| slot.queue.into()).unwrap_or_default()
     }
 
     fn ids(&self) -> Vec<u64> {

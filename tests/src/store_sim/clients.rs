@@ -6,6 +6,7 @@ use flotilla_raftstore::command::{Command, Op};
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::store::{Mailboxes, PeerMsg, ReadRequest, ReadResult};
 
+use super::ranges::route;
 use super::{Answered, Applied, Attempt, ClientOp, Reply, Sim, SimResult};
 use crate::linearizability::{Call, Operation, Outcome};
 
@@ -16,11 +17,17 @@ impl Sim {
     }
 
     pub(super) fn issue(&mut self, client: usize) {
-        let group = match self.focus {
-            Some((group, until)) if until > self.step && self.rng.chance_per_mille(800) => group,
-            _ => self.rng.below(self.ranges.len() as u64) as usize,
+        // Mostly a key of the focused group, if any (as the simulation knows its range).
+        let focused: Vec<&Vec<u8>> = match self.focus {
+            Some((group, until)) if until > self.step && self.rng.chance_per_mille(800) => (self.keys.iter())
+                .filter(|key| route(&self.ranges, key).is_some_and(|range| range.group_id == group))
+                .collect(),
+            _ => Vec::new(),
         };
-        let key = self.keys[group][self.rng.below(self.keys[group].len() as u64) as usize].clone();
+        let key = match focused.is_empty() {
+            false => focused[self.rng.below(focused.len() as u64) as usize].clone(),
+            true => self.keys[self.rng.below(self.keys.len() as u64) as usize].clone(),
+        };
         let value = self.next_value;
         self.next_value += 1;
         let (call, command_op) = match self.rng.below(10) {
@@ -43,7 +50,6 @@ impl Sim {
         let operation = Operation { client: client as u64, key, call, call_time: self.timestamp(), result: None };
         self.ops.push(ClientOp {
             operation,
-            group,
             command,
             deadline: self.step + 600,
             retry_at: Some(self.step),
@@ -52,10 +58,16 @@ impl Sim {
         self.clients[client] = Some(self.ops.len() - 1);
     }
 
-    /// Sends a new attempt of operation `index` to the node its client believes leads the group: a request in
-    /// the replica's mailbox, as the `Db` sends it.
+    /// Sends a new attempt of operation `index` to the node its client believes leads the group its table routes
+    /// the key to: a request in the replica's mailbox, routed with the range's epoch, as the `Db` sends it.
     pub(super) fn attempt(&mut self, index: usize) -> SimResult<()> {
-        let (client, group) = (self.ops[index].operation.client as usize, self.ops[index].group);
+        let client = self.ops[index].operation.client as usize;
+        let key = self.ops[index].operation.key.clone();
+        let Some(range) = route(&self.tables[client], &key).or_else(|| route(&self.ranges, &key)).cloned() else {
+            self.ops[index].retry_at = Some(self.step + self.rng.range(2, 5)); // a split's part not learned yet
+            return Ok(());
+        };
+        let (group, version) = (range.group_id, range.epoch().version);
         let steered = match self.focus {
             Some((focused, until)) if focused == group && until > self.step => {
                 self.steered.get(client).copied().flatten()
@@ -74,18 +86,16 @@ impl Sim {
         };
         self.ops[index].retry_at = None;
         let position = (node - 1) as usize;
-        let group_id = self.ranges[group].group_id;
         if self.trace {
             println!(
-                "step {} client {client}: op {index} {:?} on key {:?} -> node {node}",
-                self.step, self.ops[index].operation.call, self.ops[index].operation.key
+                "step {} client {client}: op {index} {:?} on key {key:?} -> node {node}, group {group} version {version}",
+                self.step, self.ops[index].operation.call
             );
         }
         // Most reads first try the node's local read path, as the `Db` does: served at once if the replica's
         // published grant holds on the node's clock.
         if self.ops[index].command.is_none() && self.rng.chance_per_mille(700) {
-            let key = self.ops[index].operation.key.clone();
-            if let Some(value) = self.local_read(position, group_id, &key)? {
+            if let Some(value) = self.local_read(position, group, version, &key)? {
                 self.report.local_reads += 1;
                 self.report.local_reads_stalled += u64::from(!self.is_up(position));
                 let value = value.map(|v| u64::from_le_bytes(v.as_slice().try_into().expect("8-byte values")));
@@ -98,11 +108,12 @@ impl Sim {
         let (message, reply) = match &self.ops[index].command {
             Some(command) => {
                 let (reply, answer) = oneshot::channel();
-                (PeerMsg::Write { command: command.clone(), reply }, Reply::Write(answer))
+                let command = Command { epoch: Some(range.epoch()), ..command.clone() };
+                (PeerMsg::Write { command, reply }, Reply::Write(answer))
             }
             None => {
                 let (reply, answer) = oneshot::channel();
-                let request = ReadRequest::Get(self.ops[index].operation.key.clone());
+                let request = ReadRequest::Get(key);
                 (PeerMsg::Read { request, reply }, Reply::Read(answer))
             }
         };
@@ -110,31 +121,38 @@ impl Sim {
         let sent = self.nodes[position]
             .running
             .as_ref()
-            .is_some_and(|running| running.store.mailboxes().send(group_id, message).is_ok());
+            .is_some_and(|running| running.store.mailboxes().send(group, message).is_ok());
         if !sent {
             self.hints.insert((client, group), self.rng.range(1, self.nodes.len() as u64));
             self.ops[index].retry_at = Some(self.step + self.rng.range(2, 5));
             return Ok(());
         }
-        self.attempts.push(Attempt { op: index, node, reply });
+        self.attempts.push(Attempt { op: index, node, group_id: group, reply });
         self.drive(position)
     }
 
-    /// Whether node `position`'s published grant for group `group_id` holds now (it runs, and has not failed).
-    pub(super) fn grant_holds(&self, position: usize, group_id: u64) -> bool {
+    /// Whether node `position`'s published grant for group `group_id` holds now for a caller routing by version
+    /// `version` of its range (it runs, and has not failed).
+    pub(super) fn grant_holds(&self, position: usize, group_id: u64, version: u64) -> bool {
         self.nodes[position].running.as_ref().is_some_and(|running| {
             let reader = running.store.local_reader();
-            // The sim's ranges never split: every grant is for version 1 of its range.
-            reader.holds(&reader.lease(group_id), 1) && running.store.failure().is_none()
+            reader.holds(&reader.lease(group_id), version) && running.store.failure().is_none()
         })
     }
 
-    /// A read of `key` served by node `position`'s local read path, if its grant for the group holds now (a
-    /// stopped node serves nothing, nor a paused one unless only its pollers stand still).
-    pub(super) fn local_read(&self, position: usize, group_id: u64, key: &[u8]) -> SimResult<Option<Option<Vec<u8>>>> {
+    /// A read of `key` served by node `position`'s local read path, if its grant for the group holds now for
+    /// version `version` of its range (a stopped node serves nothing, nor a paused one unless only its pollers
+    /// stand still).
+    pub(super) fn local_read(
+        &self,
+        position: usize,
+        group_id: u64,
+        version: u64,
+        key: &[u8],
+    ) -> SimResult<Option<Option<Vec<u8>>>> {
         let node = &self.nodes[position];
         let callers_run = node.paused_until <= self.step || node.pollers_only;
-        if !callers_run || !self.grant_holds(position, group_id) {
+        if !callers_run || !self.grant_holds(position, group_id, version) {
             return Ok(None);
         }
         let running = node.running.as_ref().expect("a grant holds only on a running node");
@@ -162,7 +180,7 @@ impl Sim {
                 None => at += 1,
                 Some(answer) => {
                     let attempt = self.attempts.swap_remove(at);
-                    self.on_answer(attempt.op, attempt.node, answer);
+                    self.on_answer(attempt.op, attempt.node, attempt.group_id, answer);
                 }
             }
         }
@@ -176,10 +194,17 @@ impl Sim {
             Err(oneshot::TryRecvError::Disconnected) => false,
         });
         self.report.membership_changes_applied += applied;
+        self.take_split_replies();
     }
 
     /// An attempt's answer (`None`: its node went away without one).
-    pub(super) fn on_answer(&mut self, index: usize, node: u64, answer: Option<Result<Answered, PeerError>>) {
+    pub(super) fn on_answer(
+        &mut self,
+        index: usize,
+        node: u64,
+        group: u64,
+        answer: Option<Result<Answered, PeerError>>,
+    ) {
         if self.trace {
             println!("step {} node {node}: answer to op {index}: {answer:?}", self.step);
         }
@@ -204,9 +229,18 @@ impl Sim {
                 self.finish(index); // may or may not have happened: the history keeps it unknown
                 return;
             }
+            (_, Err(PeerError::Range(_)) | Ok(Answered::Written(Applied::Refused(_)))) => {
+                // The group no longer holds the key as the client's table says (a split came first): nothing
+                // happened; the client learns the ranges anew (as the `Db` rebuilds its table) and routes again.
+                self.refresh_ranges();
+                let client = self.ops[index].operation.client as usize;
+                self.tables[client] = self.ranges.clone();
+                self.report.reroutes += 1;
+                None
+            }
             (_, Err(PeerError::NotLeader { leader })) => {
-                let (client, group) = (self.ops[index].operation.client as usize, self.ops[index].group);
-                let leader_node = self.replica_nodes.get(&(self.ranges[group].group_id, leader)).copied();
+                let client = self.ops[index].operation.client as usize;
+                let leader_node = self.replica_nodes.get(&(group, leader)).copied();
                 let next = leader_node.unwrap_or_else(|| self.rng.range(1, self.nodes.len() as u64));
                 self.hints.insert((client, group), next);
                 None

@@ -55,6 +55,7 @@ use crate::sim_engines::{SimCheckpoints, SimLog, SimOutbox};
 use crate::sim_rng::SimRng;
 
 mod clients;
+mod ranges;
 
 /// Knobs of one run; everything else derives from the seed.
 #[derive(Clone, Debug)]
@@ -101,6 +102,11 @@ pub struct StoreSimReport {
     pub local_reads_stalled: u64,
     /// Calm phases with a stall duel (see `Sim::stall_duel`).
     pub stall_duels: u64,
+    /// Splits proposed (during faults some do not complete, or are refused), and those that applied.
+    pub splits: u64,
+    pub splits_applied: u64,
+    /// Client attempts refused because the client's table was stale (the key had moved to another group).
+    pub reroutes: u64,
 }
 
 impl StoreSimReport {
@@ -122,6 +128,9 @@ impl StoreSimReport {
         self.local_reads += other.local_reads;
         self.local_reads_stalled += other.local_reads_stalled;
         self.stall_duels += other.stall_duels;
+        self.splits += other.splits;
+        self.splits_applied += other.splits_applied;
+        self.reroutes += other.reroutes;
     }
 }
 
@@ -173,13 +182,13 @@ enum Reply {
 struct Attempt {
     op: usize,
     node: u64,
+    group_id: u64,
     reply: Reply,
 }
 
 /// One client operation of the history, with what the simulation needs to drive it.
 struct ClientOp {
     operation: Operation,
-    group: usize,
     /// For writes: the command (resent as is on retries).
     command: Option<Command>,
     deadline: u64,
@@ -192,8 +201,19 @@ struct Sim {
     rng: SimRng,
     step: u64,
     nodes: Vec<Node>,
+    /// The ranges at creation (what a node's first start opens), and the ranges as the simulation last learned
+    /// them from the nodes (`ranges.rs`): splits move keys to new groups.
+    initial: Vec<RangeDescriptor>,
     ranges: Vec<RangeDescriptor>,
-    keys: Vec<Vec<Vec<u8>>>,
+    /// The clients' keys: a few in each initial range (splits cut between them).
+    keys: Vec<Vec<u8>>,
+    /// Per client: its routing table (a copy of `ranges` as it was when the client last learned, stale after
+    /// splits until a replica refuses it).
+    tables: Vec<Vec<RangeDescriptor>>,
+    /// The id of the next group a split makes.
+    next_group_id: u64,
+    /// Answers to split proposals (counted, not checked).
+    split_replies: Vec<oneshot::Receiver<Result<Applied, PeerError>>>,
     /// Packets in flight, with the step they are due, and the one-way cuts between nodes.
     network: SimNetwork<Packet>,
     /// Where each replica lives: (group, replica id) → node (what a client's range cache learns).
@@ -206,15 +226,15 @@ struct Sim {
     attempts: Vec<Attempt>,
     next_value: u64,
     clients: Vec<Option<usize>>,
-    /// Per (client, group): the node believed to lead.
-    hints: HashMap<(usize, usize), u64>,
-    /// A group most new operations go to until a step (by position in `ranges`): where a fault is under way;
-    /// and meanwhile, per client, the node every attempt on that group goes to.
-    focus: Option<(usize, u64)>,
+    /// Per (client, group id): the node believed to lead.
+    hints: HashMap<(usize, u64), u64>,
+    /// A group (by id) most new operations go to until a step: where a fault is under way; and meanwhile, per
+    /// client, the node every attempt on that group goes to.
+    focus: Option<(u64, u64)>,
     steered: Vec<Option<u64>>,
-    /// A pause to come at a step, of the leader of a group (by position) that gets traffic until then, and how
-    /// many times it was put off (its leader held no grant yet).
-    planned_pause: Option<(u64, usize, u32)>,
+    /// A pause to come at a step, of the leader of a group (by id) that gets traffic until then, and how many
+    /// times it was put off (its leader held no grant yet).
+    planned_pause: Option<(u64, u64, u32)>,
     /// Invariants: the leader of each (group, term); the entry committed at each (group, index).
     leaders: HashMap<(u64, u64), u64>,
     committed: HashMap<(u64, u64), (u64, u64)>,
@@ -256,6 +276,9 @@ fn peer_options(rng: &mut SimRng) -> PeerOptions {
 /// A node not heard from for this many of its ticks is judged down by another (`store::liveness`).
 const NODE_DOWN_TICKS: u64 = 5;
 
+/// The clients' keys in each initial range (splits cut between them).
+const KEYS_PER_RANGE: u8 = 4;
+
 /// Rounds a node may take to go quiet after one event before the run fails (a livelock in the host loop).
 const DRIVE_ROUNDS_MAX: usize = 10_000;
 
@@ -295,12 +318,9 @@ impl Sim {
             .collect();
         let keys = ranges
             .iter()
-            .map(|range| {
-                (0..3u8)
-                    .map(|k| {
-                        [if range.start.is_empty() { vec![0] } else { range.start.clone() }, vec![b'k', k]].concat()
-                    })
-                    .collect()
+            .flat_map(|range| {
+                let prefix = if range.start.is_empty() { vec![0] } else { range.start.clone() };
+                (0..KEYS_PER_RANGE).map(move |k| [prefix.clone(), vec![b'k', k]].concat())
             })
             .collect();
         let raft = Config {
@@ -325,12 +345,17 @@ impl Sim {
             })
             .collect();
         let clients = vec![None; rng.range(2, 5) as usize];
+        let tables = vec![ranges.clone(); clients.len()];
         let mut sim = Sim {
             rng,
             step: 0,
             nodes,
+            initial: ranges.clone(),
             ranges,
             keys,
+            tables,
+            next_group_id: 1000,
+            split_replies: Vec::new(),
             network: SimNetwork::new(FaultRates::default()),
             replica_nodes,
             next_replica_id: 100,
@@ -380,7 +405,7 @@ impl Sim {
         // that list it, finishes destroys a crash interrupted, and creates replicas for messages as they come.
         let stored = kv.ranges().map_err(|e| fail(&e))?;
         let ranges: Vec<RangeDescriptor> = if stored.is_empty() {
-            self.ranges.clone()
+            self.initial.clone()
         } else {
             stored
                 .iter()
@@ -655,22 +680,21 @@ impl Sim {
     /// A leader's node, mostly — sometimes cut off as well; clients are sent to it when it is cut off or only its
     /// pollers stop: a lease that outlived the pause would answer them from stale data.
     fn pause(&mut self) {
-        let group_position = self.rng.below(self.ranges.len() as u64) as usize;
+        let group = self.any_group();
         if self.planned_pause.is_none() && self.rng.chance_per_mille(500) {
             // Traffic first, the pause a little later: the group is awake and its leader holds its lease (it may
             // serve reads locally) when the pause comes. An idle group's leader hibernates and holds none.
-            self.focus = Some((group_position, self.step + 100));
-            self.planned_pause = Some((self.step + self.rng.range(20, 60), group_position, 0));
+            self.focus = Some((group, self.step + 100));
+            self.planned_pause = Some((self.step + self.rng.range(20, 60), group, 0));
             return;
         }
         let pollers_only = self.rng.chance_per_mille(500);
-        self.pause_group(group_position, pollers_only);
+        self.pause_group(group, pollers_only);
     }
 
-    /// Pauses the leader of the group at `group_position` (mostly; else any node): the whole process, or only
-    /// its pollers.
-    fn pause_group(&mut self, group_position: usize, pollers_only: bool) {
-        let leader = self.leader_position(self.ranges[group_position].group_id);
+    /// Pauses the leader of group `group` (mostly; else any node): the whole process, or only its pollers.
+    fn pause_group(&mut self, group: u64, pollers_only: bool) {
+        let leader = self.leader_position(group);
         let position = match leader {
             Some(position) if self.rng.chance_per_mille(800) => position,
             _ => self.rng.below(self.nodes.len() as u64) as usize,
@@ -692,11 +716,11 @@ impl Sim {
             // Until it resumes, some clients keep sending to it (their reads wait there, then meet its old lease;
             // or, while only its pollers stand still, are served locally on its grant); the others look for the
             // new leader and write there meanwhile. Most new operations go to the group.
-            self.focus = Some((group_position, self.nodes[position].paused_until + 50));
+            self.focus = Some((group, self.nodes[position].paused_until + 50));
             self.steered = (0..self.clients.len()).map(|_| self.rng.chance_per_mille(500).then_some(id)).collect();
             for client in 0..self.clients.len() {
-                if self.hints.get(&(client, group_position)) == Some(&id) {
-                    self.hints.remove(&(client, group_position));
+                if self.hints.get(&(client, group)) == Some(&id) {
+                    self.hints.remove(&(client, group));
                 }
             }
         }
@@ -756,17 +780,18 @@ impl Sim {
 
     fn fault_step(&mut self) -> SimResult<()> {
         self.deliver_due()?;
-        if let Some((_, group_position, waited)) = self.planned_pause.filter(|(at, _, _)| *at <= self.step) {
+        if let Some((_, group_id, waited)) = self.planned_pause.filter(|(at, _, _)| *at <= self.step) {
             // Until its leader may serve reads locally (it may have none yet, or be asleep), for a while.
-            let group_id = self.ranges[group_position].group_id;
-            let granted = self.leader_position(group_id).is_some_and(|leader| self.grant_holds(leader, group_id));
+            let granted = self
+                .leader_position(group_id)
+                .is_some_and(|leader| self.grant_holds(leader, group_id, self.known_version(group_id)));
             if granted || waited >= 5 {
                 self.planned_pause = None;
                 let pollers_only = self.rng.chance_per_mille(500);
-                self.pause_group(group_position, pollers_only);
+                self.pause_group(group_id, pollers_only);
             } else {
-                self.planned_pause = Some((self.step + 20, group_position, waited + 1));
-                self.focus = Some((group_position, self.step + 60));
+                self.planned_pause = Some((self.step + 20, group_id, waited + 1));
+                self.focus = Some((group_id, self.step + 60));
             }
         }
         for position in 0..self.nodes.len() {
@@ -813,7 +838,7 @@ impl Sim {
             810..=899 => self.apply_waiting(position)?,
             900..=904 => {
                 // A leadership transfer, wherever a leader is found (during faults it may not complete).
-                let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
+                let group = self.any_group();
                 let target = self.rng.range(1, self.nodes.len() as u64);
                 if let Some(position) = self.leader_position(group) {
                     let voters = self.running(position).store.with_fsm(group, |fsm| {
@@ -836,6 +861,7 @@ impl Sim {
             935..=944 => self.change_membership()?,
             945..=949 => self.pause(),
             950..=954 => self.transfer_from_cut_off_leader()?,
+            955..=959 => self.split()?,
             _ => {}
         }
         self.clients_step(true)
@@ -846,8 +872,7 @@ impl Sim {
     /// leader still believes it leads. Some clients keep sending to the old leader — a lease that held through the
     /// transfer would answer them from stale data — and the others go to the new one.
     fn transfer_from_cut_off_leader(&mut self) -> SimResult<()> {
-        let group_position = self.rng.below(self.ranges.len() as u64) as usize;
-        let group = self.ranges[group_position].group_id;
+        let group = self.any_group();
         let Some(position) = self.leader_position(group) else { return Ok(()) };
         let id = self.nodes[position].id;
         let Some(target) = self.running(position).store.with_fsm(group, |fsm| {
@@ -870,7 +895,7 @@ impl Sim {
         // Deaf for a while (the link cuts that other faults heal at random do not touch this), and the clients'
         // attention on the group meanwhile.
         self.nodes[position].deaf_until = self.step + self.rng.range(50, 300);
-        self.focus = Some((group_position, self.nodes[position].deaf_until));
+        self.focus = Some((group, self.nodes[position].deaf_until));
         // While it is deaf, some clients keep sending to the old leader, the others to the new one (as if they
         // learned of it first), whatever they are answered.
         let target_node = self.replica_nodes.get(&(group, target)).copied().unwrap_or(id);
@@ -900,7 +925,7 @@ impl Sim {
     /// A membership change proposed on a leader: a learner onto a node that never held the group, a learner
     /// promoted, or a replica removed (keeping three voters). During faults it may not complete.
     fn change_membership(&mut self) -> SimResult<()> {
-        let group = self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id;
+        let group = self.any_group();
         let Some(position) = self.leader_position(group) else { return Ok(()) };
         let Some(descriptor) = self.running(position).store.with_fsm(group, |fsm| fsm.peer().descriptor().clone())
         else {
@@ -945,23 +970,23 @@ impl Sim {
     /// its callers go on reading locally and the other clients write at the new leader. A grant that outlived
     /// the lease (judged on anything but the node's clock) serves stale data here.
     fn stall_duel(&mut self) {
-        let granted: Vec<usize> = (0..self.ranges.len())
-            .filter(|&group| {
-                let group_id = self.ranges[group].group_id;
-                self.leader_position(group_id).is_some_and(|leader| self.grant_holds(leader, group_id))
+        let granted: Vec<u64> = (self.group_ids().into_iter())
+            .filter(|&group_id| {
+                self.leader_position(group_id)
+                    .is_some_and(|leader| self.grant_holds(leader, group_id, self.known_version(group_id)))
             })
             .collect();
         if granted.is_empty() {
             return; // no leases (ReadIndex runs), or none held now
         }
-        let group_position = granted[self.rng.below(granted.len() as u64) as usize];
-        self.pause_group(group_position, true);
+        let group = granted[self.rng.below(granted.len() as u64) as usize];
+        self.pause_group(group, true);
         self.network.heal(); // not cut off: the others hear nothing from it only because its pollers stand still
-        let leader = self.leader_position(self.ranges[group_position].group_id);
+        let leader = self.leader_position(group);
         if let Some(position) = leader.filter(|&position| self.nodes[position].paused_until > self.step) {
             // Long enough for an election (calm ticks come about every five steps).
             self.nodes[position].paused_until = self.step + self.rng.range(200, 400);
-            self.focus = Some((group_position, self.nodes[position].paused_until + 50));
+            self.focus = Some((group, self.nodes[position].paused_until + 50));
         }
         self.report.stall_duels += 1;
     }
@@ -1005,6 +1030,7 @@ impl Sim {
             }
             self.calm_step(self.step.is_multiple_of(2))?;
             self.check_leaders()?;
+            self.check_ranges()?;
         }
         // Let every client finish, then one more write per group must succeed.
         for _ in 0..steps {
@@ -1014,21 +1040,23 @@ impl Sim {
             self.step += 1;
             self.calm_step(false)?;
         }
-        for (group, keys) in self.keys.clone().iter().enumerate() {
+        self.refresh_ranges();
+        self.check_tiling()?;
+        for range in self.ranges.clone() {
             let client = 0;
             let value = self.next_value;
             self.next_value += 1;
-            let command = Command::write(None, vec![Op::put(keys[0].clone(), value.to_le_bytes().to_vec())]);
+            let key = self.keys.iter().find(|key| range.contains(key)).expect("every range holds a key").clone();
+            let command = Command::write(None, vec![Op::put(key.clone(), value.to_le_bytes().to_vec())]);
             let operation = Operation {
                 client: client as u64,
-                key: keys[0].clone(),
+                key,
                 call: Call::Put(value),
                 call_time: self.timestamp(),
                 result: None,
             };
             self.ops.push(ClientOp {
                 operation,
-                group,
                 command: Some(command),
                 deadline: self.step + steps,
                 retry_at: Some(self.step),
@@ -1043,8 +1071,8 @@ impl Sim {
             if self.ops[index].operation.result.is_none() {
                 return Err(format!(
                     "group {} did not serve a write after the faults stopped; replicas: {}",
-                    self.ranges[group].group_id,
-                    self.describe(self.ranges[group].group_id)
+                    range.group_id,
+                    self.describe(range.group_id)
                 ));
             }
         }
@@ -1057,6 +1085,8 @@ impl Sim {
                 self.step += 1;
                 self.calm_step(false)?;
             }
+            self.refresh_ranges();
+            self.check_tiling()?;
             divergence = self.divergence()?;
             if divergence.is_none() {
                 return Ok(());
@@ -1074,23 +1104,27 @@ impl Sim {
                 .nodes
                 .iter()
                 .filter_map(|node| node.running.as_ref()?.store.with_fsm(group, |fsm| fsm.peer().descriptor().clone()))
-                .max_by_key(|descriptor| descriptor.epoch().conf_version)
+                .max_by_key(|descriptor| (descriptor.epoch().version, descriptor.epoch().conf_version))
                 .expect("some replica of every group");
             let mut views = Vec::new();
             for member in &newest.replicas {
                 let running = self.nodes[(member.node_id - 1) as usize].running.as_ref().expect("all running");
+                // Held by the member's replica, at the newest version (every split applied there too).
                 let held = running.store.with_fsm(group, |fsm| fsm.peer().replica_id()) == Some(member.replica_id);
+                let version = running.store.with_fsm(group, |fsm| fsm.peer().descriptor().epoch().version);
                 let pairs = running.kv.scan(&range.start, &range.end, usize::MAX).map_err(|e| e.to_string())?;
                 views.push((
                     member.node_id,
                     held,
+                    version.unwrap_or(0),
                     running.kv.applied(group).0,
                     hash(&format!("{pairs:?}").into_bytes()),
                 ));
             }
-            if views.iter().any(|view| !view.1) || views.windows(2).any(|w| (w[0].2, w[0].3) != (w[1].2, w[1].3)) {
+            let differ = |w: &[(u64, bool, u64, u64, u64)]| (w[0].2, w[0].3, w[0].4) != (w[1].2, w[1].3, w[1].4);
+            if views.iter().any(|view| !view.1) || views.windows(2).any(differ) {
                 return Ok(Some(format!(
-                    "group {group}: replicas did not converge (node, replica held, applied, data hash): {views:?}; {}",
+                    "group {group}: replicas did not converge (node, replica held, version, applied, data hash): {views:?}; {}",
                     self.describe(group)
                 )));
             }
@@ -1156,7 +1190,7 @@ pub fn run(options: &StoreSimOptions) -> Result<StoreSimReport, StoreSimFailure>
     let mut sim = Sim::new(options).map_err(|reason| StoreSimFailure { seed: options.seed, step: 0, reason })?;
     while sim.step < options.fault_steps {
         sim.step += 1;
-        if let Err(reason) = sim.fault_step().and_then(|()| sim.check_leaders()) {
+        if let Err(reason) = sim.fault_step().and_then(|()| sim.check_leaders()).and_then(|()| sim.check_ranges()) {
             return Err(fail(&sim, reason));
         }
     }

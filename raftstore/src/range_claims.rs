@@ -1,0 +1,175 @@
+//! Which group holds which keys on one node ([`RangeClaims`]), shared by the node's replicas.
+//!
+//! A node's groups share one state machine, one key space: a key's data there must belong to one group at a
+//! time, or one group's entries overwrite another's data. Two changes put a range under a group, from different
+//! pollers: a **split** applied by the group that held the keys (its right part becomes a new group here), and a
+//! **snapshot install** of a group (a replica that was empty, or behind). They race when this node's replica of
+//! the splitting group lags: the new group, elected on the other nodes, sends this node a snapshot while the old
+//! group here still holds those keys — and would then apply its entries from before the split on top of the
+//! snapshot's newer data (TiKV's "snapshot range overlaps" case; `store-sim` seed 1 found it at once).
+//!
+//! So each group's range is *claimed* here, and every change is checked and recorded under one lock:
+//! - a replica that opens with a range claims it ([`RangeClaims::hold`]);
+//! - a snapshot is taken only if no other group's claim overlaps its range — and, for a replica without a range
+//!   yet, only if no split already claimed its group here (the split's replica opens from the split's state and
+//!   replaces the empty one) ([`RangeClaims::claim_for_install`]); a snapshot the core then refuses gives the
+//!   claim back ([`RangeClaims::restore`]). A refused snapshot is rejected to its sender, which retries later,
+//!   by which time the split has applied here (or a snapshot of the old group shrank it);
+//! - a split shrinks the old group's claim and claims the new group's part, unless that group claimed it
+//!   first ([`RangeClaims::split`]);
+//! - a destroyed replica's claim goes once its data is dropped ([`RangeClaims::release`]).
+
+use std::collections::{BTreeMap, HashMap};
+
+use parking_lot::Mutex;
+
+use crate::range::RangeDescriptor;
+
+/// The claims of one node's groups (see the module docs).
+#[derive(Debug, Default)]
+pub struct RangeClaims {
+    inner: Mutex<Claims>,
+}
+
+#[derive(Debug, Default)]
+struct Claims {
+    /// By start key: the end (empty: unbounded) and the group.
+    by_start: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
+    /// By group: its start key.
+    starts: HashMap<u64, Vec<u8>>,
+}
+
+/// A group's claim before an install replaced it (to give back if the install does not happen).
+#[derive(Debug, PartialEq, Eq)]
+pub struct PreviousClaim(Option<(Vec<u8>, Vec<u8>)>);
+
+impl Claims {
+    /// The group other than `group_id` whose claim overlaps `[start, end)`, if any.
+    fn overlapping(&self, group_id: u64, start: &[u8], end: &[u8]) -> Option<u64> {
+        // Claims do not overlap one another: only the last ones starting before `end` can reach into the range.
+        use std::ops::Bound::{Excluded, Unbounded};
+        let upper = if end.is_empty() { Unbounded } else { Excluded(end) };
+        let below_end = self.by_start.range::<[u8], _>((Unbounded, upper));
+        let (_, (other_end, other)) = below_end.rev().find(|(_, (_, group))| *group != group_id)?;
+        (other_end.is_empty() || other_end.as_slice() > start).then_some(*other)
+    }
+
+    fn remove(&mut self, group_id: u64) -> Option<(Vec<u8>, Vec<u8>)> {
+        let start = self.starts.remove(&group_id)?;
+        let (end, _) = self.by_start.remove(&start).expect("indexed both ways");
+        Some((start, end))
+    }
+
+    fn insert(&mut self, group_id: u64, start: &[u8], end: &[u8]) {
+        self.remove(group_id);
+        self.by_start.insert(start.to_vec(), (end.to_vec(), group_id));
+        self.starts.insert(group_id, start.to_vec());
+    }
+}
+
+impl RangeClaims {
+    /// Records `range` as its group's (a replica opened with it).
+    pub fn hold(&self, range: &RangeDescriptor) {
+        self.inner.lock().insert(range.group_id, &range.start, &range.end);
+    }
+
+    /// Claims `range` for a snapshot install of its group: `Err` with the group that holds keys of it here, if
+    /// another does — or with the group itself if `initialized` is false (the replica has no range yet) and a
+    /// split already claimed the group here. `Ok` with the group's previous claim, for [`RangeClaims::restore`].
+    pub fn claim_for_install(&self, range: &RangeDescriptor, initialized: bool) -> Result<PreviousClaim, u64> {
+        let mut claims = self.inner.lock();
+        if !initialized && claims.starts.contains_key(&range.group_id) {
+            return Err(range.group_id);
+        }
+        if let Some(other) = claims.overlapping(range.group_id, &range.start, &range.end) {
+            return Err(other);
+        }
+        let previous = claims.remove(range.group_id);
+        claims.insert(range.group_id, &range.start, &range.end);
+        Ok(PreviousClaim(previous))
+    }
+
+    /// Gives a group's claim back as it was before [`RangeClaims::claim_for_install`].
+    pub fn restore(&self, group_id: u64, previous: PreviousClaim) {
+        let mut claims = self.inner.lock();
+        claims.remove(group_id);
+        if let Some((start, end)) = previous.0 {
+            claims.insert(group_id, &start, &end);
+        }
+    }
+
+    /// A split applied by `left`'s group: its claim shrinks to `left`, and each of `rights` (the groups its
+    /// splits made) is claimed unless its group holds a claim here already (its snapshot came first). Returns,
+    /// per right, whether it was claimed now (the split creates that group here).
+    pub fn split(&self, left: &RangeDescriptor, rights: &[RangeDescriptor]) -> Vec<bool> {
+        let mut claims = self.inner.lock();
+        claims.insert(left.group_id, &left.start, &left.end);
+        rights
+            .iter()
+            .map(|right| {
+                if claims.starts.contains_key(&right.group_id) {
+                    return false;
+                }
+                claims.insert(right.group_id, &right.start, &right.end);
+                true
+            })
+            .collect()
+    }
+
+    /// Drops a group's claim (its replica was destroyed here, its data dropped).
+    pub fn release(&self, group_id: u64) {
+        self.inner.lock().remove(group_id);
+    }
+
+    /// The group's claimed `[start, end)`, if any.
+    pub fn claimed(&self, group_id: u64) -> Option<(Vec<u8>, Vec<u8>)> {
+        let claims = self.inner.lock();
+        let start = claims.starts.get(&group_id)?;
+        Some((start.clone(), claims.by_start[start].0.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(group_id: u64, start: &[u8], end: &[u8]) -> RangeDescriptor {
+        RangeDescriptor { group_id, start: start.to_vec(), end: end.to_vec(), ..RangeDescriptor::default() }
+    }
+
+    #[test]
+    fn an_install_overlapping_another_groups_keys_is_refused_until_that_group_lets_them_go() {
+        let claims = RangeClaims::default();
+        claims.hold(&range(1, b"", b"m"));
+        claims.hold(&range(2, b"m", b""));
+        // Group 1 split at "f" on the other nodes; its new group 3's snapshot reaches this node first.
+        let new_group = range(3, b"f", b"m");
+        assert_eq!(claims.claim_for_install(&new_group, false), Err(1), "group 1 still holds those keys here");
+        assert_eq!(claims.claim_for_install(&range(2, b"k", b""), true), Err(1), "nor may a group grow into them");
+        // The split applies here: group 3 is claimed by it, and its empty replica's install is refused.
+        assert_eq!(claims.split(&range(1, b"", b"f"), std::slice::from_ref(&new_group)), vec![true]);
+        assert_eq!(claims.claim_for_install(&new_group, false), Err(3), "the split's replica replaces the empty one");
+        // Once initialized, a newer snapshot of its own range is taken.
+        assert_eq!(claims.claim_for_install(&new_group, true), Ok(PreviousClaim(Some((b"f".to_vec(), b"m".to_vec())))));
+        assert_eq!(claims.claimed(3), Some((b"f".to_vec(), b"m".to_vec())));
+    }
+
+    #[test]
+    fn a_snapshot_that_came_first_keeps_its_group_and_a_refused_one_gives_its_claim_back() {
+        let claims = RangeClaims::default();
+        claims.hold(&range(1, b"a", b"f"));
+        // Group 1 here caught up past its split by a snapshot (shrunk): the new group's snapshot may come.
+        let previous = claims.claim_for_install(&range(3, b"f", b"m"), false).unwrap();
+        assert_eq!(previous, PreviousClaim(None));
+        assert_eq!(claims.split(&range(1, b"a", b"f"), &[range(3, b"f", b"m")]), vec![false], "claimed first");
+        // The core refused that snapshot after all: the claim goes back to none.
+        claims.restore(3, previous);
+        assert_eq!(claims.claimed(3), None);
+        assert_eq!(claims.split(&range(1, b"a", b"f"), &[range(3, b"f", b"m")]), vec![true]);
+        claims.release(3);
+        assert_eq!(claims.claimed(3), None);
+        assert!(claims.claim_for_install(&range(4, b"g", b"z"), false).is_ok(), "released keys may be claimed");
+        assert_eq!(claims.claim_for_install(&range(5, b"", b"b"), false), Err(1), "an unbounded start overlaps");
+        assert_eq!(claims.claim_for_install(&range(5, b"", b"a"), false), Ok(PreviousClaim(None)), "adjacent");
+    }
+}

@@ -1,0 +1,199 @@
+//! Ranges in the simulator: what the simulation knows of the key space's ranges (learned from the nodes, as the
+//! `Db` rebuilds its table from its nodes' stored ranges), the clients' routing tables that go stale behind
+//! splits, the split fault, and the range invariants checked after every step.
+
+use std::collections::HashMap;
+
+use flotilla_raftstore::command::Outcome as Applied;
+use flotilla_raftstore::range::{RangeDescriptor, SplitRequest};
+use flotilla_raftstore::store::{Mailboxes, PeerMsg};
+
+use super::{Sim, SimResult};
+
+/// Adds what `range` says to `ranges` (sorted by start, no overlap): it replaces the ranges it overlaps if it is
+/// newer than all of them, else it is ignored. Ranges that overlap are of one lineage (a split's parts and the
+/// range they came from), so the higher version is the newer; of one group, the later membership.
+pub(super) fn learn(ranges: &mut Vec<RangeDescriptor>, range: &RangeDescriptor) {
+    let newness = |r: &RangeDescriptor| (r.epoch().version, r.epoch().conf_version);
+    if ranges.iter().any(|known| known.overlaps(range) && newness(known) >= newness(range)) {
+        return;
+    }
+    ranges.retain(|known| !known.overlaps(range));
+    let at = ranges.partition_point(|known| known.start < range.start);
+    ranges.insert(at, range.clone());
+}
+
+/// The range of `table` holding `key`, if any (a table may have holes while a split's parts are being learned).
+pub(super) fn route<'a>(table: &'a [RangeDescriptor], key: &[u8]) -> Option<&'a RangeDescriptor> {
+    table.iter().find(|range| range.contains(key))
+}
+
+impl Sim {
+    /// Learns the ranges the running nodes' replicas hold now (a replica created empty holds none yet).
+    pub(super) fn refresh_ranges(&mut self) {
+        for node in &self.nodes {
+            let Some(running) = &node.running else { continue };
+            running.store.each_fsm(|_, fsm| {
+                let descriptor = fsm.peer().descriptor();
+                if descriptor.is_initialized() && !fsm.peer().is_removed() {
+                    learn(&mut self.ranges, descriptor);
+                }
+            });
+        }
+    }
+
+    /// The groups the simulation knows of now.
+    pub(super) fn group_ids(&self) -> Vec<u64> {
+        self.ranges.iter().map(|range| range.group_id).collect()
+    }
+
+    /// A group the simulation knows of, at random.
+    pub(super) fn any_group(&mut self) -> u64 {
+        self.ranges[self.rng.below(self.ranges.len() as u64) as usize].group_id
+    }
+
+    /// The version of group `group_id`'s range as the simulation knows it (0: not known).
+    pub(super) fn known_version(&self, group_id: u64) -> u64 {
+        self.ranges.iter().find(|range| range.group_id == group_id).map_or(0, |range| range.epoch().version)
+    }
+
+    /// A split proposed on a leader (as `Db::split_at` does), at one of the clients' keys strictly inside the
+    /// range: the keys on its right then move to a new group mid-history, on the same nodes. During faults it may
+    /// not complete, or be refused (the epoch moved: another split or a membership change came first).
+    pub(super) fn split(&mut self) -> SimResult<()> {
+        self.refresh_ranges();
+        let group = self.any_group();
+        let Some(position) = self.leader_position(group) else { return Ok(()) };
+        let Some(range) = self.running(position).store.with_fsm(group, |fsm| fsm.peer().descriptor().clone()) else {
+            return Ok(());
+        };
+        // At a key of the range but its first: each part keeps a key (the keys are sorted).
+        let inside: Vec<Vec<u8>> = self.keys.iter().filter(|key| range.contains(key)).skip(1).cloned().collect();
+        if inside.is_empty() {
+            return Ok(());
+        }
+        let split_key = inside[self.rng.below(inside.len() as u64) as usize].clone();
+        let right_group_id = self.next_group_id;
+        self.next_group_id += 1;
+        let right_replica_ids: Vec<u64> = range
+            .replicas
+            .iter()
+            .map(|replica| {
+                let replica_id = self.next_replica_id;
+                self.next_replica_id += 1;
+                self.replica_nodes.insert((right_group_id, replica_id), replica.node_id);
+                replica_id
+            })
+            .collect();
+        if self.trace {
+            println!(
+                "step {} group {group}: node {} proposes a split at {split_key:?} into group {right_group_id} {right_replica_ids:?}",
+                self.step, self.nodes[position].id
+            );
+        }
+        let split = SplitRequest { split_key, right_group_id, right_replica_ids };
+        let (reply, answer) = oneshot::channel();
+        if self.running(position).store.mailboxes().send(group, PeerMsg::Split { split, reply }).is_ok() {
+            self.split_replies.push(answer);
+            self.report.splits += 1;
+        }
+        self.drive(position)
+    }
+
+    /// Counts the splits that applied (answers to split proposals).
+    pub(super) fn take_split_replies(&mut self) {
+        let mut applied = 0;
+        self.split_replies.retain(|answer| match answer.try_recv() {
+            Ok(result) => {
+                applied += matches!(result, Ok(Applied::Split { .. })) as u64;
+                false
+            }
+            Err(oneshot::TryRecvError::Empty) => true,
+            Err(oneshot::TryRecvError::Disconnected) => false,
+        });
+        self.report.splits_applied += applied;
+    }
+
+    /// After the faults: the ranges learned cover the key space exactly once (every split applied completely).
+    pub(super) fn check_tiling(&self) -> SimResult<()> {
+        let ends = self.ranges.first().map(|r| r.start.is_empty()) == Some(true)
+            && self.ranges.last().map(|r| r.end.is_empty()) == Some(true);
+        if !ends || self.ranges.windows(2).any(|pair| pair[0].end != pair[1].start) {
+            let bounds: Vec<_> = self.ranges.iter().map(|r| (r.group_id, &r.start, &r.end)).collect();
+            return Err(format!("the ranges do not cover the key space once: {bounds:?}"));
+        }
+        Ok(())
+    }
+
+    /// Range invariants, over every running node's replicas: replicas of a group at one epoch agree on its range
+    /// (a split applies alike everywhere), and on one node no two replicas that hold a range overlap — each key's
+    /// data there belongs to one group (a replica that installed the new group's snapshot while the group that
+    /// split still held its keys here would have that group's later entries overwrite it).
+    pub(super) fn check_ranges(&self) -> SimResult<()> {
+        // (group, version) → the first node seen holding it, and its range there.
+        let mut seen: HashMap<(u64, u64), (u64, RangeDescriptor)> = HashMap::new();
+        for node in &self.nodes {
+            let Some(running) = &node.running else { continue };
+            let mut held = Vec::new();
+            running.store.each_fsm(|_, fsm| {
+                let descriptor = fsm.peer().descriptor();
+                if descriptor.is_initialized() {
+                    held.push(descriptor.clone());
+                }
+            });
+            for (at, range) in held.iter().enumerate() {
+                let key = (range.group_id, range.epoch().version);
+                let (first, other) = seen.entry(key).or_insert_with(|| (node.id, range.clone()));
+                if (&other.start, &other.end) != (&range.start, &range.end) {
+                    return Err(format!(
+                        "group {} version {}: node {first} holds [{:?}, {:?}), node {} [{:?}, {:?})",
+                        key.0, key.1, other.start, other.end, node.id, range.start, range.end
+                    ));
+                }
+                if let Some(other) = held[at + 1..].iter().find(|other| other.overlaps(range)) {
+                    return Err(format!(
+                        "node {}: groups {} ({:?}) and {} ({:?}) both hold keys of [{:?}, {:?})",
+                        node.id,
+                        range.group_id,
+                        range.epoch(),
+                        other.group_id,
+                        other.epoch(),
+                        range.start,
+                        range.end
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_raftstore::range::{initial_ranges, Replica};
+
+    #[test]
+    fn newer_ranges_replace_what_they_overlap_and_older_ones_are_ignored() {
+        let replicas = [Replica::voter(1, 1)];
+        let whole = initial_ranges(1, 1, &replicas).remove(0);
+        let split = |range: &RangeDescriptor, key: &[u8], group: u64| {
+            let request =
+                SplitRequest { split_key: key.to_vec(), right_group_id: group, right_replica_ids: vec![group] };
+            range.split(&request).unwrap()
+        };
+        let (left, right) = split(&whole, b"m", 2);
+        let (left_left, left_right) = split(&left, b"f", 3);
+        let mut ranges = vec![whole.clone()];
+        learn(&mut ranges, &left_left);
+        assert_eq!(ranges, vec![left_left.clone()], "a hole until the rest is learned");
+        learn(&mut ranges, &whole);
+        learn(&mut ranges, &left);
+        assert_eq!(ranges, vec![left_left.clone()], "older views are ignored");
+        learn(&mut ranges, &right);
+        learn(&mut ranges, &left_right);
+        assert_eq!(ranges, vec![left_left, left_right, right.clone()]);
+        assert_eq!(route(&ranges, b"z"), Some(&right));
+        assert_eq!(route(&[], b"z"), None);
+    }
+}
