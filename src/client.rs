@@ -139,6 +139,17 @@ impl Client {
         }
     }
 
+    /// Splits the range holding `key` so that `key` starts a range of its own, served by a new group on the same
+    /// nodes (`SPLIT`); done once applied where the range's group leads. Sent through the node first given, whose
+    /// routes then hold the split, and learned from it.
+    pub async fn split(&self, key: &[u8]) -> Result<(), ClientError> {
+        match self.call(&self.seed.clone(), &[b"SPLIT", key]).await? {
+            Reply::Simple(_) => self.refresh_routes().await,
+            Reply::Error(text) => Err(ClientError::Server(text)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Asks for the routes again (from the node first given).
     pub async fn refresh_routes(&self) -> Result<(), ClientError> {
         let reply = self.call(&self.seed.clone(), &[b"ROUTES"]).await?;
@@ -277,5 +288,9 @@ impl BlockingClient {
 
     pub fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, ClientError> {
         self.runtime.block_on(self.client.scan(start, end, limit))
+    }
+
+    pub fn split(&self, key: &[u8]) -> Result<(), ClientError> {
+        self.runtime.block_on(self.client.split(key))
     }
 }

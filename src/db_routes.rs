@@ -84,7 +84,18 @@ pub(crate) const IDS_FILE: &str = "SPLIT-IDS";
 /// whose state a crash lost before the state file's checkpoint is applied again from its group's log at the next
 /// open, under the ids it had: ids counted only from the stored ranges could be handed out again meanwhile.)
 pub(crate) fn take_ids(disk: &dyn Disk, dir: &Path, nodes: &[Node], replicas: usize) -> Result<(u64, u64), DbError> {
-    let (mut group_id, mut replica_id) = next_ids(nodes)?;
+    take_ids_above(disk, dir, next_ids(nodes)?, replicas)
+}
+
+/// Takes a group id and `replicas` replica ids, at or above `floor` (group, replica) and past those recorded in
+/// [`IDS_FILE`] in `dir`, recording the next ones there durably before returning.
+pub(crate) fn take_ids_above(
+    disk: &dyn Disk,
+    dir: &Path,
+    floor: (u64, u64),
+    replicas: usize,
+) -> Result<(u64, u64), DbError> {
+    let (mut group_id, mut replica_id) = floor;
     let path = dir.join(IDS_FILE);
     if disk.list(dir).map_err(storage)?.contains(&path) {
         let bytes = crate::layout::read_file(disk, &path, 64)?;

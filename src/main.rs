@@ -73,6 +73,13 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Split the range holding KEY so that KEY starts a range of its own, served by a new group on the same nodes
+    /// (no data moves); then print the ranges.
+    Split {
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        addr: String,
+        key: String,
+    },
     /// Print the cluster's ranges, their groups and leaders, and where each leader serves clients.
     Status {
         #[arg(long, default_value = "127.0.0.1:6379")]
@@ -145,8 +152,12 @@ fn with_client(
 
 /// The routes as a table: one line per range, and the nodes leading how many.
 fn status_table(routes: &[flotilla::client::Route]) -> String {
-    let shown =
-        |key: &[u8]| if key.is_empty() { "-".to_string() } else { key.iter().map(|b| format!("{b:02x}")).collect() };
+    // A key of printable ASCII as text, in quotes; any other in hex.
+    let shown = |key: &[u8]| match key {
+        [] => "-".to_string(),
+        _ if key.iter().all(|b| b.is_ascii_graphic()) => format!("{:?}", String::from_utf8_lossy(key)),
+        _ => format!("0x{}", key.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+    };
     let mut out = format!("{:>6}  {:<18} {:<18} {:>6}  {}\n", "group", "start", "end", "leader", "leader serves at");
     for route in routes {
         out += &format!(
@@ -215,6 +226,11 @@ fn main() -> ExitCode {
             for (key, value) in client.scan(start.as_bytes(), end.as_bytes(), limit)? {
                 println!("{}\t{}", String::from_utf8_lossy(&key), String::from_utf8_lossy(&value));
             }
+            Ok(())
+        }),
+        Command::Split { addr, key } => with_client(&addr, |client| {
+            client.split(key.as_bytes())?;
+            print!("{}", status_table(&client.routes()));
             Ok(())
         }),
         Command::Status { addr } => with_client(&addr, |client| {

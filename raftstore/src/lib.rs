@@ -17,7 +17,8 @@
 //!   splits of a range, and the initial layout of an embedded store; [`range_claims`]: which group holds which
 //!   keys on one node (splits and snapshot installs checked against each other).
 //! - [`split_check`]: where a range over its size bound should split (a scan of its data); [`load_split`]: where
-//!   a range whose load stays over a bound should split (sampled request keys).
+//!   a range whose load stays over a bound should split (sampled request keys); [`split_trigger`]: when a
+//!   group's leader asks its host to split it (by size or load).
 
 pub use flotilla_engine as engine;
 pub use flotilla_raft as raft;
@@ -30,4 +31,5 @@ pub mod peer;
 pub mod range;
 pub mod range_claims;
 pub mod split_check;
+pub mod split_trigger;
 pub mod store;

@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -32,7 +33,7 @@ use flotilla_raftstore::range::RangeDescriptor;
 use flotilla_router::route::RouteError;
 use prost::Message as _;
 
-use super::requests::Requests;
+use super::requests::{Requests, Routes};
 use crate::db::DbError;
 use crate::layout;
 use crate::resp::{encode_request, parse_reply, Reply};
@@ -169,11 +170,13 @@ pub async fn join(requests: &Requests, raft_addr: &str, deadline: Instant) -> Re
     if raft_addr.parse::<std::net::SocketAddr>().is_err() {
         return Err(RouteError::InvalidArgument(format!("{raft_addr:?} is not an address (host:port)")));
     }
+    // Every group of the table as it stands (a split meanwhile fails the join: it is tried again).
+    let routes = requests.table();
     let node_id = loop {
         let nodes = requests.nodes();
         let known = nodes.iter().find(|(_, addr)| addr.as_str() == raft_addr).map(|(&id, _)| id);
         let node_id = known.unwrap_or_else(|| nodes.keys().max().copied().unwrap_or(0) + 1);
-        match add_learner_until(requests, 0, node_id, raft_addr, deadline).await {
+        match add_learner_until(requests, &routes, 0, node_id, raft_addr, deadline).await {
             Ok(()) => break node_id,
             // Another join took the id meanwhile: its node is listed now (or soon), the next id is tried.
             Err(RouteError::Membership(_)) if known.is_none() && Instant::now() < deadline => {
@@ -182,8 +185,8 @@ pub async fn join(requests: &Requests, raft_addr: &str, deadline: Instant) -> Re
             Err(error) => return Err(error),
         }
     };
-    for position in 1..requests.table().len() {
-        add_learner_until(requests, position, node_id, raft_addr, deadline).await?;
+    for position in 1..routes.table.len() {
+        add_learner_until(requests, &routes, position, node_id, raft_addr, deadline).await?;
     }
     let mut nodes = requests.nodes();
     nodes.insert(node_id, raft_addr.to_string());
@@ -191,21 +194,22 @@ pub async fn join(requests: &Requests, raft_addr: &str, deadline: Instant) -> Re
         node_id,
         cluster_id: requests.cluster_id().to_string(),
         nodes: nodes.into_iter().map(|(node_id, addr)| NodeAddr { node_id, addr }).collect(),
-        bootstrap_nodes: requests.table().nodes(),
-        ranges: requests.table().ranges().to_vec(),
+        bootstrap_nodes: routes.table.nodes(),
+        ranges: routes.table.ranges().to_vec(),
     })
 }
 
 /// Adds the learner to the group at `position`, waiting while another membership change is pending there.
 async fn add_learner_until(
     requests: &Requests,
+    routes: &Arc<Routes>,
     position: usize,
     node_id: u64,
     addr: &str,
     deadline: Instant,
 ) -> Result<(), RouteError> {
     loop {
-        match requests.add_learner(position, node_id, addr).await {
+        match requests.add_learner(routes, position, node_id, addr).await {
             Err(RouteError::Busy(_)) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

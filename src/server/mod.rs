@@ -239,6 +239,7 @@ impl Server {
             Arc::clone(&node.kv),
             Arc::clone(&transport),
             config.clone(),
+            (Arc::clone(&disk), dir.to_path_buf()),
         ));
         let router = store.router().clone();
         transport
@@ -253,7 +254,8 @@ impl Server {
             .map_err(|e| DbError::Storage(format!("starting the transport: {e}")))?;
         // Leaders spread over the nodes: each group campaigns where routing first looks for its leader (a
         // restarted node's campaign is refused while the group's leader holds its lease).
-        let table = requests.table();
+        let routes = requests.table();
+        let table = &routes.table;
         let led_here = (0..table.len()).filter(|&position| table.leader(position) == options.node_id);
         store.campaign_all(led_here.map(|position| table.range(position).group_id).collect::<Vec<_>>());
         let resp_task = {
@@ -315,7 +317,7 @@ impl Server {
 
     /// The node believed to lead each group, by range position.
     pub fn leaders(&self) -> Vec<u64> {
-        self.requests.table().leaders()
+        self.requests.table().table.leaders()
     }
 
     /// Stops serving, stops the node's replicas and makes what they applied durable; `Err` if the node had
@@ -397,7 +399,8 @@ fn status_of(
     raft_addr: SocketAddr,
     resp_addr: SocketAddr,
 ) -> Status {
-    let table = requests.table();
+    let routes = requests.table();
+    let table = &routes.table;
     let nodes = (transport.nodes().into_iter())
         .map(|(id, addr)| NodeStatus {
             node_id: id,

@@ -6,15 +6,17 @@
 //! and the node that forwarded it tries again.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flotilla_engine::disk::Disk;
 use flotilla_engine::state_machine::{KeyValue, StateMachine};
 use flotilla_raftstore::batch::Router;
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::{MembershipChange, PeerError};
-use flotilla_raftstore::range::RangeDescriptor;
+use flotilla_raftstore::range::{RangeDescriptor, SplitRequest};
 use flotilla_raftstore::store::local_reader::{LocalReader, ReadLease};
 use flotilla_raftstore::store::{PeerFsm, PeerMsg, ReadRequest, ReadResult, WriteReply};
 use flotilla_router::route::{Attempt, RangeTable, RouteError};
@@ -24,7 +26,7 @@ use flotilla_router::transport::wire::{
 };
 use flotilla_router::transport::{ForwardHandler, TcpTransport};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::client::Route;
 use crate::db::{Config, DbError};
@@ -48,23 +50,43 @@ pub enum Answered {
     Pairs(Vec<KeyValue>),
 }
 
+/// The routing table as it stands, with each range's grant on this node: taken whole by each attempt (so that the
+/// range, the group and the grant it routes by belong together), swapped whole when the node learns of a split.
+pub struct Routes {
+    pub table: RangeTable,
+    /// Per range position: the group's grant on this node.
+    leases: Vec<Arc<ReadLease>>,
+}
+
+impl Routes {
+    fn new(table: RangeTable, reader: &LocalReader) -> Routes {
+        let leases = table.ranges().iter().map(|range| reader.lease(range.group_id)).collect();
+        Routes { table, leases }
+    }
+}
+
 /// The node's request router (shared by its RESP and HTTP connections, and the transport's forwarded requests).
 pub struct Requests {
     node_id: u64,
     cluster_id: String,
-    table: RangeTable,
+    routes: RwLock<Arc<Routes>>,
     router: Router<PeerFsm>,
     reader: Arc<LocalReader>,
-    /// Per range position: the group's grant on this node.
-    leases: Vec<Arc<ReadLease>>,
     kv: Arc<StateMachine>,
     transport: Arc<TcpTransport>,
     /// The request checks and timeout, as the embedded `Db`'s (`Config::check_batch`, `check_key`).
     limits: Config,
+    /// Where the ids of the groups this node's splits make are recorded (`db_routes::IDS_FILE`), one split at a
+    /// time.
+    split_ids: Mutex<(Arc<dyn Disk>, PathBuf)>,
     next_id: AtomicU64,
     /// Forwarded requests waiting for their answer, by id.
     pending: Mutex<HashMap<u64, oneshot::Sender<ForwardReply>>>,
 }
+
+/// How long a request whose group refused it as routed waits before it is routed again, if the node's stored
+/// ranges showed nothing new (this node has not applied the split yet).
+const REROUTE_PAUSE: Duration = Duration::from_millis(20);
 
 impl Requests {
     #[allow(clippy::too_many_arguments)]
@@ -78,19 +100,22 @@ impl Requests {
         kv: Arc<StateMachine>,
         transport: Arc<TcpTransport>,
         limits: Config,
+        ids: (Arc<dyn Disk>, PathBuf),
     ) -> Requests {
         let table = RangeTable::new(ranges, nodes);
-        let leases = table.ranges().iter().map(|range| reader.lease(range.group_id)).collect();
+        // What this node applied since it was created (a split) is learned at once.
+        let table = table.learned(crate::node::stored_ranges(&kv).unwrap_or_default());
+        let routes = RwLock::new(Arc::new(Routes::new(table, &reader)));
         Requests {
             node_id,
             cluster_id,
-            table,
+            routes,
             router,
             reader,
-            leases,
             kv,
             transport,
             limits,
+            split_ids: Mutex::new(ids),
             next_id: AtomicU64::new(1),
             pending: Mutex::default(),
         }
@@ -100,8 +125,9 @@ impl Requests {
         self.node_id
     }
 
-    pub fn table(&self) -> &RangeTable {
-        &self.table
+    /// The routing table as it stands (swapped whole after a split).
+    pub fn table(&self) -> Arc<Routes> {
+        Arc::clone(&self.routes.read())
     }
 
     pub fn cluster_id(&self) -> &str {
@@ -120,22 +146,34 @@ impl Requests {
         stored.into_iter().map(|range| (range.group_id, range)).collect()
     }
 
-    /// Adds a learner on node `node_id`, listening at `addr`, to the group at `position` (`join.rs`); done once
-    /// applied, or if the group has exactly that replica already.
-    pub async fn add_learner(&self, position: usize, node_id: u64, addr: &str) -> Result<(), RouteError> {
+    /// Adds a learner on node `node_id`, listening at `addr`, to the group at `position` of `routes` (`join.rs`);
+    /// done once applied, or if the group has exactly that replica already.
+    pub async fn add_learner(
+        &self,
+        routes: &Arc<Routes>,
+        position: usize,
+        node_id: u64,
+        addr: &str,
+    ) -> Result<(), RouteError> {
         let op = ForwardOp::AddLearner(AddLearner { node_id, replica_id: node_id, addr: addr.to_string() });
-        match self.route(position, op).await? {
-            Answered::Written(Outcome::Done) => Ok(()),
-            other => Err(RouteError::Membership(format!("adding a learner on node {node_id}: {other:?}"))),
+        let deadline = Instant::now() + self.limits.request_timeout;
+        match self.route(routes, position, op, deadline).await? {
+            Some(Answered::Written(Outcome::Done)) => Ok(()),
+            None => Err(RouteError::Membership("the group's range changed meanwhile".into())),
+            Some(other) => Err(RouteError::Membership(format!("adding a learner on node {node_id}: {other:?}"))),
         }
     }
 
-    /// Every range, in key order, with where its believed leader serves clients.
+    /// Every range, in key order, with where its believed leader serves clients (the splits this node applied
+    /// learned first).
     pub fn routes(&self) -> Vec<Route> {
-        (0..self.table.len())
+        let _ = self.relearn(&self.table(), None); // (a state file that cannot say: the table as it stands)
+        let routes = self.table();
+        let table = &routes.table;
+        (0..table.len())
             .map(|position| {
-                let range = self.table.range(position);
-                let leader = self.table.leader(position);
+                let range = table.range(position);
+                let leader = table.leader(position);
                 Route {
                     start: range.start.clone(),
                     end: range.end.clone(),
@@ -153,9 +191,10 @@ impl Requests {
         if let Err(error) = self.limits.check_key(key) {
             return Some(Err(refused(error)));
         }
-        let position = self.table.position_of(key);
-        let range_version = self.table.range(position).epoch().version;
-        (self.table.leader(position) == self.node_id && self.reader.holds(&self.leases[position], range_version))
+        let routes = self.table();
+        let position = routes.table.position_of(key);
+        let range_version = routes.table.range(position).epoch().version;
+        (routes.table.leader(position) == self.node_id && self.reader.holds(&routes.leases[position], range_version))
             .then(|| self.kv.get(key).map_err(|error| RouteError::Storage(error.to_string())))
     }
 
@@ -165,69 +204,162 @@ impl Requests {
         if let Some(local) = self.get_local(key) {
             return local;
         }
-        let position = self.table.position_of(key);
-        match self.route(position, ForwardOp::Get(key.to_vec())).await? {
-            Answered::Value(value) => Ok(value),
-            other => Err(RouteError::Storage(format!("a read answered {other:?}"))),
+        let deadline = Instant::now() + self.limits.request_timeout;
+        loop {
+            let routes = self.table();
+            let position = routes.table.position_of(key);
+            match self.route(&routes, position, ForwardOp::Get(key.to_vec()), deadline).await? {
+                Some(Answered::Value(value)) => return Ok(value),
+                Some(other) => return Err(RouteError::Storage(format!("a read answered {other:?}"))),
+                None => self.rerouted(&routes, deadline).await?,
+            }
         }
     }
 
     /// Applies `ops` atomically; their keys must lie in one group's range ([`RouteError::BatchSpansRanges`]).
     pub async fn write(&self, ops: Vec<Op>) -> Result<Outcome, RouteError> {
         self.limits.check_batch(&ops).map_err(refused)?;
-        let position = self.table.batch_position(ops.iter().map(|op| op.key.as_slice()))?;
-        let command = Command::write(Some(self.table.range(position).epoch()), ops);
-        match self.route(position, ForwardOp::Write(command)).await? {
-            Answered::Written(outcome) => Ok(outcome),
-            other => Err(RouteError::Storage(format!("a write answered {other:?}"))),
+        let deadline = Instant::now() + self.limits.request_timeout;
+        let mut command = Command::write(None, ops);
+        loop {
+            let routes = self.table();
+            let position = routes.table.batch_position(command.ops.iter().map(|op| op.key.as_slice()))?;
+            command.epoch = Some(routes.table.range(position).epoch());
+            match self.route(&routes, position, ForwardOp::Write(command.clone()), deadline).await? {
+                Some(Answered::Written(outcome)) => return Ok(outcome),
+                Some(other) => return Err(RouteError::Storage(format!("a write answered {other:?}"))),
+                None => self.rerouted(&routes, deadline).await?,
+            }
         }
     }
 
-    /// Up to `limit` pairs of `[start, end)` in key order; each group's part linearizable.
+    /// Up to `limit` pairs of `[start, end)` in key order; each group's part linearizable. A part refused
+    /// because its range changed is read again, by the table as it is then, from where the scan stood.
     pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, RouteError> {
+        if !end.is_empty() && end < start {
+            return Err(RouteError::InvalidArgument("scan end before start".into()));
+        }
+        let deadline = Instant::now() + self.limits.request_timeout;
         let mut out = Vec::new();
-        for position in self.table.scan_positions(start, end)? {
-            if out.len() >= limit {
-                break;
-            }
+        let mut cursor = start.to_vec();
+        while out.len() < limit {
+            let routes = self.table();
+            let position = routes.table.position_of(&cursor);
+            let range = routes.table.range(position);
             let scan = ScanRange {
-                start: start.to_vec(),
+                start: cursor.clone(),
                 end: end.to_vec(),
                 limit: (limit - out.len()) as u64,
-                epoch: Some(self.table.range(position).epoch()),
+                epoch: Some(range.epoch()),
             };
-            match self.route(position, ForwardOp::Scan(scan)).await? {
-                Answered::Pairs(pairs) => out.extend(pairs),
-                other => return Err(RouteError::Storage(format!("a scan answered {other:?}"))),
+            match self.route(&routes, position, ForwardOp::Scan(scan), deadline).await? {
+                Some(Answered::Pairs(pairs)) => out.extend(pairs),
+                Some(other) => return Err(RouteError::Storage(format!("a scan answered {other:?}"))),
+                None => {
+                    self.rerouted(&routes, deadline).await?;
+                    continue;
+                }
             }
+            // The next range, if the scan reaches it.
+            if range.end.is_empty() || (!end.is_empty() && range.end.as_slice() >= end) {
+                break;
+            }
+            cursor = range.end.clone();
         }
         Ok(out)
     }
 
-    /// Attempts `op` on the group at `position` until the router's policy says done or failed.
-    async fn route(&self, position: usize, op: ForwardOp) -> Result<Answered, RouteError> {
+    /// Splits the range holding `key` so that `key` starts a range of its own, served by a new group on the same
+    /// nodes (`flotilla split`). The node that leads the group takes the new group's ids and proposes it; done
+    /// once the split applied there (at once if `key` already starts a range).
+    pub async fn split_at(&self, key: &[u8]) -> Result<(), RouteError> {
+        self.limits.check_key(key).map_err(refused)?;
         let deadline = Instant::now() + self.limits.request_timeout;
         loop {
-            let node = self.table.leader(position);
-            let answer = if node == self.node_id {
-                self.local(self.table.range(position).group_id, op.clone(), deadline).await
-            } else {
-                self.forward(node, self.table.range(position).group_id, op.clone(), deadline).await
-            };
-            match self.table.judge(position, node, answer, deadline) {
-                Attempt::Done(answered) => return Ok(answered),
-                Attempt::Retry(pause) => tokio::time::sleep(pause).await,
-                // Nothing proposes a split on a server yet (its table is the one it started with): a group that
-                // no longer holds the keys is an error here until routing follows splits on the server too.
-                Attempt::Reroute => {
-                    return Err(RouteError::Storage(format!(
-                        "group {} no longer holds the request's keys as this node's routing table says",
-                        self.table.range(position).group_id
-                    )))
+            let routes = self.table();
+            let position = routes.table.position_of(key);
+            if key.is_empty() || routes.table.range(position).start == key {
+                return Ok(());
+            }
+            match self.route(&routes, position, ForwardOp::SplitAt(key.to_vec()), deadline).await? {
+                Some(Answered::Written(Outcome::Split { right })) => {
+                    // Routed by at once here (the left part as this node applies it, or as a refusal tells).
+                    self.relearn(&routes, Some(*right))?;
+                    return Ok(());
                 }
+                Some(other) => return Err(RouteError::Storage(format!("a split answered {other:?}"))),
+                None => self.rerouted(&routes, deadline).await?,
+            }
+        }
+    }
+
+    /// A group refused a request routed by `used` as no longer holding its keys (a split moved them): the
+    /// table is rebuilt from the ranges this node stores (it applies the splits of the groups it holds), once
+    /// per stale table. If that shows nothing new yet (this node has not applied the split), the request waits a
+    /// moment before it is routed again, until `deadline`.
+    async fn rerouted(&self, used: &Arc<Routes>, deadline: Instant) -> Result<(), RouteError> {
+        if self.relearn(used, None)? {
+            return Ok(());
+        }
+        if Instant::now() + REROUTE_PAUSE >= deadline {
+            return Err(RouteError::Timeout);
+        }
+        tokio::time::sleep(REROUTE_PAUSE).await;
+        Ok(())
+    }
+
+    /// Swaps in a table that learned the ranges this node stores, and `also`, unless another request already
+    /// swapped `used` out. Whether the table changed.
+    fn relearn(&self, used: &Arc<Routes>, also: Option<RangeDescriptor>) -> Result<bool, RouteError> {
+        let stored = crate::node::stored_ranges(&self.kv).map_err(|error| RouteError::Storage(error.to_string()))?;
+        let mut current = self.routes.write();
+        if !Arc::ptr_eq(&current, used) {
+            return Ok(true); // another request rebuilt it meanwhile
+        }
+        let table = used.table.learned(stored.into_iter().chain(also));
+        if table.ranges() == used.table.ranges() {
+            return Ok(false);
+        }
+        *current = Arc::new(Routes::new(table, &self.reader));
+        Ok(true)
+    }
+
+    /// Attempts `op` on the group at `position` of `routes` until the router's policy says done or failed;
+    /// `None`: the group no longer holds the request's keys as `routes` says — route it again.
+    async fn route(
+        &self,
+        routes: &Routes,
+        position: usize,
+        op: ForwardOp,
+        deadline: Instant,
+    ) -> Result<Option<Answered>, RouteError> {
+        let table = &routes.table;
+        let group_id = table.range(position).group_id;
+        loop {
+            let node = table.leader(position);
+            let answer = if node == self.node_id {
+                self.local(group_id, op.clone(), deadline).await
+            } else {
+                self.forward(node, group_id, op.clone(), deadline).await
+            };
+            match table.judge(position, node, answer, deadline) {
+                Attempt::Done(answered) => return Ok(Some(answered)),
+                Attempt::Retry(pause) => tokio::time::sleep(pause).await,
+                Attempt::Reroute => return Ok(None),
                 Attempt::Fail(error) => return Err(error),
             }
         }
+    }
+
+    /// Takes a new group id and `replicas` replica ids for a split this node proposes: in this node's own part of
+    /// the id space (node id × 2³²; the initial groups and a joined node's replicas have small ids), recorded
+    /// durably before use, so that no two nodes, and no two splits, ever share one.
+    fn take_split_ids(&self, replicas: usize) -> Result<(u64, Vec<u64>), RouteError> {
+        let ids = self.split_ids.lock();
+        let floor = (self.node_id << 32) + 1;
+        let (group_id, replica_id) = crate::db_routes::take_ids_above(ids.0.as_ref(), &ids.1, (floor, floor), replicas)
+            .map_err(|error| RouteError::Storage(error.to_string()))?;
+        Ok((group_id, (replica_id..).take(replicas).collect()))
     }
 
     /// Runs `op` on this node's replica of `group_id` (`None`: no answer by `deadline`).
@@ -240,6 +372,16 @@ impl Requests {
             ForwardOp::AddLearner(AddLearner { node_id, replica_id, addr }) => {
                 let change = MembershipChange::AddLearner { node_id, replica_id, addr };
                 self.propose(group_id, |reply| PeerMsg::ChangeMembership { change, reply }, within(deadline)).await
+            }
+            ForwardOp::SplitAt(split_key) => {
+                // The group's members as this node applied them (the proposal is refused if they changed since).
+                let replicas = self.descriptors().get(&group_id).map_or(0, |range| range.replicas.len());
+                let (right_group_id, right_replica_ids) = match self.take_split_ids(replicas) {
+                    Ok(ids) => ids,
+                    Err(error) => return Some(Err(PeerError::Stopped(format!("{error:?}")))),
+                };
+                let split = SplitRequest { split_key, right_group_id, right_replica_ids };
+                self.propose(group_id, |reply| PeerMsg::Split { split, reply }, within(deadline)).await
             }
             ForwardOp::Get(key) => self.read(group_id, ReadRequest::Get(key), within(deadline)).await,
             ForwardOp::Scan(scan) => {
@@ -324,6 +466,7 @@ impl Requests {
                 op: failed.op as usize,
                 current: failed.current.and_then(OptionalValue::into_option),
             })),
+            Some(ForwardResult::Split(right)) => Ok(Answered::Written(Outcome::Split { right: Box::new(right) })),
             Some(ForwardResult::Value(value)) => Ok(Answered::Value(value.into_option())),
             Some(ForwardResult::Pairs(pairs)) => {
                 Ok(Answered::Pairs(pairs.keys.into_iter().zip(pairs.values).collect()))
@@ -349,6 +492,10 @@ impl Requests {
                         op: op as u64,
                         current: Some(OptionalValue::new(current)),
                     })
+                }
+                Some(Ok(Answered::Written(Outcome::Split { right }))) => ForwardResult::Split(*right),
+                Some(Ok(Answered::Written(Outcome::InvalidSplit(reason)))) => {
+                    ForwardResult::Refused(Refusal::from_peer_error(&PeerError::InvalidSplit(reason)))
                 }
                 Some(Ok(Answered::Written(other))) => {
                     ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Membership(format!("{other:?}"))))

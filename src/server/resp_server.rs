@@ -259,6 +259,10 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
             }
         }
         ("INCR", 1) => incr(requests, &args[0]).await,
+        ("SPLIT", 1) => match requests.split_at(&args[0]).await {
+            Ok(()) => Reply::ok(),
+            Err(error) => failed(error),
+        },
         ("JOIN", 2) => {
             if args[0] != requests.cluster_id().as_bytes() {
                 let asked = String::from_utf8_lossy(&args[0]);
@@ -310,7 +314,7 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
         ),
         (
             "ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "MGET" | "MSET" | "INCR" | "RANGE" | "ROUTES" | "DBSIZE"
-            | "JOIN",
+            | "JOIN" | "SPLIT",
             _,
         ) => arity(name),
         _ => Reply::error(format!("unknown command '{}'", name.to_ascii_lowercase())),

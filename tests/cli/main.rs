@@ -7,4 +7,5 @@ mod join;
 mod partition;
 mod pause;
 mod processes;
+mod split;
 mod wal;

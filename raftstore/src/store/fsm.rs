@@ -16,6 +16,7 @@ use crate::command::{Command, Outcome};
 use crate::message::Envelope;
 use crate::peer::{MembershipChange, Peer, PeerError, Response, Token};
 use crate::range::{RangeEpoch, RangeError, SplitRequest};
+use crate::split_trigger::SplitTrigger;
 
 /// A read served once the group confirms it is current.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +111,8 @@ pub struct PeerFsm {
     pub(crate) addresses_told: Option<u64>,
     /// Where the host loop publishes whether reads may be served without the replica (`local_reader.rs`).
     pub(crate) read_lease: Arc<ReadLease>,
+    /// When this replica, leading, asks to be split (`split_trigger.rs`).
+    pub(crate) split_trigger: SplitTrigger,
 }
 
 impl Fsm for PeerFsm {
@@ -117,7 +120,7 @@ impl Fsm for PeerFsm {
 }
 
 impl PeerFsm {
-    pub fn new(peer: Peer, read_lease: Arc<ReadLease>) -> PeerFsm {
+    pub fn new(peer: Peer, read_lease: Arc<ReadLease>, split_trigger: SplitTrigger) -> PeerFsm {
         let ticking = peer.needs_ticks();
         PeerFsm {
             peer,
@@ -131,6 +134,7 @@ impl PeerFsm {
             destroy_requested: false,
             addresses_told: None,
             read_lease,
+            split_trigger,
         }
     }
 
@@ -178,6 +182,9 @@ impl PeerFsm {
             }
             PeerMsg::Write { command, reply } => {
                 metrics::counter!("flotilla_proposals_total").increment(1);
+                if self.peer.is_leader() {
+                    self.split_trigger.on_write(&command);
+                }
                 let token = self.token();
                 self.writes.insert(token, reply);
                 self.peer.propose(token, command);
@@ -194,6 +201,9 @@ impl PeerFsm {
             }
             PeerMsg::Read { request, reply } => {
                 metrics::counter!("flotilla_reads_total").increment(1);
+                if let (true, ReadRequest::Get(key)) = (self.peer.is_leader(), &request) {
+                    self.split_trigger.on_read(key);
+                }
                 let token = self.token();
                 self.reads.insert(token, (request, reply));
                 self.peer.read(token);

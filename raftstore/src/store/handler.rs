@@ -34,6 +34,7 @@ use crate::batch::PollHandler;
 use crate::message::{Envelope, ReplicaMessage};
 use crate::peer::PeerOutput;
 use crate::peer::{LocalReadGrant, PeerError, PersistedNote};
+use crate::split_trigger::{SplitReason, SplitWanted};
 
 /// One per poller thread (cloned from one template: every field is shared).
 #[derive(Clone)]
@@ -48,6 +49,8 @@ pub struct StoreHandler {
     pub(crate) tasks: Sender<ReplicaTask>,
     pub(crate) failure: Arc<NodeFailure>,
     pub(crate) local_reader: Arc<LocalReader>,
+    /// Where the groups this node leads ask to be split (`StoreOptions::split_wanted`).
+    pub(crate) split_wanted: Option<crossbeam_channel::Sender<SplitWanted>>,
     /// Which group holds which keys on this node (`range_claims.rs`), shared by its replicas.
     pub(crate) claims: Arc<crate::range_claims::RangeClaims>,
 }
@@ -215,6 +218,19 @@ impl StoreHandler {
     }
 }
 
+impl StoreHandler {
+    /// The host is asked to split `fsm`'s range at `split_key` (advisory: dropped if its channel is full).
+    fn ask_split(&self, fsm: &PeerFsm, split_key: Vec<u8>, reason: SplitReason) {
+        let Some(asks) = &self.split_wanted else { return };
+        let range = fsm.peer.descriptor().clone();
+        if split_key.as_slice() <= range.start.as_slice() || !range.contains(&split_key) {
+            return; // a sample from before the range changed
+        }
+        metrics::counter!("flotilla_splits_asked_total", "reason" => "load").increment(1);
+        let _ = asks.try_send(SplitWanted { node_id: self.node_id, range, split_key, reason });
+    }
+}
+
 impl PollHandler<PeerFsm> for StoreHandler {
     fn begin(&mut self) {
         // The node's time, read before anything is handled (`ticks.rs`): a lease is judged on it.
@@ -233,13 +249,20 @@ impl PollHandler<PeerFsm> for StoreHandler {
         }
         if fsm.ticking {
             // The ticks it owes first (see `ticks.rs`): whatever it handles next sees the node's time.
-            self.ticking.catch_up(&fsm.ticks_seen, &mut fsm.peer);
+            let ticks = self.ticking.catch_up(&fsm.ticks_seen, &mut fsm.peer);
+            if let Some(split_key) = fsm.split_trigger.on_ticks(ticks).filter(|_| fsm.peer.is_leader()) {
+                self.ask_split(fsm, split_key, SplitReason::Load);
+            }
         }
         for message in messages.drain(..) {
             fsm.on_message(message, self.kv.as_ref());
         }
         let output = fsm.peer.take_output(self.kv.as_ref());
         self.carry_out(fsm, output);
+        if fsm.peer.is_leader() && fsm.split_trigger.take_size_check() {
+            // Measured on the replicas thread (a scan of up to twice the bound); dropped if its queue is full.
+            let _ = self.tasks.try_send(ReplicaTask::CheckSize(Box::new(fsm.peer.descriptor().clone())));
+        }
     }
 
     fn on_panic(&mut self, reason: String) {

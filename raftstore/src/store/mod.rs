@@ -48,6 +48,7 @@ pub use transport::{InProcessTransport, NoTransport, StoreInbox, Transport};
 use crate::batch::{BatchOptions, BatchSystem, Router};
 use crate::peer::PeerOptions;
 use crate::range::RangeDescriptor;
+use crate::split_trigger::{SplitOptions, SplitTrigger, SplitWanted};
 use local_reader::LocalReader;
 use replicas::{ReplicaTask, Replicas};
 use ticks::{TickClock, Ticking};
@@ -76,6 +77,11 @@ pub struct StoreOptions {
     /// What the log is purged down to, in bytes (the WAL keeps its active segment whatever this says, and
     /// rewrites the live entries of laggards that pin older ones). Default 512 MiB (two default WAL segments).
     pub log_bytes_max: u64,
+    /// The split triggers' bounds (`split_trigger.rs`): by size and by load.
+    pub split: SplitOptions,
+    /// Where the groups this node leads ask to be split (`split_trigger.rs`; the host proposes the splits).
+    /// Default none: nothing is counted or measured, and nothing splits but by request.
+    pub split_wanted: Option<crossbeam_channel::Sender<SplitWanted>>,
 }
 
 impl Default for StoreOptions {
@@ -94,7 +100,18 @@ impl Default for StoreOptions {
             peer: PeerOptions::default(),
             log_gc_interval: Duration::from_secs(1),
             log_bytes_max: 512 << 20,
+            split: SplitOptions::default(),
+            split_wanted: None,
         }
+    }
+}
+
+impl StoreOptions {
+    /// A replica's split triggers: as `split` says if a host takes the asks, else off.
+    pub(crate) fn split_trigger(&self, group_id: u64) -> SplitTrigger {
+        let off = SplitOptions { size_bytes_max: 0, load_window_ticks: 0, ..SplitOptions::default() };
+        let options = if self.split_wanted.is_some() { self.split.clone() } else { off };
+        SplitTrigger::new(options, self.raft.random_seed ^ group_id)
     }
 }
 
@@ -139,6 +156,7 @@ impl StoreCore {
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
         let handler = StoreHandler {
             node_id: options.node_id,
+            split_wanted: options.split_wanted.clone(),
             local_reader: Arc::new(LocalReader::new(Arc::clone(&clock))),
             claims: Arc::default(),
             ticking: Arc::new(Ticking::new(clock)),
@@ -181,7 +199,7 @@ impl StoreCore {
         crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
         for range in &held {
             let peer = replicas::open_replica(options, range, log, kv.as_ref(), claims)?;
-            let fsm = PeerFsm::new(peer, local_reader.lease(range.group_id));
+            let fsm = PeerFsm::new(peer, local_reader.lease(range.group_id), options.split_trigger(range.group_id));
             if fsm.ticking {
                 ticking.start(range.group_id, &fsm.ticks_seen);
             }

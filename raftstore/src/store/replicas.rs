@@ -27,6 +27,7 @@ use crate::message::Envelope;
 use crate::peer::Peer;
 use crate::range::RangeDescriptor;
 use crate::range_claims::RangeClaims;
+use crate::split_trigger::SplitWanted;
 
 /// Work for the replicas thread.
 pub(crate) enum ReplicaTask {
@@ -37,7 +38,13 @@ pub(crate) enum ReplicaTask {
     /// A split applied here made this group (its first state is in the state machine); `campaign`: this node
     /// led the group that split.
     Split { range: Box<RangeDescriptor>, campaign: bool },
+    /// Enough was written to this range, which this node leads, for its size to be measured
+    /// (`split_trigger.rs`).
+    CheckSize(Box<RangeDescriptor>),
 }
+
+/// Pairs read per page when a range's size is measured.
+const SIZE_CHECK_PAGE_KEYS: usize = 1024;
 
 /// How many tasks may wait; beyond, messages for unknown groups are dropped (Raft resends).
 pub(crate) const TASKS_MAX: usize = 1024;
@@ -111,6 +118,9 @@ impl Replicas {
             ReplicaTask::Split { range, campaign } => {
                 flotilla_engine::panics::catch("opening a split's new group", || self.open_split_off(&range, campaign))
             }
+            ReplicaTask::CheckSize(range) => {
+                flotilla_engine::panics::catch("measuring a range", || self.check_size(&range))
+            }
         };
         if let Err(reason) = done {
             self.failure.fail(self.options.node_id, reason);
@@ -170,10 +180,24 @@ impl Replicas {
                 return self.failure.fail(self.options.node_id, format!("opening group {group_id}: {error:?}"));
             }
         };
-        if self.register(group_id, PeerFsm::new(peer, self.local_reader.lease(group_id))) && campaign {
+        let fsm = PeerFsm::new(peer, self.local_reader.lease(group_id), self.options.split_trigger(group_id));
+        if self.register(group_id, fsm) && campaign {
             let _ = self.mailboxes.send(group_id, PeerMsg::Campaign);
         }
         metrics::counter!("flotilla_split_groups_opened_total").increment(1);
+    }
+
+    /// Measures `range`'s data (`split_check.rs`); over the bound, asks the host to split it near the middle of
+    /// its bytes. A state machine that fails here fails the pollers too: the check is skipped.
+    fn check_size(&self, range: &RangeDescriptor) {
+        let (Some(asks), bytes_max) = (&self.options.split_wanted, self.options.split.size_bytes_max) else { return };
+        let checked = crate::split_check::check_size(self.kv.as_ref(), range, bytes_max, SIZE_CHECK_PAGE_KEYS);
+        if let Ok(crate::split_check::SizeCheck { split_key: Some(split_key), .. }) = checked {
+            metrics::counter!("flotilla_splits_asked_total", "reason" => "size").increment(1);
+            let reason = crate::split_trigger::SplitReason::Size;
+            let wanted = SplitWanted { node_id: self.options.node_id, range: range.clone(), split_key, reason };
+            let _ = asks.try_send(wanted); // advisory: the next check asks again
+        }
     }
 
     /// Registers a replica just opened, its ticks settled first: a fresh replica owes none for the time before it
@@ -217,7 +241,8 @@ impl Replicas {
                 return;
             }
         };
-        if self.register(group_id, PeerFsm::new(peer, self.local_reader.lease(group_id))) {
+        let fsm = PeerFsm::new(peer, self.local_reader.lease(group_id), self.options.split_trigger(group_id));
+        if self.register(group_id, fsm) {
             metrics::counter!("flotilla_replicas_created_total").increment(1);
             let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
         }

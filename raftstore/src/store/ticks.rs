@@ -148,7 +148,8 @@ impl Ticking {
 
     /// Gives `peer` the ticks it owes (those beyond [`TICKS_OWED_MAX`] as skipped time): afterwards its tick count
     /// stands for the node tick `seen` holds, as far as its lease is concerned (`local_reader.rs`).
-    pub(crate) fn catch_up(&self, seen: &AtomicU64, peer: &mut Peer) {
+    /// Returns how many ticks it owed.
+    pub(crate) fn catch_up(&self, seen: &AtomicU64, peer: &mut Peer) -> u64 {
         let owed = self.take_owed(seen);
         for _ in 0..owed.min(TICKS_OWED_MAX) {
             peer.on_tick();
@@ -156,6 +157,7 @@ impl Ticking {
         if owed > TICKS_OWED_MAX {
             peer.skip_ticks(owed - TICKS_OWED_MAX);
         }
+        owed
     }
 }
 

@@ -114,7 +114,7 @@ pub struct ForwardRequest {
     pub id: u64,
     #[prost(uint64, tag = "2")]
     pub group_id: u64,
-    #[prost(oneof = "ForwardOp", tags = "3, 4, 5, 6")]
+    #[prost(oneof = "ForwardOp", tags = "3, 4, 5, 6, 7")]
     pub op: Option<ForwardOp>,
 }
 
@@ -133,6 +133,10 @@ pub enum ForwardOp {
     /// also if the group has it already.
     #[prost(message, tag = "6")]
     AddLearner(AddLearner),
+    /// A split of the group's range at this key (`flotilla split`): the node that leads the group takes the new
+    /// group's ids and proposes it; answered done once applied there.
+    #[prost(bytes = "vec", tag = "7")]
+    SplitAt(Vec<u8>),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -164,7 +168,7 @@ pub struct ScanRange {
 pub struct ForwardReply {
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "ForwardResult", tags = "2, 3, 4, 5, 6")]
+    #[prost(oneof = "ForwardResult", tags = "2, 3, 4, 5, 6, 7")]
     pub result: Option<ForwardResult>,
 }
 
@@ -183,6 +187,9 @@ pub enum ForwardResult {
     /// Refused: the replica's typed error, as [`Refusal`].
     #[prost(message, tag = "6")]
     Refused(Refusal),
+    /// A split applied: the new group's range.
+    #[prost(message, tag = "7")]
+    Split(flotilla_raftstore::range::RangeDescriptor),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

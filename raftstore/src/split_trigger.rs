@@ -1,0 +1,172 @@
+//! When a group asks to be split ([`SplitTrigger`], one per replica; only a leader's counts): by **size** — after
+//! `size_check_written_bytes` of writes since its last check, its range's data is measured off the pollers
+//! (`split_check.rs`, on the replicas thread) and a range over `size_bytes_max` asks to split near the middle of
+//! its bytes — and by **load** — its requests are counted and sampled per window of ticks (`load_split.rs`), and a
+//! load over the bound for enough windows in a row asks to split at the sampled key that halves it.
+//!
+//! Asking is all a store does: a [`SplitWanted`] goes to the host (`StoreOptions::split_wanted`), which takes the
+//! new group's ids and proposes the split like a split by request (the embedded `Db`'s splitter thread, a
+//! server's). Asks are advisory: a full channel drops one (the next check asks again), and a split proposed for a
+//! range that changed meanwhile is refused where it applies.
+
+use crate::command::Command;
+use crate::load_split::{LoadSampler, LoadSplitOptions};
+use crate::range::RangeDescriptor;
+
+/// The split triggers' bounds (see the module's doc). Each has a default; a zero turns its trigger off.
+#[derive(Clone, Debug)]
+pub struct SplitOptions {
+    /// A range whose keys and values add up to more than this asks to split near the middle of its bytes
+    /// (0: never by size). Default 64 MiB.
+    pub size_bytes_max: u64,
+    /// Bytes of keys and values written to a range (on its leader) between two size checks. Default
+    /// `size_bytes_max / 8` (8 MiB).
+    pub size_check_written_bytes: u64,
+    /// Load windows are this many of the node's ticks long (0: never by load). Default 10 (1 s at the store's
+    /// default 100 ms tick).
+    pub load_window_ticks: u32,
+    /// What makes a window hot, how many in a row split, and where (`load_split.rs`).
+    pub load: LoadSplitOptions,
+}
+
+impl Default for SplitOptions {
+    fn default() -> SplitOptions {
+        SplitOptions {
+            size_bytes_max: 64 << 20,
+            size_check_written_bytes: 8 << 20,
+            load_window_ticks: 10,
+            load: LoadSplitOptions::default(),
+        }
+    }
+}
+
+/// A group's leader asks its host to split its range at `split_key` (`reason` says which trigger).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitWanted {
+    /// The node whose replica asks (it leads the group: the host proposes the split there).
+    pub node_id: u64,
+    /// The range as the asking replica holds it.
+    pub range: RangeDescriptor,
+    pub split_key: Vec<u8>,
+    pub reason: SplitReason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitReason {
+    Size,
+    Load,
+}
+
+/// One replica's split triggers (see the module's doc). Deterministic: it sees what its caller feeds it.
+#[derive(Debug)]
+pub struct SplitTrigger {
+    options: SplitOptions,
+    written_bytes: u64,
+    load: Option<LoadSampler>,
+    window_ticks: u32,
+}
+
+impl SplitTrigger {
+    /// `seed` varies the load sampler's choices (per group).
+    pub fn new(options: SplitOptions, seed: u64) -> SplitTrigger {
+        let load = (options.load_window_ticks > 0).then(|| LoadSampler::new(options.load.clone(), seed));
+        SplitTrigger { options, written_bytes: 0, load, window_ticks: 0 }
+    }
+
+    /// A write this replica took as leader.
+    pub fn on_write(&mut self, command: &Command) {
+        if self.options.size_bytes_max > 0 {
+            let bytes: usize = command.ops.iter().map(|op| op.key.len() + op.value.len()).sum();
+            self.written_bytes += bytes as u64;
+        }
+        if let (Some(load), Some(op)) = (self.load.as_mut(), command.ops.first()) {
+            load.record(&op.key);
+        }
+    }
+
+    /// A read of `key` this replica serves as leader.
+    pub fn on_read(&mut self, key: &[u8]) {
+        if let Some(load) = self.load.as_mut() {
+            load.record(key);
+        }
+    }
+
+    /// `ticks` of the node's time passed for this replica: a load window that ends may name a split key.
+    pub fn on_ticks(&mut self, ticks: u64) -> Option<Vec<u8>> {
+        let load = self.load.as_mut()?;
+        let mut split_key = None;
+        for _ in 0..ticks {
+            self.window_ticks += 1;
+            if self.window_ticks >= self.options.load_window_ticks {
+                self.window_ticks = 0;
+                split_key = load.end_window().or(split_key);
+            }
+        }
+        split_key
+    }
+
+    /// Whether enough was written since the last check for the range's size to be checked now (the count
+    /// starts again).
+    pub fn take_size_check(&mut self) -> bool {
+        let due = self.options.size_bytes_max > 0 && self.written_bytes >= self.options.size_check_written_bytes.max(1);
+        if due {
+            self.written_bytes = 0;
+        }
+        due
+    }
+
+    /// The bound a size check measures against.
+    pub fn size_bytes_max(&self) -> u64 {
+        self.options.size_bytes_max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Op;
+
+    fn write(key: &str, value_bytes: usize) -> Command {
+        Command::write(None, vec![Op::put(key.as_bytes().to_vec(), vec![b'v'; value_bytes])])
+    }
+
+    #[test]
+    fn a_size_check_comes_after_enough_bytes_written_and_never_when_off() {
+        let options = SplitOptions { size_bytes_max: 1000, size_check_written_bytes: 250, ..SplitOptions::default() };
+        let mut trigger = SplitTrigger::new(options.clone(), 1);
+        trigger.on_write(&write("k1", 100));
+        assert!(!trigger.take_size_check());
+        trigger.on_write(&write("k2", 200));
+        assert!(trigger.take_size_check(), "304 bytes written");
+        assert!(!trigger.take_size_check(), "the count started again");
+        let mut off = SplitTrigger::new(SplitOptions { size_bytes_max: 0, ..options }, 1);
+        off.on_write(&write("k1", 10_000));
+        assert!(!off.take_size_check());
+    }
+
+    #[test]
+    fn sustained_load_names_a_key_at_a_window_end_and_off_means_never() {
+        let load = LoadSplitOptions { requests_per_window_max: 100, hot_windows: 2, ..LoadSplitOptions::default() };
+        let options = SplitOptions { load_window_ticks: 5, load, ..SplitOptions::default() };
+        let mut trigger = SplitTrigger::new(options.clone(), 3);
+        let mut named = None;
+        for window in 0..2 {
+            for i in 0..400 {
+                if i % 2 == 0 {
+                    trigger.on_write(&write(&format!("user:{i:04}"), 10));
+                } else {
+                    trigger.on_read(format!("user:{i:04}").as_bytes());
+                }
+            }
+            assert_eq!(trigger.on_ticks(4), None, "window {window} not over");
+            named = trigger.on_ticks(1);
+        }
+        let key = String::from_utf8(named.expect("two hot windows")).unwrap();
+        assert!(("user:0100".."user:0300").contains(&key.as_str()), "near the middle: {key}");
+        let mut off = SplitTrigger::new(SplitOptions { load_window_ticks: 0, ..options }, 3);
+        for i in 0..10_000 {
+            off.on_read(format!("user:{i:04}").as_bytes());
+        }
+        assert_eq!(off.on_ticks(100), None);
+    }
+}

@@ -1,0 +1,79 @@
+//! Splits on a cluster of real `flotilla serve` processes: `flotilla split KEY` (RESP `SPLIT`) cuts the range that
+//! holds every `user:…` key, and every node's routing follows — writes, reads and scans across the new boundary
+//! through any node, a second split proposed through another node, a node killed and restarted after both.
+
+use std::process::Command;
+
+use crate::processes::{bulk, call, Cluster};
+
+fn user(i: u32) -> Vec<u8> {
+    format!("user:{i:04}").into_bytes()
+}
+
+/// Runs the `flotilla` command against node `node`'s RESP address; its standard output.
+fn flotilla(cluster: &Cluster, node: usize, args: &[&str]) -> String {
+    let addr = &cluster.resp[node - 1];
+    let output = Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).args(["--addr", addr]).output().unwrap();
+    assert!(output.status.success(), "flotilla {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// How many ranges node `node` routes by (`ROUTES` answers an array of one entry per range).
+fn ranges(cluster: &Cluster, node: usize) -> usize {
+    let reply = cluster.call_until_ok(node, &[b"ROUTES"]);
+    let header = String::from_utf8_lossy(&reply).lines().next().unwrap().to_string();
+    header.strip_prefix('*').unwrap().parse().unwrap()
+}
+
+/// The keys `flotilla scan` lists through node `node`, in order.
+fn scanned(cluster: &Cluster, node: usize) -> Vec<String> {
+    let listed = flotilla(cluster, node, &["scan", "--start", "user:", "--end", "user;", "--limit", "1000"]);
+    listed.lines().map(|line| line.split('\t').next().unwrap().to_string()).collect()
+}
+
+#[test]
+fn a_split_range_is_served_through_every_node_and_survives_a_restart() {
+    let mut cluster = Cluster::start(3);
+    for i in 0..100u32 {
+        let node = i as usize % 3 + 1;
+        assert_eq!(cluster.call_until_ok(node, &[b"SET", &user(i), b"a"]), b"+OK");
+    }
+    let before = ranges(&cluster, 1);
+    // Split through node 2 (whichever node leads the range proposes it).
+    let status = flotilla(&cluster, 2, &["split", "user:0050"]);
+    assert!(status.contains("\"user:0050\""), "a range starts at the split key:\n{status}");
+    assert_eq!(ranges(&cluster, 2), before + 1, "one range more");
+    // Every node serves both sides, writes and reads alike (nodes whose tables predate the split are refused by
+    // the group and route again).
+    for i in 0..100u32 {
+        let node = (i as usize + 1) % 3 + 1;
+        assert_eq!(cluster.call_until_ok(node, &[b"SET", &user(i), b"b"]), b"+OK");
+    }
+    for i in 0..100u32 {
+        let node = i as usize % 3 + 1;
+        assert_eq!(cluster.call_until_ok(node, &[b"GET", &user(i)]), bulk(b"b"), "user:{i:04} on node {node}");
+    }
+    let expected: Vec<String> = (0..100).map(|i| format!("user:{i:04}")).collect();
+    for node in 1..=3 {
+        assert_eq!(scanned(&cluster, node), expected, "a scan across the boundary through node {node}");
+    }
+    // A second split through node 3; splitting at a range's start again changes nothing.
+    flotilla(&cluster, 3, &["split", "user:0025"]);
+    flotilla(&cluster, 1, &["split", "user:0025"]);
+    assert_eq!(ranges(&cluster, 1), before + 2);
+    // A node killed and started again serves every side, with what was written while it was down.
+    cluster.kill(1, "-KILL");
+    for i in (0..100u32).step_by(7) {
+        assert_eq!(cluster.call_until_ok(2, &[b"SET", &user(i), b"c"]), b"+OK");
+    }
+    cluster.restart(1);
+    for i in 0..100u32 {
+        let value: &[u8] = if i % 7 == 0 { b"c" } else { b"b" };
+        assert_eq!(cluster.call_until_ok(1, &[b"GET", &user(i)]), bulk(value), "user:{i:04} after the restart");
+    }
+    assert_eq!(scanned(&cluster, 1), expected);
+    // Bad requests: no key, a key over the limit.
+    assert!(call(&cluster.resp[0], &[b"SPLIT"]).unwrap().starts_with(b"-ERR wrong number"));
+    let long_key = vec![b'k'; 5000];
+    assert!(call(&cluster.resp[0], &[b"SPLIT", &long_key]).unwrap().starts_with(b"-ERR InvalidArgument"));
+}
