@@ -24,11 +24,13 @@ use flotilla_engine::disk::{Disk, StdDisk};
 use flotilla_engine::state_machine::{KeyValue, StateMachine, StateMachineError, StateMachineOptions};
 use flotilla_engine::wal::record::ENTRY_DATA_BYTES_MAX;
 use flotilla_engine::wal::WalOptions;
+use flotilla_raftstore::batch::Router;
 use flotilla_raftstore::command::{Command, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::range::{SplitRequest, INITIAL_GROUPS_MAX};
+use flotilla_raftstore::split_trigger::{SplitOptions, SplitWanted};
 use flotilla_raftstore::store::{
-    InProcessTransport, NoTransport, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
+    InProcessTransport, NoTransport, PeerFsm, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
 };
 
 use flotilla_router::route::{Answer, Attempt, RangeTable, RouteError};
@@ -36,6 +38,7 @@ use flotilla_router::route::{Answer, Attempt, RangeTable, RouteError};
 use crate::db_routes::DbRoutes;
 use crate::layout::{self, DirLock};
 use crate::node::Node;
+use crate::splitter::Splitter;
 
 /// Settings of an embedded database. `Config::default()` is what [`Db::open`] uses.
 #[derive(Clone, Debug)]
@@ -75,7 +78,13 @@ impl Default for Config {
             batch_bytes_max: 32 << 20,
             wal: WalOptions::default(),
             state_machine: StateMachineOptions::default(),
-            store: StoreOptions::default(),
+            // Splits by size (a range over 64 MiB splits near the middle of its bytes), not by load: in one
+            // process the new ranges' leaders share the same cores, so a load split buys no CPU (`flotilla
+            // serve` splits by load too).
+            store: StoreOptions {
+                split: SplitOptions { load_window_ticks: 0, ..SplitOptions::default() },
+                ..StoreOptions::default()
+            },
         }
     }
 }
@@ -285,8 +294,10 @@ pub struct Db {
     dir: PathBuf,
     /// The routing table as it stands (`db_routes.rs`): swapped whole after a split.
     routes: RwLock<Arc<DbRoutes>>,
-    /// Splits one at a time (each takes the next unused group id).
-    splitting: Mutex<()>,
+    /// Splits one at a time (each takes the next unused group id): by request and as the triggers ask.
+    splitting: Arc<Mutex<()>>,
+    /// Proposes the splits the groups' leaders ask for (`splitter.rs`); stopped first at close.
+    splitter: Splitter,
     disk: Arc<dyn Disk>,
     nodes: Vec<Node>,
     /// The directory's lock, held until everything above has stopped (fields drop in order).
@@ -318,6 +329,9 @@ impl Db {
         // Nothing in the directory is read or written before its lock is held.
         let lock = layout::lock(disk.as_ref(), &dir)?;
         layout::open(disk.as_ref(), &dir, &config)?;
+        // The groups' leaders ask the splitter to split their ranges (`split_trigger.rs`).
+        let (ask, asks) = crate::splitter::asks();
+        config.store.split_wanted = Some(ask);
         let in_process = Arc::new(InProcessTransport::new());
         let transport: Arc<dyn Transport> =
             if config.nodes == 1 { Arc::new(NoTransport) } else { Arc::clone(&in_process) as Arc<dyn Transport> };
@@ -340,7 +354,22 @@ impl Db {
             node.store().campaign_all([range.group_id]);
         }
         let routes = RwLock::new(Arc::new(DbRoutes::new(table, &nodes)));
-        Ok(Db { config, dir, routes, splitting: Mutex::new(()), disk, nodes, _lock: lock })
+        let splitting = Arc::new(Mutex::new(()));
+        let asked = AskedSplits {
+            disk: Arc::clone(&disk),
+            dir: dir.clone(),
+            kvs: nodes.iter().map(|node| Arc::clone(&node.kv)).collect(),
+            routers: nodes.iter().map(|node| node.store().router().clone()).collect(),
+            splitting: Arc::clone(&splitting),
+            timeout: config.request_timeout,
+        };
+        let splitter = Splitter::start(asks, move |wanted| asked.propose(wanted));
+        Ok(Db { config, dir, routes, splitting, splitter, disk, nodes, _lock: lock })
+    }
+
+    /// Every node's state machine.
+    fn kvs(&self) -> Vec<Arc<StateMachine>> {
+        self.nodes.iter().map(|node| Arc::clone(&node.kv)).collect()
     }
 
     /// The routing table as it stands now (one per attempt of a request).
@@ -624,7 +653,7 @@ impl Db {
                 return Ok(());
             }
             let (group_id, replica_id) =
-                crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.nodes, range.replicas.len())?;
+                crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.kvs(), range.replicas.len())?;
             let right_replica_ids = (replica_id..).take(range.replicas.len()).collect();
             let split = SplitRequest { split_key: key.to_vec(), right_group_id: group_id, right_replica_ids };
             let make = |reply| PeerMsg::Split { split: split.clone(), reply };
@@ -632,7 +661,7 @@ impl Db {
                 Some(Outcome::Split { .. }) => return self.refresh_routes(&routes),
                 Some(Outcome::InvalidSplit(reason)) => return Err(DbError::InvalidArgument(reason)),
                 // The range changed between routing and applying (another split came first): again.
-                Some(Outcome::Refused(_)) | None => std::thread::sleep(self.rerouted(&routes, deadline)?),
+                None => std::thread::sleep(self.rerouted(&routes, deadline)?),
                 Some(other) => return Err(DbError::Storage(format!("a split answered {other:?}"))),
             }
         }
@@ -656,9 +685,16 @@ impl Db {
         &self.dir
     }
 
-    /// How many groups the key space is split into.
+    /// How many groups the key space is split into (the splits the nodes applied included).
     pub fn groups(&self) -> usize {
-        self.routes().table.len()
+        self.ranges().len()
+    }
+
+    /// The ranges, in key order, as the nodes applied them (the most split node's view): each one's bounds,
+    /// group, epoch and replicas.
+    pub fn ranges(&self) -> Vec<flotilla_raftstore::range::RangeDescriptor> {
+        let _ = self.refresh_routes(&self.routes()); // (a state file that cannot say: the table as it stands)
+        self.routes().table.ranges().to_vec()
     }
 
     /// Stops the groups and makes everything applied durable in the state machine (a reopen then replays
@@ -668,6 +704,7 @@ impl Db {
     }
 
     fn shut_down(&mut self) -> Result<(), DbError> {
+        self.splitter.stop();
         // Every node's replicas stop first (they talk to each other), then each node's engines finish.
         let mut failure = None;
         for node in &mut self.nodes {
@@ -681,6 +718,37 @@ impl Db {
             }
         }
         failure.map_or(Ok(()), Err)
+    }
+}
+
+/// What the splitter needs to propose the splits the groups' leaders ask for (`splitter.rs`).
+struct AskedSplits {
+    disk: Arc<dyn Disk>,
+    dir: PathBuf,
+    kvs: Vec<Arc<StateMachine>>,
+    routers: Vec<Router<PeerFsm>>,
+    splitting: Arc<Mutex<()>>,
+    timeout: Duration,
+}
+
+impl AskedSplits {
+    /// Proposes the split on the asking leader's replica, under ids taken as [`Db::split_at`] takes them; waits
+    /// for it to apply there (requests routed by the older table are refused and routed again). A failure drops
+    /// the ask: the trigger asks again.
+    fn propose(&self, wanted: SplitWanted) {
+        let _one_at_a_time = self.splitting.lock();
+        let replicas = wanted.range.replicas.len();
+        let Ok((group_id, replica_id)) = crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.kvs, replicas)
+        else {
+            return;
+        };
+        let right_replica_ids = (replica_id..).take(replicas).collect();
+        let split = SplitRequest { split_key: wanted.split_key, right_group_id: group_id, right_replica_ids };
+        let (reply, answer) = oneshot::channel();
+        let Some(router) = self.routers.get(wanted.node_id as usize - 1) else { return };
+        if router.send(wanted.range.group_id, PeerMsg::Split { split, reply }).is_ok() {
+            let _ = answer.recv_timeout(self.timeout);
+        }
     }
 }
 
@@ -708,10 +776,10 @@ mod tests {
         let split = SplitRequest { split_key: b"k20".to_vec(), right_group_id: 2, right_replica_ids: vec![11, 12, 13] };
         let make = |reply| PeerMsg::Split { split: split.clone(), reply };
         assert!(db.call(&routes, 0, db.deadline(), make).unwrap().is_some());
-        assert_eq!(db.groups(), 1, "the table has not seen it");
+        assert_eq!(db.routes().table.len(), 1, "the table has not seen it");
         // A write, a read and a scan of the split-off keys are refused by group 1, and routed again.
         db.put(b"k30", b"w").unwrap();
-        assert_eq!(db.groups(), 2, "the table was rebuilt from the stored ranges");
+        assert_eq!(db.routes().table.len(), 2, "the table was rebuilt from the stored ranges");
         assert_eq!(db.get(b"k30").unwrap().as_deref(), Some(&b"w"[..]));
         let routes_now = db.routes();
         assert_eq!(routes_now.table.range(1).group_id, 2);
@@ -719,7 +787,7 @@ mod tests {
         // A scan started with the old table (its epoch refused) goes on from where it was.
         *db.routes.write() = routes;
         assert_eq!(db.scan(b"", b"", usize::MAX).unwrap().len(), 40);
-        assert_eq!(db.groups(), 2);
+        assert_eq!(db.routes().table.len(), 2);
         db.close().unwrap();
     }
 

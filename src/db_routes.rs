@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use flotilla_engine::disk::Disk;
+use flotilla_engine::state_machine::StateMachine;
 
 use flotilla_raftstore::command::Command;
 use flotilla_raftstore::range::RangeDescriptor;
@@ -83,8 +84,13 @@ pub(crate) const IDS_FILE: &str = "SPLIT-IDS";
 /// ranges use and past those recorded in [`IDS_FILE`], which records these before the split is proposed. (A split
 /// whose state a crash lost before the state file's checkpoint is applied again from its group's log at the next
 /// open, under the ids it had: ids counted only from the stored ranges could be handed out again meanwhile.)
-pub(crate) fn take_ids(disk: &dyn Disk, dir: &Path, nodes: &[Node], replicas: usize) -> Result<(u64, u64), DbError> {
-    take_ids_above(disk, dir, next_ids(nodes)?, replicas)
+pub(crate) fn take_ids(
+    disk: &dyn Disk,
+    dir: &Path,
+    kvs: &[Arc<StateMachine>],
+    replicas: usize,
+) -> Result<(u64, u64), DbError> {
+    take_ids_above(disk, dir, next_ids(kvs)?, replicas)
 }
 
 /// Takes a group id and `replicas` replica ids, at or above `floor` (group, replica) and past those recorded in
@@ -116,10 +122,10 @@ pub(crate) fn take_ids_above(
 
 /// The next unused group id and replica id among every range the nodes store (a node keeps the descriptor of a
 /// group it left, so ids once used stay counted).
-fn next_ids(nodes: &[Node]) -> Result<(u64, u64), DbError> {
+fn next_ids(kvs: &[Arc<StateMachine>]) -> Result<(u64, u64), DbError> {
     let (mut group_id, mut replica_id) = (0, 0);
-    for node in nodes {
-        for range in crate::node::stored_ranges(&node.kv)? {
+    for kv in kvs {
+        for range in crate::node::stored_ranges(kv)? {
             group_id = group_id.max(range.group_id);
             replica_id = range.replicas.iter().map(|r| r.replica_id).fold(replica_id, u64::max);
         }

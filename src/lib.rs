@@ -7,7 +7,8 @@
 //! - [`async_db`]: the same database for async code;
 //! - [`server`]: `flotilla serve` — one node of a cluster in its own process (TCP transport, RESP, HTTP);
 //! - [`resp`]: the Redis protocol, parsed with bounds and encoded (the server's requests, the client's replies);
-//! - [`client`]: [`Client`], a cluster's client over RESP that sends each request to its range's leader.
+//! - [`client`]: [`Client`], a cluster's client over RESP that sends each request to its range's leader;
+//! - `splitter.rs`: the thread that proposes the splits the groups' leaders ask for (size and load triggers).
 //!
 //! The layers are re-exported below, keeping the dependency direction (public package → router → raftstore →
 //! raft core, and → engine).
@@ -20,6 +21,7 @@ pub mod layout;
 mod node;
 pub mod resp;
 pub mod server;
+mod splitter;
 
 pub use async_db::AsyncDb;
 pub use client::{BlockingClient, Client};

@@ -105,7 +105,8 @@ pub enum Outcome {
     Done,
     /// A compare-and-set's precondition failed (the position of the first that did): nothing took effect.
     PreconditionFailed { op: usize, current: Option<Vec<u8>> },
-    /// The command no longer fits the range (a split came first): nothing took effect.
+    /// The command no longer fits the range (a split came first): nothing took effect. (Its client is answered
+    /// `PeerError::Range`, as if refused when proposed.)
     Refused(RangeError),
     /// A membership change that no longer fit the configuration when it applied: skipped on every replica.
     InvalidMembership,

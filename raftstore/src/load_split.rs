@@ -46,7 +46,8 @@ pub struct LoadSampler {
 
 impl LoadSampler {
     pub fn new(options: LoadSplitOptions, seed: u64) -> LoadSampler {
-        let samples = Vec::with_capacity(options.samples_max);
+        // Allocated as requests come: a node may hold 100,000 idle groups, each with a sampler.
+        let samples = Vec::new();
         LoadSampler { options, requests: 0, samples, hot_in_a_row: 0, rng: seed | 1 }
     }
 
@@ -78,8 +79,11 @@ impl LoadSampler {
         if split_key.is_some() {
             self.hot_in_a_row = 0;
         }
+        // The buffer is kept for the next window only while the group is hot.
         samples.clear();
-        self.samples = samples;
+        if hot {
+            self.samples = samples;
+        }
         split_key
     }
 
@@ -152,6 +156,9 @@ mod tests {
                 sampler.record(&key(i));
             }
             assert_eq!(sampler.end_window(), None, "window {window}");
+            if window == 2 {
+                assert_eq!(sampler.samples.capacity(), 0, "a cool window frees the sample buffer");
+            }
         }
         // The third hot window in a row splits.
         for i in 0..5_000 {

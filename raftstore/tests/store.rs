@@ -475,10 +475,11 @@ fn a_split_opens_the_new_group_on_every_node_and_it_serves_its_range() {
     let outcome = until_outcome(nodes, group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
     let Outcome::Split { right } = outcome else { unreachable!() };
     assert_eq!((right.group_id, right.start.as_slice()), (2, &b"m"[..]));
-    // Every node opens the new group; the replica where the split was led campaigns at once and leads it, and it
-    // takes writes for its range and serves what the range held before the split.
-    let left_leader = put(nodes, group_id, b"a0", b"x", deadline);
-    assert_eq!(put(nodes, 2, b"m2", b"after", deadline), left_leader, "the new group is led where the split was");
+    // Every node opens the new group; the replica `split_leader` names campaigns at once and leads it (group 2 of
+    // voters on nodes 1–3: node 3, while node 1 leads the group that split), and it takes writes for its range
+    // and serves what the range held before the split.
+    assert_eq!(put(nodes, group_id, b"a0", b"x", deadline), 1);
+    assert_eq!(put(nodes, 2, b"m2", b"after", deadline), 3, "the new group is led where split_leader says");
     for key in [&b"m1"[..], b"m2"] {
         let read = |reply| PeerMsg::Read { request: ReadRequest::Get(key.to_vec()), reply };
         let value = loop {
@@ -635,4 +636,52 @@ fn new_group_heard_before_the_split(snapshots_sent: bool) {
     node_3.store.node_down(1);
     put(&nodes[1..], 2, b"m3", b"without node 1", deadline);
     assert_eq!(node_3.kv.get(b"m1").unwrap().as_deref(), Some(&b"before"[..]));
+}
+
+/// Node 3 is cut off while the others split the group, write on both sides and compact both logs past the split:
+/// when it is back, its replica of the old group never applies the split — a snapshot of the shrunk range
+/// replaces it — and the new group's snapshot, refused while the old group held those keys there, is taken once
+/// the shrunk snapshot freed them. Node 3 ends a full member of both, serving with node 1 gone.
+#[test]
+fn a_replica_cut_off_during_a_split_catches_up_on_both_groups_by_snapshot() {
+    let cluster = one_group_on_three_nodes();
+    let (nodes, group_id, deadline) = (&cluster.nodes, cluster.group_id, cluster.deadline);
+    cluster.transport.remove_node(3);
+    for i in 0..50u32 {
+        put(&nodes[..2], group_id, format!("{}{i:02}", if i % 2 == 0 { 'a' } else { 'x' }).as_bytes(), b"1", deadline);
+    }
+    let split = SplitRequest { split_key: b"m".to_vec(), right_group_id: 2, right_replica_ids: vec![11, 12, 13] };
+    let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+    until_outcome(&nodes[..2], group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
+    for i in 0..50u32 {
+        let (group, key) = if i % 2 == 0 { (group_id, format!("a{i:02}")) } else { (2, format!("x{i:02}")) };
+        put(&nodes[..2], group, key.as_bytes(), b"2", deadline);
+    }
+    for node in &nodes[..2] {
+        for group in [group_id, 2] {
+            assert!(compact(node, group) > BOOTSTRAP_INDEX, "node {}'s log of group {group} compacted", node.id);
+        }
+    }
+    cluster.transport.add_node(3, nodes[2].store.inbox());
+    let node_3 = &nodes[2];
+    wait_until(deadline, "node 3 has every write of both groups", || {
+        (0..50u32).all(|i| {
+            let key = format!("{}{i:02}", if i % 2 == 0 { 'a' } else { 'x' });
+            node_3.kv.get(key.as_bytes()).unwrap().as_deref() == Some(&b"2"[..])
+        })
+    });
+    let stored = |group: u64| {
+        node_3.kv.ranges().unwrap().into_iter().find(|(id, _)| *id == group).map(|(_, bytes)| {
+            let range = RangeDescriptor::decode_stored(&bytes).unwrap();
+            (range.start, range.end)
+        })
+    };
+    assert_eq!(stored(group_id), Some((Vec::new(), b"m".to_vec())), "the old group shrank by its snapshot");
+    assert_eq!(stored(2), Some((b"m".to_vec(), Vec::new())));
+    // A full member of both: with node 1 gone, each group takes writes through nodes 2 and 3.
+    cluster.transport.remove_node(1);
+    nodes[1].store.node_down(1);
+    node_3.store.node_down(1);
+    put(&nodes[1..], group_id, b"a99", b"3", deadline);
+    put(&nodes[1..], 2, b"x99", b"3", deadline);
 }

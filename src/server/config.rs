@@ -74,6 +74,17 @@ pub struct ServeSettings {
     /// Requests read ahead of their answers per RESP connection (pipelining). Default 1024.
     #[arg(long)]
     pub resp_inflight_max: Option<usize>,
+    /// A range whose keys and values add up to more than this splits near the middle of its bytes; 0: never by
+    /// size. Default 67108864 (64 MiB).
+    #[arg(long)]
+    pub split_size_bytes_max: Option<u64>,
+    /// A range whose leader takes more than this many requests a second, for --split-load-seconds in a row,
+    /// splits at the sampled key that halves its load; 0: never by load. Default 2500.
+    #[arg(long)]
+    pub split_load_requests_per_second_max: Option<u64>,
+    /// Seconds in a row a range's load must stay over the bound before it splits. Default 10.
+    #[arg(long)]
+    pub split_load_seconds: Option<u32>,
     /// A TOML file with any of the above (flags win).
     #[arg(long)]
     #[serde(skip)]
@@ -128,6 +139,19 @@ impl ServeSettings {
         }
         if let Some(ms) = self.tick_ms.or(file.tick_ms) {
             options.tick_interval = Duration::from_millis(ms.max(1));
+        }
+        let split = &mut options.split;
+        if let Some(bytes) = self.split_size_bytes_max.or(file.split_size_bytes_max) {
+            split.size_bytes_max = bytes;
+            split.size_check_written_bytes = (bytes / 8).max(1);
+        }
+        match self.split_load_requests_per_second_max.or(file.split_load_requests_per_second_max) {
+            Some(0) => split.load_window_ticks = 0,
+            Some(requests) => split.load.requests_per_window_max = requests,
+            None => {}
+        }
+        if let Some(seconds) = self.split_load_seconds.or(file.split_load_seconds) {
+            split.load.hot_windows = seconds.max(1);
         }
         Ok(options)
     }

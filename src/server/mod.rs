@@ -37,6 +37,8 @@ pub use resp_server::RespOptions;
 use crate::db::{Config, DbError};
 use crate::layout::{self, DirLock};
 use crate::node::Node;
+use crate::splitter::Splitter;
+use flotilla_raftstore::split_trigger::SplitOptions;
 use requests::{Forwarded, Requests};
 
 /// Settings of one server node.
@@ -75,6 +77,10 @@ pub struct ServeOptions {
     /// Threads serving the network: clients (RESP, forwarding) and the other nodes. Default 2. (HTTP has a thread
     /// of its own.)
     pub net_threads: usize,
+    /// When ranges split on their own (`raftstore::split_trigger`): by size (default over 64 MiB) and by load
+    /// (default a range's leader taking over 2,500 requests a second for 10 s in a row; its windows are one
+    /// second whatever the tick). The splits are proposed by this node's splitter, as `flotilla split` does.
+    pub split: SplitOptions,
     pub resp: RespOptions,
 }
 
@@ -97,6 +103,7 @@ impl ServeOptions {
             tick_interval: Duration::from_millis(50),
             pollers: 2,
             net_threads: 2,
+            split: SplitOptions::default(),
             resp: RespOptions::default(),
         }
     }
@@ -166,6 +173,8 @@ fn hex(bytes: &[u8]) -> String {
 /// A running server node. [`Server::shutdown`] stops it cleanly; dropping it stops it too.
 pub struct Server {
     node: Node,
+    /// Stopped first: no split is proposed once the node stops.
+    splitter: Splitter,
     requests: Arc<Requests>,
     resp_addr: SocketAddr,
     raft_addr: SocketAddr,
@@ -195,6 +204,14 @@ impl Server {
         config.store.node_id = options.node_id;
         config.store.tick_interval = options.tick_interval;
         config.store.batch.pollers = options.pollers.max(1);
+        config.store.split = options.split.clone();
+        if config.store.split.load_window_ticks > 0 {
+            // One-second windows, whatever the tick.
+            let ticks = Duration::from_secs(1).as_millis() / options.tick_interval.as_millis().max(1);
+            config.store.split.load_window_ticks = ticks.max(1) as u32;
+        }
+        let (ask, asks) = crate::splitter::asks();
+        config.store.split_wanted = Some(ask);
         config.validate()?;
         let dir = &dir;
         layout::open(disk.as_ref(), dir, &config)?;
@@ -265,6 +282,13 @@ impl Server {
                 tokio::net::TcpListener::from_std(resp_listener).map_err(|e| DbError::Storage(e.to_string()))?;
             runtime.spawn(resp_server::serve(listener, Arc::clone(&requests), Arc::new(options.resp.clone())))
         };
+        // The splits the groups' leaders here ask for, proposed as `flotilla split` proposes them.
+        let splitter = {
+            let (requests, runtime) = (Arc::clone(&requests), runtime.handle().clone());
+            Splitter::start(asks, move |wanted| {
+                let _ = runtime.block_on(requests.split_at(&wanted.split_key));
+            })
+        };
         let http = match &options.http_addr {
             None => None,
             Some(addr) => {
@@ -289,6 +313,7 @@ impl Server {
         };
         Ok(Server {
             node,
+            splitter,
             requests,
             resp_addr,
             raft_addr,
@@ -327,6 +352,7 @@ impl Server {
     }
 
     fn stop(&mut self) -> Result<(), DbError> {
+        self.splitter.stop();
         self.resp_task.abort();
         if let Some((handle, thread, _)) = self.http.take() {
             if let Some(runtime) = &self.runtime {

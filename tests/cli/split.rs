@@ -77,3 +77,54 @@ fn a_split_range_is_served_through_every_node_and_survives_a_restart() {
     let long_key = vec![b'k'; 5000];
     assert!(call(&cluster.resp[0], &[b"SPLIT", &long_key]).unwrap().starts_with(b"-ERR InvalidArgument"));
 }
+
+/// The triggers on a cluster (bounds set low): writes of `user:…` keys make their range split by size, and a
+/// sustained load over the bound makes it split by load; the new ranges' leaders spread over the nodes
+/// (`split_leader`), and every key written stays readable through every node.
+#[test]
+fn ranges_split_by_size_and_by_load_on_their_own() {
+    let sized = Cluster::start_with(
+        3,
+        false,
+        &["--split-size-bytes-max", "16384", "--split-load-requests-per-second-max", "0"],
+    );
+    let before = ranges(&sized, 1);
+    let value = vec![b'v'; 100];
+    for i in 0..1_000u32 {
+        assert_eq!(sized.call_until_ok(i as usize % 3 + 1, &[b"SET", &user(i), &value]), b"+OK");
+    }
+    wait_for(|| ranges(&sized, 1) >= before + 3, "splits by size");
+    for i in (0..1_000u32).step_by(13) {
+        assert_eq!(sized.call_until_ok(i as usize % 3 + 1, &[b"GET", &user(i)]), bulk(&value));
+    }
+    drop(sized);
+    let loaded = Cluster::start_with(
+        3,
+        false,
+        &["--split-size-bytes-max", "0", "--split-load-requests-per-second-max", "50", "--split-load-seconds", "2"],
+    );
+    let before = ranges(&loaded, 1);
+    let started = std::time::Instant::now();
+    let mut i = 0u32;
+    while ranges(&loaded, 1) < before + 2 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "no split by load");
+        for _ in 0..50 {
+            i = (i + 7919) % 1_000;
+            assert_eq!(loaded.call_until_ok(i as usize % 3 + 1, &[b"SET", &user(i), b"x"]), b"+OK");
+        }
+    }
+    let leaders: std::collections::BTreeSet<String> = flotilla(&loaded, 1, &["status"])
+        .lines()
+        .filter(|line| line.contains("\"user:"))
+        .filter_map(|line| line.split_whitespace().nth(3).map(str::to_string))
+        .collect();
+    assert!(leaders.len() >= 2, "the new ranges' leaders spread over the nodes: {leaders:?}");
+}
+
+fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -77,3 +77,39 @@ fn the_async_api_serves_both_sides_after_a_split() {
     });
     db.close().unwrap();
 }
+
+/// The size trigger: a database created with one range, written with sequential keys, splits as its data grows
+/// (the leaders ask, the `Db`'s splitter proposes): every range ends within twice the bound, every key stays
+/// readable, and a reopen keeps the ranges.
+#[test]
+fn ranges_split_by_size_as_the_data_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config { groups: 1, ..Config::default() };
+    config.store.split.size_bytes_max = 64 << 10;
+    config.store.split.size_check_written_bytes = 8 << 10;
+    let db = Db::open_with(dir.path(), config.clone()).unwrap();
+    let value = vec![b'v'; 200];
+    let count = 3_000u32; // about 640 KB of keys and values: ten times the bound
+    for i in 0..count {
+        db.put(&key(i), &value).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while db.groups() < 6 {
+        assert!(std::time::Instant::now() < deadline, "only {} ranges", db.groups());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ranges = db.ranges();
+    for range in &ranges {
+        let bytes: usize =
+            db.scan(&range.start, &range.end, usize::MAX).unwrap().iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(bytes <= 2 * (64 << 10), "range {:?}..{:?} holds {bytes} B", range.start, range.end);
+    }
+    for i in 0..count {
+        assert_eq!(db.get(&key(i)).unwrap().as_deref(), Some(value.as_slice()), "key {i}");
+    }
+    db.close().unwrap();
+    let db = Db::open_with(dir.path(), config).unwrap();
+    assert_eq!(db.ranges(), ranges, "a reopen keeps the ranges");
+    assert_eq!(db.scan(b"user:", b"user;", usize::MAX).unwrap().len(), count as usize);
+    db.close().unwrap();
+}

@@ -12,6 +12,14 @@
 //!
 //! Each phase also reports the process's CPU time per operation; `--metrics` prints the store's counters per
 //! operation and its histograms after each phase.
+//!
+//! `--sequential` writes the keys in order (`key:000000000000`, `key:000000000001`, …: one range takes them all
+//! until it splits), and `--ranges` then reopens the database, timing it, and reports its ranges' sizes against
+//! the size bound (`--split-size-bytes-max`, 0: no splits by size):
+//!
+//! ```text
+//! cargo run --release -p flotilla-benches --bin db-bench -- --nodes 1 --groups 16 --keys 10000000 --sequential --ranges
+//! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -55,10 +63,56 @@ struct Args {
     /// Print the store's metrics after each phase (counters per operation, histograms' means).
     #[arg(long)]
     metrics: bool,
+    /// Keys in order (`key:000000000042`) instead of scattered over the key space.
+    #[arg(long)]
+    sequential: bool,
+    /// A range over this many bytes splits (0: never by size). Default: the database's (64 MiB).
+    #[arg(long)]
+    split_size_bytes_max: Option<u64>,
+    /// After the reads: reopen the database (timed) and report its ranges' sizes.
+    #[arg(long)]
+    ranges: bool,
 }
 
-fn key(i: u64) -> [u8; 8] {
-    i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes()
+/// Key number `i`: scattered over the key space (a multiplicative hash), or in order.
+fn key_of(i: u64, sequential: bool) -> Vec<u8> {
+    if sequential {
+        format!("key:{i:012}").into_bytes()
+    } else {
+        i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes().to_vec()
+    }
+}
+
+/// Reopens the database in `dir`, timing the open and its first read, and reports its ranges: how many, and
+/// their bytes of keys and values against `bound`.
+fn report_ranges(dir: &str, config: Config, first_key: &[u8], bound: u64) {
+    let started = Instant::now();
+    let db = Db::open_with(dir, config).expect("reopen");
+    let opened = started.elapsed().as_secs_f64();
+    db.get(first_key).expect("a first read");
+    let first_read = started.elapsed().as_secs_f64();
+    println!("reopened in {opened:.2} s; first read served {first_read:.2} s after the open began");
+    let ranges = db.ranges();
+    let mut sizes: Vec<u64> = ranges
+        .iter()
+        .map(|range| {
+            let pairs = db.scan(&range.start, &range.end, usize::MAX).expect("scan a range");
+            pairs.iter().map(|(key, value)| (key.len() + value.len()) as u64).sum()
+        })
+        .collect();
+    sizes.sort_unstable();
+    let holding: Vec<u64> = sizes.iter().copied().filter(|&bytes| bytes > 0).collect();
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    println!(
+        "{} ranges ({} holding data); bytes per range holding data: min {:.1} MiB, median {:.1} MiB, max {:.1} MiB (size bound {:.1} MiB)",
+        ranges.len(),
+        holding.len(),
+        mib(holding.first().copied().unwrap_or(0)),
+        mib(holding.get(holding.len() / 2).copied().unwrap_or(0)),
+        mib(holding.last().copied().unwrap_or(0)),
+        mib(bound)
+    );
+    db.close().expect("close");
 }
 
 /// Request latencies in µs, up to a minute.
@@ -190,7 +244,13 @@ fn main() {
     if args.read_index {
         config.store.raft.read_mode = flotilla::raft::ReadMode::Safe;
     }
-    let db = Db::open_with(&args.dir, config).expect("open");
+    if let Some(bytes) = args.split_size_bytes_max {
+        config.store.split.size_bytes_max = bytes;
+        config.store.split.size_check_written_bytes = (bytes / 8).max(1);
+    }
+    let sequential = args.sequential;
+    let key = move |i: u64| key_of(i, sequential);
+    let db = Db::open_with(&args.dir, config.clone()).expect("open");
     println!(
         "db-bench: {} node(s) in process, {} groups ({} replica(s) each), {} B values, {} clients, {} poller(s) per node, {} reads",
         args.nodes,
@@ -236,6 +296,9 @@ fn main() {
         report("reads (linearizable)", args.keys, &phase);
         print_metrics("reads");
         db.close().expect("close");
+    }
+    if args.ranges {
+        report_ranges(&args.dir, config.clone(), &key(0), config.store.split.size_bytes_max);
     }
     std::thread::sleep(Duration::from_millis(10));
     let _ = std::fs::remove_dir_all(&args.dir);

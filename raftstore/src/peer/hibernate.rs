@@ -108,6 +108,24 @@ impl Peer {
         }
     }
 
+    /// Another group's snapshot was refused on this node because this replica still holds its keys
+    /// (`range_claims.rs`): it wakes, and tells the members it knows where its log stands (a heartbeat
+    /// response), so that a leader that lists it catches it up (and it applies the split that moved the keys) —
+    /// or, if it was removed and missed the news, members that do not list it answer with a removal notice (then
+    /// its node destroys it, and the keys are free). A removed learner would otherwise never hear again: it
+    /// never campaigns (`store-sim` seed 685).
+    pub fn check_membership(&mut self) {
+        self.wake();
+        let (me, term) = (self.raw.raft.id, self.raw.raft.term);
+        let others: Vec<u64> =
+            self.descriptor.replicas.iter().map(|r| r.replica_id).filter(|&replica| replica != me).collect();
+        for to in others {
+            let mut probe = Message { to, from: me, term, ..Message::default() };
+            probe.set_msg_type(MessageType::HeartbeatResponse);
+            self.outbox.push(ReplicaMessage::Raft(probe));
+        }
+    }
+
     /// On a leader's tick: hibernates if it has been idle long enough and the group is settled.
     pub(super) fn maybe_hibernate(&mut self) {
         if self.hibernation.idle_ticks_max == 0 || !self.is_leader() {

@@ -190,6 +190,9 @@ pub struct Peer {
     /// Which group holds which keys on this node (`range_claims.rs`): checked before a snapshot is taken and when
     /// a split applies.
     claims: Arc<RangeClaims>,
+    /// The group whose replica here held the keys of a snapshot this replica refused (for the node to wake it:
+    /// [`Peer::take_overlapped_by`]).
+    overlapped_by: Option<u64>,
 }
 
 impl Peer {
@@ -255,11 +258,18 @@ impl Peer {
             lead_start: (0, 0),
             hard_state_written: hard_state,
             claims,
+            overlapped_by: None,
         })
     }
 
     pub fn group_id(&self) -> u64 {
         self.descriptor.group_id
+    }
+
+    /// The group whose replica on this node held the keys of a snapshot this replica refused since the last call
+    /// (the node wakes that replica: [`Peer::check_membership`]).
+    pub fn take_overlapped_by(&mut self) -> Option<u64> {
+        self.overlapped_by.take()
     }
 
     pub fn descriptor(&self) -> &RangeDescriptor {

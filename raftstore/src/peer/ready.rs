@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{LogWrite, Peer, PeerError, PeerOutput, Response};
-use crate::command::Applied;
+use crate::command::{Applied, Outcome};
 use crate::message::ReplicaMessage;
 
 impl Peer {
@@ -132,14 +132,19 @@ impl Peer {
         let mut outcomes: BTreeMap<u64, Applied> =
             outcomes.into_iter().map(|applied| (applied.index, applied)).collect();
         // Every write waiting at an index now applied is answered: written if the entry there is its own (same
-        // term and token), else dropped (another leader's entry took the index; the write did not happen).
+        // term and token), else dropped (another leader's entry took the index; the write did not happen). One
+        // refused where it applied (a split came first) is answered as one refused when proposed: nothing
+        // happened, and the caller routes it again.
         while let Some(entry) = self.writes.first_entry().filter(|entry| *entry.key() <= index) {
             let (at, waiting) = entry.remove_entry();
             let applied = outcomes.remove(&at);
             for write in waiting {
                 let response = match &applied {
                     Some(applied) if applied.term == write.term && applied.request_id == write.token => {
-                        Response::Written(applied.outcome.clone())
+                        match &applied.outcome {
+                            Outcome::Refused(refusal) => Response::Failed(PeerError::Range(refusal.clone())),
+                            outcome => Response::Written(outcome.clone()),
+                        }
                     }
                     _ => Response::Failed(PeerError::Dropped),
                 };

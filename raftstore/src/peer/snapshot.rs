@@ -336,10 +336,14 @@ impl Peer {
         };
         let previous = match self.claims.claim_for_install(&descriptor, self.descriptor.is_initialized()) {
             Ok(previous) => previous,
-            Err(_holder) => {
+            Err(holder) => {
                 // (Mostly a lagging replica here of the group that split: it holds the keys until it applies the
-                // split, and this group's replica is then made by the split.)
+                // split, and this group's replica is then made by the split. Or one removed that missed the news:
+                // the node wakes it, `Peer::check_membership`.)
                 metrics::counter!("flotilla_snapshots_refused_overlap_total").increment(1);
+                if holder != descriptor.group_id {
+                    self.overlapped_by = Some(holder);
+                }
                 self.streams.abort_install = true;
                 return false;
             }

@@ -81,6 +81,9 @@ pub enum PeerMsg {
     NodeDown {
         node_id: u64,
     },
+    /// A snapshot of another group was refused on this node because this replica holds its keys: wake and find
+    /// out whether it is still a member (`Peer::check_membership`).
+    CheckMembership,
     /// The state machine made more of this group durable: compact the log behind it (`peer/compaction.rs`).
     CompactLog,
     /// The transport lost its connection to this node: a leader stops streaming appends to its replica there and
@@ -213,6 +216,7 @@ impl PeerFsm {
             PeerMsg::Campaign => self.peer.campaign(),
             PeerMsg::TransferLeader { replica_id } => self.peer.transfer_leader(replica_id),
             PeerMsg::CompactLog => self.peer.compact_log(kv),
+            PeerMsg::CheckMembership => self.peer.check_membership(),
             PeerMsg::Unreachable { node_id } => {
                 if let Some(replica_id) = self.replica_on(node_id) {
                     self.peer.report_unreachable(replica_id);

@@ -34,6 +34,7 @@ use crate::batch::PollHandler;
 use crate::message::{Envelope, ReplicaMessage};
 use crate::peer::PeerOutput;
 use crate::peer::{LocalReadGrant, PeerError, PersistedNote};
+use crate::range::RangeDescriptor;
 use crate::split_trigger::{SplitReason, SplitWanted};
 
 /// One per poller thread (cloned from one template: every field is shared).
@@ -218,6 +219,14 @@ impl StoreHandler {
     }
 }
 
+/// The node whose replica of a group a split just made campaigns first: its voters in turn by group id (new
+/// groups' ids follow one another, so the leaders of a range split again and again spread over its nodes, and
+/// with them the load a load split halves — a local rule until a placement driver moves leaders).
+pub(crate) fn split_leader(range: &RangeDescriptor) -> Option<u64> {
+    let voters: Vec<u64> = range.replicas.iter().filter(|r| !r.learner).map(|r| r.node_id).collect();
+    (!voters.is_empty()).then(|| voters[(range.group_id % voters.len() as u64) as usize])
+}
+
 impl StoreHandler {
     /// The host is asked to split `fsm`'s range at `split_key` (advisory: dropped if its channel is full).
     fn ask_split(&self, fsm: &PeerFsm, split_key: Vec<u8>, reason: SplitReason) {
@@ -259,6 +268,9 @@ impl PollHandler<PeerFsm> for StoreHandler {
         }
         let output = fsm.peer.take_output(self.kv.as_ref());
         self.carry_out(fsm, output);
+        if let Some(holder) = fsm.peer.take_overlapped_by() {
+            let _ = self.tasks.try_send(ReplicaTask::CheckMembership(holder));
+        }
         if fsm.peer.is_leader() && fsm.split_trigger.take_size_check() {
             // Measured on the replicas thread (a scan of up to twice the bound); dropped if its queue is full.
             let _ = self.tasks.try_send(ReplicaTask::CheckSize(Box::new(fsm.peer.descriptor().clone())));
@@ -311,11 +323,11 @@ impl StoreHandler {
             let fsm = &mut fsms[position];
             fsm.peer.on_applied(last, outcomes);
             // The groups its splits made here: their state is in the state machine now; the replicas thread opens
-            // them (rare: waiting for room in its queue is fine). Where the split's group is led, the new group
-            // campaigns at once rather than after an election timeout (its range takes no writes until it has a
-            // leader).
-            let campaign = fsm.peer.is_leader();
+            // them (rare: waiting for room in its queue is fine). One replica of each new group campaigns at once
+            // rather than after an election timeout (its range takes no writes until it has a leader): the one
+            // `split_leader` names, so that the new groups' leaders spread over the nodes.
             for range in fsm.peer.take_split_off() {
+                let campaign = split_leader(&range) == Some(self.node_id);
                 let _ = self.tasks.send(ReplicaTask::Split { range: Box::new(range), campaign });
             }
             let output = fsm.peer.take_output(self.kv.as_ref());

@@ -41,6 +41,8 @@ pub(crate) enum ReplicaTask {
     /// Enough was written to this range, which this node leads, for its size to be measured
     /// (`split_trigger.rs`).
     CheckSize(Box<RangeDescriptor>),
+    /// A snapshot was refused here because this group's replica holds its keys: wake it (`PeerMsg::CheckMembership`).
+    CheckMembership(u64),
 }
 
 /// Pairs read per page when a range's size is measured.
@@ -117,6 +119,10 @@ impl Replicas {
             }
             ReplicaTask::Split { range, campaign } => {
                 flotilla_engine::panics::catch("opening a split's new group", || self.open_split_off(&range, campaign))
+            }
+            ReplicaTask::CheckMembership(group_id) => {
+                let _ = self.mailboxes.send(group_id, PeerMsg::CheckMembership);
+                Ok(())
             }
             ReplicaTask::CheckSize(range) => {
                 flotilla_engine::panics::catch("measuring a range", || self.check_size(&range))

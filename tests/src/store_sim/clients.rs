@@ -229,7 +229,7 @@ impl Sim {
                 self.finish(index); // may or may not have happened: the history keeps it unknown
                 return;
             }
-            (_, Err(PeerError::Range(_)) | Ok(Answered::Written(Applied::Refused(_)))) => {
+            (_, Err(PeerError::Range(_))) => {
                 // The group no longer holds the key as the client's table says (a split came first): nothing
                 // happened; the client learns the ranges anew (as the `Db` rebuilds its table) and routes again.
                 self.refresh_ranges();

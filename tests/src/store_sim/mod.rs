@@ -43,6 +43,7 @@ use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::{Envelope, ReplicaMessage};
 use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
+use flotilla_raftstore::split_trigger::{SplitOptions, SplitWanted};
 use flotilla_raftstore::store::liveness::{Liveness, NodeMessage};
 use flotilla_raftstore::store::stepped::SteppedStore;
 use flotilla_raftstore::store::ticks::ManualClock;
@@ -107,6 +108,8 @@ pub struct StoreSimReport {
     pub splits_applied: u64,
     /// Client attempts refused because the client's table was stale (the key had moved to another group).
     pub reroutes: u64,
+    /// Splits the triggers asked for (proposed, among `splits`, during the faults).
+    pub splits_asked: u64,
 }
 
 impl StoreSimReport {
@@ -131,6 +134,7 @@ impl StoreSimReport {
         self.splits += other.splits;
         self.splits_applied += other.splits_applied;
         self.reroutes += other.reroutes;
+        self.splits_asked += other.splits_asked;
     }
 }
 
@@ -152,6 +156,8 @@ struct Running {
     /// Which other nodes it has heard from lately (a fresh start has heard from nobody: every node gets time).
     liveness: Liveness,
     store: SteppedStore,
+    /// The splits its leaders ask for (`split_trigger.rs`).
+    asks: crossbeam_channel::Receiver<SplitWanted>,
 }
 
 struct Node {
@@ -214,6 +220,8 @@ struct Sim {
     next_group_id: u64,
     /// Answers to split proposals (counted, not checked).
     split_replies: Vec<oneshot::Receiver<Result<Applied, PeerError>>>,
+    /// The split triggers' bounds, drawn per seed (`None`: off; splits come by request only).
+    split_triggers: Option<SplitOptions>,
     /// Packets in flight, with the step they are due, and the one-way cuts between nodes.
     network: SimNetwork<Packet>,
     /// Where each replica lives: (group, replica id) → node (what a client's range cache learns).
@@ -345,6 +353,7 @@ impl Sim {
             })
             .collect();
         let clients = vec![None; rng.range(2, 5) as usize];
+        let split_triggers = ranges::split_options(&mut rng);
         let tables = vec![ranges.clone(); clients.len()];
         let mut sim = Sim {
             rng,
@@ -356,6 +365,7 @@ impl Sim {
             tables,
             next_group_id: 1000,
             split_replies: Vec::new(),
+            split_triggers,
             network: SimNetwork::new(FaultRates::default()),
             replica_nodes,
             next_replica_id: 100,
@@ -387,11 +397,14 @@ impl Sim {
     /// Starts a node's process from what its disks hold (a first start or a restart after a crash): its engines,
     /// then the production store over them.
     fn start(&mut self, position: usize) -> SimResult<()> {
+        let (ask, asks) = crossbeam_channel::bounded(64);
         let options = StoreOptions {
             raft: Config { random_seed: self.rng.next_u64(), ..self.raft.clone() },
             node_id: self.nodes[position].id,
             peer: peer_options(&mut self.rng),
             log_bytes_max: 2 * wal_options().segment_bytes_max,
+            split: self.split_triggers.clone().unwrap_or_default(),
+            split_wanted: self.split_triggers.is_some().then_some(ask),
             ..StoreOptions::default()
         };
         let node = &mut self.nodes[position];
@@ -425,7 +438,7 @@ impl Sim {
         )
         .map_err(|e| fail(&e))?;
         let liveness = Liveness::new(node.id, 1..=self.report.nodes as u64, NODE_DOWN_TICKS, 0);
-        node.running = Some(Running { log, kv, outbox, clock, liveness, store });
+        node.running = Some(Running { log, kv, outbox, clock, liveness, store, asks });
         node.ticks = 0;
         node.paused_until = 0;
         if self.trace {
@@ -864,6 +877,7 @@ impl Sim {
             955..=959 => self.split()?,
             _ => {}
         }
+        self.take_asks()?;
         self.clients_step(true)
     }
 
@@ -1004,6 +1018,7 @@ impl Sim {
                 self.apply_waiting(position)?;
             }
         }
+        self.take_asks()?;
         self.clients_step(issue_new)
     }
 
@@ -1046,7 +1061,8 @@ impl Sim {
             let client = 0;
             let value = self.next_value;
             self.next_value += 1;
-            let key = self.keys.iter().find(|key| range.contains(key)).expect("every range holds a key").clone();
+            // A client's key of the range, or its start (a split by size may leave a range none of their keys).
+            let key = self.keys.iter().find(|key| range.contains(key)).unwrap_or(&range.start).clone();
             let command = Command::write(None, vec![Op::put(key.clone(), value.to_le_bytes().to_vec())]);
             let operation = Operation {
                 client: client as u64,
@@ -1123,9 +1139,14 @@ impl Sim {
             }
             let differ = |w: &[(u64, bool, u64, u64, u64)]| (w[0].2, w[0].3, w[0].4) != (w[1].2, w[1].3, w[1].4);
             if views.iter().any(|view| !view.1) || views.windows(2).any(differ) {
+                let held: Vec<String> = views
+                    .iter()
+                    .map(|view| format!("node {}: {}", view.0, self.held_by(view.0 as usize - 1)))
+                    .collect();
                 return Ok(Some(format!(
-                    "group {group}: replicas did not converge (node, replica held, version, applied, data hash): {views:?}; {}",
-                    self.describe(group)
+                    "group {group}: replicas did not converge (node, replica held, version, applied, data hash): {views:?}; {}; the nodes hold: {}",
+                    self.describe(group),
+                    held.join("; ")
                 )));
             }
         }

@@ -6,9 +6,12 @@ use std::collections::HashMap;
 
 use flotilla_raftstore::command::Outcome as Applied;
 use flotilla_raftstore::range::{RangeDescriptor, SplitRequest};
+use flotilla_raftstore::split_trigger::{SplitOptions, SplitWanted};
 use flotilla_raftstore::store::{Mailboxes, PeerMsg};
 
 use super::{Sim, SimResult};
+use crate::sim_rng::SimRng;
+use flotilla_raftstore::load_split::LoadSplitOptions;
 
 /// Adds what `range` says to `ranges` (sorted by start, no overlap): it replaces the ranges it overlaps if it is
 /// newer than all of them, else it is ignored. Ranges that overlap are of one lineage (a split's parts and the
@@ -21,6 +24,18 @@ pub(super) fn learn(ranges: &mut Vec<RangeDescriptor>, range: &RangeDescriptor) 
     ranges.retain(|known| !known.overlaps(range));
     let at = ranges.partition_point(|known| known.start < range.start);
     ranges.insert(at, range.clone());
+}
+
+/// The split triggers' bounds for a seed: off in some runs; else tiny (a range of a few keys splits by size, a
+/// few requests per window make it hot), so that the triggers split ranges all through the faults.
+pub(super) fn split_options(rng: &mut SimRng) -> Option<SplitOptions> {
+    if rng.chance_per_mille(300) {
+        return None;
+    }
+    let load =
+        LoadSplitOptions { requests_per_window_max: 3, hot_windows: 2, samples_max: 16, side_share_min_percent: 25 };
+    let size_bytes_max = rng.range(24, 64);
+    Some(SplitOptions { size_bytes_max, size_check_written_bytes: 16, load_window_ticks: 5, load })
 }
 
 /// The range of `table` holding `key`, if any (a table may have holes while a split's parts are being learned).
@@ -40,6 +55,18 @@ impl Sim {
                 }
             });
         }
+    }
+
+    /// What node `position`'s replicas hold, for failure messages: group, version, range, removed.
+    pub(super) fn held_by(&self, position: usize) -> String {
+        let Some(running) = &self.nodes[position].running else { return "down".into() };
+        let mut held = Vec::new();
+        running.store.each_fsm(|group, fsm| {
+            let d = fsm.peer().descriptor();
+            let removed = if fsm.peer().is_removed() { " removed" } else { "" };
+            held.push(format!("{group} v{} {:?}..{:?}{removed}", d.epoch().version, d.start, d.end));
+        });
+        held.join(", ")
     }
 
     /// The groups the simulation knows of now.
@@ -73,6 +100,29 @@ impl Sim {
             return Ok(());
         }
         let split_key = inside[self.rng.below(inside.len() as u64) as usize].clone();
+        self.propose_split(position, &range, split_key)
+    }
+
+    /// The splits the nodes' leaders asked for (the size and load triggers, `split_trigger.rs`), proposed as the
+    /// `Db`'s splitter proposes them: on the asking node, with new ids. Only during the faults.
+    pub(super) fn take_asks(&mut self) -> SimResult<()> {
+        for position in 0..self.nodes.len() {
+            let Some(running) = &self.nodes[position].running else { continue };
+            let asks: Vec<SplitWanted> = running.asks.try_iter().collect();
+            for wanted in asks {
+                self.report.splits_asked += 1;
+                if self.faults && self.is_up(position) {
+                    self.propose_split(position, &wanted.range, wanted.split_key)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Proposes a split of `range` at `split_key` on node `position`'s replica, with a new group id and one new
+    /// replica id per replica.
+    fn propose_split(&mut self, position: usize, range: &RangeDescriptor, split_key: Vec<u8>) -> SimResult<()> {
+        let group = range.group_id;
         let right_group_id = self.next_group_id;
         self.next_group_id += 1;
         let right_replica_ids: Vec<u64> = range
