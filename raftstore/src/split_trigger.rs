@@ -9,6 +9,8 @@
 //! server's). Asks are advisory: a full channel drops one (the next check asks again), and a split proposed for a
 //! range that changed meanwhile is refused where it applies.
 
+use std::sync::Arc;
+
 use crate::command::Command;
 use crate::load_split::{LoadSampler, LoadSplitOptions};
 use crate::range::RangeDescriptor;
@@ -57,20 +59,31 @@ pub enum SplitReason {
     Load,
 }
 
-/// One replica's split triggers (see the module's doc). Deterministic: it sees what its caller feeds it.
+/// One replica's split triggers (see the module's doc). Deterministic: it sees what its caller feeds it. Small
+/// (a node may hold 100,000 replicas): the options are shared, and the load sampler is made at the first
+/// request a leader records.
 #[derive(Debug)]
 pub struct SplitTrigger {
-    options: SplitOptions,
+    options: Arc<SplitOptions>,
     written_bytes: u64,
-    load: Option<LoadSampler>,
+    load: Option<Box<LoadSampler>>,
     window_ticks: u32,
+    seed: u64,
 }
 
 impl SplitTrigger {
     /// `seed` varies the load sampler's choices (per group).
-    pub fn new(options: SplitOptions, seed: u64) -> SplitTrigger {
-        let load = (options.load_window_ticks > 0).then(|| LoadSampler::new(options.load.clone(), seed));
-        SplitTrigger { options, written_bytes: 0, load, window_ticks: 0 }
+    pub fn new(options: Arc<SplitOptions>, seed: u64) -> SplitTrigger {
+        SplitTrigger { options, written_bytes: 0, load: None, window_ticks: 0, seed }
+    }
+
+    /// The load sampler, made at the first request recorded (none if the load trigger is off).
+    fn sampler(&mut self) -> Option<&mut LoadSampler> {
+        if self.options.load_window_ticks == 0 {
+            return None;
+        }
+        let (options, seed) = (&self.options, self.seed);
+        Some(self.load.get_or_insert_with(|| Box::new(LoadSampler::new(options.load.clone(), seed))))
     }
 
     /// A write this replica took as leader.
@@ -79,21 +92,23 @@ impl SplitTrigger {
             let bytes: usize = command.ops.iter().map(|op| op.key.len() + op.value.len()).sum();
             self.written_bytes += bytes as u64;
         }
-        if let (Some(load), Some(op)) = (self.load.as_mut(), command.ops.first()) {
-            load.record(&op.key);
+        if let Some(op) = command.ops.first() {
+            if let Some(load) = self.sampler() {
+                load.record(&op.key);
+            }
         }
     }
 
     /// A read of `key` this replica serves as leader.
     pub fn on_read(&mut self, key: &[u8]) {
-        if let Some(load) = self.load.as_mut() {
+        if let Some(load) = self.sampler() {
             load.record(key);
         }
     }
 
     /// `ticks` of the node's time passed for this replica: a load window that ends may name a split key.
     pub fn on_ticks(&mut self, ticks: u64) -> Option<Vec<u8>> {
-        let load = self.load.as_mut()?;
+        let load = self.load.as_deref_mut()?; // no sampler yet: nothing recorded, no window to close
         let mut split_key = None;
         for _ in 0..ticks {
             self.window_ticks += 1;
@@ -133,13 +148,13 @@ mod tests {
     #[test]
     fn a_size_check_comes_after_enough_bytes_written_and_never_when_off() {
         let options = SplitOptions { size_bytes_max: 1000, size_check_written_bytes: 250, ..SplitOptions::default() };
-        let mut trigger = SplitTrigger::new(options.clone(), 1);
+        let mut trigger = SplitTrigger::new(Arc::new(options.clone()), 1);
         trigger.on_write(&write("k1", 100));
         assert!(!trigger.take_size_check());
         trigger.on_write(&write("k2", 200));
         assert!(trigger.take_size_check(), "304 bytes written");
         assert!(!trigger.take_size_check(), "the count started again");
-        let mut off = SplitTrigger::new(SplitOptions { size_bytes_max: 0, ..options }, 1);
+        let mut off = SplitTrigger::new(Arc::new(SplitOptions { size_bytes_max: 0, ..options }), 1);
         off.on_write(&write("k1", 10_000));
         assert!(!off.take_size_check());
     }
@@ -148,7 +163,7 @@ mod tests {
     fn sustained_load_names_a_key_at_a_window_end_and_off_means_never() {
         let load = LoadSplitOptions { requests_per_window_max: 100, hot_windows: 2, ..LoadSplitOptions::default() };
         let options = SplitOptions { load_window_ticks: 5, load, ..SplitOptions::default() };
-        let mut trigger = SplitTrigger::new(options.clone(), 3);
+        let mut trigger = SplitTrigger::new(Arc::new(options.clone()), 3);
         let mut named = None;
         for window in 0..2 {
             for i in 0..400 {
@@ -163,7 +178,7 @@ mod tests {
         }
         let key = String::from_utf8(named.expect("two hot windows")).unwrap();
         assert!(("user:0100".."user:0300").contains(&key.as_str()), "near the middle: {key}");
-        let mut off = SplitTrigger::new(SplitOptions { load_window_ticks: 0, ..options }, 3);
+        let mut off = SplitTrigger::new(Arc::new(SplitOptions { load_window_ticks: 0, ..options }), 3);
         for i in 0..10_000 {
             off.on_read(format!("user:{i:04}").as_bytes());
         }

@@ -107,11 +107,16 @@ impl Default for StoreOptions {
 }
 
 impl StoreOptions {
-    /// A replica's split triggers: as `split` says if a host takes the asks, else off.
-    pub(crate) fn split_trigger(&self, group_id: u64) -> SplitTrigger {
+    /// A replica's split triggers: as `split` says if a host takes the asks, else off (`options`: what
+    /// [`StoreOptions::split_triggers`] made, shared by every replica).
+    pub(crate) fn split_trigger(&self, options: &Arc<SplitOptions>, group_id: u64) -> SplitTrigger {
+        SplitTrigger::new(Arc::clone(options), self.raft.random_seed ^ group_id)
+    }
+
+    /// The triggers' options every replica shares: `split`, or off if no host takes the asks.
+    pub(crate) fn split_triggers(&self) -> Arc<SplitOptions> {
         let off = SplitOptions { size_bytes_max: 0, load_window_ticks: 0, ..SplitOptions::default() };
-        let options = if self.split_wanted.is_some() { self.split.clone() } else { off };
-        SplitTrigger::new(options, self.raft.random_seed ^ group_id)
+        Arc::new(if self.split_wanted.is_some() { self.split.clone() } else { off })
     }
 }
 
@@ -197,9 +202,11 @@ impl StoreCore {
         let finished = crate::peer::finish_interrupted_destroys(options.node_id, log.as_ref(), kv.as_ref())?;
         metrics::counter!("flotilla_replicas_destroyed_total").increment(finished as u64);
         crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
+        let split_triggers = options.split_triggers();
         for range in &held {
             let peer = replicas::open_replica(options, range, log, kv.as_ref(), claims)?;
-            let fsm = PeerFsm::new(peer, local_reader.lease(range.group_id), options.split_trigger(range.group_id));
+            let trigger = options.split_trigger(&split_triggers, range.group_id);
+            let fsm = PeerFsm::new(peer, local_reader.lease(range.group_id), trigger);
             if fsm.ticking {
                 ticking.start(range.group_id, &fsm.ticks_seen);
             }
@@ -221,6 +228,7 @@ impl StoreCore {
             failure: Arc::clone(failure),
             local_reader: Arc::clone(local_reader),
             claims: Arc::clone(claims),
+            split_triggers,
         })
     }
 }

@@ -92,6 +92,8 @@ pub(crate) struct Replicas {
     pub(crate) failure: Arc<super::failure::NodeFailure>,
     pub(crate) local_reader: Arc<super::local_reader::LocalReader>,
     pub(crate) claims: Arc<RangeClaims>,
+    /// The split triggers' options, shared by every replica (`StoreOptions::split_triggers`).
+    pub(crate) split_triggers: Arc<crate::split_trigger::SplitOptions>,
 }
 
 impl Replicas {
@@ -186,7 +188,11 @@ impl Replicas {
                 return self.failure.fail(self.options.node_id, format!("opening group {group_id}: {error:?}"));
             }
         };
-        let fsm = PeerFsm::new(peer, self.local_reader.lease(group_id), self.options.split_trigger(group_id));
+        let fsm = PeerFsm::new(
+            peer,
+            self.local_reader.lease(group_id),
+            self.options.split_trigger(&self.split_triggers, group_id),
+        );
         if self.register(group_id, fsm) && campaign {
             let _ = self.mailboxes.send(group_id, PeerMsg::Campaign);
         }
@@ -247,7 +253,11 @@ impl Replicas {
                 return;
             }
         };
-        let fsm = PeerFsm::new(peer, self.local_reader.lease(group_id), self.options.split_trigger(group_id));
+        let fsm = PeerFsm::new(
+            peer,
+            self.local_reader.lease(group_id),
+            self.options.split_trigger(&self.split_triggers, group_id),
+        );
         if self.register(group_id, fsm) {
             metrics::counter!("flotilla_replicas_created_total").increment(1);
             let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
