@@ -66,6 +66,9 @@ pub enum SplitReason {
 pub struct SplitTrigger {
     options: Arc<SplitOptions>,
     written_bytes: u64,
+    /// Bytes to write before the next size check: `size_check_written_bytes`, or what the range lacked of the
+    /// bound at its last measure if more (a range far under it is not measured again and again).
+    next_check_bytes: u64,
     load: Option<Box<LoadSampler>>,
     window_ticks: u32,
     seed: u64,
@@ -74,7 +77,8 @@ pub struct SplitTrigger {
 impl SplitTrigger {
     /// `seed` varies the load sampler's choices (per group).
     pub fn new(options: Arc<SplitOptions>, seed: u64) -> SplitTrigger {
-        SplitTrigger { options, written_bytes: 0, load: None, window_ticks: 0, seed }
+        let next_check_bytes = options.size_check_written_bytes.max(1);
+        SplitTrigger { options, written_bytes: 0, next_check_bytes, load: None, window_ticks: 0, seed }
     }
 
     /// The load sampler, made at the first request recorded (none if the load trigger is off).
@@ -123,11 +127,18 @@ impl SplitTrigger {
     /// Whether enough was written since the last check for the range's size to be checked now (the count
     /// starts again).
     pub fn take_size_check(&mut self) -> bool {
-        let due = self.options.size_bytes_max > 0 && self.written_bytes >= self.options.size_check_written_bytes.max(1);
+        let due = self.options.size_bytes_max > 0 && self.written_bytes >= self.next_check_bytes;
         if due {
             self.written_bytes = 0;
         }
         due
+    }
+
+    /// A size check measured the range at `bytes`: under the bound, the next check waits until what it lacks
+    /// of the bound has been written (at least `size_check_written_bytes`).
+    pub fn on_measured(&mut self, bytes: u64) {
+        let lacking = self.options.size_bytes_max.saturating_sub(bytes);
+        self.next_check_bytes = lacking.max(self.options.size_check_written_bytes).max(1);
     }
 
     /// The bound a size check measures against.
@@ -154,6 +165,15 @@ mod tests {
         trigger.on_write(&write("k2", 200));
         assert!(trigger.take_size_check(), "304 bytes written");
         assert!(!trigger.take_size_check(), "the count started again");
+        // Measured far under the bound: the next check waits until what it lacks is written.
+        trigger.on_measured(100);
+        trigger.on_write(&write("k3", 600));
+        assert!(!trigger.take_size_check(), "604 of the 900 bytes it lacked");
+        trigger.on_write(&write("k4", 300));
+        assert!(trigger.take_size_check());
+        trigger.on_measured(2000);
+        trigger.on_write(&write("k5", 250));
+        assert!(trigger.take_size_check(), "over the bound: checked again after size_check_written_bytes");
         let mut off = SplitTrigger::new(Arc::new(SplitOptions { size_bytes_max: 0, ..options }), 1);
         off.on_write(&write("k1", 10_000));
         assert!(!off.take_size_check());

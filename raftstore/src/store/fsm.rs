@@ -81,6 +81,10 @@ pub enum PeerMsg {
     NodeDown {
         node_id: u64,
     },
+    /// The replicas thread measured this group's range at `bytes` (`split_trigger.rs`).
+    SizeMeasured {
+        bytes: u64,
+    },
     /// A snapshot of another group was refused on this node because this replica holds its keys: wake and find
     /// out whether it is still a member (`Peer::check_membership`).
     CheckMembership,
@@ -217,6 +221,7 @@ impl PeerFsm {
             PeerMsg::TransferLeader { replica_id } => self.peer.transfer_leader(replica_id),
             PeerMsg::CompactLog => self.peer.compact_log(kv),
             PeerMsg::CheckMembership => self.peer.check_membership(),
+            PeerMsg::SizeMeasured { bytes } => self.split_trigger.on_measured(bytes),
             PeerMsg::Unreachable { node_id } => {
                 if let Some(replica_id) = self.replica_on(node_id) {
                     self.peer.report_unreachable(replica_id);

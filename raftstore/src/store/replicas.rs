@@ -204,6 +204,9 @@ impl Replicas {
     fn check_size(&self, range: &RangeDescriptor) {
         let (Some(asks), bytes_max) = (&self.options.split_wanted, self.options.split.size_bytes_max) else { return };
         let checked = crate::split_check::check_size(self.kv.as_ref(), range, bytes_max, SIZE_CHECK_PAGE_KEYS);
+        if let Ok(check) = &checked {
+            let _ = self.mailboxes.send(range.group_id, PeerMsg::SizeMeasured { bytes: check.bytes });
+        }
         if let Ok(crate::split_check::SizeCheck { split_key: Some(split_key), .. }) = checked {
             metrics::counter!("flotilla_splits_asked_total", "reason" => "size").increment(1);
             let reason = crate::split_trigger::SplitReason::Size;
