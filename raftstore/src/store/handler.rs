@@ -235,7 +235,11 @@ impl StoreHandler {
         if split_key.as_slice() <= range.start.as_slice() || !range.contains(&split_key) {
             return; // a sample from before the range changed
         }
-        metrics::counter!("flotilla_splits_asked_total", "reason" => "load").increment(1);
+        let label = match reason {
+            SplitReason::Size => "size",
+            SplitReason::Load => "load",
+        };
+        metrics::counter!("flotilla_splits_asked_total", "reason" => label).increment(1);
         let _ = asks.try_send(SplitWanted { node_id: self.node_id, range, split_key, reason });
     }
 }
