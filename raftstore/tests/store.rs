@@ -3,7 +3,9 @@
 //! snapshot stream that crosses mailboxes and poller threads; idle groups hibernate (the ticker visits none), a
 //! request wakes them, and followers elect a new leader once node liveness says the leader's node is down; replicas
 //! join and leave by membership change (one cut off while it was removed learns it from a member's removal
-//! notice); a split opens the new group on every node; a failed log stops the node with the reason.
+//! notice); a split opens the new group on every node — also where a replica lagged, heard from the new group
+//! first, was cut off past the split, or was a removed learner still holding the old range; a failed log stops
+//! the node with the reason.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -684,4 +686,45 @@ fn a_replica_cut_off_during_a_split_catches_up_on_both_groups_by_snapshot() {
     node_3.store.node_down(1);
     put(&nodes[1..], group_id, b"a99", b"3", deadline);
     put(&nodes[1..], 2, b"x99", b"3", deadline);
+}
+
+/// A learner on node 4 is removed while node 4 is cut off, then the group splits: node 4's replica keeps the old,
+/// whole range and, a learner, never campaigns — it would never hear of its removal. When the new group adds a
+/// learner on node 4, its snapshot is refused there (the stale replica holds those keys); the refusal wakes the
+/// stale replica, which tells the members where it stands, gets a removal notice and is destroyed, and the new
+/// group's snapshot is taken (`store-sim` seed 685 found this).
+#[test]
+fn a_removed_learner_holding_a_split_groups_keys_is_found_out_when_the_new_group_needs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
+    let range = initial_ranges(1, 1, &replicas).remove(0);
+    let group_id = range.group_id;
+    let transport = Arc::new(InProcessTransport::new());
+    let nodes: Vec<Node> =
+        (1..=4).map(|id| start_node(id, dir.path(), std::slice::from_ref(&range), &transport)).collect();
+    nodes[0].store.campaign_all([group_id]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    put(&nodes, group_id, b"m1", b"before", deadline);
+    change(&nodes, group_id, MembershipChange::AddLearner { node_id: 4, replica_id: 4, addr: String::new() }, deadline);
+    let node_4 = &nodes[3];
+    wait_until(deadline, "node 4's learner caught up", || node_4.kv.get(b"m1").unwrap().is_some());
+    transport.remove_node(4);
+    change(&nodes[..3], group_id, MembershipChange::Remove { replica_id: 4 }, deadline);
+    let split = SplitRequest { split_key: b"m".to_vec(), right_group_id: 2, right_replica_ids: vec![11, 12, 13] };
+    let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+    until_outcome(&nodes[..3], group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
+    put(&nodes[..3], 2, b"m2", b"after", deadline);
+    transport.add_node(4, node_4.store.inbox());
+    assert_eq!(node_4.store.router().len(), 1, "node 4 still runs its stale learner of group 1");
+    change(&nodes[..3], 2, MembershipChange::AddLearner { node_id: 4, replica_id: 14, addr: String::new() }, deadline);
+    wait_until(deadline, "node 4 takes group 2's snapshot", || {
+        node_4.kv.get(b"m2").unwrap().as_deref() == Some(&b"after"[..])
+    });
+    let stored = |group: u64| {
+        let (_, bytes) = node_4.kv.ranges().unwrap().into_iter().find(|(id, _)| *id == group).unwrap();
+        RangeDescriptor::decode_stored(&bytes).unwrap()
+    };
+    assert!(!stored(group_id).lists_node(4), "the stale learner was destroyed, its members' descriptor kept");
+    assert!(stored(2).lists_replica(14));
+    assert_eq!(node_4.kv.get(b"m1").unwrap().as_deref(), Some(&b"before"[..]), "group 2's data, as it was");
 }
