@@ -203,4 +203,25 @@ mod tests {
         assert!(parse_cluster("1=a,1=b").unwrap_err().contains("twice"));
         assert!(parse_cluster("x=a").is_err());
     }
+
+    #[test]
+    fn the_split_triggers_are_set_or_turned_off_by_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "id = 1\ncluster = \"1=a:1\"\ndata_dir = \"d\"\nsplit_load_seconds = 3\n").unwrap();
+        let settings = ServeSettings {
+            config: Some(path),
+            split_size_bytes_max: Some(1 << 20),
+            split_load_requests_per_second_max: Some(500),
+            ..Default::default()
+        };
+        let split = settings.clone().resolve().unwrap().split;
+        assert_eq!((split.size_bytes_max, split.size_check_written_bytes), (1 << 20, 1 << 17));
+        assert_eq!((split.load.requests_per_window_max, split.load.hot_windows), (500, 3));
+        assert!(split.load_window_ticks > 0);
+        let off =
+            ServeSettings { split_size_bytes_max: Some(0), split_load_requests_per_second_max: Some(0), ..settings };
+        let split = off.resolve().unwrap().split;
+        assert_eq!((split.size_bytes_max, split.load_window_ticks), (0, 0), "0 turns each trigger off");
+    }
 }
