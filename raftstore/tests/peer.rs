@@ -1021,3 +1021,37 @@ fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a
     let on_follower = SplitRequest { split_key: b"c".to_vec(), right_group_id: 9, right_replica_ids: vec![41, 42, 43] };
     assert!(matches!(group.split(2, 307, on_follower), Response::Failed(PeerError::NotLeader { .. })));
 }
+
+/// A split proposed by a leader that is cut off before anyone else has its entry: another replica is elected,
+/// and the split never happened — its proposer is answered `Dropped` once its entry is replaced, every replica
+/// keeps the whole range, and no replica hands a new group over. The new leader's split then applies everywhere,
+/// the old leader included.
+#[test]
+fn a_split_cut_off_with_its_leader_is_dropped_and_the_next_leaders_split_applies_everywhere() {
+    let mut group = Group::led_by(1);
+    write_keys(&mut group, 1, 10, "v");
+    group.isolated = 1; // nothing node 1 sends arrives, nor anything sent to it
+    let lost = SplitRequest { split_key: b"k05".to_vec(), right_group_id: 6, right_replica_ids: vec![11, 12, 13] };
+    group.node(1).peer.propose_split(400, lost);
+    group.settle();
+    assert!(group.tick_until(60, |g| g.leader_among_2_and_3().is_some()), "replicas 2 and 3 elect a leader");
+    let leader = group.leader_among_2_and_3().unwrap();
+    assert_eq!(group.put(leader, 401, "b", "w"), Response::Written(Outcome::Done), "the new leader takes writes");
+    group.isolated = 0;
+    assert!(group.tick_until(60, |g| g.responses.iter().any(|(_, token, _)| *token == 400)), "node 1 rejoins");
+    assert_eq!(group.response(400), Response::Failed(PeerError::Dropped), "its entry was replaced");
+    for id in 1..=3 {
+        let node = group.node(id);
+        assert_eq!(node.peer.descriptor().end, b"n".to_vec(), "replica {id} keeps the whole range");
+        assert!(node.peer.take_split_off().is_empty(), "replica {id} made no group");
+    }
+    // The new leader's split applies on every replica, node 1's too.
+    group.descriptor = group.node(leader).peer.descriptor().clone();
+    let split = SplitRequest { split_key: b"k05".to_vec(), right_group_id: 7, right_replica_ids: vec![21, 22, 23] };
+    assert!(matches!(group.split(leader, 402, split), Response::Written(Outcome::Split { .. })));
+    assert!(group.tick_until(20, |g| (1..=3).all(|id| g.node(id).peer.descriptor().end == b"k05")));
+    for id in 1..=3 {
+        let split_off = group.node(id).peer.take_split_off();
+        assert_eq!(split_off.iter().map(|r| r.group_id).collect::<Vec<_>>(), [7], "replica {id}");
+    }
+}
