@@ -345,10 +345,11 @@ impl Db {
             views.push(node_ranges);
         }
         // A node that had not applied a split when the database closed applies it again from its log: the table
-        // does not wait for that.
-        let ranges = crate::db_routes::most_split(views);
+        // does not wait for that (every node's ranges learned: the newest of each part).
+        let mut views = views.into_iter();
+        let first = views.next().expect("at least one node");
+        let table = RangeTable::new(first, config.nodes).learned(views.flatten());
         // Leaders spread over the nodes: each group campaigns where the table first looks for its leader.
-        let table = RangeTable::new(ranges, config.nodes);
         for (position, range) in table.ranges().iter().enumerate() {
             let node = &nodes[table.leader(position) as usize - 1];
             node.store().campaign_all([range.group_id]);
@@ -392,7 +393,7 @@ impl Db {
     fn refresh_routes(&self, used: &Arc<DbRoutes>) -> Result<(), DbError> {
         let mut routes = self.routes.write();
         if Arc::ptr_eq(&routes, used) {
-            *routes = Arc::new(routes.rebuilt(&self.nodes, self.config.nodes)?);
+            *routes = Arc::new(routes.rebuilt(&self.nodes)?);
         }
         Ok(())
     }
@@ -652,10 +653,9 @@ impl Db {
             if range.start == key {
                 return Ok(());
             }
-            let (group_id, replica_id) =
-                crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.kvs(), range.replicas.len())?;
-            let right_replica_ids = (replica_id..).take(range.replicas.len()).collect();
-            let split = SplitRequest { split_key: key.to_vec(), right_group_id: group_id, right_replica_ids };
+            let replicas = range.replicas.len();
+            let ids = crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.kvs(), replicas)?;
+            let split = SplitRequest::new(key.to_vec(), ids, replicas);
             let make = |reply| PeerMsg::Split { split: split.clone(), reply };
             match self.call(&routes, position, deadline, make)? {
                 Some(Outcome::Split { .. }) => return self.refresh_routes(&routes),
@@ -690,7 +690,7 @@ impl Db {
         self.ranges().len()
     }
 
-    /// The ranges, in key order, as the nodes applied them (the most split node's view): each one's bounds,
+    /// The ranges, in key order, as the nodes applied them (the newest of each part): each one's bounds,
     /// group, epoch and replicas.
     pub fn ranges(&self) -> Vec<flotilla_raftstore::range::RangeDescriptor> {
         let _ = self.refresh_routes(&self.routes()); // (a state file that cannot say: the table as it stands)
@@ -738,12 +738,8 @@ impl AskedSplits {
     fn propose(&self, wanted: SplitWanted) {
         let _one_at_a_time = self.splitting.lock();
         let replicas = wanted.range.replicas.len();
-        let Ok((group_id, replica_id)) = crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.kvs, replicas)
-        else {
-            return;
-        };
-        let right_replica_ids = (replica_id..).take(replicas).collect();
-        let split = SplitRequest { split_key: wanted.split_key, right_group_id: group_id, right_replica_ids };
+        let Ok(ids) = crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.kvs, replicas) else { return };
+        let split = SplitRequest::new(wanted.split_key, ids, replicas);
         let (reply, answer) = oneshot::channel();
         let Some(router) = self.routers.get(wanted.node_id as usize - 1) else { return };
         if router.send(wanted.range.group_id, PeerMsg::Split { split, reply }).is_ok() {

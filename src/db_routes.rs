@@ -32,15 +32,12 @@ impl DbRoutes {
         DbRoutes { table, leases }
     }
 
-    /// The routes the nodes' stored ranges give now (a split applied since `self` was made; the most split
-    /// node's view), keeping the leader hints of the groups `self` knows.
-    pub(crate) fn rebuilt(&self, nodes: &[Node], node_count: u64) -> Result<DbRoutes, DbError> {
-        let ranges = most_split(nodes.iter().map(held_ranges).collect::<Result<Vec<_>, _>>()?);
-        if ranges.is_empty() {
-            return Err(DbError::Storage("no node stores a range".into()));
-        }
-        let table = RangeTable::new(ranges, node_count).with_hints_from(&self.table);
-        Ok(DbRoutes::new(table, nodes))
+    /// The routes the nodes' stored ranges give now (a split applied since `self` was made: every node's ranges
+    /// learned, `RangeTable::learned`, as a server learns its own), keeping the leader hints of the groups `self`
+    /// knows.
+    pub(crate) fn rebuilt(&self, nodes: &[Node]) -> Result<DbRoutes, DbError> {
+        let views = nodes.iter().map(held_ranges).collect::<Result<Vec<_>, _>>()?;
+        Ok(DbRoutes::new(self.table.learned(views.into_iter().flatten()), nodes))
     }
 
     /// The grant of the group at `position` on node `node` (1-based).
@@ -61,13 +58,6 @@ impl DbRoutes {
         let epoch = Some(self.table.range(position).epoch());
         ReadRequest::Scan { start: start.to_vec(), end: end.to_vec(), limit, epoch }
     }
-}
-
-/// Of the nodes' views of the ranges, the one with the most splits applied (every node holds every group; one
-/// that has not applied a split yet still has the range whole, which routes correctly but for the split's keys).
-pub(crate) fn most_split(views: Vec<Vec<RangeDescriptor>>) -> Vec<RangeDescriptor> {
-    let versions = |ranges: &[RangeDescriptor]| ranges.iter().map(|range| range.epoch().version).sum::<u64>();
-    views.into_iter().max_by_key(|ranges| versions(ranges)).unwrap_or_default()
 }
 
 /// The ranges node `node` holds a replica of, as it last applied them.

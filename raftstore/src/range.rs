@@ -73,6 +73,14 @@ pub struct SplitRequest {
     pub right_replica_ids: Vec<u64>,
 }
 
+impl SplitRequest {
+    /// A split at `split_key` into group `right_group_id`, whose replicas take the ids from `first_replica_id`
+    /// on, one for each of the range's `replicas`.
+    pub fn new(split_key: Vec<u8>, (right_group_id, first_replica_id): (u64, u64), replicas: usize) -> SplitRequest {
+        SplitRequest { split_key, right_group_id, right_replica_ids: (first_replica_id..).take(replicas).collect() }
+    }
+}
+
 /// Why a replica refuses a request for its range (expected conditions: the client re-routes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RangeError {

@@ -140,11 +140,6 @@ impl SplitTrigger {
         let lacking = self.options.size_bytes_max.saturating_sub(bytes);
         self.next_check_bytes = lacking.max(self.options.size_check_written_bytes).max(1);
     }
-
-    /// The bound a size check measures against.
-    pub fn size_bytes_max(&self) -> u64 {
-        self.options.size_bytes_max
-    }
 }
 
 #[cfg(test)]

@@ -157,7 +157,7 @@ impl Requests {
     ) -> Result<(), RouteError> {
         let op = ForwardOp::AddLearner(AddLearner { node_id, replica_id: node_id, addr: addr.to_string() });
         let deadline = Instant::now() + self.limits.request_timeout;
-        match self.route(routes, position, op, deadline).await? {
+        match self.route(routes, position, &op, deadline).await? {
             Some(Answered::Written(Outcome::Done)) => Ok(()),
             None => Err(RouteError::Membership("the group's range changed meanwhile".into())),
             Some(other) => Err(RouteError::Membership(format!("adding a learner on node {node_id}: {other:?}"))),
@@ -208,7 +208,7 @@ impl Requests {
         loop {
             let routes = self.table();
             let position = routes.table.position_of(key);
-            match self.route(&routes, position, ForwardOp::Get(key.to_vec()), deadline).await? {
+            match self.route(&routes, position, &ForwardOp::Get(key.to_vec()), deadline).await? {
                 Some(Answered::Value(value)) => return Ok(value),
                 Some(other) => return Err(RouteError::Storage(format!("a read answered {other:?}"))),
                 None => self.rerouted(&routes, deadline).await?,
@@ -220,12 +220,14 @@ impl Requests {
     pub async fn write(&self, ops: Vec<Op>) -> Result<Outcome, RouteError> {
         self.limits.check_batch(&ops).map_err(refused)?;
         let deadline = Instant::now() + self.limits.request_timeout;
-        let mut command = Command::write(None, ops);
+        // One operation for every attempt: only its epoch changes when it is routed again.
+        let mut op = ForwardOp::Write(Command::write(None, ops));
         loop {
             let routes = self.table();
+            let ForwardOp::Write(command) = &mut op else { unreachable!("a write") };
             let position = routes.table.batch_position(command.ops.iter().map(|op| op.key.as_slice()))?;
             command.epoch = Some(routes.table.range(position).epoch());
-            match self.route(&routes, position, ForwardOp::Write(command.clone()), deadline).await? {
+            match self.route(&routes, position, &op, deadline).await? {
                 Some(Answered::Written(outcome)) => return Ok(outcome),
                 Some(other) => return Err(RouteError::Storage(format!("a write answered {other:?}"))),
                 None => self.rerouted(&routes, deadline).await?,
@@ -252,7 +254,7 @@ impl Requests {
                 limit: (limit - out.len()) as u64,
                 epoch: Some(range.epoch()),
             };
-            match self.route(&routes, position, ForwardOp::Scan(scan), deadline).await? {
+            match self.route(&routes, position, &ForwardOp::Scan(scan), deadline).await? {
                 Some(Answered::Pairs(pairs)) => out.extend(pairs),
                 Some(other) => return Err(RouteError::Storage(format!("a scan answered {other:?}"))),
                 None => {
@@ -281,7 +283,7 @@ impl Requests {
             if key.is_empty() || routes.table.range(position).start == key {
                 return Ok(());
             }
-            match self.route(&routes, position, ForwardOp::SplitAt(key.to_vec()), deadline).await? {
+            match self.route(&routes, position, &ForwardOp::SplitAt(key.to_vec()), deadline).await? {
                 Some(Answered::Written(Outcome::Split { right })) => {
                     // Routed by at once here (the left part as this node applies it, or as a refusal tells).
                     self.relearn(&routes, Some(*right))?;
@@ -330,7 +332,7 @@ impl Requests {
         &self,
         routes: &Routes,
         position: usize,
-        op: ForwardOp,
+        op: &ForwardOp,
         deadline: Instant,
     ) -> Result<Option<Answered>, RouteError> {
         let table = &routes.table;
@@ -351,15 +353,15 @@ impl Requests {
         }
     }
 
-    /// Takes a new group id and `replicas` replica ids for a split this node proposes: in this node's own part of
-    /// the id space (node id × 2³²; the initial groups and a joined node's replicas have small ids), recorded
-    /// durably before use, so that no two nodes, and no two splits, ever share one.
-    fn take_split_ids(&self, replicas: usize) -> Result<(u64, Vec<u64>), RouteError> {
+    /// A split at `split_key` this node proposes, of a range with `replicas` replicas: its new group id and
+    /// replica ids in this node's own part of the id space (node id × 2³²; the initial groups and a joined node's
+    /// replicas have small ids), recorded durably before use, so that no two nodes, and no two splits, ever share
+    /// one.
+    fn split_request(&self, split_key: Vec<u8>, replicas: usize) -> Result<SplitRequest, DbError> {
         let ids = self.split_ids.lock();
         let floor = (self.node_id << 32) + 1;
-        let (group_id, replica_id) = crate::db_routes::take_ids_above(ids.0.as_ref(), &ids.1, (floor, floor), replicas)
-            .map_err(|error| RouteError::Storage(error.to_string()))?;
-        Ok((group_id, (replica_id..).take(replicas).collect()))
+        let taken = crate::db_routes::take_ids_above(ids.0.as_ref(), &ids.1, (floor, floor), replicas)?;
+        Ok(SplitRequest::new(split_key, taken, replicas))
     }
 
     /// Runs `op` on this node's replica of `group_id` (`None`: no answer by `deadline`).
@@ -376,11 +378,10 @@ impl Requests {
             ForwardOp::SplitAt(split_key) => {
                 // The group's members as this node applied them (the proposal is refused if they changed since).
                 let replicas = self.descriptors().get(&group_id).map_or(0, |range| range.replicas.len());
-                let (right_group_id, right_replica_ids) = match self.take_split_ids(replicas) {
-                    Ok(ids) => ids,
-                    Err(error) => return Some(Err(PeerError::Stopped(format!("{error:?}")))),
+                let split = match self.split_request(split_key, replicas) {
+                    Ok(split) => split,
+                    Err(error) => return Some(Err(PeerError::Stopped(error.to_string()))),
                 };
-                let split = SplitRequest { split_key, right_group_id, right_replica_ids };
                 self.propose(group_id, |reply| PeerMsg::Split { split, reply }, within(deadline)).await
             }
             ForwardOp::Get(key) => self.read(group_id, ReadRequest::Get(key), within(deadline)).await,
