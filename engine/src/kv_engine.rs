@@ -43,6 +43,8 @@ pub trait KvEngine: Send + Sync {
     /// Every group's descriptor, including those changed by applies not yet checkpointed (`GroupApply::range`,
     /// durable with the applied index).
     fn ranges(&self) -> Result<Vec<(u64, Vec<u8>)>, StateMachineError>;
+    /// One group's descriptor, as [`KvEngine::ranges`] would give it.
+    fn range(&self, group_id: u64) -> Result<Option<Vec<u8>>, StateMachineError>;
     /// A snapshot of the group's range at its durable applied state, in chunks of about `chunk_bytes_max`.
     fn snapshot_reader(
         &self,
@@ -116,6 +118,9 @@ impl KvEngine for StateMachine {
     }
     fn ranges(&self) -> Result<Vec<(u64, Vec<u8>)>, StateMachineError> {
         StateMachine::ranges(self)
+    }
+    fn range(&self, group_id: u64) -> Result<Option<Vec<u8>>, StateMachineError> {
+        StateMachine::range(self, group_id)
     }
     fn snapshot_reader(
         &self,
@@ -280,6 +285,11 @@ impl KvEngine for MemKvEngine {
         let mut ranges = state.ranges.clone();
         ranges.extend(state.pending_ranges.iter().map(|(g, d)| (*g, d.clone())));
         Ok(ranges.into_iter().collect())
+    }
+
+    fn range(&self, group_id: u64) -> Result<Option<Vec<u8>>, StateMachineError> {
+        let state = self.state.lock();
+        Ok(state.pending_ranges.get(&group_id).or_else(|| state.ranges.get(&group_id)).cloned())
     }
 
     fn snapshot_reader(

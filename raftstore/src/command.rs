@@ -19,7 +19,7 @@ use flotilla_raft::Entry;
 use prost::Message as _;
 
 use crate::peer::{BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
-use crate::range::{RangeDescriptor, RangeEpoch, RangeError, SplitRequest};
+use crate::range::{MergeLock, MergeState, RangeDescriptor, RangeEpoch, RangeError, SplitRequest};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
 #[repr(i32)]
@@ -78,19 +78,68 @@ pub struct Command {
     /// An administrative command instead of operations: split the group's range (applied on every replica:
     /// `RangeDescriptor::split`). Routed with the whole epoch: a split proposed under one membership must not
     /// apply under another.
-    #[prost(message, optional, tag = "4")]
-    pub split: Option<SplitRequest>,
+    #[prost(message, optional, boxed, tag = "4")]
+    pub split: Option<Box<SplitRequest>>,
+    /// An administrative command instead of operations: one step of a merge (`peer/merge.rs`), routed with the
+    /// whole epoch of the group it is proposed to.
+    #[prost(message, optional, boxed, tag = "5")]
+    pub merge: Option<Box<MergeCommand>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum MergeStep {
+    /// On the left range: lock it for taking `right` in (its epoch stays as it is until the merge ends).
+    Prepare = 0,
+    /// On the right range: freeze it for a merge into `left`, which is locked for it (no more writes; its data is
+    /// final).
+    Freeze = 1,
+    /// On the frozen right range: the merge will commit (every replica holds the freeze). Final.
+    Decide = 2,
+    /// On the locked left range: take the decided `right` in (its replicas here end).
+    Commit = 3,
+    /// On the frozen right range, not decided: the merge is given up; the range takes writes again.
+    Unfreeze = 4,
+    /// On the locked left range: the lock is given up (the right range will never freeze for it).
+    Cancel = 5,
+    /// On a range neither frozen nor locked: its version moves on, so that a freeze routed with the old epoch
+    /// never applies (a locked left range ends a wait for a freeze that may never come).
+    Fence = 6,
+}
+
+/// One step of a merge, carried through a group's log.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MergeCommand {
+    #[prost(enumeration = "MergeStep", tag = "1")]
+    pub step: i32,
+    /// `Freeze`: the left range, locked for this one.
+    #[prost(message, optional, tag = "2")]
+    pub left: Option<RangeDescriptor>,
+    /// `Prepare`: the right range as the lock is taken; `Commit`: the right range as it was decided.
+    #[prost(message, optional, tag = "3")]
+    pub right: Option<RangeDescriptor>,
+}
+
+impl MergeCommand {
+    pub fn new(step: MergeStep, left: Option<RangeDescriptor>, right: Option<RangeDescriptor>) -> MergeCommand {
+        MergeCommand { step: step as i32, left, right }
+    }
 }
 
 impl Command {
     /// A write of `ops`, routed with `epoch` (`None`: unchecked).
     pub fn write(epoch: Option<RangeEpoch>, ops: Vec<Op>) -> Command {
-        Command { request_id: 0, epoch, ops, split: None }
+        Command { request_id: 0, epoch, ops, split: None, merge: None }
     }
 
     /// A split of the range, routed with its whole current epoch.
     pub fn split(epoch: RangeEpoch, split: SplitRequest) -> Command {
-        Command { request_id: 0, epoch: Some(epoch), ops: Vec::new(), split: Some(split) }
+        Command { request_id: 0, epoch: Some(epoch), ops: Vec::new(), split: Some(Box::new(split)), merge: None }
+    }
+
+    /// A step of a merge, proposed to a group at its whole epoch `epoch`.
+    pub fn merge(epoch: RangeEpoch, merge: MergeCommand) -> Command {
+        Command { request_id: 0, epoch: Some(epoch), ops: Vec::new(), split: None, merge: Some(Box::new(merge)) }
     }
 
     pub fn encode_entry(&self) -> Bytes {
@@ -114,6 +163,10 @@ pub enum Outcome {
     Split { right: Box<RangeDescriptor> },
     /// A split that did not fit the range when it applied (the reason): skipped on every replica.
     InvalidSplit(String),
+    /// A merge step took effect: the range as it now is (after a commit, the left range with the right one in).
+    Merge { range: Box<RangeDescriptor> },
+    /// A merge step that did not fit the range when it applied (the reason): skipped on every replica.
+    InvalidMerge(String),
 }
 
 /// One applied command, for its waiting client.
@@ -129,7 +182,16 @@ pub struct Applied {
 /// replica must stop), or the state machine failed.
 #[derive(Debug)]
 pub enum ApplyError {
-    Undecodable { index: u64, reason: String },
+    Undecodable {
+        index: u64,
+        reason: String,
+    },
+    /// A merge committed while this node's replica of the range it takes in was not frozen at the point the
+    /// merge was asked for (every replica confirms it before the merge is proposed: a bug).
+    MergeNotReady {
+        index: u64,
+        reason: String,
+    },
     Engine(StateMachineError),
 }
 
@@ -139,6 +201,7 @@ impl std::fmt::Display for ApplyError {
             ApplyError::Undecodable { index, reason } => {
                 write!(f, "committed entry {index} is not a command: {reason}")
             }
+            ApplyError::MergeNotReady { index, reason } => write!(f, "the merge at entry {index}: {reason}"),
             ApplyError::Engine(error) => write!(f, "{error}"),
         }
     }
@@ -170,6 +233,11 @@ pub struct ApplyBatch {
     /// bootstrap index) is written with the group's batch (its data is already there: the range's keys), and the
     /// node opens their replicas.
     pub split_off: Vec<RangeDescriptor>,
+    /// The groups its merges ended here (their records are written with the batch; the node stops their
+    /// replicas).
+    pub merged: Vec<u64>,
+    /// The records of the groups in `merged`, written with the batch.
+    merged_records: Vec<GroupApply>,
     /// This batch's writes so far, for the compare-and-sets of later entries.
     overlay: Overlay,
 }
@@ -205,6 +273,8 @@ impl ApplyBatch {
             group: GroupApply { group_id, ..Default::default() },
             applied: Vec::new(),
             split_off: Vec::new(),
+            merged: Vec::new(),
+            merged_records: Vec::new(),
             overlay: Overlay::default(),
         }
     }
@@ -222,12 +292,13 @@ impl ApplyBatch {
             if entry.is_conf_change() || entry.data.is_empty() {
                 continue;
             }
-            let command = Command::decode(entry.data.as_ref())
+            let mut command = Command::decode(entry.data.as_ref())
                 .map_err(|e| ApplyError::Undecodable { index: entry.index, reason: e.to_string() })?;
             let request_id = command.request_id;
-            let outcome = match command.split {
-                Some(split) => self.apply_split(engine, descriptor, command.epoch, &split),
-                None => apply_command(engine, descriptor, command, &mut self.overlay, &mut self.group.ops)?,
+            let outcome = match (command.split.take(), command.merge.take()) {
+                (Some(split), _) => self.apply_split(engine, descriptor, command.epoch, &split),
+                (None, Some(merge)) => self.apply_merge(engine, descriptor, command.epoch, *merge, entry.index)?,
+                (None, None) => apply_command(engine, descriptor, command, &mut self.overlay, &mut self.group.ops)?,
             };
             self.applied.push(Applied { request_id, index: entry.index, term: entry.term, outcome });
         }
@@ -245,9 +316,11 @@ impl ApplyBatch {
         sent: Option<RangeEpoch>,
         split: &SplitRequest,
     ) -> Outcome {
-        if sent != Some(descriptor.epoch()) {
-            let sent = sent.unwrap_or_default();
-            return Outcome::Refused(RangeError::StaleEpoch { sent, current: Box::new(descriptor.clone()) });
+        if let Some(refused) = whole_epoch_refusal(descriptor, sent) {
+            return refused;
+        }
+        if descriptor.is_merging() {
+            return Outcome::Refused(RangeError::Merging { current: Box::new(descriptor.clone()) });
         }
         let (left, right) = match descriptor.split(split) {
             Ok(parts) => parts,
@@ -259,6 +332,44 @@ impl ApplyBatch {
             self.split_off.push(right.clone());
         }
         Outcome::Split { right: Box::new(right) }
+    }
+
+    /// A merge step (`peer/merge.rs`), refused unless routed with the range's whole current epoch. `Commit`
+    /// checks that this node's replica of the right range is the decided range the command carries and has
+    /// applied through the decision — every replica confirmed it before the commit was proposed, so a failure is
+    /// a bug that stops the node rather than a divergence between replicas.
+    fn apply_merge(
+        &mut self,
+        engine: &dyn KvEngine,
+        descriptor: &mut RangeDescriptor,
+        sent: Option<RangeEpoch>,
+        merge: MergeCommand,
+        index: u64,
+    ) -> Result<Outcome, ApplyError> {
+        if let Some(refused) = whole_epoch_refusal(descriptor, sent) {
+            return Ok(refused);
+        }
+        let step = MergeStep::try_from(merge.step)
+            .map_err(|_| ApplyError::Undecodable { index, reason: format!("unknown merge step {}", merge.step) })?;
+        let next = match merge_step(descriptor, step, merge, index) {
+            Ok(next) => next,
+            Err(reason) => return Ok(Outcome::InvalidMerge(reason)),
+        };
+        if step == MergeStep::Commit {
+            let right = next.1.expect("a commit takes a range in");
+            let here = frozen_here(engine, &right).map_err(|reason| ApplyError::MergeNotReady { index, reason })?;
+            self.merged.push(right.group_id);
+            self.merged_records.push(GroupApply {
+                group_id: right.group_id,
+                ops: Vec::new(),
+                applied_index: here.0,
+                applied_term: here.1,
+                range: Some(right.merged_record(descriptor.group_id).encode()),
+            });
+        }
+        *descriptor = next.0;
+        self.group.range = Some(descriptor.encode());
+        Ok(Outcome::Merge { range: Box::new(descriptor.clone()) })
     }
 
     /// The state machine batch — this group's, then the groups its splits made — and each command's outcome.
@@ -275,9 +386,96 @@ impl ApplyBatch {
             applied_term: BOOTSTRAP_TERM,
             range: Some(right.encode()),
         });
-        let groups = std::iter::once(self.group).chain(created).collect();
+        let groups = std::iter::once(self.group).chain(created).chain(self.merged_records).collect();
         ((groups, self.applied), self.split_off)
     }
+}
+
+/// A refusal unless `sent` is the range's whole current epoch (administrative commands: a split or merge step
+/// proposed under one range or membership must not apply under another).
+fn whole_epoch_refusal(descriptor: &RangeDescriptor, sent: Option<RangeEpoch>) -> Option<Outcome> {
+    (sent != Some(descriptor.epoch())).then(|| {
+        let sent = sent.unwrap_or_default();
+        Outcome::Refused(RangeError::StaleEpoch { sent, current: Box::new(descriptor.clone()) })
+    })
+}
+
+/// What merge step `step` makes of `descriptor` (applied at entry `index`), and for a commit the range it takes
+/// in; `Err` says why the step does not fit the range as it is (skipped alike on every replica).
+fn merge_step(
+    descriptor: &RangeDescriptor,
+    step: MergeStep,
+    merge: MergeCommand,
+    index: u64,
+) -> Result<(RangeDescriptor, Option<RangeDescriptor>), String> {
+    let (frozen, locked) = (descriptor.merge, descriptor.merge_lock);
+    let decided = frozen.is_some_and(|state| state.decided_index != 0);
+    let next = descriptor.next_version();
+    match (step, merge.left, merge.right) {
+        (MergeStep::Prepare, _, Some(right)) if !descriptor.is_merging() && !right.is_merging() => {
+            descriptor.check_merge(&right)?;
+            let lock = MergeLock { right_group_id: right.group_id, right_epoch: right.epoch };
+            Ok((RangeDescriptor { merge_lock: Some(lock), ..next }, None))
+        }
+        (MergeStep::Freeze, Some(left), _) if !descriptor.is_merging() => {
+            let lock = MergeLock { right_group_id: descriptor.group_id, right_epoch: descriptor.epoch };
+            if left.merge_lock != Some(lock) {
+                return Err(format!("group {} is not locked for this range at its epoch", left.group_id));
+            }
+            left.check_merge(descriptor)?;
+            let state = MergeState {
+                into_group_id: left.group_id,
+                into_epoch: left.epoch,
+                frozen_index: index,
+                decided_index: 0,
+            };
+            Ok((RangeDescriptor { merge: Some(state), ..next }, None))
+        }
+        (MergeStep::Decide, _, _) if frozen.is_some() && !decided => {
+            let state = MergeState { decided_index: index, ..frozen.expect("frozen") };
+            Ok((RangeDescriptor { merge: Some(state), ..descriptor.clone() }, None))
+        }
+        (MergeStep::Unfreeze, _, _) if frozen.is_some() && !decided => {
+            Ok((RangeDescriptor { merge: None, ..next }, None))
+        }
+        (MergeStep::Cancel, _, _) if locked.is_some() => Ok((RangeDescriptor { merge_lock: None, ..next }, None)),
+        (MergeStep::Fence, _, _) if !descriptor.is_merging() => Ok((next, None)),
+        (MergeStep::Commit, _, Some(right)) if locked.is_some_and(|lock| lock.right_group_id == right.group_id) => {
+            let state = right.merge.filter(|state| state.decided_index != 0).ok_or("the right range is not decided")?;
+            if state.into_group_id != descriptor.group_id || state.into_epoch != descriptor.epoch {
+                return Err("the right range was frozen for another merge".to_string());
+            }
+            descriptor.check_merge(&right)?;
+            Ok((descriptor.merged_with(&right), Some(right)))
+        }
+        (step, _, _) => {
+            let state = match (frozen, locked) {
+                (Some(_), _) => "frozen",
+                (None, Some(_)) => "locked",
+                (None, None) => "neither frozen nor locked",
+            };
+            Err(format!("{step:?} does not fit a range {state}"))
+        }
+    }
+}
+
+/// This node's replica of the decided range `right`, checked ready to be taken in: its stored descriptor is
+/// `right` as the command carries it, and it applied through the decision. Its applied state.
+fn frozen_here(engine: &dyn KvEngine, right: &RangeDescriptor) -> Result<(u64, u64), String> {
+    let stored = engine
+        .range(right.group_id)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no replica of group {} here", right.group_id))?;
+    let here = RangeDescriptor::decode_stored(&stored).map_err(|e| e.to_string())?;
+    let (applied_index, applied_term) = engine.applied(right.group_id);
+    let decided_index = right.merge.map_or(u64::MAX, |state| state.decided_index);
+    if here != *right || applied_index < decided_index {
+        return Err(format!(
+            "group {}'s replica here is {here:?} at applied index {applied_index}, not {right:?}",
+            right.group_id
+        ));
+    }
+    Ok((applied_index, applied_term))
 }
 
 fn apply_command(
@@ -326,6 +524,7 @@ mod tests {
             end: b"m".to_vec(),
             epoch: Some(RangeEpoch { version: 2, conf_version: 1 }),
             replicas: vec![],
+            ..RangeDescriptor::default()
         }
     }
 
@@ -412,5 +611,100 @@ mod tests {
         let engine = MemKvEngine::new(u64::MAX);
         let garbage = Entry { index: 9, term: 1, data: Bytes::from_static(b"\xff\xff\xff"), ..Default::default() };
         assert!(matches!(apply_entries(&engine, &range(), &[garbage]), Err(ApplyError::Undecodable { index: 9, .. })));
+    }
+
+    /// Applies merge step `merge` to `descriptor` at `index` (routed with its epoch) on `engine`, keeping
+    /// the state machine's copy of the descriptor as apply would.
+    fn step(engine: &MemKvEngine, descriptor: &RangeDescriptor, merge: MergeCommand, index: u64) -> Outcome {
+        let command = Command { request_id: index, ..Command::merge(descriptor.epoch(), merge) };
+        let entry = Entry { index, term: 1, data: command.encode_entry(), ..Default::default() };
+        let (batch, mut applied) = apply_entries(engine, descriptor, &[entry]).unwrap();
+        engine.apply(vec![batch]).unwrap();
+        applied.remove(0).outcome
+    }
+
+    fn merged(outcome: Outcome) -> RangeDescriptor {
+        match outcome {
+            Outcome::Merge { range } => *range,
+            other => panic!("not a merge step: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_merge_step_fits_only_the_state_it_is_for_and_a_commit_takes_the_decided_range_in() {
+        let engine = MemKvEngine::new(u64::MAX);
+        let replicas = vec![crate::range::Replica::voter(1, 1), crate::range::Replica::voter(2, 2)];
+        let left = RangeDescriptor { end: b"m".to_vec(), replicas: replicas.clone(), ..range() };
+        let right = RangeDescriptor { group_id: 5, start: b"m".to_vec(), end: Vec::new(), replicas, ..range() };
+        let invalid = |outcome: Outcome| matches!(outcome, Outcome::InvalidMerge(_));
+        let no_lock = MergeCommand::new(MergeStep::Freeze, Some(left.clone()), None);
+        assert!(invalid(step(&engine, &right, no_lock, 1)), "a freeze needs the left range locked for it");
+        assert!(invalid(step(&engine, &left, MergeCommand::new(MergeStep::Cancel, None, None), 1)), "not locked");
+        let locked = merged(step(&engine, &left, MergeCommand::new(MergeStep::Prepare, None, Some(right.clone())), 2));
+        assert_eq!(locked.epoch().version, left.epoch().version + 1);
+        let split = Command::split(locked.epoch(), SplitRequest::new(b"c".to_vec(), (9, 90), 2));
+        let entry = Entry { index: 3, term: 1, data: split.encode_entry(), ..Default::default() };
+        let (_, applied) = apply_entries(&engine, &locked, &[entry]).unwrap();
+        assert!(matches!(applied[0].outcome, Outcome::Refused(RangeError::Merging { .. })), "no split while locked");
+        let fence = MergeCommand::new(MergeStep::Fence, None, None);
+        assert!(invalid(step(&engine, &locked, fence.clone(), 3)), "a locked range's epoch stays as it is");
+        let freeze = MergeCommand::new(MergeStep::Freeze, Some(locked.clone()), None);
+        let frozen = merged(step(&engine, &right, freeze.clone(), 10));
+        assert_eq!(frozen.merge.map(|state| (state.into_group_id, state.frozen_index)), Some((4, 10)));
+        assert!(matches!(frozen.check(&[b"x"], None), Err(RangeError::Merging { .. })), "no writes once frozen");
+        let early = MergeCommand::new(MergeStep::Commit, None, Some(frozen.clone()));
+        assert!(invalid(step(&engine, &locked, early, 4)), "not decided yet");
+        let unfrozen = merged(step(&engine, &frozen, MergeCommand::new(MergeStep::Unfreeze, None, None), 11));
+        assert!(unfrozen.merge.is_none() && unfrozen.epoch().version > frozen.epoch().version);
+        // Frozen again (the right range's epoch moved on with the unfreeze: a new lock first), and decided.
+        let relocked = merged(step(&engine, &locked, MergeCommand::new(MergeStep::Cancel, None, None), 5));
+        let prepare = MergeCommand::new(MergeStep::Prepare, None, Some(unfrozen.clone()));
+        let relocked = merged(step(&engine, &relocked, prepare, 6));
+        let freeze = MergeCommand::new(MergeStep::Freeze, Some(relocked.clone()), None);
+        let frozen = merged(step(&engine, &unfrozen, freeze, 12));
+        let decided = merged(step(&engine, &frozen, MergeCommand::new(MergeStep::Decide, None, None), 13));
+        assert_eq!(decided.merge.map(|state| state.decided_index), Some(13));
+        assert!(invalid(step(&engine, &decided, MergeCommand::new(MergeStep::Unfreeze, None, None), 14)), "final");
+        let commit = MergeCommand::new(MergeStep::Commit, None, Some(decided.clone()));
+        let (batches, applied) = {
+            let command = Command { request_id: 7, ..Command::merge(relocked.epoch(), commit) };
+            let entry = Entry { index: 7, term: 1, data: command.encode_entry(), ..Default::default() };
+            apply_entries_all(&engine, &relocked, &[entry])
+        };
+        let grown = match &applied[0].outcome {
+            Outcome::Merge { range } => range.as_ref().clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((grown.start.as_slice(), grown.end.as_slice()), (&b"a"[..], &b""[..]));
+        assert!(grown.epoch().version > decided.epoch().version && grown.merge_lock.is_none());
+        let record = RangeDescriptor::decode_stored(batches[1].range.as_ref().unwrap()).unwrap();
+        assert_eq!((batches[1].group_id, record.merged_into, record.replicas.len()), (5, 4, 0));
+    }
+
+    #[test]
+    fn a_commit_where_the_right_replica_has_not_applied_the_decision_stops_the_node() {
+        let engine = MemKvEngine::new(u64::MAX);
+        let replicas = vec![crate::range::Replica::voter(1, 1)];
+        let left = RangeDescriptor { end: b"m".to_vec(), replicas: replicas.clone(), ..range() };
+        let right = RangeDescriptor { group_id: 5, start: b"m".to_vec(), end: Vec::new(), replicas, ..range() };
+        let locked = merged(step(&engine, &left, MergeCommand::new(MergeStep::Prepare, None, Some(right.clone())), 2));
+        // The right replica here is frozen, not decided; the commit carries a decided range (a bug elsewhere).
+        let frozen = merged(step(&engine, &right, MergeCommand::new(MergeStep::Freeze, Some(locked.clone()), None), 3));
+        let state = MergeState { decided_index: 4, ..frozen.merge.unwrap() };
+        let decided = RangeDescriptor { merge: Some(state), ..frozen };
+        let command = Command::merge(locked.epoch(), MergeCommand::new(MergeStep::Commit, None, Some(decided)));
+        let entry = Entry { index: 3, term: 1, data: command.encode_entry(), ..Default::default() };
+        assert!(matches!(apply_entries(&engine, &locked, &[entry]), Err(ApplyError::MergeNotReady { index: 3, .. })));
+    }
+
+    /// [`apply_entries`] with every group's batch (a commit writes the merged group's record too).
+    fn apply_entries_all(
+        engine: &MemKvEngine,
+        descriptor: &RangeDescriptor,
+        entries: &[Entry],
+    ) -> (Vec<GroupApply>, Vec<Applied>) {
+        let mut batch = ApplyBatch::new(descriptor.group_id);
+        batch.apply(engine, &mut descriptor.clone(), entries).unwrap();
+        batch.finish()
     }
 }

@@ -89,13 +89,41 @@ pub struct RemovalNotice {
     pub descriptor: Option<RangeDescriptor>,
 }
 
+/// From a replica of a range decided for a merge to its leader: its state machine holds the decision durably
+/// (`peer/merge.rs`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MergeReady {
+    #[prost(uint64, tag = "1")]
+    pub from: u64,
+    #[prost(uint64, tag = "2")]
+    pub to: u64,
+    /// The decision entry's index.
+    #[prost(uint64, tag = "3")]
+    pub decided_index: u64,
+}
+
+/// From a replica to its group's leader: propose this merge step (asked of it by the other group of the merge,
+/// through its replica on the same node; `peer/merge.rs`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MergeAskMessage {
+    #[prost(uint64, tag = "1")]
+    pub from: u64,
+    #[prost(uint64, tag = "2")]
+    pub to: u64,
+    #[prost(message, optional, tag = "3")]
+    pub command: Option<crate::command::Command>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum ReplicaMessage {
     Raft(Message),
-    Chunk(SnapshotChunk),
+    /// Boxed: with its range descriptor, far larger than every other variant.
+    Chunk(Box<SnapshotChunk>),
     Ack(SnapshotAck),
     Hibernate(HibernateRequest),
     Removed(RemovalNotice),
+    MergeReady(MergeReady),
+    MergeAsk(MergeAskMessage),
 }
 
 impl ReplicaMessage {
@@ -106,6 +134,8 @@ impl ReplicaMessage {
             ReplicaMessage::Ack(ack) => ack.from,
             ReplicaMessage::Hibernate(request) => request.from,
             ReplicaMessage::Removed(notice) => notice.from,
+            ReplicaMessage::MergeReady(ready) => ready.from,
+            ReplicaMessage::MergeAsk(ask) => ask.from,
         }
     }
 
@@ -116,6 +146,8 @@ impl ReplicaMessage {
             ReplicaMessage::Ack(ack) => ack.to,
             ReplicaMessage::Hibernate(request) => request.to,
             ReplicaMessage::Removed(notice) => notice.to,
+            ReplicaMessage::MergeReady(ready) => ready.to,
+            ReplicaMessage::MergeAsk(ask) => ask.to,
         }
     }
 }

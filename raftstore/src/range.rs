@@ -57,6 +57,47 @@ pub struct RangeDescriptor {
     pub epoch: Option<RangeEpoch>,
     #[prost(message, repeated, tag = "5")]
     pub replicas: Vec<Replica>,
+    /// Set while the range is frozen for a merge into its left neighbour (see `peer/merge.rs`): it takes no
+    /// writes, reads, splits or membership changes until the merge commits (this group is gone) or is given up.
+    #[prost(message, optional, tag = "6")]
+    pub merge: Option<MergeState>,
+    /// Non-zero on the record a node keeps of a group a merge ended here: the group that took its keys. Such a
+    /// record lists no replicas (no replica of it opens again).
+    #[prost(uint64, tag = "7")]
+    pub merged_into: u64,
+    /// Set while the range waits to take its right neighbour in (see `peer/merge.rs`): its epoch stays as it is
+    /// (no split or membership change) until the merge commits or is given up.
+    #[prost(message, optional, tag = "8")]
+    pub merge_lock: Option<MergeLock>,
+}
+
+/// A left range locked for a merge: which right neighbour, as of which of its epochs.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct MergeLock {
+    #[prost(uint64, tag = "1")]
+    pub right_group_id: u64,
+    /// The right range's epoch when the lock was taken: it freezes only from that epoch.
+    #[prost(message, optional, tag = "2")]
+    pub right_epoch: Option<RangeEpoch>,
+}
+
+/// A range frozen for a merge: into which group, as of which of that group's epochs, from which of its own
+/// log entries on.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct MergeState {
+    /// The left neighbour that is to take the range.
+    #[prost(uint64, tag = "1")]
+    pub into_group_id: u64,
+    /// That group's epoch when the merge was asked: the merge commits only if the group is still at it.
+    #[prost(message, optional, tag = "2")]
+    pub into_epoch: Option<RangeEpoch>,
+    /// The index of the entry that froze the range: no later entry changes its data.
+    #[prost(uint64, tag = "3")]
+    pub frozen_index: u64,
+    /// The index of the entry that decided the merge (0: not yet). Decided, the range is the left range's:
+    /// it never unfreezes, and its replicas end as the left group takes it in.
+    #[prost(uint64, tag = "4")]
+    pub decided_index: u64,
 }
 
 /// A split of a group's range, carried by a command through the group's log ([`RangeDescriptor::split`] says
@@ -90,6 +131,9 @@ pub enum RangeError {
     StaleEpoch { sent: RangeEpoch, current: Box<RangeDescriptor> },
     /// The keys of one atomic batch belong to more than one range.
     BatchSpansRanges { first_outside: Vec<u8>, current: Box<RangeDescriptor> },
+    /// The range is frozen for a merge into its left neighbour: retry in a moment (after the merge its keys are
+    /// that group's; a merge given up unfreezes the range).
+    Merging { current: Box<RangeDescriptor> },
 }
 
 impl std::fmt::Display for RangeError {
@@ -120,6 +164,7 @@ impl std::fmt::Display for RangeError {
                 String::from_utf8_lossy(first_outside),
                 describe(current)
             ),
+            RangeError::Merging { current } => write!(f, "the range is being merged: {}", describe(current)),
         }
     }
 }
@@ -174,6 +219,9 @@ impl RangeDescriptor {
         if let Some(sent) = sent.filter(|sent| sent.version != self.epoch().version) {
             return Err(RangeError::StaleEpoch { sent, current: Box::new(self.clone()) });
         }
+        if self.merge.is_some() {
+            return Err(RangeError::Merging { current: Box::new(self.clone()) });
+        }
         match keys.iter().position(|key| !self.contains(key)) {
             None => Ok(()),
             Some(0) => Err(RangeError::KeyNotInRange { key: keys[0].to_vec(), current: Box::new(self.clone()) }),
@@ -227,8 +275,55 @@ impl RangeDescriptor {
             end: self.end.clone(),
             epoch,
             replicas,
+            ..RangeDescriptor::default()
         };
         Ok((left, right))
+    }
+
+    /// Whether `right` may be merged into this range: its right neighbour, on the same nodes in the same roles,
+    /// neither a merged group's record. (What each step needs of their locks and freezes, `command.rs` checks.)
+    /// `Err` says why not.
+    pub fn check_merge(&self, right: &RangeDescriptor) -> Result<(), String> {
+        if self.end.is_empty() || self.end != right.start {
+            return Err(format!("group {} is not the right neighbour of group {}", right.group_id, self.group_id));
+        }
+        let nodes = |range: &RangeDescriptor| {
+            let mut nodes: Vec<(u64, bool)> = range.replicas.iter().map(|r| (r.node_id, r.learner)).collect();
+            nodes.sort_unstable();
+            nodes
+        };
+        if nodes(self) != nodes(right) || self.replicas.is_empty() {
+            return Err(format!("groups {} and {} are not on the same nodes", self.group_id, right.group_id));
+        }
+        if self.merged_into != 0 || right.merged_into != 0 {
+            return Err("one of the ranges was merged away".to_string());
+        }
+        Ok(())
+    }
+
+    /// Whether a split, a membership change or a merge lock must wait: the range is frozen or locked for a merge.
+    pub fn is_merging(&self) -> bool {
+        self.merge.is_some() || self.merge_lock.is_some()
+    }
+
+    /// This range with `right` (its frozen right neighbour) merged in: `[start, right.end)`, a `version` above
+    /// both (a key's later owners always have higher versions), the same members.
+    pub fn merged_with(&self, right: &RangeDescriptor) -> RangeDescriptor {
+        let version = self.epoch().version.max(right.epoch().version) + 1;
+        let epoch = Some(RangeEpoch { version, ..self.epoch() });
+        RangeDescriptor { end: right.end.clone(), epoch, merge_lock: None, ..self.clone() }
+    }
+
+    /// The record a node keeps of this group once a merge into `into_group_id` ended it here.
+    pub fn merged_record(&self, into_group_id: u64) -> RangeDescriptor {
+        RangeDescriptor { replicas: Vec::new(), merged_into: into_group_id, ..self.clone() }
+    }
+
+    /// This range at its next version (a lock, a freeze, an unfreeze, a merge given up: the range's keys stay,
+    /// but requests and merge steps routed with the old epoch are refused).
+    pub fn next_version(&self) -> RangeDescriptor {
+        let epoch = Some(RangeEpoch { version: self.epoch().version + 1, ..self.epoch() });
+        RangeDescriptor { epoch, ..self.clone() }
     }
 
     pub fn decode_stored(bytes: &[u8]) -> Result<RangeDescriptor, prost::DecodeError> {
@@ -255,6 +350,7 @@ pub fn initial_ranges(groups: u64, first_group_id: u64, replicas: &[Replica]) ->
             end: boundary(i + 1),
             epoch: Some(RangeEpoch { version: 1, conf_version: 1 }),
             replicas: replicas.to_vec(),
+            ..RangeDescriptor::default()
         })
         .collect()
 }
@@ -291,6 +387,7 @@ mod tests {
             end: Vec::new(),
             epoch: Some(RangeEpoch { version: 3, conf_version: 2 }),
             replicas: vec![Replica::voter(1, 1), Replica::voter(2, 2), learner.clone()],
+            ..RangeDescriptor::default()
         };
         let request = SplitRequest { split_key: b"m".to_vec(), right_group_id: 8, right_replica_ids: vec![11, 12, 13] };
         let (left, right) = range.split(&request).unwrap();
@@ -331,6 +428,7 @@ mod tests {
             end: b"d".to_vec(),
             epoch: Some(RangeEpoch { version: 3, conf_version: 2 }),
             replicas: vec![],
+            ..RangeDescriptor::default()
         };
         assert_eq!(range.check(&[b"b", b"c"], Some(range.epoch())), Ok(()));
         assert_eq!(range.check(&[b"c"], None), Ok(()), "no epoch sent: the key check alone");

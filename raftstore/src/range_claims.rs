@@ -17,13 +17,18 @@
 //!   by which time the split has applied here (or a snapshot of the old group shrank it);
 //! - a split shrinks the old group's claim and claims the new group's part, unless that group claimed it
 //!   first ([`RangeClaims::split`]);
-//! - a destroyed replica's claim goes once its data is dropped ([`RangeClaims::release`]).
+//! - a destroyed replica's claim goes once its data is dropped ([`RangeClaims::release`]);
+//! - a merge commit moves the right group's claim to the left group ([`RangeClaims::merge`]). A right range
+//!   *decided* for a merge (`peer/merge.rs`) is the left group's already: an install of the left group at an epoch
+//!   past the one the merge was decided for (the merge committed, then) ends it, whether or not the snapshot
+//!   still covers its keys; the install of any other group is refused while it holds them (the left group's
+//!   replica here catches up and ends it first).
 
 use std::collections::{BTreeMap, HashMap};
 
 use parking_lot::Mutex;
 
-use crate::range::RangeDescriptor;
+use crate::range::{RangeDescriptor, RangeEpoch};
 
 /// The claims of one node's groups (see the module docs).
 #[derive(Debug, Default)]
@@ -37,11 +42,32 @@ struct Claims {
     by_start: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
     /// By group: its start key.
     starts: HashMap<u64, Vec<u8>>,
+    /// The groups decided for a merge: into which group, as of which of its epochs.
+    decided: HashMap<u64, (u64, RangeEpoch)>,
 }
 
-/// A group's claim before an install replaced it (to give back if the install does not happen).
+/// One group's claim: its range, and the merge it is decided for, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Claim {
+    start: Vec<u8>,
+    end: Vec<u8>,
+    decided: Option<(u64, RangeEpoch)>,
+}
+
+/// The claims an install replaced (to give back if the install does not happen): the group's own, and those
+/// of the decided right ranges it ends.
 #[derive(Debug, PartialEq, Eq)]
-pub struct PreviousClaim(Option<(Vec<u8>, Vec<u8>)>);
+pub struct PreviousClaim {
+    own: Option<Claim>,
+    ended: Vec<(u64, Claim)>,
+}
+
+impl PreviousClaim {
+    /// The decided right ranges the install ends here (their replicas must stop, their records say merged).
+    pub fn ended(&self) -> Vec<u64> {
+        self.ended.iter().map(|(group_id, _)| *group_id).collect()
+    }
+}
 
 impl Claims {
     /// The group other than `group_id` whose claim overlaps `[start, end)`, if any.
@@ -54,10 +80,10 @@ impl Claims {
         (other_end.is_empty() || other_end.as_slice() > start).then_some(*other)
     }
 
-    fn remove(&mut self, group_id: u64) -> Option<(Vec<u8>, Vec<u8>)> {
+    fn remove(&mut self, group_id: u64) -> Option<Claim> {
         let start = self.starts.remove(&group_id)?;
         let (end, _) = self.by_start.remove(&start).expect("indexed both ways");
-        Some((start, end))
+        Some(Claim { start, end, decided: self.decided.remove(&group_id) })
     }
 
     fn insert(&mut self, group_id: u64, start: &[u8], end: &[u8]) {
@@ -65,12 +91,46 @@ impl Claims {
         self.by_start.insert(start.to_vec(), (end.to_vec(), group_id));
         self.starts.insert(group_id, start.to_vec());
     }
+
+    fn put(&mut self, group_id: u64, claim: Claim) {
+        self.insert(group_id, &claim.start, &claim.end);
+        if let Some(decided) = claim.decided {
+            self.decided.insert(group_id, decided);
+        }
+    }
+
+    /// The decided right ranges an install of `range` ends: those decided for a merge into its group at an
+    /// epoch it has moved past (the merge committed).
+    fn ended_by(&self, range: &RangeDescriptor) -> Vec<u64> {
+        let now = range.epoch();
+        let past = |then: RangeEpoch| now.version > then.version || now.conf_version > then.conf_version;
+        let mut ended: Vec<u64> = (self.decided.iter())
+            .filter(|(_, (into, then))| *into == range.group_id && past(*then))
+            .map(|(group_id, _)| *group_id)
+            .collect();
+        ended.sort_unstable();
+        ended
+    }
 }
 
 impl RangeClaims {
-    /// Records `range` as its group's (a replica opened with it).
+    /// Records `range` as its group's (a replica opened with it, or its merge state changed).
     pub fn hold(&self, range: &RangeDescriptor) {
-        self.inner.lock().insert(range.group_id, &range.start, &range.end);
+        let mut claims = self.inner.lock();
+        claims.insert(range.group_id, &range.start, &range.end);
+        let decided = range.merge.filter(|state| state.decided_index != 0);
+        if let Some(state) = decided {
+            claims.decided.insert(range.group_id, (state.into_group_id, state.into_epoch.unwrap_or_default()));
+        }
+    }
+
+    /// A merge commit applied by `left`'s group: the claims of the groups it took in go to it.
+    pub fn merge(&self, left: &RangeDescriptor, rights: &[u64]) {
+        let mut claims = self.inner.lock();
+        for right in rights {
+            claims.remove(*right);
+        }
+        claims.insert(left.group_id, &left.start, &left.end);
     }
 
     /// Claims `range` for a snapshot install of its group: `Err` with the group that holds keys of it here, if
@@ -81,20 +141,29 @@ impl RangeClaims {
         if !initialized && claims.starts.contains_key(&range.group_id) {
             return Err(range.group_id);
         }
+        let ended_ids = claims.ended_by(range);
+        let ended: Vec<(u64, Claim)> =
+            ended_ids.iter().map(|group_id| (*group_id, claims.remove(*group_id).expect("claimed"))).collect();
         if let Some(other) = claims.overlapping(range.group_id, &range.start, &range.end) {
+            for (group_id, claim) in ended {
+                claims.put(group_id, claim);
+            }
             return Err(other);
         }
-        let previous = claims.remove(range.group_id);
+        let own = claims.remove(range.group_id);
         claims.insert(range.group_id, &range.start, &range.end);
-        Ok(PreviousClaim(previous))
+        Ok(PreviousClaim { own, ended })
     }
 
-    /// Gives a group's claim back as it was before [`RangeClaims::claim_for_install`].
+    /// Gives the claims back as they were before [`RangeClaims::claim_for_install`].
     pub fn restore(&self, group_id: u64, previous: PreviousClaim) {
         let mut claims = self.inner.lock();
         claims.remove(group_id);
-        if let Some((start, end)) = previous.0 {
-            claims.insert(group_id, &start, &end);
+        if let Some(claim) = previous.own {
+            claims.put(group_id, claim);
+        }
+        for (ended, claim) in previous.ended {
+            claims.put(ended, claim);
         }
     }
 
@@ -150,7 +219,8 @@ mod tests {
         assert_eq!(claims.split(&range(1, b"", b"f"), std::slice::from_ref(&new_group)), vec![true]);
         assert_eq!(claims.claim_for_install(&new_group, false), Err(3), "the split's replica replaces the empty one");
         // Once initialized, a newer snapshot of its own range is taken.
-        assert_eq!(claims.claim_for_install(&new_group, true), Ok(PreviousClaim(Some((b"f".to_vec(), b"m".to_vec())))));
+        let previous = claims.claim_for_install(&new_group, true).unwrap();
+        assert_eq!(previous.own.map(|claim| (claim.start, claim.end)), Some((b"f".to_vec(), b"m".to_vec())));
         assert_eq!(claims.claimed(3), Some((b"f".to_vec(), b"m".to_vec())));
     }
 
@@ -160,7 +230,7 @@ mod tests {
         claims.hold(&range(1, b"a", b"f"));
         // Group 1 here caught up past its split by a snapshot (shrunk): the new group's snapshot may come.
         let previous = claims.claim_for_install(&range(3, b"f", b"m"), false).unwrap();
-        assert_eq!(previous, PreviousClaim(None));
+        assert_eq!(previous, PreviousClaim { own: None, ended: Vec::new() });
         assert_eq!(claims.split(&range(1, b"a", b"f"), &[range(3, b"f", b"m")]), vec![false], "claimed first");
         // The core refused that snapshot after all: the claim goes back to none.
         claims.restore(3, previous);
@@ -170,6 +240,39 @@ mod tests {
         assert_eq!(claims.claimed(3), None);
         assert!(claims.claim_for_install(&range(4, b"g", b"z"), false).is_ok(), "released keys may be claimed");
         assert_eq!(claims.claim_for_install(&range(5, b"", b"b"), false), Err(1), "an unbounded start overlaps");
-        assert_eq!(claims.claim_for_install(&range(5, b"", b"a"), false), Ok(PreviousClaim(None)), "adjacent");
+        assert!(claims.claim_for_install(&range(5, b"", b"a"), false).is_ok(), "adjacent");
+    }
+
+    #[test]
+    fn an_install_of_the_left_group_past_the_merge_ends_its_decided_right_ranges_and_no_other_install_does() {
+        use crate::range::{MergeState, RangeEpoch};
+        let claims = RangeClaims::default();
+        let locked_at = RangeEpoch { version: 3, conf_version: 1 };
+        let state = MergeState { into_group_id: 1, into_epoch: Some(locked_at), frozen_index: 7, decided_index: 9 };
+        claims.hold(&range(1, b"a", b"f"));
+        claims.hold(&RangeDescriptor { merge: Some(MergeState { decided_index: 0, ..state }), ..range(2, b"f", b"m") });
+        let at = |group_id, start: &[u8], end: &[u8], version| RangeDescriptor {
+            epoch: Some(RangeEpoch { version, conf_version: 1 }),
+            ..range(group_id, start, end)
+        };
+        // Frozen, not decided: the merge may still be given up; nothing ends it.
+        assert_eq!(claims.claim_for_install(&at(1, b"a", b"m", 4), true), Err(2));
+        claims.hold(&RangeDescriptor { merge: Some(state), ..range(2, b"f", b"m") });
+        // Decided: another group's install is refused, and the left group's at the locked epoch (before the
+        // commit) does not reach it.
+        assert_eq!(claims.claim_for_install(&at(3, b"f", b"g", 9), false), Err(2));
+        assert_eq!(claims.claim_for_install(&at(1, b"a", b"f", 3), true).unwrap().ended(), Vec::<u64>::new());
+        // Past it, the left group's install ends it — also one that no longer covers its keys (split since) — and
+        // gives it back if the install is dropped.
+        let previous = claims.claim_for_install(&at(1, b"a", b"c", 6), true).unwrap();
+        assert_eq!(previous.ended(), vec![2]);
+        assert_eq!(claims.claimed(2), None);
+        claims.restore(1, previous);
+        assert_eq!(claims.claimed(2), Some((b"f".to_vec(), b"m".to_vec())));
+        assert_eq!(claims.claim_for_install(&at(1, b"a", b"m", 6), true).unwrap().ended(), vec![2]);
+        // A commit applied moves the claims the same way.
+        claims.hold(&range(4, b"m", b"z"));
+        claims.merge(&range(1, b"a", b"z"), &[4]);
+        assert_eq!((claims.claimed(1), claims.claimed(4)), (Some((b"a".to_vec(), b"z".to_vec())), None));
     }
 }

@@ -90,6 +90,7 @@ fn descriptor() -> RangeDescriptor {
         end: b"n".to_vec(),
         epoch: Some(RangeEpoch { version: 1, conf_version: 1 }),
         replicas,
+        ..RangeDescriptor::default()
     }
 }
 

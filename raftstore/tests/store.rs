@@ -18,7 +18,7 @@ use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
 use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal, WriteRequest};
 use flotilla_engine::wal::record::LogOp;
 use flotilla_engine::wal::{Wal, WalOptions};
-use flotilla_raftstore::command::{Command, Op, Outcome};
+use flotilla_raftstore::command::{Command, MergeCommand, MergeStep, Op, Outcome};
 use flotilla_raftstore::message::{Envelope, ReplicaMessage};
 use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions, BOOTSTRAP_INDEX};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, RangeEpoch, RangeError, Replica, SplitRequest};
@@ -727,4 +727,62 @@ fn a_removed_learner_holding_a_split_groups_keys_is_found_out_when_the_new_group
     assert!(!stored(group_id).lists_node(4), "the stale learner was destroyed, its members' descriptor kept");
     assert!(stored(2).lists_replica(14));
     assert_eq!(node_4.kv.get(b"m1").unwrap().as_deref(), Some(&b"before"[..]), "group 2's data, as it was");
+}
+
+/// A group's descriptor as node `node` stores it.
+fn stored_range(node: &Node, group_id: u64) -> Option<RangeDescriptor> {
+    let (_, bytes) = node.kv.ranges().unwrap().into_iter().find(|(id, _)| *id == group_id)?;
+    Some(RangeDescriptor::decode_stored(&bytes).unwrap())
+}
+
+/// Asks for the merge of group `right` into group `left` as the host does: locks the left range for it, then
+/// freezes the right one (the groups carry it on from there). Returns the left range as locked.
+fn ask_merge(nodes: &[Node], left: u64, right: u64, deadline: Instant) -> RangeDescriptor {
+    let is_merge = |o: &Outcome| matches!(o, Outcome::Merge { .. });
+    let right_range = stored_range(&nodes[0], right).unwrap();
+    let prepare = MergeCommand::new(MergeStep::Prepare, None, Some(right_range));
+    let make = |reply| PeerMsg::Merge { merge: Box::new(prepare.clone()), reply };
+    let Outcome::Merge { range: locked } = until_outcome(nodes, left, deadline, make, is_merge) else { unreachable!() };
+    let freeze = MergeCommand::new(MergeStep::Freeze, Some(locked.as_ref().clone()), None);
+    let make = |reply| PeerMsg::Merge { merge: Box::new(freeze.clone()), reply };
+    until_outcome(nodes, right, deadline, make, is_merge);
+    *locked
+}
+
+/// A split undone by a merge: the right group's replicas end on every node (their records say where the keys
+/// went, their logs are dropped), the left group serves the whole range again — the right range's writes
+/// included — and takes writes for it; requests for the right group find no replica.
+#[test]
+fn a_merge_gives_the_right_range_back_to_the_left_group_on_every_node() {
+    let cluster = one_group_on_three_nodes();
+    let (nodes, group_id, deadline) = (&cluster.nodes, cluster.group_id, cluster.deadline);
+    let split = SplitRequest { split_key: b"m".to_vec(), right_group_id: 2, right_replica_ids: vec![11, 12, 13] };
+    let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+    until_outcome(nodes, group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
+    put(nodes, group_id, b"a1", b"left", deadline);
+    put(nodes, 2, b"x1", b"right", deadline);
+    let locked = ask_merge(nodes, group_id, 2, deadline);
+    assert_eq!(locked.merge_lock.map(|lock| lock.right_group_id), Some(2));
+    wait_until(deadline, "every node ended its replica of group 2", || {
+        nodes.iter().all(|node| node.store.router().len() == 1)
+    });
+    for node in nodes {
+        let record = stored_range(node, 2).unwrap();
+        assert_eq!((record.merged_into, record.replicas.len()), (group_id, 0), "node {}", node.id);
+        let left = stored_range(node, group_id).unwrap();
+        assert_eq!((left.start.as_slice(), left.end.as_slice()), (&b""[..], &b""[..]), "node {}", node.id);
+        assert!(left.merge_lock.is_none() && left.epoch().version > locked.epoch().version);
+        assert!(node.log.last_index(2) < node.log.first_index(2), "node {}'s log of group 2 dropped", node.id);
+    }
+    put(nodes, group_id, b"x2", b"merged", deadline);
+    let leader = put(nodes, group_id, b"a2", b"merged", deadline);
+    let (reply, answer) = oneshot::channel();
+    let scan = ReadRequest::Scan { start: Vec::new(), end: Vec::new(), limit: 10, epoch: None };
+    nodes[leader as usize - 1].store.router().send(group_id, PeerMsg::Read { request: scan, reply }).ok().unwrap();
+    let Ok(ReadResult::Pairs(pairs)) = answer.recv().unwrap() else { panic!("the merged range's scan failed") };
+    let keys: Vec<&[u8]> = pairs.iter().map(|(key, _)| key.as_slice()).collect();
+    assert_eq!(keys, [&b"a1"[..], b"a2", b"first", b"x1", b"x2"]);
+    let (reply, _answer) = oneshot::channel();
+    let write = Command::write(None, vec![Op::put(b"x3".to_vec(), b"x".to_vec())]);
+    assert!(nodes[0].store.router().send(2, PeerMsg::Write { command: write, reply }).is_err(), "group 2 is gone");
 }

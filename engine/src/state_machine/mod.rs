@@ -681,4 +681,17 @@ impl StateMachine {
         }
         Ok(out.into_iter().collect())
     }
+
+    /// One group's range descriptor, as [`StateMachine::ranges`] would give it.
+    pub fn range(&self, group_id: u64) -> Result<Option<Vec<u8>>, StateMachineError> {
+        let memtables = self.memtables.read();
+        let changed = memtables.flushing.iter().map(|f| &f.ranges).chain([&memtables.active.ranges]);
+        if let Some(range) = changed.rev().find_map(|ranges| ranges.get(&group_id)) {
+            return Ok(Some(range.clone()));
+        }
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(RANGES).map_err(storage)?;
+        let stored = table.get(group_id).map_err(storage)?;
+        stored.map(|row| unseal(RANGES_TABLE, group_id, row.value()).map(<[u8]>::to_vec)).transpose()
+    }
 }

@@ -19,6 +19,7 @@ impl Peer {
         entries: &[Entry],
     ) -> Result<(Vec<GroupApply>, Vec<Applied>), ApplyError> {
         let mut batch = ApplyBatch::new(self.group_id());
+        let merge_before = (self.descriptor.merge, self.descriptor.merge_lock);
         let mut start = 0;
         for (position, entry) in entries.iter().enumerate().filter(|(_, entry)| entry.is_conf_change()) {
             batch.apply(kv, &mut self.descriptor, &entries[start..position])?;
@@ -35,9 +36,22 @@ impl Peer {
             let mut claimed = self.claims.split(&self.descriptor, &batch.split_off).into_iter();
             batch.split_off.retain(|_| claimed.next().expect("one answer per new group"));
         }
+        if !batch.merged.is_empty() {
+            // The right ranges' claims here go to this group, in one step with its growing (`range_claims.rs`).
+            self.claims.merge(&self.descriptor, &batch.merged);
+            self.merged_away.append(&mut batch.merged);
+        } else if (self.descriptor.merge, self.descriptor.merge_lock) != merge_before {
+            self.claims.hold(&self.descriptor); // a freeze decided (or undone) changes what an install may end
+        }
         let (applied, split_off) = batch.finish_with_splits();
         self.split_off.extend(split_off);
         Ok(applied)
+    }
+
+    /// The groups whose replicas here merges ended since the last call (this group took them in, by a commit
+    /// applied or a snapshot installed): the node stops them (their records are written).
+    pub fn take_merged_away(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.merged_away)
     }
 
     /// The ranges splits applied here gave to new groups since the last call, in log order: the node opens a

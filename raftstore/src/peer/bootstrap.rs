@@ -96,6 +96,12 @@ pub fn destroy_replica(log: &dyn LogEngine, kv: &dyn KvEngine, descriptor: &Rang
     let group_id = descriptor.group_id;
     flotilla_engine::contract::clear_group(kv, group_id, &descriptor.start, &descriptor.end, &descriptor.encode())
         .map_err(|e| storage_error(format!("clearing group {group_id}'s data: {e}")))?;
+    drop_log(log, group_id)
+}
+
+/// Drops the log entries of a group's replica that stopped here (removed, or merged away: its data stays, the
+/// group that took its keys serves it).
+pub fn drop_log(log: &dyn LogEngine, group_id: u64) -> Result<(), Error> {
     // Writes the replica submitted before it stopped may still be queued in the log, ahead of this compaction
     // (the log takes requests in order): once it is done they are too, and a second round drops what they added.
     // (Bounded: a destroy left unfinished is finished at the next open, `finish_interrupted_destroys`.)
@@ -121,8 +127,12 @@ pub fn finish_interrupted_destroys(node_id: u64, log: &dyn LogEngine, kv: &dyn K
         let descriptor = RangeDescriptor::decode_stored(&bytes)
             .map_err(|e| storage_error(format!("group {group_id}'s stored range: {e}")))?;
         let left = !descriptor.replicas.is_empty() && !descriptor.lists_node(node_id);
-        if left && log.last_index(group_id) >= log.first_index(group_id) {
+        let logged = log.last_index(group_id) >= log.first_index(group_id);
+        if left && logged {
             destroy_replica(log, kv, &descriptor)?;
+            finished += 1;
+        } else if descriptor.merged_into != 0 && logged {
+            drop_log(log, group_id)?; // merged away: the data is the other group's now
             finished += 1;
         }
     }

@@ -105,6 +105,11 @@ impl Peer {
             let refusal = self.not_leader();
             return self.responses.push((token, Response::Failed(refusal)));
         }
+        if self.descriptor.is_merging() || self.merge_step_pending() {
+            // The members of a range frozen for a merge stay as they are (`merge.rs`).
+            let merging = crate::range::RangeError::Merging { current: Box::new(self.descriptor.clone()) };
+            return self.responses.push((token, Response::Failed(PeerError::Range(merging))));
+        }
         if let MembershipChange::AddLearner { node_id, replica_id, addr } = &change {
             let node_id = *node_id;
             let same = |r: &Replica| r.replica_id == *replica_id && r.node_id == node_id && r.addr == *addr;

@@ -25,6 +25,7 @@ mod bootstrap;
 mod compaction;
 mod conf_change;
 mod hibernate;
+pub mod merge;
 mod propose;
 mod read;
 mod ready;
@@ -37,7 +38,9 @@ use std::sync::Arc;
 use flotilla_engine::contract::{KvEngine, LogEngine, LogOp};
 use flotilla_raft::{Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
-pub use bootstrap::{destroy_replica, finish_interrupted_destroys, prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
+pub use bootstrap::{
+    destroy_replica, drop_log, finish_interrupted_destroys, prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM,
+};
 pub use conf_change::MembershipChange;
 pub use read::LocalReadGrant;
 pub use ready::PersistedNote;
@@ -89,6 +92,8 @@ pub enum PeerError {
     Membership(String),
     /// A split that does not fit the range (the reason): nothing was done.
     InvalidSplit(String),
+    /// A merge that does not fit the ranges (the reason): nothing was done.
+    InvalidMerge(String),
     /// The node stopped because an engine failed (disk gone, corruption): the reason. A request waiting when it
     /// stopped may or may not have taken effect; later ones were not tried.
     Stopped(String),
@@ -193,6 +198,13 @@ pub struct Peer {
     /// The group whose replica here held the keys of a snapshot this replica refused (for the node to wake it:
     /// [`Peer::take_overlapped_by`]).
     overlapped_by: Option<u64>,
+    /// A frozen range's progress towards its merge (`merge.rs`).
+    merge: merge::MergeProgress,
+    /// The groups whose replicas here merges into this group ended ([`Peer::take_merged_away`]).
+    merged_away: Vec<u64>,
+    /// The index of the last merge lock or freeze this replica proposed (membership changes wait until it
+    /// applies).
+    merge_proposed_at: u64,
 }
 
 impl Peer {
@@ -259,6 +271,9 @@ impl Peer {
             hard_state_written: hard_state,
             claims,
             overlapped_by: None,
+            merge: merge::MergeProgress::default(),
+            merge_proposed_at: 0,
+            merged_away: Vec::new(),
         })
     }
 
@@ -349,7 +364,8 @@ impl Peer {
         let alone = raft.tracker.config.is_only_member(raft.id);
         let idle_alone =
             alone && self.is_leader() && self.reads.is_empty() && self.writes.is_empty() && self.streams.is_idle();
-        !(idle_alone || self.is_hibernating())
+        // A range in a merge needs time to move it on (`merge.rs`).
+        self.descriptor.is_merging() || !(idle_alone || self.is_hibernating())
     }
 
     /// The transport cannot reach replica `replica_id`'s node: if this replica leads, it probes that replica
@@ -388,7 +404,7 @@ impl Peer {
             }
             ReplicaMessage::Raft(message) => self.raw.step(message),
             ReplicaMessage::Chunk(chunk) => {
-                self.on_snapshot_chunk(chunk, kv);
+                self.on_snapshot_chunk(*chunk, kv);
                 Ok(())
             }
             ReplicaMessage::Ack(ack) => {
@@ -401,6 +417,16 @@ impl Peer {
             }
             ReplicaMessage::Removed(notice) => {
                 self.on_removal_notice(notice);
+                Ok(())
+            }
+            ReplicaMessage::MergeReady(ready) => {
+                self.on_merge_ready(ready);
+                Ok(())
+            }
+            ReplicaMessage::MergeAsk(ask) => {
+                if let Some(command) = ask.command.filter(|_| self.descriptor.lists_replica(ask.from)) {
+                    self.on_merge_ask(command, false);
+                }
                 Ok(())
             }
         }

@@ -41,6 +41,10 @@ impl Peer {
             let refusal = self.not_leader();
             return self.responses.push((token, Response::Failed(refusal)));
         }
+        if self.descriptor.is_merging() {
+            let merging = crate::range::RangeError::Merging { current: Box::new(self.descriptor.clone()) };
+            return self.responses.push((token, Response::Failed(PeerError::Range(merging))));
+        }
         if let Err(reason) = self.descriptor.split(&split) {
             return self.responses.push((token, Response::Failed(PeerError::InvalidSplit(reason))));
         }
@@ -50,7 +54,7 @@ impl Peer {
     }
 
     /// Proposes `command` as one entry and tracks it for `token`.
-    fn propose_entry(&mut self, token: Token, command: Command) {
+    pub(super) fn propose_entry(&mut self, token: Token, command: Command) {
         match self.raw.propose(command.encode_entry()) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();

@@ -27,6 +27,11 @@ impl Peer {
             let refusal = self.not_leader();
             return self.responses.push((token, Response::Failed(refusal)));
         }
+        if self.is_frozen() {
+            // Its keys may be another group's any moment now (`merge.rs`).
+            let merging = crate::range::RangeError::Merging { current: Box::new(self.descriptor.clone()) };
+            return self.responses.push((token, Response::Failed(PeerError::Range(merging))));
+        }
         match self.raw.read_index(Bytes::copy_from_slice(&token.to_le_bytes())) {
             Ok(()) => self.reads.push_back(PendingRead { token, index: None }),
             Err(RaftError::ProposalDropped(reason)) => {
@@ -44,7 +49,12 @@ impl Peer {
     /// handling, before any of the handling's messages leave (a TimeoutNow ends the lease before its target can
     /// campaign); see `store/local_reader.rs`.
     pub fn local_read_grant(&mut self) -> LocalReadGrant {
-        if !self.is_leader() || self.removed || self.is_hibernating() || self.storage_failure.is_some() {
+        if !self.is_leader()
+            || self.removed
+            || self.is_hibernating()
+            || self.storage_failure.is_some()
+            || self.is_frozen()
+        {
             return LocalReadGrant::No;
         }
         let raft = &self.raw.raft;

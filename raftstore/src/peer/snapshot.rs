@@ -105,6 +105,8 @@ pub(super) struct Streams {
     /// The descriptor of the snapshot the core took, until the next output installs it (no other stream may
     /// begin meanwhile: it would replace the install in the state machine).
     taken: Option<RangeDescriptor>,
+    /// The decided right ranges that install ends here (`range_claims.rs`).
+    taken_ends: Vec<u64>,
 }
 
 impl Streams {
@@ -189,7 +191,7 @@ impl Peer {
                 };
                 outgoing.next_sequence += 1;
                 outgoing.unacked.push_back(chunk.clone());
-                self.outbox.push(ReplicaMessage::Chunk(chunk));
+                self.outbox.push(ReplicaMessage::Chunk(Box::new(chunk)));
             }
         }
         if let Some(error) = failure {
@@ -206,7 +208,7 @@ impl Peer {
             if outgoing.idle_ticks >= options.timeout_ticks {
                 failed.push(to);
             } else if outgoing.idle_ticks % options.resend_ticks == 0 {
-                self.outbox.extend(outgoing.unacked.iter().cloned().map(ReplicaMessage::Chunk));
+                self.outbox.extend(outgoing.unacked.iter().map(|chunk| ReplicaMessage::Chunk(Box::new(chunk.clone()))));
             }
         }
         for to in failed {
@@ -361,6 +363,7 @@ impl Peer {
         self.streams.abort_install = !taken;
         if taken {
             self.streams.taken = Some(descriptor);
+            self.streams.taken_ends = previous.ended();
         } else {
             self.claims.restore(descriptor.group_id, previous);
         }
@@ -374,6 +377,23 @@ impl Peer {
     pub(super) fn finish_snapshot_install(&mut self, snapshot: &Snapshot, kv: &dyn KvEngine) -> Option<LogOp> {
         let (index, term) = (snapshot.index(), snapshot.term());
         let descriptor = self.streams.taken.take().expect("a snapshot the core took came with its stream's descriptor");
+        // Decided right ranges this group took in while this replica was behind: their records say so first
+        // (durably), so that no replica of theirs here opens again or reads this install as their merge given up.
+        let ended = std::mem::take(&mut self.streams.taken_ends);
+        for &group_id in &ended {
+            let record = kv
+                .range(group_id)
+                .map(|stored| stored.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok()))
+                .and_then(|right| match right {
+                    Some(right) => kv.put_range(group_id, &right.merged_record(descriptor.group_id).encode()),
+                    None => Ok(()),
+                });
+            if let Err(error) = record {
+                self.storage_failed("recording a merged range", error);
+                return None;
+            }
+        }
+        self.merged_away.extend(ended);
         let installed = match kv.finish_snapshot_install(self.descriptor.group_id, Some(&descriptor.encode())) {
             Ok(installed) => installed,
             Err(error) => {

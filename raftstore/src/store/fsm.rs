@@ -12,7 +12,7 @@ use flotilla_raft::Entry;
 use super::local_reader::ReadLease;
 use super::ticks::TicksSeen;
 use crate::batch::Fsm;
-use crate::command::{Command, Outcome};
+use crate::command::{Command, MergeCommand, Outcome};
 use crate::message::Envelope;
 use crate::peer::{MembershipChange, Peer, PeerError, Response, Token};
 use crate::range::{RangeEpoch, RangeError, SplitRequest};
@@ -62,6 +62,16 @@ pub enum PeerMsg {
     Split {
         split: SplitRequest,
         reply: WriteReply,
+    },
+    /// A step of a merge (`Peer::propose_merge`), answered like a write once applied.
+    Merge {
+        merge: Box<MergeCommand>,
+        reply: WriteReply,
+    },
+    /// A merge step the other group of a merge asks this one to propose (`peer/merge.rs`): proposed if this
+    /// replica leads, else handed to its leader.
+    MergeAsk {
+        command: Box<Command>,
     },
     Read {
         request: ReadRequest,
@@ -206,6 +216,12 @@ impl PeerFsm {
                 self.writes.insert(token, reply);
                 self.peer.propose_split(token, split);
             }
+            PeerMsg::Merge { merge, reply } => {
+                let token = self.token();
+                self.writes.insert(token, reply);
+                self.peer.propose_merge(token, *merge);
+            }
+            PeerMsg::MergeAsk { command } => self.peer.on_merge_ask(*command, true),
             PeerMsg::Read { request, reply } => {
                 metrics::counter!("flotilla_reads_total").increment(1);
                 if let (true, ReadRequest::Get(key)) = (self.peer.is_leader(), &request) {
@@ -308,7 +324,10 @@ pub(crate) fn refuse_all(messages: impl Iterator<Item = PeerMsg>, refusal: PeerE
     let refusal = || refusal.clone();
     for message in messages {
         match message {
-            PeerMsg::Write { reply, .. } | PeerMsg::ChangeMembership { reply, .. } | PeerMsg::Split { reply, .. } => {
+            PeerMsg::Write { reply, .. }
+            | PeerMsg::ChangeMembership { reply, .. }
+            | PeerMsg::Split { reply, .. }
+            | PeerMsg::Merge { reply, .. } => {
                 let _ = reply.send(Err(refusal()));
             }
             PeerMsg::Read { reply, .. } => {

@@ -206,6 +206,10 @@ impl StoreHandler {
         }
         fsm.to_apply.extend(output.committed);
         self.answer(fsm, output.responses);
+        for group_id in fsm.peer.take_merged_away() {
+            // Rare: waiting for room in the replicas thread's queue is fine.
+            let _ = self.tasks.send(ReplicaTask::MergedAway(group_id));
+        }
         let wants_ticks = fsm.peer.needs_ticks();
         if wants_ticks != fsm.ticking {
             if wants_ticks {
@@ -244,6 +248,22 @@ impl StoreHandler {
     }
 }
 
+impl StoreHandler {
+    /// What a replica in a merge asks beyond its group (`peer/merge.rs`), for the replicas thread (advisory:
+    /// dropped if its queue is full, asked again later).
+    fn carry_out_merge_asks(&self, asks: Vec<crate::peer::merge::MergeAsk>) {
+        for ask in asks {
+            let task = match ask {
+                crate::peer::merge::MergeAsk::Propose { group_id, command } => {
+                    ReplicaTask::MergeAsk { group_id, command }
+                }
+                crate::peer::merge::MergeAsk::Checkpoint => ReplicaTask::Checkpoint,
+            };
+            let _ = self.tasks.try_send(task);
+        }
+    }
+}
+
 impl PollHandler<PeerFsm> for StoreHandler {
     fn begin(&mut self) {
         // The node's time, read before anything is handled (`ticks.rs`): a lease is judged on it.
@@ -265,6 +285,9 @@ impl PollHandler<PeerFsm> for StoreHandler {
             let ticks = self.ticking.catch_up(&fsm.ticks_seen, &mut fsm.peer);
             if let Some(split_key) = fsm.split_trigger.on_ticks(ticks).filter(|_| fsm.peer.is_leader()) {
                 self.ask_split(fsm, split_key, SplitReason::Load);
+            }
+            if fsm.peer.descriptor().is_merging() {
+                self.carry_out_merge_asks(fsm.peer.merge_tick(ticks, self.kv.as_ref()));
             }
         }
         for message in messages.drain(..) {

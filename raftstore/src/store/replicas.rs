@@ -43,6 +43,12 @@ pub(crate) enum ReplicaTask {
     CheckSize(Box<RangeDescriptor>),
     /// A snapshot was refused here because this group's replica holds its keys: wake it (`PeerMsg::CheckMembership`).
     CheckMembership(u64),
+    /// The other group of a merge asks this group's replica here to propose a merge step (`peer/merge.rs`).
+    MergeAsk { group_id: u64, command: Box<crate::command::Command> },
+    /// A replica in a merge needs its state machine durable (`peer/merge.rs`): a checkpoint.
+    Checkpoint,
+    /// A merge ended this group's replica here (its record is written; its data is the other group's now).
+    MergedAway(u64),
 }
 
 /// Pairs read per page when a range's size is measured.
@@ -129,6 +135,17 @@ impl Replicas {
             ReplicaTask::CheckSize(range) => {
                 flotilla_engine::panics::catch("measuring a range", || self.check_size(&range))
             }
+            ReplicaTask::MergeAsk { group_id, command } => {
+                let _ = self.mailboxes.send(group_id, PeerMsg::MergeAsk { command });
+                Ok(())
+            }
+            ReplicaTask::Checkpoint => match self.kv.flush() {
+                Ok(()) => Ok(()),
+                Err(error) => Err(format!("a checkpoint for a merge: {error}")),
+            },
+            ReplicaTask::MergedAway(group_id) => {
+                flotilla_engine::panics::catch("stopping a merged replica", || self.stop_merged(group_id))
+            }
         };
         if let Err(reason) = done {
             self.failure.fail(self.options.node_id, reason);
@@ -152,6 +169,19 @@ impl Replicas {
         }
         self.claims.release(descriptor.group_id); // its data is gone: the keys are free here
         metrics::counter!("flotilla_replicas_destroyed_total").increment(1);
+    }
+
+    /// Stops the replica of a group a merge ended here: like a destroy, but its data stays (the group that took
+    /// it in serves it) and its claim is gone already (moved with the merge).
+    fn stop_merged(&mut self, group_id: u64) {
+        self.unregister(group_id);
+        self.local_reader.lease(group_id).withdraw();
+        self.ticking.stop(group_id);
+        if let Err(error) = crate::peer::drop_log(self.log.as_ref(), group_id) {
+            // The engines' failure (the pollers meet it too); the log is dropped at the next open.
+            eprintln!("flotilla: dropping the log of merged group {group_id} failed: {error:?}");
+        }
+        metrics::counter!("flotilla_replicas_merged_away_total").increment(1);
     }
 
     /// Opens this node's replica of the group a split made. The split's state is made durable first (a

@@ -3,7 +3,7 @@
 //! replica envelope and node message one node had for another when its writer drained the queue.
 
 use flotilla_raftstore::message::{
-    Envelope, HibernateRequest, RemovalNotice, ReplicaMessage, SnapshotAck, SnapshotChunk,
+    Envelope, HibernateRequest, MergeAskMessage, MergeReady, RemovalNotice, ReplicaMessage, SnapshotAck, SnapshotChunk,
 };
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::raft::DropReason;
@@ -63,7 +63,7 @@ pub struct Batch {
 pub struct WireEnvelope {
     #[prost(uint64, tag = "1")]
     pub group_id: u64,
-    #[prost(oneof = "Body", tags = "2, 3, 4, 5, 6")]
+    #[prost(oneof = "Body", tags = "2, 3, 4, 5, 6, 7, 8")]
     pub body: Option<Body>,
 }
 
@@ -71,14 +71,18 @@ pub struct WireEnvelope {
 pub enum Body {
     #[prost(message, tag = "2")]
     Raft(flotilla_raft::Message),
-    #[prost(message, tag = "3")]
-    Chunk(SnapshotChunk),
+    #[prost(message, boxed, tag = "3")]
+    Chunk(Box<SnapshotChunk>),
     #[prost(message, tag = "4")]
     Ack(SnapshotAck),
     #[prost(message, tag = "5")]
     Hibernate(HibernateRequest),
     #[prost(message, tag = "6")]
     Removed(RemovalNotice),
+    #[prost(message, tag = "7")]
+    MergeReady(MergeReady),
+    #[prost(message, tag = "8")]
+    MergeAsk(MergeAskMessage),
 }
 
 impl WireEnvelope {
@@ -89,6 +93,8 @@ impl WireEnvelope {
             ReplicaMessage::Ack(ack) => Body::Ack(ack),
             ReplicaMessage::Hibernate(request) => Body::Hibernate(request),
             ReplicaMessage::Removed(notice) => Body::Removed(notice),
+            ReplicaMessage::MergeReady(ready) => Body::MergeReady(ready),
+            ReplicaMessage::MergeAsk(ask) => Body::MergeAsk(ask),
         };
         WireEnvelope { group_id: envelope.group_id, body: Some(body) }
     }
@@ -101,6 +107,8 @@ impl WireEnvelope {
             Body::Ack(ack) => ReplicaMessage::Ack(ack),
             Body::Hibernate(request) => ReplicaMessage::Hibernate(request),
             Body::Removed(notice) => ReplicaMessage::Removed(notice),
+            Body::MergeReady(ready) => ReplicaMessage::MergeReady(ready),
+            Body::MergeAsk(ask) => ReplicaMessage::MergeAsk(ask),
         };
         Some(Envelope { group_id: self.group_id, from_node, to_node, message })
     }
@@ -276,6 +284,8 @@ pub enum RefusalKind {
     KeyNotInRange = 11,
     StaleEpoch = 12,
     InvalidSplit = 13,
+    Merging = 14,
+    InvalidMerge = 15,
 }
 
 /// The code of a `Busy` refusal's bound (0: not known to this build).
@@ -323,6 +333,10 @@ impl Refusal {
             PeerError::Stopped(reason) => Refusal { reason: reason.clone(), ..refusal(RefusalKind::Stopped) },
             PeerError::Membership(reason) => Refusal { reason: reason.clone(), ..refusal(RefusalKind::Membership) },
             PeerError::InvalidSplit(reason) => Refusal { reason: reason.clone(), ..refusal(RefusalKind::InvalidSplit) },
+            PeerError::InvalidMerge(reason) => Refusal { reason: reason.clone(), ..refusal(RefusalKind::InvalidMerge) },
+            PeerError::Range(RangeError::Merging { current }) => {
+                Refusal { current: Some(current.as_ref().clone()), ..refusal(RefusalKind::Merging) }
+            }
             PeerError::TooLarge { bytes, max } => {
                 Refusal { bytes: *bytes as u64, max: *max as u64, ..refusal(RefusalKind::TooLarge) }
             }
@@ -361,6 +375,8 @@ impl Refusal {
             RefusalKind::Stopped => PeerError::Stopped(self.reason),
             RefusalKind::Membership => PeerError::Membership(self.reason),
             RefusalKind::InvalidSplit => PeerError::InvalidSplit(self.reason),
+            RefusalKind::InvalidMerge => PeerError::InvalidMerge(self.reason),
+            RefusalKind::Merging => PeerError::Range(RangeError::Merging { current }),
             RefusalKind::TooLarge => PeerError::TooLarge { bytes: self.bytes as usize, max: self.max as usize },
             RefusalKind::BatchSpansRanges => {
                 PeerError::Range(RangeError::BatchSpansRanges { first_outside: self.key, current })
@@ -388,7 +404,7 @@ mod tests {
             start: b"a".to_vec(),
             end: b"m".to_vec(),
             epoch: Some(RangeEpoch { version: 3, conf_version: 4 }),
-            replicas: Vec::new(),
+            ..RangeDescriptor::default()
         });
         let mut errors = vec![
             PeerError::NotLeader { leader: 3 },
@@ -397,6 +413,8 @@ mod tests {
             PeerError::Stopped("disk gone".into()),
             PeerError::Membership("node 4 already holds a replica".into()),
             PeerError::InvalidSplit("split key not inside the range".into()),
+            PeerError::InvalidMerge("not on the same nodes".into()),
+            PeerError::Range(RangeError::Merging { current: current.clone() }),
             PeerError::TooLarge { bytes: 10, max: 5 },
             PeerError::Range(RangeError::BatchSpansRanges { first_outside: b"k".to_vec(), current: current.clone() }),
             PeerError::Range(RangeError::KeyNotInRange { key: b"z".to_vec(), current: current.clone() }),

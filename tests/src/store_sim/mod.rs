@@ -1202,6 +1202,13 @@ fn describe_message(message: &ReplicaMessage) -> String {
                 n.descriptor.as_ref().map_or(0, |d| d.epoch().conf_version)
             )
         }
+        ReplicaMessage::MergeReady(r) => format!("MergeReady {}->{} decided_index={}", r.from, r.to, r.decided_index),
+        ReplicaMessage::MergeAsk(a) => format!(
+            "MergeAsk {}->{} {:?}",
+            a.from,
+            a.to,
+            a.command.as_ref().and_then(|c| c.merge.as_ref()).map(|m| m.step)
+        ),
     }
 }
 

@@ -37,6 +37,11 @@ impl<S: Storage> Raft<S> {
         Ok(())
     }
 
+    /// Whether a membership change proposed by this leader, or by an earlier one, may still be unapplied.
+    pub fn has_pending_conf_change(&self) -> bool {
+        self.pending_conf_index > self.raft_log.applied
+    }
+
     /// Applies a committed membership change; the caller calls this when it applies the entry and stores the
     /// returned configuration with its applied state. An invalid change is skipped identically on every replica.
     pub fn apply_conf_change(&mut self, change: &ConfChangeV2) -> Result<ConfState> {

@@ -1,0 +1,246 @@
+//! Merges: a range taken into its left neighbour through both groups' logs (design in `docs/architecture.md`,
+//! "Merges"). Both groups have replicas on the same nodes, whose state machine already holds both ranges' keys:
+//! nothing is copied. The right group decides, in its own log, whether the merge happens; the left group is
+//! locked meanwhile, so that once decided the merge can always commit.
+//!
+//! 1. **Prepare** (left log, asked by the host): the left range is locked for its right neighbour at that
+//!    range's current epoch; its version moves on, and until the merge ends it takes no split, membership change
+//!    or other merge (writes and reads go on).
+//! 2. **Freeze** (right log, asked by the host with the locked left range): the right range takes no more
+//!    writes, reads, splits or membership changes; its data is final as of this entry `F`.
+//! 3. **Decide** (right log, by its leader once every replica's log holds `F`): the merge will commit. Final:
+//!    the range never unfreezes. If the replicas do not all hold `F` within [`MERGE_TIMEOUT_TICKS`], the leader
+//!    proposes **Unfreeze** instead. Decide and Unfreeze are one log's entries: the first applied wins.
+//! 4. **Confirm**: every replica of the right group, once its state machine has made the decision durable (a
+//!    checkpoint if needed), tells the right leader ([`MergeReady`]), again and again while it lives.
+//! 5. **Commit** (left log, asked by the right leader once every replica confirmed; the ask goes to the left
+//!    group's replica on the same node, which hands it to its leader): the left range grows over the right one
+//!    and this node's right replica ends — its record says which group took its keys — in one state machine
+//!    write. Every right replica here holds the decision durably (step 4), so the data under the grown range is
+//!    the right range's final data. The left range was locked since before the freeze, so the commit, routed
+//!    with the epoch the freeze recorded, always applies.
+//! 6. **Cancel** (left log, by the left leader): the lock is given up once the right range, as this node's
+//!    replica of it shows, moved past the locked epoch without freezing for this merge (it never will, then) or
+//!    unfroze. A left range that waits too long for a freeze that may never come (the host stopped) asks the
+//!    right group for a **Fence** — a version bump that keeps any freeze of the old epoch from applying — and
+//!    then cancels.
+//!
+//! A decided right range is the left range's: a replica of the left group that catches up by a snapshot taken
+//! after the commit ends its node's decided right replica as it installs (`range_claims.rs`), whether or not
+//! the snapshot still covers those keys.
+
+use std::collections::BTreeSet;
+
+use flotilla_engine::contract::KvEngine;
+
+use super::{Peer, PeerError, Response, Token};
+use crate::command::{Command, MergeCommand, MergeStep};
+use crate::message::{MergeAskMessage, MergeReady, ReplicaMessage};
+use crate::range::{RangeDescriptor, RangeEpoch};
+
+/// Ticks between two steps of a merge's progress on a replica (confirmations sent, the other group looked at,
+/// the next step asked).
+pub const MERGE_CHECK_TICKS: u64 = 5;
+
+/// Ticks a frozen range waits for every replica to hold its freeze before the merge is given up (a replica's
+/// node is down, say), and a locked range for its neighbour to freeze: 20 s at the store's default 100 ms tick.
+pub const MERGE_TIMEOUT_TICKS: u64 = 200;
+
+/// What a replica in a merge wants done beyond its own group.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MergeAsk {
+    /// Propose `command` (a merge step) to group `group_id`, through its replica on this node (advisory: asked
+    /// again while the merge lasts; a duplicate is refused by its epoch).
+    Propose { group_id: u64, command: Box<Command> },
+    /// Make the state machine durable: this replica's decision is not yet.
+    Checkpoint,
+}
+
+/// A replica's progress in a merge (reset whenever its range's merge state changes).
+#[derive(Debug, Default)]
+pub(super) struct MergeProgress {
+    /// The merge state it counts for: the freeze (or lock) and the decision it saw last.
+    seen: Option<(u64, u64)>,
+    /// Ticks since then.
+    ticks: u64,
+    ticks_to_check: u64,
+    /// As the right range's leader: the replicas that confirmed the decision durable.
+    confirmed: BTreeSet<u64>,
+}
+
+/// Whether `now` is later than `then` in a range's history (each part of an epoch only grows).
+fn moved_past(now: RangeEpoch, then: RangeEpoch) -> bool {
+    now.version > then.version || now.conf_version > then.conf_version
+}
+
+impl Peer {
+    /// Whether the range is frozen for a merge into its left neighbour.
+    pub fn is_frozen(&self) -> bool {
+        self.descriptor.merge.is_some()
+    }
+
+    /// Proposes a step of a merge for the client `token`, routed with the range's whole current epoch:
+    /// answered `Written(Merge { range })` once applied (or `InvalidMerge` if it did not fit then), or refused
+    /// now.
+    pub fn propose_merge(&mut self, token: Token, merge: MergeCommand) {
+        self.on_request();
+        if !self.is_leader() {
+            let refusal = self.not_leader();
+            return self.responses.push((token, Response::Failed(refusal)));
+        }
+        let locks = [MergeStep::Prepare as i32, MergeStep::Freeze as i32].contains(&merge.step);
+        if locks && self.raw.raft.has_pending_conf_change() {
+            // The members stay as they are from the lock or freeze on: no membership change may be on its way.
+            let busy = PeerError::Busy(flotilla_raft::DropReason::ConfChangePending);
+            return self.responses.push((token, Response::Failed(busy)));
+        }
+        let command = Command { request_id: token, ..Command::merge(self.descriptor.epoch(), merge) };
+        let before = self.raw.raft.raft_log.last_index();
+        self.propose_entry(token, command);
+        let at = self.raw.raft.raft_log.last_index();
+        if locks && at > before {
+            self.merge_proposed_at = at;
+        }
+    }
+
+    /// A lock or freeze proposed here and not applied yet: membership changes wait for it (then refuse).
+    pub(super) fn merge_step_pending(&self) -> bool {
+        self.merge_proposed_at > self.applied_index
+    }
+
+    /// A merge step another replica (of this group, or of another group on this node) asks this group to
+    /// propose: proposed if this replica leads and the command is routed with the current epoch; else handed to
+    /// the leader, if one is known (`forward`: not when it came from another replica already).
+    pub fn on_merge_ask(&mut self, command: Command, forward: bool) {
+        if self.is_leader() {
+            if let (true, Some(merge)) = (command.epoch == Some(self.descriptor.epoch()), command.merge) {
+                self.propose_merge(0, *merge);
+            }
+            return;
+        }
+        let (me, leader) = (self.raw.raft.id, self.raw.raft.leader_id);
+        if forward && leader != 0 && leader != me {
+            let ask = MergeAskMessage { from: me, to: leader, command: Some(command) };
+            self.outbox.push(ReplicaMessage::MergeAsk(ask));
+        }
+    }
+
+    /// Time passed for a replica in a merge (`ticks` of them): every [`MERGE_CHECK_TICKS`] it moves its part on
+    /// (see the module docs), looking at its node's replicas of the other group in `kv`. Nothing while its
+    /// range is neither frozen nor locked.
+    pub fn merge_tick(&mut self, ticks: u64, kv: &dyn KvEngine) -> Vec<MergeAsk> {
+        let seen = match (self.descriptor.merge, self.descriptor.merge_lock) {
+            (Some(state), _) => Some((state.frozen_index, state.decided_index)),
+            (None, Some(_)) => Some((0, self.descriptor.epoch().version)),
+            (None, None) => None,
+        };
+        if seen != self.merge.seen {
+            self.merge = MergeProgress { seen, ..MergeProgress::default() };
+        }
+        if seen.is_none() || self.removed {
+            return Vec::new();
+        }
+        self.merge.ticks += ticks;
+        self.merge.ticks_to_check = self.merge.ticks_to_check.saturating_sub(ticks);
+        if self.merge.ticks_to_check > 0 || ticks == 0 {
+            return Vec::new();
+        }
+        self.merge.ticks_to_check = MERGE_CHECK_TICKS;
+        if self.descriptor.merge.is_some() {
+            self.frozen_tick(kv)
+        } else {
+            self.locked_tick(kv)
+        }
+    }
+
+    /// A frozen range's replica: confirms a durable decision; as the leader, decides (or gives up) and asks the
+    /// left group to commit once everyone confirmed.
+    fn frozen_tick(&mut self, kv: &dyn KvEngine) -> Vec<MergeAsk> {
+        let state = self.descriptor.merge.expect("frozen");
+        let mut asks = Vec::new();
+        let me = self.raw.raft.id;
+        let durable = state.decided_index != 0 && kv.durable_applied(self.group_id()).0 >= state.decided_index;
+        if state.decided_index != 0 && !durable {
+            asks.push(MergeAsk::Checkpoint);
+        }
+        if !self.is_leader() {
+            let leader = self.raw.raft.leader_id;
+            if durable && leader != 0 && leader != me {
+                let ready = MergeReady { from: me, to: leader, decided_index: state.decided_index };
+                self.outbox.push(ReplicaMessage::MergeReady(ready));
+            }
+            return asks;
+        }
+        if state.decided_index == 0 {
+            let raft = &self.raw.raft;
+            let everyone_holds = self.raw.matched_min().is_some_and(|matched| matched >= state.frozen_index)
+                && raft.raft_log.persisted >= state.frozen_index;
+            let step = if everyone_holds {
+                Some(MergeStep::Decide)
+            } else if self.merge.ticks >= MERGE_TIMEOUT_TICKS {
+                Some(MergeStep::Unfreeze)
+            } else {
+                None
+            };
+            if let Some(step) = step {
+                self.propose_merge(0, MergeCommand::new(step, None, None));
+            }
+            return asks;
+        }
+        if durable {
+            self.merge.confirmed.insert(me);
+        }
+        if self.descriptor.replicas.iter().all(|r| self.merge.confirmed.contains(&r.replica_id)) {
+            let commit = MergeCommand::new(MergeStep::Commit, None, Some(self.descriptor.clone()));
+            let command = Command::merge(state.into_epoch.unwrap_or_default(), commit);
+            asks.push(MergeAsk::Propose { group_id: state.into_group_id, command: Box::new(command) });
+        }
+        asks
+    }
+
+    /// A locked range's leader: gives the lock up once this node's replica of the right range shows it will
+    /// never freeze for it (or unfroze); after waiting too long for a freeze, fences the right range first.
+    fn locked_tick(&mut self, kv: &dyn KvEngine) -> Vec<MergeAsk> {
+        let lock = self.descriptor.merge_lock.expect("locked");
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let right_epoch = lock.right_epoch.unwrap_or_default();
+        let right = kv
+            .range(lock.right_group_id)
+            .ok()
+            .flatten()
+            .and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok())
+            .filter(|right| right.merged_into == 0);
+        let frozen_for_this = |right: &RangeDescriptor| {
+            right.merge.is_some_and(|state| {
+                state.into_group_id == self.group_id() && state.into_epoch == Some(self.descriptor.epoch())
+            })
+        };
+        match right {
+            Some(right) if frozen_for_this(&right) => Vec::new(), // the right group drives it now
+            Some(right) if moved_past(right.epoch(), right_epoch) => {
+                self.propose_merge(0, MergeCommand::new(MergeStep::Cancel, None, None));
+                Vec::new()
+            }
+            _ if self.merge.ticks >= MERGE_TIMEOUT_TICKS => {
+                let fence = Command::merge(right_epoch, MergeCommand::new(MergeStep::Fence, None, None));
+                vec![MergeAsk::Propose { group_id: lock.right_group_id, command: Box::new(fence) }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A replica's confirmation that it holds the decision durably (counted by the leader of a range decided at
+    /// that entry).
+    pub(super) fn on_merge_ready(&mut self, ready: MergeReady) {
+        let decided_at = self.descriptor.merge.map(|state| state.decided_index);
+        if self.is_leader()
+            && decided_at == Some(ready.decided_index)
+            && ready.decided_index != 0
+            && self.descriptor.lists_replica(ready.from)
+        {
+            self.merge.confirmed.insert(ready.from);
+        }
+    }
+}
