@@ -25,9 +25,9 @@ use flotilla_engine::state_machine::{KeyValue, StateMachine, StateMachineError, 
 use flotilla_engine::wal::record::ENTRY_DATA_BYTES_MAX;
 use flotilla_engine::wal::WalOptions;
 use flotilla_raftstore::batch::Router;
-use flotilla_raftstore::command::{Command, Op, Outcome};
+use flotilla_raftstore::command::{Command, MergeCommand, MergeStep, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
-use flotilla_raftstore::range::{SplitRequest, INITIAL_GROUPS_MAX};
+use flotilla_raftstore::range::{RangeError, SplitRequest, INITIAL_GROUPS_MAX};
 use flotilla_raftstore::split_trigger::{SplitOptions, SplitWanted};
 use flotilla_raftstore::store::{
     InProcessTransport, NoTransport, PeerFsm, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
@@ -414,8 +414,16 @@ impl Db {
             let _ = reply.send(Err(PeerError::Stopped(reason)));
             return Ok((node, answer));
         }
-        match store.router().send(routes.table.range(position).group_id, make(reply)) {
+        let range = routes.table.range(position);
+        match store.router().send(range.group_id, make(reply)) {
             Ok(()) => Ok((node, answer)),
+            Err(flotilla_raftstore::batch::router::SendError::NotFound(_)) => {
+                // The node holds no replica of the group any more (a merge ended it): the table is stale.
+                let stale = RangeError::StaleEpoch { sent: range.epoch(), current: Box::new(range.clone()) };
+                let (reply, answer) = oneshot::channel();
+                let _ = reply.send(Err(PeerError::Range(stale)));
+                Ok((node, answer))
+            }
             Err(_) => Err(Duration::from_millis(1)), // the group is busy: back off
         }
     }
@@ -663,6 +671,70 @@ impl Db {
                 // The range changed between routing and applying (another split came first): again.
                 None => std::thread::sleep(self.rerouted(&routes, deadline)?),
                 Some(other) => return Err(DbError::Storage(format!("a split answered {other:?}"))),
+            }
+        }
+    }
+
+    /// Merges the range holding `key` into its left neighbour: one group then serves both (no data moves; see
+    /// `docs/architecture.md`, "Merges"). The left range is locked for it, the right range frozen — its
+    /// requests wait a moment — and the groups carry the merge on; returns once it committed.
+    /// `InvalidArgument` if the range is the first, or the two are not on the same nodes; `Busy` if one of them
+    /// is in another merge, or the merge was given up (a replica could not confirm in time): nothing changed.
+    pub fn merge_left(&self, key: &[u8]) -> Result<(), DbError> {
+        self.check_key(key)?;
+        let _one_at_a_time = self.splitting.lock();
+        let deadline = self.deadline();
+        let routes = loop {
+            let routes = self.routes();
+            if routes.table.position_of(key) == 0 {
+                return Err(DbError::InvalidArgument(
+                    "the range holding the key is the first: nothing to merge into".into(),
+                ));
+            }
+            let position = routes.table.position_of(key);
+            let right = routes.table.range(position).clone();
+            if right.is_merging() || routes.table.range(position - 1).is_merging() {
+                return Err(DbError::Busy("one of the ranges is in another merge".into()));
+            }
+            let prepare = MergeCommand::new(MergeStep::Prepare, None, Some(right));
+            let make = |reply| PeerMsg::Merge { merge: Box::new(prepare.clone()), reply };
+            let locked = match self.call(&routes, position - 1, deadline, make)? {
+                Some(Outcome::Merge { range }) => *range,
+                Some(Outcome::InvalidMerge(reason)) => return Err(DbError::InvalidArgument(reason)),
+                None => {
+                    std::thread::sleep(self.rerouted(&routes, deadline)?); // the table was stale: again
+                    continue;
+                }
+                Some(other) => return Err(DbError::Storage(format!("a merge lock answered {other:?}"))),
+            };
+            let freeze = MergeCommand::new(MergeStep::Freeze, Some(locked), None);
+            let make = |reply| PeerMsg::Merge { merge: Box::new(freeze.clone()), reply };
+            loop {
+                match self.call(&routes, position, deadline, make)? {
+                    Some(Outcome::Merge { .. }) => break,
+                    // The right range changed since the lock (the left group gives the lock up: it sees that).
+                    Some(Outcome::InvalidMerge(reason)) => return Err(DbError::Busy(reason)),
+                    // Not there yet on the node asked (a split's new group opens a moment after the split).
+                    None => std::thread::sleep(self.rerouted(&routes, deadline)?),
+                    Some(other) => return Err(DbError::Storage(format!("a merge freeze answered {other:?}"))),
+                }
+            }
+            break routes;
+        };
+        let right = routes.table.range(routes.table.position_of(key)).group_id;
+        loop {
+            std::thread::sleep(Duration::from_millis(5));
+            self.refresh_routes(&self.routes())?;
+            let now = self.routes();
+            let range = now.table.range(now.table.position_of(key));
+            if range.group_id != right {
+                return Ok(()); // taken in
+            }
+            if range.merge.is_none() {
+                return Err(DbError::Busy("the merge was given up (a replica did not confirm in time)".into()));
+            }
+            if Instant::now() >= deadline {
+                return Err(DbError::Timeout);
             }
         }
     }

@@ -45,7 +45,7 @@ impl Node {
 
     /// Opens node `id` in `dir`: its state file (verified first if a failure marked it), its WAL (refused if
     /// lost), its groups (created at the first open if `bootstrap`; a node that joined a running cluster gets its
-    /// replicas from the others instead) and its store; returns it with the ranges it holds.
+    /// replicas from the others instead) and its store; returns it with the ranges it stores (those it holds and those it left; not those merged away).
     pub(crate) fn open(
         id: u64,
         disk: &Arc<dyn Disk>,
@@ -106,7 +106,9 @@ impl Node {
                 }
             }));
         }
-        Ok((Node { id, store: Some(store), log, kv, flusher }, ranges))
+        // Not the records of groups a merge ended here: their keys are the merged group's.
+        let held = ranges.into_iter().filter(|range| range.merged_into == 0).collect();
+        Ok((Node { id, store: Some(store), log, kv, flusher }, held))
     }
 
     /// Stops the node's replicas; `Err` if the node had stopped on a failure.
@@ -141,6 +143,14 @@ fn load_or_create_ranges(kv: &StateMachine, config: &Config, bootstrap: bool) ->
         kv.put_ranges(&encoded).map_err(storage)?;
     }
     ranges.sort_by(|a, b| a.start.cmp(&b.start));
+    Ok(ranges)
+}
+
+/// The ranges the state file stores but the records of groups a merge ended here (their keys are the merged
+/// group's): what routing learns from.
+pub(crate) fn routable_ranges(kv: &StateMachine) -> Result<Vec<RangeDescriptor>, DbError> {
+    let mut ranges = stored_ranges(kv)?;
+    ranges.retain(|range| range.merged_into == 0);
     Ok(ranges)
 }
 

@@ -88,8 +88,19 @@ impl Claims {
 
     fn insert(&mut self, group_id: u64, start: &[u8], end: &[u8]) {
         self.remove(group_id);
+        if let Some((_, other)) = self.by_start.get(start) {
+            panic!("group {group_id} claims [{start:?}, {end:?}) over group {other}'s claim at that start");
+        }
         self.by_start.insert(start.to_vec(), (end.to_vec(), group_id));
         self.starts.insert(group_id, start.to_vec());
+    }
+
+    /// Claims `range` for its group, with the merge it is decided for, if any.
+    fn hold(&mut self, range: &RangeDescriptor) {
+        self.insert(range.group_id, &range.start, &range.end);
+        if let Some(state) = range.merge.filter(|state| state.decided_index != 0) {
+            self.decided.insert(range.group_id, (state.into_group_id, state.into_epoch.unwrap_or_default()));
+        }
     }
 
     fn put(&mut self, group_id: u64, claim: Claim) {
@@ -116,12 +127,7 @@ impl Claims {
 impl RangeClaims {
     /// Records `range` as its group's (a replica opened with it, or its merge state changed).
     pub fn hold(&self, range: &RangeDescriptor) {
-        let mut claims = self.inner.lock();
-        claims.insert(range.group_id, &range.start, &range.end);
-        let decided = range.merge.filter(|state| state.decided_index != 0);
-        if let Some(state) = decided {
-            claims.decided.insert(range.group_id, (state.into_group_id, state.into_epoch.unwrap_or_default()));
-        }
+        self.inner.lock().hold(range);
     }
 
     /// A merge commit applied by `left`'s group: the claims of the groups it took in go to it.
@@ -151,7 +157,7 @@ impl RangeClaims {
             return Err(other);
         }
         let own = claims.remove(range.group_id);
-        claims.insert(range.group_id, &range.start, &range.end);
+        claims.hold(range); // a snapshot of a decided range keeps it decided here (`store-sim` seed 744)
         Ok(PreviousClaim { own, ended })
     }
 

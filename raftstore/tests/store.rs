@@ -763,8 +763,8 @@ fn a_merge_gives_the_right_range_back_to_the_left_group_on_every_node() {
     put(nodes, 2, b"x1", b"right", deadline);
     let locked = ask_merge(nodes, group_id, 2, deadline);
     assert_eq!(locked.merge_lock.map(|lock| lock.right_group_id), Some(2));
-    wait_until(deadline, "every node ended its replica of group 2", || {
-        nodes.iter().all(|node| node.store.router().len() == 1)
+    wait_until(deadline, "every node ended its replica of group 2 and dropped its log", || {
+        nodes.iter().all(|node| node.store.router().len() == 1 && node.log.last_index(2) < node.log.first_index(2))
     });
     for node in nodes {
         let record = stored_range(node, 2).unwrap();
@@ -785,4 +785,108 @@ fn a_merge_gives_the_right_range_back_to_the_left_group_on_every_node() {
     let (reply, _answer) = oneshot::channel();
     let write = Command::write(None, vec![Op::put(b"x3".to_vec(), b"x".to_vec())]);
     assert!(nodes[0].store.router().send(2, PeerMsg::Write { command: write, reply }).is_err(), "group 2 is gone");
+}
+
+/// Three nodes holding one group, split at `m` into group `right` (led by the node `split_leader` names), with
+/// nodes 1 and 2 sending through `hold`.
+fn split_on_three_nodes_holding(dir: &std::path::Path, hold: &Arc<HoldGroupToNode3>, right: u64) -> Vec<Node> {
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
+    let ranges = initial_ranges(1, 1, &replicas);
+    let mut nodes: Vec<Node> =
+        (1..=2).map(|id| start_node_sending(id, dir, &ranges, Arc::clone(hold) as _, &hold.inner)).collect();
+    nodes.push(start_node(3, dir, &ranges, &hold.inner));
+    nodes[0].store.campaign_all([1]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ids = vec![right * 10 + 1, right * 10 + 2, right * 10 + 3];
+    let split = SplitRequest { split_key: b"m".to_vec(), right_group_id: right, right_replica_ids: ids };
+    let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+    until_outcome(&nodes, 1, deadline, make, |o| matches!(o, Outcome::Split { .. }));
+    put(&nodes, 1, b"a1", b"left", deadline);
+    put(&nodes, right, b"x1", b"right", deadline);
+    nodes
+}
+
+fn hold_group_to_node_3(transport: &Arc<InProcessTransport>, group_id: u64) -> Arc<HoldGroupToNode3> {
+    Arc::new(HoldGroupToNode3 {
+        inner: Arc::clone(transport),
+        group_id,
+        held: Default::default(),
+        chunks_of: 0,
+        chunks_held: Default::default(),
+        chunks_passed: Default::default(),
+    })
+}
+
+/// Node 3 stops hearing from group 1 (the left range) while group 2 is merged into it: node 3's replica of group 2
+/// still takes part (it confirms the decision), group 1 commits on nodes 1 and 2, takes writes over the whole
+/// range and compacts its log. When group 1 reaches node 3 again, its replica there catches up by a snapshot
+/// taken after the commit — and the install ends node 3's decided replica of group 2 (a claim on the same keys,
+/// which no commit entry will ever end there). Node 3 ends a full member of the merged group.
+#[test]
+fn a_left_replica_behind_a_merge_catches_up_by_snapshot_and_ends_the_decided_right_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = Arc::new(InProcessTransport::new());
+    let hold = hold_group_to_node_3(&transport, 1);
+    let nodes = split_on_three_nodes_holding(dir.path(), &hold, 2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    hold.held.store(true, std::sync::atomic::Ordering::SeqCst);
+    ask_merge(&nodes, 1, 2, deadline);
+    wait_until(deadline, "nodes 1 and 2 take group 2 in", || {
+        nodes[..2].iter().all(|node| node.store.router().len() == 1)
+    });
+    let node_3 = &nodes[2];
+    let decided = stored_range(node_3, 2).unwrap();
+    assert!(decided.merge.is_some_and(|state| state.decided_index != 0), "node 3's replica decided: {decided:?}");
+    assert_eq!(node_3.store.router().len(), 2, "node 3 still runs its replica of group 2");
+    for i in 0..30u32 {
+        put(&nodes[..2], 1, format!("x{i:02}").as_bytes(), b"merged", deadline);
+    }
+    for node in &nodes[..2] {
+        compact(node, 1);
+    }
+    hold.held.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_until(deadline, "node 3 catches up on group 1 and ends its replica of group 2", || {
+        node_3.store.router().len() == 1 && node_3.kv.get(b"x29").unwrap().as_deref() == Some(&b"merged"[..])
+    });
+    let record = stored_range(node_3, 2).unwrap();
+    assert_eq!((record.merged_into, record.replicas.len()), (1, 0));
+    let left = stored_range(node_3, 1).unwrap();
+    assert!(left.end.is_empty() && left.merge_lock.is_none(), "node 3 holds the merged range: {left:?}");
+    assert_eq!(node_3.kv.get(b"x1").unwrap().as_deref(), Some(&b"right"[..]), "the right range's data stayed");
+    transport.remove_node(1);
+    nodes[1].store.node_down(1);
+    node_3.store.node_down(1);
+    put(&nodes[1..], 1, b"x99", b"without node 1", deadline);
+}
+
+/// A replica of the right range cannot confirm (its node is cut off): the right leader gives the merge up after
+/// its timeout (an unfreeze in its own log), the left leader, seeing that in its node's replica of the right
+/// group, cancels its lock, and both ranges take writes and splits again; node 3 catches up when it is back.
+#[test]
+fn a_merge_that_cannot_get_every_confirmation_is_given_up_and_both_ranges_serve_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = Arc::new(InProcessTransport::new());
+    let hold = hold_group_to_node_3(&transport, 0);
+    // Group 4's leader is on node 2 (`split_leader`): the freeze can be proposed with node 3 cut off.
+    let nodes = split_on_three_nodes_holding(dir.path(), &hold, 4);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    transport.remove_node(3);
+    let locked = ask_merge(&nodes[..2], 1, 4, deadline);
+    wait_until(deadline, "the merge is given up on nodes 1 and 2", || {
+        nodes[..2].iter().all(|node| {
+            let (left, right) = (stored_range(node, 1).unwrap(), stored_range(node, 4).unwrap());
+            left.merge_lock.is_none() && right.merge.is_none() && right.epoch().version > locked.epoch().version
+        })
+    });
+    put(&nodes[..2], 4, b"x2", b"again", deadline);
+    put(&nodes[..2], 1, b"a2", b"again", deadline);
+    assert_eq!(nodes[0].store.router().len(), 2, "both groups live on");
+    transport.add_node(3, nodes[2].store.inbox());
+    wait_until(deadline, "node 3 catches up", || nodes[2].kv.get(b"x2").unwrap().as_deref() == Some(&b"again"[..]));
+    // A merge asked again, with every replica there, commits.
+    ask_merge(&nodes, 1, 4, deadline);
+    wait_until(deadline, "the second merge commits everywhere", || {
+        nodes.iter().all(|node| node.store.router().len() == 1)
+    });
+    put(&nodes, 1, b"x3", b"merged", deadline);
 }

@@ -177,7 +177,13 @@ impl RangeTable {
             Some(Err(PeerError::Busy(reason))) => Attempt::Fail(RouteError::Busy(format!("{reason:?}"))),
             Some(Err(PeerError::OutcomeUnknown)) => Attempt::Fail(RouteError::OutcomeUnknown),
             Some(Err(PeerError::Membership(reason))) => Attempt::Fail(RouteError::Membership(reason)),
-            Some(Err(PeerError::InvalidSplit(reason))) => Attempt::Fail(RouteError::InvalidArgument(reason)),
+            Some(Err(PeerError::InvalidSplit(reason) | PeerError::InvalidMerge(reason))) => {
+                Attempt::Fail(RouteError::InvalidArgument(reason))
+            }
+            // Frozen for a merge: for a moment (then its keys are the left group's, or it takes them again).
+            Some(Err(PeerError::Range(RangeError::Merging { .. }))) if in_time => {
+                Attempt::Retry(Duration::from_millis(10))
+            }
             Some(Err(PeerError::Stopped(reason))) => Attempt::Fail(RouteError::Storage(reason)),
             Some(Err(PeerError::TooLarge { bytes, max })) => Attempt::Fail(RouteError::InvalidArgument(format!(
                 "the batch encodes to {bytes} bytes, over the {max} one log entry holds"

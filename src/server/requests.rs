@@ -104,7 +104,7 @@ impl Requests {
     ) -> Requests {
         let table = RangeTable::new(ranges, nodes);
         // What this node applied since it was created (a split) is learned at once.
-        let table = table.learned(crate::node::stored_ranges(&kv).unwrap_or_default());
+        let table = table.learned(crate::node::routable_ranges(&kv).unwrap_or_default());
         let routes = RwLock::new(Arc::new(Routes::new(table, &reader)));
         Requests {
             node_id,
@@ -142,7 +142,7 @@ impl Requests {
     /// The descriptors of the groups this node holds a replica of, as last applied here (none if the state file
     /// cannot say: status only).
     pub fn descriptors(&self) -> HashMap<u64, RangeDescriptor> {
-        let stored = crate::node::stored_ranges(&self.kv).unwrap_or_default();
+        let stored = crate::node::routable_ranges(&self.kv).unwrap_or_default();
         stored.into_iter().map(|range| (range.group_id, range)).collect()
     }
 
@@ -313,7 +313,7 @@ impl Requests {
     /// Swaps in a table that learned the ranges this node stores, and `also`, unless another request already
     /// swapped `used` out. Whether the table changed.
     fn relearn(&self, used: &Arc<Routes>, also: Option<RangeDescriptor>) -> Result<bool, RouteError> {
-        let stored = crate::node::stored_ranges(&self.kv).map_err(|error| RouteError::Storage(error.to_string()))?;
+        let stored = crate::node::routable_ranges(&self.kv).map_err(|error| RouteError::Storage(error.to_string()))?;
         let mut current = self.routes.write();
         if !Arc::ptr_eq(&current, used) {
             return Ok(true); // another request rebuilt it meanwhile

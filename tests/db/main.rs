@@ -6,6 +6,7 @@ use std::sync::Arc;
 use flotilla::{Config, Db, DbError, WriteBatch};
 
 mod linearizable;
+mod merge;
 mod misuse;
 mod split;
 

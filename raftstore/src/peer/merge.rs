@@ -40,7 +40,7 @@ use crate::range::{RangeDescriptor, RangeEpoch};
 
 /// Ticks between two steps of a merge's progress on a replica (confirmations sent, the other group looked at,
 /// the next step asked).
-pub const MERGE_CHECK_TICKS: u64 = 5;
+pub const MERGE_CHECK_TICKS: u64 = 1;
 
 /// Ticks a frozen range waits for every replica to hold its freeze before the merge is given up (a replica's
 /// node is down, say), and a locked range for its neighbour to freeze: 20 s at the store's default 100 ms tick.
@@ -110,7 +110,9 @@ impl Peer {
 
     /// A merge step another replica (of this group, or of another group on this node) asks this group to
     /// propose: proposed if this replica leads and the command is routed with the current epoch; else handed to
-    /// the leader, if one is known (`forward`: not when it came from another replica already).
+    /// every other member (`forward`: not when it came from another replica already) — whichever leads proposes
+    /// it. Not only to the leader this replica believes in: cut off from its group, it may know none, or a stale
+    /// one, while the merge waits on the group (a test found one that never forwarded).
     pub fn on_merge_ask(&mut self, command: Command, forward: bool) {
         if self.is_leader() {
             if let (true, Some(merge)) = (command.epoch == Some(self.descriptor.epoch()), command.merge) {
@@ -118,10 +120,12 @@ impl Peer {
             }
             return;
         }
-        let (me, leader) = (self.raw.raft.id, self.raw.raft.leader_id);
-        if forward && leader != 0 && leader != me {
-            let ask = MergeAskMessage { from: me, to: leader, command: Some(command) };
-            self.outbox.push(ReplicaMessage::MergeAsk(ask));
+        let me = self.raw.raft.id;
+        if forward {
+            for to in self.descriptor.replicas.iter().map(|r| r.replica_id).filter(|&id| id != me) {
+                let ask = MergeAskMessage { from: me, to, command: Some(command.clone()) };
+                self.outbox.push(ReplicaMessage::MergeAsk(ask));
+            }
         }
     }
 

@@ -172,11 +172,17 @@ impl Replicas {
     }
 
     /// Stops the replica of a group a merge ended here: like a destroy, but its data stays (the group that took
-    /// it in serves it) and its claim is gone already (moved with the merge).
+    /// it in serves it) and its claim is gone already (moved with the merge). The merge is made durable (a
+    /// checkpoint) before the log goes: a crash must not bring back the group's replica, not merged, without the
+    /// log its applied state needs (`store-sim` seed 40).
     fn stop_merged(&mut self, group_id: u64) {
         self.unregister(group_id);
         self.local_reader.lease(group_id).withdraw();
         self.ticking.stop(group_id);
+        if let Err(error) = self.kv.flush() {
+            let reason = format!("making the merge of group {group_id} durable: {error}");
+            return self.failure.fail(self.options.node_id, reason);
+        }
         if let Err(error) = crate::peer::drop_log(self.log.as_ref(), group_id) {
             // The engines' failure (the pollers meet it too); the log is dropped at the next open.
             eprintln!("flotilla: dropping the log of merged group {group_id} failed: {error:?}");

@@ -195,6 +195,7 @@ impl Sim {
         });
         self.report.membership_changes_applied += applied;
         self.take_split_replies();
+        self.take_merge_replies();
     }
 
     /// An attempt's answer (`None`: its node went away without one).

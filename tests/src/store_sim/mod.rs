@@ -110,6 +110,11 @@ pub struct StoreSimReport {
     pub reroutes: u64,
     /// Splits the triggers asked for (proposed, among `splits`, during the faults).
     pub splits_asked: u64,
+    /// Merges asked (a left range locked for its right neighbour), of them the right ranges frozen, and the
+    /// merges that committed (groups ended by one, counted from the nodes' records at the end).
+    pub merges: u64,
+    pub merges_frozen: u64,
+    pub merges_committed: u64,
 }
 
 impl StoreSimReport {
@@ -135,6 +140,9 @@ impl StoreSimReport {
         self.splits_applied += other.splits_applied;
         self.reroutes += other.reroutes;
         self.splits_asked += other.splits_asked;
+        self.merges += other.merges;
+        self.merges_frozen += other.merges_frozen;
+        self.merges_committed += other.merges_committed;
     }
 }
 
@@ -222,6 +230,9 @@ struct Sim {
     split_replies: Vec<oneshot::Receiver<Result<Applied, PeerError>>>,
     /// The split triggers' bounds, drawn per seed (`None`: off; splits come by request only).
     split_triggers: Option<SplitOptions>,
+    /// Answers to merge locks (each with the right group: frozen once locked) and to freezes.
+    merge_locks: Vec<(oneshot::Receiver<Result<Applied, PeerError>>, u64)>,
+    merge_freezes: Vec<oneshot::Receiver<Result<Applied, PeerError>>>,
     /// Packets in flight, with the step they are due, and the one-way cuts between nodes.
     network: SimNetwork<Packet>,
     /// Where each replica lives: (group, replica id) → node (what a client's range cache learns).
@@ -365,6 +376,8 @@ impl Sim {
             tables,
             next_group_id: 1000,
             split_replies: Vec::new(),
+            merge_locks: Vec::new(),
+            merge_freezes: Vec::new(),
             split_triggers,
             network: SimNetwork::new(FaultRates::default()),
             replica_nodes,
@@ -875,6 +888,7 @@ impl Sim {
             945..=949 => self.pause(),
             950..=954 => self.transfer_from_cut_off_leader()?,
             955..=959 => self.split()?,
+            960..=964 => self.merge()?,
             _ => {}
         }
         self.take_asks()?;
@@ -1267,5 +1281,6 @@ pub fn run(options: &StoreSimOptions) -> Result<StoreSimReport, StoreSimFailure>
     }
     sim.report.operations = history.len();
     sim.report.unknown = history.iter().filter(|op| op.result.is_none()).count();
+    sim.count_merged().map_err(|reason| fail(&sim, reason))?;
     Ok(sim.report)
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use flotilla_raftstore::command::Outcome as Applied;
+use flotilla_raftstore::command::{MergeCommand, MergeStep, Outcome as Applied};
 use flotilla_raftstore::range::{RangeDescriptor, SplitRequest};
 use flotilla_raftstore::split_trigger::{SplitOptions, SplitWanted};
 use flotilla_raftstore::store::{Mailboxes, PeerMsg};
@@ -26,6 +26,13 @@ pub(super) fn learn(ranges: &mut Vec<RangeDescriptor>, range: &RangeDescriptor) 
     ranges.insert(at, range.clone());
 }
 
+/// Whether node's state machine `kv` records group `group_id` as ended by a merge (its replica may still be
+/// registered for a moment, on its way out).
+pub(super) fn merged_away(kv: &flotilla_engine::state_machine::StateMachine, group_id: u64) -> bool {
+    let record = kv.range(group_id).ok().flatten().and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok());
+    record.is_some_and(|record| record.merged_into != 0)
+}
+
 /// The split triggers' bounds for a seed: off in some runs; else tiny (a range of a few keys splits by size, a
 /// few requests per window make it hot), so that the triggers split ranges all through the faults.
 pub(super) fn split_options(rng: &mut SimRng) -> Option<SplitOptions> {
@@ -44,17 +51,108 @@ pub(super) fn route<'a>(table: &'a [RangeDescriptor], key: &[u8]) -> Option<&'a 
 }
 
 impl Sim {
-    /// Learns the ranges the running nodes' replicas hold now (a replica created empty holds none yet).
+    /// Learns the ranges the running nodes' replicas hold now (a replica created empty holds none yet, one a
+    /// merge ended here none any more).
     pub(super) fn refresh_ranges(&mut self) {
         for node in &self.nodes {
             let Some(running) = &node.running else { continue };
-            running.store.each_fsm(|_, fsm| {
+            running.store.each_fsm(|group, fsm| {
                 let descriptor = fsm.peer().descriptor();
-                if descriptor.is_initialized() && !fsm.peer().is_removed() {
+                if descriptor.is_initialized() && !fsm.peer().is_removed() && !merged_away(&running.kv, group) {
                     learn(&mut self.ranges, descriptor);
                 }
             });
         }
+    }
+
+    /// A merge asked as the `Db` asks it, of a range the simulation knows and its left neighbour on the same
+    /// nodes: the left range is locked on its leader, and once locked ([`Sim::take_merge_replies`]) the right
+    /// range is frozen on its leader; the groups carry it on (`peer/merge.rs`) — through the faults, to a commit,
+    /// or given up (a freeze that never comes, replicas that cannot all confirm in time).
+    pub(super) fn merge(&mut self) -> SimResult<()> {
+        self.refresh_ranges();
+        let pairs: Vec<(u64, u64)> = (self.ranges.windows(2))
+            .filter(|pair| pair[0].check_merge(&pair[1]).is_ok())
+            .map(|pair| (pair[0].group_id, pair[1].group_id))
+            .collect();
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let (left, right) = pairs[self.rng.below(pairs.len() as u64) as usize];
+        let (Some(left_position), Some(right_position)) = (self.leader_position(left), self.leader_position(right))
+        else {
+            return Ok(());
+        };
+        let Some(right_range) =
+            self.running(right_position).store.with_fsm(right, |fsm| fsm.peer().descriptor().clone())
+        else {
+            return Ok(());
+        };
+        if self.trace {
+            println!("step {} node {}: lock group {left} to merge group {right}", self.step, left_position + 1);
+        }
+        let prepare = MergeCommand::new(MergeStep::Prepare, None, Some(right_range));
+        let (reply, answer) = oneshot::channel();
+        let message = PeerMsg::Merge { merge: Box::new(prepare), reply };
+        if self.running(left_position).store.mailboxes().send(left, message).is_ok() {
+            self.merge_locks.push((answer, right));
+            self.report.merges += 1;
+        }
+        self.drive(left_position)
+    }
+
+    /// Freezes the right ranges whose left neighbours were locked for them (on the right group's leader, if one
+    /// is known: otherwise the locked range waits, fences and gives up); counts the freezes that applied.
+    pub(super) fn take_merge_replies(&mut self) {
+        let mut locked = Vec::new();
+        self.merge_locks.retain(|(answer, right)| match answer.try_recv() {
+            Ok(result) => {
+                if let Ok(Applied::Merge { range }) = result {
+                    locked.push((*range, *right));
+                }
+                false
+            }
+            Err(oneshot::TryRecvError::Empty) => true,
+            Err(oneshot::TryRecvError::Disconnected) => false,
+        });
+        for (left, right) in locked {
+            let Some(position) = self.leader_position(right) else { continue };
+            if self.trace {
+                println!("step {} node {}: freeze group {right} into {:?}", self.step, position + 1, left);
+            }
+            let freeze = MergeCommand::new(MergeStep::Freeze, Some(left), None);
+            let (reply, answer) = oneshot::channel();
+            let message = PeerMsg::Merge { merge: Box::new(freeze), reply };
+            if self.running(position).store.mailboxes().send(right, message).is_ok() {
+                self.merge_freezes.push(answer);
+            }
+        }
+        let mut frozen = 0;
+        self.merge_freezes.retain(|answer| match answer.try_recv() {
+            Ok(result) => {
+                frozen += matches!(result, Ok(Applied::Merge { .. })) as u64;
+                false
+            }
+            Err(oneshot::TryRecvError::Empty) => true,
+            Err(oneshot::TryRecvError::Disconnected) => false,
+        });
+        self.report.merges_frozen += frozen;
+    }
+
+    /// Counts the groups the running nodes' records say a merge ended (at the end of a run).
+    pub(super) fn count_merged(&mut self) -> SimResult<()> {
+        let mut merged = std::collections::BTreeSet::new();
+        for node in &self.nodes {
+            let Some(running) = &node.running else { continue };
+            for (group, bytes) in running.kv.ranges().map_err(|e| e.to_string())? {
+                let record = RangeDescriptor::decode_stored(&bytes).map_err(|e| e.to_string())?;
+                if record.merged_into != 0 {
+                    merged.insert(group);
+                }
+            }
+        }
+        self.report.merges_committed = merged.len() as u64;
+        Ok(())
     }
 
     /// What node `position`'s replicas hold, for failure messages: group, version, range, removed.
@@ -185,9 +283,9 @@ impl Sim {
         for node in &self.nodes {
             let Some(running) = &node.running else { continue };
             let mut held = Vec::new();
-            running.store.each_fsm(|_, fsm| {
+            running.store.each_fsm(|group, fsm| {
                 let descriptor = fsm.peer().descriptor();
-                if descriptor.is_initialized() {
+                if descriptor.is_initialized() && !merged_away(&running.kv, group) {
                     held.push(descriptor.clone());
                 }
             });
