@@ -150,6 +150,16 @@ impl Client {
         }
     }
 
+    /// Merges the range holding `key` into its left neighbour, one group then serving both (`MERGE`); done once
+    /// committed. Sent through the node first given, and the routes learned from it.
+    pub async fn merge_left(&self, key: &[u8]) -> Result<(), ClientError> {
+        match self.call(&self.seed.clone(), &[b"MERGE", key]).await? {
+            Reply::Simple(_) => self.refresh_routes().await,
+            Reply::Error(text) => Err(ClientError::Server(text)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Asks for the routes again (from the node first given).
     pub async fn refresh_routes(&self) -> Result<(), ClientError> {
         let reply = self.call(&self.seed.clone(), &[b"ROUTES"]).await?;
@@ -292,5 +302,9 @@ impl BlockingClient {
 
     pub fn split(&self, key: &[u8]) -> Result<(), ClientError> {
         self.runtime.block_on(self.client.split(key))
+    }
+
+    pub fn merge_left(&self, key: &[u8]) -> Result<(), ClientError> {
+        self.runtime.block_on(self.client.merge_left(key))
     }
 }

@@ -37,6 +37,7 @@ use flotilla_router::route::{Answer, Attempt, RangeTable, RouteError};
 
 use crate::db_routes::DbRoutes;
 use crate::layout::{self, DirLock};
+use crate::merge::{merge_progress, MergeProgress, GIVEN_UP};
 use crate::node::Node;
 use crate::splitter::Splitter;
 
@@ -684,7 +685,7 @@ impl Db {
         self.check_key(key)?;
         let _one_at_a_time = self.splitting.lock();
         let deadline = self.deadline();
-        let routes = loop {
+        let frozen = loop {
             let routes = self.routes();
             if routes.table.position_of(key) == 0 {
                 return Err(DbError::InvalidArgument(
@@ -709,32 +710,26 @@ impl Db {
             };
             let freeze = MergeCommand::new(MergeStep::Freeze, Some(locked), None);
             let make = |reply| PeerMsg::Merge { merge: Box::new(freeze.clone()), reply };
-            loop {
+            break loop {
                 match self.call(&routes, position, deadline, make)? {
-                    Some(Outcome::Merge { .. }) => break,
+                    Some(Outcome::Merge { range }) => break *range,
                     // The right range changed since the lock (the left group gives the lock up: it sees that).
                     Some(Outcome::InvalidMerge(reason)) => return Err(DbError::Busy(reason)),
                     // Not there yet on the node asked (a split's new group opens a moment after the split).
                     None => std::thread::sleep(self.rerouted(&routes, deadline)?),
                     Some(other) => return Err(DbError::Storage(format!("a merge freeze answered {other:?}"))),
                 }
-            }
-            break routes;
+            };
         };
-        let right = routes.table.range(routes.table.position_of(key)).group_id;
         loop {
             std::thread::sleep(Duration::from_millis(5));
             self.refresh_routes(&self.routes())?;
-            let now = self.routes();
-            let range = now.table.range(now.table.position_of(key));
-            if range.group_id != right {
-                return Ok(()); // taken in
-            }
-            if range.merge.is_none() {
-                return Err(DbError::Busy("the merge was given up (a replica did not confirm in time)".into()));
-            }
-            if Instant::now() >= deadline {
-                return Err(DbError::Timeout);
+            let routes = self.routes();
+            match merge_progress(routes.table.range(routes.table.position_of(key)), &frozen) {
+                MergeProgress::Committed => return Ok(()),
+                MergeProgress::GivenUp => return Err(DbError::Busy(GIVEN_UP.into())),
+                MergeProgress::Waiting if Instant::now() >= deadline => return Err(DbError::Timeout),
+                MergeProgress::Waiting => {}
             }
         }
     }

@@ -18,6 +18,7 @@ pub mod client;
 pub mod db;
 mod db_routes;
 pub mod layout;
+mod merge;
 mod node;
 pub mod resp;
 pub mod server;

@@ -80,6 +80,13 @@ enum Command {
         addr: String,
         key: String,
     },
+    /// Merge the range holding KEY into its left neighbour, one group then serving both (no data moves); then
+    /// print the ranges.
+    Merge {
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        addr: String,
+        key: String,
+    },
     /// Print the cluster's ranges, their groups and leaders, and where each leader serves clients.
     Status {
         #[arg(long, default_value = "127.0.0.1:6379")]
@@ -230,6 +237,11 @@ fn main() -> ExitCode {
         }),
         Command::Split { addr, key } => with_client(&addr, |client| {
             client.split(key.as_bytes())?;
+            print!("{}", status_table(&client.routes()));
+            Ok(())
+        }),
+        Command::Merge { addr, key } => with_client(&addr, |client| {
+            client.merge_left(key.as_bytes())?;
             print!("{}", status_table(&client.routes()));
             Ok(())
         }),

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use flotilla_engine::disk::Disk;
 use flotilla_engine::state_machine::{KeyValue, StateMachine};
 use flotilla_raftstore::batch::Router;
-use flotilla_raftstore::command::{Command, Op, Outcome};
+use flotilla_raftstore::command::{Command, MergeCommand, MergeStep, Op, Outcome};
 use flotilla_raftstore::peer::{MembershipChange, PeerError};
-use flotilla_raftstore::range::{RangeDescriptor, SplitRequest};
+use flotilla_raftstore::range::{RangeDescriptor, RangeError, SplitRequest};
 use flotilla_raftstore::store::local_reader::{LocalReader, ReadLease};
 use flotilla_raftstore::store::{PeerFsm, PeerMsg, ReadRequest, ReadResult, WriteReply};
 use flotilla_router::route::{Attempt, RangeTable, RouteError};
@@ -30,6 +30,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::client::Route;
 use crate::db::{Config, DbError};
+use crate::merge::{merge_progress, MergeProgress, GIVEN_UP};
 
 /// A request the checks refused.
 fn refused(error: DbError) -> RouteError {
@@ -295,6 +296,59 @@ impl Requests {
         }
     }
 
+    /// Merges the range holding `key` into its left neighbour (`flotilla merge`): the left range is locked for it
+    /// on its leader, the right range frozen on its leader, and the groups carry the merge on; done once this
+    /// node's table shows it committed. `InvalidArgument` for the first range or ranges on different nodes,
+    /// `Busy` if one of them is in another merge or the merge was given up.
+    pub async fn merge_left(&self, key: &[u8]) -> Result<(), RouteError> {
+        self.limits.check_key(key).map_err(refused)?;
+        let deadline = Instant::now() + self.limits.request_timeout;
+        let frozen = loop {
+            let routes = self.table();
+            let position = routes.table.position_of(key);
+            if position == 0 {
+                return Err(RouteError::InvalidArgument(
+                    "the range holding the key is the first: nothing to merge into".into(),
+                ));
+            }
+            let right = routes.table.range(position).clone();
+            if right.is_merging() || routes.table.range(position - 1).is_merging() {
+                return Err(RouteError::Busy("one of the ranges is in another merge".into()));
+            }
+            let prepare = ForwardOp::Merge(Box::new(MergeCommand::new(MergeStep::Prepare, None, Some(right.clone()))));
+            let locked = match self.route(&routes, position - 1, &prepare, deadline).await? {
+                Some(Answered::Written(Outcome::Merge { range })) => *range,
+                Some(other) => return Err(RouteError::Storage(format!("a merge lock answered {other:?}"))),
+                None => {
+                    self.rerouted(&routes, deadline).await?;
+                    continue;
+                }
+            };
+            let freeze = ForwardOp::Merge(Box::new(MergeCommand::new(MergeStep::Freeze, Some(locked), None)));
+            break loop {
+                match self.route(&routes, position, &freeze, deadline).await {
+                    Ok(Some(Answered::Written(Outcome::Merge { range }))) => break *range,
+                    Ok(Some(other)) => return Err(RouteError::Storage(format!("a merge freeze answered {other:?}"))),
+                    // The left group gives its lock up once it sees the right range moved on without it.
+                    Err(RouteError::InvalidArgument(reason)) => return Err(RouteError::Busy(reason)),
+                    Err(other) => return Err(other),
+                    Ok(None) => self.rerouted(&routes, deadline).await?, // not there yet on the node asked
+                }
+            };
+        };
+        loop {
+            tokio::time::sleep(REROUTE_PAUSE).await;
+            self.relearn(&self.table(), None)?;
+            let routes = self.table();
+            match merge_progress(routes.table.range(routes.table.position_of(key)), &frozen) {
+                MergeProgress::Committed => return Ok(()),
+                MergeProgress::GivenUp => return Err(RouteError::Busy(GIVEN_UP.into())),
+                MergeProgress::Waiting if Instant::now() >= deadline => return Err(RouteError::Timeout),
+                MergeProgress::Waiting => {}
+            }
+        }
+    }
+
     /// A group refused a request routed by `used` as no longer holding its keys (a split moved them): the
     /// table is rebuilt from the ranges this node stores (it applies the splits of the groups it holds), once
     /// per stale table. If that shows nothing new yet (this node has not applied the split), the request waits a
@@ -384,6 +438,9 @@ impl Requests {
                 };
                 self.propose(group_id, |reply| PeerMsg::Split { split, reply }, within(deadline)).await
             }
+            ForwardOp::Merge(merge) => {
+                self.propose(group_id, |reply| PeerMsg::Merge { merge, reply }, within(deadline)).await
+            }
             ForwardOp::Get(key) => self.read(group_id, ReadRequest::Get(key), within(deadline)).await,
             ForwardOp::Scan(scan) => {
                 let request = ReadRequest::Scan {
@@ -397,6 +454,18 @@ impl Requests {
         }
     }
 
+    /// Why this node's replica of `group_id` took no request (none runs, or its mailbox is full): a merge ended it
+    /// here — the caller's table is stale, and routes again — or, as far as this node knows, it does not lead.
+    fn not_here(&self, group_id: u64) -> PeerError {
+        let stored = flotilla_engine::contract::KvEngine::range(self.kv.as_ref(), group_id).ok().flatten();
+        match stored.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok()) {
+            Some(record) if record.merged_into != 0 => {
+                PeerError::Range(RangeError::StaleEpoch { sent: record.epoch(), current: Box::new(record) })
+            }
+            _ => PeerError::NotLeader { leader: 0 },
+        }
+    }
+
     /// Sends the proposal `message` makes to this node's replica and waits for its outcome.
     async fn propose(
         &self,
@@ -406,7 +475,7 @@ impl Requests {
     ) -> Option<Result<Answered, PeerError>> {
         let (reply, answer) = oneshot::channel();
         if self.router.send(group_id, message(reply)).is_err() {
-            return Some(Err(PeerError::NotLeader { leader: 0 }));
+            return Some(Err(self.not_here(group_id)));
         }
         let answer = tokio::time::timeout(within, answer).await.ok()?.ok()?;
         Some(answer.map(Answered::Written))
@@ -415,7 +484,7 @@ impl Requests {
     async fn read(&self, group_id: u64, request: ReadRequest, within: Duration) -> Option<Result<Answered, PeerError>> {
         let (reply, answer) = oneshot::channel();
         if self.router.send(group_id, PeerMsg::Read { request, reply }).is_err() {
-            return Some(Err(PeerError::NotLeader { leader: 0 }));
+            return Some(Err(self.not_here(group_id)));
         }
         let answer = tokio::time::timeout(within, answer).await.ok()?.ok()?;
         Some(answer.map(|result| match result {
@@ -468,6 +537,7 @@ impl Requests {
                 current: failed.current.and_then(OptionalValue::into_option),
             })),
             Some(ForwardResult::Split(right)) => Ok(Answered::Written(Outcome::Split { right: Box::new(right) })),
+            Some(ForwardResult::Merge(range)) => Ok(Answered::Written(Outcome::Merge { range: Box::new(range) })),
             Some(ForwardResult::Value(value)) => Ok(Answered::Value(value.into_option())),
             Some(ForwardResult::Pairs(pairs)) => {
                 Ok(Answered::Pairs(pairs.keys.into_iter().zip(pairs.values).collect()))
@@ -497,6 +567,10 @@ impl Requests {
                 Some(Ok(Answered::Written(Outcome::Split { right }))) => ForwardResult::Split(*right),
                 Some(Ok(Answered::Written(Outcome::InvalidSplit(reason)))) => {
                     ForwardResult::Refused(Refusal::from_peer_error(&PeerError::InvalidSplit(reason)))
+                }
+                Some(Ok(Answered::Written(Outcome::Merge { range }))) => ForwardResult::Merge(*range),
+                Some(Ok(Answered::Written(Outcome::InvalidMerge(reason)))) => {
+                    ForwardResult::Refused(Refusal::from_peer_error(&PeerError::InvalidMerge(reason)))
                 }
                 Some(Ok(Answered::Written(other))) => {
                     ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Membership(format!("{other:?}"))))

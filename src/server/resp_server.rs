@@ -263,6 +263,10 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
             Ok(()) => Reply::ok(),
             Err(error) => failed(error),
         },
+        ("MERGE", 1) => match requests.merge_left(&args[0]).await {
+            Ok(()) => Reply::ok(),
+            Err(error) => failed(error),
+        },
         ("JOIN", 2) => {
             if args[0] != requests.cluster_id().as_bytes() {
                 let asked = String::from_utf8_lossy(&args[0]);
@@ -314,7 +318,7 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
         ),
         (
             "ECHO" | "GET" | "SET" | "DEL" | "EXISTS" | "MGET" | "MSET" | "INCR" | "RANGE" | "ROUTES" | "DBSIZE"
-            | "JOIN" | "SPLIT",
+            | "JOIN" | "SPLIT" | "MERGE",
             _,
         ) => arity(name),
         _ => Reply::error(format!("unknown command '{}'", name.to_ascii_lowercase())),

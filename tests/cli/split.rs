@@ -1,6 +1,7 @@
-//! Splits on a cluster of real `flotilla serve` processes: `flotilla split KEY` (RESP `SPLIT`) cuts the range that
-//! holds every `user:…` key, and every node's routing follows — writes, reads and scans across the new boundary
-//! through any node, a second split proposed through another node, a node killed and restarted after both.
+//! Splits and merges on a cluster of real `flotilla serve` processes: `flotilla split KEY` (RESP `SPLIT`) cuts the
+//! range that holds every `user:…` key, and every node's routing follows — writes, reads and scans across the new
+//! boundary through any node, a second split proposed through another node, a node killed and restarted after
+//! both; `flotilla merge KEY` (RESP `MERGE`) undoes a split, and the merged range is served the same way.
 
 use std::process::Command;
 
@@ -32,7 +33,7 @@ fn scanned(cluster: &Cluster, node: usize) -> Vec<String> {
 }
 
 #[test]
-fn a_split_range_is_served_through_every_node_and_survives_a_restart() {
+fn split_and_merged_ranges_are_served_through_every_node_and_survive_restarts() {
     let mut cluster = Cluster::start(3);
     for i in 0..100u32 {
         let node = i as usize % 3 + 1;
@@ -72,7 +73,25 @@ fn a_split_range_is_served_through_every_node_and_survives_a_restart() {
         assert_eq!(cluster.call_until_ok(1, &[b"GET", &user(i)]), bulk(value), "user:{i:04} after the restart");
     }
     assert_eq!(scanned(&cluster, 1), expected);
-    // Bad requests: no key, a key over the limit.
+    // The second split undone through node 3: one group serves [user:0025, user:0050) and more again; every node
+    // routes by it (its table learns once the right group is gone), also after a kill -9 and restart.
+    let status = flotilla(&cluster, 3, &["merge", "user:0030"]);
+    assert!(!status.contains("\"user:0025\""), "no range starts at user:0025 any more:\n{status}");
+    assert_eq!(ranges(&cluster, 3), before + 1, "one range less");
+    for i in 0..100u32 {
+        let node = (i as usize + 2) % 3 + 1;
+        assert_eq!(cluster.call_until_ok(node, &[b"SET", &user(i), b"d"]), b"+OK", "user:{i:04} on node {node}");
+    }
+    cluster.kill(2, "-KILL");
+    cluster.restart(2);
+    for node in 1..=3 {
+        assert_eq!(cluster.call_until_ok(node, &[b"GET", &user(30)]), bulk(b"d"));
+        assert_eq!(scanned(&cluster, node), expected, "a scan across the merged range through node {node}");
+    }
+    assert_eq!(ranges(&cluster, 2), before + 1);
+    // Bad requests: no key, a key over the limit, the first range (nothing to merge it into).
+    assert!(call(&cluster.resp[0], &[b"MERGE"]).unwrap().starts_with(b"-ERR wrong number"));
+    assert!(call(&cluster.resp[0], &[b"MERGE", b""]).unwrap().starts_with(b"-ERR InvalidArgument"));
     assert!(call(&cluster.resp[0], &[b"SPLIT"]).unwrap().starts_with(b"-ERR wrong number"));
     let long_key = vec![b'k'; 5000];
     assert!(call(&cluster.resp[0], &[b"SPLIT", &long_key]).unwrap().starts_with(b"-ERR InvalidArgument"));

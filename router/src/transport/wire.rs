@@ -122,7 +122,7 @@ pub struct ForwardRequest {
     pub id: u64,
     #[prost(uint64, tag = "2")]
     pub group_id: u64,
-    #[prost(oneof = "ForwardOp", tags = "3, 4, 5, 6, 7")]
+    #[prost(oneof = "ForwardOp", tags = "3, 4, 5, 6, 7, 8")]
     pub op: Option<ForwardOp>,
 }
 
@@ -145,6 +145,9 @@ pub enum ForwardOp {
     /// group's ids and proposes it; answered done once applied there.
     #[prost(bytes = "vec", tag = "7")]
     SplitAt(Vec<u8>),
+    /// A step of a merge (`flotilla merge`): proposed as it is; answered with the range after it.
+    #[prost(message, boxed, tag = "8")]
+    Merge(Box<flotilla_raftstore::command::MergeCommand>),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -176,7 +179,7 @@ pub struct ScanRange {
 pub struct ForwardReply {
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "ForwardResult", tags = "2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "ForwardResult", tags = "2, 3, 4, 5, 6, 7, 8")]
     pub result: Option<ForwardResult>,
 }
 
@@ -198,6 +201,9 @@ pub enum ForwardResult {
     /// A split applied: the new group's range.
     #[prost(message, tag = "7")]
     Split(flotilla_raftstore::range::RangeDescriptor),
+    /// A merge step applied: the range after it.
+    #[prost(message, tag = "8")]
+    Merge(flotilla_raftstore::range::RangeDescriptor),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
