@@ -28,7 +28,7 @@ use flotilla_raftstore::batch::Router;
 use flotilla_raftstore::command::{Command, MergeCommand, MergeStep, Op, Outcome};
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::range::{RangeError, SplitRequest, INITIAL_GROUPS_MAX};
-use flotilla_raftstore::split_trigger::{SplitOptions, SplitWanted};
+use flotilla_raftstore::split_trigger::{AskReason, RangeAsk, SplitOptions};
 use flotilla_raftstore::store::{
     InProcessTransport, NoTransport, PeerFsm, PeerMsg, ReadRequest, ReadResult, StoreOptions, Transport,
 };
@@ -332,7 +332,9 @@ impl Db {
         layout::open(disk.as_ref(), &dir, &config)?;
         // The groups' leaders ask the splitter to split their ranges (`split_trigger.rs`).
         let (ask, asks) = crate::splitter::asks();
-        config.store.split_wanted = Some(ask);
+        config.store.range_asks = Some(ask);
+        // The layout's ranges are never merged away on their own (splits' groups have higher ids).
+        config.store.split.initial_groups = config.groups;
         let in_process = Arc::new(InProcessTransport::new());
         let transport: Arc<dyn Transport> =
             if config.nodes == 1 { Arc::new(NoTransport) } else { Arc::clone(&in_process) as Arc<dyn Transport> };
@@ -664,7 +666,7 @@ impl Db {
             }
             let replicas = range.replicas.len();
             let ids = crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.kvs(), replicas)?;
-            let split = SplitRequest::new(key.to_vec(), ids, replicas);
+            let split = SplitRequest::new(key.to_vec(), ids, replicas).by_request();
             let make = |reply| PeerMsg::Split { split: split.clone(), reply };
             match self.call(&routes, position, deadline, make)? {
                 Some(Outcome::Split { .. }) => return self.refresh_routes(&routes),
@@ -686,6 +688,7 @@ impl Db {
         let _one_at_a_time = self.splitting.lock();
         let deadline = self.deadline();
         let frozen = loop {
+            self.refresh_routes(&self.routes())?; // the ranges' merge states as the nodes applied them now
             let routes = self.routes();
             if routes.table.position_of(key) == 0 {
                 return Err(DbError::InvalidArgument(
@@ -800,10 +803,14 @@ struct AskedSplits {
 
 impl AskedSplits {
     /// Proposes the split on the asking leader's replica, under ids taken as [`Db::split_at`] takes them; waits
-    /// for it to apply there (requests routed by the older table are refused and routed again). A failure drops
-    /// the ask: the trigger asks again.
-    fn propose(&self, wanted: SplitWanted) {
+    /// for it to apply there (requests routed by the older table are refused and routed again). A merge: locks
+    /// the left range and freezes the asking one, as [`Db::merge_left`] does (the groups carry it on). A failure
+    /// drops the ask: the trigger asks again.
+    fn propose(&self, wanted: RangeAsk) {
         let _one_at_a_time = self.splitting.lock();
+        if let AskReason::Merge { .. } = wanted.reason {
+            return self.merge(wanted.range.group_id);
+        }
         let replicas = wanted.range.replicas.len();
         let Ok(ids) = crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.kvs, replicas) else { return };
         let split = SplitRequest::new(wanted.split_key, ids, replicas);
@@ -812,6 +819,49 @@ impl AskedSplits {
         if router.send(wanted.range.group_id, PeerMsg::Split { split, reply }).is_ok() {
             let _ = answer.recv_timeout(self.timeout);
         }
+    }
+
+    /// Locks the left neighbour of group `right`'s range and freezes it, as [`Db::merge_left`] does, with both
+    /// ranges as node 1 applied them now. A neighbour in a merge of its own (merges of cold ranges come in runs)
+    /// is waited for, a while; the groups carry the merge on from the freeze.
+    fn merge(&self, right: u64) {
+        let deadline = Instant::now() + self.timeout;
+        while Instant::now() < deadline {
+            let Ok(stored) = crate::node::routable_ranges(&self.kvs[0]) else { return };
+            let Some(range) = stored.iter().find(|range| range.group_id == right).cloned() else { return };
+            let Some(left) = stored.iter().find(|left| !left.end.is_empty() && left.end == range.start) else { return };
+            if !range.is_merging() && !left.is_merging() {
+                let prepare = MergeCommand::new(MergeStep::Prepare, None, Some(range));
+                if let Some(Outcome::Merge { range: locked }) = self.on_leader(left.group_id, prepare) {
+                    let freeze = MergeCommand::new(MergeStep::Freeze, Some(*locked), None);
+                    let _ = self.on_leader(right, freeze);
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Proposes a merge step to group `group_id` on whichever node's replica takes it (leads), within the
+    /// timeout: the outcome.
+    fn on_leader(&self, group_id: u64, merge: MergeCommand) -> Option<Outcome> {
+        let deadline = Instant::now() + self.timeout;
+        while Instant::now() < deadline {
+            for router in &self.routers {
+                let (reply, answer) = oneshot::channel();
+                let message = PeerMsg::Merge { merge: Box::new(merge.clone()), reply };
+                if router.send(group_id, message).is_err() {
+                    continue;
+                }
+                match answer.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(Ok(outcome)) => return Some(outcome),
+                    Ok(Err(PeerError::NotLeader { .. })) => continue,
+                    _ => return None,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10)); // no leader yet
+        }
+        None
     }
 }
 
@@ -836,7 +886,12 @@ mod tests {
         }
         // Split behind the table's back: it still says one range, group 1 holds every key.
         let routes = db.routes();
-        let split = SplitRequest { split_key: b"k20".to_vec(), right_group_id: 2, right_replica_ids: vec![11, 12, 13] };
+        let split = SplitRequest {
+            split_key: b"k20".to_vec(),
+            right_group_id: 2,
+            right_replica_ids: vec![11, 12, 13],
+            sticky: false,
+        };
         let make = |reply| PeerMsg::Split { split: split.clone(), reply };
         assert!(db.call(&routes, 0, db.deadline(), make).unwrap().is_some());
         assert_eq!(db.routes().table.len(), 1, "the table has not seen it");

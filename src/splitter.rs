@@ -7,13 +7,13 @@
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
-use flotilla_raftstore::split_trigger::SplitWanted;
+use flotilla_raftstore::split_trigger::RangeAsk;
 
 /// How many asks may wait; beyond, the stores drop theirs (and ask again later).
 pub(crate) const ASKS_MAX: usize = 64;
 
-/// The channel the stores ask on (`StoreOptions::split_wanted`) and the splitter reads.
-pub(crate) fn asks() -> (Sender<SplitWanted>, Receiver<SplitWanted>) {
+/// The channel the stores ask on (`StoreOptions::range_asks`) and the splitter reads.
+pub(crate) fn asks() -> (Sender<RangeAsk>, Receiver<RangeAsk>) {
     crossbeam_channel::bounded(ASKS_MAX)
 }
 
@@ -25,7 +25,7 @@ pub(crate) struct Splitter {
 
 impl Splitter {
     /// Runs `propose` for each ask, one at a time, until stopped.
-    pub(crate) fn start(asks: Receiver<SplitWanted>, propose: impl Fn(SplitWanted) + Send + 'static) -> Splitter {
+    pub(crate) fn start(asks: Receiver<RangeAsk>, propose: impl Fn(RangeAsk) + Send + 'static) -> Splitter {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let thread = std::thread::Builder::new()
             .name("flotilla-splitter".into())

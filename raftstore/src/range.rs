@@ -69,6 +69,10 @@ pub struct RangeDescriptor {
     /// (no split or membership change) until the merge commits or is given up.
     #[prost(message, optional, tag = "8")]
     pub merge_lock: Option<MergeLock>,
+    /// The range was split off by request (`Db::split_at`, `flotilla split`): the merge trigger leaves it be
+    /// (CockroachDB's sticky splits). A merge by request may still take it in.
+    #[prost(bool, tag = "9")]
+    pub sticky: bool,
 }
 
 /// A left range locked for a merge: which right neighbour, as of which of its epochs.
@@ -112,13 +116,22 @@ pub struct SplitRequest {
     /// The new group's replica ids, one per replica of the group, in its descriptor's order.
     #[prost(uint64, repeated, tag = "3")]
     pub right_replica_ids: Vec<u64>,
+    /// Asked for by request rather than by a trigger: the new range is `sticky`.
+    #[prost(bool, tag = "4")]
+    pub sticky: bool,
 }
 
 impl SplitRequest {
     /// A split at `split_key` into group `right_group_id`, whose replicas take the ids from `first_replica_id`
     /// on, one for each of the range's `replicas`.
     pub fn new(split_key: Vec<u8>, (right_group_id, first_replica_id): (u64, u64), replicas: usize) -> SplitRequest {
-        SplitRequest { split_key, right_group_id, right_replica_ids: (first_replica_id..).take(replicas).collect() }
+        let right_replica_ids = (first_replica_id..).take(replicas).collect();
+        SplitRequest { split_key, right_group_id, right_replica_ids, sticky: false }
+    }
+
+    /// This split, asked for by request (its new range is sticky).
+    pub fn by_request(self) -> SplitRequest {
+        SplitRequest { sticky: true, ..self }
     }
 }
 
@@ -275,6 +288,7 @@ impl RangeDescriptor {
             end: self.end.clone(),
             epoch,
             replicas,
+            sticky: request.sticky,
             ..RangeDescriptor::default()
         };
         Ok((left, right))
@@ -389,7 +403,12 @@ mod tests {
             replicas: vec![Replica::voter(1, 1), Replica::voter(2, 2), learner.clone()],
             ..RangeDescriptor::default()
         };
-        let request = SplitRequest { split_key: b"m".to_vec(), right_group_id: 8, right_replica_ids: vec![11, 12, 13] };
+        let request = SplitRequest {
+            split_key: b"m".to_vec(),
+            right_group_id: 8,
+            right_replica_ids: vec![11, 12, 13],
+            sticky: false,
+        };
         let (left, right) = range.split(&request).unwrap();
         assert_eq!((left.group_id, left.start.as_slice(), left.end.as_slice()), (7, &b"b"[..], &b"m"[..]));
         assert_eq!((right.group_id, right.start.as_slice(), right.end.as_slice()), (8, &b"m"[..], &b""[..]));

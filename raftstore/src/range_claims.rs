@@ -89,7 +89,7 @@ impl Claims {
     fn insert(&mut self, group_id: u64, start: &[u8], end: &[u8]) {
         self.remove(group_id);
         if let Some((_, other)) = self.by_start.get(start) {
-            panic!("group {group_id} claims [{start:?}, {end:?}) over group {other}'s claim at that start");
+            panic!("group {group_id} claims [{start:?}, {end:?}) over group {other}'s claim at that start; claims: {:?} decided {:?}", self.by_start, self.decided);
         }
         self.by_start.insert(start.to_vec(), (end.to_vec(), group_id));
         self.starts.insert(group_id, start.to_vec());
@@ -194,6 +194,16 @@ impl RangeClaims {
     /// Drops a group's claim (its replica was destroyed here, its data dropped).
     pub fn release(&self, group_id: u64) {
         self.inner.lock().remove(group_id);
+    }
+
+    /// The group whose claim ends where `start` begins (a range's left neighbour here), with its claimed
+    /// `[start, end)`.
+    pub fn left_of(&self, start: &[u8]) -> Option<(u64, Vec<u8>, Vec<u8>)> {
+        let claims = self.inner.lock();
+        use std::ops::Bound::{Excluded, Unbounded};
+        let (left_start, (end, group_id)) =
+            claims.by_start.range::<[u8], _>((Unbounded, Excluded(start))).next_back()?;
+        (end.as_slice() == start).then(|| (*group_id, left_start.clone(), end.clone()))
     }
 
     /// The group's claimed `[start, end)`, if any.

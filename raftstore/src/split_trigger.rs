@@ -4,10 +4,18 @@
 //! its bytes — and by **load** — its requests are counted and sampled per window of ticks (`load_split.rs`), and a
 //! load over the bound for enough windows in a row asks to split at the sampled key that halves it.
 //!
-//! Asking is all a store does: a [`SplitWanted`] goes to the host (`StoreOptions::split_wanted`), which takes the
+//! Asking is all a store does: a [`RangeAsk`] goes to the host (`StoreOptions::range_asks`), which takes the
 //! new group's ids and proposes the split like a split by request (the embedded `Db`'s splitter thread, a
 //! server's). Asks are advisory: a full channel drops one (the next check asks again), and a split proposed for a
 //! range that changed meanwhile is refused where it applies.
+//!
+//! And when a range asks to be **merged** into its left neighbour: when its leader falls asleep (the group
+//! hibernates: no request for a while — cold), at most once per `merge_check_interval_ticks`, the replicas
+//! thread measures it and its left neighbour; if it is under `merge_size_bytes_max` and the two together under
+//! half of `size_bytes_max`, it asks ([`AskReason::Merge`]), and the host proposes the merge as a merge by
+//! request (`peer/merge.rs`). Hysteresis: a merged range is at most half the split bound, and a range split by
+//! load is busy (it does not sleep). Never merged: the ranges of the initial layout (`initial_groups`: the host
+//! chose it, and a merge never removes one of its boundaries) and ranges split off by request (`sticky`).
 
 use std::sync::Arc;
 
@@ -29,6 +37,15 @@ pub struct SplitOptions {
     pub load_window_ticks: u32,
     /// What makes a window hot, how many in a row split, and where (`load_split.rs`).
     pub load: LoadSplitOptions,
+    /// A cold range under this many bytes asks to be merged into its left neighbour, if the two together are
+    /// under half of `size_bytes_max` (0: never by size). Default 16 MiB.
+    pub merge_size_bytes_max: u64,
+    /// The least time, in the node's ticks, between two merge checks of one group. Default 600 (a minute at the
+    /// store's default 100 ms tick).
+    pub merge_check_interval_ticks: u64,
+    /// Groups with ids up to this are the initial layout's: never merged away (their boundaries stay). Default 0
+    /// (the `Db` and `flotilla serve` set their layout's group count).
+    pub initial_groups: u64,
 }
 
 impl Default for SplitOptions {
@@ -38,25 +55,34 @@ impl Default for SplitOptions {
             size_check_written_bytes: 8 << 20,
             load_window_ticks: 10,
             load: LoadSplitOptions::default(),
+            merge_size_bytes_max: 16 << 20,
+            merge_check_interval_ticks: 600,
+            initial_groups: 0,
         }
     }
 }
 
-/// A group's leader asks its host to split its range at `split_key` (`reason` says which trigger).
+/// A group's leader asks its host to split its range at `split_key`, or to merge it into its left neighbour
+/// (`reason` says which trigger).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SplitWanted {
+pub struct RangeAsk {
     /// The node whose replica asks (it leads the group: the host proposes the split there).
     pub node_id: u64,
     /// The range as the asking replica holds it.
     pub range: RangeDescriptor,
+    /// Where to split (empty for a merge).
     pub split_key: Vec<u8>,
-    pub reason: SplitReason,
+    pub reason: AskReason,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SplitReason {
+pub enum AskReason {
+    /// Split: over the size bound.
     Size,
+    /// Split: under sustained load.
     Load,
+    /// Merge into the left neighbour, group `into_group_id`: both small, this one cold.
+    Merge { into_group_id: u64 },
 }
 
 /// One replica's split triggers (see the module's doc). Deterministic: it sees what its caller feeds it. Small
@@ -132,6 +158,18 @@ impl SplitTrigger {
             self.written_bytes = 0;
         }
         due
+    }
+
+    /// Whether `range`, whose leader just fell asleep, may be merged into its left neighbour on its own (see the
+    /// module's doc): merges on, not the first range, not of the initial layout, not split off by request, not in
+    /// a merge already. (How often it is measured is the replicas thread's: `Replicas::check_merge`.)
+    pub fn merges(&self, range: &RangeDescriptor) -> bool {
+        let options = &self.options;
+        options.merge_size_bytes_max > 0
+            && !range.start.is_empty()
+            && range.group_id > options.initial_groups
+            && !range.sticky
+            && !range.is_merging()
     }
 
     /// A size check measured the range at `bytes`: under the bound, the next check waits until what it lacks

@@ -487,7 +487,7 @@ fn a_followers_answer_goes_with_its_write_and_the_follower_takes_up_the_noted_du
 }
 
 #[test]
-fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks_and_it_reads_locally_once_led() {
+fn a_group_alone_with_its_leader_sleeps_once_idle_and_reads_locally_once_led() {
     // A single-replica group: once it leads and has nothing waiting, time cannot matter to it.
     let (log, kv) = (Arc::new(MemLogEngine::new()), MemKvEngine::new(u64::MAX));
     let single = RangeDescriptor { replicas: vec![Replica::voter(1, 1)], ..descriptor() };
@@ -515,12 +515,29 @@ fn only_a_group_alone_with_its_leader_and_nothing_waiting_stops_needing_ticks_an
     assert_eq!(peer.local_read_grant(), LocalReadGrant::No, "its term's first entry is not applied");
     drive(&mut peer);
     assert!(peer.is_leader());
-    assert!(!peer.needs_ticks(), "leading alone with nothing waiting");
     assert_eq!(peer.local_read_grant(), LocalReadGrant::UntilChanged, "the only voter: no other leader can arise");
+    // Idle, it ticks until it falls asleep as any idle leader does (the merge trigger looks at it then).
+    let fall_asleep = |peer: &mut Peer| {
+        for _ in 0..5 {
+            assert!(peer.needs_ticks(), "idle, awake: it counts its idle ticks");
+            peer.on_tick();
+        }
+        assert!(!peer.needs_ticks() && peer.is_hibernating() && peer.take_fell_asleep());
+        assert!(!peer.take_fell_asleep(), "told once");
+    };
+    fall_asleep(&mut peer);
     peer.propose(1, Command::write(None, vec![Op::put("b", "1")]));
     assert!(peer.needs_ticks(), "a write waiting");
     drive(&mut peer);
-    assert!(!peer.needs_ticks());
+    assert_eq!(peer.local_read_grant(), LocalReadGrant::UntilChanged, "awake again, still the only voter");
+    fall_asleep(&mut peer);
+    // With hibernation off, it stops needing ticks as soon as nothing waits.
+    let never = PeerOptions { hibernate_idle_ticks: 0, ..peer_options() };
+    let mut awake =
+        Peer::open(Config::new(1), never, single.clone(), Arc::clone(&log) as _, &kv, Arc::default()).unwrap();
+    awake.campaign();
+    drive(&mut awake);
+    assert!(awake.is_leader() && !awake.needs_ticks(), "leading alone with nothing waiting");
     // In a replicated group even an idle leader needs ticks (heartbeats, check-quorum) until it hibernates.
     let mut group = Group::led_by(1);
     assert!(group.node(1).peer.needs_ticks() && group.node(2).peer.needs_ticks());
@@ -967,7 +984,12 @@ impl Group {
 fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a_new_group() {
     let mut group = Group::led_by(1);
     write_keys(&mut group, 1, 10, "v");
-    let split = SplitRequest { split_key: b"k05".to_vec(), right_group_id: 6, right_replica_ids: vec![11, 12, 13] };
+    let split = SplitRequest {
+        split_key: b"k05".to_vec(),
+        right_group_id: 6,
+        right_replica_ids: vec![11, 12, 13],
+        sticky: false,
+    };
     let Response::Written(Outcome::Split { right }) = group.split(1, 300, split.clone()) else {
         panic!("the split was not applied");
     };
@@ -1005,8 +1027,18 @@ fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a
     assert!(matches!(group.split(1, 304, split), Response::Failed(PeerError::InvalidSplit(_))));
     // Two splits proposed before either applies: the second was routed with an epoch the first moved past, and is
     // refused where it applies — on every replica alike.
-    let first = SplitRequest { split_key: b"k02".to_vec(), right_group_id: 7, right_replica_ids: vec![21, 22, 23] };
-    let second = SplitRequest { split_key: b"k03".to_vec(), right_group_id: 8, right_replica_ids: vec![31, 32, 33] };
+    let first = SplitRequest {
+        split_key: b"k02".to_vec(),
+        right_group_id: 7,
+        right_replica_ids: vec![21, 22, 23],
+        sticky: false,
+    };
+    let second = SplitRequest {
+        split_key: b"k03".to_vec(),
+        right_group_id: 8,
+        right_replica_ids: vec![31, 32, 33],
+        sticky: false,
+    };
     group.node(1).peer.propose_split(305, first);
     group.node(1).peer.propose_split(306, second);
     assert!(matches!(group.response(305), Response::Written(Outcome::Split { .. })));
@@ -1019,7 +1051,12 @@ fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a
         assert_eq!(group.node(id).peer.descriptor().epoch().version, 3);
     }
     // A follower refuses to propose a split.
-    let on_follower = SplitRequest { split_key: b"c".to_vec(), right_group_id: 9, right_replica_ids: vec![41, 42, 43] };
+    let on_follower = SplitRequest {
+        split_key: b"c".to_vec(),
+        right_group_id: 9,
+        right_replica_ids: vec![41, 42, 43],
+        sticky: false,
+    };
     assert!(matches!(group.split(2, 307, on_follower), Response::Failed(PeerError::NotLeader { .. })));
 }
 
@@ -1032,7 +1069,12 @@ fn a_split_cut_off_with_its_leader_is_dropped_and_the_next_leaders_split_applies
     let mut group = Group::led_by(1);
     write_keys(&mut group, 1, 10, "v");
     group.isolated = 1; // nothing node 1 sends arrives, nor anything sent to it
-    let lost = SplitRequest { split_key: b"k05".to_vec(), right_group_id: 6, right_replica_ids: vec![11, 12, 13] };
+    let lost = SplitRequest {
+        split_key: b"k05".to_vec(),
+        right_group_id: 6,
+        right_replica_ids: vec![11, 12, 13],
+        sticky: false,
+    };
     group.node(1).peer.propose_split(400, lost);
     group.settle();
     assert!(group.tick_until(60, |g| g.leader_among_2_and_3().is_some()), "replicas 2 and 3 elect a leader");
@@ -1048,7 +1090,12 @@ fn a_split_cut_off_with_its_leader_is_dropped_and_the_next_leaders_split_applies
     }
     // The new leader's split applies on every replica, node 1's too.
     group.descriptor = group.node(leader).peer.descriptor().clone();
-    let split = SplitRequest { split_key: b"k05".to_vec(), right_group_id: 7, right_replica_ids: vec![21, 22, 23] };
+    let split = SplitRequest {
+        split_key: b"k05".to_vec(),
+        right_group_id: 7,
+        right_replica_ids: vec![21, 22, 23],
+        sticky: false,
+    };
     assert!(matches!(group.split(leader, 402, split), Response::Written(Outcome::Split { .. })));
     assert!(group.tick_until(20, |g| (1..=3).all(|id| g.node(id).peer.descriptor().end == b"k05")));
     for id in 1..=3 {

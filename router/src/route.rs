@@ -289,6 +289,7 @@ mod tests {
                 split_key: key.to_vec(),
                 right_group_id: group,
                 right_replica_ids: ids,
+                sticky: false,
             };
             range.split(&request).unwrap()
         };

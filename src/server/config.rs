@@ -85,6 +85,16 @@ pub struct ServeSettings {
     /// Seconds in a row a range's load must stay over the bound before it splits. Default 10.
     #[arg(long)]
     pub split_load_seconds: Option<u32>,
+    /// A range split off by a trigger that goes cold (its group hibernates) under this many bytes merges into its
+    /// left neighbour, if the two together stay under half of --split-size-bytes-max; 0: never. Ranges of the
+    /// initial layout and ranges split by request (`flotilla split`) are never merged on their own. Default
+    /// 16777216 (16 MiB).
+    #[arg(long)]
+    pub merge_size_bytes_max: Option<u64>,
+    /// The least time between two merge checks of one range (a range that goes cold again sooner is measured
+    /// once this has passed). Default 60.
+    #[arg(long)]
+    pub merge_check_seconds: Option<u64>,
     /// A TOML file with any of the above (flags win).
     #[arg(long)]
     #[serde(skip)]
@@ -153,6 +163,12 @@ impl ServeSettings {
         if let Some(seconds) = self.split_load_seconds.or(file.split_load_seconds) {
             split.load.hot_windows = seconds.max(1);
         }
+        if let Some(bytes) = self.merge_size_bytes_max.or(file.merge_size_bytes_max) {
+            split.merge_size_bytes_max = bytes;
+        }
+        if let Some(seconds) = self.merge_check_seconds.or(file.merge_check_seconds) {
+            options.merge_check_interval = Duration::from_secs(seconds);
+        }
         Ok(options)
     }
 }
@@ -219,9 +235,15 @@ mod tests {
         assert_eq!((split.size_bytes_max, split.size_check_written_bytes), (1 << 20, 1 << 17));
         assert_eq!((split.load.requests_per_window_max, split.load.hot_windows), (500, 3));
         assert!(split.load_window_ticks > 0);
-        let off =
-            ServeSettings { split_size_bytes_max: Some(0), split_load_requests_per_second_max: Some(0), ..settings };
+        assert_eq!(split.merge_size_bytes_max, 16 << 20, "the default");
+        let off = ServeSettings {
+            split_size_bytes_max: Some(0),
+            split_load_requests_per_second_max: Some(0),
+            merge_size_bytes_max: Some(0),
+            ..settings
+        };
         let split = off.resolve().unwrap().split;
         assert_eq!((split.size_bytes_max, split.load_window_ticks), (0, 0), "0 turns each trigger off");
+        assert_eq!(split.merge_size_bytes_max, 0);
     }
 }

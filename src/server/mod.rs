@@ -38,6 +38,7 @@ use crate::db::{Config, DbError};
 use crate::layout::{self, DirLock};
 use crate::node::Node;
 use crate::splitter::Splitter;
+use flotilla_raftstore::split_trigger::AskReason;
 use flotilla_raftstore::split_trigger::SplitOptions;
 use requests::{Forwarded, Requests};
 
@@ -81,6 +82,9 @@ pub struct ServeOptions {
     /// (default a range's leader taking over 2,500 requests a second for 10 s in a row; its windows are one
     /// second whatever the tick). The splits are proposed by this node's splitter, as `flotilla split` does.
     pub split: SplitOptions,
+    /// The least time between two merge checks of one range (`SplitOptions::merge_check_interval_ticks`, in
+    /// time). Default 60 s.
+    pub merge_check_interval: Duration,
     pub resp: RespOptions,
 }
 
@@ -104,6 +108,7 @@ impl ServeOptions {
             pollers: 2,
             net_threads: 2,
             split: SplitOptions::default(),
+            merge_check_interval: Duration::from_secs(60),
             resp: RespOptions::default(),
         }
     }
@@ -210,8 +215,14 @@ impl Server {
             let ticks = Duration::from_secs(1).as_millis() / options.tick_interval.as_millis().max(1);
             config.store.split.load_window_ticks = ticks.max(1) as u32;
         }
+        // Groups a split made have ids from node id × 2³² up (`Requests::split_request`): any below are the initial
+        // layout's, never merged away on their own.
+        config.store.split.initial_groups = u64::from(u32::MAX);
+        // Merge checks spaced out by time, whatever the tick.
+        let ticks = options.merge_check_interval.as_millis() / options.tick_interval.as_millis().max(1);
+        config.store.split.merge_check_interval_ticks = ticks.max(1) as u64;
         let (ask, asks) = crate::splitter::asks();
-        config.store.split_wanted = Some(ask);
+        config.store.range_asks = Some(ask);
         config.validate()?;
         let dir = &dir;
         layout::open(disk.as_ref(), dir, &config)?;
@@ -282,11 +293,27 @@ impl Server {
                 tokio::net::TcpListener::from_std(resp_listener).map_err(|e| DbError::Storage(e.to_string()))?;
             runtime.spawn(resp_server::serve(listener, Arc::clone(&requests), Arc::new(options.resp.clone())))
         };
-        // The splits the groups' leaders here ask for, proposed as `flotilla split` proposes them.
+        // The splits and merges the groups' leaders here ask for, proposed as `flotilla split` and `flotilla merge`
+        // propose them (a triggered split is not sticky: the merge trigger may undo it).
         let splitter = {
             let (requests, runtime) = (Arc::clone(&requests), runtime.handle().clone());
             Splitter::start(asks, move |wanted| {
-                let _ = runtime.block_on(requests.split_at(&wanted.split_key));
+                match wanted.reason {
+                    // A neighbour in a merge of its own (merges of cold ranges come in runs) is waited for, a while.
+                    AskReason::Merge { .. } => {
+                        for _ in 0..20 {
+                            match runtime.block_on(requests.merge_left(&wanted.range.start)) {
+                                Err(flotilla_router::route::RouteError::Busy(_)) => {
+                                    std::thread::sleep(Duration::from_millis(50))
+                                }
+                                _ => break,
+                            }
+                        }
+                    }
+                    AskReason::Size | AskReason::Load => {
+                        let _ = runtime.block_on(requests.split_at(&wanted.split_key, false));
+                    }
+                }
             })
         };
         let http = match &options.http_addr {

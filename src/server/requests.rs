@@ -275,7 +275,7 @@ impl Requests {
     /// Splits the range holding `key` so that `key` starts a range of its own, served by a new group on the same
     /// nodes (`flotilla split`). The node that leads the group takes the new group's ids and proposes it; done
     /// once the split applied there (at once if `key` already starts a range).
-    pub async fn split_at(&self, key: &[u8]) -> Result<(), RouteError> {
+    pub async fn split_at(&self, key: &[u8], by_request: bool) -> Result<(), RouteError> {
         self.limits.check_key(key).map_err(refused)?;
         let deadline = Instant::now() + self.limits.request_timeout;
         loop {
@@ -284,7 +284,9 @@ impl Requests {
             if key.is_empty() || routes.table.range(position).start == key {
                 return Ok(());
             }
-            match self.route(&routes, position, &ForwardOp::SplitAt(key.to_vec()), deadline).await? {
+            let op =
+                if by_request { ForwardOp::SplitAt(key.to_vec()) } else { ForwardOp::TriggeredSplitAt(key.to_vec()) };
+            match self.route(&routes, position, &op, deadline).await? {
                 Some(Answered::Written(Outcome::Split { right })) => {
                     // Routed by at once here (the left part as this node applies it, or as a refusal tells).
                     self.relearn(&routes, Some(*right))?;
@@ -304,6 +306,7 @@ impl Requests {
         self.limits.check_key(key).map_err(refused)?;
         let deadline = Instant::now() + self.limits.request_timeout;
         let frozen = loop {
+            self.relearn(&self.table(), None)?; // the ranges' merge states as this node applied them now
             let routes = self.table();
             let position = routes.table.position_of(key);
             if position == 0 {
@@ -421,6 +424,7 @@ impl Requests {
     /// Runs `op` on this node's replica of `group_id` (`None`: no answer by `deadline`).
     async fn local(&self, group_id: u64, op: ForwardOp, deadline: Instant) -> Option<Result<Answered, PeerError>> {
         let within = |at: Instant| at.saturating_duration_since(Instant::now());
+        let by_request = matches!(op, ForwardOp::SplitAt(_)); // a split by request is sticky; a triggered one not
         match op {
             ForwardOp::Write(command) => {
                 self.propose(group_id, |reply| PeerMsg::Write { command, reply }, within(deadline)).await
@@ -429,10 +433,11 @@ impl Requests {
                 let change = MembershipChange::AddLearner { node_id, replica_id, addr };
                 self.propose(group_id, |reply| PeerMsg::ChangeMembership { change, reply }, within(deadline)).await
             }
-            ForwardOp::SplitAt(split_key) => {
+            ForwardOp::SplitAt(split_key) | ForwardOp::TriggeredSplitAt(split_key) => {
                 // The group's members as this node applied them (the proposal is refused if they changed since).
                 let replicas = self.descriptors().get(&group_id).map_or(0, |range| range.replicas.len());
                 let split = match self.split_request(split_key, replicas) {
+                    Ok(split) if by_request => split.by_request(),
                     Ok(split) => split,
                     Err(error) => return Some(Err(PeerError::Stopped(error.to_string()))),
                 };

@@ -259,7 +259,7 @@ async fn command(requests: &Requests, options: &RespOptions, name: &str, args: V
             }
         }
         ("INCR", 1) => incr(requests, &args[0]).await,
-        ("SPLIT", 1) => match requests.split_at(&args[0]).await {
+        ("SPLIT", 1) => match requests.split_at(&args[0], true).await {
             Ok(()) => Reply::ok(),
             Err(error) => failed(error),
         },

@@ -136,6 +136,13 @@ impl Cluster {
             assert!(Instant::now() < deadline, "node {node} did not come up: {}", self.log(node));
             std::thread::sleep(Duration::from_millis(50));
         }
+        // HTTP starts after RESP: a test that asks it at once must not find it closed.
+        if let Some(http) = self.http.get(node - 1).filter(|addr| !addr.is_empty()) {
+            while TcpStream::connect(http).is_err() {
+                assert!(Instant::now() < deadline, "node {node}'s HTTP did not come up: {}", self.log(node));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     pub fn log(&self, node: usize) -> String {

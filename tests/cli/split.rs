@@ -97,15 +97,15 @@ fn split_and_merged_ranges_are_served_through_every_node_and_survive_restarts() 
     assert!(call(&cluster.resp[0], &[b"SPLIT", &long_key]).unwrap().starts_with(b"-ERR InvalidArgument"));
 }
 
-/// The triggers on a cluster (bounds set low): writes of `user:…` keys make their range split by size, and a
-/// sustained load over the bound makes it split by load; the new ranges' leaders spread over the nodes
-/// (`split_leader`), and every key written stays readable through every node.
+/// The triggers on a cluster (bounds set low): writes of `user:…` keys make their range split by size — and, once
+/// deleted, the ranges merge back — and a sustained load over the bound makes it split by load; the new ranges'
+/// leaders spread over the nodes (`split_leader`), and every key written stays readable through every node.
 #[test]
 fn ranges_split_by_size_and_by_load_on_their_own() {
     let sized = Cluster::start_with(
         3,
         false,
-        &["--split-size-bytes-max", "16384", "--split-load-requests-per-second-max", "0"],
+        &["--split-size-bytes-max", "16384", "--split-load-requests-per-second-max", "0", "--merge-check-seconds", "1"],
     );
     let before = ranges(&sized, 1);
     let value = vec![b'v'; 100];
@@ -116,6 +116,13 @@ fn ranges_split_by_size_and_by_load_on_their_own() {
     for i in (0..1_000u32).step_by(13) {
         assert_eq!(sized.call_until_ok(i as usize % 3 + 1, &[b"GET", &user(i)]), bulk(&value));
     }
+    // Emptied and cold, the ranges the size trigger made merge back into the layout's range.
+    for i in 0..1_000u32 {
+        assert_eq!(sized.call_until_ok(i as usize % 3 + 1, &[b"DEL", &user(i)]), b":1");
+    }
+    wait_for(|| ranges(&sized, 1) == before, "merges of the emptied ranges");
+    assert_eq!(sized.call_until_ok(2, &[b"SET", &user(5), b"back"]), b"+OK");
+    assert_eq!(sized.call_until_ok(3, &[b"GET", &user(5)]), bulk(b"back"));
     drop(sized);
     let loaded = Cluster::start_with(
         3,

@@ -58,3 +58,47 @@ fn merged_ranges_serve_every_key_and_survive_a_reopen() {
 fn merged_ranges_serve_every_key_on_three_nodes() {
     merge_and_serve(Config { groups: 2, nodes: 3, ..Config::default() });
 }
+
+/// The merge trigger: ranges split by size merge back once their data is deleted and they go cold (their groups
+/// hibernate) — down to the initial layout, never below it — while a range split off by request stays.
+#[test]
+fn cold_ranges_emptied_by_deletes_merge_back_down_to_the_layout_and_sticky_ones_stay() {
+    cold_ranges_merge(1);
+}
+
+#[test]
+fn cold_ranges_merge_on_three_nodes() {
+    cold_ranges_merge(3);
+}
+
+fn cold_ranges_merge(nodes: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config { groups: 2, nodes, ..Config::default() };
+    config.store.split.size_bytes_max = 64 << 10;
+    config.store.split.size_check_written_bytes = 8 << 10;
+    config.store.split.merge_check_interval_ticks = 5;
+    config.store.peer.hibernate_idle_ticks = 5;
+    let db = Db::open_with(dir.path(), config).unwrap();
+    db.split_at(b"zz").unwrap(); // by request: sticky
+    let value = vec![b'v'; 200];
+    let count = 2_000u32;
+    for i in 0..count {
+        db.put(&key(i), &value).unwrap();
+    }
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: {:?}", db.ranges());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait("splits by size", &|| db.groups() >= 6);
+    for i in 0..count {
+        db.delete(&key(i)).unwrap();
+    }
+    wait("merges back to the layout and the sticky split", &|| db.groups() == 3);
+    assert!(db.ranges().iter().any(|range| range.start == b"zz"), "the split by request stays");
+    db.put(&key(7), b"after").unwrap();
+    assert_eq!(db.get(&key(7)).unwrap().as_deref(), Some(&b"after"[..]));
+    db.close().unwrap();
+}

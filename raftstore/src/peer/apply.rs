@@ -30,16 +30,18 @@ impl Peer {
             start = position + 1;
         }
         batch.apply(kv, &mut self.descriptor, &entries[start..])?;
+        // The claims here follow, in log order: a merge commit, then (its lock gone) perhaps a split that gives a
+        // new group keys the merged group held (`store-sim` seed 200 applied both in one batch).
+        if !batch.merged.is_empty() {
+            // The right ranges' claims go to this group, in one step with its growing (`range_claims.rs`).
+            self.claims.merge(&self.descriptor, &batch.merged);
+            self.merged_away.append(&mut batch.merged);
+        }
         if !batch.split_off.is_empty() {
             // The new groups' parts are claimed here in one step with this group's shrinking; one whose group
             // claimed them first (its snapshot came before the split) is not created again (`range_claims.rs`).
             let mut claimed = self.claims.split(&self.descriptor, &batch.split_off).into_iter();
             batch.split_off.retain(|_| claimed.next().expect("one answer per new group"));
-        }
-        if !batch.merged.is_empty() {
-            // The right ranges' claims here go to this group, in one step with its growing (`range_claims.rs`).
-            self.claims.merge(&self.descriptor, &batch.merged);
-            self.merged_away.append(&mut batch.merged);
         } else if (self.descriptor.merge, self.descriptor.merge_lock) != merge_before {
             self.claims.hold(&self.descriptor); // a freeze decided (or undone) changes what an install may end
         }

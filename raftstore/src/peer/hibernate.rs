@@ -47,6 +47,8 @@ pub(super) struct Hibernation {
     pub(super) sleep: Sleep,
     /// Ticks since the last client request.
     idle_ticks: u32,
+    /// Fell asleep as the leader since `take_fell_asleep` last looked.
+    fell_asleep: bool,
 }
 
 impl Hibernation {
@@ -55,7 +57,7 @@ impl Hibernation {
     /// when a request or a campaign first reaches one of its replicas.
     pub(super) fn new(idle_ticks_max: u32) -> Hibernation {
         let sleep = if idle_ticks_max == 0 { Sleep::Awake } else { Sleep::Follower };
-        Hibernation { idle_ticks_max, sleep, idle_ticks: 0 }
+        Hibernation { idle_ticks_max, sleep, idle_ticks: 0, fell_asleep: false }
     }
 }
 
@@ -150,7 +152,14 @@ impl Peer {
             self.outbox.push(ReplicaMessage::Hibernate(request));
         }
         self.hibernation.sleep = Sleep::Leader;
+        self.hibernation.fell_asleep = true;
         metrics::counter!("flotilla_hibernations_total").increment(1);
+    }
+
+    /// Whether this replica, leading, fell asleep since the last call (its group is cold: the merge trigger
+    /// looks at it then).
+    pub fn take_fell_asleep(&mut self) -> bool {
+        std::mem::take(&mut self.hibernation.fell_asleep)
     }
 
     /// A leader with nothing pending whose followers all hold its whole, committed, applied log.

@@ -362,8 +362,14 @@ impl Peer {
     pub fn needs_ticks(&self) -> bool {
         let raft = &self.raw.raft;
         let alone = raft.tracker.config.is_only_member(raft.id);
-        let idle_alone =
-            alone && self.is_leader() && self.reads.is_empty() && self.writes.is_empty() && self.streams.is_idle();
+        // With hibernation on, such a replica still ticks until it falls asleep as any idle leader does: the
+        // merge trigger takes that as its group going cold (`split_trigger.rs`).
+        let idle_alone = alone
+            && self.is_leader()
+            && self.reads.is_empty()
+            && self.writes.is_empty()
+            && self.streams.is_idle()
+            && self.hibernation.idle_ticks_max == 0;
         // A range in a merge needs time to move it on (`merge.rs`).
         self.descriptor.is_merging() || !(idle_alone || self.is_hibernating())
     }

@@ -35,7 +35,7 @@ use crate::message::{Envelope, ReplicaMessage};
 use crate::peer::PeerOutput;
 use crate::peer::{LocalReadGrant, PeerError, PersistedNote};
 use crate::range::RangeDescriptor;
-use crate::split_trigger::{SplitReason, SplitWanted};
+use crate::split_trigger::{AskReason, RangeAsk};
 
 /// One per poller thread (cloned from one template: every field is shared).
 #[derive(Clone)]
@@ -50,8 +50,8 @@ pub struct StoreHandler {
     pub(crate) tasks: Sender<ReplicaTask>,
     pub(crate) failure: Arc<NodeFailure>,
     pub(crate) local_reader: Arc<LocalReader>,
-    /// Where the groups this node leads ask to be split (`StoreOptions::split_wanted`).
-    pub(crate) split_wanted: Option<crossbeam_channel::Sender<SplitWanted>>,
+    /// Where the groups this node leads ask to be split (`StoreOptions::range_asks`).
+    pub(crate) range_asks: Option<crossbeam_channel::Sender<RangeAsk>>,
     /// Which group holds which keys on this node (`range_claims.rs`), shared by its replicas.
     pub(crate) claims: Arc<crate::range_claims::RangeClaims>,
 }
@@ -233,18 +233,19 @@ pub(crate) fn split_leader(range: &RangeDescriptor) -> Option<u64> {
 
 impl StoreHandler {
     /// The host is asked to split `fsm`'s range at `split_key` (advisory: dropped if its channel is full).
-    fn ask_split(&self, fsm: &PeerFsm, split_key: Vec<u8>, reason: SplitReason) {
-        let Some(asks) = &self.split_wanted else { return };
+    fn ask_split(&self, fsm: &PeerFsm, split_key: Vec<u8>, reason: AskReason) {
+        let Some(asks) = &self.range_asks else { return };
         let range = fsm.peer.descriptor().clone();
         if split_key.as_slice() <= range.start.as_slice() || !range.contains(&split_key) {
             return; // a sample from before the range changed
         }
         let label = match reason {
-            SplitReason::Size => "size",
-            SplitReason::Load => "load",
+            AskReason::Size => "size",
+            AskReason::Load => "load",
+            AskReason::Merge { .. } => return, // asked by the replicas thread (`Replicas::check_merge`)
         };
         metrics::counter!("flotilla_splits_asked_total", "reason" => label).increment(1);
-        let _ = asks.try_send(SplitWanted { node_id: self.node_id, range, split_key, reason });
+        let _ = asks.try_send(RangeAsk { node_id: self.node_id, range, split_key, reason });
     }
 }
 
@@ -284,7 +285,7 @@ impl PollHandler<PeerFsm> for StoreHandler {
             // The ticks it owes first (see `ticks.rs`): whatever it handles next sees the node's time.
             let ticks = self.ticking.catch_up(&fsm.ticks_seen, &mut fsm.peer);
             if let Some(split_key) = fsm.split_trigger.on_ticks(ticks).filter(|_| fsm.peer.is_leader()) {
-                self.ask_split(fsm, split_key, SplitReason::Load);
+                self.ask_split(fsm, split_key, AskReason::Load);
             }
             if fsm.peer.descriptor().is_merging() {
                 self.carry_out_merge_asks(fsm.peer.merge_tick(ticks, self.kv.as_ref()));
@@ -297,6 +298,11 @@ impl PollHandler<PeerFsm> for StoreHandler {
         self.carry_out(fsm, output);
         if let Some(holder) = fsm.peer.take_overlapped_by() {
             let _ = self.tasks.try_send(ReplicaTask::CheckMembership(holder));
+        }
+        if fsm.peer.take_fell_asleep() && fsm.split_trigger.merges(fsm.peer.descriptor()) {
+            // Cold: no request for a while. Small enough to merge into its left neighbour? Measured on the replicas
+            // thread, which spaces each group's checks out (`split_trigger.rs`).
+            let _ = self.tasks.try_send(ReplicaTask::CheckMerge(Box::new(fsm.peer.descriptor().clone())));
         }
         if fsm.peer.is_leader() && fsm.split_trigger.take_size_check() {
             // Measured on the replicas thread (a scan of up to twice the bound); dropped if its queue is full.

@@ -48,7 +48,7 @@ pub use transport::{InProcessTransport, NoTransport, StoreInbox, Transport};
 use crate::batch::{BatchOptions, BatchSystem, Router};
 use crate::peer::PeerOptions;
 use crate::range::RangeDescriptor;
-use crate::split_trigger::{SplitOptions, SplitTrigger, SplitWanted};
+use crate::split_trigger::{RangeAsk, SplitOptions, SplitTrigger};
 use local_reader::LocalReader;
 use replicas::{ReplicaTask, Replicas};
 use ticks::{TickClock, Ticking};
@@ -81,7 +81,7 @@ pub struct StoreOptions {
     pub split: SplitOptions,
     /// Where the groups this node leads ask to be split (`split_trigger.rs`; the host proposes the splits).
     /// Default none: nothing is counted or measured, and nothing splits but by request.
-    pub split_wanted: Option<crossbeam_channel::Sender<SplitWanted>>,
+    pub range_asks: Option<crossbeam_channel::Sender<RangeAsk>>,
 }
 
 impl Default for StoreOptions {
@@ -101,7 +101,7 @@ impl Default for StoreOptions {
             log_gc_interval: Duration::from_secs(1),
             log_bytes_max: 512 << 20,
             split: SplitOptions::default(),
-            split_wanted: None,
+            range_asks: None,
         }
     }
 }
@@ -116,7 +116,7 @@ impl StoreOptions {
     /// The triggers' options every replica shares: `split`, or off if no host takes the asks.
     pub(crate) fn split_triggers(&self) -> Arc<SplitOptions> {
         let off = SplitOptions { size_bytes_max: 0, load_window_ticks: 0, ..SplitOptions::default() };
-        Arc::new(if self.split_wanted.is_some() { self.split.clone() } else { off })
+        Arc::new(if self.range_asks.is_some() { self.split.clone() } else { off })
     }
 }
 
@@ -161,7 +161,7 @@ impl StoreCore {
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
         let handler = StoreHandler {
             node_id: options.node_id,
-            split_wanted: options.split_wanted.clone(),
+            range_asks: options.range_asks.clone(),
             local_reader: Arc::new(LocalReader::new(Arc::clone(&clock))),
             claims: Arc::default(),
             ticking: Arc::new(Ticking::new(clock)),
@@ -229,6 +229,7 @@ impl StoreCore {
             local_reader: Arc::clone(local_reader),
             claims: Arc::clone(claims),
             split_triggers,
+            merge_checks: replicas::MergeChecks::default(),
         })
     }
 }

@@ -12,7 +12,7 @@
 //! requests reach it), forgotten by the ticker, its range's data dropped and its log compacted away
 //! (`peer::destroy_replica`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
@@ -27,7 +27,7 @@ use crate::message::Envelope;
 use crate::peer::Peer;
 use crate::range::RangeDescriptor;
 use crate::range_claims::RangeClaims;
-use crate::split_trigger::SplitWanted;
+use crate::split_trigger::{AskReason, RangeAsk};
 
 /// Work for the replicas thread.
 pub(crate) enum ReplicaTask {
@@ -49,6 +49,9 @@ pub(crate) enum ReplicaTask {
     Checkpoint,
     /// A merge ended this group's replica here (its record is written; its data is the other group's now).
     MergedAway(u64),
+    /// This range, which this node leads, went cold: is it small enough to merge into its left neighbour?
+    /// (`split_trigger.rs`)
+    CheckMerge(Box<RangeDescriptor>),
 }
 
 /// Pairs read per page when a range's size is measured.
@@ -100,7 +103,22 @@ pub(crate) struct Replicas {
     pub(crate) claims: Arc<RangeClaims>,
     /// The split triggers' options, shared by every replica (`StoreOptions::split_triggers`).
     pub(crate) split_triggers: Arc<crate::split_trigger::SplitOptions>,
+    /// Merge checks (`check_merge`): the node tick of each group's last, and those asked too soon after it,
+    /// waiting until they are due (by group: the tick).
+    pub(crate) merge_checks: MergeChecks,
 }
+
+/// When each group's range was last measured for a merge, and the checks waiting to be due (see
+/// `SplitOptions::merge_check_interval_ticks`): a group that goes cold again soon after a check (its first
+/// cold spell came before it emptied, say) is checked once the interval has passed, not never.
+#[derive(Default)]
+pub(crate) struct MergeChecks {
+    last: HashMap<u64, u64>,
+    deferred: BTreeMap<u64, u64>,
+}
+
+/// Merge checks that may wait at once; beyond, a group's is dropped (its next cold spell asks again).
+const MERGE_CHECKS_DEFERRED_MAX: usize = 4096;
 
 impl Replicas {
     /// The replicas thread's loop, until the store stops.
@@ -112,6 +130,7 @@ impl Replicas {
                     Err(_) => return,
                 },
                 recv(stopped) -> _ => return,
+                default(std::time::Duration::from_secs(1)) => self.run_due_merge_checks(),
             }
         }
     }
@@ -143,12 +162,57 @@ impl Replicas {
                 Ok(()) => Ok(()),
                 Err(error) => Err(format!("a checkpoint for a merge: {error}")),
             },
+            ReplicaTask::CheckMerge(range) => {
+                flotilla_engine::panics::catch("measuring ranges to merge", || self.merge_check_asked(&range))
+            }
             ReplicaTask::MergedAway(group_id) => {
                 flotilla_engine::panics::catch("stopping a merged replica", || self.stop_merged(group_id))
             }
         };
         if let Err(reason) = done {
             self.failure.fail(self.options.node_id, reason);
+        }
+        self.run_due_merge_checks();
+    }
+
+    /// A cold range asks for a merge check: now, unless its group was checked less than
+    /// `merge_check_interval_ticks` ago — then once that has passed.
+    fn merge_check_asked(&mut self, range: &RangeDescriptor) {
+        let now = self.ticking.now();
+        let interval = self.options.split.merge_check_interval_ticks;
+        match self.merge_checks.last.get(&range.group_id) {
+            Some(&at) if now < at + interval => {
+                let checks = &mut self.merge_checks.deferred;
+                if checks.len() < MERGE_CHECKS_DEFERRED_MAX || checks.contains_key(&range.group_id) {
+                    checks.insert(range.group_id, at + interval);
+                }
+            }
+            _ => {
+                self.merge_checks.last.insert(range.group_id, now);
+                self.check_merge(range);
+            }
+        }
+    }
+
+    /// The deferred merge checks that are due, on each group's range as this node stores it now.
+    fn run_due_merge_checks(&mut self) {
+        if self.merge_checks.deferred.is_empty() {
+            return;
+        }
+        let now = self.ticking.now();
+        let due: Vec<u64> =
+            (self.merge_checks.deferred.iter()).filter(|(_, at)| **at <= now).map(|(g, _)| *g).collect();
+        for group_id in due {
+            self.merge_checks.deferred.remove(&group_id);
+            self.merge_checks.last.insert(group_id, now);
+            let stored = self.kv.range(group_id).ok().flatten();
+            let Some(range) = stored.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok()) else { continue };
+            if range.lists_node(self.options.node_id) && !range.is_merging() {
+                let checked = flotilla_engine::panics::catch("measuring ranges to merge", || self.check_merge(&range));
+                if let Err(reason) = checked {
+                    return self.failure.fail(self.options.node_id, reason);
+                }
+            }
         }
     }
 
@@ -238,17 +302,44 @@ impl Replicas {
     /// Measures `range`'s data (`split_check.rs`); over the bound, asks the host to split it near the middle of
     /// its bytes. A state machine that fails here fails the pollers too: the check is skipped.
     fn check_size(&self, range: &RangeDescriptor) {
-        let (Some(asks), bytes_max) = (&self.options.split_wanted, self.options.split.size_bytes_max) else { return };
+        let (Some(asks), bytes_max) = (&self.options.range_asks, self.options.split.size_bytes_max) else { return };
         let checked = crate::split_check::check_size(self.kv.as_ref(), range, bytes_max, SIZE_CHECK_PAGE_KEYS);
         if let Ok(check) = &checked {
             let _ = self.mailboxes.send(range.group_id, PeerMsg::SizeMeasured { bytes: check.bytes });
         }
         if let Ok(crate::split_check::SizeCheck { split_key: Some(split_key), .. }) = checked {
             metrics::counter!("flotilla_splits_asked_total", "reason" => "size").increment(1);
-            let reason = crate::split_trigger::SplitReason::Size;
-            let wanted = SplitWanted { node_id: self.options.node_id, range: range.clone(), split_key, reason };
+            let reason = crate::split_trigger::AskReason::Size;
+            let wanted = RangeAsk { node_id: self.options.node_id, range: range.clone(), split_key, reason };
             let _ = asks.try_send(wanted); // advisory: the next check asks again
         }
+    }
+
+    /// Measures `range` and its left neighbour here (`split_check.rs`); if the range is under
+    /// `merge_size_bytes_max` and the two together under half of `size_bytes_max` (a merged range never splits
+    /// again by size at once), asks the host to merge it. A state machine that fails here fails the pollers too:
+    /// the check is skipped.
+    fn check_merge(&self, range: &RangeDescriptor) {
+        let split = &self.options.split;
+        let Some(asks) = &self.options.range_asks else { return };
+        let Some((left_id, left_start, left_end)) = self.claims.left_of(&range.start) else { return };
+        let measure = |start: &[u8], end: &[u8], bytes_max: u64| {
+            let range = RangeDescriptor { start: start.to_vec(), end: end.to_vec(), ..RangeDescriptor::default() };
+            crate::split_check::check_size(self.kv.as_ref(), &range, bytes_max, SIZE_CHECK_PAGE_KEYS).map(|c| c.bytes)
+        };
+        let together_max = split.size_bytes_max / 2;
+        let Ok(bytes) = measure(&range.start, &range.end, split.merge_size_bytes_max) else { return };
+        if bytes > split.merge_size_bytes_max || bytes > together_max {
+            return;
+        }
+        let Ok(left_bytes) = measure(&left_start, &left_end, together_max) else { return };
+        if bytes + left_bytes > together_max {
+            return;
+        }
+        metrics::counter!("flotilla_merges_asked_total").increment(1);
+        let reason = AskReason::Merge { into_group_id: left_id };
+        let wanted = RangeAsk { node_id: self.options.node_id, range: range.clone(), split_key: Vec::new(), reason };
+        let _ = asks.try_send(wanted); // advisory: asked again at the next check
     }
 
     /// Registers a replica just opened, its ticks settled first: a fresh replica owes none for the time before it

@@ -122,7 +122,7 @@ pub struct ForwardRequest {
     pub id: u64,
     #[prost(uint64, tag = "2")]
     pub group_id: u64,
-    #[prost(oneof = "ForwardOp", tags = "3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "ForwardOp", tags = "3, 4, 5, 6, 7, 8, 9")]
     pub op: Option<ForwardOp>,
 }
 
@@ -148,6 +148,10 @@ pub enum ForwardOp {
     /// A step of a merge (`flotilla merge`): proposed as it is; answered with the range after it.
     #[prost(message, boxed, tag = "8")]
     Merge(Box<flotilla_raftstore::command::MergeCommand>),
+    /// `SplitAt`, asked by a split trigger rather than by request: the new range is not sticky (the merge
+    /// trigger may undo it).
+    #[prost(bytes = "vec", tag = "9")]
+    TriggeredSplitAt(Vec<u8>),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability ({} reads served locally, {} of them while the node's pollers stood still), {} with unknown outcome, {} node crashes, {} torn writes, {} pauses, {} stall duels, {} leadership transfers, {} membership changes proposed ({} applied, {} replicas destroyed), {} splits proposed ({} applied; {} asked by the size and load triggers; {} client attempts routed again after one), {} merges asked ({} frozen, {} committed), {} log compactions, {} snapshots installed, {} replica ticks slept through)",
+        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability ({} reads served locally, {} of them while the node's pollers stood still), {} with unknown outcome, {} node crashes, {} torn writes, {} pauses, {} stall duels, {} leadership transfers, {} membership changes proposed ({} applied, {} replicas destroyed), {} splits proposed ({} applied; {} asked by the size and load triggers; {} client attempts routed again after one), {} merges asked of leaders ({} asks from the merge trigger; {} frozen, {} committed), {} log compactions, {} snapshots installed, {} replica ticks slept through)",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.operations,
@@ -71,6 +71,7 @@ fn main() -> ExitCode {
         total.splits_asked,
         total.reroutes,
         total.merges,
+        total.merges_asked_by_trigger,
         total.merges_frozen,
         total.merges_committed,
         total.compactions,

@@ -43,7 +43,7 @@ use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::{Envelope, ReplicaMessage};
 use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
 use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
-use flotilla_raftstore::split_trigger::{SplitOptions, SplitWanted};
+use flotilla_raftstore::split_trigger::{RangeAsk, SplitOptions};
 use flotilla_raftstore::store::liveness::{Liveness, NodeMessage};
 use flotilla_raftstore::store::stepped::SteppedStore;
 use flotilla_raftstore::store::ticks::ManualClock;
@@ -113,6 +113,8 @@ pub struct StoreSimReport {
     /// Merges asked (a left range locked for its right neighbour), of them the right ranges frozen, and the
     /// merges that committed (groups ended by one, counted from the nodes' records at the end).
     pub merges: u64,
+    /// Merges the trigger asked for (asked, among `merges`, during the faults).
+    pub merges_asked_by_trigger: u64,
     pub merges_frozen: u64,
     pub merges_committed: u64,
 }
@@ -142,6 +144,7 @@ impl StoreSimReport {
         self.splits_asked += other.splits_asked;
         self.merges += other.merges;
         self.merges_frozen += other.merges_frozen;
+        self.merges_asked_by_trigger += other.merges_asked_by_trigger;
         self.merges_committed += other.merges_committed;
     }
 }
@@ -165,7 +168,7 @@ struct Running {
     liveness: Liveness,
     store: SteppedStore,
     /// The splits its leaders ask for (`split_trigger.rs`).
-    asks: crossbeam_channel::Receiver<SplitWanted>,
+    asks: crossbeam_channel::Receiver<RangeAsk>,
 }
 
 struct Node {
@@ -364,7 +367,7 @@ impl Sim {
             })
             .collect();
         let clients = vec![None; rng.range(2, 5) as usize];
-        let split_triggers = ranges::split_options(&mut rng);
+        let split_triggers = ranges::split_options(&mut rng, ranges.len() as u64);
         let tables = vec![ranges.clone(); clients.len()];
         let mut sim = Sim {
             rng,
@@ -417,7 +420,7 @@ impl Sim {
             peer: peer_options(&mut self.rng),
             log_bytes_max: 2 * wal_options().segment_bytes_max,
             split: self.split_triggers.clone().unwrap_or_default(),
-            split_wanted: self.split_triggers.is_some().then_some(ask),
+            range_asks: self.split_triggers.is_some().then_some(ask),
             ..StoreOptions::default()
         };
         let node = &mut self.nodes[position];

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use flotilla_raftstore::command::{MergeCommand, MergeStep, Outcome as Applied};
 use flotilla_raftstore::range::{RangeDescriptor, SplitRequest};
-use flotilla_raftstore::split_trigger::{SplitOptions, SplitWanted};
+use flotilla_raftstore::split_trigger::{AskReason, RangeAsk, SplitOptions};
 use flotilla_raftstore::store::{Mailboxes, PeerMsg};
 
 use super::{Sim, SimResult};
@@ -35,14 +35,25 @@ pub(super) fn merged_away(kv: &flotilla_engine::state_machine::StateMachine, gro
 
 /// The split triggers' bounds for a seed: off in some runs; else tiny (a range of a few keys splits by size, a
 /// few requests per window make it hot), so that the triggers split ranges all through the faults.
-pub(super) fn split_options(rng: &mut SimRng) -> Option<SplitOptions> {
+pub(super) fn split_options(rng: &mut SimRng, initial_groups: u64) -> Option<SplitOptions> {
     if rng.chance_per_mille(300) {
         return None;
     }
     let load =
         LoadSplitOptions { requests_per_window_max: 3, hot_windows: 2, samples_max: 16, side_share_min_percent: 25 };
     let size_bytes_max = rng.range(24, 64);
-    Some(SplitOptions { size_bytes_max, size_check_written_bytes: 16, load_window_ticks: 5, load })
+    // Merges of cold ranges with at most a key or two, checked every 50 ticks; in half the runs the initial
+    // layout's ranges may merge too.
+    let initial_groups = if rng.chance_per_mille(500) { 0 } else { initial_groups };
+    Some(SplitOptions {
+        size_bytes_max,
+        size_check_written_bytes: 16,
+        load_window_ticks: 5,
+        load,
+        merge_size_bytes_max: size_bytes_max / 2,
+        merge_check_interval_ticks: 50,
+        initial_groups,
+    })
 }
 
 /// The range of `table` holding `key`, if any (a table may have holes while a split's parts are being learned).
@@ -79,15 +90,19 @@ impl Sim {
             return Ok(());
         }
         let (left, right) = pairs[self.rng.below(pairs.len() as u64) as usize];
-        let (Some(left_position), Some(right_position)) = (self.leader_position(left), self.leader_position(right))
-        else {
-            return Ok(());
-        };
+        let Some(right_position) = self.leader_position(right) else { return Ok(()) };
         let Some(right_range) =
             self.running(right_position).store.with_fsm(right, |fsm| fsm.peer().descriptor().clone())
         else {
             return Ok(());
         };
+        self.ask_merge(left, right_range)
+    }
+
+    /// Locks group `left` for merging `right_range` in, on its leader (the freeze follows the lock's answer).
+    fn ask_merge(&mut self, left: u64, right_range: RangeDescriptor) -> SimResult<()> {
+        let right = right_range.group_id;
+        let Some(left_position) = self.leader_position(left) else { return Ok(()) };
         if self.trace {
             println!("step {} node {}: lock group {left} to merge group {right}", self.step, left_position + 1);
         }
@@ -206,8 +221,15 @@ impl Sim {
     pub(super) fn take_asks(&mut self) -> SimResult<()> {
         for position in 0..self.nodes.len() {
             let Some(running) = &self.nodes[position].running else { continue };
-            let asks: Vec<SplitWanted> = running.asks.try_iter().collect();
+            let asks: Vec<RangeAsk> = running.asks.try_iter().collect();
             for wanted in asks {
+                if let AskReason::Merge { into_group_id } = wanted.reason {
+                    self.report.merges_asked_by_trigger += 1;
+                    if self.faults && self.is_up(position) {
+                        self.ask_merge(into_group_id, wanted.range)?;
+                    }
+                    continue;
+                }
                 self.report.splits_asked += 1;
                 if self.faults && self.is_up(position) {
                     self.propose_split(position, &wanted.range, wanted.split_key)?;
@@ -239,7 +261,7 @@ impl Sim {
                 self.step, self.nodes[position].id
             );
         }
-        let split = SplitRequest { split_key, right_group_id, right_replica_ids };
+        let split = SplitRequest { split_key, right_group_id, right_replica_ids, sticky: false };
         let (reply, answer) = oneshot::channel();
         if self.running(position).store.mailboxes().send(group, PeerMsg::Split { split, reply }).is_ok() {
             self.split_replies.push(answer);
@@ -326,8 +348,12 @@ mod tests {
         let replicas = [Replica::voter(1, 1)];
         let whole = initial_ranges(1, 1, &replicas).remove(0);
         let split = |range: &RangeDescriptor, key: &[u8], group: u64| {
-            let request =
-                SplitRequest { split_key: key.to_vec(), right_group_id: group, right_replica_ids: vec![group] };
+            let request = SplitRequest {
+                split_key: key.to_vec(),
+                right_group_id: group,
+                right_replica_ids: vec![group],
+                sticky: false,
+            };
             range.split(&request).unwrap()
         };
         let (left, right) = split(&whole, b"m", 2);
