@@ -182,7 +182,7 @@ impl RangeTable {
             }
             // Frozen for a merge: for a moment (then its keys are the left group's, or it takes them again).
             Some(Err(PeerError::Range(RangeError::Merging { .. }))) if in_time => {
-                Attempt::Retry(Duration::from_millis(10))
+                Attempt::Retry(Duration::from_millis(2))
             }
             Some(Err(PeerError::Stopped(reason))) => Attempt::Fail(RouteError::Storage(reason)),
             Some(Err(PeerError::TooLarge { bytes, max })) => Attempt::Fail(RouteError::InvalidArgument(format!(

@@ -129,6 +129,15 @@ impl<S: Storage> RawNode<S> {
         self.raft.resume_after_pause();
     }
 
+    /// As the leader, tells every member the commit index now, by a heartbeat round as at a heartbeat tick —
+    /// for an entry that committed with nothing to follow it, which the followers would otherwise learn of only
+    /// at the next heartbeat. Nothing on a follower.
+    pub fn broadcast_commit(&mut self) {
+        if self.raft.role == StateRole::Leader {
+            self.raft.broadcast_heartbeat_with_context(Bytes::new());
+        }
+    }
+
     pub fn report_unreachable(&mut self, id: u64) {
         self.raft.report_unreachable(id);
     }

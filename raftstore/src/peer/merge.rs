@@ -38,10 +38,6 @@ use crate::command::{Command, MergeCommand, MergeStep};
 use crate::message::{MergeAskMessage, MergeReady, ReplicaMessage};
 use crate::range::{RangeDescriptor, RangeEpoch};
 
-/// Ticks between two steps of a merge's progress on a replica (confirmations sent, the other group looked at,
-/// the next step asked).
-pub const MERGE_CHECK_TICKS: u64 = 1;
-
 /// Ticks a frozen range waits for every replica to hold its freeze before the merge is given up (a replica's
 /// node is down, say), and a locked range for its neighbour to freeze: 20 s at the store's default 100 ms tick.
 pub const MERGE_TIMEOUT_TICKS: u64 = 200;
@@ -52,8 +48,8 @@ pub enum MergeAsk {
     /// Propose `command` (a merge step) to group `group_id`, through its replica on this node (advisory: asked
     /// again while the merge lasts; a duplicate is refused by its epoch).
     Propose { group_id: u64, command: Box<Command> },
-    /// Make the state machine durable: this replica's decision is not yet.
-    Checkpoint,
+    /// Make the state machine durable, then wake group `group_id`'s replica: its decision is not durable yet.
+    Checkpoint { group_id: u64 },
 }
 
 /// A replica's progress in a merge (reset whenever its range's merge state changes).
@@ -63,7 +59,10 @@ pub(super) struct MergeProgress {
     seen: Option<(u64, u64)>,
     /// Ticks since then.
     ticks: u64,
-    ticks_to_check: u64,
+    /// When (in `ticks`) it last asked for a checkpoint.
+    checkpoint_asked_at: Option<u64>,
+    /// The log index of the last step it proposed itself.
+    proposed_at: Option<u64>,
     /// As the right range's leader: the replicas that confirmed the decision durable.
     confirmed: BTreeSet<u64>,
 }
@@ -129,10 +128,11 @@ impl Peer {
         }
     }
 
-    /// Time passed for a replica in a merge (`ticks` of them): every [`MERGE_CHECK_TICKS`] it moves its part on
-    /// (see the module docs), looking at its node's replicas of the other group in `kv`. Nothing while its
-    /// range is neither frozen nor locked.
-    pub fn merge_tick(&mut self, ticks: u64, kv: &dyn KvEngine) -> Vec<MergeAsk> {
+    /// A replica in a merge is handled, `ticks` of time having passed since the last handling (0 for a message
+    /// alone): it moves its part on at once (see the module docs), looking at its node's replicas of the other
+    /// group in `kv` — a merge's steps follow one another as fast as its messages and writes go, not at the
+    /// pace of ticks, which only its timeouts count. Nothing while its range is neither frozen nor locked.
+    pub fn merge_step(&mut self, ticks: u64, kv: &dyn KvEngine) -> Vec<MergeAsk> {
         let seen = match (self.descriptor.merge, self.descriptor.merge_lock) {
             (Some(state), _) => Some((state.frozen_index, state.decided_index)),
             (None, Some(_)) => Some((0, self.descriptor.epoch().version)),
@@ -145,11 +145,6 @@ impl Peer {
             return Vec::new();
         }
         self.merge.ticks += ticks;
-        self.merge.ticks_to_check = self.merge.ticks_to_check.saturating_sub(ticks);
-        if self.merge.ticks_to_check > 0 || ticks == 0 {
-            return Vec::new();
-        }
-        self.merge.ticks_to_check = MERGE_CHECK_TICKS;
         if self.descriptor.merge.is_some() {
             self.frozen_tick(kv)
         } else {
@@ -164,8 +159,13 @@ impl Peer {
         let mut asks = Vec::new();
         let me = self.raw.raft.id;
         let durable = state.decided_index != 0 && kv.durable_applied(self.group_id()).0 >= state.decided_index;
-        if state.decided_index != 0 && !durable {
-            asks.push(MergeAsk::Checkpoint);
+        if state.decided_index != 0
+            && !durable
+            && self.merge.checkpoint_asked_at.is_none_or(|at| self.merge.ticks >= at + 10)
+        {
+            // Once, and again after ten ticks if it did not come (the replicas thread's queue was full).
+            self.merge.checkpoint_asked_at = Some(self.merge.ticks);
+            asks.push(MergeAsk::Checkpoint { group_id: self.group_id() });
         }
         if !self.is_leader() {
             let leader = self.raw.raft.leader_id;
@@ -187,7 +187,7 @@ impl Peer {
                 None
             };
             if let Some(step) = step {
-                self.propose_merge(0, MergeCommand::new(step, None, None));
+                self.propose_own_step(step);
             }
             return asks;
         }
@@ -224,7 +224,7 @@ impl Peer {
         match right {
             Some(right) if frozen_for_this(&right) => Vec::new(), // the right group drives it now
             Some(right) if moved_past(right.epoch(), right_epoch) => {
-                self.propose_merge(0, MergeCommand::new(MergeStep::Cancel, None, None));
+                self.propose_own_step(MergeStep::Cancel);
                 Vec::new()
             }
             _ if self.merge.ticks >= MERGE_TIMEOUT_TICKS => {
@@ -233,6 +233,16 @@ impl Peer {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Proposes a step this replica decided on (as the leader), unless its last one is still on its way (not
+    /// applied yet): it is looked at on every handling, and one entry is enough.
+    fn propose_own_step(&mut self, step: MergeStep) {
+        if self.merge.proposed_at.is_some_and(|at| self.applied_index < at) {
+            return;
+        }
+        self.propose_merge(0, MergeCommand::new(step, None, None));
+        self.merge.proposed_at = Some(self.raw.raft.raft_log.last_index());
     }
 
     /// A replica's confirmation that it holds the decision durably (counted by the leader of a range decided at

@@ -128,6 +128,11 @@ impl Peer {
     /// [`Peer::apply_committed`]): their clients are answered.
     pub fn on_applied(&mut self, index: u64, outcomes: Vec<Applied>) {
         self.raw.on_applied(index);
+        if outcomes.iter().any(|applied| matches!(applied.outcome, Outcome::Merge { .. })) {
+            // A merge's next step waits on every replica applying this one (`merge.rs`): tell them it committed
+            // now, not at the next heartbeat.
+            self.raw.broadcast_commit();
+        }
         self.applied_index = index;
         let mut outcomes: BTreeMap<u64, Applied> =
             outcomes.into_iter().map(|applied| (applied.index, applied)).collect();

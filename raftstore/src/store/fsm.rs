@@ -130,6 +130,8 @@ pub struct PeerFsm {
     pub(crate) read_lease: Arc<ReadLease>,
     /// When this replica, leading, asks to be split (`split_trigger.rs`).
     pub(crate) split_trigger: SplitTrigger,
+    /// Ticks taken up since its merge progress last counted them (`Peer::merge_step`).
+    pub(crate) merge_ticks: u64,
 }
 
 impl Fsm for PeerFsm {
@@ -152,6 +154,7 @@ impl PeerFsm {
             addresses_told: None,
             read_lease,
             split_trigger,
+            merge_ticks: 0,
         }
     }
 

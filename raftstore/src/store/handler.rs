@@ -250,6 +250,15 @@ impl StoreHandler {
 }
 
 impl StoreHandler {
+    /// Moves a replica's part in a merge on, if its range is in one (`Peer::merge_step`): after its messages, and
+    /// after its applies (the entry applied may be the step another waited for).
+    fn merge_step(&self, fsm: &mut PeerFsm) {
+        if fsm.peer.descriptor().is_merging() {
+            let ticks = std::mem::take(&mut fsm.merge_ticks);
+            self.carry_out_merge_asks(fsm.peer.merge_step(ticks, self.kv.as_ref()));
+        }
+    }
+
     /// What a replica in a merge asks beyond its group (`peer/merge.rs`), for the replicas thread (advisory:
     /// dropped if its queue is full, asked again later).
     fn carry_out_merge_asks(&self, asks: Vec<crate::peer::merge::MergeAsk>) {
@@ -258,7 +267,7 @@ impl StoreHandler {
                 crate::peer::merge::MergeAsk::Propose { group_id, command } => {
                     ReplicaTask::MergeAsk { group_id, command }
                 }
-                crate::peer::merge::MergeAsk::Checkpoint => ReplicaTask::Checkpoint,
+                crate::peer::merge::MergeAsk::Checkpoint { group_id } => ReplicaTask::Checkpoint(group_id),
             };
             let _ = self.tasks.try_send(task);
         }
@@ -288,12 +297,14 @@ impl PollHandler<PeerFsm> for StoreHandler {
                 self.ask_split(fsm, split_key, AskReason::Load);
             }
             if fsm.peer.descriptor().is_merging() {
-                self.carry_out_merge_asks(fsm.peer.merge_tick(ticks, self.kv.as_ref()));
+                fsm.merge_ticks += ticks;
             }
         }
         for message in messages.drain(..) {
             fsm.on_message(message, self.kv.as_ref());
         }
+        // After the messages: a confirmation or an append answer may be what the next step waited for.
+        self.merge_step(fsm);
         let output = fsm.peer.take_output(self.kv.as_ref());
         self.carry_out(fsm, output);
         if let Some(holder) = fsm.peer.take_overlapped_by() {
@@ -363,6 +374,7 @@ impl StoreHandler {
                 let campaign = split_leader(&range) == Some(self.node_id);
                 let _ = self.tasks.send(ReplicaTask::Split { range: Box::new(range), campaign });
             }
+            self.merge_step(fsm);
             let output = fsm.peer.take_output(self.kv.as_ref());
             self.carry_out(fsm, output);
         }

@@ -45,8 +45,9 @@ pub(crate) enum ReplicaTask {
     CheckMembership(u64),
     /// The other group of a merge asks this group's replica here to propose a merge step (`peer/merge.rs`).
     MergeAsk { group_id: u64, command: Box<crate::command::Command> },
-    /// A replica in a merge needs its state machine durable (`peer/merge.rs`): a checkpoint.
-    Checkpoint,
+    /// A replica in a merge needs its state machine durable (`peer/merge.rs`): a checkpoint, then the replica
+    /// is woken to see it.
+    Checkpoint(u64),
     /// A merge ended this group's replica here (its record is written; its data is the other group's now).
     MergedAway(u64),
     /// This range, which this node leads, went cold: is it small enough to merge into its left neighbour?
@@ -158,8 +159,11 @@ impl Replicas {
                 let _ = self.mailboxes.send(group_id, PeerMsg::MergeAsk { command });
                 Ok(())
             }
-            ReplicaTask::Checkpoint => match self.kv.flush() {
-                Ok(()) => Ok(()),
+            ReplicaTask::Checkpoint(group_id) => match self.kv.flush() {
+                Ok(()) => {
+                    let _ = self.mailboxes.send(group_id, PeerMsg::Tick);
+                    Ok(())
+                }
                 Err(error) => Err(format!("a checkpoint for a merge: {error}")),
             },
             ReplicaTask::CheckMerge(range) => {

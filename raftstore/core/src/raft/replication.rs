@@ -175,7 +175,7 @@ impl<S: Storage> Raft<S> {
         self.send_heartbeats(context, skip_after);
     }
 
-    pub(super) fn broadcast_heartbeat_with_context(&mut self, context: Bytes) {
+    pub(crate) fn broadcast_heartbeat_with_context(&mut self, context: Bytes) {
         self.send_heartbeats(context, None);
     }
 
