@@ -235,6 +235,17 @@ impl Peer {
         }
     }
 
+    /// A range decided for a merge applies nothing after its decision (`peer/merge.rs`): what could follow — a new
+    /// leader's no-op, a step refused — changes nothing, and its applied index must stay where the left group's
+    /// commit reads it: the commit writes this group's record with that index, in a state machine write that
+    /// must not go behind one of this group's own in the same round (`store-sim` seed 342).
+    pub(super) fn hold_apply_once_decided(&mut self) {
+        let decided_at = self.descriptor.merge.map_or(0, |state| state.decided_index);
+        if decided_at != 0 && self.applied_index >= decided_at {
+            self.raw.hold_apply(true);
+        }
+    }
+
     /// Proposes a step this replica decided on (as the leader), unless its last one is still on its way (not
     /// applied yet): it is looked at on every handling, and one entry is enough.
     fn propose_own_step(&mut self, step: MergeStep) {

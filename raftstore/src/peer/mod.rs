@@ -249,7 +249,7 @@ impl Peer {
             // its replica replaces this one — or a snapshot comes.
             raw.hold_apply(true);
         }
-        Ok(Peer {
+        let mut peer = Peer {
             raw,
             descriptor,
             writes: BTreeMap::new(),
@@ -274,7 +274,9 @@ impl Peer {
             merge: merge::MergeProgress::default(),
             merge_proposed_at: 0,
             merged_away: Vec::new(),
-        })
+        };
+        peer.hold_apply_once_decided();
+        Ok(peer)
     }
 
     pub fn group_id(&self) -> u64 {

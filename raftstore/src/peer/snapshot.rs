@@ -410,6 +410,7 @@ impl Peer {
             self.descriptor.group_id
         );
         self.applied_index = index;
+        self.hold_apply_once_decided();
         while let Some(entry) = self.writes.first_entry().filter(|entry| *entry.key() <= index) {
             let unknown =
                 entry.remove().into_iter().map(|write| (write.token, Response::Failed(PeerError::OutcomeUnknown)));
