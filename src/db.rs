@@ -886,12 +886,7 @@ mod tests {
         }
         // Split behind the table's back: it still says one range, group 1 holds every key.
         let routes = db.routes();
-        let split = SplitRequest {
-            split_key: b"k20".to_vec(),
-            right_group_id: 2,
-            right_replica_ids: vec![11, 12, 13],
-            sticky: false,
-        };
+        let split = SplitRequest::new(b"k20".to_vec(), (2, 11), 3);
         let make = |reply| PeerMsg::Split { split: split.clone(), reply };
         assert!(db.call(&routes, 0, db.deadline(), make).unwrap().is_some());
         assert_eq!(db.routes().table.len(), 1, "the table has not seen it");

@@ -403,12 +403,7 @@ mod tests {
             replicas: vec![Replica::voter(1, 1), Replica::voter(2, 2), learner.clone()],
             ..RangeDescriptor::default()
         };
-        let request = SplitRequest {
-            split_key: b"m".to_vec(),
-            right_group_id: 8,
-            right_replica_ids: vec![11, 12, 13],
-            sticky: false,
-        };
+        let request = SplitRequest::new(b"m".to_vec(), (8, 11), 3);
         let (left, right) = range.split(&request).unwrap();
         assert_eq!((left.group_id, left.start.as_slice(), left.end.as_slice()), (7, &b"b"[..], &b"m"[..]));
         assert_eq!((right.group_id, right.start.as_slice(), right.end.as_slice()), (8, &b"m"[..], &b""[..]));

@@ -984,12 +984,7 @@ impl Group {
 fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a_new_group() {
     let mut group = Group::led_by(1);
     write_keys(&mut group, 1, 10, "v");
-    let split = SplitRequest {
-        split_key: b"k05".to_vec(),
-        right_group_id: 6,
-        right_replica_ids: vec![11, 12, 13],
-        sticky: false,
-    };
+    let split = SplitRequest::new(b"k05".to_vec(), (6, 11), 3);
     let Response::Written(Outcome::Split { right }) = group.split(1, 300, split.clone()) else {
         panic!("the split was not applied");
     };
@@ -1027,18 +1022,8 @@ fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a
     assert!(matches!(group.split(1, 304, split), Response::Failed(PeerError::InvalidSplit(_))));
     // Two splits proposed before either applies: the second was routed with an epoch the first moved past, and is
     // refused where it applies — on every replica alike.
-    let first = SplitRequest {
-        split_key: b"k02".to_vec(),
-        right_group_id: 7,
-        right_replica_ids: vec![21, 22, 23],
-        sticky: false,
-    };
-    let second = SplitRequest {
-        split_key: b"k03".to_vec(),
-        right_group_id: 8,
-        right_replica_ids: vec![31, 32, 33],
-        sticky: false,
-    };
+    let first = SplitRequest::new(b"k02".to_vec(), (7, 21), 3);
+    let second = SplitRequest::new(b"k03".to_vec(), (8, 31), 3);
     group.node(1).peer.propose_split(305, first);
     group.node(1).peer.propose_split(306, second);
     assert!(matches!(group.response(305), Response::Written(Outcome::Split { .. })));
@@ -1051,12 +1036,7 @@ fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a
         assert_eq!(group.node(id).peer.descriptor().epoch().version, 3);
     }
     // A follower refuses to propose a split.
-    let on_follower = SplitRequest {
-        split_key: b"c".to_vec(),
-        right_group_id: 9,
-        right_replica_ids: vec![41, 42, 43],
-        sticky: false,
-    };
+    let on_follower = SplitRequest::new(b"c".to_vec(), (9, 41), 3);
     assert!(matches!(group.split(2, 307, on_follower), Response::Failed(PeerError::NotLeader { .. })));
 }
 
@@ -1069,12 +1049,7 @@ fn a_split_cut_off_with_its_leader_is_dropped_and_the_next_leaders_split_applies
     let mut group = Group::led_by(1);
     write_keys(&mut group, 1, 10, "v");
     group.isolated = 1; // nothing node 1 sends arrives, nor anything sent to it
-    let lost = SplitRequest {
-        split_key: b"k05".to_vec(),
-        right_group_id: 6,
-        right_replica_ids: vec![11, 12, 13],
-        sticky: false,
-    };
+    let lost = SplitRequest::new(b"k05".to_vec(), (6, 11), 3);
     group.node(1).peer.propose_split(400, lost);
     group.settle();
     assert!(group.tick_until(60, |g| g.leader_among_2_and_3().is_some()), "replicas 2 and 3 elect a leader");
@@ -1090,12 +1065,7 @@ fn a_split_cut_off_with_its_leader_is_dropped_and_the_next_leaders_split_applies
     }
     // The new leader's split applies on every replica, node 1's too.
     group.descriptor = group.node(leader).peer.descriptor().clone();
-    let split = SplitRequest {
-        split_key: b"k05".to_vec(),
-        right_group_id: 7,
-        right_replica_ids: vec![21, 22, 23],
-        sticky: false,
-    };
+    let split = SplitRequest::new(b"k05".to_vec(), (7, 21), 3);
     assert!(matches!(group.split(leader, 402, split), Response::Written(Outcome::Split { .. })));
     assert!(group.tick_until(20, |g| (1..=3).all(|id| g.node(id).peer.descriptor().end == b"k05")));
     for id in 1..=3 {

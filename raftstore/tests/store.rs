@@ -472,12 +472,7 @@ fn a_split_opens_the_new_group_on_every_node_and_it_serves_its_range() {
     let cluster = one_group_on_three_nodes();
     let (nodes, group_id, deadline) = (&cluster.nodes, cluster.group_id, cluster.deadline);
     put(nodes, group_id, b"m1", b"before", deadline);
-    let split = SplitRequest {
-        split_key: b"m".to_vec(),
-        right_group_id: 2,
-        right_replica_ids: vec![11, 12, 13],
-        sticky: false,
-    };
+    let split = SplitRequest::new(b"m".to_vec(), (2, 11), 3);
     let make = |reply| PeerMsg::Split { split: split.clone(), reply };
     let outcome = until_outcome(nodes, group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
     let Outcome::Split { right } = outcome else { unreachable!() };
@@ -609,12 +604,7 @@ fn new_group_heard_before_the_split(snapshots_sent: bool) {
     put(&nodes, group_id, b"m1", b"before", deadline);
     hold.held.store(true, std::sync::atomic::Ordering::SeqCst);
     hold.chunks_held.store(!snapshots_sent, std::sync::atomic::Ordering::SeqCst);
-    let split = SplitRequest {
-        split_key: b"m".to_vec(),
-        right_group_id: 2,
-        right_replica_ids: vec![11, 12, 13],
-        sticky: false,
-    };
+    let split = SplitRequest::new(b"m".to_vec(), (2, 11), 3);
     let make = |reply| PeerMsg::Split { split: split.clone(), reply };
     until_outcome(&nodes[..1], group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
     put(&nodes[..2], 2, b"m2", b"after", deadline);
@@ -662,12 +652,7 @@ fn a_replica_cut_off_during_a_split_catches_up_on_both_groups_by_snapshot() {
     for i in 0..50u32 {
         put(&nodes[..2], group_id, format!("{}{i:02}", if i % 2 == 0 { 'a' } else { 'x' }).as_bytes(), b"1", deadline);
     }
-    let split = SplitRequest {
-        split_key: b"m".to_vec(),
-        right_group_id: 2,
-        right_replica_ids: vec![11, 12, 13],
-        sticky: false,
-    };
+    let split = SplitRequest::new(b"m".to_vec(), (2, 11), 3);
     let make = |reply| PeerMsg::Split { split: split.clone(), reply };
     until_outcome(&nodes[..2], group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
     for i in 0..50u32 {
@@ -725,12 +710,7 @@ fn a_removed_learner_holding_a_split_groups_keys_is_found_out_when_the_new_group
     wait_until(deadline, "node 4's learner caught up", || node_4.kv.get(b"m1").unwrap().is_some());
     transport.remove_node(4);
     change(&nodes[..3], group_id, MembershipChange::Remove { replica_id: 4 }, deadline);
-    let split = SplitRequest {
-        split_key: b"m".to_vec(),
-        right_group_id: 2,
-        right_replica_ids: vec![11, 12, 13],
-        sticky: false,
-    };
+    let split = SplitRequest::new(b"m".to_vec(), (2, 11), 3);
     let make = |reply| PeerMsg::Split { split: split.clone(), reply };
     until_outcome(&nodes[..3], group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
     put(&nodes[..3], 2, b"m2", b"after", deadline);
@@ -776,12 +756,7 @@ fn ask_merge(nodes: &[Node], left: u64, right: u64, deadline: Instant) -> RangeD
 fn a_merge_gives_the_right_range_back_to_the_left_group_on_every_node() {
     let cluster = one_group_on_three_nodes();
     let (nodes, group_id, deadline) = (&cluster.nodes, cluster.group_id, cluster.deadline);
-    let split = SplitRequest {
-        split_key: b"m".to_vec(),
-        right_group_id: 2,
-        right_replica_ids: vec![11, 12, 13],
-        sticky: false,
-    };
+    let split = SplitRequest::new(b"m".to_vec(), (2, 11), 3);
     let make = |reply| PeerMsg::Split { split: split.clone(), reply };
     until_outcome(nodes, group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
     put(nodes, group_id, b"a1", b"left", deadline);
@@ -822,8 +797,7 @@ fn split_on_three_nodes_holding(dir: &std::path::Path, hold: &Arc<HoldGroupToNod
     nodes.push(start_node(3, dir, &ranges, &hold.inner));
     nodes[0].store.campaign_all([1]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    let ids = vec![right * 10 + 1, right * 10 + 2, right * 10 + 3];
-    let split = SplitRequest { split_key: b"m".to_vec(), right_group_id: right, right_replica_ids: ids, sticky: false };
+    let split = SplitRequest::new(b"m".to_vec(), (right, right * 10 + 1), 3);
     let make = |reply| PeerMsg::Split { split: split.clone(), reply };
     until_outcome(&nodes, 1, deadline, make, |o| matches!(o, Outcome::Split { .. }));
     put(&nodes, 1, b"a1", b"left", deadline);

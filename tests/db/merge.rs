@@ -4,17 +4,7 @@
 
 use flotilla::{Config, Db, DbError};
 
-fn key(i: u32) -> Vec<u8> {
-    format!("user:{i:06}").into_bytes()
-}
-
-fn check_all(db: &Db, count: u32, value: &str) {
-    for i in 0..count {
-        assert_eq!(db.get(&key(i)).unwrap().as_deref(), Some(value.as_bytes()), "key {i}");
-    }
-    let pairs = db.scan(b"user:", b"user;", usize::MAX).unwrap();
-    assert_eq!(pairs.len(), count as usize, "one scan across every range");
-}
+use super::split::{check_all, key};
 
 fn merge_and_serve(config: Config) {
     let dir = tempfile::tempdir().unwrap();

@@ -5,11 +5,12 @@
 
 use flotilla::{AsyncDb, Config, Db};
 
-fn key(i: u32) -> Vec<u8> {
+pub(crate) fn key(i: u32) -> Vec<u8> {
     format!("user:{i:06}").into_bytes()
 }
 
-fn check_all(db: &Db, count: u32, value: &str) {
+/// Every key reads `value`, and one scan across every range returns them all, in key order.
+pub(crate) fn check_all(db: &Db, count: u32, value: &str) {
     for i in 0..count {
         assert_eq!(db.get(&key(i)).unwrap().as_deref(), Some(value.as_bytes()), "key {i}");
     }

@@ -37,14 +37,18 @@ impl Peer {
             self.claims.merge(&self.descriptor, &batch.merged);
             self.merged_away.append(&mut batch.merged);
         }
+        let merge_changed = (self.descriptor.merge, self.descriptor.merge_lock) != merge_before;
         if !batch.split_off.is_empty() {
             // The new groups' parts are claimed here in one step with this group's shrinking; one whose group
             // claimed them first (its snapshot came before the split) is not created again (`range_claims.rs`).
             let mut claimed = self.claims.split(&self.descriptor, &batch.split_off).into_iter();
             batch.split_off.retain(|_| claimed.next().expect("one answer per new group"));
-        } else if (self.descriptor.merge, self.descriptor.merge_lock) != merge_before {
+        } else if merge_changed {
             self.claims.hold(&self.descriptor); // a freeze decided (or undone) changes what an install may end
         }
+        // A merge's next step waits on every replica applying this one (`merge.rs`): `on_applied` tells them it
+        // committed at once, not at the next heartbeat.
+        self.merge_step_applied |= merge_changed;
         let (applied, split_off) = batch.finish_with_splits();
         self.split_off.extend(split_off);
         Ok(applied)

@@ -202,6 +202,8 @@ pub struct Peer {
     merge: merge::MergeProgress,
     /// The groups whose replicas here merges into this group ended ([`Peer::take_merged_away`]).
     merged_away: Vec<u64>,
+    /// A merge step changed the range's merge state in the apply `on_applied` reports (see `apply.rs`).
+    merge_step_applied: bool,
     /// The index of the last merge lock or freeze this replica proposed (membership changes wait until it
     /// applies).
     merge_proposed_at: u64,
@@ -274,6 +276,7 @@ impl Peer {
             merge: merge::MergeProgress::default(),
             merge_proposed_at: 0,
             merged_away: Vec::new(),
+            merge_step_applied: false,
         };
         peer.hold_apply_once_decided();
         Ok(peer)

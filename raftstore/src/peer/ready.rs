@@ -129,9 +129,7 @@ impl Peer {
     pub fn on_applied(&mut self, index: u64, outcomes: Vec<Applied>) {
         self.raw.on_applied(index);
         self.hold_apply_once_decided();
-        if outcomes.iter().any(|applied| matches!(applied.outcome, Outcome::Merge { .. })) {
-            // A merge's next step waits on every replica applying this one (`merge.rs`): tell them it committed
-            // now, not at the next heartbeat.
+        if std::mem::take(&mut self.merge_step_applied) {
             self.raw.broadcast_commit();
         }
         self.applied_index = index;

@@ -32,6 +32,7 @@ use super::ticks::Ticking;
 use super::transport::Transport;
 use crate::batch::PollHandler;
 use crate::message::{Envelope, ReplicaMessage};
+use crate::peer::merge::MergeAsk;
 use crate::peer::PeerOutput;
 use crate::peer::{LocalReadGrant, PeerError, PersistedNote};
 use crate::range::RangeDescriptor;
@@ -247,9 +248,7 @@ impl StoreHandler {
         metrics::counter!("flotilla_splits_asked_total", "reason" => label).increment(1);
         let _ = asks.try_send(RangeAsk { node_id: self.node_id, range, split_key, reason });
     }
-}
 
-impl StoreHandler {
     /// Moves a replica's part in a merge on, if its range is in one (`Peer::merge_step`): after its messages, and
     /// after its applies (the entry applied may be the step another waited for).
     fn merge_step(&self, fsm: &mut PeerFsm) {
@@ -261,13 +260,11 @@ impl StoreHandler {
 
     /// What a replica in a merge asks beyond its group (`peer/merge.rs`), for the replicas thread (advisory:
     /// dropped if its queue is full, asked again later).
-    fn carry_out_merge_asks(&self, asks: Vec<crate::peer::merge::MergeAsk>) {
+    fn carry_out_merge_asks(&self, asks: Vec<MergeAsk>) {
         for ask in asks {
             let task = match ask {
-                crate::peer::merge::MergeAsk::Propose { group_id, command } => {
-                    ReplicaTask::MergeAsk { group_id, command }
-                }
-                crate::peer::merge::MergeAsk::Checkpoint { group_id } => ReplicaTask::Checkpoint(group_id),
+                MergeAsk::Propose { group_id, command } => ReplicaTask::MergeAsk { group_id, command },
+                MergeAsk::Checkpoint { group_id } => ReplicaTask::Checkpoint(group_id),
             };
             let _ = self.tasks.try_send(task);
         }
