@@ -73,9 +73,9 @@ impl AsyncDb {
         let deadline = self.db.deadline();
         loop {
             let routes = self.db.routes();
-            let position = routes.route_write(&mut command)?;
+            let position = routes.route_write(&mut command).map_err(|e| self.db.users_error(e))?;
             let make = |reply| PeerMsg::Write { command: command.clone(), reply };
-            match self.call(&routes, position, deadline, make).await? {
+            match self.call(&routes, position, deadline, make).await.map_err(|e| self.db.users_error(e))? {
                 Some(outcome) => return written(outcome),
                 None => tokio::time::sleep(self.db.rerouted(&routes, deadline)?).await,
             }
@@ -96,6 +96,7 @@ impl AsyncDb {
 
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
         self.db.check_key(key)?;
+        let key = &*self.db.stored(key);
         let deadline = self.db.deadline();
         loop {
             let routes = self.db.routes();
@@ -112,6 +113,8 @@ impl AsyncDb {
     }
 
     pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
+        let (start, end) = self.db.keys().stored_bounds(start, end);
+        let (start, end) = (&*start, &*end);
         let deadline = self.db.deadline();
         let mut out = Vec::new();
         let mut from = start.to_vec();
@@ -138,7 +141,7 @@ impl AsyncDb {
                 out.extend(part);
                 from = routes.table.range(position).end.clone();
             }
-            return Ok(out);
+            return Ok(self.db.keys().users_pairs(out));
         }
     }
 

@@ -14,6 +14,7 @@
 //! # Ok::<(), flotilla::DbError>(())
 //! ```
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ use flotilla_engine::wal::record::ENTRY_DATA_BYTES_MAX;
 use flotilla_engine::wal::WalOptions;
 use flotilla_raftstore::batch::Router;
 use flotilla_raftstore::command::{Command, MergeCommand, MergeStep, Op, Outcome};
+use flotilla_raftstore::meta;
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::range::{RangeError, SplitRequest, INITIAL_GROUPS_MAX};
 use flotilla_raftstore::split_trigger::{AskReason, RangeAsk, SplitOptions};
@@ -36,6 +38,7 @@ use flotilla_raftstore::store::{
 use flotilla_router::route::{Answer, Attempt, RangeTable, RouteError};
 
 use crate::db_routes::DbRoutes;
+use crate::keys::KeySpace;
 use crate::layout::{self, DirLock};
 use crate::merge::{merge_progress, MergeProgress, GIVEN_UP};
 use crate::node::Node;
@@ -180,8 +183,10 @@ impl Config {
 pub enum DbError {
     /// The arguments are not acceptable (sizes, empty batch, inverted range): nothing happened.
     InvalidArgument(String),
-    /// An atomic batch touched keys of more than one group: nothing happened. Split it by group.
-    BatchSpansRanges { first_outside: Vec<u8> },
+    /// An atomic batch touched keys of more than one group: nothing happened. Split it by group: `cut_at` is
+    /// where the range of the batch's first key ends (the batch's keys below it may go together; empty: the key
+    /// space's end), `first_outside` the first of its keys past a range's end.
+    BatchSpansRanges { first_outside: Vec<u8>, cut_at: Vec<u8> },
     /// The store is at a bound (uncommitted bytes, pending reads): nothing happened; retry later.
     Busy(String),
     /// No answer in time: a write may or may not have taken effect.
@@ -200,11 +205,13 @@ impl std::fmt::Display for DbError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DbError::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
-            DbError::BatchSpansRanges { first_outside } => {
+            DbError::BatchSpansRanges { first_outside, cut_at } => {
                 write!(
                     f,
-                    "an atomic batch must stay in one group's range; key {:?} is in another",
-                    String::from_utf8_lossy(first_outside)
+                    "an atomic batch must stay in one group's range; key {:?} is in another (the first key's range \
+                     ends at {:?})",
+                    String::from_utf8_lossy(first_outside),
+                    String::from_utf8_lossy(cut_at)
                 )
             }
             DbError::Busy(why) => write!(f, "busy, retry later: {why}"),
@@ -228,7 +235,9 @@ impl From<RouteError> for DbError {
     fn from(error: RouteError) -> DbError {
         match error {
             RouteError::InvalidArgument(what) => DbError::InvalidArgument(what),
-            RouteError::BatchSpansRanges { first_outside } => DbError::BatchSpansRanges { first_outside },
+            RouteError::BatchSpansRanges { first_outside, cut_at } => {
+                DbError::BatchSpansRanges { first_outside, cut_at }
+            }
             RouteError::Busy(why) => DbError::Busy(why),
             RouteError::Timeout => DbError::Timeout,
             RouteError::OutcomeUnknown => DbError::OutcomeUnknown,
@@ -301,6 +310,8 @@ pub struct Db {
     splitter: Splitter,
     disk: Arc<dyn Disk>,
     nodes: Vec<Node>,
+    /// How the users' keys are stored (`keys.rs`): below the meta range's, where the database has one.
+    keys: KeySpace,
     /// The directory's lock, held until everything above has stopped (fields drop in order).
     _lock: DirLock,
 }
@@ -329,7 +340,7 @@ impl Db {
         config.validate()?;
         // Nothing in the directory is read or written before its lock is held.
         let lock = layout::lock(disk.as_ref(), &dir)?;
-        layout::open(disk.as_ref(), &dir, &config)?;
+        let layout = layout::open(disk.as_ref(), &dir, &config)?;
         // The groups' leaders ask the splitter to split their ranges (`split_trigger.rs`).
         let (ask, asks) = crate::splitter::asks();
         config.store.range_asks = Some(ask);
@@ -342,7 +353,7 @@ impl Db {
         let mut views = Vec::new();
         for id in 1..=config.nodes {
             let node_dir = if config.nodes == 1 { dir.clone() } else { layout::node_dir(&dir, id) };
-            let (node, node_ranges) = Node::open(id, &disk, &node_dir, &config, Arc::clone(&transport), true)?;
+            let (node, node_ranges) = Node::open(id, &disk, &node_dir, &config, Arc::clone(&transport), Some(&layout))?;
             in_process.add_node(id, node.store().inbox());
             nodes.push(node);
             views.push(node_ranges);
@@ -368,7 +379,8 @@ impl Db {
             timeout: config.request_timeout,
         };
         let splitter = Splitter::start(asks, move |wanted| asked.propose(wanted));
-        Ok(Db { config, dir, routes, splitting, splitter, disk, nodes, _lock: lock })
+        let keys = KeySpace::new(layout.has_meta_range());
+        Ok(Db { config, dir, routes, splitting, splitter, disk, nodes, keys, _lock: lock })
     }
 
     /// Every node's state machine.
@@ -465,9 +477,15 @@ impl Db {
         Instant::now() + self.config.request_timeout
     }
 
-    /// The command of a write batch, after its checks (routed per attempt: [`DbRoutes::route_write`]).
-    pub(crate) fn write_command(&self, batch: WriteBatch) -> Result<Command, DbError> {
+    /// The command of a write batch, after its checks, with its keys as stored (routed per attempt:
+    /// [`DbRoutes::route_write`]).
+    pub(crate) fn write_command(&self, mut batch: WriteBatch) -> Result<Command, DbError> {
         self.config.check_batch(&batch.ops)?;
+        for op in &mut batch.ops {
+            if let Cow::Owned(stored) = self.stored(&op.key) {
+                op.key = stored;
+            }
+        }
         Ok(Command::write(None, batch.ops))
     }
 
@@ -476,15 +494,36 @@ impl Db {
         self.config.check_key(key)
     }
 
+    /// Where a user's key is stored (`keys.rs`).
+    pub(crate) fn stored<'a>(&self, key: &'a [u8]) -> Cow<'a, [u8]> {
+        self.keys.stored(key)
+    }
+
+    /// The key space's translations (`keys.rs`).
+    pub(crate) fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    /// `error` with the users' keys.
+    pub(crate) fn users_error(&self, error: DbError) -> DbError {
+        match error {
+            DbError::BatchSpansRanges { first_outside, cut_at } => DbError::BatchSpansRanges {
+                first_outside: self.keys.user(&first_outside),
+                cut_at: self.keys.user(&cut_at),
+            },
+            other => other,
+        }
+    }
+
     /// Applies `batch` atomically. Its keys must lie in one group's range ([`DbError::BatchSpansRanges`]).
     pub fn write_batch(&self, batch: WriteBatch) -> Result<(), DbError> {
         let mut command = self.write_command(batch)?;
         let deadline = self.deadline();
         loop {
             let routes = self.routes();
-            let position = routes.route_write(&mut command)?;
+            let position = routes.route_write(&mut command).map_err(|e| self.users_error(e))?;
             let make = |reply| PeerMsg::Write { command: command.clone(), reply };
-            match self.call(&routes, position, deadline, make)? {
+            match self.call(&routes, position, deadline, make).map_err(|e| self.users_error(e))? {
                 Some(outcome) => return written(outcome),
                 None => std::thread::sleep(self.rerouted(&routes, deadline)?),
             }
@@ -506,6 +545,7 @@ impl Db {
     /// The value of `key`, linearizable: it reflects every write acknowledged before the call.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
         self.check_key(key)?;
+        let key = &*self.stored(key);
         let deadline = self.deadline();
         loop {
             let routes = self.routes();
@@ -573,6 +613,31 @@ impl Db {
     /// Up to `limit` pairs with `start <= key < end` (`end` empty: to the end of the key space), in key order.
     /// Each group's part is linearizable on its own; the scan as a whole is not a single snapshot.
     pub fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
+        let (start, end) = self.keys.stored_bounds(start, end);
+        Ok(self.keys.users_pairs(self.scan_any(&start, &end, limit)?))
+    }
+
+    /// The meta range's table as its group has it now (a linearizable read of the meta group): the pieces of
+    /// the users' key space, in order, each with the descriptor of the group that serves it as published
+    /// (`flotilla_raftstore::meta`). Empty in a database of format 1, which has no meta range.
+    pub fn meta_range_table(&self) -> Result<Vec<flotilla_raftstore::range::RangeDescriptor>, DbError> {
+        let mut pieces: Vec<flotilla_raftstore::range::RangeDescriptor> = Vec::new();
+        if !self.keys.has_meta_range() {
+            return Ok(pieces);
+        }
+        loop {
+            let from = pieces.last().map_or(Vec::new(), |piece| piece.end.clone());
+            let (start, end) = meta::lookup_scan(&from);
+            let page = meta::pieces(&self.scan_any(&start, &end, 1024)?);
+            if page.is_empty() {
+                return Ok(pieces);
+            }
+            pieces.extend(page);
+        }
+    }
+
+    /// A scan of any keys, the system's included.
+    fn scan_any(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
         let deadline = self.deadline();
         let mut out = Vec::new();
         // Where the part still to read starts: the ranges before it are read whole (a reroute goes on from here).
@@ -612,15 +677,17 @@ impl Db {
     pub fn get_stale(&self, node: u64, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
         self.check_key(key)?;
         let node = self.node(node)?;
-        node.kv.get(key).map_err(|error| node.fail(format!("a stale read: {error}")))
+        node.kv.get(&self.stored(key)).map_err(|error| node.fail(format!("a stale read: {error}")))
     }
 
     /// **Stale scan** (see [`Db::get_stale`]): up to `limit` pairs of `[start, end)` from one node's applied
     /// state, as one consistent snapshot of that replica.
     pub fn scan_stale(&self, node: u64, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
         self.routes().table.scan_positions(start, end)?;
+        let (start, end) = self.keys.stored_bounds(start, end);
         let node = self.node(node)?;
-        node.kv.scan(start, end, limit).map_err(|error| node.fail(format!("a stale scan: {error}")))
+        let pairs = node.kv.scan(&start, &end, limit).map_err(|error| node.fail(format!("a stale scan: {error}")))?;
+        Ok(self.keys.users_pairs(pairs))
     }
 
     fn node(&self, id: u64) -> Result<&Node, DbError> {
@@ -634,6 +701,7 @@ impl Db {
     pub fn transfer_leader(&self, key: &[u8], node: u64) -> Result<(), DbError> {
         self.node(node)?;
         self.check_key(key)?;
+        let key = &*self.stored(key);
         let routes = self.routes();
         let position = routes.table.position_of(key);
         let leader = routes.table.leader(position);
@@ -652,6 +720,7 @@ impl Db {
     /// Returns once the split is applied where the range's group leads; requests for the new range follow.
     pub fn split_at(&self, key: &[u8]) -> Result<(), DbError> {
         self.check_key(key)?;
+        let key = &*self.stored(key);
         if key.is_empty() {
             return Ok(()); // the first range starts there
         }
@@ -685,6 +754,7 @@ impl Db {
     /// is in another merge, or the merge was given up (a replica could not confirm in time): nothing changed.
     pub fn merge_left(&self, key: &[u8]) -> Result<(), DbError> {
         self.check_key(key)?;
+        let key = &*self.stored(key);
         let _one_at_a_time = self.splitting.lock();
         let deadline = self.deadline();
         let frozen = loop {
@@ -755,16 +825,17 @@ impl Db {
         &self.dir
     }
 
-    /// How many groups the key space is split into (the splits the nodes applied included).
+    /// How many groups the users' keys are split into (the splits the nodes applied included; the meta range
+    /// not counted).
     pub fn groups(&self) -> usize {
         self.ranges().len()
     }
 
-    /// The ranges, in key order, as the nodes applied them (the newest of each part): each one's bounds,
-    /// group, epoch and replicas.
+    /// The ranges of the users' keys, in key order, as the nodes applied them (the newest of each part): each
+    /// one's bounds, group, epoch and replicas. (Not the meta range: [`Db::meta_range_table`].)
     pub fn ranges(&self) -> Vec<flotilla_raftstore::range::RangeDescriptor> {
         let _ = self.refresh_routes(&self.routes()); // (a state file that cannot say: the table as it stands)
-        self.routes().table.ranges().to_vec()
+        self.routes().table.ranges().iter().filter(|range| !range.is_meta()).cloned().collect()
     }
 
     /// Stops the groups and makes everything applied durable in the state machine (a reopen then replays
@@ -884,23 +955,24 @@ mod tests {
         for i in 0..40u32 {
             db.put(format!("k{i:02}").as_bytes(), b"v").unwrap();
         }
-        // Split behind the table's back: it still says one range, group 1 holds every key.
+        // Split behind the table's back: it still says one range of the users' keys (and the meta range), group
+        // 1 holds every key.
         let routes = db.routes();
-        let split = SplitRequest::new(b"k20".to_vec(), (2, 11), 3);
+        let split = SplitRequest::new(b"k20".to_vec(), (10, 11), 3);
         let make = |reply| PeerMsg::Split { split: split.clone(), reply };
         assert!(db.call(&routes, 0, db.deadline(), make).unwrap().is_some());
-        assert_eq!(db.routes().table.len(), 1, "the table has not seen it");
+        assert_eq!(db.routes().table.len(), 2, "the table has not seen it");
         // A write, a read and a scan of the split-off keys are refused by group 1, and routed again.
         db.put(b"k30", b"w").unwrap();
-        assert_eq!(db.routes().table.len(), 2, "the table was rebuilt from the stored ranges");
+        assert_eq!(db.routes().table.len(), 3, "the table was rebuilt from the stored ranges");
         assert_eq!(db.get(b"k30").unwrap().as_deref(), Some(&b"w"[..]));
         let routes_now = db.routes();
-        assert_eq!(routes_now.table.range(1).group_id, 2);
+        assert_eq!(routes_now.table.range(1).group_id, 10);
         drop(routes_now);
         // A scan started with the old table (its epoch refused) goes on from where it was.
         *db.routes.write() = routes;
         assert_eq!(db.scan(b"", b"", usize::MAX).unwrap().len(), 40);
-        assert_eq!(db.routes().table.len(), 2);
+        assert_eq!(db.routes().table.len(), 3);
         db.close().unwrap();
     }
 
@@ -919,9 +991,9 @@ mod tests {
             // spread over the groups
         }
         let log = &db.nodes[0].log;
-        let groups: Vec<u64> = db.routes().table.ranges().iter().map(|r| r.group_id).collect();
-        // 4 MB written: the memtable checkpointed many times; every group's log is compacted behind it and the
-        // WAL purged down to about two segments (the active one cannot go).
+        let groups: Vec<u64> = db.ranges().iter().map(|r| r.group_id).collect(); // (the meta range is not written)
+                                                                                 // 4 MB written: the memtable checkpointed many times; every group's log is compacted behind it and the
+                                                                                 // WAL purged down to about two segments (the active one cannot go).
         let deadline = Instant::now() + Duration::from_secs(20);
         let compacted = |group: &u64| log.first_index(*group) > 100;
         while !(groups.iter().all(compacted) && log.state().total_bytes() <= 4 * (256 << 10)) {

@@ -19,8 +19,11 @@ use flotilla_engine::disk::Disk;
 
 use crate::db::{Config, DbError};
 
-/// The version of the directory's format that this code writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+/// The version of the directory's format that this code writes. Format 2 adds the meta range (the system's
+/// keys from `0xff` on; `flotilla_raftstore::meta`); format 1 (no meta range, every key the users') is still read.
+pub const FORMAT_VERSION: u64 = 2;
+/// The formats this code reads.
+const FORMATS_READ: [u64; 2] = [1, 2];
 /// The lock file's name.
 pub const LOCK_FILE: &str = "LOCK";
 /// The layout file's name.
@@ -76,6 +79,11 @@ impl Layout {
         Layout { format_version: FORMAT_VERSION, nodes: config.nodes, groups: config.groups }
     }
 
+    /// Whether the database has a meta range (format 2 on): its last group, over the system's keys.
+    pub fn has_meta_range(&self) -> bool {
+        self.format_version >= 2
+    }
+
     fn lines(&self) -> String {
         format!("{HEADER}\nformat {}\nnodes {}\ngroups {}\n", self.format_version, self.nodes, self.groups)
     }
@@ -115,9 +123,9 @@ impl Layout {
 
     /// Refuses a configuration that does not match this layout, saying what was expected.
     pub fn check(&self, config: &Config, dir: &Path) -> Result<(), DbError> {
-        if self.format_version != FORMAT_VERSION {
+        if !FORMATS_READ.contains(&self.format_version) {
             return Err(DbError::Storage(format!(
-                "{} has format version {}; this build reads version {FORMAT_VERSION}",
+                "{} has format version {}; this build reads versions {FORMATS_READ:?}",
                 dir.display(),
                 self.format_version
             )));
@@ -171,8 +179,8 @@ pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Layout, DbEr
     let data = has("state.redb") || disk.list(&dir.join("wal")).is_ok() || disk.list(&node_dir(dir, 1)).is_ok();
     if data {
         return Err(DbError::Storage(format!(
-            "{} holds a database without a {LAYOUT_FILE} file, made by a development build before format \
-             {FORMAT_VERSION}: this build cannot read it (move it away, or delete it)",
+            "{} holds a database without a {LAYOUT_FILE} file, made by a development build before format 1: \
+             this build cannot read it (move it away, or delete it)",
             dir.display()
         )));
     }

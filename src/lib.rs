@@ -17,6 +17,7 @@ pub mod async_db;
 pub mod client;
 pub mod db;
 mod db_routes;
+pub mod keys;
 pub mod layout;
 mod merge;
 mod node;

@@ -12,10 +12,11 @@ use flotilla_engine::log_engine::LogEngine;
 use flotilla_engine::state_machine::{StateMachine, StateMachineOptions};
 use flotilla_engine::wal::group_commit::{GroupCommitOptions, GroupCommitWal};
 use flotilla_engine::wal::Wal;
-use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
+use flotilla_raftstore::range::{initial_layout, initial_ranges, RangeDescriptor, Replica};
 use flotilla_raftstore::store::{Store, StoreOptions, Transport};
 
 use crate::db::{storage, Config, DbError};
+use crate::layout::Layout;
 
 /// In a node's directory while its state file must be verified at the next open (the node stopped on a failure).
 const CHECK_FILE: &str = "CHECK-STATE";
@@ -44,15 +45,15 @@ impl Node {
     }
 
     /// Opens node `id` in `dir`: its state file (verified first if a failure marked it), its WAL (refused if
-    /// lost), its groups (created at the first open if `bootstrap`; a node that joined a running cluster gets its
-    /// replicas from the others instead) and its store; returns it with the ranges it stores (those it holds and those it left; not those merged away).
+    /// lost), its groups (created at the first open as `bootstrap`'s layout says; a node that joined a running
+    /// cluster, `None`, gets its replicas from the others instead) and its store; returns it with the ranges it stores (those it holds and those it left; not those merged away).
     pub(crate) fn open(
         id: u64,
         disk: &Arc<dyn Disk>,
         dir: &Path,
         config: &Config,
         transport: Arc<dyn Transport>,
-        bootstrap: bool,
+        bootstrap: Option<&Layout>,
     ) -> Result<(Node, Vec<RangeDescriptor>), DbError> {
         // Every directory entry is made durable before anything is acknowledged: the directories as they are
         // created, the WAL's segments by the WAL, the state file here.
@@ -132,13 +133,22 @@ impl Node {
     }
 }
 
-/// The node's ranges: those its state file stores, or, at the first open of a `bootstrap` node, the initial
-/// layout (stored durably).
-fn load_or_create_ranges(kv: &StateMachine, config: &Config, bootstrap: bool) -> Result<Vec<RangeDescriptor>, DbError> {
+/// The node's ranges: those its state file stores, or, at the first open of a node that bootstraps, the initial
+/// layout (stored durably): `config.groups` ranges over the users' keys, and the meta range (the meta group's
+/// first data, its table of the initial ranges, is written as it bootstraps: `peer::prepare_groups`) — or, in
+/// a database of format 1, ranges over every key and no meta range.
+fn load_or_create_ranges(
+    kv: &StateMachine,
+    config: &Config,
+    bootstrap: Option<&Layout>,
+) -> Result<Vec<RangeDescriptor>, DbError> {
     let mut ranges = stored_ranges(kv)?;
-    if ranges.is_empty() && bootstrap {
+    if let (true, Some(layout)) = (ranges.is_empty(), bootstrap) {
         let replicas: Vec<Replica> = (1..=config.nodes).map(|id| Replica::voter(id, id)).collect();
-        ranges = initial_ranges(config.groups, 1, &replicas);
+        ranges = match layout.has_meta_range() {
+            true => initial_layout(config.groups, &replicas),
+            false => initial_ranges(config.groups, 1, &replicas),
+        };
         let encoded: Vec<(u64, Vec<u8>)> = ranges.iter().map(|range| (range.group_id, range.encode())).collect();
         kv.put_ranges(&encoded).map_err(storage)?;
     }

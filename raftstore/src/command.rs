@@ -84,6 +84,10 @@ pub struct Command {
     /// whole epoch of the group it is proposed to.
     #[prost(message, optional, boxed, tag = "5")]
     pub merge: Option<Box<MergeCommand>>,
+    /// A command of the meta group instead of operations: a group's leader publishes its descriptor in the
+    /// range table (`meta.rs`; unrouted: any epoch of the meta range takes it).
+    #[prost(message, optional, boxed, tag = "6")]
+    pub publish: Option<Box<RangeDescriptor>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
@@ -129,17 +133,22 @@ impl MergeCommand {
 impl Command {
     /// A write of `ops`, routed with `epoch` (`None`: unchecked).
     pub fn write(epoch: Option<RangeEpoch>, ops: Vec<Op>) -> Command {
-        Command { request_id: 0, epoch, ops, split: None, merge: None }
+        Command { request_id: 0, epoch, ops, ..Command::default() }
     }
 
     /// A split of the range, routed with its whole current epoch.
     pub fn split(epoch: RangeEpoch, split: SplitRequest) -> Command {
-        Command { request_id: 0, epoch: Some(epoch), ops: Vec::new(), split: Some(Box::new(split)), merge: None }
+        Command { epoch: Some(epoch), split: Some(Box::new(split)), ..Command::default() }
     }
 
     /// A step of a merge, proposed to a group at its whole epoch `epoch`.
     pub fn merge(epoch: RangeEpoch, merge: MergeCommand) -> Command {
-        Command { request_id: 0, epoch: Some(epoch), ops: Vec::new(), split: None, merge: Some(Box::new(merge)) }
+        Command { epoch: Some(epoch), merge: Some(Box::new(merge)), ..Command::default() }
+    }
+
+    /// A publication of `range` in the meta range's table, for the meta group (`meta.rs`).
+    pub fn publish(range: RangeDescriptor) -> Command {
+        Command { publish: Some(Box::new(range)), ..Command::default() }
     }
 
     pub fn encode_entry(&self) -> Bytes {
@@ -240,6 +249,8 @@ pub struct ApplyBatch {
     merged_records: Vec<GroupApply>,
     /// This batch's writes so far, for the compare-and-sets of later entries.
     overlay: Overlay,
+    /// The range table writes of this batch's publications so far (the meta group's), for the later ones.
+    published: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 /// Where each key written so far in a batch was last written (its position among the batch's operations). Built
@@ -276,6 +287,7 @@ impl ApplyBatch {
             merged: Vec::new(),
             merged_records: Vec::new(),
             overlay: Overlay::default(),
+            published: BTreeMap::new(),
         }
     }
 
@@ -295,10 +307,13 @@ impl ApplyBatch {
             let mut command = Command::decode(entry.data.as_ref())
                 .map_err(|e| ApplyError::Undecodable { index: entry.index, reason: e.to_string() })?;
             let request_id = command.request_id;
-            let outcome = match (command.split.take(), command.merge.take()) {
-                (Some(split), _) => self.apply_split(engine, descriptor, command.epoch, &split),
-                (None, Some(merge)) => self.apply_merge(engine, descriptor, command.epoch, *merge, entry.index)?,
-                (None, None) => apply_command(engine, descriptor, command, &mut self.overlay, &mut self.group.ops)?,
+            let outcome = match (command.split.take(), command.merge.take(), command.publish.take()) {
+                (Some(split), _, _) => self.apply_split(engine, descriptor, command.epoch, &split),
+                (None, Some(merge), _) => self.apply_merge(engine, descriptor, command.epoch, *merge, entry.index)?,
+                (None, None, Some(range)) => self.apply_publish(engine, descriptor, &range)?,
+                (None, None, None) => {
+                    apply_command(engine, descriptor, command, &mut self.overlay, &mut self.group.ops)?
+                }
             };
             self.applied.push(Applied { request_id, index: entry.index, term: entry.term, outcome });
         }
@@ -370,6 +385,28 @@ impl ApplyBatch {
         *descriptor = next.0;
         self.group.range = Some(descriptor.encode());
         Ok(Outcome::Merge { range: Box::new(descriptor.clone()) })
+    }
+
+    /// A publication of `range` in the range table, on the meta range only (`meta::publish_ops`: stale or
+    /// repeated ones change nothing).
+    fn apply_publish(
+        &mut self,
+        engine: &dyn KvEngine,
+        descriptor: &RangeDescriptor,
+        range: &RangeDescriptor,
+    ) -> Result<Outcome, ApplyError> {
+        if !descriptor.is_meta() {
+            let key = crate::meta::range_key(&range.end);
+            return Ok(Outcome::Refused(RangeError::KeyNotInRange { key, current: Box::new(descriptor.clone()) }));
+        }
+        for op in crate::meta::publish_ops(engine, &self.published, range).map_err(ApplyError::Engine)? {
+            match &op {
+                KvOp::Put { key, value } => self.published.insert(key.clone(), Some(value.clone())),
+                KvOp::Delete { key } => self.published.insert(key.clone(), None),
+            };
+            self.group.ops.push(op);
+        }
+        Ok(Outcome::Done)
     }
 
     /// The state machine batch — this group's, then the groups its splits made — and each command's outcome.

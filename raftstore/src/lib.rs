@@ -16,6 +16,8 @@
 //! - [`range`]: range descriptors with epochs, the typed errors of requests routed to the wrong range or epoch,
 //!   splits of a range, and the initial layout of an embedded store; [`range_claims`]: which group holds which
 //!   keys on one node (splits and snapshot installs checked against each other).
+//! - [`meta`]: the meta range — the cluster's routing table and node registry in a group of its own, over the
+//!   system's keys (from `0xff` on) — and the rule by which published descriptors update it.
 //! - [`split_check`]: where a range over its size bound should split (a scan of its data); [`load_split`]: where
 //!   a range whose load stays over a bound should split (sampled request keys); [`split_trigger`]: when a
 //!   group's leader asks its host to split it (by size or load).
@@ -27,6 +29,7 @@ pub mod batch;
 pub mod command;
 pub mod load_split;
 pub mod message;
+pub mod meta;
 pub mod peer;
 pub mod range;
 pub mod range_claims;

@@ -102,10 +102,11 @@ pub struct MergeReady {
     pub decided_index: u64,
 }
 
-/// From a replica to its group's leader: propose this merge step (asked of it by the other group of the merge,
-/// through its replica on the same node; `peer/merge.rs`).
+/// From a replica to its group's leader: propose this command, asked of the group by another group through its
+/// replica on the same node — a merge step (`peer/merge.rs`), or a publication in the meta range
+/// (`peer/publish.rs`).
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct MergeAskMessage {
+pub struct AskMessage {
     #[prost(uint64, tag = "1")]
     pub from: u64,
     #[prost(uint64, tag = "2")]
@@ -123,7 +124,7 @@ pub enum ReplicaMessage {
     Hibernate(HibernateRequest),
     Removed(RemovalNotice),
     MergeReady(MergeReady),
-    MergeAsk(MergeAskMessage),
+    Ask(AskMessage),
 }
 
 impl ReplicaMessage {
@@ -135,7 +136,7 @@ impl ReplicaMessage {
             ReplicaMessage::Hibernate(request) => request.from,
             ReplicaMessage::Removed(notice) => notice.from,
             ReplicaMessage::MergeReady(ready) => ready.from,
-            ReplicaMessage::MergeAsk(ask) => ask.from,
+            ReplicaMessage::Ask(ask) => ask.from,
         }
     }
 
@@ -147,7 +148,7 @@ impl ReplicaMessage {
             ReplicaMessage::Hibernate(request) => request.to,
             ReplicaMessage::Removed(notice) => notice.to,
             ReplicaMessage::MergeReady(ready) => ready.to,
-            ReplicaMessage::MergeAsk(ask) => ask.to,
+            ReplicaMessage::Ask(ask) => ask.to,
         }
     }
 }

@@ -268,6 +268,9 @@ impl RangeDescriptor {
         if key <= self.start.as_slice() || !self.contains(key) {
             return Err(format!("split key {:?} is not inside the range", String::from_utf8_lossy(key)));
         }
+        if crate::meta::is_system_key(key) || self.is_meta() {
+            return Err("the system's keys (the meta range's) are never split".to_string());
+        }
         if request.right_group_id == 0 || request.right_group_id == self.group_id {
             return Err(format!("the new group's id {} is not a new id", request.right_group_id));
         }
@@ -312,7 +315,15 @@ impl RangeDescriptor {
         if self.merged_into != 0 || right.merged_into != 0 {
             return Err("one of the ranges was merged away".to_string());
         }
+        if right.is_meta() {
+            return Err("the meta range is never merged".to_string());
+        }
         Ok(())
+    }
+
+    /// Whether this is the meta range (`meta.rs`): the system's keys, never split or merged.
+    pub fn is_meta(&self) -> bool {
+        self.start == crate::meta::SYSTEM_KEYS_START
     }
 
     /// Whether a split, a membership change or a merge lock must wait: the range is frozen or locked for a merge.
@@ -367,6 +378,24 @@ pub fn initial_ranges(groups: u64, first_group_id: u64, replicas: &[Replica]) ->
             ..RangeDescriptor::default()
         })
         .collect()
+}
+
+/// A new database's or cluster's layout: `groups` ranges covering the users' stored keys (`[∅, ff ff)`), split
+/// evenly by their first four bytes as [`initial_ranges`] does, as groups `1..=groups`, then the meta range
+/// (`meta.rs`) as group `groups + 1`, all on `replicas`.
+pub fn initial_layout(groups: u64, replicas: &[Replica]) -> Vec<RangeDescriptor> {
+    let mut ranges = initial_ranges(groups, 1, replicas);
+    for (i, range) in ranges.iter_mut().enumerate() {
+        // The boundaries of `initial_ranges`, scaled into [0, 0xffff_0000).
+        let boundary = |i: u64| (((i as u128) * 0xffff_0000) / groups as u128) as u32;
+        range.start = if i == 0 { Vec::new() } else { boundary(i as u64).to_be_bytes().to_vec() };
+        range.end = match i as u64 + 1 == groups {
+            true => crate::meta::SYSTEM_KEYS_START.to_vec(),
+            false => boundary(i as u64 + 1).to_be_bytes().to_vec(),
+        };
+    }
+    ranges.push(crate::meta::meta_range(groups + 1, replicas));
+    ranges
 }
 
 /// The most groups [`initial_ranges`] makes (each gets a distinct 4-byte boundary).

@@ -162,7 +162,7 @@ impl SplitTrigger {
 
     /// Whether `range`, whose leader just fell asleep, may be merged into its left neighbour on its own (see the
     /// module's doc): merges on, not the first range, not of the initial layout, not split off by request, not in
-    /// a merge already. (How often it is measured is the replicas thread's: `Replicas::check_merge`.)
+    /// a merge already, not the meta range. (How often it is measured is the replicas thread's: `Replicas::check_merge`.)
     pub fn merges(&self, range: &RangeDescriptor) -> bool {
         let options = &self.options;
         options.merge_size_bytes_max > 0
@@ -170,6 +170,7 @@ impl SplitTrigger {
             && range.group_id > options.initial_groups
             && !range.sticky
             && !range.is_merging()
+            && !range.is_meta()
     }
 
     /// A size check measured the range at `bytes`: under the bound, the next check waits until what it lacks

@@ -20,8 +20,9 @@ use flotilla_raftstore::range::{RangeDescriptor, RangeError};
 pub enum RouteError {
     /// The request is not acceptable as it is (too large, …): nothing happened.
     InvalidArgument(String),
-    /// An atomic batch touched keys of more than one group: nothing happened.
-    BatchSpansRanges { first_outside: Vec<u8> },
+    /// An atomic batch touched keys of more than one group: nothing happened. `cut_at`: where the range of the
+    /// batch's first key ends (its keys below it may go in one batch; empty: unbounded).
+    BatchSpansRanges { first_outside: Vec<u8>, cut_at: Vec<u8> },
     /// The group is at a bound (uncommitted bytes, pending reads, a full mailbox): nothing happened.
     Busy(String),
     /// No answer in time: a write may or may not have taken effect.
@@ -125,7 +126,10 @@ impl RangeTable {
         let first = keys.next().ok_or_else(|| RouteError::InvalidArgument("a batch of no operations".into()))?;
         let position = self.position_of(first);
         match keys.find(|key| !self.ranges[position].contains(key)) {
-            Some(outside) => Err(RouteError::BatchSpansRanges { first_outside: outside.to_vec() }),
+            Some(outside) => Err(RouteError::BatchSpansRanges {
+                first_outside: outside.to_vec(),
+                cut_at: self.ranges[position].end.clone(),
+            }),
             None => Ok(position),
         }
     }
@@ -188,8 +192,8 @@ impl RangeTable {
             Some(Err(PeerError::TooLarge { bytes, max })) => Attempt::Fail(RouteError::InvalidArgument(format!(
                 "the batch encodes to {bytes} bytes, over the {max} one log entry holds"
             ))),
-            Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, .. }))) => {
-                Attempt::Fail(RouteError::BatchSpansRanges { first_outside })
+            Some(Err(PeerError::Range(RangeError::BatchSpansRanges { first_outside, current }))) => {
+                Attempt::Fail(RouteError::BatchSpansRanges { first_outside, cut_at: current.end })
             }
             Some(Err(PeerError::Range(RangeError::KeyNotInRange { .. } | RangeError::StaleEpoch { .. })))
                 if in_time =>
@@ -252,7 +256,7 @@ mod tests {
         assert_eq!(table.batch_position([first.as_slice(), &[first[0], 1]].into_iter()).unwrap(), 1);
         assert_eq!(
             table.batch_position([first.as_slice(), second.as_slice()].into_iter()),
-            Err(RouteError::BatchSpansRanges { first_outside: second.clone() })
+            Err(RouteError::BatchSpansRanges { first_outside: second.clone(), cut_at: second.clone() })
         );
         assert_eq!(table.leaders(), vec![1, 2, 3, 1], "leaders spread over the nodes at first");
     }

@@ -148,6 +148,8 @@ pub struct NodeStatus {
     pub resp_addr: Option<String>,
     /// This node's link to it is up (always true for this node itself).
     pub connected: bool,
+    /// The node is in the meta range's node registry (as this node's replica of it shows).
+    pub registered: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -225,7 +227,7 @@ impl Server {
         config.store.range_asks = Some(ask);
         config.validate()?;
         let dir = &dir;
-        layout::open(disk.as_ref(), dir, &config)?;
+        let layout = layout::open(disk.as_ref(), dir, &config)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.net_threads.max(1))
             .thread_name("flotilla-net")
@@ -247,7 +249,7 @@ impl Server {
         let transport = TcpTransport::bind(transport_options, runtime.handle().clone())
             .map_err(|e| DbError::InvalidArgument(format!("listening for other nodes on {raft_addr}: {e}")))?;
         let raft_addr = transport.local_addr().expect("bound");
-        let bootstrap = joined.is_none();
+        let bootstrap = joined.is_none().then_some(&layout);
         let (node, held) =
             Node::open(options.node_id, &disk, dir, &config, Arc::clone(&transport) as Arc<dyn Transport>, bootstrap)?;
         // Nodes that joined after this one's list was made, as its stored descriptors record them.
@@ -293,6 +295,16 @@ impl Server {
                 tokio::net::TcpListener::from_std(resp_listener).map_err(|e| DbError::Storage(e.to_string()))?;
             runtime.spawn(resp_server::serve(listener, Arc::clone(&requests), Arc::new(options.resp.clone())))
         };
+        // This node in the meta range's node registry (in the background: the meta group may have no leader yet).
+        runtime.spawn({
+            let requests = Arc::clone(&requests);
+            let entry = flotilla_raftstore::meta::NodeEntry {
+                node_id: options.node_id,
+                raft_addr: raft_addr.to_string(),
+                client_addr: resp_addr.to_string(),
+            };
+            async move { requests.register(entry).await }
+        });
         // The splits and merges the groups' leaders here ask for, proposed as `flotilla split` and `flotilla merge`
         // propose them (a triggered split is not sticky: the merge trigger may undo it).
         let splitter = {
@@ -302,7 +314,7 @@ impl Server {
                     // A neighbour in a merge of its own (merges of cold ranges come in runs) is waited for, a while.
                     AskReason::Merge { .. } => {
                         for _ in 0..20 {
-                            match runtime.block_on(requests.merge_left(&wanted.range.start)) {
+                            match runtime.block_on(requests.merge_left_stored(&wanted.range.start)) {
                                 Err(flotilla_router::route::RouteError::Busy(_)) => {
                                     std::thread::sleep(Duration::from_millis(50))
                                 }
@@ -311,7 +323,7 @@ impl Server {
                         }
                     }
                     AskReason::Size | AskReason::Load => {
-                        let _ = runtime.block_on(requests.split_at(&wanted.split_key, false));
+                        let _ = runtime.block_on(requests.split_at_stored(&wanted.split_key, false));
                     }
                 }
             })
@@ -454,12 +466,18 @@ fn status_of(
 ) -> Status {
     let routes = requests.table();
     let table = &routes.table;
-    let nodes = (transport.nodes().into_iter())
+    let registry = requests.local_registry();
+    let mut known = transport.nodes();
+    for entry in &registry {
+        known.entry(entry.node_id).or_insert_with(|| entry.raft_addr.clone());
+    }
+    let nodes = (known.into_iter())
         .map(|(id, addr)| NodeStatus {
             node_id: id,
             addr,
             resp_addr: transport.client_addr(id),
             connected: id == node_id || transport.is_connected(id),
+            registered: registry.iter().any(|entry| entry.node_id == id),
         })
         .collect();
     let held = requests.descriptors();

@@ -5,6 +5,7 @@
 //! A forwarded request is never forwarded again: a node that no longer leads answers "not leader" with its hint,
 //! and the node that forwarded it tries again.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use flotilla_engine::disk::Disk;
 use flotilla_engine::state_machine::{KeyValue, StateMachine};
 use flotilla_raftstore::batch::Router;
 use flotilla_raftstore::command::{Command, MergeCommand, MergeStep, Op, Outcome};
+use flotilla_raftstore::meta::{self, NodeEntry};
 use flotilla_raftstore::peer::{MembershipChange, PeerError};
 use flotilla_raftstore::range::{RangeDescriptor, RangeError, SplitRequest};
 use flotilla_raftstore::store::local_reader::{LocalReader, ReadLease};
@@ -30,6 +32,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::client::Route;
 use crate::db::{Config, DbError};
+use crate::keys::KeySpace;
 use crate::merge::{merge_progress, MergeProgress, GIVEN_UP};
 
 /// A request the checks refused.
@@ -37,6 +40,18 @@ fn refused(error: DbError) -> RouteError {
     match error {
         DbError::InvalidArgument(what) => RouteError::InvalidArgument(what),
         other => RouteError::InvalidArgument(other.to_string()),
+    }
+}
+
+/// Pieces of the meta range's table read per lookup (the one holding the key and those after it: a scan goes on
+/// through them).
+const META_LOOKUP_PIECES: u64 = 16;
+
+/// The key a write is routed by (its first).
+fn command_key(op: &ForwardOp) -> &[u8] {
+    match op {
+        ForwardOp::Write(command) => command.ops.first().map_or(&[], |op| op.key.as_slice()),
+        _ => &[],
     }
 }
 
@@ -83,6 +98,8 @@ pub struct Requests {
     next_id: AtomicU64,
     /// Forwarded requests waiting for their answer, by id.
     pending: Mutex<HashMap<u64, oneshot::Sender<ForwardReply>>>,
+    /// How the users' keys are stored (`keys.rs`): below the meta range's, where the cluster has one.
+    keys: KeySpace,
 }
 
 /// How long a request whose group refused it as routed waits before it is routed again, if the node's stored
@@ -103,6 +120,7 @@ impl Requests {
         limits: Config,
         ids: (Arc<dyn Disk>, PathBuf),
     ) -> Requests {
+        let keys = KeySpace::of(&ranges);
         let table = RangeTable::new(ranges, nodes);
         // What this node applied since it was created (a split) is learned at once.
         let table = table.learned(crate::node::routable_ranges(&kv).unwrap_or_default());
@@ -119,6 +137,7 @@ impl Requests {
             split_ids: Mutex::new(ids),
             next_id: AtomicU64::new(1),
             pending: Mutex::default(),
+            keys,
         }
     }
 
@@ -192,6 +211,11 @@ impl Requests {
         if let Err(error) = self.limits.check_key(key) {
             return Some(Err(refused(error)));
         }
+        self.get_local_stored(&self.keys.stored(key))
+    }
+
+    /// [`Requests::get_local`] of a stored key.
+    fn get_local_stored(&self, key: &[u8]) -> Option<Result<Option<Vec<u8>>, RouteError>> {
         let routes = self.table();
         let position = routes.table.position_of(key);
         let range_version = routes.table.range(position).epoch().version;
@@ -202,7 +226,8 @@ impl Requests {
     /// The value of `key`, linearizable.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RouteError> {
         self.limits.check_key(key).map_err(refused)?;
-        if let Some(local) = self.get_local(key) {
+        let key = &*self.keys.stored(key);
+        if let Some(local) = self.get_local_stored(key) {
             return local;
         }
         let deadline = Instant::now() + self.limits.request_timeout;
@@ -212,14 +237,30 @@ impl Requests {
             match self.route(&routes, position, &ForwardOp::Get(key.to_vec()), deadline).await? {
                 Some(Answered::Value(value)) => return Ok(value),
                 Some(other) => return Err(RouteError::Storage(format!("a read answered {other:?}"))),
-                None => self.rerouted(&routes, deadline).await?,
+                None => self.rerouted(&routes, key, deadline).await?,
             }
         }
     }
 
     /// Applies `ops` atomically; their keys must lie in one group's range ([`RouteError::BatchSpansRanges`]).
-    pub async fn write(&self, ops: Vec<Op>) -> Result<Outcome, RouteError> {
+    pub async fn write(&self, mut ops: Vec<Op>) -> Result<Outcome, RouteError> {
         self.limits.check_batch(&ops).map_err(refused)?;
+        for op in &mut ops {
+            if let Cow::Owned(stored) = self.keys.stored(&op.key) {
+                op.key = stored;
+            }
+        }
+        self.write_stored(ops).await.map_err(|error| match error {
+            RouteError::BatchSpansRanges { first_outside, cut_at } => RouteError::BatchSpansRanges {
+                first_outside: self.keys.user(&first_outside),
+                cut_at: self.keys.user(&cut_at),
+            },
+            other => other,
+        })
+    }
+
+    /// [`Requests::write`] of operations on stored keys (the system's too).
+    async fn write_stored(&self, ops: Vec<Op>) -> Result<Outcome, RouteError> {
         let deadline = Instant::now() + self.limits.request_timeout;
         // One operation for every attempt: only its epoch changes when it is routed again.
         let mut op = ForwardOp::Write(Command::write(None, ops));
@@ -231,7 +272,7 @@ impl Requests {
             match self.route(&routes, position, &op, deadline).await? {
                 Some(Answered::Written(outcome)) => return Ok(outcome),
                 Some(other) => return Err(RouteError::Storage(format!("a write answered {other:?}"))),
-                None => self.rerouted(&routes, deadline).await?,
+                None => self.rerouted(&routes, command_key(&op), deadline).await?,
             }
         }
     }
@@ -242,6 +283,12 @@ impl Requests {
         if !end.is_empty() && end < start {
             return Err(RouteError::InvalidArgument("scan end before start".into()));
         }
+        let (start, end) = self.keys.stored_bounds(start, end);
+        Ok(self.keys.users_pairs(self.scan_stored(&start, &end, limit).await?))
+    }
+
+    /// [`Requests::scan`] of stored keys (the system's too).
+    async fn scan_stored(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, RouteError> {
         let deadline = Instant::now() + self.limits.request_timeout;
         let mut out = Vec::new();
         let mut cursor = start.to_vec();
@@ -259,7 +306,7 @@ impl Requests {
                 Some(Answered::Pairs(pairs)) => out.extend(pairs),
                 Some(other) => return Err(RouteError::Storage(format!("a scan answered {other:?}"))),
                 None => {
-                    self.rerouted(&routes, deadline).await?;
+                    self.rerouted(&routes, &cursor, deadline).await?;
                     continue;
                 }
             }
@@ -277,6 +324,11 @@ impl Requests {
     /// once the split applied there (at once if `key` already starts a range).
     pub async fn split_at(&self, key: &[u8], by_request: bool) -> Result<(), RouteError> {
         self.limits.check_key(key).map_err(refused)?;
+        self.split_at_stored(&self.keys.stored(key), by_request).await
+    }
+
+    /// [`Requests::split_at`] of a stored key (the split triggers ask for those).
+    pub async fn split_at_stored(&self, key: &[u8], by_request: bool) -> Result<(), RouteError> {
         let deadline = Instant::now() + self.limits.request_timeout;
         loop {
             let routes = self.table();
@@ -293,7 +345,7 @@ impl Requests {
                     return Ok(());
                 }
                 Some(other) => return Err(RouteError::Storage(format!("a split answered {other:?}"))),
-                None => self.rerouted(&routes, deadline).await?,
+                None => self.rerouted(&routes, key, deadline).await?,
             }
         }
     }
@@ -304,6 +356,11 @@ impl Requests {
     /// `Busy` if one of them is in another merge or the merge was given up.
     pub async fn merge_left(&self, key: &[u8]) -> Result<(), RouteError> {
         self.limits.check_key(key).map_err(refused)?;
+        self.merge_left_stored(&self.keys.stored(key)).await
+    }
+
+    /// [`Requests::merge_left`] of a stored key (the merge trigger asks for those).
+    pub async fn merge_left_stored(&self, key: &[u8]) -> Result<(), RouteError> {
         let deadline = Instant::now() + self.limits.request_timeout;
         let frozen = loop {
             self.relearn(&self.table(), None)?; // the ranges' merge states as this node applied them now
@@ -323,7 +380,7 @@ impl Requests {
                 Some(Answered::Written(Outcome::Merge { range })) => *range,
                 Some(other) => return Err(RouteError::Storage(format!("a merge lock answered {other:?}"))),
                 None => {
-                    self.rerouted(&routes, deadline).await?;
+                    self.rerouted(&routes, key, deadline).await?;
                     continue;
                 }
             };
@@ -335,7 +392,7 @@ impl Requests {
                     // The left group gives its lock up once it sees the right range moved on without it.
                     Err(RouteError::InvalidArgument(reason)) => return Err(RouteError::Busy(reason)),
                     Err(other) => return Err(other),
-                    Ok(None) => self.rerouted(&routes, deadline).await?, // not there yet on the node asked
+                    Ok(None) => self.rerouted(&routes, key, deadline).await?, // not there yet on the node asked
                 }
             };
         };
@@ -352,12 +409,13 @@ impl Requests {
         }
     }
 
-    /// A group refused a request routed by `used` as no longer holding its keys (a split moved them): the
-    /// table is rebuilt from the ranges this node stores (it applies the splits of the groups it holds), once
-    /// per stale table. If that shows nothing new yet (this node has not applied the split), the request waits a
-    /// moment before it is routed again, until `deadline`.
-    async fn rerouted(&self, used: &Arc<Routes>, deadline: Instant) -> Result<(), RouteError> {
-        if self.relearn(used, None)? {
+    /// A group refused a request for `key` routed by `used` as no longer holding its keys (a split or merge
+    /// moved them): the table is rebuilt from the ranges this node stores (it applies the splits of the groups
+    /// it holds), once per stale table; if that shows nothing new (this node holds no replica of the group that
+    /// has the key now, or has not applied the change yet), from the meta range's table at `key`. If neither
+    /// shows anything new, the request waits a moment before it is routed again, until `deadline`.
+    async fn rerouted(&self, used: &Arc<Routes>, key: &[u8], deadline: Instant) -> Result<(), RouteError> {
+        if self.relearn(used, None)? || self.learn_from_meta(key, deadline).await? {
             return Ok(());
         }
         if Instant::now() + REROUTE_PAUSE >= deadline {
@@ -365,6 +423,64 @@ impl Requests {
         }
         tokio::time::sleep(REROUTE_PAUSE).await;
         Ok(())
+    }
+
+    /// Learns the meta range's pieces from the one holding `key` on (a linearizable read of the meta group);
+    /// whether the table changed. Nothing without a meta range.
+    async fn learn_from_meta(&self, key: &[u8], deadline: Instant) -> Result<bool, RouteError> {
+        if !self.keys.has_meta_range() || meta::is_system_key(key) {
+            return Ok(false);
+        }
+        let used = self.table();
+        let position = used.table.position_of(meta::SYSTEM_KEYS_START);
+        let (start, end) = meta::lookup_scan(key);
+        let scan = ScanRange { start, end, limit: META_LOOKUP_PIECES, epoch: Some(used.table.range(position).epoch()) };
+        let Some(Answered::Pairs(pairs)) = self.route(&used, position, &ForwardOp::Scan(scan), deadline).await? else {
+            return Ok(false); // (the meta range itself moved: the next attempt learns it from this node's ranges)
+        };
+        let pieces = meta::pieces(&pairs);
+        let mut current = self.routes.write();
+        let table = current.table.learned(pieces);
+        if table.ranges() == current.table.ranges() {
+            return Ok(false);
+        }
+        metrics::counter!("flotilla_routes_learned_from_meta_total").increment(1);
+        *current = Arc::new(Routes::new(table, &self.reader));
+        Ok(true)
+    }
+
+    /// This node's entry in the meta range's node registry, written until it is there (a node that starts
+    /// registers itself: where it listens for the other nodes and for clients). Nothing without a meta range.
+    pub async fn register(&self, entry: NodeEntry) {
+        if !self.keys.has_meta_range() {
+            return;
+        }
+        let (key, value) = meta::register_op(&entry);
+        for attempt in 0.. {
+            match self.write_stored(vec![Op::put(key.clone(), value.clone())]).await {
+                Ok(_) => return,
+                Err(error) if attempt == 0 => {
+                    eprintln!("flotilla: node {}: registering in the meta range: {error:?}; trying again", self.node_id)
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// The meta range's node registry (a linearizable read of the meta group; empty without a meta range).
+    pub async fn registry(&self) -> Result<Vec<NodeEntry>, RouteError> {
+        if !self.keys.has_meta_range() {
+            return Ok(Vec::new());
+        }
+        let (start, end) = meta::registry_scan();
+        Ok(meta::nodes(&self.scan_stored(&start, &end, usize::MAX).await?))
+    }
+
+    /// The node registry as this node's replica of the meta range last applied it (a stale read, for status).
+    pub fn local_registry(&self) -> Vec<NodeEntry> {
+        let (start, end) = meta::registry_scan();
+        meta::nodes(&self.kv.scan(&start, &end, usize::MAX).unwrap_or_default())
     }
 
     /// Swaps in a table that learned the ranges this node stores, and `also`, unless another request already

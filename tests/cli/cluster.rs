@@ -123,7 +123,7 @@ fn the_client_routes_to_leaders_and_the_command_line_reads_writes_and_shows_the_
         std::thread::sleep(Duration::from_millis(100));
     };
     let routes = client.routes();
-    assert_eq!(routes.len(), 8);
+    assert_eq!(routes.len(), 9, "8 ranges of the users' keys and the meta range");
     assert!(routes
         .iter()
         .all(|route| route.leader_addr.as_deref() == Some(cluster.resp[route.leader as usize - 1].as_str())));
@@ -147,6 +147,6 @@ fn the_client_routes_to_leaders_and_the_command_line_reads_writes_and_shows_the_
     assert_eq!(flotilla(&["del", "--addr", addr, "cli-key"]), (true, "deleted\n".into()));
     assert_eq!(flotilla(&["get", "--addr", addr, "cli-key"]), (true, "(not found)\n".into()));
     let (ok, status) = flotilla(&["status", "--addr", addr]);
-    assert!(ok && status.contains("leader serves at") && status.contains("node 1 leads 3 of 8 groups"), "{status}");
+    assert!(ok && status.contains("leader serves at") && status.contains("node 1 leads 3 of 9 groups"), "{status}");
     assert!(!flotilla(&["get", "--addr", "127.0.0.1:1", "k"]).0, "an unreachable node is an error");
 }

@@ -23,13 +23,15 @@ fn a_joined_node_gets_an_id_and_every_groups_data_and_stays_itself_across_restar
         assert_eq!(cluster.call_until_ok(joined, &[b"SET", &key(i), b"after"]), b"+OK");
     }
     assert_eq!(cluster.call_until_ok(joined, &[b"GET", &key(3)]), bulk(b"before"));
-    // Every other node knows where it is, and that it holds a learner of every group (8).
+    // Every other node knows where it is, that it holds a learner of every group (8, and the meta range), and
+    // finds it in the meta range's node registry.
     for node in 1..=3 {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (_, status) = http_get(&cluster.http[node - 1], "/status");
             let learners = status.matches(r#""learners":[4]"#).count();
-            if status.contains(r#""node_id":4"#) && learners == 8 {
+            let registered = status.contains(r#""node_id":4,"addr""#) && !status.contains(r#""registered":false"#);
+            if registered && learners == 9 {
                 break;
             }
             assert!(Instant::now() < deadline, "node {node} ({learners} groups list the learner): {status}");

@@ -33,7 +33,8 @@ fn storage_error(what: String) -> Error {
     Error::Storage(StorageError::Other(what))
 }
 
-/// Bootstraps the fresh groups among `ranges` (initialized descriptors the state machine has never applied) and
+/// Bootstraps the fresh groups among `ranges` (initialized descriptors the state machine has never applied; a
+/// fresh meta range's table is the other ranges of `ranges`, which are then the initial layout) and
 /// repairs every log that lacks its state machine's applied entry. Run before opening the groups' replicas.
 pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDescriptor]) -> Result<(), Error> {
     let fresh: Vec<GroupApply> = ranges
@@ -43,7 +44,9 @@ pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDes
         })
         .map(|range| GroupApply {
             group_id: range.group_id,
-            ops: Vec::new(),
+            // The meta range starts with its table of the other ranges (a new cluster's layout, the same on every
+            // node: `meta.rs`).
+            ops: if range.is_meta() { crate::meta::initial_ops(ranges) } else { Vec::new() },
             applied_index: BOOTSTRAP_INDEX,
             applied_term: BOOTSTRAP_TERM,
             range: Some(range.encode()),

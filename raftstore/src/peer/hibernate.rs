@@ -130,7 +130,11 @@ impl Peer {
 
     /// On a leader's tick: hibernates if it has been idle long enough and the group is settled.
     pub(super) fn maybe_hibernate(&mut self) {
-        if self.hibernation.idle_ticks_max == 0 || !self.is_leader() || self.descriptor.is_merging() {
+        if self.hibernation.idle_ticks_max == 0
+            || !self.is_leader()
+            || self.descriptor.is_merging()
+            || self.publication_pending()
+        {
             return;
         }
         self.hibernation.idle_ticks = self.hibernation.idle_ticks.saturating_add(1);

@@ -35,7 +35,7 @@ use flotilla_engine::contract::KvEngine;
 
 use super::{Peer, PeerError, Response, Token};
 use crate::command::{Command, MergeCommand, MergeStep};
-use crate::message::{MergeAskMessage, MergeReady, ReplicaMessage};
+use crate::message::{AskMessage, MergeReady, ReplicaMessage};
 use crate::range::{RangeDescriptor, RangeEpoch};
 
 /// Ticks a frozen range waits for every replica to hold its freeze before the merge is given up (a replica's
@@ -107,23 +107,29 @@ impl Peer {
         self.merge_proposed_at > self.applied_index
     }
 
-    /// A merge step another replica (of this group, or of another group on this node) asks this group to
-    /// propose: proposed if this replica leads and the command is routed with the current epoch; else handed to
-    /// every other member (`forward`: not when it came from another replica already) — whichever leads proposes
-    /// it. Not only to the leader this replica believes in: cut off from its group, it may know none, or a stale
-    /// one, while the merge waits on the group (a test found one that never forwarded).
-    pub fn on_merge_ask(&mut self, command: Command, forward: bool) {
+    /// A command another replica (of this group, or of another group on this node) asks this group to propose —
+    /// a merge step, or a publication in the meta range (`publish.rs`): proposed if this replica leads (a merge
+    /// step only if routed with the current epoch; a publication only on the meta range); else handed to every
+    /// other member (`forward`: not when it came from another replica already) — whichever leads proposes it.
+    /// Not only to the leader this replica believes in: cut off from its group, it may know none, or a stale one,
+    /// while the merge waits on the group (a test found one that never forwarded).
+    pub fn on_asked(&mut self, command: Command, forward: bool) {
         if self.is_leader() {
-            if let (true, Some(merge)) = (command.epoch == Some(self.descriptor.epoch()), command.merge) {
-                self.propose_merge(0, *merge);
+            let current = command.epoch == Some(self.descriptor.epoch());
+            match (command.merge, command.publish, command.split.is_none() && command.ops.is_empty()) {
+                (Some(merge), None, true) if current => self.propose_merge(0, *merge),
+                (None, Some(range), true) if self.descriptor.is_meta() => {
+                    self.propose_entry(0, Command::publish(*range))
+                }
+                _ => {}
             }
             return;
         }
         let me = self.raw.raft.id;
         if forward {
             for to in self.descriptor.replicas.iter().map(|r| r.replica_id).filter(|&id| id != me) {
-                let ask = MergeAskMessage { from: me, to, command: Some(command.clone()) };
-                self.outbox.push(ReplicaMessage::MergeAsk(ask));
+                let ask = AskMessage { from: me, to, command: Some(command.clone()) };
+                self.outbox.push(ReplicaMessage::Ask(ask));
             }
         }
     }

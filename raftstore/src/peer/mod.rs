@@ -13,6 +13,7 @@
 //!   as they come);
 //! - `compaction.rs`: log compaction, decided by the replica from what its state machine made durable;
 //! - `conf_change.rs`: membership changes, proposed, and applied to the core and the range descriptor;
+//! - `publish.rs`: a leader publishes its range's descriptor in the meta range after it changed;
 //! - `hibernate.rs`: idle groups stop ticking and heartbeating, and what wakes them;
 //! - `bootstrap.rs`: where fresh groups' logs start, the repair of a log a crash left behind its state machine
 //!   ([`prepare_groups`], run before opening replicas), and destroying a removed replica ([`destroy_replica`]).
@@ -27,6 +28,7 @@ mod conf_change;
 mod hibernate;
 pub mod merge;
 mod propose;
+pub mod publish;
 mod read;
 mod ready;
 mod snapshot;
@@ -207,6 +209,8 @@ pub struct Peer {
     /// The index of the last merge lock or freeze this replica proposed (membership changes wait until it
     /// applies).
     merge_proposed_at: u64,
+    /// Where the range's descriptor stands in the meta range (`publish.rs`).
+    publication: publish::Publication,
 }
 
 impl Peer {
@@ -277,6 +281,7 @@ impl Peer {
             merge_proposed_at: 0,
             merged_away: Vec::new(),
             merge_step_applied: false,
+            publication: publish::Publication::default(),
         };
         peer.hold_apply_once_decided();
         Ok(peer)
@@ -434,9 +439,9 @@ impl Peer {
                 self.on_merge_ready(ready);
                 Ok(())
             }
-            ReplicaMessage::MergeAsk(ask) => {
+            ReplicaMessage::Ask(ask) => {
                 if let Some(command) = ask.command.filter(|_| self.descriptor.lists_replica(ask.from)) {
-                    self.on_merge_ask(command, false);
+                    self.on_asked(command, false);
                 }
                 Ok(())
             }

@@ -68,9 +68,9 @@ pub enum PeerMsg {
         merge: Box<MergeCommand>,
         reply: WriteReply,
     },
-    /// A merge step the other group of a merge asks this one to propose (`peer/merge.rs`): proposed if this
-    /// replica leads, else handed to its leader.
-    MergeAsk {
+    /// A command another group asks this one to propose — a merge step (`peer/merge.rs`), a publication in the
+    /// meta range (`peer/publish.rs`): proposed if this replica leads, else handed to the other members.
+    Ask {
         command: Box<Command>,
     },
     Read {
@@ -224,7 +224,7 @@ impl PeerFsm {
                 self.writes.insert(token, reply);
                 self.peer.propose_merge(token, *merge);
             }
-            PeerMsg::MergeAsk { command } => self.peer.on_merge_ask(*command, true),
+            PeerMsg::Ask { command } => self.peer.on_asked(*command, true),
             PeerMsg::Read { request, reply } => {
                 metrics::counter!("flotilla_reads_total").increment(1);
                 if let (true, ReadRequest::Get(key)) = (self.peer.is_leader(), &request) {

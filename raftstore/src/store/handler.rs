@@ -18,6 +18,7 @@
 //! `flotilla_removal_notices_taken_total` (replicas that learned of their removal from a member),
 //! `flotilla_replicas_destroyed_total`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -55,6 +56,9 @@ pub struct StoreHandler {
     pub(crate) range_asks: Option<crossbeam_channel::Sender<RangeAsk>>,
     /// Which group holds which keys on this node (`range_claims.rs`), shared by its replicas.
     pub(crate) claims: Arc<crate::range_claims::RangeClaims>,
+    /// The meta range's group (`meta.rs`), once known on this node (0: none yet, or a layout without one): set
+    /// when the store opens it, or when its replica here ticks.
+    pub(crate) meta_group: Arc<AtomicU64>,
 }
 
 /// A write made durable, as the persisted forwarder gets it: the group's Ready, and what waited for it.
@@ -237,8 +241,8 @@ impl StoreHandler {
     fn ask_split(&self, fsm: &PeerFsm, split_key: Vec<u8>, reason: AskReason) {
         let Some(asks) = &self.range_asks else { return };
         let range = fsm.peer.descriptor().clone();
-        if split_key.as_slice() <= range.start.as_slice() || !range.contains(&split_key) {
-            return; // a sample from before the range changed
+        if split_key.as_slice() <= range.start.as_slice() || !range.contains(&split_key) || range.is_meta() {
+            return; // a sample from before the range changed (or of the meta range, which never splits)
         }
         let label = match reason {
             AskReason::Size => "size",
@@ -247,6 +251,24 @@ impl StoreHandler {
         };
         metrics::counter!("flotilla_splits_asked_total", "reason" => label).increment(1);
         let _ = asks.try_send(RangeAsk { node_id: self.node_id, range, split_key, reason });
+    }
+
+    /// On a replica's ticks: a leader asks the meta group to publish its range's descriptor, if this node's meta
+    /// replica does not show it (`peer/publish.rs`; advisory, asked again); the meta range's replica makes itself
+    /// known.
+    fn publish(&self, fsm: &mut PeerFsm, ticks: u64) {
+        if fsm.peer.descriptor().is_meta() {
+            self.meta_group.store(fsm.peer.group_id(), Ordering::Relaxed);
+            return;
+        }
+        let meta_group = self.meta_group.load(Ordering::Relaxed);
+        if meta_group == 0 {
+            return;
+        }
+        if let Some(command) = fsm.peer.publish_due(ticks, self.kv.as_ref()) {
+            metrics::counter!("flotilla_publications_asked_total").increment(1);
+            let _ = self.tasks.try_send(ReplicaTask::Ask { group_id: meta_group, command: Box::new(command) });
+        }
     }
 
     /// Moves a replica's part in a merge on, if its range is in one (`Peer::merge_step`): after its messages, and
@@ -263,7 +285,7 @@ impl StoreHandler {
     fn carry_out_merge_asks(&self, asks: Vec<MergeAsk>) {
         for ask in asks {
             let task = match ask {
-                MergeAsk::Propose { group_id, command } => ReplicaTask::MergeAsk { group_id, command },
+                MergeAsk::Propose { group_id, command } => ReplicaTask::Ask { group_id, command },
                 MergeAsk::Checkpoint { group_id } => ReplicaTask::Checkpoint(group_id),
             };
             let _ = self.tasks.try_send(task);
@@ -296,6 +318,9 @@ impl PollHandler<PeerFsm> for StoreHandler {
             if fsm.peer.descriptor().is_merging() {
                 fsm.merge_ticks += ticks;
             }
+            if ticks > 0 {
+                self.publish(fsm, ticks);
+            }
         }
         for message in messages.drain(..) {
             fsm.on_message(message, self.kv.as_ref());
@@ -312,7 +337,7 @@ impl PollHandler<PeerFsm> for StoreHandler {
             // thread, which spaces each group's checks out (`split_trigger.rs`).
             let _ = self.tasks.try_send(ReplicaTask::CheckMerge(Box::new(fsm.peer.descriptor().clone())));
         }
-        if fsm.peer.is_leader() && fsm.split_trigger.take_size_check() {
+        if fsm.peer.is_leader() && fsm.split_trigger.take_size_check() && !fsm.peer.descriptor().is_meta() {
             // Measured on the replicas thread (a scan of up to twice the bound); dropped if its queue is full.
             let _ = self.tasks.try_send(ReplicaTask::CheckSize(Box::new(fsm.peer.descriptor().clone())));
         }

@@ -164,6 +164,7 @@ impl StoreCore {
             range_asks: options.range_asks.clone(),
             local_reader: Arc::new(LocalReader::new(Arc::clone(&clock))),
             claims: Arc::default(),
+            meta_group: Arc::default(),
             ticking: Arc::new(Ticking::new(clock)),
             log,
             kv,
@@ -203,6 +204,9 @@ impl StoreCore {
         metrics::counter!("flotilla_replicas_destroyed_total").increment(finished as u64);
         crate::peer::prepare_groups(log.as_ref(), kv.as_ref(), &held)?;
         let split_triggers = options.split_triggers();
+        if let Some(meta) = held.iter().find(|range| range.is_meta()) {
+            self.handler.meta_group.store(meta.group_id, std::sync::atomic::Ordering::Relaxed);
+        }
         for range in &held {
             let peer = replicas::open_replica(options, range, log, kv.as_ref(), claims)?;
             let trigger = options.split_trigger(&split_triggers, range.group_id);

@@ -43,8 +43,8 @@ pub(crate) enum ReplicaTask {
     CheckSize(Box<RangeDescriptor>),
     /// A snapshot was refused here because this group's replica holds its keys: wake it (`PeerMsg::CheckMembership`).
     CheckMembership(u64),
-    /// The other group of a merge asks this group's replica here to propose a merge step (`peer/merge.rs`).
-    MergeAsk { group_id: u64, command: Box<crate::command::Command> },
+    /// Another group asks this group's replica here to propose a command (a merge step, a publication).
+    Ask { group_id: u64, command: Box<crate::command::Command> },
     /// A replica in a merge needs its state machine durable (`peer/merge.rs`): a checkpoint, then the replica
     /// is woken to see it.
     Checkpoint(u64),
@@ -155,8 +155,8 @@ impl Replicas {
             ReplicaTask::CheckSize(range) => {
                 flotilla_engine::panics::catch("measuring a range", || self.check_size(&range))
             }
-            ReplicaTask::MergeAsk { group_id, command } => {
-                let _ = self.mailboxes.send(group_id, PeerMsg::MergeAsk { command });
+            ReplicaTask::Ask { group_id, command } => {
+                let _ = self.mailboxes.send(group_id, PeerMsg::Ask { command });
                 Ok(())
             }
             ReplicaTask::Checkpoint(group_id) => match self.kv.flush() {

@@ -3,7 +3,7 @@
 //! replica envelope and node message one node had for another when its writer drained the queue.
 
 use flotilla_raftstore::message::{
-    Envelope, HibernateRequest, MergeAskMessage, MergeReady, RemovalNotice, ReplicaMessage, SnapshotAck, SnapshotChunk,
+    AskMessage, Envelope, HibernateRequest, MergeReady, RemovalNotice, ReplicaMessage, SnapshotAck, SnapshotChunk,
 };
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::raft::DropReason;
@@ -82,7 +82,7 @@ pub enum Body {
     #[prost(message, tag = "7")]
     MergeReady(MergeReady),
     #[prost(message, tag = "8")]
-    MergeAsk(MergeAskMessage),
+    Ask(AskMessage),
 }
 
 impl WireEnvelope {
@@ -94,7 +94,7 @@ impl WireEnvelope {
             ReplicaMessage::Hibernate(request) => Body::Hibernate(request),
             ReplicaMessage::Removed(notice) => Body::Removed(notice),
             ReplicaMessage::MergeReady(ready) => Body::MergeReady(ready),
-            ReplicaMessage::MergeAsk(ask) => Body::MergeAsk(ask),
+            ReplicaMessage::Ask(ask) => Body::Ask(ask),
         };
         WireEnvelope { group_id: envelope.group_id, body: Some(body) }
     }
@@ -108,7 +108,7 @@ impl WireEnvelope {
             Body::Hibernate(request) => ReplicaMessage::Hibernate(request),
             Body::Removed(notice) => ReplicaMessage::Removed(notice),
             Body::MergeReady(ready) => ReplicaMessage::MergeReady(ready),
-            Body::MergeAsk(ask) => ReplicaMessage::MergeAsk(ask),
+            Body::Ask(ask) => ReplicaMessage::Ask(ask),
         };
         Some(Envelope { group_id: self.group_id, from_node, to_node, message })
     }

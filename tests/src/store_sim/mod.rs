@@ -1220,12 +1220,9 @@ fn describe_message(message: &ReplicaMessage) -> String {
             )
         }
         ReplicaMessage::MergeReady(r) => format!("MergeReady {}->{} decided_index={}", r.from, r.to, r.decided_index),
-        ReplicaMessage::MergeAsk(a) => format!(
-            "MergeAsk {}->{} {:?}",
-            a.from,
-            a.to,
-            a.command.as_ref().and_then(|c| c.merge.as_ref()).map(|m| m.step)
-        ),
+        ReplicaMessage::Ask(a) => {
+            format!("Ask {}->{} {:?}", a.from, a.to, a.command.as_ref().and_then(|c| c.merge.as_ref()).map(|m| m.step))
+        }
     }
 }
 
