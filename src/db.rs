@@ -341,6 +341,7 @@ impl Db {
         // Nothing in the directory is read or written before its lock is held.
         let lock = layout::lock(disk.as_ref(), &dir)?;
         let layout = layout::open(disk.as_ref(), &dir, &config)?;
+        config.store.meta_range = layout.has_meta_range();
         // The groups' leaders ask the splitter to split their ranges (`split_trigger.rs`).
         let (ask, asks) = crate::splitter::asks();
         config.store.range_asks = Some(ask);
@@ -878,6 +879,9 @@ impl AskedSplits {
     /// the left range and freezes the asking one, as [`Db::merge_left`] does (the groups carry it on). A failure
     /// drops the ask: the trigger asks again.
     fn propose(&self, wanted: RangeAsk) {
+        if wanted.reason == AskReason::Publish {
+            return self.publish(wanted.range);
+        }
         let _one_at_a_time = self.splitting.lock();
         if let AskReason::Merge { .. } = wanted.reason {
             return self.merge(wanted.range.group_id);
@@ -889,6 +893,19 @@ impl AskedSplits {
         let Some(router) = self.routers.get(wanted.node_id as usize - 1) else { return };
         if router.send(wanted.range.group_id, PeerMsg::Split { split, reply }).is_ok() {
             let _ = answer.recv_timeout(self.timeout);
+        }
+    }
+
+    /// Hands a publication in the meta range to the meta group's replica on the first node that has one (every
+    /// node of a `Db` holds every group, so the asking node's own replica normally takes it first).
+    fn publish(&self, range: flotilla_raftstore::range::RangeDescriptor) {
+        let Ok(stored) = crate::node::stored_ranges(&self.kvs[0]) else { return };
+        let Some(meta) = stored.iter().find(|range| range.is_meta()) else { return };
+        let command = Box::new(Command::publish(range));
+        for router in &self.routers {
+            if router.send(meta.group_id, PeerMsg::Ask { command: command.clone() }).is_ok() {
+                return;
+            }
         }
     }
 

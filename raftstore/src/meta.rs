@@ -83,18 +83,22 @@ pub fn stored_key(key: &[u8]) -> Cow<'_, [u8]> {
     }
 }
 
-/// The user's key stored as `stored` ([`stored_key`]'s inverse).
+/// The user's key stored as `stored` ([`stored_key`]'s inverse; bytes that no user's key is stored as — a
+/// range bound need not be one — are kept as they are).
 pub fn user_key(stored: &[u8]) -> Cow<'_, [u8]> {
     match stored.split_first() {
         Some((&0xff, rest)) if rest.contains(&ESCAPE) => {
             let mut key = Vec::with_capacity(stored.len());
             key.push(0xff);
-            let mut bytes = rest.iter();
+            let mut bytes = rest.iter().peekable();
             while let Some(&byte) = bytes.next() {
-                key.push(match byte {
-                    ESCAPE => ESCAPE + bytes.next().copied().unwrap_or(0),
-                    _ => byte,
-                });
+                match bytes.peek().map(|&&next| ESCAPE.checked_add(next)) {
+                    Some(Some(escaped)) if byte == ESCAPE => {
+                        key.push(escaped);
+                        bytes.next();
+                    }
+                    _ => key.push(byte),
+                }
             }
             Cow::Owned(key)
         }
@@ -322,6 +326,9 @@ mod tests {
         let stored: Vec<Vec<u8>> = keys.iter().map(|key| stored_key(key).into_owned()).collect();
         assert!(stored.windows(2).all(|pair| pair[0] < pair[1]), "order kept, no two keys stored alike");
         assert!(stored.iter().all(|key| !is_system_key(key)), "all below the system's keys");
+        for odd in [&[0xff, 0xfe][..], &[0xff, 0xfe, 0x80], &[0xff, 0x10, 0xfe]] {
+            assert_eq!(user_key(odd).as_ref(), odd, "what no key is stored as is kept as it is");
+        }
         for (key, stored) in keys.iter().zip(&stored) {
             assert_eq!(user_key(stored).as_ref(), key.as_slice());
             if key.first() != Some(&0xff) {
@@ -339,6 +346,7 @@ mod tests {
             let user = &ranges[..ranges.len() - 1];
             assert_eq!(user.last().unwrap().end, SYSTEM_KEYS_START);
             assert!(user.iter().all(|range| publishable(range) && !range.is_meta()));
+            assert!(user.iter().all(|range| range.start.first() != Some(&0xff)), "bounds that are users' keys");
             assert_eq!(table(&engine_with(&ranges)), user, "one piece per user range, in order");
         }
     }

@@ -386,8 +386,9 @@ pub fn initial_ranges(groups: u64, first_group_id: u64, replicas: &[Replica]) ->
 pub fn initial_layout(groups: u64, replicas: &[Replica]) -> Vec<RangeDescriptor> {
     let mut ranges = initial_ranges(groups, 1, replicas);
     for (i, range) in ranges.iter_mut().enumerate() {
-        // The boundaries of `initial_ranges`, scaled into [0, 0xffff_0000).
-        let boundary = |i: u64| (((i as u128) * 0xffff_0000) / groups as u128) as u32;
+        // The boundaries of `initial_ranges`, scaled into [0, 0xff00_0000): a boundary never starts with `ff`,
+        // so it is a user's key stored as it is (`meta::user_key` gives it back).
+        let boundary = |i: u64| (((i as u128) * 0xff00_0000) / groups as u128) as u32;
         range.start = if i == 0 { Vec::new() } else { boundary(i as u64).to_be_bytes().to_vec() };
         range.end = match i as u64 + 1 == groups {
             true => crate::meta::SYSTEM_KEYS_START.to_vec(),

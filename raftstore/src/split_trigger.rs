@@ -83,6 +83,9 @@ pub enum AskReason {
     Load,
     /// Merge into the left neighbour, group `into_group_id`: both small, this one cold.
     Merge { into_group_id: u64 },
+    /// Not a split: publish `range` (this node's leader's descriptor) in the meta range, which this node holds
+    /// no replica of (`peer/publish.rs`); the host routes it to the meta group like a write.
+    Publish,
 }
 
 /// One replica's split triggers (see the module's doc). Deterministic: it sees what its caller feeds it. Small

@@ -228,6 +228,11 @@ impl Server {
         config.validate()?;
         let dir = &dir;
         let layout = layout::open(disk.as_ref(), dir, &config)?;
+        // A joined node's cluster has a meta range if the ranges it was told include one.
+        config.store.meta_range = match &joined {
+            Some(joined) => joined.ranges.iter().any(|range| range.is_meta()),
+            None => layout.has_meta_range(),
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.net_threads.max(1))
             .thread_name("flotilla-net")
@@ -324,6 +329,9 @@ impl Server {
                     }
                     AskReason::Size | AskReason::Load => {
                         let _ = runtime.block_on(requests.split_at_stored(&wanted.split_key, false));
+                    }
+                    AskReason::Publish => {
+                        let _ = runtime.block_on(requests.publish(wanted.range));
                     }
                 }
             })

@@ -449,6 +449,21 @@ impl Requests {
         Ok(true)
     }
 
+    /// Publishes `range` in the meta range's table, routed to the meta group like a write (for a leader on this
+    /// node, which holds no replica of the meta range: `peer/publish.rs`). Advisory: the leader asks again
+    /// until its node sees it.
+    pub async fn publish(&self, range: RangeDescriptor) -> Result<(), RouteError> {
+        if !self.keys.has_meta_range() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.limits.request_timeout;
+        let routes = self.table();
+        let position = routes.table.position_of(meta::SYSTEM_KEYS_START);
+        let epoch = Some(routes.table.range(position).epoch());
+        let op = ForwardOp::Write(Command { epoch, ..Command::publish(range) });
+        self.route(&routes, position, &op, deadline).await.map(|_| ())
+    }
+
     /// This node's entry in the meta range's node registry, written until it is there (a node that starts
     /// registers itself: where it listens for the other nodes and for clients). Nothing without a meta range.
     pub async fn register(&self, entry: NodeEntry) {

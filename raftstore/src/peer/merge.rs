@@ -119,6 +119,7 @@ impl Peer {
             match (command.merge, command.publish, command.split.is_none() && command.ops.is_empty()) {
                 (Some(merge), None, true) if current => self.propose_merge(0, *merge),
                 (None, Some(range), true) if self.descriptor.is_meta() => {
+                    self.on_request(); // (a sleeping leader wakes to carry it)
                     self.propose_entry(0, Command::publish(*range))
                 }
                 _ => {}

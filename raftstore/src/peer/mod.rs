@@ -58,11 +58,19 @@ pub struct PeerOptions {
     /// How many entries a leader keeps in its log, below its durable state, for a replica that lags (one further
     /// behind catches up by a snapshot stream instead; see `compaction.rs`). Default 10,000.
     pub log_lag_entries_max: u64,
+    /// The key space has a meta range: as the leader, the replica publishes its descriptor there and stays awake
+    /// until its node shows it (`publish.rs`). Set by the store (`StoreOptions::meta_range`). Default false.
+    pub publishes: bool,
 }
 
 impl Default for PeerOptions {
     fn default() -> PeerOptions {
-        PeerOptions { snapshot: SnapshotOptions::default(), hibernate_idle_ticks: 20, log_lag_entries_max: 10_000 }
+        PeerOptions {
+            snapshot: SnapshotOptions::default(),
+            hibernate_idle_ticks: 20,
+            log_lag_entries_max: 10_000,
+            publishes: false,
+        }
     }
 }
 pub use storage::PeerStorage;
@@ -281,7 +289,7 @@ impl Peer {
             merge_proposed_at: 0,
             merged_away: Vec::new(),
             merge_step_applied: false,
-            publication: publish::Publication::default(),
+            publication: publish::Publication::new(options.publishes),
         };
         peer.hold_apply_once_decided();
         Ok(peer)

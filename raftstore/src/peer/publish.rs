@@ -19,21 +19,27 @@ pub const PUBLISH_RETRY_TICKS: u64 = 10;
 /// Where this replica's descriptor stands in the meta range.
 #[derive(Debug, Default)]
 pub(super) struct Publication {
-    /// The node has a meta range: the host checks publications (`Peer::publish_due`).
-    checked: bool,
+    /// The key space has a meta range: a leader publishes (`PeerOptions::publishes`).
+    publishes: bool,
     /// The epoch the node's meta replica last showed for this range (nothing to publish while it is current).
     shown: Option<RangeEpoch>,
     /// Ticks since the last ask, if one was made for the current epoch.
     since_ask: Option<u64>,
 }
 
+impl Publication {
+    pub(super) fn new(publishes: bool) -> Publication {
+        Publication { publishes, ..Publication::default() }
+    }
+}
+
 impl Peer {
     /// As the leader of a user range, `ticks` of time having passed: the publication to ask of the meta group,
     /// if this node's replica of the meta range (in `kv`) does not show the range's current descriptor — asked
-    /// at once, then again every [`PUBLISH_RETRY_TICKS`] until it does. Call only on a node that has a meta range.
+    /// at once, then again every [`PUBLISH_RETRY_TICKS`] until it does. Nothing where the key space has no meta
+    /// range.
     pub fn publish_due(&mut self, ticks: u64, kv: &dyn KvEngine) -> Option<Command> {
-        self.publication.checked = true;
-        if !self.is_leader() || self.removed || !meta::publishable(&self.descriptor) {
+        if !self.publication.publishes || !self.is_leader() || self.removed || !meta::publishable(&self.descriptor) {
             return None;
         }
         let epoch = self.descriptor.epoch();
@@ -61,7 +67,7 @@ impl Peer {
 
     /// A leader whose range's descriptor the meta range does not show yet (it stays awake to publish it).
     pub(super) fn publication_pending(&self) -> bool {
-        self.publication.checked
+        self.publication.publishes
             && self.is_leader()
             && meta::publishable(&self.descriptor)
             && self.publication.shown != Some(self.descriptor.epoch())

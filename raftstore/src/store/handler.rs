@@ -117,6 +117,15 @@ fn forward_one(durable: Durable, mailboxes: &dyn Mailboxes, transport: &dyn Tran
     }
 }
 
+/// A publication (`command`) that no replica of the meta range on node `node_id` can take (it holds none, or
+/// only a removed one): the host routes it (`AskReason::Publish`; advisory, as every publication ask is).
+pub(crate) fn publish_by_host(asks: Option<&Sender<RangeAsk>>, node_id: u64, command: &crate::command::Command) {
+    if let (Some(range), Some(asks)) = (&command.publish, asks) {
+        let ask = RangeAsk { node_id, range: (**range).clone(), split_key: Vec::new(), reason: AskReason::Publish };
+        let _ = asks.try_send(ask);
+    }
+}
+
 impl StoreHandler {
     /// Where `message` goes: the node of the replica it is for, if known (else it is dropped, and counted).
     fn envelope(&self, fsm: &PeerFsm, message: ReplicaMessage) -> Option<Envelope> {
@@ -247,24 +256,23 @@ impl StoreHandler {
         let label = match reason {
             AskReason::Size => "size",
             AskReason::Load => "load",
-            AskReason::Merge { .. } => return, // asked by the replicas thread (`Replicas::check_merge`)
+            // Asked by the replicas thread (`Replicas::check_merge`, `ReplicaTask::Ask`).
+            AskReason::Merge { .. } | AskReason::Publish => return,
         };
         metrics::counter!("flotilla_splits_asked_total", "reason" => label).increment(1);
         let _ = asks.try_send(RangeAsk { node_id: self.node_id, range, split_key, reason });
     }
 
     /// On a replica's ticks: a leader asks the meta group to publish its range's descriptor, if this node's meta
-    /// replica does not show it (`peer/publish.rs`; advisory, asked again); the meta range's replica makes itself
-    /// known.
+    /// replica does not show it (`peer/publish.rs`; advisory, asked again) — through that replica, or the host
+    /// if this node holds none; the meta range's replica makes itself known.
     fn publish(&self, fsm: &mut PeerFsm, ticks: u64) {
         if fsm.peer.descriptor().is_meta() {
             self.meta_group.store(fsm.peer.group_id(), Ordering::Relaxed);
             return;
         }
+        // (0 where this node holds no replica of the meta range: the replicas thread hands the ask to the host.)
         let meta_group = self.meta_group.load(Ordering::Relaxed);
-        if meta_group == 0 {
-            return;
-        }
         if let Some(command) = fsm.peer.publish_due(ticks, self.kv.as_ref()) {
             metrics::counter!("flotilla_publications_asked_total").increment(1);
             let _ = self.tasks.try_send(ReplicaTask::Ask { group_id: meta_group, command: Box::new(command) });
@@ -306,7 +314,13 @@ impl PollHandler<PeerFsm> for StoreHandler {
             return refuse_all(messages.drain(..), PeerError::Stopped(reason));
         }
         if fsm.peer.is_removed() {
-            // No longer a member here: requests go elsewhere; the rest is dropped.
+            // No longer a member here: requests go elsewhere; publications asked of it go to the host (this node
+            // holds no live replica of the meta range); the rest is dropped.
+            for message in messages.iter() {
+                if let PeerMsg::Ask { command } = message {
+                    publish_by_host(self.range_asks.as_ref(), self.node_id, command);
+                }
+            }
             return refuse_all(messages.drain(..), PeerError::NotLeader { leader: 0 });
         }
         if fsm.ticking {

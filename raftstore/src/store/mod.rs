@@ -82,6 +82,10 @@ pub struct StoreOptions {
     /// Where the groups this node leads ask to be split (`split_trigger.rs`; the host proposes the splits).
     /// Default none: nothing is counted or measured, and nothing splits but by request.
     pub range_asks: Option<crossbeam_channel::Sender<RangeAsk>>,
+    /// The key space has a meta range (`meta.rs`): the groups' leaders publish their descriptors in it after each
+    /// change — through this node's replica of it, or, where there is none, the host (`range_asks`,
+    /// `AskReason::Publish`). Default false (a key space of format 1, or a test's own layout).
+    pub meta_range: bool,
 }
 
 impl Default for StoreOptions {
@@ -102,6 +106,7 @@ impl Default for StoreOptions {
             log_bytes_max: 512 << 20,
             split: SplitOptions::default(),
             range_asks: None,
+            meta_range: false,
         }
     }
 }

@@ -24,7 +24,7 @@ use super::mailboxes::Mailboxes;
 use super::ticks::Ticking;
 use super::StoreOptions;
 use crate::message::Envelope;
-use crate::peer::Peer;
+use crate::peer::{Peer, PeerOptions};
 use crate::range::RangeDescriptor;
 use crate::range_claims::RangeClaims;
 use crate::split_trigger::{AskReason, RangeAsk};
@@ -88,7 +88,8 @@ fn open_with_id(
         random_seed: options.raft.random_seed ^ range.group_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ replica,
         ..options.raft.clone()
     };
-    Peer::open(config, options.peer.clone(), range, Arc::clone(log), kv, Arc::clone(claims))
+    let peer_options = PeerOptions { publishes: options.meta_range, ..options.peer.clone() };
+    Peer::open(config, peer_options, range, Arc::clone(log), kv, Arc::clone(claims))
 }
 
 pub(crate) struct Replicas {
@@ -156,7 +157,19 @@ impl Replicas {
                 flotilla_engine::panics::catch("measuring a range", || self.check_size(&range))
             }
             ReplicaTask::Ask { group_id, command } => {
-                let _ = self.mailboxes.send(group_id, PeerMsg::Ask { command });
+                use crate::batch::router::SendError;
+                if let Err(SendError::NotFound(message) | SendError::Full(message)) =
+                    self.mailboxes.send(group_id, PeerMsg::Ask { command })
+                {
+                    if let PeerMsg::Ask { command } = message {
+                        // No replica of the meta range here (or its mailbox is full): the host routes it.
+                        super::handler::publish_by_host(
+                            self.options.range_asks.as_ref(),
+                            self.options.node_id,
+                            &command,
+                        );
+                    }
+                }
                 Ok(())
             }
             ReplicaTask::Checkpoint(group_id) => match self.kv.flush() {

@@ -42,7 +42,7 @@ use flotilla_raft::{Config, ReadMode};
 use flotilla_raftstore::command::{Command, Op, Outcome as Applied};
 use flotilla_raftstore::message::{Envelope, ReplicaMessage};
 use flotilla_raftstore::peer::{MembershipChange, PeerError, PeerOptions, SnapshotOptions};
-use flotilla_raftstore::range::{initial_ranges, RangeDescriptor, Replica};
+use flotilla_raftstore::range::{initial_layout, RangeDescriptor, Replica};
 use flotilla_raftstore::split_trigger::{RangeAsk, SplitOptions};
 use flotilla_raftstore::store::liveness::{Liveness, NodeMessage};
 use flotilla_raftstore::store::stepped::SteppedStore;
@@ -117,6 +117,8 @@ pub struct StoreSimReport {
     pub merges_asked_by_trigger: u64,
     pub merges_frozen: u64,
     pub merges_committed: u64,
+    /// Publications in the meta range that leaders on nodes without a replica of it asked of the host.
+    pub publications_by_host: u64,
 }
 
 impl StoreSimReport {
@@ -146,6 +148,7 @@ impl StoreSimReport {
         self.merges_frozen += other.merges_frozen;
         self.merges_asked_by_trigger += other.merges_asked_by_trigger;
         self.merges_committed += other.merges_committed;
+        self.publications_by_host += other.publications_by_host;
     }
 }
 
@@ -292,7 +295,7 @@ fn machine_options() -> StateMachineOptions {
 fn peer_options(rng: &mut SimRng) -> PeerOptions {
     let snapshot = SnapshotOptions { chunk_bytes_max: 256, chunks_inflight_max: 2, resend_ticks: 3, timeout_ticks: 20 };
     let hibernate_idle_ticks = if rng.chance_per_mille(100) { 0 } else { rng.range(3, 15) as u32 };
-    PeerOptions { snapshot, hibernate_idle_ticks, log_lag_entries_max: rng.below(16) }
+    PeerOptions { snapshot, hibernate_idle_ticks, log_lag_entries_max: rng.below(16), ..PeerOptions::default() }
 }
 
 /// A node not heard from for this many of its ticks is judged down by another (`store::liveness`).
@@ -333,13 +336,15 @@ impl Sim {
         let group_count = rng.range(1, 4) as usize;
         // Five-node runs start every group on nodes 1-3: membership changes move them onto 4 and 5.
         let replicas: Vec<Replica> = (1..=node_count.min(3)).map(|id| Replica::voter(id, id)).collect();
-        let ranges = initial_ranges(group_count as u64, 1, &replicas);
+        // The layout of a new database or cluster: the users' ranges and the meta range.
+        let ranges = initial_layout(group_count as u64, &replicas);
         let replica_nodes = ranges
             .iter()
             .flat_map(|r| r.replicas.iter().map(|replica| ((r.group_id, replica.replica_id), replica.node_id)))
             .collect();
         let keys = ranges
             .iter()
+            .filter(|range| !range.is_meta())
             .flat_map(|range| {
                 let prefix = if range.start.is_empty() { vec![0] } else { range.start.clone() };
                 (0..KEYS_PER_RANGE).map(move |k| [prefix.clone(), vec![b'k', k]].concat())
@@ -419,8 +424,16 @@ impl Sim {
             node_id: self.nodes[position].id,
             peer: peer_options(&mut self.rng),
             log_bytes_max: 2 * wal_options().segment_bytes_max,
-            split: self.split_triggers.clone().unwrap_or_default(),
-            range_asks: self.split_triggers.is_some().then_some(ask),
+            // Triggers off in some runs; asks always taken (a leader on a node without a replica of the meta range
+            // publishes through the host).
+            split: self.split_triggers.clone().unwrap_or(SplitOptions {
+                size_bytes_max: 0,
+                load_window_ticks: 0,
+                merge_size_bytes_max: 0,
+                ..SplitOptions::default()
+            }),
+            range_asks: Some(ask),
+            meta_range: true,
             ..StoreOptions::default()
         };
         let node = &mut self.nodes[position];
@@ -1063,6 +1076,7 @@ impl Sim {
             self.calm_step(self.step.is_multiple_of(2))?;
             self.check_leaders()?;
             self.check_ranges()?;
+            self.check_meta_tiling()?;
         }
         // Let every client finish, then one more write per group must succeed.
         for _ in 0..steps {
@@ -1120,7 +1134,12 @@ impl Sim {
             }
             self.refresh_ranges();
             self.check_tiling()?;
-            divergence = self.divergence()?;
+            divergence = match self.divergence()? {
+                // The replicas agree: the meta range's table must show every range as its group now has it
+                // (each group's leader published it).
+                None => self.meta_mismatch()?,
+                diverged => diverged,
+            };
             if divergence.is_none() {
                 return Ok(());
             }
@@ -1232,7 +1251,8 @@ pub fn run(options: &StoreSimOptions) -> Result<StoreSimReport, StoreSimFailure>
     let mut sim = Sim::new(options).map_err(|reason| StoreSimFailure { seed: options.seed, step: 0, reason })?;
     while sim.step < options.fault_steps {
         sim.step += 1;
-        if let Err(reason) = sim.fault_step().and_then(|()| sim.check_leaders()).and_then(|()| sim.check_ranges()) {
+        let checked = sim.fault_step().and_then(|()| sim.check_leaders()).and_then(|()| sim.check_ranges());
+        if let Err(reason) = checked.and_then(|()| sim.check_meta_tiling()) {
             return Err(fail(&sim, reason));
         }
     }

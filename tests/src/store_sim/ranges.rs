@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use flotilla_raftstore::command::{MergeCommand, MergeStep, Outcome as Applied};
+use flotilla_raftstore::meta;
 use flotilla_raftstore::range::{RangeDescriptor, SplitRequest};
 use flotilla_raftstore::split_trigger::{AskReason, RangeAsk, SplitOptions};
 use flotilla_raftstore::store::{Mailboxes, PeerMsg};
@@ -24,6 +25,13 @@ pub(super) fn learn(ranges: &mut Vec<RangeDescriptor>, range: &RangeDescriptor) 
     ranges.retain(|known| !known.overlaps(range));
     let at = ranges.partition_point(|known| known.start < range.start);
     ranges.insert(at, range.clone());
+}
+
+/// The meta range's table as node's state machine `kv` holds it (empty: no replica of the meta range there).
+fn meta_table(kv: &flotilla_engine::state_machine::StateMachine) -> SimResult<Vec<RangeDescriptor>> {
+    let (start, end) = meta::lookup_scan(b"");
+    let entries = kv.scan(&start, &end, usize::MAX).map_err(|e| format!("reading the meta range's table: {e}"))?;
+    Ok(meta::pieces(&entries))
 }
 
 /// Whether node's state machine `kv` records group `group_id` as ended by a merge (its replica may still be
@@ -223,6 +231,10 @@ impl Sim {
             let Some(running) = &self.nodes[position].running else { continue };
             let asks: Vec<RangeAsk> = running.asks.try_iter().collect();
             for wanted in asks {
+                if wanted.reason == AskReason::Publish {
+                    self.publish(wanted.range);
+                    continue;
+                }
                 if let AskReason::Merge { into_group_id } = wanted.reason {
                     self.report.merges_asked_by_trigger += 1;
                     if self.faults && self.is_up(position) {
@@ -237,6 +249,20 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// A publication in the meta range asked by a leader on a node without a replica of it: handed to the meta
+    /// group's replica on the first running node that has one, as the `Db`'s host does (lost if none takes it:
+    /// the leader asks again).
+    fn publish(&mut self, range: RangeDescriptor) {
+        self.report.publications_by_host += 1;
+        let Some(meta) = self.initial.iter().find(|range| range.is_meta()).map(|range| range.group_id) else { return };
+        let command = Box::new(flotilla_raftstore::command::Command::publish(range));
+        for node in self.nodes.iter().filter_map(|node| node.running.as_ref()) {
+            if node.store.mailboxes().send(meta, PeerMsg::Ask { command: command.clone() }).is_ok() {
+                return;
+            }
+        }
     }
 
     /// Proposes a split of `range` at `split_key` on node `position`'s replica, with a new group id and one new
@@ -293,6 +319,55 @@ impl Sim {
             return Err(format!("the ranges do not cover the key space once: {bounds:?}"));
         }
         Ok(())
+    }
+
+    /// The meta range's table on every running node that holds a replica of it: pieces that cover the users'
+    /// key space exactly once, whatever publications applied in whatever order (`meta::publish_ops`). Checked
+    /// every tenth step (a scan of each node's table).
+    pub(super) fn check_meta_tiling(&self) -> SimResult<()> {
+        if !self.step.is_multiple_of(10) {
+            return Ok(());
+        }
+        for node in &self.nodes {
+            let Some(running) = &node.running else { continue };
+            let pieces = meta_table(&running.kv)?;
+            if pieces.is_empty() {
+                continue; // no replica of the meta range here (yet)
+            }
+            let mut at: &[u8] = &[];
+            for piece in &pieces {
+                if piece.start != at || piece.end <= piece.start || !meta::publishable(piece) {
+                    return Err(format!(
+                        "node {}: the meta range's table does not tile the users' keys: {pieces:?}",
+                        node.id
+                    ));
+                }
+                at = &piece.end;
+            }
+            if at != meta::SYSTEM_KEYS_START {
+                return Err(format!("node {}: the meta range's table ends at {at:?}: {pieces:?}", node.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// After the faults, once every replica of a group agrees: how the meta range's table differs from the
+    /// ranges the groups hold (`None`: it shows each of them exactly).
+    pub(super) fn meta_mismatch(&self) -> SimResult<Option<String>> {
+        // A member's table (a replica removed from the meta group may keep its last one until it learns).
+        let Some(meta) = self.ranges.iter().find(|range| range.is_meta()) else {
+            return Ok(Some("no meta range".into()));
+        };
+        let member = self.nodes.iter().find(|node| node.running.is_some() && meta.lists_node(node.id));
+        let Some(running) = member.and_then(|node| node.running.as_ref()) else {
+            return Ok(Some(format!("no member of the meta range is running: {meta:?}")));
+        };
+        let table = meta_table(&running.kv)?;
+        let held: Vec<&RangeDescriptor> = self.ranges.iter().filter(|range| !range.is_meta()).collect();
+        if table.iter().collect::<Vec<_>>() != held {
+            return Ok(Some(format!("the meta range shows {table:?}\nbut the groups hold {held:?}")));
+        }
+        Ok(None)
     }
 
     /// Range invariants, over every running node's replicas: replicas of a group at one epoch agree on its range
