@@ -38,7 +38,7 @@ pub trait KvEngine: Send + Sync {
     /// Whether a snapshot install (or a group's clearing) set the durable applied state, rather than applying the
     /// log: only then may a log after a crash end below it (see `peer::prepare_groups`).
     fn durable_by_install(&self, group_id: u64) -> bool;
-    /// Stores a group's range descriptor, durably.
+    /// Stores a group's range descriptor, durably: it replaces one an apply not yet checkpointed changed.
     fn put_range(&self, group_id: u64, descriptor: &[u8]) -> Result<(), StateMachineError>;
     /// Every group's descriptor, including those changed by applies not yet checkpointed (`GroupApply::range`,
     /// durable with the applied index).
@@ -276,7 +276,9 @@ impl KvEngine for MemKvEngine {
     }
 
     fn put_range(&self, group_id: u64, descriptor: &[u8]) -> Result<(), StateMachineError> {
-        self.state.lock().ranges.insert(group_id, descriptor.to_vec());
+        let mut state = self.state.lock();
+        state.pending_ranges.remove(&group_id);
+        state.ranges.insert(group_id, descriptor.to_vec());
         Ok(())
     }
 

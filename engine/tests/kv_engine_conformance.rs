@@ -271,3 +271,38 @@ proptest! {
         run_model(&mut MemKvEngine::new(pending_bytes), seed, steps)?;
     }
 }
+
+/// A descriptor stored by `put_range` (a merged group's record) replaces the one an apply not yet checkpointed
+/// left for the group: reads show it at once, and neither a later checkpoint nor a crash brings the older back.
+fn put_range_replaces_an_unflushed_descriptor(subject: &mut dyn Subject, flush: &dyn Fn(&dyn Subject)) {
+    let engine = subject.engine();
+    let apply = GroupApply {
+        group_id: 7,
+        ops: Vec::new(),
+        applied_index: 10,
+        applied_term: 1,
+        range: Some(b"applied".to_vec()),
+    };
+    engine.apply(vec![apply]).unwrap();
+    assert_eq!(engine.range(7).unwrap().as_deref(), Some(&b"applied"[..]));
+    engine.put_range(7, b"record").unwrap();
+    assert_eq!(engine.range(7).unwrap().as_deref(), Some(&b"record"[..]), "read at once");
+    flush(subject);
+    assert_eq!(subject.engine().range(7).unwrap().as_deref(), Some(&b"record"[..]), "a checkpoint keeps it");
+    subject.crash_and_reopen().unwrap();
+    assert_eq!(subject.engine().range(7).unwrap().as_deref(), Some(&b"record"[..]), "so does a crash");
+    assert_eq!(subject.engine().ranges().unwrap(), vec![(7, b"record".to_vec())]);
+}
+
+#[test]
+fn put_range_replaces_an_unflushed_descriptor_in_both_engines() {
+    let disk = SimRedbBackend::new();
+    let options = StateMachineOptions::default();
+    let machine = StateMachine::open_with_backend(disk.clone(), options.clone()).unwrap();
+    put_range_replaces_an_unflushed_descriptor(&mut Redb { disk, options, machine: Some(machine) }, &|subject| {
+        subject.engine().flush().unwrap()
+    });
+    put_range_replaces_an_unflushed_descriptor(&mut MemKvEngine::new(1 << 20), &|subject| {
+        subject.engine().flush().unwrap()
+    });
+}

@@ -423,7 +423,9 @@ impl ApplyBatch {
             applied_term: BOOTSTRAP_TERM,
             range: Some(right.encode()),
         });
-        let groups = std::iter::once(self.group).chain(created).chain(self.merged_records).collect();
+        // (No state machine batch of this group if nothing of it applied: a merge commit first waits.)
+        let own = Some(self.group).filter(|group| group.applied_index != 0);
+        let groups = own.into_iter().chain(created).chain(self.merged_records).collect();
         ((groups, self.applied), self.split_off)
     }
 }
@@ -494,6 +496,27 @@ fn merge_step(
             Err(format!("{step:?} does not fit a range {state}"))
         }
     }
+}
+
+/// Whether the committed `entry` is a merge commit that will apply to `descriptor` (routed with its epoch, for
+/// the range it is locked for) and must wait: this node's replica of the range it takes in has not applied the
+/// decision yet (after a crash, the two groups' logs are applied again in no set order; see
+/// `Peer::apply_committed`). The range it waits for, if so.
+pub fn commit_waits(engine: &dyn KvEngine, descriptor: &RangeDescriptor, entry: &Entry) -> Option<RangeDescriptor> {
+    let lock = descriptor.merge_lock?;
+    if entry.is_conf_change() || entry.data.is_empty() {
+        return None;
+    }
+    let command = Command::decode(entry.data.as_ref()).ok()?;
+    let merge = command.merge.filter(|_| command.epoch == Some(descriptor.epoch()))?;
+    let right =
+        merge.right.filter(|right| merge.step == MergeStep::Commit as i32 && right.group_id == lock.right_group_id)?;
+    frozen_here(engine, &right).is_err().then_some(right)
+}
+
+/// Whether this node's replica of `right` is ready to be taken in by a merge commit (see [`frozen_here`]).
+pub fn ready_to_take(engine: &dyn KvEngine, right: &RangeDescriptor) -> bool {
+    frozen_here(engine, right).is_ok()
 }
 
 /// This node's replica of the decided range `right`, checked ready to be taken in: its stored descriptor is

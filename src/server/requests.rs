@@ -460,8 +460,13 @@ impl Requests {
         let routes = self.table();
         let position = routes.table.position_of(meta::SYSTEM_KEYS_START);
         let epoch = Some(routes.table.range(position).epoch());
+        let (group_id, published) = (range.group_id, range.epoch());
         let op = ForwardOp::Write(Command { epoch, ..Command::publish(range) });
-        self.route(&routes, position, &op, deadline).await.map(|_| ())
+        if let Some(Answered::Written(Outcome::Done)) = self.route(&routes, position, &op, deadline).await? {
+            // The leader here stops asking (its node has no replica of the meta range to show it).
+            let _ = self.router.send(group_id, PeerMsg::Published { epoch: published });
+        }
+        Ok(())
     }
 
     /// This node's entry in the meta range's node registry, written until it is there (a node that starts

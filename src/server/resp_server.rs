@@ -202,9 +202,11 @@ fn arity(name: &str) -> Reply {
 
 fn failed(error: RouteError) -> Reply {
     match error {
-        RouteError::BatchSpansRanges { .. } => Reply::Error(
-            "CROSSSLOT Keys in request don't hash to the same slot (they lie in more than one range)".into(),
-        ),
+        RouteError::BatchSpansRanges { cut_at, .. } => Reply::Error(format!(
+            "CROSSSLOT Keys in request don't hash to the same slot (they lie in more than one range; the first \
+             key's range ends at {})",
+            String::from_utf8_lossy(&cut_at).escape_default()
+        )),
         other => Reply::error(format!("{other:?}")),
     }
 }

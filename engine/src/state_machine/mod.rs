@@ -653,8 +653,11 @@ impl StateMachine {
         self.put_ranges(&[(group_id, descriptor.to_vec())])
     }
 
-    /// Stores many groups' range descriptors in one durable transaction (a new store's initial layout).
+    /// Stores many groups' range descriptors in one durable transaction (a new store's initial layout). Each
+    /// replaces what applies not yet checkpointed left for its group (a merged group's record over the decision
+    /// it last applied): no flush is under way meanwhile, and the memtable forgets those.
     pub fn put_ranges(&self, ranges: &[(u64, Vec<u8>)]) -> Result<(), StateMachineError> {
+        let _no_flush = self.flush_lock.lock();
         let write = begin_durable(&self.db)?;
         {
             let mut table = write.open_table(RANGES).map_err(storage)?;
@@ -662,7 +665,12 @@ impl StateMachine {
                 table.insert(*group_id, seal_range(*group_id, descriptor).as_slice()).map_err(storage)?;
             }
         }
-        write.commit().map_err(storage)
+        write.commit().map_err(storage)?;
+        let mut memtables = self.memtables.write();
+        for (group_id, _) in ranges {
+            memtables.active.ranges.remove(group_id);
+        }
+        Ok(())
     }
 
     /// Every group's range descriptor: the stored ones, overlaid with those applies changed since (by group).

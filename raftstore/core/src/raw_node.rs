@@ -260,6 +260,19 @@ impl<S: Storage> RawNode<S> {
         self.raft.validate();
     }
 
+    /// Takes back the committed entries from `index` on that were handed out for applying and not applied: the
+    /// next Readys hand them out again, in order (once not held: [`RawNode::hold_apply`]).
+    pub fn hand_back(&mut self, index: u64) {
+        let log = &mut self.raft.raft_log;
+        assert!(index > log.applied && index <= log.applying + 1, "handing back {index}: applied {}", log.applied);
+        log.applying = index - 1;
+    }
+
+    /// How far committed entries have been handed out for applying.
+    pub fn applying(&self) -> u64 {
+        self.raft.raft_log.applying
+    }
+
     /// The caller applied committed entries up to `index`.
     pub fn on_applied(&mut self, index: u64) {
         self.raft.on_applied(index);

@@ -18,6 +18,7 @@ impl Peer {
         kv: &dyn KvEngine,
         entries: &[Entry],
     ) -> Result<(Vec<GroupApply>, Vec<Applied>), ApplyError> {
+        let entries = self.until_merge_commit_waits(kv, entries);
         let mut batch = ApplyBatch::new(self.group_id());
         let merge_before = (self.descriptor.merge, self.descriptor.merge_lock);
         let mut start = 0;
@@ -52,6 +53,25 @@ impl Peer {
         let (applied, split_off) = batch.finish_with_splits();
         self.split_off.extend(split_off);
         Ok(applied)
+    }
+
+    /// `entries` up to a merge commit that must wait for this node's replica of the range it takes in to apply
+    /// the decision (`command::commit_waits`): that one and those after it are handed back and held until it
+    /// has (`Peer::merge_step` lets them go). Every replica confirmed the decision applied before the commit was
+    /// proposed, so only a node that crashed since — whose two groups' logs are applied again in no set order —
+    /// waits, and not for long. Only a locked range can meet a commit.
+    fn until_merge_commit_waits<'a>(&mut self, kv: &dyn KvEngine, entries: &'a [Entry]) -> &'a [Entry] {
+        if self.descriptor.merge_lock.is_none() {
+            return entries;
+        }
+        let waits = |entry| crate::command::commit_waits(kv, &self.descriptor, entry);
+        let Some((at, right)) = entries.iter().enumerate().find_map(|(at, entry)| waits(entry).map(|r| (at, r))) else {
+            return entries;
+        };
+        self.raw.hand_back(entries[at].index);
+        self.raw.hold_apply(true);
+        self.merge.commit_waits_for = Some(right);
+        &entries[..at]
     }
 
     /// The groups whose replicas here merges ended since the last call (this group took them in, by a commit

@@ -48,8 +48,6 @@ pub enum MergeAsk {
     /// Propose `command` (a merge step) to group `group_id`, through its replica on this node (advisory: asked
     /// again while the merge lasts; a duplicate is refused by its epoch).
     Propose { group_id: u64, command: Box<Command> },
-    /// Make the state machine durable, then wake group `group_id`'s replica: its decision is not durable yet.
-    Checkpoint { group_id: u64 },
 }
 
 /// A replica's progress in a merge (reset whenever its range's merge state changes).
@@ -59,12 +57,13 @@ pub(super) struct MergeProgress {
     seen: Option<(u64, u64)>,
     /// Ticks since then.
     ticks: u64,
-    /// When (in `ticks`) it last asked for a checkpoint.
-    checkpoint_asked_at: Option<u64>,
     /// The log index of the last step it proposed itself.
     proposed_at: Option<u64>,
-    /// As the right range's leader: the replicas that confirmed the decision durable.
+    /// As the right range's leader: the replicas that confirmed the decision applied.
     confirmed: BTreeSet<u64>,
+    /// As a replica of the locked left range: the right range a merge commit in its log waits for (this node's
+    /// replica of it has not applied the decision yet; `Peer::apply_committed`).
+    pub(super) commit_waits_for: Option<RangeDescriptor>,
 }
 
 /// Whether `now` is later than `then` in a range's history (each part of an epoch only grows).
@@ -145,38 +144,37 @@ impl Peer {
             (None, Some(_)) => Some((0, self.descriptor.epoch().version)),
             (None, None) => None,
         };
+        if let Some(right) = &self.merge.commit_waits_for {
+            if crate::command::ready_to_take(kv, right) {
+                self.merge.commit_waits_for = None;
+                self.raw.hold_apply(false); // the commit is handed out again
+            }
+        }
         if seen != self.merge.seen {
-            self.merge = MergeProgress { seen, ..MergeProgress::default() };
+            let waits = self.merge.commit_waits_for.take();
+            self.merge = MergeProgress { seen, commit_waits_for: waits, ..MergeProgress::default() };
         }
         if seen.is_none() || self.removed {
             return Vec::new();
         }
         self.merge.ticks += ticks;
         if self.descriptor.merge.is_some() {
-            self.frozen_tick(kv)
+            self.frozen_tick()
         } else {
             self.locked_tick(kv)
         }
     }
 
-    /// A frozen range's replica: confirms a durable decision; as the leader, decides (or gives up) and asks the
+    /// A frozen range's replica: confirms an applied decision; as the leader, decides (or gives up) and asks the
     /// left group to commit once everyone confirmed.
-    fn frozen_tick(&mut self, kv: &dyn KvEngine) -> Vec<MergeAsk> {
+    fn frozen_tick(&mut self) -> Vec<MergeAsk> {
         let state = self.descriptor.merge.expect("frozen");
         let mut asks = Vec::new();
         let me = self.raw.raft.id;
-        let durable = state.decided_index != 0 && kv.durable_applied(self.group_id()).0 >= state.decided_index;
-        if state.decided_index != 0
-            && !durable
-            && self.merge.checkpoint_asked_at.is_none_or(|at| self.merge.ticks >= at + 10)
-        {
-            // Once, and again after ten ticks if it did not come (the replicas thread's queue was full).
-            self.merge.checkpoint_asked_at = Some(self.merge.ticks);
-            asks.push(MergeAsk::Checkpoint { group_id: self.group_id() });
-        }
+        let applied = state.decided_index != 0 && self.applied_index >= state.decided_index;
         if !self.is_leader() {
             let leader = self.raw.raft.leader_id;
-            if durable && leader != 0 && leader != me {
+            if applied && leader != 0 && leader != me {
                 let ready = MergeReady { from: me, to: leader, decided_index: state.decided_index };
                 self.outbox.push(ReplicaMessage::MergeReady(ready));
             }
@@ -198,7 +196,7 @@ impl Peer {
             }
             return asks;
         }
-        if durable {
+        if applied {
             self.merge.confirmed.insert(me);
         }
         if self.descriptor.replicas.iter().all(|r| self.merge.confirmed.contains(&r.replica_id)) {
@@ -263,8 +261,8 @@ impl Peer {
         self.merge.proposed_at = Some(self.raw.raft.raft_log.last_index());
     }
 
-    /// A replica's confirmation that it holds the decision durably (counted by the leader of a range decided at
-    /// that entry).
+    /// A replica's confirmation that it applied the decision (counted by the leader of a range decided at that
+    /// entry).
     pub(super) fn on_merge_ready(&mut self, ready: MergeReady) {
         let decided_at = self.descriptor.merge.map(|state| state.decided_index);
         if self.is_leader()

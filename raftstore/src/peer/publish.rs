@@ -2,7 +2,9 @@
 //! the group's leader tells the meta group its new descriptor until its node's replica of the meta range shows
 //! it. The ask travels as a proposal of the meta group through its replica on this node, which hands it to
 //! whichever member leads (as merge steps do); applying it is idempotent and guarded by epoch, so asking again
-//! is harmless, and a stale ask changes nothing. A leader with a publication pending does not fall asleep.
+//! is harmless, and a stale ask changes nothing. A node with no live replica of the meta range hands the ask to
+//! its host, which routes it and tells the leader once it applied (`PeerMsg::Published`). A leader with a
+//! publication pending does not fall asleep.
 
 use flotilla_engine::contract::KvEngine;
 use prost::Message as _;
@@ -63,6 +65,14 @@ impl Peer {
         }
         self.publication.since_ask = Some(0);
         Some(Command::publish(self.descriptor.clone()))
+    }
+
+    /// The host published the descriptor at `epoch` (this node holds no replica of the meta range to show it).
+    pub fn on_published(&mut self, epoch: RangeEpoch) {
+        if self.descriptor.epoch() == epoch {
+            self.publication.shown = Some(epoch);
+            self.publication.since_ask = None;
+        }
     }
 
     /// A leader whose range's descriptor the meta range does not show yet (it stays awake to publish it).

@@ -127,6 +127,9 @@ impl Peer {
     /// The committed entries up to `index` are applied, with these command outcomes (from
     /// [`Peer::apply_committed`]): their clients are answered.
     pub fn on_applied(&mut self, index: u64, outcomes: Vec<Applied>) {
+        // Not past what stayed handed out: a merge commit waiting for this node's right replica was handed back
+        // with the entries after it (`Peer::apply_committed`).
+        let index = index.min(self.raw.applying());
         self.raw.on_applied(index);
         self.hold_apply_once_decided();
         if std::mem::take(&mut self.merge_step_applied) {

@@ -98,6 +98,11 @@ pub enum PeerMsg {
     /// A snapshot of another group was refused on this node because this replica holds its keys: wake and find
     /// out whether it is still a member (`Peer::check_membership`).
     CheckMembership,
+    /// The host published this range's descriptor at `epoch` in the meta range, which this node holds no replica
+    /// of (`peer/publish.rs`).
+    Published {
+        epoch: crate::range::RangeEpoch,
+    },
     /// The state machine made more of this group durable: compact the log behind it (`peer/compaction.rs`).
     CompactLog,
     /// The transport lost its connection to this node: a leader stops streaming appends to its replica there and
@@ -240,6 +245,7 @@ impl PeerFsm {
             PeerMsg::TransferLeader { replica_id } => self.peer.transfer_leader(replica_id),
             PeerMsg::CompactLog => self.peer.compact_log(kv),
             PeerMsg::CheckMembership => self.peer.check_membership(),
+            PeerMsg::Published { epoch } => self.peer.on_published(epoch),
             PeerMsg::SizeMeasured { bytes } => self.split_trigger.on_measured(bytes),
             PeerMsg::Unreachable { node_id } => {
                 if let Some(replica_id) = self.replica_on(node_id) {

@@ -294,7 +294,6 @@ impl StoreHandler {
         for ask in asks {
             let task = match ask {
                 MergeAsk::Propose { group_id, command } => ReplicaTask::Ask { group_id, command },
-                MergeAsk::Checkpoint { group_id } => ReplicaTask::Checkpoint(group_id),
             };
             let _ = self.tasks.try_send(task);
         }

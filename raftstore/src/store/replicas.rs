@@ -45,9 +45,6 @@ pub(crate) enum ReplicaTask {
     CheckMembership(u64),
     /// Another group asks this group's replica here to propose a command (a merge step, a publication).
     Ask { group_id: u64, command: Box<crate::command::Command> },
-    /// A replica in a merge needs its state machine durable (`peer/merge.rs`): a checkpoint, then the replica
-    /// is woken to see it.
-    Checkpoint(u64),
     /// A merge ended this group's replica here (its record is written; its data is the other group's now).
     MergedAway(u64),
     /// This range, which this node leads, went cold: is it small enough to merge into its left neighbour?
@@ -172,13 +169,6 @@ impl Replicas {
                 }
                 Ok(())
             }
-            ReplicaTask::Checkpoint(group_id) => match self.kv.flush() {
-                Ok(()) => {
-                    let _ = self.mailboxes.send(group_id, PeerMsg::Tick);
-                    Ok(())
-                }
-                Err(error) => Err(format!("a checkpoint for a merge: {error}")),
-            },
             ReplicaTask::CheckMerge(range) => {
                 flotilla_engine::panics::catch("measuring ranges to merge", || self.merge_check_asked(&range))
             }

@@ -232,6 +232,9 @@ struct Sim {
     tables: Vec<Vec<RangeDescriptor>>,
     /// The id of the next group a split makes.
     next_group_id: u64,
+    /// Publications the host was asked for (by leaders on nodes without a replica of the meta range), with the
+    /// asking node's position: the leader there is told once a member's table shows them.
+    host_publications: Vec<(usize, RangeDescriptor)>,
     /// Answers to split proposals (counted, not checked).
     split_replies: Vec<oneshot::Receiver<Result<Applied, PeerError>>>,
     /// The split triggers' bounds, drawn per seed (`None`: off; splits come by request only).
@@ -383,6 +386,7 @@ impl Sim {
             keys,
             tables,
             next_group_id: 1000,
+            host_publications: Vec::new(),
             split_replies: Vec::new(),
             merge_locks: Vec::new(),
             merge_freezes: Vec::new(),

@@ -227,12 +227,13 @@ impl Sim {
     /// The splits the nodes' leaders asked for (the size and load triggers, `split_trigger.rs`), proposed as the
     /// `Db`'s splitter proposes them: on the asking node, with new ids. Only during the faults.
     pub(super) fn take_asks(&mut self) -> SimResult<()> {
+        self.confirm_host_publications()?;
         for position in 0..self.nodes.len() {
             let Some(running) = &self.nodes[position].running else { continue };
             let asks: Vec<RangeAsk> = running.asks.try_iter().collect();
             for wanted in asks {
                 if wanted.reason == AskReason::Publish {
-                    self.publish(wanted.range);
+                    self.publish(position, wanted.range);
                     continue;
                 }
                 if let AskReason::Merge { into_group_id } = wanted.reason {
@@ -251,11 +252,16 @@ impl Sim {
         Ok(())
     }
 
-    /// A publication in the meta range asked by a leader on a node without a replica of it: handed to the meta
-    /// group's replica on the first running node that has one, as the `Db`'s host does (lost if none takes it:
-    /// the leader asks again).
-    fn publish(&mut self, range: RangeDescriptor) {
+    /// A publication in the meta range asked by a leader on node `position`, which holds no replica of it:
+    /// handed to the meta group's replica on the first running node that has one (lost if none takes it: the
+    /// leader asks again), and the leader told once a member's table shows it, as a server's host does.
+    fn publish(&mut self, position: usize, range: RangeDescriptor) {
         self.report.publications_by_host += 1;
+        // The latest ask of each group's leader on each node.
+        self.host_publications.retain(|(at, known)| (*at, known.group_id) != (position, range.group_id));
+        if self.host_publications.len() < 64 {
+            self.host_publications.push((position, range.clone()));
+        }
         let Some(meta) = self.initial.iter().find(|range| range.is_meta()).map(|range| range.group_id) else { return };
         let command = Box::new(flotilla_raftstore::command::Command::publish(range));
         for node in self.nodes.iter().filter_map(|node| node.running.as_ref()) {
@@ -263,6 +269,27 @@ impl Sim {
                 return;
             }
         }
+    }
+
+    /// Tells the leaders whose publications the host carried that a member's table shows them.
+    fn confirm_host_publications(&mut self) -> SimResult<()> {
+        if self.host_publications.is_empty() {
+            return Ok(());
+        }
+        let Some(meta) = self.ranges.iter().find(|range| range.is_meta()) else { return Ok(()) };
+        let member = self.nodes.iter().find(|node| node.running.is_some() && meta.lists_node(node.id));
+        let Some(running) = member.and_then(|node| node.running.as_ref()) else { return Ok(()) };
+        let table = meta_table(&running.kv)?;
+        let shown = |range: &RangeDescriptor| table.iter().any(|piece| piece == range);
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.host_publications).into_iter().partition(|(_, range)| shown(range));
+        self.host_publications = waiting;
+        for (position, range) in done {
+            if let Some(running) = &self.nodes[position].running {
+                let _ = running.store.mailboxes().send(range.group_id, PeerMsg::Published { epoch: range.epoch() });
+            }
+        }
+        Ok(())
     }
 
     /// Proposes a split of `range` at `split_key` on node `position`'s replica, with a new group id and one new
