@@ -251,6 +251,10 @@ pub struct ApplyBatch {
     overlay: Overlay,
     /// The range table writes of this batch's publications so far (the meta group's), for the later ones.
     published: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// A merge commit this batch stopped at, by index, with the range it takes in: this node's replica of that
+    /// range has not applied the decision yet (after a crash; see `Peer::apply_committed`). Nothing from it on
+    /// is applied.
+    pub waits_at: Option<(u64, RangeDescriptor)>,
 }
 
 /// Where each key written so far in a batch was last written (its position among the batch's operations). Built
@@ -288,6 +292,7 @@ impl ApplyBatch {
             merged_records: Vec::new(),
             overlay: Overlay::default(),
             published: BTreeMap::new(),
+            waits_at: None,
         }
     }
 
@@ -300,6 +305,10 @@ impl ApplyBatch {
         entries: &[Entry],
     ) -> Result<(), ApplyError> {
         for entry in entries {
+            if self.waits_at.is_some() {
+                return Ok(());
+            }
+            let before = (self.group.applied_index, self.group.applied_term);
             (self.group.applied_index, self.group.applied_term) = (entry.index, entry.term);
             if entry.is_conf_change() || entry.data.is_empty() {
                 continue;
@@ -315,6 +324,10 @@ impl ApplyBatch {
                     apply_command(engine, descriptor, command, &mut self.overlay, &mut self.group.ops)?
                 }
             };
+            if self.waits_at.is_some() {
+                (self.group.applied_index, self.group.applied_term) = before; // this entry waits
+                return Ok(());
+            }
             self.applied.push(Applied { request_id, index: entry.index, term: entry.term, outcome });
         }
         Ok(())
@@ -372,7 +385,14 @@ impl ApplyBatch {
         };
         if step == MergeStep::Commit {
             let right = next.1.expect("a commit takes a range in");
-            let here = frozen_here(engine, &right).map_err(|reason| ApplyError::MergeNotReady { index, reason })?;
+            let here = match frozen_here(engine, &right) {
+                Ok(here) => here,
+                Err(_) if may_catch_up(engine, &right) => {
+                    self.waits_at = Some((index, right));
+                    return Ok(Outcome::Done); // (not reported: the entry is applied again later)
+                }
+                Err(reason) => return Err(ApplyError::MergeNotReady { index, reason }),
+            };
             self.merged.push(right.group_id);
             self.merged_records.push(GroupApply {
                 group_id: right.group_id,
@@ -498,25 +518,19 @@ fn merge_step(
     }
 }
 
-/// Whether the committed `entry` is a merge commit that will apply to `descriptor` (routed with its epoch, for
-/// the range it is locked for) and must wait: this node's replica of the range it takes in has not applied the
-/// decision yet (after a crash, the two groups' logs are applied again in no set order; see
-/// `Peer::apply_committed`). The range it waits for, if so.
-pub fn commit_waits(engine: &dyn KvEngine, descriptor: &RangeDescriptor, entry: &Entry) -> Option<RangeDescriptor> {
-    let lock = descriptor.merge_lock?;
-    if entry.is_conf_change() || entry.data.is_empty() {
-        return None;
-    }
-    let command = Command::decode(entry.data.as_ref()).ok()?;
-    let merge = command.merge.filter(|_| command.epoch == Some(descriptor.epoch()))?;
-    let right =
-        merge.right.filter(|right| merge.step == MergeStep::Commit as i32 && right.group_id == lock.right_group_id)?;
-    frozen_here(engine, &right).is_err().then_some(right)
-}
-
-/// Whether this node's replica of `right` is ready to be taken in by a merge commit (see [`frozen_here`]).
+/// Whether this node's replica of the decided range `right` is ready to be taken in by a merge commit (see
+/// [`frozen_here`]).
 pub fn ready_to_take(engine: &dyn KvEngine, right: &RangeDescriptor) -> bool {
     frozen_here(engine, right).is_ok()
+}
+
+/// Whether this node's replica of the decided range `right`, not ready to be taken in, may yet be: it is that
+/// group, not ended, and not past `right` (it has the decision to apply still: a node that crashed since its
+/// confirmation applies its groups' logs again in no set order). Anything else at a commit is a bug.
+fn may_catch_up(engine: &dyn KvEngine, right: &RangeDescriptor) -> bool {
+    let stored = engine.range(right.group_id).ok().flatten();
+    let here = stored.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok());
+    here.is_some_and(|here| here.merged_into == 0 && here.epoch().version <= right.epoch().version)
 }
 
 /// This node's replica of the decided range `right`, checked ready to be taken in: its stored descriptor is
@@ -741,20 +755,46 @@ mod tests {
         assert_eq!((batches[1].group_id, record.merged_into, record.replicas.len()), (5, 4, 0));
     }
 
+    /// A commit the left replica meets before its node's right replica applied the decision (after a crash) waits
+    /// there (`ApplyBatch::waits_at`: nothing from it on applied), and applies once that replica applied it; one
+    /// whose right replica here can never be ready (it ended) stops the node.
     #[test]
-    fn a_commit_where_the_right_replica_has_not_applied_the_decision_stops_the_node() {
+    fn a_commit_waits_for_the_right_replica_here_to_apply_the_decision_and_stops_the_node_if_it_never_can() {
         let engine = MemKvEngine::new(u64::MAX);
         let replicas = vec![crate::range::Replica::voter(1, 1)];
         let left = RangeDescriptor { end: b"m".to_vec(), replicas: replicas.clone(), ..range() };
         let right = RangeDescriptor { group_id: 5, start: b"m".to_vec(), end: Vec::new(), replicas, ..range() };
         let locked = merged(step(&engine, &left, MergeCommand::new(MergeStep::Prepare, None, Some(right.clone())), 2));
-        // The right replica here is frozen, not decided; the commit carries a decided range (a bug elsewhere).
+        // The right replica here is frozen, not decided yet; the commit carries the decided range.
         let frozen = merged(step(&engine, &right, MergeCommand::new(MergeStep::Freeze, Some(locked.clone()), None), 3));
         let state = MergeState { decided_index: 4, ..frozen.merge.unwrap() };
         let decided = RangeDescriptor { merge: Some(state), ..frozen };
-        let command = Command::merge(locked.epoch(), MergeCommand::new(MergeStep::Commit, None, Some(decided)));
-        let entry = Entry { index: 3, term: 1, data: command.encode_entry(), ..Default::default() };
-        assert!(matches!(apply_entries(&engine, &locked, &[entry]), Err(ApplyError::MergeNotReady { index: 3, .. })));
+        let commit = Command::merge(locked.epoch(), MergeCommand::new(MergeStep::Commit, None, Some(decided.clone())));
+        let put = command(1, vec![Op::put("b", "1")]);
+        let entries = [entry(5, &Command { epoch: Some(locked.epoch()), ..put }), entry(6, &commit)];
+        let mut batch = ApplyBatch::new(4);
+        batch.apply(&engine, &mut locked.clone(), &entries).unwrap();
+        assert_eq!(batch.waits_at, Some((6, decided.clone())), "the commit waits");
+        let (groups, applied) = batch.finish();
+        assert_eq!((groups[0].applied_index, applied.len()), (5, 1), "what came before it applied");
+        // The right replica here applies the decision: the commit goes ahead.
+        let decision = GroupApply {
+            group_id: 5,
+            ops: Vec::new(),
+            applied_index: 4,
+            applied_term: 1,
+            range: Some(decided.encode()),
+        };
+        engine.apply(vec![decision]).unwrap();
+        let (_, applied) = apply_entries(&engine, &locked, &entries[1..]).unwrap();
+        assert!(matches!(&applied[0].outcome, Outcome::Merge { range } if range.end.is_empty()), "{applied:?}");
+        // A right replica here that ended already can never be taken in: a bug, the node stops.
+        let record = GroupApply { range: Some(decided.merged_record(9).encode()), ..Default::default() };
+        engine.apply(vec![GroupApply { group_id: 5, applied_index: 4, applied_term: 1, ..record }]).unwrap();
+        assert!(matches!(
+            apply_entries(&engine, &locked, &entries[1..]),
+            Err(ApplyError::MergeNotReady { index: 6, .. })
+        ));
     }
 
     /// [`apply_entries`] with every group's batch (a commit writes the merged group's record too).

@@ -18,19 +18,32 @@ impl Peer {
         kv: &dyn KvEngine,
         entries: &[Entry],
     ) -> Result<(Vec<GroupApply>, Vec<Applied>), ApplyError> {
-        let entries = self.until_merge_commit_waits(kv, entries);
         let mut batch = ApplyBatch::new(self.group_id());
         let merge_before = (self.descriptor.merge, self.descriptor.merge_lock);
         let mut start = 0;
         for (position, entry) in entries.iter().enumerate().filter(|(_, entry)| entry.is_conf_change()) {
             batch.apply(kv, &mut self.descriptor, &entries[start..position])?;
+            if batch.waits_at.is_some() {
+                break;
+            }
             batch.apply(kv, &mut self.descriptor, std::slice::from_ref(entry))?; // moves the applied index
             let applied = self.apply_membership_entry(entry)?;
             batch.applied.push(applied);
             batch.group.range = Some(self.descriptor.encode());
             start = position + 1;
         }
-        batch.apply(kv, &mut self.descriptor, &entries[start..])?;
+        if batch.waits_at.is_none() {
+            batch.apply(kv, &mut self.descriptor, &entries[start..])?;
+        }
+        if let Some((index, right)) = batch.waits_at.take() {
+            // A merge commit whose right range's replica here has not applied the decision yet (only after a
+            // crash: every replica confirmed it before the commit was proposed, but a restarted node applies its
+            // groups' logs again in no set order). It and what follows go back to the core, held until that
+            // replica applied it (`merge.rs` lets them go).
+            self.raw.hand_back(index);
+            self.raw.hold_apply(true);
+            self.merge.commit_waits_for = Some(right);
+        }
         // The claims here follow, in log order: a merge commit, then (its lock gone) perhaps a split that gives a
         // new group keys the merged group held (`store-sim` seed 200 applied both in one batch).
         if !batch.merged.is_empty() {
@@ -53,25 +66,6 @@ impl Peer {
         let (applied, split_off) = batch.finish_with_splits();
         self.split_off.extend(split_off);
         Ok(applied)
-    }
-
-    /// `entries` up to a merge commit that must wait for this node's replica of the range it takes in to apply
-    /// the decision (`command::commit_waits`): that one and those after it are handed back and held until it
-    /// has (`Peer::merge_step` lets them go). Every replica confirmed the decision applied before the commit was
-    /// proposed, so only a node that crashed since — whose two groups' logs are applied again in no set order —
-    /// waits, and not for long. Only a locked range can meet a commit.
-    fn until_merge_commit_waits<'a>(&mut self, kv: &dyn KvEngine, entries: &'a [Entry]) -> &'a [Entry] {
-        if self.descriptor.merge_lock.is_none() {
-            return entries;
-        }
-        let waits = |entry| crate::command::commit_waits(kv, &self.descriptor, entry);
-        let Some((at, right)) = entries.iter().enumerate().find_map(|(at, entry)| waits(entry).map(|r| (at, r))) else {
-            return entries;
-        };
-        self.raw.hand_back(entries[at].index);
-        self.raw.hold_apply(true);
-        self.merge.commit_waits_for = Some(right);
-        &entries[..at]
     }
 
     /// The groups whose replicas here merges ended since the last call (this group took them in, by a commit

@@ -11,14 +11,18 @@
 //! 3. **Decide** (right log, by its leader once every replica's log holds `F`): the merge will commit. Final:
 //!    the range never unfreezes. If the replicas do not all hold `F` within [`MERGE_TIMEOUT_TICKS`], the leader
 //!    proposes **Unfreeze** instead. Decide and Unfreeze are one log's entries: the first applied wins.
-//! 4. **Confirm**: every replica of the right group, once its state machine has made the decision durable (a
-//!    checkpoint if needed), tells the right leader ([`MergeReady`]), again and again while it lives.
+//! 4. **Confirm**: every replica of the right group, once it applied the decision and its log holds durably a
+//!    commit index at or past it (written if the lazily stored one is behind), tells the right leader
+//!    ([`MergeReady`]), again and again while it lives. No checkpoint: after a crash the replica applies the
+//!    decision again from its own log, whatever else of its group has ended.
 //! 5. **Commit** (left log, asked by the right leader once every replica confirmed; the ask goes to the left
 //!    group's replica on the same node, which hands it to its leader): the left range grows over the right one
 //!    and this node's right replica ends — its record says which group took its keys — in one state machine
-//!    write. Every right replica here holds the decision durably (step 4), so the data under the grown range is
-//!    the right range's final data. The left range was locked since before the freeze, so the commit, routed
-//!    with the epoch the freeze recorded, always applies.
+//!    write. Every right replica here applied the decision (step 4), so the data under the grown range is the
+//!    right range's final data — except on a node that crashed since, whose two groups' logs are applied again
+//!    in no set order: there the left replica holds its apply at the commit until the right replica applied the
+//!    decision again (`Peer::apply_committed`). The left range was locked since before the freeze, so the
+//!    commit, routed with the epoch the freeze recorded, always applies.
 //! 6. **Cancel** (left log, by the left leader): the lock is given up once the right range, as this node's
 //!    replica of it shows, moved past the locked epoch without freezing for this merge (it never will, then) or
 //!    unfroze. A left range that waits too long for a freeze that may never come (the host stopped) asks the
@@ -165,13 +169,13 @@ impl Peer {
         }
     }
 
-    /// A frozen range's replica: confirms an applied decision; as the leader, decides (or gives up) and asks the
-    /// left group to commit once everyone confirmed.
+    /// A frozen range's replica: confirms a decision it applied and whose commit its log holds durably; as the
+    /// leader, decides (or gives up) and asks the left group to commit once everyone confirmed.
     fn frozen_tick(&mut self) -> Vec<MergeAsk> {
         let state = self.descriptor.merge.expect("frozen");
         let mut asks = Vec::new();
         let me = self.raw.raft.id;
-        let applied = state.decided_index != 0 && self.applied_index >= state.decided_index;
+        let applied = state.decided_index != 0 && self.applied_index >= state.decided_index && self.decision_durable();
         if !self.is_leader() {
             let leader = self.raw.raft.leader_id;
             if applied && leader != 0 && leader != me {
@@ -238,6 +242,26 @@ impl Peer {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Whether this replica, which applied its range's decision, will apply it again after a crash: its log holds
+    /// the entry (it applied it) and a commit index at or past it. The commit index is stored lazily (`ready.rs`):
+    /// if the stored one is behind, it is written now (with the next output), and this is asked again at the
+    /// next handling. Without it a restarted replica whose group's other members have all ended in the merge
+    /// would never learn that its decision committed, and its node's left replica would wait for it forever
+    /// (`store-sim` seed 50).
+    fn decision_durable(&mut self) -> bool {
+        let decided_at = self.descriptor.merge.map_or(0, |state| state.decided_index);
+        let stored = self.raw.raft.raft_log.storage.log().hard_state(self.group_id()).commit;
+        if stored >= decided_at {
+            return true;
+        }
+        if self.hard_state_written.commit < decided_at {
+            let hard_state = self.raw.raft.hard_state(); // its commit is past the decision: it applied it
+            self.hard_state_written = hard_state;
+            self.hard_state_to_write = Some(hard_state);
+        }
+        false
     }
 
     /// A range decided for a merge applies nothing after its decision (`peer/merge.rs`): what could follow — a new

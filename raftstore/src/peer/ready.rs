@@ -85,6 +85,16 @@ impl Peer {
         }
         self.pump_snapshot_streams();
         self.take_compaction(&mut output.write);
+        if let Some(hard_state) = self.hard_state_to_write.take() {
+            let op = LogOp::HardState(hard_state);
+            match &mut output.write {
+                Some(write) => write.ops.push(op),
+                None => {
+                    output.write =
+                        Some(LogWrite { ready_number: 0, ops: vec![op], messages: Vec::new(), prompt: false })
+                }
+            }
+        }
         output.messages.append(&mut self.outbox);
         output.responses = std::mem::take(&mut self.responses);
         output
