@@ -55,6 +55,9 @@ fn command_key(op: &ForwardOp) -> &[u8] {
     }
 }
 
+/// How long one attempt of a node's registration in the meta range waits for its answer.
+const REGISTER_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long a forwarded read waits before it is tried elsewhere (reads may be; writes wait for their answer).
 const READ_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -250,7 +253,7 @@ impl Requests {
                 op.key = stored;
             }
         }
-        self.write_stored(ops).await.map_err(|error| match error {
+        self.write_stored(ops, self.limits.request_timeout).await.map_err(|error| match error {
             RouteError::BatchSpansRanges { first_outside, cut_at } => RouteError::BatchSpansRanges {
                 first_outside: self.keys.user(&first_outside),
                 cut_at: self.keys.user(&cut_at),
@@ -260,8 +263,8 @@ impl Requests {
     }
 
     /// [`Requests::write`] of operations on stored keys (the system's too).
-    async fn write_stored(&self, ops: Vec<Op>) -> Result<Outcome, RouteError> {
-        let deadline = Instant::now() + self.limits.request_timeout;
+    async fn write_stored(&self, ops: Vec<Op>, timeout: Duration) -> Result<Outcome, RouteError> {
+        let deadline = Instant::now() + timeout;
         // One operation for every attempt: only its epoch changes when it is routed again.
         let mut op = ForwardOp::Write(Command::write(None, ops));
         loop {
@@ -477,7 +480,9 @@ impl Requests {
         }
         let (key, value) = meta::register_op(&entry);
         for attempt in 0.. {
-            match self.write_stored(vec![Op::put(key.clone(), value.clone())]).await {
+            // Short attempts: a put of the same entry again is harmless, and a node that just started may have
+            // sent the first into a link not up yet.
+            match self.write_stored(vec![Op::put(key.clone(), value.clone())], REGISTER_ATTEMPT_TIMEOUT).await {
                 Ok(_) => return,
                 Err(error) if attempt == 0 => {
                     eprintln!("flotilla: node {}: registering in the meta range: {error:?}; trying again", self.node_id)

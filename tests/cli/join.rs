@@ -26,7 +26,7 @@ fn a_joined_node_gets_an_id_and_every_groups_data_and_stays_itself_across_restar
     // Every other node knows where it is, that it holds a learner of every group (8, and the meta range), and
     // finds it in the meta range's node registry.
     for node in 1..=3 {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let (_, status) = http_get(&cluster.http[node - 1], "/status");
             let learners = status.matches(r#""learners":[4]"#).count();

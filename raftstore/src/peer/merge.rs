@@ -52,6 +52,9 @@ pub enum MergeAsk {
     /// Propose `command` (a merge step) to group `group_id`, through its replica on this node (advisory: asked
     /// again while the merge lasts; a duplicate is refused by its epoch).
     Propose { group_id: u64, command: Box<Command> },
+    /// Wake group `group_id`'s replica on this node: a commit here waits for it to apply its decision, and a
+    /// restarted replica whose group's other members have ended hears from nobody.
+    Wake { group_id: u64 },
 }
 
 /// A replica's progress in a merge (reset whenever its range's merge state changes).
@@ -148,10 +151,13 @@ impl Peer {
             (None, Some(_)) => Some((0, self.descriptor.epoch().version)),
             (None, None) => None,
         };
+        let mut wake = None;
         if let Some(right) = &self.merge.commit_waits_for {
             if crate::command::ready_to_take(kv, right) {
                 self.merge.commit_waits_for = None;
                 self.raw.hold_apply(false); // the commit is handed out again
+            } else if ticks > 0 {
+                wake = Some(MergeAsk::Wake { group_id: right.group_id });
             }
         }
         if seen != self.merge.seen {
@@ -159,14 +165,12 @@ impl Peer {
             self.merge = MergeProgress { seen, commit_waits_for: waits, ..MergeProgress::default() };
         }
         if seen.is_none() || self.removed {
-            return Vec::new();
+            return wake.into_iter().collect();
         }
         self.merge.ticks += ticks;
-        if self.descriptor.merge.is_some() {
-            self.frozen_tick()
-        } else {
-            self.locked_tick(kv)
-        }
+        let mut asks = if self.descriptor.merge.is_some() { self.frozen_tick() } else { self.locked_tick(kv) };
+        asks.extend(wake);
+        asks
     }
 
     /// A frozen range's replica: confirms a decision it applied and whose commit its log holds durably; as the

@@ -394,6 +394,10 @@ impl Peer {
             }
         }
         self.merged_away.extend(ended);
+        if self.merge.commit_waits_for.take().is_some() {
+            // A merge commit it held waits no more: the snapshot is past it (`apply.rs`).
+            self.raw.hold_apply(false);
+        }
         let installed = match kv.finish_snapshot_install(self.descriptor.group_id, Some(&descriptor.encode())) {
             Ok(installed) => installed,
             Err(error) => {

@@ -294,6 +294,8 @@ impl StoreHandler {
         for ask in asks {
             let task = match ask {
                 MergeAsk::Propose { group_id, command } => ReplicaTask::Ask { group_id, command },
+                // (Woken as a replica holding keys a snapshot wanted is: it tells its members where it stands.)
+                MergeAsk::Wake { group_id } => ReplicaTask::CheckMembership(group_id),
             };
             let _ = self.tasks.try_send(task);
         }
