@@ -47,6 +47,8 @@ pub(crate) struct Mailbox<F: Fsm> {
     parked: Mutex<Option<Box<F>>>,
     /// Unregistered: the FSM is dropped instead of parked.
     closed: AtomicBool,
+    /// Closed and the FSM dropped (at once if it was parked, else when its poller released it).
+    dropped: AtomicBool,
 }
 
 pub(crate) enum Delivery<M> {
@@ -63,6 +65,7 @@ impl<F: Fsm> Mailbox<F> {
             notified: AtomicBool::new(false),
             parked: Mutex::new(Some(fsm)),
             closed: AtomicBool::new(false),
+            dropped: AtomicBool::new(false),
         }
     }
 
@@ -104,7 +107,9 @@ impl<F: Fsm> Mailbox<F> {
     /// Gives the FSM back after a turn. Returns it to be scheduled again if mail is waiting.
     pub(crate) fn release(self: &Arc<Self>, fsm: Box<F>) -> Option<Scheduled<F>> {
         if self.closed.load(Ordering::SeqCst) {
-            return None; // unregistered: the FSM is dropped here
+            drop(fsm); // unregistered: the FSM is dropped here
+            self.dropped.store(true, Ordering::SeqCst);
+            return None;
         }
         *self.parked.lock() = Some(fsm);
         self.notified.store(false, Ordering::SeqCst);
@@ -122,8 +127,15 @@ impl<F: Fsm> Mailbox<F> {
             self.closed.store(true, Ordering::SeqCst);
             queue.drain(..).collect()
         };
-        drop(self.parked.lock().take());
+        if self.parked.lock().take().is_some() {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
         queued
+    }
+
+    /// Whether a closed mailbox's FSM is gone (no poller handles it any more).
+    pub(crate) fn is_dropped(&self) -> bool {
+        self.dropped.load(Ordering::SeqCst)
     }
 }
 
@@ -149,6 +161,20 @@ mod tests {
         assert_eq!(mailbox.close(), vec![1, 2], "never handled: the caller answers them");
         assert!(matches!(mailbox.deliver(3).0, Delivery::Closed(3)));
         assert_eq!(mailbox.close(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_closed_mailbox_says_when_its_fsm_is_gone() {
+        let parked = Arc::new(Mailbox::new(Box::new(Idle), 8));
+        parked.close();
+        assert!(parked.is_dropped(), "parked: dropped at once");
+        let handled = Arc::new(Mailbox::new(Box::new(Idle), 8));
+        let (_, scheduled) = handled.deliver(1);
+        let scheduled = scheduled.expect("scheduled: a poller takes it");
+        handled.close();
+        assert!(!handled.is_dropped(), "a poller holds it");
+        assert!(handled.release(scheduled.fsm).is_none());
+        assert!(handled.is_dropped(), "released after the close: dropped");
     }
 
     #[test]

@@ -55,6 +55,19 @@ impl<F: Fsm> Router<F> {
         removed.map(|mailbox| mailbox.close())
     }
 
+    /// [`Router::unregister`], then waits up to `wait` for a poller that holds the FSM (handling it, or about to)
+    /// to let it go: whoever replaces the FSM's state underneath (a log restarted) must not race its last turn.
+    /// Bounded, never a deadlock: a poller blocked on the caller is waited for no longer than `wait`.
+    pub fn unregister_waiting(&self, id: u64, wait: std::time::Duration) -> Option<Vec<F::Message>> {
+        let removed = self.mailboxes.write().remove(&id)?;
+        let queued = removed.close();
+        let deadline = std::time::Instant::now() + wait;
+        while !removed.is_dropped() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        Some(queued)
+    }
+
     pub fn send(&self, id: u64, message: F::Message) -> Result<(), SendError<F::Message>> {
         // Delivering never blocks, so it runs under the read lock (no reference count traffic per message).
         let mailboxes = self.mailboxes.read();

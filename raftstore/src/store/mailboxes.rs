@@ -27,7 +27,9 @@ impl Mailboxes for Router<PeerFsm> {
     }
 
     fn unregister(&self, group_id: u64) -> Vec<PeerMsg> {
-        Router::unregister(self, group_id).unwrap_or_default()
+        // A poller may be in the replica's last turn: what the caller does next (a log restarted under a
+        // replaced replica, a destroyed replica's data dropped) must not race it.
+        Router::unregister_waiting(self, group_id, std::time::Duration::from_millis(200)).unwrap_or_default()
     }
 
     fn ids(&self) -> Vec<u64> {
