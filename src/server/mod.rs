@@ -257,9 +257,16 @@ impl Server {
         let bootstrap = joined.is_none().then_some(&layout);
         let (node, held) =
             Node::open(options.node_id, &disk, dir, &config, Arc::clone(&transport) as Arc<dyn Transport>, bootstrap)?;
-        // Nodes that joined after this one's list was made, as its stored descriptors record them.
+        // Nodes that joined after this one's list was made, as its stored descriptors record them — and as its
+        // replica of the meta range's node registry does (a node registers itself once it runs).
         for replica in held.iter().flat_map(|range| &range.replicas).filter(|replica| !replica.addr.is_empty()) {
             transport.add_node(replica.node_id, &replica.addr);
+        }
+        let (start, end) = flotilla_raftstore::meta::registry_scan();
+        let registered =
+            node.kv.scan(&start, &end, usize::MAX).map(|entries| flotilla_raftstore::meta::nodes(&entries));
+        for entry in registered.unwrap_or_default().iter().filter(|entry| !entry.raft_addr.is_empty()) {
+            transport.add_node(entry.node_id, &entry.raft_addr);
         }
         // A joined node holds no ranges until snapshots come: it routes with the ranges the cluster told it.
         let ranges = joined.map_or(held, |joined| joined.ranges);
