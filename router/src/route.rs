@@ -92,7 +92,9 @@ impl RangeTable {
     pub fn learned(&self, ranges: impl IntoIterator<Item = RangeDescriptor>) -> RangeTable {
         let mut table = self.ranges.clone();
         for range in ranges {
-            learn(&mut table, range);
+            // The meta range's own rule (`flotilla_raftstore::meta::learn`): the table a router caches and the one
+            // the cluster keeps change alike.
+            flotilla_raftstore::meta::learn(&mut table, range);
         }
         RangeTable::new(table, self.nodes).with_hints_from(self)
     }
@@ -204,31 +206,6 @@ impl RangeTable {
             Some(Err(_)) | None => Attempt::Fail(RouteError::Timeout),
         }
     }
-}
-
-/// Adds `range` to `table` (sorted, covering the key space) as [`RangeTable::learned`] says.
-fn learn(table: &mut Vec<RangeDescriptor>, range: RangeDescriptor) {
-    let newness = |r: &RangeDescriptor| (r.epoch().version, r.epoch().conf_version);
-    if table.iter().any(|known| known.overlaps(&range) && newness(known) >= newness(&range)) {
-        return;
-    }
-    let mut kept = Vec::with_capacity(table.len() + 2);
-    for known in table.drain(..) {
-        if !known.overlaps(&range) {
-            kept.push(known);
-            continue;
-        }
-        // What `range` does not cover of it: the part before, and the part after.
-        if known.start < range.start {
-            kept.push(RangeDescriptor { end: range.start.clone(), ..known.clone() });
-        }
-        if !range.end.is_empty() && (known.end.is_empty() || range.end < known.end) {
-            kept.push(RangeDescriptor { start: range.end.clone(), ..known });
-        }
-    }
-    kept.push(range);
-    kept.sort_by(|a, b| a.start.cmp(&b.start));
-    *table = kept;
 }
 
 #[cfg(test)]
