@@ -115,6 +115,43 @@ impl Client {
         }
     }
 
+    /// Writes every pair, each as its own `SET` (not atomic together: each is durable on a majority of its
+    /// range's group once this returns `Ok`; after an error some may have been written). The pairs are grouped
+    /// by the node leading their range and pipelined to each such node at once — a bulk load's fast path, one
+    /// round trip per node rather than per pair. The first error is returned, after every pair was sent.
+    pub async fn put_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(&self, pairs: &[(K, V)]) -> Result<(), ClientError> {
+        self.refresh_if_stale().await;
+        let mut by_node: HashMap<String, (Vec<u8>, usize)> = HashMap::new();
+        {
+            let routes = self.routes.lock();
+            for (key, value) in pairs {
+                let (key, value) = (key.as_ref(), value.as_ref());
+                let addr = leader_addr(&routes.0, key).unwrap_or(&self.seed);
+                let (requests, count) = by_node.entry(addr.clone()).or_default();
+                encode_request(&[b"SET", key, value], requests);
+                *count += 1;
+            }
+        }
+        let parts = by_node.into_iter().map(|(addr, (requests, count))| async move {
+            match self.exchange(&addr, &requests, count).await {
+                Err(ClientError::Unreachable(_)) if addr != self.seed => {
+                    let _ = self.refresh_routes().await;
+                    self.exchange(&self.seed.clone(), &requests, count).await
+                }
+                other => other,
+            }
+        });
+        for replies in futures_util::future::join_all(parts).await {
+            for reply in replies? {
+                match reply {
+                    Reply::Simple(_) => {}
+                    other => return Err(unexpected(other)),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes `key`; whether it existed.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
         match self.call_for(key, &[b"DEL", key]).await? {
@@ -189,17 +226,18 @@ impl Client {
         Ok(())
     }
 
-    /// Sends `args` to the node that leads `key`'s range (or the seed), once more to the seed if that fails.
-    async fn call_for(&self, key: &[u8], args: &[&[u8]]) -> Result<Reply, ClientError> {
+    /// Asks for the routes again if they are older than `ROUTES_TTL` (a failure keeps the old ones).
+    async fn refresh_if_stale(&self) {
         let stale = self.routes.lock().1.elapsed() > ROUTES_TTL;
         if stale {
             let _ = self.refresh_routes().await;
         }
-        let addr = {
-            let routes = self.routes.lock();
-            routes.0.iter().find(|route| route.contains(key)).and_then(|route| route.leader_addr.clone())
-        };
-        let addr = addr.unwrap_or_else(|| self.seed.clone());
+    }
+
+    /// Sends `args` to the node that leads `key`'s range (or the seed), once more to the seed if that fails.
+    async fn call_for(&self, key: &[u8], args: &[&[u8]]) -> Result<Reply, ClientError> {
+        self.refresh_if_stale().await;
+        let addr = leader_addr(&self.routes.lock().0, key).unwrap_or(&self.seed).clone();
         let reply = match self.call(&addr, args).await {
             Err(ClientError::Unreachable(_)) if addr != self.seed => {
                 let _ = self.refresh_routes().await;
@@ -215,6 +253,15 @@ impl Client {
 
     /// One request on a pooled connection to `addr`.
     async fn call(&self, addr: &str, args: &[&[u8]]) -> Result<Reply, ClientError> {
+        let mut request = Vec::new();
+        encode_request(args, &mut request);
+        let mut replies = self.exchange(addr, &request, 1).await?;
+        Ok(replies.pop().expect("one reply read"))
+    }
+
+    /// Writes `requests` (`count` encoded requests, pipelined) on a pooled connection to `addr` and reads their
+    /// `count` replies, in order.
+    async fn exchange(&self, addr: &str, requests: &[u8], count: usize) -> Result<Vec<Reply>, ClientError> {
         let pooled = self.idle.lock().get_mut(addr).and_then(Vec::pop);
         let mut stream = match pooled {
             Some(stream) => stream,
@@ -228,23 +275,24 @@ impl Client {
                 stream
             }
         };
-        let mut request = Vec::new();
-        encode_request(args, &mut request);
         let exchange = async {
-            stream.write_all(&request).await?;
+            stream.write_all(requests).await?;
             let mut buffer = BytesMut::with_capacity(256);
-            loop {
-                if let Some(reply) = parse_reply(&mut buffer, REPLY_BULK_BYTES_MAX)
+            let mut replies = Vec::with_capacity(count);
+            while replies.len() < count {
+                match parse_reply(&mut buffer, REPLY_BULK_BYTES_MAX)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.0))?
                 {
-                    return Ok::<Reply, std::io::Error>(reply);
-                }
-                if stream.read_buf(&mut buffer).await? == 0 {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+                    Some(reply) => replies.push(reply),
+                    None if stream.read_buf(&mut buffer).await? == 0 => {
+                        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+                    }
+                    None => {}
                 }
             }
+            Ok::<Vec<Reply>, std::io::Error>(replies)
         };
-        let reply = tokio::time::timeout(self.timeout, exchange)
+        let replies = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| ClientError::Unreachable(format!("{addr}: no answer in time")))?
             .map_err(|e| ClientError::Unreachable(format!("{addr}: {e}")))?;
@@ -253,8 +301,13 @@ impl Client {
         if connections.len() < IDLE_CONNECTIONS_MAX {
             connections.push(stream);
         }
-        Ok(reply)
+        Ok(replies)
     }
+}
+
+/// Where the leader of `key`'s range serves clients, if the routes know.
+fn leader_addr<'a>(routes: &'a [Route], key: &[u8]) -> Option<&'a String> {
+    routes.iter().find(|route| route.contains(key)).and_then(|route| route.leader_addr.as_ref())
 }
 
 fn unexpected(reply: Reply) -> ClientError {
@@ -290,6 +343,10 @@ impl BlockingClient {
 
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
         self.runtime.block_on(self.client.put(key, value))
+    }
+
+    pub fn put_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(&self, pairs: &[(K, V)]) -> Result<(), ClientError> {
+        self.runtime.block_on(self.client.put_many(pairs))
     }
 
     pub fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {

@@ -136,6 +136,16 @@ fn the_client_routes_to_leaders_and_the_command_line_reads_writes_and_shows_the_
     assert!(client.delete(&key(0)).unwrap());
     assert!(!client.delete(&key(0)).unwrap());
     assert_eq!(client.scan(b"", b"", 1000).unwrap().len(), 39);
+    // Pipelined to each pair's leader: every range's pairs written, in one call.
+    let pairs: Vec<(Vec<u8>, Vec<u8>)> = (100..300u32).map(|i| (key(i), format!("m{i}").into_bytes())).collect();
+    client.put_many(&pairs).unwrap();
+    for (k, v) in &pairs {
+        assert_eq!(client.get(k).unwrap().as_ref(), Some(v));
+    }
+    let too_long = vec![b'k'; 8 << 10]; // over the 4 KiB key bound
+    let refused = client.put_many(&[(&b"fine"[..], &b"v"[..]), (too_long.as_slice(), b"v")]);
+    assert!(matches!(refused, Err(flotilla::client::ClientError::Server(_))), "{refused:?}");
+    assert_eq!(client.get(b"fine").unwrap(), Some(b"v".to_vec()), "the other pair was written");
     // The command line, against another node.
     let flotilla = |args: &[&str]| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().unwrap();
