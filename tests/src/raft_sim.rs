@@ -4,7 +4,7 @@
 //! replica's settings (pre-vote, check-quorum, ReadIndex or lease reads) and clock rate, and every action. A run
 //! has a **fault phase** — message loss, duplication and reordering, partitions (also one-way), crashes that keep
 //! a random prefix of unsynced writes, proposals, membership changes (simple and joint), leadership transfers,
-//! log compactions with snapshots, reads — and a **calm phase**: the network heals, faults stop, and within a
+//! log compactions with snapshots, followers asking for a snapshot over their whole log, reads — and a **calm phase**: the network heals, faults stop, and within a
 //! bounded number of ticks the group must elect a leader and commit a new entry on every voter. After every step
 //! the [`Invariants`] are checked, and every confirmed read must reflect every entry committed before it began.
 
@@ -31,6 +31,7 @@ enum Action {
     Transfer,
     Compact,
     Unreachable,
+    RequestSnapshot,
 }
 
 /// Knobs of one run; everything else derives from the seed.
@@ -61,6 +62,7 @@ pub struct SimReport {
     pub crashes: u64,
     pub conf_changes: u64,
     pub transfers: u64,
+    pub snapshots_requested: u64,
     pub snapshots_sent: u64,
     pub reads_confirmed: u64,
     pub messages_delivered: u64,
@@ -248,6 +250,7 @@ impl Simulation {
             (10, Action::Transfer),
             (25, Action::Compact),
             (5, Action::Unreachable),
+            (3, Action::RequestSnapshot),
         ] {
             if roll < share {
                 return self.act(action);
@@ -273,6 +276,13 @@ impl Simulation {
             Action::Membership => Ok(()),
             Action::Transfer => self.transfer(),
             Action::Compact => self.compact(),
+            Action::RequestSnapshot => {
+                let id = self.random_node();
+                if self.nodes.get_mut(&id).expect("exists").raw.request_snapshot() {
+                    self.report.snapshots_requested += 1;
+                }
+                self.settle(id)
+            }
             Action::Unreachable => {
                 let (id, to) = (self.random_node(), self.random_node());
                 self.nodes.get_mut(&id).expect("exists").raw.report_unreachable(to);
@@ -535,6 +545,7 @@ impl Simulation {
                 }
                 self.settle_all()?;
             }
+            self.snapshot_for_requests()?;
             if let Some((leader, index)) = proposed_at {
                 if self.committed_on_every_voter(leader, index) {
                     self.report.calm_ticks = tick;
@@ -561,6 +572,22 @@ impl Simulation {
              (marker at {proposed_at:?})\n{}",
             self.describe_state()
         ))
+    }
+
+    /// A follower that asked for a snapshot takes no entries until it has one reaching its last index; a real
+    /// store's leader sends its current state, this simulation's only what it stored at its last compaction. So
+    /// while one asks, each leader stores a snapshot of what it applied.
+    fn snapshot_for_requests(&mut self) -> Result<(), String> {
+        if !self.nodes.values().any(|node| node.raw.snapshot_requested()) {
+            return Ok(());
+        }
+        for leader in self.leaders() {
+            let node = self.nodes.get_mut(&leader).expect("exists");
+            let applied = node.machine.applied_index;
+            node.snapshot_and_compact(applied);
+            self.settle(leader)?;
+        }
+        Ok(())
     }
 
     /// Every replica's role, term, log and configuration, and each leader's view of its followers.

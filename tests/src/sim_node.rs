@@ -127,6 +127,11 @@ impl SimNode {
             } else {
                 self.raw.on_persisted(ready.number);
             }
+            if let Some(state) = &ready.installed_state {
+                // A snapshot's state over the kept log (asked for: `RawNode::request_snapshot`).
+                self.machine.install(state);
+                self.machine.applied.push((state.index(), self.machine.hash));
+            }
             self.apply(ready.committed_entries);
             if sync {
                 self.persist_all();

@@ -430,3 +430,45 @@ fn a_replica_holding_apply_persists_and_acknowledges_entries_but_applies_none_un
     c.stabilize();
     assert_eq!(c.applied_index(3), committed, "let go: the held entries apply");
 }
+
+#[test]
+fn a_follower_that_asks_for_a_snapshot_keeps_acknowledging_and_installs_the_state_over_its_kept_log() {
+    // A replica whose log is whole but whose state is lost (applies held) asks its leader for a snapshot. It goes
+    // on acknowledging entries (its group may need it for a quorum), and the snapshot's state is installed with
+    // its log kept: entries after the snapshot that it acknowledged must not be lost.
+    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    c.elect(1);
+    let before = c.applied_index(3);
+    c.with_node(3, |node| node.hold_apply(true));
+    for i in 0..5 {
+        c.propose(1, &format!("v{i}")).unwrap();
+    }
+    c.stabilize();
+    let snapshot_index = c.applied_index(1);
+    c.node_mut(1).snapshot_and_compact(snapshot_index - 2);
+    assert_eq!(c.applied_index(3), before, "nothing applied on node 3 since");
+    assert!(!c.with_node(1, |node| node.request_snapshot()), "a leader does not ask");
+    assert!(c.with_node(3, |node| node.request_snapshot()), "a follower with a leader asks");
+    assert!(c.with_node(3, |node| node.snapshot_requested()));
+    // Node 2 cut off: node 3's acknowledgements alone make the quorum, while it asks.
+    c.isolate(2);
+    c.take_trace();
+    c.propose(1, "more").unwrap();
+    c.stabilize();
+    let trace = c.take_trace();
+    assert!(trace.iter().any(|l| l.starts_with("1->3 Snapshot")), "{trace:?}");
+    let last = c.raft(1).raft_log.last_index();
+    assert_eq!(c.raft(1).raft_log.committed, last, "committed through node 3");
+    assert!(!c.with_node(3, |node| node.snapshot_requested()), "installed");
+    let log = &c.raft(3).raft_log;
+    assert_eq!((log.first_index(), log.last_index()), (1, last), "the log kept whole");
+    assert_eq!(c.applied_index(3), snapshot_index, "the snapshot's state, and nothing after it (held)");
+    c.node_mut(1).raw.report_snapshot(3, true);
+    c.heal();
+    c.with_node(3, |node| node.hold_apply(false));
+    c.propose(1, "after").unwrap();
+    c.tick_all(3);
+    c.stabilize();
+    assert_eq!(c.applied_index(3), c.applied_index(1), "the kept entries after the snapshot applied");
+    assert_eq!(c.node(3).machine.hash, c.node(1).machine.hash, "same state");
+}

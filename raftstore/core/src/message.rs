@@ -241,6 +241,10 @@ pub struct Message {
     /// holding that entry may learn that it is committed (see `Raft::maybe_commit_by_vote`).
     #[prost(uint64, tag = "14")]
     pub commit_term: u64,
+    /// Append and heartbeat responses of a follower that asked for a snapshot
+    /// ([`crate::RawNode::request_snapshot`]): it still wants one.
+    #[prost(bool, tag = "15")]
+    pub request_snapshot: bool,
 }
 
 impl Message {

@@ -22,6 +22,8 @@ pub struct RaftLog<S: Storage> {
     pub persisted: u64,
     /// Nothing more is handed out for applying while set (`RawNode::hold_apply`).
     pub apply_held: bool,
+    /// A snapshot's state taken with the log kept (`install_state`), for the next `Ready` to hand out.
+    pub installed_state: Option<Snapshot>,
 }
 
 impl<S: Storage> RaftLog<S> {
@@ -41,6 +43,7 @@ impl<S: Storage> RaftLog<S> {
             applied,
             persisted: last,
             apply_held: false,
+            installed_state: None,
         })
     }
 
@@ -246,6 +249,18 @@ impl<S: Storage> RaftLog<S> {
     }
 
     /// Replaces the log with a snapshot received from the leader.
+    /// Takes a snapshot's state while keeping the log, which holds the snapshot's entry durably and agrees with it
+    /// (see `Raft::restore`): applied jumps to its index, committed reaches it; the caller installs the state
+    /// (`Ready::installed_state`). Nothing may be out for applying.
+    pub fn install_state(&mut self, snapshot: Snapshot) {
+        let index = snapshot.index();
+        assert!(self.applying == self.applied && index > self.applied && index <= self.persisted);
+        self.committed = self.committed.max(index);
+        self.applying = index;
+        self.applied = index;
+        self.installed_state = Some(snapshot);
+    }
+
     pub fn restore(&mut self, snapshot: Snapshot) {
         let index = snapshot.index();
         self.committed = index;

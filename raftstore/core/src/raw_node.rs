@@ -32,6 +32,10 @@ pub struct Ready {
     pub hard_state: Option<HardState>,
     /// A snapshot from the leader: install it (replacing the state machine and the log) before anything else.
     pub snapshot: Option<Snapshot>,
+    /// A snapshot whose state the caller installs in its state machine (before applying `committed_entries`),
+    /// leaving the log as it is: the log holds the snapshot's entry, and every entry after it stays. Set only for
+    /// a snapshot this replica asked for (`RawNode::request_snapshot`). Nothing to persist in the log.
+    pub installed_state: Option<Snapshot>,
     /// Entries to append to the log, replacing any conflicting suffix.
     pub entries: Vec<Entry>,
     /// Messages that may be sent now, before this `Ready` is persisted.
@@ -146,6 +150,21 @@ impl<S: Storage> RawNode<S> {
         self.raft.report_snapshot(id, success);
     }
 
+    /// Asks the leader for a snapshot: for a follower whose log is whole but whose state is not (a replica that
+    /// lost its range's first state and holds its applies: `hold_apply`). It goes on taking and acknowledging
+    /// entries (the group may need it for a quorum) and asks again with each answer to the leader until a snapshot
+    /// past what it applied is installed — the state only, if its log holds the snapshot's entry (see
+    /// `Ready::installed_state`). Calling it again sends the request once more (a lost one). Nothing without a
+    /// known leader, or but as a follower. Returns whether it asked.
+    pub fn request_snapshot(&mut self) -> bool {
+        self.raft.request_snapshot()
+    }
+
+    /// Whether a snapshot this replica asked for is still to come.
+    pub fn snapshot_requested(&self) -> bool {
+        self.raft.snapshot_requested
+    }
+
     /// Holds back committed entries (none handed out for applying) while `held`, or lets them out again. For a
     /// replica that cannot apply yet: one whose state machine lost its range (a crash took a split's state, while
     /// the log the split started survived), which may persist and acknowledge entries but must wait for its
@@ -163,6 +182,7 @@ impl<S: Storage> RawNode<S> {
             || !raft.read_states.is_empty()
             || raft.raft_log.unstable.has_next_entries()
             || raft.raft_log.unstable.next_snapshot().is_some()
+            || raft.raft_log.installed_state.is_some()
             || raft.raft_log.has_next_committed_entries()
     }
 
@@ -178,6 +198,7 @@ impl<S: Storage> RawNode<S> {
         let committed_bytes_max = raft.config().committed_bytes_max_per_ready;
         let log = &mut raft.raft_log;
         let snapshot = log.unstable.next_snapshot().cloned();
+        let installed_state = log.installed_state.take();
         let entries = log.unstable.next_entries().to_vec();
         log.unstable.accept_in_progress();
         let committed_entries = log.next_committed_entries(committed_bytes_max);
@@ -200,6 +221,7 @@ impl<S: Storage> RawNode<S> {
             soft_state: (soft_state != self.previous_soft_state).then_some(soft_state),
             hard_state: (hard_state != self.previous_hard_state).then_some(hard_state),
             snapshot,
+            installed_state,
             entries,
             messages: std::mem::take(&mut raft.msgs),
             committed_entries,

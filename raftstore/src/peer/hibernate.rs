@@ -128,6 +128,25 @@ impl Peer {
         }
     }
 
+    /// On a tick: a replica that may not campaign (a learner, or one whose applied configuration leaves it out)
+    /// and has known no leader for two election timeouts asks its members where it stands
+    /// (`Peer::check_membership`): one removed without hearing of it is told and destroyed, one whose leader
+    /// fell asleep while it was down (it restarted knowing no leader) is caught up. It would otherwise wait
+    /// forever, holding its keys and taking the asks its node routes through it (`store-sim` seed 173: a removed
+    /// replica of the meta range that its node kept handing publications, which it lost).
+    pub(super) fn ask_for_news_if_leaderless(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.leader_id != 0 || raft.promotable() || raft.role != flotilla_raft::StateRole::Follower {
+            self.leaderless_ticks = 0;
+            return;
+        }
+        self.leaderless_ticks += 1;
+        if self.leaderless_ticks.is_multiple_of(2 * raft.config().election_timeout_ticks.max(1)) {
+            metrics::counter!("flotilla_membership_checks_leaderless_total").increment(1);
+            self.check_membership();
+        }
+    }
+
     /// On a leader's tick: hibernates if it has been idle long enough and the group is settled.
     pub(super) fn maybe_hibernate(&mut self) {
         if self.hibernation.idle_ticks_max == 0
@@ -208,7 +227,8 @@ impl Peer {
             && raft.raft_log.committed == request.commit
             && self.writes.is_empty()
             && self.reads.is_empty()
-            && self.streams.is_idle();
+            && self.streams.is_idle()
+            && !self.is_stranded(); // it asks for a snapshot on its ticks
         if in_step && self.hibernation.idle_ticks_max != 0 {
             self.hibernation.sleep = Sleep::Follower;
         }

@@ -168,18 +168,22 @@ impl Peer {
             return wake.into_iter().collect();
         }
         self.merge.ticks += ticks;
-        let mut asks = if self.descriptor.merge.is_some() { self.frozen_tick() } else { self.locked_tick(kv) };
+        let mut asks = if self.descriptor.merge.is_some() { self.frozen_tick(kv) } else { self.locked_tick(kv) };
         asks.extend(wake);
         asks
     }
 
-    /// A frozen range's replica: confirms a decision it applied and whose commit its log holds durably; as the
-    /// leader, decides (or gives up) and asks the left group to commit once everyone confirmed.
-    fn frozen_tick(&mut self) -> Vec<MergeAsk> {
+    /// A frozen range's replica: confirms a decision it applied and whose commit its log holds durably (and whose
+    /// first state the state machine holds durably: `first_state_durable`); as the leader, decides (or gives up)
+    /// and asks the left group to commit once everyone confirmed.
+    fn frozen_tick(&mut self, kv: &dyn KvEngine) -> Vec<MergeAsk> {
         let state = self.descriptor.merge.expect("frozen");
         let mut asks = Vec::new();
         let me = self.raw.raft.id;
-        let applied = state.decided_index != 0 && self.applied_index >= state.decided_index && self.decision_durable();
+        let applied = state.decided_index != 0
+            && self.applied_index >= state.decided_index
+            && self.decision_durable()
+            && self.first_state_durable(kv);
         if !self.is_leader() {
             let leader = self.raw.raft.leader_id;
             if applied && leader != 0 && leader != me {

@@ -221,6 +221,16 @@ pub struct Peer {
     merge_proposed_at: u64,
     /// Where the range's descriptor stands in the meta range (`publish.rs`).
     publication: publish::Publication,
+    /// Ticks this replica has spent without a range over a log that is not empty (`snapshot.rs`,
+    /// `ask_for_snapshot_if_stranded`).
+    stranded_ticks: u64,
+    /// Ticks this replica, unable to campaign, has spent knowing no leader (`hibernate.rs`).
+    leaderless_ticks: u64,
+    /// Opened by a split applied here and not yet durable: no snapshot is installed until it is
+    /// ([`Peer::refuse_installs_until_durable`]).
+    installs_wait_for_durable: bool,
+    /// A snapshot was refused for that since [`Peer::take_checkpoint_wanted`] last looked.
+    checkpoint_wanted: bool,
 }
 
 impl Peer {
@@ -293,6 +303,10 @@ impl Peer {
             merged_away: Vec::new(),
             merge_step_applied: false,
             publication: publish::Publication::new(options.publishes),
+            stranded_ticks: 0,
+            leaderless_ticks: 0,
+            installs_wait_for_durable: false,
+            checkpoint_wanted: false,
         };
         peer.hold_apply_once_decided();
         Ok(peer)
@@ -374,6 +388,8 @@ impl Peer {
         }
         self.raw.tick();
         self.tick_snapshot_streams();
+        self.ask_for_snapshot_if_stranded();
+        self.ask_for_news_if_leaderless();
         self.maybe_hibernate();
     }
 

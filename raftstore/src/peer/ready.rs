@@ -32,6 +32,12 @@ impl Peer {
                     None => return output, // the state machine failed: the node stops (storage_failure)
                 }
             }
+            if let Some(state) = &ready.installed_state {
+                // A snapshot this replica asked for, over its log kept whole: the state only (no log record).
+                if self.finish_snapshot_install(state, kv).is_none() {
+                    return output;
+                }
+            }
             if !ready.entries.is_empty() {
                 ops.push(LogOp::Append(ready.entries));
             }

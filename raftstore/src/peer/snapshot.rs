@@ -20,6 +20,13 @@
 //!
 //! **Crash between the two writes**: the state machine holds the snapshot, the log does not. `Peer::open` finds
 //! the log without the applied index's entry and restarts the log there (`bootstrap.rs`).
+//!
+//! **Asked for** (`docs/architecture.md`, splits against snapshots and crashes, rules 2–3). A replica without a
+//! range over a log that is not empty (a crash took the first state a split wrote) asks its leader for one
+//! (`ask_for_snapshot_if_stranded`); the core installs it over the kept log where the log holds its entry
+//! (`Ready::installed_state`: the state only, no log record). A replica a split opened here installs none until
+//! the split is durable (`refuse_installs_until_durable`, `first_state_durable`), and asks its node for that
+//! checkpoint (`take_checkpoint_wanted`).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -312,7 +319,12 @@ impl Peer {
         incoming.received += 1;
         incoming.idle_ticks = 0;
         ack.received = incoming.received;
-        if last {
+        if last && self.install_waits_for_durable_split(kv) {
+            self.streams.incoming = None;
+            self.streams.incoming_descriptor = None;
+            self.streams.abort_install = true;
+            ack.rejected = true; // the leader sends it again later
+        } else if last {
             self.streams.incoming = None;
             ack.rejected = !self.step_received_snapshot(chunk.message);
         } else if chunk.message.is_some() {
@@ -359,7 +371,8 @@ impl Peer {
         // out (an earlier stream's, its log record still being written) is not this one: the core refused this
         // one as not newer, and this install must be dropped — else it would wait forever for a Ready (seed 832).
         let log = &self.raw.raft.raft_log;
-        let taken = log.unstable.next_snapshot().is_some_and(|s| s.index() == index);
+        let taken = log.unstable.next_snapshot().is_some_and(|s| s.index() == index)
+            || log.installed_state.as_ref().is_some_and(|s| s.index() == index); // asked for: the log kept
         self.streams.abort_install = !taken;
         if taken {
             self.streams.taken = Some(descriptor);
@@ -423,6 +436,69 @@ impl Peer {
         self.answer_ready_reads();
         metrics::counter!("flotilla_snapshots_installed_total").increment(1);
         Some(LogOp::Snapshot { index, term })
+    }
+
+    /// For a replica a split applied here opened (the split's state not yet durable, as a checkpoint makes it): no
+    /// snapshot is installed until that state is durable. An install is durable at once, the split's shrinking of
+    /// its old group only at the next checkpoint; a crash between them would leave two groups holding the same
+    /// keys here (`store-sim` seed 36). Called by the node right after it opens such a replica.
+    pub fn refuse_installs_until_durable(&mut self) {
+        self.installs_wait_for_durable = true;
+    }
+
+    /// Whether a received snapshot must be refused for now (see `refuse_installs_until_durable`): until the
+    /// state machine holds this group's first state durably.
+    fn install_waits_for_durable_split(&mut self, kv: &dyn KvEngine) -> bool {
+        let waits = !self.first_state_durable(kv);
+        if waits {
+            metrics::counter!("flotilla_snapshots_refused_split_not_durable_total").increment(1);
+        }
+        waits
+    }
+
+    /// Whether the state machine holds this replica's first state durably — always, but for a replica a split
+    /// opened here until the next checkpoint (`refuse_installs_until_durable`); while not, the node is asked for
+    /// one (rather than wait for the flusher's next turn). Snapshot installs wait for it, and so does a frozen
+    /// range's confirmation of a merge (`merge.rs`): the group ends with the merge, so a crash that took its
+    /// first state afterwards would leave a replica no snapshot can ever reach, under a commit its node's left
+    /// replica cannot apply without it (`store-sim` seed 735).
+    pub(super) fn first_state_durable(&mut self, kv: &dyn KvEngine) -> bool {
+        if self.installs_wait_for_durable && kv.durable_applied(self.descriptor.group_id).0 > 0 {
+            self.installs_wait_for_durable = false;
+        }
+        if self.installs_wait_for_durable {
+            self.checkpoint_wanted = true;
+        }
+        !self.installs_wait_for_durable
+    }
+
+    /// Whether this replica waited for its first state to be durable since the last call: the node checkpoints
+    /// its state machine (off the pollers), and the replica finds it durable next time.
+    pub fn take_checkpoint_wanted(&mut self) -> bool {
+        std::mem::take(&mut self.checkpoint_wanted)
+    }
+
+    /// Whether this replica has no range over a log that is not empty: a crash took the first state a split wrote
+    /// here while the new group's log survived. The split applied again here replaces it — but not if its old
+    /// group here has caught up by a snapshot past the split meanwhile; then only a snapshot of its own group
+    /// brings its range, and a leader that finds its log whole never sends one unasked.
+    pub(super) fn is_stranded(&self) -> bool {
+        !self.descriptor.is_initialized() && self.raw.raft.raft_log.last_index() > 0
+    }
+
+    /// On a tick: a stranded replica (`is_stranded`) asks its leader for a snapshot reaching its last index, after
+    /// two election timeouts and every two more (the split applied again is the common way out, and is given that
+    /// long first). The install is refused while its keys are still another group's here (`range_claims.rs`).
+    pub(super) fn ask_for_snapshot_if_stranded(&mut self) {
+        if !self.is_stranded() {
+            self.stranded_ticks = 0;
+            return;
+        }
+        self.stranded_ticks += 1;
+        let interval = 2 * self.raw.raft.config().election_timeout_ticks.max(1);
+        if self.stranded_ticks.is_multiple_of(interval) && self.raw.request_snapshot() {
+            metrics::counter!("flotilla_snapshots_requested_total").increment(1);
+        }
     }
 
     /// Drops an install given up on (see [`Streams`]).

@@ -59,6 +59,8 @@ pub struct StoreHandler {
     /// The meta range's group (`meta.rs`), once known on this node (0: none yet, or a layout without one): set
     /// when the store opens it, or when its replica here ticks.
     pub(crate) meta_group: Arc<AtomicU64>,
+    /// A `ReplicaTask::Checkpoint` is queued (one at a time; the replicas thread clears it).
+    pub(crate) checkpoint_queued: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A write made durable, as the persisted forwarder gets it: the group's Ready, and what waited for it.
@@ -346,6 +348,11 @@ impl PollHandler<PeerFsm> for StoreHandler {
         self.carry_out(fsm, output);
         if let Some(holder) = fsm.peer.take_overlapped_by() {
             let _ = self.tasks.try_send(ReplicaTask::CheckMembership(holder));
+        }
+        let checkpoint_asked =
+            fsm.peer.take_checkpoint_wanted() && !self.checkpoint_queued.swap(true, Ordering::SeqCst);
+        if checkpoint_asked && self.tasks.try_send(ReplicaTask::Checkpoint).is_err() {
+            self.checkpoint_queued.store(false, Ordering::SeqCst); // full: asked again by the next handling
         }
         if fsm.peer.take_fell_asleep() && fsm.split_trigger.merges(fsm.peer.descriptor()) {
             // Cold: no request for a while. Small enough to merge into its left neighbour? Measured on the replicas

@@ -170,6 +170,7 @@ impl StoreCore {
             local_reader: Arc::new(LocalReader::new(Arc::clone(&clock))),
             claims: Arc::default(),
             meta_group: Arc::default(),
+            checkpoint_queued: Arc::default(),
             ticking: Arc::new(Ticking::new(clock)),
             log,
             kv,
@@ -190,7 +191,7 @@ impl StoreCore {
         ranges: &[RangeDescriptor],
         mailboxes: Arc<dyn Mailboxes>,
     ) -> Result<Replicas, flotilla_raft::Error> {
-        let StoreHandler { log, kv, ticking, failure, local_reader, claims, .. } = &self.handler;
+        let StoreHandler { log, kv, ticking, failure, local_reader, claims, checkpoint_queued, .. } = &self.handler;
         failure.wake_on_stop(Arc::clone(&mailboxes));
         {
             // The log's writer failing on its own (a disk error, a panic) stops the node at once. (Weak: the log
@@ -239,6 +240,8 @@ impl StoreCore {
             claims: Arc::clone(claims),
             split_triggers,
             merge_checks: replicas::MergeChecks::default(),
+            checkpoint_due: false,
+            checkpoint_queued: Arc::clone(checkpoint_queued),
         })
     }
 }

@@ -47,6 +47,9 @@ pub(crate) enum ReplicaTask {
     Ask { group_id: u64, command: Box<crate::command::Command> },
     /// A merge ended this group's replica here (its record is written; its data is the other group's now).
     MergedAway(u64),
+    /// A replica a split opened here waits for its first state to be durable (to install a snapshot, or confirm a
+    /// merge): a checkpoint is due (`checkpoint_if_due`).
+    Checkpoint,
     /// This range, which this node leads, went cold: is it small enough to merge into its left neighbour?
     /// (`split_trigger.rs`)
     CheckMerge(Box<RangeDescriptor>),
@@ -105,6 +108,11 @@ pub(crate) struct Replicas {
     /// Merge checks (`check_merge`): the node tick of each group's last, and those asked too soon after it,
     /// waiting until they are due (by group: the tick).
     pub(crate) merge_checks: MergeChecks,
+    /// A checkpoint is due once the tasks waiting are done (`checkpoint_if_due`): a split's new group opened, or
+    /// a replica waits for its first state to be durable (`ReplicaTask::Checkpoint`).
+    pub(crate) checkpoint_due: bool,
+    /// Set while a `ReplicaTask::Checkpoint` is queued (the pollers ask at most one at a time: `handler.rs`).
+    pub(crate) checkpoint_queued: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// When each group's range was last measured for a merge, and the checks waiting to be due (see
@@ -125,7 +133,12 @@ impl Replicas {
         loop {
             crossbeam_channel::select! {
                 recv(tasks) -> task => match task {
-                    Ok(task) => self.handle(task),
+                    Ok(task) => {
+                        self.handle(task);
+                        if tasks.is_empty() {
+                            self.checkpoint_if_due();
+                        }
+                    }
                     Err(_) => return,
                 },
                 recv(stopped) -> _ => return,
@@ -169,6 +182,11 @@ impl Replicas {
                 }
                 Ok(())
             }
+            ReplicaTask::Checkpoint => {
+                self.checkpoint_queued.store(false, std::sync::atomic::Ordering::SeqCst);
+                self.checkpoint_due = true;
+                Ok(())
+            }
             ReplicaTask::CheckMerge(range) => {
                 flotilla_engine::panics::catch("measuring ranges to merge", || self.merge_check_asked(&range))
             }
@@ -180,6 +198,18 @@ impl Replicas {
             self.failure.fail(self.options.node_id, reason);
         }
         self.run_due_merge_checks();
+    }
+
+    /// Checkpoints the state machine if one is due (see `checkpoint_due`): once for however many splits and asks
+    /// came in a row, after the tasks that waited (none of them waits behind it).
+    pub(crate) fn checkpoint_if_due(&mut self) {
+        if !std::mem::take(&mut self.checkpoint_due) || self.failure.reason().is_some() {
+            return;
+        }
+        if let Err(error) = self.kv.flush() {
+            let reason = format!("checkpointing the state machine after a split: {error}");
+            self.failure.fail(self.options.node_id, reason);
+        }
     }
 
     /// A cold range asks for a merge check: now, unless its group was checked less than
@@ -273,10 +303,6 @@ impl Replicas {
         if self.failure.reason().is_some() {
             return; // the node stopped
         }
-        if let Err(error) = self.kv.flush() {
-            let reason = format!("making the split of group {group_id} durable: {error}");
-            return self.failure.fail(self.options.node_id, reason);
-        }
         if self.held.contains(&group_id) {
             self.unregister(group_id);
             self.ticking.stop(group_id);
@@ -289,12 +315,18 @@ impl Replicas {
         }
         let opened = crate::peer::prepare_groups(self.log.as_ref(), self.kv.as_ref(), std::slice::from_ref(range))
             .and_then(|()| open_replica(&self.options, range, &self.log, self.kv.as_ref(), &self.claims));
-        let peer = match opened {
+        let mut peer = match opened {
             Ok(peer) => peer,
             Err(error) => {
                 return self.failure.fail(self.options.node_id, format!("opening group {group_id}: {error:?}"));
             }
         };
+        // Not made durable first (a checkpoint under load takes 100+ ms, the new range taking no writes
+        // meanwhile) but soon after, once the tasks waiting are done: installs and merge confirmations wait until
+        // it is; a crash before leaves a replica without its first state over the new group's log, which asks
+        // for a snapshot (`peer/snapshot.rs`).
+        peer.refuse_installs_until_durable();
+        self.checkpoint_due = true;
         let fsm = PeerFsm::new(
             peer,
             self.local_reader.lease(group_id),

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     let steps = args.steps.unwrap_or(STEPS);
     let seeds = args.list();
     let started = Instant::now();
-    let mut totals = (0u64, 0u64, 0u64, 0u64);
+    let mut totals = (0u64, 0u64, 0u64, 0u64, 0u64);
     for &seed in &seeds {
         let options = SimOptions { fault_steps: steps, trace: args.trace, ..SimOptions::new(seed) };
         let outcome = std::panic::catch_unwind(|| run(&options)).unwrap_or_else(|panic| {
@@ -45,6 +45,7 @@ fn main() -> ExitCode {
                 totals.1 += report.crashes;
                 totals.2 += report.conf_changes;
                 totals.3 += report.reads_confirmed;
+                totals.4 += report.snapshots_requested;
                 if args.verbose {
                     println!("seed {seed}: {report:?}");
                 }
@@ -62,13 +63,14 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "raft-sim: {} seeds clean in {:.1}s ({} entries committed, {} crashes, {} membership changes, {} reads checked)",
+        "raft-sim: {} seeds clean in {:.1}s ({} entries committed, {} crashes, {} membership changes, {} reads checked, {} snapshots asked for)",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         totals.0,
         totals.1,
         totals.2,
-        totals.3
+        totals.3,
+        totals.4
     );
     println!("raft-sim: {} passed, 0 failed", seeds.len());
     ExitCode::SUCCESS

@@ -12,6 +12,7 @@ impl<S: Storage> Raft<S> {
         validate_append(&m)?;
         let mut response = self.message(MessageType::AppendResponse, m.from);
         response.lease_tick = m.lease_tick;
+        response.request_snapshot = self.snapshot_requested;
         if m.index < self.raft_log.committed {
             // Everything up to our commit index matches the leader's log already.
             response.index = self.raft_log.committed;
@@ -35,6 +36,19 @@ impl<S: Storage> Raft<S> {
         Ok(())
     }
 
+    /// See [`crate::RawNode::request_snapshot`]. The request goes out at once in a heartbeat response (which claims
+    /// nothing about the log), and with every answer to the leader after it until a snapshot is installed.
+    pub(crate) fn request_snapshot(&mut self) -> bool {
+        if self.role != crate::raft::StateRole::Follower || self.leader_id == 0 {
+            return false;
+        }
+        self.snapshot_requested = true;
+        let mut request = self.message(MessageType::HeartbeatResponse, self.leader_id);
+        request.request_snapshot = true;
+        self.msgs.push(request);
+        true
+    }
+
     pub(super) fn handle_heartbeat(&mut self, m: Message) {
         // The leader never sends a commit beyond what it knows we hold; ignore one that is anyway.
         if m.commit <= self.raft_log.last_index() {
@@ -43,6 +57,7 @@ impl<S: Storage> Raft<S> {
         let mut response = self.message(MessageType::HeartbeatResponse, m.from);
         response.context = m.context;
         response.lease_tick = m.lease_tick;
+        response.request_snapshot = self.snapshot_requested;
         self.send(response);
     }
 
@@ -50,30 +65,56 @@ impl<S: Storage> Raft<S> {
         let snapshot = m.snapshot.ok_or(Error::InvalidMessage("snapshot message without a snapshot"))?;
         let mut response = self.message(MessageType::AppendResponse, m.from);
         response.lease_tick = m.lease_tick;
-        response.index = if self.restore(snapshot) { self.raft_log.last_index() } else { self.raft_log.committed };
+        response.index = self.restore(snapshot).unwrap_or(self.raft_log.committed);
         self.send(response);
         Ok(())
     }
 
-    /// Installs `snapshot` if it is newer than what we have committed. Returns false if it was not needed.
-    /// A snapshot whose configuration does not include us is installed too: it predates the change that added
-    /// us, which follows in the log (we are not promotable until we apply it).
-    fn restore(&mut self, snapshot: crate::message::Snapshot) -> bool {
+    /// Installs `snapshot` if it is newer than what we have committed. Returns the index the log now matches the
+    /// leader's up to, or `None` if it was not needed. A snapshot whose configuration does not include us is
+    /// installed too: it predates the change that added us, which follows in the log (we are not promotable until
+    /// we apply it).
+    ///
+    /// A snapshot this replica asked for (`snapshot_requested`: its log is whole, its state is not) is installed
+    /// if it is past what it applied, even within what it has committed. Where the log holds the snapshot's entry
+    /// durably, only the state is installed and the log is kept (`RaftLog::install_state`): entries after it
+    /// that this replica acknowledged must not be lost, and the leader may have counted them. Where the log
+    /// differs there, nothing from that entry on was ever committed, and the snapshot replaces the log whole.
+    fn restore(&mut self, snapshot: crate::message::Snapshot) -> Option<u64> {
         let (index, term) = (snapshot.index(), snapshot.term());
-        if index <= self.raft_log.committed {
-            return false;
-        }
         let conf_state = snapshot.conf_state();
         let configuration = Configuration::from_conf_state(&conf_state);
-        if self.raft_log.match_term(index, term) {
-            // We already have the entries; the snapshot only tells us they are committed.
-            self.raft_log.commit_to(index);
-            return false;
+        let log = &self.raft_log;
+        if self.snapshot_requested {
+            if index <= log.applied {
+                self.snapshot_requested = false; // its state reaches the snapshot already
+                return None;
+            }
+            if log.match_term(index, term) {
+                if index > log.persisted || log.applying != log.applied {
+                    return None; // once its entry is durable and nothing is out for applying (the leader retries)
+                }
+                self.raft_log.install_state(snapshot);
+                self.snapshot_requested = false;
+                let next_index = self.raft_log.last_index() + 1;
+                self.tracker.apply_configuration(configuration, next_index);
+                return Some(index);
+            }
+        } else {
+            if index <= log.committed {
+                return None;
+            }
+            if log.match_term(index, term) {
+                // We already have the entries; the snapshot only tells us they are committed.
+                self.raft_log.commit_to(index);
+                return None;
+            }
         }
         self.raft_log.restore(snapshot);
+        self.snapshot_requested = false;
         let next_index = self.raft_log.last_index() + 1;
         self.tracker.apply_configuration(configuration, next_index);
-        true
+        Some(self.raft_log.last_index())
     }
 }
 

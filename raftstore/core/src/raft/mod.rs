@@ -72,6 +72,9 @@ pub struct Raft<S: Storage> {
     lease_revoked: bool,
     /// Index of the latest membership change proposed by this leader; another waits until it is applied.
     pending_conf_index: u64,
+    /// A follower that asked its leader for a snapshot ([`crate::RawNode::request_snapshot`]) and has not
+    /// installed one yet.
+    pub(crate) snapshot_requested: bool,
     uncommitted_bytes: u64,
     rng: SeededRng,
     config: Config,
@@ -104,6 +107,7 @@ impl<S: Storage> Raft<S> {
             durable_term: 0,
             lease_revoked: false,
             pending_conf_index: 0,
+            snapshot_requested: false,
             uncommitted_bytes: 0,
             rng: SeededRng::new(config.random_seed),
             config,

@@ -143,7 +143,22 @@ impl<S: Storage> Raft<S> {
         true
     }
 
+    /// A follower asks for a snapshot (`RawNode::request_snapshot`): sent now, unless one is on its way (it asks
+    /// again with every answer until it has one) or none is stored yet.
+    fn handle_snapshot_request(&mut self, to: u64) {
+        if !self.tracker.progress.get(&to).is_some_and(|p| p.state != ProgressState::Snapshot) {
+            return;
+        }
+        self.send_snapshot_as(to, true);
+    }
+
     fn send_snapshot(&mut self, to: u64) -> bool {
+        self.send_snapshot_as(to, false)
+    }
+
+    /// Sends `to` the storage's snapshot: because its log needs entries compacted away, or because it asked
+    /// (`requested`; then the log may not be compacted, and a storage that has stored no snapshot sends none).
+    fn send_snapshot_as(&mut self, to: u64, requested: bool) -> bool {
         if !self.tracker.progress.get(&to).is_some_and(|p| p.recent_active) {
             // Do not push a snapshot at a replica that may be down; wait until it answers again.
             return false;
@@ -153,7 +168,10 @@ impl<S: Storage> Raft<S> {
             Err(StorageError::SnapshotTemporarilyUnavailable) => return false,
             Err(e) => self.storage_fatal("getting a snapshot", e),
         };
-        assert!(!snapshot.is_empty(), "the log is compacted but storage has no snapshot");
+        if snapshot.is_empty() {
+            assert!(requested, "the log is compacted but storage has no snapshot");
+            return false;
+        }
         let index = snapshot.index();
         let mut message = self.message(MessageType::Snapshot, to);
         message.snapshot = Some(snapshot);
@@ -199,6 +217,14 @@ impl<S: Storage> Raft<S> {
     }
 
     pub(super) fn handle_append_response(&mut self, m: Message) {
+        let (from, requested) = (m.from, m.request_snapshot);
+        self.handle_append_answer(m);
+        if requested {
+            self.handle_snapshot_request(from);
+        }
+    }
+
+    fn handle_append_answer(&mut self, m: Message) {
         let last_index = self.raft_log.last_index();
         let first_index = self.raft_log.first_index();
         let Some(progress) = self.tracker.progress.get_mut(&m.from) else { return };
@@ -248,6 +274,14 @@ impl<S: Storage> Raft<S> {
     }
 
     pub(super) fn handle_heartbeat_response(&mut self, m: Message) {
+        let (from, requested) = (m.from, m.request_snapshot);
+        self.handle_heartbeat_answer(m);
+        if requested {
+            self.handle_snapshot_request(from);
+        }
+    }
+
+    fn handle_heartbeat_answer(&mut self, m: Message) {
         let last_index = self.raft_log.last_index();
         let Some(progress) = self.tracker.progress.get_mut(&m.from) else { return };
         progress.recent_active = true;
