@@ -132,15 +132,9 @@ impl Client {
                 *count += 1;
             }
         }
-        let parts = by_node.into_iter().map(|(addr, (requests, count))| async move {
-            match self.exchange(&addr, &requests, count).await {
-                Err(ClientError::Unreachable(_)) if addr != self.seed => {
-                    let _ = self.refresh_routes().await;
-                    self.exchange(&self.seed.clone(), &requests, count).await
-                }
-                other => other,
-            }
-        });
+        let parts = by_node
+            .into_iter()
+            .map(|(addr, (requests, count))| async move { self.exchange_or_seed(&addr, &requests, count).await });
         for replies in futures_util::future::join_all(parts).await {
             for reply in replies? {
                 match reply {
@@ -238,16 +232,24 @@ impl Client {
     async fn call_for(&self, key: &[u8], args: &[&[u8]]) -> Result<Reply, ClientError> {
         self.refresh_if_stale().await;
         let addr = leader_addr(&self.routes.lock().0, key).unwrap_or(&self.seed).clone();
-        let reply = match self.call(&addr, args).await {
-            Err(ClientError::Unreachable(_)) if addr != self.seed => {
-                let _ = self.refresh_routes().await;
-                self.call(&self.seed.clone(), args).await?
-            }
-            other => other?,
-        };
+        let mut request = Vec::new();
+        encode_request(args, &mut request);
+        let reply = self.exchange_or_seed(&addr, &request, 1).await?.pop().expect("one reply read");
         match reply {
             Reply::Error(text) => Err(ClientError::Server(text)),
             reply => Ok(reply),
+        }
+    }
+
+    /// [`Client::exchange`] with `addr`; if it cannot be reached (and is not the seed), the routes are asked
+    /// again and the requests sent to the seed instead, which forwards them.
+    async fn exchange_or_seed(&self, addr: &str, requests: &[u8], count: usize) -> Result<Vec<Reply>, ClientError> {
+        match self.exchange(addr, requests, count).await {
+            Err(ClientError::Unreachable(_)) if addr != self.seed => {
+                let _ = self.refresh_routes().await;
+                self.exchange(&self.seed, requests, count).await
+            }
+            other => other,
         }
     }
 

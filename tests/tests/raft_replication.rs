@@ -410,8 +410,9 @@ fn with_heartbeats_skipped_after_appends_a_follower_that_just_got_one_gets_no_he
     assert!(trace.iter().any(|m| m.starts_with("1->2 Heartbeat")), "{trace:?}");
 }
 
-#[test]
-fn a_replica_holding_apply_persists_and_acknowledges_entries_but_applies_none_until_let_go() {
+/// Three replicas, 1 leading, node 3 holding its applies, five values proposed at 1 (not yet delivered); and
+/// node 3's applied index before.
+fn three_with_node_3_holding_apply_and_five_proposed() -> (Cluster, u64) {
     let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
     c.elect(1);
     let before = c.applied_index(3);
@@ -419,6 +420,12 @@ fn a_replica_holding_apply_persists_and_acknowledges_entries_but_applies_none_un
     for i in 0..5 {
         c.propose(1, &format!("v{i}")).unwrap();
     }
+    (c, before)
+}
+
+#[test]
+fn a_replica_holding_apply_persists_and_acknowledges_entries_but_applies_none_until_let_go() {
+    let (mut c, before) = three_with_node_3_holding_apply_and_five_proposed();
     c.isolate(2); // node 3's acknowledgements alone make the quorum
     c.stabilize();
     let committed = c.raft(1).raft_log.committed;
@@ -436,13 +443,7 @@ fn a_follower_that_asks_for_a_snapshot_keeps_acknowledging_and_installs_the_stat
     // A replica whose log is whole but whose state is lost (applies held) asks its leader for a snapshot. It goes
     // on acknowledging entries (its group may need it for a quorum), and the snapshot's state is installed with
     // its log kept: entries after the snapshot that it acknowledged must not be lost.
-    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
-    c.elect(1);
-    let before = c.applied_index(3);
-    c.with_node(3, |node| node.hold_apply(true));
-    for i in 0..5 {
-        c.propose(1, &format!("v{i}")).unwrap();
-    }
+    let (mut c, before) = three_with_node_3_holding_apply_and_five_proposed();
     c.stabilize();
     let snapshot_index = c.applied_index(1);
     c.node_mut(1).snapshot_and_compact(snapshot_index - 2);

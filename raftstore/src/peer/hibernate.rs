@@ -141,7 +141,7 @@ impl Peer {
             return;
         }
         self.leaderless_ticks += 1;
-        if self.leaderless_ticks.is_multiple_of(2 * raft.config().election_timeout_ticks.max(1)) {
+        if self.asks_due(self.leaderless_ticks) {
             metrics::counter!("flotilla_membership_checks_leaderless_total").increment(1);
             self.check_membership();
         }

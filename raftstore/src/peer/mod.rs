@@ -393,6 +393,12 @@ impl Peer {
         self.maybe_hibernate();
     }
 
+    /// Whether a replica stuck for `ticks` (a stranded one, a leaderless one that may not campaign) asks beyond
+    /// its group's own traffic now: after two election timeouts, and every two more.
+    fn asks_due(&self, ticks: u64) -> bool {
+        ticks.is_multiple_of(2 * self.raw.raft.config().election_timeout_ticks.max(1))
+    }
+
     /// Whether time must reach this replica. Not while it hibernates; nor when its group's only member is this
     /// replica and it leads with nothing waiting: nothing can time out then (no election to start, no follower
     /// to keep, no lease to confirm). The node ticks only the replicas that need it.

@@ -278,6 +278,11 @@ impl Peer {
             (incoming.from, incoming.term, incoming.stream_id) == (chunk.from, chunk.term, chunk.stream_id)
         };
         if chunk.sequence == 0 && !self.streams.incoming.as_ref().is_some_and(current) {
+            if self.install_waits_for_durable_split(kv) {
+                // Refused before a byte is taken (once durable, it stays so): the leader sends it again later.
+                ack.rejected = true;
+                return self.outbox.push(ReplicaMessage::Ack(ack));
+            }
             // A new stream: it replaces any unfinished one (the state machine drops that install).
             let Some(range) = chunk.descriptor.clone().filter(|range| range.group_id == group_id) else {
                 ack.rejected = true; // a first chunk without this group's descriptor: damaged
@@ -319,12 +324,7 @@ impl Peer {
         incoming.received += 1;
         incoming.idle_ticks = 0;
         ack.received = incoming.received;
-        if last && self.install_waits_for_durable_split(kv) {
-            self.streams.incoming = None;
-            self.streams.incoming_descriptor = None;
-            self.streams.abort_install = true;
-            ack.rejected = true; // the leader sends it again later
-        } else if last {
+        if last {
             self.streams.incoming = None;
             ack.rejected = !self.step_received_snapshot(chunk.message);
         } else if chunk.message.is_some() {
@@ -495,8 +495,7 @@ impl Peer {
             return;
         }
         self.stranded_ticks += 1;
-        let interval = 2 * self.raw.raft.config().election_timeout_ticks.max(1);
-        if self.stranded_ticks.is_multiple_of(interval) && self.raw.request_snapshot() {
+        if self.asks_due(self.stranded_ticks) && self.raw.request_snapshot() {
             metrics::counter!("flotilla_snapshots_requested_total").increment(1);
         }
     }

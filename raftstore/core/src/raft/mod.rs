@@ -364,6 +364,9 @@ impl<S: Storage> Raft<S> {
     }
 
     fn step_leader(&mut self, m: Message, kind: MessageType) -> Result<()> {
+        // A follower that asked for a snapshot asks again in each answer it gives (`RawNode::request_snapshot`);
+        // the answer itself counts as usual.
+        let asks_snapshot = m.request_snapshot.then_some(m.from);
         match kind {
             MessageType::AppendResponse => self.handle_append_response(m),
             MessageType::HeartbeatResponse => self.handle_heartbeat_response(m),
@@ -371,6 +374,9 @@ impl<S: Storage> Raft<S> {
             MessageType::ReadIndex => self.handle_read_index(m)?,
             // Another leader of our term cannot exist (election safety); anything else is stale or misrouted.
             _ => {}
+        }
+        if let Some(from) = asks_snapshot {
+            self.handle_snapshot_request(from);
         }
         Ok(())
     }

@@ -145,7 +145,7 @@ impl<S: Storage> Raft<S> {
 
     /// A follower asks for a snapshot (`RawNode::request_snapshot`): sent now, unless one is on its way (it asks
     /// again with every answer until it has one) or none is stored yet.
-    fn handle_snapshot_request(&mut self, to: u64) {
+    pub(super) fn handle_snapshot_request(&mut self, to: u64) {
         if !self.tracker.progress.get(&to).is_some_and(|p| p.state != ProgressState::Snapshot) {
             return;
         }
@@ -217,14 +217,6 @@ impl<S: Storage> Raft<S> {
     }
 
     pub(super) fn handle_append_response(&mut self, m: Message) {
-        let (from, requested) = (m.from, m.request_snapshot);
-        self.handle_append_answer(m);
-        if requested {
-            self.handle_snapshot_request(from);
-        }
-    }
-
-    fn handle_append_answer(&mut self, m: Message) {
         let last_index = self.raft_log.last_index();
         let first_index = self.raft_log.first_index();
         let Some(progress) = self.tracker.progress.get_mut(&m.from) else { return };
@@ -274,14 +266,6 @@ impl<S: Storage> Raft<S> {
     }
 
     pub(super) fn handle_heartbeat_response(&mut self, m: Message) {
-        let (from, requested) = (m.from, m.request_snapshot);
-        self.handle_heartbeat_answer(m);
-        if requested {
-            self.handle_snapshot_request(from);
-        }
-    }
-
-    fn handle_heartbeat_answer(&mut self, m: Message) {
         let last_index = self.raft_log.last_index();
         let Some(progress) = self.tracker.progress.get_mut(&m.from) else { return };
         progress.recent_active = true;
