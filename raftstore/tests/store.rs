@@ -48,12 +48,24 @@ fn start_node_sending(
     sending: Arc<dyn Transport>,
     transport: &Arc<InProcessTransport>,
 ) -> Node {
+    start_node_with(id, dir, ranges, sending, transport, |_| {})
+}
+
+/// [`start_node_sending`] with the test's store options adjusted by `adjust`.
+fn start_node_with(
+    id: u64,
+    dir: &std::path::Path,
+    ranges: &[RangeDescriptor],
+    sending: Arc<dyn Transport>,
+    transport: &Arc<InProcessTransport>,
+    adjust: impl FnOnce(&mut StoreOptions),
+) -> Node {
     let (wal, _) = Wal::open(&dir.join(format!("wal-{id}")), Arc::new(StdDisk), WalOptions::default()).unwrap();
     let log = Arc::new(GroupCommitWal::start(wal, GroupCommitOptions::default()));
     let kv =
         Arc::new(StateMachine::open(&dir.join(format!("state-{id}.redb")), StateMachineOptions::default()).unwrap());
     let flusher = Arc::new(BackgroundFlusher::start(Arc::clone(&kv)));
-    let options = StoreOptions {
+    let mut options = StoreOptions {
         node_id: id,
         tick_interval: Duration::from_millis(10),
         // Small chunks: the stream runs through many mailbox deliveries and poll rounds.
@@ -63,6 +75,7 @@ fn start_node_sending(
         },
         ..StoreOptions::default()
     };
+    adjust(&mut options);
     let store =
         Store::start(options, ranges, Arc::clone(&log) as Arc<dyn LogEngine>, Arc::clone(&kv) as _, flusher, sending)
             .unwrap();
@@ -576,44 +589,99 @@ fn a_node_that_gets_the_new_groups_snapshot_before_it_applies_the_split_refuses_
     new_group_heard_before_the_split(true);
 }
 
+/// Three nodes of group 1; node 3 stops hearing from group 1 (nodes 1 and 2 send through the returned hold),
+/// then nodes 1 and 2 split it at `m` into group 2, which takes the write `m2` without node 3. Node 3's store
+/// options are adjusted by `adjust_node_3`; with `snapshots_sent` false, group 2's snapshot chunks to node 3 are
+/// held too.
+struct SplitWithoutNode3 {
+    _dir: tempfile::TempDir,
+    transport: Arc<InProcessTransport>,
+    hold: Arc<HoldGroupToNode3>,
+    nodes: Vec<Node>,
+    group_id: u64,
+    deadline: Instant,
+}
+
+impl SplitWithoutNode3 {
+    fn start(snapshots_sent: bool, adjust_node_3: impl FnOnce(&mut StoreOptions)) -> SplitWithoutNode3 {
+        let dir = tempfile::tempdir().unwrap();
+        let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
+        let range = initial_ranges(1, 1, &replicas).remove(0);
+        let group_id = range.group_id;
+        let transport = Arc::new(InProcessTransport::new());
+        let hold = Arc::new(HoldGroupToNode3 {
+            inner: Arc::clone(&transport),
+            group_id,
+            held: Default::default(),
+            chunks_of: 2,
+            chunks_held: Default::default(),
+            chunks_passed: Default::default(),
+        });
+        let ranges = std::slice::from_ref(&range);
+        let mut nodes: Vec<Node> =
+            (1..=2).map(|id| start_node_sending(id, dir.path(), ranges, Arc::clone(&hold) as _, &transport)).collect();
+        nodes.push(start_node_with(3, dir.path(), ranges, Arc::clone(&transport) as _, &transport, adjust_node_3));
+        nodes[0].store.campaign_all([group_id]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        put(&nodes, group_id, b"m1", b"before", deadline);
+        hold.held.store(true, std::sync::atomic::Ordering::SeqCst);
+        hold.chunks_held.store(!snapshots_sent, std::sync::atomic::Ordering::SeqCst);
+        let split = SplitRequest::new(b"m".to_vec(), (2, 11), 3);
+        let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+        until_outcome(&nodes[..1], group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
+        put(&nodes[..2], 2, b"m2", b"after", deadline);
+        SplitWithoutNode3 { _dir: dir, transport, hold, nodes, group_id, deadline }
+    }
+
+    fn chunks_passed(&self) -> u64 {
+        self.hold.chunks_passed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Node 3's group 2 catches up with `m2`; then, with node 1 gone, group 2 takes writes through nodes 2 and 3.
+    fn node_3_becomes_a_full_member(&self) {
+        let (nodes, deadline) = (&self.nodes, self.deadline);
+        wait_until(deadline, "node 3's group 2 has the write made before it applied the split", || {
+            nodes[2].kv.get(b"m2").unwrap().as_deref() == Some(&b"after"[..])
+        });
+        self.transport.remove_node(1);
+        nodes[1].store.node_down(1);
+        nodes[2].store.node_down(1);
+        put(&nodes[1..], 2, b"m3", b"without node 1", deadline);
+        assert_eq!(nodes[2].kv.get(b"m1").unwrap().as_deref(), Some(&b"before"[..]));
+    }
+}
+
+/// Node 3 hears from the new group before it applies the split (group 1's messages to it held back), within its
+/// wait for a split (`awaiting_split.rs`; made long here): it creates no empty replica for those messages — which
+/// would vote, refuse the appends and be streamed a snapshot — and once it applies the split, the replica the split
+/// opens is handed the messages that waited and catches up from the log.
+#[test]
+fn a_node_that_hears_from_the_new_group_shortly_before_it_applies_the_split_hands_the_messages_to_its_replica() {
+    let long_wait = |options: &mut StoreOptions| options.split_message_wait_ticks = 1_000_000;
+    let cluster = SplitWithoutNode3::start(true, long_wait);
+    std::thread::sleep(Duration::from_millis(300)); // 30 ticks: heartbeats and probes of group 2 reach node 3
+    let node_3 = &cluster.nodes[2];
+    assert!(node_3.store.router().send(2, PeerMsg::Tick).is_err(), "node 3 created no empty replica of group 2");
+    assert_eq!(node_3.kv.applied(2), (0, 0));
+    cluster.hold.held.store(false, std::sync::atomic::Ordering::SeqCst);
+    cluster.node_3_becomes_a_full_member();
+    assert_eq!(cluster.chunks_passed(), 0, "no snapshot of group 2 was streamed to node 3");
+}
+
 /// Node 3 stops hearing from group 1 while nodes 1 and 2 apply a split; the new group's messages reach node 3,
-/// which creates an empty replica of it. With `snapshots_sent`, the new group's snapshots reach node 3 too, and
-/// are refused there: node 3's group 1 still holds those keys, and its entries from before the split would
-/// overwrite the snapshot's newer data (`range_claims.rs`); without, the snapshots are held. Either way the split,
-/// once node 3 applies it, replaces the empty replica, and node 3 ends a full member of the new group.
+/// which creates an empty replica of it once its wait for a split is over (`awaiting_split.rs`). With
+/// `snapshots_sent`, the new group's snapshots reach node 3 too, and are refused there: node 3's group 1 still
+/// holds those keys, and its entries from before the split would overwrite the snapshot's newer data
+/// (`range_claims.rs`); without, the snapshots are held. Either way the split, once node 3 applies it, replaces
+/// the empty replica, and node 3 ends a full member of the new group.
 fn new_group_heard_before_the_split(snapshots_sent: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
-    let range = initial_ranges(1, 1, &replicas).remove(0);
-    let group_id = range.group_id;
-    let transport = Arc::new(InProcessTransport::new());
-    let hold = Arc::new(HoldGroupToNode3 {
-        inner: Arc::clone(&transport),
-        group_id,
-        held: Default::default(),
-        chunks_of: 2,
-        chunks_held: Default::default(),
-        chunks_passed: Default::default(),
-    });
-    let ranges = std::slice::from_ref(&range);
-    let mut nodes: Vec<Node> =
-        (1..=2).map(|id| start_node_sending(id, dir.path(), ranges, Arc::clone(&hold) as _, &transport)).collect();
-    nodes.push(start_node(3, dir.path(), ranges, &transport));
-    nodes[0].store.campaign_all([group_id]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    put(&nodes, group_id, b"m1", b"before", deadline);
-    hold.held.store(true, std::sync::atomic::Ordering::SeqCst);
-    hold.chunks_held.store(!snapshots_sent, std::sync::atomic::Ordering::SeqCst);
-    let split = SplitRequest::new(b"m".to_vec(), (2, 11), 3);
-    let make = |reply| PeerMsg::Split { split: split.clone(), reply };
-    until_outcome(&nodes[..1], group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
-    put(&nodes[..2], 2, b"m2", b"after", deadline);
-    let node_3 = &nodes[2];
+    let cluster = SplitWithoutNode3::start(snapshots_sent, |_| {});
+    let (hold, group_id, deadline) = (&cluster.hold, cluster.group_id, cluster.deadline);
+    let node_3 = &cluster.nodes[2];
     wait_until(deadline, "node 3 holds a replica of group 2", || node_3.store.router().send(2, PeerMsg::Tick).is_ok());
     if snapshots_sent {
         // The first stream, refused, and the one its leader sent after.
-        let passed = || hold.chunks_passed.load(std::sync::atomic::Ordering::SeqCst);
-        wait_until(deadline, "group 2's snapshots reach node 3 again and again", || passed() >= 3);
+        wait_until(deadline, "group 2's snapshots reach node 3 again and again", || cluster.chunks_passed() >= 3);
     }
     assert_eq!(node_3.kv.applied(2), (0, 0), "node 3 has neither applied the split nor installed a snapshot");
     assert_eq!(node_3.kv.get(b"m2").unwrap(), None);
@@ -629,15 +697,7 @@ fn new_group_heard_before_the_split(snapshots_sent: bool) {
     });
     wait_until(deadline, "node 3 opens group 2 from the split", || node_3.log.last_index(2) >= BOOTSTRAP_INDEX);
     hold.chunks_held.store(false, std::sync::atomic::Ordering::SeqCst);
-    wait_until(deadline, "node 3's group 2 has the write made before it applied the split", || {
-        node_3.kv.get(b"m2").unwrap().as_deref() == Some(&b"after"[..])
-    });
-    // It is a full member: with node 1 gone, group 2 takes writes through nodes 2 and 3.
-    transport.remove_node(1);
-    nodes[1].store.node_down(1);
-    node_3.store.node_down(1);
-    put(&nodes[1..], 2, b"m3", b"without node 1", deadline);
-    assert_eq!(node_3.kv.get(b"m1").unwrap().as_deref(), Some(&b"before"[..]));
+    cluster.node_3_becomes_a_full_member();
 }
 
 /// Node 3 is cut off while the others split the group, write on both sides and compact both logs past the split:

@@ -68,6 +68,8 @@ pub(super) struct MergeProgress {
     proposed_at: Option<u64>,
     /// As the right range's leader: the replicas that confirmed the decision applied.
     confirmed: BTreeSet<u64>,
+    /// As the right range's leader: how many other replicas held the decision when its commit was last told.
+    holding_told: usize,
     /// As a replica of the locked left range: the right range a merge commit in its log waits for (this node's
     /// replica of it has not applied the decision yet; `Peer::apply_committed`).
     pub(super) commit_waits_for: Option<RangeDescriptor>,
@@ -210,6 +212,16 @@ impl Peer {
         }
         if applied {
             self.merge.confirmed.insert(me);
+        }
+        // A replica that acknowledged the decision after its commit went out learns of the commit now, not at the
+        // next heartbeat: a frozen range has no appends to carry it, and the merge waits for every replica.
+        let raft = &self.raw.raft;
+        let holding = (raft.tracker.progress.iter())
+            .filter(|(id, progress)| **id != me && progress.matched >= state.decided_index)
+            .count();
+        if raft.raft_log.committed >= state.decided_index && holding > self.merge.holding_told {
+            self.merge.holding_told = holding;
+            self.raw.broadcast_commit();
         }
         if self.descriptor.replicas.iter().all(|r| self.merge.confirmed.contains(&r.replica_id)) {
             let commit = MergeCommand::new(MergeStep::Commit, None, Some(self.descriptor.clone()));

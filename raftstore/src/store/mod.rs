@@ -21,6 +21,7 @@
 //! - this file: `StoreCore` (a store without threads: the handler and the channels its threads drain) and
 //!   [`Store`], which runs it on pollers and threads of its own.
 
+mod awaiting_split;
 mod failure;
 pub mod fsm;
 pub mod handler;
@@ -86,6 +87,9 @@ pub struct StoreOptions {
     /// change — through this node's replica of it, or, where there is none, the host (`range_asks`,
     /// `AskReason::Publish`). Default false (a key space of format 1, or a test's own layout).
     pub meta_range: bool,
+    /// How long, in node ticks, messages for a group this node does not hold wait for a split applied here to
+    /// make the group, before an empty replica is created for them (`awaiting_split.rs`). Default 3.
+    pub split_message_wait_ticks: u64,
 }
 
 impl Default for StoreOptions {
@@ -107,6 +111,7 @@ impl Default for StoreOptions {
             split: SplitOptions::default(),
             range_asks: None,
             meta_range: false,
+            split_message_wait_ticks: 3,
         }
     }
 }
@@ -240,7 +245,10 @@ impl StoreCore {
             claims: Arc::clone(claims),
             split_triggers,
             merge_checks: replicas::MergeChecks::default(),
-            checkpoint_due: false,
+            checkpoint_asked: false,
+            checkpoint_tick: None,
+            merged_logs: Vec::new(),
+            awaiting_split: awaiting_split::AwaitingSplit::new(options.split_message_wait_ticks),
             checkpoint_queued: Arc::clone(checkpoint_queued),
         })
     }

@@ -1,7 +1,8 @@
 //! Replicas created and destroyed while a node runs (membership changes), on the node's `flotilla-replicas`
 //! thread, off the pollers.
 //!
-//! **Created** when a message arrives for a group the node does not hold: the replica opens empty (no range, no
+//! **Created** when a message arrives for a group the node does not hold — after a short wait in case a split
+//! applied here is about to make the group (`awaiting_split.rs`): the replica opens empty (no range, no
 //! members) under the message's replica id and is registered; the leader then catches it up by snapshot, which
 //! brings the range. A group the node held before is not created again: a replica id is never reused, and the
 //! node keeps the group's last descriptor as the record that it held it. Nor one the state machine has a state
@@ -58,6 +59,14 @@ pub(crate) enum ReplicaTask {
 /// Pairs read per page when a range's size is measured.
 const SIZE_CHECK_PAGE_KEYS: usize = 1024;
 
+/// Node ticks from a split's open or a merge's end here to the checkpoint that makes it durable (about a second
+/// at the `Db`'s 100 ms ticks, half at a server's 50 ms).
+const CHECKPOINT_DELAY_TICKS: u64 = 10;
+
+/// How long the replicas thread waits for a task before it looks at what is due by time (merge checks, a split's
+/// checkpoint).
+const IDLE_WAKE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// How many tasks may wait; beyond, messages for unknown groups are dropped (Raft resends).
 pub(crate) const TASKS_MAX: usize = 1024;
 
@@ -105,12 +114,19 @@ pub(crate) struct Replicas {
     pub(crate) claims: Arc<RangeClaims>,
     /// The split triggers' options, shared by every replica (`StoreOptions::split_triggers`).
     pub(crate) split_triggers: Arc<crate::split_trigger::SplitOptions>,
+    /// Messages for groups not held here, waiting a moment for a split to make the group (`awaiting_split.rs`).
+    pub(crate) awaiting_split: super::awaiting_split::AwaitingSplit,
     /// Merge checks (`check_merge`): the node tick of each group's last, and those asked too soon after it,
     /// waiting until they are due (by group: the tick).
     pub(crate) merge_checks: MergeChecks,
-    /// A checkpoint is due once the tasks waiting are done (`checkpoint_if_due`): a split's new group opened, or
-    /// a replica waits for its first state to be durable (`ReplicaTask::Checkpoint`).
-    pub(crate) checkpoint_due: bool,
+    /// A replica waits for its first state to be durable (`ReplicaTask::Checkpoint`): a checkpoint is due once
+    /// the tasks waiting are done (`checkpoint_if_due`).
+    pub(crate) checkpoint_asked: bool,
+    /// A split's new group opened here, or a merge ended a group here, since the last checkpoint: one is due from
+    /// this node tick on (`CHECKPOINT_DELAY_TICKS` after the first such change).
+    pub(crate) checkpoint_tick: Option<u64>,
+    /// Groups a merge ended here whose logs are dropped after the next checkpoint (`stop_merged`).
+    pub(crate) merged_logs: Vec<u64>,
     /// Set while a `ReplicaTask::Checkpoint` is queued (the pollers ask at most one at a time: `handler.rs`).
     pub(crate) checkpoint_queued: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -142,7 +158,11 @@ impl Replicas {
                     Err(_) => return,
                 },
                 recv(stopped) -> _ => return,
-                default(std::time::Duration::from_secs(1)) => self.run_due_merge_checks(),
+                default(IDLE_WAKE) => {
+                    self.run_due_merge_checks();
+                    self.create_awaited();
+                    self.checkpoint_if_due();
+                }
             }
         }
     }
@@ -184,7 +204,7 @@ impl Replicas {
             }
             ReplicaTask::Checkpoint => {
                 self.checkpoint_queued.store(false, std::sync::atomic::Ordering::SeqCst);
-                self.checkpoint_due = true;
+                self.checkpoint_asked = true;
                 Ok(())
             }
             ReplicaTask::CheckMerge(range) => {
@@ -198,18 +218,35 @@ impl Replicas {
             self.failure.fail(self.options.node_id, reason);
         }
         self.run_due_merge_checks();
+        self.create_awaited();
     }
 
-    /// Checkpoints the state machine if one is due (see `checkpoint_due`): once for however many splits and asks
-    /// came in a row, after the tasks that waited (none of them waits behind it).
+    /// Checkpoints the state machine if one is due (see `checkpoint_asked`, `checkpoint_tick`): once for however
+    /// many splits, merges and asks came before, after the tasks that waited (none of them waits behind it). Then
+    /// the logs of the groups merges ended here go.
     pub(crate) fn checkpoint_if_due(&mut self) {
-        if !std::mem::take(&mut self.checkpoint_due) || self.failure.reason().is_some() {
+        let changes_due = self.checkpoint_tick.is_some_and(|tick| tick <= self.ticking.now());
+        if !(self.checkpoint_asked || changes_due) || self.failure.reason().is_some() {
             return;
         }
+        (self.checkpoint_asked, self.checkpoint_tick) = (false, None);
         if let Err(error) = self.kv.flush() {
-            let reason = format!("checkpointing the state machine after a split: {error}");
-            self.failure.fail(self.options.node_id, reason);
+            let reason = format!("checkpointing the state machine after a split or merge: {error}");
+            return self.failure.fail(self.options.node_id, reason);
         }
+        for group_id in std::mem::take(&mut self.merged_logs) {
+            if let Err(error) = crate::peer::drop_log(self.log.as_ref(), group_id) {
+                // The engines' failure (the pollers meet it too); the log is dropped at the next open.
+                eprintln!("flotilla: dropping the log of merged group {group_id} failed: {error:?}");
+            }
+        }
+    }
+
+    /// A split or merge changed this node's groups: a checkpoint is due `CHECKPOINT_DELAY_TICKS` from now, or
+    /// sooner if one was due already.
+    fn checkpoint_soon(&mut self) {
+        let due = self.ticking.now() + CHECKPOINT_DELAY_TICKS;
+        self.checkpoint_tick = Some(self.checkpoint_tick.map_or(due, |tick| tick.min(due)));
     }
 
     /// A cold range asks for a merge check: now, unless its group was checked less than
@@ -273,21 +310,18 @@ impl Replicas {
     }
 
     /// Stops the replica of a group a merge ended here: like a destroy, but its data stays (the group that took
-    /// it in serves it) and its claim is gone already (moved with the merge). The merge is made durable (a
-    /// checkpoint) before the log goes: a crash must not bring back the group's replica, not merged, without the
-    /// log its applied state needs (`store-sim` seed 40).
+    /// it in serves it) and its claim is gone already (moved with the merge). The log goes only after the next
+    /// checkpoint has made the merge durable: a crash must not bring back the group's replica, not merged, without
+    /// the log its applied state needs (`store-sim` seed 40). That checkpoint comes a little later, with those of
+    /// splits (`checkpoint_soon`), not at once: a whole-memtable flush on every node just as the writes of the
+    /// merged range move to the left group slowed them several-fold. A crash before it brings the replica back
+    /// frozen over its log, and the merge ends it again.
     fn stop_merged(&mut self, group_id: u64) {
         self.unregister(group_id);
         self.local_reader.lease(group_id).withdraw();
         self.ticking.stop(group_id);
-        if let Err(error) = self.kv.flush() {
-            let reason = format!("making the merge of group {group_id} durable: {error}");
-            return self.failure.fail(self.options.node_id, reason);
-        }
-        if let Err(error) = crate::peer::drop_log(self.log.as_ref(), group_id) {
-            // The engines' failure (the pollers meet it too); the log is dropped at the next open.
-            eprintln!("flotilla: dropping the log of merged group {group_id} failed: {error:?}");
-        }
+        self.merged_logs.push(group_id);
+        self.checkpoint_soon();
         metrics::counter!("flotilla_replicas_merged_away_total").increment(1);
     }
 
@@ -322,18 +356,26 @@ impl Replicas {
             }
         };
         // Not made durable first (a checkpoint under load takes 100+ ms, the new range taking no writes
-        // meanwhile) but soon after, once the tasks waiting are done: installs and merge confirmations wait until
-        // it is; a crash before leaves a replica without its first state over the new group's log, which asks
-        // for a snapshot (`peer/snapshot.rs`).
+        // meanwhile) but a little later (not at once either: its writes would slow the new group's first
+        // election and commits on every node): installs and merge confirmations wait until it is, and ask for it
+        // sooner if they come first; a crash before leaves a replica without its first state over the new
+        // group's log, which asks for a snapshot (`peer/snapshot.rs`).
         peer.refuse_installs_until_durable();
-        self.checkpoint_due = true;
+        self.checkpoint_soon();
         let fsm = PeerFsm::new(
             peer,
             self.local_reader.lease(group_id),
             self.options.split_trigger(&self.split_triggers, group_id),
         );
-        if self.register(group_id, fsm) && campaign {
-            let _ = self.mailboxes.send(group_id, PeerMsg::Campaign);
+        if self.register(group_id, fsm) {
+            // Messages of the group's other replicas that came before the split applied here (their vote
+            // requests, say), then its own campaign.
+            for envelope in self.awaiting_split.take(group_id) {
+                let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
+            }
+            if campaign {
+                let _ = self.mailboxes.send(group_id, PeerMsg::Campaign);
+            }
         }
         metrics::counter!("flotilla_split_groups_opened_total").increment(1);
     }
@@ -406,14 +448,39 @@ impl Replicas {
             let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
             return;
         }
+        // Perhaps a split about to be applied here makes the group: its messages wait a moment for it
+        // (`awaiting_split.rs`).
+        match self.awaiting_split.hold(envelope, self.ticking.now()) {
+            Ok(()) => {}
+            Err(envelopes) => self.create_empty(group_id, envelopes),
+        }
+    }
+
+    /// The groups whose messages waited long enough for a split to make them here (`awaiting_split.rs`): their
+    /// replicas are created empty, and handed the messages.
+    pub(crate) fn create_awaited(&mut self) {
+        if self.awaiting_split.is_empty() {
+            return;
+        }
+        for (group_id, envelopes) in self.awaiting_split.take_expired(self.ticking.now()) {
+            self.create_empty(group_id, envelopes);
+        }
+    }
+
+    /// Creates an empty replica of group `group_id` for `envelopes` (messages for it: the first one's replica id
+    /// is the replica's) and hands them to it.
+    fn create_empty(&mut self, group_id: u64, envelopes: Vec<Envelope>) {
+        let Some(first) = envelopes.first() else { return };
+        if self.failure.reason().is_some() || self.held.contains(&group_id) {
+            return; // the node stopped; or the group opened since (a split took its messages)
+        }
         if self.kv.applied(group_id) != (0, 0) {
             // A split applied here made the group, and the task to open it is behind this one in the queue: the
-            // message is dropped (Raft resends), the replica opens from the split's state.
+            // messages are dropped (Raft resends), the replica opens from the split's state.
             return;
         }
         let empty = RangeDescriptor { group_id, ..RangeDescriptor::default() };
-        let opened =
-            open_with_id(&self.options, envelope.message.to(), empty, &self.log, self.kv.as_ref(), &self.claims);
+        let opened = open_with_id(&self.options, first.message.to(), empty, &self.log, self.kv.as_ref(), &self.claims);
         let peer = match opened {
             Ok(peer) => peer,
             Err(error) => {
@@ -429,7 +496,9 @@ impl Replicas {
         );
         if self.register(group_id, fsm) {
             metrics::counter!("flotilla_replicas_created_total").increment(1);
-            let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
+            for envelope in envelopes {
+                let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
+            }
         }
     }
 }

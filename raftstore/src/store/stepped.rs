@@ -179,6 +179,7 @@ impl SteppedStore {
             destroyed += matches!(task, ReplicaTask::Destroy(_)) as usize;
             self.replicas.handle(task);
         }
+        self.replicas.create_awaited();
         self.replicas.checkpoint_if_due();
         destroyed
     }
