@@ -6,7 +6,8 @@
 //! - [`handler`]: the host loop — the poll round (writes of all groups to the log, one state machine apply per
 //!   round) and the persisted forwarding;
 //! - [`replicas`]: replicas created (on a message for a group the node does not hold) and destroyed (once
-//!   removed) while the node runs;
+//!   removed) while the node runs; `awaiting_split.rs`: messages for a group not held yet, waiting a moment for
+//!   a split to make it there;
 //! - [`ticks`]: the node's tick count, and which replicas need ticks (busy ones take theirs inline);
 //! - `log_gc.rs`: log compaction asked of the replicas as their state machine checkpoints, and the log purged;
 //! - [`transport`]: the transport seam — the outbound [`Transport`] (flushed once per round), the inbound
