@@ -147,6 +147,13 @@ impl RangeTable {
         Ok(first..last.max(first + 1))
     }
 
+    /// Notes `node` as the one believed to lead the group at `position` (a hint from elsewhere: a replica's).
+    pub fn note_leader(&self, position: usize, node: u64) {
+        if (1..=self.nodes).contains(&node) {
+            self.leaders[position].store(node, Ordering::Relaxed);
+        }
+    }
+
     /// The node believed to lead the group at `position`.
     pub fn leader(&self, position: usize) -> u64 {
         self.leaders[position].load(Ordering::Relaxed)

@@ -4,6 +4,9 @@
 //! (`router/src/route.rs`: follow not-leader hints, wait out transfers, fail typed), within the request timeout.
 //! A forwarded request is never forwarded again: a node that no longer leads answers "not leader" with its hint,
 //! and the node that forwarded it tries again.
+//!
+//! Metrics: `flotilla_requests_forwarded_total` (requests this node sent to another to run: a client that routes
+//! to leaders keeps it near zero), `flotilla_routes_learned_from_meta_total`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -196,6 +199,12 @@ impl Requests {
         (0..table.len())
             .map(|position| {
                 let range = table.range(position);
+                // What this node's replica of the group knows, if it holds one and knows a leader: the table's
+                // guess is corrected only by requests this node routed itself, and a client that routes by these
+                // answers sends none here for the groups it was told lead elsewhere.
+                if let Some(hint) = routes.leases[position].leader_hint() {
+                    table.note_leader(position, hint);
+                }
                 let leader = table.leader(position);
                 Route {
                     start: range.start.clone(),
@@ -535,6 +544,10 @@ impl Requests {
     ) -> Result<Option<Answered>, RouteError> {
         let table = &routes.table;
         let group_id = table.range(position).group_id;
+        if let Some(hint) = routes.leases[position].leader_hint() {
+            // This node's replica of the group knows better than a guess no request of the group corrected yet.
+            table.note_leader(position, hint);
+        }
         loop {
             let node = table.leader(position);
             let answer = if node == self.node_id {
@@ -655,6 +668,7 @@ impl Requests {
         // A read may be tried again elsewhere if its node goes silent meanwhile; a write waits for its answer
         // until the deadline (sent again elsewhere, it might take effect twice).
         let is_read = !matches!(op, ForwardOp::Write(_));
+        metrics::counter!("flotilla_requests_forwarded_total").increment(1);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         self.pending.lock().insert(id, reply);

@@ -45,6 +45,13 @@ impl Peer {
             let merging = crate::range::RangeError::Merging { current: Box::new(self.descriptor.clone()) };
             return self.responses.push((token, Response::Failed(PeerError::Range(merging))));
         }
+        let key = &split.split_key;
+        if !self.descriptor.contains(key) {
+            // Routed by a table older than a split or merge of this range: the caller routes it again.
+            let current = Box::new(self.descriptor.clone());
+            let refusal = crate::range::RangeError::KeyNotInRange { key: key.clone(), current };
+            return self.responses.push((token, Response::Failed(PeerError::Range(refusal))));
+        }
         if let Err(reason) = self.descriptor.split(&split) {
             return self.responses.push((token, Response::Failed(PeerError::InvalidSplit(reason))));
         }

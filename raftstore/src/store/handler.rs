@@ -176,6 +176,8 @@ impl StoreHandler {
         };
         let range_version = fsm.peer.descriptor().epoch().version;
         fsm.read_lease.publish(grant, fsm.ticks_seen.load(std::sync::atomic::Ordering::SeqCst), range_version);
+        let leader = fsm.peer.leader();
+        fsm.read_lease.note_leader(if leader == 0 { 0 } else { fsm.node_of(leader).unwrap_or(0) });
     }
 
     fn carry_out(&self, fsm: &mut PeerFsm, output: PeerOutput) {

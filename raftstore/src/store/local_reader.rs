@@ -35,6 +35,8 @@ use crate::peer::LocalReadGrant;
 pub struct ReadLease {
     until: AtomicU64,
     range_version: AtomicU64,
+    /// The node the replica last believed to lead its group (0: none known): a routing hint only, never a grant.
+    leader_node: AtomicU64,
 }
 
 const NONE: u64 = 0;
@@ -59,6 +61,17 @@ impl ReadLease {
     /// Withdraws any grant (the replica stopped leading here, or is going away).
     pub(crate) fn withdraw(&self) {
         self.until.store(NONE, Ordering::Release);
+    }
+
+    /// Notes the node the replica believes leads its group (0: none known).
+    pub(crate) fn note_leader(&self, node_id: u64) {
+        self.leader_node.store(node_id, Ordering::Relaxed);
+    }
+
+    /// The node this node's replica of the group believed to lead it at its last handling (`None`: it knows no
+    /// leader, or there is no replica here). A hint for routing — it may be stale by the time it is used.
+    pub fn leader_hint(&self) -> Option<u64> {
+        Some(self.leader_node.load(Ordering::Relaxed)).filter(|&node| node != 0)
     }
 }
 
