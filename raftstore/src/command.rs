@@ -519,7 +519,7 @@ fn merge_step(
 }
 
 /// Whether this node's replica of the decided range `right` is ready to be taken in by a merge commit (see
-/// [`frozen_here`]).
+/// `frozen_here`).
 pub fn ready_to_take(engine: &dyn KvEngine, right: &RangeDescriptor) -> bool {
     frozen_here(engine, right).is_ok()
 }
