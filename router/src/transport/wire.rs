@@ -263,7 +263,7 @@ pub struct Refusal {
     /// `BatchSpansRanges`: the first key outside the group's range; `KeyNotInRange`: the key.
     #[prost(bytes = "vec", tag = "6")]
     pub key: Vec<u8>,
-    /// `Busy`: which bound (see [`busy_code`]).
+    /// `Busy`: which bound (see `busy_code`).
     #[prost(uint32, tag = "7")]
     pub busy: u32,
     /// The range errors: the group's descriptor as the replica has it.
