@@ -78,12 +78,14 @@ pub struct Routes {
     pub table: RangeTable,
     /// Per range position: the group's grant on this node.
     leases: Vec<Arc<ReadLease>>,
+    /// `LocalReader::ranges_changed` when the table last learned this node's ranges.
+    ranges_seen: AtomicU64,
 }
 
 impl Routes {
-    fn new(table: RangeTable, reader: &LocalReader) -> Routes {
+    fn new(table: RangeTable, reader: &LocalReader, ranges_seen: u64) -> Routes {
         let leases = table.ranges().iter().map(|range| reader.lease(range.group_id)).collect();
-        Routes { table, leases }
+        Routes { table, leases, ranges_seen: AtomicU64::new(ranges_seen) }
     }
 }
 
@@ -129,8 +131,9 @@ impl Requests {
         let keys = KeySpace::of(&ranges);
         let table = RangeTable::new(ranges, nodes);
         // What this node applied since it was created (a split) is learned at once.
+        let seen = reader.ranges_changed();
         let table = table.learned(crate::node::routable_ranges(&kv).unwrap_or_default());
-        let routes = RwLock::new(Arc::new(Routes::new(table, &reader)));
+        let routes = RwLock::new(Arc::new(Routes::new(table, &reader, seen)));
         Requests {
             node_id,
             cluster_id,
@@ -151,8 +154,15 @@ impl Requests {
         self.node_id
     }
 
-    /// The routing table as it stands (swapped whole after a split).
+    /// The routing table as it stands (swapped whole after a split), having learned the splits and merges this
+    /// node applied: a request is not first sent by ranges this node knows to be gone (to be refused, and learnt
+    /// from, only then).
     pub fn table(&self) -> Arc<Routes> {
+        let routes = Arc::clone(&self.routes.read());
+        if routes.ranges_seen.load(Ordering::Acquire) == self.reader.ranges_changed() {
+            return routes;
+        }
+        let _ = self.relearn(&routes, None);
         Arc::clone(&self.routes.read())
     }
 
@@ -457,7 +467,8 @@ impl Requests {
             return Ok(false);
         }
         metrics::counter!("flotilla_routes_learned_from_meta_total").increment(1);
-        *current = Arc::new(Routes::new(table, &self.reader));
+        let seen = current.ranges_seen.load(Ordering::Acquire); // (what the meta range told is not this node's)
+        *current = Arc::new(Routes::new(table, &self.reader, seen));
         Ok(true)
     }
 
@@ -520,6 +531,7 @@ impl Requests {
     /// Swaps in a table that learned the ranges this node stores, and `also`, unless another request already
     /// swapped `used` out. Whether the table changed.
     fn relearn(&self, used: &Arc<Routes>, also: Option<RangeDescriptor>) -> Result<bool, RouteError> {
+        let seen = self.reader.ranges_changed(); // (before reading: a change meanwhile is learned next time)
         let stored = crate::node::routable_ranges(&self.kv).map_err(|error| RouteError::Storage(error.to_string()))?;
         let mut current = self.routes.write();
         if !Arc::ptr_eq(&current, used) {
@@ -527,9 +539,10 @@ impl Requests {
         }
         let table = used.table.learned(stored.into_iter().chain(also));
         if table.ranges() == used.table.ranges() {
+            used.ranges_seen.store(seen, Ordering::Release);
             return Ok(false);
         }
-        *current = Arc::new(Routes::new(table, &self.reader));
+        *current = Arc::new(Routes::new(table, &self.reader, seen));
         Ok(true)
     }
 

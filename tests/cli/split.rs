@@ -202,3 +202,32 @@ fn after_splits_every_nodes_routes_name_the_leaders_so_routed_writes_are_not_for
         assert_eq!(cluster.call_until_ok(i as usize % 3 + 1, &[b"GET", &user(i)]), bulk(b"b"));
     }
 }
+
+/// A node routes by the splits it applied as soon as it applied them, not only after a request is refused: after a
+/// split through node 2, nodes 1 and 3 (which routed nothing since) show the new range in their status, and a write
+/// of the new range sent to each is forwarded only by the one that does not lead the new range, once, straight
+/// to its leader. (Without it, both waited for a refusal: the status never showed the split.)
+#[test]
+fn a_node_routes_by_a_split_it_applied_without_first_being_refused() {
+    let cluster = Cluster::start(3);
+    for i in 0..40u32 {
+        assert_eq!(cluster.call_until_ok(2, &[b"SET", &user(i), b"a"]), b"+OK");
+    }
+    flotilla(&cluster, 2, &["split", "user:0020"]);
+    // Nodes 1 and 3 have applied it, and route by it: their status lists a range starting at the split key (hex).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for node in [1, 3] {
+        while !crate::processes::http_get(&cluster.http[node - 1], "/status").1.contains("757365723a30303230") {
+            assert!(std::time::Instant::now() < deadline, "node {node}'s status never showed the split");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let routes = flotilla::BlockingClient::connect(&cluster.resp[1]).unwrap().routes();
+    let leader = routes.iter().find(|route| route.start == b"user:0020").expect("the new range").leader;
+    let before = forwarded(&cluster);
+    for node in [1, 3] {
+        assert_eq!(cluster.call_until_ok(node, &[b"SET", &user(25), b"b"]), b"+OK");
+    }
+    let expected = [1, 3].iter().filter(|&&node| node != leader).count() as u64;
+    assert_eq!(forwarded(&cluster) - before, expected, "the new range's leader is node {leader}");
+}

@@ -225,6 +225,7 @@ impl StoreHandler {
         fsm.to_apply.extend(output.committed);
         self.answer(fsm, output.responses);
         for group_id in fsm.peer.take_merged_away() {
+            self.local_reader.note_ranges_changed();
             // Rare: waiting for room in the replicas thread's queue is fine.
             let _ = self.tasks.send(ReplicaTask::MergedAway(group_id));
         }
@@ -417,6 +418,7 @@ impl StoreHandler {
             // rather than after an election timeout (its range takes no writes until it has a leader): the one
             // `split_leader` names, so that the new groups' leaders spread over the nodes.
             for range in fsm.peer.take_split_off() {
+                self.local_reader.note_ranges_changed();
                 let campaign = split_leader(&range) == Some(self.node_id);
                 let _ = self.tasks.send(ReplicaTask::Split { range: Box::new(range), campaign });
             }

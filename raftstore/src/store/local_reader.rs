@@ -79,17 +79,30 @@ impl ReadLease {
 pub struct LocalReader {
     clock: Arc<dyn TickClock>,
     leases: Mutex<FxHashMap<u64, Arc<ReadLease>>>,
+    /// Splits and merges this node's replicas applied (`LocalReader::ranges_changed`).
+    ranges_changed: AtomicU64,
 }
 
 impl LocalReader {
     pub(crate) fn new(clock: Arc<dyn TickClock>) -> LocalReader {
-        LocalReader { clock, leases: Mutex::default() }
+        LocalReader { clock, leases: Mutex::default(), ranges_changed: AtomicU64::new(0) }
     }
 
     /// Group `group_id`'s lease on this node (made on first ask, kept for the node's life). Look it up once and
     /// keep it: [`LocalReader::holds`] needs no lock.
     pub fn lease(&self, group_id: u64) -> Arc<ReadLease> {
         Arc::clone(self.leases.lock().entry(group_id).or_default())
+    }
+
+    /// How many times this node's replicas changed their ranges (a split or a merge applied here): a router whose
+    /// table predates the count learns the ranges again before it routes by them. Counted once the state machine
+    /// holds the change.
+    pub fn ranges_changed(&self) -> u64 {
+        self.ranges_changed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn note_ranges_changed(&self) {
+        self.ranges_changed.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Whether a read of the group `lease` belongs to, routed by its range at `range_version`, may be served now
