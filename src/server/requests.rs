@@ -5,8 +5,9 @@
 //! A forwarded request is never forwarded again: a node that no longer leads answers "not leader" with its hint,
 //! and the node that forwarded it tries again.
 //!
-//! Metrics: `flotilla_requests_forwarded_total` (requests this node sent to another to run: a client that routes
-//! to leaders keeps it near zero), `flotilla_routes_learned_from_meta_total`.
+//! Metrics: `flotilla_requests_forwarded_total` (requests this node sent to another to run, by `range`: `data` —
+//! a client that routes to leaders keeps it near zero — or `meta`, the meta range's publications and lookups),
+//! `flotilla_routes_learned_from_meta_total`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -86,6 +87,14 @@ impl Routes {
     fn new(table: RangeTable, reader: &LocalReader, ranges_seen: u64) -> Routes {
         let leases = table.ranges().iter().map(|range| reader.lease(range.group_id)).collect();
         Routes { table, leases, ranges_seen: AtomicU64::new(ranges_seen) }
+    }
+
+    /// Notes in the table the leader this node's replica of the group at `position` knows, if it holds one that
+    /// knows a leader: the table's own guess is corrected only by the requests this node routed itself.
+    fn learn_leader(&self, position: usize) {
+        if let Some(hint) = self.leases[position].leader_hint() {
+            self.table.note_leader(position, hint);
+        }
     }
 }
 
@@ -209,12 +218,8 @@ impl Requests {
         (0..table.len())
             .map(|position| {
                 let range = table.range(position);
-                // What this node's replica of the group knows, if it holds one and knows a leader: the table's
-                // guess is corrected only by requests this node routed itself, and a client that routes by these
-                // answers sends none here for the groups it was told lead elsewhere.
-                if let Some(hint) = routes.leases[position].leader_hint() {
-                    table.note_leader(position, hint);
-                }
+                // (A client that routes by these answers sends nothing here for groups it was told lead elsewhere.)
+                routes.learn_leader(position);
                 let leader = table.leader(position);
                 Route {
                     start: range.start.clone(),
@@ -557,15 +562,15 @@ impl Requests {
     ) -> Result<Option<Answered>, RouteError> {
         let table = &routes.table;
         let group_id = table.range(position).group_id;
-        if let Some(hint) = routes.leases[position].leader_hint() {
-            // This node's replica of the group knows better than a guess no request of the group corrected yet.
-            table.note_leader(position, hint);
-        }
+        // (The meta range's own traffic — publications, lookups — counted apart from the users' requests.)
+        let kind = if table.range(position).is_meta() { "meta" } else { "data" };
+        routes.learn_leader(position); // (once: the answers below correct it from there)
         loop {
             let node = table.leader(position);
             let answer = if node == self.node_id {
                 self.local(group_id, op.clone(), deadline).await
             } else {
+                metrics::counter!("flotilla_requests_forwarded_total", "range" => kind).increment(1);
                 self.forward(node, group_id, op.clone(), deadline).await
             };
             match table.judge(position, node, answer, deadline) {
@@ -681,7 +686,6 @@ impl Requests {
         // A read may be tried again elsewhere if its node goes silent meanwhile; a write waits for its answer
         // until the deadline (sent again elsewhere, it might take effect twice).
         let is_read = !matches!(op, ForwardOp::Write(_));
-        metrics::counter!("flotilla_requests_forwarded_total").increment(1);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         self.pending.lock().insert(id, reply);

@@ -16,6 +16,10 @@
 //! target may win an election at once, inside the lease. The core ends the lease when the transfer starts, and
 //! the published deadline goes to "none" before the TimeoutNow is out. Likewise a vote this replica grants, a
 //! step-down: nothing another node can act on leaves before the grant that no longer holds is withdrawn.
+//!
+//! Two routing facts travel the same way, for the node's router (`src/server/requests.rs`): the leader each
+//! replica knows ([`ReadLease::leader_hint`]), and a count of the splits and merges this node's replicas applied
+//! ([`LocalReader::ranges_changed`]) — never used to grant a read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
