@@ -186,7 +186,7 @@ fn after_splits_every_nodes_routes_name_the_leaders_so_routed_writes_are_not_for
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     // Every node's answer, once each applied both splits and all three name the same leaders (the leader's own
     // node names itself as soon as it leads: an answer that agrees with it is no guess).
-    let clients: Vec<flotilla::BlockingClient> = loop {
+    let agreed_clients = || loop {
         let clients: Vec<flotilla::BlockingClient> =
             cluster.resp.iter().map(|addr| flotilla::BlockingClient::connect(addr).unwrap()).collect();
         let views: Vec<Vec<(Vec<u8>, u64)>> = (clients.iter())
@@ -196,17 +196,28 @@ fn after_splits_every_nodes_routes_name_the_leaders_so_routed_writes_are_not_for
         let whole = views.iter().all(|view| split(view, b"user:0020") && split(view, b"user:0030"));
         let addressed = clients.iter().all(|client| client.routes().iter().all(|route| route.leader_addr.is_some()));
         if whole && addressed && views.iter().all(|view| *view == views[0]) {
-            break clients;
+            return clients;
         }
         assert!(std::time::Instant::now() < deadline, "the nodes' routes: {views:?}");
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
+    // Each node's routes, used by a client: no write forwarded. (A round may meet a new group's leadership moving —
+    // an election on a loaded machine — so a few rounds are allowed; routes that guess forward in every one.)
     let pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..40u32).map(|i| (user(i), b"b".to_vec())).collect();
-    for (node, client) in (1..=3).zip(&clients) {
-        let before = forwarded(&cluster);
-        client.put_many(&pairs).unwrap();
-        assert_eq!(forwarded(&cluster), before, "node {node}'s routes sent writes to nodes that forwarded them");
+    let mut forwarded_per_node = Vec::new();
+    for _round in 0..5 {
+        forwarded_per_node = (agreed_clients().iter())
+            .map(|client| {
+                let before = forwarded(&cluster);
+                client.put_many(&pairs).unwrap();
+                forwarded(&cluster) - before
+            })
+            .collect();
+        if forwarded_per_node.iter().all(|&count| count == 0) {
+            break;
+        }
     }
+    assert_eq!(forwarded_per_node, vec![0, 0, 0], "writes forwarded, routing by each node's routes");
     for i in 0..40u32 {
         assert_eq!(cluster.call_until_ok(i as usize % 3 + 1, &[b"GET", &user(i)]), bulk(b"b"));
     }
