@@ -396,22 +396,29 @@ impl Db {
 
     /// A group refused a request routed by `used` as no longer holding its keys (a split moved them): the table is
     /// rebuilt from the ranges the nodes store — unless another request did since `used` was taken — and the
-    /// request routed again after a moment (a node may not have applied the split yet), until `deadline`.
+    /// request routed again: at once if the ranges moved on, else after a moment (a node may not have applied
+    /// the split yet, or not opened its new group), until `deadline`.
     pub(crate) fn rerouted(&self, used: &Arc<DbRoutes>, deadline: Instant) -> Result<Duration, DbError> {
         if Instant::now() >= deadline {
             return Err(DbError::Timeout);
         }
-        self.refresh_routes(used)?;
-        Ok(Duration::from_millis(1))
+        let moved_on = self.refresh_routes(used)?;
+        Ok(if moved_on { Duration::ZERO } else { Duration::from_millis(1) })
     }
 
-    /// Rebuilds the routing table from the ranges the nodes store, if it is still `used`.
-    fn refresh_routes(&self, used: &Arc<DbRoutes>) -> Result<(), DbError> {
+    /// Rebuilds the routing table from the ranges the nodes store, if it is still `used`. Returns whether the
+    /// table's ranges now differ from `used`'s.
+    fn refresh_routes(&self, used: &Arc<DbRoutes>) -> Result<bool, DbError> {
         let mut routes = self.routes.write();
-        if Arc::ptr_eq(&routes, used) {
-            *routes = Arc::new(routes.rebuilt(&self.nodes)?);
+        if !Arc::ptr_eq(&routes, used) {
+            return Ok(routes.table.ranges() != used.table.ranges());
         }
-        Ok(())
+        let rebuilt = routes.rebuilt(&self.nodes)?;
+        let moved_on = rebuilt.table.ranges() != used.table.ranges();
+        if moved_on {
+            *routes = Arc::new(rebuilt);
+        }
+        Ok(moved_on)
     }
 
     /// Sends one attempt of a request to the node believed to lead the range at `position`: the node and where
@@ -739,7 +746,7 @@ impl Db {
             let split = SplitRequest::new(key.to_vec(), ids, replicas).by_request();
             let make = |reply| PeerMsg::Split { split: split.clone(), reply };
             match self.call(&routes, position, deadline, make)? {
-                Some(Outcome::Split { .. }) => return self.refresh_routes(&routes),
+                Some(Outcome::Split { .. }) => return self.refresh_routes(&routes).map(|_| ()),
                 Some(Outcome::InvalidSplit(reason)) => return Err(DbError::InvalidArgument(reason)),
                 // The range changed between routing and applying (another split came first): again.
                 None => std::thread::sleep(self.rerouted(&routes, deadline)?),

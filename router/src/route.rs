@@ -96,7 +96,14 @@ impl RangeTable {
             // the cluster keeps change alike.
             flotilla_raftstore::meta::learn(&mut table, range);
         }
-        RangeTable::new(table, self.nodes).with_hints_from(self)
+        let learned = RangeTable::new(table, self.nodes);
+        // A group the older table did not know is a split's: first tried where its appointed leader is.
+        for (position, range) in learned.ranges.iter().enumerate() {
+            if let Some(replica) = range.split_leader() {
+                learned.note_leader(position, replica.node_id);
+            }
+        }
+        learned.with_hints_from(self)
     }
 
     /// The nodes leaders are looked for on (`1..=nodes`).
@@ -193,9 +200,10 @@ impl RangeTable {
             Some(Err(PeerError::InvalidSplit(reason) | PeerError::InvalidMerge(reason))) => {
                 Attempt::Fail(RouteError::InvalidArgument(reason))
             }
-            // Frozen for a merge: for a moment (then its keys are the left group's, or it takes them again).
+            // Frozen for a merge: for a few milliseconds (then its keys are the left group's, or it takes them
+            // again); asked again often enough that a write does not wait much past the freeze.
             Some(Err(PeerError::Range(RangeError::Merging { .. }))) if in_time => {
-                Attempt::Retry(Duration::from_millis(2))
+                Attempt::Retry(Duration::from_micros(500))
             }
             Some(Err(PeerError::Stopped(reason))) => Attempt::Fail(RouteError::Storage(reason)),
             Some(Err(PeerError::TooLarge { bytes, max })) => Attempt::Fail(RouteError::InvalidArgument(format!(

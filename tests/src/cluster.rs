@@ -77,6 +77,21 @@ impl Cluster {
         }
     }
 
+    /// A cluster of `voters` whose replicas all start in `term` having voted for `appointee` (a split's new group
+    /// as the store makes it: see `Raft::lead_as_appointed`).
+    pub fn appointed(voters: &[u64], term: u64, appointee: u64, configure: impl Fn(&mut Config)) -> Cluster {
+        let mut cluster = Cluster::new(&[], &[], |_| {});
+        cluster.initial_voters = voters.to_vec();
+        for &id in voters {
+            let mut storage = MemStorage::new_with_voters(voters);
+            storage.set_hard_state(HardState { term, vote: appointee, commit: 0 });
+            let mut config = Config::new(id);
+            configure(&mut config);
+            cluster.nodes.insert(id, SimNode::new(config, storage).expect("valid test config"));
+        }
+        cluster
+    }
+
     /// A cluster of `voters` whose replicas start with the given logs: `logs[i] = (id, terms)` gives the term of
     /// each entry from index 1 on; each replica's term is its last entry's term (or `term_floor`, if larger).
     pub fn from_logs(

@@ -279,3 +279,49 @@ fn a_stale_vote_request_is_rejected_with_our_term_so_the_candidate_catches_up() 
     c.deliver(replies);
     assert_eq!((c.raft(1).term, c.raft(1).role), (9, StateRole::Follower), "the candidate adopted the newer term");
 }
+
+#[test]
+fn an_appointed_replica_leads_its_groups_first_term_without_an_election() {
+    // Every replica starts in term 2 having voted for replica 1 (a split's new group): 1 leads at once.
+    let mut c = Cluster::appointed(&[1, 2, 3], 2, 1, |_| {});
+    assert!(c.with_node(1, |raw| raw.lead_as_appointed()));
+    c.stabilize();
+    assert_eq!(
+        c.take_trace(),
+        [
+            "1->2 Append t2 ents=[1@2]",
+            "1->3 Append t2 ents=[1@2]",
+            "2->1 AppendResponse t2 idx=1",
+            "3->1 AppendResponse t2 idx=1",
+            "1->2 Append t2 idx=1 logt=2 commit=1",
+            "1->3 Append t2 idx=1 logt=2 commit=1",
+            "2->1 AppendResponse t2 idx=1",
+            "3->1 AppendResponse t2 idx=1",
+        ]
+    );
+    for id in [1, 2, 3] {
+        assert_eq!((c.raft(id).term, c.raft(id).leader_id, c.raft(id).raft_log.committed), (2, 1, 1));
+    }
+    c.propose(1, "x").unwrap();
+    c.stabilize();
+    assert_eq!(c.applied_index(3), 2);
+}
+
+#[test]
+fn an_appointment_is_refused_unless_the_replica_holds_its_own_vote_of_a_term_it_has_not_led() {
+    // Not the appointee: its vote is for another.
+    let mut c = Cluster::appointed(&[1, 2, 3], 2, 1, |_| {});
+    assert!(!c.with_node(2, |raw| raw.lead_as_appointed()));
+    assert_eq!(c.raft(2).role, StateRole::Follower);
+    // Already leading, or following a known leader.
+    assert!(c.with_node(1, |raw| raw.lead_as_appointed()));
+    assert!(!c.with_node(1, |raw| raw.lead_as_appointed()));
+    c.stabilize();
+    assert!(!c.with_node(2, |raw| raw.lead_as_appointed()));
+    // Restarted after leading the term (its no-op durable): leading it again could write a second, different
+    // entry at an index and term the others already hold.
+    c.node_mut(1).crash_and_restart(0).unwrap();
+    assert_eq!((c.raft(1).term, c.raft(1).vote, c.raft(1).leader_id), (2, 1, 0));
+    assert!(!c.with_node(1, |raw| raw.lead_as_appointed()));
+    assert_eq!(c.raft(1).role, StateRole::Follower);
+}

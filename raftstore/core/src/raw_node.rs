@@ -90,6 +90,15 @@ impl<S: Storage> RawNode<S> {
         self.raft.hup(false);
     }
 
+    /// Leads the current term without an election, as a split's appointed first leader (`Raft::lead_as_appointed`
+    /// says when it may). Returns whether it does.
+    pub fn lead_as_appointed(&mut self) -> bool {
+        let led = self.raft.lead_as_appointed();
+        #[cfg(debug_assertions)]
+        self.raft.validate();
+        led
+    }
+
     pub fn step(&mut self, message: Message) -> Result<()> {
         let result = self.raft.step(message);
         #[cfg(debug_assertions)]

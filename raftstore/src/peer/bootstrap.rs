@@ -37,6 +37,30 @@ fn storage_error(what: String) -> Error {
 /// fresh meta range's table is the other ranges of `ranges`, which are then the initial layout) and
 /// repairs every log that lacks its state machine's applied entry. Run before opening the groups' replicas.
 pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDescriptor]) -> Result<(), Error> {
+    prepare(log, kv, ranges, None).map(|_| ())
+}
+
+/// [`prepare_groups`] for the new group a split made here (its first state already in the state machine). If its
+/// log begins here and holds no vote of a later term, the log begins in the term after [`BOOTSTRAP_TERM`] with a
+/// vote for `appointee` (the replica the split appoints its first leader, the same on every replica: see
+/// `RawNode::lead_as_appointed`). Returns whether the log began so with this call — only then may the appointee
+/// lead without an election (a restarted one may have led that term already).
+pub fn prepare_split_group(
+    log: &dyn LogEngine,
+    kv: &dyn KvEngine,
+    range: &RangeDescriptor,
+    appointee: Option<u64>,
+) -> Result<bool, Error> {
+    prepare(log, kv, std::slice::from_ref(range), appointee).map(|appointed| appointed > 0)
+}
+
+/// Returns how many logs began with a vote for `appointee`.
+fn prepare(
+    log: &dyn LogEngine,
+    kv: &dyn KvEngine,
+    ranges: &[RangeDescriptor],
+    appointee: Option<u64>,
+) -> Result<usize, Error> {
     let fresh: Vec<GroupApply> = ranges
         .iter()
         .filter(|range| {
@@ -57,7 +81,7 @@ pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDes
         kv.flush().map_err(|e| storage_error(format!("bootstrapping groups: {e}")))?;
     }
     let (reply, done) = crossbeam_channel::unbounded();
-    let mut waiting = 0;
+    let (mut waiting, mut appointed_count) = (0, 0);
     for range in ranges {
         let group_id = range.group_id;
         let (index, term) = kv.applied(group_id);
@@ -77,10 +101,14 @@ pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDes
             )));
         }
         let hard_state = log.hard_state(group_id);
-        let hard_state = if hard_state.term >= term {
-            HardState { commit: hard_state.commit.max(index), ..hard_state }
-        } else {
-            HardState { term, vote: 0, commit: hard_state.commit.max(index) }
+        let first_term = BOOTSTRAP_TERM + 1;
+        let hard_state = match appointee {
+            Some(vote) if interrupted_bootstrap && hard_state.term < first_term => {
+                appointed_count += 1;
+                HardState { term: first_term, vote, commit: index }
+            }
+            _ if hard_state.term >= term => HardState { commit: hard_state.commit.max(index), ..hard_state },
+            _ => HardState { term, vote: 0, commit: hard_state.commit.max(index) },
         };
         let ops = vec![LogOp::Snapshot { index, term }, LogOp::HardState(hard_state)];
         log.submit(WriteRequest::new(group_id, 0, ops, reply.clone()))
@@ -90,7 +118,7 @@ pub fn prepare_groups(log: &dyn LogEngine, kv: &dyn KvEngine, ranges: &[RangeDes
     for _ in 0..waiting {
         done.recv().map_err(|e| storage_error(format!("restarting logs: {e}")))?;
     }
-    Ok(())
+    Ok(appointed_count)
 }
 
 /// Drops the data and the log entries of a replica removed from `descriptor`'s group (which it no longer

@@ -41,7 +41,8 @@ use flotilla_engine::contract::{KvEngine, LogEngine, LogOp};
 use flotilla_raft::{Config, DropReason, Entry, MessageType, RawNode, StateRole};
 
 pub use bootstrap::{
-    destroy_replica, drop_log, finish_interrupted_destroys, prepare_groups, BOOTSTRAP_INDEX, BOOTSTRAP_TERM,
+    destroy_replica, drop_log, finish_interrupted_destroys, prepare_groups, prepare_split_group, BOOTSTRAP_INDEX,
+    BOOTSTRAP_TERM,
 };
 pub use conf_change::MembershipChange;
 pub use read::LocalReadGrant;
@@ -427,6 +428,13 @@ impl Peer {
     pub fn campaign(&mut self) {
         self.wake();
         self.raw.campaign();
+    }
+
+    /// Leads the group's first term without an election, as the replica a split appointed, its log just begun
+    /// with its vote (`prepare_split_group`; `RawNode::lead_as_appointed` says when it may). Returns whether it
+    /// does.
+    pub fn lead_as_appointed(&mut self) -> bool {
+        self.raw.lead_as_appointed()
     }
 
     /// Hands leadership to replica `target` (the core catches it up, then tells it to campaign at once; while the

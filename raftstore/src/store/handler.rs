@@ -36,7 +36,6 @@ use crate::message::{Envelope, ReplicaMessage};
 use crate::peer::merge::MergeAsk;
 use crate::peer::PeerOutput;
 use crate::peer::{LocalReadGrant, PeerError, PersistedNote};
-use crate::range::RangeDescriptor;
 use crate::split_trigger::{AskReason, RangeAsk};
 
 /// One per poller thread (cloned from one template: every field is shared).
@@ -242,14 +241,6 @@ impl StoreHandler {
     }
 }
 
-/// The node whose replica of a group a split just made campaigns first: its voters in turn by group id (new
-/// groups' ids follow one another, so the leaders of a range split again and again spread over its nodes, and
-/// with them the load a load split halves — a local rule until a placement driver moves leaders).
-pub(crate) fn split_leader(range: &RangeDescriptor) -> Option<u64> {
-    let voters: Vec<u64> = range.replicas.iter().filter(|r| !r.learner).map(|r| r.node_id).collect();
-    (!voters.is_empty()).then(|| voters[(range.group_id % voters.len() as u64) as usize])
-}
-
 impl StoreHandler {
     /// The host is asked to split `fsm`'s range at `split_key` (advisory: dropped if its channel is full).
     fn ask_split(&self, fsm: &PeerFsm, split_key: Vec<u8>, reason: AskReason) {
@@ -414,12 +405,11 @@ impl StoreHandler {
             let fsm = &mut fsms[position];
             fsm.peer.on_applied(last, outcomes);
             // The groups its splits made here: their state is in the state machine now; the replicas thread opens
-            // them (rare: waiting for room in its queue is fine). One replica of each new group campaigns at once
-            // rather than after an election timeout (its range takes no writes until it has a leader): the one
-            // `split_leader` names, so that the new groups' leaders spread over the nodes.
+            // them (rare: waiting for room in its queue is fine). The replica the split appoints leads it at once
+            // (`RangeDescriptor::split_leader`; its range takes no writes until it has a leader).
             for range in fsm.peer.take_split_off() {
                 self.local_reader.note_ranges_changed();
-                let campaign = split_leader(&range) == Some(self.node_id);
+                let campaign = range.split_leader().map(|r| r.node_id) == Some(self.node_id);
                 let _ = self.tasks.send(ReplicaTask::Split { range: Box::new(range), campaign });
             }
             self.merge_step(fsm);

@@ -347,14 +347,23 @@ impl Replicas {
                 return self.failure.fail(self.options.node_id, format!("the log failed under group {group_id}"));
             }
         }
-        let opened = crate::peer::prepare_groups(self.log.as_ref(), self.kv.as_ref(), std::slice::from_ref(range))
-            .and_then(|()| open_replica(&self.options, range, &self.log, self.kv.as_ref(), &self.claims));
-        let mut peer = match opened {
-            Ok(peer) => peer,
+        // Every replica's log begins in the term after the bootstrap term with a vote for the replica the split
+        // appoints; that one leads the term at once, without an election — only if its log began just now (a
+        // replica reopened over its log may have led that term before a crash).
+        let appointee = range.split_leader().map(|r| r.replica_id);
+        let opened =
+            crate::peer::prepare_split_group(self.log.as_ref(), self.kv.as_ref(), range, appointee).and_then(|begun| {
+                Ok((begun, open_replica(&self.options, range, &self.log, self.kv.as_ref(), &self.claims)?))
+            });
+        let (begun, mut peer) = match opened {
+            Ok(opened) => opened,
             Err(error) => {
                 return self.failure.fail(self.options.node_id, format!("opening group {group_id}: {error:?}"));
             }
         };
+        if campaign && begun {
+            peer.lead_as_appointed();
+        }
         // Not made durable first (a checkpoint under load takes 100+ ms, the new range taking no writes
         // meanwhile) but a little later (not at once either: its writes would slow the new group's first
         // election and commits on every node): installs and merge confirmations wait until it is, and ask for it
@@ -368,8 +377,10 @@ impl Replicas {
             self.options.split_trigger(&self.split_triggers, group_id),
         );
         if self.register(group_id, fsm) {
-            // Messages of the group's other replicas that came before the split applied here (their vote
-            // requests, say), then its own campaign.
+            // Messages of the group's other replicas that came before the split applied here (the appointed
+            // leader's first appends, say), then its own campaign if it was appointed but could not lead at once
+            // (its log did not begin here). A leader ignores the campaign: it only has the replica handled, which
+            // sends its first appends.
             for envelope in self.awaiting_split.take(group_id) {
                 let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
             }

@@ -39,6 +39,31 @@ impl<S: Storage> Raft<S> {
         false
     }
 
+    /// Takes the leadership of the current term without an election, where this replica's own durable vote of
+    /// this term is for itself and every other voter's first state is known to hold the same vote: a split's
+    /// new group, whose replicas all start in the term after the bootstrap term having voted for the replica the
+    /// split appoints (`docs/architecture.md`, "Splits"). Nobody else can win this term: every voter's vote in it
+    /// is cast before it can hear a candidate. Refused (false) unless this replica is a follower of that term
+    /// that knows no leader and holds no entry of it (a restarted replica may have led this term already:
+    /// leading it twice could write two different entries at one index and term — the caller appoints only at
+    /// the group's first open, whose vote it has just made durable).
+    pub fn lead_as_appointed(&mut self) -> bool {
+        if self.role != StateRole::Follower
+            || self.vote != self.id
+            || self.leader_id != 0
+            || !self.promotable()
+            || self.raft_log.last_term() >= self.term
+            || self.has_unapplied_conf_changes()
+        {
+            return false;
+        }
+        self.role = StateRole::Candidate;
+        self.boot_quiet = false;
+        self.become_leader();
+        self.broadcast_append();
+        true
+    }
+
     fn campaign_pre_vote(&mut self) {
         self.become_pre_candidate();
         self.tracker.record_vote(self.id, true);
