@@ -743,7 +743,7 @@ impl Db {
             }
             let replicas = range.replicas.len();
             let ids = crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.kvs(), replicas)?;
-            let split = SplitRequest::new(key.to_vec(), ids, replicas).by_request();
+            let split = SplitRequest::new(key.to_vec(), ids, replicas).by_request().led_where_proposed();
             let make = |reply| PeerMsg::Split { split: split.clone(), reply };
             match self.call(&routes, position, deadline, make)? {
                 Some(Outcome::Split { .. }) => return self.refresh_routes(&routes).map(|_| ()),
@@ -895,7 +895,7 @@ impl AskedSplits {
         }
         let replicas = wanted.range.replicas.len();
         let Ok(ids) = crate::db_routes::take_ids(self.disk.as_ref(), &self.dir, &self.kvs, replicas) else { return };
-        let split = SplitRequest::new(wanted.split_key, ids, replicas);
+        let split = SplitRequest::new(wanted.split_key, ids, replicas).led_where_proposed();
         let (reply, answer) = oneshot::channel();
         let Some(router) = self.routers.get(wanted.node_id as usize - 1) else { return };
         if router.send(wanted.range.group_id, PeerMsg::Split { split, reply }).is_ok() {

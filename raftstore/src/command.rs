@@ -234,6 +234,22 @@ pub fn apply_entries(
     Ok((groups.remove(0), applied))
 }
 
+/// A group a split applied here made: its range, and the node whose replica leads it first
+/// (`SplitRequest::first_leader`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SplitOff {
+    pub range: RangeDescriptor,
+    pub first_leader_node: Option<u64>,
+}
+
+impl SplitOff {
+    /// The id of the replica appointed the group's first leader.
+    pub fn appointee(&self) -> Option<u64> {
+        let node = self.first_leader_node?;
+        self.range.replicas.iter().find(|r| r.node_id == node && !r.learner).map(|r| r.replica_id)
+    }
+}
+
 /// One group's committed entries being applied, possibly in several steps (around membership changes).
 pub struct ApplyBatch {
     pub group: GroupApply,
@@ -241,7 +257,7 @@ pub struct ApplyBatch {
     /// The ranges of the groups its splits made here: each one's first state (its descriptor, applied at the
     /// bootstrap index) is written with the group's batch (its data is already there: the range's keys), and the
     /// node opens their replicas.
-    pub split_off: Vec<RangeDescriptor>,
+    pub split_off: Vec<SplitOff>,
     /// The groups its merges ended here (their records are written with the batch; the node stops their
     /// replicas).
     pub merged: Vec<u64>,
@@ -357,7 +373,7 @@ impl ApplyBatch {
         *descriptor = left;
         self.group.range = Some(descriptor.encode());
         if engine.applied(right.group_id) == (0, 0) {
-            self.split_off.push(right.clone());
+            self.split_off.push(SplitOff { range: right.clone(), first_leader_node: split.first_leader(&right) });
         }
         Outcome::Split { right: Box::new(right) }
     }
@@ -435,13 +451,13 @@ impl ApplyBatch {
     }
 
     /// [`ApplyBatch::finish`], and the ranges of the groups its splits made here.
-    pub fn finish_with_splits(self) -> ((Vec<GroupApply>, Vec<Applied>), Vec<RangeDescriptor>) {
+    pub fn finish_with_splits(self) -> ((Vec<GroupApply>, Vec<Applied>), Vec<SplitOff>) {
         let created = self.split_off.iter().map(|right| GroupApply {
-            group_id: right.group_id,
+            group_id: right.range.group_id,
             ops: Vec::new(),
             applied_index: BOOTSTRAP_INDEX,
             applied_term: BOOTSTRAP_TERM,
-            range: Some(right.encode()),
+            range: Some(right.range.encode()),
         });
         // (No state machine batch of this group if nothing of it applied: a merge commit first waits.)
         let own = Some(self.group).filter(|group| group.applied_index != 0);

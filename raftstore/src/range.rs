@@ -119,6 +119,16 @@ pub struct SplitRequest {
     /// Asked for by request rather than by a trigger: the new range is `sticky`.
     #[prost(bool, tag = "4")]
     pub sticky: bool,
+    /// The new group is first led on the node whose replica proposes the split (the group's leader), rather than
+    /// where [`RangeDescriptor::split_leader`]'s rotation says (which spreads the leaders of a range split by load
+    /// over its nodes). The embedded `Db` asks for it: its nodes share one process's cores, so spreading gains
+    /// nothing there, and the proposer applies the split first — its new group is ready soonest.
+    #[prost(bool, tag = "5")]
+    pub led_where_proposed: bool,
+    /// The node whose replica leads the new group first (appointed: every replica starts the group having voted
+    /// for it); filled in by the proposing leader if `led_where_proposed`. 0: the rotation.
+    #[prost(uint64, tag = "6")]
+    pub first_leader_node: u64,
 }
 
 impl SplitRequest {
@@ -126,7 +136,20 @@ impl SplitRequest {
     /// on, one for each of the range's `replicas`.
     pub fn new(split_key: Vec<u8>, (right_group_id, first_replica_id): (u64, u64), replicas: usize) -> SplitRequest {
         let right_replica_ids = (first_replica_id..).take(replicas).collect();
-        SplitRequest { split_key, right_group_id, right_replica_ids, sticky: false }
+        SplitRequest { split_key, right_group_id, right_replica_ids, ..Default::default() }
+    }
+
+    /// This split, its new group first led where it is proposed (`led_where_proposed`).
+    pub fn led_where_proposed(self) -> SplitRequest {
+        SplitRequest { led_where_proposed: true, ..self }
+    }
+
+    /// The node whose replica of `right` (the new group this split makes) leads it first.
+    pub fn first_leader(&self, right: &RangeDescriptor) -> Option<u64> {
+        match self.first_leader_node {
+            0 => right.split_leader().map(|r| r.node_id),
+            node => Some(node),
+        }
     }
 
     /// This split, asked for by request (its new range is sticky).
@@ -200,8 +223,8 @@ impl RangeDescriptor {
         self.replicas.iter().any(|r| r.node_id == node_id)
     }
 
-    /// The replica a split that made this group appoints its first leader (`docs/architecture.md`, "Splits"):
-    /// its voters in turn by group id — new groups' ids follow one another, so the leaders of a range split again
+    /// The replica a split that made this group appoints its first leader unless the split says otherwise
+    /// (`SplitRequest::first_leader`; `docs/architecture.md`, "Splits"): its voters in turn by group id — new groups' ids follow one another, so the leaders of a range split again
     /// and again spread over its nodes, and with them the load a load split halves (a local rule until a
     /// placement driver moves leaders). The same on every replica: each starts the group having voted for it.
     pub fn split_leader(&self) -> Option<&Replica> {

@@ -176,7 +176,7 @@ impl RangeClaims {
     /// A split applied by `left`'s group: its claim shrinks to `left`, and each of `rights` (the groups its
     /// splits made) is claimed unless its group holds a claim here already (its snapshot came first). Returns,
     /// per right, whether it was claimed now (the split creates that group here).
-    pub fn split(&self, left: &RangeDescriptor, rights: &[RangeDescriptor]) -> Vec<bool> {
+    pub fn split(&self, left: &RangeDescriptor, rights: &[&RangeDescriptor]) -> Vec<bool> {
         let mut claims = self.inner.lock();
         claims.insert(left.group_id, &left.start, &left.end);
         rights
@@ -232,7 +232,7 @@ mod tests {
         assert_eq!(claims.claim_for_install(&new_group, false), Err(1), "group 1 still holds those keys here");
         assert_eq!(claims.claim_for_install(&range(2, b"k", b""), true), Err(1), "nor may a group grow into them");
         // The split applies here: group 3 is claimed by it, and its empty replica's install is refused.
-        assert_eq!(claims.split(&range(1, b"", b"f"), std::slice::from_ref(&new_group)), vec![true]);
+        assert_eq!(claims.split(&range(1, b"", b"f"), &[&new_group]), vec![true]);
         assert_eq!(claims.claim_for_install(&new_group, false), Err(3), "the split's replica replaces the empty one");
         // Once initialized, a newer snapshot of its own range is taken.
         let previous = claims.claim_for_install(&new_group, true).unwrap();
@@ -247,11 +247,11 @@ mod tests {
         // Group 1 here caught up past its split by a snapshot (shrunk): the new group's snapshot may come.
         let previous = claims.claim_for_install(&range(3, b"f", b"m"), false).unwrap();
         assert_eq!(previous, PreviousClaim { own: None, ended: Vec::new() });
-        assert_eq!(claims.split(&range(1, b"a", b"f"), &[range(3, b"f", b"m")]), vec![false], "claimed first");
+        assert_eq!(claims.split(&range(1, b"a", b"f"), &[&range(3, b"f", b"m")]), vec![false], "claimed first");
         // The core refused that snapshot after all: the claim goes back to none.
         claims.restore(3, previous);
         assert_eq!(claims.claimed(3), None);
-        assert_eq!(claims.split(&range(1, b"a", b"f"), &[range(3, b"f", b"m")]), vec![true]);
+        assert_eq!(claims.split(&range(1, b"a", b"f"), &[&range(3, b"f", b"m")]), vec![true]);
         claims.release(3);
         assert_eq!(claims.claimed(3), None);
         assert!(claims.claim_for_install(&range(4, b"g", b"z"), false).is_ok(), "released keys may be claimed");

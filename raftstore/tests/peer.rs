@@ -11,7 +11,7 @@ use flotilla_engine::log_engine::{LogEngine, MemLogEngine};
 use flotilla_engine::wal::group_commit::{Completion, Persisted, WriteRequest};
 use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{Config, MessageType, ReadMode};
-use flotilla_raftstore::command::{Command, Op, Outcome};
+use flotilla_raftstore::command::{Command, Op, Outcome, SplitOff};
 use flotilla_raftstore::message::{RemovalNotice, ReplicaMessage};
 use flotilla_raftstore::peer::{
     prepare_groups, LocalReadGrant, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token,
@@ -1000,7 +1000,9 @@ fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a
         let node = group.node(id);
         let left = node.peer.descriptor().clone();
         assert_eq!((left.start.as_slice(), left.end.as_slice(), left.epoch()), (&b"a"[..], &b"k05"[..], next));
-        assert_eq!(node.peer.take_split_off(), vec![(*right).clone()], "replica {id} hands the new range over once");
+        // Its first leader by the rotation (voters in turn by group id: group 6 of three voters, the first).
+        let split_off = SplitOff { range: (*right).clone(), first_leader_node: Some(1) };
+        assert_eq!(node.peer.take_split_off(), vec![split_off], "replica {id} hands the new range over once");
         assert!(node.peer.take_split_off().is_empty());
         // Both descriptors and the new group's first state are in the state machine, with the split's batch.
         let ranges = node.kv.ranges().unwrap();
@@ -1023,7 +1025,7 @@ fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a
     assert!(matches!(group.split(1, 304, split), Response::Failed(PeerError::Range(RangeError::KeyNotInRange { .. }))));
     // Two splits proposed before either applies: the second was routed with an epoch the first moved past, and is
     // refused where it applies — on every replica alike.
-    let first = SplitRequest::new(b"k02".to_vec(), (7, 21), 3);
+    let first = SplitRequest::new(b"k02".to_vec(), (7, 21), 3).led_where_proposed();
     let second = SplitRequest::new(b"k03".to_vec(), (8, 31), 3);
     group.node(1).peer.propose_split(305, first);
     group.node(1).peer.propose_split(306, second);
@@ -1033,7 +1035,9 @@ fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a
     group.tick_until(10, |g| (1..=3).all(|id| g.node(id).peer.descriptor().end == b"k02"));
     for id in 1..=3 {
         let split_off = group.node(id).peer.take_split_off();
-        assert_eq!(split_off.iter().map(|r| r.group_id).collect::<Vec<_>>(), [7], "replica {id}");
+        assert_eq!(split_off.iter().map(|r| r.range.group_id).collect::<Vec<_>>(), [7], "replica {id}");
+        // First led where it was proposed (the rotation would name node 2), the same on every replica.
+        assert_eq!((split_off[0].first_leader_node, split_off[0].appointee()), (Some(1), Some(21)), "replica {id}");
         assert_eq!(group.node(id).peer.descriptor().epoch().version, 3);
     }
     // A follower refuses to propose a split.
@@ -1066,11 +1070,12 @@ fn a_split_cut_off_with_its_leader_is_dropped_and_the_next_leaders_split_applies
     }
     // The new leader's split applies on every replica, node 1's too.
     group.descriptor = group.node(leader).peer.descriptor().clone();
-    let split = SplitRequest::new(b"k05".to_vec(), (7, 21), 3);
+    let split = SplitRequest::new(b"k05".to_vec(), (7, 21), 3).led_where_proposed();
     assert!(matches!(group.split(leader, 402, split), Response::Written(Outcome::Split { .. })));
     assert!(group.tick_until(20, |g| (1..=3).all(|id| g.node(id).peer.descriptor().end == b"k05")));
     for id in 1..=3 {
         let split_off = group.node(id).peer.take_split_off();
-        assert_eq!(split_off.iter().map(|r| r.group_id).collect::<Vec<_>>(), [7], "replica {id}");
+        assert_eq!(split_off.iter().map(|r| r.range.group_id).collect::<Vec<_>>(), [7], "replica {id}");
+        assert_eq!(split_off[0].first_leader_node, Some(leader), "replica {id}: first led by the split's proposer");
     }
 }

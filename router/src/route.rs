@@ -97,11 +97,11 @@ impl RangeTable {
             flotilla_raftstore::meta::learn(&mut table, range);
         }
         let learned = RangeTable::new(table, self.nodes);
-        // A group the older table did not know is a split's: first tried where its appointed leader is.
+        // A group the older table did not know is a split's: first tried where the range it split from was led
+        // (where the embedded `Db`'s splits are led first; a cluster's load splits rotate their leaders, and the
+        // first answer's hint corrects the guess).
         for (position, range) in learned.ranges.iter().enumerate() {
-            if let Some(replica) = range.split_leader() {
-                learned.note_leader(position, replica.node_id);
-            }
+            learned.note_leader(position, self.leader(self.position_of(&range.start)));
         }
         learned.with_hints_from(self)
     }
@@ -285,7 +285,7 @@ mod tests {
                 split_key: key.to_vec(),
                 right_group_id: group,
                 right_replica_ids: ids,
-                sticky: false,
+                ..Default::default()
             };
             range.split(&request).unwrap()
         };

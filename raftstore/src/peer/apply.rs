@@ -55,7 +55,8 @@ impl Peer {
         if !batch.split_off.is_empty() {
             // The new groups' parts are claimed here in one step with this group's shrinking; one whose group
             // claimed them first (its snapshot came before the split) is not created again (`range_claims.rs`).
-            let mut claimed = self.claims.split(&self.descriptor, &batch.split_off).into_iter();
+            let rights: Vec<&crate::range::RangeDescriptor> = batch.split_off.iter().map(|s| &s.range).collect();
+            let mut claimed = self.claims.split(&self.descriptor, &rights).into_iter();
             batch.split_off.retain(|_| claimed.next().expect("one answer per new group"));
         } else if merge_changed {
             self.claims.hold(&self.descriptor); // a freeze decided (or undone) changes what an install may end
@@ -76,7 +77,7 @@ impl Peer {
 
     /// The ranges splits applied here gave to new groups since the last call, in log order: the node opens a
     /// replica of each (its first state is in the state machine, written with the split's batch).
-    pub fn take_split_off(&mut self) -> Vec<crate::range::RangeDescriptor> {
+    pub fn take_split_off(&mut self) -> Vec<crate::command::SplitOff> {
         std::mem::take(&mut self.split_off)
     }
 }

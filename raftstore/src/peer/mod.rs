@@ -185,7 +185,7 @@ pub struct Peer {
     removed: bool,
     /// The ranges splits applied here gave to new groups, for the node to open their replicas
     /// ([`Peer::take_split_off`]).
-    split_off: Vec<RangeDescriptor>,
+    split_off: Vec<crate::command::SplitOff>,
     /// The state machine failed under this replica (a broken environment): the node must stop.
     storage_failure: Option<String>,
     /// Messages produced outside `take_output` (snapshot chunks and acknowledgements), sent with the next output.

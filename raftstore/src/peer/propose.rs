@@ -35,7 +35,7 @@ impl Peer {
     /// Proposes a split of this group's range for the client `token` (`RangeDescriptor::split` says what it
     /// makes): answered `Written(Split { right })` once applied, or refused now (not the leader; a request that
     /// does not fit the range). Every replica applies it at the same point of the log.
-    pub fn propose_split(&mut self, token: Token, split: SplitRequest) {
+    pub fn propose_split(&mut self, token: Token, mut split: SplitRequest) {
         self.on_request();
         if !self.is_leader() {
             let refusal = self.not_leader();
@@ -54,6 +54,10 @@ impl Peer {
         }
         if let Err(reason) = self.descriptor.split(&split) {
             return self.responses.push((token, Response::Failed(PeerError::InvalidSplit(reason))));
+        }
+        if split.led_where_proposed {
+            let own_node = self.descriptor.replicas.iter().find(|r| r.replica_id == self.raw.raft.id);
+            split.first_leader_node = own_node.map_or(0, |r| r.node_id);
         }
         let mut command = Command::split(self.descriptor.epoch(), split);
         command.request_id = token;

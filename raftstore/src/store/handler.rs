@@ -406,11 +406,10 @@ impl StoreHandler {
             fsm.peer.on_applied(last, outcomes);
             // The groups its splits made here: their state is in the state machine now; the replicas thread opens
             // them (rare: waiting for room in its queue is fine). The replica the split appoints leads it at once
-            // (`RangeDescriptor::split_leader`; its range takes no writes until it has a leader).
-            for range in fsm.peer.take_split_off() {
+            // (`SplitRequest::first_leader`; its range takes no writes until it has a leader).
+            for split_off in fsm.peer.take_split_off() {
                 self.local_reader.note_ranges_changed();
-                let campaign = range.split_leader().map(|r| r.node_id) == Some(self.node_id);
-                let _ = self.tasks.send(ReplicaTask::Split { range: Box::new(range), campaign });
+                let _ = self.tasks.send(ReplicaTask::Split(Box::new(split_off)));
             }
             self.merge_step(fsm);
             let output = fsm.peer.take_output(self.kv.as_ref());

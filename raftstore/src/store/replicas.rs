@@ -36,9 +36,8 @@ pub(crate) enum ReplicaTask {
     Create(Box<Envelope>),
     /// The group's replica here applied its own removal (the descriptor it applied: without this node).
     Destroy(Box<RangeDescriptor>),
-    /// A split applied here made this group (its first state is in the state machine); `campaign`: this node
-    /// led the group that split.
-    Split { range: Box<RangeDescriptor>, campaign: bool },
+    /// A split applied here made this group (its first state is in the state machine).
+    Split(Box<crate::command::SplitOff>),
     /// Enough was written to this range, which this node leads, for its size to be measured
     /// (`split_trigger.rs`).
     CheckSize(Box<RangeDescriptor>),
@@ -176,8 +175,8 @@ impl Replicas {
             ReplicaTask::Destroy(descriptor) => {
                 flotilla_engine::panics::catch("destroying a replica", || self.destroy(&descriptor))
             }
-            ReplicaTask::Split { range, campaign } => {
-                flotilla_engine::panics::catch("opening a split's new group", || self.open_split_off(&range, campaign))
+            ReplicaTask::Split(split_off) => {
+                flotilla_engine::panics::catch("opening a split's new group", || self.open_split_off(&split_off))
             }
             ReplicaTask::CheckMembership(group_id) => {
                 let _ = self.mailboxes.send(group_id, PeerMsg::CheckMembership);
@@ -332,7 +331,8 @@ impl Replicas {
     /// elsewhere applied it first) is replaced: it never installed a snapshot (`range_claims.rs` refused them), and
     /// what it persisted — the vote it may have cast — stays in the log, which restarts at the bootstrap index
     /// under it (`prepare_groups` keeps a hard state of a later term).
-    fn open_split_off(&mut self, range: &RangeDescriptor, campaign: bool) {
+    fn open_split_off(&mut self, split_off: &crate::command::SplitOff) {
+        let (range, campaign) = (&split_off.range, split_off.first_leader_node == Some(self.options.node_id));
         let group_id = range.group_id;
         if self.failure.reason().is_some() {
             return; // the node stopped
@@ -350,7 +350,7 @@ impl Replicas {
         // Every replica's log begins in the term after the bootstrap term with a vote for the replica the split
         // appoints; that one leads the term at once, without an election — only if its log began just now (a
         // replica reopened over its log may have led that term before a crash).
-        let appointee = range.split_leader().map(|r| r.replica_id);
+        let appointee = split_off.appointee();
         let opened =
             crate::peer::prepare_split_group(self.log.as_ref(), self.kv.as_ref(), range, appointee).and_then(|begun| {
                 Ok((begun, open_replica(&self.options, range, &self.log, self.kv.as_ref(), &self.claims)?))

@@ -314,7 +314,10 @@ impl Sim {
                 self.step, self.nodes[position].id
             );
         }
-        let split = SplitRequest { split_key, right_group_id, right_replica_ids, sticky: false };
+        // Half of the splits are first led where they are proposed (as the embedded Db's), half by the rotation.
+        let led_where_proposed = right_group_id.is_multiple_of(2);
+        let split =
+            SplitRequest { split_key, right_group_id, right_replica_ids, led_where_proposed, ..Default::default() };
         let (reply, answer) = oneshot::channel();
         if self.running(position).store.mailboxes().send(group, PeerMsg::Split { split, reply }).is_ok() {
             self.split_replies.push(answer);
@@ -454,7 +457,7 @@ mod tests {
                 split_key: key.to_vec(),
                 right_group_id: group,
                 right_replica_ids: vec![group],
-                sticky: false,
+                ..Default::default()
             };
             range.split(&request).unwrap()
         };
