@@ -25,6 +25,9 @@ use flotilla_raft::{Error, HardState, StorageError};
 
 use crate::range::RangeDescriptor;
 
+/// The vote of a replica that may not vote in its term: no replica has this id.
+pub const VOTED_FOR_NO_ONE: u64 = u64::MAX;
+
 /// The index and term of the snapshot every fresh group starts from.
 pub const BOOTSTRAP_INDEX: u64 = 5;
 pub const BOOTSTRAP_TERM: u64 = 5;
@@ -76,6 +79,7 @@ fn prepare(
             range: Some(range.encode()),
         })
         .collect();
+    let fresh_ids: Vec<u64> = fresh.iter().map(|group| group.group_id).collect();
     if !fresh.is_empty() {
         kv.apply(fresh).map_err(|e| storage_error(format!("bootstrapping groups: {e}")))?;
         kv.flush().map_err(|e| storage_error(format!("bootstrapping groups: {e}")))?;
@@ -101,14 +105,21 @@ fn prepare(
             )));
         }
         let hard_state = log.hard_state(group_id);
+        // A group whose first state was made before this call — a split's new group, or a bootstrap a crash
+        // interrupted — begins its log in the term after the bootstrap term, with its vote in that term cast:
+        // for the split's appointee (who may then lead it without an election), or, where this call cannot know
+        // the appointee (a restart that finds a split's new group in the state machine but its log never
+        // begun), for no one. So no replica of a split's group ever campaigns for the appointee's term: a
+        // replica left in the bootstrap term could win it with another such replica's vote, a second leader.
         let first_term = BOOTSTRAP_TERM + 1;
-        let hard_state = match appointee {
-            Some(vote) if interrupted_bootstrap && hard_state.term < first_term => {
-                appointed_count += 1;
-                HardState { term: first_term, vote, commit: index }
-            }
-            _ if hard_state.term >= term => HardState { commit: hard_state.commit.max(index), ..hard_state },
-            _ => HardState { term, vote: 0, commit: hard_state.commit.max(index) },
+        let made_before = interrupted_bootstrap && !fresh_ids.contains(&group_id);
+        let hard_state = if made_before && hard_state.term < first_term {
+            appointed_count += usize::from(appointee.is_some());
+            HardState { term: first_term, vote: appointee.unwrap_or(VOTED_FOR_NO_ONE), commit: index }
+        } else if hard_state.term >= term {
+            HardState { commit: hard_state.commit.max(index), ..hard_state }
+        } else {
+            HardState { term, vote: 0, commit: hard_state.commit.max(index) }
         };
         let ops = vec![LogOp::Snapshot { index, term }, LogOp::HardState(hard_state)];
         log.submit(WriteRequest::new(group_id, 0, ops, reply.clone()))
@@ -206,14 +217,50 @@ mod tests {
             ranges().iter().map(|r| r.group_id).collect::<Vec<_>>(),
             "descriptors stored with the bootstrap"
         );
-        // A crash after the state machine's bootstrap, before the log's: the log is restarted at the next open.
+        // A crash after the state machine's bootstrap, before the log's: the log is restarted at the next open, in
+        // the next term with its vote there cast for no one (the group may be a split's, whose first term is
+        // its appointee's: see `prepare`).
         let empty_log = MemLogEngine::new();
         prepare_groups(&empty_log, &kv, &ranges()).unwrap();
-        assert_starts_at_bootstrap(&empty_log, ranges()[0].group_id);
+        let group_id = ranges()[0].group_id;
+        assert_eq!(empty_log.term(group_id, BOOTSTRAP_INDEX), Some(BOOTSTRAP_TERM));
+        let first_term = HardState { term: BOOTSTRAP_TERM + 1, vote: VOTED_FOR_NO_ONE, commit: BOOTSTRAP_INDEX };
+        assert_eq!(empty_log.hard_state(group_id), first_term);
         // An uninitialized replica (no replicas known yet: it waits for a snapshot) is left alone.
         let uninitialized = RangeDescriptor { group_id: 77, ..RangeDescriptor::default() };
         prepare_groups(&log, &kv, &[uninitialized]).unwrap();
         assert_eq!((kv.applied(77), log.last_index(77)), ((0, 0), 0));
+    }
+
+    #[test]
+    fn a_splits_new_group_begins_its_log_with_a_vote_for_its_appointee_once() {
+        let (log, kv) = (MemLogEngine::new(), MemKvEngine::new(u64::MAX));
+        let [left, right] = <[RangeDescriptor; 2]>::try_from(ranges()).unwrap();
+        prepare_groups(&log, &kv, std::slice::from_ref(&left)).unwrap();
+        // The split wrote the new group's first state (as `ApplyBatch` does), not its log.
+        let first = GroupApply {
+            group_id: right.group_id,
+            ops: Vec::new(),
+            applied_index: BOOTSTRAP_INDEX,
+            applied_term: BOOTSTRAP_TERM,
+            range: Some(right.encode()),
+        };
+        kv.apply(vec![first]).unwrap();
+        assert!(prepare_split_group(&log, &kv, &right, Some(2)).unwrap(), "its log begins here");
+        let appointed = HardState { term: BOOTSTRAP_TERM + 1, vote: 2, commit: BOOTSTRAP_INDEX };
+        assert_eq!(log.hard_state(right.group_id), appointed);
+        // Reopened over that log (the split applied again after a crash): nothing begins, the appointee must not
+        // lead the term again.
+        assert!(!prepare_split_group(&log, &kv, &right, Some(2)).unwrap());
+        assert_eq!(log.hard_state(right.group_id), appointed);
+        // A replica whose log already holds a vote of a later term (an empty replica a candidate's request
+        // created) keeps it.
+        let (later_log, later) = (MemLogEngine::new(), HardState { term: 7, vote: 3, commit: 0 });
+        let (reply, done) = crossbeam_channel::bounded(1);
+        later_log.submit(WriteRequest::new(right.group_id, 1, vec![LogOp::HardState(later)], reply)).unwrap();
+        done.recv().unwrap();
+        assert!(!prepare_split_group(&later_log, &kv, &right, Some(2)).unwrap());
+        assert_eq!(later_log.hard_state(right.group_id), HardState { commit: BOOTSTRAP_INDEX, ..later });
     }
 
     #[test]
