@@ -224,9 +224,10 @@ impl RangeDescriptor {
     }
 
     /// The replica a split that made this group appoints its first leader unless the split says otherwise
-    /// (`SplitRequest::first_leader`; `docs/architecture.md`, "Splits"): its voters in turn by group id — new groups' ids follow one another, so the leaders of a range split again
-    /// and again spread over its nodes, and with them the load a load split halves (a local rule until a
-    /// placement driver moves leaders). The same on every replica: each starts the group having voted for it.
+    /// (`SplitRequest::first_leader`; `docs/architecture.md`, "Splits"): its voters in turn by group id — new
+    /// groups' ids follow one another, so the leaders of a range split again and again spread over its nodes, and
+    /// with them the load a load split halves (a local rule until a placement driver moves leaders). The same on
+    /// every replica: each starts the group having voted for it.
     pub fn split_leader(&self) -> Option<&Replica> {
         let voters: Vec<&Replica> = self.replicas.iter().filter(|r| !r.learner).collect();
         (!voters.is_empty()).then(|| voters[(self.group_id % voters.len() as u64) as usize])
