@@ -803,7 +803,8 @@ impl Db {
             };
         };
         loop {
-            std::thread::sleep(Duration::from_millis(5));
+            // (The groups carry the merge on; its commit usually applies within a few milliseconds of the freeze.)
+            std::thread::sleep(Duration::from_millis(1));
             self.refresh_routes(&self.routes())?;
             let routes = self.routes();
             match merge_progress(routes.table.range(routes.table.position_of(key)), &frozen) {
