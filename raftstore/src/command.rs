@@ -234,20 +234,12 @@ pub fn apply_entries(
     Ok((groups.remove(0), applied))
 }
 
-/// A group a split applied here made: its range, and the node whose replica leads it first
+/// A group a split applied here made: its range, and its replica appointed to lead it first
 /// (`SplitRequest::first_leader`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SplitOff {
     pub range: RangeDescriptor,
-    pub first_leader_node: Option<u64>,
-}
-
-impl SplitOff {
-    /// The id of the replica appointed the group's first leader.
-    pub fn appointee(&self) -> Option<u64> {
-        let node = self.first_leader_node?;
-        self.range.replicas.iter().find(|r| r.node_id == node && !r.learner).map(|r| r.replica_id)
-    }
+    pub first_leader: Option<crate::range::Replica>,
 }
 
 /// One group's committed entries being applied, possibly in several steps (around membership changes).
@@ -373,7 +365,8 @@ impl ApplyBatch {
         *descriptor = left;
         self.group.range = Some(descriptor.encode());
         if engine.applied(right.group_id) == (0, 0) {
-            self.split_off.push(SplitOff { range: right.clone(), first_leader_node: split.first_leader(&right) });
+            let first_leader = split.first_leader(&right).cloned();
+            self.split_off.push(SplitOff { range: right.clone(), first_leader });
         }
         Outcome::Split { right: Box::new(right) }
     }

@@ -144,11 +144,11 @@ impl SplitRequest {
         SplitRequest { led_where_proposed: true, ..self }
     }
 
-    /// The node whose replica of `right` (the new group this split makes) leads it first.
-    pub fn first_leader(&self, right: &RangeDescriptor) -> Option<u64> {
+    /// The replica of `right` (the new group this split makes) that leads it first: a voter.
+    pub fn first_leader<'a>(&self, right: &'a RangeDescriptor) -> Option<&'a Replica> {
         match self.first_leader_node {
-            0 => right.split_leader().map(|r| r.node_id),
-            node => Some(node),
+            0 => right.split_leader(),
+            node => right.replicas.iter().find(|r| r.node_id == node && !r.learner),
         }
     }
 

@@ -1001,7 +1001,7 @@ fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a
         let left = node.peer.descriptor().clone();
         assert_eq!((left.start.as_slice(), left.end.as_slice(), left.epoch()), (&b"a"[..], &b"k05"[..], next));
         // Its first leader by the rotation (voters in turn by group id: group 6 of three voters, the first).
-        let split_off = SplitOff { range: (*right).clone(), first_leader_node: Some(1) };
+        let split_off = SplitOff { range: (*right).clone(), first_leader: Some(right.replicas[0].clone()) };
         assert_eq!(node.peer.take_split_off(), vec![split_off], "replica {id} hands the new range over once");
         assert!(node.peer.take_split_off().is_empty());
         // Both descriptors and the new group's first state are in the state machine, with the split's batch.
@@ -1037,7 +1037,8 @@ fn a_split_applies_on_every_replica_shrinking_the_range_and_giving_the_rest_to_a
         let split_off = group.node(id).peer.take_split_off();
         assert_eq!(split_off.iter().map(|r| r.range.group_id).collect::<Vec<_>>(), [7], "replica {id}");
         // First led where it was proposed (the rotation would name node 2), the same on every replica.
-        assert_eq!((split_off[0].first_leader_node, split_off[0].appointee()), (Some(1), Some(21)), "replica {id}");
+        let first_leader = split_off[0].first_leader.as_ref().map(|r| (r.node_id, r.replica_id));
+        assert_eq!(first_leader, Some((1, 21)), "replica {id}");
         assert_eq!(group.node(id).peer.descriptor().epoch().version, 3);
     }
     // A follower refuses to propose a split.
@@ -1076,6 +1077,7 @@ fn a_split_cut_off_with_its_leader_is_dropped_and_the_next_leaders_split_applies
     for id in 1..=3 {
         let split_off = group.node(id).peer.take_split_off();
         assert_eq!(split_off.iter().map(|r| r.range.group_id).collect::<Vec<_>>(), [7], "replica {id}");
-        assert_eq!(split_off[0].first_leader_node, Some(leader), "replica {id}: first led by the split's proposer");
+        let first_leader_node = split_off[0].first_leader.as_ref().map(|r| r.node_id);
+        assert_eq!(first_leader_node, Some(leader), "replica {id}: first led by the split's proposer");
     }
 }

@@ -56,8 +56,7 @@ impl Peer {
             return self.responses.push((token, Response::Failed(PeerError::InvalidSplit(reason))));
         }
         if split.led_where_proposed {
-            let own_node = self.descriptor.replicas.iter().find(|r| r.replica_id == self.raw.raft.id);
-            split.first_leader_node = own_node.map_or(0, |r| r.node_id);
+            split.first_leader_node = self.descriptor.node_of(self.raw.raft.id).unwrap_or(0);
         }
         let mut command = Command::split(self.descriptor.epoch(), split);
         command.request_id = token;

@@ -332,7 +332,9 @@ impl Replicas {
     /// what it persisted — the vote it may have cast — stays in the log, which restarts at the bootstrap index
     /// under it (`prepare_groups` keeps a hard state of a later term).
     fn open_split_off(&mut self, split_off: &crate::command::SplitOff) {
-        let (range, campaign) = (&split_off.range, split_off.first_leader_node == Some(self.options.node_id));
+        let range = &split_off.range;
+        let appointee = split_off.first_leader.as_ref();
+        let campaign = appointee.is_some_and(|r| r.node_id == self.options.node_id);
         let group_id = range.group_id;
         if self.failure.reason().is_some() {
             return; // the node stopped
@@ -350,7 +352,7 @@ impl Replicas {
         // Every replica's log begins in the term after the bootstrap term with a vote for the replica the split
         // appoints; that one leads the term at once, without an election — only if its log began just now (a
         // replica reopened over its log may have led that term before a crash).
-        let appointee = split_off.appointee();
+        let appointee = appointee.map(|r| r.replica_id);
         let opened =
             crate::peer::prepare_split_group(self.log.as_ref(), self.kv.as_ref(), range, appointee).and_then(|begun| {
                 Ok((begun, open_replica(&self.options, range, &self.log, self.kv.as_ref(), &self.claims)?))
