@@ -250,7 +250,11 @@ impl Peer {
         claims: Arc<RangeClaims>,
     ) -> Result<Peer, flotilla_raft::Error> {
         options.snapshot.validate().map_err(flotilla_raft::Error::Config)?;
-        let (applied_index, applied_term) = kv.applied(descriptor.group_id);
+        // A replica without a range applies nothing, so it has applied nothing. The state machine may hold a state
+        // of its group all the same: a split that applied here while this replica was being created (a message
+        // of the new group came first) — the split's open replaces this replica and starts from that state.
+        let (applied_index, applied_term) =
+            if descriptor.is_initialized() { kv.applied(descriptor.group_id) } else { (0, 0) };
         assert!(
             applied_index == 0 || log.term(descriptor.group_id, applied_index) == Some(applied_term),
             "group {}: the log lacks the applied entry {applied_index}; prepare_groups must run before opening",
