@@ -15,6 +15,7 @@
 //! ```
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -337,6 +338,10 @@ impl Db {
             // and elections after a restart (the core's quiet period): reads by ReadIndex.
             config.store.raft.read_mode = flotilla_raft::ReadMode::Safe;
         }
+        // Every replica of every group restarts with this open (the directory's lock proves the process that ran
+        // them before has let go): no leader from before lives to count on a lease its followers granted, so none
+        // sits out the votes of an election timeout first, and each group elects as soon as asked.
+        config.store.raft.quiet_on_start = false;
         config.validate()?;
         // Nothing in the directory is read or written before its lock is held.
         let lock = layout::lock(disk.as_ref(), &dir)?;
@@ -361,13 +366,22 @@ impl Db {
         }
         // A node that had not applied a split when the database closed applies it again from its log: the table
         // does not wait for that (every node's ranges learned: the newest of each part).
+        let holders: Vec<HashSet<u64>> =
+            views.iter().map(|ranges| ranges.iter().map(|range| range.group_id).collect()).collect();
         let mut views = views.into_iter();
         let first = views.next().expect("at least one node");
         let table = RangeTable::new(first, config.nodes).learned(views.flatten());
-        // Leaders spread over the nodes: each group campaigns where the table first looks for its leader.
+        // Leaders spread over the nodes: each group campaigns where the table first looks for its leader — or,
+        // if that node holds no replica of it yet (it had not applied the split that made the group, or its
+        // first state was not yet durable), on the first node that does.
         for (position, range) in table.ranges().iter().enumerate() {
-            let node = &nodes[table.leader(position) as usize - 1];
-            node.store().campaign_all([range.group_id]);
+            let holds = |node: u64| holders[node as usize - 1].contains(&range.group_id);
+            if !holds(table.leader(position)) {
+                if let Some(node) = (1..=config.nodes).find(|&node| holds(node)) {
+                    table.note_leader(position, node);
+                }
+            }
+            nodes[table.leader(position) as usize - 1].store().campaign_all([range.group_id]);
         }
         let routes = RwLock::new(Arc::new(DbRoutes::new(table, &nodes)));
         let splitting = Arc::new(Mutex::new(()));
@@ -441,7 +455,11 @@ impl Db {
         match store.router().send(range.group_id, make(reply)) {
             Ok(()) => Ok((node, answer)),
             Err(flotilla_raftstore::batch::router::SendError::NotFound(_)) => {
-                // The node holds no replica of the group any more (a merge ended it): the table is stale.
+                // The node holds no replica of the group: a merge ended it (the table is stale), or the node has
+                // not made it yet (it has not applied the split that makes it, or lost the split's new group
+                // in a restart before its first state was durable, and waits for a snapshot). The next attempt
+                // goes to the next node.
+                routes.table.note_leader(position, node % routes.table.nodes() + 1);
                 let stale = RangeError::StaleEpoch { sent: range.epoch(), current: Box::new(range.clone()) };
                 let (reply, answer) = oneshot::channel();
                 let _ = reply.send(Err(PeerError::Range(stale)));
@@ -998,6 +1016,25 @@ mod tests {
         *db.routes.write() = routes;
         assert_eq!(db.scan(b"", b"", usize::MAX).unwrap().len(), 40);
         assert_eq!(db.routes().table.len(), 3);
+        db.close().unwrap();
+    }
+
+    #[test]
+    fn a_node_holding_no_replica_of_a_group_sends_its_requests_to_the_next_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_with(dir.path(), Config { groups: 1, nodes: 3, ..Config::default() }).unwrap();
+        db.put(b"k", b"v").unwrap();
+        // The node the table looks to for the group's leader holds no replica of it — as a node that has not
+        // applied the split that makes a group, or lost a split's new group in a restart and waits for a
+        // snapshot (a reopened database's requests went only there until their deadline).
+        let routes = db.routes();
+        let position = routes.table.position_of(&db.stored(b"k"));
+        let (group, node) = (routes.table.range(position).group_id, routes.table.leader(position));
+        assert!(db.nodes[node as usize - 1].store().router().unregister(group).is_some());
+        assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        db.put(b"k", b"w").unwrap();
+        assert_ne!(db.routes().table.leader(position), node);
+        drop(routes);
         db.close().unwrap();
     }
 
