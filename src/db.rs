@@ -598,7 +598,7 @@ impl Db {
         position: usize,
         key: &[u8],
     ) -> Option<Result<Option<Vec<u8>>, DbError>> {
-        self.local_read(routes, position, |kv| kv.get(key), "a read")
+        self.local_read(routes, position, key, |kv| kv.get(key), "a read")
     }
 
     /// The part of a scan in the group at `position`, served locally as [`Db::local_get`] is.
@@ -611,15 +611,17 @@ impl Db {
         limit: usize,
     ) -> Option<Result<Vec<KeyValue>, DbError>> {
         let (start, end) = routes.table.range(position).clip(start, end);
-        self.local_read(routes, position, |kv| kv.scan(&start, &end, limit), "a scan")
+        self.local_read(routes, position, &start, |kv| kv.scan(&start, &end, limit), "a scan")
     }
 
-    /// Runs `read` on the state machine of the node believed to lead the group at `position` if its grant holds
-    /// (`None`: it does not); a stopped node refuses, and a failed read stops it.
+    /// Runs `read` (of `key`, or of a scan from it) on the state machine of the node believed to lead the group at
+    /// `position` if its grant holds (`None`: it does not); a stopped node refuses, and a failed read stops it.
+    /// The read counts toward the group's load (`ReadLease::note_local_read`).
     fn local_read<T>(
         &self,
         routes: &DbRoutes,
         position: usize,
+        key: &[u8],
         read: impl FnOnce(&StateMachine) -> Result<T, StateMachineError>,
         what: &str,
     ) -> Option<Result<T, DbError>> {
@@ -627,11 +629,16 @@ impl Db {
         let node = &self.nodes[leader as usize - 1];
         let store = node.store();
         let range_version = routes.table.range(position).epoch().version;
-        if !store.local_reader().holds(routes.lease(position, leader), range_version) {
+        let lease = routes.lease(position, leader);
+        if !store.local_reader().holds(lease, range_version) {
             return None;
         }
         if let Some(reason) = store.failure() {
             return Some(Err(DbError::Storage(reason)));
+        }
+        if lease.note_local_read(key) {
+            let _ = store.router().send(routes.table.range(position).group_id, PeerMsg::LocalReads);
+            // a full mailbox: busy anyway
         }
         Some(read(&node.kv).map_err(|error| node.fail(format!("{what}: {error}"))))
     }

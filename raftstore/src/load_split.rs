@@ -66,6 +66,15 @@ impl LoadSampler {
         }
     }
 
+    /// `requests` requests in the current window, of which `keys` were sampled evenly (each standing for about
+    /// `requests / keys.len()` of them): the keys join the sample, and every request counts.
+    pub fn record_sampled(&mut self, requests: u64, keys: &[Vec<u8>]) {
+        for key in keys {
+            self.record(key);
+        }
+        self.requests += requests.saturating_sub(keys.len() as u64);
+    }
+
     /// Closes the window: a split key if this was the last of `hot_windows` hot windows in a row and a sampled
     /// key leaves at least the minimum share of the requests on each side (it starts the right part). The
     /// count of hot windows starts again after a split key is returned.

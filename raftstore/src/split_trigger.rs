@@ -1,8 +1,9 @@
 //! When a group asks to be split ([`SplitTrigger`], one per replica; only a leader's counts): by **size** — after
 //! `size_check_written_bytes` of writes since its last check, its range's data is measured off the pollers
 //! (`split_check.rs`, on the replicas thread) and a range over `size_bytes_max` asks to split near the middle of
-//! its bytes — and by **load** — its requests are counted and sampled per window of ticks (`load_split.rs`), and a
-//! load over the bound for enough windows in a row asks to split at the sampled key that halves it.
+//! its bytes — and by **load** — its requests (with the reads its node served locally:
+//! `ReadLease::note_local_read`) are counted and sampled per window of ticks (`load_split.rs`), and a load over
+//! the bound for enough windows in a row asks to split at the sampled key that halves it.
 //!
 //! Asking is all a store does: a [`RangeAsk`] goes to the host (`StoreOptions::range_asks`), which takes the
 //! new group's ids and proposes the split like a split by request (the embedded `Db`'s splitter thread, a
@@ -139,6 +140,14 @@ impl SplitTrigger {
         }
     }
 
+    /// Reads this replica's node served locally while it led (`store/local_reader.rs`: they never reach the
+    /// replica), `keys` an even sample of them: they count toward the load like reads through it.
+    pub fn on_local_reads(&mut self, reads: u64, keys: &[Vec<u8>]) {
+        if let Some(load) = self.sampler() {
+            load.record_sampled(reads, keys);
+        }
+    }
+
     /// `ticks` of the node's time passed for this replica: a load window that ends may name a split key.
     pub fn on_ticks(&mut self, ticks: u64) -> Option<Vec<u8>> {
         let load = self.load.as_deref_mut()?; // no sampler yet: nothing recorded, no window to close
@@ -191,6 +200,21 @@ mod tests {
 
     fn write(key: &str, value_bytes: usize) -> Command {
         Command::write(None, vec![Op::put(key.as_bytes().to_vec(), vec![b'v'; value_bytes])])
+    }
+
+    #[test]
+    fn reads_served_locally_count_toward_the_load() {
+        let load = LoadSplitOptions { requests_per_window_max: 100, hot_windows: 2, ..LoadSplitOptions::default() };
+        let options = SplitOptions { load_window_ticks: 1, load, ..SplitOptions::default() };
+        let mut trigger = SplitTrigger::new(Arc::new(options), 1);
+        let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("k{i:02}").into_bytes()).collect();
+        trigger.on_local_reads(1000, &keys);
+        assert_eq!(trigger.on_ticks(1), None, "one hot window");
+        trigger.on_local_reads(1000, &keys);
+        let split_key = trigger.on_ticks(1).expect("two hot windows of reads alone");
+        assert!(keys[5..15].contains(&split_key), "near the middle of the sampled keys: {split_key:?}");
+        trigger.on_local_reads(50, &keys[..2]);
+        assert_eq!(trigger.on_ticks(1), None, "under the bound");
     }
 
     #[test]

@@ -531,6 +531,11 @@ fn a_group_alone_with_its_leader_sleeps_once_idle_and_reads_locally_once_led() {
     drive(&mut peer);
     assert_eq!(peer.local_read_grant(), LocalReadGrant::UntilChanged, "awake again, still the only voter");
     fall_asleep(&mut peer);
+    // Reads its node serves locally under its grant never reach it, yet keep it busy: told of them, it wakes and
+    // ticks (its load trigger counts them at its ticks: `split_trigger.rs`), and sleeps again once they stop.
+    peer.on_local_reads();
+    assert!(peer.needs_ticks() && !peer.is_hibernating(), "woken by its local reads");
+    fall_asleep(&mut peer);
     // With hibernation off, it stops needing ticks as soon as nothing waits.
     let never = PeerOptions { hibernate_idle_ticks: 0, ..peer_options() };
     let mut awake =

@@ -245,9 +245,16 @@ impl Requests {
     fn get_local_stored(&self, key: &[u8]) -> Option<Result<Option<Vec<u8>>, RouteError>> {
         let routes = self.table();
         let position = routes.table.position_of(key);
-        let range_version = routes.table.range(position).epoch().version;
-        (routes.table.leader(position) == self.node_id && self.reader.holds(&routes.leases[position], range_version))
-            .then(|| self.kv.get(key).map_err(|error| RouteError::Storage(error.to_string())))
+        let range = routes.table.range(position);
+        let lease = &routes.leases[position];
+        if routes.table.leader(position) != self.node_id || !self.reader.holds(lease, range.epoch().version) {
+            return None;
+        }
+        if lease.note_local_read(key) {
+            // Counted toward the group's load (`ReadLease::note_local_read`); a full mailbox: busy anyway.
+            let _ = self.router.send(range.group_id, PeerMsg::LocalReads);
+        }
+        Some(self.kv.get(key).map_err(|error| RouteError::Storage(error.to_string())))
     }
 
     /// The value of `key`, linearizable.

@@ -115,3 +115,40 @@ fn ranges_split_by_size_as_the_data_grows() {
     assert_eq!(db.scan(b"user:", b"user;", usize::MAX).unwrap().len(), count as usize);
     db.close().unwrap();
 }
+
+/// The load trigger counts reads served locally — on the caller's thread, never reaching the group's replica
+/// (`store/local_reader.rs`) — so a range only read, however hard, splits by load like one written.
+#[test]
+fn a_range_read_hard_only_locally_splits_by_load() {
+    for nodes in [1, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config { groups: 1, nodes, ..Config::default() };
+        config.store.split.size_bytes_max = 0;
+        config.store.split.merge_size_bytes_max = 0;
+        config.store.split.load_window_ticks = 3;
+        config.store.split.load.requests_per_window_max = 500;
+        config.store.split.load.hot_windows = 2;
+        config.store.peer.hibernate_idle_ticks = 2;
+        let db = Db::open_with(dir.path(), config).unwrap();
+        let groups = db.groups();
+        for i in 0..200 {
+            db.put(&key(i), b"v").unwrap();
+        }
+        // The leader falls asleep (no ticks: its load windows would never close) before the reads begin; every
+        // so many local reads wake it.
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        while db.groups() == groups {
+            assert!(std::time::Instant::now() < deadline, "{nodes} node(s): no split by the reads' load");
+            for _ in 0..1000 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                assert_eq!(db.get(&key((rng % 200) as u32)).unwrap().as_deref(), Some(&b"v"[..]));
+            }
+        }
+        check_all(&db, 200, "v");
+        db.close().unwrap();
+    }
+}

@@ -99,6 +99,12 @@ impl Peer {
         self.wake();
     }
 
+    /// Its node served many reads locally under this replica's grant: busy like a client request (a leader does
+    /// not fall asleep, and its load trigger keeps counting them).
+    pub fn on_local_reads(&mut self) {
+        self.on_request();
+    }
+
     /// Something happened: a sleeping replica wakes (and stays awake at least `idle_ticks_max` ticks: long enough
     /// for its heartbeats to bring back a replica that campaigned meanwhile).
     pub(super) fn wake(&mut self) {

@@ -105,6 +105,9 @@ pub enum PeerMsg {
     },
     /// The state machine made more of this group durable: compact the log behind it (`peer/compaction.rs`).
     CompactLog,
+    /// Its node served many reads of the group locally (`ReadLease::note_local_read`): a leader stays awake (it
+    /// is busy, though no request reaches it) and counts them toward its load at its next tick.
+    LocalReads,
     /// The transport lost its connection to this node: a leader stops streaming appends to its replica there and
     /// probes instead, until it answers.
     Unreachable {
@@ -244,6 +247,7 @@ impl PeerFsm {
             PeerMsg::Campaign => self.peer.campaign(),
             PeerMsg::TransferLeader { replica_id } => self.peer.transfer_leader(replica_id),
             PeerMsg::CompactLog => self.peer.compact_log(kv),
+            PeerMsg::LocalReads => self.peer.on_local_reads(),
             PeerMsg::CheckMembership => self.peer.check_membership(),
             PeerMsg::Published { epoch } => self.peer.on_published(epoch),
             PeerMsg::SizeMeasured { bytes } => self.split_trigger.on_measured(bytes),

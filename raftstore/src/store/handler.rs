@@ -323,6 +323,12 @@ impl PollHandler<PeerFsm> for StoreHandler {
         if fsm.ticking {
             // The ticks it owes first (see `ticks.rs`): whatever it handles next sees the node's time.
             let ticks = self.ticking.catch_up(&fsm.ticks_seen, &mut fsm.peer);
+            if ticks > 0 {
+                let (reads, keys) = fsm.read_lease.take_local_reads();
+                if reads > 0 {
+                    fsm.split_trigger.on_local_reads(reads, &keys);
+                }
+            }
             if let Some(split_key) = fsm.split_trigger.on_ticks(ticks).filter(|_| fsm.peer.is_leader()) {
                 self.ask_split(fsm, split_key, AskReason::Load);
             }

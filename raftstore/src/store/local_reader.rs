@@ -19,7 +19,8 @@
 //!
 //! Two routing facts travel the same way, for the node's router (`src/server/requests.rs`): the leader each
 //! replica knows ([`ReadLease::leader_hint`]), and a count of the splits and merges this node's replicas applied
-//! ([`LocalReader::ranges_changed`]) — never used to grant a read.
+//! ([`LocalReader::ranges_changed`]) — never used to grant a read. And one count travels back: the reads served
+//! locally, for the replica's load trigger ([`ReadLease::note_local_read`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,7 +42,19 @@ pub struct ReadLease {
     range_version: AtomicU64,
     /// The node the replica last believed to lead its group (0: none known): a routing hint only, never a grant.
     leader_node: AtomicU64,
+    /// Reads served locally since the replica last took them ([`ReadLease::note_local_read`]), and the keys of
+    /// some: reads that never reach the replica still count toward its load (`split_trigger.rs`).
+    local_reads: AtomicU64,
+    local_read_keys: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Every this-many-th local read's key is kept for the load trigger's sample ...
+const LOCAL_READ_SAMPLE_STRIDE: u64 = 16;
+/// ... up to this many between two takes (a replica takes them on each of its ticks).
+const LOCAL_READ_SAMPLES_MAX: usize = 64;
+/// Every this-many-th local read tells the replica (`PeerMsg::LocalReads`): a leader that hibernates takes no
+/// ticks, so without it a range read only locally would never count as busy.
+const LOCAL_READS_PER_WAKE: u64 = 1024;
 
 const NONE: u64 = 0;
 const UNTIL_CHANGED: u64 = u64::MAX;
@@ -70,6 +83,27 @@ impl ReadLease {
     /// Notes the node the replica believes leads its group (0: none known).
     pub(crate) fn note_leader(&self, node_id: u64) {
         self.leader_node.store(node_id, Ordering::Relaxed);
+    }
+
+    /// A read of `key` was served locally under this grant: counted (and sometimes its key kept) for the
+    /// replica's load trigger. Returns whether the replica should be told now (`PeerMsg::LocalReads`).
+    pub fn note_local_read(&self, key: &[u8]) -> bool {
+        let reads = self.local_reads.fetch_add(1, Ordering::Relaxed) + 1;
+        if reads.is_multiple_of(LOCAL_READ_SAMPLE_STRIDE) {
+            let mut keys = self.local_read_keys.lock();
+            if keys.len() < LOCAL_READ_SAMPLES_MAX {
+                keys.push(key.to_vec());
+            }
+        }
+        reads.is_multiple_of(LOCAL_READS_PER_WAKE)
+    }
+
+    /// The reads served locally since the last take, and the keys kept of them.
+    pub(crate) fn take_local_reads(&self) -> (u64, Vec<Vec<u8>>) {
+        match self.local_reads.swap(0, Ordering::Relaxed) {
+            0 => (0, Vec::new()),
+            reads => (reads, std::mem::take(&mut *self.local_read_keys.lock())),
+        }
     }
 
     /// The node this node's replica of the group believed to lead it at its last handling (`None`: it knows no
@@ -127,6 +161,22 @@ impl LocalReader {
 mod tests {
     use super::*;
     use crate::store::ticks::ManualClock;
+
+    #[test]
+    fn local_reads_are_counted_sampled_within_bounds_and_told_now_and_then() {
+        let lease = ReadLease::default();
+        assert_eq!(lease.take_local_reads(), (0, Vec::new()), "none yet");
+        let told: Vec<u64> =
+            (1..=3 * LOCAL_READS_PER_WAKE).filter(|&i| lease.note_local_read(format!("k{i}").as_bytes())).collect();
+        assert_eq!(told, vec![LOCAL_READS_PER_WAKE, 2 * LOCAL_READS_PER_WAKE, 3 * LOCAL_READS_PER_WAKE]);
+        let (reads, keys) = lease.take_local_reads();
+        assert_eq!(reads, 3 * LOCAL_READS_PER_WAKE);
+        assert_eq!(keys.len(), LOCAL_READ_SAMPLES_MAX, "at most this many keys between two takes");
+        assert_eq!(keys[0], format!("k{LOCAL_READ_SAMPLE_STRIDE}").into_bytes(), "every stride-th read's key");
+        assert_eq!(lease.take_local_reads(), (0, Vec::new()), "taken");
+        lease.note_local_read(b"a");
+        assert_eq!(lease.take_local_reads(), (1, Vec::new()), "counted, not sampled");
+    }
 
     #[test]
     fn a_lease_holds_until_the_node_clock_reaches_its_deadline() {
