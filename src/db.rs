@@ -636,7 +636,8 @@ impl Db {
         if let Some(reason) = store.failure() {
             return Some(Err(DbError::Storage(reason)));
         }
-        if lease.note_local_read(key) {
+        // Counted for the load trigger only if it is on (the embedded default splits by size only).
+        if self.config.store.split.load_window_ticks > 0 && lease.note_local_read(key) {
             let _ = store.router().send(routes.table.range(position).group_id, PeerMsg::LocalReads);
             // a full mailbox: busy anyway
         }
