@@ -372,8 +372,9 @@ impl Db {
         let first = views.next().expect("at least one node");
         let table = RangeTable::new(first, config.nodes).learned(views.flatten());
         // Leaders spread over the nodes: each group campaigns where the table first looks for its leader — or,
-        // if that node holds no replica of it yet (it had not applied the split that made the group, or its
-        // first state was not yet durable), on the first node that does.
+        // if that node holds no replica of it yet (it lagged, its replica of the group the split came from was
+        // caught up by a snapshot taken after the split, and the new group's leader has yet to create and fill
+        // its replica), on the first node that does.
         for (position, range) in table.ranges().iter().enumerate() {
             let holds = |node: u64| holders[node as usize - 1].contains(&range.group_id);
             if !holds(table.leader(position)) {
@@ -456,9 +457,9 @@ impl Db {
             Ok(()) => Ok((node, answer)),
             Err(flotilla_raftstore::batch::router::SendError::NotFound(_)) => {
                 // The node holds no replica of the group: a merge ended it (the table is stale), or the node has
-                // not made it yet (it has not applied the split that makes it, or lost the split's new group
-                // in a restart before its first state was durable, and waits for a snapshot). The next attempt
-                // goes to the next node.
+                // none yet (it has not applied the split that makes it, or it lagged and its replica of the group
+                // the split came from was caught up by a snapshot taken after the split). The next attempt goes
+                // to the next node.
                 routes.table.note_leader(position, node % routes.table.nodes() + 1);
                 let stale = RangeError::StaleEpoch { sent: range.epoch(), current: Box::new(range.clone()) };
                 let (reply, answer) = oneshot::channel();
@@ -616,7 +617,7 @@ impl Db {
 
     /// Runs `read` (of `key`, or of a scan from it) on the state machine of the node believed to lead the group at
     /// `position` if its grant holds (`None`: it does not); a stopped node refuses, and a failed read stops it.
-    /// The read counts toward the group's load (`ReadLease::note_local_read`).
+    /// The read counts toward the group's load where the load trigger is on (`ReadLease::note_local_read`).
     fn local_read<T>(
         &self,
         routes: &DbRoutes,
@@ -638,8 +639,8 @@ impl Db {
         }
         // Counted for the load trigger only if it is on (the embedded default splits by size only).
         if self.config.store.split.load_window_ticks > 0 && lease.note_local_read(key) {
+            // A full mailbox: the replica is busy anyway.
             let _ = store.router().send(routes.table.range(position).group_id, PeerMsg::LocalReads);
-            // a full mailbox: busy anyway
         }
         Some(read(&node.kv).map_err(|error| node.fail(format!("{what}: {error}"))))
     }
