@@ -617,7 +617,7 @@ impl Db {
 
     /// Runs `read` (of `key`, or of a scan from it) on the state machine of the node believed to lead the group at
     /// `position` if its grant holds (`None`: it does not); a stopped node refuses, and a failed read stops it.
-    /// The read counts toward the group's load where the load trigger is on (`ReadLease::note_local_read`).
+    /// The read counts toward the group's load where the load trigger is on (`LocalReader::note_read`).
     fn local_read<T>(
         &self,
         routes: &DbRoutes,
@@ -637,9 +637,7 @@ impl Db {
         if let Some(reason) = store.failure() {
             return Some(Err(DbError::Storage(reason)));
         }
-        // Counted for the load trigger only if it is on (the embedded default splits by size only).
-        if self.config.store.split.load_window_ticks > 0 && lease.note_local_read(key) {
-            // A full mailbox: the replica is busy anyway.
+        if store.local_reader().note_read(lease, key) {
             let _ = store.router().send(routes.table.range(position).group_id, PeerMsg::LocalReads);
         }
         Some(read(&node.kv).map_err(|error| node.fail(format!("{what}: {error}"))))
@@ -1034,8 +1032,8 @@ mod tests {
         let db = Db::open_with(dir.path(), Config { groups: 1, nodes: 3, ..Config::default() }).unwrap();
         db.put(b"k", b"v").unwrap();
         // The node the table looks to for the group's leader holds no replica of it — as a node that has not
-        // applied the split that makes a group, or lost a split's new group in a restart and waits for a
-        // snapshot (a reopened database's requests went only there until their deadline).
+        // applied the split that makes a group, or lagged and had the group the split came from caught up by a
+        // snapshot taken after the split (a reopened database's requests went only there until their deadline).
         let routes = db.routes();
         let position = routes.table.position_of(&db.stored(b"k"));
         let (group, node) = (routes.table.range(position).group_id, routes.table.leader(position));

@@ -250,9 +250,7 @@ impl Requests {
         if routes.table.leader(position) != self.node_id || !self.reader.holds(lease, range.epoch().version) {
             return None;
         }
-        if self.limits.store.split.load_window_ticks > 0 && lease.note_local_read(key) {
-            // Counted toward the group's load when that trigger is on (`ReadLease::note_local_read`); a full
-            // mailbox: busy anyway.
+        if self.reader.note_read(lease, key) {
             let _ = self.router.send(range.group_id, PeerMsg::LocalReads);
         }
         Some(self.kv.get(key).map_err(|error| RouteError::Storage(error.to_string())))

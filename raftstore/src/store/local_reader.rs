@@ -20,7 +20,7 @@
 //! Two routing facts travel the same way, for the node's router (`src/server/requests.rs`): the leader each
 //! replica knows ([`ReadLease::leader_hint`]), and a count of the splits and merges this node's replicas applied
 //! ([`LocalReader::ranges_changed`]) — never used to grant a read. And one count travels back: the reads served
-//! locally, for the replica's load trigger ([`ReadLease::note_local_read`]).
+//! locally, for the replica's load trigger ([`LocalReader::note_read`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -42,7 +42,7 @@ pub struct ReadLease {
     range_version: AtomicU64,
     /// The node the replica last believed to lead its group (0: none known): a routing hint only, never a grant.
     leader_node: AtomicU64,
-    /// Reads served locally since the replica last took them ([`ReadLease::note_local_read`]), and the keys of
+    /// Reads served locally since the replica last took them ([`LocalReader::note_read`]), and the keys of
     /// some: reads that never reach the replica still count toward its load (`split_trigger.rs`).
     local_reads: AtomicU64,
     local_read_keys: Mutex<Vec<Vec<u8>>>,
@@ -87,7 +87,7 @@ impl ReadLease {
 
     /// A read of `key` was served locally under this grant: counted (and sometimes its key kept) for the
     /// replica's load trigger. Returns whether the replica should be told now (`PeerMsg::LocalReads`).
-    pub fn note_local_read(&self, key: &[u8]) -> bool {
+    fn note_local_read(&self, key: &[u8]) -> bool {
         let reads = self.local_reads.fetch_add(1, Ordering::Relaxed) + 1;
         if reads.is_multiple_of(LOCAL_READ_SAMPLE_STRIDE) {
             let mut keys = self.local_read_keys.lock();
@@ -119,11 +119,21 @@ pub struct LocalReader {
     leases: Mutex<FxHashMap<u64, Arc<ReadLease>>>,
     /// Splits and merges this node's replicas applied (`LocalReader::ranges_changed`).
     ranges_changed: AtomicU64,
+    /// Whether reads served locally are counted for the replicas' load trigger (it is on).
+    reads_counted: bool,
 }
 
 impl LocalReader {
-    pub(crate) fn new(clock: Arc<dyn TickClock>) -> LocalReader {
-        LocalReader { clock, leases: Mutex::default(), ranges_changed: AtomicU64::new(0) }
+    /// `reads_counted`: the replicas' load trigger is on, and reads served locally count toward it.
+    pub(crate) fn new(clock: Arc<dyn TickClock>, reads_counted: bool) -> LocalReader {
+        LocalReader { clock, leases: Mutex::default(), ranges_changed: AtomicU64::new(0), reads_counted }
+    }
+
+    /// A read of `key` was served locally under `lease`'s grant: it counts toward the group's load where the load
+    /// trigger is on (nothing to do where it is off: the embedded default splits by size only). Returns whether
+    /// the caller should tell the group's replica now (`PeerMsg::LocalReads`; a full mailbox: it is busy anyway).
+    pub fn note_read(&self, lease: &ReadLease, key: &[u8]) -> bool {
+        self.reads_counted && lease.note_local_read(key)
     }
 
     /// Group `group_id`'s lease on this node (made on first ask, kept for the node's life). Look it up once and
@@ -179,9 +189,22 @@ mod tests {
     }
 
     #[test]
+    fn local_reads_are_counted_only_where_the_load_trigger_is_on() {
+        let clock: Arc<dyn TickClock> = Arc::new(ManualClock::default());
+        let (on, off) = (LocalReader::new(Arc::clone(&clock), true), LocalReader::new(clock, false));
+        let (counted, uncounted) = (on.lease(1), off.lease(1));
+        for _ in 0..LOCAL_READS_PER_WAKE {
+            on.note_read(&counted, b"k");
+            assert!(!off.note_read(&uncounted, b"k"), "never told");
+        }
+        assert_eq!(counted.take_local_reads().0, LOCAL_READS_PER_WAKE);
+        assert_eq!(uncounted.take_local_reads(), (0, Vec::new()));
+    }
+
+    #[test]
     fn a_lease_holds_until_the_node_clock_reaches_its_deadline() {
         let clock = Arc::new(ManualClock::default());
-        let reader = LocalReader::new(Arc::clone(&clock) as Arc<dyn TickClock>);
+        let reader = LocalReader::new(Arc::clone(&clock) as Arc<dyn TickClock>, true);
         let lease = reader.lease(7);
         assert!(Arc::ptr_eq(&lease, &reader.lease(7)), "one per group");
         assert!(!reader.holds(&lease, 1), "nothing published yet");

@@ -173,7 +173,7 @@ impl StoreCore {
         let handler = StoreHandler {
             node_id: options.node_id,
             range_asks: options.range_asks.clone(),
-            local_reader: Arc::new(LocalReader::new(Arc::clone(&clock))),
+            local_reader: Arc::new(LocalReader::new(Arc::clone(&clock), options.split.load_window_ticks > 0)),
             claims: Arc::default(),
             meta_group: Arc::default(),
             checkpoint_queued: Arc::default(),
