@@ -11,7 +11,7 @@ use flotilla_engine::log_engine::{LogEngine, MemLogEngine};
 use flotilla_engine::wal::group_commit::{Completion, Persisted, WriteRequest};
 use flotilla_engine::wal::record::LogOp;
 use flotilla_raft::{Config, MessageType, ReadMode};
-use flotilla_raftstore::command::{Command, Op, Outcome, SplitOff};
+use flotilla_raftstore::command::{Command, MergeCommand, MergeStep, Op, Outcome, SplitOff};
 use flotilla_raftstore::message::{RemovalNotice, ReplicaMessage};
 use flotilla_raftstore::peer::{
     prepare_groups, LocalReadGrant, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token,
@@ -602,6 +602,72 @@ fn leadership_moves_where_it_is_asked_and_writes_follow() {
     group.node(2).peer.transfer_leader(1); // only a leader can hand over: ignored
     group.settle();
     assert!(group.node(3).peer.is_leader());
+}
+
+/// A merge step other replicas ask for (repeated until it takes effect) is proposed once while that proposal is
+/// on its way — and again by a new leader, whose term the first proposal may not have survived.
+#[test]
+fn a_merge_step_asked_again_while_its_proposal_is_on_its_way_is_proposed_once() {
+    let mut group = Group::led_by(1);
+    let descriptor = group.node(1).peer.descriptor().clone();
+    let fence = |epoch| Command::merge(epoch, MergeCommand::new(MergeStep::Fence, None, None));
+    for _ in 0..3 {
+        group.node(1).peer.on_asked(fence(descriptor.epoch()), true);
+    }
+    group.settle();
+    assert_eq!(fences_in_log(group.node(3)), 1, "asked three times, proposed once");
+    let fenced = group.node(3).peer.descriptor().epoch();
+    assert!(fenced.version > descriptor.epoch().version);
+    // A new leader, in a later term, proposes it when asked (once, however often asked).
+    group.node(1).peer.transfer_leader(2);
+    group.settle();
+    assert!(group.node(2).peer.is_leader());
+    for _ in 0..2 {
+        group.node(2).peer.on_asked(fence(fenced), true);
+    }
+    group.settle();
+    assert_eq!(fences_in_log(group.node(3)), 2);
+}
+
+/// A merge step proposed by a leader cut off, whose entry the next leader's log replaced, is proposed again when
+/// asked once the replica leads again — though its applied index is still below where that entry was.
+#[test]
+fn a_merge_step_asked_of_a_leader_whose_earlier_proposal_was_replaced_is_proposed_again() {
+    let mut group = Group::led_by(1);
+    group.put(1, 70, "b", "1");
+    let epoch = group.node(1).peer.descriptor().epoch();
+    let fence = || Command::merge(epoch, MergeCommand::new(MergeStep::Fence, None, None));
+    group.isolated = 1;
+    for token in [71, 72] {
+        group.node(1).peer.propose(token, Command::write(None, vec![Op::put("b", "lost")]));
+    }
+    group.node(1).peer.on_asked(fence(), true); // its entry comes after the two writes: never applied
+    group.settle();
+    assert!(group.tick_until(100, |g| g.leader_among_2_and_3().is_some()), "the majority elected a leader");
+    let leader = group.leader_among_2_and_3().expect("checked");
+    group.isolated = 0;
+    group.tick_until(30, |_| false);
+    if !group.node(1).peer.is_leader() {
+        let leader = (1..=3).find(|&id| group.node(id).peer.is_leader()).unwrap_or(leader);
+        group.node(leader).peer.transfer_leader(1);
+        group.settle();
+    }
+    assert!(group.node(1).peer.is_leader());
+    assert_eq!(fences_in_log(group.node(1)), 0, "its first proposal was replaced");
+    group.node(1).peer.on_asked(fence(), true);
+    group.settle();
+    assert_eq!(fences_in_log(group.node(3)), 1);
+    assert!(group.node(3).peer.descriptor().epoch().version > epoch.version, "fenced");
+}
+
+/// How many merge fences `node`'s log holds.
+fn fences_in_log(node: &mut Node) -> usize {
+    let group_id = node.peer.group_id();
+    let (first, last) = (node.log.first_index(group_id), node.log.last_index(group_id));
+    let entries = node.log.entries(group_id, first, last + 1, u64::MAX).unwrap();
+    let commands = entries.iter().filter(|entry| !entry.is_conf_change() && !entry.data.is_empty());
+    let decoded = commands.map(|entry| <Command as prost::Message>::decode(entry.data.as_ref()).unwrap());
+    decoded.filter(|command| command.merge.as_ref().is_some_and(|m| m.step == MergeStep::Fence as i32)).count()
 }
 
 #[test]

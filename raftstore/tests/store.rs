@@ -809,6 +809,18 @@ fn ask_merge(nodes: &[Node], left: u64, right: u64, deadline: Instant) -> RangeD
     *locked
 }
 
+/// How many merge commit entries node `node`'s log of group `group_id` holds.
+fn merge_commits_in_log(node: &Node, group_id: u64) -> usize {
+    let (first, last) = (node.log.first_index(group_id), node.log.last_index(group_id));
+    let entries = node.log.entries(group_id, first, last + 1, u64::MAX).unwrap();
+    let is_commit = |command: Command| command.merge.is_some_and(|merge| merge.step == MergeStep::Commit as i32);
+    let commands = entries.iter().filter(|entry| !entry.is_conf_change() && !entry.data.is_empty());
+    commands
+        .map(|entry| <Command as prost::Message>::decode(entry.data.as_ref()).unwrap())
+        .filter(|c| is_commit(c.clone()))
+        .count()
+}
+
 /// A split undone by a merge: the right group's replicas end on every node (their records say where the keys
 /// went, their logs are dropped), the left group serves the whole range again — the right range's writes
 /// included — and takes writes for it; requests for the right group find no replica.
@@ -821,11 +833,28 @@ fn a_merge_gives_the_right_range_back_to_the_left_group_on_every_node() {
     until_outcome(nodes, group_id, deadline, make, |o| matches!(o, Outcome::Split { .. }));
     put(nodes, group_id, b"a1", b"left", deadline);
     put(nodes, 2, b"x1", b"right", deadline);
-    let locked = ask_merge(nodes, group_id, 2, deadline);
-    assert_eq!(locked.merge_lock.map(|lock| lock.right_group_id), Some(2));
-    wait_until(deadline, "every node ended its replica of group 2 and dropped its log", || {
-        nodes.iter().all(|node| node.store.router().len() == 1 && node.log.last_index(2) < node.log.first_index(2))
+    let merging = std::sync::atomic::AtomicBool::new(true);
+    let locked = std::thread::scope(|scope| {
+        // Reads of the right range keep its replicas busy throughout (refused once it is frozen): each handling of
+        // its leader is one where it could ask for the commit again.
+        scope.spawn(|| {
+            while merging.load(std::sync::atomic::Ordering::Relaxed) {
+                for node in nodes {
+                    let (reply, _answer) = oneshot::channel();
+                    let _ =
+                        node.store.router().send(2, PeerMsg::Read { request: ReadRequest::Get(b"x1".to_vec()), reply });
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        let locked = ask_merge(nodes, group_id, 2, deadline);
+        wait_until(deadline, "every node ended its replica of group 2 and dropped its log", || {
+            nodes.iter().all(|node| node.store.router().len() == 1 && node.log.last_index(2) < node.log.first_index(2))
+        });
+        merging.store(false, std::sync::atomic::Ordering::Relaxed);
+        locked
     });
+    assert_eq!(locked.merge_lock.map(|lock| lock.right_group_id), Some(2));
     for node in nodes {
         let record = stored_range(node, 2).unwrap();
         assert_eq!((record.merged_into, record.replicas.len()), (group_id, 0), "node {}", node.id);
@@ -833,6 +862,10 @@ fn a_merge_gives_the_right_range_back_to_the_left_group_on_every_node() {
         assert_eq!((left.start.as_slice(), left.end.as_slice()), (&b""[..], &b""[..]), "node {}", node.id);
         assert!(left.merge_lock.is_none() && left.epoch().version > locked.epoch().version);
         assert!(node.log.last_index(2) < node.log.first_index(2), "node {}'s log of group 2 dropped", node.id);
+    }
+    // The right leader asked for the commit once, not on every handling (each ask is an entry of the left log).
+    for node in nodes {
+        assert_eq!(merge_commits_in_log(node, group_id), 1, "node {}", node.id);
     }
     put(nodes, group_id, b"x2", b"merged", deadline);
     let leader = put(nodes, group_id, b"a2", b"merged", deadline);

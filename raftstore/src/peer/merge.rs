@@ -15,8 +15,8 @@
 //!    commit index at or past it (written if the lazily stored one is behind), tells the right leader
 //!    ([`MergeReady`]), again and again while it lives. No checkpoint: after a crash the replica applies the
 //!    decision again from its own log, whatever else of its group has ended.
-//! 5. **Commit** (left log, asked by the right leader once every replica confirmed; the ask goes to the left
-//!    group's replica on the same node, which hands it to its leader): the left range grows over the right one
+//! 5. **Commit** (left log, asked by the right leader once every replica confirmed — then again at each tick
+//!    until it ends; the ask goes to the left group's replica on the same node, which hands it to its leader): the left range grows over the right one
 //!    and this node's right replica ends — its record says which group took its keys — in one state machine
 //!    write. Every right replica here applied the decision (step 4), so the data under the grown range is the
 //!    right range's final data — except on a node that crashed since, whose two groups' logs are applied again
@@ -70,6 +70,11 @@ pub(super) struct MergeProgress {
     confirmed: BTreeSet<u64>,
     /// As the right range's leader: how many other replicas held the decision when its commit was last told.
     holding_told: usize,
+    /// As the right range's leader: `ticks` when it last asked the left group for the commit.
+    commit_asked_at_ticks: Option<u64>,
+    /// As a leader: the step it last proposed because another replica asked (`on_asked`), at (term, index) — an
+    /// ask repeated while that entry is on its way is not proposed again.
+    asked_proposed: Option<(i32, u64, u64)>,
     /// As a replica of the locked left range: the right range a merge commit in its log waits for (this node's
     /// replica of it has not applied the decision yet; `Peer::apply_committed`).
     pub(super) commit_waits_for: Option<RangeDescriptor>,
@@ -125,7 +130,7 @@ impl Peer {
         if self.is_leader() {
             let current = command.epoch == Some(self.descriptor.epoch());
             match (command.merge, command.publish, command.split.is_none() && command.ops.is_empty()) {
-                (Some(merge), None, true) if current => self.propose_merge(0, *merge),
+                (Some(merge), None, true) if current => self.propose_asked_merge(*merge),
                 (None, Some(range), true) if self.descriptor.is_meta() => {
                     self.on_request(); // (a sleeping leader wakes to carry it)
                     self.propose_entry(0, Command::publish(*range))
@@ -140,6 +145,25 @@ impl Peer {
                 let ask = AskMessage { from: me, to, command: Some(command.clone()) };
                 self.outbox.push(ReplicaMessage::Ask(ask));
             }
+        }
+    }
+
+    /// Proposes a merge step another replica asked for — unless the same step, proposed here in this term, is
+    /// still on its way (not applied yet): the asker repeats its ask until the step takes effect, and each copy
+    /// would be another entry of this log (refused at apply). Keyed by term: a proposal a new leader may have
+    /// truncated never blocks the ask.
+    fn propose_asked_merge(&mut self, merge: MergeCommand) {
+        let (step, term) = (merge.step, self.raw.raft.term);
+        if let Some((proposed_step, proposed_term, at)) = self.merge.asked_proposed {
+            if (proposed_step, proposed_term) == (step, term) && self.applied_index < at {
+                return;
+            }
+        }
+        let before = self.raw.raft.raft_log.last_index();
+        self.propose_merge(0, merge);
+        let at = self.raw.raft.raft_log.last_index();
+        if at > before {
+            self.merge.asked_proposed = Some((step, term, at));
         }
     }
 
@@ -223,7 +247,13 @@ impl Peer {
             self.merge.holding_told = holding;
             self.raw.broadcast_commit();
         }
-        if self.descriptor.replicas.iter().all(|r| self.merge.confirmed.contains(&r.replica_id)) {
+        // The commit is asked once, then again at each tick while this range lives (an ask may be lost: a full
+        // queue, a left leader that changed before proposing it) — not on every handling: the left leader proposes
+        // each ask it gets, and until the first applies every one is an entry of its log (up to nine per merge when
+        // asked on every handling; the later ones refused at apply).
+        let due = self.merge.commit_asked_at_ticks.is_none_or(|at| self.merge.ticks > at);
+        if due && self.descriptor.replicas.iter().all(|r| self.merge.confirmed.contains(&r.replica_id)) {
+            self.merge.commit_asked_at_ticks = Some(self.merge.ticks);
             let commit = MergeCommand::new(MergeStep::Commit, None, Some(self.descriptor.clone()));
             let command = Command::merge(state.into_epoch.unwrap_or_default(), commit);
             asks.push(MergeAsk::Propose { group_id: state.into_group_id, command: Box::new(command) });
