@@ -69,11 +69,11 @@ impl AsyncDb {
     }
 
     pub async fn write_batch(&self, batch: WriteBatch) -> Result<(), DbError> {
-        let mut command = self.db.write_command(batch)?;
+        let command = self.db.write_command(batch)?;
         let deadline = self.db.deadline();
         loop {
             let routes = self.db.routes();
-            let position = routes.route_write(&mut command).map_err(|e| self.db.users_error(e))?;
+            let position = routes.route_write(&command).map_err(|e| self.db.users_error(e))?;
             let make = |reply| PeerMsg::Write { command: command.clone(), reply };
             match self.call(&routes, position, deadline, make).await.map_err(|e| self.db.users_error(e))? {
                 Some(outcome) => return written(outcome),

@@ -295,13 +295,13 @@ impl Requests {
     /// [`Requests::write`] of operations on stored keys (the system's too).
     async fn write_stored(&self, ops: Vec<Op>, timeout: Duration) -> Result<Outcome, RouteError> {
         let deadline = Instant::now() + timeout;
-        // One operation for every attempt: only its epoch changes when it is routed again.
-        let mut op = ForwardOp::Write(Command::write(None, ops));
+        // One operation for every attempt. Without an epoch: the group checks its keys where it applies, which is
+        // all a write needs (the `Db`'s `DbRoutes::route_write` says why).
+        let op = ForwardOp::Write(Command::write(None, ops));
+        let ForwardOp::Write(command) = &op else { unreachable!("a write") };
         loop {
             let routes = self.table();
-            let ForwardOp::Write(command) = &mut op else { unreachable!("a write") };
             let position = routes.table.batch_position(command.ops.iter().map(|op| op.key.as_slice()))?;
-            command.epoch = Some(routes.table.range(position).epoch());
             match self.route(&routes, position, &op, deadline).await? {
                 Some(Answered::Written(outcome)) => return Ok(outcome),
                 Some(other) => return Err(RouteError::Storage(format!("a write answered {other:?}"))),
