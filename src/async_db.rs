@@ -60,7 +60,9 @@ impl AsyncDb {
                     }
                 }
                 Err(_) if Instant::now() >= deadline => {
-                    return Err(DbError::Busy("the group's mailbox stayed full".into()))
+                    return Err(DbError::Busy(
+                        "the group's mailbox stayed full, or its replica was still opening".into(),
+                    ))
                 }
                 Err(pause) => pause,
             };

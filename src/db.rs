@@ -139,6 +139,10 @@ impl Config {
     }
 }
 
+/// How long a request waits before it asks again a node that is opening the group's replica (a split applied
+/// there a moment ago: `Store::opening`).
+const OPENING_RETRY_PAUSE: Duration = Duration::from_micros(200);
+
 /// Bytes a batch's encoding adds per operation at most (field tags and length prefixes), and per command.
 const OP_OVERHEAD_BYTES_MAX: usize = 32;
 const COMMAND_OVERHEAD_BYTES_MAX: usize = 64;
@@ -437,7 +441,7 @@ impl Db {
     }
 
     /// Sends one attempt of a request to the node believed to lead the range at `position`: the node and where
-    /// its answer will come, or how long to wait before trying again (a full mailbox).
+    /// its answer will come, or how long to wait before trying again (a full mailbox, or a replica opening there).
     pub(crate) fn send_attempt<T>(
         &self,
         routes: &DbRoutes,
@@ -456,10 +460,16 @@ impl Db {
         match store.router().send(range.group_id, make(reply)) {
             Ok(()) => Ok((node, answer)),
             Err(flotilla_raftstore::batch::router::SendError::NotFound(_)) => {
-                // The node holds no replica of the group: a merge ended it (the table is stale), or the node has
-                // none yet (it has not applied the split that makes it, or it lagged and its replica of the group
-                // the split came from was caught up by a snapshot taken after the split). The next attempt goes
-                // to the next node.
+                // The node holds no replica of the group. If a split applied there just made it, its replicas
+                // thread is opening the replica: the next attempt goes to it again, a moment later — the split's
+                // new group is led first where it was proposed, which is where the table looks (moving on cost the
+                // writes a split caught a millisecond or two more, through a follower's hint and back).
+                if store.opening(range.group_id) {
+                    return Err(OPENING_RETRY_PAUSE);
+                }
+                // Otherwise a merge ended it (the table is stale), or the node has none yet (it has not applied the
+                // split, or it lagged and its replica of the group the split came from was caught up by a
+                // snapshot taken after the split). The next attempt goes to the next node.
                 routes.table.note_leader(position, node % routes.table.nodes() + 1);
                 let stale = RangeError::StaleEpoch { sent: range.epoch(), current: Box::new(range.clone()) };
                 let (reply, answer) = oneshot::channel();
@@ -492,7 +502,9 @@ impl Db {
                     }
                 }
                 Err(_) if Instant::now() >= deadline => {
-                    return Err(DbError::Busy("the group's mailbox stayed full".into()))
+                    return Err(DbError::Busy(
+                        "the group's mailbox stayed full, or its replica was still opening".into(),
+                    ))
                 }
                 Err(pause) => pause,
             };
@@ -994,7 +1006,7 @@ impl Drop for Db {
 
 #[cfg(test)]
 mod tests {
-    use super::{Config, Db, PeerMsg, SplitRequest};
+    use super::{Config, Db, DbError, PeerMsg, SplitRequest};
     use flotilla_engine::log_engine::LogEngine;
     use std::time::{Duration, Instant};
 
@@ -1046,6 +1058,30 @@ mod tests {
         db.put(b"k", b"w").unwrap();
         assert_ne!(db.routes().table.leader(position), node);
         drop(routes);
+        db.close().unwrap();
+    }
+
+    /// A node whose replica of the group is opening (a split applied there a moment ago) is asked again, not left
+    /// for the next node: the split's new group is led first there.
+    #[test]
+    fn a_node_opening_the_groups_replica_is_asked_again_until_it_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { groups: 1, nodes: 3, request_timeout: Duration::from_secs(2), ..Config::default() };
+        let db = Db::open_with(dir.path(), config).unwrap();
+        db.put(b"k", b"v").unwrap();
+        let routes = db.routes();
+        let position = routes.table.position_of(&db.stored(b"k"));
+        let (group, node) = (routes.table.range(position).group_id, routes.table.leader(position));
+        drop(routes);
+        let store = db.nodes[node as usize - 1].store();
+        assert!(store.router().unregister(group).is_some());
+        store.set_opening(group, true);
+        // (A replica that never opens: the write waits on that node until its deadline.)
+        assert!(matches!(db.put(b"k", b"w"), Err(DbError::Busy(why)) if why.contains("opening")));
+        assert_eq!(db.routes().table.leader(position), node, "it stayed with the node opening the replica");
+        store.set_opening(group, false);
+        db.put(b"k", b"w").unwrap();
+        assert_ne!(db.routes().table.leader(position), node, "then went on to the next");
         db.close().unwrap();
     }
 

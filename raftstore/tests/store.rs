@@ -515,6 +515,10 @@ fn a_split_opens_the_new_group_on_every_node_and_it_serves_its_range() {
     }
     for node in nodes {
         assert!(node.kv.ranges().unwrap().iter().any(|(id, _)| *id == 2), "node {} stores group 2", node.id);
+        wait_until(deadline, "every node's replica of group 2 is open", || {
+            node.store.router().send(2, PeerMsg::CheckMembership).is_ok()
+        });
+        assert!(!node.store.opening(2), "node {}: open, no longer opening", node.id);
     }
     // The left group refuses keys of the right range now — writes, reads, and scans routed with the range as it
     // was before the split — and still serves its own.

@@ -60,6 +60,8 @@ pub struct StoreHandler {
     pub(crate) meta_group: Arc<AtomicU64>,
     /// A `ReplicaTask::Checkpoint` is queued (one at a time; the replicas thread clears it).
     pub(crate) checkpoint_queued: Arc<std::sync::atomic::AtomicBool>,
+    /// The groups this node's splits made, until their replicas are open (`Store::opening`).
+    pub(crate) opening: Arc<super::OpeningGroups>,
 }
 
 /// A write made durable, as the persisted forwarder gets it: the group's Ready, and what waited for it.
@@ -415,6 +417,7 @@ impl StoreHandler {
             // (`SplitRequest::first_leader`; its range takes no writes until it has a leader).
             for split_off in fsm.peer.take_split_off() {
                 self.local_reader.note_ranges_changed();
+                self.opening.insert(split_off.range.group_id);
                 let _ = self.tasks.send(ReplicaTask::Split(Box::new(split_off)));
             }
             self.merge_step(fsm);

@@ -140,6 +140,7 @@ pub struct Store {
     ticking: Arc<Ticking>,
     failure: Arc<failure::NodeFailure>,
     local_reader: Arc<LocalReader>,
+    opening: Arc<OpeningGroups>,
     tasks: crossbeam_channel::Sender<ReplicaTask>,
     /// Dropped to stop the ticker, the log collector and the replicas thread.
     stop: Option<crossbeam_channel::Sender<()>>,
@@ -177,6 +178,7 @@ impl StoreCore {
             claims: Arc::default(),
             meta_group: Arc::default(),
             checkpoint_queued: Arc::default(),
+            opening: Arc::default(),
             ticking: Arc::new(Ticking::new(clock)),
             log,
             kv,
@@ -197,7 +199,8 @@ impl StoreCore {
         ranges: &[RangeDescriptor],
         mailboxes: Arc<dyn Mailboxes>,
     ) -> Result<Replicas, flotilla_raft::Error> {
-        let StoreHandler { log, kv, ticking, failure, local_reader, claims, checkpoint_queued, .. } = &self.handler;
+        let StoreHandler { log, kv, ticking, failure, local_reader, claims, checkpoint_queued, opening, .. } =
+            &self.handler;
         failure.wake_on_stop(Arc::clone(&mailboxes));
         {
             // The log's writer failing on its own (a disk error, a panic) stops the node at once. (Weak: the log
@@ -251,6 +254,7 @@ impl StoreCore {
             merged_logs: Vec::new(),
             awaiting_split: awaiting_split::AwaitingSplit::new(options.split_message_wait_ticks),
             checkpoint_queued: Arc::clone(checkpoint_queued),
+            opening: Arc::clone(opening),
         })
     }
 }
@@ -327,6 +331,7 @@ impl Store {
             ticking: handler.ticking,
             failure: handler.failure,
             local_reader: handler.local_reader,
+            opening: handler.opening,
             tasks: handler.tasks,
             stop: Some(stop),
             threads,
@@ -350,6 +355,22 @@ impl Store {
     /// Where callers learn whether a read may be served on their own thread (`local_reader.rs`).
     pub fn local_reader(&self) -> &Arc<LocalReader> {
         &self.local_reader
+    }
+
+    /// Whether a split applied here made group `group_id` and its replica is not open yet (the replicas thread
+    /// opens it in a moment): a request for it may wait for it rather than go elsewhere.
+    pub fn opening(&self, group_id: u64) -> bool {
+        self.opening.contains(group_id)
+    }
+
+    /// Marks group `group_id` as opening here, or not (`opening`), as a split's apply and the replicas thread do:
+    /// for tests of callers that wait on it.
+    #[doc(hidden)]
+    pub fn set_opening(&self, group_id: u64, opening: bool) {
+        match opening {
+            true => self.opening.insert(group_id),
+            false => self.opening.remove(group_id),
+        }
     }
 
     /// Calls `listener` with the reason once the node stops on a failure (at once if it has). It runs on the
@@ -380,6 +401,25 @@ impl Store {
         for group_id in group_ids {
             mailboxes::deliver(self.mailboxes.as_ref(), group_id, PeerMsg::Campaign);
         }
+    }
+}
+
+/// The groups a split applied on this node made whose replicas the replicas thread has not opened yet: noted by
+/// the poller that applied the split, forgotten once the open is done (or failed). Few at a time, briefly.
+#[derive(Default)]
+pub(crate) struct OpeningGroups(parking_lot::Mutex<std::collections::HashSet<u64>>);
+
+impl OpeningGroups {
+    pub(crate) fn insert(&self, group_id: u64) {
+        self.0.lock().insert(group_id);
+    }
+
+    pub(crate) fn remove(&self, group_id: u64) {
+        self.0.lock().remove(&group_id);
+    }
+
+    fn contains(&self, group_id: u64) -> bool {
+        self.0.lock().contains(&group_id)
     }
 }
 

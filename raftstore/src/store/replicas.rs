@@ -128,6 +128,8 @@ pub(crate) struct Replicas {
     pub(crate) merged_logs: Vec<u64>,
     /// Set while a `ReplicaTask::Checkpoint` is queued (the pollers ask at most one at a time: `handler.rs`).
     pub(crate) checkpoint_queued: Arc<std::sync::atomic::AtomicBool>,
+    /// The groups splits made here, until their replicas are open (`Store::opening`).
+    pub(crate) opening: Arc<super::OpeningGroups>,
 }
 
 /// When each group's range was last measured for a merge, and the checks waiting to be due (see
@@ -176,7 +178,10 @@ impl Replicas {
                 flotilla_engine::panics::catch("destroying a replica", || self.destroy(&descriptor))
             }
             ReplicaTask::Split(split_off) => {
-                flotilla_engine::panics::catch("opening a split's new group", || self.open_split_off(&split_off))
+                let opened =
+                    flotilla_engine::panics::catch("opening a split's new group", || self.open_split_off(&split_off));
+                self.opening.remove(split_off.range.group_id);
+                opened
             }
             ReplicaTask::CheckMembership(group_id) => {
                 let _ = self.mailboxes.send(group_id, PeerMsg::CheckMembership);
