@@ -16,8 +16,8 @@
 //!    ([`MergeReady`]), again and again while it lives. No checkpoint: after a crash the replica applies the
 //!    decision again from its own log, whatever else of its group has ended.
 //! 5. **Commit** (left log, asked by the right leader once every replica confirmed — then again at each tick
-//!    until it ends; the ask goes to the left group's replica on the same node, which hands it to its leader): the left range grows over the right one
-//!    and this node's right replica ends — its record says which group took its keys — in one state machine
+//!    until it ends; the ask goes to the left group's replica on the same node, which hands it to its leader):
+//!    the left range grows over the right one and this node's right replica ends — its record says which group took its keys — in one state machine
 //!    write. Every right replica here applied the decision (step 4), so the data under the grown range is the
 //!    right range's final data — except on a node that crashed since, whose two groups' logs are applied again
 //!    in no set order: there the left replica holds its apply at the commit until the right replica applied the
@@ -249,8 +249,8 @@ impl Peer {
         }
         // The commit is asked once, then again at each tick while this range lives (an ask may be lost: a full
         // queue, a left leader that changed before proposing it) — not on every handling: the left leader proposes
-        // each ask it gets, and until the first applies every one is an entry of its log (up to nine per merge when
-        // asked on every handling; the later ones refused at apply).
+        // each ask it gets (once while its proposal of it is on its way: `propose_asked_merge`), and every one it
+        // proposes is an entry of its log (up to 13 per merge in a test when asked on every handling).
         let due = self.merge.commit_asked_at_ticks.is_none_or(|at| self.merge.ticks > at);
         if due && self.descriptor.replicas.iter().all(|r| self.merge.confirmed.contains(&r.replica_id)) {
             self.merge.commit_asked_at_ticks = Some(self.merge.ticks);
