@@ -17,12 +17,12 @@
 //!    decision again from its own log, whatever else of its group has ended.
 //! 5. **Commit** (left log, asked by the right leader once every replica confirmed — then again at each tick
 //!    until it ends; the ask goes to the left group's replica on the same node, which hands it to its leader):
-//!    the left range grows over the right one and this node's right replica ends — its record says which group took its keys — in one state machine
-//!    write. Every right replica here applied the decision (step 4), so the data under the grown range is the
-//!    right range's final data — except on a node that crashed since, whose two groups' logs are applied again
-//!    in no set order: there the left replica holds its apply at the commit until the right replica applied the
-//!    decision again (`Peer::apply_committed`). The left range was locked since before the freeze, so the
-//!    commit, routed with the epoch the freeze recorded, always applies.
+//!    the left range grows over the right one and this node's right replica ends — its record says which group
+//!    took its keys — in one state machine write. Every right replica here applied the decision (step 4), so the
+//!    data under the grown range is the right range's final data — except on a node that crashed since, whose
+//!    two groups' logs are applied again in no set order: there the left replica holds its apply at the commit
+//!    until the right replica applied the decision again (`Peer::apply_committed`). The left range was locked
+//!    since before the freeze, so the commit, routed with the epoch the freeze recorded, always applies.
 //! 6. **Cancel** (left log, by the left leader): the lock is given up once the right range, as this node's
 //!    replica of it shows, moved past the locked epoch without freezing for this merge (it never will, then) or
 //!    unfroze. A left range that waits too long for a freeze that may never come (the host stopped) asks the
