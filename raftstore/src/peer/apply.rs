@@ -75,6 +75,11 @@ impl Peer {
         std::mem::take(&mut self.merged_away)
     }
 
+    /// The groups of the ranges splits applied here gave away and [`Peer::take_split_off`] has not taken yet.
+    pub fn split_off_groups(&self) -> impl Iterator<Item = u64> + '_ {
+        self.split_off.iter().map(|split_off| split_off.range.group_id)
+    }
+
     /// The ranges splits applied here gave to new groups since the last call, in log order: the node opens a
     /// replica of each (its first state is in the state machine, written with the split's batch).
     pub fn take_split_off(&mut self) -> Vec<crate::command::SplitOff> {

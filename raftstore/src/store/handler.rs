@@ -398,6 +398,11 @@ impl StoreHandler {
                 .peer
                 .apply_committed(self.kv.as_ref(), &entries)
                 .map_err(|e| format!("applying group {}: {e}", fsm.peer.group_id()))?;
+            // The groups its splits make are opening from the moment the state machine shows them (`Store::opening`:
+            // a request that finds one there waits for it).
+            for group_id in fsm.peer.split_off_groups() {
+                self.opening.insert(group_id);
+            }
             batches.extend(groups);
             applied.push((position, last, outcomes));
         }
@@ -417,7 +422,6 @@ impl StoreHandler {
             // (`SplitRequest::first_leader`; its range takes no writes until it has a leader).
             for split_off in fsm.peer.take_split_off() {
                 self.local_reader.note_ranges_changed();
-                self.opening.insert(split_off.range.group_id);
                 let _ = self.tasks.send(ReplicaTask::Split(Box::new(split_off)));
             }
             self.merge_step(fsm);
