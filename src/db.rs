@@ -629,7 +629,7 @@ impl Db {
 
     /// Runs `read` (of `key`, or of a scan from it) on the state machine of the node believed to lead the group at
     /// `position` if its grant holds (`None`: it does not); a stopped node refuses, and a failed read stops it.
-    /// The read counts toward the group's load where the load trigger is on (`LocalReader::note_read`).
+    /// The read counts toward the group's load where the load trigger is on (`LocalReader::count_read`).
     fn local_read<T>(
         &self,
         routes: &DbRoutes,
@@ -649,9 +649,7 @@ impl Db {
         if let Some(reason) = store.failure() {
             return Some(Err(DbError::Storage(reason)));
         }
-        if store.local_reader().note_read(lease, key) {
-            let _ = store.router().send(routes.table.range(position).group_id, PeerMsg::LocalReads);
-        }
+        store.local_reader().count_read(lease, routes.table.range(position).group_id, key, store.router());
         Some(read(&node.kv).map_err(|error| node.fail(format!("{what}: {error}"))))
     }
 

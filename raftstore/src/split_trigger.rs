@@ -2,7 +2,7 @@
 //! `size_check_written_bytes` of writes since its last check, its range's data is measured off the pollers
 //! (`split_check.rs`, on the replicas thread) and a range over `size_bytes_max` asks to split near the middle of
 //! its bytes — and by **load** — its requests (with the reads its node served locally:
-//! `LocalReader::note_read`) are counted and sampled per window of ticks (`load_split.rs`), and a load over
+//! `LocalReader::count_read`) are counted and sampled per window of ticks (`load_split.rs`), and a load over
 //! the bound for enough windows in a row asks to split at the sampled key that halves it.
 //!
 //! Asking is all a store does: a [`RangeAsk`] goes to the host (`StoreOptions::range_asks`), which takes the

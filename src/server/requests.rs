@@ -250,9 +250,7 @@ impl Requests {
         if routes.table.leader(position) != self.node_id || !self.reader.holds(lease, range.epoch().version) {
             return None;
         }
-        if self.reader.note_read(lease, key) {
-            let _ = self.router.send(range.group_id, PeerMsg::LocalReads);
-        }
+        self.reader.count_read(lease, range.group_id, key, &self.router);
         Some(self.kv.get(key).map_err(|error| RouteError::Storage(error.to_string())))
     }
 

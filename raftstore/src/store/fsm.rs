@@ -105,7 +105,7 @@ pub enum PeerMsg {
     },
     /// The state machine made more of this group durable: compact the log behind it (`peer/compaction.rs`).
     CompactLog,
-    /// Its node served many reads of the group locally (`LocalReader::note_read`): a leader stays awake (it
+    /// Its node served many reads of the group locally (`LocalReader::count_read`): a leader stays awake (it
     /// is busy, though no request reaches it) and counts them toward its load at its next tick.
     LocalReads,
     /// The transport lost its connection to this node: a leader stops streaming appends to its replica there and

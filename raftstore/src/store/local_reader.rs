@@ -20,7 +20,7 @@
 //! Two routing facts travel the same way, for the node's router (`src/server/requests.rs`): the leader each
 //! replica knows ([`ReadLease::leader_hint`]), and a count of the splits and merges this node's replicas applied
 //! ([`LocalReader::ranges_changed`]) — never used to grant a read. And one count travels back: the reads served
-//! locally, for the replica's load trigger ([`LocalReader::note_read`]).
+//! locally, for the replica's load trigger ([`LocalReader::count_read`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +28,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
+use super::fsm::PeerMsg;
+use super::mailboxes::Mailboxes;
 use super::ticks::TickClock;
 use crate::peer::LocalReadGrant;
 
@@ -42,7 +44,7 @@ pub struct ReadLease {
     range_version: AtomicU64,
     /// The node the replica last believed to lead its group (0: none known): a routing hint only, never a grant.
     leader_node: AtomicU64,
-    /// Reads served locally since the replica last took them ([`LocalReader::note_read`]), and the keys of
+    /// Reads served locally since the replica last took them ([`LocalReader::count_read`]), and the keys of
     /// some: reads that never reach the replica still count toward its load (`split_trigger.rs`).
     local_reads: AtomicU64,
     local_read_keys: Mutex<Vec<Vec<u8>>>,
@@ -129,10 +131,18 @@ impl LocalReader {
         LocalReader { clock, leases: Mutex::default(), ranges_changed: AtomicU64::new(0), reads_counted }
     }
 
-    /// A read of `key` was served locally under `lease`'s grant: it counts toward the group's load where the load
-    /// trigger is on (nothing to do where it is off: the embedded default splits by size only). Returns whether
-    /// the caller should tell the group's replica now (`PeerMsg::LocalReads`; a full mailbox: it is busy anyway).
-    pub fn note_read(&self, lease: &ReadLease, key: &[u8]) -> bool {
+    /// A read of `key` was served locally under `lease`'s grant, group `group_id`'s: it counts toward the group's
+    /// load where the load trigger is on (nothing to do where it is off: the embedded default splits by size
+    /// only), and now and then the replica is told through `mailboxes` (`PeerMsg::LocalReads`; a full mailbox
+    /// drops it: the replica is busy anyway). The one call of every caller that serves reads locally.
+    pub fn count_read(&self, lease: &ReadLease, group_id: u64, key: &[u8], mailboxes: &dyn Mailboxes) {
+        if self.note_read(lease, key) {
+            let _ = mailboxes.send(group_id, PeerMsg::LocalReads);
+        }
+    }
+
+    /// [`LocalReader::count_read`]'s count: whether the replica should be told now.
+    fn note_read(&self, lease: &ReadLease, key: &[u8]) -> bool {
         self.reads_counted && lease.note_local_read(key)
     }
 

@@ -158,9 +158,7 @@ impl Sim {
         let running = node.running.as_ref().expect("a grant holds only on a running node");
         // Counted toward the group's load, as the `Db`'s and a server's local reads are.
         let reader = running.store.local_reader();
-        if reader.note_read(&reader.lease(group_id), key) {
-            let _ = running.store.mailboxes().send(group_id, PeerMsg::LocalReads);
-        }
+        reader.count_read(&reader.lease(group_id), group_id, key, running.store.mailboxes());
         running.kv.get(key).map(Some).map_err(|error| format!("node {}: a local read failed: {error}", node.id))
     }
 
