@@ -93,26 +93,30 @@ impl Peer {
 
     /// Proposes a step of a merge for the client `token`, routed with the range's whole current epoch:
     /// answered `Written(Merge { range })` once applied (or `InvalidMerge` if it did not fit then), or refused
-    /// now.
-    pub fn propose_merge(&mut self, token: Token, merge: MergeCommand) {
+    /// now. Returns the index of its entry, if proposed.
+    pub fn propose_merge(&mut self, token: Token, merge: MergeCommand) -> Option<u64> {
         self.on_request();
         if !self.is_leader() {
             let refusal = self.not_leader();
-            return self.responses.push((token, Response::Failed(refusal)));
+            self.responses.push((token, Response::Failed(refusal)));
+            return None;
         }
         let locks = [MergeStep::Prepare as i32, MergeStep::Freeze as i32].contains(&merge.step);
         if locks && self.raw.raft.has_pending_conf_change() {
             // The members stay as they are from the lock or freeze on: no membership change may be on its way.
             let busy = PeerError::Busy(flotilla_raft::DropReason::ConfChangePending);
-            return self.responses.push((token, Response::Failed(busy)));
+            self.responses.push((token, Response::Failed(busy)));
+            return None;
         }
         let command = Command { request_id: token, ..Command::merge(self.descriptor.epoch(), merge) };
         let before = self.raw.raft.raft_log.last_index();
         self.propose_entry(token, command);
         let at = self.raw.raft.raft_log.last_index();
-        if locks && at > before {
+        let proposed = (at > before).then_some(at);
+        if locks && proposed.is_some() {
             self.merge_proposed_at = at;
         }
+        proposed
     }
 
     /// A lock or freeze proposed here and not applied yet: membership changes wait for it (then refuse).
@@ -159,10 +163,7 @@ impl Peer {
                 return;
             }
         }
-        let before = self.raw.raft.raft_log.last_index();
-        self.propose_merge(0, merge);
-        let at = self.raw.raft.raft_log.last_index();
-        if at > before {
+        if let Some(at) = self.propose_merge(0, merge) {
             self.merge.asked_proposed = Some((step, term, at));
         }
     }
@@ -331,8 +332,9 @@ impl Peer {
         if self.merge.proposed_at.is_some_and(|at| self.applied_index < at) {
             return;
         }
-        self.propose_merge(0, MergeCommand::new(step, None, None));
-        self.merge.proposed_at = Some(self.raw.raft.raft_log.last_index());
+        if let Some(at) = self.propose_merge(0, MergeCommand::new(step, None, None)) {
+            self.merge.proposed_at = Some(at);
+        }
     }
 
     /// A replica's confirmation that it applied the decision (counted by the leader of a range decided at that
