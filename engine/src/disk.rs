@@ -240,6 +240,8 @@ struct SimDiskState {
     syncs_before_failure: Option<u32>,
     /// After a power cut: writes vanish and syncs fail, until `crash` (which models the reboot).
     powered_off: bool,
+    /// Bytes passed to `write_at` of any file so far.
+    bytes_written_total: u64,
 }
 
 impl SimDiskState {
@@ -336,6 +338,16 @@ impl SimDisk {
 
     pub fn file_len(&self, path: &Path) -> Option<usize> {
         self.state.lock().file(path).ok().map(|f| f.len())
+    }
+
+    /// How far a file's written bytes reach (past this, up to its length, it is sparse).
+    pub fn written_len(&self, path: &Path) -> Option<usize> {
+        self.state.lock().file(path).ok().map(|f| f.data.len())
+    }
+
+    /// Bytes written to any file so far.
+    pub fn bytes_written_total(&self) -> u64 {
+        self.state.lock().bytes_written_total
     }
 
     pub fn unsynced_bytes(&self) -> usize {
@@ -507,8 +519,12 @@ impl DiskFile for SimFile {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        if self.state.lock().powered_off {
-            return Ok(());
+        {
+            let mut state = self.state.lock();
+            if state.powered_off {
+                return Ok(());
+            }
+            state.bytes_written_total += data.len() as u64;
         }
         self.with_file(|f| f.write_at(offset as usize, data))
     }

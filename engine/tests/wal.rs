@@ -716,7 +716,7 @@ fn reads_outside_the_log_are_refused_even_when_the_cache_held_those_entries() {
 mod recycling {
     use super::*;
 
-    fn recycled_files(disk: &SimDisk, dir: &Path) -> usize {
+    pub(super) fn recycled_files(disk: &SimDisk, dir: &Path) -> usize {
         disk.list(dir)
             .unwrap()
             .iter()
@@ -725,7 +725,7 @@ mod recycling {
     }
 
     /// Group 1 writes `rounds` appends and compacts behind itself, so purges can free old segments.
-    fn churn(wal: &mut Wal, from_round: u64, rounds: u64) {
+    pub(super) fn churn(wal: &mut Wal, from_round: u64, rounds: u64) {
         for round in from_round..from_round + rounds {
             let first = (round - 1) * 2 + 1;
             wal.write(&[(1, LogOp::Append(entries(first..=first + 1, 1)))]).unwrap();
@@ -735,7 +735,7 @@ mod recycling {
 
     /// A WAL of `segment_bytes_max` segments on a fresh disk, churned for `rounds` and then purged as far as it
     /// goes (filling the recycle pool of 2).
-    fn churned_and_purged(segment_bytes_max: u64, rounds: u64) -> (SimDisk, WalOptions, Wal, Vec<u64>) {
+    pub(super) fn churned_and_purged(segment_bytes_max: u64, rounds: u64) -> (SimDisk, WalOptions, Wal, Vec<u64>) {
         let disk = SimDisk::new();
         let options = WalOptions { segment_bytes_max, recycled_segments_max: 2, ..WalOptions::default() };
         let (mut wal, _) = Wal::open(Path::new("/node/wal"), Arc::new(disk.clone()), options.clone()).unwrap();
@@ -788,6 +788,82 @@ mod recycling {
         let error = Wal::open(dir, Arc::new(disk), options).err().expect("refused");
         assert!(matches!(&error, WalError::Corruption { offset, .. } if *offset == SEGMENT_HEADER_BYTES), "{error}");
         assert!(error.to_string().contains("a valid frame follows"), "{error}");
+    }
+}
+
+/// Zeros ahead (`WalOptions::zero_ahead_bytes`): a new segment's file gets its blocks written ahead of its frames,
+/// a chunk at a time and never past the length the segment started with, so most syncs overwrite written blocks;
+/// a recycled file, written in its earlier life, gets none.
+mod zero_ahead {
+    use super::*;
+
+    const PAGE: usize = 4096;
+    const HEADER: usize = SEGMENT_HEADER_BYTES as usize;
+
+    fn write_one(wal: &mut Wal, index: u64) {
+        wal.write(&[(1, LogOp::Append(entries(index..=index, 1)))]).unwrap(); // one page-long frame
+    }
+
+    #[test]
+    fn a_new_segment_is_zero_filled_ahead_of_its_frames_up_to_its_length() {
+        let dir = Path::new("/node/wal");
+        let disk = SimDisk::new();
+        let options = WalOptions { segment_bytes_max: 64 << 10, zero_ahead_bytes: 16 << 10, ..WalOptions::default() };
+        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options).unwrap();
+        let first = segment_path(dir, wal.segment_ids()[0]);
+        assert_eq!(disk.written_len(&first), Some(HEADER), "a new segment: its header, the rest sparse");
+        write_one(&mut wal, 1);
+        assert_eq!(disk.written_len(&first), Some(HEADER + PAGE + (16 << 10)));
+        // Frames within the zeros write nothing ahead.
+        let before = disk.bytes_written_total();
+        for index in 2..=5 {
+            write_one(&mut wal, index);
+        }
+        assert_eq!(disk.bytes_written_total() - before, 4 * PAGE as u64);
+        assert_eq!(disk.written_len(&first), Some(HEADER + 5 * PAGE));
+        // The next frame reaches past them: zeros again, from its end.
+        write_one(&mut wal, 6);
+        assert_eq!(disk.written_len(&first), Some(HEADER + 6 * PAGE + (16 << 10)));
+        let mut index = 7;
+        while wal.segment_ids().len() == 1 {
+            write_one(&mut wal, index);
+            index += 1;
+        }
+        // Zeros stop at the segment's 64 KiB; only its seal's frame lies beyond.
+        assert_eq!(disk.written_len(&first), Some((64 << 10) + PAGE));
+        drop(wal);
+        let options = WalOptions { segment_bytes_max: 64 << 10, zero_ahead_bytes: 16 << 10, ..WalOptions::default() };
+        let (wal, report) = Wal::open(dir, Arc::new(disk), options).unwrap();
+        assert_eq!(report.torn_tail, None, "{report:?}");
+        assert_eq!(wal.group(1).unwrap().last_index(), index - 1);
+    }
+
+    #[test]
+    fn without_zeros_ahead_a_new_segment_holds_only_its_frames() {
+        let dir = Path::new("/node/wal");
+        let disk = SimDisk::new();
+        let options = WalOptions { segment_bytes_max: 64 << 10, zero_ahead_bytes: 0, ..WalOptions::default() };
+        let (mut wal, _) = Wal::open(dir, Arc::new(disk.clone()), options).unwrap();
+        write_one(&mut wal, 1);
+        assert_eq!(disk.written_len(&segment_path(dir, wal.segment_ids()[0])), Some(HEADER + PAGE));
+    }
+
+    #[test]
+    fn a_recycled_file_is_overwritten_without_zeros_ahead() {
+        let dir = Path::new("/node/wal");
+        let (disk, _, mut wal, _) = recycling::churned_and_purged(64 << 10, 30);
+        let mut round = 31;
+        loop {
+            let before = disk.bytes_written_total();
+            recycling::churn(&mut wal, round, 1);
+            round += 1;
+            if recycling::recycled_files(&disk, dir) < 2 {
+                // This round rotated into a recycled file: the old segment's seal, the new one's header and the
+                // round's two frames, nothing ahead of them.
+                assert_eq!(disk.bytes_written_total() - before, 4 * PAGE as u64);
+                break;
+            }
+        }
     }
 }
 

@@ -305,7 +305,17 @@ pub(super) fn recover(dir: &Path, disk: &dyn Disk, options: &WalOptions) -> Resu
         Some((&id, segment)) => {
             let file =
                 disk.open(&segment.path, false).map_err(io_error(format!("opening {}", segment.path.display())))?;
-            ActiveSegment { id, salt: segment.salt, file, len: segment.len }
+            let file_len = file.len_bytes().map_err(io_error(format!("sizing {}", segment.path.display())))?;
+            // What lies past the frames is unknown (zeros written ahead, stale bytes of a recycled file, or a
+            // hole): zeros are written ahead again from there.
+            ActiveSegment {
+                id,
+                salt: segment.salt,
+                file,
+                len: segment.len,
+                blocks_written_until: segment.len,
+                zero_fill_end: file_len,
+            }
         }
         None => {
             // A new WAL (or one whose only segment was a creation cut short): the next id starts it.

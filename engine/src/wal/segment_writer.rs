@@ -25,7 +25,16 @@ pub(super) struct ActiveSegment {
     pub(super) salt: u32,
     pub(super) file: Box<dyn DiskFile>,
     pub(super) len: u64,
+    /// Every byte of the file below this offset has been written, in this segment or in the file's earlier life:
+    /// writing there allocates nothing (see `WalOptions::zero_ahead_bytes`).
+    pub(super) blocks_written_until: u64,
+    /// The file's length when the segment started: zeros are written ahead up to here at most (beyond it the
+    /// file only grows by a frame's own bytes, and the segment is full).
+    pub(super) zero_fill_end: u64,
 }
+
+/// Zeros written ahead of the frames, a slice of this at a time.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// The part of the WAL that writes: the active segment. Owned by one writer (the caller of [`Wal::write`](super::Wal::write), or
 /// the group-commit thread).
@@ -127,12 +136,18 @@ impl SegmentWriter {
         PreparedWrite { placed, segment_id: self.active.id, end: self.active.len + batch_bytes }
     }
 
-    /// Writes the prepared frame and syncs once.
+    /// Writes the prepared frame (and zeros ahead of it, see `WalOptions::zero_ahead_bytes`) and syncs once.
     pub fn append_and_sync(&mut self, prepared: &PreparedWrite) -> Result<(), WalError> {
         assert_eq!(prepared.segment_id, self.active.id, "prepared for another segment");
         debug_assert_eq!(self.active.len % BATCH_ALIGN_BYTES, 0, "frames start aligned");
+        let end = self.active.len + self.scratch.len() as u64;
+        if end > self.active.blocks_written_until {
+            // Zeros first: a write torn by a crash then cuts the frame, as without them.
+            self.write_zeros(end, (end + self.options.zero_ahead_bytes).min(self.active.zero_fill_end))?;
+            self.active.blocks_written_until = self.active.blocks_written_until.max(end);
+        }
         self.active.file.write_at(self.active.len, &self.scratch).map_err(io_error("writing to the active segment"))?;
-        self.active.len += self.scratch.len() as u64;
+        self.active.len = end;
         // Keep the buffer for the next write, but do not hold on to an exceptional one.
         if self.scratch.capacity() > 4 * self.options.record_batch_bytes_max.max(1 << 20) * 8 {
             self.scratch = Vec::new();
@@ -145,6 +160,24 @@ impl SegmentWriter {
 
     pub fn options(&self) -> &WalOptions {
         &self.options
+    }
+
+    /// Writes zeros over `from..to` of the active segment (nothing if empty) and notes the blocks as written.
+    fn write_zeros(&mut self, from: u64, to: u64) -> Result<(), WalError> {
+        let mut at = from;
+        while at < to {
+            let len = (to - at).min(ZEROS.len() as u64);
+            self.active
+                .file
+                .write_at(at, &ZEROS[..len as usize])
+                .map_err(io_error("writing zeros ahead in the active segment"))?;
+            at += len;
+        }
+        if to > from {
+            metrics::counter!("flotilla_wal_zeroed_bytes_total").increment(to - from);
+            self.active.blocks_written_until = to;
+        }
+        Ok(())
     }
 }
 
@@ -219,5 +252,13 @@ fn start_segment(
     }
     file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
     disk.sync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))?;
-    Ok(ActiveSegment { id, salt: segment_salt(id, nonce), file, len: SEGMENT_HEADER_BYTES })
+    Ok(ActiveSegment {
+        id,
+        salt: segment_salt(id, nonce),
+        file,
+        len: SEGMENT_HEADER_BYTES,
+        // A recycled file was written up to its length in its earlier life (frames are contiguous up to its seal).
+        blocks_written_until: len.max(SEGMENT_HEADER_BYTES),
+        zero_fill_end: preallocated_bytes,
+    })
 }
