@@ -67,8 +67,10 @@ impl SimLog {
     /// disk. True if there was one.
     pub fn tear(&self, disk: &SimDisk) -> bool {
         let Some(request) = self.queue.lock().pop_front() else { return false };
-        disk.power_off();
+        // Its bytes are written but its sync fails: the crash that follows keeps a prefix of them, or none.
+        disk.fail_next_syncs(1);
         let _ = self.wal.submit(request);
+        disk.fail_next_syncs(0);
         true
     }
 

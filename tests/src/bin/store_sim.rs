@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability ({} reads served locally, {} of them while the node's pollers stood still), {} with unknown outcome, {} node crashes, {} torn writes, {} pauses, {} stall duels, {} leadership transfers, {} membership changes proposed ({} applied, {} replicas destroyed), {} splits proposed ({} applied; {} asked by the size and load triggers; {} client attempts routed again after one), {} merges asked of leaders ({} asks from the merge trigger; {} frozen, {} committed), the meta range's table matching every range at the end ({} publications routed by a host), {} log compactions, {} snapshots installed, {} replica ticks slept through)",
+        "store-sim: {} seeds clean in {:.1}s ({} client operations checked for linearizability ({} reads served locally, {} of them while the node's pollers stood still), {} with unknown outcome, {} node crashes, {} torn writes ({} of them written unsynced), {} pauses, {} stall duels, {} leadership transfers, {} membership changes proposed ({} applied, {} replicas destroyed), {} splits proposed ({} applied; {} asked by the size and load triggers; {} client attempts routed again after one), {} merges asked of leaders ({} asks from the merge trigger; {} frozen, {} committed), the meta range's table matching every range at the end ({} publications routed by a host), {} log compactions, {} snapshots installed, {} replica ticks slept through)",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.operations,
@@ -60,6 +60,7 @@ fn main() -> ExitCode {
         total.unknown,
         total.crashes,
         total.torn_writes,
+        total.torn_writes_written,
         total.pauses,
         total.stall_duels,
         total.transfers,

@@ -83,6 +83,8 @@ pub struct StoreSimReport {
     pub unknown: usize,
     pub crashes: u64,
     pub torn_writes: u64,
+    /// Torn writes whose bytes reached the disk unsynced (the crash then keeps a random prefix of them, or none).
+    pub torn_writes_written: u64,
     pub pauses: u64,
     pub transfers: u64,
     pub messages: u64,
@@ -128,6 +130,7 @@ impl StoreSimReport {
         self.unknown += other.unknown;
         self.crashes += other.crashes;
         self.torn_writes += other.torn_writes;
+        self.torn_writes_written += other.torn_writes_written;
         self.pauses += other.pauses;
         self.transfers += other.transfers;
         self.messages += other.messages;
@@ -488,6 +491,9 @@ impl Sim {
         // The power goes in the middle of the next write: it fails, and a prefix of it may reach the disk.
         if torn && running.log.tear(&node.disk) {
             self.report.torn_writes += 1;
+            if node.disk.unsynced_bytes() > 0 {
+                self.report.torn_writes_written += 1;
+            }
         }
         self.report.compactions += running.log.compactions.load(Ordering::Relaxed);
         self.report.snapshot_installs += running.log.snapshots.load(Ordering::Relaxed);
