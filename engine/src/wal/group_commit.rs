@@ -12,7 +12,9 @@
 //! a request the WAL refuses (a bug above it), a panic: [`GroupCommitWal::on_failure`] tells the node at once.
 //!
 //! Metrics: `flotilla_wal_write_seconds` (encode + write + fdatasync + index update per batch),
-//! `flotilla_wal_batch_requests`, `flotilla_wal_batch_bytes` (histograms); after each purge the gauges
+//! `flotilla_wal_batch_requests`, `flotilla_wal_batch_bytes` (histograms); the counters
+//! `flotilla_wal_segments_recycled_total` and `flotilla_wal_zeroed_bytes_total` (zeros written ahead in new
+//! segments, `segment_writer.rs`); after each purge the gauges
 //! `flotilla_wal_bytes`, `flotilla_wal_pinned_bytes_max`, `flotilla_wal_pinned_bytes_max_group`, and
 //! `flotilla_wal_pinned_bytes{group}` for the [`PINNED_GROUPS_EXPORTED`] groups pinning the most (a gauge per group
 //! for all of a node's groups would be up to 100K series; a group leaving that list is set back to 0).
