@@ -143,8 +143,9 @@ impl SegmentWriter {
         let end = self.active.len + self.scratch.len() as u64;
         if end > self.active.blocks_written_until {
             // Zeros first: a write torn by a crash then cuts the frame, as without them.
-            self.write_zeros(end, (end + self.options.zero_ahead_bytes).min(self.active.zero_fill_end))?;
-            self.active.blocks_written_until = self.active.blocks_written_until.max(end);
+            let zeros_end = (end + self.options.zero_ahead_bytes).min(self.active.zero_fill_end);
+            self.write_zeros(end, zeros_end)?;
+            self.active.blocks_written_until = zeros_end.max(end);
         }
         self.active.file.write_at(self.active.len, &self.scratch).map_err(io_error("writing to the active segment"))?;
         self.active.len = end;
@@ -162,7 +163,7 @@ impl SegmentWriter {
         &self.options
     }
 
-    /// Writes zeros over `from..to` of the active segment (nothing if empty) and notes the blocks as written.
+    /// Writes zeros over `from..to` of the active segment (nothing if empty).
     fn write_zeros(&mut self, from: u64, to: u64) -> Result<(), WalError> {
         let mut at = from;
         while at < to {
@@ -173,10 +174,7 @@ impl SegmentWriter {
                 .map_err(io_error("writing zeros ahead in the active segment"))?;
             at += len;
         }
-        if to > from {
-            metrics::counter!("flotilla_wal_zeroed_bytes_total").increment(to - from);
-            self.active.blocks_written_until = to;
-        }
+        metrics::counter!("flotilla_wal_zeroed_bytes_total").increment(to.saturating_sub(from));
         Ok(())
     }
 }

@@ -109,11 +109,8 @@ impl Peer {
             return None;
         }
         let command = Command { request_id: token, ..Command::merge(self.descriptor.epoch(), merge) };
-        let before = self.raw.raft.raft_log.last_index();
-        self.propose_entry(token, command);
-        let at = self.raw.raft.raft_log.last_index();
-        let proposed = (at > before).then_some(at);
-        if locks && proposed.is_some() {
+        let proposed = self.propose_entry(token, command);
+        if let Some(at) = proposed.filter(|_| locks) {
             self.merge_proposed_at = at;
         }
         proposed
@@ -137,7 +134,7 @@ impl Peer {
                 (Some(merge), None, true) if current => self.propose_asked_merge(*merge),
                 (None, Some(range), true) if self.descriptor.is_meta() => {
                     self.on_request(); // (a sleeping leader wakes to carry it)
-                    self.propose_entry(0, Command::publish(*range))
+                    self.propose_entry(0, Command::publish(*range));
                 }
                 _ => {}
             }

@@ -63,15 +63,18 @@ impl Peer {
         self.propose_entry(token, command);
     }
 
-    /// Proposes `command` as one entry and tracks it for `token`.
-    pub(super) fn propose_entry(&mut self, token: Token, command: Command) {
+    /// Proposes `command` as one entry and tracks it for `token`. Returns the entry's index, if proposed (a
+    /// dropped proposal is answered `Busy`).
+    pub(super) fn propose_entry(&mut self, token: Token, command: Command) -> Option<u64> {
         match self.raw.propose(command.encode_entry()) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
                 self.writes.entry(index).or_default().push(PendingWrite { term: self.raw.raft.term, token });
+                Some(index)
             }
             Err(RaftError::ProposalDropped(reason)) => {
-                self.responses.push((token, Response::Failed(PeerError::Busy(reason))))
+                self.responses.push((token, Response::Failed(PeerError::Busy(reason))));
+                None
             }
             Err(other) => unreachable!("a proposal on a leader fails only by being dropped, not with {other:?}"),
         }
