@@ -195,8 +195,8 @@ pub enum ApplyError {
         index: u64,
         reason: String,
     },
-    /// A merge committed while this node's replica of the range it takes in was not frozen at the point the
-    /// merge was asked for (every replica confirms it before the merge is proposed: a bug).
+    /// A merge committed while this node's replica of the range it takes in can never apply the decision (it
+    /// ended, or moved past: every replica's log holds the decision before the merge is proposed — a bug).
     MergeNotReady {
         index: u64,
         reason: String,
@@ -260,8 +260,8 @@ pub struct ApplyBatch {
     /// The range table writes of this batch's publications so far (the meta group's), for the later ones.
     published: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// A merge commit this batch stopped at, by index, with the range it takes in: this node's replica of that
-    /// range has not applied the decision yet (after a crash; see `Peer::apply_committed`). Nothing from it on
-    /// is applied.
+    /// range has not applied the decision yet (it has not heard that it committed, or a crash; see
+    /// `Peer::apply_committed`). Nothing from it on is applied.
     pub waits_at: Option<(u64, RangeDescriptor)>,
 }
 
@@ -326,7 +326,7 @@ impl ApplyBatch {
             let request_id = command.request_id;
             let outcome = match (command.split.take(), command.merge.take(), command.publish.take()) {
                 (Some(split), _, _) => self.apply_split(engine, descriptor, command.epoch, &split),
-                (None, Some(merge), _) => self.apply_merge(engine, descriptor, command.epoch, *merge, entry.index)?,
+                (None, Some(merge), _) => self.apply_merge(engine, descriptor, command.epoch, *merge, entry)?,
                 (None, None, Some(range)) => self.apply_publish(engine, descriptor, &range)?,
                 (None, None, None) => {
                     apply_command(engine, descriptor, command, &mut self.overlay, &mut self.group.ops)?
@@ -373,22 +373,24 @@ impl ApplyBatch {
 
     /// A merge step (`peer/merge.rs`), refused unless routed with the range's whole current epoch. `Commit`
     /// checks that this node's replica of the right range is the decided range the command carries and has
-    /// applied through the decision — every replica confirmed it before the commit was proposed, so a failure is
-    /// a bug that stops the node rather than a divergence between replicas.
+    /// applied through the decision; one that has not yet (its log holds the decision: the commit was proposed
+    /// only then) is waited for (`waits_at`), and anything else — it ended, or moved past — is a bug that stops
+    /// the node rather than a divergence between replicas.
     fn apply_merge(
         &mut self,
         engine: &dyn KvEngine,
         descriptor: &mut RangeDescriptor,
         sent: Option<RangeEpoch>,
         merge: MergeCommand,
-        index: u64,
+        entry: &Entry,
     ) -> Result<Outcome, ApplyError> {
+        let index = entry.index;
         if let Some(refused) = whole_epoch_refusal(descriptor, sent) {
             return Ok(refused);
         }
         let step = MergeStep::try_from(merge.step)
             .map_err(|_| ApplyError::Undecodable { index, reason: format!("unknown merge step {}", merge.step) })?;
-        let next = match merge_step(descriptor, step, merge, index) {
+        let next = match merge_step(descriptor, step, merge, (index, entry.term)) {
             Ok(next) => next,
             Err(reason) => return Ok(Outcome::InvalidMerge(reason)),
         };
@@ -468,13 +470,13 @@ fn whole_epoch_refusal(descriptor: &RangeDescriptor, sent: Option<RangeEpoch>) -
     })
 }
 
-/// What merge step `step` makes of `descriptor` (applied at entry `index`), and for a commit the range it takes
-/// in; `Err` says why the step does not fit the range as it is (skipped alike on every replica).
+/// What merge step `step` makes of `descriptor` (applied at the entry at `(index, term)`), and for a commit the
+/// range it takes in; `Err` says why the step does not fit the range as it is (skipped alike on every replica).
 fn merge_step(
     descriptor: &RangeDescriptor,
     step: MergeStep,
     merge: MergeCommand,
-    index: u64,
+    (index, term): (u64, u64),
 ) -> Result<(RangeDescriptor, Option<RangeDescriptor>), String> {
     let (frozen, locked) = (descriptor.merge, descriptor.merge_lock);
     let decided = frozen.is_some_and(|state| state.decided_index != 0);
@@ -496,11 +498,12 @@ fn merge_step(
                 into_epoch: left.epoch,
                 frozen_index: index,
                 decided_index: 0,
+                decided_term: 0,
             };
             Ok((RangeDescriptor { merge: Some(state), ..next }, None))
         }
         (MergeStep::Decide, _, _) if frozen.is_some() && !decided => {
-            let state = MergeState { decided_index: index, ..frozen.expect("frozen") };
+            let state = MergeState { decided_index: index, decided_term: term, ..frozen.expect("frozen") };
             Ok((RangeDescriptor { merge: Some(state), ..descriptor.clone() }, None))
         }
         (MergeStep::Unfreeze, _, _) if frozen.is_some() && !decided => {
@@ -534,8 +537,9 @@ pub fn ready_to_take(engine: &dyn KvEngine, right: &RangeDescriptor) -> bool {
 }
 
 /// Whether this node's replica of the decided range `right`, not ready to be taken in, may yet be: it is that
-/// group, not ended, and not past `right` (it has the decision to apply still: a node that crashed since its
-/// confirmation applies its groups' logs again in no set order). Anything else at a commit is a bug.
+/// group, not ended, and not past `right` (it has the decision to apply still: it has not heard that it
+/// committed, or its node crashed and applies its groups' logs again in no set order). Anything else at a commit
+/// is a bug.
 fn may_catch_up(engine: &dyn KvEngine, right: &RangeDescriptor) -> bool {
     let stored = engine.range(right.group_id).ok().flatten();
     let here = stored.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok());
@@ -764,7 +768,7 @@ mod tests {
         assert_eq!((batches[1].group_id, record.merged_into, record.replicas.len()), (5, 4, 0));
     }
 
-    /// A commit the left replica meets before its node's right replica applied the decision (after a crash) waits
+    /// A commit the left replica meets before its node's right replica applied the decision waits
     /// there (`ApplyBatch::waits_at`: nothing from it on applied), and applies once that replica applied it; one
     /// whose right replica here can never be ready (it ended) stops the node.
     #[test]

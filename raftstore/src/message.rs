@@ -89,17 +89,18 @@ pub struct RemovalNotice {
     pub descriptor: Option<RangeDescriptor>,
 }
 
-/// From a replica of a range decided for a merge to its leader: its state machine holds the decision durably
-/// (`peer/merge.rs`).
+/// From a replica of a range frozen for a merge to its leader: its state machine holds the replica's first state
+/// durably, so a crash can never leave it without a range under a merge that counts on it (`peer/merge.rs`).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct MergeReady {
     #[prost(uint64, tag = "1")]
     pub from: u64,
     #[prost(uint64, tag = "2")]
     pub to: u64,
-    /// The decision entry's index.
+    /// The freeze entry's index (until protocol version 2: the decision's, confirmed applied and durably
+    /// committed).
     #[prost(uint64, tag = "3")]
-    pub decided_index: u64,
+    pub frozen_index: u64,
 }
 
 /// From a replica to its group's leader: propose this command, asked of the group by another group through its
@@ -115,6 +116,21 @@ pub struct AskMessage {
     pub command: Option<crate::command::Command>,
 }
 
+/// To a replica of a group a merge ended on the sender's node (it wrote the group's record there): the group's
+/// decision, the entry at `(decided_index, decided_term)`, committed. A replica whose log holds that entry
+/// commits up to it — the other members it could hear that from are gone (`peer/merge.rs`, step 5).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DecisionNotice {
+    #[prost(uint64, tag = "1")]
+    pub from: u64,
+    #[prost(uint64, tag = "2")]
+    pub to: u64,
+    #[prost(uint64, tag = "3")]
+    pub decided_index: u64,
+    #[prost(uint64, tag = "4")]
+    pub decided_term: u64,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum ReplicaMessage {
     Raft(Message),
@@ -125,6 +141,7 @@ pub enum ReplicaMessage {
     Removed(RemovalNotice),
     MergeReady(MergeReady),
     Ask(AskMessage),
+    Decided(DecisionNotice),
 }
 
 impl ReplicaMessage {
@@ -137,6 +154,7 @@ impl ReplicaMessage {
             ReplicaMessage::Removed(notice) => notice.from,
             ReplicaMessage::MergeReady(ready) => ready.from,
             ReplicaMessage::Ask(ask) => ask.from,
+            ReplicaMessage::Decided(notice) => notice.from,
         }
     }
 
@@ -149,6 +167,7 @@ impl ReplicaMessage {
             ReplicaMessage::Removed(notice) => notice.to,
             ReplicaMessage::MergeReady(ready) => ready.to,
             ReplicaMessage::Ask(ask) => ask.to,
+            ReplicaMessage::Decided(notice) => notice.to,
         }
     }
 }

@@ -102,6 +102,11 @@ pub struct MergeState {
     /// it never unfreezes, and its replicas end as the left group takes it in.
     #[prost(uint64, tag = "4")]
     pub decided_index: u64,
+    /// The term of that entry (0: decided before it was recorded, in a version whose replicas confirmed the
+    /// decision's commit durably instead). A replica whose log holds the entry with this term knows everything
+    /// up to it committed, whatever its group says (`peer/merge.rs`, step 5).
+    #[prost(uint64, tag = "5")]
+    pub decided_term: u64,
 }
 
 /// A split of a group's range, carried by a command through the group's log ([`RangeDescriptor::split`] says

@@ -986,3 +986,162 @@ fn a_merge_that_cannot_get_every_confirmation_is_given_up_and_both_ranges_serve_
     });
     put(&nodes, 1, b"x3", b"merged", deadline);
 }
+
+/// Which envelopes a [`DropWhere`] drops, given its flags.
+type Drops = Box<dyn Fn(&Envelope, [bool; 2]) -> bool + Send + Sync>;
+
+/// Sends through `inner`, dropping the envelopes `drops` picks (given the flags `held`).
+struct DropWhere {
+    inner: Arc<InProcessTransport>,
+    held: [std::sync::atomic::AtomicBool; 2],
+    drops: Drops,
+}
+
+impl DropWhere {
+    fn set(&self, flag: usize, on: bool) {
+        self.held[flag].store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Transport for DropWhere {
+    fn send(&self, envelope: Envelope) {
+        let held = self.held.each_ref().map(|flag| flag.load(std::sync::atomic::Ordering::SeqCst));
+        if !(self.drops)(&envelope, held) {
+            self.inner.send(envelope);
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+/// Whether `envelope` tells group `group_id`'s replica on node 3 a commit index and nothing else — a heartbeat,
+/// or an append without entries: how a follower of a frozen range learns that its decision committed (the
+/// append carrying the decision carries an older commit index).
+fn commit_news_to_node_3(envelope: &Envelope, group_id: u64) -> bool {
+    use flotilla_raftstore::raft::MessageType;
+    let commit_only = |m: &ReplicaMessage| {
+        matches!(m, ReplicaMessage::Raft(m) if m.msg_type() == MessageType::Heartbeat
+            || (m.msg_type() == MessageType::Append && m.entries.is_empty()))
+    };
+    envelope.to_node == 3 && envelope.group_id == group_id && commit_only(&envelope.message)
+}
+
+/// Three nodes of one group sending through `filter`, split at `m` into group 2, which node 1 then leads.
+fn split_on_three_nodes_dropping(dir: &std::path::Path, filter: &Arc<DropWhere>) -> Vec<Node> {
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
+    let ranges = initial_ranges(1, 1, &replicas);
+    let nodes: Vec<Node> =
+        (1..=3).map(|id| start_node_sending(id, dir, &ranges, Arc::clone(filter) as _, &filter.inner)).collect();
+    nodes[0].store.campaign_all([1]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let split = SplitRequest::new(b"m".to_vec(), (2, 21), 3);
+    let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+    until_outcome(&nodes, 1, deadline, make, |o| matches!(o, Outcome::Split { .. }));
+    put(&nodes, 1, b"a1", b"left", deadline);
+    wait_until(deadline, "node 1 leads group 2", || {
+        let leader = put(&nodes, 2, b"x1", b"right", deadline);
+        let transfer = PeerMsg::TransferLeader { replica_id: 21 };
+        leader == 1 || nodes[leader as usize - 1].store.router().send(2, transfer).is_err()
+    });
+    nodes
+}
+
+/// Node 3's replica of the right range holds the decision in its log but never hears that it committed (its
+/// group's commit news to node 3 is lost, and so are the notices of nodes where the group ended). The right
+/// leader asks for the commit all the same — every log holds the decision — and node 3's left replica, meeting
+/// the commit in its log, waits for its node's right replica and tells it the decision committed: it applies
+/// it, and the merge ends on node 3 too.
+#[test]
+fn a_right_replica_that_never_heard_its_decision_committed_learns_it_from_the_commit_on_its_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let notices = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Arc::clone(&notices);
+    let filter = Arc::new(DropWhere {
+        inner: Arc::new(InProcessTransport::new()),
+        held: Default::default(),
+        drops: Box::new(move |envelope, [held, _]| {
+            let notice = matches!(envelope.message, ReplicaMessage::Decided(_));
+            if notice {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            held && (commit_news_to_node_3(envelope, 2) || (notice && envelope.to_node == 3))
+        }),
+    });
+    let nodes = split_on_three_nodes_dropping(dir.path(), &filter);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    filter.set(0, true);
+    ask_merge(&nodes, 1, 2, deadline);
+    wait_until(deadline, "every node takes group 2 in", || nodes.iter().all(|node| node.store.router().len() == 1));
+    let record = stored_range(&nodes[2], 2).unwrap();
+    assert_eq!((record.merged_into, record.replicas.len()), (1, 0));
+    assert!(record.merge.is_some_and(|state| state.decided_index != 0 && state.decided_term != 0), "{record:?}");
+    assert_eq!(nodes[2].kv.get(b"x1").unwrap().as_deref(), Some(&b"right"[..]), "the right range's data stayed");
+    put(&nodes, 1, b"x2", b"merged", deadline);
+    // A message of the ended group, from node 3 to node 1: node 1 answers it with a notice, and node 3, where the
+    // group ended too, does not answer that (two nodes that did would answer each other's forever).
+    filter.set(0, false);
+    std::thread::sleep(Duration::from_millis(100));
+    let before = notices.load(std::sync::atomic::Ordering::SeqCst);
+    let mut probe = flotilla_raftstore::raft::Message { from: 23, to: 21, term: 1, ..Default::default() };
+    probe.set_msg_type(flotilla_raftstore::raft::MessageType::HeartbeatResponse);
+    let message = ReplicaMessage::Raft(probe);
+    filter.inner.send(Envelope { group_id: 2, from_node: 3, to_node: 1, message });
+    filter.inner.flush();
+    std::thread::sleep(Duration::from_millis(300));
+    let answered = notices.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(answered, 1, "one notice answers the message, and nothing answers the notice");
+}
+
+/// Node 3's replica of the right range holds the decision but hears nothing of its commit, and node 3's left
+/// replica hears nothing of group 1 while nodes 1 and 2 commit the merge, split the merged range again at the
+/// same key (group 3 takes the right range's keys) and compact the log. Node 3's left replica then catches up
+/// by a snapshot past both, which leaves the right range's keys alone — node 3's right replica, not decided
+/// there, is not ended by it, and its claim keeps group 3's snapshot out. Once node 3's right replica hears from
+/// a node where its group ended that the decision committed (a `DecisionNotice`, answering its messages), it
+/// applies the decision, finds its left replica past the merge and ends itself; group 3 then installs on node 3.
+#[test]
+fn a_right_replica_left_behind_by_its_left_groups_snapshot_learns_its_decision_from_another_node_and_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let filter = Arc::new(DropWhere {
+        inner: Arc::new(InProcessTransport::new()),
+        held: Default::default(),
+        drops: Box::new(|envelope, [decision_held, left_held]| {
+            let notice = envelope.to_node == 3 && matches!(envelope.message, ReplicaMessage::Decided(_));
+            let left = envelope.to_node == 3 && envelope.group_id == 1;
+            commit_news_to_node_3(envelope, 2) || (decision_held && notice) || (left_held && left)
+        }),
+    });
+    let nodes = split_on_three_nodes_dropping(dir.path(), &filter);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    filter.set(0, true);
+    filter.set(1, true);
+    ask_merge(&nodes, 1, 2, deadline);
+    wait_until(deadline, "nodes 1 and 2 take group 2 in", || {
+        nodes[..2].iter().all(|node| node.store.router().len() == 1)
+    });
+    let node_3 = &nodes[2];
+    let frozen = stored_range(node_3, 2).unwrap();
+    assert!(frozen.merge.is_some_and(|state| state.decided_index == 0), "not decided on node 3: {frozen:?}");
+    let split = SplitRequest::new(b"m".to_vec(), (3, 31), 3);
+    let make = |reply| PeerMsg::Split { split: split.clone(), reply };
+    until_outcome(&nodes[..2], 1, deadline, make, |o| matches!(o, Outcome::Split { .. }));
+    put(&nodes[..2], 3, b"x3", b"group 3", deadline);
+    put(&nodes[..2], 1, b"a3", b"group 1", deadline);
+    for node in &nodes[..2] {
+        compact(node, 1);
+    }
+    filter.set(1, false);
+    wait_until(deadline, "node 3's left replica catches up past the merge", || {
+        node_3.kv.get(b"a3").unwrap().as_deref() == Some(&b"group 1"[..])
+    });
+    assert_eq!(node_3.kv.get(b"x3").unwrap(), None, "group 3's snapshot waits for the right range's keys");
+    filter.set(0, false);
+    wait_until(deadline, "node 3's right replica ends and group 3 installs there", || {
+        node_3.kv.get(b"x3").unwrap().as_deref() == Some(&b"group 3"[..])
+    });
+    let record = stored_range(node_3, 2).unwrap();
+    assert_eq!((record.merged_into, record.replicas.len()), (1, 0));
+    assert!(node_3.store.router().send(2, PeerMsg::Tick).is_err(), "node 3's replica of group 2 stopped");
+}

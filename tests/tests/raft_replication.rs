@@ -473,3 +473,30 @@ fn a_follower_that_asks_for_a_snapshot_keeps_acknowledging_and_installs_the_stat
     assert_eq!(c.applied_index(3), c.applied_index(1), "the kept entries after the snapshot applied");
     assert_eq!(c.node(3).machine.hash, c.node(1).machine.hash, "same state");
 }
+
+/// A commit learned from outside the group (`RawNode::learn_committed`: a merge's decision, which the commit in
+/// the left group's log vouches for) counts only for an entry this log holds with that term — then everything up
+/// to it is the group's committed log — and the entries it commits apply as any others.
+#[test]
+fn a_commit_learned_from_outside_the_group_counts_only_for_an_entry_the_log_holds_with_its_term() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    c.elect(1);
+    c.propose(1, "decision").unwrap();
+    let appends = c.take_messages();
+    c.deliver(appends);
+    c.cut(1, 3); // node 3 holds the entry, and hears nothing of its commit
+    c.stabilize();
+    let (last, term) = (c.raft(1).raft_log.last_index(), c.raft(1).term);
+    assert_eq!(c.raft(1).raft_log.committed, last);
+    assert_eq!(c.raft(3).raft_log.last_index(), last, "node 3's log holds it");
+    let before = c.raft(3).raft_log.committed;
+    assert!(before < last, "node 3 has not heard of the commit");
+    assert!(!c.with_node(3, |node| node.learn_committed(last, term + 1)), "not the entry node 3 holds");
+    assert!(!c.with_node(3, |node| node.learn_committed(last + 1, term)), "not in node 3's log");
+    assert_eq!(c.raft(3).raft_log.committed, before);
+    assert!(c.with_node(3, |node| node.learn_committed(last, term)));
+    assert_eq!(c.raft(3).raft_log.committed, last);
+    c.stabilize();
+    assert_eq!(c.applied_index(3), last, "applied");
+    assert_eq!(c.node(3).machine.hash, c.node(1).machine.hash, "the same state as the leader's");
+}

@@ -151,6 +151,14 @@ impl<S: Storage> RawNode<S> {
         }
     }
 
+    /// The entry at `(index, term)` is known committed from outside the group (a merge's decision, vouched for
+    /// by the commit in the left group's log: see the raftstore's `peer/merge.rs`). If this log holds it, every
+    /// entry up to it is the group's committed log (Log Matching) and is committed here too. Returns whether the
+    /// commit index moved.
+    pub fn learn_committed(&mut self, index: u64, term: u64) -> bool {
+        self.raft.raft_log.maybe_commit(index, term)
+    }
+
     pub fn report_unreachable(&mut self, id: u64) {
         self.raft.report_unreachable(id);
     }

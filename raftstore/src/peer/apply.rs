@@ -36,13 +36,14 @@ impl Peer {
             batch.apply(kv, &mut self.descriptor, &entries[start..])?;
         }
         if let Some((index, right)) = batch.waits_at.take() {
-            // A merge commit whose right range's replica here has not applied the decision yet (only after a
-            // crash: every replica confirmed it before the commit was proposed, but a restarted node applies its
-            // groups' logs again in no set order). It and what follows go back to the core, held until that
-            // replica applied it (`merge.rs` lets them go).
+            // A merge commit whose right range's replica here has not applied the decision yet (its log holds
+            // it, but it has not heard that it committed; or a restarted node applies its groups' logs again in no
+            // set order). It and what follows go back to the core, held until that replica applied it (`merge.rs`
+            // tells it the decision committed, and lets them go).
             self.raw.hand_back(index);
             self.raw.hold_apply(true);
             self.merge.commit_waits_for = Some(right);
+            self.merge.commit_wait_told = false;
         }
         // The claims here follow, in log order: a merge commit, then (its lock gone) perhaps a split that gives a
         // new group keys the merged group held (`store-sim` seed 200 applied both in one batch).

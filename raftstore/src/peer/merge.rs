@@ -10,19 +10,25 @@
 //!    writes, reads, splits or membership changes; its data is final as of this entry `F`.
 //! 3. **Decide** (right log, by its leader once every replica's log holds `F`): the merge will commit. Final:
 //!    the range never unfreezes. If the replicas do not all hold `F` within [`MERGE_TIMEOUT_TICKS`], the leader
-//!    proposes **Unfreeze** instead. Decide and Unfreeze are one log's entries: the first applied wins.
-//! 4. **Confirm**: every replica of the right group, once it applied the decision and its log holds durably a
-//!    commit index at or past it (written if the lazily stored one is behind), tells the right leader
-//!    ([`MergeReady`]), again and again while it lives. No checkpoint: after a crash the replica applies the
-//!    decision again from its own log, whatever else of its group has ended.
-//! 5. **Commit** (left log, asked by the right leader once every replica confirmed — then again at each tick
+//!    proposes **Unfreeze** instead. Decide and Unfreeze are one log's entries: the first applied wins. The
+//!    decision records its own entry's index and term `(D, T)`.
+//! 4. **Confirm**: every replica of the frozen range whose first state the state machine holds durably (not so
+//!    for a replica a split opened here, until the next checkpoint) tells the right leader ([`MergeReady`]),
+//!    again at each handling while it is frozen — in parallel with the decision, not after it.
+//! 5. **Commit** (left log, asked by the right leader once it applied the decision, every replica's log holds
+//!    it durably — the leader's progress tracker says so — and every replica confirmed; then again at each tick
 //!    until it ends; the ask goes to the left group's replica on the same node, which hands it to its leader):
 //!    the left range grows over the right one and this node's right replica ends — its record says which group
-//!    took its keys — in one state machine write. Every right replica here applied the decision (step 4), so the
-//!    data under the grown range is the right range's final data — except on a node that crashed since, whose
-//!    two groups' logs are applied again in no set order: there the left replica holds its apply at the commit
-//!    until the right replica applied the decision again (`Peer::apply_committed`). The left range was locked
-//!    since before the freeze, so the commit, routed with the epoch the freeze recorded, always applies.
+//!    took its keys — in one state machine write. That needs the right replica here to have applied the
+//!    decision (its data is then the right range's final data); one that has not yet — its log holds the
+//!    decision, but it has not heard that it committed, or it is applying its log again after a crash — is
+//!    waited for: the left replica holds its apply at the commit (`Peer::apply_committed`) and, at each tick
+//!    meanwhile, tells it that `(D, T)` committed ([`MergeAsk::DecisionCommitted`]): the commit in the left log
+//!    vouches for that, so a right replica whose group's other members have all ended still applies its
+//!    decision (`RawNode::learn_committed`); a right replica that applies its decision wakes the left replica
+//!    here at once. The left range was locked since before the freeze, so the commit, routed with the epoch the
+//!    freeze recorded, always applies. (Until session 20 the confirmation came after the decision — applied,
+//!    and its commit index stored durably — a further log write and message round with the range frozen.)
 //! 6. **Cancel** (left log, by the left leader): the lock is given up once the right range, as this node's
 //!    replica of it shows, moved past the locked epoch without freezing for this merge (it never will, then) or
 //!    unfroze. A left range that waits too long for a freeze that may never come (the host stopped) asks the
@@ -46,14 +52,18 @@ use crate::range::{RangeDescriptor, RangeEpoch};
 /// node is down, say), and a locked range for its neighbour to freeze: 20 s at the store's default 100 ms tick.
 pub const MERGE_TIMEOUT_TICKS: u64 = 200;
 
-/// What a replica in a merge wants done beyond its own group.
+/// What a replica in a merge wants done beyond its own group (advisory: each is asked again while it matters).
 #[derive(Clone, Debug, PartialEq)]
 pub enum MergeAsk {
-    /// Propose `command` (a merge step) to group `group_id`, through its replica on this node (advisory: asked
-    /// again while the merge lasts; a duplicate is refused by its epoch).
+    /// Propose `command` (a merge step) to group `group_id`, through its replica on this node (a duplicate is
+    /// refused by its epoch).
     Propose { group_id: u64, command: Box<Command> },
-    /// Wake group `group_id`'s replica on this node: a commit here waits for it to apply its decision, and a
-    /// restarted replica whose group's other members have ended hears from nobody.
+    /// Tell group `group_id`'s replica on this node that its decision, the entry at `(decided_index,
+    /// decided_term)`, committed: a merge commit here waits for it to apply it, and it may have no member left
+    /// to hear that from. (`decided_term` 0: a decision recorded before terms were — only wake it.)
+    DecisionCommitted { group_id: u64, decided_index: u64, decided_term: u64 },
+    /// Wake group `group_id`'s replica on this node (the left range's): this replica applied the decision its
+    /// merge commit may be waiting for.
     Wake { group_id: u64 },
 }
 
@@ -66,8 +76,13 @@ pub(super) struct MergeProgress {
     ticks: u64,
     /// The log index of the last step it proposed itself.
     proposed_at: Option<u64>,
-    /// As the right range's leader: the replicas that confirmed the decision applied.
+    /// As the right range's leader: the replicas that confirmed their first state durable (step 4).
     confirmed: BTreeSet<u64>,
+    /// As a replica of the decided right range: whether it woke its node's left replica after applying the
+    /// decision.
+    left_woken: bool,
+    /// As a replica of the decided right range: whether it ended itself, taken in already (`end_taken_in`).
+    ended_here: bool,
     /// As the right range's leader: how many other replicas held the decision when its commit was last told.
     holding_told: usize,
     /// As the right range's leader: `ticks` when it last asked the left group for the commit.
@@ -78,6 +93,8 @@ pub(super) struct MergeProgress {
     /// As a replica of the locked left range: the right range a merge commit in its log waits for (this node's
     /// replica of it has not applied the decision yet; `Peer::apply_committed`).
     pub(super) commit_waits_for: Option<RangeDescriptor>,
+    /// Whether that replica was told its decision committed since the wait began (then again at each tick).
+    pub(super) commit_wait_told: bool,
 }
 
 /// Whether `now` is later than `then` in a range's history (each part of an epoch only grows).
@@ -180,13 +197,19 @@ impl Peer {
             if crate::command::ready_to_take(kv, right) {
                 self.merge.commit_waits_for = None;
                 self.raw.hold_apply(false); // the commit is handed out again
-            } else if ticks > 0 {
-                wake = Some(MergeAsk::Wake { group_id: right.group_id });
+            } else if ticks > 0 || !self.merge.commit_wait_told {
+                self.merge.commit_wait_told = true;
+                let state = right.merge.unwrap_or_default();
+                let (decided_index, decided_term) = (state.decided_index, state.decided_term);
+                wake = Some(MergeAsk::DecisionCommitted { group_id: right.group_id, decided_index, decided_term });
             }
         }
         if seen != self.merge.seen {
             let waits = self.merge.commit_waits_for.take();
-            self.merge = MergeProgress { seen, commit_waits_for: waits, ..MergeProgress::default() };
+            // Confirmations answer the freeze (step 4): the decision keeps them.
+            let same_freeze = matches!((seen, self.merge.seen), (Some((at, _)), Some((was, _))) if at == was && at != 0);
+            let confirmed = if same_freeze { std::mem::take(&mut self.merge.confirmed) } else { BTreeSet::new() };
+            self.merge = MergeProgress { seen, commit_waits_for: waits, confirmed, ..MergeProgress::default() };
         }
         if seen.is_none() || self.removed {
             return wake.into_iter().collect();
@@ -197,27 +220,36 @@ impl Peer {
         asks
     }
 
-    /// A frozen range's replica: confirms a decision it applied and whose commit its log holds durably (and whose
-    /// first state the state machine holds durably: `first_state_durable`); as the leader, decides (or gives up)
-    /// and asks the left group to commit once everyone confirmed.
+    /// A frozen range's replica: confirms its first state durable; wakes its node's left replica once it applied
+    /// the decision; as the leader, decides (or gives up) and asks the left group to commit once the decision
+    /// is applied here, held by every replica's log and everyone confirmed.
     fn frozen_tick(&mut self, kv: &dyn KvEngine) -> Vec<MergeAsk> {
         let state = self.descriptor.merge.expect("frozen");
         let mut asks = Vec::new();
         let me = self.raw.raft.id;
-        let applied = state.decided_index != 0
-            && self.applied_index >= state.decided_index
-            && self.decision_durable()
-            && self.first_state_durable(kv);
+        let durable = self.first_state_durable(kv);
+        let applied = state.decided_index != 0 && self.applied_index >= state.decided_index;
+        if applied && self.taken_in_already(kv, &state) {
+            self.end_taken_in(kv, &state);
+            return asks;
+        }
+        if applied && !self.merge.left_woken {
+            self.merge.left_woken = true;
+            asks.push(MergeAsk::Wake { group_id: state.into_group_id });
+        }
         if !self.is_leader() {
             let leader = self.raw.raft.leader_id;
-            if applied && leader != 0 && leader != me {
-                let ready = MergeReady { from: me, to: leader, decided_index: state.decided_index };
+            if durable && leader != 0 && leader != me {
+                let ready = MergeReady { from: me, to: leader, frozen_index: state.frozen_index };
                 self.outbox.push(ReplicaMessage::MergeReady(ready));
             }
             return asks;
         }
+        if durable {
+            self.merge.confirmed.insert(me);
+        }
+        let raft = &self.raw.raft;
         if state.decided_index == 0 {
-            let raft = &self.raw.raft;
             let everyone_holds = self.raw.matched_min().is_some_and(|matched| matched >= state.frozen_index)
                 && raft.raft_log.persisted >= state.frozen_index;
             let step = if everyone_holds {
@@ -232,12 +264,8 @@ impl Peer {
             }
             return asks;
         }
-        if applied {
-            self.merge.confirmed.insert(me);
-        }
         // A replica that acknowledged the decision after its commit went out learns of the commit now, not at the
-        // next heartbeat: a frozen range has no appends to carry it, and the merge waits for every replica.
-        let raft = &self.raw.raft;
+        // next heartbeat: a frozen range has no appends to carry it, and its node's left replica may wait for it.
         let holding = (raft.tracker.progress.iter())
             .filter(|(id, progress)| **id != me && progress.matched >= state.decided_index)
             .count();
@@ -245,18 +273,54 @@ impl Peer {
             self.merge.holding_told = holding;
             self.raw.broadcast_commit();
         }
+        let raft = &self.raw.raft;
+        let everyone_holds = self.raw.matched_min().is_some_and(|matched| matched >= state.decided_index)
+            && raft.raft_log.persisted >= state.decided_index;
+        let everyone_confirmed = self.descriptor.replicas.iter().all(|r| self.merge.confirmed.contains(&r.replica_id));
         // The commit is asked once, then again at each tick while this range lives (an ask may be lost: a full
         // queue, a left leader that changed before proposing it) — not on every handling: the left leader proposes
         // each ask it gets (once while its proposal of it is on its way: `propose_asked_merge`), and every one it
         // proposes is an entry of its log (up to 13 per merge in a test when asked on every handling).
         let due = self.merge.commit_asked_at_ticks.is_none_or(|at| self.merge.ticks > at);
-        if due && self.descriptor.replicas.iter().all(|r| self.merge.confirmed.contains(&r.replica_id)) {
+        if due && applied && everyone_holds && everyone_confirmed {
             self.merge.commit_asked_at_ticks = Some(self.merge.ticks);
             let commit = MergeCommand::new(MergeStep::Commit, None, Some(self.descriptor.clone()));
             let command = Command::merge(state.into_epoch.unwrap_or_default(), commit);
             asks.push(MergeAsk::Propose { group_id: state.into_group_id, command: Box::new(command) });
         }
         asks
+    }
+
+    /// Whether this node's replica of the left group moved past the epoch the merge was decided for — it took
+    /// this range in, by a snapshot installed while this replica had not applied the decision yet (by its log it
+    /// would have waited for this replica: `apply.rs`). Nothing else moves it: a lock is given up only for a range
+    /// that never froze for it or unfroze, and a decision is final.
+    /// (Not when the left replica here took it in by applying the commit, which wrote this range's record too:
+    /// the node stops this replica already.)
+    fn taken_in_already(&self, kv: &dyn KvEngine, state: &crate::range::MergeState) -> bool {
+        let stored = |group_id| {
+            let bytes = kv.range(group_id).ok().flatten();
+            bytes.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok())
+        };
+        let then = state.into_epoch.unwrap_or_default();
+        let left_past = stored(state.into_group_id).is_some_and(|left| left.epoch().version > then.version);
+        left_past && stored(self.group_id()).is_some_and(|own| own.merged_into == 0)
+    }
+
+    /// Ends this decided replica, which its node's left replica took in already (`taken_in_already`), as that
+    /// install would have had it applied the decision then (`snapshot.rs`): its record says where its keys went
+    /// (durably first), its claim goes — the keys are the left group's, or a later owner's whose install waits
+    /// for them (`store-sim` seed 35: the merged range split again) — and the node stops it.
+    fn end_taken_in(&mut self, kv: &dyn KvEngine, state: &crate::range::MergeState) {
+        if self.merge.ended_here {
+            return;
+        }
+        if let Err(error) = kv.put_range(self.group_id(), &self.descriptor.merged_record(state.into_group_id).encode()) {
+            return self.storage_failed("recording a merged range", error);
+        }
+        self.merge.ended_here = true;
+        self.claims.release(self.group_id());
+        self.merged_away.push(self.group_id());
     }
 
     /// A locked range's leader: gives the lock up once this node's replica of the right range shows it will
@@ -292,26 +356,6 @@ impl Peer {
         }
     }
 
-    /// Whether this replica, which applied its range's decision, will apply it again after a crash: its log holds
-    /// the entry (it applied it) and a commit index at or past it. The commit index is stored lazily (`ready.rs`):
-    /// if the stored one is behind, it is written now (with the next output), and this is asked again at the
-    /// next handling. Without it a restarted replica whose group's other members have all ended in the merge
-    /// would never learn that its decision committed, and its node's left replica would wait for it forever
-    /// (`store-sim` seed 50).
-    fn decision_durable(&mut self) -> bool {
-        let decided_at = self.descriptor.merge.map_or(0, |state| state.decided_index);
-        let stored = self.raw.raft.raft_log.storage.log().hard_state(self.group_id()).commit;
-        if stored >= decided_at {
-            return true;
-        }
-        if self.hard_state_written.commit < decided_at {
-            let hard_state = self.raw.raft.hard_state(); // its commit is past the decision: it applied it
-            self.hard_state_written = hard_state;
-            self.hard_state_to_write = Some(hard_state);
-        }
-        false
-    }
-
     /// A range decided for a merge applies nothing after its decision (`peer/merge.rs`): what could follow — a new
     /// leader's no-op, a step refused — changes nothing, and its applied index must stay where the left group's
     /// commit reads it: the commit writes this group's record with that index, in a state machine write that
@@ -334,16 +378,23 @@ impl Peer {
         }
     }
 
-    /// A replica's confirmation that it applied the decision (counted by the leader of a range decided at that
+    /// A replica's confirmation that its first state is durable (counted by the leader of a range frozen at that
     /// entry).
     pub(super) fn on_merge_ready(&mut self, ready: MergeReady) {
-        let decided_at = self.descriptor.merge.map(|state| state.decided_index);
-        if self.is_leader()
-            && decided_at == Some(ready.decided_index)
-            && ready.decided_index != 0
-            && self.descriptor.lists_replica(ready.from)
-        {
+        let frozen_at = self.descriptor.merge.map(|state| state.frozen_index);
+        if self.is_leader() && frozen_at == Some(ready.frozen_index) && self.descriptor.lists_replica(ready.from) {
             self.merge.confirmed.insert(ready.from);
+        }
+    }
+
+    /// This replica's decision, the entry at `(decided_index, decided_term)`, committed — as its node's left
+    /// replica knows from the merge commit in its own log, which waits for this replica to apply it (step 5). A
+    /// replica whose log holds that entry commits up to it, whatever its descriptor shows yet (it may be
+    /// applying its log again after a crash); one whose group's other members all ended in the merge hears it
+    /// from nobody else.
+    pub fn on_decision_committed(&mut self, decided_index: u64, decided_term: u64) {
+        if decided_term != 0 {
+            self.raw.learn_committed(decided_index, decided_term);
         }
     }
 }

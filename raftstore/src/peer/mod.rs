@@ -200,8 +200,6 @@ pub struct Peer {
     compaction: Option<LogOp>,
     /// The hard state as this replica last wrote it to its log (see `take_output`).
     hard_state_written: flotilla_raft::HardState,
-    /// A hard state to write with the next output, outside a Ready (a decided merge's commit index: `merge.rs`).
-    hard_state_to_write: Option<flotilla_raft::HardState>,
     /// The last term this replica was seen leading in, and an index at or after that term's first entry (see
     /// [`Peer::local_read_grant`]).
     lead_start: (u64, u64),
@@ -300,7 +298,6 @@ impl Peer {
             compaction: None,
             lead_start: (0, 0),
             hard_state_written: hard_state,
-            hard_state_to_write: None,
             claims,
             overlapped_by: None,
             merge: merge::MergeProgress::default(),
@@ -482,6 +479,10 @@ impl Peer {
             }
             ReplicaMessage::MergeReady(ready) => {
                 self.on_merge_ready(ready);
+                Ok(())
+            }
+            ReplicaMessage::Decided(notice) => {
+                self.on_decision_committed(notice.decided_index, notice.decided_term);
                 Ok(())
             }
             ReplicaMessage::Ask(ask) => {

@@ -91,19 +91,6 @@ impl Peer {
         }
         self.pump_snapshot_streams();
         self.take_compaction(&mut output.write);
-        if let Some(hard_state) = self.hard_state_to_write.take() {
-            // Prompt: the replica is handled once it is durable (a merge's confirmation waits for it).
-            let op = LogOp::HardState(hard_state);
-            match &mut output.write {
-                Some(write) => {
-                    write.ops.push(op);
-                    write.prompt = true;
-                }
-                None => {
-                    output.write = Some(LogWrite { ready_number: 0, ops: vec![op], messages: Vec::new(), prompt: true })
-                }
-            }
-        }
         output.messages.append(&mut self.outbox);
         output.responses = std::mem::take(&mut self.responses);
         output

@@ -129,7 +129,7 @@ impl Streams {
 impl Peer {
     /// The state machine failed (a broken environment): recorded for the node to stop on
     /// ([`Peer::storage_failure`]); the replica does nothing more with snapshots.
-    fn storage_failed(&mut self, what: &str, error: StateMachineError) {
+    pub(super) fn storage_failed(&mut self, what: &str, error: StateMachineError) {
         self.storage_failure.get_or_insert_with(|| format!("state machine failure while {what}: {error}"));
         self.streams.outgoing.clear();
         self.streams.incoming = None;

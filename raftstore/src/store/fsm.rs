@@ -98,6 +98,12 @@ pub enum PeerMsg {
     /// A snapshot of another group was refused on this node because this replica holds its keys: wake and find
     /// out whether it is still a member (`Peer::check_membership`).
     CheckMembership,
+    /// This group's merge decision, the entry at `(decided_index, decided_term)`, committed: its node's left
+    /// replica waits for it to apply it (`Peer::on_decision_committed`).
+    DecisionCommitted {
+        decided_index: u64,
+        decided_term: u64,
+    },
     /// The host published this range's descriptor at `epoch` in the meta range, which this node holds no replica
     /// of (`peer/publish.rs`).
     Published {
@@ -249,6 +255,9 @@ impl PeerFsm {
             PeerMsg::CompactLog => self.peer.compact_log(kv),
             PeerMsg::LocalReads => self.peer.on_local_reads(),
             PeerMsg::CheckMembership => self.peer.check_membership(),
+            PeerMsg::DecisionCommitted { decided_index, decided_term } => {
+                self.peer.on_decision_committed(decided_index, decided_term)
+            }
             PeerMsg::Published { epoch } => self.peer.on_published(epoch),
             PeerMsg::SizeMeasured { bytes } => self.split_trigger.on_measured(bytes),
             PeerMsg::Unreachable { node_id } => {

@@ -292,8 +292,10 @@ impl StoreHandler {
         for ask in asks {
             let task = match ask {
                 MergeAsk::Propose { group_id, command } => ReplicaTask::Ask { group_id, command },
-                // (Woken as a replica holding keys a snapshot wanted is: it tells its members where it stands.)
-                MergeAsk::Wake { group_id } => ReplicaTask::CheckMembership(group_id),
+                MergeAsk::DecisionCommitted { group_id, decided_index, decided_term } => {
+                    ReplicaTask::Tell { group_id, message: PeerMsg::DecisionCommitted { decided_index, decided_term } }
+                }
+                MergeAsk::Wake { group_id } => ReplicaTask::Tell { group_id, message: PeerMsg::Tick },
             };
             let _ = self.tasks.try_send(task);
         }

@@ -199,8 +199,9 @@ impl StoreCore {
         ranges: &[RangeDescriptor],
         mailboxes: Arc<dyn Mailboxes>,
     ) -> Result<Replicas, flotilla_raft::Error> {
-        let StoreHandler { log, kv, ticking, failure, local_reader, claims, checkpoint_queued, opening, .. } =
-            &self.handler;
+        let StoreHandler {
+            log, kv, ticking, failure, local_reader, claims, checkpoint_queued, opening, transport, ..
+        } = &self.handler;
         failure.wake_on_stop(Arc::clone(&mailboxes));
         {
             // The log's writer failing on its own (a disk error, a panic) stops the node at once. (Weak: the log
@@ -236,6 +237,7 @@ impl StoreCore {
             log: Arc::clone(log),
             kv: Arc::clone(kv),
             mailboxes,
+            transport: Arc::clone(transport),
             ticking: Arc::clone(ticking),
             // Held now or before: every group whose descriptor this node's state machine stores.
             held: kv

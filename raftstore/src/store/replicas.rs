@@ -45,6 +45,8 @@ pub(crate) enum ReplicaTask {
     CheckMembership(u64),
     /// Another group asks this group's replica here to propose a command (a merge step, a publication).
     Ask { group_id: u64, command: Box<crate::command::Command> },
+    /// Hand this group's replica here a message from another group's replica (a merge's: `MergeAsk`).
+    Tell { group_id: u64, message: PeerMsg },
     /// A merge ended this group's replica here (its record is written; its data is the other group's now).
     MergedAway(u64),
     /// A replica a split opened here waits for its first state to be durable (to install a snapshot, or confirm a
@@ -105,6 +107,8 @@ pub(crate) struct Replicas {
     pub(crate) log: Arc<dyn LogEngine>,
     pub(crate) kv: Arc<dyn KvEngine>,
     pub(crate) mailboxes: Arc<dyn Mailboxes>,
+    /// For the answers to replicas of groups merges ended here (`answer_merged`).
+    pub(crate) transport: Arc<dyn super::Transport>,
     pub(crate) ticking: Arc<Ticking>,
     /// Every group this node has held (opened at start, or created since).
     pub(crate) held: HashSet<u64>,
@@ -185,6 +189,10 @@ impl Replicas {
             }
             ReplicaTask::CheckMembership(group_id) => {
                 let _ = self.mailboxes.send(group_id, PeerMsg::CheckMembership);
+                Ok(())
+            }
+            ReplicaTask::Tell { group_id, message } => {
+                let _ = self.mailboxes.send(group_id, message);
                 Ok(())
             }
             ReplicaTask::CheckSize(range) => {
@@ -462,8 +470,16 @@ impl Replicas {
             return; // the node stopped
         }
         if self.held.contains(&group_id) {
-            // Held now (created by an earlier message) or before (removed): deliver, or drop.
-            let _ = self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)));
+            // Held now (created by an earlier message) or before (removed, or ended by a merge): deliver, or drop
+            // — answering a replica of a group a merge ended here.
+            if let Err(crate::batch::SendError::NotFound(PeerMsg::Replica(envelope))) =
+                self.mailboxes.send(group_id, PeerMsg::Replica(Box::new(envelope)))
+            {
+                // (Never a notice: two nodes where the group ended would answer each other's forever.)
+                if !matches!(envelope.message, crate::message::ReplicaMessage::Decided(_)) {
+                    self.answer_merged(&envelope);
+                }
+            }
             return;
         }
         // Perhaps a split about to be applied here makes the group: its messages wait a moment for it
@@ -472,6 +488,35 @@ impl Replicas {
             Ok(()) => {}
             Err(envelopes) => self.create_empty(group_id, envelopes),
         }
+    }
+
+    /// A message from a replica of group `envelope.group_id`, which a merge ended here: it is told that its
+    /// group's decision committed (`DecisionNotice`). Its other members may all have ended like this one — a
+    /// replica that acknowledged the decision, but never heard that it committed, would otherwise wait forever,
+    /// its keys claimed on its node where the left group wants them (`store-sim` seed 43 met it). Nothing for a
+    /// group with no record, or one decided before decisions recorded their term.
+    fn answer_merged(&self, envelope: &Envelope) {
+        let stored = self.kv.range(envelope.group_id).ok().flatten();
+        let record = stored.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok());
+        let Some(state) = record.filter(|record| record.merged_into != 0).and_then(|record| record.merge) else {
+            return;
+        };
+        if state.decided_term == 0 {
+            return;
+        }
+        let notice = crate::message::DecisionNotice {
+            from: envelope.message.to(),
+            to: envelope.message.from(),
+            decided_index: state.decided_index,
+            decided_term: state.decided_term,
+        };
+        self.transport.send(Envelope {
+            group_id: envelope.group_id,
+            from_node: self.options.node_id,
+            to_node: envelope.from_node,
+            message: crate::message::ReplicaMessage::Decided(notice),
+        });
+        self.transport.flush();
     }
 
     /// The groups whose messages waited long enough for a split to make them here (`awaiting_split.rs`): their

@@ -3,14 +3,15 @@
 //! replica envelope and node message one node had for another when its writer drained the queue.
 
 use flotilla_raftstore::message::{
-    AskMessage, Envelope, HibernateRequest, MergeReady, RemovalNotice, ReplicaMessage, SnapshotAck, SnapshotChunk,
+    AskMessage, DecisionNotice, Envelope, HibernateRequest, MergeReady, RemovalNotice, ReplicaMessage, SnapshotAck, SnapshotChunk,
 };
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::raft::DropReason;
 use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError};
 
-/// The protocol version this build speaks; a peer that speaks another is refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks; a peer that speaks another is refused at the handshake. 2: a
+/// `MergeReady` names the freeze it answers, not the decision (`docs/wire-format.md`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The first frame on a connection, from the node that dialed.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -83,6 +84,8 @@ pub enum Body {
     MergeReady(MergeReady),
     #[prost(message, tag = "8")]
     Ask(AskMessage),
+    #[prost(message, tag = "9")]
+    Decided(DecisionNotice),
 }
 
 impl WireEnvelope {
@@ -95,6 +98,7 @@ impl WireEnvelope {
             ReplicaMessage::Removed(notice) => Body::Removed(notice),
             ReplicaMessage::MergeReady(ready) => Body::MergeReady(ready),
             ReplicaMessage::Ask(ask) => Body::Ask(ask),
+            ReplicaMessage::Decided(notice) => Body::Decided(notice),
         };
         WireEnvelope { group_id: envelope.group_id, body: Some(body) }
     }
@@ -109,6 +113,7 @@ impl WireEnvelope {
             Body::Removed(notice) => ReplicaMessage::Removed(notice),
             Body::MergeReady(ready) => ReplicaMessage::MergeReady(ready),
             Body::Ask(ask) => ReplicaMessage::Ask(ask),
+            Body::Decided(notice) => ReplicaMessage::Decided(notice),
         };
         Some(Envelope { group_id: self.group_id, from_node, to_node, message })
     }

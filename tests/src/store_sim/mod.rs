@@ -1248,9 +1248,12 @@ fn describe_message(message: &ReplicaMessage) -> String {
                 n.descriptor.as_ref().map_or(0, |d| d.epoch().conf_version)
             )
         }
-        ReplicaMessage::MergeReady(r) => format!("MergeReady {}->{} decided_index={}", r.from, r.to, r.decided_index),
+        ReplicaMessage::MergeReady(r) => format!("MergeReady {}->{} frozen_index={}", r.from, r.to, r.frozen_index),
         ReplicaMessage::Ask(a) => {
             format!("Ask {}->{} {:?}", a.from, a.to, a.command.as_ref().and_then(|c| c.merge.as_ref()).map(|m| m.step))
+        }
+        ReplicaMessage::Decided(d) => {
+            format!("Decided {}->{} at {}@{}", d.from, d.to, d.decided_index, d.decided_term)
         }
     }
 }
