@@ -264,7 +264,13 @@ mod tests {
         use crate::range::{MergeState, RangeEpoch};
         let claims = RangeClaims::default();
         let locked_at = RangeEpoch { version: 3, conf_version: 1 };
-        let state = MergeState { into_group_id: 1, into_epoch: Some(locked_at), frozen_index: 7, decided_index: 9, decided_term: 2 };
+        let state = MergeState {
+            into_group_id: 1,
+            into_epoch: Some(locked_at),
+            frozen_index: 7,
+            decided_index: 9,
+            decided_term: 2,
+        };
         claims.hold(&range(1, b"a", b"f"));
         claims.hold(&RangeDescriptor { merge: Some(MergeState { decided_index: 0, ..state }), ..range(2, b"f", b"m") });
         let at = |group_id, start: &[u8], end: &[u8], version| RangeDescriptor {

@@ -207,7 +207,8 @@ impl Peer {
         if seen != self.merge.seen {
             let waits = self.merge.commit_waits_for.take();
             // Confirmations answer the freeze (step 4): the decision keeps them.
-            let same_freeze = matches!((seen, self.merge.seen), (Some((at, _)), Some((was, _))) if at == was && at != 0);
+            let same_freeze =
+                matches!((seen, self.merge.seen), (Some((at, _)), Some((was, _))) if at == was && at != 0);
             let confirmed = if same_freeze { std::mem::take(&mut self.merge.confirmed) } else { BTreeSet::new() };
             self.merge = MergeProgress { seen, commit_waits_for: waits, confirmed, ..MergeProgress::default() };
         }
@@ -315,7 +316,8 @@ impl Peer {
         if self.merge.ended_here {
             return;
         }
-        if let Err(error) = kv.put_range(self.group_id(), &self.descriptor.merged_record(state.into_group_id).encode()) {
+        if let Err(error) = kv.put_range(self.group_id(), &self.descriptor.merged_record(state.into_group_id).encode())
+        {
             return self.storage_failed("recording a merged range", error);
         }
         self.merge.ended_here = true;

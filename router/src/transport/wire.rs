@@ -3,7 +3,8 @@
 //! replica envelope and node message one node had for another when its writer drained the queue.
 
 use flotilla_raftstore::message::{
-    AskMessage, DecisionNotice, Envelope, HibernateRequest, MergeReady, RemovalNotice, ReplicaMessage, SnapshotAck, SnapshotChunk,
+    AskMessage, DecisionNotice, Envelope, HibernateRequest, MergeReady, RemovalNotice, ReplicaMessage, SnapshotAck,
+    SnapshotChunk,
 };
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::raft::DropReason;
