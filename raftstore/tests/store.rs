@@ -1145,3 +1145,54 @@ fn a_right_replica_left_behind_by_its_left_groups_snapshot_learns_its_decision_f
     assert_eq!((record.merged_into, record.replicas.len()), (1, 0));
     assert!(node_3.store.router().send(2, PeerMsg::Tick).is_err(), "node 3's replica of group 2 stopped");
 }
+
+/// A write that reaches the right range once it is decided is not refused: its replica hands it to its node's
+/// replica of the left group, whose leader proposes it behind the merge's commit, and it applies over the grown
+/// range. Here group 1's appends from node 1 are held, so the commit stays proposed but uncommitted, and the
+/// write waits behind it rather than being refused; let through, both apply.
+#[test]
+fn a_write_for_a_decided_range_is_proposed_by_the_left_leader_behind_the_merge_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let filter = Arc::new(DropWhere {
+        inner: Arc::new(InProcessTransport::new()),
+        held: Default::default(),
+        drops: Box::new(|envelope, [held, _]| {
+            let append = matches!(&envelope.message, ReplicaMessage::Raft(m)
+                if m.msg_type() == flotilla_raftstore::raft::MessageType::Append && !m.entries.is_empty());
+            held && envelope.group_id == 1 && envelope.from_node == 1 && append
+        }),
+    });
+    let nodes = split_on_three_nodes_dropping(dir.path(), &filter);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    assert_eq!(put(&nodes, 1, b"a2", b"left", deadline), 1, "node 1 leads group 1");
+    let is_merge = |o: &Outcome| matches!(o, Outcome::Merge { .. });
+    let prepare = MergeCommand::new(MergeStep::Prepare, None, Some(stored_range(&nodes[0], 2).unwrap()));
+    let make = |reply| PeerMsg::Merge { merge: Box::new(prepare.clone()), reply };
+    let Outcome::Merge { range: locked } = until_outcome(&nodes, 1, deadline, make, is_merge) else { unreachable!() };
+    filter.set(0, true);
+    let freeze = MergeCommand::new(MergeStep::Freeze, Some(locked.as_ref().clone()), None);
+    let make = |reply| PeerMsg::Merge { merge: Box::new(freeze.clone()), reply };
+    until_outcome(&nodes, 2, deadline, make, is_merge);
+    // The write goes to group 2's leader (node 1) until it is taken: refused while the range is only frozen, or
+    // before the left leader proposed the commit.
+    let answer = loop {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::write(None, vec![Op::put(b"x9".to_vec(), b"behind the commit".to_vec())]);
+        nodes[0].store.router().send(2, PeerMsg::Write { command, reply }).ok().unwrap();
+        match answer.recv_timeout(Duration::from_millis(300)) {
+            Ok(Err(PeerError::Range(RangeError::Merging { .. }))) => std::thread::sleep(Duration::from_millis(10)),
+            Ok(other) => panic!("a write for the frozen range answered {other:?}"),
+            Err(_) => break answer, // waiting: proposed behind the commit, which cannot commit yet
+        }
+        assert!(Instant::now() < deadline, "the write was never taken");
+    };
+    assert_eq!(nodes[0].kv.get(b"x9").unwrap(), None, "not applied before the commit");
+    filter.set(0, false);
+    assert!(matches!(answer.recv_timeout(Duration::from_secs(30)), Ok(Ok(Outcome::Done))), "the write applied");
+    let grown = stored_range(&nodes[0], 1).unwrap();
+    assert!(grown.end.is_empty() && grown.merge_lock.is_none(), "group 1 took group 2 in: {grown:?}");
+    assert_eq!(nodes[0].kv.get(b"x9").unwrap().as_deref(), Some(&b"behind the commit"[..]));
+    wait_until(deadline, "every node applies it", || {
+        nodes.iter().all(|node| node.kv.get(b"x9").unwrap().as_deref() == Some(&b"behind the commit"[..]))
+    });
+}

@@ -8,6 +8,8 @@
 //!    or other merge (writes and reads go on).
 //! 2. **Freeze** (right log, asked by the host with the locked left range): the right range takes no more
 //!    writes, reads, splits or membership changes; its data is final as of this entry `F`.
+//!    Once it applied the decision (step 3), a write that reaches it is handed to its node's left replica,
+//!    whose leader proposes it behind the commit it proposed (`Peer::decided_into`, `Peer::takes_behind_commit`).
 //! 3. **Decide** (right log, by its leader once every replica's log holds `F`): the merge will commit. Final:
 //!    the range never unfreezes. If the replicas do not all hold `F` within [`MERGE_TIMEOUT_TICKS`], the leader
 //!    proposes **Unfreeze** instead. Decide and Unfreeze are one log's entries: the first applied wins. The
@@ -46,7 +48,7 @@ use flotilla_engine::contract::KvEngine;
 use super::{Peer, PeerError, Response, Token};
 use crate::command::{Command, MergeCommand, MergeStep};
 use crate::message::{AskMessage, MergeReady, ReplicaMessage};
-use crate::range::{RangeDescriptor, RangeEpoch};
+use crate::range::{RangeDescriptor, RangeEpoch, RangeError};
 
 /// Ticks a frozen range waits for every replica to hold its freeze before the merge is given up (a replica's
 /// node is down, say), and a locked range for its neighbour to freeze: 20 s at the store's default 100 ms tick.
@@ -95,6 +97,9 @@ pub(super) struct MergeProgress {
     pub(super) commit_waits_for: Option<RangeDescriptor>,
     /// Whether that replica was told its decision committed since the wait began (then again at each tick).
     pub(super) commit_wait_told: bool,
+    /// As the locked left range's leader: the right range of the merge commit it proposed, with the term and
+    /// index of its entry (`takes_behind_commit`).
+    commit_proposed: Option<(RangeDescriptor, u64, u64)>,
 }
 
 /// Whether `now` is later than `then` in a range's history (each part of an epoch only grows).
@@ -106,6 +111,40 @@ impl Peer {
     /// Whether the range is frozen for a merge into its left neighbour.
     pub fn is_frozen(&self) -> bool {
         self.descriptor.merge.is_some()
+    }
+
+    /// The group taking this range in, once this replica applied the merge's decision: the writes it gets are
+    /// that group's to take (see [`Peer::takes_behind_commit`]).
+    pub fn decided_into(&self) -> Option<u64> {
+        let state = self.descriptor.merge.filter(|state| state.decided_index != 0)?;
+        (self.applied_index >= state.decided_index).then_some(state.into_group_id)
+    }
+
+    /// Whether a write of `keys`, refused by this range as it is (`refusal`), is proposed all the same: this
+    /// replica leads the locked left range and proposed, in this term, the merge's commit, not applied yet —
+    /// the write's entry follows it in the log, so it applies over the grown range (and is refused there, like
+    /// any write, if the commit turns out not to). Only for writes routed without an epoch, whose keys all lie
+    /// in this range or the one the commit takes in: writes handed over by that range's replica
+    /// (`PeerFsm::on_message`), which take the commit's round instead of waiting for it to end.
+    pub(super) fn takes_behind_commit(&self, keys: &[&[u8]], sent: Option<RangeEpoch>, refusal: &RangeError) -> bool {
+        let outside = matches!(refusal, RangeError::KeyNotInRange { .. } | RangeError::BatchSpansRanges { .. });
+        outside && self.behind_commit(keys, sent)
+    }
+
+    /// Whether a write handed over by the range a merge decided into this one would be proposed now
+    /// ([`Peer::takes_behind_commit`]; a write whose keys this range holds already always is).
+    pub fn can_take_behind_commit(&self, command: &Command) -> bool {
+        let keys: Vec<&[u8]> = command.ops.iter().map(|op| op.key.as_slice()).collect();
+        self.descriptor.check(&keys, command.epoch).is_ok() || self.behind_commit(&keys, command.epoch)
+    }
+
+    fn behind_commit(&self, keys: &[&[u8]], sent: Option<RangeEpoch>) -> bool {
+        let Some((right, term, at)) = &self.merge.commit_proposed else { return false };
+        sent.is_none()
+            && self.is_leader()
+            && *term == self.raw.raft.term
+            && self.applied_index < *at
+            && keys.iter().all(|key| self.descriptor.contains(key) || right.contains(key))
     }
 
     /// Proposes a step of a merge for the client `token`, routed with the range's whole current epoch:
@@ -177,8 +216,10 @@ impl Peer {
                 return;
             }
         }
+        let right = merge.right.clone().filter(|_| step == MergeStep::Commit as i32);
         if let Some(at) = self.propose_merge(0, merge) {
             self.merge.asked_proposed = Some((step, term, at));
+            self.merge.commit_proposed = right.map(|right| (right, term, at));
         }
     }
 

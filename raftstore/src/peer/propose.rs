@@ -16,7 +16,9 @@ impl Peer {
         self.on_request();
         let keys: Vec<&[u8]> = command.ops.iter().map(|op| op.key.as_slice()).collect();
         if let Err(refusal) = self.descriptor.check(&keys, command.epoch) {
-            return self.responses.push((token, Response::Failed(PeerError::Range(refusal))));
+            if !self.takes_behind_commit(&keys, command.epoch, &refusal) {
+                return self.responses.push((token, Response::Failed(PeerError::Range(refusal))));
+            }
         }
         if !self.is_leader() {
             let refusal = self.not_leader();

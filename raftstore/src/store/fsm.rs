@@ -53,6 +53,14 @@ pub enum PeerMsg {
         command: Command,
         reply: WriteReply,
     },
+    /// A write of the range `decided`, which is decided for a merge into this replica's group, handed over by
+    /// its replica on this node: proposed if this replica can take it behind its proposed commit
+    /// (`Peer::takes_behind_commit`), else refused as `decided` refuses writes (`RangeError::Merging`).
+    HandedOver {
+        command: Command,
+        reply: WriteReply,
+        decided: Box<crate::range::RangeDescriptor>,
+    },
     /// A membership change, answered like a write once applied.
     ChangeMembership {
         change: MembershipChange,
@@ -146,6 +154,9 @@ pub struct PeerFsm {
     pub(crate) split_trigger: SplitTrigger,
     /// Ticks taken up since its merge progress last counted them (`Peer::merge_step`).
     pub(crate) merge_ticks: u64,
+    /// Writes this replica, decided for a merge, hands to its node's replica of the group taking its keys (by
+    /// group; the handler sends them on: [`PeerFsm::take_handed_over`]).
+    handed_over: Vec<(u64, PeerMsg)>,
 }
 
 impl Fsm for PeerFsm {
@@ -169,7 +180,13 @@ impl PeerFsm {
             read_lease,
             split_trigger,
             merge_ticks: 0,
+            handed_over: Vec::new(),
         }
+    }
+
+    /// The writes handed over since the last call (see `handed_over`).
+    pub(crate) fn take_handed_over(&mut self) -> Vec<(u64, PeerMsg)> {
+        std::mem::take(&mut self.handed_over)
     }
 
     /// The replica's logic (for inspection: tests and simulators).
@@ -214,7 +231,25 @@ impl PeerFsm {
                 // An invalid message (a bug or a stray from another incarnation) is dropped; the core said why.
                 let _ = self.peer.on_message(message, kv);
             }
+            PeerMsg::HandedOver { command, reply, decided } => {
+                if !self.peer.can_take_behind_commit(&command) {
+                    let _ = reply.send(Err(PeerError::Range(crate::range::RangeError::Merging { current: decided })));
+                    return;
+                }
+                metrics::counter!("flotilla_proposals_total").increment(1);
+                let token = self.token();
+                self.writes.insert(token, reply);
+                self.peer.propose(token, command);
+            }
             PeerMsg::Write { command, reply } => {
+                if let Some(into_group_id) = self.peer.decided_into() {
+                    // Its keys are that group's from the merge's commit on, and its leader proposes writes behind
+                    // the commit (`Peer::propose`): handed over, not refused (the caller would wait, then route
+                    // the write again).
+                    let decided = Box::new(self.peer.descriptor().clone());
+                    self.handed_over.push((into_group_id, PeerMsg::HandedOver { command, reply, decided }));
+                    return;
+                }
                 metrics::counter!("flotilla_proposals_total").increment(1);
                 if self.peer.is_leader() {
                     self.split_trigger.on_write(&command);
@@ -347,6 +382,7 @@ pub(crate) fn refuse_all(messages: impl Iterator<Item = PeerMsg>, refusal: PeerE
     for message in messages {
         match message {
             PeerMsg::Write { reply, .. }
+            | PeerMsg::HandedOver { reply, .. }
             | PeerMsg::ChangeMembership { reply, .. }
             | PeerMsg::Split { reply, .. }
             | PeerMsg::Merge { reply, .. } => {

@@ -36,6 +36,7 @@ use crate::message::{Envelope, ReplicaMessage};
 use crate::peer::merge::MergeAsk;
 use crate::peer::PeerOutput;
 use crate::peer::{LocalReadGrant, PeerError, PersistedNote};
+use crate::range::RangeError;
 use crate::split_trigger::{AskReason, RangeAsk};
 
 /// One per poller thread (cloned from one template: every field is shared).
@@ -286,6 +287,22 @@ impl StoreHandler {
         }
     }
 
+    /// Sends on the writes a replica decided for a merge handed over to its node's replica of the left group
+    /// (through the replicas thread); one its queue has no room for is refused as the replica would have refused
+    /// it (the caller asks again).
+    fn hand_over(&self, fsm: &mut PeerFsm) {
+        for (group_id, message) in fsm.take_handed_over() {
+            metrics::counter!("flotilla_writes_handed_over_total").increment(1);
+            if let Err(crossbeam_channel::TrySendError::Full(ReplicaTask::Tell {
+                message: PeerMsg::HandedOver { reply, decided, .. },
+                ..
+            })) = self.tasks.try_send(ReplicaTask::Tell { group_id, message })
+            {
+                let _ = reply.send(Err(PeerError::Range(RangeError::Merging { current: decided })));
+            }
+        }
+    }
+
     /// What a replica in a merge asks beyond its group (`peer/merge.rs`), for the replicas thread (advisory:
     /// dropped if its queue is full, asked again later).
     fn carry_out_merge_asks(&self, asks: Vec<MergeAsk>) {
@@ -346,6 +363,7 @@ impl PollHandler<PeerFsm> for StoreHandler {
         for message in messages.drain(..) {
             fsm.on_message(message, self.kv.as_ref());
         }
+        self.hand_over(fsm);
         // After the messages: a confirmation or an append answer may be what the next step waited for.
         self.merge_step(fsm);
         let output = fsm.peer.take_output(self.kv.as_ref());
