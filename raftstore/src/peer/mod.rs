@@ -486,7 +486,11 @@ impl Peer {
                 Ok(())
             }
             ReplicaMessage::Ask(ask) => {
-                if let Some(command) = ask.command.filter(|_| self.descriptor.lists_replica(ask.from)) {
+                // A publication is taken from anyone (each is idempotent and guarded by its epoch): a replica of
+                // the meta range removed without hearing of it still hands its node's publications to the
+                // members it knew (`store-sim` seed 1285: every publication of one node was lost so).
+                let from_member = self.descriptor.lists_replica(ask.from);
+                if let Some(command) = ask.command.filter(|command| from_member || command.publish.is_some()) {
                     self.on_asked(command, false);
                 }
                 Ok(())
