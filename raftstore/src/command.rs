@@ -536,14 +536,20 @@ pub fn ready_to_take(engine: &dyn KvEngine, right: &RangeDescriptor) -> bool {
     frozen_here(engine, right).is_ok()
 }
 
+/// Group `group_id`'s descriptor as this node's state machine holds it (a merged group's record included), if
+/// any can be read.
+pub fn stored_range(engine: &dyn KvEngine, group_id: u64) -> Option<RangeDescriptor> {
+    let bytes = engine.range(group_id).ok().flatten()?;
+    RangeDescriptor::decode_stored(&bytes).ok()
+}
+
 /// Whether this node's replica of the decided range `right`, not ready to be taken in, may yet be: it is that
 /// group, not ended, and not past `right` (it has the decision to apply still: it has not heard that it
 /// committed, or its node crashed and applies its groups' logs again in no set order). Anything else at a commit
 /// is a bug.
 fn may_catch_up(engine: &dyn KvEngine, right: &RangeDescriptor) -> bool {
-    let stored = engine.range(right.group_id).ok().flatten();
-    let here = stored.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok());
-    here.is_some_and(|here| here.merged_into == 0 && here.epoch().version <= right.epoch().version)
+    stored_range(engine, right.group_id)
+        .is_some_and(|here| here.merged_into == 0 && here.epoch().version <= right.epoch().version)
 }
 
 /// This node's replica of the decided range `right`, checked ready to be taken in: its stored descriptor is

@@ -46,7 +46,7 @@ use std::collections::BTreeSet;
 use flotilla_engine::contract::KvEngine;
 
 use super::{Peer, PeerError, Response, Token};
-use crate::command::{Command, MergeCommand, MergeStep};
+use crate::command::{stored_range, Command, MergeCommand, MergeStep};
 use crate::message::{AskMessage, MergeReady, ReplicaMessage};
 use crate::range::{RangeDescriptor, RangeEpoch, RangeError};
 
@@ -340,13 +340,9 @@ impl Peer {
     /// (Not when the left replica here took it in by applying the commit, which wrote this range's record too:
     /// the node stops this replica already.)
     fn taken_in_already(&self, kv: &dyn KvEngine, state: &crate::range::MergeState) -> bool {
-        let stored = |group_id| {
-            let bytes = kv.range(group_id).ok().flatten();
-            bytes.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok())
-        };
         let then = state.into_epoch.unwrap_or_default();
-        let left_past = stored(state.into_group_id).is_some_and(|left| left.epoch().version > then.version);
-        left_past && stored(self.group_id()).is_some_and(|own| own.merged_into == 0)
+        let left_past = stored_range(kv, state.into_group_id).is_some_and(|left| left.epoch().version > then.version);
+        left_past && stored_range(kv, self.group_id()).is_some_and(|own| own.merged_into == 0)
     }
 
     /// Ends this decided replica, which its node's left replica took in already (`taken_in_already`), as that
@@ -374,12 +370,7 @@ impl Peer {
             return Vec::new();
         }
         let right_epoch = lock.right_epoch.unwrap_or_default();
-        let right = kv
-            .range(lock.right_group_id)
-            .ok()
-            .flatten()
-            .and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok())
-            .filter(|right| right.merged_into == 0);
+        let right = stored_range(kv, lock.right_group_id).filter(|right| right.merged_into == 0);
         let frozen_for_this = |right: &RangeDescriptor| {
             right.merge.is_some_and(|state| {
                 state.into_group_id == self.group_id() && state.into_epoch == Some(self.descriptor.epoch())

@@ -496,8 +496,7 @@ impl Replicas {
     /// its keys claimed on its node where the left group wants them (`store-sim` seed 43 met it). Nothing for a
     /// group with no record, or one decided before decisions recorded their term.
     fn answer_merged(&self, envelope: &Envelope) {
-        let stored = self.kv.range(envelope.group_id).ok().flatten();
-        let record = stored.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok());
+        let record = crate::command::stored_range(self.kv.as_ref(), envelope.group_id);
         let Some(state) = record.filter(|record| record.merged_into != 0).and_then(|record| record.merge) else {
             return;
         };
