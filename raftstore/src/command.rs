@@ -88,6 +88,12 @@ pub struct Command {
     /// range table (`meta.rs`; unrouted: any epoch of the meta range takes it).
     #[prost(message, optional, boxed, tag = "6")]
     pub publish: Option<Box<RangeDescriptor>>,
+    /// Instead of everything above: plain writes a leader proposed together as one entry (those that reached it
+    /// in one handling, `peer/propose.rs`), each applied in order as a command of its own, with its own
+    /// outcome and client. One entry for many writes: the log, replication and apply pay their per-entry costs
+    /// once. (A batch holds no administrative command, and no batch.)
+    #[prost(message, repeated, tag = "7")]
+    pub batch: Vec<Command>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
@@ -149,6 +155,16 @@ impl Command {
     /// A publication of `range` in the meta range's table, for the meta group (`meta.rs`).
     pub fn publish(range: RangeDescriptor) -> Command {
         Command { publish: Some(Box::new(range)), ..Command::default() }
+    }
+
+    /// Plain writes proposed as one entry (see [`Command::batch`]).
+    pub fn batch(writes: Vec<Command>) -> Command {
+        Command { batch: writes, ..Command::default() }
+    }
+
+    /// A write of operations only: no administrative command, no batch (what a batch may hold).
+    pub fn is_plain_write(&self) -> bool {
+        self.split.is_none() && self.merge.is_none() && self.publish.is_none() && self.batch.is_empty()
     }
 
     pub fn encode_entry(&self) -> Bytes {
@@ -323,6 +339,10 @@ impl ApplyBatch {
             }
             let mut command = Command::decode(entry.data.as_ref())
                 .map_err(|e| ApplyError::Undecodable { index: entry.index, reason: e.to_string() })?;
+            if !command.batch.is_empty() {
+                self.apply_writes(engine, descriptor, std::mem::take(&mut command.batch), entry)?;
+                continue;
+            }
             let request_id = command.request_id;
             let outcome = match (command.split.take(), command.merge.take(), command.publish.take()) {
                 (Some(split), _, _) => self.apply_split(engine, descriptor, command.epoch, &split),
@@ -336,6 +356,26 @@ impl ApplyBatch {
                 (self.group.applied_index, self.group.applied_term) = before; // this entry waits
                 return Ok(());
             }
+            self.applied.push(Applied { request_id, index: entry.index, term: entry.term, outcome });
+        }
+        Ok(())
+    }
+
+    /// The writes of one batch entry ([`Command::batch`]), in order, each with its own outcome.
+    fn apply_writes(
+        &mut self,
+        engine: &dyn KvEngine,
+        descriptor: &RangeDescriptor,
+        writes: Vec<Command>,
+        entry: &Entry,
+    ) -> Result<(), ApplyError> {
+        for write in writes {
+            if !write.is_plain_write() {
+                let reason = "a batch of writes holds an administrative command".to_string();
+                return Err(ApplyError::Undecodable { index: entry.index, reason });
+            }
+            let request_id = write.request_id;
+            let outcome = apply_command(engine, descriptor, write, &mut self.overlay, &mut self.group.ops)?;
             self.applied.push(Applied { request_id, index: entry.index, term: entry.term, outcome });
         }
         Ok(())

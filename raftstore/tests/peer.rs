@@ -312,6 +312,34 @@ fn writes_apply_everywhere_and_are_answered_once_applied() {
     );
 }
 
+/// The writes a leader takes in one handling go into the log as one entry; each applies as a command of its own,
+/// in order (a compare-and-set sees the writes before it in the entry), and is answered with its own outcome.
+#[test]
+fn writes_taken_in_one_handling_are_proposed_as_one_entry_and_each_answered_with_its_outcome() {
+    let mut group = Group::led_by(1);
+    group.put(1, 100, "b", "1");
+    let last_before = group.node(1).log.last_index(5);
+    let writes = [
+        (101, Op::put("c", "2")),
+        (102, Op::compare_and_set("b", Some(b"9".to_vec()), "x")),
+        (103, Op::compare_and_set("b", Some(b"1".to_vec()), "3")),
+        (104, Op::delete("c")),
+    ];
+    for (token, op) in writes {
+        group.node(1).peer.propose(token, Command::write(None, vec![op]));
+    }
+    assert_eq!(group.response(101), Response::Written(Outcome::Done));
+    let failed = Outcome::PreconditionFailed { op: 0, current: Some(b"1".to_vec()) };
+    assert_eq!(group.response(102), Response::Written(failed));
+    assert_eq!(group.response(103), Response::Written(Outcome::Done));
+    assert_eq!(group.response(104), Response::Written(Outcome::Done));
+    assert_eq!(group.node(1).log.last_index(5), last_before + 1, "one entry for the four writes");
+    for id in 1..=3 {
+        let node = group.node(id);
+        assert_eq!((node.kv.get(b"b").unwrap(), node.kv.get(b"c").unwrap()), (Some(b"3".to_vec()), None), "{id}");
+    }
+}
+
 #[test]
 fn refusals_are_typed_not_silent() {
     let mut group = Group::led_by(1);
@@ -373,8 +401,8 @@ fn a_write_whose_entry_another_leader_replaced_is_answered_dropped_never_written
     for token in [61, 64] {
         let command = Command::write(None, vec![Op::put("b", "lost")]);
         group.node(1).peer.propose(token, command);
+        group.settle(); // (one entry each: writes taken in one handling share one)
     }
-    group.settle();
     // Time passes: the majority elects a new leader, which writes at the same index.
     assert!(group.tick_until(100, |g| g.leader_among_2_and_3().is_some()), "the majority elected a leader");
     let leader = group.leader_among_2_and_3().expect("checked");
@@ -683,8 +711,8 @@ fn a_write_at_the_index_of_an_earlier_lost_one_is_answered_written() {
     group.isolated = 1;
     for token in [91, 92, 93] {
         group.node(1).peer.propose(token, Command::write(None, vec![Op::put("b", "lost")]));
+        group.settle(); // (one entry each: writes taken in one handling share one)
     }
-    group.settle();
     // Replica 2 leads meanwhile (its no-op takes X); healed, leadership comes back to replica 1 (its no-op takes
     // X+1), which then writes at X+2 — the index of its third lost write.
     assert!(group.tick_until(100, |g| g.leader_among_2_and_3().is_some()));

@@ -196,7 +196,7 @@ impl Peer {
         let raft = &self.raw.raft;
         let log = &raft.raft_log;
         let last = log.last_index();
-        self.writes.is_empty()
+        self.no_writes_waiting()
             && self.reads.is_empty()
             && self.streams.is_idle()
             && raft.lead_transferee == 0
@@ -231,7 +231,7 @@ impl Peer {
         let raft = &self.raw.raft;
         let in_step = log_is_leaders
             && raft.raft_log.committed == request.commit
-            && self.writes.is_empty()
+            && self.no_writes_waiting()
             && self.reads.is_empty()
             && self.streams.is_idle()
             && !self.is_stranded(); // it asks for a snapshot on its ticks

@@ -175,6 +175,8 @@ pub struct Peer {
     /// lost leadership and leads again may have older proposals at higher indexes than newer ones, and several
     /// proposals at one index (each judged by its own term and token when that index applies).
     writes: BTreeMap<u64, Vec<PendingWrite>>,
+    /// Plain writes taken in this handling, proposed together when it ends (`propose.rs`).
+    proposals: propose::ProposalBatch,
     reads: VecDeque<PendingRead>,
     responses: Vec<(Token, Response)>,
     applied_index: u64,
@@ -282,6 +284,7 @@ impl Peer {
             raw,
             descriptor,
             writes: BTreeMap::new(),
+            proposals: Default::default(),
             reads: VecDeque::new(),
             responses: Vec::new(),
             applied_index,
@@ -412,7 +415,7 @@ impl Peer {
         let idle_alone = alone
             && self.is_leader()
             && self.reads.is_empty()
-            && self.writes.is_empty()
+            && self.no_writes_waiting()
             && self.streams.is_idle()
             && self.hibernation.idle_ticks_max == 0;
         // A range in a merge needs time to move it on (`merge.rs`).

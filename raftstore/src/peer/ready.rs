@@ -16,6 +16,7 @@ impl Peer {
     /// core took is installed into it (durably, before the returned log write), and snapshot streams read it.
     pub fn take_output(&mut self, kv: &dyn KvEngine) -> PeerOutput {
         self.take_noted_persisted();
+        self.propose_batched();
         let mut output = PeerOutput::default();
         self.abort_dropped_install(kv);
         if self.raw.has_ready() {
@@ -142,23 +143,21 @@ impl Peer {
             self.raw.broadcast_commit();
         }
         self.applied_index = index;
-        let mut outcomes: BTreeMap<u64, Applied> =
-            outcomes.into_iter().map(|applied| (applied.index, applied)).collect();
+        // By index and request: a batch entry holds several writes (`propose.rs`).
+        let mut outcomes: BTreeMap<(u64, u64), Applied> =
+            outcomes.into_iter().map(|applied| ((applied.index, applied.request_id), applied)).collect();
         // Every write waiting at an index now applied is answered: written if the entry there is its own (same
         // term and token), else dropped (another leader's entry took the index; the write did not happen). One
         // refused where it applied (a split came first) is answered as one refused when proposed: nothing
         // happened, and the caller routes it again.
         while let Some(entry) = self.writes.first_entry().filter(|entry| *entry.key() <= index) {
             let (at, waiting) = entry.remove_entry();
-            let applied = outcomes.remove(&at);
             for write in waiting {
-                let response = match &applied {
-                    Some(applied) if applied.term == write.term && applied.request_id == write.token => {
-                        match &applied.outcome {
-                            Outcome::Refused(refusal) => Response::Failed(PeerError::Range(refusal.clone())),
-                            outcome => Response::Written(outcome.clone()),
-                        }
-                    }
+                let response = match &outcomes.remove(&(at, write.token)) {
+                    Some(applied) if applied.term == write.term => match &applied.outcome {
+                        Outcome::Refused(refusal) => Response::Failed(PeerError::Range(refusal.clone())),
+                        outcome => Response::Written(outcome.clone()),
+                    },
                     _ => Response::Failed(PeerError::Dropped),
                 };
                 self.responses.push((write.token, response));

@@ -11,6 +11,7 @@
 //! (`failure.rs`): later rounds refuse every request with it and write nothing.
 //!
 //! Metrics (with those of the batch system, WAL and state machine): `flotilla_proposals_total`,
+//! `flotilla_proposal_batch_writes` (histogram: writes proposed as one entry, `peer/propose.rs`),
 //! `flotilla_reads_total`, `flotilla_log_writes_total`, `flotilla_commands_applied_total`,
 //! `flotilla_apply_batch_groups` (histogram: groups per state machine apply), `flotilla_elections_total` (vote
 //! rounds started), `flotilla_groups_ticking` (gauge: groups the ticker visits), `flotilla_tick_messages_total`

@@ -11,8 +11,9 @@ use flotilla_raftstore::raft::DropReason;
 use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError};
 
 /// The protocol version this build speaks; a peer that speaks another is refused at the handshake. 2: a
-/// `MergeReady` names the freeze it answers, not the decision (`docs/wire-format.md`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// `MergeReady` names the freeze it answers, not the decision; 3: a log entry may batch writes (the `Command`'s
+/// field 7, which a node of version 2 would apply as an empty command: `docs/wire-format.md`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The first frame on a connection, from the node that dialed.
 #[derive(Clone, PartialEq, prost::Message)]

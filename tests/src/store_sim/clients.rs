@@ -128,6 +128,12 @@ impl Sim {
             return Ok(());
         }
         self.attempts.push(Attempt { op: index, node, group_id: group, reply });
+        // Half the time the node is busy: the request waits in the mailbox for the node's next round, with what
+        // else comes meanwhile — a leader then takes several writes in one handling (one entry for them all:
+        // `peer/propose.rs`).
+        if self.rng.chance_per_mille(500) {
+            return Ok(());
+        }
         self.drive(position)
     }
 
