@@ -635,6 +635,15 @@ fn leadership_moves_where_it_is_asked_and_writes_follow() {
     group.node(2).peer.transfer_leader(1); // only a leader can hand over: ignored
     group.settle();
     assert!(group.node(3).peer.is_leader());
+    // Writes taken in the handling that starts a transfer, before it, are proposed ahead of it — not held for the
+    // handling's end and then refused by the transfer under way.
+    for (token, key) in [(83, "d"), (84, "e")] {
+        group.node(3).peer.propose(token, Command::write(None, vec![Op::put(key, "3")]));
+    }
+    group.node(3).peer.transfer_leader(2);
+    assert_eq!(group.response(83), Response::Written(Outcome::Done));
+    assert_eq!(group.response(84), Response::Written(Outcome::Done));
+    assert!(group.node(2).peer.is_leader(), "replica 2 leads now");
 }
 
 /// A merge step other replicas ask for (repeated until it takes effect) is proposed once while that proposal is

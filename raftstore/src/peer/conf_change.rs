@@ -125,6 +125,7 @@ impl Peer {
                 return self.responses.push((token, Response::Failed(refusal)));
             }
         }
+        self.propose_batched(); // (behind the writes taken before it, as every proposal)
         match self.raw.propose_conf_change(&change.to_conf_change(token)) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();

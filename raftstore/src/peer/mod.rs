@@ -446,6 +446,7 @@ impl Peer {
     pub fn transfer_leader(&mut self, target: u64) {
         if self.is_leader() && target != self.raw.raft.id {
             self.on_request();
+            self.propose_batched(); // (the writes taken before it go first, not refused by it)
             self.raw.transfer_leader(target);
         }
     }
