@@ -998,6 +998,15 @@ struct DropWhere {
 }
 
 impl DropWhere {
+    /// Over a new in-process transport, both flags down.
+    fn new(drops: impl Fn(&Envelope, [bool; 2]) -> bool + Send + Sync + 'static) -> Arc<DropWhere> {
+        Arc::new(DropWhere {
+            inner: Arc::new(InProcessTransport::new()),
+            held: Default::default(),
+            drops: Box::new(drops),
+        })
+    }
+
     fn set(&self, flag: usize, on: bool) {
         self.held[flag].store(on, std::sync::atomic::Ordering::SeqCst);
     }
@@ -1058,16 +1067,12 @@ fn a_right_replica_that_never_heard_its_decision_committed_learns_it_from_the_co
     let dir = tempfile::tempdir().unwrap();
     let notices = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counted = Arc::clone(&notices);
-    let filter = Arc::new(DropWhere {
-        inner: Arc::new(InProcessTransport::new()),
-        held: Default::default(),
-        drops: Box::new(move |envelope, [held, _]| {
-            let notice = matches!(envelope.message, ReplicaMessage::Decided(_));
-            if notice {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-            held && (commit_news_to_node_3(envelope, 2) || (notice && envelope.to_node == 3))
-        }),
+    let filter = DropWhere::new(move |envelope, [held, _]| {
+        let notice = matches!(envelope.message, ReplicaMessage::Decided(_));
+        if notice {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        held && (commit_news_to_node_3(envelope, 2) || (notice && envelope.to_node == 3))
     });
     let nodes = split_on_three_nodes_dropping(dir.path(), &filter);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1104,14 +1109,10 @@ fn a_right_replica_that_never_heard_its_decision_committed_learns_it_from_the_co
 #[test]
 fn a_right_replica_left_behind_by_its_left_groups_snapshot_learns_its_decision_from_another_node_and_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let filter = Arc::new(DropWhere {
-        inner: Arc::new(InProcessTransport::new()),
-        held: Default::default(),
-        drops: Box::new(|envelope, [decision_held, left_held]| {
-            let notice = envelope.to_node == 3 && matches!(envelope.message, ReplicaMessage::Decided(_));
-            let left = envelope.to_node == 3 && envelope.group_id == 1;
-            commit_news_to_node_3(envelope, 2) || (decision_held && notice) || (left_held && left)
-        }),
+    let filter = DropWhere::new(|envelope, [decision_held, left_held]| {
+        let notice = envelope.to_node == 3 && matches!(envelope.message, ReplicaMessage::Decided(_));
+        let left = envelope.to_node == 3 && envelope.group_id == 1;
+        commit_news_to_node_3(envelope, 2) || (decision_held && notice) || (left_held && left)
     });
     let nodes = split_on_three_nodes_dropping(dir.path(), &filter);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1153,14 +1154,10 @@ fn a_right_replica_left_behind_by_its_left_groups_snapshot_learns_its_decision_f
 #[test]
 fn a_write_for_a_decided_range_is_proposed_by_the_left_leader_behind_the_merge_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let filter = Arc::new(DropWhere {
-        inner: Arc::new(InProcessTransport::new()),
-        held: Default::default(),
-        drops: Box::new(|envelope, [held, _]| {
-            let append = matches!(&envelope.message, ReplicaMessage::Raft(m)
+    let filter = DropWhere::new(|envelope, [held, _]| {
+        let append = matches!(&envelope.message, ReplicaMessage::Raft(m)
                 if m.msg_type() == flotilla_raftstore::raft::MessageType::Append && !m.entries.is_empty());
-            held && envelope.group_id == 1 && envelope.from_node == 1 && append
-        }),
+        held && envelope.group_id == 1 && envelope.from_node == 1 && append
     });
     let nodes = split_on_three_nodes_dropping(dir.path(), &filter);
     let deadline = Instant::now() + Duration::from_secs(60);

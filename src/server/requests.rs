@@ -638,8 +638,7 @@ impl Requests {
     /// Why this node's replica of `group_id` took no request (none runs, or its mailbox is full): a merge ended it
     /// here — the caller's table is stale, and routes again — or, as far as this node knows, it does not lead.
     fn not_here(&self, group_id: u64) -> PeerError {
-        let stored = flotilla_engine::contract::KvEngine::range(self.kv.as_ref(), group_id).ok().flatten();
-        match stored.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok()) {
+        match flotilla_raftstore::command::stored_range(self.kv.as_ref(), group_id) {
             Some(record) if record.merged_into != 0 => {
                 PeerError::Range(RangeError::StaleEpoch { sent: record.epoch(), current: Box::new(record) })
             }

@@ -291,8 +291,7 @@ impl Replicas {
         for group_id in due {
             self.merge_checks.deferred.remove(&group_id);
             self.merge_checks.last.insert(group_id, now);
-            let stored = self.kv.range(group_id).ok().flatten();
-            let Some(range) = stored.and_then(|bytes| RangeDescriptor::decode_stored(&bytes).ok()) else { continue };
+            let Some(range) = crate::command::stored_range(self.kv.as_ref(), group_id) else { continue };
             if range.lists_node(self.options.node_id) && !range.is_merging() {
                 let checked = flotilla_engine::panics::catch("measuring ranges to merge", || self.check_merge(&range));
                 if let Err(reason) = checked {
