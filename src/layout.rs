@@ -4,8 +4,8 @@
 //!   the directory is read or written, and held for the life of the `Db`. A second open — another process, or
 //!   this one again — is refused with [`DbError::AlreadyOpen`] before it touches a file: two writers of one WAL
 //!   overwrite each other's segments and lose acknowledged writes.
-//! - `LAYOUT`: the format version, the node count and the groups the database was created with, in text with a
-//!   CRC-32C of its lines. It is written (durably: a temporary file synced, renamed, the directory synced) before
+//! - `LAYOUT`: the format version, the node count and the groups the database was created with (and, from format
+//!   3 on, whether it has a meta range), in text with a CRC-32C of its lines. It is written (durably: a temporary file synced, renamed, the directory synced) before
 //!   any data, and every later open is checked against it, so a database created with `nodes = 3` is never opened
 //!   as an empty one with `nodes = 1` — nor the reverse.
 //!
@@ -20,10 +20,14 @@ use flotilla_engine::disk::Disk;
 use crate::db::{Config, DbError};
 
 /// The version of the directory's format that this code writes. Format 2 adds the meta range (the system's
-/// keys from `0xff` on; `flotilla_raftstore::meta`); format 1 (no meta range, every key the users') is still read.
-pub const FORMAT_VERSION: u64 = 2;
+/// keys from `0xff` on; `flotilla_raftstore::meta`); format 1 has none (every key the users'). Format 3: the logs
+/// may hold entries that carry several writes (`Command::batch`, `raftstore/src/peer/propose.rs`), which builds
+/// of formats 1 and 2 would apply as empty commands — losing those writes — so they must refuse the directory;
+/// whether there is a meta range is a line of its own from format 3 on. A directory of format 1 or 2 is
+/// upgraded to 3 when opened ([`open`]), before anything is written, keeping its meta range or its lack of one.
+pub const FORMAT_VERSION: u64 = 3;
 /// The formats this code reads.
-const FORMATS_READ: [u64; 2] = [1, 2];
+const FORMATS_READ: [u64; 3] = [1, 2, 3];
 /// The lock file's name.
 pub const LOCK_FILE: &str = "LOCK";
 /// The layout file's name.
@@ -36,6 +40,9 @@ pub struct Layout {
     pub format_version: u64,
     pub nodes: u64,
     pub groups: u64,
+    /// Whether the database has a meta range: its last group, over the system's keys. In formats 1 and 2 the
+    /// version says it (1: no, 2: yes), and a file of theirs is written without this line.
+    pub meta_range: bool,
 }
 
 /// The held directory lock (released when dropped).
@@ -76,16 +83,26 @@ pub fn lock_database_of(disk: &dyn Disk, path: &Path) -> Result<Option<DirLock>,
 
 impl Layout {
     pub fn of(config: &Config) -> Layout {
-        Layout { format_version: FORMAT_VERSION, nodes: config.nodes, groups: config.groups }
+        Layout { format_version: FORMAT_VERSION, nodes: config.nodes, groups: config.groups, meta_range: true }
     }
 
-    /// Whether the database has a meta range (format 2 on): its last group, over the system's keys.
+    /// Whether the database has a meta range: its last group, over the system's keys.
     pub fn has_meta_range(&self) -> bool {
-        self.format_version >= 2
+        self.meta_range
+    }
+
+    /// This layout in the format this code writes (the same database: its nodes, groups and meta range).
+    pub fn upgraded(&self) -> Layout {
+        Layout { format_version: FORMAT_VERSION, ..*self }
     }
 
     fn lines(&self) -> String {
-        format!("{HEADER}\nformat {}\nnodes {}\ngroups {}\n", self.format_version, self.nodes, self.groups)
+        let mut lines =
+            format!("{HEADER}\nformat {}\nnodes {}\ngroups {}\n", self.format_version, self.nodes, self.groups);
+        if self.format_version >= 3 {
+            lines.push_str(if self.meta_range { "meta_range yes\n" } else { "meta_range no\n" });
+        }
+        lines
     }
 
     /// The file's bytes: the lines, then a line with their checksum.
@@ -117,8 +134,17 @@ impl Layout {
                 .and_then(|n| n.parse().ok())
                 .ok_or(format!("bad {name} line {line:?}"))
         };
-        let layout = Layout { format_version: field("format")?, nodes: field("nodes")?, groups: field("groups")? };
-        Ok(layout)
+        let (format_version, nodes, groups) = (field("format")?, field("nodes")?, field("groups")?);
+        let meta_range = match format_version {
+            1 => false,
+            2 => true,
+            _ => match fields.next() {
+                Some("meta_range yes") => true,
+                Some("meta_range no") => false,
+                line => return Err(format!("bad meta_range line {line:?}")),
+            },
+        };
+        Ok(Layout { format_version, nodes, groups, meta_range })
     }
 
     /// Refuses a configuration that does not match this layout, saying what was expected.
@@ -164,7 +190,8 @@ pub fn write_durably(disk: &dyn Disk, dir: &Path, name: &str, bytes: &[u8]) -> R
     disk.sync_dir(dir).map_err(storage(context))
 }
 
-/// Reads `dir`'s layout and checks `config` against it; in a new database, records the configuration's.
+/// Reads `dir`'s layout and checks `config` against it (a layout of an earlier format is upgraded, durably, before
+/// anything else is written); in a new database, records the configuration's.
 pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Layout, DbError> {
     let files = disk.list(dir).map_err(storage(format!("listing {}", dir.display())))?;
     let has = |name: &str| files.iter().any(|path| path.file_name().is_some_and(|n| n == name));
@@ -174,7 +201,12 @@ pub fn open(disk: &dyn Disk, dir: &Path, config: &Config) -> Result<Layout, DbEr
         let layout =
             Layout::decode(&bytes).map_err(|why| DbError::Storage(format!("{} is damaged: {why}", path.display())))?;
         layout.check(config, dir)?;
-        return Ok(layout);
+        if layout.format_version == FORMAT_VERSION {
+            return Ok(layout);
+        }
+        let upgraded = layout.upgraded();
+        upgraded.record(disk, dir)?;
+        return Ok(upgraded);
     }
     let data = has("state.redb") || disk.list(&dir.join("wal")).is_ok() || disk.list(&node_dir(dir, 1)).is_ok();
     if data {
@@ -220,9 +252,12 @@ mod tests {
 
     #[test]
     fn a_layout_round_trips_and_damage_is_refused() {
-        let layout = Layout { format_version: FORMAT_VERSION, nodes: 3, groups: 64 };
+        for meta_range in [true, false] {
+            let layout = Layout { format_version: FORMAT_VERSION, nodes: 3, groups: 64, meta_range };
+            assert_eq!(Layout::decode(&layout.encode()), Ok(layout));
+        }
+        let layout = Layout { format_version: FORMAT_VERSION, nodes: 3, groups: 64, meta_range: false };
         let bytes = layout.encode();
-        assert_eq!(Layout::decode(&bytes), Ok(layout));
         for at in 0..bytes.len() {
             let mut damaged = bytes.clone();
             damaged[at] ^= 0x04;
@@ -230,6 +265,35 @@ mod tests {
         }
         assert!(Layout::decode(&bytes[..bytes.len() / 2]).is_err());
         assert!(Layout::decode(b"").is_err());
+    }
+
+    #[test]
+    fn earlier_formats_are_read_and_upgraded_before_anything_is_written_and_later_ones_refused() {
+        let disk = SimDisk::new();
+        let config = Config { groups: 4, ..Config::default() };
+        for (version, meta_range) in [(1, false), (2, true)] {
+            let dir = PathBuf::from(format!("/db-{version}"));
+            disk.create_dir_all(&dir).unwrap();
+            // As the build of that format wrote it: four lines and the checksum.
+            let old = Layout { format_version: version, nodes: 1, groups: 4, meta_range };
+            assert_eq!(old.encode().iter().filter(|&&b| b == b'\n').count(), 5);
+            old.record(&disk, &dir).unwrap();
+            let opened = open(&disk, &dir, &config).unwrap();
+            assert_eq!(opened, Layout { format_version: FORMAT_VERSION, nodes: 1, groups: 4, meta_range });
+            let stored = Layout::decode(&read_file(&disk, &dir.join(LAYOUT_FILE), 4096).unwrap()).unwrap();
+            assert_eq!(stored, opened, "format {version}: the upgrade is not recorded");
+            assert_eq!(open(&disk, &dir, &config).unwrap(), opened);
+        }
+        // What a build of format 2 saw of a format-3 file: its version, which it refuses.
+        let dir = PathBuf::from("/db-4");
+        disk.create_dir_all(&dir).unwrap();
+        Layout { format_version: 4, nodes: 1, groups: 4, meta_range: true }.record(&disk, &dir).unwrap();
+        let refused = open(&disk, &dir, &config).unwrap_err();
+        assert!(refused.to_string().contains("format version 4"), "{refused}");
+        // A format-3 file must say whether it has a meta range.
+        let lines = format!("{HEADER}\nformat 3\nnodes 1\ngroups 4\n");
+        let file = format!("{lines}crc32c {:08x}\n", crc32c::crc32c(lines.as_bytes()));
+        assert!(Layout::decode(file.as_bytes()).is_err());
     }
 
     #[test]

@@ -106,7 +106,27 @@ pub fn wal_segment(input: &[u8]) {
     let _ = Wal::open(dir, Arc::new(disk), options);
 }
 
-/// A state machine block: as read, and with a valid checksum for its bytes; a block that parses is read whole.
+/// A block built from `entries` (sorted and made unique here; the value `None` for deletions), then damaged —
+/// `damage` is (position, xor) pairs, positions taken modulo the block's length — and read as [`block`] reads any
+/// bytes: damage behind valid checksums, in a block whose layout is otherwise sound.
+pub fn damaged_block(entries: &[(Vec<u8>, Option<Vec<u8>>)], damage: &[(usize, u8)]) {
+    let mut sorted: Vec<_> = entries.to_vec();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted.dedup_by(|a, b| a.0 == b.0);
+    let mut builder = crate::lsm::block::BlockBuilder::default();
+    for (key, value) in &sorted {
+        builder.add(key, value.as_deref());
+    }
+    let (_, mut bytes) = builder.finish();
+    for (at, xor) in damage {
+        let len = bytes.len();
+        bytes[at % len] ^= xor;
+    }
+    block(&bytes);
+}
+
+/// A state machine block: as read, and with valid checksums made for its bytes (the block's, and its trailer's and
+/// entries' where it has them); a block that parses is read whole, and every block is looked up in.
 pub fn block(input: &[u8]) {
     let read = |bytes: &[u8]| {
         if let Ok(block) = Block::parse(bytes) {
@@ -118,13 +138,14 @@ pub fn block(input: &[u8]) {
                 let _ = block.seek(key);
             }
         }
+        for key in probe_keys(bytes) {
+            let _ = Block::lookup(bytes, key);
+        }
     };
     read(input);
     if input.len() >= 8 {
         let mut fixed = input.to_vec();
-        let body = fixed.len() - 4;
-        let crc = crc32c::crc32c(&fixed[..body]);
-        fixed[body..].copy_from_slice(&crc.to_le_bytes());
+        Block::make_checksums_valid(&mut fixed);
         read(&fixed);
     }
 }

@@ -28,6 +28,17 @@ proptest! {
     }
 
     #[test]
+    fn damaged_blocks(
+        entries in proptest::collection::vec(
+            (proptest::collection::vec(any::<u8>(), 0..12), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..24))),
+            0..24,
+        ),
+        damage in proptest::collection::vec((any::<usize>(), 1..=255u8), 1..4),
+    ) {
+        decoders::damaged_block(&entries, &damage);
+    }
+
+    #[test]
     fn bloom_filters(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         decoders::bloom(&bytes);
     }

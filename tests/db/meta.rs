@@ -86,7 +86,7 @@ fn keys_starting_with_ff_are_the_users_like_any_other() {
 fn a_database_of_format_1_opens_without_a_meta_range() {
     let dir = tempfile::tempdir().unwrap();
     let config = Config { groups: 2, ..Config::default() };
-    let layout = flotilla::layout::Layout { format_version: 1, nodes: 1, groups: 2 };
+    let layout = flotilla::layout::Layout { format_version: 1, nodes: 1, groups: 2, meta_range: false };
     std::fs::create_dir_all(dir.path()).unwrap();
     layout.record(&flotilla::engine::disk::StdDisk, dir.path()).unwrap();
     let db = Db::open_with(dir.path(), config.clone()).unwrap();
@@ -96,8 +96,14 @@ fn a_database_of_format_1_opens_without_a_meta_range() {
     db.put(&[0xff, 0xff, 0xff], b"raw").unwrap();
     db.split_at(&key(10)).unwrap();
     db.close().unwrap();
+    // Upgraded to the current format at the first open, still without a meta range.
+    let stored =
+        flotilla::layout::read_file(&flotilla::engine::disk::StdDisk, &dir.path().join("LAYOUT"), 4096).unwrap();
+    let stored = flotilla::layout::Layout::decode(&stored).unwrap();
+    assert_eq!((stored.format_version, stored.meta_range), (flotilla::layout::FORMAT_VERSION, false));
     let db = Db::open_with(dir.path(), config).unwrap();
     assert_eq!(db.get(&[0xff, 0xff, 0xff]).unwrap().as_deref(), Some(&b"raw"[..]));
     assert_eq!(db.groups(), 3);
+    assert!(db.ranges().iter().all(|range| !range.is_meta()));
     db.close().unwrap();
 }

@@ -15,8 +15,6 @@ use crate::state_machine::error::{storage, StateMachineError};
 
 /// Room left in a block's budget for redb's leaf header and the block's key (besides the last key itself).
 const REDB_PAGE_OVERHEAD_BYTES: usize = 128;
-/// A block's bytes per entry besides the key and value (header and offset).
-const BLOCK_ENTRY_OVERHEAD_BYTES: usize = 12;
 
 pub(crate) const RUN_BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("run_blocks");
 pub(crate) const RUNS_TABLE: &str = "runs";
@@ -56,11 +54,14 @@ pub(crate) struct Run {
 
 /// Parses the block stored under `row_key` (`block_key`); damage is reported with the run and block it is in.
 pub(crate) fn parse_located<'a>(row_key: &[u8], bytes: &'a [u8]) -> Result<Block<'a>, StateMachineError> {
-    Block::parse(bytes).map_err(|error| {
-        let run = run_of_block_key(row_key).map_or_else(|_| "?".to_string(), |id| id.to_string());
-        let last_key = String::from_utf8_lossy(row_key.get(8..).unwrap_or_default());
-        storage(format!("{error} (run {run}, the block ending at key {last_key:?}, table run_blocks)"))
-    })
+    Block::parse(bytes).map_err(|error| located(row_key, error))
+}
+
+/// Damage found in the block stored under `row_key`, with the run and block it is in.
+fn located(row_key: &[u8], error: StateMachineError) -> StateMachineError {
+    let run = run_of_block_key(row_key).map_or_else(|_| "?".to_string(), |id| id.to_string());
+    let last_key = String::from_utf8_lossy(row_key.get(8..).unwrap_or_default());
+    storage(format!("{error} (run {run}, the block ending at key {last_key:?}, table run_blocks)"))
 }
 
 pub(crate) fn block_key(run_id: u64, last_key: &[u8]) -> Vec<u8> {
@@ -140,8 +141,8 @@ impl Run {
             return Ok(None);
         };
         let (row_key, block) = row.map_err(storage)?;
-        let block = parse_located(row_key.value(), block.value())?;
-        Ok(block.get(key).map(|value| value.map(<[u8]>::to_vec)))
+        let found = Block::lookup(block.value(), key).map_err(|error| located(row_key.value(), error))?;
+        Ok(found.map(|value| value.map(<[u8]>::to_vec)))
     }
 }
 
@@ -198,7 +199,9 @@ impl RunWriter {
         // Seal before the block would outgrow its budget (less room for redb's page header and the block's key), so
         // that a block fills one redb page of that size rather than spilling into one twice as large.
         let budget = self.block_bytes_max.saturating_sub(REDB_PAGE_OVERHEAD_BYTES + key.len());
-        if !self.builder.is_empty() && self.builder.len_bytes() + BLOCK_ENTRY_OVERHEAD_BYTES + entry_bytes > budget {
+        if !self.builder.is_empty()
+            && self.builder.len_bytes() + BlockBuilder::ENTRY_OVERHEAD_BYTES + entry_bytes > budget
+        {
             self.seal_block();
         }
         self.builder.add(key, value);
