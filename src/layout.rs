@@ -5,9 +5,9 @@
 //!   this one again — is refused with [`DbError::AlreadyOpen`] before it touches a file: two writers of one WAL
 //!   overwrite each other's segments and lose acknowledged writes.
 //! - `LAYOUT`: the format version, the node count and the groups the database was created with (and, from format
-//!   3 on, whether it has a meta range), in text with a CRC-32C of its lines. It is written (durably: a temporary file synced, renamed, the directory synced) before
-//!   any data, and every later open is checked against it, so a database created with `nodes = 3` is never opened
-//!   as an empty one with `nodes = 1` — nor the reverse.
+//!   3 on, whether it has a meta range), in text with a CRC-32C of its lines. It is written (durably: a temporary
+//!   file synced, renamed, the directory synced) before any data, and every later open is checked against it, so a
+//!   database created with `nodes = 3` is never opened as an empty one with `nodes = 1` — nor the reverse.
 //!
 //! A directory holding data but no `LAYOUT` was made by a development build before format 1 (whose state file
 //! had no checksums on its run records, applied states and descriptors): it is refused, never read as empty.
@@ -22,8 +22,9 @@ use crate::db::{Config, DbError};
 /// The version of the directory's format that this code writes. Format 2 adds the meta range (the system's
 /// keys from `0xff` on; `flotilla_raftstore::meta`); format 1 has none (every key the users'). Format 3: the logs
 /// may hold entries that carry several writes (`Command::batch`, `raftstore/src/peer/propose.rs`), which builds
-/// of formats 1 and 2 would apply as empty commands — losing those writes — so they must refuse the directory;
-/// whether there is a meta range is a line of its own from format 3 on. A directory of format 1 or 2 is
+/// of formats 1 and 2 would apply as empty commands — losing those writes — so they must refuse the directory
+/// (its state file's new blocks also carry entry checksums, `engine/src/lsm/block.rs`, which those builds would
+/// take for damage); whether there is a meta range is a line of its own from format 3 on. A directory of format 1 or 2 is
 /// upgraded to 3 when opened ([`open`]), before anything is written, keeping its meta range or its lack of one.
 pub const FORMAT_VERSION: u64 = 3;
 /// The formats this code reads.
