@@ -337,7 +337,9 @@ impl ApplyBatch {
             if entry.is_conf_change() || entry.data.is_empty() {
                 continue;
             }
-            let mut command = Command::decode(entry.data.as_ref())
+            // Decoded from the entry's `Bytes` (a cheap clone): each key and value is copied once, into its `Vec`,
+            // where decoding from a slice copies it twice (prost takes a slice's field out as `Bytes` first).
+            let mut command = Command::decode(entry.data.clone())
                 .map_err(|e| ApplyError::Undecodable { index: entry.index, reason: e.to_string() })?;
             if !command.batch.is_empty() {
                 self.apply_writes(engine, descriptor, std::mem::take(&mut command.batch), entry)?;

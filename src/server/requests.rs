@@ -7,7 +7,8 @@
 //!
 //! Metrics: `flotilla_requests_forwarded_total` (requests this node sent to another to run, by `range`: `data` —
 //! a client that routes to leaders keeps it near zero — or `meta`, the meta range's publications and lookups),
-//! `flotilla_routes_learned_from_meta_total`.
+//! `flotilla_forwarded_reads_local_total` (reads other nodes forwarded here that were served from the state machine
+//! at once, under the local read grant, without a poll round), `flotilla_routes_learned_from_meta_total`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -732,6 +733,23 @@ impl Requests {
     /// The answer to a request another node forwarded here, run on this node's replica only.
     async fn serve_forwarded(&self, request: ForwardRequest) -> ForwardReply {
         let deadline = Instant::now() + self.limits.request_timeout;
+        if let Some(ForwardOp::Get(key)) = &request.op {
+            // Served here and now while this node may read locally, as its own clients' GETs are: no poll round.
+            if let Some(local) = self.get_local_stored(key) {
+                metrics::counter!("flotilla_forwarded_reads_local_total").increment(1);
+                let result = match local {
+                    Ok(value) => ForwardResult::Value(OptionalValue::new(value)),
+                    Err(error) => {
+                        let reason = match error {
+                            RouteError::Storage(reason) => reason,
+                            other => format!("{other:?}"),
+                        };
+                        ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped(reason)))
+                    }
+                };
+                return ForwardReply { id: request.id, result: Some(result) };
+            }
+        }
         let result = match request.op {
             None => ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped("no operation".into()))),
             Some(op) => match self.local(request.group_id, op, deadline).await {

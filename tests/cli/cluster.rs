@@ -20,6 +20,16 @@ fn any_node_serves_any_key_and_a_killed_node_loses_nothing_and_catches_up() {
         let node = (i as usize + 1) % 3 + 1;
         assert_eq!(cluster.call_until_ok(node, &[b"GET", &key(i)]), bulk(format!("v{i}").as_bytes()));
     }
+    // A GET forwarded to a leader that may read locally is served at once, as its own clients' are (once the
+    // leaders' read grants hold: read again until one was).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(&cluster, "flotilla_forwarded_reads_local_total") == 0 {
+        assert!(Instant::now() < deadline, "no forwarded read was served locally");
+        for i in 0..60u32 {
+            let node = (i as usize + 2) % 3 + 1;
+            assert_eq!(cluster.call_until_ok(node, &[b"GET", &key(i)]), bulk(format!("v{i}").as_bytes()));
+        }
+    }
     // Node 1 (the first leader of a third of the groups) is killed; writes go on through the others.
     cluster.kill(1, "-KILL");
     let started = Instant::now();
@@ -40,6 +50,16 @@ fn any_node_serves_any_key_and_a_killed_node_loses_nothing_and_catches_up() {
     assert_eq!(cluster.call_until_ok(3, &[b"DBSIZE"]), b":60");
     assert_eq!(cluster.call_until_ok(3, &[b"INCR", b"counter"]), b":1");
     assert_eq!(cluster.call_until_ok(1, &[b"INCR", b"counter"]), b":2");
+}
+
+/// A counter of every node's `/metrics`, summed.
+fn counter(cluster: &Cluster, name: &str) -> u64 {
+    let count = |addr: &String| {
+        let (_, metrics) = http_get(addr, "/metrics");
+        let line = metrics.lines().find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '));
+        line.map_or(0, |line| line.split(' ').nth(1).unwrap().parse::<f64>().unwrap() as u64)
+    };
+    cluster.http.iter().map(count).sum()
 }
 
 #[test]
