@@ -128,6 +128,13 @@ impl Trailer {
         Ok(Trailer { count, entry_checksums, offsets_at, offsets_end })
     }
 
+    /// The trailer checksum `bytes` should hold (of the offsets and the count word), and where it lies.
+    fn checksum(&self, bytes: &[u8]) -> (u32, std::ops::Range<usize>) {
+        let count_word = &bytes[bytes.len() - 8..bytes.len() - 4];
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[self.offsets_at..self.offsets_end]), count_word);
+        (crc, self.offsets_end..self.offsets_end + CRC_BYTES)
+    }
+
     fn block<'a>(&self, bytes: &'a [u8]) -> Block<'a> {
         Block {
             entries: &bytes[..self.offsets_at],
@@ -167,11 +174,8 @@ impl<'a> Block<'a> {
         if !trailer.entry_checksums {
             return Ok(Block::parse(bytes)?.get(key));
         }
-        let covered = &bytes[trailer.offsets_at..bytes.len() - 4];
-        let (offsets_and_count, stored) = covered.split_at(covered.len() - 8);
-        let count_word = &covered[covered.len() - 4..];
-        let crc = crc32c::crc32c_append(crc32c::crc32c(offsets_and_count), count_word);
-        if crc.to_le_bytes() != stored[..4] {
+        let (crc, stored) = trailer.checksum(bytes);
+        if crc.to_le_bytes() != bytes[stored] {
             return Err(corrupt("trailer checksum mismatch"));
         }
         let block = trailer.block(bytes);
@@ -209,9 +213,8 @@ impl<'a> Block<'a> {
                 let crc = crc32c::crc32c(&bytes[span.start..span.end - CRC_BYTES]);
                 bytes[span.end - CRC_BYTES..span.end].copy_from_slice(&crc.to_le_bytes());
             }
-            let (offsets, count_at) = (trailer.offsets_at..trailer.offsets_end, bytes.len() - 8);
-            let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[offsets]), &bytes[count_at..count_at + 4]);
-            bytes[trailer.offsets_end..trailer.offsets_end + CRC_BYTES].copy_from_slice(&crc.to_le_bytes());
+            let (crc, stored) = trailer.checksum(bytes);
+            bytes[stored].copy_from_slice(&crc.to_le_bytes());
         }
         let body = bytes.len() - CRC_BYTES;
         let crc = crc32c::crc32c(&bytes[..body]);
