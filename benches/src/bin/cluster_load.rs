@@ -4,7 +4,9 @@
 //! forwards what it does not lead: a hop that spreads the client work over every node whichever leads.
 //!
 //! `--clients` tasks each write `--pipeline` pairs at a time, at keys `user:0000000000` … drawn uniformly from
-//! `--keys` (all in one range of a fresh cluster), 100 B values; after `--warmup-seconds` (not counted) it writes
+//! `--keys` (all in one range of a fresh cluster) — or, with `--sequential`, at monotonically increasing keys
+//! (`user:0000000000`, `user:0000000001`, … from one counter shared by every client: the hot tail of
+//! time-ordered keys) — 100 B values; after `--warmup-seconds` (not counted) it writes
 //! for `--seconds` and prints the writes/s and each pipeline's latency. The routes are learned at the start and
 //! every 5 s (a write sent by stale routes is forwarded by the node it reached: slower, never wrong).
 //!
@@ -49,6 +51,12 @@ struct Args {
     /// Runtime threads of the load generator.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Write monotonically increasing keys (one counter for all clients) instead of drawing them from `--keys`.
+    #[arg(long)]
+    sequential: bool,
+    /// With `--sequential`: the first key's number (a measured run after a warm-up starts past what it wrote).
+    #[arg(long, default_value_t = 0)]
+    first_key: u64,
 }
 
 /// splitmix64: a fast, well-mixed sequence for drawing keys (each client seeded apart).
@@ -68,6 +76,7 @@ fn main() {
         .build()
         .expect("starting a runtime");
     let written = Arc::new(AtomicU64::new(0));
+    let next_key = Arc::new(AtomicU64::new(args.first_key));
     let failed = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3).expect("histogram")));
     let start = Instant::now();
@@ -77,6 +86,7 @@ fn main() {
         let mut tasks = Vec::new();
         for index in 0..args.clients {
             let (args, written, failed, latency) = (args.clone(), written.clone(), failed.clone(), latency.clone());
+            let next_key = next_key.clone();
             tasks.push(tokio::spawn(async move {
                 let seed = &args.addr[index % args.addr.len()];
                 let client = match flotilla::Client::connect(seed).await {
@@ -91,8 +101,13 @@ fn main() {
                     if began >= end {
                         break;
                     }
-                    let keys: Vec<Vec<u8>> = (0..args.pipeline)
-                        .map(|_| format!("user:{:010}", next_random(&mut random) % args.keys).into_bytes())
+                    let first = next_key.fetch_add(args.pipeline as u64, Ordering::Relaxed);
+                    let keys: Vec<Vec<u8>> = (0..args.pipeline as u64)
+                        .map(|i| match args.sequential {
+                            true => first + i,
+                            false => next_random(&mut random) % args.keys,
+                        })
+                        .map(|n| format!("user:{n:010}").into_bytes())
                         .collect();
                     let pairs: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (k.as_slice(), value.as_slice())).collect();
                     let result = client.put_many(&pairs).await;
