@@ -18,9 +18,7 @@ use flotilla_engine::state_machine::KeyValue;
 use flotilla_raftstore::peer::PeerError;
 use flotilla_raftstore::store::{PeerMsg, ReadRequest};
 
-use flotilla_router::route::Attempt;
-
-use crate::db::{pairs, value, written, Db, DbError, WriteBatch};
+use crate::db::{judged, pairs, value, written, Db, DbError, WriteBatch};
 use crate::db_routes::DbRoutes;
 
 /// A cheaply cloned async handle on a [`Db`].
@@ -48,25 +46,17 @@ impl AsyncDb {
         mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg,
     ) -> Result<Option<T>, DbError> {
         loop {
-            let pause = match self.db.send_attempt(routes, position, &mut make) {
+            let attempt = match self.db.send_attempt(routes, position, &mut make) {
                 Ok((node, answer)) => {
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    let got = tokio::time::timeout(remaining, answer).await.ok().and_then(Result::ok);
-                    match routes.table.judge(position, node, got, deadline) {
-                        Attempt::Done(value) => return Ok(Some(value)),
-                        Attempt::Fail(error) => return Err(error.into()),
-                        Attempt::Retry(pause) => pause,
-                        Attempt::Reroute => return Ok(None),
-                    }
+                    Ok((node, tokio::time::timeout(remaining, answer).await.ok().and_then(Result::ok)))
                 }
-                Err(_) if Instant::now() >= deadline => {
-                    return Err(DbError::Busy(
-                        "the group's mailbox stayed full, or its replica was still opening".into(),
-                    ))
-                }
-                Err(pause) => pause,
+                Err(pause) => Err(pause),
             };
-            tokio::time::sleep(pause).await;
+            match judged(routes, position, deadline, attempt) {
+                Ok(done) => return done,
+                Err(pause) => tokio::time::sleep(pause).await,
+            }
         }
     }
 

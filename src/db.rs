@@ -491,24 +491,13 @@ impl Db {
         mut make: impl FnMut(oneshot::Sender<Result<T, PeerError>>) -> PeerMsg,
     ) -> Result<Option<T>, DbError> {
         loop {
-            let pause = match self.send_attempt(routes, position, &mut make) {
-                Ok((node, answer)) => {
-                    let got = answer.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok();
-                    match routes.table.judge(position, node, got, deadline) {
-                        Attempt::Done(value) => return Ok(Some(value)),
-                        Attempt::Fail(error) => return Err(error.into()),
-                        Attempt::Retry(pause) => pause,
-                        Attempt::Reroute => return Ok(None),
-                    }
-                }
-                Err(_) if Instant::now() >= deadline => {
-                    return Err(DbError::Busy(
-                        "the group's mailbox stayed full, or its replica was still opening".into(),
-                    ))
-                }
-                Err(pause) => pause,
-            };
-            std::thread::sleep(pause);
+            let attempt = self.send_attempt(routes, position, &mut make).map(|(node, answer)| {
+                (node, answer.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok())
+            });
+            match judged(routes, position, deadline, attempt) {
+                Ok(done) => return done,
+                Err(pause) => std::thread::sleep(pause),
+            }
         }
     }
 
@@ -999,6 +988,29 @@ impl AskedSplits {
 impl Drop for Db {
     fn drop(&mut self) {
         let _ = self.shut_down();
+    }
+}
+
+/// One attempt of [`Db::call`] (and of its async twin) judged: `Ok` — the call is over, with this result (`None`:
+/// route it again); `Err` — pause this long, then attempt again. `attempt` is the node asked and its answer
+/// (`None`: none by `deadline`), or the pause [`Db::send_attempt`] asked for when it could not send.
+pub(crate) fn judged<T>(
+    routes: &DbRoutes,
+    position: usize,
+    deadline: Instant,
+    attempt: Result<(u64, Option<Result<T, PeerError>>), Duration>,
+) -> Result<Result<Option<T>, DbError>, Duration> {
+    match attempt {
+        Ok((node, got)) => match routes.table.judge(position, node, got, deadline) {
+            Attempt::Done(value) => Ok(Ok(Some(value))),
+            Attempt::Fail(error) => Ok(Err(error.into())),
+            Attempt::Retry(pause) => Err(pause),
+            Attempt::Reroute => Ok(Ok(None)),
+        },
+        Err(_) if Instant::now() >= deadline => {
+            Ok(Err(DbError::Busy("the group's mailbox stayed full, or its replica was still opening".into())))
+        }
+        Err(pause) => Err(pause),
     }
 }
 
