@@ -285,12 +285,13 @@ mod tests {
             assert_eq!(stored, opened, "format {version}: the upgrade is not recorded");
             assert_eq!(open(&disk, &dir, &config).unwrap(), opened);
         }
-        // What a build of format 2 saw of a format-3 file: its version, which it refuses.
-        let dir = PathBuf::from("/db-4");
+        // As a build of format 2 saw a format-3 file: a version it does not read, refused.
+        let dir = PathBuf::from("/db-later");
         disk.create_dir_all(&dir).unwrap();
-        Layout { format_version: 4, nodes: 1, groups: 4, meta_range: true }.record(&disk, &dir).unwrap();
+        let later = FORMAT_VERSION + 1;
+        Layout { format_version: later, nodes: 1, groups: 4, meta_range: true }.record(&disk, &dir).unwrap();
         let refused = open(&disk, &dir, &config).unwrap_err();
-        assert!(refused.to_string().contains("format version 4"), "{refused}");
+        assert!(refused.to_string().contains(&format!("format version {later}")), "{refused}");
         // A format-3 file must say whether it has a meta range.
         let lines = format!("{HEADER}\nformat 3\nnodes 1\ngroups 4\n");
         let file = format!("{lines}crc32c {:08x}\n", crc32c::crc32c(lines.as_bytes()));
