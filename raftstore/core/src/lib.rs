@@ -55,8 +55,8 @@
 //! ## Where things live
 //!
 //! `message.rs` wire and persisted types; `config.rs`; `error.rs`; `storage.rs` the trait and [`MemStorage`];
-//! `unstable.rs` and `raft_log.rs` the log; `progress.rs`, `inflights.rs`, `tracker.rs`, `quorum.rs` the leader's
-//! view of followers and quorums; `conf_change.rs` computing configurations; `read_only.rs` ReadIndex queue;
+//! `unstable.rs` and `raft_log.rs` the log; `progress.rs`, `progress_map.rs`, `inflights.rs`, `tracker.rs`,
+//! `quorum.rs` the leader's view of followers and quorums; `conf_change.rs` computing configurations; `read_only.rs` ReadIndex queue;
 //! `raft/` the state machine by feature; `raw_node.rs` the `Ready` interface.
 
 mod conf_change;
@@ -65,6 +65,7 @@ mod error;
 mod inflights;
 mod message;
 mod progress;
+mod progress_map;
 mod quorum;
 mod raft;
 mod raft_log;
@@ -79,6 +80,7 @@ pub use config::{Config, ReadMode};
 pub use error::{DropReason, Error, Result, StorageError};
 pub use message::*;
 pub use progress::{Progress, ProgressState};
+pub use progress_map::ProgressMap;
 pub use raft::{Raft, ReadState, StateRole};
 pub use raft_log::RaftLog;
 pub use raw_node::{RawNode, Ready, SoftState, Status};

@@ -294,6 +294,10 @@ impl<S: Storage> RawNode<S> {
                 }
             }
         }
+        if self.pending.is_empty() {
+            // An emptied deque keeps its buffer, which every idle group would hold for good.
+            self.pending = VecDeque::new();
+        }
         self.raft.on_entries_persisted();
         #[cfg(debug_assertions)]
         self.raft.validate();

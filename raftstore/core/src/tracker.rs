@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::message::ConfState;
 use crate::progress::Progress;
+use crate::progress_map::ProgressMap;
 use crate::quorum::{JointConfig, MajorityConfig, VoteResult};
 
 /// Who votes and who only learns.
@@ -70,7 +71,7 @@ impl Configuration {
 
 pub struct ProgressTracker {
     pub config: Configuration,
-    pub progress: BTreeMap<u64, Progress>,
+    pub progress: ProgressMap,
     pub votes: BTreeMap<u64, bool>,
     inflight_messages_max: usize,
     inflight_bytes_max: u64,
@@ -80,7 +81,7 @@ impl ProgressTracker {
     pub fn new(inflight_messages_max: usize, inflight_bytes_max: u64) -> ProgressTracker {
         ProgressTracker {
             config: Configuration::default(),
-            progress: BTreeMap::new(),
+            progress: ProgressMap::default(),
             votes: BTreeMap::new(),
             inflight_messages_max,
             inflight_bytes_max,
@@ -95,7 +96,7 @@ impl ProgressTracker {
         self.progress.retain(|id, _| members.contains(id));
         for id in &members {
             let (count, bytes) = (self.inflight_messages_max, self.inflight_bytes_max);
-            let progress = self.progress.entry(*id).or_insert_with(|| {
+            let progress = self.progress.get_or_insert_with(*id, || {
                 let mut progress = Progress::new(next_index, count, bytes);
                 // A new member counts as active so that check-quorum does not depose the leader before it could
                 // have heard from it.

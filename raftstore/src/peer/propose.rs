@@ -75,6 +75,14 @@ impl Peer {
         self.propose_tracked(&tokens, data);
     }
 
+    /// Frees the map of proposed writes once none waits: an emptied `BTreeMap` keeps a node (368 bytes), which
+    /// every idle replica would hold for good (100,000 idle groups: 37 MB).
+    pub(super) fn release_empty_writes(&mut self) {
+        if self.writes.is_empty() {
+            self.writes = std::collections::BTreeMap::new();
+        }
+    }
+
     /// No write waits here: none taken and not yet proposed, none proposed and not yet applied.
     pub(super) fn no_writes_waiting(&self) -> bool {
         self.writes.is_empty() && self.proposals.writes.is_empty()

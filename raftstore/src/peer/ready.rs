@@ -163,6 +163,7 @@ impl Peer {
                 self.responses.push((write.token, response));
             }
         }
+        self.release_empty_writes();
         self.answer_ready_reads();
     }
 }

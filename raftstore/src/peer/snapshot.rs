@@ -433,6 +433,7 @@ impl Peer {
                 entry.remove().into_iter().map(|write| (write.token, Response::Failed(PeerError::OutcomeUnknown)));
             self.responses.extend(unknown);
         }
+        self.release_empty_writes();
         self.answer_ready_reads();
         metrics::counter!("flotilla_snapshots_installed_total").increment(1);
         Some(LogOp::Snapshot { index, term })
