@@ -101,11 +101,12 @@ fn main() {
                     if began >= end {
                         break;
                     }
-                    let first = next_key.fetch_add(args.pipeline as u64, Ordering::Relaxed);
+                    // (The shared counter only for sequential keys: uniform ones stay free of it.)
+                    let first = args.sequential.then(|| next_key.fetch_add(args.pipeline as u64, Ordering::Relaxed));
                     let keys: Vec<Vec<u8>> = (0..args.pipeline as u64)
-                        .map(|i| match args.sequential {
-                            true => first + i,
-                            false => next_random(&mut random) % args.keys,
+                        .map(|i| match first {
+                            Some(first) => first + i,
+                            None => next_random(&mut random) % args.keys,
                         })
                         .map(|n| format!("user:{n:010}").into_bytes())
                         .collect();
