@@ -887,11 +887,21 @@ fn a_merge_gives_the_right_range_back_to_the_left_group_on_every_node() {
 /// Three nodes holding one group, split at `m` into group `right` (led by the node `split_leader` names), with
 /// nodes 1 and 2 sending through `hold`.
 fn split_on_three_nodes_holding(dir: &std::path::Path, hold: &Arc<HoldGroupToNode3>, right: u64) -> Vec<Node> {
+    split_on_three_nodes_holding_with(dir, hold, right, |_| {})
+}
+
+/// [`split_on_three_nodes_holding`] with every node's store options adjusted by `adjust`.
+fn split_on_three_nodes_holding_with(
+    dir: &std::path::Path,
+    hold: &Arc<HoldGroupToNode3>,
+    right: u64,
+    adjust: impl Fn(&mut StoreOptions),
+) -> Vec<Node> {
     let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
     let ranges = initial_ranges(1, 1, &replicas);
     let mut nodes: Vec<Node> =
-        (1..=2).map(|id| start_node_sending(id, dir, &ranges, Arc::clone(hold) as _, &hold.inner)).collect();
-    nodes.push(start_node(3, dir, &ranges, &hold.inner));
+        (1..=2).map(|id| start_node_with(id, dir, &ranges, Arc::clone(hold) as _, &hold.inner, &adjust)).collect();
+    nodes.push(start_node_with(3, dir, &ranges, Arc::clone(&hold.inner) as _, &hold.inner, &adjust));
     nodes[0].store.campaign_all([1]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let split = SplitRequest::new(b"m".to_vec(), (right, right * 10 + 1), 3);
@@ -958,22 +968,35 @@ fn a_left_replica_behind_a_merge_catches_up_by_snapshot_and_ends_the_decided_rig
 /// A replica of the right range cannot confirm (its node is cut off): the right leader gives the merge up after
 /// its timeout (an unfreeze in its own log), the left leader, seeing that in its node's replica of the right
 /// group, cancels its lock, and both ranges take writes and splits again; node 3 catches up when it is back.
+/// A write that reached the frozen range meanwhile was held, not refused, and is taken once it unfroze.
 #[test]
 fn a_merge_that_cannot_get_every_confirmation_is_given_up_and_both_ranges_serve_again() {
     let dir = tempfile::tempdir().unwrap();
     let transport = Arc::new(InProcessTransport::new());
     let hold = hold_group_to_node_3(&transport, 0);
-    // Group 4's leader is on node 2 (`split_leader`): the freeze can be proposed with node 3 cut off.
-    let nodes = split_on_three_nodes_holding(dir.path(), &hold, 4);
+    // Group 4's leader is on node 2 (`split_leader`): the freeze can be proposed with node 3 cut off. Writes that
+    // reach a frozen range wait for as long as it takes here (3 ticks by default).
+    let long_wait = |options: &mut StoreOptions| options.frozen_write_wait_ticks = 1_000_000;
+    let nodes = split_on_three_nodes_holding_with(dir.path(), &hold, 4, long_wait);
     let deadline = Instant::now() + Duration::from_secs(60);
     transport.remove_node(3);
     let locked = ask_merge(&nodes[..2], 1, 4, deadline);
+    // A write to the frozen range's leader (node 2), which gives the merge up only after 200 ticks (2 s).
+    let (reply, held) = oneshot::channel();
+    let command = Command::write(None, vec![Op::put(b"x4".to_vec(), b"held".to_vec())]);
+    nodes[1].store.router().send(4, PeerMsg::Write { command, reply }).ok().unwrap();
+    let early = held.recv_timeout(Duration::from_millis(200));
+    assert!(early.is_err(), "a write reaching the frozen range was answered at once: {early:?}");
     wait_until(deadline, "the merge is given up on nodes 1 and 2", || {
         nodes[..2].iter().all(|node| {
             let (left, right) = (stored_range(node, 1).unwrap(), stored_range(node, 4).unwrap());
             left.merge_lock.is_none() && right.merge.is_none() && right.epoch().version > locked.epoch().version
         })
     });
+    // The held write: proposed once the range unfroze.
+    let answer = held.recv_timeout(Duration::from_secs(10));
+    assert!(matches!(answer, Ok(Ok(Outcome::Done))), "{answer:?}");
+    wait_until(deadline, "node 1 applies it", || nodes[0].kv.get(b"x4").unwrap().as_deref() == Some(&b"held"[..]));
     put(&nodes[..2], 4, b"x2", b"again", deadline);
     put(&nodes[..2], 1, b"a2", b"again", deadline);
     assert_eq!(nodes[0].store.router().len(), 2, "both groups live on");
@@ -1039,10 +1062,19 @@ fn commit_news_to_node_3(envelope: &Envelope, group_id: u64) -> bool {
 
 /// Three nodes of one group sending through `filter`, split at `m` into group 2, which node 1 then leads.
 fn split_on_three_nodes_dropping(dir: &std::path::Path, filter: &Arc<DropWhere>) -> Vec<Node> {
+    split_on_three_nodes_dropping_with(dir, filter, |_| {})
+}
+
+/// [`split_on_three_nodes_dropping`] with every node's store options adjusted by `adjust`.
+fn split_on_three_nodes_dropping_with(
+    dir: &std::path::Path,
+    filter: &Arc<DropWhere>,
+    adjust: impl Fn(&mut StoreOptions),
+) -> Vec<Node> {
     let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
     let ranges = initial_ranges(1, 1, &replicas);
     let nodes: Vec<Node> =
-        (1..=3).map(|id| start_node_sending(id, dir, &ranges, Arc::clone(filter) as _, &filter.inner)).collect();
+        (1..=3).map(|id| start_node_with(id, dir, &ranges, Arc::clone(filter) as _, &filter.inner, &adjust)).collect();
     nodes[0].store.campaign_all([1]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let split = SplitRequest::new(b"m".to_vec(), (2, 21), 3);
@@ -1145,6 +1177,45 @@ fn a_right_replica_left_behind_by_its_left_groups_snapshot_learns_its_decision_f
     let record = stored_range(node_3, 2).unwrap();
     assert_eq!((record.merged_into, record.replicas.len()), (1, 0));
     assert!(node_3.store.router().send(2, PeerMsg::Tick).is_err(), "node 3's replica of group 2 stopped");
+}
+
+/// A write handed over by the decided right range before the left leader proposed the merge's commit waits
+/// there for the commit, and is taken behind it. Here node 3 does not get group 2's decision (its appends that
+/// carry it are dropped), so the right leader, which asks for the commit only once every replica holds the
+/// decision, cannot ask yet.
+#[test]
+fn a_write_handed_over_before_the_merge_commit_is_proposed_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let filter = DropWhere::new(|envelope, [held, _]| {
+        let decides = |entry: &flotilla_raftstore::raft::Entry| {
+            let command = <Command as prost::Message>::decode(entry.data.as_ref());
+            command.is_ok_and(|c| c.merge.is_some_and(|merge| merge.step == MergeStep::Decide as i32))
+        };
+        let carries_decision = matches!(&envelope.message, ReplicaMessage::Raft(m)
+                if !m.entries.is_empty() && m.entries.iter().any(|entry| !entry.is_conf_change() && decides(entry)));
+        held && envelope.group_id == 2 && envelope.to_node == 3 && carries_decision
+    });
+    // Writes that wait for a merge wait for as long as it takes here (3 ticks by default).
+    let long_wait = |options: &mut StoreOptions| options.frozen_write_wait_ticks = 1_000_000;
+    let nodes = split_on_three_nodes_dropping_with(dir.path(), &filter, long_wait);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    assert_eq!(put(&nodes, 1, b"a2", b"left", deadline), 1, "node 1 leads group 1");
+    filter.set(0, true);
+    ask_merge(&nodes, 1, 2, deadline);
+    wait_until(deadline, "node 1's replica of group 2 applies the decision", || {
+        stored_range(&nodes[0], 2).unwrap().merge.is_some_and(|state| state.decided_index != 0)
+    });
+    let (reply, answer) = oneshot::channel();
+    let command = Command::write(None, vec![Op::put(b"x9".to_vec(), b"handed over".to_vec())]);
+    nodes[0].store.router().send(2, PeerMsg::Write { command, reply }).ok().unwrap();
+    let early = answer.recv_timeout(Duration::from_millis(200));
+    assert!(early.is_err(), "a write handed over before the commit was proposed was answered: {early:?}");
+    assert_eq!(merge_commits_in_log(&nodes[0], 1), 0, "the commit was not asked for");
+    filter.set(0, false);
+    assert!(matches!(answer.recv_timeout(Duration::from_secs(30)), Ok(Ok(Outcome::Done))), "the write applied");
+    let grown = stored_range(&nodes[0], 1).unwrap();
+    assert!(grown.end.is_empty() && grown.merge_lock.is_none(), "group 1 took group 2 in: {grown:?}");
+    assert_eq!(nodes[0].kv.get(b"x9").unwrap().as_deref(), Some(&b"handed over"[..]));
 }
 
 /// A write that reaches the right range once it is decided is not refused: its replica hands it to its node's

@@ -113,6 +113,24 @@ impl Peer {
         self.descriptor.merge.is_some()
     }
 
+    /// Whether a write that reaches this replica now waits for its merge to move on (`PeerFsm::release_parked`):
+    /// the range is frozen and the merge not decided yet, or this replica leads and proposed a freeze that has
+    /// not applied (a write proposed now would follow it in the log, and be refused when it applies).
+    pub fn holds_writes(&self) -> bool {
+        let freeze_on_its_way =
+            self.merge_proposed_freezes && self.merge_proposed_at > self.applied_index && self.is_leader();
+        (self.is_frozen() && self.decided_into().is_none()) || freeze_on_its_way
+    }
+
+    /// Whether this replica leads the range locked for the merge of group `right_group_id` into it, the merge's
+    /// commit not proposed here yet: writes that group's decided replicas hand over wait for it
+    /// (`store/parked.rs`).
+    pub fn awaits_commit_for(&self, right_group_id: u64) -> bool {
+        self.is_leader()
+            && self.descriptor.merge_lock.is_some_and(|lock| lock.right_group_id == right_group_id)
+            && self.merge.commit_proposed.as_ref().is_none_or(|(right, _, _)| right.group_id != right_group_id)
+    }
+
     /// The group taking this range in, once this replica applied the merge's decision: the writes it gets are
     /// that group's to take (see [`Peer::takes_behind_commit`]).
     pub fn decided_into(&self) -> Option<u64> {
@@ -158,6 +176,7 @@ impl Peer {
             return None;
         }
         let locks = [MergeStep::Prepare as i32, MergeStep::Freeze as i32].contains(&merge.step);
+        let freezes = merge.step == MergeStep::Freeze as i32;
         if locks && self.raw.raft.has_pending_conf_change() {
             // The members stay as they are from the lock or freeze on: no membership change may be on its way.
             let busy = PeerError::Busy(flotilla_raft::DropReason::ConfChangePending);
@@ -168,6 +187,7 @@ impl Peer {
         let proposed = self.propose_entry(token, command);
         if let Some(at) = proposed.filter(|_| locks) {
             self.merge_proposed_at = at;
+            self.merge_proposed_freezes = freezes;
         }
         proposed
     }

@@ -220,6 +220,8 @@ pub struct Peer {
     /// The index of the last merge lock or freeze this replica proposed (membership changes wait until it
     /// applies).
     merge_proposed_at: u64,
+    /// Whether that step is a freeze (writes proposed behind it would be refused at apply: `holds_writes`).
+    merge_proposed_freezes: bool,
     /// Where the range's descriptor stands in the meta range (`publish.rs`).
     publication: publish::Publication,
     /// Ticks this replica has spent without a range over a log that is not empty (`snapshot.rs`,
@@ -305,6 +307,7 @@ impl Peer {
             overlapped_by: None,
             merge: merge::MergeProgress::default(),
             merge_proposed_at: 0,
+            merge_proposed_freezes: false,
             merged_away: Vec::new(),
             merge_step_applied: false,
             publication: publish::Publication::new(options.publishes),

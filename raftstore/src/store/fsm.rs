@@ -10,6 +10,7 @@ use flotilla_engine::contract::{KeyValue, KvEngine, StateMachineError};
 use flotilla_raft::Entry;
 
 use super::local_reader::ReadLease;
+use super::parked::ParkedWrites;
 use super::ticks::TicksSeen;
 use crate::batch::Fsm;
 use crate::command::{Command, MergeCommand, Outcome};
@@ -157,6 +158,8 @@ pub struct PeerFsm {
     /// Writes this replica, decided for a merge, hands to its node's replica of the group taking its keys (by
     /// group; the handler sends them on: [`PeerFsm::take_handed_over`]).
     handed_over: Vec<(u64, PeerMsg)>,
+    /// Writes held while a merge moves on, instead of refused at once (`parked.rs`).
+    parked: ParkedWrites,
 }
 
 impl Fsm for PeerFsm {
@@ -181,6 +184,15 @@ impl PeerFsm {
             split_trigger,
             merge_ticks: 0,
             handed_over: Vec::new(),
+            parked: ParkedWrites::default(),
+        }
+    }
+
+    /// Handles again the writes held for a merge that moved on (`parked.rs`), `ticks` more having passed; refuses
+    /// them all once they waited `wait_ticks_max` ticks (`StoreOptions::frozen_write_wait_ticks`).
+    pub(crate) fn release_parked(&mut self, ticks: u64, wait_ticks_max: u64, kv: &dyn KvEngine) {
+        for message in self.parked.release(&self.peer, ticks, wait_ticks_max) {
+            self.on_message(message, kv);
         }
     }
 
@@ -231,7 +243,12 @@ impl PeerFsm {
                 // An invalid message (a bug or a stray from another incarnation) is dropped; the core said why.
                 let _ = self.peer.on_message(message, kv);
             }
-            PeerMsg::HandedOver { command, reply, decided } => {
+            message @ PeerMsg::HandedOver { .. } => {
+                // Not taken yet (this leader has not proposed the merge's commit): held until it is.
+                let Some(PeerMsg::HandedOver { command, reply, decided }) = self.parked.park(&self.peer, message)
+                else {
+                    return;
+                };
                 if !self.peer.can_take_behind_commit(&command) {
                     let _ = reply.send(Err(PeerError::Range(crate::range::RangeError::Merging { current: decided })));
                     return;
@@ -241,7 +258,9 @@ impl PeerFsm {
                 self.writes.insert(token, reply);
                 self.peer.propose(token, command);
             }
-            PeerMsg::Write { command, reply } => {
+            message @ PeerMsg::Write { .. } => {
+                // Frozen for a merge not decided yet: held until it is (then handed over, below) or given up.
+                let Some(PeerMsg::Write { command, reply }) = self.parked.park(&self.peer, message) else { return };
                 if let Some(into_group_id) = self.peer.decided_into() {
                     // Its keys are that group's from the merge's commit on, and its leader proposes writes behind
                     // the commit (`Peer::propose`): handed over, not refused (the caller would wait, then route
@@ -311,6 +330,7 @@ impl PeerFsm {
     /// Refuses every client still waiting on this replica (the node stopped: their requests may or may not have
     /// taken effect, and nothing here will tell).
     pub(crate) fn refuse_waiting(&mut self, refusal: PeerError) {
+        self.parked.refuse_all(&refusal);
         for (_, reply) in self.writes.drain() {
             let _ = reply.send(Err(refusal.clone()));
         }

@@ -44,6 +44,8 @@ use crate::split_trigger::{AskReason, RangeAsk};
 #[derive(Clone)]
 pub struct StoreHandler {
     pub(crate) node_id: u64,
+    /// `StoreOptions::frozen_write_wait_ticks`.
+    pub(crate) frozen_write_wait_ticks: u64,
     pub(crate) ticking: Arc<Ticking>,
     pub(crate) log: Arc<dyn LogEngine>,
     pub(crate) kv: Arc<dyn KvEngine>,
@@ -342,9 +344,10 @@ impl PollHandler<PeerFsm> for StoreHandler {
             }
             return refuse_all(messages.drain(..), PeerError::NotLeader { leader: 0 });
         }
+        let mut ticks = 0;
         if fsm.ticking {
             // The ticks it owes first (see `ticks.rs`): whatever it handles next sees the node's time.
-            let ticks = self.ticking.catch_up(&fsm.ticks_seen, &mut fsm.peer);
+            ticks = self.ticking.catch_up(&fsm.ticks_seen, &mut fsm.peer);
             if ticks > 0 {
                 let (reads, keys) = fsm.read_lease.take_local_reads();
                 if reads > 0 {
@@ -364,6 +367,7 @@ impl PollHandler<PeerFsm> for StoreHandler {
         for message in messages.drain(..) {
             fsm.on_message(message, self.kv.as_ref());
         }
+        fsm.release_parked(ticks, self.frozen_write_wait_ticks, self.kv.as_ref());
         self.hand_over(fsm);
         // After the messages: a confirmation or an append answer may be what the next step waited for.
         self.merge_step(fsm);
@@ -446,6 +450,9 @@ impl StoreHandler {
                 let _ = self.tasks.send(ReplicaTask::Split(Box::new(split_off)));
             }
             self.merge_step(fsm);
+            // The entry applied may be the decision (or the unfreezing) the writes parked here wait for.
+            fsm.release_parked(0, self.frozen_write_wait_ticks, self.kv.as_ref());
+            self.hand_over(fsm);
             let output = fsm.peer.take_output(self.kv.as_ref());
             self.carry_out(fsm, output);
         }

@@ -17,6 +17,7 @@
 //! - [`liveness`]: node liveness (one heartbeat per node pair, verdicts passed to the replicas);
 //! - [`mailboxes`]: where replicas receive messages, as the store's code sees it (the batch system's router, or
 //!   the stepped store's queues);
+//! - `parked.rs`: writes a replica in a merge holds for a round or two instead of refusing them;
 //! - [`stepped`]: the same store run by hand on its caller's thread (the store simulator runs it);
 //! - `failure.rs`: why the node stopped, and what stopping does (waiting clients refused, listeners told);
 //! - this file: `StoreCore` (a store without threads: the handler and the channels its threads drain) and
@@ -30,6 +31,7 @@ pub mod liveness;
 pub mod local_reader;
 mod log_gc;
 pub mod mailboxes;
+mod parked;
 pub mod replicas;
 pub mod stepped;
 pub mod ticks;
@@ -91,6 +93,11 @@ pub struct StoreOptions {
     /// How long, in node ticks, messages for a group this node does not hold wait for a split applied here to
     /// make the group, before an empty replica is created for them (`awaiting_split.rs`). Default 3.
     pub split_message_wait_ticks: u64,
+    /// How long, in node ticks, a write that reaches a range frozen for a merge (not decided yet) is held for
+    /// the merge to move on — handed to the left group once decided, proposed here if given up — before it is
+    /// refused (`RangeError::Merging`; the caller asks again). A merge decides a round or two after its freeze
+    /// unless a replica stopped answering. Default 3; 0: refused at once (`PeerFsm::release_parked`).
+    pub frozen_write_wait_ticks: u64,
 }
 
 impl Default for StoreOptions {
@@ -113,6 +120,7 @@ impl Default for StoreOptions {
             range_asks: None,
             meta_range: false,
             split_message_wait_ticks: 3,
+            frozen_write_wait_ticks: 3,
         }
     }
 }
@@ -173,6 +181,7 @@ impl StoreCore {
         let (tasks, task_receiver) = crossbeam_channel::bounded::<ReplicaTask>(replicas::TASKS_MAX);
         let handler = StoreHandler {
             node_id: options.node_id,
+            frozen_write_wait_ticks: options.frozen_write_wait_ticks,
             range_asks: options.range_asks.clone(),
             local_reader: Arc::new(LocalReader::new(Arc::clone(&clock), options.split.load_window_ticks > 0)),
             claims: Arc::default(),
