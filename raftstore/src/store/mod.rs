@@ -94,9 +94,10 @@ pub struct StoreOptions {
     /// make the group, before an empty replica is created for them (`awaiting_split.rs`). Default 3.
     pub split_message_wait_ticks: u64,
     /// How long, in node ticks, a write that reaches a range frozen for a merge (not decided yet) is held for
-    /// the merge to move on — handed to the left group once decided, proposed here if given up — before it is
-    /// refused (`RangeError::Merging`; the caller asks again). A merge decides a round or two after its freeze
-    /// unless a replica stopped answering. Default 3; 0: refused at once (`PeerFsm::release_parked`).
+    /// the merge to move on — handed to the left group once decided, proposed here if given up — and a write
+    /// handed over to the left leader waits for it to propose the merge's commit, before it is refused
+    /// (`RangeError::Merging`; the caller asks again). A merge moves on a round or two after its freeze unless a
+    /// replica stopped answering. Default 3; 0: refused at once (`store/parked.rs`).
     pub frozen_write_wait_ticks: u64,
 }
 
