@@ -17,7 +17,7 @@ use flotilla_raftstore::peer::{
     prepare_groups, LocalReadGrant, MembershipChange, Peer, PeerError, PeerOptions, Response, SnapshotOptions, Token,
     BOOTSTRAP_INDEX, BOOTSTRAP_TERM,
 };
-use flotilla_raftstore::range::{RangeDescriptor, RangeEpoch, RangeError, Replica, SplitRequest};
+use flotilla_raftstore::range::{MergeLock, RangeDescriptor, RangeEpoch, RangeError, Replica, SplitRequest};
 
 struct Node {
     log: Arc<MemLogEngine>,
@@ -700,6 +700,26 @@ fn a_merge_step_asked_of_a_leader_whose_earlier_proposal_was_replaced_is_propose
     group.settle();
     assert_eq!(fences_in_log(group.node(3)), 1);
     assert!(group.node(3).peer.descriptor().epoch().version > epoch.version, "fenced");
+}
+
+/// A leader that proposed a freeze holds the writes that reach it until the freeze applies (proposed now, their
+/// entries would follow it in the log and be refused when it applies: `store/parked.rs`); a follower holds
+/// nothing. Here the freeze is refused when it applies (no left neighbour can take this range, which spans the
+/// whole key space), and writes are taken again.
+#[test]
+fn a_leader_holds_writes_while_the_freeze_it_proposed_is_on_its_way() {
+    let mut group = Group::led_by(1);
+    let descriptor = group.node(1).peer.descriptor().clone();
+    assert!(!group.node(1).peer.holds_writes());
+    let lock = MergeLock { right_group_id: descriptor.group_id, right_epoch: descriptor.epoch };
+    let left = RangeDescriptor { group_id: 99, merge_lock: Some(lock), ..RangeDescriptor::default() };
+    let proposed = group.node(1).peer.propose_merge(60, MergeCommand::new(MergeStep::Freeze, Some(left), None));
+    assert!(proposed.is_some());
+    assert!(group.node(1).peer.holds_writes(), "the leader's freeze is on its way");
+    assert!(!group.node(2).peer.holds_writes(), "a follower proposed nothing");
+    assert!(matches!(group.response(60), Response::Written(Outcome::InvalidMerge(_))));
+    assert!(!group.node(1).peer.is_frozen() && !group.node(1).peer.holds_writes(), "applied: writes go on");
+    assert_eq!(group.put(1, 61, "b", "1"), Response::Written(Outcome::Done));
 }
 
 /// How many merge fences `node`'s log holds.

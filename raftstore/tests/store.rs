@@ -975,8 +975,12 @@ fn a_merge_that_cannot_get_every_confirmation_is_given_up_and_both_ranges_serve_
     let transport = Arc::new(InProcessTransport::new());
     let hold = hold_group_to_node_3(&transport, 0);
     // Group 4's leader is on node 2 (`split_leader`): the freeze can be proposed with node 3 cut off. Writes that
-    // reach a frozen range wait for as long as it takes here (3 ticks by default).
-    let long_wait = |options: &mut StoreOptions| options.frozen_write_wait_ticks = 1_000_000;
+    // reach a frozen range there wait for as long as it takes (3 ticks by default, as on the other nodes).
+    let long_wait = |options: &mut StoreOptions| {
+        if options.node_id == 2 {
+            options.frozen_write_wait_ticks = 1_000_000;
+        }
+    };
     let nodes = split_on_three_nodes_holding_with(dir.path(), &hold, 4, long_wait);
     let deadline = Instant::now() + Duration::from_secs(60);
     transport.remove_node(3);
@@ -987,6 +991,14 @@ fn a_merge_that_cannot_get_every_confirmation_is_given_up_and_both_ranges_serve_
     nodes[1].store.router().send(4, PeerMsg::Write { command, reply }).ok().unwrap();
     let early = held.recv_timeout(Duration::from_millis(200));
     assert!(early.is_err(), "a write reaching the frozen range was answered at once: {early:?}");
+    // On node 1, whose writes wait 3 ticks (30 ms), one is refused as the frozen range refuses writes, long
+    // before the merge is given up.
+    wait_until(deadline, "node 1 applies the freeze", || stored_range(&nodes[0], 4).unwrap().merge.is_some());
+    let (reply, refused) = oneshot::channel();
+    let command = Command::write(None, vec![Op::put(b"x5".to_vec(), b"refused".to_vec())]);
+    nodes[0].store.router().send(4, PeerMsg::Write { command, reply }).ok().unwrap();
+    let refused = refused.recv_timeout(Duration::from_secs(1));
+    assert!(matches!(refused, Ok(Err(PeerError::Range(RangeError::Merging { .. })))), "{refused:?}");
     wait_until(deadline, "the merge is given up on nodes 1 and 2", || {
         nodes[..2].iter().all(|node| {
             let (left, right) = (stored_range(node, 1).unwrap(), stored_range(node, 4).unwrap());
