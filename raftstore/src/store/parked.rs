@@ -43,21 +43,22 @@ impl ParkedWrites {
     }
 
     /// The writes to handle again now, `ticks` more having passed: those `peer` would no longer refuse for its
-    /// merge, in their order — and once the held writes waited `wait_ticks_max` ticks, every one, each refused
-    /// as the merge refuses it (the answer is sent here).
+    /// merge, in their order. Once the held writes waited `wait_ticks_max` ticks, the rest are refused as the
+    /// merge refuses them (the answers are sent here).
     pub(crate) fn release(&mut self, peer: &Peer, ticks: u64, wait_ticks_max: u64) -> Vec<PeerMsg> {
         if self.held.is_empty() {
             return Vec::new();
         }
         self.ticks += ticks;
+        let (kept, released): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.held).into_iter().partition(|message| waits(peer, message));
         if self.ticks >= wait_ticks_max {
-            for message in self.held.drain(..) {
+            for message in kept {
                 refuse_as_merging(peer, message);
             }
-            return Vec::new();
+        } else {
+            self.held = kept;
         }
-        let (kept, released) = std::mem::take(&mut self.held).into_iter().partition(|message| waits(peer, message));
-        self.held = kept;
         released
     }
 
