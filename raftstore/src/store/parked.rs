@@ -23,7 +23,7 @@ pub const PARKED_WRITES_MAX: usize = 4096;
 #[derive(Default)]
 pub(crate) struct ParkedWrites {
     held: Vec<PeerMsg>,
-    /// Ticks since the oldest write held came (all held writes are let go together when they are up).
+    /// Ticks since the oldest write held came (those still held when they are up are refused together).
     ticks: u64,
 }
 
