@@ -56,8 +56,8 @@
 //!
 //! `message.rs` wire and persisted types; `config.rs`; `error.rs`; `storage.rs` the trait and [`MemStorage`];
 //! `unstable.rs` and `raft_log.rs` the log; `progress.rs`, `progress_map.rs`, `inflights.rs`, `tracker.rs`,
-//! `quorum.rs` the leader's view of followers and quorums; `conf_change.rs` computing configurations; `read_only.rs` ReadIndex queue;
-//! `raft/` the state machine by feature; `raw_node.rs` the `Ready` interface.
+//! `quorum.rs` the leader's view of followers and quorums; `conf_change.rs` computing configurations;
+//! `read_only.rs` ReadIndex queue; `raft/` the state machine by feature; `raw_node.rs` the `Ready` interface.
 
 mod conf_change;
 mod config;

@@ -49,7 +49,7 @@ impl ProgressMap {
 
     /// By id, ascending.
     pub fn iter(&self) -> impl Iterator<Item = (&u64, &Progress)> {
-        self.members.iter().map(|(id, progress)| (id, progress))
+        self.into_iter()
     }
 
     /// By id, ascending.

@@ -84,9 +84,8 @@ impl Drop for ParkedWrites {
 fn waits(peer: &Peer, message: &PeerMsg) -> bool {
     match message {
         PeerMsg::Write { .. } => peer.holds_writes(),
-        PeerMsg::HandedOver { command, decided, .. } => {
-            !peer.can_take_behind_commit(command) && peer.awaits_commit_for(decided.group_id)
-        }
+        // (A leader that awaits its commit cannot take the write yet: `Peer::takes_behind_commit` needs it proposed.)
+        PeerMsg::HandedOver { decided, .. } => peer.awaits_commit_for(decided.group_id),
         _ => false,
     }
 }
