@@ -34,6 +34,13 @@ struct Args {
     /// Point reads of written keys after the load.
     #[arg(long, default_value_t = 200_000)]
     reads: u64,
+    /// Keys the point reads cycle over (the first written ones): a working set read again and again, as a
+    /// benchmark's `-r` makes it. 0: each read a different key.
+    #[arg(long, default_value_t = 0)]
+    read_keys: u64,
+    /// The state machine's read cache (`StateMachineOptions::read_cache_bytes`); 0 turns it off.
+    #[arg(long, default_value_t = 64)]
+    read_cache_mib: u64,
     /// Target size of a run's block.
     #[arg(long, default_value_t = 16)]
     block_kib: usize,
@@ -63,6 +70,7 @@ fn main() {
             StateMachineOptions {
                 memtable_bytes_max: args.memtable_mib << 20,
                 cache_bytes: args.cache_mib << 20,
+                read_cache_bytes: args.read_cache_mib << 20,
                 block_bytes_max: args.block_kib << 10,
                 ..StateMachineOptions::default()
             },
@@ -150,15 +158,21 @@ fn main() {
     // Point reads of written keys (replaying the key sequence), from redb's cache: the cost of consulting the runs.
     let mut rng = SEED;
     let reads_started = Instant::now();
-    let reads = args.reads.min(written);
+    let reads = if args.read_keys > 0 { args.reads } else { args.reads.min(written) };
+    let cycle = if args.read_keys > 0 { args.read_keys.min(written) } else { reads };
     for i in 0..reads {
-        let key = next_key(&mut rng, (i / args.puts_per_group) % args.groups);
+        if i % cycle == 0 {
+            rng = SEED;
+        }
+        let key = next_key(&mut rng, (i % cycle / args.puts_per_group) % args.groups);
         assert!(machine.get(&key).expect("get").is_some(), "a written key must be found");
     }
     let read_seconds = reads_started.elapsed().as_secs_f64();
     println!(
-        "point reads: {reads} written keys in {read_seconds:.2} s = {:.0} gets/s (one thread)",
-        reads as f64 / read_seconds
+        "point reads: {reads} of {cycle} written keys in {read_seconds:.2} s = {:.0} gets/s (one thread; read cache \
+         {} MiB)",
+        reads as f64 / read_seconds,
+        args.read_cache_mib
     );
     drop(machine);
     let _ = std::fs::remove_dir_all(dir);

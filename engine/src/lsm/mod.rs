@@ -11,6 +11,7 @@
 //! - `bloom.rs`: a Bloom filter per run for point reads;
 //! - `run.rs`: writing runs, point reads in a run, cursors over a run;
 //! - `merge.rs`: merging memtables and runs (newest wins; deletions and range deletions hide);
+//! - `read_cache.rs`: the answers of recent point reads, valid while the runs hold the same data;
 //! - `version.rs`: the set of live runs and range deletions, published after each change;
 //! - `sealed.rs`: the checksums of run records, range deletions, applied states and range descriptors.
 //!
@@ -19,6 +20,7 @@
 pub(crate) mod block;
 pub(crate) mod bloom;
 pub(crate) mod merge;
+pub(crate) mod read_cache;
 pub(crate) mod run;
 pub(crate) mod sealed;
 pub(crate) mod version;

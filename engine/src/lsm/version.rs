@@ -53,11 +53,24 @@ impl RangeTombstone {
     }
 }
 
+/// What a change of the version does to what the runs answer (see [`Version::contents_generation`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Contents {
+    /// New data (a flush, a snapshot install): reads may answer differently.
+    New,
+    /// The same data held differently (a compaction).
+    Same,
+}
+
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Version {
     /// Newest (highest `seq`) first.
     pub(crate) runs: Vec<Arc<Run>>,
     pub(crate) tombstones: Vec<RangeTombstone>,
+    /// Which data the runs hold: bumped by every change that gives them new data (a flush, a snapshot install),
+    /// kept by a compaction (it rewrites runs, not what they answer). Cached answers are valid within one
+    /// generation (`read_cache.rs`).
+    pub(crate) contents_generation: u64,
 }
 
 impl Version {

@@ -22,7 +22,7 @@ use redb::{Durability, ReadableDatabase};
 use super::{storage, StateMachine, StateMachineError};
 use crate::lsm::merge::{Input, Merge};
 use crate::lsm::run::{Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
-use crate::lsm::version::{Version, RANGE_TOMBSTONES};
+use crate::lsm::version::{Contents, Version, RANGE_TOMBSTONES};
 
 /// Bytes of output blocks per compaction write transaction.
 const COMPACTION_TXN_BYTES: usize = 8 << 20;
@@ -132,7 +132,7 @@ impl StateMachine {
         };
         drop(blocks);
         drop(read);
-        self.publish(|current| {
+        self.publish(Contents::Same, |current| {
             let mut next = current.clone();
             next.runs.retain(|run| !plan.inputs.iter().any(|input| input.id == run.id));
             next.tombstones.retain(|t| !dropped_tombstones.contains(&t.seq));

@@ -35,9 +35,10 @@ pub(crate) use error::{guard, storage};
 
 use crate::disk::{Disk, RedbFile};
 use crate::lsm::merge::{Input, MemSource, Merge};
+use crate::lsm::read_cache::ReadCache;
 use crate::lsm::run::{block_key, delete_blocks, run_of_block_key, Run, RunCursor, RunWriter, RUNS, RUN_BLOCKS};
 use crate::lsm::sealed::{seal, unseal};
-use crate::lsm::version::{RangeTombstone, Version, RANGE_TOMBSTONES};
+use crate::lsm::version::{Contents, RangeTombstone, Version, RANGE_TOMBSTONES};
 use snapshot::Install;
 
 /// Applied index (u64 LE), term (u64 LE), how it was set (1 byte: 0 by applying the log, 1 by a snapshot install),
@@ -76,6 +77,10 @@ pub struct StateMachineOptions {
     pub memtable_bytes_max: u64,
     /// redb's page cache. Default 1 GiB (redb's own default).
     pub cache_bytes: usize,
+    /// The answers of recent point reads in the runs (`lsm/read_cache.rs`), so that a key read again that is no
+    /// longer in the memtable costs a hash lookup instead of a search of the runs. Emptied by each flush and
+    /// snapshot install; filled as keys are read; 0 turns it off. Default 64 MiB.
+    pub read_cache_bytes: u64,
     /// Target size of a block of a run: the unit a point read fetches and checks. Default 16 KiB.
     pub block_bytes_max: usize,
     /// Runs of one size class merged at once (at least 2): higher means fewer rewrites of each byte and more runs
@@ -96,6 +101,7 @@ impl Default for StateMachineOptions {
         StateMachineOptions {
             memtable_bytes_max: 64 << 20,
             cache_bytes: 1 << 30,
+            read_cache_bytes: 64 << 20,
             block_bytes_max: 16 << 10,
             compaction_fanout: 4,
             runs_max: 24,
@@ -207,6 +213,8 @@ pub struct StateMachineStats {
     /// Bytes of keys and values in the runs (overwritten and deleted entries included until compacted away).
     pub run_bytes: u64,
     pub memtable_bytes: u64,
+    /// Bytes the read cache's answers take (`StateMachineOptions::read_cache_bytes` at most).
+    pub read_cache_bytes: u64,
     /// Bytes of pages redb has allocated (live data and its own metadata); the file may be larger (free space).
     pub allocated_bytes: u64,
     /// Of those, bytes lost to fragmentation inside pages.
@@ -229,6 +237,8 @@ pub struct StateMachine {
     durable_generation: AtomicU64,
     /// The live runs and range deletions.
     version: RwLock<Arc<Version>>,
+    /// Answers of recent point reads in the runs (`lsm/read_cache.rs`).
+    read_cache: ReadCache,
     /// Run ids and `seq`s (one counter for both).
     next_number: AtomicU64,
     pub(crate) garbage: Mutex<Garbage>,
@@ -364,6 +374,7 @@ impl StateMachine {
         for tombstone in &version.tombstones {
             highest_number = highest_number.max(tombstone.seq);
         }
+        let read_cache = ReadCache::new(options.read_cache_bytes);
         Ok(StateMachine {
             db,
             options,
@@ -374,6 +385,7 @@ impl StateMachine {
             durable_by_install: RwLock::new(durable_by_install),
             durable_generation: AtomicU64::new(0),
             version: RwLock::new(Arc::new(version)),
+            read_cache,
             next_number: AtomicU64::new(highest_number + 1),
             garbage: Mutex::new(Garbage::default()),
             installs: Mutex::new(HashMap::new()),
@@ -405,9 +417,16 @@ impl StateMachine {
     }
 
     /// Replaces the current version with `change(current)`; call after the change is committed to redb.
-    pub(crate) fn publish(&self, change: impl FnOnce(&Version) -> Version) {
+    /// `contents`: whether the runs answer differently now (new data), or only hold the same data differently.
+    pub(crate) fn publish(&self, contents: Contents, change: impl FnOnce(&Version) -> Version) {
         let mut version = self.version.write();
-        *version = Arc::new(change(&version));
+        let mut next = change(&version);
+        if contents == Contents::New {
+            next.contents_generation = version.contents_generation + 1;
+            // Every cached answer is of the old generation now; give their memory back.
+            self.read_cache.clear();
+        }
+        *version = Arc::new(next);
         metrics::gauge!("flotilla_state_machine_runs").set(version.runs.len() as f64);
         metrics::gauge!("flotilla_state_machine_run_bytes").set(version.run_bytes() as f64);
         metrics::gauge!("flotilla_state_machine_filter_bytes")
@@ -442,6 +461,7 @@ impl StateMachine {
             range_deletions: version.tombstones.len(),
             run_bytes: version.run_bytes(),
             memtable_bytes: self.memtable_bytes(),
+            read_cache_bytes: self.read_cache.bytes(),
         })
     }
 
@@ -526,7 +546,7 @@ impl StateMachine {
         };
         write.commit().map_err(storage)?;
         if let Some(run) = run {
-            self.publish(|current| current.with_run(Arc::new(run)));
+            self.publish(Contents::New, |current| current.with_run(Arc::new(run)));
         }
         self.make_durable(flushing.applied.iter().map(|(g, s)| (*g, *s)), false);
         self.memtables.write().flushing = None;
@@ -538,10 +558,26 @@ impl StateMachine {
         if let Some(value) = self.memtables.read().get(key) {
             return Ok(value.clone());
         }
+        let generation = self.current_version().contents_generation;
+        if let Some(cached) = self.read_cache.get(generation, key) {
+            return Ok(cached);
+        }
         guard("a read of the state file", || {
             let (version, read) = self.read_view()?;
-            self.get_in(&version, &read, key)
+            self.get_in_cached(&version, &read, key)
         })
+    }
+
+    /// [`StateMachine::get_in`], its answer remembered for later reads of the same contents.
+    fn get_in_cached(
+        &self,
+        version: &Version,
+        read: &ReadTransaction,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StateMachineError> {
+        let value = self.get_in(version, read, key)?;
+        self.read_cache.missed(version.contents_generation, key, &value);
+        Ok(value)
     }
 
     /// A point read in the runs of `version` through `read` (memtables not consulted).
@@ -701,5 +737,91 @@ impl StateMachine {
         let table = read.open_table(RANGES).map_err(storage)?;
         let stored = table.get(group_id).map_err(storage)?;
         stored.map(|row| unseal(RANGES_TABLE, group_id, row.value()).map(<[u8]>::to_vec)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod read_cache_tests {
+    use super::*;
+    use crate::redb_sim::SimRedbBackend;
+
+    fn write(machine: &StateMachine, index: u64, ops: &[(&str, Option<&str>)]) {
+        let ops = ops
+            .iter()
+            .map(|(key, value)| match value {
+                Some(value) => KvOp::Put { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() },
+                None => KvOp::Delete { key: key.as_bytes().to_vec() },
+            })
+            .collect();
+        machine
+            .apply(vec![GroupApply { group_id: 1, ops, applied_index: index, applied_term: 1, range: None }])
+            .unwrap();
+    }
+
+    fn get(machine: &StateMachine, key: &str) -> Option<String> {
+        machine.get(key.as_bytes()).unwrap().map(|v| String::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn a_point_read_never_answers_from_before_a_flush_and_a_compaction_keeps_the_answers() {
+        let options = StateMachineOptions { compaction_fanout: 2, runs_max: 2, ..StateMachineOptions::default() };
+        let machine = StateMachine::open_with_backend(SimRedbBackend::new(), options).unwrap();
+        write(&machine, 1, &[("a", Some("a1")), ("b", Some("b1"))]);
+        machine.flush().unwrap();
+        // Read from the runs, twice: the answers (an absence too) are cached.
+        for _ in 0..2 {
+            assert_eq!(
+                (get(&machine, "a"), get(&machine, "b"), get(&machine, "c")),
+                (Some("a1".into()), Some("b1".into()), None)
+            );
+        }
+        assert!(machine.stats().unwrap().read_cache_bytes > 0);
+        // New values, a deletion and a new key reach the runs by a flush: the runs answer differently now.
+        write(&machine, 2, &[("a", Some("a2")), ("b", None), ("c", Some("c2"))]);
+        machine.flush().unwrap();
+        assert_eq!(
+            (get(&machine, "a"), get(&machine, "b"), get(&machine, "c")),
+            (Some("a2".into()), None, Some("c2".into()))
+        );
+        // A compaction merges the two runs into one that answers the same: the cached answers stay.
+        let cached = machine.stats().unwrap().read_cache_bytes;
+        assert!(machine.compact().unwrap());
+        assert_eq!(machine.run_count(), 1);
+        assert_eq!(machine.stats().unwrap().read_cache_bytes, cached, "a compaction does not cool the cache");
+        assert_eq!(
+            (get(&machine, "a"), get(&machine, "b"), get(&machine, "c")),
+            (Some("a2".into()), None, Some("c2".into()))
+        );
+    }
+
+    #[test]
+    fn a_reader_of_an_older_version_cannot_leave_its_answer_for_newer_reads() {
+        let machine = StateMachine::open_with_backend(SimRedbBackend::new(), StateMachineOptions::default()).unwrap();
+        write(&machine, 1, &[("k", Some("old"))]);
+        machine.flush().unwrap();
+        // A reader takes its view, then a flush gives the runs a new value before the reader reads...
+        let (version, read) = machine.read_view().unwrap();
+        write(&machine, 2, &[("k", Some("new"))]);
+        machine.flush().unwrap();
+        // ...so it reads (and, at its second miss, caches) what its view holds...
+        for _ in 0..2 {
+            assert_eq!(machine.get_in_cached(&version, &read, b"k").unwrap(), Some(b"old".to_vec()));
+        }
+        // ...which no read of the new version is answered with.
+        assert_eq!(get(&machine, "k"), Some("new".into()));
+    }
+
+    #[test]
+    fn without_a_read_cache_reads_are_the_same() {
+        let options = StateMachineOptions { read_cache_bytes: 0, ..StateMachineOptions::default() };
+        let machine = StateMachine::open_with_backend(SimRedbBackend::new(), options).unwrap();
+        write(&machine, 1, &[("k", Some("v1"))]);
+        machine.flush().unwrap();
+        assert_eq!(get(&machine, "k"), Some("v1".into()));
+        assert_eq!(get(&machine, "k"), Some("v1".into()));
+        write(&machine, 2, &[("k", Some("v2"))]);
+        machine.flush().unwrap();
+        assert_eq!(get(&machine, "k"), Some("v2".into()));
+        assert_eq!(machine.stats().unwrap().read_cache_bytes, 0);
     }
 }

@@ -23,7 +23,7 @@ use redb::Durability;
 
 use crate::lsm::merge::Source;
 use crate::lsm::run::{RunWriter, RUNS, RUN_BLOCKS};
-use crate::lsm::version::{RangeTombstone, RANGE_TOMBSTONES};
+use crate::lsm::version::{Contents, RangeTombstone, RANGE_TOMBSTONES};
 use crate::state_machine::{
     decode_applied, encode_applied, seal_range, storage, AppliedState, StateMachine, StateMachineError, APPLY_STATE,
     RANGES,
@@ -301,7 +301,7 @@ impl Install {
             run
         };
         write.commit().map_err(storage)?;
-        machine.publish(|current| {
+        machine.publish(Contents::New, |current| {
             let mut next = current.clone();
             next.tombstones.push(tombstone);
             match run {
