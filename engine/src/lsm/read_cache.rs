@@ -4,7 +4,8 @@
 //! Why it is always right: what the runs answer for a key depends only on which data they hold. Every answer is
 //! stored with the **contents generation** of the version it was read from (`version.rs`), and only a read of a
 //! version with the same generation may use it. A flush and a snapshot install give the runs new data and a new
-//! generation (and empty the cache, to give its memory back at once); a compaction rewrites runs without changing
+//! generation (the older answers stay until their keys are cached again or they are evicted: emptying the cache
+//! at once would hold up its readers while it frees them); a compaction rewrites runs without changing
 //! what they answer and keeps the generation, so a compaction does not cool the cache. A reader that read an older
 //! version and stores its answer after the change stores it under the older generation, where no newer read finds
 //! it. Memtables are consulted before the runs and never cached: a key written since the last flush is answered
@@ -84,13 +85,6 @@ impl ReadCache {
         }
     }
 
-    /// Forgets every answer (their generation is over).
-    pub(crate) fn clear(&self) {
-        if let Some(answers) = &self.answers {
-            answers.clear();
-        }
-    }
-
     /// Bytes the cached answers take (by the weight above).
     pub(crate) fn bytes(&self) -> u64 {
         self.answers.as_ref().map_or(0, |answers| answers.weight())
@@ -112,7 +106,10 @@ mod tests {
         assert_eq!(cache.get(3, b"gone"), Some(None), "an absence is an answer too");
         assert_eq!(cache.get(4, b"k"), None, "a newer generation's read must read the runs");
         assert_eq!(cache.get(3, b"other"), None);
-        cache.clear();
+        // A newer generation's answer replaces the stale one.
+        cache.missed(4, b"k", &Some(b"v4".to_vec()));
+        cache.missed(4, b"k", &Some(b"v4".to_vec()));
+        assert_eq!(cache.get(4, b"k"), Some(Some(b"v4".to_vec())));
         assert_eq!(cache.get(3, b"k"), None);
     }
 

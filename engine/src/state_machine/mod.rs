@@ -78,8 +78,8 @@ pub struct StateMachineOptions {
     /// redb's page cache. Default 1 GiB (redb's own default).
     pub cache_bytes: usize,
     /// The answers of recent point reads in the runs (`lsm/read_cache.rs`), so that a key read again that is no
-    /// longer in the memtable costs a hash lookup instead of a search of the runs. Emptied by each flush and
-    /// snapshot install; filled as keys are read; 0 turns it off. Default 64 MiB.
+    /// longer in the memtable costs a hash lookup instead of a search of the runs. A flush or snapshot install
+    /// makes its answers stale; filled as keys are read; 0 turns it off. Default 64 MiB.
     pub read_cache_bytes: u64,
     /// Target size of a block of a run: the unit a point read fetches and checks. Default 16 KiB.
     pub block_bytes_max: usize,
@@ -422,9 +422,9 @@ impl StateMachine {
         let mut version = self.version.write();
         let mut next = change(&version);
         if contents == Contents::New {
+            // Every cached answer is stale now: no read of this version takes it (each is replaced when its key is
+            // read again, or evicted). Not cleared here: freeing them all would hold up readers.
             next.contents_generation = version.contents_generation + 1;
-            // Every cached answer is of the old generation now; give their memory back.
-            self.read_cache.clear();
         }
         *version = Arc::new(next);
         metrics::gauge!("flotilla_state_machine_runs").set(version.runs.len() as f64);
