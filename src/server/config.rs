@@ -95,6 +95,18 @@ pub struct ServeSettings {
     /// once this has passed). Default 60.
     #[arg(long)]
     pub merge_check_seconds: Option<u64>,
+    /// The memtable (each node's applied writes not yet flushed) is flushed as a new run once it holds this many
+    /// bytes; larger means fewer runs and compactions, more memory (up to about three times this) and a longer
+    /// log replay after a crash. Default 67108864 (64 MiB).
+    #[arg(long)]
+    pub memtable_bytes_max: Option<u64>,
+    /// The state file's page cache (redb's). Default 1073741824 (1 GiB).
+    #[arg(long)]
+    pub page_cache_bytes: Option<usize>,
+    /// The answers of recent point reads of flushed data, so that a key read again costs a hash lookup; 0 turns
+    /// it off. Default 67108864 (64 MiB).
+    #[arg(long)]
+    pub read_cache_bytes: Option<u64>,
     /// A TOML file with any of the above (flags win).
     #[arg(long)]
     #[serde(skip)]
@@ -168,6 +180,16 @@ impl ServeSettings {
         }
         if let Some(seconds) = self.merge_check_seconds.or(file.merge_check_seconds) {
             options.merge_check_interval = Duration::from_secs(seconds);
+        }
+        let state_machine = &mut options.state_machine;
+        if let Some(bytes) = self.memtable_bytes_max.or(file.memtable_bytes_max) {
+            state_machine.memtable_bytes_max = bytes;
+        }
+        if let Some(bytes) = self.page_cache_bytes.or(file.page_cache_bytes) {
+            state_machine.cache_bytes = bytes;
+        }
+        if let Some(bytes) = self.read_cache_bytes.or(file.read_cache_bytes) {
+            state_machine.read_cache_bytes = bytes;
         }
         Ok(options)
     }
@@ -245,5 +267,31 @@ mod tests {
         let split = off.resolve().unwrap().split;
         assert_eq!((split.size_bytes_max, split.load_window_ticks), (0, 0), "0 turns each trigger off");
         assert_eq!(split.merge_size_bytes_max, 0);
+    }
+
+    #[test]
+    fn the_state_machine_is_sized_by_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "id = 1\ncluster = \"1=a:1\"\ndata_dir = \"d\"\nread_cache_bytes = 0\n").unwrap();
+        let settings = ServeSettings {
+            config: Some(path),
+            memtable_bytes_max: Some(8 << 20),
+            page_cache_bytes: Some(256 << 20),
+            ..Default::default()
+        };
+        let state_machine = settings.resolve().unwrap().state_machine;
+        assert_eq!(
+            (state_machine.memtable_bytes_max, state_machine.cache_bytes, state_machine.read_cache_bytes),
+            (8 << 20, 256 << 20, 0)
+        );
+        let defaults = flotilla_engine::state_machine::StateMachineOptions::default();
+        let unset = ServeSettings {
+            id: Some(1),
+            cluster: Some("1=a:1".into()),
+            data_dir: Some("d".into()),
+            ..Default::default()
+        };
+        assert_eq!(unset.resolve().unwrap().state_machine.read_cache_bytes, defaults.read_cache_bytes);
     }
 }

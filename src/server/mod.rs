@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_engine::disk::{Disk, StdDisk};
+use flotilla_engine::state_machine::StateMachineOptions;
 use flotilla_raftstore::store::mailboxes;
 use flotilla_raftstore::store::Transport;
 use flotilla_router::transport::{NodeEvent, TcpTransport, TcpTransportOptions};
@@ -86,6 +87,8 @@ pub struct ServeOptions {
     /// time). Default 60 s.
     pub merge_check_interval: Duration,
     pub resp: RespOptions,
+    /// The state machine's memtable, page cache and read cache (`StateMachineOptions`; its defaults).
+    pub state_machine: StateMachineOptions,
 }
 
 impl ServeOptions {
@@ -110,6 +113,7 @@ impl ServeOptions {
             split: SplitOptions::default(),
             merge_check_interval: Duration::from_secs(60),
             resp: RespOptions::default(),
+            state_machine: StateMachineOptions::default(),
         }
     }
 
@@ -212,6 +216,7 @@ impl Server {
         config.store.tick_interval = options.tick_interval;
         config.store.batch.pollers = options.pollers.max(1);
         config.store.split = options.split.clone();
+        config.state_machine = options.state_machine.clone();
         if config.store.split.load_window_ticks > 0 {
             // One-second windows, whatever the tick.
             let ticks = Duration::from_secs(1).as_millis() / options.tick_interval.as_millis().max(1);

@@ -109,6 +109,45 @@ fn bad_requests_get_errors_and_the_server_serves_on() {
     assert!(call(node, &[b"INFO"]).unwrap().windows(9).any(|w| w == b"node_id:1"));
 }
 
+/// The state machine's flags reach it: one it refuses (a memtable of 0 bytes) stops the server at once, with the
+/// reason (a server that started regardless is ended by its id).
+#[test]
+fn a_state_machine_flag_reaches_the_state_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "serve",
+            "--id",
+            "1",
+            "--cluster",
+            "1=127.0.0.1:0",
+            "--resp-addr",
+            "127.0.0.1:0",
+            "--memtable-bytes-max",
+            "0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("node"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = server.kill();
+            let _ = server.wait();
+            panic!("the server started with a memtable of 0 bytes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    server.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(!status.success() && stderr.contains("memtable_bytes_max"), "{stderr}");
+}
+
 #[test]
 fn http_serves_the_demo_routes_the_json_api_status_and_metrics() {
     let cluster = Cluster::start(3);
