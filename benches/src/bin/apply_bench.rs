@@ -34,8 +34,8 @@ struct Args {
     /// Point reads of written keys after the load.
     #[arg(long, default_value_t = 200_000)]
     reads: u64,
-    /// Keys the point reads cycle over (the first written ones): a working set read again and again, as a
-    /// benchmark's `-r` makes it. 0: each read a different key.
+    /// Keys the point reads are drawn from at random (the first written ones): a working set read again and
+    /// again, as a benchmark's `-r` makes it. 0: each read a different key, in the order they were written.
     #[arg(long, default_value_t = 0)]
     read_keys: u64,
     /// The state machine's read cache (`StateMachineOptions::read_cache_bytes`); 0 turns it off.
@@ -157,16 +157,27 @@ fn main() {
     );
     // Point reads of written keys (replaying the key sequence), from redb's cache: the cost of consulting the runs.
     let mut rng = SEED;
+    let (reads, working_set) = if args.read_keys > 0 {
+        let count = args.read_keys.min(written);
+        let keys: Vec<Vec<u8>> =
+            (0..count).map(|i| next_key(&mut rng, (i / args.puts_per_group) % args.groups)).collect();
+        (args.reads, keys)
+    } else {
+        (args.reads.min(written), Vec::new())
+    };
     let reads_started = Instant::now();
-    let reads = if args.read_keys > 0 { args.reads } else { args.reads.min(written) };
-    let cycle = if args.read_keys > 0 { args.read_keys.min(written) } else { reads };
     for i in 0..reads {
-        if i % cycle == 0 {
-            rng = SEED;
-        }
-        let key = next_key(&mut rng, (i % cycle / args.puts_per_group) % args.groups);
+        let key = if working_set.is_empty() {
+            next_key(&mut rng, (i / args.puts_per_group) % args.groups)
+        } else {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            working_set[(rng % working_set.len() as u64) as usize].clone()
+        };
         assert!(machine.get(&key).expect("get").is_some(), "a written key must be found");
     }
+    let cycle = if working_set.is_empty() { reads } else { working_set.len() as u64 };
     let read_seconds = reads_started.elapsed().as_secs_f64();
     println!(
         "point reads: {reads} of {cycle} written keys in {read_seconds:.2} s = {:.0} gets/s (one thread; read cache \
