@@ -242,13 +242,18 @@ mod tests {
         assert!(parse_cluster("x=a").is_err());
     }
 
+    /// A file naming node 1 of a one-node cluster, plus `more` (TOML lines), in `dir`.
+    fn one_node_file(dir: &tempfile::TempDir, more: &str) -> PathBuf {
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, format!("id = 1\ncluster = \"1=a:1\"\ndata_dir = \"d\"\n{more}")).unwrap();
+        path
+    }
+
     #[test]
     fn the_split_triggers_are_set_or_turned_off_by_flags_and_file() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("node.toml");
-        std::fs::write(&path, "id = 1\ncluster = \"1=a:1\"\ndata_dir = \"d\"\nsplit_load_seconds = 3\n").unwrap();
         let settings = ServeSettings {
-            config: Some(path),
+            config: Some(one_node_file(&dir, "split_load_seconds = 3\n")),
             split_size_bytes_max: Some(1 << 20),
             split_load_requests_per_second_max: Some(500),
             ..Default::default()
@@ -272,10 +277,8 @@ mod tests {
     #[test]
     fn the_state_machine_is_sized_by_flags_and_file() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("node.toml");
-        std::fs::write(&path, "id = 1\ncluster = \"1=a:1\"\ndata_dir = \"d\"\nread_cache_bytes = 0\n").unwrap();
         let settings = ServeSettings {
-            config: Some(path),
+            config: Some(one_node_file(&dir, "read_cache_bytes = 0\n")),
             memtable_bytes_max: Some(8 << 20),
             page_cache_bytes: Some(256 << 20),
             ..Default::default()
@@ -286,12 +289,7 @@ mod tests {
             (8 << 20, 256 << 20, 0)
         );
         let defaults = flotilla_engine::state_machine::StateMachineOptions::default();
-        let unset = ServeSettings {
-            id: Some(1),
-            cluster: Some("1=a:1".into()),
-            data_dir: Some("d".into()),
-            ..Default::default()
-        };
+        let unset = ServeSettings { config: Some(one_node_file(&dir, "")), ..Default::default() };
         assert_eq!(unset.resolve().unwrap().state_machine.read_cache_bytes, defaults.read_cache_bytes);
     }
 }

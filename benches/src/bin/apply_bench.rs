@@ -53,10 +53,15 @@ struct Args {
 
 /// The next random key of `group`: group g owns keys "g{g:02}/...", random within the range.
 fn next_key(rng: &mut u64, group: u64) -> Vec<u8> {
+    format!("g{group:02}/{:016x}", next_random(rng)).into_bytes()
+}
+
+/// The next number of an xorshift sequence.
+fn next_random(rng: &mut u64) -> u64 {
     *rng ^= *rng << 13;
     *rng ^= *rng >> 7;
     *rng ^= *rng << 17;
-    format!("g{group:02}/{:016x}", *rng).into_bytes()
+    *rng
 }
 
 fn main() {
@@ -167,15 +172,14 @@ fn main() {
     };
     let reads_started = Instant::now();
     for i in 0..reads {
-        let key = if working_set.is_empty() {
-            next_key(&mut rng, (i / args.puts_per_group) % args.groups)
+        let generated;
+        let key: &[u8] = if working_set.is_empty() {
+            generated = next_key(&mut rng, (i / args.puts_per_group) % args.groups);
+            &generated
         } else {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            working_set[(rng % working_set.len() as u64) as usize].clone()
+            &working_set[(next_random(&mut rng) % working_set.len() as u64) as usize]
         };
-        assert!(machine.get(&key).expect("get").is_some(), "a written key must be found");
+        assert!(machine.get(key).expect("get").is_some(), "a written key must be found");
     }
     let cycle = if working_set.is_empty() { reads } else { working_set.len() as u64 };
     let read_seconds = reads_started.elapsed().as_secs_f64();
