@@ -291,20 +291,112 @@ impl Requests {
         })
     }
 
+    /// Independent plain puts, each a request of its own with its own answer (a connection's pipelined `SET`s):
+    /// those whose keys one range holds go to its group as one command — one route, one forward, one proposal for
+    /// all of them instead of one each. Safe because each is a plain put: applying them together, in their order,
+    /// takes effect at one moment within every one's request. Where the ranges changed under a combined write
+    /// (its keys no longer lie in one range), that part's puts are written one by one.
+    pub async fn put_each(&self, puts: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<Result<(), RouteError>> {
+        let routes = self.table();
+        let mut answers: Vec<Option<Result<(), RouteError>>> = (0..puts.len()).map(|_| None).collect();
+        // Per range position: its parts, each within the batch limits (indexes into `puts`, operations).
+        let mut parts: Vec<(Vec<usize>, Vec<Op>, usize)> = Vec::new();
+        let mut open_part: HashMap<usize, usize> = HashMap::new();
+        for (i, (key, value)) in puts.into_iter().enumerate() {
+            let mut op = Op::put(key, value);
+            if let Err(error) = self.limits.check_batch(std::slice::from_ref(&op)) {
+                answers[i] = Some(Err(refused(error)));
+                continue;
+            }
+            if let Cow::Owned(stored) = self.keys.stored(&op.key) {
+                op.key = stored;
+            }
+            let bytes = op.key.len() + op.value.len();
+            let position = routes.table.position_of(&op.key);
+            let part = match open_part.get(&position) {
+                Some(&at)
+                    if parts[at].1.len() < self.limits.batch_ops_max
+                        && parts[at].2 + bytes <= self.limits.batch_bytes_max =>
+                {
+                    at
+                }
+                _ => {
+                    parts.push((Vec::new(), Vec::new(), 0));
+                    open_part.insert(position, parts.len() - 1);
+                    parts.len() - 1
+                }
+            };
+            let (indexes, ops, part_bytes) = &mut parts[part];
+            indexes.push(i);
+            ops.push(op);
+            *part_bytes += bytes;
+        }
+        let deadline = Instant::now() + self.limits.request_timeout;
+        let written =
+            parts.into_iter().map(|(indexes, ops, _)| async move { (indexes, self.put_part(ops, deadline).await) });
+        for (indexes, results) in futures_util::future::join_all(written).await {
+            for (i, result) in indexes.into_iter().zip(results) {
+                answers[i] = Some(result);
+            }
+        }
+        answers.into_iter().map(|answer| answer.expect("every put answered")).collect()
+    }
+
+    /// One part of [`Requests::put_each`]: puts on stored keys one range held as routed; an answer per put.
+    async fn put_part(&self, ops: Vec<Op>, deadline: Instant) -> Vec<Result<(), RouteError>> {
+        let count = ops.len();
+        let within = deadline.saturating_duration_since(Instant::now());
+        let answer = match self.write_stored_or_back(ops, within).await {
+            Ok(Outcome::Done) => Ok(()),
+            Ok(other) => Err(RouteError::Storage(format!("a put answered {other:?}"))),
+            Err((RouteError::BatchSpansRanges { .. }, ops)) => {
+                metrics::counter!("flotilla_combined_puts_recut_total").increment(1);
+                let within = deadline.saturating_duration_since(Instant::now());
+                let one_by_one = ops.into_iter().map(|op| async move {
+                    match self.write_stored(vec![op], within).await {
+                        Ok(Outcome::Done) => Ok(()),
+                        Ok(other) => Err(RouteError::Storage(format!("a put answered {other:?}"))),
+                        Err(error) => Err(error),
+                    }
+                });
+                return futures_util::future::join_all(one_by_one).await;
+            }
+            Err((error, _)) => Err(error),
+        };
+        vec![answer; count]
+    }
+
     /// [`Requests::write`] of operations on stored keys (the system's too).
     async fn write_stored(&self, ops: Vec<Op>, timeout: Duration) -> Result<Outcome, RouteError> {
+        self.write_stored_or_back(ops, timeout).await.map_err(|(error, _)| error)
+    }
+
+    /// [`Requests::write_stored`], giving the operations back with an error (a caller whose batch no longer lies
+    /// in one range cuts it again).
+    async fn write_stored_or_back(&self, ops: Vec<Op>, timeout: Duration) -> Result<Outcome, (RouteError, Vec<Op>)> {
         let deadline = Instant::now() + timeout;
         // One operation for every attempt. Without an epoch: the group checks its keys where it applies, which is
         // all a write needs (the `Db`'s `DbRoutes::route_write` says why).
         let op = ForwardOp::Write(Command::write(None, ops));
         let ForwardOp::Write(command) = &op else { unreachable!("a write") };
+        let give_back = |error: RouteError, op: ForwardOp| match op {
+            ForwardOp::Write(command) => (error, command.ops),
+            _ => unreachable!("a write"),
+        };
         loop {
             let routes = self.table();
-            let position = routes.table.batch_position(command.ops.iter().map(|op| op.key.as_slice()))?;
-            match self.route(&routes, position, &op, deadline).await? {
-                Some(Answered::Written(outcome)) => return Ok(outcome),
-                Some(other) => return Err(RouteError::Storage(format!("a write answered {other:?}"))),
-                None => self.rerouted(&routes, command_key(&op), deadline).await?,
+            let position = match routes.table.batch_position(command.ops.iter().map(|op| op.key.as_slice())) {
+                Ok(position) => position,
+                Err(error) => return Err(give_back(error, op)),
+            };
+            let rerouted = match self.route(&routes, position, &op, deadline).await {
+                Ok(Some(Answered::Written(outcome))) => return Ok(outcome),
+                Ok(Some(other)) => Err(RouteError::Storage(format!("a write answered {other:?}"))),
+                Ok(None) => self.rerouted(&routes, command_key(&op), deadline).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = rerouted {
+                return Err(give_back(error, op));
             }
         }
     }
@@ -804,5 +896,59 @@ impl ForwardHandler for Forwarded {
         if let Some(waiter) = self.0.pending.lock().remove(&reply.id) {
             let _ = waiter.send(reply);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{ServeOptions, Server};
+
+    /// A one-node server of two ranges (keys below `7f…` and above) in `dir`, ports chosen by the system.
+    fn two_range_server(dir: &std::path::Path) -> Server {
+        let cluster = [(1, "127.0.0.1:0".to_string())].into_iter().collect();
+        let mut options = ServeOptions::new(1, dir.to_path_buf(), cluster, "127.0.0.1:0".into());
+        options.groups = 2;
+        Server::start(options).unwrap()
+    }
+
+    fn read(server: &Server, key: &[u8]) -> Option<Vec<u8>> {
+        server.runtime.as_ref().unwrap().block_on(server.requests.get(key)).unwrap()
+    }
+
+    #[test]
+    fn puts_of_one_pipeline_are_answered_each_in_its_place_across_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = two_range_server(dir.path());
+        let (low, high) = (b"\x10low".to_vec(), b"\xa0high".to_vec());
+        let too_long = vec![b'k'; 5000];
+        let puts = vec![
+            (low.clone(), b"1".to_vec()),
+            (high.clone(), b"2".to_vec()),
+            (too_long, b"x".to_vec()),
+            (low.clone(), b"3".to_vec()), // after the first put of its key: the last word
+        ];
+        let answers = server.runtime.as_ref().unwrap().block_on(server.requests.put_each(puts));
+        assert_eq!(answers.len(), 4);
+        assert!(answers[0].is_ok() && answers[1].is_ok() && answers[3].is_ok(), "{answers:?}");
+        assert!(matches!(&answers[2], Err(RouteError::InvalidArgument(_))), "{answers:?}");
+        assert_eq!(read(&server, &low), Some(b"3".to_vec()));
+        assert_eq!(read(&server, &high), Some(b"2".to_vec()));
+        server.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_combined_put_whose_keys_lie_in_two_ranges_is_written_one_by_one() {
+        // As when the ranges split between the grouping and the write: the batch no longer lies in one range.
+        let dir = tempfile::tempdir().unwrap();
+        let server = two_range_server(dir.path());
+        let (low, high) = (b"\x10low".to_vec(), b"\xa0high".to_vec());
+        let ops = vec![Op::put(low.clone(), b"1".to_vec()), Op::put(high.clone(), b"2".to_vec())];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let answers = server.runtime.as_ref().unwrap().block_on(server.requests.put_part(ops, deadline));
+        assert_eq!(answers, vec![Ok(()), Ok(())]);
+        assert_eq!(read(&server, &low), Some(b"1".to_vec()));
+        assert_eq!(read(&server, &high), Some(b"2".to_vec()));
+        server.shutdown().unwrap();
     }
 }

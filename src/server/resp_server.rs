@@ -1,11 +1,12 @@
 //! The RESP (Redis protocol) front end: connections, and what each command does (the commands and their
 //! semantics are listed in `docs/resp.md`).
 //!
-//! Every request read in one go is started at once (their writes reach the groups together, so one poll round
-//! proposes them together) and answered in order, all answers of the batch in one write. Bounded: connections
-//! (`resp_connections_max`), the bytes and arguments of a request (`resp.rs`), and requests in flight per
-//! connection (`resp_inflight_max`: reading waits while that many are unanswered). A bad request gets `-ERR …`
-//! and the server serves on; a request it cannot parse closes that connection after the error.
+//! The requests read in one go run in order, in waves: plain `SET`s in a row together (one command per range for
+//! all of them, `Requests::put_each`), `GET`s in a row together, anything else alone; all answers of the batch
+//! leave in one write. Bounded: connections (`resp_connections_max`), the bytes and arguments of a request
+//! (`resp.rs`), and requests in flight per connection (`resp_inflight_max`: reading waits while that many are
+//! unanswered). A bad request gets `-ERR …` and the server serves on; a request it cannot parse closes that
+//! connection after the error.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -105,30 +106,36 @@ impl Connection {
                     }
                 }
             }
+            // In waves, in order: a wave's requests run together (concurrently on this connection's task), the
+            // next wave starts when it is answered. Plain `SET`s in a row are one wave (`Requests::put_each`: one
+            // command per range for all of them), `GET`s in a row one; any other request is a wave of its own. So a
+            // pipeline executes as sent (a `GET` after a `SET` of its key reads it), and a pipeline of one kind
+            // runs all at once.
             let mut then = Then::Continue;
-            // Started together (run concurrently on this connection's task), answered in order.
-            let mut started = Vec::with_capacity(batch.len());
-            let mut running = Vec::new();
+            let mut wave = Wave::default();
             for request in batch {
-                started.push(match self.start(request) {
-                    Started::Ready(reply, after) => Some((reply, after)),
+                let kind = Kind::of(&request);
+                if wave.kind.is_some_and(|current| current != kind || kind == Kind::Other) {
+                    then = self.answer(std::mem::take(&mut wave), &mut out).await;
+                    if let Then::Close = then {
+                        break;
+                    }
+                }
+                wave.kind = Some(kind);
+                wave.slots.push(match self.start(request) {
+                    Started::Ready(reply, after) => Slot::Ready(reply, after),
                     Started::Running(future) => {
-                        running.push(future);
-                        None
+                        wave.running.push(future);
+                        Slot::Running
+                    }
+                    Started::Put(key, value) => {
+                        wave.puts.push((key, value));
+                        Slot::Put
                     }
                 });
             }
-            let mut finished = futures_util::future::join_all(running).await.into_iter();
-            for reply in started {
-                let (reply, after) = match reply {
-                    Some(ready) => ready,
-                    None => (finished.next().expect("one answer per running request"), Then::Continue),
-                };
-                reply.encode(&mut out);
-                if let Then::Close = after {
-                    then = Then::Close;
-                    break;
-                }
+            if let Then::Continue = then {
+                then = self.answer(wave, &mut out).await;
             }
             if let Some(error) = &broken {
                 Reply::error(format!("Protocol error: {error}")).encode(&mut out);
@@ -139,6 +146,35 @@ impl Connection {
                 return Ok(());
             }
         }
+    }
+
+    /// Runs the started requests of `wave` together and encodes their answers in order into `out`; whether the
+    /// connection closes after them.
+    async fn answer(&self, wave: Wave, out: &mut Vec<u8>) -> Then {
+        let Wave { slots, running, puts, .. } = wave;
+        let put_each = async {
+            match puts.is_empty() {
+                true => Vec::new(),
+                false => self.requests.put_each(puts).await,
+            }
+        };
+        let (finished, put) = futures_util::future::join(futures_util::future::join_all(running), put_each).await;
+        let (mut finished, mut put) = (finished.into_iter(), put.into_iter());
+        for slot in slots {
+            let (reply, after) = match slot {
+                Slot::Ready(reply, after) => (reply, after),
+                Slot::Running => (finished.next().expect("one answer per running request"), Then::Continue),
+                Slot::Put => match put.next().expect("one answer per put") {
+                    Ok(()) => (Reply::ok(), Then::Continue),
+                    Err(error) => (failed(error), Then::Continue),
+                },
+            };
+            reply.encode(out);
+            if let Then::Close = after {
+                return Then::Close;
+            }
+        }
+        Then::Continue
     }
 
     /// Starts one request: answered at once (connection commands, refusals) or on a task of its own.
@@ -169,6 +205,10 @@ impl Connection {
         if self.options.password.is_some() && !self.authenticated {
             return ready(Reply::Error("NOAUTH Authentication required.".into()));
         }
+        if name == "SET" && args.len() == 2 {
+            let [_, key, value] = <[Vec<u8>; 3]>::try_from(request).expect("three parts");
+            return Started::Put(key, value);
+        }
         if let ("GET", [key]) = (name.as_str(), args) {
             // Served here and now while this node may read locally (most GETs on a leader): no task.
             if let Some(local) = self.requests.get_local(key) {
@@ -186,9 +226,49 @@ impl Connection {
 
 enum Started {
     Ready(Reply, Then),
+    /// A plain `SET key value`: written with the batch's others (`Requests::put_each`).
+    Put(Vec<u8>, Vec<u8>),
     /// Run on the connection's task with the rest of its batch (no task of its own: a spawn and a join per
     /// request cost more than the request's own work on the forwarding node).
     Running(std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>),
+}
+
+/// Requests of a pipeline that may run together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// `SET key value`.
+    Put,
+    /// `GET key`.
+    Get,
+    /// Anything else (runs alone).
+    Other,
+}
+
+impl Kind {
+    fn of(request: &[Vec<u8>]) -> Kind {
+        match request {
+            [name, _, _] if name.eq_ignore_ascii_case(b"SET") => Kind::Put,
+            [name, _] if name.eq_ignore_ascii_case(b"GET") => Kind::Get,
+            _ => Kind::Other,
+        }
+    }
+}
+
+/// Started requests that run together, in the order they came.
+#[derive(Default)]
+struct Wave {
+    kind: Option<Kind>,
+    slots: Vec<Slot>,
+    running: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>>,
+    /// The plain `SET`s' keys and values.
+    puts: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Where a request's answer comes from.
+enum Slot {
+    Ready(Reply, Then),
+    Running,
+    Put,
 }
 
 fn args_of(mut request: Vec<Vec<u8>>) -> Vec<Vec<u8>> {

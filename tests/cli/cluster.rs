@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::processes::{bulk, call, http_get, key, Cluster};
+use crate::processes::{bulk, call, http_get, key, pipeline, Cluster};
 
 #[test]
 fn any_node_serves_any_key_and_a_killed_node_loses_nothing_and_catches_up() {
@@ -107,6 +107,54 @@ fn bad_requests_get_errors_and_the_server_serves_on() {
     assert_eq!(call(node, &[b"SET", b"k", b"w", b"NX"]).unwrap(), b"$-1");
     assert_eq!(call(node, &[b"GET", b"k"]).unwrap(), bulk(b"v"));
     assert!(call(node, &[b"INFO"]).unwrap().windows(9).any(|w| w == b"node_id:1"));
+}
+
+/// A pipeline runs as sent: its plain `SET`s in a row go together (one command per range) and are answered each in
+/// its place, a bad one refused alone; a `GET` after a `SET` of its key reads it; `INCR`s count up in order.
+/// Through node 2, which forwards most of the groups' requests.
+#[test]
+fn a_pipeline_runs_in_order_and_its_sets_are_answered_each_in_its_place() {
+    let cluster = Cluster::start(3);
+    assert_eq!(cluster.call_until_ok(2, &[b"SET", b"warm", b"up"]), b"+OK");
+    let keys: Vec<Vec<u8>> = (0..60).map(key).collect();
+    let values: Vec<Vec<u8>> = (0..60).map(|i| format!("v{i}").into_bytes()).collect();
+    let too_long = vec![b'k'; 5000];
+    let mut requests: Vec<Vec<&[u8]>> = Vec::new();
+    let mut expected: Vec<Vec<u8>> = Vec::new();
+    for i in 0..30 {
+        requests.push(vec![b"SET", &keys[i], &values[i]]);
+        expected.push(b"+OK".to_vec());
+    }
+    requests.push(vec![b"SET", &too_long, b"v"]);
+    expected.push(b"-ERR InvalidArgument".to_vec());
+    requests.push(vec![b"GET", &keys[3]]);
+    expected.push(bulk(b"v3"));
+    requests.push(vec![b"SET", &keys[3], b"again"]);
+    expected.push(b"+OK".to_vec());
+    requests.push(vec![b"GET", &keys[3]]);
+    expected.push(bulk(b"again"));
+    for count in 1..=3 {
+        requests.push(vec![b"INCR", b"pipelined"]);
+        expected.push(format!(":{count}").into_bytes());
+    }
+    requests.push(vec![b"SET", &keys[4], b"not", b"NX"]);
+    expected.push(b"$-1".to_vec());
+    for i in 30..60 {
+        requests.push(vec![b"SET", &keys[i], &values[i]]);
+        expected.push(b"+OK".to_vec());
+    }
+    requests.push(vec![b"GET", &keys[59]]);
+    expected.push(bulk(b"v59"));
+    let requests: Vec<&[&[u8]]> = requests.iter().map(Vec::as_slice).collect();
+    let replies = pipeline(&cluster.resp[1], &requests).unwrap();
+    for (at, (reply, expected)) in replies.iter().zip(&expected).enumerate() {
+        let (reply_text, expected_text) = (String::from_utf8_lossy(reply), String::from_utf8_lossy(expected));
+        assert!(reply.starts_with(expected), "reply {at}: {reply_text:?}, not {expected_text:?}");
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let value = if i == 3 { b"again".to_vec() } else { values[i].clone() };
+        assert_eq!(cluster.call_until_ok(3, &[b"GET", key]), bulk(&value));
+    }
 }
 
 /// The state machine's flags reach it: one it refuses (a memtable of 0 bytes) stops the server at once, with the

@@ -191,40 +191,58 @@ impl Drop for Cluster {
 /// One request on a fresh connection; the reply without its final CRLF (a bulk string's header and data kept:
 /// `$3\r\nbar`).
 pub fn call(addr: &str, args: &[&[u8]]) -> std::io::Result<Vec<u8>> {
+    Ok(pipeline(addr, &[args])?.remove(0))
+}
+
+/// Requests sent on a fresh connection in one write (a pipeline); their replies in order, each as [`call`]
+/// gives it (of an array, only its header line).
+pub fn pipeline(addr: &str, requests: &[&[&[u8]]]) -> std::io::Result<Vec<Vec<u8>>> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(15)))?;
-    let mut request = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        request.extend_from_slice(arg);
-        request.extend_from_slice(b"\r\n");
+    let mut sent = Vec::new();
+    for args in requests {
+        sent.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for arg in *args {
+            sent.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            sent.extend_from_slice(arg);
+            sent.extend_from_slice(b"\r\n");
+        }
     }
-    stream.write_all(&request)?;
-    let mut reply = Vec::new();
+    stream.write_all(&sent)?;
+    let (mut received, mut replies) = (Vec::new(), Vec::new());
     let mut chunk = [0u8; 4096];
     loop {
+        while replies.len() < requests.len() {
+            let Some(length) = reply_length(&received) else { break };
+            replies.push(received[..length - 2].to_vec());
+            received.drain(..length);
+        }
+        if replies.len() == requests.len() {
+            return Ok(replies);
+        }
         let read = stream.read(&mut chunk)?;
         if read == 0 {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
         }
-        reply.extend_from_slice(&chunk[..read]);
-        if complete(&reply) {
-            reply.truncate(reply.len() - 2);
-            return Ok(reply);
-        }
+        received.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// The length of the whole simple reply or bulk string `received` starts with, if it is all there.
+fn reply_length(received: &[u8]) -> Option<usize> {
+    let line_end = received.windows(2).position(|pair| pair == b"\r\n")?;
+    if received[0] != b'$' {
+        return Some(line_end + 2);
+    }
+    match std::str::from_utf8(&received[1..line_end]).unwrap().parse::<i64>().unwrap() {
+        -1 => Some(line_end + 2),
+        length => (received.len() >= line_end + 2 + length as usize + 2).then_some(line_end + 2 + length as usize + 2),
     }
 }
 
 /// Whether `reply` is one whole simple reply or bulk string.
 pub fn complete(reply: &[u8]) -> bool {
-    let Some(line_end) = reply.windows(2).position(|pair| pair == b"\r\n") else { return false };
-    if reply[0] != b'$' {
-        return true;
-    }
-    match std::str::from_utf8(&reply[1..line_end]).unwrap().parse::<i64>().unwrap() {
-        -1 => true,
-        length => reply.len() >= line_end + 2 + length as usize + 2,
-    }
+    reply_length(reply).is_some()
 }
 
 /// `GET path` over HTTP/1.0; the status code and the body.
