@@ -120,14 +120,15 @@ impl SplitTrigger {
         Some(self.load.get_or_insert_with(|| Box::new(LoadSampler::new(options.load.clone(), seed))))
     }
 
-    /// A write this replica took as leader.
+    /// A write this replica took as leader: each of its operations counts toward the load as a request (a
+    /// server combines the plain writes of a client's pipeline into one command; they are the requests they were).
     pub fn on_write(&mut self, command: &Command) {
         if self.options.size_bytes_max > 0 {
             let bytes: usize = command.ops.iter().map(|op| op.key.len() + op.value.len()).sum();
             self.written_bytes += bytes as u64;
         }
-        if let Some(op) = command.ops.first() {
-            if let Some(load) = self.sampler() {
+        if let Some(load) = self.sampler() {
+            for op in &command.ops {
                 load.record(&op.key);
             }
         }
@@ -215,6 +216,20 @@ mod tests {
         assert!(keys[5..15].contains(&split_key), "near the middle of the sampled keys: {split_key:?}");
         trigger.on_local_reads(50, &keys[..2]);
         assert_eq!(trigger.on_ticks(1), None, "under the bound");
+    }
+
+    #[test]
+    fn every_operation_of_a_write_counts_toward_the_load() {
+        let load = LoadSplitOptions { requests_per_window_max: 100, hot_windows: 1, ..LoadSplitOptions::default() };
+        let options = SplitOptions { load_window_ticks: 1, load, ..SplitOptions::default() };
+        let mut trigger = SplitTrigger::new(Arc::new(options), 1);
+        // 150 writes in 10 commands: over the bound of 100 requests, split near the middle of their keys.
+        for command in 0..10 {
+            let ops = (0..15).map(|i| Op::put(format!("k{:03}", command * 15 + i).into_bytes(), vec![1])).collect();
+            trigger.on_write(&Command::write(None, ops));
+        }
+        let split_key = String::from_utf8(trigger.on_ticks(1).expect("a hot window")).unwrap();
+        assert!(("k030".."k120").contains(&split_key.as_str()), "near the middle: {split_key}");
     }
 
     #[test]
