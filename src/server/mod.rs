@@ -18,6 +18,7 @@
 pub mod config;
 mod http;
 pub mod join;
+mod put_combiner;
 pub mod requests;
 mod resp_server;
 

@@ -40,6 +40,8 @@ use crate::db::{Config, DbError};
 use crate::keys::KeySpace;
 use crate::merge::{merge_progress, MergeProgress, GIVEN_UP};
 
+use super::put_combiner::{Answers, Joined, PutCombiner};
+
 /// A request the checks refused.
 fn refused(error: DbError) -> RouteError {
     match error {
@@ -118,6 +120,8 @@ pub struct Requests {
     pending: Mutex<HashMap<u64, oneshot::Sender<ForwardReply>>>,
     /// How the users' keys are stored (`keys.rs`): below the meta range's, where the cluster has one.
     keys: KeySpace,
+    /// Plain puts per group, combined across connections (`put_combiner.rs`).
+    combiner: PutCombiner,
 }
 
 /// How long a request whose group refused it as routed waits before it is routed again, if the node's stored
@@ -152,11 +156,12 @@ impl Requests {
             reader,
             kv,
             transport,
-            limits,
             split_ids: Mutex::new(ids),
             next_id: AtomicU64::new(1),
             pending: Mutex::default(),
             keys,
+            combiner: PutCombiner::new(limits.batch_ops_max, limits.batch_bytes_max),
+            limits,
         }
     }
 
@@ -292,15 +297,15 @@ impl Requests {
     }
 
     /// Independent plain puts, each a request of its own with its own answer (a connection's pipelined `SET`s):
-    /// those whose keys one range holds go to its group as one command — one route, one forward, one proposal for
-    /// all of them instead of one each. Safe because each is a plain put: applying them together, in their order,
-    /// takes effect at one moment within every one's request. Where the ranges changed under a combined write
-    /// (its keys no longer lie in one range), that part's puts are written one by one.
-    pub async fn put_each(&self, puts: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<Result<(), RouteError>> {
+    /// those whose keys one range holds go to its group together, and with the puts for that group from the
+    /// node's other connections (`put_combiner.rs`) — one route, one forward, one proposal for all of them
+    /// instead of one each. Where the ranges changed under a combined write (its keys no longer lie in one
+    /// range), its puts are written one by one.
+    pub async fn put_each(self: &Arc<Self>, puts: Vec<(Vec<u8>, Vec<u8>)>) -> Answers {
         let routes = self.table();
         let mut answers: Vec<Option<Result<(), RouteError>>> = (0..puts.len()).map(|_| None).collect();
-        // Per range position: its parts, each within the batch limits (indexes into `puts`, operations).
-        let mut parts: Vec<(Vec<usize>, Vec<Op>, usize)> = Vec::new();
+        // Per range position: its parts, each within the batch limits (indexes into `puts`, operations, bytes).
+        let mut parts: Vec<(u64, Vec<usize>, Vec<Op>, usize)> = Vec::new();
         let mut open_part: HashMap<usize, usize> = HashMap::new();
         for (i, (key, value)) in puts.into_iter().enumerate() {
             let mut op = Op::put(key, value);
@@ -315,25 +320,26 @@ impl Requests {
             let position = routes.table.position_of(&op.key);
             let part = match open_part.get(&position) {
                 Some(&at)
-                    if parts[at].1.len() < self.limits.batch_ops_max
-                        && parts[at].2 + bytes <= self.limits.batch_bytes_max =>
+                    if parts[at].2.len() < self.limits.batch_ops_max
+                        && parts[at].3 + bytes <= self.limits.batch_bytes_max =>
                 {
                     at
                 }
                 _ => {
-                    parts.push((Vec::new(), Vec::new(), 0));
+                    parts.push((routes.table.range(position).group_id, Vec::new(), Vec::new(), 0));
                     open_part.insert(position, parts.len() - 1);
                     parts.len() - 1
                 }
             };
-            let (indexes, ops, part_bytes) = &mut parts[part];
+            let (_, indexes, ops, part_bytes) = &mut parts[part];
             indexes.push(i);
             ops.push(op);
             *part_bytes += bytes;
         }
         let deadline = Instant::now() + self.limits.request_timeout;
-        let written =
-            parts.into_iter().map(|(indexes, ops, _)| async move { (indexes, self.put_part(ops, deadline).await) });
+        let written = parts
+            .into_iter()
+            .map(|(group_id, indexes, ops, _)| async move { (indexes, self.put_part(group_id, ops, deadline).await) });
         for (indexes, results) in futures_util::future::join_all(written).await {
             for (i, result) in indexes.into_iter().zip(results) {
                 answers[i] = Some(result);
@@ -342,8 +348,38 @@ impl Requests {
         answers.into_iter().map(|answer| answer.expect("every put answered")).collect()
     }
 
-    /// One part of [`Requests::put_each`]: puts on stored keys one range held as routed; an answer per put.
-    async fn put_part(&self, ops: Vec<Op>, deadline: Instant) -> Vec<Result<(), RouteError>> {
+    /// One part of [`Requests::put_each`]: puts on stored keys the range of `group_id` held as routed, written
+    /// with the others queued for the group; an answer per put (`Timeout` if none came by `deadline`).
+    async fn put_part(self: &Arc<Self>, group_id: u64, ops: Vec<Op>, deadline: Instant) -> Answers {
+        let count = ops.len();
+        match self.combiner.join(group_id, ops) {
+            Joined::Alone(ops) => self.write_puts(ops, deadline).await,
+            Joined::Queued { answers, start_flusher } => {
+                if start_flusher {
+                    let requests = Arc::clone(self);
+                    self.transport.runtime().spawn(async move { requests.flush_puts(group_id).await });
+                }
+                match tokio::time::timeout_at(deadline.into(), answers).await {
+                    Ok(Ok(answers)) => answers,
+                    // (Its batch may still be written.)
+                    _ => vec![Err(RouteError::Timeout); count],
+                }
+            }
+        }
+    }
+
+    /// The flusher of `group_id`'s combined puts: writes what its queue holds, batch after batch, until it is
+    /// empty.
+    async fn flush_puts(&self, group_id: u64) {
+        while let Some((ops, waiters)) = self.combiner.take(group_id) {
+            let deadline = Instant::now() + self.limits.request_timeout;
+            waiters.answer(self.write_puts(ops, deadline).await);
+        }
+    }
+
+    /// Plain puts on stored keys, as one command; an answer per put. If they lie in more than one range (the
+    /// ranges changed since they were grouped), one by one.
+    async fn write_puts(&self, ops: Vec<Op>, deadline: Instant) -> Answers {
         let count = ops.len();
         let within = deadline.saturating_duration_since(Instant::now());
         let answer = match self.write_stored_or_back(ops, within).await {
@@ -938,6 +974,43 @@ mod tests {
     }
 
     #[test]
+    fn puts_from_many_connections_at_once_are_each_answered_and_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = two_range_server(dir.path());
+        let runtime = server.runtime.as_ref().unwrap();
+        // 40 callers at once, each with puts in both ranges (combined with the others' for each group).
+        let callers: Vec<_> = (0..40u32)
+            .map(|caller| {
+                let requests = Arc::clone(&server.requests);
+                runtime.spawn(async move {
+                    let puts = (0..5u32)
+                        .flat_map(|i| {
+                            let value = format!("{caller}-{i}").into_bytes();
+                            [
+                                (format!("\x10{caller}-{i}").into_bytes(), value.clone()),
+                                (format!("\u{a0}{caller}-{i}").into_bytes(), value),
+                            ]
+                        })
+                        .collect();
+                    requests.put_each(puts).await
+                })
+            })
+            .collect();
+        for caller in callers {
+            let answers = runtime.block_on(caller).unwrap();
+            assert_eq!(answers, vec![Ok(()); 10]);
+        }
+        for caller in 0..40u32 {
+            for i in 0..5u32 {
+                let value = Some(format!("{caller}-{i}").into_bytes());
+                assert_eq!(read(&server, format!("\x10{caller}-{i}").as_bytes()), value);
+                assert_eq!(read(&server, format!("\u{a0}{caller}-{i}").as_bytes()), value);
+            }
+        }
+        server.shutdown().unwrap();
+    }
+
+    #[test]
     fn a_combined_put_whose_keys_lie_in_two_ranges_is_written_one_by_one() {
         // As when the ranges split between the grouping and the write: the batch no longer lies in one range.
         let dir = tempfile::tempdir().unwrap();
@@ -945,7 +1018,7 @@ mod tests {
         let (low, high) = (b"\x10low".to_vec(), b"\xa0high".to_vec());
         let ops = vec![Op::put(low.clone(), b"1".to_vec()), Op::put(high.clone(), b"2".to_vec())];
         let deadline = Instant::now() + Duration::from_secs(10);
-        let answers = server.runtime.as_ref().unwrap().block_on(server.requests.put_part(ops, deadline));
+        let answers = server.runtime.as_ref().unwrap().block_on(server.requests.write_puts(ops, deadline));
         assert_eq!(answers, vec![Ok(()), Ok(())]);
         assert_eq!(read(&server, &low), Some(b"1".to_vec()));
         assert_eq!(read(&server, &high), Some(b"2".to_vec()));
