@@ -28,8 +28,8 @@ use flotilla_raftstore::store::local_reader::{LocalReader, ReadLease};
 use flotilla_raftstore::store::{PeerFsm, PeerMsg, ReadRequest, ReadResult, WriteReply};
 use flotilla_router::route::{Attempt, RangeTable, RouteError};
 use flotilla_router::transport::wire::{
-    AddLearner, ForwardOp, ForwardReply, ForwardRequest, ForwardResult, OptionalValue, Pairs, PreconditionFailed,
-    Refusal, ScanRange,
+    AddLearner, ForwardOp, ForwardReply, ForwardRequest, ForwardResult, Keys, OptionalValue, Pairs, PreconditionFailed,
+    Refusal, ScanRange, Values,
 };
 use flotilla_router::transport::{ForwardHandler, TcpTransport};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -73,6 +73,8 @@ const READ_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Answered {
     Written(Outcome),
     Value(Option<Vec<u8>>),
+    /// A `Gets`' values, in its keys' order.
+    Values(Vec<Option<Vec<u8>>>),
     Pairs(Vec<KeyValue>),
 }
 
@@ -263,7 +265,69 @@ impl Requests {
     /// The value of `key`, linearizable.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RouteError> {
         self.limits.check_key(key).map_err(refused)?;
-        let key = &*self.keys.stored(key);
+        self.get_stored(&self.keys.stored(key)).await
+    }
+
+    /// The values of `keys`, each read linearizable and answered on its own (a connection's pipelined `GET`s
+    /// this node could not serve locally): those one range holds are read together — one route and one forward
+    /// for all of them. Where the ranges changed under them, each key is read on its own.
+    pub async fn get_each(&self, keys: Vec<Vec<u8>>) -> Vec<Result<Option<Vec<u8>>, RouteError>> {
+        let routes = self.table();
+        let mut answers: Vec<Option<Result<Option<Vec<u8>>, RouteError>>> = (0..keys.len()).map(|_| None).collect();
+        // Per range position: the indexes into `keys` and the stored keys.
+        let mut parts: HashMap<usize, (Vec<usize>, Vec<Vec<u8>>)> = HashMap::new();
+        for (i, key) in keys.into_iter().enumerate() {
+            if let Err(error) = self.limits.check_key(&key) {
+                answers[i] = Some(Err(refused(error)));
+                continue;
+            }
+            let key = match self.keys.stored(&key) {
+                Cow::Owned(stored) => stored,
+                Cow::Borrowed(_) => key,
+            };
+            let (indexes, stored) = parts.entry(routes.table.position_of(&key)).or_default();
+            indexes.push(i);
+            stored.push(key);
+        }
+        let read = parts.into_values().map(|(indexes, keys)| async move { (indexes, self.get_part(keys).await) });
+        for (indexes, results) in futures_util::future::join_all(read).await {
+            for (i, result) in indexes.into_iter().zip(results) {
+                answers[i] = Some(result);
+            }
+        }
+        answers.into_iter().map(|answer| answer.expect("every key answered")).collect()
+    }
+
+    /// Stored keys one range held as routed, read together; an answer per key.
+    async fn get_part(&self, keys: Vec<Vec<u8>>) -> Vec<Result<Option<Vec<u8>>, RouteError>> {
+        let count = keys.len();
+        let one_by_one = |keys: Vec<Vec<u8>>| async move {
+            let reads = keys.iter().map(|key| self.get_stored(key)).collect::<Vec<_>>();
+            futures_util::future::join_all(reads).await
+        };
+        if count == 1 {
+            return one_by_one(keys).await;
+        }
+        let deadline = Instant::now() + self.limits.request_timeout;
+        let routes = self.table();
+        let Ok(position) = routes.table.batch_position(keys.iter().map(Vec::as_slice)) else {
+            return one_by_one(keys).await;
+        };
+        let op = ForwardOp::Gets(Keys { keys });
+        match self.route(&routes, position, &op, deadline).await {
+            Ok(Some(Answered::Values(values))) if values.len() == count => values.into_iter().map(Ok).collect(),
+            Ok(Some(other)) => vec![Err(RouteError::Storage(format!("reads answered {other:?}"))); count],
+            Ok(None) => match op {
+                // The group no longer holds them all as routed: each read on its own, routed afresh.
+                ForwardOp::Gets(Keys { keys }) => one_by_one(keys).await,
+                _ => unreachable!("reads"),
+            },
+            Err(error) => vec![Err(error); count],
+        }
+    }
+
+    /// [`Requests::get`] of a stored key.
+    async fn get_stored(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RouteError> {
         if let Some(local) = self.get_local_stored(key) {
             return local;
         }
@@ -752,6 +816,18 @@ impl Requests {
                 self.propose(group_id, |reply| PeerMsg::Merge { merge, reply }, within(deadline)).await
             }
             ForwardOp::Get(key) => self.read(group_id, ReadRequest::Get(key), within(deadline)).await,
+            ForwardOp::Gets(Keys { keys }) => {
+                let reads = keys.into_iter().map(|key| self.read(group_id, ReadRequest::Get(key), within(deadline)));
+                let mut values = Vec::new();
+                for answer in futures_util::future::join_all(reads).await {
+                    match answer? {
+                        Ok(Answered::Value(value)) => values.push(value),
+                        Ok(other) => return Some(Err(PeerError::Stopped(format!("a read answered {other:?}")))),
+                        Err(error) => return Some(Err(error)),
+                    }
+                }
+                Some(Ok(Answered::Values(values)))
+            }
             ForwardOp::Scan(scan) => {
                 let request = ReadRequest::Scan {
                     start: scan.start,
@@ -848,6 +924,9 @@ impl Requests {
             Some(ForwardResult::Split(right)) => Ok(Answered::Written(Outcome::Split { right: Box::new(right) })),
             Some(ForwardResult::Merge(range)) => Ok(Answered::Written(Outcome::Merge { range: Box::new(range) })),
             Some(ForwardResult::Value(value)) => Ok(Answered::Value(value.into_option())),
+            Some(ForwardResult::Values(values)) => {
+                Ok(Answered::Values(values.values.into_iter().map(OptionalValue::into_option).collect()))
+            }
             Some(ForwardResult::Pairs(pairs)) => {
                 Ok(Answered::Pairs(pairs.keys.into_iter().zip(pairs.values).collect()))
             }
@@ -861,22 +940,36 @@ impl Requests {
     /// The answer to a request another node forwarded here, run on this node's replica only.
     async fn serve_forwarded(&self, request: ForwardRequest) -> ForwardReply {
         let deadline = Instant::now() + self.limits.request_timeout;
-        if let Some(ForwardOp::Get(key)) = &request.op {
-            // Served here and now while this node may read locally, as its own clients' GETs are: no poll round.
-            if let Some(local) = self.get_local_stored(key) {
-                metrics::counter!("flotilla_forwarded_reads_local_total").increment(1);
-                let result = match local {
-                    Ok(value) => ForwardResult::Value(OptionalValue::new(value)),
-                    Err(error) => {
-                        let reason = match error {
-                            RouteError::Storage(reason) => reason,
-                            other => format!("{other:?}"),
-                        };
-                        ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped(reason)))
-                    }
-                };
-                return ForwardReply { id: request.id, result: Some(result) };
-            }
+        // Reads served here and now while this node may read locally, as its own clients' GETs are: no poll round.
+        let local_keys = match &request.op {
+            Some(ForwardOp::Get(key)) => std::slice::from_ref(key),
+            Some(ForwardOp::Gets(Keys { keys })) => keys.as_slice(),
+            _ => &[],
+        };
+        let local: Option<Result<Vec<_>, RouteError>> = match local_keys.is_empty() {
+            true => None,
+            false => local_keys
+                .iter()
+                .map(|key| self.get_local_stored(key))
+                .collect::<Option<Vec<_>>>()
+                .map(|values| values.into_iter().collect()),
+        };
+        if let Some(local) = local {
+            metrics::counter!("flotilla_forwarded_reads_local_total").increment(local_keys.len() as u64);
+            let result = match (local, &request.op) {
+                (Ok(mut values), Some(ForwardOp::Get(_))) => ForwardResult::Value(OptionalValue::new(values.remove(0))),
+                (Ok(values), _) => {
+                    ForwardResult::Values(Values { values: values.into_iter().map(OptionalValue::new).collect() })
+                }
+                (Err(error), _) => {
+                    let reason = match error {
+                        RouteError::Storage(reason) => reason,
+                        other => format!("{other:?}"),
+                    };
+                    ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped(reason)))
+                }
+            };
+            return ForwardReply { id: request.id, result: Some(result) };
         }
         let result = match request.op {
             None => ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped("no operation".into()))),
@@ -902,6 +995,9 @@ impl Requests {
                     ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Membership(format!("{other:?}"))))
                 }
                 Some(Ok(Answered::Value(value))) => ForwardResult::Value(OptionalValue::new(value)),
+                Some(Ok(Answered::Values(values))) => {
+                    ForwardResult::Values(Values { values: values.into_iter().map(OptionalValue::new).collect() })
+                }
                 Some(Ok(Answered::Pairs(pairs))) => {
                     let (keys, values) = pairs.into_iter().unzip();
                     ForwardResult::Pairs(Pairs { keys, values })
@@ -1007,6 +1103,32 @@ mod tests {
                 assert_eq!(read(&server, format!("\u{a0}{caller}-{i}").as_bytes()), value);
             }
         }
+        server.shutdown().unwrap();
+    }
+
+    #[test]
+    fn reads_of_one_pipeline_are_answered_each_in_its_place_and_across_ranges_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = two_range_server(dir.path());
+        let runtime = server.runtime.as_ref().unwrap();
+        let keys: Vec<Vec<u8>> = (0..6u8).map(|i| vec![if i % 2 == 0 { 0x10 } else { 0xa0 }, i]).collect();
+        let puts = keys.iter().map(|key| (key.clone(), key.repeat(3))).collect();
+        assert!(runtime.block_on(server.requests.put_each(puts)).iter().all(Result::is_ok));
+        let mut asked = keys.clone();
+        asked.insert(2, b"\x10absent".to_vec());
+        asked.insert(4, vec![b'k'; 5000]);
+        let answers = runtime.block_on(server.requests.get_each(asked.clone()));
+        assert_eq!(answers.len(), asked.len());
+        for (key, answer) in asked.iter().zip(&answers) {
+            match key.len() {
+                2 => assert_eq!(answer, &Ok(Some(key.repeat(3)))),
+                5000 => assert!(matches!(answer, Err(RouteError::InvalidArgument(_))), "{answer:?}"),
+                _ => assert_eq!(answer, &Ok(None)),
+            }
+        }
+        // Keys of two ranges read as one part (as when the ranges split after the grouping): one by one.
+        let answers = runtime.block_on(server.requests.get_part(vec![keys[0].clone(), keys[1].clone()]));
+        assert_eq!(answers, vec![Ok(Some(keys[0].repeat(3))), Ok(Some(keys[1].repeat(3)))]);
         server.shutdown().unwrap();
     }
 

@@ -132,6 +132,10 @@ impl Connection {
                         wave.puts.push((key, value));
                         Slot::Put
                     }
+                    Started::Get(key) => {
+                        wave.gets.push(key);
+                        Slot::Get
+                    }
                 });
             }
             if let Then::Continue = then {
@@ -151,21 +155,32 @@ impl Connection {
     /// Runs the started requests of `wave` together and encodes their answers in order into `out`; whether the
     /// connection closes after them.
     async fn answer(&self, wave: Wave, out: &mut Vec<u8>) -> Then {
-        let Wave { slots, running, puts, .. } = wave;
+        let Wave { slots, running, puts, gets, .. } = wave;
         let put_each = async {
             match puts.is_empty() {
                 true => Vec::new(),
                 false => self.requests.put_each(puts).await,
             }
         };
-        let (finished, put) = futures_util::future::join(futures_util::future::join_all(running), put_each).await;
-        let (mut finished, mut put) = (finished.into_iter(), put.into_iter());
+        let get_each = async {
+            match gets.is_empty() {
+                true => Vec::new(),
+                false => self.requests.get_each(gets).await,
+            }
+        };
+        let (finished, put, got) =
+            futures_util::future::join3(futures_util::future::join_all(running), put_each, get_each).await;
+        let (mut finished, mut put, mut got) = (finished.into_iter(), put.into_iter(), got.into_iter());
         for slot in slots {
             let (reply, after) = match slot {
                 Slot::Ready(reply, after) => (reply, after),
                 Slot::Running => (finished.next().expect("one answer per running request"), Then::Continue),
                 Slot::Put => match put.next().expect("one answer per put") {
                     Ok(()) => (Reply::ok(), Then::Continue),
+                    Err(error) => (failed(error), Then::Continue),
+                },
+                Slot::Get => match got.next().expect("one answer per get") {
+                    Ok(value) => (value.map_or(Reply::Null, Reply::Bulk), Then::Continue),
                     Err(error) => (failed(error), Then::Continue),
                 },
             };
@@ -217,6 +232,8 @@ impl Connection {
                     Err(error) => failed(error),
                 });
             }
+            let [_, key] = <[Vec<u8>; 2]>::try_from(request).expect("two parts");
+            return Started::Get(key);
         }
         let requests = Arc::clone(&self.requests);
         let options = Arc::clone(&self.options);
@@ -228,6 +245,8 @@ enum Started {
     Ready(Reply, Then),
     /// A plain `SET key value`: written with the batch's others (`Requests::put_each`).
     Put(Vec<u8>, Vec<u8>),
+    /// A `GET key` this node cannot serve locally: read with the wave's others (`Requests::get_each`).
+    Get(Vec<u8>),
     /// Run on the connection's task with the rest of its batch (no task of its own: a spawn and a join per
     /// request cost more than the request's own work on the forwarding node).
     Running(std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>),
@@ -262,6 +281,8 @@ struct Wave {
     running: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>>,
     /// The plain `SET`s' keys and values.
     puts: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The keys of the `GET`s not served locally.
+    gets: Vec<Vec<u8>>,
 }
 
 /// Where a request's answer comes from.
@@ -269,6 +290,7 @@ enum Slot {
     Ready(Reply, Then),
     Running,
     Put,
+    Get,
 }
 
 fn args_of(mut request: Vec<Vec<u8>>) -> Vec<Vec<u8>> {

@@ -110,10 +110,11 @@ fn bad_requests_get_errors_and_the_server_serves_on() {
 }
 
 /// A pipeline runs as sent: its plain `SET`s in a row go together (one command per range) and are answered each in
-/// its place, a bad one refused alone; a `GET` after a `SET` of its key reads it; `INCR`s count up in order.
+/// its place, a bad one refused alone; a `GET` after a `SET` of its key reads it; `INCR`s count up in order; its
+/// `GET`s in a row are read together (one request per range), each answered in its place.
 /// Through node 2, which forwards most of the groups' requests.
 #[test]
-fn a_pipeline_runs_in_order_and_its_sets_are_answered_each_in_its_place() {
+fn a_pipeline_runs_in_order_and_its_sets_and_gets_are_answered_each_in_its_place() {
     let cluster = Cluster::start(3);
     assert_eq!(cluster.call_until_ok(2, &[b"SET", b"warm", b"up"]), b"+OK");
     let keys: Vec<Vec<u8>> = (0..60).map(key).collect();
@@ -143,6 +144,15 @@ fn a_pipeline_runs_in_order_and_its_sets_are_answered_each_in_its_place() {
         requests.push(vec![b"SET", &keys[i], &values[i]]);
         expected.push(b"+OK".to_vec());
     }
+    // A wave of GETs, most forwarded (several keys of one range as one request): each answered in its place.
+    for i in (0..60).step_by(3) {
+        requests.push(vec![b"GET", &keys[i]]);
+        expected.push(bulk(if i == 3 { b"again" } else { &values[i] }));
+    }
+    requests.push(vec![b"GET", b"absent"]);
+    expected.push(b"$-1".to_vec());
+    requests.push(vec![b"GET", &too_long]);
+    expected.push(b"-ERR InvalidArgument".to_vec());
     requests.push(vec![b"GET", &keys[59]]);
     expected.push(bulk(b"v59"));
     let requests: Vec<&[&[u8]]> = requests.iter().map(Vec::as_slice).collect();
@@ -154,6 +164,19 @@ fn a_pipeline_runs_in_order_and_its_sets_are_answered_each_in_its_place() {
     for (i, key) in keys.iter().enumerate() {
         let value = if i == 3 { b"again".to_vec() } else { values[i].clone() };
         assert_eq!(cluster.call_until_ok(3, &[b"GET", key]), bulk(&value));
+    }
+    // Keys of one range, read as one pipeline through every node (two of the three forward them as one request).
+    let near: Vec<Vec<u8>> = (0..12).map(|i| format!("near:{i:02}").into_bytes()).collect();
+    let sets: Vec<Vec<&[u8]>> = near.iter().map(|key| vec![&b"SET"[..], key, key]).collect();
+    let sets: Vec<&[&[u8]]> = sets.iter().map(Vec::as_slice).collect();
+    assert!(pipeline(&cluster.resp[0], &sets).unwrap().iter().all(|reply| reply == b"+OK"));
+    let mut gets: Vec<Vec<&[u8]>> = near.iter().map(|key| vec![&b"GET"[..], key]).collect();
+    gets.insert(5, vec![b"GET", b"near:absent"]);
+    let gets: Vec<&[&[u8]]> = gets.iter().map(Vec::as_slice).collect();
+    for node in 0..3 {
+        let mut replies = pipeline(&cluster.resp[node], &gets).unwrap();
+        assert_eq!(replies.remove(5), b"$-1", "node {}", node + 1);
+        assert_eq!(replies, near.iter().map(|key| bulk(key)).collect::<Vec<_>>(), "node {}", node + 1);
     }
 }
 

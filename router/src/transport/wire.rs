@@ -129,7 +129,7 @@ pub struct ForwardRequest {
     pub id: u64,
     #[prost(uint64, tag = "2")]
     pub group_id: u64,
-    #[prost(oneof = "ForwardOp", tags = "3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "ForwardOp", tags = "3, 4, 5, 6, 7, 8, 9, 10")]
     pub op: Option<ForwardOp>,
 }
 
@@ -159,6 +159,16 @@ pub enum ForwardOp {
     /// trigger may undo it).
     #[prost(bytes = "vec", tag = "9")]
     TriggeredSplitAt(Vec<u8>),
+    /// Linearizable reads of several keys of the group (a pipeline's GETs): answered with their `Values`, in
+    /// order.
+    #[prost(message, tag = "10")]
+    Gets(Keys),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Keys {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub keys: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -190,7 +200,7 @@ pub struct ScanRange {
 pub struct ForwardReply {
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "ForwardResult", tags = "2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "ForwardResult", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
     pub result: Option<ForwardResult>,
 }
 
@@ -215,6 +225,15 @@ pub enum ForwardResult {
     /// A merge step applied: the range after it.
     #[prost(message, tag = "8")]
     Merge(flotilla_raftstore::range::RangeDescriptor),
+    /// The values of a `Gets`, in the order of its keys.
+    #[prost(message, tag = "9")]
+    Values(Values),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Values {
+    #[prost(message, repeated, tag = "1")]
+    pub values: Vec<OptionalValue>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
