@@ -62,6 +62,17 @@ fn command_key(op: &ForwardOp) -> &[u8] {
     }
 }
 
+/// The answers of requests handled in parts, in the requests' order: `answers` holds those given already, each
+/// part the indexes of its requests and their answers.
+fn in_order<T>(mut answers: Vec<Option<T>>, parts: Vec<(Vec<usize>, Vec<T>)>) -> Vec<T> {
+    for (indexes, results) in parts {
+        for (i, result) in indexes.into_iter().zip(results) {
+            answers[i] = Some(result);
+        }
+    }
+    answers.into_iter().map(|answer| answer.expect("every request answered")).collect()
+}
+
 /// How long one attempt of a node's registration in the meta range waits for its answer.
 const REGISTER_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -290,12 +301,7 @@ impl Requests {
             stored.push(key);
         }
         let read = parts.into_values().map(|(indexes, keys)| async move { (indexes, self.get_part(keys).await) });
-        for (indexes, results) in futures_util::future::join_all(read).await {
-            for (i, result) in indexes.into_iter().zip(results) {
-                answers[i] = Some(result);
-            }
-        }
-        answers.into_iter().map(|answer| answer.expect("every key answered")).collect()
+        in_order(answers, futures_util::future::join_all(read).await)
     }
 
     /// Stored keys one range held as routed, read together; an answer per key.
@@ -404,12 +410,7 @@ impl Requests {
         let written = parts
             .into_iter()
             .map(|(group_id, indexes, ops, _)| async move { (indexes, self.put_part(group_id, ops, deadline).await) });
-        for (indexes, results) in futures_util::future::join_all(written).await {
-            for (i, result) in indexes.into_iter().zip(results) {
-                answers[i] = Some(result);
-            }
-        }
-        answers.into_iter().map(|answer| answer.expect("every put answered")).collect()
+        in_order(answers, futures_util::future::join_all(written).await)
     }
 
     /// One part of [`Requests::put_each`]: puts on stored keys the range of `group_id` held as routed, written
