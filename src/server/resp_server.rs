@@ -192,7 +192,8 @@ impl Connection {
         Then::Continue
     }
 
-    /// Starts one request: answered at once (connection commands, refusals) or on a task of its own.
+    /// Starts one request: answered at once (connection commands, refusals, a GET served locally), joined to its
+    /// wave's puts or reads (a plain `SET`, a `GET`), or run as a future on the connection's task.
     fn start(&mut self, request: Vec<Vec<u8>>) -> Started {
         let Some(name) = request.first() else { return Started::Ready(Reply::error("empty command"), Then::Continue) };
         let name = String::from_utf8_lossy(name).to_ascii_uppercase();
@@ -317,11 +318,6 @@ fn failed(error: RouteError) -> Reply {
 async fn command(requests: &Requests, options: &RespOptions, name: &str, args: Vec<Vec<u8>>) -> Reply {
     match (name, args.len()) {
         ("ECHO", 1) => Reply::Bulk(args[0].clone()),
-        ("GET", 1) => match requests.get(&args[0]).await {
-            Ok(Some(value)) => Reply::Bulk(value),
-            Ok(None) => Reply::Null,
-            Err(error) => failed(error),
-        },
         ("SET", n) if n >= 2 => set(requests, args).await,
         ("DEL", n) if n >= 1 => {
             let mut deleted = 0;
