@@ -8,7 +8,10 @@
 //! Metrics: `flotilla_requests_forwarded_total` (requests this node sent to another to run, by `range`: `data` —
 //! a client that routes to leaders keeps it near zero — or `meta`, the meta range's publications and lookups),
 //! `flotilla_forwarded_reads_local_total` (reads other nodes forwarded here that were served from the state machine
-//! at once, under the local read grant, without a poll round), `flotilla_routes_learned_from_meta_total`.
+//! at once, under the local read grant, without a poll round), `flotilla_routes_learned_from_meta_total`,
+//! `flotilla_combined_puts` (a histogram: the plain puts of each combined write, `put_combiner.rs`) and
+//! `flotilla_combined_puts_recut_total` (combined writes whose keys no longer lay in one range, written one by
+//! one).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -437,6 +440,7 @@ impl Requests {
     /// empty.
     async fn flush_puts(&self, group_id: u64) {
         while let Some((ops, waiters)) = self.combiner.take(group_id) {
+            metrics::histogram!("flotilla_combined_puts").record(ops.len() as f64);
             let deadline = Instant::now() + self.limits.request_timeout;
             waiters.answer(self.write_puts(ops, deadline).await);
         }

@@ -178,6 +178,8 @@ fn a_pipeline_runs_in_order_and_its_sets_and_gets_are_answered_each_in_its_place
         assert_eq!(replies.remove(5), b"$-1", "node {}", node + 1);
         assert_eq!(replies, near.iter().map(|key| bulk(key)).collect::<Vec<_>>(), "node {}", node + 1);
     }
+    // Every plain SET went through a combined write (`flotilla_combined_puts`: the puts of each).
+    assert!(counter(&cluster, "flotilla_combined_puts_sum") >= 60 + 12);
 }
 
 /// The state machine's flags reach it: one it refuses (a memtable of 0 bytes) stops the server at once, with the
