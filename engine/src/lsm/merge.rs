@@ -10,8 +10,7 @@ use std::collections::btree_map;
 use super::version::RangeTombstone;
 use crate::state_machine::error::StateMachineError;
 
-/// A memtable's key (most keys are short: no allocation up to 24 bytes).
-pub(crate) type MemKey = smallvec::SmallVec<[u8; 24]>;
+pub(crate) use super::mem_key::MemKey;
 
 /// A sorted stream of entries (`None` value: a deletion).
 pub(crate) trait Source {
@@ -34,7 +33,7 @@ impl<'a> MemSource<'a> {
 
 impl Source for MemSource<'_> {
     fn current(&self) -> Option<(&[u8], Option<&[u8]>)> {
-        self.current.map(|(key, value)| (key.as_slice(), value.as_deref()))
+        self.current.map(|(key, value)| (&**key, value.as_deref()))
     }
 
     fn advance(&mut self) -> Result<(), StateMachineError> {

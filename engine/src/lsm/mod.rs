@@ -10,6 +10,7 @@
 //! - `block.rs`: the block format (sorted entries, offsets, CRC-32C);
 //! - `bloom.rs`: a Bloom filter per run for point reads;
 //! - `run.rs`: writing runs, point reads in a run, cursors over a run;
+//! - `mem_key.rs`: the memtables' keys (short ones inline, compared a word at a time);
 //! - `merge.rs`: merging memtables and runs (newest wins; deletions and range deletions hide);
 //! - `read_cache.rs`: the answers of recent point reads, valid while the runs hold the same data;
 //! - `version.rs`: the set of live runs and range deletions, published after each change;
@@ -19,6 +20,7 @@
 
 pub(crate) mod block;
 pub(crate) mod bloom;
+pub(crate) mod mem_key;
 pub(crate) mod merge;
 pub(crate) mod read_cache;
 pub(crate) mod run;
