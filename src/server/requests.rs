@@ -76,6 +76,14 @@ fn in_order<T>(mut answers: Vec<Option<T>>, parts: Vec<(Vec<usize>, Vec<T>)>) ->
     answers.into_iter().map(|answer| answer.expect("every request answered")).collect()
 }
 
+/// A plain put's answer from its write's outcome (a put has no precondition: anything but done is a fault).
+fn put_answer(written: Result<Outcome, RouteError>) -> Result<(), RouteError> {
+    match written? {
+        Outcome::Done => Ok(()),
+        other => Err(RouteError::Storage(format!("a put answered {other:?}"))),
+    }
+}
+
 /// How long one attempt of a node's registration in the meta range waits for its answer.
 const REGISTER_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -452,21 +460,14 @@ impl Requests {
         let count = ops.len();
         let within = deadline.saturating_duration_since(Instant::now());
         let answer = match self.write_stored_or_back(ops, within).await {
-            Ok(Outcome::Done) => Ok(()),
-            Ok(other) => Err(RouteError::Storage(format!("a put answered {other:?}"))),
             Err((RouteError::BatchSpansRanges { .. }, ops)) => {
                 metrics::counter!("flotilla_combined_puts_recut_total").increment(1);
                 let within = deadline.saturating_duration_since(Instant::now());
-                let one_by_one = ops.into_iter().map(|op| async move {
-                    match self.write_stored(vec![op], within).await {
-                        Ok(Outcome::Done) => Ok(()),
-                        Ok(other) => Err(RouteError::Storage(format!("a put answered {other:?}"))),
-                        Err(error) => Err(error),
-                    }
-                });
+                let one_by_one =
+                    ops.into_iter().map(|op| async move { put_answer(self.write_stored(vec![op], within).await) });
                 return futures_util::future::join_all(one_by_one).await;
             }
-            Err((error, _)) => Err(error),
+            written => put_answer(written.map_err(|(error, _)| error)),
         };
         vec![answer; count]
     }

@@ -122,7 +122,7 @@ impl Connection {
                     }
                 }
                 wave.kind = Some(kind);
-                wave.slots.push(match self.start(request) {
+                wave.slots.push(match self.start(request, kind) {
                     Started::Ready(reply, after) => Slot::Ready(reply, after),
                     Started::Running(future) => {
                         wave.running.push(future);
@@ -194,7 +194,7 @@ impl Connection {
 
     /// Starts one request: answered at once (connection commands, refusals, a GET served locally), joined to its
     /// wave's puts or reads (a plain `SET`, a `GET`), or run as a future on the connection's task.
-    fn start(&mut self, request: Vec<Vec<u8>>) -> Started {
+    fn start(&mut self, request: Vec<Vec<u8>>, kind: Kind) -> Started {
         let Some(name) = request.first() else { return Started::Ready(Reply::error("empty command"), Then::Continue) };
         let name = String::from_utf8_lossy(name).to_ascii_uppercase();
         let args = &request[1..];
@@ -221,20 +221,23 @@ impl Connection {
         if self.options.password.is_some() && !self.authenticated {
             return ready(Reply::Error("NOAUTH Authentication required.".into()));
         }
-        if name == "SET" && args.len() == 2 {
-            let [_, key, value] = <[Vec<u8>; 3]>::try_from(request).expect("three parts");
-            return Started::Put(key, value);
-        }
-        if let ("GET", [key]) = (name.as_str(), args) {
-            // Served here and now while this node may read locally (most GETs on a leader): no task.
-            if let Some(local) = self.requests.get_local(key) {
-                return ready(match local {
-                    Ok(value) => value.map_or(Reply::Null, Reply::Bulk),
-                    Err(error) => failed(error),
-                });
+        match kind {
+            Kind::Put => {
+                let [_, key, value] = <[Vec<u8>; 3]>::try_from(request).expect("a SET of three parts");
+                return Started::Put(key, value);
             }
-            let [_, key] = <[Vec<u8>; 2]>::try_from(request).expect("two parts");
-            return Started::Get(key);
+            Kind::Get => {
+                // Served here and now while this node may read locally (most GETs on a leader): no task.
+                if let Some(local) = self.requests.get_local(&args[0]) {
+                    return ready(match local {
+                        Ok(value) => value.map_or(Reply::Null, Reply::Bulk),
+                        Err(error) => failed(error),
+                    });
+                }
+                let [_, key] = <[Vec<u8>; 2]>::try_from(request).expect("a GET of two parts");
+                return Started::Get(key);
+            }
+            Kind::Other => {}
         }
         let requests = Arc::clone(&self.requests);
         let options = Arc::clone(&self.options);
@@ -250,8 +253,11 @@ enum Started {
     Get(Vec<u8>),
     /// Run on the connection's task with the rest of its batch (no task of its own: a spawn and a join per
     /// request cost more than the request's own work on the forwarding node).
-    Running(std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>),
+    Running(Running),
 }
+
+/// A request running on the connection's task.
+type Running = std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>;
 
 /// Requests of a pipeline that may run together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,7 +285,7 @@ impl Kind {
 struct Wave {
     kind: Option<Kind>,
     slots: Vec<Slot>,
-    running: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>>,
+    running: Vec<Running>,
     /// The plain `SET`s' keys and values.
     puts: Vec<(Vec<u8>, Vec<u8>)>,
     /// The keys of the `GET`s not served locally.
