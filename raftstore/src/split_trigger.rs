@@ -11,12 +11,13 @@
 //! range that changed meanwhile is refused where it applies.
 //!
 //! And when a range asks to be **merged** into its left neighbour: when its leader falls asleep (the group
-//! hibernates: no request for a while — cold), at most once per `merge_check_interval_ticks`, the replicas
-//! thread measures it and its left neighbour; if it is under `merge_size_bytes_max` and the two together under
-//! half of `size_bytes_max`, it asks ([`AskReason::Merge`]), and the host proposes the merge as a merge by
-//! request (`peer/merge.rs`). Hysteresis: a merged range is at most half the split bound, and a range split by
-//! load is busy (it does not sleep). Never merged: the ranges of the initial layout (`initial_groups`: the host
-//! chose it, and a merge never removes one of its boundaries) and ranges split off by request (`sticky`).
+//! hibernates: no request for a while — cold) and stays asleep for `merge_cold_ticks`, the replicas thread
+//! measures it and its left neighbour; if it is under `merge_size_bytes_max` and the two together under half of
+//! `size_bytes_max`, it asks ([`AskReason::Merge`]), and the host proposes the merge as a merge by request
+//! (`peer/merge.rs`). Hysteresis: a merged range is at most half the split bound, and a range split by load is
+//! busy — a pause in its load shorter than `merge_cold_ticks` (a client restarting, say) does not merge it back.
+//! Never merged: the ranges of the initial layout (`initial_groups`: the host chose it, and a merge never removes
+//! one of its boundaries) and ranges split off by request (`sticky`).
 
 use std::sync::Arc;
 
@@ -41,9 +42,10 @@ pub struct SplitOptions {
     /// A cold range under this many bytes asks to be merged into its left neighbour, if the two together are
     /// under half of `size_bytes_max` (0: never by size). Default 16 MiB.
     pub merge_size_bytes_max: u64,
-    /// The least time, in the node's ticks, between two merge checks of one group. Default 600 (a minute at the
-    /// store's default 100 ms tick).
-    pub merge_check_interval_ticks: u64,
+    /// How long, in the node's ticks, a range must stay cold (its leader asleep: no request at all) before it is
+    /// measured for a merge; a request meanwhile wakes it, and its next cold spell waits as long again. Default
+    /// 600 (a minute at the store's default 100 ms tick).
+    pub merge_cold_ticks: u64,
     /// Groups with ids up to this are the initial layout's: never merged away (their boundaries stay). Default 0
     /// (the `Db` and `flotilla serve` set their layout's group count).
     pub initial_groups: u64,
@@ -57,7 +59,7 @@ impl Default for SplitOptions {
             load_window_ticks: 10,
             load: LoadSplitOptions::default(),
             merge_size_bytes_max: 16 << 20,
-            merge_check_interval_ticks: 600,
+            merge_cold_ticks: 600,
             initial_groups: 0,
         }
     }
@@ -175,7 +177,7 @@ impl SplitTrigger {
 
     /// Whether `range`, whose leader just fell asleep, may be merged into its left neighbour on its own (see the
     /// module's doc): merges on, not the first range, not of the initial layout, not split off by request, not in
-    /// a merge already, not the meta range. (How often it is measured is the replicas thread's: `Replicas::check_merge`.)
+    /// a merge already, not the meta range. (When it is measured is the replicas thread's: `Replicas::merge_check_asked`.)
     pub fn merges(&self, range: &RangeDescriptor) -> bool {
         let options = &self.options;
         options.merge_size_bytes_max > 0

@@ -91,10 +91,11 @@ pub struct ServeSettings {
     /// 16777216 (16 MiB).
     #[arg(long)]
     pub merge_size_bytes_max: Option<u64>,
-    /// The least time between two merge checks of one range (a range that goes cold again sooner is measured
-    /// once this has passed). Default 60.
-    #[arg(long)]
-    pub merge_check_seconds: Option<u64>,
+    /// How long a range must stay cold (no request at all) before it is measured for a merge: a pause in a
+    /// range's load shorter than this never merges it back. Default 60.
+    #[arg(long, alias = "merge-check-seconds")]
+    #[serde(alias = "merge_check_seconds")]
+    pub merge_cold_seconds: Option<u64>,
     /// The memtable (each node's applied writes not yet flushed) is flushed as a new run once it holds this many
     /// bytes; larger means fewer runs and compactions, more memory (up to about three times this) and a longer
     /// log replay after a crash. Default 67108864 (64 MiB).
@@ -178,8 +179,8 @@ impl ServeSettings {
         if let Some(bytes) = self.merge_size_bytes_max.or(file.merge_size_bytes_max) {
             split.merge_size_bytes_max = bytes;
         }
-        if let Some(seconds) = self.merge_check_seconds.or(file.merge_check_seconds) {
-            options.merge_check_interval = Duration::from_secs(seconds);
+        if let Some(seconds) = self.merge_cold_seconds.or(file.merge_cold_seconds) {
+            options.merge_cold_wait = Duration::from_secs(seconds);
         }
         let state_machine = &mut options.state_machine;
         if let Some(bytes) = self.memtable_bytes_max.or(file.memtable_bytes_max) {

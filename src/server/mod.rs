@@ -84,9 +84,9 @@ pub struct ServeOptions {
     /// (default a range's leader taking over 2,500 requests a second for 10 s in a row; its windows are one
     /// second whatever the tick). The splits are proposed by this node's splitter, as `flotilla split` does.
     pub split: SplitOptions,
-    /// The least time between two merge checks of one range (`SplitOptions::merge_check_interval_ticks`, in
-    /// time). Default 60 s.
-    pub merge_check_interval: Duration,
+    /// How long a range must stay cold (no request at all) before it is measured for a merge
+    /// (`SplitOptions::merge_cold_ticks`, in time). Default 60 s.
+    pub merge_cold_wait: Duration,
     pub resp: RespOptions,
     /// The state machine's memtable, page cache and read cache (`StateMachineOptions`; its defaults).
     pub state_machine: StateMachineOptions,
@@ -112,7 +112,7 @@ impl ServeOptions {
             pollers: 2,
             net_threads: 2,
             split: SplitOptions::default(),
-            merge_check_interval: Duration::from_secs(60),
+            merge_cold_wait: Duration::from_secs(60),
             resp: RespOptions::default(),
             state_machine: StateMachineOptions::default(),
         }
@@ -226,9 +226,9 @@ impl Server {
         // Groups a split made have ids from node id × 2³² up (`Requests::split_request`): any below are the initial
         // layout's, never merged away on their own.
         config.store.split.initial_groups = u64::from(u32::MAX);
-        // Merge checks spaced out by time, whatever the tick.
-        let ticks = options.merge_check_interval.as_millis() / options.tick_interval.as_millis().max(1);
-        config.store.split.merge_check_interval_ticks = ticks.max(1) as u64;
+        // A range's cold wait before a merge in time, whatever the tick.
+        let ticks = options.merge_cold_wait.as_millis() / options.tick_interval.as_millis().max(1);
+        config.store.split.merge_cold_ticks = ticks.max(1) as u64;
         let (ask, asks) = crate::splitter::asks();
         config.store.range_asks = Some(ask);
         config.validate()?;

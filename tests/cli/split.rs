@@ -105,7 +105,7 @@ fn ranges_split_by_size_and_by_load_on_their_own() {
     let sized = Cluster::start_with(
         3,
         false,
-        &["--split-size-bytes-max", "16384", "--split-load-requests-per-second-max", "0", "--merge-check-seconds", "1"],
+        &["--split-size-bytes-max", "16384", "--split-load-requests-per-second-max", "0", "--merge-cold-seconds", "1"],
     );
     let before = ranges(&sized, 1);
     let value = vec![b'v'; 100];

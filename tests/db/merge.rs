@@ -66,7 +66,7 @@ fn cold_ranges_merge(nodes: u64) {
     let mut config = Config { groups: 2, nodes, ..Config::default() };
     config.store.split.size_bytes_max = 64 << 10;
     config.store.split.size_check_written_bytes = 8 << 10;
-    config.store.split.merge_check_interval_ticks = 5;
+    config.store.split.merge_cold_ticks = 5;
     config.store.peer.hibernate_idle_ticks = 5;
     let db = Db::open_with(dir.path(), config).unwrap();
     db.split_at(b"zz").unwrap(); // by request: sticky
@@ -90,5 +90,53 @@ fn cold_ranges_merge(nodes: u64) {
     assert!(db.ranges().iter().any(|range| range.start == b"zz"), "the split by request stays");
     db.put(&key(7), b"after").unwrap();
     assert_eq!(db.get(&key(7)).unwrap().as_deref(), Some(&b"after"[..]));
+    db.close().unwrap();
+}
+
+/// Hysteresis: a range split off by a trigger whose requests pause for less than `merge_cold_ticks` — it falls
+/// asleep and asks for a merge check, and requests wake it before the check is due and keep it busy — is not merged
+/// back; once it stays cold that long, it is.
+#[test]
+fn a_range_woken_within_its_cold_wait_is_not_merged_until_it_stays_cold() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config { groups: 2, ..Config::default() };
+    config.store.split.size_bytes_max = 64 << 10;
+    config.store.split.size_check_written_bytes = 8 << 10;
+    config.store.split.merge_cold_ticks = 30; // 3 s at the 100 ms tick
+    config.store.peer.hibernate_idle_ticks = 3;
+    let db = Db::open_with(dir.path(), config).unwrap();
+    let value = vec![b'v'; 200];
+    let count = 2_000u32;
+    for i in 0..count {
+        db.put(&key(i), &value).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while db.groups() < 5 {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for splits by size: {:?}", db.ranges());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for i in 0..count {
+        db.delete(&key(i)).unwrap();
+    }
+    // Small now. A pause of a second: every split range falls asleep (after 0.3 s) and asks for its check, due
+    // 3 s later. Then each is written to every 0.1 s, for two cold waits: busy again, none may merge.
+    let split = db.ranges();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let busy_until = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    while std::time::Instant::now() < busy_until {
+        for range in split.iter().filter(|range| !range.start.is_empty()) {
+            db.put(&range.start, b"touch").unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(db.ranges(), split, "a range woken within its cold wait was merged");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while db.groups() > 2 {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for merges: {:?}", db.ranges());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for range in split.iter().filter(|range| !range.start.is_empty()) {
+        assert_eq!(db.get(&range.start).unwrap().as_deref(), Some(&b"touch"[..]));
+    }
     db.close().unwrap();
 }

@@ -29,7 +29,7 @@ use super::failure::NodeFailure;
 use super::fsm::{refuse_all, PeerFsm, PeerMsg};
 use super::local_reader::LocalReader;
 use super::mailboxes::{deliver, Mailboxes};
-use super::replicas::ReplicaTask;
+use super::replicas::{ColdRange, ReplicaTask};
 use super::ticks::Ticking;
 use super::transport::Transport;
 use crate::batch::PollHandler;
@@ -383,8 +383,13 @@ impl PollHandler<PeerFsm> for StoreHandler {
         }
         if fsm.peer.take_fell_asleep() && fsm.split_trigger.merges(fsm.peer.descriptor()) {
             // Cold: no request for a while. Small enough to merge into its left neighbour? Measured on the replicas
-            // thread, which spaces each group's checks out (`split_trigger.rs`).
-            let _ = self.tasks.try_send(ReplicaTask::CheckMerge(Box::new(fsm.peer.descriptor().clone())));
+            // thread once it has stayed cold long enough (`split_trigger.rs`).
+            let cold = ColdRange {
+                range: fsm.peer.descriptor().clone(),
+                ticks_seen: Arc::clone(&fsm.ticks_seen),
+                asleep_at: fsm.ticks_seen.load(Ordering::SeqCst),
+            };
+            let _ = self.tasks.try_send(ReplicaTask::CheckMerge(Box::new(cold)));
         }
         if fsm.peer.is_leader() && fsm.split_trigger.take_size_check() && !fsm.peer.descriptor().is_meta() {
             // Measured on the replicas thread (a scan of up to twice the bound); dropped if its queue is full.

@@ -13,7 +13,7 @@
 //! requests reach it), forgotten by the ticker, its range's data dropped and its log compacted away
 //! (`peer::destroy_replica`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
@@ -22,7 +22,7 @@ use flotilla_raft::Config;
 
 use super::fsm::{refuse_all, PeerFsm, PeerMsg};
 use super::mailboxes::Mailboxes;
-use super::ticks::Ticking;
+use super::ticks::{Ticking, TicksSeen};
 use super::StoreOptions;
 use crate::message::Envelope;
 use crate::peer::{Peer, PeerOptions};
@@ -52,9 +52,18 @@ pub(crate) enum ReplicaTask {
     /// A replica a split opened here waits for its first state to be durable (to install a snapshot, or confirm a
     /// merge): a checkpoint is due (`checkpoint_if_due`).
     Checkpoint,
-    /// This range, which this node leads, went cold: is it small enough to merge into its left neighbour?
-    /// (`split_trigger.rs`)
-    CheckMerge(Box<RangeDescriptor>),
+    /// This range, which this node leads, went cold (its leader fell asleep): once it has stayed cold for
+    /// `SplitOptions::merge_cold_ticks`, is it small enough to merge into its left neighbour? (`split_trigger.rs`)
+    CheckMerge(Box<ColdRange>),
+}
+
+/// A range whose leader fell asleep, as its merge check waits on it.
+pub(crate) struct ColdRange {
+    pub(crate) range: RangeDescriptor,
+    /// The replica's tick count (`PeerFsm::ticks_seen`), and what it said when the leader fell asleep: a replica
+    /// asleep takes no ticks, so while the count stays there the range has stayed cold.
+    pub(crate) ticks_seen: TicksSeen,
+    pub(crate) asleep_at: u64,
 }
 
 /// Pairs read per page when a range's size is measured.
@@ -119,8 +128,7 @@ pub(crate) struct Replicas {
     pub(crate) split_triggers: Arc<crate::split_trigger::SplitOptions>,
     /// Messages for groups not held here, waiting a moment for a split to make the group (`awaiting_split.rs`).
     pub(crate) awaiting_split: super::awaiting_split::AwaitingSplit,
-    /// Merge checks (`check_merge`): the node tick of each group's last, and those asked too soon after it,
-    /// waiting until they are due (by group: the tick).
+    /// Merge checks (`check_merge`) waiting for their ranges to stay cold long enough.
     pub(crate) merge_checks: MergeChecks,
     /// A replica waits for its first state to be durable (`ReplicaTask::Checkpoint`): a checkpoint is due once
     /// the tasks waiting are done (`checkpoint_if_due`).
@@ -136,17 +144,16 @@ pub(crate) struct Replicas {
     pub(crate) opening: Arc<super::OpeningGroups>,
 }
 
-/// When each group's range was last measured for a merge, and the checks waiting to be due (see
-/// `SplitOptions::merge_check_interval_ticks`): a group that goes cold again soon after a check (its first
-/// cold spell came before it emptied, say) is checked once the interval has passed, not never.
+/// The merge checks waiting, by group: the node tick each is due at (`SplitOptions::merge_cold_ticks` after its
+/// range went cold), and the range as it went cold. A range woken meanwhile is not measured; its next cold spell
+/// asks again.
 #[derive(Default)]
 pub(crate) struct MergeChecks {
-    last: HashMap<u64, u64>,
-    deferred: BTreeMap<u64, u64>,
+    waiting: BTreeMap<u64, (u64, ColdRange)>,
 }
 
 /// Merge checks that may wait at once; beyond, a group's is dropped (its next cold spell asks again).
-const MERGE_CHECKS_DEFERRED_MAX: usize = 4096;
+const MERGE_CHECKS_WAITING_MAX: usize = 4096;
 
 impl Replicas {
     /// The replicas thread's loop, until the store stops.
@@ -219,8 +226,9 @@ impl Replicas {
                 self.checkpoint_asked = true;
                 Ok(())
             }
-            ReplicaTask::CheckMerge(range) => {
-                flotilla_engine::panics::catch("measuring ranges to merge", || self.merge_check_asked(&range))
+            ReplicaTask::CheckMerge(cold) => {
+                self.merge_check_asked(*cold);
+                Ok(())
             }
             ReplicaTask::MergedAway(group_id) => {
                 flotilla_engine::panics::catch("stopping a merged replica", || self.stop_merged(group_id))
@@ -261,36 +269,29 @@ impl Replicas {
         self.checkpoint_tick = Some(self.checkpoint_tick.map_or(due, |tick| tick.min(due)));
     }
 
-    /// A cold range asks for a merge check: now, unless its group was checked less than
-    /// `merge_check_interval_ticks` ago — then once that has passed.
-    fn merge_check_asked(&mut self, range: &RangeDescriptor) {
-        let now = self.ticking.now();
-        let interval = self.options.split.merge_check_interval_ticks;
-        match self.merge_checks.last.get(&range.group_id) {
-            Some(&at) if now < at + interval => {
-                let checks = &mut self.merge_checks.deferred;
-                if checks.len() < MERGE_CHECKS_DEFERRED_MAX || checks.contains_key(&range.group_id) {
-                    checks.insert(range.group_id, at + interval);
-                }
-            }
-            _ => {
-                self.merge_checks.last.insert(range.group_id, now);
-                self.check_merge(range);
-            }
+    /// A cold range asks for a merge check: it is due once the range has stayed cold for `merge_cold_ticks` (a
+    /// later ask of the same group replaces it).
+    fn merge_check_asked(&mut self, cold: ColdRange) {
+        let due = self.ticking.now() + self.options.split.merge_cold_ticks;
+        let waiting = &mut self.merge_checks.waiting;
+        if waiting.len() < MERGE_CHECKS_WAITING_MAX || waiting.contains_key(&cold.range.group_id) {
+            waiting.insert(cold.range.group_id, (due, cold));
         }
     }
 
-    /// The deferred merge checks that are due, on each group's range as this node stores it now.
-    fn run_due_merge_checks(&mut self) {
-        if self.merge_checks.deferred.is_empty() {
+    /// The merge checks that are due, of the ranges still cold, on each group's range as this node stores it now.
+    pub(crate) fn run_due_merge_checks(&mut self) {
+        if self.merge_checks.waiting.is_empty() {
             return;
         }
         let now = self.ticking.now();
         let due: Vec<u64> =
-            (self.merge_checks.deferred.iter()).filter(|(_, at)| **at <= now).map(|(g, _)| *g).collect();
+            (self.merge_checks.waiting.iter()).filter(|(_, (at, _))| *at <= now).map(|(g, _)| *g).collect();
         for group_id in due {
-            self.merge_checks.deferred.remove(&group_id);
-            self.merge_checks.last.insert(group_id, now);
+            let Some((_, cold)) = self.merge_checks.waiting.remove(&group_id) else { continue };
+            if cold.ticks_seen.load(std::sync::atomic::Ordering::SeqCst) != cold.asleep_at {
+                continue; // woken since: not cold for long enough
+            }
             let Some(range) = crate::command::stored_range(self.kv.as_ref(), group_id) else { continue };
             if range.lists_node(self.options.node_id) && !range.is_merging() {
                 let checked = flotilla_engine::panics::catch("measuring ranges to merge", || self.check_merge(&range));

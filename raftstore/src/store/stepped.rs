@@ -172,13 +172,14 @@ impl SteppedStore {
     }
 
     /// What the replicas thread does with the tasks waiting (replicas created for messages, removed ones
-    /// destroyed). Returns how many destroys it ran.
+    /// destroyed, merge checks that are due). Returns how many destroys it ran.
     pub fn run_tasks(&mut self) -> usize {
         let mut destroyed = 0;
         while let Ok(task) = self.tasks.try_recv() {
             destroyed += matches!(task, ReplicaTask::Destroy(_)) as usize;
             self.replicas.handle(task);
         }
+        self.replicas.run_due_merge_checks();
         self.replicas.create_awaited();
         self.replicas.checkpoint_if_due();
         destroyed

@@ -59,7 +59,7 @@ pub(super) fn split_options(rng: &mut SimRng, initial_groups: u64) -> Option<Spl
         load_window_ticks: 5,
         load,
         merge_size_bytes_max: size_bytes_max / 2,
-        merge_check_interval_ticks: 50,
+        merge_cold_ticks: 50,
         initial_groups,
     })
 }
