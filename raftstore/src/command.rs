@@ -279,6 +279,10 @@ pub struct ApplyBatch {
     /// range has not applied the decision yet (it has not heard that it committed, or a crash; see
     /// `Peer::apply_committed`). Nothing from it on is applied.
     pub waits_at: Option<(u64, RangeDescriptor)>,
+    /// The first entry after this range's merge decision, where the batch stopped: a range decided for a merge
+    /// applies nothing after its decision (`peer/merge.rs`; a new leader's no-op would move its applied index
+    /// past the one the left group's commit writes in its record — `store-sim` seeds 342 and 9874).
+    pub held_after_decision: Option<u64>,
 }
 
 /// Where each key written so far in a batch was last written (its position among the batch's operations). Built
@@ -317,7 +321,14 @@ impl ApplyBatch {
             overlay: Overlay::default(),
             published: BTreeMap::new(),
             waits_at: None,
+            held_after_decision: None,
         }
+    }
+
+    /// Whether the batch stopped before the end of its entries: at a merge commit that waits (`waits_at`), or
+    /// after its range's merge decision (`held_after_decision`).
+    pub fn stopped(&self) -> bool {
+        self.waits_at.is_some() || self.held_after_decision.is_some()
     }
 
     /// Applies the commands among `entries` (no-ops and membership changes only advance the applied index); a
@@ -329,7 +340,11 @@ impl ApplyBatch {
         entries: &[Entry],
     ) -> Result<(), ApplyError> {
         for entry in entries {
-            if self.waits_at.is_some() {
+            if self.stopped() {
+                return Ok(());
+            }
+            if descriptor.merge.is_some_and(|state| state.decided_index != 0 && entry.index > state.decided_index) {
+                self.held_after_decision = Some(entry.index);
                 return Ok(());
             }
             let before = (self.group.applied_index, self.group.applied_term);
@@ -799,7 +814,11 @@ mod tests {
         let frozen = merged(step(&engine, &unfrozen, freeze, 12));
         let decided = merged(step(&engine, &frozen, MergeCommand::new(MergeStep::Decide, None, None), 13));
         assert_eq!(decided.merge.map(|state| state.decided_index), Some(13));
-        assert!(invalid(step(&engine, &decided, MergeCommand::new(MergeStep::Unfreeze, None, None), 14)), "final");
+        let unfreeze = Command::merge(decided.epoch(), MergeCommand::new(MergeStep::Unfreeze, None, None));
+        let mut batch = ApplyBatch::new(5);
+        let at_14 = Entry { index: 14, term: 1, data: unfreeze.encode_entry(), ..Default::default() };
+        batch.apply(&engine, &mut decided.clone(), &[at_14]).unwrap();
+        assert_eq!(batch.held_after_decision, Some(14), "final: nothing after the decision applies");
         let commit = MergeCommand::new(MergeStep::Commit, None, Some(decided.clone()));
         let (batches, applied) = {
             let command = Command { request_id: 7, ..Command::merge(relocked.epoch(), commit) };
@@ -856,6 +875,35 @@ mod tests {
             apply_entries(&engine, &locked, &entries[1..]),
             Err(ApplyError::MergeNotReady { index: 6, .. })
         ));
+    }
+
+    /// A range decided for a merge applies nothing after its decision — not a new leader's no-op nor a write in
+    /// the same batch, nor one in a later batch — so that its applied index stays at the decision, where the left
+    /// group's commit writes it in the range's record (`store-sim` seed 9874: a no-op applied at 9 after the
+    /// decision at 8 stopped the node when the commit wrote 8).
+    #[test]
+    fn a_range_decided_for_a_merge_applies_nothing_after_its_decision() {
+        let engine = MemKvEngine::new(u64::MAX);
+        let replicas = vec![crate::range::Replica::voter(1, 1)];
+        let left = RangeDescriptor { end: b"m".to_vec(), replicas: replicas.clone(), ..range() };
+        let right = RangeDescriptor { group_id: 5, start: b"m".to_vec(), end: Vec::new(), replicas, ..range() };
+        let locked = merged(step(&engine, &left, MergeCommand::new(MergeStep::Prepare, None, Some(right.clone())), 2));
+        let frozen = merged(step(&engine, &right, MergeCommand::new(MergeStep::Freeze, Some(locked.clone()), None), 3));
+        let decide = Command::merge(frozen.epoch(), MergeCommand::new(MergeStep::Decide, None, None));
+        let no_op = Entry { index: 5, term: 4, ..Default::default() };
+        let put = Command { epoch: Some(frozen.epoch()), ..command(1, vec![Op::put("x", "1")]) };
+        let mut descriptor = frozen.clone();
+        let mut batch = ApplyBatch::new(5);
+        batch.apply(&engine, &mut descriptor, &[entry(4, &decide), no_op.clone(), entry(6, &put)]).unwrap();
+        assert_eq!(descriptor.merge.map(|state| state.decided_index), Some(4), "decided");
+        assert_eq!(batch.held_after_decision, Some(5), "stopped at the entry after the decision");
+        let (groups, applied) = batch.finish();
+        assert_eq!((groups[0].applied_index, applied.len()), (4, 1), "the decision alone applied");
+        let mut batch = ApplyBatch::new(5);
+        batch.apply(&engine, &mut descriptor, &[no_op]).unwrap();
+        assert_eq!(batch.held_after_decision, Some(5), "a later batch holds too");
+        let (groups, applied) = batch.finish();
+        assert!(groups.is_empty() && applied.is_empty(), "nothing applied: {groups:?}");
     }
 
     /// [`apply_entries`] with every group's batch (a commit writes the merged group's record too).

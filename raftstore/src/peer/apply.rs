@@ -23,17 +23,25 @@ impl Peer {
         let mut start = 0;
         for (position, entry) in entries.iter().enumerate().filter(|(_, entry)| entry.is_conf_change()) {
             batch.apply(kv, &mut self.descriptor, &entries[start..position])?;
-            if batch.waits_at.is_some() {
+            if batch.stopped() {
                 break;
             }
             batch.apply(kv, &mut self.descriptor, std::slice::from_ref(entry))?; // moves the applied index
+            if batch.stopped() {
+                break; // (after a merge decision)
+            }
             let applied = self.apply_membership_entry(entry)?;
             batch.applied.push(applied);
             batch.group.range = Some(self.descriptor.encode());
             start = position + 1;
         }
-        if batch.waits_at.is_none() {
+        if !batch.stopped() {
             batch.apply(kv, &mut self.descriptor, &entries[start..])?;
+        }
+        if let Some(index) = batch.held_after_decision.take() {
+            // Decided for a merge: what follows its decision goes back to the core, held (`merge.rs`).
+            self.raw.hand_back(index);
+            self.raw.hold_apply(true);
         }
         if let Some((index, right)) = batch.waits_at.take() {
             // A merge commit whose right range's replica here has not applied the decision yet (its log holds

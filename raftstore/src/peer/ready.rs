@@ -138,11 +138,11 @@ impl Peer {
         // with the entries after it (`Peer::apply_committed`).
         let index = index.min(self.raw.applying());
         self.raw.on_applied(index);
-        self.hold_apply_once_decided();
+        self.applied_index = index;
+        self.hold_apply_once_decided(); // (on the index just applied: the decision may be among its entries)
         if std::mem::take(&mut self.merge_step_applied) {
             self.raw.broadcast_commit();
         }
-        self.applied_index = index;
         // By index and request: a batch entry holds several writes (`propose.rs`).
         let mut outcomes: BTreeMap<(u64, u64), Applied> =
             outcomes.into_iter().map(|applied| ((applied.index, applied.request_id), applied)).collect();
