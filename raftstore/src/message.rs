@@ -116,9 +116,10 @@ pub struct AskMessage {
     pub command: Option<crate::command::Command>,
 }
 
-/// To a replica of a group a merge ended on the sender's node (it wrote the group's record there): the group's
-/// decision, the entry at `(decided_index, decided_term)`, committed. A replica whose log holds that entry
-/// commits up to it — the other members it could hear that from are gone (`peer/merge.rs`, step 5).
+/// To a replica of a group whose replica on the sender's node ended: the entry at `(decided_index,
+/// decided_term)` committed — the group's merge decision, where a merge ended it (the other members it could hear
+/// that from are gone: `peer/merge.rs`, step 5), or the last entry that replica applied, where it was removed
+/// (`Replicas::answer_ended`). A replica whose log holds that entry commits up to it.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct DecisionNotice {
     #[prost(uint64, tag = "1")]

@@ -360,6 +360,44 @@ fn a_replica_cut_off_while_it_was_removed_is_told_by_a_member_once_reachable_and
     put(&nodes[..2], group_id, b"third", b"3", deadline);
 }
 
+/// A message for a replica its node destroyed after applying its own removal is answered with the last entry that
+/// replica applied, as committed (a `DecisionNotice`): a leader that lost its commit index in a crash, whose
+/// configuration (not yet applied again) still counts the removed replica, may have no other way to commit
+/// (`store-sim` seed 9518; `Replicas::answer_ended`).
+#[test]
+fn a_node_whose_replica_was_removed_answers_its_group_with_the_last_entry_that_replica_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let notices = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let noted = Arc::clone(&notices);
+    let filter = DropWhere::new(move |envelope, _| {
+        if let ReplicaMessage::Decided(notice) = &envelope.message {
+            noted.lock().push((envelope.from_node, envelope.to_node, notice.decided_index, notice.decided_term));
+        }
+        false
+    });
+    let replicas: Vec<Replica> = (1..=3).map(|id| Replica::voter(id, id)).collect();
+    let ranges = initial_ranges(1, 1, &replicas);
+    let nodes: Vec<Node> = (1..=3)
+        .map(|id| start_node_with(id, dir.path(), &ranges, Arc::clone(&filter) as _, &filter.inner, |_| {}))
+        .collect();
+    nodes[0].store.campaign_all([1]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    put(&nodes, 1, b"a", b"1", deadline);
+    change(&nodes, 1, MembershipChange::Remove { replica_id: 3 }, deadline);
+    wait_until(deadline, "node 3 destroyed its replica", || nodes[2].store.router().is_empty());
+    let (index, term) = nodes[2].kv.applied(1);
+    assert!(index > BOOTSTRAP_INDEX && term > 0, "the record keeps what the replica applied: {index}@{term}");
+    assert!(notices.lock().is_empty());
+    // A heartbeat to replica 3, as a leader that still counts it sends one: node 3 answers with that entry.
+    let mut probe = flotilla_raftstore::raft::Message { from: 1, to: 3, term, ..Default::default() };
+    probe.set_msg_type(flotilla_raftstore::raft::MessageType::Heartbeat);
+    filter.inner.send(Envelope { group_id: 1, from_node: 1, to_node: 3, message: ReplicaMessage::Raft(probe) });
+    filter.inner.flush();
+    wait_until(deadline, "node 3 answers", || !notices.lock().is_empty());
+    assert_eq!(notices.lock()[0], (3, 1, index, term), "the last entry replica 3 applied, to the sender");
+    put(&nodes[..2], 1, b"b", b"2", deadline);
+}
+
 /// A single-node store whose WAL and state machine live on simulated disks that a test can switch off.
 fn store_on_sim_disks() -> (Store, u64, SimDisk, SimRedbBackend) {
     let disk = SimDisk::new();

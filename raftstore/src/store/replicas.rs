@@ -477,7 +477,7 @@ impl Replicas {
             {
                 // (Never a notice: two nodes where the group ended would answer each other's forever.)
                 if !matches!(envelope.message, crate::message::ReplicaMessage::Decided(_)) {
-                    self.answer_merged(&envelope);
+                    self.answer_ended(&envelope);
                 }
             }
             return;
@@ -490,24 +490,32 @@ impl Replicas {
         }
     }
 
-    /// A message from a replica of group `envelope.group_id`, which a merge ended here: it is told that its
-    /// group's decision committed (`DecisionNotice`). Its other members may all have ended like this one — a
-    /// replica that acknowledged the decision, but never heard that it committed, would otherwise wait forever,
-    /// its keys claimed on its node where the left group wants them (`store-sim` seed 43 met it). Nothing for a
-    /// group with no record, or one decided before decisions recorded their term.
-    fn answer_merged(&self, envelope: &Envelope) {
+    /// A message from a replica of group `envelope.group_id`, whose replica here ended, is answered with an entry
+    /// of the group known committed (`DecisionNotice`): a replica whose log holds it commits up to it.
+    /// - **Ended by a merge**: the group's decision. Its other members may all have ended like this one — a
+    ///   replica that acknowledged the decision, but never heard that it committed, would otherwise wait forever,
+    ///   its keys claimed on its node where the left group wants them (`store-sim` seed 43 met it). Nothing for a
+    ///   group decided before decisions recorded their term.
+    /// - **Removed**: the last entry its replica here applied (kept with the group's record), which it applied
+    ///   only once committed. A leader that lost the commit index in a crash may need it: its configuration, not
+    ///   yet applied again, still counts the removed replica, whose node destroyed it, and without this it can
+    ///   lack the votes to commit anything — past the removal among them (`store-sim` seed 9518: a fourth voter
+    ///   removed, the third an empty replica refusing the leader's snapshot, older than a split its node had).
+    fn answer_ended(&self, envelope: &Envelope) {
         let record = crate::command::stored_range(self.kv.as_ref(), envelope.group_id);
-        let Some(state) = record.filter(|record| record.merged_into != 0).and_then(|record| record.merge) else {
-            return;
+        let (index, term) = match record.and_then(|record| (record.merged_into != 0).then_some(record.merge)) {
+            Some(Some(state)) => (state.decided_index, state.decided_term),
+            Some(None) => return,
+            None => self.kv.applied(envelope.group_id),
         };
-        if state.decided_term == 0 {
+        if term == 0 {
             return;
         }
         let notice = crate::message::DecisionNotice {
             from: envelope.message.to(),
             to: envelope.message.from(),
-            decided_index: state.decided_index,
-            decided_term: state.decided_term,
+            decided_index: index,
+            decided_term: term,
         };
         self.transport.send(Envelope {
             group_id: envelope.group_id,
