@@ -835,18 +835,24 @@ mod tests {
         assert_eq!((batches[1].group_id, record.merged_into, record.replicas.len()), (5, 4, 0));
     }
 
+    /// Two one-replica ranges, `[a, m)` (group 4) locked at index 2 to take in `[m, ∞)` (group 5), frozen at 3.
+    fn locked_and_frozen(engine: &MemKvEngine) -> (RangeDescriptor, RangeDescriptor) {
+        let replicas = vec![crate::range::Replica::voter(1, 1)];
+        let left = RangeDescriptor { end: b"m".to_vec(), replicas: replicas.clone(), ..range() };
+        let right = RangeDescriptor { group_id: 5, start: b"m".to_vec(), end: Vec::new(), replicas, ..range() };
+        let locked = merged(step(engine, &left, MergeCommand::new(MergeStep::Prepare, None, Some(right.clone())), 2));
+        let frozen = merged(step(engine, &right, MergeCommand::new(MergeStep::Freeze, Some(locked.clone()), None), 3));
+        (locked, frozen)
+    }
+
     /// A commit the left replica meets before its node's right replica applied the decision waits
     /// there (`ApplyBatch::waits_at`: nothing from it on applied), and applies once that replica applied it; one
     /// whose right replica here can never be ready (it ended) stops the node.
     #[test]
     fn a_commit_waits_for_the_right_replica_here_to_apply_the_decision_and_stops_the_node_if_it_never_can() {
         let engine = MemKvEngine::new(u64::MAX);
-        let replicas = vec![crate::range::Replica::voter(1, 1)];
-        let left = RangeDescriptor { end: b"m".to_vec(), replicas: replicas.clone(), ..range() };
-        let right = RangeDescriptor { group_id: 5, start: b"m".to_vec(), end: Vec::new(), replicas, ..range() };
-        let locked = merged(step(&engine, &left, MergeCommand::new(MergeStep::Prepare, None, Some(right.clone())), 2));
         // The right replica here is frozen, not decided yet; the commit carries the decided range.
-        let frozen = merged(step(&engine, &right, MergeCommand::new(MergeStep::Freeze, Some(locked.clone()), None), 3));
+        let (locked, frozen) = locked_and_frozen(&engine);
         let state = MergeState { decided_index: 4, ..frozen.merge.unwrap() };
         let decided = RangeDescriptor { merge: Some(state), ..frozen };
         let commit = Command::merge(locked.epoch(), MergeCommand::new(MergeStep::Commit, None, Some(decided.clone())));
@@ -884,11 +890,7 @@ mod tests {
     #[test]
     fn a_range_decided_for_a_merge_applies_nothing_after_its_decision() {
         let engine = MemKvEngine::new(u64::MAX);
-        let replicas = vec![crate::range::Replica::voter(1, 1)];
-        let left = RangeDescriptor { end: b"m".to_vec(), replicas: replicas.clone(), ..range() };
-        let right = RangeDescriptor { group_id: 5, start: b"m".to_vec(), end: Vec::new(), replicas, ..range() };
-        let locked = merged(step(&engine, &left, MergeCommand::new(MergeStep::Prepare, None, Some(right.clone())), 2));
-        let frozen = merged(step(&engine, &right, MergeCommand::new(MergeStep::Freeze, Some(locked.clone()), None), 3));
+        let (_, frozen) = locked_and_frozen(&engine);
         let decide = Command::merge(frozen.epoch(), MergeCommand::new(MergeStep::Decide, None, None));
         let no_op = Entry { index: 5, term: 4, ..Default::default() };
         let put = Command { epoch: Some(frozen.epoch()), ..command(1, vec![Op::put("x", "1")]) };

@@ -102,7 +102,7 @@ fn a_range_woken_within_its_cold_wait_is_not_merged_until_it_stays_cold() {
     let mut config = Config { groups: 2, ..Config::default() };
     config.store.split.size_bytes_max = 64 << 10;
     config.store.split.size_check_written_bytes = 8 << 10;
-    config.store.split.merge_cold_ticks = 30; // 3 s at the 100 ms tick
+    config.store.split.merge_cold_ticks = 50; // 5 s at the 100 ms tick
     config.store.peer.hibernate_idle_ticks = 3;
     let db = Db::open_with(dir.path(), config).unwrap();
     let value = vec![b'v'; 200];
@@ -118,16 +118,32 @@ fn a_range_woken_within_its_cold_wait_is_not_merged_until_it_stays_cold() {
     for i in 0..count {
         db.delete(&key(i)).unwrap();
     }
-    // Small now. A pause of a second: every split range falls asleep (after 0.3 s) and asks for its check, due
-    // 3 s later. Then each is written to every 0.1 s, for two cold waits: busy again, none may merge.
-    let split = db.ranges();
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let busy_until = std::time::Instant::now() + std::time::Duration::from_secs(6);
-    while std::time::Instant::now() < busy_until {
-        for range in split.iter().filter(|range| !range.start.is_empty()) {
+    // Small now. Every range is written to for a second first (one whose deletes ended early went cold then, and
+    // may be merging), then a pause of a second: every split range falls asleep (after 0.3 s) and asks for its
+    // check, due 5 s later. Then each is written to every 0.1 s, for two cold waits: busy again, none may merge.
+    // (Unless the machine stalls this loop for most of a cold wait — then the ranges did go cold, and it stops
+    // looking.)
+    let touch = |ranges: &[flotilla_raftstore::range::RangeDescriptor]| {
+        for range in ranges.iter().filter(|range| !range.start.is_empty()) {
             db.put(&range.start, b"touch").unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    for _ in 0..10 {
+        touch(&db.ranges());
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let split = db.ranges();
+    assert!(split.len() >= 4, "split ranges left to watch: {split:?}");
+    let busy_until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last_round = std::time::Instant::now();
+    while std::time::Instant::now() < busy_until {
+        touch(&split);
+        if last_round.elapsed() > std::time::Duration::from_millis(2_500) {
+            eprintln!("a round of writes took {:?}: the ranges may have gone cold, not checked", last_round.elapsed());
+            break;
+        }
+        last_round = std::time::Instant::now();
         assert_eq!(db.ranges(), split, "a range woken within its cold wait was merged");
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -385,11 +385,11 @@ impl PollHandler<PeerFsm> for StoreHandler {
             // Cold: no request for a while. Small enough to merge into its left neighbour? Measured on the replicas
             // thread once it has stayed cold long enough (`split_trigger.rs`).
             let cold = ColdRange {
-                range: fsm.peer.descriptor().clone(),
+                group_id: fsm.peer.group_id(),
                 ticks_seen: Arc::clone(&fsm.ticks_seen),
                 asleep_at: fsm.ticks_seen.load(Ordering::SeqCst),
             };
-            let _ = self.tasks.try_send(ReplicaTask::CheckMerge(Box::new(cold)));
+            let _ = self.tasks.try_send(ReplicaTask::CheckMerge(cold));
         }
         if fsm.peer.is_leader() && fsm.split_trigger.take_size_check() && !fsm.peer.descriptor().is_meta() {
             // Measured on the replicas thread (a scan of up to twice the bound); dropped if its queue is full.

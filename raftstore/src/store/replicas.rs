@@ -54,12 +54,12 @@ pub(crate) enum ReplicaTask {
     Checkpoint,
     /// This range, which this node leads, went cold (its leader fell asleep): once it has stayed cold for
     /// `SplitOptions::merge_cold_ticks`, is it small enough to merge into its left neighbour? (`split_trigger.rs`)
-    CheckMerge(Box<ColdRange>),
+    CheckMerge(ColdRange),
 }
 
 /// A range whose leader fell asleep, as its merge check waits on it.
 pub(crate) struct ColdRange {
-    pub(crate) range: RangeDescriptor,
+    pub(crate) group_id: u64,
     /// The replica's tick count (`PeerFsm::ticks_seen`), and what it said when the leader fell asleep: a replica
     /// asleep takes no ticks, so while the count stays there the range has stayed cold.
     pub(crate) ticks_seen: TicksSeen,
@@ -145,8 +145,8 @@ pub(crate) struct Replicas {
 }
 
 /// The merge checks waiting, by group: the node tick each is due at (`SplitOptions::merge_cold_ticks` after its
-/// range went cold), and the range as it went cold. A range woken meanwhile is not measured; its next cold spell
-/// asks again.
+/// range went cold), and how to tell whether it stayed cold. A range woken meanwhile is not measured; its next
+/// cold spell asks again.
 #[derive(Default)]
 pub(crate) struct MergeChecks {
     waiting: BTreeMap<u64, (u64, ColdRange)>,
@@ -227,7 +227,7 @@ impl Replicas {
                 Ok(())
             }
             ReplicaTask::CheckMerge(cold) => {
-                self.merge_check_asked(*cold);
+                self.merge_check_asked(cold);
                 Ok(())
             }
             ReplicaTask::MergedAway(group_id) => {
@@ -274,8 +274,8 @@ impl Replicas {
     fn merge_check_asked(&mut self, cold: ColdRange) {
         let due = self.ticking.now() + self.options.split.merge_cold_ticks;
         let waiting = &mut self.merge_checks.waiting;
-        if waiting.len() < MERGE_CHECKS_WAITING_MAX || waiting.contains_key(&cold.range.group_id) {
-            waiting.insert(cold.range.group_id, (due, cold));
+        if waiting.len() < MERGE_CHECKS_WAITING_MAX || waiting.contains_key(&cold.group_id) {
+            waiting.insert(cold.group_id, (due, cold));
         }
     }
 
