@@ -275,6 +275,26 @@ mod tests {
         assert_eq!(split.merge_size_bytes_max, 0);
     }
 
+    /// The cold wait before a merge, from the file under its old name too (`merge_check_seconds`), and from the
+    /// flag, which wins.
+    #[test]
+    fn the_merge_cold_wait_is_set_by_flag_and_file_under_either_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let from_file = |line: &str| {
+            let settings = ServeSettings { config: Some(one_node_file(&dir, line)), ..Default::default() };
+            settings.resolve().unwrap().merge_cold_wait
+        };
+        assert_eq!(from_file("merge_cold_seconds = 7\n"), Duration::from_secs(7));
+        assert_eq!(from_file("merge_check_seconds = 9\n"), Duration::from_secs(9));
+        assert_eq!(from_file(""), Duration::from_secs(60), "the default");
+        let settings = ServeSettings {
+            config: Some(one_node_file(&dir, "merge_cold_seconds = 7\n")),
+            merge_cold_seconds: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(settings.resolve().unwrap().merge_cold_wait, Duration::from_secs(3));
+    }
+
     #[test]
     fn the_state_machine_is_sized_by_flags_and_file() {
         let dir = tempfile::tempdir().unwrap();
