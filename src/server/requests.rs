@@ -947,73 +947,68 @@ impl Requests {
     async fn serve_forwarded(&self, request: ForwardRequest) -> ForwardReply {
         let deadline = Instant::now() + self.limits.request_timeout;
         // Reads served here and now while this node may read locally, as its own clients' GETs are: no poll round.
-        let local_keys = match &request.op {
-            Some(ForwardOp::Get(key)) => std::slice::from_ref(key),
-            Some(ForwardOp::Gets(Keys { keys })) => keys.as_slice(),
-            _ => &[],
-        };
-        let local: Option<Result<Vec<_>, RouteError>> = match local_keys.is_empty() {
-            true => None,
-            false => local_keys
-                .iter()
-                .map(|key| self.get_local_stored(key))
-                .collect::<Option<Vec<_>>>()
-                .map(|values| values.into_iter().collect()),
-        };
-        if let Some(local) = local {
-            metrics::counter!("flotilla_forwarded_reads_local_total").increment(local_keys.len() as u64);
-            let result = match (local, &request.op) {
-                (Ok(mut values), Some(ForwardOp::Get(_))) => ForwardResult::Value(OptionalValue::new(values.remove(0))),
-                (Ok(values), _) => {
-                    ForwardResult::Values(Values { values: values.into_iter().map(OptionalValue::new).collect() })
-                }
-                (Err(error), _) => {
-                    let reason = match error {
-                        RouteError::Storage(reason) => reason,
-                        other => format!("{other:?}"),
-                    };
-                    ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped(reason)))
-                }
-            };
-            return ForwardReply { id: request.id, result: Some(result) };
-        }
-        let result = match request.op {
-            None => ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Stopped("no operation".into()))),
-            Some(op) => match self.local(request.group_id, op, deadline).await {
-                None => ForwardResult::Refused(Refusal::timed_out()),
-                Some(Err(error)) => ForwardResult::Refused(Refusal::from_peer_error(&error)),
-                Some(Ok(Answered::Written(Outcome::Done))) => ForwardResult::Done(true),
-                Some(Ok(Answered::Written(Outcome::PreconditionFailed { op, current }))) => {
-                    ForwardResult::PreconditionFailed(PreconditionFailed {
-                        op: op as u64,
-                        current: Some(OptionalValue::new(current)),
-                    })
-                }
-                Some(Ok(Answered::Written(Outcome::Split { right }))) => ForwardResult::Split(*right),
-                Some(Ok(Answered::Written(Outcome::InvalidSplit(reason)))) => {
-                    ForwardResult::Refused(Refusal::from_peer_error(&PeerError::InvalidSplit(reason)))
-                }
-                Some(Ok(Answered::Written(Outcome::Merge { range }))) => ForwardResult::Merge(*range),
-                Some(Ok(Answered::Written(Outcome::InvalidMerge(reason)))) => {
-                    ForwardResult::Refused(Refusal::from_peer_error(&PeerError::InvalidMerge(reason)))
-                }
-                Some(Ok(Answered::Written(other))) => {
-                    ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Membership(format!("{other:?}"))))
-                }
-                Some(Ok(Answered::Value(value))) => ForwardResult::Value(OptionalValue::new(value)),
-                Some(Ok(Answered::Values(values))) => {
-                    ForwardResult::Values(Values { values: values.into_iter().map(OptionalValue::new).collect() })
-                }
-                Some(Ok(Answered::Pairs(pairs))) => {
-                    let (keys, values) = pairs.into_iter().unzip();
-                    ForwardResult::Pairs(Pairs { keys, values })
-                }
+        let answered = match self.read_forwarded_locally(request.op.as_ref()) {
+            Some(answered) => Some(answered),
+            None => match request.op {
+                None => Some(Err(PeerError::Stopped("no operation".into()))),
+                Some(op) => self.local(request.group_id, op, deadline).await,
             },
+        };
+        let result = match answered {
+            None => ForwardResult::Refused(Refusal::timed_out()),
+            Some(Err(error)) => ForwardResult::Refused(Refusal::from_peer_error(&error)),
+            Some(Ok(Answered::Written(Outcome::Done))) => ForwardResult::Done(true),
+            Some(Ok(Answered::Written(Outcome::PreconditionFailed { op, current }))) => {
+                ForwardResult::PreconditionFailed(PreconditionFailed {
+                    op: op as u64,
+                    current: Some(OptionalValue::new(current)),
+                })
+            }
+            Some(Ok(Answered::Written(Outcome::Split { right }))) => ForwardResult::Split(*right),
+            Some(Ok(Answered::Written(Outcome::InvalidSplit(reason)))) => {
+                ForwardResult::Refused(Refusal::from_peer_error(&PeerError::InvalidSplit(reason)))
+            }
+            Some(Ok(Answered::Written(Outcome::Merge { range }))) => ForwardResult::Merge(*range),
+            Some(Ok(Answered::Written(Outcome::InvalidMerge(reason)))) => {
+                ForwardResult::Refused(Refusal::from_peer_error(&PeerError::InvalidMerge(reason)))
+            }
+            Some(Ok(Answered::Written(other))) => {
+                ForwardResult::Refused(Refusal::from_peer_error(&PeerError::Membership(format!("{other:?}"))))
+            }
+            Some(Ok(Answered::Value(value))) => ForwardResult::Value(OptionalValue::new(value)),
+            Some(Ok(Answered::Values(values))) => {
+                ForwardResult::Values(Values { values: values.into_iter().map(OptionalValue::new).collect() })
+            }
+            Some(Ok(Answered::Pairs(pairs))) => {
+                let (keys, values) = pairs.into_iter().unzip();
+                ForwardResult::Pairs(Pairs { keys, values })
+            }
         };
         ForwardReply { id: request.id, result: Some(result) }
     }
-}
 
+    /// A forwarded `Get` or `Gets` answered from the state machine at once, if this node may read all its keys
+    /// locally (`get_local_stored`); `None` for anything else.
+    fn read_forwarded_locally(&self, op: Option<&ForwardOp>) -> Option<Result<Answered, PeerError>> {
+        let keys = match op? {
+            ForwardOp::Get(key) => std::slice::from_ref(key),
+            ForwardOp::Gets(Keys { keys }) => keys.as_slice(),
+            _ => return None,
+        };
+        let read: Vec<Result<Option<Vec<u8>>, RouteError>> =
+            keys.iter().map(|key| self.get_local_stored(key)).collect::<Option<_>>()?;
+        metrics::counter!("flotilla_forwarded_reads_local_total").increment(keys.len() as u64);
+        let values = match read.into_iter().collect::<Result<Vec<_>, _>>() {
+            Ok(values) => values,
+            Err(RouteError::Storage(reason)) => return Some(Err(PeerError::Stopped(reason))),
+            Err(other) => return Some(Err(PeerError::Stopped(format!("{other:?}")))),
+        };
+        Some(Ok(match op {
+            Some(ForwardOp::Get(_)) => Answered::Value(values.into_iter().next().flatten()),
+            _ => Answered::Values(values),
+        }))
+    }
+}
 /// The transport's side: the requests of one frame another node forwarded here run together on one task, each
 /// answered as soon as it is done; answers to this node's forwarded requests wake their waiters.
 pub struct Forwarded(pub Arc<Requests>);

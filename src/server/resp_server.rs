@@ -179,10 +179,7 @@ impl Connection {
                     Ok(()) => (Reply::ok(), Then::Continue),
                     Err(error) => (failed(error), Then::Continue),
                 },
-                Slot::Get => match got.next().expect("one answer per get") {
-                    Ok(value) => (value.map_or(Reply::Null, Reply::Bulk), Then::Continue),
-                    Err(error) => (failed(error), Then::Continue),
-                },
+                Slot::Get => (value_reply(got.next().expect("one answer per get")), Then::Continue),
             };
             reply.encode(out);
             if let Then::Close = after {
@@ -229,10 +226,7 @@ impl Connection {
             Kind::Get => {
                 // Served here and now while this node may read locally (most GETs on a leader): no task.
                 if let Some(local) = self.requests.get_local(&args[0]) {
-                    return ready(match local {
-                        Ok(value) => value.map_or(Reply::Null, Reply::Bulk),
-                        Err(error) => failed(error),
-                    });
+                    return ready(value_reply(local));
                 }
                 let [_, key] = <[Vec<u8>; 2]>::try_from(request).expect("a GET of two parts");
                 return Started::Get(key);
@@ -307,6 +301,14 @@ fn args_of(mut request: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 
 fn arity(name: &str) -> Reply {
     Reply::error(format!("wrong number of arguments for '{}' command", name.to_ascii_lowercase()))
+}
+
+/// A read's answer: the value, nil for none, or the error.
+fn value_reply(read: Result<Option<Vec<u8>>, RouteError>) -> Reply {
+    match read {
+        Ok(value) => value.map_or(Reply::Null, Reply::Bulk),
+        Err(error) => failed(error),
+    }
 }
 
 fn failed(error: RouteError) -> Reply {

@@ -75,13 +75,7 @@ fn cold_ranges_merge(nodes: u64) {
     for i in 0..count {
         db.put(&key(i), &value).unwrap();
     }
-    let wait = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !done() {
-            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: {:?}", db.ranges());
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| wait_for(&db, what, done);
     wait("splits by size", &|| db.groups() >= 6);
     for i in 0..count {
         db.delete(&key(i)).unwrap();
@@ -91,6 +85,15 @@ fn cold_ranges_merge(nodes: u64) {
     db.put(&key(7), b"after").unwrap();
     assert_eq!(db.get(&key(7)).unwrap().as_deref(), Some(&b"after"[..]));
     db.close().unwrap();
+}
+
+/// Waits up to a minute for `done`, showing the ranges if it never comes.
+fn wait_for(db: &Db, what: &str, done: &dyn Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: {:?}", db.ranges());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Hysteresis: a range split off by a trigger whose requests pause for less than `merge_cold_ticks` — it falls
@@ -110,11 +113,7 @@ fn a_range_woken_within_its_cold_wait_is_not_merged_until_it_stays_cold() {
     for i in 0..count {
         db.put(&key(i), &value).unwrap();
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while db.groups() < 5 {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for splits by size: {:?}", db.ranges());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for(&db, "splits by size", &|| db.groups() >= 5);
     for i in 0..count {
         db.delete(&key(i)).unwrap();
     }
@@ -146,11 +145,7 @@ fn a_range_woken_within_its_cold_wait_is_not_merged_until_it_stays_cold() {
         last_round = std::time::Instant::now();
         assert_eq!(db.ranges(), split, "a range woken within its cold wait was merged");
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while db.groups() > 2 {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for merges: {:?}", db.ranges());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for(&db, "merges", &|| db.groups() == 2);
     for range in split.iter().filter(|range| !range.start.is_empty()) {
         assert_eq!(db.get(&range.start).unwrap().as_deref(), Some(&b"touch"[..]));
     }

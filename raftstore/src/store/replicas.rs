@@ -502,11 +502,12 @@ impl Replicas {
     ///   lack the votes to commit anything — past the removal among them (`store-sim` seed 9518: a fourth voter
     ///   removed, the third an empty replica refusing the leader's snapshot, older than a split its node had).
     fn answer_ended(&self, envelope: &Envelope) {
-        let record = crate::command::stored_range(self.kv.as_ref(), envelope.group_id);
-        let (index, term) = match record.and_then(|record| (record.merged_into != 0).then_some(record.merge)) {
-            Some(Some(state)) => (state.decided_index, state.decided_term),
-            Some(None) => return,
-            None => self.kv.applied(envelope.group_id),
+        let (index, term) = match crate::command::stored_range(self.kv.as_ref(), envelope.group_id) {
+            Some(record) if record.merged_into != 0 => match record.merge {
+                Some(state) => (state.decided_index, state.decided_term),
+                None => return,
+            },
+            _ => self.kv.applied(envelope.group_id),
         };
         if term == 0 {
             return;
