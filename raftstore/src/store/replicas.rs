@@ -116,7 +116,7 @@ pub(crate) struct Replicas {
     pub(crate) log: Arc<dyn LogEngine>,
     pub(crate) kv: Arc<dyn KvEngine>,
     pub(crate) mailboxes: Arc<dyn Mailboxes>,
-    /// For the answers to replicas of groups merges ended here (`answer_merged`).
+    /// For the answers to replicas of groups whose replica here ended (`answer_ended`).
     pub(crate) transport: Arc<dyn super::Transport>,
     pub(crate) ticking: Arc<Ticking>,
     /// Every group this node has held (opened at start, or created since).
